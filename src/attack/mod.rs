@@ -1,0 +1,1 @@
+//! Losses, optimisers, presets and the attack loop.

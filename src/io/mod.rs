@@ -1,0 +1,1 @@
+//! Images, manifests, input listing and output writing.

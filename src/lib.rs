@@ -1,0 +1,16 @@
+//! `prm`: Patch Representation Misalignment (PRM) transfer attacks on CLIP vision encoders.
+//!
+//! The crate is organised the way the attack is:
+//! - [`model`]: CLIP vision-tower configurations, checkpoint loading (HF and OpenAI/open_clip
+//!   safetensors) and built-in architectures with seeded random weights;
+//! - [`reference`]: the pure-Rust reference engine (forward, input-gradient backward, bicubic
+//!   resize), which is the oracle for every other engine and the `--device cpu` path;
+//! - [`attack`]: losses, optimisers, presets and the per-image attack loop;
+//! - [`io`]: images, manifests, input listing and output writing;
+//! - [`rng`]: the counter-based random numbers that make every run reproducible per image.
+
+pub mod attack;
+pub mod io;
+pub mod model;
+pub mod reference;
+pub mod rng;

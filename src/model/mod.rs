@@ -1,0 +1,174 @@
+//! CLIP vision towers: their configuration, their weights in f32, and where they came from.
+//!
+//! Weights are held in PyTorch's layout (linear weights `[out, in]`, row-major) so that loading
+//! is a rename and a dtype conversion, never a reshuffle that could go subtly wrong.
+
+mod builtin;
+mod load;
+
+pub use builtin::{builtin_architectures, random_model};
+pub use load::{load_model, ModelError};
+
+/// The MLP non-linearity of a CLIP tower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `x · σ(1.702 x)`, used by OpenAI's original weights.
+    QuickGelu,
+    /// Exact (erf) GELU, used by many LAION / DataComp models.
+    Gelu,
+}
+
+impl Activation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::QuickGelu => "quick_gelu",
+            Activation::Gelu => "gelu",
+        }
+    }
+}
+
+/// OpenAI's CLIP normalisation, the default for every model.
+pub const OPENAI_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const OPENAI_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// Shape and numerics of a ViT vision tower. Every dimension is inferred from tensor shapes.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct VisionConfig {
+    /// Residual width D.
+    pub width: usize,
+    /// Number of transformer blocks L.
+    pub layers: usize,
+    /// Attention heads; head dim = width / heads.
+    pub heads: usize,
+    /// Patch side p.
+    pub patch: usize,
+    /// Side g of the pretrained position grid (the table has g·g + 1 rows).
+    pub grid: usize,
+    /// Hidden width of the MLP (4·D for CLIP).
+    pub mlp: usize,
+    /// Output embedding dimension E, when the checkpoint has a projection.
+    pub embed_dim: Option<usize>,
+    pub activation: Activation,
+    pub ln_eps: f32,
+    /// Per-channel normalisation applied inside the model to pixels in [0, 1].
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl VisionConfig {
+    pub fn head_dim(&self) -> usize {
+        self.width / self.heads
+    }
+    /// The pretrained input side (g · p), e.g. 224 for ViT-B/16.
+    pub fn image_size(&self) -> usize {
+        self.grid * self.patch
+    }
+    /// Number of residual-stream feature tensors F_0..F_L.
+    pub fn feature_layers(&self) -> usize {
+        self.layers + 1
+    }
+}
+
+/// LayerNorm affine parameters.
+#[derive(Clone, Debug)]
+pub struct LayerNormWeights {
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+/// A linear layer `y = x · Wᵀ + b` with `W` stored `[out, in]` row-major.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+/// One pre-LN transformer block.
+#[derive(Clone, Debug)]
+pub struct BlockWeights {
+    pub ln1: LayerNormWeights,
+    /// q, k, v stacked in that order: `[3D, D]` weight and `[3D]` bias.
+    pub qkv: Linear,
+    pub out_proj: Linear,
+    pub ln2: LayerNormWeights,
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+/// All weights of a vision tower, in f32.
+#[derive(Clone, Debug)]
+pub struct VisionWeights {
+    /// Patch convolution as a linear map `[D, 3·p·p]`, patch vectors flattened (channel, row, col).
+    pub patch_embed: Linear,
+    pub class_embedding: Vec<f32>,
+    /// `[g·g + 1, D]`, CLS row first.
+    pub position_embedding: Vec<f32>,
+    pub ln_pre: LayerNormWeights,
+    pub blocks: Vec<BlockWeights>,
+    pub ln_post: LayerNormWeights,
+    /// `image_embed = ln_post(h_cls) · Wᵀ`, W `[E, D]`, when the checkpoint has one.
+    pub projection: Option<Linear>,
+}
+
+/// Where a model came from; printed by `prm info` and recorded in outputs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelSource {
+    /// A Hugging Face `CLIPModel` / `CLIPVisionModel*` checkpoint.
+    HuggingFace { path: std::path::PathBuf },
+    /// An OpenAI / open_clip state dict (`visual.*` names).
+    OpenAi { path: std::path::PathBuf },
+    /// A built-in architecture with seeded random weights.
+    Random { arch: String, seed: u64 },
+}
+
+impl ModelSource {
+    pub fn format_name(&self) -> &'static str {
+        match self {
+            ModelSource::HuggingFace { .. } => "huggingface",
+            ModelSource::OpenAi { .. } => "openai",
+            ModelSource::Random { .. } => "random",
+        }
+    }
+    pub fn weights_are_random(&self) -> bool {
+        matches!(self, ModelSource::Random { .. })
+    }
+}
+
+/// A loaded vision tower.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub config: VisionConfig,
+    pub weights: VisionWeights,
+    pub source: ModelSource,
+}
+
+impl Model {
+    /// Loads `random:ARCH`, a checkpoint file, or a directory holding one.
+    pub fn load(spec: &str) -> Result<Model, ModelError> {
+        load_model(spec)
+    }
+
+    /// Total parameter count of the vision tower (including the projection).
+    pub fn parameter_count(&self) -> usize {
+        let lin = |l: &Linear| l.weight.len() + l.bias.as_ref().map_or(0, Vec::len);
+        let ln = |l: &LayerNormWeights| l.weight.len() + l.bias.len();
+        let w = &self.weights;
+        let blocks: usize = w
+            .blocks
+            .iter()
+            .map(|b| {
+                ln(&b.ln1) + lin(&b.qkv) + lin(&b.out_proj) + ln(&b.ln2) + lin(&b.fc1) + lin(&b.fc2)
+            })
+            .sum();
+        lin(&w.patch_embed)
+            + w.class_embedding.len()
+            + w.position_embedding.len()
+            + ln(&w.ln_pre)
+            + blocks
+            + ln(&w.ln_post)
+            + w.projection.as_ref().map_or(0, lin)
+    }
+}

@@ -1,0 +1,1 @@
+//! Bicubic resize with PyTorch semantics (placeholder until implemented).
