@@ -1,0 +1,255 @@
+//! Row-wise operators of the ViT block, forward and input-gradient backward.
+//!
+//! All tensors are row-major `[tokens, features]`. Reductions (LayerNorm statistics, softmax
+//! sums, dot products) accumulate in f64 so that the reference stays an oracle for f32 kernels.
+
+use rayon::prelude::*;
+
+use super::linalg::{matmul_nn_serial, matmul_nt_serial, matmul_tn_serial, MatRef};
+use crate::model::{Activation, LayerNormWeights};
+
+/// Rows handled per rayon task in the row-wise operators.
+const ROWS_PER_TASK: usize = 16;
+
+/// LayerNorm forward. Writes `out` and returns per-row `(mean, rstd)` for the backward.
+pub fn layer_norm(
+    x: &[f32],
+    dim: usize,
+    ln: &LayerNormWeights,
+    eps: f32,
+    out: &mut [f32],
+) -> Vec<(f32, f32)> {
+    assert_eq!(x.len(), out.len());
+    assert_eq!(x.len() % dim, 0);
+    let mut stats = vec![(0.0f32, 0.0f32); x.len() / dim];
+    out.par_chunks_mut(dim * ROWS_PER_TASK)
+        .zip(x.par_chunks(dim * ROWS_PER_TASK))
+        .zip(stats.par_chunks_mut(ROWS_PER_TASK))
+        .for_each(|((out, x), stats)| {
+            for ((o, row), s) in out.chunks_mut(dim).zip(x.chunks(dim)).zip(stats.iter_mut()) {
+                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
+                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / dim as f64;
+                let rstd = 1.0 / (var + eps as f64).sqrt();
+                for (i, (o, &v)) in o.iter_mut().zip(row).enumerate() {
+                    *o = (((v as f64 - mean) * rstd) as f32) * ln.weight[i] + ln.bias[i];
+                }
+                *s = (mean as f32, rstd as f32);
+            }
+        });
+    stats
+}
+
+/// LayerNorm input gradient: `dx (+)= rstd · (g − mean(g) − x̂ · mean(g · x̂))` with `g = dy · γ`.
+pub fn layer_norm_backward(
+    x: &[f32],
+    dy: &[f32],
+    dim: usize,
+    ln: &LayerNormWeights,
+    stats: &[(f32, f32)],
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    assert_eq!(x.len(), dy.len());
+    assert_eq!(x.len(), dx.len());
+    dx.par_chunks_mut(dim * ROWS_PER_TASK)
+        .zip(x.par_chunks(dim * ROWS_PER_TASK))
+        .zip(dy.par_chunks(dim * ROWS_PER_TASK))
+        .zip(stats.par_chunks(ROWS_PER_TASK))
+        .for_each(|(((dx, x), dy), stats)| {
+            for (((dx, x), dy), &(mean, rstd)) in dx
+                .chunks_mut(dim)
+                .zip(x.chunks(dim))
+                .zip(dy.chunks(dim))
+                .zip(stats)
+            {
+                let (mean, rstd) = (mean as f64, rstd as f64);
+                let mut sum_g = 0.0f64;
+                let mut sum_gx = 0.0f64;
+                for i in 0..dim {
+                    let g = dy[i] as f64 * ln.weight[i] as f64;
+                    let xhat = (x[i] as f64 - mean) * rstd;
+                    sum_g += g;
+                    sum_gx += g * xhat;
+                }
+                let (mean_g, mean_gx) = (sum_g / dim as f64, sum_gx / dim as f64);
+                for i in 0..dim {
+                    let g = dy[i] as f64 * ln.weight[i] as f64;
+                    let xhat = (x[i] as f64 - mean) * rstd;
+                    let v = (rstd * (g - mean_g - xhat * mean_gx)) as f32;
+                    if accumulate {
+                        dx[i] += v;
+                    } else {
+                        dx[i] = v;
+                    }
+                }
+            }
+        });
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// The Gauss error function in f64, from the `libm` crate so exact GELU does not depend on the
+/// platform's C library.
+fn erf(x: f64) -> f64 {
+    libm::erf(x)
+}
+
+/// Exact GELU `x · Φ(x)` and its derivative `Φ(x) + x · φ(x)`.
+fn gelu(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))) as f32
+}
+fn gelu_grad(x: f32) -> f32 {
+    let x = x as f64;
+    let cdf = 0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2));
+    let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    (cdf + x * pdf) as f32
+}
+
+/// Applies the activation in place.
+pub fn activation(act: Activation, x: &mut [f32]) {
+    match act {
+        Activation::QuickGelu => x.par_iter_mut().for_each(|v| *v *= sigmoid(1.702 * *v)),
+        Activation::Gelu => x.par_iter_mut().for_each(|v| *v = gelu(*v)),
+    }
+}
+
+/// `dx = dy · act'(pre)`, in place on `dy`.
+pub fn activation_backward(act: Activation, pre: &[f32], dy: &mut [f32]) {
+    match act {
+        Activation::QuickGelu => dy.par_iter_mut().zip(pre).for_each(|(d, &x)| {
+            let s = sigmoid(1.702 * x);
+            *d *= s + 1.702 * x * s * (1.0 - s);
+        }),
+        Activation::Gelu => dy
+            .par_iter_mut()
+            .zip(pre)
+            .for_each(|(d, &x)| *d *= gelu_grad(x)),
+    }
+}
+
+/// Softmax of each row of `scores` (length `n`) in place, max-subtracted, f64 sum.
+fn softmax_rows(scores: &mut [f32], n: usize) {
+    for row in scores.chunks_mut(n) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0.0f64;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v as f64;
+        }
+        let inv = (1.0 / sum) as f32;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// Multi-head self-attention `softmax(q·kᵀ/√d)·v` for one sequence.
+/// `qkv` is `[T, 3D]` (q, k, v stacked along features); writes the context `[T, D]`.
+pub fn attention(qkv: &[f32], tokens: usize, width: usize, heads: usize, out: &mut [f32]) {
+    let hd = width / heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let per_head: Vec<Vec<f32>> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let q = MatRef::strided(&qkv[h * hd..], tokens, hd, 3 * width);
+            let k = MatRef::strided(&qkv[width + h * hd..], tokens, hd, 3 * width);
+            let v = MatRef::strided(&qkv[2 * width + h * hd..], tokens, hd, 3 * width);
+            let mut p = vec![0.0f32; tokens * tokens];
+            matmul_nt_serial(q, k, &mut p, false);
+            p.iter_mut().for_each(|s| *s *= scale);
+            softmax_rows(&mut p, tokens);
+            let mut o = vec![0.0f32; tokens * hd];
+            matmul_nn_serial(MatRef::new(&p, tokens, tokens), v, &mut o, false);
+            o
+        })
+        .collect();
+    for (h, o) in per_head.iter().enumerate() {
+        for t in 0..tokens {
+            out[t * width + h * hd..t * width + (h + 1) * hd]
+                .copy_from_slice(&o[t * hd..(t + 1) * hd]);
+        }
+    }
+}
+
+/// Input gradient of [`attention`]: given `d_out [T, D]`, returns `d_qkv [T, 3D]`.
+/// The probabilities are recomputed from q and k rather than stored (they are T² per head).
+pub fn attention_backward(
+    qkv: &[f32],
+    d_out: &[f32],
+    tokens: usize,
+    width: usize,
+    heads: usize,
+) -> Vec<f32> {
+    let hd = width / heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let per_head: Vec<[Vec<f32>; 3]> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let q = MatRef::strided(&qkv[h * hd..], tokens, hd, 3 * width);
+            let k = MatRef::strided(&qkv[width + h * hd..], tokens, hd, 3 * width);
+            let v = MatRef::strided(&qkv[2 * width + h * hd..], tokens, hd, 3 * width);
+            let d_o = MatRef::strided(&d_out[h * hd..], tokens, hd, width);
+            let mut p = vec![0.0f32; tokens * tokens];
+            matmul_nt_serial(q, k, &mut p, false);
+            p.iter_mut().for_each(|s| *s *= scale);
+            softmax_rows(&mut p, tokens);
+            // dV = Pᵀ · dO
+            let mut dv = vec![0.0f32; tokens * hd];
+            matmul_tn_serial(MatRef::new(&p, tokens, tokens), d_o, &mut dv, false);
+            // dP = dO · Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)), scaled by 1/√d.
+            let mut ds = vec![0.0f32; tokens * tokens];
+            matmul_nt_serial(d_o, v, &mut ds, false);
+            for (ds_row, p_row) in ds.chunks_mut(tokens).zip(p.chunks(tokens)) {
+                let dot: f64 = ds_row
+                    .iter()
+                    .zip(p_row)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum();
+                let dot = dot as f32;
+                for (d, &pv) in ds_row.iter_mut().zip(p_row) {
+                    *d = pv * (*d - dot) * scale;
+                }
+            }
+            let ds_m = MatRef::new(&ds, tokens, tokens);
+            let mut dq = vec![0.0f32; tokens * hd];
+            matmul_nn_serial(ds_m, k, &mut dq, false);
+            let mut dk = vec![0.0f32; tokens * hd];
+            matmul_tn_serial(ds_m, q, &mut dk, false);
+            [dq, dk, dv]
+        })
+        .collect();
+    let mut d_qkv = vec![0.0f32; tokens * 3 * width];
+    for (h, grads) in per_head.iter().enumerate() {
+        for (part, g) in grads.iter().enumerate() {
+            for t in 0..tokens {
+                let dst = t * 3 * width + part * width + h * hd;
+                d_qkv[dst..dst + hd].copy_from_slice(&g[t * hd..(t + 1) * hd]);
+            }
+        }
+    }
+    d_qkv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_matches_known_values() {
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.5, 0.5204998778130465),
+            (1.0, 0.8427007929497149),
+            (2.0, 0.9953222650189527),
+            (-1.5, -0.9661051464753108),
+            (4.0, 0.9999999845827421),
+        ] {
+            assert!(
+                (erf(x) - want).abs() < 1e-15,
+                "erf({x}) = {} != {want}",
+                erf(x)
+            );
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The ViT vision tower on the CPU: forward to the residual-stream features F_0..F_L, and the
+//! backward from gradients injected at any subset of those features down to the input pixels.
+//!
+//! F_0 is `ln_pre([CLS; patches] + pos)`; F_l is the residual stream after block l. Only input
+//! gradients are formed, never weight gradients. The forward keeps what the backward needs
+//! (per block: q/k/v, the mid-block residual, the MLP pre-activation and LayerNorm statistics);
+//! attention probabilities are recomputed in the backward because they grow with T².
+
+use super::embedding::{embed, embed_backward, patch_grid};
+use super::linalg::{matmul_nn, matmul_nt, MatRef};
+use super::ops::{
+    activation, activation_backward, attention, attention_backward, layer_norm, layer_norm_backward,
+};
+use super::resize::PositionEmbeddingCache;
+use crate::model::{Linear, Model};
+
+/// Saved activations of one block.
+struct BlockTrace {
+    ln1_stats: Vec<(f32, f32)>,
+    qkv: Vec<f32>,
+    mid: Vec<f32>,
+    ln2_stats: Vec<(f32, f32)>,
+    mlp_pre: Vec<f32>,
+}
+
+/// The features of one image and, when requested, what the backward needs.
+pub struct Forward {
+    pub height: usize,
+    pub width: usize,
+    pub tokens: usize,
+    /// F_0..F_L, each `[tokens, D]`.
+    pub features: Vec<Vec<f32>>,
+    embedded: Vec<f32>,
+    ln_pre_stats: Vec<(f32, f32)>,
+    blocks: Vec<BlockTrace>,
+    saved: bool,
+}
+
+/// The reference engine for one model. Holds the per-grid position-embedding cache.
+pub struct ReferenceVit<'m> {
+    model: &'m Model,
+    positions: PositionEmbeddingCache,
+}
+
+fn linear(x: &[f32], rows: usize, l: &Linear, out: &mut [f32], accumulate: bool) {
+    matmul_nt(
+        MatRef::new(x, rows, l.in_features),
+        MatRef::new(&l.weight, l.out_features, l.in_features),
+        out,
+        accumulate,
+    );
+    if let Some(b) = &l.bias {
+        out.chunks_mut(l.out_features)
+            .for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+    }
+}
+
+fn linear_backward(dy: &[f32], rows: usize, l: &Linear, dx: &mut [f32], accumulate: bool) {
+    matmul_nn(
+        MatRef::new(dy, rows, l.out_features),
+        MatRef::new(&l.weight, l.out_features, l.in_features),
+        dx,
+        accumulate,
+    );
+}
+
+impl<'m> ReferenceVit<'m> {
+    pub fn new(model: &'m Model) -> Self {
+        let c = &model.config;
+        let positions =
+            PositionEmbeddingCache::new(model.weights.position_embedding.clone(), c.width, c.grid);
+        ReferenceVit { model, positions }
+    }
+
+    pub fn model(&self) -> &Model {
+        self.model
+    }
+
+    /// Runs the tower on a planar `[3, height, width]` image in [0, 1]. With `save`, keeps the
+    /// activations for [`ReferenceVit::backward`].
+    pub fn forward(&self, image: &[f32], height: usize, width: usize, save: bool) -> Forward {
+        let cfg = &self.model.config;
+        let w = &self.model.weights;
+        let (gh, gw) = patch_grid(height, width, cfg.patch);
+        assert!(
+            gh > 0 && gw > 0,
+            "image {width}x{height} is smaller than one {}-pixel patch",
+            cfg.patch
+        );
+        let t = gh * gw + 1;
+        let d = cfg.width;
+        let pos = self.positions.get(gh, gw);
+        let embedded = embed(
+            image,
+            height,
+            width,
+            cfg,
+            &w.patch_embed,
+            &w.class_embedding,
+            &pos,
+        );
+        let mut f0 = vec![0.0f32; t * d];
+        let ln_pre_stats = layer_norm(&embedded, d, &w.ln_pre, cfg.ln_eps, &mut f0);
+
+        let mut features = Vec::with_capacity(cfg.layers + 1);
+        let mut blocks = Vec::with_capacity(if save { cfg.layers } else { 0 });
+        features.push(f0);
+        let mut normed = vec![0.0f32; t * d];
+        let mut context = vec![0.0f32; t * d];
+        for b in &w.blocks {
+            let x = features.last().expect("F_0 exists");
+            let ln1_stats = layer_norm(x, d, &b.ln1, cfg.ln_eps, &mut normed);
+            let mut qkv = vec![0.0f32; t * 3 * d];
+            linear(&normed, t, &b.qkv, &mut qkv, false);
+            attention(&qkv, t, d, cfg.heads, &mut context);
+            let mut mid = x.clone();
+            linear(&context, t, &b.out_proj, &mut mid, true);
+            let ln2_stats = layer_norm(&mid, d, &b.ln2, cfg.ln_eps, &mut normed);
+            let mut mlp_pre = vec![0.0f32; t * cfg.mlp];
+            linear(&normed, t, &b.fc1, &mut mlp_pre, false);
+            let mut hidden = mlp_pre.clone();
+            activation(cfg.activation, &mut hidden);
+            let mut out = mid.clone();
+            linear(&hidden, t, &b.fc2, &mut out, true);
+            features.push(out);
+            if save {
+                blocks.push(BlockTrace {
+                    ln1_stats,
+                    qkv,
+                    mid,
+                    ln2_stats,
+                    mlp_pre,
+                });
+            }
+        }
+        Forward {
+            height,
+            width,
+            tokens: t,
+            features,
+            embedded,
+            ln_pre_stats,
+            blocks,
+            saved: save,
+        }
+    }
+
+    /// Input-pixel gradient `[3, height, width]` from `feature_grads[l]` = dL/dF_l (`None` where
+    /// the loss does not read F_l). Requires a forward run with `save = true`.
+    pub fn backward(&self, fwd: &Forward, feature_grads: &[Option<Vec<f32>>]) -> Vec<f32> {
+        let cfg = &self.model.config;
+        let w = &self.model.weights;
+        assert!(fwd.saved, "backward needs a forward run with save = true");
+        assert_eq!(
+            feature_grads.len(),
+            cfg.layers + 1,
+            "one optional gradient per feature layer F_0..F_L"
+        );
+        let (t, d) = (fwd.tokens, cfg.width);
+        let mut dh = vec![0.0f32; t * d];
+        let add = |dh: &mut Vec<f32>, g: &Option<Vec<f32>>| {
+            if let Some(g) = g {
+                assert_eq!(g.len(), t * d, "feature gradient has the wrong shape");
+                dh.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+            }
+        };
+        let mut d_normed = vec![0.0f32; t * d];
+        let mut d_context = vec![0.0f32; t * d];
+        for (l, (b, tr)) in w.blocks.iter().zip(&fwd.blocks).enumerate().rev() {
+            add(&mut dh, &feature_grads[l + 1]);
+            // out = mid + fc2(act(fc1(LN2(mid))))
+            let mut d_hidden = vec![0.0f32; t * cfg.mlp];
+            linear_backward(&dh, t, &b.fc2, &mut d_hidden, false);
+            activation_backward(cfg.activation, &tr.mlp_pre, &mut d_hidden);
+            linear_backward(&d_hidden, t, &b.fc1, &mut d_normed, false);
+            layer_norm_backward(&tr.mid, &d_normed, d, &b.ln2, &tr.ln2_stats, &mut dh, true);
+            // mid = x + out_proj(attn(LN1(x)))
+            linear_backward(&dh, t, &b.out_proj, &mut d_context, false);
+            let d_qkv = attention_backward(&tr.qkv, &d_context, t, d, cfg.heads);
+            linear_backward(&d_qkv, t, &b.qkv, &mut d_normed, false);
+            layer_norm_backward(
+                &fwd.features[l],
+                &d_normed,
+                d,
+                &b.ln1,
+                &tr.ln1_stats,
+                &mut dh,
+                true,
+            );
+        }
+        add(&mut dh, &feature_grads[0]);
+        let mut d_embedded = vec![0.0f32; t * d];
+        layer_norm_backward(
+            &fwd.embedded,
+            &dh,
+            d,
+            &w.ln_pre,
+            &fwd.ln_pre_stats,
+            &mut d_embedded,
+            false,
+        );
+        embed_backward(&d_embedded, fwd.height, fwd.width, cfg, &w.patch_embed)
+    }
+}

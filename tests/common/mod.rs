@@ -1,0 +1,98 @@
+//! Shared test helpers: small models with custom shapes and reproducible random data.
+#![allow(dead_code)]
+
+use prm::model::*;
+use prm::rng::ImageRng;
+
+/// Reproducible uniform numbers in [lo, hi).
+pub struct Draw {
+    rng: ImageRng,
+    next: u64,
+}
+
+impl Draw {
+    pub fn new(seed: u64) -> Self {
+        Draw {
+            rng: ImageRng::new(seed, "tests"),
+            next: 0,
+        }
+    }
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        self.next += 1;
+        lo + (hi - lo) * self.rng.uniform(0, self.next)
+    }
+    pub fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+}
+
+fn linear(d: &mut Draw, out_f: usize, in_f: usize, bias: bool) -> Linear {
+    let a = (3.0 / in_f as f32).sqrt();
+    Linear {
+        weight: d.vec(out_f * in_f, -a, a),
+        bias: bias.then(|| d.vec(out_f, -0.1, 0.1)),
+        out_features: out_f,
+        in_features: in_f,
+    }
+}
+
+fn ln(d: &mut Draw, n: usize) -> LayerNormWeights {
+    LayerNormWeights {
+        weight: d.vec(n, 0.8, 1.2),
+        bias: d.vec(n, -0.1, 0.1),
+    }
+}
+
+/// A small random vision tower with the given shape; all parameters non-trivial.
+pub fn small_model(
+    width: usize,
+    heads: usize,
+    layers: usize,
+    patch: usize,
+    grid: usize,
+    activation: Activation,
+    seed: u64,
+) -> Model {
+    let mut d = Draw::new(seed);
+    let mlp = 4 * width;
+    let config = VisionConfig {
+        width,
+        layers,
+        heads,
+        patch,
+        grid,
+        mlp,
+        embed_dim: Some(32),
+        activation,
+        ln_eps: 1e-5,
+        mean: OPENAI_MEAN,
+        std: OPENAI_STD,
+    };
+    let blocks = (0..layers)
+        .map(|_| BlockWeights {
+            ln1: ln(&mut d, width),
+            qkv: linear(&mut d, 3 * width, width, true),
+            out_proj: linear(&mut d, width, width, true),
+            ln2: ln(&mut d, width),
+            fc1: linear(&mut d, mlp, width, true),
+            fc2: linear(&mut d, width, mlp, true),
+        })
+        .collect();
+    let weights = VisionWeights {
+        patch_embed: linear(&mut d, width, 3 * patch * patch, false),
+        class_embedding: d.vec(width, -0.5, 0.5),
+        position_embedding: d.vec((grid * grid + 1) * width, -0.5, 0.5),
+        ln_pre: ln(&mut d, width),
+        blocks,
+        ln_post: ln(&mut d, width),
+        projection: Some(linear(&mut d, 32, width, false)),
+    };
+    Model {
+        config,
+        weights,
+        source: ModelSource::Random {
+            arch: "test".into(),
+            seed,
+        },
+    }
+}

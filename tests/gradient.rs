@@ -1,0 +1,152 @@
+//! Finite-difference checks of the reference engine's input gradient, for every loss and for
+//! the native-resolution, fixed-size and dynamic-scale geometries.
+
+mod common;
+
+use common::{small_model, Draw};
+use prm::attack::*;
+use prm::model::{Activation, Model};
+use prm::reference::ReferenceVit;
+use prm::rng::ImageRng;
+
+fn settings(loss: LossKind, tokens: TokenSelection, resolution: Resolution) -> AttackSettings {
+    AttackSettings {
+        loss,
+        tokens,
+        resolution,
+        ..Preset::Pgd.settings()
+    }
+}
+
+/// Compares ⟨∇L, u⟩ with a central difference of L along random directions u.
+fn check_directional(
+    model: &Model,
+    s: &AttackSettings,
+    h: usize,
+    w: usize,
+    size: Option<(usize, usize)>,
+    seed: u64,
+) {
+    let engine = ReferenceVit::new(model);
+    let layers = s.layers.resolve(model.config.feature_layers()).unwrap();
+    let objective = Objective::new(s.loss, layers, s.tokens, model).unwrap();
+    let mut d = Draw::new(seed);
+    let clean = d.vec(3 * h * w, 0.05, 0.95);
+    let attack = ImageAttack::new(
+        &engine,
+        &objective,
+        s,
+        Planar {
+            data: &clean,
+            height: h,
+            width: w,
+        },
+        ImageRng::new(1, "x"),
+    )
+    .unwrap();
+    // A point well away from the clean image, where the gradient is large.
+    let x: Vec<f32> = clean.iter().map(|&c| c + d.uniform(-0.2, 0.2)).collect();
+    let size = size.unwrap_or(match s.resolution {
+        Resolution::Native => (h, w),
+        Resolution::Fixed(n) => (n, n),
+    });
+    let (loss, grad) = attack.loss_and_gradient(&x, size);
+    assert!(loss.value.is_finite());
+    for trial in 0..3 {
+        let u = d.vec(x.len(), -1.0, 1.0);
+        let step = 2e-3f32;
+        let shifted = |sgn: f32| -> f64 {
+            let xs: Vec<f32> = x.iter().zip(&u).map(|(a, b)| a + sgn * step * b).collect();
+            attack.loss_and_gradient(&xs, size).0.value
+        };
+        let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * step as f64);
+        let analytic: f64 = grad
+            .iter()
+            .zip(&u)
+            .map(|(&g, &b)| g as f64 * b as f64)
+            .sum();
+        let err = (numeric - analytic).abs() / numeric.abs().max(analytic.abs()).max(1e-6);
+        assert!(
+            err < 2e-2,
+            "{:?}/{:?}/{:?} trial {trial}: analytic {analytic:.6e} vs numeric {numeric:.6e} (rel err {err:.2e})",
+            s.loss,
+            s.tokens,
+            s.resolution
+        );
+    }
+}
+
+#[test]
+fn every_loss_matches_finite_differences_at_native_resolution() {
+    let model = small_model(64, 2, 2, 8, 4, Activation::QuickGelu, 3);
+    for loss in [
+        LossKind::Prm,
+        LossKind::Nrd,
+        LossKind::Dr,
+        LossKind::DrOfficial,
+        LossKind::Embed,
+    ] {
+        // 27×45: sides not multiples of the patch, so the position embedding is interpolated
+        // (3×5 grid from 4×4) and the remainder pixels are dropped.
+        check_directional(
+            &model,
+            &settings(loss, TokenSelection::All, Resolution::Native),
+            27,
+            45,
+            None,
+            11,
+        );
+    }
+    check_directional(
+        &model,
+        &settings(LossKind::Prm, TokenSelection::Patch, Resolution::Native),
+        27,
+        45,
+        None,
+        12,
+    );
+}
+
+#[test]
+fn exact_gelu_model_matches_finite_differences() {
+    let model = small_model(64, 2, 2, 8, 4, Activation::Gelu, 5);
+    check_directional(
+        &model,
+        &settings(LossKind::Prm, TokenSelection::All, Resolution::Native),
+        32,
+        32,
+        None,
+        13,
+    );
+}
+
+#[test]
+fn layer_subset_matches_finite_differences() {
+    let model = small_model(64, 2, 3, 8, 4, Activation::QuickGelu, 6);
+    let mut s = settings(LossKind::Prm, TokenSelection::All, Resolution::Native);
+    s.layers = LayerSelection::List(vec![0, 2]);
+    check_directional(&model, &s, 35, 29, None, 14);
+}
+
+#[test]
+fn resized_geometries_match_finite_differences() {
+    let model = small_model(64, 2, 2, 8, 4, Activation::QuickGelu, 7);
+    // Fixed working size: the whole image is resized to 40×40.
+    check_directional(
+        &model,
+        &settings(LossKind::Prm, TokenSelection::All, Resolution::Fixed(40)),
+        37,
+        51,
+        None,
+        15,
+    );
+    // A dynamic-scale draw: adv and clean resized to 0.73 of the native size.
+    check_directional(
+        &model,
+        &settings(LossKind::Prm, TokenSelection::All, Resolution::Native),
+        43,
+        61,
+        Some((31, 44)),
+        16,
+    );
+}
