@@ -35,7 +35,13 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     c
 }
 
-/// FNV-1a over the bytes of a relative path: stable across platforms and releases.
+/// A hash of a relative path that is stable across platforms and releases (used for seeding
+/// and for `--shard`).
+pub fn stable_path_hash(rel_path: &str) -> u64 {
+    splitmix64(fnv1a64(rel_path.as_bytes()))
+}
+
+/// FNV-1a over the bytes of a relative path.
 fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
@@ -62,7 +68,7 @@ pub struct ImageRng {
 impl ImageRng {
     /// `rel_path` uses `/` separators on every platform, so keys match across machines.
     pub fn new(seed: u64, rel_path: &str) -> Self {
-        let k = splitmix64(seed ^ splitmix64(fnv1a64(rel_path.as_bytes())));
+        let k = splitmix64(seed ^ stable_path_hash(rel_path));
         ImageRng {
             key: [k as u32, (k >> 32) as u32],
         }

@@ -11,3 +11,4 @@ pub use settings::{
     AttackSettings, Init, LayerSelection, LossKind, OptimizerKind, Preset, Resolution,
     TokenSelection,
 };
+pub mod campaign;

@@ -1,0 +1,237 @@
+//! `prm attack`: the options of DESIGN §8, resolved against a preset, then the run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use prm::attack::campaign::{run_campaign, OutputOptions};
+use prm::attack::*;
+use prm::io::shard::Shard;
+use prm::io::{check_output_collisions, list_inputs};
+use prm::model::{Model, ModelSource};
+use prm::reference::ReferenceVit;
+
+use super::progress::Bar;
+use super::{pixel_value, EXIT_SOME_FAILED};
+
+#[derive(Args)]
+pub struct AttackArgs {
+    /// A Hugging Face CLIP directory, an OpenAI/open_clip .safetensors file, or random:ARCH
+    /// (tiny, vit-b-32, vit-b-16, vit-l-14, vit-l-14-336; random:ARCH@SEED for another seed)
+    #[arg(long)]
+    model: String,
+    /// A directory of images (scanned recursively) or a text file with one path per line
+    #[arg(long)]
+    input: PathBuf,
+    /// Output directory: <output>/<relative path>.png plus manifest.jsonl
+    #[arg(long)]
+    output: PathBuf,
+    /// Settings bundle; explicit flags below override it
+    #[arg(long, value_enum, default_value = "paper")]
+    preset: Preset,
+    /// Objective to minimise [preset: prm]
+    #[arg(long, value_enum)]
+    loss: Option<LossKind>,
+    /// Feature layers F_0..F_L the loss reads: all, or a list such as 0,4,12 [preset: all]
+    #[arg(long, value_parser = LayerSelection::parse)]
+    layers: Option<LayerSelection>,
+    /// Tokens in the per-layer means [preset: all, CLS included]
+    #[arg(long, value_enum)]
+    tokens: Option<TokenSelection>,
+    /// [paper: adamw; pgd: pgd]
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerKind>,
+    /// Optimisation steps per image [paper: 250; pgd: 10]
+    #[arg(long)]
+    steps: Option<usize>,
+    /// L∞ budget in [0,1] pixel units, e.g. 8/255 [preset: 8/255]
+    #[arg(long, value_parser = pixel_value)]
+    eps: Option<f32>,
+    /// PGD / MI-FGSM step α [preset: 2/255]
+    #[arg(long, value_parser = pixel_value)]
+    step_size: Option<f32>,
+    /// AdamW learning rate, in [0,1] pixel units [preset: 0.5/255]
+    #[arg(long, value_parser = pixel_value)]
+    lr: Option<f32>,
+    /// AdamW decoupled weight decay on δ [preset: 0.01]
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// MI-FGSM momentum μ [default: 1.0]
+    #[arg(long)]
+    momentum: Option<f32>,
+    /// Start: zero, random (uniform in the ε-ball) or from:<DIR> (an earlier run's output)
+    /// [paper: zero; pgd: random]
+    #[arg(long, value_parser = Init::parse)]
+    init: Option<Init>,
+    /// Seed of every random draw; draws are per image, keyed by (seed, relative path)
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// native (the image's own size) or N (resize the whole image to N×N) [preset: native]
+    #[arg(long, value_parser = Resolution::parse)]
+    resolution: Option<Resolution>,
+    /// Per-step random rescale ratio range LO,HI [paper: 0.5,1.0; pgd: off]
+    #[arg(long, value_parser = parse_scale_range, conflicts_with = "no_dynamic_scale")]
+    dynamic_scale: Option<(f32, f32)>,
+    /// Turn dynamic scale off
+    #[arg(long)]
+    no_dynamic_scale: bool,
+    /// auto, cpu, cuda[:N] or sim
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// fp32 or bf16 (bf16 needs the GPU engine)
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// Images per batch, or auto. The CPU engine attacks one image at a time (results do not
+    /// depend on batching)
+    #[arg(long, default_value = "auto")]
+    batch_size: String,
+    /// Also write the unquantised float image as <relative path>.safetensors
+    #[arg(long)]
+    save_float: bool,
+    /// Process only shard K of N (0-based), partitioned by a hash of the relative path
+    #[arg(long, value_parser = Shard::parse)]
+    shard: Option<Shard>,
+    /// No progress bar or summary
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn parse_scale_range(s: &str) -> Result<(f32, f32), String> {
+    let err = || format!("'{s}' is not a scale range: use LO,HI such as 0.5,1.0");
+    let (lo, hi) = s.split_once(',').ok_or_else(err)?;
+    Ok((lo.trim().parse().map_err(|_| err())?, hi.trim().parse().map_err(|_| err())?))
+}
+
+impl AttackArgs {
+    /// The preset, overridden by every flag that was given.
+    fn settings(&self) -> AttackSettings {
+        let mut s = self.preset.settings();
+        if let Some(v) = self.loss {
+            s.loss = v;
+        }
+        if let Some(v) = &self.layers {
+            s.layers = v.clone();
+        }
+        if let Some(v) = self.tokens {
+            s.tokens = v;
+        }
+        if let Some(v) = self.optimizer {
+            s.optimizer = v;
+        }
+        if let Some(v) = self.steps {
+            s.steps = v;
+        }
+        if let Some(v) = self.eps {
+            s.eps = v;
+        }
+        if let Some(v) = self.step_size {
+            s.step_size = v;
+        }
+        if let Some(v) = self.lr {
+            s.lr = v;
+        }
+        if let Some(v) = self.weight_decay {
+            s.weight_decay = v;
+        }
+        if let Some(v) = self.momentum {
+            s.momentum = v;
+        }
+        if let Some(v) = &self.init {
+            s.init = v.clone();
+        }
+        if let Some(v) = self.resolution {
+            s.resolution = v;
+        }
+        if self.no_dynamic_scale {
+            s.dynamic_scale = None;
+        } else if let Some(v) = self.dynamic_scale {
+            s.dynamic_scale = Some(v);
+        }
+        s.seed = self.seed;
+        s
+    }
+
+    /// Only the CPU reference engine exists in this build; say so rather than pretend.
+    fn check_device(&self) -> anyhow::Result<()> {
+        match self.device.as_str() {
+            "auto" | "cpu" => {}
+            d if d == "sim" || d == "cuda" || d.starts_with("cuda:") => {
+                bail!("--device {d}: this build has no GPU engine yet; use --device cpu (or auto)")
+            }
+            d => bail!("unknown device '{d}': use auto, cpu, cuda[:N] or sim"),
+        }
+        match self.precision.as_str() {
+            "fp32" => {}
+            "bf16" => bail!("--precision bf16 needs the GPU engine; the CPU reference engine runs fp32"),
+            p => bail!("unknown precision '{p}': use fp32 or bf16"),
+        }
+        if self.batch_size != "auto" {
+            match self.batch_size.parse::<usize>() {
+                Ok(n) if n > 0 => {}
+                _ => bail!("--batch-size '{}' must be a positive number or auto", self.batch_size),
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
+    args.check_device()?;
+    let settings = args.settings();
+    settings.validate().map_err(anyhow::Error::msg)?;
+    if let Init::From(dir) = &settings.init {
+        if !dir.is_dir() {
+            bail!("--init from:{}: not a directory (give the output directory of an earlier run)", dir.display());
+        }
+    }
+
+    // Everything that can be wrong with the run is checked before the first image is touched.
+    let inputs = list_inputs(&args.input, Some(&args.output))?;
+    let mut items = inputs.items;
+    if let Some(shard) = args.shard {
+        items.retain(|item| shard.contains(&item.rel));
+    }
+    check_output_collisions(&items)?;
+    let model = Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;
+    let layers = settings.layers.resolve(model.config.feature_layers()).map_err(anyhow::Error::msg)?;
+    let objective = Objective::new(settings.loss, layers, settings.tokens, &model).map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create output directory {}", args.output.display()))?;
+
+    if !args.quiet {
+        if let ModelSource::Random { arch, seed } = &model.source {
+            eprintln!("note: random:{arch} has RANDOM weights (seed {seed}); results show speed and mechanics, not real transfer");
+        }
+        eprintln!(
+            "attacking {} image(s){} with {:?}/{:?}, {} steps, eps {:.2}/255 on cpu",
+            items.len(),
+            args.shard.map(|s| format!(" (shard {}/{})", s.index, s.count)).unwrap_or_default(),
+            settings.loss,
+            settings.optimizer,
+            settings.steps,
+            settings.eps * 255.0
+        );
+        if inputs.ignored > 0 {
+            eprintln!("note: ignored {} non-image file(s) in {}", inputs.ignored, args.input.display());
+        }
+    }
+
+    let engine = ReferenceVit::new(&model);
+    let bar = Bar::new((items.len() * settings.steps) as u64, args.quiet);
+    let started = std::time::Instant::now();
+    let output = OutputOptions { dir: args.output.clone(), save_float: args.save_float };
+    let summary = run_campaign(&engine, &objective, &settings, &items, &output, &bar)?;
+    bar.finish();
+    if !args.quiet {
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "done: {} ok, {} failed in {:.1}s ({:.3} images/s); manifest: {}",
+            summary.ok,
+            summary.failed,
+            secs,
+            summary.ok as f64 / secs.max(1e-9),
+            args.output.join(prm::io::MANIFEST_FILE).display()
+        );
+    }
+    Ok(if summary.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(EXIT_SOME_FAILED) })
+}

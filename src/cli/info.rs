@@ -1,0 +1,70 @@
+//! `prm info`: what a model is, as the loader understood it.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use prm::model::{Model, ModelSource};
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// A Hugging Face CLIP directory, an OpenAI/open_clip .safetensors file, or random:ARCH
+    #[arg(long)]
+    model: String,
+    /// Print one JSON object instead of text
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
+    let model = Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;
+    let c = &model.config;
+    let (source, random) = match &model.source {
+        ModelSource::HuggingFace { path } | ModelSource::OpenAi { path } => (path.display().to_string(), false),
+        ModelSource::Random { arch, seed } => (format!("random:{arch}@{seed}"), true),
+    };
+    if args.json {
+        let v = serde_json::json!({
+            "source": source,
+            "format": model.source.format_name(),
+            "weights_random": random,
+            "config": c,
+            "tokens_at_native_size": c.grid * c.grid + 1,
+            "parameters": model.parameter_count(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("model:        {source}");
+    println!("format:       {}", model.source.format_name());
+    if random {
+        println!("weights:      RANDOM (built-in architecture with seeded random weights; not a trained CLIP)");
+    } else {
+        println!("weights:      trained checkpoint");
+    }
+    println!(
+        "architecture: ViT, width {}, {} blocks, {} heads (head dim {}), MLP {}, patch {}",
+        c.width,
+        c.layers,
+        c.heads,
+        c.head_dim(),
+        c.mlp,
+        c.patch
+    );
+    println!(
+        "input:        {0}x{0} pretrained ({1}x{1} grid, {2} tokens); any size at native resolution",
+        c.image_size(),
+        c.grid,
+        c.grid * c.grid + 1
+    );
+    match c.embed_dim {
+        Some(e) => println!("embedding:    {e} (visual projection present)"),
+        None => println!("embedding:    none (no visual projection; --loss embed unavailable)"),
+    }
+    println!("features:     F_0..F_{} ({} layers for the PRM loss)", c.layers, c.feature_layers());
+    println!("activation:   {}", c.activation.name());
+    println!("layer norm:   eps {:e}", c.ln_eps);
+    println!("normalise:    mean {:?}, std {:?}", c.mean, c.std);
+    println!("parameters:   {} ({:.1} M)", model.parameter_count(), model.parameter_count() as f64 / 1e6);
+    Ok(ExitCode::SUCCESS)
+}

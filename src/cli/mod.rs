@@ -1,0 +1,70 @@
+//! Command-line interface: argument definitions and dispatch to the subcommands.
+//!
+//! Exit codes (the contract scripts rely on): 0 every image succeeded; 1 the run finished but
+//! some images failed (each is recorded in the manifest), or `verify` found violations;
+//! 2 usage, model or configuration errors.
+
+mod attack;
+mod info;
+mod progress;
+mod verify;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for usage, model and configuration errors.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code for a run that finished with some per-image failures.
+pub const EXIT_SOME_FAILED: u8 = 1;
+
+#[derive(Parser)]
+#[command(
+    name = "prm",
+    version,
+    about = "Patch Representation Misalignment (PRM) transfer attacks on CLIP vision encoders",
+    long_about = "Generates transfer adversarial examples against CLIP ViT image encoders with the PRM \
+attack (Hu et al., arXiv 2403.12693) and checks them.\n\nPixel quantities accept fractions: --eps 8/255."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attack every image of a directory or list file and write the adversarial images.
+    Attack(Box<attack::AttackArgs>),
+    /// Describe a model: format, architecture, parameters, activation.
+    Info(info::InfoArgs),
+    /// Check a finished output: every input has an output of the same size within ε.
+    Verify(verify::VerifyArgs),
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Attack(args) => attack::run(*args),
+        Command::Info(args) => info::run(args),
+        Command::Verify(args) => verify::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+/// Parses a pixel quantity such as `8/255` or `0.03` for clap.
+fn pixel_value(s: &str) -> Result<f32, String> {
+    prm::io::parse_fraction(s)
+}
