@@ -250,6 +250,15 @@ fn png_write_is_atomic_and_decodable() {
     let img2 = write_rgb_png(&path, 5, 4, 9);
     assert_eq!(read_image(&path).unwrap(), img2);
     assert_eq!(files_in(&dir.path().join("a/b")), vec!["out.png"]);
+    // Outputs get ordinary permissions (like a plain File::create), not a temp file's 0600.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let plain = dir.path().join("plain");
+        std::fs::File::create(&plain).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), mode(&plain));
+    }
     // A bad buffer is an error and leaves neither the file nor a temporary behind.
     let bad = dir.path().join("a/b/bad.png");
     let err = write_png_atomic(&bad, 4, 4, &[0u8; 10]).unwrap_err();

@@ -6,7 +6,7 @@
 //! that new records start on a fresh line.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -67,7 +67,8 @@ pub struct ManifestWriter {
 
 impl ManifestWriter {
     /// Opens (creating the directory and file if needed) `<output_dir>/manifest.jsonl` for
-    /// appending. A partial last line left by a crash is cut off first.
+    /// appending. A partial last line left by a crash is cut off first, so open the writer
+    /// before starting work, not while another process is mid-line.
     pub fn open(output_dir: &Path) -> Result<Self, IoError> {
         std::fs::create_dir_all(output_dir).map_err(|source| IoError::Write {
             path: output_dir.to_path_buf(),
@@ -78,11 +79,12 @@ impl ManifestWriter {
             path: path.clone(),
             source,
         };
+        // O_APPEND: every line lands at the current end even when several processes (shards)
+        // share one output directory, since each line goes out in a single write.
         let mut file = OpenOptions::new()
             .read(true)
-            .write(true)
+            .append(true)
             .create(true)
-            .truncate(false)
             .open(&path)
             .map_err(werr)?;
         let mut content = Vec::new();
@@ -94,7 +96,6 @@ impl ManifestWriter {
                 .map_or(0, |i| i + 1);
             file.set_len(keep as u64).map_err(werr)?;
         }
-        file.seek(SeekFrom::End(0)).map_err(werr)?;
         Ok(ManifestWriter { path, file })
     }
 

@@ -2,14 +2,14 @@
 //!
 //! Everything that touches the file system on behalf of an attack run lives here, so that the
 //! engines only ever see planar `[3, H, W]` f32 images in [0, 1]:
-//! - [`image`]: decoding any supported file to [`RgbImage`] (colour forms, 16-bit, EXIF
+//! - [`mod@image`]: decoding any supported file to [`RgbImage`] (colour forms, 16-bit, EXIF
 //!   orientation, a pixel-count guard);
 //! - [`output`]: quantising an adversarial image to 8 bits *inside* the ε-ball, and atomic PNG /
 //!   safetensors writers;
 //! - [`inputs`]: turning `--input DIR|LIST` into a stable, sorted list of relative paths, and the
 //!   output-name mapping (`a/b.jpg` → `a/b.png`);
 //! - [`manifest`]: the `manifest.jsonl` record, writer and tolerant reader;
-//! - [`verify`]: the checks behind `prm verify`;
+//! - [`mod@verify`]: the checks behind `prm verify`;
 //! - [`units`]: parsing `8/255`-style fractions for `--eps`, `--step-size` and `--lr`.
 //!
 //! All fallible functions return [`IoError`], whose messages name the file and say what to do.
