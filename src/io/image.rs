@@ -1,0 +1,215 @@
+//! Decoding image files into [`RgbImage`], the planar `[3, H, W]` f32 layout in [0, 1] that every
+//! engine consumes.
+//!
+//! Any colour form is accepted and turned into RGB: grayscale is replicated, alpha is dropped (not
+//! composited), palettes are expanded, 16-bit samples are divided by 65535 and 8-bit ones by 255.
+//! The EXIF orientation is applied, so the attack sees the picture the way a viewer shows it.
+//! The header is checked against a pixel budget *before* anything is decoded, so a hostile or
+//! mistaken 100k×100k file fails fast instead of exhausting memory.
+
+use std::path::Path;
+
+use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Limits};
+
+use super::IoError;
+
+/// Default pixel budget of [`read_image`]: 40 million pixels (e.g. 8000×5000).
+pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+
+/// An RGB image, planar `[3, H, W]` row-major (all of R, then G, then B), values in [0, 1].
+#[derive(Clone, Debug, PartialEq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<f32>,
+}
+
+impl RgbImage {
+    /// A black image.
+    pub fn zeros(width: usize, height: usize) -> Self {
+        RgbImage {
+            width,
+            height,
+            data: vec![0.0; 3 * width * height],
+        }
+    }
+
+    /// Number of pixels, `width * height`.
+    pub fn pixels(&self) -> usize {
+        self.width * self.height
+    }
+
+    /// Builds an image from interleaved 8-bit RGB (`[H, W, 3]`), values divided by 255.
+    ///
+    /// # Panics
+    /// If `rgb.len() != 3 * width * height`.
+    pub fn from_u8_interleaved(width: usize, height: usize, rgb: &[u8]) -> Self {
+        assert_eq!(rgb.len(), 3 * width * height, "buffer size mismatch");
+        let n = width * height;
+        let mut data = vec![0.0f32; 3 * n];
+        for (i, px) in rgb.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                data[c * n + i] = px[c] as f32 / 255.0;
+            }
+        }
+        RgbImage {
+            width,
+            height,
+            data,
+        }
+    }
+
+    /// Interleaved 8-bit RGB (`[H, W, 3]`), each value rounded to the nearest level after clamping
+    /// to [0, 1]. For saving an adversarial image use
+    /// [`quantize_within_eps`](super::output::quantize_within_eps) instead, which also keeps the
+    /// result inside the ε-ball.
+    pub fn to_u8_interleaved(&self) -> Vec<u8> {
+        let planar: Vec<u8> = self.data.iter().map(|&v| to_level(v)).collect();
+        super::output::planar_to_interleaved(&planar, self.width, self.height)
+    }
+
+    /// Interleaved f32 RGB (`[H, W, 3]`).
+    pub fn to_f32_interleaved(&self) -> Vec<f32> {
+        let n = self.pixels();
+        let mut out = Vec::with_capacity(3 * n);
+        for i in 0..n {
+            for c in 0..3 {
+                out.push(self.data[c * n + i]);
+            }
+        }
+        out
+    }
+}
+
+fn to_level(v: f32) -> u8 {
+    if v.is_nan() {
+        return 0;
+    }
+    (v.clamp(0.0, 1.0) * 255.0).round() as u8
+}
+
+/// Reads an image file as RGB in [0, 1], with EXIF orientation applied and the default pixel
+/// budget ([`DEFAULT_MAX_PIXELS`]).
+pub fn read_image(path: &Path) -> Result<RgbImage, IoError> {
+    read_image_limited(path, DEFAULT_MAX_PIXELS)
+}
+
+/// Like [`read_image`] with an explicit pixel budget; the header's dimensions are checked before
+/// anything is decoded.
+pub fn read_image_limited(path: &Path, max_pixels: u64) -> Result<RgbImage, IoError> {
+    let img = decode_dynamic(path, max_pixels)?;
+    Ok(dynamic_to_rgb(&img))
+}
+
+/// Decodes a file to a [`DynamicImage`] (orientation applied), keeping its native sample type.
+/// `verify` uses it to read 8-bit outputs back exactly.
+pub(crate) fn decode_dynamic(path: &Path, max_pixels: u64) -> Result<DynamicImage, IoError> {
+    let reader = ImageReader::open(path).map_err(|e| open_error(path, e))?;
+    let mut reader = reader.with_guessed_format().map_err(|e| IoError::Read {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    // The decoder's own allocation guard must not be tighter than our pixel budget
+    // (16-bit RGBA is 8 bytes per pixel).
+    let mut limits = Limits::default();
+    let needed = max_pixels.saturating_mul(8).saturating_add(64 << 20);
+    limits.max_alloc = Some(limits.max_alloc.unwrap_or(0).max(needed));
+    reader.limits(limits);
+    if reader.format().is_none() {
+        return Err(IoError::UnsupportedFormat {
+            path: path.to_path_buf(),
+            message: "the file's signature matches no known image format".into(),
+        });
+    }
+    let mut decoder = reader.into_decoder().map_err(|e| image_error(path, e))?;
+    let (w, h) = decoder.dimensions();
+    if (w as u64) * (h as u64) > max_pixels {
+        return Err(IoError::TooLarge {
+            path: path.to_path_buf(),
+            width: w,
+            height: h,
+            max_pixels,
+        });
+    }
+    if w == 0 || h == 0 {
+        return Err(IoError::Decode {
+            path: path.to_path_buf(),
+            message: format!("image has zero size ({w}x{h})"),
+        });
+    }
+    // A broken EXIF block should not make an otherwise good image unreadable.
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| image_error(path, e))?;
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
+/// Converts any colour form to planar RGB in [0, 1] (alpha dropped, gray replicated).
+pub(crate) fn dynamic_to_rgb(img: &DynamicImage) -> RgbImage {
+    let width = img.width() as usize;
+    let height = img.height() as usize;
+    let n = width * height;
+    let mut data = vec![0.0f32; 3 * n];
+    match img {
+        // Exact k/255 for 8-bit data, without going through an intermediate buffer.
+        DynamicImage::ImageRgb8(buf) => {
+            for (i, p) in buf.pixels().enumerate() {
+                for c in 0..3 {
+                    data[c * n + i] = p.0[c] as f32 / 255.0;
+                }
+            }
+        }
+        _ => {
+            let buf = img.to_rgb32f();
+            for (i, p) in buf.pixels().enumerate() {
+                for c in 0..3 {
+                    data[c * n + i] = p.0[c].clamp(0.0, 1.0);
+                }
+            }
+        }
+    }
+    RgbImage {
+        width,
+        height,
+        data,
+    }
+}
+
+fn open_error(path: &Path, e: std::io::Error) -> IoError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        IoError::NotFound {
+            path: path.to_path_buf(),
+        }
+    } else {
+        IoError::Read {
+            path: path.to_path_buf(),
+            source: e,
+        }
+    }
+}
+
+fn image_error(path: &Path, e: ImageError) -> IoError {
+    let path = path.to_path_buf();
+    match e {
+        ImageError::IoError(source) => {
+            if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                IoError::Decode {
+                    path,
+                    message: format!("file ends early ({source})"),
+                }
+            } else {
+                IoError::Read { path, source }
+            }
+        }
+        ImageError::Unsupported(u) => IoError::UnsupportedFormat {
+            path,
+            message: u.to_string(),
+        },
+        other => IoError::Decode {
+            path,
+            message: other.to_string(),
+        },
+    }
+}

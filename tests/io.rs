@@ -1,0 +1,824 @@
+//! Tests of the I/O layer (`prm::io`): ε-preserving quantisation, atomic writers, input listing,
+//! manifests, `verify`, decoding of every colour form, bad files, fraction parsing and the
+//! bundled samples. All fast; everything is written into temporary directories.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use prm::io::*;
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+/// xorshift64*: deterministic test randomness without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn touch(path: &Path, bytes: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A small 8-bit RGB PNG with a deterministic pattern; returns its planar [0,1] data.
+fn write_rgb_png(path: &Path, w: usize, h: usize, seed: u64) -> RgbImage {
+    let mut rng = Rng(seed | 1);
+    let rgb: Vec<u8> = (0..3 * w * h)
+        .map(|_| (rng.next_u64() >> 56) as u8)
+        .collect();
+    write_png_atomic(path, w, h, &rgb).unwrap();
+    RgbImage::from_u8_interleaved(w, h, &rgb)
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let mut body = kind.to_vec();
+    body.extend_from_slice(data);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&crc32(&body).to_be_bytes());
+}
+
+/// A minimal PNG encoder (stored zlib blocks) for forms the `image` crate will not write:
+/// palette images and images carrying an eXIf chunk. `rows` are the raw scanlines without the
+/// filter byte.
+fn raw_png(
+    w: u32,
+    h: u32,
+    bit_depth: u8,
+    color_type: u8,
+    extra: &[(&[u8; 4], Vec<u8>)],
+    rows: &[Vec<u8>],
+) -> Vec<u8> {
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[bit_depth, color_type, 0, 0, 0]);
+    png_chunk(&mut out, b"IHDR", &ihdr);
+    for (kind, data) in extra {
+        png_chunk(&mut out, kind, data);
+    }
+    let mut raw = Vec::new();
+    for r in rows {
+        raw.push(0);
+        raw.extend_from_slice(r);
+    }
+    let mut z = vec![0x78, 0x01, 1];
+    z.extend_from_slice(&(raw.len() as u16).to_le_bytes());
+    z.extend_from_slice(&(!(raw.len() as u16)).to_le_bytes());
+    z.extend_from_slice(&raw);
+    let (mut a, mut b) = (1u32, 0u32);
+    for &x in &raw {
+        a = (a + x as u32) % 65521;
+        b = (b + a) % 65521;
+    }
+    z.extend_from_slice(&((b << 16) | a).to_be_bytes());
+    png_chunk(&mut out, b"IDAT", &z);
+    png_chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+fn record(input: &str, status: Status) -> ManifestRecord {
+    ManifestRecord {
+        input: input.to_string(),
+        output: (status == Status::Ok).then(|| output_rel_path(input)),
+        status,
+        error: (status == Status::Error).then(|| "boom".to_string()),
+        width: 7,
+        height: 5,
+        loss_initial: Some(13.0),
+        loss_final: (status == Status::Ok).then_some(4.25),
+        layer_cosine: Some(vec![0.5, 0.25]),
+        linf: Some(8.0),
+        steps: 10,
+        seconds: 0.5,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// quantisation
+
+#[test]
+fn quantize_stays_within_eps_and_range() {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let epses: [f32; 10] = [
+        0.0,
+        1.0 / 255.0,
+        2.0 / 255.0,
+        4.0 / 255.0,
+        8.0 / 255.0,
+        16.0 / 255.0,
+        0.0313,
+        0.1,
+        0.5,
+        1.0,
+    ];
+    for &eps in &epses {
+        for grid in [true, false] {
+            let n = 4000;
+            let clean: Vec<f32> = (0..n)
+                .map(|i| {
+                    if grid {
+                        // Hit the range ends often.
+                        let k = match i % 10 {
+                            0 => 0,
+                            1 => 255,
+                            _ => (rng.next_u64() % 256) as u32,
+                        };
+                        k as f32 / 255.0
+                    } else {
+                        (rng.next_u64() % 65536) as f32 / 65535.0
+                    }
+                })
+                .collect();
+            let adv: Vec<f32> = clean
+                .iter()
+                .map(|&c| {
+                    c + ((rng.unit() * 4.0 - 2.0) * eps as f64 + (rng.unit() - 0.5) * 0.01) as f32
+                })
+                .collect();
+            let q = quantize_within_eps(&adv, &clean, eps);
+            assert_eq!(q.len(), n);
+            for i in 0..n {
+                let (c, a) = (clean[i] as f64, adv[i] as f64);
+                let lo = ((c - eps as f64) * 255.0).ceil().max(0.0);
+                let hi = ((c + eps as f64) * 255.0).floor().min(255.0);
+                let d = (q[i] as f64 / 255.0 - c).abs();
+                if grid || lo <= hi {
+                    assert!(
+                        d <= eps as f64 + 1e-6,
+                        "eps {eps} clean {c} adv {a} -> {} (d {d})",
+                        q[i]
+                    );
+                } else {
+                    // Empty interval: nearest level to clean.
+                    assert_eq!(q[i] as f64, (c * 255.0).round());
+                }
+                let r = (a * 255.0).round();
+                if (0.0..=255.0).contains(&r) && (r / 255.0 - c).abs() <= eps as f64 {
+                    assert_eq!(q[i] as f64, r, "already inside must equal plain rounding");
+                }
+            }
+            // And the saved L∞ agrees.
+            let l = linf_255(&q, &clean);
+            if grid {
+                assert!(l <= eps as f64 * 255.0 + 1e-4, "eps {eps}: linf {l}");
+            }
+        }
+    }
+}
+
+#[test]
+fn quantize_exact_ball_edges_on_the_8bit_grid() {
+    let eps = 8.0f32 / 255.0;
+    for k in 0..=255u32 {
+        let c = k as f32 / 255.0;
+        let up = quantize_within_eps(&[c + 0.5], &[c], eps)[0] as u32;
+        let down = quantize_within_eps(&[c - 0.5], &[c], eps)[0] as u32;
+        assert_eq!(up, (k + 8).min(255), "k {k}");
+        assert_eq!(down, k.saturating_sub(8), "k {k}");
+        // Just inside the edge is kept.
+        let edge = quantize_within_eps(&[c + eps], &[c], eps)[0] as u32;
+        assert_eq!(edge, (k + 8).min(255));
+    }
+    // NaN / infinite adv fall back to clean.
+    assert_eq!(quantize_within_eps(&[f32::NAN], &[0.5], eps), vec![128]);
+    assert_eq!(
+        quantize_within_eps(&[f32::INFINITY], &[100.0 / 255.0], eps),
+        vec![100]
+    );
+}
+
+#[test]
+fn linf_and_layout_helpers() {
+    assert_eq!(linf_255(&[10, 20], &[10.0 / 255.0, 17.0 / 255.0]), 3.0);
+    let planar: Vec<u8> = (0..12).collect(); // 2x2
+    let inter = planar_to_interleaved(&planar, 2, 2);
+    assert_eq!(inter, vec![0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]);
+    assert_eq!(interleaved_to_planar(&inter, 2, 2), planar);
+    let img = RgbImage::from_u8_interleaved(2, 2, &inter);
+    assert_eq!(img.to_u8_interleaved(), inter);
+    assert_eq!(img.data[4], 4.0 / 255.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// atomic writers
+
+#[test]
+fn png_write_is_atomic_and_decodable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a/b/out.png");
+    let img = write_rgb_png(&path, 13, 7, 3);
+    assert_eq!(files_in(&dir.path().join("a/b")), vec!["out.png"]);
+    let back = read_image(&path).unwrap();
+    assert_eq!(back, img);
+    // Overwriting replaces the file, still without leftovers.
+    let img2 = write_rgb_png(&path, 5, 4, 9);
+    assert_eq!(read_image(&path).unwrap(), img2);
+    assert_eq!(files_in(&dir.path().join("a/b")), vec!["out.png"]);
+    // Outputs get ordinary permissions (like a plain File::create), not a temp file's 0600.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let plain = dir.path().join("plain");
+        std::fs::File::create(&plain).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), mode(&plain));
+    }
+    // A bad buffer is an error and leaves neither the file nor a temporary behind.
+    let bad = dir.path().join("a/b/bad.png");
+    let err = write_png_atomic(&bad, 4, 4, &[0u8; 10]).unwrap_err();
+    assert!(matches!(err, IoError::Encode { .. }), "{err}");
+    assert_eq!(files_in(&dir.path().join("a/b")), vec!["out.png"]);
+}
+
+#[test]
+fn float_safetensors_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = RgbImage {
+        width: 3,
+        height: 2,
+        data: (0..18).map(|i| i as f32 / 17.0).collect(),
+    };
+    let path = dir.path().join("f/x.safetensors");
+    write_float_safetensors_atomic(&path, &img).unwrap();
+    assert_eq!(files_in(&dir.path().join("f")), vec!["x.safetensors"]);
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let m = meta.metadata().as_ref().unwrap();
+    assert_eq!(m["width"], "3");
+    assert_eq!(m["height"], "2");
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("image").unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    assert_eq!(t.shape(), &[3, 2, 3]);
+    let vals: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(vals, img.data);
+}
+
+// ---------------------------------------------------------------------------------------------
+// input listing
+
+#[test]
+fn list_directory_sorted_filtered_and_excluding_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for f in [
+        "b.png",
+        "a.JPG",
+        "sub/c.webp",
+        "sub/deeper/d.TIFF",
+        "sub/e.bmp",
+        "z.jpeg",
+        "y.tif",
+        "notes.txt",
+        "sub/readme",
+        ".hidden/x.png",
+        ".y.png",
+        "out/z.png",
+    ] {
+        touch(&d.join(f), b"x");
+    }
+    let list = list_inputs(d, Some(&d.join("out"))).unwrap();
+    assert_eq!(list.source, InputSource::Directory);
+    let rels: Vec<&str> = list.items.iter().map(|i| i.rel.as_str()).collect();
+    assert_eq!(
+        rels,
+        vec![
+            "a.JPG",
+            "b.png",
+            "sub/c.webp",
+            "sub/deeper/d.TIFF",
+            "sub/e.bmp",
+            "y.tif",
+            "z.jpeg"
+        ]
+    );
+    assert_eq!(list.ignored, 3, "notes.txt, sub/readme, .y.png");
+    assert_eq!(list.items[2].path, d.join("sub").join("c.webp"));
+    // Without the exclusion the output dir is an ordinary subdirectory.
+    let all = list_inputs(d, None).unwrap();
+    assert!(all.items.iter().any(|i| i.rel == "out/z.png"));
+}
+
+#[test]
+fn list_errors_empty_and_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    touch(&dir.path().join("only.txt"), b"x");
+    let err = list_inputs(dir.path(), None).unwrap_err();
+    assert!(matches!(err, IoError::EmptyInput { .. }), "{err}");
+    assert!(err.to_string().contains("1 other file"), "{err}");
+    let err = list_inputs(&dir.path().join("nope"), None).unwrap_err();
+    assert!(matches!(err, IoError::NotFound { .. }), "{err}");
+    let list = dir.path().join("empty.lst");
+    touch(&list, b"# nothing\n\n   \n");
+    assert!(matches!(
+        list_inputs(&list, None).unwrap_err(),
+        IoError::EmptyInput { .. }
+    ));
+}
+
+#[test]
+fn list_file_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("lists/set.txt");
+    touch(
+        &list,
+        b"# a comment\n\nimgs/b.jpg\n./imgs/./a.png\n  c/../d.webp  \n/abs/p/q.bmp\nimgs/a.png\n",
+    );
+    let l = list_inputs(&list, None).unwrap();
+    assert_eq!(l.source, InputSource::ListFile);
+    let got: Vec<(PathBuf, &str)> = l
+        .items
+        .iter()
+        .map(|i| (i.path.clone(), i.rel.as_str()))
+        .collect();
+    let base = dir.path().join("lists");
+    assert_eq!(
+        got,
+        vec![
+            (base.join("imgs/b.jpg"), "imgs/b.jpg"),
+            (base.join("./imgs/./a.png"), "imgs/a.png"),
+            (base.join("c/../d.webp"), "d.webp"),
+            (PathBuf::from("/abs/p/q.bmp"), "abs/p/q.bmp"),
+            (base.join("imgs/a.png"), "imgs/a.png"),
+        ]
+    );
+    // The duplicate is a collision.
+    let err = check_output_collisions(&l.items).unwrap_err();
+    assert!(err.to_string().contains("imgs/a.png"), "{err}");
+    // Climbing out is rejected with the line number.
+    let bad = dir.path().join("bad.txt");
+    touch(&bad, b"ok.png\n../x.png\n");
+    match list_inputs(&bad, None).unwrap_err() {
+        IoError::ListFile { line, .. } => assert_eq!(line, 2),
+        e => panic!("unexpected {e}"),
+    }
+}
+
+#[test]
+fn output_names_and_collisions() {
+    assert_eq!(output_rel_path("a/b.jpg"), "a/b.png");
+    assert_eq!(output_rel_path("x.PNG"), "x.png");
+    assert_eq!(output_rel_path("a.d/c"), "a.d/c.png");
+    assert_eq!(output_rel_path("a/b.tar.gz"), "a/b.tar.png");
+    assert_eq!(output_rel_path(".hidden"), ".hidden.png");
+    let item = |rel: &str| InputItem {
+        path: PathBuf::from(rel),
+        rel: rel.to_string(),
+    };
+    check_output_collisions(&[item("x.jpg"), item("y.png"), item("d/x.png")]).unwrap();
+    match check_output_collisions(&[item("x.jpg"), item("y.png"), item("x.png"), item("x.webp")])
+        .unwrap_err()
+    {
+        IoError::OutputCollision { pairs } => assert_eq!(
+            pairs,
+            vec![
+                ("x.jpg".into(), "x.png".into(), "x.png".into()),
+                ("x.jpg".into(), "x.webp".into(), "x.png".into())
+            ]
+        ),
+        e => panic!("unexpected {e}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// manifest
+
+#[test]
+fn manifest_round_trip_and_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let recs = vec![
+        record("a/x.jpg", Status::Ok),
+        record("b.png", Status::Error),
+    ];
+    {
+        let mut w = ManifestWriter::open(&out).unwrap();
+        for r in &recs {
+            w.append(r).unwrap();
+        }
+        w.sync().unwrap();
+        assert_eq!(w.path(), out.join(MANIFEST_FILE));
+    }
+    let text = std::fs::read_to_string(out.join(MANIFEST_FILE)).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0].contains("\"status\":\"ok\"") && !lines[0].contains("\"error\""));
+    assert!(lines[1].contains("\"status\":\"error\"") && lines[1].contains("\"error\":\"boom\""));
+    assert_eq!(read_manifest(&out.join(MANIFEST_FILE)).unwrap(), recs);
+    // Reopening appends.
+    let mut w = ManifestWriter::open(&out).unwrap();
+    w.append(&recs[0]).unwrap();
+    assert_eq!(read_manifest(&out.join(MANIFEST_FILE)).unwrap().len(), 3);
+}
+
+#[test]
+fn manifest_partial_trailing_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(MANIFEST_FILE);
+    let full = serde_json::to_string(&record("a.png", Status::Ok)).unwrap();
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, "{full}").unwrap();
+    write!(f, "{}", &full[..full.len() / 2]).unwrap();
+    drop(f);
+    let c = read_manifest_detailed(&path).unwrap();
+    assert_eq!(c.records.len(), 1);
+    assert_eq!(c.ignored_partial_line, Some(2));
+    // The writer cuts the partial line before appending.
+    let mut w = ManifestWriter::open(dir.path()).unwrap();
+    w.append(&record("b.png", Status::Ok)).unwrap();
+    let c = read_manifest_detailed(&path).unwrap();
+    assert_eq!(c.ignored_partial_line, None);
+    let inputs: Vec<&str> = c.records.iter().map(|r| r.input.as_str()).collect();
+    assert_eq!(inputs, vec!["a.png", "b.png"]);
+    // A complete but invalid line in the middle is an error naming the line.
+    std::fs::write(&path, format!("{full}\nnot json\n{full}\n")).unwrap();
+    match read_manifest(&path).unwrap_err() {
+        IoError::Manifest { line, .. } => assert_eq!(line, 2),
+        e => panic!("unexpected {e}"),
+    }
+    // NaN cosines survive as NaN (JSON null).
+    let mut r = record("n.png", Status::Ok);
+    r.layer_cosine = Some(vec![f64::NAN, 1.0]);
+    std::fs::write(&path, serde_json::to_string(&r).unwrap() + "\n").unwrap();
+    let back = read_manifest(&path).unwrap();
+    let lc = back[0].layer_cosine.as_ref().unwrap();
+    assert!(lc[0].is_nan() && lc[1] == 1.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// verify
+
+/// A clean tree and a matching adversarial tree (eps 8/255) with a manifest.
+fn make_pair(root: &Path) -> (PathBuf, PathBuf) {
+    let clean = root.join("clean");
+    let adv = root.join("adv");
+    let eps = 8.0f32 / 255.0;
+    let mut w = ManifestWriter::open(&adv).unwrap();
+    for (i, (rel, wd, ht)) in [
+        ("a.png", 17usize, 9usize),
+        ("s/b.png", 8, 8),
+        ("c.png", 5, 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let img = write_rgb_png(&clean.join(rel), wd, ht, 100 + i as u64);
+        let mut rng = Rng(7 + i as u64);
+        // Push well past the ball so that the projection does the work.
+        let advf: Vec<f32> = img
+            .data
+            .iter()
+            .map(|&c| c + ((rng.unit() - 0.5) * 0.2) as f32)
+            .collect();
+        let q = quantize_within_eps(&advf, &img.data, eps);
+        let out = output_rel_path(rel);
+        write_png_atomic(&adv.join(&out), wd, ht, &planar_to_interleaved(&q, wd, ht)).unwrap();
+        let mut r = record(rel, Status::Ok);
+        r.output = Some(out);
+        w.append(&r).unwrap();
+    }
+    (clean, adv)
+}
+
+#[test]
+fn verify_accepts_a_good_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clean, adv) = make_pair(dir.path());
+    let rep = verify(&clean, &adv, 8.0 / 255.0).unwrap();
+    assert!(rep.is_ok(), "{:?}", rep.violations);
+    assert_eq!(rep.checked, 3);
+    assert!(rep.manifest_checked);
+    assert!(
+        rep.max_linf_255 > 7.5 && rep.max_linf_255 <= 8.0 + 1e-4,
+        "{}",
+        rep.max_linf_255
+    );
+    // A tighter eps is violated.
+    let rep = verify(&clean, &adv, 4.0 / 255.0).unwrap();
+    assert!(!rep.is_ok());
+    // Without a manifest it is still fine.
+    std::fs::remove_file(adv.join(MANIFEST_FILE)).unwrap();
+    let rep = verify(&clean, &adv, 8.0 / 255.0).unwrap();
+    assert!(rep.is_ok() && !rep.manifest_checked);
+    // adv inside clean is excluded from the clean list.
+    let (clean2, _) = make_pair(&dir.path().join("nested"));
+    std::fs::rename(dir.path().join("nested/adv"), clean2.join("adv")).unwrap();
+    let rep = verify(&clean2, &clean2.join("adv"), 8.0 / 255.0).unwrap();
+    assert!(rep.is_ok() && rep.checked == 3, "{:?}", rep.violations);
+}
+
+#[test]
+fn verify_reports_each_kind_of_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clean, adv) = make_pair(dir.path());
+    // Missing output.
+    std::fs::remove_file(adv.join("s/b.png")).unwrap();
+    // Undecodable output.
+    std::fs::write(adv.join("c.png"), b"\x89PNG\r\n\x1a\ngarbage").unwrap();
+    // Size mismatch and linf violation on extra clean images.
+    write_rgb_png(&clean.join("d.png"), 6, 6, 1);
+    write_rgb_png(&adv.join("d.png"), 6, 5, 1);
+    let e = write_rgb_png(&clean.join("e.png"), 4, 4, 2);
+    let mut far = e.to_u8_interleaved();
+    far[5] = far[5].wrapping_add(100);
+    write_png_atomic(&adv.join("e.png"), 4, 4, &far).unwrap();
+    // An unreadable clean image.
+    touch(&clean.join("f.png"), b"not an image");
+    // Manifest: an ok record whose output is missing (b), and d/e/f have no records.
+    let rep = verify(&clean, &adv, 8.0 / 255.0).unwrap();
+    let has = |file: &str, pred: &dyn Fn(&ViolationKind) -> bool| {
+        rep.violations
+            .iter()
+            .any(|v| v.file == file && pred(&v.kind))
+    };
+    assert!(has("s/b.png", &|k| matches!(
+        k,
+        ViolationKind::Missing { .. }
+    )));
+    assert!(has("s/b.png", &|k| matches!(
+        k,
+        ViolationKind::ManifestOutputMissing { .. }
+    )));
+    assert!(has("c.png", &|k| matches!(
+        k,
+        ViolationKind::Undecodable { .. }
+    )));
+    assert!(has("d.png", &|k| matches!(
+        k,
+        ViolationKind::SizeMismatch {
+            adv: (6, 5),
+            clean: (6, 6),
+            ..
+        }
+    )));
+    assert!(has(
+        "e.png",
+        &|k| matches!(k, ViolationKind::LinfExceeded { linf_255, .. } if *linf_255 >= 92.0)
+    ));
+    assert!(has("f.png", &|k| matches!(
+        k,
+        ViolationKind::CleanUnreadable { .. }
+    )));
+    for f in ["d.png", "e.png", "f.png"] {
+        assert!(
+            has(f, &|k| matches!(k, ViolationKind::ManifestNoRecord)),
+            "{f}"
+        );
+    }
+    assert!(!has("a.png", &|_| true), "{:?}", rep.violations);
+    assert_eq!(rep.checked, 6);
+    // Messages name the file and the numbers.
+    let text: Vec<String> = rep.violations.iter().map(|v| v.to_string()).collect();
+    assert!(
+        text.iter().any(|t| t.contains("6x5") && t.contains("6x6")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.starts_with("e.png:") && t.contains("> eps 8.0000/255")),
+        "{text:?}"
+    );
+    // An unreadable manifest is itself a violation.
+    std::fs::write(adv.join(MANIFEST_FILE), "garbage\n{}\n").unwrap();
+    let rep = verify(&clean, &adv, 8.0 / 255.0).unwrap();
+    assert!(rep
+        .violations
+        .iter()
+        .any(|v| matches!(v.kind, ViolationKind::ManifestUnreadable { .. })));
+    // A missing adv directory is an error, not a report.
+    assert!(matches!(
+        verify(&clean, &dir.path().join("none"), 0.1).unwrap_err(),
+        IoError::NotFound { .. }
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// decoding
+
+#[test]
+fn read_grayscale_rgba_16bit_palette_and_jpeg() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    let gray = ::image::GrayImage::from_raw(3, 2, vec![0, 10, 20, 30, 40, 255]).unwrap();
+    gray.save(d.join("g.png")).unwrap();
+    let g = read_image(&d.join("g.png")).unwrap();
+    assert_eq!((g.width, g.height), (3, 2));
+    for c in 0..3 {
+        assert_eq!(g.data[c * 6 + 1], 10.0 / 255.0);
+        assert_eq!(g.data[c * 6 + 5], 1.0);
+    }
+
+    let rgba = ::image::RgbaImage::from_raw(2, 1, vec![1, 2, 3, 0, 250, 251, 252, 128]).unwrap();
+    rgba.save(d.join("a.png")).unwrap();
+    let a = read_image(&d.join("a.png")).unwrap();
+    assert_eq!(a.to_u8_interleaved(), vec![1, 2, 3, 250, 251, 252]);
+
+    let g16: ::image::ImageBuffer<::image::Rgb<u16>, Vec<u16>> =
+        ::image::ImageBuffer::from_raw(2, 1, vec![0, 1, 65535, 32768, 12345, 65534]).unwrap();
+    g16.save(d.join("h.png")).unwrap();
+    let h = read_image(&d.join("h.png")).unwrap();
+    // Planar: R = [0, 32768], G = [1, 12345], B = [65535, 65534].
+    let want = [0u16, 32768, 1, 12345, 65535, 65534];
+    for (got, w) in h.data.iter().zip(want) {
+        assert!(
+            (*got as f64 - w as f64 / 65535.0).abs() < 1e-7,
+            "{got} vs {w}"
+        );
+    }
+
+    let l16: ::image::ImageBuffer<::image::Luma<u16>, Vec<u16>> =
+        ::image::ImageBuffer::from_raw(1, 1, vec![65535]).unwrap();
+    l16.save(d.join("l16.png")).unwrap();
+    assert_eq!(read_image(&d.join("l16.png")).unwrap().data, vec![1.0; 3]);
+
+    // Palette (colour type 3, 8-bit indices) with a transparency chunk.
+    let plte = vec![255, 0, 0, 0, 255, 0, 0, 0, 255];
+    let png = raw_png(
+        3,
+        1,
+        8,
+        3,
+        &[(b"PLTE", plte), (b"tRNS", vec![255, 0, 128])],
+        &[vec![2, 0, 1]],
+    );
+    touch(&d.join("p.png"), &png);
+    let p = read_image(&d.join("p.png")).unwrap();
+    assert_eq!(p.to_u8_interleaved(), vec![0, 0, 255, 255, 0, 0, 0, 255, 0]);
+
+    // JPEG decodes (lossy, so only roughly).
+    let rgb = ::image::RgbImage::from_pixel(16, 8, ::image::Rgb([200, 100, 50]));
+    rgb.save(d.join("j.jpg")).unwrap();
+    let j = read_image(&d.join("j.jpg")).unwrap();
+    assert_eq!((j.width, j.height), (16, 8));
+    assert!((j.data[0] - 200.0 / 255.0).abs() < 0.03);
+}
+
+#[test]
+fn exif_orientation_is_applied() {
+    // 2x1 image [red, blue] with EXIF orientation 6 (rotate 90° clockwise) -> 1x2 [red; blue].
+    let mut exif = b"II*\0".to_vec();
+    exif.extend_from_slice(&8u32.to_le_bytes());
+    exif.extend_from_slice(&1u16.to_le_bytes());
+    exif.extend_from_slice(&0x0112u16.to_le_bytes());
+    exif.extend_from_slice(&3u16.to_le_bytes());
+    exif.extend_from_slice(&1u32.to_le_bytes());
+    exif.extend_from_slice(&6u16.to_le_bytes());
+    exif.extend_from_slice(&[0, 0]);
+    exif.extend_from_slice(&0u32.to_le_bytes());
+    let png = raw_png(
+        2,
+        1,
+        8,
+        2,
+        &[(b"eXIf", exif)],
+        &[vec![255, 0, 0, 0, 0, 255]],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.png");
+    touch(&p, &png);
+    let img = read_image(&p).unwrap();
+    assert_eq!((img.width, img.height), (1, 2));
+    assert_eq!(img.to_u8_interleaved(), vec![255, 0, 0, 0, 0, 255]);
+}
+
+#[test]
+fn bad_files_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let err = read_image(&d.join("missing.png")).unwrap_err();
+    assert!(matches!(err, IoError::NotFound { .. }), "{err}");
+    assert!(err.to_string().contains("missing.png"));
+
+    touch(&d.join("text.jpg"), b"hello, this is not a jpeg at all");
+    let err = read_image(&d.join("text.jpg")).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            IoError::Decode { .. } | IoError::UnsupportedFormat { .. }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("text.jpg"));
+
+    touch(&d.join("noext"), b"\x00\x01\x02 random bytes");
+    let err = read_image(&d.join("noext")).unwrap_err();
+    assert!(matches!(err, IoError::UnsupportedFormat { .. }), "{err}");
+
+    write_rgb_png(&d.join("full.png"), 40, 30, 5);
+    let bytes = std::fs::read(d.join("full.png")).unwrap();
+    for cut in [bytes.len() / 2, 40, 12] {
+        touch(&d.join("trunc.png"), &bytes[..cut]);
+        let err = read_image(&d.join("trunc.png")).unwrap_err();
+        assert!(matches!(err, IoError::Decode { .. }), "cut {cut}: {err}");
+    }
+    let mut rng = Rng(42);
+    let mut corrupt = bytes.clone();
+    for b in corrupt.iter_mut().skip(40) {
+        *b = (rng.next_u64() >> 56) as u8;
+    }
+    touch(&d.join("corrupt.png"), &corrupt);
+    assert!(read_image(&d.join("corrupt.png")).is_err());
+
+    let rgb = ::image::RgbImage::from_pixel(8, 8, ::image::Rgb([1, 2, 3]));
+    rgb.save(d.join("j.jpg")).unwrap();
+    let jb = std::fs::read(d.join("j.jpg")).unwrap();
+    touch(&d.join("jt.jpg"), &jb[..jb.len() / 3]);
+    assert!(read_image(&d.join("jt.jpg")).is_err());
+
+    let err = read_image_limited(&d.join("full.png"), 1000).unwrap_err();
+    match &err {
+        IoError::TooLarge {
+            width,
+            height,
+            max_pixels,
+            ..
+        } => assert_eq!((*width, *height, *max_pixels), (40, 30, 1000)),
+        e => panic!("unexpected {e}"),
+    }
+    assert!(err.to_string().contains("1200 pixels"), "{err}");
+    assert!(read_image_limited(&d.join("full.png"), 1200).is_ok());
+}
+
+// ---------------------------------------------------------------------------------------------
+// units and samples
+
+#[test]
+fn parse_fraction_accepts_and_rejects() {
+    assert_eq!(parse_fraction("8/255").unwrap(), 8.0 / 255.0);
+    assert_eq!(parse_fraction("2/255").unwrap(), 2.0 / 255.0);
+    assert_eq!(parse_fraction("0.0313").unwrap(), 0.0313);
+    assert_eq!(parse_fraction("1e-3").unwrap(), 0.001);
+    for bad in [
+        "", "eight", "8/", "8/0", "-0.1", "-8/255", "NaN", "nan/1", "inf", "1/2/3", "0x10",
+    ] {
+        assert!(parse_fraction(bad).is_err(), "{bad:?} accepted");
+    }
+}
+
+#[test]
+fn bundled_samples_decode_and_are_licensed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples");
+    let list = list_inputs(&dir, None).unwrap();
+    assert!(list.items.len() >= 4);
+    check_output_collisions(&list.items).unwrap();
+    let licence = std::fs::read_to_string(dir.join("LICENSE.md")).unwrap();
+    let mut odd = 0;
+    let (mut png, mut jpg) = (false, false);
+    for item in &list.items {
+        assert!(
+            licence.contains(&format!("`{}`", item.rel)),
+            "{} not in LICENSE.md",
+            item.rel
+        );
+        let img = read_image(&item.path).unwrap();
+        assert_eq!(img.width.max(img.height), 320, "{}", item.rel);
+        if img.width % 16 != 0 || img.height % 16 != 0 {
+            odd += 1;
+        }
+        png |= item.rel.ends_with(".png");
+        jpg |= item.rel.ends_with(".jpg");
+        assert!(img.data.iter().all(|v| (0.0..=1.0).contains(v)));
+    }
+    assert!(odd >= 2 && png && jpg);
+}
