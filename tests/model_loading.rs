@@ -1236,3 +1236,29 @@ fn builtin_residual_stream_stays_sane() {
         );
     }
 }
+
+/// The same check on ViT-B/32 (12 layers at real width), plus vit-l-14 generation; slow in
+/// debug builds, so run on demand: `cargo test --test model_loading -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn builtin_residual_stream_stays_sane_vit_b_32() {
+    let m = random_model("vit-b-32", 0).unwrap();
+    let side = m.config.image_size();
+    let pixels: Vec<f32> = (0..3 * side * side)
+        .map(|i| ((i * 2_654_435_761usize) % 1000) as f32 / 1000.0)
+        .collect();
+    let norms = residual_norms(&m, &pixels);
+    let d = m.config.width as f64;
+    let normalised: Vec<f64> = norms.iter().map(|n| n / d.sqrt()).collect();
+    eprintln!("vit-b-32 per-token norm / sqrt(D), F_0..F_L: {normalised:.3?}");
+    for (l, r) in normalised.iter().enumerate() {
+        assert!((0.5..6.0).contains(r), "F_{l}: {r}");
+    }
+    let t = std::time::Instant::now();
+    let l14 = random_model("vit-l-14", 0).unwrap();
+    eprintln!(
+        "vit-l-14: {} parameters generated in {:.2?}",
+        l14.parameter_count(),
+        t.elapsed()
+    );
+}
