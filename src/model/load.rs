@@ -1,11 +1,292 @@
-//! Checkpoint loading (to be implemented).
+//! Checkpoint loading: resolving a model spec, reading a safetensors file, and the error type.
+//!
+//! A spec is `random:ARCH[@SEED]` (see [`super::builtin`]), a `.safetensors` file, or a
+//! directory holding `model.safetensors` or exactly one `*.safetensors`. The file's tensor
+//! names decide the format (Hugging Face `vision_model.*` or OpenAI/open_clip `visual.*`, see
+//! [`super::formats`]); every dimension comes from tensor shapes, and the JSON files next to the
+//! checkpoint only supply what shapes cannot (heads, activation, LayerNorm eps, mean/std, see
+//! [`super::config`]). Nothing here panics on malformed input: every failure is a [`ModelError`]
+//! naming the file and, where there is one, the tensor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+use super::Model;
+
+/// Everything that can go wrong while resolving a spec or loading a checkpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{0}")]
-    Other(String),
+    /// The spec names a path that does not exist.
+    #[error("{path}: no such file or directory; expected {expected}")]
+    NotFound { path: PathBuf, expected: String },
+    /// Reading a file failed.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A directory holds no checkpoint, or more than one.
+    #[error("{dir}: {reason}")]
+    NoCheckpoint { dir: PathBuf, reason: String },
+    /// The file is not a valid safetensors file (empty, truncated, garbage, bad header).
+    #[error(
+        "{path}: cannot parse as safetensors ({reason}); the file may be truncated or not a \
+         safetensors file"
+    )]
+    BadSafetensors { path: PathBuf, reason: String },
+    /// The tensor names match neither checkpoint format.
+    #[error(
+        "{path}: unknown checkpoint format; found tensor name prefixes [{}]; expected Hugging Face \
+         CLIP names (`vision_model.*`, optionally `visual_projection.weight`) or OpenAI/open_clip \
+         names (`visual.*`), possibly under a `module.` or `state_dict.` prefix",
+        .found.join(", ")
+    )]
+    UnknownFormat { path: PathBuf, found: Vec<String> },
+    /// A tensor the vision tower needs is absent.
+    #[error("{path}: missing tensor `{name}`")]
+    MissingTensor { path: PathBuf, name: String },
+    /// A tensor has the wrong shape.
+    #[error("{path}: tensor `{name}` has shape {got:?}, expected {expected}")]
+    BadShape {
+        path: PathBuf,
+        name: String,
+        expected: String,
+        got: Vec<usize>,
+    },
+    /// A tensor the vision tower needs is stored in a dtype we do not convert.
+    #[error(
+        "{path}: tensor `{name}` has dtype {dtype}; supported dtypes are F32, F16, BF16 and F64"
+    )]
+    UnsupportedDtype {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
+    /// Tensors are individually well-formed but do not make a model (block numbering, heads, ...).
+    #[error("{path}: {reason}")]
+    Inconsistent { path: PathBuf, reason: String },
+    /// A JSON file next to the checkpoint is malformed or holds an unsupported value.
+    #[error("{path}: bad config: {reason}")]
+    BadConfig { path: PathBuf, reason: String },
+    /// `random:ARCH` with an ARCH we do not know.
+    #[error("unknown built-in architecture `{arch}`; known architectures: {}", .known.join(", "))]
+    UnknownArchitecture { arch: String, known: Vec<String> },
+    /// A malformed spec, such as `random:tiny@notanumber`.
+    #[error("bad model spec `{spec}`: {reason}")]
+    BadSpec { spec: String, reason: String },
 }
-pub fn load_model(spec: &str) -> Result<super::Model, ModelError> {
-    Err(ModelError::Other(format!(
-        "loading {spec} is not implemented yet"
-    )))
+
+const EXPECTED_SPEC: &str = "a .safetensors checkpoint file, a directory holding \
+     model.safetensors (or exactly one *.safetensors file), or random:ARCH[@SEED]";
+
+/// Loads `random:ARCH[@SEED]`, a safetensors checkpoint file, or a directory holding one.
+pub fn load_model(spec: &str) -> Result<Model, ModelError> {
+    if let Some(rest) = spec.strip_prefix("random:") {
+        let (arch, seed) = match rest.split_once('@') {
+            None => (rest, 0),
+            Some((arch, seed)) => {
+                let seed = seed.parse::<u64>().map_err(|_| ModelError::BadSpec {
+                    spec: spec.to_string(),
+                    reason: format!("seed `{seed}` is not a non-negative integer"),
+                })?;
+                (arch, seed)
+            }
+        };
+        return super::random_model(arch, seed);
+    }
+    let file = resolve_checkpoint(Path::new(spec))?;
+    load_safetensors(&file)
+}
+
+/// Turns a file or directory path into the checkpoint file to read.
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, ModelError> {
+    if !path.exists() {
+        return Err(ModelError::NotFound {
+            path: path.to_path_buf(),
+            expected: EXPECTED_SPEC.to_string(),
+        });
+    }
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let hf = path.join("model.safetensors");
+    if hf.is_file() {
+        return Ok(hf);
+    }
+    let entries = std::fs::read_dir(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(ModelError::NoCheckpoint {
+            dir: path.to_path_buf(),
+            reason: "directory holds no model.safetensors and no other *.safetensors file"
+                .to_string(),
+        }),
+        _ => Err(ModelError::NoCheckpoint {
+            dir: path.to_path_buf(),
+            reason: format!(
+                "directory holds no model.safetensors and several *.safetensors files ({}); \
+                 name the file to load (sharded checkpoints are not supported)",
+                found
+                    .iter()
+                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
+/// Reads one safetensors checkpoint file and builds the vision tower it holds.
+pub fn load_safetensors(path: &Path) -> Result<Model, ModelError> {
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::BadSafetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let tensors = Tensors::new(path, &st)?;
+    super::formats::build_model(&tensors)
+}
+
+/// The tensors of one file, keyed by name with any `module.` / `state_dict.` prefix removed.
+pub(crate) struct Tensors<'a> {
+    pub path: PathBuf,
+    map: HashMap<String, TensorView<'a>>,
+    /// The wrapper prefix that was stripped (for messages), e.g. `module.`.
+    prefix: String,
+}
+
+impl<'a> Tensors<'a> {
+    fn new(path: &Path, st: &SafeTensors<'a>) -> Result<Self, ModelError> {
+        let mut map = HashMap::new();
+        let mut prefix = String::new();
+        for (name, view) in st.iter() {
+            let (stripped, pre) = strip_wrappers(name);
+            if !pre.is_empty() && (stripped.starts_with("visual") || stripped.starts_with("vision"))
+            {
+                prefix = pre.to_string();
+            }
+            if map.insert(stripped.to_string(), view).is_some() {
+                return Err(ModelError::Inconsistent {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "tensor `{stripped}` appears more than once once `module.` / \
+                         `state_dict.` prefixes are removed"
+                    ),
+                });
+            }
+        }
+        Ok(Tensors {
+            path: path.to_path_buf(),
+            map,
+            prefix,
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+
+    /// The name as it is written in the file, for messages.
+    pub fn display_name(&self, name: &str) -> String {
+        format!("{}{}", self.prefix, name)
+    }
+
+    fn view(&self, name: &str) -> Result<&TensorView<'a>, ModelError> {
+        self.map.get(name).ok_or_else(|| ModelError::MissingTensor {
+            path: self.path.clone(),
+            name: self.display_name(name),
+        })
+    }
+
+    pub fn shape(&self, name: &str) -> Result<&[usize], ModelError> {
+        Ok(self.view(name)?.shape())
+    }
+
+    pub fn bad_shape(&self, name: &str, expected: impl Into<String>, got: &[usize]) -> ModelError {
+        ModelError::BadShape {
+            path: self.path.clone(),
+            name: self.display_name(name),
+            expected: expected.into(),
+            got: got.to_vec(),
+        }
+    }
+
+    pub fn inconsistent(&self, reason: impl Into<String>) -> ModelError {
+        ModelError::Inconsistent {
+            path: self.path.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Reads a tensor as f32 after checking that its shape is exactly `expected`.
+    pub fn load(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let view = self.view(name)?;
+        if view.shape() != expected {
+            return Err(self.bad_shape(name, format!("{expected:?}"), view.shape()));
+        }
+        to_f32(view).ok_or_else(|| ModelError::UnsupportedDtype {
+            path: self.path.clone(),
+            name: self.display_name(name),
+            dtype: format!("{:?}", view.dtype()),
+        })
+    }
+}
+
+/// Removes any number of leading `module.` / `state_dict.` wrappers; returns (rest, removed).
+fn strip_wrappers(name: &str) -> (&str, &str) {
+    let mut rest = name;
+    loop {
+        if let Some(r) = rest.strip_prefix("module.") {
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("state_dict.") {
+            rest = r;
+        } else {
+            break;
+        }
+    }
+    (rest, &name[..name.len() - rest.len()])
+}
+
+/// Converts a floating-point tensor to f32 (little-endian, as safetensors stores it).
+fn to_f32(view: &TensorView<'_>) -> Option<Vec<f32>> {
+    let data = view.data();
+    Some(match view.dtype() {
+        Dtype::F32 => data
+            .par_chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .par_chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .par_chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => data
+            .par_chunks_exact(8)
+            .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+            .collect(),
+        _ => return None,
+    })
 }

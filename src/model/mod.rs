@@ -4,10 +4,12 @@
 //! is a rename and a dtype conversion, never a reshuffle that could go subtly wrong.
 
 mod builtin;
+mod config;
+mod formats;
 mod load;
 
-pub use builtin::{builtin_architectures, random_model};
-pub use load::{load_model, ModelError};
+pub use builtin::{builtin_architectures, builtin_config, random_model};
+pub use load::{load_model, load_safetensors, resolve_checkpoint, ModelError};
 
 /// The MLP non-linearity of a CLIP tower.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

@@ -1,0 +1,250 @@
+//! The JSON files that may sit next to a checkpoint, and the few settings we take from them.
+//!
+//! Dimensions always come from tensor shapes (a re-saved `config.json` omits default fields, and
+//! the default `patch_size` is 32). From the JSON we take only what shapes cannot tell:
+//! - HF `config.json`: `num_attention_heads`, `hidden_act`, `layer_norm_eps`, read from
+//!   `vision_config`, overridden key by key by the older `vision_config_dict`, or from the top
+//!   level for a `CLIPVisionConfig`-style file. Absent keys take `CLIPVisionConfig`'s defaults
+//!   (12 heads, `quick_gelu`, 1e-5), which is what transformers itself would use.
+//! - HF `preprocessor_config.json`: `image_mean`, `image_std`.
+//! - open_clip `open_clip_config.json`: `model_cfg.quick_gelu` (absent or false means exact
+//!   GELU in open_clip), `model_cfg.vision_cfg.head_width` (default 64), `preprocess_cfg.mean/std`.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::{Activation, ModelError};
+
+/// Per-channel (mean, std) for pixels in [0, 1].
+pub(crate) type MeanStd = ([f32; 3], [f32; 3]);
+
+/// What a HF `config.json` says about the vision tower.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct HfVisionSettings {
+    pub heads: usize,
+    pub activation: Activation,
+    pub ln_eps: f32,
+}
+
+/// What an `open_clip_config.json` says about the vision tower.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct OpenClipSettings {
+    pub head_width: usize,
+    pub activation: Activation,
+    pub mean_std: Option<MeanStd>,
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> ModelError {
+    ModelError::BadConfig {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads a JSON object from `path`, or `None` when there is no such file.
+fn read_json(path: &Path) -> Result<Option<Map<String, Value>>, ModelError> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let value: Value =
+        serde_json::from_str(&text).map_err(|e| bad(path, format!("invalid JSON: {e}")))?;
+    match value {
+        Value::Object(map) => Ok(Some(map)),
+        _ => Err(bad(path, "expected a JSON object at the top level")),
+    }
+}
+
+fn object<'a>(
+    path: &Path,
+    map: &'a Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a Map<String, Value>>, ModelError> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
+        Some(_) => Err(bad(path, format!("`{key}` is not a JSON object"))),
+    }
+}
+
+fn positive_int(
+    path: &Path,
+    map: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<usize>, ModelError> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if n > 0 && n <= u32::MAX as u64 => Ok(Some(n as usize)),
+            _ => Err(bad(
+                path,
+                format!("`{key}` must be a positive integer, got {v}"),
+            )),
+        },
+    }
+}
+
+fn triple(
+    path: &Path,
+    map: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<[f32; 3]>, ModelError> {
+    let Some(v) = map.get(key) else {
+        return Ok(None);
+    };
+    if v.is_null() {
+        return Ok(None);
+    }
+    let err = || {
+        bad(
+            path,
+            format!("`{key}` must be a list of 3 numbers, got {v}"),
+        )
+    };
+    let list = v.as_array().ok_or_else(err)?;
+    if list.len() != 3 {
+        return Err(err());
+    }
+    let mut out = [0.0f32; 3];
+    for (o, x) in out.iter_mut().zip(list) {
+        *o = x.as_f64().ok_or_else(err)? as f32;
+        if !o.is_finite() {
+            return Err(err());
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Checks a mean/std pair: std must be positive.
+fn mean_std(path: &Path, mean: [f32; 3], std: [f32; 3]) -> Result<MeanStd, ModelError> {
+    if std.iter().any(|&s| s <= 0.0) {
+        return Err(bad(
+            path,
+            format!("image std must be positive, got {std:?}"),
+        ));
+    }
+    Ok((mean, std))
+}
+
+/// Reads `config.json` in `dir`, if there is one.
+pub(crate) fn read_hf_config(
+    dir: &Path,
+) -> Result<Option<(PathBuf, HfVisionSettings)>, ModelError> {
+    let path = dir.join("config.json");
+    let Some(top) = read_json(&path)? else {
+        return Ok(None);
+    };
+    let nested = object(&path, &top, "vision_config")?;
+    let nested_dict = object(&path, &top, "vision_config_dict")?;
+    let vision: Map<String, Value> = match (nested, nested_dict) {
+        (None, None) => top.clone(),
+        (a, b) => {
+            let mut merged = a.cloned().unwrap_or_default();
+            if let Some(b) = b {
+                for (k, v) in b {
+                    merged.insert(k.clone(), v.clone());
+                }
+            }
+            merged
+        }
+    };
+    let heads = positive_int(&path, &vision, "num_attention_heads")?.unwrap_or(12);
+    let activation = match vision.get("hidden_act") {
+        None | Some(Value::Null) => Activation::QuickGelu,
+        Some(Value::String(s)) => match s.as_str() {
+            "quick_gelu" => Activation::QuickGelu,
+            "gelu" => Activation::Gelu,
+            other => {
+                return Err(bad(
+                    &path,
+                    format!("unsupported hidden_act `{other}` (supported: quick_gelu, gelu)"),
+                ))
+            }
+        },
+        Some(v) => {
+            return Err(bad(
+                &path,
+                format!("`hidden_act` must be a string, got {v}"),
+            ))
+        }
+    };
+    let ln_eps = match vision.get("layer_norm_eps") {
+        None | Some(Value::Null) => 1e-5,
+        Some(v) => match v.as_f64() {
+            Some(e) if e > 0.0 && e.is_finite() => e as f32,
+            _ => {
+                return Err(bad(
+                    &path,
+                    format!("`layer_norm_eps` must be a positive number, got {v}"),
+                ))
+            }
+        },
+    };
+    Ok(Some((
+        path,
+        HfVisionSettings {
+            heads,
+            activation,
+            ln_eps,
+        },
+    )))
+}
+
+/// Reads `image_mean` / `image_std` from `preprocessor_config.json` in `dir`, if present.
+pub(crate) fn read_preprocessor(dir: &Path) -> Result<Option<MeanStd>, ModelError> {
+    let path = dir.join("preprocessor_config.json");
+    let Some(map) = read_json(&path)? else {
+        return Ok(None);
+    };
+    let mean = triple(&path, &map, "image_mean")?;
+    let std = triple(&path, &map, "image_std")?;
+    match (mean, std) {
+        (None, None) => Ok(None),
+        (m, s) => mean_std(
+            &path,
+            m.unwrap_or(super::OPENAI_MEAN),
+            s.unwrap_or(super::OPENAI_STD),
+        )
+        .map(Some),
+    }
+}
+
+/// Reads `open_clip_config.json` in `dir`, if present.
+pub(crate) fn read_open_clip_config(dir: &Path) -> Result<Option<OpenClipSettings>, ModelError> {
+    let path = dir.join("open_clip_config.json");
+    let Some(top) = read_json(&path)? else {
+        return Ok(None);
+    };
+    let empty = Map::new();
+    let model_cfg = object(&path, &top, "model_cfg")?.unwrap_or(&empty);
+    let vision_cfg = object(&path, model_cfg, "vision_cfg")?.unwrap_or(&empty);
+    let head_width = positive_int(&path, vision_cfg, "head_width")?.unwrap_or(64);
+    let activation = match model_cfg.get("quick_gelu") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => Activation::Gelu,
+        Some(Value::Bool(true)) => Activation::QuickGelu,
+        Some(v) => {
+            return Err(bad(
+                &path,
+                format!("`model_cfg.quick_gelu` must be a boolean, got {v}"),
+            ))
+        }
+    };
+    let pre = object(&path, &top, "preprocess_cfg")?.unwrap_or(&empty);
+    let mean_std = match (triple(&path, pre, "mean")?, triple(&path, pre, "std")?) {
+        (None, None) => None,
+        (m, s) => Some(mean_std(
+            &path,
+            m.unwrap_or(super::OPENAI_MEAN),
+            s.unwrap_or(super::OPENAI_STD),
+        )?),
+    };
+    Ok(Some(OpenClipSettings {
+        head_width,
+        activation,
+        mean_std,
+    }))
+}

@@ -1,0 +1,428 @@
+//! The two checkpoint naming schemes and how each maps onto [`VisionWeights`].
+//!
+//! | role | HF | OpenAI / open_clip |
+//! |---|---|---|
+//! | patch conv [D,3,p,p] | `vision_model.embeddings.patch_embedding.weight` | `visual.conv1.weight` |
+//! | class token [D] | `vision_model.embeddings.class_embedding` | `visual.class_embedding` |
+//! | positions [T,D] | `vision_model.embeddings.position_embedding.weight` | `visual.positional_embedding` |
+//! | pre-LN | `vision_model.pre_layrnorm.*` | `visual.ln_pre.*` |
+//! | blocks | `vision_model.encoder.layers.i.*` (separate q/k/v) | `visual.transformer.resblocks.i.*` (`in_proj_*` = q,k,v stacked) |
+//! | post-LN | `vision_model.post_layernorm.*` | `visual.ln_post.*` |
+//! | projection | `visual_projection.weight` [E,D] | `visual.proj` [D,E], transposed on load |
+//!
+//! The conv weight [D,3,p,p] row-major is already the [D, 3·p·p] GEMM weight with patch vectors
+//! flattened (channel, row, col), so it is taken as is.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use super::config::{read_hf_config, read_open_clip_config, read_preprocessor};
+use super::load::Tensors;
+use super::{
+    Activation, BlockWeights, LayerNormWeights, Linear, Model, ModelError, ModelSource,
+    VisionConfig, VisionWeights, OPENAI_MEAN, OPENAI_STD,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    HuggingFace,
+    OpenAi,
+}
+
+/// Tensor names of one format.
+struct Names {
+    conv: &'static str,
+    conv_bias: &'static str,
+    cls: &'static str,
+    pos: &'static str,
+    ln_pre: &'static str,
+    ln_post: &'static str,
+    blocks: &'static str,
+}
+
+const HF: Names = Names {
+    conv: "vision_model.embeddings.patch_embedding.weight",
+    conv_bias: "vision_model.embeddings.patch_embedding.bias",
+    cls: "vision_model.embeddings.class_embedding",
+    pos: "vision_model.embeddings.position_embedding.weight",
+    ln_pre: "vision_model.pre_layrnorm",
+    ln_post: "vision_model.post_layernorm",
+    blocks: "vision_model.encoder.layers.",
+};
+
+const OPENAI: Names = Names {
+    conv: "visual.conv1.weight",
+    conv_bias: "visual.conv1.bias",
+    cls: "visual.class_embedding",
+    pos: "visual.positional_embedding",
+    ln_pre: "visual.ln_pre",
+    ln_post: "visual.ln_post",
+    blocks: "visual.transformer.resblocks.",
+};
+
+fn detect(t: &Tensors<'_>) -> Result<Format, ModelError> {
+    if t.names().any(|n| n.starts_with("vision_model.")) {
+        return Ok(Format::HuggingFace);
+    }
+    if t.names().any(|n| n.starts_with("visual.")) {
+        return Ok(Format::OpenAi);
+    }
+    let mut found: BTreeSet<String> = BTreeSet::new();
+    for n in t.names() {
+        let head = n.split('.').next().unwrap_or(n);
+        found.insert(if head.len() < n.len() {
+            format!("{head}.*")
+        } else {
+            head.to_string()
+        });
+    }
+    let mut found: Vec<String> = found.into_iter().collect();
+    if found.is_empty() {
+        found.push("(no tensors)".to_string());
+    } else if found.len() > 12 {
+        let more = found.len() - 12;
+        found.truncate(12);
+        found.push(format!("... and {more} more"));
+    }
+    Err(ModelError::UnknownFormat {
+        path: t.path.clone(),
+        found,
+    })
+}
+
+/// Builds the model held by a checkpoint's tensors, reading the JSON files next to it.
+pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
+    let format = detect(t)?;
+    let names = match format {
+        Format::HuggingFace => &HF,
+        Format::OpenAi => &OPENAI,
+    };
+    let dir = t.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+
+    // Dimensions from shapes.
+    let cls_shape = t.shape(names.cls)?;
+    let width = match cls_shape {
+        [d] if *d > 0 => *d,
+        _ => return Err(t.bad_shape(names.cls, "[D] with D > 0", cls_shape)),
+    };
+    let conv_shape = t.shape(names.conv)?;
+    let patch = match conv_shape {
+        [d, 3, p, q] if *d == width && p == q && *p > 0 => *p,
+        _ => return Err(t.bad_shape(names.conv, format!("[{width}, 3, p, p]"), conv_shape)),
+    };
+    let pos_shape = t.shape(names.pos)?;
+    let grid = match pos_shape {
+        [rows, d] if *d == width && *rows >= 2 => {
+            let g = (*rows - 1).isqrt();
+            if g * g + 1 != *rows {
+                return Err(t.bad_shape(
+                    names.pos,
+                    format!("[g·g + 1, {width}]: a square patch grid plus the class token"),
+                    pos_shape,
+                ));
+            }
+            g
+        }
+        _ => {
+            return Err(t.bad_shape(
+                names.pos,
+                format!("[g·g + 1, {width}]: a square patch grid plus the class token"),
+                pos_shape,
+            ))
+        }
+    };
+    let layers = count_layers(t, names.blocks)?;
+    let fc1_name = match format {
+        Format::HuggingFace => format!("{}0.mlp.fc1.weight", names.blocks),
+        Format::OpenAi => format!("{}0.mlp.c_fc.weight", names.blocks),
+    };
+    let fc1_shape = t.shape(&fc1_name)?;
+    let mlp = match fc1_shape {
+        [m, d] if *d == width && *m > 0 => *m,
+        _ => return Err(t.bad_shape(&fc1_name, format!("[mlp, {width}]"), fc1_shape)),
+    };
+
+    // Settings from JSON, with per-format defaults.
+    let (heads, activation, ln_eps, mean_std, source) = match format {
+        Format::HuggingFace => {
+            let (heads, activation, ln_eps) = match read_hf_config(&dir)? {
+                Some((path, s)) => {
+                    if width % s.heads != 0 {
+                        return Err(ModelError::BadConfig {
+                            path,
+                            reason: format!(
+                                "num_attention_heads = {} (explicit, or the CLIPVisionConfig \
+                                 default when absent) does not divide the width {width}",
+                                s.heads
+                            ),
+                        });
+                    }
+                    (s.heads, s.activation, s.ln_eps)
+                }
+                None => (heads_from_width(t, width)?, Activation::QuickGelu, 1e-5),
+            };
+            let source = ModelSource::HuggingFace {
+                path: t.path.clone(),
+            };
+            (heads, activation, ln_eps, read_preprocessor(&dir)?, source)
+        }
+        Format::OpenAi => {
+            let (heads, activation, mean_std) = match read_open_clip_config(&dir)? {
+                Some(s) => {
+                    if width % s.head_width != 0 {
+                        return Err(ModelError::BadConfig {
+                            path: dir.join("open_clip_config.json"),
+                            reason: format!(
+                                "head_width {} does not divide the width {width}",
+                                s.head_width
+                            ),
+                        });
+                    }
+                    (width / s.head_width, s.activation, s.mean_std)
+                }
+                None => (heads_from_width(t, width)?, Activation::QuickGelu, None),
+            };
+            let source = ModelSource::OpenAi {
+                path: t.path.clone(),
+            };
+            (heads, activation, 1e-5, mean_std, source)
+        }
+    };
+    let (mean, std) = mean_std.unwrap_or((OPENAI_MEAN, OPENAI_STD));
+
+    // Weights, every shape checked exactly.
+    let d = width;
+    let ln = |prefix: &str| -> Result<LayerNormWeights, ModelError> {
+        Ok(LayerNormWeights {
+            weight: t.load(&format!("{prefix}.weight"), &[d])?,
+            bias: t.load(&format!("{prefix}.bias"), &[d])?,
+        })
+    };
+    let linear = |prefix: &str, out: usize, inp: usize| -> Result<Linear, ModelError> {
+        Ok(Linear {
+            weight: t.load(&format!("{prefix}.weight"), &[out, inp])?,
+            bias: Some(t.load(&format!("{prefix}.bias"), &[out])?),
+            out_features: out,
+            in_features: inp,
+        })
+    };
+    let patch_in = 3 * patch * patch;
+    let patch_embed = Linear {
+        weight: t.load(names.conv, &[d, 3, patch, patch])?,
+        bias: if t.contains(names.conv_bias) {
+            Some(t.load(names.conv_bias, &[d])?)
+        } else {
+            None
+        },
+        out_features: d,
+        in_features: patch_in,
+    };
+    let class_embedding = t.load(names.cls, &[d])?;
+    let position_embedding = t.load(names.pos, &[grid * grid + 1, d])?;
+    let ln_pre = ln(names.ln_pre)?;
+    let ln_post = ln(names.ln_post)?;
+    let mut blocks = Vec::with_capacity(layers);
+    for i in 0..layers {
+        let b = format!("{}{i}.", names.blocks);
+        let block = match format {
+            Format::HuggingFace => {
+                let q = linear(&format!("{b}self_attn.q_proj"), d, d)?;
+                let k = linear(&format!("{b}self_attn.k_proj"), d, d)?;
+                let v = linear(&format!("{b}self_attn.v_proj"), d, d)?;
+                BlockWeights {
+                    ln1: ln(&format!("{b}layer_norm1"))?,
+                    qkv: stack_qkv(q, k, v),
+                    out_proj: linear(&format!("{b}self_attn.out_proj"), d, d)?,
+                    ln2: ln(&format!("{b}layer_norm2"))?,
+                    fc1: linear(&format!("{b}mlp.fc1"), mlp, d)?,
+                    fc2: linear(&format!("{b}mlp.fc2"), d, mlp)?,
+                }
+            }
+            Format::OpenAi => BlockWeights {
+                ln1: ln(&format!("{b}ln_1"))?,
+                qkv: Linear {
+                    weight: t.load(&format!("{b}attn.in_proj_weight"), &[3 * d, d])?,
+                    bias: Some(t.load(&format!("{b}attn.in_proj_bias"), &[3 * d])?),
+                    out_features: 3 * d,
+                    in_features: d,
+                },
+                out_proj: linear(&format!("{b}attn.out_proj"), d, d)?,
+                ln2: ln(&format!("{b}ln_2"))?,
+                fc1: linear(&format!("{b}mlp.c_fc"), mlp, d)?,
+                fc2: linear(&format!("{b}mlp.c_proj"), d, mlp)?,
+            },
+        };
+        blocks.push(block);
+    }
+    let projection = match format {
+        Format::HuggingFace => {
+            let name = "visual_projection.weight";
+            if t.contains(name) {
+                let shape = t.shape(name)?;
+                match shape {
+                    [e, dd] if *dd == d && *e > 0 => {
+                        let e = *e;
+                        Some(Linear {
+                            weight: t.load(name, &[e, d])?,
+                            bias: None,
+                            out_features: e,
+                            in_features: d,
+                        })
+                    }
+                    _ => return Err(t.bad_shape(name, format!("[E, {d}]"), shape)),
+                }
+            } else {
+                None
+            }
+        }
+        Format::OpenAi => {
+            let name = "visual.proj";
+            if t.contains(name) {
+                let shape = t.shape(name)?;
+                match shape {
+                    [dd, e] if *dd == d && *e > 0 => {
+                        let e = *e;
+                        let p = t.load(name, &[d, e])?;
+                        Some(Linear {
+                            weight: transpose(&p, d, e),
+                            bias: None,
+                            out_features: e,
+                            in_features: d,
+                        })
+                    }
+                    _ => return Err(t.bad_shape(name, format!("[{d}, E]"), shape)),
+                }
+            } else {
+                None
+            }
+        }
+    };
+    let embed_dim = projection.as_ref().map(|p| p.out_features);
+
+    Ok(Model {
+        config: VisionConfig {
+            width,
+            layers,
+            heads,
+            patch,
+            grid,
+            mlp,
+            embed_dim,
+            activation,
+            ln_eps,
+            mean,
+            std,
+        },
+        weights: VisionWeights {
+            patch_embed,
+            class_embedding,
+            position_embedding,
+            ln_pre,
+            blocks,
+            ln_post,
+            projection,
+        },
+        source,
+    })
+}
+
+/// heads = D / 64, the convention of every OpenAI CLIP tower.
+fn heads_from_width(t: &Tensors<'_>, width: usize) -> Result<usize, ModelError> {
+    if width % 64 == 0 {
+        Ok(width / 64)
+    } else {
+        Err(t.inconsistent(format!(
+            "cannot infer the number of attention heads: width {width} is not a multiple of 64 \
+             and there is no config (config.json with num_attention_heads for HF checkpoints, \
+             open_clip_config.json with head_width for open_clip ones)"
+        )))
+    }
+}
+
+/// Counts blocks `PREFIX{i}.*`; the indices must be exactly 0..L with L ≥ 1.
+fn count_layers(t: &Tensors<'_>, prefix: &str) -> Result<usize, ModelError> {
+    let mut seen = BTreeSet::new();
+    for name in t.names() {
+        if let Some(rest) = name.strip_prefix(prefix) {
+            let idx = rest.split('.').next().unwrap_or("");
+            match idx.parse::<usize>() {
+                Ok(i) => {
+                    seen.insert(i);
+                }
+                Err(_) => {
+                    return Err(t.inconsistent(format!(
+                        "tensor `{}` has a non-numeric block index",
+                        t.display_name(name)
+                    )))
+                }
+            }
+        }
+    }
+    let layers = seen.len();
+    if layers == 0 {
+        return Err(ModelError::MissingTensor {
+            path: t.path.clone(),
+            name: t.display_name(&format!("{prefix}0.*")),
+        });
+    }
+    if seen.last().copied() != Some(layers - 1) {
+        let missing: Vec<String> = (0..layers + 1)
+            .filter(|i| !seen.contains(i))
+            .take(5)
+            .map(|i| i.to_string())
+            .collect();
+        return Err(t.inconsistent(format!(
+            "transformer blocks `{}{{i}}.*` are not numbered contiguously from 0: found {} \
+             blocks, highest index {}, missing indices {}",
+            t.display_name(prefix),
+            layers,
+            seen.last().copied().unwrap_or(0),
+            missing.join(", ")
+        )));
+    }
+    Ok(layers)
+}
+
+/// Stacks separate q, k, v projections into one `[3D, D]` linear (q rows first).
+fn stack_qkv(q: Linear, k: Linear, v: Linear) -> Linear {
+    let d = q.in_features;
+    let mut weight = q.weight;
+    weight.extend_from_slice(&k.weight);
+    weight.extend_from_slice(&v.weight);
+    let bias = match (q.bias, k.bias, v.bias) {
+        (Some(mut b), Some(kb), Some(vb)) => {
+            b.extend_from_slice(&kb);
+            b.extend_from_slice(&vb);
+            Some(b)
+        }
+        _ => None,
+    };
+    Linear {
+        weight,
+        bias,
+        out_features: 3 * q.out_features,
+        in_features: d,
+    }
+}
+
+/// `[rows, cols]` row-major → `[cols, rows]` row-major.
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; a.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = a[r * cols + c];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_small() {
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]; // [2, 3]
+        assert_eq!(transpose(&a, 2, 3), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    }
+}
