@@ -11,8 +11,9 @@ use super::image::{ImageAttack, Planar};
 use super::loss::Objective;
 use super::settings::{AttackSettings, Init};
 use crate::io::{
-    self, output_rel_path, planar_to_interleaved, quantize_within_eps, read_image, write_float_safetensors_atomic,
-    write_png_atomic, InputItem, IoError, ManifestRecord, ManifestWriter, RgbImage, Status,
+    self, output_rel_path, planar_to_interleaved, quantize_within_eps, read_image,
+    write_float_safetensors_atomic, write_png_atomic, InputItem, IoError, ManifestRecord,
+    ManifestWriter, RgbImage, Status,
 };
 use crate::reference::ReferenceVit;
 use crate::rng::ImageRng;
@@ -56,15 +57,20 @@ pub fn run_campaign(
     for item in items {
         progress.image_started(&item.rel);
         let started = Instant::now();
-        let result = catch_unwind(AssertUnwindSafe(|| attack_one(engine, objective, settings, item, output, progress)))
-            .unwrap_or_else(|panic| {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(ImageFailure { message: format!("internal error (please report): {msg}"), size: None })
-            });
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            attack_one(engine, objective, settings, item, output, progress)
+        }))
+        .unwrap_or_else(|panic| {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(ImageFailure {
+                message: format!("internal error (please report): {msg}"),
+                size: None,
+            })
+        });
         let seconds = started.elapsed().as_secs_f64();
         let record = match result {
             Ok(mut record) => {
@@ -105,14 +111,18 @@ struct ImageFailure {
 
 impl ImageFailure {
     fn sized(message: impl ToString, img: &RgbImage) -> Self {
-        ImageFailure { message: message.to_string(), size: Some((img.width, img.height)) }
+        ImageFailure {
+            message: message.to_string(),
+            size: Some((img.width, img.height)),
+        }
     }
 }
 
 /// Reads the `--init from:` start for `rel`, which must have the clean image's size.
 fn read_start(dir: &Path, rel: &str, clean: &RgbImage) -> Result<RgbImage, ImageFailure> {
     let path = dir.join(output_rel_path(rel));
-    let start = read_image(&path).map_err(|e| ImageFailure::sized(format!("--init from: {e}"), clean))?;
+    let start =
+        read_image(&path).map_err(|e| ImageFailure::sized(format!("--init from: {e}"), clean))?;
     if (start.width, start.height) != (clean.width, clean.height) {
         return Err(ImageFailure::sized(
             format!(
@@ -137,14 +147,22 @@ fn attack_one(
     output: &OutputOptions,
     progress: &dyn Progress,
 ) -> Result<ManifestRecord, ImageFailure> {
-    let clean = read_image(&item.path).map_err(|e| ImageFailure { message: e.to_string(), size: None })?;
+    let clean = read_image(&item.path).map_err(|e| ImageFailure {
+        message: e.to_string(),
+        size: None,
+    })?;
     let start_image = match &settings.init {
         Init::From(dir) => Some(read_start(dir, &item.rel, &clean)?),
         _ => None,
     };
-    let planar = Planar { data: &clean.data, height: clean.height, width: clean.width };
+    let planar = Planar {
+        data: &clean.data,
+        height: clean.height,
+        width: clean.width,
+    };
     let rng = ImageRng::new(settings.seed, &item.rel);
-    let attack = ImageAttack::new(engine, objective, settings, planar, rng).map_err(|e| ImageFailure::sized(e, &clean))?;
+    let attack = ImageAttack::new(engine, objective, settings, planar, rng)
+        .map_err(|e| ImageFailure::sized(e, &clean))?;
     let start = attack.start(start_image.as_ref().map(|s| s.data.as_slice()));
     let outcome = attack.run(start, |_| progress.step_done());
 
@@ -152,12 +170,22 @@ fn attack_one(
     let saved = quantize_within_eps(&outcome.adversarial, &clean.data, settings.eps);
     let rel_out = output_rel_path(&item.rel);
     let png_path = output.dir.join(&rel_out);
-    write_png_atomic(&png_path, clean.width, clean.height, &planar_to_interleaved(&saved, clean.width, clean.height))
-        .map_err(|e| ImageFailure::sized(e, &clean))?;
+    write_png_atomic(
+        &png_path,
+        clean.width,
+        clean.height,
+        &planar_to_interleaved(&saved, clean.width, clean.height),
+    )
+    .map_err(|e| ImageFailure::sized(e, &clean))?;
     if output.save_float {
-        let float = RgbImage { width: clean.width, height: clean.height, data: outcome.adversarial.clone() };
+        let float = RgbImage {
+            width: clean.width,
+            height: clean.height,
+            data: outcome.adversarial.clone(),
+        };
         let float_path = png_path.with_extension("safetensors");
-        write_float_safetensors_atomic(&float_path, &float).map_err(|e| ImageFailure::sized(e, &clean))?;
+        write_float_safetensors_atomic(&float_path, &float)
+            .map_err(|e| ImageFailure::sized(e, &clean))?;
     }
     let saved_f32: Vec<f32> = saved.iter().map(|&q| q as f32 / 255.0).collect();
     let eval = attack.evaluate(&saved_f32);

@@ -100,7 +100,10 @@ pub struct AttackArgs {
 fn parse_scale_range(s: &str) -> Result<(f32, f32), String> {
     let err = || format!("'{s}' is not a scale range: use LO,HI such as 0.5,1.0");
     let (lo, hi) = s.split_once(',').ok_or_else(err)?;
-    Ok((lo.trim().parse().map_err(|_| err())?, hi.trim().parse().map_err(|_| err())?))
+    Ok((
+        lo.trim().parse().map_err(|_| err())?,
+        hi.trim().parse().map_err(|_| err())?,
+    ))
 }
 
 impl AttackArgs {
@@ -163,13 +166,18 @@ impl AttackArgs {
         }
         match self.precision.as_str() {
             "fp32" => {}
-            "bf16" => bail!("--precision bf16 needs the GPU engine; the CPU reference engine runs fp32"),
+            "bf16" => {
+                bail!("--precision bf16 needs the GPU engine; the CPU reference engine runs fp32")
+            }
             p => bail!("unknown precision '{p}': use fp32 or bf16"),
         }
         if self.batch_size != "auto" {
             match self.batch_size.parse::<usize>() {
                 Ok(n) if n > 0 => {}
-                _ => bail!("--batch-size '{}' must be a positive number or auto", self.batch_size),
+                _ => bail!(
+                    "--batch-size '{}' must be a positive number or auto",
+                    self.batch_size
+                ),
             }
         }
         Ok(())
@@ -182,7 +190,10 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     settings.validate().map_err(anyhow::Error::msg)?;
     if let Init::From(dir) = &settings.init {
         if !dir.is_dir() {
-            bail!("--init from:{}: not a directory (give the output directory of an earlier run)", dir.display());
+            bail!(
+                "--init from:{}: not a directory (give the output directory of an earlier run)",
+                dir.display()
+            );
         }
     }
 
@@ -193,10 +204,16 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         items.retain(|item| shard.contains(&item.rel));
     }
     check_output_collisions(&items)?;
-    let model = Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;
-    let layers = settings.layers.resolve(model.config.feature_layers()).map_err(anyhow::Error::msg)?;
-    let objective = Objective::new(settings.loss, layers, settings.tokens, &model).map_err(anyhow::Error::msg)?;
-    std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create output directory {}", args.output.display()))?;
+    let model =
+        Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;
+    let layers = settings
+        .layers
+        .resolve(model.config.feature_layers())
+        .map_err(anyhow::Error::msg)?;
+    let objective = Objective::new(settings.loss, layers, settings.tokens, &model)
+        .map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("cannot create output directory {}", args.output.display()))?;
 
     if !args.quiet {
         if let ModelSource::Random { arch, seed } = &model.source {
@@ -205,21 +222,30 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         eprintln!(
             "attacking {} image(s){} with {:?}/{:?}, {} steps, eps {:.2}/255 on cpu",
             items.len(),
-            args.shard.map(|s| format!(" (shard {}/{})", s.index, s.count)).unwrap_or_default(),
+            args.shard
+                .map(|s| format!(" (shard {}/{})", s.index, s.count))
+                .unwrap_or_default(),
             settings.loss,
             settings.optimizer,
             settings.steps,
             settings.eps * 255.0
         );
         if inputs.ignored > 0 {
-            eprintln!("note: ignored {} non-image file(s) in {}", inputs.ignored, args.input.display());
+            eprintln!(
+                "note: ignored {} non-image file(s) in {}",
+                inputs.ignored,
+                args.input.display()
+            );
         }
     }
 
     let engine = ReferenceVit::new(&model);
     let bar = Bar::new((items.len() * settings.steps) as u64, args.quiet);
     let started = std::time::Instant::now();
-    let output = OutputOptions { dir: args.output.clone(), save_float: args.save_float };
+    let output = OutputOptions {
+        dir: args.output.clone(),
+        save_float: args.save_float,
+    };
     let summary = run_campaign(&engine, &objective, &settings, &items, &output, &bar)?;
     bar.finish();
     if !args.quiet {
@@ -233,5 +259,9 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
             args.output.join(prm::io::MANIFEST_FILE).display()
         );
     }
-    Ok(if summary.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(EXIT_SOME_FAILED) })
+    Ok(if summary.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_SOME_FAILED)
+    })
 }

@@ -17,10 +17,13 @@ pub struct InfoArgs {
 }
 
 pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
-    let model = Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;
+    let model =
+        Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;
     let c = &model.config;
     let (source, random) = match &model.source {
-        ModelSource::HuggingFace { path } | ModelSource::OpenAi { path } => (path.display().to_string(), false),
+        ModelSource::HuggingFace { path } | ModelSource::OpenAi { path } => {
+            (path.display().to_string(), false)
+        }
         ModelSource::Random { arch, seed } => (format!("random:{arch}@{seed}"), true),
     };
     if args.json {
@@ -61,10 +64,18 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         Some(e) => println!("embedding:    {e} (visual projection present)"),
         None => println!("embedding:    none (no visual projection; --loss embed unavailable)"),
     }
-    println!("features:     F_0..F_{} ({} layers for the PRM loss)", c.layers, c.feature_layers());
+    println!(
+        "features:     F_0..F_{} ({} layers for the PRM loss)",
+        c.layers,
+        c.feature_layers()
+    );
     println!("activation:   {}", c.activation.name());
     println!("layer norm:   eps {:e}", c.ln_eps);
     println!("normalise:    mean {:?}, std {:?}", c.mean, c.std);
-    println!("parameters:   {} ({:.1} M)", model.parameter_count(), model.parameter_count() as f64 / 1e6);
+    println!(
+        "parameters:   {} ({:.1} M)",
+        model.parameter_count(),
+        model.parameter_count() as f64 / 1e6
+    );
     Ok(ExitCode::SUCCESS)
 }

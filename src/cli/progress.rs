@@ -17,14 +17,24 @@ impl Bar {
     pub fn new(total_steps: u64, quiet: bool) -> Self {
         let bar = ProgressBar::with_draw_target(
             Some(total_steps),
-            if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() },
+            if quiet {
+                ProgressDrawTarget::hidden()
+            } else {
+                ProgressDrawTarget::stderr()
+            },
         );
         bar.set_style(
-            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} image-steps, {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} image-steps, {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
-        Bar { bar, started: Instant::now(), done: 0.into() }
+        Bar {
+            bar,
+            started: Instant::now(),
+            done: 0.into(),
+        }
     }
 
     pub fn finish(&self) {
@@ -36,7 +46,8 @@ impl Progress for Bar {
     fn image_started(&self, rel: &str) {
         let done = self.done.load(std::sync::atomic::Ordering::Relaxed);
         let rate = done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
-        self.bar.set_message(format!("{done} images ({rate:.2} images/s), now {rel}"));
+        self.bar
+            .set_message(format!("{done} images ({rate:.2} images/s), now {rel}"));
     }
     fn step_done(&self) {
         self.bar.inc(1);
@@ -45,7 +56,11 @@ impl Progress for Bar {
         self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if record.status == Status::Error {
             self.bar.suspend(|| {
-                eprintln!("failed: {}: {}", record.input, record.error.as_deref().unwrap_or("unknown error"));
+                eprintln!(
+                    "failed: {}: {}",
+                    record.input,
+                    record.error.as_deref().unwrap_or("unknown error")
+                );
             });
         }
     }

@@ -26,7 +26,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         eprintln!("note: {note}");
     }
     for v in &report.violations {
-        println!("VIOLATION {}: {}", v.file, v.kind);
+        println!("VIOLATION {v}");
     }
     println!(
         "checked {} image(s); max L∞ {:.3}/255 (ε = {:.3}/255); {} violation(s){}",
@@ -34,7 +34,15 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         report.max_linf_255,
         args.eps * 255.0,
         report.violations.len(),
-        if report.manifest_checked { "; manifest cross-checked" } else { "" }
+        if report.manifest_checked {
+            "; manifest cross-checked"
+        } else {
+            ""
+        }
     );
-    Ok(if report.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_SOME_FAILED) })
+    Ok(if report.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_SOME_FAILED)
+    })
 }

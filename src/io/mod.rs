@@ -18,6 +18,7 @@ pub mod image;
 pub mod inputs;
 pub mod manifest;
 pub mod output;
+pub mod shard;
 pub mod units;
 pub mod verify;
 

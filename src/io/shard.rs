@@ -37,13 +37,21 @@ mod tests {
 
     #[test]
     fn shards_partition_the_inputs() {
-        let rels: Vec<String> = (0..500).map(|i| format!("dir{}/img{i}.jpg", i % 7)).collect();
+        let rels: Vec<String> = (0..500)
+            .map(|i| format!("dir{}/img{i}.jpg", i % 7))
+            .collect();
         let shards: Vec<Shard> = (0..3).map(|k| Shard { index: k, count: 3 }).collect();
         for r in &rels {
             assert_eq!(shards.iter().filter(|s| s.contains(r)).count(), 1);
         }
-        assert!(shards.iter().all(|s| rels.iter().filter(|r| s.contains(r)).count() > 100));
-        assert!(Shard::parse("3/3").is_err() && Shard::parse("1/0").is_err() && Shard::parse("x").is_err());
+        assert!(shards
+            .iter()
+            .all(|s| rels.iter().filter(|r| s.contains(r)).count() > 100));
+        assert!(
+            Shard::parse("3/3").is_err()
+                && Shard::parse("1/0").is_err()
+                && Shard::parse("x").is_err()
+        );
         assert_eq!(Shard::parse("2/5"), Ok(Shard { index: 2, count: 5 }));
     }
 }
