@@ -131,18 +131,23 @@ impl Optimizer {
         let bias2_sqrt = (1.0 - (ADAM_BETA2 as f64).powi(t)).sqrt() as f32;
         let step = (lr as f64 / bias1) as f32;
         let decay = 1.0 - lr * self.weight_decay;
-        for i in 0..grad.len() {
-            let d = self.delta255[i];
-            let y = self.clean[i] * 255.0 + d.clamp(-eps255, eps255);
+        let state = self
+            .delta255
+            .iter_mut()
+            .zip(self.m.iter_mut())
+            .zip(self.v.iter_mut());
+        for (((delta, m_i), v_i), (&clean, &grad)) in state.zip(self.clean.iter().zip(grad)) {
+            let d = *delta;
+            let y = clean * 255.0 + d.clamp(-eps255, eps255);
             let passes = (-eps255..=eps255).contains(&d) && (0.0..=255.0).contains(&y);
             // dL/dδ₂₅₅ = dL/dx · dx/dδ₂₅₅ = g / 255 where the clamps pass the gradient.
-            let g = if passes { grad[i] / 255.0 } else { 0.0 };
+            let g = if passes { grad / 255.0 } else { 0.0 };
             let d = d * decay;
-            let m = self.m[i] + (g - self.m[i]) * (1.0 - ADAM_BETA1);
-            let v = self.v[i] * ADAM_BETA2 + (1.0 - ADAM_BETA2) * g * g;
-            self.m[i] = m;
-            self.v[i] = v;
-            self.delta255[i] = d - step * m / (v.sqrt() / bias2_sqrt + ADAM_EPS);
+            let m = *m_i + (g - *m_i) * (1.0 - ADAM_BETA1);
+            let v = *v_i * ADAM_BETA2 + (1.0 - ADAM_BETA2) * g * g;
+            *m_i = m;
+            *v_i = v;
+            *delta = d - step * m / (v.sqrt() / bias2_sqrt + ADAM_EPS);
         }
     }
 }

@@ -97,6 +97,13 @@ pub struct AttackArgs {
     quiet: bool,
 }
 
+/// The command-line spelling of an option value.
+fn value_name(v: impl clap::ValueEnum) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
+}
+
 fn parse_scale_range(s: &str) -> Result<(f32, f32), String> {
     let err = || format!("'{s}' is not a scale range: use LO,HI such as 0.5,1.0");
     let (lo, hi) = s.split_once(',').ok_or_else(err)?;
@@ -220,13 +227,13 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
             eprintln!("note: random:{arch} has RANDOM weights (seed {seed}); results show speed and mechanics, not real transfer");
         }
         eprintln!(
-            "attacking {} image(s){} with {:?}/{:?}, {} steps, eps {:.2}/255 on cpu",
+            "attacking {} image(s){} with loss {}, optimizer {}, {} steps, eps {:.2}/255 on cpu",
             items.len(),
             args.shard
                 .map(|s| format!(" (shard {}/{})", s.index, s.count))
                 .unwrap_or_default(),
-            settings.loss,
-            settings.optimizer,
+            value_name(settings.loss),
+            value_name(settings.optimizer),
             settings.steps,
             settings.eps * 255.0
         );

@@ -30,8 +30,11 @@ impl Activation {
     }
 }
 
-/// OpenAI's CLIP normalisation, the default for every model.
+/// OpenAI's CLIP normalisation, the default for every model. Written with the digits OpenAI
+/// publishes so the constants can be checked against the source; f32 rounds them.
+#[allow(clippy::excessive_precision)]
 pub const OPENAI_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
 pub const OPENAI_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// Shape and numerics of a ViT vision tower. Every dimension is inferred from tensor shapes.

@@ -1,0 +1,323 @@
+//! End-to-end tests of the `prm` command on the built-in tiny model: outputs, manifest, resume
+//! from an earlier run, `verify`, and the documented exit codes for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn prm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_prm"))
+        .args(args)
+        .output()
+        .expect("prm runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Writes a smooth, textured RGB test image.
+fn write_image(path: &Path, w: u32, h: u32, seed: u32) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let v = |k: u32| {
+            (((x * (3 + k + seed) + y * (5 + 2 * k) + seed * 17) % 251) as u8)
+                .wrapping_add((k * 40) as u8)
+        };
+        image::Rgb([v(0), v(1), v(2)])
+    });
+    img.save(path).unwrap();
+}
+
+fn manifest(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("manifest.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn max_abs_diff(a: &Path, b: &Path) -> u8 {
+    let (a, b) = (
+        image::open(a).unwrap().to_rgb8(),
+        image::open(b).unwrap().to_rgb8(),
+    );
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap()
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    input: PathBuf,
+    root: PathBuf,
+}
+
+/// Three images: odd sizes (not multiples of the 16-pixel patch), one in a subdirectory, one JPEG.
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let input = root.join("in");
+    write_image(&input.join("a.png"), 70, 53, 1);
+    write_image(&input.join("sub/b.jpg"), 64, 64, 2);
+    write_image(&input.join("c.png"), 45, 81, 3);
+    Fixture {
+        _tmp: tmp,
+        input,
+        root,
+    }
+}
+
+fn attack(f: &Fixture, out: &str, extra: &[&str]) -> (Output, PathBuf) {
+    let out = f.root.join(out);
+    let mut args = vec![
+        "attack",
+        "--model",
+        "random:tiny",
+        "--input",
+        f.input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    (prm(&args), out)
+}
+
+#[test]
+fn attack_writes_pngs_within_eps_and_a_complete_manifest() {
+    let f = fixture();
+    let (o, out) = attack(
+        &f,
+        "out",
+        &["--preset", "pgd", "--steps", "3", "--save-float"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let records = manifest(&out);
+    assert_eq!(records.len(), 3);
+    for r in &records {
+        assert_eq!(r["status"], "ok");
+        let rel = r["input"].as_str().unwrap();
+        let output = r["output"].as_str().unwrap();
+        assert_eq!(
+            output,
+            rel.rsplit_once('.')
+                .map(|(s, _)| format!("{s}.png"))
+                .unwrap()
+        );
+        let diff = max_abs_diff(&f.input.join(rel), &out.join(output));
+        // JPEG inputs decode to the same values prm saw, so the bound holds for every input.
+        assert!(diff <= 8, "{rel}: saved L∞ {diff}/255");
+        assert!(diff > 0, "{rel}: the attack changed nothing");
+        assert!(r["linf"].as_f64().unwrap() <= 8.0 + 1e-6);
+        assert_eq!(r["steps"], 3);
+        assert!(r["loss_initial"].as_f64().unwrap().is_finite());
+        assert!(r["loss_final"].as_f64().unwrap() < r["loss_initial"].as_f64().unwrap());
+        assert_eq!(
+            r["layer_cosine"].as_array().unwrap().len(),
+            3,
+            "tiny has F_0..F_2"
+        );
+        assert!(r["seconds"].as_f64().unwrap() >= 0.0);
+        let (w, h) = image::image_dimensions(f.input.join(rel)).unwrap();
+        assert_eq!(
+            (r["width"].as_u64().unwrap(), r["height"].as_u64().unwrap()),
+            (w as u64, h as u64)
+        );
+        assert!(out.join(output).with_extension("safetensors").exists());
+    }
+    // verify accepts it
+    let v = prm(&[
+        "verify",
+        "--clean",
+        f.input.to_str().unwrap(),
+        "--adv",
+        out.to_str().unwrap(),
+        "--eps",
+        "8/255",
+    ]);
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        stderr(&v)
+    );
+}
+
+#[test]
+fn runs_are_reproducible_and_paper_preset_runs() {
+    let f = fixture();
+    let (o1, out1) = attack(&f, "p1", &["--steps", "2", "--seed", "5"]);
+    let (o2, out2) = attack(&f, "p2", &["--steps", "2", "--seed", "5"]);
+    assert!(
+        o1.status.success() && o2.status.success(),
+        "{}",
+        stderr(&o1)
+    );
+    for name in ["a.png", "sub/b.png", "c.png"] {
+        assert_eq!(
+            std::fs::read(out1.join(name)).unwrap(),
+            std::fs::read(out2.join(name)).unwrap(),
+            "{name} differs"
+        );
+    }
+}
+
+#[test]
+fn init_from_continues_an_earlier_run() {
+    let f = fixture();
+    let (o, first) = attack(&f, "first", &["--preset", "pgd", "--steps", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let from = format!("from:{}", first.display());
+    let (o, second) = attack(
+        &f,
+        "second",
+        &["--preset", "pgd", "--steps", "2", "--init", &from],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (manifest(&first), manifest(&second));
+    for (ra, rb) in a.iter().zip(&b) {
+        assert_eq!(ra["input"], rb["input"]);
+        // The second run starts where the first one saved (up to the f32 rounding of the
+        // ε-ball bounds when the start is projected).
+        let (end, start) = (
+            ra["loss_final"].as_f64().unwrap(),
+            rb["loss_initial"].as_f64().unwrap(),
+        );
+        assert!((end - start).abs() <= 1e-6 * end.abs(), "{end} vs {start}");
+        assert!(rb["loss_final"].as_f64().unwrap() < start);
+        let out = rb["output"].as_str().unwrap();
+        let diff = max_abs_diff(
+            &f.input.join(ra["input"].as_str().unwrap()),
+            &second.join(out),
+        );
+        assert!(diff <= 8);
+    }
+    // A start directory that lacks an image is a per-image failure, not a crash.
+    std::fs::remove_file(first.join("c.png")).unwrap();
+    let (o, third) = attack(
+        &f,
+        "third",
+        &["--preset", "pgd", "--steps", "1", "--init", &from],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let failed: Vec<_> = manifest(&third)
+        .into_iter()
+        .filter(|r| r["status"] == "error")
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0]["error"].as_str().unwrap().contains("c.png"));
+}
+
+#[test]
+fn verify_rejects_a_violation() {
+    let f = fixture();
+    let (o, out) = attack(&f, "out", &["--preset", "pgd", "--steps", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let path = out.join("a.png");
+    let mut img = image::open(&path).unwrap().to_rgb8();
+    let clean = image::open(f.input.join("a.png")).unwrap().to_rgb8();
+    let px = clean.get_pixel(3, 4)[0];
+    img.get_pixel_mut(3, 4)[0] = if px > 127 { px - 20 } else { px + 20 };
+    img.save(&path).unwrap();
+    let v = prm(&[
+        "verify",
+        "--clean",
+        f.input.to_str().unwrap(),
+        "--adv",
+        out.to_str().unwrap(),
+        "--eps",
+        "8/255",
+    ]);
+    assert_eq!(v.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&v.stdout);
+    assert!(
+        text.contains("a.png") && text.contains("VIOLATION"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_corrupt_image_is_recorded_and_the_run_goes_on() {
+    let f = fixture();
+    std::fs::write(f.input.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let (o, out) = attack(&f, "out", &["--preset", "pgd", "--steps", "1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let records = manifest(&out);
+    assert_eq!(records.len(), 4);
+    let broken = records.iter().find(|r| r["input"] == "broken.png").unwrap();
+    assert_eq!(broken["status"], "error");
+    assert!(broken["error"].as_str().unwrap().contains("broken.png"));
+    assert!(!out.join("broken.png").exists());
+    assert_eq!(records.iter().filter(|r| r["status"] == "ok").count(), 3);
+}
+
+#[test]
+fn usage_and_model_errors_exit_2_with_a_clear_message() {
+    let f = fixture();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--eps", "3"], "--eps"),
+        (&["--steps", "0"], "--steps"),
+        (&["--eps", "banana"], "eps"),
+        (&["--layers", "0,99"], "layer 99"),
+        (&["--device", "quantum"], "device"),
+        (&["--init", "sometimes"], "init"),
+    ];
+    for (extra, needle) in cases {
+        let (o, _) = attack(&f, "out", extra);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(needle),
+            "{extra:?}: message lacks '{needle}': {}",
+            stderr(&o)
+        );
+    }
+    let out = f.root.join("out");
+    let missing = f.root.join("no-such-model");
+    let o = prm(&[
+        "attack",
+        "--model",
+        missing.to_str().unwrap(),
+        "--input",
+        f.input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("no-such-model"), "{}", stderr(&o));
+    let truncated = f.root.join("truncated.safetensors");
+    std::fs::write(&truncated, [200u8, 0, 0, 0, 0, 0, 0, 0, b'{']).unwrap();
+    let o = prm(&["info", "--model", truncated.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("truncated"), "{}", stderr(&o));
+    // Two inputs that would both be written as x.png: refused before any work.
+    write_image(&f.input.join("x.png"), 32, 32, 4);
+    write_image(&f.input.join("x.jpg"), 32, 32, 5);
+    let (o, out) = attack(&f, "collide", &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("x.png"), "{}", stderr(&o));
+    assert!(!out.join("manifest.jsonl").exists());
+}
+
+#[test]
+fn info_says_when_weights_are_random() {
+    let o = prm(&["info", "--model", "random:vit-b-16"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("RANDOM") && text.contains("768") && text.contains("quick_gelu"),
+        "{text}"
+    );
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf_tiny");
+    let o = prm(&["info", "--model", golden.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["format"], "huggingface");
+    assert_eq!(v["weights_random"], false);
+    assert_eq!(v["config"]["activation"], "gelu");
+}
