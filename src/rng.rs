@@ -13,6 +13,7 @@ const PHILOX_W1: u32 = 0xBB67_AE85;
 /// Streams separate independent uses of one image's key.
 pub const STREAM_INIT: u32 = 1;
 pub const STREAM_SCALE: u32 = 2;
+pub const STREAM_ESCAPE: u32 = 3;
 
 /// Philox4x32 with 10 rounds (Salmon et al., SC'11), as in cuRAND and Random123.
 pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {

@@ -3,10 +3,10 @@
 
 use super::loss::{layer_cosines, LossValue, Objective};
 use super::optim::{project, Optimizer};
-use super::settings::{AttackSettings, Init, Resolution};
+use super::settings::{AttackSettings, Init, LossKind, Resolution};
 use crate::reference::resize::{bicubic_resize, bicubic_resize_backward, scaled_size};
 use crate::reference::ReferenceVit;
-use crate::rng::{ImageRng, STREAM_INIT, STREAM_SCALE};
+use crate::rng::{ImageRng, STREAM_ESCAPE, STREAM_INIT, STREAM_SCALE};
 
 /// A planar `[3, height, width]` image in [0, 1].
 #[derive(Clone, Copy, Debug)]
@@ -174,11 +174,43 @@ impl<'a> ImageAttack<'a> {
         x
     }
 
+    /// Whether `start` is a point where the loss gradient vanishes: the clean image itself, for
+    /// a loss that compares with the clean image (cosine at its maximum, distance at zero).
+    fn starts_at_stationary_point(&self, start: &[f32]) -> bool {
+        matches!(
+            self.settings.loss,
+            LossKind::Prm | LossKind::Nrd | LossKind::Embed
+        ) && start == self.clean.data
+    }
+
+    /// The seeded ±1 signs of the first step out of a stationary start.
+    fn escape_signs(&self) -> Vec<f32> {
+        (0..self.clean.data.len())
+            .map(|i| {
+                if self.rng.uniform(STREAM_ESCAPE, i as u64) < 0.5 {
+                    -1.0
+                } else {
+                    1.0
+                }
+            })
+            .collect()
+    }
+
     /// Runs every step from `start`. `on_step` is called after each update (for progress).
+    ///
+    /// From a stationary start (see [`Optimizer::escape_step`]) the first step moves every pixel
+    /// by one step with seeded random signs instead of following a gradient of rounding noise.
     pub fn run(&self, start: Vec<f32>, mut on_step: impl FnMut(usize)) -> AttackOutcome {
         let mut opt = Optimizer::new(self.settings, self.clean.data, &start);
         let mut loss_initial = None;
+        let escape = self.starts_at_stationary_point(&start);
         for step in 0..self.settings.steps {
+            if step == 0 && escape {
+                // The loss there is known without a forward: |S| for prm, 0 for nrd, 1 for embed.
+                opt.escape_step(&self.escape_signs());
+                on_step(step);
+                continue;
+            }
             let x = opt.image();
             let size = self.working_size(step);
             let (loss, grad) = self.loss_and_gradient(&x, size);

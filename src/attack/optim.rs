@@ -119,6 +119,36 @@ impl Optimizer {
         }
     }
 
+    /// The first step from a start where the gradient vanishes (δ = 0 for a loss that compares
+    /// with the clean image): every pixel moves by one step with the seeded sign in `signs`.
+    ///
+    /// For AdamW this is what PyTorch does with a gradient of pure rounding noise: with
+    /// |g| ≫ eps the first update is exactly −lr·sign(g) after the weight decay, and the
+    /// moments it leaves behind (of order |g|) are negligible. The step counter advances as it
+    /// does there, so later bias corrections match the official trajectory.
+    pub fn escape_step(&mut self, signs: &[f32]) {
+        assert_eq!(
+            signs.len(),
+            self.clean.len(),
+            "signs do not match the image"
+        );
+        match self.kind {
+            OptimizerKind::Adamw => {
+                self.adam_step += 1;
+                let decay = 1.0 - self.lr255 * self.weight_decay;
+                for (d, &s) in self.delta255.iter_mut().zip(signs) {
+                    *d = *d * decay - self.lr255 * s;
+                }
+            }
+            OptimizerKind::Pgd | OptimizerKind::Mifgsm => {
+                for (x, &s) in self.x.iter_mut().zip(signs) {
+                    *x -= self.step_size * s;
+                }
+                project(&mut self.x, &self.clean, self.eps);
+            }
+        }
+    }
+
     /// `torch.optim.AdamW` (single-tensor path) on δ in 0–255 units, with the gradient passed
     /// through x_adv = clamp(x + clamp(δ, −ε, ε), 0, 255) where both clamps are inactive
     /// (PyTorch's clamp passes the gradient at the bounds too).
@@ -149,5 +179,104 @@ impl Optimizer {
             *v_i = v;
             *delta = d - step * m / (v.sqrt() / bias2_sqrt + ADAM_EPS);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attack::settings::Preset;
+
+    /// A trajectory of `torch.optim.AdamW(lr=0.5, weight_decay=0.01)` on δ in 0–255 units with
+    /// x = clamp(clean·255 + clamp(δ, −8, 8), 0, 255) and loss Σ wₜ·x (torch 2.15, f32).
+    /// Pixel 2 and 3 cross the ε clamp, pixel 4 sits below 0 and pixel 5 crosses 255, so the
+    /// gradient masks of both clamps are exercised.
+    #[test]
+    fn adamw_matches_torch_trajectory_in_255_units() {
+        let clean = [0.5f32, 0.5, 0.5, 0.5, 1.0 / 255.0, 254.0 / 255.0];
+        let delta0 = [0.0f32, 3.0, -7.9, 7.95, -2.0, 0.7];
+        let settings = Preset::Paper.settings();
+        let start: Vec<f32> = clean
+            .iter()
+            .zip(&delta0)
+            .map(|(c, d)| c + d / 255.0)
+            .collect();
+        let mut opt = Optimizer::new(&settings, &clean, &start);
+        // Exact δ (the start above is rounded through [0,1] units; set it as torch has it).
+        opt.delta255 = delta0.to_vec();
+        let ws = [
+            [1e-3f32, -2e-3, 5e-4, -1e-3, 3e-3, -4e-3],
+            [2e-3, 1e-3, -5e-4, -3e-3, 1e-3, 1e-3],
+            [-1e-3, 1e-3, 1e-4, 2e-3, -2e-3, -5e-3],
+            [1e-4, -1e-4, 2e-4, -2e-4, 3e-4, -3e-4],
+        ];
+        let torch_delta = [
+            [
+                -0.499_994_99,
+                3.484_997_7,
+                -8.360_491,
+                8.410_245,
+                -1.99,
+                1.196_498_8,
+            ],
+            [
+                -0.980_082_99,
+                3.600_740_4,
+                -8.653_708,
+                8.703_218,
+                -1.980_05,
+                1.525_544_2,
+            ],
+            [
+                -1.185_225_7,
+                3.546_198_4,
+                -8.869_41,
+                8.918_676,
+                -1.970_149_8,
+                1.776_893_9,
+            ],
+            [
+                -1.363_074_5,
+                3.510_429_4,
+                -9.037_193,
+                9.086_218,
+                -1.960_299,
+                1.980_147_7,
+            ],
+        ];
+        for (w, want) in ws.iter().zip(&torch_delta) {
+            // loss = Σ w·x₂₅₅ = Σ (255·w)·x₀₁
+            let grad: Vec<f32> = w.iter().map(|v| v * 255.0).collect();
+            opt.step(&grad);
+            for (got, want) in opt.delta255.iter().zip(want) {
+                assert!(
+                    (got - want).abs() <= 2e-6 * want.abs().max(1.0),
+                    "δ {got} vs torch {want}"
+                );
+            }
+        }
+        let want_x = [
+            0.494_654_6,
+            0.513_766_4,
+            0.468_627_45,
+            0.531_372_55,
+            0.0,
+            1.0,
+        ];
+        for (got, want) in opt.image().iter().zip(want_x) {
+            assert!((got - want).abs() < 1e-6, "x {got} vs torch {want}");
+        }
+    }
+
+    #[test]
+    fn pgd_steps_by_sign_and_stays_in_the_ball() {
+        let settings = Preset::Pgd.settings();
+        let clean = [0.5f32, 0.0, 1.0, 0.5];
+        let mut opt = Optimizer::new(&settings, &clean, &clean);
+        for _ in 0..10 {
+            opt.step(&[1.0, 1.0, -1.0, 0.0]);
+        }
+        let eps = settings.eps;
+        assert_eq!(opt.image(), vec![0.5 - eps, 0.0, 1.0, 0.5]);
     }
 }
