@@ -13,17 +13,30 @@ fn step(c: &mut Criterion, arch: &str, side: usize) {
     let model = Model::load(&format!("random:{arch}")).expect("built-in model");
     let engine = ReferenceVit::new(&model);
     let settings = Preset::Pgd.settings();
-    let layers = settings.layers.resolve(model.config.feature_layers()).unwrap();
+    let layers = settings
+        .layers
+        .resolve(model.config.feature_layers())
+        .unwrap();
     let objective = Objective::new(settings.loss, layers, settings.tokens, &model).unwrap();
     let rng = ImageRng::new(0, "bench");
-    let clean: Vec<f32> = (0..3 * side * side).map(|i| rng.uniform(0, i as u64)).collect();
-    let planar = Planar { data: &clean, height: side, width: side };
+    let clean: Vec<f32> = (0..3 * side * side)
+        .map(|i| rng.uniform(0, i as u64))
+        .collect();
+    let planar = Planar {
+        data: &clean,
+        height: side,
+        width: side,
+    };
     let attack = ImageAttack::new(&engine, &objective, &settings, planar, rng).unwrap();
     let x = attack.start(None);
     let mut group = c.benchmark_group(format!("{arch}@{side}"));
     group.sample_size(10);
-    group.bench_function("prm_step", |b| b.iter(|| attack.loss_and_gradient(&x, (side, side))));
-    group.bench_function("forward", |b| b.iter(|| engine.forward(&x, side, side, false)));
+    group.bench_function("prm_step", |b| {
+        b.iter(|| attack.loss_and_gradient(&x, (side, side)))
+    });
+    group.bench_function("forward", |b| {
+        b.iter(|| engine.forward(&x, side, side, false))
+    });
     group.finish();
 }
 
