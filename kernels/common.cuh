@@ -1,0 +1,36 @@
+// common.cuh: included first by every kernel file.
+//
+// Under nvcc this is plain CUDA. Compiled as C++20 for the simulator (no __CUDACC__), it pulls
+// in sim/sim.h, which supplies the CUDA execution model on CPU threads: threadIdx & co.,
+// __syncthreads, warp intrinsics, atomics, __nv_bfloat16 and the fast-math intrinsics.
+//
+// Portable macros every kernel uses instead of the raw CUDA spellings:
+//   PRM_REGISTER_KERNEL(fn)            after an `extern "C" __global__` kernel: registers it by name
+//                                      with the simulator (expands to nothing under nvcc)
+//   PRM_SHARED_ARRAY(type, name, n)    a static __shared__ array of n elements
+//   PRM_DYNAMIC_SHARED(type, name)     the dynamic (extern __shared__) buffer, as `type* name`
+#pragma once
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cstdint>
+#define PRM_REGISTER_KERNEL(fn)
+#define PRM_SHARED_ARRAY(type, name, n) __shared__ type name[n]
+#define PRM_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) unsigned char prm_dynamic_smem_[]; type* name = reinterpret_cast<type*>(prm_dynamic_smem_)
+#else
+#include "sim/sim.h"
+#endif
+
+#define PRM_WARP_SIZE 32
+
+// Sum of v over the 32 lanes of a full warp (every lane gets the result).
+__device__ __forceinline__ float prm_warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Max of v over the 32 lanes of a full warp.
+__device__ __forceinline__ float prm_warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}

@@ -1,0 +1,301 @@
+//! [`Device`], device memory ([`Buffer`]), kernel arguments and launches.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use super::{cuda, sim};
+
+/// Errors of the device layer. Messages say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error(
+        "no CUDA driver found (libcuda could not be loaded); use --device cpu or --device sim"
+    )]
+    NoDriver,
+    #[error("CUDA device {ordinal} does not exist ({count} device(s) found); use --device cuda:0..{count} or --device cpu")]
+    NoSuchDevice { ordinal: usize, count: usize },
+    #[error("this build has no CUDA kernels (nvcc was not found when it was compiled); install nvcc with scripts/install-nvcc.sh and rebuild, or use --device sim")]
+    NoKernels,
+    #[error("CUDA error in {context}: {message}")]
+    Cuda { context: String, message: String },
+    #[error("kernel {kernel} failed in the simulator: {message}")]
+    Sim { kernel: String, message: String },
+    #[error("unknown kernel {0} (not compiled into this build)")]
+    UnknownKernel(String),
+    #[error("out of device memory allocating {bytes} bytes; lower --batch-size")]
+    OutOfMemory { bytes: usize },
+    #[error("invalid device '{0}': use auto, cpu, cuda, cuda:N or sim")]
+    BadSpec(String),
+}
+
+/// Element types that may live in device memory.
+pub trait Element: bytemuck::Pod + Send + Sync + 'static {}
+impl Element for f32 {}
+impl Element for i32 {}
+impl Element for u32 {}
+impl Element for u8 {}
+impl Element for u64 {}
+impl Element for half::bf16 {}
+
+pub(crate) enum Backend {
+    Sim,
+    Cuda(cuda::CudaBackend),
+}
+
+/// A device: cheap to clone, shared by every buffer allocated on it.
+#[derive(Clone)]
+pub struct Device {
+    pub(crate) backend: Arc<Backend>,
+}
+
+/// Where a buffer's bytes live.
+pub(crate) enum Memory {
+    /// Simulator memory: a zeroed host allocation, 16-byte aligned, written by kernels through
+    /// raw pointers (hence no Rust reference to its contents is ever handed out).
+    Host {
+        ptr: *mut u8,
+        layout: Layout,
+    },
+    Cuda(cuda::CudaMemory),
+}
+
+// SAFETY: host memory is owned exclusively by its Buffer; access is synchronised by &/&mut.
+unsafe impl Send for Memory {}
+unsafe impl Sync for Memory {}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        if let Memory::Host { ptr, layout } = self {
+            if layout.size() > 0 {
+                // SAFETY: allocated in `Device::alloc` with this layout.
+                unsafe { dealloc(*ptr, *layout) };
+            }
+        }
+    }
+}
+
+/// A typed array in device memory.
+pub struct Buffer<T: Element> {
+    len: usize,
+    pub(crate) mem: Memory,
+    _t: PhantomData<T>,
+}
+
+impl<T: Element> Buffer<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+    /// The address a kernel sees: a host address under the simulator, a CUdeviceptr on CUDA.
+    pub fn address(&self) -> u64 {
+        match &self.mem {
+            Memory::Host { ptr, .. } => *ptr as u64,
+            Memory::Cuda(m) => m.address(),
+        }
+    }
+}
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchConfig {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+}
+
+impl LaunchConfig {
+    /// A 1-D launch.
+    pub fn linear(blocks: u32, threads: u32, shared_bytes: u32) -> Self {
+        LaunchConfig {
+            grid: (blocks, 1, 1),
+            block: (threads, 1, 1),
+            shared_bytes,
+        }
+    }
+}
+
+/// Kernel arguments packed as `cuLaunchKernel` expects: one slot per parameter, and a pointer
+/// to each slot.
+#[derive(Default)]
+pub struct KernelArgs {
+    slots: Vec<u64>,
+}
+
+impl KernelArgs {
+    pub fn new() -> Self {
+        KernelArgs::default()
+    }
+    /// A read-only buffer (`const T*`).
+    pub fn input<T: Element>(&mut self, b: &Buffer<T>) -> &mut Self {
+        self.slots.push(b.address());
+        self
+    }
+    /// A buffer the kernel writes (`T*`). Taking `&mut` lets the borrow checker catch aliasing.
+    pub fn output<T: Element>(&mut self, b: &mut Buffer<T>) -> &mut Self {
+        self.slots.push(b.address());
+        self
+    }
+    pub fn i32(&mut self, v: i32) -> &mut Self {
+        self.slots.push(v as u32 as u64);
+        self
+    }
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.slots.push(v as u64);
+        self
+    }
+    pub fn f32(&mut self, v: f32) -> &mut Self {
+        self.slots.push(v.to_bits() as u64);
+        self
+    }
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.slots.push(v);
+        self
+    }
+    /// The `void**` list. Scalars sit at the start of their 8-byte slot (little-endian), which
+    /// is where a 4-byte parameter is read from.
+    pub(crate) fn pointers(&mut self) -> Vec<*mut std::ffi::c_void> {
+        self.slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut std::ffi::c_void)
+            .collect()
+    }
+}
+
+impl Device {
+    /// The CPU simulator of the CUDA execution model.
+    pub fn sim() -> Device {
+        Device {
+            backend: Arc::new(Backend::Sim),
+        }
+    }
+
+    /// CUDA device `ordinal`. Checks for the driver first: cudarc panics without one.
+    pub fn cuda(ordinal: usize) -> Result<Device, GpuError> {
+        Ok(Device {
+            backend: Arc::new(Backend::Cuda(cuda::CudaBackend::new(ordinal)?)),
+        })
+    }
+
+    /// Whether a CUDA driver and at least one device are present (never panics).
+    pub fn cuda_available() -> bool {
+        cuda::device_count() > 0
+    }
+
+    pub fn is_sim(&self) -> bool {
+        matches!(*self.backend, Backend::Sim)
+    }
+
+    /// A human-readable name: "sim" or the GPU's name.
+    pub fn name(&self) -> String {
+        match &*self.backend {
+            Backend::Sim => "sim (CPU simulator of the CUDA execution model)".into(),
+            Backend::Cuda(c) => c.name(),
+        }
+    }
+
+    /// A zero-filled buffer of `len` elements.
+    pub fn alloc<T: Element>(&self, len: usize) -> Result<Buffer<T>, GpuError> {
+        let bytes = len * std::mem::size_of::<T>();
+        let mem = match &*self.backend {
+            Backend::Sim => {
+                let layout = Layout::from_size_align(bytes.max(1), 16)
+                    .map_err(|_| GpuError::OutOfMemory { bytes })?;
+                // SAFETY: non-zero size, valid alignment.
+                let ptr = unsafe { alloc_zeroed(layout) };
+                if ptr.is_null() {
+                    return Err(GpuError::OutOfMemory { bytes });
+                }
+                Memory::Host { ptr, layout }
+            }
+            Backend::Cuda(c) => Memory::Cuda(c.alloc_zeroed(bytes)?),
+        };
+        Ok(Buffer {
+            len,
+            mem,
+            _t: PhantomData,
+        })
+    }
+
+    /// A new buffer holding `data`.
+    pub fn upload<T: Element>(&self, data: &[T]) -> Result<Buffer<T>, GpuError> {
+        let mut b = self.alloc(data.len())?;
+        self.write(&mut b, data)?;
+        Ok(b)
+    }
+
+    /// Overwrites `buf` (which must have `data.len()` elements) with `data`.
+    pub fn write<T: Element>(&self, buf: &mut Buffer<T>, data: &[T]) -> Result<(), GpuError> {
+        assert_eq!(
+            buf.len,
+            data.len(),
+            "write of {} elements into a buffer of {}",
+            data.len(),
+            buf.len
+        );
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        match &mut buf.mem {
+            Memory::Host { ptr, .. } => {
+                // SAFETY: the allocation has at least `bytes.len()` bytes and is exclusively borrowed.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), *ptr, bytes.len()) };
+                Ok(())
+            }
+            Memory::Cuda(m) => m.write(bytes),
+        }
+    }
+
+    /// Copies `buf` back to the host.
+    pub fn download<T: Element>(&self, buf: &Buffer<T>) -> Result<Vec<T>, GpuError> {
+        let mut out = vec![T::zeroed(); buf.len];
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+        match &buf.mem {
+            Memory::Host { ptr, .. } => {
+                // SAFETY: the allocation has at least `bytes.len()` bytes; no kernel is running
+                // (simulator launches are synchronous).
+                unsafe { std::ptr::copy_nonoverlapping(*ptr, bytes.as_mut_ptr(), bytes.len()) };
+            }
+            Memory::Cuda(m) => m.read(bytes)?,
+        }
+        Ok(out)
+    }
+
+    /// Fills `buf` with 0xFF bytes (NaN for floats): tests poison outputs before a launch.
+    pub fn poison<T: Element>(&self, buf: &mut Buffer<T>) -> Result<(), GpuError> {
+        let bytes = vec![0xFFu8; buf.bytes()];
+        match &mut buf.mem {
+            Memory::Host { ptr, .. } => {
+                // SAFETY: as in `write`.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), *ptr, bytes.len()) };
+                Ok(())
+            }
+            Memory::Cuda(m) => m.write(&bytes),
+        }
+    }
+
+    /// Launches `kernel` (its `extern "C"` name) and checks the launch.
+    pub fn launch(
+        &self,
+        kernel: &str,
+        cfg: LaunchConfig,
+        args: &mut KernelArgs,
+    ) -> Result<(), GpuError> {
+        let mut ptrs = args.pointers();
+        match &*self.backend {
+            Backend::Sim => sim::launch(kernel, cfg, &mut ptrs),
+            Backend::Cuda(c) => c.launch(kernel, cfg, &mut ptrs),
+        }
+    }
+
+    /// Waits for all work on the device.
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        match &*self.backend {
+            Backend::Sim => Ok(()),
+            Backend::Cuda(c) => c.synchronize(),
+        }
+    }
+}

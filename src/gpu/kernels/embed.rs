@@ -1,0 +1,1 @@
+//! Launchers for kernels/embed.cu (not written yet).

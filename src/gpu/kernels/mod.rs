@@ -1,0 +1,10 @@
+//! Typed launchers, one module per kernel file in `kernels/`. Each launcher owns its grid,
+//! block and shared-memory sizing, asserts shapes, and checks the launch.
+
+pub mod activation;
+pub mod attention;
+pub mod embed;
+pub mod layernorm;
+pub mod loss;
+pub mod resize;
+pub mod update;

@@ -1,0 +1,1 @@
+//! Launchers for kernels/resize.cu (not written yet).

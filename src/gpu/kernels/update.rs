@@ -1,0 +1,1 @@
+//! Launchers for kernels/update.cu (not written yet).
