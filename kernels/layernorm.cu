@@ -1,10 +1,12 @@
 // layernorm.cu: LayerNorm over the rows of a packed token matrix, forward with saved statistics
 // and input-gradient backward (no dγ/dβ: the attack never forms weight gradients).
 //
-// Layouts (row-major, fp32):
-//   x, y, dy, dx   [rows, dim]
-//   gamma, beta    [dim]
-//   mean, rstd     [rows]          saved by the forward for the backward
+// Layouts (row-major):
+//   x, y, dy, dx   [rows, dim]     fp32 (`_f32` kernels) or bf16 storage (`_bf16` kernels)
+//   gamma, beta    [dim]           fp32
+//   mean, rstd     [rows]          fp32, saved by the forward for the backward
+// Precision: all arithmetic in fp32; bf16 values are widened on load and rounded to nearest even
+// on store (the bf16 backward's `accumulate` adds in fp32, then rounds once).
 //
 // Forward:   y = (x − mean)·rstd·γ + β,  mean = Σx/dim,  rstd = 1/sqrt(Σ(x − mean)²/dim + eps)
 //            (two-pass variance, exact sqrt and division, statistics in fp32)
@@ -26,18 +28,21 @@
 #define PRM_LN_CACHED_DIM 1024
 #define PRM_LN_PER_LANE (PRM_LN_CACHED_DIM / PRM_WARP_SIZE)
 
-extern "C" __global__ void prm_layernorm_forward_f32(const float* __restrict__ x,
-                                                      const float* __restrict__ gamma,
-                                                      const float* __restrict__ beta,
-                                                      float* __restrict__ y,
-                                                      float* __restrict__ mean_out,
-                                                      float* __restrict__ rstd_out,
+__device__ __forceinline__ float prm_ln_load(const float* p) { return *p; }
+__device__ __forceinline__ float prm_ln_load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void prm_ln_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void prm_ln_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+
+template <typename T>
+__device__ __forceinline__ void prm_layernorm_forward(const T* __restrict__ x, const float* __restrict__ gamma,
+                                                      const float* __restrict__ beta, T* __restrict__ y,
+                                                      float* __restrict__ mean_out, float* __restrict__ rstd_out,
                                                       int rows, int dim, float eps) {
     const int lane = threadIdx.x % PRM_WARP_SIZE;
     const int row = blockIdx.x * PRM_LN_ROWS_PER_BLOCK + threadIdx.x / PRM_WARP_SIZE;
     if (row >= rows) return;  // whole warp leaves together; no block barrier in this kernel
-    const float* xr = x + (size_t)row * dim;
-    float* yr = y + (size_t)row * dim;
+    const T* xr = x + (size_t)row * dim;
+    T* yr = y + (size_t)row * dim;
     const float inv_dim = 1.0f / (float)dim;
 
     float mean, rstd;
@@ -47,7 +52,7 @@ extern "C" __global__ void prm_layernorm_forward_f32(const float* __restrict__ x
 #pragma unroll
         for (int k = 0; k < PRM_LN_PER_LANE; ++k) {
             const int i = lane + k * PRM_WARP_SIZE;
-            v[k] = i < dim ? xr[i] : 0.0f;
+            v[k] = i < dim ? prm_ln_load(xr + i) : 0.0f;
             s += v[k];
         }
         mean = prm_warp_sum(s) * inv_dim;
@@ -62,41 +67,57 @@ extern "C" __global__ void prm_layernorm_forward_f32(const float* __restrict__ x
 #pragma unroll
         for (int k = 0; k < PRM_LN_PER_LANE; ++k) {
             const int i = lane + k * PRM_WARP_SIZE;
-            if (i < dim) yr[i] = ((v[k] - mean) * rstd) * gamma[i] + beta[i];
+            if (i < dim) prm_ln_store(yr + i, ((v[k] - mean) * rstd) * gamma[i] + beta[i]);
         }
     } else {
         float s = 0.0f;
-        for (int i = lane; i < dim; i += PRM_WARP_SIZE) s += xr[i];
+        for (int i = lane; i < dim; i += PRM_WARP_SIZE) s += prm_ln_load(xr + i);
         mean = prm_warp_sum(s) * inv_dim;
         float q = 0.0f;
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
-            const float d = xr[i] - mean;
+            const float d = prm_ln_load(xr + i) - mean;
             q += d * d;
         }
         rstd = 1.0f / sqrtf(prm_warp_sum(q) * inv_dim + eps);
-        for (int i = lane; i < dim; i += PRM_WARP_SIZE) yr[i] = ((xr[i] - mean) * rstd) * gamma[i] + beta[i];
+        for (int i = lane; i < dim; i += PRM_WARP_SIZE)
+            prm_ln_store(yr + i, ((prm_ln_load(xr + i) - mean) * rstd) * gamma[i] + beta[i]);
     }
     if (lane == 0) {
         mean_out[row] = mean;
         rstd_out[row] = rstd;
     }
 }
+
+extern "C" __global__ void prm_layernorm_forward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                      const float* __restrict__ beta, float* __restrict__ y,
+                                                      float* __restrict__ mean, float* __restrict__ rstd,
+                                                      int rows, int dim, float eps) {
+    prm_layernorm_forward(x, gamma, beta, y, mean, rstd, rows, dim, eps);
+}
 PRM_REGISTER_KERNEL(prm_layernorm_forward_f32);
 
+extern "C" __global__ void prm_layernorm_forward_bf16(const __nv_bfloat16* __restrict__ x,
+                                                       const float* __restrict__ gamma,
+                                                       const float* __restrict__ beta,
+                                                       __nv_bfloat16* __restrict__ y, float* __restrict__ mean,
+                                                       float* __restrict__ rstd, int rows, int dim, float eps) {
+    prm_layernorm_forward(x, gamma, beta, y, mean, rstd, rows, dim, eps);
+}
+PRM_REGISTER_KERNEL(prm_layernorm_forward_bf16);
+
 // dx may not alias x or dy (the engine keeps them apart; the launcher's borrows enforce it).
-extern "C" __global__ void prm_layernorm_backward_f32(const float* __restrict__ x,
-                                                       const float* __restrict__ dy,
+template <typename T>
+__device__ __forceinline__ void prm_layernorm_backward(const T* __restrict__ x, const T* __restrict__ dy,
                                                        const float* __restrict__ gamma,
                                                        const float* __restrict__ mean_in,
-                                                       const float* __restrict__ rstd_in,
-                                                       float* __restrict__ dx,
+                                                       const float* __restrict__ rstd_in, T* __restrict__ dx,
                                                        int rows, int dim, int accumulate) {
     const int lane = threadIdx.x % PRM_WARP_SIZE;
     const int row = blockIdx.x * PRM_LN_ROWS_PER_BLOCK + threadIdx.x / PRM_WARP_SIZE;
     if (row >= rows) return;  // whole warp leaves together; no block barrier in this kernel
-    const float* xr = x + (size_t)row * dim;
-    const float* dyr = dy + (size_t)row * dim;
-    float* dxr = dx + (size_t)row * dim;
+    const T* xr = x + (size_t)row * dim;
+    const T* dyr = dy + (size_t)row * dim;
+    T* dxr = dx + (size_t)row * dim;
     const float mean = mean_in[row];
     const float rstd = rstd_in[row];
     const float inv_dim = 1.0f / (float)dim;
@@ -107,8 +128,8 @@ extern "C" __global__ void prm_layernorm_backward_f32(const float* __restrict__ 
 #pragma unroll
         for (int k = 0; k < PRM_LN_PER_LANE; ++k) {
             const int i = lane + k * PRM_WARP_SIZE;
-            g[k] = i < dim ? dyr[i] * gamma[i] : 0.0f;
-            xh[k] = i < dim ? (xr[i] - mean) * rstd : 0.0f;
+            g[k] = i < dim ? prm_ln_load(dyr + i) * gamma[i] : 0.0f;
+            xh[k] = i < dim ? (prm_ln_load(xr + i) - mean) * rstd : 0.0f;
             sg += g[k];
             sgx += g[k] * xh[k];
         }
@@ -119,23 +140,42 @@ extern "C" __global__ void prm_layernorm_backward_f32(const float* __restrict__ 
             const int i = lane + k * PRM_WARP_SIZE;
             if (i < dim) {
                 const float v = rstd * (g[k] - mg - xh[k] * mgx);
-                dxr[i] = accumulate ? dxr[i] + v : v;
+                prm_ln_store(dxr + i, accumulate ? prm_ln_load(dxr + i) + v : v);
             }
         }
     } else {
         float sg = 0.0f, sgx = 0.0f;
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
-            const float g = dyr[i] * gamma[i];
+            const float g = prm_ln_load(dyr + i) * gamma[i];
             sg += g;
-            sgx += g * ((xr[i] - mean) * rstd);
+            sgx += g * ((prm_ln_load(xr + i) - mean) * rstd);
         }
         const float mg = prm_warp_sum(sg) * inv_dim;
         const float mgx = prm_warp_sum(sgx) * inv_dim;
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
-            const float g = dyr[i] * gamma[i];
-            const float v = rstd * (g - mg - ((xr[i] - mean) * rstd) * mgx);
-            dxr[i] = accumulate ? dxr[i] + v : v;
+            const float g = prm_ln_load(dyr + i) * gamma[i];
+            const float v = rstd * (g - mg - ((prm_ln_load(xr + i) - mean) * rstd) * mgx);
+            prm_ln_store(dxr + i, accumulate ? prm_ln_load(dxr + i) + v : v);
         }
     }
 }
+
+extern "C" __global__ void prm_layernorm_backward_f32(const float* __restrict__ x, const float* __restrict__ dy,
+                                                       const float* __restrict__ gamma,
+                                                       const float* __restrict__ mean,
+                                                       const float* __restrict__ rstd, float* __restrict__ dx,
+                                                       int rows, int dim, int accumulate) {
+    prm_layernorm_backward(x, dy, gamma, mean, rstd, dx, rows, dim, accumulate);
+}
 PRM_REGISTER_KERNEL(prm_layernorm_backward_f32);
+
+extern "C" __global__ void prm_layernorm_backward_bf16(const __nv_bfloat16* __restrict__ x,
+                                                        const __nv_bfloat16* __restrict__ dy,
+                                                        const float* __restrict__ gamma,
+                                                        const float* __restrict__ mean,
+                                                        const float* __restrict__ rstd,
+                                                        __nv_bfloat16* __restrict__ dx, int rows, int dim,
+                                                        int accumulate) {
+    prm_layernorm_backward(x, dy, gamma, mean, rstd, dx, rows, dim, accumulate);
+}
+PRM_REGISTER_KERNEL(prm_layernorm_backward_bf16);

@@ -12,9 +12,12 @@
 //!   the row's scale).
 //! - mean, rstd, activation forward: `≤ 1e-5 · max(|want|, 1e-3)`.
 //! - patchify, assemble, CLS drop, col2im: bit-exact against plain-Rust twins of the reference.
+//! - bf16 storage variants (LayerNorm, activation), against the reference run on the
+//!   bf16-rounded inputs: `≤ 2⁻⁷ · max(|want|, rms(want row))` (one or two bf16 roundings).
 //! - full patch embedding (kernels + device GEMM) against `reference::embedding::{embed,
 //!   embed_backward}`: `1e-5 · max(|want|, rms(want row))` (the GEMMs sum in another order).
 
+use half::bf16;
 use prm::gpu::gemm::{matmul_f32, MatmulShape};
 use prm::gpu::kernels::embed::PackedImages;
 use prm::gpu::kernels::{activation, embed, layernorm};
@@ -724,6 +727,203 @@ fn embed_pipeline_matches_reference() {
                 0.1,
             );
             println!("{what}: worst error forward {wf:.2e}, backward {wb_:.2e}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 storage variants
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+fn from_bf16(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+fn poisoned_bf16(dev: &Device, len: usize) -> Buffer<bf16> {
+    let mut b = dev.alloc::<bf16>(len).unwrap();
+    dev.poison(&mut b).unwrap();
+    b
+}
+
+const BF16_TOL: f64 = 1.0 / 128.0;
+
+#[test]
+fn layernorm_bf16_matches_reference() {
+    for dev in devices() {
+        for (case, &(rows, dim)) in [(197usize, 768usize), (50, 64)].iter().enumerate() {
+            let mut rng = Rng::new(700 + case as u64);
+            let x = from_bf16(&to_bf16(&ln_input(&mut rng, rows, dim)));
+            let ln = ln_weights(&mut rng, dim);
+            let mut want = vec![0.0f32; rows * dim];
+            let stats = ops::layer_norm(&x, dim, &ln, 1e-5, &mut want);
+            let what = format!("{} layernorm bf16 {rows}x{dim}", dev.name());
+
+            let xb = dev.upload(&to_bf16(&x)).unwrap();
+            let (g, b) = (
+                dev.upload(&ln.weight).unwrap(),
+                dev.upload(&ln.bias).unwrap(),
+            );
+            let mut y = poisoned_bf16(&dev, rows * dim);
+            let (mut mean, mut rstd) = (poisoned(&dev, rows), poisoned(&dev, rows));
+            layernorm::layernorm_forward_bf16(
+                &dev, &xb, &g, &b, &mut y, &mut mean, &mut rstd, rows, dim, 1e-5,
+            )
+            .unwrap();
+            let wy = check(
+                &what,
+                &from_bf16(&dev.download(&y).unwrap()),
+                &want,
+                dim,
+                BF16_TOL,
+                true,
+                0.0,
+            );
+            let want_rstd: Vec<f32> = stats.iter().map(|s| s.1).collect();
+            check(
+                &format!("{what} rstd"),
+                &dev.download(&rstd).unwrap(),
+                &want_rstd,
+                1,
+                1e-5,
+                false,
+                1e-3,
+            );
+
+            for accumulate in [false, true] {
+                let dy = from_bf16(&to_bf16(&rng.vec(rows * dim, -1.0, 1.0)));
+                let dx0 = from_bf16(&to_bf16(&rng.vec(rows * dim, -0.5, 0.5)));
+                let mut want = dx0.clone();
+                ops::layer_norm_backward(&x, &dy, dim, &ln, &stats, &mut want, accumulate);
+                let dyb = dev.upload(&to_bf16(&dy)).unwrap();
+                let meanb = dev
+                    .upload(&stats.iter().map(|s| s.0).collect::<Vec<_>>())
+                    .unwrap();
+                let rstdb = dev.upload(&want_rstd).unwrap();
+                let mut dx = if accumulate {
+                    dev.upload(&to_bf16(&dx0)).unwrap()
+                } else {
+                    poisoned_bf16(&dev, rows * dim)
+                };
+                layernorm::layernorm_backward_bf16(
+                    &dev, &xb, &dyb, &g, &meanb, &rstdb, &mut dx, rows, dim, accumulate,
+                )
+                .unwrap();
+                let w = check(
+                    &format!("{what} backward accumulate={accumulate}"),
+                    &from_bf16(&dev.download(&dx).unwrap()),
+                    &want,
+                    dim,
+                    BF16_TOL,
+                    true,
+                    0.0,
+                );
+                println!("{what}: backward accumulate={accumulate} worst {w:.2e}");
+            }
+            println!("{what}: forward worst {wy:.2e}");
+        }
+    }
+}
+
+#[test]
+fn activation_bf16_matches_reference() {
+    for dev in devices() {
+        for act in [Activation::QuickGelu, Activation::Gelu] {
+            let (rows, cols) = (197usize, 256usize);
+            let mut rng = Rng::new(800);
+            let x = from_bf16(&to_bf16(&rng.vec(rows * cols, -7.0, 7.0)));
+            let bias = rng.vec(cols, -1.0, 1.0);
+            // pre is stored in bf16, and the activation is evaluated on the stored value.
+            let want_pre: Vec<f32> = from_bf16(&to_bf16(
+                &x.iter()
+                    .enumerate()
+                    .map(|(i, &v)| v + bias[i % cols])
+                    .collect::<Vec<_>>(),
+            ));
+            let mut want = want_pre.clone();
+            ops::activation(act, &mut want);
+            let what = format!("{} {act:?} bf16 {rows}x{cols}", dev.name());
+
+            let xb = dev.upload(&to_bf16(&x)).unwrap();
+            let bb = dev.upload(&bias).unwrap();
+            let mut pre = poisoned_bf16(&dev, rows * cols);
+            let mut out = poisoned_bf16(&dev, rows * cols);
+            activation::bias_activation_forward_bf16(
+                &dev,
+                act,
+                &xb,
+                Some(&bb),
+                Some(&mut pre),
+                &mut out,
+                rows,
+                cols,
+            )
+            .unwrap();
+            exact(
+                &format!("{what} pre"),
+                &from_bf16(&dev.download(&pre).unwrap()),
+                &want_pre,
+            );
+            let wf = check(
+                &what,
+                &from_bf16(&dev.download(&out).unwrap()),
+                &want,
+                cols,
+                BF16_TOL,
+                false,
+                1e-3,
+            );
+
+            let mut h = dev.upload(&to_bf16(&x)).unwrap();
+            activation::bias_activation_inplace_bf16(
+                &dev,
+                act,
+                &mut h,
+                Some(&bb),
+                None,
+                rows,
+                cols,
+            )
+            .unwrap();
+            check(
+                &format!("{what} in place"),
+                &from_bf16(&dev.download(&h).unwrap()),
+                &want,
+                cols,
+                BF16_TOL,
+                false,
+                1e-3,
+            );
+
+            let dy = from_bf16(&to_bf16(&rng.vec(rows * cols, -1.0, 1.0)));
+            let mut want_dx = dy.clone();
+            ops::activation_backward(act, &want_pre, &mut want_dx);
+            let dyb = dev.upload(&to_bf16(&dy)).unwrap();
+            let mut dx = poisoned_bf16(&dev, rows * cols);
+            activation::activation_backward_bf16(&dev, act, &pre, &dyb, &mut dx, rows, cols)
+                .unwrap();
+            let wb = check(
+                &format!("{what} backward"),
+                &from_bf16(&dev.download(&dx).unwrap()),
+                &want_dx,
+                cols,
+                BF16_TOL,
+                true,
+                0.0,
+            );
+            let mut d = dev.upload(&to_bf16(&dy)).unwrap();
+            activation::activation_backward_inplace_bf16(&dev, act, &pre, &mut d, rows, cols)
+                .unwrap();
+            check(
+                &format!("{what} backward in place"),
+                &from_bf16(&dev.download(&d).unwrap()),
+                &want_dx,
+                cols,
+                BF16_TOL,
+                true,
+                0.0,
+            );
+            println!("{what}: worst forward {wf:.2e}, backward {wb:.2e}");
         }
     }
 }

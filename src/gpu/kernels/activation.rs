@@ -4,6 +4,9 @@
 //! The forward writes both the pre-activation `pre = x + bias` (which the backward needs) and
 //! the output; `pre` may be skipped (`None`) when no backward follows. Elementwise, grid-stride.
 //!
+//! Each launcher comes in fp32 (`_f32`) and bf16 storage (`_bf16`: activation tensors in bf16,
+//! bias in fp32, arithmetic in fp32).
+//!
 //! ```no_run
 //! use prm::gpu::{Device, kernels::activation};
 //! use prm::model::Activation;
@@ -19,12 +22,25 @@
 //! # Ok(()) }
 //! ```
 
-use crate::gpu::{Buffer, Device, GpuError, KernelArgs, LaunchConfig};
+use half::bf16;
+
+use crate::gpu::{Buffer, Device, Element, GpuError, KernelArgs, LaunchConfig};
 use crate::model::Activation;
 
 const THREADS: u32 = 256;
 /// Grid-stride loops: at most this many blocks (enough to fill an H100 several times over).
 const MAX_BLOCKS: usize = 2048;
+
+/// Storage types of the activation tensors, with their kernel name suffix.
+trait Storage: Element {
+    const SUFFIX: &'static str;
+}
+impl Storage for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl Storage for bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
 
 fn act_code(act: Activation) -> i32 {
     match act {
@@ -45,16 +61,19 @@ fn check_sizes(rows: usize, cols: usize) {
     );
 }
 
-fn forward(
+/// `x` and `out` are addresses (they may be the same buffer).
+#[allow(clippy::too_many_arguments)]
+fn forward<T: Storage>(
     dev: &Device,
     act: Activation,
     x: u64,
     bias: Option<&Buffer<f32>>,
-    pre: Option<&mut Buffer<f32>>,
+    pre: Option<&mut Buffer<T>>,
     out: u64,
     rows: usize,
     cols: usize,
 ) -> Result<(), GpuError> {
+    check_sizes(rows, cols);
     if let Some(b) = bias {
         assert_eq!(b.len(), cols, "activation bias is not [{cols}]");
     }
@@ -82,24 +101,20 @@ fn forward(
         .i32(rows as i32)
         .i32(cols as i32)
         .i32(act_code(act));
-    dev.launch("prm_activation_forward_f32", config(rows * cols), &mut args)
+    let name = format!("prm_activation_forward_{}", T::SUFFIX);
+    dev.launch(&name, config(rows * cols), &mut args)
 }
 
-/// `pre = x + bias`, `out = act(pre)` over `[rows, cols]` with `bias [cols]`. `bias: None`
-/// skips the addition (bias already added by the GEMM epilogue); `pre: None` skips writing the
-/// pre-activation.
-#[allow(clippy::too_many_arguments)]
-pub fn bias_activation_forward_f32(
+fn forward_out_of_place<T: Storage>(
     dev: &Device,
     act: Activation,
-    x: &Buffer<f32>,
+    x: &Buffer<T>,
     bias: Option<&Buffer<f32>>,
-    pre: Option<&mut Buffer<f32>>,
-    out: &mut Buffer<f32>,
+    pre: Option<&mut Buffer<T>>,
+    out: &mut Buffer<T>,
     rows: usize,
     cols: usize,
 ) -> Result<(), GpuError> {
-    check_sizes(rows, cols);
     assert_eq!(x.len(), rows * cols, "activation x is not [{rows}, {cols}]");
     assert_eq!(
         out.len(),
@@ -109,26 +124,25 @@ pub fn bias_activation_forward_f32(
     forward(dev, act, x.address(), bias, pre, out.address(), rows, cols)
 }
 
-/// In-place [`bias_activation_forward_f32`]: `x ← act(x + bias)`, saving `x + bias` to `pre`.
-pub fn bias_activation_inplace_f32(
+fn forward_in_place<T: Storage>(
     dev: &Device,
     act: Activation,
-    x: &mut Buffer<f32>,
+    x: &mut Buffer<T>,
     bias: Option<&Buffer<f32>>,
-    pre: Option<&mut Buffer<f32>>,
+    pre: Option<&mut Buffer<T>>,
     rows: usize,
     cols: usize,
 ) -> Result<(), GpuError> {
-    check_sizes(rows, cols);
     assert_eq!(x.len(), rows * cols, "activation x is not [{rows}, {cols}]");
     let a = x.address();
     forward(dev, act, a, bias, pre, a, rows, cols)
 }
 
-fn backward(
+/// `dy` and `dx` are addresses (they may be the same buffer).
+fn backward<T: Storage>(
     dev: &Device,
     act: Activation,
-    pre: &Buffer<f32>,
+    pre: &Buffer<T>,
     dy: u64,
     dx: u64,
     rows: usize,
@@ -150,20 +164,16 @@ fn backward(
         .i32(rows as i32)
         .i32(cols as i32)
         .i32(act_code(act));
-    dev.launch(
-        "prm_activation_backward_f32",
-        config(rows * cols),
-        &mut args,
-    )
+    let name = format!("prm_activation_backward_{}", T::SUFFIX);
+    dev.launch(&name, config(rows * cols), &mut args)
 }
 
-/// `dx = dy · act'(pre)` over `[rows, cols]`, `pre` saved by the forward.
-pub fn activation_backward_f32(
+fn backward_out_of_place<T: Storage>(
     dev: &Device,
     act: Activation,
-    pre: &Buffer<f32>,
-    dy: &Buffer<f32>,
-    dx: &mut Buffer<f32>,
+    pre: &Buffer<T>,
+    dy: &Buffer<T>,
+    dx: &mut Buffer<T>,
     rows: usize,
     cols: usize,
 ) -> Result<(), GpuError> {
@@ -180,6 +190,62 @@ pub fn activation_backward_f32(
     backward(dev, act, pre, dy.address(), dx.address(), rows, cols)
 }
 
+fn backward_in_place<T: Storage>(
+    dev: &Device,
+    act: Activation,
+    pre: &Buffer<T>,
+    d: &mut Buffer<T>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    assert_eq!(d.len(), rows * cols, "activation d is not [{rows}, {cols}]");
+    let a = d.address();
+    backward(dev, act, pre, a, a, rows, cols)
+}
+
+/// `pre = x + bias`, `out = act(pre)` over `[rows, cols]` with `bias [cols]`. `bias: None`
+/// skips the addition (bias already added by the GEMM epilogue); `pre: None` skips writing the
+/// pre-activation.
+#[allow(clippy::too_many_arguments)]
+pub fn bias_activation_forward_f32(
+    dev: &Device,
+    act: Activation,
+    x: &Buffer<f32>,
+    bias: Option<&Buffer<f32>>,
+    pre: Option<&mut Buffer<f32>>,
+    out: &mut Buffer<f32>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    forward_out_of_place(dev, act, x, bias, pre, out, rows, cols)
+}
+
+/// In-place [`bias_activation_forward_f32`]: `x ← act(x + bias)`, saving `x + bias` to `pre`.
+pub fn bias_activation_inplace_f32(
+    dev: &Device,
+    act: Activation,
+    x: &mut Buffer<f32>,
+    bias: Option<&Buffer<f32>>,
+    pre: Option<&mut Buffer<f32>>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    forward_in_place(dev, act, x, bias, pre, rows, cols)
+}
+
+/// `dx = dy · act'(pre)` over `[rows, cols]`, `pre` saved by the forward.
+pub fn activation_backward_f32(
+    dev: &Device,
+    act: Activation,
+    pre: &Buffer<f32>,
+    dy: &Buffer<f32>,
+    dx: &mut Buffer<f32>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    backward_out_of_place(dev, act, pre, dy, dx, rows, cols)
+}
+
 /// In-place [`activation_backward_f32`]: `d ← d · act'(pre)`.
 pub fn activation_backward_inplace_f32(
     dev: &Device,
@@ -189,7 +255,59 @@ pub fn activation_backward_inplace_f32(
     rows: usize,
     cols: usize,
 ) -> Result<(), GpuError> {
-    assert_eq!(d.len(), rows * cols, "activation d is not [{rows}, {cols}]");
-    let a = d.address();
-    backward(dev, act, pre, a, a, rows, cols)
+    backward_in_place(dev, act, pre, d, rows, cols)
+}
+
+/// bf16 storage [`bias_activation_forward_f32`] (fp32 bias and arithmetic). The activation is
+/// evaluated on the stored, rounded `pre` when `pre` is written.
+#[allow(clippy::too_many_arguments)]
+pub fn bias_activation_forward_bf16(
+    dev: &Device,
+    act: Activation,
+    x: &Buffer<bf16>,
+    bias: Option<&Buffer<f32>>,
+    pre: Option<&mut Buffer<bf16>>,
+    out: &mut Buffer<bf16>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    forward_out_of_place(dev, act, x, bias, pre, out, rows, cols)
+}
+
+/// bf16 storage [`bias_activation_inplace_f32`].
+pub fn bias_activation_inplace_bf16(
+    dev: &Device,
+    act: Activation,
+    x: &mut Buffer<bf16>,
+    bias: Option<&Buffer<f32>>,
+    pre: Option<&mut Buffer<bf16>>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    forward_in_place(dev, act, x, bias, pre, rows, cols)
+}
+
+/// bf16 storage [`activation_backward_f32`].
+pub fn activation_backward_bf16(
+    dev: &Device,
+    act: Activation,
+    pre: &Buffer<bf16>,
+    dy: &Buffer<bf16>,
+    dx: &mut Buffer<bf16>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    backward_out_of_place(dev, act, pre, dy, dx, rows, cols)
+}
+
+/// bf16 storage [`activation_backward_inplace_f32`].
+pub fn activation_backward_inplace_bf16(
+    dev: &Device,
+    act: Activation,
+    pre: &Buffer<bf16>,
+    d: &mut Buffer<bf16>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    backward_in_place(dev, act, pre, d, rows, cols)
 }
