@@ -394,7 +394,10 @@ fn activation_backward_matches_reference() {
 // Patch embedding
 
 /// Mixed-size batches: sides not multiples of the patch, one image of 197 tokens at p = 16.
-const BATCHES: [(usize, usize, &[(usize, usize)]); 2] = [
+/// (patch, width, image sizes).
+type Batch = (usize, usize, &'static [(usize, usize)]);
+
+const BATCHES: [Batch; 2] = [
     (16, 64, &[(37, 53), (64, 64), (30, 97), (224, 230)]),
     (14, 96, &[(37, 53), (64, 64), (30, 97)]),
 ];
@@ -468,7 +471,7 @@ fn packed_images_layout() {
     let packing = PackedImages::new(&[(37, 53), (64, 64), (30, 97)], 16);
     assert_eq!(packing.len(), 3);
     assert_eq!(packing.total_pixels, 3 * (37 * 53 + 64 * 64 + 30 * 97));
-    assert_eq!(packing.total_patches, 2 * 3 + 4 * 4 + 1 * 6);
+    assert_eq!(packing.total_patches, 2 * 3 + 4 * 4 + 6);
     assert_eq!(packing.total_tokens, 28 + 3);
     assert_eq!(
         packing.table(),

@@ -105,6 +105,7 @@ fn forward<T: Storage>(
     dev.launch(&name, config(rows * cols), &mut args)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn forward_out_of_place<T: Storage>(
     dev: &Device,
     act: Activation,
