@@ -178,3 +178,34 @@ extern "C" __global__ void prm_selftest_block_sum(const float* __restrict__ in, 
     }
 }
 PRM_REGISTER_KERNEL(prm_selftest_block_sum);
+
+// Timeout: thread 0 keeps running for spin_ns (clock64 counts nanoseconds in the simulator)
+// while the others wait at __syncthreads; with a shorter barrier timeout the launch fails.
+extern "C" __global__ void prm_selftest_slow_thread(float* __restrict__ out, unsigned long long spin_ns) {
+    if (threadIdx.x == 0) {
+        const long long start = clock64();
+        while (clock64() - start < static_cast<long long>(spin_ns)) {}
+    }
+    __syncthreads();
+    out[threadIdx.x] = 1.0f;
+}
+PRM_REGISTER_KERNEL(prm_selftest_slow_thread);
+
+#ifndef __CUDACC__
+// Simulator only: prm_sim::warp_allgather (the exchange behind tensor-core fallbacks). Each lane
+// contributes 4 ints {lane, 2*lane, g, -g}; out[g] = sum over the lanes of its warp of all four.
+extern "C" __global__ void prm_selftest_allgather(int* __restrict__ out) {
+    const int g = blockIdx.x * blockDim.x + threadIdx.x;
+    const int lane = threadIdx.x % 32;
+    const int mine[4] = {lane, 2 * lane, g, -g};
+    int all[32 * 4];
+    unsigned eff;
+    prm_sim::warp_allgather(__activemask(), mine, all, sizeof mine, &eff);
+    int sum = 0;
+    for (int l = 0; l < 32; ++l)
+        if ((eff >> l) & 1u)
+            for (int k = 0; k < 4; ++k) sum += all[l * 4 + k];
+    out[g] = sum;
+}
+PRM_REGISTER_KERNEL(prm_selftest_allgather);
+#endif

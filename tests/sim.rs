@@ -1,6 +1,7 @@
 //! Tests of the CPU simulator of the CUDA execution model (`kernels/sim/`), driven through
 //! `Device::sim()` with the test kernels of `kernels/sim_selftest.cu`.
 
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use prm::gpu::{Device, GpuError, KernelArgs, LaunchConfig};
@@ -9,6 +10,10 @@ extern "C" {
     /// Barrier timeout for later launches in ms (0: default); returns the previous setting.
     fn prm_sim_set_barrier_timeout_ms(ms: u32) -> u32;
 }
+
+/// Tests read-lock this; the test that shortens the (process-wide) barrier timeout write-locks
+/// it, so no other test launches while the short timeout is in force.
+static TIMEOUT: RwLock<()> = RwLock::new(());
 
 fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32) -> LaunchConfig {
     LaunchConfig {
@@ -20,6 +25,7 @@ fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32) -> Laun
 
 #[test]
 fn barrier_in_a_loop_and_syncthreads_count() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
     let dev = Device::sim();
     let (blocks, n, iters) = (3usize, 100usize, 7i32);
     let mut out = dev.alloc::<i32>(blocks * n).unwrap();
@@ -50,6 +56,7 @@ fn barrier_in_a_loop_and_syncthreads_count() {
 
 #[test]
 fn shared_memory_is_poisoned_at_every_block_start() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
     let dev = Device::sim();
     let (blocks, n) = (4usize, 64usize);
     let mut out = dev.alloc::<u32>(blocks * n * 2).unwrap();
@@ -79,6 +86,7 @@ fn shared_memory_is_poisoned_at_every_block_start() {
 
 #[test]
 fn dynamic_shared_memory() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
     let dev = Device::sim();
     let (blocks, n) = (3usize, 128usize);
     let input: Vec<f32> = (0..blocks * n).map(|i| i as f32 * 0.25 - 7.0).collect();
@@ -107,6 +115,7 @@ fn dynamic_shared_memory() {
 
 #[test]
 fn warp_shuffles_and_votes() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
     let dev = Device::sim();
     let (blocks, n) = (2usize, 64usize);
     let mut out = dev.alloc::<i32>(blocks * n * 12).unwrap();
@@ -155,6 +164,7 @@ fn warp_shuffles_and_votes() {
 
 #[test]
 fn partial_last_warp() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
     let dev = Device::sim();
     let n = 50usize;
     let input: Vec<f32> = (0..n).map(|i| (i * i % 17) as f32 + 0.5).collect();
@@ -199,6 +209,7 @@ fn partial_last_warp() {
 
 #[test]
 fn atomics_from_every_thread() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
     let dev = Device::sim();
     let (blocks, n) = (4u32, 128u32);
     let total = (blocks * n) as u64;
@@ -235,6 +246,7 @@ fn atomics_from_every_thread() {
 
 #[test]
 fn bf16_round_to_nearest_even() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
     let dev = Device::sim();
     let one = 1.0f32.to_bits();
     let mut cases: Vec<(f32, u16)> = vec![
@@ -314,6 +326,7 @@ fn bf16_round_to_nearest_even() {
 
 #[test]
 fn multi_dimensional_grid_and_block() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
     let dev = Device::sim();
     let (grid, block) = ((3u32, 2u32, 2u32), (4u32, 3u32, 2u32));
     let nblocks = (grid.0 * grid.1 * grid.2) as usize;
@@ -359,6 +372,7 @@ fn sim_message(r: Result<(), GpuError>) -> String {
 
 #[test]
 fn deadlock_is_reported_not_hung_and_the_pool_survives() {
+    let _guard = TIMEOUT.write().unwrap_or_else(|e| e.into_inner());
     let dev = Device::sim();
     let mut y = dev.alloc::<f32>(64).unwrap();
 
@@ -381,15 +395,34 @@ fn deadlock_is_reported_not_hung_and_the_pool_survives() {
     assert!(msg.contains("thread (0,0,0)"), "{msg}");
     assert!(msg.contains("deadlock"), "{msg}");
 
-    // A deadlock only the timeout can see (lane 0 in a warp collective, the rest in
-    // __syncthreads).
-    // SAFETY: plain setter of an atomic in the simulator runtime.
-    let previous = unsafe { prm_sim_set_barrier_timeout_ms(1000) };
+    // Lane 0 waits in a warp collective for lane 1, which waits in __syncthreads with the rest:
+    // every live thread is blocked, which is also seen at once.
     let start = Instant::now();
     let mut args = KernelArgs::new();
     args.output(&mut y);
-    let r = dev.launch(
+    let msg = sim_message(dev.launch(
         "prm_selftest_stuck",
+        cfg((1, 1, 1), (64, 1, 1), 0),
+        &mut args,
+    ));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(msg.contains("prm_selftest_stuck"), "{msg}");
+    assert!(msg.contains("block (0,0,0)"), "{msg}");
+    assert!(msg.contains("thread (0,0,0) in a warp collective"), "{msg}");
+    assert!(msg.contains("in __syncthreads"), "{msg}");
+
+    // A thread that keeps running past the barrier timeout: the waiters give up and name it.
+    // SAFETY: plain setter of an atomic in the simulator runtime.
+    let previous = unsafe { prm_sim_set_barrier_timeout_ms(150) };
+    let start = Instant::now();
+    let mut args = KernelArgs::new();
+    args.output(&mut y).u64(600_000_000);
+    let r = dev.launch(
+        "prm_selftest_slow_thread",
         cfg((1, 1, 1), (64, 1, 1), 0),
         &mut args,
     );
@@ -397,14 +430,14 @@ fn deadlock_is_reported_not_hung_and_the_pool_survives() {
     unsafe { prm_sim_set_barrier_timeout_ms(previous) };
     let msg = sim_message(r);
     assert!(
-        start.elapsed() < Duration::from_secs(8),
+        start.elapsed() < Duration::from_secs(5),
         "took {:?}",
         start.elapsed()
     );
-    assert!(msg.contains("prm_selftest_stuck"), "{msg}");
+    assert!(msg.contains("prm_selftest_slow_thread"), "{msg}");
     assert!(msg.contains("block (0,0,0)"), "{msg}");
-    assert!(msg.contains("thread ("), "{msg}");
-    assert!(msg.contains("waited more than"), "{msg}");
+    assert!(msg.contains("waited more than 150 ms"), "{msg}");
+    assert!(msg.contains("thread (0,0,0) running"), "{msg}");
 
     // The pool still works.
     block_sums(&dev, 3, 256, 1000, 1.0);
@@ -412,6 +445,7 @@ fn deadlock_is_reported_not_hung_and_the_pool_survives() {
 
 #[test]
 fn unknown_kernel_and_bad_configurations() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
     let dev = Device::sim();
     let mut args = KernelArgs::new();
     match dev.launch(
@@ -470,6 +504,7 @@ fn block_sums(dev: &Device, blocks: usize, threads: u32, chunk: usize, seed: f32
 
 #[test]
 fn parallel_launches_from_several_threads() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
     let dev = Device::sim();
     std::thread::scope(|s| {
         for k in 0..4 {
@@ -482,4 +517,29 @@ fn parallel_launches_from_several_threads() {
             });
         }
     });
+}
+
+#[test]
+fn warp_allgather_with_a_partial_warp() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let (blocks, n) = (2usize, 40usize);
+    let mut out = dev.alloc::<i32>(blocks * n).unwrap();
+    dev.poison(&mut out).unwrap();
+    let mut args = KernelArgs::new();
+    args.output(&mut out);
+    dev.launch(
+        "prm_selftest_allgather",
+        LaunchConfig::linear(blocks as u32, n as u32, 0),
+        &mut args,
+    )
+    .unwrap();
+    let out = dev.download(&out).unwrap();
+    for g in 0..blocks * n {
+        let (b, t) = (g / n, g % n);
+        let w0 = t / 32 * 32;
+        let lanes = (n - w0).min(32);
+        let want: i32 = (0..lanes).map(|l| 3 * l as i32).sum();
+        assert_eq!(out[g], want, "block {b} thread {t}");
+    }
 }

@@ -134,6 +134,10 @@ struct Sim {
     std::atomic<uint32_t> exited{0};
     std::atomic<uint32_t> launch_done{0};
     bool finished = false;
+    // Threads of the block waiting at a barrier that has not completed (low 32 bits) and threads
+    // that have returned (high 32 bits): when they add up to the block size, nothing can
+    // release the waiters, a deadlock reported at once.
+    std::atomic<uint64_t> live{0};
 
     // Errors.
     std::atomic<bool> aborted{false};
@@ -225,6 +229,34 @@ void fail(const std::string& msg) {
     throw Abort{};
 }
 
+constexpr uint64_t kFinishedOne = 1ull << 32;
+bool all_stuck(uint64_t v) {
+    const uint64_t blocked = v & 0xffffffffu, finished = v >> 32;
+    return blocked > 0 && blocked + finished == S().nthreads;
+}
+std::string all_stuck_message(unsigned me) {
+    Sim& s = S();
+    std::string msg = where(me) + ": deadlock: every thread of the block that has not returned waits at a barrier "
+                                  "that cannot complete:";
+    int listed = 0;
+    unsigned returned = 0;
+    for (unsigned t = 0; t < s.nthreads; ++t) {
+        const uint8_t st = s.blk.state[t].load(std::memory_order_relaxed);
+        if (st == kExited) {
+            ++returned;
+        } else if (listed < 6) {
+            if (st == kInWarp)
+                msg += fmt("%s thread %s in a warp collective (warp %u, mask 0x%08x)", listed ? ";" : "",
+                           thread_str(t).c_str(), t / 32, s.blk.warps[t / 32].phase_mask);
+            else
+                msg += fmt("%s thread %s %s", listed ? ";" : "", thread_str(t).c_str(), state_name(st));
+            ++listed;
+        }
+    }
+    if (returned) msg += fmt("; %u thread(s) returned", returned);
+    return msg;
+}
+
 // Waits for the barrier's generation to move past `gen`; throws Abort when the launch aborts
 // or the wait times out.
 void wait_phase(Barrier& b, uint32_t gen, bool warp) {
@@ -298,6 +330,7 @@ int block_barrier(int pred, bool count) {
         if (++b.arrived == s.nthreads) {
             b.arrived = 0;
             B.count[(gen + 1) & 1].store(0, std::memory_order_relaxed);
+            s.live.fetch_sub(s.nthreads - 1, std::memory_order_acq_rel);
             b.word.fetch_add(1, std::memory_order_acq_rel);
             lk.unlock();
             futex_wake(b.word);
@@ -312,6 +345,10 @@ int block_barrier(int pred, bool count) {
                            waiting, thread_str(me).c_str()));
         }
         B.state[me].store(kInSync, std::memory_order_relaxed);
+        if (all_stuck(s.live.fetch_add(1, std::memory_order_acq_rel) + 1)) {
+            lk.unlock();
+            fail_throw(all_stuck_message(me));
+        }
     }
     wait_phase(b, gen, false);
     B.state[me].store(kRunning, std::memory_order_relaxed);
@@ -359,12 +396,17 @@ unsigned warp_phase(unsigned mask, unsigned* eff_out, Publish publish) {
         publish(gen & 3u);
         if (++W.arrived == W.expected) {
             W.arrived = 0;
+            s.live.fetch_sub(W.expected - 1, std::memory_order_acq_rel);
             W.word.fetch_add(1, std::memory_order_acq_rel);
             lk.unlock();
             futex_wake(W.word);
             return gen & 3u;
         }
         B.state[me].store(kInWarp, std::memory_order_relaxed);
+        if (all_stuck(s.live.fetch_add(1, std::memory_order_acq_rel) + 1)) {
+            lk.unlock();
+            fail_throw(all_stuck_message(me));
+        }
     }
     wait_phase(W, gen, true);
     B.state[me].store(kRunning, std::memory_order_relaxed);
@@ -382,6 +424,7 @@ void setup_block(uint64_t b, bool poison) {
     B.bar.word.store(0, std::memory_order_relaxed);
     B.finished = 0;
     B.first_exited = -1;
+    s.live.store(0, std::memory_order_relaxed);
     B.count[0].store(0, std::memory_order_relaxed);
     B.count[1].store(0, std::memory_order_relaxed);
     const uint32_t nwarps = (s.nthreads + 31) / 32;
@@ -423,6 +466,8 @@ void thread_finished(unsigned me) {
                                   "with mask 0x%08x (deadlock)",
                                   me % 32, W.arrived, W.phase_mask);
     }
+    const uint64_t v = s.live.fetch_add(kFinishedOne, std::memory_order_acq_rel) + kFinishedOne;
+    if (msg.empty() && all_stuck(v)) msg = all_stuck_message(me);
     if (!msg.empty() && !s.aborted.load(std::memory_order_acquire)) fail(msg);
 }
 

@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <thread>
 #include <bit>
 #include <cmath>
 #include <cstddef>
@@ -421,10 +423,6 @@ inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
-inline unsigned min(int a, unsigned b) { return min(static_cast<unsigned>(a), b); }
-inline unsigned max(int a, unsigned b) { return max(static_cast<unsigned>(a), b); }
-inline unsigned min(unsigned a, int b) { return min(a, static_cast<unsigned>(b)); }
-inline unsigned max(unsigned a, int b) { return max(a, static_cast<unsigned>(b)); }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
@@ -433,14 +431,31 @@ inline float min(float a, float b) { return std::fmin(a, b); }
 inline float max(float a, float b) { return std::fmax(a, b); }
 inline double min(double a, double b) { return std::fmin(a, b); }
 inline double max(double a, double b) { return std::fmax(a, b); }
-inline double min(float a, double b) { return std::fmin(static_cast<double>(a), b); }
-inline double max(float a, double b) { return std::fmax(static_cast<double>(a), b); }
-inline double min(double a, float b) { return std::fmin(a, static_cast<double>(b)); }
-inline double max(double a, float b) { return std::fmax(a, static_cast<double>(b)); }
-inline float min(float a, int b) { return std::fmin(a, static_cast<float>(b)); }
-inline float max(float a, int b) { return std::fmax(a, static_cast<float>(b)); }
-inline float min(int a, float b) { return std::fmin(static_cast<float>(a), b); }
-inline float max(int a, float b) { return std::fmax(static_cast<float>(a), b); }
+inline long min(long a, long b) { return a < b ? a : b; }
+inline long max(long a, long b) { return a > b ? a : b; }
+inline unsigned long min(unsigned long a, unsigned long b) { return a < b ? a : b; }
+inline unsigned long max(unsigned long a, unsigned long b) { return a > b ? a : b; }
+// Mixed arithmetic types: the usual arithmetic conversions (int with unsigned gives unsigned,
+// float with double gives double), as CUDA's overloads do.
+template <typename A, typename B>
+    requires(std::is_arithmetic_v<A> && std::is_arithmetic_v<B> && !std::is_same_v<A, B>)
+inline std::common_type_t<A, B> min(A a, B b) {
+    using C = std::common_type_t<A, B>;
+    return min(static_cast<C>(a), static_cast<C>(b));
+}
+template <typename A, typename B>
+    requires(std::is_arithmetic_v<A> && std::is_arithmetic_v<B> && !std::is_same_v<A, B>)
+inline std::common_type_t<A, B> max(A a, B b) {
+    using C = std::common_type_t<A, B>;
+    return max(static_cast<C>(a), static_cast<C>(b));
+}
+
+// Time: nanoseconds of the host's steady clock (cycles on a GPU).
+inline long long clock64() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+inline void __nanosleep(unsigned ns) { std::this_thread::sleep_for(std::chrono::nanoseconds(ns)); }
 
 // ---------------------------------------------------------------------------------------------
 // bfloat16
@@ -459,7 +474,6 @@ struct alignas(2) __nv_bfloat16 {
     unsigned short __x;
     __nv_bfloat16() = default;
     __nv_bfloat16(float f) : __x(prm_sim::f32_to_bf16_bits(f)) {}
-    __nv_bfloat16(double f) : __x(prm_sim::f32_to_bf16_bits(static_cast<float>(f))) {}
     operator float() const { return prm_sim::bf16_bits_to_f32(__x); }
 };
 struct alignas(4) __nv_bfloat162 {
