@@ -18,7 +18,8 @@
 //            GELU      a'(z) = Φ(z) + z·φ(z)
 //            `dx` may alias `dy` (in place).
 // Φ is evaluated through erfcf, which keeps full relative precision in the negative tail where
-// 1 + erf(z/√2) would cancel. Elementwise, fp32, grid-stride loops; deterministic by construction.
+// 1 + erf(z/√2) would cancel. Elementwise, fp32 arithmetic, deterministic by construction.
+// Forward: blocks stride over rows, threads over columns. Backward: flat grid-stride loop.
 //
 // Launchers: src/gpu/kernels/activation.rs (bias_activation_forward_f32,
 // bias_activation_inplace_f32, activation_backward_f32, activation_backward_inplace_f32).
@@ -55,16 +56,20 @@ __device__ __forceinline__ void prm_act_store(__nv_bfloat16* p, float v) { *p = 
 template <typename T>
 __device__ __forceinline__ void prm_activation_forward(const T* x, const float* __restrict__ bias,
                                                        T* __restrict__ pre, T* out, int rows, int cols, int act) {
-    const size_t n = (size_t)rows * (size_t)cols;
-    const size_t stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        float z = prm_act_load(x + i);
-        if (bias != nullptr) z += bias[i % (size_t)cols];
-        if (pre != nullptr) {
-            prm_act_store(pre + i, z);
-            z = prm_act_load(pre + i);  // the backward sees the stored (rounded) pre-activation
+    // Blocks stride over rows, threads over the columns of a row: no index division, and the
+    // bias of a column is read by the same thread for every row it visits.
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const size_t base = (size_t)r * (size_t)cols;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const size_t i = base + c;
+            float z = prm_act_load(x + i);
+            if (bias != nullptr) z += bias[c];
+            if (pre != nullptr) {
+                prm_act_store(pre + i, z);
+                z = prm_act_load(pre + i);  // the backward sees the stored (rounded) pre-activation
+            }
+            prm_act_store(out + i, prm_act(act, z));
         }
-        prm_act_store(out + i, prm_act(act, z));
     }
 }
 

@@ -20,8 +20,10 @@
 //              src/gpu/kernels/embed.rs).
 //
 // Grids: blockIdx.y is the image; blockIdx.x / threadIdx.x stride over that image's elements
-// (grid-stride), so no kernel searches the table. Every output element is written exactly once
-// (col2im writes zeros into dropped pixels). Pure gathers: deterministic.
+// (grid-stride), so no kernel searches the table. Index arithmetic within an image is 32-bit
+// (the launchers assert every per-image element count fits in an int); offsets are size_t.
+// Every output element is written exactly once (col2im writes zeros into dropped pixels).
+// Pure gathers: deterministic.
 //
 // Launchers: src/gpu/kernels/embed.rs (patchify_f32, assemble_tokens_f32,
 // tokens_to_patch_grads_f32, col2im_f32).
@@ -48,15 +50,15 @@ extern "C" __global__ void prm_embed_patchify_f32(const float* __restrict__ imag
     const size_t pixel_offset = (size_t)e[PRM_EMBED_PIXEL_OFFSET];
     const int h = e[PRM_EMBED_HEIGHT], w = e[PRM_EMBED_WIDTH], gw = e[PRM_EMBED_GRID_W];
     const int pp = patch * patch, cols = 3 * pp;
-    const size_t n = (size_t)e[PRM_EMBED_GRID_H] * gw * cols;
+    const unsigned n = (unsigned)(e[PRM_EMBED_GRID_H] * gw * cols);
     const float* img = images + pixel_offset;
     float* out = patches + (size_t)e[PRM_EMBED_PATCH_OFFSET] * cols;
-    const size_t stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const int p_idx = (int)(i / cols), col = (int)(i % cols);
-        const int a = p_idx / gw, b = p_idx % gw;
-        const int c = col / pp, rs = col % pp, r = rs / patch, s = rs % patch;
-        const float v = img[((size_t)c * h + (size_t)(a * patch + r)) * w + (size_t)(b * patch + s)];
+    const unsigned stride = gridDim.x * blockDim.x;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const unsigned p_idx = i / cols, col = i % cols;
+        const unsigned a = p_idx / gw, b = p_idx % gw;
+        const unsigned c = col / pp, rs = col % pp, r = rs / patch, s = rs % patch;
+        const float v = img[(c * h + a * patch + r) * w + b * patch + s];
         out[i] = (v - prm_pick3(c, mean0, mean1, mean2)) * prm_pick3(c, inv_std0, inv_std1, inv_std2);
     }
 }
@@ -69,14 +71,15 @@ extern "C" __global__ void prm_embed_assemble_tokens_f32(const float* __restrict
                                                           const int* __restrict__ table,
                                                           float* __restrict__ tokens, int dim) {
     const int* e = table + blockIdx.y * PRM_EMBED_TABLE_STRIDE;
-    const size_t n_patches = (size_t)e[PRM_EMBED_GRID_H] * e[PRM_EMBED_GRID_W];
-    const size_t n = (n_patches + 1) * dim;
+    const unsigned n = (unsigned)((e[PRM_EMBED_GRID_H] * e[PRM_EMBED_GRID_W] + 1) * dim);
     const size_t tok0 = (size_t)e[PRM_EMBED_TOKEN_OFFSET] * dim;
     const float* src = patch_tokens + (size_t)e[PRM_EMBED_PATCH_OFFSET] * dim;
-    const size_t stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float v = i < (size_t)dim ? cls[i] : src[i - dim];  // token t ≥ 1 is patch t − 1
-        tokens[tok0 + i] = v + pos[tok0 + i];
+    const float* p = pos + tok0;
+    float* out = tokens + tok0;
+    const unsigned stride = gridDim.x * blockDim.x;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float v = i < (unsigned)dim ? cls[i] : src[i - dim];  // token t ≥ 1 is patch t − 1
+        out[i] = v + p[i];
     }
 }
 PRM_REGISTER_KERNEL(prm_embed_assemble_tokens_f32);
@@ -87,11 +90,11 @@ extern "C" __global__ void prm_embed_tokens_to_patch_grads_f32(const float* __re
                                                                 float* __restrict__ d_patch_tokens,
                                                                 int dim) {
     const int* e = table + blockIdx.y * PRM_EMBED_TABLE_STRIDE;
-    const size_t n = (size_t)e[PRM_EMBED_GRID_H] * e[PRM_EMBED_GRID_W] * dim;
+    const unsigned n = (unsigned)(e[PRM_EMBED_GRID_H] * e[PRM_EMBED_GRID_W] * dim);
     const float* src = d_tokens + ((size_t)e[PRM_EMBED_TOKEN_OFFSET] + 1) * dim;
     float* dst = d_patch_tokens + (size_t)e[PRM_EMBED_PATCH_OFFSET] * dim;
-    const size_t stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) dst[i] = src[i];
+    const unsigned stride = gridDim.x * blockDim.x;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) dst[i] = src[i];
 }
 PRM_REGISTER_KERNEL(prm_embed_tokens_to_patch_grads_f32);
 
@@ -102,22 +105,20 @@ extern "C" __global__ void prm_embed_col2im_f32(const float* __restrict__ d_patc
                                                  float* __restrict__ d_images, int patch,
                                                  float inv_std0, float inv_std1, float inv_std2) {
     const int* e = table + blockIdx.y * PRM_EMBED_TABLE_STRIDE;
-    const int h = e[PRM_EMBED_HEIGHT], w = e[PRM_EMBED_WIDTH];
-    const int gw = e[PRM_EMBED_GRID_W];
-    const int hc = e[PRM_EMBED_GRID_H] * patch, wc = gw * patch;  // covered rows / columns
-    const int pp = patch * patch, cols = 3 * pp;
-    const size_t hw = (size_t)h * w, n = 3 * hw;
+    const unsigned w = e[PRM_EMBED_WIDTH], gw = e[PRM_EMBED_GRID_W], p = patch;
+    const unsigned hc = e[PRM_EMBED_GRID_H] * p, wc = gw * p;  // covered rows / columns
+    const unsigned pp = p * p, cols = 3 * pp;
+    const unsigned hw = (unsigned)e[PRM_EMBED_HEIGHT] * w, n = 3 * hw;
     const float* src = d_patches + (size_t)e[PRM_EMBED_PATCH_OFFSET] * cols;
     float* dst = d_images + (size_t)e[PRM_EMBED_PIXEL_OFFSET];
-    const size_t stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const int c = (int)(i / hw);
-        const int yx = (int)(i % hw), y = yx / w, x = yx % w;
+    const unsigned stride = gridDim.x * blockDim.x;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const unsigned c = i / hw, yx = i % hw, y = yx / w, x = yx % w;
         float v = 0.0f;
         if (y < hc && x < wc) {
-            const int pidx = (y / patch) * gw + x / patch;
-            const int col = c * pp + (y % patch) * patch + x % patch;
-            v = src[(size_t)pidx * cols + col] * prm_pick3(c, inv_std0, inv_std1, inv_std2);
+            const unsigned pidx = (y / p) * gw + x / p;
+            const unsigned col = c * pp + (y % p) * p + x % p;
+            v = src[(size_t)pidx * cols + col] * prm_pick3((int)c, inv_std0, inv_std1, inv_std2);
         }
         dst[i] = v;
     }

@@ -102,7 +102,9 @@ fn forward<T: Storage>(
         .i32(cols as i32)
         .i32(act_code(act));
     let name = format!("prm_activation_forward_{}", T::SUFFIX);
-    dev.launch(&name, config(rows * cols), &mut args)
+    // One block per row (grid-stride over rows beyond MAX_BLOCKS).
+    let cfg = LaunchConfig::linear(rows.min(MAX_BLOCKS) as u32, THREADS, 0);
+    dev.launch(&name, cfg, &mut args)
 }
 
 #[allow(clippy::too_many_arguments)]

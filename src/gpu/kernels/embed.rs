@@ -169,6 +169,15 @@ impl PackedImages {
         v
     }
 
+    /// Per-image index arithmetic in the kernels is 32-bit.
+    fn check_tokens(&self, dim: usize) {
+        let most = self.images.iter().map(|m| m.tokens()).max().unwrap_or(0);
+        assert!(
+            most * dim <= i32::MAX as usize,
+            "an image of {most} tokens of width {dim} is too large for the embedding kernels"
+        );
+    }
+
     fn check_table(&self, table: &Buffer<i32>) {
         assert_eq!(
             table.len(),
@@ -276,6 +285,7 @@ pub fn assemble_tokens_f32(
     if packing.is_empty() {
         return Ok(());
     }
+    packing.check_tokens(dim);
     let cfg = packing.config(|m| m.tokens() * dim);
     let mut args = KernelArgs::new();
     args.input(patch_tokens)
@@ -313,6 +323,7 @@ pub fn tokens_to_patch_grads_f32(
     if packing.is_empty() {
         return Ok(());
     }
+    packing.check_tokens(dim);
     let cfg = packing.config(|m| m.patches() * dim);
     let mut args = KernelArgs::new();
     args.input(d_tokens)
