@@ -113,7 +113,14 @@ fn exact(what: &str, got: &[f32], want: &[f32]) {
 // ---------------------------------------------------------------------------------------------
 // LayerNorm
 
-const LN_SHAPES: [(usize, usize); 5] = [(50, 64), (197, 768), (1201, 768), (197, 128), (50, 1280)];
+const LN_SHAPES: [(usize, usize); 6] = [
+    (50, 64),
+    (197, 100),
+    (197, 768),
+    (1201, 768),
+    (197, 128),
+    (50, 1280),
+];
 
 fn ln_weights(rng: &mut Rng, dim: usize) -> LayerNormWeights {
     LayerNormWeights {
@@ -934,6 +941,98 @@ fn activation_bf16_matches_reference() {
                 0.0,
             );
             println!("{what}: worst forward {wf:.2e}, backward {wb:.2e}");
+        }
+    }
+}
+
+#[test]
+fn embed_bf16_kernels_match_twins() {
+    let r = |v: &[f32]| from_bf16(&to_bf16(v));
+    for dev in devices() {
+        for (case, &(patch, width, sizes)) in BATCHES.iter().enumerate() {
+            let cfg = vision_config(patch, width);
+            let packing = PackedImages::new(sizes, patch);
+            let table = packing.upload_table(&dev).unwrap();
+            let cols = packing.patch_cols();
+            let mut rng = Rng::new(900 + case as u64);
+            let what = format!("{} bf16 p={patch} {sizes:?}", dev.name());
+
+            let images = rng.vec(packing.total_pixels, 0.0, 1.0);
+            let imb = dev.upload(&images).unwrap();
+            let mut patches = poisoned_bf16(&dev, packing.total_patches * cols);
+            embed::patchify_bf16(
+                &dev,
+                &packing,
+                &table,
+                &imb,
+                &mut patches,
+                cfg.mean,
+                cfg.std,
+            )
+            .unwrap();
+            exact(
+                &format!("{what} patchify"),
+                &from_bf16(&dev.download(&patches).unwrap()),
+                &r(&im2col_twin(&images, &packing, &cfg)),
+            );
+
+            let pt = r(&rng.vec(packing.total_patches * width, -1.0, 1.0));
+            let cls = rng.vec(width, -1.0, 1.0);
+            let pos = rng.vec(packing.total_tokens * width, -1.0, 1.0);
+            let mut want = Vec::with_capacity(packing.total_tokens * width);
+            for m in &packing.images {
+                want.extend_from_slice(&cls);
+                want.extend_from_slice(
+                    &pt[m.patch_offset * width..(m.patch_offset + m.patches()) * width],
+                );
+            }
+            want.iter_mut().zip(&pos).for_each(|(t, p)| *t += p);
+            let ptb = dev.upload(&to_bf16(&pt)).unwrap();
+            let (clsb, posb) = (dev.upload(&cls).unwrap(), dev.upload(&pos).unwrap());
+            let mut tokens = poisoned_bf16(&dev, packing.total_tokens * width);
+            embed::assemble_tokens_bf16(
+                &dev,
+                &packing,
+                &table,
+                &ptb,
+                &clsb,
+                &posb,
+                &mut tokens,
+                width,
+            )
+            .unwrap();
+            exact(
+                &format!("{what} assemble_tokens"),
+                &from_bf16(&dev.download(&tokens).unwrap()),
+                &r(&want),
+            );
+
+            let dt = r(&rng.vec(packing.total_tokens * width, -1.0, 1.0));
+            let mut want = Vec::with_capacity(packing.total_patches * width);
+            for m in &packing.images {
+                want.extend_from_slice(
+                    &dt[(m.token_offset + 1) * width..(m.token_offset + m.tokens()) * width],
+                );
+            }
+            let dtb = dev.upload(&to_bf16(&dt)).unwrap();
+            let mut dpt = poisoned_bf16(&dev, packing.total_patches * width);
+            embed::tokens_to_patch_grads_bf16(&dev, &packing, &table, &dtb, &mut dpt, width)
+                .unwrap();
+            exact(
+                &format!("{what} tokens_to_patch_grads"),
+                &from_bf16(&dev.download(&dpt).unwrap()),
+                &want,
+            );
+
+            let dp = r(&rng.vec(packing.total_patches * cols, -1.0, 1.0));
+            let dpb = dev.upload(&to_bf16(&dp)).unwrap();
+            let mut dimg = poisoned(&dev, packing.total_pixels);
+            embed::col2im_bf16(&dev, &packing, &table, &dpb, &mut dimg, cfg.std).unwrap();
+            exact(
+                &format!("{what} col2im"),
+                &dev.download(&dimg).unwrap(),
+                &col2im_twin(&dp, &packing, &cfg),
+            );
         }
     }
 }

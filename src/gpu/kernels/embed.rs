@@ -12,6 +12,9 @@
 //! 3. [`col2im_f32`]: → `d_images`, planar and packed like the input, divided by std, zero in
 //!    the pixels beyond the last whole patch.
 //!
+//! Each launcher also comes in bf16 storage (`_bf16`): patch rows, patch tokens, tokens and
+//! their gradients in bf16; images, pixel gradients, `cls` and `pos` in fp32; fp32 arithmetic.
+//!
 //! Every launcher takes the batch's [`PackedImages`] (sizes, grids, offsets) and the same
 //! table uploaded once with [`PackedImages::upload_table`].
 //!
@@ -28,7 +31,20 @@
 //! # Ok(()) }
 //! ```
 
-use crate::gpu::{Buffer, Device, GpuError, KernelArgs, LaunchConfig};
+use half::bf16;
+
+use crate::gpu::{Buffer, Device, Element, GpuError, KernelArgs, LaunchConfig};
+
+/// Storage types of the patch rows and tokens, with their kernel name suffix.
+trait Storage: Element {
+    const SUFFIX: &'static str;
+}
+impl Storage for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl Storage for bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
 
 /// Ints per image in the kernel table (`PRM_EMBED_TABLE_STRIDE` in `kernels/embed.cu`).
 pub const TABLE_STRIDE: usize = 8;
@@ -203,15 +219,13 @@ impl PackedImages {
     }
 }
 
-/// Normalise and cut into patches: `patches[patch_offset_i + a·gw_i + b, c·p·p + r·p + s] =
-/// (image_i[c, a·p + r, b·p + s] − mean_c) / std_c` (multiplied by `1/std_c` in f32, as the
-/// reference does). `images` is `[total_pixels]`, `patches` is `[total_patches, 3·p·p]`.
-pub fn patchify_f32(
+/// Shared body of `patchify_f32` / `patchify_bf16`.
+fn patchify<T: Storage>(
     dev: &Device,
     packing: &PackedImages,
     table: &Buffer<i32>,
     images: &Buffer<f32>,
-    patches: &mut Buffer<f32>,
+    patches: &mut Buffer<T>,
     mean: [f32; 3],
     std: [f32; 3],
 ) -> Result<(), GpuError> {
@@ -244,22 +258,19 @@ pub fn patchify_f32(
         .f32(1.0 / std[0])
         .f32(1.0 / std[1])
         .f32(1.0 / std[2]);
-    dev.launch("prm_embed_patchify_f32", cfg, &mut args)
+    dev.launch(&format!("prm_embed_patchify_{}", T::SUFFIX), cfg, &mut args)
 }
 
-/// `tokens[token_offset_i + t] = (t == 0 ? cls : patch_tokens[patch_offset_i + t − 1]) +
-/// pos[token_offset_i + t]`. `patch_tokens` is `[total_patches, dim]` (the patch GEMM's
-/// output), `cls` is `[dim]`, `pos` and `tokens` are `[total_tokens, dim]` (`pos` holds each
-/// image's position embedding interpolated to its grid, packed like the tokens).
+/// Shared body of `assemble_tokens_f32` / `assemble_tokens_bf16`.
 #[allow(clippy::too_many_arguments)]
-pub fn assemble_tokens_f32(
+fn assemble_tokens<T: Storage>(
     dev: &Device,
     packing: &PackedImages,
     table: &Buffer<i32>,
-    patch_tokens: &Buffer<f32>,
+    patch_tokens: &Buffer<T>,
     cls: &Buffer<f32>,
     pos: &Buffer<f32>,
-    tokens: &mut Buffer<f32>,
+    tokens: &mut Buffer<T>,
     dim: usize,
 ) -> Result<(), GpuError> {
     packing.check_table(table);
@@ -294,17 +305,20 @@ pub fn assemble_tokens_f32(
         .input(table)
         .output(tokens)
         .i32(dim as i32);
-    dev.launch("prm_embed_assemble_tokens_f32", cfg, &mut args)
+    dev.launch(
+        &format!("prm_embed_assemble_tokens_{}", T::SUFFIX),
+        cfg,
+        &mut args,
+    )
 }
 
-/// Backward of [`assemble_tokens_f32`] towards the patch GEMM: `d_patch_tokens[patch_offset_i
-/// + n] = d_tokens[token_offset_i + 1 + n]` (each image's CLS row has no pixel path).
-pub fn tokens_to_patch_grads_f32(
+/// Shared body of `tokens_to_patch_grads_f32` / `tokens_to_patch_grads_bf16`.
+fn tokens_to_patch_grads<T: Storage>(
     dev: &Device,
     packing: &PackedImages,
     table: &Buffer<i32>,
-    d_tokens: &Buffer<f32>,
-    d_patch_tokens: &mut Buffer<f32>,
+    d_tokens: &Buffer<T>,
+    d_patch_tokens: &mut Buffer<T>,
     dim: usize,
 ) -> Result<(), GpuError> {
     packing.check_table(table);
@@ -330,17 +344,19 @@ pub fn tokens_to_patch_grads_f32(
         .input(table)
         .output(d_patch_tokens)
         .i32(dim as i32);
-    dev.launch("prm_embed_tokens_to_patch_grads_f32", cfg, &mut args)
+    dev.launch(
+        &format!("prm_embed_tokens_to_patch_grads_{}", T::SUFFIX),
+        cfg,
+        &mut args,
+    )
 }
 
-/// Backward of [`patchify_f32`]: `d_patches [total_patches, 3·p·p]` → `d_images
-/// [total_pixels]`, planar and packed like the input, each pixel's gradient times `1/std_c`,
-/// zero in the pixels beyond the last whole patch. Every element of `d_images` is written.
-pub fn col2im_f32(
+/// Shared body of `col2im_f32` / `col2im_bf16`.
+fn col2im<T: Storage>(
     dev: &Device,
     packing: &PackedImages,
     table: &Buffer<i32>,
-    d_patches: &Buffer<f32>,
+    d_patches: &Buffer<T>,
     d_images: &mut Buffer<f32>,
     std: [f32; 3],
 ) -> Result<(), GpuError> {
@@ -369,5 +385,117 @@ pub fn col2im_f32(
         .f32(1.0 / std[0])
         .f32(1.0 / std[1])
         .f32(1.0 / std[2]);
-    dev.launch("prm_embed_col2im_f32", cfg, &mut args)
+    dev.launch(&format!("prm_embed_col2im_{}", T::SUFFIX), cfg, &mut args)
+}
+
+/// Normalise and cut into patches: `patches[patch_offset_i + a·gw_i + b, c·p·p + r·p + s] =
+/// (image_i[c, a·p + r, b·p + s] − mean_c) / std_c` (multiplied by `1/std_c` in f32, as the
+/// reference does). `images` is `[total_pixels]`, `patches` is `[total_patches, 3·p·p]`.
+pub fn patchify_f32(
+    dev: &Device,
+    packing: &PackedImages,
+    table: &Buffer<i32>,
+    images: &Buffer<f32>,
+    patches: &mut Buffer<f32>,
+    mean: [f32; 3],
+    std: [f32; 3],
+) -> Result<(), GpuError> {
+    patchify(dev, packing, table, images, patches, mean, std)
+}
+
+/// [`patchify_f32`] writing bf16 patch rows (fp32 images and arithmetic).
+pub fn patchify_bf16(
+    dev: &Device,
+    packing: &PackedImages,
+    table: &Buffer<i32>,
+    images: &Buffer<f32>,
+    patches: &mut Buffer<bf16>,
+    mean: [f32; 3],
+    std: [f32; 3],
+) -> Result<(), GpuError> {
+    patchify(dev, packing, table, images, patches, mean, std)
+}
+
+/// `tokens[token_offset_i + t] = (t == 0 ? cls : patch_tokens[patch_offset_i + t − 1]) +
+/// pos[token_offset_i + t]`. `patch_tokens` is `[total_patches, dim]` (the patch GEMM's
+/// output), `cls` is `[dim]`, `pos` and `tokens` are `[total_tokens, dim]` (`pos` holds each
+/// image's position embedding interpolated to its grid, packed like the tokens).
+#[allow(clippy::too_many_arguments)]
+pub fn assemble_tokens_f32(
+    dev: &Device,
+    packing: &PackedImages,
+    table: &Buffer<i32>,
+    patch_tokens: &Buffer<f32>,
+    cls: &Buffer<f32>,
+    pos: &Buffer<f32>,
+    tokens: &mut Buffer<f32>,
+    dim: usize,
+) -> Result<(), GpuError> {
+    assemble_tokens(dev, packing, table, patch_tokens, cls, pos, tokens, dim)
+}
+
+/// [`assemble_tokens_f32`] with bf16 patch tokens and tokens (fp32 `cls`, `pos` and sum).
+#[allow(clippy::too_many_arguments)]
+pub fn assemble_tokens_bf16(
+    dev: &Device,
+    packing: &PackedImages,
+    table: &Buffer<i32>,
+    patch_tokens: &Buffer<bf16>,
+    cls: &Buffer<f32>,
+    pos: &Buffer<f32>,
+    tokens: &mut Buffer<bf16>,
+    dim: usize,
+) -> Result<(), GpuError> {
+    assemble_tokens(dev, packing, table, patch_tokens, cls, pos, tokens, dim)
+}
+
+/// Backward of [`assemble_tokens_f32`] towards the patch GEMM: `d_patch_tokens[patch_offset_i
+/// + n] = d_tokens[token_offset_i + 1 + n]` (each image's CLS row has no pixel path).
+pub fn tokens_to_patch_grads_f32(
+    dev: &Device,
+    packing: &PackedImages,
+    table: &Buffer<i32>,
+    d_tokens: &Buffer<f32>,
+    d_patch_tokens: &mut Buffer<f32>,
+    dim: usize,
+) -> Result<(), GpuError> {
+    tokens_to_patch_grads(dev, packing, table, d_tokens, d_patch_tokens, dim)
+}
+
+/// [`tokens_to_patch_grads_f32`] in bf16.
+pub fn tokens_to_patch_grads_bf16(
+    dev: &Device,
+    packing: &PackedImages,
+    table: &Buffer<i32>,
+    d_tokens: &Buffer<bf16>,
+    d_patch_tokens: &mut Buffer<bf16>,
+    dim: usize,
+) -> Result<(), GpuError> {
+    tokens_to_patch_grads(dev, packing, table, d_tokens, d_patch_tokens, dim)
+}
+
+/// Backward of [`patchify_f32`]: `d_patches [total_patches, 3·p·p]` → `d_images
+/// [total_pixels]`, planar and packed like the input, each pixel's gradient times `1/std_c`,
+/// zero in the pixels beyond the last whole patch. Every element of `d_images` is written.
+pub fn col2im_f32(
+    dev: &Device,
+    packing: &PackedImages,
+    table: &Buffer<i32>,
+    d_patches: &Buffer<f32>,
+    d_images: &mut Buffer<f32>,
+    std: [f32; 3],
+) -> Result<(), GpuError> {
+    col2im(dev, packing, table, d_patches, d_images, std)
+}
+
+/// [`col2im_f32`] from bf16 patch-row gradients (fp32 pixel gradients and arithmetic).
+pub fn col2im_bf16(
+    dev: &Device,
+    packing: &PackedImages,
+    table: &Buffer<i32>,
+    d_patches: &Buffer<bf16>,
+    d_images: &mut Buffer<f32>,
+    std: [f32; 3],
+) -> Result<(), GpuError> {
+    col2im(dev, packing, table, d_patches, d_images, std)
 }
