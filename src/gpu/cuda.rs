@@ -126,7 +126,20 @@ struct Function {
     max_dynamic_smem: u32,
 }
 
+/// An open CUDA device (small: the state is boxed, so `Device`'s backend enum stays small).
 pub struct CudaBackend {
+    state: Box<State>,
+}
+
+impl std::ops::Deref for CudaBackend {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+#[doc(hidden)]
+pub struct State {
     // Drop order matters: cuBLASLt state and modules go before the stream and the context.
     blas: Mutex<Option<Blas>>,
     functions: Mutex<HashMap<String, Function>>,
@@ -143,10 +156,10 @@ pub struct CudaBackend {
 
 // SAFETY: the raw module/function handles are immutable after creation and valid in any thread
 // that binds the context (every method does); mutable state is behind mutexes.
-unsafe impl Send for CudaBackend {}
-unsafe impl Sync for CudaBackend {}
+unsafe impl Send for State {}
+unsafe impl Sync for State {}
 
-impl Drop for CudaBackend {
+impl Drop for State {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
         let _ = self.stream.synchronize();
@@ -229,16 +242,19 @@ impl CudaBackend {
             }
         }
         Ok(CudaBackend {
-            blas: Mutex::new(None),
-            functions: Mutex::new(HashMap::new()),
-            modules,
-            kernel_module,
-            stream,
-            ctx,
-            name,
-            ordinal,
-            smem_optin,
-            sync_each_launch: std::env::var("PRM_CUDA_SYNC_EACH_LAUNCH").is_ok_and(|v| v == "1"),
+            state: Box::new(State {
+                blas: Mutex::new(None),
+                functions: Mutex::new(HashMap::new()),
+                modules,
+                kernel_module,
+                stream,
+                ctx,
+                name,
+                ordinal,
+                smem_optin,
+                sync_each_launch: std::env::var("PRM_CUDA_SYNC_EACH_LAUNCH")
+                    .is_ok_and(|v| v == "1"),
+            }),
         })
     }
 
