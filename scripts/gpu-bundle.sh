@@ -6,13 +6,13 @@
 #   gpu-bundle/root/            the files tests read (tests/, samples/)
 #   gpu-bundle/paths.env        the absolute paths baked into the binaries (CARGO_MANIFEST_DIR,
 #                               CARGO_BIN_EXE_prm), which gpu-check.sh recreates as symlinks
-#   gpu-bundle/gpu-check.sh     the runner: copy the folder over, then `bash gpu-bundle/gpu-check.sh`
-# Usage: scripts/gpu-bundle.sh [OUT_DIR]   (default gpu-bundle; STRIP=0 keeps debug info;
+#   gpu-bundle/gpu-check.sh     the runner: copy the folder over, then `bash gpu-bundle/gpu-check.sh gpu-bundle`
+# Usage: scripts/gpu-bundle.sh [OUT_DIR]   (default target/gpu-bundle; STRIP=0 keeps debug info;
 #        PROFILE=dev builds the dev profile instead of release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-OUT=${1:-gpu-bundle}
+OUT=${1:-target/gpu-bundle}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 

@@ -17,8 +17,8 @@ elif [[ -f $HERE/paths.env ]]; then
   BUNDLE=$HERE
 elif command -v cargo >/dev/null && [[ -f $HERE/../Cargo.toml ]]; then
   echo "== cargo found: building the bundle"
-  bash "$HERE/gpu-bundle.sh" "$HERE/../gpu-bundle" || exit 1
-  BUNDLE=$(cd "$HERE/../gpu-bundle" && pwd)
+  bash "$HERE/gpu-bundle.sh" "$HERE/../target/gpu-bundle" || exit 1
+  BUNDLE=$(cd "$HERE/../target/gpu-bundle" && pwd)
 else
   echo "usage: $0 BUNDLE_DIR  (made by scripts/gpu-bundle.sh), or run it in a checkout with cargo" >&2
   exit 2

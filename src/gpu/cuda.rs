@@ -20,9 +20,7 @@ use std::ffi::{c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{
-    result as dr, sys as ds, CudaContext, CudaSlice, CudaStream, DevicePtr, DriverError,
-};
+use cudarc::driver::{result as dr, sys as ds, CudaContext, CudaStream, DriverError};
 
 use super::device::{GpuError, LaunchConfig};
 use super::gemm::MatmulShape;
@@ -284,23 +282,12 @@ impl CudaBackend {
     /// buffer has a distinct, 256-byte aligned address).
     pub fn alloc_zeroed(&self, bytes: usize) -> Result<CudaMemory, GpuError> {
         self.bind()?;
-        // SAFETY: zero-filled just below, in stream order, before any other use.
-        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| {
-            if e.0 == ds::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-                GpuError::OutOfMemory { bytes }
-            } else {
-                cuda_err(format!("allocating {bytes} bytes"), e)
-            }
-        })?;
-        let ptr = slice.device_ptr(&self.stream).0;
-        // SAFETY: `ptr` is a live allocation of at least `bytes.max(1)` bytes.
-        unsafe { dr::memset_d8_async(ptr, 0, bytes.max(1), self.stream.cu_stream()) }
-            .map_err(|e| cuda_err("zero-filling a new buffer", e))?;
+        let alloc = RawAlloc::zeroed(&self.stream, bytes)?;
         Ok(CudaMemory {
-            ptr,
+            ptr: alloc.ptr,
             bytes,
             stream: self.stream.clone(),
-            _slice: slice,
+            _alloc: alloc,
         })
     }
 
@@ -452,7 +439,64 @@ pub struct CudaMemory {
     ptr: ds::CUdeviceptr,
     bytes: usize,
     stream: Arc<CudaStream>,
-    _slice: CudaSlice<u8>,
+    _alloc: RawAlloc,
+}
+
+/// A raw device allocation on a stream (cuMemAllocAsync where the device has memory pools).
+/// Unlike cudarc's `CudaSlice`, its drop binds the context first, so a buffer may be dropped on
+/// any thread, and it never records an error that a later, unrelated call would report.
+struct RawAlloc {
+    ptr: ds::CUdeviceptr,
+    stream: Arc<CudaStream>,
+}
+
+impl RawAlloc {
+    /// `bytes` zero bytes (at least 1 is reserved, so every allocation has its own 256-byte
+    /// aligned address). The context must be bound.
+    fn zeroed(stream: &Arc<CudaStream>, bytes: usize) -> Result<RawAlloc, GpuError> {
+        let size = bytes.max(1);
+        // SAFETY: plain allocation calls on a live stream of the bound context.
+        let ptr = unsafe {
+            if stream.context().has_async_alloc() {
+                dr::malloc_async(stream.cu_stream(), size)
+            } else {
+                dr::malloc_sync(size)
+            }
+        }
+        .map_err(|e| {
+            if e.0 == ds::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                GpuError::OutOfMemory { bytes }
+            } else {
+                cuda_err(format!("allocating {bytes} bytes"), e)
+            }
+        })?;
+        let alloc = RawAlloc {
+            ptr,
+            stream: stream.clone(),
+        };
+        // SAFETY: `ptr` is a live allocation of `size` bytes.
+        unsafe { dr::memset_d8_async(ptr, 0, size, stream.cu_stream()) }
+            .map_err(|e| cuda_err("zero-filling a new buffer", e))?;
+        Ok(alloc)
+    }
+}
+
+impl Drop for RawAlloc {
+    fn drop(&mut self) {
+        let ctx = self.stream.context();
+        // SAFETY: the allocation is freed once, in stream order after every use queued on the
+        // stream (or after a stream synchronisation without memory pools). Errors are ignored:
+        // there is nothing to report them to.
+        unsafe {
+            let _ = dr::ctx::set_current(ctx.cu_ctx());
+            if ctx.has_async_alloc() {
+                let _ = dr::free_async(self.ptr, self.stream.cu_stream());
+            } else {
+                let _ = ds::cuStreamSynchronize(self.stream.cu_stream());
+                let _ = dr::free_sync(self.ptr);
+            }
+        }
+    }
 }
 
 // SAFETY: a device address plus owning handles; access is synchronised by &/&mut on the Buffer.
@@ -572,11 +616,10 @@ impl Drop for Plan {
 
 struct Blas {
     handle: lt::sys::cublasLtHandle_t,
-    workspace: CudaSlice<u8>,
-    workspace_ptr: ds::CUdeviceptr,
+    workspace: RawAlloc,
     plans: HashMap<PlanKey, Plan>,
     /// Zeros standing in for a and b when k = 0 (a product of length 1 with zero operands).
-    zeros: Option<(CudaSlice<u8>, ds::CUdeviceptr, usize)>,
+    zeros: Option<(RawAlloc, usize)>,
 }
 
 impl Drop for Blas {
@@ -586,7 +629,6 @@ impl Drop for Blas {
             // SAFETY: created in `Blas::new`, destroyed once.
             let _ = unsafe { lt::result::destroy_handle(self.handle) };
         }
-        let _ = &self.workspace;
     }
 }
 
@@ -616,26 +658,17 @@ impl Blas {
                 message: panic_message(p),
             })?
             .map_err(|e| blas_err("cublasLtCreate", e))?;
-        // SAFETY: used only as cuBLASLt workspace, in stream order.
-        let workspace = match unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) } {
+        let workspace = match RawAlloc::zeroed(stream, WORKSPACE_BYTES) {
             Ok(w) => w,
             Err(e) => {
                 // SAFETY: created just above.
                 let _ = unsafe { lt::result::destroy_handle(handle) };
-                return Err(if e.0 == ds::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-                    GpuError::OutOfMemory {
-                        bytes: WORKSPACE_BYTES,
-                    }
-                } else {
-                    cuda_err("allocating the cuBLASLt workspace", e)
-                });
+                return Err(e);
             }
         };
-        let workspace_ptr = workspace.device_ptr(stream).0;
         Ok(Blas {
             handle,
             workspace,
-            workspace_ptr,
             plans: HashMap::new(),
             zeros: None,
         })
@@ -817,17 +850,11 @@ impl Blas {
         if shape.k == 0 {
             // c = (acc ? c : 0) + bias: a product of inner length 1 with zero operands.
             let need = 4 * shape.m.max(shape.n);
-            if self.zeros.as_ref().is_none_or(|z| z.2 < need) {
+            if self.zeros.as_ref().is_none_or(|z| z.1 < need) {
                 self.zeros = None;
-                // SAFETY: zero-filled before use, in stream order.
-                let z = unsafe { stream.alloc::<u8>(need) }
-                    .map_err(|e| cuda_err("allocating zeros", e))?;
-                let p = z.device_ptr(stream).0;
-                unsafe { dr::memset_d8_async(p, 0, need, stream.cu_stream()) }
-                    .map_err(|e| cuda_err("zero-filling", e))?;
-                self.zeros = Some((z, p, need));
+                self.zeros = Some((RawAlloc::zeroed(stream, need)?, need));
             }
-            let z = self.zeros.as_ref().expect("allocated above").1;
+            let z = self.zeros.as_ref().expect("allocated above").0.ptr;
             shape.k = 1;
             a = z;
             b = z;
@@ -843,7 +870,7 @@ impl Blas {
                 bias.map_or(256, alignment),
             ],
         };
-        let (handle, workspace) = (self.handle, self.workspace_ptr);
+        let (handle, workspace) = (self.handle, self.workspace.ptr);
         let plan = self.plan(key)?;
         if let Some(bias) = bias {
             // SAFETY: valid descriptor; the attribute is a device pointer (8 bytes). The
