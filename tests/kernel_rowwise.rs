@@ -1036,3 +1036,36 @@ fn embed_bf16_kernels_match_twins() {
         }
     }
 }
+
+/// Repeated launches give bit-identical results (fixed-order reductions, no atomics).
+#[test]
+fn layernorm_is_deterministic() {
+    for dev in devices() {
+        let (rows, dim) = (1201, 768);
+        let mut rng = Rng::new(1000);
+        let x = dev.upload(&ln_input(&mut rng, rows, dim)).unwrap();
+        let ln = ln_weights(&mut rng, dim);
+        let dy = dev.upload(&rng.vec(rows * dim, -1.0, 1.0)).unwrap();
+        let (g, b) = (
+            dev.upload(&ln.weight).unwrap(),
+            dev.upload(&ln.bias).unwrap(),
+        );
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let mut y = poisoned(&dev, rows * dim);
+            let (mut mean, mut rstd) = (poisoned(&dev, rows), poisoned(&dev, rows));
+            layernorm::layernorm_forward_f32(
+                &dev, &x, &g, &b, &mut y, &mut mean, &mut rstd, rows, dim, 1e-5,
+            )
+            .unwrap();
+            let mut dx = poisoned(&dev, rows * dim);
+            layernorm::layernorm_backward_f32(
+                &dev, &x, &dy, &g, &mean, &rstd, &mut dx, rows, dim, false,
+            )
+            .unwrap();
+            runs.push((dev.download(&y).unwrap(), dev.download(&dx).unwrap()));
+        }
+        exact("layernorm forward repeat", &runs[0].0, &runs[1].0);
+        exact("layernorm backward repeat", &runs[0].1, &runs[1].1);
+    }
+}
