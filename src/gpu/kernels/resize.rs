@@ -46,12 +46,12 @@ pub struct ResizeImage {
     pub out_w: usize,
 }
 
+/// `((in_h, in_w), (out_h, out_w))` of one image.
+pub type ResizeSizes = ((usize, usize), (usize, usize));
+
 /// Packs `sizes = [((in_h, in_w), (out_h, out_w))]` back to back (inputs in one buffer,
 /// outputs in another) for `channels`-channel planar images.
-pub fn pack_resize_images(
-    channels: usize,
-    sizes: &[((usize, usize), (usize, usize))],
-) -> Vec<ResizeImage> {
+pub fn pack_resize_images(channels: usize, sizes: &[ResizeSizes]) -> Vec<ResizeImage> {
     let (mut io, mut oo) = (0, 0);
     sizes
         .iter()
@@ -207,11 +207,7 @@ impl ResizePlan {
     }
 
     /// A plan for `sizes = [((in_h, in_w), (out_h, out_w))]` packed back to back.
-    pub fn packed(
-        dev: &Device,
-        channels: usize,
-        sizes: &[((usize, usize), (usize, usize))],
-    ) -> Result<Self, GpuError> {
+    pub fn packed(dev: &Device, channels: usize, sizes: &[ResizeSizes]) -> Result<Self, GpuError> {
         Self::new(dev, channels, &pack_resize_images(channels, sizes))
     }
 
