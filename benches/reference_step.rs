@@ -4,7 +4,7 @@
 //! Run: `cargo bench --bench reference_step` (add `-- vit-b-16` to pick one case).
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use prm::attack::{ImageAttack, Objective, Planar, Preset};
+use prm::attack::{Attack, Objective, Planar, Preset};
 use prm::model::Model;
 use prm::reference::ReferenceVit;
 use prm::rng::ImageRng;
@@ -27,12 +27,16 @@ fn step(c: &mut Criterion, arch: &str, side: usize) {
         height: side,
         width: side,
     };
-    let attack = ImageAttack::new(&engine, &objective, &settings, planar, rng).unwrap();
-    let x = attack.start(None);
+    let attack = Attack::new(&engine, &objective, &settings, vec![(planar, rng)]).unwrap();
+    let x = attack.start(0, None);
     let mut group = c.benchmark_group(format!("{arch}@{side}"));
     group.sample_size(10);
     group.bench_function("prm_step", |b| {
-        b.iter(|| attack.loss_and_gradient(&x, (side, side)))
+        b.iter(|| {
+            attack
+                .loss_and_gradient(std::slice::from_ref(&x), &[(side, side)])
+                .unwrap()
+        })
     });
     group.bench_function("forward", |b| {
         b.iter(|| engine.forward(&x, side, side, false))

@@ -5,6 +5,17 @@ mod common;
 
 use common::{small_model, Draw};
 use prm::attack::*;
+use prm::reference::ReferenceVit as Vit;
+
+/// Loss and input gradient of the single image of `attack` at `x`, seen at `size`.
+fn one(attack: &Attack<Vit>, x: &[f32], size: (usize, usize)) -> (f64, Vec<f32>) {
+    let r = attack
+        .loss_and_gradient(&[x.to_vec()], &[size])
+        .unwrap()
+        .remove(0);
+    (r.loss, r.gradient)
+}
+
 use prm::model::{Activation, Model};
 use prm::reference::ReferenceVit;
 use prm::rng::ImageRng;
@@ -32,16 +43,18 @@ fn check_directional(
     let objective = Objective::new(s.loss, layers, s.tokens, model).unwrap();
     let mut d = Draw::new(seed);
     let clean = d.vec(3 * h * w, 0.05, 0.95);
-    let attack = ImageAttack::new(
+    let attack = Attack::new(
         &engine,
         &objective,
         s,
-        Planar {
-            data: &clean,
-            height: h,
-            width: w,
-        },
-        ImageRng::new(1, "x"),
+        vec![(
+            Planar {
+                data: &clean,
+                height: h,
+                width: w,
+            },
+            ImageRng::new(1, "x"),
+        )],
     )
     .unwrap();
     // A point well away from the clean image, where the gradient is large.
@@ -50,14 +63,14 @@ fn check_directional(
         Resolution::Native => (h, w),
         Resolution::Fixed(n) => (n, n),
     });
-    let (loss, grad) = attack.loss_and_gradient(&x, size);
-    assert!(loss.value.is_finite());
+    let (loss, grad) = one(&attack, &x, size);
+    assert!(loss.is_finite());
     for trial in 0..3 {
         let u = d.vec(x.len(), -1.0, 1.0);
         let step = 2e-3f32;
         let shifted = |sgn: f32| -> f64 {
             let xs: Vec<f32> = x.iter().zip(&u).map(|(a, b)| a + sgn * step * b).collect();
-            attack.loss_and_gradient(&xs, size).0.value
+            one(&attack, &xs, size).0
         };
         let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * step as f64);
         let analytic: f64 = grad

@@ -1,11 +1,13 @@
-//! The attack loop for one image: geometry (native, fixed size, dynamic scale), the start, the
-//! steps, and the measurements the manifest records.
+//! The attack loop over a batch of images: per-image geometry (native, fixed size, dynamic
+//! scale), starts, steps, and the measurements the manifest records. One engine call per step
+//! serves the whole batch; everything per image (random draws, optimiser state) stays per image,
+//! so results do not depend on how images are batched.
 
-use super::loss::{layer_cosines, LossValue, Objective};
+use super::engine::{Engine, EngineError, LossAndGradient};
+use super::loss::Objective;
 use super::optim::{project, Optimizer};
 use super::settings::{AttackSettings, Init, LossKind, Resolution};
 use crate::reference::resize::{bicubic_resize, bicubic_resize_backward, scaled_size};
-use crate::reference::ReferenceVit;
 use crate::rng::{ImageRng, STREAM_ESCAPE, STREAM_INIT, STREAM_SCALE};
 
 /// A planar `[3, height, width]` image in [0, 1].
@@ -16,7 +18,7 @@ pub struct Planar<'a> {
     pub width: usize,
 }
 
-/// What one attack produced.
+/// What one image's attack produced.
 #[derive(Clone, Debug)]
 pub struct AttackOutcome {
     /// The final adversarial image (float, native size).
@@ -33,96 +35,47 @@ pub struct Evaluation {
     pub layer_cosine: Vec<f64>,
 }
 
-/// One image under attack: the clean image and its features at the evaluation geometry.
-pub struct ImageAttack<'a> {
-    engine: &'a ReferenceVit<'a>,
-    objective: &'a Objective,
-    settings: &'a AttackSettings,
+/// One image under attack: its clean pixels, its random source and its geometry.
+struct Target<'a> {
     clean: Planar<'a>,
     rng: ImageRng,
-    /// Clean features at the evaluation geometry (native or the fixed size).
-    clean_eval: Vec<Vec<f32>>,
 }
 
-impl<'a> ImageAttack<'a> {
-    pub fn new(
-        engine: &'a ReferenceVit<'a>,
-        objective: &'a Objective,
-        settings: &'a AttackSettings,
-        clean: Planar<'a>,
-        rng: ImageRng,
-    ) -> Result<Self, String> {
-        let p = engine.model().config.patch;
-        if clean.height < p || clean.width < p {
-            return Err(format!(
-                "image is {}x{}, smaller than one {p}x{p} patch of this model",
-                clean.width, clean.height
-            ));
-        }
-        let mut attack = ImageAttack {
-            engine,
-            objective,
-            settings,
-            clean,
-            rng,
-            clean_eval: Vec::new(),
-        };
-        let (img, h, w) = attack.at_eval_geometry(clean.data);
-        attack.clean_eval = engine.forward(&img, h, w, false).features;
-        Ok(attack)
-    }
+/// A batch of images under attack with one engine.
+pub struct Attack<'a, E: Engine> {
+    engine: &'a E,
+    objective: &'a Objective,
+    settings: &'a AttackSettings,
+    targets: Vec<Target<'a>>,
+    /// Clean features at the evaluation geometry (native or the fixed size).
+    clean_eval: E::Clean,
+}
 
-    /// The geometry the model sees when no dynamic scale is drawn.
-    fn eval_size(&self) -> (usize, usize) {
-        match self.settings.resolution {
-            Resolution::Native => (self.clean.height, self.clean.width),
-            Resolution::Fixed(n) => (n, n),
-        }
+/// Checks that an image can be fed to a model with patch side `patch`.
+pub fn check_image_size(height: usize, width: usize, patch: usize) -> Result<(), String> {
+    if height < patch || width < patch {
+        return Err(format!(
+            "image is {width}x{height}, smaller than one {patch}x{patch} patch of this model"
+        ));
+    }
+    Ok(())
+}
+
+impl<'a> Target<'a> {
+    fn native(&self) -> (usize, usize) {
+        (self.clean.height, self.clean.width)
     }
 
     fn resize_to(&self, x: &[f32], size: (usize, usize)) -> Vec<f32> {
-        if size == (self.clean.height, self.clean.width) {
+        if size == self.native() {
             x.to_vec()
         } else {
             bicubic_resize(x, 3, self.clean.height, self.clean.width, size.0, size.1)
         }
     }
 
-    fn at_eval_geometry(&self, x: &[f32]) -> (Vec<f32>, usize, usize) {
-        let (h, w) = self.eval_size();
-        (self.resize_to(x, (h, w)), h, w)
-    }
-
-    /// The working size at `step`: the evaluation size, or a dynamic-scale draw from it.
-    fn working_size(&self, step: usize) -> (usize, usize) {
-        let (h, w) = self.eval_size();
-        match self.settings.dynamic_scale {
-            None => (h, w),
-            Some((lo, hi)) => {
-                let r = lo + (hi - lo) * self.rng.uniform(STREAM_SCALE, step as u64);
-                let p = self.engine.model().config.patch;
-                let (sh, sw) = scaled_size(h, w, r);
-                (sh.max(p), sw.max(p))
-            }
-        }
-    }
-
-    /// The loss at `x` (native size) and its gradient with respect to `x`, at `size`.
-    pub fn loss_and_gradient(&self, x: &[f32], size: (usize, usize)) -> (LossValue, Vec<f32>) {
-        let model = self.engine.model();
-        let adv = self.resize_to(x, size);
-        let fwd = self.engine.forward(&adv, size.0, size.1, true);
-        let clean_features;
-        let clean = if size == self.eval_size() {
-            &self.clean_eval
-        } else {
-            let c = self.resize_to(self.clean.data, size);
-            clean_features = self.engine.forward(&c, size.0, size.1, false).features;
-            &clean_features
-        };
-        let loss = self.objective.evaluate(model, &fwd.features, clean, true);
-        let grad = self.engine.backward(&fwd, &loss.feature_grads);
-        let grad = if size == (self.clean.height, self.clean.width) {
+    fn resize_back(&self, grad: Vec<f32>, size: (usize, usize)) -> Vec<f32> {
+        if size == self.native() {
             grad
         } else {
             bicubic_resize_backward(
@@ -133,61 +86,184 @@ impl<'a> ImageAttack<'a> {
                 size.0,
                 size.1,
             )
+        }
+    }
+}
+
+/// The geometry the model sees when no dynamic scale is drawn.
+fn eval_size(settings: &AttackSettings, t: &Target) -> (usize, usize) {
+    match settings.resolution {
+        Resolution::Native => t.native(),
+        Resolution::Fixed(n) => (n, n),
+    }
+}
+
+fn planar(data: &[f32], size: (usize, usize)) -> Planar<'_> {
+    Planar {
+        data,
+        height: size.0,
+        width: size.1,
+    }
+}
+
+impl<'a, E: Engine> Attack<'a, E> {
+    /// Every image must be at least one patch in each side (see [`check_image_size`]).
+    pub fn new(
+        engine: &'a E,
+        objective: &'a Objective,
+        settings: &'a AttackSettings,
+        images: Vec<(Planar<'a>, ImageRng)>,
+    ) -> Result<Self, EngineError> {
+        let patch = engine.model().config.patch;
+        for (im, _) in &images {
+            assert!(
+                check_image_size(im.height, im.width, patch).is_ok(),
+                "image smaller than a patch"
+            );
+        }
+        let targets: Vec<Target> = images
+            .into_iter()
+            .map(|(clean, rng)| Target { clean, rng })
+            .collect();
+        let resized: Vec<(Vec<f32>, (usize, usize))> = targets
+            .iter()
+            .map(|t| {
+                let size = eval_size(settings, t);
+                (t.resize_to(t.clean.data, size), size)
+            })
+            .collect();
+        let views: Vec<Planar> = resized.iter().map(|(d, s)| planar(d, *s)).collect();
+        let clean_eval = engine.clean_features(&views)?;
+        Ok(Attack {
+            engine,
+            objective,
+            settings,
+            targets,
+            clean_eval,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
+    fn eval_size(&self, t: &Target) -> (usize, usize) {
+        eval_size(self.settings, t)
+    }
+
+    /// Image `t`'s working size at `step`: the evaluation size, or a dynamic-scale draw from it.
+    fn working_size(&self, t: &Target, step: usize) -> (usize, usize) {
+        let (h, w) = self.eval_size(t);
+        match self.settings.dynamic_scale {
+            None => (h, w),
+            Some((lo, hi)) => {
+                let r = lo + (hi - lo) * t.rng.uniform(STREAM_SCALE, step as u64);
+                let p = self.engine.model().config.patch;
+                let (sh, sw) = scaled_size(h, w, r);
+                (sh.max(p), sw.max(p))
+            }
+        }
+    }
+
+    /// Per image: the loss at `xs[i]` (native size) and its gradient with respect to `xs[i]`,
+    /// with image i seen at `sizes[i]`.
+    pub fn loss_and_gradient(
+        &self,
+        xs: &[Vec<f32>],
+        sizes: &[(usize, usize)],
+    ) -> Result<Vec<LossAndGradient>, EngineError> {
+        assert_eq!(xs.len(), self.targets.len());
+        let adv: Vec<Vec<f32>> = self
+            .targets
+            .iter()
+            .zip(xs)
+            .zip(sizes)
+            .map(|((t, x), &s)| t.resize_to(x, s))
+            .collect();
+        let adv_views: Vec<Planar> = adv.iter().zip(sizes).map(|(d, &s)| planar(d, s)).collect();
+        let at_eval = self
+            .targets
+            .iter()
+            .zip(sizes)
+            .all(|(t, &s)| s == self.eval_size(t));
+        let mut results = if at_eval {
+            self.engine
+                .loss_and_gradient(&adv_views, &self.clean_eval, self.objective)?
+        } else {
+            let clean: Vec<Vec<f32>> = self
+                .targets
+                .iter()
+                .zip(sizes)
+                .map(|(t, &s)| t.resize_to(t.clean.data, s))
+                .collect();
+            let clean_views: Vec<Planar> = clean
+                .iter()
+                .zip(sizes)
+                .map(|(d, &s)| planar(d, s))
+                .collect();
+            let clean_features = self.engine.clean_features(&clean_views)?;
+            self.engine
+                .loss_and_gradient(&adv_views, &clean_features, self.objective)?
         };
-        (loss, grad)
+        for ((r, t), &s) in results.iter_mut().zip(&self.targets).zip(sizes) {
+            r.gradient = t.resize_back(std::mem::take(&mut r.gradient), s);
+        }
+        Ok(results)
     }
 
-    /// Loss and per-layer cosine of `x` at the evaluation geometry.
-    pub fn evaluate(&self, x: &[f32]) -> Evaluation {
-        let (img, h, w) = self.at_eval_geometry(x);
-        let features = self.engine.forward(&img, h, w, false).features;
-        let model = self.engine.model();
-        let loss = self
-            .objective
-            .evaluate(model, &features, &self.clean_eval, false)
-            .value;
-        let layer_cosine = layer_cosines(
-            &features,
-            &self.clean_eval,
-            model.config.width,
-            self.objective.tokens,
-        );
-        Evaluation { loss, layer_cosine }
+    /// Loss and per-layer cosine of each `xs[i]` at the evaluation geometry.
+    pub fn evaluate(&self, xs: &[Vec<f32>]) -> Result<Vec<Evaluation>, EngineError> {
+        let sizes: Vec<(usize, usize)> = self.targets.iter().map(|t| self.eval_size(t)).collect();
+        let adv: Vec<Vec<f32>> = self
+            .targets
+            .iter()
+            .zip(xs)
+            .zip(&sizes)
+            .map(|((t, x), &s)| t.resize_to(x, s))
+            .collect();
+        let views: Vec<Planar> = adv.iter().zip(&sizes).map(|(d, &s)| planar(d, s)).collect();
+        self.engine
+            .evaluate(&views, &self.clean_eval, self.objective)
     }
 
-    /// The starting image: zero, a seeded uniform point in the ε-ball, or `start` (from an
-    /// earlier run) projected into the ε-ball.
-    pub fn start(&self, start: Option<&[f32]>) -> Vec<f32> {
+    /// The starting image of image `i`: its clean image (zero start), a seeded uniform point in
+    /// the ε-ball, or `start` (from an earlier run) projected into the ε-ball.
+    pub fn start(&self, i: usize, start: Option<&[f32]>) -> Vec<f32> {
+        let t = &self.targets[i];
         let eps = self.settings.eps;
         let mut x: Vec<f32> = match (&self.settings.init, start) {
             (Init::From(_), Some(s)) => s.to_vec(),
-            (Init::Random, _) => self
+            (Init::Random, _) => t
                 .clean
                 .data
                 .iter()
                 .enumerate()
-                .map(|(i, &c)| c + eps * (2.0 * self.rng.uniform(STREAM_INIT, i as u64) - 1.0))
+                .map(|(j, &c)| c + eps * (2.0 * t.rng.uniform(STREAM_INIT, j as u64) - 1.0))
                 .collect(),
-            _ => self.clean.data.to_vec(),
+            _ => t.clean.data.to_vec(),
         };
-        project(&mut x, self.clean.data, eps);
+        project(&mut x, t.clean.data, eps);
         x
     }
 
     /// Whether `start` is a point where the loss gradient vanishes: the clean image itself, for
     /// a loss that compares with the clean image (cosine at its maximum, distance at zero).
-    fn starts_at_stationary_point(&self, start: &[f32]) -> bool {
+    fn starts_at_stationary_point(&self, t: &Target, start: &[f32]) -> bool {
         matches!(
             self.settings.loss,
             LossKind::Prm | LossKind::Nrd | LossKind::Embed
-        ) && start == self.clean.data
+        ) && start == t.clean.data
     }
 
     /// The seeded ±1 signs of the first step out of a stationary start.
-    fn escape_signs(&self) -> Vec<f32> {
-        (0..self.clean.data.len())
-            .map(|i| {
-                if self.rng.uniform(STREAM_ESCAPE, i as u64) < 0.5 {
+    fn escape_signs(t: &Target) -> Vec<f32> {
+        (0..t.clean.data.len())
+            .map(|j| {
+                if t.rng.uniform(STREAM_ESCAPE, j as u64) < 0.5 {
                     -1.0
                 } else {
                     1.0
@@ -196,35 +272,94 @@ impl<'a> ImageAttack<'a> {
             .collect()
     }
 
-    /// Runs every step from `start`. `on_step` is called after each update (for progress).
+    /// Runs every step from `starts` (one per image). `on_step` is called after each batch step.
     ///
-    /// From a stationary start (see [`Optimizer::escape_step`]) the first step moves every pixel
-    /// by one step with seeded random signs instead of following a gradient of rounding noise.
-    pub fn run(&self, start: Vec<f32>, mut on_step: impl FnMut(usize)) -> AttackOutcome {
-        let mut opt = Optimizer::new(self.settings, self.clean.data, &start);
-        let mut loss_initial = None;
-        let escape = self.starts_at_stationary_point(&start);
+    /// From a stationary start (see [`Optimizer::escape_step`]) an image's first step moves
+    /// every pixel by one step with seeded random signs instead of following a gradient of
+    /// rounding noise.
+    pub fn run(
+        &self,
+        starts: Vec<Vec<f32>>,
+        mut on_step: impl FnMut(usize),
+    ) -> Result<Vec<AttackOutcome>, EngineError> {
+        assert_eq!(starts.len(), self.targets.len());
+        let mut opts: Vec<Optimizer> = self
+            .targets
+            .iter()
+            .zip(&starts)
+            .map(|(t, s)| Optimizer::new(self.settings, t.clean.data, s))
+            .collect();
+        let escaping: Vec<bool> = self
+            .targets
+            .iter()
+            .zip(&starts)
+            .map(|(t, s)| self.starts_at_stationary_point(t, s))
+            .collect();
+        let mut loss_initial: Vec<Option<f64>> = vec![None; self.targets.len()];
         for step in 0..self.settings.steps {
-            if step == 0 && escape {
-                // The loss there is known without a forward: |S| for prm, 0 for nrd, 1 for embed.
-                opt.escape_step(&self.escape_signs());
-                on_step(step);
-                continue;
+            // Images that escape at step 0 take no gradient; the rest share one engine call.
+            let active: Vec<usize> = (0..self.targets.len())
+                .filter(|&i| !(step == 0 && escaping[i]))
+                .collect();
+            for i in (0..self.targets.len()).filter(|i| !active.contains(i)) {
+                opts[i].escape_step(&Self::escape_signs(&self.targets[i]));
             }
-            let x = opt.image();
-            let size = self.working_size(step);
-            let (loss, grad) = self.loss_and_gradient(&x, size);
-            if step == 0 && self.settings.dynamic_scale.is_none() {
-                loss_initial = Some(loss.value);
+            if !active.is_empty() {
+                let sub = self.subset(&active)?;
+                let xs: Vec<Vec<f32>> = active.iter().map(|&i| opts[i].image()).collect();
+                let sizes: Vec<(usize, usize)> = active
+                    .iter()
+                    .map(|&i| self.working_size(&self.targets[i], step))
+                    .collect();
+                let results = match &sub {
+                    Some(sub) => sub.loss_and_gradient(&xs, &sizes)?,
+                    None => self.loss_and_gradient(&xs, &sizes)?,
+                };
+                for (&i, r) in active.iter().zip(results) {
+                    if step == 0 && self.settings.dynamic_scale.is_none() {
+                        loss_initial[i] = Some(r.loss);
+                    }
+                    opts[i].step(&r.gradient);
+                }
             }
-            opt.step(&grad);
             on_step(step);
         }
-        let loss_initial = loss_initial.unwrap_or_else(|| self.evaluate(&start).loss);
-        AttackOutcome {
-            adversarial: opt.image(),
-            loss_initial,
-            steps: self.settings.steps,
+        // Without a step-0 loss at the evaluation geometry (dynamic scale, or an escape step),
+        // measure the start there.
+        let missing: Vec<usize> = (0..self.targets.len())
+            .filter(|&i| loss_initial[i].is_none())
+            .collect();
+        if !missing.is_empty() {
+            let mut xs: Vec<Vec<f32>> = opts.iter().map(|o| o.image()).collect();
+            for &i in &missing {
+                xs[i] = starts[i].clone();
+            }
+            let evals = self.evaluate(&xs)?;
+            for &i in &missing {
+                loss_initial[i] = Some(evals[i].loss);
+            }
         }
+        Ok(opts
+            .iter()
+            .zip(loss_initial)
+            .map(|(o, l)| AttackOutcome {
+                adversarial: o.image(),
+                loss_initial: l.expect("measured above"),
+                steps: self.settings.steps,
+            })
+            .collect())
+    }
+
+    /// The same attack restricted to `indices`, or `None` when that is every image. Clean
+    /// features are recomputed for the subset (only at step 0 of an escaping batch).
+    fn subset(&self, indices: &[usize]) -> Result<Option<Attack<'a, E>>, EngineError> {
+        if indices.len() == self.targets.len() {
+            return Ok(None);
+        }
+        let images = indices
+            .iter()
+            .map(|&i| (self.targets[i].clean, self.targets[i].rng))
+            .collect();
+        Attack::new(self.engine, self.objective, self.settings, images).map(Some)
     }
 }

@@ -1,11 +1,13 @@
 //! Losses, optimisers, presets and the attack loop.
 
+pub mod engine;
 pub mod image;
 pub mod loss;
 pub mod optim;
 pub mod settings;
 
-pub use image::{AttackOutcome, Evaluation, ImageAttack, Planar};
+pub use engine::{Engine, EngineError, LossAndGradient};
+pub use image::{check_image_size, Attack, AttackOutcome, Evaluation, Planar};
 pub use loss::Objective;
 pub use settings::{
     AttackSettings, Init, LayerSelection, LossKind, OptimizerKind, Preset, Resolution,

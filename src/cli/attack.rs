@@ -249,7 +249,9 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     let engine = ReferenceVit::new(&model);
     let bar = Bar::new((items.len() * settings.steps) as u64, args.quiet);
     let started = std::time::Instant::now();
+    let batch_size = args.batch_size.parse::<usize>().unwrap_or(1);
     let output = OutputOptions {
+        batch_size,
         dir: args.output.clone(),
         save_float: args.save_float,
     };

@@ -1,60 +1,926 @@
-//! The CUDA backend (placeholder interface; implemented on the `cuda` branch).
+//! The CUDA backend: cudarc's driver API for contexts, streams, memory and modules, raw
+//! `cuLaunchKernel` for the kernels of `kernels/*.cu`, and cuBLASLt for matrix products.
+//!
+//! - **No driver, no panic.** cudarc panics when libcuda is missing (and, with dynamic loading,
+//!   when a symbol is missing), so [`device_count`] and [`CudaBackend::new`] check
+//!   `is_culib_present()` first and run every first contact with the driver under
+//!   `catch_unwind`. cuBLASLt is loaded lazily, on the first product, with the same care.
+//! - **Kernels.** `build/nvcc.rs` compiles each `kernels/*.cu` into its own fatbin and generates
+//!   a table of modules with their kernel names (`$OUT_DIR/prm_cuda_modules.rs`), included here
+//!   under `cfg(prm_cuda_kernels)`. Every module is loaded when the backend is created; functions
+//!   are looked up by name on first launch and cached.
+//! - **One stream.** Everything (copies, launches, products, allocations, frees) is ordered on the
+//!   backend's own stream; cudarc's per-buffer event tracking is switched off, since launches go
+//!   around it. Copies are synchronous: they return when the data has arrived.
+//! - **Debugging.** `PRM_CUDA_SYNC_EACH_LAUNCH=1` synchronises after each launch, so an
+//!   asynchronous fault is reported by the launch that caused it.
 
-use std::ffi::c_void;
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{result as dr, sys as ds, CudaContext, CudaStream, DriverError};
 
 use super::device::{GpuError, LaunchConfig};
+use super::gemm::MatmulShape;
+use super::Buffer;
 
-/// Number of CUDA devices, 0 when there is no driver. Never panics.
-pub fn device_count() -> usize {
-    0
+/// A fatbin compiled from one `kernels/*.cu` file, with the names of its kernels.
+#[allow(dead_code)]
+pub(crate) struct ModuleImage {
+    pub file: &'static str,
+    pub fatbin: &'static [u8],
+    pub kernels: &'static [&'static str],
 }
 
-pub struct CudaBackend;
+#[cfg(prm_cuda_kernels)]
+mod images {
+    use super::ModuleImage;
+    include!(concat!(env!("OUT_DIR"), "/prm_cuda_modules.rs"));
+}
+
+/// The fatbins embedded in this build (`None`: built without nvcc).
+fn module_images() -> Option<&'static [ModuleImage]> {
+    #[cfg(prm_cuda_kernels)]
+    {
+        Some(images::MODULES)
+    }
+    #[cfg(not(prm_cuda_kernels))]
+    {
+        None
+    }
+}
+
+/// Whether this build embeds compiled CUDA kernels (nvcc was found by build.rs).
+pub fn has_kernels() -> bool {
+    module_images().is_some()
+}
+
+/// Names of every kernel compiled into this build (empty without nvcc).
+pub fn kernel_names() -> Vec<&'static str> {
+    module_images()
+        .unwrap_or(&[])
+        .iter()
+        .flat_map(|m| m.kernels.iter().copied())
+        .collect()
+}
+
+/// Whether libcuda can be loaded (cached: the check opens and closes the library).
+pub fn driver_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        // SAFETY: only tries to dlopen the driver library.
+        catch_unwind(|| unsafe { ds::is_culib_present() }).unwrap_or(false)
+    })
+}
+
+/// Number of CUDA devices, 0 when there is no driver (or it fails). Never panics.
+pub fn device_count() -> usize {
+    if !driver_present() {
+        return 0;
+    }
+    match catch_unwind(CudaContext::device_count) {
+        Ok(Ok(n)) if n > 0 => n as usize,
+        _ => 0,
+    }
+}
+
+fn cuda_err(context: impl Into<String>, e: DriverError) -> GpuError {
+    let message = match e.0 {
+        ds::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+        | ds::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU => {
+            format!(
+                "{e:?}: the kernels were built by nvcc 13.0 for PRM_CUDA_ARCHS (default 80;90); \
+                 update the driver (CUDA 13 needs >= 580) or rebuild with your GPU's arch in \
+                 PRM_CUDA_ARCHS"
+            )
+        }
+        _ => format!("{e:?}"),
+    };
+    GpuError::Cuda {
+        context: context.into(),
+        message,
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// A loaded module; unloaded (in its context) on drop.
+struct Module {
+    raw: ds::CUmodule,
+    image: &'static ModuleImage,
+}
+
+/// A kernel looked up in its module, and the dynamic shared memory limit set on it so far.
+#[derive(Clone, Copy)]
+struct Function {
+    raw: ds::CUfunction,
+    max_dynamic_smem: u32,
+}
+
+/// An open CUDA device (small: the state is boxed, so `Device`'s backend enum stays small).
+pub struct CudaBackend {
+    state: Box<State>,
+}
+
+impl std::ops::Deref for CudaBackend {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+#[doc(hidden)]
+pub struct State {
+    // Drop order matters: cuBLASLt state and modules go before the stream and the context.
+    blas: Mutex<Option<Blas>>,
+    functions: Mutex<HashMap<String, Function>>,
+    modules: Vec<Module>,
+    /// kernel name → index in `modules`.
+    kernel_module: HashMap<&'static str, usize>,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    name: String,
+    ordinal: usize,
+    smem_optin: u32,
+    sync_each_launch: bool,
+}
+
+// SAFETY: the raw module/function handles are immutable after creation and valid in any thread
+// that binds the context (every method does); mutable state is behind mutexes.
+unsafe impl Send for State {}
+unsafe impl Sync for State {}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.stream.synchronize();
+        if let Ok(mut blas) = self.blas.lock() {
+            blas.take();
+        }
+        for m in self.modules.drain(..) {
+            // SAFETY: loaded in `new` and unloaded exactly once, here.
+            let _ = unsafe { dr::module::unload(m.raw) };
+        }
+    }
+}
 
 impl CudaBackend {
-    pub fn new(_ordinal: usize) -> Result<Self, GpuError> {
-        Err(GpuError::NoDriver)
+    /// Opens CUDA device `ordinal`: driver check, device check, context, stream, and every
+    /// embedded module. cuBLASLt is loaded on the first product.
+    pub fn new(ordinal: usize) -> Result<Self, GpuError> {
+        if !driver_present() {
+            return Err(GpuError::NoDriver);
+        }
+        let count = device_count();
+        if ordinal >= count {
+            return Err(GpuError::NoSuchDevice { ordinal, count });
+        }
+        let Some(images) = module_images() else {
+            return Err(GpuError::NoKernels);
+        };
+        catch_unwind(AssertUnwindSafe(|| Self::open(ordinal, images))).unwrap_or_else(|p| {
+            Err(GpuError::Cuda {
+                context: format!("opening CUDA device {ordinal}"),
+                message: panic_message(p),
+            })
+        })
     }
+
+    fn open(ordinal: usize, images: &'static [ModuleImage]) -> Result<Self, GpuError> {
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| cuda_err(format!("creating a context on device {ordinal}"), e))?;
+        // SAFETY: every buffer of this backend is used on its one stream only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| cuda_err("creating a stream", e))?;
+        let device_name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let (major, minor) = ctx.compute_capability().unwrap_or((0, 0));
+        let name = format!("{device_name} (cuda:{ordinal}, sm_{major}{minor})");
+        let smem_optin = ctx
+            .attribute(
+                ds::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .unwrap_or(48 * 1024)
+            .max(0) as u32;
+
+        let mut modules = Vec::with_capacity(images.len());
+        let mut kernel_module = HashMap::new();
+        for image in images {
+            // cuModuleLoadData reads the fatbin header in place: give it 8-byte alignment.
+            let mut aligned = vec![0u64; image.fatbin.len().div_ceil(8)];
+            bytemuck::cast_slice_mut::<u64, u8>(&mut aligned)[..image.fatbin.len()]
+                .copy_from_slice(image.fatbin);
+            // SAFETY: a complete fatbin produced by nvcc; the driver copies what it needs.
+            let loaded = unsafe { dr::module::load_data(aligned.as_ptr() as *const c_void) };
+            match loaded {
+                Ok(raw) => {
+                    for k in image.kernels {
+                        kernel_module.insert(*k, modules.len());
+                    }
+                    modules.push(Module { raw, image });
+                }
+                Err(e) => {
+                    for m in modules.drain(..) {
+                        // SAFETY: loaded just above.
+                        let _ = unsafe { dr::module::unload(m.raw) };
+                    }
+                    return Err(cuda_err(
+                        format!("loading the kernels of {}", image.file),
+                        e,
+                    ));
+                }
+            }
+        }
+        Ok(CudaBackend {
+            state: Box::new(State {
+                blas: Mutex::new(None),
+                functions: Mutex::new(HashMap::new()),
+                modules,
+                kernel_module,
+                stream,
+                ctx,
+                name,
+                ordinal,
+                smem_optin,
+                sync_each_launch: std::env::var("PRM_CUDA_SYNC_EACH_LAUNCH")
+                    .is_ok_and(|v| v == "1"),
+            }),
+        })
+    }
+
+    /// The GPU's name, ordinal and compute capability.
     pub fn name(&self) -> String {
-        unreachable!()
+        self.name.clone()
     }
-    pub fn alloc_zeroed(&self, _bytes: usize) -> Result<CudaMemory, GpuError> {
-        unreachable!()
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
     }
+
+    /// (free, total) device memory in bytes.
+    pub fn free_memory(&self) -> Result<(usize, usize), GpuError> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| cuda_err("querying free memory", e))
+    }
+
+    fn bind(&self) -> Result<(), GpuError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("binding the CUDA context", e))
+    }
+
+    /// A zero-filled allocation of `bytes` bytes (at least 1 byte is reserved, so every
+    /// buffer has a distinct, 256-byte aligned address).
+    pub fn alloc_zeroed(&self, bytes: usize) -> Result<CudaMemory, GpuError> {
+        self.bind()?;
+        let alloc = RawAlloc::zeroed(&self.stream, bytes)?;
+        Ok(CudaMemory {
+            ptr: alloc.ptr,
+            bytes,
+            stream: self.stream.clone(),
+            _alloc: alloc,
+        })
+    }
+
+    fn function(&self, kernel: &str, shared_bytes: u32) -> Result<ds::CUfunction, GpuError> {
+        let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = match functions.get(kernel) {
+            Some(f) => *f,
+            None => {
+                let &m = self
+                    .kernel_module
+                    .get(kernel)
+                    .ok_or_else(|| GpuError::UnknownKernel(kernel.into()))?;
+                let cname =
+                    CString::new(kernel).map_err(|_| GpuError::UnknownKernel(kernel.into()))?;
+                // SAFETY: the module is loaded for the backend's lifetime.
+                let raw = unsafe { dr::module::get_function(self.modules[m].raw, cname) }.map_err(
+                    |e| {
+                        cuda_err(
+                            format!("looking up {kernel} in {}", self.modules[m].image.file),
+                            e,
+                        )
+                    },
+                )?;
+                Function {
+                    raw,
+                    max_dynamic_smem: 48 * 1024,
+                }
+            }
+        };
+        if shared_bytes > f.max_dynamic_smem {
+            if shared_bytes > self.smem_optin {
+                return Err(GpuError::Cuda {
+                    context: format!("launching {kernel}"),
+                    message: format!(
+                        "{shared_bytes} bytes of dynamic shared memory requested; this GPU allows at most {} per block",
+                        self.smem_optin
+                    ),
+                });
+            }
+            // SAFETY: a valid function handle; the value is within the device's opt-in limit.
+            unsafe {
+                dr::function::set_function_attribute(
+                    f.raw,
+                    ds::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared_bytes as i32,
+                )
+            }
+            .map_err(|e| {
+                cuda_err(
+                    format!("allowing {shared_bytes} bytes of dynamic shared memory for {kernel}"),
+                    e,
+                )
+            })?;
+            f.max_dynamic_smem = shared_bytes;
+        }
+        functions.insert(kernel.to_string(), f);
+        Ok(f.raw)
+    }
+
+    /// Launches `kernel` on the backend's stream with the packed `void**` argument list exactly
+    /// as given (one pointer per kernel parameter).
     pub fn launch(
         &self,
-        _kernel: &str,
-        _cfg: LaunchConfig,
-        _args: &mut [*mut c_void],
+        kernel: &str,
+        cfg: LaunchConfig,
+        args: &mut [*mut c_void],
     ) -> Result<(), GpuError> {
-        unreachable!()
+        self.bind()?;
+        let f = self.function(kernel, cfg.shared_bytes)?;
+        // SAFETY: `args` holds one pointer per parameter of `kernel`, each pointing at a live
+        // slot (KernelArgs); cuLaunchKernel copies the values before returning.
+        unsafe {
+            dr::launch_kernel(
+                f,
+                cfg.grid,
+                cfg.block,
+                cfg.shared_bytes,
+                self.stream.cu_stream(),
+                args,
+            )
+        }
+        .map_err(|e| {
+            cuda_err(
+                format!(
+                    "launching {kernel} (grid {:?}, block {:?}, {} bytes shared)",
+                    cfg.grid, cfg.block, cfg.shared_bytes
+                ),
+                e,
+            )
+        })?;
+        if self.sync_each_launch {
+            self.stream.synchronize().map_err(|e| {
+                cuda_err(format!("running {kernel} (PRM_CUDA_SYNC_EACH_LAUNCH=1)"), e)
+            })?;
+        }
+        Ok(())
     }
+
+    /// Waits for everything queued on the backend's stream.
     pub fn synchronize(&self) -> Result<(), GpuError> {
-        unreachable!()
+        self.bind()?;
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("synchronising the stream", e))
     }
+
+    /// `c = (accumulate ? c : 0) + a · op(b) + bias`, row-major, through cuBLASLt (fp32 compute;
+    /// see [`Blas::matmul`] for the mapping onto cuBLASLt's column-major convention).
     pub fn matmul_f32(
         &self,
-        _shape: super::gemm::MatmulShape,
-        _a: &super::Buffer<f32>,
-        _b: &super::Buffer<f32>,
-        _bias: Option<&super::Buffer<f32>>,
-        _c: &mut super::Buffer<f32>,
-        _accumulate: bool,
+        shape: MatmulShape,
+        a: &Buffer<f32>,
+        b: &Buffer<f32>,
+        bias: Option<&Buffer<f32>>,
+        c: &mut Buffer<f32>,
+        accumulate: bool,
     ) -> Result<(), GpuError> {
-        unreachable!()
+        if shape.m == 0 || shape.n == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let mut guard = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(Blas::new(&self.stream)?);
+        }
+        let blas = guard.as_mut().expect("initialised above");
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            blas.matmul(
+                &self.stream,
+                shape,
+                a.address(),
+                b.address(),
+                bias.map(|b| b.address()),
+                c.address(),
+                accumulate,
+            )
+        }));
+        result.unwrap_or_else(|p| {
+            Err(GpuError::Cuda {
+                context: "cuBLASLt".into(),
+                message: panic_message(p),
+            })
+        })
     }
 }
 
-pub struct CudaMemory;
+/// Device memory of one [`Buffer`], freed (stream-ordered) on drop.
+pub struct CudaMemory {
+    ptr: ds::CUdeviceptr,
+    bytes: usize,
+    stream: Arc<CudaStream>,
+    _alloc: RawAlloc,
+}
+
+/// A raw device allocation on a stream (cuMemAllocAsync where the device has memory pools).
+/// Unlike cudarc's `CudaSlice`, its drop binds the context first, so a buffer may be dropped on
+/// any thread, and it never records an error that a later, unrelated call would report.
+struct RawAlloc {
+    ptr: ds::CUdeviceptr,
+    stream: Arc<CudaStream>,
+}
+
+impl RawAlloc {
+    /// `bytes` zero bytes (at least 1 is reserved, so every allocation has its own 256-byte
+    /// aligned address). The context must be bound.
+    fn zeroed(stream: &Arc<CudaStream>, bytes: usize) -> Result<RawAlloc, GpuError> {
+        let size = bytes.max(1);
+        // SAFETY: plain allocation calls on a live stream of the bound context.
+        let ptr = unsafe {
+            if stream.context().has_async_alloc() {
+                dr::malloc_async(stream.cu_stream(), size)
+            } else {
+                dr::malloc_sync(size)
+            }
+        }
+        .map_err(|e| {
+            if e.0 == ds::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                GpuError::OutOfMemory { bytes }
+            } else {
+                cuda_err(format!("allocating {bytes} bytes"), e)
+            }
+        })?;
+        let alloc = RawAlloc {
+            ptr,
+            stream: stream.clone(),
+        };
+        // SAFETY: `ptr` is a live allocation of `size` bytes.
+        unsafe { dr::memset_d8_async(ptr, 0, size, stream.cu_stream()) }
+            .map_err(|e| cuda_err("zero-filling a new buffer", e))?;
+        Ok(alloc)
+    }
+}
+
+impl Drop for RawAlloc {
+    fn drop(&mut self) {
+        let ctx = self.stream.context();
+        // SAFETY: the allocation is freed once, in stream order after every use queued on the
+        // stream (or after a stream synchronisation without memory pools). Errors are ignored:
+        // there is nothing to report them to.
+        unsafe {
+            let _ = dr::ctx::set_current(ctx.cu_ctx());
+            if ctx.has_async_alloc() {
+                let _ = dr::free_async(self.ptr, self.stream.cu_stream());
+            } else {
+                let _ = ds::cuStreamSynchronize(self.stream.cu_stream());
+                let _ = dr::free_sync(self.ptr);
+            }
+        }
+    }
+}
+
+// SAFETY: a device address plus owning handles; access is synchronised by &/&mut on the Buffer.
+unsafe impl Send for CudaMemory {}
+unsafe impl Sync for CudaMemory {}
 
 impl CudaMemory {
     pub fn address(&self) -> u64 {
-        unreachable!()
+        self.ptr
     }
-    pub fn write(&mut self, _bytes: &[u8]) -> Result<(), GpuError> {
-        unreachable!()
+
+    pub fn len(&self) -> usize {
+        self.bytes
     }
-    pub fn read(&self, _bytes: &mut [u8]) -> Result<(), GpuError> {
-        unreachable!()
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    fn check(&self, n: usize, what: &str) -> Result<(), GpuError> {
+        if n > self.bytes {
+            return Err(GpuError::Cuda {
+                context: what.into(),
+                message: format!("{n} bytes do not fit in a buffer of {} bytes", self.bytes),
+            });
+        }
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| cuda_err("binding the CUDA context", e))
+    }
+
+    /// Copies `bytes` to the start of the buffer; returns once the copy has completed (it is
+    /// ordered after all work already queued on the stream).
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), GpuError> {
+        self.check(bytes.len(), "copy to device")?;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the destination holds at least `bytes.len()` bytes (checked).
+        unsafe { dr::memcpy_htod_async(self.ptr, bytes, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("copy to device", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("copy to device", e))
+    }
+
+    /// Copies the start of the buffer into `bytes`, after all work queued on the stream.
+    pub fn read(&self, bytes: &mut [u8]) -> Result<(), GpuError> {
+        self.check(bytes.len(), "copy to host")?;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the source holds at least `bytes.len()` bytes (checked); we wait for the copy
+        // before `bytes` is released.
+        unsafe { dr::memcpy_dtoh_async(bytes, self.ptr, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("copy to host", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("copy to host", e))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// cuBLASLt
+// ---------------------------------------------------------------------------------------------
+
+mod lt {
+    pub use cudarc::cublaslt::result;
+    pub use cudarc::cublaslt::sys;
+}
+
+const WORKSPACE_BYTES: usize = 32 << 20;
+const CUBLAS_OP_N: i32 = 0;
+const CUBLAS_OP_T: i32 = 1;
+
+fn blas_err(context: impl Into<String>, e: lt::result::CublasError) -> GpuError {
+    GpuError::Cuda {
+        context: context.into(),
+        message: format!("{:?}", e.0),
+    }
+}
+
+/// Everything cached for one product shape.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    shape: MatmulShape,
+    accumulate: bool,
+    bias: bool,
+    /// Alignment (bytes, ≤ 256) of the a, b, c and bias addresses: the heuristic's choice
+    /// depends on it.
+    align: [u32; 4],
+}
+
+struct Plan {
+    desc: lt::sys::cublasLtMatmulDesc_t,
+    /// Layouts of cuBLASLt's A (our b), B (our a) and C = D (our c).
+    layouts: [lt::sys::cublasLtMatrixLayout_t; 3],
+    algo: lt::sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: created in `Blas::plan`, destroyed once.
+        unsafe {
+            for l in self.layouts {
+                if !l.is_null() {
+                    let _ = lt::result::destroy_matrix_layout(l);
+                }
+            }
+            if !self.desc.is_null() {
+                let _ = lt::result::destroy_matmul_desc(self.desc);
+            }
+        }
+    }
+}
+
+struct Blas {
+    handle: lt::sys::cublasLtHandle_t,
+    workspace: RawAlloc,
+    plans: HashMap<PlanKey, Plan>,
+    /// Zeros standing in for a and b when k = 0 (a product of length 1 with zero operands).
+    zeros: Option<(RawAlloc, usize)>,
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        self.plans.clear();
+        if !self.handle.is_null() {
+            // SAFETY: created in `Blas::new`, destroyed once.
+            let _ = unsafe { lt::result::destroy_handle(self.handle) };
+        }
+    }
+}
+
+fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        1u32 << ptr.trailing_zeros().min(8)
+    }
+}
+
+impl Blas {
+    fn new(stream: &Arc<CudaStream>) -> Result<Blas, GpuError> {
+        let present = catch_unwind(|| unsafe { lt::sys::is_culib_present() }).unwrap_or(false);
+        if !present {
+            return Err(GpuError::Cuda {
+                context: "loading cuBLASLt".into(),
+                message:
+                    "libcublasLt.so (CUDA 12 or 13) not found; add its folder to LD_LIBRARY_PATH \
+                          (e.g. the nvidia/cublas/lib folder of a pip-installed PyTorch)"
+                        .into(),
+            });
+        }
+        let handle = catch_unwind(lt::result::create_handle)
+            .map_err(|p| GpuError::Cuda {
+                context: "loading cuBLASLt".into(),
+                message: panic_message(p),
+            })?
+            .map_err(|e| blas_err("cublasLtCreate", e))?;
+        let workspace = match RawAlloc::zeroed(stream, WORKSPACE_BYTES) {
+            Ok(w) => w,
+            Err(e) => {
+                // SAFETY: created just above.
+                let _ = unsafe { lt::result::destroy_handle(handle) };
+                return Err(e);
+            }
+        };
+        Ok(Blas {
+            handle,
+            workspace,
+            plans: HashMap::new(),
+            zeros: None,
+        })
+    }
+
+    /// Descriptor, layouts and heuristic algorithm for one key, created once.
+    ///
+    /// Row-major ↔ column-major: a row-major `[r, c]` matrix is, byte for byte, the
+    /// column-major `[c, r]` matrix (its transpose) with leading dimension `c`. So the row-major
+    /// product `C[m,n] = A[m,k]·op(B)` is computed as the column-major product
+    /// `Cᵀ[n,m] = op(B)ᵀ[n,k] · Aᵀ[k,m]`, with cuBLASLt's operands swapped:
+    /// - cuBLASLt A = our `b`. If `b` is `[n,k]` (a linear weight, op(b) = bᵀ), its memory is the
+    ///   column-major `[k,n]` (ld k), and `op(B)ᵀ = b` needs TRANSA = T. If `b` is `[k,n]`, its
+    ///   memory is the column-major `[n,k]` (ld n) = `op(B)ᵀ` itself: TRANSA = N.
+    /// - cuBLASLt B = our `a`: column-major `[k,m]` (ld k) = `Aᵀ`, TRANSB = N.
+    /// - C = D = our `c`: column-major `[n,m]` (ld n).
+    /// - The bias epilogue adds a vector with one entry per *row* of D, i.e. per column `j` of
+    ///   our row-major `c`: `c[i,j] += bias[j]`, as required. β = 1 when accumulating (C = D).
+    fn plan(&mut self, key: PlanKey) -> Result<&Plan, GpuError> {
+        if !self.plans.contains_key(&key) {
+            let plan = self.create_plan(key)?;
+            self.plans.insert(key, plan);
+        }
+        Ok(&self.plans[&key])
+    }
+
+    fn create_plan(&self, key: PlanKey) -> Result<Plan, GpuError> {
+        use lt::sys::cublasLtMatmulDescAttributes_t as D;
+        use lt::sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let MatmulShape {
+            m,
+            n,
+            k,
+            b_transposed,
+        } = key.shape;
+        let (m, n, k) = (m as u64, n as u64, k as u64);
+        let f32t = lt::sys::cudaDataType::CUDA_R_32F;
+        let ctx = |what: &str| {
+            format!("cuBLASLt {what} for m={m} n={n} k={k} b_transposed={b_transposed}")
+        };
+
+        let desc =
+            lt::result::create_matmul_desc(lt::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, f32t)
+                .map_err(|e| blas_err(ctx("matmul descriptor"), e))?;
+        let mut plan = Plan {
+            desc,
+            layouts: [std::ptr::null_mut(); 3],
+            algo: unsafe { std::mem::zeroed() },
+        };
+        let trans_a = if b_transposed {
+            CUBLAS_OP_T
+        } else {
+            CUBLAS_OP_N
+        };
+        let trans_b = CUBLAS_OP_N;
+        let epilogue = if key.bias {
+            lt::sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        } else {
+            lt::sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+        };
+        // SAFETY: valid descriptor; each value has the size and type the attribute expects
+        // (int32 for the operations, uint32 for the epilogue).
+        unsafe {
+            lt::result::set_matmul_desc_attribute(
+                desc,
+                D::CUBLASLT_MATMUL_DESC_TRANSA,
+                &trans_a as *const i32 as *const c_void,
+                std::mem::size_of::<i32>(),
+            )
+            .and_then(|_| {
+                lt::result::set_matmul_desc_attribute(
+                    desc,
+                    D::CUBLASLT_MATMUL_DESC_TRANSB,
+                    &trans_b as *const i32 as *const c_void,
+                    std::mem::size_of::<i32>(),
+                )
+            })
+            .and_then(|_| {
+                lt::result::set_matmul_desc_attribute(
+                    desc,
+                    D::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    &epilogue as *const lt::sys::cublasLtEpilogue_t as *const c_void,
+                    std::mem::size_of::<lt::sys::cublasLtEpilogue_t>(),
+                )
+            })
+        }
+        .map_err(|e| blas_err(ctx("descriptor attributes"), e))?;
+
+        let (a_rows, a_cols, lda) = if b_transposed { (k, n, k) } else { (n, k, n) };
+        let dims = [(a_rows, a_cols, lda), (k, m, k), (n, m, n)];
+        for (i, (rows, cols, ld)) in dims.into_iter().enumerate() {
+            plan.layouts[i] = lt::result::create_matrix_layout(f32t, rows, cols, ld as i64)
+                .map_err(|e| blas_err(ctx("matrix layout"), e))?;
+        }
+
+        let pref = lt::result::create_matmul_pref().map_err(|e| blas_err(ctx("preference"), e))?;
+        let ws = WORKSPACE_BYTES as u64;
+        let [al_a, al_b, al_c, al_bias] = key.align;
+        let _ = al_bias;
+        // cuBLASLt's A is our b and its B is our a.
+        let prefs: [(P, u64); 5] = [
+            (P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, ws),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, al_b as u64),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, al_a as u64),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, al_c as u64),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, al_c as u64),
+        ];
+        let mut result = Ok(());
+        for (attr, value) in prefs {
+            // MAX_WORKSPACE_BYTES is uint64; the MIN_ALIGNMENT_* attributes are uint32.
+            let r = if matches!(attr, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES) {
+                unsafe {
+                    lt::result::set_matmul_pref_attribute(
+                        pref,
+                        attr,
+                        &value as *const u64 as *const c_void,
+                        8,
+                    )
+                }
+            } else {
+                let v = value as u32;
+                unsafe {
+                    lt::result::set_matmul_pref_attribute(
+                        pref,
+                        attr,
+                        &v as *const u32 as *const c_void,
+                        4,
+                    )
+                }
+            };
+            if let Err(e) = r {
+                result = Err(blas_err(ctx("preference attributes"), e));
+                break;
+            }
+        }
+        let heuristic = result.and_then(|_| {
+            // SAFETY: all descriptors are live.
+            unsafe {
+                lt::result::get_matmul_algo_heuristic(
+                    self.handle,
+                    desc,
+                    plan.layouts[0],
+                    plan.layouts[1],
+                    plan.layouts[2],
+                    plan.layouts[2],
+                    pref,
+                )
+            }
+            .map_err(|e| blas_err(ctx("algorithm heuristic (no algorithm found)"), e))
+        });
+        // SAFETY: created above, destroyed once.
+        let _ = unsafe { lt::result::destroy_matmul_pref(pref) };
+        let heuristic = heuristic?;
+        if heuristic.workspaceSize > WORKSPACE_BYTES {
+            return Err(GpuError::Cuda {
+                context: ctx("algorithm heuristic"),
+                message: format!(
+                    "algorithm wants {} bytes of workspace",
+                    heuristic.workspaceSize
+                ),
+            });
+        }
+        plan.algo = heuristic.algo;
+        Ok(plan)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        shape: MatmulShape,
+        a: u64,
+        b: u64,
+        bias: Option<u64>,
+        c: u64,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        let (mut shape, mut a, mut b) = (shape, a, b);
+        if shape.k == 0 {
+            // c = (acc ? c : 0) + bias: a product of inner length 1 with zero operands.
+            let need = 4 * shape.m.max(shape.n);
+            if self.zeros.as_ref().is_none_or(|z| z.1 < need) {
+                self.zeros = None;
+                self.zeros = Some((RawAlloc::zeroed(stream, need)?, need));
+            }
+            let z = self.zeros.as_ref().expect("allocated above").0.ptr;
+            shape.k = 1;
+            a = z;
+            b = z;
+        }
+        let key = PlanKey {
+            shape,
+            accumulate,
+            bias: bias.is_some(),
+            align: [
+                alignment(a),
+                alignment(b),
+                alignment(c),
+                bias.map_or(256, alignment),
+            ],
+        };
+        let (handle, workspace) = (self.handle, self.workspace.ptr);
+        let plan = self.plan(key)?;
+        if let Some(bias) = bias {
+            // SAFETY: valid descriptor; the attribute is a device pointer (8 bytes). The
+            // descriptor is read by cublasLtMatmul at call time, under the backend's lock.
+            unsafe {
+                lt::result::set_matmul_desc_attribute(
+                    plan.desc,
+                    lt::sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    &bias as *const u64 as *const c_void,
+                    std::mem::size_of::<u64>(),
+                )
+            }
+            .map_err(|e| blas_err("cuBLASLt bias pointer", e))?;
+        }
+        let alpha = 1.0f32;
+        let beta = if accumulate { 1.0f32 } else { 0.0f32 };
+        // SAFETY: the addresses are live device buffers of the extents asserted by
+        // `gemm::matmul_f32`; the plan's layouts describe them (see `plan`).
+        unsafe {
+            lt::result::matmul(
+                handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                b as *const c_void,
+                plan.layouts[0],
+                a as *const c_void,
+                plan.layouts[1],
+                c as *const c_void,
+                plan.layouts[2],
+                c as *mut c_void,
+                plan.layouts[2],
+                &plan.algo,
+                workspace as *mut c_void,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as lt::sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| {
+            blas_err(
+                format!(
+                    "cublasLtMatmul m={} n={} k={} b_transposed={} accumulate={accumulate} bias={}",
+                    shape.m,
+                    shape.n,
+                    shape.k,
+                    shape.b_transposed,
+                    bias.is_some()
+                ),
+                e,
+            )
+        })
     }
 }

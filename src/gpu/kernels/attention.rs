@@ -1,1 +1,263 @@
-//! Launchers for kernels/attention.cu (not written yet).
+//! Launchers for `kernels/attention.cu`: fused multi-head attention over packed
+//! variable-length sequences (fp32, SIMT), forward with saved log-sum-exp and input-gradient
+//! backward by recomputation.
+//!
+//! Layouts (row-major; `N = Σ T_i` tokens, `D = width`, `heads = D / 64`, head dim 64):
+//! - `qkv [N, 3D]`: q | k | v along features, head `h` in columns `h·64 .. h·64 + 64` of each part;
+//! - `cu_seqlens [B + 1]` (`i32`, device): sequence `i` is rows `cu_seqlens[i] .. cu_seqlens[i+1]`;
+//!   `seqlens_host [B]` holds the same lengths on the host (grid sizing and shape checks);
+//! - `out`, `d_out [N, D]`, head `h` in columns `h·64 ..`;
+//! - `lse [heads, N]`: per (head, row) log Σ_j exp(s_ij), scores already scaled by 1/√64; index
+//!   `h·N + row`. Identity mode writes zeros there;
+//! - `delta [heads, N]`: backward scratch (`rowsum(dO ⊙ O)`), caller-owned so the engine's arena
+//!   can hold it; size it with [`attention_scratch_len`];
+//! - `d_qkv [N, 3D]`: same layout as `qkv`, every element written (parts no score operand uses
+//!   get zeros).
+//!
+//! Every [`AttentionMode`] has a forward and a backward, causal or not. Deterministic, no
+//! global atomics: the backward is `delta` → dK/dV kernel over key tiles → dQ kernel over query
+//! tiles, and each output element is owned by one thread.
+//!
+//! ```no_run
+//! use prm::gpu::{Device, kernels::attention::*};
+//! let dev = Device::sim();
+//! let (width, lens) = (128usize, [50usize, 13]);
+//! let n: usize = lens.iter().sum();
+//! let heads = width / 64;
+//! let qkv = dev.upload(&vec![0.1f32; n * 3 * width]).unwrap();
+//! let cu = dev.upload(&[0i32, 50, 63]).unwrap();
+//! let mut out = dev.alloc::<f32>(n * width).unwrap();
+//! let mut lse = dev.alloc::<f32>(heads * n).unwrap();
+//! attention_forward_f32(&dev, &qkv, &cu, &lens, &mut out, &mut lse, width,
+//!                       AttentionMode::QK, false).unwrap();
+//! let d_out = dev.upload(&vec![1.0f32; n * width]).unwrap();
+//! let mut d_qkv = dev.alloc::<f32>(n * 3 * width).unwrap();
+//! let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
+//! attention_backward_f32(&dev, &qkv, &out, &d_out, &lse, &cu, &lens, &mut d_qkv, &mut delta,
+//!                        width, AttentionMode::QK, false).unwrap();
+//! ```
+
+use crate::gpu::{Buffer, Device, GpuError, KernelArgs, LaunchConfig};
+
+/// Head dimension the kernels are written for.
+pub const HEAD_DIM: usize = 64;
+
+const THREADS: u32 = 128;
+const FWD_BQ: usize = 64;
+const BWD_B: usize = 32;
+
+/// Which attention matrix the kernels form (`s = x·yᵀ / √64`, softmax over rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(i32)]
+pub enum AttentionMode {
+    /// `q·kᵀ`: standard attention.
+    QK = 0,
+    /// `q·qᵀ` (SCLIP / ClearCLIP style self-self attention).
+    QQ = 1,
+    /// `k·kᵀ`.
+    KK = 2,
+    /// The identity attention matrix: `out = v` (MaskCLIP style); `lse` is written as 0.
+    Identity = 3,
+}
+
+/// Elements of the `delta` scratch [`attention_backward_f32`] needs: `heads · tokens`.
+pub fn attention_scratch_len(total_tokens: usize, width: usize) -> usize {
+    (width / HEAD_DIM) * total_tokens
+}
+
+fn check_common(
+    qkv: &Buffer<f32>,
+    cu_seqlens: &Buffer<i32>,
+    seqlens_host: &[usize],
+    width: usize,
+) -> (usize, usize) {
+    assert!(
+        width > 0 && width % HEAD_DIM == 0,
+        "attention width {width} is not a multiple of the head dim {HEAD_DIM}"
+    );
+    assert!(
+        width <= i32::MAX as usize / 3,
+        "attention width {width} too large"
+    );
+    let total: usize = seqlens_host.iter().sum();
+    assert!(total <= i32::MAX as usize, "{total} tokens overflow i32");
+    assert_eq!(
+        cu_seqlens.len(),
+        seqlens_host.len() + 1,
+        "cu_seqlens has {} entries for {} sequences",
+        cu_seqlens.len(),
+        seqlens_host.len()
+    );
+    assert_eq!(
+        qkv.len(),
+        total * 3 * width,
+        "qkv has {} elements, expected [{total}, 3·{width}]",
+        qkv.len()
+    );
+    assert!(
+        seqlens_host.len() <= 65_535,
+        "{} sequences exceed the grid's z limit",
+        seqlens_host.len()
+    );
+    (total, width / HEAD_DIM)
+}
+
+fn grid(seqlens_host: &[usize], heads: usize, tile: usize) -> (u32, u32, u32) {
+    let max_t = seqlens_host.iter().copied().max().unwrap_or(0);
+    (
+        max_t.div_ceil(tile) as u32,
+        heads as u32,
+        seqlens_host.len() as u32,
+    )
+}
+
+/// Forward attention: `out = softmax(x·yᵀ/√64 [causal mask]) · v` per sequence and head, and the
+/// per-(head, row) log-sum-exp `lse [heads, N]` for the backward.
+///
+/// One CTA per (64-query tile, head, sequence), 128 threads, online softmax over 32-key tiles
+/// (shared memory does not grow with `T`). `causal` allows key `j` for query `i` only when
+/// `j ≤ i`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_f32(
+    dev: &Device,
+    qkv: &Buffer<f32>,
+    cu_seqlens: &Buffer<i32>,
+    seqlens_host: &[usize],
+    out: &mut Buffer<f32>,
+    lse: &mut Buffer<f32>,
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Result<(), GpuError> {
+    let (total, heads) = check_common(qkv, cu_seqlens, seqlens_host, width);
+    assert_eq!(
+        out.len(),
+        total * width,
+        "out has {} elements, expected [{total}, {width}]",
+        out.len()
+    );
+    assert_eq!(
+        lse.len(),
+        heads * total,
+        "lse has {} elements, expected [{heads}, {total}]",
+        lse.len()
+    );
+    if total == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid: grid(seqlens_host, heads, FWD_BQ),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    let mut args = KernelArgs::new();
+    args.input(qkv)
+        .input(cu_seqlens)
+        .output(out)
+        .output(lse)
+        .i32(width as i32)
+        .i32(total as i32)
+        .i32(mode as i32)
+        .i32(causal as i32);
+    dev.launch("prm_attention_forward_f32", cfg, &mut args)
+}
+
+/// Input gradient of [`attention_forward_f32`]: from `d_out [N, D]` (and the forward's `out` and
+/// `lse`), writes `d_qkv [N, 3D]` completely. `delta` is caller-owned scratch of
+/// [`attention_scratch_len`] elements (contents on return: `rowsum(dO ⊙ O)` as `[heads, N]`;
+/// untouched in identity mode).
+///
+/// Three launches, in stream order and without atomics: `delta`; dK/dV (one CTA per 32-key tile,
+/// head and sequence, looping over query tiles); dQ (one CTA per 32-query tile, head and
+/// sequence, looping over key tiles). Every mode and `causal` are supported; `mode` and
+/// `causal` must be those of the forward that produced `out` and `lse`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_f32(
+    dev: &Device,
+    qkv: &Buffer<f32>,
+    out: &Buffer<f32>,
+    d_out: &Buffer<f32>,
+    lse: &Buffer<f32>,
+    cu_seqlens: &Buffer<i32>,
+    seqlens_host: &[usize],
+    d_qkv: &mut Buffer<f32>,
+    delta: &mut Buffer<f32>,
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Result<(), GpuError> {
+    let (total, heads) = check_common(qkv, cu_seqlens, seqlens_host, width);
+    for (name, b) in [("out", out), ("d_out", d_out)] {
+        assert_eq!(
+            b.len(),
+            total * width,
+            "{name} has {} elements, expected [{total}, {width}]",
+            b.len()
+        );
+    }
+    assert_eq!(
+        lse.len(),
+        heads * total,
+        "lse has {} elements, expected [{heads}, {total}]",
+        lse.len()
+    );
+    assert_eq!(
+        d_qkv.len(),
+        total * 3 * width,
+        "d_qkv has {} elements, expected [{total}, 3·{width}]",
+        d_qkv.len()
+    );
+    assert!(
+        delta.len() >= attention_scratch_len(total, width),
+        "delta scratch has {} elements, needs {} (attention_scratch_len)",
+        delta.len(),
+        attention_scratch_len(total, width)
+    );
+    if total == 0 {
+        return Ok(());
+    }
+    let (w, n, m, c) = (width as i32, total as i32, mode as i32, causal as i32);
+
+    if mode != AttentionMode::Identity {
+        let pairs = total * heads;
+        let warps_per_block = 8;
+        let cfg = LaunchConfig::linear(pairs.div_ceil(warps_per_block) as u32, 256, 0);
+        let mut args = KernelArgs::new();
+        args.input(out).input(d_out).output(delta).i32(w).i32(n);
+        dev.launch("prm_attention_delta_f32", cfg, &mut args)?;
+    }
+
+    let cfg = LaunchConfig {
+        grid: grid(seqlens_host, heads, BWD_B),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    let mut args = KernelArgs::new();
+    args.input(qkv)
+        .input(d_out)
+        .input(lse)
+        .input(delta)
+        .input(cu_seqlens)
+        .output(d_qkv)
+        .i32(w)
+        .i32(n)
+        .i32(m)
+        .i32(c);
+    dev.launch("prm_attention_bwd_dkdv_f32", cfg, &mut args)?;
+
+    if mode != AttentionMode::Identity {
+        let mut args = KernelArgs::new();
+        args.input(qkv)
+            .input(d_out)
+            .input(lse)
+            .input(delta)
+            .input(cu_seqlens)
+            .output(d_qkv)
+            .i32(w)
+            .i32(n)
+            .i32(m)
+            .i32(c);
+        dev.launch("prm_attention_bwd_dq_f32", cfg, &mut args)?;
+    }
+    Ok(())
+}

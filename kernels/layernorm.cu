@@ -1,0 +1,181 @@
+// layernorm.cu: LayerNorm over the rows of a packed token matrix, forward with saved statistics
+// and input-gradient backward (no dγ/dβ: the attack never forms weight gradients).
+//
+// Layouts (row-major):
+//   x, y, dy, dx   [rows, dim]     fp32 (`_f32` kernels) or bf16 storage (`_bf16` kernels)
+//   gamma, beta    [dim]           fp32
+//   mean, rstd     [rows]          fp32, saved by the forward for the backward
+// Precision: all arithmetic in fp32; bf16 values are widened on load and rounded to nearest even
+// on store (the bf16 backward's `accumulate` adds in fp32, then rounds once).
+//
+// Forward:   y = (x − mean)·rstd·γ + β,  mean = Σx/dim,  rstd = 1/sqrt(Σ(x − mean)²/dim + eps)
+//            (two-pass variance, exact sqrt and division, statistics in fp32)
+// Backward:  dx (+)= rstd·(g − mean(g) − x̂·mean(g·x̂)),  g = dy·γ,  x̂ = (x − mean)·rstd
+//            with `accumulate` != 0 adding into dx (the engine's running residual gradient).
+//
+// Work split: one warp per row, PRM_LN_ROWS_PER_BLOCK warps per block, no shared memory and no
+// __syncthreads. Lane l owns the elements l, l + 32, l + 64, ... of its row (coalesced 128-byte
+// accesses). Reductions: each lane sums its elements in increasing index order, then a butterfly
+// over the warp (prm_warp_sum). Addition is commutative, so every lane of the butterfly ends with
+// the same bit pattern and the result does not depend on scheduling: deterministic.
+// Rows of up to PRM_LN_CACHED_DIM (1024) elements are held in registers (32 per lane); wider rows
+// take a streaming path that re-reads x from global memory (same arithmetic, same order).
+//
+// Launchers: src/gpu/kernels/layernorm.rs (layernorm_forward_f32, layernorm_backward_f32).
+#include "common.cuh"
+
+#define PRM_LN_ROWS_PER_BLOCK 4
+#define PRM_LN_CACHED_DIM 1024
+#define PRM_LN_PER_LANE (PRM_LN_CACHED_DIM / PRM_WARP_SIZE)
+
+__device__ __forceinline__ float prm_ln_load(const float* p) { return *p; }
+__device__ __forceinline__ float prm_ln_load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void prm_ln_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void prm_ln_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+
+template <typename T>
+__device__ __forceinline__ void prm_layernorm_forward(const T* __restrict__ x, const float* __restrict__ gamma,
+                                                      const float* __restrict__ beta, T* __restrict__ y,
+                                                      float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                                      int rows, int dim, float eps) {
+    const int lane = threadIdx.x % PRM_WARP_SIZE;
+    const int row = blockIdx.x * PRM_LN_ROWS_PER_BLOCK + threadIdx.x / PRM_WARP_SIZE;
+    if (row >= rows) return;  // whole warp leaves together; no block barrier in this kernel
+    const T* xr = x + (size_t)row * dim;
+    T* yr = y + (size_t)row * dim;
+    const float inv_dim = 1.0f / (float)dim;
+
+    float mean, rstd;
+    if (dim <= PRM_LN_CACHED_DIM) {
+        float v[PRM_LN_PER_LANE];
+        float s = 0.0f;
+#pragma unroll
+        for (int k = 0; k < PRM_LN_PER_LANE; ++k) {
+            const int i = lane + k * PRM_WARP_SIZE;
+            v[k] = i < dim ? prm_ln_load(xr + i) : 0.0f;
+            s += v[k];
+        }
+        mean = prm_warp_sum(s) * inv_dim;
+        float q = 0.0f;
+#pragma unroll
+        for (int k = 0; k < PRM_LN_PER_LANE; ++k) {
+            const int i = lane + k * PRM_WARP_SIZE;
+            const float d = v[k] - mean;
+            q += i < dim ? d * d : 0.0f;
+        }
+        rstd = 1.0f / sqrtf(prm_warp_sum(q) * inv_dim + eps);
+#pragma unroll
+        for (int k = 0; k < PRM_LN_PER_LANE; ++k) {
+            const int i = lane + k * PRM_WARP_SIZE;
+            if (i < dim) prm_ln_store(yr + i, ((v[k] - mean) * rstd) * gamma[i] + beta[i]);
+        }
+    } else {
+        float s = 0.0f;
+        for (int i = lane; i < dim; i += PRM_WARP_SIZE) s += prm_ln_load(xr + i);
+        mean = prm_warp_sum(s) * inv_dim;
+        float q = 0.0f;
+        for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
+            const float d = prm_ln_load(xr + i) - mean;
+            q += d * d;
+        }
+        rstd = 1.0f / sqrtf(prm_warp_sum(q) * inv_dim + eps);
+        for (int i = lane; i < dim; i += PRM_WARP_SIZE)
+            prm_ln_store(yr + i, ((prm_ln_load(xr + i) - mean) * rstd) * gamma[i] + beta[i]);
+    }
+    if (lane == 0) {
+        mean_out[row] = mean;
+        rstd_out[row] = rstd;
+    }
+}
+
+extern "C" __global__ void prm_layernorm_forward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                      const float* __restrict__ beta, float* __restrict__ y,
+                                                      float* __restrict__ mean, float* __restrict__ rstd,
+                                                      int rows, int dim, float eps) {
+    prm_layernorm_forward(x, gamma, beta, y, mean, rstd, rows, dim, eps);
+}
+PRM_REGISTER_KERNEL(prm_layernorm_forward_f32);
+
+extern "C" __global__ void prm_layernorm_forward_bf16(const __nv_bfloat16* __restrict__ x,
+                                                       const float* __restrict__ gamma,
+                                                       const float* __restrict__ beta,
+                                                       __nv_bfloat16* __restrict__ y, float* __restrict__ mean,
+                                                       float* __restrict__ rstd, int rows, int dim, float eps) {
+    prm_layernorm_forward(x, gamma, beta, y, mean, rstd, rows, dim, eps);
+}
+PRM_REGISTER_KERNEL(prm_layernorm_forward_bf16);
+
+// dx may not alias x or dy (the engine keeps them apart; the launcher's borrows enforce it).
+template <typename T>
+__device__ __forceinline__ void prm_layernorm_backward(const T* __restrict__ x, const T* __restrict__ dy,
+                                                       const float* __restrict__ gamma,
+                                                       const float* __restrict__ mean_in,
+                                                       const float* __restrict__ rstd_in, T* __restrict__ dx,
+                                                       int rows, int dim, int accumulate) {
+    const int lane = threadIdx.x % PRM_WARP_SIZE;
+    const int row = blockIdx.x * PRM_LN_ROWS_PER_BLOCK + threadIdx.x / PRM_WARP_SIZE;
+    if (row >= rows) return;  // whole warp leaves together; no block barrier in this kernel
+    const T* xr = x + (size_t)row * dim;
+    const T* dyr = dy + (size_t)row * dim;
+    T* dxr = dx + (size_t)row * dim;
+    const float mean = mean_in[row];
+    const float rstd = rstd_in[row];
+    const float inv_dim = 1.0f / (float)dim;
+
+    if (dim <= PRM_LN_CACHED_DIM) {
+        float g[PRM_LN_PER_LANE], xh[PRM_LN_PER_LANE];
+        float sg = 0.0f, sgx = 0.0f;
+#pragma unroll
+        for (int k = 0; k < PRM_LN_PER_LANE; ++k) {
+            const int i = lane + k * PRM_WARP_SIZE;
+            g[k] = i < dim ? prm_ln_load(dyr + i) * gamma[i] : 0.0f;
+            xh[k] = i < dim ? (prm_ln_load(xr + i) - mean) * rstd : 0.0f;
+            sg += g[k];
+            sgx += g[k] * xh[k];
+        }
+        const float mg = prm_warp_sum(sg) * inv_dim;
+        const float mgx = prm_warp_sum(sgx) * inv_dim;
+#pragma unroll
+        for (int k = 0; k < PRM_LN_PER_LANE; ++k) {
+            const int i = lane + k * PRM_WARP_SIZE;
+            if (i < dim) {
+                const float v = rstd * (g[k] - mg - xh[k] * mgx);
+                prm_ln_store(dxr + i, accumulate ? prm_ln_load(dxr + i) + v : v);
+            }
+        }
+    } else {
+        float sg = 0.0f, sgx = 0.0f;
+        for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
+            const float g = prm_ln_load(dyr + i) * gamma[i];
+            sg += g;
+            sgx += g * ((prm_ln_load(xr + i) - mean) * rstd);
+        }
+        const float mg = prm_warp_sum(sg) * inv_dim;
+        const float mgx = prm_warp_sum(sgx) * inv_dim;
+        for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
+            const float g = prm_ln_load(dyr + i) * gamma[i];
+            const float v = rstd * (g - mg - ((prm_ln_load(xr + i) - mean) * rstd) * mgx);
+            prm_ln_store(dxr + i, accumulate ? prm_ln_load(dxr + i) + v : v);
+        }
+    }
+}
+
+extern "C" __global__ void prm_layernorm_backward_f32(const float* __restrict__ x, const float* __restrict__ dy,
+                                                       const float* __restrict__ gamma,
+                                                       const float* __restrict__ mean,
+                                                       const float* __restrict__ rstd, float* __restrict__ dx,
+                                                       int rows, int dim, int accumulate) {
+    prm_layernorm_backward(x, dy, gamma, mean, rstd, dx, rows, dim, accumulate);
+}
+PRM_REGISTER_KERNEL(prm_layernorm_backward_f32);
+
+extern "C" __global__ void prm_layernorm_backward_bf16(const __nv_bfloat16* __restrict__ x,
+                                                        const __nv_bfloat16* __restrict__ dy,
+                                                        const float* __restrict__ gamma,
+                                                        const float* __restrict__ mean,
+                                                        const float* __restrict__ rstd,
+                                                        __nv_bfloat16* __restrict__ dx, int rows, int dim,
+                                                        int accumulate) {
+    prm_layernorm_backward(x, dy, gamma, mean, rstd, dx, rows, dim, accumulate);
+}
+PRM_REGISTER_KERNEL(prm_layernorm_backward_bf16);

@@ -1,0 +1,363 @@
+//! kernels/attention.cu against the reference twin (`prm::reference::ops::attention` /
+//! `attention_backward`, per sequence) and, for the q·qᵀ / k·kᵀ / identity / causal variants and
+//! the log-sum-exp, against a float64 twin written here. Runs on the simulator always and on
+//! CUDA when a device is present.
+
+mod common;
+
+use common::Draw;
+use prm::gpu::kernels::attention::*;
+use prm::gpu::Device;
+use prm::reference::ops;
+
+const HD: usize = 64;
+
+fn devices() -> Vec<Device> {
+    let mut v = vec![Device::sim()];
+    if Device::cuda_available() {
+        v.push(Device::cuda(0).expect("CUDA device 0"));
+    } else {
+        println!("skipped: no CUDA device");
+    }
+    v
+}
+
+/// max |got − want| / max |want|.
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let mut num = 0.0f64;
+    let mut den = 0.0f64;
+    for (&g, &w) in got.iter().zip(want) {
+        let d = (g as f64 - w as f64).abs();
+        num = if d.is_nan() || num.is_nan() {
+            f64::NAN
+        } else {
+            num.max(d)
+        };
+        den = den.max((w as f64).abs());
+    }
+    num / den.max(1e-30)
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = rel_err(got, want);
+    println!("{what}: scale-relative max error {e:.2e}");
+    assert!(e <= tol, "{what}: scale-relative max error {e:e} > {tol:e}");
+}
+
+/// float64 twin of one sequence, any mode / causal: returns (out [T, D], lse [heads, T],
+/// d_qkv [T, 3D]).
+fn twin(
+    qkv: &[f32],
+    d_out: &[f32],
+    t: usize,
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+    lse_only: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let heads = width / HD;
+    let ld = 3 * width;
+    let scale = 1.0 / (HD as f64).sqrt();
+    let mut out = vec![0.0f64; t * width];
+    let mut lse = vec![0.0f64; heads * t];
+    let mut dqkv = vec![0.0f64; t * ld];
+    let (xp, yp) = match mode {
+        AttentionMode::QK => (0, 1),
+        AttentionMode::QQ => (0, 0),
+        AttentionMode::KK => (1, 1),
+        AttentionMode::Identity => (0, 0),
+    };
+    let at =
+        |r: usize, part: usize, h: usize, c: usize| qkv[r * ld + part * width + h * HD + c] as f64;
+    for h in 0..heads {
+        // P [t, t]
+        let mut p = vec![0.0f64; t * t];
+        for i in 0..t {
+            if mode == AttentionMode::Identity {
+                p[i * t + i] = 1.0;
+                continue;
+            }
+            let mut mx = f64::NEG_INFINITY;
+            for j in 0..t {
+                let s = if causal && j > i {
+                    f64::NEG_INFINITY
+                } else {
+                    (0..HD)
+                        .map(|c| at(i, xp, h, c) * at(j, yp, h, c))
+                        .sum::<f64>()
+                        * scale
+                };
+                p[i * t + j] = s;
+                mx = mx.max(s);
+            }
+            let sum: f64 = (0..t).map(|j| (p[i * t + j] - mx).exp()).sum();
+            lse[h * t + i] = mx + sum.ln();
+            for j in 0..t {
+                p[i * t + j] = (p[i * t + j] - mx).exp() / sum;
+            }
+        }
+        if lse_only {
+            continue;
+        }
+        for i in 0..t {
+            for c in 0..HD {
+                out[i * width + h * HD + c] = (0..t).map(|j| p[i * t + j] * at(j, 2, h, c)).sum();
+            }
+        }
+        let dout = |r: usize, c: usize| d_out[r * width + h * HD + c] as f64;
+        // dV = Pᵀ dO
+        for j in 0..t {
+            for c in 0..HD {
+                dqkv[j * ld + 2 * width + h * HD + c] +=
+                    (0..t).map(|i| p[i * t + j] * dout(i, c)).sum::<f64>();
+            }
+        }
+        if mode == AttentionMode::Identity {
+            continue;
+        }
+        // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale, dP = dO Vᵀ
+        let mut ds = vec![0.0f64; t * t];
+        for i in 0..t {
+            let mut dot = 0.0;
+            for j in 0..t {
+                let dp: f64 = (0..HD).map(|c| dout(i, c) * at(j, 2, h, c)).sum();
+                ds[i * t + j] = dp;
+                dot += p[i * t + j] * dp;
+            }
+            for j in 0..t {
+                ds[i * t + j] = p[i * t + j] * (ds[i * t + j] - dot) * scale;
+            }
+        }
+        for i in 0..t {
+            for c in 0..HD {
+                // dX = dS Y, dY = dSᵀ X
+                let dx: f64 = (0..t).map(|j| ds[i * t + j] * at(j, yp, h, c)).sum();
+                let dy: f64 = (0..t).map(|j| ds[j * t + i] * at(j, xp, h, c)).sum();
+                dqkv[i * ld + xp * width + h * HD + c] += dx;
+                dqkv[i * ld + yp * width + h * HD + c] += dy;
+            }
+        }
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+    (f(out), f(lse), f(dqkv))
+}
+
+struct Run {
+    out: Vec<f32>,
+    lse: Vec<f32>,
+    d_qkv: Vec<f32>,
+}
+
+fn run(
+    dev: &Device,
+    qkv: &[f32],
+    d_out: &[f32],
+    lens: &[usize],
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Run {
+    let n: usize = lens.iter().sum();
+    let heads = width / HD;
+    let mut cu = vec![0i32];
+    for &l in lens {
+        cu.push(cu.last().unwrap() + l as i32);
+    }
+    let qkv_b = dev.upload(qkv).unwrap();
+    let dout_b = dev.upload(d_out).unwrap();
+    let cu_b = dev.upload(&cu).unwrap();
+    let mut out = dev.alloc::<f32>(n * width).unwrap();
+    let mut lse = dev.alloc::<f32>(heads * n).unwrap();
+    let mut d_qkv = dev.alloc::<f32>(n * 3 * width).unwrap();
+    let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
+    dev.poison(&mut out).unwrap();
+    dev.poison(&mut lse).unwrap();
+    dev.poison(&mut d_qkv).unwrap();
+    dev.poison(&mut delta).unwrap();
+    attention_forward_f32(
+        dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal,
+    )
+    .unwrap();
+    attention_backward_f32(
+        dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, &mut d_qkv, &mut delta, width, mode, causal,
+    )
+    .unwrap();
+    dev.synchronize().unwrap();
+    Run {
+        out: dev.download(&out).unwrap(),
+        lse: dev.download(&lse).unwrap(),
+        d_qkv: dev.download(&d_qkv).unwrap(),
+    }
+}
+
+fn inputs(lens: &[usize], width: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let n: usize = lens.iter().sum();
+    let mut d = Draw::new(seed);
+    // Wide enough that the softmax is far from uniform (scores of a few units).
+    let qkv = d.vec(n * 3 * width, -2.0, 2.0);
+    let d_out = d.vec(n * width, -1.0, 1.0);
+    (qkv, d_out)
+}
+
+const TOL: f64 = 1e-5;
+
+/// Checks one configuration on every device. `against_reference` uses the crate's reference
+/// twin for out / d_qkv (mode QK, not causal); the float64 twin always checks lse (and out /
+/// d_qkv otherwise).
+fn check(lens: &[usize], width: usize, mode: AttentionMode, causal: bool, seed: u64) {
+    let (qkv, d_out) = inputs(lens, width, seed);
+    let n: usize = lens.iter().sum();
+    let heads = width / HD;
+    let ld = 3 * width;
+    let against_reference = mode == AttentionMode::QK && !causal;
+
+    let mut want_out = vec![0.0f32; n * width];
+    let mut want_lse = vec![0.0f32; heads * n];
+    let mut want_dqkv = vec![0.0f32; n * ld];
+    let mut off = 0;
+    for &t in lens {
+        let q = &qkv[off * ld..(off + t) * ld];
+        let go = &d_out[off * width..(off + t) * width];
+        // The float64 twin gives lse always, and out / d_qkv when the crate's reference twin
+        // does not cover the variant.
+        let (o, l, g) = twin(q, go, t, width, mode, causal, against_reference);
+        for h in 0..heads {
+            want_lse[h * n + off..h * n + off + t].copy_from_slice(&l[h * t..(h + 1) * t]);
+        }
+        if !against_reference {
+            want_out[off * width..(off + t) * width].copy_from_slice(&o);
+            want_dqkv[off * ld..(off + t) * ld].copy_from_slice(&g);
+        }
+        if against_reference {
+            ops::attention(
+                q,
+                t,
+                width,
+                heads,
+                &mut want_out[off * width..(off + t) * width],
+            );
+            let g = ops::attention_backward(q, go, t, width, heads);
+            want_dqkv[off * ld..(off + t) * ld].copy_from_slice(&g);
+        }
+        off += t;
+    }
+
+    for dev in devices() {
+        let tag = format!(
+            "{lens:?} width {width} {mode:?} causal {causal} on {}",
+            dev.name()
+        );
+        let got = run(&dev, &qkv, &d_out, lens, width, mode, causal);
+        assert!(
+            got.out.iter().all(|v| v.is_finite()),
+            "{tag}: out not fully written"
+        );
+        assert!(
+            got.lse.iter().all(|v| v.is_finite()),
+            "{tag}: lse not fully written"
+        );
+        assert!(
+            got.d_qkv.iter().all(|v| v.is_finite()),
+            "{tag}: d_qkv not fully written"
+        );
+        assert_close(&format!("{tag}: out"), &got.out, &want_out, TOL);
+        assert_close(&format!("{tag}: d_qkv"), &got.d_qkv, &want_dqkv, TOL);
+        if mode != AttentionMode::Identity {
+            assert_close(&format!("{tag}: lse"), &got.lse, &want_lse, TOL);
+        } else {
+            assert!(
+                got.lse.iter().all(|&v| v == 0.0),
+                "{tag}: identity lse must be 0"
+            );
+        }
+    }
+}
+
+#[test]
+fn qk_50_tokens() {
+    check(&[50], 128, AttentionMode::QK, false, 1);
+}
+
+#[test]
+fn qk_197_tokens() {
+    check(&[197], 128, AttentionMode::QK, false, 2);
+}
+
+#[test]
+fn qk_mixed_batch() {
+    check(&[50, 197, 13], 128, AttentionMode::QK, false, 3);
+}
+
+#[test]
+fn qk_1201_tokens() {
+    check(&[1201], 128, AttentionMode::QK, false, 4);
+}
+
+#[test]
+fn qk_width_768_mixed() {
+    check(&[50, 13], 768, AttentionMode::QK, false, 5);
+}
+
+#[test]
+fn qk_causal_mixed() {
+    check(&[77, 50, 13], 128, AttentionMode::QK, true, 6);
+}
+
+#[test]
+fn qq_mixed() {
+    check(&[50, 13], 128, AttentionMode::QQ, false, 7);
+}
+
+#[test]
+fn kk_mixed() {
+    check(&[50, 13], 128, AttentionMode::KK, false, 8);
+}
+
+#[test]
+fn qq_causal() {
+    check(&[70, 13], 128, AttentionMode::QQ, true, 9);
+}
+
+#[test]
+fn identity_mixed() {
+    check(&[50, 13], 128, AttentionMode::Identity, false, 10);
+}
+
+#[test]
+fn deterministic() {
+    let lens = [197, 13];
+    let (qkv, d_out) = inputs(&lens, 128, 11);
+    for dev in devices() {
+        for causal in [false, true] {
+            let a = run(&dev, &qkv, &d_out, &lens, 128, AttentionMode::QK, causal);
+            let b = run(&dev, &qkv, &d_out, &lens, 128, AttentionMode::QK, causal);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a.out), bits(&b.out), "out differs between runs");
+            assert_eq!(bits(&a.lse), bits(&b.lse), "lse differs between runs");
+            assert_eq!(bits(&a.d_qkv), bits(&b.d_qkv), "d_qkv differs between runs");
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "head dim")]
+fn rejects_width_not_multiple_of_64() {
+    let dev = Device::sim();
+    let (n, width) = (10usize, 96usize);
+    let qkv = dev.alloc::<f32>(n * 3 * width).unwrap();
+    let cu = dev.upload(&[0i32, 10]).unwrap();
+    let mut out = dev.alloc::<f32>(n * width).unwrap();
+    let mut lse = dev.alloc::<f32>(n).unwrap();
+    let _ = attention_forward_f32(
+        &dev,
+        &qkv,
+        &cu,
+        &[10],
+        &mut out,
+        &mut lse,
+        width,
+        AttentionMode::QK,
+        false,
+    );
+}

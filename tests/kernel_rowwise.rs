@@ -1,0 +1,1038 @@
+//! Tests of the row-wise kernels (kernels/layernorm.cu, activation.cu, embed.cu) against their
+//! reference twins in `src/reference/`, on the simulator always and on CUDA when a device is
+//! present ("skipped: no CUDA device" otherwise).
+//!
+//! Inputs are fresh random data, outputs are poisoned (NaN) before every launch, sizes are odd
+//! (50, 197, 1201 rows; images whose sides are not multiples of the patch; mixed-size batches).
+//!
+//! Tolerances (fp32 kernels against the f64-accumulating reference):
+//! - LayerNorm forward and backward, activation backward: `|got − want| ≤ 1e-5 · max(|want|,
+//!   rms(want row))` — relative, with the row's rms as the floor where an element of the row is
+//!   close to zero (LayerNorm backward subtracts means, so its small elements are only accurate to
+//!   the row's scale).
+//! - mean, rstd, activation forward: `≤ 1e-5 · max(|want|, 1e-3)`.
+//! - patchify, assemble, CLS drop, col2im: bit-exact against plain-Rust twins of the reference.
+//! - bf16 storage variants (LayerNorm, activation), against the reference run on the
+//!   bf16-rounded inputs: `≤ 2⁻⁷ · max(|want|, rms(want row))` (one or two bf16 roundings).
+//! - full patch embedding (kernels + device GEMM) against `reference::embedding::{embed,
+//!   embed_backward}`: `1e-5 · max(|want|, rms(want row))` (the GEMMs sum in another order).
+
+use half::bf16;
+use prm::gpu::gemm::{matmul_f32, MatmulShape};
+use prm::gpu::kernels::embed::PackedImages;
+use prm::gpu::kernels::{activation, embed, layernorm};
+use prm::gpu::{Buffer, Device};
+use prm::model::{Activation, LayerNormWeights, Linear, VisionConfig};
+use prm::reference::{embedding, ops};
+
+/// xorshift64* test data.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    /// Uniform in [lo, hi).
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        lo + (hi - lo) * ((v >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+}
+
+/// The simulator, and CUDA device 0 when there is one.
+fn devices() -> Vec<Device> {
+    let mut devs = vec![Device::sim()];
+    if Device::cuda_available() {
+        devs.push(Device::cuda(0).expect("CUDA device 0"));
+    } else {
+        println!("skipped: no CUDA device");
+    }
+    devs
+}
+
+fn poisoned(dev: &Device, len: usize) -> Buffer<f32> {
+    let mut b = dev.alloc::<f32>(len).unwrap();
+    dev.poison(&mut b).unwrap();
+    b
+}
+
+/// Checks `|got − want| ≤ rel · max(|want|, floor_i)` elementwise, with `floor_i` the rms of the
+/// element's row (`cols` wide) when `row_floor`, else `abs_floor`. Returns the worst ratio
+/// `err / max(|want|, floor)`.
+fn check(
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    cols: usize,
+    rel: f64,
+    row_floor: bool,
+    abs_floor: f64,
+) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = 0.0f64;
+    for (r, (g, w)) in got.chunks(cols).zip(want.chunks(cols)).enumerate() {
+        let floor = if row_floor {
+            (w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64).sqrt()
+        } else {
+            abs_floor
+        };
+        for (c, (&g, &w)) in g.iter().zip(w).enumerate() {
+            assert!(
+                g.is_finite(),
+                "{what}: non-finite {g} at [{r}, {c}] (want {w})"
+            );
+            let scale = (w as f64).abs().max(floor).max(1e-30);
+            let ratio = (g as f64 - w as f64).abs() / scale;
+            assert!(
+                ratio <= rel,
+                "{what}: [{r}, {c}] got {g}, want {w} (error {:.3e} of scale {scale:.3e}, limit {rel:e})",
+                (g as f64 - w as f64).abs()
+            );
+            worst = worst.max(ratio);
+        }
+    }
+    worst
+}
+
+fn exact(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g.to_bits() == w.to_bits(),
+            "{what}: element {i} got {g}, want {w}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+
+const LN_SHAPES: [(usize, usize); 6] = [
+    (50, 64),
+    (197, 100),
+    (197, 768),
+    (1201, 768),
+    (197, 128),
+    (50, 1280),
+];
+
+fn ln_weights(rng: &mut Rng, dim: usize) -> LayerNormWeights {
+    LayerNormWeights {
+        weight: rng.vec(dim, 0.5, 1.5),
+        bias: rng.vec(dim, -0.3, 0.3),
+    }
+}
+
+/// Rows with a per-row offset and scale, so the mean is far from 0 and the spread varies.
+fn ln_input(rng: &mut Rng, rows: usize, dim: usize) -> Vec<f32> {
+    let mut x = Vec::with_capacity(rows * dim);
+    for _ in 0..rows {
+        let (offset, scale) = (rng.uniform(-4.0, 4.0), rng.uniform(0.2, 3.0));
+        x.extend((0..dim).map(|_| offset + scale * rng.uniform(-1.0, 1.0)));
+    }
+    x
+}
+
+#[test]
+fn layernorm_forward_matches_reference() {
+    for dev in devices() {
+        for (case, &(rows, dim)) in LN_SHAPES.iter().enumerate() {
+            let mut rng = Rng::new(100 + case as u64);
+            let x = ln_input(&mut rng, rows, dim);
+            let ln = ln_weights(&mut rng, dim);
+            let eps = 1e-5;
+            let mut want = vec![0.0f32; rows * dim];
+            let stats = ops::layer_norm(&x, dim, &ln, eps, &mut want);
+
+            let xb = dev.upload(&x).unwrap();
+            let (g, b) = (
+                dev.upload(&ln.weight).unwrap(),
+                dev.upload(&ln.bias).unwrap(),
+            );
+            let mut y = poisoned(&dev, rows * dim);
+            let (mut mean, mut rstd) = (poisoned(&dev, rows), poisoned(&dev, rows));
+            layernorm::layernorm_forward_f32(
+                &dev, &xb, &g, &b, &mut y, &mut mean, &mut rstd, rows, dim, eps,
+            )
+            .unwrap();
+            let what = format!("{} layernorm forward {rows}x{dim}", dev.name());
+            let wy = check(
+                &what,
+                &dev.download(&y).unwrap(),
+                &want,
+                dim,
+                1e-5,
+                true,
+                0.0,
+            );
+            let want_mean: Vec<f32> = stats.iter().map(|s| s.0).collect();
+            let want_rstd: Vec<f32> = stats.iter().map(|s| s.1).collect();
+            let wm = check(
+                &format!("{what} mean"),
+                &dev.download(&mean).unwrap(),
+                &want_mean,
+                1,
+                1e-5,
+                false,
+                1e-3,
+            );
+            let wr = check(
+                &format!("{what} rstd"),
+                &dev.download(&rstd).unwrap(),
+                &want_rstd,
+                1,
+                1e-5,
+                false,
+                1e-3,
+            );
+            println!("{what}: worst relative error y {wy:.2e}, mean {wm:.2e}, rstd {wr:.2e}");
+        }
+    }
+}
+
+#[test]
+fn layernorm_backward_matches_reference() {
+    for dev in devices() {
+        for (case, &(rows, dim)) in LN_SHAPES.iter().enumerate() {
+            for accumulate in [false, true] {
+                let mut rng = Rng::new(200 + 2 * case as u64 + accumulate as u64);
+                let x = ln_input(&mut rng, rows, dim);
+                let ln = ln_weights(&mut rng, dim);
+                let dy = rng.vec(rows * dim, -1.0, 1.0);
+                let dx0 = rng.vec(rows * dim, -0.5, 0.5);
+                let mut scratch = vec![0.0f32; rows * dim];
+                let stats = ops::layer_norm(&x, dim, &ln, 1e-5, &mut scratch);
+                let mut want = dx0.clone();
+                ops::layer_norm_backward(&x, &dy, dim, &ln, &stats, &mut want, accumulate);
+
+                let xb = dev.upload(&x).unwrap();
+                let dyb = dev.upload(&dy).unwrap();
+                let g = dev.upload(&ln.weight).unwrap();
+                let mean = dev
+                    .upload(&stats.iter().map(|s| s.0).collect::<Vec<_>>())
+                    .unwrap();
+                let rstd = dev
+                    .upload(&stats.iter().map(|s| s.1).collect::<Vec<_>>())
+                    .unwrap();
+                let mut dx = if accumulate {
+                    dev.upload(&dx0).unwrap()
+                } else {
+                    poisoned(&dev, rows * dim)
+                };
+                layernorm::layernorm_backward_f32(
+                    &dev, &xb, &dyb, &g, &mean, &rstd, &mut dx, rows, dim, accumulate,
+                )
+                .unwrap();
+                let what = format!(
+                    "{} layernorm backward {rows}x{dim} accumulate={accumulate}",
+                    dev.name()
+                );
+                let w = check(
+                    &what,
+                    &dev.download(&dx).unwrap(),
+                    &want,
+                    dim,
+                    1e-5,
+                    true,
+                    0.0,
+                );
+                println!("{what}: worst scale-relative error {w:.2e}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation
+
+const ACT_SHAPES: [(usize, usize); 3] = [(50, 64), (197, 768), (1201, 96)];
+
+#[test]
+fn bias_activation_forward_matches_reference() {
+    for dev in devices() {
+        for act in [Activation::QuickGelu, Activation::Gelu] {
+            for (case, &(rows, cols)) in ACT_SHAPES.iter().enumerate() {
+                let mut rng = Rng::new(300 + case as u64);
+                let x = rng.vec(rows * cols, -7.0, 7.0);
+                let bias = rng.vec(cols, -1.0, 1.0);
+                let want_pre: Vec<f32> = x
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| v + bias[i % cols])
+                    .collect();
+                let mut want = want_pre.clone();
+                ops::activation(act, &mut want);
+
+                let xb = dev.upload(&x).unwrap();
+                let bb = dev.upload(&bias).unwrap();
+                let what = format!("{} {act:?} forward {rows}x{cols}", dev.name());
+
+                // Out of place, bias fused, pre saved.
+                let mut pre = poisoned(&dev, rows * cols);
+                let mut out = poisoned(&dev, rows * cols);
+                activation::bias_activation_forward_f32(
+                    &dev,
+                    act,
+                    &xb,
+                    Some(&bb),
+                    Some(&mut pre),
+                    &mut out,
+                    rows,
+                    cols,
+                )
+                .unwrap();
+                exact(
+                    &format!("{what} pre"),
+                    &dev.download(&pre).unwrap(),
+                    &want_pre,
+                );
+                let w1 = check(
+                    &what,
+                    &dev.download(&out).unwrap(),
+                    &want,
+                    cols,
+                    1e-5,
+                    false,
+                    1e-3,
+                );
+
+                // In place, bias fused, pre saved.
+                let mut h = dev.upload(&x).unwrap();
+                let mut pre = poisoned(&dev, rows * cols);
+                activation::bias_activation_inplace_f32(
+                    &dev,
+                    act,
+                    &mut h,
+                    Some(&bb),
+                    Some(&mut pre),
+                    rows,
+                    cols,
+                )
+                .unwrap();
+                exact(
+                    &format!("{what} in place pre"),
+                    &dev.download(&pre).unwrap(),
+                    &want_pre,
+                );
+                check(
+                    &format!("{what} in place"),
+                    &dev.download(&h).unwrap(),
+                    &want,
+                    cols,
+                    1e-5,
+                    false,
+                    1e-3,
+                );
+
+                // No bias (added by the GEMM), no pre.
+                let preb = dev.upload(&want_pre).unwrap();
+                let mut out = poisoned(&dev, rows * cols);
+                activation::bias_activation_forward_f32(
+                    &dev, act, &preb, None, None, &mut out, rows, cols,
+                )
+                .unwrap();
+                check(
+                    &format!("{what} no bias"),
+                    &dev.download(&out).unwrap(),
+                    &want,
+                    cols,
+                    1e-5,
+                    false,
+                    1e-3,
+                );
+                println!("{what}: worst relative error {w1:.2e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn activation_backward_matches_reference() {
+    for dev in devices() {
+        for act in [Activation::QuickGelu, Activation::Gelu] {
+            for (case, &(rows, cols)) in ACT_SHAPES.iter().enumerate() {
+                let mut rng = Rng::new(400 + case as u64);
+                let pre = rng.vec(rows * cols, -7.0, 7.0);
+                let dy = rng.vec(rows * cols, -1.0, 1.0);
+                let mut want = dy.clone();
+                ops::activation_backward(act, &pre, &mut want);
+
+                let preb = dev.upload(&pre).unwrap();
+                let dyb = dev.upload(&dy).unwrap();
+                let what = format!("{} {act:?} backward {rows}x{cols}", dev.name());
+                let mut dx = poisoned(&dev, rows * cols);
+                activation::activation_backward_f32(&dev, act, &preb, &dyb, &mut dx, rows, cols)
+                    .unwrap();
+                let w = check(
+                    &what,
+                    &dev.download(&dx).unwrap(),
+                    &want,
+                    cols,
+                    1e-5,
+                    true,
+                    0.0,
+                );
+
+                let mut d = dev.upload(&dy).unwrap();
+                activation::activation_backward_inplace_f32(&dev, act, &preb, &mut d, rows, cols)
+                    .unwrap();
+                check(
+                    &format!("{what} in place"),
+                    &dev.download(&d).unwrap(),
+                    &want,
+                    cols,
+                    1e-5,
+                    true,
+                    0.0,
+                );
+                println!("{what}: worst scale-relative error {w:.2e}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Patch embedding
+
+/// Mixed-size batches: sides not multiples of the patch, one image of 197 tokens at p = 16.
+/// (patch, width, image sizes).
+type Batch = (usize, usize, &'static [(usize, usize)]);
+
+const BATCHES: [Batch; 2] = [
+    (16, 64, &[(37, 53), (64, 64), (30, 97), (224, 230)]),
+    (14, 96, &[(37, 53), (64, 64), (30, 97)]),
+];
+
+fn vision_config(patch: usize, width: usize) -> VisionConfig {
+    VisionConfig {
+        width,
+        layers: 1,
+        heads: 1,
+        patch,
+        grid: 7,
+        mlp: 4 * width,
+        embed_dim: None,
+        activation: Activation::QuickGelu,
+        ln_eps: 1e-5,
+        mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+        std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
+    }
+}
+
+/// Plain-Rust twin of the reference im2col over a packed batch.
+fn im2col_twin(images: &[f32], packing: &PackedImages, cfg: &VisionConfig) -> Vec<f32> {
+    let p = packing.patch;
+    let cols = 3 * p * p;
+    let mut out = vec![0.0f32; packing.total_patches * cols];
+    for m in &packing.images {
+        let img = &images[m.pixel_offset..m.pixel_offset + m.pixels()];
+        for n in 0..m.patches() {
+            let (a, b) = (n / m.grid_w, n % m.grid_w);
+            let row = &mut out[(m.patch_offset + n) * cols..][..cols];
+            for c in 0..3 {
+                let inv_std = 1.0 / cfg.std[c];
+                for r in 0..p {
+                    for s in 0..p {
+                        let v = img[c * m.height * m.width + (a * p + r) * m.width + b * p + s];
+                        row[c * p * p + r * p + s] = (v - cfg.mean[c]) * inv_std;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Plain-Rust twin of the reference col2im (zero in dropped pixels).
+fn col2im_twin(d_patches: &[f32], packing: &PackedImages, cfg: &VisionConfig) -> Vec<f32> {
+    let p = packing.patch;
+    let cols = 3 * p * p;
+    let mut out = vec![0.0f32; packing.total_pixels];
+    for m in &packing.images {
+        let img = &mut out[m.pixel_offset..m.pixel_offset + m.pixels()];
+        for n in 0..m.patches() {
+            let (a, b) = (n / m.grid_w, n % m.grid_w);
+            let row = &d_patches[(m.patch_offset + n) * cols..][..cols];
+            for c in 0..3 {
+                let inv_std = 1.0 / cfg.std[c];
+                for r in 0..p {
+                    for s in 0..p {
+                        img[c * m.height * m.width + (a * p + r) * m.width + b * p + s] =
+                            row[c * p * p + r * p + s] * inv_std;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn packed_images_layout() {
+    let packing = PackedImages::new(&[(37, 53), (64, 64), (30, 97)], 16);
+    assert_eq!(packing.len(), 3);
+    assert_eq!(packing.total_pixels, 3 * (37 * 53 + 64 * 64 + 30 * 97));
+    assert_eq!(packing.total_patches, 2 * 3 + 4 * 4 + 6);
+    assert_eq!(packing.total_tokens, 28 + 3);
+    assert_eq!(
+        packing.table(),
+        vec![
+            0,
+            37,
+            53,
+            2,
+            3,
+            0,
+            0,
+            0, //
+            3 * 37 * 53,
+            64,
+            64,
+            4,
+            4,
+            6,
+            7,
+            0, //
+            3 * (37 * 53 + 64 * 64),
+            30,
+            97,
+            1,
+            6,
+            22,
+            24,
+            0,
+        ]
+    );
+    assert_eq!(packing.cu_seqlens(), vec![0, 7, 24, 31]);
+    assert_eq!(packing.patch_cols(), 768);
+}
+
+#[test]
+fn embed_kernels_match_twins() {
+    for dev in devices() {
+        for (case, &(patch, width, sizes)) in BATCHES.iter().enumerate() {
+            let cfg = vision_config(patch, width);
+            let packing = PackedImages::new(sizes, patch);
+            let table = packing.upload_table(&dev).unwrap();
+            let cols = packing.patch_cols();
+            let mut rng = Rng::new(500 + case as u64);
+            let what = format!("{} p={patch} {sizes:?}", dev.name());
+
+            // patchify
+            let images = rng.vec(packing.total_pixels, 0.0, 1.0);
+            let imb = dev.upload(&images).unwrap();
+            let mut patches = poisoned(&dev, packing.total_patches * cols);
+            embed::patchify_f32(
+                &dev,
+                &packing,
+                &table,
+                &imb,
+                &mut patches,
+                cfg.mean,
+                cfg.std,
+            )
+            .unwrap();
+            exact(
+                &format!("{what} patchify"),
+                &dev.download(&patches).unwrap(),
+                &im2col_twin(&images, &packing, &cfg),
+            );
+
+            // assemble_tokens
+            let pt = rng.vec(packing.total_patches * width, -1.0, 1.0);
+            let cls = rng.vec(width, -1.0, 1.0);
+            let pos = rng.vec(packing.total_tokens * width, -1.0, 1.0);
+            let mut want = Vec::with_capacity(packing.total_tokens * width);
+            for m in &packing.images {
+                want.extend_from_slice(&cls);
+                want.extend_from_slice(
+                    &pt[m.patch_offset * width..(m.patch_offset + m.patches()) * width],
+                );
+            }
+            want.iter_mut().zip(&pos).for_each(|(t, p)| *t += p);
+            let (ptb, clsb, posb) = (
+                dev.upload(&pt).unwrap(),
+                dev.upload(&cls).unwrap(),
+                dev.upload(&pos).unwrap(),
+            );
+            let mut tokens = poisoned(&dev, packing.total_tokens * width);
+            embed::assemble_tokens_f32(
+                &dev,
+                &packing,
+                &table,
+                &ptb,
+                &clsb,
+                &posb,
+                &mut tokens,
+                width,
+            )
+            .unwrap();
+            exact(
+                &format!("{what} assemble_tokens"),
+                &dev.download(&tokens).unwrap(),
+                &want,
+            );
+
+            // tokens_to_patch_grads
+            let dt = rng.vec(packing.total_tokens * width, -1.0, 1.0);
+            let mut want = Vec::with_capacity(packing.total_patches * width);
+            for m in &packing.images {
+                want.extend_from_slice(
+                    &dt[(m.token_offset + 1) * width..(m.token_offset + m.tokens()) * width],
+                );
+            }
+            let dtb = dev.upload(&dt).unwrap();
+            let mut dpt = poisoned(&dev, packing.total_patches * width);
+            embed::tokens_to_patch_grads_f32(&dev, &packing, &table, &dtb, &mut dpt, width)
+                .unwrap();
+            exact(
+                &format!("{what} tokens_to_patch_grads"),
+                &dev.download(&dpt).unwrap(),
+                &want,
+            );
+
+            // col2im
+            let dp = rng.vec(packing.total_patches * cols, -1.0, 1.0);
+            let dpb = dev.upload(&dp).unwrap();
+            let mut dimg = poisoned(&dev, packing.total_pixels);
+            embed::col2im_f32(&dev, &packing, &table, &dpb, &mut dimg, cfg.std).unwrap();
+            exact(
+                &format!("{what} col2im"),
+                &dev.download(&dimg).unwrap(),
+                &col2im_twin(&dp, &packing, &cfg),
+            );
+        }
+    }
+}
+
+/// The whole patch embedding, kernels plus device GEMMs, against `reference::embedding`.
+#[test]
+fn embed_pipeline_matches_reference() {
+    for dev in devices() {
+        for (case, &(patch, width, sizes)) in BATCHES.iter().enumerate() {
+            let cfg = vision_config(patch, width);
+            let packing = PackedImages::new(sizes, patch);
+            let table = packing.upload_table(&dev).unwrap();
+            let cols = packing.patch_cols();
+            let mut rng = Rng::new(600 + case as u64);
+            let a = (3.0 / cols as f32).sqrt();
+            let weight = Linear {
+                weight: rng.vec(width * cols, -a, a),
+                bias: None,
+                out_features: width,
+                in_features: cols,
+            };
+            let cls = rng.vec(width, -1.0, 1.0);
+            let images = rng.vec(packing.total_pixels, 0.0, 1.0);
+            let pos = rng.vec(packing.total_tokens * width, -1.0, 1.0);
+            let d_tokens = rng.vec(packing.total_tokens * width, -1.0, 1.0);
+            let what = format!("{} p={patch} D={width} {sizes:?}", dev.name());
+
+            let mut want_tokens = Vec::new();
+            let mut want_dimg = Vec::new();
+            for m in &packing.images {
+                let img = &images[m.pixel_offset..m.pixel_offset + m.pixels()];
+                let rows = m.token_offset * width..(m.token_offset + m.tokens()) * width;
+                want_tokens.extend(embedding::embed(
+                    img,
+                    m.height,
+                    m.width,
+                    &cfg,
+                    &weight,
+                    &cls,
+                    &pos[rows.clone()],
+                ));
+                want_dimg.extend(embedding::embed_backward(
+                    &d_tokens[rows],
+                    m.height,
+                    m.width,
+                    &cfg,
+                    &weight,
+                ));
+            }
+
+            // forward
+            let imb = dev.upload(&images).unwrap();
+            let wb = dev.upload(&weight.weight).unwrap();
+            let (clsb, posb) = (dev.upload(&cls).unwrap(), dev.upload(&pos).unwrap());
+            let mut patches = poisoned(&dev, packing.total_patches * cols);
+            embed::patchify_f32(
+                &dev,
+                &packing,
+                &table,
+                &imb,
+                &mut patches,
+                cfg.mean,
+                cfg.std,
+            )
+            .unwrap();
+            let mut pt = poisoned(&dev, packing.total_patches * width);
+            let shape = MatmulShape {
+                m: packing.total_patches,
+                n: width,
+                k: cols,
+                b_transposed: true,
+            };
+            matmul_f32(&dev, shape, &patches, &wb, None, &mut pt, false).unwrap();
+            let mut tokens = poisoned(&dev, packing.total_tokens * width);
+            embed::assemble_tokens_f32(
+                &dev,
+                &packing,
+                &table,
+                &pt,
+                &clsb,
+                &posb,
+                &mut tokens,
+                width,
+            )
+            .unwrap();
+            let wf = check(
+                &format!("{what} embed"),
+                &dev.download(&tokens).unwrap(),
+                &want_tokens,
+                width,
+                1e-5,
+                true,
+                0.0,
+            );
+
+            // backward
+            let dtb = dev.upload(&d_tokens).unwrap();
+            let mut dpt = poisoned(&dev, packing.total_patches * width);
+            embed::tokens_to_patch_grads_f32(&dev, &packing, &table, &dtb, &mut dpt, width)
+                .unwrap();
+            let mut dp = poisoned(&dev, packing.total_patches * cols);
+            let shape = MatmulShape {
+                m: packing.total_patches,
+                n: cols,
+                k: width,
+                b_transposed: false,
+            };
+            matmul_f32(&dev, shape, &dpt, &wb, None, &mut dp, false).unwrap();
+            let mut dimg = poisoned(&dev, packing.total_pixels);
+            embed::col2im_f32(&dev, &packing, &table, &dp, &mut dimg, cfg.std).unwrap();
+            let got = dev.download(&dimg).unwrap();
+            // Dropped pixels must be exactly zero; the rest within tolerance of the reference.
+            for (i, (&g, &w)) in got.iter().zip(&want_dimg).enumerate() {
+                if w == 0.0 {
+                    assert!(
+                        g == 0.0,
+                        "{what} embed backward: pixel {i} should be 0, got {g}"
+                    );
+                }
+            }
+            let wb_ = check(
+                &format!("{what} embed backward"),
+                &got,
+                &want_dimg,
+                1,
+                1e-5,
+                false,
+                0.1,
+            );
+            println!("{what}: worst error forward {wf:.2e}, backward {wb_:.2e}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 storage variants
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+fn from_bf16(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+fn poisoned_bf16(dev: &Device, len: usize) -> Buffer<bf16> {
+    let mut b = dev.alloc::<bf16>(len).unwrap();
+    dev.poison(&mut b).unwrap();
+    b
+}
+
+const BF16_TOL: f64 = 1.0 / 128.0;
+
+#[test]
+fn layernorm_bf16_matches_reference() {
+    for dev in devices() {
+        for (case, &(rows, dim)) in [(197usize, 768usize), (50, 64)].iter().enumerate() {
+            let mut rng = Rng::new(700 + case as u64);
+            let x = from_bf16(&to_bf16(&ln_input(&mut rng, rows, dim)));
+            let ln = ln_weights(&mut rng, dim);
+            let mut want = vec![0.0f32; rows * dim];
+            let stats = ops::layer_norm(&x, dim, &ln, 1e-5, &mut want);
+            let what = format!("{} layernorm bf16 {rows}x{dim}", dev.name());
+
+            let xb = dev.upload(&to_bf16(&x)).unwrap();
+            let (g, b) = (
+                dev.upload(&ln.weight).unwrap(),
+                dev.upload(&ln.bias).unwrap(),
+            );
+            let mut y = poisoned_bf16(&dev, rows * dim);
+            let (mut mean, mut rstd) = (poisoned(&dev, rows), poisoned(&dev, rows));
+            layernorm::layernorm_forward_bf16(
+                &dev, &xb, &g, &b, &mut y, &mut mean, &mut rstd, rows, dim, 1e-5,
+            )
+            .unwrap();
+            let wy = check(
+                &what,
+                &from_bf16(&dev.download(&y).unwrap()),
+                &want,
+                dim,
+                BF16_TOL,
+                true,
+                0.0,
+            );
+            let want_rstd: Vec<f32> = stats.iter().map(|s| s.1).collect();
+            check(
+                &format!("{what} rstd"),
+                &dev.download(&rstd).unwrap(),
+                &want_rstd,
+                1,
+                1e-5,
+                false,
+                1e-3,
+            );
+
+            for accumulate in [false, true] {
+                let dy = from_bf16(&to_bf16(&rng.vec(rows * dim, -1.0, 1.0)));
+                let dx0 = from_bf16(&to_bf16(&rng.vec(rows * dim, -0.5, 0.5)));
+                let mut want = dx0.clone();
+                ops::layer_norm_backward(&x, &dy, dim, &ln, &stats, &mut want, accumulate);
+                let dyb = dev.upload(&to_bf16(&dy)).unwrap();
+                let meanb = dev
+                    .upload(&stats.iter().map(|s| s.0).collect::<Vec<_>>())
+                    .unwrap();
+                let rstdb = dev.upload(&want_rstd).unwrap();
+                let mut dx = if accumulate {
+                    dev.upload(&to_bf16(&dx0)).unwrap()
+                } else {
+                    poisoned_bf16(&dev, rows * dim)
+                };
+                layernorm::layernorm_backward_bf16(
+                    &dev, &xb, &dyb, &g, &meanb, &rstdb, &mut dx, rows, dim, accumulate,
+                )
+                .unwrap();
+                let w = check(
+                    &format!("{what} backward accumulate={accumulate}"),
+                    &from_bf16(&dev.download(&dx).unwrap()),
+                    &want,
+                    dim,
+                    BF16_TOL,
+                    true,
+                    0.0,
+                );
+                println!("{what}: backward accumulate={accumulate} worst {w:.2e}");
+            }
+            println!("{what}: forward worst {wy:.2e}");
+        }
+    }
+}
+
+#[test]
+fn activation_bf16_matches_reference() {
+    for dev in devices() {
+        for act in [Activation::QuickGelu, Activation::Gelu] {
+            let (rows, cols) = (197usize, 256usize);
+            let mut rng = Rng::new(800);
+            let x = from_bf16(&to_bf16(&rng.vec(rows * cols, -7.0, 7.0)));
+            let bias = rng.vec(cols, -1.0, 1.0);
+            // pre is stored in bf16, and the activation is evaluated on the stored value.
+            let want_pre: Vec<f32> = from_bf16(&to_bf16(
+                &x.iter()
+                    .enumerate()
+                    .map(|(i, &v)| v + bias[i % cols])
+                    .collect::<Vec<_>>(),
+            ));
+            let mut want = want_pre.clone();
+            ops::activation(act, &mut want);
+            let what = format!("{} {act:?} bf16 {rows}x{cols}", dev.name());
+
+            let xb = dev.upload(&to_bf16(&x)).unwrap();
+            let bb = dev.upload(&bias).unwrap();
+            let mut pre = poisoned_bf16(&dev, rows * cols);
+            let mut out = poisoned_bf16(&dev, rows * cols);
+            activation::bias_activation_forward_bf16(
+                &dev,
+                act,
+                &xb,
+                Some(&bb),
+                Some(&mut pre),
+                &mut out,
+                rows,
+                cols,
+            )
+            .unwrap();
+            exact(
+                &format!("{what} pre"),
+                &from_bf16(&dev.download(&pre).unwrap()),
+                &want_pre,
+            );
+            let wf = check(
+                &what,
+                &from_bf16(&dev.download(&out).unwrap()),
+                &want,
+                cols,
+                BF16_TOL,
+                false,
+                1e-3,
+            );
+
+            // Without `pre`, the activation sees the unrounded x + bias.
+            let mut want_unrounded: Vec<f32> = x
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| v + bias[i % cols])
+                .collect();
+            ops::activation(act, &mut want_unrounded);
+            let mut h = dev.upload(&to_bf16(&x)).unwrap();
+            activation::bias_activation_inplace_bf16(
+                &dev,
+                act,
+                &mut h,
+                Some(&bb),
+                None,
+                rows,
+                cols,
+            )
+            .unwrap();
+            check(
+                &format!("{what} in place"),
+                &from_bf16(&dev.download(&h).unwrap()),
+                &want_unrounded,
+                cols,
+                BF16_TOL,
+                false,
+                1e-3,
+            );
+
+            let dy = from_bf16(&to_bf16(&rng.vec(rows * cols, -1.0, 1.0)));
+            let mut want_dx = dy.clone();
+            ops::activation_backward(act, &want_pre, &mut want_dx);
+            let dyb = dev.upload(&to_bf16(&dy)).unwrap();
+            let mut dx = poisoned_bf16(&dev, rows * cols);
+            activation::activation_backward_bf16(&dev, act, &pre, &dyb, &mut dx, rows, cols)
+                .unwrap();
+            let wb = check(
+                &format!("{what} backward"),
+                &from_bf16(&dev.download(&dx).unwrap()),
+                &want_dx,
+                cols,
+                BF16_TOL,
+                true,
+                0.0,
+            );
+            let mut d = dev.upload(&to_bf16(&dy)).unwrap();
+            activation::activation_backward_inplace_bf16(&dev, act, &pre, &mut d, rows, cols)
+                .unwrap();
+            check(
+                &format!("{what} backward in place"),
+                &from_bf16(&dev.download(&d).unwrap()),
+                &want_dx,
+                cols,
+                BF16_TOL,
+                true,
+                0.0,
+            );
+            println!("{what}: worst forward {wf:.2e}, backward {wb:.2e}");
+        }
+    }
+}
+
+#[test]
+fn embed_bf16_kernels_match_twins() {
+    let r = |v: &[f32]| from_bf16(&to_bf16(v));
+    for dev in devices() {
+        for (case, &(patch, width, sizes)) in BATCHES.iter().enumerate() {
+            let cfg = vision_config(patch, width);
+            let packing = PackedImages::new(sizes, patch);
+            let table = packing.upload_table(&dev).unwrap();
+            let cols = packing.patch_cols();
+            let mut rng = Rng::new(900 + case as u64);
+            let what = format!("{} bf16 p={patch} {sizes:?}", dev.name());
+
+            let images = rng.vec(packing.total_pixels, 0.0, 1.0);
+            let imb = dev.upload(&images).unwrap();
+            let mut patches = poisoned_bf16(&dev, packing.total_patches * cols);
+            embed::patchify_bf16(
+                &dev,
+                &packing,
+                &table,
+                &imb,
+                &mut patches,
+                cfg.mean,
+                cfg.std,
+            )
+            .unwrap();
+            exact(
+                &format!("{what} patchify"),
+                &from_bf16(&dev.download(&patches).unwrap()),
+                &r(&im2col_twin(&images, &packing, &cfg)),
+            );
+
+            let pt = r(&rng.vec(packing.total_patches * width, -1.0, 1.0));
+            let cls = rng.vec(width, -1.0, 1.0);
+            let pos = rng.vec(packing.total_tokens * width, -1.0, 1.0);
+            let mut want = Vec::with_capacity(packing.total_tokens * width);
+            for m in &packing.images {
+                want.extend_from_slice(&cls);
+                want.extend_from_slice(
+                    &pt[m.patch_offset * width..(m.patch_offset + m.patches()) * width],
+                );
+            }
+            want.iter_mut().zip(&pos).for_each(|(t, p)| *t += p);
+            let ptb = dev.upload(&to_bf16(&pt)).unwrap();
+            let (clsb, posb) = (dev.upload(&cls).unwrap(), dev.upload(&pos).unwrap());
+            let mut tokens = poisoned_bf16(&dev, packing.total_tokens * width);
+            embed::assemble_tokens_bf16(
+                &dev,
+                &packing,
+                &table,
+                &ptb,
+                &clsb,
+                &posb,
+                &mut tokens,
+                width,
+            )
+            .unwrap();
+            exact(
+                &format!("{what} assemble_tokens"),
+                &from_bf16(&dev.download(&tokens).unwrap()),
+                &r(&want),
+            );
+
+            let dt = r(&rng.vec(packing.total_tokens * width, -1.0, 1.0));
+            let mut want = Vec::with_capacity(packing.total_patches * width);
+            for m in &packing.images {
+                want.extend_from_slice(
+                    &dt[(m.token_offset + 1) * width..(m.token_offset + m.tokens()) * width],
+                );
+            }
+            let dtb = dev.upload(&to_bf16(&dt)).unwrap();
+            let mut dpt = poisoned_bf16(&dev, packing.total_patches * width);
+            embed::tokens_to_patch_grads_bf16(&dev, &packing, &table, &dtb, &mut dpt, width)
+                .unwrap();
+            exact(
+                &format!("{what} tokens_to_patch_grads"),
+                &from_bf16(&dev.download(&dpt).unwrap()),
+                &want,
+            );
+
+            let dp = r(&rng.vec(packing.total_patches * cols, -1.0, 1.0));
+            let dpb = dev.upload(&to_bf16(&dp)).unwrap();
+            let mut dimg = poisoned(&dev, packing.total_pixels);
+            embed::col2im_bf16(&dev, &packing, &table, &dpb, &mut dimg, cfg.std).unwrap();
+            exact(
+                &format!("{what} col2im"),
+                &dev.download(&dimg).unwrap(),
+                &col2im_twin(&dp, &packing, &cfg),
+            );
+        }
+    }
+}

@@ -1,0 +1,545 @@
+//! Tests of the CPU simulator of the CUDA execution model (`kernels/sim/`), driven through
+//! `Device::sim()` with the test kernels of `kernels/sim_selftest.cu`.
+
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use prm::gpu::{Device, GpuError, KernelArgs, LaunchConfig};
+
+extern "C" {
+    /// Barrier timeout for later launches in ms (0: default); returns the previous setting.
+    fn prm_sim_set_barrier_timeout_ms(ms: u32) -> u32;
+}
+
+/// Tests read-lock this; the test that shortens the (process-wide) barrier timeout write-locks
+/// it, so no other test launches while the short timeout is in force.
+static TIMEOUT: RwLock<()> = RwLock::new(());
+
+fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid,
+        block,
+        shared_bytes,
+    }
+}
+
+#[test]
+fn barrier_in_a_loop_and_syncthreads_count() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let (blocks, n, iters) = (3usize, 100usize, 7i32);
+    let mut out = dev.alloc::<i32>(blocks * n).unwrap();
+    let mut count = dev.alloc::<i32>(blocks).unwrap();
+    dev.poison(&mut out).unwrap();
+    let mut args = KernelArgs::new();
+    args.output(&mut out).output(&mut count).i32(iters);
+    dev.launch(
+        "prm_selftest_barrier",
+        LaunchConfig::linear(blocks as u32, n as u32, 0),
+        &mut args,
+    )
+    .unwrap();
+    let out = dev.download(&out).unwrap();
+    for b in 0..blocks {
+        for t in 0..n {
+            let mut want = 0i32;
+            for it in 0..iters {
+                let at = |u: usize| u as i32 * it + b as i32;
+                want += at((t + 1) % n) + at((t + n - 1) % n);
+            }
+            assert_eq!(out[b * n + t], want, "block {b} thread {t}");
+        }
+    }
+    let want_count = (0..n).filter(|t| t % 3 == 0).count() as i32;
+    assert_eq!(dev.download(&count).unwrap(), vec![want_count; blocks]);
+}
+
+#[test]
+fn shared_memory_is_poisoned_at_every_block_start() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let (blocks, n) = (4usize, 64usize);
+    let mut out = dev.alloc::<u32>(blocks * n * 2).unwrap();
+    let mut args = KernelArgs::new();
+    args.output(&mut out);
+    // Two launches: the second must not see the first's writes either.
+    for _ in 0..2 {
+        dev.launch(
+            "prm_selftest_shared_poison",
+            LaunchConfig::linear(blocks as u32, n as u32, (n * 4) as u32),
+            &mut args,
+        )
+        .unwrap();
+        let out = dev.download(&out).unwrap();
+        for (i, &bits) in out.iter().enumerate() {
+            assert_eq!(
+                bits,
+                0xFFFF_FFFF,
+                "{} shared slot of thread {} read 0x{bits:08x}",
+                if i % 2 == 0 { "static" } else { "dynamic" },
+                i / 2
+            );
+            assert!(f32::from_bits(bits).is_nan());
+        }
+    }
+}
+
+#[test]
+fn dynamic_shared_memory() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let (blocks, n) = (3usize, 128usize);
+    let input: Vec<f32> = (0..blocks * n).map(|i| i as f32 * 0.25 - 7.0).collect();
+    let x = dev.upload(&input).unwrap();
+    let mut y = dev.alloc::<f32>(blocks * n).unwrap();
+    dev.poison(&mut y).unwrap();
+    let mut args = KernelArgs::new();
+    args.input(&x).output(&mut y);
+    dev.launch(
+        "prm_selftest_dynamic_shared",
+        LaunchConfig::linear(blocks as u32, n as u32, (n * 4) as u32),
+        &mut args,
+    )
+    .unwrap();
+    let y = dev.download(&y).unwrap();
+    for b in 0..blocks {
+        for t in 0..n {
+            assert_eq!(
+                y[b * n + t],
+                input[b * n + n - 1 - t],
+                "block {b} thread {t}"
+            );
+        }
+    }
+}
+
+#[test]
+fn warp_shuffles_and_votes() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let (blocks, n) = (2usize, 64usize);
+    let mut out = dev.alloc::<i32>(blocks * n * 12).unwrap();
+    let mut wide = dev.alloc::<u64>(blocks * n).unwrap();
+    dev.poison(&mut out).unwrap();
+    let mut args = KernelArgs::new();
+    args.output(&mut out).output(&mut wide);
+    dev.launch(
+        "prm_selftest_shuffles",
+        LaunchConfig::linear(blocks as u32, n as u32, 0),
+        &mut args,
+    )
+    .unwrap();
+    let out = dev.download(&out).unwrap();
+    let wide = dev.download(&wide).unwrap();
+    let ballot = (0..32)
+        .filter(|l| l % 3 == 0)
+        .fold(0u32, |m, l| m | (1 << l)) as i32;
+    for g in 0..blocks * n {
+        let lane = (g % 32) as i32;
+        let o = &out[g * 12..g * 12 + 12];
+        let down3 = if lane + 3 < 32 { lane + 3 } else { lane };
+        let up5 = if lane >= 5 { lane - 5 } else { lane };
+        let seg4 = lane & !3;
+        let down1w4 = if lane + 1 < seg4 + 4 { lane + 1 } else { lane };
+        let want = [
+            lane ^ 1,
+            lane ^ 16,
+            down3,
+            up5,
+            7,
+            (lane & !7) + 3,
+            down1w4,
+            ballot,
+            1,
+            1,
+            0,
+            ((lane ^ 2) as f32 * 0.5).to_bits() as i32,
+        ];
+        assert_eq!(o, &want, "thread {g} (lane {lane})");
+        let src = g ^ 4;
+        let want_wide = (((src % 32) as u64) << 40) | src as u64;
+        assert_eq!(wide[g], want_wide, "64-bit shuffle, thread {g}");
+    }
+}
+
+#[test]
+fn partial_last_warp() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let n = 50usize;
+    let input: Vec<f32> = (0..n).map(|i| (i * i % 17) as f32 + 0.5).collect();
+    let x = dev.upload(&input).unwrap();
+    let mut y = dev.alloc::<f32>(4 * n).unwrap();
+    dev.poison(&mut y).unwrap();
+    let mut args = KernelArgs::new();
+    args.input(&x).output(&mut y);
+    dev.launch(
+        "prm_selftest_partial_warp",
+        LaunchConfig::linear(1, n as u32, 0),
+        &mut args,
+    )
+    .unwrap();
+    let y = dev.download(&y).unwrap();
+    for t in 0..n {
+        let (w0, lanes) = if t < 32 { (0, 32) } else { (32, n - 32) };
+        let mask = if lanes == 32 {
+            u32::MAX
+        } else {
+            (1u32 << lanes) - 1
+        };
+        let sum: f32 = input[w0..w0 + lanes].iter().sum();
+        assert_eq!(y[4 * t], sum, "warp sum, thread {t}");
+        assert_eq!(y[4 * t + 1].to_bits(), mask, "__activemask, thread {t}");
+        assert_eq!(y[4 * t + 2].to_bits(), mask, "__ballot_sync, thread {t}");
+        // prm_warp_sum with the full mask: a lane whose xor partner does not exist keeps its
+        // own value at that step.
+        let mut vals: Vec<f32> = input[w0..w0 + lanes].to_vec();
+        let mut offset = 16;
+        while offset > 0 {
+            let prev = vals.clone();
+            for l in 0..lanes {
+                let src = l ^ offset;
+                vals[l] = prev[l] + if src < lanes { prev[src] } else { prev[l] };
+            }
+            offset >>= 1;
+        }
+        assert_eq!(y[4 * t + 3], vals[t - w0], "prm_warp_sum, thread {t}");
+    }
+}
+
+#[test]
+fn atomics_from_every_thread() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let (blocks, n) = (4u32, 128u32);
+    let total = (blocks * n) as u64;
+    let mut fsum = dev.alloc::<f32>(1).unwrap();
+    let mut isum = dev.alloc::<i32>(1).unwrap();
+    let mut umax = dev.alloc::<u32>(1).unwrap();
+    let mut u64sum = dev.alloc::<u64>(1).unwrap();
+    let mut cas = dev.alloc::<i32>(1).unwrap();
+    let mut dsum = dev.alloc::<u64>(1).unwrap();
+    let mut args = KernelArgs::new();
+    args.output(&mut fsum)
+        .output(&mut isum)
+        .output(&mut umax)
+        .output(&mut u64sum)
+        .output(&mut cas)
+        .output(&mut dsum);
+    dev.launch(
+        "prm_selftest_atomics",
+        LaunchConfig::linear(blocks, n, 0),
+        &mut args,
+    )
+    .unwrap();
+    let tri = total * (total - 1) / 2;
+    assert_eq!(dev.download(&fsum).unwrap()[0], total as f32);
+    assert_eq!(dev.download(&isum).unwrap()[0] as u64, tri);
+    assert_eq!(dev.download(&umax).unwrap()[0] as u64, total - 1);
+    assert_eq!(dev.download(&u64sum).unwrap()[0], tri);
+    assert_eq!(dev.download(&cas).unwrap()[0] as u64, total);
+    assert_eq!(
+        f64::from_bits(dev.download(&dsum).unwrap()[0]),
+        total as f64 * 0.5
+    );
+}
+
+#[test]
+fn bf16_round_to_nearest_even() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let one = 1.0f32.to_bits();
+    let mut cases: Vec<(f32, u16)> = vec![
+        (1.0, 0x3F80),
+        (f32::from_bits(one + 0x8000), 0x3F80), // tie, even below: stays 1.0
+        (f32::from_bits(one + 0x8001), 0x3F81), // just above the tie: rounds up
+        (f32::from_bits(one + 0x18000), 0x3F82), // tie, odd below: rounds up to even
+        (f32::from_bits(one + 0x7FFF), 0x3F80),
+        (-2.5, 0xC020),
+        (0.0, 0x0000),
+        (-0.0, 0x8000),
+        (f32::INFINITY, 0x7F80),
+        (f32::NEG_INFINITY, 0xFF80),
+        (f32::MAX, 0x7F80), // rounds to infinity
+        (f32::from_bits(0x7F7F_7FFF), 0x7F7F),
+        (f32::from_bits(1), 0x0000), // smallest subnormal rounds to zero
+        (f32::from_bits(0x0001_8000), 0x0002), // subnormal tie, odd below
+    ];
+    let mut state = 0x1234_5678u32;
+    for _ in 0..200 {
+        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let f = f32::from_bits(state);
+        if !f.is_nan() {
+            cases.push((f, half::bf16::from_f32(f).to_bits()));
+        }
+    }
+    let nans = [
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7F80_0001),
+        f32::from_bits(0xFFC1_2345),
+    ];
+    let mut input: Vec<f32> = cases.iter().map(|c| c.0).collect();
+    input.extend_from_slice(&nans);
+    let n = input.len();
+    let x = dev.upload(&input).unwrap();
+    let mut y = dev.alloc::<half::bf16>(n).unwrap();
+    let mut back = dev.alloc::<f32>(n).unwrap();
+    let mut args = KernelArgs::new();
+    args.input(&x)
+        .output(&mut y)
+        .output(&mut back)
+        .i32(n as i32);
+    dev.launch(
+        "prm_selftest_bf16",
+        LaunchConfig::linear(n.div_ceil(64) as u32, 64, 0),
+        &mut args,
+    )
+    .unwrap();
+    let y = dev.download(&y).unwrap();
+    let back = dev.download(&back).unwrap();
+    for (i, &(f, want)) in cases.iter().enumerate() {
+        assert_eq!(
+            y[i].to_bits(),
+            want,
+            "bf16 of {f:e} (0x{:08x})",
+            f.to_bits()
+        );
+        assert_eq!(back[i].to_bits(), (want as u32) << 16);
+    }
+    for (k, f) in nans.iter().enumerate() {
+        let b = y[cases.len() + k];
+        assert!(
+            b.is_nan(),
+            "NaN 0x{:08x} became 0x{:04x}",
+            f.to_bits(),
+            b.to_bits()
+        );
+        assert_eq!(
+            b.to_bits() & 0x8000,
+            ((f.to_bits() >> 16) & 0x8000) as u16,
+            "NaN sign"
+        );
+        assert!(back[cases.len() + k].is_nan());
+    }
+}
+
+#[test]
+fn multi_dimensional_grid_and_block() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let (grid, block) = ((3u32, 2u32, 2u32), (4u32, 3u32, 2u32));
+    let nblocks = (grid.0 * grid.1 * grid.2) as usize;
+    let nthreads = (block.0 * block.1 * block.2) as usize;
+    let mut out = dev.alloc::<i32>(nblocks * nthreads).unwrap();
+    let mut order = dev.alloc::<i32>(nblocks).unwrap();
+    let mut counter = dev.alloc::<i32>(1).unwrap();
+    dev.poison(&mut out).unwrap();
+    let mut args = KernelArgs::new();
+    args.output(&mut out)
+        .output(&mut order)
+        .output(&mut counter);
+    dev.launch("prm_selftest_dims", cfg(grid, block, 0), &mut args)
+        .unwrap();
+    let out = dev.download(&out).unwrap();
+    let mut i = 0;
+    for bz in 0..grid.2 {
+        for by in 0..grid.1 {
+            for bx in 0..grid.0 {
+                for tz in 0..block.2 {
+                    for ty in 0..block.1 {
+                        for tx in 0..block.0 {
+                            let want = tx | ty << 4 | tz << 8 | bx << 12 | by << 16 | bz << 20;
+                            assert_eq!(out[i], want as i32, "element {i}");
+                            i += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Blocks run one after the other, x fastest.
+    let order = dev.download(&order).unwrap();
+    assert_eq!(order, (0..nblocks as i32).collect::<Vec<_>>());
+}
+
+fn sim_message(r: Result<(), GpuError>) -> String {
+    match r {
+        Err(GpuError::Sim { message, .. }) => message,
+        other => panic!("expected GpuError::Sim, got {other:?}"),
+    }
+}
+
+#[test]
+fn deadlock_is_reported_not_hung_and_the_pool_survives() {
+    let _guard = TIMEOUT.write().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let mut y = dev.alloc::<f32>(64).unwrap();
+
+    // Early return before a __syncthreads: seen at once, naming kernel, block and thread.
+    let start = Instant::now();
+    let mut args = KernelArgs::new();
+    args.output(&mut y);
+    let msg = sim_message(dev.launch(
+        "prm_selftest_early_return",
+        cfg((2, 1, 1), (64, 1, 1), 0),
+        &mut args,
+    ));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(msg.contains("prm_selftest_early_return"), "{msg}");
+    assert!(msg.contains("block (0,0,0)"), "{msg}");
+    assert!(msg.contains("thread (0,0,0)"), "{msg}");
+    assert!(msg.contains("deadlock"), "{msg}");
+
+    // Lane 0 waits in a warp collective for lane 1, which waits in __syncthreads with the rest:
+    // every live thread is blocked, which is also seen at once.
+    let start = Instant::now();
+    let mut args = KernelArgs::new();
+    args.output(&mut y);
+    let msg = sim_message(dev.launch(
+        "prm_selftest_stuck",
+        cfg((1, 1, 1), (64, 1, 1), 0),
+        &mut args,
+    ));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(msg.contains("prm_selftest_stuck"), "{msg}");
+    assert!(msg.contains("block (0,0,0)"), "{msg}");
+    assert!(msg.contains("thread (0,0,0) in a warp collective"), "{msg}");
+    assert!(msg.contains("in __syncthreads"), "{msg}");
+
+    // A thread that keeps running past the barrier timeout: the waiters give up and name it.
+    // SAFETY: plain setter of an atomic in the simulator runtime.
+    let previous = unsafe { prm_sim_set_barrier_timeout_ms(150) };
+    let start = Instant::now();
+    let mut args = KernelArgs::new();
+    args.output(&mut y).u64(600_000_000);
+    let r = dev.launch(
+        "prm_selftest_slow_thread",
+        cfg((1, 1, 1), (64, 1, 1), 0),
+        &mut args,
+    );
+    // SAFETY: as above.
+    unsafe { prm_sim_set_barrier_timeout_ms(previous) };
+    let msg = sim_message(r);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(msg.contains("prm_selftest_slow_thread"), "{msg}");
+    assert!(msg.contains("block (0,0,0)"), "{msg}");
+    assert!(msg.contains("waited more than 150 ms"), "{msg}");
+    assert!(msg.contains("thread (0,0,0) running"), "{msg}");
+
+    // The pool still works.
+    block_sums(&dev, 3, 256, 1000, 1.0);
+}
+
+#[test]
+fn unknown_kernel_and_bad_configurations() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let mut args = KernelArgs::new();
+    match dev.launch(
+        "prm_no_such_kernel",
+        LaunchConfig::linear(1, 32, 0),
+        &mut args,
+    ) {
+        Err(GpuError::UnknownKernel(name)) => assert_eq!(name, "prm_no_such_kernel"),
+        other => panic!("expected UnknownKernel, got {other:?}"),
+    }
+    let mut y = dev.alloc::<f32>(64).unwrap();
+    for (c, what) in [
+        (cfg((0, 1, 1), (32, 1, 1), 0), "non-zero"),
+        (cfg((1, 1, 1), (32, 0, 1), 0), "non-zero"),
+        (cfg((1, 1, 1), (1025, 1, 1), 0), "1024"),
+        (cfg((1, 1, 1), (32, 32, 2), 0), "1024"),
+        (cfg((1, 1, 1), (32, 1, 1), 228 * 1024), "shared"),
+    ] {
+        let mut args = KernelArgs::new();
+        args.output(&mut y);
+        let msg = sim_message(dev.launch("prm_selftest_early_return", c, &mut args));
+        assert!(msg.contains(what), "{c:?}: {msg}");
+    }
+}
+
+/// Launches prm_selftest_block_sum over `blocks` chunks of `chunk` elements (values depend on
+/// `seed`) and checks the sums.
+fn block_sums(dev: &Device, blocks: usize, threads: u32, chunk: usize, seed: f32) {
+    let input: Vec<f32> = (0..blocks * chunk)
+        .map(|i| ((i % 13) as f32 - 6.0) * seed)
+        .collect();
+    let x = dev.upload(&input).unwrap();
+    let mut y = dev.alloc::<f32>(blocks).unwrap();
+    dev.poison(&mut y).unwrap();
+    let mut args = KernelArgs::new();
+    args.input(&x).output(&mut y).i32(chunk as i32);
+    dev.launch(
+        "prm_selftest_block_sum",
+        LaunchConfig::linear(blocks as u32, threads, 0),
+        &mut args,
+    )
+    .unwrap();
+    let y = dev.download(&y).unwrap();
+    for b in 0..blocks {
+        let want: f64 = input[b * chunk..(b + 1) * chunk]
+            .iter()
+            .map(|&v| v as f64)
+            .sum();
+        assert!(
+            (y[b] as f64 - want).abs() <= 1e-3 * (1.0 + want.abs()),
+            "block {b}: {} vs {want}",
+            y[b]
+        );
+    }
+}
+
+#[test]
+fn parallel_launches_from_several_threads() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    std::thread::scope(|s| {
+        for k in 0..4 {
+            let dev = dev.clone();
+            s.spawn(move || {
+                for r in 0..4 {
+                    let threads = [32u32, 64, 128, 96][(k + r) % 4];
+                    block_sums(&dev, 3 + k, threads, 777 + 31 * r, (k * 4 + r + 1) as f32);
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn warp_allgather_with_a_partial_warp() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let (blocks, n) = (2usize, 40usize);
+    let mut out = dev.alloc::<i32>(blocks * n).unwrap();
+    dev.poison(&mut out).unwrap();
+    let mut args = KernelArgs::new();
+    args.output(&mut out);
+    dev.launch(
+        "prm_selftest_allgather",
+        LaunchConfig::linear(blocks as u32, n as u32, 0),
+        &mut args,
+    )
+    .unwrap();
+    let out = dev.download(&out).unwrap();
+    for g in 0..blocks * n {
+        let (b, t) = (g / n, g % n);
+        let w0 = t / 32 * 32;
+        let lanes = (n - w0).min(32);
+        let want: i32 = (0..lanes).map(|l| 3 * l as i32).sum();
+        assert_eq!(out[g], want, "block {b} thread {t}");
+    }
+}
