@@ -9,7 +9,7 @@
 // selected tokens, N_b = n_b * D selected elements.
 //
 // Two deterministic phases, no float atomics:
-//   1. prm_loss_rows_f32: one warp per token row (4 rows per 128-thread block). Computes the
+//   1. prm_loss_rows_f32: one warp per token row (8 rows per 256-thread block). Computes the
 //      row's statistic into row_val[row] (fixed-order lane sums, then a fixed xor-shuffle tree)
 //      and, for the elementwise-gradient losses, adds the gradient into grad:
 //        mode 0 cosine: row_val = cos(a_t, c_t);   grad += w/n_b · (c/(|a||c|) − cos·a/|a|²)
@@ -33,7 +33,7 @@
 // Norms are floored at 1e-12 like torch's F.normalize. All arithmetic is fp32.
 #include "common.cuh"
 
-#define LOSS_ROWS_PER_BLOCK 4
+#define LOSS_ROWS_PER_BLOCK 8
 #define LOSS_IMAGE_THREADS 256
 
 __device__ __forceinline__ int loss_image_of_row(const int* cu_seqlens, int images, int row) {

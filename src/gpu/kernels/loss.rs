@@ -18,7 +18,7 @@
 use crate::attack::settings::{LossKind, TokenSelection};
 use crate::gpu::{Buffer, Device, GpuError, KernelArgs, LaunchConfig};
 
-const ROWS_PER_BLOCK: u32 = 4;
+const ROWS_PER_BLOCK: u32 = 8;
 const IMAGE_THREADS: u32 = 256;
 
 /// The feature-layer losses the kernel computes (everything but `embed`).
