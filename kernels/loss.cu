@@ -1,0 +1,160 @@
+// loss.cu: the attack objectives at one feature layer, per image, and their feature gradients.
+//
+// Launchers: src/gpu/kernels/loss.rs. Reference twin: src/attack/loss.rs (`mean_token_cosine`,
+// `neg_mean_squared_distance`, `dispersion`).
+//
+// Layout: packed token features a (adversarial) and c (clean), [ΣT_i, D] row-major f32;
+// cu_seqlens [images + 1] (int) gives image b's rows cu_seqlens[b] .. cu_seqlens[b+1].
+// skip = 0 selects every token, skip = 1 skips each image's first (CLS) token. n_b = T_b - skip
+// selected tokens, N_b = n_b * D selected elements.
+//
+// Two deterministic phases, no float atomics:
+//   1. prm_loss_rows_f32: one warp per token row (8 rows per 256-thread block). Computes the
+//      row's statistic into row_val[row] (fixed-order lane sums, then a fixed xor-shuffle tree)
+//      and, for the elementwise-gradient losses, adds the gradient into grad:
+//        mode 0 cosine: row_val = cos(a_t, c_t);   grad += w/n_b · (c/(|a||c|) − cos·a/|a|²)
+//        mode 1 nrd:    row_val = Σ_d (a−c)²;       grad += w · (−2 (a−c) / N_b)
+//        mode 2 dr-sum: row_val = Σ_d a
+//        mode 3 dr-dev: row_val = Σ_d (a − mean_b)²  (mean_b = stats[2b])
+//      Non-selected rows get row_val = 0 and no gradient.
+//   2. prm_loss_images_f32: one block of 256 threads per image sums row_val over the selected
+//      rows in a fixed order (strided per thread, then a shared-memory tree) and writes
+//        mode 0: loss[b] (+)= w · Σ cos / n_b
+//        mode 1: loss[b] (+)= w · (−Σ / N_b)
+//        mode 2: stats[2b] = Σ / N_b                         (the mean; no loss)
+//        mode 3: std = sqrt(Σ / (N_b − 1)) (unbiased); loss[b] (+)= w · std;
+//                stats[2b+1] = w / ((N_b − 1) · max(std, 1e-12))
+//      ("(+)=" adds into loss[b] when accumulate != 0, else overwrites.)
+//   3. (dr only) prm_loss_rows_f32 mode 4: grad += (a − stats[2b]) · stats[2b+1] on the
+//      selected rows (row_val untouched).
+// dr is std (w = +1) and dr-official −std (w = −1); the per-layer cosine report is mode 0 with
+// no gradient (grad = nullptr) and w = 1.
+//
+// Norms are floored at 1e-12 like torch's F.normalize. All arithmetic is fp32.
+#include "common.cuh"
+
+#define LOSS_ROWS_PER_BLOCK 8
+#define LOSS_IMAGE_THREADS 256
+
+__device__ __forceinline__ int loss_image_of_row(const int* cu_seqlens, int images, int row) {
+    int lo = 0, hi = images;  // invariant: cu_seqlens[lo] <= row < cu_seqlens[hi]
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (cu_seqlens[mid] <= row) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+extern "C" __global__ void prm_loss_rows_f32(const float* a, const float* c, const int* cu_seqlens,
+                                             int images, int dim, int skip, int mode,
+                                             const float* stats, float* grad, float weight,
+                                             float* row_val) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * LOSS_ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    const int rows = cu_seqlens[images];
+    if (row >= rows) return;  // whole warp leaves together; no block barrier below
+    const int b = loss_image_of_row(cu_seqlens, images, row);
+    const int first = cu_seqlens[b];
+    const int n_sel = cu_seqlens[b + 1] - first - skip;
+    const bool selected = row - first >= skip;
+    if (!selected) {
+        if (lane == 0) row_val[row] = 0.0f;
+        return;
+    }
+    const float* ar = a + (long long)row * dim;
+    const float* cr = c + (long long)row * dim;
+    float* gr = grad ? grad + (long long)row * dim : nullptr;
+    if (mode == 0) {
+        float aa = 0.0f, cc = 0.0f, ac = 0.0f;
+        for (int d = lane; d < dim; d += 32) {
+            const float x = ar[d], y = cr[d];
+            aa += x * x;
+            cc += y * y;
+            ac += x * y;
+        }
+        aa = prm_warp_sum(aa);
+        cc = prm_warp_sum(cc);
+        ac = prm_warp_sum(ac);
+        const float na = fmaxf(sqrtf(aa), 1e-12f);
+        const float nc = fmaxf(sqrtf(cc), 1e-12f);
+        const float cosv = ac / (na * nc);
+        if (lane == 0) row_val[row] = cosv;
+        if (gr) {
+            const float u = weight / (na * nc * (float)n_sel);
+            const float w = weight * cosv / (na * na * (float)n_sel);
+            for (int d = lane; d < dim; d += 32) gr[d] += cr[d] * u - ar[d] * w;
+        }
+    } else if (mode == 1) {
+        float s = 0.0f;
+        for (int d = lane; d < dim; d += 32) {
+            const float e = ar[d] - cr[d];
+            s += e * e;
+        }
+        s = prm_warp_sum(s);
+        if (lane == 0) row_val[row] = s;
+        if (gr) {
+            const float k = weight * (-2.0f / ((float)n_sel * (float)dim));
+            for (int d = lane; d < dim; d += 32) gr[d] += (ar[d] - cr[d]) * k;
+        }
+    } else if (mode == 2) {
+        float s = 0.0f;
+        for (int d = lane; d < dim; d += 32) s += ar[d];
+        s = prm_warp_sum(s);
+        if (lane == 0) row_val[row] = s;
+    } else if (mode == 3) {
+        const float mean = stats[2 * b];
+        float s = 0.0f;
+        for (int d = lane; d < dim; d += 32) {
+            const float e = ar[d] - mean;
+            s += e * e;
+        }
+        s = prm_warp_sum(s);
+        if (lane == 0) row_val[row] = s;
+    } else if (gr) {
+        const float mean = stats[2 * b], scale = stats[2 * b + 1];
+        for (int d = lane; d < dim; d += 32) gr[d] += (ar[d] - mean) * scale;
+    }
+}
+PRM_REGISTER_KERNEL(prm_loss_rows_f32);
+
+extern "C" __global__ void prm_loss_images_f32(const float* row_val, const int* cu_seqlens, int dim,
+                                               int skip, int mode, float weight, float* loss,
+                                               int accumulate, float* stats) {
+    PRM_SHARED_ARRAY(float, part, LOSS_IMAGE_THREADS);
+    const int b = blockIdx.x;
+    const int t = threadIdx.x;
+    const int begin = cu_seqlens[b] + skip, end = cu_seqlens[b + 1];
+    float s = 0.0f;
+    for (int r = begin + t; r < end; r += LOSS_IMAGE_THREADS) s += row_val[r];
+    part[t] = s;
+    __syncthreads();
+    for (int h = LOSS_IMAGE_THREADS / 2; h > 0; h >>= 1) {
+        if (t < h) part[t] += part[t + h];
+        __syncthreads();
+    }
+    if (t == 0) {
+        const float sum = part[0];
+        const float n_sel = (float)(end - begin);
+        const float n_el = n_sel * (float)dim;
+        float value = 0.0f;
+        bool has_loss = true;
+        if (mode == 0) {
+            value = sum / n_sel;
+        } else if (mode == 1) {
+            value = -sum / n_el;
+        } else if (mode == 2) {
+            stats[2 * b] = sum / n_el;
+            has_loss = false;
+        } else {
+            const float sd = sqrtf(sum / (n_el - 1.0f));
+            value = sd;
+            stats[2 * b + 1] = weight / ((n_el - 1.0f) * fmaxf(sd, 1e-12f));
+        }
+        if (has_loss) {
+            const float contrib = weight * value;
+            loss[b] = accumulate ? loss[b] + contrib : contrib;
+        }
+    }
+}
+PRM_REGISTER_KERNEL(prm_loss_images_f32);
+

@@ -1,0 +1,355 @@
+//! Kernel tests of kernels/loss.cu against the loss twins of `prm::attack::loss`
+//! (`mean_token_cosine`, and f64 twins here of its private `neg_mean_squared_distance` and
+//! `dispersion`, copied formula for formula).
+//!
+//! fp32 tolerance: per-image loss values within 1e-5 relative; gradients within
+//! 1e-5 × max |reference gradient| of the image (max-norm relative error).
+
+#![allow(dead_code)]
+
+use prm::attack::loss::mean_token_cosine;
+use prm::attack::settings::TokenSelection;
+use prm::gpu::kernels::loss::{
+    layer_cosine_f32, layer_loss_f32, LayerLoss, LossScratch, PackedTokens,
+};
+use prm::gpu::{Device, GpuError};
+
+/// Tiny xorshift64* generator for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        (v >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| lo + (hi - lo) * self.unit()).collect()
+    }
+}
+
+/// Runs `check` on the simulator, and on CUDA when a device (and this build's kernels) exist.
+fn on_devices(name: &str, check: impl Fn(&Device) -> Result<(), GpuError>) {
+    check(&Device::sim()).unwrap_or_else(|e| panic!("{name} on sim: {e}"));
+    if !Device::cuda_available() {
+        println!("{name}: skipped: no CUDA device");
+        return;
+    }
+    match Device::cuda(0) {
+        Ok(dev) => match check(&dev) {
+            Ok(()) => println!("{name}: passed on {}", dev.name()),
+            Err(GpuError::NoKernels) => println!("{name}: skipped: no CUDA kernels in this build"),
+            Err(e) => panic!("{name} on CUDA: {e}"),
+        },
+        Err(e) => println!("{name}: skipped: no usable CUDA device ({e})"),
+    }
+}
+
+fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+}
+
+/// Asserts max |got − want| ≤ rel · max |want| (the fp32 tolerance of these tests).
+fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = max_abs(want).max(f32::MIN_POSITIVE);
+    let mut worst = (0usize, 0.0f32);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let d = (g - w).abs();
+        assert!(!g.is_nan(), "{what}: NaN at {i} (want {w})");
+        if d > worst.1 {
+            worst = (i, d);
+        }
+    }
+    assert!(
+        worst.1 <= rel * scale,
+        "{what}: |got − want| = {} at {} (got {}, want {}), limit {} · {}",
+        worst.1,
+        worst.0,
+        got[worst.0],
+        want[worst.0],
+        rel,
+        scale
+    );
+}
+
+fn rows_of(tokens: usize, sel: TokenSelection) -> std::ops::Range<usize> {
+    match sel {
+        TokenSelection::All => 0..tokens,
+        TokenSelection::Patch => 1..tokens,
+    }
+}
+
+/// Twin of `attack::loss::neg_mean_squared_distance`.
+fn nrd_twin(a: &[f32], c: &[f32], dim: usize, sel: TokenSelection) -> (f64, Vec<f32>) {
+    let rows = rows_of(a.len() / dim, sel);
+    let range = rows.start * dim..rows.end * dim;
+    let n = range.len() as f64;
+    let sum: f64 = range
+        .clone()
+        .map(|i| (a[i] as f64 - c[i] as f64).powi(2))
+        .sum();
+    let mut g = vec![0.0f32; a.len()];
+    for i in range {
+        g[i] = (-2.0 * (a[i] as f64 - c[i] as f64) / n) as f32;
+    }
+    (-sum / n, g)
+}
+
+/// Twin of `attack::loss::dispersion`.
+fn dr_twin(a: &[f32], dim: usize, sel: TokenSelection, sign: f64) -> (f64, Vec<f32>) {
+    let rows = rows_of(a.len() / dim, sel);
+    let range = rows.start * dim..rows.end * dim;
+    let n = range.len() as f64;
+    let mean = range.clone().map(|i| a[i] as f64).sum::<f64>() / n;
+    let var = range
+        .clone()
+        .map(|i| (a[i] as f64 - mean).powi(2))
+        .sum::<f64>()
+        / (n - 1.0);
+    let std = var.sqrt();
+    let mut g = vec![0.0f32; a.len()];
+    let scale = sign / ((n - 1.0) * std.max(1e-12));
+    for i in range {
+        g[i] = ((a[i] as f64 - mean) * scale) as f32;
+    }
+    (sign * std, g)
+}
+
+fn twin(kind: LayerLoss, a: &[f32], c: &[f32], dim: usize, sel: TokenSelection) -> (f64, Vec<f32>) {
+    match kind {
+        LayerLoss::Prm => {
+            let mut g = vec![0.0f32; a.len()];
+            let v = mean_token_cosine(a, c, dim, sel, Some(&mut g));
+            (v, g)
+        }
+        LayerLoss::Nrd => nrd_twin(a, c, dim, sel),
+        LayerLoss::Dr => dr_twin(a, dim, sel, 1.0),
+        LayerLoss::DrOfficial => dr_twin(a, dim, sel, -1.0),
+    }
+}
+
+const KINDS: [LayerLoss; 4] = [
+    LayerLoss::Prm,
+    LayerLoss::Nrd,
+    LayerLoss::Dr,
+    LayerLoss::DrOfficial,
+];
+
+/// One packed layer with `tokens[b]` rows per image: every kind, both token selections,
+/// loss overwritten and accumulated, gradient added into a prefilled running gradient.
+fn check_layer(dev: &Device, tokens: &[usize], dim: usize, seed: u64) -> Result<(), GpuError> {
+    let images = tokens.len();
+    let rows: usize = tokens.iter().sum();
+    let mut cu = vec![0i32];
+    for &t in tokens {
+        cu.push(cu.last().unwrap() + t as i32);
+    }
+    let mut rng = Rng::new(seed);
+    // Features with a per-image offset and clean = 0.8·adv + noise (cosines around 0.8).
+    let mut a = rng.vec(rows * dim, -1.0, 1.0);
+    for (b, w) in cu.windows(2).enumerate() {
+        for v in &mut a[w[0] as usize * dim..w[1] as usize * dim] {
+            *v = *v * (1.0 + b as f32) + 0.3 * b as f32;
+        }
+    }
+    let noise = rng.vec(rows * dim, -0.6, 0.6);
+    let c: Vec<f32> = a.iter().zip(&noise).map(|(x, n)| 0.8 * x + n).collect();
+    let cu_b = dev.upload(&cu)?;
+    let ab = dev.upload(&a)?;
+    let cb = dev.upload(&c)?;
+    let shape = PackedTokens {
+        cu_seqlens: &cu_b,
+        images,
+        rows,
+        dim,
+    };
+    let mut scratch = LossScratch::new(dev, rows, images)?;
+    for sel in [TokenSelection::All, TokenSelection::Patch] {
+        for kind in KINDS {
+            let tag = format!("{kind:?} {sel:?} T={tokens:?} D={dim} on {}", dev.name());
+            let refs: Vec<(f64, Vec<f32>)> = cu
+                .windows(2)
+                .map(|w| {
+                    let r = w[0] as usize * dim..w[1] as usize * dim;
+                    twin(kind, &a[r.clone()], &c[r], dim, sel)
+                })
+                .collect();
+            // Running gradient prefilled with values of the gradient's own size.
+            let gscale = refs.iter().map(|r| max_abs(&r.1)).fold(0.0f32, f32::max);
+            let prior = rng.vec(rows * dim, -gscale, gscale);
+            let mut grad = dev.upload(&prior)?;
+            let mut loss = dev.alloc::<f32>(images)?;
+            dev.poison(&mut loss)?;
+            layer_loss_f32(
+                dev,
+                kind,
+                sel,
+                shape,
+                &ab,
+                &cb,
+                &mut loss,
+                false,
+                Some(&mut grad),
+                &mut scratch,
+            )?;
+            let loss_h = dev.download(&loss)?;
+            let grad_h = dev.download(&grad)?;
+            // Accumulated value: loss = 0.25 + value.
+            let mut acc = dev.upload(&vec![0.25f32; images])?;
+            layer_loss_f32(
+                dev,
+                kind,
+                sel,
+                shape,
+                &ab,
+                &cb,
+                &mut acc,
+                true,
+                None,
+                &mut scratch,
+            )?;
+            let acc_h = dev.download(&acc)?;
+            for (b, w) in cu.windows(2).enumerate() {
+                let (want, want_g) = &refs[b];
+                let got = loss_h[b] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.abs().max(1e-3),
+                    "{tag}: image {b} loss {got} vs twin {want}"
+                );
+                let got_acc = acc_h[b] as f64;
+                assert!(
+                    (got_acc - (0.25 + want)).abs() <= 1e-5 * (0.25 + want.abs()),
+                    "{tag}: image {b} accumulated loss {got_acc} vs {}",
+                    0.25 + want
+                );
+                let r = w[0] as usize * dim..w[1] as usize * dim;
+                let g_rows: Vec<f32> = grad_h[r.clone()]
+                    .iter()
+                    .zip(&prior[r.clone()])
+                    .map(|(g, p)| g - p)
+                    .collect();
+                let scale = max_abs(want_g);
+                for (i, (g, wv)) in g_rows.iter().zip(want_g).enumerate() {
+                    // 1e-5 relative to the image's max gradient, plus the rounding of the
+                    // subtraction of the prior (a few ulps of |prior|).
+                    let tol = 1e-5 * scale + 4.0 * f32::EPSILON * prior[r.start + i].abs();
+                    assert!(
+                        (g - wv).abs() <= tol,
+                        "{tag}: image {b} grad[{i}] {g} vs twin {wv} (tol {tol})"
+                    );
+                }
+                if sel == TokenSelection::Patch {
+                    // The CLS row is not selected: the running gradient is untouched there.
+                    let cls = w[0] as usize * dim..w[0] as usize * dim + dim;
+                    assert_eq!(&grad_h[cls.clone()], &prior[cls], "{tag}: CLS row touched");
+                }
+            }
+            // Determinism: the same inputs give the same bits (one cheap and one multi-pass loss).
+            if !matches!(kind, LayerLoss::Prm | LayerLoss::Dr) {
+                continue;
+            }
+            let mut grad2 = dev.upload(&prior)?;
+            let mut loss2 = dev.alloc::<f32>(images)?;
+            layer_loss_f32(
+                dev,
+                kind,
+                sel,
+                shape,
+                &ab,
+                &cb,
+                &mut loss2,
+                false,
+                Some(&mut grad2),
+                &mut scratch,
+            )?;
+            let same =
+                |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(
+                same(&loss_h, &dev.download(&loss2)?),
+                "{tag}: loss not deterministic"
+            );
+            assert!(
+                same(&grad_h, &dev.download(&grad2)?),
+                "{tag}: grad not deterministic"
+            );
+        }
+        // Per-layer cosine report (no gradient).
+        let mut cosv = dev.alloc::<f32>(images)?;
+        dev.poison(&mut cosv)?;
+        layer_cosine_f32(dev, sel, shape, &ab, &cb, &mut cosv, &mut scratch)?;
+        let cos_h = dev.download(&cosv)?;
+        for (b, w) in cu.windows(2).enumerate() {
+            let r = w[0] as usize * dim..w[1] as usize * dim;
+            let want = mean_token_cosine(&a[r.clone()], &c[r], dim, sel, None);
+            assert!(
+                (cos_h[b] as f64 - want).abs() <= 1e-5 * want.abs(),
+                "layer cosine image {b}: {} vs {want}",
+                cos_h[b]
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn loss_single_images() {
+    on_devices("loss single images", |dev| {
+        check_layer(dev, &[50], 64, 1)?;
+        check_layer(dev, &[197], 768, 2)?;
+        check_layer(dev, &[1201], 64, 3)
+    });
+}
+
+#[test]
+fn loss_mixed_batch_d64() {
+    on_devices("loss mixed batch D=64", |dev| {
+        check_layer(dev, &[50, 197, 1201, 2], 64, 4)
+    });
+}
+
+#[test]
+fn loss_mixed_batch_d768() {
+    on_devices("loss mixed batch D=768", |dev| {
+        check_layer(dev, &[197, 50, 1201], 768, 5)
+    });
+}
+
+#[test]
+fn loss_identical_features_prm_is_one() {
+    // At x_adv = x every token's cosine is 1: the loss is exactly the selection's mean of 1s.
+    on_devices("loss at the clean point", |dev| {
+        let (tokens, dim) = ([50usize, 197], 64);
+        let rows: usize = tokens.iter().sum();
+        let a = Rng::new(9).vec(rows * dim, -1.0, 1.0);
+        let cu = dev.upload(&[0i32, 50, 247])?;
+        let ab = dev.upload(&a)?;
+        let shape = PackedTokens {
+            cu_seqlens: &cu,
+            images: 2,
+            rows,
+            dim,
+        };
+        let mut scratch = LossScratch::new(dev, rows, 2)?;
+        let mut out = dev.alloc::<f32>(2)?;
+        layer_cosine_f32(
+            dev,
+            TokenSelection::All,
+            shape,
+            &ab,
+            &ab,
+            &mut out,
+            &mut scratch,
+        )?;
+        for v in dev.download(&out)? {
+            assert!((v - 1.0).abs() <= 1e-6, "cos at the clean point {v}");
+        }
+        Ok(())
+    });
+}
