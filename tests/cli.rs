@@ -154,7 +154,11 @@ fn runs_are_reproducible_and_paper_preset_runs() {
     let f = fixture();
     let (o1, out1) = attack(&f, "p1", &["--steps", "2", "--seed", "5"]);
     // A different batching must not change anything: draws are keyed per image.
-    let (o2, out2) = attack(&f, "p2", &["--steps", "2", "--seed", "5", "--batch-size", "2"]);
+    let (o2, out2) = attack(
+        &f,
+        "p2",
+        &["--steps", "2", "--seed", "5", "--batch-size", "2"],
+    );
     assert!(
         o1.status.success() && o2.status.success(),
         "{}",

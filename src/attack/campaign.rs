@@ -37,7 +37,8 @@ pub struct CampaignSummary {
 /// Observer of a run's progress (a progress bar, or nothing).
 pub trait Progress {
     fn image_started(&self, _rel: &str) {}
-    fn step_done(&self) {}
+    /// `image_steps` more image-steps are done (one batch step).
+    fn steps_done(&self, _image_steps: usize) {}
     fn image_done(&self, _record: &ManifestRecord) {}
 }
 
@@ -231,7 +232,7 @@ fn attack_batch<E: Engine>(
         .enumerate()
         .map(|(j, (_, l))| attack.start(j, l.start.as_ref().map(|s| s.data.as_slice())))
         .collect();
-    let outcomes = match attack.run(starts, |_| progress.step_done()) {
+    let outcomes = match attack.run(starts, |_| progress.steps_done(ok.len())) {
         Ok(o) => o,
         Err(e) => {
             for &(i, l) in &ok {

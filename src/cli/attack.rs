@@ -7,6 +7,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use prm::attack::campaign::{run_campaign, OutputOptions};
 use prm::attack::*;
+use prm::gpu::engine::GpuVit;
+use prm::gpu::Device;
 use prm::io::shard::Shard;
 use prm::io::{check_output_collisions, list_inputs};
 use prm::model::{Model, ModelSource};
@@ -162,37 +164,52 @@ impl AttackArgs {
         s
     }
 
-    /// Only the CPU reference engine exists in this build; say so rather than pretend.
-    fn check_device(&self) -> anyhow::Result<()> {
-        match self.device.as_str() {
-            "auto" | "cpu" => {}
-            d if d == "sim" || d == "cuda" || d.starts_with("cuda:") => {
-                bail!("--device {d}: this build has no GPU engine yet; use --device cpu (or auto)")
-            }
-            d => bail!("unknown device '{d}': use auto, cpu, cuda[:N] or sim"),
-        }
+    /// The engine to run on: `auto` is CUDA when a driver and a device exist, else the CPU.
+    fn device(&self) -> anyhow::Result<Option<Device>> {
+        let device = match self.device.as_str() {
+            "cpu" => None,
+            "auto" => Device::cuda_available()
+                .then(|| Device::cuda(0))
+                .transpose()?,
+            "sim" => Some(Device::sim()),
+            "cuda" => Some(Device::cuda(0)?),
+            d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Some(Device::cuda(n)?),
+                _ => bail!("unknown device '{d}': use auto, cpu, cuda, cuda:N or sim"),
+            },
+        };
         match self.precision.as_str() {
             "fp32" => {}
             "bf16" => {
-                bail!("--precision bf16 needs the GPU engine; the CPU reference engine runs fp32")
+                bail!("--precision bf16 is not available yet: every engine runs fp32 in this build")
             }
             p => bail!("unknown precision '{p}': use fp32 or bf16"),
         }
-        if self.batch_size != "auto" {
-            match self.batch_size.parse::<usize>() {
-                Ok(n) if n > 0 => {}
-                _ => bail!(
-                    "--batch-size '{}' must be a positive number or auto",
-                    self.batch_size
-                ),
-            }
+        Ok(device)
+    }
+
+    /// Images per engine call: a number, or `auto` (1 on the CPU and in the simulator, where
+    /// batching gains nothing; 8 on CUDA).
+    fn batch_size(&self, device: Option<&Device>) -> anyhow::Result<usize> {
+        if self.batch_size == "auto" {
+            return Ok(match device {
+                Some(d) if !d.is_sim() => 8,
+                _ => 1,
+            });
         }
-        Ok(())
+        match self.batch_size.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!(
+                "--batch-size '{}' must be a positive number or auto",
+                self.batch_size
+            ),
+        }
     }
 }
 
 pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
-    args.check_device()?;
+    let device = args.device()?;
+    let batch_size = args.batch_size(device.as_ref())?;
     let settings = args.settings();
     settings.validate().map_err(anyhow::Error::msg)?;
     if let Init::From(dir) = &settings.init {
@@ -227,7 +244,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
             eprintln!("note: random:{arch} has RANDOM weights (seed {seed}); results show speed and mechanics, not real transfer");
         }
         eprintln!(
-            "attacking {} image(s){} with loss {}, optimizer {}, {} steps, eps {:.2}/255 on cpu",
+            "attacking {} image(s){} with loss {}, optimizer {}, {} steps, eps {:.2}/255 on {}",
             items.len(),
             args.shard
                 .map(|s| format!(" (shard {}/{})", s.index, s.count))
@@ -235,7 +252,10 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
             value_name(settings.loss),
             value_name(settings.optimizer),
             settings.steps,
-            settings.eps * 255.0
+            settings.eps * 255.0,
+            device
+                .as_ref()
+                .map_or_else(|| "cpu (reference engine)".to_string(), Device::name)
         );
         if inputs.ignored > 0 {
             eprintln!(
@@ -246,16 +266,28 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    let engine = ReferenceVit::new(&model);
     let bar = Bar::new((items.len() * settings.steps) as u64, args.quiet);
     let started = std::time::Instant::now();
-    let batch_size = args.batch_size.parse::<usize>().unwrap_or(1);
     let output = OutputOptions {
         batch_size,
         dir: args.output.clone(),
         save_float: args.save_float,
     };
-    let summary = run_campaign(&engine, &objective, &settings, &items, &output, &bar)?;
+    let summary = match &device {
+        None => run_campaign(
+            &ReferenceVit::new(&model),
+            &objective,
+            &settings,
+            &items,
+            &output,
+            &bar,
+        )?,
+        Some(dev) => {
+            let engine = GpuVit::new(dev, &model)
+                .with_context(|| format!("cannot load the model onto {}", dev.name()))?;
+            run_campaign(&engine, &objective, &settings, &items, &output, &bar)?
+        }
+    };
     bar.finish();
     if !args.quiet {
         let secs = started.elapsed().as_secs_f64();

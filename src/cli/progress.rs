@@ -49,8 +49,8 @@ impl Progress for Bar {
         self.bar
             .set_message(format!("{done} images ({rate:.2} images/s), now {rel}"));
     }
-    fn step_done(&self) {
-        self.bar.inc(1);
+    fn steps_done(&self, image_steps: usize) {
+        self.bar.inc(image_steps as u64);
     }
     fn image_done(&self, record: &ManifestRecord) {
         self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -394,6 +394,25 @@ impl CudaBackend {
             .map_err(|e| cuda_err("synchronising the stream", e))
     }
 
+    /// Copies `bytes` bytes from `src` to `dst`, in stream order (no host synchronisation).
+    pub fn copy(
+        &self,
+        src: &CudaMemory,
+        dst: &mut CudaMemory,
+        bytes: usize,
+    ) -> Result<(), GpuError> {
+        src.check(bytes, "device-to-device copy")?;
+        dst.check(bytes, "device-to-device copy")?;
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both allocations hold at least `bytes` bytes (checked) and stay alive until
+        // the stream reaches the copy (buffers are freed in stream order).
+        unsafe { dr::memcpy_dtod_async(dst.ptr, src.ptr, bytes, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("device-to-device copy", e))
+    }
+
     /// `c = (accumulate ? c : 0) + a · op(b) + bias`, row-major, through cuBLASLt (fp32 compute;
     /// see [`Blas::matmul`] for the mapping onto cuBLASLt's column-major convention).
     pub fn matmul_f32(

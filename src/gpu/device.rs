@@ -264,6 +264,28 @@ impl Device {
         Ok(out)
     }
 
+    /// Copies `src` into `dst` on the device (same length).
+    pub fn copy<T: Element>(&self, src: &Buffer<T>, dst: &mut Buffer<T>) -> Result<(), GpuError> {
+        assert_eq!(
+            src.len, dst.len,
+            "copy of {} elements into a buffer of {}",
+            src.len, dst.len
+        );
+        match (&src.mem, &mut dst.mem) {
+            (Memory::Host { ptr: s, .. }, Memory::Host { ptr: d, .. }) => {
+                // SAFETY: both allocations hold at least `src.bytes()` bytes and are distinct
+                // (`dst` is exclusively borrowed).
+                unsafe { std::ptr::copy_nonoverlapping(*s, *d, src.bytes()) };
+                Ok(())
+            }
+            (Memory::Cuda(s), Memory::Cuda(d)) => match &*self.backend {
+                Backend::Cuda(c) => c.copy(s, d, src.bytes()),
+                Backend::Sim => unreachable!("CUDA buffers on a simulator device"),
+            },
+            _ => unreachable!("buffers from different devices"),
+        }
+    }
+
     /// Fills `buf` with 0xFF bytes (NaN for floats): tests poison outputs before a launch.
     pub fn poison<T: Element>(&self, buf: &mut Buffer<T>) -> Result<(), GpuError> {
         let bytes = vec![0xFFu8; buf.bytes()];

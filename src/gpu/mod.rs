@@ -10,6 +10,7 @@
 
 pub mod cuda;
 pub mod device;
+pub mod engine;
 pub mod gemm;
 pub mod kernels;
 pub mod sim;

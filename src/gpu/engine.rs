@@ -1,0 +1,796 @@
+//! The GPU engine: the ViT forward, the losses and the input-gradient backward for a packed
+//! batch of images of mixed sizes, on any [`Device`] (CUDA, or the simulator in CI).
+//!
+//! A batch is a packed token matrix `[ΣT_i, D]` with a `cu_seqlens` table (DESIGN §6): linear
+//! layers and LayerNorm see one tall matrix, attention and the embedding read the offsets.
+//! Clean features stay on the device between steps ([`GpuClean`]); the loss kernels add each
+//! selected layer's gradient straight into the backward's running gradient.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::gemm::{matmul_f32, MatmulShape};
+use super::kernels::activation::{activation_backward_inplace_f32, bias_activation_forward_f32};
+use super::kernels::attention::{
+    attention_backward_f32, attention_forward_f32, attention_scratch_len, AttentionMode,
+};
+use super::kernels::embed::{
+    assemble_tokens_f32, col2im_f32, patchify_f32, tokens_to_patch_grads_f32, PackedImages,
+};
+use super::kernels::layernorm::{layernorm_backward_f32, layernorm_forward_f32};
+use super::kernels::loss::{
+    layer_cosine_f32, layer_loss_f32, LayerLoss, LossScratch, PackedTokens,
+};
+use super::{Buffer, Device, GpuError};
+use crate::attack::engine::{Engine, EngineError, LossAndGradient};
+use crate::attack::image::{Evaluation, Planar};
+use crate::attack::loss::Objective;
+use crate::model::{LayerNormWeights, Linear, Model};
+use crate::reference::resize::PositionEmbeddingCache;
+
+/// A linear layer on the device.
+struct DeviceLinear {
+    weight: Buffer<f32>,
+    bias: Option<Buffer<f32>>,
+    out_features: usize,
+    in_features: usize,
+}
+
+struct DeviceLayerNorm {
+    weight: Buffer<f32>,
+    bias: Buffer<f32>,
+}
+
+struct DeviceBlock {
+    ln1: DeviceLayerNorm,
+    qkv: DeviceLinear,
+    out_proj: DeviceLinear,
+    ln2: DeviceLayerNorm,
+    fc1: DeviceLinear,
+    fc2: DeviceLinear,
+}
+
+/// One packed batch's geometry and pixels on the device.
+struct Batch {
+    packing: PackedImages,
+    table: Buffer<i32>,
+    cu_seqlens: Buffer<i32>,
+    seqlens: Vec<usize>,
+    /// Each image's position embedding at its grid, packed like the tokens `[ΣT_i, D]`.
+    pos: Arc<Buffer<f32>>,
+    images: Buffer<f32>,
+}
+
+/// Saved activations of one block.
+struct BlockSaved {
+    ln1_mean: Buffer<f32>,
+    ln1_rstd: Buffer<f32>,
+    qkv: Buffer<f32>,
+    context: Buffer<f32>,
+    lse: Buffer<f32>,
+    mid: Buffer<f32>,
+    ln2_mean: Buffer<f32>,
+    ln2_rstd: Buffer<f32>,
+    mlp_pre: Buffer<f32>,
+}
+
+struct Forward {
+    features: Vec<Buffer<f32>>,
+    embedded: Buffer<f32>,
+    ln_pre_mean: Buffer<f32>,
+    ln_pre_rstd: Buffer<f32>,
+    blocks: Vec<BlockSaved>,
+}
+
+/// Clean features of a batch, kept on the device.
+pub struct GpuClean {
+    sizes: Vec<(usize, usize)>,
+    features: Vec<Buffer<f32>>,
+    /// Image embeddings, for the `embed` loss (host; one small vector per image).
+    cls_rows: Vec<Vec<f32>>,
+}
+
+/// Packed position tables by the batch's grids.
+type PositionTables = Mutex<HashMap<Vec<(usize, usize)>, Arc<Buffer<f32>>>>;
+
+/// A LayerNorm output with the statistics its backward needs.
+struct Normed {
+    y: Buffer<f32>,
+    mean: Buffer<f32>,
+    rstd: Buffer<f32>,
+}
+
+/// One loss evaluation of a batch: per-image values, the input gradient when asked for, and
+/// the forward it came from.
+struct LossPass {
+    losses: Vec<f64>,
+    gradient: Option<Buffer<f32>>,
+    forward: Forward,
+}
+
+/// The GPU engine for one model on one device.
+pub struct GpuVit<'m> {
+    dev: Device,
+    model: &'m Model,
+    patch_embed: DeviceLinear,
+    class_embedding: Buffer<f32>,
+    ln_pre: DeviceLayerNorm,
+    blocks: Vec<DeviceBlock>,
+    positions: PositionEmbeddingCache,
+    /// Packed position tables by batch geometry (grids), reused across steps.
+    packed_positions: PositionTables,
+}
+
+fn upload_linear(dev: &Device, l: &Linear) -> Result<DeviceLinear, GpuError> {
+    Ok(DeviceLinear {
+        weight: dev.upload(&l.weight)?,
+        bias: l.bias.as_ref().map(|b| dev.upload(b)).transpose()?,
+        out_features: l.out_features,
+        in_features: l.in_features,
+    })
+}
+
+fn upload_ln(dev: &Device, l: &LayerNormWeights) -> Result<DeviceLayerNorm, GpuError> {
+    Ok(DeviceLayerNorm {
+        weight: dev.upload(&l.weight)?,
+        bias: dev.upload(&l.bias)?,
+    })
+}
+
+impl<'m> GpuVit<'m> {
+    /// Uploads the model's weights to `dev`.
+    pub fn new(dev: &Device, model: &'m Model) -> Result<Self, GpuError> {
+        let w = &model.weights;
+        let c = &model.config;
+        let blocks = w
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(DeviceBlock {
+                    ln1: upload_ln(dev, &b.ln1)?,
+                    qkv: upload_linear(dev, &b.qkv)?,
+                    out_proj: upload_linear(dev, &b.out_proj)?,
+                    ln2: upload_ln(dev, &b.ln2)?,
+                    fc1: upload_linear(dev, &b.fc1)?,
+                    fc2: upload_linear(dev, &b.fc2)?,
+                })
+            })
+            .collect::<Result<Vec<_>, GpuError>>()?;
+        Ok(GpuVit {
+            dev: dev.clone(),
+            model,
+            patch_embed: upload_linear(dev, &w.patch_embed)?,
+            class_embedding: dev.upload(&w.class_embedding)?,
+            ln_pre: upload_ln(dev, &w.ln_pre)?,
+            blocks,
+            positions: PositionEmbeddingCache::new(w.position_embedding.clone(), c.width, c.grid),
+            packed_positions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    fn alloc(&self, len: usize) -> Result<Buffer<f32>, GpuError> {
+        self.dev.alloc(len)
+    }
+
+    /// Packs `images` (planar, any sizes) into one device batch.
+    fn batch(&self, images: &[Planar]) -> Result<Batch, GpuError> {
+        let c = &self.model.config;
+        let sizes: Vec<(usize, usize)> = images.iter().map(|im| (im.height, im.width)).collect();
+        let packing = PackedImages::new(&sizes, c.patch);
+        let mut pixels = Vec::with_capacity(packing.total_pixels);
+        for im in images {
+            pixels.extend_from_slice(im.data);
+        }
+        let grids: Vec<(usize, usize)> = packing
+            .images
+            .iter()
+            .map(|p| (p.grid_h, p.grid_w))
+            .collect();
+        let pos = {
+            let mut cache = self.packed_positions.lock().expect("position cache lock");
+            match cache.get(&grids) {
+                Some(p) => p.clone(),
+                None => {
+                    let mut packed = Vec::with_capacity(packing.total_tokens * c.width);
+                    for &(gh, gw) in &grids {
+                        packed.extend_from_slice(&self.positions.get(gh, gw));
+                    }
+                    let p = Arc::new(self.dev.upload(&packed)?);
+                    if cache.len() > 64 {
+                        cache.clear(); // dynamic scale makes many geometries; keep memory bounded
+                    }
+                    cache.insert(grids, p.clone());
+                    p
+                }
+            }
+        };
+        Ok(Batch {
+            table: packing.upload_table(&self.dev)?,
+            cu_seqlens: self.dev.upload(&packing.cu_seqlens())?,
+            seqlens: packing.images.iter().map(|p| p.tokens()).collect(),
+            images: self.dev.upload(&pixels)?,
+            pos,
+            packing,
+        })
+    }
+
+    /// `out = x · Wᵀ + b` (+ `out` when `accumulate`), x `[rows, in]`.
+    fn linear(
+        &self,
+        x: &Buffer<f32>,
+        rows: usize,
+        l: &DeviceLinear,
+        out: &mut Buffer<f32>,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        let shape = MatmulShape {
+            m: rows,
+            n: l.out_features,
+            k: l.in_features,
+            b_transposed: true,
+        };
+        matmul_f32(
+            &self.dev,
+            shape,
+            x,
+            &l.weight,
+            l.bias.as_ref(),
+            out,
+            accumulate,
+        )
+    }
+
+    /// `dx = dy · W`, dy `[rows, out]`.
+    fn linear_backward(
+        &self,
+        dy: &Buffer<f32>,
+        rows: usize,
+        l: &DeviceLinear,
+        dx: &mut Buffer<f32>,
+    ) -> Result<(), GpuError> {
+        let shape = MatmulShape {
+            m: rows,
+            n: l.in_features,
+            k: l.out_features,
+            b_transposed: false,
+        };
+        matmul_f32(&self.dev, shape, dy, &l.weight, None, dx, false)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &Buffer<f32>,
+        ln: &DeviceLayerNorm,
+        rows: usize,
+    ) -> Result<Normed, GpuError> {
+        let d = self.model.config.width;
+        let (mut y, mut mean, mut rstd) =
+            (self.alloc(rows * d)?, self.alloc(rows)?, self.alloc(rows)?);
+        layernorm_forward_f32(
+            &self.dev,
+            x,
+            &ln.weight,
+            &ln.bias,
+            &mut y,
+            &mut mean,
+            &mut rstd,
+            rows,
+            d,
+            self.model.config.ln_eps,
+        )?;
+        Ok(Normed { y, mean, rstd })
+    }
+
+    fn forward(&self, batch: &Batch, save: bool) -> Result<Forward, GpuError> {
+        let c = &self.model.config;
+        let (n, t, d) = (
+            batch.packing.total_patches,
+            batch.packing.total_tokens,
+            c.width,
+        );
+        let cols = batch.packing.patch_cols();
+        let mut patches = self.alloc(n * cols)?;
+        patchify_f32(
+            &self.dev,
+            &batch.packing,
+            &batch.table,
+            &batch.images,
+            &mut patches,
+            c.mean,
+            c.std,
+        )?;
+        let mut patch_tokens = self.alloc(n * d)?;
+        self.linear(&patches, n, &self.patch_embed, &mut patch_tokens, false)?;
+        drop(patches);
+        let mut embedded = self.alloc(t * d)?;
+        assemble_tokens_f32(
+            &self.dev,
+            &batch.packing,
+            &batch.table,
+            &patch_tokens,
+            &self.class_embedding,
+            &batch.pos,
+            &mut embedded,
+            d,
+        )?;
+        let Normed {
+            y: f0,
+            mean: ln_pre_mean,
+            rstd: ln_pre_rstd,
+        } = self.layer_norm(&embedded, &self.ln_pre, t)?;
+
+        let mut features = vec![f0];
+        let mut blocks = Vec::new();
+        for b in &self.blocks {
+            let x = features.last().expect("F_0 exists");
+            let Normed {
+                y: normed,
+                mean: ln1_mean,
+                rstd: ln1_rstd,
+            } = self.layer_norm(x, &b.ln1, t)?;
+            let mut qkv = self.alloc(t * 3 * d)?;
+            self.linear(&normed, t, &b.qkv, &mut qkv, false)?;
+            let (context, lse) = self.attention_forward(&qkv, batch)?;
+            let mut mid = self.alloc(t * d)?;
+            self.dev.copy(x, &mut mid)?;
+            self.linear(&context, t, &b.out_proj, &mut mid, true)?;
+            let Normed {
+                y: normed2,
+                mean: ln2_mean,
+                rstd: ln2_rstd,
+            } = self.layer_norm(&mid, &b.ln2, t)?;
+            let mut mlp_in = self.alloc(t * c.mlp)?;
+            self.linear_without_bias(&normed2, t, &b.fc1, &mut mlp_in)?;
+            let mut mlp_pre = self.alloc(t * c.mlp)?;
+            let mut hidden = self.alloc(t * c.mlp)?;
+            bias_activation_forward_f32(
+                &self.dev,
+                c.activation,
+                &mlp_in,
+                b.fc1.bias.as_ref(),
+                Some(&mut mlp_pre),
+                &mut hidden,
+                t,
+                c.mlp,
+            )?;
+            let mut out = self.alloc(t * d)?;
+            self.dev.copy(&mid, &mut out)?;
+            self.linear(&hidden, t, &b.fc2, &mut out, true)?;
+            features.push(out);
+            if save {
+                blocks.push(BlockSaved {
+                    ln1_mean,
+                    ln1_rstd,
+                    qkv,
+                    context,
+                    lse,
+                    mid,
+                    ln2_mean,
+                    ln2_rstd,
+                    mlp_pre,
+                });
+            }
+        }
+        Ok(Forward {
+            features,
+            embedded,
+            ln_pre_mean,
+            ln_pre_rstd,
+            blocks,
+        })
+    }
+
+    /// `x · W₁ᵀ` without the bias (the bias is fused into the activation kernel).
+    fn linear_without_bias(
+        &self,
+        x: &Buffer<f32>,
+        rows: usize,
+        l: &DeviceLinear,
+        out: &mut Buffer<f32>,
+    ) -> Result<(), GpuError> {
+        let shape = MatmulShape {
+            m: rows,
+            n: l.out_features,
+            k: l.in_features,
+            b_transposed: true,
+        };
+        matmul_f32(&self.dev, shape, x, &l.weight, None, out, false)
+    }
+
+    /// Input-pixel gradient of the batch (packed planar), with `add_loss_gradient(l, dh)`
+    /// adding dL/dF_l into the running gradient at each layer.
+    fn backward(
+        &self,
+        batch: &Batch,
+        fwd: &Forward,
+        mut add_loss_gradient: impl FnMut(usize, &Buffer<f32>, &mut Buffer<f32>) -> Result<(), GpuError>,
+    ) -> Result<Buffer<f32>, GpuError> {
+        let c = &self.model.config;
+        let (n, t, d) = (
+            batch.packing.total_patches,
+            batch.packing.total_tokens,
+            c.width,
+        );
+        let mut dh = self.alloc(t * d)?;
+        for (l, (b, s)) in self.blocks.iter().zip(&fwd.blocks).enumerate().rev() {
+            add_loss_gradient(l + 1, &fwd.features[l + 1], &mut dh)?;
+            // out = mid + fc2(act(fc1(LN2(mid))))
+            let mut d_hidden = self.alloc(t * c.mlp)?;
+            self.linear_backward(&dh, t, &b.fc2, &mut d_hidden)?;
+            activation_backward_inplace_f32(
+                &self.dev,
+                c.activation,
+                &s.mlp_pre,
+                &mut d_hidden,
+                t,
+                c.mlp,
+            )?;
+            let mut d_normed = self.alloc(t * d)?;
+            self.linear_backward(&d_hidden, t, &b.fc1, &mut d_normed)?;
+            drop(d_hidden);
+            layernorm_backward_f32(
+                &self.dev,
+                &s.mid,
+                &d_normed,
+                &b.ln2.weight,
+                &s.ln2_mean,
+                &s.ln2_rstd,
+                &mut dh,
+                t,
+                d,
+                true,
+            )?;
+            // mid = x + out_proj(attn(LN1(x)))
+            let mut d_context = self.alloc(t * d)?;
+            self.linear_backward(&dh, t, &b.out_proj, &mut d_context)?;
+            let d_qkv = self.attention_backward(s, &d_context, batch)?;
+            self.linear_backward(&d_qkv, t, &b.qkv, &mut d_normed)?;
+            layernorm_backward_f32(
+                &self.dev,
+                &fwd.features[l],
+                &d_normed,
+                &b.ln1.weight,
+                &s.ln1_mean,
+                &s.ln1_rstd,
+                &mut dh,
+                t,
+                d,
+                true,
+            )?;
+        }
+        add_loss_gradient(0, &fwd.features[0], &mut dh)?;
+        let mut d_embedded = self.alloc(t * d)?;
+        layernorm_backward_f32(
+            &self.dev,
+            &fwd.embedded,
+            &dh,
+            &self.ln_pre.weight,
+            &fwd.ln_pre_mean,
+            &fwd.ln_pre_rstd,
+            &mut d_embedded,
+            t,
+            d,
+            false,
+        )?;
+        let mut d_patch_tokens = self.alloc(n * d)?;
+        tokens_to_patch_grads_f32(
+            &self.dev,
+            &batch.packing,
+            &batch.table,
+            &d_embedded,
+            &mut d_patch_tokens,
+            d,
+        )?;
+        let cols = batch.packing.patch_cols();
+        let mut d_patches = self.alloc(n * cols)?;
+        self.linear_backward(&d_patch_tokens, n, &self.patch_embed, &mut d_patches)?;
+        let mut d_images = self.alloc(batch.packing.total_pixels)?;
+        col2im_f32(
+            &self.dev,
+            &batch.packing,
+            &batch.table,
+            &d_patches,
+            &mut d_images,
+            c.std,
+        )?;
+        Ok(d_images)
+    }
+
+    fn attention_forward(
+        &self,
+        qkv: &Buffer<f32>,
+        batch: &Batch,
+    ) -> Result<(Buffer<f32>, Buffer<f32>), GpuError> {
+        let (t, d) = (batch.packing.total_tokens, self.model.config.width);
+        let mut context = self.alloc(t * d)?;
+        let mut lse = self.alloc(attention_scratch_len(t, d))?;
+        attention_forward_f32(
+            &self.dev,
+            qkv,
+            &batch.cu_seqlens,
+            &batch.seqlens,
+            &mut context,
+            &mut lse,
+            d,
+            AttentionMode::QK,
+            false,
+        )?;
+        Ok((context, lse))
+    }
+
+    fn attention_backward(
+        &self,
+        s: &BlockSaved,
+        d_context: &Buffer<f32>,
+        batch: &Batch,
+    ) -> Result<Buffer<f32>, GpuError> {
+        let (t, d) = (batch.packing.total_tokens, self.model.config.width);
+        let mut d_qkv = self.alloc(t * 3 * d)?;
+        let mut delta = self.alloc(attention_scratch_len(t, d))?;
+        attention_backward_f32(
+            &self.dev,
+            &s.qkv,
+            &s.context,
+            d_context,
+            &s.lse,
+            &batch.cu_seqlens,
+            &batch.seqlens,
+            &mut d_qkv,
+            &mut delta,
+            d,
+            AttentionMode::QK,
+            false,
+        )?;
+        Ok(d_qkv)
+    }
+
+    fn tokens<'b>(&self, batch: &'b Batch) -> PackedTokens<'b> {
+        PackedTokens {
+            cu_seqlens: &batch.cu_seqlens,
+            images: batch.packing.len(),
+            rows: batch.packing.total_tokens,
+            dim: self.model.config.width,
+        }
+    }
+
+    /// The CLS row of every image of a packed feature buffer (host).
+    fn cls_rows(&self, batch: &Batch, features: &Buffer<f32>) -> Result<Vec<Vec<f32>>, GpuError> {
+        let d = self.model.config.width;
+        let host = self.dev.download(features)?;
+        Ok(batch
+            .packing
+            .images
+            .iter()
+            .map(|p| host[p.token_offset * d..(p.token_offset + 1) * d].to_vec())
+            .collect())
+    }
+
+    /// Loss per image (summed over the objective's layers in f64 on the host) and, with
+    /// `with_grad`, the input-pixel gradient of the batch.
+    fn loss(
+        &self,
+        batch: &Batch,
+        clean: &GpuClean,
+        objective: &Objective,
+        with_grad: bool,
+    ) -> Result<LossPass, GpuError> {
+        let images = batch.packing.len();
+        let fwd = self.forward(batch, with_grad)?;
+        let mut totals = vec![0.0f64; images];
+        let Some(kind) = LayerLoss::from_kind(objective.kind) else {
+            return self.embed_loss(batch, clean, objective, with_grad, fwd);
+        };
+        let shape = self.tokens(batch);
+        let mut scratch = LossScratch::new(&self.dev, shape.rows, images)?;
+        let mut per_layer = self.alloc(images)?;
+        let mut add = |l: usize,
+                       features: &Buffer<f32>,
+                       grad: Option<&mut Buffer<f32>>|
+         -> Result<(), GpuError> {
+            if !objective.layers.contains(&l) {
+                return Ok(());
+            }
+            layer_loss_f32(
+                &self.dev,
+                kind,
+                objective.tokens,
+                shape,
+                features,
+                &clean.features[l],
+                &mut per_layer,
+                false,
+                grad,
+                &mut scratch,
+            )?;
+            for (t, v) in totals.iter_mut().zip(self.dev.download(&per_layer)?) {
+                *t += v as f64;
+            }
+            Ok(())
+        };
+        if !with_grad {
+            for (l, f) in fwd.features.iter().enumerate() {
+                add(l, f, None)?;
+            }
+            return Ok(LossPass {
+                losses: totals,
+                gradient: None,
+                forward: fwd,
+            });
+        }
+        let grad = self.backward(batch, &fwd, |l, f, dh| add(l, f, Some(dh)))?;
+        Ok(LossPass {
+            losses: totals,
+            gradient: Some(grad),
+            forward: fwd,
+        })
+    }
+
+    /// The `embed` loss: the image embedding is one row per image, so it is computed on the host
+    /// with the reference code and its gradient injected at F_L's CLS rows.
+    fn embed_loss(
+        &self,
+        batch: &Batch,
+        clean: &GpuClean,
+        objective: &Objective,
+        with_grad: bool,
+        fwd: Forward,
+    ) -> Result<LossPass, GpuError> {
+        let (d, last) = (self.model.config.width, self.model.config.layers);
+        let adv_cls = self.cls_rows(batch, &fwd.features[last])?;
+        let mut values = Vec::with_capacity(adv_cls.len());
+        let mut d_last = vec![0.0f32; batch.packing.total_tokens * d];
+        for ((a, c), p) in adv_cls
+            .iter()
+            .zip(&clean.cls_rows)
+            .zip(&batch.packing.images)
+        {
+            let mut adv_f: Vec<Vec<f32>> = vec![Vec::new(); last + 1];
+            let mut clean_f: Vec<Vec<f32>> = vec![Vec::new(); last + 1];
+            adv_f[last] = a.clone();
+            clean_f[last] = c.clone();
+            let v = objective.evaluate(self.model, &adv_f, &clean_f, with_grad);
+            values.push(v.value);
+            if let Some(Some(g)) = v.feature_grads.get(last) {
+                d_last[p.token_offset * d..(p.token_offset + 1) * d].copy_from_slice(&g[..d]);
+            }
+        }
+        if !with_grad {
+            return Ok(LossPass {
+                losses: values,
+                gradient: None,
+                forward: fwd,
+            });
+        }
+        let injected = self.dev.upload(&d_last)?;
+        let grad = self.backward(batch, &fwd, |l, _, dh| {
+            if l == last {
+                self.dev.copy(&injected, dh)
+            } else {
+                Ok(())
+            }
+        })?;
+        Ok(LossPass {
+            losses: values,
+            gradient: Some(grad),
+            forward: fwd,
+        })
+    }
+
+    /// Splits a packed planar buffer into per-image vectors.
+    fn unpack_images(
+        &self,
+        batch: &Batch,
+        packed: &Buffer<f32>,
+    ) -> Result<Vec<Vec<f32>>, GpuError> {
+        let host = self.dev.download(packed)?;
+        Ok(batch
+            .packing
+            .images
+            .iter()
+            .map(|p| host[p.pixel_offset..p.pixel_offset + p.pixels()].to_vec())
+            .collect())
+    }
+}
+
+impl Engine for GpuVit<'_> {
+    type Clean = GpuClean;
+
+    fn model(&self) -> &Model {
+        self.model
+    }
+
+    fn clean_features(&self, images: &[Planar]) -> Result<GpuClean, EngineError> {
+        let sizes = images.iter().map(|im| (im.height, im.width)).collect();
+        if images.is_empty() {
+            return Ok(GpuClean {
+                sizes,
+                features: Vec::new(),
+                cls_rows: Vec::new(),
+            });
+        }
+        let batch = self.batch(images)?;
+        let fwd = self.forward(&batch, false)?;
+        let cls_rows = if self.model.weights.projection.is_some() {
+            self.cls_rows(&batch, &fwd.features[self.model.config.layers])?
+        } else {
+            Vec::new()
+        };
+        Ok(GpuClean {
+            sizes,
+            features: fwd.features,
+            cls_rows,
+        })
+    }
+
+    fn loss_and_gradient(
+        &self,
+        adv: &[Planar],
+        clean: &GpuClean,
+        objective: &Objective,
+    ) -> Result<Vec<LossAndGradient>, EngineError> {
+        check_geometry(adv, clean);
+        let batch = self.batch(adv)?;
+        let LossPass {
+            losses,
+            gradient: grad,
+            ..
+        } = self.loss(&batch, clean, objective, true)?;
+        let grads = self.unpack_images(&batch, &grad.expect("gradient requested"))?;
+        Ok(losses
+            .into_iter()
+            .zip(grads)
+            .map(|(loss, gradient)| LossAndGradient { loss, gradient })
+            .collect())
+    }
+
+    fn evaluate(
+        &self,
+        adv: &[Planar],
+        clean: &GpuClean,
+        objective: &Objective,
+    ) -> Result<Vec<Evaluation>, EngineError> {
+        check_geometry(adv, clean);
+        let batch = self.batch(adv)?;
+        let LossPass {
+            losses,
+            forward: fwd,
+            ..
+        } = self.loss(&batch, clean, objective, false)?;
+        let shape = self.tokens(&batch);
+        let mut scratch = LossScratch::new(&self.dev, shape.rows, shape.images)?;
+        let mut cos = self.alloc(shape.images)?;
+        let mut layer_cosine = vec![Vec::with_capacity(fwd.features.len()); shape.images];
+        for (f, c) in fwd.features.iter().zip(&clean.features) {
+            layer_cosine_f32(
+                &self.dev,
+                objective.tokens,
+                shape,
+                f,
+                c,
+                &mut cos,
+                &mut scratch,
+            )?;
+            for (per_image, v) in layer_cosine.iter_mut().zip(self.dev.download(&cos)?) {
+                per_image.push(v as f64);
+            }
+        }
+        Ok(losses
+            .into_iter()
+            .zip(layer_cosine)
+            .map(|(loss, layer_cosine)| Evaluation { loss, layer_cosine })
+            .collect())
+    }
+}
+
+/// Adversarial images must come in the clean batch's order and sizes.
+fn check_geometry(adv: &[Planar], clean: &GpuClean) {
+    let sizes: Vec<(usize, usize)> = adv.iter().map(|im| (im.height, im.width)).collect();
+    assert_eq!(
+        sizes, clean.sizes,
+        "adversarial batch does not match the clean batch"
+    );
+}

@@ -1,0 +1,247 @@
+//! The whole GPU engine, run in the CUDA simulator (and on a GPU when one is present), against
+//! the reference engine on small models: features, losses, input gradients, and whole attacks
+//! with every optimiser, with and without dynamic scale. Two identical runs are bit-identical.
+
+mod common;
+
+use common::{small_model, Draw};
+use prm::attack::*;
+use prm::gpu::engine::GpuVit;
+use prm::gpu::Device;
+use prm::model::{Activation, Model};
+use prm::reference::ReferenceVit;
+use prm::rng::ImageRng;
+
+/// The devices to test on: the simulator always, CUDA when present.
+fn devices() -> Vec<Device> {
+    let mut d = vec![Device::sim()];
+    if Device::cuda_available() {
+        d.push(Device::cuda(0).expect("CUDA device"));
+    } else {
+        eprintln!("skipped on CUDA: no CUDA device");
+    }
+    d
+}
+
+/// Scale-relative max error.
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want
+        .iter()
+        .fold(0.0f64, |m, &v| m.max(v.abs() as f64))
+        .max(1e-30);
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w as f64).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// A mixed-size batch: sides not multiples of the patch, one at the pretrained size.
+fn batch(d: &mut Draw) -> Vec<(Vec<f32>, usize, usize)> {
+    [(27usize, 45usize), (32, 32), (41, 23)]
+        .iter()
+        .map(|&(h, w)| (d.vec(3 * h * w, 0.02, 0.98), h, w))
+        .collect()
+}
+
+fn views(imgs: &[(Vec<f32>, usize, usize)]) -> Vec<Planar<'_>> {
+    imgs.iter()
+        .map(|(x, h, w)| Planar {
+            data: x,
+            height: *h,
+            width: *w,
+        })
+        .collect()
+}
+
+fn objective(
+    model: &Model,
+    loss: LossKind,
+    tokens: TokenSelection,
+    layers: LayerSelection,
+) -> Objective {
+    Objective::new(
+        loss,
+        layers.resolve(model.config.feature_layers()).unwrap(),
+        tokens,
+        model,
+    )
+    .unwrap()
+}
+
+#[test]
+fn features_losses_and_gradients_match_the_reference() {
+    let model = small_model(128, 2, 2, 8, 4, Activation::QuickGelu, 21);
+    let reference = ReferenceVit::new(&model);
+    let mut d = Draw::new(5);
+    let clean = batch(&mut d);
+    let adv: Vec<Vec<f32>> = clean
+        .iter()
+        .map(|(c, _, _)| {
+            c.iter()
+                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
+                .collect()
+        })
+        .collect();
+    let clean_v = views(&clean);
+    let adv_imgs: Vec<(Vec<f32>, usize, usize)> = adv
+        .iter()
+        .zip(&clean)
+        .map(|(a, (_, h, w))| (a.clone(), *h, *w))
+        .collect();
+    let adv_v = views(&adv_imgs);
+    for dev in devices() {
+        let gpu = GpuVit::new(&dev, &model).unwrap();
+        let ref_clean = reference.clean_features(&clean_v).unwrap();
+        let cases = [
+            (LossKind::Prm, TokenSelection::All, LayerSelection::All),
+            (
+                LossKind::Prm,
+                TokenSelection::Patch,
+                LayerSelection::List(vec![0, 2]),
+            ),
+            (LossKind::Nrd, TokenSelection::All, LayerSelection::All),
+            (LossKind::Dr, TokenSelection::All, LayerSelection::All),
+            (
+                LossKind::DrOfficial,
+                TokenSelection::Patch,
+                LayerSelection::All,
+            ),
+            (LossKind::Embed, TokenSelection::All, LayerSelection::All),
+        ];
+        let gpu_clean = gpu.clean_features(&clean_v).unwrap();
+        for (loss, tokens, layers) in cases {
+            let obj = objective(&model, loss, tokens, layers);
+            let want = reference
+                .loss_and_gradient(&adv_v, &ref_clean, &obj)
+                .unwrap();
+            let got = gpu.loss_and_gradient(&adv_v, &gpu_clean, &obj).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let lerr = (g.loss - w.loss).abs() / w.loss.abs().max(1e-6);
+                assert!(
+                    lerr < 1e-5,
+                    "{} {loss:?} image {i}: loss {} vs {}",
+                    dev.name(),
+                    g.loss,
+                    w.loss
+                );
+                let gerr = rel_err(&g.gradient, &w.gradient);
+                assert!(
+                    gerr < 1e-4,
+                    "{} {loss:?} image {i}: gradient rel err {gerr:.2e}",
+                    dev.name()
+                );
+            }
+            let ge = gpu.evaluate(&adv_v, &gpu_clean, &obj).unwrap();
+            let re = reference.evaluate(&adv_v, &ref_clean, &obj).unwrap();
+            for (g, r) in ge.iter().zip(&re) {
+                assert!((g.loss - r.loss).abs() <= 1e-5 * r.loss.abs().max(1e-6));
+                for (a, b) in g.layer_cosine.iter().zip(&r.layer_cosine) {
+                    assert!((a - b).abs() < 1e-5, "layer cosine {a} vs {b}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn whole_attacks_match_the_reference_and_are_deterministic() {
+    let model = small_model(128, 2, 2, 8, 4, Activation::Gelu, 22);
+    let reference = ReferenceVit::new(&model);
+    let mut d = Draw::new(6);
+    let clean = batch(&mut d);
+    for dev in devices() {
+        let gpu = GpuVit::new(&dev, &model).unwrap();
+        for (optimizer, dynamic) in [
+            (OptimizerKind::Pgd, None),
+            (OptimizerKind::Mifgsm, None),
+            (OptimizerKind::Adamw, Some((0.5, 1.0))),
+            (OptimizerKind::Pgd, Some((0.6, 0.9))),
+        ] {
+            let settings = AttackSettings {
+                optimizer,
+                steps: 3,
+                dynamic_scale: dynamic,
+                init: Init::Random,
+                step_size: 1.0 / 255.0,
+                lr: 2.0 / 255.0,
+                ..Preset::Pgd.settings()
+            };
+            let obj = objective(
+                &model,
+                LossKind::Prm,
+                TokenSelection::All,
+                LayerSelection::All,
+            );
+            let images = || {
+                clean
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (x, h, w))| {
+                        (
+                            Planar {
+                                data: x,
+                                height: *h,
+                                width: *w,
+                            },
+                            ImageRng::new(3, &format!("img{i}")),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let run = |engine_is_gpu: bool| -> Vec<AttackOutcome> {
+                if engine_is_gpu {
+                    let a = Attack::new(&gpu, &obj, &settings, images()).unwrap();
+                    let starts = (0..a.len()).map(|i| a.start(i, None)).collect();
+                    a.run(starts, |_| {}).unwrap()
+                } else {
+                    let a = Attack::new(&reference, &obj, &settings, images()).unwrap();
+                    let starts = (0..a.len()).map(|i| a.start(i, None)).collect();
+                    a.run(starts, |_| {}).unwrap()
+                }
+            };
+            let want = run(false);
+            let got = run(true);
+            let again = run(true);
+            for ((g, w), a) in got.iter().zip(&want).zip(&again) {
+                assert_eq!(
+                    g.adversarial,
+                    a.adversarial,
+                    "{}: two identical runs differ",
+                    dev.name()
+                );
+                assert!((g.loss_initial - w.loss_initial).abs() < 1e-5 * w.loss_initial.abs());
+                // Sign steps may flip on a gradient component within rounding of zero; allow a
+                // vanishing fraction of pixels to differ by one step.
+                if optimizer == OptimizerKind::Adamw {
+                    // AdamW moves continuously: f32 differences in the gradient give tiny
+                    // differences in the image (its step is lr·m̂/(√v̂ + eps)).
+                    let max = g
+                        .adversarial
+                        .iter()
+                        .zip(&w.adversarial)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0f32, f32::max);
+                    assert!(
+                        max < 1e-4,
+                        "{}: AdamW image differs from the reference by {max}",
+                        dev.name()
+                    );
+                } else {
+                    let differ = g
+                        .adversarial
+                        .iter()
+                        .zip(&w.adversarial)
+                        .filter(|(a, b)| (*a - *b).abs() > 1e-6)
+                        .count();
+                    assert!(
+                        differ * 1000 <= g.adversarial.len(),
+                        "{} {optimizer:?}: {differ} pixels differ from the reference",
+                        dev.name()
+                    );
+                }
+            }
+        }
+    }
+}
