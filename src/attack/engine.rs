@@ -4,9 +4,11 @@
 
 use super::image::{Evaluation, Planar};
 use super::loss::{layer_cosines, Objective};
+use super::settings::AttackSettings;
 use crate::gpu::GpuError;
 use crate::model::Model;
 use crate::reference::ReferenceVit;
+use crate::rng::ImageRng;
 
 /// An engine failure. The reference engine never fails; the GPU engine reports device errors.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +22,33 @@ pub enum EngineError {
 pub struct LossAndGradient {
     pub loss: f64,
     pub gradient: Vec<f32>,
+}
+
+/// Everything about a batch's attack that an engine needs to run the whole step loop itself,
+/// with the geometry of every step decided in advance by the attack (so the random draws are
+/// the same whichever loop runs).
+pub struct StepPlan<'a> {
+    pub objective: &'a Objective,
+    pub settings: &'a AttackSettings,
+    /// Clean images at native size.
+    pub clean: Vec<Planar<'a>>,
+    pub rngs: Vec<ImageRng>,
+    /// Starting images, already in the ε-ball.
+    pub starts: &'a [Vec<f32>],
+    /// Every image starts at the clean image with a loss that is stationary there: the first
+    /// step is the seeded escape step (see `Optimizer::escape_step`).
+    pub escape: bool,
+    /// Each image's evaluation size (native or `--resolution`).
+    pub eval_sizes: Vec<(usize, usize)>,
+    /// `sizes[step][i]`: image i's working size at each step.
+    pub sizes: Vec<Vec<(usize, usize)>>,
+}
+
+/// What a device-resident loop returns per image: the final adversarial image and, when step 0
+/// ran at the evaluation geometry, the loss at the start.
+pub struct StepLoopResult {
+    pub adversarial: Vec<f32>,
+    pub loss_initial: Option<f64>,
 }
 
 /// A forward/backward engine for batches of images of any sizes.
@@ -47,6 +76,16 @@ pub trait Engine {
         clean: &Self::Clean,
         objective: &Objective,
     ) -> Result<Vec<Evaluation>, EngineError>;
+
+    /// Runs the whole step loop on the engine's own device (images, resizes, gradients and
+    /// optimiser state stay there). `None`: this engine has no such loop; use the host loop.
+    fn run_steps(
+        &self,
+        _plan: &StepPlan,
+        _on_step: &mut dyn FnMut(usize),
+    ) -> Option<Result<Vec<StepLoopResult>, EngineError>> {
+        None
+    }
 }
 
 impl Engine for ReferenceVit<'_> {

@@ -3,7 +3,7 @@
 //! serves the whole batch; everything per image (random draws, optimiser state) stays per image,
 //! so results do not depend on how images are batched.
 
-use super::engine::{Engine, EngineError, LossAndGradient};
+use super::engine::{Engine, EngineError, LossAndGradient, StepPlan};
 use super::loss::Objective;
 use super::optim::{project, Optimizer};
 use super::settings::{AttackSettings, Init, LossKind, Resolution};
@@ -296,6 +296,33 @@ impl<'a, E: Engine> Attack<'a, E> {
             .map(|(t, s)| self.starts_at_stationary_point(t, s))
             .collect();
         let mut loss_initial: Vec<Option<f64>> = vec![None; self.targets.len()];
+        // An engine with its own device-resident loop runs the steps; the geometry of every
+        // step is drawn here, so both loops see the same draws.
+        if escaping.iter().all(|&e| e) || escaping.iter().all(|&e| !e) {
+            let plan = StepPlan {
+                objective: self.objective,
+                settings: self.settings,
+                clean: self.targets.iter().map(|t| t.clean).collect(),
+                rngs: self.targets.iter().map(|t| t.rng).collect(),
+                starts: &starts,
+                escape: escaping.first().copied().unwrap_or(false),
+                eval_sizes: self.targets.iter().map(|t| self.eval_size(t)).collect(),
+                sizes: (0..self.settings.steps)
+                    .map(|step| {
+                        self.targets
+                            .iter()
+                            .map(|t| self.working_size(t, step))
+                            .collect()
+                    })
+                    .collect(),
+            };
+            if let Some(results) = self.engine.run_steps(&plan, &mut on_step) {
+                let results = results?;
+                let finals: Vec<Vec<f32>> = results.iter().map(|r| r.adversarial.clone()).collect();
+                let initial: Vec<Option<f64>> = results.iter().map(|r| r.loss_initial).collect();
+                return self.finish(&starts, initial, finals);
+            }
+        }
         for step in 0..self.settings.steps {
             // Images that escape at step 0 take no gradient; the rest share one engine call.
             let active: Vec<usize> = (0..self.targets.len())
@@ -324,13 +351,23 @@ impl<'a, E: Engine> Attack<'a, E> {
             }
             on_step(step);
         }
-        // Without a step-0 loss at the evaluation geometry (dynamic scale, or an escape step),
-        // measure the start there.
+        let finals: Vec<Vec<f32>> = opts.iter().map(|o| o.image()).collect();
+        self.finish(&starts, loss_initial, finals)
+    }
+
+    /// Completes the outcomes: where step 0 gave no loss at the evaluation geometry (dynamic
+    /// scale, or an escape step), the start is measured there.
+    fn finish(
+        &self,
+        starts: &[Vec<f32>],
+        mut loss_initial: Vec<Option<f64>>,
+        finals: Vec<Vec<f32>>,
+    ) -> Result<Vec<AttackOutcome>, EngineError> {
         let missing: Vec<usize> = (0..self.targets.len())
             .filter(|&i| loss_initial[i].is_none())
             .collect();
         if !missing.is_empty() {
-            let mut xs: Vec<Vec<f32>> = opts.iter().map(|o| o.image()).collect();
+            let mut xs = finals.clone();
             for &i in &missing {
                 xs[i] = starts[i].clone();
             }
@@ -339,11 +376,11 @@ impl<'a, E: Engine> Attack<'a, E> {
                 loss_initial[i] = Some(evals[i].loss);
             }
         }
-        Ok(opts
-            .iter()
+        Ok(finals
+            .into_iter()
             .zip(loss_initial)
-            .map(|(o, l)| AttackOutcome {
-                adversarial: o.image(),
+            .map(|(adversarial, l)| AttackOutcome {
+                adversarial,
                 loss_initial: l.expect("measured above"),
                 steps: self.settings.steps,
             })

@@ -191,11 +191,14 @@ def png_u8(path: str) -> np.ndarray:
 # prm
 # ----------------------------------------------------------------------------------------------
 
+DEVICE = "cpu"
+
+
 def run_prm(prm, model_path, clean_dir, start_dir, out_dir, extra):
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [prm, "attack", "--model", model_path, "--input", clean_dir, "--output", out_dir,
            "--preset", "pgd", "--steps", "1", "--step-size", "1/255", "--eps", "8/255",
-           "--init", f"from:{start_dir}", "--no-dynamic-scale", "--device", "cpu", "--quiet",
+           "--init", f"from:{start_dir}", "--no-dynamic-scale", "--device", DEVICE, "--quiet",
            *extra]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -370,6 +373,7 @@ def self_test(work, names, imgs, model_path, patch):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prm", default="/tmp/prm-bin/prm")
+    ap.add_argument("--device", default="cpu", help="prm's --device: cpu, sim or cuda[:N]")
     ap.add_argument("--work", default="/tmp/cmp")
     ap.add_argument("--seed", type=int, default=20240917)
     ap.add_argument("--no-big", action="store_true", help="skip the ViT-B/16-sized model")
@@ -379,6 +383,8 @@ def main(argv=None):
     ap.add_argument("--self-test", action="store_true",
                     help="also check that deliberately wrong references are rejected")
     a = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = a.device
 
     torch.set_grad_enabled(True)
     try:  # the text tower of a CLIPModel directory is reported as "unexpected"; that is fine

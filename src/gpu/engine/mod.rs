@@ -6,6 +6,8 @@
 //! Clean features stay on the device between steps ([`GpuClean`]); the loss kernels add each
 //! selected layer's gradient straight into the backward's running gradient.
 
+mod step_loop;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +24,7 @@ use super::kernels::loss::{
     layer_cosine_f32, layer_loss_f32, LayerLoss, LossScratch, PackedTokens,
 };
 use super::{Buffer, Device, GpuError};
-use crate::attack::engine::{Engine, EngineError, LossAndGradient};
+use crate::attack::engine::{Engine, EngineError, LossAndGradient, StepLoopResult, StepPlan};
 use crate::attack::image::{Evaluation, Planar};
 use crate::attack::loss::Objective;
 use crate::model::{LayerNormWeights, Linear, Model};
@@ -178,13 +180,27 @@ impl<'m> GpuVit<'m> {
 
     /// Packs `images` (planar, any sizes) into one device batch.
     fn batch(&self, images: &[Planar]) -> Result<Batch, GpuError> {
-        let c = &self.model.config;
         let sizes: Vec<(usize, usize)> = images.iter().map(|im| (im.height, im.width)).collect();
-        let packing = PackedImages::new(&sizes, c.patch);
-        let mut pixels = Vec::with_capacity(packing.total_pixels);
+        let mut pixels = Vec::with_capacity(images.iter().map(|im| im.data.len()).sum());
         for im in images {
             pixels.extend_from_slice(im.data);
         }
+        self.batch_on_device(&sizes, self.dev.upload(&pixels)?)
+    }
+
+    /// A batch of images already on the device, packed planar at `sizes`.
+    fn batch_on_device(
+        &self,
+        sizes: &[(usize, usize)],
+        images: Buffer<f32>,
+    ) -> Result<Batch, GpuError> {
+        let c = &self.model.config;
+        let packing = PackedImages::new(sizes, c.patch);
+        assert_eq!(
+            images.len(),
+            packing.total_pixels,
+            "packed images do not match their sizes"
+        );
         let grids: Vec<(usize, usize)> = packing
             .images
             .iter()
@@ -212,7 +228,7 @@ impl<'m> GpuVit<'m> {
             table: packing.upload_table(&self.dev)?,
             cu_seqlens: self.dev.upload(&packing.cu_seqlens())?,
             seqlens: packing.images.iter().map(|p| p.tokens()).collect(),
-            images: self.dev.upload(&pixels)?,
+            images,
             pos,
             packing,
         })
@@ -783,6 +799,14 @@ impl Engine for GpuVit<'_> {
             .zip(layer_cosine)
             .map(|(loss, layer_cosine)| Evaluation { loss, layer_cosine })
             .collect())
+    }
+
+    fn run_steps(
+        &self,
+        plan: &StepPlan,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Option<Result<Vec<StepLoopResult>, EngineError>> {
+        Some(self.step_loop(plan, on_step).map_err(EngineError::from))
     }
 }
 
