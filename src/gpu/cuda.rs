@@ -394,6 +394,18 @@ impl CudaBackend {
             .map_err(|e| cuda_err("synchronising the stream", e))
     }
 
+    /// Sets the first `bytes` bytes of `dst` to `value`, in stream order.
+    pub fn memset(&self, dst: &mut CudaMemory, value: u8, bytes: usize) -> Result<(), GpuError> {
+        dst.check(bytes, "memset")?;
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: the allocation holds at least `bytes` bytes (checked).
+        unsafe { dr::memset_d8_async(dst.ptr, value, bytes, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("memset", e))
+    }
+
     /// Copies `bytes` bytes from `src` to `dst`, in stream order (no host synchronisation).
     pub fn copy(
         &self,

@@ -288,14 +288,26 @@ impl Device {
 
     /// Fills `buf` with 0xFF bytes (NaN for floats): tests poison outputs before a launch.
     pub fn poison<T: Element>(&self, buf: &mut Buffer<T>) -> Result<(), GpuError> {
-        let bytes = vec![0xFFu8; buf.bytes()];
+        self.fill_bytes(buf, 0xFF)
+    }
+
+    /// Sets every element of `buf` to zero.
+    pub fn zero<T: Element>(&self, buf: &mut Buffer<T>) -> Result<(), GpuError> {
+        self.fill_bytes(buf, 0)
+    }
+
+    fn fill_bytes<T: Element>(&self, buf: &mut Buffer<T>, value: u8) -> Result<(), GpuError> {
+        let bytes = buf.bytes();
         match &mut buf.mem {
             Memory::Host { ptr, .. } => {
-                // SAFETY: as in `write`.
-                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), *ptr, bytes.len()) };
+                // SAFETY: the allocation holds at least `bytes` bytes and is exclusively borrowed.
+                unsafe { std::ptr::write_bytes(*ptr, value, bytes) };
                 Ok(())
             }
-            Memory::Cuda(m) => m.write(&bytes),
+            Memory::Cuda(m) => match &*self.backend {
+                Backend::Cuda(c) => c.memset(m, value, bytes),
+                Backend::Sim => unreachable!("CUDA buffer on a simulator device"),
+            },
         }
     }
 

@@ -13,6 +13,7 @@ pub mod device;
 pub mod engine;
 pub mod gemm;
 pub mod kernels;
+pub mod pool;
 pub mod sim;
 
 pub use device::{Buffer, Device, Element, GpuError, KernelArgs, LaunchConfig};

@@ -23,6 +23,7 @@ use super::kernels::layernorm::{layernorm_backward_f32, layernorm_forward_f32};
 use super::kernels::loss::{
     layer_cosine_f32, layer_loss_f32, LayerLoss, LossScratch, PackedTokens,
 };
+use super::pool::{BufferPool, Pooled};
 use super::{Buffer, Device, GpuError};
 use crate::attack::engine::{Engine, EngineError, LossAndGradient, StepLoopResult, StepPlan};
 use crate::attack::image::{Evaluation, Planar};
@@ -60,34 +61,34 @@ struct Batch {
     seqlens: Vec<usize>,
     /// Each image's position embedding at its grid, packed like the tokens `[ΣT_i, D]`.
     pos: Arc<Buffer<f32>>,
-    images: Buffer<f32>,
+    images: Pooled,
 }
 
 /// Saved activations of one block.
 struct BlockSaved {
-    ln1_mean: Buffer<f32>,
-    ln1_rstd: Buffer<f32>,
-    qkv: Buffer<f32>,
-    context: Buffer<f32>,
-    lse: Buffer<f32>,
-    mid: Buffer<f32>,
-    ln2_mean: Buffer<f32>,
-    ln2_rstd: Buffer<f32>,
-    mlp_pre: Buffer<f32>,
+    ln1_mean: Pooled,
+    ln1_rstd: Pooled,
+    qkv: Pooled,
+    context: Pooled,
+    lse: Pooled,
+    mid: Pooled,
+    ln2_mean: Pooled,
+    ln2_rstd: Pooled,
+    mlp_pre: Pooled,
 }
 
 struct Forward {
-    features: Vec<Buffer<f32>>,
-    embedded: Buffer<f32>,
-    ln_pre_mean: Buffer<f32>,
-    ln_pre_rstd: Buffer<f32>,
+    features: Vec<Pooled>,
+    embedded: Pooled,
+    ln_pre_mean: Pooled,
+    ln_pre_rstd: Pooled,
     blocks: Vec<BlockSaved>,
 }
 
 /// Clean features of a batch, kept on the device.
 pub struct GpuClean {
     sizes: Vec<(usize, usize)>,
-    features: Vec<Buffer<f32>>,
+    features: Vec<Pooled>,
     /// Image embeddings, for the `embed` loss (host; one small vector per image).
     cls_rows: Vec<Vec<f32>>,
 }
@@ -97,16 +98,16 @@ type PositionTables = Mutex<HashMap<Vec<(usize, usize)>, Arc<Buffer<f32>>>>;
 
 /// A LayerNorm output with the statistics its backward needs.
 struct Normed {
-    y: Buffer<f32>,
-    mean: Buffer<f32>,
-    rstd: Buffer<f32>,
+    y: Pooled,
+    mean: Pooled,
+    rstd: Pooled,
 }
 
 /// One loss evaluation of a batch: per-image values, the input gradient when asked for, and
 /// the forward it came from.
 struct LossPass {
     losses: Vec<f64>,
-    gradient: Option<Buffer<f32>>,
+    gradient: Option<Pooled>,
     forward: Forward,
 }
 
@@ -121,6 +122,8 @@ pub struct GpuVit<'m> {
     positions: PositionEmbeddingCache,
     /// Packed position tables by batch geometry (grids), reused across steps.
     packed_positions: PositionTables,
+    /// Activations, gradients and scratch of every step.
+    pool: BufferPool,
 }
 
 fn upload_linear(dev: &Device, l: &Linear) -> Result<DeviceLinear, GpuError> {
@@ -167,6 +170,7 @@ impl<'m> GpuVit<'m> {
             blocks,
             positions: PositionEmbeddingCache::new(w.position_embedding.clone(), c.width, c.grid),
             packed_positions: Mutex::new(HashMap::new()),
+            pool: BufferPool::new(dev),
         })
     }
 
@@ -174,8 +178,9 @@ impl<'m> GpuVit<'m> {
         &self.dev
     }
 
-    fn alloc(&self, len: usize) -> Result<Buffer<f32>, GpuError> {
-        self.dev.alloc(len)
+    /// A pooled buffer with undefined contents (NaN under the simulator).
+    fn alloc(&self, len: usize) -> Result<Pooled, GpuError> {
+        self.pool.take(len)
     }
 
     /// Packs `images` (planar, any sizes) into one device batch.
@@ -185,15 +190,11 @@ impl<'m> GpuVit<'m> {
         for im in images {
             pixels.extend_from_slice(im.data);
         }
-        self.batch_on_device(&sizes, self.dev.upload(&pixels)?)
+        self.batch_on_device(&sizes, self.pool.adopt(self.dev.upload(&pixels)?))
     }
 
     /// A batch of images already on the device, packed planar at `sizes`.
-    fn batch_on_device(
-        &self,
-        sizes: &[(usize, usize)],
-        images: Buffer<f32>,
-    ) -> Result<Batch, GpuError> {
+    fn batch_on_device(&self, sizes: &[(usize, usize)], images: Pooled) -> Result<Batch, GpuError> {
         let c = &self.model.config;
         let packing = PackedImages::new(sizes, c.patch);
         assert_eq!(
@@ -424,14 +425,14 @@ impl<'m> GpuVit<'m> {
         batch: &Batch,
         fwd: &Forward,
         mut add_loss_gradient: impl FnMut(usize, &Buffer<f32>, &mut Buffer<f32>) -> Result<(), GpuError>,
-    ) -> Result<Buffer<f32>, GpuError> {
+    ) -> Result<Pooled, GpuError> {
         let c = &self.model.config;
         let (n, t, d) = (
             batch.packing.total_patches,
             batch.packing.total_tokens,
             c.width,
         );
-        let mut dh = self.alloc(t * d)?;
+        let mut dh = self.pool.take_zeroed(t * d)?;
         for (l, (b, s)) in self.blocks.iter().zip(&fwd.blocks).enumerate().rev() {
             add_loss_gradient(l + 1, &fwd.features[l + 1], &mut dh)?;
             // out = mid + fc2(act(fc1(LN2(mid))))
@@ -520,7 +521,7 @@ impl<'m> GpuVit<'m> {
         &self,
         qkv: &Buffer<f32>,
         batch: &Batch,
-    ) -> Result<(Buffer<f32>, Buffer<f32>), GpuError> {
+    ) -> Result<(Pooled, Pooled), GpuError> {
         let (t, d) = (batch.packing.total_tokens, self.model.config.width);
         let mut context = self.alloc(t * d)?;
         let mut lse = self.alloc(attention_scratch_len(t, d))?;
@@ -543,7 +544,7 @@ impl<'m> GpuVit<'m> {
         s: &BlockSaved,
         d_context: &Buffer<f32>,
         batch: &Batch,
-    ) -> Result<Buffer<f32>, GpuError> {
+    ) -> Result<Pooled, GpuError> {
         let (t, d) = (batch.packing.total_tokens, self.model.config.width);
         let mut d_qkv = self.alloc(t * 3 * d)?;
         let mut delta = self.alloc(attention_scratch_len(t, d))?;

@@ -18,32 +18,30 @@ use crate::gpu::kernels::update::{
     adamw_image_f32, adamw_init_f32, adamw_step_f32, escape_adamw_f32, escape_sign_step_f32,
     mifgsm_step_f32, pgd_step_f32, AdamwScalars, ImageBatch,
 };
+use crate::gpu::pool::Pooled;
 use crate::gpu::{Buffer, GpuError};
 
 /// Optimiser state on the device.
 enum State {
     /// PGD / MI-FGSM: the image itself, and MI-FGSM's momentum.
-    Sign {
-        x: Buffer<f32>,
-        momentum: Buffer<f32>,
-    },
+    Sign { x: Pooled, momentum: Pooled },
     /// AdamW: δ in 0–255 units and its moments, with the step counter.
     Adamw {
-        delta: Buffer<f32>,
-        m: Buffer<f32>,
-        v: Buffer<f32>,
+        delta: Pooled,
+        m: Pooled,
+        v: Pooled,
         t: i32,
     },
 }
 
 impl GpuVit<'_> {
     /// Packs host images into one device buffer.
-    fn upload_packed(&self, images: &[&[f32]]) -> Result<Buffer<f32>, GpuError> {
+    fn upload_packed(&self, images: &[&[f32]]) -> Result<Pooled, GpuError> {
         let mut packed = Vec::with_capacity(images.iter().map(|i| i.len()).sum());
         for im in images {
             packed.extend_from_slice(im);
         }
-        self.dev.upload(&packed)
+        Ok(self.pool.adopt(self.dev.upload(&packed)?))
     }
 
     /// `images` (packed planar at `from`) resized to `to`, or a copy when nothing changes.
@@ -52,15 +50,15 @@ impl GpuVit<'_> {
         images: &Buffer<f32>,
         from: &[(usize, usize)],
         to: &[(usize, usize)],
-    ) -> Result<(Buffer<f32>, Option<ResizePlan>), GpuError> {
+    ) -> Result<(Pooled, Option<ResizePlan>), GpuError> {
         if from == to {
-            let mut copy = self.dev.alloc(images.len())?;
+            let mut copy = self.alloc(images.len())?;
             self.dev.copy(images, &mut copy)?;
             return Ok((copy, None));
         }
         let sizes: Vec<ResizeSizes> = from.iter().copied().zip(to.iter().copied()).collect();
         let plan = ResizePlan::packed(&self.dev, 3, &sizes)?;
-        let mut out = self.dev.alloc(plan.output_len())?;
+        let mut out = self.alloc(plan.output_len())?;
         resize_forward_f32(&self.dev, &plan, images, &mut out)?;
         Ok((out, Some(plan)))
     }
@@ -69,7 +67,7 @@ impl GpuVit<'_> {
     fn clean_on_device(
         &self,
         sizes: &[(usize, usize)],
-        images: Buffer<f32>,
+        images: Pooled,
     ) -> Result<GpuClean, GpuError> {
         let batch = self.batch_on_device(sizes, images)?;
         let fwd = self.forward(&batch, false)?;
@@ -102,18 +100,18 @@ impl GpuVit<'_> {
 
         let mut state = match s.optimizer {
             OptimizerKind::Adamw => {
-                let mut delta = self.dev.alloc(total)?;
+                let mut delta = self.alloc(total)?;
                 adamw_init_f32(&self.dev, &images, &mut delta, &start, &clean)?;
                 State::Adamw {
                     delta,
-                    m: self.dev.alloc(total)?,
-                    v: self.dev.alloc(total)?,
+                    m: self.pool.take_zeroed(total)?,
+                    v: self.pool.take_zeroed(total)?,
                     t: 0,
                 }
             }
             OptimizerKind::Pgd | OptimizerKind::Mifgsm => State::Sign {
                 x: start,
-                momentum: self.dev.alloc(total)?,
+                momentum: self.pool.take_zeroed(total)?,
             },
         };
         let clean_eval = {
@@ -121,7 +119,7 @@ impl GpuVit<'_> {
             self.clean_on_device(&plan.eval_sizes, at_eval)?
         };
         let mut loss_initial = vec![None; lens.len()];
-        let mut adv = self.dev.alloc(total)?;
+        let mut adv = self.alloc(total)?;
         for (step, sizes) in plan.sizes.iter().enumerate() {
             if step == 0 && plan.escape {
                 match &mut state {
@@ -169,8 +167,8 @@ impl GpuVit<'_> {
             let gradient = match plan_back {
                 None => gradient,
                 Some(rp) => {
-                    let mut native_grad = self.dev.alloc(total)?;
-                    let mut scratch = self.dev.alloc(rp.scratch_len().max(1))?;
+                    let mut native_grad = self.alloc(total)?;
+                    let mut scratch = self.alloc(rp.scratch_len().max(1))?;
                     resize_backward_f32(
                         &self.dev,
                         &rp,
@@ -198,7 +196,7 @@ impl GpuVit<'_> {
                 }
                 State::Sign { x, momentum } => match s.optimizer {
                     OptimizerKind::Mifgsm => {
-                        let mut inv_l1 = self.dev.alloc(lens.len())?;
+                        let mut inv_l1 = self.alloc(lens.len())?;
                         mifgsm_step_f32(
                             &self.dev,
                             &images,
