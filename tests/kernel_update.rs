@@ -15,70 +15,9 @@ use prm::gpu::kernels::update::{
 use prm::gpu::{Device, GpuError};
 use prm::rng::{ImageRng, STREAM_ESCAPE, STREAM_INIT, STREAM_SCALE};
 
-/// Tiny xorshift64* generator for test data.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f32 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        (v >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| lo + (hi - lo) * self.unit()).collect()
-    }
-}
-
-/// Runs `check` on the simulator, and on CUDA when a device (and this build's kernels) exist.
-fn on_devices(name: &str, check: impl Fn(&Device) -> Result<(), GpuError>) {
-    check(&Device::sim()).unwrap_or_else(|e| panic!("{name} on sim: {e}"));
-    if !Device::cuda_available() {
-        println!("{name}: skipped: no CUDA device");
-        return;
-    }
-    match Device::cuda(0) {
-        Ok(dev) => match check(&dev) {
-            Ok(()) => println!("{name}: passed on {}", dev.name()),
-            Err(GpuError::NoKernels) => println!("{name}: skipped: no CUDA kernels in this build"),
-            Err(e) => panic!("{name} on CUDA: {e}"),
-        },
-        Err(e) => println!("{name}: skipped: no usable CUDA device ({e})"),
-    }
-}
-
-fn max_abs(v: &[f32]) -> f32 {
-    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
-}
-
-/// Asserts max |got − want| ≤ rel · max |want| (the fp32 tolerance of these tests).
-fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = max_abs(want).max(f32::MIN_POSITIVE);
-    let mut worst = (0usize, 0.0f32);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let d = (g - w).abs();
-        assert!(!g.is_nan(), "{what}: NaN at {i} (want {w})");
-        if d > worst.1 {
-            worst = (i, d);
-        }
-    }
-    assert!(
-        worst.1 <= rel * scale,
-        "{what}: |got − want| = {} at {} (got {}, want {}), limit {} · {}",
-        worst.1,
-        worst.0,
-        got[worst.0],
-        want[worst.0],
-        rel,
-        scale
-    );
-}
+#[path = "common/kernel.rs"]
+mod kernel_common;
+use kernel_common::{on_devices, Rng};
 
 /// Three odd-sized planar images with their own radii and keys.
 const SHAPES: [(usize, usize); 3] = [(17, 23), (50, 31), (8, 9)];
