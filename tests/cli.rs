@@ -326,3 +326,35 @@ fn info_says_when_weights_are_random() {
     assert_eq!(v["weights_random"], false);
     assert_eq!(v["config"]["activation"], "gelu");
 }
+
+#[test]
+fn bf16_runs_on_the_gpu_engine_and_is_refused_on_the_cpu() {
+    let f = fixture();
+    let (o, out) = attack(&f, "cpu-bf16", &["--device", "cpu", "--precision", "bf16"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the CPU reference engine runs fp32"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.join("manifest.jsonl").exists());
+    let (o, _) = attack(&f, "half", &["--precision", "half"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("fp32 or bf16"), "{}", stderr(&o));
+    let (o, out) = attack(
+        &f,
+        "sim-bf16",
+        &[
+            "--device",
+            "sim",
+            "--precision",
+            "bf16",
+            "--preset",
+            "pgd",
+            "--steps",
+            "1",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(manifest(&out).len(), 3);
+}

@@ -6,7 +6,7 @@ mod common;
 
 use common::{small_model, Draw};
 use prm::attack::*;
-use prm::gpu::engine::GpuVit;
+use prm::gpu::engine::{GpuVit, Precision};
 use prm::gpu::Device;
 use prm::model::{Activation, Model};
 use prm::reference::ReferenceVit;
@@ -260,6 +260,144 @@ fn whole_attacks_match_the_reference_and_are_deterministic() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// `--precision bf16`: bf16 inputs to the matrix products, fp32 accumulation, everything else
+/// fp32. Against the fp32 reference: losses within 1e-2 relative, input-gradient signs agree on
+/// at least 95% of the pixels whose gradient is above 1% of the largest, and a 3-step PGD
+/// attack in bf16 lowers the loss.
+#[test]
+fn bf16_products_track_the_fp32_reference() {
+    let model = small_model(128, 2, 2, 8, 4, Activation::QuickGelu, 23);
+    let reference = ReferenceVit::new(&model);
+    let mut d = Draw::new(7);
+    let clean = batch(&mut d);
+    let adv_imgs: Vec<(Vec<f32>, usize, usize)> = clean
+        .iter()
+        .map(|(c, h, w)| {
+            let a = c
+                .iter()
+                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
+                .collect();
+            (a, *h, *w)
+        })
+        .collect();
+    let (clean_v, adv_v) = (views(&clean), views(&adv_imgs));
+    let ref_clean = reference.clean_features(&clean_v).unwrap();
+    for dev in devices() {
+        let gpu = GpuVit::new_with_precision(&dev, &model, Precision::Bf16).unwrap();
+        assert_eq!(gpu.precision(), Precision::Bf16);
+        let gpu_clean = gpu.clean_features(&clean_v).unwrap();
+        for (loss, tokens) in [
+            (LossKind::Prm, TokenSelection::All),
+            (LossKind::Dr, TokenSelection::Patch),
+        ] {
+            let obj = objective(&model, loss, tokens, LayerSelection::All);
+            let want = reference
+                .loss_and_gradient(&adv_v, &ref_clean, &obj)
+                .unwrap();
+            let got = gpu.loss_and_gradient(&adv_v, &gpu_clean, &obj).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let lerr = (g.loss - w.loss).abs() / w.loss.abs().max(1e-6);
+                let max = w.gradient.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let (mut big, mut agree) = (0usize, 0usize);
+                for (a, b) in g.gradient.iter().zip(&w.gradient) {
+                    if b.abs() > 0.01 * max {
+                        big += 1;
+                        agree += usize::from((a > &0.0) == (b > &0.0));
+                    }
+                }
+                let share = agree as f64 / big.max(1) as f64;
+                eprintln!(
+                    "bf16 on {} {loss:?} image {i}: loss rel err {lerr:.2e}, gradient sign \
+                     agreement {:.2}% of {big} pixels, gradient rel err {:.2e}",
+                    dev.name(),
+                    100.0 * share,
+                    rel_err(&g.gradient, &w.gradient)
+                );
+                assert!(
+                    lerr < 1e-2,
+                    "{} {loss:?} image {i}: bf16 loss {} vs fp32 {}",
+                    dev.name(),
+                    g.loss,
+                    w.loss
+                );
+                assert!(big > 0 && g.gradient.iter().all(|v| v.is_finite()));
+                assert!(
+                    share >= 0.95,
+                    "{} {loss:?} image {i}: gradient signs agree on {:.2}% of {big} pixels",
+                    dev.name(),
+                    100.0 * share
+                );
+            }
+        }
+
+        // A 3-step PGD attack in bf16 lowers the loss (evaluated in bf16 and in fp32).
+        let obj = objective(
+            &model,
+            LossKind::Prm,
+            TokenSelection::All,
+            LayerSelection::All,
+        );
+        let settings = AttackSettings {
+            optimizer: OptimizerKind::Pgd,
+            steps: 3,
+            dynamic_scale: None,
+            init: Init::Zero,
+            resolution: Resolution::Native,
+            step_size: 2.0 / 255.0,
+            ..Preset::Pgd.settings()
+        };
+        let images = clean
+            .iter()
+            .enumerate()
+            .map(|(i, (x, h, w))| {
+                (
+                    Planar {
+                        data: x,
+                        height: *h,
+                        width: *w,
+                    },
+                    ImageRng::new(4, &format!("img{i}")),
+                )
+            })
+            .collect::<Vec<_>>();
+        let attack = Attack::new(&gpu, &obj, &settings, images).unwrap();
+        let starts = (0..attack.len()).map(|i| attack.start(i, None)).collect();
+        let outcomes = attack.run(starts, |_| {}).unwrap();
+        let adv: Vec<(Vec<f32>, usize, usize)> = outcomes
+            .iter()
+            .zip(&clean)
+            .map(|(o, (_, h, w))| (o.adversarial.clone(), *h, *w))
+            .collect();
+        let adv_v = views(&adv);
+        let after_bf16 = gpu.evaluate(&adv_v, &gpu_clean, &obj).unwrap();
+        let after_fp32 = reference.evaluate(&adv_v, &ref_clean, &obj).unwrap();
+        let before_fp32 = reference.evaluate(&clean_v, &ref_clean, &obj).unwrap();
+        for (i, o) in outcomes.iter().enumerate() {
+            eprintln!(
+                "bf16 PGD on {} image {i}: loss {:.6} -> {:.6} (bf16), {:.6} -> {:.6} (fp32)",
+                dev.name(),
+                o.loss_initial,
+                after_bf16[i].loss,
+                before_fp32[i].loss,
+                after_fp32[i].loss
+            );
+            assert!(o.steps == 3);
+            assert!(
+                after_bf16[i].loss < o.loss_initial,
+                "{} image {i}: bf16 PGD did not lower the loss ({} -> {})",
+                dev.name(),
+                o.loss_initial,
+                after_bf16[i].loss
+            );
+            assert!(
+                after_fp32[i].loss < before_fp32[i].loss,
+                "{} image {i}: bf16 PGD did not lower the fp32 loss",
+                dev.name()
+            );
         }
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use prm::attack::campaign::{run_campaign, OutputOptions};
 use prm::attack::*;
-use prm::gpu::engine::GpuVit;
+use prm::gpu::engine::{GpuVit, Precision};
 use prm::gpu::Device;
 use prm::io::shard::Shard;
 use prm::io::{check_output_collisions, list_inputs};
@@ -81,7 +81,8 @@ pub struct AttackArgs {
     /// auto, cpu, cuda[:N] or sim
     #[arg(long, default_value = "auto")]
     device: String,
-    /// fp32 or bf16 (bf16 needs the GPU engine)
+    /// fp32, or bf16: bf16 inputs to the matrix products with fp32 accumulation, everything
+    /// else fp32 (needs the GPU engine: --device cuda, sim, or auto on a GPU)
     #[arg(long, default_value = "fp32")]
     precision: String,
     /// Images per batch, or auto. The CPU engine attacks one image at a time (results do not
@@ -164,8 +165,9 @@ impl AttackArgs {
         s
     }
 
-    /// The engine to run on: `auto` is CUDA when a driver and a device exist, else the CPU.
-    fn device(&self) -> anyhow::Result<Option<Device>> {
+    /// The engine to run on: `auto` is CUDA when a driver and a device exist, else the CPU;
+    /// and the precision of the GPU engine's matrix products.
+    fn device(&self) -> anyhow::Result<(Option<Device>, Precision)> {
         let device = match self.device.as_str() {
             "cpu" => None,
             "auto" => Device::cuda_available()
@@ -178,14 +180,18 @@ impl AttackArgs {
                 _ => bail!("unknown device '{d}': use auto, cpu, cuda, cuda:N or sim"),
             },
         };
-        match self.precision.as_str() {
-            "fp32" => {}
-            "bf16" => {
-                bail!("--precision bf16 is not available yet: every engine runs fp32 in this build")
-            }
+        let precision = match self.precision.as_str() {
+            "fp32" => Precision::Fp32,
+            "bf16" if device.is_none() => bail!(
+                "--precision bf16 needs the GPU engine, but --device {} runs the CPU reference \
+                 engine, and the CPU reference engine runs fp32: use --device cuda or sim, or \
+                 --precision fp32",
+                self.device
+            ),
+            "bf16" => Precision::Bf16,
             p => bail!("unknown precision '{p}': use fp32 or bf16"),
-        }
-        Ok(device)
+        };
+        Ok((device, precision))
     }
 
     /// Images per engine call: a number, or `auto` (1 on the CPU and in the simulator, where
@@ -208,7 +214,7 @@ impl AttackArgs {
 }
 
 pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
-    let device = args.device()?;
+    let (device, precision) = args.device()?;
     let batch_size = args.batch_size(device.as_ref())?;
     let settings = args.settings();
     settings.validate().map_err(anyhow::Error::msg)?;
@@ -253,9 +259,13 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
             value_name(settings.optimizer),
             settings.steps,
             settings.eps * 255.0,
-            device
-                .as_ref()
-                .map_or_else(|| "cpu (reference engine)".to_string(), Device::name)
+            device.as_ref().map_or_else(
+                || "cpu (reference engine)".to_string(),
+                |d| match precision {
+                    Precision::Fp32 => d.name(),
+                    Precision::Bf16 => format!("{} (bf16 matrix products)", d.name()),
+                }
+            )
         );
         if inputs.ignored > 0 {
             eprintln!(
@@ -283,7 +293,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
             &bar,
         )?,
         Some(dev) => {
-            let engine = GpuVit::new(dev, &model)
+            let engine = GpuVit::new_with_precision(dev, &model, precision)
                 .with_context(|| format!("cannot load the model onto {}", dev.name()))?;
             run_campaign(&engine, &objective, &settings, &items, &output, &bar)?
         }

@@ -436,6 +436,33 @@ impl CudaBackend {
         c: &mut Buffer<f32>,
         accumulate: bool,
     ) -> Result<(), GpuError> {
+        self.matmul(shape, a.address(), b.address(), bias, c, accumulate, false)
+    }
+
+    /// [`Self::matmul_f32`] with bf16 `a` and `b` (`CUDA_R_16BF`), fp32 compute, bias and `c`.
+    pub fn matmul_bf16(
+        &self,
+        shape: MatmulShape,
+        a: &Buffer<half::bf16>,
+        b: &Buffer<half::bf16>,
+        bias: Option<&Buffer<f32>>,
+        c: &mut Buffer<f32>,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        self.matmul(shape, a.address(), b.address(), bias, c, accumulate, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        shape: MatmulShape,
+        a: u64,
+        b: u64,
+        bias: Option<&Buffer<f32>>,
+        c: &mut Buffer<f32>,
+        accumulate: bool,
+        bf16_inputs: bool,
+    ) -> Result<(), GpuError> {
         if shape.m == 0 || shape.n == 0 {
             return Ok(());
         }
@@ -449,11 +476,12 @@ impl CudaBackend {
             blas.matmul(
                 &self.stream,
                 shape,
-                a.address(),
-                b.address(),
+                a,
+                b,
                 bias.map(|b| b.address()),
                 c.address(),
                 accumulate,
+                bf16_inputs,
             )
         }));
         result.unwrap_or_else(|p| {
@@ -617,8 +645,10 @@ struct PlanKey {
     shape: MatmulShape,
     accumulate: bool,
     bias: bool,
-    /// Alignment (bytes, ≤ 256) of the a, b, c and bias addresses: the heuristic's choice
-    /// depends on it.
+    /// a and b are bf16 (`CUDA_R_16BF`); c, bias and compute are fp32 either way.
+    bf16_inputs: bool,
+    /// Alignment (bytes, ≤ 256) of the a, b, c and bias addresses, capped by the byte pitch
+    /// of each matrix's leading dimension: the heuristic's choice depends on it.
     align: [u32; 4],
 }
 
@@ -737,8 +767,16 @@ impl Blas {
         } = key.shape;
         let (m, n, k) = (m as u64, n as u64, k as u64);
         let f32t = lt::sys::cudaDataType::CUDA_R_32F;
+        let in_t = if key.bf16_inputs {
+            lt::sys::cudaDataType::CUDA_R_16BF
+        } else {
+            f32t
+        };
         let ctx = |what: &str| {
-            format!("cuBLASLt {what} for m={m} n={n} k={k} b_transposed={b_transposed}")
+            format!(
+                "cuBLASLt {what} for m={m} n={n} k={k} b_transposed={b_transposed} bf16={}",
+                key.bf16_inputs
+            )
         };
 
         let desc =
@@ -791,7 +829,8 @@ impl Blas {
         let (a_rows, a_cols, lda) = if b_transposed { (k, n, k) } else { (n, k, n) };
         let dims = [(a_rows, a_cols, lda), (k, m, k), (n, m, n)];
         for (i, (rows, cols, ld)) in dims.into_iter().enumerate() {
-            plan.layouts[i] = lt::result::create_matrix_layout(f32t, rows, cols, ld as i64)
+            let t = if i < 2 { in_t } else { f32t };
+            plan.layouts[i] = lt::result::create_matrix_layout(t, rows, cols, ld as i64)
                 .map_err(|e| blas_err(ctx("matrix layout"), e))?;
         }
 
@@ -876,6 +915,7 @@ impl Blas {
         bias: Option<u64>,
         c: u64,
         accumulate: bool,
+        bf16_inputs: bool,
     ) -> Result<(), GpuError> {
         let (mut shape, mut a, mut b) = (shape, a, b);
         if shape.k == 0 {
@@ -890,14 +930,22 @@ impl Blas {
             a = z;
             b = z;
         }
+        // An operand's alignment is that of its address and of its row pitch (every column of
+        // the column-major view starts one leading dimension further on): bf16 rows of odd
+        // length are only 2-byte aligned even in a 256-byte aligned buffer.
+        let in_bytes = if bf16_inputs { 2 } else { 4 };
+        let ld_b = if shape.b_transposed { shape.k } else { shape.n };
+        let pitch =
+            |ptr: u64, ld: usize, elem: usize| alignment(ptr).min(alignment((ld * elem) as u64));
         let key = PlanKey {
             shape,
             accumulate,
             bias: bias.is_some(),
+            bf16_inputs,
             align: [
-                alignment(a),
-                alignment(b),
-                alignment(c),
+                pitch(a, shape.k, in_bytes),
+                pitch(b, ld_b, in_bytes),
+                pitch(c, shape.n, 4),
                 bias.map_or(256, alignment),
             ],
         };

@@ -3,6 +3,8 @@
 //! Row-major semantics throughout: `c[m, n] = (accumulate ? c : 0) + a[m, k] · op(b) + bias[n]`,
 //! with `op(b) = bᵀ` for a PyTorch linear weight `b [n, k]` (`b_transposed`) and `op(b) = b` for
 //! `b [k, n]` (the input gradient `dx = dy · W`). Only input gradients are ever formed.
+//! [`matmul_f32`] takes fp32 operands; [`matmul_bf16`] takes bf16 `a` and `b` (the engine's
+//! `--precision bf16`) and accumulates in fp32 into fp32 `c`, with an fp32 bias.
 
 use super::device::{Backend, Buffer, Device, GpuError, Memory};
 
@@ -26,17 +28,64 @@ pub fn matmul_f32(
     c: &mut Buffer<f32>,
     accumulate: bool,
 ) -> Result<(), GpuError> {
+    check_extents(shape, a.len(), b.len(), bias, c);
+    match &*dev.backend {
+        Backend::Sim => {
+            sim_matmul(shape, host_ptr(a), host_ptr(b), bias, c, accumulate);
+            Ok(())
+        }
+        Backend::Cuda(cuda) => cuda.matmul_f32(shape, a, b, bias, c, accumulate),
+    }
+}
+
+/// `c = (accumulate ? c : 0) + a · op(b) + bias` with bf16 `a` and `b`, fp32 accumulation and
+/// fp32 `bias` and `c` (the mixed-precision products of `--precision bf16`). Same row-major
+/// semantics as [`matmul_f32`]. The result is the product of the bf16 values in fp32: under
+/// the simulator the operands are widened exactly to f32 on the host and go through the f32
+/// product; on CUDA, cuBLASLt with `CUDA_R_16BF` inputs and `CUBLAS_COMPUTE_32F`.
+pub fn matmul_bf16(
+    dev: &Device,
+    shape: MatmulShape,
+    a: &Buffer<half::bf16>,
+    b: &Buffer<half::bf16>,
+    bias: Option<&Buffer<f32>>,
+    c: &mut Buffer<f32>,
+    accumulate: bool,
+) -> Result<(), GpuError> {
+    check_extents(shape, a.len(), b.len(), bias, c);
+    match &*dev.backend {
+        Backend::Sim => {
+            let MatmulShape { m, n, k, .. } = shape;
+            let widen = |buf: &Buffer<half::bf16>, len: usize| -> Vec<f32> {
+                let p = match &buf.mem {
+                    Memory::Host { ptr, .. } => *ptr as *const half::bf16,
+                    Memory::Cuda(_) => unreachable!("simulator product on a CUDA buffer"),
+                };
+                // SAFETY: the buffer holds at least `len` elements (asserted above); simulator
+                // launches are synchronous, so nothing writes it meanwhile.
+                let src = unsafe { std::slice::from_raw_parts(p, len) };
+                src.iter().map(|v| v.to_f32()).collect()
+            };
+            let mut wa = widen(a, m * k);
+            let mut wb = widen(b, n * k);
+            sim_matmul(shape, wa.as_mut_ptr(), wb.as_mut_ptr(), bias, c, accumulate);
+            Ok(())
+        }
+        Backend::Cuda(cuda) => cuda.matmul_bf16(shape, a, b, bias, c, accumulate),
+    }
+}
+
+fn check_extents(
+    shape: MatmulShape,
+    a_len: usize,
+    b_len: usize,
+    bias: Option<&Buffer<f32>>,
+    c: &Buffer<f32>,
+) {
     let MatmulShape { m, n, k, .. } = shape;
-    assert!(
-        a.len() >= m * k,
-        "a has {} elements, needs {m}x{k}",
-        a.len()
-    );
-    assert!(
-        b.len() >= n * k,
-        "b has {} elements, needs {n}x{k}",
-        b.len()
-    );
+    let (a, b) = (a_len, b_len);
+    assert!(a >= m * k, "a has {a} elements, needs {m}x{k}");
+    assert!(b >= n * k, "b has {b} elements, needs {n}x{k}");
     assert!(
         c.len() >= m * n,
         "c has {} elements, needs {m}x{n}",
@@ -49,13 +98,6 @@ pub fn matmul_f32(
             bias.len()
         );
     }
-    match &*dev.backend {
-        Backend::Sim => {
-            sim_matmul(shape, a, b, bias, c, accumulate);
-            Ok(())
-        }
-        Backend::Cuda(cuda) => cuda.matmul_f32(shape, a, b, bias, c, accumulate),
-    }
 }
 
 fn host_ptr<T: super::Element>(b: &Buffer<T>) -> *mut f32 {
@@ -65,10 +107,11 @@ fn host_ptr<T: super::Element>(b: &Buffer<T>) -> *mut f32 {
     }
 }
 
+/// The simulator's product; `pa` and `pb` point at host f32 operands of the asserted extents.
 fn sim_matmul(
     shape: MatmulShape,
-    a: &Buffer<f32>,
-    b: &Buffer<f32>,
+    pa: *mut f32,
+    pb: *mut f32,
     bias: Option<&Buffer<f32>>,
     c: &mut Buffer<f32>,
     accumulate: bool,
@@ -79,7 +122,7 @@ fn sim_matmul(
         k,
         b_transposed,
     } = shape;
-    let (pa, pb, pc) = (host_ptr(a), host_ptr(b), host_ptr(c));
+    let pc = host_ptr(c);
     // gemm takes (column stride, row stride) of each operand.
     let (b_cs, b_rs) = if b_transposed {
         (k as isize, 1)
@@ -93,7 +136,7 @@ fn sim_matmul(
                 unsafe { std::ptr::write_bytes(pc, 0, m * n) };
             }
         } else {
-            // SAFETY: extents asserted in `matmul_f32`; simulator buffers are host memory and
+            // SAFETY: extents asserted by the callers (`check_extents`); simulator buffers are host memory and
             // `c` is exclusively borrowed.
             unsafe {
                 gemm::gemm(

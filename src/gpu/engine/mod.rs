@@ -11,11 +11,12 @@ mod step_loop;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::gemm::{matmul_f32, MatmulShape};
+use super::gemm::{matmul_bf16, matmul_f32, MatmulShape};
 use super::kernels::activation::{activation_backward_inplace_f32, bias_activation_forward_f32};
 use super::kernels::attention::{
     attention_backward_f32, attention_forward_f32, attention_scratch_len, AttentionMode,
 };
+use super::kernels::convert::to_bf16;
 use super::kernels::embed::{
     assemble_tokens_f32, col2im_f32, patchify_f32, tokens_to_patch_grads_f32, PackedImages,
 };
@@ -31,9 +32,28 @@ use crate::attack::loss::Objective;
 use crate::model::{LayerNormWeights, Linear, Model};
 use crate::reference::resize::PositionEmbeddingCache;
 
+/// Storage precision of the engine's matrix products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// Everything fp32.
+    #[default]
+    Fp32,
+    /// The matrix products (every linear layer's forward and input-gradient product) take
+    /// bf16 inputs, rounded to nearest even from the fp32 activations, gradients and weights,
+    /// and accumulate in fp32 into fp32 outputs. LayerNorm, attention, activations, losses,
+    /// the residual stream, the optimiser and every output stay fp32.
+    Bf16,
+}
+
+/// A linear layer's weight on the device, in the engine's product precision.
+enum Weight {
+    F32(Buffer<f32>),
+    Bf16(Buffer<half::bf16>),
+}
+
 /// A linear layer on the device.
 struct DeviceLinear {
-    weight: Buffer<f32>,
+    weight: Weight,
     bias: Option<Buffer<f32>>,
     out_features: usize,
     in_features: usize,
@@ -124,11 +144,22 @@ pub struct GpuVit<'m> {
     packed_positions: PositionTables,
     /// Activations, gradients and scratch of every step.
     pool: BufferPool,
+    precision: Precision,
+    /// bf16 copy of a product's left operand (bf16 precision only), grown on demand. One is
+    /// enough: products run one at a time, in stream order.
+    bf16_scratch: Mutex<Option<Buffer<half::bf16>>>,
 }
 
-fn upload_linear(dev: &Device, l: &Linear) -> Result<DeviceLinear, GpuError> {
+fn upload_linear(dev: &Device, l: &Linear, precision: Precision) -> Result<DeviceLinear, GpuError> {
+    let weight = match precision {
+        Precision::Fp32 => Weight::F32(dev.upload(&l.weight)?),
+        Precision::Bf16 => {
+            let w: Vec<half::bf16> = l.weight.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            Weight::Bf16(dev.upload(&w)?)
+        }
+    };
     Ok(DeviceLinear {
-        weight: dev.upload(&l.weight)?,
+        weight,
         bias: l.bias.as_ref().map(|b| dev.upload(b)).transpose()?,
         out_features: l.out_features,
         in_features: l.in_features,
@@ -143,8 +174,18 @@ fn upload_ln(dev: &Device, l: &LayerNormWeights) -> Result<DeviceLayerNorm, GpuE
 }
 
 impl<'m> GpuVit<'m> {
-    /// Uploads the model's weights to `dev`.
+    /// Uploads the model's weights to `dev` (fp32 throughout).
     pub fn new(dev: &Device, model: &'m Model) -> Result<Self, GpuError> {
+        Self::new_with_precision(dev, model, Precision::Fp32)
+    }
+
+    /// Uploads the model's weights to `dev`, the linear layers' weights in `precision`
+    /// (see [`Precision`]).
+    pub fn new_with_precision(
+        dev: &Device,
+        model: &'m Model,
+        precision: Precision,
+    ) -> Result<Self, GpuError> {
         let w = &model.weights;
         let c = &model.config;
         let blocks = w
@@ -153,29 +194,63 @@ impl<'m> GpuVit<'m> {
             .map(|b| {
                 Ok(DeviceBlock {
                     ln1: upload_ln(dev, &b.ln1)?,
-                    qkv: upload_linear(dev, &b.qkv)?,
-                    out_proj: upload_linear(dev, &b.out_proj)?,
+                    qkv: upload_linear(dev, &b.qkv, precision)?,
+                    out_proj: upload_linear(dev, &b.out_proj, precision)?,
                     ln2: upload_ln(dev, &b.ln2)?,
-                    fc1: upload_linear(dev, &b.fc1)?,
-                    fc2: upload_linear(dev, &b.fc2)?,
+                    fc1: upload_linear(dev, &b.fc1, precision)?,
+                    fc2: upload_linear(dev, &b.fc2, precision)?,
                 })
             })
             .collect::<Result<Vec<_>, GpuError>>()?;
         Ok(GpuVit {
             dev: dev.clone(),
             model,
-            patch_embed: upload_linear(dev, &w.patch_embed)?,
+            patch_embed: upload_linear(dev, &w.patch_embed, precision)?,
             class_embedding: dev.upload(&w.class_embedding)?,
             ln_pre: upload_ln(dev, &w.ln_pre)?,
             blocks,
             positions: PositionEmbeddingCache::new(w.position_embedding.clone(), c.width, c.grid),
             packed_positions: Mutex::new(HashMap::new()),
             pool: BufferPool::new(dev),
+            precision,
+            bf16_scratch: Mutex::new(None),
         })
     }
 
     pub fn device(&self) -> &Device {
         &self.dev
+    }
+
+    /// The precision of the matrix products.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// `out = (accumulate ? out : 0) + x · op(W) + bias` in the engine's precision: in bf16,
+    /// `x` is rounded to bf16 first (W already is) and the product accumulates in fp32.
+    fn product(
+        &self,
+        shape: MatmulShape,
+        x: &Buffer<f32>,
+        w: &Weight,
+        bias: Option<&Buffer<f32>>,
+        out: &mut Buffer<f32>,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        match w {
+            Weight::F32(w) => matmul_f32(&self.dev, shape, x, w, bias, out, accumulate),
+            Weight::Bf16(w) => {
+                let n = shape.m * shape.k;
+                let mut guard = self.bf16_scratch.lock().unwrap_or_else(|p| p.into_inner());
+                if guard.as_ref().is_none_or(|b| b.len() < n) {
+                    *guard = None; // free the smaller one first
+                    *guard = Some(self.dev.alloc::<half::bf16>(n)?);
+                }
+                let xb = guard.as_mut().expect("allocated above");
+                to_bf16(&self.dev, x, xb, n)?;
+                matmul_bf16(&self.dev, shape, xb, w, bias, out, accumulate)
+            }
+        }
     }
 
     /// A pooled buffer with undefined contents (NaN under the simulator).
@@ -250,15 +325,7 @@ impl<'m> GpuVit<'m> {
             k: l.in_features,
             b_transposed: true,
         };
-        matmul_f32(
-            &self.dev,
-            shape,
-            x,
-            &l.weight,
-            l.bias.as_ref(),
-            out,
-            accumulate,
-        )
+        self.product(shape, x, &l.weight, l.bias.as_ref(), out, accumulate)
     }
 
     /// `dx = dy · W`, dy `[rows, out]`.
@@ -275,7 +342,7 @@ impl<'m> GpuVit<'m> {
             k: l.out_features,
             b_transposed: false,
         };
-        matmul_f32(&self.dev, shape, dy, &l.weight, None, dx, false)
+        self.product(shape, dy, &l.weight, None, dx, false)
     }
 
     fn layer_norm(
@@ -415,7 +482,7 @@ impl<'m> GpuVit<'m> {
             k: l.in_features,
             b_transposed: true,
         };
-        matmul_f32(&self.dev, shape, x, &l.weight, None, out, false)
+        self.product(shape, x, &l.weight, None, out, false)
     }
 
     /// Input-pixel gradient of the batch (packed planar), with `add_loss_gradient(l, dh)`

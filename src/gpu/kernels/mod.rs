@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod convert;
 pub mod embed;
 pub mod layernorm;
 pub mod loss;
