@@ -9,7 +9,7 @@ use prm::attack::campaign::{run_campaign, OutputOptions};
 use prm::attack::*;
 use prm::gpu::engine::{GpuVit, Precision};
 use prm::gpu::Device;
-use prm::io::shard::Shard;
+use prm::io::shard::{shard_from_env, Shard};
 use prm::io::{check_output_collisions, list_inputs};
 use prm::model::{Model, ModelSource};
 use prm::reference::ReferenceVit;
@@ -92,9 +92,14 @@ pub struct AttackArgs {
     /// Also write the unquantised float image as <relative path>.safetensors
     #[arg(long)]
     save_float: bool,
-    /// Process only shard K of N (0-based), partitioned by a hash of the relative path
+    /// Process only shard K of N (0-based), partitioned by a hash of the relative path.
+    /// Without it, K/N come from SLURM_ARRAY_TASK_ID/_COUNT, SLURM_PROCID/SLURM_NTASKS, or
+    /// JOB_COMPLETION_INDEX with --shards N
     #[arg(long, value_parser = Shard::parse)]
     shard: Option<Shard>,
+    /// Number of shards N for a Kubernetes Indexed Job (index from JOB_COMPLETION_INDEX)
+    #[arg(long)]
+    shards: Option<u64>,
     /// No progress bar or summary
     #[arg(long, short)]
     quiet: bool,
@@ -228,9 +233,11 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     }
 
     // Everything that can be wrong with the run is checked before the first image is touched.
+    let shard = shard_from_env(args.shard, args.shards, &|k| std::env::var(k).ok())
+        .map_err(anyhow::Error::msg)?;
     let inputs = list_inputs(&args.input, Some(&args.output))?;
     let mut items = inputs.items;
-    if let Some(shard) = args.shard {
+    if let Some((shard, _)) = shard {
         items.retain(|item| shard.contains(&item.rel));
     }
     check_output_collisions(&items)?;
@@ -249,11 +256,14 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         if let ModelSource::Random { arch, seed } = &model.source {
             eprintln!("note: random:{arch} has RANDOM weights (seed {seed}); results show speed and mechanics, not real transfer");
         }
+        if let Some((s, src)) = shard {
+            eprintln!("shard {}/{} (from {})", s.index, s.count, src.describe());
+        }
         eprintln!(
             "attacking {} image(s){} with loss {}, optimizer {}, {} steps, eps {:.2}/255 on {}",
             items.len(),
-            args.shard
-                .map(|s| format!(" (shard {}/{})", s.index, s.count))
+            shard
+                .map(|(s, _)| format!(" (shard {}/{})", s.index, s.count))
                 .unwrap_or_default(),
             value_name(settings.loss),
             value_name(settings.optimizer),

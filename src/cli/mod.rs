@@ -6,6 +6,7 @@
 
 mod attack;
 mod info;
+mod manifest;
 mod progress;
 mod verify;
 
@@ -37,6 +38,8 @@ enum Command {
     Attack(Box<attack::AttackArgs>),
     /// Describe a model: format, architecture, parameters, activation.
     Info(info::InfoArgs),
+    /// Work with manifests: `merge` combines the manifests of a sharded run
+    Manifest(manifest::ManifestArgs),
     /// Check a finished output: every input has an output of the same size within ε.
     Verify(verify::VerifyArgs),
 }
@@ -54,6 +57,7 @@ pub fn main() -> ExitCode {
         Command::Attack(args) => attack::run(*args),
         Command::Info(args) => info::run(args),
         Command::Verify(args) => verify::run(args),
+        Command::Manifest(args) => manifest::run(args),
     };
     match result {
         Ok(code) => code,

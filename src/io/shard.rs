@@ -2,6 +2,9 @@
 //!
 //! Shard membership depends only on the relative path, so N runs (on N machines) cover the
 //! input exactly once between them, whatever order or machine they run on.
+//!
+//! Without `--shard`, [`shard_from_env`] takes K/N from the scheduler's environment: Slurm job
+//! arrays, Slurm tasks, or Kubernetes Indexed Jobs (with `--shards N`).
 
 use crate::rng::stable_path_hash;
 
@@ -28,6 +31,128 @@ impl Shard {
     /// Whether the input with relative path `rel` belongs to this shard.
     pub fn contains(&self, rel: &str) -> bool {
         stable_path_hash(rel) % self.count == self.index
+    }
+}
+
+/// Where a run's shard came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShardSource {
+    /// `--shard K/N`.
+    Flag,
+    /// A Slurm job array: `SLURM_ARRAY_TASK_ID` (minus `SLURM_ARRAY_TASK_MIN`) of
+    /// `SLURM_ARRAY_TASK_COUNT`.
+    SlurmArray,
+    /// The tasks of one Slurm job step: `SLURM_PROCID` of `SLURM_NTASKS` (when more than one).
+    SlurmTasks,
+    /// A Kubernetes Indexed Job: `JOB_COMPLETION_INDEX` of `--shards N`.
+    KubernetesIndexedJob,
+}
+
+impl ShardSource {
+    /// What the log names as the source: the flag or the index variable.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            ShardSource::Flag => "--shard",
+            ShardSource::SlurmArray => "SLURM_ARRAY_TASK_ID",
+            ShardSource::SlurmTasks => "SLURM_PROCID",
+            ShardSource::KubernetesIndexedJob => "JOB_COMPLETION_INDEX",
+        }
+    }
+}
+
+/// Reads a non-negative integer variable; unset or empty is `None`, anything else that is not a
+/// number is an error naming the variable.
+fn env_u64(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<u64>, String> {
+    match env(name) {
+        None => Ok(None),
+        Some(v) if v.trim().is_empty() => Ok(None),
+        Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
+            format!("{name}='{v}' is not a non-negative integer, so the shard cannot be derived")
+        }),
+    }
+}
+
+/// Checks `index < count` (and `count > 0`) for a shard derived from `what`.
+fn checked(index: u64, count: u64, what: &str) -> Result<Shard, String> {
+    if count == 0 || index >= count {
+        return Err(format!(
+            "inconsistent shard from {what}: index {index} is not below count {count}"
+        ));
+    }
+    Ok(Shard { index, count })
+}
+
+/// Checks that `--shards N`, when given, agrees with a scheduler-derived count.
+fn agree(shard: Shard, shards_flag: Option<u64>, what: &str) -> Result<Shard, String> {
+    match shards_flag {
+        Some(n) if n != shard.count => Err(format!(
+            "--shards {n} disagrees with {what}, which says {} shard(s)",
+            shard.count
+        )),
+        _ => Ok(shard),
+    }
+}
+
+/// The shard this run should process, and where it came from; `None` means the whole input.
+///
+/// In order of precedence:
+/// 1. `flag` (`--shard K/N`); `--shards N`, when also given, must equal N;
+/// 2. a Slurm job array: `SLURM_ARRAY_TASK_ID` − `SLURM_ARRAY_TASK_MIN` (when set) of
+///    `SLURM_ARRAY_TASK_COUNT` (the array must be contiguous, e.g. `--array=0-7` or `1-8`);
+/// 3. Slurm tasks: `SLURM_PROCID` of `SLURM_NTASKS`, only when `SLURM_NTASKS` > 1;
+/// 4. a Kubernetes Indexed Job: `JOB_COMPLETION_INDEX` of `shards_flag` (`--shards N`, required).
+///
+/// `--shards N` with no index from any of these is an error (each of the N workers would
+/// otherwise attack everything), as are non-numbers and an index not below its count.
+/// `env` looks a variable up (`|k| std::env::var(k).ok()` in the binary; a fake in tests).
+pub fn shard_from_env(
+    flag: Option<Shard>,
+    shards_flag: Option<u64>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<(Shard, ShardSource)>, String> {
+    if shards_flag == Some(0) {
+        return Err("--shards must be at least 1".to_string());
+    }
+    if let Some(shard) = flag {
+        let shard = agree(shard, shards_flag, "--shard")?;
+        return Ok(Some((shard, ShardSource::Flag)));
+    }
+    if let Some(id) = env_u64(env, "SLURM_ARRAY_TASK_ID")? {
+        let count = env_u64(env, "SLURM_ARRAY_TASK_COUNT")?.ok_or(
+            "SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not: cannot tell how many \
+             shards there are (give --shard K/N)",
+        )?;
+        let min = env_u64(env, "SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+        let index = id.checked_sub(min).ok_or_else(|| {
+            format!("inconsistent Slurm array: SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}")
+        })?;
+        let what = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT";
+        let shard = agree(checked(index, count, what)?, shards_flag, what)?;
+        return Ok(Some((shard, ShardSource::SlurmArray)));
+    }
+    let ntasks = env_u64(env, "SLURM_NTASKS")?;
+    if let Some(ntasks) = ntasks.filter(|&n| n > 1) {
+        let procid = env_u64(env, "SLURM_PROCID")?.ok_or(
+            "SLURM_NTASKS > 1 but SLURM_PROCID is not set: cannot tell which shard this task is",
+        )?;
+        let what = "SLURM_PROCID/SLURM_NTASKS";
+        let shard = agree(checked(procid, ntasks, what)?, shards_flag, what)?;
+        return Ok(Some((shard, ShardSource::SlurmTasks)));
+    }
+    if let Some(index) = env_u64(env, "JOB_COMPLETION_INDEX")? {
+        let count = shards_flag.ok_or(
+            "JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job) but --shards N is not: \
+             pass --shards with the Job's completions count",
+        )?;
+        let shard = checked(index, count, "JOB_COMPLETION_INDEX/--shards")?;
+        return Ok(Some((shard, ShardSource::KubernetesIndexedJob)));
+    }
+    match shards_flag {
+        Some(n) => Err(format!(
+            "--shards {n} was given but no shard index was found (no --shard, \
+             SLURM_ARRAY_TASK_ID, SLURM_PROCID with SLURM_NTASKS > 1, or JOB_COMPLETION_INDEX)"
+        )),
+        None => Ok(None),
     }
 }
 
