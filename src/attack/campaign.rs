@@ -2,8 +2,16 @@
 //!
 //! One image's failure (unreadable file, image smaller than a patch, a missing `--init from:`
 //! start, even an internal panic) is recorded in the manifest and the run goes on.
+//!
+//! Runs are resumable and crash-safe: an image's manifest line is appended only after its
+//! outputs have been renamed into place, the manifest is synced at every batch boundary, and a
+//! re-run into the same output directory skips every input whose latest manifest record is `ok`
+//! and whose output files exist. An interrupt (see [`run_campaign_interruptible`]) is honoured
+//! between batches and between steps: the batch in flight is abandoned, nothing half-done is
+//! written, and the manifest is synced.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -13,8 +21,8 @@ use super::loss::Objective;
 use super::settings::{AttackSettings, Init};
 use crate::io::{
     self, output_rel_path, planar_to_interleaved, quantize_within_eps, read_image,
-    write_float_safetensors_atomic, write_png_atomic, InputItem, IoError, ManifestRecord,
-    ManifestWriter, RgbImage, Status,
+    read_manifest_detailed, write_float_safetensors_atomic, write_png_atomic, InputItem, IoError,
+    ManifestRecord, ManifestWriter, RgbImage, Status, MANIFEST_FILE,
 };
 use crate::rng::ImageRng;
 
@@ -30,12 +38,20 @@ pub struct OutputOptions {
 /// Counts at the end of a run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CampaignSummary {
+    /// Images attacked and saved by this run.
     pub ok: usize,
+    /// Images that failed in this run (each has an `error` manifest record).
     pub failed: usize,
+    /// Images skipped because an earlier run already finished them (`ok` record, files there).
+    pub skipped: usize,
+    /// The run stopped early on an interrupt; the images not reached are left for a re-run.
+    pub interrupted: bool,
 }
 
 /// Observer of a run's progress (a progress bar, or nothing).
 pub trait Progress {
+    /// `images` inputs were already done by an earlier run and are skipped.
+    fn skipped(&self, _images: usize) {}
     fn image_started(&self, _rel: &str) {}
     /// `image_steps` more image-steps are done (one batch step).
     fn steps_done(&self, _image_steps: usize) {}
@@ -47,6 +63,9 @@ pub struct Silent;
 impl Progress for Silent {}
 
 /// Attacks every item in batches, writing outputs and one manifest line each (in input order).
+///
+/// Inputs already finished by an earlier run into the same directory are skipped (see
+/// [`already_done`]).
 pub fn run_campaign<E: Engine>(
     engine: &E,
     objective: &Objective,
@@ -55,30 +74,88 @@ pub fn run_campaign<E: Engine>(
     output: &OutputOptions,
     progress: &dyn Progress,
 ) -> Result<CampaignSummary, IoError> {
+    run_campaign_interruptible(
+        engine,
+        objective,
+        settings,
+        items,
+        output,
+        progress,
+        &|| false,
+    )
+}
+
+/// Unwinding payload that abandons the batch in flight when an interrupt is seen mid-attack.
+struct Interrupted;
+
+/// [`run_campaign`] that stops early once `interrupted()` returns true. It is polled before
+/// every batch and after every step; a batch interrupted mid-attack is abandoned (nothing of it
+/// is written or recorded), a batch whose attack finished is written out completely. The
+/// manifest is synced before returning and [`CampaignSummary::interrupted`] is set.
+pub fn run_campaign_interruptible<E: Engine>(
+    engine: &E,
+    objective: &Objective,
+    settings: &AttackSettings,
+    items: &[InputItem],
+    output: &OutputOptions,
+    progress: &dyn Progress,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<CampaignSummary, IoError> {
+    // Opening the writer first cuts off a partial last line left by a crash.
     let mut manifest = ManifestWriter::open(&output.dir)?;
-    let mut summary = CampaignSummary::default();
-    for batch in items.chunks(output.batch_size.max(1)) {
+    let done = already_done(&output.dir, items, output.save_float)?;
+    let todo: Vec<InputItem> = items
+        .iter()
+        .filter(|item| !done.contains(&item.rel))
+        .cloned()
+        .collect();
+    let mut summary = CampaignSummary {
+        skipped: items.len() - todo.len(),
+        ..CampaignSummary::default()
+    };
+    if summary.skipped > 0 {
+        progress.skipped(summary.skipped);
+    }
+    for batch in todo.chunks(output.batch_size.max(1)) {
+        if interrupted() {
+            summary.interrupted = true;
+            break;
+        }
         for item in batch {
             progress.image_started(&item.rel);
         }
         let started = Instant::now();
-        let records = catch_unwind(AssertUnwindSafe(|| {
-            attack_batch(engine, objective, settings, batch, output, progress)
-        }))
-        .unwrap_or_else(|panic| {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            let failure = ImageFailure {
-                message: format!("internal error (please report): {msg}"),
-                size: None,
-            };
-            batch.iter().map(|_| Err(failure.clone())).collect()
-        });
+        let on_step = |n: usize| {
+            progress.steps_done(n);
+            if interrupted() {
+                // Not a panic: no hook runs, and `catch_unwind` below tells it apart.
+                resume_unwind(Box::new(Interrupted));
+            }
+        };
+        let records = match catch_unwind(AssertUnwindSafe(|| {
+            attack_batch(engine, objective, settings, batch, output, &on_step)
+        })) {
+            Ok(records) => records,
+            Err(payload) if payload.is::<Interrupted>() => {
+                summary.interrupted = true;
+                break;
+            }
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                let failure = ImageFailure {
+                    message: format!("internal error (please report): {msg}"),
+                    size: None,
+                };
+                batch.iter().map(|_| Err(failure.clone())).collect()
+            }
+        };
         let seconds = started.elapsed().as_secs_f64() / batch.len() as f64;
         for (item, result) in batch.iter().zip(records) {
+            // Outputs are already renamed into place: the line is appended after them.
             let record = match result {
                 Ok(mut record) => {
                     record.seconds = seconds;
@@ -93,9 +170,84 @@ pub fn run_campaign<E: Engine>(
             manifest.append(&record)?;
             progress.image_done(&record);
         }
+        manifest.sync()?;
     }
     manifest.sync()?;
+    if !summary.interrupted {
+        remove_stale_temporaries(&output.dir, items);
+    }
     Ok(summary)
+}
+
+/// The relative paths among `items` that an earlier run into `dir` finished: the latest
+/// manifest record for the input is `ok` and its output file (and, with `save_float`, the
+/// float file) exists. A missing manifest means nothing is done; a partial last line (a crash
+/// mid-write) is ignored.
+pub fn already_done(
+    dir: &Path,
+    items: &[InputItem],
+    save_float: bool,
+) -> Result<HashSet<String>, IoError> {
+    let path = dir.join(MANIFEST_FILE);
+    let contents = match read_manifest_detailed(&path) {
+        Ok(c) => c,
+        Err(IoError::NotFound { .. }) => return Ok(HashSet::new()),
+        Err(e) => return Err(e),
+    };
+    let mut latest: HashMap<&str, &ManifestRecord> = HashMap::new();
+    for r in &contents.records {
+        latest.insert(r.input.as_str(), r);
+    }
+    Ok(items
+        .iter()
+        .filter(|item| {
+            let Some(r) = latest.get(item.rel.as_str()) else {
+                return false;
+            };
+            if r.status != Status::Ok {
+                return false;
+            }
+            let png = dir.join(
+                r.output
+                    .clone()
+                    .unwrap_or_else(|| output_rel_path(&item.rel)),
+            );
+            png.is_file() && (!save_float || png.with_extension("safetensors").is_file())
+        })
+        .map(|item| item.rel.clone())
+        .collect())
+}
+
+/// Removes temporary files (`.<name>.XXXX.tmp`, see the atomic writers) that a killed run left
+/// beside this run's outputs. Only the temporaries of `items`' own outputs are touched, so a
+/// shard sharing the directory keeps its in-flight files. Best effort: errors are ignored.
+fn remove_stale_temporaries(dir: &Path, items: &[InputItem]) {
+    let mut by_dir: HashMap<PathBuf, HashSet<String>> = HashMap::new();
+    for item in items {
+        let png = dir.join(output_rel_path(&item.rel));
+        let (Some(parent), Some(name)) = (png.parent(), png.file_name()) else {
+            continue;
+        };
+        let names = by_dir.entry(parent.to_path_buf()).or_default();
+        names.insert(format!(".{}.", name.to_string_lossy()));
+        if let Some(f) = png.with_extension("safetensors").file_name() {
+            names.insert(format!(".{}.", f.to_string_lossy()));
+        }
+    }
+    for (parent, prefixes) in by_dir {
+        let Ok(entries) = std::fs::read_dir(&parent) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp")
+                && prefixes.iter().any(|p| name.starts_with(p.as_str()))
+                && entry.file_type().is_ok_and(|t| t.is_file())
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
 }
 
 fn error_record(item: &InputItem, failure: ImageFailure, seconds: f64) -> ManifestRecord {
@@ -179,7 +331,7 @@ fn attack_batch<E: Engine>(
     settings: &AttackSettings,
     batch: &[InputItem],
     output: &OutputOptions,
-    progress: &dyn Progress,
+    on_step: &dyn Fn(usize),
 ) -> Vec<Result<ManifestRecord, ImageFailure>> {
     let patch = engine.model().config.patch;
     let loaded: Vec<Result<Loaded, ImageFailure>> = batch
@@ -232,7 +384,7 @@ fn attack_batch<E: Engine>(
         .enumerate()
         .map(|(j, (_, l))| attack.start(j, l.start.as_ref().map(|s| s.data.as_slice())))
         .collect();
-    let outcomes = match attack.run(starts, |_| progress.steps_done(ok.len())) {
+    let outcomes = match attack.run(starts, |_| on_step(ok.len())) {
         Ok(o) => o,
         Err(e) => {
             for &(i, l) in &ok {

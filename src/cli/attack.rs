@@ -2,10 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use prm::attack::campaign::{run_campaign, OutputOptions};
+use prm::attack::campaign::{run_campaign_interruptible, OutputOptions};
 use prm::attack::*;
 use prm::gpu::engine::{GpuVit, Precision};
 use prm::gpu::Device;
@@ -13,9 +15,10 @@ use prm::io::shard::{shard_from_env, Shard};
 use prm::io::{check_output_collisions, list_inputs};
 use prm::model::{Model, ModelSource};
 use prm::reference::ReferenceVit;
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::progress::Bar;
-use super::{pixel_value, EXIT_SOME_FAILED};
+use super::{pixel_value, EXIT_SIGINT, EXIT_SIGTERM, EXIT_SOME_FAILED};
 
 #[derive(Args)]
 pub struct AttackArgs {
@@ -286,7 +289,9 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    let bar = Bar::new((items.len() * settings.steps) as u64, args.quiet);
+    let signal = Interrupt::install()?;
+    let interrupted = || signal.received() != 0;
+    let bar = Bar::new(items.len(), settings.steps, args.quiet);
     let started = std::time::Instant::now();
     let output = OutputOptions {
         batch_size,
@@ -294,35 +299,90 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         save_float: args.save_float,
     };
     let summary = match &device {
-        None => run_campaign(
+        None => run_campaign_interruptible(
             &ReferenceVit::new(&model),
             &objective,
             &settings,
             &items,
             &output,
             &bar,
+            &interrupted,
         )?,
         Some(dev) => {
             let engine = GpuVit::new_with_precision(dev, &model, precision)
                 .with_context(|| format!("cannot load the model onto {}", dev.name()))?;
-            run_campaign(&engine, &objective, &settings, &items, &output, &bar)?
+            run_campaign_interruptible(
+                &engine,
+                &objective,
+                &settings,
+                &items,
+                &output,
+                &bar,
+                &interrupted,
+            )?
         }
     };
     bar.finish();
+    let signal = signal.received() as i32;
     if !args.quiet {
         let secs = started.elapsed().as_secs_f64();
+        if signal != 0 {
+            eprintln!(
+                "interrupted by {}: the batch in flight was abandoned, finished images are saved; \
+                 re-run the same command to resume",
+                if signal == SIGTERM {
+                    "SIGTERM"
+                } else {
+                    "SIGINT"
+                }
+            );
+        }
         eprintln!(
-            "done: {} ok, {} failed in {:.1}s ({:.3} images/s); manifest: {}",
+            "{}: {} ok, {} failed, {} skipped (already done) in {:.1}s ({:.3} images/s); manifest: {}",
+            if summary.interrupted { "stopped" } else { "done" },
             summary.ok,
             summary.failed,
+            summary.skipped,
             secs,
             summary.ok as f64 / secs.max(1e-9),
             args.output.join(prm::io::MANIFEST_FILE).display()
         );
     }
-    Ok(if summary.failed == 0 {
+    Ok(if signal == SIGTERM {
+        ExitCode::from(EXIT_SIGTERM)
+    } else if signal != 0 {
+        ExitCode::from(EXIT_SIGINT)
+    } else if summary.failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_SOME_FAILED)
     })
+}
+
+/// SIGINT / SIGTERM handling for a run: the first signal is recorded (and the run stops at the
+/// next batch or step boundary); a second SIGINT or SIGTERM ends the process at once.
+struct Interrupt {
+    /// The signal number received, 0 while none.
+    received: Arc<AtomicUsize>,
+}
+
+impl Interrupt {
+    fn install() -> anyhow::Result<Self> {
+        let received = Arc::new(AtomicUsize::new(0));
+        let pending = Arc::new(AtomicBool::new(false));
+        for (sig, code) in [(SIGINT, EXIT_SIGINT), (SIGTERM, EXIT_SIGTERM)] {
+            // Registered first, so it sees the flag as it was before this delivery.
+            signal_hook::flag::register_conditional_shutdown(sig, code.into(), pending.clone())
+                .context("cannot install the signal handlers")?;
+            signal_hook::flag::register(sig, pending.clone())
+                .context("cannot install the signal handlers")?;
+            signal_hook::flag::register_usize(sig, received.clone(), sig as usize)
+                .context("cannot install the signal handlers")?;
+        }
+        Ok(Interrupt { received })
+    }
+
+    fn received(&self) -> usize {
+        self.received.load(Ordering::SeqCst)
+    }
 }

@@ -2,7 +2,8 @@
 //!
 //! Exit codes (the contract scripts rely on): 0 every image succeeded; 1 the run finished but
 //! some images failed (each is recorded in the manifest), or `verify` found violations;
-//! 2 usage, model or configuration errors.
+//! 2 usage, model or configuration errors; 130 / 143 `attack` interrupted by SIGINT / SIGTERM
+//! (finished images are saved and recorded; a re-run resumes).
 
 mod attack;
 mod info;
@@ -18,6 +19,10 @@ use clap::{Parser, Subcommand};
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code for a run that finished with some per-image failures.
 pub const EXIT_SOME_FAILED: u8 = 1;
+/// Exit code for a run stopped by SIGINT (128 + 2).
+pub const EXIT_SIGINT: u8 = 130;
+/// Exit code for a run stopped by SIGTERM (128 + 15).
+pub const EXIT_SIGTERM: u8 = 143;
 
 #[derive(Parser)]
 #[command(

@@ -8,15 +8,18 @@ use prm::io::{ManifestRecord, Status};
 
 pub struct Bar {
     bar: ProgressBar,
+    steps_per_image: u64,
+    quiet: bool,
     started: Instant,
     done: std::sync::atomic::AtomicUsize,
 }
 
 impl Bar {
-    /// `total_steps` = images × steps. Hidden with `quiet` or when stderr is not a terminal.
-    pub fn new(total_steps: u64, quiet: bool) -> Self {
+    /// `images` × `steps` image-steps in all. Hidden with `quiet` or when stderr is not a
+    /// terminal.
+    pub fn new(images: usize, steps: usize, quiet: bool) -> Self {
         let bar = ProgressBar::with_draw_target(
-            Some(total_steps),
+            Some((images * steps) as u64),
             if quiet {
                 ProgressDrawTarget::hidden()
             } else {
@@ -32,6 +35,8 @@ impl Bar {
         );
         Bar {
             bar,
+            steps_per_image: steps as u64,
+            quiet,
             started: Instant::now(),
             done: 0.into(),
         }
@@ -43,6 +48,15 @@ impl Bar {
 }
 
 impl Progress for Bar {
+    fn skipped(&self, images: usize) {
+        // A resumed run starts from what is already done.
+        self.bar.inc(images as u64 * self.steps_per_image);
+        if !self.quiet {
+            self.bar.suspend(|| {
+                eprintln!("resuming: {images} image(s) already done, skipped");
+            });
+        }
+    }
     fn image_started(&self, rel: &str) {
         let done = self.done.load(std::sync::atomic::Ordering::Relaxed);
         let rate = done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
