@@ -319,13 +319,26 @@ impl<'m> GpuVit<'m> {
         out: &mut Buffer<f32>,
         accumulate: bool,
     ) -> Result<(), GpuError> {
+        self.linear_product(x, rows, l, l.bias.as_ref(), out, accumulate)
+    }
+
+    /// `out (+)= x · Wᵀ (+ bias)`, the one forward product every linear layer uses.
+    fn linear_product(
+        &self,
+        x: &Buffer<f32>,
+        rows: usize,
+        l: &DeviceLinear,
+        bias: Option<&Buffer<f32>>,
+        out: &mut Buffer<f32>,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
         let shape = MatmulShape {
             m: rows,
             n: l.out_features,
             k: l.in_features,
             b_transposed: true,
         };
-        self.product(shape, x, &l.weight, l.bias.as_ref(), out, accumulate)
+        self.product(shape, x, &l.weight, bias, out, accumulate)
     }
 
     /// `dx = dy · W`, dy `[rows, out]`.
@@ -476,13 +489,7 @@ impl<'m> GpuVit<'m> {
         l: &DeviceLinear,
         out: &mut Buffer<f32>,
     ) -> Result<(), GpuError> {
-        let shape = MatmulShape {
-            m: rows,
-            n: l.out_features,
-            k: l.in_features,
-            b_transposed: true,
-        };
-        self.product(shape, x, &l.weight, None, out, false)
+        self.linear_product(x, rows, l, None, out, false)
     }
 
     /// Input-pixel gradient of the batch (packed planar), with `add_loss_gradient(l, dh)`
