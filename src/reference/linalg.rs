@@ -47,17 +47,23 @@ fn parallelism(m: usize, n: usize, k: usize, threaded: bool) -> Parallelism {
     }
 }
 
-/// `out[m, n] (+)= a[m, k] · op(b)` where `op(b) = bᵀ` if `b_transposed` (b is `[n, k]`) else `b`
-/// (`[k, n]`). `out` is dense row-major `[m, n]`. With `accumulate`, the product is added to `out`.
+/// `out[m, n] (+)= op(a) · op(b)`: `op(a) = aᵀ` if `a_transposed` (a is `[k, m]`) else `a`
+/// (`[m, k]`); `op(b) = bᵀ` if `b_transposed` (b is `[n, k]`) else `b` (`[k, n]`). `out` is dense
+/// row-major `[m, n]`. With `accumulate`, the product is added to `out`.
 fn product(
     a: MatRef,
+    a_transposed: bool,
     b: MatRef,
     b_transposed: bool,
     out: &mut [f32],
     accumulate: bool,
     threaded: bool,
 ) {
-    let (m, k) = (a.rows, a.cols);
+    let (m, k) = if a_transposed {
+        (a.cols, a.rows)
+    } else {
+        (a.rows, a.cols)
+    };
     let (n, kb) = if b_transposed {
         (b.rows, b.cols)
     } else {
@@ -79,7 +85,12 @@ fn product(
         }
         return;
     }
-    // gemm takes (column stride, row stride) of the k×n right-hand matrix.
+    // gemm takes (column stride, row stride) of the m×k left and k×n right matrices.
+    let (a_cs, a_rs) = if a_transposed {
+        (a.stride as isize, 1)
+    } else {
+        (1, a.stride as isize)
+    };
     let (b_cs, b_rs) = if b_transposed {
         (b.stride as isize, 1)
     } else {
@@ -97,8 +108,8 @@ fn product(
             n as isize,
             accumulate,
             a.data.as_ptr(),
-            1,
-            a.stride as isize,
+            a_cs,
+            a_rs,
             b.data.as_ptr(),
             b_cs,
             b_rs,
@@ -114,61 +125,25 @@ fn product(
 
 /// `out = x · wᵀ`, the linear layer: `x [m, k]`, `w [n, k]`.
 pub fn matmul_nt(x: MatRef, w: MatRef, out: &mut [f32], accumulate: bool) {
-    product(x, w, true, out, accumulate, true);
+    product(x, false, w, true, out, accumulate, true);
 }
 
 /// `out = a · b`: `a [m, k]`, `b [k, n]`; the input gradient of a linear layer (`dx = dy · W`).
 pub fn matmul_nn(a: MatRef, b: MatRef, out: &mut [f32], accumulate: bool) {
-    product(a, b, false, out, accumulate, true);
+    product(a, false, b, false, out, accumulate, true);
 }
 
 /// Single-threaded variants, for use inside an outer rayon loop (per attention head).
 pub fn matmul_nt_serial(x: MatRef, w: MatRef, out: &mut [f32], accumulate: bool) {
-    product(x, w, true, out, accumulate, false);
+    product(x, false, w, true, out, accumulate, false);
 }
 pub fn matmul_nn_serial(a: MatRef, b: MatRef, out: &mut [f32], accumulate: bool) {
-    product(a, b, false, out, accumulate, false);
+    product(a, false, b, false, out, accumulate, false);
 }
 
 /// `out = aᵀ · b`: `a [k, m]`, `b [k, n]` (used for `dV = Pᵀ · dO` and `dK = dSᵀ · Q`).
 pub fn matmul_tn_serial(a: MatRef, b: MatRef, out: &mut [f32], accumulate: bool) {
-    let (k, m) = (a.rows, a.cols);
-    let n = b.cols;
-    assert_eq!(b.rows, k, "inner dimensions differ");
-    assert_eq!(out.len(), m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            out.fill(0.0);
-        }
-        return;
-    }
-    // SAFETY: as in `product`; `a` is read transposed through swapped strides.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.stride as isize,
-            1,
-            b.data.as_ptr(),
-            1,
-            b.stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
+    product(a, true, b, false, out, accumulate, false);
 }
 
 #[cfg(test)]
