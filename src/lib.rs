@@ -10,6 +10,7 @@
 //! - [`rng`]: the counter-based random numbers that make every run reproducible per image.
 
 pub mod attack;
+pub mod bench;
 pub mod gpu;
 pub mod io;
 pub mod model;

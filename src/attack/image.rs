@@ -169,6 +169,19 @@ impl<'a, E: Engine> Attack<'a, E> {
         }
     }
 
+    /// Every image's working size at `step` (what the engine sees; FLOP counts use it).
+    pub fn step_sizes(&self, step: usize) -> Vec<(usize, usize)> {
+        self.targets
+            .iter()
+            .map(|t| self.working_size(t, step))
+            .collect()
+    }
+
+    /// Every image's evaluation size (its clean features are computed there once).
+    pub fn eval_sizes(&self) -> Vec<(usize, usize)> {
+        self.targets.iter().map(|t| self.eval_size(t)).collect()
+    }
+
     /// Per image: the loss at `xs[i]` (native size) and its gradient with respect to `xs[i]`,
     /// with image i seen at `sizes[i]`.
     pub fn loss_and_gradient(

@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use super::gemm::{matmul_bf16, matmul_f32, MatmulShape};
 use super::kernels::activation::{activation_backward_inplace_f32, bias_activation_forward_f32};
 use super::kernels::attention::{
-    attention_backward_f32, attention_forward_f32, attention_scratch_len, AttentionMode,
+    attention_backward_f32, attention_backward_tc, attention_forward_f32, attention_forward_tc,
+    attention_scratch_len, AttentionMode,
 };
 use super::kernels::convert::to_bf16;
 use super::kernels::embed::{
@@ -38,10 +39,11 @@ pub enum Precision {
     /// Everything fp32.
     #[default]
     Fp32,
-    /// The matrix products (every linear layer's forward and input-gradient product) take
-    /// bf16 inputs, rounded to nearest even from the fp32 activations, gradients and weights,
-    /// and accumulate in fp32 into fp32 outputs. LayerNorm, attention, activations, losses,
-    /// the residual stream, the optimiser and every output stay fp32.
+    /// The matrix products (every linear layer's forward and input-gradient product, and the
+    /// products inside attention, on tensor cores) take bf16 inputs, rounded to nearest even
+    /// from the fp32 activations, gradients and weights, and accumulate in fp32 into fp32
+    /// outputs. LayerNorm, softmax statistics, activations, losses, the residual stream, the
+    /// optimiser and every output stay fp32.
     Bf16,
 }
 
@@ -599,7 +601,12 @@ impl<'m> GpuVit<'m> {
         let (t, d) = (batch.packing.total_tokens, self.model.config.width);
         let mut context = self.alloc(t * d)?;
         let mut lse = self.alloc(attention_scratch_len(t, d))?;
-        attention_forward_f32(
+        // bf16 precision runs attention on tensor cores; fp32 keeps the fp32 SIMT kernels.
+        let forward = match self.precision {
+            Precision::Fp32 => attention_forward_f32,
+            Precision::Bf16 => attention_forward_tc,
+        };
+        forward(
             &self.dev,
             qkv,
             &batch.cu_seqlens,
@@ -622,7 +629,11 @@ impl<'m> GpuVit<'m> {
         let (t, d) = (batch.packing.total_tokens, self.model.config.width);
         let mut d_qkv = self.alloc(t * 3 * d)?;
         let mut delta = self.alloc(attention_scratch_len(t, d))?;
-        attention_backward_f32(
+        let backward = match self.precision {
+            Precision::Fp32 => attention_backward_f32,
+            Precision::Bf16 => attention_backward_tc,
+        };
+        backward(
             &self.dev,
             &s.qkv,
             &s.context,
