@@ -10,6 +10,8 @@ pub mod flops;
 
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use crate::attack::engine::{Engine, EngineError};
 use crate::attack::image::{Attack, Planar};
 use crate::attack::loss::Objective;
@@ -25,6 +27,7 @@ pub fn synthetic_images(count: usize, height: usize, width: usize, seed: u64) ->
         .map(|i| {
             let rng = ImageRng::new(seed, &format!("bench/{i}"));
             (0..3 * height * width)
+                .into_par_iter()
                 .map(|j| (rng.uniform(STREAM_INIT, j as u64) * 255.0).floor() / 255.0)
                 .collect()
         })
@@ -35,6 +38,11 @@ pub fn synthetic_images(count: usize, height: usize, width: usize, seed: u64) ->
 #[derive(Clone, Debug)]
 pub struct AttackTiming {
     pub seconds: f64,
+    /// The phases of `seconds`: clean features (with the batch's upload), the start points
+    /// (host), and every step with the download of the results.
+    pub clean_seconds: f64,
+    pub start_seconds: f64,
+    pub steps_seconds: f64,
     /// FLOPs of the attack by the analytic count ([`flops`]): the clean forward at each
     /// image's evaluation size, and per step the forward + input-gradient backward at the
     /// step's working sizes, plus the clean forward again where a step's size differs (dynamic
@@ -73,9 +81,12 @@ pub fn time_attacks<E: Engine>(
             .collect();
         let start = Instant::now();
         let attack = Attack::new(engine, objective, settings, targets)?;
+        let clean_seconds = start.elapsed().as_secs_f64();
         let starts: Vec<Vec<f32>> = (0..attack.len()).map(|i| attack.start(i, None)).collect();
+        let start_seconds = start.elapsed().as_secs_f64() - clean_seconds;
         let outcomes = attack.run(starts, |_| after_step())?;
         let seconds = start.elapsed().as_secs_f64();
+        let steps_seconds = seconds - clean_seconds - start_seconds;
         assert_eq!(outcomes.len(), images.len());
         if round >= warmup {
             let eval = attack.eval_sizes();
@@ -93,6 +104,9 @@ pub fn time_attacks<E: Engine>(
             }
             timings.push(AttackTiming {
                 seconds,
+                clean_seconds,
+                start_seconds,
+                steps_seconds,
                 flops: total,
             });
         }

@@ -162,6 +162,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let seconds: Vec<f64> = timings.iter().map(|t| t.seconds).collect();
     let attack_seconds = median(&seconds);
+    let phase = |f: fn(&AttackTiming) -> f64| median(&timings.iter().map(f).collect::<Vec<_>>());
+    let phases = json!({
+        "clean_seconds": phase(|t| t.clean_seconds),
+        "start_seconds": phase(|t| t.start_seconds),
+        "steps_seconds": phase(|t| t.steps_seconds),
+    });
     let flops = median(&timings.iter().map(|t| t.flops).collect::<Vec<_>>());
     let tflops = flops / attack_seconds / 1e12;
     let peak_memory = match (peak, baseline) {
@@ -189,6 +195,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "precision": precision_name,
         "attack_seconds": attack_seconds,
         "attack_seconds_all": seconds,
+        "phases": phases,
         "flops_per_attack": flops,
         "image_steps_per_s": (batch * settings.steps) as f64 / attack_seconds,
         "images_per_s": batch as f64 / attack_seconds,
@@ -210,6 +217,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         println!(
             "attack            {attack_seconds:.4} s (median of {})",
             seconds.len()
+        );
+        println!(
+            "phases            clean {:.4} s, start {:.4} s, steps {:.4} s (medians)",
+            phases["clean_seconds"].as_f64().unwrap_or(0.0),
+            phases["start_seconds"].as_f64().unwrap_or(0.0),
+            phases["steps_seconds"].as_f64().unwrap_or(0.0)
         );
         println!(
             "throughput        {:.1} image-steps/s, {:.2} images/s",

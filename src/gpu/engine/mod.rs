@@ -125,10 +125,26 @@ struct Normed {
     rstd: Pooled,
 }
 
+/// Per-image loss values: on the device (summed there over layers, so a step never waits for
+/// them) or already on the host (the `embed` loss is computed there).
+enum Losses {
+    Device(Pooled),
+    Host(Vec<f64>),
+}
+
+impl Losses {
+    fn values(self, dev: &Device) -> Result<Vec<f64>, GpuError> {
+        match self {
+            Losses::Device(b) => Ok(dev.download(&b)?.into_iter().map(f64::from).collect()),
+            Losses::Host(v) => Ok(v),
+        }
+    }
+}
+
 /// One loss evaluation of a batch: per-image values, the input gradient when asked for, and
 /// the forward it came from.
 struct LossPass {
-    losses: Vec<f64>,
+    losses: Losses,
     gradient: Option<Pooled>,
     forward: Forward,
 }
@@ -682,13 +698,15 @@ impl<'m> GpuVit<'m> {
     ) -> Result<LossPass, GpuError> {
         let images = batch.packing.len();
         let fwd = self.forward(batch, with_grad)?;
-        let mut totals = vec![0.0f64; images];
         let Some(kind) = LayerLoss::from_kind(objective.kind) else {
             return self.embed_loss(batch, clean, objective, with_grad, fwd);
         };
         let shape = self.tokens(batch);
         let mut scratch = LossScratch::new(&self.dev, shape.rows, images)?;
-        let mut per_layer = self.alloc(images)?;
+        // Layers add into one per-image total on the device (the first selected layer visited
+        // overwrites it), so nothing waits for the host between layers.
+        let mut totals = self.alloc(images)?;
+        let mut first = true;
         let mut add = |l: usize,
                        features: &Buffer<f32>,
                        grad: Option<&mut Buffer<f32>>|
@@ -703,29 +721,33 @@ impl<'m> GpuVit<'m> {
                 shape,
                 features,
                 &clean.features[l],
-                &mut per_layer,
-                false,
+                &mut totals,
+                !first,
                 grad,
                 &mut scratch,
             )?;
-            for (t, v) in totals.iter_mut().zip(self.dev.download(&per_layer)?) {
-                *t += v as f64;
-            }
+            first = false;
             Ok(())
         };
         if !with_grad {
             for (l, f) in fwd.features.iter().enumerate() {
                 add(l, f, None)?;
             }
+            if first {
+                self.dev.zero(&mut totals)?; // no layer selected
+            }
             return Ok(LossPass {
-                losses: totals,
+                losses: Losses::Device(totals),
                 gradient: None,
                 forward: fwd,
             });
         }
         let grad = self.backward(batch, &fwd, |l, f, dh| add(l, f, Some(dh)))?;
+        if first {
+            self.dev.zero(&mut totals)?;
+        }
         Ok(LossPass {
-            losses: totals,
+            losses: Losses::Device(totals),
             gradient: Some(grad),
             forward: fwd,
         })
@@ -762,7 +784,7 @@ impl<'m> GpuVit<'m> {
         }
         if !with_grad {
             return Ok(LossPass {
-                losses: values,
+                losses: Losses::Host(values),
                 gradient: None,
                 forward: fwd,
             });
@@ -776,7 +798,7 @@ impl<'m> GpuVit<'m> {
             }
         })?;
         Ok(LossPass {
-            losses: values,
+            losses: Losses::Host(values),
             gradient: Some(grad),
             forward: fwd,
         })
@@ -843,6 +865,7 @@ impl Engine for GpuVit<'_> {
         } = self.loss(&batch, clean, objective, true)?;
         let grads = self.unpack_images(&batch, &grad.expect("gradient requested"))?;
         Ok(losses
+            .values(&self.dev)?
             .into_iter()
             .zip(grads)
             .map(|(loss, gradient)| LossAndGradient { loss, gradient })
@@ -881,6 +904,7 @@ impl Engine for GpuVit<'_> {
             }
         }
         Ok(losses
+            .values(&self.dev)?
             .into_iter()
             .zip(layer_cosine)
             .map(|(loss, layer_cosine)| Evaluation { loss, layer_cosine })
