@@ -6,6 +6,7 @@
 //! (finished images are saved and recorded; a re-run resumes).
 
 mod attack;
+mod eval;
 mod info;
 mod manifest;
 mod progress;
@@ -41,6 +42,9 @@ struct Cli {
 enum Command {
     /// Attack every image of a directory or list file and write the adversarial images.
     Attack(Box<attack::AttackArgs>),
+    /// Evaluate transfer: a downstream target (maskclip, sclip, clearclip, zeroshot, features,
+    /// probe) on clean vs adversarial images
+    Eval(Box<eval::EvalArgs>),
     /// Describe a model: format, architecture, parameters, activation.
     Info(info::InfoArgs),
     /// Work with manifests: `merge` combines the manifests of a sharded run
@@ -60,6 +64,7 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Attack(args) => attack::run(*args),
+        Command::Eval(args) => eval::run(*args),
         Command::Info(args) => info::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Manifest(args) => manifest::run(args),
