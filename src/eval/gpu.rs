@@ -282,6 +282,9 @@ impl Stack {
     }
 }
 
+/// Features F_0..F_upto on the device, `cu_seqlens`, sequence lengths and the patch grid.
+type DeviceForward = (Vec<Buffer<f32>>, Buffer<i32>, Vec<usize>, (usize, usize));
+
 /// The vision targets on a device.
 pub struct GpuTargets<'m> {
     model: &'m Model,
@@ -328,11 +331,7 @@ impl<'m> GpuTargets<'m> {
     }
 
     /// F_0..F_upto (device buffers), plus the sequence table.
-    fn forward(
-        &self,
-        image: &Planar,
-        upto: usize,
-    ) -> Result<(Vec<Buffer<f32>>, Buffer<i32>, Vec<usize>, (usize, usize)), EvalError> {
+    fn forward(&self, image: &Planar, upto: usize) -> Result<DeviceForward, EvalError> {
         let c = &self.model.config;
         let dev = self.dev();
         let (gh, gw) = (image.height / c.patch, image.width / c.patch);

@@ -372,7 +372,7 @@ pub fn read_probe(
             )))
         }
     };
-    let bias = if st.names().iter().any(|n| *n == "bias") {
+    let bias = if st.names().contains(&"bias") {
         let (s, b) = load("bias")?;
         if s != [k] {
             return Err(bad(format!("`bias` has shape {s:?}, expected [{k}]")));
