@@ -179,6 +179,12 @@ pub fn evaluate(
         (None, None) => Vec::new(),
     };
     let n_classes = names.len();
+    if n_classes > u16::MAX as usize {
+        return Err(EvalError::Usage(format!(
+            "{n_classes} classes: at most {} are supported",
+            u16::MAX
+        )));
+    }
     if let Some(dir) = &settings.save_predictions {
         if !dense {
             return Err(EvalError::Usage(format!(
