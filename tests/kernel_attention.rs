@@ -149,6 +149,7 @@ struct Run {
     d_qkv: Vec<f32>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     dev: &Device,
     qkv: &[f32],

@@ -37,7 +37,7 @@ pub fn forward_flops(config: &VisionConfig, height: usize, width: usize) -> f64 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::builtin::builtin_config;
+    use crate::model::builtin_config;
 
     #[test]
     fn vit_b_16_at_224_is_about_72_gflop_per_step() {

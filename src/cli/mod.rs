@@ -8,6 +8,7 @@
 mod attack;
 mod bench;
 mod device;
+mod eval;
 mod info;
 mod manifest;
 mod progress;
@@ -45,6 +46,9 @@ enum Command {
     Attack(Box<attack::AttackArgs>),
     /// Time whole attacks on synthetic images: image-steps/s, TFLOP/s against a GEMM ceiling
     Bench(bench::BenchArgs),
+    /// Evaluate transfer: a downstream target (maskclip, sclip, clearclip, zeroshot, features,
+    /// probe) on clean vs adversarial images
+    Eval(Box<eval::EvalArgs>),
     /// Describe a model: format, architecture, parameters, activation.
     Info(info::InfoArgs),
     /// Work with manifests: `merge` combines the manifests of a sharded run
@@ -64,6 +68,7 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Attack(args) => attack::run(*args),
+        Command::Eval(args) => eval::run(*args),
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Verify(args) => verify::run(args),
