@@ -22,7 +22,8 @@
 // Forward: blocks stride over rows, threads over columns. Backward: flat grid-stride loop.
 //
 // Launchers: src/gpu/kernels/activation.rs (bias_activation_forward_f32,
-// bias_activation_inplace_f32, activation_backward_f32, activation_backward_inplace_f32).
+// bias_activation_inplace_f32, activation_backward_f32, activation_backward_inplace_f32, and the
+// `_bf16out` variants: fp32 in, bf16 out, for the operands of bf16 products).
 #include "common.cuh"
 
 #define PRM_ACT_QUICK_GELU 0
@@ -53,9 +54,9 @@ __device__ __forceinline__ void prm_act_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void prm_act_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 
 // `x` and `out` may be the same buffer, so neither is __restrict__.
-template <typename T>
+template <typename T, typename TOut>
 __device__ __forceinline__ void prm_activation_forward(const T* x, const float* __restrict__ bias,
-                                                       T* __restrict__ pre, T* out, int rows, int cols, int act) {
+                                                       T* __restrict__ pre, TOut* out, int rows, int cols, int act) {
     // Blocks stride over rows, threads over the columns of a row: no index division, and the
     // bias of a column is read by the same thread for every row it visits.
     for (int r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -74,8 +75,8 @@ __device__ __forceinline__ void prm_activation_forward(const T* x, const float* 
 }
 
 // `dy` and `dx` may be the same buffer, so neither is __restrict__.
-template <typename T>
-__device__ __forceinline__ void prm_activation_backward(const T* __restrict__ pre, const T* dy, T* dx, int rows,
+template <typename T, typename TOut>
+__device__ __forceinline__ void prm_activation_backward(const T* __restrict__ pre, const T* dy, TOut* dx, int rows,
                                                         int cols, int act) {
     const size_t n = (size_t)rows * (size_t)cols;
     const size_t stride = (size_t)gridDim.x * blockDim.x;
@@ -110,3 +111,20 @@ extern "C" __global__ void prm_activation_backward_bf16(const __nv_bfloat16* __r
     prm_activation_backward(pre, dy, dx, rows, cols, act);
 }
 PRM_REGISTER_KERNEL(prm_activation_backward_bf16);
+
+// Mixed storage for the engine's bf16 products: fp32 input, pre-activation and incoming
+// gradient, bf16 output, which is exactly the operand the next product reads (no separate
+// conversion pass). `out` / `dx` must not alias the fp32 buffers.
+extern "C" __global__ void prm_activation_forward_f32_bf16out(const float* x, const float* __restrict__ bias,
+                                                              float* __restrict__ pre, __nv_bfloat16* __restrict__ out,
+                                                              int rows, int cols, int act) {
+    prm_activation_forward(x, bias, pre, out, rows, cols, act);
+}
+PRM_REGISTER_KERNEL(prm_activation_forward_f32_bf16out);
+
+extern "C" __global__ void prm_activation_backward_f32_bf16out(const float* __restrict__ pre, const float* dy,
+                                                               __nv_bfloat16* __restrict__ dx, int rows, int cols,
+                                                               int act) {
+    prm_activation_backward(pre, dy, dx, rows, cols, act);
+}
+PRM_REGISTER_KERNEL(prm_activation_backward_f32_bf16out);

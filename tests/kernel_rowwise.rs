@@ -1069,3 +1069,68 @@ fn layernorm_is_deterministic() {
         exact("layernorm backward repeat", &runs[0].1, &runs[1].1);
     }
 }
+
+/// The `_bf16out` activation variants (fp32 in, bf16 out) equal the fp32 kernels' results
+/// rounded to bf16, bit for bit: same fp32 arithmetic, one rounding at the store.
+#[test]
+fn activation_bf16out_variants_round_the_fp32_kernels() {
+    for dev in devices() {
+        for act in [Activation::QuickGelu, Activation::Gelu] {
+            for (case, &(rows, cols)) in [(197usize, 3072usize), (13, 37)].iter().enumerate() {
+                let mut rng = Rng::new(900 + case as u64);
+                let x = rng.vec(rows * cols, -7.0, 7.0);
+                let bias = rng.vec(cols, -1.0, 1.0);
+                let dy = rng.vec(rows * cols, -1.0, 1.0);
+                let (xb, bb, dyb) = (
+                    dev.upload(&x).unwrap(),
+                    dev.upload(&bias).unwrap(),
+                    dev.upload(&dy).unwrap(),
+                );
+                let what = format!("{} {act:?} bf16out {rows}x{cols}", dev.name());
+                let n = rows * cols;
+                let (mut pre32, mut out32) = (poisoned(&dev, n), poisoned(&dev, n));
+                activation::bias_activation_forward_f32(
+                    &dev,
+                    act,
+                    &xb,
+                    Some(&bb),
+                    Some(&mut pre32),
+                    &mut out32,
+                    rows,
+                    cols,
+                )
+                .unwrap();
+                let (mut pre, mut out) = (poisoned(&dev, n), poisoned_bf16(&dev, n));
+                activation::bias_activation_forward_f32_bf16out(
+                    &dev,
+                    act,
+                    &xb,
+                    Some(&bb),
+                    Some(&mut pre),
+                    &mut out,
+                    rows,
+                    cols,
+                )
+                .unwrap();
+                let want = to_bf16(&dev.download(&out32).unwrap());
+                assert_eq!(dev.download(&out).unwrap(), want, "{what}: forward");
+                exact(
+                    &format!("{what} pre"),
+                    &dev.download(&pre).unwrap(),
+                    &dev.download(&pre32).unwrap(),
+                );
+
+                let mut dx32 = poisoned(&dev, n);
+                activation::activation_backward_f32(&dev, act, &pre32, &dyb, &mut dx32, rows, cols)
+                    .unwrap();
+                let mut dx = poisoned_bf16(&dev, n);
+                activation::activation_backward_f32_bf16out(
+                    &dev, act, &pre, &dyb, &mut dx, rows, cols,
+                )
+                .unwrap();
+                let want = to_bf16(&dev.download(&dx32).unwrap());
+                assert_eq!(dev.download(&dx).unwrap(), want, "{what}: backward");
+            }
+        }
+    }
+}

@@ -8,6 +8,7 @@ use clap::Args;
 use prm::attack::*;
 use prm::bench::{gemm_ceiling_tflops, median, synthetic_images, time_attacks, AttackTiming};
 use prm::gpu::engine::{GpuVit, Precision};
+use prm::gpu::host_stats::HostStats;
 use prm::model::{Model, ModelSource};
 use prm::reference::ReferenceVit;
 use serde_json::json;
@@ -59,6 +60,10 @@ pub struct BenchArgs {
     /// Skip measuring the GEMM ceiling (under a profiler, say)
     #[arg(long)]
     no_ceiling: bool,
+    /// Also report where the host's time went: device calls by kind (count and host seconds per
+    /// timed attack), next to the phases
+    #[arg(long)]
+    profile: bool,
     /// Print one JSON object instead of a table
     #[arg(long)]
     json: bool,
@@ -128,6 +133,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let mut peak = baseline;
+    let stats_before = HostStats::now();
     let timings: Vec<AttackTiming> = match &device {
         None => time_attacks(
             &ReferenceVit::new(&model),
@@ -160,6 +166,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             )?
         }
     };
+    // Warm-up attacks made the same calls: scale to one attack.
+    let per_attack = 1.0 / (args.warmup + args.repeats) as f64;
+    let host_calls: Vec<serde_json::Value> = HostStats::now()
+        .since(&stats_before)
+        .entries
+        .iter()
+        .map(|&(call, n, secs)| {
+            json!({"call": call.name(), "count": n as f64 * per_attack, "host_seconds": secs * per_attack})
+        })
+        .collect();
     let seconds: Vec<f64> = timings.iter().map(|t| t.seconds).collect();
     let attack_seconds = median(&seconds);
     let phase = |f: fn(&AttackTiming) -> f64| median(&timings.iter().map(f).collect::<Vec<_>>());
@@ -204,6 +220,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "ceiling_fraction": ceiling.map(|c| tflops / c),
         "peak_memory_bytes": peak_memory,
     });
+    let mut report = report;
+    if args.profile {
+        report["host_calls_per_attack"] = json!(host_calls);
+    }
     if args.json {
         println!("{report}");
     } else {
@@ -235,6 +255,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 100.0 * tflops / c
             ),
             None => println!("compute           {tflops:.4} TFLOP/s (no ceiling measured)"),
+        }
+        if args.profile {
+            println!("host calls per attack (count, host seconds):");
+            for c in &host_calls {
+                println!(
+                    "  {:<40} {:>9.0} {:>9.4}",
+                    c["call"].as_str().unwrap_or("?"),
+                    c["count"].as_f64().unwrap_or(0.0),
+                    c["host_seconds"].as_f64().unwrap_or(0.0)
+                );
+            }
         }
         if let Some(p) = peak_memory {
             println!(

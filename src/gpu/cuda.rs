@@ -588,18 +588,19 @@ impl CudaMemory {
             .map_err(|e| cuda_err("binding the CUDA context", e))
     }
 
-    /// Copies `bytes` to the start of the buffer; returns once the copy has completed (it is
-    /// ordered after all work already queued on the stream).
+    /// Copies `bytes` to the start of the buffer, in stream order, without waiting for the
+    /// device: from pageable host memory the driver stages the bytes before it returns (CUDA's
+    /// API synchronisation rules for cuMemcpyHtoDAsync), so `bytes` may be reused at once and
+    /// the host never stalls the queue. (A synchronisation here cost two full drains per
+    /// attack step: the step's small tables are uploaded as it starts.)
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), GpuError> {
         self.check(bytes.len(), "copy to device")?;
         if bytes.is_empty() {
             return Ok(());
         }
-        // SAFETY: the destination holds at least `bytes.len()` bytes (checked).
+        // SAFETY: the destination holds at least `bytes.len()` bytes (checked); the source is
+        // staged by the driver before the call returns (pageable memory).
         unsafe { dr::memcpy_htod_async(self.ptr, bytes, self.stream.cu_stream()) }
-            .map_err(|e| cuda_err("copy to device", e))?;
-        self.stream
-            .synchronize()
             .map_err(|e| cuda_err("copy to device", e))
     }
 

@@ -201,6 +201,7 @@ impl Device {
 
     /// A zero-filled buffer of `len` elements.
     pub fn alloc<T: Element>(&self, len: usize) -> Result<Buffer<T>, GpuError> {
+        let _timed = super::host_stats::timed(super::host_stats::Call::Alloc);
         let bytes = len * std::mem::size_of::<T>();
         let mem = match &*self.backend {
             Backend::Sim => {
@@ -231,6 +232,7 @@ impl Device {
 
     /// Overwrites `buf` (which must have `data.len()` elements) with `data`.
     pub fn write<T: Element>(&self, buf: &mut Buffer<T>, data: &[T]) -> Result<(), GpuError> {
+        let _timed = super::host_stats::timed(super::host_stats::Call::Upload);
         assert_eq!(
             buf.len,
             data.len(),
@@ -251,6 +253,7 @@ impl Device {
 
     /// Copies `buf` back to the host.
     pub fn download<T: Element>(&self, buf: &Buffer<T>) -> Result<Vec<T>, GpuError> {
+        let _timed = super::host_stats::timed(super::host_stats::Call::Download);
         let mut out = vec![T::zeroed(); buf.len];
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
         match &buf.mem {
@@ -266,6 +269,7 @@ impl Device {
 
     /// Copies `src` into `dst` on the device (same length).
     pub fn copy<T: Element>(&self, src: &Buffer<T>, dst: &mut Buffer<T>) -> Result<(), GpuError> {
+        let _timed = super::host_stats::timed(super::host_stats::Call::Copy);
         assert_eq!(
             src.len, dst.len,
             "copy of {} elements into a buffer of {}",
@@ -318,6 +322,7 @@ impl Device {
         cfg: LaunchConfig,
         args: &mut KernelArgs,
     ) -> Result<(), GpuError> {
+        let _timed = super::host_stats::timed(super::host_stats::Call::Launch);
         let mut ptrs = args.pointers();
         match &*self.backend {
             Backend::Sim => sim::launch(kernel, cfg, &mut ptrs),
@@ -339,6 +344,7 @@ impl Device {
 
     /// Waits for all work on the device.
     pub fn synchronize(&self) -> Result<(), GpuError> {
+        let _timed = super::host_stats::timed(super::host_stats::Call::Synchronize);
         match &*self.backend {
             Backend::Sim => Ok(()),
             Backend::Cuda(c) => c.synchronize(),

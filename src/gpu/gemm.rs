@@ -28,6 +28,7 @@ pub fn matmul_f32(
     c: &mut Buffer<f32>,
     accumulate: bool,
 ) -> Result<(), GpuError> {
+    let _timed = super::host_stats::timed(super::host_stats::Call::Matmul);
     check_extents(shape, a.len(), b.len(), bias, c);
     match &*dev.backend {
         Backend::Sim => {
@@ -52,6 +53,7 @@ pub fn matmul_bf16(
     c: &mut Buffer<f32>,
     accumulate: bool,
 ) -> Result<(), GpuError> {
+    let _timed = super::host_stats::timed(super::host_stats::Call::Matmul);
     check_extents(shape, a.len(), b.len(), bias, c);
     match &*dev.backend {
         Backend::Sim => {

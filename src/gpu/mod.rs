@@ -12,6 +12,7 @@ pub mod cuda;
 pub mod device;
 pub mod engine;
 pub mod gemm;
+pub mod host_stats;
 pub mod kernels;
 pub mod pool;
 pub mod sim;

@@ -12,7 +12,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::gemm::{matmul_bf16, matmul_f32, MatmulShape};
-use super::kernels::activation::{activation_backward_inplace_f32, bias_activation_forward_f32};
+use super::kernels::activation::{
+    activation_backward_f32_bf16out, activation_backward_inplace_f32, bias_activation_forward_f32,
+    bias_activation_forward_f32_bf16out,
+};
 use super::kernels::attention::{
     attention_backward_f32, attention_backward_tc, attention_forward_f32, attention_forward_tc,
     attention_scratch_len, AttentionMode,
@@ -257,18 +260,36 @@ impl<'m> GpuVit<'m> {
     ) -> Result<(), GpuError> {
         match w {
             Weight::F32(w) => matmul_f32(&self.dev, shape, x, w, bias, out, accumulate),
-            Weight::Bf16(w) => {
-                let n = shape.m * shape.k;
-                let mut guard = self.bf16_scratch.lock().unwrap_or_else(|p| p.into_inner());
-                if guard.as_ref().is_none_or(|b| b.len() < n) {
-                    *guard = None; // free the smaller one first
-                    *guard = Some(self.dev.alloc::<half::bf16>(n)?);
-                }
-                let xb = guard.as_mut().expect("allocated above");
-                to_bf16(&self.dev, x, xb, n)?;
-                matmul_bf16(&self.dev, shape, xb, w, bias, out, accumulate)
-            }
+            Weight::Bf16(_) => self.product_from_bf16(shape, w, bias, out, accumulate, |xb| {
+                to_bf16(&self.dev, x, xb, shape.m * shape.k)
+            }),
         }
+    }
+
+    /// [`Self::product`] in bf16 precision, with the bf16 left operand written by `fill` into the
+    /// engine's operand scratch (a kernel that produces its output in bf16 directly saves the
+    /// conversion pass). One scratch is enough: products run one at a time, in stream order.
+    fn product_from_bf16(
+        &self,
+        shape: MatmulShape,
+        w: &Weight,
+        bias: Option<&Buffer<f32>>,
+        out: &mut Buffer<f32>,
+        accumulate: bool,
+        fill: impl FnOnce(&mut Buffer<half::bf16>) -> Result<(), GpuError>,
+    ) -> Result<(), GpuError> {
+        let Weight::Bf16(w) = w else {
+            unreachable!("bf16 operands go with bf16 weights");
+        };
+        let n = shape.m * shape.k;
+        let mut guard = self.bf16_scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_none_or(|b| b.len() < n) {
+            *guard = None; // free the smaller one first
+            *guard = Some(self.dev.alloc::<half::bf16>(n)?);
+        }
+        let xb = guard.as_mut().expect("allocated above");
+        fill(xb)?;
+        matmul_bf16(&self.dev, shape, xb, w, bias, out, accumulate)
     }
 
     /// A pooled buffer with undefined contents (NaN under the simulator).
@@ -461,20 +482,9 @@ impl<'m> GpuVit<'m> {
             let mut mlp_in = self.alloc(t * c.mlp)?;
             self.linear_without_bias(&normed2, t, &b.fc1, &mut mlp_in)?;
             let mut mlp_pre = self.alloc(t * c.mlp)?;
-            let mut hidden = self.alloc(t * c.mlp)?;
-            bias_activation_forward_f32(
-                &self.dev,
-                c.activation,
-                &mlp_in,
-                b.fc1.bias.as_ref(),
-                Some(&mut mlp_pre),
-                &mut hidden,
-                t,
-                c.mlp,
-            )?;
             let mut out = self.alloc(t * d)?;
             self.dev.copy(&mid, &mut out)?;
-            self.linear(&hidden, t, &b.fc2, &mut out, true)?;
+            self.activation_then_fc2(&mlp_in, b, &mut mlp_pre, t, &mut out)?;
             features.push(out);
             if save {
                 blocks.push(BlockSaved {
@@ -497,6 +507,100 @@ impl<'m> GpuVit<'m> {
             ln_pre_rstd,
             blocks,
         })
+    }
+
+    /// `out += fc2(act(mlp_in + b₁))` with the pre-activation saved in `pre`. In bf16 the
+    /// activation kernel writes fc2's bf16 operand itself (no separate conversion pass).
+    fn activation_then_fc2(
+        &self,
+        mlp_in: &Buffer<f32>,
+        b: &DeviceBlock,
+        pre: &mut Buffer<f32>,
+        rows: usize,
+        out: &mut Buffer<f32>,
+    ) -> Result<(), GpuError> {
+        let c = &self.model.config;
+        match self.precision {
+            Precision::Fp32 => {
+                let mut hidden = self.alloc(rows * c.mlp)?;
+                bias_activation_forward_f32(
+                    &self.dev,
+                    c.activation,
+                    mlp_in,
+                    b.fc1.bias.as_ref(),
+                    Some(pre),
+                    &mut hidden,
+                    rows,
+                    c.mlp,
+                )?;
+                self.linear(&hidden, rows, &b.fc2, out, true)
+            }
+            Precision::Bf16 => {
+                let shape = MatmulShape {
+                    m: rows,
+                    n: b.fc2.out_features,
+                    k: b.fc2.in_features,
+                    b_transposed: true,
+                };
+                self.product_from_bf16(shape, &b.fc2.weight, b.fc2.bias.as_ref(), out, true, |hb| {
+                    bias_activation_forward_f32_bf16out(
+                        &self.dev,
+                        c.activation,
+                        mlp_in,
+                        b.fc1.bias.as_ref(),
+                        Some(pre),
+                        hb,
+                        rows,
+                        c.mlp,
+                    )
+                })
+            }
+        }
+    }
+
+    /// `d_normed = (d_hidden ⊙ act'(pre)) · W₁`; in fp32 `d_hidden` is overwritten with the
+    /// activation's input gradient, in bf16 that gradient goes straight into fc1's operand.
+    fn activation_backward_then_fc1(
+        &self,
+        pre: &Buffer<f32>,
+        d_hidden: &mut Buffer<f32>,
+        b: &DeviceBlock,
+        rows: usize,
+        d_normed: &mut Buffer<f32>,
+    ) -> Result<(), GpuError> {
+        let c = &self.model.config;
+        match self.precision {
+            Precision::Fp32 => {
+                activation_backward_inplace_f32(
+                    &self.dev,
+                    c.activation,
+                    pre,
+                    d_hidden,
+                    rows,
+                    c.mlp,
+                )?;
+                self.linear_backward(d_hidden, rows, &b.fc1, d_normed)
+            }
+            Precision::Bf16 => {
+                let shape = MatmulShape {
+                    m: rows,
+                    n: b.fc1.in_features,
+                    k: b.fc1.out_features,
+                    b_transposed: false,
+                };
+                self.product_from_bf16(shape, &b.fc1.weight, None, d_normed, false, |db| {
+                    activation_backward_f32_bf16out(
+                        &self.dev,
+                        c.activation,
+                        pre,
+                        d_hidden,
+                        db,
+                        rows,
+                        c.mlp,
+                    )
+                })
+            }
+        }
     }
 
     /// `x · W₁ᵀ` without the bias (the bias is fused into the activation kernel).
@@ -530,16 +634,8 @@ impl<'m> GpuVit<'m> {
             // out = mid + fc2(act(fc1(LN2(mid))))
             let mut d_hidden = self.alloc(t * c.mlp)?;
             self.linear_backward(&dh, t, &b.fc2, &mut d_hidden)?;
-            activation_backward_inplace_f32(
-                &self.dev,
-                c.activation,
-                &s.mlp_pre,
-                &mut d_hidden,
-                t,
-                c.mlp,
-            )?;
             let mut d_normed = self.alloc(t * d)?;
-            self.linear_backward(&d_hidden, t, &b.fc1, &mut d_normed)?;
+            self.activation_backward_then_fc1(&s.mlp_pre, &mut d_hidden, b, t, &mut d_normed)?;
             drop(d_hidden);
             layernorm_backward_f32(
                 &self.dev,

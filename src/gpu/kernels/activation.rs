@@ -73,6 +73,23 @@ fn forward<T: Storage>(
     rows: usize,
     cols: usize,
 ) -> Result<(), GpuError> {
+    let kernel = format!("prm_activation_forward_{}", T::SUFFIX);
+    forward_kernel(&kernel, dev, act, x, bias, pre, out, rows, cols)
+}
+
+/// [`forward`] through the kernel named `kernel` (same parameter list).
+#[allow(clippy::too_many_arguments)]
+fn forward_kernel<T: Storage>(
+    kernel: &str,
+    dev: &Device,
+    act: Activation,
+    x: u64,
+    bias: Option<&Buffer<f32>>,
+    pre: Option<&mut Buffer<T>>,
+    out: u64,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
     check_sizes(rows, cols);
     if let Some(b) = bias {
         assert_eq!(b.len(), cols, "activation bias is not [{cols}]");
@@ -101,10 +118,9 @@ fn forward<T: Storage>(
         .i32(rows as i32)
         .i32(cols as i32)
         .i32(act_code(act));
-    let name = format!("prm_activation_forward_{}", T::SUFFIX);
     // One block per row (grid-stride over rows beyond MAX_BLOCKS).
     let cfg = LaunchConfig::linear(rows.min(MAX_BLOCKS) as u32, THREADS, 0);
-    dev.launch(&name, cfg, &mut args)
+    dev.launch(kernel, cfg, &mut args)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -151,6 +167,22 @@ fn backward<T: Storage>(
     rows: usize,
     cols: usize,
 ) -> Result<(), GpuError> {
+    let kernel = format!("prm_activation_backward_{}", T::SUFFIX);
+    backward_kernel(&kernel, dev, act, pre, dy, dx, rows, cols)
+}
+
+/// [`backward`] through the kernel named `kernel` (same parameter list).
+#[allow(clippy::too_many_arguments)]
+fn backward_kernel<T: Storage>(
+    kernel: &str,
+    dev: &Device,
+    act: Activation,
+    pre: &Buffer<T>,
+    dy: u64,
+    dx: u64,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
     check_sizes(rows, cols);
     assert_eq!(
         pre.len(),
@@ -167,8 +199,7 @@ fn backward<T: Storage>(
         .i32(rows as i32)
         .i32(cols as i32)
         .i32(act_code(act));
-    let name = format!("prm_activation_backward_{}", T::SUFFIX);
-    dev.launch(&name, config(rows * cols), &mut args)
+    dev.launch(kernel, config(rows * cols), &mut args)
 }
 
 fn backward_out_of_place<T: Storage>(
@@ -313,4 +344,67 @@ pub fn activation_backward_inplace_bf16(
     cols: usize,
 ) -> Result<(), GpuError> {
     backward_in_place(dev, act, pre, d, rows, cols)
+}
+
+/// [`bias_activation_forward_f32`] with a bf16 `out` (fp32 `x` and `pre`): the activation
+/// written straight as the operand of the next bf16 product, with no conversion pass.
+#[allow(clippy::too_many_arguments)]
+pub fn bias_activation_forward_f32_bf16out(
+    dev: &Device,
+    act: Activation,
+    x: &Buffer<f32>,
+    bias: Option<&Buffer<f32>>,
+    pre: Option<&mut Buffer<f32>>,
+    out: &mut Buffer<half::bf16>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    assert_eq!(x.len(), rows * cols, "activation x is not [{rows}, {cols}]");
+    assert!(
+        out.len() >= rows * cols,
+        "activation out is smaller than [{rows}, {cols}]"
+    );
+    forward_kernel(
+        "prm_activation_forward_f32_bf16out",
+        dev,
+        act,
+        x.address(),
+        bias,
+        pre,
+        out.address(),
+        rows,
+        cols,
+    )
+}
+
+/// [`activation_backward_f32`] with a bf16 `dx` (fp32 `pre` and `dy`): the gradient written
+/// straight as the operand of the next bf16 product. `dx` may be longer than `rows · cols`.
+pub fn activation_backward_f32_bf16out(
+    dev: &Device,
+    act: Activation,
+    pre: &Buffer<f32>,
+    dy: &Buffer<f32>,
+    dx: &mut Buffer<half::bf16>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    assert_eq!(
+        dy.len(),
+        rows * cols,
+        "activation dy is not [{rows}, {cols}]"
+    );
+    assert!(
+        dx.len() >= rows * cols,
+        "activation dx is smaller than [{rows}, {cols}]"
+    );
+    backward_kernel(
+        "prm_activation_backward_f32_bf16out",
+        dev,
+        act,
+        pre,
+        dy.address(),
+        dx.address(),
+        rows,
+        cols,
+    )
 }

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Side-by-side throughput on a GPU machine: `prm bench` against the same attack loop in PyTorch
+# (tools/torch_prm.py), in one run, and a table with the ratios the throughput issue targets.
+#
+#   bash scripts/gpu-report.sh [PRM_BINARY] [OUT_DIR]
+#
+# PRM_BINARY defaults to target/release/prm (built here with cargo when missing). Each row's
+# JSON goes to OUT_DIR (default target/gpu-report); the table goes to stdout. Workloads:
+#   pgd    ViT-B/16, 224 px, 10 PGD steps, batch $BATCH (default 64): prm bf16 and fp32;
+#          torch eager fp32, eager bf16 (autocast + SDPA), torch.compile
+#   paper  ViT-B/16, 640x480, 250 AdamW steps, dynamic scale, all layers: prm bf16 at batch 1
+#          and batch $PAPER_BATCH (default 8), prm fp32 at batch 1; torch fp32 at batch 1
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PRM=${1:-target/release/prm}
+OUT=${2:-target/gpu-report}
+BATCH=${BATCH:-64}
+PAPER_BATCH=${PAPER_BATCH:-8}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+if [[ ! -x $PRM ]]; then
+  command -v cargo >/dev/null || { echo "no $PRM and no cargo: pass the prm binary" >&2; exit 2; }
+  cargo build --release || exit 1
+fi
+# cuBLASLt from the pip wheels PyTorch brings, when the system has none on the loader path.
+libs=$($PY -c 'import glob,os,site;print(":".join(sorted({os.path.dirname(f) for r in site.getsitepackages() for f in glob.glob(r+"/nvidia/*/lib/libcublasLt.so*")})))' 2>/dev/null)
+[[ -n $libs ]] && export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+
+run() { # name, command...
+  local name=$1; shift
+  echo "== $name: $*" >&2
+  if timeout "${ROW_TIMEOUT:-240}" "$@" >"$OUT/$name.json" 2>"$OUT/$name.err"; then
+    tail -n 1 "$OUT/$name.json" >"$OUT/$name.tmp" && mv "$OUT/$name.tmp" "$OUT/$name.json"
+  else
+    echo "   failed (rc $?): see $OUT/$name.err" >&2
+    rm -f "$OUT/$name.json"
+  fi
+}
+B="$PRM bench --device cuda --json --model random:vit-b-16"
+run prm-pgd-bf16 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
+run prm-pgd-fp32 $B --precision fp32 --batch-size "$BATCH" --steps 10 --repeats 3
+run torch-pgd-eager-fp32 $PY tools/torch_prm.py --mode eager-fp32 --batch-size "$BATCH" --steps 10
+run torch-pgd-eager-bf16 $PY tools/torch_prm.py --mode eager-bf16 --batch-size "$BATCH" --steps 10
+run torch-pgd-compile $PY tools/torch_prm.py --mode compile --batch-size "$BATCH" --steps 10
+run prm-paper-bf16-b1 $B --precision bf16 --preset paper --image-size 640x480 --batch-size 1 --repeats 2 --no-ceiling
+run prm-paper-bf16-b$PAPER_BATCH $B --precision bf16 --preset paper --image-size 640x480 --batch-size "$PAPER_BATCH" --warmup 0 --repeats 1 --no-ceiling
+run prm-paper-fp32-b1 $B --precision fp32 --preset paper --image-size 640x480 --batch-size 1 --warmup 0 --repeats 1 --no-ceiling
+run torch-paper-fp32-b1 $PY tools/torch_prm.py --mode paper --repeats 2 --warmup 1
+
+$PY - "$OUT" "$BATCH" "$PAPER_BATCH" <<'PYEOF'
+import json, os, sys
+out, batch, pb = sys.argv[1], sys.argv[2], sys.argv[3]
+def get(name):
+    try:
+        return json.load(open(os.path.join(out, name + ".json")))
+    except Exception:
+        return None
+rows = [
+    ("pgd", "prm bf16", "prm-pgd-bf16"), ("pgd", "prm fp32", "prm-pgd-fp32"),
+    ("pgd", "torch eager fp32", "torch-pgd-eager-fp32"), ("pgd", "torch eager bf16+SDPA", "torch-pgd-eager-bf16"),
+    ("pgd", "torch.compile bf16", "torch-pgd-compile"),
+    ("paper", "prm bf16 b1", "prm-paper-bf16-b1"), ("paper", f"prm bf16 b{pb}", f"prm-paper-bf16-b{pb}"),
+    ("paper", "prm fp32 b1", "prm-paper-fp32-b1"), ("paper", "torch fp32 b1", "torch-paper-fp32-b1"),
+]
+dev = next((r["device"] for _, _, n in rows if (r := get(n))), "?")
+print(f"device: {dev}")
+print(f"{'workload':8} {'engine':24} {'images/s':>10} {'img-steps/s':>12} {'TFLOP/s':>8} {'of ceiling':>10} {'peak GiB':>9}")
+for w, label, name in rows:
+    r = get(name)
+    if not r:
+        print(f"{w:8} {label:24} {'failed':>10}"); continue
+    frac = r.get("ceiling_fraction")
+    peak = r.get("peak_memory_bytes")
+    print(f"{w:8} {label:24} {r['images_per_s']:10.2f} {r['image_steps_per_s']:12.1f} {r['tflops']:8.1f} "
+          f"{(f'{100*frac:.1f}%' if frac else '-'):>10} {(f'{peak/2**30:.2f}' if peak else '-'):>9}")
+def ratio(a, b):
+    ra, rb = get(a), get(b)
+    return ra["images_per_s"] / rb["images_per_s"] if ra and rb else float("nan")
+print()
+print(f"pgd   prm bf16 / torch eager bf16      {ratio('prm-pgd-bf16', 'torch-pgd-eager-bf16'):6.2f}x   (target >= 2)")
+print(f"pgd   prm bf16 / torch.compile          {ratio('prm-pgd-bf16', 'torch-pgd-compile'):6.2f}x   (target >= 1.3)")
+r = get("prm-pgd-bf16")
+if r and r.get("ceiling_fraction"):
+    print(f"pgd   prm bf16 fraction of GEMM ceiling {100*r['ceiling_fraction']:6.1f}%   (target >= 50%)")
+best = max((get(n)["images_per_s"], n) for n in ("prm-paper-bf16-b1", f"prm-paper-bf16-b{pb}") if get(n)) if get("prm-paper-bf16-b1") else (float("nan"), "-")
+t = get("torch-paper-fp32-b1")
+if t:
+    print(f"paper {best[1]} / torch fp32 b1   {best[0] / t['images_per_s']:6.2f}x   (target >= 10)")
+    print(f"paper prm fp32 b1 / torch fp32 b1       {ratio('prm-paper-fp32-b1', 'torch-paper-fp32-b1'):6.2f}x")
+PYEOF
