@@ -658,7 +658,20 @@ struct Plan {
     /// Layouts of cuBLASLt's A (our b), B (our a) and C = D (our c).
     layouts: [lt::sys::cublasLtMatrixLayout_t; 3],
     algo: lt::sys::cublasLtMatmulAlgo_t,
+    /// The algorithm came from the heuristic for another `m` of the same bucket.
+    borrowed: bool,
 }
+
+/// The heuristic's answers are shared by every `m` up to the next power of two (the row count
+/// changes every step under dynamic scale; a heuristic query costs far more than a product's
+/// launch). A borrowed algorithm that cuBLASLt rejects is replaced by an exact query.
+fn algo_bucket(mut key: PlanKey) -> PlanKey {
+    key.shape.m = key.shape.m.next_power_of_two();
+    key
+}
+
+/// Plans kept before the cache is cleared (dynamic scale makes a new `m` every step).
+const MAX_PLANS: usize = 4096;
 
 impl Drop for Plan {
     fn drop(&mut self) {
@@ -680,6 +693,8 @@ struct Blas {
     handle: lt::sys::cublasLtHandle_t,
     workspace: RawAlloc,
     plans: HashMap<PlanKey, Plan>,
+    /// Heuristic algorithms by [`algo_bucket`].
+    algos: HashMap<PlanKey, lt::sys::cublasLtMatmulAlgo_t>,
     /// Zeros standing in for a and b when k = 0 (a product of length 1 with zero operands).
     zeros: Option<(RawAlloc, usize)>,
 }
@@ -732,6 +747,7 @@ impl Blas {
             handle,
             workspace,
             plans: HashMap::new(),
+            algos: HashMap::new(),
             zeros: None,
         })
     }
@@ -751,13 +767,32 @@ impl Blas {
     ///   our row-major `c`: `c[i,j] += bias[j]`, as required. β = 1 when accumulating (C = D).
     fn plan(&mut self, key: PlanKey) -> Result<&Plan, GpuError> {
         if !self.plans.contains_key(&key) {
-            let plan = self.create_plan(key)?;
+            if self.plans.len() >= MAX_PLANS {
+                self.plans.clear();
+            }
+            let borrowed = self.algos.get(&algo_bucket(key)).copied();
+            let plan = self.create_plan(key, borrowed)?;
+            if !plan.borrowed {
+                self.algos.insert(algo_bucket(key), plan.algo);
+            }
             self.plans.insert(key, plan);
         }
         Ok(&self.plans[&key])
     }
 
-    fn create_plan(&self, key: PlanKey) -> Result<Plan, GpuError> {
+    /// Replaces a plan whose borrowed algorithm cuBLASLt rejected with an exact query.
+    fn replan_exact(&mut self, key: PlanKey) -> Result<(), GpuError> {
+        let plan = self.create_plan(key, None)?;
+        self.algos.insert(algo_bucket(key), plan.algo);
+        self.plans.insert(key, plan);
+        Ok(())
+    }
+
+    fn create_plan(
+        &self,
+        key: PlanKey,
+        borrowed: Option<lt::sys::cublasLtMatmulAlgo_t>,
+    ) -> Result<Plan, GpuError> {
         use lt::sys::cublasLtMatmulDescAttributes_t as D;
         use lt::sys::cublasLtMatmulPreferenceAttributes_t as P;
         let MatmulShape {
@@ -787,6 +822,7 @@ impl Blas {
             desc,
             layouts: [std::ptr::null_mut(); 3],
             algo: unsafe { std::mem::zeroed() },
+            borrowed: false,
         };
         let trans_a = if b_transposed {
             CUBLAS_OP_T
@@ -835,6 +871,11 @@ impl Blas {
                 .map_err(|e| blas_err(ctx("matrix layout"), e))?;
         }
 
+        if let Some(algo) = borrowed {
+            plan.algo = algo;
+            plan.borrowed = true;
+            return Ok(plan);
+        }
         let pref = lt::result::create_matmul_pref().map_err(|e| blas_err(ctx("preference"), e))?;
         let ws = WORKSPACE_BYTES as u64;
         let [al_a, al_b, al_c, al_bias] = key.align;
@@ -950,6 +991,27 @@ impl Blas {
                 bias.map_or(256, alignment),
             ],
         };
+        let first = self.matmul_with_plan(stream, key, a, b, bias, c);
+        match first {
+            Err(_) if self.plans.get(&key).is_some_and(|p| p.borrowed) => {
+                self.replan_exact(key)?;
+                self.matmul_with_plan(stream, key, a, b, bias, c)
+            }
+            r => r,
+        }
+    }
+
+    /// One `cublasLtMatmul` through the plan for `key` (created if needed).
+    fn matmul_with_plan(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        key: PlanKey,
+        a: u64,
+        b: u64,
+        bias: Option<u64>,
+        c: u64,
+    ) -> Result<(), GpuError> {
+        let (shape, accumulate) = (key.shape, key.accumulate);
         let (handle, workspace) = (self.handle, self.workspace.ptr);
         let plan = self.plan(key)?;
         if let Some(bias) = bias {

@@ -92,6 +92,25 @@ impl<T: Element> Buffer<T> {
     pub fn bytes(&self) -> usize {
         self.len * std::mem::size_of::<T>()
     }
+    /// Bytes of memory behind the buffer (at least [`Buffer::bytes`]).
+    pub fn capacity_bytes(&self) -> usize {
+        match &self.mem {
+            Memory::Host { layout, .. } => layout.size(),
+            Memory::Cuda(m) => m.len(),
+        }
+    }
+
+    /// Re-sizes the buffer's view within its memory (a pooled buffer handed out for a shorter
+    /// request). Panics if `len` elements do not fit.
+    pub(crate) fn set_len(&mut self, len: usize) {
+        assert!(
+            len * std::mem::size_of::<T>() <= self.capacity_bytes(),
+            "{len} elements do not fit in {} bytes",
+            self.capacity_bytes()
+        );
+        self.len = len;
+    }
+
     /// The address a kernel sees: a host address under the simulator, a CUdeviceptr on CUDA.
     pub fn address(&self) -> u64 {
         match &self.mem {

@@ -1,6 +1,8 @@
 //! A caching allocator for the engine's activations: buffers are returned to the pool when
-//! dropped and handed out again for the next request of the same length, so a run at a fixed
-//! batch geometry stops allocating device memory after its first step.
+//! dropped and handed out again for the next request of the same size class, so a run stops
+//! allocating device memory after its first steps. Size classes (four per power of two, at
+//! most 25% slack) matter under dynamic scale, where every step has a new geometry and exact
+//! lengths would never repeat: each miss costs an allocation and a zero fill.
 //!
 //! Buffers come back with undefined contents. Under the simulator they are filled with NaN on
 //! every hand-out, so any kernel or engine code that reads memory it has not written fails the
@@ -13,8 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{Buffer, Device, GpuError};
 
-/// Free buffers by length, with the bound that keeps dynamic-scale runs (a new geometry every
-/// step) from hoarding memory.
+/// Free buffers by size class (elements), with a bound on the bytes kept.
 struct Free {
     by_len: HashMap<usize, Vec<Buffer<f32>>>,
     bytes: usize,
@@ -53,11 +54,24 @@ impl Drop for Pooled {
         let Ok(mut free) = self.free.lock() else {
             return;
         };
-        if free.bytes + buf.bytes() <= MAX_CACHED_BYTES {
-            free.bytes += buf.bytes();
-            free.by_len.entry(buf.len()).or_default().push(buf);
+        let class = buf.capacity_bytes() / std::mem::size_of::<f32>();
+        // Adopted buffers of other lengths would never be handed out again: let them go.
+        if size_class(class) == class && free.bytes + buf.capacity_bytes() <= MAX_CACHED_BYTES {
+            free.bytes += buf.capacity_bytes();
+            free.by_len.entry(class).or_default().push(buf);
         }
     }
+}
+
+/// The pool's allocation length for a request of `len` f32 elements: `len` rounded up to the
+/// next of 1, 1.25, 1.5, 1.75 × a power of two (lengths up to 16 are their own class).
+pub fn size_class(len: usize) -> usize {
+    if len <= 16 {
+        return len;
+    }
+    let top = usize::BITS - 1 - len.leading_zeros(); // 2^top <= len
+    let quarter = 1usize << (top - 2);
+    len.div_ceil(quarter) * quarter
 }
 
 impl BufferPool {
@@ -73,18 +87,20 @@ impl BufferPool {
 
     /// A buffer of `len` elements with undefined contents (NaN under the simulator).
     pub fn take(&self, len: usize) -> Result<Pooled, GpuError> {
+        let class = size_class(len);
         let cached = {
             let mut free = self.free.lock().expect("pool lock");
-            let buf = free.by_len.get_mut(&len).and_then(Vec::pop);
+            let buf = free.by_len.get_mut(&class).and_then(Vec::pop);
             if let Some(b) = &buf {
-                free.bytes -= b.bytes();
+                free.bytes -= b.capacity_bytes();
             }
             buf
         };
         let mut buf = match cached {
             Some(b) => b,
-            None => self.dev.alloc(len)?,
+            None => self.dev.alloc(class)?,
         };
+        buf.set_len(len);
         if self.dev.is_sim() {
             self.dev.poison(&mut buf)?;
         }
@@ -101,11 +117,31 @@ impl BufferPool {
         Ok(b)
     }
 
-    /// Adopts a buffer allocated elsewhere, so that it returns to this pool when dropped.
+    /// Adopts a buffer allocated elsewhere, so that it returns to this pool when dropped (kept
+    /// only when its memory is exactly a size class).
     pub fn adopt(&self, buf: Buffer<f32>) -> Pooled {
         Pooled {
             buf: Some(buf),
             free: self.free.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_cover_the_request_with_at_most_a_quarter_to_spare() {
+        for len in (0..5000).chain([197 * 768, 1201 * 3072, 12_608 * 3072]) {
+            let c = size_class(len);
+            assert!(
+                c >= len && (c as f64) <= len as f64 * 1.25 + 1.0,
+                "{len} -> {c}"
+            );
+            assert_eq!(size_class(c), c, "a class is its own class ({len} -> {c})");
+        }
+        assert_eq!(size_class(1000), 1024);
+        assert_eq!(size_class(1025), 1280);
     }
 }
