@@ -49,7 +49,12 @@ __device__ __forceinline__ int prm_tc_yoff(int mode, int width, int h) { return 
 __device__ __forceinline__ void prm_tc_load_tile(__nv_bfloat16* dst, __nv_bfloat16* dstT, const float* g, size_t ld,
                                                  int off, int r0, int valid) {
     for (int e = threadIdx.x; e < TC_TILE * (TC_HD / 4); e += blockDim.x) {
-        const int r = e >> 4, c = (e & 15) * 4;
+        // Row-major only: a warp reads two whole rows (coalesced). With a transposed copy, a warp
+        // takes 32 consecutive rows of one 4-column slice instead, so its 2-byte transposed
+        // stores fall in 16 consecutive words (no bank conflicts; the column-fast order put them
+        // in 2 banks, 16-way conflicts) at the price of 16-byte rather than row-long reads.
+        const int r = dstT ? (e & 63) : (e >> 4);
+        const int c = dstT ? ((e >> 6) * 4) : ((e & 15) * 4);
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (r0 + r < valid) v = *reinterpret_cast<const float4*>(g + (size_t)(r0 + r) * ld + off + c);
         if (dst) {

@@ -33,16 +33,16 @@ __device__ __forceinline__ float prm_ln_load(const __nv_bfloat16* p) { return __
 __device__ __forceinline__ void prm_ln_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void prm_ln_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 
-template <typename T>
+template <typename T, typename TOut>
 __device__ __forceinline__ void prm_layernorm_forward(const T* __restrict__ x, const float* __restrict__ gamma,
-                                                      const float* __restrict__ beta, T* __restrict__ y,
+                                                      const float* __restrict__ beta, TOut* __restrict__ y,
                                                       float* __restrict__ mean_out, float* __restrict__ rstd_out,
                                                       int rows, int dim, float eps) {
     const int lane = threadIdx.x % PRM_WARP_SIZE;
     const int row = blockIdx.x * PRM_LN_ROWS_PER_BLOCK + threadIdx.x / PRM_WARP_SIZE;
     if (row >= rows) return;  // whole warp leaves together; no block barrier in this kernel
     const T* xr = x + (size_t)row * dim;
-    T* yr = y + (size_t)row * dim;
+    TOut* yr = y + (size_t)row * dim;
     const float inv_dim = 1.0f / (float)dim;
 
     float mean, rstd;
@@ -104,6 +104,17 @@ extern "C" __global__ void prm_layernorm_forward_bf16(const __nv_bfloat16* __res
     prm_layernorm_forward(x, gamma, beta, y, mean, rstd, rows, dim, eps);
 }
 PRM_REGISTER_KERNEL(prm_layernorm_forward_bf16);
+
+// fp32 x, bf16 y: the normalised rows written straight as the operand of the next bf16 product
+// (the engine's --precision bf16), with fp32 statistics. Same arithmetic as the fp32 kernel.
+extern "C" __global__ void prm_layernorm_forward_f32_bf16out(const float* __restrict__ x,
+                                                              const float* __restrict__ gamma,
+                                                              const float* __restrict__ beta,
+                                                              __nv_bfloat16* __restrict__ y, float* __restrict__ mean,
+                                                              float* __restrict__ rstd, int rows, int dim, float eps) {
+    prm_layernorm_forward(x, gamma, beta, y, mean, rstd, rows, dim, eps);
+}
+PRM_REGISTER_KERNEL(prm_layernorm_forward_f32_bf16out);
 
 // dx may not alias x or dy (the engine keeps them apart; the launcher's borrows enforce it).
 template <typename T>

@@ -1134,3 +1134,58 @@ fn activation_bf16out_variants_round_the_fp32_kernels() {
         }
     }
 }
+
+/// `layernorm_forward_f32_bf16out` equals the fp32 kernel's output rounded to bf16, with the
+/// same statistics, bit for bit.
+#[test]
+fn layernorm_bf16out_rounds_the_fp32_kernel() {
+    for dev in devices() {
+        for (case, &(rows, dim)) in [(197usize, 768usize), (13, 64), (5, 1030)]
+            .iter()
+            .enumerate()
+        {
+            let mut rng = Rng::new(950 + case as u64);
+            let x = ln_input(&mut rng, rows, dim);
+            let ln = ln_weights(&mut rng, dim);
+            let xb = dev.upload(&x).unwrap();
+            let (g, b) = (
+                dev.upload(&ln.weight).unwrap(),
+                dev.upload(&ln.bias).unwrap(),
+            );
+            let (mut y32, mut m32, mut r32) = (
+                poisoned(&dev, rows * dim),
+                poisoned(&dev, rows),
+                poisoned(&dev, rows),
+            );
+            layernorm::layernorm_forward_f32(
+                &dev, &xb, &g, &b, &mut y32, &mut m32, &mut r32, rows, dim, 1e-5,
+            )
+            .unwrap();
+            let (mut y, mut m, mut r) = (
+                poisoned_bf16(&dev, rows * dim),
+                poisoned(&dev, rows),
+                poisoned(&dev, rows),
+            );
+            layernorm::layernorm_forward_f32_bf16out(
+                &dev, &xb, &g, &b, &mut y, &mut m, &mut r, rows, dim, 1e-5,
+            )
+            .unwrap();
+            let what = format!("{} layernorm bf16out {rows}x{dim}", dev.name());
+            assert_eq!(
+                dev.download(&y).unwrap(),
+                to_bf16(&dev.download(&y32).unwrap()),
+                "{what}: y"
+            );
+            exact(
+                &format!("{what} mean"),
+                &dev.download(&m).unwrap(),
+                &dev.download(&m32).unwrap(),
+            );
+            exact(
+                &format!("{what} rstd"),
+                &dev.download(&r).unwrap(),
+                &dev.download(&r32).unwrap(),
+            );
+        }
+    }
+}

@@ -13,6 +13,8 @@ gradient, like prm), and the optimiser update. Modes:
                AdamW on delta, dynamic scale U[0.5, 1) redrawn every step (so shapes change
                every step), clean features recomputed at each step's scale
   gemm         only the bf16 GEMM ceiling (8192^3 by default)
+  cpu-fp32     eager fp32 on the CPU (the reference engine's comparison: batch 1, one step by
+               default); timed with the host clock, ceiling = an f32 1024^3 product on the CPU
 
 Every mode prints one JSON object with the fields `prm bench --json` prints:
 image_steps_per_s, images_per_s, tflops (analytic FLOP count, the same formula as prm), and
@@ -74,7 +76,7 @@ def forward_flops(arch: str, h: int, w: int) -> float:
     return layers * (2.0 * t * (4 * d * d + 2 * d * m) + 4.0 * t * t * d) + 2.0 * patches * 3 * p * p * d
 
 
-def build_model(arch: str, dtype=torch.float32):
+def build_model(arch: str, dtype=torch.float32, device="cuda"):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     d, layers, heads, m, p, image, proj = ARCHS[arch]
@@ -84,7 +86,7 @@ def build_model(arch: str, dtype=torch.float32):
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    model = CLIPVisionModel(cfg).to("cuda", dtype).eval()
+    model = CLIPVisionModel(cfg).to(device, dtype).eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
     return model
@@ -167,6 +169,29 @@ def paper_attack(model, clean, steps, eps, lr, wd, scale=(0.5, 1.0)):
     return (clean + delta.detach()).clamp(0, 1)
 
 
+def time_attacks_cpu(run, warmup, repeats):
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def cpu_ceiling(n: int = 1024) -> float:
+    a = torch.rand(n, n)
+    for _ in range(2):
+        a @ a
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t)
+    return 2.0 * n ** 3 / statistics.median(times) / 1e12
+
+
 def time_attacks(run, warmup, repeats):
     for _ in range(warmup):
         run()
@@ -193,7 +218,7 @@ def parse_size(s: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", required=True,
-                    choices=["eager-fp32", "eager-bf16", "compile", "paper", "gemm"])
+                    choices=["eager-fp32", "eager-bf16", "compile", "paper", "gemm", "cpu-fp32"])
     ap.add_argument("--arch", default="vit-b-16", choices=sorted(ARCHS))
     ap.add_argument("--image-size", default=None, help="N or WxH (default 224; paper: 640x480)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 64; paper: 1")
@@ -203,8 +228,10 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="untimed whole attacks first")
     ap.add_argument("--repeats", type=int, default=5, help="timed whole attacks (median)")
     a = ap.parse_args(argv)
+    if a.mode == "cpu-fp32":
+        return main_cpu(a)
     if not torch.cuda.is_available():
-        raise SystemExit("torch_prm.py needs a CUDA device")
+        raise SystemExit("torch_prm.py needs a CUDA device (or --mode cpu-fp32)")
 
     paper = a.mode == "paper"
     h, w = parse_size(a.image_size or ("640x480" if paper else "224"))
@@ -260,6 +287,28 @@ def main(argv=None):
     res["ceiling_fraction"] = res["tflops"] / ceiling
     print(json.dumps(res))
     sys.stdout.flush()
+
+
+def main_cpu(a):
+    """The same PGD attack on the CPU in fp32 (batch 1 and 1 step by default)."""
+    h, w = parse_size(a.image_size or "224")
+    batch, steps = a.batch_size or 1, a.steps or 1
+    ceiling = cpu_ceiling()
+    model = build_model(a.arch, device="cpu")
+    gen = torch.Generator().manual_seed(1)
+    clean = torch.rand(batch, 3, h, w, generator=gen)
+    run = lambda: pgd_attack(model, clean, steps, a.eps, a.step_size, False)  # noqa: E731
+    median, times = time_attacks_cpu(run, a.warmup, a.repeats)
+    flops = batch * (forward_flops(a.arch, h, w) + steps * step_flops(a.arch, h, w))
+    print(json.dumps({
+        "engine": "torch", "mode": "cpu-fp32", "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "arch": a.arch, "image_size": [h, w],
+        "batch_size": batch, "steps": steps, "ceiling_tflops": ceiling,
+        "attack_seconds": median, "attack_seconds_all": times,
+        "image_steps_per_s": batch * steps / median, "images_per_s": batch / median,
+        "flops_per_attack": flops, "tflops": flops / median / 1e12,
+        "ceiling_fraction": flops / median / 1e12 / ceiling, "peak_memory_bytes": None,
+    }))
 
 
 if __name__ == "__main__":

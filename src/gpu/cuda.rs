@@ -111,6 +111,29 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
+/// Keeps freed memory in the device's stream-ordered pool across synchronisations. The default
+/// release threshold (0) hands every free byte back to the driver at each synchronisation, so
+/// the next attack's allocations map fresh physical memory again; our own buffer pool already
+/// bounds what the process keeps.
+fn keep_pool_memory(ctx: &CudaContext) -> Result<(), GpuError> {
+    let mut pool: ds::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the context is bound (just created on this thread); the attribute takes a u64.
+    unsafe {
+        ds::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .and_then(|_| {
+                ds::cuMemPoolSetAttribute(
+                    pool,
+                    ds::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut threshold as *mut u64 as *mut c_void,
+                )
+                .result()
+            })
+    }
+    .map_err(|e| cuda_err("setting the memory pool's release threshold", e))
+}
+
 /// A loaded module; unloaded (in its context) on drop.
 struct Module {
     raw: ds::CUmodule,
@@ -201,6 +224,9 @@ impl CudaBackend {
         let stream = ctx
             .new_stream()
             .map_err(|e| cuda_err("creating a stream", e))?;
+        if ctx.has_async_alloc() {
+            keep_pool_memory(&ctx)?;
+        }
         let device_name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let (major, minor) = ctx.compute_capability().unwrap_or((0, 0));
         let name = format!("{device_name} (cuda:{ordinal}, sm_{major}{minor})");

@@ -24,7 +24,9 @@ use super::kernels::convert::to_bf16;
 use super::kernels::embed::{
     assemble_tokens_f32, col2im_f32, patchify_f32, tokens_to_patch_grads_f32, PackedImages,
 };
-use super::kernels::layernorm::{layernorm_backward_f32, layernorm_forward_f32};
+use super::kernels::layernorm::{
+    layernorm_backward_f32, layernorm_forward_f32, layernorm_forward_f32_bf16out,
+};
 use super::kernels::loss::{
     layer_cosine_f32, layer_loss_f32, LayerLoss, LossScratch, PackedTokens,
 };
@@ -463,24 +465,17 @@ impl<'m> GpuVit<'m> {
         let mut blocks = Vec::new();
         for b in &self.blocks {
             let x = features.last().expect("F_0 exists");
-            let Normed {
-                y: normed,
-                mean: ln1_mean,
-                rstd: ln1_rstd,
-            } = self.layer_norm(x, &b.ln1, t)?;
             let mut qkv = self.alloc(t * 3 * d)?;
-            self.linear(&normed, t, &b.qkv, &mut qkv, false)?;
+            let (ln1_mean, ln1_rstd) =
+                self.layer_norm_then_linear(x, &b.ln1, t, &b.qkv, b.qkv.bias.as_ref(), &mut qkv)?;
             let (context, lse) = self.attention_forward(&qkv, batch)?;
             let mut mid = self.alloc(t * d)?;
             self.dev.copy(x, &mut mid)?;
             self.linear(&context, t, &b.out_proj, &mut mid, true)?;
-            let Normed {
-                y: normed2,
-                mean: ln2_mean,
-                rstd: ln2_rstd,
-            } = self.layer_norm(&mid, &b.ln2, t)?;
+            // fc1's bias is fused into the activation kernel instead.
             let mut mlp_in = self.alloc(t * c.mlp)?;
-            self.linear_without_bias(&normed2, t, &b.fc1, &mut mlp_in)?;
+            let (ln2_mean, ln2_rstd) =
+                self.layer_norm_then_linear(&mid, &b.ln2, t, &b.fc1, None, &mut mlp_in)?;
             let mut mlp_pre = self.alloc(t * c.mlp)?;
             let mut out = self.alloc(t * d)?;
             self.dev.copy(&mid, &mut out)?;
@@ -507,6 +502,43 @@ impl<'m> GpuVit<'m> {
             ln_pre_rstd,
             blocks,
         })
+    }
+
+    /// `out = LN(x) · Wᵀ (+ bias)`, returning the LayerNorm statistics the backward needs (the
+    /// normalised rows themselves are not kept). In bf16 the LayerNorm kernel writes the
+    /// product's bf16 operand itself.
+    fn layer_norm_then_linear(
+        &self,
+        x: &Buffer<f32>,
+        ln: &DeviceLayerNorm,
+        rows: usize,
+        l: &DeviceLinear,
+        bias: Option<&Buffer<f32>>,
+        out: &mut Buffer<f32>,
+    ) -> Result<(Pooled, Pooled), GpuError> {
+        match self.precision {
+            Precision::Fp32 => {
+                let Normed { y, mean, rstd } = self.layer_norm(x, ln, rows)?;
+                self.linear_product(&y, rows, l, bias, out, false)?;
+                Ok((mean, rstd))
+            }
+            Precision::Bf16 => {
+                let (d, eps) = (self.model.config.width, self.model.config.ln_eps);
+                let (mut mean, mut rstd) = (self.alloc(rows)?, self.alloc(rows)?);
+                let shape = MatmulShape {
+                    m: rows,
+                    n: l.out_features,
+                    k: l.in_features,
+                    b_transposed: true,
+                };
+                self.product_from_bf16(shape, &l.weight, bias, out, false, |yb| {
+                    layernorm_forward_f32_bf16out(
+                        &self.dev, x, &ln.weight, &ln.bias, yb, &mut mean, &mut rstd, rows, d, eps,
+                    )
+                })?;
+                Ok((mean, rstd))
+            }
+        }
     }
 
     /// `out += fc2(act(mlp_in + b₁))` with the pre-activation saved in `pre`. In bf16 the
@@ -601,17 +633,6 @@ impl<'m> GpuVit<'m> {
                 })
             }
         }
-    }
-
-    /// `x · W₁ᵀ` without the bias (the bias is fused into the activation kernel).
-    fn linear_without_bias(
-        &self,
-        x: &Buffer<f32>,
-        rows: usize,
-        l: &DeviceLinear,
-        out: &mut Buffer<f32>,
-    ) -> Result<(), GpuError> {
-        self.linear_product(x, rows, l, None, out, false)
     }
 
     /// Input-pixel gradient of the batch (packed planar), with `add_loss_gradient(l, dh)`

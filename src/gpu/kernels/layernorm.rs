@@ -53,12 +53,12 @@ fn check_sizes(rows: usize, dim: usize) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn forward<T: Storage>(
+fn forward<T: Storage, U: Storage>(
     dev: &Device,
     x: &Buffer<T>,
     gamma: &Buffer<f32>,
     beta: &Buffer<f32>,
-    y: &mut Buffer<T>,
+    y: &mut Buffer<U>,
     mean: &mut Buffer<f32>,
     rstd: &mut Buffer<f32>,
     rows: usize,
@@ -67,7 +67,10 @@ fn forward<T: Storage>(
 ) -> Result<(), GpuError> {
     check_sizes(rows, dim);
     assert_eq!(x.len(), rows * dim, "layernorm x is not [{rows}, {dim}]");
-    assert_eq!(y.len(), rows * dim, "layernorm y is not [{rows}, {dim}]");
+    assert!(
+        y.len() >= rows * dim,
+        "layernorm y is smaller than [{rows}, {dim}]"
+    );
     assert_eq!(gamma.len(), dim, "layernorm gamma is not [{dim}]");
     assert_eq!(beta.len(), dim, "layernorm beta is not [{dim}]");
     assert_eq!(mean.len(), rows, "layernorm mean is not [{rows}]");
@@ -85,7 +88,15 @@ fn forward<T: Storage>(
         .i32(rows as i32)
         .i32(dim as i32)
         .f32(eps);
-    let name = format!("prm_layernorm_forward_{}", T::SUFFIX);
+    let name = if T::SUFFIX == U::SUFFIX {
+        format!("prm_layernorm_forward_{}", T::SUFFIX)
+    } else {
+        assert!(
+            T::SUFFIX == "f32" && U::SUFFIX == "bf16",
+            "no such layernorm variant"
+        );
+        "prm_layernorm_forward_f32_bf16out".to_string()
+    };
     dev.launch(&name, config(rows), &mut args)
 }
 
@@ -113,6 +124,24 @@ pub fn layernorm_forward_f32(
 pub fn layernorm_forward_bf16(
     dev: &Device,
     x: &Buffer<bf16>,
+    gamma: &Buffer<f32>,
+    beta: &Buffer<f32>,
+    y: &mut Buffer<bf16>,
+    mean: &mut Buffer<f32>,
+    rstd: &mut Buffer<f32>,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<(), GpuError> {
+    forward(dev, x, gamma, beta, y, mean, rstd, rows, dim, eps)
+}
+
+/// [`layernorm_forward_f32`] with a bf16 `y` (the operand of a bf16 product; fp32 statistics
+/// and arithmetic, one rounding at the store). `y` may be longer than `rows · dim`.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward_f32_bf16out(
+    dev: &Device,
+    x: &Buffer<f32>,
     gamma: &Buffer<f32>,
     beta: &Buffer<f32>,
     y: &mut Buffer<bf16>,
