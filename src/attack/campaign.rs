@@ -143,7 +143,9 @@ pub fn run_campaign_interruptible<E: Engine>(
             }
         };
         let records = match catch_unwind(AssertUnwindSafe(|| {
-            attack_batch(engine, objective, settings, batch, output, &on_step, progress)
+            attack_batch(
+                engine, objective, settings, batch, output, &on_step, progress,
+            )
         })) {
             Ok(records) => records,
             Err(payload) if payload.is::<Interrupted>() => {

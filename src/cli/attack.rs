@@ -201,10 +201,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     let settings = args.settings();
     settings.validate().map_err(anyhow::Error::msg)?;
     if let Some(p) = &args.plot {
-        if !p
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("png"))
-        {
+        if !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
             bail!("--plot {}: the plot is a PNG; give a FILE.png", p.display());
         }
     }
@@ -314,7 +311,10 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     };
     bar.finish();
     if let (Some(path), Some(p)) = (&args.plot, plotting) {
-        let curves = p.curves.into_inner().expect("no panic while holding the lock");
+        let curves = p
+            .curves
+            .into_inner()
+            .expect("no panic while holding the lock");
         if curves.images == 0 {
             eprintln!(
                 "note: no image was attacked by this run, so no plot was written to {}",

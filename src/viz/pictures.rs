@@ -122,7 +122,12 @@ pub fn layout(picture: &Picture) -> Layout {
     if !picture.header.is_empty() {
         width = width.max(2 * MARGIN + font::text_size(&picture.header, HEADER_SIZE).0 as usize);
     }
-    let top = MARGIN + if picture.header.is_empty() { 0 } else { HEADER_H };
+    let top = MARGIN
+        + if picture.header.is_empty() {
+            0
+        } else {
+            HEADER_H
+        };
     let image_y = top + TITLE_H;
     let panels = (0..n)
         .map(|i| (MARGIN + i * (col_w + GAP) + (col_w - pw) / 2, image_y))
@@ -140,7 +145,11 @@ pub fn layout(picture: &Picture) -> Layout {
         legend.push((x, legend_top + row * LEGEND_ROW_H));
         x += w;
     }
-    let rows = if picture.legend.is_empty() { 0 } else { row + 1 };
+    let rows = if picture.legend.is_empty() {
+        0
+    } else {
+        row + 1
+    };
     let height = if rows == 0 {
         image_y + ph + MARGIN
     } else {
@@ -180,7 +189,13 @@ fn resample(panel: &Panel, w: usize, h: usize) -> Vec<u8> {
     out
 }
 
-fn fill(buf: &mut [u8], width: usize, (x0, y0): (usize, usize), (w, h): (usize, usize), c: [u8; 3]) {
+fn fill(
+    buf: &mut [u8],
+    width: usize,
+    (x0, y0): (usize, usize),
+    (w, h): (usize, usize),
+    c: [u8; 3],
+) {
     for y in y0..y0 + h {
         for x in x0..x0 + w {
             buf[3 * (y * width + x)..3 * (y * width + x) + 3].copy_from_slice(&c);
@@ -206,7 +221,13 @@ pub fn render(picture: &Picture) -> Result<(usize, usize, Vec<u8>), VizError> {
     }
     for ((_, colour), &(x, y)) in picture.legend.iter().zip(&l.legend) {
         fill(&mut buf, l.width, (x, y), (SWATCH, SWATCH), [80, 80, 80]);
-        fill(&mut buf, l.width, (x + 1, y + 1), (SWATCH - 2, SWATCH - 2), *colour);
+        fill(
+            &mut buf,
+            l.width,
+            (x + 1, y + 1),
+            (SWATCH - 2, SWATCH - 2),
+            *colour,
+        );
     }
     {
         let backend = BitMapBackend::with_buffer(&mut buf, (l.width as u32, l.height as u32));
@@ -259,7 +280,12 @@ pub fn planar_rgb8(planar: &[f32], width: usize, height: usize) -> Vec<u8> {
 /// The perturbation `adv − clean` (planar, [0, 1]) stretched so that its largest magnitude
 /// spans the whole range: grey is no change. Returns the pixels and the amplification factor
 /// (1 when the images are equal).
-pub fn perturbation_rgb8(clean: &[f32], adv: &[f32], width: usize, height: usize) -> (Vec<u8>, f32) {
+pub fn perturbation_rgb8(
+    clean: &[f32],
+    adv: &[f32],
+    width: usize,
+    height: usize,
+) -> (Vec<u8>, f32) {
     let linf = clean
         .iter()
         .zip(adv)

@@ -83,7 +83,10 @@ impl LossCurves {
 pub const PLOT_SIZE: (u32, u32) = (960, 600);
 
 /// Draws `curves` under `title`: returns (width, height, interleaved RGB).
-pub fn render_loss_plot(curves: &LossCurves, title: &str) -> Result<(usize, usize, Vec<u8>), VizError> {
+pub fn render_loss_plot(
+    curves: &LossCurves,
+    title: &str,
+) -> Result<(usize, usize, Vec<u8>), VizError> {
     let (w, h) = PLOT_SIZE;
     let mut buf = vec![255u8; 3 * (w * h) as usize];
     let err = |e: &dyn std::fmt::Display| VizError::draw("the loss plot", e);
@@ -92,16 +95,29 @@ pub fn render_loss_plot(curves: &LossCurves, title: &str) -> Result<(usize, usiz
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let (lo, hi) = curves.value_range().unwrap_or((0.0, 1.0));
         let pad = ((hi - lo) * 0.05).max(1e-6 * hi.abs().max(1.0));
-        let last = (curves.points.max(2) - 1) as f64;
+        // Steps are whole numbers; a one-point run (zero steps) is centred.
+        let (x0, x1) = if curves.points == 1 {
+            (-1.0, 1.0)
+        } else {
+            (0.0, (curves.points - 1) as f64)
+        };
         let mut chart = ChartBuilder::on(&root)
             .caption(title, font::style(18))
             .margin(16)
             .x_label_area_size(44)
             .y_label_area_size(72)
-            .build_cartesian_2d(0.0..last, (lo - pad)..(hi + pad))
+            .build_cartesian_2d(x0..x1, (lo - pad)..(hi + pad))
             .map_err(|e| err(&e))?;
         chart
             .configure_mesh()
+            .x_labels(curves.points.clamp(3, 11))
+            .x_label_formatter(&|v: &f64| {
+                if (v - v.round()).abs() < 1e-9 {
+                    format!("{v:.0}")
+                } else {
+                    String::new()
+                }
+            })
             .x_desc("step (last point: the saved image)")
             .y_desc("loss")
             .label_style(font::style(13))
@@ -160,15 +176,21 @@ pub fn render_loss_plot(curves: &LossCurves, title: &str) -> Result<(usize, usiz
                 .label(format!("mean of {} images", curves.images))
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK.stroke_width(3)));
         }
-        // A curve of one point (a zero-step run) is a marker, not a line.
+        // Curves of one point (a zero-step run) are markers, not lines.
         if curves.points == 1 {
+            let markers = curves
+                .shown
+                .iter()
+                .enumerate()
+                .map(|(i, (_, c))| (c[0], class_colour(i + 1), 4))
+                .chain(std::iter::once((curves.mean[0], [0, 0, 0], 6)));
             chart
                 .draw_series(
-                    curves
-                        .mean
-                        .iter()
-                        .filter(|v| v.is_finite())
-                        .map(|&v| Circle::new((0.0, v), 5, BLACK.filled())),
+                    markers
+                        .filter(|m| m.0.is_finite())
+                        .map(|(v, [r, g, b], size)| {
+                            Circle::new((0.0, v), size, RGBColor(r, g, b).filled())
+                        }),
                 )
                 .map_err(|e| err(&e))?;
         }
