@@ -5,8 +5,10 @@
 //! Panel scale: images whose longer side is under [`MIN_SIDE`] are enlarged by a whole factor
 //! (nearest neighbour, so single pixels of a perturbation stay visible); over [`MAX_SIDE`] they
 //! are reduced to it (triangle filter for photos, nearest for label maps); in between they are
-//! shown pixel for pixel. [`layout`] says where everything goes, so tests and callers can find
-//! a panel's pixels in the written PNG.
+//! shown pixel for pixel. Each panel gets a column at least [`MIN_COLUMN`] wide; titles and
+//! the header are shortened with "…" to fit, so where the panels go depends only on the image
+//! size and the number of panels. [`layout`] says where everything goes, so tests and callers
+//! can find a panel's pixels in the written PNG.
 
 use std::path::Path;
 
@@ -22,6 +24,8 @@ use super::VizError;
 pub const MIN_SIDE: usize = 192;
 /// Panels whose image's longer side is longer are reduced to this.
 pub const MAX_SIDE: usize = 512;
+/// The narrowest column a panel gets (room for its title).
+pub const MIN_COLUMN: usize = 160;
 /// Outer margin, and the gap between panels and before the legend.
 pub const MARGIN: usize = 10;
 pub const GAP: usize = 10;
@@ -110,18 +114,9 @@ pub fn layout(picture: &Picture) -> Layout {
         "every panel has the same size"
     );
     let (pw, ph) = panel_size(first.width, first.height);
-    let title_w = picture
-        .panels
-        .iter()
-        .map(|p| font::text_size(&p.title, TITLE_SIZE).0 as usize + 4)
-        .max()
-        .unwrap_or(0);
-    let col_w = pw.max(title_w);
+    let col_w = column_width(pw);
     let n = picture.panels.len();
-    let mut width = 2 * MARGIN + n * col_w + (n - 1) * GAP;
-    if !picture.header.is_empty() {
-        width = width.max(2 * MARGIN + font::text_size(&picture.header, HEADER_SIZE).0 as usize);
-    }
+    let width = 2 * MARGIN + n * col_w + (n - 1) * GAP;
     let top = MARGIN
         + if picture.header.is_empty() {
             0
@@ -163,6 +158,26 @@ pub fn layout(picture: &Picture) -> Layout {
         panels,
         legend,
     }
+}
+
+fn column_width(panel_width: usize) -> usize {
+    panel_width.max(MIN_COLUMN)
+}
+
+/// `text`, shortened with "…" until it is at most `max_w` pixels wide at `size`.
+fn fit(text: &str, size: u32, max_w: usize) -> String {
+    if font::text_size(text, size).0 as usize <= max_w {
+        return text.to_string();
+    }
+    let mut chars: Vec<char> = text.chars().collect();
+    while !chars.is_empty() {
+        chars.pop();
+        let t: String = chars.iter().collect::<String>() + "…";
+        if font::text_size(&t, size).0 as usize <= max_w {
+            return t;
+        }
+    }
+    String::new()
 }
 
 /// `panel`'s pixels at `w`×`h`.
@@ -238,13 +253,16 @@ pub fn render(picture: &Picture) -> Result<(usize, usize, Vec<u8>), VizError> {
                 .map_err(|e| err(&e))
         };
         if !picture.header.is_empty() {
-            text(&picture.header, HEADER_SIZE, (MARGIN, MARGIN))?;
+            let header = fit(&picture.header, HEADER_SIZE, l.width - 2 * MARGIN);
+            text(&header, HEADER_SIZE, (MARGIN, MARGIN))?;
         }
+        let col_w = column_width(l.panel_width);
         for (panel, &(x, y)) in picture.panels.iter().zip(&l.panels) {
-            // Centred over the panel's image.
-            let tw = font::text_size(&panel.title, TITLE_SIZE).0 as usize;
+            // Centred over the panel's image, within its column.
+            let title = fit(&panel.title, TITLE_SIZE, col_w - 4);
+            let tw = font::text_size(&title, TITLE_SIZE).0 as usize;
             let cx = (x + l.panel_width / 2).saturating_sub(tw / 2).max(MARGIN);
-            text(&panel.title, TITLE_SIZE, (cx, y - TITLE_H + 3))?;
+            text(&title, TITLE_SIZE, (cx, y - TITLE_H + 3))?;
         }
         for ((name, _), &(x, y)) in picture.legend.iter().zip(&l.legend) {
             text(name, LEGEND_SIZE, (x + SWATCH + 6, y))?;
@@ -339,6 +357,15 @@ pub fn perturbation_title(amp: f32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_text_is_shortened_to_fit() {
+        let long = "adversarial: a very long class name that cannot fit in one column";
+        let t = fit(long, TITLE_SIZE, 156);
+        assert!(t.ends_with('…') && t.len() < long.len());
+        assert!(font::text_size(&t, TITLE_SIZE).0 <= 156);
+        assert_eq!(fit("clean", TITLE_SIZE, 156), "clean");
+    }
 
     #[test]
     fn panel_sizes() {
