@@ -11,9 +11,12 @@ exercise the pipeline, random weights say nothing about real transfer):
         --targets maskclip,sclip,clearclip -- --preset pgd --steps 10
 
 Everything after `--` is passed to every `prm attack` (preset, steps, eps, device, ...).
-Uniform noise is `prm attack --preset pgd --init random --steps 1 --step-size 1e-9`: the
-seeded signed-uniform start in the eps-ball, re-projected and quantised (the one 1e-9 step
-vanishes in the 8-bit rounding). Its eps is taken from the passed arguments (default 8/255).
+Uniform noise is `prm attack --init random --steps 0`: the seeded signed-uniform start in the
+eps-ball, re-projected onto [0, 1] and quantised within eps, with no optimisation step. Of the
+passed arguments it takes --eps (default 8/255), --seed and --device.
+
+With --plots, every attack also writes its loss curve (`prm attack --plot`) to
+OUT/loss/<attack>.png (and .json).
 
 Cell value: 100 * (1 - miou_adv_vs_clean) for dense targets, 100 * (1 - top1_agreement) for
 zeroshot, 100 * (1 - mean last-layer cosine) for features: how much the attack changed the
@@ -63,23 +66,28 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--targets", default="maskclip")
     ap.add_argument("--eval-device", default="auto")
+    ap.add_argument("--plots", action="store_true", help="also plot each attack's loss curve")
     a = ap.parse_args(argv)
     targets = a.targets.split(",")
     eps = "8/255"
+    uniform_extra = []
     for i, x in enumerate(extra):
         if x == "--eps" and i + 1 < len(extra):
             eps = extra[i + 1]
+        if x in ("--seed", "--device") and i + 1 < len(extra):
+            uniform_extra += [x, extra[i + 1]]
     os.makedirs(a.out, exist_ok=True)
     table = {}
     for attack in ATTACKS:
         adv = os.path.join(a.out, "adv", attack)
         if attack == "uniform":
             cmd = [a.prm, "attack", "--model", a.surrogate, "--input", a.input, "--output", adv,
-                   "--preset", "pgd", "--init", "random", "--steps", "1", "--step-size", "1e-9",
-                   "--eps", eps, "-q"]
+                   "--init", "random", "--steps", "0", "--eps", eps, "-q"] + uniform_extra
         else:
             cmd = [a.prm, "attack", "--model", a.surrogate, "--input", a.input, "--output", adv,
                    "--loss", attack, "-q"] + extra
+        if a.plots:
+            cmd += ["--plot", os.path.join(a.out, "loss", attack + ".png")]
         run(cmd)
         row = {}
         for m in a.target_model:

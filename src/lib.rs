@@ -9,7 +9,8 @@
 //! - [`eval`]: downstream targets (MaskCLIP family, zero-shot, probes, feature drift), class
 //!   embeddings from the CLIP text tower, and transfer metrics;
 //! - [`io`]: images, manifests, input listing and output writing;
-//! - [`rng`]: the counter-based random numbers that make every run reproducible per image.
+//! - [`rng`]: the counter-based random numbers that make every run reproducible per image;
+//! - [`viz`]: per-image picture grids of an evaluation and the loss plot of an attack.
 
 pub mod attack;
 pub mod bench;
@@ -19,3 +20,4 @@ pub mod io;
 pub mod model;
 pub mod reference;
 pub mod rng;
+pub mod viz;

@@ -56,6 +56,16 @@ pub trait Progress {
     /// `image_steps` more image-steps are done (one batch step).
     fn steps_done(&self, _image_steps: usize) {}
     fn image_done(&self, _record: &ManifestRecord) {}
+    /// Whether [`Progress::loss_curve`] is wanted. Recording costs the GPU engine a host sync
+    /// per step, so the default is no.
+    fn wants_loss_curves(&self) -> bool {
+        false
+    }
+    /// With [`Progress::wants_loss_curves`]: image `rel`'s loss curve, called before its
+    /// `image_done`. `losses[k]` for k < steps is the loss before step k (see
+    /// [`AttackOutcome::losses`]); the last value, `losses[steps]`, is the saved image's loss
+    /// (the manifest's `loss_final`).
+    fn loss_curve(&self, _rel: &str, _losses: &[f64]) {}
 }
 
 /// A [`Progress`] that shows nothing.
@@ -133,7 +143,9 @@ pub fn run_campaign_interruptible<E: Engine>(
             }
         };
         let records = match catch_unwind(AssertUnwindSafe(|| {
-            attack_batch(engine, objective, settings, batch, output, &on_step)
+            attack_batch(
+                engine, objective, settings, batch, output, &on_step, progress,
+            )
         })) {
             Ok(records) => records,
             Err(payload) if payload.is::<Interrupted>() => {
@@ -332,6 +344,7 @@ fn attack_batch<E: Engine>(
     batch: &[InputItem],
     output: &OutputOptions,
     on_step: &dyn Fn(usize),
+    progress: &dyn Progress,
 ) -> Vec<Result<ManifestRecord, ImageFailure>> {
     let patch = engine.model().config.patch;
     let loaded: Vec<Result<Loaded, ImageFailure>> = batch
@@ -370,7 +383,7 @@ fn attack_batch<E: Engine>(
     let engine_failure = |e: &dyn std::fmt::Display, l: &Loaded| {
         ImageFailure::sized(format!("engine error: {e}"), &l.clean)
     };
-    let attack = match Attack::new(engine, objective, settings, images) {
+    let mut attack = match Attack::new(engine, objective, settings, images) {
         Ok(a) => a,
         Err(e) => {
             for &(i, l) in &ok {
@@ -379,6 +392,8 @@ fn attack_batch<E: Engine>(
             return results;
         }
     };
+    let curves = progress.wants_loss_curves();
+    attack.record_losses(curves);
     let starts = ok
         .iter()
         .enumerate()
@@ -428,6 +443,11 @@ fn attack_batch<E: Engine>(
                 steps: outcome.steps,
                 seconds: 0.0,
             });
+        if curves && results[i].is_ok() {
+            let mut curve = outcome.losses.clone();
+            curve.push(eval.loss);
+            progress.loss_curve(&batch[i].rel, &curve);
+        }
     }
     results
 }

@@ -42,7 +42,14 @@ pub struct StepPlan<'a> {
     pub eval_sizes: Vec<(usize, usize)>,
     /// `sizes[step][i]`: image i's working size at each step.
     pub sizes: Vec<Vec<(usize, usize)>>,
+    /// A loss curve was asked for (`prm attack --plot`): called after every step that computed
+    /// a loss, with the step and one value per image. `None` (the default) keeps the loop free
+    /// of per-step host syncs.
+    pub loss_sink: Option<LossSink<'a>>,
 }
+
+/// Receives one step's per-image loss values: `(step, values)`.
+pub type LossSink<'a> = &'a dyn Fn(usize, &[f64]);
 
 /// What a device-resident loop returns per image: the final adversarial image and, when step 0
 /// ran at the evaluation geometry, the loss at the start.

@@ -3,6 +3,8 @@
 //! serves the whole batch; everything per image (random draws, optimiser state) stays per image,
 //! so results do not depend on how images are batched.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 use super::engine::{Engine, EngineError, LossAndGradient, StepPlan};
@@ -28,6 +30,10 @@ pub struct AttackOutcome {
     /// The loss at the start, at the evaluation geometry (no dynamic scale).
     pub loss_initial: f64,
     pub steps: usize,
+    /// With [`Attack::record_losses`]: the loss before each step, one value per step, at the
+    /// step's working geometry (a dynamic-scale draw changes it). An escape step out of a
+    /// stationary start computes no loss: its value is `loss_initial`. Empty otherwise.
+    pub losses: Vec<f64>,
 }
 
 /// A loss value with per-layer cosines, at the evaluation geometry.
@@ -51,6 +57,8 @@ pub struct Attack<'a, E: Engine> {
     targets: Vec<Target<'a>>,
     /// Clean features at the evaluation geometry (native or the fixed size).
     clean_eval: E::Clean,
+    /// Keep every step's loss (see [`AttackOutcome::losses`]).
+    record_losses: bool,
 }
 
 /// Checks that an image can be fed to a model with patch side `patch`.
@@ -142,7 +150,15 @@ impl<'a, E: Engine> Attack<'a, E> {
             settings,
             targets,
             clean_eval,
+            record_losses: false,
         })
+    }
+
+    /// Keeps every step's per-image loss in [`AttackOutcome::losses`] (for a loss curve). The
+    /// GPU engine then downloads the loss values at every step, which costs a host sync each;
+    /// off by default.
+    pub fn record_losses(&mut self, on: bool) {
+        self.record_losses = on;
     }
 
     pub fn len(&self) -> usize {
@@ -312,6 +328,18 @@ impl<'a, E: Engine> Attack<'a, E> {
             .map(|(t, s)| self.starts_at_stationary_point(t, s))
             .collect();
         let mut loss_initial: Vec<Option<f64>> = vec![None; self.targets.len()];
+        // losses[i][step], NaN where a step computed none (an escape step).
+        let steps = self.settings.steps;
+        let recorded = RefCell::new(if self.record_losses {
+            vec![vec![f64::NAN; steps]; self.targets.len()]
+        } else {
+            Vec::new()
+        });
+        let sink = |step: usize, values: &[f64]| {
+            for (curve, &v) in recorded.borrow_mut().iter_mut().zip(values) {
+                curve[step] = v;
+            }
+        };
         // An engine with its own device-resident loop runs the steps; the geometry of every
         // step is drawn here, so both loops see the same draws.
         if escaping.iter().all(|&e| e) || escaping.iter().all(|&e| !e) {
@@ -331,12 +359,17 @@ impl<'a, E: Engine> Attack<'a, E> {
                             .collect()
                     })
                     .collect(),
+                loss_sink: if self.record_losses {
+                    Some(&sink)
+                } else {
+                    None
+                },
             };
             if let Some(results) = self.engine.run_steps(&plan, &mut on_step) {
                 let results = results?;
                 let finals: Vec<Vec<f32>> = results.iter().map(|r| r.adversarial.clone()).collect();
                 let initial: Vec<Option<f64>> = results.iter().map(|r| r.loss_initial).collect();
-                return self.finish(&starts, initial, finals);
+                return self.finish(&starts, initial, finals, recorded.into_inner());
             }
         }
         for step in 0..self.settings.steps {
@@ -358,6 +391,12 @@ impl<'a, E: Engine> Attack<'a, E> {
                     Some(sub) => sub.loss_and_gradient(&xs, &sizes)?,
                     None => self.loss_and_gradient(&xs, &sizes)?,
                 };
+                if self.record_losses {
+                    let mut curves = recorded.borrow_mut();
+                    for (&i, r) in active.iter().zip(&results) {
+                        curves[i][step] = r.loss;
+                    }
+                }
                 for (&i, r) in active.iter().zip(results) {
                     if step == 0 && self.settings.dynamic_scale.is_none() {
                         loss_initial[i] = Some(r.loss);
@@ -368,16 +407,18 @@ impl<'a, E: Engine> Attack<'a, E> {
             on_step(step);
         }
         let finals: Vec<Vec<f32>> = opts.iter().map(|o| o.image()).collect();
-        self.finish(&starts, loss_initial, finals)
+        self.finish(&starts, loss_initial, finals, recorded.into_inner())
     }
 
     /// Completes the outcomes: where step 0 gave no loss at the evaluation geometry (dynamic
-    /// scale, or an escape step), the start is measured there.
+    /// scale, or an escape step), the start is measured there. A recorded loss curve gets that
+    /// value at an escape step 0, which computed none.
     fn finish(
         &self,
         starts: &[Vec<f32>],
         mut loss_initial: Vec<Option<f64>>,
         finals: Vec<Vec<f32>>,
+        mut curves: Vec<Vec<f64>>,
     ) -> Result<Vec<AttackOutcome>, EngineError> {
         let missing: Vec<usize> = (0..self.targets.len())
             .filter(|&i| loss_initial[i].is_none())
@@ -392,13 +433,23 @@ impl<'a, E: Engine> Attack<'a, E> {
                 loss_initial[i] = Some(evals[i].loss);
             }
         }
+        curves.resize(finals.len(), Vec::new());
         Ok(finals
             .into_iter()
             .zip(loss_initial)
-            .map(|(adversarial, l)| AttackOutcome {
-                adversarial,
-                loss_initial: l.expect("measured above"),
-                steps: self.settings.steps,
+            .zip(curves)
+            .map(|((adversarial, l), mut losses)| {
+                let loss_initial = l.expect("measured above");
+                // Only step 0 can be an escape step; a NaN elsewhere is a real value.
+                if let Some(v) = losses.first_mut().filter(|v| v.is_nan()) {
+                    *v = loss_initial;
+                }
+                AttackOutcome {
+                    adversarial,
+                    loss_initial,
+                    steps: self.settings.steps,
+                    losses,
+                }
             })
             .collect())
     }

@@ -207,8 +207,15 @@ impl AttackSettings {
                 self.eps
             ));
         }
-        if self.steps == 0 {
-            return Err("--steps must be at least 1".into());
+        // Zero steps save the projected start: with a random start that is the uniform-noise
+        // baseline, with from:<DIR> a re-projection of earlier images. From a zero start it
+        // would save the clean image, which is surely a mistake.
+        if self.steps == 0 && self.init == Init::Zero {
+            return Err(
+                "--steps must be at least 1 (--steps 0 is allowed only with --init \
+                        random, the uniform-noise baseline, or --init from:<DIR>)"
+                    .into(),
+            );
         }
         for (name, v) in [("--step-size", self.step_size), ("--lr", self.lr)] {
             if !(v.is_finite() && v > 0.0 && v <= 1.0) {

@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use prm::attack::campaign::{run_campaign_interruptible, OutputOptions};
+use prm::attack::campaign::{run_campaign_interruptible, OutputOptions, Progress};
 use prm::attack::*;
 use prm::gpu::engine::{GpuVit, Precision};
 use prm::gpu::Device;
@@ -15,6 +15,7 @@ use prm::io::shard::{shard_from_env, Shard};
 use prm::io::{check_output_collisions, list_inputs};
 use prm::model::{Model, ModelSource};
 use prm::reference::ReferenceVit;
+use prm::viz::plot::{write_loss_plot, LossCurves};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::progress::Bar;
@@ -95,6 +96,11 @@ pub struct AttackArgs {
     /// Also write the unquantised float image as <relative path>.safetensors
     #[arg(long)]
     save_float: bool,
+    /// Plot the loss against the step to FILE.png (mean and min–max over the images attacked by
+    /// this run, and the first 8 images' curves), with the numbers in FILE.json. On a GPU this
+    /// costs one host sync per step
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<PathBuf>,
     /// Process only shard K of N (0-based), partitioned by a hash of the relative path.
     /// Without it, K/N come from SLURM_ARRAY_TASK_ID/_COUNT, SLURM_PROCID/SLURM_NTASKS, or
     /// JOB_COMPLETION_INDEX with --shards N
@@ -194,6 +200,11 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     let batch_size = args.batch_size(device.as_ref())?;
     let settings = args.settings();
     settings.validate().map_err(anyhow::Error::msg)?;
+    if let Some(p) = &args.plot {
+        if !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+            bail!("--plot {}: the plot is a PNG; give a FILE.png", p.display());
+        }
+    }
     if let Init::From(dir) = &settings.init {
         if !dir.is_dir() {
             bail!(
@@ -260,6 +271,14 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     let signal = Interrupt::install()?;
     let interrupted = || signal.received() != 0;
     let bar = Bar::new(items.len(), settings.steps, args.quiet);
+    let plotting = args.plot.as_ref().map(|_| Curves {
+        bar: &bar,
+        curves: Mutex::new(LossCurves::new(settings.steps)),
+    });
+    let progress: &dyn Progress = match &plotting {
+        Some(p) => p,
+        None => &bar,
+    };
     let started = std::time::Instant::now();
     let output = OutputOptions {
         batch_size,
@@ -273,7 +292,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
             &settings,
             &items,
             &output,
-            &bar,
+            progress,
             &interrupted,
         )?,
         Some(dev) => {
@@ -285,12 +304,42 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
                 &settings,
                 &items,
                 &output,
-                &bar,
+                progress,
                 &interrupted,
             )?
         }
     };
     bar.finish();
+    if let (Some(path), Some(p)) = (&args.plot, plotting) {
+        let curves = p
+            .curves
+            .into_inner()
+            .expect("no panic while holding the lock");
+        if curves.images == 0 {
+            eprintln!(
+                "note: no image was attacked by this run, so no plot was written to {}",
+                path.display()
+            );
+        } else {
+            let title = format!(
+                "{} loss, {}, {} steps, eps {:.2}/255, {}",
+                value_name(settings.loss),
+                value_name(settings.optimizer),
+                settings.steps,
+                settings.eps * 255.0,
+                args.model
+            );
+            write_loss_plot(path, &curves, &title)
+                .with_context(|| format!("cannot write the plot {}", path.display()))?;
+            if !args.quiet {
+                eprintln!(
+                    "plot: {} (numbers in {})",
+                    path.display(),
+                    path.with_extension("json").display()
+                );
+            }
+        }
+    }
     let signal = signal.received() as i32;
     if !args.quiet {
         let secs = started.elapsed().as_secs_f64();
@@ -352,5 +401,34 @@ impl Interrupt {
 
     fn received(&self) -> usize {
         self.received.load(Ordering::SeqCst)
+    }
+}
+
+/// The progress bar, plus the loss curves of `--plot`.
+struct Curves<'a> {
+    bar: &'a Bar,
+    curves: Mutex<LossCurves>,
+}
+
+impl Progress for Curves<'_> {
+    fn skipped(&self, images: usize) {
+        self.bar.skipped(images)
+    }
+    fn image_started(&self, rel: &str) {
+        self.bar.image_started(rel)
+    }
+    fn steps_done(&self, image_steps: usize) {
+        self.bar.steps_done(image_steps)
+    }
+    fn image_done(&self, record: &prm::io::ManifestRecord) {
+        self.bar.image_done(record)
+    }
+    fn wants_loss_curves(&self) -> bool {
+        true
+    }
+    fn loss_curve(&self, rel: &str, losses: &[f64]) {
+        if let Ok(mut c) = self.curves.lock() {
+            c.add(rel, losses);
+        }
     }
 }

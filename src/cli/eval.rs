@@ -60,6 +60,11 @@ pub struct EvalArgs {
     /// Write 8-bit label maps DIR/clean/<rel>.png and DIR/adv/<rel>.png at native size
     #[arg(long)]
     save_predictions: Option<PathBuf>,
+    /// Write a picture per image, DIR/<rel>.png: clean | adversarial | amplified perturbation,
+    /// then for segmentation targets clean | adversarial label maps in a fixed palette with a
+    /// legend of the classes shown (classification: the predicted classes in the titles)
+    #[arg(long, value_name = "DIR")]
+    pictures: Option<PathBuf>,
     /// native (default) or N: resize every image to N×N (bicubic) before the model
     #[arg(long, default_value = "native")]
     resolution: String,
@@ -205,6 +210,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         ignore_index: args.ignore_index,
         labels: args.labels.clone(),
         save_predictions: args.save_predictions.clone(),
+        pictures: args.pictures.clone(),
         probe,
         model_spec: args.model.clone(),
         weights_random: random,

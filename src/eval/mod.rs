@@ -33,6 +33,8 @@ pub enum EvalError {
     Io(#[from] crate::io::IoError),
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
+    #[error(transparent)]
+    Viz(#[from] crate::viz::VizError),
     #[error("{}: bad --classes file: {reason}", path.display())]
     Classes { path: PathBuf, reason: String },
     #[error("{}: bad probe file: {reason}", path.display())]

@@ -21,6 +21,10 @@ use super::EvalError;
 use crate::attack::image::Planar;
 use crate::io::{list_inputs, output_rel_path, read_image};
 use crate::reference::resize::bicubic_resize;
+use crate::viz::pictures::{
+    labels_rgb8, legend_of, perturbation_rgb8, perturbation_title, planar_rgb8, write_picture,
+    Panel, PanelKind, Picture,
+};
 
 /// What to evaluate and how.
 pub struct EvalSettings {
@@ -31,6 +35,8 @@ pub struct EvalSettings {
     /// Dense targets: a directory of label PNGs; zeroshot / probe(cls): a label list file.
     pub labels: Option<PathBuf>,
     pub save_predictions: Option<PathBuf>,
+    /// Write a picture grid per image: `DIR/<rel with .png>` (see [`crate::viz::pictures`]).
+    pub pictures: Option<PathBuf>,
     pub probe: Option<Probe>,
     /// Described in the report.
     pub model_spec: String,
@@ -155,6 +161,32 @@ pub fn feature_drift(adv: &[Vec<f32>], clean: &[Vec<f32>], dim: usize) -> Vec<(f
             (cos_sum / n as f64, diff.sqrt() / norm.sqrt().max(1e-12))
         })
         .collect()
+}
+
+/// A picture's first three panels: clean, adversarial and the amplified perturbation.
+fn image_panels(header: String, clean: &Planar, adv: &Planar) -> Picture {
+    let (w, h) = (clean.width, clean.height);
+    let (perturbation, amp) = perturbation_rgb8(clean.data, adv.data, w, h);
+    let photo = |title: String, rgb: Vec<u8>| Panel {
+        title,
+        width: w,
+        height: h,
+        rgb,
+        kind: PanelKind::Photo,
+    };
+    Picture {
+        header,
+        panels: vec![
+            photo("clean".into(), planar_rgb8(clean.data, w, h)),
+            photo("adversarial".into(), planar_rgb8(adv.data, w, h)),
+            photo(perturbation_title(amp), perturbation),
+        ],
+        legend: Vec::new(),
+    }
+}
+
+fn percent(v: Option<f64>) -> String {
+    v.map_or("–".into(), |x| format!("{:.1}%", 100.0 * x))
 }
 
 fn opt(v: Option<f64>) -> Value {
@@ -317,6 +349,26 @@ pub fn evaluate(
                     write_label_png(&dir.join("clean").join(&out), w, h, &pc)?;
                     write_label_png(&dir.join("adv").join(&out), w, h, &pa)?;
                 }
+                if let Some(dir) = &settings.pictures {
+                    let header = format!(
+                        "{rel} · {} · mIoU adv vs clean {} · pixel agreement {}",
+                        target.name(),
+                        percent(s.miou),
+                        percent(s.pixel_accuracy)
+                    );
+                    let mut picture = image_panels(header, &cp, &ap);
+                    for (title, map) in [("clean", &pc), ("adversarial", &pa)] {
+                        picture.panels.push(Panel {
+                            title: format!("{title} {}", target.name()),
+                            width: w,
+                            height: h,
+                            rgb: labels_rgb8(map),
+                            kind: PanelKind::Labels,
+                        });
+                    }
+                    picture.legend = legend_of(&[&pc, &pa], &names);
+                    write_picture(&dir.join(output_rel_path(&rel)), &picture)?;
+                }
                 vs_clean.merge(&m);
                 if let Some((mc, ma)) = img_gt {
                     gt_clean.merge(&mc);
@@ -342,6 +394,14 @@ pub fn evaluate(
                     .zip(&d)
                     .for_each(|(s, x)| *s = (s.0 + x.0, s.1 + x.1));
                 drift_n += 1;
+                if let Some(dir) = &settings.pictures {
+                    let header = format!(
+                        "{rel} · features · last-layer token cosine {:.4}",
+                        d.last().map_or(f64::NAN, |x| x.0)
+                    );
+                    let picture = image_panels(header, &cp, &ap);
+                    write_picture(&dir.join(output_rel_path(&rel)), &picture)?;
+                }
             } else {
                 // zeroshot, or a CLS probe
                 let predict = |im: &Planar| -> Result<(usize, Vec<f32>), EvalError> {
@@ -375,6 +435,22 @@ pub fn evaluate(
                 values.insert("agree".into(), json!(c == a));
                 if let Some(l) = label {
                     values.insert("label".into(), json!(names.get(l)));
+                }
+                if let Some(dir) = &settings.pictures {
+                    let name = |k: usize| names.get(k).cloned().unwrap_or_else(|| format!("#{k}"));
+                    let header = format!(
+                        "{rel} · {} · {}",
+                        target.name(),
+                        if c == a {
+                            "prediction kept"
+                        } else {
+                            "prediction changed"
+                        }
+                    );
+                    let mut picture = image_panels(header, &cp, &ap);
+                    picture.panels[0].title = format!("clean: {}", name(c));
+                    picture.panels[1].title = format!("adversarial: {}", name(a));
+                    write_picture(&dir.join(output_rel_path(&rel)), &picture)?;
                 }
                 cls_pred.push((c, a, label));
             }

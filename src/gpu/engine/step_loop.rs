@@ -160,9 +160,17 @@ impl GpuVit<'_> {
             let LossPass {
                 losses, gradient, ..
             } = self.loss(&batch, clean_features, plan.objective, true)?;
-            if step == 0 && s.dynamic_scale.is_none() {
-                // The only loss value the loop needs on the host: the other steps never wait.
-                loss_initial = losses.values(&self.dev)?.into_iter().map(Some).collect();
+            let initial = step == 0 && s.dynamic_scale.is_none();
+            if initial || plan.loss_sink.is_some() {
+                // The only loss value the loop needs on the host is step 0's; the other steps
+                // wait for theirs only when a loss curve was asked for (`loss_sink`).
+                let values = losses.values(&self.dev)?;
+                if let Some(sink) = plan.loss_sink {
+                    sink(step, &values);
+                }
+                if initial {
+                    loss_initial = values.into_iter().map(Some).collect();
+                }
             }
             let gradient = gradient.expect("gradient requested");
             let gradient = match plan_back {
