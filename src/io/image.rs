@@ -7,10 +7,12 @@
 //! The header is checked against a pixel budget *before* anything is decoded, so a hostile or
 //! mistaken 100k×100k file fails fast instead of exhausting memory.
 
+use std::io::{BufRead, BufReader, Cursor, Seek};
 use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Limits};
 
+use super::inputs::InputItem;
 use super::IoError;
 
 /// Default pixel budget of [`read_image`]: 40 million pixels (e.g. 8000×5000).
@@ -101,10 +103,47 @@ pub fn read_image_limited(path: &Path, max_pixels: u64) -> Result<RgbImage, IoEr
     Ok(dynamic_to_rgb(&img))
 }
 
+/// Reads an input image: a file, or a member of a tar shard read in place. `max_pixels` is
+/// the `--max-pixels` budget, checked against the header before anything is decoded.
+pub fn read_item(item: &InputItem, max_pixels: u64) -> Result<RgbImage, IoError> {
+    Ok(dynamic_to_rgb(&decode_item(item, max_pixels)?))
+}
+
+/// [`read_item`] keeping the native sample type.
+pub(crate) fn decode_item(item: &InputItem, max_pixels: u64) -> Result<DynamicImage, IoError> {
+    match &item.member {
+        None => decode_dynamic(&item.path, max_pixels),
+        Some(m) => {
+            let e = &m.shard.entries[m.entry];
+            let shown = item.display_path();
+            let sub = super::webdataset::open_member(&m.shard.path, e.offset, e.size)
+                .map_err(|err| open_error(&m.shard.path, err))?;
+            decode_reader(BufReader::new(sub), &shown, max_pixels)
+        }
+    }
+}
+
+/// Decodes an image held in memory (`name` is only used in messages), with the same guards as
+/// [`read_image_limited`].
+pub fn read_image_bytes(bytes: &[u8], name: &Path, max_pixels: u64) -> Result<RgbImage, IoError> {
+    let img = decode_reader(Cursor::new(bytes), name, max_pixels)?;
+    Ok(dynamic_to_rgb(&img))
+}
+
 /// Decodes a file to a [`DynamicImage`] (orientation applied), keeping its native sample type.
 /// `verify` uses it to read 8-bit outputs back exactly.
 pub(crate) fn decode_dynamic(path: &Path, max_pixels: u64) -> Result<DynamicImage, IoError> {
-    let reader = ImageReader::open(path).map_err(|e| open_error(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| open_error(path, e))?;
+    decode_reader(BufReader::new(file), path, max_pixels)
+}
+
+/// Decodes from any reader; `path` names the source in messages.
+pub(crate) fn decode_reader<R: BufRead + Seek>(
+    reader: R,
+    path: &Path,
+    max_pixels: u64,
+) -> Result<DynamicImage, IoError> {
+    let reader = ImageReader::new(reader);
     let mut reader = reader.with_guessed_format().map_err(|e| IoError::Read {
         path: path.to_path_buf(),
         source: e,
