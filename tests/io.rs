@@ -645,7 +645,11 @@ fn verify_reports_each_kind_of_violation() {
         })
     };
     assert!(disagrees("a.png", "18x9"), "{:?}", rep.violations);
-    assert!(disagrees("c.png", "linf 9.0000/255"), "{:?}", rep.violations);
+    assert!(
+        disagrees("c.png", "linf 9.0000/255"),
+        "{:?}",
+        rep.violations
+    );
     // An unreadable manifest is itself a violation.
     std::fs::write(adv.join(MANIFEST_FILE), "garbage\n{}\n").unwrap();
     let rep = verify(&clean, &adv, 8.0 / 255.0).unwrap();

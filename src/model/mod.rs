@@ -9,7 +9,9 @@ mod formats;
 mod load;
 
 pub use builtin::{builtin_architectures, builtin_config, random_model};
-pub use load::{load_model, load_safetensors, resolve_checkpoint, ModelError};
+pub use load::{
+    load_model, load_safetensors, load_safetensors_bytes, resolve_checkpoint, ModelError,
+};
 
 /// The MLP non-linearity of a CLIP tower.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
