@@ -992,3 +992,64 @@ fn kill_9_during_a_tar_run_then_resume() {
     let v = verify(&spec, &out, &[]);
     assert_eq!(v.status.code(), Some(0), "{}", stdout(&v));
 }
+
+#[test]
+fn tar_outputs_feed_init_from_and_manifest_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = write_shards(&tmp.path().join("shards"), 2, 2, 32);
+    let first = tmp.path().join("first");
+    assert_eq!(attack(&spec, &first, &[]).status.code(), Some(0));
+    // --init from: an earlier tar-layout output continues the attack.
+    let second = tmp.path().join("second");
+    let from = format!("from:{}", first.display());
+    let o = attack(&spec, &second, &["--init", &from]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(records(&second).len(), 4);
+    // The same with a missing start is a per-image error naming it.
+    std::fs::remove_file(first.join("train-001.tar")).unwrap();
+    let third = tmp.path().join("third");
+    let o = attack(&spec, &third, &["--init", &from]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let recs = records(&third);
+    assert!(recs["train-001.tar/s1/00000.png"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("--init from:"));
+    // manifest merge understands the tar spec: inputs with no record are missing.
+    let merged = tmp.path().join("merged.jsonl");
+    let o = prm(&[
+        "manifest",
+        "merge",
+        "--input",
+        &spec,
+        "--output",
+        s(&merged),
+        s(&second.join("manifest.jsonl")),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    let o = prm(&[
+        "manifest",
+        "merge",
+        "--input",
+        &spec,
+        "--output",
+        s(&merged),
+        s(&third.join("manifest.jsonl")),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("train-001.tar/s1/00000.png"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn a_list_file_with_braces_in_its_name_is_still_a_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_png(&tmp.path().join("a.png"), 32, 32, 1);
+    let list = tmp.path().join("list{1}.txt");
+    std::fs::write(&list, "a.png\n").unwrap();
+    let o = attack(s(&list), &tmp.path().join("out"), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}

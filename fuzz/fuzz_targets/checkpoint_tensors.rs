@@ -95,7 +95,7 @@ fuzz_target!(|ck: Checkpoint| {
             [t.dtype as usize % 6];
         let shape: Vec<usize> = t.dims.iter().take(4).map(|&d| (d % 17) as usize).collect();
         let n: usize = shape.iter().product();
-        let bytes = vec![t.fill; n * dtype.size()];
+        let bytes = vec![t.fill; n * dtype.bitsize() / 8];
         owned.push((name, dtype, shape, bytes));
     }
     owned.sort_by(|a, b| a.0.cmp(&b.0));

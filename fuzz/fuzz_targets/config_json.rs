@@ -9,8 +9,8 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 
-static HF: &[u8] = include_bytes!("../../tests/golden/hf_tiny/model.safetensors");
-static OPENAI: &[u8] = include_bytes!("../../tests/golden/openai_tiny/model.safetensors");
+static HF: &[u8] = include_bytes!("../seeds/checkpoint/hf.safetensors");
+static OPENAI: &[u8] = include_bytes!("../seeds/checkpoint/openai.safetensors");
 
 fn dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();

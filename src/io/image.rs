@@ -7,7 +7,7 @@
 //! The header is checked against a pixel budget *before* anything is decoded, so a hostile or
 //! mistaken 100k×100k file fails fast instead of exhausting memory.
 
-use std::io::{BufRead, BufReader, Cursor, Read, Seek};
+use std::io::{BufRead, BufReader, Cursor, Seek};
 use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Limits};

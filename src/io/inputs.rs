@@ -227,7 +227,13 @@ pub fn list_inputs(input: &Path, exclude_dir: Option<&Path>) -> Result<InputList
 pub fn list_inputs_with(input: &Path, options: &ListOptions) -> Result<InputList, IoError> {
     let excludes = Excludes::new(&options.exclude)?;
     let spec = input.to_string_lossy();
-    if is_tar_spec(&spec) && !input.is_dir() {
+    // An existing path is a tar only by its extension (a list file may have braces in its
+    // name); a path that does not exist may be a brace pattern.
+    let tar = match std::fs::metadata(input) {
+        Ok(meta) => meta.is_file() && spec.to_ascii_lowercase().ends_with(".tar"),
+        Err(_) => is_tar_spec(&spec),
+    };
+    if tar {
         return list_shards(&spec, &excludes);
     }
     let exclude_dir = options.exclude_dir.as_deref();
