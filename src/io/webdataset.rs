@@ -334,9 +334,12 @@ pub fn read_member(tar_path: &Path, offset: u64, size: u64) -> std::io::Result<V
     Ok(buf)
 }
 
+/// Member name → (data offset, size) of a tar.
+pub type TarIndex = HashMap<String, (u64, u64)>;
+
 /// The regular members of an existing (output) tar: name → (offset, size). A missing file is an
 /// empty index; an unreadable one is an error.
-pub fn tar_index(path: &Path) -> Result<HashMap<String, (u64, u64)>, IoError> {
+pub fn tar_index(path: &Path) -> Result<TarIndex, IoError> {
     if !path.is_file() {
         return Ok(HashMap::new());
     }
@@ -471,7 +474,7 @@ impl Found {
 /// tar's index once.
 pub struct OutputLookup {
     dir: PathBuf,
-    indexes: std::sync::Mutex<HashMap<PathBuf, std::sync::Arc<HashMap<String, (u64, u64)>>>>,
+    indexes: std::sync::Mutex<HashMap<PathBuf, std::sync::Arc<TarIndex>>>,
 }
 
 impl OutputLookup {
@@ -488,10 +491,7 @@ impl OutputLookup {
     }
 
     /// The index of the output tar at `path` (empty when there is none).
-    pub fn tar_index(
-        &self,
-        path: &Path,
-    ) -> Result<std::sync::Arc<HashMap<String, (u64, u64)>>, IoError> {
+    pub fn tar_index(&self, path: &Path) -> Result<std::sync::Arc<TarIndex>, IoError> {
         if let Some(i) = self.indexes.lock().unwrap().get(path) {
             return Ok(i.clone());
         }
