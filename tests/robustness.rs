@@ -1094,3 +1094,34 @@ fn bomb_headers_in_every_format_fail_fast_as_too_large() {
         );
     }
 }
+
+#[test]
+fn a_tar_member_cannot_write_outside_the_output_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shard = tmp.path().join("evil.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&shard).unwrap());
+    for name in ["ok/a.png", "ok/../../../escape.png", "./ok/b.png"] {
+        let data = png_bytes(32, 32, 1);
+        let mut h = tar::Header::new_gnu();
+        // Write the raw name: the builder refuses `..` itself.
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, data.as_slice()).unwrap();
+    }
+    b.finish().unwrap();
+    let out = tmp.path().join("deep/out");
+    for layout in ["tar", "tree"] {
+        let o = attack(s(&shard), &out.join(layout), &["--output-layout", layout]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert!(stderr(&o).contains("leaves the shard"), "{}", stderr(&o));
+        let recs = records(&out.join(layout));
+        assert_eq!(
+            recs.keys().collect::<Vec<_>>(),
+            ["evil.tar/ok/a.png", "evil.tar/ok/b.png"]
+        );
+    }
+    assert!(!tmp.path().join("escape.png").exists());
+    assert!(!tmp.path().join("deep/escape.png").exists());
+    assert!(out.join("tree/evil/ok/b.png").is_file());
+}

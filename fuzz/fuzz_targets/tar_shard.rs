@@ -22,6 +22,8 @@ fuzz_target!(|data: &[u8]| {
     };
     for e in &shard.entries {
         assert!(!e.name.is_empty());
+        // Member paths are used under the output directory: they must not climb out of it.
+        assert!(!e.name.starts_with('/') && !e.name.split('/').any(|c| c == ".." || c.is_empty()));
         if let Ok(mut r) = open_member(p, e.offset, e.size) {
             let mut buf = Vec::new();
             let _ = r.by_ref().take(1 << 20).read_to_end(&mut buf);

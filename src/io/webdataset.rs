@@ -159,6 +159,21 @@ pub fn split_key(name: &str) -> Option<(&str, &str)> {
     Some((&name[..at], &name[at + 1..]))
 }
 
+/// A member path made safe to use under the output directory: `.` components, empty components
+/// and a leading `/` are dropped; a path with a `..` component, or nothing left, is `None` (its
+/// output could otherwise land outside the output directory).
+pub fn sanitize_member(name: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    for c in name.split(['/', '\\']) {
+        match c {
+            "" | "." => {}
+            ".." => return None,
+            c => parts.push(c),
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("/"))
+}
+
 /// Lists a tar file's regular members. Problems past the first readable members (a truncated or
 /// corrupt tail) do not fail the listing: the members read so far are kept and the problem comes
 /// back as a warning. A file that is not a tar at all is an error.
@@ -209,7 +224,16 @@ pub fn list_tar(path: &Path, rel: &str) -> Result<(TarShard, Vec<String>), IoErr
         }
         let name = match entry.path() {
             Ok(p) => match p.to_str() {
-                Some(s) => s.trim_start_matches("./").to_string(),
+                Some(s) => match sanitize_member(s) {
+                    Some(n) => n,
+                    None => {
+                        warnings.push(format!(
+                            "{}: skipped member `{s}`: its path leaves the shard (`..`) or is empty",
+                            path.display()
+                        ));
+                        continue;
+                    }
+                },
                 None => {
                     warnings.push(format!(
                         "{}: skipped a member whose name is not UTF-8",
@@ -554,6 +578,15 @@ mod tests {
         assert!(expand_braces("{0..").is_err());
         assert!(expand_braces("{0..99999999}").is_err());
         assert!(expand_braces("{foo}").is_err());
+    }
+
+    #[test]
+    fn member_paths_never_leave_the_output() {
+        assert_eq!(sanitize_member("./a//b.png").as_deref(), Some("a/b.png"));
+        assert_eq!(sanitize_member("/abs/x.jpg").as_deref(), Some("abs/x.jpg"));
+        assert_eq!(sanitize_member("a/../../x.jpg"), None);
+        assert_eq!(sanitize_member("..\\x.jpg"), None);
+        assert_eq!(sanitize_member("./"), None);
     }
 
     #[test]
