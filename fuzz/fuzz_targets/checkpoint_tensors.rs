@@ -85,14 +85,24 @@ fuzz_target!(|ck: Checkpoint| {
     for t in ck.tensors.iter().take(64) {
         let vocab = if t.openai { OPENAI } else { HF };
         let template = vocab[t.name as usize % vocab.len()];
-        let block = if t.block % 8 == 7 { t.block } else { t.block % 4 };
+        let block = if t.block % 8 == 7 {
+            t.block
+        } else {
+            t.block % 4
+        };
         let name = format!(
             "{}{}",
             PREFIXES[t.prefix as usize % PREFIXES.len()],
             template.replace("{}", &block.to_string())
         );
-        let dtype = [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64, Dtype::I64, Dtype::U8]
-            [t.dtype as usize % 6];
+        let dtype = [
+            Dtype::F32,
+            Dtype::F16,
+            Dtype::BF16,
+            Dtype::F64,
+            Dtype::I64,
+            Dtype::U8,
+        ][t.dtype as usize % 6];
         let shape: Vec<usize> = t.dims.iter().take(4).map(|&d| (d % 17) as usize).collect();
         let n: usize = shape.iter().product();
         let bytes = vec![t.fill; n * dtype.bitsize() / 8];

@@ -23,7 +23,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut parts = rest.split(|&b| b == 0xFF);
     let dir = dir();
-    for name in ["config.json", "preprocessor_config.json", "open_clip_config.json"] {
+    for name in [
+        "config.json",
+        "preprocessor_config.json",
+        "open_clip_config.json",
+    ] {
         let path = dir.join(name);
         match parts.next() {
             Some(text) if !text.is_empty() => std::fs::write(&path, text).unwrap(),
