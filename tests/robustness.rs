@@ -384,6 +384,36 @@ fn a_mixed_directory_of_awkward_and_broken_images() {
     assert_eq!(records(&out2).len(), awkward.len());
     let v = verify(s(&input), &out2, &["--exclude", "bad/**"]);
     assert_eq!(v.status.code(), Some(0), "{}", stdout(&v));
+    // So does manifest merge: excluded inputs are not missing.
+    let merged = tmp.path().join("merged.jsonl");
+    let m2 = out2.join("manifest.jsonl");
+    let o = prm(&[
+        "manifest",
+        "merge",
+        "--input",
+        s(&input),
+        "--output",
+        s(&merged),
+        s(&m2),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("MISSING bad/bomb.png"),
+        "{}",
+        stdout(&o)
+    );
+    let o = prm(&[
+        "manifest",
+        "merge",
+        "--input",
+        s(&input),
+        "--exclude",
+        "bad/**",
+        "--output",
+        s(&merged),
+        s(&m2),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
 }
 
 #[test]
