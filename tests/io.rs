@@ -854,3 +854,30 @@ fn bundled_samples_decode_and_are_licensed() {
     }
     assert!(odd >= 2 && png && jpg);
 }
+
+#[test]
+fn cmyk_jpeg_colours_come_out_right() {
+    // No ink is white, full cyan is (0, 255, 255), full black ink is black.
+    let dir = tempfile::tempdir().unwrap();
+    for (cmyk, rgb) in [
+        ([0u8, 0, 0, 0], [255u8, 255, 255]),
+        ([255, 0, 0, 0], [0, 255, 255]),
+        ([0, 0, 0, 255], [0, 0, 0]),
+    ] {
+        let data: Vec<u8> = (0..16 * 16).flat_map(|_| cmyk).collect();
+        let mut buf = Vec::new();
+        jpeg_encoder::Encoder::new(&mut buf, 100)
+            .encode(&data, 16, 16, jpeg_encoder::ColorType::Cmyk)
+            .unwrap();
+        let p = dir.path().join("c.jpg");
+        std::fs::write(&p, buf).unwrap();
+        let img = read_image(&p).unwrap();
+        let px = &img.to_u8_interleaved()[..3];
+        for c in 0..3 {
+            assert!(
+                (px[c] as i32 - rgb[c] as i32).abs() <= 8,
+                "cmyk {cmyk:?}: got {px:?}, want {rgb:?}"
+            );
+        }
+    }
+}
