@@ -1155,3 +1155,37 @@ fn a_tar_member_cannot_write_outside_the_output_directory() {
     assert!(!tmp.path().join("deep/escape.png").exists());
     assert!(out.join("tree/evil/ok/b.png").is_file());
 }
+
+#[test]
+fn an_output_tar_that_cannot_be_written_is_a_run_error_and_the_resume_finishes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = write_shards(&tmp.path().join("shards"), 1, 3, 32);
+    let out = tmp.path().join("out");
+    // A directory squats on the output tar's name: the rename into place fails.
+    std::fs::create_dir_all(out.join("train-000.tar")).unwrap();
+    let o = attack(&spec, &out, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("train-000.tar: cannot write") && stderr(&o).contains("os error"),
+        "{}",
+        stderr(&o)
+    );
+    // Every image is recorded and staged; no temporary tar is left.
+    assert_eq!(records(&out).len(), 3);
+    assert!(out.join(".train-000.tar.parts/s0/00002.png").is_file());
+    let tmps: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(tmps.is_empty(), "{tmps:?}");
+    // Once the name is free, a re-run attacks nothing and assembles the tar.
+    std::fs::remove_dir(out.join("train-000.tar")).unwrap();
+    let o = attack(&spec, &out, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("3 skipped"), "{}", stderr(&o));
+    assert_eq!(manifest(&out).len(), 3);
+    assert_eq!(tar_members(&out.join("train-000.tar")).len(), 9);
+    assert!(!out.join(".train-000.tar.parts").exists());
+    assert_eq!(verify(&spec, &out, &[]).status.code(), Some(0));
+}
