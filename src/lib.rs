@@ -6,10 +6,14 @@
 //! - [`reference`]: the pure-Rust reference engine (forward, input-gradient backward, bicubic
 //!   resize), which is the oracle for every other engine and the `--device cpu` path;
 //! - [`attack`]: losses, optimisers, presets and the per-image attack loop;
+//! - [`eval`]: downstream targets (MaskCLIP family, zero-shot, probes, feature drift), class
+//!   embeddings from the CLIP text tower, and transfer metrics;
 //! - [`io`]: images, manifests, input listing and output writing;
 //! - [`rng`]: the counter-based random numbers that make every run reproducible per image.
 
 pub mod attack;
+pub mod bench;
+pub mod eval;
 pub mod gpu;
 pub mod io;
 pub mod model;

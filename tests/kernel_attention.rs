@@ -149,6 +149,7 @@ struct Run {
     d_qkv: Vec<f32>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     dev: &Device,
     qkv: &[f32],
@@ -157,6 +158,7 @@ fn run(
     width: usize,
     mode: AttentionMode,
     causal: bool,
+    kernels: Kernels,
 ) -> Run {
     let n: usize = lens.iter().sum();
     let heads = width / HD;
@@ -175,11 +177,21 @@ fn run(
     dev.poison(&mut lse).unwrap();
     dev.poison(&mut d_qkv).unwrap();
     dev.poison(&mut delta).unwrap();
-    attention_forward_f32(
+    let (forward, backward) = match kernels {
+        Kernels::Simt => (
+            attention_forward_f32 as ForwardFn,
+            attention_backward_f32 as BackwardFn,
+        ),
+        Kernels::TensorCore => (
+            attention_forward_tc as ForwardFn,
+            attention_backward_tc as BackwardFn,
+        ),
+    };
+    forward(
         dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal,
     )
     .unwrap();
-    attention_backward_f32(
+    backward(
         dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, &mut d_qkv, &mut delta, width, mode, causal,
     )
     .unwrap();
@@ -200,12 +212,66 @@ fn inputs(lens: &[usize], width: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     (qkv, d_out)
 }
 
-const TOL: f64 = 1e-5;
+type ForwardFn = fn(
+    &Device,
+    &prm::gpu::Buffer<f32>,
+    &prm::gpu::Buffer<i32>,
+    &[usize],
+    &mut prm::gpu::Buffer<f32>,
+    &mut prm::gpu::Buffer<f32>,
+    usize,
+    AttentionMode,
+    bool,
+) -> Result<(), prm::gpu::GpuError>;
+type BackwardFn = fn(
+    &Device,
+    &prm::gpu::Buffer<f32>,
+    &prm::gpu::Buffer<f32>,
+    &prm::gpu::Buffer<f32>,
+    &prm::gpu::Buffer<f32>,
+    &prm::gpu::Buffer<i32>,
+    &[usize],
+    &mut prm::gpu::Buffer<f32>,
+    &mut prm::gpu::Buffer<f32>,
+    usize,
+    AttentionMode,
+    bool,
+) -> Result<(), prm::gpu::GpuError>;
+
+/// Which kernels a check runs: the fp32 SIMT ones, or the tensor-core ones (bf16 operands).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kernels {
+    Simt,
+    TensorCore,
+}
+
+impl Kernels {
+    /// Scale-relative tolerance against the float64 twin. fp32 SIMT: rounding only. Tensor
+    /// cores: q, k, v, dO and P / dS rounded to bf16 (8 significant bits) before each product,
+    /// measured at 3e-3 .. 6e-3 on these inputs; the bound leaves about 2x.
+    fn tolerance(self) -> f64 {
+        match self {
+            Kernels::Simt => 1e-5,
+            Kernels::TensorCore => 1.2e-2,
+        }
+    }
+}
 
 /// Checks one configuration on every device. `against_reference` uses the crate's reference
 /// twin for out / d_qkv (mode QK, not causal); the float64 twin always checks lse (and out /
 /// d_qkv otherwise).
 fn check(lens: &[usize], width: usize, mode: AttentionMode, causal: bool, seed: u64) {
+    check_kernels(lens, width, mode, causal, seed, Kernels::Simt);
+}
+
+fn check_kernels(
+    lens: &[usize],
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+    seed: u64,
+    kernels: Kernels,
+) {
     let (qkv, d_out) = inputs(lens, width, seed);
     let n: usize = lens.iter().sum();
     let heads = width / HD;
@@ -245,10 +311,11 @@ fn check(lens: &[usize], width: usize, mode: AttentionMode, causal: bool, seed: 
 
     for dev in devices() {
         let tag = format!(
-            "{lens:?} width {width} {mode:?} causal {causal} on {}",
+            "{kernels:?} {lens:?} width {width} {mode:?} causal {causal} on {}",
             dev.name()
         );
-        let got = run(&dev, &qkv, &d_out, lens, width, mode, causal);
+        let tol = kernels.tolerance();
+        let got = run(&dev, &qkv, &d_out, lens, width, mode, causal, kernels);
         assert!(
             got.out.iter().all(|v| v.is_finite()),
             "{tag}: out not fully written"
@@ -261,10 +328,14 @@ fn check(lens: &[usize], width: usize, mode: AttentionMode, causal: bool, seed: 
             got.d_qkv.iter().all(|v| v.is_finite()),
             "{tag}: d_qkv not fully written"
         );
-        assert_close(&format!("{tag}: out"), &got.out, &want_out, TOL);
-        assert_close(&format!("{tag}: d_qkv"), &got.d_qkv, &want_dqkv, TOL);
+        assert_close(&format!("{tag}: out"), &got.out, &want_out, tol);
+        // The tensor-core backward covers q·kᵀ; other modes fall back to the SIMT backward,
+        // which expects an fp32 forward's lse (checked by the Simt runs).
+        if kernels == Kernels::Simt || tensor_core_supports(mode, true) {
+            assert_close(&format!("{tag}: d_qkv"), &got.d_qkv, &want_dqkv, tol);
+        }
         if mode != AttentionMode::Identity {
-            assert_close(&format!("{tag}: lse"), &got.lse, &want_lse, TOL);
+            assert_close(&format!("{tag}: lse"), &got.lse, &want_lse, tol);
         } else {
             assert!(
                 got.lse.iter().all(|&v| v == 0.0),
@@ -330,14 +401,128 @@ fn deterministic() {
     let (qkv, d_out) = inputs(&lens, 128, 11);
     for dev in devices() {
         for causal in [false, true] {
-            let a = run(&dev, &qkv, &d_out, &lens, 128, AttentionMode::QK, causal);
-            let b = run(&dev, &qkv, &d_out, &lens, 128, AttentionMode::QK, causal);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&a.out), bits(&b.out), "out differs between runs");
-            assert_eq!(bits(&a.lse), bits(&b.lse), "lse differs between runs");
-            assert_eq!(bits(&a.d_qkv), bits(&b.d_qkv), "d_qkv differs between runs");
+            for kernels in [Kernels::Simt, Kernels::TensorCore] {
+                let a = run(
+                    &dev,
+                    &qkv,
+                    &d_out,
+                    &lens,
+                    128,
+                    AttentionMode::QK,
+                    causal,
+                    kernels,
+                );
+                let b = run(
+                    &dev,
+                    &qkv,
+                    &d_out,
+                    &lens,
+                    128,
+                    AttentionMode::QK,
+                    causal,
+                    kernels,
+                );
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&a.out),
+                    bits(&b.out),
+                    "{kernels:?}: out differs between runs"
+                );
+                assert_eq!(
+                    bits(&a.lse),
+                    bits(&b.lse),
+                    "{kernels:?}: lse differs between runs"
+                );
+                assert_eq!(
+                    bits(&a.d_qkv),
+                    bits(&b.d_qkv),
+                    "{kernels:?}: d_qkv differs between runs"
+                );
+            }
         }
     }
+}
+
+// Tensor-core kernels (kernels/attention_tc.cu) against the same twins, bf16 tolerance.
+
+#[test]
+fn tc_qk_197_tokens() {
+    check_kernels(
+        &[197],
+        128,
+        AttentionMode::QK,
+        false,
+        12,
+        Kernels::TensorCore,
+    );
+}
+
+#[test]
+fn tc_qk_mixed_batch_with_short_sequences() {
+    check_kernels(
+        &[50, 13, 64, 65],
+        64,
+        AttentionMode::QK,
+        false,
+        13,
+        Kernels::TensorCore,
+    );
+}
+
+#[test]
+fn tc_qk_1201_tokens() {
+    check_kernels(
+        &[1201],
+        64,
+        AttentionMode::QK,
+        false,
+        14,
+        Kernels::TensorCore,
+    );
+}
+
+#[test]
+fn tc_qk_causal_mixed() {
+    check_kernels(
+        &[77, 50, 13],
+        128,
+        AttentionMode::QK,
+        true,
+        15,
+        Kernels::TensorCore,
+    );
+}
+
+#[test]
+fn tc_qq_and_kk_forward() {
+    check_kernels(
+        &[50, 13],
+        64,
+        AttentionMode::QQ,
+        false,
+        16,
+        Kernels::TensorCore,
+    );
+    check_kernels(
+        &[70, 13],
+        64,
+        AttentionMode::KK,
+        true,
+        17,
+        Kernels::TensorCore,
+    );
+}
+
+#[test]
+fn tc_identity_falls_back_to_simt() {
+    check_kernels(
+        &[50, 13],
+        64,
+        AttentionMode::Identity,
+        false,
+        18,
+        Kernels::TensorCore,
+    );
 }
 
 #[test]

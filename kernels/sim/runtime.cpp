@@ -598,6 +598,8 @@ void warp_allgather(unsigned mask, const void* mine, void* all, size_t bytes, un
         if ((*eff_mask >> l) & 1u) std::memcpy(out + l * bytes, W.gather.get() + (slot * 32 + l) * kGatherBytes, bytes);
 }
 
+[[noreturn]] void kernel_error(const char* msg) { fail_throw(where(tl_linear) + ": " + msg); }
+
 unsigned activemask() { return S().blk.warps[tl_warp].exist; }
 
 void* shared_static(SharedSite& site, size_t bytes, size_t align) {

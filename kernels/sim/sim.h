@@ -91,6 +91,9 @@ const uint64_t* warp_exchange(unsigned mask, uint64_t value, unsigned* eff_mask)
 // (lane-major). For tensor-core fallbacks (fragments of several registers).
 void warp_allgather(unsigned mask, const void* mine, void* all, size_t bytes, unsigned* eff_mask);
 unsigned activemask();
+// Fails the launch with `msg` (naming the kernel, block and thread), for wrappers that detect
+// misuse the GPU would not report, e.g. a tensor-core product issued by a partial warp.
+[[noreturn]] void kernel_error(const char* msg);
 
 // Shared memory. A declaration site holds the offset of its array in the block's arena for the
 // current launch (assigned on first use, the same for every thread and block of the launch).

@@ -3,6 +3,8 @@
 //! serves the whole batch; everything per image (random draws, optimiser state) stays per image,
 //! so results do not depend on how images are batched.
 
+use rayon::prelude::*;
+
 use super::engine::{Engine, EngineError, LossAndGradient, StepPlan};
 use super::loss::Objective;
 use super::optim::{project, Optimizer};
@@ -169,6 +171,19 @@ impl<'a, E: Engine> Attack<'a, E> {
         }
     }
 
+    /// Every image's working size at `step` (what the engine sees; FLOP counts use it).
+    pub fn step_sizes(&self, step: usize) -> Vec<(usize, usize)> {
+        self.targets
+            .iter()
+            .map(|t| self.working_size(t, step))
+            .collect()
+    }
+
+    /// Every image's evaluation size (its clean features are computed there once).
+    pub fn eval_sizes(&self) -> Vec<(usize, usize)> {
+        self.targets.iter().map(|t| self.eval_size(t)).collect()
+    }
+
     /// Per image: the loss at `xs[i]` (native size) and its gradient with respect to `xs[i]`,
     /// with image i seen at `sizes[i]`.
     pub fn loss_and_gradient(
@@ -237,10 +252,11 @@ impl<'a, E: Engine> Attack<'a, E> {
         let eps = self.settings.eps;
         let mut x: Vec<f32> = match (&self.settings.init, start) {
             (Init::From(_), Some(s)) => s.to_vec(),
+            // Counter-based draws: parallel chunks give the same values as a serial loop.
             (Init::Random, _) => t
                 .clean
                 .data
-                .iter()
+                .par_iter()
                 .enumerate()
                 .map(|(j, &c)| c + eps * (2.0 * t.rng.uniform(STREAM_INIT, j as u64) - 1.0))
                 .collect(),

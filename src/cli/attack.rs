@@ -90,7 +90,7 @@ pub struct AttackArgs {
     #[arg(long, value_parser = Resolution::parse)]
     resolution: Option<Resolution>,
     /// Per-step random rescale ratio range LO,HI [paper: 0.5,1.0; pgd: off]
-    #[arg(long, value_parser = parse_scale_range, conflicts_with = "no_dynamic_scale")]
+    #[arg(long, value_parser = super::parse_scale_range, conflicts_with = "no_dynamic_scale")]
     dynamic_scale: Option<(f32, f32)>,
     /// Turn dynamic scale off
     #[arg(long)]
@@ -134,15 +134,6 @@ fn value_name(v: impl clap::ValueEnum) -> String {
     v.to_possible_value()
         .map(|p| p.get_name().to_string())
         .unwrap_or_default()
-}
-
-fn parse_scale_range(s: &str) -> Result<(f32, f32), String> {
-    let err = || format!("'{s}' is not a scale range: use LO,HI such as 0.5,1.0");
-    let (lo, hi) = s.split_once(',').ok_or_else(err)?;
-    Ok((
-        lo.trim().parse().map_err(|_| err())?,
-        hi.trim().parse().map_err(|_| err())?,
-    ))
 }
 
 impl AttackArgs {
@@ -197,30 +188,7 @@ impl AttackArgs {
     /// The engine to run on: `auto` is CUDA when a driver and a device exist, else the CPU;
     /// and the precision of the GPU engine's matrix products.
     fn device(&self) -> anyhow::Result<(Option<Device>, Precision)> {
-        let device = match self.device.as_str() {
-            "cpu" => None,
-            "auto" => Device::cuda_available()
-                .then(|| Device::cuda(0))
-                .transpose()?,
-            "sim" => Some(Device::sim()),
-            "cuda" => Some(Device::cuda(0)?),
-            d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(n)) => Some(Device::cuda(n)?),
-                _ => bail!("unknown device '{d}': use auto, cpu, cuda, cuda:N or sim"),
-            },
-        };
-        let precision = match self.precision.as_str() {
-            "fp32" => Precision::Fp32,
-            "bf16" if device.is_none() => bail!(
-                "--precision bf16 needs the GPU engine, but --device {} runs the CPU reference \
-                 engine, and the CPU reference engine runs fp32: use --device cuda or sim, or \
-                 --precision fp32",
-                self.device
-            ),
-            "bf16" => Precision::Bf16,
-            p => bail!("unknown precision '{p}': use fp32 or bf16"),
-        };
-        Ok((device, precision))
+        super::device::choose_device(&self.device, &self.precision)
     }
 
     /// Images per engine call: a number, or `auto` (1 on the CPU and in the simulator, where

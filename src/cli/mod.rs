@@ -6,6 +6,9 @@
 //! (finished images are saved and recorded; a re-run resumes).
 
 mod attack;
+mod bench;
+mod device;
+mod eval;
 mod info;
 mod manifest;
 mod progress;
@@ -41,6 +44,11 @@ struct Cli {
 enum Command {
     /// Attack every image of a directory or list file and write the adversarial images.
     Attack(Box<attack::AttackArgs>),
+    /// Time whole attacks on synthetic images: image-steps/s, TFLOP/s against a GEMM ceiling
+    Bench(bench::BenchArgs),
+    /// Evaluate transfer: a downstream target (maskclip, sclip, clearclip, zeroshot, features,
+    /// probe) on clean vs adversarial images
+    Eval(Box<eval::EvalArgs>),
     /// Describe a model: format, architecture, parameters, activation.
     Info(info::InfoArgs),
     /// Work with manifests: `merge` combines the manifests of a sharded run
@@ -60,7 +68,9 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Attack(args) => attack::run(*args),
+        Command::Eval(args) => eval::run(*args),
         Command::Info(args) => info::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Manifest(args) => manifest::run(args),
     };
@@ -76,4 +86,14 @@ pub fn main() -> ExitCode {
 /// Parses a pixel quantity such as `8/255` or `0.03` for clap.
 fn pixel_value(s: &str) -> Result<f32, String> {
     prm::io::parse_fraction(s)
+}
+
+/// Parses a dynamic-scale ratio range `LO,HI` for clap.
+pub(crate) fn parse_scale_range(s: &str) -> Result<(f32, f32), String> {
+    let err = || format!("'{s}' is not a scale range: use LO,HI such as 0.5,1.0");
+    let (lo, hi) = s.split_once(',').ok_or_else(err)?;
+    Ok((
+        lo.trim().parse().map_err(|_| err())?,
+        hi.trim().parse().map_err(|_| err())?,
+    ))
 }

@@ -325,6 +325,18 @@ impl Device {
         }
     }
 
+    /// Device memory in use by every process on the device, in bytes (total − free, which
+    /// includes what stream-ordered pools keep reserved); `None` under the simulator.
+    pub fn memory_in_use(&self) -> Result<Option<usize>, GpuError> {
+        match &*self.backend {
+            Backend::Sim => Ok(None),
+            Backend::Cuda(c) => {
+                let (free, total) = c.free_memory()?;
+                Ok(Some(total.saturating_sub(free)))
+            }
+        }
+    }
+
     /// Waits for all work on the device.
     pub fn synchronize(&self) -> Result<(), GpuError> {
         match &*self.backend {

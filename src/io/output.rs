@@ -227,7 +227,7 @@ pub fn write_float_safetensors_atomic(path: &Path, image: &RgbImage) -> Result<(
 
 /// Creates `path`'s parent, runs `fill` on a temporary file beside it, syncs and renames it over
 /// `path`. On any error the temporary file is removed (by `NamedTempFile`'s drop).
-fn write_atomic(
+pub fn write_atomic(
     path: &Path,
     fill: impl FnOnce(&mut std::fs::File) -> Result<(), IoError>,
 ) -> Result<(), IoError> {

@@ -20,8 +20,9 @@
 use rayon::prelude::*;
 
 use super::{
-    Activation, BlockWeights, LayerNormWeights, Linear, Model, ModelError, ModelSource,
-    VisionConfig, VisionWeights, OPENAI_MEAN, OPENAI_STD,
+    Activation, BlockWeights, LayerNormWeights, Linear, Model, ModelError, ModelSource, TextConfig,
+    TextTower, TextWeights, VisionConfig, VisionWeights, BUNDLED_TOKENIZER_VOCAB, OPENAI_MEAN,
+    OPENAI_STD,
 };
 use crate::rng::ImageRng;
 
@@ -221,6 +222,65 @@ pub fn random_model(arch: &str, seed: u64) -> Result<Model, ModelError> {
         source: ModelSource::Random {
             arch: a.name.to_string(),
             seed,
+        },
+    })
+}
+
+/// Text-tower shape of a built-in architecture: (width, heads, layers, embed_dim). The real
+/// CLIP text shapes, except `tiny`.
+fn text_shape(arch: &str) -> (usize, usize, usize) {
+    match arch {
+        "tiny" => (128, 2, 2),
+        "vit-b-32" | "vit-b-16" => (512, 8, 12),
+        _ => (768, 12, 12),
+    }
+}
+
+/// The seeded random text tower of a built-in architecture. Its vocabulary is that of the
+/// tokenizer bundled with prm ([`BUNDLED_TOKENIZER_VOCAB`] ids, `<|endoftext|>` the largest),
+/// since random weights come without tokenizer files; its embedding dimension is the vision
+/// tower's, so class embeddings from it fit the image embeddings.
+pub fn random_text_tower(arch: &str, seed: u64) -> Result<TextTower, ModelError> {
+    let a = find(arch)?;
+    let g = Gen {
+        arch: a.name,
+        seed: seed ^ 0x5445_5854, // "TEXT": text weights differ from the vision ones
+    };
+    let (w, heads, layers) = text_shape(a.name);
+    let mlp = 4 * w;
+    let context = 77;
+    let blocks = (0..layers)
+        .map(|i| {
+            let b = format!("text.blocks.{i}");
+            BlockWeights {
+                ln1: g.ln(&format!("{b}.ln1"), w),
+                qkv: g.linear(&format!("{b}.qkv"), 3 * w, w, true),
+                out_proj: g.linear(&format!("{b}.out_proj"), w, w, true),
+                ln2: g.ln(&format!("{b}.ln2"), w),
+                fc1: g.linear(&format!("{b}.fc1"), mlp, w, true),
+                fc2: g.linear(&format!("{b}.fc2"), w, mlp, true),
+            }
+        })
+        .collect();
+    let vocab = BUNDLED_TOKENIZER_VOCAB;
+    Ok(TextTower {
+        config: TextConfig {
+            width: w,
+            layers,
+            heads,
+            mlp,
+            vocab,
+            context,
+            embed_dim: a.embed_dim,
+            activation: Activation::QuickGelu,
+            ln_eps: 1e-5,
+        },
+        weights: TextWeights {
+            token_embedding: g.with_std("text.token_embedding", vocab * w, 0.5),
+            position_embedding: g.with_std("text.position_embedding", context * w, 0.1),
+            blocks,
+            ln_final: g.ln("text.ln_final", w),
+            projection: g.linear("text.projection", a.embed_dim, w, false),
         },
     })
 }

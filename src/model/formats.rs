@@ -340,7 +340,7 @@ fn heads_from_width(t: &Tensors<'_>, width: usize) -> Result<usize, ModelError> 
 }
 
 /// Counts blocks `PREFIX{i}.*`; the indices must be exactly 0..L with L ≥ 1.
-fn count_layers(t: &Tensors<'_>, prefix: &str) -> Result<usize, ModelError> {
+pub(crate) fn count_layers(t: &Tensors<'_>, prefix: &str) -> Result<usize, ModelError> {
     let mut seen = BTreeSet::new();
     for name in t.names() {
         if let Some(rest) = name.strip_prefix(prefix) {
@@ -384,7 +384,7 @@ fn count_layers(t: &Tensors<'_>, prefix: &str) -> Result<usize, ModelError> {
 }
 
 /// Stacks separate q, k, v projections into one `[3D, D]` linear (q rows first).
-fn stack_qkv(q: Linear, k: Linear, v: Linear) -> Linear {
+pub(crate) fn stack_qkv(q: Linear, k: Linear, v: Linear) -> Linear {
     let d = q.in_features;
     let mut weight = q.weight;
     weight.extend_from_slice(&k.weight);
@@ -406,7 +406,7 @@ fn stack_qkv(q: Linear, k: Linear, v: Linear) -> Linear {
 }
 
 /// `[rows, cols]` row-major → `[cols, rows]` row-major.
-fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; a.len()];
     for r in 0..rows {
         for c in 0..cols {

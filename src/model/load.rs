@@ -179,7 +179,7 @@ pub(crate) struct Tensors<'a> {
 }
 
 impl<'a> Tensors<'a> {
-    fn new(path: &Path, st: &SafeTensors<'a>) -> Result<Self, ModelError> {
+    pub(crate) fn new(path: &Path, st: &SafeTensors<'a>) -> Result<Self, ModelError> {
         let mut map = HashMap::new();
         let mut prefix = String::new();
         for (name, view) in st.iter() {

@@ -7,11 +7,13 @@ mod builtin;
 mod config;
 mod formats;
 mod load;
+mod text;
 
-pub use builtin::{builtin_architectures, builtin_config, random_model};
+pub use builtin::{builtin_architectures, builtin_config, random_model, random_text_tower};
 pub use load::{
     load_model, load_safetensors, load_safetensors_bytes, resolve_checkpoint, ModelError,
 };
+pub use text::{load_text_tower, TextConfig, TextTower, TextWeights, BUNDLED_TOKENIZER_VOCAB};
 
 /// The MLP non-linearity of a CLIP tower.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

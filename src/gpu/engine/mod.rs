@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use super::gemm::{matmul_bf16, matmul_f32, MatmulShape};
 use super::kernels::activation::{activation_backward_inplace_f32, bias_activation_forward_f32};
 use super::kernels::attention::{
-    attention_backward_f32, attention_forward_f32, attention_scratch_len, AttentionMode,
+    attention_backward_f32, attention_backward_tc, attention_forward_f32, attention_forward_tc,
+    attention_scratch_len, AttentionMode,
 };
 use super::kernels::convert::to_bf16;
 use super::kernels::embed::{
@@ -38,10 +39,11 @@ pub enum Precision {
     /// Everything fp32.
     #[default]
     Fp32,
-    /// The matrix products (every linear layer's forward and input-gradient product) take
-    /// bf16 inputs, rounded to nearest even from the fp32 activations, gradients and weights,
-    /// and accumulate in fp32 into fp32 outputs. LayerNorm, attention, activations, losses,
-    /// the residual stream, the optimiser and every output stay fp32.
+    /// The matrix products (every linear layer's forward and input-gradient product, and the
+    /// products inside attention, on tensor cores) take bf16 inputs, rounded to nearest even
+    /// from the fp32 activations, gradients and weights, and accumulate in fp32 into fp32
+    /// outputs. LayerNorm, softmax statistics, activations, losses, the residual stream, the
+    /// optimiser and every output stay fp32.
     Bf16,
 }
 
@@ -123,10 +125,26 @@ struct Normed {
     rstd: Pooled,
 }
 
+/// Per-image loss values: on the device (summed there over layers, so a step never waits for
+/// them) or already on the host (the `embed` loss is computed there).
+enum Losses {
+    Device(Pooled),
+    Host(Vec<f64>),
+}
+
+impl Losses {
+    fn values(self, dev: &Device) -> Result<Vec<f64>, GpuError> {
+        match self {
+            Losses::Device(b) => Ok(dev.download(&b)?.into_iter().map(f64::from).collect()),
+            Losses::Host(v) => Ok(v),
+        }
+    }
+}
+
 /// One loss evaluation of a batch: per-image values, the input gradient when asked for, and
 /// the forward it came from.
 struct LossPass {
-    losses: Vec<f64>,
+    losses: Losses,
     gradient: Option<Pooled>,
     forward: Forward,
 }
@@ -599,7 +617,12 @@ impl<'m> GpuVit<'m> {
         let (t, d) = (batch.packing.total_tokens, self.model.config.width);
         let mut context = self.alloc(t * d)?;
         let mut lse = self.alloc(attention_scratch_len(t, d))?;
-        attention_forward_f32(
+        // bf16 precision runs attention on tensor cores; fp32 keeps the fp32 SIMT kernels.
+        let forward = match self.precision {
+            Precision::Fp32 => attention_forward_f32,
+            Precision::Bf16 => attention_forward_tc,
+        };
+        forward(
             &self.dev,
             qkv,
             &batch.cu_seqlens,
@@ -622,7 +645,11 @@ impl<'m> GpuVit<'m> {
         let (t, d) = (batch.packing.total_tokens, self.model.config.width);
         let mut d_qkv = self.alloc(t * 3 * d)?;
         let mut delta = self.alloc(attention_scratch_len(t, d))?;
-        attention_backward_f32(
+        let backward = match self.precision {
+            Precision::Fp32 => attention_backward_f32,
+            Precision::Bf16 => attention_backward_tc,
+        };
+        backward(
             &self.dev,
             &s.qkv,
             &s.context,
@@ -671,13 +698,15 @@ impl<'m> GpuVit<'m> {
     ) -> Result<LossPass, GpuError> {
         let images = batch.packing.len();
         let fwd = self.forward(batch, with_grad)?;
-        let mut totals = vec![0.0f64; images];
         let Some(kind) = LayerLoss::from_kind(objective.kind) else {
             return self.embed_loss(batch, clean, objective, with_grad, fwd);
         };
         let shape = self.tokens(batch);
         let mut scratch = LossScratch::new(&self.dev, shape.rows, images)?;
-        let mut per_layer = self.alloc(images)?;
+        // Layers add into one per-image total on the device (the first selected layer visited
+        // overwrites it), so nothing waits for the host between layers.
+        let mut totals = self.alloc(images)?;
+        let mut first = true;
         let mut add = |l: usize,
                        features: &Buffer<f32>,
                        grad: Option<&mut Buffer<f32>>|
@@ -692,29 +721,33 @@ impl<'m> GpuVit<'m> {
                 shape,
                 features,
                 &clean.features[l],
-                &mut per_layer,
-                false,
+                &mut totals,
+                !first,
                 grad,
                 &mut scratch,
             )?;
-            for (t, v) in totals.iter_mut().zip(self.dev.download(&per_layer)?) {
-                *t += v as f64;
-            }
+            first = false;
             Ok(())
         };
         if !with_grad {
             for (l, f) in fwd.features.iter().enumerate() {
                 add(l, f, None)?;
             }
+            if first {
+                self.dev.zero(&mut totals)?; // no layer selected
+            }
             return Ok(LossPass {
-                losses: totals,
+                losses: Losses::Device(totals),
                 gradient: None,
                 forward: fwd,
             });
         }
         let grad = self.backward(batch, &fwd, |l, f, dh| add(l, f, Some(dh)))?;
+        if first {
+            self.dev.zero(&mut totals)?;
+        }
         Ok(LossPass {
-            losses: totals,
+            losses: Losses::Device(totals),
             gradient: Some(grad),
             forward: fwd,
         })
@@ -751,7 +784,7 @@ impl<'m> GpuVit<'m> {
         }
         if !with_grad {
             return Ok(LossPass {
-                losses: values,
+                losses: Losses::Host(values),
                 gradient: None,
                 forward: fwd,
             });
@@ -765,7 +798,7 @@ impl<'m> GpuVit<'m> {
             }
         })?;
         Ok(LossPass {
-            losses: values,
+            losses: Losses::Host(values),
             gradient: Some(grad),
             forward: fwd,
         })
@@ -832,6 +865,7 @@ impl Engine for GpuVit<'_> {
         } = self.loss(&batch, clean, objective, true)?;
         let grads = self.unpack_images(&batch, &grad.expect("gradient requested"))?;
         Ok(losses
+            .values(&self.dev)?
             .into_iter()
             .zip(grads)
             .map(|(loss, gradient)| LossAndGradient { loss, gradient })
@@ -870,6 +904,7 @@ impl Engine for GpuVit<'_> {
             }
         }
         Ok(losses
+            .values(&self.dev)?
             .into_iter()
             .zip(layer_cosine)
             .map(|(loss, layer_cosine)| Evaluation { loss, layer_cosine })

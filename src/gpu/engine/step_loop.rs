@@ -161,7 +161,8 @@ impl GpuVit<'_> {
                 losses, gradient, ..
             } = self.loss(&batch, clean_features, plan.objective, true)?;
             if step == 0 && s.dynamic_scale.is_none() {
-                loss_initial = losses.into_iter().map(Some).collect();
+                // The only loss value the loop needs on the host: the other steps never wait.
+                loss_initial = losses.values(&self.dev)?.into_iter().map(Some).collect();
             }
             let gradient = gradient.expect("gradient requested");
             let gradient = match plan_back {

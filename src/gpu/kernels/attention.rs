@@ -45,6 +45,7 @@ pub const HEAD_DIM: usize = 64;
 const THREADS: u32 = 128;
 const FWD_BQ: usize = 64;
 const BWD_B: usize = 32;
+const TC_TILE: usize = 64;
 
 /// Which attention matrix the kernels form (`s = x·yᵀ / √64`, softmax over rows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -258,6 +259,155 @@ pub fn attention_backward_f32(
             .i32(m)
             .i32(c);
         dev.launch("prm_attention_bwd_dq_f32", cfg, &mut args)?;
+    }
+    Ok(())
+}
+
+/// Whether the tensor-core kernels (`kernels/attention_tc.cu`) implement `mode` / `causal`
+/// in the given direction; [`attention_forward_tc`] and [`attention_backward_tc`] fall back to
+/// the SIMT kernels otherwise.
+pub fn tensor_core_supports(mode: AttentionMode, backward: bool) -> bool {
+    match mode {
+        AttentionMode::QK => true,
+        AttentionMode::QQ | AttentionMode::KK => !backward,
+        AttentionMode::Identity => false,
+    }
+}
+
+/// [`attention_forward_f32`] on tensor cores: q, k, v and the probabilities are rounded to bf16
+/// where they enter a product (`mma.sync` m16n8k16), products accumulate in fp32, softmax and
+/// `lse` are fp32. Same layouts and contract; one CTA per (64-query tile, head, sequence).
+/// Falls back to the SIMT kernel for the identity mode.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_tc(
+    dev: &Device,
+    qkv: &Buffer<f32>,
+    cu_seqlens: &Buffer<i32>,
+    seqlens_host: &[usize],
+    out: &mut Buffer<f32>,
+    lse: &mut Buffer<f32>,
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Result<(), GpuError> {
+    if !tensor_core_supports(mode, false) {
+        return attention_forward_f32(
+            dev,
+            qkv,
+            cu_seqlens,
+            seqlens_host,
+            out,
+            lse,
+            width,
+            mode,
+            causal,
+        );
+    }
+    let (total, heads) = check_common(qkv, cu_seqlens, seqlens_host, width);
+    assert_eq!(out.len(), total * width, "out is not [{total}, {width}]");
+    assert_eq!(lse.len(), heads * total, "lse is not [{heads}, {total}]");
+    if total == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid: grid(seqlens_host, heads, TC_TILE),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    let mut args = KernelArgs::new();
+    args.input(qkv)
+        .input(cu_seqlens)
+        .output(out)
+        .output(lse)
+        .i32(width as i32)
+        .i32(total as i32)
+        .i32(mode as i32)
+        .i32(causal as i32);
+    dev.launch("prm_attention_forward_tc", cfg, &mut args)
+}
+
+/// [`attention_backward_f32`] on tensor cores (bf16 operands, fp32 accumulation), for the
+/// q·kᵀ mode, causal or not; other modes go to the SIMT kernels, which assume `out` and `lse`
+/// came from [`attention_forward_f32`] (so run q·qᵀ / k·kᵀ forwards that will be
+/// differentiated through the fp32 kernels). Three launches without
+/// atomics: `delta`, dK/dV over 64-key tiles, dQ over 64-query tiles.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_tc(
+    dev: &Device,
+    qkv: &Buffer<f32>,
+    out: &Buffer<f32>,
+    d_out: &Buffer<f32>,
+    lse: &Buffer<f32>,
+    cu_seqlens: &Buffer<i32>,
+    seqlens_host: &[usize],
+    d_qkv: &mut Buffer<f32>,
+    delta: &mut Buffer<f32>,
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Result<(), GpuError> {
+    if !tensor_core_supports(mode, true) {
+        return attention_backward_f32(
+            dev,
+            qkv,
+            out,
+            d_out,
+            lse,
+            cu_seqlens,
+            seqlens_host,
+            d_qkv,
+            delta,
+            width,
+            mode,
+            causal,
+        );
+    }
+    let (total, heads) = check_common(qkv, cu_seqlens, seqlens_host, width);
+    assert_eq!(out.len(), total * width, "out is not [{total}, {width}]");
+    assert_eq!(
+        d_out.len(),
+        total * width,
+        "d_out is not [{total}, {width}]"
+    );
+    assert_eq!(lse.len(), heads * total, "lse is not [{heads}, {total}]");
+    assert_eq!(
+        d_qkv.len(),
+        total * 3 * width,
+        "d_qkv is not [{total}, 3·{width}]"
+    );
+    assert!(
+        delta.len() >= attention_scratch_len(total, width),
+        "delta scratch has {} elements, needs {}",
+        delta.len(),
+        attention_scratch_len(total, width)
+    );
+    if total == 0 {
+        return Ok(());
+    }
+    let (w, n, c) = (width as i32, total as i32, causal as i32);
+    let pairs = total * heads;
+    let cfg = LaunchConfig::linear(pairs.div_ceil(8) as u32, 256, 0);
+    let mut args = KernelArgs::new();
+    args.input(out).input(d_out).output(delta).i32(w).i32(n);
+    dev.launch("prm_attention_delta_f32", cfg, &mut args)?;
+
+    let cfg = LaunchConfig {
+        grid: grid(seqlens_host, heads, TC_TILE),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    for kernel in ["prm_attention_bwd_dkdv_tc", "prm_attention_bwd_dq_tc"] {
+        let mut args = KernelArgs::new();
+        args.input(qkv)
+            .input(d_out)
+            .input(lse)
+            .input(delta)
+            .input(cu_seqlens)
+            .output(d_qkv)
+            .i32(w)
+            .i32(n)
+            .i32(c);
+        dev.launch(kernel, cfg, &mut args)?;
     }
     Ok(())
 }

@@ -1,0 +1,263 @@
+//! `prm bench`: times whole attacks on synthetic images and reports throughput against a
+//! matrix-product ceiling measured in the same process.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use prm::attack::*;
+use prm::bench::{gemm_ceiling_tflops, median, synthetic_images, time_attacks, AttackTiming};
+use prm::gpu::engine::{GpuVit, Precision};
+use prm::model::{Model, ModelSource};
+use prm::reference::ReferenceVit;
+use serde_json::json;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A model, as for `prm attack` (random:ARCH needs no download)
+    #[arg(long, default_value = "random:vit-b-16")]
+    model: String,
+    /// Image side N, or WxH (e.g. 640x480)
+    #[arg(long, default_value = "224")]
+    image_size: String,
+    /// Images per attack [default: 64 on CUDA, 1 on the CPU and the simulator]
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Settings bundle; the flags below override it
+    #[arg(long, value_enum, default_value = "pgd")]
+    preset: Preset,
+    /// [preset]
+    #[arg(long)]
+    steps: Option<usize>,
+    /// [preset]
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerKind>,
+    /// [preset]
+    #[arg(long, value_enum)]
+    loss: Option<LossKind>,
+    /// Per-step random rescale ratio range LO,HI [preset]
+    #[arg(long, value_parser = super::parse_scale_range, conflicts_with = "no_dynamic_scale")]
+    dynamic_scale: Option<(f32, f32)>,
+    /// Turn dynamic scale off
+    #[arg(long)]
+    no_dynamic_scale: bool,
+    /// auto, cpu, cuda[:N] or sim
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// fp32 or bf16 (GPU engine only)
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// Untimed attacks first
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed attacks; the median is reported
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Seed of the synthetic images and the attack's draws
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Skip measuring the GEMM ceiling (under a profiler, say)
+    #[arg(long)]
+    no_ceiling: bool,
+    /// Print one JSON object instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_image_size(s: &str) -> anyhow::Result<(usize, usize)> {
+    let parse = |v: &str| -> anyhow::Result<usize> {
+        match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("--image-size '{s}': give N or WxH with positive whole numbers"),
+        }
+    };
+    match s.split_once(['x', 'X']) {
+        Some((w, h)) => Ok((parse(h)?, parse(w)?)),
+        None => {
+            let n = parse(s)?;
+            Ok((n, n))
+        }
+    }
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let (device, precision) = super::device::choose_device(&args.device, &args.precision)?;
+    let (height, width) = parse_image_size(&args.image_size)?;
+    let batch = args.batch_size.unwrap_or(match &device {
+        Some(d) if !d.is_sim() => 64,
+        _ => 1,
+    });
+    if batch == 0 || args.repeats == 0 {
+        bail!("--batch-size and --repeats must be at least 1");
+    }
+    let mut settings = args.preset.settings();
+    if let Some(v) = args.steps {
+        settings.steps = v;
+    }
+    if let Some(v) = args.optimizer {
+        settings.optimizer = v;
+    }
+    if let Some(v) = args.loss {
+        settings.loss = v;
+    }
+    if args.no_dynamic_scale {
+        settings.dynamic_scale = None;
+    } else if let Some(v) = args.dynamic_scale {
+        settings.dynamic_scale = Some(v);
+    }
+    settings.seed = args.seed;
+    settings.validate().map_err(anyhow::Error::msg)?;
+    let model =
+        Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;
+    check_image_size(height, width, model.config.patch).map_err(anyhow::Error::msg)?;
+    let layers = settings
+        .layers
+        .resolve(model.config.feature_layers())
+        .map_err(anyhow::Error::msg)?;
+    let objective = Objective::new(settings.loss, layers, settings.tokens, &model)
+        .map_err(anyhow::Error::msg)?;
+    let images = synthetic_images(batch, height, width, args.seed);
+
+    let ceiling = if args.no_ceiling {
+        None
+    } else {
+        gemm_ceiling_tflops(device.as_ref()).context("measuring the GEMM ceiling")?
+    };
+    let baseline = match &device {
+        Some(d) => d.memory_in_use()?,
+        None => None,
+    };
+    let mut peak = baseline;
+    let timings: Vec<AttackTiming> = match &device {
+        None => time_attacks(
+            &ReferenceVit::new(&model),
+            &objective,
+            &settings,
+            &images,
+            height,
+            width,
+            args.warmup,
+            args.repeats,
+            || {},
+        )?,
+        Some(dev) => {
+            let engine = GpuVit::new_with_precision(dev, &model, precision)
+                .with_context(|| format!("cannot load the model onto {}", dev.name()))?;
+            time_attacks(
+                &engine,
+                &objective,
+                &settings,
+                &images,
+                height,
+                width,
+                args.warmup,
+                args.repeats,
+                || {
+                    if let Ok(Some(used)) = dev.memory_in_use() {
+                        peak = peak.max(Some(used));
+                    }
+                },
+            )?
+        }
+    };
+    let seconds: Vec<f64> = timings.iter().map(|t| t.seconds).collect();
+    let attack_seconds = median(&seconds);
+    let phase = |f: fn(&AttackTiming) -> f64| median(&timings.iter().map(f).collect::<Vec<_>>());
+    let phases = json!({
+        "clean_seconds": phase(|t| t.clean_seconds),
+        "start_seconds": phase(|t| t.start_seconds),
+        "steps_seconds": phase(|t| t.steps_seconds),
+    });
+    let flops = median(&timings.iter().map(|t| t.flops).collect::<Vec<_>>());
+    let tflops = flops / attack_seconds / 1e12;
+    let peak_memory = match (peak, baseline) {
+        (Some(p), Some(b)) => Some(p.saturating_sub(b)),
+        _ => None,
+    };
+    let device_name = device
+        .as_ref()
+        .map_or_else(|| "cpu (reference engine)".to_string(), |d| d.name());
+    let precision_name = match (&device, precision) {
+        (None, _) | (_, Precision::Fp32) => "fp32",
+        (_, Precision::Bf16) => "bf16",
+    };
+    let report = json!({
+        "engine": "prm",
+        "device": device_name,
+        "model": args.model,
+        "weights_random": matches!(model.source, ModelSource::Random { .. }),
+        "image_size": [height, width],
+        "batch_size": batch,
+        "steps": settings.steps,
+        "optimizer": format!("{:?}", settings.optimizer).to_lowercase(),
+        "loss": format!("{:?}", settings.loss).to_lowercase(),
+        "dynamic_scale": settings.dynamic_scale,
+        "precision": precision_name,
+        "attack_seconds": attack_seconds,
+        "attack_seconds_all": seconds,
+        "phases": phases,
+        "flops_per_attack": flops,
+        "image_steps_per_s": (batch * settings.steps) as f64 / attack_seconds,
+        "images_per_s": batch as f64 / attack_seconds,
+        "tflops": tflops,
+        "ceiling_tflops": ceiling,
+        "ceiling_fraction": ceiling.map(|c| tflops / c),
+        "peak_memory_bytes": peak_memory,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("device            {device_name} ({precision_name})");
+        println!(
+            "workload          {} at {width}x{height}, batch {batch}, {} steps of {}",
+            args.model,
+            settings.steps,
+            report["optimizer"].as_str().unwrap_or("?")
+        );
+        println!(
+            "attack            {attack_seconds:.4} s (median of {})",
+            seconds.len()
+        );
+        println!(
+            "phases            clean {:.4} s, start {:.4} s, steps {:.4} s (medians)",
+            phases["clean_seconds"].as_f64().unwrap_or(0.0),
+            phases["start_seconds"].as_f64().unwrap_or(0.0),
+            phases["steps_seconds"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "throughput        {:.1} image-steps/s, {:.2} images/s",
+            report["image_steps_per_s"].as_f64().unwrap_or(0.0),
+            report["images_per_s"].as_f64().unwrap_or(0.0)
+        );
+        match ceiling {
+            Some(c) => println!(
+                "compute           {tflops:.2} TFLOP/s = {:.1}% of the {c:.1} TFLOP/s GEMM ceiling",
+                100.0 * tflops / c
+            ),
+            None => println!("compute           {tflops:.4} TFLOP/s (no ceiling measured)"),
+        }
+        if let Some(p) = peak_memory {
+            println!(
+                "peak memory       {:.2} GiB",
+                p as f64 / (1u64 << 30) as f64
+            );
+        }
+        if matches!(model.source, ModelSource::Random { .. }) {
+            println!("note              random weights: speed only");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_image_size;
+
+    #[test]
+    fn image_sizes_are_n_or_width_by_height() {
+        assert_eq!(parse_image_size("224").unwrap(), (224, 224));
+        assert_eq!(parse_image_size("640x480").unwrap(), (480, 640));
+        assert!(parse_image_size("0").is_err());
+        assert!(parse_image_size("12x").is_err());
+    }
+}

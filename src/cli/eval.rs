@@ -1,0 +1,270 @@
+//! `prm eval`: a downstream target on clean and adversarial images, with a JSON + Markdown
+//! report and optional prediction PNGs.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use prm::eval::gpu::{GpuTargets, GpuText};
+use prm::eval::run::{evaluate, markdown_summary, EvalSettings};
+use prm::eval::targets::{read_probe, TargetKind};
+use prm::eval::text::{
+    embed_class_names, is_safetensors, prompt_templates, read_class_names, read_class_safetensors,
+    ClassEmbeddings, ReferenceText, TextEncoder,
+};
+use prm::eval::tokenizer::ClipTokenizer;
+use prm::eval::{EvalEngine, EvalError, ReferenceTargets};
+use prm::gpu::engine::Precision;
+use prm::gpu::Device;
+use prm::model::{load_text_tower, Model};
+
+use super::EXIT_SOME_FAILED;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A Hugging Face CLIP directory, an OpenAI/open_clip .safetensors file, or random:ARCH
+    #[arg(long)]
+    model: String,
+    /// maskclip, sclip, clearclip (segmentation), zeroshot (classification), features (per-layer
+    /// drift) or probe (a linear head given with --probe)
+    #[arg(long, value_parser = TargetKind::parse)]
+    target: TargetKind,
+    /// Directory of clean images (scanned recursively)
+    #[arg(long)]
+    clean: PathBuf,
+    /// Directory of adversarial images: <adv>/<relative path with .png> (as prm attack writes)
+    #[arg(long)]
+    adv: PathBuf,
+    /// Class embeddings: a .safetensors with `class_embeddings` [C, E] and metadata `names`, or
+    /// a text file of class names (embedded with the checkpoint's text tower and the 80 CLIP
+    /// prompt templates)
+    #[arg(long)]
+    classes: Option<PathBuf>,
+    /// tokenizer.json for class names (default: next to the checkpoint; bundled for random:ARCH)
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Only the template "a photo of a {}." instead of the 80-template ensemble
+    #[arg(long)]
+    single_template: bool,
+    /// Ground truth: a directory of class-index PNGs (segmentation, same relative paths with
+    /// .png), or for zeroshot a text file of `<relative path> <class name or index>` lines
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Label value that is not counted
+    #[arg(long, default_value_t = 255)]
+    ignore_index: u32,
+    /// JSON report (a Markdown summary is written next to it, extension .md)
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write 8-bit label maps DIR/clean/<rel>.png and DIR/adv/<rel>.png at native size
+    #[arg(long)]
+    save_predictions: Option<PathBuf>,
+    /// native (default) or N: resize every image to N×N (bicubic) before the model
+    #[arg(long, default_value = "native")]
+    resolution: String,
+    /// probe target: safetensors head (`weight` [K, D] or [K, D, 1, 1], optional `bias` [K])
+    #[arg(long)]
+    probe: Option<PathBuf>,
+    /// probe target: feature layer l of F_0..F_L (default: metadata `layer`, else L)
+    #[arg(long)]
+    probe_layer: Option<usize>,
+    /// probe target: classify the CLS token instead of every patch token
+    #[arg(long)]
+    probe_cls: bool,
+    /// auto, cpu, cuda[:N] or sim
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// fp32, or bf16 (GPU engine only: bf16 inputs to the matrix products)
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// No progress bar or summary
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn load_classes(
+    args: &EvalArgs,
+    model: &Model,
+    dev: Option<&Device>,
+    precision: Precision,
+) -> anyhow::Result<Option<ClassEmbeddings>> {
+    let needs = matches!(
+        args.target,
+        TargetKind::MaskClip | TargetKind::Sclip | TargetKind::ClearClip | TargetKind::ZeroShot
+    );
+    let Some(path) = &args.classes else {
+        if needs {
+            bail!(
+                "--target {} needs --classes FILE (a .safetensors of class embeddings or a text \
+                 file of class names)",
+                args.target.name()
+            );
+        }
+        return Ok(None);
+    };
+    if !needs {
+        bail!(
+            "--target {} takes no --classes (its classes come from {})",
+            args.target.name(),
+            if args.target == TargetKind::Probe {
+                "the probe file"
+            } else {
+                "nowhere: it compares features"
+            }
+        );
+    }
+    if !path.is_file() {
+        bail!("--classes {}: no such file", path.display());
+    }
+    let e = model
+        .config
+        .embed_dim
+        .ok_or(EvalError::NoProjection)
+        .context("class embeddings need image embeddings")?;
+    let classes = if is_safetensors(path) {
+        read_class_safetensors(path)?
+    } else {
+        let names = read_class_names(path)?;
+        let tower = load_text_tower(&args.model)
+            .with_context(|| format!("cannot load the text tower of '{}'", args.model))?
+            .ok_or(EvalError::NoTextTower)?;
+        let tokenizer = ClipTokenizer::for_model(&args.model, args.tokenizer.as_deref())?;
+        let templates = if args.single_template {
+            vec!["a photo of a {}."]
+        } else {
+            prompt_templates()
+        };
+        let encoder: Box<dyn TextEncoder + '_> = match dev {
+            Some(d) => Box::new(GpuText::new(d, &tower, precision)?),
+            None => Box::new(ReferenceText(&tower)),
+        };
+        embed_class_names(&names, encoder.as_ref(), &tokenizer, &templates)?
+    };
+    if classes.dim != e {
+        return Err(EvalError::EmbedDim {
+            classes: classes.dim,
+            model: e,
+        }
+        .into());
+    }
+    Ok(Some(classes))
+}
+
+fn report_paths(report: &Path) -> PathBuf {
+    report.with_extension("md")
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let resolution = match args.resolution.as_str() {
+        "native" => None,
+        s => match s.parse::<usize>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => bail!("--resolution {s}: use native or a positive size N"),
+        },
+    };
+    if !args.clean.is_dir() {
+        bail!("--clean {}: not a directory", args.clean.display());
+    }
+    if !args.adv.is_dir() {
+        bail!("--adv {}: not a directory", args.adv.display());
+    }
+    if let Some(l) = &args.labels {
+        if !l.exists() {
+            bail!("--labels {}: no such file or directory", l.display());
+        }
+    }
+    if (args.target == TargetKind::Probe) != args.probe.is_some() {
+        bail!("--probe FILE is required by --target probe, and used by it only");
+    }
+    let (dev, precision) = super::device::choose_device(&args.device, &args.precision)?;
+    let model =
+        Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;
+    if let Some(n) = resolution {
+        if n < model.config.patch {
+            bail!(
+                "--resolution {n} is smaller than one {}-pixel patch",
+                model.config.patch
+            );
+        }
+    }
+    let probe = match &args.probe {
+        Some(p) => Some(read_probe(
+            p,
+            &model,
+            args.probe_layer,
+            args.probe_cls.then_some(false),
+        )?),
+        None => None,
+    };
+    let classes = load_classes(&args, &model, dev.as_ref(), precision)?;
+    let random = model.source.weights_are_random();
+    let settings = EvalSettings {
+        target: args.target,
+        resolution,
+        ignore_index: args.ignore_index,
+        labels: args.labels.clone(),
+        save_predictions: args.save_predictions.clone(),
+        probe,
+        model_spec: args.model.clone(),
+        weights_random: random,
+        device: match &dev {
+            None => "cpu".into(),
+            Some(d) if d.is_sim() => "sim".into(),
+            Some(_) => args.device.clone(),
+        },
+        precision: args.precision.clone(),
+    };
+    if random && !args.quiet {
+        eprintln!(
+            "note: {} has random weights; its evaluation exercises the pipeline and says nothing \
+             about real transfer",
+            args.model
+        );
+    }
+    let engine: Box<dyn EvalEngine + '_> = match &dev {
+        Some(d) => Box::new(GpuTargets::new(d, &model, precision)?),
+        None => Box::new(ReferenceTargets::new(&model)),
+    };
+    let total = prm::io::list_inputs(&args.clean, None)?.items.len();
+    let bar = (!args.quiet).then(|| {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} images",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    });
+    let outcome = evaluate(
+        engine.as_ref(),
+        &args.clean,
+        &args.adv,
+        classes.as_ref(),
+        &settings,
+        |done, _| {
+            if let Some(b) = &bar {
+                b.set_position(done as u64);
+            }
+        },
+    )?;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let summary = markdown_summary(&outcome.report);
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(&outcome.report)? + "\n";
+        prm::eval::labels::write_text_atomic(path, &json)?;
+        prm::eval::labels::write_text_atomic(&report_paths(path), &summary)?;
+    }
+    if !args.quiet {
+        println!("{summary}");
+    }
+    Ok(if outcome.failed > 0 {
+        ExitCode::from(EXIT_SOME_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

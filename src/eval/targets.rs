@@ -1,0 +1,423 @@
+//! The downstream targets, each a model assembled from a CLIP vision tower, and the engine
+//! trait that runs them on any device.
+//!
+//! Dense targets (the MaskCLIP family) take x, the residual stream entering the last block
+//! (F_{L−1}), and replace that block:
+//! - **maskclip**: `o = out_proj(v_proj(LN1(x)))` (no q·k attention), `z = x + o`,
+//!   `z = z + MLP(LN2(z))`;
+//! - **sclip**: `o = out_proj(softmax(q·qᵀ·s)·v + softmax(k·kᵀ·s)·v)`, residual and FFN kept;
+//! - **clearclip**: `z = out_proj(softmax(q·qᵀ·s)·v)`, no residual, no FFN.
+//!
+//! Then, for every token: post-LayerNorm, the visual projection, L2 normalisation; the cosine
+//! with each class embedding gives the patch logits `[gh·gw, C]` (CLS dropped). Upsampling and
+//! argmax happen on the host ([`super::ops::upsample_argmax`]) for every device. `s` is
+//! `1/√head_dim`, the model's own attention scale.
+//!
+//! **zeroshot** is the CLS image embedding (post-LN, projection, normalised) against the class
+//! embeddings. **features** compares F_0..F_L. **probe** applies a user linear head to one
+//! layer's tokens.
+
+use super::ops::{attention_variant, dot_logits, linear, linear_rows, normalize_rows, Scores};
+use super::EvalError;
+use crate::attack::image::Planar;
+use crate::model::Model;
+use crate::reference::ops::{activation, layer_norm};
+use crate::reference::ReferenceVit;
+
+/// A downstream target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    MaskClip,
+    Sclip,
+    ClearClip,
+    ZeroShot,
+    Features,
+    Probe,
+}
+
+impl TargetKind {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "maskclip" => TargetKind::MaskClip,
+            "sclip" => TargetKind::Sclip,
+            "clearclip" => TargetKind::ClearClip,
+            "zeroshot" => TargetKind::ZeroShot,
+            "features" => TargetKind::Features,
+            "probe" => TargetKind::Probe,
+            other => {
+                return Err(format!(
+                    "unknown target `{other}`; known: maskclip, sclip, clearclip, zeroshot, \
+                     features, probe"
+                ))
+            }
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::MaskClip => "maskclip",
+            TargetKind::Sclip => "sclip",
+            TargetKind::ClearClip => "clearclip",
+            TargetKind::ZeroShot => "zeroshot",
+            TargetKind::Features => "features",
+            TargetKind::Probe => "probe",
+        }
+    }
+    /// The targets whose output is a label map.
+    pub fn is_dense(self) -> bool {
+        matches!(
+            self,
+            TargetKind::MaskClip | TargetKind::Sclip | TargetKind::ClearClip
+        )
+    }
+}
+
+/// The replacement of the last block used by a dense target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenseHead {
+    MaskClip,
+    Sclip,
+    ClearClip,
+}
+
+impl DenseHead {
+    pub fn of(kind: TargetKind) -> Option<Self> {
+        match kind {
+            TargetKind::MaskClip => Some(DenseHead::MaskClip),
+            TargetKind::Sclip => Some(DenseHead::Sclip),
+            TargetKind::ClearClip => Some(DenseHead::ClearClip),
+            _ => None,
+        }
+    }
+}
+
+/// A linear / 1×1 head on one layer's tokens (`prm eval --target probe`).
+#[derive(Clone, Debug)]
+pub struct Probe {
+    /// `[K, D]`.
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+    pub classes: usize,
+    /// Feature layer l of F_0..F_L.
+    pub layer: usize,
+    /// Dense (every patch token → label map) or CLS-token classification.
+    pub dense: bool,
+    pub names: Vec<String>,
+}
+
+/// Patch logits of a dense target or probe: `[grid_h · grid_w, classes]`.
+#[derive(Clone, Debug)]
+pub struct PatchLogits {
+    pub grid_h: usize,
+    pub grid_w: usize,
+    pub classes: usize,
+    pub logits: Vec<f32>,
+}
+
+/// What an engine computes for one image and a target.
+pub trait EvalEngine {
+    fn model(&self) -> &Model;
+
+    /// Patch logits of a dense head: cosine of each normalised patch embedding with each row of
+    /// `classes [C, E]` (rows already L2-normalised).
+    fn dense_logits(
+        &self,
+        image: &Planar,
+        head: DenseHead,
+        classes: &[f32],
+    ) -> Result<PatchLogits, EvalError>;
+
+    /// The normalised CLS image embedding `[E]`.
+    fn image_embedding(&self, image: &Planar) -> Result<Vec<f32>, EvalError>;
+
+    /// F_0..F_L, each `[T, D]`.
+    fn features(&self, image: &Planar) -> Result<Vec<Vec<f32>>, EvalError>;
+}
+
+/// The projection or a clear error when the checkpoint has none.
+pub(crate) fn require_projection(model: &Model) -> Result<&crate::model::Linear, EvalError> {
+    model
+        .weights
+        .projection
+        .as_ref()
+        .ok_or(EvalError::NoProjection)
+}
+
+/// The reference (CPU) implementation of the last-block replacement: from `x [T, D]` (F_{L−1})
+/// returns the token matrix `z [T, D]` entering the post-LayerNorm.
+pub fn dense_head_reference(model: &Model, x: &[f32], tokens: usize, head: DenseHead) -> Vec<f32> {
+    let c = &model.config;
+    let d = c.width;
+    let b = model.weights.blocks.last().expect("at least one block");
+    let mut normed = vec![0.0f32; tokens * d];
+    layer_norm(x, d, &b.ln1, c.ln_eps, &mut normed);
+    let mut context = vec![0.0f32; tokens * d];
+    match head {
+        DenseHead::MaskClip => {
+            let v = linear_rows(&b.qkv, 2 * d, d);
+            linear(&normed, tokens, &v, &mut context, false);
+        }
+        DenseHead::Sclip | DenseHead::ClearClip => {
+            let mut qkv = vec![0.0f32; tokens * 3 * d];
+            linear(&normed, tokens, &b.qkv, &mut qkv, false);
+            attention_variant(&qkv, tokens, d, c.heads, Scores::QQ, false, &mut context);
+            if head == DenseHead::Sclip {
+                let mut kk = vec![0.0f32; tokens * d];
+                attention_variant(&qkv, tokens, d, c.heads, Scores::KK, false, &mut kk);
+                context.iter_mut().zip(&kk).for_each(|(a, b)| *a += b);
+            }
+        }
+    }
+    if head == DenseHead::ClearClip {
+        let mut z = vec![0.0f32; tokens * d];
+        linear(&context, tokens, &b.out_proj, &mut z, false);
+        return z;
+    }
+    let mut z = x.to_vec();
+    linear(&context, tokens, &b.out_proj, &mut z, true);
+    layer_norm(&z, d, &b.ln2, c.ln_eps, &mut normed);
+    let mut hidden = vec![0.0f32; tokens * c.mlp];
+    linear(&normed, tokens, &b.fc1, &mut hidden, false);
+    activation(c.activation, &mut hidden);
+    linear(&hidden, tokens, &b.fc2, &mut z, true);
+    z
+}
+
+/// post-LN → projection → L2 normalisation of every row of `z [rows, D]`; returns `[rows, E]`.
+pub fn embed_tokens_reference(
+    model: &Model,
+    z: &[f32],
+    rows: usize,
+) -> Result<Vec<f32>, EvalError> {
+    let c = &model.config;
+    let proj = require_projection(model)?;
+    let mut normed = vec![0.0f32; rows * c.width];
+    layer_norm(z, c.width, &model.weights.ln_post, c.ln_eps, &mut normed);
+    let mut e = vec![0.0f32; rows * proj.out_features];
+    linear(&normed, rows, proj, &mut e, false);
+    normalize_rows(&mut e, proj.out_features);
+    Ok(e)
+}
+
+/// Cosine logits of the patch rows (row 0, the CLS token, dropped).
+pub fn patch_logits_from_embeddings(
+    emb: &[f32],
+    dim: usize,
+    grid_h: usize,
+    grid_w: usize,
+    classes: &[f32],
+) -> PatchLogits {
+    let n = classes.len() / dim;
+    PatchLogits {
+        grid_h,
+        grid_w,
+        classes: n,
+        logits: dot_logits(&emb[dim..], classes, dim),
+    }
+}
+
+/// The CPU reference engine for targets.
+pub struct ReferenceTargets<'m> {
+    vit: ReferenceVit<'m>,
+}
+
+impl<'m> ReferenceTargets<'m> {
+    pub fn new(model: &'m Model) -> Self {
+        ReferenceTargets {
+            vit: ReferenceVit::new(model),
+        }
+    }
+}
+
+fn check_image(model: &Model, image: &Planar) -> Result<(usize, usize), EvalError> {
+    let p = model.config.patch;
+    let (gh, gw) = (image.height / p, image.width / p);
+    if gh == 0 || gw == 0 {
+        return Err(EvalError::ImageTooSmall {
+            width: image.width,
+            height: image.height,
+            patch: p,
+        });
+    }
+    Ok((gh, gw))
+}
+
+impl EvalEngine for ReferenceTargets<'_> {
+    fn model(&self) -> &Model {
+        self.vit.model()
+    }
+
+    fn dense_logits(
+        &self,
+        image: &Planar,
+        head: DenseHead,
+        classes: &[f32],
+    ) -> Result<PatchLogits, EvalError> {
+        let model = self.vit.model();
+        let (gh, gw) = check_image(model, image)?;
+        require_projection(model)?;
+        let fwd = self
+            .vit
+            .forward(image.data, image.height, image.width, false);
+        let l = model.config.layers;
+        let z = dense_head_reference(model, &fwd.features[l - 1], fwd.tokens, head);
+        let emb = embed_tokens_reference(model, &z, fwd.tokens)?;
+        let dim = emb.len() / fwd.tokens;
+        Ok(patch_logits_from_embeddings(&emb, dim, gh, gw, classes))
+    }
+
+    fn image_embedding(&self, image: &Planar) -> Result<Vec<f32>, EvalError> {
+        let model = self.vit.model();
+        check_image(model, image)?;
+        require_projection(model)?;
+        let fwd = self
+            .vit
+            .forward(image.data, image.height, image.width, false);
+        let last = fwd.features.last().expect("features");
+        embed_tokens_reference(model, &last[..model.config.width], 1)
+    }
+
+    fn features(&self, image: &Planar) -> Result<Vec<Vec<f32>>, EvalError> {
+        check_image(self.vit.model(), image)?;
+        Ok(self
+            .vit
+            .forward(image.data, image.height, image.width, false)
+            .features)
+    }
+}
+
+/// Logits of a probe on the tokens of one feature layer: dense → `[gh·gw, K]` over the patch
+/// tokens; otherwise `[1, K]` from the CLS token.
+pub fn probe_logits(
+    probe: &Probe,
+    features: &[Vec<f32>],
+    width: usize,
+    grid: (usize, usize),
+) -> PatchLogits {
+    let f = &features[probe.layer];
+    let l = crate::model::Linear {
+        weight: probe.weight.clone(),
+        bias: probe.bias.clone(),
+        out_features: probe.classes,
+        in_features: width,
+    };
+    let (rows, src) = if probe.dense {
+        (grid.0 * grid.1, &f[width..])
+    } else {
+        (1, &f[..width])
+    };
+    let mut out = vec![0.0f32; rows * probe.classes];
+    linear(src, rows, &l, &mut out, false);
+    let (grid_h, grid_w) = if probe.dense { grid } else { (1, 1) };
+    PatchLogits {
+        grid_h,
+        grid_w,
+        classes: probe.classes,
+        logits: out,
+    }
+}
+
+/// Reads a probe head from safetensors: `weight` `[K, D]` (or `[K, D, 1, 1]`, a 1×1 conv),
+/// optional `bias` `[K]`; metadata (all optional) `layer` (default L, the last), `tokens`
+/// (`patch`, the default: a dense head on every patch token; or `cls`), `names`
+/// (comma-separated, K of them). `layer` and `dense` override the metadata.
+pub fn read_probe(
+    path: &std::path::Path,
+    model: &Model,
+    layer: Option<usize>,
+    dense: Option<bool>,
+) -> Result<Probe, EvalError> {
+    use safetensors::{Dtype, SafeTensors};
+    let bad = |reason: String| EvalError::Probe {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let (_, meta) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not safetensors: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not safetensors: {e}")))?;
+    let d = model.config.width;
+    let load = |name: &str| -> Result<(Vec<usize>, Vec<f32>), EvalError> {
+        let v = st
+            .tensor(name)
+            .map_err(|_| bad(format!("has no tensor `{name}`")))?;
+        let data = v.data();
+        let vals: Vec<f32> = match v.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            t => {
+                return Err(bad(format!(
+                    "`{name}` has dtype {t:?}; expected F32/F16/BF16"
+                )))
+            }
+        };
+        Ok((v.shape().to_vec(), vals))
+    };
+    let (shape, weight) = load("weight")?;
+    let k = match shape.as_slice() {
+        [k, dd] | [k, dd, 1, 1] if *dd == d && *k > 0 => *k,
+        s => {
+            return Err(bad(format!(
+                "`weight` has shape {s:?}; expected [K, {d}] or [K, {d}, 1, 1] for this model"
+            )))
+        }
+    };
+    let bias = if st.names().contains(&"bias") {
+        let (s, b) = load("bias")?;
+        if s != [k] {
+            return Err(bad(format!("`bias` has shape {s:?}, expected [{k}]")));
+        }
+        Some(b)
+    } else {
+        None
+    };
+    let m = meta.metadata().clone().unwrap_or_default();
+    let layer = match (layer, m.get("layer")) {
+        (Some(l), _) => l,
+        (None, Some(s)) => s
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| bad(format!("metadata `layer` = {s:?} is not a layer index")))?,
+        (None, None) => model.config.layers,
+    };
+    if layer > model.config.layers {
+        return Err(bad(format!(
+            "layer {layer} does not exist: the model has features F_0..F_{}",
+            model.config.layers
+        )));
+    }
+    let dense = match (dense, m.get("tokens").map(String::as_str)) {
+        (Some(x), _) => x,
+        (None, None | Some("patch")) => true,
+        (None, Some("cls")) => false,
+        (None, Some(o)) => return Err(bad(format!("metadata `tokens` = {o:?}: use patch or cls"))),
+    };
+    let names: Vec<String> = match m.get("names") {
+        Some(s) => s.split(',').map(|n| n.trim().to_string()).collect(),
+        None => (0..k).map(|i| format!("class_{i}")).collect(),
+    };
+    if names.len() != k {
+        return Err(bad(format!(
+            "metadata `names` lists {} names for {k} outputs",
+            names.len()
+        )));
+    }
+    Ok(Probe {
+        weight,
+        bias,
+        classes: k,
+        layer,
+        dense,
+        names,
+    })
+}

@@ -1,0 +1,291 @@
+//! The CLIP text tower forward (CPU reference) and class embeddings for `--classes`.
+//!
+//! Text forward: `h = token_embedding[ids] + position_embedding[0..n]`; per block, pre-LN causal
+//! attention and MLP with residuals (the vision block's structure); the final LayerNorm; the row
+//! of the end-of-text token (the first position of the largest id, `torch.argmax`); the text
+//! projection.
+//!
+//! `--classes FILE`:
+//! - `*.safetensors`: tensor `class_embeddings` `[C, E]` (F32/F16/BF16/F64) with the metadata key
+//!   `names` holding C comma-separated names; rows are L2-normalised on load;
+//! - anything else: a UTF-8 text file, one class name per line (blank lines skipped, surrounding
+//!   white space trimmed). Each name is put into every prompt template (the 80 ImageNet
+//!   templates of OpenAI's CLIP, `assets/prompt_templates.txt`), each prompt is embedded with the
+//!   checkpoint's text tower and L2-normalised, the prompts of a class are averaged, and the mean
+//!   is L2-normalised again.
+
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors};
+
+use super::ops::{attention_variant, linear, normalize_rows, Scores};
+use super::tokenizer::ClipTokenizer;
+use super::EvalError;
+use crate::model::TextTower;
+use crate::reference::ops::{activation, layer_norm};
+
+/// OpenAI CLIP's 80 ImageNet prompt templates, `{}` standing for the class name.
+pub const PROMPT_TEMPLATES: &str = include_str!("../../assets/prompt_templates.txt");
+
+/// The prompt templates, one per line.
+pub fn prompt_templates() -> Vec<&'static str> {
+    PROMPT_TEMPLATES
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Position of the end-of-text token: the first maximum of the ids (OpenAI's `argmax`).
+pub fn eot_position(ids: &[u32]) -> usize {
+    let mut best = 0;
+    for (i, &id) in ids.iter().enumerate() {
+        if id > ids[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Checks ids against the tower (vocabulary, context) before a forward.
+pub fn check_ids(tower: &TextTower, ids: &[u32]) -> Result<(), EvalError> {
+    let c = &tower.config;
+    if ids.is_empty() || ids.len() > c.context {
+        return Err(EvalError::Text(format!(
+            "a token sequence of length {} does not fit the text tower's context of {}",
+            ids.len(),
+            c.context
+        )));
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab) {
+        return Err(EvalError::Text(format!(
+            "token id {bad} is outside the text tower's vocabulary of {} ids: the tokenizer does \
+             not belong to this checkpoint",
+            c.vocab
+        )));
+    }
+    Ok(())
+}
+
+/// Text embedding `[E]` (not normalised) of one token sequence, on the CPU reference.
+pub fn encode_text_reference(tower: &TextTower, ids: &[u32]) -> Result<Vec<f32>, EvalError> {
+    check_ids(tower, ids)?;
+    let c = &tower.config;
+    let w = &tower.weights;
+    let (n, d) = (ids.len(), c.width);
+    let mut h = vec![0.0f32; n * d];
+    for (t, &id) in ids.iter().enumerate() {
+        let tok = &w.token_embedding[id as usize * d..(id as usize + 1) * d];
+        let pos = &w.position_embedding[t * d..(t + 1) * d];
+        for ((o, a), b) in h[t * d..(t + 1) * d].iter_mut().zip(tok).zip(pos) {
+            *o = a + b;
+        }
+    }
+    let mut normed = vec![0.0f32; n * d];
+    let mut context = vec![0.0f32; n * d];
+    let mut qkv = vec![0.0f32; n * 3 * d];
+    let mut hidden = vec![0.0f32; n * c.mlp];
+    for b in &w.blocks {
+        layer_norm(&h, d, &b.ln1, c.ln_eps, &mut normed);
+        linear(&normed, n, &b.qkv, &mut qkv, false);
+        attention_variant(&qkv, n, d, c.heads, Scores::QK, true, &mut context);
+        linear(&context, n, &b.out_proj, &mut h, true);
+        layer_norm(&h, d, &b.ln2, c.ln_eps, &mut normed);
+        linear(&normed, n, &b.fc1, &mut hidden, false);
+        activation(c.activation, &mut hidden);
+        linear(&hidden, n, &b.fc2, &mut h, true);
+    }
+    let e = eot_position(ids);
+    let mut pooled = vec![0.0f32; d];
+    layer_norm(
+        &h[e * d..(e + 1) * d],
+        d,
+        &w.ln_final,
+        c.ln_eps,
+        &mut pooled,
+    );
+    let mut out = vec![0.0f32; c.embed_dim];
+    linear(&pooled, 1, &w.projection, &mut out, false);
+    Ok(out)
+}
+
+/// Anything that embeds token sequences with a text tower (the CPU reference, or the GPU
+/// engine's kernels).
+pub trait TextEncoder {
+    fn tower(&self) -> &TextTower;
+    /// Embeddings `[n, E]` of `n` sequences (not normalised).
+    fn encode_batch(&self, sequences: &[Vec<u32>]) -> Result<Vec<f32>, EvalError>;
+}
+
+/// The CPU reference text encoder.
+pub struct ReferenceText<'t>(pub &'t TextTower);
+
+impl TextEncoder for ReferenceText<'_> {
+    fn tower(&self) -> &TextTower {
+        self.0
+    }
+    fn encode_batch(&self, sequences: &[Vec<u32>]) -> Result<Vec<f32>, EvalError> {
+        let mut out = Vec::with_capacity(sequences.len() * self.0.config.embed_dim);
+        for s in sequences {
+            out.extend(encode_text_reference(self.0, s)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Class names and their L2-normalised embeddings `[C, E]`.
+#[derive(Clone, Debug)]
+pub struct ClassEmbeddings {
+    pub names: Vec<String>,
+    pub embeddings: Vec<f32>,
+    pub dim: usize,
+    /// How they were made, for reports.
+    pub source: String,
+}
+
+impl ClassEmbeddings {
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+/// Builds class embeddings from names with the prompt ensemble.
+pub fn embed_class_names(
+    names: &[String],
+    encoder: &dyn TextEncoder,
+    tokenizer: &ClipTokenizer,
+    templates: &[&str],
+) -> Result<ClassEmbeddings, EvalError> {
+    let c = &encoder.tower().config;
+    let e = c.embed_dim;
+    let mut embeddings = Vec::with_capacity(names.len() * e);
+    for name in names {
+        let seqs = templates
+            .iter()
+            .map(|t| tokenizer.encode(&t.replace("{}", name), c.context))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut emb = encoder.encode_batch(&seqs)?;
+        normalize_rows(&mut emb, e);
+        let mut mean = vec![0.0f64; e];
+        for row in emb.chunks(e) {
+            mean.iter_mut().zip(row).for_each(|(m, &v)| *m += v as f64);
+        }
+        let n = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
+        embeddings.extend(
+            mean.iter()
+                .map(|v| if n > 0.0 { (v / n) as f32 } else { 0.0 }),
+        );
+    }
+    Ok(ClassEmbeddings {
+        names: names.to_vec(),
+        embeddings,
+        dim: e,
+        source: format!(
+            "{} names x {} prompt templates, text tower, tokenizer {}",
+            names.len(),
+            templates.len(),
+            tokenizer.source
+        ),
+    })
+}
+
+/// Reads class names, one per line.
+pub fn read_class_names(path: &Path) -> Result<Vec<String>, EvalError> {
+    let text = std::fs::read_to_string(path).map_err(|e| EvalError::Classes {
+        path: path.to_path_buf(),
+        reason: format!("cannot read as UTF-8 text: {e}"),
+    })?;
+    let names: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if names.is_empty() {
+        return Err(EvalError::Classes {
+            path: path.to_path_buf(),
+            reason: "no class names (one per line expected)".into(),
+        });
+    }
+    Ok(names)
+}
+
+/// Reads `class_embeddings [C, E]` and the `names` metadata from a safetensors file.
+pub fn read_class_safetensors(path: &Path) -> Result<ClassEmbeddings, EvalError> {
+    let bad = |reason: String| EvalError::Classes {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let view = st
+        .tensor("class_embeddings")
+        .map_err(|_| bad("has no tensor `class_embeddings` [C, E]".into()))?;
+    let (c, e) = match view.shape() {
+        [c, e] if *c > 0 && *e > 0 => (*c, *e),
+        s => {
+            return Err(bad(format!(
+                "`class_embeddings` has shape {s:?}, expected [C, E]"
+            )))
+        }
+    };
+    let data = view.data();
+    let mut v: Vec<f32> = match view.dtype() {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F64 => data
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        d => {
+            return Err(bad(format!(
+                "`class_embeddings` has dtype {d:?}; expected a float"
+            )))
+        }
+    };
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(bad("`class_embeddings` holds NaN or infinite values".into()));
+    }
+    let names: Vec<String> = match meta.metadata().as_ref().and_then(|m| m.get("names")) {
+        Some(s) => s.split(',').map(|n| n.trim().to_string()).collect(),
+        None => {
+            return Err(bad(
+                "has no metadata key `names` (comma-separated class names)".into(),
+            ))
+        }
+    };
+    if names.len() != c {
+        return Err(bad(format!(
+            "metadata `names` lists {} names for {c} rows of `class_embeddings`",
+            names.len()
+        )));
+    }
+    normalize_rows(&mut v, e);
+    Ok(ClassEmbeddings {
+        names,
+        embeddings: v,
+        dim: e,
+        source: format!("{} ({c} precomputed embeddings)", path.display()),
+    })
+}
+
+/// Whether a `--classes` file is a safetensors file (by extension).
+pub fn is_safetensors(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "safetensors")
+}

@@ -1,0 +1,358 @@
+//! CLIP text towers: configuration, weights, and loading from the same checkpoints as the
+//! vision tower (HF `text_model.*` / OpenAI `transformer.*`, `token_embedding`, ...).
+//!
+//! | role | HF | OpenAI / open_clip | shape |
+//! |---|---|---|---|
+//! | token table | `text_model.embeddings.token_embedding.weight` | `token_embedding.weight` | [V, W] |
+//! | positions | `text_model.embeddings.position_embedding.weight` | `positional_embedding` | [ctx, W] |
+//! | blocks | `text_model.encoder.layers.i.*` (separate q/k/v) | `transformer.resblocks.i.*` (`in_proj_*`) | |
+//! | final LN | `text_model.final_layer_norm.*` | `ln_final.*` | [W] |
+//! | projection | `text_projection.weight` [E, W], y = x·Wᵀ | `text_projection` [W, E], y = x·P | |
+//!
+//! The tower is causal and pools at the end-of-text token, which is the largest token id of
+//! each sequence (OpenAI's `argmax`). The text tower is optional: a vision-only checkpoint
+//! loads as `None`, and only class names given as text need it.
+//!
+//! The heads: HF `config.json` `text_config.num_attention_heads` (default 8, the
+//! `CLIPTextConfig` default); OpenAI state dicts use `open_clip_config.json`
+//! `model_cfg.text_cfg.heads` when present, else W / 64 (true of every OpenAI CLIP). The
+//! activation and LayerNorm eps follow `text_config` (HF) or the vision tower's setting
+//! (OpenAI/open_clip, where one `quick_gelu` flag covers both towers).
+
+use std::path::Path;
+
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+use super::formats::{count_layers, stack_qkv, transpose};
+use super::load::Tensors;
+use super::{Activation, BlockWeights, LayerNormWeights, Linear, ModelError};
+
+/// Ids of the tokenizer bundled for `random:ARCH` models (`assets/tokenizer/`), which is the
+/// vocabulary of their random text towers; `<|endoftext|>` is id 613, the largest.
+pub const BUNDLED_TOKENIZER_VOCAB: usize = 614;
+
+/// Shape and numerics of a CLIP text tower.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TextConfig {
+    /// Residual width W.
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub mlp: usize,
+    /// Vocabulary size V (rows of the token table).
+    pub vocab: usize,
+    /// Rows of the position table (77 for CLIP): the longest sequence.
+    pub context: usize,
+    /// Output embedding dimension E.
+    pub embed_dim: usize,
+    pub activation: Activation,
+    pub ln_eps: f32,
+}
+
+/// All weights of a text tower, in f32, PyTorch layout.
+#[derive(Clone, Debug)]
+pub struct TextWeights {
+    /// `[V, W]`.
+    pub token_embedding: Vec<f32>,
+    /// `[context, W]`.
+    pub position_embedding: Vec<f32>,
+    pub blocks: Vec<BlockWeights>,
+    pub ln_final: LayerNormWeights,
+    /// `text_embed = ln_final(h_eot) · Wᵀ`, W `[E, W]`.
+    pub projection: Linear,
+}
+
+/// A loaded text tower.
+#[derive(Clone, Debug)]
+pub struct TextTower {
+    pub config: TextConfig,
+    pub weights: TextWeights,
+}
+
+/// Loads the text tower of `spec` (`random:ARCH[@SEED]`, a checkpoint file or a directory).
+/// `Ok(None)` when the checkpoint holds no text tower.
+pub fn load_text_tower(spec: &str) -> Result<Option<TextTower>, ModelError> {
+    if let Some(rest) = spec.strip_prefix("random:") {
+        let (arch, seed) = match rest.split_once('@') {
+            None => (rest, 0),
+            Some((arch, seed)) => {
+                let seed = seed.parse::<u64>().map_err(|_| ModelError::BadSpec {
+                    spec: spec.to_string(),
+                    reason: format!("seed `{seed}` is not a non-negative integer"),
+                })?;
+                (arch, seed)
+            }
+        };
+        return super::builtin::random_text_tower(arch, seed).map(Some);
+    }
+    let file = super::resolve_checkpoint(Path::new(spec))?;
+    let bytes = std::fs::read(&file).map_err(|source| ModelError::Io {
+        path: file.clone(),
+        source,
+    })?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::BadSafetensors {
+        path: file.clone(),
+        reason: e.to_string(),
+    })?;
+    let t = Tensors::new(&file, &st)?;
+    build_text_tower(&t)
+}
+
+struct TextNames {
+    tok: &'static str,
+    pos: &'static str,
+    blocks: &'static str,
+    ln_final: &'static str,
+    proj: &'static str,
+}
+
+const HF_TEXT: TextNames = TextNames {
+    tok: "text_model.embeddings.token_embedding.weight",
+    pos: "text_model.embeddings.position_embedding.weight",
+    blocks: "text_model.encoder.layers.",
+    ln_final: "text_model.final_layer_norm",
+    proj: "text_projection.weight",
+};
+
+const OPENAI_TEXT: TextNames = TextNames {
+    tok: "token_embedding.weight",
+    pos: "positional_embedding",
+    blocks: "transformer.resblocks.",
+    ln_final: "ln_final",
+    proj: "text_projection",
+};
+
+/// Settings the JSON next to the checkpoint gives: (heads, activation, ln_eps), each optional.
+type TextJson = (Option<usize>, Option<Activation>, Option<f32>);
+
+fn read_json(path: &Path) -> Result<Option<Value>, ModelError> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| ModelError::BadConfig {
+            path: path.to_path_buf(),
+            reason: format!("invalid JSON: {e}"),
+        })
+}
+
+fn activation_of(path: &Path, v: &Value) -> Result<Option<Activation>, ModelError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) if s == "quick_gelu" => Ok(Some(Activation::QuickGelu)),
+        Value::String(s) if s == "gelu" => Ok(Some(Activation::Gelu)),
+        other => Err(ModelError::BadConfig {
+            path: path.to_path_buf(),
+            reason: format!("unsupported text hidden_act {other} (supported: quick_gelu, gelu)"),
+        }),
+    }
+}
+
+fn hf_text_json(dir: &Path) -> Result<TextJson, ModelError> {
+    let path = dir.join("config.json");
+    let Some(top) = read_json(&path)? else {
+        return Ok((None, None, None));
+    };
+    let mut text = top.get("text_config").cloned().unwrap_or(Value::Null);
+    if let Some(Value::Object(over)) = top.get("text_config_dict") {
+        if let Value::Object(m) = &mut text {
+            for (k, v) in over {
+                m.insert(k.clone(), v.clone());
+            }
+        } else {
+            text = Value::Object(over.clone());
+        }
+    }
+    let heads = text
+        .get("num_attention_heads")
+        .and_then(Value::as_u64)
+        .map(|h| h as usize);
+    let act = match text.get("hidden_act") {
+        Some(v) => activation_of(&path, v)?,
+        None => None,
+    };
+    let eps = text
+        .get("layer_norm_eps")
+        .and_then(Value::as_f64)
+        .map(|e| e as f32);
+    Ok((heads, act, eps))
+}
+
+fn open_clip_text_json(dir: &Path) -> Result<TextJson, ModelError> {
+    let path = dir.join("open_clip_config.json");
+    let Some(top) = read_json(&path)? else {
+        return Ok((None, None, None));
+    };
+    let cfg = top.get("model_cfg");
+    let heads = cfg
+        .and_then(|c| c.get("text_cfg"))
+        .and_then(|t| t.get("heads"))
+        .and_then(Value::as_u64)
+        .map(|h| h as usize);
+    let act = match cfg.and_then(|c| c.get("quick_gelu")) {
+        Some(Value::Bool(true)) => Some(Activation::QuickGelu),
+        _ => Some(Activation::Gelu),
+    };
+    Ok((heads, act, None))
+}
+
+/// Builds the text tower held by a checkpoint's tensors, or `None` when it has none.
+pub(crate) fn build_text_tower(t: &Tensors<'_>) -> Result<Option<TextTower>, ModelError> {
+    let (names, hf) = if t.contains(HF_TEXT.tok) {
+        (&HF_TEXT, true)
+    } else if t.contains(OPENAI_TEXT.tok) {
+        (&OPENAI_TEXT, false)
+    } else {
+        return Ok(None);
+    };
+    let dir = t.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let tok_shape = t.shape(names.tok)?;
+    let (vocab, width) = match tok_shape {
+        [v, w] if *v > 0 && *w > 0 => (*v, *w),
+        _ => return Err(t.bad_shape(names.tok, "[V, W]", tok_shape)),
+    };
+    let pos_shape = t.shape(names.pos)?;
+    let context = match pos_shape {
+        [c, w] if *w == width && *c > 1 => *c,
+        _ => return Err(t.bad_shape(names.pos, format!("[context, {width}]"), pos_shape)),
+    };
+    let layers = count_layers(t, names.blocks)?;
+    let fc1_name = if hf {
+        format!("{}0.mlp.fc1.weight", names.blocks)
+    } else {
+        format!("{}0.mlp.c_fc.weight", names.blocks)
+    };
+    let fc1_shape = t.shape(&fc1_name)?;
+    let mlp = match fc1_shape {
+        [m, w] if *w == width && *m > 0 => *m,
+        _ => return Err(t.bad_shape(&fc1_name, format!("[mlp, {width}]"), fc1_shape)),
+    };
+    let proj_shape = t.shape(names.proj)?;
+    let embed_dim = match (hf, proj_shape) {
+        (true, [e, w]) if *w == width && *e > 0 => *e,
+        (false, [w, e]) if *w == width && *e > 0 => *e,
+        _ => {
+            let want = if hf {
+                format!("[E, {width}]")
+            } else {
+                format!("[{width}, E]")
+            };
+            return Err(t.bad_shape(names.proj, want, proj_shape));
+        }
+    };
+    let (heads, activation, ln_eps) = if hf {
+        let (h, a, e) = hf_text_json(&dir)?;
+        (
+            h.unwrap_or(8),
+            a.unwrap_or(Activation::QuickGelu),
+            e.unwrap_or(1e-5),
+        )
+    } else {
+        let (h, a, _) = open_clip_text_json(&dir)?;
+        let vision_act = if dir.join("open_clip_config.json").is_file() {
+            a.unwrap_or(Activation::Gelu)
+        } else {
+            Activation::QuickGelu
+        };
+        let heads = match h {
+            Some(h) => h,
+            None if width % 64 == 0 => width / 64,
+            None => {
+                return Err(t.inconsistent(format!(
+                    "cannot infer the text tower's heads: width {width} is not a multiple of 64 \
+                     and open_clip_config.json gives no model_cfg.text_cfg.heads"
+                )))
+            }
+        };
+        (heads, vision_act, 1e-5)
+    };
+    if heads == 0 || width % heads != 0 {
+        return Err(t.inconsistent(format!(
+            "text tower: {heads} heads do not divide the width {width}"
+        )));
+    }
+
+    let d = width;
+    let ln = |prefix: &str| -> Result<LayerNormWeights, ModelError> {
+        Ok(LayerNormWeights {
+            weight: t.load(&format!("{prefix}.weight"), &[d])?,
+            bias: t.load(&format!("{prefix}.bias"), &[d])?,
+        })
+    };
+    let linear = |prefix: &str, out: usize, inp: usize| -> Result<Linear, ModelError> {
+        Ok(Linear {
+            weight: t.load(&format!("{prefix}.weight"), &[out, inp])?,
+            bias: Some(t.load(&format!("{prefix}.bias"), &[out])?),
+            out_features: out,
+            in_features: inp,
+        })
+    };
+    let mut blocks = Vec::with_capacity(layers);
+    for i in 0..layers {
+        let b = format!("{}{i}.", names.blocks);
+        blocks.push(if hf {
+            BlockWeights {
+                ln1: ln(&format!("{b}layer_norm1"))?,
+                qkv: stack_qkv(
+                    linear(&format!("{b}self_attn.q_proj"), d, d)?,
+                    linear(&format!("{b}self_attn.k_proj"), d, d)?,
+                    linear(&format!("{b}self_attn.v_proj"), d, d)?,
+                ),
+                out_proj: linear(&format!("{b}self_attn.out_proj"), d, d)?,
+                ln2: ln(&format!("{b}layer_norm2"))?,
+                fc1: linear(&format!("{b}mlp.fc1"), mlp, d)?,
+                fc2: linear(&format!("{b}mlp.fc2"), d, mlp)?,
+            }
+        } else {
+            BlockWeights {
+                ln1: ln(&format!("{b}ln_1"))?,
+                qkv: Linear {
+                    weight: t.load(&format!("{b}attn.in_proj_weight"), &[3 * d, d])?,
+                    bias: Some(t.load(&format!("{b}attn.in_proj_bias"), &[3 * d])?),
+                    out_features: 3 * d,
+                    in_features: d,
+                },
+                out_proj: linear(&format!("{b}attn.out_proj"), d, d)?,
+                ln2: ln(&format!("{b}ln_2"))?,
+                fc1: linear(&format!("{b}mlp.c_fc"), mlp, d)?,
+                fc2: linear(&format!("{b}mlp.c_proj"), d, mlp)?,
+            }
+        });
+    }
+    let projection = if hf {
+        t.load(names.proj, &[embed_dim, d])?
+    } else {
+        transpose(&t.load(names.proj, &[d, embed_dim])?, d, embed_dim)
+    };
+    Ok(Some(TextTower {
+        config: TextConfig {
+            width,
+            layers,
+            heads,
+            mlp,
+            vocab,
+            context,
+            embed_dim,
+            activation,
+            ln_eps,
+        },
+        weights: TextWeights {
+            token_embedding: t.load(names.tok, &[vocab, d])?,
+            position_embedding: t.load(names.pos, &[context, d])?,
+            blocks,
+            ln_final: ln(names.ln_final)?,
+            projection: Linear {
+                weight: projection,
+                bias: None,
+                out_features: embed_dim,
+                in_features: d,
+            },
+        },
+    }))
+}

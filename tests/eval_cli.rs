@@ -1,0 +1,401 @@
+//! End-to-end tests of `prm eval` on `random:tiny` (bundled tokenizer, random text tower) with
+//! generated images, classes, labels and probes: every target, the report fields, prediction
+//! PNGs, cpu vs sim, and the exit codes for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn prm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_prm"))
+        .args(args)
+        .output()
+        .expect("prm runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn write_image(path: &Path, w: u32, h: u32, seed: u32) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let v = |k: u32| {
+            (((x * (3 + k + seed) + y * (5 + 2 * k) + seed * 17) % 251) as u8)
+                .wrapping_add((k * 40) as u8)
+        };
+        image::Rgb([v(0), v(1), v(2)])
+    });
+    img.save(path).unwrap();
+}
+
+/// Clean images (two sizes, one in a sub-directory), attacked with a short PGD run.
+fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let clean = t.path().join("clean");
+    let adv = t.path().join("adv");
+    write_image(&clean.join("a.png"), 70, 50, 1);
+    write_image(&clean.join("sub/b.jpg"), 48, 81, 2);
+    let o = prm(&[
+        "attack",
+        "--model",
+        "random:tiny",
+        "--input",
+        clean.to_str().unwrap(),
+        "--output",
+        adv.to_str().unwrap(),
+        "--preset",
+        "pgd",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    (t, clean, adv)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn eval(args: &[&str]) -> Output {
+    let mut a = vec!["eval", "--model", "random:tiny", "-q"];
+    a.extend_from_slice(args);
+    prm(&a)
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn maskclip_end_to_end_with_labels_predictions_and_report() {
+    let (t, clean, adv) = setup();
+    let names = t.path().join("classes.txt");
+    std::fs::write(&names, "cat\ndog\n\nrocket\nsky\n").unwrap();
+    // Ground truth: class index per pixel with an ignored band; class 3 never appears.
+    for (rel, w, h) in [("a.png", 70u32, 50u32), ("sub/b.png", 48, 81)] {
+        let p = t.path().join("labels").join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let img = image::GrayImage::from_fn(w, h, |x, y| {
+            image::Luma([if y < 3 {
+                255
+            } else {
+                ((x / 16 + y / 16) % 3) as u8
+            }])
+        });
+        img.save(&p).unwrap();
+    }
+    let report = t.path().join("out/report.json");
+    let pred = t.path().join("pred");
+    let o = eval(&[
+        "--target",
+        "maskclip",
+        "--clean",
+        s(&clean),
+        "--adv",
+        s(&adv),
+        "--classes",
+        s(&names),
+        "--labels",
+        s(&t.path().join("labels")),
+        "--report",
+        s(&report),
+        "--save-predictions",
+        s(&pred),
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = read_json(&report);
+    assert_eq!(r["target"], "maskclip");
+    assert_eq!(r["images"], 2);
+    assert_eq!(r["weights_random"], true);
+    for k in [
+        "miou_adv_vs_clean",
+        "pixel_agreement",
+        "miou_clean",
+        "miou_adv",
+        "pixel_acc_clean",
+        "pixel_acc_adv",
+    ] {
+        let v = r[k].as_f64().unwrap_or_else(|| panic!("{k} missing"));
+        assert!((0.0..=1.0).contains(&v), "{k} = {v}");
+    }
+    assert_eq!(r["per_class"].as_array().unwrap().len(), 4);
+    let imgs = r["per_image"].as_array().unwrap();
+    assert_eq!(imgs.len(), 2);
+    assert_eq!(imgs[1]["image"], "sub/b.jpg");
+    assert!(imgs[1]["miou_adv_vs_clean"].is_number());
+    let md = std::fs::read_to_string(report.with_extension("md")).unwrap();
+    assert!(md.contains("mIoU adv vs clean") && md.contains("random weights"));
+    // Predictions: 8-bit grayscale at native size, class indices < 4.
+    for sub in ["clean", "adv"] {
+        let p = image::open(pred.join(sub).join("sub/b.png")).unwrap();
+        assert_eq!((p.width(), p.height()), (48, 81));
+        let g = p.as_luma8().expect("8-bit grayscale");
+        assert!(g.pixels().all(|v| v.0[0] < 4));
+    }
+    // The simulator runs the same targets on the kernels: same numbers.
+    let report_sim = t.path().join("sim.json");
+    let o = eval(&[
+        "--target",
+        "maskclip",
+        "--clean",
+        s(&clean),
+        "--adv",
+        s(&adv),
+        "--classes",
+        s(&names),
+        "--report",
+        s(&report_sim),
+        "--device",
+        "sim",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rs = read_json(&report_sim);
+    let (a, b) = (
+        r["miou_adv_vs_clean"].as_f64().unwrap(),
+        rs["miou_adv_vs_clean"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-3, "cpu {a} vs sim {b}");
+    assert_eq!(rs["device"], "sim");
+}
+
+#[test]
+fn other_targets_run_and_report() {
+    let (t, clean, adv) = setup();
+    let names = t.path().join("classes.txt");
+    std::fs::write(&names, "cat\ndog\nrocket\n").unwrap();
+    for target in ["sclip", "clearclip"] {
+        let rep = t.path().join(format!("{target}.json"));
+        let o = eval(&[
+            "--target",
+            target,
+            "--clean",
+            s(&clean),
+            "--adv",
+            s(&adv),
+            "--classes",
+            s(&names),
+            "--report",
+            s(&rep),
+            "--resolution",
+            "64",
+            "--single-template",
+            "--device",
+            "cpu",
+        ]);
+        assert!(o.status.success(), "{target}: {}", stderr(&o));
+        assert_eq!(read_json(&rep)["resolution"], 64);
+    }
+    // zeroshot with a label list (by name and by index)
+    let labels = t.path().join("labels.txt");
+    std::fs::write(&labels, "a.png\tcat\nsub/b.jpg, 2\n").unwrap();
+    let rep = t.path().join("zs.json");
+    let o = eval(&[
+        "--target",
+        "zeroshot",
+        "--clean",
+        s(&clean),
+        "--adv",
+        s(&adv),
+        "--classes",
+        s(&names),
+        "--labels",
+        s(&labels),
+        "--report",
+        s(&rep),
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = read_json(&rep);
+    assert!(r["top1_agreement"].is_number());
+    assert!(r["top1_clean"].is_number() && r["top1_adv"].is_number());
+    assert_eq!(r["labelled_images"], 2);
+    // features: one entry per F_0..F_L
+    let rep = t.path().join("f.json");
+    let o = eval(&[
+        "--target",
+        "features",
+        "--clean",
+        s(&clean),
+        "--adv",
+        s(&adv),
+        "--report",
+        s(&rep),
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let layers = read_json(&rep)["layers"].as_array().unwrap().clone();
+    assert_eq!(layers.len(), 3);
+    assert!(layers
+        .iter()
+        .all(|l| l["cosine"].as_f64().unwrap() <= 1.0 + 1e-9));
+    // probe: a 1×1 head on F_1 as safetensors [K, D, 1, 1]
+    let probe = t.path().join("probe.safetensors");
+    let (k, d) = (3usize, 128usize);
+    let w: Vec<u8> = (0..k * d)
+        .flat_map(|i| (((i * 37) % 101) as f32 / 101.0 - 0.5).to_le_bytes())
+        .collect();
+    let b: Vec<u8> = [0.1f32, -0.2, 0.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let tensors = vec![
+        (
+            "weight",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![k, d, 1, 1], &w)
+                .unwrap(),
+        ),
+        (
+            "bias",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![k], &b).unwrap(),
+        ),
+    ];
+    let meta = std::collections::HashMap::from([
+        ("layer".to_string(), "1".to_string()),
+        ("names".to_string(), "x,y,z".to_string()),
+    ]);
+    safetensors::serialize_to_file(tensors, Some(meta), &probe).unwrap();
+    let rep = t.path().join("p.json");
+    let pred = t.path().join("ppred");
+    let o = eval(&[
+        "--target",
+        "probe",
+        "--probe",
+        s(&probe),
+        "--clean",
+        s(&clean),
+        "--adv",
+        s(&adv),
+        "--report",
+        s(&rep),
+        "--save-predictions",
+        s(&pred),
+        "--device",
+        "sim",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = read_json(&rep);
+    assert_eq!(r["classes"], serde_json::json!(["x", "y", "z"]));
+    assert!(pred.join("adv/a.png").is_file());
+}
+
+#[test]
+fn bad_input_exit_codes() {
+    let (t, clean, adv) = setup();
+    let names = t.path().join("classes.txt");
+    std::fs::write(&names, "cat\ndog\n").unwrap();
+    let base = |extra: &[&str]| {
+        let mut a = vec!["--clean", s(&clean), "--adv", s(&adv)];
+        a.extend_from_slice(extra);
+        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| eval(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    // no --classes for a target that needs them
+    let o = run(base(&["--target", "maskclip"]));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--classes"));
+    // unknown target
+    let o = run(base(&["--target", "segformer"]));
+    assert_eq!(o.status.code(), Some(2));
+    // class-embedding file whose names do not match its rows
+    let bad = t.path().join("bad.safetensors");
+    let e: Vec<u8> = vec![0u8; 3 * 64 * 4];
+    safetensors::serialize_to_file(
+        vec![(
+            "class_embeddings",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3, 64], &e).unwrap(),
+        )],
+        Some(std::collections::HashMap::from([(
+            "names".to_string(),
+            "a,b".to_string(),
+        )])),
+        &bad,
+    )
+    .unwrap();
+    let o = run(base(&["--target", "maskclip", "--classes", s(&bad)]));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("names"), "{}", stderr(&o));
+    // wrong embedding dimension
+    let e: Vec<u8> = vec![0u8; 2 * 16 * 4];
+    let wrong = t.path().join("wrong.safetensors");
+    safetensors::serialize_to_file(
+        vec![(
+            "class_embeddings",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 16], &e).unwrap(),
+        )],
+        Some(std::collections::HashMap::from([(
+            "names".to_string(),
+            "a,b".to_string(),
+        )])),
+        &wrong,
+    )
+    .unwrap();
+    let o = run(base(&["--target", "maskclip", "--classes", s(&wrong)]));
+    assert_eq!(o.status.code(), Some(2));
+    // --precision bf16 on the CPU engine
+    let o = run(base(&[
+        "--target",
+        "maskclip",
+        "--classes",
+        s(&names),
+        "--device",
+        "cpu",
+        "--precision",
+        "bf16",
+    ]));
+    assert_eq!(o.status.code(), Some(2));
+    // A vision-only checkpoint with class names as text: a clear error, exit 2.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf_tiny/model.safetensors");
+    let bytes = std::fs::read(src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let keep: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("vision_model.") || n == "visual_projection.weight")
+        .collect();
+    let vdir = t.path().join("vision_only");
+    std::fs::create_dir_all(&vdir).unwrap();
+    safetensors::serialize_to_file(keep, None, &vdir.join("model.safetensors")).unwrap();
+    let o = prm(&[
+        "eval",
+        "--model",
+        s(&vdir),
+        "--target",
+        "maskclip",
+        "--clean",
+        s(&clean),
+        "--adv",
+        s(&adv),
+        "--classes",
+        s(&names),
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no text tower"), "{}", stderr(&o));
+    // An adversarial image missing: recorded per image, exit 1, the other image evaluated.
+    std::fs::remove_file(adv.join("a.png")).unwrap();
+    let rep = t.path().join("r.json");
+    let o = run(base(&[
+        "--target",
+        "maskclip",
+        "--classes",
+        s(&names),
+        "--report",
+        s(&rep),
+        "--device",
+        "cpu",
+    ]));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let r = read_json(&rep);
+    assert_eq!(r["images"], 1);
+    assert_eq!(r["failed"], 1);
+    assert_eq!(r["per_image"][0]["status"], "error");
+}

@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""The PRM attack loop in PyTorch, for timing against `prm bench` (issue 4).
+
+It runs the same work as `prm bench`: an HF `CLIPVisionModel` with random weights at a built-in
+architecture, the PRM loss (mean token cosine between adversarial and clean features, summed over
+F_0..F_L, all tokens), its input gradient (weights are frozen, so autograd forms no weight
+gradient, like prm), and the optimiser update. Modes:
+
+  eager-fp32   eager, fp32, SDPA attention
+  eager-bf16   eager, bf16 autocast, SDPA attention
+  compile      torch.compile of the step (bf16 autocast, SDPA)
+  paper        the paper loop the way the official code runs it: batch 1, fp32, native size,
+               AdamW on delta, dynamic scale U[0.5, 1) redrawn every step (so shapes change
+               every step), clean features recomputed at each step's scale
+  gemm         only the bf16 GEMM ceiling (8192^3 by default)
+
+Every mode prints one JSON object with the fields `prm bench --json` prints:
+image_steps_per_s, images_per_s, tflops (analytic FLOP count, the same formula as prm), and
+ceiling_tflops (a bf16 GEMM measured in this process), peak_memory_bytes (max allocated), plus what was run.
+
+Timing: CUDA events around whole attacks (clean forward + all steps) after warm-up attacks; the
+median of --repeats. Inputs are random, never zeros.
+
+Example (on a GPU machine):
+  python3 tools/torch_prm.py --mode eager-bf16 --arch vit-b-16 --image-size 224 \
+      --batch-size 64 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ARCHS = {
+    # name: (width, layers, heads, mlp, patch, image, projection)
+    "tiny": (64, 2, 4, 256, 16, 64, 32),
+    "vit-b-32": (768, 12, 12, 3072, 32, 224, 512),
+    "vit-b-16": (768, 12, 12, 3072, 16, 224, 512),
+    "vit-l-14": (1024, 24, 16, 4096, 14, 224, 768),
+    "vit-l-14-336": (1024, 24, 16, 4096, 14, 336, 768),
+}
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def step_flops(arch: str, h: int, w: int) -> float:
+    """FLOPs of one attack step on one image: forward plus input-gradient backward.
+
+    The same formula as `prm bench` (src/bench/flops.rs): linear layers 2·T·(4D² + 2DM) forward
+    and the same again for dX; attention 4·T²·D forward and 8·T²·D backward; the patch embedding
+    forward 2·P·3p²·D and its dX the same. LayerNorm, activations and the loss are ignored.
+    """
+    d, layers, _, m, p, _, _ = ARCHS[arch]
+    patches = (h // p) * (w // p)
+    t = patches + 1
+    linear = 2.0 * t * (4 * d * d + 2 * d * m)
+    attn_fwd = 4.0 * t * t * d
+    attn_bwd = 8.0 * t * t * d
+    embed = 2.0 * patches * 3 * p * p * d
+    return layers * (2 * linear + attn_fwd + attn_bwd) + 2 * embed
+
+
+def forward_flops(arch: str, h: int, w: int) -> float:
+    """FLOPs of one forward pass (the clean features), as `prm bench` counts them."""
+    d, layers, _, m, p, _, _ = ARCHS[arch]
+    patches = (h // p) * (w // p)
+    t = patches + 1
+    return layers * (2.0 * t * (4 * d * d + 2 * d * m) + 4.0 * t * t * d) + 2.0 * patches * 3 * p * p * d
+
+
+def build_model(arch: str, dtype=torch.float32):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    d, layers, heads, m, p, image, proj = ARCHS[arch]
+    cfg = CLIPVisionConfig(
+        hidden_size=d, intermediate_size=m, num_hidden_layers=layers, num_attention_heads=heads,
+        patch_size=p, image_size=image, projection_dim=proj, hidden_act="quick_gelu",
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = CLIPVisionModel(cfg).to("cuda", dtype).eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return model
+
+
+def normalise(x):
+    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def features(model, x, interpolate=False):
+    out = model(pixel_values=normalise(x), output_hidden_states=True,
+                interpolate_pos_encoding=interpolate)
+    return out.hidden_states
+
+
+def prm_loss(fa, fc):
+    """Sum over layers of the mean token cosine (the value the attack minimises)."""
+    total = 0.0
+    for a, c in zip(fa, fc):
+        total = total + F.cosine_similarity(a.float(), c.float(), dim=-1).mean()
+    return total
+
+
+def gemm_ceiling(n: int = 8192, repeats: int = 10) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2.0 * n ** 3 / statistics.median(times) / 1e12
+
+
+def pgd_attack(model, clean, steps, eps, alpha, autocast, compiled_grad=None):
+    """One whole PGD attack on a batch: clean features, random start, `steps` sign steps."""
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast)
+    with torch.no_grad(), ctx:
+        fc = [f.detach() for f in features(model, clean)]
+    x = (clean + torch.empty_like(clean).uniform_(-eps, eps)).clamp(0, 1)
+    for _ in range(steps):
+        if compiled_grad is not None:
+            g = compiled_grad(x, fc)
+        else:
+            xr = x.detach().requires_grad_(True)
+            with ctx:
+                loss = prm_loss(features(model, xr), fc)
+            (g,) = torch.autograd.grad(loss, xr)
+        x = torch.minimum(torch.maximum(x - alpha * g.sign(), clean - eps), clean + eps).clamp(0, 1)
+    return x
+
+
+def paper_attack(model, clean, steps, eps, lr, wd, scale=(0.5, 1.0)):
+    """The official-style loop at batch 1: AdamW on delta, dynamic scale every step."""
+    h, w = clean.shape[-2:]
+    delta = torch.zeros_like(clean, requires_grad=True)
+    opt = torch.optim.AdamW([delta], lr=lr, weight_decay=wd)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        s = scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=gen).item()
+        size = (max(int(h * s), 16), max(int(w * s), 16))
+        with torch.no_grad():
+            cs = F.interpolate(clean, size=size, mode="bicubic", align_corners=False)
+            fc = [f.detach() for f in features(model, cs, interpolate=True)]
+        adv = (clean + delta).clamp(0, 1)
+        xs = F.interpolate(adv, size=size, mode="bicubic", align_corners=False)
+        loss = prm_loss(features(model, xs, interpolate=True), fc)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            delta.clamp_(-eps, eps)
+    return (clean + delta.detach()).clamp(0, 1)
+
+
+def time_attacks(run, warmup, repeats):
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        run()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return statistics.median(times), times
+
+
+def parse_size(s: str):
+    if "x" in s:
+        w, h = s.lower().split("x")
+        return int(h), int(w)
+    return int(s), int(s)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", required=True,
+                    choices=["eager-fp32", "eager-bf16", "compile", "paper", "gemm"])
+    ap.add_argument("--arch", default="vit-b-16", choices=sorted(ARCHS))
+    ap.add_argument("--image-size", default=None, help="N or WxH (default 224; paper: 640x480)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 64; paper: 1")
+    ap.add_argument("--steps", type=int, default=None, help="default 10; paper: 250")
+    ap.add_argument("--eps", type=float, default=8 / 255)
+    ap.add_argument("--step-size", type=float, default=2 / 255)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed whole attacks first")
+    ap.add_argument("--repeats", type=int, default=5, help="timed whole attacks (median)")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("torch_prm.py needs a CUDA device")
+
+    paper = a.mode == "paper"
+    h, w = parse_size(a.image_size or ("640x480" if paper else "224"))
+    batch = a.batch_size or (1 if paper else 64)
+    steps = a.steps or (250 if paper else 10)
+    ceiling = gemm_ceiling()
+    res = {
+        "engine": "torch", "mode": a.mode, "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(), "arch": a.arch, "image_size": [h, w],
+        "batch_size": batch, "steps": steps, "ceiling_tflops": ceiling,
+    }
+    if a.mode == "gemm":
+        print(json.dumps(res))
+        return
+
+    model = build_model(a.arch)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    clean = torch.rand(batch, 3, h, w, device="cuda", generator=gen)
+    if paper:
+        run = lambda: paper_attack(model, clean, steps, a.eps, 0.5 / 255, 0.01)  # noqa: E731
+        # Dynamic scale makes each step's size a draw: count at the scales over [0.5, 1) evenly;
+        # each step also recomputes the clean features at its scale.
+        scales = [0.5 + i / 100 for i in range(50)]
+        per_step = sum(step_flops(a.arch, int(h * s), int(w * s))
+                       + forward_flops(a.arch, int(h * s), int(w * s)) for s in scales) / 50
+        flops_per_attack = batch * steps * per_step
+    else:
+        compiled = None
+        if a.mode == "compile":
+            def grad_fn(x, fc):
+                xr = x.detach().requires_grad_(True)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = prm_loss(features(model, xr), fc)
+                (g,) = torch.autograd.grad(loss, xr)
+                return g
+            compiled = torch.compile(grad_fn)
+        autocast = a.mode in ("eager-bf16", "compile")
+        run = lambda: pgd_attack(model, clean, steps, a.eps, a.step_size, autocast, compiled)  # noqa: E731
+        flops_per_attack = batch * (forward_flops(a.arch, h, w) + steps * step_flops(a.arch, h, w))
+
+    t0 = time.time()
+    median, times = time_attacks(run, a.warmup, a.repeats)
+    res.update({
+        "attack_seconds": median,
+        "attack_seconds_all": times,
+        "warmup_wall_s": time.time() - t0 - sum(times),
+        "image_steps_per_s": batch * steps / median,
+        "images_per_s": batch / median,
+        "flops_per_attack": flops_per_attack,
+        "tflops": flops_per_attack / median / 1e12,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(),
+    })
+    res["ceiling_fraction"] = res["tflops"] / ceiling
+    print(json.dumps(res))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
