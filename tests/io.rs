@@ -402,6 +402,7 @@ fn output_names_and_collisions() {
     assert_eq!(output_rel_path("a/b.tar.gz"), "a/b.tar.png");
     assert_eq!(output_rel_path(".hidden"), ".hidden.png");
     let item = |rel: &str| InputItem {
+        member: None,
         path: PathBuf::from(rel),
         rel: rel.to_string(),
     };
@@ -515,6 +516,7 @@ fn make_pair(root: &Path) -> (PathBuf, PathBuf) {
         write_png_atomic(&adv.join(&out), wd, ht, &planar_to_interleaved(&q, wd, ht)).unwrap();
         let mut r = record(rel, Status::Ok);
         r.output = Some(out);
+        (r.width, r.height) = (wd, ht);
         w.append(&r).unwrap();
     }
     (clean, adv)
@@ -617,6 +619,36 @@ fn verify_reports_each_kind_of_violation() {
         text.iter()
             .any(|t| t.starts_with("e.png:") && t.contains("> eps 8.0000/255")),
         "{text:?}"
+    );
+    // A record that disagrees with its file (size, or an L∞ above ε) is a violation.
+    let mut lines: Vec<ManifestRecord> = read_manifest(&adv.join(MANIFEST_FILE)).unwrap();
+    for r in &mut lines {
+        if r.input == "a.png" {
+            r.width += 1;
+        }
+    }
+    std::fs::remove_file(adv.join(MANIFEST_FILE)).unwrap();
+    let mut w = ManifestWriter::open(&adv).unwrap();
+    for r in &lines {
+        w.append(r).unwrap();
+    }
+    let mut r = record("c.png", Status::Ok);
+    r.output = Some("c.png".into());
+    r.linf = Some(9.0);
+    w.append(&r).unwrap();
+    let rep = verify(&clean, &adv, 8.0 / 255.0).unwrap();
+    let disagrees = |f: &str, needle: &str| {
+        rep.violations.iter().any(|v| {
+            v.file == f
+                && matches!(v.kind, ViolationKind::ManifestDisagrees { .. })
+                && v.to_string().contains(needle)
+        })
+    };
+    assert!(disagrees("a.png", "18x9"), "{:?}", rep.violations);
+    assert!(
+        disagrees("c.png", "linf 9.0000/255"),
+        "{:?}",
+        rep.violations
     );
     // An unreadable manifest is itself a violation.
     std::fs::write(adv.join(MANIFEST_FILE), "garbage\n{}\n").unwrap();
@@ -821,4 +853,31 @@ fn bundled_samples_decode_and_are_licensed() {
         assert!(img.data.iter().all(|v| (0.0..=1.0).contains(v)));
     }
     assert!(odd >= 2 && png && jpg);
+}
+
+#[test]
+fn cmyk_jpeg_colours_come_out_right() {
+    // No ink is white, full cyan is (0, 255, 255), full black ink is black.
+    let dir = tempfile::tempdir().unwrap();
+    for (cmyk, rgb) in [
+        ([0u8, 0, 0, 0], [255u8, 255, 255]),
+        ([255, 0, 0, 0], [0, 255, 255]),
+        ([0, 0, 0, 255], [0, 0, 0]),
+    ] {
+        let data: Vec<u8> = (0..16 * 16).flat_map(|_| cmyk).collect();
+        let mut buf = Vec::new();
+        jpeg_encoder::Encoder::new(&mut buf, 100)
+            .encode(&data, 16, 16, jpeg_encoder::ColorType::Cmyk)
+            .unwrap();
+        let p = dir.path().join("c.jpg");
+        std::fs::write(&p, buf).unwrap();
+        let img = read_image(&p).unwrap();
+        let px = &img.to_u8_interleaved()[..3];
+        for c in 0..3 {
+            assert!(
+                (px[c] as i32 - rgb[c] as i32).abs() <= 8,
+                "cmyk {cmyk:?}: got {px:?}, want {rgb:?}"
+            );
+        }
+    }
 }

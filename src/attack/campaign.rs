@@ -9,6 +9,12 @@
 //! and whose output files exist. An interrupt (see [`run_campaign_interruptible`]) is honoured
 //! between batches and between steps: the batch in flight is abandoned, nothing half-done is
 //! written, and the manifest is synced.
+//!
+//! With tar-shard inputs and [`OutputLayout::Tar`], each image is staged as a file in
+//! `<output>/.<shard>.tar.parts/` (written and recorded exactly like a tree-layout output), and
+//! once every input of a shard has a record the output shard `<output>/<shard>.tar` is assembled
+//! from the staged images, the images an earlier assembly already holds, and the samples' other
+//! members, written atomically, and the staging directory removed (see [`assemble_tars`]).
 
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
@@ -19,10 +25,13 @@ use super::engine::Engine;
 use super::image::{check_image_size, Attack, AttackOutcome, Planar};
 use super::loss::Objective;
 use super::settings::{AttackSettings, Init};
+use crate::io::inputs::staging_dir_name;
+use crate::io::webdataset::{tar_index, write_tar_atomic, MemberData, OutputLookup};
 use crate::io::{
-    self, output_rel_path, planar_to_interleaved, quantize_within_eps, read_image,
+    self, output_rel_path, planar_to_interleaved, quantize_within_eps, read_item,
     read_manifest_detailed, write_float_safetensors_atomic, write_png_atomic, InputItem, IoError,
-    ManifestRecord, ManifestWriter, RgbImage, Status, MANIFEST_FILE,
+    ManifestRecord, ManifestWriter, OutputLayout, RgbImage, Status, DEFAULT_MAX_PIXELS,
+    MANIFEST_FILE,
 };
 use crate::rng::ImageRng;
 
@@ -33,6 +42,23 @@ pub struct OutputOptions {
     pub save_float: bool,
     /// Images attacked together in one engine call per step.
     pub batch_size: usize,
+    /// Where outputs go (tree, or tar shards for tar inputs).
+    pub layout: OutputLayout,
+    /// `--max-pixels`: inputs whose header announces more pixels fail without being decoded.
+    pub max_pixels: u64,
+}
+
+impl OutputOptions {
+    /// Tree layout, the default pixel budget, one image per batch, no float outputs.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        OutputOptions {
+            dir: dir.into(),
+            save_float: false,
+            batch_size: 1,
+            layout: OutputLayout::Tree,
+            max_pixels: DEFAULT_MAX_PIXELS,
+        }
+    }
 }
 
 /// Counts at the end of a run.
@@ -113,7 +139,7 @@ pub fn run_campaign_interruptible<E: Engine>(
 ) -> Result<CampaignSummary, IoError> {
     // Opening the writer first cuts off a partial last line left by a crash.
     let mut manifest = ManifestWriter::open(&output.dir)?;
-    let done = already_done(&output.dir, items, output.save_float)?;
+    let done = already_done_in(output, items)?;
     let todo: Vec<InputItem> = items
         .iter()
         .filter(|item| !done.contains(&item.rel))
@@ -186,7 +212,10 @@ pub fn run_campaign_interruptible<E: Engine>(
     }
     manifest.sync()?;
     if !summary.interrupted {
-        remove_stale_temporaries(&output.dir, items);
+        if output.layout == OutputLayout::Tar {
+            assemble_tars(output, items)?;
+        }
+        remove_stale_temporaries(output, items);
     }
     Ok(summary)
 }
@@ -200,6 +229,19 @@ pub fn already_done(
     items: &[InputItem],
     save_float: bool,
 ) -> Result<HashSet<String>, IoError> {
+    let mut output = OutputOptions::new(dir);
+    output.save_float = save_float;
+    already_done_in(&output, items)
+}
+
+/// [`already_done`] for any layout: for the tar layout the image must be in the assembled
+/// output tar or staged beside it.
+pub fn already_done_in(
+    output: &OutputOptions,
+    items: &[InputItem],
+) -> Result<HashSet<String>, IoError> {
+    let dir = output.dir.as_path();
+    let save_float = output.save_float;
     let path = dir.join(MANIFEST_FILE);
     let contents = match read_manifest_detailed(&path) {
         Ok(c) => c,
@@ -210,33 +252,164 @@ pub fn already_done(
     for r in &contents.records {
         latest.insert(r.input.as_str(), r);
     }
-    Ok(items
-        .iter()
-        .filter(|item| {
-            let Some(r) = latest.get(item.rel.as_str()) else {
-                return false;
+    let lookup = OutputLookup::new(dir);
+    let mut done = HashSet::new();
+    for item in items {
+        let Some(r) = latest.get(item.rel.as_str()) else {
+            continue;
+        };
+        if r.status != Status::Ok {
+            continue;
+        }
+        let finished = if item.member.is_some() {
+            // The record must name this layout's output, and it must be there.
+            let float_ok = |found: &io::webdataset::Found| -> Result<bool, IoError> {
+                if !save_float {
+                    return Ok(true);
+                }
+                Ok(match found {
+                    io::webdataset::Found::File(p) => p.with_extension("safetensors").is_file(),
+                    io::webdataset::Found::Member { tar, .. } => {
+                        let name = output_rel_path(item.member.as_ref().unwrap().name());
+                        let float = format!("{}.safetensors", name.trim_end_matches(".png"));
+                        lookup.tar_index(tar)?.contains_key(&float)
+                    }
+                })
             };
-            if r.status != Status::Ok {
-                return false;
-            }
+            r.output.as_deref() == Some(output.layout.output_rel(item).as_str())
+                && match lookup.find(item, Some(output.layout))? {
+                    Some(found) => float_ok(&found)?,
+                    None => false,
+                }
+        } else {
             let png = dir.join(
                 r.output
                     .clone()
                     .unwrap_or_else(|| output_rel_path(&item.rel)),
             );
             png.is_file() && (!save_float || png.with_extension("safetensors").is_file())
-        })
-        .map(|item| item.rel.clone())
-        .collect())
+        };
+        if finished {
+            done.insert(item.rel.clone());
+        }
+    }
+    Ok(done)
+}
+
+/// Writes `<output>/<shard>.tar` for every tar shard among `items` that has new staged images
+/// (or no output tar yet), once every one of its inputs has a manifest record. Samples whose
+/// image's latest record is `ok` go in, in input order: the adversarial `<key>.png` (from the
+/// staging directory, or from the output tar an earlier run assembled), its `<key>.safetensors`
+/// with `--save-float`, and the sample's other members copied from the input tar. Samples whose
+/// image failed or was excluded are left out. The tar is written atomically; the staging
+/// directory is then removed. Returns the number of tars written.
+pub fn assemble_tars(output: &OutputOptions, items: &[InputItem]) -> Result<usize, IoError> {
+    let contents = match read_manifest_detailed(&output.dir.join(MANIFEST_FILE)) {
+        Ok(c) => c,
+        Err(IoError::NotFound { .. }) => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut latest: HashMap<&str, &ManifestRecord> = HashMap::new();
+    for r in &contents.records {
+        latest.insert(r.input.as_str(), r);
+    }
+    // Items per shard, in input order.
+    let mut shards: Vec<(
+        std::sync::Arc<io::webdataset::TarShard>,
+        HashMap<usize, &InputItem>,
+    )> = Vec::new();
+    for item in items {
+        let Some(m) = &item.member else { continue };
+        match shards.iter_mut().find(|(s, _)| s.rel == m.shard.rel) {
+            Some((_, map)) => {
+                map.insert(m.entry, item);
+            }
+            None => shards.push((m.shard.clone(), HashMap::from([(m.entry, item)]))),
+        }
+    }
+    let mut written = 0;
+    for (shard, by_entry) in shards {
+        let staging = output.dir.join(staging_dir_name(&shard.rel));
+        let target = output.dir.join(&shard.rel);
+        if target.is_file() && !staging.is_dir() {
+            continue; // nothing new since the last assembly
+        }
+        if by_entry
+            .values()
+            .any(|i| !latest.contains_key(i.rel.as_str()))
+        {
+            continue; // not finished (a failure to record, or another process's share)
+        }
+        let old = tar_index(&target)?;
+        let source = |name: &str| -> Option<MemberData> {
+            let staged = staging.join(name);
+            if let Ok(meta) = std::fs::metadata(&staged) {
+                if meta.is_file() {
+                    return Some(MemberData::Range(staged, 0, meta.len()));
+                }
+            }
+            old.get(name)
+                .map(|&(offset, size)| MemberData::Range(target.clone(), offset, size))
+        };
+        let mut ok_keys: HashSet<&str> = HashSet::new();
+        let mut members = Vec::new();
+        let mut images: HashMap<usize, Vec<(String, MemberData)>> = HashMap::new();
+        for (i, e) in shard.entries.iter().enumerate() {
+            let Some(item) = by_entry.get(&i) else {
+                continue;
+            };
+            if latest.get(item.rel.as_str()).map(|r| r.status) != Some(Status::Ok) {
+                continue;
+            }
+            let png = output_rel_path(&e.name);
+            let Some(data) = source(&png) else { continue };
+            let mut parts = vec![(png.clone(), data)];
+            if output.save_float {
+                let float = format!("{}.safetensors", png.trim_end_matches(".png"));
+                if let Some(d) = source(&float) {
+                    parts.push((float, d));
+                }
+            }
+            ok_keys.insert(e.key.as_str());
+            images.insert(i, parts);
+        }
+        for (i, e) in shard.entries.iter().enumerate() {
+            if let Some(parts) = images.remove(&i) {
+                members.extend(parts);
+            } else if !e.image && ok_keys.contains(e.key.as_str()) {
+                members.push((
+                    e.name.clone(),
+                    MemberData::Range(shard.path.clone(), e.offset, e.size),
+                ));
+            }
+        }
+        write_tar_atomic(&target, members)?;
+        written += 1;
+        if staging.is_dir() {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+    }
+    Ok(written)
 }
 
 /// Removes temporary files (`.<name>.XXXX.tmp`, see the atomic writers) that a killed run left
 /// beside this run's outputs. Only the temporaries of `items`' own outputs are touched, so a
 /// shard sharing the directory keeps its in-flight files. Best effort: errors are ignored.
-fn remove_stale_temporaries(dir: &Path, items: &[InputItem]) {
+fn remove_stale_temporaries(output: &OutputOptions, items: &[InputItem]) {
+    let dir = output.dir.as_path();
     let mut by_dir: HashMap<PathBuf, HashSet<String>> = HashMap::new();
     for item in items {
-        let png = dir.join(output_rel_path(&item.rel));
+        if let (Some(m), OutputLayout::Tar) = (&item.member, output.layout) {
+            // The output tar's own temporaries.
+            let tar = dir.join(&m.shard.rel);
+            if let (Some(parent), Some(name)) = (tar.parent(), tar.file_name()) {
+                by_dir
+                    .entry(parent.to_path_buf())
+                    .or_default()
+                    .insert(format!(".{}.", name.to_string_lossy()));
+            }
+        }
+        let png = dir.join(output.layout.file_rel(item));
         let (Some(parent), Some(name)) = (png.parent(), png.file_name()) else {
             continue;
         };
@@ -295,11 +468,24 @@ impl ImageFailure {
     }
 }
 
-/// Reads the `--init from:` start for `rel`, which must have the clean image's size.
-fn read_start(dir: &Path, rel: &str, clean: &RgbImage) -> Result<RgbImage, ImageFailure> {
-    let path = dir.join(output_rel_path(rel));
-    let start =
-        read_image(&path).map_err(|e| ImageFailure::sized(format!("--init from: {e}"), clean))?;
+/// Reads the `--init from:` start for `item` (a tree-layout file, or for tar inputs a member of
+/// an output tar or a staged file), which must have the clean image's size.
+fn read_start(
+    dir: &Path,
+    item: &InputItem,
+    clean: &RgbImage,
+    max_pixels: u64,
+) -> Result<RgbImage, ImageFailure> {
+    let fail = |e: &dyn std::fmt::Display| ImageFailure::sized(format!("--init from: {e}"), clean);
+    let path = dir.join(OutputLayout::Tree.output_rel(item));
+    let found = OutputLookup::new(dir)
+        .find(item, None)
+        .map_err(|e| fail(&e))?
+        .ok_or_else(|| fail(&IoError::NotFound { path: path.clone() }))?;
+    let start = found
+        .decode(max_pixels)
+        .map(|img| io::image::dynamic_to_rgb(&img))
+        .map_err(|e| fail(&e))?;
     if (start.width, start.height) != (clean.width, clean.height) {
         return Err(ImageFailure::sized(
             format!(
@@ -322,15 +508,20 @@ struct Loaded {
     start: Option<RgbImage>,
 }
 
-fn load(item: &InputItem, settings: &AttackSettings, patch: usize) -> Result<Loaded, ImageFailure> {
-    let clean = read_image(&item.path).map_err(|e| ImageFailure {
+fn load(
+    item: &InputItem,
+    settings: &AttackSettings,
+    patch: usize,
+    max_pixels: u64,
+) -> Result<Loaded, ImageFailure> {
+    let clean = read_item(item, max_pixels).map_err(|e| ImageFailure {
         message: e.to_string(),
         size: None,
     })?;
     check_image_size(clean.height, clean.width, patch)
         .map_err(|e| ImageFailure::sized(e, &clean))?;
     let start = match &settings.init {
-        Init::From(dir) => Some(read_start(dir, &item.rel, &clean)?),
+        Init::From(dir) => Some(read_start(dir, item, &clean, max_pixels)?),
         _ => None,
     };
     Ok(Loaded { clean, start })
@@ -349,7 +540,7 @@ fn attack_batch<E: Engine>(
     let patch = engine.model().config.patch;
     let loaded: Vec<Result<Loaded, ImageFailure>> = batch
         .iter()
-        .map(|item| load(item, settings, patch))
+        .map(|item| load(item, settings, patch, output.max_pixels))
         .collect();
     let ok: Vec<(usize, &Loaded)> = loaded
         .iter()
@@ -461,8 +652,8 @@ fn write_outputs(
     output: &OutputOptions,
 ) -> Result<String, ImageFailure> {
     let (w, h) = (l.clean.width, l.clean.height);
-    let rel_out = output_rel_path(&item.rel);
-    let png_path = output.dir.join(&rel_out);
+    let rel_out = output.layout.output_rel(item);
+    let png_path = output.dir.join(output.layout.file_rel(item));
     write_png_atomic(&png_path, w, h, &planar_to_interleaved(saved, w, h))
         .map_err(|e| ImageFailure::sized(e, &l.clean))?;
     if output.save_float {

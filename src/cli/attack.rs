@@ -12,7 +12,10 @@ use prm::attack::*;
 use prm::gpu::engine::{GpuVit, Precision};
 use prm::gpu::Device;
 use prm::io::shard::{shard_from_env, Shard};
-use prm::io::{check_output_collisions, list_inputs};
+use prm::io::{
+    check_output_collisions_in, list_inputs_with, InputSource, ListOptions, OutputLayout,
+    DEFAULT_MAX_PIXELS,
+};
 use prm::model::{Model, ModelSource};
 use prm::reference::ReferenceVit;
 use prm::viz::plot::{write_loss_plot, LossCurves};
@@ -27,12 +30,23 @@ pub struct AttackArgs {
     /// (tiny, vit-b-32, vit-b-16, vit-l-14, vit-l-14-336; random:ARCH@SEED for another seed)
     #[arg(long)]
     model: String,
-    /// A directory of images (scanned recursively) or a text file with one path per line
+    /// A directory of images (scanned recursively), a text file with one path per line, or
+    /// WebDataset tar shards such as 'shards/train-{000..099}.tar' (quote it)
     #[arg(long)]
     input: PathBuf,
     /// Output directory: <output>/<relative path>.png plus manifest.jsonl
     #[arg(long)]
     output: PathBuf,
+    /// Leave out inputs whose relative path matches GLOB (repeatable; `*` also matches `/`)
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// For tar-shard inputs: tar (one output tar per input shard, the default) or tree (a
+    /// directory per shard)
+    #[arg(long, value_enum)]
+    output_layout: Option<LayoutArg>,
+    /// Images whose header announces more pixels than this fail without being decoded
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_parser = clap::value_parser!(u64).range(1..))]
+    max_pixels: u64,
     /// Settings bundle; explicit flags below override it
     #[arg(long, value_enum, default_value = "paper")]
     preset: Preset,
@@ -112,6 +126,13 @@ pub struct AttackArgs {
     /// No progress bar or summary
     #[arg(long, short)]
     quiet: bool,
+}
+
+/// `--output-layout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LayoutArg {
+    Tar,
+    Tree,
 }
 
 /// The command-line spelling of an option value.
@@ -217,12 +238,29 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     // Everything that can be wrong with the run is checked before the first image is touched.
     let shard = shard_from_env(args.shard, args.shards, &|k| std::env::var(k).ok())
         .map_err(anyhow::Error::msg)?;
-    let inputs = list_inputs(&args.input, Some(&args.output))?;
+    let inputs = list_inputs_with(
+        &args.input,
+        &ListOptions {
+            exclude_dir: Some(args.output.clone()),
+            exclude: args.exclude.clone(),
+        },
+    )?;
+    let layout = match (args.output_layout, inputs.source) {
+        (Some(LayoutArg::Tar), InputSource::TarShards) | (None, InputSource::TarShards) => {
+            OutputLayout::Tar
+        }
+        (Some(LayoutArg::Tar), _) => bail!(
+            "--output-layout tar needs tar-shard inputs (--input 'shards/train-{{000..009}}.tar');              {} is not one",
+            args.input.display()
+        ),
+        _ => OutputLayout::Tree,
+    };
     let mut items = inputs.items;
     if let Some((shard, _)) = shard {
-        items.retain(|item| shard.contains(&item.rel));
+        // Tar inputs are sharded by tar file, so each output tar has one writer.
+        items.retain(|item| shard.contains(item.shard_key()));
     }
-    check_output_collisions(&items)?;
+    check_output_collisions_in(&items, layout)?;
     let model =
         Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;
     let layers = settings
@@ -266,6 +304,25 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
                 args.input.display()
             );
         }
+        if inputs.excluded > 0 {
+            eprintln!(
+                "note: excluded {} image(s) matching --exclude",
+                inputs.excluded
+            );
+        }
+        if !inputs.shards.is_empty() {
+            eprintln!(
+                "reading {} tar shard(s); output layout: {}",
+                inputs.shards.len(),
+                match layout {
+                    OutputLayout::Tar => "tar (one output tar per input shard)",
+                    OutputLayout::Tree => "tree",
+                }
+            );
+        }
+    }
+    for w in &inputs.warnings {
+        eprintln!("warning: {w}");
     }
 
     let signal = Interrupt::install()?;
@@ -284,6 +341,8 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         batch_size,
         dir: args.output.clone(),
         save_float: args.save_float,
+        layout,
+        max_pixels: args.max_pixels,
     };
     let summary = match &device {
         None => run_campaign_interruptible(

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use prm::io::{list_inputs, read_manifest_detailed, ManifestRecord, Status};
+use prm::io::{list_inputs_with, read_manifest_detailed, ListOptions, ManifestRecord, Status};
 
 use super::EXIT_SOME_FAILED;
 
@@ -35,6 +35,9 @@ struct MergeArgs {
     /// with no record are reported as missing
     #[arg(long)]
     input: Option<PathBuf>,
+    /// Inputs left out of the run, as given to `prm attack --exclude` (repeatable): not missing
+    #[arg(long, value_name = "GLOB", requires = "input")]
+    exclude: Vec<String>,
     /// The manifests to merge, in order (later records win)
     #[arg(required = true)]
     manifests: Vec<PathBuf>,
@@ -105,7 +108,13 @@ fn merge(args: MergeArgs) -> anyhow::Result<ExitCode> {
         let exclude = args.manifests[0]
             .parent()
             .filter(|p| p.is_dir() && canon(p) != canon(input));
-        let inputs = list_inputs(input, exclude)?;
+        let inputs = list_inputs_with(
+            input,
+            &ListOptions {
+                exclude_dir: exclude.map(Path::to_path_buf),
+                exclude: args.exclude.clone(),
+            },
+        )?;
         let have: std::collections::BTreeSet<&str> =
             merged.iter().map(|r| r.input.as_str()).collect();
         missing = inputs

@@ -9,9 +9,15 @@ use super::{pixel_value, EXIT_SOME_FAILED};
 
 #[derive(Args)]
 pub struct VerifyArgs {
-    /// The clean images (directory or list file), as given to `prm attack --input`
+    /// The clean images (directory, list file or tar shards), as given to `prm attack --input`
     #[arg(long)]
     clean: PathBuf,
+    /// Inputs left out of the run, as given to `prm attack --exclude` (repeatable)
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// Pixel budget for decoding, as given to `prm attack --max-pixels`
+    #[arg(long, default_value_t = prm::io::DEFAULT_MAX_PIXELS, value_parser = clap::value_parser!(u64).range(1..))]
+    max_pixels: u64,
     /// The attack's output directory
     #[arg(long)]
     adv: PathBuf,
@@ -21,7 +27,15 @@ pub struct VerifyArgs {
 }
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let report = prm::io::verify(&args.clean, &args.adv, args.eps)?;
+    let report = prm::io::verify_with(
+        &args.clean,
+        &args.adv,
+        args.eps,
+        &prm::io::VerifyOptions {
+            exclude: args.exclude.clone(),
+            max_pixels: args.max_pixels,
+        },
+    )?;
     for note in &report.notes {
         eprintln!("note: {note}");
     }

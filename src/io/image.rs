@@ -7,10 +7,12 @@
 //! The header is checked against a pixel budget *before* anything is decoded, so a hostile or
 //! mistaken 100k×100k file fails fast instead of exhausting memory.
 
+use std::io::{BufRead, BufReader, Cursor, Seek};
 use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Limits};
 
+use super::inputs::InputItem;
 use super::IoError;
 
 /// Default pixel budget of [`read_image`]: 40 million pixels (e.g. 8000×5000).
@@ -101,10 +103,129 @@ pub fn read_image_limited(path: &Path, max_pixels: u64) -> Result<RgbImage, IoEr
     Ok(dynamic_to_rgb(&img))
 }
 
+/// Reads an input image: a file, or a member of a tar shard read in place. `max_pixels` is
+/// the `--max-pixels` budget, checked against the header before anything is decoded.
+pub fn read_item(item: &InputItem, max_pixels: u64) -> Result<RgbImage, IoError> {
+    Ok(dynamic_to_rgb(&decode_item(item, max_pixels)?))
+}
+
+/// [`read_item`] keeping the native sample type.
+pub(crate) fn decode_item(item: &InputItem, max_pixels: u64) -> Result<DynamicImage, IoError> {
+    match &item.member {
+        None => decode_dynamic(&item.path, max_pixels),
+        Some(m) => {
+            let e = &m.shard.entries[m.entry];
+            let shown = item.display_path();
+            let sub = super::webdataset::open_member(&m.shard.path, e.offset, e.size)
+                .map_err(|err| open_error(&m.shard.path, err))?;
+            decode_reader(BufReader::new(sub), &shown, max_pixels)
+        }
+    }
+}
+
+/// Decodes an image held in memory (`name` is only used in messages), with the same guards as
+/// [`read_image_limited`].
+pub fn read_image_bytes(bytes: &[u8], name: &Path, max_pixels: u64) -> Result<RgbImage, IoError> {
+    let img = decode_reader(Cursor::new(bytes), name, max_pixels)?;
+    Ok(dynamic_to_rgb(&img))
+}
+
 /// Decodes a file to a [`DynamicImage`] (orientation applied), keeping its native sample type.
 /// `verify` uses it to read 8-bit outputs back exactly.
 pub(crate) fn decode_dynamic(path: &Path, max_pixels: u64) -> Result<DynamicImage, IoError> {
-    let reader = ImageReader::open(path).map_err(|e| open_error(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| open_error(path, e))?;
+    decode_reader(BufReader::new(file), path, max_pixels)
+}
+
+/// Decodes from any reader; `path` names the source in messages.
+pub(crate) fn decode_reader<R: BufRead + Seek>(
+    mut reader: R,
+    path: &Path,
+    max_pixels: u64,
+) -> Result<DynamicImage, IoError> {
+    let read_err = |source| IoError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    // JPEG decoders fill a truncated scan with grey and report success; a truncated JPEG must be
+    // a broken image, so its structure is checked first (see `jpeg_is_complete`).
+    if reader
+        .fill_buf()
+        .map_err(read_err)?
+        .starts_with(&[0xFF, 0xD8, 0xFF])
+    {
+        let mut bytes = Vec::new();
+        reader.read_to_end(&mut bytes).map_err(read_err)?;
+        if !jpeg_is_complete(&bytes) {
+            return Err(IoError::Decode {
+                path: path.to_path_buf(),
+                message: "JPEG data ends before its end-of-image marker (the file is truncated)"
+                    .into(),
+            });
+        }
+        return decode_unchecked(Cursor::new(bytes), path, max_pixels);
+    }
+    decode_unchecked(reader, path, max_pixels)
+}
+
+/// Whether a JPEG's marker structure reaches its end-of-image marker: marker segments are
+/// skipped by their lengths, entropy-coded data after each start-of-scan is scanned for the next
+/// marker (`FF 00` stuffing and `RSTn` are data). Data after the end-of-image marker (as in
+/// motion photos) is allowed; an embedded EXIF thumbnail's markers are inside an APP segment and
+/// do not count.
+pub(crate) fn jpeg_is_complete(b: &[u8]) -> bool {
+    let mut i = 2; // past SOI
+    loop {
+        // Find the next marker (fill bytes 0xFF may precede it).
+        if b.get(i) != Some(&0xFF) {
+            return false;
+        }
+        while i < b.len() && b[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&m) = b.get(i) else { return false };
+        i += 1;
+        match m {
+            0xD9 => return true,
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        let Some(len) = b
+            .get(i..i + 2)
+            .map(|l| u16::from_be_bytes([l[0], l[1]]) as usize)
+        else {
+            return false;
+        };
+        if len < 2 {
+            return false;
+        }
+        i += len;
+        if i > b.len() {
+            return false;
+        }
+        if m == 0xDA {
+            // Entropy-coded data up to the next real marker.
+            loop {
+                let Some(p) = b[i..].iter().position(|&x| x == 0xFF) else {
+                    return false;
+                };
+                i += p;
+                match b.get(i + 1) {
+                    None => return false,
+                    Some(0x00) | Some(0xD0..=0xD7) | Some(0xFF) => i += 1,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
+}
+
+fn decode_unchecked<R: BufRead + Seek>(
+    reader: R,
+    path: &Path,
+    max_pixels: u64,
+) -> Result<DynamicImage, IoError> {
+    let reader = ImageReader::new(reader);
     let mut reader = reader.with_guessed_format().map_err(|e| IoError::Read {
         path: path.to_path_buf(),
         source: e,
@@ -211,5 +332,28 @@ fn image_error(path: &Path, e: ImageError) -> IoError {
             path,
             message: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jpeg_is_complete;
+
+    #[test]
+    fn jpeg_structure_check() {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_fn(40, 24, |x, y| image::Rgb([x as u8 * 6, y as u8 * 9, 77]))
+            .write_to(&mut buf, image::ImageFormat::Jpeg)
+            .unwrap();
+        let jpg = buf.into_inner();
+        assert!(jpeg_is_complete(&jpg));
+        let mut trailing = jpg.clone();
+        trailing.extend_from_slice(b"....appended video....");
+        assert!(jpeg_is_complete(&trailing));
+        for cut in [3, 10, jpg.len() / 2, jpg.len() - 2, jpg.len() - 1] {
+            assert!(!jpeg_is_complete(&jpg[..cut]), "cut at {cut}");
+        }
+        assert!(!jpeg_is_complete(&[0xFF, 0xD8, 0xFF]));
+        assert!(!jpeg_is_complete(&[0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x01]));
     }
 }

@@ -1,13 +1,19 @@
-//! Turning `--input DIR|LIST` into the list of images to attack, and each image's output name.
+//! Turning `--input DIR|LIST|SHARDS` into the list of images to attack, and each image's output
+//! name.
 //!
 //! Every input carries a *relative path* (`rel`, always with `/` separators). It names the output
 //! (`<output>/<rel with its extension replaced by .png>`), seeds the per-image random draws, and
-//! keys the manifest, so it must be stable: directories are walked in sorted order, and list
-//! files keep the paths as written (lexically normalised).
+//! keys the manifest, so it must be stable: directories are walked in sorted order, list files
+//! keep the paths as written (lexically normalised), and tar shards are read in the order the
+//! brace pattern expands to, members in tar order (`rel` = `<shard>.tar/<member>`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
+use globset::{Glob, GlobSet, GlobSetBuilder};
+
+use super::webdataset::{expand_braces, is_tar_spec, list_tar, TarShard};
 use super::IoError;
 
 /// Image file extensions picked up when scanning a directory (compared case-insensitively).
@@ -17,10 +23,119 @@ pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "bmp", "ti
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InputItem {
     /// Where to read it: the scanned path, or for list files the line resolved against the list
-    /// file's directory.
+    /// file's directory; for a tar member, the tar file.
     pub path: PathBuf,
-    /// Relative path with `/` separators; the output is `output_rel_path(rel)`.
+    /// Relative path with `/` separators; the output is `output_rel_path(rel)`. For a tar
+    /// member: `<shard rel>/<member name>`, e.g. `train-000.tar/0001.jpg`.
     pub rel: String,
+    /// For an image inside a tar shard: which member.
+    pub member: Option<TarMember>,
+}
+
+/// An image stored inside a tar shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TarMember {
+    /// The shard's listing (shared by all its items).
+    pub shard: Arc<TarShard>,
+    /// Index of the image member in `shard.entries`.
+    pub entry: usize,
+}
+
+impl TarMember {
+    /// The member's name inside the tar.
+    pub fn name(&self) -> &str {
+        &self.shard.entries[self.entry].name
+    }
+}
+
+impl InputItem {
+    /// An image file on disk.
+    pub fn file(path: impl Into<PathBuf>, rel: impl Into<String>) -> Self {
+        InputItem {
+            path: path.into(),
+            rel: rel.into(),
+            member: None,
+        }
+    }
+
+    /// What `--shard K/N` hashes: the relative path, or for a tar member its shard's name, so
+    /// that one tar shard is always processed (and its output tar written) by one worker.
+    pub fn shard_key(&self) -> &str {
+        match &self.member {
+            Some(m) => &m.shard.rel,
+            None => &self.rel,
+        }
+    }
+
+    /// A name for messages: the file, or `<tar path>/<member>`.
+    pub fn display_path(&self) -> PathBuf {
+        match &self.member {
+            Some(m) => self.path.join(m.name()),
+            None => self.path.clone(),
+        }
+    }
+}
+
+/// How outputs are laid out under `--output`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OutputLayout {
+    /// `<output>/<rel with .png>`; for tar inputs `<output>/<shard without .tar>/<member>.png`.
+    #[default]
+    Tree,
+    /// Tar inputs only: `<output>/<shard>.tar` holding `<member>.png` and the sample's other
+    /// members, assembled when the shard is done (images are staged in
+    /// `<output>/.<shard>.tar.parts/` until then).
+    Tar,
+}
+
+impl OutputLayout {
+    /// The output of `item` as recorded in the manifest: a path relative to the output
+    /// directory, or for the tar layout `<shard>.tar/<member>.png`.
+    pub fn output_rel(&self, item: &InputItem) -> String {
+        match (&item.member, self) {
+            (None, _) => output_rel_path(&item.rel),
+            (Some(m), OutputLayout::Tree) => {
+                output_rel_path(&format!("{}/{}", m.shard.tree_dir(), m.name()))
+            }
+            (Some(m), OutputLayout::Tar) => {
+                format!("{}/{}", m.shard.rel, output_rel_path(m.name()))
+            }
+        }
+    }
+
+    /// Where the image of `item` is written on disk, relative to the output directory: the
+    /// output itself, or for the tar layout its staging file
+    /// `.<shard>.tar.parts/<member>.png`.
+    pub fn file_rel(&self, item: &InputItem) -> String {
+        match (&item.member, self) {
+            (Some(m), OutputLayout::Tar) => {
+                format!(
+                    "{}/{}",
+                    staging_dir_name(&m.shard.rel),
+                    output_rel_path(m.name())
+                )
+            }
+            _ => self.output_rel(item),
+        }
+    }
+}
+
+/// `<dir>/.<name>.parts` for shard rel `<dir>/<name>`: where a tar output's images wait until
+/// the shard is complete.
+pub fn staging_dir_name(shard_rel: &str) -> String {
+    match shard_rel.rsplit_once('/') {
+        Some((dir, name)) => format!("{dir}/.{name}.parts"),
+        None => format!(".{shard_rel}.parts"),
+    }
+}
+
+/// Options of [`list_inputs_with`].
+#[derive(Clone, Debug, Default)]
+pub struct ListOptions {
+    /// A directory not to descend into (the output directory, when it lies inside the input).
+    pub exclude_dir: Option<PathBuf>,
+    /// `--exclude` globs, matched against relative paths (`*` also matches `/`).
+    pub exclude: Vec<String>,
 }
 
 /// Where the inputs came from.
@@ -30,16 +145,53 @@ pub enum InputSource {
     Directory,
     /// A text file with one path per line.
     ListFile,
+    /// WebDataset-style tar shards (`shards/train-{000..099}.tar`).
+    TarShards,
 }
 
 /// The result of [`list_inputs`].
 #[derive(Clone, Debug)]
 pub struct InputList {
     pub source: InputSource,
-    /// Sorted by `rel` for directories; in file order for list files.
+    /// Sorted by `rel` for directories; in file order for list files; shard by shard, in tar
+    /// order, for tar shards.
     pub items: Vec<InputItem>,
-    /// Files skipped while scanning a directory (non-image extensions, hidden files).
+    /// Files skipped while scanning a directory (non-image extensions, hidden files), and tar
+    /// members that are neither a sample's image nor carried along with one.
     pub ignored: usize,
+    /// Images left out by `--exclude`.
+    pub excluded: usize,
+    /// The tar shards, for [`InputSource::TarShards`].
+    pub shards: Vec<Arc<TarShard>>,
+    /// Non-fatal problems met while listing (e.g. a tar shard with a corrupt tail).
+    pub warnings: Vec<String>,
+}
+
+/// Compiled `--exclude` globs.
+struct Excludes(Option<GlobSet>);
+
+impl Excludes {
+    fn new(globs: &[String]) -> Result<Self, IoError> {
+        if globs.is_empty() {
+            return Ok(Excludes(None));
+        }
+        let mut b = GlobSetBuilder::new();
+        for g in globs {
+            b.add(Glob::new(g).map_err(|e| IoError::BadPattern {
+                pattern: g.clone(),
+                message: e.to_string(),
+            })?);
+        }
+        let set = b.build().map_err(|e| IoError::BadPattern {
+            pattern: globs.join(" "),
+            message: e.to_string(),
+        })?;
+        Ok(Excludes(Some(set)))
+    }
+
+    fn matches(&self, rel: &str) -> bool {
+        self.0.as_ref().is_some_and(|s| s.is_match(rel))
+    }
 }
 
 /// Lists the inputs of `input`.
@@ -57,6 +209,34 @@ pub struct InputList {
 ///
 /// No images at all is an [`IoError::EmptyInput`].
 pub fn list_inputs(input: &Path, exclude_dir: Option<&Path>) -> Result<InputList, IoError> {
+    list_inputs_with(
+        input,
+        &ListOptions {
+            exclude_dir: exclude_dir.map(Path::to_path_buf),
+            exclude: Vec::new(),
+        },
+    )
+}
+
+/// [`list_inputs`] with `--exclude` globs, and WebDataset tar shards: an `input` that contains a
+/// brace pattern or ends in `.tar` names tar files (see [`super::webdataset`]); each is listed
+/// and every sample's image becomes an item `<shard>.tar/<member>`. Every named shard must
+/// exist. Excluded images are counted in [`InputList::excluded`]; `--exclude` globs are matched
+/// against `rel` (`sub/x.jpg`, `train-000.tar/0001.jpg`) and, for directories, against each
+/// directory's relative path (so `--exclude raw` skips the directory `raw`).
+pub fn list_inputs_with(input: &Path, options: &ListOptions) -> Result<InputList, IoError> {
+    let excludes = Excludes::new(&options.exclude)?;
+    let spec = input.to_string_lossy();
+    // An existing path is a tar only by its extension (a list file may have braces in its
+    // name); a path that does not exist may be a brace pattern.
+    let tar = match std::fs::metadata(input) {
+        Ok(meta) => meta.is_file() && spec.to_ascii_lowercase().ends_with(".tar"),
+        Err(_) => is_tar_spec(&spec),
+    };
+    if tar {
+        return list_shards(&spec, &excludes);
+    }
+    let exclude_dir = options.exclude_dir.as_deref();
     let meta = std::fs::metadata(input).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             IoError::NotFound {
@@ -70,31 +250,168 @@ pub fn list_inputs(input: &Path, exclude_dir: Option<&Path>) -> Result<InputList
         }
     })?;
     if meta.is_dir() {
-        list_directory(input, exclude_dir)
+        list_directory(input, exclude_dir, &excludes)
     } else {
-        list_file(input)
+        list_file(input, &excludes)
     }
 }
 
-fn list_directory(root: &Path, exclude_dir: Option<&Path>) -> Result<InputList, IoError> {
+/// Lists the tar shards that `spec` expands to.
+fn list_shards(spec: &str, excludes: &Excludes) -> Result<InputList, IoError> {
+    let names = expand_braces(spec).map_err(|message| IoError::BadPattern {
+        pattern: spec.to_string(),
+        message,
+    })?;
+    let paths: Vec<PathBuf> = names.iter().map(PathBuf::from).collect();
+    let missing: Vec<&PathBuf> = paths.iter().filter(|p| !p.is_file()).collect();
+    if let Some(first) = missing.first() {
+        return Err(IoError::NotFound {
+            path: if missing.len() == 1 {
+                first.to_path_buf()
+            } else {
+                PathBuf::from(format!(
+                    "{} (and {} more of the {} shards named by {spec})",
+                    first.display(),
+                    missing.len() - 1,
+                    paths.len()
+                ))
+            },
+        });
+    }
+    let rels = shard_rels(&paths);
+    let mut seen = HashSet::new();
+    let mut shards = Vec::new();
+    let mut items = Vec::new();
+    let mut warnings = Vec::new();
+    let (mut ignored, mut excluded) = (0usize, 0usize);
+    for (path, rel) in paths.iter().zip(rels) {
+        if !seen.insert(rel.clone()) {
+            continue;
+        }
+        let (shard, w) = list_tar(path, &rel)?;
+        warnings.extend(w);
+        let shard = Arc::new(shard);
+        let image_keys: HashSet<&str> = shard
+            .entries
+            .iter()
+            .filter(|e| e.image)
+            .map(|e| e.key.as_str())
+            .collect();
+        for (i, e) in shard.entries.iter().enumerate() {
+            if !e.image {
+                if !image_keys.contains(e.key.as_str()) {
+                    ignored += 1;
+                }
+                continue;
+            }
+            let item_rel = format!("{rel}/{}", e.name);
+            if excludes.matches(&item_rel) {
+                excluded += 1;
+                continue;
+            }
+            items.push(InputItem {
+                path: path.clone(),
+                rel: item_rel,
+                member: Some(TarMember {
+                    shard: shard.clone(),
+                    entry: i,
+                }),
+            });
+        }
+        shards.push(shard);
+    }
+    if items.is_empty() {
+        return Err(IoError::EmptyInput {
+            path: PathBuf::from(spec),
+            detail: format!(
+                "the {} tar shard(s) hold no members with extension {} ({ignored} other member(s) ignored, {excluded} excluded)",
+                shards.len(),
+                IMAGE_EXTENSIONS.join(", ")
+            ),
+        });
+    }
+    Ok(InputList {
+        source: InputSource::TarShards,
+        items,
+        ignored,
+        excluded,
+        shards,
+        warnings,
+    })
+}
+
+/// Relative names of tar shards: paths relative to their longest common parent directory, so
+/// `shards/train-000.tar` gives `train-000.tar`, and shards in different directories keep the
+/// part that tells them apart.
+fn shard_rels(paths: &[PathBuf]) -> Vec<String> {
+    let parents: Vec<Vec<String>> = paths
+        .iter()
+        .map(|p| {
+            p.parent()
+                .map(|d| {
+                    d.components()
+                        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    let mut common = parents.first().map_or(0, |p| p.len());
+    for p in &parents {
+        common = common.min(
+            p.iter()
+                .zip(&parents[0])
+                .take_while(|(a, b)| a == b)
+                .count(),
+        );
+    }
+    paths
+        .iter()
+        .zip(&parents)
+        .map(|(p, dirs)| {
+            let mut parts: Vec<String> = dirs[common..]
+                .iter()
+                .filter(|d| d.as_str() != "." && d.as_str() != "/")
+                .cloned()
+                .collect();
+            parts.push(
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            );
+            parts.join("/")
+        })
+        .collect()
+}
+
+fn list_directory(
+    root: &Path,
+    exclude_dir: Option<&Path>,
+    excludes: &Excludes,
+) -> Result<InputList, IoError> {
     let exclude = exclude_dir.and_then(|d| std::fs::canonicalize(d).ok());
     let mut visited = HashSet::new();
-    let mut items = Vec::new();
-    let mut ignored = 0usize;
-    walk(
-        root,
-        "",
-        exclude.as_deref(),
-        &mut visited,
-        &mut items,
-        &mut ignored,
-    )?;
+    let mut walker = Walker {
+        exclude: exclude.as_deref(),
+        excludes,
+        visited: &mut visited,
+        items: Vec::new(),
+        ignored: 0,
+        excluded: 0,
+    };
+    walker.walk(root, "")?;
+    let Walker {
+        mut items,
+        ignored,
+        excluded,
+        ..
+    } = walker;
     items.sort_by(|a: &InputItem, b: &InputItem| a.rel.cmp(&b.rel));
     if items.is_empty() {
         return Err(IoError::EmptyInput {
             path: root.to_path_buf(),
             detail: format!(
-                "the directory holds no files with extension {} ({ignored} other file(s) ignored)",
+                "the directory holds no files with extension {} ({ignored} other file(s) ignored, {excluded} excluded)",
                 IMAGE_EXTENSIONS.join(", ")
             ),
         });
@@ -103,66 +420,78 @@ fn list_directory(root: &Path, exclude_dir: Option<&Path>) -> Result<InputList, 
         source: InputSource::Directory,
         items,
         ignored,
+        excluded,
+        shards: Vec::new(),
+        warnings: Vec::new(),
     })
 }
 
-fn walk(
-    dir: &Path,
-    prefix: &str,
-    exclude: Option<&Path>,
-    visited: &mut HashSet<PathBuf>,
-    items: &mut Vec<InputItem>,
-    ignored: &mut usize,
-) -> Result<(), IoError> {
-    let canon = std::fs::canonicalize(dir).map_err(|source| IoError::Read {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    if exclude == Some(canon.as_path()) || !visited.insert(canon) {
-        return Ok(());
-    }
-    let rd = std::fs::read_dir(dir).map_err(|source| IoError::Read {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let mut entries = Vec::new();
-    for entry in rd {
-        let entry = entry.map_err(|source| IoError::Read {
+struct Walker<'a> {
+    exclude: Option<&'a Path>,
+    excludes: &'a Excludes,
+    visited: &'a mut HashSet<PathBuf>,
+    items: Vec<InputItem>,
+    ignored: usize,
+    excluded: usize,
+}
+
+impl Walker<'_> {
+    fn walk(&mut self, dir: &Path, prefix: &str) -> Result<(), IoError> {
+        let exclude = self.exclude;
+        let canon = std::fs::canonicalize(dir).map_err(|source| IoError::Read {
             path: dir.to_path_buf(),
             source,
         })?;
-        entries.push(entry.file_name());
-    }
-    entries.sort();
-    for name in entries {
-        let path = dir.join(&name);
-        let Some(name) = name.to_str() else {
-            // Non-UTF-8 names cannot be carried in the manifest or in '/'-separated rel paths.
-            *ignored += 1;
-            continue;
-        };
-        let hidden = name.starts_with('.');
-        // Follow symlinks; a dangling link counts as an ignored file.
-        let Ok(meta) = std::fs::metadata(&path) else {
-            *ignored += 1;
-            continue;
-        };
-        let rel = if prefix.is_empty() {
-            name.to_string()
-        } else {
-            format!("{prefix}/{name}")
-        };
-        if meta.is_dir() {
-            if !hidden {
-                walk(&path, &rel, exclude, visited, items, ignored)?;
-            }
-        } else if !hidden && has_image_extension(name) {
-            items.push(InputItem { path, rel });
-        } else {
-            *ignored += 1;
+        if exclude == Some(canon.as_path()) || !self.visited.insert(canon) {
+            return Ok(());
         }
+        let rd = std::fs::read_dir(dir).map_err(|source| IoError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut entries = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(|source| IoError::Read {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            entries.push(entry.file_name());
+        }
+        entries.sort();
+        for name in entries {
+            let path = dir.join(&name);
+            let Some(name) = name.to_str() else {
+                // Non-UTF-8 names cannot be carried in the manifest or in '/'-separated rel paths.
+                self.ignored += 1;
+                continue;
+            };
+            let hidden = name.starts_with('.');
+            // Follow symlinks; a dangling link counts as an ignored file.
+            let Ok(meta) = std::fs::metadata(&path) else {
+                self.ignored += 1;
+                continue;
+            };
+            let rel = if prefix.is_empty() {
+                name.to_string()
+            } else {
+                format!("{prefix}/{name}")
+            };
+            if meta.is_dir() {
+                if !hidden && !self.excludes.matches(&rel) {
+                    self.walk(&path, &rel)?;
+                }
+            } else if !hidden && has_image_extension(name) {
+                if self.excludes.matches(&rel) {
+                    self.excluded += 1;
+                } else {
+                    self.items.push(InputItem::file(path, rel));
+                }
+            } else {
+                self.ignored += 1;
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn has_image_extension(name: &str) -> bool {
@@ -174,7 +503,7 @@ fn has_image_extension(name: &str) -> bool {
     }
 }
 
-fn list_file(list: &Path) -> Result<InputList, IoError> {
+fn list_file(list: &Path, excludes: &Excludes) -> Result<InputList, IoError> {
     let text = std::fs::read_to_string(list).map_err(|source| {
         if source.kind() == std::io::ErrorKind::InvalidData {
             IoError::ListFile {
@@ -191,6 +520,7 @@ fn list_file(list: &Path) -> Result<InputList, IoError> {
     })?;
     let base = list.parent().unwrap_or(Path::new(""));
     let mut items = Vec::new();
+    let mut excluded = 0;
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -207,18 +537,27 @@ fn list_file(list: &Path) -> Result<InputList, IoError> {
         } else {
             base.join(written)
         };
-        items.push(InputItem { path, rel });
+        if excludes.matches(&rel) {
+            excluded += 1;
+            continue;
+        }
+        items.push(InputItem::file(path, rel));
     }
     if items.is_empty() {
         return Err(IoError::EmptyInput {
             path: list.to_path_buf(),
-            detail: "the list file has no paths (only blank lines or # comments)".into(),
+            detail: format!(
+                "the list file has no paths (only blank lines or # comments; {excluded} excluded)"
+            ),
         });
     }
     Ok(InputList {
         source: InputSource::ListFile,
         items,
         ignored: 0,
+        excluded,
+        shards: Vec::new(),
+        warnings: Vec::new(),
     })
 }
 
@@ -265,10 +604,18 @@ pub fn output_rel_path(rel: &str) -> String {
 /// Fails if two inputs map to the same output file (e.g. `x.jpg` and `x.png`, or the same path
 /// listed twice), listing every clash as (first input, other input, output).
 pub fn check_output_collisions(items: &[InputItem]) -> Result<(), IoError> {
+    check_output_collisions_in(items, OutputLayout::Tree)
+}
+
+/// [`check_output_collisions`] for the outputs of `layout`.
+pub fn check_output_collisions_in(
+    items: &[InputItem],
+    layout: OutputLayout,
+) -> Result<(), IoError> {
     let mut seen: BTreeMap<String, &str> = BTreeMap::new();
     let mut pairs = Vec::new();
     for item in items {
-        let out = output_rel_path(&item.rel);
+        let out = layout.output_rel(item);
         if let Some(first) = seen.get(&out) {
             pairs.push((first.to_string(), item.rel.clone(), out));
         } else {

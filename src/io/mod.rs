@@ -10,6 +10,8 @@
 //!   output-name mapping (`a/b.jpg` → `a/b.png`);
 //! - [`manifest`]: the `manifest.jsonl` record, writer and tolerant reader;
 //! - [`mod@verify`]: the checks behind `prm verify`;
+//! - [`webdataset`]: WebDataset-style tar shards (brace expansion, samples, in-place member
+//!   reads, atomic tar writer);
 //! - [`units`]: parsing `8/255`-style fractions for `--eps`, `--step-size` and `--lr`.
 //!
 //! All fallible functions return [`IoError`], whose messages name the file and say what to do.
@@ -21,12 +23,16 @@ pub mod output;
 pub mod shard;
 pub mod units;
 pub mod verify;
+pub mod webdataset;
 
 use std::path::PathBuf;
 
-pub use self::image::{read_image, read_image_limited, RgbImage, DEFAULT_MAX_PIXELS};
+pub use self::image::{
+    read_image, read_image_bytes, read_image_limited, read_item, RgbImage, DEFAULT_MAX_PIXELS,
+};
 pub use self::inputs::{
-    check_output_collisions, list_inputs, output_rel_path, InputItem, InputList, InputSource,
+    check_output_collisions, check_output_collisions_in, list_inputs, list_inputs_with,
+    output_rel_path, InputItem, InputList, InputSource, ListOptions, OutputLayout, TarMember,
 };
 pub use self::manifest::{
     read_manifest, read_manifest_detailed, ManifestContents, ManifestRecord, ManifestWriter,
@@ -37,7 +43,9 @@ pub use self::output::{
     write_float_safetensors_atomic, write_png_atomic,
 };
 pub use self::units::parse_fraction;
-pub use self::verify::{verify, VerifyReport, Violation, ViolationKind};
+pub use self::verify::{
+    verify, verify_with, VerifyOptions, VerifyReport, Violation, ViolationKind,
+};
 
 /// Every error the I/O layer can report. Each message names the file involved and, where there
 /// is one, the fix.
@@ -102,6 +110,10 @@ pub enum IoError {
         /// (first input, second input, shared output) for each clash.
         pairs: Vec<(String, String, String)>,
     },
+
+    /// A bad `--exclude` glob or `--input` brace pattern.
+    #[error("bad pattern `{pattern}`: {message}")]
+    BadPattern { pattern: String, message: String },
 
     /// A complete (newline-terminated) line of a manifest is not a valid record.
     #[error("{}:{line}: invalid manifest record: {message} (the manifest was edited or written by another tool)", path.display())]

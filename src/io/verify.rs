@@ -13,11 +13,30 @@ use std::path::Path;
 use image::DynamicImage;
 use rayon::prelude::*;
 
-use super::image::{decode_dynamic, dynamic_to_rgb, DEFAULT_MAX_PIXELS};
-use super::inputs::{list_inputs, output_rel_path};
+use super::image::{dynamic_to_rgb, read_item, DEFAULT_MAX_PIXELS};
+use super::inputs::{list_inputs_with, output_rel_path, InputItem, ListOptions};
 use super::manifest::{read_manifest_detailed, Status, MANIFEST_FILE};
 use super::output::{clean_255, interleaved_to_planar, linf_255};
-use super::{read_image, IoError};
+use super::webdataset::{Found, OutputLookup};
+use super::IoError;
+
+/// Options of [`verify_with`].
+#[derive(Clone, Debug)]
+pub struct VerifyOptions {
+    /// `--exclude` globs, as given to `prm attack`.
+    pub exclude: Vec<String>,
+    /// Pixel budget for decoding clean and adversarial images.
+    pub max_pixels: u64,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions {
+            exclude: Vec::new(),
+            max_pixels: DEFAULT_MAX_PIXELS,
+        }
+    }
+}
 
 /// Tolerance, in 1/255 units, on the L∞ comparison with ε.
 pub const LINF_TOLERANCE_255: f64 = 1e-4;
@@ -78,6 +97,8 @@ pub enum ViolationKind {
     ManifestOutputMissing { output: Option<String> },
     /// The manifest could not be read.
     ManifestUnreadable { message: String },
+    /// An `ok` record disagrees with the file it describes (size, or an L∞ above ε).
+    ManifestDisagrees { message: String },
 }
 
 impl fmt::Display for Violation {
@@ -114,6 +135,9 @@ impl fmt::Display for Violation {
             ViolationKind::ManifestUnreadable { message } => {
                 write!(f, "{MANIFEST_FILE} unreadable: {message}")
             }
+            ViolationKind::ManifestDisagrees { message } => {
+                write!(f, "{MANIFEST_FILE} disagrees with the output: {message}")
+            }
         }
     }
 }
@@ -130,39 +154,62 @@ impl fmt::Display for Violation {
 /// Errors only for problems with the arguments themselves (a missing `clean` or `adv`, an empty
 /// or unusable input list); everything about individual files is a [`Violation`].
 pub fn verify(clean: &Path, adv: &Path, eps: f32) -> Result<VerifyReport, IoError> {
+    verify_with(clean, adv, eps, &VerifyOptions::default())
+}
+
+/// [`verify`] with `--exclude` globs and a pixel budget. `clean` may also name tar shards
+/// (`shards/train-{000..009}.tar`); their outputs are looked up in the output tars
+/// (`<adv>/<shard>.tar`), in staged files, or in the tree layout (`<adv>/<shard>/<member>.png`).
+pub fn verify_with(
+    clean: &Path,
+    adv: &Path,
+    eps: f32,
+    options: &VerifyOptions,
+) -> Result<VerifyReport, IoError> {
     if !adv.is_dir() {
         return Err(IoError::NotFound {
             path: adv.to_path_buf(),
         });
     }
-    let list = list_inputs(clean, Some(adv))?;
+    let list = list_inputs_with(
+        clean,
+        &ListOptions {
+            exclude_dir: Some(adv.to_path_buf()),
+            exclude: options.exclude.clone(),
+        },
+    )?;
     let eps_255 = eps as f64 * 255.0;
+    let lookup = OutputLookup::new(adv);
 
-    let results: Vec<(Option<f64>, Option<Violation>)> = list
+    let results: Vec<PairResult> = list
         .items
         .par_iter()
-        .map(|item| {
-            let out_rel = output_rel_path(&item.rel);
-            match check_pair(&item.path, &adv.join(&out_rel), &out_rel, eps_255) {
-                Ok(linf) => (Some(linf), None),
-                Err((linf, kind)) => (
+        .map(
+            |item| match check_pair(item, &lookup, adv, eps_255, options.max_pixels) {
+                Ok((linf, size)) => (Some(linf), Some(size), None),
+                Err((linf, size, kind)) => (
                     linf,
+                    size,
                     Some(Violation {
                         file: item.rel.clone(),
                         kind,
                     }),
                 ),
-            }
-        })
+            },
+        )
         .collect();
 
     let mut report = VerifyReport {
         checked: list.items.len(),
         ..Default::default()
     };
-    for (linf, violation) in results {
+    let mut sizes: HashMap<&str, (usize, usize)> = HashMap::new();
+    for (item, (linf, size, violation)) in list.items.iter().zip(results) {
         if let Some(l) = linf {
             report.max_linf_255 = report.max_linf_255.max(l);
+        }
+        if let Some(size) = size {
+            sizes.insert(item.rel.as_str(), size);
         }
         report.violations.extend(violation);
     }
@@ -170,37 +217,90 @@ pub fn verify(clean: &Path, adv: &Path, eps: f32) -> Result<VerifyReport, IoErro
     let manifest_path = adv.join(MANIFEST_FILE);
     if manifest_path.is_file() {
         report.manifest_checked = true;
-        check_manifest(&manifest_path, adv, &list.items, &mut report);
+        check_manifest(
+            &manifest_path,
+            &lookup,
+            &list.items,
+            &sizes,
+            eps_255,
+            &mut report,
+        );
     }
     Ok(report)
 }
 
-/// Compares one pair; `Ok(linf)` when it passes, otherwise the violation (with the L∞ if it
-/// could be measured).
+/// (L∞ when measured, the output's size when decoded, the violation if any).
+type PairResult = (Option<f64>, Option<(usize, usize)>, Option<Violation>);
+
+/// The output's name for messages: relative to the output directory, or `<shard>.tar/<member>`.
+fn found_name(found: &Found, item: &InputItem, adv: &Path) -> String {
+    match (found, &item.member) {
+        (Found::Member { .. }, Some(m)) => {
+            format!("{}/{}", m.shard.rel, output_rel_path(m.name()))
+        }
+        (Found::File(p), _) => p
+            .strip_prefix(adv)
+            .map(|r| r.to_string_lossy().replace('\\', "/"))
+            .unwrap_or_else(|_| p.display().to_string()),
+        (Found::Member { tar, .. }, None) => tar.display().to_string(),
+    }
+}
+
+/// Compares one pair; `Ok((linf, size))` when it passes, otherwise the violation (with the L∞
+/// and the output's size if they could be measured).
+#[allow(clippy::type_complexity)]
 fn check_pair(
-    clean_path: &Path,
-    adv_path: &Path,
-    out_rel: &str,
+    item: &InputItem,
+    lookup: &OutputLookup,
+    adv_dir: &Path,
     eps_255: f64,
-) -> Result<f64, (Option<f64>, ViolationKind)> {
-    let clean = read_image(clean_path).map_err(|e| {
+    max_pixels: u64,
+) -> Result<(f64, (usize, usize)), (Option<f64>, Option<(usize, usize)>, ViolationKind)> {
+    let clean = read_item(item, max_pixels).map_err(|e| {
         (
+            None,
             None,
             ViolationKind::CleanUnreadable {
                 message: e.to_string(),
             },
         )
     })?;
-    if !adv_path.is_file() {
-        return Err((
-            None,
-            ViolationKind::Missing {
-                output: out_rel.to_string(),
-            },
-        ));
-    }
-    let adv = decode_dynamic(adv_path, DEFAULT_MAX_PIXELS).map_err(|e| {
+    let expected = super::OutputLayout::Tree.output_rel(item);
+    let found = match lookup.find(item, None) {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            return Err((
+                None,
+                None,
+                ViolationKind::Missing {
+                    output: match &item.member {
+                        Some(m) => format!(
+                            "{} (or {}/{})",
+                            expected,
+                            m.shard.rel,
+                            output_rel_path(m.name())
+                        ),
+                        None => expected,
+                    },
+                },
+            ))
+        }
+        Err(e) => {
+            return Err((
+                None,
+                None,
+                ViolationKind::Undecodable {
+                    output: expected,
+                    message: e.to_string(),
+                },
+            ))
+        }
+    };
+    let out_rel = found_name(&found, item, adv_dir);
+    let out_rel = out_rel.as_str();
+    let adv = found.decode(max_pixels).map_err(|e| {
         (
+            None,
             None,
             ViolationKind::Undecodable {
                 output: out_rel.to_string(),
@@ -212,6 +312,7 @@ fn check_pair(
     if (aw, ah) != (clean.width, clean.height) {
         return Err((
             None,
+            Some((aw, ah)),
             ViolationKind::SizeMismatch {
                 output: out_rel.to_string(),
                 adv: (aw, ah),
@@ -234,6 +335,7 @@ fn check_pair(
     if linf > eps_255 + LINF_TOLERANCE_255 || linf.is_nan() {
         return Err((
             Some(linf),
+            Some((aw, ah)),
             ViolationKind::LinfExceeded {
                 output: out_rel.to_string(),
                 linf_255: linf,
@@ -241,7 +343,7 @@ fn check_pair(
             },
         ));
     }
-    Ok(linf)
+    Ok((linf, (aw, ah)))
 }
 
 fn is_8bit(img: &DynamicImage) -> bool {
@@ -256,10 +358,13 @@ fn is_8bit(img: &DynamicImage) -> bool {
 
 fn check_manifest(
     manifest_path: &Path,
-    adv: &Path,
-    items: &[super::InputItem],
+    lookup: &OutputLookup,
+    items: &[InputItem],
+    sizes: &HashMap<&str, (usize, usize)>,
+    eps_255: f64,
     report: &mut VerifyReport,
 ) {
+    let by_rel: HashMap<&str, &InputItem> = items.iter().map(|i| (i.rel.as_str(), i)).collect();
     let contents = match read_manifest_detailed(manifest_path) {
         Ok(c) => c,
         Err(e) => {
@@ -290,7 +395,7 @@ fn check_manifest(
         last.insert(r.input.as_str(), r);
     }
     for item in items {
-        let out = output_rel_path(&item.rel);
+        let out = super::OutputLayout::Tree.output_rel(item);
         if !recorded_inputs.contains(item.rel.as_str()) && !recorded_outputs.contains(out.as_str())
         {
             report.violations.push(Violation {
@@ -306,7 +411,11 @@ fn check_manifest(
         .collect();
     ok_records.sort_by(|a, b| a.input.cmp(&b.input));
     for r in ok_records {
-        let exists = r.output.as_ref().is_some_and(|o| adv.join(o).is_file());
+        let exists = match (by_rel.get(r.input.as_str()), &r.output) {
+            (_, None) => false,
+            (Some(item), Some(_)) => matches!(lookup.find(item, None), Ok(Some(_))),
+            (None, Some(o)) => lookup_dir(lookup).join(o).is_file(),
+        };
         if !exists {
             report.violations.push(Violation {
                 file: r.input.clone(),
@@ -314,6 +423,34 @@ fn check_manifest(
                     output: r.output.clone(),
                 },
             });
+            continue;
+        }
+        if let Some(&(w, h)) = sizes.get(r.input.as_str()) {
+            if (r.width, r.height) != (w, h) {
+                report.violations.push(Violation {
+                    file: r.input.clone(),
+                    kind: ViolationKind::ManifestDisagrees {
+                        message: format!(
+                            "record says {}x{}, the output is {w}x{h}",
+                            r.width, r.height
+                        ),
+                    },
+                });
+            }
+        }
+        if let Some(l) = r.linf {
+            if l > eps_255 + LINF_TOLERANCE_255 {
+                report.violations.push(Violation {
+                    file: r.input.clone(),
+                    kind: ViolationKind::ManifestDisagrees {
+                        message: format!("record says linf {l:.4}/255 > eps {eps_255:.4}/255"),
+                    },
+                });
+            }
         }
     }
+}
+
+fn lookup_dir(lookup: &OutputLookup) -> &Path {
+    lookup.dir()
 }

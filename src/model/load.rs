@@ -155,7 +155,14 @@ pub fn load_safetensors(path: &Path) -> Result<Model, ModelError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::BadSafetensors {
+    load_safetensors_bytes(path, &bytes)
+}
+
+/// [`load_safetensors`] on a checkpoint already in memory: `path` names it in messages, and the
+/// JSON files next to it (`config.json`, ...) are read from its directory. The fuzz targets
+/// (`fuzz/`) drive the loader through this.
+pub fn load_safetensors_bytes(path: &Path, bytes: &[u8]) -> Result<Model, ModelError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::BadSafetensors {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;

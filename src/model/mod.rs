@@ -10,7 +10,9 @@ mod load;
 mod text;
 
 pub use builtin::{builtin_architectures, builtin_config, random_model, random_text_tower};
-pub use load::{load_model, load_safetensors, resolve_checkpoint, ModelError};
+pub use load::{
+    load_model, load_safetensors, load_safetensors_bytes, resolve_checkpoint, ModelError,
+};
 pub use text::{load_text_tower, TextConfig, TextTower, TextWeights, BUNDLED_TOKENIZER_VOCAB};
 
 /// The MLP non-linearity of a CLIP tower.
