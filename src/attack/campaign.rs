@@ -92,6 +92,9 @@ pub trait Progress {
     /// [`AttackOutcome::losses`]); the last value, `losses[steps]`, is the saved image's loss
     /// (the manifest's `loss_final`).
     fn loss_curve(&self, _rel: &str, _losses: &[f64]) {}
+    /// The device ran out of memory: batches are now `size` images, and the `redone`
+    /// image-steps already reported for the abandoned batch will be reported again.
+    fn batch_shrunk(&self, _size: usize, _redone: usize) {}
 }
 
 /// A [`Progress`] that shows nothing.
@@ -152,7 +155,12 @@ pub fn run_campaign_interruptible<E: Engine>(
     if summary.skipped > 0 {
         progress.skipped(summary.skipped);
     }
-    for batch in todo.chunks(output.batch_size.max(1)) {
+    // The batch size shrinks (and stays shrunk) when a batch runs out of device memory: the
+    // batch is retried in halves, which gives the same images (every draw is per image).
+    let mut batch_size = output.batch_size.max(1);
+    let mut next = 0;
+    while next < todo.len() {
+        let batch = &todo[next..(next + batch_size).min(todo.len())];
         if interrupted() {
             summary.interrupted = true;
             break;
@@ -161,7 +169,9 @@ pub fn run_campaign_interruptible<E: Engine>(
             progress.image_started(&item.rel);
         }
         let started = Instant::now();
+        let reported = std::cell::Cell::new(0usize);
         let on_step = |n: usize| {
+            reported.set(reported.get() + n);
             progress.steps_done(n);
             if interrupted() {
                 // Not a panic: no hook runs, and `catch_unwind` below tells it apart.
@@ -173,7 +183,23 @@ pub fn run_campaign_interruptible<E: Engine>(
                 engine, objective, settings, batch, output, &on_step, progress,
             )
         })) {
-            Ok(records) => records,
+            Ok(BatchResult::OutOfMemory) if batch.len() > 1 => {
+                engine.release_cached_memory();
+                batch_size = (batch.len() / 2).max(1);
+                progress.batch_shrunk(batch_size, reported.get());
+                continue;
+            }
+            Ok(BatchResult::OutOfMemory) => {
+                engine.release_cached_memory();
+                let failure = ImageFailure {
+                    message: "engine error: out of device memory with one image per batch \
+                              (use a smaller --resolution or --max-pixels, or a larger GPU)"
+                        .into(),
+                    size: None,
+                };
+                batch.iter().map(|_| Err(failure.clone())).collect()
+            }
+            Ok(BatchResult::Done(records)) => records,
             Err(payload) if payload.is::<Interrupted>() => {
                 summary.interrupted = true;
                 break;
@@ -209,6 +235,7 @@ pub fn run_campaign_interruptible<E: Engine>(
             progress.image_done(&record);
         }
         manifest.sync()?;
+        next += batch.len();
     }
     manifest.sync()?;
     if !summary.interrupted {
@@ -528,6 +555,13 @@ fn load(
 }
 
 /// Attacks one batch; one result per item, in order.
+/// What became of one batch: a record (or failure) per image, or an out-of-memory error before
+/// anything was written (the caller retries smaller).
+enum BatchResult {
+    Done(Vec<Result<ManifestRecord, ImageFailure>>),
+    OutOfMemory,
+}
+
 fn attack_batch<E: Engine>(
     engine: &E,
     objective: &Objective,
@@ -536,7 +570,7 @@ fn attack_batch<E: Engine>(
     output: &OutputOptions,
     on_step: &dyn Fn(usize),
     progress: &dyn Progress,
-) -> Vec<Result<ManifestRecord, ImageFailure>> {
+) -> BatchResult {
     let patch = engine.model().config.patch;
     let loaded: Vec<Result<Loaded, ImageFailure>> = batch
         .iter()
@@ -558,7 +592,7 @@ fn attack_batch<E: Engine>(
         })
         .collect();
     if ok.is_empty() {
-        return results;
+        return BatchResult::Done(results);
     }
     let images = ok
         .iter()
@@ -576,11 +610,12 @@ fn attack_batch<E: Engine>(
     };
     let mut attack = match Attack::new(engine, objective, settings, images) {
         Ok(a) => a,
+        Err(e) if e.is_out_of_memory() => return BatchResult::OutOfMemory,
         Err(e) => {
             for &(i, l) in &ok {
                 results[i] = Err(engine_failure(&e, l));
             }
-            return results;
+            return BatchResult::Done(results);
         }
     };
     let curves = progress.wants_loss_curves();
@@ -592,11 +627,12 @@ fn attack_batch<E: Engine>(
         .collect();
     let outcomes = match attack.run(starts, |_| on_step(ok.len())) {
         Ok(o) => o,
+        Err(e) if e.is_out_of_memory() => return BatchResult::OutOfMemory,
         Err(e) => {
             for &(i, l) in &ok {
                 results[i] = Err(engine_failure(&e, l));
             }
-            return results;
+            return BatchResult::Done(results);
         }
     };
     // Save within ε after rounding, then measure what was actually saved.
@@ -611,11 +647,12 @@ fn attack_batch<E: Engine>(
         .collect();
     let evals = match attack.evaluate(&saved_f32) {
         Ok(e) => e,
+        Err(e) if e.is_out_of_memory() => return BatchResult::OutOfMemory,
         Err(e) => {
             for &(i, l) in &ok {
                 results[i] = Err(engine_failure(&e, l));
             }
-            return results;
+            return BatchResult::Done(results);
         }
     };
     for (((&(i, l), outcome), saved), eval) in ok.iter().zip(&outcomes).zip(&saved).zip(evals) {
@@ -640,7 +677,7 @@ fn attack_batch<E: Engine>(
             progress.loss_curve(&batch[i].rel, &curve);
         }
     }
-    results
+    BatchResult::Done(results)
 }
 
 /// Writes the PNG (and the float image with `--save-float`); returns the PNG's relative path.

@@ -17,6 +17,13 @@ pub enum EngineError {
     Gpu(#[from] GpuError),
 }
 
+impl EngineError {
+    /// Whether the device ran out of memory (the batch can be retried smaller).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, EngineError::Gpu(GpuError::OutOfMemory { .. }))
+    }
+}
+
 /// A loss value and its gradient with respect to one image's pixels (planar, same size).
 #[derive(Clone, Debug)]
 pub struct LossAndGradient {
@@ -83,6 +90,10 @@ pub trait Engine {
         clean: &Self::Clean,
         objective: &Objective,
     ) -> Result<Vec<Evaluation>, EngineError>;
+
+    /// Frees memory the engine keeps cached between batches (after an out-of-memory error,
+    /// before the batch is retried smaller). The default keeps nothing.
+    fn release_cached_memory(&self) {}
 
     /// Runs the whole step loop on the engine's own device (images, resizes, gradients and
     /// optimiser state stay there). `None`: this engine has no such loop; use the host loop.

@@ -197,17 +197,13 @@ impl AttackArgs {
         super::device::choose_device(&self.device, &self.precision)
     }
 
-    /// Images per engine call: a number, or `auto` (1 on the CPU and in the simulator, where
-    /// batching gains nothing; 8 on CUDA).
-    fn batch_size(&self, device: Option<&Device>) -> anyhow::Result<usize> {
+    /// `--batch-size N`, or `None` for `auto` (see [`auto_batch_size`]).
+    fn fixed_batch_size(&self) -> anyhow::Result<Option<usize>> {
         if self.batch_size == "auto" {
-            return Ok(match device {
-                Some(d) if !d.is_sim() => 8,
-                _ => 1,
-            });
+            return Ok(None);
         }
         match self.batch_size.parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
+            Ok(n) if n > 0 => Ok(Some(n)),
             _ => bail!(
                 "--batch-size '{}' must be a positive number or auto",
                 self.batch_size
@@ -216,9 +212,34 @@ impl AttackArgs {
     }
 }
 
+/// `--batch-size auto`: 1 on the CPU and in the simulator (batching gains nothing there); on
+/// CUDA, what fits the free device memory at this model's activation size, capped at the token
+/// count where larger batches stopped paying ([`prm::gpu::engine::auto_batch_size`]). A batch
+/// that still runs out of memory is retried in halves by the campaign.
+fn auto_batch_size(
+    device: Option<&Device>,
+    model: &Model,
+    resolution: Resolution,
+) -> anyhow::Result<usize> {
+    let Some(dev) = device.filter(|d| !d.is_sim()) else {
+        return Ok(1);
+    };
+    let side = match resolution {
+        Resolution::Native => model.config.image_size(),
+        Resolution::Fixed(n) => n,
+    };
+    let grid = side / model.config.patch;
+    let free = dev.free_memory()?.unwrap_or(0);
+    Ok(prm::gpu::engine::auto_batch_size(
+        free,
+        &model.config,
+        grid * grid + 1,
+    ))
+}
+
 pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     let (device, precision) = args.device()?;
-    let batch_size = args.batch_size(device.as_ref())?;
+    let fixed_batch = args.fixed_batch_size()?; // checked before anything is read
     let settings = args.settings();
     settings.validate().map_err(anyhow::Error::msg)?;
     if let Some(p) = &args.plot {
@@ -269,6 +290,10 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         .map_err(anyhow::Error::msg)?;
     let objective = Objective::new(settings.loss, layers, settings.tokens, &model)
         .map_err(anyhow::Error::msg)?;
+    let batch_size = match fixed_batch {
+        Some(n) => n,
+        None => auto_batch_size(device.as_ref(), &model, settings.resolution)?,
+    };
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create output directory {}", args.output.display()))?;
 

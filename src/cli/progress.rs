@@ -63,6 +63,18 @@ impl Progress for Bar {
         self.bar
             .set_message(format!("{done} images ({rate:.2} images/s), now {rel}"));
     }
+    fn batch_shrunk(&self, size: usize, redone: usize) {
+        self.bar
+            .set_position(self.bar.position().saturating_sub(redone as u64));
+        if !self.quiet {
+            self.bar.suspend(|| {
+                eprintln!(
+                    "note: out of device memory; retrying with {size} image(s) per batch \
+                     (nothing was lost: the batch is redone)"
+                );
+            });
+        }
+    }
     fn steps_done(&self, image_steps: usize) {
         self.bar.inc(image_steps as u64);
     }

@@ -361,6 +361,14 @@ impl Device {
         }
     }
 
+    /// Free device memory in bytes; `None` under the simulator.
+    pub fn free_memory(&self) -> Result<Option<usize>, GpuError> {
+        match &*self.backend {
+            Backend::Sim => Ok(None),
+            Backend::Cuda(c) => Ok(Some(c.free_memory()?.0)),
+        }
+    }
+
     /// Waits for all work on the device.
     pub fn synchronize(&self) -> Result<(), GpuError> {
         let _timed = super::host_stats::timed(super::host_stats::Call::Synchronize);

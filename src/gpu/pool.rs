@@ -110,6 +110,14 @@ impl BufferPool {
         })
     }
 
+    /// Frees every cached buffer (buffers on loan are unaffected).
+    pub fn release(&self) {
+        if let Ok(mut free) = self.free.lock() {
+            free.by_len.clear();
+            free.bytes = 0;
+        }
+    }
+
     /// A zero-filled buffer of `len` elements.
     pub fn take_zeroed(&self, len: usize) -> Result<Pooled, GpuError> {
         let mut b = self.take(len)?;

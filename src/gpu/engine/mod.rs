@@ -1028,6 +1028,15 @@ impl Engine for GpuVit<'_> {
             .collect())
     }
 
+    fn release_cached_memory(&self) {
+        self.pool.release();
+        *self.bf16_scratch.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.packed_positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     fn run_steps(
         &self,
         plan: &StepPlan,
@@ -1044,4 +1053,58 @@ fn check_geometry(adv: &[Planar], clean: &GpuClean) {
         sizes, clean.sizes,
         "adversarial batch does not match the clean batch"
     );
+}
+
+/// Device memory one token of a batch needs during an attack step: every block's saved
+/// activations (q|k|v, context, log-sum-exp, residual, MLP pre-activation, LayerNorm
+/// statistics, features), the clean features, and the largest transients of the backward, in
+/// fp32, plus 30% for the buffer pool's size classes. ViT-B/16 at 224 px: 124 MB per image
+/// (measured peak on an H100 at batch 64: 100 MB per image).
+pub fn step_bytes_per_token(config: &crate::model::VisionConfig) -> usize {
+    let (d, m, l) = (config.width, config.mlp, config.layers);
+    let heads = d.div_ceil(64);
+    let saved = l * (3 * d + d + heads + d + m + 4 + d);
+    let clean = (l + 1) * d;
+    let transient = 4 * m + 8 * d;
+    (saved + clean + transient) * 4 * 13 / 10
+}
+
+/// Tokens per batch beyond which a larger batch stopped paying on an H100 (ViT-B/16: batch 64 =
+/// 12,608 tokens ran 93 images/s, batch 128 ran 83; docs/PERFORMANCE.md).
+pub const AUTO_BATCH_TOKENS: usize = 16_384;
+
+/// `--batch-size auto` on a GPU: the most images of `tokens_per_image` tokens that fit in 80%
+/// of `free_bytes` at [`step_bytes_per_token`], capped at [`AUTO_BATCH_TOKENS`] tokens, at
+/// least 1. Larger images than assumed are caught by the campaign's out-of-memory halving.
+pub fn auto_batch_size(
+    free_bytes: usize,
+    config: &crate::model::VisionConfig,
+    tokens_per_image: usize,
+) -> usize {
+    let per_image = (tokens_per_image.max(1) * step_bytes_per_token(config)).max(1);
+    let by_memory = free_bytes / 5 * 4 / per_image;
+    let by_tokens = AUTO_BATCH_TOKENS / tokens_per_image.max(1);
+    by_memory.min(by_tokens).max(1)
+}
+
+#[cfg(test)]
+mod auto_batch_tests {
+    use super::*;
+    use crate::model::builtin_config;
+
+    #[test]
+    fn vit_b_16_needs_about_124_mb_per_224_px_image() {
+        let c = builtin_config("vit-b-16").unwrap();
+        let per_image = 197 * step_bytes_per_token(&c);
+        assert!((110 << 20..140 << 20).contains(&per_image), "{per_image}");
+    }
+
+    #[test]
+    fn auto_batch_is_bounded_by_memory_and_by_tokens() {
+        let c = builtin_config("vit-b-16").unwrap();
+        assert_eq!(auto_batch_size(80 << 30, &c, 197), 16_384 / 197);
+        assert_eq!(auto_batch_size(1 << 30, &c, 197), 6);
+        assert_eq!(auto_batch_size(0, &c, 197), 1);
+        assert_eq!(auto_batch_size(80 << 30, &c, 1201), 13);
+    }
 }
