@@ -1,0 +1,162 @@
+//! Per-kernel GPU benches at the pgd workload's shapes (ViT-B/16, 224 px, batch 64: 12,608
+//! tokens, width 768, MLP 3072), with fresh random inputs. Each iteration launches the kernel
+//! and synchronises, so the time includes one launch latency (a few µs against 20–600 µs).
+//! Without a CUDA device every bench is skipped with a message (the simulator's timings say
+//! nothing about a GPU).
+//!
+//! Run: `cargo bench --bench kernels` (on a GPU machine; add a filter such as `-- attention`).
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use prm::gpu::gemm::{matmul_bf16, MatmulShape};
+use prm::gpu::kernels::activation::bias_activation_forward_f32_bf16out;
+use prm::gpu::kernels::attention::*;
+use prm::gpu::kernels::layernorm::layernorm_forward_f32_bf16out;
+use prm::gpu::{Buffer, Device};
+use prm::model::Activation;
+use prm::rng::{ImageRng, STREAM_INIT};
+
+const IMAGES: usize = 64;
+const TOKENS: usize = 197;
+const WIDTH: usize = 768;
+const MLP: usize = 3072;
+
+fn random(dev: &Device, n: usize, seed: &str) -> Buffer<f32> {
+    let rng = ImageRng::new(0, seed);
+    let v: Vec<f32> = (0..n)
+        .map(|i| 2.0 * rng.uniform(STREAM_INIT, i as u64) - 1.0)
+        .collect();
+    dev.upload(&v).expect("upload")
+}
+
+fn kernels(c: &mut Criterion) {
+    if !Device::cuda_available() {
+        println!("skipped: no CUDA device (kernel benches only mean something on a GPU)");
+        return;
+    }
+    let dev = Device::cuda(0).expect("CUDA device 0");
+    let n = IMAGES * TOKENS;
+    let lens = vec![TOKENS; IMAGES];
+    let cu: Vec<i32> = (0..=IMAGES).map(|i| (i * TOKENS) as i32).collect();
+    let cu = dev.upload(&cu).unwrap();
+    let qkv = random(&dev, n * 3 * WIDTH, "qkv");
+    let d_out = random(&dev, n * WIDTH, "dout");
+    let mut out = dev.alloc::<f32>(n * WIDTH).unwrap();
+    let mut lse = dev.alloc::<f32>(attention_scratch_len(n, WIDTH)).unwrap();
+    let mut delta = dev.alloc::<f32>(attention_scratch_len(n, WIDTH)).unwrap();
+    let mut d_qkv = dev.alloc::<f32>(n * 3 * WIDTH).unwrap();
+    let mut g = c.benchmark_group("attention 64x197 tokens, width 768");
+    g.sample_size(20);
+    for (name, tc) in [("simt fp32", false), ("tensor cores bf16", true)] {
+        let forward = if tc {
+            attention_forward_tc
+        } else {
+            attention_forward_f32
+        };
+        let backward = if tc {
+            attention_backward_tc
+        } else {
+            attention_backward_f32
+        };
+        g.bench_function(format!("forward {name}"), |b| {
+            b.iter(|| {
+                forward(
+                    &dev,
+                    &qkv,
+                    &cu,
+                    &lens,
+                    &mut out,
+                    &mut lse,
+                    WIDTH,
+                    AttentionMode::QK,
+                    false,
+                )
+                .unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
+        g.bench_function(format!("backward {name}"), |b| {
+            b.iter(|| {
+                backward(
+                    &dev,
+                    &qkv,
+                    &out,
+                    &d_out,
+                    &lse,
+                    &cu,
+                    &lens,
+                    &mut d_qkv,
+                    &mut delta,
+                    WIDTH,
+                    AttentionMode::QK,
+                    false,
+                )
+                .unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("row-wise 12608 tokens");
+    g.sample_size(20);
+    let x = random(&dev, n * WIDTH, "x");
+    let gamma = random(&dev, WIDTH, "gamma");
+    let beta = random(&dev, WIDTH, "beta");
+    let (mut mean, mut rstd) = (dev.alloc::<f32>(n).unwrap(), dev.alloc::<f32>(n).unwrap());
+    let mut yb = dev.alloc::<half::bf16>(n * MLP).unwrap();
+    g.bench_function("layernorm forward, bf16 out (768)", |b| {
+        b.iter(|| {
+            layernorm_forward_f32_bf16out(
+                &dev, &x, &gamma, &beta, &mut yb, &mut mean, &mut rstd, n, WIDTH, 1e-5,
+            )
+            .unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
+    let h = random(&dev, n * MLP, "h");
+    let bias = random(&dev, MLP, "bias");
+    let mut pre = dev.alloc::<f32>(n * MLP).unwrap();
+    g.bench_function("QuickGELU + bias forward, bf16 out (3072)", |b| {
+        b.iter(|| {
+            bias_activation_forward_f32_bf16out(
+                &dev,
+                Activation::QuickGelu,
+                &h,
+                Some(&bias),
+                Some(&mut pre),
+                &mut yb,
+                n,
+                MLP,
+            )
+            .unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("cuBLASLt bf16 products, 12608 rows");
+    g.sample_size(20);
+    let w = dev.alloc::<half::bf16>(MLP * WIDTH).unwrap();
+    let mut c_out = dev.alloc::<f32>(n * MLP).unwrap();
+    for (name, nn, k) in [
+        ("fc1 (768 -> 3072)", MLP, WIDTH),
+        ("fc2 (3072 -> 768)", WIDTH, MLP),
+    ] {
+        let shape = MatmulShape {
+            m: n,
+            n: nn,
+            k,
+            b_transposed: true,
+        };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                matmul_bf16(&dev, shape, &yb, &w, None, &mut c_out, false).unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, kernels);
+criterion_main!(benches);
