@@ -103,6 +103,87 @@ fn check_common(
     (total, width / HEAD_DIM)
 }
 
+/// Shape checks of a forward's outputs; returns (tokens, heads).
+fn check_forward(
+    qkv: &Buffer<f32>,
+    cu_seqlens: &Buffer<i32>,
+    seqlens_host: &[usize],
+    out: &Buffer<f32>,
+    lse: &Buffer<f32>,
+    width: usize,
+) -> (usize, usize) {
+    let (total, heads) = check_common(qkv, cu_seqlens, seqlens_host, width);
+    assert_eq!(
+        out.len(),
+        total * width,
+        "out has {} elements, expected [{total}, {width}]",
+        out.len()
+    );
+    assert_eq!(
+        lse.len(),
+        heads * total,
+        "lse has {} elements, expected [{heads}, {total}]",
+        lse.len()
+    );
+    (total, heads)
+}
+
+/// Shape checks of a backward's inputs, output and scratch; returns (tokens, heads).
+#[allow(clippy::too_many_arguments)]
+fn check_backward(
+    qkv: &Buffer<f32>,
+    out: &Buffer<f32>,
+    d_out: &Buffer<f32>,
+    lse: &Buffer<f32>,
+    cu_seqlens: &Buffer<i32>,
+    seqlens_host: &[usize],
+    d_qkv: &Buffer<f32>,
+    delta: &Buffer<f32>,
+    width: usize,
+) -> (usize, usize) {
+    let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, width);
+    assert_eq!(
+        d_out.len(),
+        total * width,
+        "d_out has {} elements, expected [{total}, {width}]",
+        d_out.len()
+    );
+    assert_eq!(
+        d_qkv.len(),
+        total * 3 * width,
+        "d_qkv has {} elements, expected [{total}, 3·{width}]",
+        d_qkv.len()
+    );
+    assert!(
+        delta.len() >= attention_scratch_len(total, width),
+        "delta scratch has {} elements, needs {} (attention_scratch_len)",
+        delta.len(),
+        attention_scratch_len(total, width)
+    );
+    (total, heads)
+}
+
+/// `delta = rowsum(dO ⊙ O)` per (head, row), the first launch of both backwards (one warp per
+/// pair, 8 warps per block).
+fn launch_delta(
+    dev: &Device,
+    out: &Buffer<f32>,
+    d_out: &Buffer<f32>,
+    delta: &mut Buffer<f32>,
+    total: usize,
+    heads: usize,
+    width: usize,
+) -> Result<(), GpuError> {
+    let cfg = LaunchConfig::linear((total * heads).div_ceil(8) as u32, 256, 0);
+    let mut args = KernelArgs::new();
+    args.input(out)
+        .input(d_out)
+        .output(delta)
+        .i32(width as i32)
+        .i32(total as i32);
+    dev.launch("prm_attention_delta_f32", cfg, &mut args)
+}
+
 fn grid(seqlens_host: &[usize], heads: usize, tile: usize) -> (u32, u32, u32) {
     let max_t = seqlens_host.iter().copied().max().unwrap_or(0);
     (
@@ -130,19 +211,7 @@ pub fn attention_forward_f32(
     mode: AttentionMode,
     causal: bool,
 ) -> Result<(), GpuError> {
-    let (total, heads) = check_common(qkv, cu_seqlens, seqlens_host, width);
-    assert_eq!(
-        out.len(),
-        total * width,
-        "out has {} elements, expected [{total}, {width}]",
-        out.len()
-    );
-    assert_eq!(
-        lse.len(),
-        heads * total,
-        "lse has {} elements, expected [{heads}, {total}]",
-        lse.len()
-    );
+    let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, width);
     if total == 0 {
         return Ok(());
     }
@@ -187,32 +256,16 @@ pub fn attention_backward_f32(
     mode: AttentionMode,
     causal: bool,
 ) -> Result<(), GpuError> {
-    let (total, heads) = check_common(qkv, cu_seqlens, seqlens_host, width);
-    for (name, b) in [("out", out), ("d_out", d_out)] {
-        assert_eq!(
-            b.len(),
-            total * width,
-            "{name} has {} elements, expected [{total}, {width}]",
-            b.len()
-        );
-    }
-    assert_eq!(
-        lse.len(),
-        heads * total,
-        "lse has {} elements, expected [{heads}, {total}]",
-        lse.len()
-    );
-    assert_eq!(
-        d_qkv.len(),
-        total * 3 * width,
-        "d_qkv has {} elements, expected [{total}, 3·{width}]",
-        d_qkv.len()
-    );
-    assert!(
-        delta.len() >= attention_scratch_len(total, width),
-        "delta scratch has {} elements, needs {} (attention_scratch_len)",
-        delta.len(),
-        attention_scratch_len(total, width)
+    let (total, heads) = check_backward(
+        qkv,
+        out,
+        d_out,
+        lse,
+        cu_seqlens,
+        seqlens_host,
+        d_qkv,
+        delta,
+        width,
     );
     if total == 0 {
         return Ok(());
@@ -220,12 +273,7 @@ pub fn attention_backward_f32(
     let (w, n, m, c) = (width as i32, total as i32, mode as i32, causal as i32);
 
     if mode != AttentionMode::Identity {
-        let pairs = total * heads;
-        let warps_per_block = 8;
-        let cfg = LaunchConfig::linear(pairs.div_ceil(warps_per_block) as u32, 256, 0);
-        let mut args = KernelArgs::new();
-        args.input(out).input(d_out).output(delta).i32(w).i32(n);
-        dev.launch("prm_attention_delta_f32", cfg, &mut args)?;
+        launch_delta(dev, out, d_out, delta, total, heads, width)?;
     }
 
     let cfg = LaunchConfig {
@@ -303,9 +351,7 @@ pub fn attention_forward_tc(
             causal,
         );
     }
-    let (total, heads) = check_common(qkv, cu_seqlens, seqlens_host, width);
-    assert_eq!(out.len(), total * width, "out is not [{total}, {width}]");
-    assert_eq!(lse.len(), heads * total, "lse is not [{heads}, {total}]");
+    let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, width);
     if total == 0 {
         return Ok(());
     }
@@ -362,34 +408,22 @@ pub fn attention_backward_tc(
             causal,
         );
     }
-    let (total, heads) = check_common(qkv, cu_seqlens, seqlens_host, width);
-    assert_eq!(out.len(), total * width, "out is not [{total}, {width}]");
-    assert_eq!(
-        d_out.len(),
-        total * width,
-        "d_out is not [{total}, {width}]"
-    );
-    assert_eq!(lse.len(), heads * total, "lse is not [{heads}, {total}]");
-    assert_eq!(
-        d_qkv.len(),
-        total * 3 * width,
-        "d_qkv is not [{total}, 3·{width}]"
-    );
-    assert!(
-        delta.len() >= attention_scratch_len(total, width),
-        "delta scratch has {} elements, needs {}",
-        delta.len(),
-        attention_scratch_len(total, width)
+    let (total, heads) = check_backward(
+        qkv,
+        out,
+        d_out,
+        lse,
+        cu_seqlens,
+        seqlens_host,
+        d_qkv,
+        delta,
+        width,
     );
     if total == 0 {
         return Ok(());
     }
     let (w, n, c) = (width as i32, total as i32, causal as i32);
-    let pairs = total * heads;
-    let cfg = LaunchConfig::linear(pairs.div_ceil(8) as u32, 256, 0);
-    let mut args = KernelArgs::new();
-    args.input(out).input(d_out).output(delta).i32(w).i32(n);
-    dev.launch("prm_attention_delta_f32", cfg, &mut args)?;
+    launch_delta(dev, out, d_out, delta, total, heads, width)?;
 
     let cfg = LaunchConfig {
         grid: grid(seqlens_host, heads, TC_TILE),
