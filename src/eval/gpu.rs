@@ -25,77 +25,28 @@ use super::targets::{
 use super::text::{check_ids, eot_position, TextEncoder};
 use super::EvalError;
 use crate::attack::image::Planar;
+use crate::gpu::engine::weights::{
+    upload_block, upload_linear, upload_ln, DeviceBlock, DeviceLayerNorm, DeviceLinear, Weight,
+};
 use crate::gpu::engine::Precision;
-use crate::gpu::gemm::{matmul_bf16, matmul_f32, MatmulShape};
+use crate::gpu::gemm::{matmul_bf16, matmul_f32};
 use crate::gpu::kernels::activation::bias_activation_forward_f32;
 use crate::gpu::kernels::attention::{attention_forward_f32, AttentionMode, HEAD_DIM};
 use crate::gpu::kernels::convert::to_bf16;
 use crate::gpu::kernels::embed::{assemble_tokens_f32, patchify_f32, PackedImages};
 use crate::gpu::kernels::layernorm::layernorm_forward_f32;
 use crate::gpu::{Buffer, Device, GpuError};
-use crate::model::{Activation, BlockWeights, LayerNormWeights, Linear, Model, TextTower};
+use crate::model::{Activation, BlockWeights, Model, TextTower};
 use crate::reference::resize::PositionEmbeddingCache;
-
-enum W {
-    F32(Buffer<f32>),
-    Bf16(Buffer<half::bf16>),
-}
-
-struct DLinear {
-    w: W,
-    bias: Option<Buffer<f32>>,
-    out: usize,
-    inp: usize,
-}
-
-struct DLn {
-    w: Buffer<f32>,
-    b: Buffer<f32>,
-}
-
-struct DBlock {
-    ln1: DLn,
-    qkv: DLinear,
-    out_proj: DLinear,
-    ln2: DLn,
-    fc1: DLinear,
-    fc2: DLinear,
-}
 
 /// The weights of a stack of pre-LN blocks on a device, and the operators over them.
 struct Stack {
     dev: Device,
-    blocks: Vec<DBlock>,
+    blocks: Vec<DeviceBlock>,
     width: usize,
     mlp: usize,
     act: Activation,
     eps: f32,
-}
-
-fn up_linear(dev: &Device, l: &Linear, p: Precision) -> Result<DLinear, GpuError> {
-    Ok(DLinear {
-        w: match p {
-            Precision::Fp32 => W::F32(dev.upload(&l.weight)?),
-            Precision::Bf16 => W::Bf16(
-                dev.upload(
-                    &l.weight
-                        .iter()
-                        .map(|&v| half::bf16::from_f32(v))
-                        .collect::<Vec<_>>(),
-                )?,
-            ),
-        },
-        bias: l.bias.as_ref().map(|b| dev.upload(b)).transpose()?,
-        out: l.out_features,
-        inp: l.in_features,
-    })
-}
-
-fn up_ln(dev: &Device, l: &LayerNormWeights) -> Result<DLn, GpuError> {
-    Ok(DLn {
-        w: dev.upload(&l.weight)?,
-        b: dev.upload(&l.bias)?,
-    })
 }
 
 fn check_heads(what: &str, width: usize, heads: usize) -> Result<(), EvalError> {
@@ -120,16 +71,7 @@ impl Stack {
     ) -> Result<Self, GpuError> {
         let blocks = blocks
             .iter()
-            .map(|b| {
-                Ok(DBlock {
-                    ln1: up_ln(dev, &b.ln1)?,
-                    qkv: up_linear(dev, &b.qkv, p)?,
-                    out_proj: up_linear(dev, &b.out_proj, p)?,
-                    ln2: up_ln(dev, &b.ln2)?,
-                    fc1: up_linear(dev, &b.fc1, p)?,
-                    fc2: up_linear(dev, &b.fc2, p)?,
-                })
-            })
+            .map(|b| upload_block(dev, b, p))
             .collect::<Result<Vec<_>, GpuError>>()?;
         Ok(Stack {
             dev: dev.clone(),
@@ -146,23 +88,18 @@ impl Stack {
         &self,
         x: &Buffer<f32>,
         rows: usize,
-        l: &DLinear,
+        l: &DeviceLinear,
         with_bias: bool,
         out: &mut Buffer<f32>,
         accumulate: bool,
     ) -> Result<(), GpuError> {
-        let shape = MatmulShape {
-            m: rows,
-            n: l.out,
-            k: l.inp,
-            b_transposed: true,
-        };
+        let shape = l.forward_shape(rows);
         let bias = if with_bias { l.bias.as_ref() } else { None };
-        match &l.w {
-            W::F32(w) => matmul_f32(&self.dev, shape, x, w, bias, out, accumulate),
-            W::Bf16(w) => {
-                let mut xb = self.dev.alloc::<half::bf16>(rows * l.inp)?;
-                to_bf16(&self.dev, x, &mut xb, rows * l.inp)?;
+        match &l.weight {
+            Weight::F32(w) => matmul_f32(&self.dev, shape, x, w, bias, out, accumulate),
+            Weight::Bf16(w) => {
+                let mut xb = self.dev.alloc::<half::bf16>(rows * l.in_features)?;
+                to_bf16(&self.dev, x, &mut xb, rows * l.in_features)?;
                 matmul_bf16(&self.dev, shape, &xb, w, bias, out, accumulate)
             }
         }
@@ -171,7 +108,7 @@ impl Stack {
     fn ln(
         &self,
         x: &Buffer<f32>,
-        l: &DLn,
+        l: &DeviceLayerNorm,
         rows: usize,
         dim: usize,
     ) -> Result<Buffer<f32>, GpuError> {
@@ -179,7 +116,7 @@ impl Stack {
         let mut mean = self.dev.alloc(rows)?;
         let mut rstd = self.dev.alloc(rows)?;
         layernorm_forward_f32(
-            &self.dev, x, &l.w, &l.b, &mut y, &mut mean, &mut rstd, rows, dim, self.eps,
+            &self.dev, x, &l.weight, &l.bias, &mut y, &mut mean, &mut rstd, rows, dim, self.eps,
         )?;
         Ok(y)
     }
@@ -203,7 +140,7 @@ impl Stack {
     }
 
     /// `z + fc2(act(fc1(LN2(z))))`, in place on `z`.
-    fn mlp(&self, b: &DBlock, z: &mut Buffer<f32>, rows: usize) -> Result<(), GpuError> {
+    fn mlp(&self, b: &DeviceBlock, z: &mut Buffer<f32>, rows: usize) -> Result<(), GpuError> {
         let n2 = self.ln(z, &b.ln2, rows, self.width)?;
         let mut pre = self.dev.alloc(rows * self.mlp)?;
         self.linear(&n2, rows, &b.fc1, false, &mut pre, false)?;
@@ -224,7 +161,7 @@ impl Stack {
     /// One standard block (q·kᵀ attention, causal or not), returning the new stream.
     fn block(
         &self,
-        b: &DBlock,
+        b: &DeviceBlock,
         x: &Buffer<f32>,
         cu: &Buffer<i32>,
         lens: &[usize],
@@ -246,7 +183,7 @@ impl Stack {
     /// The last block replaced by a dense head (one sequence).
     fn dense_head(
         &self,
-        b: &DBlock,
+        b: &DeviceBlock,
         x: &Buffer<f32>,
         cu: &Buffer<i32>,
         lens: &[usize],
@@ -289,11 +226,11 @@ type DeviceForward = (Vec<Buffer<f32>>, Buffer<i32>, Vec<usize>, (usize, usize))
 pub struct GpuTargets<'m> {
     model: &'m Model,
     stack: Stack,
-    patch_embed: DLinear,
+    patch_embed: DeviceLinear,
     cls: Buffer<f32>,
-    ln_pre: DLn,
-    ln_post: DLn,
-    projection: Option<DLinear>,
+    ln_pre: DeviceLayerNorm,
+    ln_post: DeviceLayerNorm,
+    projection: Option<DeviceLinear>,
     positions: PositionEmbeddingCache,
 }
 
@@ -313,14 +250,14 @@ impl<'m> GpuTargets<'m> {
                 c.ln_eps,
                 precision,
             )?,
-            patch_embed: up_linear(dev, &w.patch_embed, precision)?,
+            patch_embed: upload_linear(dev, &w.patch_embed, precision)?,
             cls: dev.upload(&w.class_embedding)?,
-            ln_pre: up_ln(dev, &w.ln_pre)?,
-            ln_post: up_ln(dev, &w.ln_post)?,
+            ln_pre: upload_ln(dev, &w.ln_pre)?,
+            ln_post: upload_ln(dev, &w.ln_post)?,
             projection: w
                 .projection
                 .as_ref()
-                .map(|p| up_linear(dev, p, precision))
+                .map(|p| upload_linear(dev, p, precision))
                 .transpose()?,
             positions: PositionEmbeddingCache::new(w.position_embedding.clone(), c.width, c.grid),
         })
@@ -374,11 +311,11 @@ impl<'m> GpuTargets<'m> {
         let proj = self.projection.as_ref().ok_or(EvalError::NoProjection)?;
         let d = self.model.config.width;
         let normed = self.stack.ln(z, &self.ln_post, rows, d)?;
-        let mut e = self.dev().alloc(rows * proj.out)?;
+        let mut e = self.dev().alloc(rows * proj.out_features)?;
         self.stack
             .linear(&normed, rows, proj, false, &mut e, false)?;
         let mut e = self.dev().download(&e)?;
-        normalize_rows(&mut e, proj.out);
+        normalize_rows(&mut e, proj.out_features);
         Ok(e)
     }
 }
@@ -435,8 +372,8 @@ impl EvalEngine for GpuTargets<'_> {
 pub struct GpuText<'t> {
     tower: &'t TextTower,
     stack: Stack,
-    ln_final: DLn,
-    projection: DLinear,
+    ln_final: DeviceLayerNorm,
+    projection: DeviceLinear,
 }
 
 impl<'t> GpuText<'t> {
@@ -459,8 +396,8 @@ impl<'t> GpuText<'t> {
                 c.ln_eps,
                 precision,
             )?,
-            ln_final: up_ln(dev, &w.ln_final)?,
-            projection: up_linear(dev, &w.projection, precision)?,
+            ln_final: upload_ln(dev, &w.ln_final)?,
+            projection: upload_linear(dev, &w.projection, precision)?,
         })
     }
 }

@@ -7,6 +7,7 @@
 //! selected layer's gradient straight into the backward's running gradient.
 
 mod step_loop;
+pub mod weights;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,8 +36,11 @@ use super::{Buffer, Device, GpuError};
 use crate::attack::engine::{Engine, EngineError, LossAndGradient, StepLoopResult, StepPlan};
 use crate::attack::image::{Evaluation, Planar};
 use crate::attack::loss::Objective;
-use crate::model::{LayerNormWeights, Linear, Model};
+use crate::model::Model;
 use crate::reference::resize::PositionEmbeddingCache;
+use weights::{
+    upload_block, upload_linear, upload_ln, DeviceBlock, DeviceLayerNorm, DeviceLinear, Weight,
+};
 
 /// Storage precision of the engine's matrix products.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -50,34 +54,6 @@ pub enum Precision {
     /// outputs. LayerNorm, softmax statistics, activations, losses, the residual stream, the
     /// optimiser and every output stay fp32.
     Bf16,
-}
-
-/// A linear layer's weight on the device, in the engine's product precision.
-enum Weight {
-    F32(Buffer<f32>),
-    Bf16(Buffer<half::bf16>),
-}
-
-/// A linear layer on the device.
-struct DeviceLinear {
-    weight: Weight,
-    bias: Option<Buffer<f32>>,
-    out_features: usize,
-    in_features: usize,
-}
-
-struct DeviceLayerNorm {
-    weight: Buffer<f32>,
-    bias: Buffer<f32>,
-}
-
-struct DeviceBlock {
-    ln1: DeviceLayerNorm,
-    qkv: DeviceLinear,
-    out_proj: DeviceLinear,
-    ln2: DeviceLayerNorm,
-    fc1: DeviceLinear,
-    fc2: DeviceLinear,
 }
 
 /// One packed batch's geometry and pixels on the device.
@@ -173,29 +149,6 @@ pub struct GpuVit<'m> {
     bf16_scratch: Mutex<Option<Buffer<half::bf16>>>,
 }
 
-fn upload_linear(dev: &Device, l: &Linear, precision: Precision) -> Result<DeviceLinear, GpuError> {
-    let weight = match precision {
-        Precision::Fp32 => Weight::F32(dev.upload(&l.weight)?),
-        Precision::Bf16 => {
-            let w: Vec<half::bf16> = l.weight.iter().map(|&v| half::bf16::from_f32(v)).collect();
-            Weight::Bf16(dev.upload(&w)?)
-        }
-    };
-    Ok(DeviceLinear {
-        weight,
-        bias: l.bias.as_ref().map(|b| dev.upload(b)).transpose()?,
-        out_features: l.out_features,
-        in_features: l.in_features,
-    })
-}
-
-fn upload_ln(dev: &Device, l: &LayerNormWeights) -> Result<DeviceLayerNorm, GpuError> {
-    Ok(DeviceLayerNorm {
-        weight: dev.upload(&l.weight)?,
-        bias: dev.upload(&l.bias)?,
-    })
-}
-
 impl<'m> GpuVit<'m> {
     /// Uploads the model's weights to `dev` (fp32 throughout).
     pub fn new(dev: &Device, model: &'m Model) -> Result<Self, GpuError> {
@@ -214,16 +167,7 @@ impl<'m> GpuVit<'m> {
         let blocks = w
             .blocks
             .iter()
-            .map(|b| {
-                Ok(DeviceBlock {
-                    ln1: upload_ln(dev, &b.ln1)?,
-                    qkv: upload_linear(dev, &b.qkv, precision)?,
-                    out_proj: upload_linear(dev, &b.out_proj, precision)?,
-                    ln2: upload_ln(dev, &b.ln2)?,
-                    fc1: upload_linear(dev, &b.fc1, precision)?,
-                    fc2: upload_linear(dev, &b.fc2, precision)?,
-                })
-            })
+            .map(|b| upload_block(dev, b, precision))
             .collect::<Result<Vec<_>, GpuError>>()?;
         Ok(GpuVit {
             dev: dev.clone(),
@@ -373,13 +317,7 @@ impl<'m> GpuVit<'m> {
         out: &mut Buffer<f32>,
         accumulate: bool,
     ) -> Result<(), GpuError> {
-        let shape = MatmulShape {
-            m: rows,
-            n: l.out_features,
-            k: l.in_features,
-            b_transposed: true,
-        };
-        self.product(shape, x, &l.weight, bias, out, accumulate)
+        self.product(l.forward_shape(rows), x, &l.weight, bias, out, accumulate)
     }
 
     /// `dx = dy · W`, dy `[rows, out]`.
@@ -390,13 +328,7 @@ impl<'m> GpuVit<'m> {
         l: &DeviceLinear,
         dx: &mut Buffer<f32>,
     ) -> Result<(), GpuError> {
-        let shape = MatmulShape {
-            m: rows,
-            n: l.in_features,
-            k: l.out_features,
-            b_transposed: false,
-        };
-        self.product(shape, dy, &l.weight, None, dx, false)
+        self.product(l.backward_shape(rows), dy, &l.weight, None, dx, false)
     }
 
     fn layer_norm(
@@ -525,12 +457,7 @@ impl<'m> GpuVit<'m> {
             Precision::Bf16 => {
                 let (d, eps) = (self.model.config.width, self.model.config.ln_eps);
                 let (mut mean, mut rstd) = (self.alloc(rows)?, self.alloc(rows)?);
-                let shape = MatmulShape {
-                    m: rows,
-                    n: l.out_features,
-                    k: l.in_features,
-                    b_transposed: true,
-                };
+                let shape = l.forward_shape(rows);
                 self.product_from_bf16(shape, &l.weight, bias, out, false, |yb| {
                     layernorm_forward_f32_bf16out(
                         &self.dev, x, &ln.weight, &ln.bias, yb, &mut mean, &mut rstd, rows, d, eps,
@@ -568,12 +495,7 @@ impl<'m> GpuVit<'m> {
                 self.linear(&hidden, rows, &b.fc2, out, true)
             }
             Precision::Bf16 => {
-                let shape = MatmulShape {
-                    m: rows,
-                    n: b.fc2.out_features,
-                    k: b.fc2.in_features,
-                    b_transposed: true,
-                };
+                let shape = b.fc2.forward_shape(rows);
                 self.product_from_bf16(shape, &b.fc2.weight, b.fc2.bias.as_ref(), out, true, |hb| {
                     bias_activation_forward_f32_bf16out(
                         &self.dev,
@@ -614,12 +536,7 @@ impl<'m> GpuVit<'m> {
                 self.linear_backward(d_hidden, rows, &b.fc1, d_normed)
             }
             Precision::Bf16 => {
-                let shape = MatmulShape {
-                    m: rows,
-                    n: b.fc1.in_features,
-                    k: b.fc1.out_features,
-                    b_transposed: false,
-                };
+                let shape = b.fc1.backward_shape(rows);
                 self.product_from_bf16(shape, &b.fc1.weight, None, d_normed, false, |db| {
                     activation_backward_f32_bf16out(
                         &self.dev,

@@ -128,6 +128,43 @@ fn check_forward(
     (total, heads)
 }
 
+/// Checks and launches a forward kernel (SIMT or tensor-core: same parameter list), one CTA
+/// per (`tile` query rows, head, sequence).
+#[allow(clippy::too_many_arguments)]
+fn launch_forward(
+    dev: &Device,
+    kernel: &str,
+    tile: usize,
+    qkv: &Buffer<f32>,
+    cu_seqlens: &Buffer<i32>,
+    seqlens_host: &[usize],
+    out: &mut Buffer<f32>,
+    lse: &mut Buffer<f32>,
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Result<(), GpuError> {
+    let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, width);
+    if total == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid: grid(seqlens_host, heads, tile),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    let mut args = KernelArgs::new();
+    args.input(qkv)
+        .input(cu_seqlens)
+        .output(out)
+        .output(lse)
+        .i32(width as i32)
+        .i32(total as i32)
+        .i32(mode as i32)
+        .i32(causal as i32);
+    dev.launch(kernel, cfg, &mut args)
+}
+
 /// Shape checks of a backward's inputs, output and scratch; returns (tokens, heads).
 #[allow(clippy::too_many_arguments)]
 fn check_backward(
@@ -211,25 +248,19 @@ pub fn attention_forward_f32(
     mode: AttentionMode,
     causal: bool,
 ) -> Result<(), GpuError> {
-    let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, width);
-    if total == 0 {
-        return Ok(());
-    }
-    let cfg = LaunchConfig {
-        grid: grid(seqlens_host, heads, FWD_BQ),
-        block: (THREADS, 1, 1),
-        shared_bytes: 0,
-    };
-    let mut args = KernelArgs::new();
-    args.input(qkv)
-        .input(cu_seqlens)
-        .output(out)
-        .output(lse)
-        .i32(width as i32)
-        .i32(total as i32)
-        .i32(mode as i32)
-        .i32(causal as i32);
-    dev.launch("prm_attention_forward_f32", cfg, &mut args)
+    launch_forward(
+        dev,
+        "prm_attention_forward_f32",
+        FWD_BQ,
+        qkv,
+        cu_seqlens,
+        seqlens_host,
+        out,
+        lse,
+        width,
+        mode,
+        causal,
+    )
 }
 
 /// Input gradient of [`attention_forward_f32`]: from `d_out [N, D]` (and the forward's `out` and
@@ -351,25 +382,19 @@ pub fn attention_forward_tc(
             causal,
         );
     }
-    let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, width);
-    if total == 0 {
-        return Ok(());
-    }
-    let cfg = LaunchConfig {
-        grid: grid(seqlens_host, heads, TC_TILE),
-        block: (THREADS, 1, 1),
-        shared_bytes: 0,
-    };
-    let mut args = KernelArgs::new();
-    args.input(qkv)
-        .input(cu_seqlens)
-        .output(out)
-        .output(lse)
-        .i32(width as i32)
-        .i32(total as i32)
-        .i32(mode as i32)
-        .i32(causal as i32);
-    dev.launch("prm_attention_forward_tc", cfg, &mut args)
+    launch_forward(
+        dev,
+        "prm_attention_forward_tc",
+        TC_TILE,
+        qkv,
+        cu_seqlens,
+        seqlens_host,
+        out,
+        lse,
+        width,
+        mode,
+        causal,
+    )
 }
 
 /// [`attention_backward_f32`] on tensor cores (bf16 operands, fp32 accumulation), for the
