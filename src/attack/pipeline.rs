@@ -5,7 +5,7 @@
 //!                           │ claim(batch size)
 //!                           ▼
 //!  engine worker(s): attack, quantise within ε, evaluate the saved images (need the engine)
-//!                           │ WriteJob per batch, bounded queue (2 batches per worker)
+//!                           │ WriteJob per batch, bounded queue (64 images or 2 batches)
 //!                           ▼
 //!  writer thread: encode + write PNG / safetensors atomically (images of a batch in parallel),
 //!                 reorder buffer → manifest lines in input order, fsync per batch
@@ -38,7 +38,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Barrier, Condvar, Mutex};
 use std::time::Instant;
 
@@ -205,6 +205,74 @@ impl Prefetch {
     }
 }
 
+/// Bounds the images handed to the writer and not yet written (their pixels wait in memory):
+/// a worker waits before handing over a batch that would pass the limit, unless the writer has
+/// nothing at all (so a batch larger than the limit still goes through).
+struct WriterGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+struct GateState {
+    queued_images: usize,
+    limit: usize,
+    /// The writer ended (on a manifest error): nobody waits any more.
+    closed: bool,
+}
+
+impl WriterGate {
+    /// Enough to absorb the writer's jitter (fsync latency) with small batches.
+    const MIN_IMAGES: usize = 64;
+
+    fn new() -> Self {
+        WriterGate {
+            state: Mutex::new(GateState {
+                queued_images: 0,
+                limit: Self::MIN_IMAGES,
+                closed: false,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Room for two batches of `batch_size`.
+    fn allow_batches_of(&self, batch_size: usize) {
+        let mut s = self.lock();
+        s.limit = s.limit.max(2 * batch_size);
+    }
+
+    fn enter(&self, images: usize) {
+        let mut s = self.lock();
+        while !s.closed && s.queued_images > 0 && s.queued_images + images > s.limit {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.queued_images += images;
+    }
+
+    fn leave(&self, images: usize) {
+        let mut s = self.lock();
+        s.queued_images = s.queued_images.saturating_sub(images);
+        self.changed.notify_all();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Closes the gate when the writer ends, however it ends.
+struct CloseOnDrop<'a>(&'a WriterGate);
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// State shared by the threads of one run.
 struct Shared<'a> {
     run: &'a Run<'a>,
@@ -215,6 +283,7 @@ struct Shared<'a> {
     interrupted: AtomicBool,
     /// Batches queued for the writer and not yet taken by it.
     backlog: AtomicUsize,
+    writer_gate: WriterGate,
 }
 
 impl<'a> Shared<'a> {
@@ -225,6 +294,7 @@ impl<'a> Shared<'a> {
             stop: AtomicBool::new(false),
             interrupted: AtomicBool::new(false),
             backlog: AtomicUsize::new(0),
+            writer_gate: WriterGate::new(),
         }
     }
 
@@ -274,7 +344,7 @@ fn engine_worker<E: Engine>(
     shared: &Shared,
     progress: &dyn Progress,
     interrupted: &dyn Fn() -> bool,
-    jobs: SyncSender<WriteJob>,
+    jobs: Sender<WriteJob>,
     between_steps: &dyn Fn(),
 ) {
     let run = shared.run;
@@ -365,6 +435,7 @@ fn engine_worker<E: Engine>(
             ),
         };
         let seconds = started.elapsed().as_secs_f64() / chunk.len() as f64;
+        shared.writer_gate.enter(finished.len());
         timing.writer_backlog = shared.backlog.fetch_add(1, Ordering::SeqCst) + 1;
         let sent = jobs.send(WriteJob {
             worker,
@@ -471,6 +542,7 @@ fn writer_loop(
     done: Sender<Completion>,
 ) -> Result<Counts, IoError> {
     let run = shared.run;
+    let _close = CloseOnDrop(&shared.writer_gate);
     let mut counts = Counts::default();
     let mut waiting: BTreeMap<usize, Completion> = BTreeMap::new();
     let mut next = 0usize;
@@ -495,6 +567,7 @@ fn writer_loop(
             next += 1;
         }
         manifest.sync()?;
+        shared.writer_gate.leave(images);
         if let Some(t) = run.timeline {
             t.write(WriteTiming {
                 worker: job.worker,
@@ -536,7 +609,8 @@ pub(super) fn run_here<E: Engine>(
     let decoders = decoder_count(run.output);
     let batch_size = run.output.batch_size.max(1);
     let shared = Shared::new(run, decoders + batch_size);
-    let (jobs_tx, jobs_rx) = mpsc::sync_channel(2);
+    shared.writer_gate.allow_batches_of(batch_size);
+    let (jobs_tx, jobs_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel::<Completion>();
     let counts = std::thread::scope(|s| {
         for _ in 0..decoders {
@@ -599,7 +673,7 @@ where
     let decoders = decoder_count(run.output);
     // The workers' batch sizes are added as their engines come up.
     let shared = Shared::new(run, decoders);
-    let (jobs_tx, jobs_rx) = mpsc::sync_channel(2 * workers);
+    let (jobs_tx, jobs_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel::<Completion>();
     let ready = Barrier::new(workers);
     let setup_error: Mutex<Option<CampaignError>> = Mutex::new(None);
@@ -622,6 +696,9 @@ where
                 let worker = match built {
                     Ok(worker) => {
                         shared.prefetch.grow_lookahead(worker.batch_size.max(1));
+                        shared
+                            .writer_gate
+                            .allow_batches_of(worker.batch_size.max(1));
                         if let Some(t) = run.timeline {
                             t.worker_ready(WorkerTiming {
                                 worker: w,
