@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -390,12 +390,16 @@ impl Engine for Instant0<'_> {
     }
 }
 
-/// Counts finished images; the run is interrupted once the first has been recorded.
-#[derive(Default)]
-struct FirstDone(AtomicBool);
-impl Progress for FirstDone {
-    fn image_done(&self, _: &ManifestRecord) {
-        self.0.store(true, Ordering::SeqCst);
+/// Counts image-steps; the run is interrupted once `.1` are done.
+struct StepsDone(AtomicUsize, usize);
+impl Progress for StepsDone {
+    fn steps_done(&self, image_steps: usize) {
+        self.0.fetch_add(image_steps, Ordering::SeqCst);
+    }
+}
+impl StepsDone {
+    fn enough(&self) -> bool {
+        self.0.load(Ordering::SeqCst) >= self.1
     }
 }
 
@@ -418,12 +422,12 @@ fn an_interrupt_with_several_workers_and_a_writer_behind_then_a_resume() {
             name: format!("instant #{w}"),
         })
     };
-    let first = FirstDone::default();
+    // Interrupted after 8 images' steps: the engine is instant, so batches are still waiting for
+    // the writer then; they must be written out completely, and nothing after them.
+    let steps = StepsDone(AtomicUsize::new(0), 8);
     let timeline = Timeline::new();
     let summary = campaign(&s, &items, &output, Some(&timeline))
-        .run_on_workers(3, &s.model, workers, &first, &|| {
-            first.0.load(Ordering::SeqCst)
-        })
+        .run_on_workers(3, &s.model, workers, &steps, &|| steps.enough())
         .unwrap();
     assert!(summary.interrupted);
     let records = manifest(&out);
