@@ -10,6 +10,11 @@
 //! between batches and between steps: the batch in flight is abandoned, nothing half-done is
 //! written, and the manifest is synced.
 //!
+//! The run is a pipeline (`attack/pipeline.rs`): decoder threads read ahead, a writer thread
+//! writes outputs and the manifest, and one engine worker per device attacks in between
+//! ([`Campaign::run`] for one engine on the calling thread, [`Campaign::run_on_workers`] for one
+//! per device). Outputs and records do not depend on the number of workers.
+//!
 //! With tar-shard inputs and [`OutputLayout::Tar`], each image is staged as a file in
 //! `<output>/.<shard>.tar.parts/` (written and recorded exactly like a tree-layout output), and
 //! once every input of a shard has a record the output shard `<output>/<shard>.tar` is assembled
@@ -80,6 +85,11 @@ pub struct CampaignSummary {
 }
 
 /// Observer of a run's progress (a progress bar, or nothing).
+///
+/// With [`Campaign::run`] every call comes from the calling thread. With
+/// [`Campaign::run_on_workers`] (which asks for `Progress + Sync`) the engine workers call
+/// `image_started`, `steps_done` and `batch_shrunk` from their threads, and the calling thread
+/// calls `skipped`, `loss_curve` and `image_done` (in input order).
 pub trait Progress {
     /// `images` inputs were already done by an earlier run and are skipped.
     fn skipped(&self, _images: usize) {}
