@@ -782,7 +782,7 @@ pub(super) fn attack_batch<E: Engine>(
             width: l.clean.width,
             height: l.clean.height,
             saved,
-            float: save_float.then(|| RgbImage {
+            float: save_float.then_some(RgbImage {
                 width: l.clean.width,
                 height: l.clean.height,
                 data: outcome.adversarial,
