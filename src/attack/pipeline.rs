@@ -245,12 +245,17 @@ impl WriterGate {
         s.limit = s.limit.max(2 * batch_size);
     }
 
-    fn enter(&self, images: usize) {
+    /// Waits for room for `images`; returns the seconds spent waiting.
+    fn enter(&self, images: usize) -> f64 {
         let mut s = self.lock();
+        let mut waited = None;
         while !s.closed && s.queued_images > 0 && s.queued_images + images > s.limit {
+            let since = *waited.get_or_insert_with(Instant::now);
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            waited = Some(since);
         }
         s.queued_images += images;
+        waited.map_or(0.0, |t| t.elapsed().as_secs_f64())
     }
 
     fn leave(&self, images: usize) {
@@ -401,6 +406,7 @@ fn engine_worker<E: Engine>(
             engine_done_at: shared.now(),
             queued_at: 0.0,
             writer_backlog: 0,
+            writer_wait: 0.0,
             out_of_memory: false,
         };
         let finished = match attacked {
@@ -435,7 +441,7 @@ fn engine_worker<E: Engine>(
             ),
         };
         let seconds = started.elapsed().as_secs_f64() / chunk.len() as f64;
-        shared.writer_gate.enter(finished.len());
+        timing.writer_wait = shared.writer_gate.enter(finished.len());
         timing.writer_backlog = shared.backlog.fetch_add(1, Ordering::SeqCst) + 1;
         let sent = jobs.send(WriteJob {
             worker,
