@@ -10,6 +10,11 @@
 //! between batches and between steps: the batch in flight is abandoned, nothing half-done is
 //! written, and the manifest is synced.
 //!
+//! The run is a pipeline (`attack/pipeline.rs`): decoder threads read ahead, a writer thread
+//! writes outputs and the manifest, and one engine worker per device attacks in between
+//! ([`Campaign::run`] for one engine on the calling thread, [`Campaign::run_on_workers`] for one
+//! per device). Outputs and records do not depend on the number of workers.
+//!
 //! With tar-shard inputs and [`OutputLayout::Tar`], each image is staged as a file in
 //! `<output>/.<shard>.tar.parts/` (written and recorded exactly like a tree-layout output), and
 //! once every input of a shard has a record the output shard `<output>/<shard>.tar` is assembled
@@ -17,13 +22,13 @@
 //! members, written atomically, and the staging directory removed (see [`assemble_tars`]).
 
 use std::collections::{HashMap, HashSet};
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use super::engine::Engine;
-use super::image::{check_image_size, Attack, AttackOutcome, Planar};
+use super::engine::{Engine, EngineError};
+use super::image::{check_image_size, Attack, Planar};
 use super::loss::Objective;
+use super::pipeline::{self, Claimed};
+use super::profile::Timeline;
 use super::settings::{AttackSettings, Init};
 use crate::io::inputs::staging_dir_name;
 use crate::io::webdataset::{tar_index, write_tar_atomic, MemberData, OutputLookup};
@@ -33,6 +38,7 @@ use crate::io::{
     ManifestRecord, ManifestWriter, OutputLayout, RgbImage, Status, DEFAULT_MAX_PIXELS,
     MANIFEST_FILE,
 };
+use crate::model::Model;
 use crate::rng::ImageRng;
 
 /// Where and how to write results.
@@ -46,6 +52,9 @@ pub struct OutputOptions {
     pub layout: OutputLayout,
     /// `--max-pixels`: inputs whose header announces more pixels fail without being decoded.
     pub max_pixels: u64,
+    /// Threads that read and decode the next images while the engine works (0: one per CPU,
+    /// at most 8).
+    pub decoders: usize,
 }
 
 impl OutputOptions {
@@ -57,6 +66,7 @@ impl OutputOptions {
             batch_size: 1,
             layout: OutputLayout::Tree,
             max_pixels: DEFAULT_MAX_PIXELS,
+            decoders: 0,
         }
     }
 }
@@ -75,6 +85,11 @@ pub struct CampaignSummary {
 }
 
 /// Observer of a run's progress (a progress bar, or nothing).
+///
+/// With [`Campaign::run`] every call comes from the calling thread. With
+/// [`Campaign::run_on_workers`] (which asks for `Progress + Sync`) the engine workers call
+/// `image_started`, `steps_done` and `batch_shrunk` from their threads, and the calling thread
+/// calls `skipped`, `loss_curve` and `image_done` (in input order).
 pub trait Progress {
     /// `images` inputs were already done by an earlier run and are skipped.
     fn skipped(&self, _images: usize) {}
@@ -124,9 +139,6 @@ pub fn run_campaign<E: Engine>(
     )
 }
 
-/// Unwinding payload that abandons the batch in flight when an interrupt is seen mid-attack.
-struct Interrupted;
-
 /// [`run_campaign`] that stops early once `interrupted()` returns true. It is polled before
 /// every batch and after every step; a batch interrupted mid-attack is abandoned (nothing of it
 /// is written or recorded), a batch whose attack finished is written out completely. The
@@ -140,111 +152,153 @@ pub fn run_campaign_interruptible<E: Engine>(
     progress: &dyn Progress,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<CampaignSummary, IoError> {
-    // Opening the writer first cuts off a partial last line left by a crash.
-    let mut manifest = ManifestWriter::open(&output.dir)?;
-    let done = already_done_in(output, items)?;
-    let todo: Vec<InputItem> = items
-        .iter()
-        .filter(|item| !done.contains(&item.rel))
-        .cloned()
-        .collect();
-    let mut summary = CampaignSummary {
-        skipped: items.len() - todo.len(),
-        ..CampaignSummary::default()
-    };
-    if summary.skipped > 0 {
-        progress.skipped(summary.skipped);
+    Campaign {
+        objective,
+        settings,
+        items,
+        output,
+        timeline: None,
     }
-    // The batch size shrinks (and stays shrunk) when a batch runs out of device memory: the
-    // batch is retried in halves, which gives the same images (every draw is per image).
-    let mut batch_size = output.batch_size.max(1);
-    let mut next = 0;
-    while next < todo.len() {
-        let batch = &todo[next..(next + batch_size).min(todo.len())];
-        if interrupted() {
-            summary.interrupted = true;
-            break;
+    .run(engine, progress, interrupted)
+}
+
+/// A campaign's errors: the output directory or the manifest cannot be written, or an engine
+/// worker cannot start (then nothing was attacked).
+#[derive(Debug, thiserror::Error)]
+pub enum CampaignError {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("engine worker {worker} ({device}) cannot start: {source}")]
+    WorkerSetup {
+        worker: usize,
+        device: String,
+        #[source]
+        source: EngineError,
+    },
+    #[error("engine worker {worker} failed while starting (please report): {message}")]
+    WorkerPanic { worker: usize, message: String },
+}
+
+/// One engine worker of [`Campaign::run_on_workers`]: its engine, its batch size (sized for its
+/// device), and a name for the profile.
+pub struct Worker<E> {
+    pub engine: E,
+    pub batch_size: usize,
+    pub name: String,
+}
+
+/// A campaign: what to attack, how, and where the results go. [`run_campaign`] and
+/// [`run_campaign_interruptible`] are shorthands for [`Campaign::run`].
+///
+/// The run is a pipeline (see `attack/pipeline.rs`): decoder threads read the next images while
+/// the engine attacks, and a writer thread writes the outputs and the manifest while the engine
+/// attacks the next batch.
+pub struct Campaign<'a> {
+    pub objective: &'a Objective,
+    pub settings: &'a AttackSettings,
+    pub items: &'a [InputItem],
+    pub output: &'a OutputOptions,
+    /// Record every batch's timestamps here (`prm attack --profile`).
+    pub timeline: Option<&'a Timeline>,
+}
+
+impl Campaign<'_> {
+    /// Runs the campaign on one engine, on the calling thread (so neither the engine nor the
+    /// progress needs to be shared between threads), with `output.batch_size` images per batch.
+    pub fn run<E: Engine>(
+        &self,
+        engine: &E,
+        progress: &dyn Progress,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<CampaignSummary, IoError> {
+        let (manifest, todo, mut summary) = self.prepare(progress)?;
+        let run = self.pipeline_run(&todo, engine.model().config.patch);
+        let outcome = pipeline::run_here(&run, manifest, engine, progress, interrupted)?;
+        self.finish(&mut summary, outcome)?;
+        Ok(summary)
+    }
+
+    /// Runs the campaign on `workers` engines at once (one per device), each on its own thread
+    /// and built there by `make_worker(w)` for w in 0..workers, pulling batches from one queue.
+    /// Each image is attacked exactly once, by whichever worker claims it; outputs do not depend
+    /// on which one (every random draw is per image). `model` is the model every engine runs
+    /// (the decoders check image sizes against its patch). Every engine is built before the first
+    /// image is attacked; if one cannot be, nothing is attacked and its error is returned.
+    pub fn run_on_workers<E, F>(
+        &self,
+        workers: usize,
+        model: &Model,
+        make_worker: F,
+        progress: &(dyn Progress + Sync),
+        interrupted: &(dyn Fn() -> bool + Sync),
+    ) -> Result<CampaignSummary, CampaignError>
+    where
+        E: Engine,
+        F: Fn(usize) -> Result<Worker<E>, CampaignError> + Sync,
+    {
+        let (manifest, todo, mut summary) = self.prepare(progress)?;
+        let run = self.pipeline_run(&todo, model.config.patch);
+        let outcome =
+            pipeline::run_on_threads(&run, manifest, workers, &make_worker, progress, interrupted)?;
+        self.finish(&mut summary, outcome)?;
+        Ok(summary)
+    }
+
+    fn pipeline_run<'r>(&'r self, todo: &'r [InputItem], patch: usize) -> pipeline::Run<'r> {
+        pipeline::Run {
+            todo,
+            objective: self.objective,
+            settings: self.settings,
+            output: self.output,
+            patch,
+            timeline: self.timeline,
         }
-        for item in batch {
-            progress.image_started(&item.rel);
-        }
-        let started = Instant::now();
-        let reported = std::cell::Cell::new(0usize);
-        let on_step = |n: usize| {
-            reported.set(reported.get() + n);
-            progress.steps_done(n);
-            if interrupted() {
-                // Not a panic: no hook runs, and `catch_unwind` below tells it apart.
-                resume_unwind(Box::new(Interrupted));
-            }
+    }
+
+    /// Opens the manifest and finds what is left to do.
+    fn prepare(
+        &self,
+        progress: &dyn Progress,
+    ) -> Result<(ManifestWriter, Vec<InputItem>, CampaignSummary), IoError> {
+        // Opening the writer first cuts off a partial last line left by a crash.
+        let manifest = ManifestWriter::open(&self.output.dir)?;
+        let done = already_done_in(self.output, self.items)?;
+        let todo: Vec<InputItem> = self
+            .items
+            .iter()
+            .filter(|item| !done.contains(&item.rel))
+            .cloned()
+            .collect();
+        let summary = CampaignSummary {
+            skipped: self.items.len() - todo.len(),
+            ..CampaignSummary::default()
         };
-        let records = match catch_unwind(AssertUnwindSafe(|| {
-            attack_batch(
-                engine, objective, settings, batch, output, &on_step, progress,
-            )
-        })) {
-            Ok(BatchResult::OutOfMemory) if batch.len() > 1 => {
-                engine.release_cached_memory();
-                batch_size = (batch.len() / 2).max(1);
-                progress.batch_shrunk(batch_size, reported.get());
-                continue;
-            }
-            Ok(BatchResult::OutOfMemory) => {
-                engine.release_cached_memory();
-                let failure = ImageFailure {
-                    message: "engine error: out of device memory with one image per batch \
-                              (use a smaller --resolution or --max-pixels, or a larger GPU)"
-                        .into(),
-                    size: None,
-                };
-                batch.iter().map(|_| Err(failure.clone())).collect()
-            }
-            Ok(BatchResult::Done(records)) => records,
-            Err(payload) if payload.is::<Interrupted>() => {
-                summary.interrupted = true;
-                break;
-            }
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
-                let failure = ImageFailure {
-                    message: format!("internal error (please report): {msg}"),
-                    size: None,
-                };
-                batch.iter().map(|_| Err(failure.clone())).collect()
-            }
-        };
-        let seconds = started.elapsed().as_secs_f64() / batch.len() as f64;
-        for (item, result) in batch.iter().zip(records) {
-            // Outputs are already renamed into place: the line is appended after them.
-            let record = match result {
-                Ok(mut record) => {
-                    record.seconds = seconds;
-                    summary.ok += 1;
-                    record
-                }
-                Err(failure) => {
-                    summary.failed += 1;
-                    error_record(item, failure, seconds)
-                }
-            };
-            manifest.append(&record)?;
-            progress.image_done(&record);
+        if summary.skipped > 0 {
+            progress.skipped(summary.skipped);
         }
-        manifest.sync()?;
-        next += batch.len();
+        Ok((manifest, todo, summary))
     }
-    manifest.sync()?;
-    if !summary.interrupted {
-        if output.layout == OutputLayout::Tar {
-            assemble_tars(output, items)?;
+
+    /// Tars and clean-up after the pipeline ended.
+    fn finish(
+        &self,
+        summary: &mut CampaignSummary,
+        outcome: pipeline::Outcome,
+    ) -> Result<(), IoError> {
+        summary.ok = outcome.ok;
+        summary.failed = outcome.failed;
+        summary.interrupted = outcome.interrupted;
+        if !summary.interrupted {
+            if self.output.layout == OutputLayout::Tar {
+                assemble_tars(self.output, self.items)?;
+            }
+            remove_stale_temporaries(self.output, self.items);
         }
-        remove_stale_temporaries(output, items);
+        if let Some(t) = self.timeline {
+            t.finish();
+        }
+        Ok(())
     }
-    Ok(summary)
 }
 
 /// The relative paths among `items` that an earlier run into `dir` finished: the latest
@@ -462,7 +516,11 @@ fn remove_stale_temporaries(output: &OutputOptions, items: &[InputItem]) {
     }
 }
 
-fn error_record(item: &InputItem, failure: ImageFailure, seconds: f64) -> ManifestRecord {
+pub(super) fn error_record(
+    item: &InputItem,
+    failure: ImageFailure,
+    seconds: f64,
+) -> ManifestRecord {
     let (width, height) = failure.size.unwrap_or((0, 0));
     ManifestRecord {
         input: item.rel.clone(),
@@ -480,19 +538,29 @@ fn error_record(item: &InputItem, failure: ImageFailure, seconds: f64) -> Manife
     }
 }
 
+/// Why one image failed, and its size when it was read.
 #[derive(Clone)]
-struct ImageFailure {
-    message: String,
-    size: Option<(usize, usize)>,
+pub(super) struct ImageFailure {
+    pub message: String,
+    pub size: Option<(usize, usize)>,
 }
 
 impl ImageFailure {
-    fn sized(message: impl ToString, img: &RgbImage) -> Self {
+    pub(super) fn sized(message: impl ToString, img: &RgbImage) -> Self {
         ImageFailure {
             message: message.to_string(),
             size: Some((img.width, img.height)),
         }
     }
+}
+
+/// The text of a panic's payload.
+pub(super) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Reads the `--init from:` start for `item` (a tree-layout file, or for tar inputs a member of
@@ -530,12 +598,14 @@ fn read_start(
 }
 
 /// A clean image ready to attack, with its optional `--init from:` start.
-struct Loaded {
-    clean: RgbImage,
-    start: Option<RgbImage>,
+pub(super) struct Loaded {
+    /// The input's relative path (keys its random draws).
+    pub rel: String,
+    pub clean: RgbImage,
+    pub start: Option<RgbImage>,
 }
 
-fn load(
+pub(super) fn load(
     item: &InputItem,
     settings: &AttackSettings,
     patch: usize,
@@ -551,39 +621,61 @@ fn load(
         Init::From(dir) => Some(read_start(dir, item, &clean, max_pixels)?),
         _ => None,
     };
-    Ok(Loaded { clean, start })
+    Ok(Loaded {
+        rel: item.rel.clone(),
+        clean,
+        start,
+    })
 }
 
-/// Attacks one batch; one result per item, in order.
-/// What became of one batch: a record (or failure) per image, or an out-of-memory error before
-/// anything was written (the caller retries smaller).
-enum BatchResult {
-    Done(Vec<Result<ManifestRecord, ImageFailure>>),
+/// What became of one batch: a result per image, or an out-of-memory error before anything was
+/// handed on (the worker retries smaller).
+pub(super) enum BatchResult {
+    Done(Vec<Finished>),
     OutOfMemory,
 }
 
-fn attack_batch<E: Engine>(
+/// One image of a batch, done with the engine: attacked and evaluated, or failed.
+pub(super) struct Finished {
+    /// Index among the run's inputs.
+    pub index: usize,
+    pub result: Result<Attacked, ImageFailure>,
+}
+
+/// An attacked image, ready for the writer.
+pub(super) struct Attacked {
+    pub width: usize,
+    pub height: usize,
+    /// Quantised within ε, planar.
+    pub saved: Vec<u8>,
+    /// The unquantised image, with `--save-float`.
+    pub float: Option<RgbImage>,
+    /// Its manifest record, but for `output` and `seconds` (the writer fills them in).
+    pub record: ManifestRecord,
+    /// The loss curve, when the progress asked for it.
+    pub curve: Option<Vec<f64>>,
+}
+
+/// Attacks one batch of decoded images (an image that failed to decode keeps its failure); one
+/// result per image, in order. Quantisation and the evaluation of the saved images happen here,
+/// since they need the engine; writing is left to the writer.
+pub(super) fn attack_batch<E: Engine>(
     engine: &E,
     objective: &Objective,
     settings: &AttackSettings,
-    batch: &[InputItem],
-    output: &OutputOptions,
+    batch: &[Claimed],
     on_step: &dyn Fn(usize),
-    progress: &dyn Progress,
+    curves: bool,
+    save_float: bool,
 ) -> BatchResult {
-    let patch = engine.model().config.patch;
-    let loaded: Vec<Result<Loaded, ImageFailure>> = batch
-        .iter()
-        .map(|item| load(item, settings, patch, output.max_pixels))
-        .collect();
-    let ok: Vec<(usize, &Loaded)> = loaded
+    let ok: Vec<(usize, &Loaded)> = batch
         .iter()
         .enumerate()
-        .filter_map(|(i, l)| l.as_ref().ok().map(|l| (i, l)))
+        .filter_map(|(j, c)| c.loaded.as_ref().ok().map(|l| (j, l)))
         .collect();
-    let mut results: Vec<Result<ManifestRecord, ImageFailure>> = loaded
+    let mut results: Vec<Result<Attacked, ImageFailure>> = batch
         .iter()
-        .map(|l| match l {
+        .map(|c| match &c.loaded {
             Ok(_) => Err(ImageFailure {
                 message: "not attacked".into(),
                 size: None,
@@ -591,18 +683,30 @@ fn attack_batch<E: Engine>(
             Err(e) => Err(e.clone()),
         })
         .collect();
+    let done = |results: Vec<Result<Attacked, ImageFailure>>| {
+        BatchResult::Done(
+            batch
+                .iter()
+                .zip(results)
+                .map(|(c, result)| Finished {
+                    index: c.index,
+                    result,
+                })
+                .collect(),
+        )
+    };
     if ok.is_empty() {
-        return BatchResult::Done(results);
+        return done(results);
     }
     let images = ok
         .iter()
-        .map(|&(i, l)| {
+        .map(|&(_, l)| {
             let planar = Planar {
                 data: &l.clean.data,
                 height: l.clean.height,
                 width: l.clean.width,
             };
-            (planar, ImageRng::new(settings.seed, &batch[i].rel))
+            (planar, ImageRng::new(settings.seed, &l.rel))
         })
         .collect();
     let engine_failure = |e: &dyn std::fmt::Display, l: &Loaded| {
@@ -612,27 +716,26 @@ fn attack_batch<E: Engine>(
         Ok(a) => a,
         Err(e) if e.is_out_of_memory() => return BatchResult::OutOfMemory,
         Err(e) => {
-            for &(i, l) in &ok {
-                results[i] = Err(engine_failure(&e, l));
+            for &(j, l) in &ok {
+                results[j] = Err(engine_failure(&e, l));
             }
-            return BatchResult::Done(results);
+            return done(results);
         }
     };
-    let curves = progress.wants_loss_curves();
     attack.record_losses(curves);
     let starts = ok
         .iter()
         .enumerate()
-        .map(|(j, (_, l))| attack.start(j, l.start.as_ref().map(|s| s.data.as_slice())))
+        .map(|(k, (_, l))| attack.start(k, l.start.as_ref().map(|s| s.data.as_slice())))
         .collect();
     let outcomes = match attack.run(starts, |_| on_step(ok.len())) {
         Ok(o) => o,
         Err(e) if e.is_out_of_memory() => return BatchResult::OutOfMemory,
         Err(e) => {
-            for &(i, l) in &ok {
-                results[i] = Err(engine_failure(&e, l));
+            for &(j, l) in &ok {
+                results[j] = Err(engine_failure(&e, l));
             }
-            return BatchResult::Done(results);
+            return done(results);
         }
     };
     // Save within ε after rounding, then measure what was actually saved.
@@ -649,58 +752,65 @@ fn attack_batch<E: Engine>(
         Ok(e) => e,
         Err(e) if e.is_out_of_memory() => return BatchResult::OutOfMemory,
         Err(e) => {
-            for &(i, l) in &ok {
-                results[i] = Err(engine_failure(&e, l));
+            for &(j, l) in &ok {
+                results[j] = Err(engine_failure(&e, l));
             }
-            return BatchResult::Done(results);
+            return done(results);
         }
     };
-    for (((&(i, l), outcome), saved), eval) in ok.iter().zip(&outcomes).zip(&saved).zip(evals) {
-        results[i] =
-            write_outputs(&batch[i], l, outcome, saved, output).map(|rel_out| ManifestRecord {
-                input: batch[i].rel.clone(),
-                output: Some(rel_out),
-                status: Status::Ok,
-                error: None,
-                width: l.clean.width,
-                height: l.clean.height,
-                loss_initial: Some(outcome.loss_initial),
-                loss_final: Some(eval.loss),
-                layer_cosine: Some(eval.layer_cosine),
-                linf: Some(io::linf_255(saved, &l.clean.data)),
-                steps: outcome.steps,
-                seconds: 0.0,
-            });
-        if curves && results[i].is_ok() {
+    for (((&(j, l), outcome), saved), eval) in ok.iter().zip(outcomes).zip(saved).zip(evals) {
+        let curve = curves.then(|| {
             let mut curve = outcome.losses.clone();
             curve.push(eval.loss);
-            progress.loss_curve(&batch[i].rel, &curve);
-        }
+            curve
+        });
+        let record = ManifestRecord {
+            input: l.rel.clone(),
+            output: None,
+            status: Status::Ok,
+            error: None,
+            width: l.clean.width,
+            height: l.clean.height,
+            loss_initial: Some(outcome.loss_initial),
+            loss_final: Some(eval.loss),
+            layer_cosine: Some(eval.layer_cosine),
+            linf: Some(io::linf_255(&saved, &l.clean.data)),
+            steps: outcome.steps,
+            seconds: 0.0,
+        };
+        results[j] = Ok(Attacked {
+            width: l.clean.width,
+            height: l.clean.height,
+            saved,
+            float: save_float.then_some(RgbImage {
+                width: l.clean.width,
+                height: l.clean.height,
+                data: outcome.adversarial,
+            }),
+            record,
+            curve,
+        });
     }
-    BatchResult::Done(results)
+    done(results)
 }
 
 /// Writes the PNG (and the float image with `--save-float`); returns the PNG's relative path.
-fn write_outputs(
+pub(super) fn write_outputs(
     item: &InputItem,
-    l: &Loaded,
-    outcome: &AttackOutcome,
-    saved: &[u8],
+    image: &Attacked,
     output: &OutputOptions,
 ) -> Result<String, ImageFailure> {
-    let (w, h) = (l.clean.width, l.clean.height);
+    let (w, h) = (image.width, image.height);
+    let fail = |e: IoError| ImageFailure {
+        message: e.to_string(),
+        size: Some((w, h)),
+    };
     let rel_out = output.layout.output_rel(item);
     let png_path = output.dir.join(output.layout.file_rel(item));
-    write_png_atomic(&png_path, w, h, &planar_to_interleaved(saved, w, h))
-        .map_err(|e| ImageFailure::sized(e, &l.clean))?;
-    if output.save_float {
-        let float = RgbImage {
-            width: w,
-            height: h,
-            data: outcome.adversarial.clone(),
-        };
-        write_float_safetensors_atomic(&png_path.with_extension("safetensors"), &float)
-            .map_err(|e| ImageFailure::sized(e, &l.clean))?;
+    write_png_atomic(&png_path, w, h, &planar_to_interleaved(&image.saved, w, h)).map_err(fail)?;
+    if let Some(float) = &image.float {
+        write_float_safetensors_atomic(&png_path.with_extension("safetensors"), float)
+            .map_err(fail)?;
     }
     Ok(rel_out)
 }

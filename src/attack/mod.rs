@@ -4,6 +4,8 @@ pub mod engine;
 pub mod image;
 pub mod loss;
 pub mod optim;
+mod pipeline;
+pub mod profile;
 pub mod settings;
 
 pub use engine::{Engine, EngineError, LossAndGradient};

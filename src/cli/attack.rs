@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use prm::attack::campaign::{run_campaign_interruptible, OutputOptions, Progress};
+use prm::attack::campaign::{Campaign, CampaignError, OutputOptions, Progress, Worker};
+use prm::attack::profile::Timeline;
 use prm::attack::*;
 use prm::gpu::engine::{GpuVit, Precision};
 use prm::gpu::Device;
@@ -96,7 +97,9 @@ pub struct AttackArgs {
     /// Turn dynamic scale off
     #[arg(long)]
     no_dynamic_scale: bool,
-    /// auto, cpu, cuda[:N] or sim
+    /// auto (CUDA device 0 if there is one, else cpu), cpu, cuda[:N], several GPUs in one
+    /// process: cuda:all (every device) or cuda:0,1,... (one engine worker per device, each
+    /// with its own batch size), sim, or sim:N (N simulated devices, for tests)
     #[arg(long, default_value = "auto")]
     device: String,
     /// fp32, or bf16: bf16 inputs to the matrix products with fp32 accumulation, everything
@@ -123,6 +126,16 @@ pub struct AttackArgs {
     /// Number of shards N for a Kubernetes Indexed Job (index from JOB_COMPLETION_INDEX)
     #[arg(long)]
     shards: Option<u64>,
+    /// Threads that read and decode the next images while the engine works [default: one
+    /// per CPU, at most 8]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=256))]
+    decode_threads: Option<u64>,
+    /// Time the pipeline: per batch, the wait for decoded input, the engine's busy time and the
+    /// wait for the writer; a summary on stderr at the end, and with FILE.json every batch's
+    /// timestamps too
+    #[arg(long, value_name = "FILE.json", num_args = 0..=1)]
+    #[allow(clippy::option_option)]
+    profile: Option<Option<PathBuf>>,
     /// No progress bar or summary
     #[arg(long, short)]
     quiet: bool,
@@ -191,10 +204,16 @@ impl AttackArgs {
         s
     }
 
-    /// The engine to run on: `auto` is CUDA when a driver and a device exist, else the CPU;
-    /// and the precision of the GPU engine's matrix products.
-    fn device(&self) -> anyhow::Result<(Option<Device>, Precision)> {
-        super::device::choose_device(&self.device, &self.precision)
+    /// The devices to run on, one engine worker each (none: the CPU reference engine); `auto`
+    /// is CUDA device 0 when a driver and a device exist, else the CPU. And the precision of
+    /// the GPU engine's matrix products.
+    fn devices(&self) -> anyhow::Result<(Vec<Device>, Precision)> {
+        super::device::choose_devices(&self.device, &self.precision)
+    }
+
+    /// `--profile` without a file: `Some(None)`; with one: `Some(Some(path))`.
+    fn profile_file(&self) -> Option<Option<&PathBuf>> {
+        self.profile.as_ref().map(Option::as_ref)
     }
 
     /// `--batch-size N`, or `None` for `auto` (see [`auto_batch_size`]).
@@ -217,13 +236,13 @@ impl AttackArgs {
 /// count where larger batches stopped paying ([`prm::gpu::engine::auto_batch_size`]). A batch
 /// that still runs out of memory is retried in halves by the campaign.
 fn auto_batch_size(
-    device: Option<&Device>,
+    dev: &Device,
     model: &Model,
     resolution: Resolution,
-) -> anyhow::Result<usize> {
-    let Some(dev) = device.filter(|d| !d.is_sim()) else {
+) -> Result<usize, prm::gpu::GpuError> {
+    if dev.is_sim() {
         return Ok(1);
-    };
+    }
     let side = match resolution {
         Resolution::Native => model.config.image_size(),
         Resolution::Fixed(n) => n,
@@ -238,8 +257,19 @@ fn auto_batch_size(
 }
 
 pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
-    let (device, precision) = args.device()?;
+    let (devices, precision) = args.devices()?;
     let fixed_batch = args.fixed_batch_size()?; // checked before anything is read
+    if let Some(Some(p)) = args.profile_file() {
+        if !p
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+        {
+            bail!(
+                "--profile {}: the profile is JSON; give a FILE.json",
+                p.display()
+            );
+        }
+    }
     let settings = args.settings();
     settings.validate().map_err(anyhow::Error::msg)?;
     if let Some(p) = &args.plot {
@@ -290,10 +320,6 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         .map_err(anyhow::Error::msg)?;
     let objective = Objective::new(settings.loss, layers, settings.tokens, &model)
         .map_err(anyhow::Error::msg)?;
-    let batch_size = match fixed_batch {
-        Some(n) => n,
-        None => auto_batch_size(device.as_ref(), &model, settings.resolution)?,
-    };
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create output directory {}", args.output.display()))?;
 
@@ -314,13 +340,21 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
             value_name(settings.optimizer),
             settings.steps,
             settings.eps * 255.0,
-            device.as_ref().map_or_else(
-                || "cpu (reference engine)".to_string(),
-                |d| match precision {
-                    Precision::Fp32 => d.name(),
-                    Precision::Bf16 => format!("{} (bf16 matrix products)", d.name()),
+            match devices.as_slice() {
+                [] => "cpu (reference engine)".to_string(),
+                devs => {
+                    let names: Vec<String> = devs.iter().map(|d| d.name()).collect();
+                    let names = if names.len() > 1 {
+                        format!("{} devices: {}", names.len(), names.join("; "))
+                    } else {
+                        names.join("")
+                    };
+                    match precision {
+                        Precision::Fp32 => names,
+                        Precision::Bf16 => format!("{names} (bf16 matrix products)"),
+                    }
                 }
-            )
+            }
         );
         if inputs.ignored > 0 {
             eprintln!(
@@ -357,42 +391,65 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         bar: &bar,
         curves: Mutex::new(LossCurves::new(settings.steps)),
     });
-    let progress: &dyn Progress = match &plotting {
+    let progress: &(dyn Progress + Sync) = match &plotting {
         Some(p) => p,
         None => &bar,
     };
     let started = std::time::Instant::now();
     let output = OutputOptions {
-        batch_size,
+        batch_size: fixed_batch.unwrap_or(1),
         dir: args.output.clone(),
         save_float: args.save_float,
         layout,
         max_pixels: args.max_pixels,
+        decoders: args.decode_threads.unwrap_or(0) as usize,
     };
-    let summary = match &device {
-        None => run_campaign_interruptible(
-            &ReferenceVit::new(&model),
-            &objective,
-            &settings,
-            &items,
-            &output,
-            progress,
-            &interrupted,
-        )?,
-        Some(dev) => {
-            let engine = GpuVit::new_with_precision(dev, &model, precision)
-                .with_context(|| format!("cannot load the model onto {}", dev.name()))?;
-            run_campaign_interruptible(
-                &engine,
-                &objective,
-                &settings,
-                &items,
-                &output,
-                progress,
-                &interrupted,
-            )?
+    let timeline = args.profile.as_ref().map(|_| Timeline::new());
+    let campaign = Campaign {
+        objective: &objective,
+        settings: &settings,
+        items: &items,
+        output: &output,
+        timeline: timeline.as_ref(),
+    };
+    let summary = if devices.is_empty() {
+        let worker = |_| {
+            Ok(Worker {
+                engine: ReferenceVit::new(&model),
+                batch_size: fixed_batch.unwrap_or(1),
+                name: "cpu".into(),
+            })
+        };
+        campaign.run_on_workers(1, &model, worker, progress, &interrupted)
+    } else {
+        // One engine worker per device, built on its own thread: weights upload and, with
+        // --batch-size auto, the batch size from that device's free memory.
+        let worker = |w: usize| {
+            let dev = &devices[w];
+            let setup = |source: prm::gpu::GpuError| CampaignError::WorkerSetup {
+                worker: w,
+                device: dev.name(),
+                source: source.into(),
+            };
+            let batch_size = match fixed_batch {
+                Some(n) => n,
+                None => auto_batch_size(dev, &model, settings.resolution).map_err(setup)?,
+            };
+            let engine = GpuVit::new_with_precision(dev, &model, precision).map_err(setup)?;
+            Ok(Worker {
+                engine,
+                batch_size,
+                name: dev.name(),
+            })
+        };
+        campaign.run_on_workers(devices.len(), &model, worker, progress, &interrupted)
+    }
+    .map_err(|e| match e {
+        CampaignError::WorkerSetup { device, source, .. } => {
+            anyhow::Error::new(source).context(format!("cannot load the model onto {device}"))
         }
-    };
+        e => e.into(),
+    })?;
     bar.finish();
     if let (Some(path), Some(p)) = (&args.plot, plotting) {
         let curves = p
@@ -421,6 +478,26 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
                     path.display(),
                     path.with_extension("json").display()
                 );
+            }
+        }
+    }
+    if let Some(t) = &timeline {
+        // Asked for explicitly, so shown even with --quiet.
+        eprint!("{}", t.report());
+        if let Some(Some(path)) = args.profile_file() {
+            let mut json = serde_json::to_vec_pretty(&t.to_json())?;
+            json.push(b'\n');
+            prm::io::output::write_atomic(path, |file| {
+                use std::io::Write;
+                file.write_all(&json)
+                    .map_err(|source| prm::io::IoError::Write {
+                        path: path.clone(),
+                        source,
+                    })
+            })
+            .with_context(|| format!("cannot write the profile {}", path.display()))?;
+            if !args.quiet {
+                eprintln!("profile: every batch's timestamps in {}", path.display());
             }
         }
     }

@@ -1,4 +1,10 @@
 //! `--device` and `--precision`, shared by the subcommands that run an engine.
+//!
+//! Spellings: `auto` (CUDA device 0 when a driver and a device exist, else the CPU), `cpu`,
+//! `cuda` / `cuda:N`, `sim`; and for `prm attack` only, several devices at once: `cuda:all`
+//! (every CUDA device), `cuda:0,1,...`, and `sim:N` (N simulated devices: no faster than one,
+//! since the simulator runs one launch at a time, but it runs the whole multi-device pipeline
+//! without a GPU).
 
 use anyhow::bail;
 use prm::gpu::engine::Precision;
@@ -7,21 +13,76 @@ use prm::gpu::Device;
 /// The engine to run on: `None` is the CPU reference engine. `auto` is CUDA device 0 when a
 /// driver and a device exist, else the CPU; and the precision of the GPU engine's products.
 pub fn choose_device(device: &str, precision: &str) -> anyhow::Result<(Option<Device>, Precision)> {
-    let chosen = match device {
-        "cpu" => None,
-        "auto" => Device::cuda_available()
-            .then(|| Device::cuda(0))
-            .transpose()?,
-        "sim" => Some(Device::sim()),
-        "cuda" => Some(Device::cuda(0)?),
-        d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Some(Device::cuda(n)?),
-            _ => bail!("unknown device '{d}': use auto, cpu, cuda, cuda:N or sim"),
-        },
+    let (devices, precision) = choose_devices(device, precision)?;
+    match devices.len() {
+        0 => Ok((None, precision)),
+        1 => Ok((devices.into_iter().next(), precision)),
+        n => bail!(
+            "--device {device} names {n} devices, but this command runs on one: use cuda:N or \
+             sim (several devices at once are for prm attack)"
+        ),
+    }
+}
+
+/// The devices to run on, one engine worker each: empty for the CPU reference engine.
+pub fn choose_devices(device: &str, precision: &str) -> anyhow::Result<(Vec<Device>, Precision)> {
+    let usage = "use auto, cpu, cuda, cuda:N, cuda:all, cuda:N,M,..., sim or sim:N";
+    let chosen: Vec<Device> = match device {
+        "cpu" => Vec::new(),
+        "auto" => {
+            if Device::cuda_available() {
+                vec![Device::cuda(0)?]
+            } else {
+                Vec::new()
+            }
+        }
+        "sim" => vec![Device::sim()],
+        "cuda" => vec![Device::cuda(0)?],
+        "cuda:all" => {
+            let count = prm::gpu::cuda::device_count();
+            if count == 0 {
+                // Device::cuda says why (no driver, no kernels, no device).
+                Device::cuda(0)?;
+                bail!("--device cuda:all: no CUDA device found; use --device cpu or sim");
+            }
+            (0..count).map(Device::cuda).collect::<Result<_, _>>()?
+        }
+        d => {
+            if let Some(n) = d.strip_prefix("sim:") {
+                match n.parse::<usize>() {
+                    Ok(n) if (1..=64).contains(&n) => (0..n).map(|_| Device::sim()).collect(),
+                    _ => bail!(
+                        "--device {d}: sim:N takes a number of simulated devices from 1 to 64"
+                    ),
+                }
+            } else if let Some(list) = d.strip_prefix("cuda:") {
+                let ordinals = list
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>())
+                    .collect::<Result<Vec<_>, _>>();
+                match ordinals {
+                    Ok(ordinals) if !ordinals.is_empty() => {
+                        let mut seen = std::collections::HashSet::new();
+                        if let Some(dup) = ordinals.iter().find(|&&o| !seen.insert(o)) {
+                            bail!(
+                                "--device {d}: cuda:{dup} is listed twice; list each device once"
+                            );
+                        }
+                        ordinals
+                            .into_iter()
+                            .map(Device::cuda)
+                            .collect::<Result<_, _>>()?
+                    }
+                    _ => bail!("unknown device '{d}': {usage}"),
+                }
+            } else {
+                bail!("unknown device '{d}': {usage}")
+            }
+        }
     };
     let precision = match precision {
         "fp32" => Precision::Fp32,
-        "bf16" if chosen.is_none() => bail!(
+        "bf16" if chosen.is_empty() => bail!(
             "--precision bf16 needs the GPU engine, but --device {device} runs the CPU reference \
              engine, and the CPU reference engine runs fp32: use --device cuda or sim, or \
              --precision fp32"

@@ -64,8 +64,8 @@ impl Progress for Bar {
             .set_message(format!("{done} images ({rate:.2} images/s), now {rel}"));
     }
     fn batch_shrunk(&self, size: usize, redone: usize) {
-        self.bar
-            .set_position(self.bar.position().saturating_sub(redone as u64));
+        // `dec`, not a read-then-set: other engine workers move the bar at the same time.
+        self.bar.dec(redone as u64);
         if !self.quiet {
             self.bar.suspend(|| {
                 eprintln!(

@@ -1,0 +1,767 @@
+//! The threads of a campaign, so that the engine never waits for I/O in steady state.
+//!
+//! ```text
+//!  decoder threads ──► Prefetch (bounded look-ahead, handed out in input order)
+//!                           │ claim(batch size)
+//!                           ▼
+//!  engine worker(s): attack, quantise within ε, evaluate the saved images (need the engine)
+//!                           │ WriteJob per batch, bounded queue (64 images or 2 batches)
+//!                           ▼
+//!  writer thread: encode + write PNG / safetensors atomically (images of a batch in parallel),
+//!                 reorder buffer → manifest lines in input order, fsync per batch
+//!                           │ Completion per image (unbounded: records are small)
+//!                           ▼
+//!  the calling thread: Progress::loss_curve / image_done
+//! ```
+//!
+//! - **Decoders** read, decode and size-check inputs and read `--init from:` starts. They run at
+//!   most `lookahead` images past the last image an engine worker claimed (the workers' batch
+//!   sizes plus one image per decoder), so memory stays bounded whatever the dataset size.
+//! - **Engine workers** claim consecutive runs of images (a batch) under one lock, so a batch is
+//!   always the same images in the same order whichever worker runs it. One worker runs on the
+//!   calling thread ([`run_here`], any [`Engine`]); several run on their own threads
+//!   ([`run_on_threads`]), each with its own engine built on that thread (its own device, weights
+//!   and batch size). Out-of-memory halving is per worker: the worker keeps the images it
+//!   claimed and retries them in halves, so none is lost or redone.
+//! - **The writer** is the only thread that touches the output directory and the manifest. It
+//!   appends an image's line after its outputs are renamed into place, in input order (a later
+//!   batch finished by a faster worker waits in the reorder buffer), and syncs the manifest after
+//!   every batch. At the end of a run, records still waiting for an earlier image that was never
+//!   finished (the batch in flight at an interrupt) are appended in input order.
+//! - **Progress** calls all happen on the thread that owns the [`Progress`]: the calling thread
+//!   with [`run_here`] (between steps, so a `Progress` need not be `Sync`), the workers and the
+//!   calling thread with [`run_on_threads`] (which requires `Sync`).
+//! - **Interrupts** are polled by the workers before every batch and after every step; the
+//!   worker that sees one stops the others and the decoders. Batches already queued for the
+//!   writer are written out completely; the batches in flight are abandoned.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Barrier, Condvar, Mutex};
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use super::campaign::{
+    attack_batch, error_record, load, panic_message, write_outputs, Attacked, BatchResult,
+    CampaignError, Finished, ImageFailure, Loaded, OutputOptions, Progress, Worker,
+};
+use super::engine::Engine;
+use super::loss::Objective;
+use super::profile::{BatchTiming, Timeline, WorkerTiming, WriteTiming};
+use super::settings::AttackSettings;
+use crate::io::{InputItem, IoError, ManifestRecord, ManifestWriter, Status};
+
+/// What one run needs, shared by every thread.
+pub(super) struct Run<'a> {
+    /// The inputs still to do, in input order; indices into it identify images everywhere.
+    pub todo: &'a [InputItem],
+    pub objective: &'a Objective,
+    pub settings: &'a AttackSettings,
+    pub output: &'a OutputOptions,
+    pub patch: usize,
+    pub timeline: Option<&'a Timeline>,
+}
+
+/// How a run ended.
+pub(super) struct Outcome {
+    pub ok: usize,
+    pub failed: usize,
+    pub interrupted: bool,
+}
+
+/// An image claimed by an engine worker: its index in `todo` and what the decoders made of it.
+pub(super) struct Claimed {
+    pub index: usize,
+    pub loaded: Result<Loaded, ImageFailure>,
+}
+
+/// One image's manifest record, on its way back to the [`Progress`].
+struct Completion {
+    record: ManifestRecord,
+    curve: Option<Vec<f64>>,
+}
+
+/// A finished batch for the writer.
+struct WriteJob {
+    worker: usize,
+    images: Vec<Finished>,
+    /// Engine seconds per image of the batch (the manifest's `seconds`).
+    seconds: f64,
+}
+
+struct PrefetchState {
+    ready: HashMap<usize, Result<Loaded, ImageFailure>>,
+    /// The next image a decoder will take.
+    next_load: usize,
+    /// The next image a worker will claim.
+    next_claim: usize,
+    /// Decoders stay below `next_claim + lookahead`.
+    lookahead: usize,
+    stopped: bool,
+}
+
+/// Decoded inputs with a bounded look-ahead, claimed by the workers in input order.
+struct Prefetch {
+    state: Mutex<PrefetchState>,
+    /// An image was decoded, or the prefetch stopped.
+    decoded: Condvar,
+    /// Images were claimed (room to decode more), or the prefetch stopped.
+    claimed: Condvar,
+}
+
+impl Prefetch {
+    fn new(lookahead: usize) -> Self {
+        Prefetch {
+            state: Mutex::new(PrefetchState {
+                ready: HashMap::new(),
+                next_load: 0,
+                next_claim: 0,
+                lookahead: lookahead.max(1),
+                stopped: false,
+            }),
+            decoded: Condvar::new(),
+            claimed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PrefetchState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends every decoder and wakes every waiting worker (which then gets nothing).
+    fn stop(&self) {
+        self.lock().stopped = true;
+        self.decoded.notify_all();
+        self.claimed.notify_all();
+    }
+
+    fn grow_lookahead(&self, images: usize) {
+        self.lock().lookahead += images;
+        self.claimed.notify_all();
+    }
+
+    /// A decoder thread: decodes images in input order until all are decoded or it is stopped.
+    fn decode_loop(&self, run: &Run) {
+        loop {
+            let index = {
+                let mut s = self.lock();
+                loop {
+                    if s.stopped || s.next_load >= run.todo.len() {
+                        return;
+                    }
+                    if s.next_load < s.next_claim + s.lookahead {
+                        break;
+                    }
+                    s = self.claimed.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
+                s.next_load += 1;
+                s.next_load - 1
+            };
+            let item = &run.todo[index];
+            let loaded = catch_unwind(AssertUnwindSafe(|| {
+                load(item, run.settings, run.patch, run.output.max_pixels)
+            }))
+            .unwrap_or_else(|p| {
+                Err(ImageFailure {
+                    message: format!(
+                        "internal error while reading (please report): {}",
+                        panic_message(&*p)
+                    ),
+                    size: None,
+                })
+            });
+            self.lock().ready.insert(index, loaded);
+            self.decoded.notify_all();
+        }
+    }
+
+    /// Claims the next `max` images (fewer at the end) and waits until they are decoded. Empty
+    /// when every image was claimed or the prefetch was stopped.
+    fn claim(&self, max: usize, total: usize) -> Vec<Claimed> {
+        let mut s = self.lock();
+        if s.stopped {
+            return Vec::new();
+        }
+        let range = s.next_claim..(s.next_claim + max).min(total);
+        s.next_claim = range.end;
+        self.claimed.notify_all();
+        let mut out = Vec::with_capacity(range.len());
+        for index in range {
+            loop {
+                if s.stopped {
+                    return Vec::new();
+                }
+                if let Some(loaded) = s.ready.remove(&index) {
+                    out.push(Claimed { index, loaded });
+                    break;
+                }
+                s = self.decoded.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        out
+    }
+}
+
+/// Bounds the images handed to the writer and not yet written (their pixels wait in memory):
+/// a worker waits before handing over a batch that would pass the limit, unless the writer has
+/// nothing at all (so a batch larger than the limit still goes through).
+struct WriterGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+struct GateState {
+    queued_images: usize,
+    limit: usize,
+    /// The writer ended (on a manifest error): nobody waits any more.
+    closed: bool,
+}
+
+impl WriterGate {
+    /// Enough to absorb the writer's jitter (fsync latency) with small batches.
+    const MIN_IMAGES: usize = 64;
+
+    fn new() -> Self {
+        WriterGate {
+            state: Mutex::new(GateState {
+                queued_images: 0,
+                limit: Self::MIN_IMAGES,
+                closed: false,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Room for two batches of `batch_size`.
+    fn allow_batches_of(&self, batch_size: usize) {
+        let mut s = self.lock();
+        s.limit = s.limit.max(2 * batch_size);
+    }
+
+    /// Waits for room for `images`; returns the seconds spent waiting.
+    fn enter(&self, images: usize) -> f64 {
+        let mut s = self.lock();
+        let mut waited = None;
+        while !s.closed && s.queued_images > 0 && s.queued_images + images > s.limit {
+            let since = *waited.get_or_insert_with(Instant::now);
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            waited = Some(since);
+        }
+        s.queued_images += images;
+        waited.map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
+
+    fn leave(&self, images: usize) {
+        let mut s = self.lock();
+        s.queued_images = s.queued_images.saturating_sub(images);
+        self.changed.notify_all();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Closes the gate when the writer ends, however it ends.
+struct CloseOnDrop<'a>(&'a WriterGate);
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// State shared by the threads of one run.
+struct Shared<'a> {
+    run: &'a Run<'a>,
+    prefetch: Prefetch,
+    /// Every worker stops at its next batch or step boundary.
+    stop: AtomicBool,
+    /// A worker saw the interrupt.
+    interrupted: AtomicBool,
+    /// Batches queued for the writer and not yet taken by it.
+    backlog: AtomicUsize,
+    writer_gate: WriterGate,
+}
+
+impl<'a> Shared<'a> {
+    fn new(run: &'a Run<'a>, lookahead: usize) -> Self {
+        Shared {
+            run,
+            prefetch: Prefetch::new(lookahead),
+            stop: AtomicBool::new(false),
+            interrupted: AtomicBool::new(false),
+            backlog: AtomicUsize::new(0),
+            writer_gate: WriterGate::new(),
+        }
+    }
+
+    fn halt(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.prefetch.stop();
+    }
+
+    /// Whether the worker should stop now (polling the interrupt).
+    fn should_stop(&self, interrupted: &dyn Fn() -> bool) -> bool {
+        if self.stop.load(Ordering::SeqCst) {
+            return true;
+        }
+        if interrupted() {
+            self.interrupted.store(true, Ordering::SeqCst);
+            self.halt();
+            return true;
+        }
+        false
+    }
+
+    fn now(&self) -> f64 {
+        self.run.timeline.map_or(0.0, |t| t.now())
+    }
+}
+
+/// Unwinding payload that abandons the batch in flight when an interrupt is seen mid-attack.
+struct Interrupted;
+
+fn decoder_count(output: &OutputOptions) -> usize {
+    if output.decoders > 0 {
+        return output.decoders;
+    }
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8)
+}
+
+/// One engine worker: claims batches, attacks them, hands them to the writer, until the inputs
+/// run out or the run stops. `between_steps` runs after every step and batch (the single-worker
+/// run delivers completions there).
+#[allow(clippy::too_many_arguments)]
+fn engine_worker<E: Engine>(
+    worker: usize,
+    engine: &E,
+    batch_size: usize,
+    shared: &Shared,
+    progress: &dyn Progress,
+    interrupted: &dyn Fn() -> bool,
+    jobs: Sender<WriteJob>,
+    between_steps: &dyn Fn(),
+) {
+    let run = shared.run;
+    let mut size = batch_size.max(1);
+    // Claimed images not attacked yet: a whole claim, or what is left of one after an
+    // out-of-memory error halved the batch.
+    let mut held: VecDeque<Claimed> = VecDeque::new();
+    let curves = progress.wants_loss_curves();
+    loop {
+        between_steps();
+        if shared.should_stop(interrupted) {
+            return;
+        }
+        let requested_at = shared.now();
+        if held.is_empty() {
+            held.extend(shared.prefetch.claim(size, run.todo.len()));
+            if held.is_empty() {
+                return; // every input is claimed (or the run stopped)
+            }
+        }
+        let loaded_at = shared.now();
+        let chunk: Vec<Claimed> = held.drain(..size.min(held.len())).collect();
+        for c in &chunk {
+            progress.image_started(&run.todo[c.index].rel);
+        }
+        let started = Instant::now();
+        let reported = std::cell::Cell::new(0usize);
+        let on_step = |n: usize| {
+            reported.set(reported.get() + n);
+            progress.steps_done(n);
+            between_steps();
+            if shared.should_stop(interrupted) {
+                // Not a panic: no hook runs, and `catch_unwind` below tells it apart.
+                resume_unwind(Box::new(Interrupted));
+            }
+        };
+        let attacked = catch_unwind(AssertUnwindSafe(|| {
+            attack_batch(
+                engine,
+                run.objective,
+                run.settings,
+                &chunk,
+                &on_step,
+                curves,
+                run.output.save_float,
+            )
+        }));
+        let mut timing = BatchTiming {
+            worker,
+            first: chunk[0].index,
+            images: chunk.len(),
+            requested_at,
+            loaded_at,
+            engine_done_at: shared.now(),
+            queued_at: 0.0,
+            writer_backlog: 0,
+            writer_wait: 0.0,
+            out_of_memory: false,
+        };
+        let finished = match attacked {
+            Ok(BatchResult::OutOfMemory) if chunk.len() > 1 => {
+                engine.release_cached_memory();
+                size = (chunk.len() / 2).max(1);
+                progress.batch_shrunk(size, reported.get());
+                timing.out_of_memory = true;
+                timing.queued_at = timing.engine_done_at;
+                if let Some(t) = run.timeline {
+                    t.batch(timing);
+                }
+                for c in chunk.into_iter().rev() {
+                    held.push_front(c);
+                }
+                continue;
+            }
+            Ok(BatchResult::OutOfMemory) => {
+                engine.release_cached_memory();
+                fail_all(
+                    &chunk,
+                    "engine error: out of device memory with one image per batch (use a smaller \
+                     --resolution or --max-pixels, or a larger GPU)"
+                        .into(),
+                )
+            }
+            Ok(BatchResult::Done(finished)) => finished,
+            Err(payload) if payload.is::<Interrupted>() => return,
+            Err(panic) => fail_all(
+                &chunk,
+                format!("internal error (please report): {}", panic_message(&*panic)),
+            ),
+        };
+        let seconds = started.elapsed().as_secs_f64() / chunk.len() as f64;
+        timing.writer_wait = shared.writer_gate.enter(finished.len());
+        timing.writer_backlog = shared.backlog.fetch_add(1, Ordering::SeqCst) + 1;
+        let sent = jobs.send(WriteJob {
+            worker,
+            images: finished,
+            seconds,
+        });
+        timing.queued_at = shared.now();
+        if let Some(t) = run.timeline {
+            t.batch(timing);
+        }
+        if sent.is_err() {
+            // The writer stopped on a manifest error: the run ends with that error.
+            shared.halt();
+            return;
+        }
+    }
+}
+
+/// Every image of `chunk` failed with `message` (or with its own earlier failure).
+fn fail_all(chunk: &[Claimed], message: String) -> Vec<Finished> {
+    chunk
+        .iter()
+        .map(|c| Finished {
+            index: c.index,
+            result: Err(match &c.loaded {
+                Ok(l) => ImageFailure::sized(message.clone(), &l.clean),
+                Err(e) => e.clone(),
+            }),
+        })
+        .collect()
+}
+
+/// Writes one image's outputs; its record (an error record when writing failed).
+fn write_image(
+    item: &InputItem,
+    result: Result<Attacked, ImageFailure>,
+    seconds: f64,
+    output: &OutputOptions,
+) -> Completion {
+    let attacked = match result {
+        Ok(a) => a,
+        Err(failure) => {
+            return Completion {
+                record: error_record(item, failure, seconds),
+                curve: None,
+            }
+        }
+    };
+    let written = catch_unwind(AssertUnwindSafe(|| write_outputs(item, &attacked, output)))
+        .unwrap_or_else(|p| {
+            Err(ImageFailure {
+                message: format!(
+                    "internal error while writing (please report): {}",
+                    panic_message(&*p)
+                ),
+                size: Some((attacked.width, attacked.height)),
+            })
+        });
+    match written {
+        Ok(rel_out) => {
+            let mut record = attacked.record;
+            record.output = Some(rel_out);
+            record.seconds = seconds;
+            Completion {
+                record,
+                curve: attacked.curve,
+            }
+        }
+        Err(failure) => Completion {
+            record: error_record(item, failure, seconds),
+            curve: None,
+        },
+    }
+}
+
+/// Counts of the records the writer appended.
+#[derive(Default)]
+struct Counts {
+    ok: usize,
+    failed: usize,
+}
+
+/// Appends one record and hands it on to the progress.
+fn append(
+    manifest: &mut ManifestWriter,
+    done: &Sender<Completion>,
+    counts: &mut Counts,
+    c: Completion,
+) -> Result<(), IoError> {
+    manifest.append(&c.record)?;
+    match c.record.status {
+        Status::Ok => counts.ok += 1,
+        _ => counts.failed += 1,
+    }
+    let _ = done.send(c);
+    Ok(())
+}
+
+/// The writer thread: writes every batch it is given, appends the records in input order.
+fn writer_loop(
+    shared: &Shared,
+    mut manifest: ManifestWriter,
+    jobs: Receiver<WriteJob>,
+    done: Sender<Completion>,
+) -> Result<Counts, IoError> {
+    let run = shared.run;
+    let _close = CloseOnDrop(&shared.writer_gate);
+    let mut counts = Counts::default();
+    let mut waiting: BTreeMap<usize, Completion> = BTreeMap::new();
+    let mut next = 0usize;
+    for job in jobs.iter() {
+        shared.backlog.fetch_sub(1, Ordering::SeqCst);
+        let started_at = shared.now();
+        let first = job.images.first().map_or(0, |f| f.index);
+        let images = job.images.len();
+        let seconds = job.seconds;
+        // The images of a batch are encoded and written in parallel; records wait for order.
+        let written: Vec<(usize, Completion)> = job
+            .images
+            .into_par_iter()
+            .map(|f| {
+                let item = &run.todo[f.index];
+                (f.index, write_image(item, f.result, seconds, run.output))
+            })
+            .collect();
+        waiting.extend(written);
+        while let Some(c) = waiting.remove(&next) {
+            append(&mut manifest, &done, &mut counts, c)?;
+            next += 1;
+        }
+        manifest.sync()?;
+        shared.writer_gate.leave(images);
+        if let Some(t) = run.timeline {
+            t.write(WriteTiming {
+                worker: job.worker,
+                first,
+                images,
+                started_at,
+                done_at: t.now(),
+            });
+        }
+    }
+    // The run is over. Records still waiting follow an image that was never finished (its batch
+    // was abandoned at an interrupt): their outputs are in place, so they are recorded, in order.
+    for (_, c) in std::mem::take(&mut waiting) {
+        append(&mut manifest, &done, &mut counts, c)?;
+    }
+    manifest.sync()?;
+    Ok(counts)
+}
+
+fn deliver(progress: &dyn Progress, c: Completion) {
+    if let (Some(curve), Status::Ok) = (&c.curve, c.record.status) {
+        progress.loss_curve(&c.record.input, curve);
+    }
+    progress.image_done(&c.record);
+}
+
+fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle.join().unwrap_or_else(|p| resume_unwind(p))
+}
+
+/// Runs the campaign with one engine worker on the calling thread.
+pub(super) fn run_here<E: Engine>(
+    run: &Run,
+    manifest: ManifestWriter,
+    engine: &E,
+    progress: &dyn Progress,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Outcome, IoError> {
+    let decoders = decoder_count(run.output);
+    let batch_size = run.output.batch_size.max(1);
+    let shared = Shared::new(run, decoders + batch_size);
+    shared.writer_gate.allow_batches_of(batch_size);
+    let (jobs_tx, jobs_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel::<Completion>();
+    let counts = std::thread::scope(|s| {
+        for _ in 0..decoders {
+            s.spawn(|| shared.prefetch.decode_loop(run));
+        }
+        let writer = s.spawn(|| writer_loop(&shared, manifest, jobs_rx, done_tx));
+        if let Some(t) = run.timeline {
+            t.worker_ready(WorkerTiming {
+                worker: 0,
+                device: "engine".into(),
+                batch_size,
+                ready_at: t.now(),
+            });
+        }
+        let drain = || {
+            while let Ok(c) = done_rx.try_recv() {
+                deliver(progress, c);
+            }
+        };
+        engine_worker(
+            0,
+            engine,
+            batch_size,
+            &shared,
+            progress,
+            interrupted,
+            jobs_tx,
+            &drain,
+        );
+        shared.prefetch.stop();
+        // The writer finishes the queued batches; their completions arrive until it ends.
+        for c in done_rx.iter() {
+            deliver(progress, c);
+        }
+        join(writer)
+    })?;
+    Ok(Outcome {
+        ok: counts.ok,
+        failed: counts.failed,
+        interrupted: shared.interrupted.load(Ordering::SeqCst),
+    })
+}
+
+/// Runs the campaign with `workers` engine workers on their own threads; worker `w`'s engine is
+/// built by `make_worker(w)` on that thread. Every engine is built before any image is attacked:
+/// if one cannot be, nothing is attacked and the error is returned.
+pub(super) fn run_on_threads<E, F>(
+    run: &Run,
+    manifest: ManifestWriter,
+    workers: usize,
+    make_worker: &F,
+    progress: &(dyn Progress + Sync),
+    interrupted: &(dyn Fn() -> bool + Sync),
+) -> Result<Outcome, CampaignError>
+where
+    E: Engine,
+    F: Fn(usize) -> Result<Worker<E>, CampaignError> + Sync,
+{
+    let workers = workers.max(1);
+    let decoders = decoder_count(run.output);
+    // The workers' batch sizes are added as their engines come up.
+    let shared = Shared::new(run, decoders);
+    let (jobs_tx, jobs_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel::<Completion>();
+    let ready = Barrier::new(workers);
+    let setup_error: Mutex<Option<CampaignError>> = Mutex::new(None);
+    let counts = std::thread::scope(|s| {
+        for _ in 0..decoders {
+            s.spawn(|| shared.prefetch.decode_loop(run));
+        }
+        let writer = s.spawn(|| writer_loop(&shared, manifest, jobs_rx, done_tx));
+        let mut handles = Vec::new();
+        for w in 0..workers {
+            let jobs = jobs_tx.clone();
+            let (shared, ready, setup_error) = (&shared, &ready, &setup_error);
+            handles.push(s.spawn(move || {
+                let built = catch_unwind(AssertUnwindSafe(|| make_worker(w))).unwrap_or_else(|p| {
+                    Err(CampaignError::WorkerPanic {
+                        worker: w,
+                        message: panic_message(&*p),
+                    })
+                });
+                let worker = match built {
+                    Ok(worker) => {
+                        shared.prefetch.grow_lookahead(worker.batch_size.max(1));
+                        shared
+                            .writer_gate
+                            .allow_batches_of(worker.batch_size.max(1));
+                        if let Some(t) = run.timeline {
+                            t.worker_ready(WorkerTiming {
+                                worker: w,
+                                device: worker.name.clone(),
+                                batch_size: worker.batch_size,
+                                ready_at: t.now(),
+                            });
+                        }
+                        Some(worker)
+                    }
+                    Err(e) => {
+                        setup_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        None
+                    }
+                };
+                ready.wait();
+                let failed = setup_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_some();
+                if failed {
+                    shared.halt();
+                    return;
+                }
+                let worker = worker.expect("no set-up error");
+                engine_worker(
+                    w,
+                    &worker.engine,
+                    worker.batch_size,
+                    shared,
+                    progress,
+                    interrupted,
+                    jobs,
+                    &|| {},
+                );
+            }));
+        }
+        drop(jobs_tx);
+        // Completions arrive until the writer ends, which is when every worker has ended.
+        for c in done_rx.iter() {
+            deliver(progress, c);
+        }
+        for h in handles {
+            join(h);
+        }
+        shared.prefetch.stop();
+        join(writer)
+    })?;
+    if let Some(e) = setup_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok(Outcome {
+        ok: counts.ok,
+        failed: counts.failed,
+        interrupted: shared.interrupted.load(Ordering::SeqCst),
+    })
+}
