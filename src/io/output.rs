@@ -215,14 +215,42 @@ pub fn write_float_safetensors_atomic(path: &Path, image: &RgbImage) -> Result<(
     meta.insert("width".to_string(), image.width.to_string());
     meta.insert("height".to_string(), image.height.to_string());
     meta.insert("layout".to_string(), "planar_chw".to_string());
-    let buf = safetensors::serialize([("image", view)], Some(meta))
+    let mut buf = safetensors::serialize([("image", view)], Some(meta))
         .map_err(|e| encode_err(e.to_string()))?;
+    sort_safetensors_header(&mut buf).map_err(encode_err)?;
     write_atomic(path, |file| {
         file.write_all(&buf).map_err(|source| IoError::Write {
             path: path.to_path_buf(),
             source,
         })
     })
+}
+
+/// Rewrites a serialized safetensors file's JSON header with its keys sorted, in place.
+///
+/// `safetensors::serialize` takes the metadata as a `HashMap`, whose iteration order changes
+/// from process to process, so two identical runs would write different bytes. The sorted
+/// header (serde_json's maps are ordered) has the same entries and the same length, so the
+/// 8-byte length prefix and the data offsets stay valid.
+fn sort_safetensors_header(buf: &mut [u8]) -> Result<(), String> {
+    let len_bytes: [u8; 8] = buf
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("safetensors output shorter than its header length")?;
+    let len = u64::from_le_bytes(len_bytes) as usize;
+    let header = buf
+        .get(8..8 + len)
+        .ok_or("safetensors header length past the end of the output")?;
+    let value: serde_json::Value =
+        serde_json::from_slice(header).map_err(|e| format!("safetensors header: {e}"))?;
+    let sorted = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
+    if sorted.len() > len {
+        return Err("sorted safetensors header is longer than the original".into());
+    }
+    // safetensors pads the header with spaces to its alignment; keep the length.
+    buf[8..8 + sorted.len()].copy_from_slice(&sorted);
+    buf[8 + sorted.len()..8 + len].fill(b' ');
+    Ok(())
 }
 
 /// Creates `path`'s parent, runs `fill` on a temporary file beside it, syncs and renames it over
@@ -262,4 +290,41 @@ pub fn write_atomic(
     tmp.as_file().sync_all().map_err(werr)?;
     tmp.persist(path).map_err(|e| werr(e.error))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn float_images_are_written_byte_identically_with_a_sorted_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = RgbImage {
+            width: 5,
+            height: 3,
+            data: (0..45).map(|i| i as f32 / 45.0).collect(),
+        };
+        // Each HashMap gets its own random order, so a handful of writes would differ.
+        let files: Vec<Vec<u8>> = (0..8)
+            .map(|i| {
+                let path = dir.path().join(format!("{i}.safetensors"));
+                write_float_safetensors_atomic(&path, &image).unwrap();
+                std::fs::read(&path).unwrap()
+            })
+            .collect();
+        assert!(files.iter().all(|f| f == &files[0]));
+        let len = u64::from_le_bytes(files[0][..8].try_into().unwrap()) as usize;
+        let header = std::str::from_utf8(&files[0][8..8 + len]).unwrap();
+        let meta = header.find("__metadata__").unwrap();
+        let (h, l, w) = (
+            header.find("\"height\"").unwrap(),
+            header.find("\"layout\"").unwrap(),
+            header.find("\"width\"").unwrap(),
+        );
+        assert!(h > meta && h < l && l < w, "{header}");
+        let loaded = safetensors::SafeTensors::deserialize(&files[0]).unwrap();
+        let tensor = loaded.tensor("image").unwrap();
+        assert_eq!(tensor.shape(), &[3, 3, 5]);
+        assert_eq!(tensor.data(), bytemuck::cast_slice::<f32, u8>(&image.data));
+    }
 }
