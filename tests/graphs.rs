@@ -95,6 +95,32 @@ fn allocations_uploads_downloads_and_syncs_are_errors_inside_a_capture() {
     }
 }
 
+/// A capture is the capturing thread's: another thread's calls meanwhile are neither refused
+/// nor recorded.
+#[test]
+fn other_threads_are_not_captured() {
+    let dev = Device::sim();
+    let mut buf = dev.upload(&[1.0f32; 4]).unwrap();
+    let graph = dev
+        .capture(|| {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    assert!(!dev.is_capturing());
+                    let mut other = dev.upload(&[3.0f32; 4]).unwrap();
+                    dev.zero(&mut other).unwrap();
+                    assert_eq!(dev.download(&other).unwrap(), vec![0.0; 4]);
+                });
+            });
+            assert!(dev.is_capturing());
+            dev.zero(&mut buf)
+        })
+        .unwrap();
+    assert_eq!(graph.ops().total(), 1);
+    assert_eq!(dev.download(&buf).unwrap(), vec![1.0; 4]);
+    graph.launch().unwrap();
+    assert_eq!(dev.download(&buf).unwrap(), vec![0.0; 4]);
+}
+
 #[test]
 fn the_simulator_rejects_a_replay_that_reads_a_freed_buffer() {
     let dev = Device::sim();

@@ -176,12 +176,49 @@ impl SimOp {
     }
 }
 
-/// The state of a capture in progress on a device.
-#[derive(Default)]
+/// The state of a capture in progress on a device, by the thread that started it. Other
+/// threads' calls are neither refused nor recorded (CUDA's thread-local capture mode).
 pub(crate) struct Capturing {
-    pub(crate) sim_ops: Vec<SimOp>,
-    pub(crate) ops: GraphOps,
+    thread: std::thread::ThreadId,
+    sim_ops: Vec<SimOp>,
+    ops: GraphOps,
     pins: Vec<Arc<dyn Any + Send + Sync>>,
+}
+
+impl Capturing {
+    fn new() -> Self {
+        Capturing {
+            thread: std::thread::current().id(),
+            sim_ops: Vec::new(),
+            ops: GraphOps::default(),
+            pins: Vec::new(),
+        }
+    }
+
+    fn mine(&self) -> bool {
+        self.thread == std::thread::current().id()
+    }
+}
+
+/// Ends a capture whose body unwound, so the device does not stay in capture mode.
+struct EndOnUnwind<'a> {
+    dev: &'a Device,
+    armed: bool,
+}
+
+impl Drop for EndOnUnwind<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.dev
+                .capture
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Backend::Cuda(c) = &*self.dev.backend {
+                let _ = c.end_capture();
+            }
+        }
+    }
 }
 
 pub(crate) type CaptureSlot = Arc<Mutex<Option<Capturing>>>;
@@ -230,33 +267,40 @@ impl Graph {
 }
 
 impl Device {
-    /// Whether a [`Device::capture`] is in progress on this device.
+    /// Whether this thread is capturing on this device ([`Device::capture`]).
     pub fn is_capturing(&self) -> bool {
         self.capture
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+            .as_ref()
+            .is_some_and(Capturing::mine)
     }
 
     /// Records the device work `body` issues into a [`Graph`] without running it. `body`
-    /// must not allocate, upload, download or synchronise (each is a [`GpuError::Capture`]),
-    /// and nothing else may use this device meanwhile (a capture is device-wide). When `body`
-    /// fails, the capture is discarded and its error returned.
+    /// must not allocate, upload, download or synchronise (each is a [`GpuError::Capture`]).
+    /// Work other threads issue meanwhile is not recorded; on CUDA it must not go to this
+    /// device's stream (the driver would fail the capture). When `body` fails, the capture is
+    /// discarded and its error returned.
     pub fn capture(&self, body: impl FnOnce() -> Result<(), GpuError>) -> Result<Graph, GpuError> {
         let _timed = super::host_stats::timed(super::host_stats::Call::Capture);
         {
             let mut slot = self.capture.lock().unwrap_or_else(|p| p.into_inner());
             if slot.is_some() {
                 return Err(GpuError::Capture {
-                    what: "starting a capture".into(),
+                    what: "starting a capture while another is in progress on the device".into(),
                 });
             }
             if let Backend::Cuda(c) = &*self.backend {
                 c.begin_capture()?;
             }
-            *slot = Some(Capturing::default());
+            *slot = Some(Capturing::new());
         }
+        let mut unwind = EndOnUnwind {
+            dev: self,
+            armed: true,
+        };
         let result = body();
+        unwind.armed = false;
         let recorded = self
             .capture
             .lock()
@@ -286,6 +330,7 @@ impl Device {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_mut()
+            .filter(|c| c.mine())
         {
             c.pins.push(resource);
         }
@@ -303,7 +348,7 @@ impl Device {
     /// Returns `true` when the operation was recorded for the simulator and must not run now.
     pub(crate) fn record(&self, op: impl FnOnce() -> SimOp, kind: fn(&mut GraphOps)) -> bool {
         let mut slot = self.capture.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(c) = slot.as_mut() else {
+        let Some(c) = slot.as_mut().filter(|c| c.mine()) else {
             return false;
         };
         kind(&mut c.ops);
