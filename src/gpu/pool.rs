@@ -14,7 +14,8 @@
 //! capture's arena instead of the free lists, and later takes in the same capture reuse the
 //! arena first: the captured work reuses memory exactly as a direct run does, in stream order.
 //! The arena then belongs to the graph ([`GraphMemory`]): the pool never hands those buffers
-//! to anyone else, and [`BufferPool::release`] cannot free them. A capture never allocates
+//! to anyone else, and [`BufferPool::release`] cannot free them; they come back to the free
+//! lists when the graph is dropped. A capture never allocates
 //! (an allocation would be part of the graph): a take that finds nothing cached fails with
 //! [`GpuError::Capture`]. Running the same work once directly first, with
 //! [`BufferPool::keep_returns`] on, leaves every buffer it needs in the free lists.
@@ -44,8 +45,36 @@ struct Arena {
 }
 
 /// The buffers a captured graph uses, held for the graph's lifetime (see the module docs).
+/// Dropped after the graph, they go back to the pool's free lists (within its bound), so the
+/// next batch reuses them in stream order instead of allocating again.
 pub struct GraphMemory {
     buffers: Vec<Buffer<f32>>,
+    free: Arc<Mutex<Free>>,
+}
+
+impl Drop for GraphMemory {
+    fn drop(&mut self) {
+        let Ok(mut free) = self.free.lock() else {
+            return;
+        };
+        for b in self.buffers.drain(..) {
+            free.give_back(b);
+        }
+    }
+}
+
+impl Free {
+    /// Returns a buffer to the free lists outside a capture: kept when its memory is a size
+    /// class and the bound allows (or returns are being kept), freed otherwise.
+    fn give_back(&mut self, buf: Buffer<f32>) {
+        let class = buf.capacity_bytes() / std::mem::size_of::<f32>();
+        let keep = self.keep_returns || self.bytes + buf.capacity_bytes() <= MAX_CACHED_BYTES;
+        // Adopted buffers of other lengths would never be handed out again: let them go.
+        if size_class(class) == class && keep {
+            self.bytes += buf.capacity_bytes();
+            self.by_len.entry(class).or_default().push(buf);
+        }
+    }
 }
 
 impl GraphMemory {
@@ -90,22 +119,17 @@ impl Drop for Pooled {
         let Ok(mut free) = self.free.lock() else {
             return;
         };
-        let class = buf.capacity_bytes() / std::mem::size_of::<f32>();
         if let Some(arena) = free.capture.as_mut() {
             // Whatever is returned during a capture may be used by the graph: it stays in the
             // arena, whatever its size.
             if self.in_capture {
                 arena.loans = arena.loans.saturating_sub(1);
             }
+            let class = buf.capacity_bytes() / std::mem::size_of::<f32>();
             arena.by_len.entry(class).or_default().push(buf);
             return;
         }
-        let keep = free.keep_returns || free.bytes + buf.capacity_bytes() <= MAX_CACHED_BYTES;
-        // Adopted buffers of other lengths would never be handed out again: let them go.
-        if size_class(class) == class && keep {
-            free.bytes += buf.capacity_bytes();
-            free.by_len.entry(class).or_default().push(buf);
-        }
+        free.give_back(buf);
     }
 }
 
@@ -229,14 +253,13 @@ impl BufferPool {
         };
         let buffers: Vec<Buffer<f32>> = arena.by_len.into_values().flatten().collect();
         if keep && arena.loans == 0 {
-            return Ok(GraphMemory { buffers });
+            return Ok(GraphMemory {
+                buffers,
+                free: self.free.clone(),
+            });
         }
         for b in buffers {
-            let class = b.capacity_bytes() / std::mem::size_of::<f32>();
-            if size_class(class) == class {
-                free.bytes += b.capacity_bytes();
-                free.by_len.entry(class).or_default().push(b);
-            }
+            free.give_back(b);
         }
         if keep {
             return Err(GpuError::Capture {
@@ -248,6 +271,7 @@ impl BufferPool {
         }
         Ok(GraphMemory {
             buffers: Vec::new(),
+            free: self.free.clone(),
         })
     }
 
