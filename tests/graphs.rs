@@ -397,6 +397,29 @@ fn replays_survive_releasing_the_engines_cached_memory() {
     assert_identical(&on, &off, "release before the capture");
 }
 
+/// The step before a capture keeps every buffer the capture needs even when the pool caches
+/// nothing between uses (a batch whose activations exceed the pool's bound).
+#[test]
+fn captures_do_not_depend_on_the_pools_cache_bound() {
+    let model = Model::load("random:tiny").unwrap();
+    let clean = images(&mut Draw::new(44))[..2].to_vec();
+    let dev = Device::sim();
+    let gpu = GpuVit::new(&dev, &model).unwrap();
+    gpu.set_pool_cache_limit(0);
+    let settings = AttackSettings {
+        optimizer: OptimizerKind::Mifgsm,
+        steps: 3,
+        dynamic_scale: None,
+        init: Init::Random,
+        resolution: Resolution::Native,
+        ..Preset::Pgd.settings()
+    };
+    let (off, _) = attack(&gpu, &settings, LossKind::Prm, &clean, false, None);
+    let (on, stats) = attack(&gpu, &settings, LossKind::Prm, &clean, true, None);
+    assert_eq!(stats, (1, 1, 0));
+    assert_identical(&on, &off, "no pool cache");
+}
+
 /// bf16 products: the bf16 operand scratch is tied to the graph that uses it.
 #[test]
 fn bf16_attacks_with_graphs_are_bit_identical_to_direct_steps() {

@@ -30,6 +30,8 @@ use super::{Buffer, Device, GpuError};
 struct Free {
     by_len: HashMap<usize, Vec<Buffer<f32>>>,
     bytes: usize,
+    /// The bound on `bytes` ([`MAX_CACHED_BYTES`] unless set).
+    limit: usize,
     /// Keep every returned buffer, beyond the bound (the direct run before a capture).
     keep_returns: bool,
     /// The arena of a capture in progress.
@@ -68,7 +70,7 @@ impl Free {
     /// class and the bound allows (or returns are being kept), freed otherwise.
     fn give_back(&mut self, buf: Buffer<f32>) {
         let class = buf.capacity_bytes() / std::mem::size_of::<f32>();
-        let keep = self.keep_returns || self.bytes + buf.capacity_bytes() <= MAX_CACHED_BYTES;
+        let keep = self.keep_returns || self.bytes + buf.capacity_bytes() <= self.limit;
         // Adopted buffers of other lengths would never be handed out again: let them go.
         if size_class(class) == class && keep {
             self.bytes += buf.capacity_bytes();
@@ -84,7 +86,8 @@ impl GraphMemory {
     }
 }
 
-/// At most this many bytes are kept in the free lists; beyond it, returned buffers are freed.
+/// By default at most this many bytes are kept in the free lists; beyond it, returned buffers
+/// are freed ([`BufferPool::set_cache_limit`]).
 const MAX_CACHED_BYTES: usize = 4 << 30;
 
 pub struct BufferPool {
@@ -151,6 +154,7 @@ impl BufferPool {
             free: Arc::new(Mutex::new(Free {
                 by_len: HashMap::new(),
                 bytes: 0,
+                limit: MAX_CACHED_BYTES,
                 keep_returns: false,
                 capture: None,
             })),
@@ -207,6 +211,12 @@ impl BufferPool {
         Ok(pooled)
     }
 
+    /// Bounds the bytes kept in the free lists (default 4 GiB); buffers returned beyond it
+    /// are freed. Takes effect for later returns.
+    pub fn set_cache_limit(&self, bytes: usize) {
+        self.free.lock().expect("pool lock").limit = bytes;
+    }
+
     /// With `on`, every returned buffer is kept in the free lists, beyond the usual bound on
     /// cached bytes (for the direct run of work about to be captured); turning it off trims
     /// the free lists back to the bound.
@@ -218,7 +228,7 @@ impl BufferPool {
             let mut classes: Vec<usize> = free.by_len.keys().copied().collect();
             classes.sort_unstable_by(|a, b| b.cmp(a)); // drop the largest first
             for class in classes {
-                while free.bytes > MAX_CACHED_BYTES {
+                while free.bytes > free.limit {
                     let Some(b) = free.by_len.get_mut(&class).and_then(Vec::pop) else {
                         break;
                     };

@@ -246,6 +246,13 @@ impl<'m> GpuVit<'m> {
         self.graphs.load(Ordering::Relaxed)
     }
 
+    /// Bounds the memory the engine's buffer pool keeps cached between uses (default 4 GiB;
+    /// see [`BufferPool::set_cache_limit`]). Graphs do not depend on it: the step before a
+    /// capture keeps what the capture needs whatever the bound.
+    pub fn set_pool_cache_limit(&self, bytes: usize) {
+        self.pool.set_cache_limit(bytes);
+    }
+
     /// What the step loop did with graphs since the engine was created.
     pub fn graph_stats(&self) -> GraphStats {
         *self.graph_stats.lock().unwrap_or_else(|p| p.into_inner())

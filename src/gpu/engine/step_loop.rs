@@ -389,8 +389,11 @@ impl GpuVit<'_> {
                     && self.graphs()
                     && warmed.as_ref().is_some_and(|w| &w.0 == sizes) =>
                 {
-                    warmed = None; // the pool stops keeping every return
-                    match self.capture_step(&fixed, sizes, &mut state, &mut out) {
+                    let captured = self.capture_step(&fixed, sizes, &mut state, &mut out);
+                    // Only now may the pool stop keeping every return (and trim its cache):
+                    // the capture takes what the warm-up step left there.
+                    warmed = None;
+                    match captured {
                         Ok(g) => {
                             g.launch()?;
                             let ops = g.ops();
