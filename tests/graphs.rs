@@ -441,3 +441,46 @@ fn bf16_attacks_with_graphs_are_bit_identical_to_direct_steps() {
     assert_eq!(stats, (1, 1, 0));
     assert_identical(&on, &off, "bf16");
 }
+
+/// `prm bench --graphs on|off` reports what the engine did (the next GPU session measures the
+/// two side by side with it).
+#[test]
+fn bench_reports_graphs_on_and_off() {
+    for (flag, captures, replays) in [("on", 1, 1), ("off", 0, 0)] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_prm"))
+            .args([
+                "bench",
+                "--device",
+                "sim",
+                "--model",
+                "random:tiny",
+                "--image-size",
+                "32",
+                "--batch-size",
+                "1",
+                "--steps",
+                "3",
+                "--warmup",
+                "0",
+                "--repeats",
+                "1",
+                "--no-ceiling",
+                "--json",
+                "--graphs",
+                flag,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let g = &report["graphs"];
+        assert_eq!(g["requested"], flag == "on", "{report}");
+        assert_eq!(g["captures"], captures, "{report}");
+        assert_eq!(g["replays"], replays, "{report}");
+        assert_eq!(g["failures"], 0, "{report}");
+    }
+}
