@@ -7,9 +7,9 @@
 //! selected layer's gradient straight into the backward's running gradient.
 //!
 //! Per-geometry device tables (the packing table, `cu_seqlens`, position embeddings, loss
-//! scratch: [`BatchGeometry`]) and resize plans are uploaded once per geometry and cached: the
+//! scratch: `BatchGeometry`) and resize plans are uploaded once per geometry and cached: the
 //! step loop captures fixed-shape steps into graphs (`step_loop.rs`), and nothing inside a
-//! captured step may upload. A new per-batch table belongs in [`BatchGeometry`]; an upload in
+//! captured step may upload. A new per-batch table belongs in `BatchGeometry`; an upload in
 //! the forward or backward makes every capture fail (the steps then run directly).
 
 mod step_loop;
