@@ -18,6 +18,10 @@
 //
 // RNG: counter = (index lo, index hi, stream, 0) with index the element's position inside its
 // image, key = the image's key; uniform = (word0 >> 8) * 2^-24 (exactly ImageRng::uniform).
+//
+// AdamW's per-step scalars come either as kernel arguments (prm_update_adamw_f32) or from a
+// device table indexed by a device step counter (prm_update_adamw_scheduled_f32 with
+// prm_update_adamw_advance), so a captured graph replays every step with the right t.
 #include "common.cuh"
 
 #ifdef __CUDACC__
@@ -146,20 +150,16 @@ extern "C" __global__ void prm_update_mifgsm_f32(float* x, float* m, const float
 }
 PRM_REGISTER_KERNEL(prm_update_mifgsm_f32);
 
-// AdamW on δ in 0–255 units with the clamp re-parameterisation (Optimizer::adamw_step).
-// Host scalars: lr255 = lr*255 (unused here but kept in `decay`), decay = 1 - lr255*wd,
-// step = (lr255 / (1 - β1^t)) as f32, bias2_sqrt = sqrt(1 - β2^t) as f32.
-extern "C" __global__ void prm_update_adamw_f32(float* delta, float* m, float* v, const float* clean,
-                                                const float* grad, const int* offsets,
-                                                const float* eps, float decay, float step,
-                                                float bias2_sqrt) {
-    int base;
-    const long long i = upd_local(offsets, &base);
-    if (i < 0) return;
-    const long long k = base + i;
+// AdamW on δ in 0–255 units with the clamp re-parameterisation (Optimizer::adamw_step), for
+// element k of image b. decay = 1 - lr255*wd, step = (lr255 / (1 - β1^t)) as f32,
+// bias2_sqrt = sqrt(1 - β2^t) as f32.
+__device__ __forceinline__ void upd_adamw_element(float* delta, float* m, float* v,
+                                                  const float* clean, const float* grad,
+                                                  long long k, float eps_b, float decay,
+                                                  float step, float bias2_sqrt) {
     const float one_minus_b1 = 1.0f - 0.9f;    // f32 constant arithmetic, as in Rust
     const float one_minus_b2 = 1.0f - 0.999f;
-    const float eps255 = UPD_MUL(eps[blockIdx.y], 255.0f);
+    const float eps255 = UPD_MUL(eps_b, 255.0f);
     float d = delta[k];
     const float y = UPD_ADD(UPD_MUL(clean[k], 255.0f), upd_clamp(d, -eps255, eps255));
     const bool passes = (d >= -eps255 && d <= eps255) && (y >= 0.0f && y <= 255.0f);
@@ -173,7 +173,45 @@ extern "C" __global__ void prm_update_adamw_f32(float* delta, float* m, float* v
     const float denom = UPD_ADD(UPD_DIV(UPD_SQRT(vn), bias2_sqrt), 1e-8f);
     delta[k] = UPD_SUB(d, UPD_DIV(UPD_MUL(step, mn), denom));
 }
+
+// AdamW with the per-step scalars passed by the host (see upd_adamw_element).
+extern "C" __global__ void prm_update_adamw_f32(float* delta, float* m, float* v, const float* clean,
+                                                const float* grad, const int* offsets,
+                                                const float* eps, float decay, float step,
+                                                float bias2_sqrt) {
+    int base;
+    const long long i = upd_local(offsets, &base);
+    if (i < 0) return;
+    upd_adamw_element(delta, m, v, clean, grad, base + i, eps[blockIdx.y], decay, step,
+                      bias2_sqrt);
+}
 PRM_REGISTER_KERNEL(prm_update_adamw_f32);
+
+// AdamW with the per-step scalars read from device memory, so that one captured launch serves
+// every step (CUDA graphs): schedule [3 * (steps + 1)] holds (decay, step, bias2_sqrt) of step
+// t at 3t (computed on the host by AdamwScalars::new, bit for bit), and *counter holds the
+// current t, advanced by prm_update_adamw_advance before each step (t past the table reads its
+// last row).
+extern "C" __global__ void prm_update_adamw_scheduled_f32(float* delta, float* m, float* v,
+                                                          const float* clean, const float* grad,
+                                                          const int* offsets, const float* eps,
+                                                          const float* schedule,
+                                                          const int* counter, int schedule_rows) {
+    int base;
+    const long long i = upd_local(offsets, &base);
+    if (i < 0) return;
+    int t = counter[0];
+    t = t < 0 ? 0 : (t >= schedule_rows ? schedule_rows - 1 : t);
+    const float* s = schedule + 3 * t;
+    upd_adamw_element(delta, m, v, clean, grad, base + i, eps[blockIdx.y], s[0], s[1], s[2]);
+}
+PRM_REGISTER_KERNEL(prm_update_adamw_scheduled_f32);
+
+// AdamW's step counter: *counter += 1 (one thread).
+extern "C" __global__ void prm_update_adamw_advance(int* counter) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) counter[0] += 1;
+}
+PRM_REGISTER_KERNEL(prm_update_adamw_advance);
 
 // δ₂₅₅ from a start image: delta = (start - clean) * 255 (Optimizer::new).
 extern "C" __global__ void prm_update_adamw_init_f32(float* delta, const float* start,

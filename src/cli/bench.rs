@@ -64,9 +64,19 @@ pub struct BenchArgs {
     /// timed attack), next to the phases
     #[arg(long)]
     profile: bool,
+    /// Capture fixed-shape attack steps into CUDA graphs and replay them (GPU engine; `off`
+    /// runs every step directly, as PRM_NO_GRAPHS=1 does for `prm attack`)
+    #[arg(long, value_enum, default_value = "on")]
+    graphs: OnOff,
     /// Print one JSON object instead of a table
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 fn parse_image_size(s: &str) -> anyhow::Result<(usize, usize)> {
@@ -134,6 +144,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let mut peak = baseline;
     let stats_before = HostStats::now();
+    let mut graph_report = serde_json::Value::Null;
     let timings: Vec<AttackTiming> = match &device {
         None => time_attacks(
             &ReferenceVit::new(&model),
@@ -149,7 +160,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Some(dev) => {
             let engine = GpuVit::new_with_precision(dev, &model, precision)
                 .with_context(|| format!("cannot load the model onto {}", dev.name()))?;
-            time_attacks(
+            engine.set_graphs(args.graphs == OnOff::On);
+            let timings = time_attacks(
                 &engine,
                 &objective,
                 &settings,
@@ -163,7 +175,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                         peak = peak.max(Some(used));
                     }
                 },
-            )?
+            )?;
+            let g = engine.graph_stats();
+            let ops = g.ops_per_replay;
+            graph_report = json!({
+                "requested": args.graphs == OnOff::On,
+                "captures": g.captures,
+                "replays": g.replays,
+                "direct_steps": g.direct_steps,
+                "failures": g.failures,
+                "ops_per_replay": {
+                    "launches": ops.launches,
+                    "products": ops.products,
+                    "copies": ops.copies,
+                    "fills": ops.fills,
+                },
+            });
+            timings
         }
     };
     // Warm-up attacks made the same calls: scale to one attack.
@@ -219,6 +247,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "ceiling_tflops": ceiling,
         "ceiling_fraction": ceiling.map(|c| tflops / c),
         "peak_memory_bytes": peak_memory,
+        "graphs": graph_report,
     });
     let mut report = report;
     if args.profile {
@@ -266,6 +295,29 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     c["host_seconds"].as_f64().unwrap_or(0.0)
                 );
             }
+        }
+        if !graph_report.is_null() {
+            let g = &graph_report;
+            let n = |k: &str| g[k].as_u64().unwrap_or(0);
+            let o = &g["ops_per_replay"];
+            let m = |k: &str| o[k].as_u64().unwrap_or(0);
+            println!(
+                "graphs            {}: {} captured, {} replayed, {} direct steps, {} failed; \
+                 one replay = {} launches + {} products + {} copies + {} fills",
+                if args.graphs == OnOff::On {
+                    "on"
+                } else {
+                    "off"
+                },
+                n("captures"),
+                n("replays"),
+                n("direct_steps"),
+                n("failures"),
+                m("launches"),
+                m("products"),
+                m("copies"),
+                m("fills")
+            );
         }
         if let Some(p) = peak_memory {
             println!(

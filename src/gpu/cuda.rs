@@ -412,6 +412,56 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Starts a stream capture of the backend's stream (thread-local mode: this thread may not
+    /// make calls that are unsafe during a capture; other threads are unaffected).
+    pub(crate) fn begin_capture(&self) -> Result<(), GpuError> {
+        if self.sync_each_launch {
+            return Err(GpuError::Capture {
+                what: "PRM_CUDA_SYNC_EACH_LAUNCH=1 (a synchronisation after each launch)".into(),
+            });
+        }
+        self.bind()?;
+        catch_unwind(AssertUnwindSafe(|| {
+            self.stream
+                .begin_capture(ds::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        }))
+        .map_err(|p| GpuError::Cuda {
+            context: "beginning a graph capture".into(),
+            message: panic_message(p),
+        })?
+        .map_err(|e| cuda_err("beginning a graph capture", e))
+    }
+
+    /// Ends the capture begun by [`Self::begin_capture`] and instantiates the graph. Always
+    /// ends the capture, also when it was invalidated by a call that cannot be captured.
+    pub(crate) fn end_capture(&self) -> Result<cudarc::driver::CudaGraph, GpuError> {
+        self.bind()?;
+        let ended = catch_unwind(AssertUnwindSafe(|| {
+            self.stream.end_capture(ds::CUgraphInstantiate_flags(0))
+        }))
+        .map_err(|p| GpuError::Cuda {
+            context: "ending a graph capture".into(),
+            message: panic_message(p),
+        })?;
+        match ended {
+            Ok(Some(graph)) => Ok(graph),
+            Ok(None) => Err(GpuError::Cuda {
+                context: "ending a graph capture".into(),
+                message: "the driver returned no graph".into(),
+            }),
+            Err(e) => Err(cuda_err(
+                "ending a graph capture and instantiating the graph",
+                e,
+            )),
+        }
+    }
+
+    /// Launches an instantiated graph on the backend's stream.
+    pub(crate) fn launch_graph(&self, graph: &cudarc::driver::CudaGraph) -> Result<(), GpuError> {
+        self.bind()?;
+        graph.launch().map_err(|e| cuda_err("launching a graph", e))
+    }
+
     /// Waits for everything queued on the backend's stream.
     pub fn synchronize(&self) -> Result<(), GpuError> {
         self.bind()?;
@@ -453,6 +503,7 @@ impl CudaBackend {
 
     /// `c = (accumulate ? c : 0) + a · op(b) + bias`, row-major, through cuBLASLt (fp32 compute;
     /// see [`Blas::matmul`] for the mapping onto cuBLASLt's column-major convention).
+    #[allow(clippy::too_many_arguments)]
     pub fn matmul_f32(
         &self,
         shape: MatmulShape,
@@ -461,11 +512,22 @@ impl CudaBackend {
         bias: Option<&Buffer<f32>>,
         c: &mut Buffer<f32>,
         accumulate: bool,
+        capturing: bool,
     ) -> Result<(), GpuError> {
-        self.matmul(shape, a.address(), b.address(), bias, c, accumulate, false)
+        self.matmul(
+            shape,
+            a.address(),
+            b.address(),
+            bias,
+            c,
+            accumulate,
+            false,
+            capturing,
+        )
     }
 
     /// [`Self::matmul_f32`] with bf16 `a` and `b` (`CUDA_R_16BF`), fp32 compute, bias and `c`.
+    #[allow(clippy::too_many_arguments)]
     pub fn matmul_bf16(
         &self,
         shape: MatmulShape,
@@ -474,8 +536,18 @@ impl CudaBackend {
         bias: Option<&Buffer<f32>>,
         c: &mut Buffer<f32>,
         accumulate: bool,
+        capturing: bool,
     ) -> Result<(), GpuError> {
-        self.matmul(shape, a.address(), b.address(), bias, c, accumulate, true)
+        self.matmul(
+            shape,
+            a.address(),
+            b.address(),
+            bias,
+            c,
+            accumulate,
+            true,
+            capturing,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -488,6 +560,7 @@ impl CudaBackend {
         c: &mut Buffer<f32>,
         accumulate: bool,
         bf16_inputs: bool,
+        capturing: bool,
     ) -> Result<(), GpuError> {
         if shape.m == 0 || shape.n == 0 {
             return Ok(());
@@ -495,6 +568,12 @@ impl CudaBackend {
         self.bind()?;
         let mut guard = self.blas.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
+            if capturing {
+                // Its workspace would be allocated on the capturing stream.
+                return Err(GpuError::Capture {
+                    what: "the first cuBLASLt product of the process".into(),
+                });
+            }
             *guard = Some(Blas::new(&self.stream)?);
         }
         let blas = guard.as_mut().expect("initialised above");
@@ -508,6 +587,7 @@ impl CudaBackend {
                 c.address(),
                 accumulate,
                 bf16_inputs,
+                capturing,
             )
         }));
         result.unwrap_or_else(|p| {
@@ -723,6 +803,8 @@ struct Blas {
     algos: HashMap<PlanKey, lt::sys::cublasLtMatmulAlgo_t>,
     /// Zeros standing in for a and b when k = 0 (a product of length 1 with zero operands).
     zeros: Option<(RawAlloc, usize)>,
+    /// Smaller zero operands replaced by a larger one (a captured graph may still read them).
+    retired_zeros: Vec<RawAlloc>,
 }
 
 impl Drop for Blas {
@@ -775,6 +857,7 @@ impl Blas {
             plans: HashMap::new(),
             algos: HashMap::new(),
             zeros: None,
+            retired_zeros: Vec::new(),
         })
     }
 
@@ -984,13 +1067,22 @@ impl Blas {
         c: u64,
         accumulate: bool,
         bf16_inputs: bool,
+        capturing: bool,
     ) -> Result<(), GpuError> {
         let (mut shape, mut a, mut b) = (shape, a, b);
         if shape.k == 0 {
             // c = (acc ? c : 0) + bias: a product of inner length 1 with zero operands.
             let need = 4 * shape.m.max(shape.n);
             if self.zeros.as_ref().is_none_or(|z| z.1 < need) {
-                self.zeros = None;
+                if capturing {
+                    return Err(GpuError::Capture {
+                        what: "allocating cuBLASLt's zero operand".into(),
+                    });
+                }
+                // A smaller one may be used by a captured graph: keep it until the backend goes.
+                if let Some(old) = self.zeros.take() {
+                    self.retired_zeros.push(old.0);
+                }
                 self.zeros = Some((RawAlloc::zeroed(stream, need)?, need));
             }
             let z = self.zeros.as_ref().expect("allocated above").0.ptr;

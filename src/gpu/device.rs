@@ -4,6 +4,7 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+use super::graph::{CaptureSlot, SimOp, SimPtr};
 use super::{cuda, sim};
 
 /// Errors of the device layer. Messages say what to do.
@@ -27,6 +28,13 @@ pub enum GpuError {
     OutOfMemory { bytes: usize },
     #[error("invalid device '{0}': use auto, cpu, cuda, cuda:N or sim")]
     BadSpec(String),
+    /// Something a graph cannot contain was asked for while one was being captured
+    /// (allocation, upload, download, synchronisation, a nested capture).
+    #[error("{what} is not allowed while a graph is being captured: capture only kernel launches, products, device copies and fills on buffers that exist before the capture")]
+    Capture { what: String },
+    /// A graph could not be replayed as captured.
+    #[error("graph replay failed: {0}")]
+    Graph(String),
 }
 
 /// Element types that may live in device memory.
@@ -47,6 +55,8 @@ pub(crate) enum Backend {
 #[derive(Clone)]
 pub struct Device {
     pub(crate) backend: Arc<Backend>,
+    /// The capture in progress, if any ([`Device::capture`]), shared by every clone.
+    pub(crate) capture: CaptureSlot,
 }
 
 /// Where a buffer's bytes live.
@@ -68,6 +78,7 @@ impl Drop for Memory {
     fn drop(&mut self) {
         if let Memory::Host { ptr, layout } = self {
             if layout.size() > 0 {
+                super::graph::unregister_allocation(*ptr as u64);
                 // SAFETY: allocated in `Device::alloc` with this layout.
                 unsafe { dealloc(*ptr, *layout) };
             }
@@ -144,6 +155,9 @@ impl LaunchConfig {
 #[derive(Default)]
 pub struct KernelArgs {
     slots: Vec<u64>,
+    /// Indices of the slots that hold buffer addresses (checked when a graph is replayed under
+    /// the simulator).
+    pointer_slots: Vec<usize>,
 }
 
 impl KernelArgs {
@@ -152,11 +166,13 @@ impl KernelArgs {
     }
     /// A read-only buffer (`const T*`).
     pub fn input<T: Element>(&mut self, b: &Buffer<T>) -> &mut Self {
+        self.pointer_slots.push(self.slots.len());
         self.slots.push(b.address());
         self
     }
     /// A buffer the kernel writes (`T*`). Taking `&mut` lets the borrow checker catch aliasing.
     pub fn output<T: Element>(&mut self, b: &mut Buffer<T>) -> &mut Self {
+        self.pointer_slots.push(self.slots.len());
         self.slots.push(b.address());
         self
     }
@@ -191,6 +207,7 @@ impl Device {
     pub fn sim() -> Device {
         Device {
             backend: Arc::new(Backend::Sim),
+            capture: CaptureSlot::default(),
         }
     }
 
@@ -198,6 +215,7 @@ impl Device {
     pub fn cuda(ordinal: usize) -> Result<Device, GpuError> {
         Ok(Device {
             backend: Arc::new(Backend::Cuda(cuda::CudaBackend::new(ordinal)?)),
+            capture: CaptureSlot::default(),
         })
     }
 
@@ -221,6 +239,7 @@ impl Device {
     /// A zero-filled buffer of `len` elements.
     pub fn alloc<T: Element>(&self, len: usize) -> Result<Buffer<T>, GpuError> {
         let _timed = super::host_stats::timed(super::host_stats::Call::Alloc);
+        self.refuse_in_capture("allocating device memory")?;
         let bytes = len * std::mem::size_of::<T>();
         let mem = match &*self.backend {
             Backend::Sim => {
@@ -231,6 +250,7 @@ impl Device {
                 if ptr.is_null() {
                     return Err(GpuError::OutOfMemory { bytes });
                 }
+                super::graph::register_allocation(ptr as u64);
                 Memory::Host { ptr, layout }
             }
             Backend::Cuda(c) => Memory::Cuda(c.alloc_zeroed(bytes)?),
@@ -252,6 +272,7 @@ impl Device {
     /// Overwrites `buf` (which must have `data.len()` elements) with `data`.
     pub fn write<T: Element>(&self, buf: &mut Buffer<T>, data: &[T]) -> Result<(), GpuError> {
         let _timed = super::host_stats::timed(super::host_stats::Call::Upload);
+        self.refuse_in_capture("copying host data to the device")?;
         assert_eq!(
             buf.len,
             data.len(),
@@ -273,6 +294,7 @@ impl Device {
     /// Copies `buf` back to the host.
     pub fn download<T: Element>(&self, buf: &Buffer<T>) -> Result<Vec<T>, GpuError> {
         let _timed = super::host_stats::timed(super::host_stats::Call::Download);
+        self.refuse_in_capture("copying device data to the host")?;
         let mut out = vec![T::zeroed(); buf.len];
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
         match &buf.mem {
@@ -294,6 +316,17 @@ impl Device {
             "copy of {} elements into a buffer of {}",
             src.len, dst.len
         );
+        let recorded = self.record(
+            || SimOp::Copy {
+                src: SimPtr::new(src.address()),
+                dst: SimPtr::new(dst.address()),
+                bytes: src.bytes(),
+            },
+            |o| o.copies += 1,
+        );
+        if recorded {
+            return Ok(());
+        }
         match (&src.mem, &mut dst.mem) {
             (Memory::Host { ptr: s, .. }, Memory::Host { ptr: d, .. }) => {
                 // SAFETY: both allocations hold at least `src.bytes()` bytes and are distinct
@@ -321,6 +354,18 @@ impl Device {
 
     fn fill_bytes<T: Element>(&self, buf: &mut Buffer<T>, value: u8) -> Result<(), GpuError> {
         let bytes = buf.bytes();
+        let address = buf.address();
+        let recorded = self.record(
+            || SimOp::Fill {
+                dst: SimPtr::new(address),
+                value,
+                bytes,
+            },
+            |o| o.fills += 1,
+        );
+        if recorded {
+            return Ok(());
+        }
         match &mut buf.mem {
             Memory::Host { ptr, .. } => {
                 // SAFETY: the allocation holds at least `bytes` bytes and is exclusively borrowed.
@@ -342,6 +387,22 @@ impl Device {
         args: &mut KernelArgs,
     ) -> Result<(), GpuError> {
         let _timed = super::host_stats::timed(super::host_stats::Call::Launch);
+        let recorded = self.record(
+            || SimOp::Launch {
+                kernel: kernel.to_string(),
+                cfg,
+                slots: args.slots.clone(),
+                pointers: args
+                    .pointer_slots
+                    .iter()
+                    .map(|&i| (i, SimPtr::new(args.slots[i])))
+                    .collect(),
+            },
+            |o| o.launches += 1,
+        );
+        if recorded {
+            return Ok(());
+        }
         let mut ptrs = args.pointers();
         match &*self.backend {
             Backend::Sim => sim::launch(kernel, cfg, &mut ptrs),
@@ -372,6 +433,7 @@ impl Device {
     /// Waits for all work on the device.
     pub fn synchronize(&self) -> Result<(), GpuError> {
         let _timed = super::host_stats::timed(super::host_stats::Call::Synchronize);
+        self.refuse_in_capture("synchronising with the device")?;
         match &*self.backend {
             Backend::Sim => Ok(()),
             Backend::Cuda(c) => c.synchronize(),

@@ -6,7 +6,8 @@
 //! [`matmul_f32`] takes fp32 operands; [`matmul_bf16`] takes bf16 `a` and `b` (the engine's
 //! `--precision bf16`) and accumulates in fp32 into fp32 `c`, with an fp32 bias.
 
-use super::device::{Backend, Buffer, Device, GpuError, Memory};
+use super::device::{Backend, Buffer, Device, GpuError};
+use super::graph::{SimOp, SimPtr};
 
 /// The shape of one product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -30,12 +31,37 @@ pub fn matmul_f32(
 ) -> Result<(), GpuError> {
     let _timed = super::host_stats::timed(super::host_stats::Call::Matmul);
     check_extents(shape, a.len(), b.len(), bias, c);
+    if record(
+        dev,
+        shape,
+        a.address(),
+        b.address(),
+        bias,
+        c,
+        accumulate,
+        false,
+    ) {
+        return Ok(());
+    }
     match &*dev.backend {
         Backend::Sim => {
-            sim_matmul(shape, host_ptr(a), host_ptr(b), bias, c, accumulate);
+            // SAFETY: simulator buffers of the extents checked above.
+            unsafe {
+                sim_matmul_raw(
+                    shape,
+                    a.address(),
+                    b.address(),
+                    bias.map(|b| b.address()),
+                    c.address(),
+                    accumulate,
+                    false,
+                )
+            };
             Ok(())
         }
-        Backend::Cuda(cuda) => cuda.matmul_f32(shape, a, b, bias, c, accumulate),
+        Backend::Cuda(cuda) => {
+            cuda.matmul_f32(shape, a, b, bias, c, accumulate, dev.is_capturing())
+        }
     }
 }
 
@@ -55,25 +81,37 @@ pub fn matmul_bf16(
 ) -> Result<(), GpuError> {
     let _timed = super::host_stats::timed(super::host_stats::Call::Matmul);
     check_extents(shape, a.len(), b.len(), bias, c);
+    if record(
+        dev,
+        shape,
+        a.address(),
+        b.address(),
+        bias,
+        c,
+        accumulate,
+        true,
+    ) {
+        return Ok(());
+    }
     match &*dev.backend {
         Backend::Sim => {
-            let MatmulShape { m, n, k, .. } = shape;
-            let widen = |buf: &Buffer<half::bf16>, len: usize| -> Vec<f32> {
-                let p = match &buf.mem {
-                    Memory::Host { ptr, .. } => *ptr as *const half::bf16,
-                    Memory::Cuda(_) => unreachable!("simulator product on a CUDA buffer"),
-                };
-                // SAFETY: the buffer holds at least `len` elements (asserted above); simulator
-                // launches are synchronous, so nothing writes it meanwhile.
-                let src = unsafe { std::slice::from_raw_parts(p, len) };
-                src.iter().map(|v| v.to_f32()).collect()
+            // SAFETY: simulator buffers of the extents checked above.
+            unsafe {
+                sim_matmul_raw(
+                    shape,
+                    a.address(),
+                    b.address(),
+                    bias.map(|b| b.address()),
+                    c.address(),
+                    accumulate,
+                    true,
+                )
             };
-            let mut wa = widen(a, m * k);
-            let mut wb = widen(b, n * k);
-            sim_matmul(shape, wa.as_mut_ptr(), wb.as_mut_ptr(), bias, c, accumulate);
             Ok(())
         }
-        Backend::Cuda(cuda) => cuda.matmul_bf16(shape, a, b, bias, c, accumulate),
+        Backend::Cuda(cuda) => {
+            cuda.matmul_bf16(shape, a, b, bias, c, accumulate, dev.is_capturing())
+        }
     }
 }
 
@@ -102,21 +140,47 @@ fn check_extents(
     }
 }
 
-fn host_ptr<T: super::Element>(b: &Buffer<T>) -> *mut f32 {
-    match &b.mem {
-        Memory::Host { ptr, .. } => *ptr as *mut f32,
-        Memory::Cuda(_) => unreachable!("simulator product on a CUDA buffer"),
-    }
+/// Counts (and under the simulator records) a product issued during a graph capture; `true`
+/// when it was recorded and must not run now.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    dev: &Device,
+    shape: MatmulShape,
+    a: u64,
+    b: u64,
+    bias: Option<&Buffer<f32>>,
+    c: &Buffer<f32>,
+    accumulate: bool,
+    bf16_inputs: bool,
+) -> bool {
+    dev.record(
+        || SimOp::Matmul {
+            shape,
+            a: SimPtr::new(a),
+            b: SimPtr::new(b),
+            bias: bias.map(|x| SimPtr::new(x.address())),
+            c: SimPtr::new(c.address()),
+            accumulate,
+            bf16_inputs,
+        },
+        |o| o.products += 1,
+    )
 }
 
-/// The simulator's product; `pa` and `pb` point at host f32 operands of the asserted extents.
-fn sim_matmul(
+/// The simulator's product on host addresses: `a` and `b` hold f32 (or, with `bf16_inputs`,
+/// bf16 values widened exactly to f32 first), `bias` and `c` f32.
+///
+/// # Safety
+/// Every address is a live simulator allocation of the extents of `shape` (as
+/// `check_extents` asserts), and nothing else accesses `c` meanwhile.
+pub(crate) unsafe fn sim_matmul_raw(
     shape: MatmulShape,
-    pa: *mut f32,
-    pb: *mut f32,
-    bias: Option<&Buffer<f32>>,
-    c: &mut Buffer<f32>,
+    a: u64,
+    b: u64,
+    bias: Option<u64>,
+    c: u64,
     accumulate: bool,
+    bf16_inputs: bool,
 ) {
     let MatmulShape {
         m,
@@ -124,7 +188,20 @@ fn sim_matmul(
         k,
         b_transposed,
     } = shape;
-    let pc = host_ptr(c);
+    let (mut wa, mut wb);
+    let (pa, pb) = if bf16_inputs {
+        let widen = |p: u64, len: usize| -> Vec<f32> {
+            // SAFETY: the caller guarantees `len` elements at `p`.
+            let src = unsafe { std::slice::from_raw_parts(p as *const half::bf16, len) };
+            src.iter().map(|v| v.to_f32()).collect()
+        };
+        wa = widen(a, m * k);
+        wb = widen(b, n * k);
+        (wa.as_mut_ptr(), wb.as_mut_ptr())
+    } else {
+        (a as *mut f32, b as *mut f32)
+    };
+    let pc = c as *mut f32;
     // gemm takes (column stride, row stride) of each operand.
     let (b_cs, b_rs) = if b_transposed {
         (k as isize, 1)
@@ -134,12 +211,11 @@ fn sim_matmul(
     if m > 0 && n > 0 {
         if k == 0 {
             if !accumulate {
-                // SAFETY: c holds at least m·n elements (asserted by the caller).
+                // SAFETY: c holds at least m·n elements (caller).
                 unsafe { std::ptr::write_bytes(pc, 0, m * n) };
             }
         } else {
-            // SAFETY: extents asserted by the callers (`check_extents`); simulator buffers are host memory and
-            // `c` is exclusively borrowed.
+            // SAFETY: extents guaranteed by the caller; simulator buffers are host memory.
             unsafe {
                 gemm::gemm(
                     m,
@@ -166,10 +242,10 @@ fn sim_matmul(
         }
     }
     if let Some(bias) = bias {
-        let pbias = host_ptr(bias);
+        let pbias = bias as *const f32;
         for i in 0..m {
             for j in 0..n {
-                // SAFETY: in bounds as asserted.
+                // SAFETY: in bounds as guaranteed by the caller.
                 unsafe { *pc.add(i * n + j) += *pbias.add(j) };
             }
         }

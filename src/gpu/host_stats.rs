@@ -19,9 +19,13 @@ pub enum Call {
     Download,
     Copy,
     Synchronize,
+    /// Replays of a captured graph (each stands for all the operations it holds).
+    GraphLaunch,
+    /// Graph captures (recording and instantiation).
+    Capture,
 }
 
-const CALLS: [Call; 7] = [
+const CALLS: [Call; 9] = [
     Call::Launch,
     Call::Matmul,
     Call::Alloc,
@@ -29,6 +33,8 @@ const CALLS: [Call; 7] = [
     Call::Download,
     Call::Copy,
     Call::Synchronize,
+    Call::GraphLaunch,
+    Call::Capture,
 ];
 
 impl Call {
@@ -41,12 +47,14 @@ impl Call {
             Call::Download => "device-to-host copies (wait included)",
             Call::Copy => "device-to-device copies",
             Call::Synchronize => "synchronisations",
+            Call::GraphLaunch => "graph replays",
+            Call::Capture => "graph captures (with instantiation)",
         }
     }
 }
 
-static COUNTS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
-static NANOS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
+static COUNTS: [AtomicU64; CALLS.len()] = [const { AtomicU64::new(0) }; CALLS.len()];
+static NANOS: [AtomicU64; CALLS.len()] = [const { AtomicU64::new(0) }; CALLS.len()];
 
 /// Records the call's time when dropped.
 pub(crate) struct Timed {

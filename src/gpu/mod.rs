@@ -12,9 +12,11 @@ pub mod cuda;
 pub mod device;
 pub mod engine;
 pub mod gemm;
+pub mod graph;
 pub mod host_stats;
 pub mod kernels;
 pub mod pool;
 pub mod sim;
 
 pub use device::{Buffer, Device, Element, GpuError, KernelArgs, LaunchConfig};
+pub use graph::{Graph, GraphOps};

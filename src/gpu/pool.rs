@@ -8,6 +8,17 @@
 //! every hand-out, so any kernel or engine code that reads memory it has not written fails the
 //! engine tests instead of silently reading a previous step's values; [`BufferPool::take_zeroed`]
 //! is for the few buffers that are accumulated into.
+//!
+//! **Graphs.** Between [`BufferPool::begin_capture`] and [`BufferPool::end_capture`] (around a
+//! [`Device::capture`](super::Device::capture)) every buffer returned to the pool goes to the
+//! capture's arena instead of the free lists, and later takes in the same capture reuse the
+//! arena first: the captured work reuses memory exactly as a direct run does, in stream order.
+//! The arena then belongs to the graph ([`GraphMemory`]): the pool never hands those buffers
+//! to anyone else, and [`BufferPool::release`] cannot free them; they come back to the free
+//! lists when the graph is dropped. A capture never allocates
+//! (an allocation would be part of the graph): a take that finds nothing cached fails with
+//! [`GpuError::Capture`]. Running the same work once directly first, with
+//! [`BufferPool::keep_returns`] on, leaves every buffer it needs in the free lists.
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
@@ -19,9 +30,64 @@ use super::{Buffer, Device, GpuError};
 struct Free {
     by_len: HashMap<usize, Vec<Buffer<f32>>>,
     bytes: usize,
+    /// The bound on `bytes` ([`MAX_CACHED_BYTES`] unless set).
+    limit: usize,
+    /// Keep every returned buffer, beyond the bound (the direct run before a capture).
+    keep_returns: bool,
+    /// The arena of a capture in progress.
+    capture: Option<Arena>,
 }
 
-/// At most this many bytes are kept in the free lists; beyond it, returned buffers are freed.
+/// Buffers returned during a capture (free for reuse later in the same capture, and owned by
+/// the graph afterwards), and the number of buffers taken during the capture still on loan.
+#[derive(Default)]
+struct Arena {
+    by_len: HashMap<usize, Vec<Buffer<f32>>>,
+    loans: usize,
+}
+
+/// The buffers a captured graph uses, held for the graph's lifetime (see the module docs).
+/// Dropped after the graph, they go back to the pool's free lists (within its bound), so the
+/// next batch reuses them in stream order instead of allocating again.
+pub struct GraphMemory {
+    buffers: Vec<Buffer<f32>>,
+    free: Arc<Mutex<Free>>,
+}
+
+impl Drop for GraphMemory {
+    fn drop(&mut self) {
+        let Ok(mut free) = self.free.lock() else {
+            return;
+        };
+        for b in self.buffers.drain(..) {
+            free.give_back(b);
+        }
+    }
+}
+
+impl Free {
+    /// Returns a buffer to the free lists outside a capture: kept when its memory is a size
+    /// class and the bound allows (or returns are being kept), freed otherwise.
+    fn give_back(&mut self, buf: Buffer<f32>) {
+        let class = buf.capacity_bytes() / std::mem::size_of::<f32>();
+        let keep = self.keep_returns || self.bytes + buf.capacity_bytes() <= self.limit;
+        // Adopted buffers of other lengths would never be handed out again: let them go.
+        if size_class(class) == class && keep {
+            self.bytes += buf.capacity_bytes();
+            self.by_len.entry(class).or_default().push(buf);
+        }
+    }
+}
+
+impl GraphMemory {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.buffers.iter().map(|b| b.capacity_bytes()).sum()
+    }
+}
+
+/// By default at most this many bytes are kept in the free lists; beyond it, returned buffers
+/// are freed ([`BufferPool::set_cache_limit`]).
 const MAX_CACHED_BYTES: usize = 4 << 30;
 
 pub struct BufferPool {
@@ -33,6 +99,8 @@ pub struct BufferPool {
 pub struct Pooled {
     buf: Option<Buffer<f32>>,
     free: Arc<Mutex<Free>>,
+    /// Taken during a capture (counted in its arena's loans).
+    in_capture: bool,
 }
 
 impl Deref for Pooled {
@@ -54,12 +122,17 @@ impl Drop for Pooled {
         let Ok(mut free) = self.free.lock() else {
             return;
         };
-        let class = buf.capacity_bytes() / std::mem::size_of::<f32>();
-        // Adopted buffers of other lengths would never be handed out again: let them go.
-        if size_class(class) == class && free.bytes + buf.capacity_bytes() <= MAX_CACHED_BYTES {
-            free.bytes += buf.capacity_bytes();
-            free.by_len.entry(class).or_default().push(buf);
+        if let Some(arena) = free.capture.as_mut() {
+            // Whatever is returned during a capture may be used by the graph: it stays in the
+            // arena, whatever its size.
+            if self.in_capture {
+                arena.loans = arena.loans.saturating_sub(1);
+            }
+            let class = buf.capacity_bytes() / std::mem::size_of::<f32>();
+            arena.by_len.entry(class).or_default().push(buf);
+            return;
         }
+        free.give_back(buf);
     }
 }
 
@@ -81,6 +154,9 @@ impl BufferPool {
             free: Arc::new(Mutex::new(Free {
                 by_len: HashMap::new(),
                 bytes: 0,
+                limit: MAX_CACHED_BYTES,
+                keep_returns: false,
+                capture: None,
             })),
         }
     }
@@ -88,24 +164,123 @@ impl BufferPool {
     /// A buffer of `len` elements with undefined contents (NaN under the simulator).
     pub fn take(&self, len: usize) -> Result<Pooled, GpuError> {
         let class = size_class(len);
-        let cached = {
+        let (cached, in_capture) = {
             let mut free = self.free.lock().expect("pool lock");
-            let buf = free.by_len.get_mut(&class).and_then(Vec::pop);
-            if let Some(b) = &buf {
-                free.bytes -= b.capacity_bytes();
-            }
-            buf
+            let free = &mut *free;
+            let from_arena = free
+                .capture
+                .as_mut()
+                .and_then(|a| a.by_len.get_mut(&class).and_then(Vec::pop));
+            let buf = from_arena.or_else(|| {
+                let b = free.by_len.get_mut(&class).and_then(Vec::pop);
+                if let Some(b) = &b {
+                    free.bytes -= b.capacity_bytes();
+                }
+                b
+            });
+            let in_capture = match free.capture.as_mut() {
+                Some(arena) => {
+                    if buf.is_none() {
+                        return Err(GpuError::Capture {
+                            what: format!(
+                                "allocating a pool buffer of {class} elements (nothing cached: \
+                                 run the captured work once directly first, with keep_returns)"
+                            ),
+                        });
+                    }
+                    arena.loans += 1;
+                    true
+                }
+                None => false,
+            };
+            (buf, in_capture)
         };
         let mut buf = match cached {
             Some(b) => b,
             None => self.dev.alloc(class)?,
         };
         buf.set_len(len);
-        if self.dev.is_sim() {
-            self.dev.poison(&mut buf)?;
-        }
-        Ok(Pooled {
+        let mut pooled = Pooled {
             buf: Some(buf),
+            free: self.free.clone(),
+            in_capture,
+        };
+        if self.dev.is_sim() {
+            self.dev.poison(&mut pooled)?;
+        }
+        Ok(pooled)
+    }
+
+    /// Bounds the bytes kept in the free lists (default 4 GiB); buffers returned beyond it
+    /// are freed. Takes effect for later returns.
+    pub fn set_cache_limit(&self, bytes: usize) {
+        self.free.lock().expect("pool lock").limit = bytes;
+    }
+
+    /// With `on`, every returned buffer is kept in the free lists, beyond the usual bound on
+    /// cached bytes (for the direct run of work about to be captured); turning it off trims
+    /// the free lists back to the bound.
+    pub fn keep_returns(&self, on: bool) {
+        let mut free = self.free.lock().expect("pool lock");
+        free.keep_returns = on;
+        if !on {
+            let free = &mut *free;
+            let mut classes: Vec<usize> = free.by_len.keys().copied().collect();
+            classes.sort_unstable_by(|a, b| b.cmp(a)); // drop the largest first
+            for class in classes {
+                while free.bytes > free.limit {
+                    let Some(b) = free.by_len.get_mut(&class).and_then(Vec::pop) else {
+                        break;
+                    };
+                    free.bytes -= b.capacity_bytes();
+                }
+            }
+        }
+    }
+
+    /// Starts routing returned buffers into a capture's arena (see the module docs).
+    pub fn begin_capture(&self) -> Result<(), GpuError> {
+        let mut free = self.free.lock().expect("pool lock");
+        if free.capture.is_some() {
+            return Err(GpuError::Capture {
+                what: "starting a second capture on one buffer pool".into(),
+            });
+        }
+        free.capture = Some(Arena::default());
+        Ok(())
+    }
+
+    /// Ends the capture's arena. `keep`: the capture succeeded, and its buffers are returned
+    /// as the graph's [`GraphMemory`]; otherwise they go back to the free lists (nothing will
+    /// replay them). A buffer taken during the capture and still on loan (it escaped the
+    /// captured work) makes a successful capture unsafe: that is an error.
+    pub fn end_capture(&self, keep: bool) -> Result<GraphMemory, GpuError> {
+        let mut free = self.free.lock().expect("pool lock");
+        let Some(arena) = free.capture.take() else {
+            return Err(GpuError::Capture {
+                what: "ending a capture that was not started".into(),
+            });
+        };
+        let buffers: Vec<Buffer<f32>> = arena.by_len.into_values().flatten().collect();
+        if keep && arena.loans == 0 {
+            return Ok(GraphMemory {
+                buffers,
+                free: self.free.clone(),
+            });
+        }
+        for b in buffers {
+            free.give_back(b);
+        }
+        if keep {
+            return Err(GpuError::Capture {
+                what: format!(
+                    "keeping {} pool buffer(s) taken during the capture beyond it",
+                    arena.loans
+                ),
+            });
+        }
+        Ok(GraphMemory {
+            buffers: Vec::new(),
             free: self.free.clone(),
         })
     }
@@ -131,6 +306,7 @@ impl BufferPool {
         Pooled {
             buf: Some(buf),
             free: self.free.clone(),
+            in_capture: false,
         }
     }
 }

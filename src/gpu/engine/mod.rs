@@ -5,11 +5,18 @@
 //! layers and LayerNorm see one tall matrix, attention and the embedding read the offsets.
 //! Clean features stay on the device between steps ([`GpuClean`]); the loss kernels add each
 //! selected layer's gradient straight into the backward's running gradient.
+//!
+//! Per-geometry device tables (the packing table, `cu_seqlens`, position embeddings, loss
+//! scratch: `BatchGeometry`) and resize plans are uploaded once per geometry and cached: the
+//! step loop captures fixed-shape steps into graphs (`step_loop.rs`), and nothing inside a
+//! captured step may upload. A new per-batch table belongs in `BatchGeometry`; an upload in
+//! the forward or backward makes every capture fail (the steps then run directly).
 
 mod step_loop;
 pub mod weights;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::gemm::{matmul_bf16, matmul_f32, MatmulShape};
@@ -31,6 +38,7 @@ use super::kernels::layernorm::{
 use super::kernels::loss::{
     layer_cosine_f32, layer_loss_f32, LayerLoss, LossScratch, PackedTokens,
 };
+use super::kernels::resize::{ResizePlan, ResizeSizes};
 use super::pool::{BufferPool, Pooled};
 use super::{Buffer, Device, GpuError};
 use crate::attack::engine::{Engine, EngineError, LossAndGradient, StepLoopResult, StepPlan};
@@ -56,15 +64,32 @@ pub enum Precision {
     Bf16,
 }
 
-/// One packed batch's geometry and pixels on the device.
-struct Batch {
+/// The device tables of one batch geometry (the images' sizes), uploaded once and shared by
+/// every batch of that geometry: a captured step graph reads them at fixed addresses, and
+/// holds them (an `Arc`) for its lifetime.
+struct BatchGeometry {
     packing: PackedImages,
     table: Buffer<i32>,
     cu_seqlens: Buffer<i32>,
     seqlens: Vec<usize>,
     /// Each image's position embedding at its grid, packed like the tokens `[ΣT_i, D]`.
-    pos: Arc<Buffer<f32>>,
+    pos: Buffer<f32>,
+    /// The loss kernels' scratch for this geometry (one loss pass at a time).
+    loss_scratch: Mutex<LossScratch>,
+}
+
+/// One packed batch: its geometry's tables and its pixels on the device. Derefs to the
+/// geometry, so `batch.cu_seqlens` and friends read as fields.
+struct Batch {
+    geometry: Arc<BatchGeometry>,
     images: Pooled,
+}
+
+impl std::ops::Deref for Batch {
+    type Target = BatchGeometry;
+    fn deref(&self) -> &BatchGeometry {
+        &self.geometry
+    }
 }
 
 /// Saved activations of one block.
@@ -96,8 +121,30 @@ pub struct GpuClean {
     cls_rows: Vec<Vec<f32>>,
 }
 
-/// Packed position tables by the batch's grids.
-type PositionTables = Mutex<HashMap<Vec<(usize, usize)>, Arc<Buffer<f32>>>>;
+/// Batch geometries by image sizes, and resize plans by (from, to) sizes: uploaded once per
+/// shape. Bounded: dynamic scale makes a new shape nearly every step.
+type GeometryCache = Mutex<HashMap<Vec<(usize, usize)>, Arc<BatchGeometry>>>;
+type ResizeCache = Mutex<HashMap<Vec<ResizeSizes>, Arc<ResizePlan>>>;
+const MAX_CACHED_SHAPES: usize = 64;
+
+/// The bf16 left operand of the products (bf16 precision), shared with the graphs that were
+/// captured using it.
+type Bf16Scratch = Arc<Mutex<Buffer<half::bf16>>>;
+
+/// Whether the engine's step loop may capture CUDA graphs, and what it did so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// Steps captured into a graph (each also ran, by launching its graph once).
+    pub captures: usize,
+    /// Steps run by replaying a captured graph.
+    pub replays: usize,
+    /// Steps run directly (warm-up steps, escape steps, dynamic scale, graphs off).
+    pub direct_steps: usize,
+    /// Captures that failed (the engine then turned graphs off and ran directly).
+    pub failures: usize,
+    /// Operations one replay runs (kernel launches, products, copies, fills), last capture.
+    pub ops_per_replay: crate::gpu::GraphOps,
+}
 
 /// A LayerNorm output with the statistics its backward needs.
 struct Normed {
@@ -139,14 +186,19 @@ pub struct GpuVit<'m> {
     ln_pre: DeviceLayerNorm,
     blocks: Vec<DeviceBlock>,
     positions: PositionEmbeddingCache,
-    /// Packed position tables by batch geometry (grids), reused across steps.
-    packed_positions: PositionTables,
+    /// Batch tables by geometry, reused across steps and batches.
+    geometries: GeometryCache,
+    /// Resize plans by geometry (the step loop's resizes).
+    resize_plans: ResizeCache,
     /// Activations, gradients and scratch of every step.
     pool: BufferPool,
     precision: Precision,
     /// bf16 copy of a product's left operand (bf16 precision only), grown on demand. One is
     /// enough: products run one at a time, in stream order.
-    bf16_scratch: Mutex<Option<Buffer<half::bf16>>>,
+    bf16_scratch: Mutex<Option<Bf16Scratch>>,
+    /// The step loop captures fixed-shape steps into graphs (see `step_loop.rs`).
+    graphs: AtomicBool,
+    graph_stats: Mutex<GraphStats>,
 }
 
 impl<'m> GpuVit<'m> {
@@ -177,11 +229,39 @@ impl<'m> GpuVit<'m> {
             ln_pre: upload_ln(dev, &w.ln_pre)?,
             blocks,
             positions: PositionEmbeddingCache::new(w.position_embedding.clone(), c.width, c.grid),
-            packed_positions: Mutex::new(HashMap::new()),
+            geometries: Mutex::new(HashMap::new()),
+            resize_plans: Mutex::new(HashMap::new()),
             pool: BufferPool::new(dev),
             precision,
             bf16_scratch: Mutex::new(None),
+            graphs: AtomicBool::new(graphs_by_default()),
+            graph_stats: Mutex::new(GraphStats::default()),
         })
+    }
+
+    /// Turns the step loop's graphs on or off (default: on, unless the environment sets
+    /// `PRM_NO_GRAPHS=1`). Results are bit-identical either way; graphs only remove the
+    /// host's per-launch cost.
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the step loop may capture graphs (turned off by [`Self::set_graphs`], or for
+    /// good after a capture failed).
+    pub fn graphs(&self) -> bool {
+        self.graphs.load(Ordering::Relaxed)
+    }
+
+    /// Bounds the memory the engine's buffer pool keeps cached between uses (default 4 GiB;
+    /// see [`BufferPool::set_cache_limit`]). Graphs do not depend on it: the step before a
+    /// capture keeps what the capture needs whatever the bound.
+    pub fn set_pool_cache_limit(&self, bytes: usize) {
+        self.pool.set_cache_limit(bytes);
+    }
+
+    /// What the step loop did with graphs since the engine was created.
+    pub fn graph_stats(&self) -> GraphStats {
+        *self.graph_stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn device(&self) -> &Device {
@@ -228,14 +308,24 @@ impl<'m> GpuVit<'m> {
             unreachable!("bf16 operands go with bf16 weights");
         };
         let n = shape.m * shape.k;
-        let mut guard = self.bf16_scratch.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.as_ref().is_none_or(|b| b.len() < n) {
-            *guard = None; // free the smaller one first
-            *guard = Some(self.dev.alloc::<half::bf16>(n)?);
-        }
-        let xb = guard.as_mut().expect("allocated above");
-        fill(xb)?;
-        matmul_bf16(&self.dev, shape, xb, w, bias, out, accumulate)
+        let scratch = {
+            let mut guard = self.bf16_scratch.lock().unwrap_or_else(|p| p.into_inner());
+            let small = match guard.as_ref() {
+                None => true,
+                Some(b) => b.lock().unwrap_or_else(|p| p.into_inner()).len() < n,
+            };
+            if small {
+                // Free the smaller one first, unless a graph still holds it.
+                *guard = None;
+                *guard = Some(Arc::new(Mutex::new(self.dev.alloc::<half::bf16>(n)?)));
+            }
+            guard.clone().expect("allocated above")
+        };
+        // A graph captured now reads this scratch at its address: it must outlive the graph.
+        self.dev.pin_to_capture(scratch.clone());
+        let mut xb = scratch.lock().unwrap_or_else(|p| p.into_inner());
+        fill(&mut xb)?;
+        matmul_bf16(&self.dev, shape, &xb, w, bias, out, accumulate)
     }
 
     /// A pooled buffer with undefined contents (NaN under the simulator).
@@ -255,44 +345,55 @@ impl<'m> GpuVit<'m> {
 
     /// A batch of images already on the device, packed planar at `sizes`.
     fn batch_on_device(&self, sizes: &[(usize, usize)], images: Pooled) -> Result<Batch, GpuError> {
-        let c = &self.model.config;
-        let packing = PackedImages::new(sizes, c.patch);
+        let geometry = self.geometry(sizes)?;
         assert_eq!(
             images.len(),
-            packing.total_pixels,
+            geometry.packing.total_pixels,
             "packed images do not match their sizes"
         );
-        let grids: Vec<(usize, usize)> = packing
-            .images
-            .iter()
-            .map(|p| (p.grid_h, p.grid_w))
-            .collect();
-        let pos = {
-            let mut cache = self.packed_positions.lock().expect("position cache lock");
-            match cache.get(&grids) {
-                Some(p) => p.clone(),
-                None => {
-                    let mut packed = Vec::with_capacity(packing.total_tokens * c.width);
-                    for &(gh, gw) in &grids {
-                        packed.extend_from_slice(&self.positions.get(gh, gw));
-                    }
-                    let p = Arc::new(self.dev.upload(&packed)?);
-                    if cache.len() > 64 {
-                        cache.clear(); // dynamic scale makes many geometries; keep memory bounded
-                    }
-                    cache.insert(grids, p.clone());
-                    p
+        Ok(Batch { geometry, images })
+    }
+
+    /// The tables of the batch geometry `sizes`, uploaded on first use and cached.
+    fn geometry(&self, sizes: &[(usize, usize)]) -> Result<Arc<BatchGeometry>, GpuError> {
+        let cached = self
+            .geometries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sizes)
+            .cloned();
+        let geometry = match cached {
+            Some(g) => g,
+            None => {
+                let c = &self.model.config;
+                let packing = PackedImages::new(sizes, c.patch);
+                let mut packed = Vec::with_capacity(packing.total_tokens * c.width);
+                for p in &packing.images {
+                    packed.extend_from_slice(&self.positions.get(p.grid_h, p.grid_w));
                 }
+                let g = Arc::new(BatchGeometry {
+                    table: packing.upload_table(&self.dev)?,
+                    cu_seqlens: self.dev.upload(&packing.cu_seqlens())?,
+                    seqlens: packing.images.iter().map(|p| p.tokens()).collect(),
+                    pos: self.dev.upload(&packed)?,
+                    loss_scratch: Mutex::new(LossScratch::new(
+                        &self.dev,
+                        packing.total_tokens,
+                        packing.len(),
+                    )?),
+                    packing,
+                });
+                let mut cache = self.geometries.lock().unwrap_or_else(|p| p.into_inner());
+                if cache.len() >= MAX_CACHED_SHAPES {
+                    cache.clear(); // graphs hold the geometries they use
+                }
+                cache.insert(sizes.to_vec(), g.clone());
+                g
             }
         };
-        Ok(Batch {
-            table: packing.upload_table(&self.dev)?,
-            cu_seqlens: self.dev.upload(&packing.cu_seqlens())?,
-            seqlens: packing.images.iter().map(|p| p.tokens()).collect(),
-            images,
-            pos,
-            packing,
-        })
+        // A graph captured now reads these tables at their addresses.
+        self.dev.pin_to_capture(geometry.clone());
+        Ok(geometry)
     }
 
     /// `out = x · Wᵀ + b` (+ `out` when `accumulate`), x `[rows, in]`.
@@ -736,7 +837,7 @@ impl<'m> GpuVit<'m> {
             return self.embed_loss(batch, clean, objective, with_grad, fwd);
         };
         let shape = self.tokens(batch);
-        let mut scratch = LossScratch::new(&self.dev, shape.rows, images)?;
+        let mut scratch = batch.loss_scratch.lock().unwrap_or_else(|p| p.into_inner());
         // Layers add into one per-image total on the device (the first selected layer visited
         // overwrites it), so nothing waits for the host between layers.
         let mut totals = self.alloc(images)?;
@@ -947,8 +1048,15 @@ impl Engine for GpuVit<'_> {
 
     fn release_cached_memory(&self) {
         self.pool.release();
+        // Graphs never outlive a step loop (they are dropped when it returns, before a caller
+        // can react to its out-of-memory error), and a graph owns the pool arena and holds the
+        // tables it uses: clearing the caches here never frees memory under a graph.
         *self.bf16_scratch.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        self.packed_positions
+        self.geometries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.resize_plans
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
@@ -970,6 +1078,12 @@ fn check_geometry(adv: &[Planar], clean: &GpuClean) {
         sizes, clean.sizes,
         "adversarial batch does not match the clean batch"
     );
+}
+
+/// Graphs are on unless the environment sets `PRM_NO_GRAPHS=1` (`prm attack` has no flag for
+/// it; `prm bench --graphs on|off` overrides it).
+fn graphs_by_default() -> bool {
+    std::env::var("PRM_NO_GRAPHS").map_or(true, |v| v != "1")
 }
 
 /// Device memory one token of a batch needs during an attack step: every block's saved

@@ -147,6 +147,83 @@ impl AdamwScalars {
     }
 }
 
+/// AdamW's per-step scalars for a whole attack on the device, with the step counter `t`: the
+/// scalars of step `t` are [`AdamwScalars::new`]`(lr255, weight_decay, t)` (computed on the
+/// host, so bit-identical to the host path), read by [`adamw_step_scheduled_f32`] at the
+/// counter's current value, which [`adamw_advance`] increments. Nothing per-step is a kernel
+/// argument, so one captured launch serves every step.
+pub struct AdamwSchedule {
+    /// `[3 · (steps + 1)]`: (decay, step, bias2_sqrt) of t = 0..=steps (row 0 unused).
+    pub table: Buffer<f32>,
+    /// `[1]`: the current t (0 before the first step).
+    pub counter: Buffer<i32>,
+    rows: usize,
+}
+
+impl AdamwSchedule {
+    /// The schedule of `steps` steps (counter at 0).
+    pub fn new(
+        dev: &Device,
+        lr255: f32,
+        weight_decay: f32,
+        steps: usize,
+    ) -> Result<Self, GpuError> {
+        let rows = steps + 1;
+        let mut table = Vec::with_capacity(3 * rows);
+        for t in 0..rows {
+            let s = AdamwScalars::new(lr255, weight_decay, t.max(1) as i32);
+            table.extend_from_slice(&[s.decay, s.step, s.bias2_sqrt]);
+        }
+        Ok(AdamwSchedule {
+            table: dev.upload(&table)?,
+            counter: dev.upload(&[0i32])?,
+            rows,
+        })
+    }
+}
+
+/// `t ← t + 1` on the device (one thread): call before each AdamW step, escape step included.
+pub fn adamw_advance(dev: &Device, schedule: &mut AdamwSchedule) -> Result<(), GpuError> {
+    let mut args = KernelArgs::new();
+    args.output(&mut schedule.counter);
+    dev.launch(
+        "prm_update_adamw_advance",
+        LaunchConfig::linear(1, 32, 0),
+        &mut args,
+    )
+}
+
+/// [`adamw_step_f32`] with the scalars of the schedule's current step, read on the device.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step_scheduled_f32(
+    dev: &Device,
+    batch: &ImageBatch,
+    delta: &mut Buffer<f32>,
+    m: &mut Buffer<f32>,
+    v: &mut Buffer<f32>,
+    clean: &Buffer<f32>,
+    grad: &Buffer<f32>,
+    schedule: &AdamwSchedule,
+) -> Result<(), GpuError> {
+    batch.check("adamw delta", delta.len());
+    batch.check("adamw m", m.len());
+    batch.check("adamw v", v.len());
+    batch.check("adamw clean", clean.len());
+    batch.check("adamw grad", grad.len());
+    let mut args = KernelArgs::new();
+    args.output(delta)
+        .output(m)
+        .output(v)
+        .input(clean)
+        .input(grad)
+        .input(&batch.offsets)
+        .input(&batch.eps)
+        .input(&schedule.table)
+        .input(&schedule.counter)
+        .i32(schedule.rows as i32);
+    dev.launch("prm_update_adamw_scheduled_f32", batch.grid(), &mut args)
+}
+
 /// PGD: `x ← Π(x − step · sign(grad))` onto the ε-ball ∩ [0, 1].
 pub fn pgd_step_f32(
     dev: &Device,
