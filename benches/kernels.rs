@@ -5,6 +5,8 @@
 //! nothing about a GPU).
 //!
 //! Run: `cargo bench --bench kernels` (on a GPU machine; add a filter such as `-- attention`).
+//! The attention group times the SIMT fp32 kernels, tensor-core v2 (`attention_tc.cu`) and v3
+//! (`attention_tc3.cu`) on the same inputs: `cargo bench --bench kernels -- attention`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use prm::gpu::gemm::{matmul_bf16, MatmulShape};
@@ -95,6 +97,55 @@ fn kernels(c: &mut Criterion) {
             })
         });
     }
+    // v3 (kernels/attention_tc3.cu): bf16 q/k/v in, bf16 context and d_qkv out.
+    let qkv_bf16: Vec<half::bf16> = dev
+        .download(&qkv)
+        .unwrap()
+        .into_iter()
+        .map(half::bf16::from_f32)
+        .collect();
+    let qkv_bf16 = dev.upload(&qkv_bf16).unwrap();
+    let mut out_bf16 = dev.alloc::<half::bf16>(n * WIDTH).unwrap();
+    let mut d_out_bf16 = dev.alloc::<half::bf16>(n * WIDTH).unwrap();
+    let mut d_qkv_bf16 = dev.alloc::<half::bf16>(n * 3 * WIDTH).unwrap();
+    g.bench_function("forward tensor cores v3 bf16", |b| {
+        b.iter(|| {
+            attention_forward_tc3(
+                &dev,
+                &qkv_bf16,
+                &cu,
+                &lens,
+                &mut out_bf16,
+                &mut lse,
+                WIDTH,
+                AttentionMode::QK,
+                false,
+            )
+            .unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
+    g.bench_function("backward tensor cores v3 bf16", |b| {
+        b.iter(|| {
+            attention_backward_tc3(
+                &dev,
+                &qkv_bf16,
+                &out_bf16,
+                &d_out,
+                &lse,
+                &cu,
+                &lens,
+                &mut d_qkv_bf16,
+                &mut delta,
+                &mut d_out_bf16,
+                WIDTH,
+                AttentionMode::QK,
+                false,
+            )
+            .unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
     g.finish();
 
     let mut g = c.benchmark_group("row-wise 12608 tokens");
