@@ -555,10 +555,12 @@ fn tc_qk_mixed_batch_with_short_sequences() {
     );
 }
 
+// v2 is no longer the engine's default: many key tiles and a 49-row tail at a third of the
+// simulator time of 1201 tokens (v3 covers 1201, in tc3_qk_mixed_1_50_197_1201).
 #[test]
-fn tc_qk_1201_tokens() {
+fn tc_qk_369_tokens() {
     check_kernels(
-        &[1201],
+        &[369],
         64,
         AttentionMode::QK,
         false,
