@@ -445,7 +445,12 @@ fn bf16_attention_v2_and_v3_agree() {
             let lerr = (g.loss - w.loss).abs() / w.loss.abs().max(1e-6);
             let gerr = rel_err(&g.gradient, &w.gradient);
             eprintln!("attention {version:?} image {i}: loss rel err {lerr:.2e}, gradient rel err {gerr:.2e}");
-            assert!(lerr < 1e-2, "{version:?} image {i}: loss {} vs {}", g.loss, w.loss);
+            assert!(
+                lerr < 1e-2,
+                "{version:?} image {i}: loss {} vs {}",
+                g.loss,
+                w.loss
+            );
             assert!(
                 gerr < 0.1 && g.gradient.iter().all(|v| v.is_finite()),
                 "{version:?} image {i}: gradient scale-relative error {gerr:e}"

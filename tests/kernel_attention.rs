@@ -6,9 +6,9 @@
 mod common;
 
 use common::Draw;
+use half::bf16;
 use prm::gpu::kernels::attention::*;
 use prm::gpu::Device;
-use half::bf16;
 use prm::reference::ops;
 
 const HD: usize = 64;
@@ -618,12 +618,36 @@ fn tc_identity_falls_back_to_simt() {
 
 /// v3 against the SIMT fp32 kernels fed the same bf16-rounded q/k/v (so only the products'
 /// bf16 operands P / dS / dO and the bf16 outputs differ).
-fn check_v3_against_simt(lens: &[usize], width: usize, mode: AttentionMode, causal: bool, seed: u64) {
+fn check_v3_against_simt(
+    lens: &[usize],
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+    seed: u64,
+) {
     let (qkv, d_out) = inputs(lens, width, seed);
     let rounded: Vec<f32> = to_bf16(&qkv).into_iter().map(f32::from).collect();
     let dev = Device::sim();
-    let want = run(&dev, &rounded, &d_out, lens, width, mode, causal, Kernels::Simt);
-    let got = run(&dev, &qkv, &d_out, lens, width, mode, causal, Kernels::TensorCoreV3);
+    let want = run(
+        &dev,
+        &rounded,
+        &d_out,
+        lens,
+        width,
+        mode,
+        causal,
+        Kernels::Simt,
+    );
+    let got = run(
+        &dev,
+        &qkv,
+        &d_out,
+        lens,
+        width,
+        mode,
+        causal,
+        Kernels::TensorCoreV3,
+    );
     let tag = format!("v3 vs SIMT {lens:?} width {width} {mode:?} causal {causal}");
     let tol = 1e-2;
     assert_close(&format!("{tag}: out"), &got.out, &want.out, tol);

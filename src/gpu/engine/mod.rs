@@ -71,8 +71,14 @@ struct Batch {
 /// What attention's backward needs from its forward: q/k/v and the context in the precision
 /// the attention kernels read them (fp32 for v1 and v2, bf16 for v3), and the log-sum-exp.
 enum AttentionSaved {
-    F32 { qkv: Pooled, context: Pooled },
-    Bf16 { qkv: PooledBf16, context: PooledBf16 },
+    F32 {
+        qkv: Pooled,
+        context: Pooled,
+    },
+    Bf16 {
+        qkv: PooledBf16,
+        context: PooledBf16,
+    },
 }
 
 /// Saved activations of one block.
@@ -660,23 +666,30 @@ impl<'m> GpuVit<'m> {
                     let mut delta = self.alloc(attention_scratch_len(t, d))?;
                     let mut d_out_bf16 = self.pool.take_bf16(t * d)?;
                     let shape = b.qkv.backward_shape(t);
-                    self.product_from_bf16(shape, &b.qkv.weight, None, &mut d_normed, false, |db| {
-                        attention_backward_tc3(
-                            &self.dev,
-                            qkv,
-                            context,
-                            &d_context,
-                            &s.lse,
-                            &batch.cu_seqlens,
-                            &batch.seqlens,
-                            db,
-                            &mut delta,
-                            &mut d_out_bf16,
-                            d,
-                            AttentionMode::QK,
-                            false,
-                        )
-                    })?;
+                    self.product_from_bf16(
+                        shape,
+                        &b.qkv.weight,
+                        None,
+                        &mut d_normed,
+                        false,
+                        |db| {
+                            attention_backward_tc3(
+                                &self.dev,
+                                qkv,
+                                context,
+                                &d_context,
+                                &s.lse,
+                                &batch.cu_seqlens,
+                                &batch.seqlens,
+                                db,
+                                &mut delta,
+                                &mut d_out_bf16,
+                                d,
+                                AttentionMode::QK,
+                                false,
+                            )
+                        },
+                    )?;
                 }
             }
             layernorm_backward_f32(
