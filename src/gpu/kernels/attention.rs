@@ -499,16 +499,18 @@ impl TensorCoreVersion {
     /// The version named by the environment variable `PRM_ATTENTION` (`v2` or `v3`; unset
     /// means v3). An unknown value is an error that says which values are allowed.
     pub fn from_env() -> Result<Self, String> {
-        match std::env::var("PRM_ATTENTION") {
-            Err(_) => Ok(Self::default()),
-            Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
-                "" | "v3" => Ok(Self::V3),
-                "v2" => Ok(Self::V2),
-                other => Err(format!(
-                    "PRM_ATTENTION={other:?} is not a tensor-core attention version; use v2 or v3 \
-                     (or unset it for v3)"
-                )),
-            },
+        Self::parse(std::env::var("PRM_ATTENTION").ok().as_deref())
+    }
+
+    /// [`Self::from_env`] for a given value of `PRM_ATTENTION` (`None`: unset).
+    pub fn parse(value: Option<&str>) -> Result<Self, String> {
+        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("") | Some("v3") => Ok(Self::V3),
+            Some("v2") => Ok(Self::V2),
+            Some(other) => Err(format!(
+                "PRM_ATTENTION={other:?} is not a tensor-core attention version; use v2 or v3 \
+                 (or unset it for v3)"
+            )),
         }
     }
 }
@@ -653,4 +655,19 @@ pub fn attention_backward_tc3(
         dev.launch(kernel, cfg, &mut args)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TensorCoreVersion;
+
+    #[test]
+    fn attention_version_from_its_variable() {
+        assert_eq!(TensorCoreVersion::parse(None), Ok(TensorCoreVersion::V3));
+        assert_eq!(TensorCoreVersion::parse(Some("")), Ok(TensorCoreVersion::V3));
+        assert_eq!(TensorCoreVersion::parse(Some(" V2 ")), Ok(TensorCoreVersion::V2));
+        assert_eq!(TensorCoreVersion::parse(Some("v3")), Ok(TensorCoreVersion::V3));
+        let e = TensorCoreVersion::parse(Some("v9")).unwrap_err();
+        assert!(e.contains("PRM_ATTENTION") && e.contains("v2 or v3"), "{e}");
+    }
 }
