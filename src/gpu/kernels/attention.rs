@@ -2,6 +2,16 @@
 //! variable-length sequences (fp32, SIMT), forward with saved log-sum-exp and input-gradient
 //! backward by recomputation.
 //!
+//! Three versions of the same contract (llm.c style), checked against each other and a
+//! float64 twin in `tests/kernel_attention.rs`:
+//! - v1, [`attention_forward_f32`] / [`attention_backward_f32`] (`attention.cu`): SIMT fp32,
+//!   every mode; the fp32 engine's kernels and the reference;
+//! - v2, [`attention_forward_tc`] / [`attention_backward_tc`] (`attention_tc.cu`): tensor
+//!   cores, fp32 buffers rounded to bf16 while loading;
+//! - v3, [`attention_forward_tc3`] / [`attention_backward_tc3`] (`attention_tc3.cu`): tensor
+//!   cores with bf16 `qkv`, context and `d_qkv` buffers, `cp.async` double-buffered tiles and
+//!   `ldmatrix` fragments; the bf16 engine's default ([`TensorCoreVersion`], `PRM_ATTENTION`).
+//!
 //! Layouts (row-major; `N = Σ T_i` tokens, `D = width`, `heads = D / 64`, head dim 64):
 //! - `qkv [N, 3D]`: q | k | v along features, head `h` in columns `h·64 .. h·64 + 64` of each part;
 //! - `cu_seqlens [B + 1]` (`i32`, device): sequence `i` is rows `cu_seqlens[i] .. cu_seqlens[i+1]`;
@@ -664,9 +674,18 @@ mod tests {
     #[test]
     fn attention_version_from_its_variable() {
         assert_eq!(TensorCoreVersion::parse(None), Ok(TensorCoreVersion::V3));
-        assert_eq!(TensorCoreVersion::parse(Some("")), Ok(TensorCoreVersion::V3));
-        assert_eq!(TensorCoreVersion::parse(Some(" V2 ")), Ok(TensorCoreVersion::V2));
-        assert_eq!(TensorCoreVersion::parse(Some("v3")), Ok(TensorCoreVersion::V3));
+        assert_eq!(
+            TensorCoreVersion::parse(Some("")),
+            Ok(TensorCoreVersion::V3)
+        );
+        assert_eq!(
+            TensorCoreVersion::parse(Some(" V2 ")),
+            Ok(TensorCoreVersion::V2)
+        );
+        assert_eq!(
+            TensorCoreVersion::parse(Some("v3")),
+            Ok(TensorCoreVersion::V3)
+        );
         let e = TensorCoreVersion::parse(Some("v9")).unwrap_err();
         assert!(e.contains("PRM_ATTENTION") && e.contains("v2 or v3"), "{e}");
     }
