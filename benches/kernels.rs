@@ -5,8 +5,10 @@
 //! nothing about a GPU).
 //!
 //! Run: `cargo bench --bench kernels` (on a GPU machine; add a filter such as `-- attention`).
+//! The attention group times the SIMT fp32 kernels, tensor-core v2 (`attention_tc.cu`) and v3
+//! (`attention_tc3.cu`) on the same inputs: `cargo bench --bench kernels -- attention`.
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prm::gpu::gemm::{matmul_bf16, MatmulShape};
 use prm::gpu::kernels::activation::bias_activation_forward_f32_bf16out;
 use prm::gpu::kernels::attention::*;
@@ -46,7 +48,12 @@ fn kernels(c: &mut Criterion) {
     let mut d_qkv = dev.alloc::<f32>(n * 3 * WIDTH).unwrap();
     let mut g = c.benchmark_group("attention 64x197 tokens, width 768");
     g.sample_size(20);
-    for (name, tc) in [("simt fp32", false), ("tensor cores bf16", true)] {
+    // Criterion's "elements" are FLOP here, so its elem/s reads as FLOP/s: one T×T×64 product
+    // per head and image is 2·T²·64 FLOP; the forward forms 2 (S, P·V), the backward 7 by
+    // recomputation (dK/dV: S, dP, dV, dK; dQ: S, dP, dQ); the same count for every version.
+    let product_flop = (2 * TOKENS * TOKENS * 64 * (WIDTH / 64) * IMAGES) as u64;
+    let (forward_flop, backward_flop) = (2 * product_flop, 7 * product_flop);
+    for (name, tc) in [("simt fp32", false), ("tensor cores v2 bf16", true)] {
         let forward = if tc {
             attention_forward_tc
         } else {
@@ -57,6 +64,7 @@ fn kernels(c: &mut Criterion) {
         } else {
             attention_backward_f32
         };
+        g.throughput(Throughput::Elements(forward_flop));
         g.bench_function(format!("forward {name}"), |b| {
             b.iter(|| {
                 forward(
@@ -74,6 +82,7 @@ fn kernels(c: &mut Criterion) {
                 dev.synchronize().unwrap();
             })
         });
+        g.throughput(Throughput::Elements(backward_flop));
         g.bench_function(format!("backward {name}"), |b| {
             b.iter(|| {
                 backward(
@@ -95,6 +104,57 @@ fn kernels(c: &mut Criterion) {
             })
         });
     }
+    // v3 (kernels/attention_tc3.cu): bf16 q/k/v in, bf16 context and d_qkv out.
+    let qkv_bf16: Vec<half::bf16> = dev
+        .download(&qkv)
+        .unwrap()
+        .into_iter()
+        .map(half::bf16::from_f32)
+        .collect();
+    let qkv_bf16 = dev.upload(&qkv_bf16).unwrap();
+    let mut out_bf16 = dev.alloc::<half::bf16>(n * WIDTH).unwrap();
+    let mut d_out_bf16 = dev.alloc::<half::bf16>(n * WIDTH).unwrap();
+    let mut d_qkv_bf16 = dev.alloc::<half::bf16>(n * 3 * WIDTH).unwrap();
+    g.throughput(Throughput::Elements(forward_flop));
+    g.bench_function("forward tensor cores v3 bf16", |b| {
+        b.iter(|| {
+            attention_forward_tc3(
+                &dev,
+                &qkv_bf16,
+                &cu,
+                &lens,
+                &mut out_bf16,
+                &mut lse,
+                WIDTH,
+                AttentionMode::QK,
+                false,
+            )
+            .unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
+    g.throughput(Throughput::Elements(backward_flop));
+    g.bench_function("backward tensor cores v3 bf16", |b| {
+        b.iter(|| {
+            attention_backward_tc3(
+                &dev,
+                &qkv_bf16,
+                &out_bf16,
+                &d_out,
+                &lse,
+                &cu,
+                &lens,
+                &mut d_qkv_bf16,
+                &mut delta,
+                &mut d_out_bf16,
+                WIDTH,
+                AttentionMode::QK,
+                false,
+            )
+            .unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
     g.finish();
 
     let mut g = c.benchmark_group("row-wise 12608 tokens");

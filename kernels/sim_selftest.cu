@@ -4,6 +4,7 @@
 // Layouts: plain 1-D arrays indexed by the global linear thread id unless stated otherwise.
 // Launchers: tests/sim.rs builds KernelArgs directly (no src/gpu/kernels/ launcher).
 #include "common.cuh"
+#include "tile_io.cuh"
 
 // Barrier: every thread writes its slot, syncs, reads its neighbours, syncs, `iters` times.
 // out[g] = sum over it of (buf[(t+1)%n] + buf[(t+n-1)%n]) where buf[t] = t*it + blockIdx.x.
@@ -190,6 +191,29 @@ extern "C" __global__ void prm_selftest_slow_thread(float* __restrict__ out, uns
     out[threadIdx.x] = 1.0f;
 }
 PRM_REGISTER_KERNEL(prm_selftest_slow_thread);
+
+// cp.async and ldmatrix (kernels/tile_io.cuh), one warp. src holds 32 rows of 8 bf16 (16 bytes
+// each); row `skip` is copied with valid = false (zero fill). Lane l then gives the address of
+// shared row (7·l + 3) % 32 to ldmatrix .x4 and .x4.trans: out[l·8 + j] = r[j] of the plain
+// form, out[l·8 + 4 + j] = r[j] of the transposed form.
+extern "C" __global__ void prm_selftest_tile_io(const __nv_bfloat16* __restrict__ src, unsigned* __restrict__ out,
+                                                int skip) {
+    PRM_SHARED_ARRAY(__nv_bfloat16, rows, 32 * 8);
+    const int lane = threadIdx.x;
+    prm_cp_async_16(rows + lane * 8, src + lane * 8, lane != skip);
+    prm_cp_async_commit();
+    prm_cp_async_wait<0>();
+    __syncthreads();
+    uint32_t r[4], rt[4];
+    const __nv_bfloat16* mine = rows + ((7 * lane + 3) % 32) * 8;
+    prm_ldmatrix_x4(r, mine);
+    prm_ldmatrix_x4_trans(rt, mine);
+    for (int j = 0; j < 4; ++j) {
+        out[lane * 8 + j] = r[j];
+        out[lane * 8 + 4 + j] = rt[j];
+    }
+}
+PRM_REGISTER_KERNEL(prm_selftest_tile_io);
 
 #ifndef __CUDACC__
 // Simulator only: prm_sim::warp_allgather (the exchange behind tensor-core fallbacks). Each lane

@@ -401,3 +401,66 @@ fn bf16_products_track_the_fp32_reference() {
         }
     }
 }
+
+/// The two tensor-core attention versions of the bf16 engine (`PRM_ATTENTION=v2|v3`) against
+/// each other and the fp32 reference: v3 keeps q/k/v and the context in bf16 (the v2 kernels
+/// round them to bf16 on load anyway), so both track the reference equally well.
+#[test]
+fn bf16_attention_v2_and_v3_agree() {
+    use prm::gpu::kernels::attention::TensorCoreVersion;
+    let model = small_model(128, 2, 2, 8, 4, Activation::QuickGelu, 29);
+    let reference = ReferenceVit::new(&model);
+    let mut d = Draw::new(11);
+    let clean = batch(&mut d);
+    let adv_imgs: Vec<(Vec<f32>, usize, usize)> = clean
+        .iter()
+        .map(|(c, h, w)| {
+            let a = c
+                .iter()
+                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
+                .collect();
+            (a, *h, *w)
+        })
+        .collect();
+    let (clean_v, adv_v) = (views(&clean), views(&adv_imgs));
+    let ref_clean = reference.clean_features(&clean_v).unwrap();
+    let obj = objective(
+        &model,
+        LossKind::Prm,
+        TokenSelection::All,
+        LayerSelection::All,
+    );
+    let want = reference
+        .loss_and_gradient(&adv_v, &ref_clean, &obj)
+        .unwrap();
+    let dev = Device::sim();
+    let mut results = Vec::new();
+    for version in [TensorCoreVersion::V2, TensorCoreVersion::V3] {
+        let mut gpu = GpuVit::new_with_precision(&dev, &model, Precision::Bf16).unwrap();
+        gpu.set_attention_version(version);
+        assert_eq!(gpu.attention_version(), version);
+        let gpu_clean = gpu.clean_features(&clean_v).unwrap();
+        let got = gpu.loss_and_gradient(&adv_v, &gpu_clean, &obj).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let lerr = (g.loss - w.loss).abs() / w.loss.abs().max(1e-6);
+            let gerr = rel_err(&g.gradient, &w.gradient);
+            eprintln!("attention {version:?} image {i}: loss rel err {lerr:.2e}, gradient rel err {gerr:.2e}");
+            assert!(
+                lerr < 1e-2,
+                "{version:?} image {i}: loss {} vs {}",
+                g.loss,
+                w.loss
+            );
+            assert!(
+                gerr < 0.1 && g.gradient.iter().all(|v| v.is_finite()),
+                "{version:?} image {i}: gradient scale-relative error {gerr:e}"
+            );
+        }
+        results.push(got);
+    }
+    for (i, (v2, v3)) in results[0].iter().zip(&results[1]).enumerate() {
+        let gerr = rel_err(&v3.gradient, &v2.gradient);
+        eprintln!("image {i}: v3 vs v2 gradient rel err {gerr:.2e}");
+        assert!(gerr < 2e-2, "image {i}: v3 vs v2 gradient error {gerr:e}");
+    }
+}

@@ -6,6 +6,7 @@
 mod common;
 
 use common::Draw;
+use half::bf16;
 use prm::gpu::kernels::attention::*;
 use prm::gpu::Device;
 use prm::reference::ops;
@@ -177,7 +178,11 @@ fn run(
     dev.poison(&mut lse).unwrap();
     dev.poison(&mut d_qkv).unwrap();
     dev.poison(&mut delta).unwrap();
+    if kernels == Kernels::TensorCoreV3 {
+        return run_v3(dev, qkv, d_out, lens, width, mode, causal);
+    }
     let (forward, backward) = match kernels {
+        Kernels::TensorCoreV3 => unreachable!("handled above"),
         Kernels::Simt => (
             attention_forward_f32 as ForwardFn,
             attention_backward_f32 as BackwardFn,
@@ -201,6 +206,77 @@ fn run(
         lse: dev.download(&lse).unwrap(),
         d_qkv: dev.download(&d_qkv).unwrap(),
     }
+}
+
+/// The v3 kernels (bf16 qkv, context and d_qkv): inputs rounded to bf16 on upload, outputs
+/// widened to f32 on download. The backward runs only where v3 has one (q·kᵀ); otherwise
+/// `d_qkv` comes back empty.
+fn run_v3(
+    dev: &Device,
+    qkv: &[f32],
+    d_out: &[f32],
+    lens: &[usize],
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Run {
+    let n: usize = lens.iter().sum();
+    let heads = width / HD;
+    let mut cu = vec![0i32];
+    for &l in lens {
+        cu.push(cu.last().unwrap() + l as i32);
+    }
+    let qkv_b = dev.upload(&to_bf16(qkv)).unwrap();
+    let dout_b = dev.upload(d_out).unwrap();
+    let cu_b = dev.upload(&cu).unwrap();
+    let mut out = dev.alloc::<bf16>(n * width).unwrap();
+    let mut lse = dev.alloc::<f32>(heads * n).unwrap();
+    let mut d_qkv = dev.alloc::<bf16>(n * 3 * width).unwrap();
+    let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
+    let mut dout_bf16 = dev.alloc::<bf16>(n * width).unwrap();
+    dev.poison(&mut out).unwrap();
+    dev.poison(&mut lse).unwrap();
+    dev.poison(&mut d_qkv).unwrap();
+    dev.poison(&mut delta).unwrap();
+    dev.poison(&mut dout_bf16).unwrap();
+    attention_forward_tc3(
+        dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal,
+    )
+    .unwrap();
+    let backward = tensor_core_v3_supports(mode, true);
+    if backward {
+        attention_backward_tc3(
+            dev,
+            &qkv_b,
+            &out,
+            &dout_b,
+            &lse,
+            &cu_b,
+            lens,
+            &mut d_qkv,
+            &mut delta,
+            &mut dout_bf16,
+            width,
+            mode,
+            causal,
+        )
+        .unwrap();
+    }
+    dev.synchronize().unwrap();
+    let widen = |v: Vec<bf16>| v.into_iter().map(f32::from).collect::<Vec<f32>>();
+    Run {
+        out: widen(dev.download(&out).unwrap()),
+        lse: dev.download(&lse).unwrap(),
+        d_qkv: if backward {
+            widen(dev.download(&d_qkv).unwrap())
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
 fn inputs(lens: &[usize], width: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
@@ -242,7 +318,10 @@ type BackwardFn = fn(
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kernels {
     Simt,
+    /// v2: `kernels/attention_tc.cu` (fp32 q/k/v, fp32 outputs).
     TensorCore,
+    /// v3: `kernels/attention_tc3.cu` (bf16 q/k/v, context and d_qkv).
+    TensorCoreV3,
 }
 
 impl Kernels {
@@ -253,6 +332,8 @@ impl Kernels {
         match self {
             Kernels::Simt => 1e-5,
             Kernels::TensorCore => 1.2e-2,
+            // v3 also stores the context and d_qkv in bf16 (one more rounding of 2^-9).
+            Kernels::TensorCoreV3 => 1.2e-2,
         }
     }
 }
@@ -331,7 +412,12 @@ fn check_kernels(
         assert_close(&format!("{tag}: out"), &got.out, &want_out, tol);
         // The tensor-core backward covers q·kᵀ; other modes fall back to the SIMT backward,
         // which expects an fp32 forward's lse (checked by the Simt runs).
-        if kernels == Kernels::Simt || tensor_core_supports(mode, true) {
+        let has_backward = match kernels {
+            Kernels::Simt => true,
+            Kernels::TensorCore => tensor_core_supports(mode, true),
+            Kernels::TensorCoreV3 => tensor_core_v3_supports(mode, true),
+        };
+        if has_backward {
             assert_close(&format!("{tag}: d_qkv"), &got.d_qkv, &want_dqkv, tol);
         }
         if mode != AttentionMode::Identity {
@@ -401,7 +487,7 @@ fn deterministic() {
     let (qkv, d_out) = inputs(&lens, 128, 11);
     for dev in devices() {
         for causal in [false, true] {
-            for kernels in [Kernels::Simt, Kernels::TensorCore] {
+            for kernels in [Kernels::Simt, Kernels::TensorCore, Kernels::TensorCoreV3] {
                 let a = run(
                     &dev,
                     &qkv,
@@ -469,10 +555,12 @@ fn tc_qk_mixed_batch_with_short_sequences() {
     );
 }
 
+// v2 is no longer the engine's default: many key tiles and a 49-row tail at a third of the
+// simulator time of 1201 tokens (v3 covers 1201, in tc3_qk_mixed_1_50_197_1201).
 #[test]
-fn tc_qk_1201_tokens() {
+fn tc_qk_369_tokens() {
     check_kernels(
-        &[1201],
+        &[369],
         64,
         AttentionMode::QK,
         false,
@@ -523,6 +611,112 @@ fn tc_identity_falls_back_to_simt() {
         18,
         Kernels::TensorCore,
     );
+}
+
+// v3 (kernels/attention_tc3.cu) against the same twins, bf16 tolerance, and against the SIMT
+// fp32 kernels run on the same bf16-rounded q/k/v.
+
+/// v3 against the SIMT fp32 kernels fed the same bf16-rounded q/k/v (so only the products'
+/// bf16 operands P / dS / dO and the bf16 outputs differ).
+fn check_v3_against_simt(
+    lens: &[usize],
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+    seed: u64,
+) {
+    let (qkv, d_out) = inputs(lens, width, seed);
+    let rounded: Vec<f32> = to_bf16(&qkv).into_iter().map(f32::from).collect();
+    let dev = Device::sim();
+    let want = run(
+        &dev,
+        &rounded,
+        &d_out,
+        lens,
+        width,
+        mode,
+        causal,
+        Kernels::Simt,
+    );
+    let got = run(
+        &dev,
+        &qkv,
+        &d_out,
+        lens,
+        width,
+        mode,
+        causal,
+        Kernels::TensorCoreV3,
+    );
+    let tag = format!("v3 vs SIMT {lens:?} width {width} {mode:?} causal {causal}");
+    let tol = 1e-2;
+    assert_close(&format!("{tag}: out"), &got.out, &want.out, tol);
+    assert_close(&format!("{tag}: lse"), &got.lse, &want.lse, tol);
+    if tensor_core_v3_supports(mode, true) {
+        assert_close(&format!("{tag}: d_qkv"), &got.d_qkv, &want.d_qkv, tol);
+    }
+}
+
+#[test]
+fn tc3_qk_197_tokens() {
+    check_kernels(
+        &[197],
+        128,
+        AttentionMode::QK,
+        false,
+        19,
+        Kernels::TensorCoreV3,
+    );
+}
+
+#[test]
+fn tc3_qk_mixed_1_50_197_1201() {
+    check_kernels(
+        &[1, 50, 197, 1201],
+        64,
+        AttentionMode::QK,
+        false,
+        20,
+        Kernels::TensorCoreV3,
+    );
+}
+
+#[test]
+fn tc3_qk_causal_mixed() {
+    check_kernels(
+        &[77, 1, 50, 13, 130],
+        128,
+        AttentionMode::QK,
+        true,
+        21,
+        Kernels::TensorCoreV3,
+    );
+}
+
+#[test]
+fn tc3_qq_and_kk_forward() {
+    check_kernels(
+        &[50, 13],
+        64,
+        AttentionMode::QQ,
+        false,
+        22,
+        Kernels::TensorCoreV3,
+    );
+    check_kernels(
+        &[70, 13],
+        64,
+        AttentionMode::KK,
+        true,
+        23,
+        Kernels::TensorCoreV3,
+    );
+}
+
+#[test]
+fn tc3_against_simt_on_bf16_inputs() {
+    check_v3_against_simt(&[197, 13, 64], 128, AttentionMode::QK, false, 24);
+    check_v3_against_simt(&[130, 50], 64, AttentionMode::QK, true, 25);
 }
 
 #[test]

@@ -543,3 +543,51 @@ fn warp_allgather_with_a_partial_warp() {
         assert_eq!(got, want, "block {b} thread {t}");
     }
 }
+
+/// cp.async (with zero fill) and ldmatrix .x4 / .x4.trans of `kernels/tile_io.cuh` against the
+/// PTX ISA's definitions: lanes 8j..8j+7 address the rows of 8×8 matrix j; lane i receives
+/// (row i/4, cols 2(i%4), +1) of each matrix, or with .trans (rows 2(i%4), +1, col i/4).
+#[test]
+fn cp_async_and_ldmatrix_follow_the_isa() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let skip = 5usize;
+    // 32 rows of 8 distinct bf16 bit patterns (finite values).
+    let bits: Vec<u16> = (0..256u16).map(|i| 0x3f80 + i * 3 % 256).collect();
+    let src: Vec<half::bf16> = bits.iter().map(|&b| half::bf16::from_bits(b)).collect();
+    let src_b = dev.upload(&src).unwrap();
+    let mut out = dev.alloc::<u32>(32 * 8).unwrap();
+    dev.poison(&mut out).unwrap();
+    let mut args = KernelArgs::new();
+    args.input(&src_b).output(&mut out).i32(skip as i32);
+    dev.launch(
+        "prm_selftest_tile_io",
+        LaunchConfig::linear(1, 32, 0),
+        &mut args,
+    )
+    .unwrap();
+    let out = dev.download(&out).unwrap();
+    // Shared row r as copied: zeros for the skipped row.
+    let shared = |r: usize, c: usize| -> u32 {
+        if r == skip {
+            0
+        } else {
+            bits[r * 8 + c] as u32
+        }
+    };
+    // The shared row lane `l` addressed.
+    let row_of = |l: usize| (7 * l + 3) % 32;
+    for lane in 0..32 {
+        for j in 0..4 {
+            let (g, t) = (lane / 4, 2 * (lane % 4));
+            let plain = shared(row_of(8 * j + g), t) | shared(row_of(8 * j + g), t + 1) << 16;
+            let trans = shared(row_of(8 * j + t), g) | shared(row_of(8 * j + t + 1), g) << 16;
+            assert_eq!(out[lane * 8 + j], plain, "lane {lane} matrix {j}: ldmatrix");
+            assert_eq!(
+                out[lane * 8 + 4 + j],
+                trans,
+                "lane {lane} matrix {j}: ldmatrix.trans"
+            );
+        }
+    }
+}

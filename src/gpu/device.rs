@@ -35,6 +35,10 @@ pub enum GpuError {
     /// A graph could not be replayed as captured.
     #[error("graph replay failed: {0}")]
     Graph(String),
+    /// A setting of the GPU engine (e.g. an environment variable) has a value it does not
+    /// know; the message names the allowed values.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Element types that may live in device memory.
@@ -120,6 +124,17 @@ impl<T: Element> Buffer<T> {
             self.capacity_bytes()
         );
         self.len = len;
+    }
+
+    /// The same memory viewed as elements of `U` (as many as fit in [`Buffer::bytes`]): how the
+    /// engine's pool lends its f32 buffers as bf16 storage.
+    pub(crate) fn reinterpret<U: Element>(self) -> Buffer<U> {
+        let len = self.bytes() / std::mem::size_of::<U>();
+        Buffer {
+            len,
+            mem: self.mem,
+            _t: PhantomData,
+        }
     }
 
     /// The address a kernel sees: a host address under the simulator, a CUdeviceptr on CUDA.

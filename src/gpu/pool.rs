@@ -311,6 +311,61 @@ impl BufferPool {
     }
 }
 
+/// A bf16 buffer on loan from a [`BufferPool`]: the memory of a pooled f32 buffer of half the
+/// length (so bf16 activations share the f32 size classes); it derefs to `Buffer<bf16>` and
+/// goes back on drop. Under the simulator it is handed out filled with NaN, like [`Pooled`].
+pub struct PooledBf16 {
+    buf: Option<Buffer<half::bf16>>,
+    free: Arc<Mutex<Free>>,
+    /// Taken during a capture, as [`Pooled`]'s field: handed back with the f32 buffer.
+    in_capture: bool,
+}
+
+impl Deref for PooledBf16 {
+    type Target = Buffer<half::bf16>;
+    fn deref(&self) -> &Buffer<half::bf16> {
+        self.buf.as_ref().expect("present until drop")
+    }
+}
+
+impl DerefMut for PooledBf16 {
+    fn deref_mut(&mut self) -> &mut Buffer<half::bf16> {
+        self.buf.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for PooledBf16 {
+    fn drop(&mut self) {
+        let Some(buf) = self.buf.take() else { return };
+        let mut f32_buf = buf.reinterpret::<f32>();
+        f32_buf.set_len(f32_buf.capacity_bytes() / std::mem::size_of::<f32>());
+        // Pooled's drop puts it back in its size class.
+        drop(Pooled {
+            buf: Some(f32_buf),
+            free: self.free.clone(),
+            in_capture: self.in_capture,
+        });
+    }
+}
+
+impl BufferPool {
+    /// A bf16 buffer of `len` elements with undefined contents (NaN under the simulator).
+    pub fn take_bf16(&self, len: usize) -> Result<PooledBf16, GpuError> {
+        let mut pooled = self.take(len.div_ceil(2))?;
+        let mut buf = pooled
+            .buf
+            .take()
+            .expect("present until drop")
+            .reinterpret::<half::bf16>();
+        buf.set_len(len);
+        Ok(PooledBf16 {
+            buf: Some(buf),
+            free: self.free.clone(),
+            in_capture: pooled.in_capture,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::size_class;

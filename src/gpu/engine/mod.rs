@@ -25,8 +25,9 @@ use super::kernels::activation::{
     bias_activation_forward_f32_bf16out,
 };
 use super::kernels::attention::{
-    attention_backward_f32, attention_backward_tc, attention_forward_f32, attention_forward_tc,
-    attention_scratch_len, AttentionMode,
+    attention_backward_f32, attention_backward_tc, attention_backward_tc3, attention_forward_f32,
+    attention_forward_tc, attention_forward_tc3, attention_scratch_len, AttentionMode,
+    TensorCoreVersion,
 };
 use super::kernels::convert::to_bf16;
 use super::kernels::embed::{
@@ -39,7 +40,7 @@ use super::kernels::loss::{
     layer_cosine_f32, layer_loss_f32, LayerLoss, LossScratch, PackedTokens,
 };
 use super::kernels::resize::{ResizePlan, ResizeSizes};
-use super::pool::{BufferPool, Pooled};
+use super::pool::{BufferPool, Pooled, PooledBf16};
 use super::{Buffer, Device, GpuError};
 use crate::attack::engine::{Engine, EngineError, LossAndGradient, StepLoopResult, StepPlan};
 use crate::attack::image::{Evaluation, Planar};
@@ -92,12 +93,24 @@ impl std::ops::Deref for Batch {
     }
 }
 
+/// What attention's backward needs from its forward: q/k/v and the context in the precision
+/// the attention kernels read them (fp32 for v1 and v2, bf16 for v3), and the log-sum-exp.
+enum AttentionSaved {
+    F32 {
+        qkv: Pooled,
+        context: Pooled,
+    },
+    Bf16 {
+        qkv: PooledBf16,
+        context: PooledBf16,
+    },
+}
+
 /// Saved activations of one block.
 struct BlockSaved {
     ln1_mean: Pooled,
     ln1_rstd: Pooled,
-    qkv: Pooled,
-    context: Pooled,
+    attention: AttentionSaved,
     lse: Pooled,
     mid: Pooled,
     ln2_mean: Pooled,
@@ -193,6 +206,8 @@ pub struct GpuVit<'m> {
     /// Activations, gradients and scratch of every step.
     pool: BufferPool,
     precision: Precision,
+    /// The tensor-core attention kernels at bf16 precision (`PRM_ATTENTION`, default v3).
+    attention_version: TensorCoreVersion,
     /// bf16 copy of a product's left operand (bf16 precision only), grown on demand. One is
     /// enough: products run one at a time, in stream order.
     bf16_scratch: Mutex<Option<Bf16Scratch>>,
@@ -233,6 +248,7 @@ impl<'m> GpuVit<'m> {
             resize_plans: Mutex::new(HashMap::new()),
             pool: BufferPool::new(dev),
             precision,
+            attention_version: TensorCoreVersion::from_env().map_err(GpuError::Config)?,
             bf16_scratch: Mutex::new(None),
             graphs: AtomicBool::new(graphs_by_default()),
             graph_stats: Mutex::new(GraphStats::default()),
@@ -271,6 +287,23 @@ impl<'m> GpuVit<'m> {
     /// The precision of the matrix products.
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// The tensor-core attention kernels used at bf16 precision (read from `PRM_ATTENTION`
+    /// when the engine is made; [`Self::set_attention_version`] overrides it).
+    pub fn attention_version(&self) -> TensorCoreVersion {
+        self.attention_version
+    }
+
+    /// Selects the tensor-core attention kernels for bf16 precision (v2 or v3; fp32
+    /// precision always uses the SIMT kernels).
+    pub fn set_attention_version(&mut self, version: TensorCoreVersion) {
+        self.attention_version = version;
+    }
+
+    /// Whether attention runs the v3 kernels (bf16 q/k/v and context).
+    fn attention_v3(&self) -> bool {
+        self.precision == Precision::Bf16 && self.attention_version == TensorCoreVersion::V3
     }
 
     /// `out = (accumulate ? out : 0) + x · op(W) + bias` in the engine's precision: in bf16,
@@ -326,6 +359,23 @@ impl<'m> GpuVit<'m> {
         let mut xb = scratch.lock().unwrap_or_else(|p| p.into_inner());
         fill(&mut xb)?;
         matmul_bf16(&self.dev, shape, &xb, w, bias, out, accumulate)
+    }
+
+    /// `out = (accumulate ? out : 0) + xb · op(W) + bias` with a bf16 operand `xb` that a kernel
+    /// already wrote (bf16 precision only).
+    fn product_of_bf16(
+        &self,
+        shape: MatmulShape,
+        xb: &Buffer<half::bf16>,
+        w: &Weight,
+        bias: Option<&Buffer<f32>>,
+        out: &mut Buffer<f32>,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        let Weight::Bf16(w) = w else {
+            unreachable!("bf16 operands go with bf16 weights");
+        };
+        matmul_bf16(&self.dev, shape, xb, w, bias, out, accumulate)
     }
 
     /// A pooled buffer with undefined contents (NaN under the simulator).
@@ -501,10 +551,27 @@ impl<'m> GpuVit<'m> {
             let mut qkv = self.alloc(t * 3 * d)?;
             let (ln1_mean, ln1_rstd) =
                 self.layer_norm_then_linear(x, &b.ln1, t, &b.qkv, b.qkv.bias.as_ref(), &mut qkv)?;
-            let (context, lse) = self.attention_forward(&qkv, batch)?;
             let mut mid = self.alloc(t * d)?;
             self.dev.copy(x, &mut mid)?;
-            self.linear(&context, t, &b.out_proj, &mut mid, true)?;
+            let (attention, lse) = if self.attention_v3() {
+                // v3 reads bf16 q/k/v and writes the context as out_proj's bf16 operand.
+                let mut qkv_bf16 = self.pool.take_bf16(t * 3 * d)?;
+                to_bf16(&self.dev, &qkv, &mut qkv_bf16, t * 3 * d)?;
+                drop(qkv);
+                let (context, lse) = self.attention_forward_v3(&qkv_bf16, batch)?;
+                let shape = b.out_proj.forward_shape(t);
+                let bias = b.out_proj.bias.as_ref();
+                self.product_of_bf16(shape, &context, &b.out_proj.weight, bias, &mut mid, true)?;
+                let saved = AttentionSaved::Bf16 {
+                    qkv: qkv_bf16,
+                    context,
+                };
+                (saved, lse)
+            } else {
+                let (context, lse) = self.attention_forward(&qkv, batch)?;
+                self.linear(&context, t, &b.out_proj, &mut mid, true)?;
+                (AttentionSaved::F32 { qkv, context }, lse)
+            };
             // fc1's bias is fused into the activation kernel instead.
             let mut mlp_in = self.alloc(t * c.mlp)?;
             let (ln2_mean, ln2_rstd) =
@@ -518,8 +585,7 @@ impl<'m> GpuVit<'m> {
                 blocks.push(BlockSaved {
                     ln1_mean,
                     ln1_rstd,
-                    qkv,
-                    context,
+                    attention,
                     lse,
                     mid,
                     ln2_mean,
@@ -691,8 +757,42 @@ impl<'m> GpuVit<'m> {
             // mid = x + out_proj(attn(LN1(x)))
             let mut d_context = self.alloc(t * d)?;
             self.linear_backward(&dh, t, &b.out_proj, &mut d_context)?;
-            let d_qkv = self.attention_backward(s, &d_context, batch)?;
-            self.linear_backward(&d_qkv, t, &b.qkv, &mut d_normed)?;
+            match &s.attention {
+                AttentionSaved::F32 { qkv, context } => {
+                    let d_qkv = self.attention_backward(qkv, context, &s.lse, &d_context, batch)?;
+                    self.linear_backward(&d_qkv, t, &b.qkv, &mut d_normed)?;
+                }
+                AttentionSaved::Bf16 { qkv, context } => {
+                    // v3 writes d_qkv as the QKV input-gradient product's bf16 operand.
+                    let mut delta = self.alloc(attention_scratch_len(t, d))?;
+                    let mut d_out_bf16 = self.pool.take_bf16(t * d)?;
+                    let shape = b.qkv.backward_shape(t);
+                    self.product_from_bf16(
+                        shape,
+                        &b.qkv.weight,
+                        None,
+                        &mut d_normed,
+                        false,
+                        |db| {
+                            attention_backward_tc3(
+                                &self.dev,
+                                qkv,
+                                context,
+                                &d_context,
+                                &s.lse,
+                                &batch.cu_seqlens,
+                                &batch.seqlens,
+                                db,
+                                &mut delta,
+                                &mut d_out_bf16,
+                                d,
+                                AttentionMode::QK,
+                                false,
+                            )
+                        },
+                    )?;
+                }
+            }
             layernorm_backward_f32(
                 &self.dev,
                 &fwd.features[l],
@@ -771,9 +871,34 @@ impl<'m> GpuVit<'m> {
         Ok((context, lse))
     }
 
+    /// v3 forward: bf16 q/k/v in, the bf16 context and fp32 lse out.
+    fn attention_forward_v3(
+        &self,
+        qkv: &Buffer<half::bf16>,
+        batch: &Batch,
+    ) -> Result<(PooledBf16, Pooled), GpuError> {
+        let (t, d) = (batch.packing.total_tokens, self.model.config.width);
+        let mut context = self.pool.take_bf16(t * d)?;
+        let mut lse = self.alloc(attention_scratch_len(t, d))?;
+        attention_forward_tc3(
+            &self.dev,
+            qkv,
+            &batch.cu_seqlens,
+            &batch.seqlens,
+            &mut context,
+            &mut lse,
+            d,
+            AttentionMode::QK,
+            false,
+        )?;
+        Ok((context, lse))
+    }
+
     fn attention_backward(
         &self,
-        s: &BlockSaved,
+        qkv: &Buffer<f32>,
+        context: &Buffer<f32>,
+        lse: &Buffer<f32>,
         d_context: &Buffer<f32>,
         batch: &Batch,
     ) -> Result<Pooled, GpuError> {
@@ -786,10 +911,10 @@ impl<'m> GpuVit<'m> {
         };
         backward(
             &self.dev,
-            &s.qkv,
-            &s.context,
+            qkv,
+            context,
             d_context,
-            &s.lse,
+            lse,
             &batch.cu_seqlens,
             &batch.seqlens,
             &mut d_qkv,

@@ -2,6 +2,16 @@
 //! variable-length sequences (fp32, SIMT), forward with saved log-sum-exp and input-gradient
 //! backward by recomputation.
 //!
+//! Three versions of the same contract (llm.c style), checked against each other and a
+//! float64 twin in `tests/kernel_attention.rs`:
+//! - v1, [`attention_forward_f32`] / [`attention_backward_f32`] (`attention.cu`): SIMT fp32,
+//!   every mode; the fp32 engine's kernels and the reference;
+//! - v2, [`attention_forward_tc`] / [`attention_backward_tc`] (`attention_tc.cu`): tensor
+//!   cores, fp32 buffers rounded to bf16 while loading;
+//! - v3, [`attention_forward_tc3`] / [`attention_backward_tc3`] (`attention_tc3.cu`): tensor
+//!   cores with bf16 `qkv`, context and `d_qkv` buffers, `cp.async` double-buffered tiles and
+//!   `ldmatrix` fragments; the bf16 engine's default ([`TensorCoreVersion`], `PRM_ATTENTION`).
+//!
 //! Layouts (row-major; `N = Σ T_i` tokens, `D = width`, `heads = D / 64`, head dim 64):
 //! - `qkv [N, 3D]`: q | k | v along features, head `h` in columns `h·64 .. h·64 + 64` of each part;
 //! - `cu_seqlens [B + 1]` (`i32`, device): sequence `i` is rows `cu_seqlens[i] .. cu_seqlens[i+1]`;
@@ -37,7 +47,9 @@
 //!                        width, AttentionMode::QK, false).unwrap();
 //! ```
 
-use crate::gpu::{Buffer, Device, GpuError, KernelArgs, LaunchConfig};
+use half::bf16;
+
+use crate::gpu::{Buffer, Device, Element, GpuError, KernelArgs, LaunchConfig};
 
 /// Head dimension the kernels are written for.
 pub const HEAD_DIM: usize = 64;
@@ -66,8 +78,8 @@ pub fn attention_scratch_len(total_tokens: usize, width: usize) -> usize {
     (width / HEAD_DIM) * total_tokens
 }
 
-fn check_common(
-    qkv: &Buffer<f32>,
+fn check_common<Q: Element>(
+    qkv: &Buffer<Q>,
     cu_seqlens: &Buffer<i32>,
     seqlens_host: &[usize],
     width: usize,
@@ -104,11 +116,11 @@ fn check_common(
 }
 
 /// Shape checks of a forward's outputs; returns (tokens, heads).
-fn check_forward(
-    qkv: &Buffer<f32>,
+fn check_forward<Q: Element, O: Element>(
+    qkv: &Buffer<Q>,
     cu_seqlens: &Buffer<i32>,
     seqlens_host: &[usize],
-    out: &Buffer<f32>,
+    out: &Buffer<O>,
     lse: &Buffer<f32>,
     width: usize,
 ) -> (usize, usize) {
@@ -167,14 +179,14 @@ fn launch_forward(
 
 /// Shape checks of a backward's inputs, output and scratch; returns (tokens, heads).
 #[allow(clippy::too_many_arguments)]
-fn check_backward(
-    qkv: &Buffer<f32>,
-    out: &Buffer<f32>,
+fn check_backward<Q: Element, O: Element, G: Element>(
+    qkv: &Buffer<Q>,
+    out: &Buffer<O>,
     d_out: &Buffer<f32>,
     lse: &Buffer<f32>,
     cu_seqlens: &Buffer<i32>,
     seqlens_host: &[usize],
-    d_qkv: &Buffer<f32>,
+    d_qkv: &Buffer<G>,
     delta: &Buffer<f32>,
     width: usize,
 ) -> (usize, usize) {
@@ -185,10 +197,10 @@ fn check_backward(
         "d_out has {} elements, expected [{total}, {width}]",
         d_out.len()
     );
-    assert_eq!(
-        d_qkv.len(),
-        total * 3 * width,
-        "d_qkv has {} elements, expected [{total}, 3·{width}]",
+    // At least: the engine hands v3 a reused product-operand scratch, possibly longer.
+    assert!(
+        d_qkv.len() >= total * 3 * width,
+        "d_qkv has {} elements, needs [{total}, 3·{width}]",
         d_qkv.len()
     );
     assert!(
@@ -469,4 +481,212 @@ pub fn attention_backward_tc(
         dev.launch(kernel, cfg, &mut args)?;
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// v3: kernels/attention_tc3.cu (bf16 in and out, cp.async double buffering, ldmatrix)
+// ---------------------------------------------------------------------------------------------
+
+/// Bytes of one 64×64 bf16 shared tile of the v3 kernels (row stride 72 elements).
+const TC3_TILE_BYTES: u32 = 64 * 72 * 2;
+/// Dynamic shared memory of the v3 kernels: Q + two stages of K and V; Q and dO + two stages
+/// of K and V; K and V + two stages of Q and dO and of their lse / delta (64 floats each).
+const TC3_FORWARD_SMEM: u32 = 5 * TC3_TILE_BYTES;
+const TC3_DQ_SMEM: u32 = 6 * TC3_TILE_BYTES;
+const TC3_DKDV_SMEM: u32 = 6 * TC3_TILE_BYTES + 2 * 2 * 64 * 4;
+
+/// Which tensor-core kernel version the engine runs at `--precision bf16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum TensorCoreVersion {
+    /// `kernels/attention_tc.cu`: fp32 q/k/v converted while loading, one load stage.
+    V2,
+    /// `kernels/attention_tc3.cu`: bf16 q/k/v and context, cp.async double buffering, ldmatrix.
+    #[default]
+    V3,
+}
+
+impl TensorCoreVersion {
+    /// The version named by the environment variable `PRM_ATTENTION` (`v2` or `v3`; unset
+    /// means v3). An unknown value is an error that says which values are allowed.
+    pub fn from_env() -> Result<Self, String> {
+        Self::parse(std::env::var("PRM_ATTENTION").ok().as_deref())
+    }
+
+    /// [`Self::from_env`] for a given value of `PRM_ATTENTION` (`None`: unset).
+    pub fn parse(value: Option<&str>) -> Result<Self, String> {
+        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("") | Some("v3") => Ok(Self::V3),
+            Some("v2") => Ok(Self::V2),
+            Some(other) => Err(format!(
+                "PRM_ATTENTION={other:?} is not a tensor-core attention version; use v2 or v3 \
+                 (or unset it for v3)"
+            )),
+        }
+    }
+}
+
+/// Whether the v3 kernels implement `mode` / `causal` in the given direction: the forward
+/// takes q·kᵀ, q·qᵀ and k·kᵀ, the backward q·kᵀ (causal or not in both). Other cases need the
+/// fp32 kernels ([`attention_forward_f32`], [`attention_backward_f32`]).
+pub fn tensor_core_v3_supports(mode: AttentionMode, backward: bool) -> bool {
+    match mode {
+        AttentionMode::QK => true,
+        AttentionMode::QQ | AttentionMode::KK => !backward,
+        AttentionMode::Identity => false,
+    }
+}
+
+/// Forward attention v3 on tensor cores: `out = softmax(x·yᵀ/√64 [causal]) · v` from bf16
+/// `qkv [N, 3D]` into the bf16 context `out [N, D]` (the out-projection's operand), and fp32
+/// `lse [heads, N]`. Products take bf16 operands (P rounded to bf16) and accumulate in fp32;
+/// softmax statistics are fp32. One CTA of 128 threads per (64-query tile, head, sequence),
+/// 46,080 bytes of dynamic shared memory.
+///
+/// Panics (a programming error, like a shape mismatch) for a mode
+/// [`tensor_core_v3_supports`] rejects.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_tc3(
+    dev: &Device,
+    qkv: &Buffer<bf16>,
+    cu_seqlens: &Buffer<i32>,
+    seqlens_host: &[usize],
+    out: &mut Buffer<bf16>,
+    lse: &mut Buffer<f32>,
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Result<(), GpuError> {
+    assert!(
+        tensor_core_v3_supports(mode, false),
+        "attention v3 has no forward for {mode:?}; use attention_forward_f32"
+    );
+    let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, width);
+    if total == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid: grid(seqlens_host, heads, TC_TILE),
+        block: (THREADS, 1, 1),
+        shared_bytes: TC3_FORWARD_SMEM,
+    };
+    let mut args = KernelArgs::new();
+    args.input(qkv)
+        .input(cu_seqlens)
+        .output(out)
+        .output(lse)
+        .i32(width as i32)
+        .i32(total as i32)
+        .i32(mode as i32)
+        .i32(causal as i32);
+    dev.launch("prm_attention_forward_tc3", cfg, &mut args)
+}
+
+/// Input gradient of [`attention_forward_tc3`] (q·kᵀ, causal or not): from the fp32 `d_out
+/// [N, D]` (the out-projection's input gradient) and the forward's bf16 `out` and fp32 `lse`,
+/// writes every element of the bf16 `d_qkv [N, 3D]`, the operand of the QKV input-gradient
+/// product. Scratch, caller-owned: `delta` ([`attention_scratch_len`] fp32; on return
+/// `rowsum(dO ⊙ O)` as `[heads, N]`) and `d_out_bf16 [N, D]` (on return bf16(`d_out`)).
+///
+/// Three launches without atomics: delta (which also rounds dO to bf16), dK/dV over 64-key
+/// tiles (56,320 bytes of shared memory), dQ over 64-query tiles (55,296 bytes).
+///
+/// Panics (a programming error) for a mode [`tensor_core_v3_supports`] rejects.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_tc3(
+    dev: &Device,
+    qkv: &Buffer<bf16>,
+    out: &Buffer<bf16>,
+    d_out: &Buffer<f32>,
+    lse: &Buffer<f32>,
+    cu_seqlens: &Buffer<i32>,
+    seqlens_host: &[usize],
+    d_qkv: &mut Buffer<bf16>,
+    delta: &mut Buffer<f32>,
+    d_out_bf16: &mut Buffer<bf16>,
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Result<(), GpuError> {
+    assert!(
+        tensor_core_v3_supports(mode, true),
+        "attention v3 has no backward for {mode:?}; use attention_backward_f32"
+    );
+    let (total, heads) = check_backward(
+        qkv,
+        out,
+        d_out,
+        lse,
+        cu_seqlens,
+        seqlens_host,
+        d_qkv,
+        delta,
+        width,
+    );
+    assert_eq!(
+        d_out_bf16.len(),
+        total * width,
+        "d_out_bf16 has {} elements, expected [{total}, {width}]",
+        d_out_bf16.len()
+    );
+    if total == 0 {
+        return Ok(());
+    }
+    let (w, n, c) = (width as i32, total as i32, causal as i32);
+
+    let cfg = LaunchConfig::linear((total * heads).div_ceil(8) as u32, 256, 0);
+    let mut args = KernelArgs::new();
+    args.input(out)
+        .input(d_out)
+        .output(delta)
+        .output(d_out_bf16)
+        .i32(w)
+        .i32(n);
+    dev.launch("prm_attention_delta_tc3", cfg, &mut args)?;
+
+    for (kernel, smem) in [
+        ("prm_attention_bwd_dkdv_tc3", TC3_DKDV_SMEM),
+        ("prm_attention_bwd_dq_tc3", TC3_DQ_SMEM),
+    ] {
+        let cfg = LaunchConfig {
+            grid: grid(seqlens_host, heads, TC_TILE),
+            block: (THREADS, 1, 1),
+            shared_bytes: smem,
+        };
+        let mut args = KernelArgs::new();
+        args.input(qkv)
+            .input(&*d_out_bf16)
+            .input(lse)
+            .input(&*delta)
+            .input(cu_seqlens)
+            .output(d_qkv)
+            .i32(w)
+            .i32(n)
+            .i32(c);
+        dev.launch(kernel, cfg, &mut args)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TensorCoreVersion;
+
+    #[test]
+    fn attention_version_from_its_variable() {
+        assert_eq!(TensorCoreVersion::parse(None), Ok(TensorCoreVersion::V3));
+        assert_eq!(
+            TensorCoreVersion::parse(Some("")),
+            Ok(TensorCoreVersion::V3)
+        );
+        assert_eq!(
+            TensorCoreVersion::parse(Some(" V2 ")),
+            Ok(TensorCoreVersion::V2)
+        );
+        assert_eq!(
+            TensorCoreVersion::parse(Some("v3")),
+            Ok(TensorCoreVersion::V3)
+        );
+        let e = TensorCoreVersion::parse(Some("v9")).unwrap_err();
+        assert!(e.contains("PRM_ATTENTION") && e.contains("v2 or v3"), "{e}");
+    }
 }

@@ -1,0 +1,549 @@
+// attention_tc3.cu: fused multi-head attention v3 on tensor cores (mma.sync m16n8k16, bf16
+// operands, fp32 accumulation) over packed variable-length sequences, forward and
+// input-gradient backward, FlashAttention-2 style, for head dim 64 at 50–1201 tokens.
+//
+// Launchers: src/gpu/kernels/attention.rs (attention_forward_tc3, attention_backward_tc3); the
+// engine uses them at --precision bf16 unless PRM_ATTENTION=v2. Versions (llm.c style, same
+// math, checked against each other and a float64 twin in tests/kernel_attention.rs):
+//   attention.cu      v1, SIMT fp32: the fp32 engine's kernels and the reference
+//   attention_tc.cu   v2, tensor cores, fp32 qkv converted while loading, one load stage
+//   attention_tc3.cu  v3, this file: bf16 in and out, cp.async double buffering, ldmatrix
+//
+// Layouts (N = ΣT_i tokens, D = width, heads = D / 64, head h in columns h·64 .. +64):
+//   qkv        [N, 3D] bf16   q | k | v along features
+//   cu_seqlens [B+1]   int
+//   out        [N, D]  bf16   the context, i.e. the out-projection's bf16 operand
+//   lse, delta [heads, N] fp32, index h·N + row (natural log; scores scaled by 1/8)
+//   d_out      [N, D]  fp32 in the delta kernel, which also writes its bf16 copy d_out_bf16
+//   d_qkv      [N, 3D] bf16, every element written (q part by the dQ kernel, k and v parts by
+//              the dK/dV kernel): the bf16 operand of the QKV input-gradient product
+// Precision: bf16 storage of q, k, v, out, dO and d_qkv; P and dS rounded to bf16 where they
+// enter a product (dS is formed from the bf16-rounded P in the dK/dV kernel); products
+// accumulate in fp32; softmax statistics (exp2 with log2(e)/8 folded into the scale), lse and
+// delta (from fp32 dO and bf16 O) are fp32.
+// Modes: the forward takes mode 0 (q·kᵀ), 1 (q·qᵀ) and 2 (k·kᵀ), causal or not; the backward
+// takes mode 0, causal or not.
+//
+// Tiling: 128 threads = 4 warps per CTA, 64-row tiles, a warp owns 16 rows and keeps its
+// scores and accumulators in mma fragments. Shared tiles are bf16 64×64 with a row stride of
+// 72 elements (144 bytes: rows stay 16-byte aligned for cp.async, and the 8 rows of one
+// ldmatrix 8×8 matrix start 4 banks apart, so fragment loads are conflict-free). Streamed
+// tiles are double-buffered: the cp.async of tile i+1 is issued before the products of tile i.
+// Rows past a sequence's end are zero-filled by cp.async (src-size 0). A warp whose 16 rows all
+// lie past the end skips its products (it still loads and meets the barriers), and key/query
+// blocks of 16 past the end of the last tile are skipped (197 = 3·64 + 5 costs one 16-block
+// of the last tile, not 64).
+//   forward  prm_attention_forward_tc3: one CTA per (64-query tile, head, sequence); Q tile
+//            resident, K/V tiles streamed. Dynamic shared memory 5 tiles = 46,080 B.
+//   delta    prm_attention_delta_tc3: delta = rowsum(dO ⊙ O) and dO → bf16, one warp per (row,
+//            head).
+//   dQ       prm_attention_bwd_dq_tc3: one CTA per (64-query tile, head, sequence); Q and dO
+//            tiles resident, K/V streamed. 6 tiles = 55,296 B.
+//   dK/dV    prm_attention_bwd_dkdv_tc3: one CTA per (64-key tile, head, sequence); K and V
+//            resident, Q/dO tiles and their lse/delta streamed. 6 tiles + 1 KB = 56,320 B.
+// The backward kernels form scores 32 columns at a time (two halves of the 64-wide tile) so
+// that at most 128 registers are live. ptxas (nvcc 13.0, sm_80 / sm_90), no spills:
+//   forward 117 / 118 registers, dQ 120 / 110, dK/dV 128 / 128, delta 19 / 19;
+// with __launch_bounds__(128, 4) and ≤ 56.3 KB of shared memory each, 4 CTAs fit on an SM.
+// CTAs whose tile starts past their sequence's end exit before any barrier. No atomics; fixed
+// reduction order; deterministic.
+#include "common.cuh"
+#include "mma.cuh"
+#include "tile_io.cuh"
+
+#define V3_HD 64
+#define V3_TILE 64
+#define V3_LD 72
+#define V3_TILE_ELEMS (V3_TILE * V3_LD)
+#define V3_SCALE 0.125f                          // 1/√64
+#define V3_SCALE_LOG2 (0.125f * 1.4426950408889634f)  // 1/√64 · log2(e)
+#define V3_LOG2E 1.4426950408889634f
+#define V3_LN2 0.6931471805599453f
+
+typedef __nv_bfloat16 bf16;
+
+// Rows r0 .. r0+64 of a 64-wide bf16 column block `g` (row stride ld elements) into the
+// shared tile `s` by cp.async; rows at or past `valid` are zero-filled. Every thread issues 4
+// 16-byte copies; the caller commits the group.
+__device__ __forceinline__ void v3_load_tile(bf16* s, const bf16* g, size_t ld, int r0, int valid) {
+#pragma unroll
+    for (int i = 0; i < (V3_TILE * V3_HD / 8) / 128; ++i) {
+        const int e = threadIdx.x + i * 128;
+        const int r = e >> 3, c = (e & 7) * 8;
+        const bool ok = r0 + r < valid;
+        prm_cp_async_16(s + r * V3_LD + c, ok ? g + (size_t)(r0 + r) * ld + c : g, ok);
+    }
+}
+
+// The A fragment of the 16×16 block at (row0, col0) of the row-major tile s.
+__device__ __forceinline__ void v3_frag_a(uint32_t a[4], const bf16* s, int row0, int col0) {
+    const int lane = threadIdx.x & 31;
+    prm_ldmatrix_x4(a, s + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * V3_LD + col0 + (lane >> 4) * 8);
+}
+
+// B fragments of two n-tiles (n0 and n0+8) at k-step k0 for B = Mᵀ, M the row-major tile s
+// (M[n][k]): b[0..1] for n-tile n0, b[2..3] for n-tile n0+8.
+__device__ __forceinline__ void v3_frag_bt(uint32_t b[4], const bf16* s, int n0, int k0) {
+    const int lane = threadIdx.x & 31;
+    prm_ldmatrix_x4(b, s + (n0 + (lane & 7) + ((lane >> 4) & 1) * 8) * V3_LD + k0 + ((lane >> 3) & 1) * 8);
+}
+
+// B fragments of two n-tiles (n0, n0+8) at k-step k0 for B = M, M the row-major tile s
+// (M[k][n]), through ldmatrix.trans.
+__device__ __forceinline__ void v3_frag_b(uint32_t b[4], const bf16* s, int k0, int n0) {
+    const int lane = threadIdx.x & 31;
+    prm_ldmatrix_x4_trans(b, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * V3_LD + n0 + (lane >> 4) * 8);
+}
+
+__device__ __forceinline__ void v3_zero(float acc[8][4]) {
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+}
+
+// acc (16 × 64) = A · Mᵀ with A's fragments read from the row-major tile `sa` (rows arow0 ..
+// +16, all 64 columns) and M the row-major tile `sm` (64 × 64). Only n-tile pairs below `ncols`
+// are formed (the others stay zero).
+__device__ __forceinline__ void v3_mma_abt(float acc[8][4], const bf16* sa, int arow0, const bf16* sm, int ncols) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        uint32_t a[4];
+        v3_frag_a(a, sa, arow0, ks * 16);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            if (np * 16 >= ncols) continue;
+            uint32_t b[4];
+            v3_frag_bt(b, sm, np * 16, ks * 16);
+            prm_mma_bf16_16816(acc[2 * np], a, b);
+            prm_mma_bf16_16816(acc[2 * np + 1], a, b + 2);
+        }
+    }
+}
+
+// acc (16 × 64) += A · M with A given as the bf16 packing of the accumulators p[8][4] (16 × 64:
+// n-tiles 2j, 2j+1 form k-step j) and M the row-major tile `sm` (64 × 64, M[k][n]). k-steps at
+// or past `kvalid` are skipped (their A columns must be zero).
+__device__ __forceinline__ void v3_mma_pb(float acc[8][4], const float p[8][4], const bf16* sm, int kvalid) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        if (ks * 16 >= kvalid) continue;
+        uint32_t a[4];
+        a[0] = prm_pack_bf16x2(p[2 * ks][0], p[2 * ks][1]);
+        a[1] = prm_pack_bf16x2(p[2 * ks][2], p[2 * ks][3]);
+        a[2] = prm_pack_bf16x2(p[2 * ks + 1][0], p[2 * ks + 1][1]);
+        a[3] = prm_pack_bf16x2(p[2 * ks + 1][2], p[2 * ks + 1][3]);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            uint32_t b[4];
+            v3_frag_b(b, sm, ks * 16, np * 16);
+            prm_mma_bf16_16816(acc[2 * np], a, b);
+            prm_mma_bf16_16816(acc[2 * np + 1], a, b + 2);
+        }
+    }
+}
+
+// acc (16 × 64) += A · M[ks·16 .. +16, :] for one k-step with A given as fragment registers and
+// M the row-major tile `sm` (M[k][n]).
+__device__ __forceinline__ void v3_mma_ab_step(float acc[8][4], const uint32_t a[4], const bf16* sm, int ks) {
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        v3_frag_b(b, sm, ks * 16, np * 16);
+        prm_mma_bf16_16816(acc[2 * np], a, b);
+        prm_mma_bf16_16816(acc[2 * np + 1], a, b + 2);
+    }
+}
+
+// The A fragment (one k-step) packed to bf16 from two n-tiles of accumulators.
+__device__ __forceinline__ void v3_pack_a(uint32_t a[4], const float lo[4], const float hi[4]) {
+    a[0] = prm_pack_bf16x2(lo[0], lo[1]);
+    a[1] = prm_pack_bf16x2(lo[2], lo[3]);
+    a[2] = prm_pack_bf16x2(hi[0], hi[1]);
+    a[3] = prm_pack_bf16x2(hi[2], hi[3]);
+}
+
+// Half-width forms for the backward kernels (fewer live registers): columns / k-rows
+// half·32 .. +32 of the 64-wide tile.
+// acc (16 × 32) = A · Mᵀ restricted to M rows half·32 .. +32 (n-tile pairs below `ncols`).
+__device__ __forceinline__ void v3_mma_abt_half(float acc[4][4], const bf16* sa, int arow0, const bf16* sm, int half,
+                                                int ncols) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        uint32_t a[4];
+        v3_frag_a(a, sa, arow0, ks * 16);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int np = half * 2 + j;
+            if (np * 16 >= ncols) continue;
+            uint32_t b[4];
+            v3_frag_bt(b, sm, np * 16, ks * 16);
+            prm_mma_bf16_16816(acc[2 * j], a, b);
+            prm_mma_bf16_16816(acc[2 * j + 1], a, b + 2);
+        }
+    }
+}
+
+// acc (16 × 64) += A · M[half·32 .. +32, :] with A the bf16 packing of p[4][4] (16 × 32);
+// k-steps at or past `kvalid` are skipped (their A columns must be zero).
+__device__ __forceinline__ void v3_mma_pb_half(float acc[8][4], const float p[4][4], const bf16* sm, int half,
+                                               int kvalid) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int ks = half * 2 + j;
+        if (ks * 16 >= kvalid) continue;
+        uint32_t a[4];
+        v3_pack_a(a, p[2 * j], p[2 * j + 1]);
+        v3_mma_ab_step(acc, a, sm, ks);
+    }
+}
+
+// Writes a warp's 16×64 accumulator block, times mul[r], as bf16 to rows rows[r] (below
+// `valid`) of a row-major bf16 matrix g (stride ld, column offset off).
+__device__ __forceinline__ void v3_store_bf16(bf16* g, size_t ld, int off, const int rows[2], int valid,
+                                              const float acc[8][4], const float mul[2]) {
+    const int t = (threadIdx.x & 3) * 2;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (rows[r] >= valid) continue;
+        uint32_t* dst = reinterpret_cast<uint32_t*>(g + (size_t)rows[r] * ld + off + t);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) dst[nt * 4] = prm_pack_bf16x2(acc[nt][2 * r] * mul[r], acc[nt][2 * r + 1] * mul[r]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128, 4)
+    prm_attention_forward_tc3(const bf16* __restrict__ qkv, const int* __restrict__ cu_seqlens, bf16* __restrict__ out,
+                              float* __restrict__ lse, int width, int total, int mode, int causal) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    bf16* sQ = smem;
+    bf16* sK = smem + V3_TILE_ELEMS;      // two stages
+    bf16* sV = smem + 3 * V3_TILE_ELEMS;  // two stages
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int row0 = cu_seqlens[seq];
+    const int T = cu_seqlens[seq + 1] - row0;
+    const int q0 = blockIdx.x * V3_TILE;
+    if (q0 >= T) return;  // whole CTA, before any barrier
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = (lane & 3) * 2;
+    const size_t ld = 3 * (size_t)width;
+    const bf16* base = qkv + (size_t)row0 * ld;
+    const bf16* gx = base + (mode == 2 ? width : 0) + h * V3_HD;
+    const bf16* gy = base + (mode == 1 ? 0 : width) + h * V3_HD;
+    const bf16* gv = base + 2 * width + h * V3_HD;
+    const int wq0 = q0 + warp * 16;
+    const bool active = wq0 < T;  // warp-uniform
+    const int rows[2] = {wq0 + (lane >> 2), wq0 + (lane >> 2) + 8};
+    const int kend = causal ? min(T, q0 + V3_TILE) : T;
+    const int ntiles = (kend + V3_TILE - 1) / V3_TILE;
+
+    v3_load_tile(sQ, gx, ld, q0, T);
+    v3_load_tile(sK, gy, ld, 0, T);
+    v3_load_tile(sV, gv, ld, 0, T);
+    prm_cp_async_commit();
+
+    float o[8][4];
+    v3_zero(o);
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // m in log2 units
+    for (int kt = 0; kt < ntiles; ++kt) {
+        const int k0 = kt * V3_TILE, stage = kt & 1;
+        if (kt + 1 < ntiles) {
+            // The other stage was consumed in iteration kt − 1 (barrier at its end).
+            v3_load_tile(sK + (stage ^ 1) * V3_TILE_ELEMS, gy, ld, k0 + V3_TILE, T);
+            v3_load_tile(sV + (stage ^ 1) * V3_TILE_ELEMS, gv, ld, k0 + V3_TILE, T);
+            prm_cp_async_commit();
+            prm_cp_async_wait<1>();
+        } else {
+            prm_cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (active) {
+            // Keys of this tile the warp needs: below the end, and (causal) up to its last row.
+            int kvalid = min(V3_TILE, kend - k0);
+            if (causal) kvalid = min(kvalid, wq0 + 16 - k0);
+            float s[8][4];
+            v3_zero(s);
+            v3_mma_abt(s, sQ, warp * 16, sK + stage * V3_TILE_ELEMS, kvalid);
+
+            float mx[2] = {m[0], m[1]};
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int c = nt * 8 + t + (i & 1), r = i >> 1;
+                    float v = s[nt][i] * V3_SCALE_LOG2;
+                    if (c >= kvalid || (causal && k0 + c > rows[r])) v = -INFINITY;
+                    s[nt][i] = v;
+                    mx[r] = fmaxf(mx[r], v);
+                }
+            float corr[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                corr[r] = mx[r] == -INFINITY ? 1.0f : exp2f(m[r] - mx[r]);
+                m[r] = mx[r];
+            }
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int r = i >> 1;
+                    const float p = m[r] == -INFINITY ? 0.0f : exp2f(s[nt][i] - m[r]);
+                    s[nt][i] = p;
+                    sum[r] += p;
+                    o[nt][i] *= corr[r];
+                }
+            l[0] = l[0] * corr[0] + sum[0];
+            l[1] = l[1] * corr[1] + sum[1];
+            v3_mma_pb(o, s, sV + stage * V3_TILE_ELEMS, kvalid);
+        }
+        __syncthreads();  // this stage is consumed before iteration kt + 1 refills it
+    }
+    if (!active) return;  // after the last barrier
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        inv[r] = 1.0f / l[r];
+    }
+    v3_store_bf16(out + (size_t)row0 * width, width, h * V3_HD, rows, T, o, inv);
+    if (t == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            if (rows[r] < T) lse[(size_t)h * total + row0 + rows[r]] = m[r] * V3_LN2 + logf(l[r]);
+    }
+}
+PRM_REGISTER_KERNEL(prm_attention_forward_tc3);
+
+// delta[h·N + row] = Σ_c dO[row, h·64 + c] · O[row, h·64 + c] (fp32 dO, bf16 O), and
+// d_out_bf16 = bf16(dO). One warp per (row, head), 8 warps per block; each lane takes two
+// adjacent columns.
+extern "C" __global__ void prm_attention_delta_tc3(const bf16* __restrict__ out, const float* __restrict__ d_out,
+                                                   float* __restrict__ delta, bf16* __restrict__ d_out_bf16,
+                                                   int width, int total) {
+    const int heads = width / V3_HD;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long p = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
+    if (p >= (long long)total * heads) return;  // whole warp; no block barrier in this kernel
+    const int row = (int)(p / heads), h = (int)(p % heads);
+    const size_t at = (size_t)row * width + h * V3_HD + 2 * lane;
+    const float2 d = *reinterpret_cast<const float2*>(d_out + at);
+    const uint32_t ob = *reinterpret_cast<const uint32_t*>(out + at);
+    const float o0 = __uint_as_float(ob << 16), o1 = __uint_as_float(ob & 0xffff0000u);
+    *reinterpret_cast<uint32_t*>(d_out_bf16 + at) = prm_pack_bf16x2(d.x, d.y);
+    const float v = prm_warp_sum(fmaf(d.y, o1, d.x * o0));
+    if (lane == 0) delta[(size_t)h * total + row] = v;
+}
+PRM_REGISTER_KERNEL(prm_attention_delta_tc3);
+
+extern "C" __global__ void __launch_bounds__(128, 4)
+    prm_attention_bwd_dq_tc3(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out, const float* __restrict__ lse,
+                             const float* __restrict__ delta, const int* __restrict__ cu_seqlens,
+                             bf16* __restrict__ d_qkv, int width, int total, int causal) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    bf16* sQ = smem;
+    bf16* sD = smem + V3_TILE_ELEMS;
+    bf16* sK = smem + 2 * V3_TILE_ELEMS;  // two stages
+    bf16* sV = smem + 4 * V3_TILE_ELEMS;  // two stages
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int row0 = cu_seqlens[seq];
+    const int T = cu_seqlens[seq + 1] - row0;
+    const int q0 = blockIdx.x * V3_TILE;
+    if (q0 >= T) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = (lane & 3) * 2;
+    const size_t ld = 3 * (size_t)width;
+    const bf16* base = qkv + (size_t)row0 * ld;
+    const bf16* gq = base + h * V3_HD;
+    const bf16* gk = base + width + h * V3_HD;
+    const bf16* gv = base + 2 * width + h * V3_HD;
+    const int wq0 = q0 + warp * 16;
+    const bool active = wq0 < T;
+    const int rows[2] = {wq0 + (lane >> 2), wq0 + (lane >> 2) + 8};
+    const int kend = causal ? min(T, q0 + V3_TILE) : T;
+    const int ntiles = (kend + V3_TILE - 1) / V3_TILE;
+
+    v3_load_tile(sQ, gq, ld, q0, T);
+    v3_load_tile(sD, d_out + (size_t)row0 * width + h * V3_HD, width, q0, T);
+    v3_load_tile(sK, gk, ld, 0, T);
+    v3_load_tile(sV, gv, ld, 0, T);
+    prm_cp_async_commit();
+
+    float lse2[2], row_delta[2];  // lse in log2 units
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const bool ok = rows[r] < T;
+        lse2[r] = ok ? lse[(size_t)h * total + row0 + rows[r]] * V3_LOG2E : 0.0f;
+        row_delta[r] = ok ? delta[(size_t)h * total + row0 + rows[r]] : 0.0f;
+    }
+    float dq[8][4];
+    v3_zero(dq);
+    for (int kt = 0; kt < ntiles; ++kt) {
+        const int k0 = kt * V3_TILE, stage = kt & 1;
+        if (kt + 1 < ntiles) {
+            v3_load_tile(sK + (stage ^ 1) * V3_TILE_ELEMS, gk, ld, k0 + V3_TILE, T);
+            v3_load_tile(sV + (stage ^ 1) * V3_TILE_ELEMS, gv, ld, k0 + V3_TILE, T);
+            prm_cp_async_commit();
+            prm_cp_async_wait<1>();
+        } else {
+            prm_cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (active) {
+            int kvalid = min(V3_TILE, kend - k0);
+            if (causal) kvalid = min(kvalid, wq0 + 16 - k0);
+            const bf16* tk = sK + stage * V3_TILE_ELEMS;
+            const bf16* tv = sV + stage * V3_TILE_ELEMS;
+            // 32 keys at a time: half the score registers live at once.
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                if (half * 32 >= kvalid) continue;
+                float s[4][4], dp[4][4];
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) s[nt][i] = dp[nt][i] = 0.0f;
+                v3_mma_abt_half(s, sQ, warp * 16, tk, half, kvalid);   // S = Q·Kᵀ
+                v3_mma_abt_half(dp, sD, warp * 16, tv, half, kvalid);  // dP = dO·Vᵀ
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
+                        const bool ok = rows[r] < T && c < kvalid && !(causal && k0 + c > rows[r]);
+                        const float p = ok ? exp2f(s[nt][i] * V3_SCALE_LOG2 - lse2[r]) : 0.0f;
+                        s[nt][i] = p * (dp[nt][i] - row_delta[r]) * V3_SCALE;  // dS, scaled
+                    }
+                v3_mma_pb_half(dq, s, tk, half, kvalid);  // dQ += dS·K
+            }
+        }
+        __syncthreads();
+    }
+    if (!active) return;
+    const float one[2] = {1.0f, 1.0f};
+    v3_store_bf16(d_qkv + (size_t)row0 * ld, ld, h * V3_HD, rows, T, dq, one);
+}
+PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc3);
+
+extern "C" __global__ void __launch_bounds__(128, 4)
+    prm_attention_bwd_dkdv_tc3(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
+                               const float* __restrict__ lse, const float* __restrict__ delta,
+                               const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width, int total,
+                               int causal) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    bf16* sK = smem;
+    bf16* sV = smem + V3_TILE_ELEMS;
+    bf16* sQ = smem + 2 * V3_TILE_ELEMS;  // two stages
+    bf16* sD = smem + 4 * V3_TILE_ELEMS;  // two stages
+    float* sLse = reinterpret_cast<float*>(smem + 6 * V3_TILE_ELEMS);  // two stages of 64, log2 units
+    float* sDelta = sLse + 2 * V3_TILE;                                 // two stages of 64
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int row0 = cu_seqlens[seq];
+    const int T = cu_seqlens[seq + 1] - row0;
+    const int k0 = blockIdx.x * V3_TILE;
+    if (k0 >= T) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = (lane & 3) * 2;
+    const size_t ld = 3 * (size_t)width;
+    const bf16* base = qkv + (size_t)row0 * ld;
+    const bf16* gq = base + h * V3_HD;
+    const bf16* gd = d_out + (size_t)row0 * width + h * V3_HD;
+    const int wk0 = k0 + warp * 16;
+    const bool active = wk0 < T;
+    const int keys[2] = {wk0 + (lane >> 2), wk0 + (lane >> 2) + 8};
+    // Causal: queries before this key tile see none of its keys (tiles are 64-aligned).
+    const int qstart = causal ? k0 : 0;
+    const int ntiles = (T - qstart + V3_TILE - 1) / V3_TILE;
+
+    // Per-query softmax statistics of query tile q0 into stage `st` (plain stores; the
+    // barrier before their use publishes them).
+    auto load_stats = [&](int st, int q0) {
+        if (threadIdx.x < V3_TILE) {
+            const int q = q0 + threadIdx.x;
+            const bool ok = q < T;
+            sLse[st * V3_TILE + threadIdx.x] = ok ? lse[(size_t)h * total + row0 + q] * V3_LOG2E : 0.0f;
+            sDelta[st * V3_TILE + threadIdx.x] = ok ? delta[(size_t)h * total + row0 + q] : 0.0f;
+        }
+    };
+
+    v3_load_tile(sK, base + width + h * V3_HD, ld, k0, T);
+    v3_load_tile(sV, base + 2 * width + h * V3_HD, ld, k0, T);
+    v3_load_tile(sQ, gq, ld, qstart, T);
+    v3_load_tile(sD, gd, width, qstart, T);
+    prm_cp_async_commit();
+    load_stats(0, qstart);
+
+    float dk[8][4], dv[8][4];
+    v3_zero(dk);
+    v3_zero(dv);
+    for (int it = 0; it < ntiles; ++it) {
+        const int q0 = qstart + it * V3_TILE, stage = it & 1;
+        if (it + 1 < ntiles) {
+            v3_load_tile(sQ + (stage ^ 1) * V3_TILE_ELEMS, gq, ld, q0 + V3_TILE, T);
+            v3_load_tile(sD + (stage ^ 1) * V3_TILE_ELEMS, gd, width, q0 + V3_TILE, T);
+            prm_cp_async_commit();
+            load_stats(stage ^ 1, q0 + V3_TILE);
+            prm_cp_async_wait<1>();
+        } else {
+            prm_cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (active) {
+            const int qvalid = min(V3_TILE, T - q0);
+            const bf16* tq = sQ + stage * V3_TILE_ELEMS;
+            const bf16* td = sD + stage * V3_TILE_ELEMS;
+            const float* tl = sLse + stage * V3_TILE;
+            const float* tdel = sDelta + stage * V3_TILE;
+            // 32 queries at a time: half the score registers live at once.
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                if (half * 32 >= qvalid) continue;
+                // Pᵀ = exp(K·Qᵀ/8 − lse), rounded to bf16 once: it feeds dV and dS.
+                uint32_t pb[2][4];
+                {
+                    float st[4][4];
+#pragma unroll
+                    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) st[nt][i] = 0.0f;
+                    v3_mma_abt_half(st, sK, warp * 16, tq, half, qvalid);  // Sᵀ = K·Qᵀ
+#pragma unroll
+                    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
+                            const bool ok = keys[r] < T && c < qvalid && !(causal && keys[r] > q0 + c);
+                            st[nt][i] = ok ? exp2f(st[nt][i] * V3_SCALE_LOG2 - tl[c]) : 0.0f;
+                        }
+                    v3_pack_a(pb[0], st[0], st[1]);
+                    v3_pack_a(pb[1], st[2], st[3]);
+                }
+                // dV += Pᵀ·dO
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    if ((half * 2 + j) * 16 < qvalid) v3_mma_ab_step(dv, pb[j], td, half * 2 + j);
+                float dpt[4][4];
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) dpt[nt][i] = 0.0f;
+                v3_mma_abt_half(dpt, sV, warp * 16, td, half, qvalid);  // dPᵀ = V·dOᵀ
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const int c = half * 32 + nt * 8 + t + (i & 1);
+                        const uint32_t w = pb[nt >> 1][(nt & 1) * 2 + (i >> 1)];
+                        const float p = __uint_as_float((i & 1) ? (w & 0xffff0000u) : (w << 16));
+                        dpt[nt][i] = p * (dpt[nt][i] - tdel[c]) * V3_SCALE;  // dSᵀ, scaled
+                    }
+                v3_mma_pb_half(dk, dpt, tq, half, qvalid);  // dK += dSᵀ·Q
+            }
+        }
+        __syncthreads();
+    }
+    if (!active) return;
+    const float one[2] = {1.0f, 1.0f};
+    v3_store_bf16(d_qkv + (size_t)row0 * ld, ld, width + h * V3_HD, keys, T, dk, one);
+    v3_store_bf16(d_qkv + (size_t)row0 * ld, ld, 2 * width + h * V3_HD, keys, T, dv, one);
+}
+PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc3);
