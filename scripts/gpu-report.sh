@@ -10,6 +10,8 @@
 #          torch eager fp32, eager bf16 (autocast + SDPA), torch.compile
 #   paper  ViT-B/16, 640x480, 250 AdamW steps, dynamic scale, all layers: prm bf16 at batch 1
 #          and batch $PAPER_BATCH (default 8), prm fp32 at batch 1; torch fp32 at batch 1
+#   A/B    prm bf16 with graphs off, with attention v2, at batch 1 with graphs on and off
+#   attack 192 images through `prm attack --profile` on cuda:0 (and cuda:all with several GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PRM=${1:-target/release/prm}
@@ -39,6 +41,12 @@ run() { # name, command...
 B="$PRM bench --device cuda --json --model random:vit-b-16"
 run prm-pgd-bf16 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 run prm-pgd-fp32 $B --precision fp32 --batch-size "$BATCH" --steps 10 --repeats 3
+# A/B rows for the changes of 2026-11-25 (unmeasured when they landed): step graphs off, and
+# the previous tensor-core attention (v2); batch 1 shows the host cost graphs remove.
+run prm-pgd-bf16-nographs $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5 --graphs off
+run prm-pgd-bf16-attn-v2 env PRM_ATTENTION=v2 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
+run prm-pgd-bf16-b1 $B --precision bf16 --batch-size 1 --steps 10 --repeats 5 --no-ceiling
+run prm-pgd-bf16-b1-nographs $B --precision bf16 --batch-size 1 --steps 10 --repeats 5 --no-ceiling --graphs off
 run torch-pgd-eager-fp32 $PY tools/torch_prm.py --mode eager-fp32 --batch-size "$BATCH" --steps 10
 run torch-pgd-eager-bf16 $PY tools/torch_prm.py --mode eager-bf16 --batch-size "$BATCH" --steps 10
 run torch-pgd-compile $PY tools/torch_prm.py --mode compile --batch-size "$BATCH" --steps 10
@@ -59,6 +67,8 @@ rows = [
     ("pgd", "prm bf16", "prm-pgd-bf16"), ("pgd", "prm fp32", "prm-pgd-fp32"),
     ("pgd", "torch eager fp32", "torch-pgd-eager-fp32"), ("pgd", "torch eager bf16+SDPA", "torch-pgd-eager-bf16"),
     ("pgd", "torch.compile bf16", "torch-pgd-compile"),
+    ("pgd", "prm bf16 graphs off", "prm-pgd-bf16-nographs"), ("pgd", "prm bf16 attention v2", "prm-pgd-bf16-attn-v2"),
+    ("pgd", "prm bf16 b1", "prm-pgd-bf16-b1"), ("pgd", "prm bf16 b1 graphs off", "prm-pgd-bf16-b1-nographs"),
     ("paper", "prm bf16 b1", "prm-paper-bf16-b1"), ("paper", f"prm bf16 b{pb}", f"prm-paper-bf16-b{pb}"),
     ("paper", "prm fp32 b1", "prm-paper-fp32-b1"), ("paper", "torch fp32 b1", "torch-paper-fp32-b1"),
 ]
@@ -79,6 +89,9 @@ def ratio(a, b):
 print()
 print(f"pgd   prm bf16 / torch eager bf16      {ratio('prm-pgd-bf16', 'torch-pgd-eager-bf16'):6.2f}x   (target >= 2)")
 print(f"pgd   prm bf16 / torch.compile          {ratio('prm-pgd-bf16', 'torch-pgd-compile'):6.2f}x   (target >= 1.3)")
+print(f"pgd   graphs on / off (batch {batch})      {ratio('prm-pgd-bf16', 'prm-pgd-bf16-nographs'):6.2f}x")
+print(f"pgd   graphs on / off (batch 1)        {ratio('prm-pgd-bf16-b1', 'prm-pgd-bf16-b1-nographs'):6.2f}x")
+print(f"pgd   attention v3 / v2                {ratio('prm-pgd-bf16', 'prm-pgd-bf16-attn-v2'):6.2f}x")
 r = get("prm-pgd-bf16")
 if r and r.get("ceiling_fraction"):
     print(f"pgd   prm bf16 fraction of GEMM ceiling {100*r['ceiling_fraction']:6.1f}%   (target >= 50%)")
@@ -88,3 +101,31 @@ if t:
     print(f"paper {best[1]} / torch fp32 b1   {best[0] / t['images_per_s']:6.2f}x   (target >= 10)")
     print(f"paper prm fp32 b1 / torch fp32 b1       {ratio('prm-paper-fp32-b1', 'torch-paper-fp32-b1'):6.2f}x")
 PYEOF
+
+# Whole-dataset attack: does the GPU wait for I/O (--profile), and does --device cuda:all scale?
+# 192 inputs (copies of the samples under distinct names: every draw is per image).
+DATA=$OUT/attack-inputs
+if [[ ! -d $DATA ]]; then
+  mkdir -p "$DATA"
+  for i in $(seq -w 1 32); do for f in samples/*.png samples/*.jpg; do
+    b=$(basename "$f"); cp "$f" "$DATA/$i-$b"; done; done
+fi
+attack() { # name, device
+  local name=$1 dev=$2
+  rm -rf "$OUT/$name-out"
+  echo "== $name: prm attack --device $dev" >&2
+  timeout "${ROW_TIMEOUT:-240}" "$PRM" attack --model random:vit-b-16 --input "$DATA" \
+    --output "$OUT/$name-out" --preset pgd --resolution 224 --precision bf16 --batch-size auto \
+    --device "$dev" --profile "$OUT/$name-profile.json" >"$OUT/$name.log" 2>&1 \
+    || echo "   failed: see $OUT/$name.log" >&2
+  grep -E "images/s|waited|busy|steady" "$OUT/$name.log" | sed "s/^/$name: /"
+}
+echo
+attack attack-cuda0 cuda:0
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [[ $gpus -gt 1 ]]; then
+  attack attack-cuda-all cuda:all
+else
+  echo "one GPU: --device cuda:all scaling not measured"
+fi
+
