@@ -296,17 +296,36 @@ mod tests {
             let mut serial = vec![0.5f32; m * n];
             let mut threaded = serial.clone();
             let a_view = MatRef::new(&a, m, k);
-            product(a_view, false, b_view, b_transposed, &mut serial, true, false);
+            product(
+                a_view,
+                false,
+                b_view,
+                b_transposed,
+                &mut serial,
+                true,
+                false,
+            );
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(3)
                 .build()
                 .unwrap();
             pool.install(|| {
                 assert!(plan(m, n, k, true).0 > 1, "{m}x{n}x{k} is not split");
-                product(a_view, false, b_view, b_transposed, &mut threaded, true, true)
+                product(
+                    a_view,
+                    false,
+                    b_view,
+                    b_transposed,
+                    &mut threaded,
+                    true,
+                    true,
+                )
             });
             assert!(
-                serial.iter().zip(&threaded).all(|(s, t)| s.to_bits() == t.to_bits()),
+                serial
+                    .iter()
+                    .zip(&threaded)
+                    .all(|(s, t)| s.to_bits() == t.to_bits()),
                 "{m}x{n}x{k}: threaded product differs from one call"
             );
         }

@@ -71,14 +71,7 @@ pub struct ReferenceVit<'m> {
 }
 
 /// `out (+)= x · Wᵀ + bias`, with `weight_t` = `Wᵀ` (`[in, out]`).
-fn linear(
-    x: &[f32],
-    rows: usize,
-    l: &Linear,
-    weight_t: &[f32],
-    out: &mut [f32],
-    accumulate: bool,
-) {
+fn linear(x: &[f32], rows: usize, l: &Linear, weight_t: &[f32], out: &mut [f32], accumulate: bool) {
     matmul_nn(
         MatRef::new(x, rows, l.in_features),
         MatRef::new(weight_t, l.in_features, l.out_features),
@@ -106,7 +99,12 @@ impl<'m> ReferenceVit<'m> {
         let c = &model.config;
         let positions =
             PositionEmbeddingCache::new(model.weights.position_embedding.clone(), c.width, c.grid);
-        let forward_weights = model.weights.blocks.iter().map(ForwardWeights::new).collect();
+        let forward_weights = model
+            .weights
+            .blocks
+            .iter()
+            .map(ForwardWeights::new)
+            .collect();
         ReferenceVit {
             model,
             positions,
