@@ -6,6 +6,8 @@
 //! (per block: q/k/v, the mid-block residual, the MLP pre-activation and LayerNorm statistics);
 //! attention probabilities are recomputed in the backward because they grow with T².
 
+use rayon::prelude::*;
+
 use super::embedding::{embed, embed_backward, patch_grid};
 use super::linalg::{matmul_nn, transpose, MatRef};
 use super::ops::{
@@ -35,6 +37,9 @@ pub struct Forward {
     blocks: Vec<BlockTrace>,
     saved: bool,
 }
+
+/// Rows per rayon task when adding a bias.
+const ROWS_PER_TASK: usize = 16;
 
 /// A block's linear weights transposed to `[in, out]`, made once per engine, for the forward.
 ///
@@ -79,8 +84,11 @@ fn linear(x: &[f32], rows: usize, l: &Linear, weight_t: &[f32], out: &mut [f32],
         accumulate,
     );
     if let Some(b) = &l.bias {
-        out.chunks_mut(l.out_features)
-            .for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+        out.par_chunks_mut(l.out_features * ROWS_PER_TASK)
+            .for_each(|rows| {
+                rows.chunks_mut(l.out_features)
+                    .for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b))
+            });
     }
 }
 
