@@ -27,7 +27,7 @@ const P: [f32; 6] = [
     8.333_452e-3,
     4.166_579_6e-2,
     1.666_666_5e-1,
-    5.000_000_1e-1,
+    0.5, // Cephes 5.0000001201e-1, which rounds to exactly 0.5 in f32
 ];
 
 /// 2ⁿ as an f32 for `n` in [−126, 127], built from its exponent bits.

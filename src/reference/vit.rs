@@ -44,7 +44,7 @@ const ROWS_PER_TASK: usize = 16;
 /// A block's linear weights transposed to `[in, out]`, made once per engine, for the forward.
 ///
 /// Why: the forward's `x · Wᵀ` with `W` stored `[out, in]` makes the gemm crate pack `W` by a
-/// strided transposition on every call (measured 8–30% slower than the same product with `W`
+/// strided transposition on every call (measured 5–30% slower than the same product with `W`
 /// stored `[in, out]`, at ViT-B/16's shapes on one AVX-512 core). The backward's `dy · W` reads
 /// the stored `W` as it is. The price is a second copy of the block weights (~340 MB for
 /// ViT-B/16, ~1.2 GB for ViT-L/14) for the engine's lifetime.
