@@ -40,9 +40,9 @@ impl<'a> MatRef<'a> {
 /// Products below this many multiply-adds run single-threaded: threading costs more than it saves.
 const PARALLEL_THRESHOLD: usize = 1 << 20;
 
-/// Threaded products cut the output into this many column blocks per rayon thread. One block per
-/// thread is the least packing work; the blocks are cheap to steal when another process holds a
-/// core for a while.
+/// Threaded products cut the output into this many column blocks per rayon thread. Every block
+/// reads all of `a`, so fewer blocks is less work; two blocks per thread measured no faster at
+/// the ViT's shapes.
 const BLOCKS_PER_THREAD: usize = 1;
 
 /// Column blocks are a multiple of this many columns: the gemm crate computes the transposed
@@ -57,9 +57,10 @@ const MIN_ROWS_FOR_BLOCKS: usize = 65;
 /// How a product of this size runs: `(column blocks, parallelism inside each gemm call)`.
 ///
 /// Why column blocks rather than the gemm crate's `Parallelism::Rayon`: at the ViT's shapes
-/// (197 rows) the crate's threading left the second core mostly idle in our measurements, while
-/// independent column blocks on serial calls run ~2× faster on two cores. Each block packs only
-/// its own slice of `b`.
+/// (197 rows) the crate's threading gained little over one thread, while independent column
+/// blocks on serial calls nearly double it (2-core AVX-512 VM, `[197, 768] · [768, 3072]`, best
+/// of 30 on a shared machine: one thread 165 GFLOP/s, `Rayon(2)` 157–273, two blocks 316).
+/// Each block packs only its own slice of `b`.
 fn plan(m: usize, n: usize, k: usize, threaded: bool) -> (usize, Parallelism) {
     let threads = rayon::current_num_threads();
     if !threaded || threads < 2 || m * n * k < PARALLEL_THRESHOLD {
