@@ -4,6 +4,7 @@
 //! `gemm` crate.
 
 pub mod embedding;
+pub mod exp;
 pub mod linalg;
 pub mod ops;
 pub mod resize;

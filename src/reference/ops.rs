@@ -5,11 +5,33 @@
 
 use rayon::prelude::*;
 
+use super::exp::{exp, map_in_place, zip_map_in_place};
 use super::linalg::{matmul_nn_serial, matmul_nt_serial, matmul_tn_serial, MatRef};
 use crate::model::{Activation, LayerNormWeights};
 
 /// Rows handled per rayon task in the row-wise operators.
 const ROWS_PER_TASK: usize = 16;
+
+/// Elements handled per rayon task in the element-wise operators (activations).
+const ELEMENTS_PER_TASK: usize = 8192;
+
+/// Sum in f64 over eight interleaved partial sums (element i goes to sum i mod 8), added at the
+/// end in a fixed order: the same value on every machine, and a loop that vectorises, unlike
+/// one running sum whose every add waits for the previous one.
+fn sum_f64(values: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += v as f64;
+        }
+    }
+    for (lane, &v) in lanes.iter_mut().zip(tail) {
+        *lane += v as f64;
+    }
+    lanes.iter().sum()
+}
 
 /// LayerNorm forward. Writes `out` and returns per-row `(mean, rstd)` for the backward.
 pub fn layer_norm(
@@ -86,8 +108,10 @@ pub fn layer_norm_backward(
         });
 }
 
+/// `1 / (1 + e⁻ˣ)`, on the vectorisable [`exp`].
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
 }
 
 /// The Gauss error function in f64, from the `libm` crate so exact GELU does not depend on the
@@ -111,7 +135,9 @@ fn gelu_grad(x: f32) -> f32 {
 /// Applies the activation in place.
 pub fn activation(act: Activation, x: &mut [f32]) {
     match act {
-        Activation::QuickGelu => x.par_iter_mut().for_each(|v| *v *= sigmoid(1.702 * *v)),
+        Activation::QuickGelu => x
+            .par_chunks_mut(ELEMENTS_PER_TASK)
+            .for_each(|x| map_in_place(x, |v| v * sigmoid(1.702 * v))),
         Activation::Gelu => x.par_iter_mut().for_each(|v| *v = gelu(*v)),
     }
 }
@@ -119,10 +145,15 @@ pub fn activation(act: Activation, x: &mut [f32]) {
 /// `dx = dy · act'(pre)`, in place on `dy`.
 pub fn activation_backward(act: Activation, pre: &[f32], dy: &mut [f32]) {
     match act {
-        Activation::QuickGelu => dy.par_iter_mut().zip(pre).for_each(|(d, &x)| {
-            let s = sigmoid(1.702 * x);
-            *d *= s + 1.702 * x * s * (1.0 - s);
-        }),
+        Activation::QuickGelu => dy
+            .par_chunks_mut(ELEMENTS_PER_TASK)
+            .zip(pre.par_chunks(ELEMENTS_PER_TASK))
+            .for_each(|(dy, pre)| {
+                zip_map_in_place(dy, pre, |d, x| {
+                    let s = sigmoid(1.702 * x);
+                    d * (s + 1.702 * x * s * (1.0 - s))
+                })
+            }),
         Activation::Gelu => dy
             .par_iter_mut()
             .zip(pre)
@@ -134,12 +165,8 @@ pub fn activation_backward(act: Activation, pre: &[f32], dy: &mut [f32]) {
 fn softmax_rows(scores: &mut [f32], n: usize) {
     for row in scores.chunks_mut(n) {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0.0f64;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v as f64;
-        }
-        let inv = (1.0 / sum) as f32;
+        map_in_place(row, |v| exp(v - max));
+        let inv = (1.0 / sum_f64(row)) as f32;
         row.iter_mut().for_each(|v| *v *= inv);
     }
 }
