@@ -526,14 +526,11 @@ impl TensorCoreVersion {
 }
 
 /// Whether the v3 kernels implement `mode` / `causal` in the given direction: the forward
-/// takes q·kᵀ, q·qᵀ and k·kᵀ, the backward q·kᵀ (causal or not in both). Other cases need the
-/// fp32 kernels ([`attention_forward_f32`], [`attention_backward_f32`]).
+/// takes q·kᵀ, q·qᵀ and k·kᵀ, the backward q·kᵀ (causal or not in both), the same cases as v2
+/// ([`tensor_core_supports`]). Other cases need the fp32 kernels ([`attention_forward_f32`],
+/// [`attention_backward_f32`]).
 pub fn tensor_core_v3_supports(mode: AttentionMode, backward: bool) -> bool {
-    match mode {
-        AttentionMode::QK => true,
-        AttentionMode::QQ | AttentionMode::KK => !backward,
-        AttentionMode::Identity => false,
-    }
+    tensor_core_supports(mode, backward)
 }
 
 /// Forward attention v3 on tensor cores: `out = softmax(x·yᵀ/√64 [causal]) · v` from bf16
