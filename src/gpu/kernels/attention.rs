@@ -143,14 +143,15 @@ fn check_forward<Q: Element, O: Element>(
 /// Checks and launches a forward kernel (SIMT or tensor-core: same parameter list), one CTA
 /// per (`tile` query rows, head, sequence).
 #[allow(clippy::too_many_arguments)]
-fn launch_forward(
+fn launch_forward<Q: Element, O: Element>(
     dev: &Device,
     kernel: &str,
     tile: usize,
-    qkv: &Buffer<f32>,
+    shared_bytes: u32,
+    qkv: &Buffer<Q>,
     cu_seqlens: &Buffer<i32>,
     seqlens_host: &[usize],
-    out: &mut Buffer<f32>,
+    out: &mut Buffer<O>,
     lse: &mut Buffer<f32>,
     width: usize,
     mode: AttentionMode,
@@ -163,7 +164,7 @@ fn launch_forward(
     let cfg = LaunchConfig {
         grid: grid(seqlens_host, heads, tile),
         block: (THREADS, 1, 1),
-        shared_bytes: 0,
+        shared_bytes,
     };
     let mut args = KernelArgs::new();
     args.input(qkv)
@@ -264,6 +265,7 @@ pub fn attention_forward_f32(
         dev,
         "prm_attention_forward_f32",
         FWD_BQ,
+        0,
         qkv,
         cu_seqlens,
         seqlens_host,
@@ -398,6 +400,7 @@ pub fn attention_forward_tc(
         dev,
         "prm_attention_forward_tc",
         TC_TILE,
+        0,
         qkv,
         cu_seqlens,
         seqlens_host,
@@ -557,25 +560,20 @@ pub fn attention_forward_tc3(
         tensor_core_v3_supports(mode, false),
         "attention v3 has no forward for {mode:?}; use attention_forward_f32"
     );
-    let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, width);
-    if total == 0 {
-        return Ok(());
-    }
-    let cfg = LaunchConfig {
-        grid: grid(seqlens_host, heads, TC_TILE),
-        block: (THREADS, 1, 1),
-        shared_bytes: TC3_FORWARD_SMEM,
-    };
-    let mut args = KernelArgs::new();
-    args.input(qkv)
-        .input(cu_seqlens)
-        .output(out)
-        .output(lse)
-        .i32(width as i32)
-        .i32(total as i32)
-        .i32(mode as i32)
-        .i32(causal as i32);
-    dev.launch("prm_attention_forward_tc3", cfg, &mut args)
+    launch_forward(
+        dev,
+        "prm_attention_forward_tc3",
+        TC_TILE,
+        TC3_FORWARD_SMEM,
+        qkv,
+        cu_seqlens,
+        seqlens_host,
+        out,
+        lse,
+        width,
+        mode,
+        causal,
+    )
 }
 
 /// Input gradient of [`attention_forward_tc3`] (q·kᵀ, causal or not): from the fp32 `d_out

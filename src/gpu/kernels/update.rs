@@ -193,18 +193,16 @@ pub fn adamw_advance(dev: &Device, schedule: &mut AdamwSchedule) -> Result<(), G
     )
 }
 
-/// [`adamw_step_f32`] with the scalars of the schedule's current step, read on the device.
-#[allow(clippy::too_many_arguments)]
-pub fn adamw_step_scheduled_f32(
-    dev: &Device,
+/// The arguments both AdamW kernels start with (after checking their lengths against the
+/// batch): δ, m, v, the clean images, the gradient, and the batch's offsets and ε.
+fn adamw_args(
     batch: &ImageBatch,
     delta: &mut Buffer<f32>,
     m: &mut Buffer<f32>,
     v: &mut Buffer<f32>,
     clean: &Buffer<f32>,
     grad: &Buffer<f32>,
-    schedule: &AdamwSchedule,
-) -> Result<(), GpuError> {
+) -> KernelArgs {
     batch.check("adamw delta", delta.len());
     batch.check("adamw m", m.len());
     batch.check("adamw v", v.len());
@@ -217,8 +215,24 @@ pub fn adamw_step_scheduled_f32(
         .input(clean)
         .input(grad)
         .input(&batch.offsets)
-        .input(&batch.eps)
-        .input(&schedule.table)
+        .input(&batch.eps);
+    args
+}
+
+/// [`adamw_step_f32`] with the scalars of the schedule's current step, read on the device.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step_scheduled_f32(
+    dev: &Device,
+    batch: &ImageBatch,
+    delta: &mut Buffer<f32>,
+    m: &mut Buffer<f32>,
+    v: &mut Buffer<f32>,
+    clean: &Buffer<f32>,
+    grad: &Buffer<f32>,
+    schedule: &AdamwSchedule,
+) -> Result<(), GpuError> {
+    let mut args = adamw_args(batch, delta, m, v, clean, grad);
+    args.input(&schedule.table)
         .input(&schedule.counter)
         .i32(schedule.rows as i32);
     dev.launch("prm_update_adamw_scheduled_f32", batch.grid(), &mut args)
@@ -309,20 +323,8 @@ pub fn adamw_step_f32(
     grad: &Buffer<f32>,
     scalars: AdamwScalars,
 ) -> Result<(), GpuError> {
-    batch.check("adamw delta", delta.len());
-    batch.check("adamw m", m.len());
-    batch.check("adamw v", v.len());
-    batch.check("adamw clean", clean.len());
-    batch.check("adamw grad", grad.len());
-    let mut args = KernelArgs::new();
-    args.output(delta)
-        .output(m)
-        .output(v)
-        .input(clean)
-        .input(grad)
-        .input(&batch.offsets)
-        .input(&batch.eps)
-        .f32(scalars.decay)
+    let mut args = adamw_args(batch, delta, m, v, clean, grad);
+    args.f32(scalars.decay)
         .f32(scalars.step)
         .f32(scalars.bias2_sqrt);
     dev.launch("prm_update_adamw_f32", batch.grid(), &mut args)
