@@ -23,7 +23,8 @@ use prm::viz::plot::{write_loss_plot, LossCurves};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::progress::Bar;
-use super::{pixel_value, EXIT_SIGINT, EXIT_SIGTERM, EXIT_SOME_FAILED};
+use super::settings_args::SettingsArgs;
+use super::{EXIT_SIGINT, EXIT_SIGTERM, EXIT_SOME_FAILED};
 
 #[derive(Args)]
 pub struct AttackArgs {
@@ -51,52 +52,11 @@ pub struct AttackArgs {
     /// Settings bundle; explicit flags below override it
     #[arg(long, value_enum, default_value = "paper")]
     preset: Preset,
-    /// Objective to minimise [preset: prm]
-    #[arg(long, value_enum)]
-    loss: Option<LossKind>,
-    /// Feature layers F_0..F_L the loss reads: all, or a list such as 0,4,12 [preset: all]
-    #[arg(long, value_parser = LayerSelection::parse)]
-    layers: Option<LayerSelection>,
-    /// Tokens in the per-layer means [preset: all, CLS included]
-    #[arg(long, value_enum)]
-    tokens: Option<TokenSelection>,
-    /// [paper: adamw; pgd: pgd]
-    #[arg(long, value_enum)]
-    optimizer: Option<OptimizerKind>,
-    /// Optimisation steps per image [paper: 250; pgd: 10]
-    #[arg(long)]
-    steps: Option<usize>,
-    /// L∞ budget in [0,1] pixel units, e.g. 8/255 [preset: 8/255]
-    #[arg(long, value_parser = pixel_value)]
-    eps: Option<f32>,
-    /// PGD / MI-FGSM step α [preset: 2/255]
-    #[arg(long, value_parser = pixel_value)]
-    step_size: Option<f32>,
-    /// AdamW learning rate, in [0,1] pixel units [preset: 0.5/255]
-    #[arg(long, value_parser = pixel_value)]
-    lr: Option<f32>,
-    /// AdamW decoupled weight decay on δ [preset: 0.01]
-    #[arg(long)]
-    weight_decay: Option<f32>,
-    /// MI-FGSM momentum μ [default: 1.0]
-    #[arg(long)]
-    momentum: Option<f32>,
-    /// Start: zero, random (uniform in the ε-ball) or from:<DIR> (an earlier run's output)
-    /// [paper: zero; pgd: random]
-    #[arg(long, value_parser = Init::parse)]
-    init: Option<Init>,
+    #[command(flatten)]
+    settings: SettingsArgs,
     /// Seed of every random draw; draws are per image, keyed by (seed, relative path)
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// native (the image's own size) or N (resize the whole image to N×N) [preset: native]
-    #[arg(long, value_parser = Resolution::parse)]
-    resolution: Option<Resolution>,
-    /// Per-step random rescale ratio range LO,HI [paper: 0.5,1.0; pgd: off]
-    #[arg(long, value_parser = super::parse_scale_range, conflicts_with = "no_dynamic_scale")]
-    dynamic_scale: Option<(f32, f32)>,
-    /// Turn dynamic scale off
-    #[arg(long)]
-    no_dynamic_scale: bool,
     /// auto (CUDA device 0 if there is one, else cpu), cpu, cuda[:N], several GPUs in one
     /// process: cuda:all (every device) or cuda:0,1,... (one engine worker per device, each
     /// with its own batch size), sim, or sim:N (N simulated devices, for tests)
@@ -158,50 +118,7 @@ fn value_name(v: impl clap::ValueEnum) -> String {
 impl AttackArgs {
     /// The preset, overridden by every flag that was given.
     fn settings(&self) -> AttackSettings {
-        let mut s = self.preset.settings();
-        if let Some(v) = self.loss {
-            s.loss = v;
-        }
-        if let Some(v) = &self.layers {
-            s.layers = v.clone();
-        }
-        if let Some(v) = self.tokens {
-            s.tokens = v;
-        }
-        if let Some(v) = self.optimizer {
-            s.optimizer = v;
-        }
-        if let Some(v) = self.steps {
-            s.steps = v;
-        }
-        if let Some(v) = self.eps {
-            s.eps = v;
-        }
-        if let Some(v) = self.step_size {
-            s.step_size = v;
-        }
-        if let Some(v) = self.lr {
-            s.lr = v;
-        }
-        if let Some(v) = self.weight_decay {
-            s.weight_decay = v;
-        }
-        if let Some(v) = self.momentum {
-            s.momentum = v;
-        }
-        if let Some(v) = &self.init {
-            s.init = v.clone();
-        }
-        if let Some(v) = self.resolution {
-            s.resolution = v;
-        }
-        if self.no_dynamic_scale {
-            s.dynamic_scale = None;
-        } else if let Some(v) = self.dynamic_scale {
-            s.dynamic_scale = Some(v);
-        }
-        s.seed = self.seed;
-        s
+        self.settings.resolve(self.preset, self.seed)
     }
 
     /// The devices to run on, one engine worker each (none: the CPU reference engine); `auto`

@@ -13,6 +13,8 @@ use prm::model::{Model, ModelSource};
 use prm::reference::ReferenceVit;
 use serde_json::json;
 
+use super::settings_args::SettingsArgs;
+
 #[derive(Args)]
 pub struct BenchArgs {
     /// A model, as for `prm attack` (random:ARCH needs no download)
@@ -24,24 +26,11 @@ pub struct BenchArgs {
     /// Images per attack [default: 64 on CUDA, 1 on the CPU and the simulator]
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Settings bundle; the flags below override it
+    /// Settings bundle; the attack flags override it
     #[arg(long, value_enum, default_value = "pgd")]
     preset: Preset,
-    /// [preset]
-    #[arg(long)]
-    steps: Option<usize>,
-    /// [preset]
-    #[arg(long, value_enum)]
-    optimizer: Option<OptimizerKind>,
-    /// [preset]
-    #[arg(long, value_enum)]
-    loss: Option<LossKind>,
-    /// Per-step random rescale ratio range LO,HI [preset]
-    #[arg(long, value_parser = super::parse_scale_range, conflicts_with = "no_dynamic_scale")]
-    dynamic_scale: Option<(f32, f32)>,
-    /// Turn dynamic scale off
-    #[arg(long)]
-    no_dynamic_scale: bool,
+    #[command(flatten)]
+    settings: SettingsArgs,
     /// auto, cpu, cuda[:N] or sim
     #[arg(long, default_value = "auto")]
     device: String,
@@ -105,22 +94,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if batch == 0 || args.repeats == 0 {
         bail!("--batch-size and --repeats must be at least 1");
     }
-    let mut settings = args.preset.settings();
-    if let Some(v) = args.steps {
-        settings.steps = v;
+    if let Some(Init::From(_)) = args.settings.init {
+        bail!("--init from:<DIR> needs a run's outputs; prm bench attacks synthetic images: use --init zero or random");
     }
-    if let Some(v) = args.optimizer {
-        settings.optimizer = v;
-    }
-    if let Some(v) = args.loss {
-        settings.loss = v;
-    }
-    if args.no_dynamic_scale {
-        settings.dynamic_scale = None;
-    } else if let Some(v) = args.dynamic_scale {
-        settings.dynamic_scale = Some(v);
-    }
-    settings.seed = args.seed;
+    let settings = args.settings.resolve(args.preset, args.seed);
     settings.validate().map_err(anyhow::Error::msg)?;
     let model =
         Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;

@@ -12,6 +12,7 @@ mod eval;
 mod info;
 mod manifest;
 mod progress;
+mod settings_args;
 mod verify;
 
 use std::process::ExitCode;
