@@ -3,7 +3,7 @@
 //! The crate is organised the way the attack is:
 //! - [`model`]: CLIP vision-tower configurations, checkpoint loading (HF and OpenAI/open_clip
 //!   safetensors) and built-in architectures with seeded random weights;
-//! - [`reference`]: the pure-Rust reference engine (forward, input-gradient backward, bicubic
+//! - [`reference`](mod@reference): the pure-Rust reference engine (forward, input-gradient backward, bicubic
 //!   resize), which is the oracle for every other engine and the `--device cpu` path;
 //! - [`attack`]: losses, optimisers, presets and the per-image attack loop;
 //! - [`eval`]: downstream targets (MaskCLIP family, zero-shot, probes, feature drift), class

@@ -104,7 +104,7 @@ pub trait Progress {
     }
     /// With [`Progress::wants_loss_curves`]: image `rel`'s loss curve, called before its
     /// `image_done`. `losses[k]` for k < steps is the loss before step k (see
-    /// [`AttackOutcome::losses`]); the last value, `losses[steps]`, is the saved image's loss
+    /// [`AttackOutcome::losses`](crate::attack::image::AttackOutcome::losses)); the last value, `losses[steps]`, is the saved image's loss
     /// (the manifest's `loss_final`).
     fn loss_curve(&self, _rel: &str, _losses: &[f64]) {}
     /// The device ran out of memory: batches are now `size` images, and the `redone`

@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 
 /// The objective being minimised (DESIGN §2).
+// The variants' docs are also `--loss`'s help text, where `x[t]` must read as indexing, not as
+// an escaped intra-doc link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LossKind {

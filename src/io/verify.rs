@@ -144,7 +144,7 @@ impl fmt::Display for Violation {
 
 /// Checks an adversarial output tree against its clean inputs.
 ///
-/// For every clean input (as listed by [`list_inputs`], with `adv` excluded if it lies inside
+/// For every clean input (as listed by [`list_inputs`](crate::io::inputs::list_inputs), with `adv` excluded if it lies inside
 /// `clean`) the output `<adv>/<output_rel_path(rel)>` must exist, decode, match the clean size,
 /// and satisfy ‖adv − clean‖∞ ≤ ε, compared in 1/255 units with a tolerance of
 /// [`LINF_TOLERANCE_255`] from the saved 8-bit values and the clean image as decoded (EXIF
