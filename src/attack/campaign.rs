@@ -723,12 +723,12 @@ pub(super) fn attack_batch<E: Engine>(
         }
     };
     attack.record_losses(curves);
-    let starts = ok
+    let from: Vec<Option<&[f32]>> = ok
         .iter()
-        .enumerate()
-        .map(|(k, (_, l))| attack.start(k, l.start.as_ref().map(|s| s.data.as_slice())))
+        .map(|(_, l)| l.start.as_ref().map(|s| s.data.as_slice()))
         .collect();
-    let outcomes = match attack.run(starts, |_| on_step(ok.len())) {
+    let starts = attack.starts(&from);
+    let outcomes = match attack.run_from(starts, |_| on_step(ok.len())) {
         Ok(o) => o,
         Err(e) if e.is_out_of_memory() => return BatchResult::OutOfMemory,
         Err(e) => {
