@@ -140,6 +140,12 @@ pub trait Engine {
     /// before the batch is retried smaller). The default keeps nothing.
     fn release_cached_memory(&self) {}
 
+    /// Whether [`Engine::stage`] does anything: the pipeline then claims the next batch ahead
+    /// (when it is already decoded) to stage it while the current one runs.
+    fn stages_uploads(&self) -> bool {
+        false
+    }
+
     /// Starts copying a batch's clean images (packed in order) to the device, on a copy stream
     /// that runs beside the compute stream, so that the batch [`StepPlan::stage_key`] names
     /// does not wait for its upload. Best effort: a staging that fails is forgotten and the

@@ -86,7 +86,7 @@ pub fn device_count() -> usize {
     }
 }
 
-fn cuda_err(context: impl Into<String>, e: DriverError) -> GpuError {
+pub(crate) fn cuda_err(context: impl Into<String>, e: DriverError) -> GpuError {
     let message = match e.0 {
         ds::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
         | ds::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU => {
@@ -302,6 +302,12 @@ impl CudaBackend {
         self.ctx
             .bind_to_thread()
             .map_err(|e| cuda_err("binding the CUDA context", e))
+    }
+
+    /// The stream every launch, product and copy of this backend is ordered on (the staging
+    /// lane, `gpu::staging`, orders its copy stream against it with events).
+    pub(crate) fn compute_stream(&self) -> &Arc<CudaStream> {
+        &self.stream
     }
 
     /// A zero-filled allocation of `bytes` bytes (at least 1 byte is reserved, so every

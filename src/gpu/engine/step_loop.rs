@@ -123,8 +123,16 @@ impl GpuVit<'_> {
         Ok(self.pool.adopt(self.dev.upload(&packed)?))
     }
 
-    /// The plan's clean images, packed on the device.
+    /// The plan's clean images, packed on the device: the upload staged for them ahead of
+    /// time when there is one ([`crate::attack::engine::Engine::stage`]; the compute stream
+    /// waits for its copy on the device), a plain upload otherwise.
     fn clean_input(&self, plan: &StepPlan) -> Result<Pooled, GpuError> {
+        if let Some(key) = plan.stage_key {
+            let lens: Vec<usize> = plan.clean.iter().map(|c| c.data.len()).collect();
+            if let Some(staged) = self.take_staged(key, &lens)? {
+                return Ok(staged);
+            }
+        }
         self.upload_packed(&plan.clean.iter().map(|c| c.data).collect::<Vec<_>>())
     }
 
