@@ -23,6 +23,12 @@
 //!   ([`run_on_threads`]), each with its own engine built on that thread (its own device, weights
 //!   and batch size). Out-of-memory halving is per worker: the worker keeps the images it
 //!   claimed and retries them in halves, so none is lost or redone.
+//! - **Staging.** With an engine that stages uploads (the GPU engine: [`Engine::stage`]), a
+//!   worker about to run a batch first hands the engine the next one, if its images are all
+//!   decoded already (it claims them ahead; it never waits for a decoder), so the next batch's
+//!   clean images travel to the device on a copy stream while this batch computes. The upload
+//!   is keyed by run and image indices: a batch that comes out different (halved after an
+//!   out-of-memory error, abandoned at an interrupt) simply uploads its own images.
 //! - **The writer** is the only thread that touches the output directory and the manifest. It
 //!   appends an image's line after its outputs are renamed into place, in input order (a later
 //!   batch finished by a faster worker waits in the reorder buffer), and syncs the manifest after

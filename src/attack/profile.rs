@@ -8,6 +8,10 @@
 //! (the first batch waits for the first decodes by construction); [`Timeline::report`] says so in
 //! numbers, and [`Timeline::to_json`] gives every batch's timestamps for a closer look.
 //!
+//! On a GPU, the engine's own input is the other half of the question: each batch records
+//! whether its clean images were staged ahead on a copy stream while the previous batch ran
+//! (`input_staged`) and whether its compute then had to wait for that copy (`copy_pending`).
+//!
 //! All times are seconds since the timeline was created (the start of the run). Recording costs a
 //! few clock reads and one short lock per batch.
 
