@@ -39,7 +39,7 @@ impl GpuVit<'_> {
         self.staging.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether [`GpuVit::stage_clean`] stages (on by default; `PRM_NO_STAGING=1` or
+    /// Whether the engine stages uploads (on by default; `PRM_NO_STAGING=1` or
     /// [`GpuVit::set_staging`] turn it off).
     pub fn staging_enabled(&self) -> bool {
         self.staging().on
