@@ -145,6 +145,8 @@ fn staged_uploads_are_taken_only_under_their_key_and_sizes() {
     assert!(stager.take(&2, &lens(&b), &mut small).unwrap().is_none());
     assert!(stager.take(&5, &lens(&b), &mut small).unwrap().is_some());
     assert_eq!(dev.download(&small).unwrap(), b[0]);
+    // Downloads through the stager are plain downloads here (pinned on CUDA).
+    assert_eq!(stager.download(&dst).unwrap(), a.concat());
 }
 
 /// A whole attack whose clean images were staged under its key gives the same bytes as one

@@ -111,3 +111,19 @@ fn a_staged_copy_does_not_wait_for_queued_compute() {
     );
     assert_eq!(dev.download(&dst).unwrap(), payload);
 }
+
+#[test]
+fn pinned_downloads_match_plain_downloads() {
+    let Some(dev) = device() else { return };
+    let mut stager: Stager<u32> = Stager::new(&dev).unwrap();
+    // Growing, then smaller (the readback buffer is reused), then empty.
+    for (i, n) in [1usize, 3 * 45 * 61, 3 * 640 * 480 * 8, 7, 0]
+        .into_iter()
+        .enumerate()
+    {
+        let want = values(n, 40 + i as u32);
+        let buf = dev.upload(&want).unwrap();
+        assert_eq!(stager.download(&buf).unwrap(), want, "{n} elements");
+        assert_eq!(dev.download(&buf).unwrap(), want);
+    }
+}

@@ -15,7 +15,7 @@ use crate::attack::engine::{StageKey, StagingCounters};
 use crate::attack::image::Planar;
 use crate::gpu::pool::Pooled;
 use crate::gpu::staging::Stager;
-use crate::gpu::GpuError;
+use crate::gpu::{Buffer, GpuError};
 
 /// The engine's stager (made on first use) and what it did.
 pub(super) struct Staging {
@@ -110,6 +110,23 @@ impl GpuVit<'_> {
             s.counters.copy_pending += 1;
         }
         Ok(Some(dst))
+    }
+
+    /// `buf` on the host: through the stager's pinned readback buffer when staging is on, a
+    /// plain download otherwise.
+    pub(super) fn download_staged(&self, buf: &Buffer<f32>) -> Result<Vec<f32>, GpuError> {
+        let mut s = self.staging();
+        if !s.on {
+            return self.dev.download(buf);
+        }
+        if s.stager.is_none() {
+            // Best effort, as staging: without a stager the download is a plain one.
+            s.stager = Stager::new(&self.dev).ok();
+        }
+        match s.stager.as_mut() {
+            Some(stager) => stager.download(buf),
+            None => self.dev.download(buf),
+        }
     }
 
     pub(super) fn staging_totals(&self) -> StagingCounters {

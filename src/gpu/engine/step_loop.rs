@@ -490,9 +490,9 @@ impl GpuVit<'_> {
         let finals = match &state {
             State::Adamw { delta, .. } => {
                 adamw_image_f32(&self.dev, &fixed.images, &mut out.adv, delta, &fixed.clean)?;
-                self.dev.download(&out.adv)?
+                self.download_staged(&out.adv)?
             }
-            State::Sign { x, .. } => self.dev.download(x)?,
+            State::Sign { x, .. } => self.download_staged(x)?,
         };
         let mut offset = 0;
         Ok(lens

@@ -68,6 +68,9 @@ pub(super) struct CudaLane {
     compute: Arc<CudaStream>,
     copy: Arc<CudaStream>,
     slots: [Slot; 2],
+    /// Pinned memory for downloads (cacheable, not write-combined: the host reads it), grown
+    /// when needed. Only touched between a stream synchronisation and the next download.
+    readback: Option<PinnedHostSlice<u8>>,
 }
 
 impl CudaLane {
@@ -92,6 +95,7 @@ impl CudaLane {
             compute: compute.clone(),
             copy,
             slots: [slot()?, slot()?],
+            readback: None,
         })
     }
 
@@ -184,6 +188,52 @@ impl CudaLane {
             .record(&self.compute)
             .map_err(|e| err("recording a taken copy", e))?;
         Ok(pending)
+    }
+}
+
+impl CudaLane {
+    /// Copies the first `out.len()` bytes of `src` into `out` after all work queued on the
+    /// compute stream, through the pinned readback buffer (a DMA straight into page-locked
+    /// memory, then one host copy, instead of the driver's staging of pageable memory).
+    pub(super) fn download(&mut self, src: &CudaMemory, out: &mut [u8]) -> Result<(), GpuError> {
+        self.bind()?;
+        let bytes = out.len();
+        assert!(bytes <= src.len());
+        if bytes == 0 {
+            return Ok(());
+        }
+        if self.readback.as_ref().is_none_or(|r| r.len() < bytes) {
+            self.readback = None;
+            // SAFETY: the contents are written by the copy below before the host reads them.
+            let pinned = unsafe {
+                self.compute
+                    .context()
+                    .alloc_pinned_with_flags::<u8>(grown(bytes), 0)
+            }
+            .map_err(|e| alloc_err("allocating pinned host memory", bytes, e))?;
+            self.readback = Some(pinned);
+        }
+        let pinned = self
+            .readback
+            .as_mut()
+            .expect("allocated above")
+            .as_mut_slice()
+            .map_err(|e| err("waiting for pinned host memory", e))?;
+        // SAFETY: `src` holds at least `bytes` bytes (checked); the stream is synchronised
+        // before the host reads `pinned` or the buffer can be reused.
+        unsafe {
+            dr::memcpy_dtoh_async(
+                &mut pinned[..bytes],
+                src.address(),
+                self.compute.cu_stream(),
+            )
+        }
+        .map_err(|e| err("copy to host", e))?;
+        self.compute
+            .synchronize()
+            .map_err(|e| err("copy to host", e))?;
+        out.copy_from_slice(&pinned[..bytes]);
+        Ok(())
     }
 }
 

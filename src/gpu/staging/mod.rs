@@ -27,6 +27,9 @@
 //!   (the caller uploads normally). Staging into a slot first forgets what it held, so a failed
 //!   or overwritten staging can never be taken.
 //!
+//! The stager also keeps a pinned readback buffer for downloads ([`Stager::download`]), so the
+//! final images of a batch come back in one DMA.
+//!
 //! Under the simulator there is no concurrency: a staged upload is packed into host memory and
 //! written by [`Stager::take`] (copies are synchronous, events trivially complete), so the
 //! whole path, keys and slots included, runs in tests.
@@ -142,6 +145,22 @@ impl<K: PartialEq> Stager<K> {
             }
         };
         Ok(Some(Taken { copy_pending }))
+    }
+
+    /// Copies `src` to the host after all work queued on the compute stream. On CUDA it goes
+    /// through a pinned readback buffer kept by the stager (grown when needed), so the copy is
+    /// one DMA at full link speed; under the simulator it is a plain download.
+    pub fn download(&mut self, src: &Buffer<f32>) -> Result<Vec<f32>, GpuError> {
+        self.dev
+            .refuse_in_capture("copying device data to the host")?;
+        match (&mut self.lane, &src.mem) {
+            (Lane::Cuda(lane), Memory::Cuda(m)) => {
+                let mut out = vec![0f32; src.len()];
+                lane.download(m, bytemuck::cast_slice_mut(&mut out))?;
+                Ok(out)
+            }
+            _ => self.dev.download(src),
+        }
     }
 
     /// Whether an upload is staged under `key` (tests and diagnostics).
