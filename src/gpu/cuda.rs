@@ -11,7 +11,9 @@
 //!   are looked up by name on first launch and cached.
 //! - **One stream.** Everything (copies, launches, products, allocations, frees) is ordered on the
 //!   backend's own stream; cudarc's per-buffer event tracking is switched off, since launches go
-//!   around it. Copies are synchronous: they return when the data has arrived.
+//!   around it. Copies are synchronous: they return when the data has arrived. The one
+//!   exception is `gpu::staging`: uploads staged ahead on a second (copy) stream from pinned
+//!   memory, ordered against this stream with events.
 //! - **Debugging.** `PRM_CUDA_SYNC_EACH_LAUNCH=1` synchronises after each launch, so an
 //!   asynchronous fault is reported by the launch that caused it.
 

@@ -3,6 +3,8 @@
 //! batch computes, and the step loop takes them (the compute stream waits for the copy on the
 //! device) instead of uploading them. See `gpu::staging` for the ordering rules.
 //!
+//! The final images of the step loop come back through the stager's pinned readback buffer.
+//!
 //! Staging is best effort: a staging that fails (out of memory for the slots, say) drops the
 //! stager with its memory, and the batch uploads normally. `PRM_NO_STAGING=1` turns it off (to
 //! compare: the outputs are the same bytes either way).
