@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+use prm::attack::image::random_start;
 use prm::attack::optim::{project, Optimizer};
 use prm::attack::settings::{OptimizerKind, Preset};
 use prm::gpu::kernels::update::{
@@ -155,6 +156,53 @@ fn random_start_matches_attack_start() {
                 case.image(&got, b),
                 &case.random_start(b),
             );
+        }
+        Ok(())
+    });
+}
+
+/// The device-derived start of `prm attack --init random` against the attack's own host
+/// computation ([`prm::attack::image::random_start`]), on odd sizes mixed in one batch (a single
+/// pixel, one long thin image, sides that are no multiple of any block), bit for bit.
+#[test]
+fn random_start_kernel_matches_the_attack_on_odd_sizes() {
+    on_devices("random start, odd sizes", |dev| {
+        let shapes = [(45usize, 61usize), (197, 3), (1, 1), (13, 200)];
+        let eps = [8.0 / 255.0, 16.0 / 255.0, 1.0 / 255.0, 0.5];
+        let lens: Vec<usize> = shapes.iter().map(|(h, w)| 3 * h * w).collect();
+        let rngs: Vec<ImageRng> = (0..shapes.len())
+            .map(|i| ImageRng::new(77, &format!("odd/{i}.png")))
+            .collect();
+        let mut rng = Rng::new(31);
+        // Pixels at and near both bounds, so both clamps of the projection are hit.
+        let images: Vec<Vec<f32>> = lens
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .map(|i| match i % 13 {
+                        0 => 0.0,
+                        1 => 1.0,
+                        2 => 0.999,
+                        _ => rng.unit(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let batch = ImageBatch::with_rngs(dev, &lens, &eps, &rngs)?;
+        let clean = dev.upload(&images.concat())?;
+        let mut x = dev.alloc::<f32>(batch.total())?;
+        dev.poison(&mut x)?;
+        random_start_f32(dev, &batch, &mut x, &clean)?;
+        let got = dev.download(&x)?;
+        let mut offset = 0;
+        for (b, image) in images.iter().enumerate() {
+            let want = random_start(image, &rngs[b], eps[b]);
+            assert_bits(
+                &format!("random start {:?}", shapes[b]),
+                &got[offset..offset + lens[b]],
+                &want,
+            );
+            offset += lens[b];
         }
         Ok(())
     });

@@ -24,7 +24,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use super::engine::{Engine, EngineError};
+use super::engine::{Engine, EngineError, StageKey};
 use super::image::{check_image_size, Attack, Planar};
 use super::loss::Objective;
 use super::pipeline::{self, Claimed};
@@ -656,11 +656,37 @@ pub(super) struct Attacked {
     pub curve: Option<Vec<f64>>,
 }
 
+/// The key a batch's clean images are staged under ([`Engine::stage`]) and those images: the
+/// batch's successfully decoded images, in batch order (exactly the images [`attack_batch`]
+/// attacks).
+pub(super) fn staged_input(run: u64, batch: &[Claimed]) -> (StageKey, Vec<Planar<'_>>) {
+    let ok: Vec<(usize, &Loaded)> = batch
+        .iter()
+        .filter_map(|c| c.loaded.as_ref().ok().map(|l| (c.index, l)))
+        .collect();
+    let key = StageKey {
+        run,
+        images: ok.iter().map(|&(i, _)| i).collect(),
+    };
+    let clean = ok
+        .iter()
+        .map(|(_, l)| Planar {
+            data: &l.clean.data,
+            height: l.clean.height,
+            width: l.clean.width,
+        })
+        .collect();
+    (key, clean)
+}
+
 /// Attacks one batch of decoded images (an image that failed to decode keeps its failure); one
 /// result per image, in order. Quantisation and the evaluation of the saved images happen here,
 /// since they need the engine; writing is left to the writer.
+/// `run` identifies the run, for an upload the engine staged for this batch.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attack_batch<E: Engine>(
     engine: &E,
+    run: u64,
     objective: &Objective,
     settings: &AttackSettings,
     batch: &[Claimed],
@@ -723,12 +749,13 @@ pub(super) fn attack_batch<E: Engine>(
         }
     };
     attack.record_losses(curves);
-    let starts = ok
+    attack.staged_as(staged_input(run, batch).0);
+    let from: Vec<Option<&[f32]>> = ok
         .iter()
-        .enumerate()
-        .map(|(k, (_, l))| attack.start(k, l.start.as_ref().map(|s| s.data.as_slice())))
+        .map(|(_, l)| l.start.as_ref().map(|s| s.data.as_slice()))
         .collect();
-    let outcomes = match attack.run(starts, |_| on_step(ok.len())) {
+    let starts = attack.starts(&from);
+    let outcomes = match attack.run_from(starts, |_| on_step(ok.len())) {
         Ok(o) => o,
         Err(e) if e.is_out_of_memory() => return BatchResult::OutOfMemory,
         Err(e) => {

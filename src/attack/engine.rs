@@ -42,6 +42,14 @@ pub struct StepPlan<'a> {
     pub rngs: Vec<ImageRng>,
     /// Starting images, already in the ε-ball.
     pub starts: &'a [Vec<f32>],
+    /// `Some`: every start is this pure function of its clean image (and its `rngs` entry and
+    /// `settings.eps`), so an engine may compute the starts next to the clean images instead of
+    /// copying `starts` (the GPU engine then uploads half as much per batch). `starts` holds
+    /// the same values either way, bit for bit.
+    pub derived_start: Option<DerivedStart>,
+    /// Identifies this batch's clean images for an upload staged ahead with
+    /// [`Engine::stage`]; `None`: nothing was staged for it.
+    pub stage_key: Option<&'a StageKey>,
     /// Every image starts at the clean image with a loss that is stationary there: the first
     /// step is the seeded escape step (see `Optimizer::escape_step`).
     pub escape: bool,
@@ -53,6 +61,43 @@ pub struct StepPlan<'a> {
     /// a loss, with the step and one value per image. `None` (the default) keeps the loop free
     /// of per-step host syncs.
     pub loss_sink: Option<LossSink<'a>>,
+}
+
+/// How the starts of a batch follow from its clean images (see [`StepPlan::derived_start`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DerivedStart {
+    /// The start is the clean image (`--init zero`).
+    Clean,
+    /// `project(clean + ε·(2u − 1))` with u = `rng.uniform(STREAM_INIT, j)` (`--init random`;
+    /// [`crate::attack::image::random_start`]).
+    Random,
+}
+
+/// Names the clean images of one batch exactly: the run they belong to and their indices in
+/// that run's inputs, in batch order. An upload staged under one key is only ever used by a
+/// batch with an equal key (and the same image sizes), so a batch that was halved after an
+/// out-of-memory error, abandoned at an interrupt, or belongs to another run can never run on
+/// another batch's staged pixels.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StageKey {
+    pub run: u64,
+    pub images: Vec<usize>,
+}
+
+/// Counters of the uploads an engine staged ahead (cumulative over the engine's life; the
+/// pipeline reports differences per batch).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StagingCounters {
+    /// Uploads staged ([`Engine::stage`] calls that queued a copy).
+    pub staged: u64,
+    /// Batches that found their clean images staged and used them.
+    pub used: u64,
+    /// Of those, batches whose staged copy had not finished when the batch took it: the
+    /// compute stream waited for the copy (always 0 on the simulator, whose copies are
+    /// synchronous).
+    pub copy_pending: u64,
+    /// Host seconds spent staging (packing into pinned memory and queueing the copy).
+    pub host_seconds: f64,
 }
 
 /// Receives one step's per-image loss values: `(step, values)`.
@@ -94,6 +139,23 @@ pub trait Engine {
     /// Frees memory the engine keeps cached between batches (after an out-of-memory error,
     /// before the batch is retried smaller). The default keeps nothing.
     fn release_cached_memory(&self) {}
+
+    /// Whether [`Engine::stage`] does anything: the pipeline then claims the next batch ahead
+    /// (when it is already decoded) to stage it while the current one runs.
+    fn stages_uploads(&self) -> bool {
+        false
+    }
+
+    /// Starts copying a batch's clean images (packed in order) to the device, on a copy stream
+    /// that runs beside the compute stream, so that the batch [`StepPlan::stage_key`] names
+    /// does not wait for its upload. Best effort: a staging that fails is forgotten and the
+    /// batch uploads normally. The default stages nothing.
+    fn stage(&self, _key: &StageKey, _clean: &[Planar]) {}
+
+    /// What [`Engine::stage`] did so far (zeros for an engine that never stages).
+    fn staging_counters(&self) -> StagingCounters {
+        StagingCounters::default()
+    }
 
     /// Runs the whole step loop on the engine's own device (images, resizes, gradients and
     /// optimiser state stay there). `None`: this engine has no such loop; use the host loop.

@@ -7,7 +7,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::engine::{Engine, EngineError, LossAndGradient, StepPlan};
+use super::engine::{DerivedStart, Engine, EngineError, LossAndGradient, StageKey, StepPlan};
 use super::loss::Objective;
 use super::optim::{project, Optimizer};
 use super::settings::{AttackSettings, Init, LossKind, Resolution};
@@ -59,6 +59,48 @@ pub struct Attack<'a, E: Engine> {
     clean_eval: E::Clean,
     /// Keep every step's loss (see [`AttackOutcome::losses`]).
     record_losses: bool,
+    /// The batch's clean images were staged under this key ([`Engine::stage`]).
+    stage_key: Option<StageKey>,
+}
+
+/// The starting images of a batch, one per image, made by [`Attack::starts`] (which knows
+/// whether they are a pure function of the clean images) or given by the caller.
+pub struct Starts {
+    images: Vec<Vec<f32>>,
+    derived: Option<DerivedStart>,
+}
+
+impl Starts {
+    /// Starts chosen by the caller: an engine copies them as they are.
+    pub fn given(images: Vec<Vec<f32>>) -> Self {
+        Starts {
+            images,
+            derived: None,
+        }
+    }
+
+    pub fn images(&self) -> &[Vec<f32>] {
+        &self.images
+    }
+
+    /// How the starts follow from the clean images, if they do.
+    pub fn derived(&self) -> Option<DerivedStart> {
+        self.derived
+    }
+}
+
+/// The random start (`--init random`): `project(clean + ε·(2u − 1))` with
+/// u = `rng.uniform(STREAM_INIT, j)` for pixel j. The GPU twin is
+/// [`crate::gpu::kernels::update::random_start_f32`], bit for bit.
+pub fn random_start(clean: &[f32], rng: &ImageRng, eps: f32) -> Vec<f32> {
+    // Counter-based draws: parallel chunks give the same values as a serial loop.
+    let mut x: Vec<f32> = clean
+        .par_iter()
+        .enumerate()
+        .map(|(j, &c)| c + eps * (2.0 * rng.uniform(STREAM_INIT, j as u64) - 1.0))
+        .collect();
+    project(&mut x, clean, eps);
+    x
 }
 
 /// Checks that an image can be fed to a model with patch side `patch`.
@@ -151,6 +193,7 @@ impl<'a, E: Engine> Attack<'a, E> {
             targets,
             clean_eval,
             record_losses: false,
+            stage_key: None,
         })
     }
 
@@ -266,20 +309,41 @@ impl<'a, E: Engine> Attack<'a, E> {
     pub fn start(&self, i: usize, start: Option<&[f32]>) -> Vec<f32> {
         let t = &self.targets[i];
         let eps = self.settings.eps;
+        if matches!(self.settings.init, Init::Random) {
+            return random_start(t.clean.data, &t.rng, eps);
+        }
         let mut x: Vec<f32> = match (&self.settings.init, start) {
             (Init::From(_), Some(s)) => s.to_vec(),
-            // Counter-based draws: parallel chunks give the same values as a serial loop.
-            (Init::Random, _) => t
-                .clean
-                .data
-                .par_iter()
-                .enumerate()
-                .map(|(j, &c)| c + eps * (2.0 * t.rng.uniform(STREAM_INIT, j as u64) - 1.0))
-                .collect(),
             _ => t.clean.data.to_vec(),
         };
         project(&mut x, t.clean.data, eps);
         x
+    }
+
+    /// Every image's start ([`Attack::start`]; `from[i]`: image i's start from an earlier run,
+    /// used with `--init from:`), recording when they follow from the clean images alone, so
+    /// that a device-resident loop can compute them instead of copying them.
+    pub fn starts(&self, from: &[Option<&[f32]>]) -> Starts {
+        assert_eq!(from.len(), self.targets.len(), "one start source per image");
+        let derived = match self.settings.init {
+            Init::Random => Some(DerivedStart::Random),
+            Init::Zero => Some(DerivedStart::Clean),
+            Init::From(_) => None,
+        };
+        Starts {
+            images: from
+                .iter()
+                .enumerate()
+                .map(|(i, s)| self.start(i, *s))
+                .collect(),
+            derived,
+        }
+    }
+
+    /// Tells the engine that this batch's clean images were staged under `key`
+    /// ([`Engine::stage`]); the engine checks the key (and the sizes) before using them.
+    pub fn staged_as(&mut self, key: StageKey) {
+        self.stage_key = Some(key);
     }
 
     /// Whether `start` is a point where the loss gradient vanishes: the clean image itself, for
@@ -312,8 +376,21 @@ impl<'a, E: Engine> Attack<'a, E> {
     pub fn run(
         &self,
         starts: Vec<Vec<f32>>,
+        on_step: impl FnMut(usize),
+    ) -> Result<Vec<AttackOutcome>, EngineError> {
+        self.run_from(Starts::given(starts), on_step)
+    }
+
+    /// [`Attack::run`] from starts made by [`Attack::starts`] (or [`Starts::given`]).
+    pub fn run_from(
+        &self,
+        starts: Starts,
         mut on_step: impl FnMut(usize),
     ) -> Result<Vec<AttackOutcome>, EngineError> {
+        let Starts {
+            images: starts,
+            derived,
+        } = starts;
         assert_eq!(starts.len(), self.targets.len());
         let mut opts: Vec<Optimizer> = self
             .targets
@@ -349,6 +426,8 @@ impl<'a, E: Engine> Attack<'a, E> {
                 clean: self.targets.iter().map(|t| t.clean).collect(),
                 rngs: self.targets.iter().map(|t| t.rng).collect(),
                 starts: &starts,
+                derived_start: derived,
+                stage_key: self.stage_key.as_ref(),
                 escape: escaping.first().copied().unwrap_or(false),
                 eval_sizes: self.targets.iter().map(|t| self.eval_size(t)).collect(),
                 sizes: (0..self.settings.steps)

@@ -23,6 +23,12 @@
 //!   ([`run_on_threads`]), each with its own engine built on that thread (its own device, weights
 //!   and batch size). Out-of-memory halving is per worker: the worker keeps the images it
 //!   claimed and retries them in halves, so none is lost or redone.
+//! - **Staging.** With an engine that stages uploads (the GPU engine: [`Engine::stage`]), a
+//!   worker about to run a batch first hands the engine the next one, if its images are all
+//!   decoded already (it claims them ahead; it never waits for a decoder), so the next batch's
+//!   clean images travel to the device on a copy stream while this batch computes. The upload
+//!   is keyed by run and image indices: a batch that comes out different (halved after an
+//!   out-of-memory error, abandoned at an interrupt) simply uploads its own images.
 //! - **The writer** is the only thread that touches the output directory and the manifest. It
 //!   appends an image's line after its outputs are renamed into place, in input order (a later
 //!   batch finished by a faster worker waits in the reorder buffer), and syncs the manifest after
@@ -37,7 +43,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Barrier, Condvar, Mutex};
 use std::time::Instant;
@@ -45,10 +51,10 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use super::campaign::{
-    attack_batch, error_record, load, panic_message, write_outputs, Attacked, BatchResult,
-    CampaignError, Finished, ImageFailure, Loaded, OutputOptions, Progress, Worker,
+    attack_batch, error_record, load, panic_message, staged_input, write_outputs, Attacked,
+    BatchResult, CampaignError, Finished, ImageFailure, Loaded, OutputOptions, Progress, Worker,
 };
-use super::engine::Engine;
+use super::engine::{Engine, StageKey};
 use super::loss::Objective;
 use super::profile::{BatchTiming, Timeline, WorkerTiming, WriteTiming};
 use super::settings::AttackSettings;
@@ -178,6 +184,25 @@ impl Prefetch {
         }
     }
 
+    /// Claims the next `max` images (fewer at the end) only if every one of them is decoded
+    /// already; claims nothing otherwise. Never waits (a worker uses it to look one batch
+    /// ahead without holding up the batch it is about to run).
+    fn try_claim(&self, max: usize, total: usize) -> Vec<Claimed> {
+        let mut s = self.lock();
+        let range = s.next_claim..(s.next_claim + max).min(total);
+        if s.stopped || range.is_empty() || !range.clone().all(|i| s.ready.contains_key(&i)) {
+            return Vec::new();
+        }
+        s.next_claim = range.end;
+        self.claimed.notify_all();
+        range
+            .map(|index| Claimed {
+                index,
+                loaded: s.ready.remove(&index).expect("checked above"),
+            })
+            .collect()
+    }
+
     /// Claims the next `max` images (fewer at the end) and waits until they are decoded. Empty
     /// when every image was claimed or the prefetch was stopped.
     fn claim(&self, max: usize, total: usize) -> Vec<Claimed> {
@@ -281,6 +306,9 @@ impl Drop for CloseOnDrop<'_> {
 /// State shared by the threads of one run.
 struct Shared<'a> {
     run: &'a Run<'a>,
+    /// Distinguishes this run's batches from any other run's in uploads an engine staged
+    /// ([`StageKey::run`]), for an engine reused across runs.
+    run_id: u64,
     prefetch: Prefetch,
     /// Every worker stops at its next batch or step boundary.
     stop: AtomicBool,
@@ -293,8 +321,10 @@ struct Shared<'a> {
 
 impl<'a> Shared<'a> {
     fn new(run: &'a Run<'a>, lookahead: usize) -> Self {
+        static RUNS: AtomicU64 = AtomicU64::new(0);
         Shared {
             run,
+            run_id: RUNS.fetch_add(1, Ordering::Relaxed),
             prefetch: Prefetch::new(lookahead),
             stop: AtomicBool::new(false),
             interrupted: AtomicBool::new(false),
@@ -358,6 +388,7 @@ fn engine_worker<E: Engine>(
     // out-of-memory error halved the batch.
     let mut held: VecDeque<Claimed> = VecDeque::new();
     let curves = progress.wants_loss_curves();
+    let stages = engine.stages_uploads();
     loop {
         between_steps();
         if shared.should_stop(interrupted) {
@@ -372,6 +403,9 @@ fn engine_worker<E: Engine>(
         }
         let loaded_at = shared.now();
         let chunk: Vec<Claimed> = held.drain(..size.min(held.len())).collect();
+        let before = engine.staging_counters();
+        let staged_next = stages && stage_next(engine, shared, &mut held, size);
+        let after_staging = engine.staging_counters();
         for c in &chunk {
             progress.image_started(&run.todo[c.index].rel);
         }
@@ -389,6 +423,7 @@ fn engine_worker<E: Engine>(
         let attacked = catch_unwind(AssertUnwindSafe(|| {
             attack_batch(
                 engine,
+                shared.run_id,
                 run.objective,
                 run.settings,
                 &chunk,
@@ -408,7 +443,14 @@ fn engine_worker<E: Engine>(
             writer_backlog: 0,
             writer_wait: 0.0,
             out_of_memory: false,
+            staged_next,
+            stage_seconds: after_staging.host_seconds - before.host_seconds,
+            input_staged: false,
+            copy_pending: false,
         };
+        let after = engine.staging_counters();
+        timing.input_staged = after.used > after_staging.used;
+        timing.copy_pending = after.copy_pending > after_staging.copy_pending;
         let finished = match attacked {
             Ok(BatchResult::OutOfMemory) if chunk.len() > 1 => {
                 engine.release_cached_memory();
@@ -458,6 +500,30 @@ fn engine_worker<E: Engine>(
             return;
         }
     }
+}
+
+/// Stages the batch this worker runs after the current one, so its upload overlaps the current
+/// batch's compute: the images it already holds (what an out-of-memory retry left), else the
+/// next images of the input if every one is decoded already (never waiting for a decoder).
+/// Returns whether something was staged. The engine keys the upload by run and image indices,
+/// so a batch that turns out different (halved after an out-of-memory error, say) never uses it.
+fn stage_next<E: Engine>(
+    engine: &E,
+    shared: &Shared,
+    held: &mut VecDeque<Claimed>,
+    size: usize,
+) -> bool {
+    if held.is_empty() {
+        held.extend(shared.prefetch.try_claim(size, shared.run.todo.len()));
+    }
+    let n = size.min(held.len());
+    let next = &held.make_contiguous()[..n];
+    let (key, clean): (StageKey, _) = staged_input(shared.run_id, next);
+    if clean.is_empty() {
+        return false;
+    }
+    // A staging failure must not cost the batches: it is best effort by contract.
+    catch_unwind(AssertUnwindSafe(|| engine.stage(&key, &clean))).is_ok()
 }
 
 /// Every image of `chunk` failed with `message` (or with its own earlier failure).

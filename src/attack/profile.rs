@@ -8,6 +8,10 @@
 //! (the first batch waits for the first decodes by construction); [`Timeline::report`] says so in
 //! numbers, and [`Timeline::to_json`] gives every batch's timestamps for a closer look.
 //!
+//! On a GPU, the engine's own input is the other half of the question: each batch records
+//! whether its clean images were staged ahead on a copy stream while the previous batch ran
+//! (`input_staged`) and whether its compute then had to wait for that copy (`copy_pending`).
+//!
 //! All times are seconds since the timeline was created (the start of the run). Recording costs a
 //! few clock reads and one short lock per batch.
 
@@ -40,6 +44,17 @@ pub struct BatchTiming {
     pub writer_backlog: usize,
     /// The batch ran out of device memory and was retried in smaller batches.
     pub out_of_memory: bool,
+    /// Before running this batch, the worker staged the next one: its clean images went to
+    /// the device on a copy stream while this batch computed (GPU engines only).
+    pub staged_next: bool,
+    /// Host seconds the worker spent staging the next batch (packing into pinned memory and
+    /// queueing the copy), included in `engine_busy`.
+    pub stage_seconds: f64,
+    /// This batch's clean images had been staged ahead: it uploaded nothing but its small tables.
+    pub input_staged: bool,
+    /// The staged copy had not finished when this batch took it, so the compute stream waited
+    /// for it on the device (never on the simulator, whose copies are synchronous).
+    pub copy_pending: bool,
 }
 
 impl BatchTiming {
@@ -120,6 +135,14 @@ pub struct WorkerSummary {
     pub input_wait_after_first_seconds: f64,
     /// Time blocked on a full writer queue: zero when the writer keeps up.
     pub output_wait_seconds: f64,
+    /// Batches after the worker's first whose clean images were staged ahead on a copy stream
+    /// (GPU engines; 0 for the CPU engine, which has nothing to upload).
+    pub input_staged_after_first: usize,
+    /// Batches whose staged copy was still running when they took it (the GPU waited for an
+    /// upload): zero when the copies keep up.
+    pub copy_waits: usize,
+    /// Host time spent staging uploads, included in `engine_busy_seconds`.
+    pub stage_seconds: f64,
 }
 
 /// Totals of a run.
@@ -134,7 +157,8 @@ pub struct TimelineSummary {
     /// assembling tars).
     pub drain_seconds: f64,
     /// No worker waited for input after its first batch, nor for the writer at all (up to a
-    /// millisecond per batch plus 0.5% of its busy time: scheduling noise).
+    /// millisecond per batch plus 0.5% of its busy time: scheduling noise), and no batch's
+    /// compute waited for its staged upload.
     pub engine_never_waited_in_steady_state: bool,
 }
 
@@ -218,6 +242,13 @@ impl Timeline {
                             .skip(1)
                             .fold(0.0, |a, w| a + w),
                         output_wait_seconds: mine.iter().fold(0.0, |a, b| a + b.output_wait()),
+                        input_staged_after_first: mine
+                            .iter()
+                            .skip(1)
+                            .filter(|b| b.input_staged)
+                            .count(),
+                        copy_waits: mine.iter().filter(|b| b.copy_pending).count(),
+                        stage_seconds: mine.iter().fold(0.0, |a, b| a + b.stage_seconds),
                     }
                 })
                 .collect();
@@ -227,7 +258,9 @@ impl Timeline {
             // scheduling on a busy machine, not waiting for I/O.
             let steady = workers.iter().all(|w| {
                 let noise = 1e-3 * w.batches.max(1) as f64 + 0.005 * w.engine_busy_seconds;
-                w.input_wait_after_first_seconds <= noise && w.output_wait_seconds <= noise
+                w.input_wait_after_first_seconds <= noise
+                    && w.output_wait_seconds <= noise
+                    && w.copy_waits == 0
             });
             TimelineSummary {
                 wall_seconds: wall,
@@ -277,6 +310,13 @@ impl Timeline {
                 w.input_wait_after_first_seconds,
                 w.output_wait_seconds,
             );
+            let after_first = w.batches.saturating_sub(1);
+            if w.input_staged_after_first > 0 || w.copy_waits > 0 {
+                out += &format!(
+                    "    uploads: {} of {} batch(es) after the first staged ahead on the copy                      stream ({:.3} s of host time); the GPU waited for a copy {} time(s)\n",
+                    w.input_staged_after_first, after_first, w.stage_seconds, w.copy_waits,
+                );
+            }
         }
         out += if s.engine_never_waited_in_steady_state {
             "  steady state: the engine never waited for input or output after its first batch\n"

@@ -82,9 +82,9 @@ pub fn time_attacks<E: Engine>(
         let start = Instant::now();
         let attack = Attack::new(engine, objective, settings, targets)?;
         let clean_seconds = start.elapsed().as_secs_f64();
-        let starts: Vec<Vec<f32>> = (0..attack.len()).map(|i| attack.start(i, None)).collect();
+        let starts = attack.starts(&vec![None; attack.len()]);
         let start_seconds = start.elapsed().as_secs_f64() - clean_seconds;
-        let outcomes = attack.run(starts, |_| after_step())?;
+        let outcomes = attack.run_from(starts, |_| after_step())?;
         let seconds = start.elapsed().as_secs_f64();
         let steps_seconds = seconds - clean_seconds - start_seconds;
         assert_eq!(outcomes.len(), images.len());

@@ -11,7 +11,9 @@
 //!   are looked up by name on first launch and cached.
 //! - **One stream.** Everything (copies, launches, products, allocations, frees) is ordered on the
 //!   backend's own stream; cudarc's per-buffer event tracking is switched off, since launches go
-//!   around it. Copies are synchronous: they return when the data has arrived.
+//!   around it. Copies are synchronous: they return when the data has arrived. The one
+//!   exception is `gpu::staging`: uploads staged ahead on a second (copy) stream from pinned
+//!   memory, ordered against this stream with events.
 //! - **Debugging.** `PRM_CUDA_SYNC_EACH_LAUNCH=1` synchronises after each launch, so an
 //!   asynchronous fault is reported by the launch that caused it.
 
@@ -86,7 +88,7 @@ pub fn device_count() -> usize {
     }
 }
 
-fn cuda_err(context: impl Into<String>, e: DriverError) -> GpuError {
+pub(crate) fn cuda_err(context: impl Into<String>, e: DriverError) -> GpuError {
     let message = match e.0 {
         ds::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
         | ds::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU => {
@@ -302,6 +304,12 @@ impl CudaBackend {
         self.ctx
             .bind_to_thread()
             .map_err(|e| cuda_err("binding the CUDA context", e))
+    }
+
+    /// The stream every launch, product and copy of this backend is ordered on (the staging
+    /// lane, `gpu::staging`, orders its copy stream against it with events).
+    pub(crate) fn compute_stream(&self) -> &Arc<CudaStream> {
+        &self.stream
     }
 
     /// A zero-filled allocation of `bytes` bytes (at least 1 byte is reserved, so every

@@ -17,6 +17,7 @@ pub mod host_stats;
 pub mod kernels;
 pub mod pool;
 pub mod sim;
+pub mod staging;
 
 pub use device::{Buffer, Device, Element, GpuError, KernelArgs, LaunchConfig};
 pub use graph::{Graph, GraphOps};

@@ -12,6 +12,7 @@
 //! captured step may upload. A new per-batch table belongs in `BatchGeometry`; an upload in
 //! the forward or backward makes every capture fail (the steps then run directly).
 
+mod staged;
 mod step_loop;
 pub mod weights;
 
@@ -42,7 +43,9 @@ use super::kernels::loss::{
 use super::kernels::resize::{ResizePlan, ResizeSizes};
 use super::pool::{BufferPool, Pooled, PooledBf16};
 use super::{Buffer, Device, GpuError};
-use crate::attack::engine::{Engine, EngineError, LossAndGradient, StepLoopResult, StepPlan};
+use crate::attack::engine::{
+    Engine, EngineError, LossAndGradient, StageKey, StagingCounters, StepLoopResult, StepPlan,
+};
 use crate::attack::image::{Evaluation, Planar};
 use crate::attack::loss::Objective;
 use crate::model::Model;
@@ -214,6 +217,8 @@ pub struct GpuVit<'m> {
     /// The step loop captures fixed-shape steps into graphs (see `step_loop.rs`).
     graphs: AtomicBool,
     graph_stats: Mutex<GraphStats>,
+    /// The next batch's clean images, staged on a copy stream (`staged.rs`).
+    staging: Mutex<staged::Staging>,
 }
 
 impl<'m> GpuVit<'m> {
@@ -252,6 +257,7 @@ impl<'m> GpuVit<'m> {
             bf16_scratch: Mutex::new(None),
             graphs: AtomicBool::new(graphs_by_default()),
             graph_stats: Mutex::new(GraphStats::default()),
+            staging: staged::new_staging(),
         })
     }
 
@@ -1173,6 +1179,7 @@ impl Engine for GpuVit<'_> {
 
     fn release_cached_memory(&self) {
         self.pool.release();
+        self.release_staging();
         // Graphs never outlive a step loop (they are dropped when it returns, before a caller
         // can react to its out-of-memory error), and a graph owns the pool arena and holds the
         // tables it uses: clearing the caches here never frees memory under a graph.
@@ -1193,6 +1200,18 @@ impl Engine for GpuVit<'_> {
         on_step: &mut dyn FnMut(usize),
     ) -> Option<Result<Vec<StepLoopResult>, EngineError>> {
         Some(self.step_loop(plan, on_step).map_err(EngineError::from))
+    }
+
+    fn stages_uploads(&self) -> bool {
+        self.staging_enabled()
+    }
+
+    fn stage(&self, key: &StageKey, clean: &[Planar]) {
+        self.stage_clean(key, clean)
+    }
+
+    fn staging_counters(&self) -> StagingCounters {
+        self.staging_totals()
     }
 }
 

@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::{GpuClean, GpuVit, LossPass, Losses};
-use crate::attack::engine::{StepLoopResult, StepPlan};
+use crate::attack::engine::{DerivedStart, StepLoopResult, StepPlan};
 use crate::attack::settings::OptimizerKind;
 use crate::gpu::graph::Graph;
 use crate::gpu::kernels::loss::LayerLoss;
@@ -48,7 +48,8 @@ use crate::gpu::kernels::resize::{
 };
 use crate::gpu::kernels::update::{
     adamw_advance, adamw_image_f32, adamw_init_f32, adamw_step_scheduled_f32, escape_adamw_f32,
-    escape_sign_step_f32, mifgsm_step_f32, pgd_step_f32, AdamwSchedule, ImageBatch,
+    escape_sign_step_f32, mifgsm_step_f32, pgd_step_f32, random_start_f32, AdamwSchedule,
+    ImageBatch,
 };
 use crate::gpu::pool::{BufferPool, Pooled};
 use crate::gpu::{Buffer, GpuError};
@@ -120,6 +121,19 @@ impl GpuVit<'_> {
             packed.extend_from_slice(im);
         }
         Ok(self.pool.adopt(self.dev.upload(&packed)?))
+    }
+
+    /// The plan's clean images, packed on the device: the upload staged for them ahead of
+    /// time when there is one ([`crate::attack::engine::Engine::stage`]; the compute stream
+    /// waits for its copy on the device), a plain upload otherwise.
+    fn clean_input(&self, plan: &StepPlan) -> Result<Pooled, GpuError> {
+        if let Some(key) = plan.stage_key {
+            let lens: Vec<usize> = plan.clean.iter().map(|c| c.data.len()).collect();
+            if let Some(staged) = self.take_staged(key, &lens)? {
+                return Ok(staged);
+            }
+        }
+        self.upload_packed(&plan.clean.iter().map(|c| c.data).collect::<Vec<_>>())
     }
 
     /// The resize plan of `sizes`, uploaded on first use and cached.
@@ -307,9 +321,23 @@ impl GpuVit<'_> {
         let native: Vec<(usize, usize)> = plan.clean.iter().map(|c| (c.height, c.width)).collect();
         let lens: Vec<usize> = plan.clean.iter().map(|c| c.data.len()).collect();
         let images = ImageBatch::with_rngs(&self.dev, &lens, &vec![s.eps; lens.len()], &plan.rngs)?;
-        let clean = self.upload_packed(&plan.clean.iter().map(|c| c.data).collect::<Vec<_>>())?;
-        let start =
-            self.upload_packed(&plan.starts.iter().map(|x| x.as_slice()).collect::<Vec<_>>())?;
+        let clean = self.clean_input(plan)?;
+        let start = match plan.derived_start {
+            // Derived from the clean batch already on the device: no second upload.
+            Some(DerivedStart::Random) => {
+                let mut x = self.alloc(clean.len())?;
+                random_start_f32(&self.dev, &images, &mut x, &clean)?;
+                x
+            }
+            Some(DerivedStart::Clean) => {
+                let mut x = self.alloc(clean.len())?;
+                self.dev.copy(&clean, &mut x)?;
+                x
+            }
+            None => {
+                self.upload_packed(&plan.starts.iter().map(|x| x.as_slice()).collect::<Vec<_>>())?
+            }
+        };
         let total = clean.len();
         let lr255 = s.lr * 255.0;
 
@@ -462,9 +490,9 @@ impl GpuVit<'_> {
         let finals = match &state {
             State::Adamw { delta, .. } => {
                 adamw_image_f32(&self.dev, &fixed.images, &mut out.adv, delta, &fixed.clean)?;
-                self.dev.download(&out.adv)?
+                self.download_staged(&out.adv)?
             }
-            State::Sign { x, .. } => self.dev.download(x)?,
+            State::Sign { x, .. } => self.download_staged(x)?,
         };
         let mut offset = 0;
         Ok(lens
