@@ -408,3 +408,70 @@ pub fn activation_backward_f32_bf16out(
         cols,
     )
 }
+
+/// `out = act(pre)` with bf16 `pre` and `out`, no bias and no pre-activation written: the MLP
+/// activation when fc1's bf16-output product already added the bias and its output is the
+/// saved pre-activation (the kernel is the bf16 forward with null bias and pre). `out` may be
+/// longer than `rows · cols` (an operand scratch).
+pub fn activation_forward_bf16(
+    dev: &Device,
+    act: Activation,
+    pre: &Buffer<bf16>,
+    out: &mut Buffer<bf16>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    assert_eq!(
+        pre.len(),
+        rows * cols,
+        "activation pre is not [{rows}, {cols}]"
+    );
+    assert!(
+        out.len() >= rows * cols,
+        "activation out is smaller than [{rows}, {cols}]"
+    );
+    let no_pre: Option<&mut Buffer<bf16>> = None;
+    forward(
+        dev,
+        act,
+        pre.address(),
+        None,
+        no_pre,
+        out.address(),
+        rows,
+        cols,
+    )
+}
+
+/// `dx = dy · act'(pre)` with the bf16 `pre` of [`activation_forward_bf16`], the fp32 gradient
+/// `dy` of fc2's input-gradient product, and a bf16 `dx` written straight as fc1-backward's
+/// operand. `dx` may be longer than `rows · cols`.
+pub fn activation_backward_bf16pre_bf16out(
+    dev: &Device,
+    act: Activation,
+    pre: &Buffer<bf16>,
+    dy: &Buffer<f32>,
+    dx: &mut Buffer<bf16>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    assert_eq!(
+        dy.len(),
+        rows * cols,
+        "activation dy is not [{rows}, {cols}]"
+    );
+    assert!(
+        dx.len() >= rows * cols,
+        "activation dx is smaller than [{rows}, {cols}]"
+    );
+    backward_kernel(
+        "prm_activation_backward_bf16pre_bf16out",
+        dev,
+        act,
+        pre,
+        dy.address(),
+        dx.address(),
+        rows,
+        cols,
+    )
+}
