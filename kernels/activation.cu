@@ -22,10 +22,8 @@
 // Forward: blocks stride over rows, threads over columns. Backward: flat grid-stride loop.
 //
 // Launchers: src/gpu/kernels/activation.rs (bias_activation_forward_f32,
-// bias_activation_inplace_f32, activation_backward_f32, activation_backward_inplace_f32, the
-// `_bf16out` variants: fp32 in, bf16 out, for the operands of bf16 products, and
-// activation_forward_bf16 / activation_backward_bf16pre_bf16out for a bf16 pre-activation that
-// fc1's product wrote with its bias, as PyTorch autocast keeps it).
+// bias_activation_inplace_f32, activation_backward_f32, activation_backward_inplace_f32, and the
+// `_bf16out` variants: fp32 in, bf16 out, for the operands of bf16 products).
 #include "common.cuh"
 
 #define PRM_ACT_QUICK_GELU 0
@@ -77,8 +75,8 @@ __device__ __forceinline__ void prm_activation_forward(const T* x, const float* 
 }
 
 // `dy` and `dx` may be the same buffer, so neither is __restrict__.
-template <typename TPre, typename T, typename TOut>
-__device__ __forceinline__ void prm_activation_backward(const TPre* __restrict__ pre, const T* dy, TOut* dx, int rows,
+template <typename T, typename TOut>
+__device__ __forceinline__ void prm_activation_backward(const T* __restrict__ pre, const T* dy, TOut* dx, int rows,
                                                         int cols, int act) {
     const size_t n = (size_t)rows * (size_t)cols;
     const size_t stride = (size_t)gridDim.x * blockDim.x;
@@ -130,15 +128,3 @@ extern "C" __global__ void prm_activation_backward_f32_bf16out(const float* __re
     prm_activation_backward(pre, dy, dx, rows, cols, act);
 }
 PRM_REGISTER_KERNEL(prm_activation_backward_f32_bf16out);
-
-// The engine's bf16 MLP keeps the pre-activation in bf16, as fc1's product wrote it (bias added
-// in its epilogue): the backward reads that bf16 `pre` with the fp32 gradient of fc2's
-// input-gradient product and writes fc1-backward's bf16 operand. (The forward, bf16 pre in,
-// bf16 hidden out, is `prm_activation_forward_bf16` with null bias and pre.)
-extern "C" __global__ void prm_activation_backward_bf16pre_bf16out(const __nv_bfloat16* __restrict__ pre,
-                                                                   const float* __restrict__ dy,
-                                                                   __nv_bfloat16* __restrict__ dx, int rows, int cols,
-                                                                   int act) {
-    prm_activation_backward(pre, dy, dx, rows, cols, act);
-}
-PRM_REGISTER_KERNEL(prm_activation_backward_bf16pre_bf16out);

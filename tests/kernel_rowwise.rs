@@ -1190,13 +1190,13 @@ fn layernorm_bf16out_rounds_the_fp32_kernel() {
     }
 }
 
-/// The bf16-pre MLP path of the engine's bf16 precision: `activation_forward_bf16` (bf16 pre
-/// in, bf16 hidden out, no bias, nothing saved) and `activation_backward_bf16pre_bf16out` (bf16
-/// pre, fp32 dy, bf16 dx) equal the fp32 kernels run on the widened pre, rounded once to bf16,
-/// bit for bit, and track the reference twins within one bf16 rounding. Their outputs may be
-/// longer than `[rows, cols]` (an operand scratch): the tail stays untouched.
+/// The engine's bf16 MLP: the bf16 forward with no bias and no `pre` (bf16 pre-activation in,
+/// bf16 hidden out) and the bf16 backward (bf16 pre and dy, bf16 dx) equal the fp32 kernels run
+/// on the widened bf16 values, rounded once to bf16, bit for bit, and track the reference
+/// twins within one bf16 rounding. Their outputs may be longer than `[rows, cols]` (an operand
+/// scratch): the tail stays untouched.
 #[test]
-fn activation_bf16_pre_variants_round_the_fp32_kernels() {
+fn activation_bf16_engine_path_rounds_the_fp32_kernels() {
     for dev in devices() {
         for act in [Activation::QuickGelu, Activation::Gelu] {
             for (case, &(rows, cols)) in [(197usize, 3072usize), (1201, 100), (13, 37)]
@@ -1205,13 +1205,13 @@ fn activation_bf16_pre_variants_round_the_fp32_kernels() {
             {
                 let mut rng = Rng::new(1300 + case as u64);
                 let pre = from_bf16(&to_bf16(&rng.vec(rows * cols, -7.0, 7.0)));
-                let dy = rng.vec(rows * cols, -1.0, 1.0);
-                let what = format!("{} {act:?} bf16 pre {rows}x{cols}", dev.name());
+                let dy = from_bf16(&to_bf16(&rng.vec(rows * cols, -1.0, 1.0)));
+                let what = format!("{} {act:?} bf16 engine path {rows}x{cols}", dev.name());
                 let n = rows * cols;
-                let (pre32, preb, dyb) = (
-                    dev.upload(&pre).unwrap(),
+                let (pre32, dy32) = (dev.upload(&pre).unwrap(), dev.upload(&dy).unwrap());
+                let (preb, dyb) = (
                     dev.upload(&to_bf16(&pre)).unwrap(),
-                    dev.upload(&dy).unwrap(),
+                    dev.upload(&to_bf16(&dy)).unwrap(),
                 );
 
                 let mut out32 = poisoned(&dev, n);
@@ -1220,8 +1220,10 @@ fn activation_bf16_pre_variants_round_the_fp32_kernels() {
                 )
                 .unwrap();
                 let mut out = poisoned_bf16(&dev, n + 5);
-                activation::activation_forward_bf16(&dev, act, &preb, &mut out, rows, cols)
-                    .unwrap();
+                activation::bias_activation_forward_bf16(
+                    &dev, act, &preb, None, None, &mut out, rows, cols,
+                )
+                .unwrap();
                 let got = dev.download(&out).unwrap();
                 assert_eq!(
                     got[..n],
@@ -1242,13 +1244,13 @@ fn activation_bf16_pre_variants_round_the_fp32_kernels() {
                 );
 
                 let mut dx32 = poisoned(&dev, n);
-                activation::activation_backward_f32(&dev, act, &pre32, &dyb, &mut dx32, rows, cols)
-                    .unwrap();
-                let mut dx = poisoned_bf16(&dev, n + 5);
-                activation::activation_backward_bf16pre_bf16out(
-                    &dev, act, &preb, &dyb, &mut dx, rows, cols,
+                activation::activation_backward_f32(
+                    &dev, act, &pre32, &dy32, &mut dx32, rows, cols,
                 )
                 .unwrap();
+                let mut dx = poisoned_bf16(&dev, n + 5);
+                activation::activation_backward_bf16(&dev, act, &preb, &dyb, &mut dx, rows, cols)
+                    .unwrap();
                 let got = dev.download(&dx).unwrap();
                 assert_eq!(
                     got[..n],
