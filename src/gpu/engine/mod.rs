@@ -59,8 +59,11 @@ pub enum Precision {
     Fp32,
     /// The matrix products (every linear layer's forward and input-gradient product, and the
     /// products inside attention, on tensor cores) take bf16 inputs, rounded to nearest even
-    /// from the fp32 activations, gradients and weights, and accumulate in fp32 into fp32
-    /// outputs. LayerNorm, softmax statistics, activations, losses, the residual stream, the
+    /// from the fp32 activations, gradients and weights, and accumulate in fp32. Tensors whose
+    /// only consumers read bf16 are stored in bf16, as PyTorch autocast stores them: q|k|v
+    /// (v3 attention) and the MLP pre-activation (written by their products with a bf16 bias
+    /// in the epilogue), the MLP hidden layer, and the MLP's gradient before the activation.
+    /// LayerNorm and its statistics, softmax statistics, losses, the residual stream, the
     /// optimiser and every output stay fp32.
     Bf16,
 }
