@@ -1,9 +1,14 @@
 //! The CUDA backend: clean errors without a driver (never a panic), and, when a device is
 //! present, memory round trips, the raw launch path (argument packing, large dynamic shared
 //! memory) through the built-in `prm_selftest_*` kernels, and cuBLASLt products against a
-//! naive CPU product. Without a device the device tests print "skipped: no CUDA device".
+//! naive CPU product, and the product variants (C read from another buffer, bf16 output with a
+//! bf16 bias epilogue) against the simulator's twins. Without a device the device tests print
+//! "skipped: no CUDA device".
 
-use prm::gpu::gemm::{matmul_f32, MatmulShape};
+use half::bf16;
+use prm::gpu::gemm::{
+    matmul_bf16_bf16out, matmul_bf16_residual, matmul_f32, matmul_f32_residual, MatmulShape,
+};
 use prm::gpu::{cuda, Device, GpuError, KernelArgs, LaunchConfig};
 
 /// The CUDA device, or None (after printing why) when there is none.
@@ -310,4 +315,140 @@ fn sim_matmul_still_works() {
     for (g, w) in got.iter().zip(&want) {
         assert!((*g as f64 - w).abs() < 1e-5);
     }
+}
+
+/// One product variant on `dev`: the f32 and bf16 residual forms (`c` separate from `d`) and
+/// the bf16-output form with and without its bf16 bias. Returns (f32 residual, bf16 residual,
+/// bf16 out without bias, bf16 out with bias), and checks that `c` was only read.
+fn product_variants(dev: &Device, s: MatmulShape, seed: u64) -> [Vec<f32>; 4] {
+    let MatmulShape { m, n, k, .. } = s;
+    let round = |v: Vec<f32>| -> Vec<bf16> { v.into_iter().map(bf16::from_f32).collect() };
+    let (a, b) = (values(m * k, seed), values(n * k, seed + 1));
+    let (bias, c) = (values(n, seed + 2), values(m * n, seed + 3));
+    let (da, db) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
+    let (dab, dbb) = (
+        dev.upload(&round(a.clone())).unwrap(),
+        dev.upload(&round(b.clone())).unwrap(),
+    );
+    let (dbias, dbias16) = (
+        dev.upload(&bias).unwrap(),
+        dev.upload(&round(bias.clone())).unwrap(),
+    );
+    let dc = dev.upload(&c).unwrap();
+    let poisoned = |len: usize| {
+        let mut d = dev.alloc::<f32>(len).unwrap();
+        dev.poison(&mut d).unwrap();
+        d
+    };
+    let poisoned16 = |len: usize| {
+        let mut d = dev.alloc::<bf16>(len).unwrap();
+        dev.poison(&mut d).unwrap();
+        d
+    };
+    let mut d32 = poisoned(m * n);
+    matmul_f32_residual(dev, s, &da, &db, Some(&dbias), Some(&dc), &mut d32).unwrap();
+    let mut dmix = poisoned(m * n);
+    matmul_bf16_residual(dev, s, &dab, &dbb, Some(&dbias), Some(&dc), &mut dmix).unwrap();
+    let mut plain = poisoned16(m * n);
+    matmul_bf16_bf16out(dev, s, &dab, &dbb, None, &mut plain).unwrap();
+    let mut biased = poisoned16(m * n);
+    matmul_bf16_bf16out(dev, s, &dab, &dbb, Some(&dbias16), &mut biased).unwrap();
+    assert_eq!(dev.download(&dc).unwrap(), c, "{s:?}: C was written");
+    let wide = |v: Vec<bf16>| v.into_iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+    [
+        dev.download(&d32).unwrap(),
+        dev.download(&dmix).unwrap(),
+        wide(dev.download(&plain).unwrap()),
+        wide(dev.download(&biased).unwrap()),
+    ]
+}
+
+/// cuBLASLt's C ≠ D and bf16-output descriptors against the simulator's twins, at the engine's
+/// shapes (ViT-B qkv over 3 images of 197 tokens, 1201-token MLP products, an input-gradient
+/// product) and odd ones (bf16 rows of odd length are only 2-byte aligned; k = 0). A
+/// configuration cuBLASLt has no algorithm for fails with a typed error, never garbage.
+#[test]
+fn product_variants_match_the_simulator() {
+    let Some(dev) = device() else { return };
+    let sim = Device::sim();
+    let shapes = [
+        (197 * 3, 2304, 768, true),
+        (1201, 3072, 768, true),
+        (1201, 768, 3072, true),
+        (197, 768, 3072, false),
+        (197, 37, 33, true),
+        (13, 9, 0, true),
+    ];
+    for (i, &(m, n, k, b_transposed)) in shapes.iter().enumerate() {
+        let s = MatmulShape {
+            m,
+            n,
+            k,
+            b_transposed,
+        };
+        let got = product_variants(&dev, s, 100 + i as u64);
+        let want = product_variants(&sim, s, 100 + i as u64);
+        // fp32 accumulation in another order; bf16 outputs may round the other way (one bf16
+        // step, 2^-8 relative).
+        let f32_tol = 2e-5 * (k.max(1) as f64).sqrt() * 8.0;
+        let names = [
+            "f32 residual",
+            "bf16 residual",
+            "bf16 out",
+            "bf16 out + bias",
+        ];
+        for (v, (g, w)) in got.iter().zip(&want).enumerate() {
+            for (idx, (&g, &w)) in g.iter().zip(w).enumerate() {
+                let (g, w) = (g as f64, w as f64);
+                let tol = if v < 2 {
+                    f32_tol * (1.0 + w.abs())
+                } else {
+                    w.abs() / 128.0 + f32_tol
+                };
+                assert!(
+                    g.is_finite() && (g - w).abs() <= tol,
+                    "{s:?} {}: d[{}, {}] = {g}, simulator {w}",
+                    names[v],
+                    idx / n,
+                    idx % n
+                );
+            }
+        }
+    }
+}
+
+/// The variants inside a captured CUDA graph replay with the results of direct calls.
+#[test]
+fn product_variants_replay_from_a_cuda_graph() {
+    let Some(dev) = device() else { return };
+    let s = MatmulShape {
+        m: 197,
+        n: 2304,
+        k: 768,
+        b_transposed: true,
+    };
+    let direct = product_variants(&dev, s, 7);
+    let round = |v: Vec<f32>| -> Vec<bf16> { v.into_iter().map(bf16::from_f32).collect() };
+    let a = dev.upload(&round(values(s.m * s.k, 7))).unwrap();
+    let b = dev.upload(&round(values(s.n * s.k, 8))).unwrap();
+    let bias = dev.upload(&values(s.n, 9)).unwrap();
+    let bias16 = dev.upload(&round(values(s.n, 9))).unwrap();
+    let c = dev.upload(&values(s.m * s.n, 10)).unwrap();
+    let mut d = dev.alloc::<f32>(s.m * s.n).unwrap();
+    let mut d16 = dev.alloc::<bf16>(s.m * s.n).unwrap();
+    let graph = dev
+        .capture(|| {
+            matmul_bf16_residual(&dev, s, &a, &b, Some(&bias), Some(&c), &mut d)?;
+            matmul_bf16_bf16out(&dev, s, &a, &b, Some(&bias16), &mut d16)
+        })
+        .unwrap();
+    graph.launch().unwrap();
+    let got16: Vec<f32> = dev
+        .download(&d16)
+        .unwrap()
+        .into_iter()
+        .map(|x| x.to_f32())
+        .collect();
+    assert_eq!(dev.download(&d).unwrap(), direct[1], "bf16 residual");
+    assert_eq!(got16, direct[3], "bf16 out + bias");
 }

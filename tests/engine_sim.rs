@@ -404,7 +404,11 @@ fn bf16_products_track_the_fp32_reference() {
 
 /// The two tensor-core attention versions of the bf16 engine (`PRM_ATTENTION=v2|v3`) against
 /// each other and the fp32 reference: v3 keeps q/k/v and the context in bf16 (the v2 kernels
-/// round them to bf16 on load anyway), so both track the reference equally well.
+/// round them to bf16 on load anyway), so both track the reference equally well. They differ
+/// by the qkv bias: v3's q/k/v come straight from the product with the bias rounded to bf16
+/// in its epilogue (as PyTorch autocast's bf16 addmm does), v2 adds the fp32 bias before its
+/// kernels round; one rounding of the bias moved the v3-vs-v2 distance from ≤ 2.5e-3 to
+/// ≤ 3e-2, well inside each version's distance to the reference (≈ 6e-2, bounded by 0.1).
 #[test]
 fn bf16_attention_v2_and_v3_agree() {
     use prm::gpu::kernels::attention::TensorCoreVersion;
@@ -461,6 +465,6 @@ fn bf16_attention_v2_and_v3_agree() {
     for (i, (v2, v3)) in results[0].iter().zip(&results[1]).enumerate() {
         let gerr = rel_err(&v3.gradient, &v2.gradient);
         eprintln!("image {i}: v3 vs v2 gradient rel err {gerr:.2e}");
-        assert!(gerr < 2e-2, "image {i}: v3 vs v2 gradient error {gerr:e}");
+        assert!(gerr < 5e-2, "image {i}: v3 vs v2 gradient error {gerr:e}");
     }
 }

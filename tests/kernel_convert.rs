@@ -1,10 +1,15 @@
 //! `kernels/convert.cu` (fp32 → bf16, round to nearest even) against `half::bf16::from_f32`,
-//! bit for bit, and the mixed-precision product `gemm::matmul_bf16` against a host product of
-//! the bf16-rounded inputs. Fresh random inputs, poisoned outputs, odd sizes; the simulator
+//! bit for bit, the mixed-precision product `gemm::matmul_bf16` against a host product of
+//! the bf16-rounded inputs, and the product variants (`_residual`: C read from another buffer;
+//! `matmul_bf16_bf16out`: bf16 output with a bf16 bias) against the products they replace,
+//! directly and replayed from a graph. Fresh random inputs, poisoned outputs, odd sizes; the simulator
 //! always, CUDA when present.
 
 use half::bf16;
-use prm::gpu::gemm::{matmul_bf16, MatmulShape};
+use prm::gpu::gemm::{
+    matmul_bf16, matmul_bf16_bf16out, matmul_bf16_residual, matmul_f32, matmul_f32_residual,
+    MatmulShape,
+};
 use prm::gpu::kernels::convert::to_bf16;
 use prm::gpu::{Buffer, Device};
 
@@ -182,4 +187,151 @@ fn matmul_bf16_is_the_fp32_product_of_the_rounded_inputs() {
             }
         }
     }
+}
+
+fn round_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+/// `matmul_*_residual` (C from a separate buffer) equals a copy of C into D followed by the
+/// in-place accumulating product, bit for bit, and leaves C untouched; `matmul_bf16_bf16out`
+/// equals the fp32-output product with the widened bias, rounded once to bf16 (and is within
+/// one bf16 rounding of an f64 product). Odd shapes, poisoned outputs, the simulator always
+/// (tests/cuda_backend.rs holds the cuBLASLt comparisons).
+#[test]
+fn product_variants_match_the_products_they_replace() {
+    let mut rng = Rng(0x4F1B_BCDC_BFA5_3E0B);
+    let dev = Device::sim();
+    for (m, n, k) in [
+        (197usize, 37usize, 33usize),
+        (13, 50, 129),
+        (3, 5, 0),
+        (1201, 7, 5),
+    ] {
+        for b_transposed in [true, false] {
+            let what = format!("m={m} n={n} k={k} b_transposed={b_transposed}");
+            let shape = MatmulShape {
+                m,
+                n,
+                k,
+                b_transposed,
+            };
+            let (a, b) = (rng.vec(m * k, -2.0, 2.0), rng.vec(n * k, -2.0, 2.0));
+            let (bias, c) = (rng.vec(n, -1.0, 1.0), rng.vec(m * n, -1.0, 1.0));
+            let (da, db) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
+            let (dab, dbb) = (
+                dev.upload(&round_bf16(&a)).unwrap(),
+                dev.upload(&round_bf16(&b)).unwrap(),
+            );
+            let (dbias, dc) = (dev.upload(&bias).unwrap(), dev.upload(&c).unwrap());
+
+            let mut want = dev.upload(&c).unwrap();
+            matmul_f32(&dev, shape, &da, &db, Some(&dbias), &mut want, true).unwrap();
+            let mut got = poisoned::<f32>(&dev, m * n);
+            matmul_f32_residual(&dev, shape, &da, &db, Some(&dbias), Some(&dc), &mut got).unwrap();
+            let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            assert_eq!(
+                bits(dev.download(&got).unwrap()),
+                bits(dev.download(&want).unwrap()),
+                "{what}: f32 residual"
+            );
+
+            let mut want = dev.upload(&c).unwrap();
+            matmul_bf16(&dev, shape, &dab, &dbb, Some(&dbias), &mut want, true).unwrap();
+            let mut got = poisoned::<f32>(&dev, m * n);
+            matmul_bf16_residual(&dev, shape, &dab, &dbb, Some(&dbias), Some(&dc), &mut got)
+                .unwrap();
+            assert_eq!(
+                bits(dev.download(&got).unwrap()),
+                bits(dev.download(&want).unwrap()),
+                "{what}: bf16 residual"
+            );
+            assert_eq!(dev.download(&dc).unwrap(), c, "{what}: C was modified");
+
+            for with_bias in [false, true] {
+                let bias16 = round_bf16(&bias);
+                let wide: Vec<f32> = bias16.iter().map(|v| v.to_f32()).collect();
+                let (dbias16, dwide) = (dev.upload(&bias16).unwrap(), dev.upload(&wide).unwrap());
+                let mut want = poisoned::<f32>(&dev, m * n);
+                let wbias = with_bias.then_some(&dwide);
+                matmul_bf16(&dev, shape, &dab, &dbb, wbias, &mut want, false).unwrap();
+                let want = round_bf16(&dev.download(&want).unwrap());
+                let mut got = poisoned::<bf16>(&dev, m * n + 3);
+                let gbias = with_bias.then_some(&dbias16);
+                matmul_bf16_bf16out(&dev, shape, &dab, &dbb, gbias, &mut got).unwrap();
+                let got = dev.download(&got).unwrap();
+                assert_eq!(got[..m * n], want[..], "{what} bias={with_bias}: bf16 out");
+                assert!(
+                    got[m * n..].iter().all(|v| v.to_bits() == 0xFFFF),
+                    "{what}: bf16 out wrote past m·n"
+                );
+                // Against an f64 product of the bf16 values: one bf16 rounding plus fp32 error.
+                let (ar, br) = (round_bf16(&a), round_bf16(&b));
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut exact, mut mag) = (0.0f64, 0.0f64);
+                        for p in 0..k {
+                            let bv = if b_transposed {
+                                br[j * k + p]
+                            } else {
+                                br[p * n + j]
+                            };
+                            let t = ar[i * k + p].to_f64() * bv.to_f64();
+                            exact += t;
+                            mag += t.abs();
+                        }
+                        if with_bias {
+                            exact += wide[j] as f64;
+                            mag += (wide[j] as f64).abs();
+                        }
+                        let g = got[i * n + j].to_f64();
+                        let tol = exact.abs() / 256.0
+                            + 4.0 * (k as f64 + 2.0) * f32::EPSILON as f64 * mag
+                            + 1e-30;
+                        assert!(
+                            (g - exact).abs() <= tol,
+                            "{what} bias={with_bias} [{i},{j}]: {g} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The product variants record into a graph and replay there with the results of direct calls.
+#[test]
+fn product_variants_replay_from_a_graph() {
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let dev = Device::sim();
+    let (m, n, k) = (197usize, 37usize, 65usize);
+    let shape = MatmulShape {
+        m,
+        n,
+        k,
+        b_transposed: true,
+    };
+    let a = dev.upload(&round_bf16(&rng.vec(m * k, -2.0, 2.0))).unwrap();
+    let b = dev.upload(&round_bf16(&rng.vec(n * k, -2.0, 2.0))).unwrap();
+    let bias16 = dev.upload(&round_bf16(&rng.vec(n, -1.0, 1.0))).unwrap();
+    let bias = dev.upload(&rng.vec(n, -1.0, 1.0)).unwrap();
+    let c = dev.upload(&rng.vec(m * n, -1.0, 1.0)).unwrap();
+    let (mut d, mut d16) = (poisoned::<f32>(&dev, m * n), poisoned::<bf16>(&dev, m * n));
+    let graph = dev
+        .capture(|| {
+            matmul_bf16_residual(&dev, shape, &a, &b, Some(&bias), Some(&c), &mut d)?;
+            matmul_bf16_bf16out(&dev, shape, &a, &b, Some(&bias16), &mut d16)
+        })
+        .unwrap();
+    assert!(dev.download(&d).unwrap().iter().all(|v| v.is_nan()));
+    graph.launch().unwrap();
+    let (mut want, mut want16) = (poisoned::<f32>(&dev, m * n), poisoned::<bf16>(&dev, m * n));
+    matmul_bf16_residual(&dev, shape, &a, &b, Some(&bias), Some(&c), &mut want).unwrap();
+    matmul_bf16_bf16out(&dev, shape, &a, &b, Some(&bias16), &mut want16).unwrap();
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    assert_eq!(
+        bits(dev.download(&d).unwrap()),
+        bits(dev.download(&want).unwrap())
+    );
+    assert_eq!(dev.download(&d16).unwrap(), dev.download(&want16).unwrap());
 }

@@ -1189,3 +1189,88 @@ fn layernorm_bf16out_rounds_the_fp32_kernel() {
         }
     }
 }
+
+/// The engine's bf16 MLP: the bf16 forward with no bias and no `pre` (bf16 pre-activation in,
+/// bf16 hidden out) and the bf16 backward (bf16 pre and dy, bf16 dx) equal the fp32 kernels run
+/// on the widened bf16 values, rounded once to bf16, bit for bit, and track the reference
+/// twins within one bf16 rounding. Their outputs may be longer than `[rows, cols]` (an operand
+/// scratch): the tail stays untouched.
+#[test]
+fn activation_bf16_engine_path_rounds_the_fp32_kernels() {
+    for dev in devices() {
+        for act in [Activation::QuickGelu, Activation::Gelu] {
+            for (case, &(rows, cols)) in [(197usize, 3072usize), (1201, 100), (13, 37)]
+                .iter()
+                .enumerate()
+            {
+                let mut rng = Rng::new(1300 + case as u64);
+                let pre = from_bf16(&to_bf16(&rng.vec(rows * cols, -7.0, 7.0)));
+                let dy = from_bf16(&to_bf16(&rng.vec(rows * cols, -1.0, 1.0)));
+                let what = format!("{} {act:?} bf16 engine path {rows}x{cols}", dev.name());
+                let n = rows * cols;
+                let (pre32, dy32) = (dev.upload(&pre).unwrap(), dev.upload(&dy).unwrap());
+                let (preb, dyb) = (
+                    dev.upload(&to_bf16(&pre)).unwrap(),
+                    dev.upload(&to_bf16(&dy)).unwrap(),
+                );
+
+                let mut out32 = poisoned(&dev, n);
+                activation::bias_activation_forward_f32(
+                    &dev, act, &pre32, None, None, &mut out32, rows, cols,
+                )
+                .unwrap();
+                let mut out = poisoned_bf16(&dev, n + 5);
+                activation::bias_activation_forward_bf16(
+                    &dev, act, &preb, None, None, &mut out, rows, cols,
+                )
+                .unwrap();
+                let got = dev.download(&out).unwrap();
+                assert_eq!(
+                    got[..n],
+                    to_bf16(&dev.download(&out32).unwrap())[..],
+                    "{what}: forward"
+                );
+                assert!(got[n..].iter().all(|v| v.is_nan()), "{what}: forward tail");
+                let mut want = pre.clone();
+                ops::activation(act, &mut want);
+                let wf = check(
+                    &what,
+                    &from_bf16(&got[..n]),
+                    &want,
+                    cols,
+                    BF16_TOL,
+                    false,
+                    1e-3,
+                );
+
+                let mut dx32 = poisoned(&dev, n);
+                activation::activation_backward_f32(
+                    &dev, act, &pre32, &dy32, &mut dx32, rows, cols,
+                )
+                .unwrap();
+                let mut dx = poisoned_bf16(&dev, n + 5);
+                activation::activation_backward_bf16(&dev, act, &preb, &dyb, &mut dx, rows, cols)
+                    .unwrap();
+                let got = dev.download(&dx).unwrap();
+                assert_eq!(
+                    got[..n],
+                    to_bf16(&dev.download(&dx32).unwrap())[..],
+                    "{what}: backward"
+                );
+                assert!(got[n..].iter().all(|v| v.is_nan()), "{what}: backward tail");
+                let mut want_dx = dy.clone();
+                ops::activation_backward(act, &pre, &mut want_dx);
+                let wb = check(
+                    &format!("{what} backward"),
+                    &from_bf16(&got[..n]),
+                    &want_dx,
+                    cols,
+                    BF16_TOL,
+                    true,
+                    0.0,
+                );
+                println!("{what}: worst forward {wf:.2e}, backward {wb:.2e}");
+            }
+        }
+    }
+}

@@ -25,8 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{result as dr, sys as ds, CudaContext, CudaStream, DriverError};
 
 use super::device::{GpuError, LaunchConfig};
-use super::gemm::MatmulShape;
-use super::Buffer;
+use super::gemm::{MatmulShape, ProductPtrs, ProductTypes};
 
 /// A fatbin compiled from one `kernels/*.cu` file, with the names of its kernels.
 #[allow(dead_code)]
@@ -509,65 +508,14 @@ impl CudaBackend {
             .map_err(|e| cuda_err("device-to-device copy", e))
     }
 
-    /// `c = (accumulate ? c : 0) + a · op(b) + bias`, row-major, through cuBLASLt (fp32 compute;
-    /// see [`Blas::matmul`] for the mapping onto cuBLASLt's column-major convention).
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul_f32(
+    /// `d = (c or 0) + a · op(b) + bias`, row-major, through cuBLASLt (fp32 compute and scale;
+    /// element types per `types`; see [`Blas::plan`] for the mapping onto cuBLASLt's
+    /// column-major convention). The extents were checked by `gemm`'s entry points.
+    pub(crate) fn matmul(
         &self,
         shape: MatmulShape,
-        a: &Buffer<f32>,
-        b: &Buffer<f32>,
-        bias: Option<&Buffer<f32>>,
-        c: &mut Buffer<f32>,
-        accumulate: bool,
-        capturing: bool,
-    ) -> Result<(), GpuError> {
-        self.matmul(
-            shape,
-            a.address(),
-            b.address(),
-            bias,
-            c,
-            accumulate,
-            false,
-            capturing,
-        )
-    }
-
-    /// [`Self::matmul_f32`] with bf16 `a` and `b` (`CUDA_R_16BF`), fp32 compute, bias and `c`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul_bf16(
-        &self,
-        shape: MatmulShape,
-        a: &Buffer<half::bf16>,
-        b: &Buffer<half::bf16>,
-        bias: Option<&Buffer<f32>>,
-        c: &mut Buffer<f32>,
-        accumulate: bool,
-        capturing: bool,
-    ) -> Result<(), GpuError> {
-        self.matmul(
-            shape,
-            a.address(),
-            b.address(),
-            bias,
-            c,
-            accumulate,
-            true,
-            capturing,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn matmul(
-        &self,
-        shape: MatmulShape,
-        a: u64,
-        b: u64,
-        bias: Option<&Buffer<f32>>,
-        c: &mut Buffer<f32>,
-        accumulate: bool,
-        bf16_inputs: bool,
+        types: ProductTypes,
+        p: ProductPtrs,
         capturing: bool,
     ) -> Result<(), GpuError> {
         if shape.m == 0 || shape.n == 0 {
@@ -586,17 +534,7 @@ impl CudaBackend {
         }
         let blas = guard.as_mut().expect("initialised above");
         let result = catch_unwind(AssertUnwindSafe(|| {
-            blas.matmul(
-                &self.stream,
-                shape,
-                a,
-                b,
-                bias.map(|b| b.address()),
-                c.address(),
-                accumulate,
-                bf16_inputs,
-                capturing,
-            )
+            blas.matmul(&self.stream, shape, types, p, capturing)
         }));
         result.unwrap_or_else(|p| {
             Err(GpuError::Cuda {
@@ -758,18 +696,19 @@ fn blas_err(context: impl Into<String>, e: lt::result::CublasError) -> GpuError 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
     shape: MatmulShape,
+    /// β = 1 (C is added; it may be D itself or another buffer of the same layout).
     accumulate: bool,
     bias: bool,
-    /// a and b are bf16 (`CUDA_R_16BF`); c, bias and compute are fp32 either way.
-    bf16_inputs: bool,
-    /// Alignment (bytes, ≤ 256) of the a, b, c and bias addresses, capped by the byte pitch
-    /// of each matrix's leading dimension: the heuristic's choice depends on it.
-    align: [u32; 4],
+    /// Element types of a and b, bias, and C = D (compute and scale are fp32 always).
+    types: ProductTypes,
+    /// Alignment (bytes, ≤ 256) of the a, b, c, d and bias addresses, capped by the byte
+    /// pitch of each matrix's leading dimension: the heuristic's choice depends on it.
+    align: [u32; 5],
 }
 
 struct Plan {
     desc: lt::sys::cublasLtMatmulDesc_t,
-    /// Layouts of cuBLASLt's A (our b), B (our a) and C = D (our c).
+    /// Layouts of cuBLASLt's A (our b), B (our a), and C and D (our c and d: one layout).
     layouts: [lt::sys::cublasLtMatrixLayout_t; 3],
     algo: lt::sys::cublasLtMatmulAlgo_t,
     /// The algorithm came from the heuristic for another `m` of the same bucket.
@@ -879,9 +818,12 @@ impl Blas {
     ///   column-major `[k,n]` (ld k), and `op(B)ᵀ = b` needs TRANSA = T. If `b` is `[k,n]`, its
     ///   memory is the column-major `[n,k]` (ld n) = `op(B)ᵀ` itself: TRANSA = N.
     /// - cuBLASLt B = our `a`: column-major `[k,m]` (ld k) = `Aᵀ`, TRANSB = N.
-    /// - C = D = our `c`: column-major `[n,m]` (ld n).
+    /// - C and D = our `c` and `d`: column-major `[n,m]` (ld n), one layout for both (cuBLASLt
+    ///   reads C from one address and writes D to another when they differ).
     /// - The bias epilogue adds a vector with one entry per *row* of D, i.e. per column `j` of
-    ///   our row-major `c`: `c[i,j] += bias[j]`, as required. β = 1 when accumulating (C = D).
+    ///   our row-major `d`: `d[i,j] += bias[j]`, as required. β = 1 when accumulating.
+    /// - bf16 output (`ProductTypes::Bf16Out`): C, D and the bias are `CUDA_R_16BF`, compute and
+    ///   scale fp32; the epilogue adds the bias to the fp32 accumulator before the one rounding.
     fn plan(&mut self, key: PlanKey) -> Result<&Plan, GpuError> {
         if !self.plans.contains_key(&key) {
             if self.plans.len() >= MAX_PLANS {
@@ -920,15 +862,14 @@ impl Blas {
         } = key.shape;
         let (m, n, k) = (m as u64, n as u64, k as u64);
         let f32t = lt::sys::cudaDataType::CUDA_R_32F;
-        let in_t = if key.bf16_inputs {
-            lt::sys::cudaDataType::CUDA_R_16BF
-        } else {
-            f32t
-        };
+        let bf16t = lt::sys::cudaDataType::CUDA_R_16BF;
+        let in_t = if key.types.bf16_inputs() { bf16t } else { f32t };
+        let out_t = if key.types.bf16_output() { bf16t } else { f32t };
         let ctx = |what: &str| {
             format!(
-                "cuBLASLt {what} for m={m} n={n} k={k} b_transposed={b_transposed} bf16={}",
-                key.bf16_inputs
+                "cuBLASLt {what} for m={m} n={n} k={k} b_transposed={b_transposed} types={:?} \
+                 accumulate={} bias={}",
+                key.types, key.accumulate, key.bias
             )
         };
 
@@ -979,11 +920,26 @@ impl Blas {
             })
         }
         .map_err(|e| blas_err(ctx("descriptor attributes"), e))?;
+        if key.bias && key.types.bf16_output() {
+            // The default (the type of D) already is bf16; stated so the plan does not depend
+            // on that default.
+            let bias_t = bf16t as i32;
+            // SAFETY: valid descriptor; the attribute is an int32 cudaDataType.
+            unsafe {
+                lt::result::set_matmul_desc_attribute(
+                    desc,
+                    D::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                    &bias_t as *const i32 as *const c_void,
+                    std::mem::size_of::<i32>(),
+                )
+            }
+            .map_err(|e| blas_err(ctx("bias data type"), e))?;
+        }
 
         let (a_rows, a_cols, lda) = if b_transposed { (k, n, k) } else { (n, k, n) };
         let dims = [(a_rows, a_cols, lda), (k, m, k), (n, m, n)];
         for (i, (rows, cols, ld)) in dims.into_iter().enumerate() {
-            let t = if i < 2 { in_t } else { f32t };
+            let t = if i < 2 { in_t } else { out_t };
             plan.layouts[i] = lt::result::create_matrix_layout(t, rows, cols, ld as i64)
                 .map_err(|e| blas_err(ctx("matrix layout"), e))?;
         }
@@ -995,15 +951,14 @@ impl Blas {
         }
         let pref = lt::result::create_matmul_pref().map_err(|e| blas_err(ctx("preference"), e))?;
         let ws = WORKSPACE_BYTES as u64;
-        let [al_a, al_b, al_c, al_bias] = key.align;
-        let _ = al_bias;
+        let [al_a, al_b, al_c, al_d, _] = key.align;
         // cuBLASLt's A is our b and its B is our a.
         let prefs: [(P, u64); 5] = [
             (P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, ws),
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, al_b as u64),
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, al_a as u64),
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, al_c as u64),
-            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, al_c as u64),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, al_d as u64),
         ];
         let mut result = Ok(());
         for (attr, value) in prefs {
@@ -1046,7 +1001,12 @@ impl Blas {
                     pref,
                 )
             }
-            .map_err(|e| blas_err(ctx("algorithm heuristic (no algorithm found)"), e))
+            .map_err(|e| {
+                blas_err(
+                    ctx("algorithm heuristic (no algorithm supports this configuration)"),
+                    e,
+                )
+            })
         });
         // SAFETY: created above, destroyed once.
         let _ = unsafe { lt::result::destroy_matmul_pref(pref) };
@@ -1064,22 +1024,18 @@ impl Blas {
         Ok(plan)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn matmul(
         &mut self,
         stream: &Arc<CudaStream>,
         shape: MatmulShape,
-        a: u64,
-        b: u64,
-        bias: Option<u64>,
-        c: u64,
-        accumulate: bool,
-        bf16_inputs: bool,
+        types: ProductTypes,
+        p: ProductPtrs,
         capturing: bool,
     ) -> Result<(), GpuError> {
-        let (mut shape, mut a, mut b) = (shape, a, b);
+        let (mut shape, mut p) = (shape, p);
         if shape.k == 0 {
-            // c = (acc ? c : 0) + bias: a product of inner length 1 with zero operands.
+            // d = (c or 0) + bias: a product of inner length 1 with zero operands (zero bytes
+            // are zeros in f32 and bf16 alike).
             let need = 4 * shape.m.max(shape.n);
             if self.zeros.as_ref().is_none_or(|z| z.1 < need) {
                 if capturing {
@@ -1095,33 +1051,36 @@ impl Blas {
             }
             let z = self.zeros.as_ref().expect("allocated above").0.ptr;
             shape.k = 1;
-            a = z;
-            b = z;
+            p.a = z;
+            p.b = z;
         }
         // An operand's alignment is that of its address and of its row pitch (every column of
         // the column-major view starts one leading dimension further on): bf16 rows of odd
         // length are only 2-byte aligned even in a 256-byte aligned buffer.
-        let in_bytes = if bf16_inputs { 2 } else { 4 };
+        let in_bytes = if types.bf16_inputs() { 2 } else { 4 };
+        let out_bytes = if types.bf16_output() { 2 } else { 4 };
         let ld_b = if shape.b_transposed { shape.k } else { shape.n };
         let pitch =
             |ptr: u64, ld: usize, elem: usize| alignment(ptr).min(alignment((ld * elem) as u64));
+        let c = p.c.unwrap_or(p.d);
         let key = PlanKey {
             shape,
-            accumulate,
-            bias: bias.is_some(),
-            bf16_inputs,
+            accumulate: p.c.is_some(),
+            bias: p.bias.is_some(),
+            types,
             align: [
-                pitch(a, shape.k, in_bytes),
-                pitch(b, ld_b, in_bytes),
-                pitch(c, shape.n, 4),
-                bias.map_or(256, alignment),
+                pitch(p.a, shape.k, in_bytes),
+                pitch(p.b, ld_b, in_bytes),
+                pitch(c, shape.n, out_bytes),
+                pitch(p.d, shape.n, out_bytes),
+                p.bias.map_or(256, alignment),
             ],
         };
-        let first = self.matmul_with_plan(stream, key, a, b, bias, c);
+        let first = self.matmul_with_plan(stream, key, p);
         match first {
             Err(_) if self.plans.get(&key).is_some_and(|p| p.borrowed) => {
                 self.replan_exact(key)?;
-                self.matmul_with_plan(stream, key, a, b, bias, c)
+                self.matmul_with_plan(stream, key, p)
             }
             r => r,
         }
@@ -1132,15 +1091,12 @@ impl Blas {
         &mut self,
         stream: &Arc<CudaStream>,
         key: PlanKey,
-        a: u64,
-        b: u64,
-        bias: Option<u64>,
-        c: u64,
+        p: ProductPtrs,
     ) -> Result<(), GpuError> {
-        let (shape, accumulate) = (key.shape, key.accumulate);
+        let shape = key.shape;
         let (handle, workspace) = (self.handle, self.workspace.ptr);
         let plan = self.plan(key)?;
-        if let Some(bias) = bias {
+        if let Some(bias) = p.bias {
             // SAFETY: valid descriptor; the attribute is a device pointer (8 bytes). The
             // descriptor is read by cublasLtMatmul at call time, under the backend's lock.
             unsafe {
@@ -1154,22 +1110,24 @@ impl Blas {
             .map_err(|e| blas_err("cuBLASLt bias pointer", e))?;
         }
         let alpha = 1.0f32;
-        let beta = if accumulate { 1.0f32 } else { 0.0f32 };
-        // SAFETY: the addresses are live device buffers of the extents asserted by
-        // `gemm::matmul_f32`; the plan's layouts describe them (see `plan`).
+        let beta = if key.accumulate { 1.0f32 } else { 0.0f32 };
+        // With β = 0, C is not read; it is given D's address (a valid pointer of its layout).
+        let c = p.c.unwrap_or(p.d);
+        // SAFETY: the addresses are live device buffers of the extents asserted by `gemm`'s
+        // entry points; the plan's layouts describe them (see `plan`).
         unsafe {
             lt::result::matmul(
                 handle,
                 plan.desc,
                 &alpha as *const f32 as *const c_void,
                 &beta as *const f32 as *const c_void,
-                b as *const c_void,
+                p.b as *const c_void,
                 plan.layouts[0],
-                a as *const c_void,
+                p.a as *const c_void,
                 plan.layouts[1],
                 c as *const c_void,
                 plan.layouts[2],
-                c as *mut c_void,
+                p.d as *mut c_void,
                 plan.layouts[2],
                 &plan.algo,
                 workspace as *mut c_void,
@@ -1180,12 +1138,16 @@ impl Blas {
         .map_err(|e| {
             blas_err(
                 format!(
-                    "cublasLtMatmul m={} n={} k={} b_transposed={} accumulate={accumulate} bias={}",
+                    "cublasLtMatmul m={} n={} k={} b_transposed={} types={:?} accumulate={} \
+                     separate_c={} bias={}",
                     shape.m,
                     shape.n,
                     shape.k,
                     shape.b_transposed,
-                    bias.is_some()
+                    key.types,
+                    key.accumulate,
+                    p.c.is_some_and(|c| c != p.d),
+                    p.bias.is_some()
                 ),
                 e,
             )

@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::device::{Backend, Device, GpuError, LaunchConfig};
-use super::gemm::MatmulShape;
+use super::gemm::{MatmulShape, ProductPtrs, ProductTypes};
 
 /// How many operations of each kind a graph replays per launch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -102,12 +102,13 @@ pub(crate) enum SimOp {
     },
     Matmul {
         shape: MatmulShape,
+        types: ProductTypes,
         a: SimPtr,
         b: SimPtr,
         bias: Option<SimPtr>,
-        c: SimPtr,
-        accumulate: bool,
-        bf16_inputs: bool,
+        /// The matrix added (`d` itself, a separate buffer, or none).
+        c: Option<SimPtr>,
+        d: SimPtr,
     },
     Copy {
         src: SimPtr,
@@ -142,21 +143,24 @@ impl SimOp {
             }
             SimOp::Matmul {
                 shape,
+                types,
                 a,
                 b,
                 bias,
                 c,
-                accumulate,
-                bf16_inputs,
+                d,
             } => {
                 let what = "a matrix product";
-                let (a, b, c) = (a.check(what)?, b.check(what)?, c.check(what)?);
-                let bias = bias.map(|p| p.check(what)).transpose()?;
+                let ptrs = ProductPtrs {
+                    a: a.check(what)?,
+                    b: b.check(what)?,
+                    bias: bias.map(|p| p.check(what)).transpose()?,
+                    c: c.map(|p| p.check(what)).transpose()?,
+                    d: d.check(what)?,
+                };
                 // SAFETY: the addresses are live simulator allocations (checked above) of the
                 // extents asserted when the product was recorded.
-                unsafe {
-                    super::gemm::sim_matmul_raw(*shape, a, b, bias, c, *accumulate, *bf16_inputs)
-                };
+                unsafe { super::gemm::sim_matmul_raw(*shape, *types, ptrs) };
                 Ok(())
             }
             SimOp::Copy { src, dst, bytes } => {

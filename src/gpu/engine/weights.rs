@@ -17,6 +17,9 @@ pub enum Weight {
 pub struct DeviceLinear {
     pub weight: Weight,
     pub bias: Option<Buffer<f32>>,
+    /// The bias rounded to bf16, for the layers whose product writes bf16 (qkv and fc1, bf16
+    /// weights only): the bias epilogue of a bf16-output product takes a bf16 bias.
+    pub bias_bf16: Option<Buffer<half::bf16>>,
     pub out_features: usize,
     pub in_features: usize,
 }
@@ -63,16 +66,29 @@ pub fn upload_linear(
     l: &Linear,
     precision: Precision,
 ) -> Result<DeviceLinear, GpuError> {
+    upload_linear_with(dev, l, precision, false)
+}
+
+/// [`upload_linear`], also keeping a bf16 copy of the bias when `bf16_bias` (and the weights
+/// are bf16).
+fn upload_linear_with(
+    dev: &Device,
+    l: &Linear,
+    precision: Precision,
+    bf16_bias: bool,
+) -> Result<DeviceLinear, GpuError> {
     let weight = match precision {
         Precision::Fp32 => Weight::F32(dev.upload(&l.weight)?),
-        Precision::Bf16 => {
-            let w: Vec<half::bf16> = l.weight.iter().map(|&v| half::bf16::from_f32(v)).collect();
-            Weight::Bf16(dev.upload(&w)?)
-        }
+        Precision::Bf16 => Weight::Bf16(dev.upload(&to_bf16(&l.weight))?),
+    };
+    let bias_bf16 = match (&weight, &l.bias) {
+        (Weight::Bf16(_), Some(b)) if bf16_bias => Some(dev.upload(&to_bf16(b))?),
+        _ => None,
     };
     Ok(DeviceLinear {
         weight,
         bias: l.bias.as_ref().map(|b| dev.upload(b)).transpose()?,
+        bias_bf16,
         out_features: l.out_features,
         in_features: l.in_features,
     })
@@ -92,10 +108,15 @@ pub fn upload_block(
 ) -> Result<DeviceBlock, GpuError> {
     Ok(DeviceBlock {
         ln1: upload_ln(dev, &b.ln1)?,
-        qkv: upload_linear(dev, &b.qkv, precision)?,
+        qkv: upload_linear_with(dev, &b.qkv, precision, true)?,
         out_proj: upload_linear(dev, &b.out_proj, precision)?,
         ln2: upload_ln(dev, &b.ln2)?,
-        fc1: upload_linear(dev, &b.fc1, precision)?,
+        fc1: upload_linear_with(dev, &b.fc1, precision, true)?,
         fc2: upload_linear(dev, &b.fc2, precision)?,
     })
+}
+
+/// Rounds to nearest even, as every bf16 conversion of the engine does.
+fn to_bf16(v: &[f32]) -> Vec<half::bf16> {
+    v.iter().map(|&x| half::bf16::from_f32(x)).collect()
 }
