@@ -348,9 +348,11 @@ impl<'a, E: Engine> Attack<'a, E> {
 
     /// Whether `start` is a point where the loss gradient vanishes: the clean image itself, for
     /// a loss that compares with the clean image (cosine at its maximum, distance at zero).
+    /// Decided by the loss actually optimised (the objective's), not by the settings it was
+    /// built from, so an attack with any other objective cannot take a wrong escape step.
     fn starts_at_stationary_point(&self, t: &Target, start: &[f32]) -> bool {
         matches!(
-            self.settings.loss,
+            self.objective.kind,
             LossKind::Prm | LossKind::Nrd | LossKind::Embed
         ) && start == t.clean.data
     }

@@ -29,7 +29,7 @@ use crate::gpu::engine::weights::{
     upload_block, upload_linear, upload_ln, DeviceBlock, DeviceLayerNorm, DeviceLinear, Weight,
 };
 use crate::gpu::engine::Precision;
-use crate::gpu::gemm::{matmul_bf16, matmul_f32};
+use crate::gpu::gemm::{matmul_bf16, matmul_bf16_residual, matmul_f32, matmul_f32_residual};
 use crate::gpu::kernels::activation::bias_activation_forward_f32;
 use crate::gpu::kernels::attention::{attention_forward_f32, AttentionMode, HEAD_DIM};
 use crate::gpu::kernels::convert::to_bf16;
@@ -98,11 +98,40 @@ impl Stack {
         match &l.weight {
             Weight::F32(w) => matmul_f32(&self.dev, shape, x, w, bias, out, accumulate),
             Weight::Bf16(w) => {
-                let mut xb = self.dev.alloc::<half::bf16>(rows * l.in_features)?;
-                to_bf16(&self.dev, x, &mut xb, rows * l.in_features)?;
+                let xb = self.bf16_operand(x, rows * l.in_features)?;
                 matmul_bf16(&self.dev, shape, &xb, w, bias, out, accumulate)
             }
         }
+    }
+
+    /// `out = residual + x·Wᵀ + bias`: the residual stream is the product's C input, so it
+    /// needs no copy into `out` first.
+    fn linear_onto(
+        &self,
+        x: &Buffer<f32>,
+        rows: usize,
+        l: &DeviceLinear,
+        residual: &Buffer<f32>,
+        out: &mut Buffer<f32>,
+    ) -> Result<(), GpuError> {
+        let shape = l.forward_shape(rows);
+        let bias = l.bias.as_ref();
+        match &l.weight {
+            Weight::F32(w) => {
+                matmul_f32_residual(&self.dev, shape, x, w, bias, Some(residual), out)
+            }
+            Weight::Bf16(w) => {
+                let xb = self.bf16_operand(x, rows * l.in_features)?;
+                matmul_bf16_residual(&self.dev, shape, &xb, w, bias, Some(residual), out)
+            }
+        }
+    }
+
+    /// `x` rounded to bf16, the left operand of a bf16 product.
+    fn bf16_operand(&self, x: &Buffer<f32>, len: usize) -> Result<Buffer<half::bf16>, GpuError> {
+        let mut xb = self.dev.alloc::<half::bf16>(len)?;
+        to_bf16(&self.dev, x, &mut xb, len)?;
+        Ok(xb)
     }
 
     fn ln(
@@ -174,8 +203,7 @@ impl Stack {
         self.linear(&n1, rows, &b.qkv, true, &mut qkv, false)?;
         let ctx = self.attention(&qkv, cu, lens, rows, AttentionMode::QK, causal)?;
         let mut z = self.dev.alloc(rows * d)?;
-        self.dev.copy(x, &mut z)?;
-        self.linear(&ctx, rows, &b.out_proj, true, &mut z, true)?;
+        self.linear_onto(&ctx, rows, &b.out_proj, x, &mut z)?;
         self.mlp(b, &mut z, rows)?;
         Ok(z)
     }
@@ -198,15 +226,13 @@ impl Stack {
         match head {
             DenseHead::MaskClip => {
                 let ctx = self.attention(&qkv, cu, lens, rows, AttentionMode::Identity, false)?;
-                self.dev.copy(x, &mut z)?;
-                self.linear(&ctx, rows, &b.out_proj, true, &mut z, true)?;
+                self.linear_onto(&ctx, rows, &b.out_proj, x, &mut z)?;
                 self.mlp(b, &mut z, rows)?;
             }
             DenseHead::Sclip => {
                 let qq = self.attention(&qkv, cu, lens, rows, AttentionMode::QQ, false)?;
                 let kk = self.attention(&qkv, cu, lens, rows, AttentionMode::KK, false)?;
-                self.dev.copy(x, &mut z)?;
-                self.linear(&qq, rows, &b.out_proj, true, &mut z, true)?;
+                self.linear_onto(&qq, rows, &b.out_proj, x, &mut z)?;
                 self.linear(&kk, rows, &b.out_proj, false, &mut z, true)?;
                 self.mlp(b, &mut z, rows)?;
             }
