@@ -11,7 +11,8 @@
 #   paper  ViT-B/16, 640x480, 250 AdamW steps, dynamic scale, all layers: prm bf16 at batch 1
 #          and batch $PAPER_BATCH (default 8), prm fp32 at batch 1; torch fp32 at batch 1
 #   A/B    prm bf16 with graphs off, with attention v2, at batch 1 with graphs on and off
-#   attack 192 images through `prm attack --profile` on cuda:0 (and cuda:all with several GPUs)
+#   attack 192 images through `prm attack --profile` on cuda:0, again with PRM_NO_STAGING=1
+#          (and cuda:all with several GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PRM=${1:-target/release/prm}
@@ -110,18 +111,20 @@ if [[ ! -d $DATA ]]; then
   for i in $(seq -w 1 32); do for f in samples/*.png samples/*.jpg; do
     b=$(basename "$f"); cp "$f" "$DATA/$i-$b"; done; done
 fi
-attack() { # name, device
-  local name=$1 dev=$2
+attack() { # name, device, [env assignments...]
+  local name=$1 dev=$2; shift 2
   rm -rf "$OUT/$name-out"
   echo "== $name: prm attack --device $dev" >&2
-  timeout "${ROW_TIMEOUT:-240}" "$PRM" attack --model random:vit-b-16 --input "$DATA" \
+  env "$@" timeout "${ROW_TIMEOUT:-240}" "$PRM" attack --model random:vit-b-16 --input "$DATA" \
     --output "$OUT/$name-out" --preset pgd --resolution 224 --precision bf16 --batch-size auto \
     --device "$dev" --profile "$OUT/$name-profile.json" >"$OUT/$name.log" 2>&1 \
     || echo "   failed: see $OUT/$name.log" >&2
-  grep -E "images/s|waited|busy|steady" "$OUT/$name.log" | sed "s/^/$name: /"
+  grep -E "images/s|waited|busy|steady|staged" "$OUT/$name.log" | sed "s/^/$name: /"
 }
 echo
 attack attack-cuda0 cuda:0
+# Uploads staged on a second stream (2026-11-25, unmeasured when it landed) against none.
+attack attack-cuda0-nostaging cuda:0 PRM_NO_STAGING=1
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 if [[ $gpus -gt 1 ]]; then
   attack attack-cuda-all cuda:all

@@ -313,7 +313,8 @@ impl Timeline {
             let after_first = w.batches.saturating_sub(1);
             if w.input_staged_after_first > 0 || w.copy_waits > 0 {
                 out += &format!(
-                    "    uploads: {} of {} batch(es) after the first staged ahead on the copy                      stream ({:.3} s of host time); the GPU waited for a copy {} time(s)\n",
+                    "    uploads: {} of {} batch(es) after the first staged ahead on the copy \
+                     stream ({:.3} s of host time); the GPU waited for a copy {} time(s)\n",
                     w.input_staged_after_first, after_first, w.stage_seconds, w.copy_waits,
                 );
             }
