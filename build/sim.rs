@@ -105,6 +105,12 @@ pub fn build() {
     let registry = out.join("registry.cpp");
     write_if_changed(&registry, &reg);
 
+    // PRM_SIM_UCONTEXT=1 switches fibers from the x86-64 context switch to ucontext's
+    // swapcontext (what other architectures use), to test that path on x86-64.
+    println!("cargo:rerun-if-env-changed=PRM_SIM_UCONTEXT");
+    if std::env::var("PRM_SIM_UCONTEXT").is_ok_and(|v| v == "1") {
+        build.define("PRM_SIM_UCONTEXT", None);
+    }
     build.file(kernels_dir.join("sim").join("runtime.cpp"));
     build.file(&registry);
     build.compile("prm_sim");

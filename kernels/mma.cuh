@@ -32,14 +32,19 @@ __device__ __forceinline__ void prm_mma_bf16_16816(float c[4], const uint32_t a[
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #else
-    uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
-    uint32_t all[32][6];
+    const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
     unsigned eff = 0;
-    prm_sim::warp_allgather(0xffffffffu, mine, all, sizeof(mine), &eff);
+    const unsigned char* all = prm_sim::warp_gather_view(0xffffffffu, mine, sizeof(mine), &eff);
     if (eff != 0xffffffffu) prm_sim::kernel_error("mma.sync needs a full warp (every lane active)");
-    auto half = [](uint32_t reg, int k) { return prm_sim::bf16_bits_to_f32((uint16_t)(reg >> (16 * (k & 1)))); };
-    auto a_at = [&](int r, int k) { return half(all[(r & 7) * 4 + ((k & 7) >> 1)][(r >> 3) + 2 * (k >> 3)], k); };
-    auto b_at = [&](int k, int n) { return half(all[n * 4 + ((k & 7) >> 1)][4 + (k >> 3)], k); };
+    // Register i of lane l, as that lane published it.
+    auto reg = [&](int l, int i) {
+        uint32_t r;
+        std::memcpy(&r, all + l * prm_sim::kGatherStride + 4 * i, 4);
+        return r;
+    };
+    auto half = [](uint32_t r, int k) { return prm_sim::bf16_bits_to_f32((uint16_t)(r >> (16 * (k & 1)))); };
+    auto a_at = [&](int r, int k) { return half(reg((r & 7) * 4 + ((k & 7) >> 1), (r >> 3) + 2 * (k >> 3)), k); };
+    auto b_at = [&](int k, int n) { return half(reg(n * 4 + ((k & 7) >> 1), 4 + (k >> 3)), k); };
     const int lane = (int)prm_sim::tl_lane, g = lane >> 2, t = (lane & 3) * 2;
     for (int i = 0; i < 4; ++i) {
         const int r = g + 8 * (i >> 1), n = t + (i & 1);

@@ -180,10 +180,11 @@ extern "C" __global__ void prm_selftest_block_sum(const float* __restrict__ in, 
 }
 PRM_REGISTER_KERNEL(prm_selftest_block_sum);
 
-// Timeout: thread 0 keeps running for spin_ns (clock64 counts nanoseconds in the simulator)
-// while the others wait at __syncthreads; with a shorter barrier timeout the launch fails.
+// Timeout: the last thread keeps running for spin_ns (clock64 counts nanoseconds in the
+// simulator) while the others wait at __syncthreads (the simulator runs threads in order, so
+// they are already there); with a shorter barrier timeout the launch fails.
 extern "C" __global__ void prm_selftest_slow_thread(float* __restrict__ out, unsigned long long spin_ns) {
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == blockDim.x - 1) {
         const long long start = clock64();
         while (clock64() - start < static_cast<long long>(spin_ns)) {}
     }
@@ -214,6 +215,51 @@ extern "C" __global__ void prm_selftest_tile_io(const __nv_bfloat16* __restrict_
     }
 }
 PRM_REGISTER_KERNEL(prm_selftest_tile_io);
+
+// cp.async groups, one warp. Each lane copies 16 bytes of src (row lane) into shared rows of
+// three tiles: A in group 1, B in group 2, C issued but never committed. It reads the first word
+// of its own rows (its own copies: no barrier needed): out[l·4 + 0..3] = A and B after
+// wait_group 1, B and C after wait_group 0. A copy lands only once a wait covers its group.
+extern "C" __global__ void prm_selftest_cp_async_groups(const unsigned* __restrict__ src, unsigned* __restrict__ out) {
+    PRM_SHARED_ARRAY(unsigned, tiles, 3 * 32 * 4);
+    const int lane = threadIdx.x;
+    unsigned* a = tiles + lane * 4;
+    unsigned* b = tiles + (32 + lane) * 4;
+    unsigned* c = tiles + (64 + lane) * 4;
+    prm_cp_async_16(a, src + lane * 4, true);
+    prm_cp_async_commit();
+    prm_cp_async_16(b, src + lane * 4, true);
+    prm_cp_async_commit();
+    prm_cp_async_wait<1>();
+    out[lane * 4 + 0] = a[0];
+    out[lane * 4 + 1] = b[0];
+    prm_cp_async_16(c, src + lane * 4, true);
+    prm_cp_async_wait<0>();
+    out[lane * 4 + 2] = b[0];
+    out[lane * 4 + 3] = c[0];
+}
+PRM_REGISTER_KERNEL(prm_selftest_cp_async_groups);
+
+// Misuse the GPU would fault on, one warp: mode 0 a cp.async destination 8 bytes off alignment,
+// mode 1 a cp.async destination in global memory, mode 2 a misaligned global source, mode 3 an
+// ldmatrix row address 8 bytes off alignment.
+extern "C" __global__ void prm_selftest_tile_io_misuse(const unsigned* __restrict__ src, unsigned* __restrict__ out,
+                                                       int mode) {
+    PRM_SHARED_ARRAY(unsigned, tile, 32 * 4 + 4);
+    const int lane = threadIdx.x;
+    if (mode == 0) prm_cp_async_16(tile + lane * 4 + 2, src + lane * 4, true);
+    if (mode == 1) prm_cp_async_16(out + lane * 4, src + lane * 4, true);
+    if (mode == 2) prm_cp_async_16(tile + lane * 4, src + lane * 4 + 1, true);
+    prm_cp_async_commit();
+    prm_cp_async_wait<0>();
+    __syncthreads();
+    if (mode == 3) {
+        uint32_t r[4];
+        prm_ldmatrix_x4(r, tile + lane * 4 + (lane == 9 ? 2 : 0));
+        out[lane] = r[0];
+    }
+}
+PRM_REGISTER_KERNEL(prm_selftest_tile_io_misuse);
 
 #ifndef __CUDACC__
 // Simulator only: prm_sim::warp_allgather (the exchange behind tensor-core fallbacks). Each lane

@@ -19,11 +19,13 @@
 // the B fragment half of B = Mᵀ (b0 = M[g][t..t+1]) and one A-fragment register (A = M); the
 // .trans form of a row-major M block is the B fragment half of B = M (b0 = M[t..t+1][g]).
 //
-// Simulator: cp.async is a plain 16-byte copy (or zero fill) done at once, commit and wait are
-// no-ops (the copy has landed when it returns; the barrier the kernel needs anyway makes it
-// visible to the other threads). ldmatrix gathers the 32 row addresses through the warp
-// exchange (a warp-wide meeting point, as on the GPU; every lane must take part) and each lane
-// reads its own elements from the addressed rows.
+// Simulator: cp.async is queued per thread (kernels/sim/runtime.cpp) and lands at the
+// cp.async.wait_group that covers its group, as on the GPU, so a tile read before its wait reads
+// poison or the previous tile; commit closes a group. Destinations must be 16-byte aligned
+// addresses in the block's shared memory, sources 16-byte aligned (checked, as the GPU would
+// fault). ldmatrix gathers the 32 row addresses through the warp exchange (a warp-wide meeting
+// point, as on the GPU; every lane must take part), checks that each is a 16-byte aligned
+// shared address, and each lane reads its own elements from the addressed rows.
 #pragma once
 #include "common.cuh"
 
@@ -33,16 +35,15 @@ __device__ __forceinline__ void prm_cp_async_16(void* dst, const void* src, bool
     const int src_bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(src), "r"(src_bytes) : "memory");
 #else
-    if (valid)
-        std::memcpy(dst, src, 16);
-    else
-        std::memset(dst, 0, 16);
+    prm_sim::cp_async_16(dst, src, valid);
 #endif
 }
 
 __device__ __forceinline__ void prm_cp_async_commit() {
 #ifdef __CUDACC__
     asm volatile("cp.async.commit_group;\n" ::: "memory");
+#else
+    prm_sim::cp_async_commit();
 #endif
 }
 
@@ -50,6 +51,8 @@ template <int N>
 __device__ __forceinline__ void prm_cp_async_wait() {
 #ifdef __CUDACC__
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#else
+    prm_sim::cp_async_wait(N);
 #endif
 }
 
@@ -57,10 +60,9 @@ __device__ __forceinline__ void prm_cp_async_wait() {
 namespace prm_sim {
 // ldmatrix .x4 for the simulator: `row` is this lane's row address; see the header comment.
 inline void ldmatrix_x4(uint32_t r[4], const void* row, bool trans) {
-    const uint64_t mine = reinterpret_cast<uint64_t>(row);
-    uint64_t all[32];
+    check_shared_access(row, 16, 16, trans ? "ldmatrix.trans row" : "ldmatrix row");
     unsigned eff = 0;
-    warp_allgather(0xffffffffu, &mine, all, sizeof(mine), &eff);
+    const uint64_t* all = warp_exchange(0xffffffffu, reinterpret_cast<uint64_t>(row), &eff);
     if (eff != 0xffffffffu) kernel_error("ldmatrix needs a full warp (every lane active)");
     const int lane = static_cast<int>(tl_lane);
     for (int j = 0; j < 4; ++j) {

@@ -437,7 +437,7 @@ fn deadlock_is_reported_not_hung_and_the_pool_survives() {
     assert!(msg.contains("prm_selftest_slow_thread"), "{msg}");
     assert!(msg.contains("block (0,0,0)"), "{msg}");
     assert!(msg.contains("waited more than 150 ms"), "{msg}");
-    assert!(msg.contains("thread (0,0,0) running"), "{msg}");
+    assert!(msg.contains("thread (63,0,0) running"), "{msg}");
 
     // The pool still works.
     block_sums(&dev, 3, 256, 1000, 1.0);
@@ -590,4 +590,97 @@ fn cp_async_and_ldmatrix_follow_the_isa() {
             );
         }
     }
+}
+
+/// cp.async lands at the cp.async.wait_group that covers its group, not when issued, and an
+/// uncommitted copy is not covered by any wait (as on the GPU, where reading it is a race).
+#[test]
+fn cp_async_lands_at_the_wait_that_covers_its_group() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let src: Vec<u32> = (0..32 * 4).map(|i| 0x1000 + i as u32).collect();
+    let src_b = dev.upload(&src).unwrap();
+    let mut out = dev.alloc::<u32>(32 * 4).unwrap();
+    dev.poison(&mut out).unwrap();
+    let mut args = KernelArgs::new();
+    args.input(&src_b).output(&mut out);
+    dev.launch(
+        "prm_selftest_cp_async_groups",
+        LaunchConfig::linear(1, 32, 0),
+        &mut args,
+    )
+    .unwrap();
+    let out = dev.download(&out).unwrap();
+    let poison = 0xFFFF_FFFFu32;
+    for lane in 0..32 {
+        let v = src[lane * 4];
+        assert_eq!(
+            &out[lane * 4..lane * 4 + 4],
+            &[v, poison, v, poison],
+            "lane {lane}: [A after wait 1, B after wait 1, B after wait 0, uncommitted C]"
+        );
+    }
+}
+
+/// Addresses the GPU would fault on fail the launch with a message naming the instruction.
+#[test]
+fn misaligned_or_non_shared_tile_addresses_fail_the_launch() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let src_b = dev.upload(&vec![1u32; 32 * 4 + 8]).unwrap();
+    let mut out = dev.alloc::<u32>(32 * 4).unwrap();
+    for (mode, want) in [
+        (0, "cp.async destination: shared address"),
+        (1, "not in the block's shared memory"),
+        (2, "cp.async: global source"),
+        (3, "ldmatrix row: shared address"),
+    ] {
+        let mut args = KernelArgs::new();
+        args.input(&src_b).output(&mut out).i32(mode);
+        let msg = sim_message(dev.launch(
+            "prm_selftest_tile_io_misuse",
+            LaunchConfig::linear(1, 32, 0),
+            &mut args,
+        ));
+        assert!(msg.contains(want), "mode {mode}: {msg}");
+        assert!(
+            msg.contains("prm_selftest_tile_io_misuse"),
+            "mode {mode}: {msg}"
+        );
+        if mode == 3 {
+            assert!(msg.contains("thread (9,0,0)"), "mode {mode}: {msg}");
+        }
+    }
+}
+
+/// A full 1024-thread block through many barriers and warp collectives (the simulator's
+/// fibers: every thread meets every other one 2·iters times).
+#[test]
+fn largest_block_through_many_barriers() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let (blocks, n, iters) = (2usize, 1024usize, 20i32);
+    let mut out = dev.alloc::<i32>(blocks * n).unwrap();
+    let mut count = dev.alloc::<i32>(blocks).unwrap();
+    dev.poison(&mut out).unwrap();
+    let mut args = KernelArgs::new();
+    args.output(&mut out).output(&mut count).i32(iters);
+    dev.launch(
+        "prm_selftest_barrier",
+        LaunchConfig::linear(blocks as u32, n as u32, 0),
+        &mut args,
+    )
+    .unwrap();
+    let out = dev.download(&out).unwrap();
+    for b in 0..blocks {
+        for t in 0..n {
+            let mut want = 0i32;
+            for it in 0..iters {
+                let at = |u: usize| u as i32 * it + b as i32;
+                want += at((t + 1) % n) + at((t + n - 1) % n);
+            }
+            assert_eq!(out[b * n + t], want, "block {b} thread {t}");
+        }
+    }
+    block_sums(&dev, 5, 1024, 100_000, 0.5);
 }

@@ -1,15 +1,26 @@
-// runtime.cpp: the simulator's launcher, thread pool, barriers, warp exchange and shared memory.
+// runtime.cpp: the simulator's launcher, fibers, barriers, warp exchange, cp.async queues and
+// shared memory.
 //
-// One launch at a time (global mutex): a grid runs block by block (x fastest). The block's
-// threads are pooled OS threads; worker i always plays linear thread i. When the last thread of
-// a block finishes, it prepares the next block (barrier state reset, shared memory poisoned with
-// 0xFF) and releases the workers, so a block boundary costs one barrier.
+// One launch at a time (global mutex), run on the calling OS thread: a grid runs block by block
+// (x fastest), and a block's threads are fibers (user-level contexts with their own stacks,
+// switched by a few instructions; see "Contexts" below), not OS threads. A fiber runs until it
+// reaches a meeting point (__syncthreads, a warp collective) or returns, then control goes back
+// to the block's scheduler, which resumes the next runnable fiber in thread order. Running each
+// thread to its next meeting point is one of the interleavings a GPU may produce, so kernels see
+// CUDA's semantics; what changes against OS threads is the cost: a meeting point of a 256-thread
+// block costs ~256 context switches of a few nanoseconds instead of futex wake-ups.
 //
-// Barriers are a mutex-protected arrival count plus a futex word (generation in the low 31 bits,
-// abort flag in bit 31). Waits time out (PRM_SIM_BARRIER_TIMEOUT_MS, default 10 s, or
-// prm_sim_set_barrier_timeout_ms). A thread that returns while others wait at a barrier it will
-// never reach is reported at once as a deadlock. Errors abort the launch: every waiter is woken,
-// throws prm_sim::Abort, unwinds to its worker, and the launch returns 2 with the message.
+// Meeting points: the last thread to arrive completes the phase, marks the waiters runnable and
+// goes on. A thread that returns while others wait at a barrier it will never reach is reported
+// at once, and so is a block whose live threads all wait (every fiber blocked). A thread that
+// keeps running longer than the barrier timeout (PRM_SIM_BARRIER_TIMEOUT_MS, default 10 s, or
+// prm_sim_set_barrier_timeout_ms) between two meeting points while others wait for it fails
+// the launch when it next reaches one. An error abandons the block's fibers where they stand
+// (kernels own no resources; their stacks are reused) and the launch returns 2 with the message.
+//
+// cp.async (kernels/tile_io.cuh) is queued per thread and lands at cp.async.wait_group, as on
+// the GPU: a kernel that reads a tile before waiting for it reads poison or a stale tile here
+// too. Addresses are checked: 16-byte alignment, destination inside the block's shared memory.
 #include <chrono>
 #include <climits>
 #include <cstdarg>
@@ -19,14 +30,15 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <unordered_map>
 #include <vector>
 
-#ifdef __linux__
-#include <linux/futex.h>
-#include <sys/syscall.h>
+#include <sys/mman.h>
 #include <unistd.h>
+
+#if !defined(__x86_64__) || defined(PRM_SIM_UCONTEXT)
+#define PRM_SIM_USE_UCONTEXT 1
+#include <ucontext.h>
 #endif
 
 #include "sim.h"
@@ -41,56 +53,102 @@ extern const PrmSimKernel prm_sim_kernel_table[];
 extern const size_t prm_sim_kernel_count;
 }
 
+// ----------------------------------------------------------------------------- contexts
+// x86-64: a context is a stack pointer. prm_sim_switch(save, load) pushes the callee-saved
+// registers and the SSE/x87 control words on the current stack, stores the stack pointer in
+// *save, loads `load` and pops the same from there. A new fiber's stack is laid out as if it had
+// called prm_sim_switch from prm_sim_fiber_start, which calls fiber_main(fiber) (r13, r12).
+// Elsewhere (or with -DPRM_SIM_UCONTEXT) the same is done with ucontext's swapcontext.
+#ifndef PRM_SIM_USE_UCONTEXT
+extern "C" void prm_sim_switch(void** save, void* load);
+extern "C" void prm_sim_fiber_start();
+asm(R"(
+    .text
+    .p2align 4
+    .globl prm_sim_switch
+    .hidden prm_sim_switch
+    .type prm_sim_switch,@function
+prm_sim_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size prm_sim_switch,.-prm_sim_switch
+
+    .p2align 4
+    .globl prm_sim_fiber_start
+    .hidden prm_sim_fiber_start
+    .type prm_sim_fiber_start,@function
+prm_sim_fiber_start:
+    movq %r12, %rdi
+    callq *%r13
+    ud2
+    .size prm_sim_fiber_start,.-prm_sim_fiber_start
+)");
+#endif
+
 namespace prm_sim {
 namespace {
 
-constexpr uint32_t kAbortBit = 0x80000000u;
-constexpr uint32_t kGenMask = 0x7fffffffu;
 constexpr uint32_t kMaxThreads = 1024;
 constexpr size_t kMaxShared = 227 * 1024;
 constexpr size_t kArenaBytes = kMaxShared + 4096;
 constexpr uint32_t kDefaultTimeoutMs = 10000;
-constexpr size_t kGatherBytes = 64;
+constexpr size_t kGatherBytes = kGatherStride;
+// Each fiber's stack (reserved, committed page by page as it is touched) and the inaccessible
+// guard page below it, so that an overflow faults instead of corrupting the next stack.
+constexpr size_t kStackBytes = 256 * 1024;
 
-// ----------------------------------------------------------------------------- futex
-void futex_wait(std::atomic<uint32_t>& a, uint32_t expected, long long timeout_ns) {
-#ifdef __linux__
-    timespec ts;
-    timespec* pts = nullptr;
-    if (timeout_ns >= 0) {
-        ts.tv_sec = static_cast<time_t>(timeout_ns / 1000000000LL);
-        ts.tv_nsec = static_cast<long>(timeout_ns % 1000000000LL);
-        pts = &ts;
-    }
-    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&a), FUTEX_WAIT_PRIVATE, expected, pts, nullptr, 0);
-#else
-    (void)expected;
-    (void)timeout_ns;
-    std::this_thread::sleep_for(std::chrono::microseconds(50));
-#endif
-}
-void futex_wake(std::atomic<uint32_t>& a) {
-#ifdef __linux__
-    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&a), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
-#else
-    (void)a;
-#endif
-}
-
-// ----------------------------------------------------------------------------- state
 enum ThreadState : uint8_t { kRunning = 0, kInSync = 1, kInWarp = 2, kExited = 3 };
 
+struct CpAsync {
+    void* dst;
+    const void* src;
+    bool valid;
+};
+
+struct Fiber {
+#ifdef PRM_SIM_USE_UCONTEXT
+    ucontext_t uc;
+#else
+    void* sp = nullptr;
+#endif
+    unsigned char* stack = nullptr;  // lowest usable byte (the guard page is below it)
+    unsigned linear = 0;
+    uint3 tid{0, 0, 0};
+    ThreadState state = kRunning;
+    // cp.async: issued copies in order, and how many of them each committed group closes.
+    std::vector<CpAsync> copies;
+    std::vector<size_t> groups;  // ends (exclusive indices into `copies`) of committed groups
+};
+
 struct Barrier {
-    std::mutex m;
     uint32_t arrived = 0;
-    std::atomic<uint32_t> word{0};
+    uint32_t gen = 0;
 };
 
 struct WarpState : Barrier {
     uint32_t exist = 0;       // lanes that exist in this warp
     uint32_t phase_mask = 0;  // participants of the phase in progress
     uint32_t expected = 0;
-    uint32_t exited = 0;      // lanes that have returned
+    uint32_t exited = 0;  // lanes that have returned
     uint64_t slots[4][32] = {};
     std::unique_ptr<unsigned char[]> gather;  // [4][32][kGatherBytes], on first use
 };
@@ -98,20 +156,14 @@ struct WarpState : Barrier {
 struct BlockState {
     Barrier bar;
     uint32_t finished = 0;
+    uint32_t blocked = 0;  // fibers waiting at a meeting point
     int first_exited = -1;
-    std::atomic<int> count[2];
+    int count[2] = {0, 0};
     WarpState warps[kMaxThreads / 32];
-    std::atomic<uint8_t> state[kMaxThreads];
-};
-
-struct Worker {
-    std::atomic<uint32_t> go{0};
-    unsigned index = 0;
 };
 
 struct Sim {
     std::mutex launch_mutex;  // one launch at a time
-    std::mutex site_mutex;    // shared-memory offsets
     std::atomic<uint32_t> timeout_ms{0};
 
     // Launch description.
@@ -125,34 +177,33 @@ struct Sim {
     size_t static_used = 0;  // static shared bytes placed after the dynamic part
     uint64_t epoch = 0;
     unsigned char* arena = nullptr;
-
-    // Progress.
-    uint64_t cur_block = 0;
     uint3 cur_block_idx{0, 0, 0};
-    std::atomic<uint32_t> block_word{0};
-    std::atomic<uint32_t> block_done{0};
-    std::atomic<uint32_t> exited{0};
-    std::atomic<uint32_t> launch_done{0};
-    bool finished = false;
-    // Threads of the block waiting at a barrier that has not completed (low 32 bits) and threads
-    // that have returned (high 32 bits): when they add up to the block size, nothing can
-    // release the waiters, a deadlock reported at once.
-    std::atomic<uint64_t> live{0};
+
+    // Fibers (reused by every launch) and the scheduler's context.
+    std::vector<std::unique_ptr<Fiber>> fibers;
+    Fiber* current = nullptr;
+#ifdef PRM_SIM_USE_UCONTEXT
+    ucontext_t sched_uc;
+#else
+    void* sched_sp = nullptr;
+    uint64_t control_words = 0;  // the launching thread's MXCSR and x87 control word
+#endif
+    uint64_t slice_start = 0;  // slice_clock() when the running fiber was resumed
+    uint32_t slice_timeout_ms = kDefaultTimeoutMs;
+    uint64_t slice_timeout_ticks = 0;
 
     // Errors.
-    std::atomic<bool> aborted{false};
-    std::mutex err_mutex;
+    bool aborted = false;
     std::string err;
 
     BlockState blk;
-    std::vector<Worker*> workers;
 
     std::unordered_map<std::string, Trampoline> kernels;
     bool kernels_loaded = false;
 };
 
 Sim& S() {
-    static Sim* s = new Sim();  // never destroyed: pool threads outlive main
+    static Sim* s = new Sim();  // never destroyed: a launch may run while statics are torn down
     return *s;
 }
 
@@ -185,7 +236,7 @@ std::string where(unsigned linear) {
     return fmt("kernel %s, block (%u,%u,%u), thread %s", s.name, s.cur_block_idx.x, s.cur_block_idx.y,
                s.cur_block_idx.z, thread_str(linear).c_str());
 }
-const char* state_name(uint8_t st) {
+const char* state_name(ThreadState st) {
     switch (st) {
         case kRunning: return "running";
         case kInSync: return "in __syncthreads";
@@ -207,41 +258,66 @@ uint32_t timeout_ms() {
     return t;
 }
 
-// Records the first error and wakes every waiter of the block.
+// ----------------------------------------------------------------------------- slice clock
+// Read at every resume and meeting point, so it must be cheap: the x86-64 time-stamp counter
+// (calibrated once against steady_clock), steady_clock elsewhere, in nanoseconds.
+uint64_t steady_ns() {
+    return static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+            .count());
+}
+#if defined(__x86_64__)
+uint64_t slice_clock() { return __builtin_ia32_rdtsc(); }
+double slice_ticks_per_ms() {
+    static const double rate = [] {
+        const uint64_t t0 = steady_ns(), c0 = slice_clock();
+        uint64_t t1 = t0;
+        while (t1 - t0 < 2000000) t1 = steady_ns();
+        const uint64_t c1 = slice_clock();
+        return c1 > c0 ? static_cast<double>(c1 - c0) * 1e6 / static_cast<double>(t1 - t0) : 1e6;
+    }();
+    return rate;
+}
+#else
+uint64_t slice_clock() { return steady_ns(); }
+double slice_ticks_per_ms() { return 1e6; }
+#endif
+
+// ----------------------------------------------------------------------------- fibers
+Fiber& me() { return *S().current; }
+
+// Back to the scheduler; returns when the scheduler resumes this fiber.
+void yield_to_scheduler() {
+    Sim& s = S();
+    Fiber& f = *s.current;
+#ifdef PRM_SIM_USE_UCONTEXT
+    swapcontext(&f.uc, &s.sched_uc);
+#else
+    prm_sim_switch(&f.sp, s.sched_sp);
+#endif
+}
+
+// Records the first error of the launch.
 void fail(const std::string& msg) {
     Sim& s = S();
-    {
-        std::lock_guard<std::mutex> lk(s.err_mutex);
-        if (!s.aborted.load(std::memory_order_relaxed)) s.err = msg;
-        s.aborted.store(true, std::memory_order_release);
-    }
-    s.blk.bar.word.fetch_or(kAbortBit, std::memory_order_acq_rel);
-    futex_wake(s.blk.bar.word);
-    const uint32_t nwarps = (s.nthreads + 31) / 32;
-    for (uint32_t w = 0; w < nwarps; ++w) {
-        s.blk.warps[w].word.fetch_or(kAbortBit, std::memory_order_acq_rel);
-        futex_wake(s.blk.warps[w].word);
-    }
+    if (!s.aborted) s.err = msg;
+    s.aborted = true;
 }
 
+// Fails the launch from inside a fiber: the fiber is abandoned (never resumed).
 [[noreturn]] void fail_throw(const std::string& msg) {
     fail(msg);
-    throw Abort{};
+    for (;;) yield_to_scheduler();
 }
 
-constexpr uint64_t kFinishedOne = 1ull << 32;
-bool all_stuck(uint64_t v) {
-    const uint64_t blocked = v & 0xffffffffu, finished = v >> 32;
-    return blocked > 0 && blocked + finished == S().nthreads;
-}
-std::string all_stuck_message(unsigned me) {
+std::string all_stuck_message(unsigned first) {
     Sim& s = S();
-    std::string msg = where(me) + ": deadlock: every thread of the block that has not returned waits at a barrier "
-                                  "that cannot complete:";
+    std::string msg = where(first) + ": deadlock: every thread of the block that has not returned waits at a barrier "
+                                     "that cannot complete:";
     int listed = 0;
     unsigned returned = 0;
     for (unsigned t = 0; t < s.nthreads; ++t) {
-        const uint8_t st = s.blk.state[t].load(std::memory_order_relaxed);
+        const ThreadState st = s.fibers[t]->state;
         if (st == kExited) {
             ++returned;
         } else if (listed < 6) {
@@ -257,60 +333,48 @@ std::string all_stuck_message(unsigned me) {
     return msg;
 }
 
-// Waits for the barrier's generation to move past `gen`; throws Abort when the launch aborts
-// or the wait times out.
-void wait_phase(Barrier& b, uint32_t gen, bool warp) {
-    using clock = std::chrono::steady_clock;
-    const uint32_t tmo = timeout_ms();
-    const auto deadline = clock::now() + std::chrono::milliseconds(tmo);
-    for (int spin = 0;; ++spin) {
-        const uint32_t w = b.word.load(std::memory_order_acquire);
-        if ((w & kGenMask) != gen) return;
-        if (w & kAbortBit) throw Abort{};
-        if (spin < 64) {
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#endif
-            continue;
+// Called by the running fiber at every meeting point and when it returns: fails the launch if
+// it ran longer than the timeout since it was last resumed while other threads waited for it.
+void check_slice(unsigned running) {
+    Sim& s = S();
+    if (s.blk.blocked == 0) return;
+    if (slice_clock() - s.slice_start <= s.slice_timeout_ticks) return;
+    unsigned waiter = 0;
+    while (waiter < s.nthreads && (waiter == running || (s.fibers[waiter]->state != kInSync &&
+                                                         s.fibers[waiter]->state != kInWarp)))
+        ++waiter;
+    if (waiter == s.nthreads) return;
+    const Fiber& w = *s.fibers[waiter];
+    std::string msg = where(waiter);
+    if (w.state == kInSync)
+        msg += fmt(": waited more than %u ms in __syncthreads (deadlock?)", s.slice_timeout_ms);
+    else
+        msg += fmt(": waited more than %u ms in a warp collective of warp %u (mask 0x%08x; deadlock?)",
+                   s.slice_timeout_ms, waiter / 32, s.blk.warps[waiter / 32].phase_mask);
+    msg += fmt("; not arrived: thread %s running", thread_str(running).c_str());
+    fail_throw(msg);
+}
+
+// Waits at a meeting point until a later arrival completes it.
+void block_here(ThreadState st) {
+    Sim& s = S();
+    Fiber& f = me();
+    f.state = st;
+    s.blk.blocked += 1;
+    yield_to_scheduler();
+}
+
+// Marks the fibers `first .. first+count` that wait in state `st` (and, for warps, whose lane is
+// in `lanes`) runnable again.
+void release(unsigned first, unsigned count, ThreadState st, uint32_t lanes) {
+    Sim& s = S();
+    for (unsigned i = 0; i < count; ++i) {
+        if (!((lanes >> (i & 31)) & 1u)) continue;
+        Fiber& f = *s.fibers[first + i];
+        if (f.state == st) {
+            f.state = kRunning;
+            s.blk.blocked -= 1;
         }
-        const auto now = clock::now();
-        if (now >= deadline) {
-            Sim& s = S();
-            const unsigned me = tl_linear;
-            std::string msg;
-            if (!warp) {
-                msg = where(me) + fmt(": waited more than %u ms in __syncthreads (deadlock?)", tmo);
-                int listed = 0;
-                std::string others;
-                for (unsigned t = 0; t < s.nthreads && listed < 4; ++t) {
-                    const uint8_t st = s.blk.state[t].load(std::memory_order_relaxed);
-                    if (st != kInSync) {
-                        others += fmt("%s thread %s %s", listed ? ";" : "", thread_str(t).c_str(), state_name(st));
-                        ++listed;
-                    }
-                }
-                if (listed) msg += "; not arrived:" + others;
-            } else {
-                WarpState& W = static_cast<WarpState&>(b);
-                msg = where(me) + fmt(": waited more than %u ms in a warp collective of warp %u (mask 0x%08x; deadlock?)",
-                                      tmo, tl_warp, W.phase_mask);
-                int listed = 0;
-                std::string others;
-                for (unsigned l = 0; l < 32 && listed < 4; ++l) {
-                    const unsigned t = tl_warp * 32 + l;
-                    if (!((W.phase_mask >> l) & 1u) || t >= s.nthreads) continue;
-                    const uint8_t st = s.blk.state[t].load(std::memory_order_relaxed);
-                    if (st != kInWarp) {
-                        others += fmt("%s lane %u (thread %s) %s", listed ? ";" : "", l, thread_str(t).c_str(), state_name(st));
-                        ++listed;
-                    }
-                }
-                if (listed) msg += "; not arrived:" + others;
-            }
-            fail_throw(msg);
-        }
-        const long long left = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - now).count();
-        futex_wait(b.word, w, left);
     }
 }
 
@@ -319,228 +383,239 @@ int block_barrier(int pred, bool count) {
     Sim& s = S();
     BlockState& B = s.blk;
     Barrier& b = B.bar;
-    const unsigned me = tl_linear;
-    uint32_t gen;
-    {
-        std::unique_lock<std::mutex> lk(b.m);
-        const uint32_t w = b.word.load(std::memory_order_relaxed);
-        if (w & kAbortBit) throw Abort{};
-        gen = w & kGenMask;
-        if (count && pred) B.count[gen & 1].fetch_add(1, std::memory_order_relaxed);
-        if (++b.arrived == s.nthreads) {
-            b.arrived = 0;
-            B.count[(gen + 1) & 1].store(0, std::memory_order_relaxed);
-            s.live.fetch_sub(s.nthreads - 1, std::memory_order_acq_rel);
-            b.word.fetch_add(1, std::memory_order_acq_rel);
-            lk.unlock();
-            futex_wake(b.word);
-            return count ? B.count[gen & 1].load(std::memory_order_relaxed) : 0;
-        }
-        if (b.arrived + B.finished == s.nthreads) {
-            const unsigned waiting = b.arrived;
-            lk.unlock();
-            fail_throw(where(B.first_exited) +
-                       fmt(" returned while %u other thread(s) of the block wait at a __syncthreads it never "
-                           "reaches (deadlock; last to arrive: thread %s)",
-                           waiting, thread_str(me).c_str()));
-        }
-        B.state[me].store(kInSync, std::memory_order_relaxed);
-        if (all_stuck(s.live.fetch_add(1, std::memory_order_acq_rel) + 1)) {
-            lk.unlock();
-            fail_throw(all_stuck_message(me));
-        }
+    const unsigned self = me().linear;
+    check_slice(self);
+    const uint32_t gen = b.gen;
+    if (count && pred) B.count[gen & 1] += 1;
+    if (++b.arrived == s.nthreads) {
+        b.arrived = 0;
+        B.count[(gen + 1) & 1] = 0;
+        b.gen += 1;
+        release(0, s.nthreads, kInSync, 0xffffffffu);
+        return count ? B.count[gen & 1] : 0;
     }
-    wait_phase(b, gen, false);
-    B.state[me].store(kRunning, std::memory_order_relaxed);
-    return count ? B.count[gen & 1].load(std::memory_order_relaxed) : 0;
+    if (b.arrived + B.finished == s.nthreads)
+        fail_throw(where(B.first_exited) +
+                   fmt(" returned while %u other thread(s) of the block wait at a __syncthreads it never "
+                       "reaches (deadlock; last to arrive: thread %s)",
+                       b.arrived, thread_str(self).c_str()));
+    block_here(kInSync);
+    return count ? B.count[gen & 1] : 0;
 }
 
 // One phase of the warp exchange. `publish(gen_slot)` writes this lane's data into ring slot
-// `gen_slot` (0..3) under the warp's lock. Returns the ring slot to read.
+// `gen_slot` (0..3). Returns the ring slot to read.
 template <typename Publish>
 unsigned warp_phase(unsigned mask, unsigned* eff_out, Publish publish) {
     Sim& s = S();
-    BlockState& B = s.blk;
-    const unsigned lane = tl_lane, me = tl_linear;
-    WarpState& W = B.warps[tl_warp];
+    const unsigned self = me().linear, lane = self % 32, warp = self / 32;
+    check_slice(self);
+    WarpState& W = s.blk.warps[warp];
     const uint32_t bit = 1u << lane;
     const uint32_t eff = mask & W.exist;
     *eff_out = eff;
     if (!(eff & bit))
-        fail_throw(where(me) + fmt(": lane %u called a warp collective with mask 0x%08x, which does not include it",
-                                   lane, mask));
-    uint32_t gen;
-    {
-        std::unique_lock<std::mutex> lk(W.m);
-        const uint32_t w = W.word.load(std::memory_order_relaxed);
-        if (w & kAbortBit) throw Abort{};
-        gen = w & kGenMask;
-        if (W.arrived == 0) {
-            W.phase_mask = eff;
-            W.expected = static_cast<uint32_t>(std::popcount(eff));
-            if (eff & W.exited) {
-                const unsigned gone = static_cast<unsigned>(std::countr_zero(eff & W.exited));
-                lk.unlock();
-                fail_throw(where(tl_warp * 32 + gone) +
-                           fmt(" (lane %u) returned before a warp collective with mask 0x%08x that thread %s "
-                               "waits at (deadlock)",
-                               gone, mask, thread_str(me).c_str()));
-            }
-        } else if (W.phase_mask != eff) {
-            const uint32_t other = W.phase_mask;
-            lk.unlock();
-            fail_throw(where(me) + fmt(": warp collective with mask 0x%08x while lanes of warp %u are in one with mask "
-                                       "0x%08x (the simulator needs one mask per collective in flight)",
-                                       eff, tl_warp, other));
+        fail_throw(where(self) + fmt(": lane %u called a warp collective with mask 0x%08x, which does not include it",
+                                     lane, mask));
+    if (W.arrived == 0) {
+        W.phase_mask = eff;
+        W.expected = static_cast<uint32_t>(std::popcount(eff));
+        if (eff & W.exited) {
+            const unsigned gone = static_cast<unsigned>(std::countr_zero(eff & W.exited));
+            fail_throw(where(warp * 32 + gone) +
+                       fmt(" (lane %u) returned before a warp collective with mask 0x%08x that thread %s "
+                           "waits at (deadlock)",
+                           gone, mask, thread_str(self).c_str()));
         }
-        publish(gen & 3u);
-        if (++W.arrived == W.expected) {
-            W.arrived = 0;
-            s.live.fetch_sub(W.expected - 1, std::memory_order_acq_rel);
-            W.word.fetch_add(1, std::memory_order_acq_rel);
-            lk.unlock();
-            futex_wake(W.word);
-            return gen & 3u;
-        }
-        B.state[me].store(kInWarp, std::memory_order_relaxed);
-        if (all_stuck(s.live.fetch_add(1, std::memory_order_acq_rel) + 1)) {
-            lk.unlock();
-            fail_throw(all_stuck_message(me));
-        }
+    } else if (W.phase_mask != eff) {
+        fail_throw(where(self) + fmt(": warp collective with mask 0x%08x while lanes of warp %u are in one with mask "
+                                     "0x%08x (the simulator needs one mask per collective in flight)",
+                                     eff, warp, W.phase_mask));
     }
-    wait_phase(W, gen, true);
-    B.state[me].store(kRunning, std::memory_order_relaxed);
+    const uint32_t gen = W.gen;
+    publish(gen & 3u);
+    if (++W.arrived == W.expected) {
+        W.arrived = 0;
+        W.gen += 1;
+        const unsigned first = warp * 32;
+        release(first, std::min<unsigned>(32, s.nthreads - first), kInWarp, eff);
+        return gen & 3u;
+    }
+    block_here(kInWarp);
     return gen & 3u;
 }
 
-// ----------------------------------------------------------------------------- blocks
+// cp.async copies of the running fiber in issue order: the first `n` land now.
+void land_copies(Fiber& f, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+        const CpAsync& c = f.copies[i];
+        if (c.valid)
+            std::memcpy(c.dst, c.src, 16);
+        else
+            std::memset(c.dst, 0, 16);
+    }
+    f.copies.erase(f.copies.begin(), f.copies.begin() + static_cast<std::ptrdiff_t>(n));
+    for (size_t& g : f.groups) g -= n;
+}
+
+void thread_finished(Fiber& f) {
+    Sim& s = S();
+    BlockState& B = s.blk;
+    const unsigned self = f.linear;
+    // Copies never waited for still land (nothing in the block can wait for them any more).
+    land_copies(f, f.copies.size());
+    f.groups.clear();
+    check_slice(self);
+    f.state = kExited;
+    ++B.finished;
+    if (B.first_exited < 0) B.first_exited = static_cast<int>(self);
+    if (B.bar.arrived > 0 && B.bar.arrived + B.finished == s.nthreads)
+        fail(where(self) + fmt(" returned while %u other thread(s) of the block wait at a __syncthreads it never "
+                               "reaches (deadlock)",
+                               B.bar.arrived));
+    WarpState& W = B.warps[self / 32];
+    const uint32_t bit = 1u << (self % 32);
+    W.exited |= bit;
+    if (W.arrived > 0 && (W.phase_mask & bit))
+        fail(where(self) + fmt(" (lane %u) returned while %u lane(s) of its warp wait for it in a warp collective "
+                               "with mask 0x%08x (deadlock)",
+                               self % 32, W.arrived, W.phase_mask));
+}
+
+// The body of every fiber: the kernel for one thread of the current block, then back to the
+// scheduler for good.
+void fiber_main(Fiber* f) {
+    Sim& s = S();
+    try {
+        s.fn(s.args);
+    } catch (const std::exception& e) {
+        fail(where(f->linear) + ": C++ exception: " + e.what());
+    } catch (...) {
+        fail(where(f->linear) + ": unknown C++ exception");
+    }
+    thread_finished(*f);
+    for (;;) yield_to_scheduler();
+}
+
+#ifdef PRM_SIM_USE_UCONTEXT
+void fiber_entry_uc() { fiber_main(S().current); }
+#endif
+
+// A fiber's stack, with an inaccessible guard page below it.
+unsigned char* new_stack() {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (p == MAP_FAILED) return nullptr;
+    mprotect(p, page, PROT_NONE);
+    return static_cast<unsigned char*>(p) + page;
+}
+
+std::string ensure_fibers(uint32_t n) {
+    Sim& s = S();
+    while (s.fibers.size() < n) {
+        auto f = std::make_unique<Fiber>();
+        f->stack = new_stack();
+        if (!f->stack) return fmt("could not allocate the stack of simulated thread %zu of %u", s.fibers.size(), n);
+        f->copies.reserve(64);
+        s.fibers.push_back(std::move(f));
+    }
+    return {};
+}
+
+// Prepares fiber `t` to start the kernel from the top.
+void reset_fiber(Fiber& f, unsigned t) {
+    Sim& s = S();
+    f.linear = t;
+    f.tid = uint3{t % s.block.x, (t / s.block.x) % s.block.y, t / (s.block.x * s.block.y)};
+    f.state = kRunning;
+    f.copies.clear();
+    f.groups.clear();
+#ifdef PRM_SIM_USE_UCONTEXT
+    getcontext(&f.uc);
+    f.uc.uc_stack.ss_sp = f.stack;
+    f.uc.uc_stack.ss_size = kStackBytes;
+    f.uc.uc_link = nullptr;
+    makecontext(&f.uc, fiber_entry_uc, 0);
+#else
+    // The frame prm_sim_switch pops: control words, r15, r14, r13, r12, rbx, rbp, return
+    // address; after the `ret` the stack pointer is 16-byte aligned, as a `call` needs.
+    uint64_t* sp = reinterpret_cast<uint64_t*>(f.stack + kStackBytes - 16);
+    *--sp = reinterpret_cast<uint64_t>(&prm_sim_fiber_start);
+    *--sp = 0;                                         // rbp
+    *--sp = 0;                                         // rbx
+    *--sp = reinterpret_cast<uint64_t>(&f);            // r12: fiber_main's argument
+    *--sp = reinterpret_cast<uint64_t>(&fiber_main);  // r13: called by prm_sim_fiber_start
+    *--sp = 0;                                         // r14
+    *--sp = 0;                                         // r15
+    *--sp = s.control_words;
+    f.sp = sp;
+#endif
+}
+
+void resume(Fiber& f) {
+    Sim& s = S();
+    s.current = &f;
+    threadIdx = f.tid;
+    tl_linear = f.linear;
+    tl_lane = f.linear % 32;
+    tl_warp = f.linear / 32;
+    s.slice_start = slice_clock();
+#ifdef PRM_SIM_USE_UCONTEXT
+    swapcontext(&s.sched_uc, &f.uc);
+#else
+    prm_sim_switch(&s.sched_sp, f.sp);
+#endif
+    s.current = nullptr;
+}
+
 void setup_block(uint64_t b, bool poison) {
     Sim& s = S();
     BlockState& B = s.blk;
-    s.cur_block = b;
     s.cur_block_idx = uint3{static_cast<unsigned>(b % s.grid.x), static_cast<unsigned>((b / s.grid.x) % s.grid.y),
                             static_cast<unsigned>(b / (static_cast<uint64_t>(s.grid.x) * s.grid.y))};
-    B.bar.arrived = 0;
-    B.bar.word.store(0, std::memory_order_relaxed);
+    blockIdx = s.cur_block_idx;
+    B.bar = Barrier{};
     B.finished = 0;
+    B.blocked = 0;
     B.first_exited = -1;
-    s.live.store(0, std::memory_order_relaxed);
-    B.count[0].store(0, std::memory_order_relaxed);
-    B.count[1].store(0, std::memory_order_relaxed);
+    B.count[0] = B.count[1] = 0;
     const uint32_t nwarps = (s.nthreads + 31) / 32;
     for (uint32_t w = 0; w < nwarps; ++w) {
         WarpState& W = B.warps[w];
         const uint32_t lanes = std::min<uint32_t>(32, s.nthreads - w * 32);
         W.exist = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
         W.arrived = 0;
+        W.gen = 0;
         W.phase_mask = 0;
         W.expected = 0;
         W.exited = 0;
-        W.word.store(0, std::memory_order_relaxed);
     }
-    for (uint32_t t = 0; t < s.nthreads; ++t) B.state[t].store(kRunning, std::memory_order_relaxed);
+    for (uint32_t t = 0; t < s.nthreads; ++t) reset_fiber(*s.fibers[t], t);
     if (poison) std::memset(s.arena, 0xFF, s.dyn_bytes + s.static_used);
 }
 
-void thread_finished(unsigned me) {
+// Runs the current block to its end; false when the launch failed.
+bool run_block() {
     Sim& s = S();
     BlockState& B = s.blk;
-    B.state[me].store(kExited, std::memory_order_relaxed);
-    std::string msg;
-    {
-        std::lock_guard<std::mutex> lk(B.bar.m);
-        ++B.finished;
-        if (B.first_exited < 0) B.first_exited = static_cast<int>(me);
-        if (B.bar.arrived > 0 && B.bar.arrived + B.finished == s.nthreads)
-            msg = where(me) + fmt(" returned while %u other thread(s) of the block wait at a __syncthreads it never "
-                                  "reaches (deadlock)",
-                                  B.bar.arrived);
-    }
-    WarpState& W = B.warps[me / 32];
-    const uint32_t bit = 1u << (me % 32);
-    {
-        std::lock_guard<std::mutex> lk(W.m);
-        W.exited |= bit;
-        if (msg.empty() && W.arrived > 0 && (W.phase_mask & bit))
-            msg = where(me) + fmt(" (lane %u) returned while %u lane(s) of its warp wait for it in a warp collective "
-                                  "with mask 0x%08x (deadlock)",
-                                  me % 32, W.arrived, W.phase_mask);
-    }
-    const uint64_t v = s.live.fetch_add(kFinishedOne, std::memory_order_acq_rel) + kFinishedOne;
-    if (msg.empty() && all_stuck(v)) msg = all_stuck_message(me);
-    if (!msg.empty() && !s.aborted.load(std::memory_order_acquire)) fail(msg);
-}
-
-// Plays linear thread `me` in every block of the current launch.
-void run_launch_thread(unsigned me) {
-    Sim& s = S();
-    tl_linear = me;
-    tl_lane = me % 32;
-    tl_warp = me / 32;
-    threadIdx = uint3{me % s.block.x, (me / s.block.x) % s.block.y, me / (s.block.x * s.block.y)};
-    blockDim = s.block;
-    gridDim = s.grid;
     for (;;) {
-        const uint32_t bw = s.block_word.load(std::memory_order_acquire);
-        blockIdx = s.cur_block_idx;
-        try {
-            s.fn(s.args);
-        } catch (const Abort&) {
-        } catch (const std::exception& e) {
-            fail(where(me) + ": C++ exception: " + e.what());
-        } catch (...) {
-            fail(where(me) + ": unknown C++ exception");
+        bool progressed = false;
+        for (uint32_t t = 0; t < s.nthreads; ++t) {
+            Fiber& f = *s.fibers[t];
+            if (f.state != kRunning) continue;
+            resume(f);
+            if (s.aborted) return false;
+            progressed = true;
         }
-        thread_finished(me);
-        if (s.block_done.fetch_add(1, std::memory_order_acq_rel) + 1 == s.nthreads) {
-            s.block_done.store(0, std::memory_order_relaxed);
-            const uint64_t next = s.cur_block + 1;
-            if (s.aborted.load(std::memory_order_acquire) || next >= s.nblocks) {
-                s.finished = true;
-            } else {
-                setup_block(next, true);
-            }
-            s.block_word.fetch_add(1, std::memory_order_acq_rel);
-            futex_wake(s.block_word);
-        } else {
-            for (;;) {
-                const uint32_t v = s.block_word.load(std::memory_order_acquire);
-                if (v != bw) break;
-                futex_wait(s.block_word, bw, -1);
-            }
+        if (B.finished == s.nthreads) return true;
+        if (!progressed) {
+            unsigned first = 0;
+            while (first < s.nthreads && s.fibers[first]->state == kExited) ++first;
+            fail(all_stuck_message(first));
+            return false;
         }
-        if (s.finished) break;
     }
-    if (s.exited.fetch_add(1, std::memory_order_acq_rel) + 1 == s.nthreads) {
-        s.launch_done.store(1, std::memory_order_release);
-        futex_wake(s.launch_done);
-    }
-}
-
-void worker_main(Worker* w) {
-    uint32_t seen = 0;
-    for (;;) {
-        uint32_t v;
-        while ((v = w->go.load(std::memory_order_acquire)) == seen) futex_wait(w->go, seen, -1);
-        seen = v;
-        run_launch_thread(w->index);
-    }
-}
-
-std::string ensure_pool(uint32_t n) {
-    Sim& s = S();
-    while (s.workers.size() < n) {
-        Worker* w = new Worker();
-        w->index = static_cast<unsigned>(s.workers.size());
-        try {
-            std::thread(worker_main, w).detach();
-        } catch (const std::exception& e) {
-            delete w;
-            return fmt("could not start simulator thread %zu of %u: %s", s.workers.size(), n, e.what());
-        }
-        s.workers.push_back(w);
-    }
-    return {};
 }
 
 void load_kernels() {
@@ -569,6 +644,12 @@ int put_err(char* err, size_t err_len, const std::string& msg, int code) {
     return code;
 }
 
+bool in_shared(const void* p, size_t bytes) {
+    Sim& s = S();
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    return c >= s.arena && c + bytes <= s.arena + s.dyn_bytes + s.static_used;
+}
+
 }  // namespace
 
 // ----------------------------------------------------------------------------- sim.h API
@@ -582,43 +663,73 @@ const uint64_t* warp_exchange(unsigned mask, uint64_t value, unsigned* eff_mask)
     return W.slots[slot];
 }
 
-void warp_allgather(unsigned mask, const void* mine, void* all, size_t bytes, unsigned* eff_mask) {
+const unsigned char* warp_gather_view(unsigned mask, const void* mine, size_t bytes, unsigned* eff_mask) {
     if (bytes > kGatherBytes) fail_throw(where(tl_linear) + fmt(": warp_allgather of %zu bytes per lane (at most %zu)", bytes, kGatherBytes));
     WarpState& W = S().blk.warps[tl_warp];
     const unsigned lane = tl_lane;
-    {
-        std::lock_guard<std::mutex> lk(W.m);
-        if (!W.gather) W.gather.reset(new unsigned char[4 * 32 * kGatherBytes]);
-    }
+    if (!W.gather) W.gather.reset(new unsigned char[4 * 32 * kGatherBytes]);
     const unsigned slot = warp_phase(mask, eff_mask, [&](unsigned g) {
         std::memcpy(W.gather.get() + (g * 32 + lane) * kGatherBytes, mine, bytes);
     });
+    return W.gather.get() + slot * 32 * kGatherBytes;
+}
+
+void warp_allgather(unsigned mask, const void* mine, void* all, size_t bytes, unsigned* eff_mask) {
+    const unsigned char* view = warp_gather_view(mask, mine, bytes, eff_mask);
     unsigned char* out = static_cast<unsigned char*>(all);
     for (unsigned l = 0; l < 32; ++l)
-        if ((*eff_mask >> l) & 1u) std::memcpy(out + l * bytes, W.gather.get() + (slot * 32 + l) * kGatherBytes, bytes);
+        if ((*eff_mask >> l) & 1u) std::memcpy(out + l * bytes, view + l * kGatherBytes, bytes);
 }
 
 [[noreturn]] void kernel_error(const char* msg) { fail_throw(where(tl_linear) + ": " + msg); }
 
 unsigned activemask() { return S().blk.warps[tl_warp].exist; }
 
+void check_shared_access(const void* p, size_t bytes, size_t align, const char* what) {
+    if (reinterpret_cast<uintptr_t>(p) % align != 0)
+        fail_throw(where(tl_linear) + fmt(": %s: shared address %p is not %zu-byte aligned", what, p, align));
+    if (!in_shared(p, bytes))
+        fail_throw(where(tl_linear) + fmt(": %s: address %p (%zu bytes) is not in the block's shared memory "
+                                          "(%zu bytes in use)",
+                                          what, p, bytes, S().dyn_bytes + S().static_used));
+}
+
+void cp_async_16(void* dst, const void* src, bool valid) {
+    check_shared_access(dst, 16, 16, "cp.async destination");
+    if (reinterpret_cast<uintptr_t>(src) % 16 != 0)
+        fail_throw(where(tl_linear) + fmt(": cp.async: global source %p is not 16-byte aligned", src));
+    me().copies.push_back(CpAsync{dst, src, valid});
+}
+
+void cp_async_commit() {
+    Fiber& f = me();
+    f.groups.push_back(f.copies.size());
+}
+
+void cp_async_wait(int pending) {
+    Fiber& f = me();
+    const size_t keep = static_cast<size_t>(std::max(pending, 0));
+    if (f.groups.size() <= keep) return;
+    const size_t landed = f.groups.size() - keep;
+    const size_t upto = f.groups[landed - 1];
+    f.groups.erase(f.groups.begin(), f.groups.begin() + static_cast<std::ptrdiff_t>(landed));
+    land_copies(f, upto);
+}
+
 void* shared_static(SharedSite& site, size_t bytes, size_t align) {
     Sim& s = S();
-    if (site.epoch.load(std::memory_order_acquire) != s.epoch) {
-        std::lock_guard<std::mutex> lk(s.site_mutex);
-        if (site.epoch.load(std::memory_order_relaxed) != s.epoch) {
-            align = std::max<size_t>(align, 16);
-            const size_t off = (s.dyn_bytes + s.static_used + align - 1) / align * align;
-            if (off + bytes > kMaxShared)
-                fail_throw(where(tl_linear) +
-                           fmt(": shared memory exceeds %zu bytes (%zu dynamic + static arrays up to %zu)", kMaxShared,
-                               s.dyn_bytes, off + bytes - s.dyn_bytes));
-            s.static_used = off + bytes - s.dyn_bytes;
-            site.offset = off;
-            site.epoch.store(s.epoch, std::memory_order_release);
-        }
+    if (site.epoch.load(std::memory_order_relaxed) != s.epoch) {
+        align = std::max<size_t>(align, 16);
+        const size_t off = (s.dyn_bytes + s.static_used + align - 1) / align * align;
+        if (off + bytes > kMaxShared)
+            fail_throw(where(tl_linear) +
+                       fmt(": shared memory exceeds %zu bytes (%zu dynamic + static arrays up to %zu)", kMaxShared,
+                           s.dyn_bytes, off + bytes - s.dyn_bytes));
+        s.static_used = off + bytes - s.dyn_bytes;
+        site.offset = off;
+        site.epoch.store(s.epoch, std::memory_order_relaxed);
     }
-    return S().arena + site.offset;
+    return s.arena + site.offset;
 }
 
 void* dynamic_shared() { return S().arena; }
@@ -669,8 +780,8 @@ extern "C" int prm_sim_launch(const char* name, uint32_t gx, uint32_t gy, uint32
                        fmt("invalid launch configuration: %u bytes of dynamic shared memory (at most %zu)", shared_bytes,
                            kMaxShared),
                        2);
-    const std::string pool_err = ensure_pool(static_cast<uint32_t>(nthreads));
-    if (!pool_err.empty()) return put_err(err, err_len, pool_err, 2);
+    const std::string fiber_err = ensure_fibers(static_cast<uint32_t>(nthreads));
+    if (!fiber_err.empty()) return put_err(err, err_len, fiber_err, 2);
     if (!s.arena) {
         s.arena = static_cast<unsigned char*>(std::aligned_alloc(128, kArenaBytes));
         if (!s.arena) return put_err(err, err_len, "out of memory for shared memory", 2);
@@ -686,24 +797,35 @@ extern "C" int prm_sim_launch(const char* name, uint32_t gx, uint32_t gy, uint32
     s.dyn_bytes = (static_cast<size_t>(shared_bytes) + 15) / 16 * 16;
     s.static_used = 0;
     s.epoch += 1;
-    s.block_done.store(0, std::memory_order_relaxed);
-    s.exited.store(0, std::memory_order_relaxed);
-    s.launch_done.store(0, std::memory_order_relaxed);
-    s.finished = false;
-    s.aborted.store(false, std::memory_order_relaxed);
+    s.aborted = false;
     s.err.clear();
+    s.slice_timeout_ms = timeout_ms();
+    s.slice_timeout_ticks = static_cast<uint64_t>(s.slice_timeout_ms * slice_ticks_per_ms());
+#ifndef PRM_SIM_USE_UCONTEXT
+    {
+        uint32_t mxcsr = 0;
+        uint16_t fcw = 0;
+        asm volatile("stmxcsr %0" : "=m"(mxcsr));
+        asm volatile("fnstcw %0" : "=m"(fcw));
+        s.control_words = static_cast<uint64_t>(mxcsr) | (static_cast<uint64_t>(fcw) << 32);
+    }
+#endif
+    // The launching thread's coordinates are restored afterwards (the kernels see the
+    // simulated ones through these thread_locals while their fibers run on this thread).
+    const uint3 saved_tid = threadIdx, saved_bid = blockIdx;
+    const dim3 saved_bdim = blockDim, saved_gdim = gridDim;
+    blockDim = s.block;
+    gridDim = s.grid;
     std::memset(s.arena, 0xFF, kArenaBytes);
-    setup_block(0, false);
-
-    for (uint32_t i = 0; i < s.nthreads; ++i) {
-        s.workers[i]->go.fetch_add(1, std::memory_order_acq_rel);
-        futex_wake(s.workers[i]->go);
+    for (uint64_t b = 0; b < s.nblocks; ++b) {
+        setup_block(b, b > 0);
+        if (!run_block()) break;
     }
-    while (s.launch_done.load(std::memory_order_acquire) == 0) futex_wait(s.launch_done, 0, -1);
+    threadIdx = saved_tid;
+    blockIdx = saved_bid;
+    blockDim = saved_bdim;
+    gridDim = saved_gdim;
 
-    if (s.aborted.load(std::memory_order_acquire)) {
-        std::lock_guard<std::mutex> lk(s.err_mutex);
-        return put_err(err, err_len, s.err, 2);
-    }
+    if (s.aborted) return put_err(err, err_len, s.err, 2);
     return 0;
 }

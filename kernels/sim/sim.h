@@ -4,15 +4,19 @@
 // compiled unchanged as C++20 (-x c++ -std=c++20 -O2 -pthread) and run by kernels/sim/runtime.cpp.
 //
 // Model:
-//   - a grid runs block by block (x fastest); a block's threads are real OS threads from a pool;
-//   - threadIdx/blockIdx/blockDim/gridDim are thread_local;
-//   - __syncthreads is a block barrier (futex based) with a timeout; a thread that returns while
-//     others wait at a barrier is reported at once as a deadlock naming kernel, block and thread;
+//   - a grid runs block by block (x fastest) on the launching OS thread; a block's threads are
+//     fibers (user-level contexts with their own stacks), each run until it reaches a meeting
+//     point or returns, then the next runnable one in thread order;
+//   - threadIdx/blockIdx/blockDim/gridDim are thread_local, set for the fiber being run;
+//   - __syncthreads is a block barrier; a thread that returns while others wait at a barrier,
+//     or a block whose live threads all wait, is reported at once as a deadlock naming kernel,
+//     block and thread; a thread that runs past the timeout while others wait fails the launch;
 //   - warp intrinsics go through a per-warp exchange: lanes publish a value into a slot, meet at a
 //     warp barrier whose participants are the lanes of `mask` that exist (partial last warp), and
 //     read the slot they want;
 //   - shared memory (PRM_SHARED_ARRAY / PRM_DYNAMIC_SHARED) lives in a per-block arena, poisoned
 //     with 0xFF bytes (NaN) at every block start;
+//   - cp.async copies are queued per thread and land at cp.async.wait_group (tile_io.cuh);
 //   - atomics are std::atomic_ref; __nv_bfloat16 is a round-to-nearest-even shim.
 #pragma once
 
@@ -73,10 +77,7 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 // ---------------------------------------------------------------------------------------------
 namespace prm_sim {
 
-// Thrown inside simulated threads to unwind them when the launch is aborted (deadlock, timeout).
-struct Abort {};
-
-// Per-thread coordinates of the simulated thread this OS thread is running.
+// Coordinates of the simulated thread (fiber) being run on this OS thread.
 inline thread_local unsigned tl_lane = 0;    // lane within the warp
 inline thread_local unsigned tl_warp = 0;    // warp within the block
 inline thread_local unsigned tl_linear = 0;  // linear thread index within the block
@@ -90,10 +91,22 @@ const uint64_t* warp_exchange(unsigned mask, uint64_t value, unsigned* eff_mask)
 // Same for up to 64 bytes per lane: copies every participating lane's `bytes` into all[32*bytes]
 // (lane-major). For tensor-core fallbacks (fragments of several registers).
 void warp_allgather(unsigned mask, const void* mine, void* all, size_t bytes, unsigned* eff_mask);
+// The same exchange without the copy: returns the phase's gather block, lane l's bytes at
+// l * kGatherStride, valid until this lane's next warp collective.
+constexpr size_t kGatherStride = 64;
+const unsigned char* warp_gather_view(unsigned mask, const void* mine, size_t bytes, unsigned* eff_mask);
 unsigned activemask();
 // Fails the launch with `msg` (naming the kernel, block and thread), for wrappers that detect
 // misuse the GPU would not report, e.g. a tensor-core product issued by a partial warp.
 [[noreturn]] void kernel_error(const char* msg);
+// Fails the launch unless [p, p + bytes) lies in the block's shared memory and p is a multiple
+// of `align`; `what` names the instruction in the message.
+void check_shared_access(const void* p, size_t bytes, size_t align, const char* what);
+// cp.async of 16 bytes (zero fill when !valid), queued for this thread until
+// cp_async_wait(n) lands every committed group but the n most recent (tile_io.cuh).
+void cp_async_16(void* dst, const void* src, bool valid);
+void cp_async_commit();
+void cp_async_wait(int pending);
 
 // Shared memory. A declaration site holds the offset of its array in the block's arena for the
 // current launch (assigned on first use, the same for every thread and block of the launch).

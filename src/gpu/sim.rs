@@ -1,5 +1,6 @@
 //! The simulator backend: launches go to the C++ runtime in `kernels/sim/`, which runs the
-//! kernels (compiled from the same `.cu` files) block by block on pooled CPU threads.
+//! kernels (compiled from the same `.cu` files) block by block on the calling thread, a block's
+//! threads as fibers switched at every `__syncthreads` and warp collective.
 
 use std::ffi::{c_char, c_void, CString};
 
