@@ -1,39 +1,44 @@
 #!/usr/bin/env bash
-# Builds everything a GPU machine without Rust needs to test this crate, into gpu-bundle/:
-#   gpu-bundle/tests/<name>     every test executable of `cargo test --release` (CUDA kernels
-#                               embedded: nvcc is required, see scripts/install-nvcc.sh)
-#   gpu-bundle/prm              the release binary
-#   gpu-bundle/root/            the files tests read (tests/, samples/)
-#   gpu-bundle/paths.env        the absolute paths baked into the binaries (CARGO_MANIFEST_DIR,
-#                               CARGO_BIN_EXE_prm), which gpu-check.sh recreates as symlinks
-#   gpu-bundle/gpu-check.sh     the runner: copy the folder over, then `bash gpu-bundle/gpu-check.sh gpu-bundle`
-# Usage: scripts/gpu-bundle.sh [OUT_DIR]   (default target/gpu-bundle; STRIP=0 keeps debug info;
-#        PROFILE=dev builds the dev profile instead of release)
+# Builds, here, what a GPU machine without Rust needs to test and benchmark this checkout:
+#   target/gpu-bundle/tests/<name>   the test executables of `cargo test --release` whose source
+#                                    has a CUDA path (naming cuda or on_devices), kernels embedded
+#                                    (nvcc is required: scripts/install-nvcc.sh)
+#   target/gpu-bundle/prm            the release binary
+#   target/gpu-bundle/paths.env      the absolute paths baked into the test binaries
+#                                    (CARGO_MANIFEST_DIR, CARGO_BIN_EXE_prm), which gpu-check.sh
+#                                    recreates as links to the checkout it runs in
+#   target/gpu-bundle.tar.xz         all of it in one solid archive (~15 MB: the binaries share
+#                                    most of their code), small enough to travel with a checkout
+#
+# Usage: scripts/gpu-bundle.sh   (ALL_TESTS=1 bundles every test executable, not only those
+#        with a CUDA path)
+# Then, on the GPU machine, in a copy of this checkout that holds target/gpu-bundle.tar.xz:
+#   python3 -c "import tarfile; tarfile.open('target/gpu-bundle.tar.xz').extractall('target', filter='data')"
+#   bash scripts/gpu-check.sh --bundle target/gpu-bundle
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-OUT=${1:-target/gpu-bundle}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+OUT=$ROOT/target/gpu-bundle
 
 if [[ -z ${NVCC:-} && -z ${CUDA_HOME:-} && ! -x .nvcc/cuda/bin/nvcc ]] && ! command -v nvcc >/dev/null; then
   bash scripts/install-nvcc.sh
 fi
 export PRM_REQUIRE_NVCC=1
 
-PROFILE=${PROFILE:-release}
-PROFILE_DIR=$PROFILE
-[[ $PROFILE == dev ]] && PROFILE_DIR=debug
-echo "== building ($PROFILE)"
-cargo build --profile "$PROFILE" --bins
+echo "== building (release)"
+cargo build --release --bins
 json=$(mktemp)
-cargo test --profile "$PROFILE" --no-run --message-format=json >"$json"
+cargo test --release --no-run --message-format=json >"$json"
 
-rm -rf "$OUT/tests" "$OUT/root" "$OUT/prm"
-mkdir -p "$OUT/tests" "$OUT/root"
-python3 - "$json" "$OUT/tests" <<'PY'
-import json, shutil, sys, os
-src, dest = sys.argv[1], sys.argv[2]
+rm -rf "$OUT" "$OUT.tar.xz"
+mkdir -p "$OUT/tests"
+ALL_TESTS=${ALL_TESTS:-0} python3 - "$json" "$OUT/tests" "$ROOT/tests" <<'PY'
+import json, os, re, shutil, sys
+src, dest, tests_dir = sys.argv[1:4]
+take_all = os.environ.get("ALL_TESTS") == "1"
+def has_cuda_path(name):
+    path = os.path.join(tests_dir, name + ".rs")
+    return os.path.exists(path) and re.search(r"cuda|on_devices", open(path).read()) is not None
 seen = set()
 for line in open(src):
     try:
@@ -47,24 +52,32 @@ for line in open(src):
         continue
     seen.add(exe)
     kind = msg["target"]["kind"][0]
+    if kind != "test" and not take_all:
+        continue  # the library's and binary's unit tests have no CUDA path
     name = msg["target"]["name"] if kind != "lib" else "lib"
-    if kind in ("bin",):
+    if kind == "bin":
         name = "bin-" + name
+    if kind == "test" and not take_all and not has_cuda_path(name):
+        continue
     shutil.copy2(exe, os.path.join(dest, name))
-    print(f"  test executable {name}  <- {exe}")
+    print(f"  test executable {name}")
 PY
 rm -f "$json"
 
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-cp "$TARGET_DIR/$PROFILE_DIR/prm" "$OUT/prm"
-cp -r tests samples "$OUT/root/"
-cp scripts/gpu-check.sh "$OUT/gpu-check.sh"
+cp "$TARGET_DIR/release/prm" "$OUT/prm"
 cat >"$OUT/paths.env" <<ENV
 MANIFEST_DIR=$ROOT
-PRM_EXE=$TARGET_DIR/$PROFILE_DIR/prm
+PRM_EXE=$TARGET_DIR/release/prm
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo +dirty)
 ENV
-if [[ ${STRIP:-1} == 1 ]] && command -v strip >/dev/null; then
-  strip --strip-debug "$OUT"/tests/* "$OUT/prm"
+if command -v strip >/dev/null; then
+  strip "$OUT"/tests/* "$OUT/prm"
 fi
-echo "== bundle: $OUT ($(du -sh "$OUT" | cut -f1))"
-echo "on the GPU machine: bash $(basename "$OUT")/gpu-check.sh $(basename "$OUT")"
+echo "== archive"
+(cd "$ROOT/target" && tar -cf - gpu-bundle | xz -9 -T1 >"$OUT.tar.xz.tmp" && mv "$OUT.tar.xz.tmp" "$OUT.tar.xz")
+echo "== bundle: $OUT ($(du -sh "$OUT" | cut -f1)), $OUT.tar.xz ($(du -h "$OUT.tar.xz" | cut -f1))"
+cat <<EOF
+On the GPU machine (device tool: carry ["target/gpu-bundle.tar.xz"]), in the checkout:
+  python3 -c "import tarfile; tarfile.open('target/gpu-bundle.tar.xz').extractall('target', filter='data')" && bash scripts/gpu-check.sh --bundle target/gpu-bundle
+EOF

@@ -1,56 +1,101 @@
 #!/usr/bin/env bash
-# Runs the test suite and `prm attack --device cuda` on a GPU machine, and prints a table
-# (test binary, result, CUDA tests run or skipped, time).
+# The GPU machine's one command: every bundled test against the real device, `prm attack
+# --device cuda` on the samples, the benchmark report against PyTorch (scripts/gpu-report.sh)
+# and a per-kernel profile of one pgd step (Nsight Compute), inside a time budget, then one
+# table. Lent GPU time is short (15 minutes a session, machine start included), so sections run
+# in order of what matters and each gets at most what is left of the budget.
 #
-#   Without Rust:  bash gpu-bundle/gpu-check.sh gpu-bundle     (bundle from scripts/gpu-bundle.sh)
-#   With cargo:    bash scripts/gpu-check.sh                   (builds the bundle first)
+#   With cargo:         bash scripts/gpu-check.sh               (builds the bundle first)
+#   Without Rust:       bash scripts/gpu-check.sh --bundle target/gpu-bundle
+#                       (bundle from scripts/gpu-bundle.sh, in a copy of this checkout)
+#   Options:            --budget SECONDS   whole run (default 480)
+#                       --only LIST        comma-separated sections: tests,attack,report,profile
+#                       --out DIR          where summary.txt and gpu-check-logs.tar.gz go
+#                                          (default $OUT when set, else target/gpu-check)
+# Extra arguments after `--` go to every test binary (e.g. a test name filter).
 #
-# cuBLASLt is loaded at run time: libcublasLt.so.{13,12} must be findable. Its folder is added to
-# LD_LIBRARY_PATH from a pip-installed PyTorch / nvidia-cublas wheel or /usr/local/cuda when
-# found. Extra arguments after the bundle folder are passed to every test binary.
+# cuBLASLt is loaded at run time: libcublasLt.so.{13,12} must be findable; the folder of a
+# pip-installed PyTorch / nvidia-cublas wheel or /usr/local/cuda is added to LD_LIBRARY_PATH.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+START=$(date +%s)
 
-if [[ $# -ge 1 && -d $1 ]]; then
-  BUNDLE=$(cd "$1" && pwd); shift
-elif [[ -f $HERE/paths.env ]]; then
-  BUNDLE=$HERE
-elif command -v cargo >/dev/null && [[ -f $HERE/../Cargo.toml ]]; then
-  echo "== cargo found: building the bundle"
-  bash "$HERE/gpu-bundle.sh" "$HERE/../target/gpu-bundle" || exit 1
-  BUNDLE=$(cd "$HERE/../target/gpu-bundle" && pwd)
-else
-  echo "usage: $0 BUNDLE_DIR  (made by scripts/gpu-bundle.sh), or run it in a checkout with cargo" >&2
-  exit 2
+BUNDLE="" BUDGET=480 ONLY="tests,attack,report,profile" DEST=${OUT:-$ROOT/target/gpu-check}
+TEST_ARGS=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --bundle) BUNDLE=$2; shift 2 ;;
+    --budget) BUDGET=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
+    --out) DEST=$2; shift 2 ;;
+    --) shift; TEST_ARGS=("$@"); break ;;
+    *) echo "usage: $0 [--bundle DIR] [--budget SECONDS] [--only tests,attack,report,profile] [--out DIR] [-- TEST_ARGS]" >&2; exit 2 ;;
+  esac
+done
+want() { [[ ,$ONLY, == *,$1,* ]]; }
+DEADLINE=$((START + BUDGET))
+left() { echo $((DEADLINE - $(date +%s))); }
+# Seconds a section may take: what is left, less what later sections reserve (at most half of
+# what is left: earlier sections matter more), capped.
+allow() { # cap reserve
+  local now_left r
+  now_left=$(left)
+  r=$2
+  (( r > now_left / 2 )) && r=$((now_left / 2))
+  local l=$((now_left - r))
+  (( l > $1 )) && l=$1
+  echo $l
+}
+# What the sections after the tests need at least: attack 30 s, report 150 s, profile 90 s.
+after_tests=0
+want attack && after_tests=$((after_tests + 30))
+want report && after_tests=$((after_tests + 150))
+want profile && after_tests=$((after_tests + 90))
+
+if [[ -z $BUNDLE ]]; then
+  if command -v cargo >/dev/null; then
+    echo "== cargo found: building the bundle"
+    bash "$HERE/gpu-bundle.sh" || exit 1
+    BUNDLE=$ROOT/target/gpu-bundle
+  else
+    echo "no --bundle and no cargo: build one with scripts/gpu-bundle.sh" >&2
+    exit 2
+  fi
 fi
+BUNDLE=$(cd "$BUNDLE" && pwd) || exit 2
 [[ -f $BUNDLE/paths.env ]] || { echo "error: $BUNDLE/paths.env missing: not a bundle" >&2; exit 2; }
 # shellcheck disable=SC1091
 source "$BUNDLE/paths.env"
+mkdir -p "$DEST"
+WORK=$(mktemp -d)
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
 
-echo "== machine"
-if command -v nvidia-smi >/dev/null; then
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-else
-  echo "nvidia-smi not found"
-fi
+{
+  echo "== machine ($(date -u +%Y-%m-%dT%H:%MZ), bundle commit ${COMMIT:-?})"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "nvidia-smi not found"
+  python3 -c 'import torch; print("torch", torch.__version__)' 2>/dev/null || echo "no PyTorch"
+} | tee "$LOGS/machine.txt"
 
-# The binaries read fixtures through absolute paths baked in at build time: recreate them.
+# The test binaries read fixtures through the absolute path of the checkout they were built in,
+# and find prm at the absolute path it was built at: link both to this checkout and bundle.
 link_path() { # target link
   local target=$1 link=$2
-  if [[ -e $link ]]; then return 0; fi
+  [[ $(cd "$target" 2>/dev/null && pwd) == "$link" ]] && return 0
+  [[ -e $link || -L $link ]] && return 0
   if mkdir -p "$(dirname "$link")" 2>/dev/null && ln -s "$target" "$link" 2>/dev/null; then
     echo "linked $link -> $target"
   else
     echo "warning: could not create $link; tests reading fixtures may fail" >&2
   fi
 }
-link_path "$BUNDLE/root" "$MANIFEST_DIR"
+link_path "$ROOT" "$MANIFEST_DIR"
 link_path "$BUNDLE/prm" "$PRM_EXE"
 
 # cuBLASLt for the products.
 extra_libs=()
-if command -v python3 >/dev/null; then
-  while IFS= read -r d; do [[ -n $d ]] && extra_libs+=("$d"); done < <(python3 - <<'PY' 2>/dev/null
+while IFS= read -r d; do [[ -n $d ]] && extra_libs+=("$d"); done < <(python3 - <<'PY' 2>/dev/null
 import glob, os, site, sys
 roots = set(site.getsitepackages() + [site.getusersitepackages()] + sys.path)
 dirs = set()
@@ -61,48 +106,118 @@ for r in roots:
 print("\n".join(sorted(dirs)))
 PY
 )
-fi
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   compgen -G "$d/libcublasLt.so*" >/dev/null && extra_libs+=("$d")
 done
 if [[ ${#extra_libs[@]} -gt 0 ]]; then
   LD_LIBRARY_PATH=$(IFS=:; echo "${extra_libs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   export LD_LIBRARY_PATH
-  echo "cuBLASLt from: ${extra_libs[*]}"
 else
-  echo "warning: libcublasLt not found (matmul tests will fail); install nvidia-cublas or set LD_LIBRARY_PATH" >&2
+  echo "warning: libcublasLt not found (products will fail); install nvidia-cublas or set LD_LIBRARY_PATH" >&2
 fi
 
-LOGS=$BUNDLE/logs
-mkdir -p "$LOGS"
-rows=()
 failed=0
-for t in "$BUNDLE"/tests/*; do
-  name=$(basename "$t")
-  start=$(date +%s.%N)
-  (cd "$MANIFEST_DIR" 2>/dev/null || cd "$BUNDLE/root"; "$t" --nocapture "$@") >"$LOGS/$name.log" 2>&1
+rows=()
+row() { rows+=("$(printf '%-26s %-10s %-9s %7ss  %s' "$@")"); }
+
+# ---------------------------------------------------------------- tests
+if want tests; then
+  echo "== tests (every bundled binary; CUDA and simulator paths)"
+  for t in "$BUNDLE"/tests/*; do
+    name=$(basename "$t")
+    secs_allowed=$(allow 240 $after_tests)
+    if (( secs_allowed < 10 )); then row "$name" "skipped" "-" 0 "out of time"; continue; fi
+    s=$(date +%s.%N)
+    (cd "$ROOT" && timeout "$secs_allowed" "$t" --nocapture "${TEST_ARGS[@]}") >"$LOGS/test-$name.log" 2>&1
+    rc=$?
+    secs=$(awk -v s="$s" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')
+    skipped=$(grep -c "skipped: no" "$LOGS/test-$name.log")
+    summary=$(grep -E "^test result:" "$LOGS/test-$name.log" | tail -n 1 | sed 's/^test result: //; s/; finished.*//; s/ 0 ignored; 0 measured;//')
+    if [[ $rc -eq 0 ]]; then status=pass; else status="FAIL($rc)"; failed=$((failed + 1)); fi
+    [[ $rc -eq 124 ]] && summary="timed out after ${secs_allowed}s"
+    row "$name" "$status" "skips=$skipped" "$secs" "$summary"
+    [[ $rc -ne 0 ]] && grep -E "panicked|FAILED|error" "$LOGS/test-$name.log" | head -n 5 | sed "s/^/   $name: /"
+  done
+fi
+
+# ---------------------------------------------------------------- attack on the samples
+if want attack; then
+  echo "== prm attack --device cuda (samples)"
+  out=$(mktemp -d)
+  s=$(date +%s.%N)
+  (cd "$ROOT" && timeout "$(allow 90 $((after_tests - 30)))" "$BUNDLE/prm" attack --model random:vit-b-16 --input samples \
+    --output "$out" --preset pgd --device cuda) >"$LOGS/prm-attack.log" 2>&1
   rc=$?
-  secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')
-  skipped=$(grep -c "skipped: no CUDA device" "$LOGS/$name.log")
-  summary=$(grep -E "^test result:" "$LOGS/$name.log" | tail -n 1 | sed 's/^test result: //; s/; finished.*//')
+  secs=$(awk -v s="$s" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')
   if [[ $rc -eq 0 ]]; then status=pass; else status="FAIL($rc)"; failed=$((failed + 1)); fi
-  rows+=("$(printf '%-28s %-9s %-12s %8ss  %s' "$name" "$status" "skips=$skipped" "$secs" "$summary")")
-done
+  row "prm attack --device cuda" "$status" "-" "$secs" "$(ls "$out" | wc -l) files; $(tail -n 1 "$LOGS/prm-attack.log" | cut -c1-80)"
+  rm -rf "$out"
+fi
 
-echo "== prm attack --device cuda"
-out=$(mktemp -d)
-start=$(date +%s.%N)
-(cd "$BUNDLE/root" && timeout 900 "$BUNDLE/prm" attack --model random:vit-b-16 --input samples \
-  --output "$out" --preset pgd --device cuda) >"$LOGS/prm-attack.log" 2>&1
-rc=$?
-secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')
-if [[ $rc -eq 0 ]]; then status=pass; else status="FAIL($rc)"; failed=$((failed + 1)); fi
-rows+=("$(printf '%-28s %-9s %-12s %8ss  %s' "prm attack --device cuda" "$status" "-" "$secs" "$(ls "$out" | wc -l) files; $(tail -n 1 "$LOGS/prm-attack.log")")")
-rm -rf "$out"
+# ---------------------------------------------------------------- benchmark report
+if want report; then
+  echo "== report (scripts/gpu-report.sh; $(left) s left)"
+  reserve=0; want profile && reserve=90
+  DEADLINE=$(( $(date +%s) + $(allow 100000 $reserve) )) bash "$ROOT/scripts/gpu-report.sh" "$BUNDLE/prm" "$WORK/report" \
+    >"$LOGS/report.txt" 2>"$LOGS/report.err"
+  cp "$WORK"/report/*.json "$WORK"/report/*.err "$LOGS/" 2>/dev/null
+fi
 
-echo
-printf '%-28s %-9s %-12s %9s  %s\n' "test binary" "result" "cuda" "time" "summary"
-printf '%s\n' "${rows[@]}"
-echo
-echo "logs: $LOGS"
-[[ $failed -eq 0 ]] || { echo "$failed failed"; exit 1; }
+# ---------------------------------------------------------------- per-kernel profile
+if want profile; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+  secs_allowed=$(allow 150 15)
+  if [[ -z $NCU ]]; then
+    echo "no ncu: no per-kernel profile" >"$LOGS/profile.txt"
+  elif (( secs_allowed < 40 )); then
+    echo "out of time: no per-kernel profile" >"$LOGS/profile.txt"
+  else
+    echo "== profile (ncu, ${secs_allowed}s)"
+    # One clean forward and two pgd steps at batch 64, graphs off so every kernel is its own
+    # launch; gpu__time_duration per launch, summed per kernel name.
+    (cd "$ROOT" && PRM_NO_GRAPHS=1 timeout "$secs_allowed" "$NCU" --clock-control none --metrics gpu__time_duration.sum \
+      --csv "$BUNDLE/prm" bench --device cuda --model random:vit-b-16 --precision bf16 --batch-size 64 \
+      --steps 2 --warmup 0 --repeats 1 --no-ceiling) >"$LOGS/ncu.csv" 2>"$LOGS/ncu.err"
+    python3 - "$LOGS/ncu.csv" >"$LOGS/profile.txt" 2>&1 <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+if not rows:
+    print("ncu produced no rows (see ncu.err)"); sys.exit()
+head = rows[0]
+k, m, v, u = (head.index(c) for c in ("Kernel Name", "Metric Name", "Metric Value", "Metric Unit"))
+scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+per = collections.defaultdict(lambda: [0, 0.0])
+for r in rows[1:]:
+    if r[m] != "gpu__time_duration.sum":
+        continue
+    us = float(r[v].replace(",", "")) * scale.get(r[u], 1.0)
+    name = r[k].split("(")[0]
+    e = per[name[:70]]; e[0] += 1; e[1] += us
+total = sum(e[1] for e in per.values())
+print(f"kernel time {total/1e3:.1f} ms over {sum(e[0] for e in per.values())} launches "
+      "(prm bench bf16, batch 64, 224 px: clean forward + 2 pgd steps + final evaluation)")
+print(f"{'kernel':70} {'calls':>6} {'ms':>8} {'share':>6} {'us/call':>8}")
+for name, (n, us) in sorted(per.items(), key=lambda x: -x[1][1])[:18]:
+    print(f"{name:70} {n:6d} {us/1e3:8.2f} {100*us/total:5.1f}% {us/n:8.1f}")
+PY
+  fi
+fi
+
+# ---------------------------------------------------------------- summary
+{
+  echo
+  echo "== summary (bundle commit ${COMMIT:-?}, $(($(date +%s) - START)) s of a ${BUDGET} s budget)"
+  cat "$LOGS/machine.txt"
+  if [[ ${#rows[@]} -gt 0 ]]; then
+    printf '%-26s %-10s %-9s %8s  %s\n' "test binary" "result" "no device" "time" "summary"
+    printf '%s\n' "${rows[@]}"
+  fi
+  [[ -f $LOGS/report.txt ]] && { echo; cat "$LOGS/report.txt"; grep -E "failed|skipped" "$LOGS/report.err" | sed "s|$WORK/report/|logs/|" | head -n 16; }
+  [[ -f $LOGS/profile.txt ]] && { echo; cat "$LOGS/profile.txt"; }
+  [[ $failed -eq 0 ]] && echo "all checks passed" || echo "$failed check(s) FAILED"
+} | tee "$LOGS/summary.txt"
+cp "$LOGS/summary.txt" "$DEST/summary.txt"
+tar -czf "$DEST/gpu-check-logs.tar.gz" -C "$WORK" logs
+echo "logs: $DEST/gpu-check-logs.tar.gz"
+rm -rf "$WORK"
+[[ $failed -eq 0 ]]

@@ -5,12 +5,16 @@
 #   bash scripts/gpu-report.sh [PRM_BINARY] [OUT_DIR]
 #
 # PRM_BINARY defaults to target/release/prm (built here with cargo when missing). Each row's
-# JSON goes to OUT_DIR (default target/gpu-report); the table goes to stdout. Workloads:
+# JSON goes to OUT_DIR (default target/gpu-report); the table goes to stdout. Rows run in order
+# of importance; with DEADLINE (epoch seconds) set, a row that cannot start at least 20 s before
+# it is skipped and every row's timeout ends at it (ROW_TIMEOUT caps each row, default 150 s;
+# torch.compile gets 240 s). Workloads:
 #   pgd    ViT-B/16, 224 px, 10 PGD steps, batch $BATCH (default 64): prm bf16 and fp32;
 #          torch eager fp32, eager bf16 (autocast + SDPA), torch.compile
-#   paper  ViT-B/16, 640x480, 250 AdamW steps, dynamic scale, all layers: prm bf16 at batch 1
-#          and batch $PAPER_BATCH (default 8), prm fp32 at batch 1; torch fp32 at batch 1
-#   A/B    prm bf16 with graphs off, with attention v2, at batch 1 with graphs on and off
+#   paper  ViT-B/16, 640x480, 250 AdamW steps, dynamic scale, all layers: prm bf16 at batch
+#          $PAPER_BATCH (default 8), 32 and 1, prm fp32 at batch 1; torch fp32 at batch 1
+#   A/B    prm bf16 with graphs off, with attention v2, with staging off in the attack row, at
+#          batch 1 with graphs on and off
 #   attack 192 images through `prm attack --profile` on cuda:0, again with PRM_NO_STAGING=1
 #          (and cuda:all with several GPUs)
 set -uo pipefail
@@ -20,6 +24,7 @@ OUT=${2:-target/gpu-report}
 BATCH=${BATCH:-64}
 PAPER_BATCH=${PAPER_BATCH:-8}
 PY=${PYTHON:-python3}
+DEADLINE=${DEADLINE:-0}
 mkdir -p "$OUT"
 if [[ ! -x $PRM ]]; then
   command -v cargo >/dev/null || { echo "no $PRM and no cargo: pass the prm binary" >&2; exit 2; }
@@ -29,10 +34,26 @@ fi
 libs=$($PY -c 'import glob,os,site;print(":".join(sorted({os.path.dirname(f) for r in site.getsitepackages() for f in glob.glob(r+"/nvidia/*/lib/libcublasLt.so*")})))' 2>/dev/null)
 [[ -n $libs ]] && export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
+# Seconds a row may run (0: do not start it).
+row_time() { # cap
+  local t=$1
+  if [[ $DEADLINE -gt 0 ]]; then
+    local l=$((DEADLINE - $(date +%s)))
+    (( l < 20 )) && { echo 0; return; }
+    (( l < t )) && t=$l
+  fi
+  echo "$t"
+}
 run() { # name, command...
   local name=$1; shift
-  echo "== $name: $*" >&2
-  if timeout "${ROW_TIMEOUT:-240}" "$@" >"$OUT/$name.json" 2>"$OUT/$name.err"; then
+  local t
+  t=$(row_time "$( [[ $name == *compile* ]] && echo 240 || echo "${ROW_TIMEOUT:-150}")")
+  if [[ $t -eq 0 ]]; then
+    echo "== $name: skipped (out of time)" >&2
+    return
+  fi
+  echo "== $name (${t}s): $*" >&2
+  if timeout "$t" "$@" >"$OUT/$name.json" 2>"$OUT/$name.err"; then
     tail -n 1 "$OUT/$name.json" >"$OUT/$name.tmp" && mv "$OUT/$name.tmp" "$OUT/$name.json"
   else
     echo "   failed (rc $?): see $OUT/$name.err" >&2
@@ -40,21 +61,24 @@ run() { # name, command...
   fi
 }
 B="$PRM bench --device cuda --json --model random:vit-b-16"
+PAPER="--preset paper --image-size 640x480"
+# The targets first: prm bf16 against torch eager bf16, torch.compile and the faithful paper loop.
 run prm-pgd-bf16 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
-run prm-pgd-fp32 $B --precision fp32 --batch-size "$BATCH" --steps 10 --repeats 3
-# A/B rows for the changes of 2026-11-25 (unmeasured when they landed): step graphs off, and
-# the previous tensor-core attention (v2); batch 1 shows the host cost graphs remove.
+run torch-pgd-eager-bf16 $PY tools/torch_prm.py --mode eager-bf16 --batch-size "$BATCH" --steps 10
+run prm-paper-bf16-b$PAPER_BATCH $B --precision bf16 $PAPER --batch-size "$PAPER_BATCH" --warmup 0 --repeats 1 --no-ceiling
+run torch-paper-fp32-b1 $PY tools/torch_prm.py --mode paper --repeats 1 --warmup 1
+run torch-pgd-compile $PY tools/torch_prm.py --mode compile --batch-size "$BATCH" --steps 10
+# A/B rows for changes not yet measured on a GPU: step graphs off, the previous tensor-core
+# attention (v2); batch 1 shows the host cost graphs remove.
 run prm-pgd-bf16-nographs $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5 --graphs off
 run prm-pgd-bf16-attn-v2 env PRM_ATTENTION=v2 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
+run prm-paper-bf16-b32 $B --precision bf16 $PAPER --batch-size 32 --warmup 0 --repeats 1 --no-ceiling
+run prm-paper-bf16-b1 $B --precision bf16 $PAPER --batch-size 1 --repeats 2 --no-ceiling
+run prm-pgd-fp32 $B --precision fp32 --batch-size "$BATCH" --steps 10 --repeats 3
+run torch-pgd-eager-fp32 $PY tools/torch_prm.py --mode eager-fp32 --batch-size "$BATCH" --steps 10
 run prm-pgd-bf16-b1 $B --precision bf16 --batch-size 1 --steps 10 --repeats 5 --no-ceiling
 run prm-pgd-bf16-b1-nographs $B --precision bf16 --batch-size 1 --steps 10 --repeats 5 --no-ceiling --graphs off
-run torch-pgd-eager-fp32 $PY tools/torch_prm.py --mode eager-fp32 --batch-size "$BATCH" --steps 10
-run torch-pgd-eager-bf16 $PY tools/torch_prm.py --mode eager-bf16 --batch-size "$BATCH" --steps 10
-run torch-pgd-compile $PY tools/torch_prm.py --mode compile --batch-size "$BATCH" --steps 10
-run prm-paper-bf16-b1 $B --precision bf16 --preset paper --image-size 640x480 --batch-size 1 --repeats 2 --no-ceiling
-run prm-paper-bf16-b$PAPER_BATCH $B --precision bf16 --preset paper --image-size 640x480 --batch-size "$PAPER_BATCH" --warmup 0 --repeats 1 --no-ceiling
-run prm-paper-fp32-b1 $B --precision fp32 --preset paper --image-size 640x480 --batch-size 1 --warmup 0 --repeats 1 --no-ceiling
-run torch-paper-fp32-b1 $PY tools/torch_prm.py --mode paper --repeats 2 --warmup 1
+run prm-paper-fp32-b1 $B --precision fp32 $PAPER --batch-size 1 --warmup 0 --repeats 1 --no-ceiling
 
 $PY - "$OUT" "$BATCH" "$PAPER_BATCH" <<'PYEOF'
 import json, os, sys
@@ -71,6 +95,7 @@ rows = [
     ("pgd", "prm bf16 graphs off", "prm-pgd-bf16-nographs"), ("pgd", "prm bf16 attention v2", "prm-pgd-bf16-attn-v2"),
     ("pgd", "prm bf16 b1", "prm-pgd-bf16-b1"), ("pgd", "prm bf16 b1 graphs off", "prm-pgd-bf16-b1-nographs"),
     ("paper", "prm bf16 b1", "prm-paper-bf16-b1"), ("paper", f"prm bf16 b{pb}", f"prm-paper-bf16-b{pb}"),
+    ("paper", "prm bf16 b32", "prm-paper-bf16-b32"),
     ("paper", "prm fp32 b1", "prm-paper-fp32-b1"), ("paper", "torch fp32 b1", "torch-paper-fp32-b1"),
 ]
 dev = next((r["device"] for _, _, n in rows if (r := get(n))), "?")
@@ -96,7 +121,8 @@ print(f"pgd   attention v3 / v2                {ratio('prm-pgd-bf16', 'prm-pgd-b
 r = get("prm-pgd-bf16")
 if r and r.get("ceiling_fraction"):
     print(f"pgd   prm bf16 fraction of GEMM ceiling {100*r['ceiling_fraction']:6.1f}%   (target >= 50%)")
-best = max((get(n)["images_per_s"], n) for n in ("prm-paper-bf16-b1", f"prm-paper-bf16-b{pb}") if get(n)) if get("prm-paper-bf16-b1") else (float("nan"), "-")
+paper_rows = [(get(n)["images_per_s"], n) for n in ("prm-paper-bf16-b1", f"prm-paper-bf16-b{pb}", "prm-paper-bf16-b32") if get(n)]
+best = max(paper_rows) if paper_rows else (float("nan"), "-")
 t = get("torch-paper-fp32-b1")
 if t:
     print(f"paper {best[1]} / torch fp32 b1   {best[0] / t['images_per_s']:6.2f}x   (target >= 10)")
@@ -113,9 +139,15 @@ if [[ ! -d $DATA ]]; then
 fi
 attack() { # name, device, [env assignments...]
   local name=$1 dev=$2; shift 2
+  local t
+  t=$(row_time "${ROW_TIMEOUT:-150}")
+  if [[ $t -eq 0 ]]; then
+    echo "$name: skipped (out of time)"
+    return
+  fi
   rm -rf "$OUT/$name-out"
-  echo "== $name: prm attack --device $dev" >&2
-  env "$@" timeout "${ROW_TIMEOUT:-240}" "$PRM" attack --model random:vit-b-16 --input "$DATA" \
+  echo "== $name (${t}s): prm attack --device $dev" >&2
+  env "$@" timeout "$t" "$PRM" attack --model random:vit-b-16 --input "$DATA" \
     --output "$OUT/$name-out" --preset pgd --resolution 224 --precision bf16 --batch-size auto \
     --device "$dev" --profile "$OUT/$name-profile.json" >"$OUT/$name.log" 2>&1 \
     || echo "   failed: see $OUT/$name.log" >&2
