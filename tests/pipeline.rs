@@ -185,6 +185,7 @@ fn reference_workers<'m>(
         Ok(Worker {
             engine: ReferenceVit::new(model),
             batch_size: sizes[w],
+            batch_tokens: None,
             name: format!("cpu #{w}"),
         })
     }
@@ -309,6 +310,7 @@ fn a_slow_first_batch_and_failing_images_keep_the_manifest_in_input_order() {
                         panic_width: 47,
                     },
                     batch_size: 1,
+                    batch_tokens: None,
                     name: format!("moody #{w}"),
                 })
             },
@@ -419,6 +421,7 @@ fn an_interrupt_with_several_workers_and_a_writer_behind_then_a_resume() {
         Ok(Worker {
             engine: Instant0(&s.model),
             batch_size: 2,
+            batch_tokens: None,
             name: format!("instant #{w}"),
         })
     };
@@ -600,6 +603,7 @@ fn out_of_memory_halving_is_per_worker() {
                         max: [4, 1][w],
                     },
                     batch_size: 4,
+                    batch_tokens: None,
                     name: format!("small #{w}"),
                 })
             },
@@ -637,6 +641,7 @@ fn a_worker_that_cannot_start_stops_the_run_before_any_image() {
                 Ok(Worker {
                     engine: ReferenceVit::new(&s.model),
                     batch_size: 1,
+                    batch_tokens: None,
                     name: "cpu".into(),
                 })
             },
@@ -745,4 +750,179 @@ fn sim_devices_and_the_profile_through_the_command_line() {
     let o = prm(&["bench", "--model", "random:tiny", "--device", "sim:2"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("runs on one"));
+}
+
+/// Tokens of an input at its native size under `random:tiny` (patch `p`), 0 for inputs that
+/// fail to load (not an image, or smaller than a patch).
+fn native_tokens(item: &InputItem, p: usize) -> usize {
+    match ::image::image_dimensions(&item.path) {
+        Ok((w, h)) if w as usize >= p && h as usize >= p => (h as usize / p) * (w as usize / p) + 1,
+        _ => 0,
+    }
+}
+
+/// The batches a token budget makes of `tokens` (consecutive images while they fit, at least
+/// one, at most `max` images): (first index, images) each.
+fn greedy_batches(tokens: &[usize], budget: usize, max: usize) -> Vec<(usize, usize)> {
+    let mut batches = Vec::new();
+    let mut first = 0;
+    while first < tokens.len() {
+        let (mut n, mut used) = (0, 0);
+        while first + n < tokens.len() && n < max {
+            let t = tokens[first + n];
+            if n > 0 && used + t > budget {
+                break;
+            }
+            used += t;
+            n += 1;
+        }
+        batches.push((first, n));
+        first += n;
+    }
+    batches
+}
+
+/// `--batch-tokens`: batches of mixed-size images hold consecutive images up to the token
+/// budget (at least one each, failures counting none), on one worker and on three, and the
+/// outputs and records are those of one image per batch.
+#[test]
+fn token_budget_bounds_batches_of_mixed_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let items = mixed_inputs(&tmp.path().join("in"));
+    let s = setup(2);
+    let p = s.model.config.patch;
+    let tokens: Vec<usize> = items.iter().map(|i| native_tokens(i, p)).collect();
+    let budget = 12;
+    assert!(
+        tokens.iter().any(|&t| t > budget)
+            && tokens.iter().filter(|&&t| t > 0 && t <= budget / 2).count() >= 2,
+        "the inputs must have images over the budget and pairs that fit: {tokens:?}"
+    );
+
+    let mut one = OutputOptions::new(tmp.path().join("one"));
+    one.save_float = true;
+    campaign(&s, &items, &one, None)
+        .run(&ReferenceVit::new(&s.model), &Silent, &|| false)
+        .unwrap();
+
+    let mut output = OutputOptions::new(tmp.path().join("tokens"));
+    output.save_float = true;
+    output.batch_size = 8;
+    output.batch_tokens = Some(budget);
+    let timeline = Timeline::new();
+    let summary = campaign(&s, &items, &output, Some(&timeline))
+        .run(&ReferenceVit::new(&s.model), &Silent, &|| false)
+        .unwrap();
+    assert_eq!((summary.ok, summary.failed), (7, 2));
+    let mut batches: Vec<(usize, usize)> = timeline
+        .batches()
+        .iter()
+        .map(|b| (b.first, b.images))
+        .collect();
+    batches.sort();
+    assert_eq!(
+        batches,
+        greedy_batches(&tokens, budget, 8),
+        "tokens {tokens:?}"
+    );
+    assert!(batches.iter().any(|&(_, n)| n > 1), "{batches:?}");
+    assert_eq!(
+        outputs(&tmp.path().join("tokens")),
+        outputs(&tmp.path().join("one"))
+    );
+    assert_eq!(
+        untimed(&tmp.path().join("tokens")),
+        untimed(&tmp.path().join("one"))
+    );
+
+    // Three workers, the same budget: every batch is still one of the greedy batches.
+    let dir = tmp.path().join("three");
+    let mut output = OutputOptions::new(&dir);
+    output.save_float = true;
+    output.decoders = 2;
+    let timeline = Timeline::new();
+    let workers = |w: usize| {
+        Ok(Worker {
+            engine: ReferenceVit::new(&s.model),
+            batch_size: 8,
+            batch_tokens: Some(budget),
+            name: format!("cpu #{w}"),
+        })
+    };
+    campaign(&s, &items, &output, Some(&timeline))
+        .run_on_workers(3, &s.model, workers, &Silent, &|| false)
+        .unwrap();
+    let mut batches: Vec<(usize, usize)> = timeline
+        .batches()
+        .iter()
+        .map(|b| (b.first, b.images))
+        .collect();
+    batches.sort();
+    assert_eq!(batches, greedy_batches(&tokens, budget, 8));
+    assert_eq!(outputs(&dir), outputs(&tmp.path().join("one")));
+    assert_eq!(untimed(&dir), untimed(&tmp.path().join("one")));
+}
+
+/// `prm attack --batch-tokens` through the GPU engine in the simulator: the batches in the
+/// profile are the greedy token batches; a budget of 0 is a usage error.
+#[test]
+fn batch_tokens_through_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    let items = mixed_inputs(&input);
+    let tokens: Vec<usize> = items.iter().map(|i| native_tokens(i, 16)).collect();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let profile = tmp.path().join("profile.json");
+    let out = tmp.path().join("out");
+    let common = [
+        "attack",
+        "--model",
+        "random:tiny",
+        "--input",
+        &s(&input),
+        "--output",
+        &s(&out),
+        "--device",
+        "sim",
+        "--preset",
+        "pgd",
+        "--steps",
+        "1",
+        "--quiet",
+        "--batch-size",
+        "4",
+    ];
+    let profile_arg = s(&profile);
+    let mut args = common.to_vec();
+    args.extend(["--batch-tokens", "12", "--profile", &profile_arg]);
+    let o = prm(&args);
+    // Two inputs cannot be read: exit code 1, every other image saved.
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let records = manifest(&out);
+    assert_eq!(records.iter().filter(|r| r.status == Status::Ok).count(), 7);
+    let json: Value = serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap();
+    let mut batches: Vec<(usize, usize)> = json["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["first"].as_u64().unwrap() as usize,
+                b["images"].as_u64().unwrap() as usize,
+            )
+        })
+        .collect();
+    batches.sort();
+    assert_eq!(batches, greedy_batches(&tokens, 12, 4), "tokens {tokens:?}");
+
+    let mut args = common.to_vec();
+    args.extend(["--batch-tokens", "0"]);
+    let o = prm(&args);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--batch-tokens"));
 }

@@ -46,8 +46,11 @@ pub struct OutputOptions {
     pub dir: PathBuf,
     /// Also write the unquantised float image as `<rel>.safetensors`.
     pub save_float: bool,
-    /// Images attacked together in one engine call per step.
+    /// Images attacked together in one engine call per step (at most).
     pub batch_size: usize,
+    /// At most this many tokens per batch, counted at each image's working size (see
+    /// `--batch-tokens`); a batch always takes at least one image. `None`: only `batch_size`.
+    pub batch_tokens: Option<usize>,
     /// Where outputs go (tree, or tar shards for tar inputs).
     pub layout: OutputLayout,
     /// `--max-pixels`: inputs whose header announces more pixels fail without being decoded.
@@ -64,6 +67,7 @@ impl OutputOptions {
             dir: dir.into(),
             save_float: false,
             batch_size: 1,
+            batch_tokens: None,
             layout: OutputLayout::Tree,
             max_pixels: DEFAULT_MAX_PIXELS,
             decoders: 0,
@@ -179,11 +183,13 @@ pub enum CampaignError {
     WorkerPanic { worker: usize, message: String },
 }
 
-/// One engine worker of [`Campaign::run_on_workers`]: its engine, its batch size (sized for its
-/// device), and a name for the profile.
+/// One engine worker of [`Campaign::run_on_workers`]: its engine, its batch limits (sized for
+/// its device), and a name for the profile.
 pub struct Worker<E> {
     pub engine: E,
     pub batch_size: usize,
+    /// The worker's token budget per batch (see [`OutputOptions::batch_tokens`]).
+    pub batch_tokens: Option<usize>,
     pub name: String,
 }
 

@@ -18,7 +18,11 @@
 //!   most `lookahead` images past the last image an engine worker claimed (the workers' batch
 //!   sizes plus one image per decoder), so memory stays bounded whatever the dataset size.
 //! - **Engine workers** claim consecutive runs of images (a batch) under one lock, so a batch is
-//!   always the same images in the same order whichever worker runs it. One worker runs on the
+//!   always the same images in the same order whichever worker runs it. A batch holds at most
+//!   the worker's batch size in images and, with a token budget (`--batch-tokens`, or
+//!   `--batch-size auto` on a GPU), at most that many tokens at the images' working sizes
+//!   (always at least one image): such a claim waits for each image to be decoded before it
+//!   takes the next, and no other worker claims meanwhile. One worker runs on the
 //!   calling thread ([`run_here`], any [`Engine`]); several run on their own threads
 //!   ([`run_on_threads`]), each with its own engine built on that thread (its own device, weights
 //!   and batch size). Out-of-memory halving is per worker: the worker keeps the images it
@@ -57,7 +61,7 @@ use super::campaign::{
 use super::engine::{Engine, StageKey};
 use super::loss::Objective;
 use super::profile::{BatchTiming, Timeline, WorkerTiming, WriteTiming};
-use super::settings::AttackSettings;
+use super::settings::{AttackSettings, Resolution};
 use crate::io::{InputItem, IoError, ManifestRecord, ManifestWriter, Status};
 
 /// What one run needs, shared by every thread.
@@ -69,6 +73,28 @@ pub(super) struct Run<'a> {
     pub output: &'a OutputOptions,
     pub patch: usize,
     pub timeline: Option<&'a Timeline>,
+}
+
+impl Run<'_> {
+    /// Tokens an image takes in a batch: its working size at `--resolution` (the native size,
+    /// cropped to whole patches, bounds every dynamic-scale draw), plus the class token. An
+    /// image that failed to load takes none.
+    pub(super) fn tokens_of(&self, loaded: &Result<Loaded, ImageFailure>) -> usize {
+        let Ok(image) = loaded else { return 0 };
+        let p = self.patch.max(1);
+        match self.settings.resolution {
+            Resolution::Native => (image.clean.height / p) * (image.clean.width / p) + 1,
+            Resolution::Fixed(n) => (n / p) * (n / p) + 1,
+        }
+    }
+}
+
+/// The most a worker's batch may hold.
+#[derive(Clone, Copy, Debug)]
+struct BatchLimit {
+    images: usize,
+    /// Tokens at the images' working sizes ([`Run::tokens_of`]); `None`: no bound.
+    tokens: Option<usize>,
 }
 
 /// How a run ended.
@@ -107,6 +133,8 @@ struct PrefetchState {
     /// Decoders stay below `next_claim + lookahead`.
     lookahead: usize,
     stopped: bool,
+    /// A worker is taking a token-bounded batch image by image: others wait to claim.
+    claiming: bool,
 }
 
 /// Decoded inputs with a bounded look-ahead, claimed by the workers in input order.
@@ -127,6 +155,7 @@ impl Prefetch {
                 next_claim: 0,
                 lookahead: lookahead.max(1),
                 stopped: false,
+                claiming: false,
             }),
             decoded: Condvar::new(),
             claimed: Condvar::new(),
@@ -184,16 +213,38 @@ impl Prefetch {
         }
     }
 
-    /// Claims the next `max` images (fewer at the end) only if every one of them is decoded
-    /// already; claims nothing otherwise. Never waits (a worker uses it to look one batch
-    /// ahead without holding up the batch it is about to run).
-    fn try_claim(&self, max: usize, total: usize) -> Vec<Claimed> {
+    /// Claims the batch [`Self::claim`] would claim only if every image it needs is decoded
+    /// already (with a token budget, also the image that would not fit); claims nothing
+    /// otherwise. Never waits (a worker uses it to look one batch ahead without holding up the
+    /// batch it is about to run).
+    fn try_claim(&self, limit: BatchLimit, run: &Run) -> Vec<Claimed> {
+        let total = run.todo.len();
         let mut s = self.lock();
-        let range = s.next_claim..(s.next_claim + max).min(total);
-        if s.stopped || range.is_empty() || !range.clone().all(|i| s.ready.contains_key(&i)) {
+        if s.stopped || s.claiming {
             return Vec::new();
         }
-        s.next_claim = range.end;
+        let first = s.next_claim;
+        let last = (first + limit.images.max(1)).min(total);
+        let mut end = first;
+        let mut used = 0usize;
+        while end < last {
+            let Some(loaded) = s.ready.get(&end) else {
+                return Vec::new();
+            };
+            if let Some(budget) = limit.tokens {
+                let tokens = run.tokens_of(loaded);
+                if end > first && used + tokens > budget {
+                    break;
+                }
+                used += tokens;
+            }
+            end += 1;
+        }
+        if end == first {
+            return Vec::new();
+        }
+        let range = first..end;
+        s.next_claim = end;
         self.claimed.notify_all();
         range
             .map(|index| Claimed {
@@ -205,12 +256,19 @@ impl Prefetch {
 
     /// Claims the next `max` images (fewer at the end) and waits until they are decoded. Empty
     /// when every image was claimed or the prefetch was stopped.
-    fn claim(&self, max: usize, total: usize) -> Vec<Claimed> {
+    fn claim(&self, limit: BatchLimit, run: &Run) -> Vec<Claimed> {
+        let total = run.todo.len();
+        if let Some(budget) = limit.tokens {
+            return self.claim_tokens(limit.images, budget, run);
+        }
         let mut s = self.lock();
+        while s.claiming && !s.stopped {
+            s = self.claimed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
         if s.stopped {
             return Vec::new();
         }
-        let range = s.next_claim..(s.next_claim + max).min(total);
+        let range = s.next_claim..(s.next_claim + limit.images).min(total);
         s.next_claim = range.end;
         self.claimed.notify_all();
         let mut out = Vec::with_capacity(range.len());
@@ -226,6 +284,42 @@ impl Prefetch {
                 s = self.decoded.wait(s).unwrap_or_else(|p| p.into_inner());
             }
         }
+        out
+    }
+
+    /// [`Self::claim`] with a token budget: takes the next images one by one as they are
+    /// decoded, while they fit in `budget` tokens (the first one always) and number at most
+    /// `max`. Other workers wait meanwhile, so the batch is consecutive images.
+    fn claim_tokens(&self, max: usize, budget: usize, run: &Run) -> Vec<Claimed> {
+        let total = run.todo.len();
+        let mut s = self.lock();
+        while s.claiming && !s.stopped {
+            s = self.claimed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.claiming = true;
+        let mut out = Vec::new();
+        let mut used = 0usize;
+        while out.len() < max.max(1) && s.next_claim < total {
+            if s.stopped {
+                out.clear();
+                break;
+            }
+            let index = s.next_claim;
+            let Some(loaded) = s.ready.get(&index) else {
+                s = self.decoded.wait(s).unwrap_or_else(|p| p.into_inner());
+                continue;
+            };
+            let tokens = run.tokens_of(loaded);
+            if !out.is_empty() && used + tokens > budget {
+                break;
+            }
+            used += tokens;
+            let loaded = s.ready.remove(&index).expect("present");
+            s.next_claim += 1;
+            out.push(Claimed { index, loaded });
+        }
+        s.claiming = false;
+        self.claimed.notify_all();
         out
     }
 }
@@ -376,6 +470,7 @@ fn engine_worker<E: Engine>(
     worker: usize,
     engine: &E,
     batch_size: usize,
+    batch_tokens: Option<usize>,
     shared: &Shared,
     progress: &dyn Progress,
     interrupted: &dyn Fn() -> bool,
@@ -395,8 +490,12 @@ fn engine_worker<E: Engine>(
             return;
         }
         let requested_at = shared.now();
+        let limit = BatchLimit {
+            images: size,
+            tokens: batch_tokens,
+        };
         if held.is_empty() {
-            held.extend(shared.prefetch.claim(size, run.todo.len()));
+            held.extend(shared.prefetch.claim(limit, run));
             if held.is_empty() {
                 return; // every input is claimed (or the run stopped)
             }
@@ -404,7 +503,7 @@ fn engine_worker<E: Engine>(
         let loaded_at = shared.now();
         let chunk: Vec<Claimed> = held.drain(..size.min(held.len())).collect();
         let before = engine.staging_counters();
-        let staged_next = stages && stage_next(engine, shared, &mut held, size);
+        let staged_next = stages && stage_next(engine, shared, &mut held, limit);
         let after_staging = engine.staging_counters();
         for c in &chunk {
             progress.image_started(&run.todo[c.index].rel);
@@ -511,12 +610,12 @@ fn stage_next<E: Engine>(
     engine: &E,
     shared: &Shared,
     held: &mut VecDeque<Claimed>,
-    size: usize,
+    limit: BatchLimit,
 ) -> bool {
     if held.is_empty() {
-        held.extend(shared.prefetch.try_claim(size, shared.run.todo.len()));
+        held.extend(shared.prefetch.try_claim(limit, shared.run));
     }
-    let n = size.min(held.len());
+    let n = limit.images.min(held.len());
     let next = &held.make_contiguous()[..n];
     let (key, clean): (StageKey, _) = staged_input(shared.run_id, next);
     if clean.is_empty() {
@@ -706,6 +805,7 @@ pub(super) fn run_here<E: Engine>(
             0,
             engine,
             batch_size,
+            run.output.batch_tokens,
             &shared,
             progress,
             interrupted,
@@ -803,6 +903,7 @@ where
                     w,
                     &worker.engine,
                     worker.batch_size,
+                    worker.batch_tokens,
                     shared,
                     progress,
                     interrupted,

@@ -66,10 +66,17 @@ pub struct AttackArgs {
     /// else fp32 (needs the GPU engine: --device cuda, sim, or auto on a GPU)
     #[arg(long, default_value = "fp32")]
     precision: String,
-    /// Images per batch, or auto. The CPU engine attacks one image at a time (results do not
+    /// Images per batch, or auto: on a GPU, batches of as many tokens as fit the device's free
+    /// memory (at most 16384, where larger batches stopped paying), so a batch of large native
+    /// images holds fewer of them. The CPU engine attacks one image at a time (results never
     /// depend on batching)
     #[arg(long, default_value = "auto")]
     batch_size: String,
+    /// At most N tokens per batch, counted at each image's working size ((h/p)·(w/p) + 1 at
+    /// its native size or at --resolution); a batch always takes at least one image. With
+    /// --batch-size auto on a GPU, the smaller of N and what fits
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    batch_tokens: Option<u64>,
     /// Also write the unquantised float image as <relative path>.safetensors
     #[arg(long)]
     save_float: bool,
@@ -133,7 +140,7 @@ impl AttackArgs {
         self.profile.as_ref().map(Option::as_ref)
     }
 
-    /// `--batch-size N`, or `None` for `auto` (see [`auto_batch_size`]).
+    /// `--batch-size N`, or `None` for `auto` (see [`auto_batch_limits`]).
     fn fixed_batch_size(&self) -> anyhow::Result<Option<usize>> {
         if self.batch_size == "auto" {
             return Ok(None);
@@ -149,16 +156,19 @@ impl AttackArgs {
 }
 
 /// `--batch-size auto`: 1 on the CPU and in the simulator (batching gains nothing there); on
-/// CUDA, what fits the free device memory at this model's activation size, capped at the token
-/// count where larger batches stopped paying ([`prm::gpu::engine::auto_batch_size`]). A batch
-/// that still runs out of memory is retried in halves by the campaign.
-fn auto_batch_size(
+/// CUDA, a token budget per batch from the free device memory at this model's activation size,
+/// capped at the token count where larger batches stopped paying (and at `--batch-tokens`), with
+/// room in images for twice as many images of the nominal size (`--resolution`, else the
+/// model's) as the budget holds ([`prm::gpu::engine::auto_batch_tokens`]). A batch that still
+/// runs out of memory is retried in halves by the campaign.
+fn auto_batch_limits(
     dev: &Device,
     model: &Model,
     resolution: Resolution,
-) -> Result<usize, prm::gpu::GpuError> {
+    batch_tokens: Option<usize>,
+) -> Result<(usize, Option<usize>), prm::gpu::GpuError> {
     if dev.is_sim() {
-        return Ok(1);
+        return Ok((1, batch_tokens));
     }
     let side = match resolution {
         Resolution::Native => model.config.image_size(),
@@ -166,11 +176,12 @@ fn auto_batch_size(
     };
     let grid = side / model.config.patch;
     let free = dev.free_memory()?.unwrap_or(0);
-    Ok(prm::gpu::engine::auto_batch_size(
-        free,
-        &model.config,
-        grid * grid + 1,
-    ))
+    let mut tokens = prm::gpu::engine::auto_batch_tokens(free, &model.config);
+    if let Some(cap) = batch_tokens {
+        tokens = tokens.min(cap);
+    }
+    let images = (tokens / (grid * grid + 1)).max(1) * 2;
+    Ok((images, Some(tokens)))
 }
 
 pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
@@ -313,8 +324,10 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         None => &bar,
     };
     let started = std::time::Instant::now();
+    let batch_tokens = args.batch_tokens.map(|n| n as usize);
     let output = OutputOptions {
         batch_size: fixed_batch.unwrap_or(1),
+        batch_tokens,
         dir: args.output.clone(),
         save_float: args.save_float,
         layout,
@@ -334,6 +347,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
             Ok(Worker {
                 engine: ReferenceVit::new(&model),
                 batch_size: fixed_batch.unwrap_or(1),
+                batch_tokens,
                 name: "cpu".into(),
             })
         };
@@ -348,14 +362,16 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
                 device: dev.name(),
                 source: source.into(),
             };
-            let batch_size = match fixed_batch {
-                Some(n) => n,
-                None => auto_batch_size(dev, &model, settings.resolution).map_err(setup)?,
+            let (batch_size, batch_tokens) = match fixed_batch {
+                Some(n) => (n, batch_tokens),
+                None => auto_batch_limits(dev, &model, settings.resolution, batch_tokens)
+                    .map_err(setup)?,
             };
             let engine = GpuVit::new_with_precision(dev, &model, precision).map_err(setup)?;
             Ok(Worker {
                 engine,
                 batch_size,
+                batch_tokens,
                 name: dev.name(),
             })
         };

@@ -1313,18 +1313,13 @@ pub fn step_bytes_per_token(config: &crate::model::VisionConfig) -> usize {
 /// 12,608 tokens ran 93 images/s, batch 128 ran 83; docs/PERFORMANCE.md).
 pub const AUTO_BATCH_TOKENS: usize = 16_384;
 
-/// `--batch-size auto` on a GPU: the most images of `tokens_per_image` tokens that fit in 80%
-/// of `free_bytes` at [`step_bytes_per_token`], capped at [`AUTO_BATCH_TOKENS`] tokens, at
-/// least 1. Larger images than assumed are caught by the campaign's out-of-memory halving.
-pub fn auto_batch_size(
-    free_bytes: usize,
-    config: &crate::model::VisionConfig,
-    tokens_per_image: usize,
-) -> usize {
-    let per_image = (tokens_per_image.max(1) * step_bytes_per_token(config)).max(1);
-    let by_memory = free_bytes / 5 * 4 / per_image;
-    let by_tokens = AUTO_BATCH_TOKENS / tokens_per_image.max(1);
-    by_memory.min(by_tokens).max(1)
+/// `--batch-size auto`'s token budget per batch on a GPU: the tokens that fit in 80% of
+/// `free_bytes` at [`step_bytes_per_token`], capped at [`AUTO_BATCH_TOKENS`], at least 1 (a
+/// batch always takes one image, however large; the campaign's out-of-memory handling fails it
+/// cleanly when even that does not fit).
+pub fn auto_batch_tokens(free_bytes: usize, config: &crate::model::VisionConfig) -> usize {
+    let by_memory = free_bytes / 5 * 4 / step_bytes_per_token(config).max(1);
+    by_memory.clamp(1, AUTO_BATCH_TOKENS)
 }
 
 #[cfg(test)]
@@ -1340,11 +1335,14 @@ mod auto_batch_tests {
     }
 
     #[test]
-    fn auto_batch_is_bounded_by_memory_and_by_tokens() {
+    fn auto_batch_tokens_is_bounded_by_memory_and_by_the_cap() {
         let c = builtin_config("vit-b-16").unwrap();
-        assert_eq!(auto_batch_size(80 << 30, &c, 197), 16_384 / 197);
-        assert_eq!(auto_batch_size(1 << 30, &c, 197), 6);
-        assert_eq!(auto_batch_size(0, &c, 197), 1);
-        assert_eq!(auto_batch_size(80 << 30, &c, 1201), 13);
+        assert_eq!(auto_batch_tokens(80 << 30, &c), AUTO_BATCH_TOKENS);
+        let per_token = step_bytes_per_token(&c);
+        assert_eq!(
+            auto_batch_tokens(1 << 30, &c),
+            (1usize << 30) / 5 * 4 / per_token
+        );
+        assert_eq!(auto_batch_tokens(0, &c), 1);
     }
 }
