@@ -316,6 +316,8 @@ impl Prefetch {
             used += tokens;
             let loaded = s.ready.remove(&index).expect("present");
             s.next_claim += 1;
+            // Room for the decoders to read further ahead while this claim goes on.
+            self.claimed.notify_all();
             out.push(Claimed { index, loaded });
         }
         s.claiming = false;
