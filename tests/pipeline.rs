@@ -814,26 +814,14 @@ fn token_budget_bounds_batches_of_mixed_sizes() {
         .run(&ReferenceVit::new(&s.model), &Silent, &|| false)
         .unwrap();
     assert_eq!((summary.ok, summary.failed), (7, 2));
-    let mut batches: Vec<(usize, usize)> = timeline
-        .batches()
-        .iter()
-        .map(|b| (b.first, b.images))
-        .collect();
-    batches.sort();
+    let batches = batch_spans(&timeline);
     assert_eq!(
         batches,
         greedy_batches(&tokens, budget, 8),
         "tokens {tokens:?}"
     );
     assert!(batches.iter().any(|&(_, n)| n > 1), "{batches:?}");
-    assert_eq!(
-        outputs(&tmp.path().join("tokens")),
-        outputs(&tmp.path().join("one"))
-    );
-    assert_eq!(
-        untimed(&tmp.path().join("tokens")),
-        untimed(&tmp.path().join("one"))
-    );
+    assert_same_results(&tmp.path().join("tokens"), &tmp.path().join("one"));
 
     // Three workers, the same budget: every batch is still one of the greedy batches.
     let dir = tmp.path().join("three");
@@ -852,15 +840,25 @@ fn token_budget_bounds_batches_of_mixed_sizes() {
     campaign(&s, &items, &output, Some(&timeline))
         .run_on_workers(3, &s.model, workers, &Silent, &|| false)
         .unwrap();
-    let mut batches: Vec<(usize, usize)> = timeline
+    assert_eq!(batch_spans(&timeline), greedy_batches(&tokens, budget, 8));
+    assert_same_results(&dir, &tmp.path().join("one"));
+}
+
+/// The batches a run recorded, as (first index, images), sorted.
+fn batch_spans(timeline: &Timeline) -> Vec<(usize, usize)> {
+    let mut spans: Vec<(usize, usize)> = timeline
         .batches()
         .iter()
         .map(|b| (b.first, b.images))
         .collect();
-    batches.sort();
-    assert_eq!(batches, greedy_batches(&tokens, budget, 8));
-    assert_eq!(outputs(&dir), outputs(&tmp.path().join("one")));
-    assert_eq!(untimed(&dir), untimed(&tmp.path().join("one")));
+    spans.sort();
+    spans
+}
+
+/// Two output directories hold the same files (by content) and records (but for timings).
+fn assert_same_results(a: &Path, b: &Path) {
+    assert_eq!(outputs(a), outputs(b));
+    assert_eq!(untimed(a), untimed(b));
 }
 
 /// `prm attack --batch-tokens` through the GPU engine in the simulator: the batches in the

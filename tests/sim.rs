@@ -23,11 +23,10 @@ fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32) -> Laun
     }
 }
 
-#[test]
-fn barrier_in_a_loop_and_syncthreads_count() {
-    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
-    let dev = Device::sim();
-    let (blocks, n, iters) = (3usize, 100usize, 7i32);
+/// Launches prm_selftest_barrier (`iters` rounds of write, sync, read neighbours, sync) over
+/// `blocks` blocks of `n` threads, checks every thread's sum, and returns the per-block
+/// __syncthreads_count results.
+fn barrier_rounds(dev: &Device, blocks: usize, n: usize, iters: i32) -> Vec<i32> {
     let mut out = dev.alloc::<i32>(blocks * n).unwrap();
     let mut count = dev.alloc::<i32>(blocks).unwrap();
     dev.poison(&mut out).unwrap();
@@ -50,8 +49,17 @@ fn barrier_in_a_loop_and_syncthreads_count() {
             assert_eq!(out[b * n + t], want, "block {b} thread {t}");
         }
     }
+    dev.download(&count).unwrap()
+}
+
+#[test]
+fn barrier_in_a_loop_and_syncthreads_count() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let (blocks, n) = (3usize, 100usize);
+    let count = barrier_rounds(&dev, blocks, n, 7);
     let want_count = (0..n).filter(|t| t % 3 == 0).count() as i32;
-    assert_eq!(dev.download(&count).unwrap(), vec![want_count; blocks]);
+    assert_eq!(count, vec![want_count; blocks]);
 }
 
 #[test]
@@ -659,28 +667,10 @@ fn misaligned_or_non_shared_tile_addresses_fail_the_launch() {
 fn largest_block_through_many_barriers() {
     let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
     let dev = Device::sim();
-    let (blocks, n, iters) = (2usize, 1024usize, 20i32);
-    let mut out = dev.alloc::<i32>(blocks * n).unwrap();
-    let mut count = dev.alloc::<i32>(blocks).unwrap();
-    dev.poison(&mut out).unwrap();
-    let mut args = KernelArgs::new();
-    args.output(&mut out).output(&mut count).i32(iters);
-    dev.launch(
-        "prm_selftest_barrier",
-        LaunchConfig::linear(blocks as u32, n as u32, 0),
-        &mut args,
-    )
-    .unwrap();
-    let out = dev.download(&out).unwrap();
-    for b in 0..blocks {
-        for t in 0..n {
-            let mut want = 0i32;
-            for it in 0..iters {
-                let at = |u: usize| u as i32 * it + b as i32;
-                want += at((t + 1) % n) + at((t + n - 1) % n);
-            }
-            assert_eq!(out[b * n + t], want, "block {b} thread {t}");
-        }
-    }
+    let count = barrier_rounds(&dev, 2, 1024, 20);
+    assert_eq!(
+        count,
+        vec![(0..1024).filter(|t| t % 3 == 0).count() as i32; 2]
+    );
     block_sums(&dev, 5, 1024, 100_000, 0.5);
 }
