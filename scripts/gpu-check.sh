@@ -164,25 +164,22 @@ if want report; then
 fi
 
 # ---------------------------------------------------------------- per-kernel profile
-if want profile; then
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
-  secs_allowed=$(allow 150 15)
-  if [[ -z $NCU ]]; then
-    echo "no ncu: no per-kernel profile" >"$LOGS/profile.txt"
-  elif (( secs_allowed < 40 )); then
-    echo "out of time: no per-kernel profile" >"$LOGS/profile.txt"
-  else
-    echo "== profile (ncu, ${secs_allowed}s)"
-    # One clean forward and two pgd steps at batch 64, graphs off so every kernel is its own
-    # launch; gpu__time_duration per launch, summed per kernel name.
-    (cd "$ROOT" && PRM_NO_GRAPHS=1 timeout "$secs_allowed" "$NCU" --clock-control none --metrics gpu__time_duration.sum \
-      --csv "$BUNDLE/prm" bench --device cuda --model random:vit-b-16 --precision bf16 --batch-size 64 \
-      --steps 2 --warmup 0 --repeats 1 --no-ceiling) >"$LOGS/ncu.csv" 2>"$LOGS/ncu.err"
-    python3 - "$LOGS/ncu.csv" >"$LOGS/profile.txt" 2>&1 <<'PY'
+# Kernel time per kernel name (Nsight Compute's gpu__time_duration per launch, summed), graphs
+# off so every kernel is its own launch: the pgd workload first, then the paper workload when
+# time is left.
+profile_run() { # title csv secs prm-bench-args...
+  local title=$1 csv=$2 secs=$3; shift 3
+  echo "== profile: $title (ncu, ${secs}s)"
+  (cd "$ROOT" && PRM_NO_GRAPHS=1 timeout "$secs" "$NCU" --clock-control none --metrics gpu__time_duration.sum \
+    --csv "$BUNDLE/prm" bench --device cuda --model random:vit-b-16 --precision bf16 --warmup 0 --repeats 1 \
+    --no-ceiling "$@") >"$csv" 2>"${csv%.csv}.err"
+  python3 - "$csv" "$title" >>"$LOGS/profile.txt" 2>&1 <<'PY'
 import csv, sys, collections
-rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+path, title = sys.argv[1], sys.argv[2]
+rows = [r for r in csv.reader(l for l in open(path) if l.startswith('"'))]
+print(title)
 if not rows:
-    print("ncu produced no rows (see ncu.err)"); sys.exit()
+    print("  ncu produced no rows (see the .err log)"); sys.exit()
 head = rows[0]
 k, m, v, u = (head.index(c) for c in ("Kernel Name", "Metric Name", "Metric Value", "Metric Unit"))
 scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
@@ -191,15 +188,35 @@ for r in rows[1:]:
     if r[m] != "gpu__time_duration.sum":
         continue
     us = float(r[v].replace(",", "")) * scale.get(r[u], 1.0)
-    name = r[k].split("(")[0]
-    e = per[name[:70]]; e[0] += 1; e[1] += us
-total = sum(e[1] for e in per.values())
-print(f"kernel time {total/1e3:.1f} ms over {sum(e[0] for e in per.values())} launches "
-      "(prm bench bf16, batch 64, 224 px: clean forward + 2 pgd steps + final evaluation)")
-print(f"{'kernel':70} {'calls':>6} {'ms':>8} {'share':>6} {'us/call':>8}")
-for name, (n, us) in sorted(per.items(), key=lambda x: -x[1][1])[:18]:
-    print(f"{name:70} {n:6d} {us/1e3:8.2f} {100*us/total:5.1f}% {us/n:8.1f}")
+    e = per[r[k].split("(")[0][:70]]
+    e[0] += 1
+    e[1] += us
+total = sum(e[1] for e in per.values()) or 1.0
+print(f"  kernel time {total/1e3:.1f} ms over {sum(e[0] for e in per.values())} launches")
+print(f"  {'kernel':70} {'calls':>6} {'ms':>8} {'share':>6} {'us/call':>8}")
+for name, (n, us) in sorted(per.items(), key=lambda x: -x[1][1])[:16]:
+    print(f"  {name:70} {n:6d} {us/1e3:8.2f} {100*us/total:5.1f}% {us/n:8.1f}")
 PY
+}
+if want profile; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+  : >"$LOGS/profile.txt"
+  if [[ -z $NCU ]]; then
+    echo "no ncu: no per-kernel profile" >"$LOGS/profile.txt"
+  else
+    secs_allowed=$(allow 150 15)
+    if (( secs_allowed < 40 )); then
+      echo "out of time: no per-kernel profile" >"$LOGS/profile.txt"
+    else
+      profile_run "pgd: batch 64, 224 px, clean forward + 2 steps + final evaluation" "$LOGS/ncu-pgd.csv" \
+        "$secs_allowed" --batch-size 64 --steps 2
+      secs_allowed=$(allow 150 15)
+      if (( secs_allowed >= 40 )); then
+        echo >>"$LOGS/profile.txt"
+        profile_run "paper: batch 8, 640x480, dynamic scale, clean forward + 2 AdamW steps + final evaluation" \
+          "$LOGS/ncu-paper.csv" "$secs_allowed" --preset paper --image-size 640x480 --batch-size 8 --steps 2
+      fi
+    fi
   fi
 fi
 
