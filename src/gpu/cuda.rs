@@ -545,7 +545,7 @@ impl CudaBackend {
     }
 }
 
-/// Device memory of one [`Buffer`], freed (stream-ordered) on drop.
+/// Device memory of one [`Buffer`](crate::gpu::Buffer), freed (stream-ordered) on drop.
 pub struct CudaMemory {
     ptr: ds::CUdeviceptr,
     bytes: usize,
