@@ -97,6 +97,41 @@ struct BatchLimit {
     tokens: Option<usize>,
 }
 
+/// A batch being filled in input order under a [`BatchLimit`]: the first image always joins.
+struct Fill {
+    limit: BatchLimit,
+    images: usize,
+    tokens: usize,
+}
+
+impl Fill {
+    fn new(limit: BatchLimit) -> Self {
+        Fill {
+            limit,
+            images: 0,
+            tokens: 0,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.images >= self.limit.images.max(1)
+    }
+
+    /// Whether the next image, of `tokens` tokens, joins the batch (counted if it does).
+    fn admit(&mut self, tokens: usize) -> bool {
+        let over = self
+            .limit
+            .tokens
+            .is_some_and(|budget| self.images > 0 && self.tokens + tokens > budget);
+        if self.full() || over {
+            return false;
+        }
+        self.images += 1;
+        self.tokens += tokens;
+        true
+    }
+}
+
 /// How a run ended.
 pub(super) struct Outcome {
     pub ok: usize,
@@ -224,19 +259,14 @@ impl Prefetch {
             return Vec::new();
         }
         let first = s.next_claim;
-        let last = (first + limit.images.max(1)).min(total);
+        let mut fill = Fill::new(limit);
         let mut end = first;
-        let mut used = 0usize;
-        while end < last {
+        while end < total && !fill.full() {
             let Some(loaded) = s.ready.get(&end) else {
                 return Vec::new();
             };
-            if let Some(budget) = limit.tokens {
-                let tokens = run.tokens_of(loaded);
-                if end > first && used + tokens > budget {
-                    break;
-                }
-                used += tokens;
+            if !fill.admit(run.tokens_of(loaded)) {
+                break;
             }
             end += 1;
         }
@@ -261,10 +291,7 @@ impl Prefetch {
         if let Some(budget) = limit.tokens {
             return self.claim_tokens(limit.images, budget, run);
         }
-        let mut s = self.lock();
-        while s.claiming && !s.stopped {
-            s = self.claimed.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
+        let mut s = self.turn_to_claim();
         if s.stopped {
             return Vec::new();
         }
@@ -287,19 +314,28 @@ impl Prefetch {
         out
     }
 
+    /// The state once no token claim is under way (or the prefetch stopped).
+    fn turn_to_claim(&self) -> std::sync::MutexGuard<'_, PrefetchState> {
+        let mut s = self.lock();
+        while s.claiming && !s.stopped {
+            s = self.claimed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s
+    }
+
     /// [`Self::claim`] with a token budget: takes the next images one by one as they are
     /// decoded, while they fit in `budget` tokens (the first one always) and number at most
     /// `max`. Other workers wait meanwhile, so the batch is consecutive images.
     fn claim_tokens(&self, max: usize, budget: usize, run: &Run) -> Vec<Claimed> {
         let total = run.todo.len();
-        let mut s = self.lock();
-        while s.claiming && !s.stopped {
-            s = self.claimed.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
+        let mut s = self.turn_to_claim();
         s.claiming = true;
         let mut out = Vec::new();
-        let mut used = 0usize;
-        while out.len() < max.max(1) && s.next_claim < total {
+        let mut fill = Fill::new(BatchLimit {
+            images: max,
+            tokens: Some(budget),
+        });
+        while !fill.full() && s.next_claim < total {
             if s.stopped {
                 out.clear();
                 break;
@@ -309,11 +345,9 @@ impl Prefetch {
                 s = self.decoded.wait(s).unwrap_or_else(|p| p.into_inner());
                 continue;
             };
-            let tokens = run.tokens_of(loaded);
-            if !out.is_empty() && used + tokens > budget {
+            if !fill.admit(run.tokens_of(loaded)) {
                 break;
             }
-            used += tokens;
             let loaded = s.ready.remove(&index).expect("present");
             s.next_claim += 1;
             // Room for the decoders to read further ahead while this claim goes on.
