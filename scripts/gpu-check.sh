@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU machine's one command: every bundled test against the real device, `prm attack
 # --device cuda` on the samples, the benchmark report against PyTorch (scripts/gpu-report.sh)
-# and a per-kernel profile of one pgd step (Nsight Compute), inside a time budget, then one
+# device timelines of three attacks (`prm bench --timeline`: kernel time in place and the idle
+# gaps between kernels) and a per-kernel profile of one pgd step (Nsight Compute), inside a
+# time budget, then one
 # table. Lent GPU time is short (15 minutes a session, machine start included), so sections run
 # in order of what matters and each gets at most what is left of the budget.
 #
@@ -9,7 +11,8 @@
 #   Without Rust:       bash scripts/gpu-check.sh --bundle target/gpu-bundle
 #                       (bundle from scripts/gpu-bundle.sh, in a copy of this checkout)
 #   Options:            --budget SECONDS   whole run (default 480)
-#                       --only LIST        comma-separated sections: tests,attack,report,profile
+#                       --only LIST        comma-separated sections:
+#                                          tests,attack,timeline,report,profile
 #                       --out DIR          where summary.txt and gpu-check-logs.tar.gz go
 #                                          (default $OUT when set, else target/gpu-check)
 # Extra arguments after `--` go to every test binary (e.g. a test name filter).
@@ -21,7 +24,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 START=$(date +%s)
 
-BUNDLE="" BUDGET=480 ONLY="tests,attack,report,profile" DEST=${OUT:-$ROOT/target/gpu-check}
+BUNDLE="" BUDGET=480 ONLY="tests,attack,timeline,report,profile" DEST=${OUT:-$ROOT/target/gpu-check}
 TEST_ARGS=()
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -30,7 +33,7 @@ while [[ $# -gt 0 ]]; do
     --only) ONLY=$2; shift 2 ;;
     --out) DEST=$2; shift 2 ;;
     --) shift; TEST_ARGS=("$@"); break ;;
-    *) echo "usage: $0 [--bundle DIR] [--budget SECONDS] [--only tests,attack,report,profile] [--out DIR] [-- TEST_ARGS]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--bundle DIR] [--budget SECONDS] [--only tests,attack,timeline,report,profile] [--out DIR] [-- TEST_ARGS]" >&2; exit 2 ;;
   esac
 done
 want() { [[ ,$ONLY, == *,$1,* ]]; }
@@ -47,9 +50,11 @@ allow() { # cap reserve
   (( l > $1 )) && l=$1
   echo $l
 }
-# What the sections after the tests need at least: attack 30 s, report 150 s, profile 90 s.
+# What the sections after the tests need at least: attack 30 s, timeline 45 s, report 150 s,
+# profile 90 s.
 after_tests=0
 want attack && after_tests=$((after_tests + 30))
+want timeline && after_tests=$((after_tests + 45))
 want report && after_tests=$((after_tests + 150))
 want profile && after_tests=$((after_tests + 90))
 
@@ -154,6 +159,31 @@ if want attack; then
   rm -rf "$out"
 fi
 
+# ---------------------------------------------------------------- device timelines
+# One attack each, every operation stamped with events on the device (src/gpu/timeline.rs):
+# kernel and product time where they really run, and how long the GPU sat idle between them.
+if want timeline; then
+  echo "== timelines (prm bench --timeline; $(left) s left)"
+  : >"$LOGS/timeline.txt"
+  timeline_run() { # title prm-bench-args...
+    local title=$1; shift
+    local secs_allowed reserve=$((after_tests - 75))
+    (( reserve < 0 )) && reserve=0
+    secs_allowed=$(allow 40 $reserve)
+    if (( secs_allowed < 10 )); then echo "$title: out of time" >>"$LOGS/timeline.txt"; return; fi
+    {
+      echo "$title"
+      (cd "$ROOT" && timeout "$secs_allowed" "$BUNDLE/prm" bench --device cuda --model random:vit-b-16 \
+        --precision bf16 --warmup 1 --repeats 1 --no-ceiling --timeline "$@") 2>&1 | grep -v "^note"
+      echo
+    } >>"$LOGS/timeline.txt"
+  }
+  timeline_run "pgd: batch 64, 224 px, 10 steps, graphs off" --batch-size 64 --steps 10 --graphs off
+  timeline_run "pgd: batch 64, 224 px, 10 steps, graphs on" --batch-size 64 --steps 10 --graphs on
+  timeline_run "paper: batch 1, 640x480, 20 AdamW steps, dynamic scale" --preset paper \
+    --image-size 640x480 --batch-size 1 --steps 20
+fi
+
 # ---------------------------------------------------------------- benchmark report
 if want report; then
   echo "== report (scripts/gpu-report.sh; $(left) s left)"
@@ -230,6 +260,7 @@ fi
     printf '%s\n' "${rows[@]}"
   fi
   [[ -f $LOGS/report.txt ]] && { echo; cat "$LOGS/report.txt"; grep -E "failed|skipped" "$LOGS/report.err" | sed "s|$WORK/report/|logs/|" | head -n 16; }
+  [[ -f $LOGS/timeline.txt ]] && { echo; cat "$LOGS/timeline.txt"; }
   [[ -f $LOGS/profile.txt ]] && { echo; cat "$LOGS/profile.txt"; }
   [[ $failed -eq 0 ]] && echo "all checks passed" || echo "$failed check(s) FAILED"
 } | tee "$LOGS/summary.txt"

@@ -9,6 +9,7 @@ use prm::attack::*;
 use prm::bench::{gemm_ceiling_tflops, median, synthetic_images, time_attacks, AttackTiming};
 use prm::gpu::engine::{GpuVit, Precision};
 use prm::gpu::host_stats::HostStats;
+use prm::gpu::Timeline;
 use prm::model::{Model, ModelSource};
 use prm::reference::ReferenceVit;
 use serde_json::json;
@@ -57,10 +58,19 @@ pub struct BenchArgs {
     /// runs every step directly, as PRM_NO_GRAPHS=1 does for `prm attack`)
     #[arg(long, value_enum, default_value = "on")]
     graphs: OnOff,
+    /// After the timed attacks, run one more with a device timeline: every kernel, product and
+    /// copy stamped on the device, summed by name, with the idle gaps between them (GPU engine;
+    /// with `--graphs on` a step's replay is one entry, so use `--graphs off` for per-kernel
+    /// rows)
+    #[arg(long)]
+    timeline: bool,
     /// Print one JSON object instead of a table
     #[arg(long)]
     json: bool,
 }
+
+/// Rows of the timeline table (the rest are summed into one line).
+const TIMELINE_ROWS: usize = 24;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum OnOff {
@@ -94,6 +104,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if batch == 0 || args.repeats == 0 {
         bail!("--batch-size and --repeats must be at least 1");
     }
+    if args.timeline && device.is_none() {
+        bail!("--timeline records a GPU device's stream: use --device cuda or --device sim");
+    }
     if let Some(Init::From(_)) = args.settings.init {
         bail!("--init from:<DIR> needs a run's outputs; prm bench attacks synthetic images: use --init zero or random");
     }
@@ -121,7 +134,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let mut peak = baseline;
     let stats_before = HostStats::now();
+    let mut stats_after = stats_before.clone();
     let mut graph_report = serde_json::Value::Null;
+    let mut timeline_report: Option<Timeline> = None;
     let timings: Vec<AttackTiming> = match &device {
         None => time_attacks(
             &ReferenceVit::new(&model),
@@ -133,7 +148,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             args.warmup,
             args.repeats,
             || {},
-        )?,
+        )
+        .inspect(|_| stats_after = HostStats::now())?,
         Some(dev) => {
             let engine = GpuVit::new_with_precision(dev, &model, precision)
                 .with_context(|| format!("cannot load the model onto {}", dev.name()))?;
@@ -153,6 +169,26 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     }
                 },
             )?;
+            stats_after = HostStats::now();
+            if args.timeline {
+                // Untimed: the stamps cost the device a little, so throughput comes from the
+                // attacks above.
+                dev.start_timeline()?;
+                let recorded = time_attacks(
+                    &engine,
+                    &objective,
+                    &settings,
+                    &images,
+                    height,
+                    width,
+                    0,
+                    1,
+                    || {},
+                );
+                let timeline = dev.finish_timeline()?;
+                recorded?;
+                timeline_report = Some(timeline);
+            }
             let g = engine.graph_stats();
             let ops = g.ops_per_replay;
             graph_report = json!({
@@ -173,7 +209,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     // Warm-up attacks made the same calls: scale to one attack.
     let per_attack = 1.0 / (args.warmup + args.repeats) as f64;
-    let host_calls: Vec<serde_json::Value> = HostStats::now()
+    let host_calls: Vec<serde_json::Value> = stats_after
         .since(&stats_before)
         .entries
         .iter()
@@ -229,6 +265,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut report = report;
     if args.profile {
         report["host_calls_per_attack"] = json!(host_calls);
+    }
+    if let Some(t) = &timeline_report {
+        report["timeline"] = t.summary_json(TIMELINE_ROWS);
     }
     if args.json {
         println!("{report}");
@@ -296,6 +335,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 m("fills")
             );
         }
+        if let Some(t) = &timeline_report {
+            print_timeline(t);
+        }
         if let Some(p) = peak_memory {
             println!(
                 "peak memory       {:.2} GiB",
@@ -307,6 +349,81 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The timeline as a table: totals, then the largest operations by device time.
+fn print_timeline(t: &Timeline) {
+    let (busy, span) = (t.busy_us(), t.span_us());
+    let (gaps, gap_us) = t.long_gaps();
+    let pct = |x: f64| if span > 0.0 { 100.0 * x / span } else { 0.0 };
+    println!(
+        "timeline          one more attack, stamped on the device: {:.2} ms from the first \
+         operation to the last; device busy {:.2} ms ({:.1}%), idle {:.2} ms ({:.1}%), of it \
+         {:.2} ms in {gaps} gaps of {:.0} µs or more",
+        span / 1e3,
+        busy / 1e3,
+        pct(busy),
+        t.idle_us() / 1e3,
+        pct(t.idle_us()),
+        gap_us / 1e3,
+        prm::gpu::timeline::GAP_THRESHOLD_US
+    );
+    if t.dropped > 0 {
+        println!(
+            "                  ({} operations after the first {} were not stamped)",
+            t.dropped,
+            t.ops.len()
+        );
+    }
+    println!(
+        "  {:>6} {:>10} {:>7} {:>10} {:>8}  operation",
+        "busy", "ms", "calls", "µs/call", "TFLOP/s"
+    );
+    let totals = t.totals();
+    for row in totals.iter().take(TIMELINE_ROWS) {
+        let tflops = if row.flops > 0.0 && row.total_us > 0.0 {
+            let tf = row.flops / row.total_us / 1e6;
+            if tf >= 1.0 {
+                format!("{tf:.1}")
+            } else {
+                format!("{tf:.2e}")
+            }
+        } else {
+            "-".into()
+        };
+        println!(
+            "  {:>5.1}% {:>10.3} {:>7} {:>10.1} {:>8}  {}",
+            if busy > 0.0 {
+                100.0 * row.total_us / busy
+            } else {
+                0.0
+            },
+            row.total_us / 1e3,
+            row.calls,
+            row.total_us / row.calls as f64,
+            tflops,
+            row.label
+        );
+    }
+    if totals.len() > TIMELINE_ROWS {
+        let rest = &totals[TIMELINE_ROWS..];
+        let us: f64 = rest.iter().map(|r| r.total_us).sum();
+        let calls: usize = rest.iter().map(|r| r.calls).sum();
+        println!(
+            "  {:>5.1}% {:>10.3} {:>7} {:>10} {:>8}  ({} more operations)",
+            if busy > 0.0 { 100.0 * us / busy } else { 0.0 },
+            us / 1e3,
+            calls,
+            "",
+            "",
+            rest.len()
+        );
+    }
+    for (us, before, after) in t.largest_gaps(3) {
+        if us >= prm::gpu::timeline::GAP_THRESHOLD_US {
+            println!("  idle {us:>9.1} µs after {before}, before {after}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -463,6 +463,20 @@ impl CudaBackend {
         }
     }
 
+    /// A new event that records timing (for [`crate::gpu::timeline`]).
+    pub(crate) fn timing_event(&self) -> Result<cudarc::driver::CudaEvent, GpuError> {
+        self.ctx
+            .new_event(Some(ds::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("creating a timing event", e))
+    }
+
+    /// Records `event` on the backend's stream: the device stamps it when it gets there.
+    pub(crate) fn record_event(&self, event: &cudarc::driver::CudaEvent) -> Result<(), GpuError> {
+        event
+            .record(&self.stream)
+            .map_err(|e| cuda_err("recording a timing event", e))
+    }
+
     /// Launches an instantiated graph on the backend's stream.
     pub(crate) fn launch_graph(&self, graph: &cudarc::driver::CudaGraph) -> Result<(), GpuError> {
         self.bind()?;

@@ -5,6 +5,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use super::graph::{CaptureSlot, SimOp, SimPtr};
+use super::timeline::{OpKind, TimelineSlot};
 use super::{cuda, sim};
 
 /// Errors of the device layer. Messages say what to do.
@@ -39,6 +40,9 @@ pub enum GpuError {
     /// know; the message names the allowed values.
     #[error("{0}")]
     Config(String),
+    /// A timeline was started twice, or finished without being started.
+    #[error("{0}")]
+    Timeline(String),
 }
 
 /// Element types that may live in device memory.
@@ -61,6 +65,8 @@ pub struct Device {
     pub(crate) backend: Arc<Backend>,
     /// The capture in progress, if any ([`Device::capture`]), shared by every clone.
     pub(crate) capture: CaptureSlot,
+    /// The timeline being recorded, if any ([`Device::start_timeline`]), shared by every clone.
+    pub(crate) timeline: TimelineSlot,
 }
 
 /// Where a buffer's bytes live.
@@ -223,6 +229,7 @@ impl Device {
         Device {
             backend: Arc::new(Backend::Sim),
             capture: CaptureSlot::default(),
+            timeline: TimelineSlot::default(),
         }
     }
 
@@ -231,6 +238,7 @@ impl Device {
         Ok(Device {
             backend: Arc::new(Backend::Cuda(cuda::CudaBackend::new(ordinal)?)),
             capture: CaptureSlot::default(),
+            timeline: TimelineSlot::default(),
         })
     }
 
@@ -296,14 +304,19 @@ impl Device {
             buf.len
         );
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        match &mut buf.mem {
-            Memory::Host { ptr, .. } => {
-                // SAFETY: the allocation has at least `bytes.len()` bytes and is exclusively borrowed.
-                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), *ptr, bytes.len()) };
-                Ok(())
-            }
-            Memory::Cuda(m) => m.write(bytes),
-        }
+        self.timed_op(
+            OpKind::Upload,
+            || (format!("upload ({})", size_bucket(bytes.len())), 0.0),
+            || match &mut buf.mem {
+                Memory::Host { ptr, .. } => {
+                    // SAFETY: the allocation has at least `bytes.len()` bytes and is exclusively
+                    // borrowed.
+                    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), *ptr, bytes.len()) };
+                    Ok(())
+                }
+                Memory::Cuda(m) => m.write(bytes),
+            },
+        )
     }
 
     /// Copies `buf` back to the host.
@@ -312,14 +325,20 @@ impl Device {
         self.refuse_in_capture("copying device data to the host")?;
         let mut out = vec![T::zeroed(); buf.len];
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
-        match &buf.mem {
-            Memory::Host { ptr, .. } => {
-                // SAFETY: the allocation has at least `bytes.len()` bytes; no kernel is running
-                // (simulator launches are synchronous).
-                unsafe { std::ptr::copy_nonoverlapping(*ptr, bytes.as_mut_ptr(), bytes.len()) };
-            }
-            Memory::Cuda(m) => m.read(bytes)?,
-        }
+        let len = bytes.len();
+        self.timed_op(
+            OpKind::Download,
+            || (format!("download ({})", size_bucket(len)), 0.0),
+            || match &buf.mem {
+                Memory::Host { ptr, .. } => {
+                    // SAFETY: the allocation has at least `bytes.len()` bytes; no kernel is
+                    // running (simulator launches are synchronous).
+                    unsafe { std::ptr::copy_nonoverlapping(*ptr, bytes.as_mut_ptr(), len) };
+                    Ok(())
+                }
+                Memory::Cuda(m) => m.read(bytes),
+            },
+        )?;
         Ok(out)
     }
 
@@ -342,19 +361,23 @@ impl Device {
         if recorded {
             return Ok(());
         }
-        match (&src.mem, &mut dst.mem) {
-            (Memory::Host { ptr: s, .. }, Memory::Host { ptr: d, .. }) => {
-                // SAFETY: both allocations hold at least `src.bytes()` bytes and are distinct
-                // (`dst` is exclusively borrowed).
-                unsafe { std::ptr::copy_nonoverlapping(*s, *d, src.bytes()) };
-                Ok(())
-            }
-            (Memory::Cuda(s), Memory::Cuda(d)) => match &*self.backend {
-                Backend::Cuda(c) => c.copy(s, d, src.bytes()),
-                Backend::Sim => unreachable!("CUDA buffers on a simulator device"),
+        self.timed_op(
+            OpKind::Copy,
+            || (format!("device copy ({})", size_bucket(src.bytes())), 0.0),
+            || match (&src.mem, &mut dst.mem) {
+                (Memory::Host { ptr: s, .. }, Memory::Host { ptr: d, .. }) => {
+                    // SAFETY: both allocations hold at least `src.bytes()` bytes and are
+                    // distinct (`dst` is exclusively borrowed).
+                    unsafe { std::ptr::copy_nonoverlapping(*s, *d, src.bytes()) };
+                    Ok(())
+                }
+                (Memory::Cuda(s), Memory::Cuda(d)) => match &*self.backend {
+                    Backend::Cuda(c) => c.copy(s, d, src.bytes()),
+                    Backend::Sim => unreachable!("CUDA buffers on a simulator device"),
+                },
+                _ => unreachable!("buffers from different devices"),
             },
-            _ => unreachable!("buffers from different devices"),
-        }
+        )
     }
 
     /// Fills `buf` with 0xFF bytes (NaN for floats): tests poison outputs before a launch.
@@ -381,17 +404,22 @@ impl Device {
         if recorded {
             return Ok(());
         }
-        match &mut buf.mem {
-            Memory::Host { ptr, .. } => {
-                // SAFETY: the allocation holds at least `bytes` bytes and is exclusively borrowed.
-                unsafe { std::ptr::write_bytes(*ptr, value, bytes) };
-                Ok(())
-            }
-            Memory::Cuda(m) => match &*self.backend {
-                Backend::Cuda(c) => c.memset(m, value, bytes),
-                Backend::Sim => unreachable!("CUDA buffer on a simulator device"),
+        self.timed_op(
+            OpKind::Fill,
+            || (format!("fill ({})", size_bucket(bytes)), 0.0),
+            || match &mut buf.mem {
+                Memory::Host { ptr, .. } => {
+                    // SAFETY: the allocation holds at least `bytes` bytes and is exclusively
+                    // borrowed.
+                    unsafe { std::ptr::write_bytes(*ptr, value, bytes) };
+                    Ok(())
+                }
+                Memory::Cuda(m) => match &*self.backend {
+                    Backend::Cuda(c) => c.memset(m, value, bytes),
+                    Backend::Sim => unreachable!("CUDA buffer on a simulator device"),
+                },
             },
-        }
+        )
     }
 
     /// Launches `kernel` (its `extern "C"` name) and checks the launch.
@@ -419,10 +447,14 @@ impl Device {
             return Ok(());
         }
         let mut ptrs = args.pointers();
-        match &*self.backend {
-            Backend::Sim => sim::launch(kernel, cfg, &mut ptrs),
-            Backend::Cuda(c) => c.launch(kernel, cfg, &mut ptrs),
-        }
+        self.timed_op(
+            OpKind::Kernel,
+            || (kernel.to_string(), 0.0),
+            || match &*self.backend {
+                Backend::Sim => sim::launch(kernel, cfg, &mut ptrs),
+                Backend::Cuda(c) => c.launch(kernel, cfg, &mut ptrs),
+            },
+        )
     }
 
     /// Device memory in use by every process on the device, in bytes (total − free, which
@@ -453,5 +485,17 @@ impl Device {
             Backend::Sim => Ok(()),
             Backend::Cuda(c) => c.synchronize(),
         }
+    }
+}
+
+/// `bytes` rounded up to a power of two, for timeline labels: transfers of about the same size
+/// are summed together.
+fn size_bucket(bytes: usize) -> String {
+    let b = bytes.max(1).next_power_of_two();
+    match b {
+        b if b >= 1 << 30 => format!("≤{} GiB", b >> 30),
+        b if b >= 1 << 20 => format!("≤{} MiB", b >> 20),
+        b if b >= 1 << 10 => format!("≤{} KiB", b >> 10),
+        b => format!("≤{b} B"),
     }
 }

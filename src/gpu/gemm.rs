@@ -22,6 +22,7 @@ use half::bf16;
 
 use super::device::{Backend, Buffer, Device, GpuError};
 use super::graph::{SimOp, SimPtr};
+use super::timeline::OpKind;
 
 /// The shape of one product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -31,6 +32,13 @@ pub struct MatmulShape {
     pub k: usize,
     /// `b` is `[n, k]` and used transposed (a linear layer's forward).
     pub b_transposed: bool,
+}
+
+impl MatmulShape {
+    /// Floating-point operations of the product: 2·m·n·k.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64
+    }
 }
 
 /// Element types of one product (fp32 compute and scale in every case).
@@ -218,14 +226,35 @@ fn product(
     if recorded {
         return Ok(());
     }
-    match &*dev.backend {
-        Backend::Sim => {
-            // SAFETY: simulator buffers of the extents checked by the public entry points.
-            unsafe { sim_matmul_raw(shape, types, p) };
-            Ok(())
-        }
-        Backend::Cuda(cuda) => cuda.matmul(shape, types, p, dev.is_capturing()),
-    }
+    dev.timed_op(
+        OpKind::Product,
+        || (product_label(shape, types, &p), shape.flops()),
+        || match &*dev.backend {
+            Backend::Sim => {
+                // SAFETY: simulator buffers of the extents checked by the public entry points.
+                unsafe { sim_matmul_raw(shape, types, p) };
+                Ok(())
+            }
+            Backend::Cuda(cuda) => cuda.matmul(shape, types, p, dev.is_capturing()),
+        },
+    )
+}
+
+/// A product's timeline label: its element types, what it adds, and its shape, e.g.
+/// `product bf16→f32 +C 12608×768×768 (Wᵀ)`.
+fn product_label(shape: MatmulShape, types: ProductTypes, p: &ProductPtrs) -> String {
+    let t = match types {
+        ProductTypes::F32 => "f32",
+        ProductTypes::Bf16In => "bf16→f32",
+        ProductTypes::Bf16Out => "bf16→bf16",
+    };
+    let c = if p.c.is_some() { " +C" } else { "" };
+    let bias = if p.bias.is_some() { " +bias" } else { "" };
+    let wt = if shape.b_transposed { " (Wᵀ)" } else { "" };
+    format!(
+        "product {t}{c}{bias} {}×{}×{}{wt}",
+        shape.m, shape.n, shape.k
+    )
 }
 
 fn check_extents(shape: MatmulShape, a: usize, b: usize, bias: Option<usize>, d: usize) {

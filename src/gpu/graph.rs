@@ -252,11 +252,26 @@ impl Graph {
                 what: "launching a graph".into(),
             });
         }
-        match (&self.body, &*self.dev.backend) {
-            (Body::Sim(ops), _) => ops.iter().try_for_each(SimOp::replay),
-            (Body::Cuda(g), Backend::Cuda(c)) => c.launch_graph(g),
-            (Body::Cuda(_), Backend::Sim) => unreachable!("a CUDA graph on a simulator device"),
-        }
+        self.dev.timed_op(
+            super::timeline::OpKind::Graph,
+            || {
+                let o = self.ops;
+                (
+                    format!(
+                        "graph replay ({} launches, {} products, {} copies, {} fills)",
+                        o.launches, o.products, o.copies, o.fills
+                    ),
+                    0.0,
+                )
+            },
+            || match (&self.body, &*self.dev.backend) {
+                (Body::Sim(ops), _) => ops.iter().try_for_each(SimOp::replay),
+                (Body::Cuda(g), Backend::Cuda(c)) => c.launch_graph(g),
+                (Body::Cuda(_), Backend::Sim) => {
+                    unreachable!("a CUDA graph on a simulator device")
+                }
+            },
+        )
     }
 
     /// What one launch replays.

@@ -18,6 +18,8 @@ pub mod kernels;
 pub mod pool;
 pub mod sim;
 pub mod staging;
+pub mod timeline;
 
 pub use device::{Buffer, Device, Element, GpuError, KernelArgs, LaunchConfig};
 pub use graph::{Graph, GraphOps};
+pub use timeline::{OpKind, Timeline};

@@ -1,0 +1,221 @@
+//! Device timelines (`Device::start_timeline`, `prm bench --timeline`): every operation that
+//! runs directly on the stream is stamped, in order, with its kind, label and FLOPs; graph
+//! replays are one operation and captured work is not stamped; in the simulator and on a GPU
+//! when one is present.
+
+use std::process::Command;
+
+use prm::gpu::gemm::{matmul_f32, MatmulShape};
+use prm::gpu::kernels::convert::to_bf16;
+use prm::gpu::{Device, GpuError, OpKind};
+
+/// The simulator always, CUDA when present.
+fn devices() -> Vec<Device> {
+    let mut d = vec![Device::sim()];
+    if Device::cuda_available() {
+        d.push(Device::cuda(0).expect("CUDA device"));
+    } else {
+        eprintln!("skipped on CUDA: no CUDA device");
+    }
+    d
+}
+
+#[test]
+fn every_direct_operation_is_stamped_in_stream_order() {
+    for dev in devices() {
+        let (m, n, k) = (5, 7, 3);
+        let a = dev.upload(&vec![0.5f32; m * k]).unwrap();
+        let b = dev.upload(&vec![0.25f32; n * k]).unwrap();
+        let mut c = dev.alloc::<f32>(m * n).unwrap();
+        let mut half = dev.alloc::<half::bf16>(m * k).unwrap();
+        let mut copy = dev.alloc::<f32>(m * k).unwrap();
+
+        dev.start_timeline().unwrap();
+        let shape = MatmulShape {
+            m,
+            n,
+            k,
+            b_transposed: true,
+        };
+        matmul_f32(&dev, shape, &a, &b, None, &mut c, false).unwrap();
+        to_bf16(&dev, &a, &mut half, m * k).unwrap();
+        dev.copy(&a, &mut copy).unwrap();
+        dev.zero(&mut copy).unwrap();
+        dev.write(&mut copy, &vec![1.0; m * k]).unwrap();
+        let out = dev.download(&c).unwrap();
+        let t = dev.finish_timeline().unwrap();
+
+        assert!(out.iter().all(|&v| (v - 0.375).abs() < 1e-6), "{out:?}");
+        let kinds: Vec<OpKind> = t.ops.iter().map(|o| o.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                OpKind::Product,
+                OpKind::Kernel,
+                OpKind::Copy,
+                OpKind::Fill,
+                OpKind::Upload,
+                OpKind::Download
+            ],
+            "{:?}",
+            t.ops
+        );
+        assert_eq!(t.ops[0].label, "product f32 5×7×3 (Wᵀ)");
+        assert_eq!(t.ops[0].flops, 2.0 * (m * n * k) as f64);
+        assert_eq!(t.ops[1].label, "prm_convert_to_bf16_f32");
+        assert_eq!(t.ops[2].label, "device copy (≤64 B)");
+        assert_eq!(t.ops[0].gap_before_us, 0.0);
+        for o in &t.ops {
+            assert!(o.duration_us >= 0.0 && o.gap_before_us >= 0.0, "{o:?}");
+        }
+        assert!((t.span_us() - t.busy_us() - t.idle_us()).abs() < 1e-9);
+        assert_eq!(t.dropped, 0);
+        let totals = t.totals();
+        assert_eq!(totals.iter().map(|r| r.calls).sum::<usize>(), 6);
+    }
+}
+
+#[test]
+fn a_graph_replay_is_one_operation_and_its_capture_is_not_stamped() {
+    for dev in devices() {
+        let src = dev.upload(&[1.0f32, 2.0]).unwrap();
+        let mut dst = dev.alloc::<f32>(2).unwrap();
+        let mut half = dev.alloc::<half::bf16>(2).unwrap();
+        dev.start_timeline().unwrap();
+        let graph = dev
+            .capture(|| {
+                dev.copy(&src, &mut dst)?;
+                to_bf16(&dev, &src, &mut half, 2)
+            })
+            .unwrap();
+        graph.launch().unwrap();
+        graph.launch().unwrap();
+        let t = dev.finish_timeline().unwrap();
+        let labels: Vec<&str> = t.ops.iter().map(|o| o.label.as_str()).collect();
+        assert_eq!(
+            labels, ["graph replay (1 launches, 0 products, 1 copies, 0 fills)"; 2],
+            "{:?}",
+            t.ops
+        );
+        assert!(t.ops.iter().all(|o| o.kind == OpKind::Graph));
+        assert_eq!(dev.download(&dst).unwrap(), vec![1.0, 2.0]);
+    }
+}
+
+#[test]
+fn a_timeline_starts_once_and_finishes_once() {
+    let dev = Device::sim();
+    assert!(matches!(dev.finish_timeline(), Err(GpuError::Timeline(_))));
+    dev.start_timeline().unwrap();
+    assert!(matches!(dev.start_timeline(), Err(GpuError::Timeline(_))));
+    // Clones share the recording: work issued through one is on the other's timeline.
+    let clone = dev.clone();
+    let mut x = clone.alloc::<f32>(4).unwrap();
+    clone.zero(&mut x).unwrap();
+    assert_eq!(dev.finish_timeline().unwrap().ops.len(), 1);
+    assert!(matches!(
+        clone.finish_timeline(),
+        Err(GpuError::Timeline(_))
+    ));
+    // Nothing is stamped once it finished.
+    dev.zero(&mut x).unwrap();
+    dev.start_timeline().unwrap();
+    assert!(dev.finish_timeline().unwrap().ops.is_empty());
+}
+
+fn bench(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "bench",
+        "--device",
+        "sim",
+        "--model",
+        "random:tiny",
+        "--image-size",
+        "32",
+        "--steps",
+        "3",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--no-ceiling",
+        "--timeline",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = Command::new(env!("CARGO_BIN_EXE_prm"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn bench_timeline_sums_kernels_and_products_of_one_attack() {
+    let direct = bench(&["--graphs", "off"]);
+    let t = &direct["timeline"];
+    let ops = t["operations"].as_array().unwrap();
+    let labels: Vec<&str> = ops.iter().map(|o| o["label"].as_str().unwrap()).collect();
+    assert!(
+        labels.iter().any(|l| l.starts_with("prm_attention")),
+        "{labels:?}"
+    );
+    assert!(
+        labels.iter().any(|l| l.starts_with("product f32")),
+        "{labels:?}"
+    );
+    assert!(
+        !labels.iter().any(|l| l.starts_with("graph replay")),
+        "{labels:?}"
+    );
+    let busy = t["busy_ms"].as_f64().unwrap();
+    let span = t["span_ms"].as_f64().unwrap();
+    assert!(busy > 0.0 && span >= busy, "{t}");
+    let shares: f64 = ops
+        .iter()
+        .map(|o| o["share_of_busy"].as_f64().unwrap())
+        .sum();
+    assert!(shares <= 1.0 + 1e-9, "{t}");
+    for o in ops {
+        assert_eq!(
+            o["tflops"].is_null(),
+            o["kind"] != "product",
+            "only products have a FLOP rate: {o}"
+        );
+    }
+
+    // With graphs on, the steps after the warm-up and the capture are replays.
+    let graphs = bench(&["--graphs", "on"]);
+    let ops = graphs["timeline"]["operations"].as_array().unwrap();
+    let replays: u64 = ops
+        .iter()
+        .filter(|o| o["kind"] == "graph")
+        .map(|o| o["calls"].as_u64().unwrap())
+        .sum();
+    assert_eq!(replays, 2, "{}", graphs["timeline"]);
+}
+
+#[test]
+fn bench_timeline_needs_a_gpu_engine() {
+    let out = Command::new(env!("CARGO_BIN_EXE_prm"))
+        .args([
+            "bench",
+            "--device",
+            "cpu",
+            "--model",
+            "random:tiny",
+            "--image-size",
+            "32",
+            "--timeline",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--device cuda or --device sim"), "{err}");
+}
