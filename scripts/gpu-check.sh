@@ -195,12 +195,14 @@ fi
 
 # ---------------------------------------------------------------- per-kernel profile
 # Kernel time per kernel name (Nsight Compute's gpu__time_duration per launch, summed), graphs
-# off so every kernel is its own launch: the pgd workload first, then the paper workload when
-# time is left.
+# off so every kernel is its own launch, with each kernel's own roofline position: DRAM bytes
+# (→ achieved TB/s), memory and SM throughput as % of peak, and the tensor pipe's active %
+# (time-weighted over the kernel's launches). The pgd workload first, then the paper workload
+# when time is left.
 profile_run() { # title csv secs prm-bench-args...
   local title=$1 csv=$2 secs=$3; shift 3
   echo "== profile: $title (ncu, ${secs}s)"
-  (cd "$ROOT" && PRM_NO_GRAPHS=1 timeout "$secs" "$NCU" --clock-control none --metrics gpu__time_duration.sum \
+  (cd "$ROOT" && PRM_NO_GRAPHS=1 timeout "$secs" "$NCU" --clock-control none --metrics "$NCU_METRICS" \
     --csv "$BUNDLE/prm" bench --device cuda --model random:vit-b-16 --precision bf16 --warmup 0 --repeats 1 \
     --no-ceiling "$@") >"$csv" 2>"${csv%.csv}.err"
   python3 - "$csv" "$title" >>"$LOGS/profile.txt" 2>&1 <<'PY'
@@ -213,21 +215,50 @@ if not rows:
 head = rows[0]
 k, m, v, u = (head.index(c) for c in ("Kernel Name", "Metric Name", "Metric Value", "Metric Unit"))
 scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
-per = collections.defaultdict(lambda: [0, 0.0])
-for r in rows[1:]:
-    if r[m] != "gpu__time_duration.sum":
+byte_scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
+ID = head.index("ID") if "ID" in head else None
+# One launch = one ID; its metrics are on separate rows.
+launches = collections.defaultdict(dict)
+for i, r in enumerate(rows[1:]):
+    key = (r[ID] if ID is not None else i, r[k].split("(")[0][:60])
+    try:
+        val = float(r[v].replace(",", ""))
+    except ValueError:
         continue
-    us = float(r[v].replace(",", "")) * scale.get(r[u], 1.0)
-    e = per[r[k].split("(")[0][:70]]
-    e[0] += 1
-    e[1] += us
-total = sum(e[1] for e in per.values()) or 1.0
-print(f"  kernel time {total/1e3:.1f} ms over {sum(e[0] for e in per.values())} launches")
-print(f"  {'kernel':70} {'calls':>6} {'ms':>8} {'share':>6} {'us/call':>8}")
-for name, (n, us) in sorted(per.items(), key=lambda x: -x[1][1])[:16]:
-    print(f"  {name:70} {n:6d} {us/1e3:8.2f} {100*us/total:5.1f}% {us/n:8.1f}")
+    if r[m] == "gpu__time_duration.sum":
+        val *= scale.get(r[u], 1.0)
+    elif r[m] == "dram__bytes.sum":
+        val *= byte_scale.get(r[u], 1.0)
+    launches[key][r[m]] = val
+per = collections.defaultdict(lambda: collections.defaultdict(float))
+for (_, name), met in launches.items():
+    us = met.get("gpu__time_duration.sum")
+    if us is None:
+        continue
+    e = per[name]
+    e["calls"] += 1
+    e["us"] += us
+    for metric, val in met.items():
+        if metric.endswith("pct_of_peak_sustained_elapsed") or metric.endswith("pct_of_peak_sustained_active"):
+            e[metric] += val * us  # time-weighted
+        elif metric == "dram__bytes.sum":
+            e["bytes"] += val
+total = sum(e["us"] for e in per.values()) or 1.0
+print(f"  kernel time {total/1e3:.1f} ms over {int(sum(e['calls'] for e in per.values()))} launches")
+print(f"  {'kernel':60} {'calls':>6} {'ms':>8} {'share':>6} {'us/call':>8} {'TB/s':>6} {'mem%':>5} {'sm%':>5} {'tc%':>5}")
+MEM = "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed"
+SM = "sm__throughput.avg.pct_of_peak_sustained_elapsed"
+TC = "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
+for name, e in sorted(per.items(), key=lambda x: -x[1]["us"])[:18]:
+    n, us = int(e["calls"]), e["us"]
+    pct = lambda key: f"{e[key]/us:5.1f}" if key in e else "    -"
+    tbs = f"{e['bytes']/(us*1e-6)/1e12:6.2f}" if "bytes" in e else "     -"
+    print(f"  {name:60} {n:6d} {us/1e3:8.2f} {100*us/total:5.1f}% {us/n:8.1f} {tbs} {pct(MEM)} {pct(SM)} {pct(TC)}")
+print("  TB/s: DRAM bytes / kernel time; mem%, sm%: throughput as % of peak (Nsight Compute's speed")
+print("  of light); tc%: tensor pipe active; all time-weighted over the kernel's launches")
 PY
 }
+NCU_METRICS=gpu__time_duration.sum,dram__bytes.sum,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
 if want profile; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
   : >"$LOGS/profile.txt"
@@ -238,13 +269,13 @@ if want profile; then
     if (( secs_allowed < 40 )); then
       echo "out of time: no per-kernel profile" >"$LOGS/profile.txt"
     else
-      profile_run "pgd: batch 64, 224 px, clean forward + 2 steps + final evaluation" "$LOGS/ncu-pgd.csv" \
-        "$secs_allowed" --batch-size 64 --steps 2
+      profile_run "pgd: batch 64, 224 px, clean forward + 1 step + final evaluation" "$LOGS/ncu-pgd.csv" \
+        "$secs_allowed" --batch-size 64 --steps 1
       secs_allowed=$(allow 150 15)
       if (( secs_allowed >= 40 )); then
         echo >>"$LOGS/profile.txt"
-        profile_run "paper: batch 8, 640x480, dynamic scale, clean forward + 2 AdamW steps + final evaluation" \
-          "$LOGS/ncu-paper.csv" "$secs_allowed" --preset paper --image-size 640x480 --batch-size 8 --steps 2
+        profile_run "paper: batch 8, 640x480, dynamic scale, clean forward + 1 AdamW step + final evaluation" \
+          "$LOGS/ncu-paper.csv" "$secs_allowed" --preset paper --image-size 640x480 --batch-size 8 --steps 1
       fi
     fi
   fi
