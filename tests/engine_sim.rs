@@ -4,24 +4,13 @@
 
 mod common;
 
-use common::{small_model, Draw};
+use common::{devices, small_model, Draw};
 use prm::attack::*;
 use prm::gpu::engine::{GpuVit, Precision};
 use prm::gpu::Device;
 use prm::model::{Activation, Model};
 use prm::reference::ReferenceVit;
 use prm::rng::ImageRng;
-
-/// The devices to test on: the simulator always, CUDA when present.
-fn devices() -> Vec<Device> {
-    let mut d = vec![Device::sim()];
-    if Device::cuda_available() {
-        d.push(Device::cuda(0).expect("CUDA device"));
-    } else {
-        eprintln!("skipped on CUDA: no CUDA device");
-    }
-    d
-}
 
 /// Scale-relative max error.
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {

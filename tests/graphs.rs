@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::Draw;
+use common::{devices, Draw};
 use prm::attack::*;
 use prm::gpu::engine::{GpuVit, GraphStats, Precision};
 use prm::gpu::kernels::update::{
@@ -17,17 +17,6 @@ use prm::gpu::pool::BufferPool;
 use prm::gpu::{Device, GpuError};
 use prm::model::Model;
 use prm::rng::ImageRng;
-
-/// The simulator always, CUDA when present.
-fn devices() -> Vec<Device> {
-    let mut d = vec![Device::sim()];
-    if Device::cuda_available() {
-        d.push(Device::cuda(0).expect("CUDA device"));
-    } else {
-        eprintln!("skipped on CUDA: no CUDA device");
-    }
-    d
-}
 
 fn is_capture_error<T>(r: Result<T, GpuError>) -> bool {
     matches!(r, Err(GpuError::Capture { .. }))

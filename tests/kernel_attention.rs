@@ -5,23 +5,13 @@
 
 mod common;
 
-use common::Draw;
+use common::{devices, Draw};
 use half::bf16;
 use prm::gpu::kernels::attention::*;
 use prm::gpu::Device;
 use prm::reference::ops;
 
 const HD: usize = 64;
-
-fn devices() -> Vec<Device> {
-    let mut v = vec![Device::sim()];
-    if Device::cuda_available() {
-        v.push(Device::cuda(0).expect("CUDA device 0"));
-    } else {
-        println!("skipped: no CUDA device");
-    }
-    v
-}
 
 /// max |got − want| / max |want|.
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {

@@ -5,6 +5,10 @@
 //! directly and replayed from a graph. Fresh random inputs, poisoned outputs, odd sizes; the simulator
 //! always, CUDA when present.
 
+mod common;
+
+use common::devices;
+
 use half::bf16;
 use prm::gpu::gemm::{
     matmul_bf16, matmul_bf16_bf16out, matmul_bf16_residual, matmul_f32, matmul_f32_residual,
@@ -30,17 +34,6 @@ impl Rng {
     fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
         (0..n).map(|_| self.uniform(lo, hi)).collect()
     }
-}
-
-/// The simulator, and CUDA device 0 when there is one.
-fn devices() -> Vec<Device> {
-    let mut devs = vec![Device::sim()];
-    if Device::cuda_available() {
-        devs.push(Device::cuda(0).expect("CUDA device 0"));
-    } else {
-        println!("skipped: no CUDA device");
-    }
-    devs
 }
 
 fn poisoned<T: prm::gpu::Element>(dev: &Device, len: usize) -> Buffer<T> {

@@ -17,6 +17,10 @@
 //! - full patch embedding (kernels + device GEMM) against `reference::embedding::{embed,
 //!   embed_backward}`: `1e-5 · max(|want|, rms(want row))` (the GEMMs sum in another order).
 
+mod common;
+
+use common::devices;
+
 use half::bf16;
 use prm::gpu::gemm::{matmul_f32, MatmulShape};
 use prm::gpu::kernels::embed::PackedImages;
@@ -43,17 +47,6 @@ impl Rng {
     fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
         (0..n).map(|_| self.uniform(lo, hi)).collect()
     }
-}
-
-/// The simulator, and CUDA device 0 when there is one.
-fn devices() -> Vec<Device> {
-    let mut devs = vec![Device::sim()];
-    if Device::cuda_available() {
-        devs.push(Device::cuda(0).expect("CUDA device 0"));
-    } else {
-        println!("skipped: no CUDA device");
-    }
-    devs
 }
 
 fn poisoned(dev: &Device, len: usize) -> Buffer<f32> {

@@ -5,23 +5,13 @@
 
 mod common;
 
-use common::{small_model, Draw};
+use common::{devices, small_model, Draw};
 use prm::attack::image::Starts;
 use prm::attack::*;
 use prm::gpu::engine::GpuVit;
 use prm::gpu::Device;
 use prm::model::Activation;
 use prm::rng::ImageRng;
-
-fn devices() -> Vec<Device> {
-    let mut d = vec![Device::sim()];
-    if Device::cuda_available() {
-        d.push(Device::cuda(0).expect("CUDA device"));
-    } else {
-        eprintln!("skipped on CUDA: no CUDA device");
-    }
-    d
-}
 
 /// Mixed sizes, sides no multiple of the patch.
 fn batch(d: &mut Draw) -> Vec<(Vec<f32>, usize, usize)> {

@@ -3,22 +3,15 @@
 //! replays are one operation and captured work is not stamped; in the simulator and on a GPU
 //! when one is present.
 
+mod common;
+
+use common::devices;
+
 use std::process::Command;
 
 use prm::gpu::gemm::{matmul_f32, MatmulShape};
 use prm::gpu::kernels::convert::to_bf16;
 use prm::gpu::{Device, GpuError, OpKind};
-
-/// The simulator always, CUDA when present.
-fn devices() -> Vec<Device> {
-    let mut d = vec![Device::sim()];
-    if Device::cuda_available() {
-        d.push(Device::cuda(0).expect("CUDA device"));
-    } else {
-        eprintln!("skipped on CUDA: no CUDA device");
-    }
-    d
-}
 
 #[test]
 fn every_direct_operation_is_stamped_in_stream_order() {

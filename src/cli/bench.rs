@@ -154,42 +154,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let engine = GpuVit::new_with_precision(dev, &model, precision)
                 .with_context(|| format!("cannot load the model onto {}", dev.name()))?;
             engine.set_graphs(args.graphs == OnOff::On);
-            let timings = time_attacks(
-                &engine,
-                &objective,
-                &settings,
-                &images,
-                height,
-                width,
-                args.warmup,
-                args.repeats,
-                || {
-                    if let Ok(Some(used)) = dev.memory_in_use() {
-                        peak = peak.max(Some(used));
-                    }
-                },
-            )?;
+            let attacks = |warmup, repeats, after_step: &mut dyn FnMut()| {
+                time_attacks(
+                    &engine, &objective, &settings, &images, height, width, warmup, repeats,
+                    after_step,
+                )
+            };
+            let timings = attacks(args.warmup, args.repeats, &mut || {
+                if let Ok(Some(used)) = dev.memory_in_use() {
+                    peak = peak.max(Some(used));
+                }
+            })?;
             stats_after = HostStats::now();
+            let g = engine.graph_stats();
             if args.timeline {
                 // Untimed: the stamps cost the device a little, so throughput comes from the
                 // attacks above.
                 dev.start_timeline()?;
-                let recorded = time_attacks(
-                    &engine,
-                    &objective,
-                    &settings,
-                    &images,
-                    height,
-                    width,
-                    0,
-                    1,
-                    || {},
-                );
+                let recorded = attacks(0, 1, &mut || {});
                 let timeline = dev.finish_timeline()?;
                 recorded?;
                 timeline_report = Some(timeline);
             }
-            let g = engine.graph_stats();
             let ops = g.ops_per_replay;
             graph_report = json!({
                 "requested": args.graphs == OnOff::On,

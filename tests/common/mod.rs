@@ -1,8 +1,21 @@
 //! Shared test helpers: small models with custom shapes and reproducible random data.
 #![allow(dead_code)]
 
+use prm::gpu::Device;
 use prm::model::*;
 use prm::rng::ImageRng;
+
+/// The simulator always, and CUDA device 0 when a driver and a device are present (the line
+/// printed otherwise is what `scripts/gpu-check.sh` counts as a skip).
+pub fn devices() -> Vec<Device> {
+    let mut d = vec![Device::sim()];
+    if Device::cuda_available() {
+        d.push(Device::cuda(0).expect("CUDA device 0"));
+    } else {
+        println!("skipped: no CUDA device");
+    }
+    d
+}
 
 /// Reproducible uniform numbers in [lo, hi).
 pub struct Draw {
