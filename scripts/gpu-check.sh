@@ -165,8 +165,8 @@ fi
 if want timeline; then
   echo "== timelines (prm bench --timeline; $(left) s left)"
   : >"$LOGS/timeline.txt"
-  timeline_run() { # title prm-bench-args...
-    local title=$1; shift
+  timeline_run() { # tag title prm-bench-args...   (trace: logs/timeline-TAG.json, for Perfetto)
+    local tag=$1 title=$2; shift 2
     local secs_allowed reserve=$((after_tests - 75))
     (( reserve < 0 )) && reserve=0
     secs_allowed=$(allow 40 $reserve)
@@ -174,13 +174,14 @@ if want timeline; then
     {
       echo "$title"
       (cd "$ROOT" && timeout "$secs_allowed" "$BUNDLE/prm" bench --device cuda --model random:vit-b-16 \
-        --precision bf16 --warmup 1 --repeats 1 --no-ceiling --timeline "$@") 2>&1 | grep -v "^note"
+        --precision bf16 --warmup 1 --repeats 1 --no-ceiling --timeline "$LOGS/timeline-$tag.json" "$@") 2>&1 |
+        grep -v "^note"
       echo
     } >>"$LOGS/timeline.txt"
   }
-  timeline_run "pgd: batch 64, 224 px, 10 steps, graphs off" --batch-size 64 --steps 10 --graphs off
-  timeline_run "pgd: batch 64, 224 px, 10 steps, graphs on" --batch-size 64 --steps 10 --graphs on
-  timeline_run "paper: batch 1, 640x480, 20 AdamW steps, dynamic scale" --preset paper \
+  timeline_run pgd-direct "pgd: batch 64, 224 px, 10 steps, graphs off" --batch-size 64 --steps 10 --graphs off
+  timeline_run pgd-graphs "pgd: batch 64, 224 px, 10 steps, graphs on" --batch-size 64 --steps 10 --graphs on
+  timeline_run paper-b1 "paper: batch 1, 640x480, 20 AdamW steps, dynamic scale" --preset paper \
     --image-size 640x480 --batch-size 1 --steps 20
 fi
 

@@ -132,7 +132,6 @@ fn bench(extra: &[&str]) -> serde_json::Value {
         "--repeats",
         "1",
         "--no-ceiling",
-        "--timeline",
         "--json",
     ];
     args.extend_from_slice(extra);
@@ -150,7 +149,7 @@ fn bench(extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn bench_timeline_sums_kernels_and_products_of_one_attack() {
-    let direct = bench(&["--graphs", "off"]);
+    let direct = bench(&["--graphs", "off", "--timeline"]);
     let t = &direct["timeline"];
     let ops = t["operations"].as_array().unwrap();
     let labels: Vec<&str> = ops.iter().map(|o| o["label"].as_str().unwrap()).collect();
@@ -183,7 +182,7 @@ fn bench_timeline_sums_kernels_and_products_of_one_attack() {
     }
 
     // With graphs on, the steps after the warm-up and the capture are replays.
-    let graphs = bench(&["--graphs", "on"]);
+    let graphs = bench(&["--graphs", "on", "--timeline"]);
     let ops = graphs["timeline"]["operations"].as_array().unwrap();
     let replays: u64 = ops
         .iter()
@@ -191,6 +190,32 @@ fn bench_timeline_sums_kernels_and_products_of_one_attack() {
         .map(|o| o["calls"].as_u64().unwrap())
         .sum();
     assert_eq!(replays, 2, "{}", graphs["timeline"]);
+}
+
+#[test]
+fn bench_timeline_writes_a_trace_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trace.json");
+    let report = bench(&["--graphs", "off", "--timeline", path.to_str().unwrap()]);
+    assert_eq!(report["timeline"]["trace_file"], path.to_str().unwrap());
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    let ops = &events[1..];
+    assert_eq!(
+        ops.len() as u64,
+        report["timeline"]["operations_recorded"].as_u64().unwrap()
+    );
+    // In stream order, none overlapping the next.
+    for w in ops.windows(2) {
+        let end = w[0]["ts"].as_f64().unwrap() + w[0]["dur"].as_f64().unwrap();
+        assert!(w[1]["ts"].as_f64().unwrap() >= end - 1e-6, "{w:?}");
+    }
+    assert!(ops.iter().all(|e| e["ph"] == "X"));
+    assert!(ops
+        .iter()
+        .any(|e| e["cat"] == "product" && e["args"]["flops"].as_f64().unwrap() > 0.0));
+    // Nothing but the trace is left in the directory (written through a renamed temporary).
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
 
 #[test]
@@ -211,4 +236,12 @@ fn bench_timeline_needs_a_gpu_engine() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--device cuda or --device sim"), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_prm"))
+        .args(["bench", "--device", "sim", "--timeline", "trace.txt"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("give a FILE.json"), "{err}");
 }

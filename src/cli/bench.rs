@@ -1,6 +1,8 @@
 //! `prm bench`: times whole attacks on synthetic images and reports throughput against a
 //! matrix-product ceiling measured in the same process.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -61,9 +63,11 @@ pub struct BenchArgs {
     /// After the timed attacks, run one more with a device timeline: every kernel, product and
     /// copy stamped on the device, summed by name, with the idle gaps between them (GPU engine;
     /// with `--graphs on` a step's replay is one entry, so use `--graphs off` for per-kernel
-    /// rows)
-    #[arg(long)]
-    timeline: bool,
+    /// rows). With FILE.json, also every operation in the Trace Event format (open it in
+    /// ui.perfetto.dev)
+    #[arg(long, value_name = "FILE.json", num_args = 0..=1)]
+    #[allow(clippy::option_option)]
+    timeline: Option<Option<PathBuf>>,
     /// Print one JSON object instead of a table
     #[arg(long)]
     json: bool,
@@ -104,8 +108,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if batch == 0 || args.repeats == 0 {
         bail!("--batch-size and --repeats must be at least 1");
     }
-    if args.timeline && device.is_none() {
+    if args.timeline.is_some() && device.is_none() {
         bail!("--timeline records a GPU device's stream: use --device cuda or --device sim");
+    }
+    if let Some(Some(p)) = &args.timeline {
+        if !p
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+        {
+            bail!(
+                "--timeline {}: the trace is JSON; give a FILE.json",
+                p.display()
+            );
+        }
     }
     if let Some(Init::From(_)) = args.settings.init {
         bail!("--init from:<DIR> needs a run's outputs; prm bench attacks synthetic images: use --init zero or random");
@@ -167,7 +182,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             })?;
             stats_after = HostStats::now();
             let g = engine.graph_stats();
-            if args.timeline {
+            if args.timeline.is_some() {
                 // Untimed: the stamps cost the device a little, so throughput comes from the
                 // attacks above.
                 dev.start_timeline()?;
@@ -254,6 +269,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(t) = &timeline_report {
         report["timeline"] = t.summary_json(TIMELINE_ROWS);
+        if let Some(Some(path)) = &args.timeline {
+            write_trace(path, &t.trace_event_json(&device_name))?;
+            report["timeline"]["trace_file"] = json!(path);
+        }
     }
     if args.json {
         println!("{report}");
@@ -323,6 +342,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(t) = &timeline_report {
             print_timeline(t);
+            if let Some(Some(path)) = &args.timeline {
+                println!(
+                    "trace             {} (every operation; open it in ui.perfetto.dev)",
+                    path.display()
+                );
+            }
         }
         if let Some(p) = peak_memory {
             println!(
@@ -335,6 +360,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the trace atomically (a temporary file renamed over `path`).
+fn write_trace(path: &Path, trace: &serde_json::Value) -> anyhow::Result<()> {
+    let mut bytes = serde_json::to_vec(trace)?;
+    bytes.push(b'\n');
+    prm::io::output::write_atomic(path, |file| {
+        file.write_all(&bytes)
+            .map_err(|source| prm::io::IoError::Write {
+                path: path.to_path_buf(),
+                source,
+            })
+    })
+    .with_context(|| format!("cannot write the timeline trace {}", path.display()))
 }
 
 /// The timeline as a table: totals, then the largest operations by device time.

@@ -46,7 +46,7 @@ enum Command {
     /// Attack every image of a directory or list file and write the adversarial images.
     Attack(Box<attack::AttackArgs>),
     /// Time whole attacks on synthetic images: image-steps/s, TFLOP/s against a GEMM ceiling
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Evaluate transfer: a downstream target (maskclip, sclip, clearclip, zeroshot, features,
     /// probe) on clean vs adversarial images
     Eval(Box<eval::EvalArgs>),
@@ -71,7 +71,7 @@ pub fn main() -> ExitCode {
         Command::Attack(args) => attack::run(*args),
         Command::Eval(args) => eval::run(*args),
         Command::Info(args) => info::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(*args),
         Command::Verify(args) => verify::run(args),
         Command::Manifest(args) => manifest::run(args),
     };

@@ -1,7 +1,8 @@
 //! Timelines: when each operation on a device's stream ran, and how long the device sat idle
 //! between operations, measured on the device itself while the real work runs.
 //!
-//! `prm bench --timeline` records one attack this way. It answers what a per-kernel profiler
+//! `prm bench --timeline [FILE.json]` records one attack this way (the file: the whole timeline
+//! in the Trace Event format, for Perfetto). It answers what a per-kernel profiler
 //! that serialises kernels cannot: how much of a step's wall time is kernels, and how much is
 //! the device waiting for the host (launch gaps, synchronisations, uploads).
 //!
@@ -198,6 +199,41 @@ impl Timeline {
             "largest_gaps": gaps,
             "operations": operations,
         })
+    }
+}
+
+impl Timeline {
+    /// The timeline in the Trace Event format (`{"traceEvents": [...]}`) that Perfetto
+    /// (ui.perfetto.dev) and chrome://tracing open: one complete event per operation on one
+    /// track, times in µs from the first operation's start, idle gaps as empty space.
+    pub fn trace_event_json(&self, device: &str) -> serde_json::Value {
+        let mut at = 0.0;
+        let mut events = vec![json!({
+            "name": "thread_name", "ph": "M", "pid": 0, "tid": 0,
+            "args": {"name": format!("{device}: stream")},
+        })];
+        for op in &self.ops {
+            at += op.gap_before_us;
+            let mut args = json!({"gap_before_us": op.gap_before_us});
+            if op.flops > 0.0 {
+                args["flops"] = json!(op.flops);
+                if op.duration_us > 0.0 {
+                    args["tflops"] = json!(op.flops / op.duration_us / 1e6);
+                }
+            }
+            events.push(json!({
+                "name": op.label,
+                "cat": op.kind.name(),
+                "ph": "X",
+                "ts": at,
+                "dur": op.duration_us,
+                "pid": 0,
+                "tid": 0,
+                "args": args,
+            }));
+            at += op.duration_us;
+        }
+        json!({"traceEvents": events, "displayTimeUnit": "ms"})
     }
 }
 
@@ -404,5 +440,16 @@ mod tests {
         // 8 MFLOP in 20 µs = 0.4 TFLOP/s.
         assert!((j["operations"][0]["tflops"].as_f64().unwrap() - 0.4).abs() < 1e-12);
         assert_eq!(j["gaps_over_10us"], 1);
+
+        let trace = t.trace_event_json("dev");
+        let events = trace["traceEvents"].as_array().unwrap();
+        assert_eq!(events.len(), 5); // the track's name, then one per operation
+        let starts: Vec<f64> = events[1..]
+            .iter()
+            .map(|e| e["ts"].as_f64().unwrap())
+            .collect();
+        assert_eq!(starts, [0.0, 7.0, 47.0, 55.0]);
+        assert_eq!(events[2]["args"]["flops"], 4e6);
+        assert_eq!(events[3]["dur"], 7.0);
     }
 }
