@@ -12,6 +12,9 @@
 //            (two-pass variance, exact sqrt and division, statistics in fp32)
 // Backward:  dx (+)= rstd·(g − mean(g) − x̂·mean(g·x̂)),  g = dy·γ,  x̂ = (x − mean)·rstd
 //            with `accumulate` != 0 adding into dx (the engine's running residual gradient).
+//            `_f32_bf16copy` also writes bf16(dx) (round to nearest even) to dx_bf16: the
+//            bf16 engine's next product reads the residual gradient as its operand, and the copy
+//            costs one 2-byte store here instead of a conversion pass over dx.
 //
 // Work split: one warp per row, PRM_LN_ROWS_PER_BLOCK warps per block, no shared memory and no
 // __syncthreads. Lane l owns the elements l, l + 32, l + 64, ... of its row (coalesced 128-byte
@@ -19,7 +22,9 @@
 // over the warp (prm_warp_sum). Addition is commutative, so every lane of the butterfly ends with
 // the same bit pattern and the result does not depend on scheduling: deterministic.
 // Rows of up to PRM_LN_CACHED_DIM (1024) elements are held in registers (32 per lane); wider rows
-// take a streaming path that re-reads x from global memory (same arithmetic, same order).
+// take a streaming path that re-reads x from global memory (same arithmetic, same order). The
+// cached backward also loads the dx it accumulates into together with x and dy, before the
+// reductions, so that its latency overlaps theirs instead of following them.
 //
 // Launchers: src/gpu/kernels/layernorm.rs (layernorm_forward_f32, layernorm_backward_f32).
 #include "common.cuh"
@@ -117,30 +122,34 @@ extern "C" __global__ void prm_layernorm_forward_f32_bf16out(const float* __rest
 PRM_REGISTER_KERNEL(prm_layernorm_forward_f32_bf16out);
 
 // dx may not alias x or dy (the engine keeps them apart; the launcher's borrows enforce it).
+// dx_copy: nullptr, or a bf16 buffer of dx's shape that receives bf16(dx) as written.
 template <typename T>
 __device__ __forceinline__ void prm_layernorm_backward(const T* __restrict__ x, const T* __restrict__ dy,
                                                        const float* __restrict__ gamma,
                                                        const float* __restrict__ mean_in,
                                                        const float* __restrict__ rstd_in, T* __restrict__ dx,
-                                                       int rows, int dim, int accumulate) {
+                                                       __nv_bfloat16* __restrict__ dx_copy, int rows, int dim,
+                                                       int accumulate) {
     const int lane = threadIdx.x % PRM_WARP_SIZE;
     const int row = blockIdx.x * PRM_LN_ROWS_PER_BLOCK + threadIdx.x / PRM_WARP_SIZE;
     if (row >= rows) return;  // whole warp leaves together; no block barrier in this kernel
     const T* xr = x + (size_t)row * dim;
     const T* dyr = dy + (size_t)row * dim;
     T* dxr = dx + (size_t)row * dim;
+    __nv_bfloat16* copyr = dx_copy ? dx_copy + (size_t)row * dim : nullptr;
     const float mean = mean_in[row];
     const float rstd = rstd_in[row];
     const float inv_dim = 1.0f / (float)dim;
 
     if (dim <= PRM_LN_CACHED_DIM) {
-        float g[PRM_LN_PER_LANE], xh[PRM_LN_PER_LANE];
+        float g[PRM_LN_PER_LANE], xh[PRM_LN_PER_LANE], old[PRM_LN_PER_LANE];
         float sg = 0.0f, sgx = 0.0f;
 #pragma unroll
         for (int k = 0; k < PRM_LN_PER_LANE; ++k) {
             const int i = lane + k * PRM_WARP_SIZE;
             g[k] = i < dim ? prm_ln_load(dyr + i) * gamma[i] : 0.0f;
             xh[k] = i < dim ? (prm_ln_load(xr + i) - mean) * rstd : 0.0f;
+            old[k] = (accumulate && i < dim) ? prm_ln_load(dxr + i) : 0.0f;
             sg += g[k];
             sgx += g[k] * xh[k];
         }
@@ -151,7 +160,9 @@ __device__ __forceinline__ void prm_layernorm_backward(const T* __restrict__ x, 
             const int i = lane + k * PRM_WARP_SIZE;
             if (i < dim) {
                 const float v = rstd * (g[k] - mg - xh[k] * mgx);
-                prm_ln_store(dxr + i, accumulate ? prm_ln_load(dxr + i) + v : v);
+                const float out = accumulate ? old[k] + v : v;
+                prm_ln_store(dxr + i, out);
+                if (copyr) copyr[i] = __float2bfloat16(out);  // only with fp32 dx: out as stored
             }
         }
     } else {
@@ -166,7 +177,9 @@ __device__ __forceinline__ void prm_layernorm_backward(const T* __restrict__ x, 
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
             const float g = prm_ln_load(dyr + i) * gamma[i];
             const float v = rstd * (g - mg - ((prm_ln_load(xr + i) - mean) * rstd) * mgx);
-            prm_ln_store(dxr + i, accumulate ? prm_ln_load(dxr + i) + v : v);
+            const float out = accumulate ? prm_ln_load(dxr + i) + v : v;
+            prm_ln_store(dxr + i, out);
+            if (copyr) copyr[i] = __float2bfloat16(out);
         }
     }
 }
@@ -176,9 +189,23 @@ extern "C" __global__ void prm_layernorm_backward_f32(const float* __restrict__ 
                                                        const float* __restrict__ mean,
                                                        const float* __restrict__ rstd, float* __restrict__ dx,
                                                        int rows, int dim, int accumulate) {
-    prm_layernorm_backward(x, dy, gamma, mean, rstd, dx, rows, dim, accumulate);
+    prm_layernorm_backward(x, dy, gamma, mean, rstd, dx, (__nv_bfloat16*)nullptr, rows, dim, accumulate);
 }
 PRM_REGISTER_KERNEL(prm_layernorm_backward_f32);
+
+// fp32 backward that also writes bf16(dx) to dx_bf16 (same arithmetic and fp32 result as
+// prm_layernorm_backward_f32; the copy is the fp32 dx rounded to nearest even).
+extern "C" __global__ void prm_layernorm_backward_f32_bf16copy(const float* __restrict__ x,
+                                                                const float* __restrict__ dy,
+                                                                const float* __restrict__ gamma,
+                                                                const float* __restrict__ mean,
+                                                                const float* __restrict__ rstd,
+                                                                float* __restrict__ dx,
+                                                                __nv_bfloat16* __restrict__ dx_bf16, int rows,
+                                                                int dim, int accumulate) {
+    prm_layernorm_backward(x, dy, gamma, mean, rstd, dx, dx_bf16, rows, dim, accumulate);
+}
+PRM_REGISTER_KERNEL(prm_layernorm_backward_f32_bf16copy);
 
 extern "C" __global__ void prm_layernorm_backward_bf16(const __nv_bfloat16* __restrict__ x,
                                                         const __nv_bfloat16* __restrict__ dy,
@@ -187,6 +214,6 @@ extern "C" __global__ void prm_layernorm_backward_bf16(const __nv_bfloat16* __re
                                                         const float* __restrict__ rstd,
                                                         __nv_bfloat16* __restrict__ dx, int rows, int dim,
                                                         int accumulate) {
-    prm_layernorm_backward(x, dy, gamma, mean, rstd, dx, rows, dim, accumulate);
+    prm_layernorm_backward(x, dy, gamma, mean, rstd, dx, (__nv_bfloat16*)nullptr, rows, dim, accumulate);
 }
 PRM_REGISTER_KERNEL(prm_layernorm_backward_bf16);

@@ -241,6 +241,60 @@ fn layernorm_backward_matches_reference() {
     }
 }
 
+/// `layernorm_backward_f32_bf16copy` (the bf16 engine's LN2 backward): its fp32 `dx` is the
+/// fp32 kernel's bit for bit, and its copy is that `dx` rounded to bf16, on every shape
+/// (registers and streamed rows alike), accumulating or not.
+#[test]
+fn layernorm_backward_bf16_copy_is_the_f32_result_rounded() {
+    for dev in devices() {
+        for (case, &(rows, dim)) in LN_SHAPES.iter().enumerate() {
+            for accumulate in [false, true] {
+                let mut rng = Rng::new(900 + 2 * case as u64 + accumulate as u64);
+                let x = ln_input(&mut rng, rows, dim);
+                let ln = ln_weights(&mut rng, dim);
+                let dy = rng.vec(rows * dim, -1.0, 1.0);
+                let dx0 = rng.vec(rows * dim, -0.5, 0.5);
+                let mut scratch = vec![0.0f32; rows * dim];
+                let stats = ops::layer_norm(&x, dim, &ln, 1e-5, &mut scratch);
+                let up = |v: &[f32]| dev.upload(v).unwrap();
+                let (xb, dyb, g) = (up(&x), up(&dy), up(&ln.weight));
+                let mean = up(&stats.iter().map(|s| s.0).collect::<Vec<_>>());
+                let rstd = up(&stats.iter().map(|s| s.1).collect::<Vec<_>>());
+                let start = |dev: &Device| {
+                    if accumulate {
+                        dev.upload(&dx0).unwrap()
+                    } else {
+                        poisoned(dev, rows * dim)
+                    }
+                };
+                let mut want = start(&dev);
+                layernorm::layernorm_backward_f32(
+                    &dev, &xb, &dyb, &g, &mean, &rstd, &mut want, rows, dim, accumulate,
+                )
+                .unwrap();
+                let mut got = start(&dev);
+                let mut copy = poisoned_bf16(&dev, rows * dim);
+                layernorm::layernorm_backward_f32_bf16copy(
+                    &dev, &xb, &dyb, &g, &mean, &rstd, &mut got, &mut copy, rows, dim, accumulate,
+                )
+                .unwrap();
+                let (want, got) = (dev.download(&want).unwrap(), dev.download(&got).unwrap());
+                let what = format!(
+                    "{} layernorm backward bf16 copy {rows}x{dim} accumulate={accumulate}",
+                    dev.name()
+                );
+                assert!(
+                    want.iter()
+                        .zip(&got)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{what}: fp32 dx differs from the fp32 kernel's"
+                );
+                assert_eq!(dev.download(&copy).unwrap(), to_bf16(&want), "{what}: copy");
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Activation
 

@@ -35,7 +35,8 @@ use super::kernels::embed::{
     assemble_tokens_f32, col2im_f32, patchify_f32, tokens_to_patch_grads_f32, PackedImages,
 };
 use super::kernels::layernorm::{
-    layernorm_backward_f32, layernorm_forward_f32, layernorm_forward_f32_bf16out,
+    layernorm_backward_f32, layernorm_backward_f32_bf16copy, layernorm_forward_f32,
+    layernorm_forward_f32_bf16out,
 };
 use super::kernels::loss::{
     layer_cosine_f32, layer_loss_f32, LayerLoss, LossScratch, PackedTokens,
@@ -805,21 +806,34 @@ impl<'m> GpuVit<'m> {
             // out = mid + fc2(act(fc1(LN2(mid))))
             let mut d_normed = self.alloc(t * d)?;
             self.mlp_backward(&s.mlp_pre, &dh, b, t, &mut d_normed)?;
-            layernorm_backward_f32(
-                &self.dev,
-                &s.mid,
-                &d_normed,
-                &b.ln2.weight,
-                &s.ln2_mean,
-                &s.ln2_rstd,
-                &mut dh,
-                t,
-                d,
-                true,
-            )?;
-            // mid = x + out_proj(attn(LN1(x)))
+            // mid = x + out_proj(attn(LN1(x))): LN2's input gradient joins the residual
+            // gradient, which out_proj's input-gradient product reads next (in bf16, LN2's
+            // backward writes that operand too: no conversion pass over dh).
             let mut d_context = self.alloc(t * d)?;
-            self.linear_backward(&dh, t, &b.out_proj, &mut d_context)?;
+            let ln2_backward = |dh: &mut Buffer<f32>, copy: Option<&mut Buffer<half::bf16>>| {
+                let (x, dy, g) = (&s.mid, &d_normed, &b.ln2.weight);
+                let (mean, rstd) = (&s.ln2_mean, &s.ln2_rstd);
+                match copy {
+                    None => layernorm_backward_f32(&self.dev, x, dy, g, mean, rstd, dh, t, d, true),
+                    Some(db) => layernorm_backward_f32_bf16copy(
+                        &self.dev, x, dy, g, mean, rstd, dh, db, t, d, true,
+                    ),
+                }
+            };
+            match &b.out_proj.weight {
+                Weight::F32(_) => {
+                    ln2_backward(&mut dh, None)?;
+                    self.linear_backward(&dh, t, &b.out_proj, &mut d_context)?;
+                }
+                Weight::Bf16(_) => self.product_from_bf16(
+                    b.out_proj.backward_shape(t),
+                    &b.out_proj.weight,
+                    None,
+                    None,
+                    &mut d_context,
+                    |db| ln2_backward(&mut dh, Some(db)),
+                )?,
+            }
             match &s.attention {
                 AttentionSaved::F32 { qkv, context } => {
                     let d_qkv = self.attention_backward(qkv, context, &s.lse, &d_context, batch)?;

@@ -155,6 +155,26 @@ pub fn layernorm_forward_f32_bf16out(
 }
 
 #[allow(clippy::too_many_arguments)]
+fn check_backward_sizes<T: Storage>(
+    x: &Buffer<T>,
+    dy: &Buffer<T>,
+    gamma: &Buffer<f32>,
+    mean: &Buffer<f32>,
+    rstd: &Buffer<f32>,
+    dx: &Buffer<T>,
+    rows: usize,
+    dim: usize,
+) {
+    check_sizes(rows, dim);
+    assert_eq!(x.len(), rows * dim, "layernorm x is not [{rows}, {dim}]");
+    assert_eq!(dy.len(), rows * dim, "layernorm dy is not [{rows}, {dim}]");
+    assert_eq!(dx.len(), rows * dim, "layernorm dx is not [{rows}, {dim}]");
+    assert_eq!(gamma.len(), dim, "layernorm gamma is not [{dim}]");
+    assert_eq!(mean.len(), rows, "layernorm mean is not [{rows}]");
+    assert_eq!(rstd.len(), rows, "layernorm rstd is not [{rows}]");
+}
+
+#[allow(clippy::too_many_arguments)]
 fn backward<T: Storage>(
     dev: &Device,
     x: &Buffer<T>,
@@ -167,13 +187,7 @@ fn backward<T: Storage>(
     dim: usize,
     accumulate: bool,
 ) -> Result<(), GpuError> {
-    check_sizes(rows, dim);
-    assert_eq!(x.len(), rows * dim, "layernorm x is not [{rows}, {dim}]");
-    assert_eq!(dy.len(), rows * dim, "layernorm dy is not [{rows}, {dim}]");
-    assert_eq!(dx.len(), rows * dim, "layernorm dx is not [{rows}, {dim}]");
-    assert_eq!(gamma.len(), dim, "layernorm gamma is not [{dim}]");
-    assert_eq!(mean.len(), rows, "layernorm mean is not [{rows}]");
-    assert_eq!(rstd.len(), rows, "layernorm rstd is not [{rows}]");
+    check_backward_sizes(x, dy, gamma, mean, rstd, dx, rows, dim);
     if rows == 0 {
         return Ok(());
     }
@@ -209,6 +223,50 @@ pub fn layernorm_backward_f32(
     accumulate: bool,
 ) -> Result<(), GpuError> {
     backward(dev, x, dy, gamma, mean, rstd, dx, rows, dim, accumulate)
+}
+
+/// [`layernorm_backward_f32`] that also writes `bf16(dx)` (round to nearest even) into
+/// `dx_bf16`: the bf16 engine's residual gradient and the operand of the product that reads it
+/// next, in one pass. `dx` is bit-identical to [`layernorm_backward_f32`]'s.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward_f32_bf16copy(
+    dev: &Device,
+    x: &Buffer<f32>,
+    dy: &Buffer<f32>,
+    gamma: &Buffer<f32>,
+    mean: &Buffer<f32>,
+    rstd: &Buffer<f32>,
+    dx: &mut Buffer<f32>,
+    dx_bf16: &mut Buffer<bf16>,
+    rows: usize,
+    dim: usize,
+    accumulate: bool,
+) -> Result<(), GpuError> {
+    check_backward_sizes(x, dy, gamma, mean, rstd, dx, rows, dim);
+    assert!(
+        dx_bf16.len() >= rows * dim,
+        "layernorm dx_bf16 has {} elements, needs {rows}x{dim}",
+        dx_bf16.len()
+    );
+    if rows == 0 {
+        return Ok(());
+    }
+    let mut args = KernelArgs::new();
+    args.input(x)
+        .input(dy)
+        .input(gamma)
+        .input(mean)
+        .input(rstd)
+        .output(dx)
+        .output(dx_bf16)
+        .i32(rows as i32)
+        .i32(dim as i32)
+        .i32(accumulate as i32);
+    dev.launch(
+        "prm_layernorm_backward_f32_bf16copy",
+        config(rows),
+        &mut args,
+    )
 }
 
 /// bf16 storage [`layernorm_backward_f32`]: `x`, `dy`, `dx` in bf16; with `accumulate` the sum
