@@ -12,7 +12,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prm::gpu::gemm::{matmul_bf16, MatmulShape};
 use prm::gpu::kernels::activation::bias_activation_forward_f32_bf16out;
 use prm::gpu::kernels::attention::*;
-use prm::gpu::kernels::layernorm::layernorm_forward_f32_bf16out;
+use prm::gpu::kernels::layernorm::{
+    layernorm_backward_f32, layernorm_backward_f32_bf16copy, layernorm_forward_f32_bf16out,
+};
 use prm::gpu::{Buffer, Device};
 use prm::model::Activation;
 use prm::rng::{ImageRng, STREAM_INIT};
@@ -164,6 +166,8 @@ fn kernels(c: &mut Criterion) {
     let beta = random(&dev, WIDTH, "beta");
     let (mut mean, mut rstd) = (dev.alloc::<f32>(n).unwrap(), dev.alloc::<f32>(n).unwrap());
     let mut yb = dev.alloc::<half::bf16>(n * MLP).unwrap();
+    // Throughput in bytes each kernel must move at least (criterion prints GB/s).
+    g.throughput(Throughput::Bytes((n * WIDTH * 6) as u64));
     g.bench_function("layernorm forward, bf16 out (768)", |b| {
         b.iter(|| {
             layernorm_forward_f32_bf16out(
@@ -173,9 +177,44 @@ fn kernels(c: &mut Criterion) {
             dev.synchronize().unwrap();
         })
     });
+    // LayerNorm backward as the engine runs it: accumulating into the residual gradient (reads
+    // x, dy and dx, writes dx), and in bf16 also writing dx's bf16 copy.
+    let dy = random(&dev, n * WIDTH, "dy");
+    let mut dx = random(&dev, n * WIDTH, "dx");
+    let mut dx_bf16 = dev.alloc::<half::bf16>(n * WIDTH).unwrap();
+    let elements = (n * WIDTH) as u64;
+    g.throughput(Throughput::Bytes(elements * 16));
+    g.bench_function("layernorm backward, accumulate (768)", |b| {
+        b.iter(|| {
+            layernorm_backward_f32(&dev, &x, &dy, &gamma, &mean, &rstd, &mut dx, n, WIDTH, true)
+                .unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
+    g.throughput(Throughput::Bytes(elements * 18));
+    g.bench_function("layernorm backward, accumulate + bf16 copy (768)", |b| {
+        b.iter(|| {
+            layernorm_backward_f32_bf16copy(
+                &dev,
+                &x,
+                &dy,
+                &gamma,
+                &mean,
+                &rstd,
+                &mut dx,
+                &mut dx_bf16,
+                n,
+                WIDTH,
+                true,
+            )
+            .unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
     let h = random(&dev, n * MLP, "h");
     let bias = random(&dev, MLP, "bias");
     let mut pre = dev.alloc::<f32>(n * MLP).unwrap();
+    g.throughput(Throughput::Bytes((n * MLP * 10) as u64));
     g.bench_function("QuickGELU + bias forward, bf16 out (3072)", |b| {
         b.iter(|| {
             bias_activation_forward_f32_bf16out(
