@@ -40,6 +40,30 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// `download_range` reads exactly the slice asked for, on the simulator and on the device,
+/// and refuses a range past the end.
+#[test]
+fn download_range_reads_a_slice() {
+    let data = values(1001, 5);
+    let mut devices = vec![Device::sim()];
+    devices.extend(device());
+    for dev in devices {
+        let buf = dev.upload(&data).unwrap();
+        for (start, len) in [(0, 1001), (0, 0), (7, 64), (1000, 1), (333, 500)] {
+            assert_eq!(
+                dev.download_range(&buf, start, len).unwrap(),
+                data[start..start + len],
+                "{} {start}+{len}",
+                dev.name()
+            );
+        }
+        let past = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            dev.download_range(&buf, 1000, 2)
+        }));
+        assert!(past.is_err(), "{}: a range past the end", dev.name());
+    }
+}
+
 #[test]
 fn no_driver_or_no_kernels_is_an_error_not_a_panic() {
     let available = Device::cuda_available();

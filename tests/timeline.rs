@@ -123,10 +123,6 @@ fn bench(extra: &[&str]) -> serde_json::Value {
         "sim",
         "--model",
         "random:tiny",
-        "--image-size",
-        "32",
-        "--steps",
-        "3",
         "--warmup",
         "0",
         "--repeats",
@@ -149,7 +145,15 @@ fn bench(extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn bench_timeline_sums_kernels_and_products_of_one_attack() {
-    let direct = bench(&["--graphs", "off", "--timeline"]);
+    let direct = bench(&[
+        "--image-size",
+        "32",
+        "--steps",
+        "3",
+        "--graphs",
+        "off",
+        "--timeline",
+    ]);
     let t = &direct["timeline"];
     let ops = t["operations"].as_array().unwrap();
     let labels: Vec<&str> = ops.iter().map(|o| o["label"].as_str().unwrap()).collect();
@@ -182,7 +186,15 @@ fn bench_timeline_sums_kernels_and_products_of_one_attack() {
     }
 
     // With graphs on, the steps after the warm-up and the capture are replays.
-    let graphs = bench(&["--graphs", "on", "--timeline"]);
+    let graphs = bench(&[
+        "--image-size",
+        "32",
+        "--steps",
+        "3",
+        "--graphs",
+        "on",
+        "--timeline",
+    ]);
     let ops = graphs["timeline"]["operations"].as_array().unwrap();
     let replays: u64 = ops
         .iter()
@@ -196,7 +208,16 @@ fn bench_timeline_sums_kernels_and_products_of_one_attack() {
 fn bench_timeline_writes_a_trace_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("trace.json");
-    let report = bench(&["--graphs", "off", "--timeline", path.to_str().unwrap()]);
+    let report = bench(&[
+        "--image-size",
+        "32",
+        "--steps",
+        "3",
+        "--graphs",
+        "off",
+        "--timeline",
+        path.to_str().unwrap(),
+    ]);
     assert_eq!(report["timeline"]["trace_file"], path.to_str().unwrap());
     let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let events = trace["traceEvents"].as_array().unwrap();
@@ -244,4 +265,52 @@ fn bench_timeline_needs_a_gpu_engine() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("give a FILE.json"), "{err}");
+}
+
+/// Once an attack runs, its steps never wait for the host: no download between the second
+/// optimiser update and the last (step 0's loss is read once; dynamic scale's clean forward at
+/// each step's scale reads nothing back unless the `embed` loss needs its CLS rows).
+#[test]
+fn attack_steps_read_nothing_back() {
+    for preset in ["pgd", "paper"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trace.json");
+        bench(&[
+            "--preset",
+            preset,
+            "--steps",
+            "5",
+            "--batch-size",
+            "2",
+            "--image-size",
+            "40x32",
+            "--graphs",
+            "off",
+            "--timeline",
+            path.to_str().unwrap(),
+        ]);
+        let trace: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let events = &trace["traceEvents"].as_array().unwrap()[1..];
+        let updates: Vec<usize> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| {
+                // The kernel that writes the step's new images (pgd; AdamW).
+                let name = e["name"].as_str().unwrap();
+                name == "prm_update_pgd_f32" || name == "prm_update_adamw_image_f32"
+            })
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(updates.len(), 5, "{preset}: one update per step");
+        let downloads: Vec<&str> = events[updates[1]..updates[4]]
+            .iter()
+            .filter(|e| e["cat"] == "download")
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            downloads.is_empty(),
+            "{preset}: steps read back {downloads:?}"
+        );
+    }
 }

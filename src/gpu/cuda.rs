@@ -672,13 +672,20 @@ impl CudaMemory {
 
     /// Copies the start of the buffer into `bytes`, after all work queued on the stream.
     pub fn read(&self, bytes: &mut [u8]) -> Result<(), GpuError> {
-        self.check(bytes.len(), "copy to host")?;
+        self.read_at(0, bytes)
+    }
+
+    /// Copies the buffer's bytes from `offset` on into `bytes`, after all work queued on the
+    /// stream.
+    pub fn read_at(&self, offset: usize, bytes: &mut [u8]) -> Result<(), GpuError> {
+        let end = offset.checked_add(bytes.len()).unwrap_or(usize::MAX);
+        self.check(end, "copy to host")?;
         if bytes.is_empty() {
             return Ok(());
         }
-        // SAFETY: the source holds at least `bytes.len()` bytes (checked); we wait for the copy
-        // before `bytes` is released.
-        unsafe { dr::memcpy_dtoh_async(bytes, self.ptr, self.stream.cu_stream()) }
+        // SAFETY: the source holds at least `offset + bytes.len()` bytes (checked); we wait for
+        // the copy before `bytes` is released.
+        unsafe { dr::memcpy_dtoh_async(bytes, self.ptr + offset as u64, self.stream.cu_stream()) }
             .map_err(|e| cuda_err("copy to host", e))?;
         self.stream
             .synchronize()

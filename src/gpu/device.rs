@@ -321,22 +321,40 @@ impl Device {
 
     /// Copies `buf` back to the host.
     pub fn download<T: Element>(&self, buf: &Buffer<T>) -> Result<Vec<T>, GpuError> {
+        self.download_range(buf, 0, buf.len)
+    }
+
+    /// Copies elements `start .. start + len` of `buf` back to the host (after all work queued
+    /// before). Panics when the range is not inside the buffer.
+    pub fn download_range<T: Element>(
+        &self,
+        buf: &Buffer<T>,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<T>, GpuError> {
         let _timed = super::host_stats::timed(super::host_stats::Call::Download);
         self.refuse_in_capture("copying device data to the host")?;
-        let mut out = vec![T::zeroed(); buf.len];
+        assert!(
+            start.checked_add(len).is_some_and(|end| end <= buf.len),
+            "download of elements {start}..{start}+{len} from a buffer of {}",
+            buf.len
+        );
+        let mut out = vec![T::zeroed(); len];
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
-        let len = bytes.len();
+        let (offset, count) = (start * std::mem::size_of::<T>(), bytes.len());
         self.timed_op(
             OpKind::Download,
-            || (format!("download ({})", size_bucket(len)), 0.0),
+            || (format!("download ({})", size_bucket(count)), 0.0),
             || match &buf.mem {
                 Memory::Host { ptr, .. } => {
-                    // SAFETY: the allocation has at least `bytes.len()` bytes; no kernel is
-                    // running (simulator launches are synchronous).
-                    unsafe { std::ptr::copy_nonoverlapping(*ptr, bytes.as_mut_ptr(), len) };
+                    // SAFETY: the range lies inside the allocation (asserted above); no kernel
+                    // is running (simulator launches are synchronous).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(ptr.add(offset), bytes.as_mut_ptr(), count)
+                    };
                     Ok(())
                 }
-                Memory::Cuda(m) => m.read(bytes),
+                Memory::Cuda(m) => m.read_at(offset, bytes),
             },
         )?;
         Ok(out)

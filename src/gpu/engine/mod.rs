@@ -18,7 +18,7 @@ pub mod weights;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::gemm::{matmul_bf16_bf16out, matmul_bf16_residual, matmul_f32_residual, MatmulShape};
 use super::kernels::activation::{
@@ -144,8 +144,10 @@ struct Forward {
 pub struct GpuClean {
     sizes: Vec<(usize, usize)>,
     features: Vec<Pooled>,
-    /// Image embeddings, for the `embed` loss (host; one small vector per image).
-    cls_rows: Vec<Vec<f32>>,
+    /// Each image's CLS row of the last layer (host), for the `embed` loss only: read from
+    /// `features` the first time that loss asks for it, so no other objective waits for a
+    /// download after a clean forward (dynamic scale runs one every step).
+    cls_rows: OnceLock<Vec<Vec<f32>>>,
 }
 
 /// Batch geometries by image sizes, and resize plans by (from, to) sizes: uploaded once per
@@ -1012,16 +1014,16 @@ impl<'m> GpuVit<'m> {
         }
     }
 
-    /// The CLS row of every image of a packed feature buffer (host).
+    /// The CLS row of every image of a packed feature buffer (host): one row-sized download
+    /// per image, not the whole buffer.
     fn cls_rows(&self, batch: &Batch, features: &Buffer<f32>) -> Result<Vec<Vec<f32>>, GpuError> {
         let d = self.model.config.width;
-        let host = self.dev.download(features)?;
-        Ok(batch
+        batch
             .packing
             .images
             .iter()
-            .map(|p| host[p.token_offset * d..(p.token_offset + 1) * d].to_vec())
-            .collect())
+            .map(|p| self.dev.download_range(features, p.token_offset * d, d))
+            .collect()
     }
 
     /// Loss per image (summed over the objective's layers in f64 on the host) and, with
@@ -1102,13 +1104,15 @@ impl<'m> GpuVit<'m> {
     ) -> Result<LossPass, GpuError> {
         let (d, last) = (self.model.config.width, self.model.config.layers);
         let adv_cls = self.cls_rows(batch, &fwd.features[last])?;
+        // The clean batch has the adversarial batch's sizes (check_geometry), so its packing.
+        if clean.cls_rows.get().is_none() {
+            let rows = self.cls_rows(batch, &clean.features[last])?;
+            let _ = clean.cls_rows.set(rows); // another thread may have set the same rows
+        }
+        let clean_cls = clean.cls_rows.get().expect("set above");
         let mut values = Vec::with_capacity(adv_cls.len());
         let mut d_last = vec![0.0f32; batch.packing.total_tokens * d];
-        for ((a, c), p) in adv_cls
-            .iter()
-            .zip(&clean.cls_rows)
-            .zip(&batch.packing.images)
-        {
+        for ((a, c), p) in adv_cls.iter().zip(clean_cls).zip(&batch.packing.images) {
             let mut adv_f: Vec<Vec<f32>> = vec![Vec::new(); last + 1];
             let mut clean_f: Vec<Vec<f32>> = vec![Vec::new(); last + 1];
             adv_f[last] = a.clone();
@@ -1170,20 +1174,15 @@ impl Engine for GpuVit<'_> {
             return Ok(GpuClean {
                 sizes,
                 features: Vec::new(),
-                cls_rows: Vec::new(),
+                cls_rows: OnceLock::new(),
             });
         }
         let batch = self.batch(images)?;
         let fwd = self.forward(&batch, false)?;
-        let cls_rows = if self.model.weights.projection.is_some() {
-            self.cls_rows(&batch, &fwd.features[self.model.config.layers])?
-        } else {
-            Vec::new()
-        };
         Ok(GpuClean {
             sizes,
             features: fwd.features,
-            cls_rows,
+            cls_rows: OnceLock::new(),
         })
     }
 
@@ -1224,19 +1223,29 @@ impl Engine for GpuVit<'_> {
         } = self.loss(&batch, clean, objective, false)?;
         let shape = self.tokens(&batch);
         let mut scratch = LossScratch::new(&self.dev, shape.rows, shape.images)?;
-        let mut cos = self.alloc(shape.images)?;
-        let mut layer_cosine = vec![Vec::with_capacity(fwd.features.len()); shape.images];
-        for (f, c) in fwd.features.iter().zip(&clean.features) {
-            layer_cosine_f32(
-                &self.dev,
-                objective.tokens,
-                shape,
-                f,
-                c,
-                &mut cos,
-                &mut scratch,
-            )?;
-            for (per_image, v) in layer_cosine.iter_mut().zip(self.dev.download(&cos)?) {
+        // Every layer's cosines are queued before the first is read back, so the device runs
+        // them back to back instead of waiting for the host after each layer.
+        let per_layer = fwd
+            .features
+            .iter()
+            .zip(&clean.features)
+            .map(|(f, c)| {
+                let mut cos = self.alloc(shape.images)?;
+                layer_cosine_f32(
+                    &self.dev,
+                    objective.tokens,
+                    shape,
+                    f,
+                    c,
+                    &mut cos,
+                    &mut scratch,
+                )?;
+                Ok(cos)
+            })
+            .collect::<Result<Vec<_>, GpuError>>()?;
+        let mut layer_cosine = vec![Vec::with_capacity(per_layer.len()); shape.images];
+        for cos in &per_layer {
+            for (per_image, v) in layer_cosine.iter_mut().zip(self.dev.download(cos)?) {
                 per_image.push(v as f64);
             }
         }

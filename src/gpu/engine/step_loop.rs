@@ -187,15 +187,10 @@ impl GpuVit<'_> {
     ) -> Result<GpuClean, GpuError> {
         let batch = self.batch_on_device(sizes, images)?;
         let fwd = self.forward(&batch, false)?;
-        let cls_rows = if self.model.weights.projection.is_some() {
-            self.cls_rows(&batch, &fwd.features[self.model.config.layers])?
-        } else {
-            Vec::new()
-        };
         Ok(GpuClean {
             sizes: sizes.to_vec(),
             features: fwd.features,
-            cls_rows,
+            cls_rows: std::sync::OnceLock::new(),
         })
     }
 
