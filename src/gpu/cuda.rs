@@ -678,7 +678,7 @@ impl CudaMemory {
     /// Copies the buffer's bytes from `offset` on into `bytes`, after all work queued on the
     /// stream.
     pub fn read_at(&self, offset: usize, bytes: &mut [u8]) -> Result<(), GpuError> {
-        let end = offset.checked_add(bytes.len()).unwrap_or(usize::MAX);
+        let end = offset.saturating_add(bytes.len());
         self.check(end, "copy to host")?;
         if bytes.is_empty() {
             return Ok(());
