@@ -30,7 +30,8 @@
 // Pure gathers: deterministic.
 //
 // Launchers: src/gpu/kernels/embed.rs (patchify_f32, assemble_tokens_f32,
-// tokens_to_patch_grads_f32, col2im_f32).
+// tokens_to_patch_grads_f32, col2im_f32, their bf16 variants, and
+// tokens_to_patch_grads_f32_bf16out: fp32 gradient in, the patch GEMM's bf16 operand out).
 #include "common.cuh"
 
 #define PRM_EMBED_TABLE_STRIDE 8
@@ -50,6 +51,7 @@ __device__ __forceinline__ void prm_embed_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void prm_embed_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 __device__ __forceinline__ void prm_embed_copy(float* d, const float* s) { *d = *s; }
 __device__ __forceinline__ void prm_embed_copy(__nv_bfloat16* d, const __nv_bfloat16* s) { *d = *s; }
+__device__ __forceinline__ void prm_embed_copy(__nv_bfloat16* d, const float* s) { *d = __float2bfloat16(*s); }
 
 // patches[patch_offset + n, col] = (image[c, a·p + r, b·p + s] − mean_c) · inv_std_c
 template <typename T>
@@ -128,14 +130,15 @@ extern "C" __global__ void prm_embed_assemble_tokens_bf16(const __nv_bfloat16* _
 PRM_REGISTER_KERNEL(prm_embed_assemble_tokens_bf16);
 
 // d_patch_tokens[patch_offset + n] = d_tokens[token_offset + 1 + n]: drops each image's CLS row.
-template <typename T>
+// (f32 → bf16: rounded to nearest even, as the patch GEMM's bf16 operand.)
+template <typename T, typename TOut>
 __device__ __forceinline__ void prm_embed_tokens_to_patch_grads(const T* __restrict__ d_tokens,
                                                                 const int* __restrict__ table,
-                                                                T* __restrict__ d_patch_tokens, int dim) {
+                                                                TOut* __restrict__ d_patch_tokens, int dim) {
     const int* e = table + blockIdx.y * PRM_EMBED_TABLE_STRIDE;
     const unsigned n = (unsigned)(e[PRM_EMBED_GRID_H] * e[PRM_EMBED_GRID_W] * dim);
     const T* src = d_tokens + ((size_t)e[PRM_EMBED_TOKEN_OFFSET] + 1) * dim;
-    T* dst = d_patch_tokens + (size_t)e[PRM_EMBED_PATCH_OFFSET] * dim;
+    TOut* dst = d_patch_tokens + (size_t)e[PRM_EMBED_PATCH_OFFSET] * dim;
     const unsigned stride = gridDim.x * blockDim.x;
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) prm_embed_copy(dst + i, src + i);
 }
@@ -154,6 +157,14 @@ extern "C" __global__ void prm_embed_tokens_to_patch_grads_bf16(const __nv_bfloa
     prm_embed_tokens_to_patch_grads(d_tokens, table, d_patch_tokens, dim);
 }
 PRM_REGISTER_KERNEL(prm_embed_tokens_to_patch_grads_bf16);
+
+extern "C" __global__ void prm_embed_tokens_to_patch_grads_f32_bf16out(const float* __restrict__ d_tokens,
+                                                                        const int* __restrict__ table,
+                                                                        __nv_bfloat16* __restrict__ d_patch_tokens,
+                                                                        int dim) {
+    prm_embed_tokens_to_patch_grads(d_tokens, table, d_patch_tokens, dim);
+}
+PRM_REGISTER_KERNEL(prm_embed_tokens_to_patch_grads_f32_bf16out);
 
 // d_images[c, y, x] = d_patches[patch_offset + (y/p)·gw + x/p, c·p·p + (y%p)·p + x%p] · inv_std_c
 // inside the whole patches, 0 in the dropped border (gather over every pixel of the image).

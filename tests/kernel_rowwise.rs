@@ -1070,6 +1070,25 @@ fn embed_bf16_kernels_match_twins() {
                 &from_bf16(&dev.download(&dpt).unwrap()),
                 &want,
             );
+            // fp32 gradient in, the patch GEMM's bf16 operand out: the gathered rows rounded.
+            let dt32 = rng.vec(packing.total_tokens * width, -1.0, 1.0);
+            let mut want = Vec::with_capacity(packing.total_patches * width);
+            for m in &packing.images {
+                want.extend_from_slice(
+                    &dt32[(m.token_offset + 1) * width..(m.token_offset + m.tokens()) * width],
+                );
+            }
+            let mut dpt = poisoned_bf16(&dev, packing.total_patches * width);
+            let dt32b = dev.upload(&dt32).unwrap();
+            embed::tokens_to_patch_grads_f32_bf16out(
+                &dev, &packing, &table, &dt32b, &mut dpt, width,
+            )
+            .unwrap();
+            assert_eq!(
+                dev.download(&dpt).unwrap(),
+                to_bf16(&want),
+                "{what} tokens_to_patch_grads f32 → bf16"
+            );
 
             let dp = r(&rng.vec(packing.total_patches * cols, -1.0, 1.0));
             let dpb = dev.upload(&to_bf16(&dp)).unwrap();

@@ -32,7 +32,8 @@ use super::kernels::attention::{
 };
 use super::kernels::convert::to_bf16;
 use super::kernels::embed::{
-    assemble_tokens_f32, col2im_f32, patchify_f32, tokens_to_patch_grads_f32, PackedImages,
+    assemble_tokens_f32, col2im_f32, patchify_bf16, patchify_f32, tokens_to_patch_grads_f32,
+    tokens_to_patch_grads_f32_bf16out, PackedImages,
 };
 use super::kernels::layernorm::{
     layernorm_backward_f32, layernorm_backward_f32_bf16copy, layernorm_forward_f32,
@@ -373,9 +374,10 @@ impl<'m> GpuVit<'m> {
     ) -> Result<(), GpuError> {
         let scratch = {
             let mut guard = self.bf16_scratch.lock().unwrap_or_else(|p| p.into_inner());
+            let bytes = len * std::mem::size_of::<half::bf16>();
             let small = match guard.as_ref() {
                 None => true,
-                Some(b) => b.lock().unwrap_or_else(|p| p.into_inner()).len() < len,
+                Some(b) => b.lock().unwrap_or_else(|p| p.into_inner()).capacity_bytes() < bytes,
             };
             if small {
                 // Free the smaller one first, unless a graph still holds it.
@@ -387,6 +389,8 @@ impl<'m> GpuVit<'m> {
         // A graph captured now reads this scratch at its address: it must outlive the graph.
         self.dev.pin_to_capture(scratch.clone());
         let mut xb = scratch.lock().unwrap_or_else(|p| p.into_inner());
+        // Lent at exactly `len` elements, so kernels that check their output's extent see it.
+        xb.set_len(len);
         fill(&mut xb)?;
         product(&xb)
     }
@@ -530,19 +534,32 @@ impl<'m> GpuVit<'m> {
             c.width,
         );
         let cols = batch.packing.patch_cols();
-        let mut patches = self.alloc(n * cols)?;
-        patchify_f32(
-            &self.dev,
-            &batch.packing,
-            &batch.table,
-            &batch.images,
-            &mut patches,
-            c.mean,
-            c.std,
-        )?;
         let mut patch_tokens = self.alloc(n * d)?;
-        self.linear(&patches, n, &self.patch_embed, None, &mut patch_tokens)?;
-        drop(patches);
+        let (packing, table, images) = (&batch.packing, &batch.table, &batch.images);
+        match &self.patch_embed.weight {
+            Weight::F32(_) => {
+                let mut patches = self.alloc(n * cols)?;
+                patchify_f32(
+                    &self.dev,
+                    packing,
+                    table,
+                    images,
+                    &mut patches,
+                    c.mean,
+                    c.std,
+                )?;
+                self.linear(&patches, n, &self.patch_embed, None, &mut patch_tokens)?;
+            }
+            // The patches are written as the patch GEMM's bf16 operand directly.
+            Weight::Bf16(_) => self.product_from_bf16(
+                self.patch_embed.forward_shape(n),
+                &self.patch_embed.weight,
+                self.patch_embed.bias.as_ref(),
+                None,
+                &mut patch_tokens,
+                |pb| patchify_bf16(&self.dev, packing, table, images, pb, c.mean, c.std),
+            )?,
+        }
         let mut embedded = self.alloc(t * d)?;
         assemble_tokens_f32(
             &self.dev,
@@ -899,18 +916,34 @@ impl<'m> GpuVit<'m> {
             d,
             false,
         )?;
-        let mut d_patch_tokens = self.alloc(n * d)?;
-        tokens_to_patch_grads_f32(
-            &self.dev,
-            &batch.packing,
-            &batch.table,
-            &d_embedded,
-            &mut d_patch_tokens,
-            d,
-        )?;
         let cols = batch.packing.patch_cols();
         let mut d_patches = self.alloc(n * cols)?;
-        self.linear_backward(&d_patch_tokens, n, &self.patch_embed, &mut d_patches)?;
+        let (packing, table) = (&batch.packing, &batch.table);
+        match &self.patch_embed.weight {
+            Weight::F32(_) => {
+                let mut d_patch_tokens = self.alloc(n * d)?;
+                tokens_to_patch_grads_f32(
+                    &self.dev,
+                    packing,
+                    table,
+                    &d_embedded,
+                    &mut d_patch_tokens,
+                    d,
+                )?;
+                self.linear_backward(&d_patch_tokens, n, &self.patch_embed, &mut d_patches)?;
+            }
+            // The patch rows of the gradient are gathered as the product's bf16 operand.
+            Weight::Bf16(_) => self.product_from_bf16(
+                self.patch_embed.backward_shape(n),
+                &self.patch_embed.weight,
+                None,
+                None,
+                &mut d_patches,
+                |db| {
+                    tokens_to_patch_grads_f32_bf16out(&self.dev, packing, table, &d_embedded, db, d)
+                },
+            )?,
+        }
         let mut d_images = self.alloc(batch.packing.total_pixels)?;
         col2im_f32(
             &self.dev,

@@ -313,12 +313,12 @@ fn assemble_tokens<T: Storage>(
 }
 
 /// Shared body of `tokens_to_patch_grads_f32` / `tokens_to_patch_grads_bf16`.
-fn tokens_to_patch_grads<T: Storage>(
+fn tokens_to_patch_grads<T: Storage, U: Storage>(
     dev: &Device,
     packing: &PackedImages,
     table: &Buffer<i32>,
     d_tokens: &Buffer<T>,
-    d_patch_tokens: &mut Buffer<T>,
+    d_patch_tokens: &mut Buffer<U>,
     dim: usize,
 ) -> Result<(), GpuError> {
     packing.check_table(table);
@@ -344,11 +344,16 @@ fn tokens_to_patch_grads<T: Storage>(
         .input(table)
         .output(d_patch_tokens)
         .i32(dim as i32);
-    dev.launch(
-        &format!("prm_embed_tokens_to_patch_grads_{}", T::SUFFIX),
-        cfg,
-        &mut args,
-    )
+    let name = if T::SUFFIX == U::SUFFIX {
+        format!("prm_embed_tokens_to_patch_grads_{}", T::SUFFIX)
+    } else {
+        format!(
+            "prm_embed_tokens_to_patch_grads_{}_{}out",
+            T::SUFFIX,
+            U::SUFFIX
+        )
+    };
+    dev.launch(&name, cfg, &mut args)
 }
 
 /// Shared body of `col2im_f32` / `col2im_bf16`.
@@ -457,6 +462,19 @@ pub fn tokens_to_patch_grads_f32(
     table: &Buffer<i32>,
     d_tokens: &Buffer<f32>,
     d_patch_tokens: &mut Buffer<f32>,
+    dim: usize,
+) -> Result<(), GpuError> {
+    tokens_to_patch_grads(dev, packing, table, d_tokens, d_patch_tokens, dim)
+}
+
+/// [`tokens_to_patch_grads_f32`] writing bf16 (round to nearest even): the fp32 gradient
+/// gathered straight into the bf16 operand of the patch GEMM's input-gradient product.
+pub fn tokens_to_patch_grads_f32_bf16out(
+    dev: &Device,
+    packing: &PackedImages,
+    table: &Buffer<i32>,
+    d_tokens: &Buffer<f32>,
+    d_patch_tokens: &mut Buffer<bf16>,
     dim: usize,
 ) -> Result<(), GpuError> {
     tokens_to_patch_grads(dev, packing, table, d_tokens, d_patch_tokens, dim)
