@@ -3,8 +3,7 @@
 # --device cuda` on the samples, the benchmark report against PyTorch (scripts/gpu-report.sh)
 # device timelines of three attacks (`prm bench --timeline`: kernel time in place and the idle
 # gaps between kernels) and a per-kernel profile of one pgd step (Nsight Compute), inside a
-# time budget, then one
-# table. Lent GPU time is short (15 minutes a session, machine start included), so sections run
+# time budget, then one table. Lent GPU time is short (15 minutes a session, machine start included), so sections run
 # in order of what matters and each gets at most what is left of the budget.
 #
 #   With cargo:         bash scripts/gpu-check.sh               (builds the bundle first)
@@ -171,13 +170,16 @@ if want timeline; then
     (( reserve < 0 )) && reserve=0
     secs_allowed=$(allow 40 $reserve)
     if (( secs_allowed < 10 )); then echo "$title: out of time" >>"$LOGS/timeline.txt"; return; fi
-    {
-      echo "$title"
-      (cd "$ROOT" && timeout "$secs_allowed" "$BUNDLE/prm" bench --device cuda --model random:vit-b-16 \
-        --precision bf16 --warmup 1 --repeats 1 --no-ceiling --timeline "$LOGS/timeline-$tag.json" "$@") 2>&1 |
-        grep -v "^note"
-      echo
-    } >>"$LOGS/timeline.txt"
+    local log="$LOGS/timeline-$tag.txt" rc
+    (cd "$ROOT" && timeout "$secs_allowed" "$BUNDLE/prm" bench --device cuda --model random:vit-b-16 \
+      --precision bf16 --warmup 1 --repeats 1 --no-ceiling --timeline "$LOGS/timeline-$tag.json" "$@") \
+      >"$log" 2>&1
+    rc=$?
+    { echo "$title"; grep -v "^note" "$log"; echo; } >>"$LOGS/timeline.txt"
+    if [[ $rc -ne 0 ]]; then
+      failed=$((failed + 1))
+      echo "$title: FAILED ($rc)" >>"$LOGS/timeline.txt"
+    fi
   }
   timeline_run pgd-direct "pgd: batch 64, 224 px, 10 steps, graphs off" --batch-size 64 --steps 10 --graphs off
   timeline_run pgd-graphs "pgd: batch 64, 224 px, 10 steps, graphs on" --batch-size 64 --steps 10 --graphs on
