@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU machine's one command: every bundled test against the real device, `prm attack
-# --device cuda` on the samples, the benchmark report against PyTorch (scripts/gpu-report.sh)
-# device timelines of three attacks (`prm bench --timeline`: kernel time in place and the idle
-# gaps between kernels) and a per-kernel profile of one pgd step (Nsight Compute), inside a
-# time budget, then one table. Lent GPU time is short (15 minutes a session, machine start included), so sections run
-# in order of what matters and each gets at most what is left of the budget.
+# --device cuda` on the samples, device timelines of three attacks (`prm bench --timeline`:
+# kernel time in place and the idle gaps between kernels), the benchmark report against
+# PyTorch (scripts/gpu-report.sh) and a per-kernel profile of one pgd step (Nsight Compute),
+# inside a time budget, then one table. Lent GPU time is short (15 minutes a session, machine
+# start included), so sections run in order of what matters and each gets at most what is left
+# of the budget.
 #
 #   With cargo:         bash scripts/gpu-check.sh               (builds the bundle first)
 #   Without Rust:       bash scripts/gpu-check.sh --bundle target/gpu-bundle
