@@ -157,6 +157,27 @@ fn kernels(c: &mut Criterion) {
             dev.synchronize().unwrap();
         })
     });
+    // The engine's path: dO arrives in bf16 from the out-projection's product.
+    g.bench_function("backward tensor cores v3 bf16, bf16 dO", |b| {
+        b.iter(|| {
+            attention_backward_tc3_bf16_dout(
+                &dev,
+                &qkv_bf16,
+                &out_bf16,
+                &d_out_bf16,
+                &lse,
+                &cu,
+                &lens,
+                &mut d_qkv_bf16,
+                &mut delta,
+                WIDTH,
+                AttentionMode::QK,
+                false,
+            )
+            .unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
     g.finish();
 
     let mut g = c.benchmark_group("row-wise 12608 tokens");

@@ -14,7 +14,8 @@
 //   cu_seqlens [B+1]   int
 //   out        [N, D]  bf16   the context, i.e. the out-projection's bf16 operand
 //   lse, delta [heads, N] fp32, index h·N + row (natural log; scores scaled by 1/8)
-//   d_out      [N, D]  fp32 in the delta kernel, which also writes its bf16 copy d_out_bf16
+//   d_out      [N, D]  fp32 in the delta kernel, which also writes its bf16 copy d_out_bf16;
+//                      or bf16 already (the _bf16 delta kernel; the engine's path)
 //   d_qkv      [N, 3D] bf16, every element written (q part by the dQ kernel, k and v parts by
 //              the dK/dV kernel): the bf16 operand of the QKV input-gradient product
 // Precision: bf16 storage of q, k, v, out, dO and d_qkv; P and dS rounded to bf16 where they
@@ -36,7 +37,7 @@
 //   forward  prm_attention_forward_tc3: one CTA per (64-query tile, head, sequence); Q tile
 //            resident, K/V tiles streamed. Dynamic shared memory 5 tiles = 46,080 B.
 //   delta    prm_attention_delta_tc3: delta = rowsum(dO ⊙ O) and dO → bf16, one warp per (row,
-//            head).
+//            head); prm_attention_delta_bf16_tc3 when dO is already bf16 (delta only).
 //   dQ       prm_attention_bwd_dq_tc3: one CTA per (64-query tile, head, sequence); Q and dO
 //            tiles resident, K/V streamed. 6 tiles = 55,296 B.
 //   dK/dV    prm_attention_bwd_dkdv_tc3: one CTA per (64-key tile, head, sequence); K and V
@@ -336,6 +337,26 @@ extern "C" __global__ void prm_attention_delta_tc3(const bf16* __restrict__ out,
     if (lane == 0) delta[(size_t)h * total + row] = v;
 }
 PRM_REGISTER_KERNEL(prm_attention_delta_tc3);
+
+// delta[h·N + row] = Σ_c dO[row, h·64 + c] · O[row, h·64 + c] with dO already in bf16 (the
+// out-projection's input-gradient product wrote it, as PyTorch autocast does): the same
+// arithmetic as prm_attention_delta_tc3 on the widened values, and no copy to write.
+extern "C" __global__ void prm_attention_delta_bf16_tc3(const bf16* __restrict__ out, const bf16* __restrict__ d_out,
+                                                        float* __restrict__ delta, int width, int total) {
+    const int heads = width / V3_HD;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long p = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
+    if (p >= (long long)total * heads) return;  // whole warp; no block barrier in this kernel
+    const int row = (int)(p / heads), h = (int)(p % heads);
+    const size_t at = (size_t)row * width + h * V3_HD + 2 * lane;
+    const uint32_t db = *reinterpret_cast<const uint32_t*>(d_out + at);
+    const float d0 = __uint_as_float(db << 16), d1 = __uint_as_float(db & 0xffff0000u);
+    const uint32_t ob = *reinterpret_cast<const uint32_t*>(out + at);
+    const float o0 = __uint_as_float(ob << 16), o1 = __uint_as_float(ob & 0xffff0000u);
+    const float v = prm_warp_sum(fmaf(d1, o1, d0 * o0));
+    if (lane == 0) delta[(size_t)h * total + row] = v;
+}
+PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3);
 
 extern "C" __global__ void __launch_bounds__(128, 4)
     prm_attention_bwd_dq_tc3(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out, const float* __restrict__ lse,

@@ -26,9 +26,9 @@ use super::kernels::activation::{
     bias_activation_forward_f32,
 };
 use super::kernels::attention::{
-    attention_backward_f32, attention_backward_tc, attention_backward_tc3, attention_forward_f32,
-    attention_forward_tc, attention_forward_tc3, attention_scratch_len, AttentionMode,
-    TensorCoreVersion,
+    attention_backward_f32, attention_backward_tc, attention_backward_tc3_bf16_dout,
+    attention_forward_f32, attention_forward_tc, attention_forward_tc3, attention_scratch_len,
+    AttentionMode, TensorCoreVersion,
 };
 use super::kernels::convert::to_bf16;
 use super::kernels::embed::{
@@ -828,7 +828,6 @@ impl<'m> GpuVit<'m> {
             // mid = x + out_proj(attn(LN1(x))): LN2's input gradient joins the residual
             // gradient, which out_proj's input-gradient product reads next (in bf16, LN2's
             // backward writes that operand too: no conversion pass over dh).
-            let mut d_context = self.alloc(t * d)?;
             let ln2_backward = |dh: &mut Buffer<f32>, copy: Option<&mut Buffer<half::bf16>>| {
                 let (x, dy, g) = (&s.mid, &d_normed, &b.ln2.weight);
                 let (mean, rstd) = (&s.ln2_mean, &s.ln2_rstd);
@@ -839,38 +838,56 @@ impl<'m> GpuVit<'m> {
                     ),
                 }
             };
-            match &b.out_proj.weight {
-                Weight::F32(_) => {
-                    ln2_backward(&mut dh, None)?;
-                    self.linear_backward(&dh, t, &b.out_proj, &mut d_context)?;
-                }
-                Weight::Bf16(_) => self.product_from_bf16(
-                    b.out_proj.backward_shape(t),
-                    &b.out_proj.weight,
-                    None,
-                    None,
-                    &mut d_context,
-                    |db| ln2_backward(&mut dh, Some(db)),
-                )?,
-            }
+            let out_proj_shape = b.out_proj.backward_shape(t);
             match &s.attention {
                 AttentionSaved::F32 { qkv, context } => {
+                    let mut d_context = self.alloc(t * d)?;
+                    match &b.out_proj.weight {
+                        Weight::F32(_) => {
+                            ln2_backward(&mut dh, None)?;
+                            self.linear_backward(&dh, t, &b.out_proj, &mut d_context)?;
+                        }
+                        Weight::Bf16(_) => self.product_from_bf16(
+                            out_proj_shape,
+                            &b.out_proj.weight,
+                            None,
+                            None,
+                            &mut d_context,
+                            |db| ln2_backward(&mut dh, Some(db)),
+                        )?,
+                    }
                     let d_qkv = self.attention_backward(qkv, context, &s.lse, &d_context, batch)?;
                     self.linear_backward(&d_qkv, t, &b.qkv, &mut d_normed)?;
                 }
                 AttentionSaved::Bf16 { qkv, context } => {
-                    // v3 writes d_qkv as the QKV input-gradient product's bf16 operand.
+                    // out_proj's input-gradient product writes the context's gradient in bf16
+                    // (as PyTorch autocast does): the operand v3's backward reads. v3 writes
+                    // d_qkv as the QKV input-gradient product's bf16 operand.
+                    let mut d_context = self.pool.take_bf16(t * d)?;
+                    let w = bf16_weight(&b.out_proj.weight);
+                    self.with_bf16_operand(
+                        t * d,
+                        |db| ln2_backward(&mut dh, Some(db)),
+                        |db| {
+                            matmul_bf16_bf16out(
+                                &self.dev,
+                                out_proj_shape,
+                                db,
+                                w,
+                                None,
+                                &mut d_context,
+                            )
+                        },
+                    )?;
                     let mut delta = self.alloc(attention_scratch_len(t, d))?;
-                    let mut d_out_bf16 = self.pool.take_bf16(t * d)?;
-                    let shape = b.qkv.backward_shape(t);
                     self.product_from_bf16(
-                        shape,
+                        b.qkv.backward_shape(t),
                         &b.qkv.weight,
                         None,
                         None,
                         &mut d_normed,
                         |db| {
-                            attention_backward_tc3(
+                            attention_backward_tc3_bf16_dout(
                                 &self.dev,
                                 qkv,
                                 context,
@@ -880,7 +897,6 @@ impl<'m> GpuVit<'m> {
                                 &batch.seqlens,
                                 db,
                                 &mut delta,
-                                &mut d_out_bf16,
                                 d,
                                 AttentionMode::QK,
                                 false,

@@ -180,10 +180,10 @@ fn launch_forward<Q: Element, O: Element>(
 
 /// Shape checks of a backward's inputs, output and scratch; returns (tokens, heads).
 #[allow(clippy::too_many_arguments)]
-fn check_backward<Q: Element, O: Element, G: Element>(
+fn check_backward<Q: Element, O: Element, D: Element, G: Element>(
     qkv: &Buffer<Q>,
     out: &Buffer<O>,
-    d_out: &Buffer<f32>,
+    d_out: &Buffer<D>,
     lse: &Buffer<f32>,
     cu_seqlens: &Buffer<i32>,
     seqlens_host: &[usize],
@@ -626,18 +626,104 @@ pub fn attention_backward_tc3(
     if total == 0 {
         return Ok(());
     }
-    let (w, n, c) = (width as i32, total as i32, causal as i32);
-
     let cfg = LaunchConfig::linear((total * heads).div_ceil(8) as u32, 256, 0);
     let mut args = KernelArgs::new();
     args.input(out)
         .input(d_out)
         .output(delta)
         .output(d_out_bf16)
-        .i32(w)
-        .i32(n);
+        .i32(width as i32)
+        .i32(total as i32);
     dev.launch("prm_attention_delta_tc3", cfg, &mut args)?;
+    tc3_dkdv_dq(
+        dev,
+        qkv,
+        d_out_bf16,
+        lse,
+        cu_seqlens,
+        seqlens_host,
+        delta,
+        d_qkv,
+        (total, width),
+        causal,
+    )
+}
 
+/// [`attention_backward_tc3`] with `d_out` already in bf16 (the engine's path: the
+/// out-projection's input-gradient product writes it in bf16, as PyTorch autocast does).
+/// `delta` is formed from the bf16 `d_out`; on a `d_out` whose values are bf16-exact the
+/// results are bit-identical to [`attention_backward_tc3`]'s.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_tc3_bf16_dout(
+    dev: &Device,
+    qkv: &Buffer<bf16>,
+    out: &Buffer<bf16>,
+    d_out: &Buffer<bf16>,
+    lse: &Buffer<f32>,
+    cu_seqlens: &Buffer<i32>,
+    seqlens_host: &[usize],
+    d_qkv: &mut Buffer<bf16>,
+    delta: &mut Buffer<f32>,
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Result<(), GpuError> {
+    assert!(
+        tensor_core_v3_supports(mode, true),
+        "attention v3 has no backward for {mode:?}; use attention_backward_f32"
+    );
+    let (total, heads) = check_backward(
+        qkv,
+        out,
+        d_out,
+        lse,
+        cu_seqlens,
+        seqlens_host,
+        d_qkv,
+        delta,
+        width,
+    );
+    if total == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig::linear((total * heads).div_ceil(8) as u32, 256, 0);
+    let mut args = KernelArgs::new();
+    args.input(out)
+        .input(d_out)
+        .output(delta)
+        .i32(width as i32)
+        .i32(total as i32);
+    dev.launch("prm_attention_delta_bf16_tc3", cfg, &mut args)?;
+    tc3_dkdv_dq(
+        dev,
+        qkv,
+        d_out,
+        lse,
+        cu_seqlens,
+        seqlens_host,
+        delta,
+        d_qkv,
+        (total, width),
+        causal,
+    )
+}
+
+/// The v3 dK/dV and dQ kernels, after the delta kernel.
+#[allow(clippy::too_many_arguments)]
+fn tc3_dkdv_dq(
+    dev: &Device,
+    qkv: &Buffer<bf16>,
+    d_out: &Buffer<bf16>,
+    lse: &Buffer<f32>,
+    cu_seqlens: &Buffer<i32>,
+    seqlens_host: &[usize],
+    delta: &Buffer<f32>,
+    d_qkv: &mut Buffer<bf16>,
+    (total, width): (usize, usize),
+    causal: bool,
+) -> Result<(), GpuError> {
+    let heads = width / HEAD_DIM;
+    let (w, n, c) = (width as i32, total as i32, causal as i32);
     for (kernel, smem) in [
         ("prm_attention_bwd_dkdv_tc3", TC3_DKDV_SMEM),
         ("prm_attention_bwd_dq_tc3", TC3_DQ_SMEM),
@@ -649,9 +735,9 @@ pub fn attention_backward_tc3(
         };
         let mut args = KernelArgs::new();
         args.input(qkv)
-            .input(&*d_out_bf16)
+            .input(d_out)
             .input(lse)
-            .input(&*delta)
+            .input(delta)
             .input(cu_seqlens)
             .output(d_qkv)
             .i32(w)
