@@ -29,6 +29,9 @@
 //      selected rows (row_val untouched).
 // dr is std (w = +1) and dr-official −std (w = −1); the per-layer cosine report is mode 0 with
 // no gradient (grad = nullptr) and w = 1.
+// grad_copy (nullable; only with grad, in the pass that adds the gradient: modes 0, 1, 4):
+// receives bf16(grad) of every row after the update, rounded to nearest even, the unselected
+// rows included: the bf16 engine's next product reads the residual gradient as its operand.
 //
 // Norms are floored at 1e-12 like torch's F.normalize. All arithmetic is fp32.
 #include "common.cuh"
@@ -47,7 +50,8 @@ __device__ __forceinline__ int loss_image_of_row(const int* cu_seqlens, int imag
 
 extern "C" __global__ void prm_loss_rows_f32(const float* a, const float* c, const int* cu_seqlens,
                                              int images, int dim, int skip, int mode,
-                                             const float* stats, float* grad, float weight,
+                                             const float* stats, float* grad,
+                                             __nv_bfloat16* grad_copy, float weight,
                                              float* row_val) {
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * LOSS_ROWS_PER_BLOCK + (threadIdx.x >> 5);
@@ -57,13 +61,16 @@ extern "C" __global__ void prm_loss_rows_f32(const float* a, const float* c, con
     const int first = cu_seqlens[b];
     const int n_sel = cu_seqlens[b + 1] - first - skip;
     const bool selected = row - first >= skip;
+    float* gr = grad ? grad + (long long)row * dim : nullptr;
+    __nv_bfloat16* gc = (gr && grad_copy) ? grad_copy + (long long)row * dim : nullptr;
     if (!selected) {
         if (lane == 0) row_val[row] = 0.0f;
+        if (gc)  // the copy covers every row: the unselected ones as they are
+            for (int d = lane; d < dim; d += 32) gc[d] = __float2bfloat16(gr[d]);
         return;
     }
     const float* ar = a + (long long)row * dim;
     const float* cr = c + (long long)row * dim;
-    float* gr = grad ? grad + (long long)row * dim : nullptr;
     if (mode == 0) {
         float aa = 0.0f, cc = 0.0f, ac = 0.0f;
         for (int d = lane; d < dim; d += 32) {
@@ -82,7 +89,11 @@ extern "C" __global__ void prm_loss_rows_f32(const float* a, const float* c, con
         if (gr) {
             const float u = weight / (na * nc * (float)n_sel);
             const float w = weight * cosv / (na * na * (float)n_sel);
-            for (int d = lane; d < dim; d += 32) gr[d] += cr[d] * u - ar[d] * w;
+            for (int d = lane; d < dim; d += 32) {
+                const float g = gr[d] + (cr[d] * u - ar[d] * w);
+                gr[d] = g;
+                if (gc) gc[d] = __float2bfloat16(g);
+            }
         }
     } else if (mode == 1) {
         float s = 0.0f;
@@ -94,7 +105,11 @@ extern "C" __global__ void prm_loss_rows_f32(const float* a, const float* c, con
         if (lane == 0) row_val[row] = s;
         if (gr) {
             const float k = weight * (-2.0f / ((float)n_sel * (float)dim));
-            for (int d = lane; d < dim; d += 32) gr[d] += (ar[d] - cr[d]) * k;
+            for (int d = lane; d < dim; d += 32) {
+                const float g = gr[d] + (ar[d] - cr[d]) * k;
+                gr[d] = g;
+                if (gc) gc[d] = __float2bfloat16(g);
+            }
         }
     } else if (mode == 2) {
         float s = 0.0f;
@@ -112,7 +127,11 @@ extern "C" __global__ void prm_loss_rows_f32(const float* a, const float* c, con
         if (lane == 0) row_val[row] = s;
     } else if (gr) {
         const float mean = stats[2 * b], scale = stats[2 * b + 1];
-        for (int d = lane; d < dim; d += 32) gr[d] += (ar[d] - mean) * scale;
+        for (int d = lane; d < dim; d += 32) {
+            const float g = gr[d] + (ar[d] - mean) * scale;
+            gr[d] = g;
+            if (gc) gc[d] = __float2bfloat16(g);
+        }
     }
 }
 PRM_REGISTER_KERNEL(prm_loss_rows_f32);

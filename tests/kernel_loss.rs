@@ -10,7 +10,7 @@
 use prm::attack::loss::mean_token_cosine;
 use prm::attack::settings::TokenSelection;
 use prm::gpu::kernels::loss::{
-    layer_cosine_f32, layer_loss_f32, LayerLoss, LossScratch, PackedTokens,
+    layer_cosine_f32, layer_loss_f32, layer_loss_f32_bf16copy, LayerLoss, LossScratch, PackedTokens,
 };
 use prm::gpu::{Device, GpuError};
 
@@ -138,6 +138,33 @@ fn check_layer(dev: &Device, tokens: &[usize], dim: usize, seed: u64) -> Result<
                 Some(&mut grad),
                 &mut scratch,
             )?;
+            // The bf16 engine's variant: the same gradient, bit for bit, and its bf16 copy
+            // (every row, the unselected CLS rows included).
+            let mut grad2 = dev.upload(&prior)?;
+            let mut copy = dev.alloc::<half::bf16>(rows * dim)?;
+            dev.poison(&mut copy)?;
+            let mut loss2 = dev.alloc::<f32>(images)?;
+            layer_loss_f32_bf16copy(
+                dev,
+                kind,
+                sel,
+                shape,
+                &ab,
+                &cb,
+                &mut loss2,
+                false,
+                &mut grad2,
+                &mut copy,
+                &mut scratch,
+            )?;
+            let (g1, g2) = (dev.download(&grad)?, dev.download(&grad2)?);
+            assert!(
+                g1.iter().zip(&g2).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{tag}: the bf16-copy variant's fp32 gradient differs"
+            );
+            let rounded: Vec<half::bf16> = g1.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            assert_eq!(dev.download(&copy)?, rounded, "{tag}: bf16 copy");
+            assert_eq!(dev.download(&loss2)?, dev.download(&loss)?, "{tag}: loss");
             let loss_h = dev.download(&loss)?;
             let grad_h = dev.download(&grad)?;
             // Accumulated value: loss = 0.25 + value.

@@ -40,7 +40,7 @@ use super::kernels::layernorm::{
     layernorm_forward_f32_bf16out,
 };
 use super::kernels::loss::{
-    layer_cosine_f32, layer_loss_f32, LayerLoss, LossScratch, PackedTokens,
+    layer_cosine_f32, layer_loss_f32, layer_loss_f32_bf16copy, LayerLoss, LossScratch, PackedTokens,
 };
 use super::kernels::resize::{ResizePlan, ResizeSizes};
 use super::pool::{BufferPool, Pooled, PooledBf16};
@@ -139,6 +139,16 @@ struct Forward {
     ln_pre_mean: Pooled,
     ln_pre_rstd: Pooled,
     blocks: Vec<BlockSaved>,
+}
+
+/// What adding a layer's loss gradient did to the backward's running gradient `dh`.
+enum GradientUpdate {
+    /// The layer is not in the objective: `dh` (and its bf16 copy) as they were.
+    Unchanged,
+    /// `dh` changed; its bf16 copy is stale.
+    Changed,
+    /// `dh` changed and its bf16 copy was written with it.
+    ChangedWithCopy,
 }
 
 /// Clean features of a batch, kept on the device.
@@ -768,6 +778,7 @@ impl<'m> GpuVit<'m> {
         &self,
         pre: &MlpPre,
         dh: &Buffer<f32>,
+        dh_bf16: Option<&Buffer<half::bf16>>,
         b: &DeviceBlock,
         rows: usize,
         d_normed: &mut Buffer<f32>,
@@ -791,11 +802,17 @@ impl<'m> GpuVit<'m> {
                 let mut d_hidden = self.pool.take_bf16(rows * c.mlp)?;
                 let (w2, fc2_shape) = (bf16_weight(&b.fc2.weight), b.fc2.backward_shape(rows));
                 let n = rows * c.width;
-                self.with_bf16_operand(
-                    n,
-                    |db| to_bf16(&self.dev, dh, db, n),
-                    |db| matmul_bf16_bf16out(&self.dev, fc2_shape, db, w2, None, &mut d_hidden),
-                )?;
+                match dh_bf16 {
+                    // dh's bf16 copy, written by the kernel that last changed dh.
+                    Some(db) => {
+                        matmul_bf16_bf16out(&self.dev, fc2_shape, db, w2, None, &mut d_hidden)?
+                    }
+                    None => self.with_bf16_operand(
+                        n,
+                        |db| to_bf16(&self.dev, dh, db, n),
+                        |db| matmul_bf16_bf16out(&self.dev, fc2_shape, db, w2, None, &mut d_hidden),
+                    )?,
+                }
                 let shape = b.fc1.backward_shape(rows);
                 self.product_from_bf16(shape, &b.fc1.weight, None, None, d_normed, |db| {
                     let act = c.activation;
@@ -805,13 +822,19 @@ impl<'m> GpuVit<'m> {
         }
     }
 
-    /// Input-pixel gradient of the batch (packed planar), with `add_loss_gradient(l, dh)`
-    /// adding dL/dF_l into the running gradient at each layer.
+    /// Input-pixel gradient of the batch (packed planar), with `add_loss_gradient(l, F_l, dh,
+    /// copy)` adding dL/dF_l into the running gradient at each layer (and, given `copy`, may
+    /// write dh's bf16 copy; it says which it did).
     fn backward(
         &self,
         batch: &Batch,
         fwd: &Forward,
-        mut add_loss_gradient: impl FnMut(usize, &Buffer<f32>, &mut Buffer<f32>) -> Result<(), GpuError>,
+        mut add_loss_gradient: impl FnMut(
+            usize,
+            &Buffer<f32>,
+            &mut Buffer<f32>,
+            Option<&mut Buffer<half::bf16>>,
+        ) -> Result<GradientUpdate, GpuError>,
     ) -> Result<Pooled, GpuError> {
         let c = &self.model.config;
         let (n, t, d) = (
@@ -820,11 +843,24 @@ impl<'m> GpuVit<'m> {
             c.width,
         );
         let mut dh = self.pool.take_zeroed(t * d)?;
+        // bf16: dh's bf16 copy, the operand of fc2's input-gradient product, written by the
+        // kernel that last changed dh (LN1's backward, or the loss at the layer between) so
+        // that no conversion pass runs; `copy_valid` says whether it matches dh.
+        let mut dh_bf16 = match fwd.blocks.first().map(|s| &s.mlp_pre) {
+            Some(MlpPre::Bf16(_)) => Some(self.pool.take_bf16(t * d)?),
+            _ => None,
+        };
+        let mut copy_valid = false;
         for (l, (b, s)) in self.blocks.iter().zip(&fwd.blocks).enumerate().rev() {
-            add_loss_gradient(l + 1, &fwd.features[l + 1], &mut dh)?;
+            match add_loss_gradient(l + 1, &fwd.features[l + 1], &mut dh, dh_bf16.as_deref_mut())? {
+                GradientUpdate::Unchanged => {}
+                GradientUpdate::Changed => copy_valid = false,
+                GradientUpdate::ChangedWithCopy => copy_valid = true,
+            }
             // out = mid + fc2(act(fc1(LN2(mid))))
             let mut d_normed = self.alloc(t * d)?;
-            self.mlp_backward(&s.mlp_pre, &dh, b, t, &mut d_normed)?;
+            let dh_copy = dh_bf16.as_deref().filter(|_| copy_valid);
+            self.mlp_backward(&s.mlp_pre, &dh, dh_copy, b, t, &mut d_normed)?;
             // mid = x + out_proj(attn(LN1(x))): LN2's input gradient joins the residual
             // gradient, which out_proj's input-gradient product reads next (in bf16, LN2's
             // backward writes that operand too: no conversion pass over dh).
@@ -905,20 +941,24 @@ impl<'m> GpuVit<'m> {
                     )?;
                 }
             }
-            layernorm_backward_f32(
-                &self.dev,
-                &fwd.features[l],
-                &d_normed,
-                &b.ln1.weight,
-                &s.ln1_mean,
-                &s.ln1_rstd,
-                &mut dh,
-                t,
-                d,
-                true,
-            )?;
+            let (x, g, mean, rstd) = (&fwd.features[l], &b.ln1.weight, &s.ln1_mean, &s.ln1_rstd);
+            match dh_bf16.as_deref_mut().filter(|_| l > 0) {
+                // Below block 0 only LN_pre's backward reads dh, in fp32.
+                Some(copy) => {
+                    layernorm_backward_f32_bf16copy(
+                        &self.dev, x, &d_normed, g, mean, rstd, &mut dh, copy, t, d, true,
+                    )?;
+                    copy_valid = true;
+                }
+                None => {
+                    layernorm_backward_f32(
+                        &self.dev, x, &d_normed, g, mean, rstd, &mut dh, t, d, true,
+                    )?;
+                    copy_valid = false;
+                }
+            }
         }
-        add_loss_gradient(0, &fwd.features[0], &mut dh)?;
+        add_loss_gradient(0, &fwd.features[0], &mut dh, None)?;
         let mut d_embedded = self.alloc(t * d)?;
         layernorm_backward_f32(
             &self.dev,
@@ -1097,29 +1137,51 @@ impl<'m> GpuVit<'m> {
         let mut first = true;
         let mut add = |l: usize,
                        features: &Buffer<f32>,
-                       grad: Option<&mut Buffer<f32>>|
-         -> Result<(), GpuError> {
+                       grad: Option<&mut Buffer<f32>>,
+                       copy: Option<&mut Buffer<half::bf16>>|
+         -> Result<GradientUpdate, GpuError> {
             if !objective.layers.contains(&l) {
-                return Ok(());
+                return Ok(GradientUpdate::Unchanged);
             }
-            layer_loss_f32(
-                &self.dev,
-                kind,
-                objective.tokens,
-                shape,
-                features,
-                &clean.features[l],
-                &mut totals,
-                !first,
-                grad,
-                &mut scratch,
-            )?;
+            let (clean_l, accumulate) = (&clean.features[l], !first);
             first = false;
-            Ok(())
+            match (grad, copy) {
+                (Some(grad), Some(copy)) => {
+                    layer_loss_f32_bf16copy(
+                        &self.dev,
+                        kind,
+                        objective.tokens,
+                        shape,
+                        features,
+                        clean_l,
+                        &mut totals,
+                        accumulate,
+                        grad,
+                        copy,
+                        &mut scratch,
+                    )?;
+                    Ok(GradientUpdate::ChangedWithCopy)
+                }
+                (grad, _) => {
+                    layer_loss_f32(
+                        &self.dev,
+                        kind,
+                        objective.tokens,
+                        shape,
+                        features,
+                        clean_l,
+                        &mut totals,
+                        accumulate,
+                        grad,
+                        &mut scratch,
+                    )?;
+                    Ok(GradientUpdate::Changed)
+                }
+            }
         };
         if !with_grad {
             for (l, f) in fwd.features.iter().enumerate() {
-                add(l, f, None)?;
+                add(l, f, None, None)?;
             }
             if first {
                 self.dev.zero(&mut totals)?; // no layer selected
@@ -1130,7 +1192,7 @@ impl<'m> GpuVit<'m> {
                 forward: fwd,
             });
         }
-        let grad = self.backward(batch, &fwd, |l, f, dh| add(l, f, Some(dh)))?;
+        let grad = self.backward(batch, &fwd, |l, f, dh, copy| add(l, f, Some(dh), copy))?;
         if first {
             self.dev.zero(&mut totals)?;
         }
@@ -1180,11 +1242,12 @@ impl<'m> GpuVit<'m> {
             });
         }
         let injected = self.dev.upload(&d_last)?;
-        let grad = self.backward(batch, &fwd, |l, _, dh| {
+        let grad = self.backward(batch, &fwd, |l, _, dh, _| {
             if l == last {
-                self.dev.copy(&injected, dh)
+                self.dev.copy(&injected, dh)?;
+                Ok(GradientUpdate::Changed)
             } else {
-                Ok(())
+                Ok(GradientUpdate::Unchanged)
             }
         })?;
         Ok(LossPass {

@@ -15,6 +15,8 @@
 //! Reductions are two-phase and deterministic (per-row warp sums, then one block per image in
 //! a fixed order); no float atomics.
 
+use half::bf16;
+
 use crate::attack::settings::{LossKind, TokenSelection};
 use crate::gpu::{Buffer, Device, GpuError, KernelArgs, LaunchConfig};
 
@@ -90,7 +92,7 @@ fn rows_pass(
     skip: i32,
     mode: i32,
     weight: f32,
-    grad: Option<&mut Buffer<f32>>,
+    grad: Option<Gradient>,
     scratch: &mut LossScratch,
 ) -> Result<(), GpuError> {
     let blocks = shape.rows.div_ceil(ROWS_PER_BLOCK as usize).max(1) as u32;
@@ -103,8 +105,16 @@ fn rows_pass(
         .i32(skip)
         .i32(mode)
         .input(&scratch.stats);
+    let (grad, copy) = match grad {
+        Some(Gradient { grad, copy }) => (Some(grad), copy),
+        None => (None, None),
+    };
     match grad {
         Some(g) => args.output(g),
+        None => args.u64(0),
+    };
+    match copy {
+        Some(c) => args.output(c),
         None => args.u64(0),
     };
     args.f32(weight).output(&mut scratch.row_val);
@@ -143,6 +153,13 @@ fn images_pass(
     )
 }
 
+/// The running gradient a loss pass adds into, and optionally a bf16 buffer that receives
+/// `bf16(grad)` of every row after the addition (round to nearest even).
+pub struct Gradient<'a> {
+    pub grad: &'a mut Buffer<f32>,
+    pub copy: Option<&'a mut Buffer<bf16>>,
+}
+
 /// One layer of `kind` for every image of the batch: `loss[b]` receives the image's value
 /// (added to it when `accumulate`, as when summing over layers), and, with `grad`,
 /// `grad += dL/d(adv)` (the backward's running gradient for this layer; unselected tokens are
@@ -159,6 +176,55 @@ pub fn layer_loss_f32(
     loss: &mut Buffer<f32>,
     accumulate: bool,
     grad: Option<&mut Buffer<f32>>,
+    scratch: &mut LossScratch,
+) -> Result<(), GpuError> {
+    let grad = grad.map(|grad| Gradient { grad, copy: None });
+    layer_loss(
+        dev, kind, tokens, shape, adv, clean, loss, accumulate, grad, scratch,
+    )
+}
+
+/// [`layer_loss_f32`] with the gradient, also writing `bf16(grad)` of every row into `copy`
+/// after the addition: the operand of the bf16 engine's next product, with no conversion
+/// pass. `grad` is bit-identical to [`layer_loss_f32`]'s.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_loss_f32_bf16copy(
+    dev: &Device,
+    kind: LayerLoss,
+    tokens: TokenSelection,
+    shape: PackedTokens,
+    adv: &Buffer<f32>,
+    clean: &Buffer<f32>,
+    loss: &mut Buffer<f32>,
+    accumulate: bool,
+    grad: &mut Buffer<f32>,
+    copy: &mut Buffer<bf16>,
+    scratch: &mut LossScratch,
+) -> Result<(), GpuError> {
+    assert!(
+        copy.len() >= shape.rows * shape.dim,
+        "layer_loss: the gradient's bf16 copy is not [rows, dim]"
+    );
+    let grad = Some(Gradient {
+        grad,
+        copy: Some(copy),
+    });
+    layer_loss(
+        dev, kind, tokens, shape, adv, clean, loss, accumulate, grad, scratch,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn layer_loss(
+    dev: &Device,
+    kind: LayerLoss,
+    tokens: TokenSelection,
+    shape: PackedTokens,
+    adv: &Buffer<f32>,
+    clean: &Buffer<f32>,
+    loss: &mut Buffer<f32>,
+    accumulate: bool,
+    grad: Option<Gradient>,
     scratch: &mut LossScratch,
 ) -> Result<(), GpuError> {
     let n = shape.rows * shape.dim;
@@ -178,8 +244,8 @@ pub fn layer_loss_f32(
         scratch.stats.len() >= 2 * shape.images,
         "layer_loss: scratch too small"
     );
-    if let Some(g) = grad.as_deref() {
-        assert_eq!(g.len(), n, "layer_loss: grad is not [rows, dim]");
+    if let Some(g) = &grad {
+        assert_eq!(g.grad.len(), n, "layer_loss: grad is not [rows, dim]");
     }
     let skip = skip_of(tokens);
     match kind {
