@@ -16,8 +16,8 @@
 //!   `end − start` is the operation's device time and `start − previous end` is time the
 //!   device had nothing queued. Two events per operation cost the device about a microsecond
 //!   each; compare throughput with the timeline off (the bench's timed attacks are run
-//!   without it). Events come from a pool created when recording starts, so the host's cost
-//!   per operation stays small.
+//!   without it). Events come from a pool created when recording starts (enough for every
+//!   operation a recording stamps), so the host's cost per operation stays small.
 //! - **sim:** the simulator runs every operation synchronously on the host, so the stamps are
 //!   host clock readings: durations are simulated execution times, and gaps the host's own
 //!   time between operations.
@@ -259,8 +259,10 @@ pub(crate) struct Recorder {
     spare: Vec<CudaEvent>,
 }
 
-/// Events created up front when a CUDA recording starts (more are created when they run out).
-const EVENTS_UP_FRONT: usize = 4096;
+/// Events created up front when a CUDA recording starts: two per operation it can stamp, so
+/// that no `cuEventCreate` runs between operations (its host time would show as idle gaps in
+/// a host-bound timeline). About 30,000 small driver objects, created in tens of milliseconds.
+const EVENTS_UP_FRONT: usize = 2 * MAX_RECORDED_OPS;
 
 pub(crate) type TimelineSlot = std::sync::Arc<std::sync::Mutex<Option<Recorder>>>;
 
