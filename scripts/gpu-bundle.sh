@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds, here, what a GPU machine without Rust needs to test and benchmark this checkout:
 #   target/gpu-bundle/tests/<name>   the test executables of `cargo test --release` whose source
-#                                    has a CUDA path (naming cuda or on_devices), kernels embedded
-#                                    (nvcc is required: scripts/install-nvcc.sh)
+#                                    has a CUDA path (naming cuda, on_devices or devices()),
+#                                    kernels embedded (nvcc is required: scripts/install-nvcc.sh)
 #   target/gpu-bundle/prm            the release binary
 #   target/gpu-bundle/paths.env      the absolute paths baked into the test binaries
 #                                    (CARGO_MANIFEST_DIR, CARGO_BIN_EXE_prm), which gpu-check.sh
@@ -38,7 +38,7 @@ src, dest, tests_dir = sys.argv[1:4]
 take_all = os.environ.get("ALL_TESTS") == "1"
 def has_cuda_path(name):
     path = os.path.join(tests_dir, name + ".rs")
-    return os.path.exists(path) and re.search(r"cuda|on_devices", open(path).read()) is not None
+    return os.path.exists(path) and re.search(r"cuda|on_devices|devices\(\)", open(path).read()) is not None
 seen = set()
 for line in open(src):
     try:
