@@ -380,7 +380,9 @@ impl EvalEngine for GpuTargets<'_> {
         // Only the CLS row: the first D elements of F_L.
         let d = self.model.config.width;
         let mut cls = self.dev().alloc(d)?;
-        let row = self.dev().download_range(feats.last().expect("F_L"), 0, d)?;
+        let row = self
+            .dev()
+            .download_range(feats.last().expect("F_L"), 0, d)?;
         self.dev().write(&mut cls, &row)?;
         self.embed_rows(&cls, 1)
     }
