@@ -26,7 +26,8 @@
 // cached backward also loads the dx it accumulates into together with x and dy, before the
 // reductions, so that its latency overlaps theirs instead of following them.
 //
-// Launchers: src/gpu/kernels/layernorm.rs (layernorm_forward_f32, layernorm_backward_f32).
+// Launchers: src/gpu/kernels/layernorm.rs (layernorm_forward_f32, layernorm_backward_f32 and
+// their variants; the backward picks its `_d768` kernels for rows of up to 768 elements).
 #include "common.cuh"
 
 #define PRM_LN_ROWS_PER_BLOCK 4
@@ -123,7 +124,11 @@ PRM_REGISTER_KERNEL(prm_layernorm_forward_f32_bf16out);
 
 // dx may not alias x or dy (the engine keeps them apart; the launcher's borrows enforce it).
 // dx_copy: nullptr, or a bf16 buffer of dx's shape that receives bf16(dx) as written.
-template <typename T>
+// PER_LANE: elements per lane held in registers (rows of up to 32·PER_LANE are cached). The
+// backward keeps three such arrays, so the `_d768` kernels (PER_LANE 24, rows up to 768 as in
+// ViT-B) need a quarter fewer registers than the 1024-wide ones; the arithmetic and its order
+// are the same (the 1024-wide kernels only add zeros for the lanes' extra slots).
+template <typename T, int PER_LANE>
 __device__ __forceinline__ void prm_layernorm_backward(const T* __restrict__ x, const T* __restrict__ dy,
                                                        const float* __restrict__ gamma,
                                                        const float* __restrict__ mean_in,
@@ -141,11 +146,11 @@ __device__ __forceinline__ void prm_layernorm_backward(const T* __restrict__ x, 
     const float rstd = rstd_in[row];
     const float inv_dim = 1.0f / (float)dim;
 
-    if (dim <= PRM_LN_CACHED_DIM) {
-        float g[PRM_LN_PER_LANE], xh[PRM_LN_PER_LANE], old[PRM_LN_PER_LANE];
+    if (dim <= PER_LANE * PRM_WARP_SIZE) {
+        float g[PER_LANE], xh[PER_LANE], old[PER_LANE];
         float sg = 0.0f, sgx = 0.0f;
 #pragma unroll
-        for (int k = 0; k < PRM_LN_PER_LANE; ++k) {
+        for (int k = 0; k < PER_LANE; ++k) {
             const int i = lane + k * PRM_WARP_SIZE;
             g[k] = i < dim ? prm_ln_load(dyr + i) * gamma[i] : 0.0f;
             xh[k] = i < dim ? (prm_ln_load(xr + i) - mean) * rstd : 0.0f;
@@ -156,7 +161,7 @@ __device__ __forceinline__ void prm_layernorm_backward(const T* __restrict__ x, 
         const float mg = prm_warp_sum(sg) * inv_dim;
         const float mgx = prm_warp_sum(sgx) * inv_dim;
 #pragma unroll
-        for (int k = 0; k < PRM_LN_PER_LANE; ++k) {
+        for (int k = 0; k < PER_LANE; ++k) {
             const int i = lane + k * PRM_WARP_SIZE;
             if (i < dim) {
                 const float v = rstd * (g[k] - mg - xh[k] * mgx);
@@ -184,12 +189,16 @@ __device__ __forceinline__ void prm_layernorm_backward(const T* __restrict__ x, 
     }
 }
 
+// The backward kernels in two widths: rows cached up to 1024 elements (PRM_LN_PER_LANE per
+// lane), and `_d768` up to 768 (24 per lane: ViT-B's width with fewer registers). The launcher
+// takes the narrower one when the rows fit.
 extern "C" __global__ void prm_layernorm_backward_f32(const float* __restrict__ x, const float* __restrict__ dy,
                                                        const float* __restrict__ gamma,
                                                        const float* __restrict__ mean,
                                                        const float* __restrict__ rstd, float* __restrict__ dx,
                                                        int rows, int dim, int accumulate) {
-    prm_layernorm_backward(x, dy, gamma, mean, rstd, dx, (__nv_bfloat16*)nullptr, rows, dim, accumulate);
+    prm_layernorm_backward<float, PRM_LN_PER_LANE>(x, dy, gamma, mean, rstd, dx, (__nv_bfloat16*)nullptr, rows, dim,
+                                          accumulate);
 }
 PRM_REGISTER_KERNEL(prm_layernorm_backward_f32);
 
@@ -203,7 +212,7 @@ extern "C" __global__ void prm_layernorm_backward_f32_bf16copy(const float* __re
                                                                 float* __restrict__ dx,
                                                                 __nv_bfloat16* __restrict__ dx_bf16, int rows,
                                                                 int dim, int accumulate) {
-    prm_layernorm_backward(x, dy, gamma, mean, rstd, dx, dx_bf16, rows, dim, accumulate);
+    prm_layernorm_backward<float, PRM_LN_PER_LANE>(x, dy, gamma, mean, rstd, dx, dx_bf16, rows, dim, accumulate);
 }
 PRM_REGISTER_KERNEL(prm_layernorm_backward_f32_bf16copy);
 
@@ -214,6 +223,43 @@ extern "C" __global__ void prm_layernorm_backward_bf16(const __nv_bfloat16* __re
                                                         const float* __restrict__ rstd,
                                                         __nv_bfloat16* __restrict__ dx, int rows, int dim,
                                                         int accumulate) {
-    prm_layernorm_backward(x, dy, gamma, mean, rstd, dx, (__nv_bfloat16*)nullptr, rows, dim, accumulate);
+    prm_layernorm_backward<__nv_bfloat16, PRM_LN_PER_LANE>(x, dy, gamma, mean, rstd, dx, (__nv_bfloat16*)nullptr, rows,
+                                                  dim, accumulate);
 }
 PRM_REGISTER_KERNEL(prm_layernorm_backward_bf16);
+
+extern "C" __global__ void prm_layernorm_backward_f32_d768(const float* __restrict__ x, const float* __restrict__ dy,
+                                                       const float* __restrict__ gamma,
+                                                       const float* __restrict__ mean,
+                                                       const float* __restrict__ rstd, float* __restrict__ dx,
+                                                       int rows, int dim, int accumulate) {
+    prm_layernorm_backward<float, 24>(x, dy, gamma, mean, rstd, dx, (__nv_bfloat16*)nullptr, rows, dim,
+                                          accumulate);
+}
+PRM_REGISTER_KERNEL(prm_layernorm_backward_f32_d768);
+
+// fp32 backward that also writes bf16(dx) to dx_bf16 (same arithmetic and fp32 result as
+// prm_layernorm_backward_f32_d768; the copy is the fp32 dx rounded to nearest even).
+extern "C" __global__ void prm_layernorm_backward_f32_bf16copy_d768(const float* __restrict__ x,
+                                                                const float* __restrict__ dy,
+                                                                const float* __restrict__ gamma,
+                                                                const float* __restrict__ mean,
+                                                                const float* __restrict__ rstd,
+                                                                float* __restrict__ dx,
+                                                                __nv_bfloat16* __restrict__ dx_bf16, int rows,
+                                                                int dim, int accumulate) {
+    prm_layernorm_backward<float, 24>(x, dy, gamma, mean, rstd, dx, dx_bf16, rows, dim, accumulate);
+}
+PRM_REGISTER_KERNEL(prm_layernorm_backward_f32_bf16copy_d768);
+
+extern "C" __global__ void prm_layernorm_backward_bf16_d768(const __nv_bfloat16* __restrict__ x,
+                                                        const __nv_bfloat16* __restrict__ dy,
+                                                        const float* __restrict__ gamma,
+                                                        const float* __restrict__ mean,
+                                                        const float* __restrict__ rstd,
+                                                        __nv_bfloat16* __restrict__ dx, int rows, int dim,
+                                                        int accumulate) {
+    prm_layernorm_backward<__nv_bfloat16, 24>(x, dy, gamma, mean, rstd, dx, (__nv_bfloat16*)nullptr, rows,
+                                                  dim, accumulate);
+}
+PRM_REGISTER_KERNEL(prm_layernorm_backward_bf16_d768);

@@ -106,12 +106,16 @@ fn exact(what: &str, got: &[f32], want: &[f32]) {
 // ---------------------------------------------------------------------------------------------
 // LayerNorm
 
-const LN_SHAPES: [(usize, usize); 6] = [
+/// Widths on both sides of the backward kernels' 768-wide and 1024-wide register variants,
+/// and past them (streamed rows).
+const LN_SHAPES: [(usize, usize); 8] = [
     (50, 64),
     (197, 100),
     (197, 768),
     (1201, 768),
     (197, 128),
+    (50, 769),
+    (50, 1024),
     (50, 1280),
 ];
 

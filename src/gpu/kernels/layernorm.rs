@@ -201,7 +201,7 @@ fn backward<T: Storage>(
         .i32(rows as i32)
         .i32(dim as i32)
         .i32(accumulate as i32);
-    let name = format!("prm_layernorm_backward_{}", T::SUFFIX);
+    let name = format!("prm_layernorm_backward_{}{}", T::SUFFIX, width_suffix(dim));
     dev.launch(&name, config(rows), &mut args)
 }
 
@@ -262,11 +262,19 @@ pub fn layernorm_backward_f32_bf16copy(
         .i32(rows as i32)
         .i32(dim as i32)
         .i32(accumulate as i32);
-    dev.launch(
-        "prm_layernorm_backward_f32_bf16copy",
-        config(rows),
-        &mut args,
-    )
+    let name = format!("prm_layernorm_backward_f32_bf16copy{}", width_suffix(dim));
+    dev.launch(&name, config(rows), &mut args)
+}
+
+/// The backward kernels come in two widths (same arithmetic): rows of up to 768 elements
+/// cached in 24 registers per lane (`_d768`, ViT-B: 128 instead of 168 registers per thread,
+/// 4 blocks per SM instead of 3), and up to 1024 in 32 (wider rows are streamed by both).
+fn width_suffix(dim: usize) -> &'static str {
+    if dim <= 768 {
+        "_d768"
+    } else {
+        ""
+    }
 }
 
 /// bf16 storage [`layernorm_backward_f32`]: `x`, `dy`, `dx` in bf16; with `accumulate` the sum
