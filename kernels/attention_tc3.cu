@@ -317,44 +317,46 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 }
 PRM_REGISTER_KERNEL(prm_attention_forward_tc3);
 
-// delta[h·N + row] = Σ_c dO[row, h·64 + c] · O[row, h·64 + c] (fp32 dO, bf16 O), and
-// d_out_bf16 = bf16(dO). One warp per (row, head), 8 warps per block; each lane takes two
-// adjacent columns.
+// Two adjacent elements of a row, widened to fp32 (bf16 widening is exact).
+__device__ __forceinline__ float2 v3_load_pair(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 v3_load_pair(const bf16* p) {
+    const uint32_t b = *reinterpret_cast<const uint32_t*>(p);
+    return make_float2(__uint_as_float(b << 16), __uint_as_float(b & 0xffff0000u));
+}
+
+// delta[h·N + row] = Σ_c dO[row, h·64 + c] · O[row, h·64 + c] (bf16 O; dO fp32 or bf16), and
+// with d_out_bf16 != nullptr, d_out_bf16 = bf16(dO). One warp per (row, head), 8 warps per
+// block; each lane takes two adjacent columns.
+template <typename D>
+__device__ __forceinline__ void v3_delta(const bf16* __restrict__ out, const D* __restrict__ d_out,
+                                         float* __restrict__ delta, bf16* __restrict__ d_out_bf16, int width,
+                                         int total) {
+    const int heads = width / V3_HD;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long p = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
+    if (p >= (long long)total * heads) return;  // whole warp; no block barrier in this kernel
+    const int row = (int)(p / heads), h = (int)(p % heads);
+    const size_t at = (size_t)row * width + h * V3_HD + 2 * lane;
+    const float2 d = v3_load_pair(d_out + at);
+    const float2 o = v3_load_pair(out + at);
+    if (d_out_bf16) *reinterpret_cast<uint32_t*>(d_out_bf16 + at) = prm_pack_bf16x2(d.x, d.y);
+    const float v = prm_warp_sum(fmaf(d.y, o.y, d.x * o.x));
+    if (lane == 0) delta[(size_t)h * total + row] = v;
+}
+
+// fp32 dO: delta, and dO's bf16 copy for the dQ and dK/dV kernels.
 extern "C" __global__ void prm_attention_delta_tc3(const bf16* __restrict__ out, const float* __restrict__ d_out,
                                                    float* __restrict__ delta, bf16* __restrict__ d_out_bf16,
                                                    int width, int total) {
-    const int heads = width / V3_HD;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const long long p = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
-    if (p >= (long long)total * heads) return;  // whole warp; no block barrier in this kernel
-    const int row = (int)(p / heads), h = (int)(p % heads);
-    const size_t at = (size_t)row * width + h * V3_HD + 2 * lane;
-    const float2 d = *reinterpret_cast<const float2*>(d_out + at);
-    const uint32_t ob = *reinterpret_cast<const uint32_t*>(out + at);
-    const float o0 = __uint_as_float(ob << 16), o1 = __uint_as_float(ob & 0xffff0000u);
-    *reinterpret_cast<uint32_t*>(d_out_bf16 + at) = prm_pack_bf16x2(d.x, d.y);
-    const float v = prm_warp_sum(fmaf(d.y, o1, d.x * o0));
-    if (lane == 0) delta[(size_t)h * total + row] = v;
+    v3_delta(out, d_out, delta, d_out_bf16, width, total);
 }
 PRM_REGISTER_KERNEL(prm_attention_delta_tc3);
 
-// delta[h·N + row] = Σ_c dO[row, h·64 + c] · O[row, h·64 + c] with dO already in bf16 (the
-// out-projection's input-gradient product wrote it, as PyTorch autocast does): the same
-// arithmetic as prm_attention_delta_tc3 on the widened values, and no copy to write.
+// dO already in bf16 (the out-projection's input-gradient product wrote it, as PyTorch autocast
+// does): delta only, the same arithmetic on the widened values.
 extern "C" __global__ void prm_attention_delta_bf16_tc3(const bf16* __restrict__ out, const bf16* __restrict__ d_out,
                                                         float* __restrict__ delta, int width, int total) {
-    const int heads = width / V3_HD;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const long long p = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
-    if (p >= (long long)total * heads) return;  // whole warp; no block barrier in this kernel
-    const int row = (int)(p / heads), h = (int)(p % heads);
-    const size_t at = (size_t)row * width + h * V3_HD + 2 * lane;
-    const uint32_t db = *reinterpret_cast<const uint32_t*>(d_out + at);
-    const float d0 = __uint_as_float(db << 16), d1 = __uint_as_float(db & 0xffff0000u);
-    const uint32_t ob = *reinterpret_cast<const uint32_t*>(out + at);
-    const float o0 = __uint_as_float(ob << 16), o1 = __uint_as_float(ob & 0xffff0000u);
-    const float v = prm_warp_sum(fmaf(d1, o1, d0 * o0));
-    if (lane == 0) delta[(size_t)h * total + row] = v;
+    v3_delta(out, d_out, delta, (bf16*)nullptr, width, total);
 }
 PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3);
 

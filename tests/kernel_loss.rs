@@ -10,7 +10,8 @@
 use prm::attack::loss::mean_token_cosine;
 use prm::attack::settings::TokenSelection;
 use prm::gpu::kernels::loss::{
-    layer_cosine_f32, layer_loss_f32, layer_loss_f32_bf16copy, LayerLoss, LossScratch, PackedTokens,
+    layer_cosine_f32, layer_loss_f32, layer_loss_f32_gradient, Gradient, LayerLoss, LossScratch,
+    PackedTokens,
 };
 use prm::gpu::{Device, GpuError};
 
@@ -144,7 +145,7 @@ fn check_layer(dev: &Device, tokens: &[usize], dim: usize, seed: u64) -> Result<
             let mut copy = dev.alloc::<half::bf16>(rows * dim)?;
             dev.poison(&mut copy)?;
             let mut loss2 = dev.alloc::<f32>(images)?;
-            layer_loss_f32_bf16copy(
+            layer_loss_f32_gradient(
                 dev,
                 kind,
                 sel,
@@ -153,8 +154,10 @@ fn check_layer(dev: &Device, tokens: &[usize], dim: usize, seed: u64) -> Result<
                 &cb,
                 &mut loss2,
                 false,
-                &mut grad2,
-                &mut copy,
+                Some(Gradient {
+                    grad: &mut grad2,
+                    copy: Some(&mut copy),
+                }),
                 &mut scratch,
             )?;
             let (g1, g2) = (dev.download(&grad)?, dev.download(&grad2)?);

@@ -40,7 +40,7 @@ use super::kernels::layernorm::{
     layernorm_forward_f32_bf16out,
 };
 use super::kernels::loss::{
-    layer_cosine_f32, layer_loss_f32, layer_loss_f32_bf16copy, LayerLoss, LossScratch, PackedTokens,
+    layer_cosine_f32, layer_loss_f32_gradient, Gradient, LayerLoss, LossScratch, PackedTokens,
 };
 use super::kernels::resize::{ResizePlan, ResizeSizes};
 use super::pool::{BufferPool, Pooled, PooledBf16};
@@ -846,9 +846,9 @@ impl<'m> GpuVit<'m> {
         // bf16: dh's bf16 copy, the operand of fc2's input-gradient product, written by the
         // kernel that last changed dh (LN1's backward, or the loss at the layer between) so
         // that no conversion pass runs; `copy_valid` says whether it matches dh.
-        let mut dh_bf16 = match fwd.blocks.first().map(|s| &s.mlp_pre) {
-            Some(MlpPre::Bf16(_)) => Some(self.pool.take_bf16(t * d)?),
-            _ => None,
+        let mut dh_bf16 = match self.precision {
+            Precision::Bf16 => Some(self.pool.take_bf16(t * d)?),
+            Precision::Fp32 => None,
         };
         let mut copy_valid = false;
         for (l, (b, s)) in self.blocks.iter().zip(&fwd.blocks).enumerate().rev() {
@@ -1143,41 +1143,26 @@ impl<'m> GpuVit<'m> {
             if !objective.layers.contains(&l) {
                 return Ok(GradientUpdate::Unchanged);
             }
-            let (clean_l, accumulate) = (&clean.features[l], !first);
+            let accumulate = !first;
             first = false;
-            match (grad, copy) {
-                (Some(grad), Some(copy)) => {
-                    layer_loss_f32_bf16copy(
-                        &self.dev,
-                        kind,
-                        objective.tokens,
-                        shape,
-                        features,
-                        clean_l,
-                        &mut totals,
-                        accumulate,
-                        grad,
-                        copy,
-                        &mut scratch,
-                    )?;
-                    Ok(GradientUpdate::ChangedWithCopy)
-                }
-                (grad, _) => {
-                    layer_loss_f32(
-                        &self.dev,
-                        kind,
-                        objective.tokens,
-                        shape,
-                        features,
-                        clean_l,
-                        &mut totals,
-                        accumulate,
-                        grad,
-                        &mut scratch,
-                    )?;
-                    Ok(GradientUpdate::Changed)
-                }
-            }
+            let grad = grad.map(|grad| Gradient { grad, copy });
+            let update = match &grad {
+                Some(Gradient { copy: Some(_), .. }) => GradientUpdate::ChangedWithCopy,
+                _ => GradientUpdate::Changed,
+            };
+            layer_loss_f32_gradient(
+                &self.dev,
+                kind,
+                objective.tokens,
+                shape,
+                features,
+                &clean.features[l],
+                &mut totals,
+                accumulate,
+                grad,
+                &mut scratch,
+            )?;
+            Ok(update)
         };
         if !with_grad {
             for (l, f) in fwd.features.iter().enumerate() {

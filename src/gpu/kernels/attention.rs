@@ -213,12 +213,15 @@ fn check_backward<Q: Element, O: Element, D: Element, G: Element>(
     (total, heads)
 }
 
-/// `delta = rowsum(dO ⊙ O)` per (head, row), the first launch of both backwards (one warp per
-/// pair, 8 warps per block).
-fn launch_delta(
+/// `delta = rowsum(dO ⊙ O)` per (head, row) by `kernel` (fp32: `prm_attention_delta_f32`;
+/// v3 with bf16 dO: `prm_attention_delta_bf16_tc3`), the first launch of the backwards (one
+/// warp per pair, 8 warps per block).
+#[allow(clippy::too_many_arguments)]
+fn launch_delta<O: Element, D: Element>(
     dev: &Device,
-    out: &Buffer<f32>,
-    d_out: &Buffer<f32>,
+    kernel: &str,
+    out: &Buffer<O>,
+    d_out: &Buffer<D>,
     delta: &mut Buffer<f32>,
     total: usize,
     heads: usize,
@@ -231,7 +234,7 @@ fn launch_delta(
         .output(delta)
         .i32(width as i32)
         .i32(total as i32);
-    dev.launch("prm_attention_delta_f32", cfg, &mut args)
+    dev.launch(kernel, cfg, &mut args)
 }
 
 fn grid(seqlens_host: &[usize], heads: usize, tile: usize) -> (u32, u32, u32) {
@@ -318,7 +321,16 @@ pub fn attention_backward_f32(
     let (w, n, m, c) = (width as i32, total as i32, mode as i32, causal as i32);
 
     if mode != AttentionMode::Identity {
-        launch_delta(dev, out, d_out, delta, total, heads, width)?;
+        launch_delta(
+            dev,
+            "prm_attention_delta_f32",
+            out,
+            d_out,
+            delta,
+            total,
+            heads,
+            width,
+        )?;
     }
 
     let cfg = LaunchConfig {
@@ -463,7 +475,16 @@ pub fn attention_backward_tc(
         return Ok(());
     }
     let (w, n, c) = (width as i32, total as i32, causal as i32);
-    launch_delta(dev, out, d_out, delta, total, heads, width)?;
+    launch_delta(
+        dev,
+        "prm_attention_delta_f32",
+        out,
+        d_out,
+        delta,
+        total,
+        heads,
+        width,
+    )?;
 
     let cfg = LaunchConfig {
         grid: grid(seqlens_host, heads, TC_TILE),
@@ -686,14 +707,8 @@ pub fn attention_backward_tc3_bf16_dout(
     if total == 0 {
         return Ok(());
     }
-    let cfg = LaunchConfig::linear((total * heads).div_ceil(8) as u32, 256, 0);
-    let mut args = KernelArgs::new();
-    args.input(out)
-        .input(d_out)
-        .output(delta)
-        .i32(width as i32)
-        .i32(total as i32);
-    dev.launch("prm_attention_delta_bf16_tc3", cfg, &mut args)?;
+    let kernel = "prm_attention_delta_bf16_tc3";
+    launch_delta(dev, kernel, out, d_out, delta, total, heads, width)?;
     tc3_dkdv_dq(
         dev,
         qkv,

@@ -154,26 +154,8 @@ pub fn layernorm_forward_f32_bf16out(
     forward(dev, x, gamma, beta, y, mean, rstd, rows, dim, eps)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn check_backward_sizes<T: Storage>(
-    x: &Buffer<T>,
-    dy: &Buffer<T>,
-    gamma: &Buffer<f32>,
-    mean: &Buffer<f32>,
-    rstd: &Buffer<f32>,
-    dx: &Buffer<T>,
-    rows: usize,
-    dim: usize,
-) {
-    check_sizes(rows, dim);
-    assert_eq!(x.len(), rows * dim, "layernorm x is not [{rows}, {dim}]");
-    assert_eq!(dy.len(), rows * dim, "layernorm dy is not [{rows}, {dim}]");
-    assert_eq!(dx.len(), rows * dim, "layernorm dx is not [{rows}, {dim}]");
-    assert_eq!(gamma.len(), dim, "layernorm gamma is not [{dim}]");
-    assert_eq!(mean.len(), rows, "layernorm mean is not [{rows}]");
-    assert_eq!(rstd.len(), rows, "layernorm rstd is not [{rows}]");
-}
-
+/// Launches the backward kernel of `T` (with `copy`: the fp32 kernel that also writes
+/// `bf16(dx)` there), in the width that fits `dim`.
 #[allow(clippy::too_many_arguments)]
 fn backward<T: Storage>(
     dev: &Device,
@@ -183,11 +165,25 @@ fn backward<T: Storage>(
     mean: &Buffer<f32>,
     rstd: &Buffer<f32>,
     dx: &mut Buffer<T>,
+    copy: Option<&mut Buffer<bf16>>,
     rows: usize,
     dim: usize,
     accumulate: bool,
 ) -> Result<(), GpuError> {
-    check_backward_sizes(x, dy, gamma, mean, rstd, dx, rows, dim);
+    check_sizes(rows, dim);
+    assert_eq!(x.len(), rows * dim, "layernorm x is not [{rows}, {dim}]");
+    assert_eq!(dy.len(), rows * dim, "layernorm dy is not [{rows}, {dim}]");
+    assert_eq!(dx.len(), rows * dim, "layernorm dx is not [{rows}, {dim}]");
+    assert_eq!(gamma.len(), dim, "layernorm gamma is not [{dim}]");
+    assert_eq!(mean.len(), rows, "layernorm mean is not [{rows}]");
+    assert_eq!(rstd.len(), rows, "layernorm rstd is not [{rows}]");
+    if let Some(c) = copy.as_deref() {
+        assert!(
+            c.len() >= rows * dim,
+            "layernorm dx_bf16 has {} elements, needs {rows}x{dim}",
+            c.len()
+        );
+    }
     if rows == 0 {
         return Ok(());
     }
@@ -197,11 +193,20 @@ fn backward<T: Storage>(
         .input(gamma)
         .input(mean)
         .input(rstd)
-        .output(dx)
-        .i32(rows as i32)
-        .i32(dim as i32)
-        .i32(accumulate as i32);
-    let name = format!("prm_layernorm_backward_{}{}", T::SUFFIX, width_suffix(dim));
+        .output(dx);
+    let variant = match copy {
+        Some(c) => {
+            args.output(c);
+            "_bf16copy"
+        }
+        None => "",
+    };
+    args.i32(rows as i32).i32(dim as i32).i32(accumulate as i32);
+    let name = format!(
+        "prm_layernorm_backward_{}{variant}{}",
+        T::SUFFIX,
+        width_suffix(dim)
+    );
     dev.launch(&name, config(rows), &mut args)
 }
 
@@ -222,7 +227,9 @@ pub fn layernorm_backward_f32(
     dim: usize,
     accumulate: bool,
 ) -> Result<(), GpuError> {
-    backward(dev, x, dy, gamma, mean, rstd, dx, rows, dim, accumulate)
+    backward(
+        dev, x, dy, gamma, mean, rstd, dx, None, rows, dim, accumulate,
+    )
 }
 
 /// [`layernorm_backward_f32`] that also writes `bf16(dx)` (round to nearest even) into
@@ -242,28 +249,10 @@ pub fn layernorm_backward_f32_bf16copy(
     dim: usize,
     accumulate: bool,
 ) -> Result<(), GpuError> {
-    check_backward_sizes(x, dy, gamma, mean, rstd, dx, rows, dim);
-    assert!(
-        dx_bf16.len() >= rows * dim,
-        "layernorm dx_bf16 has {} elements, needs {rows}x{dim}",
-        dx_bf16.len()
-    );
-    if rows == 0 {
-        return Ok(());
-    }
-    let mut args = KernelArgs::new();
-    args.input(x)
-        .input(dy)
-        .input(gamma)
-        .input(mean)
-        .input(rstd)
-        .output(dx)
-        .output(dx_bf16)
-        .i32(rows as i32)
-        .i32(dim as i32)
-        .i32(accumulate as i32);
-    let name = format!("prm_layernorm_backward_f32_bf16copy{}", width_suffix(dim));
-    dev.launch(&name, config(rows), &mut args)
+    let copy = Some(dx_bf16);
+    backward(
+        dev, x, dy, gamma, mean, rstd, dx, copy, rows, dim, accumulate,
+    )
 }
 
 /// The backward kernels come in two widths (same arithmetic): rows of up to 768 elements
@@ -292,5 +281,7 @@ pub fn layernorm_backward_bf16(
     dim: usize,
     accumulate: bool,
 ) -> Result<(), GpuError> {
-    backward(dev, x, dy, gamma, mean, rstd, dx, rows, dim, accumulate)
+    backward(
+        dev, x, dy, gamma, mean, rstd, dx, None, rows, dim, accumulate,
+    )
 }

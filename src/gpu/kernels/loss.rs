@@ -179,43 +179,16 @@ pub fn layer_loss_f32(
     scratch: &mut LossScratch,
 ) -> Result<(), GpuError> {
     let grad = grad.map(|grad| Gradient { grad, copy: None });
-    layer_loss(
+    layer_loss_f32_gradient(
         dev, kind, tokens, shape, adv, clean, loss, accumulate, grad, scratch,
     )
 }
 
-/// [`layer_loss_f32`] with the gradient, also writing `bf16(grad)` of every row into `copy`
-/// after the addition: the operand of the bf16 engine's next product, with no conversion
-/// pass. `grad` is bit-identical to [`layer_loss_f32`]'s.
+/// [`layer_loss_f32`] with the gradient as a [`Gradient`]: given its `copy`, the pass that adds
+/// the gradient also writes `bf16(grad)` of every row there (the operand of the bf16 engine's
+/// next product, with no conversion pass). `grad` is bit-identical either way.
 #[allow(clippy::too_many_arguments)]
-pub fn layer_loss_f32_bf16copy(
-    dev: &Device,
-    kind: LayerLoss,
-    tokens: TokenSelection,
-    shape: PackedTokens,
-    adv: &Buffer<f32>,
-    clean: &Buffer<f32>,
-    loss: &mut Buffer<f32>,
-    accumulate: bool,
-    grad: &mut Buffer<f32>,
-    copy: &mut Buffer<bf16>,
-    scratch: &mut LossScratch,
-) -> Result<(), GpuError> {
-    assert!(
-        copy.len() >= shape.rows * shape.dim,
-        "layer_loss: the gradient's bf16 copy is not [rows, dim]"
-    );
-    let grad = Some(Gradient {
-        grad,
-        copy: Some(copy),
-    });
-    layer_loss(
-        dev, kind, tokens, shape, adv, clean, loss, accumulate, grad, scratch,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn layer_loss(
+pub fn layer_loss_f32_gradient(
     dev: &Device,
     kind: LayerLoss,
     tokens: TokenSelection,
@@ -246,6 +219,12 @@ fn layer_loss(
     );
     if let Some(g) = &grad {
         assert_eq!(g.grad.len(), n, "layer_loss: grad is not [rows, dim]");
+        if let Some(c) = g.copy.as_deref() {
+            assert!(
+                c.len() >= n,
+                "layer_loss: the gradient's bf16 copy is not [rows, dim]"
+            );
+        }
     }
     let skip = skip_of(tokens);
     match kind {
