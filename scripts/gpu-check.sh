@@ -218,8 +218,12 @@ if not rows:
     print("  ncu produced no rows (see the .err log)"); sys.exit()
 head = rows[0]
 k, m, v, u = (head.index(c) for c in ("Kernel Name", "Metric Name", "Metric Value", "Metric Unit"))
-scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
-byte_scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
+# Nsight Compute has spelled units both ways ("nsecond" / "ns", "Kbyte" / "KB"); an unknown
+# unit is an error rather than a silent factor of 1000.
+scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
+         "second": 1e6, "s": 1e6}
+byte_scale = {"byte": 1, "B": 1, "Kbyte": 1e3, "KB": 1e3, "Mbyte": 1e6, "MB": 1e6,
+              "Gbyte": 1e9, "GB": 1e9}
 ID = head.index("ID") if "ID" in head else None
 # One launch = one ID; its metrics are on separate rows.
 launches = collections.defaultdict(dict)
@@ -230,9 +234,13 @@ for i, r in enumerate(rows[1:]):
     except ValueError:
         continue
     if r[m] == "gpu__time_duration.sum":
-        val *= scale.get(r[u], 1.0)
+        if r[u] not in scale:
+            sys.exit(f"  unknown time unit {r[u]!r} in the ncu CSV: extend the parser")
+        val *= scale[r[u]]
     elif r[m] == "dram__bytes.sum":
-        val *= byte_scale.get(r[u], 1.0)
+        if r[u] not in byte_scale:
+            sys.exit(f"  unknown byte unit {r[u]!r} in the ncu CSV: extend the parser")
+        val *= byte_scale[r[u]]
     launches[key][r[m]] = val
 per = collections.defaultdict(lambda: collections.defaultdict(float))
 for (_, name), met in launches.items():

@@ -123,7 +123,16 @@ fn pinned_downloads_match_plain_downloads() {
     {
         let want = values(n, 40 + i as u32);
         let buf = dev.upload(&want).unwrap();
-        assert_eq!(stager.download(&buf).unwrap(), want, "{n} elements");
+        assert_eq!(
+            stager.download_split(&buf, &[n]).unwrap(),
+            vec![want.clone()],
+            "{n} elements"
+        );
+        // Cut into pieces (one per image of a batch), short of the end.
+        let cut = [n / 3, 0, n - n / 3 - n.min(1)];
+        let pieces = stager.download_split(&buf, &cut).unwrap();
+        assert_eq!(pieces.concat(), want[..cut.iter().sum::<usize>()], "{n} elements, cut");
+        assert_eq!(pieces.iter().map(Vec::len).collect::<Vec<_>>(), cut);
         assert_eq!(dev.download(&buf).unwrap(), want);
     }
 }

@@ -3,13 +3,14 @@
 //! serves the whole batch; everything per image (random draws, optimiser state) stays per image,
 //! so results do not depend on how images are batched.
 
-use std::cell::RefCell;
+use std::borrow::Cow;
+use std::cell::{OnceCell, RefCell};
 
 use rayon::prelude::*;
 
 use super::engine::{DerivedStart, Engine, EngineError, LossAndGradient, StageKey, StepPlan};
 use super::loss::Objective;
-use super::optim::{project, Optimizer};
+use super::optim::{project, project_pixel, Optimizer};
 use super::settings::{AttackSettings, Init, LossKind, Resolution};
 use crate::reference::resize::{bicubic_resize, bicubic_resize_backward, scaled_size};
 use crate::rng::{ImageRng, STREAM_ESCAPE, STREAM_INIT, STREAM_SCALE};
@@ -55,8 +56,10 @@ pub struct Attack<'a, E: Engine> {
     objective: &'a Objective,
     settings: &'a AttackSettings,
     targets: Vec<Target<'a>>,
-    /// Clean features at the evaluation geometry (native or the fixed size).
-    clean_eval: E::Clean,
+    /// Clean features at the evaluation geometry (native or the fixed size), computed on first
+    /// use: an engine that runs the whole step loop itself computes its own, so an attack that
+    /// is only run never pays for these (an upload and a forward of the batch).
+    clean_eval: OnceCell<E::Clean>,
     /// Keep every step's loss (see [`AttackOutcome::losses`]).
     record_losses: bool,
     /// The batch's clean images were staged under this key ([`Engine::stage`]).
@@ -65,8 +68,13 @@ pub struct Attack<'a, E: Engine> {
 
 /// The starting images of a batch, one per image, made by [`Attack::starts`] (which knows
 /// whether they are a pure function of the clean images) or given by the caller.
+///
+/// Starts that follow from the clean images are not made on the host until something there
+/// needs them ([`Attack::start_images`]): a device-resident loop makes them next to the clean
+/// images, and making them here (a random draw per pixel of the batch) would only delay it.
 pub struct Starts {
-    images: Vec<Vec<f32>>,
+    /// `None` when `derived` is `Some` and nobody has asked for the images.
+    images: Option<Vec<Vec<f32>>>,
     derived: Option<DerivedStart>,
 }
 
@@ -74,13 +82,9 @@ impl Starts {
     /// Starts chosen by the caller: an engine copies them as they are.
     pub fn given(images: Vec<Vec<f32>>) -> Self {
         Starts {
-            images,
+            images: Some(images),
             derived: None,
         }
-    }
-
-    pub fn images(&self) -> &[Vec<f32>] {
-        &self.images
     }
 
     /// How the starts follow from the clean images, if they do.
@@ -94,13 +98,26 @@ impl Starts {
 /// [`crate::gpu::kernels::update::random_start_f32`], bit for bit.
 pub fn random_start(clean: &[f32], rng: &ImageRng, eps: f32) -> Vec<f32> {
     // Counter-based draws: parallel chunks give the same values as a serial loop.
-    let mut x: Vec<f32> = clean
+    clean
         .par_iter()
         .enumerate()
-        .map(|(j, &c)| c + eps * (2.0 * rng.uniform(STREAM_INIT, j as u64) - 1.0))
-        .collect();
-    project(&mut x, clean, eps);
-    x
+        .map(|(j, &c)| random_start_pixel(c, rng, eps, j))
+        .collect()
+}
+
+/// Pixel `j` of [`random_start`].
+fn random_start_pixel(c: f32, rng: &ImageRng, eps: f32, j: usize) -> f32 {
+    project_pixel(c + eps * (2.0 * rng.uniform(STREAM_INIT, j as u64) - 1.0), c, eps)
+}
+
+/// Whether [`random_start`] gives back the clean image itself (ε = 0, or an ε below the
+/// rounding of every pixel), without making the start: it stops at the first pixel that moved,
+/// which for any usable ε is the first.
+fn random_start_is_clean(clean: &[f32], rng: &ImageRng, eps: f32) -> bool {
+    clean
+        .iter()
+        .enumerate()
+        .all(|(j, &c)| random_start_pixel(c, rng, eps, j) == c)
 }
 
 /// Checks that an image can be fed to a model with patch side `patch`.
@@ -118,11 +135,19 @@ impl<'a> Target<'a> {
         (self.clean.height, self.clean.width)
     }
 
-    fn resize_to(&self, x: &[f32], size: (usize, usize)) -> Vec<f32> {
+    /// `x` (native size) at `size`: borrowed when nothing changes.
+    fn resize_to<'x>(&self, x: &'x [f32], size: (usize, usize)) -> Cow<'x, [f32]> {
         if size == self.native() {
-            x.to_vec()
+            Cow::Borrowed(x)
         } else {
-            bicubic_resize(x, 3, self.clean.height, self.clean.width, size.0, size.1)
+            Cow::Owned(bicubic_resize(
+                x,
+                3,
+                self.clean.height,
+                self.clean.width,
+                size.0,
+                size.1,
+            ))
         }
     }
 
@@ -177,24 +202,33 @@ impl<'a, E: Engine> Attack<'a, E> {
             .into_iter()
             .map(|(clean, rng)| Target { clean, rng })
             .collect();
-        let resized: Vec<(Vec<f32>, (usize, usize))> = targets
-            .iter()
-            .map(|t| {
-                let size = eval_size(settings, t);
-                (t.resize_to(t.clean.data, size), size)
-            })
-            .collect();
-        let views: Vec<Planar> = resized.iter().map(|(d, s)| planar(d, *s)).collect();
-        let clean_eval = engine.clean_features(&views)?;
         Ok(Attack {
             engine,
             objective,
             settings,
             targets,
-            clean_eval,
+            clean_eval: OnceCell::new(),
             record_losses: false,
             stage_key: None,
         })
+    }
+
+    /// The clean features at the evaluation geometry, computed (and kept) on first use.
+    fn clean_eval(&self) -> Result<&E::Clean, EngineError> {
+        if let Some(c) = self.clean_eval.get() {
+            return Ok(c);
+        }
+        let resized: Vec<(Cow<[f32]>, (usize, usize))> = self
+            .targets
+            .iter()
+            .map(|t| {
+                let size = self.eval_size(t);
+                (t.resize_to(t.clean.data, size), size)
+            })
+            .collect();
+        let views: Vec<Planar> = resized.iter().map(|(d, s)| planar(d, *s)).collect();
+        let features = self.engine.clean_features(&views)?;
+        Ok(self.clean_eval.get_or_init(|| features))
     }
 
     /// Keeps every step's per-image loss in [`AttackOutcome::losses`] (for a loss curve). The
@@ -251,7 +285,7 @@ impl<'a, E: Engine> Attack<'a, E> {
         sizes: &[(usize, usize)],
     ) -> Result<Vec<LossAndGradient>, EngineError> {
         assert_eq!(xs.len(), self.targets.len());
-        let adv: Vec<Vec<f32>> = self
+        let adv: Vec<Cow<[f32]>> = self
             .targets
             .iter()
             .zip(xs)
@@ -266,9 +300,9 @@ impl<'a, E: Engine> Attack<'a, E> {
             .all(|(t, &s)| s == self.eval_size(t));
         let mut results = if at_eval {
             self.engine
-                .loss_and_gradient(&adv_views, &self.clean_eval, self.objective)?
+                .loss_and_gradient(&adv_views, self.clean_eval()?, self.objective)?
         } else {
-            let clean: Vec<Vec<f32>> = self
+            let clean: Vec<Cow<[f32]>> = self
                 .targets
                 .iter()
                 .zip(sizes)
@@ -292,7 +326,7 @@ impl<'a, E: Engine> Attack<'a, E> {
     /// Loss and per-layer cosine of each `xs[i]` at the evaluation geometry.
     pub fn evaluate(&self, xs: &[Vec<f32>]) -> Result<Vec<Evaluation>, EngineError> {
         let sizes: Vec<(usize, usize)> = self.targets.iter().map(|t| self.eval_size(t)).collect();
-        let adv: Vec<Vec<f32>> = self
+        let adv: Vec<Cow<[f32]>> = self
             .targets
             .iter()
             .zip(xs)
@@ -301,7 +335,7 @@ impl<'a, E: Engine> Attack<'a, E> {
             .collect();
         let views: Vec<Planar> = adv.iter().zip(&sizes).map(|(d, &s)| planar(d, s)).collect();
         self.engine
-            .evaluate(&views, &self.clean_eval, self.objective)
+            .evaluate(&views, self.clean_eval()?, self.objective)
     }
 
     /// The starting image of image `i`: its clean image (zero start), a seeded uniform point in
@@ -322,7 +356,8 @@ impl<'a, E: Engine> Attack<'a, E> {
 
     /// Every image's start ([`Attack::start`]; `from[i]`: image i's start from an earlier run,
     /// used with `--init from:`), recording when they follow from the clean images alone, so
-    /// that a device-resident loop can compute them instead of copying them.
+    /// that a device-resident loop can compute them instead of copying them. Such starts are
+    /// made on the host only when something there needs them ([`Attack::start_images`]).
     pub fn starts(&self, from: &[Option<&[f32]>]) -> Starts {
         assert_eq!(from.len(), self.targets.len(), "one start source per image");
         let derived = match self.settings.init {
@@ -330,13 +365,21 @@ impl<'a, E: Engine> Attack<'a, E> {
             Init::Zero => Some(DerivedStart::Clean),
             Init::From(_) => None,
         };
-        Starts {
-            images: from
-                .iter()
+        let images = derived.is_none().then(|| {
+            from.iter()
                 .enumerate()
                 .map(|(i, s)| self.start(i, *s))
-                .collect(),
-            derived,
+                .collect()
+        });
+        Starts { images, derived }
+    }
+
+    /// `starts` as host images, one per image: made now ([`Attack::start`]) when they were left
+    /// to be derived from the clean images.
+    pub fn start_images<'s>(&self, starts: &'s Starts) -> Cow<'s, [Vec<f32>]> {
+        match &starts.images {
+            Some(images) => Cow::Borrowed(images),
+            None => Cow::Owned((0..self.len()).map(|i| self.start(i, None)).collect()),
         }
     }
 
@@ -346,15 +389,25 @@ impl<'a, E: Engine> Attack<'a, E> {
         self.stage_key = Some(key);
     }
 
-    /// Whether `start` is a point where the loss gradient vanishes: the clean image itself, for
-    /// a loss that compares with the clean image (cosine at its maximum, distance at zero).
-    /// Decided by the loss actually optimised (the objective's), not by the settings it was
-    /// built from, so an attack with any other objective cannot take a wrong escape step.
-    fn starts_at_stationary_point(&self, t: &Target, start: &[f32]) -> bool {
+    /// Whether image `i`'s start is a point where the loss gradient vanishes: the clean image
+    /// itself, for a loss that compares with the clean image (cosine at its maximum, distance at
+    /// zero). Decided by the loss actually optimised (the objective's), not by the settings it
+    /// was built from, so an attack with any other objective cannot take a wrong escape step.
+    /// A derived start is judged without being made.
+    fn starts_at_stationary_point(&self, i: usize, starts: &Starts) -> bool {
+        let t = &self.targets[i];
         matches!(
             self.objective.kind,
             LossKind::Prm | LossKind::Nrd | LossKind::Embed
-        ) && start == t.clean.data
+        ) && match (&starts.images, starts.derived) {
+            (Some(images), _) => images[i] == t.clean.data,
+            // `project(clean)` is the clean image: it lies in [0, 1].
+            (None, Some(DerivedStart::Clean)) => true,
+            (None, Some(DerivedStart::Random)) => {
+                random_start_is_clean(t.clean.data, &t.rng, self.settings.eps)
+            }
+            (None, None) => unreachable!("starts are either given or derived"),
+        }
     }
 
     /// The seeded ±1 signs of the first step out of a stationary start.
@@ -389,22 +442,11 @@ impl<'a, E: Engine> Attack<'a, E> {
         starts: Starts,
         mut on_step: impl FnMut(usize),
     ) -> Result<Vec<AttackOutcome>, EngineError> {
-        let Starts {
-            images: starts,
-            derived,
-        } = starts;
-        assert_eq!(starts.len(), self.targets.len());
-        let mut opts: Vec<Optimizer> = self
-            .targets
-            .iter()
-            .zip(&starts)
-            .map(|(t, s)| Optimizer::new(self.settings, t.clean.data, s))
-            .collect();
-        let escaping: Vec<bool> = self
-            .targets
-            .iter()
-            .zip(&starts)
-            .map(|(t, s)| self.starts_at_stationary_point(t, s))
+        if let Some(images) = &starts.images {
+            assert_eq!(images.len(), self.targets.len(), "one start per image");
+        }
+        let escaping: Vec<bool> = (0..self.targets.len())
+            .map(|i| self.starts_at_stationary_point(i, &starts))
             .collect();
         let mut loss_initial: Vec<Option<f64>> = vec![None; self.targets.len()];
         // losses[i][step], NaN where a step computed none (an escape step).
@@ -427,8 +469,8 @@ impl<'a, E: Engine> Attack<'a, E> {
                 settings: self.settings,
                 clean: self.targets.iter().map(|t| t.clean).collect(),
                 rngs: self.targets.iter().map(|t| t.rng).collect(),
-                starts: &starts,
-                derived_start: derived,
+                starts: starts.images.as_deref().unwrap_or(&[]),
+                derived_start: starts.derived,
                 stage_key: self.stage_key.as_ref(),
                 escape: escaping.first().copied().unwrap_or(false),
                 eval_sizes: self.targets.iter().map(|t| self.eval_size(t)).collect(),
@@ -453,6 +495,13 @@ impl<'a, E: Engine> Attack<'a, E> {
                 return self.finish(&starts, initial, finals, recorded.into_inner());
             }
         }
+        // The host loop: every start on the host, one optimiser per image.
+        let mut opts: Vec<Optimizer> = self
+            .targets
+            .iter()
+            .zip(self.start_images(&starts).iter())
+            .map(|(t, s)| Optimizer::new(self.settings, t.clean.data, s))
+            .collect();
         for step in 0..self.settings.steps {
             // Images that escape at step 0 take no gradient; the rest share one engine call.
             let active: Vec<usize> = (0..self.targets.len())
@@ -496,7 +545,7 @@ impl<'a, E: Engine> Attack<'a, E> {
     /// value at an escape step 0, which computed none.
     fn finish(
         &self,
-        starts: &[Vec<f32>],
+        starts: &Starts,
         mut loss_initial: Vec<Option<f64>>,
         finals: Vec<Vec<f32>>,
         mut curves: Vec<Vec<f64>>,
@@ -505,6 +554,7 @@ impl<'a, E: Engine> Attack<'a, E> {
             .filter(|&i| loss_initial[i].is_none())
             .collect();
         if !missing.is_empty() {
+            let starts = self.start_images(starts);
             let mut xs = finals.clone();
             for &i in &missing {
                 xs[i] = starts[i].clone();

@@ -32,8 +32,13 @@ pub struct Optimizer {
 /// Projects `x` into `[clean − eps, clean + eps] ∩ [0, 1]`.
 pub fn project(x: &mut [f32], clean: &[f32], eps: f32) {
     for (v, &c) in x.iter_mut().zip(clean) {
-        *v = v.clamp(c - eps, c + eps).clamp(0.0, 1.0);
+        *v = project_pixel(*v, c, eps);
     }
+}
+
+/// One pixel of [`project`].
+pub fn project_pixel(v: f32, c: f32, eps: f32) -> f32 {
+    v.clamp(c - eps, c + eps).clamp(0.0, 1.0)
 }
 
 fn sign(v: f32) -> f32 {

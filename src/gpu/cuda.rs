@@ -660,13 +660,18 @@ impl CudaMemory {
     /// the host never stalls the queue. (A synchronisation here cost two full drains per
     /// attack step: the step's small tables are uploaded as it starts.)
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), GpuError> {
-        self.check(bytes.len(), "copy to device")?;
+        self.write_at(0, bytes)
+    }
+
+    /// [`CudaMemory::write`] from byte `offset` of the buffer on.
+    pub fn write_at(&mut self, offset: usize, bytes: &[u8]) -> Result<(), GpuError> {
+        self.check(offset.saturating_add(bytes.len()), "copy to device")?;
         if bytes.is_empty() {
             return Ok(());
         }
-        // SAFETY: the destination holds at least `bytes.len()` bytes (checked); the source is
-        // staged by the driver before the call returns (pageable memory).
-        unsafe { dr::memcpy_htod_async(self.ptr, bytes, self.stream.cu_stream()) }
+        // SAFETY: the destination holds at least `offset + bytes.len()` bytes (checked); the
+        // source is staged by the driver before the call returns (pageable memory).
+        unsafe { dr::memcpy_htod_async(self.ptr + offset as u64, bytes, self.stream.cu_stream()) }
             .map_err(|e| cuda_err("copy to device", e))
     }
 

@@ -360,6 +360,63 @@ impl Device {
         Ok(out)
     }
 
+    /// Copies the first elements of `buf` back to the host cut into pieces of `lens` elements
+    /// (one vector per image of a packed batch), with one wait for the device.
+    pub fn download_split<T: Element>(
+        &self,
+        buf: &Buffer<T>,
+        lens: &[usize],
+    ) -> Result<Vec<Vec<T>>, GpuError> {
+        let total: usize = lens.iter().sum();
+        let mut offset = 0;
+        lens.iter()
+            .map(|&len| {
+                // The first read waits for the device; the rest find it idle.
+                let piece = self.download_range(buf, offset, len);
+                offset += len;
+                piece
+            })
+            .collect::<Result<_, _>>()
+            .inspect(|_: &Vec<Vec<T>>| debug_assert_eq!(offset, total))
+    }
+
+    /// Writes `data` into `buf` from element `start` on (the rest of `buf` is left as it is), in
+    /// stream order, like [`Device::write`]. Panics when the range is not inside the buffer.
+    pub fn write_range<T: Element>(
+        &self,
+        buf: &mut Buffer<T>,
+        start: usize,
+        data: &[T],
+    ) -> Result<(), GpuError> {
+        let _timed = super::host_stats::timed(super::host_stats::Call::Upload);
+        self.refuse_in_capture("copying host data to the device")?;
+        assert!(
+            start
+                .checked_add(data.len())
+                .is_some_and(|end| end <= buf.len),
+            "write of elements {start}..{start}+{} into a buffer of {}",
+            data.len(),
+            buf.len
+        );
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let offset = start * std::mem::size_of::<T>();
+        self.timed_op(
+            OpKind::Upload,
+            || (format!("upload ({})", size_bucket(bytes.len())), 0.0),
+            || match &mut buf.mem {
+                Memory::Host { ptr, .. } => {
+                    // SAFETY: the range lies inside the allocation (asserted above), which is
+                    // exclusively borrowed.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.add(offset), bytes.len())
+                    };
+                    Ok(())
+                }
+                Memory::Cuda(m) => m.write_at(offset, bytes),
+            },
+        )
+    }
+
     /// Copies `src` into `dst` on the device (same length).
     pub fn copy<T: Element>(&self, src: &Buffer<T>, dst: &mut Buffer<T>) -> Result<(), GpuError> {
         let _timed = super::host_stats::timed(super::host_stats::Call::Copy);

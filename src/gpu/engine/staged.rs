@@ -114,20 +114,24 @@ impl GpuVit<'_> {
         Ok(Some(dst))
     }
 
-    /// `buf` on the host: through the stager's pinned readback buffer when staging is on, a
-    /// plain download otherwise.
-    pub(super) fn download_staged(&self, buf: &Buffer<f32>) -> Result<Vec<f32>, GpuError> {
+    /// `buf` on the host cut into pieces of `lens` elements (one per image): through the
+    /// stager's pinned readback buffer when staging is on, plain downloads otherwise.
+    pub(super) fn download_split_staged(
+        &self,
+        buf: &Buffer<f32>,
+        lens: &[usize],
+    ) -> Result<Vec<Vec<f32>>, GpuError> {
         let mut s = self.staging();
         if !s.on {
-            return self.dev.download(buf);
+            return self.dev.download_split(buf, lens);
         }
         if s.stager.is_none() {
             // Best effort, as staging: without a stager the download is a plain one.
             s.stager = Stager::new(&self.dev).ok();
         }
         match s.stager.as_mut() {
-            Some(stager) => stager.download(buf),
-            None => self.dev.download(buf),
+            Some(stager) => stager.download_split(buf, lens),
+            None => self.dev.download_split(buf, lens),
         }
     }
 

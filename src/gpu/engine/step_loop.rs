@@ -114,13 +114,16 @@ fn report_capture_failure(e: &GpuError) {
 }
 
 impl GpuVit<'_> {
-    /// Packs host images into one device buffer.
+    /// Packs host images into one device buffer, each copied straight to its place (no
+    /// packed copy of the batch on the host).
     fn upload_packed(&self, images: &[&[f32]]) -> Result<Pooled, GpuError> {
-        let mut packed = Vec::with_capacity(images.iter().map(|i| i.len()).sum());
+        let mut packed = self.alloc(images.iter().map(|i| i.len()).sum())?;
+        let mut offset = 0;
         for im in images {
-            packed.extend_from_slice(im);
+            self.dev.write_range(&mut packed, offset, im)?;
+            offset += im.len();
         }
-        Ok(self.pool.adopt(self.dev.upload(&packed)?))
+        Ok(packed)
     }
 
     /// The plan's clean images, packed on the device: the upload staged for them ahead of
@@ -485,21 +488,16 @@ impl GpuVit<'_> {
         let finals = match &state {
             State::Adamw { delta, .. } => {
                 adamw_image_f32(&self.dev, &fixed.images, &mut out.adv, delta, &fixed.clean)?;
-                self.download_staged(&out.adv)?
+                self.download_split_staged(&out.adv, &lens)?
             }
-            State::Sign { x, .. } => self.download_staged(x)?,
+            State::Sign { x, .. } => self.download_split_staged(x, &lens)?,
         };
-        let mut offset = 0;
-        Ok(lens
-            .iter()
+        Ok(finals
+            .into_iter()
             .zip(loss_initial)
-            .map(|(&len, loss_initial)| {
-                let adversarial = finals[offset..offset + len].to_vec();
-                offset += len;
-                StepLoopResult {
-                    adversarial,
-                    loss_initial,
-                }
+            .map(|(adversarial, loss_initial)| StepLoopResult {
+                adversarial,
+                loss_initial,
             })
             .collect())
     }

@@ -192,12 +192,13 @@ impl CudaLane {
 }
 
 impl CudaLane {
-    /// Copies the first `out.len()` bytes of `src` into `out` after all work queued on the
-    /// compute stream, through the pinned readback buffer (a DMA straight into page-locked
-    /// memory, then one host copy, instead of the driver's staging of pageable memory).
-    pub(super) fn download(&mut self, src: &CudaMemory, out: &mut [u8]) -> Result<(), GpuError> {
+    /// Copies the first bytes of `src` into `outs`, one after another, after all work queued on
+    /// the compute stream, through the pinned readback buffer (one DMA straight into
+    /// page-locked memory, then one host copy per piece, instead of the driver's staging of
+    /// pageable memory).
+    pub(super) fn download(&mut self, src: &CudaMemory, outs: &mut [&mut [u8]]) -> Result<(), GpuError> {
         self.bind()?;
-        let bytes = out.len();
+        let bytes: usize = outs.iter().map(|o| o.len()).sum();
         assert!(bytes <= src.len());
         if bytes == 0 {
             return Ok(());
@@ -232,7 +233,11 @@ impl CudaLane {
         self.compute
             .synchronize()
             .map_err(|e| err("copy to host", e))?;
-        out.copy_from_slice(&pinned[..bytes]);
+        let mut offset = 0;
+        for out in outs.iter_mut() {
+            out.copy_from_slice(&pinned[offset..offset + out.len()]);
+            offset += out.len();
+        }
         Ok(())
     }
 }

@@ -147,19 +147,35 @@ impl<K: PartialEq> Stager<K> {
         Ok(Some(Taken { copy_pending }))
     }
 
-    /// Copies `src` to the host after all work queued on the compute stream. On CUDA it goes
-    /// through a pinned readback buffer kept by the stager (grown when needed), so the copy is
-    /// one DMA at full link speed; under the simulator it is a plain download.
-    pub fn download(&mut self, src: &Buffer<f32>) -> Result<Vec<f32>, GpuError> {
+    /// Copies `src` to the host after all work queued on the compute stream, cut into pieces of
+    /// `lens` elements (which must add up to at most `src.len()`): one host vector per image of
+    /// a packed batch, with no whole-batch vector in between. On CUDA it goes through a pinned
+    /// readback buffer kept by the stager (grown when needed), so the copy is one DMA at full
+    /// link speed; under the simulator it is a plain download.
+    pub fn download_split(
+        &mut self,
+        src: &Buffer<f32>,
+        lens: &[usize],
+    ) -> Result<Vec<Vec<f32>>, GpuError> {
         self.dev
             .refuse_in_capture("copying device data to the host")?;
+        let total: usize = lens.iter().sum();
+        assert!(
+            total <= src.len(),
+            "download of {total} elements from a buffer of {}",
+            src.len()
+        );
         match (&mut self.lane, &src.mem) {
             (Lane::Cuda(lane), Memory::Cuda(m)) => {
-                let mut out = vec![0f32; src.len()];
-                lane.download(m, bytemuck::cast_slice_mut(&mut out))?;
-                Ok(out)
+                let mut outs: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0f32; n]).collect();
+                let mut pieces: Vec<&mut [u8]> = outs
+                    .iter_mut()
+                    .map(|o| bytemuck::cast_slice_mut(o.as_mut_slice()))
+                    .collect();
+                lane.download(m, &mut pieces)?;
+                Ok(outs)
             }
-            _ => self.dev.download(src),
+            _ => self.dev.download_split(src, lens),
         }
     }
 
