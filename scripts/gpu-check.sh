@@ -16,6 +16,8 @@
 #                       --out DIR          where summary.txt and gpu-check-logs.tar.gz go
 #                                          (default $OUT when set, else target/gpu-check)
 # Extra arguments after `--` go to every test binary (e.g. a test name filter).
+# Environment: TEST_BINARIES=name,name,... runs only those bundled test binaries;
+# REPORT_ROWS=row,row,... only those rows of scripts/gpu-report.sh (a short recheck).
 #
 # cuBLASLt is loaded at run time: libcublasLt.so.{13,12} must be findable; the folder of a
 # pip-installed PyTorch / nvidia-cublas wheel or /usr/local/cuda is added to LD_LIBRARY_PATH.
@@ -130,6 +132,7 @@ if want tests; then
   echo "== tests (every bundled binary; CUDA and simulator paths)"
   for t in "$BUNDLE"/tests/*; do
     name=$(basename "$t")
+    [[ -n ${TEST_BINARIES:-} && ,$TEST_BINARIES, != *,$name,* ]] && continue
     secs_allowed=$(allow 240 $after_tests)
     if (( secs_allowed < 10 )); then row "$name" "skipped" "-" 0 "out of time"; continue; fi
     s=$(date +%s.%N)

@@ -8,7 +8,8 @@
 # JSON goes to OUT_DIR (default target/gpu-report); the table goes to stdout. Rows run in order
 # of importance; with DEADLINE (epoch seconds) set, a row that cannot start at least 20 s before
 # it is skipped and every row's timeout ends at it (ROW_TIMEOUT caps each row, default 150 s;
-# torch.compile gets 240 s). Workloads:
+# torch.compile gets 240 s); REPORT_ROWS=name,name,... runs only those rows (names as in
+# OUT_DIR, e.g. prm-pgd-bf16,torch-pgd-eager-bf16,torch-pgd-compile). Workloads:
 #   pgd    ViT-B/16, 224 px, 10 PGD steps, batch $BATCH (default 64): prm bf16 and fp32;
 #          torch eager fp32, eager bf16 (autocast + SDPA), torch.compile
 #   paper  ViT-B/16, 640x480, 250 AdamW steps, dynamic scale, all layers: prm bf16 at batch
@@ -46,6 +47,9 @@ row_time() { # cap
 }
 run() { # name, command...
   local name=$1; shift
+  if [[ -n ${REPORT_ROWS:-} && ,$REPORT_ROWS, != *,$name,* ]]; then
+    return  # not among the rows asked for
+  fi
   local t
   t=$(row_time "$( [[ $name == *compile* ]] && echo 240 || echo "${ROW_TIMEOUT:-150}")")
   if [[ $t -eq 0 ]]; then
@@ -139,6 +143,7 @@ if [[ ! -d $DATA ]]; then
 fi
 attack() { # name, device, [env assignments...]
   local name=$1 dev=$2; shift 2
+  [[ -n ${REPORT_ROWS:-} && ,$REPORT_ROWS, != *,$name,* ]] && return
   local t
   t=$(row_time "${ROW_TIMEOUT:-150}")
   if [[ $t -eq 0 ]]; then

@@ -131,7 +131,11 @@ fn pinned_downloads_match_plain_downloads() {
         // Cut into pieces (one per image of a batch), short of the end.
         let cut = [n / 3, 0, n - n / 3 - n.min(1)];
         let pieces = stager.download_split(&buf, &cut).unwrap();
-        assert_eq!(pieces.concat(), want[..cut.iter().sum::<usize>()], "{n} elements, cut");
+        assert_eq!(
+            pieces.concat(),
+            want[..cut.iter().sum::<usize>()],
+            "{n} elements, cut"
+        );
         assert_eq!(pieces.iter().map(Vec::len).collect::<Vec<_>>(), cut);
         assert_eq!(dev.download(&buf).unwrap(), want);
     }

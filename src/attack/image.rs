@@ -107,7 +107,11 @@ pub fn random_start(clean: &[f32], rng: &ImageRng, eps: f32) -> Vec<f32> {
 
 /// Pixel `j` of [`random_start`].
 fn random_start_pixel(c: f32, rng: &ImageRng, eps: f32, j: usize) -> f32 {
-    project_pixel(c + eps * (2.0 * rng.uniform(STREAM_INIT, j as u64) - 1.0), c, eps)
+    project_pixel(
+        c + eps * (2.0 * rng.uniform(STREAM_INIT, j as u64) - 1.0),
+        c,
+        eps,
+    )
 }
 
 /// Whether [`random_start`] gives back the clean image itself (ε = 0, or an ε below the
@@ -218,15 +222,18 @@ impl<'a, E: Engine> Attack<'a, E> {
         if let Some(c) = self.clean_eval.get() {
             return Ok(c);
         }
-        let resized: Vec<(Cow<[f32]>, (usize, usize))> = self
+        let sizes = self.eval_sizes();
+        let resized: Vec<Cow<[f32]>> = self
             .targets
             .iter()
-            .map(|t| {
-                let size = self.eval_size(t);
-                (t.resize_to(t.clean.data, size), size)
-            })
+            .zip(&sizes)
+            .map(|(t, &size)| t.resize_to(t.clean.data, size))
             .collect();
-        let views: Vec<Planar> = resized.iter().map(|(d, s)| planar(d, *s)).collect();
+        let views: Vec<Planar> = resized
+            .iter()
+            .zip(&sizes)
+            .map(|(d, &s)| planar(d, s))
+            .collect();
         let features = self.engine.clean_features(&views)?;
         Ok(self.clean_eval.get_or_init(|| features))
     }
@@ -489,9 +496,11 @@ impl<'a, E: Engine> Attack<'a, E> {
                 },
             };
             if let Some(results) = self.engine.run_steps(&plan, &mut on_step) {
-                let results = results?;
-                let finals: Vec<Vec<f32>> = results.iter().map(|r| r.adversarial.clone()).collect();
-                let initial: Vec<Option<f64>> = results.iter().map(|r| r.loss_initial).collect();
+                // Moved, not copied: a batch of 64 images at 224 px is 38.5 MB.
+                let (finals, initial): (Vec<Vec<f32>>, Vec<Option<f64>>) = results?
+                    .into_iter()
+                    .map(|r| (r.adversarial, r.loss_initial))
+                    .unzip();
                 return self.finish(&starts, initial, finals, recorded.into_inner());
             }
         }
