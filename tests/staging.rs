@@ -91,6 +91,63 @@ fn device_derived_starts_give_the_same_images_as_uploaded_starts() {
     }
 }
 
+/// The final evaluation after a device-resident loop reuses the clean features the loop
+/// computed (one forward fewer per batch), and measures exactly what an attack that computes
+/// them afresh measures. Fixed resolution, so both the host's and the device's resize are in
+/// play.
+#[test]
+fn the_final_evaluation_reuses_the_loops_clean_features() {
+    let model = small_model(64, 2, 2, 8, 4, Activation::Gelu, 5);
+    let mut d = Draw::new(21);
+    let clean = batch(&mut d);
+    for dev in devices() {
+        let gpu = GpuVit::new(&dev, &model).unwrap();
+        gpu.set_graphs(false); // every forward its own launches, to count them
+        for resolution in [Resolution::Native, Resolution::Fixed(24)] {
+            let settings = AttackSettings {
+                steps: 3,
+                resolution,
+                ..Preset::Pgd.settings()
+            };
+            let layers = LayerSelection::All
+                .resolve(model.config.feature_layers())
+                .unwrap();
+            let obj = Objective::new(LossKind::Prm, layers, TokenSelection::All, &model).unwrap();
+            let forwards = |t: &prm::gpu::Timeline| {
+                // One token assembly per forward of a batch.
+                t.ops
+                    .iter()
+                    .filter(|o| o.label.starts_with("prm_embed_assemble_tokens"))
+                    .count()
+            };
+            let attack = Attack::new(&gpu, &obj, &settings, images(&clean)).unwrap();
+            dev.start_timeline().unwrap();
+            let outcomes = attack
+                .run_from(attack.starts(&[None, None, None]), |_| {})
+                .unwrap();
+            let finals: Vec<Vec<f32>> = outcomes.iter().map(|o| o.adversarial.clone()).collect();
+            let reused = attack.evaluate(&finals).unwrap();
+            let t = dev.finish_timeline().unwrap();
+            // The loop's clean forward, one per step, and the evaluation's: no second clean one.
+            assert_eq!(forwards(&t), 1 + 3 + 1, "{} {resolution:?}", dev.name());
+
+            let fresh = Attack::new(&gpu, &obj, &settings, images(&clean))
+                .unwrap()
+                .evaluate(&finals)
+                .unwrap();
+            for (i, (a, b)) in reused.iter().zip(&fresh).enumerate() {
+                assert_eq!(
+                    a.loss.to_bits(),
+                    b.loss.to_bits(),
+                    "image {i} {resolution:?}"
+                );
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a.layer_cosine), bits(&b.layer_cosine), "image {i}");
+            }
+        }
+    }
+}
+
 /// The stager on its own: a staged upload is taken only under its key and part lengths, only
 /// once, and a slot staged over forgets what it held.
 fn parts(x: &[Vec<f32>]) -> Vec<&[f32]> {
@@ -379,7 +436,7 @@ impl Engine for SmallGpu<'_> {
         &self,
         plan: &prm::attack::engine::StepPlan,
         on_step: &mut dyn FnMut(usize),
-    ) -> Option<Result<Vec<prm::attack::engine::StepLoopResult>, EngineError>> {
+    ) -> Option<Result<prm::attack::engine::StepLoopOutput<Self::Clean>, EngineError>> {
         if plan.clean.len() > self.max {
             return Some(Err(
                 prm::gpu::GpuError::OutOfMemory { bytes: 1 << 20 }.into()

@@ -110,6 +110,16 @@ pub struct StepLoopResult {
     pub loss_initial: Option<f64>,
 }
 
+/// What a device-resident loop returns: one [`StepLoopResult`] per image, and the clean features
+/// at the evaluation geometry that the loop computed for itself (`None` if it computed none).
+/// The attack keeps them for its final evaluation instead of computing them a second time: they
+/// are the same values, the forward of the same images at the same sizes (the device's resize is
+/// bit-identical to the host's).
+pub struct StepLoopOutput<C> {
+    pub images: Vec<StepLoopResult>,
+    pub clean_eval: Option<C>,
+}
+
 /// A forward/backward engine for batches of images of any sizes.
 pub trait Engine {
     /// Clean features of a batch, kept wherever the engine keeps them.
@@ -163,7 +173,7 @@ pub trait Engine {
         &self,
         _plan: &StepPlan,
         _on_step: &mut dyn FnMut(usize),
-    ) -> Option<Result<Vec<StepLoopResult>, EngineError>> {
+    ) -> Option<Result<StepLoopOutput<Self::Clean>, EngineError>> {
         None
     }
 }

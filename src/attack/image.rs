@@ -57,8 +57,8 @@ pub struct Attack<'a, E: Engine> {
     settings: &'a AttackSettings,
     targets: Vec<Target<'a>>,
     /// Clean features at the evaluation geometry (native or the fixed size), computed on first
-    /// use: an engine that runs the whole step loop itself computes its own, so an attack that
-    /// is only run never pays for these (an upload and a forward of the batch).
+    /// use, or handed over by an engine that runs the whole step loop itself and computed them
+    /// there: a batch's clean forward runs once, whichever loop runs it.
     clean_eval: OnceCell<E::Clean>,
     /// Keep every step's loss (see [`AttackOutcome::losses`]).
     record_losses: bool,
@@ -497,7 +497,13 @@ impl<'a, E: Engine> Attack<'a, E> {
             };
             if let Some(results) = self.engine.run_steps(&plan, &mut on_step) {
                 // Moved, not copied: a batch of 64 images at 224 px is 38.5 MB.
-                let (finals, initial): (Vec<Vec<f32>>, Vec<Option<f64>>) = results?
+                let output = results?;
+                if let Some(clean) = output.clean_eval {
+                    // The loop's own clean features: the final evaluation reuses them.
+                    let _ = self.clean_eval.set(clean);
+                }
+                let (finals, initial): (Vec<Vec<f32>>, Vec<Option<f64>>) = output
+                    .images
                     .into_iter()
                     .map(|r| (r.adversarial, r.loss_initial))
                     .unzip();

@@ -46,7 +46,7 @@ use super::kernels::resize::{ResizePlan, ResizeSizes};
 use super::pool::{BufferPool, Pooled, PooledBf16};
 use super::{Buffer, Device, GpuError};
 use crate::attack::engine::{
-    Engine, EngineError, LossAndGradient, StageKey, StagingCounters, StepLoopResult, StepPlan,
+    Engine, EngineError, LossAndGradient, StageKey, StagingCounters, StepLoopOutput, StepPlan,
 };
 use crate::attack::image::{Evaluation, Planar};
 use crate::attack::loss::Objective;
@@ -1375,7 +1375,7 @@ impl Engine for GpuVit<'_> {
         &self,
         plan: &StepPlan,
         on_step: &mut dyn FnMut(usize),
-    ) -> Option<Result<Vec<StepLoopResult>, EngineError>> {
+    ) -> Option<Result<StepLoopOutput<GpuClean>, EngineError>> {
         Some(self.step_loop(plan, on_step).map_err(EngineError::from))
     }
 

@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::{GpuClean, GpuVit, LossPass, Losses};
-use crate::attack::engine::{DerivedStart, StepLoopResult, StepPlan};
+use crate::attack::engine::{DerivedStart, StepLoopOutput, StepLoopResult, StepPlan};
 use crate::attack::settings::OptimizerKind;
 use crate::gpu::graph::Graph;
 use crate::gpu::kernels::loss::LayerLoss;
@@ -314,7 +314,7 @@ impl GpuVit<'_> {
         &self,
         plan: &StepPlan,
         on_step: &mut dyn FnMut(usize),
-    ) -> Result<Vec<StepLoopResult>, GpuError> {
+    ) -> Result<StepLoopOutput<GpuClean>, GpuError> {
         let s = plan.settings;
         let native: Vec<(usize, usize)> = plan.clean.iter().map(|c| (c.height, c.width)).collect();
         let lens: Vec<usize> = plan.clean.iter().map(|c| c.data.len()).collect();
@@ -492,13 +492,17 @@ impl GpuVit<'_> {
             }
             State::Sign { x, .. } => self.download_split_staged(x, &lens)?,
         };
-        Ok(finals
+        let images = finals
             .into_iter()
             .zip(loss_initial)
             .map(|(adversarial, loss_initial)| StepLoopResult {
                 adversarial,
                 loss_initial,
             })
-            .collect())
+            .collect();
+        Ok(StepLoopOutput {
+            images,
+            clean_eval: Some(fixed.clean_eval),
+        })
     }
 }
