@@ -172,6 +172,11 @@ fn bench_timeline_sums_kernels_and_products_of_one_attack() {
     let busy = t["busy_ms"].as_f64().unwrap();
     let span = t["span_ms"].as_f64().unwrap();
     assert!(busy > 0.0 && span >= busy, "{t}");
+    // The stamped attack's host clock covers its device span; the rest is host-only time.
+    let wall = t["attack_wall_ms"].as_f64().unwrap();
+    let outside = t["host_outside_span_ms"].as_f64().unwrap();
+    assert!(wall >= span && outside >= 0.0, "{t}");
+    assert!((wall - span - outside).abs() < 1e-6, "{t}");
     let shares: f64 = ops
         .iter()
         .map(|o| o["share_of_busy"].as_f64().unwrap())

@@ -151,7 +151,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let stats_before = HostStats::now();
     let mut stats_after = stats_before.clone();
     let mut graph_report = serde_json::Value::Null;
-    let mut timeline_report: Option<Timeline> = None;
+    // The stamped attack's device timeline and its wall-clock seconds on the host.
+    let mut timeline_report: Option<(Timeline, f64)> = None;
     let timings: Vec<AttackTiming> = match &device {
         None => time_attacks(
             &ReferenceVit::new(&model),
@@ -188,8 +189,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 dev.start_timeline()?;
                 let recorded = attacks(0, 1, &mut || {});
                 let timeline = dev.finish_timeline()?;
-                recorded?;
-                timeline_report = Some(timeline);
+                let wall = recorded?.first().map_or(f64::NAN, |t| t.seconds);
+                timeline_report = Some((timeline, wall));
             }
             let ops = g.ops_per_replay;
             graph_report = json!({
@@ -267,8 +268,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.profile {
         report["host_calls_per_attack"] = json!(host_calls);
     }
-    if let Some(t) = &timeline_report {
+    if let Some((t, wall)) = &timeline_report {
         report["timeline"] = t.summary_json(TIMELINE_ROWS);
+        report["timeline"]["attack_wall_ms"] = json!(wall * 1e3);
+        report["timeline"]["host_outside_span_ms"] = json!(host_outside_span_ms(t, *wall));
         if let Some(Some(path)) = &args.timeline {
             write_trace(path, &t.trace_event_json(&device_name))?;
             report["timeline"]["trace_file"] = json!(path);
@@ -340,8 +343,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 m("fills")
             );
         }
-        if let Some(t) = &timeline_report {
+        if let Some((t, wall)) = &timeline_report {
             print_timeline(t);
+            println!(
+                "host              the same attack took {:.2} ms on the host clock: {:.2} ms of \
+                 it outside the device's first-to-last span (set-up before the first operation; \
+                 read-back, copies and results after the last)",
+                wall * 1e3,
+                host_outside_span_ms(t, *wall)
+            );
             if let Some(Some(path)) = &args.timeline {
                 println!(
                     "trace             {} (every operation; open it in ui.perfetto.dev)",
@@ -374,6 +384,13 @@ fn write_trace(path: &Path, trace: &serde_json::Value) -> anyhow::Result<()> {
             })
     })
     .with_context(|| format!("cannot write the timeline trace {}", path.display()))
+}
+
+/// Milliseconds of an attack's wall-clock time that lie outside its device timeline's span:
+/// host work before the first stamped operation and after the last (the staged read-back is
+/// not stamped, so it counts here).
+fn host_outside_span_ms(t: &Timeline, wall_seconds: f64) -> f64 {
+    (wall_seconds * 1e3 - t.span_us() / 1e3).max(0.0)
 }
 
 /// The timeline as a table: totals, then the largest operations by device time.
