@@ -2,7 +2,8 @@
 # The GPU machine's one command: every bundled test against the real device, `prm attack
 # --device cuda` on the samples, device timelines of three attacks (`prm bench --timeline`:
 # kernel time in place and the idle gaps between kernels), the benchmark report against
-# PyTorch (scripts/gpu-report.sh) and a per-kernel profile of one pgd step (Nsight Compute),
+# PyTorch (scripts/gpu-report.sh), a per-kernel profile of one pgd step (Nsight Compute) and
+# the attention kernels' occupancy and stall reasons,
 # inside a time budget, then one table. Lent GPU time is short (15 minutes a session, machine
 # start included), so sections run in order of what matters and each gets at most what is left
 # of the budget.
@@ -273,6 +274,41 @@ print("  TB/s: DRAM bytes / kernel time; mem%, sm%: throughput as % of peak (Nsi
 print("  of light); tc%: tensor pipe active; all time-weighted over the kernel's launches")
 PY
 }
+# Why the attention kernels are slow (a quarter of a pgd step's device time on an H200,
+# 2026-12-04, at ~75 TFLOP/s): for the first launches of each, achieved occupancy and the
+# average number of warps stalled on each reason per issued instruction (Nsight Compute's
+# warp-state breakdown), largest first. Its own ncu run, so a metric this ncu lacks loses this
+# table only.
+attention_stalls() { # secs
+  local csv=$LOGS/ncu-attention.csv
+  echo "== profile: attention stall reasons (ncu, ${1}s)"
+  (cd "$ROOT" && PRM_NO_GRAPHS=1 timeout "$1" "$NCU" --clock-control none -k regex:prm_attention --launch-count 8 \
+    --metrics "gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+    --csv "$BUNDLE/prm" bench --device cuda --model random:vit-b-16 --precision bf16 --warmup 0 --repeats 1 \
+    --no-ceiling --batch-size 64 --steps 1) >"$csv" 2>"${csv%.csv}.err"
+  python3 - "$csv" >>"$LOGS/profile.txt" 2>&1 <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+print("attention kernels, pgd batch 64 (first launches): occupancy and stall reasons")
+if not rows:
+    print("  ncu produced no rows (see ncu-attention.err)"); sys.exit()
+head = rows[0]
+k, m, v = (head.index(c) for c in ("Kernel Name", "Metric Name", "Metric Value"))
+per = collections.defaultdict(lambda: collections.defaultdict(list))
+for r in rows[1:]:
+    try:
+        per[r[k].split("(")[0]][r[m]].append(float(r[v].replace(",", "")))
+    except ValueError:
+        pass
+for name, met in per.items():
+    mean = {key: sum(vals) / len(vals) for key, vals in met.items()}
+    occ = mean.get("sm__warps_active.avg.pct_of_peak_sustained_active", float("nan"))
+    stalls = sorted(((val, key.replace("smsp__average_warps_issue_stalled_", "").replace("_per_issue_active.ratio", ""))
+                     for key, val in mean.items() if key.startswith("smsp__average_warps_issue_stalled_")), reverse=True)
+    print(f"  {name}: achieved occupancy {occ:.1f}% of peak warps; stalled warps per issue: "
+          + ", ".join(f"{s} {val:.2f}" for val, s in stalls[:6]))
+PY
+}
 NCU_METRICS=gpu__time_duration.sum,dram__bytes.sum,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
 if want profile; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
@@ -286,6 +322,11 @@ if want profile; then
     else
       profile_run "pgd: batch 64, 224 px, clean forward + 1 step + final evaluation" "$LOGS/ncu-pgd.csv" \
         "$secs_allowed" --batch-size 64 --steps 1
+      secs_allowed=$(allow 90 15)
+      if (( secs_allowed >= 30 )); then
+        echo >>"$LOGS/profile.txt"
+        attention_stalls "$secs_allowed"
+      fi
       secs_allowed=$(allow 150 15)
       if (( secs_allowed >= 40 )); then
         echo >>"$LOGS/profile.txt"
