@@ -294,8 +294,6 @@ impl Device {
 
     /// Overwrites `buf` (which must have `data.len()` elements) with `data`.
     pub fn write<T: Element>(&self, buf: &mut Buffer<T>, data: &[T]) -> Result<(), GpuError> {
-        let _timed = super::host_stats::timed(super::host_stats::Call::Upload);
-        self.refuse_in_capture("copying host data to the device")?;
         assert_eq!(
             buf.len,
             data.len(),
@@ -303,20 +301,7 @@ impl Device {
             data.len(),
             buf.len
         );
-        let bytes: &[u8] = bytemuck::cast_slice(data);
-        self.timed_op(
-            OpKind::Upload,
-            || (format!("upload ({})", size_bucket(bytes.len())), 0.0),
-            || match &mut buf.mem {
-                Memory::Host { ptr, .. } => {
-                    // SAFETY: the allocation has at least `bytes.len()` bytes and is exclusively
-                    // borrowed.
-                    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), *ptr, bytes.len()) };
-                    Ok(())
-                }
-                Memory::Cuda(m) => m.write(bytes),
-            },
-        )
+        self.write_range(buf, 0, data)
     }
 
     /// Copies `buf` back to the host.
