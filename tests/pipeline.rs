@@ -710,10 +710,25 @@ fn sim_devices_and_the_profile_through_the_command_line() {
     let batches = json["batches"].as_array().unwrap();
     let images: u64 = batches.iter().map(|b| b["images"].as_u64().unwrap()).sum();
     assert_eq!(images, 3);
+    assert!(err.contains("engine time by phase: set-up"), "{err}");
     for b in batches {
         let t = |k: &str| b[k].as_f64().unwrap();
         assert!(t("requested_at") <= t("loaded_at") && t("loaded_at") <= t("engine_done_at"));
         assert!(t("engine_done_at") <= t("queued_at"));
+        // The engine's phases lie inside its busy time, and the steps take some of it.
+        let p = &b["phases"];
+        let phase = |k: &str| p[k].as_f64().unwrap();
+        let sum: f64 = [
+            "setup_seconds",
+            "steps_seconds",
+            "quantize_seconds",
+            "evaluate_seconds",
+        ]
+        .iter()
+        .map(|k| phase(k))
+        .sum();
+        assert!(phase("steps_seconds") > 0.0, "{p}");
+        assert!(sum <= t("engine_done_at") - t("loaded_at") + 1e-9, "{b}");
     }
     assert!(json["summary"]["engine_never_waited_in_steady_state"].is_boolean());
     // One simulated device: the same bytes and records.

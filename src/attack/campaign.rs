@@ -23,12 +23,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
 
 use super::engine::{Engine, EngineError, StageKey};
 use super::image::{check_image_size, Attack, Planar};
 use super::loss::Objective;
 use super::pipeline::{self, Claimed};
-use super::profile::Timeline;
+use super::profile::{BatchPhases, Timeline};
 use super::settings::{AttackSettings, Init};
 use crate::io::inputs::staging_dir_name;
 use crate::io::webdataset::{tar_index, write_tar_atomic, MemberData, OutputLookup};
@@ -637,7 +640,9 @@ pub(super) fn load(
 /// What became of one batch: a result per image, or an out-of-memory error before anything was
 /// handed on (the worker retries smaller).
 pub(super) enum BatchResult {
-    Done(Vec<Finished>),
+    /// One result per image, and where the batch's engine time went (`None` when the engine
+    /// failed before the attack finished).
+    Done(Vec<Finished>, Option<BatchPhases>),
     OutOfMemory,
 }
 
@@ -715,7 +720,7 @@ pub(super) fn attack_batch<E: Engine>(
             Err(e) => Err(e.clone()),
         })
         .collect();
-    let done = |results: Vec<Result<Attacked, ImageFailure>>| {
+    let done = |results: Vec<Result<Attacked, ImageFailure>>, phases: Option<BatchPhases>| {
         BatchResult::Done(
             batch
                 .iter()
@@ -725,11 +730,23 @@ pub(super) fn attack_batch<E: Engine>(
                     result,
                 })
                 .collect(),
+            phases,
         )
     };
     if ok.is_empty() {
-        return done(results);
+        return done(results, None);
     }
+    let clock = Instant::now();
+    let mut phases = BatchPhases::default();
+    let mut lap = {
+        let mut last = clock;
+        move || {
+            let now = Instant::now();
+            let secs = (now - last).as_secs_f64();
+            last = now;
+            secs
+        }
+    };
     let images = ok
         .iter()
         .map(|&(_, l)| {
@@ -751,7 +768,7 @@ pub(super) fn attack_batch<E: Engine>(
             for &(j, l) in &ok {
                 results[j] = Err(engine_failure(&e, l));
             }
-            return done(results);
+            return done(results, None);
         }
     };
     attack.record_losses(curves);
@@ -761,6 +778,7 @@ pub(super) fn attack_batch<E: Engine>(
         .map(|(_, l)| l.start.as_ref().map(|s| s.data.as_slice()))
         .collect();
     let starts = attack.starts(&from);
+    phases.setup_seconds = lap();
     let outcomes = match attack.run_from(starts, |_| on_step(ok.len())) {
         Ok(o) => o,
         Err(e) if e.is_out_of_memory() => return BatchResult::OutOfMemory,
@@ -768,19 +786,22 @@ pub(super) fn attack_batch<E: Engine>(
             for &(j, l) in &ok {
                 results[j] = Err(engine_failure(&e, l));
             }
-            return done(results);
+            return done(results, None);
         }
     };
-    // Save within ε after rounding, then measure what was actually saved.
+    phases.steps_seconds = lap();
+    // Save within ε after rounding, then measure what was actually saved. One image per task:
+    // a batch is tens of millions of values, and this runs while the device waits.
     let saved: Vec<Vec<u8>> = ok
-        .iter()
+        .par_iter()
         .zip(&outcomes)
         .map(|(&(_, l), o)| quantize_within_eps(&o.adversarial, &l.clean.data, settings.eps))
         .collect();
     let saved_f32: Vec<Vec<f32>> = saved
-        .iter()
+        .par_iter()
         .map(|s| s.iter().map(|&q| q as f32 / 255.0).collect())
         .collect();
+    phases.quantize_seconds = lap();
     let evals = match attack.evaluate(&saved_f32) {
         Ok(e) => e,
         Err(e) if e.is_out_of_memory() => return BatchResult::OutOfMemory,
@@ -788,9 +809,10 @@ pub(super) fn attack_batch<E: Engine>(
             for &(j, l) in &ok {
                 results[j] = Err(engine_failure(&e, l));
             }
-            return done(results);
+            return done(results, None);
         }
     };
+    phases.evaluate_seconds = lap();
     for (((&(j, l), outcome), saved), eval) in ok.iter().zip(outcomes).zip(saved).zip(evals) {
         let curve = curves.then(|| {
             let mut curve = outcome.losses.clone();
@@ -824,7 +846,7 @@ pub(super) fn attack_batch<E: Engine>(
             curve,
         });
     }
-    done(results)
+    done(results, Some(phases))
 }
 
 /// Writes the PNG (and the float image with `--save-float`); returns the PNG's relative path.

@@ -225,7 +225,7 @@ impl<'a, E: Engine> Attack<'a, E> {
         let sizes = self.eval_sizes();
         let resized: Vec<Cow<[f32]>> = self
             .targets
-            .iter()
+            .par_iter()
             .zip(&sizes)
             .map(|(t, &size)| t.resize_to(t.clean.data, size))
             .collect();
@@ -294,7 +294,7 @@ impl<'a, E: Engine> Attack<'a, E> {
         assert_eq!(xs.len(), self.targets.len());
         let adv: Vec<Cow<[f32]>> = self
             .targets
-            .iter()
+            .par_iter()
             .zip(xs)
             .zip(sizes)
             .map(|((t, x), &s)| t.resize_to(x, s))
@@ -311,7 +311,7 @@ impl<'a, E: Engine> Attack<'a, E> {
         } else {
             let clean: Vec<Cow<[f32]>> = self
                 .targets
-                .iter()
+                .par_iter()
                 .zip(sizes)
                 .map(|(t, &s)| t.resize_to(t.clean.data, s))
                 .collect();
@@ -324,9 +324,13 @@ impl<'a, E: Engine> Attack<'a, E> {
             self.engine
                 .loss_and_gradient(&adv_views, &clean_features, self.objective)?
         };
-        for ((r, t), &s) in results.iter_mut().zip(&self.targets).zip(sizes) {
-            r.gradient = t.resize_back(std::mem::take(&mut r.gradient), s);
-        }
+        results
+            .par_iter_mut()
+            .zip(&self.targets)
+            .zip(sizes)
+            .for_each(|((r, t), &s)| {
+                r.gradient = t.resize_back(std::mem::take(&mut r.gradient), s);
+            });
         Ok(results)
     }
 
@@ -335,7 +339,7 @@ impl<'a, E: Engine> Attack<'a, E> {
         let sizes: Vec<(usize, usize)> = self.targets.iter().map(|t| self.eval_size(t)).collect();
         let adv: Vec<Cow<[f32]>> = self
             .targets
-            .iter()
+            .par_iter()
             .zip(xs)
             .zip(&sizes)
             .map(|((t, x), &s)| t.resize_to(x, s))

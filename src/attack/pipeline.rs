@@ -582,6 +582,7 @@ fn engine_worker<E: Engine>(
             stage_seconds: after_staging.host_seconds - before.host_seconds,
             input_staged: false,
             copy_pending: false,
+            phases: None,
         };
         let after = engine.staging_counters();
         timing.input_staged = after.used > after_staging.used;
@@ -610,7 +611,10 @@ fn engine_worker<E: Engine>(
                         .into(),
                 )
             }
-            Ok(BatchResult::Done(finished)) => finished,
+            Ok(BatchResult::Done(finished, phases)) => {
+                timing.phases = phases;
+                finished
+            }
             Err(payload) if payload.is::<Interrupted>() => return,
             Err(panic) => fail_all(
                 &chunk,

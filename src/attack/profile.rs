@@ -20,6 +20,30 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+/// Where one batch's engine time went (host clock; the device work of each phase is waited for
+/// inside it, since each ends in a read-back).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct BatchPhases {
+    /// Building the attack and its starts (host work before the first step).
+    pub setup_seconds: f64,
+    /// Every step, with the upload of the clean images and the read-back of the results.
+    pub steps_seconds: f64,
+    /// Rounding the results to 8-bit levels within ε.
+    pub quantize_seconds: f64,
+    /// Loss and layer cosines of the saved images (their forward, and the clean features if the
+    /// steps did not leave them).
+    pub evaluate_seconds: f64,
+}
+
+impl BatchPhases {
+    fn add(&mut self, o: &BatchPhases) {
+        self.setup_seconds += o.setup_seconds;
+        self.steps_seconds += o.steps_seconds;
+        self.quantize_seconds += o.quantize_seconds;
+        self.evaluate_seconds += o.evaluate_seconds;
+    }
+}
+
 /// One engine batch, as an engine worker saw it.
 #[derive(Clone, Debug, Serialize)]
 pub struct BatchTiming {
@@ -55,6 +79,8 @@ pub struct BatchTiming {
     /// The staged copy had not finished when this batch took it, so the compute stream waited
     /// for it on the device (never on the simulator, whose copies are synchronous).
     pub copy_pending: bool,
+    /// Where the engine time went (absent for a batch that failed or ran out of memory).
+    pub phases: Option<BatchPhases>,
 }
 
 impl BatchTiming {
@@ -143,6 +169,8 @@ pub struct WorkerSummary {
     pub copy_waits: usize,
     /// Host time spent staging uploads, included in `engine_busy_seconds`.
     pub stage_seconds: f64,
+    /// `engine_busy_seconds` by phase, summed over the worker's batches.
+    pub phases: BatchPhases,
 }
 
 /// Totals of a run.
@@ -249,6 +277,13 @@ impl Timeline {
                             .count(),
                         copy_waits: mine.iter().filter(|b| b.copy_pending).count(),
                         stage_seconds: mine.iter().fold(0.0, |a, b| a + b.stage_seconds),
+                        phases: mine.iter().filter_map(|b| b.phases.as_ref()).fold(
+                            BatchPhases::default(),
+                            |mut sum, p| {
+                                sum.add(p);
+                                sum
+                            },
+                        ),
                     }
                 })
                 .collect();
@@ -309,6 +344,12 @@ impl Timeline {
                 w.input_wait_seconds,
                 w.input_wait_after_first_seconds,
                 w.output_wait_seconds,
+            );
+            let p = &w.phases;
+            out += &format!(
+                "    engine time by phase: set-up {:.3} s, steps {:.3} s, quantisation {:.3} s, \
+                 evaluation {:.3} s\n",
+                p.setup_seconds, p.steps_seconds, p.quantize_seconds, p.evaluate_seconds,
             );
             let after_first = w.batches.saturating_sub(1);
             if w.input_staged_after_first > 0 || w.copy_waits > 0 {
