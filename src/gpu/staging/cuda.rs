@@ -139,12 +139,8 @@ impl CudaLane {
             .expect("allocated above")
             .as_mut_slice()
             .map_err(|e| err("waiting for pinned host memory", e))?;
-        let mut at = 0;
-        for p in parts {
-            let b: &[u8] = bytemuck::cast_slice(p);
-            host[at..at + b.len()].copy_from_slice(b);
-            at += b.len();
-        }
+        let sources: Vec<&[u8]> = parts.iter().map(|p| bytemuck::cast_slice(p)).collect();
+        pack(&mut host[..bytes], &sources);
         let device = slot.device.as_ref().expect("allocated above").ptr;
         // The device slot is free once the compute stream has taken what it held before (a
         // device-side wait; one batch back, so normally long passed).
@@ -238,18 +234,9 @@ impl CudaLane {
         self.compute
             .synchronize()
             .map_err(|e| err("copy to host", e))?;
-        // One host copy per piece, in parallel: fresh host vectors fault their pages in as the
-        // copy touches them, which one thread does at a fraction of memory bandwidth.
-        let mut sources = Vec::with_capacity(outs.len());
-        let mut rest: &[u8] = &pinned[..bytes];
-        for out in outs.iter() {
-            let (piece, tail) = rest.split_at(out.len());
-            sources.push(piece);
-            rest = tail;
-        }
-        outs.par_iter_mut()
-            .zip(sources)
-            .for_each(|(out, src)| out.copy_from_slice(src));
+        // Fresh host vectors fault their pages in as the copy touches them, which one thread
+        // does at a fraction of memory bandwidth.
+        unpack(&pinned[..bytes], outs);
         Ok(())
     }
 }
@@ -263,5 +250,51 @@ impl Drop for CudaLane {
             let _ = slot.idle();
             slot.free_device();
         }
+    }
+}
+
+/// Copies `parts` one after another into `dst` (their total length), one part per task: the
+/// staging of a batch is one host copy of tens of megabytes on the engine worker's path.
+fn pack(dst: &mut [u8], parts: &[&[u8]]) {
+    let mut pieces = Vec::with_capacity(parts.len());
+    let mut rest = dst;
+    for p in parts {
+        let (piece, tail) = rest.split_at_mut(p.len());
+        pieces.push(piece);
+        rest = tail;
+    }
+    pieces
+        .into_par_iter()
+        .zip(parts)
+        .for_each(|(d, s)| d.copy_from_slice(s));
+}
+
+/// Copies consecutive pieces of `src` into `outs` (their total length), one piece per task.
+fn unpack(src: &[u8], outs: &mut [&mut [u8]]) {
+    let mut pieces = Vec::with_capacity(outs.len());
+    let mut rest = src;
+    for out in outs.iter() {
+        let (piece, tail) = rest.split_at(out.len());
+        pieces.push(piece);
+        rest = tail;
+    }
+    outs.par_iter_mut()
+        .zip(pieces)
+        .for_each(|(d, s)| d.copy_from_slice(s));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{pack, unpack};
+
+    #[test]
+    fn pack_and_unpack_place_pieces_in_order() {
+        let parts: [&[u8]; 4] = [&[1, 2, 3], &[], &[4], &[5, 6]];
+        let mut packed = [0u8; 6];
+        pack(&mut packed, &parts);
+        assert_eq!(packed, [1, 2, 3, 4, 5, 6]);
+        let (mut a, mut b, mut c) = ([0u8; 2], [0u8; 0], [0u8; 4]);
+        unpack(&packed, &mut [&mut a, &mut b, &mut c]);
+        assert_eq!((a, c), ([1, 2], [3, 4, 5, 6]));
     }
 }
