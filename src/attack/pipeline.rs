@@ -757,6 +757,14 @@ fn writer_loop(
     let mut counts = Counts::default();
     let mut waiting: BTreeMap<usize, Completion> = BTreeMap::new();
     let mut next = 0usize;
+    // Encoding runs on the writer's own threads: on the global pool a batch of encodes would
+    // queue ahead of the engine workers' parallel host work (quantisation, resizes, staging
+    // copies), which sits between device phases. Without a pool of its own (thread creation
+    // refused), the writer shares the global one.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("prm-writer-{i}"))
+        .build()
+        .ok();
     for job in jobs.iter() {
         shared.backlog.fetch_sub(1, Ordering::SeqCst);
         let started_at = shared.now();
@@ -764,14 +772,19 @@ fn writer_loop(
         let images = job.images.len();
         let seconds = job.seconds;
         // The images of a batch are encoded and written in parallel; records wait for order.
-        let written: Vec<(usize, Completion)> = job
-            .images
-            .into_par_iter()
-            .map(|f| {
-                let item = &run.todo[f.index];
-                (f.index, write_image(item, f.result, seconds, run.output))
-            })
-            .collect();
+        let encode = || -> Vec<(usize, Completion)> {
+            job.images
+                .into_par_iter()
+                .map(|f| {
+                    let item = &run.todo[f.index];
+                    (f.index, write_image(item, f.result, seconds, run.output))
+                })
+                .collect()
+        };
+        let written = match &pool {
+            Some(p) => p.install(encode),
+            None => encode(),
+        };
         waiting.extend(written);
         while let Some(c) = waiting.remove(&next) {
             append(&mut manifest, &done, &mut counts, c)?;
