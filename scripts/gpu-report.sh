@@ -156,7 +156,7 @@ attack() { # name, device, [env assignments...]
     --output "$OUT/$name-out" --preset pgd --resolution 224 --precision bf16 --batch-size auto \
     --device "$dev" --profile "$OUT/$name-profile.json" >"$OUT/$name.log" 2>&1 \
     || echo "   failed: see $OUT/$name.log" >&2
-  grep -E "images/s|waited|busy|steady|staged" "$OUT/$name.log" | sed "s/^/$name: /"
+  grep -E "images/s|waited|busy|steady|staged|by phase" "$OUT/$name.log" | sed "s/^/$name: /"
 }
 echo
 attack attack-cuda0 cuda:0
