@@ -801,6 +801,11 @@ pub(super) fn attack_batch<E: Engine>(
         .par_iter()
         .map(|s| s.iter().map(|&q| q as f32 / 255.0).collect())
         .collect();
+    let linf: Vec<f64> = saved
+        .par_iter()
+        .zip(&ok)
+        .map(|(s, &(_, l))| io::linf_255(s, &l.clean.data))
+        .collect();
     phases.quantize_seconds = lap();
     let evals = match attack.evaluate(&saved_f32) {
         Ok(e) => e,
@@ -813,7 +818,9 @@ pub(super) fn attack_batch<E: Engine>(
         }
     };
     phases.evaluate_seconds = lap();
-    for (((&(j, l), outcome), saved), eval) in ok.iter().zip(outcomes).zip(saved).zip(evals) {
+    for ((((&(j, l), outcome), saved), eval), linf) in
+        ok.iter().zip(outcomes).zip(saved).zip(evals).zip(linf)
+    {
         let curve = curves.then(|| {
             let mut curve = outcome.losses.clone();
             curve.push(eval.loss);
@@ -829,7 +836,7 @@ pub(super) fn attack_batch<E: Engine>(
             loss_initial: Some(outcome.loss_initial),
             loss_final: Some(eval.loss),
             layer_cosine: Some(eval.layer_cosine),
-            linf: Some(io::linf_255(&saved, &l.clean.data)),
+            linf: Some(linf),
             steps: outcome.steps,
             seconds: 0.0,
         };
