@@ -428,11 +428,8 @@ impl<'m> GpuVit<'m> {
     /// Packs `images` (planar, any sizes) into one device batch.
     fn batch(&self, images: &[Planar]) -> Result<Batch, GpuError> {
         let sizes: Vec<(usize, usize)> = images.iter().map(|im| (im.height, im.width)).collect();
-        let mut pixels = Vec::with_capacity(images.iter().map(|im| im.data.len()).sum());
-        for im in images {
-            pixels.extend_from_slice(im.data);
-        }
-        self.batch_on_device(&sizes, self.pool.adopt(self.dev.upload(&pixels)?))
+        let data: Vec<&[f32]> = images.iter().map(|im| im.data).collect();
+        self.batch_on_device(&sizes, self.upload_packed(&data)?)
     }
 
     /// A batch of images already on the device, packed planar at `sizes`.

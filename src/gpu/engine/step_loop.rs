@@ -116,7 +116,7 @@ fn report_capture_failure(e: &GpuError) {
 impl GpuVit<'_> {
     /// Packs host images into one device buffer, each copied straight to its place (no
     /// packed copy of the batch on the host).
-    fn upload_packed(&self, images: &[&[f32]]) -> Result<Pooled, GpuError> {
+    pub(super) fn upload_packed(&self, images: &[&[f32]]) -> Result<Pooled, GpuError> {
         let mut packed = self.alloc(images.iter().map(|i| i.len()).sum())?;
         let mut offset = 0;
         for im in images {
