@@ -442,11 +442,10 @@ fn product_variants_match_the_simulator() {
         let got = product_variants(&dev, s, 100 + i as u64);
         let want = product_variants(&sim, s, 100 + i as u64);
         // fp32 accumulation in another order; bf16 outputs may round the other way (one bf16
-        // step, 2^-8 relative). With a bias, cuBLASLt's bf16-output epilogue may round the
-        // product to bf16 before it adds the bias (seen on an H200 with cuBLAS 13's nvjet
-        // kernels: 0.11328125 against 0.111328125 where the bias cancelled most of the
-        // product), so that error scales with the product's size, not the sum's. PyTorch's
-        // autocast linear goes through the same epilogue.
+        // step, 2^-8 relative). With a bias, cuBLASLt's bf16-output epilogue behaves as if it
+        // rounded the product to bf16 before adding the bias (seen on an H200 with cuBLAS 13's
+        // nvjet kernels: 0.11328125 against 0.111328125 where the bias cancelled most of the
+        // product), so that error scales with the product's size, not the sum's.
         let f32_tol = 2e-5 * (k.max(1) as f64).sqrt() * 8.0;
         let names = [
             "f32 residual",
