@@ -14,7 +14,7 @@
 #          torch eager fp32, eager bf16 (autocast + SDPA), torch.compile
 #   paper  ViT-B/16, 640x480, 250 AdamW steps, dynamic scale, all layers: prm bf16 at batch
 #          $PAPER_BATCH (default 8), 32 and 1, prm fp32 at batch 1; torch fp32 at batch 1
-#   A/B    prm bf16 with graphs off, with attention v2, with staging off in the attack row, at
+#   A/B    prm bf16 with graphs off, with attention v2, with staging off (bench and attack row), at
 #          batch 1 with graphs on and off
 #   attack 192 images through `prm attack --profile` on cuda:0, again with PRM_NO_STAGING=1
 #          (and cuda:all with several GPUs)
@@ -76,6 +76,8 @@ run torch-pgd-compile $PY tools/torch_prm.py --mode compile --batch-size "$BATCH
 # attention (v2); batch 1 shows the host cost graphs remove.
 run prm-pgd-bf16-nographs $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5 --graphs off
 run prm-pgd-bf16-attn-v2 env PRM_ATTENTION=v2 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
+# The bench stages each attack's batch ahead (prm attack's steady state); this row uploads it.
+run prm-pgd-bf16-nostaging env PRM_NO_STAGING=1 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 run prm-paper-bf16-b32 $B --precision bf16 $PAPER --batch-size 32 --warmup 0 --repeats 1 --no-ceiling
 run prm-paper-bf16-b1 $B --precision bf16 $PAPER --batch-size 1 --repeats 2 --no-ceiling
 run prm-pgd-fp32 $B --precision fp32 --batch-size "$BATCH" --steps 10 --repeats 3
@@ -97,6 +99,7 @@ rows = [
     ("pgd", "torch eager fp32", "torch-pgd-eager-fp32"), ("pgd", "torch eager bf16+SDPA", "torch-pgd-eager-bf16"),
     ("pgd", "torch.compile bf16", "torch-pgd-compile"),
     ("pgd", "prm bf16 graphs off", "prm-pgd-bf16-nographs"), ("pgd", "prm bf16 attention v2", "prm-pgd-bf16-attn-v2"),
+    ("pgd", "prm bf16 uploads unstaged", "prm-pgd-bf16-nostaging"),
     ("pgd", "prm bf16 b1", "prm-pgd-bf16-b1"), ("pgd", "prm bf16 b1 graphs off", "prm-pgd-bf16-b1-nographs"),
     ("paper", "prm bf16 b1", "prm-paper-bf16-b1"), ("paper", f"prm bf16 b{pb}", f"prm-paper-bf16-b{pb}"),
     ("paper", "prm bf16 b32", "prm-paper-bf16-b32"),
@@ -122,6 +125,7 @@ print(f"pgd   prm bf16 / torch.compile          {ratio('prm-pgd-bf16', 'torch-pg
 print(f"pgd   graphs on / off (batch {batch})      {ratio('prm-pgd-bf16', 'prm-pgd-bf16-nographs'):6.2f}x")
 print(f"pgd   graphs on / off (batch 1)        {ratio('prm-pgd-bf16-b1', 'prm-pgd-bf16-b1-nographs'):6.2f}x")
 print(f"pgd   attention v3 / v2                {ratio('prm-pgd-bf16', 'prm-pgd-bf16-attn-v2'):6.2f}x")
+print(f"pgd   staged / plain uploads           {ratio('prm-pgd-bf16', 'prm-pgd-bf16-nostaging'):6.2f}x")
 r = get("prm-pgd-bf16")
 if r and r.get("ceiling_fraction"):
     print(f"pgd   prm bf16 fraction of GEMM ceiling {100*r['ceiling_fraction']:6.1f}%   (target >= 50%)")

@@ -504,3 +504,31 @@ fn out_of_memory_halving_with_a_staged_next_batch_gives_the_same_outputs() {
     assert_eq!(plain.1, halved.1, "manifest records differ");
     assert!(plain.0 == halved.0, "output images differ");
 }
+
+/// `prm bench` times the steady state of `prm attack`: every attack's batch staged while the
+/// previous one ran (the first before the first). That staged attacks give the same images as
+/// plain uploads is `an_attack_on_staged_clean_images_matches_a_plain_upload`.
+#[test]
+fn the_bench_stages_every_attacks_batch_ahead() {
+    use prm::bench::{synthetic_images, time_attacks};
+    let model = small_model(64, 2, 2, 8, 4, Activation::Gelu, 5);
+    let settings = AttackSettings {
+        steps: 2,
+        ..Preset::Pgd.settings()
+    };
+    let layers = LayerSelection::All
+        .resolve(model.config.feature_layers())
+        .unwrap();
+    let obj = Objective::new(LossKind::Prm, layers, TokenSelection::All, &model).unwrap();
+    let images = synthetic_images(3, 24, 40, 7);
+    for dev in devices() {
+        let gpu = GpuVit::new(&dev, &model).unwrap();
+        assert!(prm::attack::engine::Engine::stages_uploads(&gpu));
+        let before = prm::attack::engine::Engine::staging_counters(&gpu);
+        let timings = time_attacks(&gpu, &obj, &settings, &images, 24, 40, 1, 2, || {}).unwrap();
+        assert_eq!(timings.len(), 2);
+        let after = prm::attack::engine::Engine::staging_counters(&gpu);
+        assert_eq!(after.staged - before.staged, 3, "{}", dev.name());
+        assert_eq!(after.used - before.used, 3, "{}", dev.name());
+    }
+}

@@ -1,10 +1,14 @@
 //! Throughput measurement: whole attacks on synthetic images, timed end to end, and the GEMM
 //! ceiling they are compared against (`prm bench`).
 //!
-//! An attack here is what `prm attack` does per batch minus file I/O: upload, clean features,
-//! every step, and the download of the adversarial images. Timings are wall-clock around
-//! whole attacks, which end in a device-to-host copy, so the device is idle at both ends.
-//! Inputs are random 8-bit levels, never zeros (zeros can run faster than real data).
+//! An attack here is what `prm attack` does per batch in steady state minus file I/O,
+//! quantisation and the final evaluation: upload, clean features, every step, and the download
+//! of the adversarial images. An engine that stages uploads ([`Engine::stage`], the GPU engine
+//! unless `PRM_NO_STAGING=1`) has each attack's batch staged ahead while the previous attack
+//! runs, as `prm attack`'s workers stage the next batch; the staging's host time is inside the
+//! timed attack that queued it. Timings are wall-clock around whole attacks, which end in a
+//! device-to-host copy, so the device is idle at both ends. Inputs are random 8-bit levels,
+//! never zeros (zeros can run faster than real data).
 
 pub mod flops;
 
@@ -12,7 +16,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use crate::attack::engine::{Engine, EngineError};
+use crate::attack::engine::{Engine, EngineError, StageKey};
 use crate::attack::image::{Attack, Planar};
 use crate::attack::loss::Objective;
 use crate::attack::settings::AttackSettings;
@@ -33,6 +37,10 @@ pub fn synthetic_images(count: usize, height: usize, width: usize, seed: u64) ->
         })
         .collect()
 }
+
+/// The `run` of the bench's stage keys: far from the small counter campaigns number their
+/// runs with, so a bench and a campaign in one process never share a key.
+const STAGE_RUN: u64 = 0xbe9c_0000_0000_0000;
 
 /// What one timed attack did.
 #[derive(Clone, Debug)]
@@ -66,6 +74,23 @@ pub fn time_attacks<E: Engine>(
 ) -> Result<Vec<AttackTiming>, EngineError> {
     let config = &engine.model().config;
     let mut timings = Vec::with_capacity(repeats);
+    let stages = engine.stages_uploads();
+    let planars: Vec<Planar> = images
+        .iter()
+        .map(|data| Planar {
+            data,
+            height,
+            width,
+        })
+        .collect();
+    // One key per round, so that a round can only ever take its own staged upload.
+    let key = |round: usize| StageKey {
+        run: STAGE_RUN ^ round as u64,
+        images: (0..images.len()).collect(),
+    };
+    if stages {
+        engine.stage(&key(0), &planars);
+    }
     for round in 0..warmup + repeats {
         let targets: Vec<(Planar, ImageRng)> = images
             .iter()
@@ -80,7 +105,13 @@ pub fn time_attacks<E: Engine>(
             })
             .collect();
         let start = Instant::now();
-        let attack = Attack::new(engine, objective, settings, targets)?;
+        let mut attack = Attack::new(engine, objective, settings, targets)?;
+        if stages {
+            attack.staged_as(key(round));
+            if round + 1 < warmup + repeats {
+                engine.stage(&key(round + 1), &planars);
+            }
+        }
         let clean_seconds = start.elapsed().as_secs_f64();
         let starts = attack.starts(&vec![None; attack.len()]);
         let start_seconds = start.elapsed().as_secs_f64() - clean_seconds;
