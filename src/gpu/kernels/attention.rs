@@ -223,17 +223,19 @@ fn launch_delta<O: Element, D: Element>(
     out: &Buffer<O>,
     d_out: &Buffer<D>,
     delta: &mut Buffer<f32>,
+    d_out_copy: Option<&mut Buffer<bf16>>,
     total: usize,
     heads: usize,
     width: usize,
 ) -> Result<(), GpuError> {
     let cfg = LaunchConfig::linear((total * heads).div_ceil(8) as u32, 256, 0);
     let mut args = KernelArgs::new();
-    args.input(out)
-        .input(d_out)
-        .output(delta)
-        .i32(width as i32)
-        .i32(total as i32);
+    args.input(out).input(d_out).output(delta);
+    // Only v3's fp32-dO kernel takes it: the bf16 copy of dO it writes alongside delta.
+    if let Some(copy) = d_out_copy {
+        args.output(copy);
+    }
+    args.i32(width as i32).i32(total as i32);
     dev.launch(kernel, cfg, &mut args)
 }
 
@@ -327,6 +329,7 @@ pub fn attention_backward_f32(
             out,
             d_out,
             delta,
+            None,
             total,
             heads,
             width,
@@ -481,6 +484,7 @@ pub fn attention_backward_tc(
         out,
         d_out,
         delta,
+        None,
         total,
         heads,
         width,
@@ -647,15 +651,18 @@ pub fn attention_backward_tc3(
     if total == 0 {
         return Ok(());
     }
-    let cfg = LaunchConfig::linear((total * heads).div_ceil(8) as u32, 256, 0);
-    let mut args = KernelArgs::new();
-    args.input(out)
-        .input(d_out)
-        .output(delta)
-        .output(d_out_bf16)
-        .i32(width as i32)
-        .i32(total as i32);
-    dev.launch("prm_attention_delta_tc3", cfg, &mut args)?;
+    let kernel = "prm_attention_delta_tc3";
+    launch_delta(
+        dev,
+        kernel,
+        out,
+        d_out,
+        delta,
+        Some(&mut *d_out_bf16),
+        total,
+        heads,
+        width,
+    )?;
     tc3_dkdv_dq(
         dev,
         qkv,
@@ -708,7 +715,7 @@ pub fn attention_backward_tc3_bf16_dout(
         return Ok(());
     }
     let kernel = "prm_attention_delta_bf16_tc3";
-    launch_delta(dev, kernel, out, d_out, delta, total, heads, width)?;
+    launch_delta(dev, kernel, out, d_out, delta, None, total, heads, width)?;
     tc3_dkdv_dq(
         dev,
         qkv,
