@@ -92,17 +92,10 @@ pub fn time_attacks<E: Engine>(
         engine.stage(&key(0), &planars);
     }
     for round in 0..warmup + repeats {
-        let targets: Vec<(Planar, ImageRng)> = images
+        let targets: Vec<(Planar, ImageRng)> = planars
             .iter()
             .enumerate()
-            .map(|(i, data)| {
-                let planar = Planar {
-                    data,
-                    height,
-                    width,
-                };
-                (planar, ImageRng::new(settings.seed, &format!("bench/{i}")))
-            })
+            .map(|(i, &planar)| (planar, ImageRng::new(settings.seed, &format!("bench/{i}"))))
             .collect();
         let start = Instant::now();
         let mut attack = Attack::new(engine, objective, settings, targets)?;
