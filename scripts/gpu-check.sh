@@ -13,7 +13,9 @@
 #                       (bundle from scripts/gpu-bundle.sh, in a copy of this checkout)
 #   Options:            --budget SECONDS   whole run (default 480)
 #                       --only LIST        comma-separated sections:
-#                                          tests,attack,timeline,report,profile
+#                                          tests,attack,timeline,report,profile,stalls
+#                                          (stalls: the attention stall table without
+#                                          the per-kernel profile)
 #                       --out DIR          where summary.txt and gpu-check-logs.tar.gz go
 #                                          (default $OUT when set, else target/gpu-check)
 # Extra arguments after `--` go to every test binary (e.g. a test name filter).
@@ -36,7 +38,7 @@ while [[ $# -gt 0 ]]; do
     --only) ONLY=$2; shift 2 ;;
     --out) DEST=$2; shift 2 ;;
     --) shift; TEST_ARGS=("$@"); break ;;
-    *) echo "usage: $0 [--bundle DIR] [--budget SECONDS] [--only tests,attack,timeline,report,profile] [--out DIR] [-- TEST_ARGS]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--bundle DIR] [--budget SECONDS] [--only tests,attack,timeline,report,profile,stalls] [--out DIR] [-- TEST_ARGS]" >&2; exit 2 ;;
   esac
 done
 want() { [[ ,$ONLY, == *,$1,* ]]; }
@@ -60,6 +62,7 @@ want attack && after_tests=$((after_tests + 30))
 want timeline && after_tests=$((after_tests + 45))
 want report && after_tests=$((after_tests + 150))
 want profile && after_tests=$((after_tests + 90))
+want stalls && ! want profile && after_tests=$((after_tests + 45))
 
 if [[ -z $BUNDLE ]]; then
   if command -v cargo >/dev/null; then
@@ -282,14 +285,17 @@ PY
 attention_stalls() { # secs
   local csv=$LOGS/ncu-attention.csv
   echo "== profile: attention stall reasons (ncu, ${1}s)"
-  (cd "$ROOT" && PRM_NO_GRAPHS=1 timeout "$1" "$NCU" --clock-control none -k regex:prm_attention --launch-count 8 \
+  # Past the clean forward's 12 and 8 of the step's 12 forwards: 4 forwards, then the
+  # backward's dK/dV and dQ launches (the delta kernel is left out).
+  (cd "$ROOT" && PRM_NO_GRAPHS=1 timeout "$1" "$NCU" --clock-control none -k "regex:prm_attention_(forward|bwd)" \
+    --launch-skip 20 --launch-count 10 \
     --metrics "gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
     --csv "$BUNDLE/prm" bench --device cuda --model random:vit-b-16 --precision bf16 --warmup 0 --repeats 1 \
     --no-ceiling --batch-size 64 --steps 1) >"$csv" 2>"${csv%.csv}.err"
   python3 - "$csv" >>"$LOGS/profile.txt" 2>&1 <<'PY'
 import csv, sys, collections
 rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
-print("attention kernels, pgd batch 64 (first launches): occupancy and stall reasons")
+print("attention kernels, pgd batch 64 (4 forwards, 3 dK/dV, 3 dQ of one step): occupancy and stall reasons")
 if not rows:
     print("  ncu produced no rows (see ncu-attention.err)"); sys.exit()
 head = rows[0]
@@ -310,11 +316,19 @@ for name, met in per.items():
 PY
 }
 NCU_METRICS=gpu__time_duration.sum,dram__bytes.sum,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
-if want profile; then
+if want profile || want stalls; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
   : >"$LOGS/profile.txt"
   if [[ -z $NCU ]]; then
     echo "no ncu: no per-kernel profile" >"$LOGS/profile.txt"
+  elif ! want profile; then
+    # `--only stalls`: the attention stall table alone (a short recheck of attention kernels).
+    secs_allowed=$(allow 90 5)
+    if (( secs_allowed >= 30 )); then
+      attention_stalls "$secs_allowed"
+    else
+      echo "out of time: no attention stall table" >"$LOGS/profile.txt"
+    fi
   else
     secs_allowed=$(allow 150 15)
     if (( secs_allowed < 40 )); then

@@ -391,7 +391,7 @@ fn bf16_products_track_the_fp32_reference() {
     }
 }
 
-/// The two tensor-core attention versions of the bf16 engine (`PRM_ATTENTION=v2|v3`) against
+/// The tensor-core attention versions of the bf16 engine (`PRM_ATTENTION=v2|v3|v4`) against
 /// each other and the fp32 reference: v3 keeps q/k/v and the context in bf16 (the v2 kernels
 /// round them to bf16 on load anyway), so both track the reference equally well. They differ
 /// by the qkv bias: v3's q/k/v come straight from the product with the bias rounded to bf16
@@ -401,7 +401,7 @@ fn bf16_products_track_the_fp32_reference() {
 /// v3 also takes the context's gradient in bf16 from the out-projection's product (autocast
 /// does the same; v2 rounds the fp32 one on load): measured 2.5e-2 .. 2.9e-2.
 #[test]
-fn bf16_attention_v2_and_v3_agree() {
+fn bf16_attention_versions_agree() {
     use prm::gpu::kernels::attention::TensorCoreVersion;
     let model = small_model(128, 2, 2, 8, 4, Activation::QuickGelu, 29);
     let reference = ReferenceVit::new(&model);
@@ -430,7 +430,11 @@ fn bf16_attention_v2_and_v3_agree() {
         .unwrap();
     let dev = Device::sim();
     let mut results = Vec::new();
-    for version in [TensorCoreVersion::V2, TensorCoreVersion::V3] {
+    for version in [
+        TensorCoreVersion::V2,
+        TensorCoreVersion::V3,
+        TensorCoreVersion::V4,
+    ] {
         let mut gpu = GpuVit::new_with_precision(&dev, &model, Precision::Bf16).unwrap();
         gpu.set_attention_version(version);
         assert_eq!(gpu.attention_version(), version);
@@ -457,5 +461,16 @@ fn bf16_attention_v2_and_v3_agree() {
         let gerr = rel_err(&v3.gradient, &v2.gradient);
         eprintln!("image {i}: v3 vs v2 gradient rel err {gerr:.2e}");
         assert!(gerr < 5e-2, "image {i}: v3 vs v2 gradient error {gerr:e}");
+    }
+    // v4 is v3's arithmetic in v3's order: the engine's loss and gradient are the same bits.
+    for (i, (v3, v4)) in results[1].iter().zip(&results[2]).enumerate() {
+        assert_eq!(v4.loss.to_bits(), v3.loss.to_bits(), "image {i}: v4 loss");
+        assert!(
+            v4.gradient
+                .iter()
+                .zip(&v3.gradient)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "image {i}: v4 gradient differs from v3's"
+        );
     }
 }

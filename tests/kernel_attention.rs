@@ -835,3 +835,113 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
         }
     }
 }
+
+/// v4 (`attention_tc4.cu`, a whole head resident in shared memory) against v3: the same
+/// arithmetic in the same order, so the context, lse, delta and d_qkv must agree bit for bit,
+/// with every CTA split per head (1 to 4), on 197 tokens, a mixed batch of odd lengths (1, 5,
+/// 15, 16, 17, 63, 65 and the v4 limit of 256), ViT-B's width, causal masks, the q·qᵀ and k·kᵀ
+/// forwards, and a batch past the limit (which runs v3's kernels).
+#[test]
+fn v4_is_v3_bit_for_bit() {
+    type Case = (Vec<usize>, usize, AttentionMode, bool);
+    let cases: Vec<Case> = vec![
+        (vec![197], 128, AttentionMode::QK, false),
+        (
+            vec![1, 5, 15, 16, 17, 63, 65, 256],
+            64,
+            AttentionMode::QK,
+            false,
+        ),
+        (vec![50, 197, 3], 768, AttentionMode::QK, false),
+        (vec![197, 77, 1, 130], 128, AttentionMode::QK, true),
+        (vec![70, 13], 64, AttentionMode::QQ, false),
+        (vec![70, 13], 64, AttentionMode::KK, true),
+        (vec![300, 20], 64, AttentionMode::QK, false),
+    ];
+    for dev in devices() {
+        for (lens, width, mode, causal) in &cases {
+            let (lens, width, mode, causal) = (lens.as_slice(), *width, *mode, *causal);
+            let n: usize = lens.iter().sum();
+            let heads = width / HD;
+            let (qkv, d_out) = inputs(lens, width, 90 + n as u64);
+            let mut cu = vec![0i32];
+            for &l in lens {
+                cu.push(cu.last().unwrap() + l as i32);
+            }
+            let qkv_b = dev.upload(&to_bf16(&qkv)).unwrap();
+            let dout_b = dev.upload(&to_bf16(&d_out)).unwrap();
+            let cu_b = dev.upload(&cu).unwrap();
+            let backward = tensor_core_v3_supports(mode, true);
+            // (out, lse, delta, d_qkv) as bits, from v3 (split None) or v4 with that split.
+            let run = |split: Option<u32>| {
+                let mut out = dev.alloc::<bf16>(n * width).unwrap();
+                let mut lse = dev.alloc::<f32>(heads * n).unwrap();
+                let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
+                let mut d_qkv = dev.alloc::<bf16>(n * 3 * width).unwrap();
+                dev.poison(&mut out).unwrap();
+                dev.poison(&mut lse).unwrap();
+                dev.poison(&mut delta).unwrap();
+                dev.poison(&mut d_qkv).unwrap();
+                match split {
+                    None => {
+                        attention_forward_tc3(
+                            &dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal,
+                        )
+                        .unwrap();
+                        if backward {
+                            attention_backward_tc3_bf16_dout(
+                                &dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, &mut d_qkv,
+                                &mut delta, width, mode, causal,
+                            )
+                            .unwrap();
+                        }
+                    }
+                    Some(split) => {
+                        set_tc4_split(split);
+                        attention_forward_tc4(
+                            &dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal,
+                        )
+                        .unwrap();
+                        if backward {
+                            attention_backward_tc4_bf16_dout(
+                                &dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, &mut d_qkv,
+                                &mut delta, width, mode, causal,
+                            )
+                            .unwrap();
+                        }
+                    }
+                }
+                dev.synchronize().unwrap();
+                let b16 = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+                let b32 = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                (
+                    b16(dev.download(&out).unwrap()),
+                    b32(dev.download(&lse).unwrap()),
+                    if backward {
+                        b32(dev.download(&delta).unwrap())
+                    } else {
+                        Vec::new()
+                    },
+                    if backward {
+                        b16(dev.download(&d_qkv).unwrap())
+                    } else {
+                        Vec::new()
+                    },
+                )
+            };
+            let want = run(None);
+            for split in 1..=4 {
+                let got = run(Some(split));
+                let what = format!(
+                    "{} {lens:?} width {width} {mode:?} causal {causal} split {split}",
+                    dev.name()
+                );
+                assert!(got.0 == want.0, "{what}: context differs from v3");
+                assert!(got.1 == want.1, "{what}: lse differs from v3");
+                assert!(got.2 == want.2, "{what}: delta differs from v3");
+                assert!(got.3 == want.3, "{what}: d_qkv differs from v3");
+            }
+            set_tc4_split(1);
+        }
+    }
+}

@@ -27,8 +27,9 @@ use super::kernels::activation::{
 };
 use super::kernels::attention::{
     attention_backward_f32, attention_backward_tc, attention_backward_tc3_bf16_dout,
-    attention_forward_f32, attention_forward_tc, attention_forward_tc3, attention_scratch_len,
-    AttentionMode, TensorCoreVersion,
+    attention_backward_tc4_bf16_dout, attention_forward_f32, attention_forward_tc,
+    attention_forward_tc3, attention_forward_tc4, attention_scratch_len, AttentionMode,
+    TensorCoreVersion,
 };
 use super::kernels::convert::to_bf16;
 use super::kernels::embed::{
@@ -325,15 +326,20 @@ impl<'m> GpuVit<'m> {
         self.attention_version
     }
 
-    /// Selects the tensor-core attention kernels for bf16 precision (v2 or v3; fp32
+    /// Selects the tensor-core attention kernels for bf16 precision (v2, v3 or v4; fp32
     /// precision always uses the SIMT kernels).
     pub fn set_attention_version(&mut self, version: TensorCoreVersion) {
         self.attention_version = version;
     }
 
-    /// Whether attention runs the v3 kernels (bf16 q/k/v and context).
+    /// Whether attention runs the v3 or v4 kernels (bf16 q/k/v and context).
     fn attention_v3(&self) -> bool {
-        self.precision == Precision::Bf16 && self.attention_version == TensorCoreVersion::V3
+        self.precision == Precision::Bf16 && self.attention_version.bf16_qkv()
+    }
+
+    /// Whether the bf16 q/k/v kernels are v4's (v3's otherwise; same results).
+    fn attention_v4(&self) -> bool {
+        self.attention_version == TensorCoreVersion::V4
     }
 
     /// `out = (residual or 0) + x · op(W) + bias` in the engine's precision: in bf16, `x` is
@@ -920,7 +926,12 @@ impl<'m> GpuVit<'m> {
                         None,
                         &mut d_normed,
                         |db| {
-                            attention_backward_tc3_bf16_dout(
+                            let backward = if self.attention_v4() {
+                                attention_backward_tc4_bf16_dout
+                            } else {
+                                attention_backward_tc3_bf16_dout
+                            };
+                            backward(
                                 &self.dev,
                                 qkv,
                                 context,
@@ -1036,7 +1047,7 @@ impl<'m> GpuVit<'m> {
         Ok((context, lse))
     }
 
-    /// v3 forward: bf16 q/k/v in, the bf16 context and fp32 lse out.
+    /// v3 / v4 forward: bf16 q/k/v in, the bf16 context and fp32 lse out.
     fn attention_forward_v3(
         &self,
         qkv: &Buffer<half::bf16>,
@@ -1045,7 +1056,12 @@ impl<'m> GpuVit<'m> {
         let (t, d) = (batch.packing.total_tokens, self.model.config.width);
         let mut context = self.pool.take_bf16(t * d)?;
         let mut lse = self.alloc(attention_scratch_len(t, d))?;
-        attention_forward_tc3(
+        let forward = if self.attention_v4() {
+            attention_forward_tc4
+        } else {
+            attention_forward_tc3
+        };
+        forward(
             &self.dev,
             qkv,
             &batch.cu_seqlens,

@@ -10,7 +10,12 @@
 //!   cores, fp32 buffers rounded to bf16 while loading;
 //! - v3, [`attention_forward_tc3`] / [`attention_backward_tc3`] (`attention_tc3.cu`): tensor
 //!   cores with bf16 `qkv`, context and `d_qkv` buffers, `cp.async` double-buffered tiles and
-//!   `ldmatrix` fragments; the bf16 engine's default ([`TensorCoreVersion`], `PRM_ATTENTION`).
+//!   `ldmatrix` fragments;
+//! - v4, [`attention_forward_tc4`] / [`attention_backward_tc4_bf16_dout`] (`attention_tc4.cu`):
+//!   v3's arithmetic in v3's order (bit-identical outputs) with a whole head's keys and values
+//!   (or queries and output gradients) resident in shared memory, for sequences up to
+//!   [`TC4_MAX_TOKENS`] tokens (v3 beyond); the bf16 engine's default ([`TensorCoreVersion`],
+//!   `PRM_ATTENTION`).
 //!
 //! Layouts (row-major; `N = Σ T_i` tokens, `D = width`, `heads = D / 64`, head dim 64):
 //! - `qkv [N, 3D]`: q | k | v along features, head `h` in columns `h·64 .. h·64 + 64` of each part;
@@ -529,13 +534,16 @@ pub enum TensorCoreVersion {
     /// `kernels/attention_tc.cu`: fp32 q/k/v converted while loading, one load stage.
     V2,
     /// `kernels/attention_tc3.cu`: bf16 q/k/v and context, cp.async double buffering, ldmatrix.
-    #[default]
     V3,
+    /// `kernels/attention_tc4.cu`: v3's arithmetic with a whole head resident in shared memory
+    /// (sequences up to [`TC4_MAX_TOKENS`]; v3 beyond). Bit-identical to v3.
+    #[default]
+    V4,
 }
 
 impl TensorCoreVersion {
-    /// The version named by the environment variable `PRM_ATTENTION` (`v2` or `v3`; unset
-    /// means v3). An unknown value is an error that says which values are allowed.
+    /// The version named by the environment variable `PRM_ATTENTION` (`v2`, `v3` or `v4`;
+    /// unset means v4). An unknown value is an error that says which values are allowed.
     pub fn from_env() -> Result<Self, String> {
         Self::parse(std::env::var("PRM_ATTENTION").ok().as_deref())
     }
@@ -543,13 +551,19 @@ impl TensorCoreVersion {
     /// [`Self::from_env`] for a given value of `PRM_ATTENTION` (`None`: unset).
     pub fn parse(value: Option<&str>) -> Result<Self, String> {
         match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-            None | Some("") | Some("v3") => Ok(Self::V3),
+            None | Some("") | Some("v4") => Ok(Self::V4),
+            Some("v3") => Ok(Self::V3),
             Some("v2") => Ok(Self::V2),
             Some(other) => Err(format!(
-                "PRM_ATTENTION={other:?} is not a tensor-core attention version; use v2 or v3 \
-                 (or unset it for v3)"
+                "PRM_ATTENTION={other:?} is not a tensor-core attention version; use v2, v3 or \
+                 v4 (or unset it for v4)"
             )),
         }
+    }
+
+    /// Whether this version takes bf16 q/k/v and writes a bf16 context (v3 and v4).
+    pub fn bf16_qkv(self) -> bool {
+        matches!(self, Self::V3 | Self::V4)
     }
 }
 
@@ -744,14 +758,44 @@ fn tc3_dkdv_dq(
     (total, width): (usize, usize),
     causal: bool,
 ) -> Result<(), GpuError> {
-    let heads = width / HEAD_DIM;
+    launch_dkdv_dq(
+        dev,
+        [
+            ("prm_attention_bwd_dkdv_tc3", TC3_DKDV_SMEM),
+            ("prm_attention_bwd_dq_tc3", TC3_DQ_SMEM),
+        ],
+        grid(seqlens_host, width / HEAD_DIM, TC_TILE),
+        qkv,
+        d_out,
+        lse,
+        cu_seqlens,
+        delta,
+        d_qkv,
+        (total, width),
+        causal,
+    )
+}
+
+/// The dK/dV and dQ kernels of v3 or v4 (same parameter list), `(name, shared bytes)` each,
+/// in that order, on `grid`.
+#[allow(clippy::too_many_arguments)]
+fn launch_dkdv_dq(
+    dev: &Device,
+    kernels: [(&str, u32); 2],
+    grid: (u32, u32, u32),
+    qkv: &Buffer<bf16>,
+    d_out: &Buffer<bf16>,
+    lse: &Buffer<f32>,
+    cu_seqlens: &Buffer<i32>,
+    delta: &Buffer<f32>,
+    d_qkv: &mut Buffer<bf16>,
+    (total, width): (usize, usize),
+    causal: bool,
+) -> Result<(), GpuError> {
     let (w, n, c) = (width as i32, total as i32, causal as i32);
-    for (kernel, smem) in [
-        ("prm_attention_bwd_dkdv_tc3", TC3_DKDV_SMEM),
-        ("prm_attention_bwd_dq_tc3", TC3_DQ_SMEM),
-    ] {
+    for (kernel, smem) in kernels {
         let cfg = LaunchConfig {
-            grid: grid(seqlens_host, heads, TC_TILE),
+            grid,
             block: (THREADS, 1, 1),
             shared_bytes: smem,
         };
@@ -770,16 +814,209 @@ fn tc3_dkdv_dq(
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// v4: kernels/attention_tc4.cu (v3's arithmetic, a whole head resident in shared memory)
+// ---------------------------------------------------------------------------------------------
+
+/// The longest sequence the v4 kernels take: its resident tiles (two of `16·⌈T/16⌉` rows × 128
+/// bytes) stay at or under 64 KiB, so at least three CTAs fit an SM. Longer sequences run v3.
+pub const TC4_MAX_TOKENS: usize = 256;
+
+/// Dynamic shared memory of the v4 kernels for a longest sequence of `max_t` tokens, or `None`
+/// past [`TC4_MAX_TOKENS`]: (forward and dQ, dK/dV).
+fn tc4_smem(seqlens_host: &[usize]) -> Option<(u32, u32)> {
+    let max_t = seqlens_host.iter().copied().max().unwrap_or(0);
+    if max_t > TC4_MAX_TOKENS {
+        return None;
+    }
+    let rows = max_t.div_ceil(16) * 16;
+    let stat_rows = max_t.div_ceil(TC_TILE) * TC_TILE;
+    let resident = 2 * rows * HEAD_DIM * 2;
+    // dK/dV adds each query's lse and delta (fp32) and each warp's K and V block (16 rows).
+    let dkdv = resident + 2 * stat_rows * 4 + (THREADS as usize / 32) * 2 * 16 * HEAD_DIM * 2;
+    Some((resident as u32, dkdv as u32))
+}
+
+/// [`set_tc4_split`]'s value; 0: not set.
+static TC4_SPLIT_OVERRIDE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Sets the number of CTAs per (head, sequence) of the v4 kernels for this process (1 to 4,
+/// clamped), overriding `PRM_ATTENTION_SPLIT`. A tuning knob: every split gives the same
+/// results, bit for bit.
+pub fn set_tc4_split(split: u32) {
+    TC4_SPLIT_OVERRIDE.store(split.clamp(1, 4), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// CTAs per (head, sequence) of the v4 kernels: [`set_tc4_split`]'s value, else
+/// `PRM_ATTENTION_SPLIT` (1 to 4; read once), else 1. CTA `x` of `split` takes the 16-row
+/// blocks `4·x + warp + 4·split·j`.
+fn tc4_split() -> u32 {
+    static FROM_ENV: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    match TC4_SPLIT_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => *FROM_ENV.get_or_init(|| {
+            std::env::var("PRM_ATTENTION_SPLIT")
+                .ok()
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .filter(|v| (1..=4).contains(v))
+                .unwrap_or(1)
+        }),
+        split => split,
+    }
+}
+
+fn tc4_grid(seqlens_host: &[usize], heads: usize) -> (u32, u32, u32) {
+    let max_blocks = seqlens_host.iter().copied().max().unwrap_or(0).div_ceil(16);
+    // No more CTAs than there are 4-block groups: the extra ones would exit at once.
+    let split = tc4_split().min(max_blocks.div_ceil(4).max(1) as u32);
+    (split, heads as u32, seqlens_host.len() as u32)
+}
+
+/// Forward attention v4: [`attention_forward_tc3`]'s contract and bit-identical results. Each
+/// CTA (128 threads; [`tc4_split`] per head, default one) loads a head's keys and values into
+/// shared memory once and its 4 warps take the head's 16-query blocks in turn. Sequences longer
+/// than [`TC4_MAX_TOKENS`] run v3's kernel.
+///
+/// Panics (a programming error) for a mode [`tensor_core_v3_supports`] rejects.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_tc4(
+    dev: &Device,
+    qkv: &Buffer<bf16>,
+    cu_seqlens: &Buffer<i32>,
+    seqlens_host: &[usize],
+    out: &mut Buffer<bf16>,
+    lse: &mut Buffer<f32>,
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Result<(), GpuError> {
+    let Some((smem, _)) = tc4_smem(seqlens_host) else {
+        return attention_forward_tc3(
+            dev,
+            qkv,
+            cu_seqlens,
+            seqlens_host,
+            out,
+            lse,
+            width,
+            mode,
+            causal,
+        );
+    };
+    assert!(
+        tensor_core_v3_supports(mode, false),
+        "attention v4 has no forward for {mode:?}; use attention_forward_f32"
+    );
+    let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, width);
+    if total == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid: tc4_grid(seqlens_host, heads),
+        block: (THREADS, 1, 1),
+        shared_bytes: smem,
+    };
+    let mut args = KernelArgs::new();
+    args.input(qkv)
+        .input(cu_seqlens)
+        .output(out)
+        .output(lse)
+        .i32(width as i32)
+        .i32(total as i32)
+        .i32(mode as i32)
+        .i32(causal as i32);
+    dev.launch("prm_attention_forward_tc4", cfg, &mut args)
+}
+
+/// Input gradient of [`attention_forward_tc4`] with bf16 `d_out`:
+/// [`attention_backward_tc3_bf16_dout`]'s contract and bit-identical results. Three launches:
+/// v3's delta kernel, then dK/dV (each CTA holds a head's queries, output gradients and their
+/// statistics; its warps take the 16-key blocks) and dQ (keys and values resident; warps take
+/// the 16-query blocks). Sequences longer than [`TC4_MAX_TOKENS`] run v3's kernels.
+///
+/// Panics (a programming error) for a mode [`tensor_core_v3_supports`] rejects.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_tc4_bf16_dout(
+    dev: &Device,
+    qkv: &Buffer<bf16>,
+    out: &Buffer<bf16>,
+    d_out: &Buffer<bf16>,
+    lse: &Buffer<f32>,
+    cu_seqlens: &Buffer<i32>,
+    seqlens_host: &[usize],
+    d_qkv: &mut Buffer<bf16>,
+    delta: &mut Buffer<f32>,
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Result<(), GpuError> {
+    let Some((smem_dq, smem_dkdv)) = tc4_smem(seqlens_host) else {
+        return attention_backward_tc3_bf16_dout(
+            dev,
+            qkv,
+            out,
+            d_out,
+            lse,
+            cu_seqlens,
+            seqlens_host,
+            d_qkv,
+            delta,
+            width,
+            mode,
+            causal,
+        );
+    };
+    assert!(
+        tensor_core_v3_supports(mode, true),
+        "attention v4 has no backward for {mode:?}; use attention_backward_f32"
+    );
+    let (total, heads) = check_backward(
+        qkv,
+        out,
+        d_out,
+        lse,
+        cu_seqlens,
+        seqlens_host,
+        d_qkv,
+        delta,
+        width,
+    );
+    if total == 0 {
+        return Ok(());
+    }
+    let kernel = "prm_attention_delta_bf16_tc3";
+    launch_delta(dev, kernel, out, d_out, delta, None, total, heads, width)?;
+    launch_dkdv_dq(
+        dev,
+        [
+            ("prm_attention_bwd_dkdv_tc4", smem_dkdv),
+            ("prm_attention_bwd_dq_tc4", smem_dq),
+        ],
+        tc4_grid(seqlens_host, heads),
+        qkv,
+        d_out,
+        lse,
+        cu_seqlens,
+        delta,
+        d_qkv,
+        (total, width),
+        causal,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::TensorCoreVersion;
 
     #[test]
     fn attention_version_from_its_variable() {
-        assert_eq!(TensorCoreVersion::parse(None), Ok(TensorCoreVersion::V3));
+        assert_eq!(TensorCoreVersion::parse(None), Ok(TensorCoreVersion::V4));
         assert_eq!(
             TensorCoreVersion::parse(Some("")),
-            Ok(TensorCoreVersion::V3)
+            Ok(TensorCoreVersion::V4)
+        );
+        assert_eq!(
+            TensorCoreVersion::parse(Some("v4")),
+            Ok(TensorCoreVersion::V4)
         );
         assert_eq!(
             TensorCoreVersion::parse(Some(" V2 ")),
@@ -790,6 +1027,9 @@ mod tests {
             Ok(TensorCoreVersion::V3)
         );
         let e = TensorCoreVersion::parse(Some("v9")).unwrap_err();
-        assert!(e.contains("PRM_ATTENTION") && e.contains("v2 or v3"), "{e}");
+        assert!(
+            e.contains("PRM_ATTENTION") && e.contains("v2, v3 or v4"),
+            "{e}"
+        );
     }
 }

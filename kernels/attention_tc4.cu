@@ -1,0 +1,501 @@
+// attention_tc4.cu: fused multi-head attention v4 on tensor cores for short sequences (a
+// vision tower's 50–257 tokens): one CTA holds a whole head's keys and values (forward, dQ) or
+// queries and output gradients (dK/dV) in shared memory, and each warp walks over 16-row blocks
+// of the other side with no barrier after the load. Same arithmetic as v3 in the same order:
+// the outputs are bit-identical to attention_tc3.cu's, which tests/kernel_attention.rs checks.
+//
+// Launchers: src/gpu/kernels/attention.rs (attention_forward_tc4, attention_backward_tc4*);
+// they run v3 instead when a sequence is longer than V4_MAX_ROWS (the resident tiles would not
+// fit four CTAs to an SM). The engine's default at --precision bf16 (PRM_ATTENTION=v3 or v2
+// selects the older versions).
+//
+// Why: at 197 tokens v3 runs one CTA per 64-query tile. Each CTA streams the head's 4 key/value
+// tiles through a two-stage pipeline with two barriers per tile; its 4th query tile holds 5 rows,
+// so 3 of its 4 warps idle while the CTA still loads every tile; and each K/V tile is read from
+// L2 once per query tile. The kernel ran at 75 TFLOP/s on an H200 (tensor pipe 15% active). v4
+// loads K/V once per head, has no idle warps (a warp takes 16-row blocks w, w + 4·split, ...),
+// and after the one load each warp runs its blocks back to back.
+//
+// Layouts: as v3 (attention_tc3.cu): qkv [N, 3D] bf16, cu_seqlens [B+1] int, out [N, D] bf16,
+// lse and delta [heads, N] fp32 at h·N + row (natural log, scores scaled by 1/8), d_out [N, D]
+// bf16, d_qkv [N, 3D] bf16 with every element written. Modes: the forward takes mode 0 (q·kᵀ),
+// 1 (q·qᵀ) and 2 (k·kᵀ), causal or not; the backward mode 0, causal or not. The backward's
+// delta kernel is v3's (prm_attention_delta_bf16_tc3).
+// Precision: as v3: bf16 operands, P and dS rounded to bf16 where they enter a product, fp32
+// accumulators and softmax statistics.
+//
+// Resident matrices: R = 16·⌈T/16⌉ rows × 64 bf16 columns, 128-byte rows without padding,
+// 16-byte chunk c of row r stored at chunk c ^ (r mod 8) (an XOR swizzle: the 8 row addresses
+// of one ldmatrix 8×8 matrix fall in 8 different bank groups, so fragment loads are
+// conflict-free, and 2·208 rows take 53,248 bytes: four CTAs fit an SM). Rows T .. R are
+// zero-filled by cp.async. The warp's own operand (Q in the forward, Q and dO in dQ) is read
+// from global memory straight into mma A fragments (rows past T as zeros).
+//   forward  prm_attention_forward_tc4: grid (split, heads, sequences), 128 threads; Y (k, or q
+//            in mode 1) and V resident: 2·R·128 bytes.
+//   dQ       prm_attention_bwd_dq_tc4: K and V resident: 2·R·128 bytes.
+//   dK/dV    prm_attention_bwd_dkdv_tc4: Q and dO resident, with each query's lse (log2 units)
+//            and delta for 64-query tiles, and each warp's own K and V block (its A operands,
+//            through ldmatrix as in v3: 128 registers): 2·R·128 + 2·RS·4 + 4·4096 bytes,
+//            RS = 64·⌈T/64⌉; three CTAs fit an SM at 197 tokens.
+// A CTA whose first block lies past its sequence's end exits before its only barrier. No
+// atomics; fixed reduction order; deterministic.
+#include "common.cuh"
+#include "mma.cuh"
+#include "tile_io.cuh"
+
+#define V4_HD 64
+#define V4_TILE 64   // key / query tile of the online softmax and of v3's accumulation order
+#define V4_WARPS 4
+#define V4_SCALE 0.125f                          // 1/√64
+#define V4_SCALE_LOG2 (0.125f * 1.4426950408889634f)  // 1/√64 · log2(e)
+#define V4_LOG2E 1.4426950408889634f
+#define V4_LN2 0.6931471805599453f
+
+typedef __nv_bfloat16 bf16;
+
+// Element offset of (row, col) in a swizzled resident matrix; col a multiple of 8 names a
+// whole 16-byte chunk.
+__device__ __forceinline__ int v4_at(int row, int col) {
+    return row * V4_HD + ((((col >> 3) ^ row) & 7) << 3) + (col & 7);
+}
+
+// Rows 0 .. rows of the 64-wide bf16 column block g (row stride ld) into the resident matrix s
+// by cp.async; rows at or past `valid` are zero-filled. The caller commits and waits.
+__device__ __forceinline__ void v4_load_resident(bf16* s, const bf16* g, size_t ld, int rows, int valid) {
+    for (int e = threadIdx.x; e < rows * 8; e += blockDim.x) {
+        const int r = e >> 3, c = e & 7;
+        const bool ok = r < valid;
+        prm_cp_async_16(s + v4_at(r, c * 8), ok ? g + (size_t)r * ld + c * 8 : g, ok);
+    }
+}
+
+// The A fragments (k-steps 0..3) of the 16×64 block at rows r0 .. r0+16 of the bf16 matrix g
+// (row stride ld), read from global memory; rows at or past `valid` are zeros.
+__device__ __forceinline__ void v4_load_a(uint32_t a[4][4], const bf16* g, size_t ld, int r0, int valid) {
+    const int lane = threadIdx.x & 31, t = (lane & 3) * 2;
+    const int ra = r0 + (lane >> 2), rb = ra + 8;
+    const bf16* pa = g + (size_t)ra * ld + t;
+    const bf16* pb = g + (size_t)rb * ld + t;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        a[ks][0] = ra < valid ? prm_ld_bf16x2(pa + ks * 16) : 0u;
+        a[ks][1] = rb < valid ? prm_ld_bf16x2(pb + ks * 16) : 0u;
+        a[ks][2] = ra < valid ? prm_ld_bf16x2(pa + ks * 16 + 8) : 0u;
+        a[ks][3] = rb < valid ? prm_ld_bf16x2(pb + ks * 16 + 8) : 0u;
+    }
+}
+
+// The A fragment of the 16×16 block at (row0, col0) of the swizzled matrix s.
+__device__ __forceinline__ void v4_frag_a(uint32_t a[4], const bf16* s, int row0, int col0) {
+    const int lane = threadIdx.x & 31;
+    prm_ldmatrix_x4(a, s + v4_at(row0 + (lane & 7) + ((lane >> 3) & 1) * 8, col0 + (lane >> 4) * 8));
+}
+
+// Rows r0 .. r0+16 of the 64-wide bf16 column block g (row stride ld) into the warp's swizzled
+// 16-row tile s by cp.async, one warp (rows past `valid` zero-filled). The warp commits and
+// waits.
+__device__ __forceinline__ void v4_load_warp_tile(bf16* s, const bf16* g, size_t ld, int r0, int valid) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int e = lane + 32 * i, r = e >> 3, c = e & 7;
+        const bool ok = r0 + r < valid;
+        prm_cp_async_16(s + v4_at(r, c * 8), ok ? g + (size_t)(r0 + r) * ld + c * 8 : g, ok);
+    }
+}
+
+// B fragments of two n-tiles (n0, n0+8) at k-step k0 for B = Mᵀ, M the resident matrix s
+// (M[n][k]): b[0..1] for n-tile n0, b[2..3] for n0+8.
+__device__ __forceinline__ void v4_frag_bt(uint32_t b[4], const bf16* s, int n0, int k0) {
+    const int lane = threadIdx.x & 31;
+    prm_ldmatrix_x4(b, s + v4_at(n0 + (lane & 7) + ((lane >> 4) & 1) * 8, k0 + ((lane >> 3) & 1) * 8));
+}
+
+// B fragments of two n-tiles (n0, n0+8) at k-step k0 for B = M, M the resident matrix s
+// (M[k][n]), through ldmatrix.trans.
+__device__ __forceinline__ void v4_frag_b(uint32_t b[4], const bf16* s, int k0, int n0) {
+    const int lane = threadIdx.x & 31;
+    prm_ldmatrix_x4_trans(b, s + v4_at(k0 + (lane & 7) + ((lane >> 3) & 1) * 8, n0 + (lane >> 4) * 8));
+}
+
+// acc (16 × 32) = A · Mᵀ restricted to M rows m0 + half·32 .. +32, with A's fragments read from
+// the warp's swizzled 16-row tile sa. v3_mma_abt_half's order.
+__device__ __forceinline__ void v4_mma_abt_half_s(float acc[4][4], const bf16* sa, const bf16* sm, int m0, int half,
+                                                  int ncols) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        uint32_t a[4];
+        v4_frag_a(a, sa, 0, ks * 16);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int np = half * 2 + j;
+            if (np * 16 >= ncols) continue;
+            uint32_t b[4];
+            v4_frag_bt(b, sm, m0 + np * 16, ks * 16);
+            prm_mma_bf16_16816(acc[2 * j], a, b);
+            prm_mma_bf16_16816(acc[2 * j + 1], a, b + 2);
+        }
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void v4_zero(float acc[N][4]) {
+#pragma unroll
+    for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+}
+
+// acc (16 × 64) = A · Mᵀ for the 64 rows m0 .. m0+64 of the resident M; n-tile pairs at or past
+// `ncols` are not formed (they stay zero). v3_mma_abt's order.
+__device__ __forceinline__ void v4_mma_abt(float acc[8][4], const uint32_t a[4][4], const bf16* sm, int m0, int ncols) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            if (np * 16 >= ncols) continue;
+            uint32_t b[4];
+            v4_frag_bt(b, sm, m0 + np * 16, ks * 16);
+            prm_mma_bf16_16816(acc[2 * np], a[ks], b);
+            prm_mma_bf16_16816(acc[2 * np + 1], a[ks], b + 2);
+        }
+}
+
+// The same restricted to M rows m0 + half·32 .. +32 (acc 16 × 32). v3_mma_abt_half's order.
+__device__ __forceinline__ void v4_mma_abt_half(float acc[4][4], const uint32_t a[4][4], const bf16* sm, int m0,
+                                                int half, int ncols) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int np = half * 2 + j;
+            if (np * 16 >= ncols) continue;
+            uint32_t b[4];
+            v4_frag_bt(b, sm, m0 + np * 16, ks * 16);
+            prm_mma_bf16_16816(acc[2 * j], a[ks], b);
+            prm_mma_bf16_16816(acc[2 * j + 1], a[ks], b + 2);
+        }
+}
+
+// The A fragment (one k-step) packed to bf16 from two n-tiles of accumulators.
+__device__ __forceinline__ void v4_pack_a(uint32_t a[4], const float lo[4], const float hi[4]) {
+    a[0] = prm_pack_bf16x2(lo[0], lo[1]);
+    a[1] = prm_pack_bf16x2(lo[2], lo[3]);
+    a[2] = prm_pack_bf16x2(hi[0], hi[1]);
+    a[3] = prm_pack_bf16x2(hi[2], hi[3]);
+}
+
+// acc (16 × 64) += A · M[k0 .. k0+16, :] for one k-step, M the resident matrix (M[k][n]).
+__device__ __forceinline__ void v4_mma_ab_step(float acc[8][4], const uint32_t a[4], const bf16* sm, int k0) {
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        v4_frag_b(b, sm, k0, np * 16);
+        prm_mma_bf16_16816(acc[2 * np], a, b);
+        prm_mma_bf16_16816(acc[2 * np + 1], a, b + 2);
+    }
+}
+
+// acc (16 × 64) += A · M[m0 + half·32 .. +32, :] with A the bf16 packing of p[4][4] (16 × 32);
+// k-steps at or past `kvalid` (relative to m0) are skipped. v3_mma_pb_half's order.
+__device__ __forceinline__ void v4_mma_pb_half(float acc[8][4], const float p[4][4], const bf16* sm, int m0, int half,
+                                               int kvalid) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int ks = half * 2 + j;
+        if (ks * 16 >= kvalid) continue;
+        uint32_t a[4];
+        v4_pack_a(a, p[2 * j], p[2 * j + 1]);
+        v4_mma_ab_step(acc, a, sm, m0 + ks * 16);
+    }
+}
+
+// Writes a warp's 16×64 accumulator block, times mul[r], as bf16 to rows rows[r] (below
+// `valid`) of a row-major bf16 matrix g (stride ld, column offset off).
+__device__ __forceinline__ void v4_store_bf16(bf16* g, size_t ld, int off, const int rows[2], int valid,
+                                              const float acc[8][4], const float mul[2]) {
+    const int t = (threadIdx.x & 3) * 2;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (rows[r] >= valid) continue;
+        uint32_t* dst = reinterpret_cast<uint32_t*>(g + (size_t)rows[r] * ld + off + t);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) dst[nt * 4] = prm_pack_bf16x2(acc[nt][2 * r] * mul[r], acc[nt][2 * r + 1] * mul[r]);
+    }
+}
+
+// This CTA's first 16-row block and the stride between a warp's blocks: CTA x of `split` takes
+// blocks x·4 + warp, then + 4·split.
+#define V4_FIRST_BLOCK (blockIdx.x * V4_WARPS + (threadIdx.x >> 5))
+#define V4_BLOCK_STRIDE (V4_WARPS * gridDim.x)
+
+extern "C" __global__ void __launch_bounds__(128, 4)
+    prm_attention_forward_tc4(const bf16* __restrict__ qkv, const int* __restrict__ cu_seqlens, bf16* __restrict__ out,
+                              float* __restrict__ lse, int width, int total, int mode, int causal) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int row0 = cu_seqlens[seq];
+    const int T = cu_seqlens[seq + 1] - row0;
+    const int nblocks = (T + 15) / 16, R = nblocks * 16;
+    if ((int)blockIdx.x * V4_WARPS >= nblocks) return;  // whole CTA, before the barrier
+    bf16* sY = smem;
+    bf16* sV = smem + R * V4_HD;
+    const int lane = threadIdx.x & 31, t = (lane & 3) * 2;
+    const size_t ld = 3 * (size_t)width;
+    const bf16* base = qkv + (size_t)row0 * ld;
+    const bf16* gx = base + (mode == 2 ? width : 0) + h * V4_HD;
+    v4_load_resident(sY, base + (mode == 1 ? 0 : width) + h * V4_HD, ld, R, T);
+    v4_load_resident(sV, base + 2 * width + h * V4_HD, ld, R, T);
+    prm_cp_async_commit();
+    prm_cp_async_wait<0>();
+    __syncthreads();
+
+    for (int b = V4_FIRST_BLOCK; b < nblocks; b += V4_BLOCK_STRIDE) {
+        const int wq0 = b * 16;
+        const int rows[2] = {wq0 + (lane >> 2), wq0 + (lane >> 2) + 8};
+        uint32_t qa[4][4];
+        v4_load_a(qa, gx, ld, wq0, T);
+        // Keys this block needs: below the end, and (causal) up to its last row. v3 walks the
+        // tiles of its 64-query tile; the tiles past this block's last row change nothing there.
+        const int kend = causal ? min(T, wq0 + 16) : T;
+        const int ntiles = (kend + V4_TILE - 1) / V4_TILE;
+        float o[8][4];
+        v4_zero<8>(o);
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // m in log2 units
+        for (int kt = 0; kt < ntiles; ++kt) {
+            const int k0 = kt * V4_TILE;
+            const int kvalid = min(V4_TILE, kend - k0);
+            float s[8][4];
+            v4_zero<8>(s);
+            v4_mma_abt(s, qa, sY, k0, kvalid);
+
+            float mx[2] = {m[0], m[1]};
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int c = nt * 8 + t + (i & 1), r = i >> 1;
+                    float v = s[nt][i] * V4_SCALE_LOG2;
+                    if (c >= kvalid || (causal && k0 + c > rows[r])) v = -INFINITY;
+                    s[nt][i] = v;
+                    mx[r] = fmaxf(mx[r], v);
+                }
+            float corr[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                corr[r] = mx[r] == -INFINITY ? 1.0f : exp2f(m[r] - mx[r]);
+                m[r] = mx[r];
+            }
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int r = i >> 1;
+                    const float p = m[r] == -INFINITY ? 0.0f : exp2f(s[nt][i] - m[r]);
+                    s[nt][i] = p;
+                    sum[r] += p;
+                    o[nt][i] *= corr[r];
+                }
+            l[0] = l[0] * corr[0] + sum[0];
+            l[1] = l[1] * corr[1] + sum[1];
+            // o += P·V, k-steps of 16 keys below kvalid (v3_mma_pb's order).
+#pragma unroll
+            for (int ks = 0; ks < 4; ++ks) {
+                if (ks * 16 >= kvalid) continue;
+                uint32_t a[4];
+                v4_pack_a(a, s[2 * ks], s[2 * ks + 1]);
+                v4_mma_ab_step(o, a, sV, k0 + ks * 16);
+            }
+        }
+        float inv[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+            inv[r] = 1.0f / l[r];
+        }
+        v4_store_bf16(out + (size_t)row0 * width, width, h * V4_HD, rows, T, o, inv);
+        if (t == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                if (rows[r] < T) lse[(size_t)h * total + row0 + rows[r]] = m[r] * V4_LN2 + logf(l[r]);
+        }
+    }
+}
+PRM_REGISTER_KERNEL(prm_attention_forward_tc4);
+
+extern "C" __global__ void __launch_bounds__(128, 4)
+    prm_attention_bwd_dq_tc4(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out, const float* __restrict__ lse,
+                             const float* __restrict__ delta, const int* __restrict__ cu_seqlens,
+                             bf16* __restrict__ d_qkv, int width, int total, int causal) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int row0 = cu_seqlens[seq];
+    const int T = cu_seqlens[seq + 1] - row0;
+    const int nblocks = (T + 15) / 16, R = nblocks * 16;
+    if ((int)blockIdx.x * V4_WARPS >= nblocks) return;
+    bf16* sK = smem;
+    bf16* sV = smem + R * V4_HD;
+    const int lane = threadIdx.x & 31, t = (lane & 3) * 2;
+    const size_t ld = 3 * (size_t)width;
+    const bf16* base = qkv + (size_t)row0 * ld;
+    const bf16* gq = base + h * V4_HD;
+    const bf16* gd = d_out + (size_t)row0 * width + h * V4_HD;
+    v4_load_resident(sK, base + width + h * V4_HD, ld, R, T);
+    v4_load_resident(sV, base + 2 * width + h * V4_HD, ld, R, T);
+    prm_cp_async_commit();
+    prm_cp_async_wait<0>();
+    __syncthreads();
+
+    for (int b = V4_FIRST_BLOCK; b < nblocks; b += V4_BLOCK_STRIDE) {
+        const int wq0 = b * 16;
+        const int rows[2] = {wq0 + (lane >> 2), wq0 + (lane >> 2) + 8};
+        uint32_t qa[4][4], da[4][4];
+        v4_load_a(qa, gq, ld, wq0, T);
+        v4_load_a(da, gd, width, wq0, T);
+        float lse2[2], row_delta[2];  // lse in log2 units
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const bool ok = rows[r] < T;
+            lse2[r] = ok ? lse[(size_t)h * total + row0 + rows[r]] * V4_LOG2E : 0.0f;
+            row_delta[r] = ok ? delta[(size_t)h * total + row0 + rows[r]] : 0.0f;
+        }
+        const int kend = causal ? min(T, wq0 + 16) : T;
+        const int ntiles = (kend + V4_TILE - 1) / V4_TILE;
+        float dq[8][4];
+        v4_zero<8>(dq);
+        for (int kt = 0; kt < ntiles; ++kt) {
+            const int k0 = kt * V4_TILE;
+            const int kvalid = min(V4_TILE, kend - k0);
+            // 32 keys at a time: half the score registers live at once.
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                if (half * 32 >= kvalid) continue;
+                float s[4][4], dp[4][4];
+                v4_zero<4>(s);
+                v4_zero<4>(dp);
+                v4_mma_abt_half(s, qa, sK, k0, half, kvalid);   // S = Q·Kᵀ
+                v4_mma_abt_half(dp, da, sV, k0, half, kvalid);  // dP = dO·Vᵀ
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
+                        const bool ok = rows[r] < T && c < kvalid && !(causal && k0 + c > rows[r]);
+                        const float p = ok ? exp2f(s[nt][i] * V4_SCALE_LOG2 - lse2[r]) : 0.0f;
+                        s[nt][i] = p * (dp[nt][i] - row_delta[r]) * V4_SCALE;  // dS, scaled
+                    }
+                v4_mma_pb_half(dq, s, sK, k0, half, kvalid);  // dQ += dS·K
+            }
+        }
+        const float one[2] = {1.0f, 1.0f};
+        v4_store_bf16(d_qkv + (size_t)row0 * ld, ld, h * V4_HD, rows, T, dq, one);
+    }
+}
+PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc4);
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+    prm_attention_bwd_dkdv_tc4(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
+                               const float* __restrict__ lse, const float* __restrict__ delta,
+                               const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width, int total,
+                               int causal) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int row0 = cu_seqlens[seq];
+    const int T = cu_seqlens[seq + 1] - row0;
+    const int nblocks = (T + 15) / 16, R = nblocks * 16;
+    if ((int)blockIdx.x * V4_WARPS >= nblocks) return;
+    bf16* sQ = smem;
+    bf16* sD = smem + R * V4_HD;
+    // Per-query statistics for whole 64-query tiles (RS rows, zeros past T, as v3's tiles): the
+    // dS loop reads a tile's 64 entries whether or not its queries exist.
+    const int RS = (T + V4_TILE - 1) / V4_TILE * V4_TILE;
+    float* sLse = reinterpret_cast<float*>(smem + 2 * R * V4_HD);  // log2 units
+    float* sDelta = sLse + RS;
+    // The warp's own key block, K then V (16 rows each): A fragments come from here, as in v3,
+    // which keeps this kernel at 128 registers (fragments held in registers took 191).
+    bf16* sKw = reinterpret_cast<bf16*>(sDelta + RS) + (threadIdx.x >> 5) * 2 * 16 * V4_HD;
+    bf16* sVw = sKw + 16 * V4_HD;
+    const int lane = threadIdx.x & 31, t = (lane & 3) * 2;
+    const size_t ld = 3 * (size_t)width;
+    const bf16* base = qkv + (size_t)row0 * ld;
+    v4_load_resident(sQ, base + h * V4_HD, ld, R, T);
+    v4_load_resident(sD, d_out + (size_t)row0 * width + h * V4_HD, width, R, T);
+    prm_cp_async_commit();
+    for (int q = threadIdx.x; q < RS; q += blockDim.x) {  // plain stores; the barrier publishes them
+        const bool ok = q < T;
+        sLse[q] = ok ? lse[(size_t)h * total + row0 + q] * V4_LOG2E : 0.0f;
+        sDelta[q] = ok ? delta[(size_t)h * total + row0 + q] : 0.0f;
+    }
+    prm_cp_async_wait<0>();
+    __syncthreads();
+
+    for (int b = V4_FIRST_BLOCK; b < nblocks; b += V4_BLOCK_STRIDE) {
+        const int wk0 = b * 16;
+        const int keys[2] = {wk0 + (lane >> 2), wk0 + (lane >> 2) + 8};
+        __syncwarp();  // every lane is past the previous block's reads of sKw / sVw
+        v4_load_warp_tile(sKw, base + width + h * V4_HD, ld, wk0, T);
+        v4_load_warp_tile(sVw, base + 2 * width + h * V4_HD, ld, wk0, T);
+        prm_cp_async_commit();
+        prm_cp_async_wait<0>();
+        __syncwarp();  // the other lanes' copies are visible
+        // Causal: queries before this block's 64-key tile see none of its keys; v3 starts its
+        // query tiles there, and so do we (the same tiles in the same order).
+        const int qstart = causal ? (wk0 / V4_TILE) * V4_TILE : 0;
+        const int ntiles = (T - qstart + V4_TILE - 1) / V4_TILE;
+        float dk[8][4], dv[8][4];
+        v4_zero<8>(dk);
+        v4_zero<8>(dv);
+        for (int it = 0; it < ntiles; ++it) {
+            const int q0 = qstart + it * V4_TILE;
+            const int qvalid = min(V4_TILE, T - q0);
+            const float* tl = sLse + q0;
+            const float* tdel = sDelta + q0;
+            // 32 queries at a time: half the score registers live at once.
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                if (half * 32 >= qvalid) continue;
+                // Pᵀ = exp(K·Qᵀ/8 − lse), rounded to bf16 once: it feeds dV and dS.
+                uint32_t pb[2][4];
+                {
+                    float st[4][4];
+                    v4_zero<4>(st);
+                    v4_mma_abt_half_s(st, sKw, sQ, q0, half, qvalid);  // Sᵀ = K·Qᵀ
+#pragma unroll
+                    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
+                            const bool ok = keys[r] < T && c < qvalid && !(causal && keys[r] > q0 + c);
+                            st[nt][i] = ok ? exp2f(st[nt][i] * V4_SCALE_LOG2 - tl[c]) : 0.0f;
+                        }
+                    v4_pack_a(pb[0], st[0], st[1]);
+                    v4_pack_a(pb[1], st[2], st[3]);
+                }
+                // dV += Pᵀ·dO
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    if ((half * 2 + j) * 16 < qvalid) v4_mma_ab_step(dv, pb[j], sD, q0 + (half * 2 + j) * 16);
+                float dpt[4][4];
+                v4_zero<4>(dpt);
+                v4_mma_abt_half_s(dpt, sVw, sD, q0, half, qvalid);  // dPᵀ = V·dOᵀ
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const int c = half * 32 + nt * 8 + t + (i & 1);
+                        const uint32_t w = pb[nt >> 1][(nt & 1) * 2 + (i >> 1)];
+                        const float p = __uint_as_float((i & 1) ? (w & 0xffff0000u) : (w << 16));
+                        dpt[nt][i] = p * (dpt[nt][i] - tdel[c]) * V4_SCALE;  // dSᵀ, scaled
+                    }
+                v4_mma_pb_half(dk, dpt, sQ, q0, half, qvalid);  // dK += dSᵀ·Q
+            }
+        }
+        const float one[2] = {1.0f, 1.0f};
+        v4_store_bf16(d_qkv + (size_t)row0 * ld, ld, width + h * V4_HD, keys, T, dk, one);
+        v4_store_bf16(d_qkv + (size_t)row0 * ld, ld, 2 * width + h * V4_HD, keys, T, dv, one);
+    }
+}
+PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc4);
