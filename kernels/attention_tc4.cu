@@ -5,9 +5,9 @@
 // the outputs are bit-identical to attention_tc3.cu's, which tests/kernel_attention.rs checks.
 //
 // Launchers: src/gpu/kernels/attention.rs (attention_forward_tc4, attention_backward_tc4*);
-// they run v3 instead when a sequence is longer than V4_MAX_ROWS (the resident tiles would not
-// fit four CTAs to an SM). The engine's default at --precision bf16 (PRM_ATTENTION=v3 or v2
-// selects the older versions).
+// they run v3 instead when a sequence is longer than TC4_MAX_TOKENS = 256 (the resident tiles
+// would not fit three CTAs to an SM). The engine runs v4 at --precision bf16 with
+// PRM_ATTENTION=v4; v3 stays the default until a GPU has timed the two against each other.
 //
 // Why: at 197 tokens v3 runs one CTA per 64-query tile. Each CTA streams the head's 4 key/value
 // tiles through a two-stage pipeline with two barriers per tile; its 4th query tile holds 5 rows,

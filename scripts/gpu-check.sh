@@ -191,6 +191,8 @@ if want timeline; then
   }
   timeline_run pgd-direct "pgd: batch 64, 224 px, 10 steps, graphs off" --batch-size 64 --steps 10 --graphs off
   timeline_run pgd-graphs "pgd: batch 64, 224 px, 10 steps, graphs on" --batch-size 64 --steps 10 --graphs on
+  PRM_ATTENTION=v4 timeline_run pgd-v4 "pgd: batch 64, 224 px, 10 steps, graphs off, attention v4" \
+    --batch-size 64 --steps 10 --graphs off
   timeline_run paper-b1 "paper: batch 1, 640x480, 20 AdamW steps, dynamic scale" --preset paper \
     --image-size 640x480 --batch-size 1 --steps 20
 fi
@@ -198,7 +200,7 @@ fi
 # ---------------------------------------------------------------- benchmark report
 if want report; then
   echo "== report (scripts/gpu-report.sh; $(left) s left)"
-  reserve=0; want profile && reserve=90
+  reserve=0; want stalls && reserve=45; want profile && reserve=90
   DEADLINE=$(( $(date +%s) + $(allow 100000 $reserve) )) bash "$ROOT/scripts/gpu-report.sh" "$BUNDLE/prm" "$WORK/report" \
     >"$LOGS/report.txt" 2>"$LOGS/report.err"
   cp "$WORK"/report/*.json "$WORK"/report/*.err "$LOGS/" 2>/dev/null
@@ -282,38 +284,46 @@ PY
 # average number of warps stalled on each reason per issued instruction (Nsight Compute's
 # warp-state breakdown), largest first. Its own ncu run, so a metric this ncu lacks loses this
 # table only.
-attention_stalls() { # secs
-  local csv=$LOGS/ncu-attention.csv
+attention_stalls() { # secs   (v3, the default, then v4: half the time each)
+  local version csv
   echo "== profile: attention stall reasons (ncu, ${1}s)"
+  for version in v3 v4; do
+  csv=$LOGS/ncu-attention-$version.csv
   # Past the clean forward's 12 and 8 of the step's 12 forwards: 4 forwards, then the
   # backward's dK/dV and dQ launches (the delta kernel is left out).
-  (cd "$ROOT" && PRM_NO_GRAPHS=1 timeout "$1" "$NCU" --clock-control none -k "regex:prm_attention_(forward|bwd)" \
-    --launch-skip 20 --launch-count 10 \
+  (cd "$ROOT" && PRM_ATTENTION=$version PRM_NO_GRAPHS=1 timeout "$(($1 / 2))" "$NCU" --clock-control none \
+    -k "regex:prm_attention_(forward|bwd)" --launch-skip 20 --launch-count 10 \
     --metrics "gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
     --csv "$BUNDLE/prm" bench --device cuda --model random:vit-b-16 --precision bf16 --warmup 0 --repeats 1 \
     --no-ceiling --batch-size 64 --steps 1) >"$csv" 2>"${csv%.csv}.err"
-  python3 - "$csv" >>"$LOGS/profile.txt" 2>&1 <<'PY'
+  python3 - "$csv" "$version" >>"$LOGS/profile.txt" 2>&1 <<'PY'
 import csv, sys, collections
 rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
-print("attention kernels, pgd batch 64 (4 forwards, 3 dK/dV, 3 dQ of one step): occupancy and stall reasons")
+print(f"attention {sys.argv[2]} kernels, pgd batch 64 (4 forwards, 3 dK/dV, 3 dQ of one step): occupancy and stall reasons")
 if not rows:
     print("  ncu produced no rows (see ncu-attention.err)"); sys.exit()
 head = rows[0]
-k, m, v = (head.index(c) for c in ("Kernel Name", "Metric Name", "Metric Value"))
+k, m, v, u = (head.index(c) for c in ("Kernel Name", "Metric Name", "Metric Value", "Metric Unit"))
+to_us = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
 per = collections.defaultdict(lambda: collections.defaultdict(list))
 for r in rows[1:]:
     try:
-        per[r[k].split("(")[0]][r[m]].append(float(r[v].replace(",", "")))
+        val = float(r[v].replace(",", ""))
     except ValueError:
-        pass
+        continue
+    if r[m] == "gpu__time_duration.sum":
+        val = val * to_us[r[u]] if r[u] in to_us else float("nan")
+    per[r[k].split("(")[0]][r[m]].append(val)
 for name, met in per.items():
     mean = {key: sum(vals) / len(vals) for key, vals in met.items()}
     occ = mean.get("sm__warps_active.avg.pct_of_peak_sustained_active", float("nan"))
     stalls = sorted(((val, key.replace("smsp__average_warps_issue_stalled_", "").replace("_per_issue_active.ratio", ""))
                      for key, val in mean.items() if key.startswith("smsp__average_warps_issue_stalled_")), reverse=True)
-    print(f"  {name}: achieved occupancy {occ:.1f}% of peak warps; stalled warps per issue: "
+    us = mean.get("gpu__time_duration.sum", float("nan"))
+    print(f"  {name}: {us:.1f} us; achieved occupancy {occ:.1f}% of peak warps; stalled warps per issue: "
           + ", ".join(f"{s} {val:.2f}" for val, s in stalls[:6]))
 PY
+  done
 }
 NCU_METRICS=gpu__time_duration.sum,dram__bytes.sum,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
 if want profile || want stalls; then

@@ -72,11 +72,13 @@ run torch-pgd-eager-bf16 $PY tools/torch_prm.py --mode eager-bf16 --batch-size "
 run prm-paper-bf16-b$PAPER_BATCH $B --precision bf16 $PAPER --batch-size "$PAPER_BATCH" --warmup 0 --repeats 1 --no-ceiling
 run torch-paper-fp32-b1 $PY tools/torch_prm.py --mode paper --repeats 1 --warmup 1
 run torch-pgd-compile $PY tools/torch_prm.py --mode compile --batch-size "$BATCH" --steps 10
-# A/B rows for changes not yet measured on a GPU: step graphs off, the previous tensor-core
-# attention (v2); batch 1 shows the host cost graphs remove.
+# Not yet measured on a GPU: attention v4 (a head resident in shared memory; bit-identical to
+# v3), with one and two CTAs a head.
+run prm-pgd-bf16-attn-v4 env PRM_ATTENTION=v4 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
+run prm-pgd-bf16-attn-v4-split2 env PRM_ATTENTION=v4 PRM_ATTENTION_SPLIT=2 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
+# A/B rows: step graphs off, the previous tensor-core attention (v2); batch 1 shows the host
+# cost graphs remove.
 run prm-pgd-bf16-nographs $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5 --graphs off
-run prm-pgd-bf16-attn-v3 env PRM_ATTENTION=v3 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
-run prm-pgd-bf16-split2 env PRM_ATTENTION_SPLIT=2 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 run prm-pgd-bf16-attn-v2 env PRM_ATTENTION=v2 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 # The bench stages each attack's batch ahead (prm attack's steady state); this row uploads it.
 run prm-pgd-bf16-nostaging env PRM_NO_STAGING=1 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
@@ -100,8 +102,8 @@ rows = [
     ("pgd", "prm bf16", "prm-pgd-bf16"), ("pgd", "prm fp32", "prm-pgd-fp32"),
     ("pgd", "torch eager fp32", "torch-pgd-eager-fp32"), ("pgd", "torch eager bf16+SDPA", "torch-pgd-eager-bf16"),
     ("pgd", "torch.compile bf16", "torch-pgd-compile"),
-    ("pgd", "prm bf16 graphs off", "prm-pgd-bf16-nographs"), ("pgd", "prm bf16 attention v3", "prm-pgd-bf16-attn-v3"),
-    ("pgd", "prm bf16 v4 split 2", "prm-pgd-bf16-split2"), ("pgd", "prm bf16 attention v2", "prm-pgd-bf16-attn-v2"),
+    ("pgd", "prm bf16 graphs off", "prm-pgd-bf16-nographs"), ("pgd", "prm bf16 attention v4", "prm-pgd-bf16-attn-v4"),
+    ("pgd", "prm bf16 v4 split 2", "prm-pgd-bf16-attn-v4-split2"), ("pgd", "prm bf16 attention v2", "prm-pgd-bf16-attn-v2"),
     ("pgd", "prm bf16 uploads unstaged", "prm-pgd-bf16-nostaging"),
     ("pgd", "prm bf16 b1", "prm-pgd-bf16-b1"), ("pgd", "prm bf16 b1 graphs off", "prm-pgd-bf16-b1-nographs"),
     ("paper", "prm bf16 b1", "prm-paper-bf16-b1"), ("paper", f"prm bf16 b{pb}", f"prm-paper-bf16-b{pb}"),
@@ -127,9 +129,9 @@ print(f"pgd   prm bf16 / torch eager bf16      {ratio('prm-pgd-bf16', 'torch-pgd
 print(f"pgd   prm bf16 / torch.compile          {ratio('prm-pgd-bf16', 'torch-pgd-compile'):6.2f}x   (target >= 1.3)")
 print(f"pgd   graphs on / off (batch {batch})      {ratio('prm-pgd-bf16', 'prm-pgd-bf16-nographs'):6.2f}x")
 print(f"pgd   graphs on / off (batch 1)        {ratio('prm-pgd-bf16-b1', 'prm-pgd-bf16-b1-nographs'):6.2f}x")
-print(f"pgd   attention v4 / v3                {ratio('prm-pgd-bf16', 'prm-pgd-bf16-attn-v3'):6.2f}x")
-print(f"pgd   v4 split 1 / split 2             {ratio('prm-pgd-bf16', 'prm-pgd-bf16-split2'):6.2f}x")
-print(f"pgd   attention v4 / v2                {ratio('prm-pgd-bf16', 'prm-pgd-bf16-attn-v2'):6.2f}x")
+print(f"pgd   attention v4 / v3                {ratio('prm-pgd-bf16-attn-v4', 'prm-pgd-bf16'):6.2f}x")
+print(f"pgd   v4 split 2 / split 1             {ratio('prm-pgd-bf16-attn-v4-split2', 'prm-pgd-bf16-attn-v4'):6.2f}x")
+print(f"pgd   attention v3 / v2                {ratio('prm-pgd-bf16', 'prm-pgd-bf16-attn-v2'):6.2f}x")
 print(f"pgd   staged / plain uploads           {ratio('prm-pgd-bf16', 'prm-pgd-bf16-nostaging'):6.2f}x")
 r = get("prm-pgd-bf16")
 if r and r.get("ceiling_fraction"):

@@ -10,12 +10,12 @@
 //!   cores, fp32 buffers rounded to bf16 while loading;
 //! - v3, [`attention_forward_tc3`] / [`attention_backward_tc3`] (`attention_tc3.cu`): tensor
 //!   cores with bf16 `qkv`, context and `d_qkv` buffers, `cp.async` double-buffered tiles and
-//!   `ldmatrix` fragments;
+//!   `ldmatrix` fragments; the bf16 engine's default ([`TensorCoreVersion`], `PRM_ATTENTION`);
 //! - v4, [`attention_forward_tc4`] / [`attention_backward_tc4_bf16_dout`] (`attention_tc4.cu`):
 //!   v3's arithmetic in v3's order (bit-identical outputs) with a whole head's keys and values
 //!   (or queries and output gradients) resident in shared memory, for sequences up to
-//!   [`TC4_MAX_TOKENS`] tokens (v3 beyond); the bf16 engine's default ([`TensorCoreVersion`],
-//!   `PRM_ATTENTION`).
+//!   [`TC4_MAX_TOKENS`] tokens (v3 beyond); `PRM_ATTENTION=v4`. Not yet the default: it has
+//!   run only on the simulator, and no GPU has timed it against v3.
 //!
 //! Layouts (row-major; `N = Σ T_i` tokens, `D = width`, `heads = D / 64`, head dim 64):
 //! - `qkv [N, 3D]`: q | k | v along features, head `h` in columns `h·64 .. h·64 + 64` of each part;
@@ -534,16 +534,17 @@ pub enum TensorCoreVersion {
     /// `kernels/attention_tc.cu`: fp32 q/k/v converted while loading, one load stage.
     V2,
     /// `kernels/attention_tc3.cu`: bf16 q/k/v and context, cp.async double buffering, ldmatrix.
+    #[default]
     V3,
     /// `kernels/attention_tc4.cu`: v3's arithmetic with a whole head resident in shared memory
-    /// (sequences up to [`TC4_MAX_TOKENS`]; v3 beyond). Bit-identical to v3.
-    #[default]
+    /// (sequences up to [`TC4_MAX_TOKENS`]; v3 beyond). Bit-identical to v3; opt-in until a GPU
+    /// has timed it.
     V4,
 }
 
 impl TensorCoreVersion {
     /// The version named by the environment variable `PRM_ATTENTION` (`v2`, `v3` or `v4`;
-    /// unset means v4). An unknown value is an error that says which values are allowed.
+    /// unset means v3). An unknown value is an error that says which values are allowed.
     pub fn from_env() -> Result<Self, String> {
         Self::parse(std::env::var("PRM_ATTENTION").ok().as_deref())
     }
@@ -551,12 +552,12 @@ impl TensorCoreVersion {
     /// [`Self::from_env`] for a given value of `PRM_ATTENTION` (`None`: unset).
     pub fn parse(value: Option<&str>) -> Result<Self, String> {
         match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-            None | Some("") | Some("v4") => Ok(Self::V4),
-            Some("v3") => Ok(Self::V3),
+            None | Some("") | Some("v3") => Ok(Self::V3),
+            Some("v4") => Ok(Self::V4),
             Some("v2") => Ok(Self::V2),
             Some(other) => Err(format!(
                 "PRM_ATTENTION={other:?} is not a tensor-core attention version; use v2, v3 or \
-                 v4 (or unset it for v4)"
+                 v4 (or unset it for v3)"
             )),
         }
     }
@@ -1009,10 +1010,10 @@ mod tests {
 
     #[test]
     fn attention_version_from_its_variable() {
-        assert_eq!(TensorCoreVersion::parse(None), Ok(TensorCoreVersion::V4));
+        assert_eq!(TensorCoreVersion::parse(None), Ok(TensorCoreVersion::V3));
         assert_eq!(
             TensorCoreVersion::parse(Some("")),
-            Ok(TensorCoreVersion::V4)
+            Ok(TensorCoreVersion::V3)
         );
         assert_eq!(
             TensorCoreVersion::parse(Some("v4")),
