@@ -36,7 +36,7 @@ use super::settings::{AttackSettings, Init};
 use crate::io::inputs::staging_dir_name;
 use crate::io::webdataset::{tar_index, write_tar_atomic, MemberData, OutputLookup};
 use crate::io::{
-    self, output_rel_path, planar_to_interleaved, quantize_within_eps, read_item,
+    self, output_rel_path, planar_to_interleaved, quantize_for_saving, read_item,
     read_manifest_detailed, write_float_safetensors_atomic, write_png_atomic, InputItem, IoError,
     ManifestRecord, ManifestWriter, OutputLayout, RgbImage, Status, DEFAULT_MAX_PIXELS,
     MANIFEST_FILE,
@@ -792,20 +792,15 @@ pub(super) fn attack_batch<E: Engine>(
     phases.steps_seconds = lap();
     // Save within ε after rounding, then measure what was actually saved. One image per task:
     // a batch is tens of millions of values, and this runs while the device waits.
-    let saved: Vec<Vec<u8>> = ok
+    // The levels, their float values (what the evaluation reads) and the L∞ in one pass.
+    let (saved, (saved_f32, linf)): (Vec<Vec<u8>>, (Vec<Vec<f32>>, Vec<f64>)) = ok
         .par_iter()
         .zip(&outcomes)
-        .map(|(&(_, l), o)| quantize_within_eps(&o.adversarial, &l.clean.data, settings.eps))
-        .collect();
-    let saved_f32: Vec<Vec<f32>> = saved
-        .par_iter()
-        .map(|s| s.iter().map(|&q| q as f32 / 255.0).collect())
-        .collect();
-    let linf: Vec<f64> = saved
-        .par_iter()
-        .zip(&ok)
-        .map(|(s, &(_, l))| io::linf_255(s, &l.clean.data))
-        .collect();
+        .map(|(&(_, l), o)| {
+            let s = quantize_for_saving(&o.adversarial, &l.clean.data, settings.eps);
+            (s.levels, (s.values, s.linf_255))
+        })
+        .unzip();
     phases.quantize_seconds = lap();
     let evals = match attack.evaluate(&saved_f32) {
         Ok(e) => e,

@@ -39,8 +39,8 @@ pub use self::manifest::{
     Status, MANIFEST_FILE,
 };
 pub use self::output::{
-    interleaved_to_planar, linf_255, planar_to_interleaved, quantize_within_eps,
-    write_float_safetensors_atomic, write_png_atomic,
+    interleaved_to_planar, linf_255, planar_to_interleaved, quantize_for_saving,
+    quantize_within_eps, write_float_safetensors_atomic, write_png_atomic, SavedImage,
 };
 pub use self::units::parse_fraction;
 pub use self::verify::{
