@@ -38,7 +38,7 @@ use crate::io::webdataset::{tar_index, write_tar_atomic, MemberData, OutputLooku
 use crate::io::{
     self, output_rel_path, planar_to_interleaved, quantize_for_saving, read_item,
     read_manifest_detailed, write_float_safetensors_atomic, write_png_atomic, InputItem, IoError,
-    ManifestRecord, ManifestWriter, OutputLayout, RgbImage, Status, DEFAULT_MAX_PIXELS,
+    ManifestRecord, ManifestWriter, OutputLayout, RgbImage, SavedImage, Status, DEFAULT_MAX_PIXELS,
     MANIFEST_FILE,
 };
 use crate::model::Model;
@@ -793,14 +793,19 @@ pub(super) fn attack_batch<E: Engine>(
     // Save within ε after rounding, then measure what was actually saved. One image per task:
     // a batch is tens of millions of values, and this runs while the device waits.
     // The levels, their float values (what the evaluation reads) and the L∞ in one pass.
-    let (saved, (saved_f32, linf)): (Vec<Vec<u8>>, (Vec<Vec<f32>>, Vec<f64>)) = ok
+    let saved_images: Vec<SavedImage> = ok
         .par_iter()
         .zip(&outcomes)
-        .map(|(&(_, l), o)| {
-            let s = quantize_for_saving(&o.adversarial, &l.clean.data, settings.eps);
-            (s.levels, (s.values, s.linf_255))
-        })
-        .unzip();
+        .map(|(&(_, l), o)| quantize_for_saving(&o.adversarial, &l.clean.data, settings.eps))
+        .collect();
+    let mut saved = Vec::with_capacity(saved_images.len());
+    let mut saved_f32 = Vec::with_capacity(saved_images.len());
+    let mut linf = Vec::with_capacity(saved_images.len());
+    for s in saved_images {
+        saved.push(s.levels);
+        saved_f32.push(s.values);
+        linf.push(s.linf_255);
+    }
     phases.quantize_seconds = lap();
     let evals = match attack.evaluate(&saved_f32) {
         Ok(e) => e,
