@@ -16,7 +16,7 @@
 #          $PAPER_BATCH (default 8), 32 and 1, prm fp32 at batch 1; torch fp32 at batch 1
 #   A/B    prm bf16 with graphs off, with attention v2, with staging off (bench and attack row), at
 #          batch 1 with graphs on and off
-#   attack 192 images through `prm attack --profile` on cuda:0, again with PRM_NO_STAGING=1
+#   attack 480 images through `prm attack --profile` on cuda:0, again with PRM_NO_STAGING=1
 #          (and cuda:all with several GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -145,11 +145,13 @@ if t:
 PYEOF
 
 # Whole-dataset attack: does the GPU wait for I/O (--profile), and does --device cuda:all scale?
-# 192 inputs (copies of the samples under distinct names: every draw is per image).
+# 480 inputs (96 copies of the 5 samples under distinct names: every draw is per image), so
+# that several batches follow the first (which pays the warm-up: heuristics, graph captures) and
+# the later ones show the steady state in --profile's per-batch phases.
 DATA=$OUT/attack-inputs
 if [[ ! -d $DATA ]]; then
   mkdir -p "$DATA"
-  for i in $(seq -w 1 32); do for f in samples/*.png samples/*.jpg; do
+  for i in $(seq -w 1 96); do for f in samples/*.png samples/*.jpg; do
     b=$(basename "$f"); cp "$f" "$DATA/$i-$b"; done; done
 fi
 attack() { # name, device, [env assignments...]
