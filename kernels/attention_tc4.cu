@@ -37,6 +37,11 @@
 //            and delta for 64-query tiles, and each warp's own K and V block (its A operands,
 //            through ldmatrix as in v3: 128 registers): 2·R·128 + 2·RS·4 + 4·4096 bytes,
 //            RS = 64·⌈T/64⌉; three CTAs fit an SM at 197 tokens.
+// A warp's first block's own operand (Q / Q and dO fragments; the K and V tile in dK/dV) is
+// requested together with the resident tiles, so its latency hides behind theirs.
+// ptxas (nvcc 13.0, sm_90, no spills): forward 128 registers and dQ 126 (__launch_bounds__(128,
+// 4): four CTAs an SM at 197 tokens), dK/dV 153 ((128, 3); its 71,680 bytes of shared memory
+// allow three CTAs an SM).
 // A CTA whose first block lies past its sequence's end exits before its only barrier. No
 // atomics; fixed reduction order; deterministic.
 #include "common.cuh"
@@ -247,14 +252,16 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     v4_load_resident(sY, base + (mode == 1 ? 0 : width) + h * V4_HD, ld, R, T);
     v4_load_resident(sV, base + 2 * width + h * V4_HD, ld, R, T);
     prm_cp_async_commit();
+    // The first block's Q fragments load while the resident tiles land.
+    uint32_t qa[4][4];
+    if (V4_FIRST_BLOCK < nblocks) v4_load_a(qa, gx, ld, V4_FIRST_BLOCK * 16, T);
     prm_cp_async_wait<0>();
     __syncthreads();
 
     for (int b = V4_FIRST_BLOCK; b < nblocks; b += V4_BLOCK_STRIDE) {
         const int wq0 = b * 16;
         const int rows[2] = {wq0 + (lane >> 2), wq0 + (lane >> 2) + 8};
-        uint32_t qa[4][4];
-        v4_load_a(qa, gx, ld, wq0, T);
+        if (b != V4_FIRST_BLOCK) v4_load_a(qa, gx, ld, wq0, T);
         // Keys this block needs: below the end, and (causal) up to its last row. v3 walks the
         // tiles of its 64-query tile; the tiles past this block's last row change nothing there.
         const int kend = causal ? min(T, wq0 + 16) : T;
@@ -346,15 +353,22 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     v4_load_resident(sK, base + width + h * V4_HD, ld, R, T);
     v4_load_resident(sV, base + 2 * width + h * V4_HD, ld, R, T);
     prm_cp_async_commit();
+    // The first block's Q and dO fragments load while the resident tiles land.
+    uint32_t qa[4][4], da[4][4];
+    if (V4_FIRST_BLOCK < nblocks) {
+        v4_load_a(qa, gq, ld, V4_FIRST_BLOCK * 16, T);
+        v4_load_a(da, gd, width, V4_FIRST_BLOCK * 16, T);
+    }
     prm_cp_async_wait<0>();
     __syncthreads();
 
     for (int b = V4_FIRST_BLOCK; b < nblocks; b += V4_BLOCK_STRIDE) {
         const int wq0 = b * 16;
         const int rows[2] = {wq0 + (lane >> 2), wq0 + (lane >> 2) + 8};
-        uint32_t qa[4][4], da[4][4];
-        v4_load_a(qa, gq, ld, wq0, T);
-        v4_load_a(da, gd, width, wq0, T);
+        if (b != V4_FIRST_BLOCK) {
+            v4_load_a(qa, gq, ld, wq0, T);
+            v4_load_a(da, gd, width, wq0, T);
+        }
         float lse2[2], row_delta[2];  // lse in log2 units
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -423,6 +437,11 @@ extern "C" __global__ void __launch_bounds__(128, 3)
     const bf16* base = qkv + (size_t)row0 * ld;
     v4_load_resident(sQ, base + h * V4_HD, ld, R, T);
     v4_load_resident(sD, d_out + (size_t)row0 * width + h * V4_HD, width, R, T);
+    // The warp's first K and V block travels with the resident tiles.
+    if (V4_FIRST_BLOCK < nblocks) {
+        v4_load_warp_tile(sKw, base + width + h * V4_HD, ld, V4_FIRST_BLOCK * 16, T);
+        v4_load_warp_tile(sVw, base + 2 * width + h * V4_HD, ld, V4_FIRST_BLOCK * 16, T);
+    }
     prm_cp_async_commit();
     for (int q = threadIdx.x; q < RS; q += blockDim.x) {  // plain stores; the barrier publishes them
         const bool ok = q < T;
@@ -435,12 +454,14 @@ extern "C" __global__ void __launch_bounds__(128, 3)
     for (int b = V4_FIRST_BLOCK; b < nblocks; b += V4_BLOCK_STRIDE) {
         const int wk0 = b * 16;
         const int keys[2] = {wk0 + (lane >> 2), wk0 + (lane >> 2) + 8};
-        __syncwarp();  // every lane is past the previous block's reads of sKw / sVw
-        v4_load_warp_tile(sKw, base + width + h * V4_HD, ld, wk0, T);
-        v4_load_warp_tile(sVw, base + 2 * width + h * V4_HD, ld, wk0, T);
-        prm_cp_async_commit();
-        prm_cp_async_wait<0>();
-        __syncwarp();  // the other lanes' copies are visible
+        if (b != V4_FIRST_BLOCK) {
+            __syncwarp();  // every lane is past the previous block's reads of sKw / sVw
+            v4_load_warp_tile(sKw, base + width + h * V4_HD, ld, wk0, T);
+            v4_load_warp_tile(sVw, base + 2 * width + h * V4_HD, ld, wk0, T);
+            prm_cp_async_commit();
+            prm_cp_async_wait<0>();
+            __syncwarp();  // the other lanes' copies are visible
+        }
         // Causal: queries before this block's 64-key tile see none of its keys; v3 starts its
         // query tiles there, and so do we (the same tiles in the same order).
         const int qstart = causal ? (wk0 / V4_TILE) * V4_TILE : 0;
