@@ -145,13 +145,30 @@ fn check_forward<Q: Element, O: Element>(
     (total, heads)
 }
 
-/// Checks and launches a forward kernel (SIMT or tensor-core: same parameter list), one CTA
-/// per (`tile` query rows, head, sequence).
+/// How a kernel's CTAs cover the work: one per (`tile` rows, head, sequence) (v1–v3), or
+/// [`tc4_split`] per (head, sequence) (v4).
+#[derive(Clone, Copy)]
+enum Grid {
+    Tiles(usize),
+    Resident,
+}
+
+impl Grid {
+    fn shape(self, seqlens_host: &[usize], heads: usize) -> (u32, u32, u32) {
+        match self {
+            Grid::Tiles(tile) => grid(seqlens_host, heads, tile),
+            Grid::Resident => tc4_grid(seqlens_host, heads),
+        }
+    }
+}
+
+/// Checks and launches a forward kernel (SIMT or tensor-core: same parameter list) on `cover`'s
+/// grid.
 #[allow(clippy::too_many_arguments)]
 fn launch_forward<Q: Element, O: Element>(
     dev: &Device,
     kernel: &str,
-    tile: usize,
+    cover: Grid,
     shared_bytes: u32,
     qkv: &Buffer<Q>,
     cu_seqlens: &Buffer<i32>,
@@ -167,7 +184,7 @@ fn launch_forward<Q: Element, O: Element>(
         return Ok(());
     }
     let cfg = LaunchConfig {
-        grid: grid(seqlens_host, heads, tile),
+        grid: cover.shape(seqlens_host, heads),
         block: (THREADS, 1, 1),
         shared_bytes,
     };
@@ -274,7 +291,7 @@ pub fn attention_forward_f32(
     launch_forward(
         dev,
         "prm_attention_forward_f32",
-        FWD_BQ,
+        Grid::Tiles(FWD_BQ),
         0,
         qkv,
         cu_seqlens,
@@ -419,7 +436,7 @@ pub fn attention_forward_tc(
     launch_forward(
         dev,
         "prm_attention_forward_tc",
-        TC_TILE,
+        Grid::Tiles(TC_TILE),
         0,
         qkv,
         cu_seqlens,
@@ -603,7 +620,7 @@ pub fn attention_forward_tc3(
     launch_forward(
         dev,
         "prm_attention_forward_tc3",
-        TC_TILE,
+        Grid::Tiles(TC_TILE),
         TC3_FORWARD_SMEM,
         qkv,
         cu_seqlens,
@@ -711,36 +728,19 @@ pub fn attention_backward_tc3_bf16_dout(
     mode: AttentionMode,
     causal: bool,
 ) -> Result<(), GpuError> {
-    assert!(
-        tensor_core_v3_supports(mode, true),
-        "attention v3 has no backward for {mode:?}; use attention_backward_f32"
-    );
-    let (total, heads) = check_backward(
-        qkv,
-        out,
-        d_out,
-        lse,
-        cu_seqlens,
-        seqlens_host,
+    bf16_dout_backward(
+        dev,
+        "v3",
+        [
+            ("prm_attention_bwd_dkdv_tc3", TC3_DKDV_SMEM),
+            ("prm_attention_bwd_dq_tc3", TC3_DQ_SMEM),
+        ],
+        Grid::Tiles(TC_TILE),
+        (qkv, out, d_out, lse, cu_seqlens, seqlens_host),
         d_qkv,
         delta,
         width,
-    );
-    if total == 0 {
-        return Ok(());
-    }
-    let kernel = "prm_attention_delta_bf16_tc3";
-    launch_delta(dev, kernel, out, d_out, delta, None, total, heads, width)?;
-    tc3_dkdv_dq(
-        dev,
-        qkv,
-        d_out,
-        lse,
-        cu_seqlens,
-        seqlens_host,
-        delta,
-        d_qkv,
-        (total, width),
+        mode,
         causal,
     )
 }
@@ -907,25 +907,20 @@ pub fn attention_forward_tc4(
         tensor_core_v3_supports(mode, false),
         "attention v4 has no forward for {mode:?}; use attention_forward_f32"
     );
-    let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, width);
-    if total == 0 {
-        return Ok(());
-    }
-    let cfg = LaunchConfig {
-        grid: tc4_grid(seqlens_host, heads),
-        block: (THREADS, 1, 1),
-        shared_bytes: smem,
-    };
-    let mut args = KernelArgs::new();
-    args.input(qkv)
-        .input(cu_seqlens)
-        .output(out)
-        .output(lse)
-        .i32(width as i32)
-        .i32(total as i32)
-        .i32(mode as i32)
-        .i32(causal as i32);
-    dev.launch("prm_attention_forward_tc4", cfg, &mut args)
+    launch_forward(
+        dev,
+        "prm_attention_forward_tc4",
+        Grid::Resident,
+        smem,
+        qkv,
+        cu_seqlens,
+        seqlens_host,
+        out,
+        lse,
+        width,
+        mode,
+        causal,
+    )
 }
 
 /// Input gradient of [`attention_forward_tc4`] with bf16 `d_out`:
@@ -966,9 +961,48 @@ pub fn attention_backward_tc4_bf16_dout(
             causal,
         );
     };
+    bf16_dout_backward(
+        dev,
+        "v4",
+        [
+            ("prm_attention_bwd_dkdv_tc4", smem_dkdv),
+            ("prm_attention_bwd_dq_tc4", smem_dq),
+        ],
+        Grid::Resident,
+        (qkv, out, d_out, lse, cu_seqlens, seqlens_host),
+        d_qkv,
+        delta,
+        width,
+        mode,
+        causal,
+    )
+}
+
+/// The bf16-dO backward of v3 or v4: shape checks, v3's delta kernel, then `kernels` (dK/dV,
+/// dQ) on `cover`'s grid.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn bf16_dout_backward(
+    dev: &Device,
+    version: &str,
+    kernels: [(&str, u32); 2],
+    cover: Grid,
+    (qkv, out, d_out, lse, cu_seqlens, seqlens_host): (
+        &Buffer<bf16>,
+        &Buffer<bf16>,
+        &Buffer<bf16>,
+        &Buffer<f32>,
+        &Buffer<i32>,
+        &[usize],
+    ),
+    d_qkv: &mut Buffer<bf16>,
+    delta: &mut Buffer<f32>,
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Result<(), GpuError> {
     assert!(
         tensor_core_v3_supports(mode, true),
-        "attention v4 has no backward for {mode:?}; use attention_backward_f32"
+        "attention {version} has no backward for {mode:?}; use attention_backward_f32"
     );
     let (total, heads) = check_backward(
         qkv,
@@ -988,11 +1022,8 @@ pub fn attention_backward_tc4_bf16_dout(
     launch_delta(dev, kernel, out, d_out, delta, None, total, heads, width)?;
     launch_dkdv_dq(
         dev,
-        [
-            ("prm_attention_bwd_dkdv_tc4", smem_dkdv),
-            ("prm_attention_bwd_dq_tc4", smem_dq),
-        ],
-        tc4_grid(seqlens_host, heads),
+        kernels,
+        cover.shape(seqlens_host, heads),
         qkv,
         d_out,
         lse,
