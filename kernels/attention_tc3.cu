@@ -25,6 +25,10 @@
 // Modes: the forward takes mode 0 (q·kᵀ), 1 (q·qᵀ) and 2 (k·kᵀ), causal or not; the backward
 // takes mode 0, causal or not.
 //
+// The register-level steps (online softmax, the end of a query block, dS and Pᵀ formation,
+// bf16 stores) are attention_tc_common.cuh's, shared with v4 (attention_tc4.cu), which gives the
+// same bits. (Moving them there left this file's SASS the same but for register numbering in
+// the forward: 256 bytes of its cubin, same size, same ptxas register counts.)
 // Tiling: 128 threads = 4 warps per CTA, 64-row tiles, a warp owns 16 rows and keeps its
 // scores and accumulators in mma fragments. Shared tiles are bf16 64×64 with a row stride of
 // 72 elements (144 bytes: rows stay 16-byte aligned for cp.async, and the 8 rows of one
@@ -51,15 +55,12 @@
 #include "common.cuh"
 #include "mma.cuh"
 #include "tile_io.cuh"
+#include "attention_tc_common.cuh"
 
 #define V3_HD 64
 #define V3_TILE 64
 #define V3_LD 72
 #define V3_TILE_ELEMS (V3_TILE * V3_LD)
-#define V3_SCALE 0.125f                          // 1/√64
-#define V3_SCALE_LOG2 (0.125f * 1.4426950408889634f)  // 1/√64 · log2(e)
-#define V3_LOG2E 1.4426950408889634f
-#define V3_LN2 0.6931471805599453f
 
 typedef __nv_bfloat16 bf16;
 
@@ -94,13 +95,6 @@ __device__ __forceinline__ void v3_frag_bt(uint32_t b[4], const bf16* s, int n0,
 __device__ __forceinline__ void v3_frag_b(uint32_t b[4], const bf16* s, int k0, int n0) {
     const int lane = threadIdx.x & 31;
     prm_ldmatrix_x4_trans(b, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * V3_LD + n0 + (lane >> 4) * 8);
-}
-
-__device__ __forceinline__ void v3_zero(float acc[8][4]) {
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
 }
 
 // acc (16 × 64) = A · Mᵀ with A's fragments read from the row-major tile `sa` (rows arow0 ..
@@ -156,14 +150,6 @@ __device__ __forceinline__ void v3_mma_ab_step(float acc[8][4], const uint32_t a
     }
 }
 
-// The A fragment (one k-step) packed to bf16 from two n-tiles of accumulators.
-__device__ __forceinline__ void v3_pack_a(uint32_t a[4], const float lo[4], const float hi[4]) {
-    a[0] = prm_pack_bf16x2(lo[0], lo[1]);
-    a[1] = prm_pack_bf16x2(lo[2], lo[3]);
-    a[2] = prm_pack_bf16x2(hi[0], hi[1]);
-    a[3] = prm_pack_bf16x2(hi[2], hi[3]);
-}
-
 // Half-width forms for the backward kernels (fewer live registers): columns / k-rows
 // half·32 .. +32 of the 64-wide tile.
 // acc (16 × 32) = A · Mᵀ restricted to M rows half·32 .. +32 (n-tile pairs below `ncols`).
@@ -194,22 +180,8 @@ __device__ __forceinline__ void v3_mma_pb_half(float acc[8][4], const float p[4]
         const int ks = half * 2 + j;
         if (ks * 16 >= kvalid) continue;
         uint32_t a[4];
-        v3_pack_a(a, p[2 * j], p[2 * j + 1]);
+        prm_att_pack_a(a, p[2 * j], p[2 * j + 1]);
         v3_mma_ab_step(acc, a, sm, ks);
-    }
-}
-
-// Writes a warp's 16×64 accumulator block, times mul[r], as bf16 to rows rows[r] (below
-// `valid`) of a row-major bf16 matrix g (stride ld, column offset off).
-__device__ __forceinline__ void v3_store_bf16(bf16* g, size_t ld, int off, const int rows[2], int valid,
-                                              const float acc[8][4], const float mul[2]) {
-    const int t = (threadIdx.x & 3) * 2;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (rows[r] >= valid) continue;
-        uint32_t* dst = reinterpret_cast<uint32_t*>(g + (size_t)rows[r] * ld + off + t);
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) dst[nt * 4] = prm_pack_bf16x2(acc[nt][2 * r] * mul[r], acc[nt][2 * r + 1] * mul[r]);
     }
 }
 
@@ -225,7 +197,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     const int T = cu_seqlens[seq + 1] - row0;
     const int q0 = blockIdx.x * V3_TILE;
     if (q0 >= T) return;  // whole CTA, before any barrier
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = (lane & 3) * 2;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const size_t ld = 3 * (size_t)width;
     const bf16* base = qkv + (size_t)row0 * ld;
     const bf16* gx = base + (mode == 2 ? width : 0) + h * V3_HD;
@@ -243,7 +215,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     prm_cp_async_commit();
 
     float o[8][4];
-    v3_zero(o);
+    prm_att_zero<8>(o);
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // m in log2 units
     for (int kt = 0; kt < ntiles; ++kt) {
         const int k0 = kt * V3_TILE, stage = kt & 1;
@@ -262,58 +234,16 @@ extern "C" __global__ void __launch_bounds__(128, 4)
             int kvalid = min(V3_TILE, kend - k0);
             if (causal) kvalid = min(kvalid, wq0 + 16 - k0);
             float s[8][4];
-            v3_zero(s);
+            prm_att_zero<8>(s);
             v3_mma_abt(s, sQ, warp * 16, sK + stage * V3_TILE_ELEMS, kvalid);
 
-            float mx[2] = {m[0], m[1]};
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int c = nt * 8 + t + (i & 1), r = i >> 1;
-                    float v = s[nt][i] * V3_SCALE_LOG2;
-                    if (c >= kvalid || (causal && k0 + c > rows[r])) v = -INFINITY;
-                    s[nt][i] = v;
-                    mx[r] = fmaxf(mx[r], v);
-                }
-            float corr[2], sum[2] = {0.0f, 0.0f};
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-                corr[r] = mx[r] == -INFINITY ? 1.0f : exp2f(m[r] - mx[r]);
-                m[r] = mx[r];
-            }
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int r = i >> 1;
-                    const float p = m[r] == -INFINITY ? 0.0f : exp2f(s[nt][i] - m[r]);
-                    s[nt][i] = p;
-                    sum[r] += p;
-                    o[nt][i] *= corr[r];
-                }
-            l[0] = l[0] * corr[0] + sum[0];
-            l[1] = l[1] * corr[1] + sum[1];
+            prm_att_online_softmax(s, m, l, o, kvalid, causal, k0, rows);
             v3_mma_pb(o, s, sV + stage * V3_TILE_ELEMS, kvalid);
         }
         __syncthreads();  // this stage is consumed before iteration kt + 1 refills it
     }
     if (!active) return;  // after the last barrier
-    float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-        inv[r] = 1.0f / l[r];
-    }
-    v3_store_bf16(out + (size_t)row0 * width, width, h * V3_HD, rows, T, o, inv);
-    if (t == 0) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-            if (rows[r] < T) lse[(size_t)h * total + row0 + rows[r]] = m[r] * V3_LN2 + logf(l[r]);
-    }
+    prm_att_finish(out, lse, o, m, l, rows, T, row0, h, width, total);
 }
 PRM_REGISTER_KERNEL(prm_attention_forward_tc3);
 
@@ -374,7 +304,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     const int T = cu_seqlens[seq + 1] - row0;
     const int q0 = blockIdx.x * V3_TILE;
     if (q0 >= T) return;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = (lane & 3) * 2;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const size_t ld = 3 * (size_t)width;
     const bf16* base = qkv + (size_t)row0 * ld;
     const bf16* gq = base + h * V3_HD;
@@ -396,11 +326,11 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const bool ok = rows[r] < T;
-        lse2[r] = ok ? lse[(size_t)h * total + row0 + rows[r]] * V3_LOG2E : 0.0f;
+        lse2[r] = ok ? lse[(size_t)h * total + row0 + rows[r]] * PRM_ATT_LOG2E : 0.0f;
         row_delta[r] = ok ? delta[(size_t)h * total + row0 + rows[r]] : 0.0f;
     }
     float dq[8][4];
-    v3_zero(dq);
+    prm_att_zero<8>(dq);
     for (int kt = 0; kt < ntiles; ++kt) {
         const int k0 = kt * V3_TILE, stage = kt & 1;
         if (kt + 1 < ntiles) {
@@ -428,15 +358,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
                     for (int i = 0; i < 4; ++i) s[nt][i] = dp[nt][i] = 0.0f;
                 v3_mma_abt_half(s, sQ, warp * 16, tk, half, kvalid);   // S = Q·Kᵀ
                 v3_mma_abt_half(dp, sD, warp * 16, tv, half, kvalid);  // dP = dO·Vᵀ
-#pragma unroll
-                for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
-                        const bool ok = rows[r] < T && c < kvalid && !(causal && k0 + c > rows[r]);
-                        const float p = ok ? exp2f(s[nt][i] * V3_SCALE_LOG2 - lse2[r]) : 0.0f;
-                        s[nt][i] = p * (dp[nt][i] - row_delta[r]) * V3_SCALE;  // dS, scaled
-                    }
+                prm_att_dq_ds(s, dp, half, kvalid, causal, k0, rows, T, lse2, row_delta);
                 v3_mma_pb_half(dq, s, tk, half, kvalid);  // dQ += dS·K
             }
         }
@@ -444,7 +366,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     }
     if (!active) return;
     const float one[2] = {1.0f, 1.0f};
-    v3_store_bf16(d_qkv + (size_t)row0 * ld, ld, h * V3_HD, rows, T, dq, one);
+    prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, h * V3_HD, rows, T, dq, one);
 }
 PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc3);
 
@@ -465,7 +387,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     const int T = cu_seqlens[seq + 1] - row0;
     const int k0 = blockIdx.x * V3_TILE;
     if (k0 >= T) return;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = (lane & 3) * 2;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const size_t ld = 3 * (size_t)width;
     const bf16* base = qkv + (size_t)row0 * ld;
     const bf16* gq = base + h * V3_HD;
@@ -483,7 +405,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
         if (threadIdx.x < V3_TILE) {
             const int q = q0 + threadIdx.x;
             const bool ok = q < T;
-            sLse[st * V3_TILE + threadIdx.x] = ok ? lse[(size_t)h * total + row0 + q] * V3_LOG2E : 0.0f;
+            sLse[st * V3_TILE + threadIdx.x] = ok ? lse[(size_t)h * total + row0 + q] * PRM_ATT_LOG2E : 0.0f;
             sDelta[st * V3_TILE + threadIdx.x] = ok ? delta[(size_t)h * total + row0 + q] : 0.0f;
         }
     };
@@ -496,8 +418,8 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     load_stats(0, qstart);
 
     float dk[8][4], dv[8][4];
-    v3_zero(dk);
-    v3_zero(dv);
+    prm_att_zero<8>(dk);
+    prm_att_zero<8>(dv);
     for (int it = 0; it < ntiles; ++it) {
         const int q0 = qstart + it * V3_TILE, stage = it & 1;
         if (it + 1 < ntiles) {
@@ -529,16 +451,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 #pragma unroll
                         for (int i = 0; i < 4; ++i) st[nt][i] = 0.0f;
                     v3_mma_abt_half(st, sK, warp * 16, tq, half, qvalid);  // Sᵀ = K·Qᵀ
-#pragma unroll
-                    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
-                            const bool ok = keys[r] < T && c < qvalid && !(causal && keys[r] > q0 + c);
-                            st[nt][i] = ok ? exp2f(st[nt][i] * V3_SCALE_LOG2 - tl[c]) : 0.0f;
-                        }
-                    v3_pack_a(pb[0], st[0], st[1]);
-                    v3_pack_a(pb[1], st[2], st[3]);
+                    prm_att_dkdv_pt(pb, st, half, qvalid, causal, q0, keys, T, tl);
                 }
                 // dV += Pᵀ·dO
 #pragma unroll
@@ -550,15 +463,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 #pragma unroll
                     for (int i = 0; i < 4; ++i) dpt[nt][i] = 0.0f;
                 v3_mma_abt_half(dpt, sV, warp * 16, td, half, qvalid);  // dPᵀ = V·dOᵀ
-#pragma unroll
-                for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const int c = half * 32 + nt * 8 + t + (i & 1);
-                        const uint32_t w = pb[nt >> 1][(nt & 1) * 2 + (i >> 1)];
-                        const float p = __uint_as_float((i & 1) ? (w & 0xffff0000u) : (w << 16));
-                        dpt[nt][i] = p * (dpt[nt][i] - tdel[c]) * V3_SCALE;  // dSᵀ, scaled
-                    }
+                prm_att_dkdv_dst(dpt, pb, half, tdel);
                 v3_mma_pb_half(dk, dpt, tq, half, qvalid);  // dK += dSᵀ·Q
             }
         }
@@ -566,7 +471,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     }
     if (!active) return;
     const float one[2] = {1.0f, 1.0f};
-    v3_store_bf16(d_qkv + (size_t)row0 * ld, ld, width + h * V3_HD, keys, T, dk, one);
-    v3_store_bf16(d_qkv + (size_t)row0 * ld, ld, 2 * width + h * V3_HD, keys, T, dv, one);
+    prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, width + h * V3_HD, keys, T, dk, one);
+    prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, 2 * width + h * V3_HD, keys, T, dv, one);
 }
 PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc3);

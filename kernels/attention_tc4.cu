@@ -16,6 +16,7 @@
 // loads K/V once per head, has no idle warps (a warp takes 16-row blocks w, w + 4·split, ...),
 // and after the one load each warp runs its blocks back to back.
 //
+// The register-level steps are attention_tc_common.cuh's, shared with v3.
 // Layouts: as v3 (attention_tc3.cu): qkv [N, 3D] bf16, cu_seqlens [B+1] int, out [N, D] bf16,
 // lse and delta [heads, N] fp32 at h·N + row (natural log, scores scaled by 1/8), d_out [N, D]
 // bf16, d_qkv [N, 3D] bf16 with every element written. Modes: the forward takes mode 0 (q·kᵀ),
@@ -47,14 +48,11 @@
 #include "common.cuh"
 #include "mma.cuh"
 #include "tile_io.cuh"
+#include "attention_tc_common.cuh"
 
 #define V4_HD 64
 #define V4_TILE 64   // key / query tile of the online softmax and of v3's accumulation order
 #define V4_WARPS 4
-#define V4_SCALE 0.125f                          // 1/√64
-#define V4_SCALE_LOG2 (0.125f * 1.4426950408889634f)  // 1/√64 · log2(e)
-#define V4_LOG2E 1.4426950408889634f
-#define V4_LN2 0.6931471805599453f
 
 typedef __nv_bfloat16 bf16;
 
@@ -143,14 +141,6 @@ __device__ __forceinline__ void v4_mma_abt_half_s(float acc[4][4], const bf16* s
     }
 }
 
-template <int N>
-__device__ __forceinline__ void v4_zero(float acc[N][4]) {
-#pragma unroll
-    for (int nt = 0; nt < N; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
-}
-
 // acc (16 × 64) = A · Mᵀ for the 64 rows m0 .. m0+64 of the resident M; n-tile pairs at or past
 // `ncols` are not formed (they stay zero). v3_mma_abt's order.
 __device__ __forceinline__ void v4_mma_abt(float acc[8][4], const uint32_t a[4][4], const bf16* sm, int m0, int ncols) {
@@ -182,14 +172,6 @@ __device__ __forceinline__ void v4_mma_abt_half(float acc[4][4], const uint32_t 
         }
 }
 
-// The A fragment (one k-step) packed to bf16 from two n-tiles of accumulators.
-__device__ __forceinline__ void v4_pack_a(uint32_t a[4], const float lo[4], const float hi[4]) {
-    a[0] = prm_pack_bf16x2(lo[0], lo[1]);
-    a[1] = prm_pack_bf16x2(lo[2], lo[3]);
-    a[2] = prm_pack_bf16x2(hi[0], hi[1]);
-    a[3] = prm_pack_bf16x2(hi[2], hi[3]);
-}
-
 // acc (16 × 64) += A · M[k0 .. k0+16, :] for one k-step, M the resident matrix (M[k][n]).
 __device__ __forceinline__ void v4_mma_ab_step(float acc[8][4], const uint32_t a[4], const bf16* sm, int k0) {
 #pragma unroll
@@ -210,22 +192,8 @@ __device__ __forceinline__ void v4_mma_pb_half(float acc[8][4], const float p[4]
         const int ks = half * 2 + j;
         if (ks * 16 >= kvalid) continue;
         uint32_t a[4];
-        v4_pack_a(a, p[2 * j], p[2 * j + 1]);
+        prm_att_pack_a(a, p[2 * j], p[2 * j + 1]);
         v4_mma_ab_step(acc, a, sm, m0 + ks * 16);
-    }
-}
-
-// Writes a warp's 16×64 accumulator block, times mul[r], as bf16 to rows rows[r] (below
-// `valid`) of a row-major bf16 matrix g (stride ld, column offset off).
-__device__ __forceinline__ void v4_store_bf16(bf16* g, size_t ld, int off, const int rows[2], int valid,
-                                              const float acc[8][4], const float mul[2]) {
-    const int t = (threadIdx.x & 3) * 2;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (rows[r] >= valid) continue;
-        uint32_t* dst = reinterpret_cast<uint32_t*>(g + (size_t)rows[r] * ld + off + t);
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) dst[nt * 4] = prm_pack_bf16x2(acc[nt][2 * r] * mul[r], acc[nt][2 * r + 1] * mul[r]);
     }
 }
 
@@ -245,7 +213,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     if ((int)blockIdx.x * V4_WARPS >= nblocks) return;  // whole CTA, before the barrier
     bf16* sY = smem;
     bf16* sV = smem + R * V4_HD;
-    const int lane = threadIdx.x & 31, t = (lane & 3) * 2;
+    const int lane = threadIdx.x & 31;
     const size_t ld = 3 * (size_t)width;
     const bf16* base = qkv + (size_t)row0 * ld;
     const bf16* gx = base + (mode == 2 ? width : 0) + h * V4_HD;
@@ -267,68 +235,26 @@ extern "C" __global__ void __launch_bounds__(128, 4)
         const int kend = causal ? min(T, wq0 + 16) : T;
         const int ntiles = (kend + V4_TILE - 1) / V4_TILE;
         float o[8][4];
-        v4_zero<8>(o);
+        prm_att_zero<8>(o);
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // m in log2 units
         for (int kt = 0; kt < ntiles; ++kt) {
             const int k0 = kt * V4_TILE;
             const int kvalid = min(V4_TILE, kend - k0);
             float s[8][4];
-            v4_zero<8>(s);
+            prm_att_zero<8>(s);
             v4_mma_abt(s, qa, sY, k0, kvalid);
 
-            float mx[2] = {m[0], m[1]};
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int c = nt * 8 + t + (i & 1), r = i >> 1;
-                    float v = s[nt][i] * V4_SCALE_LOG2;
-                    if (c >= kvalid || (causal && k0 + c > rows[r])) v = -INFINITY;
-                    s[nt][i] = v;
-                    mx[r] = fmaxf(mx[r], v);
-                }
-            float corr[2], sum[2] = {0.0f, 0.0f};
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-                corr[r] = mx[r] == -INFINITY ? 1.0f : exp2f(m[r] - mx[r]);
-                m[r] = mx[r];
-            }
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int r = i >> 1;
-                    const float p = m[r] == -INFINITY ? 0.0f : exp2f(s[nt][i] - m[r]);
-                    s[nt][i] = p;
-                    sum[r] += p;
-                    o[nt][i] *= corr[r];
-                }
-            l[0] = l[0] * corr[0] + sum[0];
-            l[1] = l[1] * corr[1] + sum[1];
+            prm_att_online_softmax(s, m, l, o, kvalid, causal, k0, rows);
             // o += P·V, k-steps of 16 keys below kvalid (v3_mma_pb's order).
 #pragma unroll
             for (int ks = 0; ks < 4; ++ks) {
                 if (ks * 16 >= kvalid) continue;
                 uint32_t a[4];
-                v4_pack_a(a, s[2 * ks], s[2 * ks + 1]);
+                prm_att_pack_a(a, s[2 * ks], s[2 * ks + 1]);
                 v4_mma_ab_step(o, a, sV, k0 + ks * 16);
             }
         }
-        float inv[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-            inv[r] = 1.0f / l[r];
-        }
-        v4_store_bf16(out + (size_t)row0 * width, width, h * V4_HD, rows, T, o, inv);
-        if (t == 0) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-                if (rows[r] < T) lse[(size_t)h * total + row0 + rows[r]] = m[r] * V4_LN2 + logf(l[r]);
-        }
+        prm_att_finish(out, lse, o, m, l, rows, T, row0, h, width, total);
     }
 }
 PRM_REGISTER_KERNEL(prm_attention_forward_tc4);
@@ -345,7 +271,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     if ((int)blockIdx.x * V4_WARPS >= nblocks) return;
     bf16* sK = smem;
     bf16* sV = smem + R * V4_HD;
-    const int lane = threadIdx.x & 31, t = (lane & 3) * 2;
+    const int lane = threadIdx.x & 31;
     const size_t ld = 3 * (size_t)width;
     const bf16* base = qkv + (size_t)row0 * ld;
     const bf16* gq = base + h * V4_HD;
@@ -373,13 +299,13 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const bool ok = rows[r] < T;
-            lse2[r] = ok ? lse[(size_t)h * total + row0 + rows[r]] * V4_LOG2E : 0.0f;
+            lse2[r] = ok ? lse[(size_t)h * total + row0 + rows[r]] * PRM_ATT_LOG2E : 0.0f;
             row_delta[r] = ok ? delta[(size_t)h * total + row0 + rows[r]] : 0.0f;
         }
         const int kend = causal ? min(T, wq0 + 16) : T;
         const int ntiles = (kend + V4_TILE - 1) / V4_TILE;
         float dq[8][4];
-        v4_zero<8>(dq);
+        prm_att_zero<8>(dq);
         for (int kt = 0; kt < ntiles; ++kt) {
             const int k0 = kt * V4_TILE;
             const int kvalid = min(V4_TILE, kend - k0);
@@ -388,24 +314,16 @@ extern "C" __global__ void __launch_bounds__(128, 4)
             for (int half = 0; half < 2; ++half) {
                 if (half * 32 >= kvalid) continue;
                 float s[4][4], dp[4][4];
-                v4_zero<4>(s);
-                v4_zero<4>(dp);
+                prm_att_zero<4>(s);
+                prm_att_zero<4>(dp);
                 v4_mma_abt_half(s, qa, sK, k0, half, kvalid);   // S = Q·Kᵀ
                 v4_mma_abt_half(dp, da, sV, k0, half, kvalid);  // dP = dO·Vᵀ
-#pragma unroll
-                for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
-                        const bool ok = rows[r] < T && c < kvalid && !(causal && k0 + c > rows[r]);
-                        const float p = ok ? exp2f(s[nt][i] * V4_SCALE_LOG2 - lse2[r]) : 0.0f;
-                        s[nt][i] = p * (dp[nt][i] - row_delta[r]) * V4_SCALE;  // dS, scaled
-                    }
+                prm_att_dq_ds(s, dp, half, kvalid, causal, k0, rows, T, lse2, row_delta);
                 v4_mma_pb_half(dq, s, sK, k0, half, kvalid);  // dQ += dS·K
             }
         }
         const float one[2] = {1.0f, 1.0f};
-        v4_store_bf16(d_qkv + (size_t)row0 * ld, ld, h * V4_HD, rows, T, dq, one);
+        prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, h * V4_HD, rows, T, dq, one);
     }
 }
 PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc4);
@@ -432,7 +350,7 @@ extern "C" __global__ void __launch_bounds__(128, 3)
     // which keeps this kernel at 128 registers (fragments held in registers took 191).
     bf16* sKw = reinterpret_cast<bf16*>(sDelta + RS) + (threadIdx.x >> 5) * 2 * 16 * V4_HD;
     bf16* sVw = sKw + 16 * V4_HD;
-    const int lane = threadIdx.x & 31, t = (lane & 3) * 2;
+    const int lane = threadIdx.x & 31;
     const size_t ld = 3 * (size_t)width;
     const bf16* base = qkv + (size_t)row0 * ld;
     v4_load_resident(sQ, base + h * V4_HD, ld, R, T);
@@ -445,7 +363,7 @@ extern "C" __global__ void __launch_bounds__(128, 3)
     prm_cp_async_commit();
     for (int q = threadIdx.x; q < RS; q += blockDim.x) {  // plain stores; the barrier publishes them
         const bool ok = q < T;
-        sLse[q] = ok ? lse[(size_t)h * total + row0 + q] * V4_LOG2E : 0.0f;
+        sLse[q] = ok ? lse[(size_t)h * total + row0 + q] * PRM_ATT_LOG2E : 0.0f;
         sDelta[q] = ok ? delta[(size_t)h * total + row0 + q] : 0.0f;
     }
     prm_cp_async_wait<0>();
@@ -467,8 +385,8 @@ extern "C" __global__ void __launch_bounds__(128, 3)
         const int qstart = causal ? (wk0 / V4_TILE) * V4_TILE : 0;
         const int ntiles = (T - qstart + V4_TILE - 1) / V4_TILE;
         float dk[8][4], dv[8][4];
-        v4_zero<8>(dk);
-        v4_zero<8>(dv);
+        prm_att_zero<8>(dk);
+        prm_att_zero<8>(dv);
         for (int it = 0; it < ntiles; ++it) {
             const int q0 = qstart + it * V4_TILE;
             const int qvalid = min(V4_TILE, T - q0);
@@ -482,41 +400,24 @@ extern "C" __global__ void __launch_bounds__(128, 3)
                 uint32_t pb[2][4];
                 {
                     float st[4][4];
-                    v4_zero<4>(st);
+                    prm_att_zero<4>(st);
                     v4_mma_abt_half_s(st, sKw, sQ, q0, half, qvalid);  // Sᵀ = K·Qᵀ
-#pragma unroll
-                    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
-                            const bool ok = keys[r] < T && c < qvalid && !(causal && keys[r] > q0 + c);
-                            st[nt][i] = ok ? exp2f(st[nt][i] * V4_SCALE_LOG2 - tl[c]) : 0.0f;
-                        }
-                    v4_pack_a(pb[0], st[0], st[1]);
-                    v4_pack_a(pb[1], st[2], st[3]);
+                    prm_att_dkdv_pt(pb, st, half, qvalid, causal, q0, keys, T, tl);
                 }
                 // dV += Pᵀ·dO
 #pragma unroll
                 for (int j = 0; j < 2; ++j)
                     if ((half * 2 + j) * 16 < qvalid) v4_mma_ab_step(dv, pb[j], sD, q0 + (half * 2 + j) * 16);
                 float dpt[4][4];
-                v4_zero<4>(dpt);
+                prm_att_zero<4>(dpt);
                 v4_mma_abt_half_s(dpt, sVw, sD, q0, half, qvalid);  // dPᵀ = V·dOᵀ
-#pragma unroll
-                for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const int c = half * 32 + nt * 8 + t + (i & 1);
-                        const uint32_t w = pb[nt >> 1][(nt & 1) * 2 + (i >> 1)];
-                        const float p = __uint_as_float((i & 1) ? (w & 0xffff0000u) : (w << 16));
-                        dpt[nt][i] = p * (dpt[nt][i] - tdel[c]) * V4_SCALE;  // dSᵀ, scaled
-                    }
+                prm_att_dkdv_dst(dpt, pb, half, tdel);
                 v4_mma_pb_half(dk, dpt, sQ, q0, half, qvalid);  // dK += dSᵀ·Q
             }
         }
         const float one[2] = {1.0f, 1.0f};
-        v4_store_bf16(d_qkv + (size_t)row0 * ld, ld, width + h * V4_HD, keys, T, dk, one);
-        v4_store_bf16(d_qkv + (size_t)row0 * ld, ld, 2 * width + h * V4_HD, keys, T, dv, one);
+        prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, width + h * V4_HD, keys, T, dk, one);
+        prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, 2 * width + h * V4_HD, keys, T, dv, one);
     }
 }
 PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc4);

@@ -1,0 +1,161 @@
+// attention_tc_common.cuh: the register-level steps that the tensor-core attention kernels v3
+// (attention_tc3.cu) and v4 (attention_tc4.cu) share, so that both run the same arithmetic in the
+// same order (v4's results are v3's, bit for bit). They work on mma fragments only, never on
+// shared memory: the kernels differ in where their operands live, not in these steps.
+//
+// Fragment layout (mma.cuh's C layout, g = lane / 4, t = 2·(lane % 4)): a warp owns 16 rows; in
+// acc[nt][i] of a 16 × (8·N) block, element i is row g + 8·(i / 2), column nt·8 + t + (i % 2).
+// rows[r] is the sequence index of row g + 8·r. Scores are scaled by 1/√64 = 1/8; softmax runs in
+// log2 units (exp2 with log2(e)/8 folded into the scale); lse is stored in natural-log units.
+#pragma once
+#include "common.cuh"
+#include "mma.cuh"
+
+#define PRM_ATT_SCALE 0.125f                              // 1/√64
+#define PRM_ATT_SCALE_LOG2 (0.125f * 1.4426950408889634f)  // 1/√64 · log2(e)
+#define PRM_ATT_LOG2E 1.4426950408889634f
+#define PRM_ATT_LN2 0.6931471805599453f
+
+template <int N>
+__device__ __forceinline__ void prm_att_zero(float acc[N][4]) {
+#pragma unroll
+    for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+}
+
+// The A fragment (one k-step) packed to bf16 from two n-tiles of accumulators.
+__device__ __forceinline__ void prm_att_pack_a(uint32_t a[4], const float lo[4], const float hi[4]) {
+    a[0] = prm_pack_bf16x2(lo[0], lo[1]);
+    a[1] = prm_pack_bf16x2(lo[2], lo[3]);
+    a[2] = prm_pack_bf16x2(hi[0], hi[1]);
+    a[3] = prm_pack_bf16x2(hi[2], hi[3]);
+}
+
+// Writes a warp's 16×64 accumulator block, times mul[r], as bf16 to rows rows[r] (below
+// `valid`) of a row-major bf16 matrix g (stride ld, column offset off).
+__device__ __forceinline__ void prm_att_store_bf16(__nv_bfloat16* g, size_t ld, int off, const int rows[2], int valid,
+                                                   const float acc[8][4], const float mul[2]) {
+    const int t = (threadIdx.x & 3) * 2;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (rows[r] >= valid) continue;
+        uint32_t* dst = reinterpret_cast<uint32_t*>(g + (size_t)rows[r] * ld + off + t);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) dst[nt * 4] = prm_pack_bf16x2(acc[nt][2 * r] * mul[r], acc[nt][2 * r + 1] * mul[r]);
+    }
+}
+
+// One 64-key tile of the forward's online softmax: the raw scores s (16 × 64, keys k0 + column)
+// become P = exp2(s·scale − m) with the running row maxima m (log2 units) and sums l updated and
+// the context accumulators o rescaled. Columns at or past `kvalid`, and (causal) keys after the
+// row, are masked.
+__device__ __forceinline__ void prm_att_online_softmax(float s[8][4], float m[2], float l[2], float o[8][4], int kvalid,
+                                                       int causal, int k0, const int rows[2]) {
+    const int t = (threadIdx.x & 3) * 2;
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int c = nt * 8 + t + (i & 1), r = i >> 1;
+            float v = s[nt][i] * PRM_ATT_SCALE_LOG2;
+            if (c >= kvalid || (causal && k0 + c > rows[r])) v = -INFINITY;
+            s[nt][i] = v;
+            mx[r] = fmaxf(mx[r], v);
+        }
+    float corr[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        corr[r] = mx[r] == -INFINITY ? 1.0f : exp2f(m[r] - mx[r]);
+        m[r] = mx[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = i >> 1;
+            const float p = m[r] == -INFINITY ? 0.0f : exp2f(s[nt][i] - m[r]);
+            s[nt][i] = p;
+            sum[r] += p;
+            o[nt][i] *= corr[r];
+        }
+    l[0] = l[0] * corr[0] + sum[0];
+    l[1] = l[1] * corr[1] + sum[1];
+}
+
+// The end of a query block in the forward: row sums over the quad, the context o / l stored in
+// bf16 to out (row stride width, head h's columns), and lse[h·total + row0 + row] in natural-log
+// units.
+__device__ __forceinline__ void prm_att_finish(__nv_bfloat16* out, float* lse, const float o[8][4], const float m[2],
+                                               float l[2], const int rows[2], int T, int row0, int h, int width,
+                                               int total) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        inv[r] = 1.0f / l[r];
+    }
+    prm_att_store_bf16(out + (size_t)row0 * width, width, h * 64, rows, T, o, inv);
+    if ((threadIdx.x & 3) == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            if (rows[r] < T) lse[(size_t)h * total + row0 + rows[r]] = m[r] * PRM_ATT_LN2 + logf(l[r]);
+    }
+}
+
+// dQ's step for one half tile (keys k0 + half·32 .. +32): s holds S = Q·Kᵀ and dp dP = dO·Vᵀ;
+// s becomes dS = P ⊙ (dP − delta) / 8 with P = exp2(S·scale − lse2), masked to 0 at or past
+// `kvalid`, for rows past T, and (causal) for keys after the row.
+__device__ __forceinline__ void prm_att_dq_ds(float s[4][4], const float dp[4][4], int half, int kvalid, int causal,
+                                              int k0, const int rows[2], int T, const float lse2[2],
+                                              const float row_delta[2]) {
+    const int t = (threadIdx.x & 3) * 2;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
+            const bool ok = rows[r] < T && c < kvalid && !(causal && k0 + c > rows[r]);
+            const float p = ok ? exp2f(s[nt][i] * PRM_ATT_SCALE_LOG2 - lse2[r]) : 0.0f;
+            s[nt][i] = p * (dp[nt][i] - row_delta[r]) * PRM_ATT_SCALE;  // dS, scaled
+        }
+}
+
+// dK/dV's Pᵀ for one half tile (queries q0 + half·32 .. +32): from Sᵀ = K·Qᵀ in st, Pᵀ =
+// exp2(Sᵀ·scale − lse2[query]) (tl: the tile's per-query lse in log2 units), masked to 0 for keys
+// past T, queries at or past `qvalid` and (causal) keys after the query, rounded to bf16 once
+// into pb (two k-steps of A fragments): it feeds both dV and dS.
+__device__ __forceinline__ void prm_att_dkdv_pt(uint32_t pb[2][4], float st[4][4], int half, int qvalid, int causal,
+                                                int q0, const int keys[2], int T, const float* tl) {
+    const int t = (threadIdx.x & 3) * 2;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
+            const bool ok = keys[r] < T && c < qvalid && !(causal && keys[r] > q0 + c);
+            st[nt][i] = ok ? exp2f(st[nt][i] * PRM_ATT_SCALE_LOG2 - tl[c]) : 0.0f;
+        }
+    prm_att_pack_a(pb[0], st[0], st[1]);
+    prm_att_pack_a(pb[1], st[2], st[3]);
+}
+
+// dK/dV's dSᵀ for one half tile: dpt holds dPᵀ = V·dOᵀ and becomes Pᵀ ⊙ (dPᵀ − delta[query]) / 8
+// with Pᵀ the bf16 values in pb (tdel: the tile's per-query delta).
+__device__ __forceinline__ void prm_att_dkdv_dst(float dpt[4][4], const uint32_t pb[2][4], int half,
+                                                 const float* tdel) {
+    const int t = (threadIdx.x & 3) * 2;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int c = half * 32 + nt * 8 + t + (i & 1);
+            const uint32_t w = pb[nt >> 1][(nt & 1) * 2 + (i >> 1)];
+            const float p = __uint_as_float((i & 1) ? (w & 0xffff0000u) : (w << 16));
+            dpt[nt][i] = p * (dpt[nt][i] - tdel[c]) * PRM_ATT_SCALE;  // dSᵀ, scaled
+        }
+}
