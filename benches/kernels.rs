@@ -5,8 +5,9 @@
 //! nothing about a GPU).
 //!
 //! Run: `cargo bench --bench kernels` (on a GPU machine; add a filter such as `-- attention`).
-//! The attention group times the SIMT fp32 kernels, tensor-core v2 (`attention_tc.cu`) and v3
-//! (`attention_tc3.cu`) on the same inputs: `cargo bench --bench kernels -- attention`.
+//! The attention group times the SIMT fp32 kernels, tensor-core v2 (`attention_tc.cu`), v3
+//! (`attention_tc3.cu`) and v4 (`attention_tc4.cu`) on the same inputs: `cargo bench --bench
+//! kernels -- attention`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prm::gpu::gemm::{matmul_bf16, MatmulShape};
@@ -161,6 +162,46 @@ fn kernels(c: &mut Criterion) {
     g.bench_function("backward tensor cores v3 bf16, bf16 dO", |b| {
         b.iter(|| {
             attention_backward_tc3_bf16_dout(
+                &dev,
+                &qkv_bf16,
+                &out_bf16,
+                &d_out_bf16,
+                &lse,
+                &cu,
+                &lens,
+                &mut d_qkv_bf16,
+                &mut delta,
+                WIDTH,
+                AttentionMode::QK,
+                false,
+            )
+            .unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
+    // v4 (kernels/attention_tc4.cu): v3's results with a whole head resident in shared memory.
+    g.throughput(Throughput::Elements(forward_flop));
+    g.bench_function("forward tensor cores v4 bf16", |b| {
+        b.iter(|| {
+            attention_forward_tc4(
+                &dev,
+                &qkv_bf16,
+                &cu,
+                &lens,
+                &mut out_bf16,
+                &mut lse,
+                WIDTH,
+                AttentionMode::QK,
+                false,
+            )
+            .unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
+    g.throughput(Throughput::Elements(backward_flop));
+    g.bench_function("backward tensor cores v4 bf16, bf16 dO", |b| {
+        b.iter(|| {
+            attention_backward_tc4_bf16_dout(
                 &dev,
                 &qkv_bf16,
                 &out_bf16,
