@@ -5,8 +5,9 @@
 // the outputs are bit-identical to attention_tc3.cu's, which tests/kernel_attention.rs checks.
 //
 // Launchers: src/gpu/kernels/attention.rs (attention_forward_tc4, attention_backward_tc4*);
-// they run v3 instead when a sequence is longer than TC4_MAX_TOKENS = 256 (the resident tiles
-// would not fit three CTAs to an SM). The engine runs v4 at --precision bf16 with
+// they run v3 instead when a sequence is longer than TC4_MAX_TOKENS = 256 (up to there the
+// forward's and dQ's resident tiles take at most 64 KiB, three CTAs an SM; dK/dV's 82 KiB at 256
+// tokens, two). The engine runs v4 at --precision bf16 with
 // PRM_ATTENTION=v4; v3 stays the default until a GPU has timed the two against each other.
 //
 // Why: at 197 tokens v3 runs one CTA per 64-query tile. Each CTA streams the head's 4 key/value
@@ -36,8 +37,9 @@
 //   dQ       prm_attention_bwd_dq_tc4: K and V resident: 2·R·128 bytes.
 //   dK/dV    prm_attention_bwd_dkdv_tc4: Q and dO resident, with each query's lse (log2 units)
 //            and delta for 64-query tiles, and each warp's own K and V block (its A operands,
-//            through ldmatrix as in v3: 128 registers): 2·R·128 + 2·RS·4 + 4·4096 bytes,
-//            RS = 64·⌈T/64⌉; three CTAs fit an SM at 197 tokens.
+//            through ldmatrix as in v3; held in registers they took 191):
+//            2·R·128 + 2·RS·4 + 4·4096 bytes, RS = 64·⌈T/64⌉; three CTAs fit an SM at 197
+//            tokens.
 // A warp's first block's own operand (Q / Q and dO fragments; the K and V tile in dK/dV) is
 // requested together with the resident tiles, so its latency hides behind theirs.
 // ptxas (nvcc 13.0, sm_90, no spills): forward 128 registers and dQ 126 (__launch_bounds__(128,

@@ -819,8 +819,10 @@ fn launch_dkdv_dq(
 // v4: kernels/attention_tc4.cu (v3's arithmetic, a whole head resident in shared memory)
 // ---------------------------------------------------------------------------------------------
 
-/// The longest sequence the v4 kernels take: its resident tiles (two of `16·⌈T/16⌉` rows × 128
-/// bytes) stay at or under 64 KiB, so at least three CTAs fit an SM. Longer sequences run v3.
+/// The longest sequence the v4 kernels take: the forward's and dQ's resident tiles (two of
+/// `16·⌈T/16⌉` rows × 128 bytes) stay at or under 64 KiB, so three CTAs fit an SM (dK/dV, with
+/// its statistics and per-warp blocks, fits two at this length, three at 197 tokens). Longer
+/// sequences run v3.
 pub const TC4_MAX_TOKENS: usize = 256;
 
 /// Dynamic shared memory of the v4 kernels for a longest sequence of `max_t` tokens, or `None`
