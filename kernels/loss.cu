@@ -9,7 +9,8 @@
 // selected tokens, N_b = n_b * D selected elements.
 //
 // Two deterministic phases, no float atomics:
-//   1. prm_loss_rows_f32: one warp per token row (8 rows per 256-thread block). Computes the
+//   1. prm_loss_rows_f32 (prm_loss_rows_f32_d768 for rows of at most 768 elements: mode 0 keeps
+//      the row in registers, same bits): one warp per token row (8 rows per 256-thread block). Computes the
 //      row's statistic into row_val[row] (fixed-order lane sums, then a fixed xor-shuffle tree)
 //      and, for the elementwise-gradient losses, adds the gradient into grad:
 //        mode 0 cosine: row_val = cos(a_t, c_t);   grad += w/n_b · (c/(|a||c|) − cos·a/|a|²)
@@ -48,11 +49,15 @@ __device__ __forceinline__ int loss_image_of_row(const int* cu_seqlens, int imag
     return lo;
 }
 
-extern "C" __global__ void prm_loss_rows_f32(const float* a, const float* c, const int* cu_seqlens,
-                                             int images, int dim, int skip, int mode,
-                                             const float* stats, float* grad,
-                                             __nv_bfloat16* grad_copy, float weight,
-                                             float* row_val) {
+// The rows pass. PER_LANE > 0 (the _d768 kernel, rows of at most 32·PER_LANE elements): mode 0
+// holds the row's a, c and grad in registers, loading grad with a and c before the reductions,
+// so the gradient loop reads nothing again (the streaming form re-reads a and c after the
+// reductions, about a quarter more memory traffic than the pass needs). Same sums in the same
+// order either way: the same bits.
+template <int PER_LANE>
+__device__ __forceinline__ void loss_rows(const float* a, const float* c, const int* cu_seqlens, int images, int dim,
+                                          int skip, int mode, const float* stats, float* grad,
+                                          __nv_bfloat16* grad_copy, float weight, float* row_val) {
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * LOSS_ROWS_PER_BLOCK + (threadIdx.x >> 5);
     const int rows = cu_seqlens[images];
@@ -71,7 +76,43 @@ extern "C" __global__ void prm_loss_rows_f32(const float* a, const float* c, con
     }
     const float* ar = a + (long long)row * dim;
     const float* cr = c + (long long)row * dim;
-    if (mode == 0) {
+    if (PER_LANE > 0 && mode == 0) {
+        float av[PER_LANE > 0 ? PER_LANE : 1], cv[PER_LANE > 0 ? PER_LANE : 1], gv[PER_LANE > 0 ? PER_LANE : 1];
+        float aa = 0.0f, cc = 0.0f, ac = 0.0f;
+#pragma unroll
+        for (int k = 0; k < PER_LANE; ++k) {
+            const int d = lane + 32 * k;
+            if (d < dim) {
+                const float x = ar[d], y = cr[d];
+                av[k] = x;
+                cv[k] = y;
+                gv[k] = gr ? gr[d] : 0.0f;
+                aa += x * x;
+                cc += y * y;
+                ac += x * y;
+            }
+        }
+        aa = prm_warp_sum(aa);
+        cc = prm_warp_sum(cc);
+        ac = prm_warp_sum(ac);
+        const float na = fmaxf(sqrtf(aa), 1e-12f);
+        const float nc = fmaxf(sqrtf(cc), 1e-12f);
+        const float cosv = ac / (na * nc);
+        if (lane == 0) row_val[row] = cosv;
+        if (gr) {
+            const float u = weight / (na * nc * (float)n_sel);
+            const float w = weight * cosv / (na * na * (float)n_sel);
+#pragma unroll
+            for (int k = 0; k < PER_LANE; ++k) {
+                const int d = lane + 32 * k;
+                if (d < dim) {
+                    const float g = gv[k] + (cv[k] * u - av[k] * w);
+                    gr[d] = g;
+                    if (gc) gc[d] = __float2bfloat16(g);
+                }
+            }
+        }
+    } else if (mode == 0) {
         float aa = 0.0f, cc = 0.0f, ac = 0.0f;
         for (int d = lane; d < dim; d += 32) {
             const float x = ar[d], y = cr[d];
@@ -134,7 +175,25 @@ extern "C" __global__ void prm_loss_rows_f32(const float* a, const float* c, con
         }
     }
 }
+
+extern "C" __global__ void prm_loss_rows_f32(const float* a, const float* c, const int* cu_seqlens,
+                                             int images, int dim, int skip, int mode,
+                                             const float* stats, float* grad,
+                                             __nv_bfloat16* grad_copy, float weight,
+                                             float* row_val) {
+    loss_rows<0>(a, c, cu_seqlens, images, dim, skip, mode, stats, grad, grad_copy, weight, row_val);
+}
 PRM_REGISTER_KERNEL(prm_loss_rows_f32);
+
+// Rows of at most 768 elements (ViT-B's width; the launcher picks it): mode 0 from registers.
+extern "C" __global__ void prm_loss_rows_f32_d768(const float* a, const float* c, const int* cu_seqlens,
+                                                  int images, int dim, int skip, int mode,
+                                                  const float* stats, float* grad,
+                                                  __nv_bfloat16* grad_copy, float weight,
+                                                  float* row_val) {
+    loss_rows<24>(a, c, cu_seqlens, images, dim, skip, mode, stats, grad, grad_copy, weight, row_val);
+}
+PRM_REGISTER_KERNEL(prm_loss_rows_f32_d768);
 
 extern "C" __global__ void prm_loss_images_f32(const float* row_val, const int* cu_seqlens, int dim,
                                                int skip, int mode, float weight, float* loss,

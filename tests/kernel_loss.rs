@@ -322,3 +322,102 @@ fn loss_identical_features_prm_is_one() {
         Ok(())
     });
 }
+
+/// Rows wider than 768 take the streaming kernel (`prm_loss_rows_f32`); rows of up to 768 the
+/// register-held one (`_d768`), including widths that leave some lanes' last slots empty.
+#[test]
+fn loss_wide_and_odd_widths() {
+    on_devices("loss D=1024 and D=100", |dev| {
+        check_layer(dev, &[197, 50], 1024, 6)?;
+        check_layer(dev, &[197, 3], 100, 7)
+    });
+}
+
+/// The `_d768` rows kernel is the streaming one with the row held in registers: the same sums
+/// in the same order, so the row values, the gradient and its bf16 copy agree bit for bit, in
+/// every mode, at widths 768, 100 and 64.
+#[test]
+fn d768_rows_kernel_is_the_streaming_kernel_bit_for_bit() {
+    use prm::gpu::{KernelArgs, LaunchConfig};
+    on_devices("loss rows d768 vs streaming", |dev| {
+        for (dim, tokens) in [
+            (768usize, vec![197usize, 50]),
+            (100, vec![13, 7]),
+            (64, vec![5]),
+        ] {
+            let rows: usize = tokens.iter().sum();
+            let mut cu = vec![0i32];
+            for &t in &tokens {
+                cu.push(cu.last().unwrap() + t as i32);
+            }
+            let mut rng = Rng::new(dim as u64);
+            let (a, c) = (
+                rng.vec(rows * dim, -1.0, 1.0),
+                rng.vec(rows * dim, -1.0, 1.0),
+            );
+            let prior = rng.vec(rows * dim, -0.01, 0.01);
+            let stats: Vec<f32> = (0..2 * tokens.len())
+                .map(|i| 0.1 + i as f32 * 0.01)
+                .collect();
+            let (ab, cb, cub, sb) = (
+                dev.upload(&a)?,
+                dev.upload(&c)?,
+                dev.upload(&cu)?,
+                dev.upload(&stats)?,
+            );
+            for mode in 0..5 {
+                for skip in [0, 1] {
+                    let run = |kernel: &str| -> Result<(Vec<u32>, Vec<u16>, Vec<u32>), GpuError> {
+                        let mut grad = dev.upload(&prior)?;
+                        let mut copy = dev.alloc::<half::bf16>(rows * dim)?;
+                        let mut row_val = dev.alloc::<f32>(rows)?;
+                        dev.poison(&mut copy)?;
+                        dev.poison(&mut row_val)?;
+                        let mut args = KernelArgs::new();
+                        args.input(&ab)
+                            .input(&cb)
+                            .input(&cub)
+                            .i32(tokens.len() as i32)
+                            .i32(dim as i32)
+                            .i32(skip)
+                            .i32(mode)
+                            .input(&sb)
+                            .output(&mut grad)
+                            .output(&mut copy)
+                            .f32(0.7)
+                            .output(&mut row_val);
+                        dev.launch(
+                            kernel,
+                            LaunchConfig::linear(rows.div_ceil(8) as u32, 256, 0),
+                            &mut args,
+                        )?;
+                        dev.synchronize()?;
+                        // Modes 2 and 3 write no gradient (and no copy): compare what they write.
+                        let writes_grad = matches!(mode, 0 | 1 | 4);
+                        let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        Ok((
+                            bits(dev.download(&grad)?),
+                            if writes_grad {
+                                dev.download(&copy)?.iter().map(|x| x.to_bits()).collect()
+                            } else {
+                                Vec::new()
+                            },
+                            if mode == 4 {
+                                Vec::new()
+                            } else {
+                                bits(dev.download(&row_val)?)
+                            },
+                        ))
+                    };
+                    let want = run("prm_loss_rows_f32")?;
+                    let got = run("prm_loss_rows_f32_d768")?;
+                    let what = format!("{} D={dim} mode {mode} skip {skip}", dev.name());
+                    assert!(got.0 == want.0, "{what}: gradient differs");
+                    assert!(got.1 == want.1, "{what}: bf16 copy differs");
+                    assert!(got.2 == want.2, "{what}: row values differ");
+                }
+            }
+        }
+        Ok(())
+    });
+}

@@ -118,8 +118,14 @@ fn rows_pass(
         None => args.u64(0),
     };
     args.f32(weight).output(&mut scratch.row_val);
+    // Rows of at most 768 elements: mode 0 (cosine) from registers, one read of a and c.
+    let kernel = if shape.dim <= 768 {
+        "prm_loss_rows_f32_d768"
+    } else {
+        "prm_loss_rows_f32"
+    };
     dev.launch(
-        "prm_loss_rows_f32",
+        kernel,
         LaunchConfig::linear(blocks, ROWS_PER_BLOCK * 32, 0),
         &mut args,
     )
