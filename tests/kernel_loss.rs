@@ -333,6 +333,9 @@ fn loss_wide_and_odd_widths() {
     });
 }
 
+/// Gradient bits, bf16 copy bits, row-value bits.
+type RowsBits = (Vec<u32>, Vec<u16>, Vec<u32>);
+
 /// The `_d768` rows kernel is the streaming one with the row held in registers: the same sums
 /// in the same order, so the row values, the gradient and its bf16 copy agree bit for bit, in
 /// every mode, at widths 768, 100 and 64.
@@ -367,7 +370,7 @@ fn d768_rows_kernel_is_the_streaming_kernel_bit_for_bit() {
             );
             for mode in 0..5 {
                 for skip in [0, 1] {
-                    let run = |kernel: &str| -> Result<(Vec<u32>, Vec<u16>, Vec<u32>), GpuError> {
+                    let run = |kernel: &str| -> Result<RowsBits, GpuError> {
                         let mut grad = dev.upload(&prior)?;
                         let mut copy = dev.alloc::<half::bf16>(rows * dim)?;
                         let mut row_val = dev.alloc::<f32>(rows)?;
