@@ -40,8 +40,9 @@
 // of the last tile, not 64).
 //   forward  prm_attention_forward_tc3: one CTA per (64-query tile, head, sequence); Q tile
 //            resident, K/V tiles streamed. Dynamic shared memory 5 tiles = 46,080 B.
-//   delta    prm_attention_delta_tc3: delta = rowsum(dO ⊙ O) and dO → bf16, one warp per (row,
-//            head); prm_attention_delta_bf16_tc3 when dO is already bf16 (delta only).
+//   delta    prm_attention_delta_tc3: delta = rowsum(dO ⊙ O) and dO → bf16, one warp per 4
+//            (row, head) pairs; prm_attention_delta_bf16_tc3 when dO is already bf16 (delta
+//            only).
 //   dQ       prm_attention_bwd_dq_tc3: one CTA per (64-query tile, head, sequence); Q and dO
 //            tiles resident, K/V streamed. 6 tiles = 55,296 B.
 //   dK/dV    prm_attention_bwd_dkdv_tc3: one CTA per (64-key tile, head, sequence); K and V
@@ -255,23 +256,40 @@ __device__ __forceinline__ float2 v3_load_pair(const bf16* p) {
 }
 
 // delta[h·N + row] = Σ_c dO[row, h·64 + c] · O[row, h·64 + c] (bf16 O; dO fp32 or bf16), and
-// with d_out_bf16 != nullptr, d_out_bf16 = bf16(dO). One warp per (row, head), 8 warps per
-// block; each lane takes two adjacent columns.
+// with d_out_bf16 != nullptr, d_out_bf16 = bf16(dO). A warp takes V3_DELTA_PAIRS consecutive
+// (row, head) pairs (8 warps per block) and loads all of them before it reduces any: with one
+// pair a warp had 256 bytes in flight, too few to cover memory latency (1.8 TB/s on an H200).
+// Each lane takes two adjacent columns of each pair; the sum per pair is the same as before.
+#define V3_DELTA_PAIRS 4
 template <typename D>
 __device__ __forceinline__ void v3_delta(const bf16* __restrict__ out, const D* __restrict__ d_out,
                                          float* __restrict__ delta, bf16* __restrict__ d_out_bf16, int width,
                                          int total) {
     const int heads = width / V3_HD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const long long p = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
-    if (p >= (long long)total * heads) return;  // whole warp; no block barrier in this kernel
-    const int row = (int)(p / heads), h = (int)(p % heads);
-    const size_t at = (size_t)row * width + h * V3_HD + 2 * lane;
-    const float2 d = v3_load_pair(d_out + at);
-    const float2 o = v3_load_pair(out + at);
-    if (d_out_bf16) *reinterpret_cast<uint32_t*>(d_out_bf16 + at) = prm_pack_bf16x2(d.x, d.y);
-    const float v = prm_warp_sum(fmaf(d.y, o.y, d.x * o.x));
-    if (lane == 0) delta[(size_t)h * total + row] = v;
+    const long long pairs = (long long)total * heads;
+    const long long p0 = ((long long)blockIdx.x * (blockDim.x >> 5) + warp) * V3_DELTA_PAIRS;
+    if (p0 >= pairs) return;  // whole warp; no block barrier in this kernel
+    float2 d[V3_DELTA_PAIRS], o[V3_DELTA_PAIRS];
+#pragma unroll
+    for (int j = 0; j < V3_DELTA_PAIRS; ++j) {
+        const long long p = p0 + j;
+        if (p >= pairs) continue;
+        const int row = (int)(p / heads), h = (int)(p % heads);
+        const size_t at = (size_t)row * width + h * V3_HD + 2 * lane;
+        d[j] = v3_load_pair(d_out + at);
+        o[j] = v3_load_pair(out + at);
+    }
+#pragma unroll
+    for (int j = 0; j < V3_DELTA_PAIRS; ++j) {
+        const long long p = p0 + j;
+        if (p >= pairs) continue;  // warp-uniform
+        const int row = (int)(p / heads), h = (int)(p % heads);
+        const size_t at = (size_t)row * width + h * V3_HD + 2 * lane;
+        if (d_out_bf16) *reinterpret_cast<uint32_t*>(d_out_bf16 + at) = prm_pack_bf16x2(d[j].x, d[j].y);
+        const float v = prm_warp_sum(fmaf(d[j].y, o[j].y, d[j].x * o[j].x));
+        if (lane == 0) delta[(size_t)h * total + row] = v;
+    }
 }
 
 // fp32 dO: delta, and dO's bf16 copy for the dQ and dK/dV kernels.

@@ -235,9 +235,12 @@ fn check_backward<Q: Element, O: Element, D: Element, G: Element>(
     (total, heads)
 }
 
+/// (row, head) pairs per warp of the v3 delta kernels (`V3_DELTA_PAIRS` in attention_tc3.cu).
+const DELTA_PAIRS_PER_WARP: usize = 4;
+
 /// `delta = rowsum(dO ⊙ O)` per (head, row) by `kernel` (fp32: `prm_attention_delta_f32`;
-/// v3 with bf16 dO: `prm_attention_delta_bf16_tc3`), the first launch of the backwards (one
-/// warp per pair, 8 warps per block).
+/// v3 with bf16 dO: `prm_attention_delta_bf16_tc3`), the first launch of the backwards (8
+/// warps per block; a warp takes one pair in v1's kernel, [`DELTA_PAIRS_PER_WARP`] in v3's).
 #[allow(clippy::too_many_arguments)]
 fn launch_delta<O: Element, D: Element>(
     dev: &Device,
@@ -250,7 +253,13 @@ fn launch_delta<O: Element, D: Element>(
     heads: usize,
     width: usize,
 ) -> Result<(), GpuError> {
-    let cfg = LaunchConfig::linear((total * heads).div_ceil(8) as u32, 256, 0);
+    // 8 warps a block; v1's kernel takes one (row, head) pair a warp, v3's several.
+    let per_warp = if kernel.ends_with("_tc3") {
+        DELTA_PAIRS_PER_WARP
+    } else {
+        1
+    };
+    let cfg = LaunchConfig::linear((total * heads).div_ceil(8 * per_warp) as u32, 256, 0);
     let mut args = KernelArgs::new();
     args.input(out).input(d_out).output(delta);
     // Only v3's fp32-dO kernel takes it: the bf16 copy of dO it writes alongside delta.
