@@ -235,16 +235,35 @@ fn check_backward<Q: Element, O: Element, D: Element, G: Element>(
     (total, heads)
 }
 
-/// (row, head) pairs per warp of the v3 delta kernels (`V3_DELTA_PAIRS` in attention_tc3.cu).
-const DELTA_PAIRS_PER_WARP: usize = 4;
+/// A delta kernel and the (row, head) pairs each of its warps takes.
+#[derive(Clone, Copy)]
+struct DeltaKernel {
+    name: &'static str,
+    pairs_per_warp: usize,
+}
 
-/// `delta = rowsum(dO ⊙ O)` per (head, row) by `kernel` (fp32: `prm_attention_delta_f32`;
-/// v3 with bf16 dO: `prm_attention_delta_bf16_tc3`), the first launch of the backwards (8
-/// warps per block; a warp takes one pair in v1's kernel, [`DELTA_PAIRS_PER_WARP`] in v3's).
+/// v1's (fp32 `out` and dO): one pair a warp.
+const DELTA_F32: DeltaKernel = DeltaKernel {
+    name: "prm_attention_delta_f32",
+    pairs_per_warp: 1,
+};
+/// v3's with fp32 dO (it also writes dO's bf16 copy), and with bf16 dO (v3 and v4):
+/// `V3_DELTA_PAIRS` in attention_tc3.cu.
+const DELTA_TC3: DeltaKernel = DeltaKernel {
+    name: "prm_attention_delta_tc3",
+    pairs_per_warp: 4,
+};
+const DELTA_BF16_TC3: DeltaKernel = DeltaKernel {
+    name: "prm_attention_delta_bf16_tc3",
+    pairs_per_warp: 4,
+};
+
+/// `delta = rowsum(dO ⊙ O)` per (head, row) by `kernel`, the first launch of the backwards (8
+/// warps per block).
 #[allow(clippy::too_many_arguments)]
 fn launch_delta<O: Element, D: Element>(
     dev: &Device,
-    kernel: &str,
+    kernel: DeltaKernel,
     out: &Buffer<O>,
     d_out: &Buffer<D>,
     delta: &mut Buffer<f32>,
@@ -253,13 +272,8 @@ fn launch_delta<O: Element, D: Element>(
     heads: usize,
     width: usize,
 ) -> Result<(), GpuError> {
-    // 8 warps a block; v1's kernel takes one (row, head) pair a warp, v3's several.
-    let per_warp = if kernel.ends_with("_tc3") {
-        DELTA_PAIRS_PER_WARP
-    } else {
-        1
-    };
-    let cfg = LaunchConfig::linear((total * heads).div_ceil(8 * per_warp) as u32, 256, 0);
+    let per_block = 8 * kernel.pairs_per_warp;
+    let cfg = LaunchConfig::linear((total * heads).div_ceil(per_block) as u32, 256, 0);
     let mut args = KernelArgs::new();
     args.input(out).input(d_out).output(delta);
     // Only v3's fp32-dO kernel takes it: the bf16 copy of dO it writes alongside delta.
@@ -267,7 +281,7 @@ fn launch_delta<O: Element, D: Element>(
         args.output(copy);
     }
     args.i32(width as i32).i32(total as i32);
-    dev.launch(kernel, cfg, &mut args)
+    dev.launch(kernel.name, cfg, &mut args)
 }
 
 fn grid(seqlens_host: &[usize], heads: usize, tile: usize) -> (u32, u32, u32) {
@@ -354,17 +368,7 @@ pub fn attention_backward_f32(
     let (w, n, m, c) = (width as i32, total as i32, mode as i32, causal as i32);
 
     if mode != AttentionMode::Identity {
-        launch_delta(
-            dev,
-            "prm_attention_delta_f32",
-            out,
-            d_out,
-            delta,
-            None,
-            total,
-            heads,
-            width,
-        )?;
+        launch_delta(dev, DELTA_F32, out, d_out, delta, None, total, heads, width)?;
     }
 
     let cfg = LaunchConfig {
@@ -509,17 +513,7 @@ pub fn attention_backward_tc(
         return Ok(());
     }
     let (w, n, c) = (width as i32, total as i32, causal as i32);
-    launch_delta(
-        dev,
-        "prm_attention_delta_f32",
-        out,
-        d_out,
-        delta,
-        None,
-        total,
-        heads,
-        width,
-    )?;
+    launch_delta(dev, DELTA_F32, out, d_out, delta, None, total, heads, width)?;
 
     let cfg = LaunchConfig {
         grid: grid(seqlens_host, heads, TC_TILE),
@@ -553,6 +547,11 @@ const TC3_TILE_BYTES: u32 = 64 * 72 * 2;
 const TC3_FORWARD_SMEM: u32 = 5 * TC3_TILE_BYTES;
 const TC3_DQ_SMEM: u32 = 6 * TC3_TILE_BYTES;
 const TC3_DKDV_SMEM: u32 = 6 * TC3_TILE_BYTES + 2 * 2 * 64 * 4;
+/// v3's dK/dV and dQ kernels with their shared memory, in launch order.
+const TC3_DKDV_DQ: [(&str, u32); 2] = [
+    ("prm_attention_bwd_dkdv_tc3", TC3_DKDV_SMEM),
+    ("prm_attention_bwd_dq_tc3", TC3_DQ_SMEM),
+];
 
 /// Which tensor-core kernel version the engine runs at `--precision bf16`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -692,10 +691,9 @@ pub fn attention_backward_tc3(
     if total == 0 {
         return Ok(());
     }
-    let kernel = "prm_attention_delta_tc3";
     launch_delta(
         dev,
-        kernel,
+        DELTA_TC3,
         out,
         d_out,
         delta,
@@ -740,10 +738,7 @@ pub fn attention_backward_tc3_bf16_dout(
     bf16_dout_backward(
         dev,
         "v3",
-        [
-            ("prm_attention_bwd_dkdv_tc3", TC3_DKDV_SMEM),
-            ("prm_attention_bwd_dq_tc3", TC3_DQ_SMEM),
-        ],
+        TC3_DKDV_DQ,
         Grid::Tiles(TC_TILE),
         (qkv, out, d_out, lse, cu_seqlens, seqlens_host),
         d_qkv,
@@ -770,10 +765,7 @@ fn tc3_dkdv_dq(
 ) -> Result<(), GpuError> {
     launch_dkdv_dq(
         dev,
-        [
-            ("prm_attention_bwd_dkdv_tc3", TC3_DKDV_SMEM),
-            ("prm_attention_bwd_dq_tc3", TC3_DQ_SMEM),
-        ],
+        TC3_DKDV_DQ,
         grid(seqlens_host, width / HEAD_DIM, TC_TILE),
         qkv,
         d_out,
@@ -1029,8 +1021,17 @@ fn bf16_dout_backward(
     if total == 0 {
         return Ok(());
     }
-    let kernel = "prm_attention_delta_bf16_tc3";
-    launch_delta(dev, kernel, out, d_out, delta, None, total, heads, width)?;
+    launch_delta(
+        dev,
+        DELTA_BF16_TC3,
+        out,
+        d_out,
+        delta,
+        None,
+        total,
+        heads,
+        width,
+    )?;
     launch_dkdv_dq(
         dev,
         kernels,
