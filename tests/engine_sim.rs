@@ -181,22 +181,7 @@ fn whole_attacks_match_the_reference_and_are_deterministic() {
                 TokenSelection::All,
                 LayerSelection::All,
             );
-            let images = || {
-                clean
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (x, h, w))| {
-                        (
-                            Planar {
-                                data: x,
-                                height: *h,
-                                width: *w,
-                            },
-                            ImageRng::new(3, &format!("img{i}")),
-                        )
-                    })
-                    .collect::<Vec<_>>()
-            };
+            let images = || common::attack_images(&clean, 3);
             let run = |engine_is_gpu: bool| -> Vec<AttackOutcome> {
                 if engine_is_gpu {
                     let a = Attack::new(&gpu, &obj, &settings, images()).unwrap();

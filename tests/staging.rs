@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{devices, small_model, Draw};
+use common::{attack_images, devices, small_model, Draw};
 use prm::attack::image::Starts;
 use prm::attack::*;
 use prm::gpu::engine::GpuVit;
@@ -22,20 +22,7 @@ fn batch(d: &mut Draw) -> Vec<(Vec<f32>, usize, usize)> {
 }
 
 fn images(clean: &[(Vec<f32>, usize, usize)]) -> Vec<(Planar<'_>, ImageRng)> {
-    clean
-        .iter()
-        .enumerate()
-        .map(|(i, (x, h, w))| {
-            (
-                Planar {
-                    data: x,
-                    height: *h,
-                    width: *w,
-                },
-                ImageRng::new(9, &format!("img{i}")),
-            )
-        })
-        .collect()
+    attack_images(clean, 9)
 }
 
 #[test]

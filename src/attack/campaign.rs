@@ -25,8 +25,6 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rayon::prelude::*;
-
 use super::engine::{Engine, EngineError, StageKey};
 use super::image::{check_image_size, Attack, Planar};
 use super::loss::Objective;
@@ -36,10 +34,9 @@ use super::settings::{AttackSettings, Init};
 use crate::io::inputs::staging_dir_name;
 use crate::io::webdataset::{tar_index, write_tar_atomic, MemberData, OutputLookup};
 use crate::io::{
-    self, output_rel_path, planar_to_interleaved, quantize_for_saving, read_item,
-    read_manifest_detailed, write_float_safetensors_atomic, write_png_atomic, InputItem, IoError,
-    ManifestRecord, ManifestWriter, OutputLayout, RgbImage, SavedImage, Status, DEFAULT_MAX_PIXELS,
-    MANIFEST_FILE,
+    self, output_rel_path, planar_to_interleaved, read_item, read_manifest_detailed,
+    write_float_safetensors_atomic, write_png_atomic, InputItem, IoError, ManifestRecord,
+    ManifestWriter, OutputLayout, RgbImage, Status, DEFAULT_MAX_PIXELS, MANIFEST_FILE,
 };
 use crate::model::Model;
 use crate::rng::ImageRng;
@@ -779,8 +776,13 @@ pub(super) fn attack_batch<E: Engine>(
         .collect();
     let starts = attack.starts(&from);
     phases.setup_seconds = lap();
-    let outcomes = match attack.run_from(starts, |_| on_step(ok.len())) {
-        Ok(o) => o,
+    let outcomes = match attack.run_and_save(starts, save_float, |_| on_step(ok.len())) {
+        Ok((outcomes, save)) => {
+            phases.steps_seconds = save.steps_seconds;
+            phases.quantize_seconds = save.quantize_seconds;
+            phases.evaluate_seconds = save.evaluate_seconds;
+            outcomes
+        }
         Err(e) if e.is_out_of_memory() => return BatchResult::OutOfMemory,
         Err(e) => {
             for &(j, l) in &ok {
@@ -789,38 +791,8 @@ pub(super) fn attack_batch<E: Engine>(
             return done(results, None);
         }
     };
-    phases.steps_seconds = lap();
-    // Save within ε after rounding, then measure what was actually saved. One image per task:
-    // a batch is tens of millions of values, and this runs while the device waits.
-    // The levels, their float values (what the evaluation reads) and the L∞ in one pass.
-    let saved_images: Vec<SavedImage> = ok
-        .par_iter()
-        .zip(&outcomes)
-        .map(|(&(_, l), o)| quantize_for_saving(&o.adversarial, &l.clean.data, settings.eps))
-        .collect();
-    let mut saved = Vec::with_capacity(saved_images.len());
-    let mut saved_f32 = Vec::with_capacity(saved_images.len());
-    let mut linf = Vec::with_capacity(saved_images.len());
-    for s in saved_images {
-        saved.push(s.levels);
-        saved_f32.push(s.values);
-        linf.push(s.linf_255);
-    }
-    phases.quantize_seconds = lap();
-    let evals = match attack.evaluate(&saved_f32) {
-        Ok(e) => e,
-        Err(e) if e.is_out_of_memory() => return BatchResult::OutOfMemory,
-        Err(e) => {
-            for &(j, l) in &ok {
-                results[j] = Err(engine_failure(&e, l));
-            }
-            return done(results, None);
-        }
-    };
-    phases.evaluate_seconds = lap();
-    for ((((&(j, l), outcome), saved), eval), linf) in
-        ok.iter().zip(outcomes).zip(saved).zip(evals).zip(linf)
-    {
+    for (&(j, l), outcome) in ok.iter().zip(outcomes) {
+        let eval = outcome.evaluation;
         let curve = curves.then(|| {
             let mut curve = outcome.losses.clone();
             curve.push(eval.loss);
@@ -836,18 +808,18 @@ pub(super) fn attack_batch<E: Engine>(
             loss_initial: Some(outcome.loss_initial),
             loss_final: Some(eval.loss),
             layer_cosine: Some(eval.layer_cosine),
-            linf: Some(linf),
+            linf: Some(outcome.linf_255),
             steps: outcome.steps,
             seconds: 0.0,
         };
         results[j] = Ok(Attacked {
             width: l.clean.width,
             height: l.clean.height,
-            saved,
-            float: save_float.then_some(RgbImage {
+            saved: outcome.levels,
+            float: outcome.adversarial.map(|data| RgbImage {
                 width: l.clean.width,
                 height: l.clean.height,
-                data: outcome.adversarial,
+                data,
             }),
             record,
             curve,

@@ -61,6 +61,40 @@ pub struct StepPlan<'a> {
     /// a loss, with the step and one value per image. `None` (the default) keeps the loop free
     /// of per-step host syncs.
     pub loss_sink: Option<LossSink<'a>>,
+    /// `Some`: finish the batch as `prm attack` saves it, where the images are (see
+    /// [`SaveRequest`]); every [`StepLoopResult::saved`] is then set.
+    pub save: Option<SaveRequest>,
+}
+
+/// Asks a device-resident loop to quantise its final images within ε the way they are saved
+/// ([`crate::io::quantize_for_saving`], bit for bit) and to evaluate the saved images, on its
+/// own device: only the 8-bit levels come back (a quarter of the float images), and the
+/// evaluation reads the saved values where they already are instead of uploading them again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SaveRequest {
+    /// Also read back the unquantised final images (`prm attack --save-float`).
+    pub keep_float: bool,
+}
+
+/// A final image as saved by a device-resident loop ([`SaveRequest`]).
+#[derive(Clone, Debug)]
+pub struct SavedByEngine {
+    /// The 8-bit levels, planar like the image.
+    pub levels: Vec<u8>,
+    /// Their L∞ distance to the clean image, in 1/255 units.
+    pub linf_255: f64,
+    /// The loss and layer cosines of the saved image (`levels / 255`), at the evaluation
+    /// geometry.
+    pub evaluation: Evaluation,
+}
+
+/// Seconds spent on each part of finishing an attacked batch ([`SaveRequest`], or the host's
+/// quantisation and evaluation).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SavePhases {
+    pub steps_seconds: f64,
+    pub quantize_seconds: f64,
+    pub evaluate_seconds: f64,
 }
 
 /// How the starts of a batch follow from its clean images (see [`StepPlan::derived_start`]).
@@ -103,11 +137,14 @@ pub struct StagingCounters {
 /// Receives one step's per-image loss values: `(step, values)`.
 pub type LossSink<'a> = &'a dyn Fn(usize, &[f64]);
 
-/// What a device-resident loop returns per image: the final adversarial image and, when step 0
-/// ran at the evaluation geometry, the loss at the start.
+/// What a device-resident loop returns per image: the final adversarial image, the loss at the
+/// start when the loop measured it at the evaluation geometry, and the saved image when the plan
+/// asked for one.
 pub struct StepLoopResult {
-    pub adversarial: Vec<f32>,
+    /// `None` only when a [`SaveRequest`] did not keep the float images.
+    pub adversarial: Option<Vec<f32>>,
     pub loss_initial: Option<f64>,
+    pub saved: Option<SavedByEngine>,
 }
 
 /// What a device-resident loop returns: one [`StepLoopResult`] per image, and the clean features
@@ -118,6 +155,9 @@ pub struct StepLoopResult {
 pub struct StepLoopOutput<C> {
     pub images: Vec<StepLoopResult>,
     pub clean_eval: Option<C>,
+    /// With a [`SaveRequest`]: the seconds its quantisation and evaluation took (the rest of
+    /// the call is the steps').
+    pub save_phases: Option<SavePhases>,
 }
 
 /// A forward/backward engine for batches of images of any sizes.

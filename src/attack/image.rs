@@ -5,13 +5,18 @@
 
 use std::borrow::Cow;
 use std::cell::{OnceCell, RefCell};
+use std::time::Instant;
 
 use rayon::prelude::*;
 
-use super::engine::{DerivedStart, Engine, EngineError, LossAndGradient, StageKey, StepPlan};
+use super::engine::{
+    DerivedStart, Engine, EngineError, LossAndGradient, SavePhases, SaveRequest, SavedByEngine,
+    StageKey, StepPlan,
+};
 use super::loss::Objective;
 use super::optim::{project, project_pixel, Optimizer};
 use super::settings::{AttackSettings, Init, LossKind, Resolution};
+use crate::io::{quantize_for_saving, SavedImage};
 use crate::reference::resize::{bicubic_resize, bicubic_resize_backward, scaled_size};
 use crate::rng::{ImageRng, STREAM_ESCAPE, STREAM_INIT, STREAM_SCALE};
 
@@ -35,6 +40,46 @@ pub struct AttackOutcome {
     /// step's working geometry (a dynamic-scale draw changes it). An escape step out of a
     /// stationary start computes no loss: its value is `loss_initial`. Empty otherwise.
     pub losses: Vec<f64>,
+}
+
+/// What one image's attack produced, as `prm attack` saves it ([`Attack::run_and_save`]).
+#[derive(Clone, Debug)]
+pub struct SavedOutcome {
+    /// The saved 8-bit levels ([`crate::io::quantize_for_saving`]), planar, native size.
+    pub levels: Vec<u8>,
+    /// Their L∞ distance to the clean image, in 1/255 units.
+    pub linf_255: f64,
+    /// The saved image's loss and layer cosines at the evaluation geometry.
+    pub evaluation: Evaluation,
+    /// The unquantised final image, when it was asked for.
+    pub adversarial: Option<Vec<f32>>,
+    /// As [`AttackOutcome::loss_initial`].
+    pub loss_initial: f64,
+    pub steps: usize,
+    /// As [`AttackOutcome::losses`].
+    pub losses: Vec<f64>,
+}
+
+/// What the step loop left for [`Attack::finish`] to complete.
+struct Ran {
+    images: Vec<RanImage>,
+    /// Recorded loss curves (empty unless [`Attack::record_losses`]).
+    curves: Vec<Vec<f64>>,
+    save_phases: Option<SavePhases>,
+}
+
+struct RanImage {
+    adversarial: Option<Vec<f32>>,
+    loss_initial: Option<f64>,
+    saved: Option<SavedByEngine>,
+}
+
+/// One image's steps, completed.
+struct Finished {
+    adversarial: Option<Vec<f32>>,
+    saved: Option<SavedByEngine>,
+    loss_initial: f64,
+    losses: Vec<f64>,
 }
 
 /// A loss value with per-layer cosines, at the evaluation geometry.
@@ -451,13 +496,114 @@ impl<'a, E: Engine> Attack<'a, E> {
     pub fn run_from(
         &self,
         starts: Starts,
-        mut on_step: impl FnMut(usize),
+        on_step: impl FnMut(usize),
     ) -> Result<Vec<AttackOutcome>, EngineError> {
+        let ran = self.run_steps(&starts, None, on_step)?;
+        Ok(self
+            .finish(&starts, ran)?
+            .into_iter()
+            .map(|f| AttackOutcome {
+                adversarial: f.adversarial.expect("kept without a save request"),
+                loss_initial: f.loss_initial,
+                steps: self.settings.steps,
+                losses: f.losses,
+            })
+            .collect())
+    }
+
+    /// Runs every step from `starts`, then quantises each final image within ε as it will be
+    /// saved ([`crate::io::quantize_for_saving`]) and evaluates the saved image (its loss and
+    /// layer cosines at the evaluation geometry). An engine with a device-resident loop does
+    /// both on its device ([`SaveRequest`]); otherwise they run here, one image per task. The
+    /// results are the same bits either way. `keep_float`: also return the unquantised final
+    /// images ([`SavedOutcome::adversarial`]).
+    pub fn run_and_save(
+        &self,
+        starts: Starts,
+        keep_float: bool,
+        on_step: impl FnMut(usize),
+    ) -> Result<(Vec<SavedOutcome>, SavePhases), EngineError> {
+        let clock = Instant::now();
+        let ran = self.run_steps(&starts, Some(SaveRequest { keep_float }), on_step)?;
+        let on_engine = ran.save_phases;
+        let finished = self.finish(&starts, ran)?;
+        let steps = self.settings.steps;
+        if let Some(mut phases) = on_engine {
+            phases.steps_seconds =
+                (clock.elapsed().as_secs_f64() - phases.quantize_seconds - phases.evaluate_seconds)
+                    .max(0.0);
+            let outcomes = finished
+                .into_iter()
+                .map(|f| {
+                    let saved = f.saved.expect("the engine saved every image");
+                    SavedOutcome {
+                        levels: saved.levels,
+                        linf_255: saved.linf_255,
+                        evaluation: saved.evaluation,
+                        adversarial: f.adversarial,
+                        loss_initial: f.loss_initial,
+                        steps,
+                        losses: f.losses,
+                    }
+                })
+                .collect();
+            return Ok((outcomes, phases));
+        }
+        let mut phases = SavePhases {
+            steps_seconds: clock.elapsed().as_secs_f64(),
+            ..SavePhases::default()
+        };
+        let lap = Instant::now();
+        // One image per task: a batch is tens of millions of values, and this runs while the
+        // device waits. The levels, their float values (what the evaluation reads) and the
+        // L∞ in one pass.
+        let saved: Vec<SavedImage> = finished
+            .par_iter()
+            .zip(&self.targets)
+            .map(|(f, t)| {
+                let adv = f
+                    .adversarial
+                    .as_deref()
+                    .expect("the host loop keeps its images");
+                quantize_for_saving(adv, t.clean.data, self.settings.eps)
+            })
+            .collect();
+        phases.quantize_seconds = lap.elapsed().as_secs_f64();
+        let lap = Instant::now();
+        let values: Vec<Vec<f32>> = saved.iter().map(|s| s.values.clone()).collect();
+        let evaluations = self.evaluate(&values)?;
+        phases.evaluate_seconds = lap.elapsed().as_secs_f64();
+        let outcomes = finished
+            .into_iter()
+            .zip(saved)
+            .zip(evaluations)
+            .map(|((f, saved), evaluation)| SavedOutcome {
+                levels: saved.levels,
+                linf_255: saved.linf_255,
+                evaluation,
+                adversarial: if keep_float { f.adversarial } else { None },
+                loss_initial: f.loss_initial,
+                steps,
+                losses: f.losses,
+            })
+            .collect();
+        Ok((outcomes, phases))
+    }
+
+    /// The step loop shared by [`Attack::run_from`] and [`Attack::run_and_save`]: the engine's
+    /// device-resident loop when it has one (and the batch escapes all together or not at all),
+    /// the host loop otherwise.
+    fn run_steps(
+        &self,
+        starts: &Starts,
+        save: Option<SaveRequest>,
+        mut on_step: impl FnMut(usize),
+    ) -> Result<Ran, EngineError> {
         if let Some(images) = &starts.images {
             assert_eq!(images.len(), self.targets.len(), "one start per image");
         }
         let escaping: Vec<bool> = (0..self.targets.len())
-            .map(|i| self.starts_at_stationary_point(i, &starts))
+            .map(|i| self.starts_at_stationary_point(i, starts))
             .collect();
         let mut loss_initial: Vec<Option<f64>> = vec![None; self.targets.len()];
         // losses[i][step], NaN where a step computed none (an escape step).
@@ -498,6 +644,7 @@ impl<'a, E: Engine> Attack<'a, E> {
                 } else {
                     None
                 },
+                save,
             };
             if let Some(results) = self.engine.run_steps(&plan, &mut on_step) {
                 // Moved, not copied: a batch of 64 images at 224 px is 38.5 MB.
@@ -506,19 +653,26 @@ impl<'a, E: Engine> Attack<'a, E> {
                     // The loop's own clean features: the final evaluation reuses them.
                     let _ = self.clean_eval.set(clean);
                 }
-                let (finals, initial): (Vec<Vec<f32>>, Vec<Option<f64>>) = output
-                    .images
-                    .into_iter()
-                    .map(|r| (r.adversarial, r.loss_initial))
-                    .unzip();
-                return self.finish(&starts, initial, finals, recorded.into_inner());
+                return Ok(Ran {
+                    images: output
+                        .images
+                        .into_iter()
+                        .map(|r| RanImage {
+                            adversarial: r.adversarial,
+                            loss_initial: r.loss_initial,
+                            saved: r.saved,
+                        })
+                        .collect(),
+                    curves: recorded.into_inner(),
+                    save_phases: output.save_phases,
+                });
             }
         }
         // The host loop: every start on the host, one optimiser per image.
         let mut opts: Vec<Optimizer> = self
             .targets
             .iter()
-            .zip(self.start_images(&starts).iter())
+            .zip(self.start_images(starts).iter())
             .map(|(t, s)| Optimizer::new(self.settings, t.clean.data, s))
             .collect();
         for step in 0..self.settings.steps {
@@ -555,49 +709,52 @@ impl<'a, E: Engine> Attack<'a, E> {
             }
             on_step(step);
         }
-        let finals: Vec<Vec<f32>> = opts.iter().map(|o| o.image()).collect();
-        self.finish(&starts, loss_initial, finals, recorded.into_inner())
+        Ok(Ran {
+            images: opts
+                .iter()
+                .zip(loss_initial)
+                .map(|(o, loss_initial)| RanImage {
+                    adversarial: Some(o.image()),
+                    loss_initial,
+                    saved: None,
+                })
+                .collect(),
+            curves: recorded.into_inner(),
+            save_phases: None,
+        })
     }
 
-    /// Completes the outcomes: where step 0 gave no loss at the evaluation geometry (dynamic
-    /// scale, or an escape step), the start is measured there. A recorded loss curve gets that
-    /// value at an escape step 0, which computed none.
-    fn finish(
-        &self,
-        starts: &Starts,
-        mut loss_initial: Vec<Option<f64>>,
-        finals: Vec<Vec<f32>>,
-        mut curves: Vec<Vec<f64>>,
-    ) -> Result<Vec<AttackOutcome>, EngineError> {
-        let missing: Vec<usize> = (0..self.targets.len())
-            .filter(|&i| loss_initial[i].is_none())
-            .collect();
-        if !missing.is_empty() {
-            let starts = self.start_images(starts);
-            let mut xs = finals.clone();
-            for &i in &missing {
-                xs[i] = starts[i].clone();
-            }
-            let evals = self.evaluate(&xs)?;
-            for &i in &missing {
-                loss_initial[i] = Some(evals[i].loss);
+    /// Completes what the steps left open: where step 0 gave no loss at the evaluation
+    /// geometry (dynamic scale, or an escape step), the start is measured there. A recorded loss
+    /// curve gets that value at an escape step 0, which computed none.
+    fn finish(&self, starts: &Starts, ran: Ran) -> Result<Vec<Finished>, EngineError> {
+        let Ran {
+            images, mut curves, ..
+        } = ran;
+        let mut loss_initial: Vec<Option<f64>> = images.iter().map(|r| r.loss_initial).collect();
+        if loss_initial.iter().any(Option::is_none) {
+            // Every image's start (an image's evaluation does not depend on the others in
+            // its batch), so no final image is needed here.
+            let evals = self.evaluate(&self.start_images(starts))?;
+            for (l, e) in loss_initial.iter_mut().zip(evals) {
+                l.get_or_insert(e.loss);
             }
         }
-        curves.resize(finals.len(), Vec::new());
-        Ok(finals
+        curves.resize(images.len(), Vec::new());
+        Ok(images
             .into_iter()
             .zip(loss_initial)
             .zip(curves)
-            .map(|((adversarial, l), mut losses)| {
+            .map(|((r, l), mut losses)| {
                 let loss_initial = l.expect("measured above");
                 // Only step 0 can be an escape step; a NaN elsewhere is a real value.
                 if let Some(v) = losses.first_mut().filter(|v| v.is_nan()) {
                     *v = loss_initial;
                 }
-                AttackOutcome {
-                    adversarial,
+                Finished {
+                    adversarial: r.adversarial,
+                    saved: r.saved,
                     loss_initial,
-                    steps: self.settings.steps,
                     losses,
                 }
             })

@@ -9,7 +9,7 @@ pub mod profile;
 pub mod settings;
 
 pub use engine::{Engine, EngineError, LossAndGradient};
-pub use image::{check_image_size, Attack, AttackOutcome, Evaluation, Planar};
+pub use image::{check_image_size, Attack, AttackOutcome, Evaluation, Planar, SavedOutcome};
 pub use loss::Objective;
 pub use settings::{
     AttackSettings, Init, LayerSelection, LossKind, OptimizerKind, Preset, Resolution,

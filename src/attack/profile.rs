@@ -26,9 +26,11 @@ use serde::Serialize;
 pub struct BatchPhases {
     /// Building the attack and its starts (host work before the first step).
     pub setup_seconds: f64,
-    /// Every step, with the upload of the clean images and the read-back of the results.
+    /// Every step, with the upload of the clean images (and, where the float images come
+    /// back, their read-back).
     pub steps_seconds: f64,
-    /// Rounding the results to 8-bit levels within ε.
+    /// Rounding the results to 8-bit levels within ε (on the GPU, where it ends with the
+    /// levels' read-back; on the host otherwise).
     pub quantize_seconds: f64,
     /// Loss and layer cosines of the saved images (their forward, and the clean features if the
     /// steps did not leave them).

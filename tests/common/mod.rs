@@ -109,3 +109,26 @@ pub fn small_model(
         },
     }
 }
+
+/// A batch of planar clean images `(pixels, height, width)` as an attack takes them, image i
+/// drawing from `ImageRng::new(seed, "img{i}")`.
+#[allow(dead_code)]
+pub fn attack_images(
+    clean: &[(Vec<f32>, usize, usize)],
+    seed: u64,
+) -> Vec<(prm::attack::Planar<'_>, ImageRng)> {
+    clean
+        .iter()
+        .enumerate()
+        .map(|(i, (x, h, w))| {
+            (
+                prm::attack::Planar {
+                    data: x,
+                    height: *h,
+                    width: *w,
+                },
+                ImageRng::new(seed, &format!("img{i}")),
+            )
+        })
+        .collect()
+}

@@ -1255,6 +1255,55 @@ impl<'m> GpuVit<'m> {
         })
     }
 
+    /// Per image of `batch`: the loss against `clean` and the mean token cosine of every
+    /// feature layer, without gradient.
+    fn evaluate_batch(
+        &self,
+        batch: &Batch,
+        clean: &GpuClean,
+        objective: &Objective,
+    ) -> Result<Vec<Evaluation>, GpuError> {
+        let LossPass {
+            losses,
+            forward: fwd,
+            ..
+        } = self.loss(batch, clean, objective, false)?;
+        let shape = self.tokens(batch);
+        let mut scratch = LossScratch::new(&self.dev, shape.rows, shape.images)?;
+        // Every layer's cosines are queued before the first is read back, so the device runs
+        // them back to back instead of waiting for the host after each layer.
+        let per_layer = fwd
+            .features
+            .iter()
+            .zip(&clean.features)
+            .map(|(f, c)| {
+                let mut cos = self.alloc(shape.images)?;
+                layer_cosine_f32(
+                    &self.dev,
+                    objective.tokens,
+                    shape,
+                    f,
+                    c,
+                    &mut cos,
+                    &mut scratch,
+                )?;
+                Ok(cos)
+            })
+            .collect::<Result<Vec<_>, GpuError>>()?;
+        let mut layer_cosine = vec![Vec::with_capacity(per_layer.len()); shape.images];
+        for cos in &per_layer {
+            for (per_image, v) in layer_cosine.iter_mut().zip(self.dev.download(cos)?) {
+                per_image.push(v as f64);
+            }
+        }
+        Ok(losses
+            .values(&self.dev)?
+            .into_iter()
+            .zip(layer_cosine)
+            .map(|(loss, layer_cosine)| Evaluation { loss, layer_cosine })
+            .collect())
+    }
+
     /// Splits a packed planar buffer into per-image vectors.
     fn unpack_images(
         &self,
@@ -1326,45 +1375,7 @@ impl Engine for GpuVit<'_> {
     ) -> Result<Vec<Evaluation>, EngineError> {
         check_geometry(adv, clean);
         let batch = self.batch(adv)?;
-        let LossPass {
-            losses,
-            forward: fwd,
-            ..
-        } = self.loss(&batch, clean, objective, false)?;
-        let shape = self.tokens(&batch);
-        let mut scratch = LossScratch::new(&self.dev, shape.rows, shape.images)?;
-        // Every layer's cosines are queued before the first is read back, so the device runs
-        // them back to back instead of waiting for the host after each layer.
-        let per_layer = fwd
-            .features
-            .iter()
-            .zip(&clean.features)
-            .map(|(f, c)| {
-                let mut cos = self.alloc(shape.images)?;
-                layer_cosine_f32(
-                    &self.dev,
-                    objective.tokens,
-                    shape,
-                    f,
-                    c,
-                    &mut cos,
-                    &mut scratch,
-                )?;
-                Ok(cos)
-            })
-            .collect::<Result<Vec<_>, GpuError>>()?;
-        let mut layer_cosine = vec![Vec::with_capacity(per_layer.len()); shape.images];
-        for cos in &per_layer {
-            for (per_image, v) in layer_cosine.iter_mut().zip(self.dev.download(cos)?) {
-                per_image.push(v as f64);
-            }
-        }
-        Ok(losses
-            .values(&self.dev)?
-            .into_iter()
-            .zip(layer_cosine)
-            .map(|(loss, layer_cosine)| Evaluation { loss, layer_cosine })
-            .collect())
+        Ok(self.evaluate_batch(&batch, clean, objective)?)
     }
 
     fn release_cached_memory(&self) {

@@ -17,7 +17,7 @@ use crate::attack::engine::{StageKey, StagingCounters};
 use crate::attack::image::Planar;
 use crate::gpu::pool::Pooled;
 use crate::gpu::staging::Stager;
-use crate::gpu::{Buffer, GpuError};
+use crate::gpu::{Buffer, Element, GpuError};
 
 /// The engine's stager (made on first use) and what it did.
 pub(super) struct Staging {
@@ -116,11 +116,11 @@ impl GpuVit<'_> {
 
     /// `buf` on the host cut into pieces of `lens` elements (one per image): through the
     /// stager's pinned readback buffer when staging is on, plain downloads otherwise.
-    pub(super) fn download_split_staged(
+    pub(super) fn download_split_staged<T: Element>(
         &self,
-        buf: &Buffer<f32>,
+        buf: &Buffer<T>,
         lens: &[usize],
-    ) -> Result<Vec<Vec<f32>>, GpuError> {
+    ) -> Result<Vec<Vec<T>>, GpuError> {
         let mut s = self.staging();
         if !s.on {
             return self.dev.download_split(buf, lens);

@@ -37,15 +37,19 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::{GpuClean, GpuVit, LossPass, Losses};
-use crate::attack::engine::{DerivedStart, StepLoopOutput, StepLoopResult, StepPlan};
+use crate::attack::engine::{
+    DerivedStart, SavePhases, SavedByEngine, StepLoopOutput, StepLoopResult, StepPlan,
+};
 use crate::attack::settings::OptimizerKind;
 use crate::gpu::graph::Graph;
 use crate::gpu::kernels::loss::LayerLoss;
 use crate::gpu::kernels::resize::{
     resize_backward_f32, resize_forward_f32, ResizePlan, ResizeSizes,
 };
+use crate::gpu::kernels::save::{quantize_for_saving_f32, SavedOnDevice};
 use crate::gpu::kernels::update::{
     adamw_advance, adamw_image_f32, adamw_init_f32, adamw_step_scheduled_f32, escape_adamw_f32,
     escape_sign_step_f32, mifgsm_step_f32, pgd_step_f32, random_start_f32, AdamwSchedule,
@@ -310,6 +314,65 @@ impl GpuVit<'_> {
         update(&mut self.graph_stats.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
+    /// Each image's loss at `start` (native size, packed) at the evaluation geometry.
+    fn initial_losses(
+        &self,
+        start: &Buffer<f32>,
+        native: &[(usize, usize)],
+        plan: &StepPlan,
+        clean_eval: &GpuClean,
+    ) -> Result<Vec<Option<f64>>, GpuError> {
+        let (at_eval, _) = self.resized(start, native, &plan.eval_sizes)?;
+        let batch = self.batch_on_device(&plan.eval_sizes, at_eval)?;
+        let LossPass { losses, .. } = self.loss(&batch, clean_eval, plan.objective, false)?;
+        Ok(losses.values(&self.dev)?.into_iter().map(Some).collect())
+    }
+
+    /// The final images (`finals`, native size) quantised within ε as they are saved, their
+    /// levels read back, and the saved images evaluated against the loop's clean features,
+    /// all on the device ([`crate::attack::engine::SaveRequest`]).
+    fn save_on_device(
+        &self,
+        fixed: &Fixed,
+        finals: &Buffer<f32>,
+        lens: &[usize],
+    ) -> Result<(Vec<SavedByEngine>, SavePhases), GpuError> {
+        // The phases are host clocks: wait for the steps, so that their time is not counted
+        // as the quantisation's.
+        self.dev.synchronize()?;
+        let clock = Instant::now();
+        let mut saved = SavedOnDevice::alloc(&self.dev, &fixed.images)?;
+        quantize_for_saving_f32(&self.dev, &fixed.images, finals, &fixed.clean, &mut saved)?;
+        let levels = self.download_split_staged(&saved.levels, lens)?;
+        let linf = saved.linf_255(&self.dev)?;
+        let quantize_seconds = clock.elapsed().as_secs_f64();
+        let clock = Instant::now();
+        let eval_sizes = &fixed.plan.eval_sizes;
+        let at_eval = if &fixed.native == eval_sizes {
+            self.pool.adopt(saved.values)
+        } else {
+            self.resized(&saved.values, &fixed.native, eval_sizes)?.0
+        };
+        let batch = self.batch_on_device(eval_sizes, at_eval)?;
+        let evaluations = self.evaluate_batch(&batch, &fixed.clean_eval, fixed.plan.objective)?;
+        let phases = SavePhases {
+            steps_seconds: 0.0,
+            quantize_seconds,
+            evaluate_seconds: clock.elapsed().as_secs_f64(),
+        };
+        let saved = levels
+            .into_iter()
+            .zip(linf)
+            .zip(evaluations)
+            .map(|((levels, linf_255), evaluation)| SavedByEngine {
+                levels,
+                linf_255,
+                evaluation,
+            })
+            .collect();
+        Ok((saved, phases))
+    }
+
     pub(super) fn step_loop(
         &self,
         plan: &StepPlan,
@@ -338,6 +401,18 @@ impl GpuVit<'_> {
         };
         let total = clean.len();
         let lr255 = s.lr * 255.0;
+        let clean_eval = {
+            let (at_eval, _) = self.resized(&clean, &native, &plan.eval_sizes)?;
+            self.clean_on_device(&plan.eval_sizes, at_eval)?
+        };
+        // Step 0 measures the loss at the start only when it runs at the evaluation geometry
+        // and follows a gradient; otherwise the start is measured here, where it already is.
+        let mut loss_initial = if plan.escape || s.dynamic_scale.is_some() || plan.sizes.is_empty()
+        {
+            self.initial_losses(&start, &native, plan, &clean_eval)?
+        } else {
+            vec![None; lens.len()]
+        };
 
         let mut state = match s.optimizer {
             OptimizerKind::Adamw => {
@@ -354,10 +429,6 @@ impl GpuVit<'_> {
                 x: start,
                 momentum: self.pool.take_zeroed(total)?,
             },
-        };
-        let clean_eval = {
-            let (at_eval, _) = self.resized(&clean, &native, &plan.eval_sizes)?;
-            self.clean_on_device(&plan.eval_sizes, at_eval)?
         };
         let fixed = Fixed {
             plan,
@@ -377,7 +448,6 @@ impl GpuVit<'_> {
             && LayerLoss::from_kind(plan.objective.kind).is_some();
         let mut warmed: Option<(Vec<(usize, usize)>, KeepReturns)> = None;
         let mut failed_captures = 0;
-        let mut loss_initial = vec![None; lens.len()];
         for (step, sizes) in plan.sizes.iter().enumerate() {
             if step == 0 && plan.escape {
                 match &mut state {
@@ -485,24 +555,43 @@ impl GpuVit<'_> {
         }
         drop(warmed);
         drop(graph);
-        let finals = match &state {
+        let finals: &Buffer<f32> = match &state {
             State::Adamw { delta, .. } => {
                 adamw_image_f32(&self.dev, &fixed.images, &mut out.adv, delta, &fixed.clean)?;
-                self.download_split_staged(&out.adv, &lens)?
+                &out.adv
             }
-            State::Sign { x, .. } => self.download_split_staged(x, &lens)?,
+            State::Sign { x, .. } => x,
         };
-        let images = finals
+        let floats = if plan.save.is_none_or(|r| r.keep_float) {
+            Some(self.download_split_staged(finals, &lens)?)
+        } else {
+            None
+        };
+        let (saved, save_phases) = match plan.save {
+            Some(_) => {
+                let (saved, phases) = self.save_on_device(&fixed, finals, &lens)?;
+                (saved.into_iter().map(Some).collect(), Some(phases))
+            }
+            None => (vec![None; lens.len()], None),
+        };
+        let floats = floats.map_or_else(
+            || vec![None; lens.len()],
+            |f| f.into_iter().map(Some).collect(),
+        );
+        let images = floats
             .into_iter()
             .zip(loss_initial)
-            .map(|(adversarial, loss_initial)| StepLoopResult {
+            .zip(saved)
+            .map(|((adversarial, loss_initial), saved)| StepLoopResult {
                 adversarial,
                 loss_initial,
+                saved,
             })
             .collect();
         Ok(StepLoopOutput {
             images,
             clean_eval: Some(fixed.clean_eval),
+            save_phases,
         })
     }
 }

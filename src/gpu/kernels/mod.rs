@@ -8,4 +8,5 @@ pub mod embed;
 pub mod layernorm;
 pub mod loss;
 pub mod resize;
+pub mod save;
 pub mod update;

@@ -106,7 +106,8 @@ impl ImageBatch {
         self.total
     }
 
-    fn grid(&self) -> LaunchConfig {
+    /// One thread per element of the longest image, one grid row per image.
+    pub(crate) fn grid(&self) -> LaunchConfig {
         let bx = self.max_len.div_ceil(BLOCK as usize).max(1) as u32;
         LaunchConfig {
             grid: (bx, self.images as u32, 1),
@@ -115,7 +116,8 @@ impl ImageBatch {
         }
     }
 
-    fn check(&self, what: &str, len: usize) {
+    /// Panics unless `len` is the packed batch's length.
+    pub(crate) fn check(&self, what: &str, len: usize) {
         assert_eq!(
             len, self.total,
             "{what}: buffer of {len} elements for a batch of {}",

@@ -37,7 +37,7 @@
 mod cuda;
 
 use super::device::{Backend, Memory};
-use super::{Buffer, Device, GpuError};
+use super::{Buffer, Device, Element, GpuError};
 
 /// What [`Stager::take`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,11 +152,11 @@ impl<K: PartialEq> Stager<K> {
     /// a packed batch, with no whole-batch vector in between. On CUDA it goes through a pinned
     /// readback buffer kept by the stager (grown when needed), so the copy is one DMA at full
     /// link speed; under the simulator it is a plain download.
-    pub fn download_split(
+    pub fn download_split<T: Element>(
         &mut self,
-        src: &Buffer<f32>,
+        src: &Buffer<T>,
         lens: &[usize],
-    ) -> Result<Vec<Vec<f32>>, GpuError> {
+    ) -> Result<Vec<Vec<T>>, GpuError> {
         self.dev
             .refuse_in_capture("copying device data to the host")?;
         let total: usize = lens.iter().sum();
@@ -167,7 +167,7 @@ impl<K: PartialEq> Stager<K> {
         );
         match (&mut self.lane, &src.mem) {
             (Lane::Cuda(lane), Memory::Cuda(m)) => {
-                let mut outs: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0f32; n]).collect();
+                let mut outs: Vec<Vec<T>> = lens.iter().map(|&n| vec![T::zeroed(); n]).collect();
                 let mut pieces: Vec<&mut [u8]> = outs
                     .iter_mut()
                     .map(|o| bytemuck::cast_slice_mut(o.as_mut_slice()))

@@ -1,0 +1,111 @@
+// save.cu: an attacked batch as `prm attack` saves it, computed where the batch already is.
+//
+// Launcher: src/gpu/kernels/save.rs. Reference twin: src/io/output.rs (`quantize_for_saving`:
+// `quantize_within_eps`, the levels as floats, `linf_255`), bit for bit.
+//
+// Layout: a batch of planar images [3, H_i, W_i] packed back to back (f32 in [0, 1]), as in
+// update.cu:
+//   offsets [images + 1] (int): image b occupies elements offsets[b] .. offsets[b+1].
+//   eps     [images]     (f32): per-image L∞ radius in [0, 1] units.
+// Outputs, per element: levels (u8, the 8-bit level saved to the PNG) and values (f32,
+// level / 255: what the evaluation of the saved image reads). Per image: linf_bits (u64), the
+// bits of the f64 max |level − clean·255| (1/255 units), which the launcher zeroes first.
+// Grid: (ceil(max image length / blockDim.x), images); thread (x, b) handles element
+// offsets[b] + blockIdx.x * blockDim.x + threadIdx.x of image b. Each block reduces its L∞ in
+// shared memory and folds it into its image's with one 64-bit atomicMax: the values are
+// non-negative doubles, whose bit patterns order as the numbers do, so the result does not
+// depend on the order (max is exact).
+//
+// Precision: f64 for the bounds, the rounding and the distance, exactly as the Rust twin:
+// every multiply, add and subtract is an explicitly rounded operation (no FMA contraction under
+// nvcc: `c·255 − ε·255` would otherwise fuse), round() is half away from zero like Rust's, and
+// Rust's clamp / max / `as u8` semantics for NaN are spelled out. The float value is an IEEE
+// division, like the twin's `q as f32 / 255.0`.
+#include "common.cuh"
+
+#ifdef __CUDACC__
+#define SAVE_DMUL(a, b) __dmul_rn((a), (b))
+#define SAVE_DADD(a, b) __dadd_rn((a), (b))
+#define SAVE_DSUB(a, b) __dsub_rn((a), (b))
+#define SAVE_FDIV(a, b) __fdiv_rn((a), (b))
+#else
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+static inline double save_dmul_(double a, double b) { volatile double r = a * b; return r; }
+static inline double save_dadd_(double a, double b) { volatile double r = a + b; return r; }
+#define SAVE_DMUL(a, b) save_dmul_((a), (b))
+#define SAVE_DADD(a, b) save_dadd_((a), (b))
+#define SAVE_DSUB(a, b) save_dadd_((a), -(b))
+#define SAVE_FDIV(a, b) ((a) / (b))
+#endif
+
+// output.rs::BOUND_SLACK_255.
+#define SAVE_BOUND_SLACK_255 5e-5
+#define SAVE_BLOCK 256
+
+// Rust's f64::clamp (NaN passes through).
+__device__ __forceinline__ double save_clamp(double v, double lo, double hi) {
+    if (v < lo) v = lo;
+    if (v > hi) v = hi;
+    return v;
+}
+
+// output.rs::clean_255: c·255, snapped to the nearest integer within 1e-4 of it.
+__device__ __forceinline__ double save_clean_255(float c) {
+    const double c255 = SAVE_DMUL((double)c, 255.0);
+    const double r = round(c255);
+    return fabs(SAVE_DSUB(c255, r)) < 1e-4 ? r : c255;
+}
+
+// output.rs::quantize_level, up to the final cast: the level as a double (NaN only where the
+// twin's `as u8` turns it into 0).
+__device__ __forceinline__ double save_level(float a, double c255, double eps255) {
+    const double nearest_clean = save_clamp(round(c255), 0.0, 255.0);
+    // f64::max / f64::min ignore a NaN operand, as fmax / fmin do.
+    const double lo = fmax(ceil(SAVE_DSUB(SAVE_DSUB(c255, eps255), SAVE_BOUND_SLACK_255)), 0.0);
+    const double hi = fmin(floor(SAVE_DADD(SAVE_DADD(c255, eps255), SAVE_BOUND_SLACK_255)), 255.0);
+    const double a255 = isfinite(a) ? SAVE_DMUL((double)a, 255.0) : c255;
+    double q = save_clamp(round(a255), 0.0, 255.0);
+    if (lo <= hi) {
+        q = save_clamp(q, lo, hi);
+    } else if (isfinite(c255)) {
+        q = nearest_clean;
+    }
+    return q;
+}
+
+extern "C" __global__ void prm_save_quantize_f32(unsigned char* levels, float* values,
+                                                 unsigned long long* linf_bits, const float* adv,
+                                                 const float* clean, const int* offsets,
+                                                 const float* eps) {
+    PRM_SHARED_ARRAY(double, part, SAVE_BLOCK);
+    const int b = blockIdx.y;
+    const int t = threadIdx.x;
+    const int begin = offsets[b];
+    const long long i = (long long)blockIdx.x * blockDim.x + t;
+    double distance = 0.0;
+    if (i < (long long)(offsets[b + 1] - begin)) {
+        const long long k = begin + i;
+        const double c255 = save_clean_255(clean[k]);
+        const double eps255 = SAVE_DMUL((double)eps[b], 255.0);
+        const double q = save_level(adv[k], c255, eps255);
+        // Rust's `as u8` saturates, and maps NaN to 0; q is otherwise an integer in [0, 255].
+        const unsigned char level = q == q ? (unsigned char)q : (unsigned char)0;
+        levels[k] = level;
+        values[k] = SAVE_FDIV((float)level, 255.0f);
+        // fold(0.0, f64::max): a NaN distance (non-finite clean value) is ignored.
+        distance = fmax(0.0, fabs(SAVE_DSUB((double)level, c255)));
+    }
+    // Every thread reaches the barriers (no early return).
+    part[t] = distance;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (t < s) part[t] = fmax(part[t], part[t + s]);
+        __syncthreads();
+    }
+    if (t == 0) {
+        atomicMax(&linf_bits[b], (unsigned long long)__double_as_longlong(part[0]));
+    }
+}
+PRM_REGISTER_KERNEL(prm_save_quantize_f32);
