@@ -10,11 +10,13 @@
 // Outputs, per element: levels (u8, the 8-bit level saved to the PNG) and values (f32,
 // level / 255: what the evaluation of the saved image reads). Per image: linf_bits (u64), the
 // bits of the f64 max |level − clean·255| (1/255 units), which the launcher zeroes first.
-// Grid: (ceil(max image length / blockDim.x), images); thread (x, b) handles element
-// offsets[b] + blockIdx.x * blockDim.x + threadIdx.x of image b. Each block reduces its L∞ in
-// shared memory and folds it into its image's with one 64-bit atomicMax: the values are
-// non-negative doubles, whose bit patterns order as the numbers do, so the result does not
-// depend on the order (max is exact).
+// Grid: (ceil(max image length / (SAVE_BLOCK · SAVE_PER_THREAD)), images), SAVE_BLOCK threads;
+// block (x, b) handles elements x·SAVE_BLOCK·SAVE_PER_THREAD + j·SAVE_BLOCK + threadIdx.x of
+// image b, j < SAVE_PER_THREAD (coalesced; several elements a thread, so that a block's
+// reduction and its atomic are amortised, and the simulator switches fibers less). Each block
+// reduces its L∞ in shared memory and folds it into its image's with one 64-bit atomicMax: the
+// values are non-negative doubles, whose bit patterns order as the numbers do, so the result
+// does not depend on the order (max is exact).
 //
 // Precision: f64 for the bounds, the rounding and the distance, exactly as the Rust twin:
 // every multiply, add and subtract is an explicitly rounded operation (no FMA contraction under
@@ -43,6 +45,7 @@ static inline double save_dadd_(double a, double b) { volatile double r = a + b;
 // output.rs::BOUND_SLACK_255.
 #define SAVE_BOUND_SLACK_255 5e-5
 #define SAVE_BLOCK 256
+#define SAVE_PER_THREAD 8
 
 // Rust's f64::clamp (NaN passes through).
 __device__ __forceinline__ double save_clamp(double v, double lo, double hi) {
@@ -83,24 +86,30 @@ extern "C" __global__ void prm_save_quantize_f32(unsigned char* levels, float* v
     const int b = blockIdx.y;
     const int t = threadIdx.x;
     const int begin = offsets[b];
-    const long long i = (long long)blockIdx.x * blockDim.x + t;
+    const long long len = offsets[b + 1] - begin;
+    const double eps255 = SAVE_DMUL((double)eps[b], 255.0);
+    const long long first = (long long)blockIdx.x * SAVE_BLOCK * SAVE_PER_THREAD + t;
     double distance = 0.0;
-    if (i < (long long)(offsets[b + 1] - begin)) {
-        const long long k = begin + i;
-        const double c255 = save_clean_255(clean[k]);
-        const double eps255 = SAVE_DMUL((double)eps[b], 255.0);
-        const double q = save_level(adv[k], c255, eps255);
-        // Rust's `as u8` saturates, and maps NaN to 0; q is otherwise an integer in [0, 255].
-        const unsigned char level = q == q ? (unsigned char)q : (unsigned char)0;
-        levels[k] = level;
-        values[k] = SAVE_FDIV((float)level, 255.0f);
-        // fold(0.0, f64::max): a NaN distance (non-finite clean value) is ignored.
-        distance = fmax(0.0, fabs(SAVE_DSUB((double)level, c255)));
+#pragma unroll
+    for (int j = 0; j < SAVE_PER_THREAD; ++j) {
+        const long long i = first + (long long)j * SAVE_BLOCK;
+        if (i < len) {
+            const long long k = begin + i;
+            const double c255 = save_clean_255(clean[k]);
+            const double q = save_level(adv[k], c255, eps255);
+            // Rust's `as u8` saturates, and maps NaN to 0; q is otherwise an integer in
+            // [0, 255].
+            const unsigned char level = q == q ? (unsigned char)q : (unsigned char)0;
+            levels[k] = level;
+            values[k] = SAVE_FDIV((float)level, 255.0f);
+            // fold(0.0, f64::max): a NaN distance (non-finite clean value) is ignored.
+            distance = fmax(distance, fabs(SAVE_DSUB((double)level, c255)));
+        }
     }
     // Every thread reaches the barriers (no early return).
     part[t] = distance;
     __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    for (int s = SAVE_BLOCK / 2; s > 0; s >>= 1) {
         if (t < s) part[t] = fmax(part[t], part[t + s]);
         __syncthreads();
     }

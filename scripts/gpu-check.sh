@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU machine's one command: every bundled test against the real device, `prm attack
-# --device cuda` on the samples, device timelines of three attacks (`prm bench --timeline`:
-# kernel time in place and the idle gaps between kernels), the benchmark report against
-# PyTorch (scripts/gpu-report.sh), a per-kernel profile of one pgd step (Nsight Compute) and
-# the attention kernels' occupancy and stall reasons,
+# --device cuda` on the samples, device timelines of four bench attacks and of a `prm attack`
+# run (`--timeline`, `--device-timeline`: kernel time in place and the idle gaps between
+# kernels), the benchmark report against PyTorch (scripts/gpu-report.sh), a per-kernel profile
+# of one pgd step (Nsight Compute) and the attention kernels' occupancy and stall reasons,
 # inside a time budget, then one table. Lent GPU time is short (15 minutes a session, machine
 # start included), so sections run in order of what matters and each gets at most what is left
 # of the budget.
@@ -55,11 +55,11 @@ allow() { # cap reserve
   (( l > $1 )) && l=$1
   echo $l
 }
-# What the sections after the tests need at least: attack 30 s, timeline 45 s, report 150 s,
+# What the sections after the tests need at least: attack 30 s, timeline 60 s, report 150 s,
 # profile 90 s.
 after_tests=0
 want attack && after_tests=$((after_tests + 30))
-want timeline && after_tests=$((after_tests + 45))
+want timeline && after_tests=$((after_tests + 60))
 want report && after_tests=$((after_tests + 150))
 want profile && after_tests=$((after_tests + 90))
 want stalls && ! want profile && after_tests=$((after_tests + 45))
@@ -174,7 +174,7 @@ if want timeline; then
   : >"$LOGS/timeline.txt"
   timeline_run() { # tag title prm-bench-args...   (trace: logs/timeline-TAG.json, for Perfetto)
     local tag=$1 title=$2; shift 2
-    local secs_allowed reserve=$((after_tests - 75))
+    local secs_allowed reserve=$((after_tests - 90))
     (( reserve < 0 )) && reserve=0
     secs_allowed=$(allow 40 $reserve)
     if (( secs_allowed < 10 )); then echo "$title: out of time" >>"$LOGS/timeline.txt"; return; fi
@@ -195,6 +195,31 @@ if want timeline; then
     --batch-size 64 --steps 10 --graphs off
   timeline_run paper-b1 "paper: batch 1, 640x480, 20 AdamW steps, dynamic scale" --preset paper \
     --image-size 640x480 --batch-size 1 --steps 20
+  # The user's path: `prm attack` over 160 copies of the samples (two batches at auto size, the
+  # second in steady state), graphs on as users run it; the whole run stamped, so the per-batch
+  # warm-up, the resizes from the native sizes, the saving on the device and the host's gaps
+  # show beside the steps (a replayed step is one row).
+  title="user path: prm attack, 160 samples at native size -> 224 px, pgd, bf16, batch auto"
+  reserve=$((after_tests - 90)); (( reserve < 0 )) && reserve=0
+  secs_allowed=$(allow 40 $reserve)
+  if (( secs_allowed < 15 )); then
+    echo "$title: out of time" >>"$LOGS/timeline.txt"
+  else
+    inputs=$(mktemp -d)
+    for i in $(seq -w 1 32); do for f in "$ROOT"/samples/*.png "$ROOT"/samples/*.jpg; do
+      cp "$f" "$inputs/$i-$(basename "$f")"; done; done
+    (cd "$ROOT" && timeout "$secs_allowed" "$BUNDLE/prm" attack --model random:vit-b-16 \
+      --input "$inputs" --output "$inputs.out" --preset pgd --resolution 224 --precision bf16 \
+      --batch-size auto --device cuda:0 --quiet --profile \
+      --device-timeline "$LOGS/timeline-attack.json") >"$LOGS/timeline-attack.txt" 2>&1
+    rc=$?
+    { echo "$title"; cat "$LOGS/timeline-attack.txt"; echo; } >>"$LOGS/timeline.txt"
+    if [[ $rc -ne 0 ]]; then
+      failed=$((failed + 1))
+      echo "$title: FAILED ($rc)" >>"$LOGS/timeline.txt"
+    fi
+    rm -rf "$inputs" "$inputs.out"
+  fi
 fi
 
 # ---------------------------------------------------------------- benchmark report

@@ -272,6 +272,105 @@ fn bench_timeline_needs_a_gpu_engine() {
     assert!(err.contains("give a FILE.json"), "{err}");
 }
 
+/// `prm attack --device-timeline`: the whole run's device operations, with the batch saved on
+/// the device (quantisation kernel, bytes read back) and no float image downloaded unasked.
+#[test]
+fn attack_device_timeline_records_the_run_and_its_saving_on_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    for (i, (w, h)) in [(40u32, 36u32), (33, 47)].into_iter().enumerate() {
+        image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 7) as u8, (y * 5) as u8, i as u8])
+        })
+        .save(input.join(format!("{i}.png")))
+        .unwrap();
+    }
+    // The largest download of a run, in bytes (the labels give sizes as power-of-two bounds).
+    let largest_download = |extra: &[&str]| -> u64 {
+        let trace_path = dir.path().join("run.json");
+        let out = Command::new(env!("CARGO_BIN_EXE_prm"))
+            .args([
+                "attack",
+                "--device",
+                "sim",
+                "--model",
+                "random:tiny",
+                "--preset",
+                "pgd",
+            ])
+            .args(["--steps", "2", "--batch-size", "2", "--quiet", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(dir.path().join(format!("out{}", extra.len())))
+            .arg("--device-timeline")
+            .arg(&trace_path)
+            .args(extra)
+            .env("PRM_NO_GRAPHS", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(
+            err.contains("the whole run, stamped on the device"),
+            "{err}"
+        );
+        let trace: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&trace_path).unwrap()).unwrap();
+        let ops = &trace["traceEvents"].as_array().unwrap()[1..];
+        let quantized = ops
+            .iter()
+            .filter(|e| e["name"] == "prm_save_quantize_f32")
+            .count();
+        assert_eq!(quantized, 1, "one batch, saved on the device");
+        ops.iter()
+            .filter(|e| e["cat"] == "download")
+            .map(|e| {
+                let name = e["name"].as_str().unwrap();
+                let bound = name.split('≤').nth(1).unwrap().trim_end_matches(')');
+                let (n, unit) = bound.split_once(' ').unwrap();
+                let scale = match unit {
+                    "B" => 1,
+                    "KiB" => 1 << 10,
+                    "MiB" => 1 << 20,
+                    _ => 1 << 30,
+                };
+                n.parse::<u64>().unwrap() * scale
+            })
+            .max()
+            .unwrap()
+    };
+    // Read back image by image: levels of 4,320 and 4,653 bytes, float images of 17,280 and
+    // 18,612.
+    let without = largest_download(&[]);
+    assert!(
+        without <= 8 << 10,
+        "float images read back unasked: {without}"
+    );
+    let with = largest_download(&["--save-float"]);
+    assert!(with > 16 << 10, "--save-float reads them back: {with}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_prm"))
+        .args([
+            "attack",
+            "--device",
+            "cpu",
+            "--model",
+            "random:tiny",
+            "--input",
+        ])
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.path().join("cpu"))
+        .arg("--device-timeline")
+        .arg(dir.path().join("cpu.json"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--device cuda:N or --device sim"), "{err}");
+}
+
 /// Once an attack runs, its steps never wait for the host: no download between the second
 /// optimiser update and the last (step 0's loss is read once; dynamic scale's clean forward at
 /// each step's scale reads nothing back unless the `embed` loss needs its CLS rows).

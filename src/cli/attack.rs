@@ -24,6 +24,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::progress::Bar;
 use super::settings_args::SettingsArgs;
+use super::timeline::{timeline_table, write_trace};
 use super::{EXIT_SIGINT, EXIT_SIGTERM, EXIT_SOME_FAILED};
 
 #[derive(Args)]
@@ -103,6 +104,12 @@ pub struct AttackArgs {
     #[arg(long, value_name = "FILE.json", num_args = 0..=1)]
     #[allow(clippy::option_option)]
     profile: Option<Option<PathBuf>>,
+    /// Record every operation on the device (one GPU device: cuda:N or sim) and print at the
+    /// end where the device's time went; the trace of every operation goes to FILE.json (open
+    /// it in ui.perfetto.dev). The stamps cost the device a little per operation. A step
+    /// replayed from a CUDA graph shows as one operation: PRM_NO_GRAPHS=1 shows its kernels
+    #[arg(long, value_name = "FILE.json")]
+    device_timeline: Option<PathBuf>,
     /// No progress bar or summary
     #[arg(long, short)]
     quiet: bool,
@@ -194,6 +201,23 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         {
             bail!(
                 "--profile {}: the profile is JSON; give a FILE.json",
+                p.display()
+            );
+        }
+    }
+    if let Some(p) = &args.device_timeline {
+        if devices.len() != 1 {
+            bail!(
+                "--device-timeline records one GPU device's stream: use --device cuda:N or \
+                 --device sim"
+            );
+        }
+        if !p
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+        {
+            bail!(
+                "--device-timeline {}: the trace is JSON; give a FILE.json",
                 p.display()
             );
         }
@@ -368,6 +392,10 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
                     .map_err(setup)?,
             };
             let engine = GpuVit::new_with_precision(dev, &model, precision).map_err(setup)?;
+            if args.device_timeline.is_some() {
+                // After the weights' upload: the run's own work from here on.
+                dev.start_timeline().map_err(setup)?;
+            }
             Ok(Worker {
                 engine,
                 batch_size,
@@ -384,6 +412,21 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         e => e.into(),
     })?;
     bar.finish();
+    if let (Some(path), [dev]) = (&args.device_timeline, devices.as_slice()) {
+        let t = dev
+            .finish_timeline()
+            .context("--device-timeline: the device recorded no timeline")?;
+        // Asked for explicitly, so shown even with --quiet.
+        eprint!(
+            "{}",
+            timeline_table(&t, "the whole run, stamped on the device")
+        );
+        write_trace(path, &t.trace_event_json(&dev.name()))?;
+        eprintln!(
+            "trace             {} (every operation; open it in ui.perfetto.dev)",
+            path.display()
+        );
+    }
     if let (Some(path), Some(p)) = (&args.plot, plotting) {
         let curves = p
             .curves

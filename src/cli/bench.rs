@@ -1,8 +1,7 @@
 //! `prm bench`: times whole attacks on synthetic images and reports throughput against a
 //! matrix-product ceiling measured in the same process.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -17,6 +16,7 @@ use prm::reference::ReferenceVit;
 use serde_json::json;
 
 use super::settings_args::SettingsArgs;
+use super::timeline::{timeline_table, write_trace, TIMELINE_ROWS};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -72,9 +72,6 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
 }
-
-/// Rows of the timeline table (the rest are summed into one line).
-const TIMELINE_ROWS: usize = 24;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum OnOff {
@@ -344,7 +341,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             );
         }
         if let Some((t, wall)) = &timeline_report {
-            print_timeline(t);
+            print!(
+                "{}",
+                timeline_table(t, "one more attack, stamped on the device")
+            );
             println!(
                 "host              the same attack took {:.2} ms on the host clock: {:.2} ms of \
                  it outside the device's first-to-last span (set-up before the first operation; \
@@ -372,100 +372,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes the trace atomically (a temporary file renamed over `path`).
-fn write_trace(path: &Path, trace: &serde_json::Value) -> anyhow::Result<()> {
-    let mut bytes = serde_json::to_vec(trace)?;
-    bytes.push(b'\n');
-    prm::io::output::write_atomic(path, |file| {
-        file.write_all(&bytes)
-            .map_err(|source| prm::io::IoError::Write {
-                path: path.to_path_buf(),
-                source,
-            })
-    })
-    .with_context(|| format!("cannot write the timeline trace {}", path.display()))
-}
-
 /// Milliseconds of an attack's wall-clock time that lie outside its device timeline's span:
 /// host work before the first stamped operation and after the last (the staged read-back is
 /// not stamped, so it counts here).
 fn host_outside_span_ms(t: &Timeline, wall_seconds: f64) -> f64 {
     (wall_seconds * 1e3 - t.span_us() / 1e3).max(0.0)
-}
-
-/// The timeline as a table: totals, then the largest operations by device time.
-fn print_timeline(t: &Timeline) {
-    let (busy, span) = (t.busy_us(), t.span_us());
-    let (gaps, gap_us) = t.long_gaps();
-    let pct = |x: f64| if span > 0.0 { 100.0 * x / span } else { 0.0 };
-    println!(
-        "timeline          one more attack, stamped on the device: {:.2} ms from the first \
-         operation to the last; device busy {:.2} ms ({:.1}%), idle {:.2} ms ({:.1}%), of it \
-         {:.2} ms in {gaps} gaps of {:.0} µs or more",
-        span / 1e3,
-        busy / 1e3,
-        pct(busy),
-        t.idle_us() / 1e3,
-        pct(t.idle_us()),
-        gap_us / 1e3,
-        prm::gpu::timeline::GAP_THRESHOLD_US
-    );
-    if t.dropped > 0 {
-        println!(
-            "                  ({} operations after the first {} were not stamped)",
-            t.dropped,
-            t.ops.len()
-        );
-    }
-    println!(
-        "  {:>6} {:>10} {:>7} {:>10} {:>8}  operation",
-        "busy", "ms", "calls", "µs/call", "TFLOP/s"
-    );
-    let totals = t.totals();
-    for row in totals.iter().take(TIMELINE_ROWS) {
-        let tflops = if row.flops > 0.0 && row.total_us > 0.0 {
-            let tf = row.flops / row.total_us / 1e6;
-            if tf >= 1.0 {
-                format!("{tf:.1}")
-            } else {
-                format!("{tf:.2e}")
-            }
-        } else {
-            "-".into()
-        };
-        println!(
-            "  {:>5.1}% {:>10.3} {:>7} {:>10.1} {:>8}  {}",
-            if busy > 0.0 {
-                100.0 * row.total_us / busy
-            } else {
-                0.0
-            },
-            row.total_us / 1e3,
-            row.calls,
-            row.total_us / row.calls as f64,
-            tflops,
-            row.label
-        );
-    }
-    if totals.len() > TIMELINE_ROWS {
-        let rest = &totals[TIMELINE_ROWS..];
-        let us: f64 = rest.iter().map(|r| r.total_us).sum();
-        let calls: usize = rest.iter().map(|r| r.calls).sum();
-        println!(
-            "  {:>5.1}% {:>10.3} {:>7} {:>10} {:>8}  ({} more operations)",
-            if busy > 0.0 { 100.0 * us / busy } else { 0.0 },
-            us / 1e3,
-            calls,
-            "",
-            "",
-            rest.len()
-        );
-    }
-    for (us, before, after) in t.largest_gaps(3) {
-        if us >= prm::gpu::timeline::GAP_THRESHOLD_US {
-            println!("  idle {us:>9.1} µs after {before}, before {after}");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ mod info;
 mod manifest;
 mod progress;
 mod settings_args;
+mod timeline;
 mod verify;
 
 use std::process::ExitCode;

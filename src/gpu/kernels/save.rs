@@ -7,10 +7,12 @@
 //! values (`level / 255`), and the same L∞ in 1/255 units.
 
 use super::update::ImageBatch;
-use crate::gpu::{Buffer, Device, GpuError, KernelArgs};
+use crate::gpu::{Buffer, Device, GpuError, KernelArgs, LaunchConfig};
 
 /// Threads per block: `SAVE_BLOCK` in save.cu, the size of its shared reduction array.
 const SAVE_BLOCK: u32 = 256;
+/// Elements per thread: `SAVE_PER_THREAD` in save.cu.
+const SAVE_PER_THREAD: u32 = 8;
 
 /// The device buffers [`quantize_for_saving_f32`] writes.
 pub struct SavedOnDevice {
@@ -63,8 +65,16 @@ pub fn quantize_for_saving_f32(
     );
     // The kernel folds each block's maximum into its image's with atomicMax: start from 0.
     dev.zero(&mut out.linf_bits)?;
-    let cfg = batch.grid();
-    assert_eq!(cfg.block.0, SAVE_BLOCK, "save.cu's block size");
+    let per_block = (SAVE_BLOCK * SAVE_PER_THREAD) as usize;
+    let cfg = LaunchConfig {
+        grid: (
+            batch.max_len().div_ceil(per_block).max(1) as u32,
+            batch.images() as u32,
+            1,
+        ),
+        block: (SAVE_BLOCK, 1, 1),
+        shared_bytes: 0,
+    };
     let mut args = KernelArgs::new();
     args.output(&mut out.levels)
         .output(&mut out.values)

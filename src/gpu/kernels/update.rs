@@ -105,6 +105,10 @@ impl ImageBatch {
     pub fn total(&self) -> usize {
         self.total
     }
+    /// Elements in the longest image.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
 
     /// One thread per element of the longest image, one grid row per image.
     pub(crate) fn grid(&self) -> LaunchConfig {
