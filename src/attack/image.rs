@@ -557,7 +557,7 @@ impl<'a, E: Engine> Attack<'a, E> {
         // One image per task: a batch is tens of millions of values, and this runs while the
         // device waits. The levels, their float values (what the evaluation reads) and the
         // L∞ in one pass.
-        let saved: Vec<SavedImage> = finished
+        let mut saved: Vec<SavedImage> = finished
             .par_iter()
             .zip(&self.targets)
             .map(|(f, t)| {
@@ -568,9 +568,13 @@ impl<'a, E: Engine> Attack<'a, E> {
                 quantize_for_saving(adv, t.clean.data, self.settings.eps)
             })
             .collect();
+        // Moved out, not copied: the float values are what the evaluation reads.
+        let values: Vec<Vec<f32>> = saved
+            .iter_mut()
+            .map(|s| std::mem::take(&mut s.values))
+            .collect();
         phases.quantize_seconds = lap.elapsed().as_secs_f64();
         let lap = Instant::now();
-        let values: Vec<Vec<f32>> = saved.iter().map(|s| s.values.clone()).collect();
         let evaluations = self.evaluate(&values)?;
         phases.evaluate_seconds = lap.elapsed().as_secs_f64();
         let outcomes = finished

@@ -23,6 +23,7 @@ use prm::viz::plot::{write_loss_plot, LossCurves};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::progress::Bar;
+use super::require_extension;
 use super::settings_args::SettingsArgs;
 use super::timeline::{timeline_table, write_trace};
 use super::{EXIT_SIGINT, EXIT_SIGTERM, EXIT_SOME_FAILED};
@@ -195,15 +196,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     let (devices, precision) = args.devices()?;
     let fixed_batch = args.fixed_batch_size()?; // checked before anything is read
     if let Some(Some(p)) = args.profile_file() {
-        if !p
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("json"))
-        {
-            bail!(
-                "--profile {}: the profile is JSON; give a FILE.json",
-                p.display()
-            );
-        }
+        require_extension(p, "--profile", "the profile is JSON", "json")?;
     }
     if let Some(p) = &args.device_timeline {
         if devices.len() != 1 {
@@ -212,22 +205,12 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
                  --device sim"
             );
         }
-        if !p
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("json"))
-        {
-            bail!(
-                "--device-timeline {}: the trace is JSON; give a FILE.json",
-                p.display()
-            );
-        }
+        require_extension(p, "--device-timeline", "the trace is JSON", "json")?;
     }
     let settings = args.settings();
     settings.validate().map_err(anyhow::Error::msg)?;
     if let Some(p) = &args.plot {
-        if !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
-            bail!("--plot {}: the plot is a PNG; give a FILE.png", p.display());
-        }
+        require_extension(p, "--plot", "the plot is a PNG", "png")?;
     }
     if let Init::From(dir) = &settings.init {
         if !dir.is_dir() {

@@ -15,6 +15,7 @@ use prm::model::{Model, ModelSource};
 use prm::reference::ReferenceVit;
 use serde_json::json;
 
+use super::require_extension;
 use super::settings_args::SettingsArgs;
 use super::timeline::{timeline_table, write_trace, TIMELINE_ROWS};
 
@@ -109,15 +110,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         bail!("--timeline records a GPU device's stream: use --device cuda or --device sim");
     }
     if let Some(Some(p)) = &args.timeline {
-        if !p
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("json"))
-        {
-            bail!(
-                "--timeline {}: the trace is JSON; give a FILE.json",
-                p.display()
-            );
-        }
+        require_extension(p, "--timeline", "the trace is JSON", "json")?;
     }
     if let Some(Init::From(_)) = args.settings.init {
         bail!("--init from:<DIR> needs a run's outputs; prm bench attacks synthetic images: use --init zero or random");

@@ -20,6 +20,23 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Refuses an output file whose name does not end in `.ext` (any case), before any work:
+/// "`flag` PATH: `what`; give a FILE.ext".
+fn require_extension(
+    path: &std::path::Path,
+    flag: &str,
+    what: &str,
+    ext: &str,
+) -> anyhow::Result<()> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case(ext))
+    {
+        return Ok(());
+    }
+    anyhow::bail!("{flag} {}: {what}; give a FILE.{ext}", path.display())
+}
+
 /// Exit code for usage, model and configuration errors.
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code for a run that finished with some per-image failures.
