@@ -492,6 +492,119 @@ fn out_of_memory_halving_with_a_staged_next_batch_gives_the_same_outputs() {
     assert!(plain.0 == halved.0, "output images differ");
 }
 
+/// The GPU engine (simulator), logging the pipeline's calls: when each batch's step loop
+/// starts, each step it reports, and each staging of a next batch.
+struct Logged<'m> {
+    inner: GpuVit<'m>,
+    log: std::sync::Mutex<Vec<&'static str>>,
+}
+
+impl Logged<'_> {
+    fn note(&self, event: &'static str) {
+        self.log.lock().unwrap().push(event);
+    }
+}
+
+impl Engine for Logged<'_> {
+    type Clean = <GpuVit<'static> as Engine>::Clean;
+    fn model(&self) -> &prm::model::Model {
+        self.inner.model()
+    }
+    fn clean_features(&self, images: &[Planar]) -> Result<Self::Clean, EngineError> {
+        self.inner.clean_features(images)
+    }
+    fn loss_and_gradient(
+        &self,
+        adv: &[Planar],
+        clean: &Self::Clean,
+        objective: &Objective,
+    ) -> Result<Vec<LossAndGradient>, EngineError> {
+        self.inner.loss_and_gradient(adv, clean, objective)
+    }
+    fn evaluate(
+        &self,
+        adv: &[Planar],
+        clean: &Self::Clean,
+        objective: &Objective,
+    ) -> Result<Vec<Evaluation>, EngineError> {
+        self.inner.evaluate(adv, clean, objective)
+    }
+    fn run_steps(
+        &self,
+        plan: &prm::attack::engine::StepPlan,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Option<Result<prm::attack::engine::StepLoopOutput<Self::Clean>, EngineError>> {
+        self.note("run");
+        self.inner.run_steps(plan, &mut |step| {
+            self.note("step");
+            on_step(step)
+        })
+    }
+    fn stages_uploads(&self) -> bool {
+        self.inner.stages_uploads()
+    }
+    fn stage(&self, key: &prm::attack::engine::StageKey, clean: &[Planar]) {
+        self.note("stage");
+        self.inner.stage(key, clean)
+    }
+    fn staging_counters(&self) -> prm::attack::engine::StagingCounters {
+        self.inner.staging_counters()
+    }
+}
+
+/// A worker stages the next batch while the current one runs, once its second step is queued
+/// (the first may end with a read-back of the initial loss), not before it starts: the host's
+/// packing then overlaps the device's work on the current batch.
+#[test]
+fn the_next_batch_is_staged_after_the_second_step_of_the_current_one() {
+    use prm::attack::campaign::{Campaign, OutputOptions, Silent};
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    inputs(&input);
+    // Only images that decode: a batch that never reaches the engine stages the next one
+    // when it is done, having no steps to stage it during.
+    std::fs::remove_file(input.join("img2b.png")).unwrap();
+    let items = prm::io::list_inputs(&input, None).unwrap().items;
+    let model = prm::model::Model::load("random:tiny").unwrap();
+    let mut settings = Preset::Pgd.settings();
+    settings.steps = 3;
+    let layers = settings
+        .layers
+        .resolve(model.config.feature_layers())
+        .unwrap();
+    let objective = Objective::new(settings.loss, layers, settings.tokens, &model).unwrap();
+    let dev = Device::sim();
+    let mut output = OutputOptions::new(tmp.path().join("out"));
+    output.batch_size = 1;
+    let engine = Logged {
+        inner: GpuVit::new(&dev, &model).unwrap(),
+        log: Default::default(),
+    };
+    Campaign {
+        objective: &objective,
+        settings: &settings,
+        items: &items,
+        output: &output,
+        timeline: None,
+    }
+    .run(&engine, &Silent, &|| false)
+    .unwrap();
+    let log = engine.log.into_inner().unwrap();
+    assert!(log.contains(&"stage"), "nothing staged: {log:?}");
+    // Each staging comes between a batch's second step and its third, never between batches.
+    let mut steps_in_batch = 0;
+    for (i, &event) in log.iter().enumerate() {
+        match event {
+            "run" => steps_in_batch = 0,
+            "step" => steps_in_batch += 1,
+            _ => assert!(
+                steps_in_batch == 2 && log.get(i + 1) == Some(&"step"),
+                "staged outside the current batch's steps (event {i}): {log:?}"
+            ),
+        }
+    }
+}
+
 /// `prm bench` times the steady state of `prm attack`: every attack's batch staged while the
 /// previous one ran (the first before the first). That staged attacks give the same images as
 /// plain uploads is `an_attack_on_staged_clean_images_matches_a_plain_upload`.

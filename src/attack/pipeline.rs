@@ -28,9 +28,11 @@
 //!   and batch size). Out-of-memory halving is per worker: the worker keeps the images it
 //!   claimed and retries them in halves, so none is lost or redone.
 //! - **Staging.** With an engine that stages uploads (the GPU engine: [`Engine::stage`]), a
-//!   worker about to run a batch first hands the engine the next one, if its images are all
-//!   decoded already (it claims them ahead; it never waits for a decoder), so the next batch's
-//!   clean images travel to the device on a copy stream while this batch computes. The upload
+//!   worker hands the engine the next batch while the current one runs (once its second step
+//!   is queued; after it, for a batch of fewer steps), if the next batch's images are all
+//!   decoded already (it claims them ahead; it never waits for a decoder), so their packing
+//!   into pinned memory overlaps this batch's device work and they travel to the device on a
+//!   copy stream while this batch computes. The upload
 //!   is keyed by run and image indices: a batch that comes out different (halved after an
 //!   out-of-memory error, abandoned at an interrupt) simply uploads its own images.
 //! - **The writer** is the only thread that touches the output directory and the manifest. It
@@ -539,16 +541,31 @@ fn engine_worker<E: Engine>(
         let loaded_at = shared.now();
         let chunk: Vec<Claimed> = held.drain(..size.min(held.len())).collect();
         let before = engine.staging_counters();
-        let staged_next = stages && stage_next(engine, shared, &mut held, limit);
-        let after_staging = engine.staging_counters();
         for c in &chunk {
             progress.image_started(&run.todo[c.index].rel);
         }
         let started = Instant::now();
         let reported = std::cell::Cell::new(0usize);
+        // The next batch is staged while this one runs, once its second step is queued (the
+        // first may end with a read-back, the initial loss, which leaves the device idle): the
+        // host's packing then overlaps the device's work instead of delaying this batch's
+        // start. A batch of fewer steps stages it when done.
+        let held_cell = std::cell::RefCell::new(std::mem::take(&mut held));
+        let stage_pending = std::cell::Cell::new(stages);
+        let staged_next = std::cell::Cell::new(false);
+        let stage_now = || {
+            if stage_pending.replace(false) {
+                let next = stage_next(engine, shared, &mut held_cell.borrow_mut(), limit);
+                staged_next.set(next);
+            }
+        };
+        let steps_seen = std::cell::Cell::new(0usize);
         let on_step = |n: usize| {
             reported.set(reported.get() + n);
             progress.steps_done(n);
+            if steps_seen.replace(steps_seen.get() + 1) == 1 {
+                stage_now();
+            }
             between_steps();
             if shared.should_stop(interrupted) {
                 // Not a panic: no hook runs, and `catch_unwind` below tells it apart.
@@ -567,6 +584,12 @@ fn engine_worker<E: Engine>(
                 run.output.save_float,
             )
         }));
+        if matches!(attacked, Ok(BatchResult::Done(..))) {
+            stage_now();
+        }
+        let staged_next = staged_next.get();
+        held = held_cell.into_inner();
+        let after = engine.staging_counters();
         let mut timing = BatchTiming {
             worker,
             first: chunk[0].index,
@@ -579,14 +602,11 @@ fn engine_worker<E: Engine>(
             writer_wait: 0.0,
             out_of_memory: false,
             staged_next,
-            stage_seconds: after_staging.host_seconds - before.host_seconds,
-            input_staged: false,
-            copy_pending: false,
+            stage_seconds: after.host_seconds - before.host_seconds,
+            input_staged: after.used > before.used,
+            copy_pending: after.copy_pending > before.copy_pending,
             phases: None,
         };
-        let after = engine.staging_counters();
-        timing.input_staged = after.used > after_staging.used;
-        timing.copy_pending = after.copy_pending > after_staging.copy_pending;
         let finished = match attacked {
             Ok(BatchResult::OutOfMemory) if chunk.len() > 1 => {
                 engine.release_cached_memory();

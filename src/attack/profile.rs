@@ -70,7 +70,7 @@ pub struct BatchTiming {
     pub writer_backlog: usize,
     /// The batch ran out of device memory and was retried in smaller batches.
     pub out_of_memory: bool,
-    /// Before running this batch, the worker staged the next one: its clean images went to
+    /// While running this batch, the worker staged the next one: its clean images went to
     /// the device on a copy stream while this batch computed (GPU engines only).
     pub staged_next: bool,
     /// Host seconds the worker spent staging the next batch (packing into pinned memory and
