@@ -491,13 +491,16 @@ impl<'a> Shared<'a> {
 /// Unwinding payload that abandons the batch in flight when an interrupt is seen mid-attack.
 struct Interrupted;
 
-fn decoder_count(output: &OutputOptions) -> usize {
+/// Decoding threads: `--decode-threads`, else one per CPU, at most 8 per engine worker (one
+/// GPU attacks a few hundred images a second, and a decoder keeps up with a hundred or more;
+/// a node of eight GPUs needs more than eight decoders).
+fn decoder_count(output: &OutputOptions, workers: usize) -> usize {
     if output.decoders > 0 {
         return output.decoders;
     }
     std::thread::available_parallelism()
         .map_or(2, |n| n.get())
-        .clamp(1, 8)
+        .clamp(1, 8 * workers.max(1))
 }
 
 /// One engine worker: claims batches, attacks them, hands them to the writer, until the inputs
@@ -850,7 +853,7 @@ pub(super) fn run_here<E: Engine>(
     progress: &dyn Progress,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Outcome, IoError> {
-    let decoders = decoder_count(run.output);
+    let decoders = decoder_count(run.output, 1);
     let batch_size = run.output.batch_size.max(1);
     let shared = Shared::new(run, decoders + batch_size);
     shared.writer_gate.allow_batches_of(batch_size);
@@ -915,7 +918,7 @@ where
     F: Fn(usize) -> Result<Worker<E>, CampaignError> + Sync,
 {
     let workers = workers.max(1);
-    let decoders = decoder_count(run.output);
+    let decoders = decoder_count(run.output, workers);
     // The workers' batch sizes are added as their engines come up.
     let shared = Shared::new(run, decoders);
     let (jobs_tx, jobs_rx) = mpsc::channel();

@@ -96,7 +96,7 @@ pub struct AttackArgs {
     #[arg(long)]
     shards: Option<u64>,
     /// Threads that read and decode the next images while the engine works [default: one
-    /// per CPU, at most 8]
+    /// per CPU, at most 8 per device]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=256))]
     decode_threads: Option<u64>,
     /// Time the pipeline: per batch, the wait for decoded input, the engine's busy time and the

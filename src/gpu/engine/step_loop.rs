@@ -562,17 +562,19 @@ impl GpuVit<'_> {
             }
             State::Sign { x, .. } => x,
         };
-        let floats = if plan.save.is_none_or(|r| r.keep_float) {
-            Some(self.download_split_staged(finals, &lens)?)
-        } else {
-            None
-        };
+        // Saved first: the saving runs straight after the steps, and the float read-back (when
+        // asked for) after it, not between them.
         let (saved, save_phases) = match plan.save {
             Some(_) => {
                 let (saved, phases) = self.save_on_device(&fixed, finals, &lens)?;
                 (saved.into_iter().map(Some).collect(), Some(phases))
             }
             None => (vec![None; lens.len()], None),
+        };
+        let floats = if plan.save.is_none_or(|r| r.keep_float) {
+            Some(self.download_split_staged(finals, &lens)?)
+        } else {
+            None
         };
         let floats = floats.map_or_else(
             || vec![None; lens.len()],
