@@ -1008,3 +1008,20 @@ where
         interrupted: shared.interrupted.load(Ordering::SeqCst),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoders_are_one_per_cpu_at_most_eight_per_worker_unless_given() {
+        let mut output = OutputOptions::new(std::path::PathBuf::from("out"));
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        for workers in [0, 1, 2, 8] {
+            let n = decoder_count(&output, workers);
+            assert_eq!(n, cpus.clamp(1, 8 * workers.max(1)), "{workers} workers");
+        }
+        output.decoders = 3;
+        assert_eq!(decoder_count(&output, 8), 3);
+    }
+}
