@@ -389,10 +389,26 @@ fn the_pipeline_stages_the_next_batch_and_the_outputs_do_not_change() {
 
 /// The GPU engine (simulator), out of memory with more than `max` images in a step loop, and
 /// keeping what it staged across the error (so a halved batch meets a staging made for the
-/// whole one: keys must tell them apart).
+/// whole one: keys must tell them apart); it logs the pipeline's calls: when each batch's step
+/// loop starts, each step it reports, and each staging of a next batch.
 struct SmallGpu<'m> {
     inner: GpuVit<'m>,
     max: usize,
+    log: std::sync::Mutex<Vec<&'static str>>,
+}
+
+impl<'m> SmallGpu<'m> {
+    fn new(inner: GpuVit<'m>, max: usize) -> Self {
+        SmallGpu {
+            inner,
+            max,
+            log: Default::default(),
+        }
+    }
+
+    fn note(&self, event: &'static str) {
+        self.log.lock().unwrap().push(event);
+    }
 }
 
 impl Engine for SmallGpu<'_> {
@@ -424,17 +440,22 @@ impl Engine for SmallGpu<'_> {
         plan: &prm::attack::engine::StepPlan,
         on_step: &mut dyn FnMut(usize),
     ) -> Option<Result<prm::attack::engine::StepLoopOutput<Self::Clean>, EngineError>> {
+        self.note("run");
         if plan.clean.len() > self.max {
             return Some(Err(
                 prm::gpu::GpuError::OutOfMemory { bytes: 1 << 20 }.into()
             ));
         }
-        self.inner.run_steps(plan, on_step)
+        self.inner.run_steps(plan, &mut |step| {
+            self.note("step");
+            on_step(step)
+        })
     }
     fn stages_uploads(&self) -> bool {
         self.inner.stages_uploads()
     }
     fn stage(&self, key: &prm::attack::engine::StageKey, clean: &[Planar]) {
+        self.note("stage");
         self.inner.stage(key, clean)
     }
     fn staging_counters(&self) -> prm::attack::engine::StagingCounters {
@@ -461,10 +482,7 @@ fn out_of_memory_halving_with_a_staged_next_batch_gives_the_same_outputs() {
     let run = |out: &str, max: usize, staging: bool| {
         let mut output = OutputOptions::new(tmp.path().join(out));
         output.batch_size = 3;
-        let engine = SmallGpu {
-            inner: GpuVit::new(&dev, &model).unwrap(),
-            max,
-        };
+        let engine = SmallGpu::new(GpuVit::new(&dev, &model).unwrap(), max);
         engine.inner.set_staging(staging);
         let summary = Campaign {
             objective: &objective,
@@ -492,66 +510,6 @@ fn out_of_memory_halving_with_a_staged_next_batch_gives_the_same_outputs() {
     assert!(plain.0 == halved.0, "output images differ");
 }
 
-/// The GPU engine (simulator), logging the pipeline's calls: when each batch's step loop
-/// starts, each step it reports, and each staging of a next batch.
-struct Logged<'m> {
-    inner: GpuVit<'m>,
-    log: std::sync::Mutex<Vec<&'static str>>,
-}
-
-impl Logged<'_> {
-    fn note(&self, event: &'static str) {
-        self.log.lock().unwrap().push(event);
-    }
-}
-
-impl Engine for Logged<'_> {
-    type Clean = <GpuVit<'static> as Engine>::Clean;
-    fn model(&self) -> &prm::model::Model {
-        self.inner.model()
-    }
-    fn clean_features(&self, images: &[Planar]) -> Result<Self::Clean, EngineError> {
-        self.inner.clean_features(images)
-    }
-    fn loss_and_gradient(
-        &self,
-        adv: &[Planar],
-        clean: &Self::Clean,
-        objective: &Objective,
-    ) -> Result<Vec<LossAndGradient>, EngineError> {
-        self.inner.loss_and_gradient(adv, clean, objective)
-    }
-    fn evaluate(
-        &self,
-        adv: &[Planar],
-        clean: &Self::Clean,
-        objective: &Objective,
-    ) -> Result<Vec<Evaluation>, EngineError> {
-        self.inner.evaluate(adv, clean, objective)
-    }
-    fn run_steps(
-        &self,
-        plan: &prm::attack::engine::StepPlan,
-        on_step: &mut dyn FnMut(usize),
-    ) -> Option<Result<prm::attack::engine::StepLoopOutput<Self::Clean>, EngineError>> {
-        self.note("run");
-        self.inner.run_steps(plan, &mut |step| {
-            self.note("step");
-            on_step(step)
-        })
-    }
-    fn stages_uploads(&self) -> bool {
-        self.inner.stages_uploads()
-    }
-    fn stage(&self, key: &prm::attack::engine::StageKey, clean: &[Planar]) {
-        self.note("stage");
-        self.inner.stage(key, clean)
-    }
-    fn staging_counters(&self) -> prm::attack::engine::StagingCounters {
-        self.inner.staging_counters()
-    }
-}
-
 /// A worker stages the next batch while the current one runs, once its second step is queued
 /// (the first may end with a read-back of the initial loss), not before it starts: the host's
 /// packing then overlaps the device's work on the current batch.
@@ -576,10 +534,7 @@ fn the_next_batch_is_staged_after_the_second_step_of_the_current_one() {
     let dev = Device::sim();
     let mut output = OutputOptions::new(tmp.path().join("out"));
     output.batch_size = 1;
-    let engine = Logged {
-        inner: GpuVit::new(&dev, &model).unwrap(),
-        log: Default::default(),
-    };
+    let engine = SmallGpu::new(GpuVit::new(&dev, &model).unwrap(), usize::MAX);
     Campaign {
         objective: &objective,
         settings: &settings,
