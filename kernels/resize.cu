@@ -28,49 +28,33 @@
 // Grids: forward (ceil(max C·oh·ow / block), images); backward x pass (ceil(max C·oh·iw / block),
 // images), y pass (ceil(max C·ih·iw / block), images). Thread = one output element.
 #include "common.cuh"
+#include "rounded.cuh"
 
 #define RESIZE_TABLE_STRIDE 9
-
-#ifdef __CUDACC__
-#define RS_MUL(a, b) __fmul_rn((a), (b))
-#define RS_ADD(a, b) __fadd_rn((a), (b))
-#define RS_SUB(a, b) __fsub_rn((a), (b))
-#define RS_DIV(a, b) __fdiv_rn((a), (b))
-#else
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-static inline float rs_mul_(float a, float b) { volatile float r = a * b; return r; }
-static inline float rs_add_(float a, float b) { volatile float r = a + b; return r; }
-#define RS_MUL(a, b) rs_mul_((a), (b))
-#define RS_ADD(a, b) rs_add_((a), (b))
-#define RS_SUB(a, b) rs_add_((a), -(b))
-#define RS_DIV(a, b) ((a) / (b))
-#endif
 
 // ATen cubic_convolution1 / cubic_convolution2 with A = -0.75 (constants folded exactly).
 __device__ __forceinline__ float rs_cc1(float x) {
     // ((A + 2) * x - (A + 3)) * x * x + 1
-    return RS_ADD(RS_MUL(RS_MUL(RS_SUB(RS_MUL(1.25f, x), 2.25f), x), x), 1.0f);
+    return PRM_FADD_RN(PRM_FMUL_RN(PRM_FMUL_RN(PRM_FSUB_RN(PRM_FMUL_RN(1.25f, x), 2.25f), x), x), 1.0f);
 }
 __device__ __forceinline__ float rs_cc2(float x) {
     // ((A * x - 5A) * x + 8A) * x - 4A
-    return RS_SUB(RS_MUL(RS_ADD(RS_MUL(RS_SUB(RS_MUL(-0.75f, x), -3.75f), x), -6.0f), x), -3.0f);
+    return PRM_FSUB_RN(PRM_FMUL_RN(PRM_FADD_RN(PRM_FMUL_RN(PRM_FSUB_RN(PRM_FMUL_RN(-0.75f, x), -3.75f), x), -6.0f), x), -3.0f);
 }
 
 // Taps (clamped indices) and weights of output index `dst` along an axis in -> out.
 __device__ __forceinline__ void rs_taps(int in, int out, int dst, int idx[4], float w[4]) {
-    const float scale = RS_DIV((float)in, (float)out);
-    const float src = RS_SUB(RS_MUL(scale, RS_ADD((float)dst, 0.5f)), 0.5f);
+    const float scale = PRM_FDIV_RN((float)in, (float)out);
+    const float src = PRM_FSUB_RN(PRM_FMUL_RN(scale, PRM_FADD_RN((float)dst, 0.5f)), 0.5f);
     long long i0 = (long long)floorf(src);
     if (i0 > in - 1) i0 = in - 1;
-    float t = RS_SUB(src, (float)i0);
+    float t = PRM_FSUB_RN(src, (float)i0);
     t = t < 0.0f ? 0.0f : (t > 1.0f ? 1.0f : t);
-    const float x2 = RS_SUB(1.0f, t);
-    w[0] = rs_cc2(RS_ADD(t, 1.0f));
+    const float x2 = PRM_FSUB_RN(1.0f, t);
+    w[0] = rs_cc2(PRM_FADD_RN(t, 1.0f));
     w[1] = rs_cc1(t);
     w[2] = rs_cc1(x2);
-    w[3] = rs_cc2(RS_ADD(x2, 1.0f));
+    w[3] = rs_cc2(PRM_FADD_RN(x2, 1.0f));
     for (int j = 0; j < 4; ++j) {
         long long v = i0 - 1 + j;
         v = v < 0 ? 0 : (v > in - 1 ? in - 1 : v);
@@ -101,11 +85,11 @@ extern "C" __global__ void prm_resize_bicubic_forward_f32(const float* in, float
     float acc = 0.0f;
     for (int i = 0; i < 4; ++i) {
         const float* row = src + (long long)yi[i] * iw;
-        float r = RS_MUL(row[xi[0]], wx[0]);
-        r = RS_ADD(r, RS_MUL(row[xi[1]], wx[1]));
-        r = RS_ADD(r, RS_MUL(row[xi[2]], wx[2]));
-        r = RS_ADD(r, RS_MUL(row[xi[3]], wx[3]));
-        acc = i == 0 ? RS_MUL(r, wy[0]) : RS_ADD(acc, RS_MUL(r, wy[i]));
+        float r = PRM_FMUL_RN(row[xi[0]], wx[0]);
+        r = PRM_FADD_RN(r, PRM_FMUL_RN(row[xi[1]], wx[1]));
+        r = PRM_FADD_RN(r, PRM_FMUL_RN(row[xi[2]], wx[2]));
+        r = PRM_FADD_RN(r, PRM_FMUL_RN(row[xi[3]], wx[3]));
+        acc = i == 0 ? PRM_FMUL_RN(r, wy[0]) : PRM_FADD_RN(acc, PRM_FMUL_RN(r, wy[i]));
     }
     dst[k] = acc;
 }
@@ -125,7 +109,7 @@ extern "C" __global__ void prm_resize_bicubic_backward_x_f32(const float* grad_o
     const float* g = grad_out + e[3] + r * ow;
     const int* ptr = csr_ptr + e[7];
     float acc = 0.0f;
-    for (int q = ptr[ix]; q < ptr[ix + 1]; ++q) acc = RS_ADD(acc, RS_MUL(g[csr_idx[q]], csr_w[q]));
+    for (int q = ptr[ix]; q < ptr[ix + 1]; ++q) acc = PRM_FADD_RN(acc, PRM_FMUL_RN(g[csr_idx[q]], csr_w[q]));
     tmp[e[6] + k] = acc;
 }
 PRM_REGISTER_KERNEL(prm_resize_bicubic_backward_x_f32);
@@ -148,8 +132,8 @@ extern "C" __global__ void prm_resize_bicubic_backward_y_f32(const float* tmp, f
     const int* ptr = csr_ptr + e[8];
     float acc = 0.0f;
     for (int q = ptr[iy]; q < ptr[iy + 1]; ++q)
-        acc = RS_ADD(acc, RS_MUL(t[(long long)csr_idx[q] * iw], csr_w[q]));
+        acc = PRM_FADD_RN(acc, PRM_FMUL_RN(t[(long long)csr_idx[q] * iw], csr_w[q]));
     float* gi = grad_in + e[0] + k;
-    *gi = accumulate ? RS_ADD(*gi, acc) : acc;
+    *gi = accumulate ? PRM_FADD_RN(*gi, acc) : acc;
 }
 PRM_REGISTER_KERNEL(prm_resize_bicubic_backward_y_f32);

@@ -24,23 +24,7 @@
 // Rust's clamp / max / `as u8` semantics for NaN are spelled out. The float value is an IEEE
 // division, like the twin's `q as f32 / 255.0`.
 #include "common.cuh"
-
-#ifdef __CUDACC__
-#define SAVE_DMUL(a, b) __dmul_rn((a), (b))
-#define SAVE_DADD(a, b) __dadd_rn((a), (b))
-#define SAVE_DSUB(a, b) __dsub_rn((a), (b))
-#define SAVE_FDIV(a, b) __fdiv_rn((a), (b))
-#else
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-static inline double save_dmul_(double a, double b) { volatile double r = a * b; return r; }
-static inline double save_dadd_(double a, double b) { volatile double r = a + b; return r; }
-#define SAVE_DMUL(a, b) save_dmul_((a), (b))
-#define SAVE_DADD(a, b) save_dadd_((a), (b))
-#define SAVE_DSUB(a, b) save_dadd_((a), -(b))
-#define SAVE_FDIV(a, b) ((a) / (b))
-#endif
+#include "rounded.cuh"
 
 // output.rs::BOUND_SLACK_255.
 #define SAVE_BOUND_SLACK_255 5e-5
@@ -56,9 +40,9 @@ __device__ __forceinline__ double save_clamp(double v, double lo, double hi) {
 
 // output.rs::clean_255: c·255, snapped to the nearest integer within 1e-4 of it.
 __device__ __forceinline__ double save_clean_255(float c) {
-    const double c255 = SAVE_DMUL((double)c, 255.0);
+    const double c255 = PRM_DMUL_RN((double)c, 255.0);
     const double r = round(c255);
-    return fabs(SAVE_DSUB(c255, r)) < 1e-4 ? r : c255;
+    return fabs(PRM_DSUB_RN(c255, r)) < 1e-4 ? r : c255;
 }
 
 // output.rs::quantize_level, up to the final cast: the level as a double (NaN only where the
@@ -66,9 +50,9 @@ __device__ __forceinline__ double save_clean_255(float c) {
 __device__ __forceinline__ double save_level(float a, double c255, double eps255) {
     const double nearest_clean = save_clamp(round(c255), 0.0, 255.0);
     // f64::max / f64::min ignore a NaN operand, as fmax / fmin do.
-    const double lo = fmax(ceil(SAVE_DSUB(SAVE_DSUB(c255, eps255), SAVE_BOUND_SLACK_255)), 0.0);
-    const double hi = fmin(floor(SAVE_DADD(SAVE_DADD(c255, eps255), SAVE_BOUND_SLACK_255)), 255.0);
-    const double a255 = isfinite(a) ? SAVE_DMUL((double)a, 255.0) : c255;
+    const double lo = fmax(ceil(PRM_DSUB_RN(PRM_DSUB_RN(c255, eps255), SAVE_BOUND_SLACK_255)), 0.0);
+    const double hi = fmin(floor(PRM_DADD_RN(PRM_DADD_RN(c255, eps255), SAVE_BOUND_SLACK_255)), 255.0);
+    const double a255 = isfinite(a) ? PRM_DMUL_RN((double)a, 255.0) : c255;
     double q = save_clamp(round(a255), 0.0, 255.0);
     if (lo <= hi) {
         q = save_clamp(q, lo, hi);
@@ -87,7 +71,7 @@ extern "C" __global__ void prm_save_quantize_f32(unsigned char* levels, float* v
     const int t = threadIdx.x;
     const int begin = offsets[b];
     const long long len = offsets[b + 1] - begin;
-    const double eps255 = SAVE_DMUL((double)eps[b], 255.0);
+    const double eps255 = PRM_DMUL_RN((double)eps[b], 255.0);
     const long long first = (long long)blockIdx.x * SAVE_BLOCK * SAVE_PER_THREAD + t;
     double distance = 0.0;
 #pragma unroll
@@ -101,9 +85,9 @@ extern "C" __global__ void prm_save_quantize_f32(unsigned char* levels, float* v
             // [0, 255].
             const unsigned char level = q == q ? (unsigned char)q : (unsigned char)0;
             levels[k] = level;
-            values[k] = SAVE_FDIV((float)level, 255.0f);
+            values[k] = PRM_FDIV_RN((float)level, 255.0f);
             // fold(0.0, f64::max): a NaN distance (non-finite clean value) is ignored.
-            distance = fmax(distance, fabs(SAVE_DSUB((double)level, c255)));
+            distance = fmax(distance, fabs(PRM_DSUB_RN((double)level, c255)));
         }
     }
     // Every thread reaches the barriers (no early return).

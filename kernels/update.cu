@@ -23,25 +23,7 @@
 // device table indexed by a device step counter (prm_update_adamw_scheduled_f32 with
 // prm_update_adamw_advance), so a captured graph replays every step with the right t.
 #include "common.cuh"
-
-#ifdef __CUDACC__
-#define UPD_MUL(a, b) __fmul_rn((a), (b))
-#define UPD_ADD(a, b) __fadd_rn((a), (b))
-#define UPD_SUB(a, b) __fsub_rn((a), (b))
-#define UPD_DIV(a, b) __fdiv_rn((a), (b))
-#define UPD_SQRT(a) __fsqrt_rn(a)
-#else
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-static inline float upd_mul_(float a, float b) { volatile float r = a * b; return r; }
-static inline float upd_add_(float a, float b) { volatile float r = a + b; return r; }
-#define UPD_MUL(a, b) upd_mul_((a), (b))
-#define UPD_ADD(a, b) upd_add_((a), (b))
-#define UPD_SUB(a, b) upd_add_((a), -(b))
-#define UPD_DIV(a, b) ((a) / (b))
-#define UPD_SQRT(a) std::sqrt(a)
-#endif
+#include "rounded.cuh"
 
 #define UPD_PHILOX_M0 0xD2511F53u
 #define UPD_PHILOX_M1 0xCD9E8D57u
@@ -89,7 +71,7 @@ __device__ __forceinline__ float upd_sign(float v) {
 
 // optim.rs::project for one element.
 __device__ __forceinline__ float upd_project(float x, float c, float eps) {
-    return upd_clamp(upd_clamp(x, UPD_SUB(c, eps), UPD_ADD(c, eps)), 0.0f, 1.0f);
+    return upd_clamp(upd_clamp(x, PRM_FSUB_RN(c, eps), PRM_FADD_RN(c, eps)), 0.0f, 1.0f);
 }
 
 // Element index of this thread inside image blockIdx.y, or -1 when out of range.
@@ -107,7 +89,7 @@ extern "C" __global__ void prm_update_pgd_f32(float* x, const float* clean, cons
     const long long i = upd_local(offsets, &base);
     if (i < 0) return;
     const long long k = base + i;
-    const float v = UPD_SUB(x[k], UPD_MUL(step, upd_sign(grad[k])));
+    const float v = PRM_FSUB_RN(x[k], PRM_FMUL_RN(step, upd_sign(grad[k])));
     x[k] = upd_project(v, clean[k], eps[blockIdx.y]);
 }
 PRM_REGISTER_KERNEL(prm_update_pgd_f32);
@@ -143,9 +125,9 @@ extern "C" __global__ void prm_update_mifgsm_f32(float* x, float* m, const float
     const long long i = upd_local(offsets, &base);
     if (i < 0) return;
     const long long k = base + i;
-    const float mm = UPD_ADD(UPD_MUL(momentum, m[k]), UPD_MUL(grad[k], inv_l1[blockIdx.y]));
+    const float mm = PRM_FADD_RN(PRM_FMUL_RN(momentum, m[k]), PRM_FMUL_RN(grad[k], inv_l1[blockIdx.y]));
     m[k] = mm;
-    const float v = UPD_SUB(x[k], UPD_MUL(step, upd_sign(mm)));
+    const float v = PRM_FSUB_RN(x[k], PRM_FMUL_RN(step, upd_sign(mm)));
     x[k] = upd_project(v, clean[k], eps[blockIdx.y]);
 }
 PRM_REGISTER_KERNEL(prm_update_mifgsm_f32);
@@ -159,19 +141,19 @@ __device__ __forceinline__ void upd_adamw_element(float* delta, float* m, float*
                                                   float step, float bias2_sqrt) {
     const float one_minus_b1 = 1.0f - 0.9f;    // f32 constant arithmetic, as in Rust
     const float one_minus_b2 = 1.0f - 0.999f;
-    const float eps255 = UPD_MUL(eps_b, 255.0f);
+    const float eps255 = PRM_FMUL_RN(eps_b, 255.0f);
     float d = delta[k];
-    const float y = UPD_ADD(UPD_MUL(clean[k], 255.0f), upd_clamp(d, -eps255, eps255));
+    const float y = PRM_FADD_RN(PRM_FMUL_RN(clean[k], 255.0f), upd_clamp(d, -eps255, eps255));
     const bool passes = (d >= -eps255 && d <= eps255) && (y >= 0.0f && y <= 255.0f);
-    const float g = passes ? UPD_DIV(grad[k], 255.0f) : 0.0f;
-    d = UPD_MUL(d, decay);
+    const float g = passes ? PRM_FDIV_RN(grad[k], 255.0f) : 0.0f;
+    d = PRM_FMUL_RN(d, decay);
     const float mo = m[k];
-    const float mn = UPD_ADD(mo, UPD_MUL(UPD_SUB(g, mo), one_minus_b1));
-    const float vn = UPD_ADD(UPD_MUL(v[k], 0.999f), UPD_MUL(UPD_MUL(one_minus_b2, g), g));
+    const float mn = PRM_FADD_RN(mo, PRM_FMUL_RN(PRM_FSUB_RN(g, mo), one_minus_b1));
+    const float vn = PRM_FADD_RN(PRM_FMUL_RN(v[k], 0.999f), PRM_FMUL_RN(PRM_FMUL_RN(one_minus_b2, g), g));
     m[k] = mn;
     v[k] = vn;
-    const float denom = UPD_ADD(UPD_DIV(UPD_SQRT(vn), bias2_sqrt), 1e-8f);
-    delta[k] = UPD_SUB(d, UPD_DIV(UPD_MUL(step, mn), denom));
+    const float denom = PRM_FADD_RN(PRM_FDIV_RN(PRM_FSQRT_RN(vn), bias2_sqrt), 1e-8f);
+    delta[k] = PRM_FSUB_RN(d, PRM_FDIV_RN(PRM_FMUL_RN(step, mn), denom));
 }
 
 // AdamW with the per-step scalars passed by the host (see upd_adamw_element).
@@ -220,7 +202,7 @@ extern "C" __global__ void prm_update_adamw_init_f32(float* delta, const float* 
     const long long i = upd_local(offsets, &base);
     if (i < 0) return;
     const long long k = base + i;
-    delta[k] = UPD_MUL(UPD_SUB(start[k], clean[k]), 255.0f);
+    delta[k] = PRM_FMUL_RN(PRM_FSUB_RN(start[k], clean[k]), 255.0f);
 }
 PRM_REGISTER_KERNEL(prm_update_adamw_init_f32);
 
@@ -232,9 +214,9 @@ extern "C" __global__ void prm_update_adamw_image_f32(float* x, const float* del
     const long long i = upd_local(offsets, &base);
     if (i < 0) return;
     const long long k = base + i;
-    const float eps255 = UPD_MUL(eps[blockIdx.y], 255.0f);
-    const float y = UPD_ADD(UPD_MUL(clean[k], 255.0f), upd_clamp(delta[k], -eps255, eps255));
-    x[k] = UPD_DIV(upd_clamp(y, 0.0f, 255.0f), 255.0f);
+    const float eps255 = PRM_FMUL_RN(eps[blockIdx.y], 255.0f);
+    const float y = PRM_FADD_RN(PRM_FMUL_RN(clean[k], 255.0f), upd_clamp(delta[k], -eps255, eps255));
+    x[k] = PRM_FDIV_RN(upd_clamp(y, 0.0f, 255.0f), 255.0f);
 }
 PRM_REGISTER_KERNEL(prm_update_adamw_image_f32);
 
@@ -254,9 +236,9 @@ extern "C" __global__ void prm_update_escape_f32(float* state, const float* clea
     const float u = prm_philox_uniform(keys[2 * b], keys[2 * b + 1], stream, (unsigned long long)i);
     const float s = u < 0.5f ? -1.0f : 1.0f;
     if (adamw) {
-        state[k] = UPD_SUB(UPD_MUL(state[k], decay), UPD_MUL(scalar, s));
+        state[k] = PRM_FSUB_RN(PRM_FMUL_RN(state[k], decay), PRM_FMUL_RN(scalar, s));
     } else {
-        const float v = UPD_SUB(state[k], UPD_MUL(scalar, s));
+        const float v = PRM_FSUB_RN(state[k], PRM_FMUL_RN(scalar, s));
         state[k] = upd_project(v, clean[k], eps[b]);
     }
 }
@@ -274,7 +256,7 @@ extern "C" __global__ void prm_update_random_start_f32(float* x, const float* cl
     const float u = prm_philox_uniform(keys[2 * b], keys[2 * b + 1], stream, (unsigned long long)i);
     const float e = eps[b];
     const float c = clean[k];
-    const float v = UPD_ADD(c, UPD_MUL(e, UPD_SUB(UPD_MUL(2.0f, u), 1.0f)));
+    const float v = PRM_FADD_RN(c, PRM_FMUL_RN(e, PRM_FSUB_RN(PRM_FMUL_RN(2.0f, u), 1.0f)));
     x[k] = upd_project(v, c, e);
 }
 PRM_REGISTER_KERNEL(prm_update_random_start_f32);
