@@ -76,7 +76,8 @@ pub struct SaveRequest {
     pub keep_float: bool,
 }
 
-/// A final image as saved by a device-resident loop ([`SaveRequest`]).
+/// A final image as saved, with its evaluation: what a device-resident loop returns for a
+/// [`SaveRequest`] (and what the attack's host path makes from its own quantisation).
 #[derive(Clone, Debug)]
 pub struct SavedByEngine {
     /// The 8-bit levels, planar like the image.

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::engine::{
     DerivedStart, Engine, EngineError, LossAndGradient, SavePhases, SaveRequest, SavedByEngine,
-    StageKey, StepPlan,
+    StageKey, StepLoopResult, StepPlan,
 };
 use super::loss::Objective;
 use super::optim::{project, project_pixel, Optimizer};
@@ -60,18 +60,12 @@ pub struct SavedOutcome {
     pub losses: Vec<f64>,
 }
 
-/// What the step loop left for [`Attack::finish`] to complete.
+/// What the step loop (the engine's or the host's) left for [`Attack::finish`] to complete.
 struct Ran {
-    images: Vec<RanImage>,
+    images: Vec<StepLoopResult>,
     /// Recorded loss curves (empty unless [`Attack::record_losses`]).
     curves: Vec<Vec<f64>>,
     save_phases: Option<SavePhases>,
-}
-
-struct RanImage {
-    adversarial: Option<Vec<f32>>,
-    loss_initial: Option<f64>,
-    saved: Option<SavedByEngine>,
 }
 
 /// One image's steps, completed.
@@ -80,6 +74,21 @@ struct Finished {
     saved: Option<SavedByEngine>,
     loss_initial: f64,
     losses: Vec<f64>,
+}
+
+impl Finished {
+    /// The outcome of an attack of `steps` steps whose final image was saved as `saved`.
+    fn into_saved(self, saved: SavedByEngine, steps: usize) -> SavedOutcome {
+        SavedOutcome {
+            levels: saved.levels,
+            linf_255: saved.linf_255,
+            evaluation: saved.evaluation,
+            adversarial: self.adversarial,
+            loss_initial: self.loss_initial,
+            steps,
+            losses: self.losses,
+        }
+    }
 }
 
 /// A loss value with per-layer cosines, at the evaluation geometry.
@@ -534,17 +543,9 @@ impl<'a, E: Engine> Attack<'a, E> {
                     .max(0.0);
             let outcomes = finished
                 .into_iter()
-                .map(|f| {
-                    let saved = f.saved.expect("the engine saved every image");
-                    SavedOutcome {
-                        levels: saved.levels,
-                        linf_255: saved.linf_255,
-                        evaluation: saved.evaluation,
-                        adversarial: f.adversarial,
-                        loss_initial: f.loss_initial,
-                        steps,
-                        losses: f.losses,
-                    }
+                .map(|mut f| {
+                    let saved = f.saved.take().expect("the engine saved every image");
+                    f.into_saved(saved, steps)
                 })
                 .collect();
             return Ok((outcomes, phases));
@@ -581,14 +582,16 @@ impl<'a, E: Engine> Attack<'a, E> {
             .into_iter()
             .zip(saved)
             .zip(evaluations)
-            .map(|((f, saved), evaluation)| SavedOutcome {
-                levels: saved.levels,
-                linf_255: saved.linf_255,
-                evaluation,
-                adversarial: if keep_float { f.adversarial } else { None },
-                loss_initial: f.loss_initial,
-                steps,
-                losses: f.losses,
+            .map(|((mut f, saved), evaluation)| {
+                if !keep_float {
+                    f.adversarial = None;
+                }
+                let saved = SavedByEngine {
+                    levels: saved.levels,
+                    linf_255: saved.linf_255,
+                    evaluation,
+                };
+                f.into_saved(saved, steps)
             })
             .collect();
         Ok((outcomes, phases))
@@ -658,15 +661,7 @@ impl<'a, E: Engine> Attack<'a, E> {
                     let _ = self.clean_eval.set(clean);
                 }
                 return Ok(Ran {
-                    images: output
-                        .images
-                        .into_iter()
-                        .map(|r| RanImage {
-                            adversarial: r.adversarial,
-                            loss_initial: r.loss_initial,
-                            saved: r.saved,
-                        })
-                        .collect(),
+                    images: output.images,
                     curves: recorded.into_inner(),
                     save_phases: output.save_phases,
                 });
@@ -717,7 +712,7 @@ impl<'a, E: Engine> Attack<'a, E> {
             images: opts
                 .iter()
                 .zip(loss_initial)
-                .map(|(o, loss_initial)| RanImage {
+                .map(|(o, loss_initial)| StepLoopResult {
                     adversarial: Some(o.image()),
                     loss_initial,
                     saved: None,
