@@ -24,8 +24,12 @@
 // a flat grid-stride loop over groups of 8, whenever every pointer is 16-byte aligned and, for
 // the forward, a row holds whole groups (cols % 8 == 0; the bias column of a group is then
 // contiguous). Otherwise, and for the backward's last n % 8 elements, one element at a time:
-// the forward with blocks striding over rows and threads over columns, the backward flat. The
-// arithmetic per element is the same function either way, so both paths give the same bits.
+// the forward with blocks striding over rows and threads over columns, the backward flat. Both
+// paths give the same bits: the same arithmetic per element, except that the 8-wide QuickGELU
+// takes its sigmoid's reciprocals on the IEEE division's fast path without its guard, where
+// that path is exact (prm_quick_gelu_sigmoid8; tests/kernel_rowwise.rs
+// `activation_vector_and_scalar_paths_agree_bit_for_bit` holds the two paths to each other on
+// the values where they could part, on CUDA against the hardware's division).
 // (Scalar 2-byte accesses left the bf16 kernels at ~1.4-2.1 TB/s of an H200's 4.8, with the
 // SM issue-bound on address arithmetic: ncu, 2026-12-04.)
 //
@@ -33,12 +37,19 @@
 // bias_activation_inplace_f32, activation_backward_f32, activation_backward_inplace_f32, and the
 // `_bf16out` variants: fp32 in, bf16 out, for the operands of bf16 products).
 #include "common.cuh"
-#include "mma.cuh"  // prm_pack_bf16x2
+#include "mma.cuh"      // prm_pack_bf16x2
+#include "rounded.cuh"  // prm_frcp_rn_below_2p126
 
 #define PRM_ACT_QUICK_GELU 0
 #define PRM_ACT_GELU 1
 
-__device__ __forceinline__ float prm_sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+// σ(x) = 1 / (1 + e^−x); the denominator is shared with the 8-wide form below, so both give
+// the same bits.
+__device__ __forceinline__ float prm_sigmoid_denominator(float x) { return 1.0f + expf(-x); }
+__device__ __forceinline__ float prm_sigmoid(float x) { return 1.0f / prm_sigmoid_denominator(x); }
+
+// QuickGELU's derivative from s = σ(1.702z), in one place for the scalar and 8-wide forms.
+__device__ __forceinline__ float prm_quick_gelu_grad(float z, float s) { return s + 1.702f * z * s * (1.0f - s); }
 
 // Φ(z), the standard normal CDF.
 __device__ __forceinline__ float prm_normal_cdf(float z) { return 0.5f * erfcf(-z * 0.70710678118654752f); }
@@ -50,11 +61,52 @@ __device__ __forceinline__ float prm_act(int act, float z) {
 
 __device__ __forceinline__ float prm_act_grad(int act, float z) {
     if (act == PRM_ACT_QUICK_GELU) {
-        const float s = prm_sigmoid(1.702f * z);
-        return s + 1.702f * z * s * (1.0f - s);
+        return prm_quick_gelu_grad(z, prm_sigmoid(1.702f * z));
     }
     const float pdf = expf(-0.5f * z * z) * 0.39894228040143268f;  // 1/sqrt(2π)
     return prm_normal_cdf(z) + z * pdf;
+}
+
+// σ(1.702z) for 8 values, the bits of prm_sigmoid(1.702f * z[k]). nvcc's IEEE division guards
+// each reciprocal with a branch to its slow path, and the 8 guarded divisions did not
+// interleave: about 22 dependent instructions an element, one element after another (sm_90
+// SASS, 2026-12-04), which left the QuickGELU kernels issue-bound below the memory roofline.
+// Here the 8 reciprocals take the division's fast path unguarded (`prm_frcp_rn_below_2p126`,
+// exact for denominators in [1, 2^126)), and one test per group sends the rare group holding
+// a denominator ≥ 2^126 (z ≤ −51.3), ∞ or NaN back through the division.
+__device__ __forceinline__ void prm_quick_gelu_sigmoid8(const float z[8], float s[8]) {
+    float d[8];
+    bool slow = false;
+    for (int k = 0; k < 8; ++k) {
+        d[k] = prm_sigmoid_denominator(1.702f * z[k]);
+        slow |= !(d[k] < 0x1p126f);
+        s[k] = prm_frcp_rn_below_2p126(d[k]);
+    }
+    if (slow) {
+        for (int k = 0; k < 8; ++k) s[k] = 1.0f / d[k];
+    }
+}
+
+// act(z[k]) for 8 values in place.
+__device__ __forceinline__ void prm_act8(int act, float z[8]) {
+    if (act == PRM_ACT_QUICK_GELU) {
+        float s[8];
+        prm_quick_gelu_sigmoid8(z, s);
+        for (int k = 0; k < 8; ++k) z[k] *= s[k];
+        return;
+    }
+    for (int k = 0; k < 8; ++k) z[k] = prm_act(act, z[k]);
+}
+
+// d[k] · act'(z[k]) for 8 values, into d.
+__device__ __forceinline__ void prm_act_grad8(int act, const float z[8], float d[8]) {
+    if (act == PRM_ACT_QUICK_GELU) {
+        float s[8];
+        prm_quick_gelu_sigmoid8(z, s);
+        for (int k = 0; k < 8; ++k) d[k] *= prm_quick_gelu_grad(z[k], s[k]);
+        return;
+    }
+    for (int k = 0; k < 8; ++k) d[k] *= prm_act_grad(act, z[k]);
 }
 
 __device__ __forceinline__ float prm_act_load(const float* p) { return *p; }
@@ -117,7 +169,7 @@ __device__ __forceinline__ void prm_activation_forward(const T* x, const float* 
                 prm_act_store8(pre + i, z);
                 for (int k = 0; k < 8; ++k) z[k] = prm_act_stored(pre, z[k]);
             }
-            for (int k = 0; k < 8; ++k) z[k] = prm_act(act, z[k]);
+            prm_act8(act, z);
             prm_act_store8(out + i, z);
         }
         return;
@@ -153,7 +205,7 @@ __device__ __forceinline__ void prm_activation_backward(const T* __restrict__ pr
             float z[8], d[8];
             prm_act_load8(pre + 8 * g, z);
             prm_act_load8(dy + 8 * g, d);
-            for (int k = 0; k < 8; ++k) d[k] *= prm_act_grad(act, z[k]);
+            prm_act_grad8(act, z, d);
             prm_act_store8(dx + 8 * g, d);
         }
         done = 8 * groups;

@@ -27,7 +27,7 @@
 // reductions, so that its latency overlaps theirs instead of following them.
 //
 // Launchers: src/gpu/kernels/layernorm.rs (layernorm_forward_f32, layernorm_backward_f32 and
-// their variants; the backward picks its `_d768` kernels for rows of up to 768 elements).
+// their variants; both pick their `_d768` kernels for rows of up to 768 elements).
 #include "common.cuh"
 
 #define PRM_LN_ROWS_PER_BLOCK 4
@@ -39,7 +39,44 @@ __device__ __forceinline__ float prm_ln_load(const __nv_bfloat16* p) { return __
 __device__ __forceinline__ void prm_ln_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void prm_ln_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 
-template <typename T, typename TOut>
+// The forward of a row cached in registers: lane `lane` holds elements lane + 32k, k < PER_LANE.
+// FULL: the row fills every slot (dim == 32·PER_LANE, ViT-B's 768 in the `_d768` kernels), so
+// no slot needs its bounds test: the same arithmetic without a third of the instructions.
+template <bool FULL, int PER_LANE, typename T, typename TOut>
+__device__ __forceinline__ void prm_layernorm_forward_cached(const T* __restrict__ xr, const float* __restrict__ gamma,
+                                                             const float* __restrict__ beta, TOut* __restrict__ yr,
+                                                             int lane, int dim, float eps, float& mean,
+                                                             float& rstd) {
+    const float inv_dim = 1.0f / (float)dim;
+    float v[PER_LANE];
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < PER_LANE; ++k) {
+        const int i = lane + k * PRM_WARP_SIZE;
+        v[k] = (FULL || i < dim) ? prm_ln_load(xr + i) : 0.0f;
+        s += v[k];
+    }
+    mean = prm_warp_sum(s) * inv_dim;
+    float q = 0.0f;
+#pragma unroll
+    for (int k = 0; k < PER_LANE; ++k) {
+        const int i = lane + k * PRM_WARP_SIZE;
+        const float d = v[k] - mean;
+        q += (FULL || i < dim) ? d * d : 0.0f;
+    }
+    rstd = 1.0f / sqrtf(prm_warp_sum(q) * inv_dim + eps);
+#pragma unroll
+    for (int k = 0; k < PER_LANE; ++k) {
+        const int i = lane + k * PRM_WARP_SIZE;
+        if (FULL || i < dim) prm_ln_store(yr + i, ((v[k] - mean) * rstd) * gamma[i] + beta[i]);
+    }
+}
+
+// PER_LANE: elements per lane held in registers (rows of up to 32·PER_LANE are cached; the
+// `_d768` kernels hold 24, ViT-B's width, and skip the 1024-wide kernels' 8 empty slots a lane;
+// the arithmetic and its order are the same, since the empty slots only add zeros to sums that
+// never hold −0).
+template <typename T, typename TOut, int PER_LANE>
 __device__ __forceinline__ void prm_layernorm_forward(const T* __restrict__ x, const float* __restrict__ gamma,
                                                       const float* __restrict__ beta, TOut* __restrict__ y,
                                                       float* __restrict__ mean_out, float* __restrict__ rstd_out,
@@ -52,29 +89,10 @@ __device__ __forceinline__ void prm_layernorm_forward(const T* __restrict__ x, c
     const float inv_dim = 1.0f / (float)dim;
 
     float mean, rstd;
-    if (dim <= PRM_LN_CACHED_DIM) {
-        float v[PRM_LN_PER_LANE];
-        float s = 0.0f;
-#pragma unroll
-        for (int k = 0; k < PRM_LN_PER_LANE; ++k) {
-            const int i = lane + k * PRM_WARP_SIZE;
-            v[k] = i < dim ? prm_ln_load(xr + i) : 0.0f;
-            s += v[k];
-        }
-        mean = prm_warp_sum(s) * inv_dim;
-        float q = 0.0f;
-#pragma unroll
-        for (int k = 0; k < PRM_LN_PER_LANE; ++k) {
-            const int i = lane + k * PRM_WARP_SIZE;
-            const float d = v[k] - mean;
-            q += i < dim ? d * d : 0.0f;
-        }
-        rstd = 1.0f / sqrtf(prm_warp_sum(q) * inv_dim + eps);
-#pragma unroll
-        for (int k = 0; k < PRM_LN_PER_LANE; ++k) {
-            const int i = lane + k * PRM_WARP_SIZE;
-            if (i < dim) prm_ln_store(yr + i, ((v[k] - mean) * rstd) * gamma[i] + beta[i]);
-        }
+    if (dim == PER_LANE * PRM_WARP_SIZE) {
+        prm_layernorm_forward_cached<true, PER_LANE>(xr, gamma, beta, yr, lane, dim, eps, mean, rstd);
+    } else if (dim < PER_LANE * PRM_WARP_SIZE) {
+        prm_layernorm_forward_cached<false, PER_LANE>(xr, gamma, beta, yr, lane, dim, eps, mean, rstd);
     } else {
         float s = 0.0f;
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) s += prm_ln_load(xr + i);
@@ -94,33 +112,106 @@ __device__ __forceinline__ void prm_layernorm_forward(const T* __restrict__ x, c
     }
 }
 
+// The forward kernels, each in two widths (the launcher takes `_d768` when the rows fit).
 extern "C" __global__ void prm_layernorm_forward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
-                                                      const float* __restrict__ beta, float* __restrict__ y,
-                                                      float* __restrict__ mean, float* __restrict__ rstd,
-                                                      int rows, int dim, float eps) {
-    prm_layernorm_forward(x, gamma, beta, y, mean, rstd, rows, dim, eps);
+        const float* __restrict__ beta, float* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
+        int rows, int dim, float eps) {
+    prm_layernorm_forward<float, float, PRM_LN_PER_LANE>(x, gamma, beta, y, mean, rstd, rows, dim, eps);
 }
 PRM_REGISTER_KERNEL(prm_layernorm_forward_f32);
 
-extern "C" __global__ void prm_layernorm_forward_bf16(const __nv_bfloat16* __restrict__ x,
-                                                       const float* __restrict__ gamma,
-                                                       const float* __restrict__ beta,
-                                                       __nv_bfloat16* __restrict__ y, float* __restrict__ mean,
-                                                       float* __restrict__ rstd, int rows, int dim, float eps) {
-    prm_layernorm_forward(x, gamma, beta, y, mean, rstd, rows, dim, eps);
+extern "C" __global__ void prm_layernorm_forward_f32_d768(const float* __restrict__ x, const float* __restrict__ gamma,
+        const float* __restrict__ beta, float* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
+        int rows, int dim, float eps) {
+    prm_layernorm_forward<float, float, 24>(x, gamma, beta, y, mean, rstd, rows, dim, eps);
+}
+PRM_REGISTER_KERNEL(prm_layernorm_forward_f32_d768);
+
+extern "C" __global__ void prm_layernorm_forward_bf16(const __nv_bfloat16* __restrict__ x, const float* __restrict__ gamma,
+        const float* __restrict__ beta, __nv_bfloat16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
+        int rows, int dim, float eps) {
+    prm_layernorm_forward<__nv_bfloat16, __nv_bfloat16, PRM_LN_PER_LANE>(x, gamma, beta, y, mean, rstd, rows, dim, eps);
 }
 PRM_REGISTER_KERNEL(prm_layernorm_forward_bf16);
 
+extern "C" __global__ void prm_layernorm_forward_bf16_d768(const __nv_bfloat16* __restrict__ x, const float* __restrict__ gamma,
+        const float* __restrict__ beta, __nv_bfloat16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
+        int rows, int dim, float eps) {
+    prm_layernorm_forward<__nv_bfloat16, __nv_bfloat16, 24>(x, gamma, beta, y, mean, rstd, rows, dim, eps);
+}
+PRM_REGISTER_KERNEL(prm_layernorm_forward_bf16_d768);
+
 // fp32 x, bf16 y: the normalised rows written straight as the operand of the next bf16 product
 // (the engine's --precision bf16), with fp32 statistics. Same arithmetic as the fp32 kernel.
-extern "C" __global__ void prm_layernorm_forward_f32_bf16out(const float* __restrict__ x,
-                                                              const float* __restrict__ gamma,
-                                                              const float* __restrict__ beta,
-                                                              __nv_bfloat16* __restrict__ y, float* __restrict__ mean,
-                                                              float* __restrict__ rstd, int rows, int dim, float eps) {
-    prm_layernorm_forward(x, gamma, beta, y, mean, rstd, rows, dim, eps);
+extern "C" __global__ void prm_layernorm_forward_f32_bf16out(const float* __restrict__ x, const float* __restrict__ gamma,
+        const float* __restrict__ beta, __nv_bfloat16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
+        int rows, int dim, float eps) {
+    prm_layernorm_forward<float, __nv_bfloat16, PRM_LN_PER_LANE>(x, gamma, beta, y, mean, rstd, rows, dim, eps);
 }
 PRM_REGISTER_KERNEL(prm_layernorm_forward_f32_bf16out);
+
+extern "C" __global__ void prm_layernorm_forward_f32_bf16out_d768(const float* __restrict__ x, const float* __restrict__ gamma,
+        const float* __restrict__ beta, __nv_bfloat16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
+        int rows, int dim, float eps) {
+    prm_layernorm_forward<float, __nv_bfloat16, 24>(x, gamma, beta, y, mean, rstd, rows, dim, eps);
+}
+PRM_REGISTER_KERNEL(prm_layernorm_forward_f32_bf16out_d768);
+
+// The backward of a row cached in registers (lane `lane` holds elements lane + 32k,
+// k < PER_LANE). FULL: the row fills every slot (no bounds tests); ACCUMULATE: add into dx;
+// COPY: also write bf16(dx) to copyr. Compile-time flags, so that each variant is straight-line
+// code (a runtime test per element kept predicates in registers: P2R / ISETP on every slot).
+template <bool FULL, bool ACCUMULATE, bool COPY, int PER_LANE, typename T>
+__device__ __forceinline__ void prm_layernorm_backward_cached(const T* __restrict__ xr, const T* __restrict__ dyr,
+                                                              const float* __restrict__ gamma, float mean,
+                                                              float rstd, T* __restrict__ dxr,
+                                                              __nv_bfloat16* __restrict__ copyr, int lane,
+                                                              int dim) {
+    const float inv_dim = 1.0f / (float)dim;
+    float g[PER_LANE], xh[PER_LANE], old[PER_LANE];
+    float sg = 0.0f, sgx = 0.0f;
+#pragma unroll
+    for (int k = 0; k < PER_LANE; ++k) {
+        const int i = lane + k * PRM_WARP_SIZE;
+        const bool in = FULL || i < dim;
+        g[k] = in ? prm_ln_load(dyr + i) * gamma[i] : 0.0f;
+        xh[k] = in ? (prm_ln_load(xr + i) - mean) * rstd : 0.0f;
+        old[k] = (ACCUMULATE && in) ? prm_ln_load(dxr + i) : 0.0f;
+        sg += g[k];
+        sgx += g[k] * xh[k];
+    }
+    const float mg = prm_warp_sum(sg) * inv_dim;
+    const float mgx = prm_warp_sum(sgx) * inv_dim;
+#pragma unroll
+    for (int k = 0; k < PER_LANE; ++k) {
+        const int i = lane + k * PRM_WARP_SIZE;
+        if (FULL || i < dim) {
+            const float v = rstd * (g[k] - mg - xh[k] * mgx);
+            const float out = ACCUMULATE ? old[k] + v : v;
+            prm_ln_store(dxr + i, out);
+            if (COPY) copyr[i] = __float2bfloat16(out);  // only with fp32 dx: out as stored
+        }
+    }
+}
+
+template <bool FULL, int PER_LANE, typename T>
+__device__ __forceinline__ void prm_layernorm_backward_cached(const T* __restrict__ xr, const T* __restrict__ dyr,
+                                                              const float* __restrict__ gamma, float mean,
+                                                              float rstd, T* __restrict__ dxr,
+                                                              __nv_bfloat16* __restrict__ copyr, int lane, int dim,
+                                                              int accumulate) {
+    if (accumulate) {
+        if (copyr) {
+            prm_layernorm_backward_cached<FULL, true, true, PER_LANE>(xr, dyr, gamma, mean, rstd, dxr, copyr, lane, dim);
+        } else {
+            prm_layernorm_backward_cached<FULL, true, false, PER_LANE>(xr, dyr, gamma, mean, rstd, dxr, copyr, lane, dim);
+        }
+    } else if (copyr) {
+        prm_layernorm_backward_cached<FULL, false, true, PER_LANE>(xr, dyr, gamma, mean, rstd, dxr, copyr, lane, dim);
+    } else {
+        prm_layernorm_backward_cached<FULL, false, false, PER_LANE>(xr, dyr, gamma, mean, rstd, dxr, copyr, lane, dim);
+    }
+}
 
 // dx may not alias x or dy (the engine keeps them apart; the launcher's borrows enforce it).
 // dx_copy: nullptr, or a bf16 buffer of dx's shape that receives bf16(dx) as written.
@@ -144,33 +235,13 @@ __device__ __forceinline__ void prm_layernorm_backward(const T* __restrict__ x, 
     __nv_bfloat16* copyr = dx_copy ? dx_copy + (size_t)row * dim : nullptr;
     const float mean = mean_in[row];
     const float rstd = rstd_in[row];
-    const float inv_dim = 1.0f / (float)dim;
 
-    if (dim <= PER_LANE * PRM_WARP_SIZE) {
-        float g[PER_LANE], xh[PER_LANE], old[PER_LANE];
-        float sg = 0.0f, sgx = 0.0f;
-#pragma unroll
-        for (int k = 0; k < PER_LANE; ++k) {
-            const int i = lane + k * PRM_WARP_SIZE;
-            g[k] = i < dim ? prm_ln_load(dyr + i) * gamma[i] : 0.0f;
-            xh[k] = i < dim ? (prm_ln_load(xr + i) - mean) * rstd : 0.0f;
-            old[k] = (accumulate && i < dim) ? prm_ln_load(dxr + i) : 0.0f;
-            sg += g[k];
-            sgx += g[k] * xh[k];
-        }
-        const float mg = prm_warp_sum(sg) * inv_dim;
-        const float mgx = prm_warp_sum(sgx) * inv_dim;
-#pragma unroll
-        for (int k = 0; k < PER_LANE; ++k) {
-            const int i = lane + k * PRM_WARP_SIZE;
-            if (i < dim) {
-                const float v = rstd * (g[k] - mg - xh[k] * mgx);
-                const float out = accumulate ? old[k] + v : v;
-                prm_ln_store(dxr + i, out);
-                if (copyr) copyr[i] = __float2bfloat16(out);  // only with fp32 dx: out as stored
-            }
-        }
+    if (dim == PER_LANE * PRM_WARP_SIZE) {
+        prm_layernorm_backward_cached<true, PER_LANE>(xr, dyr, gamma, mean, rstd, dxr, copyr, lane, dim, accumulate);
+    } else if (dim < PER_LANE * PRM_WARP_SIZE) {
+        prm_layernorm_backward_cached<false, PER_LANE>(xr, dyr, gamma, mean, rstd, dxr, copyr, lane, dim, accumulate);
     } else {
+        const float inv_dim = 1.0f / (float)dim;
         float sg = 0.0f, sgx = 0.0f;
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
             const float g = prm_ln_load(dyr + i) * gamma[i];

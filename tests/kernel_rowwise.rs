@@ -1348,3 +1348,288 @@ fn activation_bf16_engine_path_rounds_the_fp32_kernels() {
         }
     }
 }
+
+/// Storage types of the activation kernels, for the path-agreement test below.
+trait ActivationStorage: prm::gpu::Element + Copy {
+    fn store(v: &[f32]) -> Vec<Self>;
+    fn widen(v: Self) -> f32;
+    fn forward(
+        dev: &Device,
+        act: Activation,
+        x: &Buffer<Self>,
+        out: &mut Buffer<Self>,
+        rows: usize,
+        cols: usize,
+    );
+    fn backward(dev: &Device, act: Activation, pre: &Buffer<Self>, dy: &Buffer<Self>) -> Vec<Self>;
+}
+
+impl ActivationStorage for f32 {
+    fn store(v: &[f32]) -> Vec<f32> {
+        v.to_vec()
+    }
+    fn widen(v: f32) -> f32 {
+        v
+    }
+    fn forward(
+        dev: &Device,
+        act: Activation,
+        x: &Buffer<f32>,
+        out: &mut Buffer<f32>,
+        r: usize,
+        c: usize,
+    ) {
+        activation::bias_activation_forward_f32(dev, act, x, None, None, out, r, c).unwrap();
+    }
+    fn backward(dev: &Device, act: Activation, pre: &Buffer<f32>, dy: &Buffer<f32>) -> Vec<f32> {
+        let mut dx = poisoned(dev, pre.len());
+        activation::activation_backward_f32(dev, act, pre, dy, &mut dx, 1, pre.len()).unwrap();
+        dev.download(&dx).unwrap()
+    }
+}
+
+impl ActivationStorage for bf16 {
+    fn store(v: &[f32]) -> Vec<bf16> {
+        to_bf16(v)
+    }
+    fn widen(v: bf16) -> f32 {
+        v.to_f32()
+    }
+    fn forward(
+        dev: &Device,
+        act: Activation,
+        x: &Buffer<bf16>,
+        out: &mut Buffer<bf16>,
+        r: usize,
+        c: usize,
+    ) {
+        activation::bias_activation_forward_bf16(dev, act, x, None, None, out, r, c).unwrap();
+    }
+    fn backward(dev: &Device, act: Activation, pre: &Buffer<bf16>, dy: &Buffer<bf16>) -> Vec<bf16> {
+        let mut dx = poisoned_bf16(dev, pre.len());
+        activation::activation_backward_bf16(dev, act, pre, dy, &mut dx, 1, pre.len()).unwrap();
+        dev.download(&dx).unwrap()
+    }
+}
+
+/// Pre-activations where QuickGELU's arithmetic has edges: every f32 around z ≈ −51.31, where
+/// its sigmoid's denominator 1 + e^(−1.702z) crosses 2^126 (the 8-wide path's reciprocal is
+/// exact only below it), a sweep of [−60, 60], the tails, zeros, subnormals, ±∞ and NaN, and
+/// ordinary values. A multiple of 56 long (whole groups of 8, whole launches of 7).
+fn activation_edge_values() -> Vec<f32> {
+    let mut z = Vec::new();
+    let threshold = -(126.0 * std::f64::consts::LN_2 / 1.702) as f32;
+    let mut v = threshold;
+    for _ in 0..1200 {
+        v = f32::from_bits(v.to_bits() - 1); // towards zero: above the threshold
+    }
+    for _ in 0..2400 {
+        z.push(v);
+        v = f32::from_bits(v.to_bits() + 1);
+    }
+    z.extend((0..2400).map(|i| -60.0 + 0.05 * i as f32));
+    z.extend([
+        0.0,
+        -0.0,
+        f32::from_bits(1),
+        -f32::from_bits(1),
+        f32::MIN_POSITIVE,
+        -f32::MIN_POSITIVE,
+        1e-30,
+        -1e-30,
+        88.0,
+        -88.0,
+        89.0,
+        -89.0,
+        100.0,
+        -100.0,
+        1e10,
+        -1e10,
+        f32::MAX,
+        f32::MIN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ]);
+    let mut rng = Rng::new(4242);
+    while z.len() % 56 != 0 || z.len() < 6000 {
+        z.push(rng.uniform(-12.0, 12.0));
+    }
+    z
+}
+
+fn same_bits<T: ActivationStorage>(what: &str, got: &[T], want: &[T], input: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (T::widen(g), T::widen(w));
+        assert!(
+            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+            "{what}: element {i} (z = {:e}) got {g:e}, want {w:e}",
+            input[i]
+        );
+    }
+}
+
+fn vector_and_scalar_paths_agree<T: ActivationStorage>(dev: &Device, act: Activation) {
+    let z = activation_edge_values();
+    let n = z.len();
+    let mut rng = Rng::new(77);
+    let mut dy = rng.vec(n, -1.0, 1.0);
+    dy[..3].copy_from_slice(&[f32::INFINITY, f32::NAN, 0.0]);
+    let (zt, dyt) = (T::store(&z), T::store(&dy));
+    let zb = dev.upload(&zt).unwrap();
+    let what = format!("{} {act:?} {}", dev.name(), std::any::type_name::<T>());
+
+    // Forward: rows 8 wide run in groups of 8, rows 7 wide one element at a time.
+    let mut grouped = dev.alloc::<T>(n).unwrap();
+    dev.poison(&mut grouped).unwrap();
+    T::forward(dev, act, &zb, &mut grouped, n / 8, 8);
+    let mut single = dev.alloc::<T>(n).unwrap();
+    dev.poison(&mut single).unwrap();
+    T::forward(dev, act, &zb, &mut single, n / 7, 7);
+    same_bits(
+        &format!("{what} forward"),
+        &dev.download(&grouped).unwrap(),
+        &dev.download(&single).unwrap(),
+        &z,
+    );
+
+    // Backward: the whole run in groups of 8; launches of 7 elements have no group at all.
+    let grouped = T::backward(dev, act, &zb, &dev.upload(&dyt).unwrap());
+    let mut single = Vec::with_capacity(n);
+    for (zc, dc) in zt.chunks(7).zip(dyt.chunks(7)) {
+        single.extend(T::backward(
+            dev,
+            act,
+            &dev.upload(zc).unwrap(),
+            &dev.upload(dc).unwrap(),
+        ));
+    }
+    same_bits(&format!("{what} backward"), &grouped, &single, &z);
+}
+
+/// The 8-wide path of the activation kernels (aligned groups of 8, where QuickGELU takes its
+/// sigmoid's reciprocals without the IEEE division's guard) gives the one-element path's bits
+/// (the IEEE division), forward and backward, fp32 and bf16, on the values where they could
+/// part: on CUDA this checks the unguarded reciprocal against the hardware's division.
+#[test]
+fn activation_vector_and_scalar_paths_agree_bit_for_bit() {
+    for dev in devices() {
+        for act in [Activation::QuickGelu, Activation::Gelu] {
+            vector_and_scalar_paths_agree::<f32>(&dev, act);
+            vector_and_scalar_paths_agree::<bf16>(&dev, act);
+        }
+    }
+}
+
+/// The LayerNorm `_d768` kernels (24 slots a lane, and no bounds tests for rows of exactly 768)
+/// give the 1024-wide kernels' bits (32 slots, every slot tested): the forward in fp32 and with
+/// bf16 output, the backward accumulating with its bf16 copy. The launchers pick `_d768` for
+/// these widths; the 1024-wide kernels are launched by name.
+#[test]
+fn layernorm_widths_give_the_same_bits() {
+    use prm::gpu::{KernelArgs, LaunchConfig};
+    for dev in devices() {
+        for (case, &(rows, dim)) in [(197usize, 768usize), (50, 100), (13, 64), (5, 767)]
+            .iter()
+            .enumerate()
+        {
+            let mut rng = Rng::new(1500 + case as u64);
+            let x = ln_input(&mut rng, rows, dim);
+            let ln = ln_weights(&mut rng, dim);
+            let xb = dev.upload(&x).unwrap();
+            let (g, b) = (
+                dev.upload(&ln.weight).unwrap(),
+                dev.upload(&ln.bias).unwrap(),
+            );
+            let what = format!("{} layernorm forward widths {rows}x{dim}", dev.name());
+            let stats = |dev: &Device| (poisoned(dev, rows), poisoned(dev, rows));
+            let wide = |name: &str, y: &mut dyn FnMut(&mut KernelArgs)| {
+                let (mut mean, mut rstd) = stats(&dev);
+                let mut args = KernelArgs::new();
+                args.input(&xb).input(&g).input(&b);
+                y(&mut args);
+                args.output(&mut mean)
+                    .output(&mut rstd)
+                    .i32(rows as i32)
+                    .i32(dim as i32)
+                    .f32(1e-5);
+                let cfg = LaunchConfig::linear(rows.div_ceil(4) as u32, 128, 0);
+                dev.launch(name, cfg, &mut args).unwrap();
+                (dev.download(&mean).unwrap(), dev.download(&rstd).unwrap())
+            };
+
+            let (mut y, (mut mean, mut rstd)) = (poisoned(&dev, rows * dim), stats(&dev));
+            layernorm::layernorm_forward_f32(
+                &dev, &xb, &g, &b, &mut y, &mut mean, &mut rstd, rows, dim, 1e-5,
+            )
+            .unwrap();
+            let mut y_wide = poisoned(&dev, rows * dim);
+            let (mean_wide, rstd_wide) = wide("prm_layernorm_forward_f32", &mut |a| {
+                a.output(&mut y_wide);
+            });
+            let y_wide = dev.download(&y_wide).unwrap();
+            exact(&format!("{what} y"), &dev.download(&y).unwrap(), &y_wide);
+            exact(
+                &format!("{what} mean"),
+                &dev.download(&mean).unwrap(),
+                &mean_wide,
+            );
+            exact(
+                &format!("{what} rstd"),
+                &dev.download(&rstd).unwrap(),
+                &rstd_wide,
+            );
+
+            let mut yb = poisoned_bf16(&dev, rows * dim);
+            layernorm::layernorm_forward_f32_bf16out(
+                &dev, &xb, &g, &b, &mut yb, &mut mean, &mut rstd, rows, dim, 1e-5,
+            )
+            .unwrap();
+            let mut yb_wide = poisoned_bf16(&dev, rows * dim);
+            wide("prm_layernorm_forward_f32_bf16out", &mut |a| {
+                a.output(&mut yb_wide);
+            });
+            assert_eq!(
+                dev.download(&yb).unwrap(),
+                dev.download(&yb_wide).unwrap(),
+                "{what}: bf16 y"
+            );
+
+            // The backward, accumulating into dx and writing its bf16 copy (the engine's call).
+            let dy = dev.upload(&rng.vec(rows * dim, -1.0, 1.0)).unwrap();
+            let dx0 = rng.vec(rows * dim, -1.0, 1.0);
+            let (mut dx, mut copy) = (dev.upload(&dx0).unwrap(), poisoned_bf16(&dev, rows * dim));
+            layernorm::layernorm_backward_f32_bf16copy(
+                &dev, &xb, &dy, &g, &mean, &rstd, &mut dx, &mut copy, rows, dim, true,
+            )
+            .unwrap();
+            let (mut dx_wide, mut copy_wide) =
+                (dev.upload(&dx0).unwrap(), poisoned_bf16(&dev, rows * dim));
+            let mut args = KernelArgs::new();
+            args.input(&xb)
+                .input(&dy)
+                .input(&g)
+                .input(&mean)
+                .input(&rstd)
+                .output(&mut dx_wide)
+                .output(&mut copy_wide)
+                .i32(rows as i32)
+                .i32(dim as i32)
+                .i32(1);
+            let cfg = LaunchConfig::linear(rows.div_ceil(4) as u32, 128, 0);
+            dev.launch("prm_layernorm_backward_f32_bf16copy", cfg, &mut args)
+                .unwrap();
+            exact(
+                &format!("{what} dx"),
+                &dev.download(&dx).unwrap(),
+                &dev.download(&dx_wide).unwrap(),
+            );
+            assert_eq!(
+                dev.download(&copy).unwrap(),
+                dev.download(&copy_wide).unwrap(),
+                "{what}: dx bf16 copy"
+            );
+        }
+    }
+}
