@@ -49,6 +49,65 @@ __device__ __forceinline__ int loss_image_of_row(const int* cu_seqlens, int imag
     return lo;
 }
 
+// Mode 0 (cosine) of one selected row held in registers: lane `lane` holds elements lane + 32k,
+// k < PER_LANE. FULL: the row fills every slot (dim == 32·PER_LANE, ViT-B's 768), so no slot
+// needs its bounds test; GRAD / COPY: whether the gradient (and its bf16 copy) is written.
+// Compile-time flags, so that each variant is straight-line code; the sums are the same either
+// way (same order), so are the bits.
+template <bool FULL, bool GRAD, bool COPY, int PER_LANE>
+__device__ __forceinline__ void loss_cosine_cached(const float* __restrict__ ar, const float* __restrict__ cr,
+                                                   float* __restrict__ gr, __nv_bfloat16* __restrict__ gc, int lane,
+                                                   int dim, int n_sel, float weight, float* row_val) {
+    float av[PER_LANE], cv[PER_LANE], gv[PER_LANE];
+    float aa = 0.0f, cc = 0.0f, ac = 0.0f;
+#pragma unroll
+    for (int k = 0; k < PER_LANE; ++k) {
+        const int d = lane + 32 * k;
+        if (FULL || d < dim) {
+            const float x = ar[d], y = cr[d];
+            av[k] = x;
+            cv[k] = y;
+            gv[k] = GRAD ? gr[d] : 0.0f;
+            aa += x * x;
+            cc += y * y;
+            ac += x * y;
+        }
+    }
+    aa = prm_warp_sum(aa);
+    cc = prm_warp_sum(cc);
+    ac = prm_warp_sum(ac);
+    const float na = fmaxf(sqrtf(aa), 1e-12f);
+    const float nc = fmaxf(sqrtf(cc), 1e-12f);
+    const float cosv = ac / (na * nc);
+    if (lane == 0) *row_val = cosv;
+    if (GRAD) {
+        const float u = weight / (na * nc * (float)n_sel);
+        const float w = weight * cosv / (na * na * (float)n_sel);
+#pragma unroll
+        for (int k = 0; k < PER_LANE; ++k) {
+            const int d = lane + 32 * k;
+            if (FULL || d < dim) {
+                const float g = gv[k] + (cv[k] * u - av[k] * w);
+                gr[d] = g;
+                if (COPY) gc[d] = __float2bfloat16(g);
+            }
+        }
+    }
+}
+
+template <bool FULL, int PER_LANE>
+__device__ __forceinline__ void loss_cosine_cached(const float* __restrict__ ar, const float* __restrict__ cr,
+                                                   float* __restrict__ gr, __nv_bfloat16* __restrict__ gc, int lane,
+                                                   int dim, int n_sel, float weight, float* row_val) {
+    if (gc) {
+        loss_cosine_cached<FULL, true, true, PER_LANE>(ar, cr, gr, gc, lane, dim, n_sel, weight, row_val);
+    } else if (gr) {
+        loss_cosine_cached<FULL, true, false, PER_LANE>(ar, cr, gr, gc, lane, dim, n_sel, weight, row_val);
+    } else {
+        loss_cosine_cached<FULL, false, false, PER_LANE>(ar, cr, gr, gc, lane, dim, n_sel, weight, row_val);
+    }
+}
+
 // The rows pass. PER_LANE > 0 (the _d768 kernel, rows of at most 32·PER_LANE elements): mode 0
 // holds the row's a, c and grad in registers, loading grad with a and c before the reductions,
 // so the gradient loop reads nothing again (the streaming form re-reads a and c after the
@@ -77,40 +136,11 @@ __device__ __forceinline__ void loss_rows(const float* a, const float* c, const 
     const float* ar = a + (long long)row * dim;
     const float* cr = c + (long long)row * dim;
     if (PER_LANE > 0 && mode == 0) {
-        float av[PER_LANE > 0 ? PER_LANE : 1], cv[PER_LANE > 0 ? PER_LANE : 1], gv[PER_LANE > 0 ? PER_LANE : 1];
-        float aa = 0.0f, cc = 0.0f, ac = 0.0f;
-#pragma unroll
-        for (int k = 0; k < PER_LANE; ++k) {
-            const int d = lane + 32 * k;
-            if (d < dim) {
-                const float x = ar[d], y = cr[d];
-                av[k] = x;
-                cv[k] = y;
-                gv[k] = gr ? gr[d] : 0.0f;
-                aa += x * x;
-                cc += y * y;
-                ac += x * y;
-            }
-        }
-        aa = prm_warp_sum(aa);
-        cc = prm_warp_sum(cc);
-        ac = prm_warp_sum(ac);
-        const float na = fmaxf(sqrtf(aa), 1e-12f);
-        const float nc = fmaxf(sqrtf(cc), 1e-12f);
-        const float cosv = ac / (na * nc);
-        if (lane == 0) row_val[row] = cosv;
-        if (gr) {
-            const float u = weight / (na * nc * (float)n_sel);
-            const float w = weight * cosv / (na * na * (float)n_sel);
-#pragma unroll
-            for (int k = 0; k < PER_LANE; ++k) {
-                const int d = lane + 32 * k;
-                if (d < dim) {
-                    const float g = gv[k] + (cv[k] * u - av[k] * w);
-                    gr[d] = g;
-                    if (gc) gc[d] = __float2bfloat16(g);
-                }
-            }
+        constexpr int slots = PER_LANE > 0 ? PER_LANE : 1;  // (never run with PER_LANE == 0)
+        if (dim == 32 * slots) {
+            loss_cosine_cached<true, slots>(ar, cr, gr, gc, lane, dim, n_sel, weight, row_val + row);
+        } else {
+            loss_cosine_cached<false, slots>(ar, cr, gr, gc, lane, dim, n_sel, weight, row_val + row);
         }
     } else if (mode == 0) {
         float aa = 0.0f, cc = 0.0f, ac = 0.0f;

@@ -368,57 +368,64 @@ fn d768_rows_kernel_is_the_streaming_kernel_bit_for_bit() {
                 dev.upload(&cu)?,
                 dev.upload(&stats)?,
             );
-            for mode in 0..5 {
-                for skip in [0, 1] {
-                    let run = |kernel: &str| -> Result<RowsBits, GpuError> {
-                        let mut grad = dev.upload(&prior)?;
-                        let mut copy = dev.alloc::<half::bf16>(rows * dim)?;
-                        let mut row_val = dev.alloc::<f32>(rows)?;
-                        dev.poison(&mut copy)?;
-                        dev.poison(&mut row_val)?;
-                        let mut args = KernelArgs::new();
-                        args.input(&ab)
-                            .input(&cb)
-                            .input(&cub)
-                            .i32(tokens.len() as i32)
-                            .i32(dim as i32)
-                            .i32(skip)
-                            .i32(mode)
-                            .input(&sb)
-                            .output(&mut grad)
-                            .output(&mut copy)
-                            .f32(0.7)
-                            .output(&mut row_val);
-                        dev.launch(
-                            kernel,
-                            LaunchConfig::linear(rows.div_ceil(8) as u32, 256, 0),
-                            &mut args,
-                        )?;
-                        dev.synchronize()?;
-                        // Modes 2 and 3 write no gradient (and no copy): compare what they write.
-                        let writes_grad = matches!(mode, 0 | 1 | 4);
-                        let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                        Ok((
-                            bits(dev.download(&grad)?),
-                            if writes_grad {
-                                dev.download(&copy)?.iter().map(|x| x.to_bits()).collect()
-                            } else {
-                                Vec::new()
-                            },
-                            if mode == 4 {
-                                Vec::new()
-                            } else {
-                                bits(dev.download(&row_val)?)
-                            },
-                        ))
+            // The gradient and its copy written, the gradient alone, neither (the report).
+            for (writes, mode, skip) in (0..3)
+                .flat_map(|w| (0..5).map(move |m| (w, m)))
+                .flat_map(|(w, m)| [0, 1].map(|s| (w, m, s)))
+            {
+                let run = |kernel: &str| -> Result<RowsBits, GpuError> {
+                    let mut grad = dev.upload(&prior)?;
+                    let mut copy = dev.alloc::<half::bf16>(rows * dim)?;
+                    let mut row_val = dev.alloc::<f32>(rows)?;
+                    dev.poison(&mut copy)?;
+                    dev.poison(&mut row_val)?;
+                    let mut args = KernelArgs::new();
+                    args.input(&ab)
+                        .input(&cb)
+                        .input(&cub)
+                        .i32(tokens.len() as i32)
+                        .i32(dim as i32)
+                        .i32(skip)
+                        .i32(mode)
+                        .input(&sb);
+                    match writes {
+                        0 => args.output(&mut grad).output(&mut copy),
+                        1 => args.output(&mut grad).u64(0),
+                        _ => args.u64(0).u64(0),
                     };
-                    let want = run("prm_loss_rows_f32")?;
-                    let got = run("prm_loss_rows_f32_d768")?;
-                    let what = format!("{} D={dim} mode {mode} skip {skip}", dev.name());
-                    assert!(got.0 == want.0, "{what}: gradient differs");
-                    assert!(got.1 == want.1, "{what}: bf16 copy differs");
-                    assert!(got.2 == want.2, "{what}: row values differ");
-                }
+                    args.f32(0.7).output(&mut row_val);
+                    dev.launch(
+                        kernel,
+                        LaunchConfig::linear(rows.div_ceil(8) as u32, 256, 0),
+                        &mut args,
+                    )?;
+                    dev.synchronize()?;
+                    // Modes 2 and 3 write no gradient (and no copy): compare what they write.
+                    let writes_grad = matches!(mode, 0 | 1 | 4);
+                    let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    Ok((
+                        bits(dev.download(&grad)?),
+                        if writes_grad {
+                            dev.download(&copy)?.iter().map(|x| x.to_bits()).collect()
+                        } else {
+                            Vec::new()
+                        },
+                        if mode == 4 {
+                            Vec::new()
+                        } else {
+                            bits(dev.download(&row_val)?)
+                        },
+                    ))
+                };
+                let want = run("prm_loss_rows_f32")?;
+                let got = run("prm_loss_rows_f32_d768")?;
+                let what = format!(
+                    "{} D={dim} mode {mode} skip {skip} outputs {writes}",
+                    dev.name()
+                );
+                assert!(got.0 == want.0, "{what}: gradient differs");
+                assert!(got.1 == want.1, "{what}: bf16 copy differs");
+                assert!(got.2 == want.2, "{what}: row values differ");
             }
         }
         Ok(())
