@@ -100,7 +100,8 @@ __device__ __forceinline__ void v3_frag_b(uint32_t b[4], const bf16* s, int k0, 
 
 // acc (16 × 64) = A · Mᵀ with A's fragments read from the row-major tile `sa` (rows arow0 ..
 // +16, all 64 columns) and M the row-major tile `sm` (64 × 64). Only n-tile pairs below `ncols`
-// are formed (the others stay zero).
+// are formed (the others stay zero); FULL: all of them (ncols = 64, no per-tile branches).
+template <bool FULL = false>
 __device__ __forceinline__ void v3_mma_abt(float acc[8][4], const bf16* sa, int arow0, const bf16* sm, int ncols) {
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) {
@@ -108,7 +109,7 @@ __device__ __forceinline__ void v3_mma_abt(float acc[8][4], const bf16* sa, int 
         v3_frag_a(a, sa, arow0, ks * 16);
 #pragma unroll
         for (int np = 0; np < 4; ++np) {
-            if (np * 16 >= ncols) continue;
+            if (!FULL && np * 16 >= ncols) continue;
             uint32_t b[4];
             v3_frag_bt(b, sm, np * 16, ks * 16);
             prm_mma_bf16_16816(acc[2 * np], a, b);
@@ -119,11 +120,12 @@ __device__ __forceinline__ void v3_mma_abt(float acc[8][4], const bf16* sa, int 
 
 // acc (16 × 64) += A · M with A given as the bf16 packing of the accumulators p[8][4] (16 × 64:
 // n-tiles 2j, 2j+1 form k-step j) and M the row-major tile `sm` (64 × 64, M[k][n]). k-steps at
-// or past `kvalid` are skipped (their A columns must be zero).
+// or past `kvalid` are skipped (their A columns must be zero); FULL: none (kvalid = 64).
+template <bool FULL = false>
 __device__ __forceinline__ void v3_mma_pb(float acc[8][4], const float p[8][4], const bf16* sm, int kvalid) {
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) {
-        if (ks * 16 >= kvalid) continue;
+        if (!FULL && ks * 16 >= kvalid) continue;
         uint32_t a[4];
         a[0] = prm_pack_bf16x2(p[2 * ks][0], p[2 * ks][1]);
         a[1] = prm_pack_bf16x2(p[2 * ks][2], p[2 * ks][3]);
@@ -153,7 +155,9 @@ __device__ __forceinline__ void v3_mma_ab_step(float acc[8][4], const uint32_t a
 
 // Half-width forms for the backward kernels (fewer live registers): columns / k-rows
 // half·32 .. +32 of the 64-wide tile.
-// acc (16 × 32) = A · Mᵀ restricted to M rows half·32 .. +32 (n-tile pairs below `ncols`).
+// acc (16 × 32) = A · Mᵀ restricted to M rows half·32 .. +32 (n-tile pairs below `ncols`; FULL:
+// all).
+template <bool FULL = false>
 __device__ __forceinline__ void v3_mma_abt_half(float acc[4][4], const bf16* sa, int arow0, const bf16* sm, int half,
                                                 int ncols) {
 #pragma unroll
@@ -163,7 +167,7 @@ __device__ __forceinline__ void v3_mma_abt_half(float acc[4][4], const bf16* sa,
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int np = half * 2 + j;
-            if (np * 16 >= ncols) continue;
+            if (!FULL && np * 16 >= ncols) continue;
             uint32_t b[4];
             v3_frag_bt(b, sm, np * 16, ks * 16);
             prm_mma_bf16_16816(acc[2 * j], a, b);
@@ -173,13 +177,14 @@ __device__ __forceinline__ void v3_mma_abt_half(float acc[4][4], const bf16* sa,
 }
 
 // acc (16 × 64) += A · M[half·32 .. +32, :] with A the bf16 packing of p[4][4] (16 × 32);
-// k-steps at or past `kvalid` are skipped (their A columns must be zero).
+// k-steps at or past `kvalid` are skipped (their A columns must be zero; FULL: none are).
+template <bool FULL = false>
 __device__ __forceinline__ void v3_mma_pb_half(float acc[8][4], const float p[4][4], const bf16* sm, int half,
                                                int kvalid) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
         const int ks = half * 2 + j;
-        if (ks * 16 >= kvalid) continue;
+        if (!FULL && ks * 16 >= kvalid) continue;
         uint32_t a[4];
         prm_att_pack_a(a, p[2 * j], p[2 * j + 1]);
         v3_mma_ab_step(acc, a, sm, ks);
@@ -234,12 +239,21 @@ extern "C" __global__ void __launch_bounds__(128, 4)
             // Keys of this tile the warp needs: below the end, and (causal) up to its last row.
             int kvalid = min(V3_TILE, kend - k0);
             if (causal) kvalid = min(kvalid, wq0 + 16 - k0);
-            float s[8][4];
-            prm_att_zero<8>(s);
-            v3_mma_abt(s, sQ, warp * 16, sK + stage * V3_TILE_ELEMS, kvalid);
-
-            prm_att_online_softmax(s, m, l, o, kvalid, causal, k0, rows);
-            v3_mma_pb(o, s, sV + stage * V3_TILE_ELEMS, kvalid);
+            // FULL: a whole tile with nothing masked, as straight-line code (the per-n-tile
+            // skips and masks kept the fragment loads from running ahead of the products).
+            auto tile = [&](auto full) {
+                constexpr bool FULL = decltype(full)::value;
+                float s[8][4];
+                prm_att_zero<8>(s);
+                v3_mma_abt<FULL>(s, sQ, warp * 16, sK + stage * V3_TILE_ELEMS, kvalid);
+                prm_att_online_softmax<FULL>(s, m, l, o, kvalid, causal, k0, rows);
+                v3_mma_pb<FULL>(o, s, sV + stage * V3_TILE_ELEMS, kvalid);
+            };
+            if (kvalid == V3_TILE && !causal) {
+                tile(prm_flag<true>{});
+            } else {
+                tile(prm_flag<false>{});
+            }
         }
         __syncthreads();  // this stage is consumed before iteration kt + 1 refills it
     }
@@ -365,19 +379,29 @@ extern "C" __global__ void __launch_bounds__(128, 4)
             if (causal) kvalid = min(kvalid, wq0 + 16 - k0);
             const bf16* tk = sK + stage * V3_TILE_ELEMS;
             const bf16* tv = sV + stage * V3_TILE_ELEMS;
-            // 32 keys at a time: half the score registers live at once.
+            // FULL: a whole tile, all 16 rows below T, nothing masked: straight-line code.
+            auto tile = [&](auto full) {
+                constexpr bool FULL = decltype(full)::value;
+                // 32 keys at a time: half the score registers live at once (a loop, not
+                // unrolled: interleaving the halves needed more than 128 registers).
+#pragma unroll 1
+                for (int half = 0; half < 2; ++half) {
+                    if (!FULL && half * 32 >= kvalid) continue;
+                    float s[4][4], dp[4][4];
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                if (half * 32 >= kvalid) continue;
-                float s[4][4], dp[4][4];
+                    for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-                for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) s[nt][i] = dp[nt][i] = 0.0f;
-                v3_mma_abt_half(s, sQ, warp * 16, tk, half, kvalid);   // S = Q·Kᵀ
-                v3_mma_abt_half(dp, sD, warp * 16, tv, half, kvalid);  // dP = dO·Vᵀ
-                prm_att_dq_ds(s, dp, half, kvalid, causal, k0, rows, T, lse2, row_delta);
-                v3_mma_pb_half(dq, s, tk, half, kvalid);  // dQ += dS·K
+                        for (int i = 0; i < 4; ++i) s[nt][i] = dp[nt][i] = 0.0f;
+                    v3_mma_abt_half<FULL>(s, sQ, warp * 16, tk, half, kvalid);   // S = Q·Kᵀ
+                    v3_mma_abt_half<FULL>(dp, sD, warp * 16, tv, half, kvalid);  // dP = dO·Vᵀ
+                    prm_att_dq_ds<FULL>(s, dp, half, kvalid, causal, k0, rows, T, lse2, row_delta);
+                    v3_mma_pb_half<FULL>(dq, s, tk, half, kvalid);  // dQ += dS·K
+                }
+            };
+            if (kvalid == V3_TILE && !causal && wq0 + 16 <= T) {
+                tile(prm_flag<true>{});
+            } else {
+                tile(prm_flag<false>{});
             }
         }
         __syncthreads();
@@ -456,33 +480,48 @@ extern "C" __global__ void __launch_bounds__(128, 4)
             const bf16* td = sD + stage * V3_TILE_ELEMS;
             const float* tl = sLse + stage * V3_TILE;
             const float* tdel = sDelta + stage * V3_TILE;
-            // 32 queries at a time: half the score registers live at once.
+            // FULL: a whole tile, all 16 keys below T, nothing masked: straight-line code.
+            auto tile = [&](auto full) {
+                constexpr bool FULL = decltype(full)::value;
+                // 32 queries at a time: half the score registers live at once (a loop, not
+                // unrolled: interleaving the halves needed more than 128 registers).
+#pragma unroll 1
+                for (int half = 0; half < 2; ++half) {
+                    if (!FULL && half * 32 >= qvalid) continue;
+                    // Pᵀ = exp(K·Qᵀ/8 − lse), rounded to bf16 once: it feeds dV and dS.
+                    uint32_t pb[2][4];
+                    {
+                        float st[4][4];
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                if (half * 32 >= qvalid) continue;
-                // Pᵀ = exp(K·Qᵀ/8 − lse), rounded to bf16 once: it feeds dV and dS.
-                uint32_t pb[2][4];
-                {
-                    float st[4][4];
+                        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                            for (int i = 0; i < 4; ++i) st[nt][i] = 0.0f;
+                        v3_mma_abt_half<FULL>(st, sK, warp * 16, tq, half, qvalid);  // Sᵀ = K·Qᵀ
+                        prm_att_dkdv_pt<FULL>(pb, st, half, qvalid, causal, q0, keys, T, tl);
+                    }
+                    // dV += Pᵀ·dO
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+                        if (FULL || (half * 2 + j) * 16 < qvalid) v3_mma_ab_step(dv, pb[j], td, half * 2 + j);
+                    float dpt[4][4];
 #pragma unroll
                     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-                        for (int i = 0; i < 4; ++i) st[nt][i] = 0.0f;
-                    v3_mma_abt_half(st, sK, warp * 16, tq, half, qvalid);  // Sᵀ = K·Qᵀ
-                    prm_att_dkdv_pt(pb, st, half, qvalid, causal, q0, keys, T, tl);
+                        for (int i = 0; i < 4; ++i) dpt[nt][i] = 0.0f;
+                    v3_mma_abt_half<FULL>(dpt, sV, warp * 16, td, half, qvalid);  // dPᵀ = V·dOᵀ
+                    prm_att_dkdv_dst(dpt, pb, half, tdel);
+                    v3_mma_pb_half<FULL>(dk, dpt, tq, half, qvalid);  // dK += dSᵀ·Q
                 }
-                // dV += Pᵀ·dO
-#pragma unroll
-                for (int j = 0; j < 2; ++j)
-                    if ((half * 2 + j) * 16 < qvalid) v3_mma_ab_step(dv, pb[j], td, half * 2 + j);
-                float dpt[4][4];
-#pragma unroll
-                for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) dpt[nt][i] = 0.0f;
-                v3_mma_abt_half(dpt, sV, warp * 16, td, half, qvalid);  // dPᵀ = V·dOᵀ
-                prm_att_dkdv_dst(dpt, pb, half, tdel);
-                v3_mma_pb_half(dk, dpt, tq, half, qvalid);  // dK += dSᵀ·Q
+            };
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+            constexpr bool straight = false;  // sm_80's straight-line tile spills at 128 registers
+#else
+            constexpr bool straight = true;
+#endif
+            if (straight && qvalid == V3_TILE && !causal && wk0 + 16 <= T) {
+                tile(prm_flag<true>{});
+            } else {
+                tile(prm_flag<false>{});
             }
         }
         __syncthreads();

@@ -16,6 +16,13 @@
 #define PRM_ATT_LOG2E 1.4426950408889634f
 #define PRM_ATT_LN2 0.6931471805599453f
 
+// A compile-time flag passed as a generic lambda's argument (C++17 has no template lambdas):
+// `[&](auto full) { constexpr bool FULL = decltype(full)::value; ... }(prm_flag<true>{})`.
+template <bool B>
+struct prm_flag {
+    static constexpr bool value = B;
+};
+
 template <int N>
 __device__ __forceinline__ void prm_att_zero(float acc[N][4]) {
 #pragma unroll
@@ -49,7 +56,9 @@ __device__ __forceinline__ void prm_att_store_bf16(__nv_bfloat16* g, size_t ld, 
 // One 64-key tile of the forward's online softmax: the raw scores s (16 × 64, keys k0 + column)
 // become P = exp2(s·scale − m) with the running row maxima m (log2 units) and sums l updated and
 // the context accumulators o rescaled. Columns at or past `kvalid`, and (causal) keys after the
-// row, are masked.
+// row, are masked. FULL: the caller knows no column is (kvalid = 64, not causal), and the masks
+// are left out (the same arithmetic on the same values).
+template <bool FULL = false>
 __device__ __forceinline__ void prm_att_online_softmax(float s[8][4], float m[2], float l[2], float o[8][4], int kvalid,
                                                        int causal, int k0, const int rows[2]) {
     const int t = (threadIdx.x & 3) * 2;
@@ -60,7 +69,7 @@ __device__ __forceinline__ void prm_att_online_softmax(float s[8][4], float m[2]
         for (int i = 0; i < 4; ++i) {
             const int c = nt * 8 + t + (i & 1), r = i >> 1;
             float v = s[nt][i] * PRM_ATT_SCALE_LOG2;
-            if (c >= kvalid || (causal && k0 + c > rows[r])) v = -INFINITY;
+            if (!FULL && (c >= kvalid || (causal && k0 + c > rows[r]))) v = -INFINITY;
             s[nt][i] = v;
             mx[r] = fmaxf(mx[r], v);
         }
@@ -109,7 +118,9 @@ __device__ __forceinline__ void prm_att_finish(__nv_bfloat16* out, float* lse, c
 
 // dQ's step for one half tile (keys k0 + half·32 .. +32): s holds S = Q·Kᵀ and dp dP = dO·Vᵀ;
 // s becomes dS = P ⊙ (dP − delta) / 8 with P = exp2(S·scale − lse2), masked to 0 at or past
-// `kvalid`, for rows past T, and (causal) for keys after the row.
+// `kvalid`, for rows past T, and (causal) for keys after the row. FULL: the caller knows nothing
+// is masked (kvalid = 64, the warp's 16 rows below T, not causal).
+template <bool FULL = false>
 __device__ __forceinline__ void prm_att_dq_ds(float s[4][4], const float dp[4][4], int half, int kvalid, int causal,
                                               int k0, const int rows[2], int T, const float lse2[2],
                                               const float row_delta[2]) {
@@ -119,7 +130,7 @@ __device__ __forceinline__ void prm_att_dq_ds(float s[4][4], const float dp[4][4
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
-            const bool ok = rows[r] < T && c < kvalid && !(causal && k0 + c > rows[r]);
+            const bool ok = FULL || (rows[r] < T && c < kvalid && !(causal && k0 + c > rows[r]));
             const float p = ok ? exp2f(s[nt][i] * PRM_ATT_SCALE_LOG2 - lse2[r]) : 0.0f;
             s[nt][i] = p * (dp[nt][i] - row_delta[r]) * PRM_ATT_SCALE;  // dS, scaled
         }
@@ -128,7 +139,9 @@ __device__ __forceinline__ void prm_att_dq_ds(float s[4][4], const float dp[4][4
 // dK/dV's Pᵀ for one half tile (queries q0 + half·32 .. +32): from Sᵀ = K·Qᵀ in st, Pᵀ =
 // exp2(Sᵀ·scale − lse2[query]) (tl: the tile's per-query lse in log2 units), masked to 0 for keys
 // past T, queries at or past `qvalid` and (causal) keys after the query, rounded to bf16 once
-// into pb (two k-steps of A fragments): it feeds both dV and dS.
+// into pb (two k-steps of A fragments): it feeds both dV and dS. FULL: the caller knows nothing
+// is masked (qvalid = 64, the warp's 16 keys below T, not causal).
+template <bool FULL = false>
 __device__ __forceinline__ void prm_att_dkdv_pt(uint32_t pb[2][4], float st[4][4], int half, int qvalid, int causal,
                                                 int q0, const int keys[2], int T, const float* tl) {
     const int t = (threadIdx.x & 3) * 2;
@@ -137,7 +150,7 @@ __device__ __forceinline__ void prm_att_dkdv_pt(uint32_t pb[2][4], float st[4][4
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
-            const bool ok = keys[r] < T && c < qvalid && !(causal && keys[r] > q0 + c);
+            const bool ok = FULL || (keys[r] < T && c < qvalid && !(causal && keys[r] > q0 + c));
             st[nt][i] = ok ? exp2f(st[nt][i] * PRM_ATT_SCALE_LOG2 - tl[c]) : 0.0f;
         }
     prm_att_pack_a(pb[0], st[0], st[1]);
