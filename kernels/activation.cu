@@ -5,6 +5,8 @@
 //                                           bf16 storage (`_bf16` kernels)
 //   bias                  [cols]            fp32, optional (null: no bias, e.g. the GEMM added it)
 // Precision: arithmetic in fp32; bf16 is widened on load and rounded to nearest even on store.
+// The derivatives' multiply-adds are spelled as fmaf, so that the 8-wide and one-element paths
+// round alike on the GPU (kernels/README.md).
 // In bf16 the forward evaluates a() on the *stored* (rounded) pre-activation, so forward and
 // backward see the same z.
 //
@@ -49,7 +51,7 @@ __device__ __forceinline__ float prm_sigmoid_denominator(float x) { return 1.0f 
 __device__ __forceinline__ float prm_sigmoid(float x) { return 1.0f / prm_sigmoid_denominator(x); }
 
 // QuickGELU's derivative from s = σ(1.702z), in one place for the scalar and 8-wide forms.
-__device__ __forceinline__ float prm_quick_gelu_grad(float z, float s) { return s + 1.702f * z * s * (1.0f - s); }
+__device__ __forceinline__ float prm_quick_gelu_grad(float z, float s) { return fmaf(1.702f * z * s, 1.0f - s, s); }
 
 // Φ(z), the standard normal CDF.
 __device__ __forceinline__ float prm_normal_cdf(float z) { return 0.5f * erfcf(-z * 0.70710678118654752f); }
@@ -64,7 +66,7 @@ __device__ __forceinline__ float prm_act_grad(int act, float z) {
         return prm_quick_gelu_grad(z, prm_sigmoid(1.702f * z));
     }
     const float pdf = expf(-0.5f * z * z) * 0.39894228040143268f;  // 1/sqrt(2π)
-    return prm_normal_cdf(z) + z * pdf;
+    return fmaf(z, pdf, prm_normal_cdf(z));
 }
 
 // σ(1.702z) for 8 values, the bits of prm_sigmoid(1.702f * z[k]). nvcc's IEEE division guards

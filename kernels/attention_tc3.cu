@@ -24,6 +24,13 @@
 // delta (from fp32 dO and bf16 O) are fp32.
 // Modes: the forward takes mode 0 (q·kᵀ), 1 (q·qᵀ) and 2 (k·kᵀ), causal or not; the backward
 // takes mode 0, causal or not.
+// Straight tiles (`straight` != 0, the launcher's default; PRM_ATTENTION_STRAIGHT=0 turns them
+// off): a tile with nothing to mask (64 keys or queries, the warp's 16 rows inside the sequence,
+// not causal) runs as straight-line code, FULL in the tile steps: no branch (and warp
+// re-convergence) around every n-tile, so the fragment loads run ahead of the products, and no
+// masks. The same operations on the same values: the same bits (attention_tc_common.cuh spells
+// its multiply-adds so that nvcc cannot round the two forms differently). 197 tokens: 3 of the
+// 4 tiles. sm_80's dK/dV keeps the masked form (its straight tile spills at 128 registers).
 //
 // The register-level steps (online softmax, the end of a query block, dS and Pᵀ formation,
 // bf16 stores) are attention_tc_common.cuh's, shared with v4 (attention_tc4.cu), which gives the
@@ -193,7 +200,7 @@ __device__ __forceinline__ void v3_mma_pb_half(float acc[8][4], const float p[4]
 
 extern "C" __global__ void __launch_bounds__(128, 4)
     prm_attention_forward_tc3(const bf16* __restrict__ qkv, const int* __restrict__ cu_seqlens, bf16* __restrict__ out,
-                              float* __restrict__ lse, int width, int total, int mode, int causal) {
+                              float* __restrict__ lse, int width, int total, int mode, int causal, int straight) {
     PRM_DYNAMIC_SHARED(bf16, smem);
     bf16* sQ = smem;
     bf16* sK = smem + V3_TILE_ELEMS;      // two stages
@@ -249,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
                 prm_att_online_softmax<FULL>(s, m, l, o, kvalid, causal, k0, rows);
                 v3_mma_pb<FULL>(o, s, sV + stage * V3_TILE_ELEMS, kvalid);
             };
-            if (kvalid == V3_TILE && !causal) {
+            if (straight && kvalid == V3_TILE && !causal) {
                 tile(prm_flag<true>{});
             } else {
                 tile(prm_flag<false>{});
@@ -325,7 +332,7 @@ PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3);
 extern "C" __global__ void __launch_bounds__(128, 4)
     prm_attention_bwd_dq_tc3(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out, const float* __restrict__ lse,
                              const float* __restrict__ delta, const int* __restrict__ cu_seqlens,
-                             bf16* __restrict__ d_qkv, int width, int total, int causal) {
+                             bf16* __restrict__ d_qkv, int width, int total, int causal, int straight) {
     PRM_DYNAMIC_SHARED(bf16, smem);
     bf16* sQ = smem;
     bf16* sD = smem + V3_TILE_ELEMS;
@@ -398,7 +405,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
                     v3_mma_pb_half<FULL>(dq, s, tk, half, kvalid);  // dQ += dS·K
                 }
             };
-            if (kvalid == V3_TILE && !causal && wq0 + 16 <= T) {
+            if (straight && kvalid == V3_TILE && !causal && wq0 + 16 <= T) {
                 tile(prm_flag<true>{});
             } else {
                 tile(prm_flag<false>{});
@@ -416,7 +423,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     prm_attention_bwd_dkdv_tc3(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
                                const float* __restrict__ lse, const float* __restrict__ delta,
                                const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width, int total,
-                               int causal) {
+                               int causal, int straight) {
     PRM_DYNAMIC_SHARED(bf16, smem);
     bf16* sK = smem;
     bf16* sV = smem + V3_TILE_ELEMS;
@@ -514,11 +521,11 @@ extern "C" __global__ void __launch_bounds__(128, 4)
                 }
             };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-            constexpr bool straight = false;  // sm_80's straight-line tile spills at 128 registers
+            constexpr bool arch_straight = false;  // sm_80's straight-line tile spills at 128 registers
 #else
-            constexpr bool straight = true;
+            constexpr bool arch_straight = true;
 #endif
-            if (straight && qvalid == V3_TILE && !causal && wk0 + 16 <= T) {
+            if (arch_straight && straight && qvalid == V3_TILE && !causal && wk0 + 16 <= T) {
                 tile(prm_flag<true>{});
             } else {
                 tile(prm_flag<false>{});

@@ -17,7 +17,9 @@
 // loads K/V once per head, has no idle warps (a warp takes 16-row blocks w, w + 4·split, ...),
 // and after the one load each warp runs its blocks back to back.
 //
-// The register-level steps are attention_tc_common.cuh's, shared with v3.
+// The register-level steps are attention_tc_common.cuh's, shared with v3, and so are the
+// straight tiles (attention_tc3.cu), in the forward and dK/dV: dQ, which holds Q's and dO's
+// fragments in registers, spills with them and keeps the masked form (its `straight` is unused).
 // Layouts: as v3 (attention_tc3.cu): qkv [N, 3D] bf16, cu_seqlens [B+1] int, out [N, D] bf16,
 // lse and delta [heads, N] fp32 at h·N + row (natural log, scores scaled by 1/8), d_out [N, D]
 // bf16, d_qkv [N, 3D] bf16 with every element written. Modes: the forward takes mode 0 (q·kᵀ),
@@ -124,7 +126,8 @@ __device__ __forceinline__ void v4_frag_b(uint32_t b[4], const bf16* s, int k0, 
 }
 
 // acc (16 × 32) = A · Mᵀ restricted to M rows m0 + half·32 .. +32, with A's fragments read from
-// the warp's swizzled 16-row tile sa. v3_mma_abt_half's order.
+// the warp's swizzled 16-row tile sa. v3_mma_abt_half's order (FULL: every n-tile pair).
+template <bool FULL = false>
 __device__ __forceinline__ void v4_mma_abt_half_s(float acc[4][4], const bf16* sa, const bf16* sm, int m0, int half,
                                                   int ncols) {
 #pragma unroll
@@ -134,7 +137,7 @@ __device__ __forceinline__ void v4_mma_abt_half_s(float acc[4][4], const bf16* s
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int np = half * 2 + j;
-            if (np * 16 >= ncols) continue;
+            if (!FULL && np * 16 >= ncols) continue;
             uint32_t b[4];
             v4_frag_bt(b, sm, m0 + np * 16, ks * 16);
             prm_mma_bf16_16816(acc[2 * j], a, b);
@@ -144,13 +147,14 @@ __device__ __forceinline__ void v4_mma_abt_half_s(float acc[4][4], const bf16* s
 }
 
 // acc (16 × 64) = A · Mᵀ for the 64 rows m0 .. m0+64 of the resident M; n-tile pairs at or past
-// `ncols` are not formed (they stay zero). v3_mma_abt's order.
+// `ncols` are not formed (they stay zero; FULL: all are). v3_mma_abt's order.
+template <bool FULL = false>
 __device__ __forceinline__ void v4_mma_abt(float acc[8][4], const uint32_t a[4][4], const bf16* sm, int m0, int ncols) {
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
         for (int np = 0; np < 4; ++np) {
-            if (np * 16 >= ncols) continue;
+            if (!FULL && np * 16 >= ncols) continue;
             uint32_t b[4];
             v4_frag_bt(b, sm, m0 + np * 16, ks * 16);
             prm_mma_bf16_16816(acc[2 * np], a[ks], b);
@@ -159,6 +163,7 @@ __device__ __forceinline__ void v4_mma_abt(float acc[8][4], const uint32_t a[4][
 }
 
 // The same restricted to M rows m0 + half·32 .. +32 (acc 16 × 32). v3_mma_abt_half's order.
+template <bool FULL = false>
 __device__ __forceinline__ void v4_mma_abt_half(float acc[4][4], const uint32_t a[4][4], const bf16* sm, int m0,
                                                 int half, int ncols) {
 #pragma unroll
@@ -166,7 +171,7 @@ __device__ __forceinline__ void v4_mma_abt_half(float acc[4][4], const uint32_t 
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int np = half * 2 + j;
-            if (np * 16 >= ncols) continue;
+            if (!FULL && np * 16 >= ncols) continue;
             uint32_t b[4];
             v4_frag_bt(b, sm, m0 + np * 16, ks * 16);
             prm_mma_bf16_16816(acc[2 * j], a[ks], b);
@@ -186,13 +191,14 @@ __device__ __forceinline__ void v4_mma_ab_step(float acc[8][4], const uint32_t a
 }
 
 // acc (16 × 64) += A · M[m0 + half·32 .. +32, :] with A the bf16 packing of p[4][4] (16 × 32);
-// k-steps at or past `kvalid` (relative to m0) are skipped. v3_mma_pb_half's order.
+// k-steps at or past `kvalid` (relative to m0) are skipped (FULL: none). v3_mma_pb_half's order.
+template <bool FULL = false>
 __device__ __forceinline__ void v4_mma_pb_half(float acc[8][4], const float p[4][4], const bf16* sm, int m0, int half,
                                                int kvalid) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
         const int ks = half * 2 + j;
-        if (ks * 16 >= kvalid) continue;
+        if (!FULL && ks * 16 >= kvalid) continue;
         uint32_t a[4];
         prm_att_pack_a(a, p[2 * j], p[2 * j + 1]);
         v4_mma_ab_step(acc, a, sm, m0 + ks * 16);
@@ -206,7 +212,7 @@ __device__ __forceinline__ void v4_mma_pb_half(float acc[8][4], const float p[4]
 
 extern "C" __global__ void __launch_bounds__(128, 4)
     prm_attention_forward_tc4(const bf16* __restrict__ qkv, const int* __restrict__ cu_seqlens, bf16* __restrict__ out,
-                              float* __restrict__ lse, int width, int total, int mode, int causal) {
+                              float* __restrict__ lse, int width, int total, int mode, int causal, int straight) {
     PRM_DYNAMIC_SHARED(bf16, smem);
     const int seq = blockIdx.z, h = blockIdx.y;
     const int row0 = cu_seqlens[seq];
@@ -242,18 +248,26 @@ extern "C" __global__ void __launch_bounds__(128, 4)
         for (int kt = 0; kt < ntiles; ++kt) {
             const int k0 = kt * V4_TILE;
             const int kvalid = min(V4_TILE, kend - k0);
-            float s[8][4];
-            prm_att_zero<8>(s);
-            v4_mma_abt(s, qa, sY, k0, kvalid);
-
-            prm_att_online_softmax(s, m, l, o, kvalid, causal, k0, rows);
-            // o += P·V, k-steps of 16 keys below kvalid (v3_mma_pb's order).
+            // FULL: a whole tile with nothing masked, as straight-line code (v3's tile too).
+            auto tile = [&](auto full) {
+                constexpr bool FULL = decltype(full)::value;
+                float s[8][4];
+                prm_att_zero<8>(s);
+                v4_mma_abt<FULL>(s, qa, sY, k0, kvalid);
+                prm_att_online_softmax<FULL>(s, m, l, o, kvalid, causal, k0, rows);
+                // o += P·V, k-steps of 16 keys below kvalid (v3_mma_pb's order).
 #pragma unroll
-            for (int ks = 0; ks < 4; ++ks) {
-                if (ks * 16 >= kvalid) continue;
-                uint32_t a[4];
-                prm_att_pack_a(a, s[2 * ks], s[2 * ks + 1]);
-                v4_mma_ab_step(o, a, sV, k0 + ks * 16);
+                for (int ks = 0; ks < 4; ++ks) {
+                    if (!FULL && ks * 16 >= kvalid) continue;
+                    uint32_t a[4];
+                    prm_att_pack_a(a, s[2 * ks], s[2 * ks + 1]);
+                    v4_mma_ab_step(o, a, sV, k0 + ks * 16);
+                }
+            };
+            if (straight && kvalid == V4_TILE && !causal) {
+                tile(prm_flag<true>{});
+            } else {
+                tile(prm_flag<false>{});
             }
         }
         prm_att_finish(out, lse, o, m, l, rows, T, row0, h, width, total);
@@ -264,7 +278,8 @@ PRM_REGISTER_KERNEL(prm_attention_forward_tc4);
 extern "C" __global__ void __launch_bounds__(128, 4)
     prm_attention_bwd_dq_tc4(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out, const float* __restrict__ lse,
                              const float* __restrict__ delta, const int* __restrict__ cu_seqlens,
-                             bf16* __restrict__ d_qkv, int width, int total, int causal) {
+                             bf16* __restrict__ d_qkv, int width, int total, int causal,
+                             int /*straight: no straight-line tile here, see below*/) {
     PRM_DYNAMIC_SHARED(bf16, smem);
     const int seq = blockIdx.z, h = blockIdx.y;
     const int row0 = cu_seqlens[seq];
@@ -311,7 +326,8 @@ extern "C" __global__ void __launch_bounds__(128, 4)
         for (int kt = 0; kt < ntiles; ++kt) {
             const int k0 = kt * V4_TILE;
             const int kvalid = min(V4_TILE, kend - k0);
-            // 32 keys at a time: half the score registers live at once.
+            // 32 keys at a time: half the score registers live at once. (No straight-line FULL
+            // form here, unlike v3's dQ: with Q's and dO's fragments held in registers it spills.)
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 if (half * 32 >= kvalid) continue;
@@ -334,7 +350,7 @@ extern "C" __global__ void __launch_bounds__(128, 3)
     prm_attention_bwd_dkdv_tc4(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
                                const float* __restrict__ lse, const float* __restrict__ delta,
                                const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width, int total,
-                               int causal) {
+                               int causal, int straight) {
     PRM_DYNAMIC_SHARED(bf16, smem);
     const int seq = blockIdx.z, h = blockIdx.y;
     const int row0 = cu_seqlens[seq];
@@ -394,27 +410,43 @@ extern "C" __global__ void __launch_bounds__(128, 3)
             const int qvalid = min(V4_TILE, T - q0);
             const float* tl = sLse + q0;
             const float* tdel = sDelta + q0;
-            // 32 queries at a time: half the score registers live at once.
+            // FULL: a whole tile, all 16 keys below T, nothing masked: straight-line code.
+            auto tile = [&](auto full) {
+                constexpr bool FULL = decltype(full)::value;
+                // 32 queries at a time: half the score registers live at once (a loop, not
+                // unrolled, as in v3).
+#pragma unroll 1
+                for (int half = 0; half < 2; ++half) {
+                    if (!FULL && half * 32 >= qvalid) continue;
+                    // Pᵀ = exp(K·Qᵀ/8 − lse), rounded to bf16 once: it feeds dV and dS.
+                    uint32_t pb[2][4];
+                    {
+                        float st[4][4];
+                        prm_att_zero<4>(st);
+                        v4_mma_abt_half_s<FULL>(st, sKw, sQ, q0, half, qvalid);  // Sᵀ = K·Qᵀ
+                        prm_att_dkdv_pt<FULL>(pb, st, half, qvalid, causal, q0, keys, T, tl);
+                    }
+                    // dV += Pᵀ·dO
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                if (half * 32 >= qvalid) continue;
-                // Pᵀ = exp(K·Qᵀ/8 − lse), rounded to bf16 once: it feeds dV and dS.
-                uint32_t pb[2][4];
-                {
-                    float st[4][4];
-                    prm_att_zero<4>(st);
-                    v4_mma_abt_half_s(st, sKw, sQ, q0, half, qvalid);  // Sᵀ = K·Qᵀ
-                    prm_att_dkdv_pt(pb, st, half, qvalid, causal, q0, keys, T, tl);
+                    for (int j = 0; j < 2; ++j)
+                        if (FULL || (half * 2 + j) * 16 < qvalid)
+                            v4_mma_ab_step(dv, pb[j], sD, q0 + (half * 2 + j) * 16);
+                    float dpt[4][4];
+                    prm_att_zero<4>(dpt);
+                    v4_mma_abt_half_s<FULL>(dpt, sVw, sD, q0, half, qvalid);  // dPᵀ = V·dOᵀ
+                    prm_att_dkdv_dst(dpt, pb, half, tdel);
+                    v4_mma_pb_half<FULL>(dk, dpt, sQ, q0, half, qvalid);  // dK += dSᵀ·Q
                 }
-                // dV += Pᵀ·dO
-#pragma unroll
-                for (int j = 0; j < 2; ++j)
-                    if ((half * 2 + j) * 16 < qvalid) v4_mma_ab_step(dv, pb[j], sD, q0 + (half * 2 + j) * 16);
-                float dpt[4][4];
-                prm_att_zero<4>(dpt);
-                v4_mma_abt_half_s(dpt, sVw, sD, q0, half, qvalid);  // dPᵀ = V·dOᵀ
-                prm_att_dkdv_dst(dpt, pb, half, tdel);
-                v4_mma_pb_half(dk, dpt, sQ, q0, half, qvalid);  // dK += dSᵀ·Q
+            };
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+            constexpr bool arch_straight = false;  // as in v3: sm_80 is not tuned for
+#else
+            constexpr bool arch_straight = true;
+#endif
+            if (arch_straight && straight && qvalid == V4_TILE && !causal && wk0 + 16 <= T) {
+                tile(prm_flag<true>{});
+            } else {
+                tile(prm_flag<false>{});
             }
         }
         const float one[2] = {1.0f, 1.0f};

@@ -7,9 +7,17 @@
 // acc[nt][i] of a 16 × (8·N) block, element i is row g + 8·(i / 2), column nt·8 + t + (i % 2).
 // rows[r] is the sequence index of row g + 8·r. Scores are scaled by 1/√64 = 1/8; softmax runs in
 // log2 units (exp2 with log2(e)/8 folded into the scale); lse is stored in natural-log units.
+//
+// Every multiply-add here is spelled out (PRM_FMUL_RN / PRM_FADD_RN, or fmaf where one rounding is
+// meant): nvcc contracts `a * b + c` into an FMA or not depending on the code around it, so the
+// same expression in two paths (a whole tile and a masked one, v3 and v4) could round differently
+// on the GPU while the simulator, which never contracts, saw the same bits. The spelled-out forms
+// are the ones nvcc chose before (sm_90 SASS, 2026-12-04): the softmax's scale, subtraction and
+// running sum unfused, the backward's exponent `s·scale − lse` one FMA.
 #pragma once
 #include "common.cuh"
 #include "mma.cuh"
+#include "rounded.cuh"
 
 #define PRM_ATT_SCALE 0.125f                              // 1/√64
 #define PRM_ATT_SCALE_LOG2 (0.125f * 1.4426950408889634f)  // 1/√64 · log2(e)
@@ -68,7 +76,7 @@ __device__ __forceinline__ void prm_att_online_softmax(float s[8][4], float m[2]
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int c = nt * 8 + t + (i & 1), r = i >> 1;
-            float v = s[nt][i] * PRM_ATT_SCALE_LOG2;
+            float v = PRM_FMUL_RN(s[nt][i], PRM_ATT_SCALE_LOG2);
             if (!FULL && (c >= kvalid || (causal && k0 + c > rows[r]))) v = -INFINITY;
             s[nt][i] = v;
             mx[r] = fmaxf(mx[r], v);
@@ -86,13 +94,13 @@ __device__ __forceinline__ void prm_att_online_softmax(float s[8][4], float m[2]
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int r = i >> 1;
-            const float p = m[r] == -INFINITY ? 0.0f : exp2f(s[nt][i] - m[r]);
+            const float p = m[r] == -INFINITY ? 0.0f : exp2f(PRM_FSUB_RN(s[nt][i], m[r]));
             s[nt][i] = p;
             sum[r] += p;
             o[nt][i] *= corr[r];
         }
-    l[0] = l[0] * corr[0] + sum[0];
-    l[1] = l[1] * corr[1] + sum[1];
+    l[0] = PRM_FADD_RN(PRM_FMUL_RN(l[0], corr[0]), sum[0]);
+    l[1] = PRM_FADD_RN(PRM_FMUL_RN(l[1], corr[1]), sum[1]);
 }
 
 // The end of a query block in the forward: row sums over the quad, the context o / l stored in
@@ -131,7 +139,7 @@ __device__ __forceinline__ void prm_att_dq_ds(float s[4][4], const float dp[4][4
         for (int i = 0; i < 4; ++i) {
             const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
             const bool ok = FULL || (rows[r] < T && c < kvalid && !(causal && k0 + c > rows[r]));
-            const float p = ok ? exp2f(s[nt][i] * PRM_ATT_SCALE_LOG2 - lse2[r]) : 0.0f;
+            const float p = ok ? exp2f(fmaf(s[nt][i], PRM_ATT_SCALE_LOG2, -lse2[r])) : 0.0f;
             s[nt][i] = p * (dp[nt][i] - row_delta[r]) * PRM_ATT_SCALE;  // dS, scaled
         }
 }
@@ -151,7 +159,7 @@ __device__ __forceinline__ void prm_att_dkdv_pt(uint32_t pb[2][4], float st[4][4
         for (int i = 0; i < 4; ++i) {
             const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
             const bool ok = FULL || (keys[r] < T && c < qvalid && !(causal && keys[r] > q0 + c));
-            st[nt][i] = ok ? exp2f(st[nt][i] * PRM_ATT_SCALE_LOG2 - tl[c]) : 0.0f;
+            st[nt][i] = ok ? exp2f(fmaf(st[nt][i], PRM_ATT_SCALE_LOG2, -tl[c])) : 0.0f;
         }
     prm_att_pack_a(pb[0], st[0], st[1]);
     prm_att_pack_a(pb[1], st[2], st[3]);

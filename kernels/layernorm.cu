@@ -6,7 +6,10 @@
 //   gamma, beta    [dim]           fp32
 //   mean, rstd     [rows]          fp32, saved by the forward for the backward
 // Precision: all arithmetic in fp32; bf16 values are widened on load and rounded to nearest even
-// on store (the bf16 backward's `accumulate` adds in fp32, then rounds once).
+// on store (the bf16 backward's `accumulate` adds in fp32, then rounds once). Every multiply that
+// feeds an add is spelled out (fmaf, or PRM_FMUL_RN / PRM_FADD_RN from rounded.cuh), so that the
+// cached, full-row and streaming paths and the two widths round alike on the GPU: nvcc contracts
+// `a * b + c` or not depending on the code around it (kernels/README.md).
 //
 // Forward:   y = (x − mean)·rstd·γ + β,  mean = Σx/dim,  rstd = 1/sqrt(Σ(x − mean)²/dim + eps)
 //            (two-pass variance, exact sqrt and division, statistics in fp32)
@@ -29,6 +32,7 @@
 // Launchers: src/gpu/kernels/layernorm.rs (layernorm_forward_f32, layernorm_backward_f32 and
 // their variants; both pick their `_d768` kernels for rows of up to 768 elements).
 #include "common.cuh"
+#include "rounded.cuh"
 
 #define PRM_LN_ROWS_PER_BLOCK 4
 #define PRM_LN_CACHED_DIM 1024
@@ -62,13 +66,13 @@ __device__ __forceinline__ void prm_layernorm_forward_cached(const T* __restrict
     for (int k = 0; k < PER_LANE; ++k) {
         const int i = lane + k * PRM_WARP_SIZE;
         const float d = v[k] - mean;
-        q += (FULL || i < dim) ? d * d : 0.0f;
+        q = PRM_FADD_RN(q, (FULL || i < dim) ? PRM_FMUL_RN(d, d) : 0.0f);
     }
-    rstd = 1.0f / sqrtf(prm_warp_sum(q) * inv_dim + eps);
+    rstd = 1.0f / sqrtf(fmaf(prm_warp_sum(q), inv_dim, eps));
 #pragma unroll
     for (int k = 0; k < PER_LANE; ++k) {
         const int i = lane + k * PRM_WARP_SIZE;
-        if (FULL || i < dim) prm_ln_store(yr + i, ((v[k] - mean) * rstd) * gamma[i] + beta[i]);
+        if (FULL || i < dim) prm_ln_store(yr + i, fmaf((v[k] - mean) * rstd, gamma[i], beta[i]));
     }
 }
 
@@ -100,11 +104,11 @@ __device__ __forceinline__ void prm_layernorm_forward(const T* __restrict__ x, c
         float q = 0.0f;
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
             const float d = prm_ln_load(xr + i) - mean;
-            q += d * d;
+            q = PRM_FADD_RN(q, PRM_FMUL_RN(d, d));
         }
-        rstd = 1.0f / sqrtf(prm_warp_sum(q) * inv_dim + eps);
+        rstd = 1.0f / sqrtf(fmaf(prm_warp_sum(q), inv_dim, eps));
         for (int i = lane; i < dim; i += PRM_WARP_SIZE)
-            prm_ln_store(yr + i, ((prm_ln_load(xr + i) - mean) * rstd) * gamma[i] + beta[i]);
+            prm_ln_store(yr + i, fmaf((prm_ln_load(xr + i) - mean) * rstd, gamma[i], beta[i]));
     }
     if (lane == 0) {
         mean_out[row] = mean;
@@ -178,7 +182,7 @@ __device__ __forceinline__ void prm_layernorm_backward_cached(const T* __restric
         xh[k] = in ? (prm_ln_load(xr + i) - mean) * rstd : 0.0f;
         old[k] = (ACCUMULATE && in) ? prm_ln_load(dxr + i) : 0.0f;
         sg += g[k];
-        sgx += g[k] * xh[k];
+        sgx = fmaf(g[k], xh[k], sgx);
     }
     const float mg = prm_warp_sum(sg) * inv_dim;
     const float mgx = prm_warp_sum(sgx) * inv_dim;
@@ -186,8 +190,8 @@ __device__ __forceinline__ void prm_layernorm_backward_cached(const T* __restric
     for (int k = 0; k < PER_LANE; ++k) {
         const int i = lane + k * PRM_WARP_SIZE;
         if (FULL || i < dim) {
-            const float v = rstd * (g[k] - mg - xh[k] * mgx);
-            const float out = ACCUMULATE ? old[k] + v : v;
+            const float v = PRM_FMUL_RN(rstd, fmaf(-xh[k], mgx, g[k] - mg));
+            const float out = ACCUMULATE ? PRM_FADD_RN(old[k], v) : v;
             prm_ln_store(dxr + i, out);
             if (COPY) copyr[i] = __float2bfloat16(out);  // only with fp32 dx: out as stored
         }
@@ -246,14 +250,15 @@ __device__ __forceinline__ void prm_layernorm_backward(const T* __restrict__ x, 
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
             const float g = prm_ln_load(dyr + i) * gamma[i];
             sg += g;
-            sgx += g * ((prm_ln_load(xr + i) - mean) * rstd);
+            sgx = fmaf(g, (prm_ln_load(xr + i) - mean) * rstd, sgx);
         }
         const float mg = prm_warp_sum(sg) * inv_dim;
         const float mgx = prm_warp_sum(sgx) * inv_dim;
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
             const float g = prm_ln_load(dyr + i) * gamma[i];
-            const float v = rstd * (g - mg - ((prm_ln_load(xr + i) - mean) * rstd) * mgx);
-            const float out = accumulate ? prm_ln_load(dxr + i) + v : v;
+            const float xh = (prm_ln_load(xr + i) - mean) * rstd;
+            const float v = PRM_FMUL_RN(rstd, fmaf(-xh, mgx, g - mg));
+            const float out = accumulate ? PRM_FADD_RN(prm_ln_load(dxr + i), v) : v;
             prm_ln_store(dxr + i, out);
             if (copyr) copyr[i] = __float2bfloat16(out);
         }

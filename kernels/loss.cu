@@ -34,8 +34,11 @@
 // receives bf16(grad) of every row after the update, rounded to nearest even, the unselected
 // rows included: the bf16 engine's next product reads the residual gradient as its operand.
 //
-// Norms are floored at 1e-12 like torch's F.normalize. All arithmetic is fp32.
+// Norms are floored at 1e-12 like torch's F.normalize. All arithmetic is fp32; every multiply that
+// feeds an add is spelled out (fmaf, PRM_FADD_RN), so that the cached and streaming rows passes
+// round alike on the GPU (kernels/README.md).
 #include "common.cuh"
+#include "rounded.cuh"
 
 #define LOSS_ROWS_PER_BLOCK 8
 #define LOSS_IMAGE_THREADS 256
@@ -68,9 +71,9 @@ __device__ __forceinline__ void loss_cosine_cached(const float* __restrict__ ar,
             av[k] = x;
             cv[k] = y;
             gv[k] = GRAD ? gr[d] : 0.0f;
-            aa += x * x;
-            cc += y * y;
-            ac += x * y;
+            aa = fmaf(x, x, aa);
+            cc = fmaf(y, y, cc);
+            ac = fmaf(x, y, ac);
         }
     }
     aa = prm_warp_sum(aa);
@@ -87,7 +90,7 @@ __device__ __forceinline__ void loss_cosine_cached(const float* __restrict__ ar,
         for (int k = 0; k < PER_LANE; ++k) {
             const int d = lane + 32 * k;
             if (FULL || d < dim) {
-                const float g = gv[k] + (cv[k] * u - av[k] * w);
+                const float g = PRM_FADD_RN(gv[k], fmaf(cv[k], u, -(av[k] * w)));
                 gr[d] = g;
                 if (COPY) gc[d] = __float2bfloat16(g);
             }
@@ -146,9 +149,9 @@ __device__ __forceinline__ void loss_rows(const float* a, const float* c, const 
         float aa = 0.0f, cc = 0.0f, ac = 0.0f;
         for (int d = lane; d < dim; d += 32) {
             const float x = ar[d], y = cr[d];
-            aa += x * x;
-            cc += y * y;
-            ac += x * y;
+            aa = fmaf(x, x, aa);
+            cc = fmaf(y, y, cc);
+            ac = fmaf(x, y, ac);
         }
         aa = prm_warp_sum(aa);
         cc = prm_warp_sum(cc);
@@ -161,7 +164,7 @@ __device__ __forceinline__ void loss_rows(const float* a, const float* c, const 
             const float u = weight / (na * nc * (float)n_sel);
             const float w = weight * cosv / (na * na * (float)n_sel);
             for (int d = lane; d < dim; d += 32) {
-                const float g = gr[d] + (cr[d] * u - ar[d] * w);
+                const float g = PRM_FADD_RN(gr[d], fmaf(cr[d], u, -(ar[d] * w)));
                 gr[d] = g;
                 if (gc) gc[d] = __float2bfloat16(g);
             }
@@ -170,14 +173,14 @@ __device__ __forceinline__ void loss_rows(const float* a, const float* c, const 
         float s = 0.0f;
         for (int d = lane; d < dim; d += 32) {
             const float e = ar[d] - cr[d];
-            s += e * e;
+            s = fmaf(e, e, s);
         }
         s = prm_warp_sum(s);
         if (lane == 0) row_val[row] = s;
         if (gr) {
             const float k = weight * (-2.0f / ((float)n_sel * (float)dim));
             for (int d = lane; d < dim; d += 32) {
-                const float g = gr[d] + (ar[d] - cr[d]) * k;
+                const float g = fmaf(ar[d] - cr[d], k, gr[d]);
                 gr[d] = g;
                 if (gc) gc[d] = __float2bfloat16(g);
             }
@@ -192,14 +195,14 @@ __device__ __forceinline__ void loss_rows(const float* a, const float* c, const 
         float s = 0.0f;
         for (int d = lane; d < dim; d += 32) {
             const float e = ar[d] - mean;
-            s += e * e;
+            s = fmaf(e, e, s);
         }
         s = prm_warp_sum(s);
         if (lane == 0) row_val[row] = s;
     } else if (gr) {
         const float mean = stats[2 * b], scale = stats[2 * b + 1];
         for (int d = lane; d < dim; d += 32) {
-            const float g = gr[d] + (ar[d] - mean) * scale;
+            const float g = fmaf(ar[d] - mean, scale, gr[d]);
             gr[d] = g;
             if (gc) gc[d] = __float2bfloat16(g);
         }

@@ -840,7 +840,9 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
 /// arithmetic in the same order, so the context, lse, delta and d_qkv must agree bit for bit,
 /// with every CTA split per head (1 to 4), on 197 tokens, a mixed batch of odd lengths (1, 5,
 /// 15, 16, 17, 63, 65 and the v4 limit of 256), ViT-B's width, causal masks, the q·qᵀ and k·kᵀ
-/// forwards, and a batch past the limit (which runs v3's kernels).
+/// forwards, and a batch past the limit (which runs v3's kernels). The reference is v3 with its
+/// straight tiles off (every tile through the masked code): v3 and v4 with them on (the
+/// default) and v4 with them off must give its bits too.
 #[test]
 fn v4_is_v3_bit_for_bit() {
     type Case = (Vec<usize>, usize, AttentionMode, bool);
@@ -872,8 +874,10 @@ fn v4_is_v3_bit_for_bit() {
             let dout_b = dev.upload(&to_bf16(&d_out)).unwrap();
             let cu_b = dev.upload(&cu).unwrap();
             let backward = tensor_core_v3_supports(mode, true);
-            // (out, lse, delta, d_qkv) as bits, from v3 (split None) or v4 with that split.
-            let run = |split: Option<u32>| {
+            // (out, lse, delta, d_qkv) as bits, from v3 (split None) or v4 with that split, with
+            // straight tiles on or off.
+            let run = |split: Option<u32>, straight: bool| {
+                set_straight_tiles(straight);
                 let mut out = dev.alloc::<bf16>(n * width).unwrap();
                 let mut lse = dev.alloc::<f32>(heads * n).unwrap();
                 let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
@@ -929,19 +933,24 @@ fn v4_is_v3_bit_for_bit() {
                     },
                 )
             };
-            let want = run(None);
-            for split in 1..=4 {
-                let got = run(Some(split));
+            let want = run(None, false);
+            let runs = [(None, true), (Some(1), false)]
+                .into_iter()
+                .chain((1..=4).map(|split| (Some(split), true)));
+            for (split, straight) in runs {
+                let got = run(split, straight);
                 let what = format!(
-                    "{} {lens:?} width {width} {mode:?} causal {causal} split {split}",
+                    "{} {lens:?} width {width} {mode:?} causal {causal} v4 split {split:?} \
+                     straight {straight}",
                     dev.name()
                 );
-                assert!(got.0 == want.0, "{what}: context differs from v3");
-                assert!(got.1 == want.1, "{what}: lse differs from v3");
-                assert!(got.2 == want.2, "{what}: delta differs from v3");
-                assert!(got.3 == want.3, "{what}: d_qkv differs from v3");
+                assert!(got.0 == want.0, "{what}: context differs from masked v3");
+                assert!(got.1 == want.1, "{what}: lse differs from masked v3");
+                assert!(got.2 == want.2, "{what}: delta differs from masked v3");
+                assert!(got.3 == want.3, "{what}: d_qkv differs from masked v3");
             }
             set_tc4_split(1);
+            set_straight_tiles(true);
         }
     }
 }

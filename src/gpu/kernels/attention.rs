@@ -162,8 +162,8 @@ impl Grid {
     }
 }
 
-/// Checks and launches a forward kernel (SIMT or tensor-core: same parameter list) on `cover`'s
-/// grid.
+/// Checks and launches a forward kernel (SIMT or tensor-core: same parameter list, and v3 / v4
+/// take `straight` after it: [`straight_tiles`]) on `cover`'s grid.
 #[allow(clippy::too_many_arguments)]
 fn launch_forward<Q: Element, O: Element>(
     dev: &Device,
@@ -178,6 +178,7 @@ fn launch_forward<Q: Element, O: Element>(
     width: usize,
     mode: AttentionMode,
     causal: bool,
+    straight: Option<bool>,
 ) -> Result<(), GpuError> {
     let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, width);
     if total == 0 {
@@ -197,6 +198,9 @@ fn launch_forward<Q: Element, O: Element>(
         .i32(total as i32)
         .i32(mode as i32)
         .i32(causal as i32);
+    if let Some(straight) = straight {
+        args.i32(straight as i32);
+    }
     dev.launch(kernel, cfg, &mut args)
 }
 
@@ -324,6 +328,7 @@ pub fn attention_forward_f32(
         width,
         mode,
         causal,
+        None,
     )
 }
 
@@ -459,6 +464,7 @@ pub fn attention_forward_tc(
         width,
         mode,
         causal,
+        None,
     )
 }
 
@@ -638,6 +644,7 @@ pub fn attention_forward_tc3(
         width,
         mode,
         causal,
+        Some(straight_tiles()),
     )
 }
 
@@ -795,6 +802,7 @@ fn launch_dkdv_dq(
     causal: bool,
 ) -> Result<(), GpuError> {
     let (w, n, c) = (width as i32, total as i32, causal as i32);
+    let straight = straight_tiles() as i32;
     for (kernel, smem) in kernels {
         let cfg = LaunchConfig {
             grid,
@@ -810,7 +818,8 @@ fn launch_dkdv_dq(
             .output(d_qkv)
             .i32(w)
             .i32(n)
-            .i32(c);
+            .i32(c)
+            .i32(straight);
         dev.launch(kernel, cfg, &mut args)?;
     }
     Ok(())
@@ -839,6 +848,29 @@ fn tc4_smem(seqlens_host: &[usize]) -> Option<(u32, u32)> {
     // dK/dV adds each query's lse and delta (fp32) and each warp's K and V block (16 rows).
     let dkdv = resident + 2 * stat_rows * 4 + (THREADS as usize / 32) * 2 * 16 * HEAD_DIM * 2;
     Some((resident as u32, dkdv as u32))
+}
+
+/// [`set_straight_tiles`]'s value: 0 not set, 1 off, 2 on.
+static STRAIGHT_TILES_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether the v3 and v4 kernels run a whole tile with nothing masked as straight-line code (the
+/// default) or through the masked tile's code, for this process, overriding
+/// `PRM_ATTENTION_STRAIGHT`. A tuning and testing knob: both give the same results, bit for bit.
+pub fn set_straight_tiles(on: bool) {
+    let value = if on { 2 } else { 1 };
+    STRAIGHT_TILES_OVERRIDE.store(value, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// [`set_straight_tiles`]'s value, else `PRM_ATTENTION_STRAIGHT` (`0` turns it off; read
+/// once), else on.
+fn straight_tiles() -> bool {
+    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    match STRAIGHT_TILES_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => *FROM_ENV.get_or_init(|| {
+            std::env::var("PRM_ATTENTION_STRAIGHT").map_or(true, |v| v.trim() != "0")
+        }),
+        value => value == 2,
+    }
 }
 
 /// [`set_tc4_split`]'s value; 0: not set.
@@ -923,6 +955,7 @@ pub fn attention_forward_tc4(
         width,
         mode,
         causal,
+        Some(straight_tiles()),
     )
 }
 
