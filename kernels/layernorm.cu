@@ -190,8 +190,8 @@ __device__ __forceinline__ void prm_layernorm_backward_cached(const T* __restric
     for (int k = 0; k < PER_LANE; ++k) {
         const int i = lane + k * PRM_WARP_SIZE;
         if (FULL || i < dim) {
-            const float v = PRM_FMUL_RN(rstd, fmaf(-xh[k], mgx, g[k] - mg));
-            const float out = ACCUMULATE ? PRM_FADD_RN(old[k], v) : v;
+            const float t = fmaf(-xh[k], mgx, g[k] - mg);
+            const float out = ACCUMULATE ? fmaf(rstd, t, old[k]) : PRM_FMUL_RN(rstd, t);
             prm_ln_store(dxr + i, out);
             if (COPY) copyr[i] = __float2bfloat16(out);  // only with fp32 dx: out as stored
         }
@@ -257,8 +257,8 @@ __device__ __forceinline__ void prm_layernorm_backward(const T* __restrict__ x, 
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
             const float g = prm_ln_load(dyr + i) * gamma[i];
             const float xh = (prm_ln_load(xr + i) - mean) * rstd;
-            const float v = PRM_FMUL_RN(rstd, fmaf(-xh, mgx, g - mg));
-            const float out = accumulate ? PRM_FADD_RN(prm_ln_load(dxr + i), v) : v;
+            const float t = fmaf(-xh, mgx, g - mg);
+            const float out = accumulate ? fmaf(rstd, t, prm_ln_load(dxr + i)) : PRM_FMUL_RN(rstd, t);
             prm_ln_store(dxr + i, out);
             if (copyr) copyr[i] = __float2bfloat16(out);
         }
