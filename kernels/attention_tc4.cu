@@ -18,8 +18,8 @@
 // and after the one load each warp runs its blocks back to back.
 //
 // The register-level steps are attention_tc_common.cuh's, shared with v3, and so are the
-// straight tiles (attention_tc3.cu), in the forward and dK/dV: dQ, which holds Q's and dO's
-// fragments in registers, spills with them and keeps the masked form (its `straight` is unused).
+// straight tiles (attention_tc3.cu) in dK/dV. The forward and dQ, which hold Q's (and dO's)
+// fragments in registers, spill with them and keep the masked form (their `straight` is unused).
 // Layouts: as v3 (attention_tc3.cu): qkv [N, 3D] bf16, cu_seqlens [B+1] int, out [N, D] bf16,
 // lse and delta [heads, N] fp32 at h·N + row (natural log, scores scaled by 1/8), d_out [N, D]
 // bf16, d_qkv [N, 3D] bf16 with every element written. Modes: the forward takes mode 0 (q·kᵀ),
@@ -212,7 +212,8 @@ __device__ __forceinline__ void v4_mma_pb_half(float acc[8][4], const float p[4]
 
 extern "C" __global__ void __launch_bounds__(128, 4)
     prm_attention_forward_tc4(const bf16* __restrict__ qkv, const int* __restrict__ cu_seqlens, bf16* __restrict__ out,
-                              float* __restrict__ lse, int width, int total, int mode, int causal, int straight) {
+                              float* __restrict__ lse, int width, int total, int mode, int causal,
+                              int /*straight: no straight-line tile here, see below*/) {
     PRM_DYNAMIC_SHARED(bf16, smem);
     const int seq = blockIdx.z, h = blockIdx.y;
     const int row0 = cu_seqlens[seq];
@@ -248,26 +249,19 @@ extern "C" __global__ void __launch_bounds__(128, 4)
         for (int kt = 0; kt < ntiles; ++kt) {
             const int k0 = kt * V4_TILE;
             const int kvalid = min(V4_TILE, kend - k0);
-            // FULL: a whole tile with nothing masked, as straight-line code (v3's tile too).
-            auto tile = [&](auto full) {
-                constexpr bool FULL = decltype(full)::value;
-                float s[8][4];
-                prm_att_zero<8>(s);
-                v4_mma_abt<FULL>(s, qa, sY, k0, kvalid);
-                prm_att_online_softmax<FULL>(s, m, l, o, kvalid, causal, k0, rows);
-                // o += P·V, k-steps of 16 keys below kvalid (v3_mma_pb's order).
+            // (No straight-line FULL form here, unlike v3's forward: with Q's fragments held in
+            // registers it spills at 128.)
+            float s[8][4];
+            prm_att_zero<8>(s);
+            v4_mma_abt(s, qa, sY, k0, kvalid);
+            prm_att_online_softmax(s, m, l, o, kvalid, causal, k0, rows);
+            // o += P·V, k-steps of 16 keys below kvalid (v3_mma_pb's order).
 #pragma unroll
-                for (int ks = 0; ks < 4; ++ks) {
-                    if (!FULL && ks * 16 >= kvalid) continue;
-                    uint32_t a[4];
-                    prm_att_pack_a(a, s[2 * ks], s[2 * ks + 1]);
-                    v4_mma_ab_step(o, a, sV, k0 + ks * 16);
-                }
-            };
-            if (straight && kvalid == V4_TILE && !causal) {
-                tile(prm_flag<true>{});
-            } else {
-                tile(prm_flag<false>{});
+            for (int ks = 0; ks < 4; ++ks) {
+                if (ks * 16 >= kvalid) continue;
+                uint32_t a[4];
+                prm_att_pack_a(a, s[2 * ks], s[2 * ks + 1]);
+                v4_mma_ab_step(o, a, sV, k0 + ks * 16);
             }
         }
         prm_att_finish(out, lse, o, m, l, rows, T, row0, h, width, total);

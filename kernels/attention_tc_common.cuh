@@ -13,7 +13,7 @@
 // same expression in two paths (a whole tile and a masked one, v3 and v4) could round differently
 // on the GPU while the simulator, which never contracts, saw the same bits. The spelled-out forms
 // are the ones nvcc chose before (sm_90 SASS, 2026-12-04): the softmax's scale, subtraction and
-// running sum unfused, the backward's exponent `s·scale − lse` one FMA.
+// running sum unfused, the backward's exponent `s·scale − lse` and the forward's lse one FMA.
 #pragma once
 #include "common.cuh"
 #include "mma.cuh"
@@ -30,6 +30,20 @@ template <bool B>
 struct prm_flag {
     static constexpr bool value = B;
 };
+
+// 2^x with subnormal results flushed to zero: one MUFU.EX2 (`ex2.approx.ftz`). exp2f is the
+// same instruction for normal results but adds a range test and two multiplies per call to keep
+// the subnormal ones (x < −126), and the softmax takes one per score: P < 2^−126 is nothing to
+// a row whose largest element is 1. The simulator flushes the same results.
+__device__ __forceinline__ float prm_att_exp2(float x) {
+#ifdef __CUDACC__
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#else
+    return x < -126.0f ? 0.0f : exp2f(x);
+#endif
+}
 
 template <int N>
 __device__ __forceinline__ void prm_att_zero(float acc[N][4]) {
@@ -86,7 +100,7 @@ __device__ __forceinline__ void prm_att_online_softmax(float s[8][4], float m[2]
     for (int r = 0; r < 2; ++r) {
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        corr[r] = mx[r] == -INFINITY ? 1.0f : exp2f(m[r] - mx[r]);
+        corr[r] = mx[r] == -INFINITY ? 1.0f : prm_att_exp2(m[r] - mx[r]);
         m[r] = mx[r];
     }
 #pragma unroll
@@ -94,7 +108,7 @@ __device__ __forceinline__ void prm_att_online_softmax(float s[8][4], float m[2]
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int r = i >> 1;
-            const float p = m[r] == -INFINITY ? 0.0f : exp2f(PRM_FSUB_RN(s[nt][i], m[r]));
+            const float p = m[r] == -INFINITY ? 0.0f : prm_att_exp2(PRM_FSUB_RN(s[nt][i], m[r]));
             s[nt][i] = p;
             sum[r] += p;
             o[nt][i] *= corr[r];
@@ -120,7 +134,7 @@ __device__ __forceinline__ void prm_att_finish(__nv_bfloat16* out, float* lse, c
     if ((threadIdx.x & 3) == 0) {
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-            if (rows[r] < T) lse[(size_t)h * total + row0 + rows[r]] = m[r] * PRM_ATT_LN2 + logf(l[r]);
+            if (rows[r] < T) lse[(size_t)h * total + row0 + rows[r]] = fmaf(m[r], PRM_ATT_LN2, logf(l[r]));
     }
 }
 
@@ -139,7 +153,7 @@ __device__ __forceinline__ void prm_att_dq_ds(float s[4][4], const float dp[4][4
         for (int i = 0; i < 4; ++i) {
             const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
             const bool ok = FULL || (rows[r] < T && c < kvalid && !(causal && k0 + c > rows[r]));
-            const float p = ok ? exp2f(fmaf(s[nt][i], PRM_ATT_SCALE_LOG2, -lse2[r])) : 0.0f;
+            const float p = ok ? prm_att_exp2(fmaf(s[nt][i], PRM_ATT_SCALE_LOG2, -lse2[r])) : 0.0f;
             s[nt][i] = p * (dp[nt][i] - row_delta[r]) * PRM_ATT_SCALE;  // dS, scaled
         }
 }
@@ -159,7 +173,7 @@ __device__ __forceinline__ void prm_att_dkdv_pt(uint32_t pb[2][4], float st[4][4
         for (int i = 0; i < 4; ++i) {
             const int c = half * 32 + nt * 8 + t + (i & 1), r = i >> 1;
             const bool ok = FULL || (keys[r] < T && c < qvalid && !(causal && keys[r] > q0 + c));
-            st[nt][i] = ok ? exp2f(fmaf(st[nt][i], PRM_ATT_SCALE_LOG2, -tl[c])) : 0.0f;
+            st[nt][i] = ok ? prm_att_exp2(fmaf(st[nt][i], PRM_ATT_SCALE_LOG2, -tl[c])) : 0.0f;
         }
     prm_att_pack_a(pb[0], st[0], st[1]);
     prm_att_pack_a(pb[1], st[2], st[3]);
