@@ -76,16 +76,16 @@ __device__ __forceinline__ float prm_act_grad(int act, float z) {
 // Here the 8 reciprocals take the division's fast path unguarded (`prm_frcp_rn_below_2p126`,
 // exact for denominators in [1, 2^126)), and one test per group sends the rare group holding
 // a denominator ≥ 2^126 (z ≤ −51.3), ∞ or NaN back through the division.
+// (The rare group recomputes its denominators rather than keep 8 more registers live.)
 __device__ __forceinline__ void prm_quick_gelu_sigmoid8(const float z[8], float s[8]) {
-    float d[8];
     bool slow = false;
     for (int k = 0; k < 8; ++k) {
-        d[k] = prm_sigmoid_denominator(1.702f * z[k]);
-        slow |= !(d[k] < 0x1p126f);
-        s[k] = prm_frcp_rn_below_2p126(d[k]);
+        const float d = prm_sigmoid_denominator(1.702f * z[k]);
+        slow |= !(d < 0x1p126f);
+        s[k] = prm_frcp_rn_below_2p126(d);
     }
     if (slow) {
-        for (int k = 0; k < 8; ++k) s[k] = 1.0f / d[k];
+        for (int k = 0; k < 8; ++k) s[k] = prm_sigmoid(1.702f * z[k]);
     }
 }
 
