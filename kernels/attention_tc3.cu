@@ -291,21 +291,34 @@ __device__ __forceinline__ void v3_delta(const bf16* __restrict__ out, const D* 
     const long long pairs = (long long)total * heads;
     const long long p0 = ((long long)blockIdx.x * (blockDim.x >> 5) + warp) * V3_DELTA_PAIRS;
     if (p0 >= pairs) return;  // whole warp; no block barrier in this kernel
+    // Pair p is (row p / heads, head p % heads): one division for the warp's first pair, then
+    // the next pairs step through the heads (a 64-bit division per pair cost more instructions
+    // than the pair's loads).
+    int rows[V3_DELTA_PAIRS], hs[V3_DELTA_PAIRS];
+    {
+        int row = (int)(p0 / heads), h = (int)(p0 % heads);
+#pragma unroll
+        for (int j = 0; j < V3_DELTA_PAIRS; ++j) {
+            rows[j] = row;
+            hs[j] = h;
+            if (++h == heads) {
+                h = 0;
+                ++row;
+            }
+        }
+    }
     float2 d[V3_DELTA_PAIRS], o[V3_DELTA_PAIRS];
 #pragma unroll
     for (int j = 0; j < V3_DELTA_PAIRS; ++j) {
-        const long long p = p0 + j;
-        if (p >= pairs) continue;
-        const int row = (int)(p / heads), h = (int)(p % heads);
-        const size_t at = (size_t)row * width + h * V3_HD + 2 * lane;
+        if (p0 + j >= pairs) continue;
+        const size_t at = (size_t)rows[j] * width + hs[j] * V3_HD + 2 * lane;
         d[j] = v3_load_pair(d_out + at);
         o[j] = v3_load_pair(out + at);
     }
 #pragma unroll
     for (int j = 0; j < V3_DELTA_PAIRS; ++j) {
-        const long long p = p0 + j;
-        if (p >= pairs) continue;  // warp-uniform
-        const int row = (int)(p / heads), h = (int)(p % heads);
+        if (p0 + j >= pairs) continue;  // warp-uniform
+        const int row = rows[j], h = hs[j];
         const size_t at = (size_t)row * width + h * V3_HD + 2 * lane;
         if (d_out_bf16) *reinterpret_cast<uint32_t*>(d_out_bf16 + at) = prm_pack_bf16x2(d[j].x, d[j].y);
         const float v = prm_warp_sum(fmaf(d[j].y, o[j].y, d[j].x * o[j].x));
