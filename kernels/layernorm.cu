@@ -90,7 +90,6 @@ __device__ __forceinline__ void prm_layernorm_forward(const T* __restrict__ x, c
     if (row >= rows) return;  // whole warp leaves together; no block barrier in this kernel
     const T* xr = x + (size_t)row * dim;
     TOut* yr = y + (size_t)row * dim;
-    const float inv_dim = 1.0f / (float)dim;
 
     float mean, rstd;
     if (dim == PER_LANE * PRM_WARP_SIZE) {
@@ -98,6 +97,7 @@ __device__ __forceinline__ void prm_layernorm_forward(const T* __restrict__ x, c
     } else if (dim < PER_LANE * PRM_WARP_SIZE) {
         prm_layernorm_forward_cached<false, PER_LANE>(xr, gamma, beta, yr, lane, dim, eps, mean, rstd);
     } else {
+        const float inv_dim = 1.0f / (float)dim;
         float s = 0.0f;
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) s += prm_ln_load(xr + i);
         mean = prm_warp_sum(s) * inv_dim;
