@@ -29,10 +29,14 @@
 // cached backward also loads the dx it accumulates into together with x and dy, before the
 // reductions, so that its latency overlaps theirs instead of following them.
 //
+// The backward's per-element steps are layernorm_steps.cuh's, every rounding spelled, shared with
+// layernorm_cosine.cu (LN1's backward fused with the prm loss rows), which gives the same bits.
+//
 // Launchers: src/gpu/kernels/layernorm.rs (layernorm_forward_f32, layernorm_backward_f32 and
 // their variants; both pick their `_d768` kernels for rows of up to 768 elements).
 #include "common.cuh"
 #include "rounded.cuh"
+#include "layernorm_steps.cuh"
 
 #define PRM_LN_ROWS_PER_BLOCK 4
 #define PRM_LN_CACHED_DIM 1024
@@ -178,20 +182,19 @@ __device__ __forceinline__ void prm_layernorm_backward_cached(const T* __restric
     for (int k = 0; k < PER_LANE; ++k) {
         const int i = lane + k * PRM_WARP_SIZE;
         const bool in = FULL || i < dim;
-        g[k] = in ? prm_ln_load(dyr + i) * gamma[i] : 0.0f;
-        xh[k] = in ? (prm_ln_load(xr + i) - mean) * rstd : 0.0f;
+        g[k] = in ? prm_ln_g(prm_ln_load(dyr + i), gamma[i]) : 0.0f;
+        xh[k] = in ? prm_ln_xhat(prm_ln_load(xr + i), mean, rstd) : 0.0f;
         old[k] = (ACCUMULATE && in) ? prm_ln_load(dxr + i) : 0.0f;
-        sg += g[k];
-        sgx = fmaf(g[k], xh[k], sgx);
+        sg = prm_ln_sum_g(sg, g[k]);
+        sgx = prm_ln_sum_gx(sgx, g[k], xh[k]);
     }
-    const float mg = prm_warp_sum(sg) * inv_dim;
-    const float mgx = prm_warp_sum(sgx) * inv_dim;
+    const float mg = prm_ln_row_mean(sg, inv_dim);
+    const float mgx = prm_ln_row_mean(sgx, inv_dim);
 #pragma unroll
     for (int k = 0; k < PER_LANE; ++k) {
         const int i = lane + k * PRM_WARP_SIZE;
         if (FULL || i < dim) {
-            const float t = fmaf(-xh[k], mgx, g[k] - mg);
-            const float out = ACCUMULATE ? fmaf(rstd, t, old[k]) : PRM_FMUL_RN(rstd, t);
+            const float out = prm_ln_dx(g[k], xh[k], mg, mgx, rstd, ACCUMULATE, old[k]);
             prm_ln_store(dxr + i, out);
             if (COPY) copyr[i] = __float2bfloat16(out);  // only with fp32 dx: out as stored
         }
@@ -248,17 +251,17 @@ __device__ __forceinline__ void prm_layernorm_backward(const T* __restrict__ x, 
         const float inv_dim = 1.0f / (float)dim;
         float sg = 0.0f, sgx = 0.0f;
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
-            const float g = prm_ln_load(dyr + i) * gamma[i];
-            sg += g;
-            sgx = fmaf(g, (prm_ln_load(xr + i) - mean) * rstd, sgx);
+            const float g = prm_ln_g(prm_ln_load(dyr + i), gamma[i]);
+            sg = prm_ln_sum_g(sg, g);
+            sgx = prm_ln_sum_gx(sgx, g, prm_ln_xhat(prm_ln_load(xr + i), mean, rstd));
         }
-        const float mg = prm_warp_sum(sg) * inv_dim;
-        const float mgx = prm_warp_sum(sgx) * inv_dim;
+        const float mg = prm_ln_row_mean(sg, inv_dim);
+        const float mgx = prm_ln_row_mean(sgx, inv_dim);
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
-            const float g = prm_ln_load(dyr + i) * gamma[i];
-            const float xh = (prm_ln_load(xr + i) - mean) * rstd;
-            const float t = fmaf(-xh, mgx, g - mg);
-            const float out = accumulate ? fmaf(rstd, t, prm_ln_load(dxr + i)) : PRM_FMUL_RN(rstd, t);
+            const float g = prm_ln_g(prm_ln_load(dyr + i), gamma[i]);
+            const float xh = prm_ln_xhat(prm_ln_load(xr + i), mean, rstd);
+            const float old = accumulate ? prm_ln_load(dxr + i) : 0.0f;
+            const float out = prm_ln_dx(g, xh, mg, mgx, rstd, accumulate != 0, old);
             prm_ln_store(dxr + i, out);
             if (copyr) copyr[i] = __float2bfloat16(out);
         }

@@ -36,9 +36,11 @@
 //
 // Norms are floored at 1e-12 like torch's F.normalize. All arithmetic is fp32; every multiply that
 // feeds an add is spelled out (fmaf, PRM_FADD_RN), so that the cached and streaming rows passes
-// round alike on the GPU (kernels/README.md).
+// round alike on the GPU (kernels/README.md). Mode 0's steps are cosine_steps.cuh's, shared with
+// layernorm_cosine.cu (the engine's prm backward: this rows pass fused with LN1's backward).
 #include "common.cuh"
 #include "rounded.cuh"
+#include "cosine_steps.cuh"
 
 #define LOSS_ROWS_PER_BLOCK 8
 #define LOSS_IMAGE_THREADS 256
@@ -67,30 +69,20 @@ __device__ __forceinline__ void loss_cosine_cached(const float* __restrict__ ar,
     for (int k = 0; k < PER_LANE; ++k) {
         const int d = lane + 32 * k;
         if (FULL || d < dim) {
-            const float x = ar[d], y = cr[d];
-            av[k] = x;
-            cv[k] = y;
+            av[k] = ar[d];
+            cv[k] = cr[d];
             gv[k] = GRAD ? gr[d] : 0.0f;
-            aa = fmaf(x, x, aa);
-            cc = fmaf(y, y, cc);
-            ac = fmaf(x, y, ac);
+            prm_cosine_sums(av[k], cv[k], aa, cc, ac);
         }
     }
-    aa = prm_warp_sum(aa);
-    cc = prm_warp_sum(cc);
-    ac = prm_warp_sum(ac);
-    const float na = fmaxf(sqrtf(aa), 1e-12f);
-    const float nc = fmaxf(sqrtf(cc), 1e-12f);
-    const float cosv = ac / (na * nc);
-    if (lane == 0) *row_val = cosv;
+    const PrmCosineRow r = prm_cosine_row(aa, cc, ac, n_sel, weight);
+    if (lane == 0) *row_val = r.cos;
     if (GRAD) {
-        const float u = weight / (na * nc * (float)n_sel);
-        const float w = weight * cosv / (na * na * (float)n_sel);
 #pragma unroll
         for (int k = 0; k < PER_LANE; ++k) {
             const int d = lane + 32 * k;
             if (FULL || d < dim) {
-                const float g = PRM_FADD_RN(gv[k], fmaf(cv[k], u, -(av[k] * w)));
+                const float g = prm_cosine_grad(gv[k], av[k], cv[k], r);
                 gr[d] = g;
                 if (COPY) gc[d] = __float2bfloat16(g);
             }
@@ -147,24 +139,12 @@ __device__ __forceinline__ void loss_rows(const float* a, const float* c, const 
         }
     } else if (mode == 0) {
         float aa = 0.0f, cc = 0.0f, ac = 0.0f;
-        for (int d = lane; d < dim; d += 32) {
-            const float x = ar[d], y = cr[d];
-            aa = fmaf(x, x, aa);
-            cc = fmaf(y, y, cc);
-            ac = fmaf(x, y, ac);
-        }
-        aa = prm_warp_sum(aa);
-        cc = prm_warp_sum(cc);
-        ac = prm_warp_sum(ac);
-        const float na = fmaxf(sqrtf(aa), 1e-12f);
-        const float nc = fmaxf(sqrtf(cc), 1e-12f);
-        const float cosv = ac / (na * nc);
-        if (lane == 0) row_val[row] = cosv;
+        for (int d = lane; d < dim; d += 32) prm_cosine_sums(ar[d], cr[d], aa, cc, ac);
+        const PrmCosineRow r = prm_cosine_row(aa, cc, ac, n_sel, weight);
+        if (lane == 0) row_val[row] = r.cos;
         if (gr) {
-            const float u = weight / (na * nc * (float)n_sel);
-            const float w = weight * cosv / (na * na * (float)n_sel);
             for (int d = lane; d < dim; d += 32) {
-                const float g = PRM_FADD_RN(gr[d], fmaf(cr[d], u, -(ar[d] * w)));
+                const float g = prm_cosine_grad(gr[d], ar[d], cr[d], r);
                 gr[d] = g;
                 if (gc) gc[d] = __float2bfloat16(g);
             }

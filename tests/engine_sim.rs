@@ -459,3 +459,55 @@ fn bf16_attention_versions_agree() {
         );
     }
 }
+
+/// The prm loss run inside LN1's backward (the default) gives the engine's loss and gradient
+/// bit for bit as run in a pass of its own (`set_fused_loss(false)`), at both precisions, for
+/// every layer or a few (so unselected layers take LN1's backward alone), every token or the
+/// patches only.
+#[test]
+fn fused_loss_gives_the_same_bits() {
+    let model = small_model(128, 2, 3, 8, 4, Activation::QuickGelu, 31);
+    let mut d = Draw::new(13);
+    let clean = batch(&mut d);
+    let adv_imgs: Vec<(Vec<f32>, usize, usize)> = clean
+        .iter()
+        .map(|(c, h, w)| {
+            let a = c
+                .iter()
+                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
+                .collect();
+            (a, *h, *w)
+        })
+        .collect();
+    let (clean_v, adv_v) = (views(&clean), views(&adv_imgs));
+    let cases = [
+        (TokenSelection::All, LayerSelection::All),
+        (TokenSelection::Patch, LayerSelection::List(vec![0, 2])),
+        (TokenSelection::All, LayerSelection::List(vec![1, 3])),
+    ];
+    for dev in devices() {
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            let gpu = GpuVit::new_with_precision(&dev, &model, precision).unwrap();
+            let gpu_clean = gpu.clean_features(&clean_v).unwrap();
+            for (tokens, layers) in cases.clone() {
+                let obj = objective(&model, LossKind::Prm, tokens, layers.clone());
+                let mut runs = Vec::new();
+                for fused in [false, true] {
+                    gpu.set_fused_loss(fused);
+                    runs.push(gpu.loss_and_gradient(&adv_v, &gpu_clean, &obj).unwrap());
+                }
+                let what = format!("{} {precision:?} {tokens:?} {layers:?}", dev.name());
+                for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+                    assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{what} image {i}: loss");
+                    assert!(
+                        a.gradient
+                            .iter()
+                            .zip(&b.gradient)
+                            .all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{what} image {i}: the fused gradient differs"
+                    );
+                }
+            }
+        }
+    }
+}

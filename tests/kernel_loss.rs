@@ -431,3 +431,169 @@ fn d768_rows_kernel_is_the_streaming_kernel_bit_for_bit() {
         Ok(())
     });
 }
+
+/// The fused LN1-backward-and-cosine pass (kernels/layernorm_cosine.cu) is the LayerNorm
+/// backward (accumulating) followed by the prm loss's rows and images passes, bit for bit: the
+/// running gradient, its bf16 copy and the per-image loss, with and without the copy, every
+/// token or the patches only, the loss overwritten or accumulated; at ViT-B's width (whole
+/// rows), at widths under it (masked rows, one not a multiple of 32), and at 1201 tokens.
+#[test]
+fn fused_layernorm_backward_and_cosine_is_the_two_passes_bit_for_bit() {
+    use prm::gpu::kernels::layernorm::{layernorm_backward_f32, layernorm_backward_f32_bf16copy};
+    use prm::gpu::kernels::layernorm_cosine::{
+        layernorm_backward_then_cosine_f32, LayerNormBackward,
+    };
+    on_devices("layernorm + cosine fused vs two passes", |dev| {
+        for (dim, tokens) in [
+            (768usize, vec![197usize, 50]),
+            (200, vec![1201]),
+            (100, vec![13, 7, 1]),
+        ] {
+            let (images, rows) = (tokens.len(), tokens.iter().sum::<usize>());
+            let mut cu = vec![0i32];
+            for &t in &tokens {
+                cu.push(cu.last().unwrap() + t as i32);
+            }
+            let mut rng = Rng::new(17 + dim as u64);
+            let x = rng.vec(rows * dim, -2.0, 2.0);
+            let noise = rng.vec(rows * dim, -0.5, 0.5);
+            let c: Vec<f32> = x.iter().zip(&noise).map(|(v, n)| 0.7 * v + n).collect();
+            let dy = rng.vec(rows * dim, -0.1, 0.1);
+            let gamma = rng.vec(dim, 0.5, 1.5);
+            let mean = rng.vec(rows, -0.2, 0.2);
+            let rstd = rng.vec(rows, 0.5, 2.0);
+            let prior = rng.vec(rows * dim, -0.01, 0.01);
+            let prior_loss = rng.vec(images, -1.0, 1.0);
+            let up = |v: &[f32]| dev.upload(v);
+            let (xb, cb, dyb, gb, mb, rb) = (
+                up(&x)?,
+                up(&c)?,
+                up(&dy)?,
+                up(&gamma)?,
+                up(&mean)?,
+                up(&rstd)?,
+            );
+            let cub = dev.upload(&cu)?;
+            let shape = PackedTokens {
+                cu_seqlens: &cub,
+                images,
+                rows,
+                dim,
+            };
+            let ln = LayerNormBackward {
+                x: &xb,
+                dy: &dyb,
+                gamma: &gb,
+                mean: &mb,
+                rstd: &rb,
+            };
+            for sel in [TokenSelection::All, TokenSelection::Patch] {
+                for (with_copy, accumulate) in [(true, false), (false, true), (true, true)] {
+                    let run = |fused: bool| -> Result<PassBits, GpuError> {
+                        let mut grad = dev.upload(&prior)?;
+                        let mut copy = dev.alloc::<half::bf16>(rows * dim)?;
+                        dev.poison(&mut copy)?;
+                        let mut loss = dev.upload(&prior_loss)?;
+                        let mut scratch = LossScratch::new(dev, rows, images)?;
+                        let copy_arg = with_copy.then_some(&mut copy);
+                        if fused {
+                            layernorm_backward_then_cosine_f32(
+                                dev,
+                                ln,
+                                sel,
+                                shape,
+                                &cb,
+                                &mut loss,
+                                accumulate,
+                                Gradient {
+                                    grad: &mut grad,
+                                    copy: copy_arg,
+                                },
+                                &mut scratch,
+                            )?;
+                        } else {
+                            // The engine's unfused order: LN1's backward (with the copy, as it
+                            // used to write it), then the loss pass, which rewrites the copy.
+                            match copy_arg {
+                                Some(copy) => {
+                                    layernorm_backward_f32_bf16copy(
+                                        dev, &xb, &dyb, &gb, &mb, &rb, &mut grad, copy, rows, dim,
+                                        true,
+                                    )?;
+                                    let g = Gradient {
+                                        grad: &mut grad,
+                                        copy: Some(copy),
+                                    };
+                                    layer_loss_f32_gradient(
+                                        dev,
+                                        LayerLoss::Prm,
+                                        sel,
+                                        shape,
+                                        &xb,
+                                        &cb,
+                                        &mut loss,
+                                        accumulate,
+                                        Some(g),
+                                        &mut scratch,
+                                    )?;
+                                }
+                                None => {
+                                    layernorm_backward_f32(
+                                        dev, &xb, &dyb, &gb, &mb, &rb, &mut grad, rows, dim, true,
+                                    )?;
+                                    let g = Gradient {
+                                        grad: &mut grad,
+                                        copy: None,
+                                    };
+                                    layer_loss_f32_gradient(
+                                        dev,
+                                        LayerLoss::Prm,
+                                        sel,
+                                        shape,
+                                        &xb,
+                                        &cb,
+                                        &mut loss,
+                                        accumulate,
+                                        Some(g),
+                                        &mut scratch,
+                                    )?;
+                                }
+                            }
+                        }
+                        dev.synchronize()?;
+                        let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        Ok((
+                            bits(dev.download(&grad)?),
+                            if with_copy {
+                                dev.download(&copy)?.iter().map(|x| x.to_bits()).collect()
+                            } else {
+                                Vec::new()
+                            },
+                            bits(dev.download(&loss)?),
+                        ))
+                    };
+                    let want = run(false)?;
+                    let got = run(true)?;
+                    let what = format!(
+                        "{} D={dim} T={tokens:?} {sel:?} copy {with_copy} accumulate {accumulate}",
+                        dev.name()
+                    );
+                    assert!(got.0 == want.0, "{what}: gradient differs");
+                    assert!(got.1 == want.1, "{what}: bf16 copy differs");
+                    assert!(got.2 == want.2, "{what}: loss differs");
+                    // Not a vacuous agreement: the loss and the gradient moved.
+                    assert!(got.2 != bits_of(&prior_loss), "{what}: loss untouched");
+                    assert!(got.0 != bits_of(&prior), "{what}: gradient untouched");
+                }
+            }
+        }
+        Ok(())
+    });
+}
+
+/// Gradient bits, bf16 copy bits, per-image loss bits.
+type PassBits = (Vec<u32>, Vec<u16>, Vec<u32>);
+
+fn bits_of(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}

@@ -40,6 +40,9 @@ use super::kernels::layernorm::{
     layernorm_backward_f32, layernorm_backward_f32_bf16copy, layernorm_forward_f32,
     layernorm_forward_f32_bf16out,
 };
+use super::kernels::layernorm_cosine::{
+    self, layernorm_backward_then_cosine_f32, LayerNormBackward,
+};
 use super::kernels::loss::{
     layer_cosine_f32, layer_loss_f32_gradient, Gradient, LayerLoss, LossScratch, PackedTokens,
 };
@@ -152,6 +155,17 @@ enum GradientUpdate {
     ChangedWithCopy,
 }
 
+impl GradientUpdate {
+    /// Whether dh's bf16 copy matches dh after this update, given whether it did before.
+    fn copy_valid(self, before: bool) -> bool {
+        match self {
+            GradientUpdate::Unchanged => before,
+            GradientUpdate::Changed => false,
+            GradientUpdate::ChangedWithCopy => true,
+        }
+    }
+}
+
 /// Clean features of a batch, kept on the device.
 pub struct GpuClean {
     sizes: Vec<(usize, usize)>,
@@ -244,6 +258,9 @@ pub struct GpuVit<'m> {
     graph_stats: Mutex<GraphStats>,
     /// The next batch's clean images, staged on a copy stream (`staged.rs`).
     staging: Mutex<staged::Staging>,
+    /// The prm loss at a block's input layer runs inside that block's LN1 backward (one pass
+    /// over the rows instead of two; same bits). Off: `PRM_FUSED_LOSS=0`.
+    fused_loss: AtomicBool,
 }
 
 impl<'m> GpuVit<'m> {
@@ -283,6 +300,7 @@ impl<'m> GpuVit<'m> {
             graphs: AtomicBool::new(graphs_by_default()),
             graph_stats: Mutex::new(GraphStats::default()),
             staging: staged::new_staging(),
+            fused_loss: AtomicBool::new(fused_loss_by_default()),
         })
     }
 
@@ -291,6 +309,13 @@ impl<'m> GpuVit<'m> {
     /// host's per-launch cost.
     pub fn set_graphs(&self, on: bool) {
         self.graphs.store(on, Ordering::Relaxed);
+    }
+
+    /// Runs the prm loss at a block's input layer inside that block's LN1 backward (default:
+    /// on, unless the environment sets `PRM_FUSED_LOSS=0`), or as a pass of its own. Results
+    /// are bit-identical either way: a knob for measuring what the fusion saves.
+    pub fn set_fused_loss(&self, on: bool) {
+        self.fused_loss.store(on, Ordering::Relaxed);
     }
 
     /// Whether the step loop may capture graphs (turned off by [`Self::set_graphs`], or for
@@ -825,9 +850,11 @@ impl<'m> GpuVit<'m> {
         }
     }
 
-    /// Input-pixel gradient of the batch (packed planar), with `add_loss_gradient(l, F_l, dh,
-    /// copy)` adding dL/dF_l into the running gradient at each layer (and, given `copy`, may
-    /// write dh's bf16 copy; it says which it did).
+    /// Input-pixel gradient of the batch (packed planar). `add_loss_gradient(l, F_l, dh, copy,
+    /// ln)` brings the running gradient `dh` to dL/dF_l at each layer: it first runs `ln`, when
+    /// given (the LN1 backward of block l, whose input is F_l: `dh +=` its input gradient; the
+    /// loss may fuse it with its own pass over F_l), then adds the loss's dL/dF_l; given `copy`,
+    /// it may write dh's bf16 copy (it says which it did). With `ln`, dh always changes.
     fn backward(
         &self,
         batch: &Batch,
@@ -837,6 +864,7 @@ impl<'m> GpuVit<'m> {
             &Buffer<f32>,
             &mut Buffer<f32>,
             Option<&mut Buffer<half::bf16>>,
+            Option<LayerNormBackward<'_>>,
         ) -> Result<GradientUpdate, GpuError>,
     ) -> Result<Pooled, GpuError> {
         let c = &self.model.config;
@@ -847,19 +875,22 @@ impl<'m> GpuVit<'m> {
         );
         let mut dh = self.pool.take_zeroed(t * d)?;
         // bf16: dh's bf16 copy, the operand of fc2's input-gradient product, written by the
-        // kernel that last changed dh (LN1's backward, or the loss at the layer between) so
-        // that no conversion pass runs; `copy_valid` says whether it matches dh.
+        // kernel that last changed dh (LN1's backward, the loss at that layer, or both fused)
+        // so that no conversion pass runs; `copy_valid` says whether it matches dh.
         let mut dh_bf16 = match self.precision {
             Precision::Bf16 => Some(self.pool.take_bf16(t * d)?),
             Precision::Fp32 => None,
         };
-        let mut copy_valid = false;
+        let last = self.blocks.len();
+        let update = add_loss_gradient(
+            last,
+            &fwd.features[last],
+            &mut dh,
+            dh_bf16.as_deref_mut(),
+            None,
+        )?;
+        let mut copy_valid = update.copy_valid(false);
         for (l, (b, s)) in self.blocks.iter().zip(&fwd.blocks).enumerate().rev() {
-            match add_loss_gradient(l + 1, &fwd.features[l + 1], &mut dh, dh_bf16.as_deref_mut())? {
-                GradientUpdate::Unchanged => {}
-                GradientUpdate::Changed => copy_valid = false,
-                GradientUpdate::ChangedWithCopy => copy_valid = true,
-            }
             // out = mid + fc2(act(fc1(LN2(mid))))
             let mut d_normed = self.alloc(t * d)?;
             let dh_copy = dh_bf16.as_deref().filter(|_| copy_valid);
@@ -949,24 +980,19 @@ impl<'m> GpuVit<'m> {
                     )?;
                 }
             }
-            let (x, g, mean, rstd) = (&fwd.features[l], &b.ln1.weight, &s.ln1_mean, &s.ln1_rstd);
-            match dh_bf16.as_deref_mut().filter(|_| l > 0) {
-                // Below block 0 only LN_pre's backward reads dh, in fp32.
-                Some(copy) => {
-                    layernorm_backward_f32_bf16copy(
-                        &self.dev, x, &d_normed, g, mean, rstd, &mut dh, copy, t, d, true,
-                    )?;
-                    copy_valid = true;
-                }
-                None => {
-                    layernorm_backward_f32(
-                        &self.dev, x, &d_normed, g, mean, rstd, &mut dh, t, d, true,
-                    )?;
-                    copy_valid = false;
-                }
-            }
+            // LN1's backward joins dh with the loss at layer l (x = F_l for both).
+            let ln1 = LayerNormBackward {
+                x: &fwd.features[l],
+                dy: &d_normed,
+                gamma: &b.ln1.weight,
+                mean: &s.ln1_mean,
+                rstd: &s.ln1_rstd,
+            };
+            // Below block 0 only LN_pre's backward reads dh, in fp32.
+            let copy = dh_bf16.as_deref_mut().filter(|_| l > 0);
+            let update = add_loss_gradient(l, &fwd.features[l], &mut dh, copy, Some(ln1))?;
+            copy_valid = update.copy_valid(copy_valid);
         }
-        add_loss_gradient(0, &fwd.features[0], &mut dh, None)?;
         let mut d_embedded = self.alloc(t * d)?;
         layernorm_backward_f32(
             &self.dev,
@@ -1018,6 +1044,36 @@ impl<'m> GpuVit<'m> {
             c.std,
         )?;
         Ok(d_images)
+    }
+
+    /// `dh += LN_backward(ln)` over the batch's rows (a block's LN1, accumulated into the
+    /// running residual gradient); given `copy`, also writes `bf16(dh)` there.
+    fn layernorm_backward_into(
+        &self,
+        ln: LayerNormBackward,
+        dh: &mut Buffer<f32>,
+        copy: Option<&mut Buffer<half::bf16>>,
+    ) -> Result<GradientUpdate, GpuError> {
+        let (t, d) = (ln.mean.len(), self.model.config.width);
+        let LayerNormBackward {
+            x,
+            dy,
+            gamma,
+            mean,
+            rstd,
+        } = ln;
+        match copy {
+            Some(copy) => {
+                layernorm_backward_f32_bf16copy(
+                    &self.dev, x, dy, gamma, mean, rstd, dh, copy, t, d, true,
+                )?;
+                Ok(GradientUpdate::ChangedWithCopy)
+            }
+            None => {
+                layernorm_backward_f32(&self.dev, x, dy, gamma, mean, rstd, dh, t, d, true)?;
+                Ok(GradientUpdate::Changed)
+            }
+        }
     }
 
     fn attention_forward(
@@ -1148,38 +1204,69 @@ impl<'m> GpuVit<'m> {
         // overwrites it), so nothing waits for the host between layers.
         let mut totals = self.alloc(images)?;
         let mut first = true;
+        // The prm loss's rows pass runs inside LN1's backward where the rows fit the kernel.
+        let fuse = self.fused_loss.load(Ordering::Relaxed)
+            && kind == LayerLoss::Prm
+            && self.model.config.width <= layernorm_cosine::MAX_DIM;
         let mut add = |l: usize,
                        features: &Buffer<f32>,
                        grad: Option<&mut Buffer<f32>>,
-                       copy: Option<&mut Buffer<half::bf16>>|
+                       copy: Option<&mut Buffer<half::bf16>>,
+                       ln: Option<LayerNormBackward<'_>>|
          -> Result<GradientUpdate, GpuError> {
             if !objective.layers.contains(&l) {
-                return Ok(GradientUpdate::Unchanged);
+                return match (ln, grad) {
+                    (Some(ln), Some(dh)) => self.layernorm_backward_into(ln, dh, copy),
+                    _ => Ok(GradientUpdate::Unchanged),
+                };
             }
             let accumulate = !first;
             first = false;
-            let grad = grad.map(|grad| Gradient { grad, copy });
-            let update = match &grad {
-                Some(Gradient { copy: Some(_), .. }) => GradientUpdate::ChangedWithCopy,
+            let update = match (&grad, &copy) {
+                (Some(_), Some(_)) => GradientUpdate::ChangedWithCopy,
                 _ => GradientUpdate::Changed,
             };
-            layer_loss_f32_gradient(
-                &self.dev,
-                kind,
-                objective.tokens,
-                shape,
-                features,
-                &clean.features[l],
-                &mut totals,
-                accumulate,
-                grad,
-                &mut scratch,
-            )?;
+            let clean = &clean.features[l];
+            match (grad, ln) {
+                (Some(dh), Some(ln)) if fuse => layernorm_backward_then_cosine_f32(
+                    &self.dev,
+                    ln,
+                    objective.tokens,
+                    shape,
+                    clean,
+                    &mut totals,
+                    accumulate,
+                    Gradient { grad: dh, copy },
+                    &mut scratch,
+                )?,
+                (grad, ln) => {
+                    let grad = match (grad, ln) {
+                        (Some(dh), Some(ln)) => {
+                            // The loss pass writes the copy, after LN1's gradient joins dh.
+                            self.layernorm_backward_into(ln, dh, None)?;
+                            Some(dh)
+                        }
+                        (grad, _) => grad,
+                    };
+                    layer_loss_f32_gradient(
+                        &self.dev,
+                        kind,
+                        objective.tokens,
+                        shape,
+                        features,
+                        clean,
+                        &mut totals,
+                        accumulate,
+                        grad.map(|grad| Gradient { grad, copy }),
+                        &mut scratch,
+                    )?
+                }
+            }
             Ok(update)
         };
         if !with_grad {
             for (l, f) in fwd.features.iter().enumerate() {
-                add(l, f, None, None)?;
+                add(l, f, None, None, None)?;
             }
             if first {
                 self.dev.zero(&mut totals)?; // no layer selected
@@ -1190,7 +1277,9 @@ impl<'m> GpuVit<'m> {
                 forward: fwd,
             });
         }
-        let grad = self.backward(batch, &fwd, |l, f, dh, copy| add(l, f, Some(dh), copy))?;
+        let grad = self.backward(batch, &fwd, |l, f, dh, copy, ln| {
+            add(l, f, Some(dh), copy, ln)
+        })?;
         if first {
             self.dev.zero(&mut totals)?;
         }
@@ -1240,12 +1329,16 @@ impl<'m> GpuVit<'m> {
             });
         }
         let injected = self.dev.upload(&d_last)?;
-        let grad = self.backward(batch, &fwd, |l, _, dh, _| {
+        let grad = self.backward(batch, &fwd, |l, _, dh, copy, ln| {
             if l == last {
+                // The first layer the backward visits: no LayerNorm before it.
                 self.dev.copy(&injected, dh)?;
                 Ok(GradientUpdate::Changed)
             } else {
-                Ok(GradientUpdate::Unchanged)
+                match ln {
+                    Some(ln) => self.layernorm_backward_into(ln, dh, copy),
+                    None => Ok(GradientUpdate::Unchanged),
+                }
             }
         })?;
         Ok(LossPass {
@@ -1437,6 +1530,11 @@ fn check_geometry(adv: &[Planar], clean: &GpuClean) {
 /// it; `prm bench --graphs on|off` overrides it).
 fn graphs_by_default() -> bool {
     std::env::var("PRM_NO_GRAPHS").map_or(true, |v| v != "1")
+}
+
+/// The LN1-and-loss fusion is on unless the environment sets `PRM_FUSED_LOSS=0`.
+fn fused_loss_by_default() -> bool {
+    std::env::var("PRM_FUSED_LOSS").map_or(true, |v| v.trim() != "0")
 }
 
 /// Device memory one token of a batch needs during an attack step: every block's saved

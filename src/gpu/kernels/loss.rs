@@ -51,7 +51,7 @@ impl LayerLoss {
 
 /// Per-row and per-image scratch of the loss kernels, sized for a batch.
 pub struct LossScratch {
-    row_val: Buffer<f32>,
+    pub(crate) row_val: Buffer<f32>,
     stats: Buffer<f32>,
 }
 
@@ -76,7 +76,7 @@ pub struct PackedTokens<'a> {
     pub dim: usize,
 }
 
-fn skip_of(sel: TokenSelection) -> i32 {
+pub(crate) fn skip_of(sel: TokenSelection) -> i32 {
     match sel {
         TokenSelection::All => 0,
         TokenSelection::Patch => 1,
@@ -132,7 +132,7 @@ fn rows_pass(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn images_pass(
+pub(crate) fn images_pass(
     dev: &Device,
     shape: PackedTokens,
     skip: i32,
