@@ -52,11 +52,16 @@
 //            only).
 //   dQ       prm_attention_bwd_dq_tc3: one CTA per (64-query tile, head, sequence); Q and dO
 //            tiles resident, K/V streamed. 6 tiles = 55,296 B.
+//            prm_attention_bwd_dq_delta_tc3 (the engine's bf16-dO path): the same, forming
+//            delta for its rows itself from the resident dO tile and the context (v3_delta's
+//            arithmetic and order: the same bits) and writing it for dK/dV, which then runs
+//            after it: no delta kernel (PRM_ATTENTION_DELTA_IN_DQ=0 brings it back).
 //   dK/dV    prm_attention_bwd_dkdv_tc3: one CTA per (64-key tile, head, sequence); K and V
 //            resident, Q/dO tiles and their lse/delta streamed. 6 tiles + 1 KB = 56,320 B.
 // The backward kernels form scores 32 columns at a time (two halves of the 64-wide tile) so
 // that at most 128 registers are live. ptxas (nvcc 13.0, sm_80 / sm_90), no spills:
-//   forward 117 / 118 registers, dQ 120 / 110, dK/dV 128 / 128, delta 19 / 19;
+//   forward 117 / 118 registers, dQ 128 / 127 (with delta 128 / 128), dK/dV 128 / 128,
+//   delta 19 / 19;
 // with __launch_bounds__(128, 4) and ≤ 56.3 KB of shared memory each, 4 CTAs fit on an SM.
 // CTAs whose tile starts past their sequence's end exit before any barrier. No atomics; fixed
 // reduction order; deterministic.
@@ -342,11 +347,17 @@ extern "C" __global__ void prm_attention_delta_bf16_tc3(const bf16* __restrict__
 }
 PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3);
 
-extern "C" __global__ void __launch_bounds__(128, 4)
-    prm_attention_bwd_dq_tc3(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out, const float* __restrict__ lse,
-                             const float* __restrict__ delta, const int* __restrict__ cu_seqlens,
-                             bf16* __restrict__ d_qkv, int width, int total, int causal, int straight) {
-    PRM_DYNAMIC_SHARED(bf16, smem);
+// The dQ kernel's body. WITH_DELTA: the kernel forms delta for its own 64 query rows from the
+// resident dO tile and the context `out` (global), exactly as v3_delta does (each lane's two
+// columns, fmaf(d.y, o.y, d.x·o.x), the same warp butterfly), uses it, and writes it to `delta`
+// for the dK/dV kernel that runs after it: the delta kernel's launch and its pass over dO and O
+// are saved. Otherwise it reads delta from the delta kernel.
+template <bool WITH_DELTA>
+__device__ __forceinline__ void v3_bwd_dq(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
+                                          const float* __restrict__ lse, float* __restrict__ delta,
+                                          const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width,
+                                          int total, int causal, int straight, const bf16* __restrict__ out,
+                                          bf16* smem) {
     bf16* sQ = smem;
     bf16* sD = smem + V3_TILE_ELEMS;
     bf16* sK = smem + 2 * V3_TILE_ELEMS;  // two stages
@@ -379,7 +390,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     for (int r = 0; r < 2; ++r) {
         const bool ok = rows[r] < T;
         lse2[r] = ok ? lse[(size_t)h * total + row0 + rows[r]] * PRM_ATT_LOG2E : 0.0f;
-        row_delta[r] = ok ? delta[(size_t)h * total + row0 + rows[r]] : 0.0f;
+        row_delta[r] = (!WITH_DELTA && ok) ? delta[(size_t)h * total + row0 + rows[r]] : 0.0f;
     }
     float dq[8][4];
     prm_att_zero<8>(dq);
@@ -394,6 +405,29 @@ extern "C" __global__ void __launch_bounds__(128, 4)
             prm_cp_async_wait<0>();
         }
         __syncthreads();
+        if (WITH_DELTA && active && kt == 0) {
+            // delta of row wq0 + r, now that the dO tile has landed: the context's two
+            // columns of each of the warp's rows (all loads first; rows past the end read
+            // nothing and are skipped), then every lane gets each row's sum and keeps its own
+            // two rows'. (Loaded here, not before the first wait: held across it, the 16
+            // registers spilled on sm_80.)
+            float2 o[16];
+#pragma unroll
+            for (int r = 0; r < 16; ++r) {
+                const size_t at = (size_t)(row0 + wq0 + r) * width + h * V3_HD + 2 * lane;
+                o[r] = wq0 + r < T ? v3_load_pair(out + at) : make_float2(0.0f, 0.0f);
+            }
+#pragma unroll
+            for (int r = 0; r < 16; ++r) {
+                if (wq0 + r < T) {  // warp-uniform
+                    const float2 d = v3_load_pair(sD + (warp * 16 + r) * V3_LD + 2 * lane);
+                    const float v = prm_warp_sum(fmaf(d.y, o[r].y, d.x * o[r].x));
+                    if (lane == 0) delta[(size_t)h * total + row0 + wq0 + r] = v;
+                    if (r == (lane >> 2)) row_delta[0] = v;
+                    if (r == (lane >> 2) + 8) row_delta[1] = v;
+                }
+            }
+        }
         if (active) {
             int kvalid = min(V3_TILE, kend - k0);
             if (causal) kvalid = min(kvalid, wq0 + 16 - k0);
@@ -430,7 +464,29 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     const float one[2] = {1.0f, 1.0f};
     prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, h * V3_HD, rows, T, dq, one);
 }
+
+// dQ after the delta kernel (delta read).
+extern "C" __global__ void __launch_bounds__(128, 4)
+    prm_attention_bwd_dq_tc3(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out, const float* __restrict__ lse,
+                             const float* __restrict__ delta, const int* __restrict__ cu_seqlens,
+                             bf16* __restrict__ d_qkv, int width, int total, int causal, int straight) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    v3_bwd_dq<false>(qkv, d_out, lse, const_cast<float*>(delta), cu_seqlens, d_qkv, width, total, causal, straight,
+                     nullptr, smem);
+}
 PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc3);
+
+// dQ forming delta itself from dO (bf16) and the context `out` (bf16), and writing it for the
+// dK/dV kernel, which must run after it (the engine's path: no delta kernel).
+extern "C" __global__ void __launch_bounds__(128, 4)
+    prm_attention_bwd_dq_delta_tc3(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
+                                   const float* __restrict__ lse, float* __restrict__ delta,
+                                   const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width,
+                                   int total, int causal, int straight, const bf16* __restrict__ out) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    v3_bwd_dq<true>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal, straight, out, smem);
+}
+PRM_REGISTER_KERNEL(prm_attention_bwd_dq_delta_tc3);
 
 extern "C" __global__ void __launch_bounds__(128, 4)
     prm_attention_bwd_dkdv_tc3(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,

@@ -82,6 +82,8 @@ run prm-pgd-bf16-masked-tiles env PRM_ATTENTION_STRAIGHT=0 $B --precision bf16 -
 # Not yet measured: the prm loss as a pass of its own after each LN1 backward (fused by default;
 # same bits).
 run prm-pgd-bf16-unfused-loss env PRM_FUSED_LOSS=0 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
+# Not yet measured: attention's delta by its own kernel (formed inside v3's dQ by default; same bits).
+run prm-pgd-bf16-delta-kernel env PRM_ATTENTION_DELTA_IN_DQ=0 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 # A/B rows: step graphs off, the previous tensor-core attention (v2); batch 1 shows the host
 # cost graphs remove.
 run prm-pgd-bf16-nographs $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5 --graphs off
@@ -112,6 +114,7 @@ rows = [
     ("pgd", "prm bf16 v4 split 2", "prm-pgd-bf16-attn-v4-split2"), ("pgd", "prm bf16 attention v2", "prm-pgd-bf16-attn-v2"),
     ("pgd", "prm bf16 masked tiles", "prm-pgd-bf16-masked-tiles"),
     ("pgd", "prm bf16 loss unfused", "prm-pgd-bf16-unfused-loss"),
+    ("pgd", "prm bf16 delta kernel", "prm-pgd-bf16-delta-kernel"),
     ("pgd", "prm bf16 uploads unstaged", "prm-pgd-bf16-nostaging"),
     ("pgd", "prm bf16 b1", "prm-pgd-bf16-b1"), ("pgd", "prm bf16 b1 graphs off", "prm-pgd-bf16-b1-nographs"),
     ("paper", "prm bf16 b1", "prm-paper-bf16-b1"), ("paper", f"prm bf16 b{pb}", f"prm-paper-bf16-b{pb}"),
@@ -141,6 +144,7 @@ print(f"pgd   attention v4 / v3                {ratio('prm-pgd-bf16-attn-v4', 'p
 print(f"pgd   v4 split 2 / split 1             {ratio('prm-pgd-bf16-attn-v4-split2', 'prm-pgd-bf16-attn-v4'):6.2f}x")
 print(f"pgd   straight / masked tiles          {ratio('prm-pgd-bf16', 'prm-pgd-bf16-masked-tiles'):6.2f}x")
 print(f"pgd   loss fused / unfused             {ratio('prm-pgd-bf16', 'prm-pgd-bf16-unfused-loss'):6.2f}x")
+print(f"pgd   delta in dQ / delta kernel       {ratio('prm-pgd-bf16', 'prm-pgd-bf16-delta-kernel'):6.2f}x")
 print(f"pgd   attention v3 / v2                {ratio('prm-pgd-bf16', 'prm-pgd-bf16-attn-v2'):6.2f}x")
 print(f"pgd   staged / plain uploads           {ratio('prm-pgd-bf16', 'prm-pgd-bf16-nostaging'):6.2f}x")
 r = get("prm-pgd-bf16")

@@ -558,6 +558,8 @@ const TC3_DKDV_DQ: [(&str, u32); 2] = [
     ("prm_attention_bwd_dkdv_tc3", TC3_DKDV_SMEM),
     ("prm_attention_bwd_dq_tc3", TC3_DQ_SMEM),
 ];
+/// v3's dQ kernel that forms delta itself (and writes it for dK/dV, launched after it).
+const TC3_DQ_DELTA: (&str, u32) = ("prm_attention_bwd_dq_delta_tc3", TC3_DQ_SMEM);
 
 /// Which tensor-core kernel version the engine runs at `--precision bf16`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -726,7 +728,9 @@ pub fn attention_backward_tc3(
 /// [`attention_backward_tc3`] with `d_out` already in bf16 (the engine's path: the
 /// out-projection's input-gradient product writes it in bf16, as PyTorch autocast does).
 /// `delta` is formed from the bf16 `d_out`; on a `d_out` whose values are bf16-exact the
-/// results are bit-identical to [`attention_backward_tc3`]'s.
+/// results are bit-identical to [`attention_backward_tc3`]'s. Two launches: dQ, which forms
+/// delta for its own rows and writes it, then dK/dV (with [`set_delta_in_dq`]`(false)` or
+/// `PRM_ATTENTION_DELTA_IN_DQ=0`: the delta kernel first, then dK/dV and dQ; same bits).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_tc3_bf16_dout(
     dev: &Device,
@@ -746,6 +750,7 @@ pub fn attention_backward_tc3_bf16_dout(
         dev,
         "v3",
         TC3_DKDV_DQ,
+        delta_in_dq().then_some(TC3_DQ_DELTA),
         Grid::Tiles(TC_TILE),
         (qkv, out, d_out, lse, cu_seqlens, seqlens_host),
         d_qkv,
@@ -801,9 +806,39 @@ fn launch_dkdv_dq(
     (total, width): (usize, usize),
     causal: bool,
 ) -> Result<(), GpuError> {
+    launch_kernels(
+        dev,
+        &kernels,
+        grid,
+        qkv,
+        d_out,
+        lse,
+        cu_seqlens,
+        delta,
+        d_qkv,
+        (total, width),
+        causal,
+    )
+}
+
+/// Backward kernels of v3 or v4 with the dK/dV and dQ parameter list, in order, on `grid`.
+#[allow(clippy::too_many_arguments)]
+fn launch_kernels(
+    dev: &Device,
+    kernels: &[(&str, u32)],
+    grid: (u32, u32, u32),
+    qkv: &Buffer<bf16>,
+    d_out: &Buffer<bf16>,
+    lse: &Buffer<f32>,
+    cu_seqlens: &Buffer<i32>,
+    delta: &Buffer<f32>,
+    d_qkv: &mut Buffer<bf16>,
+    (total, width): (usize, usize),
+    causal: bool,
+) -> Result<(), GpuError> {
     let (w, n, c) = (width as i32, total as i32, causal as i32);
     let straight = straight_tiles() as i32;
-    for (kernel, smem) in kernels {
+    for &(kernel, smem) in kernels {
         let cfg = LaunchConfig {
             grid,
             block: (THREADS, 1, 1),
@@ -868,6 +903,29 @@ fn straight_tiles() -> bool {
     match STRAIGHT_TILES_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
         0 => *FROM_ENV.get_or_init(|| {
             std::env::var("PRM_ATTENTION_STRAIGHT").map_or(true, |v| v.trim() != "0")
+        }),
+        value => value == 2,
+    }
+}
+
+/// [`set_delta_in_dq`]'s value: 0 not set, 1 off, 2 on.
+static DELTA_IN_DQ_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether v3's bf16-dO backward forms delta inside its dQ kernel (the default: dQ, then
+/// dK/dV, two launches) or runs the delta kernel first (three launches), for this process,
+/// overriding `PRM_ATTENTION_DELTA_IN_DQ`. A tuning and testing knob: the same bits either way.
+pub fn set_delta_in_dq(on: bool) {
+    let value = if on { 2 } else { 1 };
+    DELTA_IN_DQ_OVERRIDE.store(value, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// [`set_delta_in_dq`]'s value, else `PRM_ATTENTION_DELTA_IN_DQ` (`0` turns it off; read
+/// once), else on.
+fn delta_in_dq() -> bool {
+    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    match DELTA_IN_DQ_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => *FROM_ENV.get_or_init(|| {
+            std::env::var("PRM_ATTENTION_DELTA_IN_DQ").map_or(true, |v| v.trim() != "0")
         }),
         value => value == 2,
     }
@@ -1004,6 +1062,7 @@ pub fn attention_backward_tc4_bf16_dout(
             ("prm_attention_bwd_dkdv_tc4", smem_dkdv),
             ("prm_attention_bwd_dq_tc4", smem_dq),
         ],
+        None,
         Grid::Resident,
         (qkv, out, d_out, lse, cu_seqlens, seqlens_host),
         d_qkv,
@@ -1015,12 +1074,14 @@ pub fn attention_backward_tc4_bf16_dout(
 }
 
 /// The bf16-dO backward of v3 or v4: shape checks, v3's delta kernel, then `kernels` (dK/dV,
-/// dQ) on `cover`'s grid.
+/// dQ) on `cover`'s grid. With `dq_delta` (v3's dQ kernel that forms delta itself): that dQ
+/// kernel first, then dK/dV, and no delta kernel.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn bf16_dout_backward(
     dev: &Device,
     version: &str,
     kernels: [(&str, u32); 2],
+    dq_delta: Option<(&str, u32)>,
     cover: Grid,
     (qkv, out, d_out, lse, cu_seqlens, seqlens_host): (
         &Buffer<bf16>,
@@ -1054,6 +1115,42 @@ fn bf16_dout_backward(
     if total == 0 {
         return Ok(());
     }
+    let grid = cover.shape(seqlens_host, heads);
+    if let Some((dq, smem)) = dq_delta {
+        let (w, n, c) = (width as i32, total as i32, causal as i32);
+        let cfg = LaunchConfig {
+            grid,
+            block: (THREADS, 1, 1),
+            shared_bytes: smem,
+        };
+        let mut args = KernelArgs::new();
+        args.input(qkv)
+            .input(d_out)
+            .input(lse)
+            .output(delta)
+            .input(cu_seqlens)
+            .output(d_qkv)
+            .i32(w)
+            .i32(n)
+            .i32(c)
+            .i32(straight_tiles() as i32)
+            .input(out);
+        dev.launch(dq, cfg, &mut args)?;
+        let [dkdv, _] = kernels;
+        return launch_kernels(
+            dev,
+            &[dkdv],
+            grid,
+            qkv,
+            d_out,
+            lse,
+            cu_seqlens,
+            delta,
+            d_qkv,
+            (total, width),
+            causal,
+        );
+    }
     launch_delta(
         dev,
         DELTA_BF16_TC3,
@@ -1068,7 +1165,7 @@ fn bf16_dout_backward(
     launch_dkdv_dq(
         dev,
         kernels,
-        cover.shape(seqlens_host, heads),
+        grid,
         qkv,
         d_out,
         lse,
