@@ -9,6 +9,8 @@
 //                                      with the simulator (expands to nothing under nvcc)
 //   PRM_SHARED_ARRAY(type, name, n)    a static __shared__ array of n elements
 //   PRM_DYNAMIC_SHARED(type, name)     the dynamic (extern __shared__) buffer, as `type* name`
+// and device helpers: warp sum and max (prm_warp_sum, prm_warp_max) and the image of a packed
+// token row (prm_image_of_row).
 #pragma once
 
 #ifdef __CUDACC__
@@ -33,4 +35,15 @@ __device__ __forceinline__ float prm_warp_sum(float v) {
 __device__ __forceinline__ float prm_warp_max(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
     return v;
+}
+
+// The image of packed row `row`: the b with cu_seqlens[b] <= row < cu_seqlens[b + 1] (a binary
+// search of the [images + 1] offsets table; row < cu_seqlens[images]).
+__device__ __forceinline__ int prm_image_of_row(const int* cu_seqlens, int images, int row) {
+    int lo = 0, hi = images;  // invariant: cu_seqlens[lo] <= row < cu_seqlens[hi]
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (cu_seqlens[mid] <= row) lo = mid; else hi = mid;
+    }
+    return lo;
 }

@@ -34,15 +34,6 @@
 #define PRM_LNCOS_ROWS_PER_BLOCK 4
 #define PRM_LNCOS_PER_LANE 24
 
-__device__ __forceinline__ int prm_lncos_image_of_row(const int* cu_seqlens, int images, int row) {
-    int lo = 0, hi = images;  // invariant: cu_seqlens[lo] <= row < cu_seqlens[hi]
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) >> 1;
-        if (cu_seqlens[mid] <= row) lo = mid; else hi = mid;
-    }
-    return lo;
-}
-
 // One row. FULL: dim == 32·PER_LANE (no bounds tests); COPY: write the bf16 copy; COSINE: the row
 // is selected (else only the LayerNorm part). x̂ is recomputed where it is needed (the same
 // spelled product, so the same value) to keep four rows of registers live, not five. The
@@ -126,7 +117,7 @@ extern "C" __global__ void prm_layernorm_cosine_backward_f32_d768(
     const int row = blockIdx.x * PRM_LNCOS_ROWS_PER_BLOCK + threadIdx.x / PRM_WARP_SIZE;
     const int rows = cu_seqlens[images];
     if (row >= rows) return;  // whole warp leaves together; no block barrier in this kernel
-    const int b = prm_lncos_image_of_row(cu_seqlens, images, row);
+    const int b = prm_image_of_row(cu_seqlens, images, row);
     const int first = cu_seqlens[b];
     const int n_sel = cu_seqlens[b + 1] - first - skip;
     const bool selected = row - first >= skip;

@@ -45,15 +45,6 @@
 #define LOSS_ROWS_PER_BLOCK 8
 #define LOSS_IMAGE_THREADS 256
 
-__device__ __forceinline__ int loss_image_of_row(const int* cu_seqlens, int images, int row) {
-    int lo = 0, hi = images;  // invariant: cu_seqlens[lo] <= row < cu_seqlens[hi]
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) >> 1;
-        if (cu_seqlens[mid] <= row) lo = mid; else hi = mid;
-    }
-    return lo;
-}
-
 // Mode 0 (cosine) of one selected row held in registers: lane `lane` holds elements lane + 32k,
 // k < PER_LANE. FULL: the row fills every slot (dim == 32·PER_LANE, ViT-B's 768), so no slot
 // needs its bounds test; GRAD / COPY: whether the gradient (and its bf16 copy) is written.
@@ -116,7 +107,7 @@ __device__ __forceinline__ void loss_rows(const float* a, const float* c, const 
     const int row = blockIdx.x * LOSS_ROWS_PER_BLOCK + (threadIdx.x >> 5);
     const int rows = cu_seqlens[images];
     if (row >= rows) return;  // whole warp leaves together; no block barrier below
-    const int b = loss_image_of_row(cu_seqlens, images, row);
+    const int b = prm_image_of_row(cu_seqlens, images, row);
     const int first = cu_seqlens[b];
     const int n_sel = cu_seqlens[b + 1] - first - skip;
     const bool selected = row - first >= skip;

@@ -34,6 +34,20 @@ fn batch(d: &mut Draw) -> Vec<(Vec<f32>, usize, usize)> {
         .collect()
 }
 
+/// `clean` moved by up to ±0.03 per pixel, within [0, 1].
+fn perturbed(clean: &[(Vec<f32>, usize, usize)], d: &mut Draw) -> Vec<(Vec<f32>, usize, usize)> {
+    clean
+        .iter()
+        .map(|(c, h, w)| {
+            let a = c
+                .iter()
+                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
+                .collect();
+            (a, *h, *w)
+        })
+        .collect()
+}
+
 fn views(imgs: &[(Vec<f32>, usize, usize)]) -> Vec<Planar<'_>> {
     imgs.iter()
         .map(|(x, h, w)| Planar {
@@ -248,16 +262,7 @@ fn bf16_products_track_the_fp32_reference() {
     let reference = ReferenceVit::new(&model);
     let mut d = Draw::new(7);
     let clean = batch(&mut d);
-    let adv_imgs: Vec<(Vec<f32>, usize, usize)> = clean
-        .iter()
-        .map(|(c, h, w)| {
-            let a = c
-                .iter()
-                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
-                .collect();
-            (a, *h, *w)
-        })
-        .collect();
+    let adv_imgs = perturbed(&clean, &mut d);
     let (clean_v, adv_v) = (views(&clean), views(&adv_imgs));
     let ref_clean = reference.clean_features(&clean_v).unwrap();
     for dev in devices() {
@@ -392,16 +397,7 @@ fn bf16_attention_versions_agree() {
     let reference = ReferenceVit::new(&model);
     let mut d = Draw::new(11);
     let clean = batch(&mut d);
-    let adv_imgs: Vec<(Vec<f32>, usize, usize)> = clean
-        .iter()
-        .map(|(c, h, w)| {
-            let a = c
-                .iter()
-                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
-                .collect();
-            (a, *h, *w)
-        })
-        .collect();
+    let adv_imgs = perturbed(&clean, &mut d);
     let (clean_v, adv_v) = (views(&clean), views(&adv_imgs));
     let ref_clean = reference.clean_features(&clean_v).unwrap();
     let obj = objective(
@@ -469,16 +465,7 @@ fn fused_loss_gives_the_same_bits() {
     let model = small_model(128, 2, 3, 8, 4, Activation::QuickGelu, 31);
     let mut d = Draw::new(13);
     let clean = batch(&mut d);
-    let adv_imgs: Vec<(Vec<f32>, usize, usize)> = clean
-        .iter()
-        .map(|(c, h, w)| {
-            let a = c
-                .iter()
-                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
-                .collect();
-            (a, *h, *w)
-        })
-        .collect();
+    let adv_imgs = perturbed(&clean, &mut d);
     let (clean_v, adv_v) = (views(&clean), views(&adv_imgs));
     let cases = [
         (TokenSelection::All, LayerSelection::All),

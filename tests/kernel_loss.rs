@@ -495,7 +495,23 @@ fn fused_layernorm_backward_and_cosine_is_the_two_passes_bit_for_bit() {
                         dev.poison(&mut copy)?;
                         let mut loss = dev.upload(&prior_loss)?;
                         let mut scratch = LossScratch::new(dev, rows, images)?;
-                        let copy_arg = with_copy.then_some(&mut copy);
+                        let mut copy_arg = with_copy.then_some(&mut copy);
+                        if !fused {
+                            // The engine's unfused order: LN1's backward (with the copy, as it
+                            // used to write it), then the loss pass, which rewrites the copy.
+                            match copy_arg.as_deref_mut() {
+                                Some(c) => layernorm_backward_f32_bf16copy(
+                                    dev, &xb, &dyb, &gb, &mb, &rb, &mut grad, c, rows, dim, true,
+                                )?,
+                                None => layernorm_backward_f32(
+                                    dev, &xb, &dyb, &gb, &mb, &rb, &mut grad, rows, dim, true,
+                                )?,
+                            }
+                        }
+                        let g = Gradient {
+                            grad: &mut grad,
+                            copy: copy_arg,
+                        };
                         if fused {
                             layernorm_backward_then_cosine_f32(
                                 dev,
@@ -505,60 +521,22 @@ fn fused_layernorm_backward_and_cosine_is_the_two_passes_bit_for_bit() {
                                 &cb,
                                 &mut loss,
                                 accumulate,
-                                Gradient {
-                                    grad: &mut grad,
-                                    copy: copy_arg,
-                                },
+                                g,
                                 &mut scratch,
                             )?;
                         } else {
-                            // The engine's unfused order: LN1's backward (with the copy, as it
-                            // used to write it), then the loss pass, which rewrites the copy.
-                            match copy_arg {
-                                Some(copy) => {
-                                    layernorm_backward_f32_bf16copy(
-                                        dev, &xb, &dyb, &gb, &mb, &rb, &mut grad, copy, rows, dim,
-                                        true,
-                                    )?;
-                                    let g = Gradient {
-                                        grad: &mut grad,
-                                        copy: Some(copy),
-                                    };
-                                    layer_loss_f32_gradient(
-                                        dev,
-                                        LayerLoss::Prm,
-                                        sel,
-                                        shape,
-                                        &xb,
-                                        &cb,
-                                        &mut loss,
-                                        accumulate,
-                                        Some(g),
-                                        &mut scratch,
-                                    )?;
-                                }
-                                None => {
-                                    layernorm_backward_f32(
-                                        dev, &xb, &dyb, &gb, &mb, &rb, &mut grad, rows, dim, true,
-                                    )?;
-                                    let g = Gradient {
-                                        grad: &mut grad,
-                                        copy: None,
-                                    };
-                                    layer_loss_f32_gradient(
-                                        dev,
-                                        LayerLoss::Prm,
-                                        sel,
-                                        shape,
-                                        &xb,
-                                        &cb,
-                                        &mut loss,
-                                        accumulate,
-                                        Some(g),
-                                        &mut scratch,
-                                    )?;
-                                }
-                            }
+                            layer_loss_f32_gradient(
+                                dev,
+                                LayerLoss::Prm,
+                                sel,
+                                shape,
+                                &xb,
+                                &cb,
+                                &mut loss,
+                                accumulate,
+                                Some(g),
+                                &mut scratch,
+                            )?;
                         }
                         dev.synchronize()?;
                         let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

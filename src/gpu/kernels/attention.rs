@@ -777,7 +777,7 @@ fn tc3_dkdv_dq(
 ) -> Result<(), GpuError> {
     launch_dkdv_dq(
         dev,
-        TC3_DKDV_DQ,
+        &TC3_DKDV_DQ,
         grid(seqlens_host, width / HEAD_DIM, TC_TILE),
         qkv,
         d_out,
@@ -790,40 +790,10 @@ fn tc3_dkdv_dq(
     )
 }
 
-/// The dK/dV and dQ kernels of v3 or v4 (same parameter list), `(name, shared bytes)` each,
-/// in that order, on `grid`.
+/// Backward kernels of v3 or v4 with the dK/dV and dQ parameter list, `(name, shared bytes)`
+/// each, in order (dK/dV then dQ, or dK/dV alone after the dQ that forms delta), on `grid`.
 #[allow(clippy::too_many_arguments)]
 fn launch_dkdv_dq(
-    dev: &Device,
-    kernels: [(&str, u32); 2],
-    grid: (u32, u32, u32),
-    qkv: &Buffer<bf16>,
-    d_out: &Buffer<bf16>,
-    lse: &Buffer<f32>,
-    cu_seqlens: &Buffer<i32>,
-    delta: &Buffer<f32>,
-    d_qkv: &mut Buffer<bf16>,
-    (total, width): (usize, usize),
-    causal: bool,
-) -> Result<(), GpuError> {
-    launch_kernels(
-        dev,
-        &kernels,
-        grid,
-        qkv,
-        d_out,
-        lse,
-        cu_seqlens,
-        delta,
-        d_qkv,
-        (total, width),
-        causal,
-    )
-}
-
-/// Backward kernels of v3 or v4 with the dK/dV and dQ parameter list, in order, on `grid`.
-#[allow(clippy::too_many_arguments)]
-fn launch_kernels(
     dev: &Device,
     kernels: &[(&str, u32)],
     grid: (u32, u32, u32),
@@ -836,28 +806,53 @@ fn launch_kernels(
     (total, width): (usize, usize),
     causal: bool,
 ) -> Result<(), GpuError> {
-    let (w, n, c) = (width as i32, total as i32, causal as i32);
-    let straight = straight_tiles() as i32;
-    for &(kernel, smem) in kernels {
-        let cfg = LaunchConfig {
-            grid,
-            block: (THREADS, 1, 1),
-            shared_bytes: smem,
-        };
-        let mut args = KernelArgs::new();
-        args.input(qkv)
-            .input(d_out)
-            .input(lse)
-            .input(delta)
-            .input(cu_seqlens)
-            .output(d_qkv)
-            .i32(w)
-            .i32(n)
-            .i32(c)
-            .i32(straight);
-        dev.launch(kernel, cfg, &mut args)?;
+    for &kernel in kernels {
+        let ops = (qkv, d_out, lse, delta, cu_seqlens);
+        launch_backward_kernel(dev, kernel, grid, ops, d_qkv, (total, width), causal, None)?;
     }
     Ok(())
+}
+
+/// One backward kernel of v3 or v4 with the dK/dV and dQ parameter list; given `context`, it
+/// is the last parameter (v3's dQ that forms delta from it and writes `delta`: the slot is the
+/// same, and the kernel runs before anything else reads delta).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn launch_backward_kernel(
+    dev: &Device,
+    (kernel, smem): (&str, u32),
+    grid: (u32, u32, u32),
+    (qkv, d_out, lse, delta, cu_seqlens): (
+        &Buffer<bf16>,
+        &Buffer<bf16>,
+        &Buffer<f32>,
+        &Buffer<f32>,
+        &Buffer<i32>,
+    ),
+    d_qkv: &mut Buffer<bf16>,
+    (total, width): (usize, usize),
+    causal: bool,
+    context: Option<&Buffer<bf16>>,
+) -> Result<(), GpuError> {
+    let cfg = LaunchConfig {
+        grid,
+        block: (THREADS, 1, 1),
+        shared_bytes: smem,
+    };
+    let mut args = KernelArgs::new();
+    args.input(qkv)
+        .input(d_out)
+        .input(lse)
+        .input(delta)
+        .input(cu_seqlens)
+        .output(d_qkv)
+        .i32(width as i32)
+        .i32(total as i32)
+        .i32(causal as i32)
+        .i32(straight_tiles() as i32);
+    if let Some(out) = context {
+        args.input(out);
+    }
+    dev.launch(kernel, cfg, &mut args)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -885,50 +880,65 @@ fn tc4_smem(seqlens_host: &[usize]) -> Option<(u32, u32)> {
     Some((resident as u32, dkdv as u32))
 }
 
-/// [`set_straight_tiles`]'s value: 0 not set, 1 off, 2 on.
-static STRAIGHT_TILES_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// A process-wide on/off knob of the attention kernels that gives the same results either way:
+/// the value a setter gave, else its environment variable (`0` turns it off; read once), else
+/// on.
+struct Switch {
+    /// 0 not set, 1 off, 2 on.
+    set: std::sync::atomic::AtomicU8,
+    from_env: std::sync::OnceLock<bool>,
+    variable: &'static str,
+}
+
+impl Switch {
+    const fn new(variable: &'static str) -> Self {
+        Switch {
+            set: std::sync::atomic::AtomicU8::new(0),
+            from_env: std::sync::OnceLock::new(),
+            variable,
+        }
+    }
+
+    fn set(&self, on: bool) {
+        let value = if on { 2 } else { 1 };
+        self.set.store(value, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn on(&self) -> bool {
+        match self.set.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => *self
+                .from_env
+                .get_or_init(|| std::env::var(self.variable).map_or(true, |v| v.trim() != "0")),
+            value => value == 2,
+        }
+    }
+}
+
+static STRAIGHT_TILES: Switch = Switch::new("PRM_ATTENTION_STRAIGHT");
+static DELTA_IN_DQ: Switch = Switch::new("PRM_ATTENTION_DELTA_IN_DQ");
 
 /// Whether the v3 and v4 kernels run a whole tile with nothing masked as straight-line code (the
 /// default) or through the masked tile's code, for this process, overriding
 /// `PRM_ATTENTION_STRAIGHT`. A tuning and testing knob: both give the same results, bit for bit.
 pub fn set_straight_tiles(on: bool) {
-    let value = if on { 2 } else { 1 };
-    STRAIGHT_TILES_OVERRIDE.store(value, std::sync::atomic::Ordering::Relaxed);
+    STRAIGHT_TILES.set(on);
 }
 
-/// [`set_straight_tiles`]'s value, else `PRM_ATTENTION_STRAIGHT` (`0` turns it off; read
-/// once), else on.
+/// [`set_straight_tiles`]'s value, else `PRM_ATTENTION_STRAIGHT`, else on.
 fn straight_tiles() -> bool {
-    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    match STRAIGHT_TILES_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => *FROM_ENV.get_or_init(|| {
-            std::env::var("PRM_ATTENTION_STRAIGHT").map_or(true, |v| v.trim() != "0")
-        }),
-        value => value == 2,
-    }
+    STRAIGHT_TILES.on()
 }
-
-/// [`set_delta_in_dq`]'s value: 0 not set, 1 off, 2 on.
-static DELTA_IN_DQ_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Whether v3's bf16-dO backward forms delta inside its dQ kernel (the default: dQ, then
 /// dK/dV, two launches) or runs the delta kernel first (three launches), for this process,
 /// overriding `PRM_ATTENTION_DELTA_IN_DQ`. A tuning and testing knob: the same bits either way.
 pub fn set_delta_in_dq(on: bool) {
-    let value = if on { 2 } else { 1 };
-    DELTA_IN_DQ_OVERRIDE.store(value, std::sync::atomic::Ordering::Relaxed);
+    DELTA_IN_DQ.set(on);
 }
 
-/// [`set_delta_in_dq`]'s value, else `PRM_ATTENTION_DELTA_IN_DQ` (`0` turns it off; read
-/// once), else on.
+/// [`set_delta_in_dq`]'s value, else `PRM_ATTENTION_DELTA_IN_DQ`, else on.
 fn delta_in_dq() -> bool {
-    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    match DELTA_IN_DQ_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => *FROM_ENV.get_or_init(|| {
-            std::env::var("PRM_ATTENTION_DELTA_IN_DQ").map_or(true, |v| v.trim() != "0")
-        }),
-        value => value == 2,
-    }
+    DELTA_IN_DQ.on()
 }
 
 /// [`set_tc4_split`]'s value; 0: not set.
@@ -1116,55 +1126,22 @@ fn bf16_dout_backward(
         return Ok(());
     }
     let grid = cover.shape(seqlens_host, heads);
-    if let Some((dq, smem)) = dq_delta {
-        let (w, n, c) = (width as i32, total as i32, causal as i32);
-        let cfg = LaunchConfig {
-            grid,
-            block: (THREADS, 1, 1),
-            shared_bytes: smem,
-        };
-        let mut args = KernelArgs::new();
-        args.input(qkv)
-            .input(d_out)
-            .input(lse)
-            .output(delta)
-            .input(cu_seqlens)
-            .output(d_qkv)
-            .i32(w)
-            .i32(n)
-            .i32(c)
-            .i32(straight_tiles() as i32)
-            .input(out);
-        dev.launch(dq, cfg, &mut args)?;
-        let [dkdv, _] = kernels;
-        return launch_kernels(
-            dev,
-            &[dkdv],
-            grid,
-            qkv,
-            d_out,
-            lse,
-            cu_seqlens,
-            delta,
-            d_qkv,
-            (total, width),
-            causal,
-        );
-    }
-    launch_delta(
-        dev,
-        DELTA_BF16_TC3,
-        out,
-        d_out,
-        delta,
-        None,
-        total,
-        heads,
-        width,
-    )?;
+    let [dkdv, _] = kernels;
+    let after_delta: &[(&str, u32)] = match dq_delta {
+        Some(dq) => {
+            let ops = (qkv, d_out, lse, &*delta, cu_seqlens);
+            launch_backward_kernel(dev, dq, grid, ops, d_qkv, (total, width), causal, Some(out))?;
+            std::slice::from_ref(&dkdv)
+        }
+        None => {
+            let (n, h) = (total, heads);
+            launch_delta(dev, DELTA_BF16_TC3, out, d_out, delta, None, n, h, width)?;
+            &kernels
+        }
+    };
     launch_dkdv_dq(
         dev,
-        kernels,
+        after_delta,
         grid,
         qkv,
         d_out,

@@ -61,21 +61,16 @@ pub fn layernorm_backward_then_cosine_f32(
     ] {
         assert_eq!(len, n, "layernorm_cosine: {what} is not [{rows}, {dim}]");
     }
-    assert_eq!(
-        ln.gamma.len(),
-        dim,
-        "layernorm_cosine: gamma is not [{dim}]"
-    );
-    assert_eq!(
-        ln.mean.len(),
-        rows,
-        "layernorm_cosine: mean is not [{rows}]"
-    );
-    assert_eq!(
-        ln.rstd.len(),
-        rows,
-        "layernorm_cosine: rstd is not [{rows}]"
-    );
+    for (what, len, want) in [
+        ("gamma", ln.gamma.len(), dim),
+        ("mean", ln.mean.len(), rows),
+        ("rstd", ln.rstd.len(), rows),
+    ] {
+        assert_eq!(
+            len, want,
+            "layernorm_cosine: {what} has {len} elements, expected {want}"
+        );
+    }
     assert_eq!(
         shape.cu_seqlens.len(),
         shape.images + 1,
