@@ -30,7 +30,7 @@
 // reductions, so that its latency overlaps theirs instead of following them.
 //
 // The backward's per-element steps are layernorm_steps.cuh's, every rounding spelled, shared with
-// layernorm_cosine.cu (LN1's backward fused with the prm loss rows), which gives the same bits.
+// layernorm_loss.cu (LN1's backward fused with the prm loss rows), which gives the same bits.
 //
 // Launchers: src/gpu/kernels/layernorm.rs (layernorm_forward_f32, layernorm_backward_f32 and
 // their variants; both pick their `_d768` kernels for rows of up to 768 elements).

@@ -1,7 +1,7 @@
 // layernorm_steps.cuh: the per-element steps of the LayerNorm input-gradient backward, every
 // rounding spelled out (rounded.cuh), for the kernels that build a row's backward from them:
 // layernorm.cu (rows cached in registers, whole or masked, and streamed) and
-// layernorm_cosine.cu (the backward fused with the cosine loss of the same rows).
+// layernorm_loss.cu (the backward fused with the cosine loss of the same rows).
 //
 //   dx (+)= rstd·(g − mean(g) − x̂·mean(g·x̂)),  g = dy·γ,  x̂ = (x − mean)·rstd
 //

@@ -36,11 +36,12 @@
 //
 // Norms are floored at 1e-12 like torch's F.normalize. All arithmetic is fp32; every multiply that
 // feeds an add is spelled out (fmaf, PRM_FADD_RN), so that the cached and streaming rows passes
-// round alike on the GPU (kernels/README.md). Mode 0's steps are cosine_steps.cuh's, shared with
-// layernorm_cosine.cu (the engine's prm backward: this rows pass fused with LN1's backward).
+// round alike on the GPU (kernels/README.md). Modes 0 and 1 take their steps from loss_steps.cuh,
+// shared with layernorm_loss.cu (the engine's prm and nrd backward: this rows pass fused with
+// LN1's backward).
 #include "common.cuh"
 #include "rounded.cuh"
-#include "cosine_steps.cuh"
+#include "loss_steps.cuh"
 
 #define LOSS_ROWS_PER_BLOCK 8
 #define LOSS_IMAGE_THREADS 256
@@ -142,16 +143,13 @@ __device__ __forceinline__ void loss_rows(const float* a, const float* c, const 
         }
     } else if (mode == 1) {
         float s = 0.0f;
-        for (int d = lane; d < dim; d += 32) {
-            const float e = ar[d] - cr[d];
-            s = fmaf(e, e, s);
-        }
+        for (int d = lane; d < dim; d += 32) prm_nrd_sum(ar[d], cr[d], s);
         s = prm_warp_sum(s);
         if (lane == 0) row_val[row] = s;
         if (gr) {
-            const float k = weight * (-2.0f / ((float)n_sel * (float)dim));
+            const float k = prm_nrd_scale(weight, n_sel, dim);
             for (int d = lane; d < dim; d += 32) {
-                const float g = fmaf(ar[d] - cr[d], k, gr[d]);
+                const float g = prm_nrd_grad(gr[d], ar[d], cr[d], k);
                 gr[d] = g;
                 if (gc) gc[d] = __float2bfloat16(g);
             }

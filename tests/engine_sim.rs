@@ -456,10 +456,10 @@ fn bf16_attention_versions_agree() {
     }
 }
 
-/// The prm loss run inside LN1's backward (the default) gives the engine's loss and gradient
-/// bit for bit as run in a pass of its own (`set_fused_loss(false)`), at both precisions, for
-/// every layer or a few (so unselected layers take LN1's backward alone), every token or the
-/// patches only.
+/// The prm and nrd losses run inside LN1's backward (the default) give the engine's loss and
+/// gradient bit for bit as run in a pass of their own (`set_fused_loss(false)`), at both
+/// precisions, for every layer or a few (so unselected layers take LN1's backward alone), every
+/// token or the patches only.
 #[test]
 fn fused_loss_gives_the_same_bits() {
     let model = small_model(128, 2, 3, 8, 4, Activation::QuickGelu, 31);
@@ -468,22 +468,39 @@ fn fused_loss_gives_the_same_bits() {
     let adv_imgs = perturbed(&clean, &mut d);
     let (clean_v, adv_v) = (views(&clean), views(&adv_imgs));
     let cases = [
-        (TokenSelection::All, LayerSelection::All),
-        (TokenSelection::Patch, LayerSelection::List(vec![0, 2])),
-        (TokenSelection::All, LayerSelection::List(vec![1, 3])),
+        (LossKind::Prm, TokenSelection::All, LayerSelection::All),
+        (
+            LossKind::Prm,
+            TokenSelection::Patch,
+            LayerSelection::List(vec![0, 2]),
+        ),
+        (
+            LossKind::Prm,
+            TokenSelection::All,
+            LayerSelection::List(vec![1, 3]),
+        ),
+        (LossKind::Nrd, TokenSelection::Patch, LayerSelection::All),
+        (
+            LossKind::Nrd,
+            TokenSelection::All,
+            LayerSelection::List(vec![0, 1]),
+        ),
     ];
     for dev in devices() {
         for precision in [Precision::Fp32, Precision::Bf16] {
             let gpu = GpuVit::new_with_precision(&dev, &model, precision).unwrap();
             let gpu_clean = gpu.clean_features(&clean_v).unwrap();
-            for (tokens, layers) in cases.clone() {
-                let obj = objective(&model, LossKind::Prm, tokens, layers.clone());
+            for (loss, tokens, layers) in cases.clone() {
+                let obj = objective(&model, loss, tokens, layers.clone());
                 let mut runs = Vec::new();
                 for fused in [false, true] {
                     gpu.set_fused_loss(fused);
                     runs.push(gpu.loss_and_gradient(&adv_v, &gpu_clean, &obj).unwrap());
                 }
-                let what = format!("{} {precision:?} {tokens:?} {layers:?}", dev.name());
+                let what = format!(
+                    "{} {precision:?} {loss:?} {tokens:?} {layers:?}",
+                    dev.name()
+                );
                 for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
                     assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{what} image {i}: loss");
                     assert!(

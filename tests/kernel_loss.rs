@@ -432,17 +432,15 @@ fn d768_rows_kernel_is_the_streaming_kernel_bit_for_bit() {
     });
 }
 
-/// The fused LN1-backward-and-cosine pass (kernels/layernorm_cosine.cu) is the LayerNorm
-/// backward (accumulating) followed by the prm loss's rows and images passes, bit for bit: the
-/// running gradient, its bf16 copy and the per-image loss, with and without the copy, every
+/// The fused LN1-backward-and-loss pass (kernels/layernorm_loss.cu) is the LayerNorm backward
+/// (accumulating) followed by the loss's rows and images passes, bit for bit, for prm and nrd:
+/// the running gradient, its bf16 copy and the per-image loss, with and without the copy, every
 /// token or the patches only, the loss overwritten or accumulated; at ViT-B's width (whole
 /// rows), at widths under it (masked rows, one not a multiple of 32), and at 1201 tokens.
 #[test]
-fn fused_layernorm_backward_and_cosine_is_the_two_passes_bit_for_bit() {
+fn fused_layernorm_backward_and_loss_is_the_two_passes_bit_for_bit() {
     use prm::gpu::kernels::layernorm::{layernorm_backward_f32, layernorm_backward_f32_bf16copy};
-    use prm::gpu::kernels::layernorm_cosine::{
-        layernorm_backward_then_cosine_f32, LayerNormBackward,
-    };
+    use prm::gpu::kernels::layernorm_loss::{layernorm_backward_then_loss_f32, LayerNormBackward};
     on_devices("layernorm + cosine fused vs two passes", |dev| {
         for (dim, tokens) in [
             (768usize, vec![197usize, 50]),
@@ -487,7 +485,10 @@ fn fused_layernorm_backward_and_cosine_is_the_two_passes_bit_for_bit() {
                 mean: &mb,
                 rstd: &rb,
             };
-            for sel in [TokenSelection::All, TokenSelection::Patch] {
+            for (kind, sel) in [LayerLoss::Prm, LayerLoss::Nrd]
+                .into_iter()
+                .flat_map(|k| [TokenSelection::All, TokenSelection::Patch].map(|s| (k, s)))
+            {
                 for (with_copy, accumulate) in [(true, false), (false, true), (true, true)] {
                     let run = |fused: bool| -> Result<PassBits, GpuError> {
                         let mut grad = dev.upload(&prior)?;
@@ -513,9 +514,10 @@ fn fused_layernorm_backward_and_cosine_is_the_two_passes_bit_for_bit() {
                             copy: copy_arg,
                         };
                         if fused {
-                            layernorm_backward_then_cosine_f32(
+                            layernorm_backward_then_loss_f32(
                                 dev,
                                 ln,
+                                kind,
                                 sel,
                                 shape,
                                 &cb,
@@ -527,7 +529,7 @@ fn fused_layernorm_backward_and_cosine_is_the_two_passes_bit_for_bit() {
                         } else {
                             layer_loss_f32_gradient(
                                 dev,
-                                LayerLoss::Prm,
+                                kind,
                                 sel,
                                 shape,
                                 &xb,
@@ -553,7 +555,8 @@ fn fused_layernorm_backward_and_cosine_is_the_two_passes_bit_for_bit() {
                     let want = run(false)?;
                     let got = run(true)?;
                     let what = format!(
-                        "{} D={dim} T={tokens:?} {sel:?} copy {with_copy} accumulate {accumulate}",
+                        "{} {kind:?} D={dim} T={tokens:?} {sel:?} copy {with_copy} accumulate \
+                         {accumulate}",
                         dev.name()
                     );
                     assert!(got.0 == want.0, "{what}: gradient differs");

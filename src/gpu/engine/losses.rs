@@ -9,8 +9,8 @@ use super::{Batch, Forward, GpuClean, GpuVit, GradientUpdate, LossPass, Losses};
 use crate::attack::image::Evaluation;
 use crate::attack::loss::Objective;
 use crate::gpu::kernels::layernorm::{layernorm_backward_f32, layernorm_backward_f32_bf16copy};
-use crate::gpu::kernels::layernorm_cosine::{
-    self, layernorm_backward_then_cosine_f32, LayerNormBackward,
+use crate::gpu::kernels::layernorm_loss::{
+    self, layernorm_backward_then_loss_f32, LayerNormBackward,
 };
 use crate::gpu::kernels::loss::{
     layer_cosine_f32, layer_loss_f32_gradient, Gradient, LayerLoss, LossScratch, PackedTokens,
@@ -93,10 +93,9 @@ impl GpuVit<'_> {
         // overwrites it), so nothing waits for the host between layers.
         let mut totals = self.alloc(images)?;
         let mut first = true;
-        // The prm loss's rows pass runs inside LN1's backward where the rows fit the kernel.
+        // The loss's rows pass runs inside LN1's backward where the kernel takes it.
         let fuse = self.fused_loss.load(Ordering::Relaxed)
-            && kind == LayerLoss::Prm
-            && self.model.config.width <= layernorm_cosine::MAX_DIM;
+            && layernorm_loss::fuses(kind, self.model.config.width);
         let mut add = |l: usize,
                        features: &Buffer<f32>,
                        grad: Option<&mut Buffer<f32>>,
@@ -117,9 +116,10 @@ impl GpuVit<'_> {
             };
             let clean = &clean.features[l];
             match (grad, ln) {
-                (Some(dh), Some(ln)) if fuse => layernorm_backward_then_cosine_f32(
+                (Some(dh), Some(ln)) if fuse => layernorm_backward_then_loss_f32(
                     &self.dev,
                     ln,
+                    kind,
                     objective.tokens,
                     shape,
                     clean,

@@ -41,7 +41,7 @@ use super::kernels::layernorm::{
     layernorm_backward_f32, layernorm_backward_f32_bf16copy, layernorm_forward_f32,
     layernorm_forward_f32_bf16out,
 };
-use super::kernels::layernorm_cosine::LayerNormBackward;
+use super::kernels::layernorm_loss::LayerNormBackward;
 use super::kernels::loss::LossScratch;
 use super::kernels::resize::{ResizePlan, ResizeSizes};
 use super::pool::{BufferPool, Pooled, PooledBf16};
@@ -255,8 +255,8 @@ pub struct GpuVit<'m> {
     graph_stats: Mutex<GraphStats>,
     /// The next batch's clean images, staged on a copy stream (`staged.rs`).
     staging: Mutex<staged::Staging>,
-    /// The prm loss at a block's input layer runs inside that block's LN1 backward (one pass
-    /// over the rows instead of two; same bits). Off: `PRM_FUSED_LOSS=0`.
+    /// The prm or nrd loss at a block's input layer runs inside that block's LN1 backward (one
+    /// pass over the rows instead of two; same bits). Off: `PRM_FUSED_LOSS=0`.
     fused_loss: AtomicBool,
 }
 
@@ -308,7 +308,7 @@ impl<'m> GpuVit<'m> {
         self.graphs.store(on, Ordering::Relaxed);
     }
 
-    /// Runs the prm loss at a block's input layer inside that block's LN1 backward (default:
+    /// Runs the prm or nrd loss at a block's input layer inside that block's LN1 backward (default:
     /// on, unless the environment sets `PRM_FUSED_LOSS=0`), or as a pass of its own. Results
     /// are bit-identical either way: a knob for measuring what the fusion saves.
     pub fn set_fused_loss(&self, on: bool) {

@@ -6,7 +6,7 @@ pub mod attention;
 pub mod convert;
 pub mod embed;
 pub mod layernorm;
-pub mod layernorm_cosine;
+pub mod layernorm_loss;
 pub mod loss;
 pub mod resize;
 pub mod save;

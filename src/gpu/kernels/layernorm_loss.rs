@@ -1,16 +1,19 @@
-//! Launcher for `kernels/layernorm_cosine.cu`: the LayerNorm backward of a block's first
-//! LayerNorm and the prm (cosine) loss at that block's input layer, in one pass over the rows.
+//! Launcher for `kernels/layernorm_loss.cu`: the LayerNorm backward of a block's first
+//! LayerNorm and the loss at that block's input layer (prm or nrd: the losses whose gradient is
+//! elementwise once a row's statistics are known), in one pass over the rows.
 //!
 //! In the attack's backward both read the layer's features `F_l` and both add into the running
 //! residual gradient; run one after the other they read `F_l` twice and read and write the
 //! gradient (and its bf16 copy) twice. The fused pass gives the same bits as
 //! [`layernorm_backward_f32`](super::layernorm::layernorm_backward_f32) with `accumulate`
-//! followed by [`layer_loss_f32_gradient`](super::loss::layer_loss_f32_gradient) with
-//! [`LayerLoss::Prm`](super::loss::LayerLoss::Prm) (tests/kernel_loss.rs), for rows of at most
-//! [`MAX_DIM`] elements; wider rows (ViT-L) take those two.
+//! followed by [`layer_loss_f32_gradient`](super::loss::layer_loss_f32_gradient) of the same
+//! loss (tests/kernel_loss.rs), for rows of at most [`MAX_DIM`] elements; wider rows (ViT-L)
+//! and the dispersion losses (two passes over the image first) take those two.
 
 use crate::attack::settings::TokenSelection;
-use crate::gpu::kernels::loss::{images_pass, skip_of, Gradient, LossScratch, PackedTokens};
+use crate::gpu::kernels::loss::{
+    images_pass, skip_of, Gradient, LayerLoss, LossScratch, PackedTokens,
+};
 use crate::gpu::{Buffer, Device, GpuError, KernelArgs, LaunchConfig};
 
 /// The widest rows the fused kernel holds in registers (ViT-B's width).
@@ -30,14 +33,21 @@ pub struct LayerNormBackward<'a> {
     pub rstd: &'a Buffer<f32>,
 }
 
-/// `grad += LN_backward(ln)`, then the prm loss of the layer whose features are `ln.x` against
-/// `clean`: `loss[b]` receives each image's mean token cosine (added when `accumulate`) and
+/// Whether [`layernorm_backward_then_loss_f32`] takes `kind` at rows of `dim` elements.
+pub fn fuses(kind: LayerLoss, dim: usize) -> bool {
+    matches!(kind, LayerLoss::Prm | LayerLoss::Nrd) && dim > 0 && dim <= MAX_DIM
+}
+
+/// `grad += LN_backward(ln)`, then the loss `kind` (prm or nrd) of the layer whose features are
+/// `ln.x` against `clean`: `loss[b]` receives each image's value, as
+/// [`layer_loss_f32`](super::loss::layer_loss_f32) gives it (added when `accumulate`), and
 /// `grad += dL/dx` on the selected tokens; with `grad.copy`, `bf16(grad)` of every row as
-/// written. `shape.dim` must be at most [`MAX_DIM`].
+/// written. Panics unless [`fuses`]`(kind, shape.dim)`.
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_backward_then_cosine_f32(
+pub fn layernorm_backward_then_loss_f32(
     dev: &Device,
     ln: LayerNormBackward,
+    kind: LayerLoss,
     tokens: TokenSelection,
     shape: PackedTokens,
     clean: &Buffer<f32>,
@@ -49,17 +59,18 @@ pub fn layernorm_backward_then_cosine_f32(
     let (rows, dim) = (shape.rows, shape.dim);
     let n = rows * dim;
     assert!(
-        dim > 0 && dim <= MAX_DIM,
-        "layernorm_cosine: rows of {dim} elements (at most {MAX_DIM})"
+        fuses(kind, dim),
+        "layernorm_loss: no fused pass for {kind:?} at rows of {dim} elements"
     );
-    assert!(rows <= i32::MAX as usize, "layernorm_cosine: {rows} rows");
+    let mode = if kind == LayerLoss::Prm { 0 } else { 1 };
+    assert!(rows <= i32::MAX as usize, "layernorm_loss: {rows} rows");
     for (what, len) in [
         ("x", ln.x.len()),
         ("dy", ln.dy.len()),
         ("clean", clean.len()),
         ("grad", grad.grad.len()),
     ] {
-        assert_eq!(len, n, "layernorm_cosine: {what} is not [{rows}, {dim}]");
+        assert_eq!(len, n, "layernorm_loss: {what} is not [{rows}, {dim}]");
     }
     for (what, len, want) in [
         ("gamma", ln.gamma.len(), dim),
@@ -68,27 +79,27 @@ pub fn layernorm_backward_then_cosine_f32(
     ] {
         assert_eq!(
             len, want,
-            "layernorm_cosine: {what} has {len} elements, expected {want}"
+            "layernorm_loss: {what} has {len} elements, expected {want}"
         );
     }
     assert_eq!(
         shape.cu_seqlens.len(),
         shape.images + 1,
-        "layernorm_cosine: cu_seqlens length"
+        "layernorm_loss: cu_seqlens length"
     );
     assert_eq!(
         loss.len(),
         shape.images,
-        "layernorm_cosine: one loss per image"
+        "layernorm_loss: one loss per image"
     );
     assert!(
         scratch.row_val.len() >= rows,
-        "layernorm_cosine: scratch too small"
+        "layernorm_loss: scratch too small"
     );
     if let Some(c) = grad.copy.as_deref() {
         assert!(
             c.len() >= n,
-            "layernorm_cosine: the gradient's bf16 copy is not [{rows}, {dim}]"
+            "layernorm_loss: the gradient's bf16 copy is not [{rows}, {dim}]"
         );
     }
     let skip = skip_of(tokens);
@@ -104,6 +115,7 @@ pub fn layernorm_backward_then_cosine_f32(
             .i32(shape.images as i32)
             .i32(dim as i32)
             .i32(skip)
+            .i32(mode)
             .f32(1.0)
             .output(grad.grad);
         match grad.copy {
@@ -113,10 +125,10 @@ pub fn layernorm_backward_then_cosine_f32(
         args.output(&mut scratch.row_val);
         let blocks = rows.div_ceil(ROWS_PER_BLOCK) as u32;
         dev.launch(
-            "prm_layernorm_cosine_backward_f32_d768",
+            "prm_layernorm_loss_backward_f32_d768",
             LaunchConfig::linear(blocks, (ROWS_PER_BLOCK * 32) as u32, 0),
             &mut args,
         )?;
     }
-    images_pass(dev, shape, skip, 0, 1.0, loss, accumulate, scratch)
+    images_pass(dev, shape, skip, mode, 1.0, loss, accumulate, scratch)
 }
