@@ -64,7 +64,7 @@ __device__ __forceinline__ void prm_layernorm_forward_cached(const T* __restrict
         v[k] = (FULL || i < dim) ? prm_ln_load(xr + i) : 0.0f;
         s += v[k];
     }
-    mean = prm_warp_sum(s) * inv_dim;
+    mean = prm_ln_row_mean(s, inv_dim);
     float q = 0.0f;
 #pragma unroll
     for (int k = 0; k < PER_LANE; ++k) {
@@ -104,7 +104,7 @@ __device__ __forceinline__ void prm_layernorm_forward(const T* __restrict__ x, c
         const float inv_dim = 1.0f / (float)dim;
         float s = 0.0f;
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) s += prm_ln_load(xr + i);
-        mean = prm_warp_sum(s) * inv_dim;
+        mean = prm_ln_row_mean(s, inv_dim);
         float q = 0.0f;
         for (int i = lane; i < dim; i += PRM_WARP_SIZE) {
             const float d = prm_ln_load(xr + i) - mean;

@@ -128,15 +128,11 @@ impl GpuVit<'_> {
                     Gradient { grad: dh, copy },
                     &mut scratch,
                 )?,
-                (grad, ln) => {
-                    let grad = match (grad, ln) {
-                        (Some(dh), Some(ln)) => {
-                            // The loss pass writes the copy, after LN1's gradient joins dh.
-                            self.layernorm_backward_into(ln, dh, None)?;
-                            Some(dh)
-                        }
-                        (grad, _) => grad,
-                    };
+                (mut grad, ln) => {
+                    if let (Some(dh), Some(ln)) = (grad.as_deref_mut(), ln) {
+                        // The loss pass writes the copy, after LN1's gradient joins dh.
+                        self.layernorm_backward_into(ln, dh, None)?;
+                    }
                     layer_loss_f32_gradient(
                         &self.dev,
                         kind,

@@ -163,7 +163,7 @@ impl Grid {
 }
 
 /// Checks and launches a forward kernel (SIMT or tensor-core: same parameter list, and v3 / v4
-/// take `straight` after it: [`straight_tiles`]) on `cover`'s grid.
+/// take `straight` after it: `STRAIGHT_TILES`) on `cover`'s grid.
 #[allow(clippy::too_many_arguments)]
 fn launch_forward<Q: Element, O: Element>(
     dev: &Device,
@@ -646,7 +646,7 @@ pub fn attention_forward_tc3(
         width,
         mode,
         causal,
-        Some(straight_tiles()),
+        Some(STRAIGHT_TILES.on()),
     )
 }
 
@@ -750,7 +750,7 @@ pub fn attention_backward_tc3_bf16_dout(
         dev,
         "v3",
         TC3_DKDV_DQ,
-        delta_in_dq().then_some(TC3_DQ_DELTA),
+        DELTA_IN_DQ.on().then_some(TC3_DQ_DELTA),
         Grid::Tiles(TC_TILE),
         (qkv, out, d_out, lse, cu_seqlens, seqlens_host),
         d_qkv,
@@ -848,7 +848,7 @@ fn launch_backward_kernel(
         .i32(width as i32)
         .i32(total as i32)
         .i32(causal as i32)
-        .i32(straight_tiles() as i32);
+        .i32(STRAIGHT_TILES.on() as i32);
     if let Some(out) = context {
         args.input(out);
     }
@@ -914,7 +914,9 @@ impl Switch {
     }
 }
 
+/// Whole tiles with nothing masked as straight-line code ([`set_straight_tiles`]).
 static STRAIGHT_TILES: Switch = Switch::new("PRM_ATTENTION_STRAIGHT");
+/// v3's bf16-dO backward forms delta inside dQ ([`set_delta_in_dq`]).
 static DELTA_IN_DQ: Switch = Switch::new("PRM_ATTENTION_DELTA_IN_DQ");
 
 /// Whether the v3 and v4 kernels run a whole tile with nothing masked as straight-line code (the
@@ -924,21 +926,11 @@ pub fn set_straight_tiles(on: bool) {
     STRAIGHT_TILES.set(on);
 }
 
-/// [`set_straight_tiles`]'s value, else `PRM_ATTENTION_STRAIGHT`, else on.
-fn straight_tiles() -> bool {
-    STRAIGHT_TILES.on()
-}
-
 /// Whether v3's bf16-dO backward forms delta inside its dQ kernel (the default: dQ, then
 /// dK/dV, two launches) or runs the delta kernel first (three launches), for this process,
 /// overriding `PRM_ATTENTION_DELTA_IN_DQ`. A tuning and testing knob: the same bits either way.
 pub fn set_delta_in_dq(on: bool) {
     DELTA_IN_DQ.set(on);
-}
-
-/// [`set_delta_in_dq`]'s value, else `PRM_ATTENTION_DELTA_IN_DQ`, else on.
-fn delta_in_dq() -> bool {
-    DELTA_IN_DQ.on()
 }
 
 /// [`set_tc4_split`]'s value; 0: not set.
@@ -1023,7 +1015,7 @@ pub fn attention_forward_tc4(
         width,
         mode,
         causal,
-        Some(straight_tiles()),
+        Some(STRAIGHT_TILES.on()),
     )
 }
 
