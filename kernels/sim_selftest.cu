@@ -279,3 +279,34 @@ extern "C" __global__ void prm_selftest_allgather(int* __restrict__ out) {
 }
 PRM_REGISTER_KERNEL(prm_selftest_allgather);
 #endif
+
+// Races, for the schedule tests: every thread but the first of the grid reads what its left
+// neighbour wrote in the same launch.
+//   mode 0: through shared memory after a __syncthreads (race-free; the first thread of each
+//           block reads its own input);
+//   mode 1: through shared memory with no barrier (a race, inside warps and across them);
+//   mode 2: through global memory, across blocks too (a race: blocks are not ordered);
+//   mode 3: each thread reads its own cp.async destination before waiting for the copy (a race
+//           with the copy). in holds 4 floats per thread here; blockDim.x <= 256.
+extern "C" __global__ void prm_selftest_race(const float* __restrict__ in, float* __restrict__ out,
+                                             float* __restrict__ scratch, int mode) {
+    PRM_SHARED_ARRAY(float, s, 1024);
+    const int t = threadIdx.x;
+    const int g = blockIdx.x * blockDim.x + t;
+    float got;
+    if (mode <= 1) {
+        s[t] = in[g];
+        if (mode == 0) __syncthreads();
+        got = t > 0 ? s[t - 1] : in[g];
+    } else if (mode == 2) {
+        scratch[g] = in[g];
+        got = g > 0 ? scratch[g - 1] : in[g];
+    } else {
+        prm_cp_async_16(s + 4 * t, in + 4 * g, true);
+        prm_cp_async_commit();
+        got = s[4 * t];
+        prm_cp_async_wait<0>();
+    }
+    out[g] = got;
+}
+PRM_REGISTER_KERNEL(prm_selftest_race);

@@ -8,6 +8,7 @@ mod common;
 use common::{devices, Draw};
 use half::bf16;
 use prm::gpu::kernels::attention::*;
+use prm::gpu::sim::Schedule;
 use prm::gpu::Device;
 use prm::reference::ops;
 
@@ -471,11 +472,17 @@ fn identity_mixed() {
     check(&[50, 13], 128, AttentionMode::Identity, false, 10);
 }
 
+/// Two runs give the same bits. On the simulator the second runs under the reverse schedule, so
+/// a race (a read of another thread's write with no barrier between) would show as a difference.
 #[test]
 fn deterministic() {
     let lens = [197, 13];
     let (qkv, d_out) = inputs(&lens, 128, 11);
-    for dev in devices() {
+    // On the simulator the second run is the reverse schedule's.
+    let devices = devices()
+        .into_iter()
+        .filter(|d| d.sim_schedule() != Some(Schedule::Reverse));
+    for dev in devices {
         for causal in [false, true] {
             for kernels in [Kernels::Simt, Kernels::TensorCore, Kernels::TensorCoreV3] {
                 let a = run(
@@ -488,8 +495,13 @@ fn deterministic() {
                     causal,
                     kernels,
                 );
+                let second = if dev.is_sim() {
+                    Device::sim_with_schedule(Schedule::Reverse)
+                } else {
+                    dev.clone()
+                };
                 let b = run(
-                    &dev,
+                    &second,
                     &qkv,
                     &d_out,
                     &lens,
@@ -860,7 +872,11 @@ fn v4_is_v3_bit_for_bit() {
         (vec![70, 13], 64, AttentionMode::KK, true),
         (vec![300, 20], 64, AttentionMode::QK, false),
     ];
-    for dev in devices() {
+    // The reverse-schedule simulator is among the runs below.
+    let devices = devices()
+        .into_iter()
+        .filter(|d| d.sim_schedule() != Some(Schedule::Reverse));
+    for dev in devices {
         for (lens, width, mode, causal) in &cases {
             let (lens, width, mode, causal) = (lens.as_slice(), *width, *mode, *causal);
             let n: usize = lens.iter().sum();
@@ -870,13 +886,19 @@ fn v4_is_v3_bit_for_bit() {
             for &l in lens {
                 cu.push(cu.last().unwrap() + l as i32);
             }
-            let qkv_b = dev.upload(&to_bf16(&qkv)).unwrap();
-            let dout_b = dev.upload(&to_bf16(&d_out)).unwrap();
-            let cu_b = dev.upload(&cu).unwrap();
             let backward = tensor_core_v3_supports(mode, true);
             // (out, lse, delta, d_qkv) as bits, from v3 (split None) or v4 with that split, with
-            // straight tiles on or off.
-            let run = |split: Option<u32>, straight: bool| {
+            // straight tiles on or off, under the simulator's forward or reverse schedule (races
+            // would give different bits; a GPU runs its own schedule each time).
+            let run = |split: Option<u32>, straight: bool, schedule: Schedule| {
+                let dev = if dev.is_sim() {
+                    Device::sim_with_schedule(schedule)
+                } else {
+                    dev.clone()
+                };
+                let qkv_b = dev.upload(&to_bf16(&qkv)).unwrap();
+                let dout_b = dev.upload(&to_bf16(&d_out)).unwrap();
+                let cu_b = dev.upload(&cu).unwrap();
                 set_straight_tiles(straight);
                 let mut out = dev.alloc::<bf16>(n * width).unwrap();
                 let mut lse = dev.alloc::<f32>(heads * n).unwrap();
@@ -933,15 +955,21 @@ fn v4_is_v3_bit_for_bit() {
                     },
                 )
             };
-            let want = run(None, false);
-            let runs = [(None, true), (Some(1), false)]
-                .into_iter()
-                .chain((1..=4).map(|split| (Some(split), true)));
-            for (split, straight) in runs {
-                let got = run(split, straight);
+            let want = run(None, false, Schedule::Forward);
+            let runs = [
+                (None, true, Schedule::Forward),
+                (Some(1), false, Schedule::Forward),
+                (None, true, Schedule::Reverse),
+                (None, false, Schedule::Reverse),
+                (Some(2), true, Schedule::Reverse),
+            ]
+            .into_iter()
+            .chain((1..=4).map(|split| (Some(split), true, Schedule::Forward)));
+            for (split, straight, schedule) in runs {
+                let got = run(split, straight, schedule);
                 let what = format!(
                     "{} {lens:?} width {width} {mode:?} causal {causal} v4 split {split:?} \
-                     straight {straight}",
+                     straight {straight} schedule {schedule:?}",
                     dev.name()
                 );
                 assert!(got.0 == want.0, "{what}: context differs from masked v3");

@@ -4,6 +4,7 @@
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
+use prm::gpu::sim::Schedule;
 use prm::gpu::{Device, GpuError, KernelArgs, LaunchConfig};
 
 extern "C" {
@@ -335,21 +336,33 @@ fn bf16_round_to_nearest_even() {
 #[test]
 fn multi_dimensional_grid_and_block() {
     let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
-    let dev = Device::sim();
     let (grid, block) = ((3u32, 2u32, 2u32), (4u32, 3u32, 2u32));
     let nblocks = (grid.0 * grid.1 * grid.2) as usize;
     let nthreads = (block.0 * block.1 * block.2) as usize;
-    let mut out = dev.alloc::<i32>(nblocks * nthreads).unwrap();
-    let mut order = dev.alloc::<i32>(nblocks).unwrap();
-    let mut counter = dev.alloc::<i32>(1).unwrap();
-    dev.poison(&mut out).unwrap();
-    let mut args = KernelArgs::new();
-    args.output(&mut out)
-        .output(&mut order)
-        .output(&mut counter);
-    dev.launch("prm_selftest_dims", cfg(grid, block, 0), &mut args)
-        .unwrap();
-    let out = dev.download(&out).unwrap();
+    for schedule in [Schedule::Forward, Schedule::Reverse] {
+        let dev = Device::sim_with_schedule(schedule);
+        let mut out = dev.alloc::<i32>(nblocks * nthreads).unwrap();
+        let mut order = dev.alloc::<i32>(nblocks).unwrap();
+        let mut counter = dev.alloc::<i32>(1).unwrap();
+        dev.poison(&mut out).unwrap();
+        let mut args = KernelArgs::new();
+        args.output(&mut out)
+            .output(&mut order)
+            .output(&mut counter);
+        dev.launch("prm_selftest_dims", cfg(grid, block, 0), &mut args)
+            .unwrap();
+        check_dims(&dev.download(&out).unwrap(), grid, block);
+        // Blocks run one after the other: x fastest, or the reverse.
+        let mut want: Vec<i32> = (0..nblocks as i32).collect();
+        if schedule == Schedule::Reverse {
+            want.reverse();
+        }
+        assert_eq!(dev.download(&order).unwrap(), want, "{schedule:?}");
+    }
+}
+
+/// Every thread wrote its coordinates to its linear position in the grid.
+fn check_dims(out: &[i32], grid: (u32, u32, u32), block: (u32, u32, u32)) {
     let mut i = 0;
     for bz in 0..grid.2 {
         for by in 0..grid.1 {
@@ -366,9 +379,6 @@ fn multi_dimensional_grid_and_block() {
             }
         }
     }
-    // Blocks run one after the other, x fastest.
-    let order = dev.download(&order).unwrap();
-    assert_eq!(order, (0..nblocks as i32).collect::<Vec<_>>());
 }
 
 fn sim_message(r: Result<(), GpuError>) -> String {
@@ -381,7 +391,9 @@ fn sim_message(r: Result<(), GpuError>) -> String {
 #[test]
 fn deadlock_is_reported_not_hung_and_the_pool_survives() {
     let _guard = TIMEOUT.write().unwrap_or_else(|e| e.into_inner());
-    let dev = Device::sim();
+    // The messages name the first thread (and block) to get stuck, which depends on the order:
+    // the forward schedule's.
+    let dev = Device::sim_with_schedule(Schedule::Forward);
     let mut y = dev.alloc::<f32>(64).unwrap();
 
     // Early return before a __syncthreads: seen at once, naming kernel, block and thread.
@@ -600,33 +612,108 @@ fn cp_async_and_ldmatrix_follow_the_isa() {
     }
 }
 
-/// cp.async lands at the cp.async.wait_group that covers its group, not when issued, and an
-/// uncommitted copy is not covered by any wait (as on the GPU, where reading it is a race).
+/// cp.async lands at the cp.async.wait_group that covers its group under the forward schedule
+/// (as late as the GPU may land it), and an uncommitted copy is not covered by any wait (as on
+/// the GPU, where reading it is a race). Under the reverse schedule every copy lands at issue
+/// (as early as the GPU may).
 #[test]
 fn cp_async_lands_at_the_wait_that_covers_its_group() {
     let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
-    let dev = Device::sim();
-    let src: Vec<u32> = (0..32 * 4).map(|i| 0x1000 + i as u32).collect();
-    let src_b = dev.upload(&src).unwrap();
-    let mut out = dev.alloc::<u32>(32 * 4).unwrap();
-    dev.poison(&mut out).unwrap();
-    let mut args = KernelArgs::new();
-    args.input(&src_b).output(&mut out);
-    dev.launch(
-        "prm_selftest_cp_async_groups",
-        LaunchConfig::linear(1, 32, 0),
-        &mut args,
-    )
-    .unwrap();
-    let out = dev.download(&out).unwrap();
     let poison = 0xFFFF_FFFFu32;
-    for lane in 0..32 {
-        let v = src[lane * 4];
-        assert_eq!(
-            &out[lane * 4..lane * 4 + 4],
-            &[v, poison, v, poison],
-            "lane {lane}: [A after wait 1, B after wait 1, B after wait 0, uncommitted C]"
-        );
+    for schedule in [Schedule::Forward, Schedule::Reverse] {
+        let dev = Device::sim_with_schedule(schedule);
+        let src: Vec<u32> = (0..32 * 4).map(|i| 0x1000 + i as u32).collect();
+        let src_b = dev.upload(&src).unwrap();
+        let mut out = dev.alloc::<u32>(32 * 4).unwrap();
+        dev.poison(&mut out).unwrap();
+        let mut args = KernelArgs::new();
+        args.input(&src_b).output(&mut out);
+        dev.launch(
+            "prm_selftest_cp_async_groups",
+            LaunchConfig::linear(1, 32, 0),
+            &mut args,
+        )
+        .unwrap();
+        let out = dev.download(&out).unwrap();
+        for lane in 0..32 {
+            let v = src[lane * 4];
+            let want = match schedule {
+                Schedule::Forward => [v, poison, v, poison],
+                Schedule::Reverse => [v, v, v, v],
+            };
+            assert_eq!(
+                &out[lane * 4..lane * 4 + 4],
+                &want,
+                "{schedule:?} lane {lane}: [A after wait 1, B after wait 1, B after wait 0, uncommitted C]"
+            );
+        }
+    }
+}
+
+/// Each kind of race gives different bits under the two schedules, and the race-free form the
+/// same: the forward schedule alone would have passed the first two races.
+#[test]
+fn races_give_different_bits_under_the_two_schedules() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let (blocks, threads) = (3usize, 80usize); // a partial third warp in every block
+    let n = blocks * threads;
+    let input: Vec<f32> = (0..4 * n).map(|i| 1.0 + i as f32).collect();
+    let run = |mode: i32, schedule: Schedule| -> Vec<u32> {
+        let dev = Device::sim_with_schedule(schedule);
+        let input_b = dev.upload(&input).unwrap();
+        let mut out = dev.alloc::<f32>(n).unwrap();
+        let mut scratch = dev.alloc::<f32>(n).unwrap();
+        dev.poison(&mut out).unwrap();
+        dev.poison(&mut scratch).unwrap();
+        let mut args = KernelArgs::new();
+        args.input(&input_b)
+            .output(&mut out)
+            .output(&mut scratch)
+            .i32(mode);
+        dev.launch(
+            "prm_selftest_race",
+            LaunchConfig::linear(blocks as u32, threads as u32, 0),
+            &mut args,
+        )
+        .unwrap();
+        dev.download(&out)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    let neighbour = |g: usize, first_of: usize| {
+        if g % first_of == 0 {
+            input[g].to_bits()
+        } else {
+            input[g - 1].to_bits()
+        }
+    };
+    for (mode, what) in [
+        (0, "no race"),
+        (1, "shared memory without a barrier"),
+        (2, "global memory across threads and blocks"),
+        (3, "a cp.async destination read before the wait"),
+    ] {
+        let (forward, reverse) = (run(mode, Schedule::Forward), run(mode, Schedule::Reverse));
+        match mode {
+            0 => {
+                let want: Vec<u32> = (0..n).map(|g| neighbour(g, threads)).collect();
+                assert_eq!(forward, want, "{what}: forward");
+                assert_eq!(reverse, want, "{what}: reverse");
+            }
+            1 | 2 => {
+                let first_of = if mode == 1 { threads } else { n };
+                let want: Vec<u32> = (0..n).map(|g| neighbour(g, first_of)).collect();
+                assert_eq!(forward, want, "{what}: forward sees every write");
+                assert_ne!(forward, reverse, "{what}: reverse must differ");
+            }
+            _ => {
+                let want: Vec<u32> = (0..n).map(|g| input[4 * g].to_bits()).collect();
+                assert_eq!(reverse, want, "{what}: reverse lands the copy at issue");
+                assert_ne!(forward, reverse, "{what}: forward must differ");
+            }
+        }
     }
 }
 

@@ -1,26 +1,40 @@
 // runtime.cpp: the simulator's launcher, fibers, barriers, warp exchange, cp.async queues and
 // shared memory.
 //
-// One launch at a time (global mutex), run on the calling OS thread: a grid runs block by block
-// (x fastest), and a block's threads are fibers (user-level contexts with their own stacks,
-// switched by a few instructions; see "Contexts" below), not OS threads. A fiber runs until it
-// reaches a meeting point (__syncthreads, a warp collective) or returns, then control goes back
-// to the block's scheduler, which resumes the next runnable fiber in thread order. Running each
+// One launch at a time (global mutex), run on the calling OS thread: a grid runs block by block,
+// and a block's threads are fibers (user-level contexts with their own stacks, switched by a few
+// instructions; see "Contexts" below), not OS threads. A fiber runs until it reaches a meeting
+// point (__syncthreads, a warp collective) or returns, then control goes back to the block's
+// scheduler, which resumes the next runnable fiber in the schedule's order. Running each
 // thread to its next meeting point is one of the interleavings a GPU may produce, so kernels see
 // CUDA's semantics; what changes against OS threads is the cost: a meeting point of a 256-thread
 // block costs ~256 context switches of a few nanoseconds instead of futex wake-ups.
 //
 // Meeting points: the last thread to arrive completes the phase, marks the waiters runnable and
-// goes on. A thread that returns while others wait at a barrier it will never reach is reported
-// at once, and so is a block whose live threads all wait (every fiber blocked). A thread that
-// keeps running longer than the barrier timeout (PRM_SIM_BARRIER_TIMEOUT_MS, default 10 s, or
+// goes back to the scheduler too, so that after every meeting point the block's threads run in
+// the launch's schedule order:
+//   - forward (the default): blocks in grid order, threads in thread order, and cp.async
+//     copies land as late as a GPU may land them (at the wait);
+//   - reverse: blocks and threads in the opposite order, and copies land as early as a GPU may
+//     land them (at issue).
+// A race-free kernel gives the same bits under both. A kernel in which one thread reads what
+// another writes with no meeting point between them (shared or global memory, inside a warp or
+// across warps or blocks), or that touches a cp.async destination between issue and wait, sees
+// the write in one schedule and not in the other, so comparing the two finds the race that a
+// GPU shows only sometimes (tests/sim.rs, tests/schedules.rs). Each launch names its schedule
+// (the Rust device's), or takes PRM_SIM_SCHEDULE=forward|reverse.
+//
+// A thread that returns while others wait at a barrier it will never reach is reported at once,
+// and so is a block whose live threads all wait (every fiber blocked). A thread that keeps
+// running longer than the barrier timeout (PRM_SIM_BARRIER_TIMEOUT_MS, default 10 s, or
 // prm_sim_set_barrier_timeout_ms) between two meeting points while others wait for it fails
 // the launch when it next reaches one. An error abandons the block's fibers where they stand
 // (kernels own no resources; their stacks are reused) and the launch returns 2 with the message.
 //
-// cp.async (kernels/tile_io.cuh) is queued per thread and lands at cp.async.wait_group, as on
-// the GPU: a kernel that reads a tile before waiting for it reads poison or a stale tile here
-// too. Addresses are checked: 16-byte alignment, destination inside the block's shared memory.
+// cp.async (kernels/tile_io.cuh) is queued per thread and lands at cp.async.wait_group under the
+// forward schedule, and at issue under the reverse one: a kernel that reads a tile before
+// waiting for it reads poison or a stale tile under one of them. Addresses are checked: 16-byte
+// alignment, destination inside the block's shared memory.
 #include <chrono>
 #include <climits>
 #include <cstdarg>
@@ -118,6 +132,21 @@ constexpr size_t kStackBytes = 256 * 1024;
 
 enum ThreadState : uint8_t { kRunning = 0, kInSync = 1, kInWarp = 2, kExited = 3 };
 
+// The order in which blocks, and a block's runnable threads after each meeting point, run.
+enum Schedule : int { kForward = 0, kReverse = 1 };
+
+// PRM_SIM_SCHEDULE, read once: the schedule of threads that have not chosen one.
+Schedule default_schedule() {
+    static const Schedule chosen = [] {
+        const char* v = std::getenv("PRM_SIM_SCHEDULE");
+        if (!v || !*v || std::strcmp(v, "forward") == 0) return kForward;
+        if (std::strcmp(v, "reverse") == 0) return kReverse;
+        std::fprintf(stderr, "prm sim: PRM_SIM_SCHEDULE=%s is not forward or reverse; using forward\n", v);
+        return kForward;
+    }();
+    return chosen;
+}
+
 struct CpAsync {
     void* dst;
     const void* src;
@@ -173,6 +202,7 @@ struct Sim {
     dim3 grid, block;
     uint32_t nthreads = 0;
     uint64_t nblocks = 0;
+    Schedule schedule = kForward;
     size_t dyn_bytes = 0;    // dynamic shared bytes, rounded up to 16
     size_t static_used = 0;  // static shared bytes placed after the dynamic part
     uint64_t epoch = 0;
@@ -392,6 +422,7 @@ int block_barrier(int pred, bool count) {
         B.count[(gen + 1) & 1] = 0;
         b.gen += 1;
         release(0, s.nthreads, kInSync, 0xffffffffu);
+        yield_to_scheduler();  // run on in schedule order with the released threads
         return count ? B.count[gen & 1] : 0;
     }
     if (b.arrived + B.finished == s.nthreads)
@@ -439,21 +470,23 @@ unsigned warp_phase(unsigned mask, unsigned* eff_out, Publish publish) {
         W.gen += 1;
         const unsigned first = warp * 32;
         release(first, std::min<unsigned>(32, s.nthreads - first), kInWarp, eff);
+        yield_to_scheduler();  // run on in schedule order with the released lanes
         return gen & 3u;
     }
     block_here(kInWarp);
     return gen & 3u;
 }
 
+void land_one(const CpAsync& c) {
+    if (c.valid)
+        std::memcpy(c.dst, c.src, 16);
+    else
+        std::memset(c.dst, 0, 16);
+}
+
 // cp.async copies of the running fiber in issue order: the first `n` land now.
 void land_copies(Fiber& f, size_t n) {
-    for (size_t i = 0; i < n; ++i) {
-        const CpAsync& c = f.copies[i];
-        if (c.valid)
-            std::memcpy(c.dst, c.src, 16);
-        else
-            std::memset(c.dst, 0, 16);
-    }
+    for (size_t i = 0; i < n; ++i) land_one(f.copies[i]);
     f.copies.erase(f.copies.begin(), f.copies.begin() + static_cast<std::ptrdiff_t>(n));
     for (size_t& g : f.groups) g -= n;
 }
@@ -599,10 +632,11 @@ void setup_block(uint64_t b, bool poison) {
 bool run_block() {
     Sim& s = S();
     BlockState& B = s.blk;
+    const bool reverse = s.schedule == kReverse;
     for (;;) {
         bool progressed = false;
-        for (uint32_t t = 0; t < s.nthreads; ++t) {
-            Fiber& f = *s.fibers[t];
+        for (uint32_t i = 0; i < s.nthreads; ++i) {
+            Fiber& f = *s.fibers[reverse ? s.nthreads - 1 - i : i];
             if (f.state != kRunning) continue;
             resume(f);
             if (s.aborted) return false;
@@ -698,6 +732,13 @@ void cp_async_16(void* dst, const void* src, bool valid) {
     check_shared_access(dst, 16, 16, "cp.async destination");
     if (reinterpret_cast<uintptr_t>(src) % 16 != 0)
         fail_throw(where(tl_linear) + fmt(": cp.async: global source %p is not 16-byte aligned", src));
+    if (S().schedule == kReverse) {
+        // As early as a GPU may land it: now. A kernel that reads its tile before waiting for
+        // it, or refills a buffer that another warp still reads, sees the new bytes here and
+        // the old ones under the forward schedule.
+        land_one(CpAsync{dst, src, valid});
+        return;
+    }
     me().copies.push_back(CpAsync{dst, src, valid});
 }
 
@@ -753,7 +794,8 @@ extern "C" uint32_t prm_sim_set_barrier_timeout_ms(uint32_t ms) {
 }
 
 extern "C" int prm_sim_launch(const char* name, uint32_t gx, uint32_t gy, uint32_t gz, uint32_t bx, uint32_t by,
-                              uint32_t bz, uint32_t shared_bytes, void** args, char* err, size_t err_len) {
+                              uint32_t bz, uint32_t shared_bytes, int schedule, void** args, char* err,
+                              size_t err_len) {
     Sim& s = S();
     std::lock_guard<std::mutex> launch_lock(s.launch_mutex);
     if (err && err_len) err[0] = '\0';
@@ -794,6 +836,7 @@ extern "C" int prm_sim_launch(const char* name, uint32_t gx, uint32_t gy, uint32
     s.block = dim3(bx, by, bz);
     s.nthreads = static_cast<uint32_t>(nthreads);
     s.nblocks = static_cast<uint64_t>(gx) * gy * gz;
+    s.schedule = schedule == kForward || schedule == kReverse ? static_cast<Schedule>(schedule) : default_schedule();
     s.dyn_bytes = (static_cast<size_t>(shared_bytes) + 15) / 16 * 16;
     s.static_used = 0;
     s.epoch += 1;
@@ -817,8 +860,8 @@ extern "C" int prm_sim_launch(const char* name, uint32_t gx, uint32_t gy, uint32
     blockDim = s.block;
     gridDim = s.grid;
     std::memset(s.arena, 0xFF, kArenaBytes);
-    for (uint64_t b = 0; b < s.nblocks; ++b) {
-        setup_block(b, b > 0);
+    for (uint64_t i = 0; i < s.nblocks; ++i) {
+        setup_block(s.schedule == kReverse ? s.nblocks - 1 - i : i, i > 0);
         if (!run_block()) break;
     }
     threadIdx = saved_tid;

@@ -4,9 +4,11 @@
 // compiled unchanged as C++20 (-x c++ -std=c++20 -O2 -pthread) and run by kernels/sim/runtime.cpp.
 //
 // Model:
-//   - a grid runs block by block (x fastest) on the launching OS thread; a block's threads are
-//     fibers (user-level contexts with their own stacks), each run until it reaches a meeting
-//     point or returns, then the next runnable one in thread order;
+//   - a grid runs block by block on the launching OS thread; a block's threads are fibers
+//     (user-level contexts with their own stacks), each run until it reaches a meeting point or
+//     returns, then the next runnable one. The order is the launch's schedule: forward (blocks
+//     x fastest, threads in thread order) or reverse (both reversed), named by the launch or
+//     by PRM_SIM_SCHEDULE; comparing the two finds races;
 //   - threadIdx/blockIdx/blockDim/gridDim are thread_local, set for the fiber being run;
 //   - __syncthreads is a block barrier; a thread that returns while others wait at a barrier,
 //     or a block whose live threads all wait, is reported at once as a deadlock naming kernel,
@@ -16,7 +18,8 @@
 //     read the slot they want;
 //   - shared memory (PRM_SHARED_ARRAY / PRM_DYNAMIC_SHARED) lives in a per-block arena, poisoned
 //     with 0xFF bytes (NaN) at every block start;
-//   - cp.async copies are queued per thread and land at cp.async.wait_group (tile_io.cuh);
+//   - cp.async copies are queued per thread and land at cp.async.wait_group (forward schedule)
+//     or at issue (reverse schedule) (tile_io.cuh);
 //   - atomics are std::atomic_ref; __nv_bfloat16 is a round-to-nearest-even shim.
 #pragma once
 

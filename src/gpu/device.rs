@@ -55,7 +55,8 @@ impl Element for u64 {}
 impl Element for half::bf16 {}
 
 pub(crate) enum Backend {
-    Sim,
+    /// The simulator, with the schedule of its launches (`None`: `PRM_SIM_SCHEDULE`).
+    Sim(Option<sim::Schedule>),
     Cuda(cuda::CudaBackend),
 }
 
@@ -224,10 +225,21 @@ impl KernelArgs {
 }
 
 impl Device {
-    /// The CPU simulator of the CUDA execution model.
+    /// The CPU simulator of the CUDA execution model, running blocks and threads in the order
+    /// `PRM_SIM_SCHEDULE` names (forward when unset).
     pub fn sim() -> Device {
+        Device::sim_backend(None)
+    }
+
+    /// The simulator under a chosen [`Schedule`](sim::Schedule): comparing the results of the
+    /// two schedules finds races (see [`sim`]).
+    pub fn sim_with_schedule(schedule: sim::Schedule) -> Device {
+        Device::sim_backend(Some(schedule))
+    }
+
+    fn sim_backend(schedule: Option<sim::Schedule>) -> Device {
         Device {
-            backend: Arc::new(Backend::Sim),
+            backend: Arc::new(Backend::Sim(schedule)),
             capture: CaptureSlot::default(),
             timeline: TimelineSlot::default(),
         }
@@ -248,13 +260,25 @@ impl Device {
     }
 
     pub fn is_sim(&self) -> bool {
-        matches!(*self.backend, Backend::Sim)
+        matches!(*self.backend, Backend::Sim(_))
+    }
+
+    /// The schedule a simulator device was made with ([`Device::sim_with_schedule`]); `None` for
+    /// [`Device::sim`] (which follows `PRM_SIM_SCHEDULE`) and for CUDA devices.
+    pub fn sim_schedule(&self) -> Option<sim::Schedule> {
+        match *self.backend {
+            Backend::Sim(schedule) => schedule,
+            Backend::Cuda(_) => None,
+        }
     }
 
     /// A human-readable name: "sim" or the GPU's name.
     pub fn name(&self) -> String {
         match &*self.backend {
-            Backend::Sim => "sim (CPU simulator of the CUDA execution model)".into(),
+            Backend::Sim(Some(sim::Schedule::Reverse)) => {
+                "sim (CPU simulator of the CUDA execution model, reverse schedule)".into()
+            }
+            Backend::Sim(_) => "sim (CPU simulator of the CUDA execution model)".into(),
             Backend::Cuda(c) => c.name(),
         }
     }
@@ -265,7 +289,7 @@ impl Device {
         self.refuse_in_capture("allocating device memory")?;
         let bytes = len * std::mem::size_of::<T>();
         let mem = match &*self.backend {
-            Backend::Sim => {
+            Backend::Sim(_) => {
                 let layout = Layout::from_size_align(bytes.max(1), 16)
                     .map_err(|_| GpuError::OutOfMemory { bytes })?;
                 // SAFETY: non-zero size, valid alignment.
@@ -431,7 +455,7 @@ impl Device {
                 }
                 (Memory::Cuda(s), Memory::Cuda(d)) => match &*self.backend {
                     Backend::Cuda(c) => c.copy(s, d, src.bytes()),
-                    Backend::Sim => unreachable!("CUDA buffers on a simulator device"),
+                    Backend::Sim(_) => unreachable!("CUDA buffers on a simulator device"),
                 },
                 _ => unreachable!("buffers from different devices"),
             },
@@ -474,7 +498,7 @@ impl Device {
                 }
                 Memory::Cuda(m) => match &*self.backend {
                     Backend::Cuda(c) => c.memset(m, value, bytes),
-                    Backend::Sim => unreachable!("CUDA buffer on a simulator device"),
+                    Backend::Sim(_) => unreachable!("CUDA buffer on a simulator device"),
                 },
             },
         )
@@ -509,7 +533,7 @@ impl Device {
             OpKind::Kernel,
             || (kernel.to_string(), 0.0),
             || match &*self.backend {
-                Backend::Sim => sim::launch(kernel, cfg, &mut ptrs),
+                Backend::Sim(schedule) => sim::launch(kernel, cfg, *schedule, &mut ptrs),
                 Backend::Cuda(c) => c.launch(kernel, cfg, &mut ptrs),
             },
         )
@@ -519,7 +543,7 @@ impl Device {
     /// includes what stream-ordered pools keep reserved); `None` under the simulator.
     pub fn memory_in_use(&self) -> Result<Option<usize>, GpuError> {
         match &*self.backend {
-            Backend::Sim => Ok(None),
+            Backend::Sim(_) => Ok(None),
             Backend::Cuda(c) => {
                 let (free, total) = c.free_memory()?;
                 Ok(Some(total.saturating_sub(free)))
@@ -530,7 +554,7 @@ impl Device {
     /// Free device memory in bytes; `None` under the simulator.
     pub fn free_memory(&self) -> Result<Option<usize>, GpuError> {
         match &*self.backend {
-            Backend::Sim => Ok(None),
+            Backend::Sim(_) => Ok(None),
             Backend::Cuda(c) => Ok(Some(c.free_memory()?.0)),
         }
     }
@@ -540,7 +564,7 @@ impl Device {
         let _timed = super::host_stats::timed(super::host_stats::Call::Synchronize);
         self.refuse_in_capture("synchronising with the device")?;
         match &*self.backend {
-            Backend::Sim => Ok(()),
+            Backend::Sim(_) => Ok(()),
             Backend::Cuda(c) => c.synchronize(),
         }
     }

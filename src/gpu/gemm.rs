@@ -230,7 +230,7 @@ fn product(
         OpKind::Product,
         || (product_label(shape, types, &p), shape.flops()),
         || match &*dev.backend {
-            Backend::Sim => {
+            Backend::Sim(_) => {
                 // SAFETY: simulator buffers of the extents checked by the public entry points.
                 unsafe { sim_matmul_raw(shape, types, p) };
                 Ok(())

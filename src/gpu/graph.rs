@@ -123,7 +123,7 @@ pub(crate) enum SimOp {
 }
 
 impl SimOp {
-    fn replay(&self) -> Result<(), GpuError> {
+    fn replay(&self, schedule: Option<super::sim::Schedule>) -> Result<(), GpuError> {
         match self {
             SimOp::Launch {
                 kernel,
@@ -139,7 +139,7 @@ impl SimOp {
                     .iter_mut()
                     .map(|s| s as *mut u64 as *mut c_void)
                     .collect();
-                super::sim::launch(kernel, *cfg, &mut ptrs)
+                super::sim::launch(kernel, *cfg, schedule, &mut ptrs)
             }
             SimOp::Matmul {
                 shape,
@@ -265,9 +265,14 @@ impl Graph {
                 )
             },
             || match (&self.body, &*self.dev.backend) {
-                (Body::Sim(ops), _) => ops.iter().try_for_each(SimOp::replay),
+                (Body::Sim(ops), Backend::Sim(schedule)) => {
+                    ops.iter().try_for_each(|op| op.replay(*schedule))
+                }
+                (Body::Sim(_), Backend::Cuda(_)) => {
+                    unreachable!("a simulator graph on a CUDA device")
+                }
                 (Body::Cuda(g), Backend::Cuda(c)) => c.launch_graph(g),
-                (Body::Cuda(_), Backend::Sim) => {
+                (Body::Cuda(_), Backend::Sim(_)) => {
                     unreachable!("a CUDA graph on a simulator device")
                 }
             },
@@ -328,7 +333,7 @@ impl Device {
             .expect("capture in progress");
         // A CUDA capture must be ended whatever happened, or the stream stays in capture mode.
         let body = match &*self.backend {
-            Backend::Sim => Ok(Body::Sim(recorded.sim_ops)),
+            Backend::Sim(_) => Ok(Body::Sim(recorded.sim_ops)),
             Backend::Cuda(c) => c.end_capture().map(Body::Cuda),
         };
         result?;
@@ -372,7 +377,7 @@ impl Device {
         };
         kind(&mut c.ops);
         match &*self.backend {
-            Backend::Sim => {
+            Backend::Sim(_) => {
                 c.sim_ops.push(op());
                 true
             }

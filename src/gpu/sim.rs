@@ -1,15 +1,23 @@
 //! The simulator backend: launches go to the C++ runtime in `kernels/sim/`, which runs the
 //! kernels (compiled from the same `.cu` files) block by block on the calling thread, a block's
 //! threads as fibers switched at every `__syncthreads` and warp collective.
+//!
+//! Between two meeting points the simulator runs a block's threads one at a time, in the order
+//! of its [`Schedule`]. A race-free kernel gives the same bits under every schedule; a kernel in
+//! which one thread reads what another writes without a meeting point between them does not, so
+//! running the same work on [`Device::sim()`](super::Device::sim) and on
+//! [`Device::sim_with_schedule`](super::Device::sim_with_schedule)`(Schedule::Reverse)` and
+//! comparing the bits finds races that a GPU shows only sometimes.
 
 use std::ffi::{c_char, c_void, CString};
 
 use super::device::{GpuError, LaunchConfig};
 
 extern "C" {
-    /// Runs kernel `name` over the grid, synchronously. Returns 0 on success, 1 for an unknown
-    /// kernel, 2 for a failure inside the launch (deadlock, bad configuration, ...), with a
-    /// message written to `err` (NUL-terminated, at most `err_len` bytes).
+    /// Runs kernel `name` over the grid, synchronously, under `schedule` (0 forward, 1 reverse,
+    /// -1 `PRM_SIM_SCHEDULE`). Returns 0 on success, 1 for an unknown kernel, 2 for a failure
+    /// inside the launch (deadlock, bad configuration, ...), with a message written to `err`
+    /// (NUL-terminated, at most `err_len` bytes).
     fn prm_sim_launch(
         name: *const c_char,
         grid_x: u32,
@@ -19,15 +27,39 @@ extern "C" {
         block_y: u32,
         block_z: u32,
         shared_bytes: u32,
+        schedule: i32,
         args: *mut *mut c_void,
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
 }
 
+/// The order in which the simulator runs the blocks of a grid, and a block's runnable threads
+/// after every meeting point (`__syncthreads`, a warp collective).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    /// Blocks in grid order (x fastest), threads in thread order; `cp.async` copies land as
+    /// late as a GPU may land them (at the wait that covers them). The default, unless
+    /// `PRM_SIM_SCHEDULE=reverse` is set.
+    Forward,
+    /// Blocks and threads in the opposite order; `cp.async` copies land as early as a GPU may
+    /// (when issued).
+    Reverse,
+}
+
+impl Schedule {
+    fn code(self) -> i32 {
+        match self {
+            Schedule::Forward => 0,
+            Schedule::Reverse => 1,
+        }
+    }
+}
+
 pub(crate) fn launch(
     kernel: &str,
     cfg: LaunchConfig,
+    schedule: Option<Schedule>,
     args: &mut [*mut c_void],
 ) -> Result<(), GpuError> {
     let name = CString::new(kernel).map_err(|_| GpuError::UnknownKernel(kernel.into()))?;
@@ -44,6 +76,7 @@ pub(crate) fn launch(
             cfg.block.1,
             cfg.block.2,
             cfg.shared_bytes,
+            schedule.map_or(-1, Schedule::code),
             args.as_mut_ptr(),
             err.as_mut_ptr() as *mut c_char,
             err.len(),

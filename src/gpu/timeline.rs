@@ -278,7 +278,7 @@ impl Device {
             ));
         }
         let spare = match &*self.backend {
-            Backend::Sim => Vec::new(),
+            Backend::Sim(_) => Vec::new(),
             Backend::Cuda(c) => (0..EVENTS_UP_FRONT)
                 .map(|_| c.timing_event())
                 .collect::<Result<_, _>>()?,
@@ -372,7 +372,7 @@ impl Device {
 
     fn stamp(&self) -> Result<Stamp, GpuError> {
         match &*self.backend {
-            Backend::Sim => Ok(Stamp::Host(Instant::now())),
+            Backend::Sim(_) => Ok(Stamp::Host(Instant::now())),
             Backend::Cuda(c) => {
                 let spare = self
                     .timeline

@@ -2,6 +2,7 @@
 //! present), and the fp32 closeness check.
 #![allow(dead_code)]
 
+use prm::gpu::sim::Schedule;
 use prm::gpu::{Device, GpuError};
 
 /// Tiny xorshift64* generator for test data.
@@ -24,9 +25,12 @@ impl Rng {
     }
 }
 
-/// Runs `check` on the simulator, and on CUDA when a device (and this build's kernels) exist.
+/// Runs `check` on the simulator under both schedules (a race would break one of them: see
+/// `prm::gpu::sim`), and on CUDA when a device (and this build's kernels) exist.
 pub fn on_devices(name: &str, check: impl Fn(&Device) -> Result<(), GpuError>) {
     check(&Device::sim()).unwrap_or_else(|e| panic!("{name} on sim: {e}"));
+    check(&Device::sim_with_schedule(Schedule::Reverse))
+        .unwrap_or_else(|e| panic!("{name} on sim, reverse schedule: {e}"));
     if !Device::cuda_available() {
         println!("{name}: skipped: no CUDA device");
         return;

@@ -5,10 +5,14 @@ use prm::gpu::Device;
 use prm::model::*;
 use prm::rng::ImageRng;
 
-/// The simulator always, and CUDA device 0 when a driver and a device are present (the line
-/// printed otherwise is what `scripts/gpu-check.sh` counts as a skip).
+/// The simulator under both schedules always (a race would break one of them: see
+/// `prm::gpu::sim`), and CUDA device 0 when a driver and a device are present (the line printed
+/// otherwise is what `scripts/gpu-check.sh` counts as a skip).
 pub fn devices() -> Vec<Device> {
-    let mut d = vec![Device::sim()];
+    let mut d = vec![
+        Device::sim(),
+        Device::sim_with_schedule(prm::gpu::sim::Schedule::Reverse),
+    ];
     if Device::cuda_available() {
         d.push(Device::cuda(0).expect("CUDA device 0"));
     } else {

@@ -968,9 +968,9 @@ fn tc4_grid(seqlens_host: &[usize], heads: usize) -> (u32, u32, u32) {
 }
 
 /// Forward attention v4: [`attention_forward_tc3`]'s contract and bit-identical results. Each
-/// CTA (128 threads; [`tc4_split`] per head, default one) loads a head's keys and values into
-/// shared memory once and its 4 warps take the head's 16-query blocks in turn. Sequences longer
-/// than [`TC4_MAX_TOKENS`] run v3's kernel.
+/// CTA (128 threads; [`set_tc4_split`] CTAs per head, default one) loads a head's keys and
+/// values into shared memory once and its 4 warps take the head's 16-query blocks in turn.
+/// Sequences longer than [`TC4_MAX_TOKENS`] run v3's kernel.
 ///
 /// Panics (a programming error) for a mode [`tensor_core_v3_supports`] rejects.
 #[allow(clippy::too_many_arguments)]

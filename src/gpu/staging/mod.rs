@@ -27,7 +27,7 @@
 //!   (the caller uploads normally). Staging into a slot first forgets what it held, so a failed
 //!   or overwritten staging can never be taken.
 //!
-//! The stager also keeps a pinned readback buffer for downloads ([`Stager::download`]), so the
+//! The stager also keeps a pinned readback buffer for downloads ([`Stager::download_split`]), so the
 //! final images of a batch come back in one DMA.
 //!
 //! Under the simulator there is no concurrency: a staged upload is packed into host memory and
@@ -74,7 +74,7 @@ impl<K: PartialEq> Stager<K> {
     /// upload).
     pub fn new(dev: &Device) -> Result<Self, GpuError> {
         let lane = match &*dev.backend {
-            Backend::Sim => Lane::Sim([Vec::new(), Vec::new()]),
+            Backend::Sim(_) => Lane::Sim([Vec::new(), Vec::new()]),
             Backend::Cuda(c) => Lane::Cuda(cuda::CudaLane::new(c.compute_stream())?),
         };
         Ok(Stager {
