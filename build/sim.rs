@@ -112,6 +112,7 @@ pub fn build() {
         build.define("PRM_SIM_UCONTEXT", None);
     }
     build.file(kernels_dir.join("sim").join("runtime.cpp"));
+    build.file(kernels_dir.join("sim").join("memory.cpp"));
     build.file(&registry);
     build.compile("prm_sim");
     println!("cargo:rustc-link-lib=pthread");

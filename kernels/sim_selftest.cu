@@ -310,3 +310,11 @@ extern "C" __global__ void prm_selftest_race(const float* __restrict__ in, float
     out[g] = got;
 }
 PRM_REGISTER_KERNEL(prm_selftest_race);
+
+// Reads past the end of `in` (n floats) when past > 0: out[t] = in[t + past], one block of n
+// threads. Under the simulator the read faults at the guard page after the buffer.
+extern "C" __global__ void prm_selftest_overrun(const float* __restrict__ in, float* __restrict__ out, int past) {
+    const int t = threadIdx.x;
+    out[t] = in[t + past];
+}
+PRM_REGISTER_KERNEL(prm_selftest_overrun);

@@ -775,6 +775,19 @@ void* shared_static(SharedSite& site, size_t bytes, size_t align) {
 
 void* dynamic_shared() { return S().arena; }
 
+namespace {
+// Whether a launch runs on this OS thread (its fibers run here too).
+thread_local bool tl_launching = false;
+}  // namespace
+
+bool describe_running_thread(char* buf, size_t len) {
+    if (!tl_launching) return false;
+    const Sim& s = S();
+    std::snprintf(buf, len, "kernel %s, block (%u,%u,%u), thread (%u,%u,%u)", s.name, blockIdx.x, blockIdx.y,
+                  blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+    return true;
+}
+
 bool register_kernel(const char* name, Trampoline fn) {
     DynamicRegistry& r = dyn_registry();
     std::lock_guard<std::mutex> lk(r.m);
@@ -860,10 +873,13 @@ extern "C" int prm_sim_launch(const char* name, uint32_t gx, uint32_t gy, uint32
     blockDim = s.block;
     gridDim = s.grid;
     std::memset(s.arena, 0xFF, kArenaBytes);
+    install_fault_handler();
+    tl_launching = true;
     for (uint64_t i = 0; i < s.nblocks; ++i) {
         setup_block(s.schedule == kReverse ? s.nblocks - 1 - i : i, i > 0);
         if (!run_block()) break;
     }
+    tl_launching = false;
     threadIdx = saved_tid;
     blockIdx = saved_bid;
     blockDim = saved_bdim;

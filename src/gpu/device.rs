@@ -1,6 +1,5 @@
 //! [`Device`], device memory ([`Buffer`]), kernel arguments and launches.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -72,11 +71,13 @@ pub struct Device {
 
 /// Where a buffer's bytes live.
 pub(crate) enum Memory {
-    /// Simulator memory: a zeroed host allocation, 16-byte aligned, written by kernels through
-    /// raw pointers (hence no Rust reference to its contents is ever handed out).
+    /// Simulator memory: a zeroed host mapping of `bytes`, 16-byte aligned and followed by an
+    /// inaccessible page (a kernel that runs past the end faults; see `sim::alloc`), written by
+    /// kernels through raw pointers (hence no Rust reference to its contents is ever handed
+    /// out).
     Host {
         ptr: *mut u8,
-        layout: Layout,
+        bytes: usize,
     },
     Cuda(cuda::CudaMemory),
 }
@@ -87,12 +88,10 @@ unsafe impl Sync for Memory {}
 
 impl Drop for Memory {
     fn drop(&mut self) {
-        if let Memory::Host { ptr, layout } = self {
-            if layout.size() > 0 {
-                super::graph::unregister_allocation(*ptr as u64);
-                // SAFETY: allocated in `Device::alloc` with this layout.
-                unsafe { dealloc(*ptr, *layout) };
-            }
+        if let Memory::Host { ptr, bytes } = self {
+            super::graph::unregister_allocation(*ptr as u64);
+            // SAFETY: allocated by `sim::alloc(bytes)` in `Device::alloc`, freed once here.
+            unsafe { sim::free(*ptr, *bytes) };
         }
     }
 }
@@ -117,7 +116,7 @@ impl<T: Element> Buffer<T> {
     /// Bytes of memory behind the buffer (at least [`Buffer::bytes`]).
     pub fn capacity_bytes(&self) -> usize {
         match &self.mem {
-            Memory::Host { layout, .. } => layout.size(),
+            Memory::Host { bytes, .. } => *bytes,
             Memory::Cuda(m) => m.len(),
         }
     }
@@ -290,15 +289,10 @@ impl Device {
         let bytes = len * std::mem::size_of::<T>();
         let mem = match &*self.backend {
             Backend::Sim(_) => {
-                let layout = Layout::from_size_align(bytes.max(1), 16)
-                    .map_err(|_| GpuError::OutOfMemory { bytes })?;
-                // SAFETY: non-zero size, valid alignment.
-                let ptr = unsafe { alloc_zeroed(layout) };
-                if ptr.is_null() {
-                    return Err(GpuError::OutOfMemory { bytes });
-                }
+                let size = bytes.max(1);
+                let ptr = sim::alloc(size).ok_or(GpuError::OutOfMemory { bytes })?;
                 super::graph::register_allocation(ptr as u64);
-                Memory::Host { ptr, layout }
+                Memory::Host { ptr, bytes: size }
             }
             Backend::Cuda(c) => Memory::Cuda(c.alloc_zeroed(bytes)?),
         };

@@ -32,6 +32,32 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
+
+    /// A zeroed mapping of `bytes` (> 0), 16-byte aligned, that ends where an inaccessible page
+    /// begins; null when it cannot be mapped.
+    fn prm_sim_alloc(bytes: usize) -> *mut c_void;
+
+    /// Unmaps what `prm_sim_alloc(bytes)` returned.
+    fn prm_sim_free(ptr: *mut c_void, bytes: usize);
+}
+
+/// Simulator device memory: `bytes` (> 0) zeroed bytes, 16-byte aligned, followed by an
+/// inaccessible page, so that a kernel that reads or writes past the end of its buffer faults
+/// at once; the runtime's fault handler then names the kernel, block and thread and aborts.
+/// `None` when the memory cannot be mapped.
+pub(crate) fn alloc(bytes: usize) -> Option<*mut u8> {
+    // SAFETY: maps fresh memory; no other effect.
+    let ptr = unsafe { prm_sim_alloc(bytes) } as *mut u8;
+    (!ptr.is_null()).then_some(ptr)
+}
+
+/// Unmaps memory from [`alloc`].
+///
+/// # Safety
+/// `ptr` came from `alloc(bytes)` with the same `bytes` and is not used afterwards.
+pub(crate) unsafe fn free(ptr: *mut u8, bytes: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { prm_sim_free(ptr as *mut c_void, bytes) }
 }
 
 /// The order in which the simulator runs the blocks of a grid, and a block's runnable threads

@@ -1,0 +1,119 @@
+// memory.cpp: the simulator's device memory, with a guard page after every buffer.
+//
+// Each allocation is its own anonymous mapping, laid out so that the buffer (rounded up to 16
+// bytes, the alignment kernels rely on) ends exactly where an inaccessible page begins:
+//
+//     [ slack | buffer bytes ][ guard page: PROT_NONE ]
+//
+// A kernel that reads or writes past the end of its buffer (a ragged tile's last row, a
+// sequence's end computed wrongly) therefore faults at the first byte past the 16-byte-rounded
+// end, instead of reading a neighbour's bytes as it would on a GPU, where the same bug shows
+// only as wrong numbers or, beyond the allocation, an illegal-address error that ends the CUDA
+// context. The fault handler names the kernel, block and thread and aborts the process: a test
+// that trips it fails loudly. Reads before a buffer's start land in the slack or an unrelated
+// mapping and are not caught.
+//
+// Faults outside a simulator launch go to the handler that was installed before (Rust's stack
+// overflow handler, or the default action).
+#include <csignal>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "sim.h"
+
+namespace prm_sim {
+namespace {
+
+size_t page_bytes() {
+    static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    return page;
+}
+
+size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+struct sigaction previous_segv, previous_bus;
+
+void on_fault(int sig, siginfo_t* info, void* context) {
+    char where[512];
+    if (!describe_running_thread(where, sizeof where)) {
+        // Not ours: hand the fault to whoever handled it before (the instruction re-runs).
+        sigaction(sig, sig == SIGSEGV ? &previous_segv : &previous_bus, nullptr);
+        (void)context;
+        return;
+    }
+    char msg[1024];
+    const int n = std::snprintf(msg, sizeof msg,
+                                "prm sim: %s touched address %p, outside its buffers (%s): past the end of a "
+                                "device buffer (each is followed by an inaccessible page), or a fiber's stack "
+                                "overflowed\n",
+                                where, info->si_addr, sig == SIGSEGV ? "SIGSEGV" : "SIGBUS");
+    if (n > 0) {
+        ssize_t ignored = write(STDERR_FILENO, msg, static_cast<size_t>(n) < sizeof msg ? n : sizeof msg - 1);
+        (void)ignored;
+    }
+    std::abort();
+}
+
+}  // namespace
+
+void install_fault_handler() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction sa;
+        std::memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_fault;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, &previous_segv);
+        sigaction(SIGBUS, &sa, &previous_bus);
+    });
+    // The handler must not run on a fiber's stack (an overflow is one of the faults it
+    // reports): give the launching thread an alternate signal stack unless it has one (Rust's
+    // threads do).
+    thread_local bool has_alt_stack = false;
+    if (!has_alt_stack) {
+        stack_t current;
+        if (sigaltstack(nullptr, &current) == 0 && (current.ss_flags & SS_DISABLE)) {
+            stack_t alt;
+            alt.ss_size = 64 * 1024;
+            alt.ss_sp = mmap(nullptr, alt.ss_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            alt.ss_flags = 0;
+            if (alt.ss_sp != MAP_FAILED) sigaltstack(&alt, nullptr);
+        }
+        has_alt_stack = true;
+    }
+}
+
+}  // namespace prm_sim
+
+using namespace prm_sim;
+
+// A zeroed buffer of `bytes` (> 0), 16-byte aligned, followed by an inaccessible page; null
+// when the memory cannot be mapped. Free with prm_sim_free(p, bytes).
+extern "C" void* prm_sim_alloc(size_t bytes) {
+    const size_t page = page_bytes();
+    const size_t data = round_up(bytes, 16);
+    const size_t span = round_up(data, page);
+    void* base = mmap(nullptr, span + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED) return nullptr;
+    unsigned char* b = static_cast<unsigned char*>(base);
+    if (mprotect(b + span, page, PROT_NONE) != 0) {
+        munmap(base, span + page);
+        return nullptr;
+    }
+    return b + span - data;
+}
+
+extern "C" void prm_sim_free(void* p, size_t bytes) {
+    if (!p) return;
+    const size_t page = page_bytes();
+    const size_t data = round_up(bytes, 16);
+    const size_t span = round_up(data, page);
+    munmap(static_cast<unsigned char*>(p) + data - span, span + page);
+}
