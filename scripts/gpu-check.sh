@@ -127,6 +127,10 @@ else
   echo "warning: libcublasLt not found (products will fail); install nvidia-cublas or set LD_LIBRARY_PATH" >&2
 fi
 
+# The kernel tests' reverse-schedule simulator runs (a race check) are CI's job: here the
+# minutes are for CUDA (tests/common/kernel.rs).
+export PRM_TEST_SIM_SCHEDULES=forward
+
 failed=0
 rows=()
 row() { rows+=("$(printf '%-26s %-10s %-9s %7ss  %s' "$@")"); }

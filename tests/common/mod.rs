@@ -5,14 +5,15 @@ use prm::gpu::Device;
 use prm::model::*;
 use prm::rng::ImageRng;
 
-/// The simulator under both schedules always (a race would break one of them: see
-/// `prm::gpu::sim`), and CUDA device 0 when a driver and a device are present (the line printed
-/// otherwise is what `scripts/gpu-check.sh` counts as a skip).
+#[path = "kernel.rs"]
+mod kernel_helpers;
+pub use kernel_helpers::sim_devices;
+
+/// The simulator ([`sim_devices`]: both schedules unless told otherwise), and CUDA device 0
+/// when a driver and a device are present (the line printed otherwise is what
+/// `scripts/gpu-check.sh` counts as a skip).
 pub fn devices() -> Vec<Device> {
-    let mut d = vec![
-        Device::sim(),
-        Device::sim_with_schedule(prm::gpu::sim::Schedule::Reverse),
-    ];
+    let mut d = sim_devices();
     if Device::cuda_available() {
         d.push(Device::cuda(0).expect("CUDA device 0"));
     } else {
