@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{devices, small_model, Draw};
+use common::{devices, perturbed, small_model, views, Draw};
 use prm::attack::*;
 use prm::gpu::engine::{GpuVit, Precision};
 use prm::gpu::Device;
@@ -31,30 +31,6 @@ fn batch(d: &mut Draw) -> Vec<(Vec<f32>, usize, usize)> {
     [(27usize, 45usize), (32, 32), (41, 23)]
         .iter()
         .map(|&(h, w)| (d.vec(3 * h * w, 0.02, 0.98), h, w))
-        .collect()
-}
-
-/// `clean` moved by up to ±0.03 per pixel, within [0, 1].
-fn perturbed(clean: &[(Vec<f32>, usize, usize)], d: &mut Draw) -> Vec<(Vec<f32>, usize, usize)> {
-    clean
-        .iter()
-        .map(|(c, h, w)| {
-            let a = c
-                .iter()
-                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
-                .collect();
-            (a, *h, *w)
-        })
-        .collect()
-}
-
-fn views(imgs: &[(Vec<f32>, usize, usize)]) -> Vec<Planar<'_>> {
-    imgs.iter()
-        .map(|(x, h, w)| Planar {
-            data: x,
-            height: *h,
-            width: *w,
-        })
         .collect()
 }
 

@@ -15,7 +15,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{small_model, Draw};
+use common::{perturbed, small_model, views, Draw};
 use prm::attack::*;
 use prm::gpu::engine::{GpuVit, Precision};
 use prm::gpu::kernels::attention::{
@@ -31,16 +31,6 @@ fn images(d: &mut Draw) -> Vec<(Vec<f32>, usize, usize)> {
     [(27usize, 45usize), (32, 32), (90, 131)]
         .iter()
         .map(|&(h, w)| (d.vec(3 * h * w, 0.02, 0.98), h, w))
-        .collect()
-}
-
-fn views(imgs: &[(Vec<f32>, usize, usize)]) -> Vec<Planar<'_>> {
-    imgs.iter()
-        .map(|(x, h, w)| Planar {
-            data: x,
-            height: *h,
-            width: *w,
-        })
         .collect()
 }
 
@@ -92,16 +82,7 @@ fn the_engine_gives_the_same_bits_in_both_schedules() {
     let model = small_model(128, 2, 3, 8, 4, Activation::QuickGelu, 41);
     let mut d = Draw::new(17);
     let clean = images(&mut d);
-    let adv: Vec<_> = clean
-        .iter()
-        .map(|(c, h, w)| {
-            let a = c
-                .iter()
-                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
-                .collect();
-            (a, *h, *w)
-        })
-        .collect();
+    let adv = perturbed(&clean, &mut d);
     let (clean_v, adv_v) = (views(&clean), views(&adv));
     let objective = |loss, tokens, layers: LayerSelection| {
         Objective::new(
@@ -282,13 +263,13 @@ fn assert_same_outputs(forward: &Path, reverse: &Path) {
                 String::from_utf8_lossy(bytes)
                     .lines()
                     .filter(|l| !l.trim().is_empty())
-                    .map(|l| without_timings(serde_json::from_str(l).unwrap_or_default()))
+                    .map(|l| without_timings(serde_json::from_str(l).expect("a JSON line")))
                     .collect()
             };
             let (a, b) = if ext == "json" {
                 let whole = |bytes: &[u8]| {
                     vec![without_timings(
-                        serde_json::from_slice(bytes).unwrap_or_default(),
+                        serde_json::from_slice(bytes).expect("a JSON file"),
                     )]
                 };
                 (whole(a), whole(b))
@@ -315,50 +296,21 @@ fn whole_attacks_and_evaluations_give_the_same_files_in_both_schedules() {
     write_image(&input.join("b.png"), 64, 64, 2);
     write_image(&input.join("c.png"), 45, 81, 3);
     let s = |p: &Path| p.to_str().unwrap().to_owned();
-    for schedule in ["forward", "reverse"] {
-        let out = root.join(format!("pgd-{schedule}"));
-        prm(
-            schedule,
-            &[
-                "attack",
-                "--device",
-                "sim",
-                "--model",
-                "random:tiny",
-                "--input",
-                &s(&input),
-                "--preset",
-                "pgd",
-                "--precision",
-                "bf16",
-                "--save-float",
-                "--output",
-                &s(&out),
-            ],
-        );
-        let out = root.join(format!("paper-{schedule}"));
-        prm(
-            schedule,
-            &[
-                "attack",
-                "--device",
-                "sim",
-                "--model",
-                "random:tiny",
-                "--input",
-                &s(&input),
-                "--preset",
-                "paper",
-                "--steps",
-                "3",
-                "--save-float",
-                "--output",
-                &s(&out),
-            ],
-        );
+    let presets: [(&str, &[&str]); 2] = [
+        ("pgd", &["--preset", "pgd", "--precision", "bf16"]),
+        ("paper", &["--preset", "paper", "--steps", "3"]),
+    ];
+    for (preset, settings) in presets {
+        for schedule in ["forward", "reverse"] {
+            let (input, out) = (s(&input), s(&root.join(format!("{preset}-{schedule}"))));
+            let mut args = vec!["attack", "--device", "sim", "--model", "random:tiny"];
+            args.extend(["--input", &input, "--save-float", "--output", &out]);
+            args.extend(settings);
+            prm(schedule, &args);
+        }
+        let dir = |schedule: &str| root.join(format!("{preset}-{schedule}"));
+        assert_same_outputs(&dir("forward"), &dir("reverse"));
     }
-    assert_same_outputs(&root.join("pgd-forward"), &root.join("pgd-reverse"));
-    assert_same_outputs(&root.join("paper-forward"), &root.join("paper-reverse"));
 
     // Every evaluation target, on the images the forward pgd run wrote: the q·qᵀ and k·kᵀ
     // attention variants (sclip, clearclip), the causal text tower (zeroshot's class prompts),

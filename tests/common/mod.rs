@@ -137,3 +137,31 @@ pub fn attack_images(
         })
         .collect()
 }
+
+/// `clean` moved by up to ±0.03 per pixel, within [0, 1].
+pub fn perturbed(
+    clean: &[(Vec<f32>, usize, usize)],
+    d: &mut Draw,
+) -> Vec<(Vec<f32>, usize, usize)> {
+    clean
+        .iter()
+        .map(|(c, h, w)| {
+            let a = c
+                .iter()
+                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
+                .collect();
+            (a, *h, *w)
+        })
+        .collect()
+}
+
+/// Planar views of `(pixels, height, width)` images.
+pub fn views(imgs: &[(Vec<f32>, usize, usize)]) -> Vec<prm::attack::Planar<'_>> {
+    imgs.iter()
+        .map(|(x, h, w)| prm::attack::Planar {
+            data: x,
+            height: *h,
+            width: *w,
+        })
+        .collect()
+}
