@@ -311,8 +311,9 @@ extern "C" __global__ void prm_selftest_race(const float* __restrict__ in, float
 }
 PRM_REGISTER_KERNEL(prm_selftest_race);
 
-// Reads past the end of `in` (n floats) when past > 0: out[t] = in[t + past], one block of n
-// threads. Under the simulator the read faults at the guard page after the buffer.
+// out[t] = in[t + past], one block of n threads over n floats: reads past the end of `in` when
+// past > 0, before its start when past < 0. Under the simulator such a read faults at the guard
+// page after the buffer (forward-schedule devices) or before it (reverse-schedule devices).
 extern "C" __global__ void prm_selftest_overrun(const float* __restrict__ in, float* __restrict__ out, int past) {
     const int t = threadIdx.x;
     out[t] = in[t + past];

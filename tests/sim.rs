@@ -762,16 +762,21 @@ fn largest_block_through_many_barriers() {
     block_sums(&dev, 5, 1024, 100_000, 0.5);
 }
 
-/// Run only as the child of `reading_past_a_buffer_faults_and_names_the_kernel`: launches a
-/// kernel whose threads read up to `PRM_TEST_OVERRUN` floats past the end of a 64-float buffer.
+/// Run only as the child of `reading_outside_a_buffer_faults_and_names_the_kernel`: launches a
+/// kernel whose thread t reads element t + `PRM_TEST_OVERRUN` of a 64-float buffer, on a
+/// simulator device of schedule `PRM_TEST_SCHEDULE` (forward or reverse).
 #[test]
-#[ignore = "run by reading_past_a_buffer_faults_and_names_the_kernel in a child process"]
+#[ignore = "run by reading_outside_a_buffer_faults_and_names_the_kernel in a child process"]
 fn overrun_child() {
     let past: i32 = std::env::var("PRM_TEST_OVERRUN")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let dev = Device::sim();
+    let schedule = match std::env::var("PRM_TEST_SCHEDULE").as_deref() {
+        Ok("reverse") => Schedule::Reverse,
+        _ => Schedule::Forward,
+    };
+    let dev = Device::sim_with_schedule(schedule);
     let input = dev.upload(&[1.0f32; 64]).unwrap();
     let mut out = dev.alloc::<f32>(64).unwrap();
     let mut args = KernelArgs::new();
@@ -785,32 +790,38 @@ fn overrun_child() {
     assert_eq!(dev.download(&out).unwrap(), vec![1.0f32; 64]);
 }
 
-/// Every simulator buffer ends at an inaccessible page: a kernel that reads past the end
-/// aborts the process with a message naming the kernel, block and thread, where a GPU would
-/// read a neighbour's bytes. Reading exactly up to the end is fine.
+/// Every simulator buffer ends at an inaccessible page (forward-schedule devices) or starts
+/// where one ends (reverse-schedule devices): a kernel that reads past that end aborts the
+/// process with a message naming the kernel, block and thread, where a GPU would read a
+/// neighbour's bytes. Reading exactly up to the end is fine.
 #[test]
-fn reading_past_a_buffer_faults_and_names_the_kernel() {
-    let child = |past: i32| {
+fn reading_outside_a_buffer_faults_and_names_the_kernel() {
+    let child = |past: i32, schedule: &str| {
         std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--ignored", "--exact", "overrun_child", "--nocapture"])
             .env("PRM_TEST_OVERRUN", past.to_string())
+            .env("PRM_TEST_SCHEDULE", schedule)
             .output()
             .unwrap()
     };
-    let within = child(0);
-    assert!(
-        within.status.success(),
-        "{}",
-        String::from_utf8_lossy(&within.stderr)
-    );
-    let past = child(1);
-    let stderr = String::from_utf8_lossy(&past.stderr);
-    assert!(
-        !past.status.success(),
-        "reading one float past the end passed"
-    );
-    assert!(
-        stderr.contains("prm sim: kernel prm_selftest_overrun, block (0,0,0), thread (63,0,0)"),
-        "{stderr}"
-    );
+    for schedule in ["forward", "reverse"] {
+        let within = child(0, schedule);
+        assert!(
+            within.status.success(),
+            "{schedule}: {}",
+            String::from_utf8_lossy(&within.stderr)
+        );
+    }
+    for (past, schedule, thread) in [(1, "forward", 63), (-1, "reverse", 0)] {
+        let out = child(past, schedule);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{schedule}: reading element t + {past} passed"
+        );
+        let want = format!(
+            "prm sim: kernel prm_selftest_overrun, block (0,0,0), thread ({thread},0,0) touched"
+        );
+        assert!(stderr.contains(&want), "{schedule}: {stderr}");
+    }
 }

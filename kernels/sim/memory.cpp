@@ -1,17 +1,19 @@
-// memory.cpp: the simulator's device memory, with a guard page after every buffer.
+// memory.cpp: the simulator's device memory, with a guard page at one end of every buffer.
 //
 // Each allocation is its own anonymous mapping, laid out so that the buffer (rounded up to 16
-// bytes, the alignment kernels rely on) ends exactly where an inaccessible page begins:
+// bytes, the alignment kernels rely on) ends exactly where an inaccessible page begins, or (the
+// reverse schedule's devices) starts exactly where one ends:
 //
-//     [ slack | buffer bytes ][ guard page: PROT_NONE ]
+//     after:  [ slack | buffer bytes ][ guard page: PROT_NONE ]
+//     before: [ guard page: PROT_NONE ][ buffer bytes | slack ]
 //
 // A kernel that reads or writes past the end of its buffer (a ragged tile's last row, a
-// sequence's end computed wrongly) therefore faults at the first byte past the 16-byte-rounded
-// end, instead of reading a neighbour's bytes as it would on a GPU, where the same bug shows
+// sequence's end computed wrongly), or before its start (an index of -1), therefore faults at
+// once instead of reading a neighbour's bytes as it would on a GPU, where the same bug shows
 // only as wrong numbers or, beyond the allocation, an illegal-address error that ends the CUDA
 // context. The fault handler names the kernel, block and thread and aborts the process: a test
-// that trips it fails loudly. Reads before a buffer's start land in the slack or an unrelated
-// mapping and are not caught.
+// that trips it fails loudly. The kernel tests run on both kinds of device, so both ends are
+// checked; an overrun by less than the 16-byte rounding is not caught.
 //
 // Faults outside a simulator launch go to the handler that was installed before (Rust's stack
 // overflow handler, or the default action).
@@ -49,9 +51,9 @@ void on_fault(int sig, siginfo_t* info, void* context) {
     }
     char msg[1024];
     const int n = std::snprintf(msg, sizeof msg,
-                                "prm sim: %s touched address %p, outside its buffers (%s): past the end of a "
-                                "device buffer (each is followed by an inaccessible page), or a fiber's stack "
-                                "overflowed\n",
+                                "prm sim: %s touched address %p, outside its buffers (%s): past the end or "
+                                "before the start of a device buffer (each has an inaccessible page at one "
+                                "end), or a fiber's stack overflowed\n",
                                 where, info->si_addr, sig == SIGSEGV ? "SIGSEGV" : "SIGBUS");
     if (n > 0) {
         ssize_t ignored = write(STDERR_FILENO, msg, static_cast<size_t>(n) < sizeof msg ? n : sizeof msg - 1);
@@ -94,26 +96,29 @@ void install_fault_handler() {
 
 using namespace prm_sim;
 
-// A zeroed buffer of `bytes` (> 0), 16-byte aligned, followed by an inaccessible page; null
-// when the memory cannot be mapped. Free with prm_sim_free(p, bytes).
-extern "C" void* prm_sim_alloc(size_t bytes) {
+// A zeroed buffer of `bytes` (> 0), 16-byte aligned, that ends where an inaccessible page begins
+// (guard_before == 0) or starts where one ends (otherwise); null when the memory cannot be
+// mapped. Free with prm_sim_free(p, bytes, guard_before).
+extern "C" void* prm_sim_alloc(size_t bytes, int guard_before) {
     const size_t page = page_bytes();
     const size_t data = round_up(bytes, 16);
     const size_t span = round_up(data, page);
     void* base = mmap(nullptr, span + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (base == MAP_FAILED) return nullptr;
     unsigned char* b = static_cast<unsigned char*>(base);
-    if (mprotect(b + span, page, PROT_NONE) != 0) {
+    unsigned char* guard = guard_before ? b : b + span;
+    if (mprotect(guard, page, PROT_NONE) != 0) {
         munmap(base, span + page);
         return nullptr;
     }
-    return b + span - data;
+    return guard_before ? b + page : b + span - data;
 }
 
-extern "C" void prm_sim_free(void* p, size_t bytes) {
+extern "C" void prm_sim_free(void* p, size_t bytes, int guard_before) {
     if (!p) return;
     const size_t page = page_bytes();
     const size_t data = round_up(bytes, 16);
     const size_t span = round_up(data, page);
-    munmap(static_cast<unsigned char*>(p) + data - span, span + page);
+    unsigned char* c = static_cast<unsigned char*>(p);
+    munmap(guard_before ? c - page : c + data - span, span + page);
 }

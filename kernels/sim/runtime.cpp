@@ -135,7 +135,7 @@ enum ThreadState : uint8_t { kRunning = 0, kInSync = 1, kInWarp = 2, kExited = 3
 // The order in which blocks, and a block's runnable threads after each meeting point, run.
 enum Schedule : int { kForward = 0, kReverse = 1 };
 
-// PRM_SIM_SCHEDULE, read once: the schedule of threads that have not chosen one.
+// PRM_SIM_SCHEDULE, read once: the schedule of launches that name none.
 Schedule default_schedule() {
     static const Schedule chosen = [] {
         const char* v = std::getenv("PRM_SIM_SCHEDULE");

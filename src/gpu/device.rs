@@ -71,13 +71,14 @@ pub struct Device {
 
 /// Where a buffer's bytes live.
 pub(crate) enum Memory {
-    /// Simulator memory: a zeroed host mapping of `bytes`, 16-byte aligned and followed by an
-    /// inaccessible page (a kernel that runs past the end faults; see `sim::alloc`), written by
-    /// kernels through raw pointers (hence no Rust reference to its contents is ever handed
-    /// out).
+    /// Simulator memory: a zeroed host mapping of `bytes`, 16-byte aligned, with an
+    /// inaccessible page at its `guard` end (a kernel that runs past it faults; see
+    /// `sim::alloc`), written by kernels through raw pointers (hence no Rust reference to its
+    /// contents is ever handed out).
     Host {
         ptr: *mut u8,
         bytes: usize,
+        guard: sim::Guard,
     },
     Cuda(cuda::CudaMemory),
 }
@@ -88,10 +89,11 @@ unsafe impl Sync for Memory {}
 
 impl Drop for Memory {
     fn drop(&mut self) {
-        if let Memory::Host { ptr, bytes } = self {
+        if let Memory::Host { ptr, bytes, guard } = self {
             super::graph::unregister_allocation(*ptr as u64);
-            // SAFETY: allocated by `sim::alloc(bytes)` in `Device::alloc`, freed once here.
-            unsafe { sim::free(*ptr, *bytes) };
+            // SAFETY: allocated by `sim::alloc(bytes, guard)` in `Device::alloc`, freed once
+            // here.
+            unsafe { sim::free(*ptr, *bytes, *guard) };
         }
     }
 }
@@ -288,11 +290,15 @@ impl Device {
         self.refuse_in_capture("allocating device memory")?;
         let bytes = len * std::mem::size_of::<T>();
         let mem = match &*self.backend {
-            Backend::Sim(_) => {
-                let size = bytes.max(1);
-                let ptr = sim::alloc(size).ok_or(GpuError::OutOfMemory { bytes })?;
+            Backend::Sim(schedule) => {
+                let (size, guard) = (bytes.max(1), sim::Guard::of(*schedule));
+                let ptr = sim::alloc(size, guard).ok_or(GpuError::OutOfMemory { bytes })?;
                 super::graph::register_allocation(ptr as u64);
-                Memory::Host { ptr, bytes: size }
+                Memory::Host {
+                    ptr,
+                    bytes: size,
+                    guard,
+                }
             }
             Backend::Cuda(c) => Memory::Cuda(c.alloc_zeroed(bytes)?),
         };

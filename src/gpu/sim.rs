@@ -34,30 +34,58 @@ extern "C" {
     ) -> i32;
 
     /// A zeroed mapping of `bytes` (> 0), 16-byte aligned, that ends where an inaccessible page
-    /// begins; null when it cannot be mapped.
-    fn prm_sim_alloc(bytes: usize) -> *mut c_void;
+    /// begins (`guard_before` 0) or starts where one ends; null when it cannot be mapped.
+    fn prm_sim_alloc(bytes: usize, guard_before: i32) -> *mut c_void;
 
-    /// Unmaps what `prm_sim_alloc(bytes)` returned.
-    fn prm_sim_free(ptr: *mut c_void, bytes: usize);
+    /// Unmaps what `prm_sim_alloc(bytes, guard_before)` returned.
+    fn prm_sim_free(ptr: *mut c_void, bytes: usize, guard_before: i32);
 }
 
-/// Simulator device memory: `bytes` (> 0) zeroed bytes, 16-byte aligned, followed by an
-/// inaccessible page, so that a kernel that reads or writes past the end of its buffer faults
-/// at once; the runtime's fault handler then names the kernel, block and thread and aborts.
-/// `None` when the memory cannot be mapped.
-pub(crate) fn alloc(bytes: usize) -> Option<*mut u8> {
+/// Which end of a simulator buffer an inaccessible page guards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Guard {
+    /// The page follows the buffer: reads and writes past its end fault.
+    After,
+    /// The page precedes the buffer: reads and writes before its start fault.
+    Before,
+}
+
+impl Guard {
+    /// The reverse schedule's devices guard the start, the others the end: the kernel tests run
+    /// on both, so both ends are checked.
+    pub(crate) fn of(schedule: Option<Schedule>) -> Guard {
+        match schedule {
+            Some(Schedule::Reverse) => Guard::Before,
+            _ => Guard::After,
+        }
+    }
+
+    fn code(self) -> i32 {
+        match self {
+            Guard::After => 0,
+            Guard::Before => 1,
+        }
+    }
+}
+
+/// Simulator device memory: `bytes` (> 0) zeroed bytes, 16-byte aligned, with an inaccessible
+/// page at the `guard` end, so that a kernel that reads or writes past that end of its buffer
+/// faults at once; the runtime's fault handler then names the kernel, block and thread and
+/// aborts. `None` when the memory cannot be mapped.
+pub(crate) fn alloc(bytes: usize, guard: Guard) -> Option<*mut u8> {
     // SAFETY: maps fresh memory; no other effect.
-    let ptr = unsafe { prm_sim_alloc(bytes) } as *mut u8;
+    let ptr = unsafe { prm_sim_alloc(bytes, guard.code()) } as *mut u8;
     (!ptr.is_null()).then_some(ptr)
 }
 
 /// Unmaps memory from [`alloc`].
 ///
 /// # Safety
-/// `ptr` came from `alloc(bytes)` with the same `bytes` and is not used afterwards.
-pub(crate) unsafe fn free(ptr: *mut u8, bytes: usize) {
+/// `ptr` came from `alloc(bytes, guard)` with the same `bytes` and `guard`, and is not used
+/// afterwards.
+pub(crate) unsafe fn free(ptr: *mut u8, bytes: usize, guard: Guard) {
     // SAFETY: the caller's contract.
-    unsafe { prm_sim_free(ptr as *mut c_void, bytes) }
+    unsafe { prm_sim_free(ptr as *mut c_void, bytes, guard.code()) }
 }
 
 /// The order in which the simulator runs the blocks of a grid, and a block's runnable threads
