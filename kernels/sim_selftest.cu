@@ -319,3 +319,21 @@ extern "C" __global__ void prm_selftest_overrun(const float* __restrict__ in, fl
     out[t] = in[t + past];
 }
 PRM_REGISTER_KERNEL(prm_selftest_overrun);
+
+// One block of 32 threads writes one element past a shared array: mode 0 the static array
+// `tile`, mode 1 the dynamic shared memory (launched with 32 floats of it); mode 2 stays inside
+// both. The simulator's red zones fail modes 0 and 1 when the block ends.
+extern "C" __global__ void prm_selftest_shared_overrun(float* __restrict__ out, int mode) {
+    PRM_SHARED_ARRAY(float, tile, 32);
+    PRM_DYNAMIC_SHARED(float, dyn);
+    const int t = threadIdx.x;
+    const int at = t + (mode == 2 ? 0 : 1);
+    if (mode == 1) {
+        dyn[at] = 1.0f;
+    } else {
+        tile[at] = 1.0f;
+    }
+    __syncthreads();
+    out[t] = t == 0 ? 0.0f : (mode == 1 ? dyn[t] : tile[t]);
+}
+PRM_REGISTER_KERNEL(prm_selftest_shared_overrun);

@@ -825,3 +825,42 @@ fn reading_outside_a_buffer_faults_and_names_the_kernel() {
         assert!(stderr.contains(&want), "{schedule}: {stderr}");
     }
 }
+
+/// A 16-byte red zone follows the dynamic shared memory and every static shared array: a block
+/// that ends with one written fails the launch, naming the kernel, the block and the array.
+#[test]
+fn writing_past_a_shared_array_fails_the_launch() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    // The forward schedule: block (0,0,0) is the first to end.
+    let dev = Device::sim_with_schedule(Schedule::Forward);
+    for (mode, want) in [
+        (0, Some("a write past the end of shared array tile")),
+        (1, Some("a write past the end of the dynamic shared memory")),
+        (2, None),
+    ] {
+        let mut out = dev.alloc::<f32>(32).unwrap();
+        let mut args = KernelArgs::new();
+        args.output(&mut out).i32(mode);
+        let result = dev.launch(
+            "prm_selftest_shared_overrun",
+            LaunchConfig::linear(2, 32, 32 * 4),
+            &mut args,
+        );
+        match want {
+            Some(want) => {
+                let msg = sim_message(result);
+                assert!(msg.contains(want), "mode {mode}: {msg}");
+                assert!(
+                    msg.contains("prm_selftest_shared_overrun, block (0,0,0)"),
+                    "mode {mode}: {msg}"
+                );
+            }
+            None => {
+                result.unwrap();
+                let mut want = vec![1.0f32; 32];
+                want[0] = 0.0;
+                assert_eq!(dev.download(&out).unwrap(), want);
+            }
+        }
+    }
+}

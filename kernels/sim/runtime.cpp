@@ -123,7 +123,12 @@ namespace {
 
 constexpr uint32_t kMaxThreads = 1024;
 constexpr size_t kMaxShared = 227 * 1024;
-constexpr size_t kArenaBytes = kMaxShared + 4096;
+// A 16-byte red zone follows the dynamic shared memory and every static array: it is poisoned
+// with the rest and must still hold poison when the block ends (a write past an array's end
+// lands there), and a read past an array's end reads NaN there instead of the next array.
+constexpr size_t kRedZoneBytes = 16;
+constexpr size_t kMaxRedZones = 64;
+constexpr size_t kArenaBytes = kMaxShared + 4096 + kMaxRedZones * (kRedZoneBytes + 128);
 constexpr uint32_t kDefaultTimeoutMs = 10000;
 constexpr size_t kGatherBytes = kGatherStride;
 // Each fiber's stack (reserved, committed page by page as it is touched) and the inaccessible
@@ -204,7 +209,12 @@ struct Sim {
     uint64_t nblocks = 0;
     Schedule schedule = kForward;
     size_t dyn_bytes = 0;    // dynamic shared bytes, rounded up to 16
-    size_t static_used = 0;  // static shared bytes placed after the dynamic part
+    size_t static_used = 0;  // static shared bytes placed after the dynamic part, red zones too
+    // Red zones: arena offsets, and what each follows (a static array's name, or the dynamic
+    // shared memory).
+    size_t zone_at[kMaxRedZones] = {};
+    const char* zone_after[kMaxRedZones] = {};
+    size_t zones = 0;
     uint64_t epoch = 0;
     unsigned char* arena = nullptr;
     uint3 cur_block_idx{0, 0, 0};
@@ -652,6 +662,26 @@ bool run_block() {
     }
 }
 
+// After a block: every red zone still holds the poison it started with; otherwise a thread
+// wrote past the end of the array (or dynamic shared memory) before it.
+bool red_zones_intact() {
+    Sim& s = S();
+    for (size_t z = 0; z < s.zones; ++z) {
+        const unsigned char* p = s.arena + s.zone_at[z];
+        for (size_t i = 0; i < kRedZoneBytes; ++i) {
+            if (p[i] != 0xFF) {
+                fail(fmt("kernel %s, block (%u,%u,%u): a write past the end of %s%s (its red zone, %zu bytes on, "
+                         "was changed)",
+                         s.name, s.cur_block_idx.x, s.cur_block_idx.y, s.cur_block_idx.z,
+                         z == 0 && s.zone_after[z] == nullptr ? "the dynamic shared memory" : "shared array ",
+                         s.zone_after[z] ? s.zone_after[z] : "", i));
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
 void load_kernels() {
     Sim& s = S();
     if (s.kernels_loaded) return;
@@ -757,16 +787,24 @@ void cp_async_wait(int pending) {
     land_copies(f, upto);
 }
 
-void* shared_static(SharedSite& site, size_t bytes, size_t align) {
+void* shared_static(SharedSite& site, size_t bytes, size_t align, const char* name) {
     Sim& s = S();
     if (site.epoch.load(std::memory_order_relaxed) != s.epoch) {
         align = std::max<size_t>(align, 16);
         const size_t off = (s.dyn_bytes + s.static_used + align - 1) / align * align;
-        if (off + bytes > kMaxShared)
+        // The GPU's limit counts the arrays, not the red zones between them.
+        const size_t zone_bytes = s.zones * kRedZoneBytes;
+        if (off + bytes - zone_bytes > kMaxShared || off + bytes + kRedZoneBytes > kArenaBytes)
             fail_throw(where(tl_linear) +
                        fmt(": shared memory exceeds %zu bytes (%zu dynamic + static arrays up to %zu)", kMaxShared,
-                           s.dyn_bytes, off + bytes - s.dyn_bytes));
+                           s.dyn_bytes, off + bytes - zone_bytes - s.dyn_bytes));
         s.static_used = off + bytes - s.dyn_bytes;
+        if (s.zones < kMaxRedZones) {
+            s.zone_at[s.zones] = off + bytes;
+            s.zone_after[s.zones] = name;
+            s.zones += 1;
+            s.static_used += kRedZoneBytes;
+        }
         site.offset = off;
         site.epoch.store(s.epoch, std::memory_order_relaxed);
     }
@@ -851,7 +889,11 @@ extern "C" int prm_sim_launch(const char* name, uint32_t gx, uint32_t gy, uint32
     s.nblocks = static_cast<uint64_t>(gx) * gy * gz;
     s.schedule = schedule == kForward || schedule == kReverse ? static_cast<Schedule>(schedule) : default_schedule();
     s.dyn_bytes = (static_cast<size_t>(shared_bytes) + 15) / 16 * 16;
-    s.static_used = 0;
+    // The dynamic shared memory's red zone (nullptr: no array name).
+    s.static_used = kRedZoneBytes;
+    s.zone_at[0] = s.dyn_bytes;
+    s.zone_after[0] = nullptr;
+    s.zones = 1;
     s.epoch += 1;
     s.aborted = false;
     s.err.clear();
@@ -877,7 +919,7 @@ extern "C" int prm_sim_launch(const char* name, uint32_t gx, uint32_t gy, uint32
     tl_launching = true;
     for (uint64_t i = 0; i < s.nblocks; ++i) {
         setup_block(s.schedule == kReverse ? s.nblocks - 1 - i : i, i > 0);
-        if (!run_block()) break;
+        if (!run_block() || !red_zones_intact()) break;
     }
     tl_launching = false;
     threadIdx = saved_tid;

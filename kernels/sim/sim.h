@@ -17,7 +17,8 @@
 //     warp barrier whose participants are the lanes of `mask` that exist (partial last warp), and
 //     read the slot they want;
 //   - shared memory (PRM_SHARED_ARRAY / PRM_DYNAMIC_SHARED) lives in a per-block arena, poisoned
-//     with 0xFF bytes (NaN) at every block start;
+//     with 0xFF bytes (NaN) at every block start, with a 16-byte red zone after the dynamic part
+//     and after every array that fails the launch when a block ends with it written;
 //   - cp.async copies are queued per thread and land at cp.async.wait_group (forward schedule)
 //     or at issue (reverse schedule) (tile_io.cuh);
 //   - atomics are std::atomic_ref; __nv_bfloat16 is a round-to-nearest-even shim.
@@ -117,7 +118,7 @@ struct SharedSite {
     std::atomic<uint64_t> epoch{0};
     size_t offset = 0;
 };
-void* shared_static(SharedSite& site, size_t bytes, size_t align);
+void* shared_static(SharedSite& site, size_t bytes, size_t align, const char* name);
 void* dynamic_shared();
 
 // Fault reporting (memory.cpp: every device buffer is followed by an inaccessible page).
@@ -169,7 +170,7 @@ constexpr int warpSize = 32;
 #define PRM_SHARED_ARRAY(type, name, n)                                                           \
     static ::prm_sim::SharedSite PRM_SIM_CAT(prm_sim_site_, name);                                \
     type(&name)[n] = *reinterpret_cast<type(*)[n]>(::prm_sim::shared_static(                      \
-        PRM_SIM_CAT(prm_sim_site_, name), sizeof(type) * (n), alignof(type)))
+        PRM_SIM_CAT(prm_sim_site_, name), sizeof(type) * (n), alignof(type), #name))
 
 #define PRM_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(::prm_sim::dynamic_shared())
 
