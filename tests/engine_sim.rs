@@ -4,11 +4,11 @@
 
 mod common;
 
-use common::{devices, perturbed, small_model, views, Draw};
+use common::{devices, objective, perturbed, small_model, views, Draw};
 use prm::attack::*;
 use prm::gpu::engine::{GpuVit, Precision};
 use prm::gpu::Device;
-use prm::model::{Activation, Model};
+use prm::model::Activation;
 use prm::reference::ReferenceVit;
 use prm::rng::ImageRng;
 
@@ -32,21 +32,6 @@ fn batch(d: &mut Draw) -> Vec<(Vec<f32>, usize, usize)> {
         .iter()
         .map(|&(h, w)| (d.vec(3 * h * w, 0.02, 0.98), h, w))
         .collect()
-}
-
-fn objective(
-    model: &Model,
-    loss: LossKind,
-    tokens: TokenSelection,
-    layers: LayerSelection,
-) -> Objective {
-    Objective::new(
-        loss,
-        layers.resolve(model.config.feature_layers()).unwrap(),
-        tokens,
-        model,
-    )
-    .unwrap()
 }
 
 #[test]

@@ -15,7 +15,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{perturbed, small_model, views, Draw};
+use common::{objective, perturbed, small_model, views, Draw};
 use prm::attack::*;
 use prm::gpu::engine::{GpuVit, Precision};
 use prm::gpu::kernels::attention::{
@@ -65,6 +65,8 @@ struct Variant {
     delta_in_dq: bool,
     tc4_split: u32,
     fused_loss: bool,
+    /// Every loss, or the prm loss only (enough for an attention variant).
+    every_loss: bool,
 }
 
 const DEFAULT: Variant = Variant {
@@ -75,6 +77,7 @@ const DEFAULT: Variant = Variant {
     delta_in_dq: true,
     tc4_split: 1,
     fused_loss: true,
+    every_loss: true,
 };
 
 #[test]
@@ -84,15 +87,7 @@ fn the_engine_gives_the_same_bits_in_both_schedules() {
     let clean = images(&mut d);
     let adv = perturbed(&clean, &mut d);
     let (clean_v, adv_v) = (views(&clean), views(&adv));
-    let objective = |loss, tokens, layers: LayerSelection| {
-        Objective::new(
-            loss,
-            layers.resolve(model.config.feature_layers()).unwrap(),
-            tokens,
-            &model,
-        )
-        .unwrap()
-    };
+    let objective = |loss, tokens, layers| objective(&model, loss, tokens, layers);
     let losses = [
         (
             "prm, every layer",
@@ -127,22 +122,26 @@ fn the_engine_gives_the_same_bits_in_both_schedules() {
             straight_tiles: false,
             delta_in_dq: false,
             fused_loss: false,
+            every_loss: false,
             ..DEFAULT
         },
         Variant {
             name: "bf16 v2",
             version: TensorCoreVersion::V2,
+            every_loss: false,
             ..DEFAULT
         },
         Variant {
             name: "bf16 v4",
             version: TensorCoreVersion::V4,
+            every_loss: false,
             ..DEFAULT
         },
         Variant {
             name: "bf16 v4, three CTAs per head",
             version: TensorCoreVersion::V4,
             tc4_split: 3,
+            every_loss: false,
             ..DEFAULT
         },
     ];
@@ -161,8 +160,7 @@ fn the_engine_gives_the_same_bits_in_both_schedules() {
         set_straight_tiles(variant.straight_tiles);
         set_delta_in_dq(variant.delta_in_dq);
         set_tc4_split(variant.tc4_split);
-        // The whole set of losses for the default; the prm loss for the attention variants.
-        let cases = if variant.name == DEFAULT.name || variant.precision == Precision::Fp32 {
+        let cases = if variant.every_loss {
             &losses[..]
         } else {
             &losses[..1]

@@ -670,11 +670,11 @@ bool red_zones_intact() {
         const unsigned char* p = s.arena + s.zone_at[z];
         for (size_t i = 0; i < kRedZoneBytes; ++i) {
             if (p[i] != 0xFF) {
+                const char* array = s.zone_after[z];
                 fail(fmt("kernel %s, block (%u,%u,%u): a write past the end of %s%s (its red zone, %zu bytes on, "
                          "was changed)",
                          s.name, s.cur_block_idx.x, s.cur_block_idx.y, s.cur_block_idx.z,
-                         z == 0 && s.zone_after[z] == nullptr ? "the dynamic shared memory" : "shared array ",
-                         s.zone_after[z] ? s.zone_after[z] : "", i));
+                         array ? "shared array " : "the dynamic shared memory", array ? array : "", i));
                 return false;
             }
         }

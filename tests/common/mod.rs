@@ -165,3 +165,19 @@ pub fn views(imgs: &[(Vec<f32>, usize, usize)]) -> Vec<prm::attack::Planar<'_>> 
         })
         .collect()
 }
+
+/// `model`'s objective for `loss` over `layers` and `tokens`.
+pub fn objective(
+    model: &Model,
+    loss: prm::attack::LossKind,
+    tokens: prm::attack::TokenSelection,
+    layers: prm::attack::LayerSelection,
+) -> prm::attack::Objective {
+    prm::attack::Objective::new(
+        loss,
+        layers.resolve(model.config.feature_layers()).unwrap(),
+        tokens,
+        model,
+    )
+    .unwrap()
+}

@@ -27,8 +27,8 @@
 //!   (the caller uploads normally). Staging into a slot first forgets what it held, so a failed
 //!   or overwritten staging can never be taken.
 //!
-//! The stager also keeps a pinned readback buffer for downloads ([`Stager::download_split`]), so the
-//! final images of a batch come back in one DMA.
+//! The stager also keeps a pinned readback buffer for downloads ([`Stager::download_split`]),
+//! so the final images of a batch come back in one DMA.
 //!
 //! Under the simulator there is no concurrency: a staged upload is packed into host memory and
 //! written by [`Stager::take`] (copies are synchronous, events trivially complete), so the
