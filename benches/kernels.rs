@@ -107,7 +107,9 @@ fn kernels(c: &mut Criterion) {
             })
         });
     }
-    // v3 (kernels/attention_tc3.cu): bf16 q/k/v in, bf16 context and d_qkv out.
+    // v3 (kernels/attention_tc3.cu): bf16 q/k/v in, bf16 context and d_qkv out. Their options
+    // (same bits either way) from PRM_ATTENTION_STRAIGHT, _DELTA_IN_DQ and _SPLIT.
+    let options = TcOptions::from_env();
     let qkv_bf16: Vec<half::bf16> = dev
         .download(&qkv)
         .unwrap()
@@ -131,6 +133,7 @@ fn kernels(c: &mut Criterion) {
                 WIDTH,
                 AttentionMode::QK,
                 false,
+                options,
             )
             .unwrap();
             dev.synchronize().unwrap();
@@ -153,6 +156,7 @@ fn kernels(c: &mut Criterion) {
                 WIDTH,
                 AttentionMode::QK,
                 false,
+                options,
             )
             .unwrap();
             dev.synchronize().unwrap();
@@ -174,6 +178,7 @@ fn kernels(c: &mut Criterion) {
                 WIDTH,
                 AttentionMode::QK,
                 false,
+                options,
             )
             .unwrap();
             dev.synchronize().unwrap();
@@ -193,6 +198,7 @@ fn kernels(c: &mut Criterion) {
                 WIDTH,
                 AttentionMode::QK,
                 false,
+                options,
             )
             .unwrap();
             dev.synchronize().unwrap();
@@ -214,6 +220,7 @@ fn kernels(c: &mut Criterion) {
                 WIDTH,
                 AttentionMode::QK,
                 false,
+                options,
             )
             .unwrap();
             dev.synchronize().unwrap();

@@ -193,8 +193,12 @@ if want timeline; then
       echo "$title: FAILED ($rc)" >>"$LOGS/timeline.txt"
     fi
   }
-  timeline_run pgd-direct "pgd: batch 64, 224 px, 10 steps, graphs off" --batch-size 64 --steps 10 --graphs off
-  timeline_run pgd-graphs "pgd: batch 64, 224 px, 10 steps, graphs on" --batch-size 64 --steps 10 --graphs on
+  # Graphs off with attention pinned to v3 (the kernels of fba7e63's timeline), then the
+  # default (PRM_ATTENTION=auto: tuned during the warm-up attack; the rows name the kernels it
+  # chose) with graphs on, then v4 pinned.
+  PRM_ATTENTION=v3 timeline_run pgd-direct "pgd: batch 64, 224 px, 10 steps, graphs off, attention v3" \
+    --batch-size 64 --steps 10 --graphs off
+  timeline_run pgd-graphs "pgd: batch 64, 224 px, 10 steps, graphs on, attention auto" --batch-size 64 --steps 10 --graphs on
   PRM_ATTENTION=v4 timeline_run pgd-v4 "pgd: batch 64, 224 px, 10 steps, graphs off, attention v4" \
     --batch-size 64 --steps 10 --graphs off
   timeline_run paper-b1 "paper: batch 1, 640x480, 20 AdamW steps, dynamic scale" --preset paper \
@@ -240,11 +244,12 @@ fi
 # off so every kernel is its own launch, with each kernel's own roofline position: DRAM bytes
 # (→ achieved TB/s), memory and SM throughput as % of peak, and the tensor pipe's active %
 # (time-weighted over the kernel's launches). The pgd workload first, then the paper workload
-# when time is left.
+# when time is left. Attention pinned to v3 (PROFILE_ATTENTION=v4 to change it): under auto
+# the tuning's extra launches would be profiled too.
 profile_run() { # title csv secs prm-bench-args...
   local title=$1 csv=$2 secs=$3; shift 3
   echo "== profile: $title (ncu, ${secs}s)"
-  (cd "$ROOT" && PRM_NO_GRAPHS=1 timeout "$secs" "$NCU" --clock-control none --metrics "$NCU_METRICS" \
+  (cd "$ROOT" && PRM_ATTENTION=${PROFILE_ATTENTION:-v3} PRM_NO_GRAPHS=1 timeout "$secs" "$NCU" --clock-control none --metrics "$NCU_METRICS" \
     --csv "$BUNDLE/prm" bench --device cuda --model random:vit-b-16 --precision bf16 --warmup 0 --repeats 1 \
     --no-ceiling "$@") >"$csv" 2>"${csv%.csv}.err"
   python3 - "$csv" "$title" >>"$LOGS/profile.txt" 2>&1 <<'PY'

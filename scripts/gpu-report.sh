@@ -72,18 +72,22 @@ run torch-pgd-eager-bf16 $PY tools/torch_prm.py --mode eager-bf16 --batch-size "
 run prm-paper-bf16-b$PAPER_BATCH $B --precision bf16 $PAPER --batch-size "$PAPER_BATCH" --warmup 0 --repeats 1 --no-ceiling
 run torch-paper-fp32-b1 $PY tools/torch_prm.py --mode paper --repeats 1 --warmup 1
 run torch-pgd-compile $PY tools/torch_prm.py --mode compile --batch-size "$BATCH" --steps 10
-# Not yet measured on a GPU: attention v4 (a head resident in shared memory; bit-identical to
-# v3), with one and two CTAs a head.
+# The default is PRM_ATTENTION=auto (since 2026-12-05: v3 and v4 and their options timed per
+# shape, the fastest kept; the JSON's "attention" field has the timings). Pinned: v3 (the
+# default until then, the kernels timed at fba7e63), and v4 (a head resident in shared memory;
+# bit-identical to v3) with one and two CTAs a head.
+run prm-pgd-bf16-attn-v3 env PRM_ATTENTION=v3 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 run prm-pgd-bf16-attn-v4 env PRM_ATTENTION=v4 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 run prm-pgd-bf16-attn-v4-split2 env PRM_ATTENTION=v4 PRM_ATTENTION_SPLIT=2 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
-# Not yet measured: attention with every tile through the masked code (the straight-line whole
-# tiles off; same bits).
-run prm-pgd-bf16-masked-tiles env PRM_ATTENTION_STRAIGHT=0 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
+# Not yet measured: v3 with every tile through the masked code (the straight-line whole tiles
+# off; same bits).
+run prm-pgd-bf16-masked-tiles env PRM_ATTENTION=v3 PRM_ATTENTION_STRAIGHT=0 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 # Not yet measured: the prm loss as a pass of its own after each LN1 backward (fused by default;
 # same bits).
 run prm-pgd-bf16-unfused-loss env PRM_FUSED_LOSS=0 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
-# Not yet measured: attention's delta by its own kernel (formed inside v3's dQ by default; same bits).
-run prm-pgd-bf16-delta-kernel env PRM_ATTENTION_DELTA_IN_DQ=0 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
+# Not yet measured: v3 with attention's delta by its own kernel (formed inside dQ by default;
+# same bits).
+run prm-pgd-bf16-delta-kernel env PRM_ATTENTION=v3 PRM_ATTENTION_DELTA_IN_DQ=0 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 # A/B rows: step graphs off, the previous tensor-core attention (v2); batch 1 shows the host
 # cost graphs remove.
 run prm-pgd-bf16-nographs $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5 --graphs off
@@ -110,7 +114,8 @@ rows = [
     ("pgd", "prm bf16", "prm-pgd-bf16"), ("pgd", "prm fp32", "prm-pgd-fp32"),
     ("pgd", "torch eager fp32", "torch-pgd-eager-fp32"), ("pgd", "torch eager bf16+SDPA", "torch-pgd-eager-bf16"),
     ("pgd", "torch.compile bf16", "torch-pgd-compile"),
-    ("pgd", "prm bf16 graphs off", "prm-pgd-bf16-nographs"), ("pgd", "prm bf16 attention v4", "prm-pgd-bf16-attn-v4"),
+    ("pgd", "prm bf16 graphs off", "prm-pgd-bf16-nographs"), ("pgd", "prm bf16 attention v3", "prm-pgd-bf16-attn-v3"),
+    ("pgd", "prm bf16 attention v4", "prm-pgd-bf16-attn-v4"),
     ("pgd", "prm bf16 v4 split 2", "prm-pgd-bf16-attn-v4-split2"), ("pgd", "prm bf16 attention v2", "prm-pgd-bf16-attn-v2"),
     ("pgd", "prm bf16 masked tiles", "prm-pgd-bf16-masked-tiles"),
     ("pgd", "prm bf16 loss unfused", "prm-pgd-bf16-unfused-loss"),
@@ -140,13 +145,23 @@ print(f"pgd   prm bf16 / torch eager bf16      {ratio('prm-pgd-bf16', 'torch-pgd
 print(f"pgd   prm bf16 / torch.compile          {ratio('prm-pgd-bf16', 'torch-pgd-compile'):6.2f}x   (target >= 1.3)")
 print(f"pgd   graphs on / off (batch {batch})      {ratio('prm-pgd-bf16', 'prm-pgd-bf16-nographs'):6.2f}x")
 print(f"pgd   graphs on / off (batch 1)        {ratio('prm-pgd-bf16-b1', 'prm-pgd-bf16-b1-nographs'):6.2f}x")
-print(f"pgd   attention v4 / v3                {ratio('prm-pgd-bf16-attn-v4', 'prm-pgd-bf16'):6.2f}x")
+print(f"pgd   attention auto / v3              {ratio('prm-pgd-bf16', 'prm-pgd-bf16-attn-v3'):6.2f}x")
+print(f"pgd   attention v4 / v3                {ratio('prm-pgd-bf16-attn-v4', 'prm-pgd-bf16-attn-v3'):6.2f}x")
 print(f"pgd   v4 split 2 / split 1             {ratio('prm-pgd-bf16-attn-v4-split2', 'prm-pgd-bf16-attn-v4'):6.2f}x")
-print(f"pgd   straight / masked tiles          {ratio('prm-pgd-bf16', 'prm-pgd-bf16-masked-tiles'):6.2f}x")
+print(f"pgd   straight / masked tiles (v3)     {ratio('prm-pgd-bf16-attn-v3', 'prm-pgd-bf16-masked-tiles'):6.2f}x")
 print(f"pgd   loss fused / unfused             {ratio('prm-pgd-bf16', 'prm-pgd-bf16-unfused-loss'):6.2f}x")
-print(f"pgd   delta in dQ / delta kernel       {ratio('prm-pgd-bf16', 'prm-pgd-bf16-delta-kernel'):6.2f}x")
-print(f"pgd   attention v3 / v2                {ratio('prm-pgd-bf16', 'prm-pgd-bf16-attn-v2'):6.2f}x")
+print(f"pgd   delta in dQ / delta kernel (v3)  {ratio('prm-pgd-bf16-attn-v3', 'prm-pgd-bf16-delta-kernel'):6.2f}x")
+print(f"pgd   attention v3 / v2                {ratio('prm-pgd-bf16-attn-v3', 'prm-pgd-bf16-attn-v2'):6.2f}x")
 print(f"pgd   staged / plain uploads           {ratio('prm-pgd-bf16', 'prm-pgd-bf16-nostaging'):6.2f}x")
+for name in ("prm-pgd-bf16", "prm-paper-bf16-b1", f"prm-paper-bf16-b{pb}"):
+    # What PRM_ATTENTION=auto timed (µs a call) and chose, per pass and shape.
+    for t in ((get(name) or {}).get("attention") or {}).get("tuned", []):
+        times = ", ".join(f"{c['kernels']} {c['us_per_call']:.1f}" if c["us_per_call"] is not None
+                          else f"{c['kernels']} dropped" for c in t["candidates"])
+        print(f"{name}: auto {t['pass']} on {t['timed_on']['sequences']} x {t['timed_on']['longest']} tokens: "
+              f"{t['chosen']} ({times})")
+        for d in t["dropped"]:
+            print(f"{name}: DROPPED {d}")
 r = get("prm-pgd-bf16")
 if r and r.get("ceiling_fraction"):
     print(f"pgd   prm bf16 fraction of GEMM ceiling {100*r['ceiling_fraction']:6.1f}%   (target >= 50%)")

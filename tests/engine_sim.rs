@@ -353,7 +353,8 @@ fn bf16_products_track_the_fp32_reference() {
 /// does the same; v2 rounds the fp32 one on load): measured 2.5e-2 .. 2.9e-2.
 #[test]
 fn bf16_attention_versions_agree() {
-    use prm::gpu::kernels::attention::TensorCoreVersion;
+    use prm::gpu::engine::attention_plan::AttentionSetting;
+    use prm::gpu::kernels::attention::{TcOptions, TensorCoreVersion};
     let model = small_model(128, 2, 2, 8, 4, Activation::QuickGelu, 29);
     let reference = ReferenceVit::new(&model);
     let mut d = Draw::new(11);
@@ -378,8 +379,9 @@ fn bf16_attention_versions_agree() {
         TensorCoreVersion::V4,
     ] {
         let mut gpu = GpuVit::new_with_precision(&dev, &model, Precision::Bf16).unwrap();
-        gpu.set_attention_version(version);
-        assert_eq!(gpu.attention_version(), version);
+        let setting = AttentionSetting::Fixed(version, TcOptions::DEFAULT);
+        gpu.set_attention(setting);
+        assert_eq!(gpu.attention_setting(), setting);
         let gpu_clean = gpu.clean_features(&clean_v).unwrap();
         let got = gpu.loss_and_gradient(&adv_v, &gpu_clean, &obj).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -474,5 +476,93 @@ fn fused_loss_gives_the_same_bits() {
                 }
             }
         }
+    }
+}
+
+/// `PRM_ATTENTION=auto` (the default on CUDA): the engine times v3 and v4 and their options
+/// the first time it meets a shape bucket, once for the forward and once for the backward,
+/// checks each candidate's bits against v3's, and keeps the fastest. Its losses and gradients
+/// are v3's, bit for bit; a second call of the same bucket tunes nothing, a batch of another
+/// bucket tunes again.
+#[test]
+fn auto_attention_tunes_each_bucket_once_with_v3s_bits() {
+    use prm::gpu::engine::attention_plan::{AttentionPass, AttentionSetting, ShapeBucket};
+    use prm::gpu::kernels::attention::{TcOptions, TensorCoreVersion};
+    let model = small_model(128, 2, 2, 8, 4, Activation::QuickGelu, 37);
+    let mut d = Draw::new(19);
+    let clean = batch(&mut d);
+    let adv_imgs = perturbed(&clean, &mut d);
+    let (clean_v, adv_v) = (views(&clean), views(&adv_imgs));
+    let obj = objective(
+        &model,
+        LossKind::Prm,
+        TokenSelection::All,
+        LayerSelection::All,
+    );
+    let bits = |r: Vec<LossAndGradient>| -> Vec<(u64, Vec<u32>)> {
+        r.into_iter()
+            .map(|r| {
+                (
+                    r.loss.to_bits(),
+                    r.gradient.iter().map(|v| v.to_bits()).collect(),
+                )
+            })
+            .collect()
+    };
+    for dev in devices() {
+        let run = |gpu: &GpuVit, clean: &[Planar<'_>], adv: &[Planar<'_>]| {
+            let features = gpu.clean_features(clean).unwrap();
+            bits(gpu.loss_and_gradient(adv, &features, &obj).unwrap())
+        };
+        let mut v3 = GpuVit::new_with_precision(&dev, &model, Precision::Bf16).unwrap();
+        v3.set_attention(AttentionSetting::Fixed(
+            TensorCoreVersion::V3,
+            TcOptions::DEFAULT,
+        ));
+        let mut auto = GpuVit::new_with_precision(&dev, &model, Precision::Bf16).unwrap();
+        auto.set_attention(AttentionSetting::Auto);
+        let what = dev.name();
+        assert!(
+            run(&auto, &clean_v, &adv_v) == run(&v3, &clean_v, &adv_v),
+            "{what}: bits"
+        );
+        let tuned = auto.attention_tuning();
+        let passes: Vec<AttentionPass> = tuned.iter().map(|t| t.pass).collect();
+        assert_eq!(
+            passes,
+            [AttentionPass::Forward, AttentionPass::Backward],
+            "{what}"
+        );
+        let lens: Vec<usize> = clean
+            .iter()
+            .map(|&(_, h, w)| 1 + (h / 8) * (w / 8))
+            .collect();
+        for t in &tuned {
+            assert_eq!(t.bucket, ShapeBucket::of(&lens), "{what}");
+            assert!(t.dropped.is_empty(), "{what}: {:?}", t.dropped);
+            assert!(t.candidates.iter().all(|(_, us)| us.is_some()), "{what}");
+            assert!(t.candidates.iter().any(|(k, _)| *k == t.chosen), "{what}");
+            assert!(
+                t.candidates.iter().any(|(k, _)| k.v4),
+                "{what}: v4 is a candidate"
+            );
+        }
+        // The same bucket again: nothing more is timed.
+        run(&auto, &clean_v, &adv_v);
+        assert_eq!(auto.attention_tuning().len(), 2, "{what}");
+        // Five sequences, the longest 177 tokens (several v3 row tiles): another bucket.
+        let mut more = clean.clone();
+        more.push((d.vec(3 * 90 * 131, 0.02, 0.98), 90, 131));
+        more.push((d.vec(3 * 16 * 16, 0.02, 0.98), 16, 16));
+        let more_adv = perturbed(&more, &mut d);
+        let (more_v, more_adv_v) = (views(&more), views(&more_adv));
+        assert!(
+            run(&auto, &more_v, &more_adv_v) == run(&v3, &more_v, &more_adv_v),
+            "{what}"
+        );
+        let tuned = auto.attention_tuning();
+        assert_eq!(tuned.len(), 4, "{what}");
+        assert_eq!(tuned[2].bucket.sequences, 8, "{what}");
+        assert_eq!(tuned[3].bucket.tokens, 256, "{what}");
     }
 }

@@ -230,8 +230,9 @@ fn run_v3(
     dev.poison(&mut d_qkv).unwrap();
     dev.poison(&mut delta).unwrap();
     dev.poison(&mut dout_bf16).unwrap();
+    let options = TcOptions::default();
     attention_forward_tc3(
-        dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal,
+        dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal, options,
     )
     .unwrap();
     let backward = tensor_core_v3_supports(mode, true);
@@ -250,6 +251,7 @@ fn run_v3(
             width,
             mode,
             causal,
+            options,
         )
         .unwrap();
     }
@@ -745,7 +747,8 @@ fn rejects_width_not_multiple_of_64() {
 
 /// v3's backward with dO already in bf16 (`attention_backward_tc3_bf16_dout`, the engine's
 /// path) against the fp32-dO backward given the same bf16-exact dO: delta and d_qkv bit for
-/// bit, on 197 and 1201 tokens, a mixed batch and the ViT-B width, causal or not.
+/// bit, on 197 and 1201 tokens, a mixed batch and the ViT-B width, causal or not, with delta
+/// formed inside dQ or by its own kernel.
 #[test]
 fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
     for dev in devices() {
@@ -778,6 +781,7 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
                 width,
                 AttentionMode::QK,
                 causal,
+                TcOptions::default(),
             )
             .unwrap();
             let scratch = attention_scratch_len(n, width);
@@ -809,41 +813,52 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
                 width,
                 AttentionMode::QK,
                 causal,
+                TcOptions::default(),
             )
             .unwrap();
-            let (mut got_dqkv, mut got_delta) =
-                (poisoned_bf16(n * 3 * width), poisoned_f32(scratch));
-            attention_backward_tc3_bf16_dout(
-                &dev,
-                &qkv_b,
-                &out,
-                &dev.upload(&d_out_bf16).unwrap(),
-                &lse,
-                &cu_b,
-                &lens,
-                &mut got_dqkv,
-                &mut got_delta,
-                width,
-                AttentionMode::QK,
-                causal,
-            )
-            .unwrap();
-            let what = format!("{} {lens:?} width {width} causal {causal}", dev.name());
-            let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            let (want_delta, got_delta) = (
-                dev.download(&want_delta).unwrap(),
-                dev.download(&got_delta).unwrap(),
-            );
-            assert_eq!(
-                bits(got_delta[..heads * n].to_vec()),
-                bits(want_delta[..heads * n].to_vec()),
-                "{what}: delta"
-            );
-            assert_eq!(
-                dev.download(&got_dqkv).unwrap(),
-                dev.download(&want_dqkv).unwrap(),
-                "{what}: d_qkv"
-            );
+            // Delta formed inside dQ (the default) or by the delta kernel first.
+            for delta_in_dq in [true, false] {
+                let (mut got_dqkv, mut got_delta) =
+                    (poisoned_bf16(n * 3 * width), poisoned_f32(scratch));
+                attention_backward_tc3_bf16_dout(
+                    &dev,
+                    &qkv_b,
+                    &out,
+                    &dev.upload(&d_out_bf16).unwrap(),
+                    &lse,
+                    &cu_b,
+                    &lens,
+                    &mut got_dqkv,
+                    &mut got_delta,
+                    width,
+                    AttentionMode::QK,
+                    causal,
+                    TcOptions {
+                        delta_in_dq,
+                        ..TcOptions::default()
+                    },
+                )
+                .unwrap();
+                let what = format!(
+                    "{} {lens:?} width {width} causal {causal} delta in dQ {delta_in_dq}",
+                    dev.name()
+                );
+                let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let (want_delta, got_delta) = (
+                    dev.download(&want_delta).unwrap(),
+                    dev.download(&got_delta).unwrap(),
+                );
+                assert_eq!(
+                    bits(got_delta[..heads * n].to_vec()),
+                    bits(want_delta[..heads * n].to_vec()),
+                    "{what}: delta"
+                );
+                assert_eq!(
+                    dev.download(&got_dqkv).unwrap(),
+                    dev.download(&want_dqkv).unwrap(),
+                    "{what}: d_qkv"
+                );
+            }
         }
     }
 }
@@ -899,7 +914,11 @@ fn v4_is_v3_bit_for_bit() {
                 let qkv_b = dev.upload(&to_bf16(&qkv)).unwrap();
                 let dout_b = dev.upload(&to_bf16(&d_out)).unwrap();
                 let cu_b = dev.upload(&cu).unwrap();
-                set_straight_tiles(straight);
+                let options = |split| TcOptions {
+                    straight_tiles: straight,
+                    split,
+                    ..TcOptions::default()
+                };
                 let mut out = dev.alloc::<bf16>(n * width).unwrap();
                 let mut lse = dev.alloc::<f32>(heads * n).unwrap();
                 let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
@@ -910,28 +929,31 @@ fn v4_is_v3_bit_for_bit() {
                 dev.poison(&mut d_qkv).unwrap();
                 match split {
                     None => {
+                        let options = options(1);
                         attention_forward_tc3(
                             &dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal,
+                            options,
                         )
                         .unwrap();
                         if backward {
                             attention_backward_tc3_bf16_dout(
                                 &dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, &mut d_qkv,
-                                &mut delta, width, mode, causal,
+                                &mut delta, width, mode, causal, options,
                             )
                             .unwrap();
                         }
                     }
                     Some(split) => {
-                        set_tc4_split(split);
+                        let options = options(split);
                         attention_forward_tc4(
                             &dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal,
+                            options,
                         )
                         .unwrap();
                         if backward {
                             attention_backward_tc4_bf16_dout(
                                 &dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, &mut d_qkv,
-                                &mut delta, width, mode, causal,
+                                &mut delta, width, mode, causal, options,
                             )
                             .unwrap();
                         }
@@ -977,8 +999,6 @@ fn v4_is_v3_bit_for_bit() {
                 assert!(got.2 == want.2, "{what}: delta differs from masked v3");
                 assert!(got.3 == want.3, "{what}: d_qkv differs from masked v3");
             }
-            set_tc4_split(1);
-            set_straight_tiles(true);
         }
     }
 }

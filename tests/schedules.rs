@@ -17,10 +17,9 @@ use std::process::Command;
 
 use common::{objective, perturbed, small_model, views, Draw};
 use prm::attack::*;
+use prm::gpu::engine::attention_plan::AttentionSetting;
 use prm::gpu::engine::{GpuVit, Precision};
-use prm::gpu::kernels::attention::{
-    set_delta_in_dq, set_straight_tiles, set_tc4_split, TensorCoreVersion,
-};
+use prm::gpu::kernels::attention::{TcOptions, TensorCoreVersion};
 use prm::gpu::sim::Schedule;
 use prm::gpu::Device;
 use prm::model::Activation;
@@ -55,15 +54,11 @@ fn loss_and_gradient_bits(
         .collect()
 }
 
-/// One engine configuration: the attention knobs are process-wide, so this file's only engine
-/// test sets them one configuration at a time and puts them back.
+/// One engine configuration.
 struct Variant {
     name: &'static str,
     precision: Precision,
-    version: TensorCoreVersion,
-    straight_tiles: bool,
-    delta_in_dq: bool,
-    tc4_split: u32,
+    attention: AttentionSetting,
     fused_loss: bool,
     /// Every loss, or the prm loss only (enough for an attention variant).
     every_loss: bool,
@@ -72,10 +67,7 @@ struct Variant {
 const DEFAULT: Variant = Variant {
     name: "bf16 v3 (the default)",
     precision: Precision::Bf16,
-    version: TensorCoreVersion::V3,
-    straight_tiles: true,
-    delta_in_dq: true,
-    tc4_split: 1,
+    attention: AttentionSetting::Fixed(TensorCoreVersion::V3, TcOptions::DEFAULT),
     fused_loss: true,
     every_loss: true,
 };
@@ -119,28 +111,47 @@ fn the_engine_gives_the_same_bits_in_both_schedules() {
         DEFAULT,
         Variant {
             name: "bf16 v3, delta kernel, masked tiles, unfused loss",
-            straight_tiles: false,
-            delta_in_dq: false,
+            attention: AttentionSetting::Fixed(
+                TensorCoreVersion::V3,
+                TcOptions {
+                    straight_tiles: false,
+                    delta_in_dq: false,
+                    split: 1,
+                },
+            ),
             fused_loss: false,
             every_loss: false,
             ..DEFAULT
         },
         Variant {
             name: "bf16 v2",
-            version: TensorCoreVersion::V2,
+            attention: AttentionSetting::Fixed(TensorCoreVersion::V2, TcOptions::DEFAULT),
             every_loss: false,
             ..DEFAULT
         },
         Variant {
             name: "bf16 v4",
-            version: TensorCoreVersion::V4,
+            attention: AttentionSetting::Fixed(TensorCoreVersion::V4, TcOptions::DEFAULT),
             every_loss: false,
             ..DEFAULT
         },
         Variant {
             name: "bf16 v4, three CTAs per head",
-            version: TensorCoreVersion::V4,
-            tc4_split: 3,
+            attention: AttentionSetting::Fixed(
+                TensorCoreVersion::V4,
+                TcOptions {
+                    split: 3,
+                    ..TcOptions::DEFAULT
+                },
+            ),
+            every_loss: false,
+            ..DEFAULT
+        },
+        // Tuned on the spot: each schedule's engine may choose other kernels (the simulator's
+        // timings mean nothing), and every candidate must give the same bits.
+        Variant {
+            name: "bf16 auto",
+            attention: AttentionSetting::Auto,
             every_loss: false,
             ..DEFAULT
         },
@@ -148,7 +159,7 @@ fn the_engine_gives_the_same_bits_in_both_schedules() {
     let engine = |schedule, variant: &Variant| {
         let dev = Device::sim_with_schedule(schedule);
         let mut gpu = GpuVit::new_with_precision(&dev, &model, variant.precision).unwrap();
-        gpu.set_attention_version(variant.version);
+        gpu.set_attention(variant.attention);
         gpu.set_fused_loss(variant.fused_loss);
         gpu
     };
@@ -157,9 +168,6 @@ fn the_engine_gives_the_same_bits_in_both_schedules() {
             engine(Schedule::Forward, variant),
             engine(Schedule::Reverse, variant),
         ];
-        set_straight_tiles(variant.straight_tiles);
-        set_delta_in_dq(variant.delta_in_dq);
-        set_tc4_split(variant.tc4_split);
         let cases = if variant.every_loss {
             &losses[..]
         } else {
@@ -180,9 +188,6 @@ fn the_engine_gives_the_same_bits_in_both_schedules() {
             }
         }
     }
-    set_straight_tiles(true);
-    set_delta_in_dq(true);
-    set_tc4_split(1);
 }
 
 /// Writes a smooth, textured RGB image.

@@ -203,6 +203,12 @@ pub trait Engine {
     /// batch uploads normally. The default stages nothing.
     fn stage(&self, _key: &StageKey, _clean: &[Planar]) {}
 
+    /// Kernels the engine chose by timing them on its device (a GPU engine under
+    /// `PRM_ATTENTION=auto`), a line each, for `--profile`. The default chose none.
+    fn kernel_choices(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// What [`Engine::stage`] did so far (zeros for an engine that never stages).
     fn staging_counters(&self) -> StagingCounters {
         StagingCounters::default()

@@ -888,6 +888,9 @@ pub(super) fn run_here<E: Engine>(
             jobs_tx,
             &drain,
         );
+        if let Some(t) = run.timeline {
+            t.kernel_choices(0, engine.kernel_choices());
+        }
         shared.prefetch.stop();
         // The writer finishes the queued batches; their completions arrive until it ends.
         for c in done_rx.iter() {
@@ -986,6 +989,9 @@ where
                     jobs,
                     &|| {},
                 );
+                if let Some(t) = run.timeline {
+                    t.kernel_choices(w, worker.engine.kernel_choices());
+                }
             }));
         }
         drop(jobs_tx);

@@ -126,6 +126,8 @@ struct Records {
     batches: Vec<BatchTiming>,
     writes: Vec<WriteTiming>,
     workers: Vec<WorkerTiming>,
+    /// Per worker: the kernels its engine chose by timing them ([`Timeline::kernel_choices`]).
+    choices: Vec<(usize, Vec<String>)>,
     finished_at: Option<f64>,
 }
 
@@ -173,6 +175,9 @@ pub struct WorkerSummary {
     pub stage_seconds: f64,
     /// `engine_busy_seconds` by phase, summed over the worker's batches.
     pub phases: BatchPhases,
+    /// Kernels the worker's engine chose by timing them on its device, a line each (a GPU
+    /// engine under `PRM_ATTENTION=auto`).
+    pub kernel_choices: Vec<String>,
 }
 
 /// Totals of a run.
@@ -211,6 +216,11 @@ impl Timeline {
 
     pub fn worker_ready(&self, timing: WorkerTiming) {
         self.with(|r| r.workers.push(timing));
+    }
+
+    /// Records the kernels worker `worker`'s engine chose by timing (when it ends).
+    pub fn kernel_choices(&self, worker: usize, lines: Vec<String>) {
+        self.with(|r| r.choices.push((worker, lines)));
     }
 
     pub fn batch(&self, timing: BatchTiming) {
@@ -286,6 +296,12 @@ impl Timeline {
                                 sum
                             },
                         ),
+                        kernel_choices: r
+                            .choices
+                            .iter()
+                            .filter(|(worker, _)| *worker == w.worker)
+                            .flat_map(|(_, lines)| lines.iter().cloned())
+                            .collect(),
                     }
                 })
                 .collect();
@@ -360,6 +376,9 @@ impl Timeline {
                      stream ({:.3} s of host time); the GPU waited for a copy {} time(s)\n",
                     w.input_staged_after_first, after_first, w.stage_seconds, w.copy_waits,
                 );
+            }
+            for line in &w.kernel_choices {
+                out += &format!("    tuned: {line}\n");
             }
         }
         out += if s.engine_never_waited_in_steady_state {

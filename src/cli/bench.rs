@@ -141,6 +141,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let stats_before = HostStats::now();
     let mut stats_after = stats_before.clone();
     let mut graph_report = serde_json::Value::Null;
+    let mut attention_report = serde_json::Value::Null;
     // The stamped attack's device timeline and its wall-clock seconds on the host.
     let mut timeline_report: Option<(Timeline, f64)> = None;
     let timings: Vec<AttackTiming> = match &device {
@@ -173,6 +174,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             })?;
             stats_after = HostStats::now();
             let g = engine.graph_stats();
+            if precision == Precision::Bf16 {
+                attention_report = json!({
+                    "setting": engine.attention_setting().to_string(),
+                    "tuned": engine.attention_tuning().iter().map(|t| t.to_json()).collect::<Vec<_>>(),
+                });
+            }
             if args.timeline.is_some() {
                 // Untimed: the stamps cost the device a little, so throughput comes from the
                 // attacks above.
@@ -253,6 +260,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "ceiling_fraction": ceiling.map(|c| tflops / c),
         "peak_memory_bytes": peak_memory,
         "graphs": graph_report,
+        "attention": attention_report,
     });
     let mut report = report;
     if args.profile {
@@ -333,6 +341,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 m("fills")
             );
         }
+        print_attention_tuning(&attention_report);
         if let Some((t, wall)) = &timeline_report {
             print!(
                 "{}",
@@ -370,6 +379,40 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 /// not stamped, so it counts here).
 fn host_outside_span_ms(t: &Timeline, wall_seconds: f64) -> f64 {
     (wall_seconds * 1e3 - t.span_us() / 1e3).max(0.0)
+}
+
+/// The bf16 engine's attention setting, and under `auto` what it timed: a line per pass and
+/// bucket, the chosen kernels first, then every candidate's microseconds per call.
+fn print_attention_tuning(report: &serde_json::Value) {
+    if report.is_null() {
+        return;
+    }
+    println!(
+        "attention         {}",
+        report["setting"].as_str().unwrap_or("?")
+    );
+    for t in report["tuned"].as_array().into_iter().flatten() {
+        let candidates: Vec<String> = t["candidates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let kernels = c["kernels"].as_str().unwrap_or("?");
+                match c["us_per_call"].as_f64() {
+                    Some(us) => format!("{kernels} {us:.1}"),
+                    None => format!("{kernels} dropped"),
+                }
+            })
+            .collect();
+        println!(
+            "  {} on {} sequences of up to {} tokens: {} (µs a call: {})",
+            t["pass"].as_str().unwrap_or("?"),
+            t["timed_on"]["sequences"],
+            t["timed_on"]["longest"],
+            t["chosen"].as_str().unwrap_or("?"),
+            candidates.join(", ")
+        );
+    }
 }
 
 #[cfg(test)]

@@ -357,6 +357,36 @@ impl Device {
         Ok(result)
     }
 
+    /// Device time of the work `op` issues, in microseconds: two timing events around it on
+    /// CUDA (this waits for the device), the host's clock on the simulator (which runs work
+    /// as it is issued). Not during a capture: nothing runs then.
+    pub(crate) fn time_device_work(
+        &self,
+        op: impl FnOnce() -> Result<(), GpuError>,
+    ) -> Result<f64, GpuError> {
+        if self.is_capturing() {
+            return Err(GpuError::Config(
+                "timing device work during a graph capture (nothing runs then)".into(),
+            ));
+        }
+        let (start, end) = match &*self.backend {
+            Backend::Sim(_) => {
+                let start = Stamp::Host(Instant::now());
+                op()?;
+                (start, Stamp::Host(Instant::now()))
+            }
+            Backend::Cuda(c) => {
+                let (start, end) = (c.timing_event()?, c.timing_event()?);
+                c.record_event(&start)?;
+                op()?;
+                c.record_event(&end)?;
+                c.synchronize()?;
+                (Stamp::Event(start), Stamp::Event(end))
+            }
+        };
+        elapsed_us(&start, &end)
+    }
+
     fn timeline_wants_stamps(&self) -> bool {
         let mut slot = self.timeline.lock().unwrap_or_else(|p| p.into_inner());
         let Some(r) = slot.as_mut() else {

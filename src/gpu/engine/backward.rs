@@ -1,6 +1,7 @@
 //! The input-gradient backward over a packed batch: block by block from the top selected layer
 //! down to the embedding, with the loss of each selected layer added into the running gradient.
 
+use super::attention_plan::{buffer_bytes, AttentionPass, CallStep};
 use super::weights::{DeviceBlock, Weight};
 use super::{
     bf16_weight, AttentionSaved, Batch, Forward, GpuVit, GradientUpdate, MlpPre, Precision,
@@ -183,24 +184,41 @@ impl<'m> GpuVit<'m> {
                         None,
                         &mut d_normed,
                         |db| {
-                            let backward = if self.attention_v4() {
-                                attention_backward_tc4_bf16_dout
-                            } else {
-                                attention_backward_tc3_bf16_dout
-                            };
-                            backward(
-                                &self.dev,
-                                qkv,
-                                context,
-                                &d_context,
-                                &s.lse,
-                                &batch.cu_seqlens,
-                                &batch.seqlens,
-                                db,
-                                &mut delta,
-                                d,
-                                AttentionMode::QK,
-                                false,
+                            let seqlens = &batch.seqlens;
+                            self.run_attention(
+                                AttentionPass::Backward,
+                                seqlens,
+                                |step| match step {
+                                    CallStep::Run(k) => {
+                                        let backward = if k.v4 {
+                                            attention_backward_tc4_bf16_dout
+                                        } else {
+                                            attention_backward_tc3_bf16_dout
+                                        };
+                                        backward(
+                                            &self.dev,
+                                            qkv,
+                                            context,
+                                            &d_context,
+                                            &s.lse,
+                                            &batch.cu_seqlens,
+                                            seqlens,
+                                            db,
+                                            &mut delta,
+                                            d,
+                                            AttentionMode::QK,
+                                            false,
+                                            k.options,
+                                        )
+                                        .map(|()| Vec::new())
+                                    }
+                                    CallStep::ReadOutputs => {
+                                        let mut bytes = buffer_bytes(&self.dev, db, t * 3 * d)?;
+                                        let n = attention_scratch_len(t, d);
+                                        bytes.extend(buffer_bytes(&self.dev, &delta, n)?);
+                                        Ok(bytes)
+                                    }
+                                },
                             )
                         },
                     )?;

@@ -1,6 +1,7 @@
 //! The ViT forward over a packed batch: LayerNorm, the attention (SIMT fp32 or tensor-core
 //! v2/v3/v4), the MLP, and what the backward needs saved.
 
+use super::attention_plan::{buffer_bytes, AttentionPass, CallStep};
 use super::weights::{DeviceBlock, DeviceLayerNorm, DeviceLinear, Weight};
 use super::{
     bf16_weight, AttentionSaved, Batch, BlockSaved, Forward, GpuVit, MlpPre, Normed, Precision,
@@ -308,22 +309,34 @@ impl<'m> GpuVit<'m> {
         let (t, d) = (batch.packing.total_tokens, self.model.config.width);
         let mut context = self.pool.take_bf16(t * d)?;
         let mut lse = self.alloc(attention_scratch_len(t, d))?;
-        let forward = if self.attention_v4() {
-            attention_forward_tc4
-        } else {
-            attention_forward_tc3
-        };
-        forward(
-            &self.dev,
-            qkv,
-            &batch.cu_seqlens,
-            &batch.seqlens,
-            &mut context,
-            &mut lse,
-            d,
-            AttentionMode::QK,
-            false,
-        )?;
+        let seqlens = &batch.seqlens;
+        self.run_attention(AttentionPass::Forward, seqlens, |step| match step {
+            CallStep::Run(k) => {
+                let forward = if k.v4 {
+                    attention_forward_tc4
+                } else {
+                    attention_forward_tc3
+                };
+                forward(
+                    &self.dev,
+                    qkv,
+                    &batch.cu_seqlens,
+                    seqlens,
+                    &mut context,
+                    &mut lse,
+                    d,
+                    AttentionMode::QK,
+                    false,
+                    k.options,
+                )
+                .map(|()| Vec::new())
+            }
+            CallStep::ReadOutputs => {
+                let mut bytes = buffer_bytes(&self.dev, &context, t * d)?;
+                bytes.extend(buffer_bytes(&self.dev, &lse, attention_scratch_len(t, d))?);
+                Ok(bytes)
+            }
+        })?;
         Ok((context, lse))
     }
 }

@@ -17,6 +17,7 @@
 //! `step_loop.rs` (whole attacks, captured into graphs), `staged.rs` (uploads staged ahead of
 //! a batch) and `weights.rs` (the model on the device).
 
+pub mod attention_plan;
 mod backward;
 mod forward;
 mod losses;
@@ -29,7 +30,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::kernels::attention::TensorCoreVersion;
 use super::kernels::embed::PackedImages;
 use super::kernels::loss::LossScratch;
 use super::kernels::resize::{ResizePlan, ResizeSizes};
@@ -42,6 +42,9 @@ use crate::attack::image::{Evaluation, Planar};
 use crate::attack::loss::Objective;
 use crate::model::Model;
 use crate::reference::resize::PositionEmbeddingCache;
+use attention_plan::{
+    AttentionKernels, AttentionPass, AttentionSetting, AttentionTuning, ShapeBucket,
+};
 use weights::{
     upload_block, upload_linear, upload_ln, DeviceBlock, DeviceLayerNorm, DeviceLinear, Weight,
 };
@@ -234,8 +237,13 @@ pub struct GpuVit<'m> {
     /// Activations, gradients and scratch of every step.
     pool: BufferPool,
     precision: Precision,
-    /// The tensor-core attention kernels at bf16 precision (`PRM_ATTENTION`, default v3).
-    attention_version: TensorCoreVersion,
+    /// The tensor-core attention kernels at bf16 precision (`PRM_ATTENTION`; default `auto`
+    /// on CUDA, v3 on the simulator; `attention_plan.rs`).
+    attention: AttentionSetting,
+    /// Under `auto`: the kernels chosen per pass and shape bucket.
+    attention_plans: Mutex<HashMap<(AttentionPass, ShapeBucket), AttentionKernels>>,
+    /// Under `auto`: what was timed, in order (reports).
+    attention_tuning: Mutex<Vec<AttentionTuning>>,
     /// bf16 copy of a product's left operand (bf16 precision only), grown on demand. One is
     /// enough: products run one at a time, in stream order.
     bf16_scratch: Mutex<Option<Bf16Scratch>>,
@@ -281,7 +289,9 @@ impl<'m> GpuVit<'m> {
             resize_plans: Mutex::new(HashMap::new()),
             pool: BufferPool::new(dev),
             precision,
-            attention_version: TensorCoreVersion::from_env().map_err(GpuError::Config)?,
+            attention: AttentionSetting::from_env(dev.is_sim()).map_err(GpuError::Config)?,
+            attention_plans: Mutex::new(HashMap::new()),
+            attention_tuning: Mutex::new(Vec::new()),
             bf16_scratch: Mutex::new(None),
             graphs: AtomicBool::new(graphs_by_default()),
             graph_stats: Mutex::new(GraphStats::default()),
@@ -331,26 +341,9 @@ impl<'m> GpuVit<'m> {
         self.precision
     }
 
-    /// The tensor-core attention kernels used at bf16 precision (read from `PRM_ATTENTION`
-    /// when the engine is made; [`Self::set_attention_version`] overrides it).
-    pub fn attention_version(&self) -> TensorCoreVersion {
-        self.attention_version
-    }
-
-    /// Selects the tensor-core attention kernels for bf16 precision (v2, v3 or v4; fp32
-    /// precision always uses the SIMT kernels).
-    pub fn set_attention_version(&mut self, version: TensorCoreVersion) {
-        self.attention_version = version;
-    }
-
     /// Whether attention runs the v3 or v4 kernels (bf16 q/k/v and context).
     fn attention_v3(&self) -> bool {
-        self.precision == Precision::Bf16 && self.attention_version.bf16_qkv()
-    }
-
-    /// Whether the bf16 q/k/v kernels are v4's (v3's otherwise; same results).
-    fn attention_v4(&self) -> bool {
-        self.attention_version == TensorCoreVersion::V4
+        self.precision == Precision::Bf16 && self.attention.bf16_qkv()
     }
 
     /// A pooled buffer with undefined contents (NaN under the simulator).
@@ -523,6 +516,13 @@ impl Engine for GpuVit<'_> {
 
     fn stage(&self, key: &StageKey, clean: &[Planar]) {
         self.stage_clean(key, clean)
+    }
+
+    fn kernel_choices(&self) -> Vec<String> {
+        self.attention_tuning()
+            .iter()
+            .map(AttentionTuning::summary_line)
+            .collect()
     }
 
     fn staging_counters(&self) -> StagingCounters {

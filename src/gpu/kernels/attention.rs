@@ -10,12 +10,15 @@
 //!   cores, fp32 buffers rounded to bf16 while loading;
 //! - v3, [`attention_forward_tc3`] / [`attention_backward_tc3`] (`attention_tc3.cu`): tensor
 //!   cores with bf16 `qkv`, context and `d_qkv` buffers, `cp.async` double-buffered tiles and
-//!   `ldmatrix` fragments; the bf16 engine's default ([`TensorCoreVersion`], `PRM_ATTENTION`);
+//!   `ldmatrix` fragments;
 //! - v4, [`attention_forward_tc4`] / [`attention_backward_tc4_bf16_dout`] (`attention_tc4.cu`):
 //!   v3's arithmetic in v3's order (bit-identical outputs) with a whole head's keys and values
 //!   (or queries and output gradients) resident in shared memory, for sequences up to
-//!   [`TC4_MAX_TOKENS`] tokens (v3 beyond); `PRM_ATTENTION=v4`. Not yet the default: it has
-//!   run only on the simulator, and no GPU has timed it against v3.
+//!   [`TC4_MAX_TOKENS`] tokens (v3 beyond). It has run only on the simulator so far.
+//!
+//! v3 and v4 take [`TcOptions`]: choices of how they run that give the same bits. Which
+//! version and options the bf16 engine runs is its business (`gpu::engine::attention_plan`:
+//! `PRM_ATTENTION`, by default timed on the device per shape).
 //!
 //! Layouts (row-major; `N = Σ T_i` tokens, `D = width`, `heads = D / 64`, head dim 64):
 //! - `qkv [N, 3D]`: q | k | v along features, head `h` in columns `h·64 .. h·64 + 64` of each part;
@@ -146,24 +149,24 @@ fn check_forward<Q: Element, O: Element>(
 }
 
 /// How a kernel's CTAs cover the work: one per (`tile` rows, head, sequence) (v1–v3), or
-/// [`tc4_split`] per (head, sequence) (v4).
+/// `split` per (head, sequence) (v4, [`TcOptions::split`]).
 #[derive(Clone, Copy)]
 enum Grid {
     Tiles(usize),
-    Resident,
+    Resident { split: u32 },
 }
 
 impl Grid {
     fn shape(self, seqlens_host: &[usize], heads: usize) -> (u32, u32, u32) {
         match self {
             Grid::Tiles(tile) => grid(seqlens_host, heads, tile),
-            Grid::Resident => tc4_grid(seqlens_host, heads),
+            Grid::Resident { split } => tc4_grid(seqlens_host, heads, split),
         }
     }
 }
 
 /// Checks and launches a forward kernel (SIMT or tensor-core: same parameter list, and v3 / v4
-/// take `straight` after it: `STRAIGHT_TILES`) on `cover`'s grid.
+/// take `straight` after it: [`TcOptions::straight_tiles`]) on `cover`'s grid.
 #[allow(clippy::too_many_arguments)]
 fn launch_forward<Q: Element, O: Element>(
     dev: &Device,
@@ -561,7 +564,7 @@ const TC3_DKDV_DQ: [(&str, u32); 2] = [
 /// v3's dQ kernel that forms delta itself (and writes it for dK/dV, launched after it).
 const TC3_DQ_DELTA: (&str, u32) = ("prm_attention_bwd_dq_delta_tc3", TC3_DQ_SMEM);
 
-/// Which tensor-core kernel version the engine runs at `--precision bf16`.
+/// A version of the tensor-core kernels (the engine's `PRM_ATTENTION` names one, or `auto`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum TensorCoreVersion {
     /// `kernels/attention_tc.cu`: fp32 q/k/v converted while loading, one load stage.
@@ -570,31 +573,11 @@ pub enum TensorCoreVersion {
     #[default]
     V3,
     /// `kernels/attention_tc4.cu`: v3's arithmetic with a whole head resident in shared memory
-    /// (sequences up to [`TC4_MAX_TOKENS`]; v3 beyond). Bit-identical to v3; opt-in until a GPU
-    /// has timed it.
+    /// (sequences up to [`TC4_MAX_TOKENS`]; v3 beyond). Bit-identical to v3.
     V4,
 }
 
 impl TensorCoreVersion {
-    /// The version named by the environment variable `PRM_ATTENTION` (`v2`, `v3` or `v4`;
-    /// unset means v3). An unknown value is an error that says which values are allowed.
-    pub fn from_env() -> Result<Self, String> {
-        Self::parse(std::env::var("PRM_ATTENTION").ok().as_deref())
-    }
-
-    /// [`Self::from_env`] for a given value of `PRM_ATTENTION` (`None`: unset).
-    pub fn parse(value: Option<&str>) -> Result<Self, String> {
-        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-            None | Some("") | Some("v3") => Ok(Self::V3),
-            Some("v4") => Ok(Self::V4),
-            Some("v2") => Ok(Self::V2),
-            Some(other) => Err(format!(
-                "PRM_ATTENTION={other:?} is not a tensor-core attention version; use v2, v3 or \
-                 v4 (or unset it for v3)"
-            )),
-        }
-    }
-
     /// Whether this version takes bf16 q/k/v and writes a bf16 context (v3 and v4).
     pub fn bf16_qkv(self) -> bool {
         matches!(self, Self::V3 | Self::V4)
@@ -628,6 +611,7 @@ pub fn attention_forward_tc3(
     width: usize,
     mode: AttentionMode,
     causal: bool,
+    options: TcOptions,
 ) -> Result<(), GpuError> {
     assert!(
         tensor_core_v3_supports(mode, false),
@@ -646,7 +630,7 @@ pub fn attention_forward_tc3(
         width,
         mode,
         causal,
-        Some(STRAIGHT_TILES.on()),
+        Some(options.straight_tiles),
     )
 }
 
@@ -675,6 +659,7 @@ pub fn attention_backward_tc3(
     width: usize,
     mode: AttentionMode,
     causal: bool,
+    options: TcOptions,
 ) -> Result<(), GpuError> {
     assert!(
         tensor_core_v3_supports(mode, true),
@@ -722,6 +707,7 @@ pub fn attention_backward_tc3(
         d_qkv,
         (total, width),
         causal,
+        options.straight_tiles,
     )
 }
 
@@ -729,8 +715,8 @@ pub fn attention_backward_tc3(
 /// out-projection's input-gradient product writes it in bf16, as PyTorch autocast does).
 /// `delta` is formed from the bf16 `d_out`; on a `d_out` whose values are bf16-exact the
 /// results are bit-identical to [`attention_backward_tc3`]'s. Two launches: dQ, which forms
-/// delta for its own rows and writes it, then dK/dV (with [`set_delta_in_dq`]`(false)` or
-/// `PRM_ATTENTION_DELTA_IN_DQ=0`: the delta kernel first, then dK/dV and dQ; same bits).
+/// delta for its own rows and writes it, then dK/dV (with [`TcOptions::delta_in_dq`] off: the
+/// delta kernel first, then dK/dV and dQ; same bits).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_tc3_bf16_dout(
     dev: &Device,
@@ -745,12 +731,13 @@ pub fn attention_backward_tc3_bf16_dout(
     width: usize,
     mode: AttentionMode,
     causal: bool,
+    options: TcOptions,
 ) -> Result<(), GpuError> {
     bf16_dout_backward(
         dev,
         "v3",
         TC3_DKDV_DQ,
-        DELTA_IN_DQ.on().then_some(TC3_DQ_DELTA),
+        options.delta_in_dq.then_some(TC3_DQ_DELTA),
         Grid::Tiles(TC_TILE),
         (qkv, out, d_out, lse, cu_seqlens, seqlens_host),
         d_qkv,
@@ -758,6 +745,7 @@ pub fn attention_backward_tc3_bf16_dout(
         width,
         mode,
         causal,
+        options.straight_tiles,
     )
 }
 
@@ -774,6 +762,7 @@ fn tc3_dkdv_dq(
     d_qkv: &mut Buffer<bf16>,
     (total, width): (usize, usize),
     causal: bool,
+    straight: bool,
 ) -> Result<(), GpuError> {
     launch_dkdv_dq(
         dev,
@@ -787,6 +776,7 @@ fn tc3_dkdv_dq(
         d_qkv,
         (total, width),
         causal,
+        straight,
     )
 }
 
@@ -805,10 +795,21 @@ fn launch_dkdv_dq(
     d_qkv: &mut Buffer<bf16>,
     (total, width): (usize, usize),
     causal: bool,
+    straight: bool,
 ) -> Result<(), GpuError> {
     for &kernel in kernels {
         let ops = (qkv, d_out, lse, delta, cu_seqlens);
-        launch_backward_kernel(dev, kernel, grid, ops, d_qkv, (total, width), causal, None)?;
+        let shape = (total, width);
+        launch_backward_kernel(
+            dev,
+            kernel,
+            grid,
+            ops,
+            d_qkv,
+            shape,
+            (causal, straight),
+            None,
+        )?;
     }
     Ok(())
 }
@@ -830,7 +831,7 @@ fn launch_backward_kernel(
     ),
     d_qkv: &mut Buffer<bf16>,
     (total, width): (usize, usize),
-    causal: bool,
+    (causal, straight): (bool, bool),
     context: Option<&Buffer<bf16>>,
 ) -> Result<(), GpuError> {
     let cfg = LaunchConfig {
@@ -848,7 +849,7 @@ fn launch_backward_kernel(
         .i32(width as i32)
         .i32(total as i32)
         .i32(causal as i32)
-        .i32(STRAIGHT_TILES.on() as i32);
+        .i32(straight as i32);
     if let Some(out) = context {
         args.input(out);
     }
@@ -880,95 +881,65 @@ fn tc4_smem(seqlens_host: &[usize]) -> Option<(u32, u32)> {
     Some((resident as u32, dkdv as u32))
 }
 
-/// A process-wide on/off knob of the attention kernels that gives the same results either way:
-/// the value a setter gave, else its environment variable (`0` turns it off; read once), else
-/// on.
-struct Switch {
-    /// 0 not set, 1 off, 2 on.
-    set: std::sync::atomic::AtomicU8,
-    from_env: std::sync::OnceLock<bool>,
-    variable: &'static str,
+/// Choices of the v3 and v4 kernels that give the same results, bit for bit: how they run,
+/// not what they compute. The defaults are the v3 settings timed at fba7e63 and after; the
+/// engine can pick them per shape by timing (`PRM_ATTENTION=auto`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TcOptions {
+    /// Whole tiles with nothing masked run as straight-line code (default), or through the
+    /// masked tile's code (`PRM_ATTENTION_STRAIGHT=0`).
+    pub straight_tiles: bool,
+    /// v3's bf16-dO backward forms delta inside its dQ kernel, then runs dK/dV (default: two
+    /// launches), or runs the delta kernel first (three; `PRM_ATTENTION_DELTA_IN_DQ=0`).
+    pub delta_in_dq: bool,
+    /// CTAs per (head, sequence) of the v4 kernels, 1 to 4 (clamped; `PRM_ATTENTION_SPLIT`).
+    /// CTA `x` of `split` takes the 16-row blocks `4·x + warp + 4·split·j`.
+    pub split: u32,
 }
 
-impl Switch {
-    const fn new(variable: &'static str) -> Self {
-        Switch {
-            set: std::sync::atomic::AtomicU8::new(0),
-            from_env: std::sync::OnceLock::new(),
-            variable,
-        }
-    }
-
-    fn set(&self, on: bool) {
-        let value = if on { 2 } else { 1 };
-        self.set.store(value, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn on(&self) -> bool {
-        match self.set.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => *self
-                .from_env
-                .get_or_init(|| std::env::var(self.variable).map_or(true, |v| v.trim() != "0")),
-            value => value == 2,
-        }
+impl Default for TcOptions {
+    fn default() -> Self {
+        Self::DEFAULT
     }
 }
 
-/// Whole tiles with nothing masked as straight-line code ([`set_straight_tiles`]).
-static STRAIGHT_TILES: Switch = Switch::new("PRM_ATTENTION_STRAIGHT");
-/// v3's bf16-dO backward forms delta inside dQ ([`set_delta_in_dq`]).
-static DELTA_IN_DQ: Switch = Switch::new("PRM_ATTENTION_DELTA_IN_DQ");
+impl TcOptions {
+    /// Straight tiles, delta inside dQ, one CTA a head.
+    pub const DEFAULT: TcOptions = TcOptions {
+        straight_tiles: true,
+        delta_in_dq: true,
+        split: 1,
+    };
 
-/// Whether the v3 and v4 kernels run a whole tile with nothing masked as straight-line code (the
-/// default) or through the masked tile's code, for this process, overriding
-/// `PRM_ATTENTION_STRAIGHT`. A tuning and testing knob: both give the same results, bit for bit.
-pub fn set_straight_tiles(on: bool) {
-    STRAIGHT_TILES.set(on);
-}
+    /// The defaults, changed by the environment: `PRM_ATTENTION_STRAIGHT=0`,
+    /// `PRM_ATTENTION_DELTA_IN_DQ=0`, `PRM_ATTENTION_SPLIT=1..4` (other values are ignored).
+    pub fn from_env() -> Self {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
 
-/// Whether v3's bf16-dO backward forms delta inside its dQ kernel (the default: dQ, then
-/// dK/dV, two launches) or runs the delta kernel first (three launches), for this process,
-/// overriding `PRM_ATTENTION_DELTA_IN_DQ`. A tuning and testing knob: the same bits either way.
-pub fn set_delta_in_dq(on: bool) {
-    DELTA_IN_DQ.set(on);
-}
-
-/// [`set_tc4_split`]'s value; 0: not set.
-static TC4_SPLIT_OVERRIDE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
-/// Sets the number of CTAs per (head, sequence) of the v4 kernels for this process (1 to 4,
-/// clamped), overriding `PRM_ATTENTION_SPLIT`. A tuning knob: every split gives the same
-/// results, bit for bit.
-pub fn set_tc4_split(split: u32) {
-    TC4_SPLIT_OVERRIDE.store(split.clamp(1, 4), std::sync::atomic::Ordering::Relaxed);
-}
-
-/// CTAs per (head, sequence) of the v4 kernels: [`set_tc4_split`]'s value, else
-/// `PRM_ATTENTION_SPLIT` (1 to 4; read once), else 1. CTA `x` of `split` takes the 16-row
-/// blocks `4·x + warp + 4·split·j`.
-fn tc4_split() -> u32 {
-    static FROM_ENV: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    match TC4_SPLIT_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => *FROM_ENV.get_or_init(|| {
-            std::env::var("PRM_ATTENTION_SPLIT")
-                .ok()
+    /// [`Self::from_env`] with the variables read through `var`.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        let on = |name: &str| var(name).is_none_or(|v| v.trim() != "0");
+        TcOptions {
+            straight_tiles: on("PRM_ATTENTION_STRAIGHT"),
+            delta_in_dq: on("PRM_ATTENTION_DELTA_IN_DQ"),
+            split: var("PRM_ATTENTION_SPLIT")
                 .and_then(|v| v.trim().parse::<u32>().ok())
                 .filter(|v| (1..=4).contains(v))
-                .unwrap_or(1)
-        }),
-        split => split,
+                .unwrap_or(1),
+        }
     }
 }
 
-fn tc4_grid(seqlens_host: &[usize], heads: usize) -> (u32, u32, u32) {
+fn tc4_grid(seqlens_host: &[usize], heads: usize, split: u32) -> (u32, u32, u32) {
     let max_blocks = seqlens_host.iter().copied().max().unwrap_or(0).div_ceil(16);
     // No more CTAs than there are 4-block groups: the extra ones would exit at once.
-    let split = tc4_split().min(max_blocks.div_ceil(4).max(1) as u32);
+    let split = split.clamp(1, 4).min(max_blocks.div_ceil(4).max(1) as u32);
     (split, heads as u32, seqlens_host.len() as u32)
 }
 
 /// Forward attention v4: [`attention_forward_tc3`]'s contract and bit-identical results. Each
-/// CTA (128 threads; [`set_tc4_split`] CTAs per head, default one) loads a head's keys and
+/// CTA (128 threads; [`TcOptions::split`] CTAs per head, default one) loads a head's keys and
 /// values into shared memory once and its 4 warps take the head's 16-query blocks in turn.
 /// Sequences longer than [`TC4_MAX_TOKENS`] run v3's kernel.
 ///
@@ -984,6 +955,7 @@ pub fn attention_forward_tc4(
     width: usize,
     mode: AttentionMode,
     causal: bool,
+    options: TcOptions,
 ) -> Result<(), GpuError> {
     let Some((smem, _)) = tc4_smem(seqlens_host) else {
         return attention_forward_tc3(
@@ -996,6 +968,7 @@ pub fn attention_forward_tc4(
             width,
             mode,
             causal,
+            options,
         );
     };
     assert!(
@@ -1005,7 +978,9 @@ pub fn attention_forward_tc4(
     launch_forward(
         dev,
         "prm_attention_forward_tc4",
-        Grid::Resident,
+        Grid::Resident {
+            split: options.split,
+        },
         smem,
         qkv,
         cu_seqlens,
@@ -1015,7 +990,7 @@ pub fn attention_forward_tc4(
         width,
         mode,
         causal,
-        Some(STRAIGHT_TILES.on()),
+        Some(options.straight_tiles),
     )
 }
 
@@ -1040,6 +1015,7 @@ pub fn attention_backward_tc4_bf16_dout(
     width: usize,
     mode: AttentionMode,
     causal: bool,
+    options: TcOptions,
 ) -> Result<(), GpuError> {
     let Some((smem_dq, smem_dkdv)) = tc4_smem(seqlens_host) else {
         return attention_backward_tc3_bf16_dout(
@@ -1055,6 +1031,7 @@ pub fn attention_backward_tc4_bf16_dout(
             width,
             mode,
             causal,
+            options,
         );
     };
     bf16_dout_backward(
@@ -1065,13 +1042,16 @@ pub fn attention_backward_tc4_bf16_dout(
             ("prm_attention_bwd_dq_tc4", smem_dq),
         ],
         None,
-        Grid::Resident,
+        Grid::Resident {
+            split: options.split,
+        },
         (qkv, out, d_out, lse, cu_seqlens, seqlens_host),
         d_qkv,
         delta,
         width,
         mode,
         causal,
+        options.straight_tiles,
     )
 }
 
@@ -1098,6 +1078,7 @@ fn bf16_dout_backward(
     width: usize,
     mode: AttentionMode,
     causal: bool,
+    straight: bool,
 ) -> Result<(), GpuError> {
     assert!(
         tensor_core_v3_supports(mode, true),
@@ -1122,7 +1103,8 @@ fn bf16_dout_backward(
     let after_delta: &[(&str, u32)] = match dq_delta {
         Some(dq) => {
             let ops = (qkv, d_out, lse, &*delta, cu_seqlens);
-            launch_backward_kernel(dev, dq, grid, ops, d_qkv, (total, width), causal, Some(out))?;
+            let (shape, flags) = ((total, width), (causal, straight));
+            launch_backward_kernel(dev, dq, grid, ops, d_qkv, shape, flags, Some(out))?;
             std::slice::from_ref(&dkdv)
         }
         None => {
@@ -1143,36 +1125,6 @@ fn bf16_dout_backward(
         d_qkv,
         (total, width),
         causal,
+        straight,
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::TensorCoreVersion;
-
-    #[test]
-    fn attention_version_from_its_variable() {
-        assert_eq!(TensorCoreVersion::parse(None), Ok(TensorCoreVersion::V3));
-        assert_eq!(
-            TensorCoreVersion::parse(Some("")),
-            Ok(TensorCoreVersion::V3)
-        );
-        assert_eq!(
-            TensorCoreVersion::parse(Some("v4")),
-            Ok(TensorCoreVersion::V4)
-        );
-        assert_eq!(
-            TensorCoreVersion::parse(Some(" V2 ")),
-            Ok(TensorCoreVersion::V2)
-        );
-        assert_eq!(
-            TensorCoreVersion::parse(Some("v3")),
-            Ok(TensorCoreVersion::V3)
-        );
-        let e = TensorCoreVersion::parse(Some("v9")).unwrap_err();
-        assert!(
-            e.contains("PRM_ATTENTION") && e.contains("v2, v3 or v4"),
-            "{e}"
-        );
-    }
 }

@@ -1,0 +1,577 @@
+//! Which tensor-core attention kernels a bf16 engine runs (`PRM_ATTENTION`), and under `auto`
+//! (the default on CUDA) picking them per shape by timing them on the device.
+//!
+//! v3 and v4, with any [`TcOptions`], compute the same bits (tests/kernel_attention.rs
+//! `v4_is_v3_bit_for_bit`, tests/schedules.rs). Which runs fastest depends on the GPU and on
+//! the sequence lengths: v4 keeps a whole head in shared memory, which pays or not with the
+//! SM count, the shared memory per SM and the number of heads a batch has. So under `auto`,
+//! the first time the engine meets a [`ShapeBucket`] outside a graph capture, it runs every
+//! candidate on that call's own inputs and outputs:
+//! 1. v3 with the default options first: the reference;
+//! 2. each other candidate once, its outputs compared bit for bit with the reference's (a
+//!    candidate that differs, or fails to launch, is dropped with a warning: a bug to report);
+//! 3. [`TUNING_ROUNDS`] rounds of [`TUNING_REPEATS`] timed calls of each, keeping its fastest
+//!    round's mean;
+//! 4. the fastest, run once more, so the call's outputs are its own.
+//!
+//! The forward and the backward are tuned separately (they share only their layouts). The
+//! choice holds for the engine's lifetime; [`GpuVit::attention_tuning`] reports what was
+//! timed. On the simulator the timings mean nothing, so `auto` there (tests only) times one
+//! call of each.
+
+use std::fmt;
+
+use super::GpuVit;
+use crate::gpu::kernels::attention::{TcOptions, TensorCoreVersion, TC4_MAX_TOKENS};
+use crate::gpu::{Device, GpuError};
+
+/// Timed rounds per candidate (the fastest counts: a round can catch a clock ramp or another
+/// process's work).
+pub const TUNING_ROUNDS: usize = 2;
+/// Calls timed together per round.
+pub const TUNING_REPEATS: usize = 3;
+
+/// What `PRM_ATTENTION` asks of a bf16 engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionSetting {
+    /// One version for every call, with the options given (`PRM_ATTENTION=v2|v3|v4`, and
+    /// `PRM_ATTENTION_STRAIGHT`, `PRM_ATTENTION_DELTA_IN_DQ`, `PRM_ATTENTION_SPLIT`).
+    Fixed(TensorCoreVersion, TcOptions),
+    /// v3 or v4 and their options, timed per shape bucket (`PRM_ATTENTION=auto`; the default
+    /// on CUDA).
+    Auto,
+}
+
+impl AttentionSetting {
+    /// The setting the environment asks for: `PRM_ATTENTION` (`v2`, `v3`, `v4` or `auto`;
+    /// unset: `auto` on CUDA, `v3` on the simulator, where timings mean nothing) and the
+    /// option variables of [`TcOptions::from_env`]. An unknown value is an error that says
+    /// which values are allowed.
+    pub fn from_env(on_sim: bool) -> Result<Self, String> {
+        let value = std::env::var("PRM_ATTENTION").ok();
+        Self::parse(value.as_deref(), TcOptions::from_env(), on_sim)
+    }
+
+    /// [`Self::from_env`] for a given value of `PRM_ATTENTION` (`None`: unset).
+    pub fn parse(value: Option<&str>, options: TcOptions, on_sim: bool) -> Result<Self, String> {
+        let fixed = |version| Ok(AttentionSetting::Fixed(version, options));
+        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("") if on_sim => fixed(TensorCoreVersion::V3),
+            None | Some("") | Some("auto") => Ok(AttentionSetting::Auto),
+            Some("v2") => fixed(TensorCoreVersion::V2),
+            Some("v3") => fixed(TensorCoreVersion::V3),
+            Some("v4") => fixed(TensorCoreVersion::V4),
+            Some(other) => Err(format!(
+                "PRM_ATTENTION={other:?} is not an attention setting; use auto (time v3 and v4 \
+                 on the device and keep the faster, the default), v2, v3 or v4"
+            )),
+        }
+    }
+
+    /// Whether calls read bf16 q/k/v and write a bf16 context (v3 and v4, and so `auto`).
+    pub fn bf16_qkv(self) -> bool {
+        match self {
+            AttentionSetting::Fixed(version, _) => version.bf16_qkv(),
+            AttentionSetting::Auto => true,
+        }
+    }
+}
+
+impl fmt::Display for AttentionSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttentionSetting::Fixed(TensorCoreVersion::V2, _) => write!(f, "v2"),
+            AttentionSetting::Fixed(TensorCoreVersion::V3, o) => {
+                write!(
+                    f,
+                    "{}",
+                    AttentionKernels {
+                        v4: false,
+                        options: *o
+                    }
+                )
+            }
+            AttentionSetting::Fixed(TensorCoreVersion::V4, o) => {
+                write!(
+                    f,
+                    "{}",
+                    AttentionKernels {
+                        v4: true,
+                        options: *o
+                    }
+                )
+            }
+            AttentionSetting::Auto => write!(f, "auto"),
+        }
+    }
+}
+
+/// The bf16 q/k/v kernels one call runs: v3's or v4's (v4 runs v3's past
+/// [`TC4_MAX_TOKENS`]), with their options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AttentionKernels {
+    pub v4: bool,
+    pub options: TcOptions,
+}
+
+impl AttentionKernels {
+    /// v3 with the default options: the reference every tuned candidate must match.
+    pub const REFERENCE: AttentionKernels = AttentionKernels {
+        v4: false,
+        options: TcOptions::DEFAULT,
+    };
+}
+
+/// Names the way `PRM_ATTENTION` and the option variables would: `v3`, `v3 delta-kernel`,
+/// `v4 split 2 masked-tiles`. Only what the version reads is named (v3 has no split, v4
+/// forms delta with the delta kernel).
+impl fmt::Display for AttentionKernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = self.options;
+        if self.v4 {
+            write!(f, "v4 split {}", o.split)?;
+        } else {
+            write!(f, "v3")?;
+            if !o.delta_in_dq {
+                write!(f, " delta-kernel")?;
+            }
+        }
+        if !o.straight_tiles {
+            write!(f, " masked-tiles")?;
+        }
+        Ok(())
+    }
+}
+
+/// The attention passes, tuned separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttentionPass {
+    Forward,
+    Backward,
+}
+
+impl AttentionPass {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionPass::Forward => "forward",
+            AttentionPass::Backward => "backward",
+        }
+    }
+}
+
+/// Batches whose choice is shared: the number of sequences and the longest sequence, each
+/// rounded up to a power of two. A fixed-shape attack has one bucket; an attack under dynamic
+/// scale (a new length every step) a few, so it does not tune every step. v4's limit,
+/// [`TC4_MAX_TOKENS`] = 256, is a bucket edge: a bucket is all v4-eligible or none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ShapeBucket {
+    /// Sequences in the batch, rounded up to a power of two.
+    pub sequences: usize,
+    /// The longest sequence's tokens, rounded up to a power of two.
+    pub tokens: usize,
+}
+
+impl ShapeBucket {
+    pub fn of(seqlens: &[usize]) -> Self {
+        let longest = seqlens.iter().copied().max().unwrap_or(0);
+        ShapeBucket {
+            sequences: seqlens.len().max(1).next_power_of_two(),
+            tokens: longest.max(1).next_power_of_two(),
+        }
+    }
+}
+
+/// The candidates `auto` times for `pass` on a bucket, the reference first: v3 with each
+/// option off in turn, then v4 with one and two CTAs a head where it applies.
+pub fn candidates(pass: AttentionPass, bucket: ShapeBucket) -> Vec<AttentionKernels> {
+    let reference = AttentionKernels::REFERENCE;
+    let with = |v4, change: fn(&mut TcOptions)| {
+        let mut options = reference.options;
+        change(&mut options);
+        AttentionKernels { v4, options }
+    };
+    let mut list = vec![reference, with(false, |o| o.straight_tiles = false)];
+    if pass == AttentionPass::Backward {
+        list.push(with(false, |o| o.delta_in_dq = false));
+    }
+    if bucket.tokens <= TC4_MAX_TOKENS {
+        list.push(with(true, |_| {}));
+        list.push(with(true, |o| o.split = 2));
+    }
+    list
+}
+
+/// What `auto` timed for one pass and bucket.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionTuning {
+    pub pass: AttentionPass,
+    pub bucket: ShapeBucket,
+    /// The batch that was timed: its sequences and longest sequence.
+    pub timed_on: (usize, usize),
+    /// Each candidate and its time per call in microseconds (`None`: dropped, see `dropped`).
+    pub candidates: Vec<(AttentionKernels, Option<f64>)>,
+    /// Why candidates were dropped (different bits, or a failed launch).
+    pub dropped: Vec<String>,
+    pub chosen: AttentionKernels,
+}
+
+impl AttentionTuning {
+    /// One line: the pass, the batch timed, the choice, and how long the reference (v3) and
+    /// the choice took a call.
+    pub fn summary_line(&self) -> String {
+        let us = |k: AttentionKernels| {
+            self.candidates
+                .iter()
+                .find(|(c, _)| *c == k)
+                .and_then(|(_, us)| *us)
+                .map_or_else(|| "-".into(), |us| format!("{us:.1}"))
+        };
+        let mut line = format!(
+            "attention {} on {} sequence(s) of up to {} tokens: {} ({} µs a call; v3 {} µs)",
+            self.pass.name(),
+            self.timed_on.0,
+            self.timed_on.1,
+            self.chosen,
+            us(self.chosen),
+            us(AttentionKernels::REFERENCE),
+        );
+        if !self.dropped.is_empty() {
+            line += &format!("; dropped: {}", self.dropped.join("; "));
+        }
+        line
+    }
+
+    /// One JSON object: pass, bucket, the timed batch, every candidate's microseconds per call
+    /// (null when dropped), the reasons for dropping, and the choice.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "pass": self.pass.name(),
+            "bucket": {"sequences": self.bucket.sequences, "tokens": self.bucket.tokens},
+            "timed_on": {"sequences": self.timed_on.0, "longest": self.timed_on.1},
+            "candidates": self.candidates.iter().map(|(k, us)| serde_json::json!({
+                "kernels": k.to_string(),
+                "us_per_call": us,
+            })).collect::<Vec<_>>(),
+            "dropped": self.dropped,
+            "chosen": self.chosen.to_string(),
+        })
+    }
+}
+
+/// Prints a dropped candidate's reason on stderr, once per process and reason: a kernel that
+/// disagrees with v3 on this device is a bug, and the user should hear of it even though the
+/// run goes on with the other kernels.
+fn warn_dropped(reason: &str) {
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+    if !said.iter().any(|r| r == reason) {
+        eprintln!(
+            "prm: attention tuning dropped {reason}; the run continues with the other kernels \
+             (please report this with `prm info` output)"
+        );
+        said.push(reason.to_string());
+    }
+}
+
+/// What the tuner asks of one attention call (one closure does both, as both need the call's
+/// outputs).
+#[derive(Clone, Copy, Debug)]
+pub enum CallStep {
+    /// Issue the call with these kernels into its outputs (answer with no bytes).
+    Run(AttentionKernels),
+    /// Download the call's outputs, as bytes.
+    ReadOutputs,
+}
+
+/// Runs the tuning of one call (see the module docs) through `call`. Returns the record; the
+/// call's outputs hold the chosen kernels' results.
+pub fn tune(
+    dev: &Device,
+    pass: AttentionPass,
+    seqlens: &[usize],
+    mut call: impl FnMut(CallStep) -> Result<Vec<u8>, GpuError>,
+) -> Result<AttentionTuning, GpuError> {
+    let bucket = ShapeBucket::of(seqlens);
+    let list = candidates(pass, bucket);
+    let (rounds, repeats) = if dev.is_sim() {
+        (1, 1)
+    } else {
+        (TUNING_ROUNDS, TUNING_REPEATS)
+    };
+    call(CallStep::Run(AttentionKernels::REFERENCE))?;
+    let reference = call(CallStep::ReadOutputs)?;
+    let mut alive = vec![true; list.len()];
+    let mut dropped = Vec::new();
+    for (i, &kernels) in list.iter().enumerate().skip(1) {
+        let why = match call(CallStep::Run(kernels)) {
+            Err(e) => Some(format!("{} kernels {kernels}: {e}", pass.name())),
+            Ok(_) if call(CallStep::ReadOutputs)? != reference => Some(format!(
+                "{} kernels {kernels}: their results differ from v3's on {}",
+                pass.name(),
+                dev.name()
+            )),
+            Ok(_) => None,
+        };
+        if let Some(why) = why {
+            warn_dropped(&why);
+            dropped.push(why);
+            alive[i] = false;
+        }
+    }
+    let mut best = vec![f64::INFINITY; list.len()];
+    for _ in 0..rounds {
+        for (i, &kernels) in list.iter().enumerate() {
+            if !alive[i] {
+                continue;
+            }
+            let us = dev.time_device_work(|| {
+                (0..repeats).try_for_each(|_| call(CallStep::Run(kernels)).map(drop))
+            })?;
+            best[i] = best[i].min(us / repeats as f64);
+        }
+    }
+    // The reference is always alive; ties keep the earlier (the reference first).
+    let chosen_index =
+        (0..list.len())
+            .filter(|&i| alive[i])
+            .fold(0, |b, i| if best[i] < best[b] { i } else { b });
+    let chosen = list[chosen_index];
+    call(CallStep::Run(chosen))?;
+    Ok(AttentionTuning {
+        pass,
+        bucket,
+        timed_on: (seqlens.len(), seqlens.iter().copied().max().unwrap_or(0)),
+        candidates: list
+            .iter()
+            .zip(alive.iter().zip(&best))
+            .map(|(&k, (&a, &us))| (k, a.then_some(us)))
+            .collect(),
+        dropped,
+        chosen,
+    })
+}
+
+impl GpuVit<'_> {
+    /// The kernels for one attention call of `pass` on `seqlens`, and whether the caller must
+    /// tune them first (`auto`, a bucket not yet tuned, and not inside a capture: a capture
+    /// cannot time, and runs the reference kernels).
+    pub(super) fn attention_kernels(
+        &self,
+        pass: AttentionPass,
+        seqlens: &[usize],
+    ) -> (AttentionKernels, bool) {
+        match self.attention {
+            AttentionSetting::Fixed(version, options) => (
+                AttentionKernels {
+                    v4: version == TensorCoreVersion::V4,
+                    options,
+                },
+                false,
+            ),
+            AttentionSetting::Auto => {
+                let key = (pass, ShapeBucket::of(seqlens));
+                let plans = self
+                    .attention_plans
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                match plans.get(&key) {
+                    Some(&kernels) => (kernels, false),
+                    None => (AttentionKernels::REFERENCE, !self.dev.is_capturing()),
+                }
+            }
+        }
+    }
+
+    /// Runs one attention call of `pass` through `call`: with the bucket's kernels, or, when
+    /// they are still to be chosen, by [`tune`] (which leaves the chosen kernels' results in
+    /// the outputs).
+    pub(super) fn run_attention(
+        &self,
+        pass: AttentionPass,
+        seqlens: &[usize],
+        mut call: impl FnMut(CallStep) -> Result<Vec<u8>, GpuError>,
+    ) -> Result<(), GpuError> {
+        let (kernels, must_tune) = self.attention_kernels(pass, seqlens);
+        if !must_tune {
+            return call(CallStep::Run(kernels)).map(drop);
+        }
+        let tuning = tune(&self.dev, pass, seqlens, call)?;
+        self.attention_plans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((pass, tuning.bucket), tuning.chosen);
+        self.attention_tuning
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tuning);
+        Ok(())
+    }
+
+    /// The tensor-core attention setting (from the environment when the engine was made;
+    /// [`Self::set_attention`] overrides it).
+    pub fn attention_setting(&self) -> AttentionSetting {
+        self.attention
+    }
+
+    /// Sets the attention kernels of bf16 precision (fp32 precision always runs the SIMT
+    /// kernels), and forgets what `auto` had chosen.
+    pub fn set_attention(&mut self, setting: AttentionSetting) {
+        self.attention = setting;
+        self.attention_plans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// What `auto` timed and chose so far, in order.
+    pub fn attention_tuning(&self) -> Vec<AttentionTuning> {
+        self.attention_tuning
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The bytes of `len` elements of a device buffer (the tuner's comparisons).
+pub(super) fn buffer_bytes<T: crate::gpu::Element>(
+    dev: &Device,
+    buffer: &crate::gpu::Buffer<T>,
+    len: usize,
+) -> Result<Vec<u8>, GpuError> {
+    let values = dev.download_range(buffer, 0, len)?;
+    Ok(bytemuck::cast_slice(&values).to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setting_from_its_variable() {
+        let o = TcOptions::default();
+        let parse = |v, sim| AttentionSetting::parse(v, o, sim);
+        assert_eq!(parse(None, false), Ok(AttentionSetting::Auto));
+        assert_eq!(
+            parse(None, true),
+            Ok(AttentionSetting::Fixed(TensorCoreVersion::V3, o))
+        );
+        assert_eq!(parse(Some(" Auto "), true), Ok(AttentionSetting::Auto));
+        assert_eq!(
+            parse(Some("v4"), false),
+            Ok(AttentionSetting::Fixed(TensorCoreVersion::V4, o))
+        );
+        assert_eq!(
+            parse(Some(" V2 "), false),
+            Ok(AttentionSetting::Fixed(TensorCoreVersion::V2, o))
+        );
+        let e = parse(Some("v9"), false).unwrap_err();
+        assert!(e.contains("PRM_ATTENTION") && e.contains("auto"), "{e}");
+    }
+
+    #[test]
+    fn options_from_their_variables() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(TcOptions::from_vars(vars(&[])), TcOptions::default());
+        let o = TcOptions::from_vars(vars(&[
+            ("PRM_ATTENTION_STRAIGHT", "0"),
+            ("PRM_ATTENTION_DELTA_IN_DQ", " 0"),
+            ("PRM_ATTENTION_SPLIT", "3"),
+        ]));
+        assert_eq!(
+            o,
+            TcOptions {
+                straight_tiles: false,
+                delta_in_dq: false,
+                split: 3
+            }
+        );
+        let ignored = TcOptions::from_vars(vars(&[("PRM_ATTENTION_SPLIT", "9")]));
+        assert_eq!(ignored.split, 1);
+    }
+
+    /// The tuner on a stand-in call: a candidate whose bytes differ from the reference's and
+    /// one that fails are dropped (with their reasons), the rest are timed, and the last call
+    /// runs the chosen kernels.
+    #[test]
+    fn tuning_drops_candidates_that_differ_or_fail() {
+        let dev = Device::sim();
+        let seqlens = [197, 50];
+        let list = candidates(AttentionPass::Backward, ShapeBucket::of(&seqlens));
+        let (differs, fails) = (list[1], list[4]);
+        let mut last = None;
+        let tuning = tune(&dev, AttentionPass::Backward, &seqlens, |step| match step {
+            CallStep::Run(k) if k == fails => Err(GpuError::Config("no such kernel".into())),
+            CallStep::Run(k) => {
+                last = Some(k);
+                Ok(Vec::new())
+            }
+            CallStep::ReadOutputs => Ok(vec![u8::from(last == Some(differs)), 7]),
+        })
+        .unwrap();
+        assert_eq!(tuning.bucket, ShapeBucket::of(&seqlens));
+        assert_eq!(tuning.timed_on, (2, 197));
+        assert_eq!(tuning.dropped.len(), 2, "{:?}", tuning.dropped);
+        assert!(
+            tuning.dropped[0].contains("v3 masked-tiles") && tuning.dropped[0].contains("differ")
+        );
+        assert!(
+            tuning.dropped[1].contains("v4 split 2")
+                && tuning.dropped[1].contains("no such kernel")
+        );
+        for (k, us) in &tuning.candidates {
+            assert_eq!(us.is_none(), *k == differs || *k == fails, "{k}");
+        }
+        assert!(tuning.chosen != differs && tuning.chosen != fails);
+        assert_eq!(last, Some(tuning.chosen));
+        let json = tuning.to_json();
+        assert_eq!(json["pass"], "backward");
+        assert_eq!(json["candidates"].as_array().unwrap().len(), list.len());
+        assert!(json["candidates"][1]["us_per_call"].is_null());
+    }
+
+    #[test]
+    fn buckets_and_candidates() {
+        let b = ShapeBucket::of(&[197; 64]);
+        assert_eq!(
+            b,
+            ShapeBucket {
+                sequences: 64,
+                tokens: 256
+            }
+        );
+        assert_eq!(ShapeBucket::of(&[257, 3, 1]).tokens, 512);
+        assert_eq!(ShapeBucket::of(&[]).sequences, 1);
+        let names = |p, b| {
+            candidates(p, b)
+                .iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(AttentionPass::Backward, b),
+            [
+                "v3",
+                "v3 masked-tiles",
+                "v3 delta-kernel",
+                "v4 split 1",
+                "v4 split 2"
+            ]
+        );
+        assert_eq!(
+            names(AttentionPass::Forward, ShapeBucket::of(&[1201])),
+            ["v3", "v3 masked-tiles"]
+        );
+        assert_eq!(
+            candidates(AttentionPass::Forward, b)[0],
+            AttentionKernels::REFERENCE
+        );
+        assert_eq!(AttentionKernels::REFERENCE.options, TcOptions::default());
+    }
+}
