@@ -12,7 +12,8 @@
 //!    candidate that differs, or fails to launch, is dropped with a warning: a bug to report);
 //! 3. [`TUNING_ROUNDS`] rounds of [`TUNING_REPEATS`] timed calls of each, keeping its fastest
 //!    round's mean;
-//! 4. the fastest, run once more, so the call's outputs are its own.
+//! 4. the fastest, if it beats v3 by [`REFERENCE_MARGIN`] (else v3), run once more, so the
+//!    call's outputs are its own.
 //!
 //! The forward and the backward are tuned separately (they share only their layouts). The
 //! choice holds for the engine's lifetime; [`GpuVit::attention_tuning`] reports what was
@@ -30,6 +31,9 @@ use crate::gpu::{Device, GpuError};
 pub const TUNING_ROUNDS: usize = 2;
 /// Calls timed together per round.
 pub const TUNING_REPEATS: usize = 3;
+/// How much faster than v3 (a fraction of its time) a candidate must be to be chosen: a lead
+/// inside the timing noise would make the choice flip between runs for nothing.
+pub const REFERENCE_MARGIN: f64 = 0.02;
 
 /// What `PRM_ATTENTION` asks of a bf16 engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,7 +186,8 @@ impl ShapeBucket {
 }
 
 /// The candidates `auto` times for `pass` on a bucket, the reference first: v3 with each
-/// option off in turn, then v4 with one and two CTAs a head where it applies.
+/// option off in turn, then v4 with one and two CTAs a head where it applies, and four for
+/// batches of at most [`FEW_SEQUENCES`] sequences (one CTA a head would leave most SMs idle).
 pub fn candidates(pass: AttentionPass, bucket: ShapeBucket) -> Vec<AttentionKernels> {
     let reference = AttentionKernels::REFERENCE;
     let with = |v4, change: fn(&mut TcOptions)| {
@@ -197,9 +202,16 @@ pub fn candidates(pass: AttentionPass, bucket: ShapeBucket) -> Vec<AttentionKern
     if bucket.tokens <= TC4_MAX_TOKENS {
         list.push(with(true, |_| {}));
         list.push(with(true, |o| o.split = 2));
+        if bucket.sequences <= FEW_SEQUENCES {
+            list.push(with(true, |o| o.split = 4));
+        }
     }
     list
 }
+
+/// Batches of at most this many sequences also try v4 with four CTAs a head: ViT-B's 12 heads
+/// times 16 sequences is 192 CTAs, about 1.5 an SM of an H100 or H200.
+pub const FEW_SEQUENCES: usize = 16;
 
 /// What `auto` timed for one pass and bucket.
 #[derive(Clone, Debug, PartialEq)]
@@ -267,7 +279,7 @@ fn warn_dropped(reason: &str) {
     if !said.iter().any(|r| r == reason) {
         eprintln!(
             "prm: attention tuning dropped {reason}; the run continues with the other kernels \
-             (please report this with `prm info` output)"
+             (a bug in prm: please report this line)"
         );
         said.push(reason.to_string());
     }
@@ -330,12 +342,16 @@ pub fn tune(
             best[i] = best[i].min(us / repeats as f64);
         }
     }
-    // The reference is always alive; ties keep the earlier (the reference first).
-    let chosen_index =
+    // The reference is always alive; ties keep the earlier.
+    let fastest =
         (0..list.len())
             .filter(|&i| alive[i])
             .fold(0, |b, i| if best[i] < best[b] { i } else { b });
-    let chosen = list[chosen_index];
+    let chosen = if best[fastest] < best[0] * (1.0 - REFERENCE_MARGIN) {
+        list[fastest]
+    } else {
+        AttentionKernels::REFERENCE
+    };
     call(CallStep::Run(chosen))?;
     Ok(AttentionTuning {
         pass,
@@ -538,7 +554,7 @@ mod tests {
 
     #[test]
     fn buckets_and_candidates() {
-        let b = ShapeBucket::of(&[197; 64]);
+        let b = ShapeBucket::of(&[197; 33]);
         assert_eq!(
             b,
             ShapeBucket {
@@ -567,6 +583,16 @@ mod tests {
         assert_eq!(
             names(AttentionPass::Forward, ShapeBucket::of(&[1201])),
             ["v3", "v3 masked-tiles"]
+        );
+        assert_eq!(
+            names(AttentionPass::Forward, ShapeBucket::of(&[197; 16])),
+            [
+                "v3",
+                "v3 masked-tiles",
+                "v4 split 1",
+                "v4 split 2",
+                "v4 split 4"
+            ]
         );
         assert_eq!(
             candidates(AttentionPass::Forward, b)[0],
