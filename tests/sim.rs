@@ -826,6 +826,41 @@ fn reading_outside_a_buffer_faults_and_names_the_kernel() {
     }
 }
 
+/// A write just past an output buffer's last element, inside the buffer's rounding to 16 bytes
+/// (where the guard page cannot see it), fails the launch naming the kernel and the buffer:
+/// the simulator fills the accessible bytes after each output with a canary before a launch
+/// and checks them after it. 64 threads write 64 floats into buffers of 61 to 64.
+#[test]
+fn writing_just_past_an_output_buffer_fails_the_launch() {
+    for dev in [
+        Device::sim_with_schedule(Schedule::Forward),
+        Device::sim_with_schedule(Schedule::Reverse),
+    ] {
+        let input = dev.upload(&[1.0f32; 64]).unwrap();
+        for len in [61usize, 63, 64] {
+            let mut out = dev.alloc::<f32>(len).unwrap();
+            let mut args = KernelArgs::new();
+            args.input(&input).output(&mut out).i32(0);
+            let result = dev.launch(
+                "prm_selftest_overrun",
+                LaunchConfig::linear(1, 64, 0),
+                &mut args,
+            );
+            let what = format!("{}, {len} floats", dev.name());
+            if len == 64 {
+                result.unwrap();
+                continue;
+            }
+            let e = result.expect_err(&what).to_string();
+            assert!(
+                e.contains("prm_selftest_overrun")
+                    && e.contains("wrote past the end of its output buffer 1 of 1: byte 0"),
+                "{what}: {e}"
+            );
+        }
+    }
+}
+
 /// A 16-byte red zone follows the dynamic shared memory and every static shared array: a block
 /// that ends with one written fails the launch, naming the kernel, the block and the array.
 #[test]

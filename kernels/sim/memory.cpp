@@ -13,7 +13,9 @@
 // only as wrong numbers or, beyond the allocation, an illegal-address error that ends the CUDA
 // context. The fault handler names the kernel, block and thread and aborts the process: a test
 // that trips it fails loudly. The kernel tests run on both kinds of device, so both ends are
-// checked; an overrun by less than the 16-byte rounding is not caught.
+// checked. A write past an output buffer's last element but inside the 16-byte rounding (or a
+// pooled buffer's unused capacity) is caught by the canary the launch puts there (`OutputTail`
+// in src/gpu/device.rs); a read there reads that canary, NaN.
 //
 // Faults outside a simulator launch go to the handler that was installed before (Rust's stack
 // overflow handler, or the default action).

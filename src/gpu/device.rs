@@ -181,6 +181,67 @@ pub struct KernelArgs {
     /// Indices of the slots that hold buffer addresses (checked when a graph is replayed under
     /// the simulator).
     pointer_slots: Vec<usize>,
+    /// Per output buffer (in argument order), the accessible bytes right after its last
+    /// element, (address, length): the simulator fills them with a canary before a launch
+    /// and checks them after it (see [`OutputTail`]).
+    output_tails: Vec<OutputTail>,
+}
+
+/// The bytes a simulator launch may not write after an output buffer's last element: up to
+/// [`TAIL_CANARY_BYTES`] of what is still accessible behind it (the rounding of the buffer to
+/// 16 bytes, or a pooled buffer's unused capacity). The guard page behind a buffer catches
+/// an overrun past its rounded end; this catches the smaller ones, e.g. a kernel that writes
+/// element `len` of a 197-float row.
+#[derive(Clone, Copy, Debug)]
+struct OutputTail {
+    address: u64,
+    len: usize,
+}
+
+/// Bytes checked after each output buffer of a simulator launch.
+const TAIL_CANARY_BYTES: usize = 64;
+
+/// The canary, as 32-bit words: a NaN as fp32 and as each bf16 half, so that a kernel that
+/// reads the tail (rather than writing it) gets NaN, which the tests see in its outputs.
+const TAIL_CANARY_WORD: u32 = 0x7FFF_7FFF;
+
+impl OutputTail {
+    fn of<T: Element>(b: &Buffer<T>) -> Self {
+        let accessible = b.capacity_bytes().div_ceil(16) * 16;
+        OutputTail {
+            address: b.address() + b.bytes() as u64,
+            len: accessible.saturating_sub(b.bytes()).min(TAIL_CANARY_BYTES),
+        }
+    }
+
+    fn canary_byte(offset: usize) -> u8 {
+        TAIL_CANARY_WORD.to_le_bytes()[offset % 4]
+    }
+
+    /// Fills the tail with the canary.
+    ///
+    /// # Safety
+    /// The tail lies inside a live simulator allocation that nothing else uses during the
+    /// launch (the bytes past an exclusively borrowed buffer's last element).
+    unsafe fn arm(&self) {
+        for i in 0..self.len {
+            let byte = Self::canary_byte((self.address as usize + i) % 4);
+            // SAFETY: as the function's contract.
+            unsafe { (self.address as *mut u8).add(i).write(byte) };
+        }
+    }
+
+    /// The first byte of the tail the launch changed, as an offset past the buffer's end.
+    ///
+    /// # Safety
+    /// As [`Self::arm`].
+    unsafe fn first_change(&self) -> Option<usize> {
+        (0..self.len).find(|&i| {
+            let expected = Self::canary_byte((self.address as usize + i) % 4);
+            // SAFETY: as the function's contract.
+            unsafe { (self.address as *const u8).add(i).read() != expected }
+        })
+    }
 }
 
 impl KernelArgs {
@@ -197,6 +258,9 @@ impl KernelArgs {
     pub fn output<T: Element>(&mut self, b: &mut Buffer<T>) -> &mut Self {
         self.pointer_slots.push(self.slots.len());
         self.slots.push(b.address());
+        if matches!(b.mem, Memory::Host { .. }) {
+            self.output_tails.push(OutputTail::of(b));
+        }
         self
     }
     pub fn i32(&mut self, v: i32) -> &mut Self {
@@ -533,7 +597,28 @@ impl Device {
             OpKind::Kernel,
             || (kernel.to_string(), 0.0),
             || match &*self.backend {
-                Backend::Sim(schedule) => sim::launch(kernel, cfg, *schedule, &mut ptrs),
+                Backend::Sim(schedule) => {
+                    let tails = &args.output_tails;
+                    // SAFETY: each tail lies behind an output buffer that `args` borrowed
+                    // exclusively when it was added, inside its allocation.
+                    tails.iter().for_each(|t| unsafe { t.arm() });
+                    sim::launch(kernel, cfg, *schedule, &mut ptrs)?;
+                    for (i, t) in tails.iter().enumerate() {
+                        // SAFETY: as above.
+                        if let Some(offset) = unsafe { t.first_change() } {
+                            return Err(GpuError::Sim {
+                                kernel: kernel.into(),
+                                message: format!(
+                                    "wrote past the end of its output buffer {} of {}: byte \
+                                     {offset} after the buffer's last element changed",
+                                    i + 1,
+                                    tails.len()
+                                ),
+                            });
+                        }
+                    }
+                    Ok(())
+                }
                 Backend::Cuda(c) => c.launch(kernel, cfg, &mut ptrs),
             },
         )
