@@ -270,16 +270,22 @@ impl AttentionTuning {
     }
 }
 
-/// Prints a dropped candidate's reason on stderr, once per process and reason: a kernel that
-/// disagrees with v3 on this device is a bug, and the user should hear of it even though the
-/// run goes on with the other kernels.
-fn warn_dropped(reason: &str) {
+/// Prints a dropped candidate's reason on stderr, once per process and reason; the run goes
+/// on with the other kernels. Kernels that disagree with v3 on this device are a bug
+/// (`is_bug`), and the user should hear of it; kernels that cannot launch here (a GPU with
+/// less shared memory than v4 asks for) are not.
+fn warn_dropped(reason: &str, is_bug: bool) {
     static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
     if !said.iter().any(|r| r == reason) {
+        let note = if is_bug {
+            " (a bug in prm: please report this line)"
+        } else {
+            ""
+        };
         eprintln!(
-            "prm: attention tuning dropped {reason}; the run continues with the other kernels \
-             (a bug in prm: please report this line)"
+            "prm: attention tuning dropped {reason}; the run continues with the other \
+             kernels{note}"
         );
         said.push(reason.to_string());
     }
@@ -316,16 +322,19 @@ pub fn tune(
     let mut dropped = Vec::new();
     for (i, &kernels) in list.iter().enumerate().skip(1) {
         let why = match call(CallStep::Run(kernels)) {
-            Err(e) => Some(format!("{} kernels {kernels}: {e}", pass.name())),
-            Ok(_) if call(CallStep::ReadOutputs)? != reference => Some(format!(
-                "{} kernels {kernels}: their results differ from v3's on {}",
-                pass.name(),
-                dev.name()
+            Err(e) => Some((format!("{} kernels {kernels}: {e}", pass.name()), false)),
+            Ok(_) if call(CallStep::ReadOutputs)? != reference => Some((
+                format!(
+                    "{} kernels {kernels}: their results differ from v3's on {}",
+                    pass.name(),
+                    dev.name()
+                ),
+                true,
             )),
             Ok(_) => None,
         };
-        if let Some(why) = why {
-            warn_dropped(&why);
+        if let Some((why, is_bug)) = why {
+            warn_dropped(&why, is_bug);
             dropped.push(why);
             alive[i] = false;
         }
