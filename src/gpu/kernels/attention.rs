@@ -882,8 +882,8 @@ fn tc4_smem(seqlens_host: &[usize]) -> Option<(u32, u32)> {
 }
 
 /// Choices of the v3 and v4 kernels that give the same results, bit for bit: how they run,
-/// not what they compute. The defaults are the v3 settings timed at fba7e63 and after; the
-/// engine can pick them per shape by timing (`PRM_ATTENTION=auto`).
+/// not what they compute ([`TcOptions::DEFAULT`]: straight tiles, delta inside dQ, one CTA a
+/// head). The engine can pick them per shape by timing (`PRM_ATTENTION=auto`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TcOptions {
     /// Whole tiles with nothing masked run as straight-line code (default), or through the
