@@ -143,6 +143,11 @@ def ratio(a, b):
 print()
 print(f"pgd   prm bf16 / torch eager bf16      {ratio('prm-pgd-bf16', 'torch-pgd-eager-bf16'):6.2f}x   (target >= 2)")
 print(f"pgd   prm bf16 / torch.compile          {ratio('prm-pgd-bf16', 'torch-pgd-compile'):6.2f}x   (target >= 1.3)")
+if not get("prm-pgd-bf16") and get("prm-pgd-bf16-attn-v3"):
+    # The default (attention auto) failed: the pinned-v3 row still gives the session a figure.
+    print("pgd   THE DEFAULT ROW FAILED (see prm-pgd-bf16.err); with attention pinned to v3:")
+    print(f"pgd   prm bf16 v3 / torch eager bf16   {ratio('prm-pgd-bf16-attn-v3', 'torch-pgd-eager-bf16'):6.2f}x")
+    print(f"pgd   prm bf16 v3 / torch.compile       {ratio('prm-pgd-bf16-attn-v3', 'torch-pgd-compile'):6.2f}x")
 print(f"pgd   graphs on / off (batch {batch})      {ratio('prm-pgd-bf16', 'prm-pgd-bf16-nographs'):6.2f}x")
 print(f"pgd   graphs on / off (batch 1)        {ratio('prm-pgd-bf16-b1', 'prm-pgd-bf16-b1-nographs'):6.2f}x")
 print(f"pgd   attention auto / v3              {ratio('prm-pgd-bf16', 'prm-pgd-bf16-attn-v3'):6.2f}x")
