@@ -156,6 +156,29 @@ if want tests; then
   done
 fi
 
+# ---------------------------------------------------------------- attention v4 smoke run
+# The bf16 engine's default, PRM_ATTENTION=auto, times attention v4 on its first call, and v4
+# has not run on a GPU before 2026-12-05's bundle. Should it fault (which ends the CUDA
+# context, so the bit check cannot drop it), every later section's default rows would fail:
+# one short v4 attack first, and on failure the rest of the check pins v3 (the rows that pin
+# v4 still show the failure). Skipped when the caller set PRM_ATTENTION.
+if [[ -z ${PRM_ATTENTION:-} ]] && { want attack || want timeline || want report; }; then
+  s=$(date +%s.%N)
+  (cd "$ROOT" && PRM_ATTENTION=v4 timeout "$(allow 60 $after_tests)" "$BUNDLE/prm" bench --device cuda \
+    --model random:vit-b-16 --precision bf16 --batch-size 4 --steps 1 --warmup 0 --repeats 1 \
+    --no-ceiling) >"$LOGS/attention-v4-smoke.log" 2>&1
+  rc=$?
+  secs=$(awk -v s="$s" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')
+  if [[ $rc -eq 0 ]]; then
+    row "attention v4 smoke run" pass "-" "$secs" "PRM_ATTENTION=auto (the default) for the rest"
+  else
+    failed=$((failed + 1))
+    export PRM_ATTENTION=v3
+    row "attention v4 smoke run" "FAIL($rc)" "-" "$secs" "PRM_ATTENTION=v3 pinned for the rest (see attention-v4-smoke.log)"
+    tail -n 3 "$LOGS/attention-v4-smoke.log" | sed "s/^/   attention v4: /"
+  fi
+fi
+
 # ---------------------------------------------------------------- attack on the samples
 if want attack; then
   echo "== prm attack --device cuda (samples)"
