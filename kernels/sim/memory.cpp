@@ -22,7 +22,6 @@
 #include <csignal>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <mutex>
 
@@ -51,16 +50,15 @@ void on_fault(int sig, siginfo_t* info, void* context) {
         (void)context;
         return;
     }
+    // Only async-signal-safe calls from here on (no snprintf, no allocation).
     char msg[1024];
-    const int n = std::snprintf(msg, sizeof msg,
-                                "prm sim: %s touched address %p, outside its buffers (%s): past the end or "
-                                "before the start of a device buffer (each has an inaccessible page at one "
-                                "end), or a fiber's stack overflowed\n",
-                                where, info->si_addr, sig == SIGSEGV ? "SIGSEGV" : "SIGBUS");
-    if (n > 0) {
-        ssize_t ignored = write(STDERR_FILENO, msg, static_cast<size_t>(n) < sizeof msg ? n : sizeof msg - 1);
-        (void)ignored;
-    }
+    SignalSafeText t(msg, sizeof msg);
+    t.text("prm sim: ").text(where).text(" touched address ").hex(reinterpret_cast<uintptr_t>(info->si_addr));
+    t.text(", outside its buffers (").text(sig == SIGSEGV ? "SIGSEGV" : "SIGBUS");
+    t.text("): past the end or before the start of a device buffer (each has an inaccessible page at one "
+           "end), or a fiber's stack overflowed\n");
+    ssize_t ignored = write(STDERR_FILENO, msg, t.len);
+    (void)ignored;
     std::abort();
 }
 

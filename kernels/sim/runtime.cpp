@@ -821,8 +821,10 @@ thread_local bool tl_launching = false;
 bool describe_running_thread(char* buf, size_t len) {
     if (!tl_launching) return false;
     const Sim& s = S();
-    std::snprintf(buf, len, "kernel %s, block (%u,%u,%u), thread (%u,%u,%u)", s.name, blockIdx.x, blockIdx.y,
-                  blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+    SignalSafeText t(buf, len);
+    t.text("kernel ").text(s.name).text(", block (").number(blockIdx.x).put(',').number(blockIdx.y).put(',');
+    t.number(blockIdx.z).text("), thread (").number(threadIdx.x).put(',').number(threadIdx.y).put(',');
+    t.number(threadIdx.z).put(')');
     return true;
 }
 
