@@ -829,7 +829,8 @@ fn reading_outside_a_buffer_faults_and_names_the_kernel() {
 /// A write just past an output buffer's last element, inside the buffer's rounding to 16 bytes
 /// (where the guard page cannot see it), fails the launch naming the kernel and the buffer:
 /// the simulator fills the accessible bytes after each output with a canary before a launch
-/// and checks them after it. 64 threads write 64 floats into buffers of 61 to 64.
+/// and checks them after it, at a direct launch and at each replay of a graph. 64 threads
+/// write 64 floats into buffers of 61 to 64.
 #[test]
 fn writing_just_past_an_output_buffer_fails_the_launch() {
     for dev in [
@@ -856,6 +857,23 @@ fn writing_just_past_an_output_buffer_fails_the_launch() {
                 e.contains("prm_selftest_overrun")
                     && e.contains("wrote past the end of its output buffer 1 of 1: byte 0"),
                 "{what}: {e}"
+            );
+            // The same launch captured into a graph: each replay checks the tail too.
+            let graph = dev
+                .capture(|| {
+                    let mut args = KernelArgs::new();
+                    args.input(&input).output(&mut out).i32(0);
+                    dev.launch(
+                        "prm_selftest_overrun",
+                        LaunchConfig::linear(1, 64, 0),
+                        &mut args,
+                    )
+                })
+                .unwrap();
+            let e = graph.launch().expect_err(&what).to_string();
+            assert!(
+                e.contains("wrote past the end of its output buffer 1 of 1"),
+                "{what}, replayed: {e}"
             );
         }
     }

@@ -193,7 +193,7 @@ pub struct KernelArgs {
 /// an overrun past its rounded end; this catches the smaller ones, e.g. a kernel that writes
 /// element `len` of a 197-float row.
 #[derive(Clone, Copy, Debug)]
-struct OutputTail {
+pub(crate) struct OutputTail {
     address: u64,
     len: usize,
 }
@@ -204,6 +204,38 @@ const TAIL_CANARY_BYTES: usize = 64;
 /// The canary, as 32-bit words: a NaN as fp32 and as each bf16 half, so that a kernel that
 /// reads the tail (rather than writing it) gets NaN, which the tests see in its outputs.
 const TAIL_CANARY_WORD: u32 = 0x7FFF_7FFF;
+
+/// A simulator launch with its output tails armed before and checked after (see
+/// [`OutputTail`]): a changed tail fails the launch, naming the kernel and the buffer.
+///
+/// # Safety
+/// Every tail lies inside a live simulator allocation that nothing else uses during the launch.
+pub(crate) unsafe fn sim_launch_checking_tails(
+    kernel: &str,
+    cfg: LaunchConfig,
+    schedule: Option<sim::Schedule>,
+    args: &mut [*mut std::ffi::c_void],
+    tails: &[OutputTail],
+) -> Result<(), GpuError> {
+    // SAFETY: as the function's contract.
+    tails.iter().for_each(|t| unsafe { t.arm() });
+    sim::launch(kernel, cfg, schedule, args)?;
+    for (i, t) in tails.iter().enumerate() {
+        // SAFETY: as above.
+        if let Some(offset) = unsafe { t.first_change() } {
+            return Err(GpuError::Sim {
+                kernel: kernel.into(),
+                message: format!(
+                    "wrote past the end of its output buffer {} of {}: byte {offset} after the \
+                     buffer's last element changed",
+                    i + 1,
+                    tails.len()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
 
 impl OutputTail {
     fn of<T: Element>(b: &Buffer<T>) -> Self {
@@ -586,6 +618,7 @@ impl Device {
                     .iter()
                     .map(|&i| (i, SimPtr::new(args.slots[i])))
                     .collect(),
+                output_tails: args.output_tails.clone(),
             },
             |o| o.launches += 1,
         );
@@ -597,28 +630,11 @@ impl Device {
             OpKind::Kernel,
             || (kernel.to_string(), 0.0),
             || match &*self.backend {
-                Backend::Sim(schedule) => {
-                    let tails = &args.output_tails;
-                    // SAFETY: each tail lies behind an output buffer that `args` borrowed
-                    // exclusively when it was added, inside its allocation.
-                    tails.iter().for_each(|t| unsafe { t.arm() });
-                    sim::launch(kernel, cfg, *schedule, &mut ptrs)?;
-                    for (i, t) in tails.iter().enumerate() {
-                        // SAFETY: as above.
-                        if let Some(offset) = unsafe { t.first_change() } {
-                            return Err(GpuError::Sim {
-                                kernel: kernel.into(),
-                                message: format!(
-                                    "wrote past the end of its output buffer {} of {}: byte \
-                                     {offset} after the buffer's last element changed",
-                                    i + 1,
-                                    tails.len()
-                                ),
-                            });
-                        }
-                    }
-                    Ok(())
-                }
+                // SAFETY: each tail lies behind an output buffer that `args` borrowed
+                // exclusively when it was added, inside its allocation.
+                Backend::Sim(schedule) => unsafe {
+                    sim_launch_checking_tails(kernel, cfg, *schedule, &mut ptrs, &args.output_tails)
+                },
                 Backend::Cuda(c) => c.launch(kernel, cfg, &mut ptrs),
             },
         )

@@ -99,6 +99,8 @@ pub(crate) enum SimOp {
         slots: Vec<u64>,
         /// Argument slots that hold buffer addresses.
         pointers: Vec<(usize, SimPtr)>,
+        /// The bytes after each output buffer, checked at every replay as at a direct launch.
+        output_tails: Vec<super::device::OutputTail>,
     },
     Matmul {
         shape: MatmulShape,
@@ -130,6 +132,7 @@ impl SimOp {
                 cfg,
                 slots,
                 pointers,
+                output_tails,
             } => {
                 for (_, p) in pointers {
                     p.check(&format!("kernel {kernel}"))?;
@@ -139,7 +142,17 @@ impl SimOp {
                     .iter_mut()
                     .map(|s| s as *mut u64 as *mut c_void)
                     .collect();
-                super::sim::launch(kernel, *cfg, schedule, &mut ptrs)
+                // SAFETY: every output's allocation is live (its pointer was checked above) and
+                // its tail lies inside it; the graph's buffers are kept unshared while it lives.
+                unsafe {
+                    super::device::sim_launch_checking_tails(
+                        kernel,
+                        *cfg,
+                        schedule,
+                        &mut ptrs,
+                        output_tails,
+                    )
+                }
             }
             SimOp::Matmul {
                 shape,
