@@ -246,8 +246,9 @@ impl OutputTail {
         }
     }
 
-    fn canary_byte(offset: usize) -> u8 {
-        TAIL_CANARY_WORD.to_le_bytes()[offset % 4]
+    /// The canary's byte at tail offset `i` (the words aligned to 4-byte addresses).
+    fn canary_byte(&self, i: usize) -> u8 {
+        TAIL_CANARY_WORD.to_le_bytes()[(self.address as usize + i) % 4]
     }
 
     /// Fills the tail with the canary.
@@ -257,9 +258,8 @@ impl OutputTail {
     /// launch (the bytes past an exclusively borrowed buffer's last element).
     unsafe fn arm(&self) {
         for i in 0..self.len {
-            let byte = Self::canary_byte((self.address as usize + i) % 4);
             // SAFETY: as the function's contract.
-            unsafe { (self.address as *mut u8).add(i).write(byte) };
+            unsafe { (self.address as *mut u8).add(i).write(self.canary_byte(i)) };
         }
     }
 
@@ -268,11 +268,9 @@ impl OutputTail {
     /// # Safety
     /// As [`Self::arm`].
     unsafe fn first_change(&self) -> Option<usize> {
-        (0..self.len).find(|&i| {
-            let expected = Self::canary_byte((self.address as usize + i) % 4);
-            // SAFETY: as the function's contract.
-            unsafe { (self.address as *const u8).add(i).read() != expected }
-        })
+        // SAFETY: as the function's contract.
+        (0..self.len)
+            .find(|&i| unsafe { (self.address as *const u8).add(i).read() != self.canary_byte(i) })
     }
 }
 

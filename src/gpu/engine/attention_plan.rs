@@ -9,7 +9,8 @@
 //! candidate on that call's own inputs and outputs:
 //! 1. v3 with the default options first: the reference;
 //! 2. each other candidate once, its outputs compared bit for bit with the reference's (a
-//!    candidate that differs, or fails to launch, is dropped with a warning: a bug to report);
+//!    candidate that differs is dropped with a warning asking for a report: a bug; one that
+//!    cannot launch on this GPU is dropped with a plain warning);
 //! 3. [`TUNING_ROUNDS`] rounds of [`TUNING_REPEATS`] timed calls of each, keeping its fastest
 //!    round's mean;
 //! 4. the fastest, if it beats v3 by [`REFERENCE_MARGIN`] (else v3), run once more, so the
@@ -85,25 +86,8 @@ impl fmt::Display for AttentionSetting {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             AttentionSetting::Fixed(TensorCoreVersion::V2, _) => write!(f, "v2"),
-            AttentionSetting::Fixed(TensorCoreVersion::V3, o) => {
-                write!(
-                    f,
-                    "{}",
-                    AttentionKernels {
-                        v4: false,
-                        options: *o
-                    }
-                )
-            }
-            AttentionSetting::Fixed(TensorCoreVersion::V4, o) => {
-                write!(
-                    f,
-                    "{}",
-                    AttentionKernels {
-                        v4: true,
-                        options: *o
-                    }
-                )
+            &AttentionSetting::Fixed(version, options) => {
+                write!(f, "{}", AttentionKernels::pinned(version, options))
             }
             AttentionSetting::Auto => write!(f, "auto"),
         }
@@ -124,6 +108,15 @@ impl AttentionKernels {
         v4: false,
         options: TcOptions::DEFAULT,
     };
+
+    /// The kernels a pinned v3 or v4 runs with `options` (v2 has none of these: its calls
+    /// never ask).
+    pub fn pinned(version: TensorCoreVersion, options: TcOptions) -> Self {
+        AttentionKernels {
+            v4: version == TensorCoreVersion::V4,
+            options,
+        }
+    }
 }
 
 /// Names the way `PRM_ATTENTION` and the option variables would: `v3`, `v3 delta-kernel`,
@@ -386,13 +379,9 @@ impl GpuVit<'_> {
         seqlens: &[usize],
     ) -> (AttentionKernels, bool) {
         match self.attention {
-            AttentionSetting::Fixed(version, options) => (
-                AttentionKernels {
-                    v4: version == TensorCoreVersion::V4,
-                    options,
-                },
-                false,
-            ),
+            AttentionSetting::Fixed(version, options) => {
+                (AttentionKernels::pinned(version, options), false)
+            }
             AttentionSetting::Auto => {
                 let key = (pass, ShapeBucket::of(seqlens));
                 let plans = self
