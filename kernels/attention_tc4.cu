@@ -42,6 +42,12 @@
 //            through ldmatrix as in v3; held in registers they took 191):
 //            2·R·128 + 2·RS·4 + 4·4096 bytes, RS = 64·⌈T/64⌉; three CTAs fit an SM at 197
 //            tokens.
+//   paired   prm_attention_forward_tc4_pairs, prm_attention_bwd_dq_tc4_pairs
+//            (TcOptions::paired_rows): the forward and dQ with each warp running two 16-query
+//            blocks at once (pairs of blocks dealt out as single blocks are above), so each
+//            K and V fragment read from shared memory feeds two products, and a warp has two
+//            independent chains of work. Each row's arithmetic and order are unchanged: the
+//            same bits. 236 registers, (128, 2): two CTAs an SM (at three they spill).
 // A warp's first block's own operand (Q / Q and dO fragments; the K and V tile in dK/dV) is
 // requested together with the resident tiles, so its latency hides behind theirs.
 // ptxas (nvcc 13.0, sm_90, no spills): forward 128 registers and dQ 126 (__launch_bounds__(128,
@@ -269,6 +275,119 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 }
 PRM_REGISTER_KERNEL(prm_attention_forward_tc4);
 
+// Two A blocks sharing each B fragment: acc[k] (16 × 64) = A_k · Mᵀ for k = 0, 1, each formed
+// in v4_mma_abt's order (n-tile pairs at or past `ncols` not formed).
+__device__ __forceinline__ void v4_mma_abt_pair(float acc[2][8][4], const uint32_t a[2][4][4], const bf16* sm, int m0,
+                                                int ncols) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            if (np * 16 >= ncols) continue;
+            uint32_t b[4];
+            v4_frag_bt(b, sm, m0 + np * 16, ks * 16);
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                prm_mma_bf16_16816(acc[k][2 * np], a[k][ks], b);
+                prm_mma_bf16_16816(acc[k][2 * np + 1], a[k][ks], b + 2);
+            }
+        }
+}
+
+// acc[k] (16 × 64) += A_k · M[k0 .. k0+16, :] for k = 0, 1, sharing each B fragment
+// (v4_mma_ab_step's order for each).
+__device__ __forceinline__ void v4_mma_ab_step_pair(float acc[2][8][4], const uint32_t a[2][4], const bf16* sm,
+                                                    int k0) {
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        v4_frag_b(b, sm, k0, np * 16);
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            prm_mma_bf16_16816(acc[k][2 * np], a[k], b);
+            prm_mma_bf16_16816(acc[k][2 * np + 1], a[k], b + 2);
+        }
+    }
+}
+
+// The forward with paired blocks (TcOptions::paired_rows): each warp runs two 16-row blocks,
+// 2p and 2p + 1, at once (pairs p = x·4 + warp, then + 4·split), so every key and value
+// fragment read from shared memory feeds two products instead of one, and the warp has two
+// independent chains (one block's softmax while the other's products run). Each row's
+// arithmetic is prm_attention_forward_tc4's, in its order: the same bits. Under a causal mask
+// both blocks walk the key tiles up to the pair's last row; for the first block the extra keys
+// lie after its rows, so they are masked (P = 0) and change nothing, as the keys past a v4
+// block's last row do in v3's 64-query tiles. A pair whose second block lies past the sequence
+// runs it on zero rows and stores nothing for it. More registers (two blocks' scores and
+// accumulators): two CTAs an SM.
+extern "C" __global__ void __launch_bounds__(128, 2)
+    prm_attention_forward_tc4_pairs(const bf16* __restrict__ qkv, const int* __restrict__ cu_seqlens,
+                                    bf16* __restrict__ out, float* __restrict__ lse, int width, int total, int mode,
+                                    int causal, int /*straight: as prm_attention_forward_tc4*/) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int row0 = cu_seqlens[seq];
+    const int T = cu_seqlens[seq + 1] - row0;
+    const int nblocks = (T + 15) / 16, R = nblocks * 16;
+    const int npairs = (nblocks + 1) / 2;
+    if ((int)blockIdx.x * V4_WARPS >= npairs) return;  // whole CTA, before the barrier
+    bf16* sY = smem;
+    bf16* sV = smem + R * V4_HD;
+    const int lane = threadIdx.x & 31;
+    const size_t ld = 3 * (size_t)width;
+    const bf16* base = qkv + (size_t)row0 * ld;
+    const bf16* gx = base + (mode == 2 ? width : 0) + h * V4_HD;
+    v4_load_resident(sY, base + (mode == 1 ? 0 : width) + h * V4_HD, ld, R, T);
+    v4_load_resident(sV, base + 2 * width + h * V4_HD, ld, R, T);
+    prm_cp_async_commit();
+    // The first pair's Q fragments load while the resident tiles land.
+    uint32_t qa[2][4][4];
+    if (V4_FIRST_BLOCK < npairs) {
+        v4_load_a(qa[0], gx, ld, V4_FIRST_BLOCK * 32, T);
+        v4_load_a(qa[1], gx, ld, V4_FIRST_BLOCK * 32 + 16, T);
+    }
+    prm_cp_async_wait<0>();
+    __syncthreads();
+
+    for (int p = V4_FIRST_BLOCK; p < npairs; p += V4_BLOCK_STRIDE) {
+        const int wq0 = p * 32;
+        const int rows[2][2] = {{wq0 + (lane >> 2), wq0 + (lane >> 2) + 8},
+                                {wq0 + 16 + (lane >> 2), wq0 + 24 + (lane >> 2)}};
+        if (p != V4_FIRST_BLOCK) {
+            v4_load_a(qa[0], gx, ld, wq0, T);
+            v4_load_a(qa[1], gx, ld, wq0 + 16, T);
+        }
+        const int kend = causal ? min(T, wq0 + 32) : T;
+        const int ntiles = (kend + V4_TILE - 1) / V4_TILE;
+        float o[2][8][4];
+        prm_att_zero<8>(o[0]);
+        prm_att_zero<8>(o[1]);
+        float m[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};  // log2 units
+        float l[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+        for (int kt = 0; kt < ntiles; ++kt) {
+            const int k0 = kt * V4_TILE;
+            const int kvalid = min(V4_TILE, kend - k0);
+            float s[2][8][4];
+            prm_att_zero<8>(s[0]);
+            prm_att_zero<8>(s[1]);
+            v4_mma_abt_pair(s, qa, sY, k0, kvalid);
+            prm_att_online_softmax(s[0], m[0], l[0], o[0], kvalid, causal, k0, rows[0]);
+            prm_att_online_softmax(s[1], m[1], l[1], o[1], kvalid, causal, k0, rows[1]);
+#pragma unroll
+            for (int ks = 0; ks < 4; ++ks) {
+                if (ks * 16 >= kvalid) continue;
+                uint32_t a[2][4];
+                prm_att_pack_a(a[0], s[0][2 * ks], s[0][2 * ks + 1]);
+                prm_att_pack_a(a[1], s[1][2 * ks], s[1][2 * ks + 1]);
+                v4_mma_ab_step_pair(o, a, sV, k0 + ks * 16);
+            }
+        }
+        prm_att_finish(out, lse, o[0], m[0], l[0], rows[0], T, row0, h, width, total);
+        prm_att_finish(out, lse, o[1], m[1], l[1], rows[1], T, row0, h, width, total);
+    }
+}
+PRM_REGISTER_KERNEL(prm_attention_forward_tc4_pairs);
+
 extern "C" __global__ void __launch_bounds__(128, 4)
     prm_attention_bwd_dq_tc4(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out, const float* __restrict__ lse,
                              const float* __restrict__ delta, const int* __restrict__ cu_seqlens,
@@ -339,6 +458,134 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     }
 }
 PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc4);
+
+// acc (16 × 32) = A_k · Mᵀ restricted to M rows m0 + half·32 .. +32, for k = 0, 1, sharing
+// each B fragment (v4_mma_abt_half's order for each).
+__device__ __forceinline__ void v4_mma_abt_half_pair(float acc[2][4][4], const uint32_t a[2][4][4], const bf16* sm,
+                                                     int m0, int half, int ncols) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int np = half * 2 + j;
+            if (np * 16 >= ncols) continue;
+            uint32_t b[4];
+            v4_frag_bt(b, sm, m0 + np * 16, ks * 16);
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                prm_mma_bf16_16816(acc[k][2 * j], a[k][ks], b);
+                prm_mma_bf16_16816(acc[k][2 * j + 1], a[k][ks], b + 2);
+            }
+        }
+}
+
+// acc[k] (16 × 64) += A_k · M[m0 + half·32 .. +32, :], A_k the bf16 packing of p[k] (16 × 32),
+// for k = 0, 1, sharing each B fragment; k-steps at or past `kvalid` skipped (v4_mma_pb_half's
+// order for each).
+__device__ __forceinline__ void v4_mma_pb_half_pair(float acc[2][8][4], const float p[2][4][4], const bf16* sm, int m0,
+                                                    int half, int kvalid) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int ks = half * 2 + j;
+        if (ks * 16 >= kvalid) continue;
+        uint32_t a[2][4];
+        prm_att_pack_a(a[0], p[0][2 * j], p[0][2 * j + 1]);
+        prm_att_pack_a(a[1], p[1][2 * j], p[1][2 * j + 1]);
+        v4_mma_ab_step_pair(acc, a, sm, m0 + ks * 16);
+    }
+}
+
+// dQ with paired blocks (TcOptions::paired_rows): each warp runs the 16-query blocks 2p and
+// 2p + 1 at once, sharing every K and V fragment, as prm_attention_forward_tc4_pairs does;
+// each row's arithmetic is prm_attention_bwd_dq_tc4's, in its order. Under a causal mask the
+// first block's extra keys lie after its rows: dS = 0 there, and adding those zero products
+// changes nothing. Two CTAs an SM.
+extern "C" __global__ void __launch_bounds__(128, 2)
+    prm_attention_bwd_dq_tc4_pairs(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
+                                   const float* __restrict__ lse, const float* __restrict__ delta,
+                                   const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width, int total,
+                                   int causal, int /*straight: as prm_attention_bwd_dq_tc4*/) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int row0 = cu_seqlens[seq];
+    const int T = cu_seqlens[seq + 1] - row0;
+    const int nblocks = (T + 15) / 16, R = nblocks * 16;
+    const int npairs = (nblocks + 1) / 2;
+    if ((int)blockIdx.x * V4_WARPS >= npairs) return;
+    bf16* sK = smem;
+    bf16* sV = smem + R * V4_HD;
+    const int lane = threadIdx.x & 31;
+    const size_t ld = 3 * (size_t)width;
+    const bf16* base = qkv + (size_t)row0 * ld;
+    const bf16* gq = base + h * V4_HD;
+    const bf16* gd = d_out + (size_t)row0 * width + h * V4_HD;
+    v4_load_resident(sK, base + width + h * V4_HD, ld, R, T);
+    v4_load_resident(sV, base + 2 * width + h * V4_HD, ld, R, T);
+    prm_cp_async_commit();
+    // The first pair's Q and dO fragments load while the resident tiles land.
+    uint32_t qa[2][4][4], da[2][4][4];
+    if (V4_FIRST_BLOCK < npairs) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            v4_load_a(qa[k], gq, ld, V4_FIRST_BLOCK * 32 + 16 * k, T);
+            v4_load_a(da[k], gd, width, V4_FIRST_BLOCK * 32 + 16 * k, T);
+        }
+    }
+    prm_cp_async_wait<0>();
+    __syncthreads();
+
+    for (int p = V4_FIRST_BLOCK; p < npairs; p += V4_BLOCK_STRIDE) {
+        const int wq0 = p * 32;
+        const int rows[2][2] = {{wq0 + (lane >> 2), wq0 + (lane >> 2) + 8},
+                                {wq0 + 16 + (lane >> 2), wq0 + 24 + (lane >> 2)}};
+        if (p != V4_FIRST_BLOCK) {
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                v4_load_a(qa[k], gq, ld, wq0 + 16 * k, T);
+                v4_load_a(da[k], gd, width, wq0 + 16 * k, T);
+            }
+        }
+        float lse2[2][2], row_delta[2][2];  // lse in log2 units
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const bool ok = rows[k][r] < T;
+                lse2[k][r] = ok ? lse[(size_t)h * total + row0 + rows[k][r]] * PRM_ATT_LOG2E : 0.0f;
+                row_delta[k][r] = ok ? delta[(size_t)h * total + row0 + rows[k][r]] : 0.0f;
+            }
+        const int kend = causal ? min(T, wq0 + 32) : T;
+        const int ntiles = (kend + V4_TILE - 1) / V4_TILE;
+        float dq[2][8][4];
+        prm_att_zero<8>(dq[0]);
+        prm_att_zero<8>(dq[1]);
+        for (int kt = 0; kt < ntiles; ++kt) {
+            const int k0 = kt * V4_TILE;
+            const int kvalid = min(V4_TILE, kend - k0);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                if (half * 32 >= kvalid) continue;
+                float s[2][4][4], dp[2][4][4];
+#pragma unroll
+                for (int k = 0; k < 2; ++k) {
+                    prm_att_zero<4>(s[k]);
+                    prm_att_zero<4>(dp[k]);
+                }
+                v4_mma_abt_half_pair(s, qa, sK, k0, half, kvalid);   // S = Q·Kᵀ
+                v4_mma_abt_half_pair(dp, da, sV, k0, half, kvalid);  // dP = dO·Vᵀ
+#pragma unroll
+                for (int k = 0; k < 2; ++k)
+                    prm_att_dq_ds(s[k], dp[k], half, kvalid, causal, k0, rows[k], T, lse2[k], row_delta[k]);
+                v4_mma_pb_half_pair(dq, s, sK, k0, half, kvalid);  // dQ += dS·K
+            }
+        }
+        const float one[2] = {1.0f, 1.0f};
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+            prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, h * V4_HD, rows[k], T, dq[k], one);
+    }
+}
+PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc4_pairs);
 
 extern "C" __global__ void __launch_bounds__(128, 3)
     prm_attention_bwd_dkdv_tc4(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,

@@ -160,13 +160,17 @@ fi
 # The bf16 engine's default, PRM_ATTENTION=auto, times attention v4 on its first call, and v4
 # has not run on a GPU before 2026-12-05's bundle. Should it fault (which ends the CUDA
 # context, so the bit check cannot drop it), every later section's default rows would fail:
-# one short v4 attack first, and on failure the rest of the check pins v3 (the rows that pin
+# one short v4 attack first, and one with v4's paired query blocks (PRM_ATTENTION_PAIRS=1, new
+# in 2026-12-05's second bundle); on failure the rest of the check pins v3 (the rows that pin
 # v4 still show the failure). Skipped when the caller set PRM_ATTENTION.
 if [[ -z ${PRM_ATTENTION:-} ]] && { want attack || want timeline || want report; }; then
   s=$(date +%s.%N)
-  (cd "$ROOT" && PRM_ATTENTION=v4 timeout "$(allow 60 $after_tests)" "$BUNDLE/prm" bench --device cuda \
-    --model random:vit-b-16 --precision bf16 --batch-size 4 --steps 1 --warmup 0 --repeats 1 \
-    --no-ceiling) >"$LOGS/attention-v4-smoke.log" 2>&1
+  smoke() { # env assignments for the run
+    (cd "$ROOT" && env PRM_ATTENTION=v4 "$@" timeout "$(allow 30 $after_tests)" "$BUNDLE/prm" bench --device cuda \
+      --model random:vit-b-16 --precision bf16 --batch-size 4 --steps 1 --warmup 0 --repeats 1 \
+      --no-ceiling)
+  }
+  { smoke PRM_ATTENTION_PAIRS=0 && smoke PRM_ATTENTION_PAIRS=1; } >"$LOGS/attention-v4-smoke.log" 2>&1
   rc=$?
   secs=$(awk -v s="$s" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')
   if [[ $rc -eq 0 ]]; then

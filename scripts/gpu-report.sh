@@ -14,7 +14,8 @@
 #          torch eager fp32, eager bf16 (autocast + SDPA), torch.compile
 #   paper  ViT-B/16, 640x480, 250 AdamW steps, dynamic scale, all layers: prm bf16 at batch
 #          $PAPER_BATCH (default 8), 32 and 1, prm fp32 at batch 1; torch fp32 at batch 1
-#   A/B    prm bf16 with graphs off, with attention v2, with staging off (bench and attack row), at
+#   A/B    prm bf16 with attention pinned (v3; v4 split 1, 2, and paired query blocks), with graphs
+#          off, with attention v2, with staging off (bench and attack row), at
 #          batch 1 with graphs on and off
 #   attack 480 images through `prm attack --profile` on cuda:0, again with PRM_NO_STAGING=1
 #          (and cuda:all with several GPUs)
@@ -79,6 +80,8 @@ run torch-pgd-compile $PY tools/torch_prm.py --mode compile --batch-size "$BATCH
 run prm-pgd-bf16-attn-v3 env PRM_ATTENTION=v3 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 run prm-pgd-bf16-attn-v4 env PRM_ATTENTION=v4 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 run prm-pgd-bf16-attn-v4-split2 env PRM_ATTENTION=v4 PRM_ATTENTION_SPLIT=2 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
+# v4 with each warp running two 16-query blocks at once in the forward and dQ (same bits).
+run prm-pgd-bf16-attn-v4-pairs env PRM_ATTENTION=v4 PRM_ATTENTION_PAIRS=1 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 # Not yet measured: v3 with every tile through the masked code (the straight-line whole tiles
 # off; same bits).
 run prm-pgd-bf16-masked-tiles env PRM_ATTENTION=v3 PRM_ATTENTION_STRAIGHT=0 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
@@ -116,7 +119,8 @@ rows = [
     ("pgd", "torch.compile bf16", "torch-pgd-compile"),
     ("pgd", "prm bf16 graphs off", "prm-pgd-bf16-nographs"), ("pgd", "prm bf16 attention v3", "prm-pgd-bf16-attn-v3"),
     ("pgd", "prm bf16 attention v4", "prm-pgd-bf16-attn-v4"),
-    ("pgd", "prm bf16 v4 split 2", "prm-pgd-bf16-attn-v4-split2"), ("pgd", "prm bf16 attention v2", "prm-pgd-bf16-attn-v2"),
+    ("pgd", "prm bf16 v4 split 2", "prm-pgd-bf16-attn-v4-split2"), ("pgd", "prm bf16 v4 pairs", "prm-pgd-bf16-attn-v4-pairs"),
+    ("pgd", "prm bf16 attention v2", "prm-pgd-bf16-attn-v2"),
     ("pgd", "prm bf16 masked tiles", "prm-pgd-bf16-masked-tiles"),
     ("pgd", "prm bf16 loss unfused", "prm-pgd-bf16-unfused-loss"),
     ("pgd", "prm bf16 delta kernel", "prm-pgd-bf16-delta-kernel"),
@@ -153,6 +157,7 @@ print(f"pgd   graphs on / off (batch 1)        {ratio('prm-pgd-bf16-b1', 'prm-pg
 print(f"pgd   attention auto / v3              {ratio('prm-pgd-bf16', 'prm-pgd-bf16-attn-v3'):6.2f}x")
 print(f"pgd   attention v4 / v3                {ratio('prm-pgd-bf16-attn-v4', 'prm-pgd-bf16-attn-v3'):6.2f}x")
 print(f"pgd   v4 split 2 / split 1             {ratio('prm-pgd-bf16-attn-v4-split2', 'prm-pgd-bf16-attn-v4'):6.2f}x")
+print(f"pgd   v4 pairs / single blocks         {ratio('prm-pgd-bf16-attn-v4-pairs', 'prm-pgd-bf16-attn-v4'):6.2f}x")
 print(f"pgd   straight / masked tiles (v3)     {ratio('prm-pgd-bf16-attn-v3', 'prm-pgd-bf16-masked-tiles'):6.2f}x")
 print(f"pgd   loss fused / unfused             {ratio('prm-pgd-bf16', 'prm-pgd-bf16-unfused-loss'):6.2f}x")
 print(f"pgd   delta in dQ / delta kernel (v3)  {ratio('prm-pgd-bf16-attn-v3', 'prm-pgd-bf16-delta-kernel'):6.2f}x")

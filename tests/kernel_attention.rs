@@ -865,11 +865,12 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
 
 /// v4 (`attention_tc4.cu`, a whole head resident in shared memory) against v3: the same
 /// arithmetic in the same order, so the context, lse, delta and d_qkv must agree bit for bit,
-/// with every CTA split per head (1 to 4), on 197 tokens, a mixed batch of odd lengths (1, 5,
-/// 15, 16, 17, 63, 65 and the v4 limit of 256), ViT-B's width, causal masks, the q·qᵀ and k·kᵀ
-/// forwards, and a batch past the limit (which runs v3's kernels). The reference is v3 with its
-/// straight tiles off (every tile through the masked code): v3 and v4 with them on (the
-/// default) and v4 with them off must give its bits too.
+/// with every CTA split per head (1 to 4), and the forward's paired blocks (split 1 to 3), on
+/// 197 tokens, a mixed batch of odd lengths (1, 5, 15, 16, 17, 63, 65 and the v4 limit of 256),
+/// ViT-B's width, causal masks, the q·qᵀ and k·kᵀ forwards, and a batch past the limit (which
+/// runs v3's kernels). The reference is v3 with its straight tiles off (every tile through the
+/// masked code): v3 and v4 with them on (the default) and v4 with them off must give its bits
+/// too.
 #[test]
 fn v4_is_v3_bit_for_bit() {
     type Case = (Vec<usize>, usize, AttentionMode, bool);
@@ -902,10 +903,11 @@ fn v4_is_v3_bit_for_bit() {
                 cu.push(cu.last().unwrap() + l as i32);
             }
             let backward = tensor_core_v3_supports(mode, true);
-            // (out, lse, delta, d_qkv) as bits, from v3 (split None) or v4 with that split, with
-            // straight tiles on or off, under the simulator's forward or reverse schedule (races
-            // would give different bits; a GPU runs its own schedule each time).
-            let run = |split: Option<u32>, straight: bool, schedule: Schedule| {
+            // (out, lse, delta, d_qkv) as bits, from v3 (v4 None) or v4 with that split and
+            // paired blocks or not, with straight tiles on or off, under the simulator's forward
+            // or reverse schedule (races would give different bits; a GPU runs its own schedule
+            // each time).
+            let run = |v4: Option<(u32, bool)>, straight: bool, schedule: Schedule| {
                 let dev = if dev.is_sim() {
                     Device::sim_with_schedule(schedule)
                 } else {
@@ -914,9 +916,10 @@ fn v4_is_v3_bit_for_bit() {
                 let qkv_b = dev.upload(&to_bf16(&qkv)).unwrap();
                 let dout_b = dev.upload(&to_bf16(&d_out)).unwrap();
                 let cu_b = dev.upload(&cu).unwrap();
-                let options = |split| TcOptions {
+                let options = |split, paired_rows| TcOptions {
                     straight_tiles: straight,
                     split,
+                    paired_rows,
                     ..TcOptions::default()
                 };
                 let mut out = dev.alloc::<bf16>(n * width).unwrap();
@@ -927,9 +930,9 @@ fn v4_is_v3_bit_for_bit() {
                 dev.poison(&mut lse).unwrap();
                 dev.poison(&mut delta).unwrap();
                 dev.poison(&mut d_qkv).unwrap();
-                match split {
+                match v4 {
                     None => {
-                        let options = options(1);
+                        let options = options(1, false);
                         attention_forward_tc3(
                             &dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal,
                             options,
@@ -943,8 +946,8 @@ fn v4_is_v3_bit_for_bit() {
                             .unwrap();
                         }
                     }
-                    Some(split) => {
-                        let options = options(split);
+                    Some((split, paired)) => {
+                        let options = options(split, paired);
                         attention_forward_tc4(
                             &dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal,
                             options,
@@ -980,18 +983,20 @@ fn v4_is_v3_bit_for_bit() {
             let want = run(None, false, Schedule::Forward);
             let runs = [
                 (None, true, Schedule::Forward),
-                (Some(1), false, Schedule::Forward),
+                (Some((1, false)), false, Schedule::Forward),
                 (None, true, Schedule::Reverse),
                 (None, false, Schedule::Reverse),
-                (Some(2), true, Schedule::Reverse),
+                (Some((2, false)), true, Schedule::Reverse),
+                (Some((2, true)), true, Schedule::Reverse),
             ]
             .into_iter()
-            .chain((1..=4).map(|split| (Some(split), true, Schedule::Forward)));
-            for (split, straight, schedule) in runs {
-                let got = run(split, straight, schedule);
+            .chain((1..=4).map(|split| (Some((split, false)), true, Schedule::Forward)))
+            .chain((1..=3).map(|split| (Some((split, true)), true, Schedule::Forward)));
+            for (v4, straight, schedule) in runs {
+                let got = run(v4, straight, schedule);
                 let what = format!(
-                    "{} {lens:?} width {width} {mode:?} causal {causal} v4 split {split:?} \
-                     straight {straight} schedule {schedule:?}",
+                    "{} {lens:?} width {width} {mode:?} causal {causal} v4 (split, pairs) \
+                     {v4:?} straight {straight} schedule {schedule:?}",
                     dev.name()
                 );
                 assert!(got.0 == want.0, "{what}: context differs from masked v3");

@@ -117,6 +117,7 @@ fn the_engine_gives_the_same_bits_in_both_schedules() {
                     straight_tiles: false,
                     delta_in_dq: false,
                     split: 1,
+                    paired_rows: false,
                 },
             ),
             fused_loss: false,
@@ -141,6 +142,19 @@ fn the_engine_gives_the_same_bits_in_both_schedules() {
                 TensorCoreVersion::V4,
                 TcOptions {
                     split: 3,
+                    ..TcOptions::DEFAULT
+                },
+            ),
+            every_loss: false,
+            ..DEFAULT
+        },
+        Variant {
+            name: "bf16 v4, paired query blocks, two CTAs per head",
+            attention: AttentionSetting::Fixed(
+                TensorCoreVersion::V4,
+                TcOptions {
+                    split: 2,
+                    paired_rows: true,
                     ..TcOptions::DEFAULT
                 },
             ),

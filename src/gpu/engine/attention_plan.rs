@@ -40,7 +40,8 @@ pub const REFERENCE_MARGIN: f64 = 0.02;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionSetting {
     /// One version for every call, with the options given (`PRM_ATTENTION=v2|v3|v4`, and
-    /// `PRM_ATTENTION_STRAIGHT`, `PRM_ATTENTION_DELTA_IN_DQ`, `PRM_ATTENTION_SPLIT`).
+    /// `PRM_ATTENTION_STRAIGHT`, `PRM_ATTENTION_DELTA_IN_DQ`, `PRM_ATTENTION_SPLIT`,
+    /// `PRM_ATTENTION_PAIRS`).
     Fixed(TensorCoreVersion, TcOptions),
     /// v3 or v4 and their options, timed per shape bucket (`PRM_ATTENTION=auto`; the default
     /// on CUDA).
@@ -120,13 +121,16 @@ impl AttentionKernels {
 }
 
 /// Names the way `PRM_ATTENTION` and the option variables would: `v3`, `v3 delta-kernel`,
-/// `v4 split 2 masked-tiles`. Only what the version reads is named (v3 has no split, v4
+/// `v4 split 2 masked-tiles`, `v4 split 1 pairs`. Only what the version reads is named (v3 has no split, v4
 /// forms delta with the delta kernel).
 impl fmt::Display for AttentionKernels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = self.options;
         if self.v4 {
             write!(f, "v4 split {}", o.split)?;
+            if o.paired_rows {
+                write!(f, " pairs")?;
+            }
         } else {
             write!(f, "v3")?;
             if !o.delta_in_dq {
@@ -180,7 +184,9 @@ impl ShapeBucket {
 
 /// The candidates `auto` times for `pass` on a bucket, the reference first: v3 with each
 /// option off in turn, then v4 with one and two CTAs a head where it applies, and four for
-/// batches of at most [`FEW_SEQUENCES`] sequences (one CTA a head would leave most SMs idle).
+/// batches of at most [`FEW_SEQUENCES`] sequences (one CTA a head would leave most SMs idle);
+/// then v4 with paired query blocks ([`TcOptions::paired_rows`]: the forward and dQ) on one
+/// and two CTAs a head.
 pub fn candidates(pass: AttentionPass, bucket: ShapeBucket) -> Vec<AttentionKernels> {
     let reference = AttentionKernels::REFERENCE;
     let with = |v4, change: fn(&mut TcOptions)| {
@@ -198,6 +204,11 @@ pub fn candidates(pass: AttentionPass, bucket: ShapeBucket) -> Vec<AttentionKern
         if bucket.sequences <= FEW_SEQUENCES {
             list.push(with(true, |o| o.split = 4));
         }
+        list.push(with(true, |o| o.paired_rows = true));
+        list.push(with(true, |o| {
+            o.paired_rows = true;
+            o.split = 2;
+        }));
     }
     list
 }
@@ -497,17 +508,22 @@ mod tests {
             ("PRM_ATTENTION_STRAIGHT", "0"),
             ("PRM_ATTENTION_DELTA_IN_DQ", " 0"),
             ("PRM_ATTENTION_SPLIT", "3"),
+            ("PRM_ATTENTION_PAIRS", "1 "),
         ]));
         assert_eq!(
             o,
             TcOptions {
                 straight_tiles: false,
                 delta_in_dq: false,
-                split: 3
+                split: 3,
+                paired_rows: true,
             }
         );
-        let ignored = TcOptions::from_vars(vars(&[("PRM_ATTENTION_SPLIT", "9")]));
-        assert_eq!(ignored.split, 1);
+        let ignored = TcOptions::from_vars(vars(&[
+            ("PRM_ATTENTION_SPLIT", "9"),
+            ("PRM_ATTENTION_PAIRS", "yes"),
+        ]));
+        assert_eq!(ignored, TcOptions::default());
     }
 
     /// The tuner on a stand-in call: a candidate whose bytes differ from the reference's and
@@ -575,7 +591,9 @@ mod tests {
                 "v3 masked-tiles",
                 "v3 delta-kernel",
                 "v4 split 1",
-                "v4 split 2"
+                "v4 split 2",
+                "v4 split 1 pairs",
+                "v4 split 2 pairs"
             ]
         );
         assert_eq!(
@@ -589,7 +607,9 @@ mod tests {
                 "v3 masked-tiles",
                 "v4 split 1",
                 "v4 split 2",
-                "v4 split 4"
+                "v4 split 4",
+                "v4 split 1 pairs",
+                "v4 split 2 pairs"
             ]
         );
         assert_eq!(

@@ -149,18 +149,22 @@ fn check_forward<Q: Element, O: Element>(
 }
 
 /// How a kernel's CTAs cover the work: one per (`tile` rows, head, sequence) (v1–v3), or
-/// `split` per (head, sequence) (v4, [`TcOptions::split`]).
+/// `split` per (head, sequence) (v4, [`TcOptions::split`]), whose warps take
+/// `blocks_per_warp` 16-row blocks at a time (two with [`TcOptions::paired_rows`]).
 #[derive(Clone, Copy)]
 enum Grid {
     Tiles(usize),
-    Resident { split: u32 },
+    Resident { split: u32, blocks_per_warp: usize },
 }
 
 impl Grid {
     fn shape(self, seqlens_host: &[usize], heads: usize) -> (u32, u32, u32) {
         match self {
             Grid::Tiles(tile) => grid(seqlens_host, heads, tile),
-            Grid::Resident { split } => tc4_grid(seqlens_host, heads, split),
+            Grid::Resident {
+                split,
+                blocks_per_warp,
+            } => tc4_grid(seqlens_host, heads, split, blocks_per_warp),
         }
     }
 }
@@ -895,6 +899,11 @@ pub struct TcOptions {
     /// CTAs per (head, sequence) of the v4 kernels, 1 to 4 (clamped; `PRM_ATTENTION_SPLIT`).
     /// CTA `x` of `split` takes the 16-row blocks `4·x + warp + 4·split·j`.
     pub split: u32,
+    /// v4's forward and dQ run two 16-query blocks per warp at once (`PRM_ATTENTION_PAIRS=1`;
+    /// default off): each key and value fragment read from shared memory feeds both, at twice
+    /// the registers (two CTAs an SM instead of four). Warps then take pairs of blocks as
+    /// `split` says they take blocks. dK/dV is unchanged.
+    pub paired_rows: bool,
 }
 
 impl Default for TcOptions {
@@ -904,15 +913,17 @@ impl Default for TcOptions {
 }
 
 impl TcOptions {
-    /// Straight tiles, delta inside dQ, one CTA a head.
+    /// Straight tiles, delta inside dQ, one CTA a head, one block a warp.
     pub const DEFAULT: TcOptions = TcOptions {
         straight_tiles: true,
         delta_in_dq: true,
         split: 1,
+        paired_rows: false,
     };
 
     /// The defaults, changed by the environment: `PRM_ATTENTION_STRAIGHT=0`,
-    /// `PRM_ATTENTION_DELTA_IN_DQ=0`, `PRM_ATTENTION_SPLIT=1..4` (other values are ignored).
+    /// `PRM_ATTENTION_DELTA_IN_DQ=0`, `PRM_ATTENTION_SPLIT=1..4`, `PRM_ATTENTION_PAIRS=1`
+    /// (other values are ignored).
     pub fn from_env() -> Self {
         Self::from_vars(|name| std::env::var(name).ok())
     }
@@ -927,21 +938,33 @@ impl TcOptions {
                 .and_then(|v| v.trim().parse::<u32>().ok())
                 .filter(|v| (1..=4).contains(v))
                 .unwrap_or(1),
+            paired_rows: var("PRM_ATTENTION_PAIRS").is_some_and(|v| v.trim() == "1"),
         }
     }
 }
 
-fn tc4_grid(seqlens_host: &[usize], heads: usize, split: u32) -> (u32, u32, u32) {
-    let max_blocks = seqlens_host.iter().copied().max().unwrap_or(0).div_ceil(16);
-    // No more CTAs than there are 4-block groups: the extra ones would exit at once.
-    let split = split.clamp(1, 4).min(max_blocks.div_ceil(4).max(1) as u32);
+fn tc4_grid(
+    seqlens_host: &[usize],
+    heads: usize,
+    split: u32,
+    blocks_per_warp: usize,
+) -> (u32, u32, u32) {
+    let max_units = seqlens_host
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .div_ceil(16 * blocks_per_warp);
+    // No more CTAs than there are groups of 4 warps' units: the extra ones would exit at once.
+    let split = split.clamp(1, 4).min(max_units.div_ceil(4).max(1) as u32);
     (split, heads as u32, seqlens_host.len() as u32)
 }
 
 /// Forward attention v4: [`attention_forward_tc3`]'s contract and bit-identical results. Each
 /// CTA (128 threads; [`TcOptions::split`] CTAs per head, default one) loads a head's keys and
-/// values into shared memory once and its 4 warps take the head's 16-query blocks in turn.
-/// Sequences longer than [`TC4_MAX_TOKENS`] run v3's kernel.
+/// values into shared memory once and its 4 warps take the head's 16-query blocks in turn (two
+/// at once with [`TcOptions::paired_rows`]). Sequences longer than [`TC4_MAX_TOKENS`] run v3's
+/// kernel.
 ///
 /// Panics (a programming error) for a mode [`tensor_core_v3_supports`] rejects.
 #[allow(clippy::too_many_arguments)]
@@ -975,11 +998,17 @@ pub fn attention_forward_tc4(
         tensor_core_v3_supports(mode, false),
         "attention v4 has no forward for {mode:?}; use attention_forward_f32"
     );
+    let (kernel, blocks_per_warp) = if options.paired_rows {
+        ("prm_attention_forward_tc4_pairs", 2)
+    } else {
+        ("prm_attention_forward_tc4", 1)
+    };
     launch_forward(
         dev,
-        "prm_attention_forward_tc4",
+        kernel,
         Grid::Resident {
             split: options.split,
+            blocks_per_warp,
         },
         smem,
         qkv,
@@ -998,7 +1027,7 @@ pub fn attention_forward_tc4(
 /// [`attention_backward_tc3_bf16_dout`]'s contract and bit-identical results. Three launches:
 /// v3's delta kernel, then dK/dV (each CTA holds a head's queries, output gradients and their
 /// statistics; its warps take the 16-key blocks) and dQ (keys and values resident; warps take
-/// the 16-query blocks). Sequences longer than [`TC4_MAX_TOKENS`] run v3's kernels.
+/// the 16-query blocks, two at once with [`TcOptions::paired_rows`]). Sequences longer than [`TC4_MAX_TOKENS`] run v3's kernels.
 ///
 /// Panics (a programming error) for a mode [`tensor_core_v3_supports`] rejects.
 #[allow(clippy::too_many_arguments)]
@@ -1034,16 +1063,21 @@ pub fn attention_backward_tc4_bf16_dout(
             options,
         );
     };
+    // Paired dQ blocks need no more CTAs than dK/dV's single blocks: dK/dV's grid covers both
+    // (a CTA with no pair exits at once).
+    let dq = if options.paired_rows {
+        "prm_attention_bwd_dq_tc4_pairs"
+    } else {
+        "prm_attention_bwd_dq_tc4"
+    };
     bf16_dout_backward(
         dev,
         "v4",
-        [
-            ("prm_attention_bwd_dkdv_tc4", smem_dkdv),
-            ("prm_attention_bwd_dq_tc4", smem_dq),
-        ],
+        [("prm_attention_bwd_dkdv_tc4", smem_dkdv), (dq, smem_dq)],
         None,
         Grid::Resident {
             split: options.split,
+            blocks_per_warp: 1,
         },
         (qkv, out, d_out, lse, cu_seqlens, seqlens_host),
         d_qkv,
