@@ -42,17 +42,19 @@
 //            through ldmatrix as in v3; held in registers they took 191):
 //            2·R·128 + 2·RS·4 + 4·4096 bytes, RS = 64·⌈T/64⌉; three CTAs fit an SM at 197
 //            tokens.
-//   paired   prm_attention_forward_tc4_pairs, prm_attention_bwd_dq_tc4_pairs
-//            (TcOptions::paired_rows): the forward and dQ with each warp running two 16-query
-//            blocks at once (pairs of blocks dealt out as single blocks are above), so each
-//            K and V fragment read from shared memory feeds two products, and a warp has two
-//            independent chains of work. Each row's arithmetic and order are unchanged: the
-//            same bits. 236 registers, (128, 2): two CTAs an SM (at three they spill).
+//   paired   prm_attention_forward_tc4_pairs, prm_attention_bwd_dq_tc4_pairs,
+//            prm_attention_bwd_dkdv_tc4_pairs (TcOptions::paired_rows): each warp runs two
+//            16-row blocks at once (pairs of blocks dealt out as single blocks are above), so
+//            each fragment read from the resident tiles feeds two products, and a warp has
+//            two independent chains of work. Each row's arithmetic and order are unchanged:
+//            the same bits. Forward and dQ 236 registers, dK/dV 242 (masked tiles only; its
+//            per-warp K and V blocks take 8 KiB a warp), all (128, 2): two CTAs an SM (at
+//            three they spill).
 // A warp's first block's own operand (Q / Q and dO fragments; the K and V tile in dK/dV) is
 // requested together with the resident tiles, so its latency hides behind theirs.
-// ptxas (nvcc 13.0, sm_90, no spills): forward 128 registers and dQ 126 (__launch_bounds__(128,
-// 4): four CTAs an SM at 197 tokens), dK/dV 153 ((128, 3); its 71,680 bytes of shared memory
-// allow three CTAs an SM).
+// ptxas (nvcc 13.0, sm_90, no spills; 2026-12-05): forward 122 registers and dQ 125
+// (__launch_bounds__(128, 4): four CTAs an SM at 197 tokens), dK/dV 168 ((128, 3); its 71,680
+// bytes of shared memory allow three CTAs an SM).
 // A CTA whose first block lies past its sequence's end exits before its only barrier. No
 // atomics; fixed reduction order; deterministic.
 #include "common.cuh"
@@ -606,7 +608,8 @@ extern "C" __global__ void __launch_bounds__(128, 3)
     float* sLse = reinterpret_cast<float*>(smem + 2 * R * V4_HD);  // log2 units
     float* sDelta = sLse + RS;
     // The warp's own key block, K then V (16 rows each): A fragments come from here, as in v3,
-    // which keeps this kernel at 128 registers (fragments held in registers took 191).
+    // which keeps this kernel within three CTAs' registers (fragments held in registers took
+    // 191).
     bf16* sKw = reinterpret_cast<bf16*>(sDelta + RS) + (threadIdx.x >> 5) * 2 * 16 * V4_HD;
     bf16* sVw = sKw + 16 * V4_HD;
     const int lane = threadIdx.x & 31;
@@ -696,3 +699,146 @@ extern "C" __global__ void __launch_bounds__(128, 3)
     }
 }
 PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc4);
+
+// acc[k] (16 × 32) = A_k · Mᵀ restricted to M rows m0 + half·32 .. +32, for k = 0, 1, with
+// A_k's fragments read from the warp's swizzled 16-row tiles sa and sa + 16 rows, sharing
+// each B fragment (v4_mma_abt_half_s's order for each).
+__device__ __forceinline__ void v4_mma_abt_half_s_pair(float acc[2][4][4], const bf16* sa, const bf16* sm, int m0,
+                                                       int half, int ncols) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        uint32_t a[2][4];
+        v4_frag_a(a[0], sa, 0, ks * 16);
+        v4_frag_a(a[1], sa + 16 * V4_HD, 0, ks * 16);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int np = half * 2 + j;
+            if (np * 16 >= ncols) continue;
+            uint32_t b[4];
+            v4_frag_bt(b, sm, m0 + np * 16, ks * 16);
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                prm_mma_bf16_16816(acc[k][2 * j], a[k], b);
+                prm_mma_bf16_16816(acc[k][2 * j + 1], a[k], b + 2);
+            }
+        }
+    }
+}
+
+// dK/dV with paired blocks (TcOptions::paired_rows): each warp runs the 16-key blocks 2p and
+// 2p + 1 at once (its K and V staged as two 16-row tiles each), sharing every Q and dO fragment
+// read from the resident tiles; each key's arithmetic is prm_attention_bwd_dkdv_tc4's, in its
+// order (a pair lies inside one 64-key tile, so under a causal mask both blocks start at the
+// same query tile, as each would alone). A pair whose second block lies past the sequence runs
+// it on zero rows (masked: P = 0) and stores nothing for it. Shared memory: the resident tiles
+// and statistics, and 8 KiB a warp; 242 registers, two CTAs an SM.
+extern "C" __global__ void __launch_bounds__(128, 2)
+    prm_attention_bwd_dkdv_tc4_pairs(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
+                                     const float* __restrict__ lse, const float* __restrict__ delta,
+                                     const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width,
+                                     int total, int causal, int /*straight: see below*/) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int row0 = cu_seqlens[seq];
+    const int T = cu_seqlens[seq + 1] - row0;
+    const int nblocks = (T + 15) / 16, R = nblocks * 16;
+    const int npairs = (nblocks + 1) / 2;
+    if ((int)blockIdx.x * V4_WARPS >= npairs) return;
+    bf16* sQ = smem;
+    bf16* sD = smem + R * V4_HD;
+    const int RS = (T + V4_TILE - 1) / V4_TILE * V4_TILE;
+    float* sLse = reinterpret_cast<float*>(smem + 2 * R * V4_HD);  // log2 units
+    float* sDelta = sLse + RS;
+    // The warp's two key blocks: K (two 16-row tiles), then V (two).
+    bf16* sKw = reinterpret_cast<bf16*>(sDelta + RS) + (threadIdx.x >> 5) * 4 * 16 * V4_HD;
+    bf16* sVw = sKw + 2 * 16 * V4_HD;
+    const int lane = threadIdx.x & 31;
+    const size_t ld = 3 * (size_t)width;
+    const bf16* base = qkv + (size_t)row0 * ld;
+    v4_load_resident(sQ, base + h * V4_HD, ld, R, T);
+    v4_load_resident(sD, d_out + (size_t)row0 * width + h * V4_HD, width, R, T);
+    auto load_pair = [&](int wk0) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            v4_load_warp_tile(sKw + k * 16 * V4_HD, base + width + h * V4_HD, ld, wk0 + 16 * k, T);
+            v4_load_warp_tile(sVw + k * 16 * V4_HD, base + 2 * width + h * V4_HD, ld, wk0 + 16 * k, T);
+        }
+    };
+    // The warp's first pair travels with the resident tiles.
+    if (V4_FIRST_BLOCK < npairs) load_pair(V4_FIRST_BLOCK * 32);
+    prm_cp_async_commit();
+    for (int q = threadIdx.x; q < RS; q += blockDim.x) {  // plain stores; the barrier publishes them
+        const bool ok = q < T;
+        sLse[q] = ok ? lse[(size_t)h * total + row0 + q] * PRM_ATT_LOG2E : 0.0f;
+        sDelta[q] = ok ? delta[(size_t)h * total + row0 + q] : 0.0f;
+    }
+    prm_cp_async_wait<0>();
+    __syncthreads();
+
+    for (int p = V4_FIRST_BLOCK; p < npairs; p += V4_BLOCK_STRIDE) {
+        const int wk0 = p * 32;
+        const int keys[2][2] = {{wk0 + (lane >> 2), wk0 + (lane >> 2) + 8},
+                                {wk0 + 16 + (lane >> 2), wk0 + 24 + (lane >> 2)}};
+        if (p != V4_FIRST_BLOCK) {
+            __syncwarp();  // every lane is past the previous pair's reads of sKw / sVw
+            load_pair(wk0);
+            prm_cp_async_commit();
+            prm_cp_async_wait<0>();
+            __syncwarp();  // the other lanes' copies are visible
+        }
+        const int qstart = causal ? (wk0 / V4_TILE) * V4_TILE : 0;
+        const int ntiles = (T - qstart + V4_TILE - 1) / V4_TILE;
+        float dk[2][8][4], dv[2][8][4];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            prm_att_zero<8>(dk[k]);
+            prm_att_zero<8>(dv[k]);
+        }
+        for (int it = 0; it < ntiles; ++it) {
+            const int q0 = qstart + it * V4_TILE;
+            const int qvalid = min(V4_TILE, T - q0);
+            const float* tl = sLse + q0;
+            const float* tdel = sDelta + q0;
+            // Every tile through the masked code: the straight-line whole tile (v4's FULL form)
+            // besides it spills at 255 registers.
+            {
+#pragma unroll 1
+                for (int half = 0; half < 2; ++half) {
+                    if (half * 32 >= qvalid) continue;
+                    uint32_t pb[2][2][4];
+                    {
+                        float st[2][4][4];
+                        prm_att_zero<4>(st[0]);
+                        prm_att_zero<4>(st[1]);
+                        v4_mma_abt_half_s_pair(st, sKw, sQ, q0, half, qvalid);  // Sᵀ = K·Qᵀ
+#pragma unroll
+                        for (int k = 0; k < 2; ++k)
+                            prm_att_dkdv_pt(pb[k], st[k], half, qvalid, causal, q0, keys[k], T, tl);
+                    }
+                    // dV += Pᵀ·dO
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+                        if ((half * 2 + j) * 16 < qvalid) {
+                            const uint32_t a[2][4] = {{pb[0][j][0], pb[0][j][1], pb[0][j][2], pb[0][j][3]},
+                                                      {pb[1][j][0], pb[1][j][1], pb[1][j][2], pb[1][j][3]}};
+                            v4_mma_ab_step_pair(dv, a, sD, q0 + (half * 2 + j) * 16);
+                        }
+                    float dpt[2][4][4];
+                    prm_att_zero<4>(dpt[0]);
+                    prm_att_zero<4>(dpt[1]);
+                    v4_mma_abt_half_s_pair(dpt, sVw, sD, q0, half, qvalid);  // dPᵀ = V·dOᵀ
+#pragma unroll
+                    for (int k = 0; k < 2; ++k) prm_att_dkdv_dst(dpt[k], pb[k], half, tdel);
+                    v4_mma_pb_half_pair(dk, dpt, sQ, q0, half, qvalid);  // dK += dSᵀ·Q
+                }
+            }
+        }
+        const float one[2] = {1.0f, 1.0f};
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, width + h * V4_HD, keys[k], T, dk[k], one);
+            prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, 2 * width + h * V4_HD, keys[k], T, dv[k], one);
+        }
+    }
+}
+PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc4_pairs);

@@ -80,7 +80,7 @@ run torch-pgd-compile $PY tools/torch_prm.py --mode compile --batch-size "$BATCH
 run prm-pgd-bf16-attn-v3 env PRM_ATTENTION=v3 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 run prm-pgd-bf16-attn-v4 env PRM_ATTENTION=v4 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 run prm-pgd-bf16-attn-v4-split2 env PRM_ATTENTION=v4 PRM_ATTENTION_SPLIT=2 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
-# v4 with each warp running two 16-query blocks at once in the forward and dQ (same bits).
+# v4 with each warp running two 16-row blocks at once (same bits).
 run prm-pgd-bf16-attn-v4-pairs env PRM_ATTENTION=v4 PRM_ATTENTION_PAIRS=1 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 # Not yet measured: v3 with every tile through the masked code (the straight-line whole tiles
 # off; same bits).

@@ -865,7 +865,7 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
 
 /// v4 (`attention_tc4.cu`, a whole head resident in shared memory) against v3: the same
 /// arithmetic in the same order, so the context, lse, delta and d_qkv must agree bit for bit,
-/// with every CTA split per head (1 to 4), and the forward's paired blocks (split 1 to 3), on
+/// with every CTA split per head (1 to 4), and paired blocks (split 1 to 3), on
 /// 197 tokens, a mixed batch of odd lengths (1, 5, 15, 16, 17, 63, 65 and the v4 limit of 256),
 /// ViT-B's width, causal masks, the q·qᵀ and k·kᵀ forwards, and a batch past the limit (which
 /// runs v3's kernels). The reference is v3 with its straight tiles off (every tile through the

@@ -149,7 +149,7 @@ fn the_engine_gives_the_same_bits_in_both_schedules() {
             ..DEFAULT
         },
         Variant {
-            name: "bf16 v4, paired query blocks, two CTAs per head",
+            name: "bf16 v4, paired blocks, two CTAs per head",
             attention: AttentionSetting::Fixed(
                 TensorCoreVersion::V4,
                 TcOptions {

@@ -185,8 +185,7 @@ impl ShapeBucket {
 /// The candidates `auto` times for `pass` on a bucket, the reference first: v3 with each
 /// option off in turn, then v4 with one and two CTAs a head where it applies, and four for
 /// batches of at most [`FEW_SEQUENCES`] sequences (one CTA a head would leave most SMs idle);
-/// then v4 with paired query blocks ([`TcOptions::paired_rows`]: the forward and dQ) on one
-/// and two CTAs a head.
+/// then v4 with paired blocks ([`TcOptions::paired_rows`]) on one and two CTAs a head.
 pub fn candidates(pass: AttentionPass, bucket: ShapeBucket) -> Vec<AttentionKernels> {
     let reference = AttentionKernels::REFERENCE;
     let with = |v4, change: fn(&mut TcOptions)| {

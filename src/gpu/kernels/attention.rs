@@ -871,8 +871,9 @@ fn launch_backward_kernel(
 pub const TC4_MAX_TOKENS: usize = 256;
 
 /// Dynamic shared memory of the v4 kernels for a longest sequence of `max_t` tokens, or `None`
-/// past [`TC4_MAX_TOKENS`]: (forward and dQ, dK/dV).
-fn tc4_smem(seqlens_host: &[usize]) -> Option<(u32, u32)> {
+/// past [`TC4_MAX_TOKENS`]: (forward and dQ, dK/dV), dK/dV's with `blocks_per_warp` key
+/// blocks a warp.
+fn tc4_smem(seqlens_host: &[usize], blocks_per_warp: usize) -> Option<(u32, u32)> {
     let max_t = seqlens_host.iter().copied().max().unwrap_or(0);
     if max_t > TC4_MAX_TOKENS {
         return None;
@@ -880,8 +881,10 @@ fn tc4_smem(seqlens_host: &[usize]) -> Option<(u32, u32)> {
     let rows = max_t.div_ceil(16) * 16;
     let stat_rows = max_t.div_ceil(TC_TILE) * TC_TILE;
     let resident = 2 * rows * HEAD_DIM * 2;
-    // dK/dV adds each query's lse and delta (fp32) and each warp's K and V block (16 rows).
-    let dkdv = resident + 2 * stat_rows * 4 + (THREADS as usize / 32) * 2 * 16 * HEAD_DIM * 2;
+    // dK/dV adds each query's lse and delta (fp32) and each warp's K and V blocks (16 rows
+    // each).
+    let warp_blocks = (THREADS as usize / 32) * blocks_per_warp * 2 * 16 * HEAD_DIM * 2;
+    let dkdv = resident + 2 * stat_rows * 4 + warp_blocks;
     Some((resident as u32, dkdv as u32))
 }
 
@@ -899,10 +902,11 @@ pub struct TcOptions {
     /// CTAs per (head, sequence) of the v4 kernels, 1 to 4 (clamped; `PRM_ATTENTION_SPLIT`).
     /// CTA `x` of `split` takes the 16-row blocks `4·x + warp + 4·split·j`.
     pub split: u32,
-    /// v4's forward and dQ run two 16-query blocks per warp at once (`PRM_ATTENTION_PAIRS=1`;
-    /// default off): each key and value fragment read from shared memory feeds both, at twice
-    /// the registers (two CTAs an SM instead of four). Warps then take pairs of blocks as
-    /// `split` says they take blocks. dK/dV is unchanged.
+    /// v4's kernels run two 16-row blocks per warp at once (`PRM_ATTENTION_PAIRS=1`; default
+    /// off): the forward and dQ two query blocks, dK/dV two key blocks. Each fragment read
+    /// from the resident tiles feeds both, at about twice the registers (two CTAs an SM
+    /// instead of four or three). Warps then take pairs of blocks as `split` says they take
+    /// blocks.
     pub paired_rows: bool,
 }
 
@@ -980,7 +984,7 @@ pub fn attention_forward_tc4(
     causal: bool,
     options: TcOptions,
 ) -> Result<(), GpuError> {
-    let Some((smem, _)) = tc4_smem(seqlens_host) else {
+    let Some((smem, _)) = tc4_smem(seqlens_host, 1) else {
         return attention_forward_tc3(
             dev,
             qkv,
@@ -1027,7 +1031,7 @@ pub fn attention_forward_tc4(
 /// [`attention_backward_tc3_bf16_dout`]'s contract and bit-identical results. Three launches:
 /// v3's delta kernel, then dK/dV (each CTA holds a head's queries, output gradients and their
 /// statistics; its warps take the 16-key blocks) and dQ (keys and values resident; warps take
-/// the 16-query blocks, two at once with [`TcOptions::paired_rows`]). Sequences longer than [`TC4_MAX_TOKENS`] run v3's kernels.
+/// the 16-query blocks); with [`TcOptions::paired_rows`] both take two blocks at once. Sequences longer than [`TC4_MAX_TOKENS`] run v3's kernels.
 ///
 /// Panics (a programming error) for a mode [`tensor_core_v3_supports`] rejects.
 #[allow(clippy::too_many_arguments)]
@@ -1046,7 +1050,8 @@ pub fn attention_backward_tc4_bf16_dout(
     causal: bool,
     options: TcOptions,
 ) -> Result<(), GpuError> {
-    let Some((smem_dq, smem_dkdv)) = tc4_smem(seqlens_host) else {
+    let blocks_per_warp = if options.paired_rows { 2 } else { 1 };
+    let Some((smem_dq, smem_dkdv)) = tc4_smem(seqlens_host, blocks_per_warp) else {
         return attention_backward_tc3_bf16_dout(
             dev,
             qkv,
@@ -1063,21 +1068,22 @@ pub fn attention_backward_tc4_bf16_dout(
             options,
         );
     };
-    // Paired dQ blocks need no more CTAs than dK/dV's single blocks: dK/dV's grid covers both
-    // (a CTA with no pair exits at once).
-    let dq = if options.paired_rows {
-        "prm_attention_bwd_dq_tc4_pairs"
+    let (dkdv, dq) = if options.paired_rows {
+        (
+            "prm_attention_bwd_dkdv_tc4_pairs",
+            "prm_attention_bwd_dq_tc4_pairs",
+        )
     } else {
-        "prm_attention_bwd_dq_tc4"
+        ("prm_attention_bwd_dkdv_tc4", "prm_attention_bwd_dq_tc4")
     };
     bf16_dout_backward(
         dev,
         "v4",
-        [("prm_attention_bwd_dkdv_tc4", smem_dkdv), (dq, smem_dq)],
+        [(dkdv, smem_dkdv), (dq, smem_dq)],
         None,
         Grid::Resident {
             split: options.split,
-            blocks_per_warp: 1,
+            blocks_per_warp,
         },
         (qkv, out, d_out, lse, cu_seqlens, seqlens_host),
         d_qkv,
