@@ -160,7 +160,7 @@ fi
 # The bf16 engine's default, PRM_ATTENTION=auto, times attention v4 on its first call, and v4
 # has not run on a GPU before 2026-12-05's bundle. Should it fault (which ends the CUDA
 # context, so the bit check cannot drop it), every later section's default rows would fail:
-# one short v4 attack first, and one with v4's paired query blocks (PRM_ATTENTION_PAIRS=1, new
+# one short v4 attack first, and one with v4's paired blocks (PRM_ATTENTION_PAIRS=1, new
 # in 2026-12-05's second bundle); on failure the rest of the check pins v3 (the rows that pin
 # v4 still show the failure). Skipped when the caller set PRM_ATTENTION.
 if [[ -z ${PRM_ATTENTION:-} ]] && { want attack || want timeline || want report; }; then

@@ -121,8 +121,8 @@ impl AttentionKernels {
 }
 
 /// Names the way `PRM_ATTENTION` and the option variables would: `v3`, `v3 delta-kernel`,
-/// `v4 split 2 masked-tiles`, `v4 split 1 pairs`. Only what the version reads is named (v3 has no split, v4
-/// forms delta with the delta kernel).
+/// `v4 split 2 masked-tiles`, `v4 split 1 pairs`. Only what the version reads is named (v3 has
+/// no split and no pairs, v4 forms delta with the delta kernel).
 impl fmt::Display for AttentionKernels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = self.options;
