@@ -47,6 +47,10 @@
 // of the last tile, not 64).
 //   forward  prm_attention_forward_tc3: one CTA per (64-query tile, head, sequence); Q tile
 //            resident, K/V tiles streamed. Dynamic shared memory 5 tiles = 46,080 B.
+//            prm_attention_forward_tc3_pairs (TcOptions::paired_rows): one CTA per 128-query
+//            tile, each warp running two 16-row blocks at once (each K/V fragment feeds two
+//            products); the same bits. 6 tiles = 55,296 B; 210 / 228 registers (sm_80 /
+//            sm_90), __launch_bounds__(128, 2).
 //   delta    prm_attention_delta_tc3: delta = rowsum(dO ⊙ O) and dO → bf16, one warp per 4
 //            (row, head) pairs; prm_attention_delta_bf16_tc3 when dO is already bf16 (delta
 //            only).
@@ -273,6 +277,146 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     prm_att_finish(out, lse, o, m, l, rows, T, row0, h, width, total);
 }
 PRM_REGISTER_KERNEL(prm_attention_forward_tc3);
+
+// acc[k] (16 × 64) = A_k · Mᵀ for the two 16-row blocks A_0 (rows arow0 .. +16 of `sa`) and
+// A_1 (the 16 rows after), sharing each B fragment of `sm`: v3_mma_abt's order for each. Only
+// n-tile pairs below `ncols` are formed; FULL: all.
+template <bool FULL = false>
+__device__ __forceinline__ void v3_mma_abt_pair(float acc[2][8][4], const bf16* sa, int arow0, const bf16* sm,
+                                                int ncols) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        uint32_t a[2][4];
+        v3_frag_a(a[0], sa, arow0, ks * 16);
+        v3_frag_a(a[1], sa, arow0 + 16, ks * 16);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            if (!FULL && np * 16 >= ncols) continue;
+            uint32_t b[4];
+            v3_frag_bt(b, sm, np * 16, ks * 16);
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                prm_mma_bf16_16816(acc[k][2 * np], a[k], b);
+                prm_mma_bf16_16816(acc[k][2 * np + 1], a[k], b + 2);
+            }
+        }
+    }
+}
+
+// acc[k] (16 × 64) += A_k · M for k = 0, 1, A_k the bf16 packing of p[k] (v3_mma_pb's order for
+// each), sharing each B fragment; k-steps at or past `kvalid` are skipped (FULL: none).
+template <bool FULL = false>
+__device__ __forceinline__ void v3_mma_pb_pair(float acc[2][8][4], const float p[2][8][4], const bf16* sm,
+                                               int kvalid) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        if (!FULL && ks * 16 >= kvalid) continue;
+        uint32_t a[2][4];
+        prm_att_pack_a(a[0], p[0][2 * ks], p[0][2 * ks + 1]);
+        prm_att_pack_a(a[1], p[1][2 * ks], p[1][2 * ks + 1]);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            uint32_t b[4];
+            v3_frag_b(b, sm, ks * 16, np * 16);
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                prm_mma_bf16_16816(acc[k][2 * np], a[k], b);
+                prm_mma_bf16_16816(acc[k][2 * np + 1], a[k], b + 2);
+            }
+        }
+    }
+}
+
+// The forward with paired blocks (TcOptions::paired_rows; v4's forward past its 256 tokens runs
+// it too): one CTA per (128-query tile, head, sequence), each warp running two 16-row blocks,
+// rows q0 + 32·warp .. +16 and the 16 after, at once, so each K and V fragment read from shared
+// memory feeds two products and the warp has two independent chains. Each row's arithmetic is
+// prm_attention_forward_tc3's, in its order: the same bits. Key tiles are v3's 64-key tiles,
+// streamed through the same two stages. Per block, the keys a tile offers are v3's: below the
+// end and (causal) up to the block's last row. The score products run to the second block's
+// count; the first block's extra columns are masked as in v3 (there they are never formed), and
+// its P is zero in them, so the extra k-steps of P·V add zero products. Under a causal mask a
+// warp skips the tiles past its second block's last row (the CTA's tiles reach 128 rows); a
+// pair's 32 rows start at a multiple of 32, so no tile it runs is past its first block's rows.
+// A second block past the sequence's end runs on zero rows and stores nothing. Shared memory:
+// Q 128 rows and two stages of K and V: 6 tiles = 55,296 B; (128, 2): two CTAs an SM.
+extern "C" __global__ void __launch_bounds__(128, 2)
+    prm_attention_forward_tc3_pairs(const bf16* __restrict__ qkv, const int* __restrict__ cu_seqlens,
+                                    bf16* __restrict__ out, float* __restrict__ lse, int width, int total, int mode,
+                                    int causal, int straight) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    bf16* sQ = smem;                      // two tiles: 128 rows
+    bf16* sK = smem + 2 * V3_TILE_ELEMS;  // two stages
+    bf16* sV = smem + 4 * V3_TILE_ELEMS;  // two stages
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int row0 = cu_seqlens[seq];
+    const int T = cu_seqlens[seq + 1] - row0;
+    const int q0 = blockIdx.x * 2 * V3_TILE;
+    if (q0 >= T) return;  // whole CTA, before any barrier
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const size_t ld = 3 * (size_t)width;
+    const bf16* base = qkv + (size_t)row0 * ld;
+    const bf16* gx = base + (mode == 2 ? width : 0) + h * V3_HD;
+    const bf16* gy = base + (mode == 1 ? 0 : width) + h * V3_HD;
+    const bf16* gv = base + 2 * width + h * V3_HD;
+    const int wq0 = q0 + warp * 32;
+    const bool active = wq0 < T;  // warp-uniform: the first block has rows
+    const int rows[2][2] = {{wq0 + (lane >> 2), wq0 + (lane >> 2) + 8},
+                            {wq0 + 16 + (lane >> 2), wq0 + 24 + (lane >> 2)}};
+    const int kend = causal ? min(T, q0 + 2 * V3_TILE) : T;
+    const int ntiles = (kend + V3_TILE - 1) / V3_TILE;
+
+    v3_load_tile(sQ, gx, ld, q0, T);
+    v3_load_tile(sQ + V3_TILE_ELEMS, gx, ld, q0 + V3_TILE, T);
+    v3_load_tile(sK, gy, ld, 0, T);
+    v3_load_tile(sV, gv, ld, 0, T);
+    prm_cp_async_commit();
+
+    float o[2][8][4];
+    prm_att_zero<8>(o[0]);
+    prm_att_zero<8>(o[1]);
+    float m[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};  // log2 units
+    float l[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    for (int kt = 0; kt < ntiles; ++kt) {
+        const int k0 = kt * V3_TILE, stage = kt & 1;
+        if (kt + 1 < ntiles) {
+            // The other stage was consumed in iteration kt − 1 (barrier at its end).
+            v3_load_tile(sK + (stage ^ 1) * V3_TILE_ELEMS, gy, ld, k0 + V3_TILE, T);
+            v3_load_tile(sV + (stage ^ 1) * V3_TILE_ELEMS, gv, ld, k0 + V3_TILE, T);
+            prm_cp_async_commit();
+            prm_cp_async_wait<1>();
+        } else {
+            prm_cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (active && !(causal && k0 > wq0 + 31)) {
+            // Keys of this tile each block needs (v3's count for that block).
+            const int kvalid = min(V3_TILE, kend - k0);
+            const int kv[2] = {causal ? min(kvalid, wq0 + 16 - k0) : kvalid,
+                               causal ? min(kvalid, wq0 + 32 - k0) : kvalid};
+            auto tile = [&](auto full) {
+                constexpr bool FULL = decltype(full)::value;
+                float s[2][8][4];
+                prm_att_zero<8>(s[0]);
+                prm_att_zero<8>(s[1]);
+                v3_mma_abt_pair<FULL>(s, sQ, warp * 32, sK + stage * V3_TILE_ELEMS, kv[1]);
+                prm_att_online_softmax<FULL>(s[0], m[0], l[0], o[0], kv[0], causal, k0, rows[0]);
+                prm_att_online_softmax<FULL>(s[1], m[1], l[1], o[1], kv[1], causal, k0, rows[1]);
+                v3_mma_pb_pair<FULL>(o, s, sV + stage * V3_TILE_ELEMS, kv[1]);
+            };
+            if (straight && kvalid == V3_TILE && !causal) {
+                tile(prm_flag<true>{});
+            } else {
+                tile(prm_flag<false>{});
+            }
+        }
+        __syncthreads();  // this stage is consumed before iteration kt + 1 refills it
+    }
+    if (!active) return;  // after the last barrier
+    prm_att_finish(out, lse, o[0], m[0], l[0], rows[0], T, row0, h, width, total);
+    prm_att_finish(out, lse, o[1], m[1], l[1], rows[1], T, row0, h, width, total);
+}
+PRM_REGISTER_KERNEL(prm_attention_forward_tc3_pairs);
 
 // Two adjacent elements of a row, widened to fp32 (bf16 widening is exact).
 __device__ __forceinline__ float2 v3_load_pair(const float* p) { return *reinterpret_cast<const float2*>(p); }

@@ -121,8 +121,8 @@ impl AttentionKernels {
 }
 
 /// Names the way `PRM_ATTENTION` and the option variables would: `v3`, `v3 delta-kernel`,
-/// `v4 split 2 masked-tiles`, `v4 split 1 pairs`. Only what the version reads is named (v3 has
-/// no split and no pairs, v4 forms delta with the delta kernel).
+/// `v4 split 2 masked-tiles`, `v4 split 1 pairs`, `v3 pairs`. Only what the version reads is
+/// named (v3 has no split, v4 forms delta with the delta kernel).
 impl fmt::Display for AttentionKernels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = self.options;
@@ -133,6 +133,9 @@ impl fmt::Display for AttentionKernels {
             }
         } else {
             write!(f, "v3")?;
+            if o.paired_rows {
+                write!(f, " pairs")?;
+            }
             if !o.delta_in_dq {
                 write!(f, " delta-kernel")?;
             }
@@ -185,7 +188,8 @@ impl ShapeBucket {
 /// The candidates `auto` times for `pass` on a bucket, the reference first: v3 with each
 /// option off in turn, then v4 with one and two CTAs a head where it applies, and four for
 /// batches of at most [`FEW_SEQUENCES`] sequences (one CTA a head would leave most SMs idle);
-/// then v4 with paired blocks ([`TcOptions::paired_rows`]) on one and two CTAs a head.
+/// then v4 with paired blocks ([`TcOptions::paired_rows`]) on one and two CTAs a head. Past
+/// v4's limit, the forward also tries v3's paired blocks.
 pub fn candidates(pass: AttentionPass, bucket: ShapeBucket) -> Vec<AttentionKernels> {
     let reference = AttentionKernels::REFERENCE;
     let with = |v4, change: fn(&mut TcOptions)| {
@@ -196,6 +200,9 @@ pub fn candidates(pass: AttentionPass, bucket: ShapeBucket) -> Vec<AttentionKern
     let mut list = vec![reference, with(false, |o| o.straight_tiles = false)];
     if pass == AttentionPass::Backward {
         list.push(with(false, |o| o.delta_in_dq = false));
+    } else if bucket.tokens > TC4_MAX_TOKENS {
+        // v3 has a paired form of its forward only; up to v4's limit v4's pairs stand for it.
+        list.push(with(false, |o| o.paired_rows = true));
     }
     if bucket.tokens <= TC4_MAX_TOKENS {
         list.push(with(true, |_| {}));
@@ -597,7 +604,11 @@ mod tests {
         );
         assert_eq!(
             names(AttentionPass::Forward, ShapeBucket::of(&[1201])),
-            ["v3", "v3 masked-tiles"]
+            ["v3", "v3 masked-tiles", "v3 pairs"]
+        );
+        assert_eq!(
+            names(AttentionPass::Backward, ShapeBucket::of(&[1201])),
+            ["v3", "v3 masked-tiles", "v3 delta-kernel"]
         );
         assert_eq!(
             names(AttentionPass::Forward, ShapeBucket::of(&[197; 16])),

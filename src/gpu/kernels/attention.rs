@@ -558,6 +558,8 @@ const TC3_TILE_BYTES: u32 = 64 * 72 * 2;
 /// Dynamic shared memory of the v3 kernels: Q + two stages of K and V; Q and dO + two stages
 /// of K and V; K and V + two stages of Q and dO and of their lse / delta (64 floats each).
 const TC3_FORWARD_SMEM: u32 = 5 * TC3_TILE_BYTES;
+/// The paired forward ([`TcOptions::paired_rows`]): a 128-row Q tile, two stages of K and V.
+const TC3_FORWARD_PAIRS_SMEM: u32 = 6 * TC3_TILE_BYTES;
 const TC3_DQ_SMEM: u32 = 6 * TC3_TILE_BYTES;
 const TC3_DKDV_SMEM: u32 = 6 * TC3_TILE_BYTES + 2 * 2 * 64 * 4;
 /// v3's dK/dV and dQ kernels with their shared memory, in launch order.
@@ -600,7 +602,8 @@ pub fn tensor_core_v3_supports(mode: AttentionMode, backward: bool) -> bool {
 /// `qkv [N, 3D]` into the bf16 context `out [N, D]` (the out-projection's operand), and fp32
 /// `lse [heads, N]`. Products take bf16 operands (P rounded to bf16) and accumulate in fp32;
 /// softmax statistics are fp32. One CTA of 128 threads per (64-query tile, head, sequence),
-/// 46,080 bytes of dynamic shared memory.
+/// 46,080 bytes of dynamic shared memory; with [`TcOptions::paired_rows`], per 128-query tile
+/// (each warp running two 16-row blocks at once; 55,296 bytes), with the same bits.
 ///
 /// Panics (a programming error, like a shape mismatch) for a mode
 /// [`tensor_core_v3_supports`] rejects.
@@ -621,11 +624,20 @@ pub fn attention_forward_tc3(
         tensor_core_v3_supports(mode, false),
         "attention v3 has no forward for {mode:?}; use attention_forward_f32"
     );
+    let (kernel, tile, smem) = if options.paired_rows {
+        (
+            "prm_attention_forward_tc3_pairs",
+            2 * TC_TILE,
+            TC3_FORWARD_PAIRS_SMEM,
+        )
+    } else {
+        ("prm_attention_forward_tc3", TC_TILE, TC3_FORWARD_SMEM)
+    };
     launch_forward(
         dev,
-        "prm_attention_forward_tc3",
-        Grid::Tiles(TC_TILE),
-        TC3_FORWARD_SMEM,
+        kernel,
+        Grid::Tiles(tile),
+        smem,
         qkv,
         cu_seqlens,
         seqlens_host,
@@ -902,11 +914,11 @@ pub struct TcOptions {
     /// CTAs per (head, sequence) of the v4 kernels, 1 to 4 (clamped; `PRM_ATTENTION_SPLIT`).
     /// CTA `x` of `split` takes the 16-row blocks `4·x + warp + 4·split·j`.
     pub split: u32,
-    /// v4's kernels run two 16-row blocks per warp at once (`PRM_ATTENTION_PAIRS=1`; default
-    /// off): the forward and dQ two query blocks, dK/dV two key blocks. Each fragment read
-    /// from the resident tiles feeds both, at about twice the registers (two CTAs an SM
-    /// instead of four or three). Warps then take pairs of blocks as `split` says they take
-    /// blocks.
+    /// Warps run two 16-row blocks at once (`PRM_ATTENTION_PAIRS=1`; default off): v4's
+    /// forward and dQ two query blocks, its dK/dV two key blocks, and v3's forward two query
+    /// blocks of a 128-query tile. Each fragment read from shared memory feeds both, at about
+    /// twice the registers (two CTAs an SM instead of four or three). v4's warps then take
+    /// pairs of blocks as `split` says they take blocks. v3's backward has no paired form.
     pub paired_rows: bool,
 }
 
