@@ -160,17 +160,19 @@ fi
 # The bf16 engine's default, PRM_ATTENTION=auto, times attention v4 on its first call, and v4
 # has not run on a GPU before 2026-12-05's bundle. Should it fault (which ends the CUDA
 # context, so the bit check cannot drop it), every later section's default rows would fail:
-# one short v4 attack first, and one with v4's paired blocks (PRM_ATTENTION_PAIRS=1, new
-# in 2026-12-05's second bundle); on failure the rest of the check pins v3 (the rows that pin
-# v4 still show the failure). Skipped when the caller set PRM_ATTENTION.
+# one short v4 attack first, then with paired blocks (PRM_ATTENTION_PAIRS=1, new in
+# 2026-12-05's second bundle) at 197 tokens (v4's) and at 640x480 (1,201 tokens: v3's paired
+# forward, which v4 runs past 256 tokens); on failure the rest of the check pins v3 (the rows
+# that pin v4 still show the failure). Skipped when the caller set PRM_ATTENTION.
 if [[ -z ${PRM_ATTENTION:-} ]] && { want attack || want timeline || want report; }; then
   s=$(date +%s.%N)
-  smoke() { # env assignments for the run
-    (cd "$ROOT" && env PRM_ATTENTION=v4 "$@" timeout "$(allow 30 $after_tests)" "$BUNDLE/prm" bench --device cuda \
-      --model random:vit-b-16 --precision bf16 --batch-size 4 --steps 1 --warmup 0 --repeats 1 \
-      --no-ceiling)
+  smoke() { # pairs (0 or 1), more prm bench arguments...
+    local pairs=$1; shift
+    (cd "$ROOT" && PRM_ATTENTION=v4 PRM_ATTENTION_PAIRS=$pairs timeout "$(allow 30 $after_tests)" "$BUNDLE/prm" bench \
+      --device cuda --model random:vit-b-16 --precision bf16 --batch-size 4 --steps 1 --warmup 0 --repeats 1 \
+      --no-ceiling "$@")
   }
-  { smoke PRM_ATTENTION_PAIRS=0 && smoke PRM_ATTENTION_PAIRS=1; } >"$LOGS/attention-v4-smoke.log" 2>&1
+  { smoke 0 && smoke 1 && smoke 1 --preset paper --image-size 640x480; } >"$LOGS/attention-v4-smoke.log" 2>&1
   rc=$?
   secs=$(awk -v s="$s" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')
   if [[ $rc -eq 0 ]]; then
