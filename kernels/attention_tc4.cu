@@ -801,36 +801,34 @@ extern "C" __global__ void __launch_bounds__(128, 2)
             const float* tdel = sDelta + q0;
             // Every tile through the masked code: the straight-line whole tile (v4's FULL form)
             // besides it spills at 255 registers.
-            {
 #pragma unroll 1
-                for (int half = 0; half < 2; ++half) {
-                    if (half * 32 >= qvalid) continue;
-                    uint32_t pb[2][2][4];
-                    {
-                        float st[2][4][4];
-                        prm_att_zero<4>(st[0]);
-                        prm_att_zero<4>(st[1]);
-                        v4_mma_abt_half_s_pair(st, sKw, sQ, q0, half, qvalid);  // Sᵀ = K·Qᵀ
+            for (int half = 0; half < 2; ++half) {
+                if (half * 32 >= qvalid) continue;
+                uint32_t pb[2][2][4];
+                {
+                    float st[2][4][4];
+                    prm_att_zero<4>(st[0]);
+                    prm_att_zero<4>(st[1]);
+                    v4_mma_abt_half_s_pair(st, sKw, sQ, q0, half, qvalid);  // Sᵀ = K·Qᵀ
 #pragma unroll
-                        for (int k = 0; k < 2; ++k)
-                            prm_att_dkdv_pt(pb[k], st[k], half, qvalid, causal, q0, keys[k], T, tl);
-                    }
-                    // dV += Pᵀ·dO
-#pragma unroll
-                    for (int j = 0; j < 2; ++j)
-                        if ((half * 2 + j) * 16 < qvalid) {
-                            const uint32_t a[2][4] = {{pb[0][j][0], pb[0][j][1], pb[0][j][2], pb[0][j][3]},
-                                                      {pb[1][j][0], pb[1][j][1], pb[1][j][2], pb[1][j][3]}};
-                            v4_mma_ab_step_pair(dv, a, sD, q0 + (half * 2 + j) * 16);
-                        }
-                    float dpt[2][4][4];
-                    prm_att_zero<4>(dpt[0]);
-                    prm_att_zero<4>(dpt[1]);
-                    v4_mma_abt_half_s_pair(dpt, sVw, sD, q0, half, qvalid);  // dPᵀ = V·dOᵀ
-#pragma unroll
-                    for (int k = 0; k < 2; ++k) prm_att_dkdv_dst(dpt[k], pb[k], half, tdel);
-                    v4_mma_pb_half_pair(dk, dpt, sQ, q0, half, qvalid);  // dK += dSᵀ·Q
+                    for (int k = 0; k < 2; ++k)
+                        prm_att_dkdv_pt(pb[k], st[k], half, qvalid, causal, q0, keys[k], T, tl);
                 }
+                // dV += Pᵀ·dO
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    if ((half * 2 + j) * 16 < qvalid) {
+                        const uint32_t a[2][4] = {{pb[0][j][0], pb[0][j][1], pb[0][j][2], pb[0][j][3]},
+                                                  {pb[1][j][0], pb[1][j][1], pb[1][j][2], pb[1][j][3]}};
+                        v4_mma_ab_step_pair(dv, a, sD, q0 + (half * 2 + j) * 16);
+                    }
+                float dpt[2][4][4];
+                prm_att_zero<4>(dpt[0]);
+                prm_att_zero<4>(dpt[1]);
+                v4_mma_abt_half_s_pair(dpt, sVw, sD, q0, half, qvalid);  // dPᵀ = V·dOᵀ
+#pragma unroll
+                for (int k = 0; k < 2; ++k) prm_att_dkdv_dst(dpt[k], pb[k], half, tdel);
+                v4_mma_pb_half_pair(dk, dpt, sQ, q0, half, qvalid);  // dK += dSᵀ·Q
             }
         }
         const float one[2] = {1.0f, 1.0f};
