@@ -47,9 +47,10 @@
 //            16-row blocks at once (pairs of blocks dealt out as single blocks are above), so
 //            each fragment read from the resident tiles feeds two products, and a warp has
 //            two independent chains of work. Each row's arithmetic and order are unchanged:
-//            the same bits. Forward and dQ 236 registers, dK/dV 242 (masked tiles only; its
-//            per-warp K and V blocks take 8 KiB a warp), all (128, 2): two CTAs an SM (at
-//            three they spill).
+//            the same bits. Forward 251 registers (with v3's straight-line whole tiles,
+//            TcOptions::straight_tiles), dQ 236 and dK/dV 242 (masked tiles only: their
+//            straight forms spill; dK/dV's per-warp K and V blocks take 8 KiB a warp), all
+//            (128, 2): two CTAs an SM (at three they spill).
 // A warp's first block's own operand (Q / Q and dO fragments; the K and V tile in dK/dV) is
 // requested together with the resident tiles, so its latency hides behind theirs.
 // ptxas (nvcc 13.0, sm_90, no spills; 2026-12-05): forward 122 registers and dQ 125
@@ -279,13 +280,14 @@ PRM_REGISTER_KERNEL(prm_attention_forward_tc4);
 
 // Two A blocks sharing each B fragment: acc[k] (16 × 64) = A_k · Mᵀ for k = 0, 1, each formed
 // in v4_mma_abt's order (n-tile pairs at or past `ncols` not formed).
+template <bool FULL = false>
 __device__ __forceinline__ void v4_mma_abt_pair(float acc[2][8][4], const uint32_t a[2][4][4], const bf16* sm, int m0,
                                                 int ncols) {
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
         for (int np = 0; np < 4; ++np) {
-            if (np * 16 >= ncols) continue;
+            if (!FULL && np * 16 >= ncols) continue;
             uint32_t b[4];
             v4_frag_bt(b, sm, m0 + np * 16, ks * 16);
 #pragma unroll
@@ -320,12 +322,14 @@ __device__ __forceinline__ void v4_mma_ab_step_pair(float acc[2][8][4], const ui
 // both blocks walk the key tiles up to the pair's last row; for the first block the extra keys
 // lie after its rows, so they are masked (P = 0) and change nothing, as the keys past a v4
 // block's last row do in v3's 64-query tiles. A pair whose second block lies past the sequence
-// runs it on zero rows and stores nothing for it. More registers (two blocks' scores and
-// accumulators): two CTAs an SM.
+// runs it on zero rows and stores nothing for it. Whole tiles with nothing masked run as
+// straight-line code (`straight`, as in v3's forward: fragment loads run ahead of the
+// products; the single-block v4 forward spills with it). More registers (two blocks' scores
+// and accumulators): two CTAs an SM.
 extern "C" __global__ void __launch_bounds__(128, 2)
     prm_attention_forward_tc4_pairs(const bf16* __restrict__ qkv, const int* __restrict__ cu_seqlens,
                                     bf16* __restrict__ out, float* __restrict__ lse, int width, int total, int mode,
-                                    int causal, int /*straight: as prm_attention_forward_tc4*/) {
+                                    int causal, int straight) {
     PRM_DYNAMIC_SHARED(bf16, smem);
     const int seq = blockIdx.z, h = blockIdx.y;
     const int row0 = cu_seqlens[seq];
@@ -369,19 +373,29 @@ extern "C" __global__ void __launch_bounds__(128, 2)
         for (int kt = 0; kt < ntiles; ++kt) {
             const int k0 = kt * V4_TILE;
             const int kvalid = min(V4_TILE, kend - k0);
-            float s[2][8][4];
-            prm_att_zero<8>(s[0]);
-            prm_att_zero<8>(s[1]);
-            v4_mma_abt_pair(s, qa, sY, k0, kvalid);
-            prm_att_online_softmax(s[0], m[0], l[0], o[0], kvalid, causal, k0, rows[0]);
-            prm_att_online_softmax(s[1], m[1], l[1], o[1], kvalid, causal, k0, rows[1]);
+            // FULL: a whole tile with nothing masked, as straight-line code (v3's form: no
+            // per-n-tile skips or masks, so fragment loads can run ahead of the products).
+            auto tile = [&](auto full) {
+                constexpr bool FULL = decltype(full)::value;
+                float s[2][8][4];
+                prm_att_zero<8>(s[0]);
+                prm_att_zero<8>(s[1]);
+                v4_mma_abt_pair<FULL>(s, qa, sY, k0, kvalid);
+                prm_att_online_softmax<FULL>(s[0], m[0], l[0], o[0], kvalid, causal, k0, rows[0]);
+                prm_att_online_softmax<FULL>(s[1], m[1], l[1], o[1], kvalid, causal, k0, rows[1]);
 #pragma unroll
-            for (int ks = 0; ks < 4; ++ks) {
-                if (ks * 16 >= kvalid) continue;
-                uint32_t a[2][4];
-                prm_att_pack_a(a[0], s[0][2 * ks], s[0][2 * ks + 1]);
-                prm_att_pack_a(a[1], s[1][2 * ks], s[1][2 * ks + 1]);
-                v4_mma_ab_step_pair(o, a, sV, k0 + ks * 16);
+                for (int ks = 0; ks < 4; ++ks) {
+                    if (!FULL && ks * 16 >= kvalid) continue;
+                    uint32_t a[2][4];
+                    prm_att_pack_a(a[0], s[0][2 * ks], s[0][2 * ks + 1]);
+                    prm_att_pack_a(a[1], s[1][2 * ks], s[1][2 * ks + 1]);
+                    v4_mma_ab_step_pair(o, a, sV, k0 + ks * 16);
+                }
+            };
+            if (straight && kvalid == V4_TILE && !causal) {
+                tile(prm_flag<true>{});
+            } else {
+                tile(prm_flag<false>{});
             }
         }
         prm_att_finish(out, lse, o[0], m[0], l[0], rows[0], T, row0, h, width, total);

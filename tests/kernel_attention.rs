@@ -988,6 +988,7 @@ fn v4_is_v3_bit_for_bit() {
                 (None, false, Schedule::Reverse),
                 (Some((2, false)), true, Schedule::Reverse),
                 (Some((2, true)), true, Schedule::Reverse),
+                (Some((1, true)), false, Schedule::Forward),
             ]
             .into_iter()
             .chain((1..=4).map(|split| (Some((split, false)), true, Schedule::Forward)))
