@@ -214,8 +214,9 @@ __device__ __forceinline__ void v4_mma_pb_half(float acc[8][4], const float p[4]
     }
 }
 
-// This CTA's first 16-row block and the stride between a warp's blocks: CTA x of `split` takes
-// blocks x·4 + warp, then + 4·split.
+// This warp's first 16-row block and the stride between a warp's blocks: CTA x of `split` takes
+// blocks x·4 + warp, then + 4·split. The paired kernels deal out pairs of blocks the same way
+// (the same macros count pairs there).
 #define V4_FIRST_BLOCK (blockIdx.x * V4_WARPS + (threadIdx.x >> 5))
 #define V4_BLOCK_STRIDE (V4_WARPS * gridDim.x)
 
