@@ -154,10 +154,7 @@ fn run(
 ) -> Run {
     let n: usize = lens.iter().sum();
     let heads = width / HD;
-    let mut cu = vec![0i32];
-    for &l in lens {
-        cu.push(cu.last().unwrap() + l as i32);
-    }
+    let cu = cu_seqlens(lens);
     let qkv_b = dev.upload(qkv).unwrap();
     let dout_b = dev.upload(d_out).unwrap();
     let cu_b = dev.upload(&cu).unwrap();
@@ -213,10 +210,7 @@ fn run_v3(
 ) -> Run {
     let n: usize = lens.iter().sum();
     let heads = width / HD;
-    let mut cu = vec![0i32];
-    for &l in lens {
-        cu.push(cu.last().unwrap() + l as i32);
-    }
+    let cu = cu_seqlens(lens);
     let qkv_b = dev.upload(&to_bf16(qkv)).unwrap();
     let dout_b = dev.upload(d_out).unwrap();
     let cu_b = dev.upload(&cu).unwrap();
@@ -266,6 +260,16 @@ fn run_v3(
             Vec::new()
         },
     }
+}
+
+/// The cumulative sequence starts the kernels take: `[0, l0, l0 + l1, ...]`.
+fn cu_seqlens(lens: &[usize]) -> Vec<i32> {
+    std::iter::once(0)
+        .chain(lens.iter().scan(0i32, |end, &l| {
+            *end += l as i32;
+            Some(*end)
+        }))
+        .collect()
 }
 
 fn to_bf16(v: &[f32]) -> Vec<bf16> {
@@ -763,10 +767,7 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
             let (qkv, d_out) = inputs(&lens, width, 77 + n as u64);
             let d_out_bf16 = to_bf16(&d_out);
             let d_out_exact: Vec<f32> = d_out_bf16.iter().map(|v| v.to_f32()).collect();
-            let mut cu = vec![0i32];
-            for &l in &lens {
-                cu.push(cu.last().unwrap() + l as i32);
-            }
+            let cu = cu_seqlens(&lens);
             let qkv_b = dev.upload(&to_bf16(&qkv)).unwrap();
             let cu_b = dev.upload(&cu).unwrap();
             let mut out = dev.alloc::<bf16>(n * width).unwrap();
@@ -898,10 +899,7 @@ fn v4_is_v3_bit_for_bit() {
             let n: usize = lens.iter().sum();
             let heads = width / HD;
             let (qkv, d_out) = inputs(lens, width, 90 + n as u64);
-            let mut cu = vec![0i32];
-            for &l in lens {
-                cu.push(cu.last().unwrap() + l as i32);
-            }
+            let cu = cu_seqlens(lens);
             let backward = tensor_core_v3_supports(mode, true);
             // (out, lse, delta, d_qkv) as bits, from v3 (v4 None) or v4 with that split and
             // paired blocks or not, with straight tiles on or off, under the simulator's forward
@@ -1046,10 +1044,7 @@ fn v3_pairs_is_v3_bit_for_bit() {
             let n: usize = lens.iter().sum();
             let heads = width / HD;
             let (qkv, _) = inputs(lens, width, 170 + n as u64);
-            let mut cu = vec![0i32];
-            for &l in lens {
-                cu.push(cu.last().unwrap() + l as i32);
-            }
+            let cu = cu_seqlens(lens);
             // (out, lse) as bits from v3 with paired blocks or not and straight tiles on or
             // off, under the simulator's forward or reverse schedule.
             let run = |paired_rows: bool, straight_tiles: bool, schedule: Schedule| {
