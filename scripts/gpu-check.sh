@@ -56,13 +56,13 @@ allow() { # cap reserve
   echo $l
 }
 # What the sections after the tests need at least: attack 30 s, timeline 60 s, report 150 s,
-# profile 90 s.
+# profile 110 s (the pgd profile, then the attention stall table of three versions).
 after_tests=0
 want attack && after_tests=$((after_tests + 30))
 want timeline && after_tests=$((after_tests + 60))
 want report && after_tests=$((after_tests + 150))
-want profile && after_tests=$((after_tests + 90))
-want stalls && ! want profile && after_tests=$((after_tests + 45))
+want profile && after_tests=$((after_tests + 110))
+want stalls && ! want profile && after_tests=$((after_tests + 60))
 
 if [[ -z $BUNDLE ]]; then
   if command -v cargo >/dev/null; then
@@ -262,7 +262,7 @@ fi
 # ---------------------------------------------------------------- benchmark report
 if want report; then
   echo "== report (scripts/gpu-report.sh; $(left) s left)"
-  reserve=0; want stalls && reserve=45; want profile && reserve=90
+  reserve=0; want stalls && reserve=60; want profile && reserve=110
   DEADLINE=$(( $(date +%s) + $(allow 100000 $reserve) )) bash "$ROOT/scripts/gpu-report.sh" "$BUNDLE/prm" "$WORK/report" \
     >"$LOGS/report.txt" 2>"$LOGS/report.err"
   cp "$WORK"/report/*.json "$WORK"/report/*.err "$LOGS/" 2>/dev/null
@@ -347,14 +347,15 @@ PY
 # average number of warps stalled on each reason per issued instruction (Nsight Compute's
 # warp-state breakdown), largest first. Its own ncu run, so a metric this ncu lacks loses this
 # table only.
-attention_stalls() { # secs   (v3, the default, then v4: half the time each)
+attention_stalls() { # secs   (v3, then v4 with paired blocks, then v4: a third of the time each)
   local version csv
   echo "== profile: attention stall reasons (ncu, ${1}s)"
-  for version in v3 v4; do
+  for version in v3 v4-pairs v4; do
   csv=$LOGS/ncu-attention-$version.csv
   # Past the clean forward's 12 and 8 of the step's 12 forwards: 4 forwards, then the
   # backward's dK/dV and dQ launches (the delta kernel is left out).
-  (cd "$ROOT" && PRM_ATTENTION=$version PRM_NO_GRAPHS=1 timeout "$(($1 / 2))" "$NCU" --clock-control none \
+  (cd "$ROOT" && PRM_ATTENTION=${version%-pairs} PRM_ATTENTION_PAIRS=$([[ $version == *-pairs ]] && echo 1 || echo 0) \
+    PRM_NO_GRAPHS=1 timeout "$(($1 / 3))" "$NCU" --clock-control none \
     -k "regex:prm_attention_(forward|bwd)" --launch-skip 20 --launch-count 10 \
     --metrics "gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
     --csv "$BUNDLE/prm" bench --device cuda --model random:vit-b-16 --precision bf16 --warmup 0 --repeats 1 \
@@ -364,7 +365,7 @@ import csv, sys, collections
 rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
 print(f"attention {sys.argv[2]} kernels, pgd batch 64 (4 forwards, 3 dK/dV, 3 dQ of one step): occupancy and stall reasons")
 if not rows:
-    print("  ncu produced no rows (see ncu-attention.err)"); sys.exit()
+    print(f"  ncu produced no rows (see {sys.argv[1][:-4]}.err)"); sys.exit()
 head = rows[0]
 k, m, v, u = (head.index(c) for c in ("Kernel Name", "Metric Name", "Metric Value", "Metric Unit"))
 to_us = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
@@ -396,8 +397,8 @@ if want profile || want stalls; then
     echo "no ncu: no per-kernel profile" >"$LOGS/profile.txt"
   elif ! want profile; then
     # `--only stalls`: the attention stall table alone (a short recheck of attention kernels).
-    secs_allowed=$(allow 90 5)
-    if (( secs_allowed >= 30 )); then
+    secs_allowed=$(allow 120 5)
+    if (( secs_allowed >= 45 )); then
       attention_stalls "$secs_allowed"
     else
       echo "out of time: no attention stall table" >"$LOGS/profile.txt"
@@ -409,8 +410,8 @@ if want profile || want stalls; then
     else
       profile_run "pgd: batch 64, 224 px, clean forward + 1 step + final evaluation" "$LOGS/ncu-pgd.csv" \
         "$secs_allowed" --batch-size 64 --steps 1
-      secs_allowed=$(allow 90 15)
-      if (( secs_allowed >= 30 )); then
+      secs_allowed=$(allow 120 15)
+      if (( secs_allowed >= 45 )); then
         echo >>"$LOGS/profile.txt"
         attention_stalls "$secs_allowed"
       fi
