@@ -957,6 +957,15 @@ impl TcOptions {
             paired_rows: var("PRM_ATTENTION_PAIRS").is_some_and(|v| v.trim() == "1"),
         }
     }
+
+    /// The 16-row blocks a v4 warp takes at a time: two with [`Self::paired_rows`].
+    fn blocks_per_warp(self) -> usize {
+        if self.paired_rows {
+            2
+        } else {
+            1
+        }
+    }
 }
 
 fn tc4_grid(
@@ -1014,17 +1023,17 @@ pub fn attention_forward_tc4(
         tensor_core_v3_supports(mode, false),
         "attention v4 has no forward for {mode:?}; use attention_forward_f32"
     );
-    let (kernel, blocks_per_warp) = if options.paired_rows {
-        ("prm_attention_forward_tc4_pairs", 2)
+    let kernel = if options.paired_rows {
+        "prm_attention_forward_tc4_pairs"
     } else {
-        ("prm_attention_forward_tc4", 1)
+        "prm_attention_forward_tc4"
     };
     launch_forward(
         dev,
         kernel,
         Grid::Resident {
             split: options.split,
-            blocks_per_warp,
+            blocks_per_warp: options.blocks_per_warp(),
         },
         smem,
         qkv,
@@ -1062,7 +1071,7 @@ pub fn attention_backward_tc4_bf16_dout(
     causal: bool,
     options: TcOptions,
 ) -> Result<(), GpuError> {
-    let blocks_per_warp = if options.paired_rows { 2 } else { 1 };
+    let blocks_per_warp = options.blocks_per_warp();
     let Some((smem_dq, smem_dkdv)) = tc4_smem(seqlens_host, blocks_per_warp) else {
         return attention_backward_tc3_bf16_dout(
             dev,
