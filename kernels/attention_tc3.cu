@@ -48,8 +48,8 @@
 //   forward  prm_attention_forward_tc3: one CTA per (64-query tile, head, sequence); Q tile
 //            resident, K/V tiles streamed. Dynamic shared memory 5 tiles = 46,080 B.
 //            prm_attention_forward_tc3_pairs (TcOptions::paired_rows): one CTA per 128-query
-//            tile, each warp running two 16-row blocks at once (each K/V fragment feeds two
-//            products); the same bits. 6 tiles = 55,296 B; 210 / 228 registers (sm_80 /
+//            tile, each warp running two 16-row blocks at once (each K/V fragment feeds both
+//            blocks' products); the same bits. 6 tiles = 55,296 B; 210 / 228 registers (sm_80 /
 //            sm_90), __launch_bounds__(128, 2).
 //   delta    prm_attention_delta_tc3: delta = rowsum(dO ⊙ O) and dO → bf16, one warp per 4
 //            (row, head) pairs; prm_attention_delta_bf16_tc3 when dO is already bf16 (delta
@@ -330,8 +330,8 @@ __device__ __forceinline__ void v3_mma_pb_pair(float acc[2][8][4], const float p
 // The forward with paired blocks (TcOptions::paired_rows; v4's forward past its 256 tokens runs
 // it too): one CTA per (128-query tile, head, sequence), each warp running two 16-row blocks,
 // rows q0 + 32·warp .. +16 and the 16 after, at once, so each K and V fragment read from shared
-// memory feeds two products and the warp has two independent chains. Each row's arithmetic is
-// prm_attention_forward_tc3's, in its order: the same bits. Key tiles are v3's 64-key tiles,
+// memory feeds both blocks' products and the warp has two independent chains. Each row's
+// arithmetic is prm_attention_forward_tc3's, in its order: the same bits. Key tiles are v3's 64-key tiles,
 // streamed through the same two stages. Per block, the keys a tile offers are v3's: below the
 // end and (causal) up to the block's last row. The score products run to the second block's
 // count; the first block's extra columns are masked as in v3 (there they are never formed), and

@@ -45,12 +45,12 @@
 //   paired   prm_attention_forward_tc4_pairs, prm_attention_bwd_dq_tc4_pairs,
 //            prm_attention_bwd_dkdv_tc4_pairs (TcOptions::paired_rows): each warp runs two
 //            16-row blocks at once (pairs of blocks dealt out as single blocks are above), so
-//            each fragment read from the resident tiles feeds two products, and a warp has
-//            two independent chains of work. Each row's arithmetic and order are unchanged:
-//            the same bits. Forward 251 registers (with v3's straight-line whole tiles,
-//            TcOptions::straight_tiles), dQ 236 and dK/dV 242 (masked tiles only: their
-//            straight forms spill; dK/dV's per-warp K and V blocks take 8 KiB a warp), all
-//            (128, 2): two CTAs an SM (at three they spill).
+//            each fragment read from the resident tiles feeds both blocks' products (four
+//            m16n8k16 instead of two), and a warp has two independent chains of work. Each
+//            row's arithmetic and order are unchanged: the same bits. Forward 251 registers
+//            (with v3's straight-line whole tiles, TcOptions::straight_tiles), dQ 236 and
+//            dK/dV 242 (masked tiles only: their straight forms spill; dK/dV's per-warp K and
+//            V blocks take 8 KiB a warp), all (128, 2): two CTAs an SM (at three they spill).
 // A warp's first block's own operand (Q / Q and dO fragments; the K and V tile in dK/dV) is
 // requested together with the resident tiles, so its latency hides behind theirs.
 // ptxas (nvcc 13.0, sm_90, no spills; 2026-12-05): forward 122 registers and dQ 125
@@ -317,7 +317,7 @@ __device__ __forceinline__ void v4_mma_ab_step_pair(float acc[2][8][4], const ui
 
 // The forward with paired blocks (TcOptions::paired_rows): each warp runs two 16-row blocks,
 // 2p and 2p + 1, at once (pairs p = x·4 + warp, then + 4·split), so every key and value
-// fragment read from shared memory feeds two products instead of one, and the warp has two
+// fragment read from shared memory feeds both blocks' products, and the warp has two
 // independent chains (one block's softmax while the other's products run). Each row's
 // arithmetic is prm_attention_forward_tc4's, in its order: the same bits. Under a causal mask
 // both blocks walk the key tiles up to the pair's last row; for the first block the extra keys
@@ -476,7 +476,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 }
 PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc4);
 
-// acc (16 × 32) = A_k · Mᵀ restricted to M rows m0 + half·32 .. +32, for k = 0, 1, sharing
+// acc[k] (16 × 32) = A_k · Mᵀ restricted to M rows m0 + half·32 .. +32, for k = 0, 1, sharing
 // each B fragment (v4_mma_abt_half's order for each).
 __device__ __forceinline__ void v4_mma_abt_half_pair(float acc[2][4][4], const uint32_t a[2][4][4], const bf16* sm,
                                                      int m0, int half, int ncols) {
