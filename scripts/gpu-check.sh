@@ -2,7 +2,9 @@
 # The GPU machine's one command: every bundled test against the real device, `prm attack
 # --device cuda` on the samples, device timelines of four bench attacks and of a `prm attack`
 # run (`--timeline`, `--device-timeline`: kernel time in place and the idle gaps between
-# kernels), the benchmark report against PyTorch (scripts/gpu-report.sh), a per-kernel profile
+# kernels), the benchmark report against PyTorch (scripts/gpu-report.sh), prm's pgd attack set
+# beside PyTorch's by kind of work (tools/kernel_groups.py on the timelines and the torch rows'
+# kernel tables), a per-kernel profile
 # of one pgd step (Nsight Compute) and the attention kernels' occupancy and stall reasons,
 # inside a time budget, then one table. Lent GPU time is short (15 minutes a session, machine
 # start included), so sections run in order of what matters and each gets at most what is left
@@ -224,11 +226,12 @@ if want timeline; then
   }
   # Graphs off with attention pinned to v3 (the kernels of fba7e63's timeline), then the
   # default (PRM_ATTENTION=auto: tuned during the warm-up attack; the rows name the kernels it
-  # chose) with graphs on, then v4 pinned.
+  # chose) with graphs on, and with graphs off (every kernel its own row; v4 pinned is a report
+  # row, and the tuning lines time every candidate).
   PRM_ATTENTION=v3 timeline_run pgd-direct "pgd: batch 64, 224 px, 10 steps, graphs off, attention v3" \
     --batch-size 64 --steps 10 --graphs off
   timeline_run pgd-graphs "pgd: batch 64, 224 px, 10 steps, graphs on, attention auto" --batch-size 64 --steps 10 --graphs on
-  PRM_ATTENTION=v4 timeline_run pgd-v4 "pgd: batch 64, 224 px, 10 steps, graphs off, attention v4" \
+  timeline_run pgd-auto "pgd: batch 64, 224 px, 10 steps, graphs off, attention auto" \
     --batch-size 64 --steps 10 --graphs off
   timeline_run paper-b1 "paper: batch 1, 640x480, 20 AdamW steps, dynamic scale" --preset paper \
     --image-size 640x480 --batch-size 1 --steps 20
@@ -266,6 +269,19 @@ if want report; then
   DEADLINE=$(( $(date +%s) + $(allow 100000 $reserve) )) bash "$ROOT/scripts/gpu-report.sh" "$BUNDLE/prm" "$WORK/report" \
     >"$LOGS/report.txt" 2>"$LOGS/report.err"
   cp "$WORK"/report/*.json "$WORK"/report/*.err "$LOGS/" 2>/dev/null
+fi
+
+# ---------------------------------------------------------------- prm against torch by kind of work
+# The device time of one pgd attack (batch 64, 10 steps) summed by kind of work (products,
+# attention forward and backward, LayerNorm, ...): prm's timelines above against the kernels
+# torch_prm.py profiled in the report's torch rows (--kernels). Costs no device time.
+groups=()
+for pair in "prm v3=timeline-pgd-direct.json" "prm auto=timeline-pgd-auto.json" \
+  "torch eager bf16=torch-pgd-eager-bf16-kernels.json" "torch.compile=torch-pgd-compile-kernels.json"; do
+  [[ -f $LOGS/${pair#*=} ]] && groups+=("${pair%%=*}=$LOGS/${pair#*=}")
+done
+if (( ${#groups[@]} > 0 )); then
+  python3 "$ROOT/tools/kernel_groups.py" "${groups[@]}" >"$LOGS/groups.txt" 2>&1
 fi
 
 # ---------------------------------------------------------------- per-kernel profile
@@ -436,6 +452,7 @@ fi
   fi
   [[ -f $LOGS/report.txt ]] && { echo; cat "$LOGS/report.txt"; grep -E "failed|skipped" "$LOGS/report.err" | sed "s|$WORK/report/|logs/|" | head -n 16; }
   [[ -f $LOGS/timeline.txt ]] && { echo; cat "$LOGS/timeline.txt"; }
+  [[ -f $LOGS/groups.txt ]] && { echo; echo "pgd attack, batch 64, 10 steps: device time by kind of work (logs/groups.txt lists the largest kernels)"; sed '/^$/q' "$LOGS/groups.txt"; }
   [[ -f $LOGS/profile.txt ]] && { echo; cat "$LOGS/profile.txt"; }
   [[ $failed -eq 0 ]] && echo "all checks passed" || echo "$failed check(s) FAILED"
 } | tee "$LOGS/summary.txt"

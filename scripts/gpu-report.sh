@@ -69,10 +69,10 @@ B="$PRM bench --device cuda --json --model random:vit-b-16"
 PAPER="--preset paper --image-size 640x480"
 # The targets first: prm bf16 against torch eager bf16, torch.compile and the faithful paper loop.
 run prm-pgd-bf16 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
-run torch-pgd-eager-bf16 $PY tools/torch_prm.py --mode eager-bf16 --batch-size "$BATCH" --steps 10
+run torch-pgd-eager-bf16 $PY tools/torch_prm.py --mode eager-bf16 --batch-size "$BATCH" --steps 10 --kernels "$OUT/torch-pgd-eager-bf16-kernels.json"
 run prm-paper-bf16-b$PAPER_BATCH $B --precision bf16 $PAPER --batch-size "$PAPER_BATCH" --warmup 0 --repeats 1 --no-ceiling
 run torch-paper-fp32-b1 $PY tools/torch_prm.py --mode paper --repeats 1 --warmup 1
-run torch-pgd-compile $PY tools/torch_prm.py --mode compile --batch-size "$BATCH" --steps 10
+run torch-pgd-compile $PY tools/torch_prm.py --mode compile --batch-size "$BATCH" --steps 10 --kernels "$OUT/torch-pgd-compile-kernels.json"
 # The default is PRM_ATTENTION=auto (since 2026-12-05: v3 and v4 and their options timed per
 # shape, the fastest kept; the JSON's "attention" field has the timings). Pinned: v3 (the
 # default until then, the kernels timed at fba7e63), and v4 (a head resident in shared memory;
@@ -169,7 +169,7 @@ for name in ("prm-pgd-bf16", "prm-paper-bf16-b1", f"prm-paper-bf16-b{pb}"):
         times = ", ".join(f"{c['kernels']} {c['us_per_call']:.1f}" if c["us_per_call"] is not None
                           else f"{c['kernels']} dropped" for c in t["candidates"])
         print(f"{name}: auto {t['pass']} on {t['timed_on']['sequences']} x {t['timed_on']['longest']} tokens: "
-              f"{t['chosen']} ({times})")
+              f"{t['chosen']} ({times}; tuned in {1e3 * t.get('tuning_seconds', float('nan')):.1f} ms)")
         for d in t["dropped"]:
             print(f"{name}: DROPPED {d}")
 r = get("prm-pgd-bf16")

@@ -546,6 +546,13 @@ fn auto_attention_tunes_each_bucket_once_with_v3s_bits() {
                 t.candidates.iter().any(|(k, _)| k.v4),
                 "{what}: v4 is a candidate"
             );
+            // The tuning's wall time covers at least its timed calls.
+            let timed_us: f64 = t.candidates.iter().filter_map(|(_, us)| *us).sum();
+            assert!(
+                t.seconds.is_finite() && t.seconds * 1e6 >= timed_us,
+                "{what}: tuned in {} s, timed {timed_us} µs",
+                t.seconds
+            );
         }
         // The same bucket again: nothing more is timed.
         run(&auto, &clean_v, &adv_v);

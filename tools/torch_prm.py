@@ -20,6 +20,10 @@ Every mode prints one JSON object with the fields `prm bench --json` prints:
 image_steps_per_s, images_per_s, tflops (analytic FLOP count, the same formula as prm), and
 ceiling_tflops (a bf16 GEMM measured in this process), peak_memory_bytes (max allocated), plus what was run.
 
+--kernels FILE (GPU modes) profiles one more whole attack after the timed ones and writes every
+CUDA kernel, copy and fill of it to FILE as {"kernels": [{"name", "calls", "us"}, ...]}, the
+input of tools/kernel_groups.py, which sets it beside prm's device timeline by kind of work.
+
 Timing: CUDA events around whole attacks (clean forward + all steps) after warm-up attacks; the
 median of --repeats. Inputs are random, never zeros.
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -208,6 +213,48 @@ def time_attacks(run, warmup, repeats):
     return statistics.median(times), times
 
 
+def write_kernel_table(run, path: str, mode: str) -> dict:
+    """Profiles one whole attack (CUDA activity only) and writes its device operations, summed
+    by name, to `path` (atomically). Returns what the JSON row reports of it."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    # The Chrome trace is the profiler's most stable form across versions: device kernels,
+    # copies and fills are complete events of these categories.
+    fd, trace_path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(trace_path)
+        with open(trace_path) as f:
+            trace = json.load(f)
+    finally:
+        os.unlink(trace_path)
+    return kernel_table_of(trace, path, mode)
+
+
+def kernel_table_of(trace: dict, path: str, mode: str) -> dict:
+    table: dict[str, list] = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            row = table.setdefault(e["name"], [0, 0.0])
+            row[0] += 1
+            row[1] += float(e.get("dur", 0.0))
+    rows = sorted(table.items(), key=lambda kv: -kv[1][1])
+    doc = {"engine": "torch", "mode": mode,
+           "kernels": [{"name": n, "calls": c, "us": us} for n, (c, us) in rows]}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+    return {"kernels_file": path, "kernels_device_ms": sum(us for _, (_, us) in rows) / 1e3,
+            "kernels_launches": sum(c for _, (c, _) in rows)}
+
+
 def parse_size(s: str):
     if "x" in s:
         w, h = s.lower().split("x")
@@ -227,8 +274,13 @@ def main(argv=None):
     ap.add_argument("--step-size", type=float, default=2 / 255)
     ap.add_argument("--warmup", type=int, default=2, help="untimed whole attacks first")
     ap.add_argument("--repeats", type=int, default=5, help="timed whole attacks (median)")
+    ap.add_argument("--kernels", metavar="FILE", default=None,
+                    help="after timing, profile one more attack and write its kernels to FILE "
+                         "(for tools/kernel_groups.py; GPU modes)")
     a = ap.parse_args(argv)
     if a.mode == "cpu-fp32":
+        if a.kernels:
+            raise SystemExit("--kernels profiles CUDA kernels: not with --mode cpu-fp32")
         return main_cpu(a)
     if not torch.cuda.is_available():
         raise SystemExit("torch_prm.py needs a CUDA device (or --mode cpu-fp32)")
@@ -285,6 +337,9 @@ def main(argv=None):
         "peak_memory_bytes": torch.cuda.max_memory_allocated(),
     })
     res["ceiling_fraction"] = res["tflops"] / ceiling
+    if a.kernels:
+        # After the timing, so the profiler's own cost is in no timed attack.
+        res.update(write_kernel_table(run, a.kernels, a.mode))
     print(json.dumps(res))
     sys.stdout.flush()
 

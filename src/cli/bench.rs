@@ -405,12 +405,13 @@ fn print_attention_tuning(report: &serde_json::Value) {
             })
             .collect();
         println!(
-            "  {} on {} sequences of up to {} tokens: {} (µs a call: {})",
+            "  {} on {} sequences of up to {} tokens: {} (µs a call: {}; tuned in {:.1} ms)",
             t["pass"].as_str().unwrap_or("?"),
             t["timed_on"]["sequences"],
             t["timed_on"]["longest"],
             t["chosen"].as_str().unwrap_or("?"),
-            candidates.join(", ")
+            candidates.join(", "),
+            t["tuning_seconds"].as_f64().unwrap_or(f64::NAN) * 1e3
         );
     }
 }

@@ -235,6 +235,10 @@ pub struct AttentionTuning {
     /// Why candidates were dropped (different bits, or a failed launch).
     pub dropped: Vec<String>,
     pub chosen: AttentionKernels,
+    /// Host wall time of the whole tuning, in seconds: every candidate's check (a download of
+    /// the outputs each), the timed rounds and the final run of the choice. This is what
+    /// `auto` adds to the first call of a bucket.
+    pub seconds: f64,
 }
 
 impl AttentionTuning {
@@ -249,13 +253,15 @@ impl AttentionTuning {
                 .map_or_else(|| "-".into(), |us| format!("{us:.1}"))
         };
         let mut line = format!(
-            "attention {} on {} sequence(s) of up to {} tokens: {} ({} µs a call; v3 {} µs)",
+            "attention {} on {} sequence(s) of up to {} tokens: {} ({} µs a call; v3 {} µs; \
+             tuned in {:.1} ms)",
             self.pass.name(),
             self.timed_on.0,
             self.timed_on.1,
             self.chosen,
             us(self.chosen),
             us(AttentionKernels::REFERENCE),
+            self.seconds * 1e3,
         );
         if !self.dropped.is_empty() {
             line += &format!("; dropped: {}", self.dropped.join("; "));
@@ -276,6 +282,7 @@ impl AttentionTuning {
             })).collect::<Vec<_>>(),
             "dropped": self.dropped,
             "chosen": self.chosen.to_string(),
+            "tuning_seconds": self.seconds,
         })
     }
 }
@@ -319,6 +326,7 @@ pub fn tune(
     seqlens: &[usize],
     mut call: impl FnMut(CallStep) -> Result<Vec<u8>, GpuError>,
 ) -> Result<AttentionTuning, GpuError> {
+    let started = std::time::Instant::now();
     let bucket = ShapeBucket::of(seqlens);
     let list = candidates(pass, bucket);
     let (rounds, repeats) = if dev.is_sim() {
@@ -383,6 +391,11 @@ pub fn tune(
             .collect(),
         dropped,
         chosen,
+        // The final run is queued, not finished: wait for it, so the time is the tuning's.
+        seconds: {
+            dev.synchronize()?;
+            started.elapsed().as_secs_f64()
+        },
     })
 }
 
