@@ -62,11 +62,19 @@
 //            after it: no delta kernel (PRM_ATTENTION_DELTA_IN_DQ=0 brings it back).
 //   dK/dV    prm_attention_bwd_dkdv_tc3: one CTA per (64-key tile, head, sequence); K and V
 //            resident, Q/dO tiles and their lse/delta streamed. 6 tiles + 1 KB = 56,320 B.
+//   paired backward (TcOptions::paired_rows): prm_attention_bwd_dq_tc3_pairs,
+//            prm_attention_bwd_dq_delta_tc3_pairs (one CTA per 128-query tile; 8 tiles =
+//            73,728 B) and prm_attention_bwd_dkdv_tc3_pairs (one CTA per 128-key tile; 8 tiles
+//            + 1 KB = 74,752 B): each warp runs two 16-row blocks at once, as the paired
+//            forward does; the same bits. Straight tiles when both blocks are whole. ptxas
+//            (sm_80 / sm_90), no spills: dQ 228 / 236, dQ with delta 231 / 240, dK/dV 243 / 254
+//            registers; __launch_bounds__(128, 2).
 // The backward kernels form scores 32 columns at a time (two halves of the 64-wide tile) so
 // that at most 128 registers are live. ptxas (nvcc 13.0, sm_80 / sm_90), no spills:
 //   forward 117 / 118 registers, dQ 128 / 127 (with delta 128 / 128), dK/dV 128 / 128,
 //   delta 19 / 19;
-// with __launch_bounds__(128, 4) and ≤ 56.3 KB of shared memory each, 4 CTAs fit on an SM.
+// with __launch_bounds__(128, 4) and ≤ 56.3 KB of shared memory each, 4 CTAs fit on an SM (the
+// paired kernels: (128, 2), ≤ 73 KB, 2 CTAs).
 // CTAs whose tile starts past their sequence's end exit before any barrier. No atomics; fixed
 // reduction order; deterministic.
 #include "common.cuh"
@@ -752,3 +760,354 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, 2 * width + h * V3_HD, keys, T, dv, one);
 }
 PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc3);
+
+// ---------------------------------------------------------------------------------------------
+// The backward with paired blocks (TcOptions::paired_rows): one CTA per 128-row tile, each warp
+// running two 16-row blocks (rows or keys 32·warp .. +16 of the tile and the 16 after) at once,
+// so that every fragment of the streamed tiles read from shared memory feeds both blocks'
+// products, and the warp has two independent chains. Each row's (dQ) or key's (dK/dV)
+// arithmetic is the single-block kernel's, in its order: the same bits.
+// ---------------------------------------------------------------------------------------------
+
+// acc[k] (16 × 32) = A_k · Mᵀ restricted to M rows half·32 .. +32, for A_0 rows arow0 .. +16 of
+// `sa` and A_1 the 16 after, sharing each B fragment of `sm` (v3_mma_abt_half's order for each).
+template <bool FULL = false>
+__device__ __forceinline__ void v3_mma_abt_half_pair(float acc[2][4][4], const bf16* sa, int arow0, const bf16* sm,
+                                                     int half, int ncols) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        uint32_t a[2][4];
+        v3_frag_a(a[0], sa, arow0, ks * 16);
+        v3_frag_a(a[1], sa, arow0 + 16, ks * 16);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int np = half * 2 + j;
+            if (!FULL && np * 16 >= ncols) continue;
+            uint32_t b[4];
+            v3_frag_bt(b, sm, np * 16, ks * 16);
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                prm_mma_bf16_16816(acc[k][2 * j], a[k], b);
+                prm_mma_bf16_16816(acc[k][2 * j + 1], a[k], b + 2);
+            }
+        }
+    }
+}
+
+// acc[k] (16 × 64) += A_k · M[ks·16 .. +16, :] for k = 0, 1, sharing each B fragment
+// (v3_mma_ab_step's order for each).
+__device__ __forceinline__ void v3_mma_ab_step_pair(float acc[2][8][4], const uint32_t a[2][4], const bf16* sm,
+                                                    int ks) {
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        v3_frag_b(b, sm, ks * 16, np * 16);
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            prm_mma_bf16_16816(acc[k][2 * np], a[k], b);
+            prm_mma_bf16_16816(acc[k][2 * np + 1], a[k], b + 2);
+        }
+    }
+}
+
+// acc[k] (16 × 64) += A_k · M[half·32 .. +32, :], A_k the bf16 packing of p[k] (16 × 32), for
+// k = 0, 1; k-steps at or past `kvalid` skipped (FULL: none). v3_mma_pb_half's order for each.
+template <bool FULL = false>
+__device__ __forceinline__ void v3_mma_pb_half_pair(float acc[2][8][4], const float p[2][4][4], const bf16* sm,
+                                                    int half, int kvalid) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int ks = half * 2 + j;
+        if (!FULL && ks * 16 >= kvalid) continue;
+        uint32_t a[2][4];
+        prm_att_pack_a(a[0], p[0][2 * j], p[0][2 * j + 1]);
+        prm_att_pack_a(a[1], p[1][2 * j], p[1][2 * j + 1]);
+        v3_mma_ab_step_pair(acc, a, sm, ks);
+    }
+}
+
+// dQ with paired blocks: one CTA per (128-query tile, head, sequence); Q and dO resident (two
+// tiles each), K and V streamed through two stages, as v3_bwd_dq does for 64 queries. Per
+// block, the keys a tile offers are v3_bwd_dq's: below the end and (causal) up to the block's
+// last row. The products run to the second block's count: the first block's extra keys lie
+// after its rows, where dS = 0, and adding those zero products changes nothing. Under a causal
+// mask a warp skips the tiles past its second block's last row; a pair starts at a multiple of
+// 32, so no tile it runs lies wholly past its first block. WITH_DELTA: delta formed for both
+// blocks' rows from the resident dO and the context, as v3_bwd_dq does for one.
+template <bool WITH_DELTA>
+__device__ __forceinline__ void v3_bwd_dq_pairs(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
+                                                const float* __restrict__ lse, float* __restrict__ delta,
+                                                const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv,
+                                                int width, int total, int causal, int straight,
+                                                const bf16* __restrict__ out, bf16* smem) {
+    bf16* sQ = smem;                      // two tiles: 128 rows
+    bf16* sD = smem + 2 * V3_TILE_ELEMS;  // two tiles: 128 rows
+    bf16* sK = smem + 4 * V3_TILE_ELEMS;  // two stages
+    bf16* sV = smem + 6 * V3_TILE_ELEMS;  // two stages
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int row0 = cu_seqlens[seq];
+    const int T = cu_seqlens[seq + 1] - row0;
+    const int q0 = blockIdx.x * 2 * V3_TILE;
+    if (q0 >= T) return;  // whole CTA, before any barrier
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const size_t ld = 3 * (size_t)width;
+    const bf16* base = qkv + (size_t)row0 * ld;
+    const bf16* gq = base + h * V3_HD;
+    const bf16* gd = d_out + (size_t)row0 * width + h * V3_HD;
+    const bf16* gk = base + width + h * V3_HD;
+    const bf16* gv = base + 2 * width + h * V3_HD;
+    const int wq0 = q0 + warp * 32;
+    const bool active = wq0 < T;  // warp-uniform: the first block has rows
+    const int rows[2][2] = {{wq0 + (lane >> 2), wq0 + (lane >> 2) + 8},
+                            {wq0 + 16 + (lane >> 2), wq0 + 24 + (lane >> 2)}};
+    const int kend = causal ? min(T, q0 + 2 * V3_TILE) : T;
+    const int ntiles = (kend + V3_TILE - 1) / V3_TILE;
+
+    v3_load_tile(sQ, gq, ld, q0, T);
+    v3_load_tile(sQ + V3_TILE_ELEMS, gq, ld, q0 + V3_TILE, T);
+    v3_load_tile(sD, gd, width, q0, T);
+    v3_load_tile(sD + V3_TILE_ELEMS, gd, width, q0 + V3_TILE, T);
+    v3_load_tile(sK, gk, ld, 0, T);
+    v3_load_tile(sV, gv, ld, 0, T);
+    prm_cp_async_commit();
+
+    float lse2[2][2], row_delta[2][2];  // lse in log2 units
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const bool ok = rows[k][r] < T;
+            lse2[k][r] = ok ? lse[(size_t)h * total + row0 + rows[k][r]] * PRM_ATT_LOG2E : 0.0f;
+            row_delta[k][r] = (!WITH_DELTA && ok) ? delta[(size_t)h * total + row0 + rows[k][r]] : 0.0f;
+        }
+    float dq[2][8][4];
+    prm_att_zero<8>(dq[0]);
+    prm_att_zero<8>(dq[1]);
+    for (int kt = 0; kt < ntiles; ++kt) {
+        const int k0 = kt * V3_TILE, stage = kt & 1;
+        if (kt + 1 < ntiles) {
+            v3_load_tile(sK + (stage ^ 1) * V3_TILE_ELEMS, gk, ld, k0 + V3_TILE, T);
+            v3_load_tile(sV + (stage ^ 1) * V3_TILE_ELEMS, gv, ld, k0 + V3_TILE, T);
+            prm_cp_async_commit();
+            prm_cp_async_wait<1>();
+        } else {
+            prm_cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (WITH_DELTA && active && kt == 0) {
+            // v3_bwd_dq's delta, for each block's 16 rows in turn (the first tile is never
+            // skipped). Unrolled: row_delta[k] indexed at run time would live in local memory.
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                const int b0 = wq0 + 16 * k;
+                float2 o[16];
+#pragma unroll
+                for (int r = 0; r < 16; ++r) {
+                    const size_t at = (size_t)(row0 + b0 + r) * width + h * V3_HD + 2 * lane;
+                    o[r] = b0 + r < T ? v3_load_pair(out + at) : make_float2(0.0f, 0.0f);
+                }
+#pragma unroll
+                for (int r = 0; r < 16; ++r) {
+                    if (b0 + r < T) {  // warp-uniform
+                        const float2 d = v3_load_pair(sD + (warp * 32 + 16 * k + r) * V3_LD + 2 * lane);
+                        const float v = prm_warp_sum(fmaf(d.y, o[r].y, d.x * o[r].x));
+                        if (lane == 0) delta[(size_t)h * total + row0 + b0 + r] = v;
+                        if (r == (lane >> 2)) row_delta[k][0] = v;
+                        if (r == (lane >> 2) + 8) row_delta[k][1] = v;
+                    }
+                }
+            }
+        }
+        if (active && !(causal && k0 > wq0 + 31)) {
+            const int kvalid = min(V3_TILE, kend - k0);
+            const int kv[2] = {causal ? min(kvalid, wq0 + 16 - k0) : kvalid,
+                               causal ? min(kvalid, wq0 + 32 - k0) : kvalid};
+            const bf16* tk = sK + stage * V3_TILE_ELEMS;
+            const bf16* tv = sV + stage * V3_TILE_ELEMS;
+            auto tile = [&](auto full) {
+                constexpr bool FULL = decltype(full)::value;
+#pragma unroll 1
+                for (int half = 0; half < 2; ++half) {
+                    if (!FULL && half * 32 >= kv[1]) continue;
+                    float s[2][4][4], dp[2][4][4];
+#pragma unroll
+                    for (int k = 0; k < 2; ++k) {
+                        prm_att_zero<4>(s[k]);
+                        prm_att_zero<4>(dp[k]);
+                    }
+                    v3_mma_abt_half_pair<FULL>(s, sQ, warp * 32, tk, half, kv[1]);   // S = Q·Kᵀ
+                    v3_mma_abt_half_pair<FULL>(dp, sD, warp * 32, tv, half, kv[1]);  // dP = dO·Vᵀ
+#pragma unroll
+                    for (int k = 0; k < 2; ++k)
+                        prm_att_dq_ds<FULL>(s[k], dp[k], half, kv[k], causal, k0, rows[k], T, lse2[k], row_delta[k]);
+                    v3_mma_pb_half_pair<FULL>(dq, s, tk, half, kv[1]);  // dQ += dS·K
+                }
+            };
+            if (straight && kvalid == V3_TILE && !causal && wq0 + 32 <= T) {
+                tile(prm_flag<true>{});
+            } else {
+                tile(prm_flag<false>{});
+            }
+        }
+        __syncthreads();
+    }
+    if (!active) return;  // after the last barrier
+    const float one[2] = {1.0f, 1.0f};
+#pragma unroll
+    for (int k = 0; k < 2; ++k) prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, h * V3_HD, rows[k], T, dq[k], one);
+}
+
+// dQ with paired blocks after the delta kernel (delta read).
+extern "C" __global__ void __launch_bounds__(128, 2)
+    prm_attention_bwd_dq_tc3_pairs(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
+                                   const float* __restrict__ lse, const float* __restrict__ delta,
+                                   const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width, int total,
+                                   int causal, int straight) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    v3_bwd_dq_pairs<false>(qkv, d_out, lse, const_cast<float*>(delta), cu_seqlens, d_qkv, width, total, causal,
+                           straight, nullptr, smem);
+}
+PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc3_pairs);
+
+// dQ with paired blocks, forming delta itself and writing it for the dK/dV kernel after it.
+extern "C" __global__ void __launch_bounds__(128, 2)
+    prm_attention_bwd_dq_delta_tc3_pairs(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
+                                         const float* __restrict__ lse, float* __restrict__ delta,
+                                         const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width,
+                                         int total, int causal, int straight, const bf16* __restrict__ out) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    v3_bwd_dq_pairs<true>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal, straight, out, smem);
+}
+PRM_REGISTER_KERNEL(prm_attention_bwd_dq_delta_tc3_pairs);
+
+// dK/dV with paired blocks: one CTA per (128-key tile, head, sequence); K and V resident (two
+// tiles each), Q/dO tiles and their lse/delta streamed through two stages, as
+// prm_attention_bwd_dkdv_tc3 does for 64 keys. A pair lies inside one 64-key tile, so both
+// blocks start at the query tile v3 starts them at: under a causal mask the CTA streams from
+// its first key on, and a warp skips the query tiles that lie wholly before its keys. A second
+// block past the sequence's end runs on zero rows (masked: P = 0) and stores nothing. Both
+// causal skips, here and in the paired dQ, only save work: a tile they skip would add zero
+// products.
+extern "C" __global__ void __launch_bounds__(128, 2)
+    prm_attention_bwd_dkdv_tc3_pairs(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
+                                     const float* __restrict__ lse, const float* __restrict__ delta,
+                                     const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width,
+                                     int total, int causal, int straight) {
+    PRM_DYNAMIC_SHARED(bf16, smem);
+    bf16* sK = smem;                      // two tiles: 128 keys
+    bf16* sV = smem + 2 * V3_TILE_ELEMS;  // two tiles: 128 keys
+    bf16* sQ = smem + 4 * V3_TILE_ELEMS;  // two stages
+    bf16* sD = smem + 6 * V3_TILE_ELEMS;  // two stages
+    float* sLse = reinterpret_cast<float*>(smem + 8 * V3_TILE_ELEMS);  // two stages of 64, log2 units
+    float* sDelta = sLse + 2 * V3_TILE;                                 // two stages of 64
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int row0 = cu_seqlens[seq];
+    const int T = cu_seqlens[seq + 1] - row0;
+    const int k0 = blockIdx.x * 2 * V3_TILE;
+    if (k0 >= T) return;  // whole CTA, before any barrier
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const size_t ld = 3 * (size_t)width;
+    const bf16* base = qkv + (size_t)row0 * ld;
+    const bf16* gq = base + h * V3_HD;
+    const bf16* gd = d_out + (size_t)row0 * width + h * V3_HD;
+    const int wk0 = k0 + warp * 32;
+    const bool active = wk0 < T;  // warp-uniform: the first block has keys
+    const int keys[2][2] = {{wk0 + (lane >> 2), wk0 + (lane >> 2) + 8},
+                            {wk0 + 16 + (lane >> 2), wk0 + 24 + (lane >> 2)}};
+    // Causal: queries before this CTA's first key see none of its keys.
+    const int qstart = causal ? k0 : 0;
+    const int ntiles = (T - qstart + V3_TILE - 1) / V3_TILE;
+
+    auto load_stats = [&](int st, int q0) {
+        if (threadIdx.x < V3_TILE) {
+            const int q = q0 + threadIdx.x;
+            const bool ok = q < T;
+            sLse[st * V3_TILE + threadIdx.x] = ok ? lse[(size_t)h * total + row0 + q] * PRM_ATT_LOG2E : 0.0f;
+            sDelta[st * V3_TILE + threadIdx.x] = ok ? delta[(size_t)h * total + row0 + q] : 0.0f;
+        }
+    };
+
+    v3_load_tile(sK, base + width + h * V3_HD, ld, k0, T);
+    v3_load_tile(sK + V3_TILE_ELEMS, base + width + h * V3_HD, ld, k0 + V3_TILE, T);
+    v3_load_tile(sV, base + 2 * width + h * V3_HD, ld, k0, T);
+    v3_load_tile(sV + V3_TILE_ELEMS, base + 2 * width + h * V3_HD, ld, k0 + V3_TILE, T);
+    v3_load_tile(sQ, gq, ld, qstart, T);
+    v3_load_tile(sD, gd, width, qstart, T);
+    prm_cp_async_commit();
+    load_stats(0, qstart);
+
+    float dk[2][8][4], dv[2][8][4];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        prm_att_zero<8>(dk[k]);
+        prm_att_zero<8>(dv[k]);
+    }
+    for (int it = 0; it < ntiles; ++it) {
+        const int q0 = qstart + it * V3_TILE, stage = it & 1;
+        if (it + 1 < ntiles) {
+            v3_load_tile(sQ + (stage ^ 1) * V3_TILE_ELEMS, gq, ld, q0 + V3_TILE, T);
+            v3_load_tile(sD + (stage ^ 1) * V3_TILE_ELEMS, gd, width, q0 + V3_TILE, T);
+            prm_cp_async_commit();
+            load_stats(stage ^ 1, q0 + V3_TILE);
+            prm_cp_async_wait<1>();
+        } else {
+            prm_cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (active && !(causal && q0 + V3_TILE <= wk0)) {
+            const int qvalid = min(V3_TILE, T - q0);
+            const bf16* tq = sQ + stage * V3_TILE_ELEMS;
+            const bf16* td = sD + stage * V3_TILE_ELEMS;
+            const float* tl = sLse + stage * V3_TILE;
+            const float* tdel = sDelta + stage * V3_TILE;
+            // FULL: a whole tile, both blocks' 32 keys below T, nothing masked.
+            auto tile = [&](auto full) {
+                constexpr bool FULL = decltype(full)::value;
+#pragma unroll 1
+                for (int half = 0; half < 2; ++half) {
+                    if (!FULL && half * 32 >= qvalid) continue;
+                    // Pᵀ = exp(K·Qᵀ/8 − lse), rounded to bf16 once: it feeds dV and dS.
+                    uint32_t pb[2][2][4];
+                    {
+                        float st[2][4][4];
+                        prm_att_zero<4>(st[0]);
+                        prm_att_zero<4>(st[1]);
+                        v3_mma_abt_half_pair<FULL>(st, sK, warp * 32, tq, half, qvalid);  // Sᵀ = K·Qᵀ
+#pragma unroll
+                        for (int k = 0; k < 2; ++k)
+                            prm_att_dkdv_pt<FULL>(pb[k], st[k], half, qvalid, causal, q0, keys[k], T, tl);
+                    }
+                    // dV += Pᵀ·dO
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+                        if (FULL || (half * 2 + j) * 16 < qvalid) {
+                            const uint32_t a[2][4] = {{pb[0][j][0], pb[0][j][1], pb[0][j][2], pb[0][j][3]},
+                                                      {pb[1][j][0], pb[1][j][1], pb[1][j][2], pb[1][j][3]}};
+                            v3_mma_ab_step_pair(dv, a, td, half * 2 + j);
+                        }
+                    float dpt[2][4][4];
+                    prm_att_zero<4>(dpt[0]);
+                    prm_att_zero<4>(dpt[1]);
+                    v3_mma_abt_half_pair<FULL>(dpt, sV, warp * 32, td, half, qvalid);  // dPᵀ = V·dOᵀ
+#pragma unroll
+                    for (int k = 0; k < 2; ++k) prm_att_dkdv_dst(dpt[k], pb[k], half, tdel);
+                    v3_mma_pb_half_pair<FULL>(dk, dpt, tq, half, qvalid);  // dK += dSᵀ·Q
+                }
+            };
+            if (straight && qvalid == V3_TILE && !causal && wk0 + 32 <= T) {
+                tile(prm_flag<true>{});
+            } else {
+                tile(prm_flag<false>{});
+            }
+        }
+        __syncthreads();
+    }
+    if (!active) return;  // after the last barrier
+    const float one[2] = {1.0f, 1.0f};
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, width + h * V3_HD, keys[k], T, dk[k], one);
+        prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, 2 * width + h * V3_HD, keys[k], T, dv[k], one);
+    }
+}
+PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc3_pairs);

@@ -276,6 +276,11 @@ fn to_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
+/// `v` rounded to bf16 and back: f32 values that bf16 holds exactly.
+fn bf16_values(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
+}
+
 fn inputs(lens: &[usize], width: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let n: usize = lens.iter().sum();
     let mut d = Draw::new(seed);
@@ -1007,13 +1012,15 @@ fn v4_is_v3_bit_for_bit() {
     }
 }
 
-/// v3's paired forward (`TcOptions::paired_rows`: 128-query tiles, two 16-row blocks a warp)
-/// against v3's forward: the same arithmetic per row in the same order, so the context and lse
-/// must agree bit for bit, on 1,201 tokens (the paper preset's 640×480), odd lengths around
-/// the 64- and 128-row tiles (1, 63, 65, 127, 128, 129, 300), causal masks (a 128-row tile
-/// holds keys past its first half's rows), the q·qᵀ and k·kᵀ forwards and ViT-B's width, under
-/// both simulator schedules. The reference is v3 with straight tiles off; the paired kernel
-/// runs with them on and off.
+/// v3's paired kernels (`TcOptions::paired_rows`: 128-row tiles, two 16-row blocks a warp)
+/// against v3's: the same arithmetic per row (forward, dQ) and per key (dK/dV) in the same
+/// order, so the context, lse, delta and d_qkv must agree bit for bit, on 1,201 tokens (the
+/// paper preset's 640×480), odd lengths around the 64- and 128-row tiles (1, 63, 65, 127, 128,
+/// 129, 300), causal masks (a 128-row tile holds keys past its first half's rows, and a 128-key
+/// tile queries before its second half's keys), the q·qᵀ and k·kᵀ forwards and ViT-B's width,
+/// under both simulator schedules. The reference is v3 with straight tiles off and delta
+/// formed in dQ; the paired kernels run with straight tiles on and off, with delta in dQ and
+/// by the delta kernel, and through the fp32-dO backward (its own delta kernel).
 #[test]
 fn v3_pairs_is_v3_bit_for_bit() {
     type Case = (Vec<usize>, usize, AttentionMode, bool);
@@ -1043,11 +1050,13 @@ fn v3_pairs_is_v3_bit_for_bit() {
             let (lens, width, mode, causal) = (lens.as_slice(), *width, *mode, *causal);
             let n: usize = lens.iter().sum();
             let heads = width / HD;
-            let (qkv, _) = inputs(lens, width, 170 + n as u64);
+            let (qkv, d_out) = inputs(lens, width, 170 + n as u64);
             let cu = cu_seqlens(lens);
-            // (out, lse) as bits from v3 with paired blocks or not and straight tiles on or
-            // off, under the simulator's forward or reverse schedule.
-            let run = |paired_rows: bool, straight_tiles: bool, schedule: Schedule| {
+            let backward = tensor_core_v3_supports(mode, true);
+            // (out, lse, delta, d_qkv) as bits from v3 with these options, the backward from
+            // bf16 dO (or fp32 dO: `f32_dout`), under the simulator's forward or reverse
+            // schedule.
+            let run = |options: TcOptions, f32_dout: bool, schedule: Schedule| {
                 let dev = if dev.is_sim() {
                     Device::sim_with_schedule(schedule)
                 } else {
@@ -1055,40 +1064,92 @@ fn v3_pairs_is_v3_bit_for_bit() {
                 };
                 let qkv_b = dev.upload(&to_bf16(&qkv)).unwrap();
                 let cu_b = dev.upload(&cu).unwrap();
-                let options = TcOptions {
-                    straight_tiles,
-                    paired_rows,
-                    ..TcOptions::default()
-                };
                 let mut out = dev.alloc::<bf16>(n * width).unwrap();
                 let mut lse = dev.alloc::<f32>(heads * n).unwrap();
+                let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
+                let mut d_qkv = dev.alloc::<bf16>(n * 3 * width).unwrap();
                 dev.poison(&mut out).unwrap();
                 dev.poison(&mut lse).unwrap();
+                dev.poison(&mut delta).unwrap();
+                dev.poison(&mut d_qkv).unwrap();
                 attention_forward_tc3(
                     &dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal, options,
                 )
                 .unwrap();
-                let out = dev.download(&out).unwrap();
-                let lse = dev.download(&lse).unwrap();
+                if backward && f32_dout {
+                    // d_out's values are bf16-exact, so both dO paths see the same operand.
+                    let dout_b = dev.upload(&bf16_values(&d_out)).unwrap();
+                    let mut dout_bf16 = dev.alloc::<bf16>(n * width).unwrap();
+                    dev.poison(&mut dout_bf16).unwrap();
+                    attention_backward_tc3(
+                        &dev,
+                        &qkv_b,
+                        &out,
+                        &dout_b,
+                        &lse,
+                        &cu_b,
+                        lens,
+                        &mut d_qkv,
+                        &mut delta,
+                        &mut dout_bf16,
+                        width,
+                        mode,
+                        causal,
+                        options,
+                    )
+                    .unwrap();
+                } else if backward {
+                    let dout_b = dev.upload(&to_bf16(&d_out)).unwrap();
+                    attention_backward_tc3_bf16_dout(
+                        &dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, &mut d_qkv, &mut delta,
+                        width, mode, causal, options,
+                    )
+                    .unwrap();
+                }
+                dev.synchronize().unwrap();
+                let b16 = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+                let b32 = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                let (delta, d_qkv) = if backward {
+                    let delta = b32(dev.download(&delta).unwrap());
+                    (
+                        delta[..heads * n].to_vec(),
+                        b16(dev.download(&d_qkv).unwrap()),
+                    )
+                } else {
+                    (Vec::new(), Vec::new())
+                };
                 (
-                    out.iter().map(|x| x.to_bits()).collect::<Vec<u16>>(),
-                    lse.iter().map(|x| x.to_bits()).collect::<Vec<u32>>(),
+                    b16(dev.download(&out).unwrap()),
+                    b32(dev.download(&lse).unwrap()),
+                    delta,
+                    d_qkv,
                 )
             };
-            let want = run(false, false, Schedule::Forward);
-            for (straight, schedule) in [
-                (true, Schedule::Forward),
-                (false, Schedule::Forward),
-                (true, Schedule::Reverse),
+            let options = |paired_rows, straight_tiles, delta_in_dq| TcOptions {
+                paired_rows,
+                straight_tiles,
+                delta_in_dq,
+                ..TcOptions::default()
+            };
+            let want = run(options(false, false, true), false, Schedule::Forward);
+            for (straight, delta_in_dq, f32_dout, schedule) in [
+                (true, true, false, Schedule::Forward),
+                (false, true, false, Schedule::Forward),
+                (true, true, false, Schedule::Reverse),
+                (true, false, false, Schedule::Forward),
+                (false, false, false, Schedule::Reverse),
+                (true, true, true, Schedule::Forward),
             ] {
-                let got = run(true, straight, schedule);
+                let got = run(options(true, straight, delta_in_dq), f32_dout, schedule);
                 let what = format!(
                     "{} {lens:?} width {width} {mode:?} causal {causal} v3 pairs straight \
-                     {straight} schedule {schedule:?}",
+                     {straight} delta in dQ {delta_in_dq} fp32 dO {f32_dout} schedule {schedule:?}",
                     dev.name()
                 );
                 assert!(got.0 == want.0, "{what}: context differs from masked v3");
                 assert!(got.1 == want.1, "{what}: lse differs from masked v3");
+                assert!(got.2 == want.2, "{what}: delta differs from masked v3");
+                assert!(got.3 == want.3, "{what}: d_qkv differs from masked v3");
             }
         }
     }

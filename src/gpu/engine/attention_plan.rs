@@ -189,7 +189,7 @@ impl ShapeBucket {
 /// option off in turn, then v4 with one and two CTAs a head where it applies, and four for
 /// batches of at most [`FEW_SEQUENCES`] sequences (one CTA a head would leave most SMs idle);
 /// then v4 with paired blocks ([`TcOptions::paired_rows`]) on one and two CTAs a head. Past
-/// v4's limit, the forward also tries v3's paired blocks.
+/// v4's limit, both passes also try v3's paired blocks.
 pub fn candidates(pass: AttentionPass, bucket: ShapeBucket) -> Vec<AttentionKernels> {
     let reference = AttentionKernels::REFERENCE;
     let with = |v4, change: fn(&mut TcOptions)| {
@@ -200,8 +200,9 @@ pub fn candidates(pass: AttentionPass, bucket: ShapeBucket) -> Vec<AttentionKern
     let mut list = vec![reference, with(false, |o| o.straight_tiles = false)];
     if pass == AttentionPass::Backward {
         list.push(with(false, |o| o.delta_in_dq = false));
-    } else if bucket.tokens > TC4_MAX_TOKENS {
-        // v3 has a paired form of its forward only; up to v4's limit v4's pairs stand for it.
+    }
+    if bucket.tokens > TC4_MAX_TOKENS {
+        // Up to v4's limit, v4's pairs stand for v3's.
         list.push(with(false, |o| o.paired_rows = true));
     }
     if bucket.tokens <= TC4_MAX_TOKENS {
@@ -621,7 +622,7 @@ mod tests {
         );
         assert_eq!(
             names(AttentionPass::Backward, ShapeBucket::of(&[1201])),
-            ["v3", "v3 masked-tiles", "v3 delta-kernel"]
+            ["v3", "v3 masked-tiles", "v3 delta-kernel", "v3 pairs"]
         );
         assert_eq!(
             names(AttentionPass::Forward, ShapeBucket::of(&[197; 16])),

@@ -569,6 +569,28 @@ const TC3_DKDV_DQ: [(&str, u32); 2] = [
 ];
 /// v3's dQ kernel that forms delta itself (and writes it for dK/dV, launched after it).
 const TC3_DQ_DELTA: (&str, u32) = ("prm_attention_bwd_dq_delta_tc3", TC3_DQ_SMEM);
+/// The paired backward ([`TcOptions::paired_rows`]), over 128-row tiles: dQ keeps 128 rows of
+/// Q and dO with two stages of K and V; dK/dV 128 keys of K and V with two stages of Q and dO
+/// and their statistics.
+const TC3_DQ_PAIRS_SMEM: u32 = 8 * TC3_TILE_BYTES;
+const TC3_DKDV_PAIRS_SMEM: u32 = 8 * TC3_TILE_BYTES + 2 * 2 * 64 * 4;
+const TC3_DKDV_DQ_PAIRS: [(&str, u32); 2] = [
+    ("prm_attention_bwd_dkdv_tc3_pairs", TC3_DKDV_PAIRS_SMEM),
+    ("prm_attention_bwd_dq_tc3_pairs", TC3_DQ_PAIRS_SMEM),
+];
+const TC3_DQ_DELTA_PAIRS: (&str, u32) = ("prm_attention_bwd_dq_delta_tc3_pairs", TC3_DQ_PAIRS_SMEM);
+
+/// v3's backward kernels for `options` (dK/dV then dQ; the dQ that forms delta) and the rows
+/// a CTA covers.
+fn tc3_backward_kernels(
+    options: TcOptions,
+) -> ([(&'static str, u32); 2], (&'static str, u32), usize) {
+    if options.paired_rows {
+        (TC3_DKDV_DQ_PAIRS, TC3_DQ_DELTA_PAIRS, 2 * TC_TILE)
+    } else {
+        (TC3_DKDV_DQ, TC3_DQ_DELTA, TC_TILE)
+    }
+}
 
 /// A version of the tensor-core kernels (the engine's `PRM_ATTENTION` names one, or `auto`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -657,7 +679,9 @@ pub fn attention_forward_tc3(
 /// `rowsum(dO ⊙ O)` as `[heads, N]`) and `d_out_bf16 [N, D]` (on return bf16(`d_out`)).
 ///
 /// Three launches without atomics: delta (which also rounds dO to bf16), dK/dV over 64-key
-/// tiles (56,320 bytes of shared memory), dQ over 64-query tiles (55,296 bytes).
+/// tiles (56,320 bytes of shared memory), dQ over 64-query tiles (55,296 bytes); with
+/// [`TcOptions::paired_rows`], over 128-row tiles, each warp running two 16-row blocks at once
+/// (74,752 and 73,728 bytes), with the same bits.
 ///
 /// Panics (a programming error) for a mode [`tensor_core_v3_supports`] rejects.
 #[allow(clippy::too_many_arguments)]
@@ -723,7 +747,7 @@ pub fn attention_backward_tc3(
         d_qkv,
         (total, width),
         causal,
-        options.straight_tiles,
+        options,
     )
 }
 
@@ -732,7 +756,8 @@ pub fn attention_backward_tc3(
 /// `delta` is formed from the bf16 `d_out`; on a `d_out` whose values are bf16-exact the
 /// results are bit-identical to [`attention_backward_tc3`]'s. Two launches: dQ, which forms
 /// delta for its own rows and writes it, then dK/dV (with [`TcOptions::delta_in_dq`] off: the
-/// delta kernel first, then dK/dV and dQ; same bits).
+/// delta kernel first, then dK/dV and dQ; same bits). [`TcOptions::paired_rows`] as in
+/// [`attention_backward_tc3`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_tc3_bf16_dout(
     dev: &Device,
@@ -749,12 +774,13 @@ pub fn attention_backward_tc3_bf16_dout(
     causal: bool,
     options: TcOptions,
 ) -> Result<(), GpuError> {
+    let (dkdv_dq, dq_delta, tile) = tc3_backward_kernels(options);
     bf16_dout_backward(
         dev,
         "v3",
-        TC3_DKDV_DQ,
-        options.delta_in_dq.then_some(TC3_DQ_DELTA),
-        Grid::Tiles(TC_TILE),
+        dkdv_dq,
+        options.delta_in_dq.then_some(dq_delta),
+        Grid::Tiles(tile),
         (qkv, out, d_out, lse, cu_seqlens, seqlens_host),
         d_qkv,
         delta,
@@ -778,12 +804,14 @@ fn tc3_dkdv_dq(
     d_qkv: &mut Buffer<bf16>,
     (total, width): (usize, usize),
     causal: bool,
-    straight: bool,
+    options: TcOptions,
 ) -> Result<(), GpuError> {
+    let (dkdv_dq, _, tile) = tc3_backward_kernels(options);
+    let straight = options.straight_tiles;
     launch_dkdv_dq(
         dev,
-        &TC3_DKDV_DQ,
-        grid(seqlens_host, width / HEAD_DIM, TC_TILE),
+        &dkdv_dq,
+        grid(seqlens_host, width / HEAD_DIM, tile),
         qkv,
         d_out,
         lse,
@@ -915,10 +943,11 @@ pub struct TcOptions {
     /// CTA `x` of `split` takes the 16-row blocks `4·x + warp + 4·split·j`.
     pub split: u32,
     /// Warps run two 16-row blocks at once (`PRM_ATTENTION_PAIRS=1`; default off): v4's
-    /// forward and dQ two query blocks, its dK/dV two key blocks, and v3's forward two query
-    /// blocks of a 128-query tile. Each fragment read from shared memory feeds both, at about
-    /// twice the registers (two CTAs an SM instead of four or three). v4's warps then take
-    /// pairs of blocks as `split` says they take blocks. v3's backward has no paired form.
+    /// forward and dQ two query blocks, its dK/dV two key blocks; v3's forward and dQ two query
+    /// blocks of a 128-query tile, its dK/dV two key blocks of a 128-key tile. Each fragment
+    /// read from shared memory feeds both, at about twice the registers (two CTAs an SM
+    /// instead of four or three). v4's warps then take pairs of blocks as `split` says they
+    /// take blocks.
     pub paired_rows: bool,
 }
 
