@@ -36,6 +36,13 @@ pub fn sim_devices() -> Vec<Device> {
     d
 }
 
+/// Whether tests that pick the simulator's schedule themselves run `schedule`: the reverse one
+/// only where [`sim_devices`] would.
+pub fn sim_schedule_runs(schedule: Schedule) -> bool {
+    schedule == Schedule::Forward
+        || std::env::var("PRM_TEST_SIM_SCHEDULES").map_or(true, |v| v.trim() != "forward")
+}
+
 /// Runs `check` on the simulator ([`sim_devices`]), and on CUDA when a device (and this build's
 /// kernels) exist.
 pub fn on_devices(name: &str, check: impl Fn(&Device) -> Result<(), GpuError>) {

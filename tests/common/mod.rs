@@ -7,7 +7,7 @@ use prm::rng::ImageRng;
 
 #[path = "kernel.rs"]
 mod kernel_helpers;
-pub use kernel_helpers::sim_devices;
+pub use kernel_helpers::{sim_devices, sim_schedule_runs};
 
 /// The simulator ([`sim_devices`]: both schedules unless told otherwise), and CUDA device 0
 /// when a driver and a device are present (the line printed otherwise is what
