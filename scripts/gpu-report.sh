@@ -15,8 +15,8 @@
 #   paper  ViT-B/16, 640x480, 250 AdamW steps, dynamic scale, all layers: prm bf16 at batch
 #          $PAPER_BATCH (default 8), 32 and 1, prm fp32 at batch 1; torch fp32 at batch 1
 #   A/B    prm bf16 with attention pinned (v3; v4 split 1, 2, and paired query blocks), with graphs
-#          off, with attention v2, with staging off (bench and attack row), at
-#          batch 1 with graphs on and off
+#          off, with attention v2, with staging off (bench and attack row), at batch 32 and
+#          128 (where --batch-size auto's cap should be), at batch 1 with graphs on and off
 #   attack 480 images through `prm attack --profile` on cuda:0, again with PRM_NO_STAGING=1
 #          (and cuda:all with several GPUs)
 set -uo pipefail
@@ -97,6 +97,11 @@ run prm-pgd-bf16-nographs $B --precision bf16 --batch-size "$BATCH" --steps 10 -
 run prm-pgd-bf16-attn-v2 env PRM_ATTENTION=v2 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
 # The bench stages each attack's batch ahead (prm attack's steady state); this row uploads it.
 run prm-pgd-bf16-nostaging env PRM_NO_STAGING=1 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
+# Images/s against batch size (the pgd rows run 64): --batch-size auto caps a batch at 16,384
+# tokens (src/gpu/engine/mod.rs, from an H100 run of 2026-11 where batch 128 ran slower than
+# 64); these rows say where the curve stands now.
+run prm-pgd-bf16-b32 $B --precision bf16 --batch-size 32 --steps 10 --repeats 5 --no-ceiling
+run prm-pgd-bf16-b128 $B --precision bf16 --batch-size 128 --steps 10 --repeats 3 --no-ceiling
 run prm-paper-bf16-b32 $B --precision bf16 $PAPER --batch-size 32 --warmup 0 --repeats 1 --no-ceiling
 run prm-paper-bf16-b1 $B --precision bf16 $PAPER --batch-size 1 --repeats 2 --no-ceiling
 run prm-pgd-fp32 $B --precision fp32 --batch-size "$BATCH" --steps 10 --repeats 3
@@ -125,6 +130,7 @@ rows = [
     ("pgd", "prm bf16 loss unfused", "prm-pgd-bf16-unfused-loss"),
     ("pgd", "prm bf16 delta kernel", "prm-pgd-bf16-delta-kernel"),
     ("pgd", "prm bf16 uploads unstaged", "prm-pgd-bf16-nostaging"),
+    ("pgd", "prm bf16 b32", "prm-pgd-bf16-b32"), ("pgd", "prm bf16 b128", "prm-pgd-bf16-b128"),
     ("pgd", "prm bf16 b1", "prm-pgd-bf16-b1"), ("pgd", "prm bf16 b1 graphs off", "prm-pgd-bf16-b1-nographs"),
     ("paper", "prm bf16 b1", "prm-paper-bf16-b1"), ("paper", f"prm bf16 b{pb}", f"prm-paper-bf16-b{pb}"),
     ("paper", "prm bf16 b32", "prm-paper-bf16-b32"),
@@ -154,6 +160,7 @@ if not get("prm-pgd-bf16") and get("prm-pgd-bf16-attn-v3"):
     print(f"pgd   prm bf16 v3 / torch.compile       {ratio('prm-pgd-bf16-attn-v3', 'torch-pgd-compile'):6.2f}x")
 print(f"pgd   graphs on / off (batch {batch})      {ratio('prm-pgd-bf16', 'prm-pgd-bf16-nographs'):6.2f}x")
 print(f"pgd   graphs on / off (batch 1)        {ratio('prm-pgd-bf16-b1', 'prm-pgd-bf16-b1-nographs'):6.2f}x")
+print(f"pgd   batch 32 / 64, 128 / 64          {ratio('prm-pgd-bf16-b32', 'prm-pgd-bf16'):6.2f}x {ratio('prm-pgd-bf16-b128', 'prm-pgd-bf16'):6.2f}x")
 print(f"pgd   attention auto / v3              {ratio('prm-pgd-bf16', 'prm-pgd-bf16-attn-v3'):6.2f}x")
 print(f"pgd   attention v4 / v3                {ratio('prm-pgd-bf16-attn-v4', 'prm-pgd-bf16-attn-v3'):6.2f}x")
 print(f"pgd   v4 split 2 / split 1             {ratio('prm-pgd-bf16-attn-v4-split2', 'prm-pgd-bf16-attn-v4'):6.2f}x")

@@ -188,8 +188,8 @@ impl ShapeBucket {
 /// The candidates `auto` times for `pass` on a bucket, the reference first: v3 with each
 /// option off in turn, then v4 with one and two CTAs a head where it applies, and four for
 /// batches of at most [`FEW_SEQUENCES`] sequences (one CTA a head would leave most SMs idle);
-/// then v4 with paired blocks ([`TcOptions::paired_rows`]) on one and two CTAs a head. Past
-/// v4's limit, both passes also try v3's paired blocks.
+/// then v4 with paired blocks ([`TcOptions::paired_rows`]) on one and two CTAs a head; and v3
+/// with paired blocks (128-row tiles), at every length.
 pub fn candidates(pass: AttentionPass, bucket: ShapeBucket) -> Vec<AttentionKernels> {
     let reference = AttentionKernels::REFERENCE;
     let with = |v4, change: fn(&mut TcOptions)| {
@@ -201,10 +201,7 @@ pub fn candidates(pass: AttentionPass, bucket: ShapeBucket) -> Vec<AttentionKern
     if pass == AttentionPass::Backward {
         list.push(with(false, |o| o.delta_in_dq = false));
     }
-    if bucket.tokens > TC4_MAX_TOKENS {
-        // Up to v4's limit, v4's pairs stand for v3's.
-        list.push(with(false, |o| o.paired_rows = true));
-    }
+    list.push(with(false, |o| o.paired_rows = true));
     if bucket.tokens <= TC4_MAX_TOKENS {
         list.push(with(true, |_| {}));
         list.push(with(true, |o| o.split = 2));
@@ -554,7 +551,7 @@ mod tests {
         let dev = Device::sim();
         let seqlens = [197, 50];
         let list = candidates(AttentionPass::Backward, ShapeBucket::of(&seqlens));
-        let (differs, fails) = (list[1], list[4]);
+        let (differs, fails) = (list[1], list[5]);
         let mut last = None;
         let tuning = tune(&dev, AttentionPass::Backward, &seqlens, |step| match step {
             CallStep::Run(k) if k == fails => Err(GpuError::Config("no such kernel".into())),
@@ -584,6 +581,7 @@ mod tests {
         assert_eq!(json["pass"], "backward");
         assert_eq!(json["candidates"].as_array().unwrap().len(), list.len());
         assert!(json["candidates"][1]["us_per_call"].is_null());
+        assert!(json["tuning_seconds"].as_f64().is_some_and(|s| s >= 0.0));
     }
 
     #[test]
@@ -610,6 +608,7 @@ mod tests {
                 "v3",
                 "v3 masked-tiles",
                 "v3 delta-kernel",
+                "v3 pairs",
                 "v4 split 1",
                 "v4 split 2",
                 "v4 split 1 pairs",
@@ -629,6 +628,7 @@ mod tests {
             [
                 "v3",
                 "v3 masked-tiles",
+                "v3 pairs",
                 "v4 split 1",
                 "v4 split 2",
                 "v4 split 4",
