@@ -164,17 +164,19 @@ fi
 # context, so the bit check cannot drop it), every later section's default rows would fail:
 # one short v4 attack first, then with paired blocks (PRM_ATTENTION_PAIRS=1, new in
 # 2026-12-05's second bundle) at 197 tokens (v4's) and at 640x480 (1,201 tokens: v3's paired
-# forward, which v4 runs past 256 tokens); on failure the rest of the check pins v3 (the rows
-# that pin v4 still show the failure). Skipped when the caller set PRM_ATTENTION.
+# forward and backward, which v4 runs past 256 tokens), then v3's paired kernels at 197 tokens
+# (auto tries them there too); on failure the rest of the check pins v3 (the rows that pin v4
+# still show the failure). Skipped when the caller set PRM_ATTENTION.
 if [[ -z ${PRM_ATTENTION:-} ]] && { want attack || want timeline || want report; }; then
   s=$(date +%s.%N)
-  smoke() { # pairs (0 or 1), more prm bench arguments...
-    local pairs=$1; shift
-    (cd "$ROOT" && PRM_ATTENTION=v4 PRM_ATTENTION_PAIRS=$pairs timeout "$(allow 30 $after_tests)" "$BUNDLE/prm" bench \
+  smoke() { # version (v3 or v4), pairs (0 or 1), more prm bench arguments...
+    local version=$1 pairs=$2; shift 2
+    (cd "$ROOT" && PRM_ATTENTION=$version PRM_ATTENTION_PAIRS=$pairs timeout "$(allow 30 $after_tests)" "$BUNDLE/prm" bench \
       --device cuda --model random:vit-b-16 --precision bf16 --batch-size 4 --steps 1 --warmup 0 --repeats 1 \
       --no-ceiling "$@")
   }
-  { smoke 0 && smoke 1 && smoke 1 --preset paper --image-size 640x480; } >"$LOGS/attention-v4-smoke.log" 2>&1
+  { smoke v4 0 && smoke v4 1 && smoke v4 1 --preset paper --image-size 640x480 && smoke v3 1; } \
+    >"$LOGS/attention-v4-smoke.log" 2>&1
   rc=$?
   secs=$(awk -v s="$s" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')
   if [[ $rc -eq 0 ]]; then
