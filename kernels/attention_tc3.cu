@@ -71,8 +71,8 @@
 //            registers; __launch_bounds__(128, 2).
 // The backward kernels form scores 32 columns at a time (two halves of the 64-wide tile) so
 // that at most 128 registers are live. ptxas (nvcc 13.0, sm_80 / sm_90), no spills:
-//   forward 117 / 118 registers, dQ 128 / 127 (with delta 128 / 128), dK/dV 128 / 128,
-//   delta 19 / 19;
+//   forward 127 / 127 registers, dQ 128 / 127 (with delta 128 / 128), dK/dV 128 / 128,
+//   delta 54 / 48 (the bf16-dO delta 31 / 30);
 // with __launch_bounds__(128, 4) and ≤ 56.3 KB of shared memory each, 4 CTAs fit on an SM (the
 // paired kernels: (128, 2), ≤ 73 KB, 2 CTAs).
 // CTAs whose tile starts past their sequence's end exit before any barrier. No atomics; fixed
