@@ -335,7 +335,7 @@ __device__ __forceinline__ void v3_mma_pb_pair(float acc[2][8][4], const float p
     }
 }
 
-// The forward with paired blocks (TcOptions::paired_rows; v4's forward past its 256 tokens runs
+// The forward with paired blocks (TcOptions::paired_rows; v4's forward past its 512 tokens runs
 // it too): one CTA per (128-query tile, head, sequence), each warp running two 16-row blocks,
 // rows q0 + 32·warp .. +16 and the 16 after, at once, so each K and V fragment read from shared
 // memory feeds both blocks' products and the warp has two independent chains. Each row's

@@ -1,14 +1,15 @@
 // attention_tc4.cu: fused multi-head attention v4 on tensor cores for short sequences (a
-// vision tower's 50–257 tokens): one CTA holds a whole head's keys and values (forward, dQ) or
-// queries and output gradients (dK/dV) in shared memory, and each warp walks over 16-row blocks
-// of the other side with no barrier after the load. Same arithmetic as v3 in the same order:
+// vision tower's 50–512 tokens: ViT-B/16's 197, ViT-L/14's 257): one CTA holds a whole head's
+// keys and values (forward, dQ) or queries and output gradients (dK/dV) in shared memory, and
+// each warp walks over 16-row blocks of the other side with no barrier after the load. Same arithmetic as v3 in the same order:
 // the outputs are bit-identical to attention_tc3.cu's, which tests/kernel_attention.rs checks.
 //
 // Launchers: src/gpu/kernels/attention.rs (attention_forward_tc4, attention_backward_tc4*);
-// they run v3 instead when a sequence is longer than TC4_MAX_TOKENS = 256 (up to there the
-// forward's and dQ's resident tiles take at most 64 KiB, three CTAs an SM; dK/dV's 82 KiB at 256
-// tokens, two). The engine runs v4 at --precision bf16 with
-// PRM_ATTENTION=v4; v3 stays the default until a GPU has timed the two against each other.
+// they run v3 instead when a sequence is longer than TC4_MAX_TOKENS = 512, or when the kernels
+// would ask for more shared memory than the device allows a block (the forward's and dQ's
+// resident tiles are 53,248 bytes at 197 tokens, four CTAs an SM; 69,632 at 257, three on an
+// H100; 131,072 at 512, one). At --precision bf16 the engine's PRM_ATTENTION=auto (the CUDA
+// default) times v4 against v3 per shape; PRM_ATTENTION=v4 pins it.
 //
 // Why: at 197 tokens v3 runs one CTA per 64-query tile. Each CTA streams the head's 4 key/value
 // tiles through a two-stage pipeline with two barriers per tile; its 4th query tile holds 5 rows,

@@ -164,7 +164,7 @@ fi
 # context, so the bit check cannot drop it), every later section's default rows would fail:
 # one short v4 attack first, then with paired blocks (PRM_ATTENTION_PAIRS=1, new in
 # 2026-12-05's second bundle) at 197 tokens (v4's) and at 640x480 (1,201 tokens: v3's paired
-# forward and backward, which v4 runs past 256 tokens), then v3's paired kernels at 197 tokens
+# forward and backward, which v4 runs past 512 tokens), then v3's paired kernels at 197 tokens
 # (auto tries them there too); on failure the rest of the check pins v3 (the rows that pin v4
 # still show the failure). Skipped when the caller set PRM_ATTENTION.
 if [[ -z ${PRM_ATTENTION:-} ]] && { want attack || want timeline || want report; }; then

@@ -872,9 +872,9 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
 /// v4 (`attention_tc4.cu`, a whole head resident in shared memory) against v3: the same
 /// arithmetic in the same order, so the context, lse, delta and d_qkv must agree bit for bit,
 /// with every CTA split per head (1 to 4), and paired blocks (split 1 to 3), on
-/// 197 tokens, a mixed batch of odd lengths (1, 5, 15, 16, 17, 63, 65 and the v4 limit of 256),
-/// ViT-B's width, causal masks, the q·qᵀ and k·kᵀ forwards, and a batch past the limit (which
-/// runs v3's kernels). The reference is v3 with its straight tiles off (every tile through the
+/// 197 tokens, a mixed batch of odd lengths (1, 5, 15, 16, 17, 63, 65, 256), ViT-B's width,
+/// causal masks, the q·qᵀ and k·kᵀ forwards, 300 tokens (v4 since its limit went from 256 to
+/// 512), and a sequence past the limit (513 tokens, which runs v3's kernels). The reference is v3 with its straight tiles off (every tile through the
 /// masked code): v3 and v4 with them on (the default) and v4 with them off must give its bits
 /// too.
 #[test]
@@ -893,6 +893,7 @@ fn v4_is_v3_bit_for_bit() {
         (vec![70, 13], 64, AttentionMode::QQ, false),
         (vec![70, 13], 64, AttentionMode::KK, true),
         (vec![300, 20], 64, AttentionMode::QK, false),
+        (vec![513], 64, AttentionMode::QK, false),
     ];
     // The reverse-schedule simulator is among the runs below.
     let devices = devices()
@@ -1010,6 +1011,31 @@ fn v4_is_v3_bit_for_bit() {
                 assert!(got.1 == want.1, "{what}: lse differs from masked v3");
                 assert!(got.2 == want.2, "{what}: delta differs from masked v3");
                 assert!(got.3 == want.3, "{what}: d_qkv differs from masked v3");
+            }
+        }
+    }
+}
+
+/// Where v4 runs as itself: up to `TC4_MAX_TOKENS` (512) tokens, with shared memory within the
+/// device's per-block limit. ViT-B/16's 197 tokens fit every GPU the engine supports (sm_80 and
+/// later allow at least 99 KiB a block); past 512 tokens v4's launchers run v3's kernels.
+#[test]
+fn v4_fits_up_to_its_limit_and_the_devices_shared_memory() {
+    for dev in devices() {
+        for options in [
+            TcOptions::default(),
+            TcOptions {
+                paired_rows: true,
+                ..TcOptions::default()
+            },
+        ] {
+            for backward in [false, true] {
+                let what = format!("{} {options:?} backward {backward}", dev.name());
+                assert!(tc4_fits(&dev, &[197, 50], options, backward), "{what}: 197");
+                assert!(!tc4_fits(&dev, &[513, 1], options, backward), "{what}: 513");
+                if dev.max_shared_per_block().is_none() {
+                    assert!(tc4_fits(&dev, &[512], options, backward), "{what}: 512");
+                }
             }
         }
     }

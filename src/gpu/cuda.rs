@@ -292,6 +292,11 @@ impl CudaBackend {
         self.ordinal
     }
 
+    /// The most dynamic shared memory one block may ask for on this device (the opt-in limit).
+    pub fn max_shared_per_block(&self) -> u32 {
+        self.smem_optin
+    }
+
     /// (free, total) device memory in bytes.
     pub fn free_memory(&self) -> Result<(usize, usize), GpuError> {
         self.ctx

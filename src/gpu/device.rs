@@ -650,6 +650,15 @@ impl Device {
         }
     }
 
+    /// The most dynamic shared memory a kernel launch may ask for per block, in bytes; `None`
+    /// under the simulator (no limit).
+    pub fn max_shared_per_block(&self) -> Option<u32> {
+        match &*self.backend {
+            Backend::Sim(_) => None,
+            Backend::Cuda(c) => Some(c.max_shared_per_block()),
+        }
+    }
+
     /// Free device memory in bytes; `None` under the simulator.
     pub fn free_memory(&self) -> Result<Option<usize>, GpuError> {
         match &*self.backend {

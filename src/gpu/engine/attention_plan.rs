@@ -24,7 +24,7 @@
 use std::fmt;
 
 use super::GpuVit;
-use crate::gpu::kernels::attention::{TcOptions, TensorCoreVersion, TC4_MAX_TOKENS};
+use crate::gpu::kernels::attention::{tc4_fits, TcOptions, TensorCoreVersion, TC4_MAX_TOKENS};
 use crate::gpu::{Device, GpuError};
 
 /// Timed rounds per candidate (the fastest counts: a round can catch a clock ramp or another
@@ -166,7 +166,7 @@ impl AttentionPass {
 /// Batches whose choice is shared: the number of sequences and the longest sequence, each
 /// rounded up to a power of two. A fixed-shape attack has one bucket; an attack under dynamic
 /// scale (a new length every step) a few, so it does not tune every step. v4's limit,
-/// [`TC4_MAX_TOKENS`] = 256, is a bucket edge: a bucket is all v4-eligible or none.
+/// [`TC4_MAX_TOKENS`] = 512, is a bucket edge: a bucket is all v4-eligible or none.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ShapeBucket {
     /// Sequences in the batch, rounded up to a power of two.
@@ -316,8 +316,9 @@ pub enum CallStep {
     ReadOutputs,
 }
 
-/// Runs the tuning of one call (see the module docs) through `call`. Returns the record; the
-/// call's outputs hold the chosen kernels' results.
+/// Runs the tuning of one call (see the module docs) through `call`: [`candidates`], less the
+/// v4 ones whose shared memory this device does not allow a block ([`tc4_fits`]). Returns the
+/// record; the call's outputs hold the chosen kernels' results.
 pub fn tune(
     dev: &Device,
     pass: AttentionPass,
@@ -326,7 +327,13 @@ pub fn tune(
 ) -> Result<AttentionTuning, GpuError> {
     let started = std::time::Instant::now();
     let bucket = ShapeBucket::of(seqlens);
-    let list = candidates(pass, bucket);
+    // v4 where its shared memory fits this device (elsewhere its launchers would run v3's
+    // kernels under v4's name).
+    let backward = pass == AttentionPass::Backward;
+    let list: Vec<AttentionKernels> = candidates(pass, bucket)
+        .into_iter()
+        .filter(|k| !k.v4 || tc4_fits(dev, seqlens, k.options, backward))
+        .collect();
     let (rounds, repeats) = if dev.is_sim() {
         (1, 1)
     } else {
@@ -595,6 +602,15 @@ mod tests {
             }
         );
         assert_eq!(ShapeBucket::of(&[257, 3, 1]).tokens, 512);
+        // ViT-L/14 at 224 px (257 tokens) is v4-eligible; 513 tokens are not.
+        assert!(candidates(AttentionPass::Forward, ShapeBucket::of(&[257]))
+            .iter()
+            .any(|k| k.v4));
+        assert!(
+            !candidates(AttentionPass::Backward, ShapeBucket::of(&[513]))
+                .iter()
+                .any(|k| k.v4)
+        );
         assert_eq!(ShapeBucket::of(&[]).sequences, 1);
         let names = |p, b| {
             candidates(p, b)

@@ -904,11 +904,13 @@ fn launch_backward_kernel(
 // v4: kernels/attention_tc4.cu (v3's arithmetic, a whole head resident in shared memory)
 // ---------------------------------------------------------------------------------------------
 
-/// The longest sequence the v4 kernels take: the forward's and dQ's resident tiles (two of
-/// `16·⌈T/16⌉` rows × 128 bytes) stay at or under 64 KiB, so three CTAs fit an SM (dK/dV, with
-/// its statistics and per-warp blocks, fits two at this length, three at 197 tokens). Longer
-/// sequences run v3.
-pub const TC4_MAX_TOKENS: usize = 256;
+/// The longest sequence the v4 kernels take. The forward's and dQ's resident tiles are two of
+/// `16·⌈T/16⌉` rows × 128 bytes: 53,248 bytes at ViT-B/16's 197 tokens (four CTAs an SM),
+/// 69,632 at ViT-L/14's 257 (three on an H100), 131,072 at 512 (one). Longer sequences run v3,
+/// and so do shorter ones whose kernels would ask for more shared memory than the device
+/// allows a block ([`tc4_fits`]). A power of two, so that `auto`'s shape buckets are all
+/// v4-eligible or none.
+pub const TC4_MAX_TOKENS: usize = 512;
 
 /// Dynamic shared memory of the v4 kernels for a longest sequence of `max_t` tokens, or `None`
 /// past [`TC4_MAX_TOKENS`]: (forward and dQ, dK/dV), dK/dV's with `blocks_per_warp` key
@@ -926,6 +928,36 @@ fn tc4_smem(seqlens_host: &[usize], blocks_per_warp: usize) -> Option<(u32, u32)
     let warp_blocks = (THREADS as usize / 32) * blocks_per_warp * 2 * 16 * HEAD_DIM * 2;
     let dkdv = resident + 2 * stat_rows * 4 + warp_blocks;
     Some((resident as u32, dkdv as u32))
+}
+
+/// The shared memory of v4's forward (`backward` false) or of its backward kernels with
+/// `options` on `seqlens_host`, where the v4 kernels take them and `dev` allows it per block;
+/// `None` where they run v3's kernels instead.
+fn tc4_smem_on(
+    dev: &Device,
+    seqlens_host: &[usize],
+    options: TcOptions,
+    backward: bool,
+) -> Option<(u32, u32)> {
+    let (resident, dkdv) = tc4_smem(seqlens_host, options.blocks_per_warp())?;
+    let need = if backward {
+        resident.max(dkdv)
+    } else {
+        resident
+    };
+    match dev.max_shared_per_block() {
+        Some(limit) if need > limit => None,
+        _ => Some((resident, dkdv)),
+    }
+}
+
+/// Whether the v4 kernels with `options` run as themselves on `seqlens_host` (forward, or
+/// `backward`) on `dev`: at most [`TC4_MAX_TOKENS`] tokens, and shared memory within the
+/// device's per-block limit (an H100 allows 227 KiB, an A100 163, the sm_86/sm_89 GPUs 99).
+/// Otherwise the v4 launchers run v3's kernels, with the same bits; `auto` does not time v4
+/// there.
+pub fn tc4_fits(dev: &Device, seqlens_host: &[usize], options: TcOptions, backward: bool) -> bool {
+    tc4_smem_on(dev, seqlens_host, options, backward).is_some()
 }
 
 /// Choices of the v3 and v4 kernels that give the same results, bit for bit: how they run,
@@ -1017,8 +1049,8 @@ fn tc4_grid(
 /// Forward attention v4: [`attention_forward_tc3`]'s contract and bit-identical results. Each
 /// CTA (128 threads; [`TcOptions::split`] CTAs per head, default one) loads a head's keys and
 /// values into shared memory once and its 4 warps take the head's 16-query blocks in turn (two
-/// at once with [`TcOptions::paired_rows`]). Sequences longer than [`TC4_MAX_TOKENS`] run v3's
-/// kernel.
+/// at once with [`TcOptions::paired_rows`]). Sequences longer than [`TC4_MAX_TOKENS`], or whose
+/// shared memory this device does not allow ([`tc4_fits`]), run v3's kernel.
 ///
 /// Panics (a programming error) for a mode [`tensor_core_v3_supports`] rejects.
 #[allow(clippy::too_many_arguments)]
@@ -1034,7 +1066,7 @@ pub fn attention_forward_tc4(
     causal: bool,
     options: TcOptions,
 ) -> Result<(), GpuError> {
-    let Some((smem, _)) = tc4_smem(seqlens_host, 1) else {
+    let Some((smem, _)) = tc4_smem_on(dev, seqlens_host, options, false) else {
         return attention_forward_tc3(
             dev,
             qkv,
@@ -1081,7 +1113,9 @@ pub fn attention_forward_tc4(
 /// [`attention_backward_tc3_bf16_dout`]'s contract and bit-identical results. Three launches:
 /// v3's delta kernel, then dK/dV (each CTA holds a head's queries, output gradients and their
 /// statistics; its warps take the 16-key blocks) and dQ (keys and values resident; warps take
-/// the 16-query blocks); with [`TcOptions::paired_rows`] both take two blocks at once. Sequences longer than [`TC4_MAX_TOKENS`] run v3's kernels.
+/// the 16-query blocks); with [`TcOptions::paired_rows`] both take two blocks at once.
+/// Sequences longer than [`TC4_MAX_TOKENS`], or whose shared memory this device does not allow
+/// ([`tc4_fits`]), run v3's kernels.
 ///
 /// Panics (a programming error) for a mode [`tensor_core_v3_supports`] rejects.
 #[allow(clippy::too_many_arguments)]
@@ -1101,7 +1135,7 @@ pub fn attention_backward_tc4_bf16_dout(
     options: TcOptions,
 ) -> Result<(), GpuError> {
     let blocks_per_warp = options.blocks_per_warp();
-    let Some((smem_dq, smem_dkdv)) = tc4_smem(seqlens_host, blocks_per_warp) else {
+    let Some((smem_dq, smem_dkdv)) = tc4_smem_on(dev, seqlens_host, options, true) else {
         return attention_backward_tc3_bf16_dout(
             dev,
             qkv,
