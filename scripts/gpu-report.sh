@@ -17,6 +17,7 @@
 #   A/B    prm bf16 with attention pinned (v3; v4 split 1, 2, and paired query blocks), with graphs
 #          off, with attention v2, with staging off (bench and attack row), at batch 32 and
 #          128 (where --batch-size auto's cap should be), at batch 1 with graphs on and off
+#   L/14   prm bf16, ViT-L/14 at 224 px (257 tokens), batch 32: the table's last row
 #   attack 480 images through `prm attack --profile` on cuda:0, again with PRM_NO_STAGING=1
 #          (and cuda:all with several GPUs)
 set -uo pipefail
@@ -109,6 +110,8 @@ run torch-pgd-eager-fp32 $PY tools/torch_prm.py --mode eager-fp32 --batch-size "
 run prm-pgd-bf16-b1 $B --precision bf16 --batch-size 1 --steps 10 --repeats 5 --no-ceiling
 run prm-pgd-bf16-b1-nographs $B --precision bf16 --batch-size 1 --steps 10 --repeats 5 --no-ceiling --graphs off
 run prm-paper-fp32-b1 $B --precision fp32 $PAPER --batch-size 1 --warmup 0 --repeats 1 --no-ceiling
+# ViT-L/14 at 224 px: 257 tokens, v4's since 2026-12-05 (its auto lines say whether it pays).
+run prm-pgd-bf16-vit-l-14 $PRM bench --device cuda --json --model random:vit-l-14 --precision bf16 --batch-size 32 --steps 10 --repeats 2 --no-ceiling
 
 $PY - "$OUT" "$BATCH" "$PAPER_BATCH" <<'PYEOF'
 import json, os, sys
@@ -135,6 +138,7 @@ rows = [
     ("paper", "prm bf16 b1", "prm-paper-bf16-b1"), ("paper", f"prm bf16 b{pb}", f"prm-paper-bf16-b{pb}"),
     ("paper", "prm bf16 b32", "prm-paper-bf16-b32"),
     ("paper", "prm fp32 b1", "prm-paper-fp32-b1"), ("paper", "torch fp32 b1", "torch-paper-fp32-b1"),
+    ("pgd L/14", "prm bf16 b32", "prm-pgd-bf16-vit-l-14"),
 ]
 dev = next((r["device"] for _, _, n in rows if (r := get(n))), "?")
 print(f"device: {dev}")
@@ -170,7 +174,7 @@ print(f"pgd   loss fused / unfused             {ratio('prm-pgd-bf16', 'prm-pgd-b
 print(f"pgd   delta in dQ / delta kernel (v3)  {ratio('prm-pgd-bf16-attn-v3', 'prm-pgd-bf16-delta-kernel'):6.2f}x")
 print(f"pgd   attention v3 / v2                {ratio('prm-pgd-bf16-attn-v3', 'prm-pgd-bf16-attn-v2'):6.2f}x")
 print(f"pgd   staged / plain uploads           {ratio('prm-pgd-bf16', 'prm-pgd-bf16-nostaging'):6.2f}x")
-for name in ("prm-pgd-bf16", "prm-paper-bf16-b1", f"prm-paper-bf16-b{pb}"):
+for name in ("prm-pgd-bf16", "prm-paper-bf16-b1", f"prm-paper-bf16-b{pb}", "prm-pgd-bf16-vit-l-14"):
     # What PRM_ATTENTION=auto timed (µs a call) and chose, per pass and shape.
     for t in ((get(name) or {}).get("attention") or {}).get("tuned", []):
         times = ", ".join(f"{c['kernels']} {c['us_per_call']:.1f}" if c["us_per_call"] is not None
