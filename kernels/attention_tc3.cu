@@ -504,6 +504,34 @@ PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3);
 // columns, fmaf(d.y, o.y, d.x·o.x), the same warp butterfly), uses it, and writes it to `delta`
 // for the dK/dV kernel that runs after it: the delta kernel's launch and its pass over dO and O
 // are saved. Otherwise it reads delta from the delta kernel.
+// delta = rowsum(dO ⊙ O) of the 16 rows b0 .. b0+16 of a warp's block (v3_delta's arithmetic
+// and order), now that the block's dO rows have landed in shared memory at sDb (row stride
+// V3_LD): the context's two columns of each row (all loads first; rows past the end read
+// nothing and are skipped), then every lane gets each row's sum; lane 0 writes it for dK/dV,
+// and each lane keeps its own two rows' in row_delta. (Loaded here, after the first tile wait,
+// not before it: held across it, the 16 registers spilled on sm_80.)
+__device__ __forceinline__ void v3_block_delta(const bf16* __restrict__ out, float* __restrict__ delta,
+                                               const bf16* sDb, int b0, int T, int row0, int h, int width,
+                                               int total, float row_delta[2]) {
+    const int lane = threadIdx.x & 31;
+    float2 o[16];
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+        const size_t at = (size_t)(row0 + b0 + r) * width + h * V3_HD + 2 * lane;
+        o[r] = b0 + r < T ? v3_load_pair(out + at) : make_float2(0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+        if (b0 + r < T) {  // warp-uniform
+            const float2 d = v3_load_pair(sDb + r * V3_LD + 2 * lane);
+            const float v = prm_warp_sum(fmaf(d.y, o[r].y, d.x * o[r].x));
+            if (lane == 0) delta[(size_t)h * total + row0 + b0 + r] = v;
+            if (r == (lane >> 2)) row_delta[0] = v;
+            if (r == (lane >> 2) + 8) row_delta[1] = v;
+        }
+    }
+}
+
 template <bool WITH_DELTA>
 __device__ __forceinline__ void v3_bwd_dq(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
                                           const float* __restrict__ lse, float* __restrict__ delta,
@@ -557,29 +585,8 @@ __device__ __forceinline__ void v3_bwd_dq(const bf16* __restrict__ qkv, const bf
             prm_cp_async_wait<0>();
         }
         __syncthreads();
-        if (WITH_DELTA && active && kt == 0) {
-            // delta of row wq0 + r, now that the dO tile has landed: the context's two
-            // columns of each of the warp's rows (all loads first; rows past the end read
-            // nothing and are skipped), then every lane gets each row's sum and keeps its own
-            // two rows'. (Loaded here, not before the first wait: held across it, the 16
-            // registers spilled on sm_80.)
-            float2 o[16];
-#pragma unroll
-            for (int r = 0; r < 16; ++r) {
-                const size_t at = (size_t)(row0 + wq0 + r) * width + h * V3_HD + 2 * lane;
-                o[r] = wq0 + r < T ? v3_load_pair(out + at) : make_float2(0.0f, 0.0f);
-            }
-#pragma unroll
-            for (int r = 0; r < 16; ++r) {
-                if (wq0 + r < T) {  // warp-uniform
-                    const float2 d = v3_load_pair(sD + (warp * 16 + r) * V3_LD + 2 * lane);
-                    const float v = prm_warp_sum(fmaf(d.y, o[r].y, d.x * o[r].x));
-                    if (lane == 0) delta[(size_t)h * total + row0 + wq0 + r] = v;
-                    if (r == (lane >> 2)) row_delta[0] = v;
-                    if (r == (lane >> 2) + 8) row_delta[1] = v;
-                }
-            }
-        }
+        if (WITH_DELTA && active && kt == 0)
+            v3_block_delta(out, delta, sD + warp * 16 * V3_LD, wq0, T, row0, h, width, total, row_delta);
         if (active) {
             int kvalid = min(V3_TILE, kend - k0);
             if (causal) kvalid = min(kvalid, wq0 + 16 - k0);
@@ -895,28 +902,12 @@ __device__ __forceinline__ void v3_bwd_dq_pairs(const bf16* __restrict__ qkv, co
         }
         __syncthreads();
         if (WITH_DELTA && active && kt == 0) {
-            // v3_bwd_dq's delta, for each block's 16 rows in turn (the first tile is never
-            // skipped). Unrolled: row_delta[k] indexed at run time would live in local memory.
+            // Each block's 16 rows in turn (the first tile is never skipped). Unrolled:
+            // row_delta[k] indexed at run time would live in local memory.
 #pragma unroll
-            for (int k = 0; k < 2; ++k) {
-                const int b0 = wq0 + 16 * k;
-                float2 o[16];
-#pragma unroll
-                for (int r = 0; r < 16; ++r) {
-                    const size_t at = (size_t)(row0 + b0 + r) * width + h * V3_HD + 2 * lane;
-                    o[r] = b0 + r < T ? v3_load_pair(out + at) : make_float2(0.0f, 0.0f);
-                }
-#pragma unroll
-                for (int r = 0; r < 16; ++r) {
-                    if (b0 + r < T) {  // warp-uniform
-                        const float2 d = v3_load_pair(sD + (warp * 32 + 16 * k + r) * V3_LD + 2 * lane);
-                        const float v = prm_warp_sum(fmaf(d.y, o[r].y, d.x * o[r].x));
-                        if (lane == 0) delta[(size_t)h * total + row0 + b0 + r] = v;
-                        if (r == (lane >> 2)) row_delta[k][0] = v;
-                        if (r == (lane >> 2) + 8) row_delta[k][1] = v;
-                    }
-                }
-            }
+            for (int k = 0; k < 2; ++k)
+                v3_block_delta(out, delta, sD + (warp * 32 + 16 * k) * V3_LD, wq0 + 16 * k, T, row0, h, width,
+                               total, row_delta[k]);
         }
         if (active && !(causal && k0 > wq0 + 31)) {
             const int kvalid = min(V3_TILE, kend - k0);

@@ -5,9 +5,9 @@
 # kernels), the benchmark report against PyTorch (scripts/gpu-report.sh), prm's pgd attack set
 # beside PyTorch's by kind of work (tools/kernel_groups.py on the timelines and the torch rows'
 # kernel tables), the attention kernels' occupancy and stall reasons and a per-kernel profile
-# of one pgd step (Nsight Compute), inside a time budget, then one table. Lent GPU time is short (15 minutes a session, machine
-# start included), so sections run in order of what matters and each gets at most what is left
-# of the budget.
+# of one pgd step (Nsight Compute), inside a time budget, then one table. Lent GPU time is
+# short (15 minutes a session, machine start included), so sections run in order of what
+# matters and each gets at most what is left of the budget.
 #
 #   With cargo:         bash scripts/gpu-check.sh               (builds the bundle first)
 #   Without Rust:       bash scripts/gpu-check.sh --bundle target/gpu-bundle

@@ -940,11 +940,8 @@ fn tc4_smem_on(
     backward: bool,
 ) -> Option<(u32, u32)> {
     let (resident, dkdv) = tc4_smem(seqlens_host, options.blocks_per_warp())?;
-    let need = if backward {
-        resident.max(dkdv)
-    } else {
-        resident
-    };
+    // dK/dV asks for the most of the backward's kernels (the resident tiles and more).
+    let need = if backward { dkdv } else { resident };
     match dev.max_shared_per_block() {
         Some(limit) if need > limit => None,
         _ => Some((resident, dkdv)),
