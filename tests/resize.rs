@@ -433,6 +433,31 @@ fn position_embedding_cache() {
     });
 }
 
+/// The cache keeps at most its bound beyond the model's own embedding, starting afresh when a
+/// grid would pass it, and what it hands out stays the interpolation.
+#[test]
+fn position_embedding_cache_is_bounded() {
+    let mut rng = Rng::new(10);
+    let (dim, g) = (8, 5);
+    let pos = rng.vec((1 + g * g) * dim);
+    let own = pos.len() * 4;
+    let grid_bytes = |gh: usize, gw: usize| (1 + gh * gw) * dim * 4;
+    // Room for the 6×6 and 4×9 grids (1,184 and 1,184 bytes), not for a third.
+    let cache = PositionEmbeddingCache::new(pos.clone(), dim, g).with_limit(2500);
+    let held = cache.get(6, 6);
+    cache.get(4, 9);
+    assert_eq!(
+        cache.cached_bytes(),
+        own + grid_bytes(6, 6) + grid_bytes(4, 9)
+    );
+    let third = cache.get(7, 3);
+    assert_eq!(cache.cached_bytes(), own + grid_bytes(7, 3));
+    assert_eq!(*third, interpolate_position_embedding(&pos, dim, g, 7, 3));
+    assert_eq!(*held, interpolate_position_embedding(&pos, dim, g, 6, 6));
+    assert_eq!(*cache.get(6, 6), *held);
+    assert_eq!(*cache.get(g, g), pos);
+}
+
 #[test]
 fn scaled_size_truncates_like_python() {
     assert_eq!(scaled_size(480, 640, 0.5), (240, 320));

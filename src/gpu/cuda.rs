@@ -515,16 +515,31 @@ impl CudaBackend {
         dst: &mut CudaMemory,
         bytes: usize,
     ) -> Result<(), GpuError> {
-        src.check(bytes, "device-to-device copy")?;
-        dst.check(bytes, "device-to-device copy")?;
+        self.copy_at(src, 0, dst, 0, bytes)
+    }
+
+    /// Copies `bytes` bytes from byte `src_offset` of `src` to byte `dst_offset` of `dst`, in
+    /// stream order.
+    pub fn copy_at(
+        &self,
+        src: &CudaMemory,
+        src_offset: usize,
+        dst: &mut CudaMemory,
+        dst_offset: usize,
+        bytes: usize,
+    ) -> Result<(), GpuError> {
+        let what = "device-to-device copy";
+        src.check(src_offset.saturating_add(bytes), what)?;
+        dst.check(dst_offset.saturating_add(bytes), what)?;
         if bytes == 0 {
             return Ok(());
         }
         self.bind()?;
-        // SAFETY: both allocations hold at least `bytes` bytes (checked) and stay alive until
+        let (from, to) = (src.ptr + src_offset as u64, dst.ptr + dst_offset as u64);
+        // SAFETY: both ranges lie inside their allocations (checked), which stay alive until
         // the stream reaches the copy (buffers are freed in stream order).
-        unsafe { dr::memcpy_dtod_async(dst.ptr, src.ptr, bytes, self.stream.cu_stream()) }
-            .map_err(|e| cuda_err("device-to-device copy", e))
+        unsafe { dr::memcpy_dtod_async(to, from, bytes, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err(what, e))
     }
 
     /// `d = (c or 0) + a · op(b) + bias`, row-major, through cuBLASLt (fp32 compute and scale;

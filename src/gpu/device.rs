@@ -520,17 +520,44 @@ impl Device {
 
     /// Copies `src` into `dst` on the device (same length).
     pub fn copy<T: Element>(&self, src: &Buffer<T>, dst: &mut Buffer<T>) -> Result<(), GpuError> {
-        let _timed = super::host_stats::timed(super::host_stats::Call::Copy);
         assert_eq!(
             src.len, dst.len,
             "copy of {} elements into a buffer of {}",
             src.len, dst.len
         );
+        self.copy_range(src, 0, dst, 0, src.len)
+    }
+
+    /// Copies elements `src_start .. src_start + len` of `src` to `dst_start ..` of `dst` on the
+    /// device, in stream order (the rest of `dst` is left as it is). Panics when a range is
+    /// not inside its buffer.
+    pub fn copy_range<T: Element>(
+        &self,
+        src: &Buffer<T>,
+        src_start: usize,
+        dst: &mut Buffer<T>,
+        dst_start: usize,
+        len: usize,
+    ) -> Result<(), GpuError> {
+        let _timed = super::host_stats::timed(super::host_stats::Call::Copy);
+        let inside =
+            |start: usize, buf_len: usize| start.checked_add(len).is_some_and(|end| end <= buf_len);
+        assert!(
+            inside(src_start, src.len) && inside(dst_start, dst.len),
+            "copy of elements {src_start}..{src_start}+{len} of a buffer of {} into \
+             {dst_start}.. of a buffer of {}",
+            src.len,
+            dst.len
+        );
+        let size = std::mem::size_of::<T>();
+        let (src_offset, dst_offset, bytes) = (src_start * size, dst_start * size, len * size);
         let recorded = self.record(
             || SimOp::Copy {
                 src: SimPtr::new(src.address()),
+                src_offset,
                 dst: SimPtr::new(dst.address()),
-                bytes: src.bytes(),
+                dst_offset,
+                bytes,
             },
             |o| o.copies += 1,
         );
@@ -539,16 +566,18 @@ impl Device {
         }
         self.timed_op(
             OpKind::Copy,
-            || (format!("device copy ({})", size_bucket(src.bytes())), 0.0),
+            || (format!("device copy ({})", size_bucket(bytes)), 0.0),
             || match (&src.mem, &mut dst.mem) {
                 (Memory::Host { ptr: s, .. }, Memory::Host { ptr: d, .. }) => {
-                    // SAFETY: both allocations hold at least `src.bytes()` bytes and are
-                    // distinct (`dst` is exclusively borrowed).
-                    unsafe { std::ptr::copy_nonoverlapping(*s, *d, src.bytes()) };
+                    // SAFETY: both ranges lie inside their allocations (asserted above), which
+                    // are distinct (`dst` is exclusively borrowed).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(s.add(src_offset), d.add(dst_offset), bytes)
+                    };
                     Ok(())
                 }
                 (Memory::Cuda(s), Memory::Cuda(d)) => match &*self.backend {
-                    Backend::Cuda(c) => c.copy(s, d, src.bytes()),
+                    Backend::Cuda(c) => c.copy_at(s, src_offset, d, dst_offset, bytes),
                     Backend::Sim(_) => unreachable!("CUDA buffers on a simulator device"),
                 },
                 _ => unreachable!("buffers from different devices"),

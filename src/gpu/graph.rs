@@ -114,7 +114,11 @@ pub(crate) enum SimOp {
     },
     Copy {
         src: SimPtr,
+        /// Byte offsets into the two allocations (the pointers are their bases, so that a
+        /// replay still checks that both are live).
+        src_offset: usize,
         dst: SimPtr,
+        dst_offset: usize,
         bytes: usize,
     },
     Fill {
@@ -176,9 +180,16 @@ impl SimOp {
                 unsafe { super::gemm::sim_matmul_raw(*shape, *types, ptrs) };
                 Ok(())
             }
-            SimOp::Copy { src, dst, bytes } => {
+            SimOp::Copy {
+                src,
+                src_offset,
+                dst,
+                dst_offset,
+                bytes,
+            } => {
                 let (s, d) = (src.check("a copy")?, dst.check("a copy")?);
-                // SAFETY: live allocations (checked) of at least `bytes` bytes (checked when
+                let (s, d) = (s as usize + src_offset, d as usize + dst_offset);
+                // SAFETY: live allocations (checked) holding both ranges (checked when
                 // recorded); distinct buffers.
                 unsafe { std::ptr::copy_nonoverlapping(s as *const u8, d as *mut u8, *bytes) };
                 Ok(())

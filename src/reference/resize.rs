@@ -324,6 +324,10 @@ pub fn scaled_size(h: usize, w: usize, ratio: f32) -> (usize, usize) {
 
 type GridMap = HashMap<(usize, usize), Arc<Vec<f32>>>;
 
+/// The interpolated embeddings [`PositionEmbeddingCache`] keeps, at most (the model's own is
+/// kept beyond it).
+const MAX_CACHED_POSITION_BYTES: usize = 256 << 20;
+
 /// A thread-safe cache of interpolated position embeddings keyed by `(gh, gw)`, since the attack
 /// reuses the same grid size across steps.
 #[derive(Debug)]
@@ -332,6 +336,8 @@ pub struct PositionEmbeddingCache {
     dim: usize,
     grid: usize,
     cache: Mutex<GridMap>,
+    /// Bytes of embeddings kept ([`MAX_CACHED_POSITION_BYTES`] unless set).
+    limit: usize,
 }
 
 impl PositionEmbeddingCache {
@@ -350,7 +356,15 @@ impl PositionEmbeddingCache {
             dim,
             grid,
             cache: Mutex::new(map),
+            limit: MAX_CACHED_POSITION_BYTES,
         }
+    }
+
+    /// The same cache keeping at most `bytes` of interpolated embeddings (beyond the model's
+    /// own); a grid that would pass the bound starts it afresh.
+    pub fn with_limit(mut self, bytes: usize) -> Self {
+        self.limit = bytes;
+        self
     }
 
     pub fn dim(&self) -> usize {
@@ -359,6 +373,11 @@ impl PositionEmbeddingCache {
 
     pub fn grid(&self) -> usize {
         self.grid
+    }
+
+    /// Bytes of embeddings held, the model's own included.
+    pub fn cached_bytes(&self) -> usize {
+        self.lock().values().map(|e| e.len() * 4).sum()
     }
 
     /// The original (uninterpolated) embedding.
@@ -378,7 +397,14 @@ impl PositionEmbeddingCache {
         let v = Arc::new(interpolate_position_embedding(
             &self.pos, self.dim, self.grid, gh, gw,
         ));
-        Arc::clone(self.lock().entry((gh, gw)).or_insert(v))
+        let mut cache = self.lock();
+        // Bounded: a dataset of many native sizes, under dynamic scale, meets many grids. The
+        // model's own grid is kept; callers hold their embeddings by `Arc`.
+        let held: usize = cache.values().map(|e| e.len() * 4).sum();
+        if held + v.len() * 4 > self.limit + self.pos.len() * 4 {
+            cache.retain(|&k, _| k == (self.grid, self.grid));
+        }
+        Arc::clone(cache.entry((gh, gw)).or_insert(v))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GridMap> {

@@ -7,7 +7,9 @@
 //! selected layer's gradient straight into the backward's running gradient.
 //!
 //! Per-geometry device tables (the packing table, `cu_seqlens`, position embeddings, loss
-//! scratch: `BatchGeometry`) and resize plans are uploaded once per geometry and cached: the
+//! scratch: `BatchGeometry`) and resize plans are made once per geometry and cached (the
+//! position table by device copies from per-grid embeddings, `positions.rs`, since under
+//! dynamic scale it is a new fp32 table the size of a layer every step): the
 //! step loop captures fixed-shape steps into graphs (`step_loop.rs`), and nothing inside a
 //! captured step may upload. A new per-batch table belongs in `BatchGeometry`; an upload in
 //! the forward or backward makes every capture fail (the steps then run directly).
@@ -21,6 +23,7 @@ pub mod attention_plan;
 mod backward;
 mod forward;
 mod losses;
+mod positions;
 mod products;
 mod staged;
 mod step_loop;
@@ -41,7 +44,6 @@ use crate::attack::engine::{
 use crate::attack::image::{Evaluation, Planar};
 use crate::attack::loss::Objective;
 use crate::model::Model;
-use crate::reference::resize::PositionEmbeddingCache;
 use attention_plan::{
     AttentionKernels, AttentionPass, AttentionSetting, AttentionTuning, ShapeBucket,
 };
@@ -170,6 +172,9 @@ pub struct GpuClean {
 type GeometryCache = Mutex<HashMap<Vec<(usize, usize)>, Arc<BatchGeometry>>>;
 type ResizeCache = Mutex<HashMap<Vec<ResizeSizes>, Arc<ResizePlan>>>;
 const MAX_CACHED_SHAPES: usize = 64;
+/// A geometry holds its batch's position table (`[ΣT_i, D]` fp32): under dynamic scale,
+/// where geometries seldom repeat, 64 of them at 32 paper images would hold 4.4 GB.
+const MAX_CACHED_GEOMETRY_BYTES: usize = 512 << 20;
 
 /// The bf16 left operand of the products (bf16 precision), shared with the graphs that were
 /// captured using it.
@@ -229,7 +234,9 @@ pub struct GpuVit<'m> {
     class_embedding: Buffer<f32>,
     ln_pre: DeviceLayerNorm,
     blocks: Vec<DeviceBlock>,
-    positions: PositionEmbeddingCache,
+    /// Position embeddings by patch grid, on the device (the geometries' tables are copied
+    /// from them).
+    positions: positions::DevicePositions,
     /// Batch tables by geometry, reused across steps and batches.
     geometries: GeometryCache,
     /// Resize plans by geometry (the step loop's resizes).
@@ -284,7 +291,11 @@ impl<'m> GpuVit<'m> {
             class_embedding: dev.upload(&w.class_embedding)?,
             ln_pre: upload_ln(dev, &w.ln_pre)?,
             blocks,
-            positions: PositionEmbeddingCache::new(w.position_embedding.clone(), c.width, c.grid),
+            positions: positions::DevicePositions::new(
+                w.position_embedding.clone(),
+                c.width,
+                c.grid,
+            ),
             geometries: Mutex::new(HashMap::new()),
             resize_plans: Mutex::new(HashMap::new()),
             pool: BufferPool::new(dev),
@@ -382,15 +393,17 @@ impl<'m> GpuVit<'m> {
             None => {
                 let c = &self.model.config;
                 let packing = PackedImages::new(sizes, c.patch);
-                let mut packed = Vec::with_capacity(packing.total_tokens * c.width);
+                let mut pos = self.dev.alloc(packing.total_tokens * c.width)?;
                 for p in &packing.images {
-                    packed.extend_from_slice(&self.positions.get(p.grid_h, p.grid_w));
+                    let grid = self.positions.grid(&self.dev, p.grid_h, p.grid_w)?;
+                    let at = p.token_offset * c.width;
+                    self.dev.copy_range(&grid, 0, &mut pos, at, grid.len())?;
                 }
                 let g = Arc::new(BatchGeometry {
                     table: packing.upload_table(&self.dev)?,
                     cu_seqlens: self.dev.upload(&packing.cu_seqlens())?,
                     seqlens: packing.images.iter().map(|p| p.tokens()).collect(),
-                    pos: self.dev.upload(&packed)?,
+                    pos,
                     loss_scratch: Mutex::new(LossScratch::new(
                         &self.dev,
                         packing.total_tokens,
@@ -399,7 +412,10 @@ impl<'m> GpuVit<'m> {
                     packing,
                 });
                 let mut cache = self.geometries.lock().unwrap_or_else(|p| p.into_inner());
-                if cache.len() >= MAX_CACHED_SHAPES {
+                let held: usize = cache.values().map(|g| g.pos.bytes()).sum();
+                if cache.len() >= MAX_CACHED_SHAPES
+                    || held + g.pos.bytes() > MAX_CACHED_GEOMETRY_BYTES
+                {
                     cache.clear(); // graphs hold the geometries they use
                 }
                 cache.insert(sizes.to_vec(), g.clone());
