@@ -371,12 +371,15 @@ fn attack_device_timeline_records_the_run_and_its_saving_on_the_device() {
     assert!(err.contains("--device cuda:N or --device sim"), "{err}");
 }
 
-/// Once an attack runs, its steps never wait for the host: no download between the second
-/// optimiser update and the last (step 0's loss is read once; dynamic scale's clean forward at
-/// each step's scale reads nothing back unless the `embed` loss needs its CLS rows).
+/// Once an attack runs, its steps never wait for the host: no download from the start of the
+/// attack to the last optimiser update (the loss at the start, measured before the loop or by
+/// step 0, is read back with the results; dynamic scale's clean forward at each step's scale
+/// reads nothing back unless the `embed` loss needs its CLS rows). With graphs on, nothing is
+/// read back before the last replay either, so the host records and instantiates step 1's graph
+/// while the device runs step 0.
 #[test]
 fn attack_steps_read_nothing_back() {
-    for preset in ["pgd", "paper"] {
+    for (preset, graphs) in [("pgd", "off"), ("paper", "off"), ("pgd", "on")] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("trace.json");
         bench(&[
@@ -389,32 +392,46 @@ fn attack_steps_read_nothing_back() {
             "--image-size",
             "40x32",
             "--graphs",
-            "off",
+            graphs,
             "--timeline",
             path.to_str().unwrap(),
         ]);
         let trace: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         let events = &trace["traceEvents"].as_array().unwrap()[1..];
-        let updates: Vec<usize> = events
+        let names: Vec<&str> = events.iter().map(|e| e["name"].as_str().unwrap()).collect();
+        // The kernel that writes the step's new images (pgd; AdamW), or a replayed step.
+        let step_ends: Vec<usize> = events
             .iter()
             .enumerate()
             .filter(|(_, e)| {
-                // The kernel that writes the step's new images (pgd; AdamW).
                 let name = e["name"].as_str().unwrap();
-                name == "prm_update_pgd_f32" || name == "prm_update_adamw_image_f32"
+                name == "prm_update_pgd_f32"
+                    || name == "prm_update_adamw_image_f32"
+                    || e["cat"] == "graph"
             })
             .map(|(i, _)| i)
             .collect();
-        assert_eq!(updates.len(), 5, "{preset}: one update per step");
-        let downloads: Vec<&str> = events[updates[1]..updates[4]]
+        if graphs == "off" {
+            assert_eq!(step_ends.len(), 5, "{preset}: one update per step");
+        } else {
+            // Step 0 runs directly, step 1 is captured and launched, steps 2 to 4 replay.
+            let replays = events.iter().filter(|e| e["cat"] == "graph").count();
+            assert_eq!(replays, 4, "{preset}: {names:?}");
+        }
+        let last = *step_ends.last().unwrap();
+        let downloads: Vec<&str> = events[..last]
             .iter()
             .filter(|e| e["cat"] == "download")
             .map(|e| e["name"].as_str().unwrap())
             .collect();
         assert!(
             downloads.is_empty(),
-            "{preset}: steps read back {downloads:?}"
+            "{preset}, graphs {graphs}: read back before the last step: {downloads:?}"
+        );
+        assert!(
+            events[last..].iter().any(|e| e["cat"] == "download"),
+            "{preset}, graphs {graphs}: the results are read back after the steps"
         );
     }
 }

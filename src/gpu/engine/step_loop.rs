@@ -22,8 +22,10 @@
 //! Nothing per-step is baked into the graph: the step's inputs and outputs are the loop's
 //! persistent buffers (optimiser state, the adversarial image, the per-image loss totals), and
 //! AdamW's step counter and bias corrections are read on the device ([`AdamwSchedule`]).
-//! Losses the host needs (step 0's initial loss, every step's with a loss sink) are downloaded
-//! from the totals after the step, outside the graph.
+//! Step 0's totals (the initial loss) are copied on the device after the step and read back
+//! with the batch's results, so nothing waits for the device between the warm-up step and the
+//! capture: the host records and instantiates step 1's graph while step 0 runs. Only a loss
+//! sink (a loss curve) downloads every step's totals as it ends.
 //!
 //! Direct steps: the escape step (step 0 with `--init zero`), dynamic scale (a new geometry
 //! nearly every step: a graph would be captured for one use, and a per-shape cache would pin
@@ -321,11 +323,11 @@ impl GpuVit<'_> {
         native: &[(usize, usize)],
         plan: &StepPlan,
         clean_eval: &GpuClean,
-    ) -> Result<Vec<Option<f64>>, GpuError> {
+    ) -> Result<Losses, GpuError> {
         let (at_eval, _) = self.resized(start, native, &plan.eval_sizes)?;
         let batch = self.batch_on_device(&plan.eval_sizes, at_eval)?;
         let LossPass { losses, .. } = self.loss(&batch, clean_eval, plan.objective, false)?;
-        Ok(losses.values(&self.dev)?.into_iter().map(Some).collect())
+        Ok(losses)
     }
 
     /// The final images (`finals`, native size) quantised within ε as they are saved, their
@@ -407,11 +409,21 @@ impl GpuVit<'_> {
         };
         // Step 0 measures the loss at the start only when it runs at the evaluation geometry
         // and follows a gradient; otherwise the start is measured here, where it already is.
-        let mut loss_initial = if plan.escape || s.dynamic_scale.is_some() || plan.sizes.is_empty()
-        {
-            self.initial_losses(&start, &native, plan, &clean_eval)?
-        } else {
-            vec![None; lens.len()]
+        // Either way the values stay on the device until the batch's results are read back:
+        // a read-back here or after step 0 would make the host wait for the queue to drain,
+        // and the device would then idle while the host captures step 1 (or, under dynamic
+        // scale, prepares step 0).
+        let mut loss_initial: Option<Losses> =
+            if plan.escape || s.dynamic_scale.is_some() || plan.sizes.is_empty() {
+                Some(self.initial_losses(&start, &native, plan, &clean_eval)?)
+            } else {
+                None
+            };
+        // Step 0's per-image totals are copied here (taken before the step loop's warm-up, so
+        // the capture finds the pool as the warm-up left it).
+        let mut step0_totals = match loss_initial {
+            None => Some(self.alloc(lens.len())?),
+            Some(_) => None,
         };
 
         let mut state = match s.optimizer {
@@ -532,9 +544,8 @@ impl GpuVit<'_> {
                 }
             };
             let initial = step == 0 && s.dynamic_scale.is_none();
-            if initial || plan.loss_sink.is_some() {
-                // The only loss value the loop needs on the host is step 0's; the other steps
-                // wait for theirs only when a loss curve was asked for (`loss_sink`).
+            if let Some(sink) = plan.loss_sink {
+                // A loss curve was asked for: every step waits for its values.
                 let values = match host_losses {
                     Some(v) => v,
                     None => self
@@ -544,12 +555,19 @@ impl GpuVit<'_> {
                         .map(f64::from)
                         .collect(),
                 };
-                if let Some(sink) = plan.loss_sink {
-                    sink(step, &values);
-                }
+                sink(step, &values);
                 if initial {
-                    loss_initial = values.into_iter().map(Some).collect();
+                    loss_initial = Some(Losses::Host(values));
                 }
+            } else if initial {
+                loss_initial = Some(match (host_losses, step0_totals.take()) {
+                    (Some(v), _) => Losses::Host(v),
+                    (None, Some(mut copy)) => {
+                        self.dev.copy(&out.totals, &mut copy)?;
+                        Losses::Device(copy)
+                    }
+                    (None, None) => unreachable!("step 0's copy is taken once"),
+                });
             }
             on_step(step);
         }
@@ -580,6 +598,10 @@ impl GpuVit<'_> {
             || vec![None; lens.len()],
             |f| f.into_iter().map(Some).collect(),
         );
+        let loss_initial = match loss_initial {
+            Some(losses) => losses.values(&self.dev)?.into_iter().map(Some).collect(),
+            None => vec![None; lens.len()],
+        };
         let images = floats
             .into_iter()
             .zip(loss_initial)
