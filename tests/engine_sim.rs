@@ -479,6 +479,124 @@ fn fused_loss_gives_the_same_bits() {
     }
 }
 
+/// A loss that reads no layer past F_k runs blocks 0..k only, forward and backward: the
+/// blocks above can change neither the loss nor its gradient, which is exactly zero there. The
+/// engines give the same bits as running every block: the GPU engine's loss passes (fp32 and
+/// bf16, fused loss on and off) and whole attacks (graphs, dynamic scale), and the reference's
+/// forward and backward.
+#[test]
+fn skipping_unused_blocks_gives_the_same_bits() {
+    let model = small_model(128, 2, 3, 8, 4, Activation::QuickGelu, 41);
+    let mut d = Draw::new(17);
+    let clean = batch(&mut d);
+    let adv_imgs = perturbed(&clean, &mut d);
+    let (clean_v, adv_v) = (views(&clean), views(&adv_imgs));
+    let list = |l: &[usize]| LayerSelection::List(l.to_vec());
+    let cases = [
+        (LossKind::Prm, TokenSelection::All, list(&[0, 2]), 2),
+        (LossKind::Prm, TokenSelection::Patch, list(&[1]), 1),
+        (LossKind::Nrd, TokenSelection::All, list(&[0, 1]), 1),
+        (LossKind::Dr, TokenSelection::Patch, list(&[2]), 2),
+        (LossKind::Prm, TokenSelection::All, list(&[0]), 0),
+        (LossKind::Prm, TokenSelection::All, LayerSelection::All, 3),
+    ];
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+
+    // The reference: a forward through k blocks is the full forward's first features, and
+    // its backward the full backward.
+    let reference = ReferenceVit::new(&model);
+    for (loss, tokens, layers, k) in cases.clone() {
+        let obj = objective(&model, loss, tokens, layers.clone());
+        assert_eq!(obj.blocks_needed(), k, "{loss:?} {layers:?}");
+        let (x, h, w) = (&adv_imgs[0].0, adv_imgs[0].1, adv_imgs[0].2);
+        let clean_f = reference.forward(&clean[0].0, h, w, false).features;
+        let full = reference.forward(x, h, w, true);
+        let short = reference.forward_blocks(x, h, w, true, k);
+        assert_eq!(short.features.len(), k + 1);
+        for (a, b) in short.features.iter().zip(&full.features) {
+            assert_eq!(bits(a), bits(b), "reference {loss:?} {layers:?}: features");
+        }
+        let lf = obj.evaluate(&model, &full.features, &clean_f, true);
+        let ls = obj.evaluate(&model, &short.features, &clean_f, true);
+        assert_eq!(lf.value.to_bits(), ls.value.to_bits());
+        let (gf, gs) = (
+            reference.backward(&full, &lf.feature_grads),
+            reference.backward(&short, &ls.feature_grads),
+        );
+        assert_eq!(
+            bits(&gf),
+            bits(&gs),
+            "reference {loss:?} {layers:?}: gradient"
+        );
+    }
+
+    for dev in devices() {
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            let gpu = GpuVit::new_with_precision(&dev, &model, precision).unwrap();
+            let gpu_clean = gpu.clean_features(&clean_v).unwrap();
+            for fused in [true, false] {
+                gpu.set_fused_loss(fused);
+                for (loss, tokens, layers, _) in cases.clone() {
+                    let obj = objective(&model, loss, tokens, layers.clone());
+                    let mut runs = Vec::new();
+                    for skip in [false, true] {
+                        gpu.set_skip_unused_blocks(skip);
+                        runs.push(gpu.loss_and_gradient(&adv_v, &gpu_clean, &obj).unwrap());
+                    }
+                    let what = format!(
+                        "{} {precision:?} fused {fused} {loss:?} {tokens:?} {layers:?}",
+                        dev.name()
+                    );
+                    for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+                        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{what} image {i}: loss");
+                        assert_eq!(
+                            bits(&a.gradient),
+                            bits(&b.gradient),
+                            "{what} image {i}: gradient"
+                        );
+                    }
+                }
+            }
+            gpu.set_fused_loss(true);
+
+            // Whole attacks through the device step loop: graphs (pgd), dynamic scale (AdamW).
+            for (optimizer, dynamic, init) in [
+                (OptimizerKind::Pgd, None, Init::Random),
+                (OptimizerKind::Adamw, Some((0.5, 1.0)), Init::Zero),
+            ] {
+                let settings = AttackSettings {
+                    optimizer,
+                    steps: 3,
+                    dynamic_scale: dynamic,
+                    init,
+                    resolution: Resolution::Native,
+                    step_size: 1.0 / 255.0,
+                    lr: 2.0 / 255.0,
+                    ..Preset::Pgd.settings()
+                };
+                let obj = objective(&model, LossKind::Prm, TokenSelection::All, list(&[0, 1]));
+                let run = |skip: bool| -> Vec<AttackOutcome> {
+                    gpu.set_skip_unused_blocks(skip);
+                    let a = Attack::new(&gpu, &obj, &settings, common::attack_images(&clean, 5))
+                        .unwrap();
+                    let starts = (0..a.len()).map(|i| a.start(i, None)).collect();
+                    a.run(starts, |_| {}).unwrap()
+                };
+                let (all, short) = (run(false), run(true));
+                for (i, (a, b)) in all.iter().zip(&short).enumerate() {
+                    let what = format!("{} {precision:?} {optimizer:?} image {i}", dev.name());
+                    assert_eq!(bits(&a.adversarial), bits(&b.adversarial), "{what}");
+                    assert_eq!(a.loss_initial.to_bits(), b.loss_initial.to_bits(), "{what}");
+                    let curve = |o: &AttackOutcome| {
+                        o.losses.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    };
+                    assert_eq!(curve(a), curve(b), "{what}: loss curve");
+                }
+            }
+        }
+    }
+}
+
 /// `PRM_ATTENTION=auto` (the default on CUDA): the engine times v3 and v4 and their options
 /// the first time it meets a shape bucket, once for the forward and once for the backward,
 /// checks each candidate's bits against v3's, and keeps the fastest. Its losses and gradients

@@ -249,7 +249,8 @@ impl Engine for ReferenceVit<'_> {
             .iter()
             .zip(clean)
             .map(|(im, clean)| {
-                let fwd = self.forward(im.data, im.height, im.width, true);
+                let blocks = objective.blocks_needed();
+                let fwd = self.forward_blocks(im.data, im.height, im.width, true, blocks);
                 let loss = objective.evaluate(self.model(), &fwd.features, clean, true);
                 LossAndGradient {
                     loss: loss.value,

@@ -109,6 +109,17 @@ impl Objective {
         })
     }
 
+    /// The transformer blocks a forward must run for this loss. F_l is block l's output (F_0
+    /// the embedding's), so it is the deepest selected layer (`embed` reads the last): the
+    /// blocks above it can change neither the loss nor its gradient, which is exactly zero
+    /// there, so the engines neither run them forward nor carry that zero back through them.
+    pub fn blocks_needed(&self) -> usize {
+        match self.kind {
+            LossKind::Embed => self.feature_layers - 1,
+            _ => self.layers.iter().copied().max().unwrap_or(0),
+        }
+    }
+
     /// Evaluates the loss at features `adv` against `clean` (both F_0..F_L, `[T, D]` each).
     pub fn evaluate(
         &self,

@@ -14,24 +14,45 @@ use crate::model::VisionConfig;
 
 /// FLOPs of one forward + input-gradient backward on one `height × width` image.
 pub fn step_flops(config: &VisionConfig, height: usize, width: usize) -> f64 {
+    step_flops_through(config, config.layers, height, width)
+}
+
+/// [`step_flops`] for a loss that reads no layer past F_`blocks`: the engines run (and
+/// differentiate) the first `blocks` blocks only.
+pub fn step_flops_through(
+    config: &VisionConfig,
+    blocks: usize,
+    height: usize,
+    width: usize,
+) -> f64 {
     let (d, m, p) = (config.width as f64, config.mlp as f64, config.patch);
     let patches = ((height / p) * (width / p)) as f64;
     let t = patches + 1.0;
     let linear = 2.0 * t * (4.0 * d * d + 2.0 * d * m);
     let attention = 4.0 * t * t * d + 8.0 * t * t * d;
     let embed = 2.0 * patches * 3.0 * (p * p) as f64 * d;
-    config.layers as f64 * (2.0 * linear + attention) + 2.0 * embed
+    blocks as f64 * (2.0 * linear + attention) + 2.0 * embed
 }
 
 /// FLOPs of one forward pass alone (clean features) on one image.
 pub fn forward_flops(config: &VisionConfig, height: usize, width: usize) -> f64 {
+    forward_flops_through(config, config.layers, height, width)
+}
+
+/// [`forward_flops`] through the first `blocks` blocks.
+pub fn forward_flops_through(
+    config: &VisionConfig,
+    blocks: usize,
+    height: usize,
+    width: usize,
+) -> f64 {
     let (d, m, p) = (config.width as f64, config.mlp as f64, config.patch);
     let patches = ((height / p) * (width / p)) as f64;
     let t = patches + 1.0;
     let linear = 2.0 * t * (4.0 * d * d + 2.0 * d * m);
     let attention = 4.0 * t * t * d;
     let embed = 2.0 * patches * 3.0 * (p * p) as f64 * d;
-    config.layers as f64 * (linear + attention) + embed
+    blocks as f64 * (linear + attention) + embed
 }
 
 #[cfg(test)]
@@ -46,6 +67,23 @@ mod tests {
         let s = step_flops(&c, 224, 224) / 1e9;
         assert!((34.0..36.5).contains(&f), "forward {f} GFLOP");
         assert!((70.0..74.0).contains(&s), "step {s} GFLOP");
+    }
+
+    #[test]
+    fn a_shallow_loss_counts_its_blocks_only() {
+        let c = builtin_config("vit-b-16").unwrap();
+        let (s, f) = (step_flops(&c, 224, 224), forward_flops(&c, 224, 224));
+        let (s0, f0) = (
+            step_flops_through(&c, 0, 224, 224),
+            forward_flops_through(&c, 0, 224, 224),
+        );
+        let (s6, f6) = (
+            step_flops_through(&c, 6, 224, 224),
+            forward_flops_through(&c, 6, 224, 224),
+        );
+        assert_eq!(step_flops_through(&c, 12, 224, 224), s);
+        assert!(((s6 - s0) * 2.0 - (s - s0)).abs() < 1.0);
+        assert!(((f6 - f0) * 2.0 - (f - f0)).abs() < 1.0);
     }
 
     #[test]

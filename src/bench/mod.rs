@@ -118,11 +118,14 @@ pub fn time_attacks<E: Engine>(
                 .iter()
                 .map(|&(h, w)| flops::forward_flops(config, h, w))
                 .sum();
+            // The steps run the blocks the loss reads; the clean features at the evaluation
+            // geometry are every layer's (the evaluation reports them all).
+            let blocks = objective.blocks_needed();
             for step in 0..settings.steps {
                 for (&(h, w), &e) in attack.step_sizes(step).iter().zip(&eval) {
-                    total += flops::step_flops(config, h, w);
+                    total += flops::step_flops_through(config, blocks, h, w);
                     if (h, w) != e {
-                        total += flops::forward_flops(config, h, w);
+                        total += flops::forward_flops_through(config, blocks, h, w);
                     }
                 }
             }

@@ -127,7 +127,25 @@ impl<'m> ReferenceVit<'m> {
     /// Runs the tower on a planar `[3, height, width]` image in [0, 1]. With `save`, keeps the
     /// activations for [`ReferenceVit::backward`].
     pub fn forward(&self, image: &[f32], height: usize, width: usize, save: bool) -> Forward {
+        self.forward_blocks(image, height, width, save, self.model.config.layers)
+    }
+
+    /// [`ReferenceVit::forward`] through the first `blocks` transformer blocks only: features
+    /// F_0..F_blocks (a loss that reads no deeper layer needs no more).
+    pub fn forward_blocks(
+        &self,
+        image: &[f32],
+        height: usize,
+        width: usize,
+        save: bool,
+        blocks: usize,
+    ) -> Forward {
         let cfg = &self.model.config;
+        assert!(
+            blocks <= cfg.layers,
+            "{blocks} blocks asked of a {}-block tower",
+            cfg.layers
+        );
         let w = &self.model.weights;
         let (gh, gw) = patch_grid(height, width, cfg.patch);
         assert!(
@@ -150,12 +168,13 @@ impl<'m> ReferenceVit<'m> {
         let mut f0 = vec![0.0f32; t * d];
         let ln_pre_stats = layer_norm(&embedded, d, &w.ln_pre, cfg.ln_eps, &mut f0);
 
-        let mut features = Vec::with_capacity(cfg.layers + 1);
-        let mut blocks = Vec::with_capacity(if save { cfg.layers } else { 0 });
+        let run = blocks;
+        let mut features = Vec::with_capacity(run + 1);
+        let mut blocks = Vec::with_capacity(if save { run } else { 0 });
         features.push(f0);
         let mut normed = vec![0.0f32; t * d];
         let mut context = vec![0.0f32; t * d];
-        for (b, bt) in w.blocks.iter().zip(&self.forward_weights) {
+        for (b, bt) in w.blocks.iter().zip(&self.forward_weights).take(run) {
             let x = features.last().expect("F_0 exists");
             let ln1_stats = layer_norm(x, d, &b.ln1, cfg.ln_eps, &mut normed);
             let mut qkv = vec![0.0f32; t * 3 * d];
@@ -194,7 +213,8 @@ impl<'m> ReferenceVit<'m> {
     }
 
     /// Input-pixel gradient `[3, height, width]` from `feature_grads[l]` = dL/dF_l (`None` where
-    /// the loss does not read F_l). Requires a forward run with `save = true`.
+    /// the loss does not read F_l). Requires a forward run with `save = true`; after
+    /// [`ReferenceVit::forward_blocks`], the layers past its last block must have no gradient.
     pub fn backward(&self, fwd: &Forward, feature_grads: &[Option<Vec<f32>>]) -> Vec<f32> {
         let cfg = &self.model.config;
         let w = &self.model.weights;
@@ -203,6 +223,13 @@ impl<'m> ReferenceVit<'m> {
             feature_grads.len(),
             cfg.layers + 1,
             "one optional gradient per feature layer F_0..F_L"
+        );
+        assert!(
+            feature_grads[fwd.features.len()..]
+                .iter()
+                .all(Option::is_none),
+            "a feature gradient past the forward's last block ({})",
+            fwd.blocks.len()
         );
         let (t, d) = (fwd.tokens, cfg.width);
         let mut dh = vec![0.0f32; t * d];

@@ -108,7 +108,8 @@ impl<'m> GpuVit<'m> {
             Precision::Bf16 => Some(self.pool.take_bf16(t * d)?),
             Precision::Fp32 => None,
         };
-        let last = self.blocks.len();
+        // The forward may have stopped short of the last block (a shallow loss): start there.
+        let last = fwd.blocks.len();
         let update = add_loss_gradient(
             last,
             &fwd.features[last],

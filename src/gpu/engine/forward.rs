@@ -42,7 +42,14 @@ impl<'m> GpuVit<'m> {
         Ok(Normed { y, mean, rstd })
     }
 
-    pub(super) fn forward(&self, batch: &Batch, save: bool) -> Result<Forward, GpuError> {
+    /// The tower through its first `blocks` blocks: features F_0..F_blocks, and with `save`
+    /// what the backward needs.
+    pub(super) fn forward(
+        &self,
+        batch: &Batch,
+        save: bool,
+        blocks: usize,
+    ) -> Result<Forward, GpuError> {
         let c = &self.model.config;
         let (n, t, d) = (
             batch.packing.total_patches,
@@ -93,9 +100,10 @@ impl<'m> GpuVit<'m> {
             rstd: ln_pre_rstd,
         } = self.layer_norm(&embedded, &self.ln_pre, t)?;
 
+        let run = blocks;
         let mut features = vec![f0];
         let mut blocks = Vec::new();
-        for b in &self.blocks {
+        for b in self.blocks.iter().take(run) {
             let x = features.last().expect("F_0 exists");
             // mid = x + out_proj(context): the product reads x as its C, no copy into mid.
             let mut mid = self.alloc(t * d)?;

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{Batch, Forward, GpuClean, GpuVit, GradientUpdate, LossPass, Losses};
+use super::{Batch, Depth, Forward, GpuClean, GpuVit, GradientUpdate, LossPass, Losses};
 use crate::attack::image::Evaluation;
 use crate::attack::loss::Objective;
 use crate::gpu::kernels::layernorm::{layernorm_backward_f32, layernorm_backward_f32_bf16copy};
@@ -81,9 +81,10 @@ impl GpuVit<'_> {
         clean: &GpuClean,
         objective: &Objective,
         with_grad: bool,
+        depth: Depth,
     ) -> Result<LossPass, GpuError> {
         let images = batch.packing.len();
-        let fwd = self.forward(batch, with_grad)?;
+        let fwd = self.forward(batch, with_grad, self.blocks_for(objective, depth))?;
         let Some(kind) = LayerLoss::from_kind(objective.kind) else {
             return self.embed_loss(batch, clean, objective, with_grad, fwd);
         };
@@ -245,7 +246,7 @@ impl GpuVit<'_> {
             losses,
             forward: fwd,
             ..
-        } = self.loss(batch, clean, objective, false)?;
+        } = self.loss(batch, clean, objective, false, Depth::All)?;
         let shape = self.tokens(batch);
         let mut scratch = LossScratch::new(&self.dev, shape.rows, shape.images)?;
         // Every layer's cosines are queued before the first is read back, so the device runs

@@ -226,6 +226,15 @@ struct LossPass {
     forward: Forward,
 }
 
+/// How much of the tower a loss pass runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Depth {
+    /// The blocks the objective reads ([`GpuVit::set_skip_unused_blocks`]).
+    Loss,
+    /// Every block: evaluations report every layer's cosine.
+    All,
+}
+
 /// The GPU engine for one model on one device.
 pub struct GpuVit<'m> {
     dev: Device,
@@ -262,6 +271,9 @@ pub struct GpuVit<'m> {
     /// The prm or nrd loss at a block's input layer runs inside that block's LN1 backward (one
     /// pass over the rows instead of two; same bits). Off: `PRM_FUSED_LOSS=0`.
     fused_loss: AtomicBool,
+    /// A loss pass runs only the blocks its objective reads (default); off, every block (the
+    /// same bits: a knob for the tests).
+    skip_unused_blocks: AtomicBool,
 }
 
 impl<'m> GpuVit<'m> {
@@ -308,6 +320,7 @@ impl<'m> GpuVit<'m> {
             graph_stats: Mutex::new(GraphStats::default()),
             staging: staged::new_staging(),
             fused_loss: AtomicBool::new(fused_loss_by_default()),
+            skip_unused_blocks: AtomicBool::new(true),
         })
     }
 
@@ -323,6 +336,25 @@ impl<'m> GpuVit<'m> {
     /// are bit-identical either way: a knob for measuring what the fusion saves.
     pub fn set_fused_loss(&self, on: bool) {
         self.fused_loss.store(on, Ordering::Relaxed);
+    }
+
+    /// Runs, in a loss pass, only the blocks up to the deepest layer the objective reads
+    /// (default: on), or every block. The blocks above carry an exactly zero gradient back, so
+    /// results are bit-identical either way (unless a skipped block overflowed, where the full
+    /// pass would spread its NaN).
+    pub fn set_skip_unused_blocks(&self, on: bool) {
+        self.skip_unused_blocks.store(on, Ordering::Relaxed);
+    }
+
+    /// The blocks a loss pass of `objective` runs at `depth`.
+    fn blocks_for(&self, objective: &Objective, depth: Depth) -> usize {
+        let all = self.blocks.len();
+        match depth {
+            Depth::Loss if self.skip_unused_blocks.load(Ordering::Relaxed) => {
+                objective.blocks_needed().min(all)
+            }
+            _ => all,
+        }
     }
 
     /// Whether the step loop may capture graphs (turned off by [`Self::set_graphs`], or for
@@ -460,7 +492,7 @@ impl Engine for GpuVit<'_> {
             });
         }
         let batch = self.batch(images)?;
-        let fwd = self.forward(&batch, false)?;
+        let fwd = self.forward(&batch, false, self.blocks.len())?;
         Ok(GpuClean {
             sizes,
             features: fwd.features,
@@ -480,7 +512,7 @@ impl Engine for GpuVit<'_> {
             losses,
             gradient: grad,
             ..
-        } = self.loss(&batch, clean, objective, true)?;
+        } = self.loss(&batch, clean, objective, true, Depth::Loss)?;
         let grads = self.unpack_images(&batch, &grad.expect("gradient requested"))?;
         Ok(losses
             .values(&self.dev)?

@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{GpuClean, GpuVit, LossPass, Losses};
+use super::{Depth, GpuClean, GpuVit, LossPass, Losses};
 use crate::attack::engine::{
     DerivedStart, SavePhases, SavedByEngine, StepLoopOutput, StepLoopResult, StepPlan,
 };
@@ -188,14 +188,15 @@ impl GpuVit<'_> {
         Ok((out, Some(plan)))
     }
 
-    /// Clean features of packed device images at `sizes`.
+    /// Clean features F_0..F_blocks of packed device images at `sizes`.
     fn clean_on_device(
         &self,
         sizes: &[(usize, usize)],
         images: Pooled,
+        blocks: usize,
     ) -> Result<GpuClean, GpuError> {
         let batch = self.batch_on_device(sizes, images)?;
-        let fwd = self.forward(&batch, false)?;
+        let fwd = self.forward(&batch, false, blocks)?;
         Ok(GpuClean {
             sizes: sizes.to_vec(),
             features: fwd.features,
@@ -227,13 +228,21 @@ impl GpuVit<'_> {
             &fixed.clean_eval
         } else {
             let (c, _) = self.resized(&fixed.clean, &fixed.native, sizes)?;
-            clean_step = self.clean_on_device(sizes, c)?;
+            // Only the layers the loss reads (the evaluation geometry's are all kept).
+            let blocks = self.blocks_for(fixed.plan.objective, Depth::Loss);
+            clean_step = self.clean_on_device(sizes, c, blocks)?;
             &clean_step
         };
         let batch = self.batch_on_device(sizes, working)?;
         let LossPass {
             losses, gradient, ..
-        } = self.loss(&batch, clean_features, fixed.plan.objective, true)?;
+        } = self.loss(
+            &batch,
+            clean_features,
+            fixed.plan.objective,
+            true,
+            Depth::Loss,
+        )?;
         let host_losses = match losses {
             Losses::Device(totals) => {
                 self.dev.copy(&totals, &mut out.totals)?;
@@ -326,7 +335,9 @@ impl GpuVit<'_> {
     ) -> Result<Losses, GpuError> {
         let (at_eval, _) = self.resized(start, native, &plan.eval_sizes)?;
         let batch = self.batch_on_device(&plan.eval_sizes, at_eval)?;
-        let LossPass { losses, .. } = self.loss(&batch, clean_eval, plan.objective, false)?;
+        let depth = Depth::Loss;
+        let LossPass { losses, .. } =
+            self.loss(&batch, clean_eval, plan.objective, false, depth)?;
         Ok(losses)
     }
 
@@ -405,7 +416,7 @@ impl GpuVit<'_> {
         let lr255 = s.lr * 255.0;
         let clean_eval = {
             let (at_eval, _) = self.resized(&clean, &native, &plan.eval_sizes)?;
-            self.clean_on_device(&plan.eval_sizes, at_eval)?
+            self.clean_on_device(&plan.eval_sizes, at_eval, self.blocks.len())?
         };
         // Step 0 measures the loss at the start only when it runs at the evaluation geometry
         // and follows a gradient; otherwise the start is measured here, where it already is.
