@@ -435,3 +435,65 @@ fn attack_steps_read_nothing_back() {
         );
     }
 }
+
+/// The `embed` loss is computed on the host, so each of its steps reads the batch's CLS rows
+/// back and sends their gradient up: one download of a row per image (gathered on the device),
+/// and an upload of a row per image, not a table of every token that is zero but for them.
+#[test]
+fn embed_steps_move_one_row_per_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trace.json");
+    bench(&[
+        "--loss",
+        "embed",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "64x48",
+        "--graphs",
+        "off",
+        "--timeline",
+        path.to_str().unwrap(),
+    ]);
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let events = &trace["traceEvents"].as_array().unwrap()[1..];
+    let updates: Vec<usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e["name"] == "prm_update_pgd_f32")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(updates.len(), 4);
+    // Two images of 13 tokens, width 128: a row each is 1 KiB, every token 13 KiB.
+    let bytes = |label: &str| -> usize {
+        let size = label.split('≤').nth(1).unwrap().trim_end_matches(')');
+        let (n, unit) = size.split_once(' ').unwrap();
+        let n: usize = n.parse().unwrap();
+        n * match unit {
+            "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            other => panic!("{other}"),
+        }
+    };
+    for step in updates.windows(2) {
+        let between = &events[step[0]..step[1]];
+        let of = |cat: &str| -> Vec<&str> {
+            between
+                .iter()
+                .filter(|e| e["cat"] == cat)
+                .map(|e| e["name"].as_str().unwrap())
+                .collect()
+        };
+        let (downloads, uploads) = (of("download"), of("upload"));
+        assert_eq!(downloads.len(), 1, "one read-back a step: {downloads:?}");
+        assert!(bytes(downloads[0]) <= 1024, "{downloads:?}");
+        assert!(!uploads.is_empty());
+        assert!(
+            uploads.iter().all(|u| bytes(u) <= 1024),
+            "the gradient goes up as rows: {uploads:?}"
+        );
+    }
+}

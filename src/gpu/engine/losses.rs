@@ -57,20 +57,23 @@ impl GpuVit<'_> {
         }
     }
 
-    /// The CLS row of every image of a packed feature buffer (host): one row-sized download
-    /// per image, not the whole buffer.
+    /// The CLS row of every image of a packed feature buffer (host): gathered on the device
+    /// and read back in one download of a row per image, not the whole buffer (nor one wait
+    /// for the device per image).
     pub(super) fn cls_rows(
         &self,
         batch: &Batch,
         features: &Buffer<f32>,
     ) -> Result<Vec<Vec<f32>>, GpuError> {
         let d = self.model.config.width;
-        batch
-            .packing
-            .images
-            .iter()
-            .map(|p| self.dev.download_range(features, p.token_offset * d, d))
-            .collect()
+        let images = &batch.packing.images;
+        let mut rows = self.alloc(images.len() * d)?;
+        for (i, p) in images.iter().enumerate() {
+            self.dev
+                .copy_range(features, p.token_offset * d, &mut rows, i * d, d)?;
+        }
+        let host = self.dev.download(&rows)?;
+        Ok(host.chunks_exact(d).map(<[f32]>::to_vec).collect())
     }
 
     /// Loss per image (summed over the objective's layers in f64 on the host) and, with
@@ -195,8 +198,10 @@ impl GpuVit<'_> {
         }
         let clean_cls = clean.cls_rows.get().expect("set above");
         let mut values = Vec::with_capacity(adv_cls.len());
-        let mut d_last = vec![0.0f32; batch.packing.total_tokens * d];
-        for ((a, c), p) in adv_cls.iter().zip(clean_cls).zip(&batch.packing.images) {
+        // Only the CLS rows carry gradient: they go up alone (one row per image, not a
+        // [ΣT, D] table that is zero but for them) and are placed on the device.
+        let mut d_cls = vec![0.0f32; adv_cls.len() * d];
+        for ((a, c), row) in adv_cls.iter().zip(clean_cls).zip(d_cls.chunks_exact_mut(d)) {
             let mut adv_f: Vec<Vec<f32>> = vec![Vec::new(); last + 1];
             let mut clean_f: Vec<Vec<f32>> = vec![Vec::new(); last + 1];
             adv_f[last] = a.clone();
@@ -204,7 +209,7 @@ impl GpuVit<'_> {
             let v = objective.evaluate(self.model, &adv_f, &clean_f, with_grad);
             values.push(v.value);
             if let Some(Some(g)) = v.feature_grads.get(last) {
-                d_last[p.token_offset * d..(p.token_offset + 1) * d].copy_from_slice(&g[..d]);
+                row.copy_from_slice(&g[..d]); // the CLS row's (the evaluation saw only it)
             }
         }
         if !with_grad {
@@ -214,11 +219,15 @@ impl GpuVit<'_> {
                 forward: fwd,
             });
         }
-        let injected = self.dev.upload(&d_last)?;
+        let injected = self.dev.upload(&d_cls)?;
         let grad = self.backward(batch, &fwd, |l, _, dh, copy, ln| {
             if l == last {
                 // The first layer the backward visits: no LayerNorm before it.
-                self.dev.copy(&injected, dh)?;
+                self.dev.zero(dh)?;
+                for (i, p) in batch.packing.images.iter().enumerate() {
+                    self.dev
+                        .copy_range(&injected, i * d, dh, p.token_offset * d, d)?;
+                }
                 Ok(GradientUpdate::Changed)
             } else {
                 match ln {
