@@ -12,6 +12,21 @@ use prm::model::Activation;
 use prm::reference::ReferenceVit;
 use prm::rng::ImageRng;
 
+/// Two runs' per-image losses and input gradients, bit for bit.
+fn assert_same_bits(a: &[LossAndGradient], b: &[LossAndGradient], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: images");
+    for (i, (a, b)) in a.iter().zip(b).enumerate() {
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{what} image {i}: loss");
+        assert!(
+            a.gradient
+                .iter()
+                .zip(&b.gradient)
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{what} image {i}: the gradients differ"
+        );
+    }
+}
+
 /// Scale-relative max error.
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
@@ -464,16 +479,7 @@ fn fused_loss_gives_the_same_bits() {
                     "{} {precision:?} {loss:?} {tokens:?} {layers:?}",
                     dev.name()
                 );
-                for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
-                    assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{what} image {i}: loss");
-                    assert!(
-                        a.gradient
-                            .iter()
-                            .zip(&b.gradient)
-                            .all(|(x, y)| x.to_bits() == y.to_bits()),
-                        "{what} image {i}: the fused gradient differs"
-                    );
-                }
+                assert_same_bits(&runs[0], &runs[1], &what);
             }
         }
     }
@@ -547,14 +553,7 @@ fn skipping_unused_blocks_gives_the_same_bits() {
                         "{} {precision:?} fused {fused} {loss:?} {tokens:?} {layers:?}",
                         dev.name()
                     );
-                    for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
-                        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{what} image {i}: loss");
-                        assert_eq!(
-                            bits(&a.gradient),
-                            bits(&b.gradient),
-                            "{what} image {i}: gradient"
-                        );
-                    }
+                    assert_same_bits(&runs[0], &runs[1], &what);
                 }
             }
             gpu.set_fused_loss(true);
