@@ -534,6 +534,19 @@ fn skipping_unused_blocks_gives_the_same_bits() {
             bits(&gs),
             "reference {loss:?} {layers:?}: gradient"
         );
+        // The host loop's clean batch of a dynamic-scale step: the same first features.
+        let all = Engine::clean_features(&reference, &clean_v).unwrap();
+        let read = reference.clean_features_for_loss(&clean_v, &obj).unwrap();
+        for (a, r) in all.iter().zip(&read) {
+            assert_eq!(
+                r.len(),
+                k + 1,
+                "reference {loss:?} {layers:?}: clean layers"
+            );
+            for (fa, fr) in a.iter().zip(r) {
+                assert_eq!(bits(fa), bits(fr), "reference {loss:?} {layers:?}: clean");
+            }
+        }
     }
 
     for dev in devices() {

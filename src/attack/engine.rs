@@ -171,6 +171,18 @@ pub trait Engine {
     /// Features of clean images, to compare adversarial features against.
     fn clean_features(&self, images: &[Planar]) -> Result<Self::Clean, EngineError>;
 
+    /// Features of clean images that only `objective`'s loss will read (a step's clean batch
+    /// under dynamic scale): an engine may stop at the deepest layer the loss reads
+    /// ([`Objective::blocks_needed`]). The default computes every layer.
+    fn clean_features_for_loss(
+        &self,
+        images: &[Planar],
+        objective: &Objective,
+    ) -> Result<Self::Clean, EngineError> {
+        let _ = objective;
+        self.clean_features(images)
+    }
+
     /// Per image: the loss at `adv[i]` against `clean` image i, and its input gradient.
     fn loss_and_gradient(
         &self,
@@ -236,6 +248,21 @@ impl Engine for ReferenceVit<'_> {
         Ok(images
             .iter()
             .map(|im| self.forward(im.data, im.height, im.width, false).features)
+            .collect())
+    }
+
+    fn clean_features_for_loss(
+        &self,
+        images: &[Planar],
+        objective: &Objective,
+    ) -> Result<Self::Clean, EngineError> {
+        let blocks = objective.blocks_needed();
+        Ok(images
+            .iter()
+            .map(|im| {
+                self.forward_blocks(im.data, im.height, im.width, false, blocks)
+                    .features
+            })
             .collect())
     }
 

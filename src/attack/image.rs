@@ -374,7 +374,10 @@ impl<'a, E: Engine> Attack<'a, E> {
                 .zip(sizes)
                 .map(|(d, &s)| planar(d, s))
                 .collect();
-            let clean_features = self.engine.clean_features(&clean_views)?;
+            // Read by this step's loss alone: only the layers it reads.
+            let clean_features = self
+                .engine
+                .clean_features_for_loss(&clean_views, self.objective)?;
             self.engine
                 .loss_and_gradient(&adv_views, &clean_features, self.objective)?
         };
