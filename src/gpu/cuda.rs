@@ -508,18 +508,8 @@ impl CudaBackend {
             .map_err(|e| cuda_err("memset", e))
     }
 
-    /// Copies `bytes` bytes from `src` to `dst`, in stream order (no host synchronisation).
-    pub fn copy(
-        &self,
-        src: &CudaMemory,
-        dst: &mut CudaMemory,
-        bytes: usize,
-    ) -> Result<(), GpuError> {
-        self.copy_at(src, 0, dst, 0, bytes)
-    }
-
     /// Copies `bytes` bytes from byte `src_offset` of `src` to byte `dst_offset` of `dst`, in
-    /// stream order.
+    /// stream order (no host synchronisation).
     pub fn copy_at(
         &self,
         src: &CudaMemory,

@@ -81,7 +81,8 @@ impl<'m> GpuVit<'m> {
     /// ln)` brings the running gradient `dh` to dL/dF_l at each layer: it first runs `ln`, when
     /// given (the LN1 backward of block l, whose input is F_l: `dh +=` its input gradient; the
     /// loss may fuse it with its own pass over F_l), then adds the loss's dL/dF_l; given `copy`,
-    /// it may write dh's bf16 copy (it says which it did). With `ln`, dh always changes.
+    /// it may write dh's bf16 copy (it says which it did). With `ln`, dh always changes. dh is
+    /// zero at the first call (the deepest layer run, without `ln`).
     pub(super) fn backward(
         &self,
         batch: &Batch,

@@ -222,8 +222,8 @@ impl GpuVit<'_> {
         let injected = self.dev.upload(&d_cls)?;
         let grad = self.backward(batch, &fwd, |l, _, dh, copy, ln| {
             if l == last {
-                // The first layer the backward visits: no LayerNorm before it.
-                self.dev.zero(dh)?;
+                // The first layer the backward visits (no LayerNorm before it): dh is still the
+                // zeroed gradient the backward starts from, so only the CLS rows are written.
                 for (i, p) in batch.packing.images.iter().enumerate() {
                     self.dev
                         .copy_range(&injected, i * d, dh, p.token_offset * d, d)?;
