@@ -110,6 +110,9 @@ run torch-pgd-eager-fp32 $PY tools/torch_prm.py --mode eager-fp32 --batch-size "
 run prm-pgd-bf16-b1 $B --precision bf16 --batch-size 1 --steps 10 --repeats 5 --no-ceiling
 run prm-pgd-bf16-b1-nographs $B --precision bf16 --batch-size 1 --steps 10 --repeats 5 --no-ceiling --graphs off
 run prm-paper-fp32-b1 $B --precision fp32 $PAPER --batch-size 1 --warmup 0 --repeats 1 --no-ceiling
+# A loss over F_0..F_3 runs blocks 0..3 only, forward and backward (c62a942; every other row
+# uses all 13 layers): against prm-pgd-bf16, the GPU's share of the 12 blocks it skips.
+run prm-pgd-bf16-layers0-3 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5 --no-ceiling --layers 0,1,2,3
 # ViT-L/14 at 224 px: 257 tokens, v4's since 2026-12-05 (its auto lines say whether it pays).
 run prm-pgd-bf16-vit-l-14 $PRM bench --device cuda --json --model random:vit-l-14 --precision bf16 --batch-size 32 --steps 10 --repeats 2 --no-ceiling
 
@@ -135,6 +138,7 @@ rows = [
     ("pgd", "prm bf16 uploads unstaged", "prm-pgd-bf16-nostaging"),
     ("pgd", "prm bf16 b32", "prm-pgd-bf16-b32"), ("pgd", "prm bf16 b128", "prm-pgd-bf16-b128"),
     ("pgd", "prm bf16 b1", "prm-pgd-bf16-b1"), ("pgd", "prm bf16 b1 graphs off", "prm-pgd-bf16-b1-nographs"),
+    ("pgd", "prm bf16 layers 0..3", "prm-pgd-bf16-layers0-3"),
     ("paper", "prm bf16 b1", "prm-paper-bf16-b1"), ("paper", f"prm bf16 b{pb}", f"prm-paper-bf16-b{pb}"),
     ("paper", "prm bf16 b32", "prm-paper-bf16-b32"),
     ("paper", "prm fp32 b1", "prm-paper-fp32-b1"), ("paper", "torch fp32 b1", "torch-paper-fp32-b1"),
@@ -174,6 +178,7 @@ print(f"pgd   loss fused / unfused             {ratio('prm-pgd-bf16', 'prm-pgd-b
 print(f"pgd   delta in dQ / delta kernel (v3)  {ratio('prm-pgd-bf16-attn-v3', 'prm-pgd-bf16-delta-kernel'):6.2f}x")
 print(f"pgd   attention v3 / v2                {ratio('prm-pgd-bf16-attn-v3', 'prm-pgd-bf16-attn-v2'):6.2f}x")
 print(f"pgd   staged / plain uploads           {ratio('prm-pgd-bf16', 'prm-pgd-bf16-nostaging'):6.2f}x")
+print(f"pgd   layers 0..3 / all layers         {ratio('prm-pgd-bf16-layers0-3', 'prm-pgd-bf16'):6.2f}x")
 for name in ("prm-pgd-bf16", "prm-paper-bf16-b1", f"prm-paper-bf16-b{pb}", "prm-pgd-bf16-vit-l-14"):
     # What PRM_ATTENTION=auto timed (µs a call) and chose, per pass and shape.
     for t in ((get(name) or {}).get("attention") or {}).get("tuned", []):

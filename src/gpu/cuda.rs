@@ -321,12 +321,23 @@ impl CudaBackend {
     pub fn alloc_zeroed(&self, bytes: usize) -> Result<CudaMemory, GpuError> {
         self.bind()?;
         let alloc = RawAlloc::zeroed(&self.stream, bytes)?;
-        Ok(CudaMemory {
+        Ok(self.memory(alloc, bytes))
+    }
+
+    /// An allocation of `bytes` bytes with undefined contents (no fill pass).
+    pub fn alloc_undefined(&self, bytes: usize) -> Result<CudaMemory, GpuError> {
+        self.bind()?;
+        let alloc = RawAlloc::undefined(&self.stream, bytes)?;
+        Ok(self.memory(alloc, bytes))
+    }
+
+    fn memory(&self, alloc: RawAlloc, bytes: usize) -> CudaMemory {
+        CudaMemory {
             ptr: alloc.ptr,
             bytes,
             stream: self.stream.clone(),
             _alloc: alloc,
-        })
+        }
     }
 
     fn function(&self, kernel: &str, shared_bytes: u32) -> Result<ds::CUfunction, GpuError> {
@@ -589,6 +600,15 @@ impl RawAlloc {
     /// `bytes` zero bytes (at least 1 is reserved, so every allocation has its own 256-byte
     /// aligned address). The context must be bound.
     fn zeroed(stream: &Arc<CudaStream>, bytes: usize) -> Result<RawAlloc, GpuError> {
+        let alloc = RawAlloc::undefined(stream, bytes)?;
+        // SAFETY: `alloc.ptr` is a live allocation of at least `bytes.max(1)` bytes.
+        unsafe { dr::memset_d8_async(alloc.ptr, 0, bytes.max(1), stream.cu_stream()) }
+            .map_err(|e| cuda_err("zero-filling a new buffer", e))?;
+        Ok(alloc)
+    }
+
+    /// `bytes` bytes with undefined contents (at least 1 is reserved, as for [`Self::zeroed`]).
+    fn undefined(stream: &Arc<CudaStream>, bytes: usize) -> Result<RawAlloc, GpuError> {
         let size = bytes.max(1);
         // SAFETY: plain allocation calls on a live stream of the bound context.
         let ptr = unsafe {
@@ -605,14 +625,10 @@ impl RawAlloc {
                 cuda_err(format!("allocating {bytes} bytes"), e)
             }
         })?;
-        let alloc = RawAlloc {
+        Ok(RawAlloc {
             ptr,
             stream: stream.clone(),
-        };
-        // SAFETY: `ptr` is a live allocation of `size` bytes.
-        unsafe { dr::memset_d8_async(ptr, 0, size, stream.cu_stream()) }
-            .map_err(|e| cuda_err("zero-filling a new buffer", e))?;
-        Ok(alloc)
+        })
     }
 }
 

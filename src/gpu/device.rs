@@ -59,6 +59,13 @@ pub(crate) enum Backend {
     Cuda(cuda::CudaBackend),
 }
 
+/// What a new allocation holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    Zero,
+    Undefined,
+}
+
 /// A device: cheap to clone, shared by every buffer allocated on it.
 #[derive(Clone)]
 pub struct Device {
@@ -380,6 +387,19 @@ impl Device {
 
     /// A zero-filled buffer of `len` elements.
     pub fn alloc<T: Element>(&self, len: usize) -> Result<Buffer<T>, GpuError> {
+        self.alloc_filled(len, Fill::Zero)
+    }
+
+    /// A buffer of `len` elements with undefined contents, for memory that is written before
+    /// it is read (a pool's miss, an upload): on CUDA no fill pass runs, which on a large
+    /// buffer is a pass over memory the size of the buffer. Under the simulator every byte is
+    /// 0xFF (NaN for floats), so code that reads it before writing fails its tests instead of
+    /// reading zeros.
+    pub fn alloc_undefined<T: Element>(&self, len: usize) -> Result<Buffer<T>, GpuError> {
+        self.alloc_filled(len, Fill::Undefined)
+    }
+
+    fn alloc_filled<T: Element>(&self, len: usize, fill: Fill) -> Result<Buffer<T>, GpuError> {
         let _timed = super::host_stats::timed(super::host_stats::Call::Alloc);
         self.refuse_in_capture("allocating device memory")?;
         let bytes = len * std::mem::size_of::<T>();
@@ -394,18 +414,25 @@ impl Device {
                     guard,
                 }
             }
-            Backend::Cuda(c) => Memory::Cuda(c.alloc_zeroed(bytes)?),
+            Backend::Cuda(c) => Memory::Cuda(match fill {
+                Fill::Zero => c.alloc_zeroed(bytes)?,
+                Fill::Undefined => c.alloc_undefined(bytes)?,
+            }),
         };
-        Ok(Buffer {
+        let mut buf = Buffer {
             len,
             mem,
             _t: PhantomData,
-        })
+        };
+        if fill == Fill::Undefined && self.is_sim() {
+            self.poison(&mut buf)?;
+        }
+        Ok(buf)
     }
 
     /// A new buffer holding `data`.
     pub fn upload<T: Element>(&self, data: &[T]) -> Result<Buffer<T>, GpuError> {
-        let mut b = self.alloc(data.len())?;
+        let mut b = self.alloc_undefined(data.len())?;
         self.write(&mut b, data)?;
         Ok(b)
     }

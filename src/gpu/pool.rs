@@ -2,7 +2,8 @@
 //! dropped and handed out again for the next request of the same size class, so a run stops
 //! allocating device memory after its first steps. Size classes (four per power of two, at
 //! most 25% slack) matter under dynamic scale, where every step has a new geometry and exact
-//! lengths would never repeat: each miss costs an allocation and a zero fill.
+//! lengths would never repeat: each miss costs an allocation (stream-ordered, from the CUDA
+//! memory pool, and with no fill pass: the contents are undefined anyway).
 //!
 //! Buffers come back with undefined contents. Under the simulator they are filled with NaN on
 //! every hand-out, so any kernel or engine code that reads memory it has not written fails the
@@ -195,9 +196,11 @@ impl BufferPool {
             };
             (buf, in_capture)
         };
-        let mut buf = match cached {
-            Some(b) => b,
-            None => self.dev.alloc(class)?,
+        // A miss allocates without a fill pass (alloc_undefined poisons under the simulator);
+        // a cached buffer holds its last user's values, so the simulator poisons it here.
+        let (mut buf, poison) = match cached {
+            Some(b) => (b, self.dev.is_sim()),
+            None => (self.dev.alloc_undefined(class)?, false),
         };
         buf.set_len(len);
         let mut pooled = Pooled {
@@ -205,7 +208,7 @@ impl BufferPool {
             free: self.free.clone(),
             in_capture,
         };
-        if self.dev.is_sim() {
+        if poison {
             self.dev.poison(&mut pooled)?;
         }
         Ok(pooled)

@@ -425,7 +425,8 @@ impl<'m> GpuVit<'m> {
             None => {
                 let c = &self.model.config;
                 let packing = PackedImages::new(sizes, c.patch);
-                let mut pos = self.dev.alloc(packing.total_tokens * c.width)?;
+                // Every row is copied from a grid below (the simulator's poison checks it).
+                let mut pos = self.dev.alloc_undefined(packing.total_tokens * c.width)?;
                 for p in &packing.images {
                     let grid = self.positions.grid(&self.dev, p.grid_h, p.grid_w)?;
                     let at = p.token_offset * c.width;
