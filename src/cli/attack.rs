@@ -69,7 +69,8 @@ pub struct AttackArgs {
     #[arg(long, default_value = "fp32")]
     precision: String,
     /// Images per batch, or auto: on a GPU, batches of as many tokens as fit the device's free
-    /// memory (at most 16384, where larger batches stopped paying), so a batch of large native
+    /// memory for the blocks the loss runs (at most 16384, where larger batches stopped
+    /// paying), so a batch of large native
     /// images holds fewer of them. The CPU engine attacks one image at a time (results never
     /// depend on batching)
     #[arg(long, default_value = "auto")]
@@ -164,7 +165,8 @@ impl AttackArgs {
 }
 
 /// `--batch-size auto`: 1 on the CPU and in the simulator (batching gains nothing there); on
-/// CUDA, a token budget per batch from the free device memory at this model's activation size,
+/// CUDA, a token budget per batch from the free device memory at this model's activation size
+/// for the blocks the loss runs (a shallow `--layers` saves fewer blocks' activations),
 /// capped at the token count where larger batches stopped paying (and at `--batch-tokens`), with
 /// room in images for twice as many images of the nominal size (`--resolution`, else the
 /// model's) as the budget holds ([`prm::gpu::engine::auto_batch_tokens`]). A batch that still
@@ -172,6 +174,7 @@ impl AttackArgs {
 fn auto_batch_limits(
     dev: &Device,
     model: &Model,
+    blocks: usize,
     resolution: Resolution,
     batch_tokens: Option<usize>,
 ) -> Result<(usize, Option<usize>), prm::gpu::GpuError> {
@@ -184,7 +187,7 @@ fn auto_batch_limits(
     };
     let grid = side / model.config.patch;
     let free = dev.free_memory()?.unwrap_or(0);
-    let mut tokens = prm::gpu::engine::auto_batch_tokens(free, &model.config);
+    let mut tokens = prm::gpu::engine::auto_batch_tokens(free, &model.config, blocks);
     if let Some(cap) = batch_tokens {
         tokens = tokens.min(cap);
     }
@@ -371,8 +374,11 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
             };
             let (batch_size, batch_tokens) = match fixed_batch {
                 Some(n) => (n, batch_tokens),
-                None => auto_batch_limits(dev, &model, settings.resolution, batch_tokens)
-                    .map_err(setup)?,
+                None => {
+                    let blocks = objective.blocks_needed();
+                    auto_batch_limits(dev, &model, blocks, settings.resolution, batch_tokens)
+                        .map_err(setup)?
+                }
             };
             let engine = GpuVit::new_with_precision(dev, &model, precision).map_err(setup)?;
             if args.device_timeline.is_some() {

@@ -607,30 +607,38 @@ fn fused_loss_by_default() -> bool {
     std::env::var("PRM_FUSED_LOSS").map_or(true, |v| v.trim() != "0")
 }
 
-/// Device memory one token of a batch needs during an attack step: every block's saved
-/// activations (q|k|v, context, log-sum-exp, residual, MLP pre-activation, LayerNorm
-/// statistics, features), the clean features, and the largest transients of the backward, in
-/// fp32, plus 30% for the buffer pool's size classes. ViT-B/16 at 224 px: 124 MB per image
-/// (measured peak on an H100 at batch 64: 100 MB per image).
-pub fn step_bytes_per_token(config: &crate::model::VisionConfig) -> usize {
+/// Device memory one token of a batch needs during an attack whose loss runs `blocks` blocks
+/// ([`Objective::blocks_needed`](crate::attack::Objective::blocks_needed); more than the
+/// model has counts as all): each run block's saved activations (q|k|v, context, log-sum-exp,
+/// residual, MLP pre-activation, LayerNorm statistics, features), or the evaluation's features
+/// of every layer where that is more, the clean features, and the largest transients of the
+/// backward, in fp32, plus 30% for the buffer pool's size classes. ViT-B/16 at 224 px, every
+/// block: 124 MB per image (measured peak on an H100 at batch 64: 100 MB per image).
+pub fn step_bytes_per_token(config: &crate::model::VisionConfig, blocks: usize) -> usize {
     let (d, m, l) = (config.width, config.mlp, config.layers);
     let heads = d.div_ceil(64);
-    let saved = l * (3 * d + d + heads + d + m + 4 + d);
+    let saved = blocks.min(l) * (3 * d + d + heads + d + m + 4 + d);
+    // The final evaluation runs every block without saving, holding F_0..F_L.
+    let evaluated = (l + 1) * d;
     let clean = (l + 1) * d;
     let transient = 4 * m + 8 * d;
-    (saved + clean + transient) * 4 * 13 / 10
+    (saved.max(evaluated) + clean + transient) * 4 * 13 / 10
 }
 
 /// Tokens per batch beyond which a larger batch stopped paying on an H100 (ViT-B/16: batch 64 =
 /// 12,608 tokens ran 93 images/s, batch 128 ran 83; docs/PERFORMANCE.md).
 pub const AUTO_BATCH_TOKENS: usize = 16_384;
 
-/// `--batch-size auto`'s token budget per batch on a GPU: the tokens that fit in 80% of
-/// `free_bytes` at [`step_bytes_per_token`], capped at [`AUTO_BATCH_TOKENS`], at least 1 (a
-/// batch always takes one image, however large; the campaign's out-of-memory handling fails it
-/// cleanly when even that does not fit).
-pub fn auto_batch_tokens(free_bytes: usize, config: &crate::model::VisionConfig) -> usize {
-    let by_memory = free_bytes / 5 * 4 / step_bytes_per_token(config).max(1);
+/// `--batch-size auto`'s token budget per batch on a GPU, for a loss that runs `blocks`
+/// blocks: the tokens that fit in 80% of `free_bytes` at [`step_bytes_per_token`], capped at
+/// [`AUTO_BATCH_TOKENS`], at least 1 (a batch always takes one image, however large; the
+/// campaign's out-of-memory handling fails it cleanly when even that does not fit).
+pub fn auto_batch_tokens(
+    free_bytes: usize,
+    config: &crate::model::VisionConfig,
+    blocks: usize,
+) -> usize {
+    let by_memory = free_bytes / 5 * 4 / step_bytes_per_token(config, blocks).max(1);
     by_memory.clamp(1, AUTO_BATCH_TOKENS)
 }
 
@@ -642,19 +650,33 @@ mod auto_batch_tests {
     #[test]
     fn vit_b_16_needs_about_124_mb_per_224_px_image() {
         let c = builtin_config("vit-b-16").unwrap();
-        let per_image = 197 * step_bytes_per_token(&c);
+        let per_image = 197 * step_bytes_per_token(&c, c.layers);
         assert!((110 << 20..140 << 20).contains(&per_image), "{per_image}");
+        assert_eq!(step_bytes_per_token(&c, c.layers + 5), per_image / 197);
+    }
+
+    #[test]
+    fn a_shallow_loss_needs_less_but_never_less_than_the_evaluation() {
+        let c = builtin_config("vit-b-16").unwrap();
+        let all = step_bytes_per_token(&c, c.layers);
+        let three = step_bytes_per_token(&c, 3);
+        assert!(three * 2 < all, "{three} against {all}");
+        // Below a block or so, the final evaluation's F_0..F_L (no saved activations) bind.
+        assert_eq!(step_bytes_per_token(&c, 0), step_bytes_per_token(&c, 1));
+        assert!(step_bytes_per_token(&c, 2) > step_bytes_per_token(&c, 1));
     }
 
     #[test]
     fn auto_batch_tokens_is_bounded_by_memory_and_by_the_cap() {
         let c = builtin_config("vit-b-16").unwrap();
-        assert_eq!(auto_batch_tokens(80 << 30, &c), AUTO_BATCH_TOKENS);
-        let per_token = step_bytes_per_token(&c);
+        let l = c.layers;
+        assert_eq!(auto_batch_tokens(80 << 30, &c, l), AUTO_BATCH_TOKENS);
+        let per_token = step_bytes_per_token(&c, l);
         assert_eq!(
-            auto_batch_tokens(1 << 30, &c),
+            auto_batch_tokens(1 << 30, &c, l),
             (1usize << 30) / 5 * 4 / per_token
         );
-        assert_eq!(auto_batch_tokens(0, &c), 1);
+        assert!(auto_batch_tokens(1 << 30, &c, 3) > 2 * auto_batch_tokens(1 << 30, &c, l));
+        assert_eq!(auto_batch_tokens(0, &c, l), 1);
     }
 }
