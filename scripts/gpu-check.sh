@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine's one command: every bundled test against the real device, `prm attack
-# --device cuda` on the samples, device timelines of four bench attacks and of a `prm attack`
+# --device cuda` on the samples, device timelines of six bench attacks and of a `prm attack`
 # run (`--timeline`, `--device-timeline`: kernel time in place and the idle gaps between
 # kernels), the benchmark report against PyTorch (scripts/gpu-report.sh), prm's pgd attack set
 # beside PyTorch's by kind of work (tools/kernel_groups.py on the timelines and the torch rows'
@@ -261,6 +261,13 @@ if want timeline; then
     fi
     rm -rf "$inputs" "$inputs.out"
   fi
+  # Paper batch 8 against batch 32 (fba7e63: 1.72 against 1.23 images/s; per image, batch 32
+  # ran 40% slower). Per-kernel µs per token says whether the memory-bound kernels lose their
+  # L2 hits at the larger batch; the idle gaps say whether the host or allocations stall it.
+  timeline_run paper-b8 "paper: batch 8, 640x480, 10 AdamW steps, dynamic scale" --preset paper \
+    --image-size 640x480 --batch-size 8 --steps 10
+  timeline_run paper-b32 "paper: batch 32, 640x480, 10 AdamW steps, dynamic scale" --preset paper \
+    --image-size 640x480 --batch-size 32 --steps 10
 fi
 
 # ---------------------------------------------------------------- benchmark report
