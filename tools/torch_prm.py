@@ -24,8 +24,11 @@ ceiling_tflops (a bf16 GEMM measured in this process), peak_memory_bytes (max al
 CUDA kernel, copy and fill of it to FILE as {"kernels": [{"name", "calls", "us"}, ...]}, the
 input of tools/kernel_groups.py, which sets it beside prm's device timeline by kind of work.
 
-Timing: CUDA events around whole attacks (clean forward + all steps) after warm-up attacks; the
-median of --repeats. Inputs are random, never zeros.
+Timing: CUDA events around whole attacks (clean forward + all steps, and the final images
+copied to host memory) after warm-up attacks; the median of --repeats. Inputs are random, never
+zeros. `prm bench` times the same: its attack ends when the adversarial images are in host
+memory (what `prm attack` saves from). --deliver device leaves them on the GPU instead (this
+script's definition before 2026-12-05 afternoon; every torch figure measured before then).
 
 Example (on a GPU machine):
   python3 tools/torch_prm.py --mode eager-bf16 --arch vit-b-16 --image-size 224 \
@@ -274,6 +277,9 @@ def main(argv=None):
     ap.add_argument("--step-size", type=float, default=2 / 255)
     ap.add_argument("--warmup", type=int, default=2, help="untimed whole attacks first")
     ap.add_argument("--repeats", type=int, default=5, help="timed whole attacks (median)")
+    ap.add_argument("--deliver", choices=("host", "device"), default="host",
+                    help="where a timed attack leaves its final images: copied to host memory "
+                         "(the default, as prm bench), or on the GPU (GPU modes)")
     ap.add_argument("--kernels", metavar="FILE", default=None,
                     help="after timing, profile one more attack and write its kernels to FILE "
                          "(for tools/kernel_groups.py; GPU modes)")
@@ -324,6 +330,10 @@ def main(argv=None):
         run = lambda: pgd_attack(model, clean, steps, a.eps, a.step_size, autocast, compiled)  # noqa: E731
         flops_per_attack = batch * (forward_flops(a.arch, h, w) + steps * step_flops(a.arch, h, w))
 
+    if a.deliver == "host":
+        attack = run
+        run = lambda: attack().cpu()  # noqa: E731
+    res["deliver"] = a.deliver
     t0 = time.time()
     median, times = time_attacks(run, a.warmup, a.repeats)
     res.update({
