@@ -118,13 +118,13 @@ __device__ __forceinline__ void prm_act_store(__nv_bfloat16* p, float v) { *p = 
 
 // Eight consecutive elements, widened to fp32 / rounded from it (16-byte aligned `p`).
 __device__ __forceinline__ void prm_act_load8(const float* p, float v[8]) {
-    const float4 a = reinterpret_cast<const float4*>(p)[0];
-    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    const float4 a = prm_load_vec<float4>(p);
+    const float4 b = prm_load_vec<float4>(p + 4);
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
     v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
 __device__ __forceinline__ void prm_act_load8(const __nv_bfloat16* p, float v[8]) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const uint4 u = prm_load_vec<uint4>(p);
     const unsigned w[4] = {u.x, u.y, u.z, u.w};
     for (int k = 0; k < 4; ++k) {  // the lower element in the low half (little-endian)
         v[2 * k] = __uint_as_float(w[k] << 16);
@@ -132,12 +132,12 @@ __device__ __forceinline__ void prm_act_load8(const __nv_bfloat16* p, float v[8]
     }
 }
 __device__ __forceinline__ void prm_act_store8(float* p, const float v[8]) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    prm_store_vec(p, make_float4(v[0], v[1], v[2], v[3]));
+    prm_store_vec(p + 4, make_float4(v[4], v[5], v[6], v[7]));
 }
 __device__ __forceinline__ void prm_act_store8(__nv_bfloat16* p, const float v[8]) {
-    *reinterpret_cast<uint4*>(p) = make_uint4(prm_pack_bf16x2(v[0], v[1]), prm_pack_bf16x2(v[2], v[3]),
-                                              prm_pack_bf16x2(v[4], v[5]), prm_pack_bf16x2(v[6], v[7]));
+    prm_store_vec(p, make_uint4(prm_pack_bf16x2(v[0], v[1]), prm_pack_bf16x2(v[2], v[3]),
+                                prm_pack_bf16x2(v[4], v[5]), prm_pack_bf16x2(v[6], v[7])));
 }
 // v as `T` stores it (what a load of the stored value gives back).
 __device__ __forceinline__ float prm_act_stored(const float*, float v) { return v; }

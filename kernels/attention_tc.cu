@@ -56,11 +56,10 @@ __device__ __forceinline__ void prm_tc_load_tile(__nv_bfloat16* dst, __nv_bfloat
         const int r = dstT ? (e & 63) : (e >> 4);
         const int c = dstT ? ((e >> 6) * 4) : ((e & 15) * 4);
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (r0 + r < valid) v = *reinterpret_cast<const float4*>(g + (size_t)(r0 + r) * ld + off + c);
+        if (r0 + r < valid) v = prm_load_vec<float4>(g + (size_t)(r0 + r) * ld + off + c);
         if (dst) {
-            uint32_t* d = reinterpret_cast<uint32_t*>(dst + r * TC_LD + c);
-            d[0] = prm_pack_bf16x2(v.x, v.y);
-            d[1] = prm_pack_bf16x2(v.z, v.w);
+            prm_store_vec(dst + r * TC_LD + c, prm_pack_bf16x2(v.x, v.y));
+            prm_store_vec(dst + r * TC_LD + c + 2, prm_pack_bf16x2(v.z, v.w));
         }
         if (dstT) {
             dstT[(c + 0) * TC_LD + r] = __float2bfloat16(v.x);
@@ -131,7 +130,7 @@ __device__ __forceinline__ void prm_tc_store(float* g, size_t ld, int off, const
         float* dst = g + (size_t)rows[r] * ld + off + t;
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
-            *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(acc[nt][2 * r] * mul[r], acc[nt][2 * r + 1] * mul[r]);
+            prm_store_vec(dst + nt * 8, make_float2(acc[nt][2 * r] * mul[r], acc[nt][2 * r + 1] * mul[r]));
     }
 }
 

@@ -427,9 +427,9 @@ extern "C" __global__ void __launch_bounds__(128, 2)
 PRM_REGISTER_KERNEL(prm_attention_forward_tc3_pairs);
 
 // Two adjacent elements of a row, widened to fp32 (bf16 widening is exact).
-__device__ __forceinline__ float2 v3_load_pair(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 v3_load_pair(const float* p) { return prm_load_vec<float2>(p); }
 __device__ __forceinline__ float2 v3_load_pair(const bf16* p) {
-    const uint32_t b = *reinterpret_cast<const uint32_t*>(p);
+    const uint32_t b = prm_load_vec<uint32_t>(p);
     return make_float2(__uint_as_float(b << 16), __uint_as_float(b & 0xffff0000u));
 }
 
@@ -477,7 +477,7 @@ __device__ __forceinline__ void v3_delta(const bf16* __restrict__ out, const D* 
         if (p0 + j >= pairs) continue;  // warp-uniform
         const int row = rows[j], h = hs[j];
         const size_t at = (size_t)row * width + h * V3_HD + 2 * lane;
-        if (d_out_bf16) *reinterpret_cast<uint32_t*>(d_out_bf16 + at) = prm_pack_bf16x2(d[j].x, d[j].y);
+        if (d_out_bf16) prm_store_vec(d_out_bf16 + at, prm_pack_bf16x2(d[j].x, d[j].y));
         const float v = prm_warp_sum(fmaf(d[j].y, o[j].y, d[j].x * o[j].x));
         if (lane == 0) delta[(size_t)h * total + row] = v;
     }

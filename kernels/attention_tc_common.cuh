@@ -69,9 +69,10 @@ __device__ __forceinline__ void prm_att_store_bf16(__nv_bfloat16* g, size_t ld, 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         if (rows[r] >= valid) continue;
-        uint32_t* dst = reinterpret_cast<uint32_t*>(g + (size_t)rows[r] * ld + off + t);
+        __nv_bfloat16* dst = g + (size_t)rows[r] * ld + off + t;
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) dst[nt * 4] = prm_pack_bf16x2(acc[nt][2 * r] * mul[r], acc[nt][2 * r + 1] * mul[r]);
+        for (int nt = 0; nt < 8; ++nt)
+            prm_store_vec(dst + nt * 8, prm_pack_bf16x2(acc[nt][2 * r] * mul[r], acc[nt][2 * r + 1] * mul[r]));
     }
 }
 

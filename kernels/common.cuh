@@ -9,8 +9,8 @@
 //                                      with the simulator (expands to nothing under nvcc)
 //   PRM_SHARED_ARRAY(type, name, n)    a static __shared__ array of n elements
 //   PRM_DYNAMIC_SHARED(type, name)     the dynamic (extern __shared__) buffer, as `type* name`
-// and device helpers: warp sum and max (prm_warp_sum, prm_warp_max) and the image of a packed
-// token row (prm_image_of_row).
+// and device helpers: vector loads and stores (prm_load_vec, prm_store_vec), warp sum and max
+// (prm_warp_sum, prm_warp_max) and the image of a packed token row (prm_image_of_row).
 #pragma once
 
 #ifdef __CUDACC__
@@ -24,6 +24,25 @@
 #endif
 
 #define PRM_WARP_SIZE 32
+
+// A load or store of a whole T (float2, float4, uint4, a bf16 pair as uint32_t) at p. The GPU
+// faults ("misaligned address", which ends the CUDA context) unless p is a multiple of
+// sizeof(T); an x86 CPU does not, so the simulator checks it here and fails the launch with the
+// thread's name. Every wide access in kernels/ goes through these two.
+template <typename T>
+__device__ __forceinline__ T prm_load_vec(const void* p) {
+#ifndef __CUDACC__
+    prm_sim::check_vector_access(p, sizeof(T), "vector load");
+#endif
+    return *static_cast<const T*>(p);
+}
+template <typename T>
+__device__ __forceinline__ void prm_store_vec(void* p, T v) {
+#ifndef __CUDACC__
+    prm_sim::check_vector_access(p, sizeof(T), "vector store");
+#endif
+    *static_cast<T*>(p) = v;
+}
 
 // Sum of v over the 32 lanes of a full warp (every lane gets the result).
 __device__ __forceinline__ float prm_warp_sum(float v) {

@@ -57,5 +57,5 @@ __device__ __forceinline__ void prm_mma_bf16_16816(float c[4], const uint32_t a[
 
 // 32-bit load of two adjacent bf16 (4-byte aligned).
 __device__ __forceinline__ uint32_t prm_ld_bf16x2(const __nv_bfloat16* p) {
-    return *reinterpret_cast<const uint32_t*>(p);
+    return prm_load_vec<uint32_t>(p);
 }

@@ -261,6 +261,19 @@ extern "C" __global__ void prm_selftest_tile_io_misuse(const unsigned* __restric
 }
 PRM_REGISTER_KERNEL(prm_selftest_tile_io_misuse);
 
+// Wide accesses through prm_load_vec / prm_store_vec, one warp: mode 0 every lane aligned
+// (out[lane] = the bits of src[4·lane + 3], then the bf16 pair {1, 2} stored at out[32 + lane]),
+// mode 1 lane 5's float4 load 8 bytes off alignment, mode 2 lane 7's 4-byte store 2 bytes off.
+extern "C" __global__ void prm_selftest_vector_misuse(const float* __restrict__ src, unsigned* __restrict__ out,
+                                                      int mode) {
+    const int lane = threadIdx.x;
+    const float4 v = prm_load_vec<float4>(src + 4 * lane + (mode == 1 && lane == 5 ? 2 : 0));
+    out[lane] = __float_as_uint(v.w);
+    __nv_bfloat16* pairs = reinterpret_cast<__nv_bfloat16*>(out + 32);
+    prm_store_vec(pairs + 2 * lane + (mode == 2 && lane == 7 ? 1 : 0), 0x40003f80u);
+}
+PRM_REGISTER_KERNEL(prm_selftest_vector_misuse);
+
 #ifndef __CUDACC__
 // Simulator only: prm_sim::warp_allgather (the exchange behind tensor-core fallbacks). Each lane
 // contributes 4 ints {lane, 2*lane, g, -g}; out[g] = sum over the lanes of its warp of all four.

@@ -748,6 +748,56 @@ fn misaligned_or_non_shared_tile_addresses_fail_the_launch() {
     }
 }
 
+/// A float4, float2 or bf16-pair access at an address that is not a multiple of its width faults
+/// on a GPU ("misaligned address", which ends the context) and not on x86: the simulator fails
+/// the launch, naming the access and the thread.
+#[test]
+fn misaligned_vector_accesses_fail_the_launch() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let input: Vec<f32> = (0..32 * 4 + 4).map(|i| i as f32).collect();
+    let src = dev.upload(&input).unwrap();
+    let run = |mode: i32| {
+        let mut out = dev.alloc::<u32>(64).unwrap();
+        let mut args = KernelArgs::new();
+        args.input(&src).output(&mut out).i32(mode);
+        let launched = dev.launch(
+            "prm_selftest_vector_misuse",
+            LaunchConfig::linear(1, 32, 0),
+            &mut args,
+        );
+        (launched, out)
+    };
+
+    let (ok, out) = run(0);
+    ok.unwrap();
+    let out = dev.download(&out).unwrap();
+    let want: Vec<u32> = (0..32).map(|l| input[4 * l + 3].to_bits()).collect();
+    assert_eq!(&out[..32], &want[..], "aligned float4 loads");
+    assert!(
+        out[32..].iter().all(|&w| w == 0x4000_3f80),
+        "aligned bf16-pair stores (1.0 low, 2.0 high): {:x?}",
+        &out[32..]
+    );
+
+    for (mode, thread, want) in [
+        (1, "thread (5,0,0)", "vector load of 16 bytes"),
+        (2, "thread (7,0,0)", "vector store of 4 bytes"),
+    ] {
+        let msg = sim_message(run(mode).0);
+        assert!(msg.contains(want), "mode {mode}: {msg}");
+        assert!(
+            msg.contains("not 16-byte aligned") || msg.contains("not 4-byte aligned"),
+            "mode {mode}: {msg}"
+        );
+        assert!(msg.contains(thread), "mode {mode}: {msg}");
+        assert!(
+            msg.contains("prm_selftest_vector_misuse"),
+            "mode {mode}: {msg}"
+        );
+    }
+}
+
 /// A full 1024-thread block through many barriers and warp collectives (the simulator's
 /// fibers: every thread meets every other one 2·iters times).
 #[test]

@@ -758,6 +758,11 @@ void check_shared_access(const void* p, size_t bytes, size_t align, const char* 
                                           what, p, bytes, S().dyn_bytes + S().static_used));
 }
 
+void check_vector_access(const void* p, size_t bytes, const char* what) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes != 0)
+        fail_throw(where(tl_linear) + fmt(": %s of %zu bytes: address %p is not %zu-byte aligned", what, bytes, p, bytes));
+}
+
 void cp_async_16(void* dst, const void* src, bool valid) {
     check_shared_access(dst, 16, 16, "cp.async destination");
     if (reinterpret_cast<uintptr_t>(src) % 16 != 0)

@@ -106,6 +106,9 @@ unsigned activemask();
 // Fails the launch unless [p, p + bytes) lies in the block's shared memory and p is a multiple
 // of `align`; `what` names the instruction in the message.
 void check_shared_access(const void* p, size_t bytes, size_t align, const char* what);
+// Fails the launch unless p is a multiple of `bytes`: a vector access of that width (any memory
+// space), which a GPU faults on when misaligned.
+void check_vector_access(const void* p, size_t bytes, const char* what);
 // cp.async of 16 bytes (zero fill when !valid), queued for this thread until
 // cp_async_wait(n) lands every committed group but the n most recent (tile_io.cuh).
 void cp_async_16(void* dst, const void* src, bool valid);
