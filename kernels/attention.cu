@@ -1,6 +1,6 @@
 // attention.cu: fused multi-head attention over packed variable-length sequences, fp32 SIMT.
 //
-// Launchers: src/gpu/kernels/attention.rs (attention_forward_f32, attention_backward_f32).
+// Launchers: src/gpu/kernels/attention/simt.rs (attention_forward_f32, attention_backward_f32).
 //
 // Layouts (row-major, packed batch of B sequences, N = ΣT_i tokens, D = width, heads = D / 64):
 //   qkv        [N, 3D]   q | k | v along features; head h uses columns h·64 .. h·64+64 of each part

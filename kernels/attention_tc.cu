@@ -1,7 +1,7 @@
 // attention_tc.cu: fused multi-head attention on tensor cores (mma.sync m16n8k16, bf16 operands,
 // fp32 accumulation) over packed variable-length sequences, forward and input-gradient backward.
 //
-// Launchers: src/gpu/kernels/attention.rs (attention_forward_tc, attention_backward_tc); the
+// Launchers: src/gpu/kernels/attention/tc2.rs (attention_forward_tc, attention_backward_tc); the
 // engine uses them at --precision bf16. The SIMT kernels of attention.cu stay the fp32 variant
 // and the checked reference for these (llm.c style: same contract, two versions).
 //

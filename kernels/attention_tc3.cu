@@ -2,7 +2,7 @@
 // operands, fp32 accumulation) over packed variable-length sequences, forward and
 // input-gradient backward, FlashAttention-2 style, for head dim 64 at 50–1201 tokens.
 //
-// Launchers: src/gpu/kernels/attention.rs (attention_forward_tc3, attention_backward_tc3); the
+// Launchers: src/gpu/kernels/attention/tc3.rs (attention_forward_tc3, attention_backward_tc3); the
 // engine uses them at --precision bf16 unless PRM_ATTENTION=v2. Versions (llm.c style, same
 // math, checked against each other and a float64 twin in tests/kernel_attention.rs):
 //   attention.cu      v1, SIMT fp32: the fp32 engine's kernels and the reference

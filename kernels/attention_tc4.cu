@@ -4,7 +4,7 @@
 // each warp walks over 16-row blocks of the other side with no barrier after the load. Same arithmetic as v3 in the same order:
 // the outputs are bit-identical to attention_tc3.cu's, which tests/kernel_attention.rs checks.
 //
-// Launchers: src/gpu/kernels/attention.rs (attention_forward_tc4, attention_backward_tc4*);
+// Launchers: src/gpu/kernels/attention/tc4.rs (attention_forward_tc4, attention_backward_tc4*);
 // they run v3 instead when a sequence is longer than TC4_MAX_TOKENS = 512, or when the kernels
 // would ask for more shared memory than the device allows a block (the forward's and dQ's
 // resident tiles are 53,248 bytes at 197 tokens, four CTAs an SM; 69,632 at 257, three on an
