@@ -9,6 +9,9 @@
 //!   (e.g. `-ccbin g++-13`).
 //! - The build fails on any nvcc error and on any register spill reported by ptxas, printing
 //!   nvcc's output. The full ptxas report is kept in `$OUT_DIR/nvcc/ptxas.log`.
+//! - It writes `$OUT_DIR/prm_kernel_limits.rs` (empty without nvcc): each kernel's registers
+//!   (the most over the archs built) and its `__launch_bounds__` thread count, read from the
+//!   source; `src/gpu/sim.rs` refuses the launches a GPU would refuse for resources.
 //! - On success it writes `$OUT_DIR/prm_cuda_modules.rs` (one entry per fatbin with its kernel
 //!   names, read from ptxas's report) and sets `cfg(prm_cuda_kernels)`; `src/gpu/cuda.rs`
 //!   includes the file under that cfg. `PRM_FATBIN` names the fatbin of the built-in self-test
@@ -67,6 +70,8 @@ pub fn build() {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let require = std::env::var("PRM_REQUIRE_NVCC").is_ok_and(|v| v == "1");
 
+    // Written again below from ptxas's report; empty (nothing to check) without nvcc.
+    write_kernel_limits(&out_dir, &[], &[]);
     let Some(nvcc) = find_nvcc(&manifest) else {
         let msg = "nvcc not found: building without CUDA kernels (--device cuda will report it; \
                    run scripts/install-nvcc.sh, or set NVCC or CUDA_HOME, then rebuild)";
@@ -187,6 +192,29 @@ pub fn build() {
     }
     rs.push_str("];\n");
     std::fs::write(out_dir.join("prm_cuda_modules.rs"), rs).expect("write prm_cuda_modules.rs");
+
+    let mut registers: BTreeMap<String, u32> = BTreeMap::new();
+    for (_, c) in &compiled {
+        for (k, r) in &c.registers {
+            let most = registers.entry(k.clone()).or_insert(0);
+            *most = (*most).max(*r);
+        }
+    }
+    let mut bounds: Vec<(String, u32)> = Vec::new();
+    for src in &sources[1..] {
+        let text = std::fs::read_to_string(src).expect("read a kernels/*.cu file");
+        for (kernel, threads) in launch_bounds(&text) {
+            assert!(
+                owner.contains_key(&kernel),
+                "{}: __launch_bounds__ read for {kernel:?}, which ptxas did not report as a \
+                 kernel (build/nvcc.rs reads `__launch_bounds__(N, ...) name(`)",
+                src.display()
+            );
+            bounds.push((kernel, threads));
+        }
+    }
+    let registers: Vec<(String, u32)> = registers.into_iter().collect();
+    write_kernel_limits(&out_dir, &registers, &bounds);
     println!("cargo:rustc-cfg=prm_cuda_kernels");
     println!("cargo:rustc-env=PRM_FATBIN={}", jobs[0].out.display());
 }
@@ -199,6 +227,8 @@ struct Job {
 
 struct Compiled {
     kernels: Vec<String>,
+    /// (kernel, registers a thread) for every arch built, as ptxas reported them.
+    registers: Vec<(String, u32)>,
     output: String,
 }
 
@@ -250,6 +280,7 @@ fn compile(
     }
     Ok(Compiled {
         kernels: report.kernels,
+        registers: report.registers,
         output: text,
     })
 }
@@ -257,6 +288,8 @@ fn compile(
 struct PtxasReport {
     /// Entry functions, in order of first appearance.
     kernels: Vec<String>,
+    /// (entry function, registers a thread), once per arch compiled.
+    registers: Vec<(String, u32)>,
     /// "function (arch): N bytes spill stores, M bytes spill loads" for every non-zero spill.
     spills: Vec<String>,
 }
@@ -266,9 +299,11 @@ struct PtxasReport {
 /// ptxas info    : Compiling entry function 'prm_x' for 'sm_90'
 /// ptxas info    : Function properties for prm_x
 ///     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+/// ptxas info    : Used 40 registers, used 1 barriers, 380 bytes cmem[0]
 /// ```
 fn parse_ptxas(text: &str) -> PtxasReport {
     let mut kernels: Vec<String> = Vec::new();
+    let mut registers = Vec::new();
     let mut spills = Vec::new();
     let mut arch = String::new();
     let mut func = String::new();
@@ -289,9 +324,70 @@ fn parse_ptxas(text: &str) -> PtxasReport {
             if stores != Some(0) || loads != Some(0) {
                 spills.push(format!("{func} ({arch}): {}", line.trim()));
             }
+        } else if line.contains(": Used ") && line.contains(" registers") {
+            if let Some(n) = number_before(line, "registers") {
+                if kernels.contains(&func) {
+                    registers.push((func.clone(), n as u32));
+                }
+            }
         }
     }
-    PtxasReport { kernels, spills }
+    PtxasReport {
+        kernels,
+        registers,
+        spills,
+    }
+}
+
+/// Every `__launch_bounds__(N, ...) name(` in a kernel file: (name, N), the most threads a
+/// block of that kernel may have. A launch with more fails on a GPU.
+fn launch_bounds(source: &str) -> Vec<(String, u32)> {
+    // Line comments mention __launch_bounds__ too; the kernels use no block comments there.
+    let code: String = source
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut found = Vec::new();
+    for piece in code.split("__launch_bounds__(").skip(1) {
+        let Some((args, rest)) = piece.split_once(')') else {
+            continue;
+        };
+        let threads = args.split(',').next().unwrap_or_default().trim();
+        let name: String = rest
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let threads = threads.parse::<u32>().unwrap_or_else(|_| {
+            panic!("__launch_bounds__({args}) {name}: expected a literal thread count first")
+        });
+        found.push((name, threads));
+    }
+    found
+}
+
+/// `$OUT_DIR/prm_kernel_limits.rs`, included by `src/gpu/sim.rs`: what a GPU checks at launch
+/// that the simulator cannot see by itself (registers come from ptxas, not from running).
+fn write_kernel_limits(out_dir: &Path, registers: &[(String, u32)], bounds: &[(String, u32)]) {
+    let mut rs = String::from(
+        "// Generated by build/nvcc.rs from ptxas -v and the kernels' __launch_bounds__ (empty \
+         without nvcc).\n\
+         /// (kernel, the most registers a thread over the archs built).\n\
+         pub(crate) static KERNEL_REGISTERS: &[(&str, u32)] = &[\n",
+    );
+    for (k, r) in registers {
+        rs.push_str(&format!("    ({k:?}, {r}),\n"));
+    }
+    rs.push_str(
+        "];\n/// (kernel, the most threads a block: its __launch_bounds__).\n\
+         pub(crate) static KERNEL_MAX_THREADS: &[(&str, u32)] = &[\n",
+    );
+    for (k, t) in bounds {
+        rs.push_str(&format!("    ({k:?}, {t}),\n"));
+    }
+    rs.push_str("];\n");
+    std::fs::write(out_dir.join("prm_kernel_limits.rs"), rs).expect("write prm_kernel_limits.rs");
 }
 
 fn number_before(line: &str, what: &str) -> Option<u64> {

@@ -798,6 +798,59 @@ fn misaligned_vector_accesses_fail_the_launch() {
     }
 }
 
+/// A launch the GPU refuses for resources (a block past the kernel's `__launch_bounds__`, or
+/// one whose threads need more registers than a block has) fails under the simulator too, from
+/// the limits ptxas reported at build time. The GPU's error leaves the context usable, but
+/// finding it in CI spares a GPU session.
+#[test]
+fn launches_a_gpu_refuses_for_resources_fail() {
+    use prm::gpu::sim::{block_registers, kernel_limits};
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    // The occupancy rules of sm_80 / sm_90: a warp's registers in units of 256, 64 Ki a block.
+    assert_eq!(block_registers(255, 256), 65_536);
+    assert_eq!(block_registers(255, 288), 73_728);
+    assert_eq!(block_registers(64, 1024), 65_536);
+    assert_eq!(block_registers(65, 1024), 73_728);
+    assert_eq!(block_registers(1, 1), 256);
+
+    let (registers, max_threads) = kernel_limits("prm_attention_forward_tc3");
+    if registers.is_none() {
+        eprintln!("skipped: built without nvcc, so there is no ptxas report to check against");
+        return;
+    }
+    assert_eq!(
+        max_threads,
+        Some(128),
+        "prm_attention_forward_tc3's __launch_bounds__"
+    );
+    let dev = Device::sim();
+    let mut args = KernelArgs::new();
+    let msg = sim_message(dev.launch(
+        "prm_attention_forward_tc3",
+        cfg((1, 1, 1), (256, 1, 1), 0),
+        &mut args,
+    ));
+    assert!(msg.contains("__launch_bounds__ allows 128"), "{msg}");
+
+    // A kernel without launch bounds and over 128 registers a thread: the smallest block of
+    // whole warps that needs more than 64 Ki registers is refused.
+    let heavy = "prm_layernorm_loss_backward_f32_d768";
+    let (registers, max_threads) = kernel_limits(heavy);
+    assert_eq!(max_threads, None, "{heavy} has no __launch_bounds__");
+    let per_thread = registers.expect("ptxas reports every kernel");
+    match (32..=1024)
+        .step_by(32)
+        .find(|&t| block_registers(per_thread, t) > 65_536)
+    {
+        Some(threads) => {
+            let mut args = KernelArgs::new();
+            let msg = sim_message(dev.launch(heavy, cfg((1, 1, 1), (threads, 1, 1), 0), &mut args));
+            assert!(msg.contains("more than the 65536 a block has"), "{msg}");
+        }
+        None => eprintln!("{heavy} uses {per_thread} registers: every block size fits"),
+    }
+}
+
 /// A full 1024-thread block through many barriers and warp collectives (the simulator's
 /// fibers: every thread meets every other one 2·iters times).
 #[test]

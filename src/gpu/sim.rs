@@ -116,6 +116,7 @@ pub(crate) fn launch(
     schedule: Option<Schedule>,
     args: &mut [*mut c_void],
 ) -> Result<(), GpuError> {
+    check_block_resources(kernel, cfg)?;
     let name = CString::new(kernel).map_err(|_| GpuError::UnknownKernel(kernel.into()))?;
     let mut err = vec![0u8; 1024];
     // SAFETY: `args` points at live argument slots for the duration of this synchronous call;
@@ -148,4 +149,63 @@ pub(crate) fn launch(
             message: message(),
         }),
     }
+}
+
+mod limits {
+    include!(concat!(env!("OUT_DIR"), "/prm_kernel_limits.rs"));
+}
+
+/// Registers a block may use on the GPUs prm builds for (sm_80 and sm_90: 64 Ki a block).
+const REGISTERS_PER_BLOCK: u32 = 65_536;
+
+/// What the GPU knows of `kernel` that a launch must respect and the simulator cannot see by
+/// running it: the most registers a thread uses over the architectures built (ptxas) and the
+/// most threads a block may have (its `__launch_bounds__`). `None` where the build did not say:
+/// every field is `None` in a build without nvcc.
+pub fn kernel_limits(kernel: &str) -> (Option<u32>, Option<u32>) {
+    let find = |table: &[(&str, u32)]| table.iter().find(|(k, _)| *k == kernel).map(|e| e.1);
+    (
+        find(limits::KERNEL_REGISTERS),
+        find(limits::KERNEL_MAX_THREADS),
+    )
+}
+
+/// Registers a block of `threads` needs at `per_thread` registers: a warp's allocation is
+/// `per_thread` rounded up to 8, times 32, rounded up to 256 (sm_80 and sm_90).
+pub fn block_registers(per_thread: u32, threads: u32) -> u32 {
+    let per_warp = (per_thread.div_ceil(8) * 8 * 32).div_ceil(256) * 256;
+    per_warp * threads.div_ceil(32)
+}
+
+/// Fails a launch the GPU would refuse with `CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES` ("too many
+/// resources requested for launch"): a block larger than the kernel's `__launch_bounds__`, or
+/// one whose threads need more registers than a block has.
+fn check_block_resources(kernel: &str, cfg: LaunchConfig) -> Result<(), GpuError> {
+    let threads = cfg
+        .block
+        .0
+        .saturating_mul(cfg.block.1)
+        .saturating_mul(cfg.block.2);
+    let (registers, max_threads) = kernel_limits(kernel);
+    let refuse = |why: String| {
+        Err(GpuError::Sim {
+            kernel: kernel.into(),
+            message: format!("a GPU refuses this launch (too many resources requested): {why}"),
+        })
+    };
+    if let Some(max) = max_threads.filter(|&max| threads > max) {
+        return refuse(format!(
+            "a block of {threads} threads, where its __launch_bounds__ allows {max}"
+        ));
+    }
+    if let Some(per_thread) = registers {
+        let need = block_registers(per_thread, threads);
+        if need > REGISTERS_PER_BLOCK {
+            return refuse(format!(
+                "a block of {threads} threads at {per_thread} registers each needs {need} \
+                 registers, more than the {REGISTERS_PER_BLOCK} a block has"
+            ));
+        }
+    }
+    Ok(())
 }
