@@ -173,8 +173,8 @@ pub fn kernel_limits(kernel: &str) -> (Option<u32>, Option<u32>) {
 /// Registers a block of `threads` needs at `per_thread` registers: a warp's allocation is
 /// `per_thread` rounded up to 8, times 32, rounded up to 256 (sm_80 and sm_90).
 pub fn block_registers(per_thread: u32, threads: u32) -> u32 {
-    let per_warp = (per_thread.div_ceil(8) * 8 * 32).div_ceil(256) * 256;
-    per_warp * threads.div_ceil(32)
+    let per_warp = (per_thread.min(255).div_ceil(8) * 8 * 32).div_ceil(256) * 256;
+    per_warp.saturating_mul(threads.div_ceil(32))
 }
 
 /// Fails a launch the GPU would refuse with `CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES` ("too many
@@ -186,6 +186,9 @@ fn check_block_resources(kernel: &str, cfg: LaunchConfig) -> Result<(), GpuError
         .0
         .saturating_mul(cfg.block.1)
         .saturating_mul(cfg.block.2);
+    if threads > 1024 {
+        return Ok(()); // not a valid block at all: the runtime refuses it with its own message
+    }
     let (registers, max_threads) = kernel_limits(kernel);
     let refuse = |why: String| {
         Err(GpuError::Sim {
