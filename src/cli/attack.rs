@@ -70,9 +70,8 @@ pub struct AttackArgs {
     precision: String,
     /// Images per batch, or auto: on a GPU, batches of as many tokens as fit the device's free
     /// memory for the blocks the loss runs (at most 16384, where larger batches stopped
-    /// paying), so a batch of large native
-    /// images holds fewer of them. The CPU engine attacks one image at a time (results never
-    /// depend on batching)
+    /// paying), so a batch of large native images holds fewer of them. The CPU engine attacks
+    /// one image at a time (results never depend on batching)
     #[arg(long, default_value = "auto")]
     batch_size: String,
     /// At most N tokens per batch, counted at each image's working size ((h/p)·(w/p) + 1 at
