@@ -10,8 +10,9 @@
 //! - The build fails on any nvcc error and on any register spill reported by ptxas, printing
 //!   nvcc's output. The full ptxas report is kept in `$OUT_DIR/nvcc/ptxas.log`.
 //! - It writes `$OUT_DIR/prm_kernel_limits.rs` (empty without nvcc): each kernel's registers
-//!   (the most over the archs built) and its `__launch_bounds__` thread count, read from the
-//!   source; `src/gpu/sim.rs` refuses the launches a GPU would refuse for resources.
+//!   (the most over the archs built) and its most threads a block (`.maxntid` in the PTX nvcc
+//!   made of its `__launch_bounds__`, kept with `-keep`, the fewest over the archs); `src/gpu/
+//!   sim.rs` refuses the launches a GPU would refuse for resources.
 //! - On success it writes `$OUT_DIR/prm_cuda_modules.rs` (one entry per fatbin with its kernel
 //!   names, read from ptxas's report) and sets `cfg(prm_cuda_kernels)`; `src/gpu/cuda.rs`
 //!   includes the file under that cfg. `PRM_FATBIN` names the fatbin of the built-in self-test
@@ -200,19 +201,14 @@ pub fn build() {
             *most = (*most).max(*r);
         }
     }
-    let mut bounds: Vec<(String, u32)> = Vec::new();
-    for src in &sources[1..] {
-        let text = std::fs::read_to_string(src).expect("read a kernels/*.cu file");
-        for (kernel, threads) in launch_bounds(&text) {
-            assert!(
-                owner.contains_key(&kernel),
-                "{}: __launch_bounds__ read for {kernel:?}, which ptxas did not report as a \
-                 kernel (build/nvcc.rs reads `__launch_bounds__(N, ...) name(`)",
-                src.display()
-            );
-            bounds.push((kernel, threads));
+    let mut bounds: BTreeMap<String, u32> = BTreeMap::new();
+    for (_, c) in &compiled {
+        for (k, t) in &c.max_threads {
+            let fewest = bounds.entry(k.clone()).or_insert(u32::MAX);
+            *fewest = (*fewest).min(*t);
         }
     }
+    let bounds: Vec<(String, u32)> = bounds.into_iter().collect();
     let registers: Vec<(String, u32)> = registers.into_iter().collect();
     write_kernel_limits(&out_dir, &registers, &bounds);
     println!("cargo:rustc-cfg=prm_cuda_kernels");
@@ -229,6 +225,8 @@ struct Compiled {
     kernels: Vec<String>,
     /// (kernel, registers a thread) for every arch built, as ptxas reported them.
     registers: Vec<(String, u32)>,
+    /// (kernel, most threads a block) for every arch's PTX where the kernel has `.maxntid`.
+    max_threads: Vec<(String, u32)>,
     output: String,
 }
 
@@ -251,6 +249,12 @@ fn compile(
     let ptx = archs.last().expect("at least one arch");
     cmd.arg("-gencode")
         .arg(format!("arch=compute_{ptx},code=compute_{ptx}"));
+    // The intermediate PTX carries each kernel's launch bounds as `.maxntid` (nvcc evaluated
+    // the expression, macros included). Keeping it changes nothing in the fatbin.
+    let keep = job.out.with_extension("keep");
+    std::fs::remove_dir_all(&keep).ok(); // PTX of archs no longer built must not count
+    std::fs::create_dir_all(&keep).map_err(|e| format!("create {}: {e}", keep.display()))?;
+    cmd.arg("-keep").arg("-keep-dir").arg(&keep);
     cmd.args(extra).arg("-o").arg(&job.out).arg(&job.src);
     let shown = format!("{cmd:?}");
     let out = cmd
@@ -278,9 +282,30 @@ fn compile(
             println!("cargo:warning={}: {}", job.name, line.trim());
         }
     }
+    let mut max_threads = Vec::new();
+    let kept = std::fs::read_dir(&keep).map_err(|e| format!("read {}: {e}", keep.display()))?;
+    let mut ptx_files = 0;
+    for entry in kept.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        if path.extension().is_some_and(|x| x == "ptx") {
+            let ptx = std::fs::read_to_string(&path)
+                .map_err(|e| format!("read {}: {e}", path.display()))?;
+            max_threads.extend(ptx_max_threads(&ptx));
+            ptx_files += 1;
+        }
+    }
+    // The intermediates are megabytes a file; the fatbin holds the PTX that matters.
+    std::fs::remove_dir_all(&keep).ok();
+    if ptx_files == 0 {
+        return Err(format!(
+            "{shown}\nleft no .ptx in {} (needed for the kernels' launch bounds)",
+            keep.display()
+        ));
+    }
     Ok(Compiled {
         kernels: report.kernels,
         registers: report.registers,
+        max_threads,
         output: text,
     })
 }
@@ -339,30 +364,42 @@ fn parse_ptxas(text: &str) -> PtxasReport {
     }
 }
 
-/// Every `__launch_bounds__(N, ...) name(` in a kernel file: (name, N), the most threads a
-/// block of that kernel may have. A launch with more fails on a GPU.
-fn launch_bounds(source: &str) -> Vec<(String, u32)> {
-    // Line comments mention __launch_bounds__ too; the kernels use no block comments there.
-    let code: String = source
-        .lines()
-        .map(|l| l.split("//").next().unwrap_or_default())
-        .collect::<Vec<_>>()
-        .join("\n");
+/// Every entry function of a PTX module with a thread limit: (name, X·Y·Z) from its
+/// `.maxntid X, Y, Z` (what `__launch_bounds__` becomes) or `.reqntid X, Y, Z`. A launch with
+/// more threads a block fails on a GPU.
+/// ```text
+/// .visible .entry prm_x(
+///     .param .u64 prm_x_param_0
+/// )
+/// .maxntid 128, 1, 1
+/// .minnctapersm 4
+/// {
+/// ```
+fn ptx_max_threads(ptx: &str) -> Vec<(String, u32)> {
     let mut found = Vec::new();
-    for piece in code.split("__launch_bounds__(").skip(1) {
-        let Some((args, rest)) = piece.split_once(')') else {
-            continue;
-        };
-        let threads = args.split(',').next().unwrap_or_default().trim();
-        let name: String = rest
-            .trim_start()
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        let threads = threads.parse::<u32>().unwrap_or_else(|_| {
-            panic!("__launch_bounds__({args}) {name}: expected a literal thread count first")
-        });
-        found.push((name, threads));
+    let mut entry: Option<String> = None;
+    for line in ptx.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.split(".entry ").nth(1) {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '$')
+                .collect();
+            entry = Some(name);
+        } else if line.starts_with('{') {
+            entry = None;
+        } else if let (Some(name), Some(dims)) = (
+            &entry,
+            line.strip_prefix(".maxntid")
+                .or_else(|| line.strip_prefix(".reqntid")),
+        ) {
+            let threads = dims
+                .split(',')
+                .map(|d| d.trim().parse::<u32>())
+                .try_fold(1u32, |acc, d| d.ok().map(|d| acc.saturating_mul(d)));
+            let threads = threads.unwrap_or_else(|| panic!("{name}: unreadable `{line}` in PTX"));
+            found.push((name.clone(), threads));
+        }
     }
     found
 }
@@ -371,8 +408,8 @@ fn launch_bounds(source: &str) -> Vec<(String, u32)> {
 /// that the simulator cannot see by itself (registers come from ptxas, not from running).
 fn write_kernel_limits(out_dir: &Path, registers: &[(String, u32)], bounds: &[(String, u32)]) {
     let mut rs = String::from(
-        "// Generated by build/nvcc.rs from ptxas -v and the kernels' __launch_bounds__ (empty \
-         without nvcc).\n\
+        "// Generated by build/nvcc.rs from ptxas -v and the PTX's .maxntid (empty without \
+         nvcc).\n\
          /// (kernel, the most registers a thread over the archs built).\n\
          pub(crate) static KERNEL_REGISTERS: &[(&str, u32)] = &[\n",
     );
@@ -380,7 +417,7 @@ fn write_kernel_limits(out_dir: &Path, registers: &[(String, u32)], bounds: &[(S
         rs.push_str(&format!("    ({k:?}, {r}),\n"));
     }
     rs.push_str(
-        "];\n/// (kernel, the most threads a block: its __launch_bounds__).\n\
+        "];\n/// (kernel, the most threads a block: its __launch_bounds__, from the PTX).\n\
          pub(crate) static KERNEL_MAX_THREADS: &[(&str, u32)] = &[\n",
     );
     for (k, t) in bounds {

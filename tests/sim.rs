@@ -823,6 +823,39 @@ fn launches_a_gpu_refuses_for_resources_fail() {
         Some(128),
         "prm_attention_forward_tc3's __launch_bounds__"
     );
+    // The build reads the bounds from nvcc's PTX (`.maxntid`); every literal bound in the
+    // sources must be there with its value.
+    let mut literal_bounds = 0;
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|x| x != "cu") {
+            continue;
+        }
+        let source = std::fs::read_to_string(&path).unwrap();
+        let code: Vec<&str> = source
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or_default())
+            .collect();
+        for rest in code.join("\n").split("__launch_bounds__(").skip(1) {
+            let (args, after) = rest.split_once(')').unwrap();
+            let threads: u32 = args.split(',').next().unwrap().trim().parse().unwrap();
+            let kernel: String = after
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert_eq!(
+                kernel_limits(&kernel).1,
+                Some(threads),
+                "{kernel} in {path:?}"
+            );
+            literal_bounds += 1;
+        }
+    }
+    assert!(
+        literal_bounds >= 14,
+        "found {literal_bounds} bounded kernels in kernels/*.cu"
+    );
     let dev = Device::sim();
     let mut args = KernelArgs::new();
     let msg = sim_message(dev.launch(
