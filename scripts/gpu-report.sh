@@ -21,7 +21,7 @@
 #   attack 480 images through `prm attack --profile` on cuda:0, again with PRM_NO_STAGING=1
 #          (and cuda:all with several GPUs)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 PRM=${1:-target/release/prm}
 OUT=${2:-target/gpu-report}
 BATCH=${BATCH:-64}
