@@ -21,3 +21,12 @@ pub mod model;
 pub mod reference;
 pub mod rng;
 pub mod viz;
+
+/// The text of a caught panic's payload (`catch_unwind`'s `Err`): its message when it has one.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}

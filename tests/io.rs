@@ -881,3 +881,24 @@ fn cmyk_jpeg_colours_come_out_right() {
         }
     }
 }
+
+/// A malformed JPEG found by the `image_decode` fuzz target (2026-12-05) on which the JPEG
+/// decoder of our dependencies (zune-jpeg 0.5.15) panics instead of returning an error. Every
+/// reader of images (attack, eval, verify) gets a corrupt-image error naming the file.
+#[test]
+fn a_jpeg_the_decoder_panics_on_is_a_corrupt_image() {
+    let bytes = include_bytes!("data/jpeg_decoder_panic.jpg");
+    let name = Path::new("fuzzed.jpg");
+    let err = read_image_bytes(bytes, name, 1 << 20).unwrap_err();
+    assert!(matches!(err, IoError::Decode { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("fuzzed.jpg") && msg.contains("decoder failed"),
+        "{msg}"
+    );
+
+    let d = tempfile::tempdir().unwrap();
+    touch(&d.path().join("fuzzed.jpg"), bytes);
+    let err = read_image(&d.path().join("fuzzed.jpg")).unwrap_err();
+    assert!(matches!(err, IoError::Decode { .. }), "{err}");
+}

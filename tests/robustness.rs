@@ -304,7 +304,14 @@ fn write_broken(dir: &Path) -> Vec<(&'static str, &'static str)> {
     .unwrap();
     std::fs::write(dir.join("bad/bomb.png"), bomb_header(60000, 60000)).unwrap();
     write_png(&dir.join("bad/tiny.png"), 8, 40, 1);
+    // The JPEG decoder panics on this one (a fuzz finding): a per-image error all the same.
+    std::fs::write(
+        dir.join("bad/decoder_panic.jpg"),
+        include_bytes!("data/jpeg_decoder_panic.jpg"),
+    )
+    .unwrap();
     vec![
+        ("bad/decoder_panic.jpg", "decoder failed"),
         ("bad/bomb.png", "60000x60000"),
         ("bad/empty.jpg", "empty.jpg"),
         ("bad/text.png", "not an image"),

@@ -560,14 +560,7 @@ impl ImageFailure {
     }
 }
 
-/// The text of a panic's payload.
-pub(super) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".into())
-}
+pub(super) use crate::panic_message;
 
 /// Reads the `--init from:` start for `item` (a tree-layout file, or for tar inputs a member of
 /// an output tar or a staged file), which must have the clean image's size.

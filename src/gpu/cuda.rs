@@ -105,13 +105,6 @@ pub(crate) fn cuda_err(context: impl Into<String>, e: DriverError) -> GpuError {
     }
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic".into())
-}
-
 /// Keeps freed memory in the device's stream-ordered pool across synchronisations. The default
 /// release threshold (0) hands every free byte back to the driver at each synchronisation, so
 /// the next attack's allocations map fresh physical memory again; our own buffer pool already
@@ -212,7 +205,7 @@ impl CudaBackend {
         catch_unwind(AssertUnwindSafe(|| Self::open(ordinal, images))).unwrap_or_else(|p| {
             Err(GpuError::Cuda {
                 context: format!("opening CUDA device {ordinal}"),
-                message: panic_message(p),
+                message: crate::panic_message(&*p),
             })
         })
     }
@@ -450,7 +443,7 @@ impl CudaBackend {
         }))
         .map_err(|p| GpuError::Cuda {
             context: "beginning a graph capture".into(),
-            message: panic_message(p),
+            message: crate::panic_message(&*p),
         })?
         .map_err(|e| cuda_err("beginning a graph capture", e))
     }
@@ -464,7 +457,7 @@ impl CudaBackend {
         }))
         .map_err(|p| GpuError::Cuda {
             context: "ending a graph capture".into(),
-            message: panic_message(p),
+            message: crate::panic_message(&*p),
         })?;
         match ended {
             Ok(Some(graph)) => Ok(graph),
@@ -574,7 +567,7 @@ impl CudaBackend {
         result.unwrap_or_else(|p| {
             Err(GpuError::Cuda {
                 context: "cuBLASLt".into(),
-                message: panic_message(p),
+                message: crate::panic_message(&*p),
             })
         })
     }
@@ -839,7 +832,7 @@ impl Blas {
         let handle = catch_unwind(lt::result::create_handle)
             .map_err(|p| GpuError::Cuda {
                 context: "loading cuBLASLt".into(),
-                message: panic_message(p),
+                message: crate::panic_message(&*p),
             })?
             .map_err(|e| blas_err("cublasLtCreate", e))?;
         let workspace = match RawAlloc::zeroed(stream, WORKSPACE_BYTES) {

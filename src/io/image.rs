@@ -262,7 +262,24 @@ fn decode_unchecked<R: BufRead + Seek>(
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| image_error(path, e))?;
+    // The decoders are other crates' code: zune-jpeg 0.5.15 panics (an `unwrap` in its AVX2
+    // IDCT) on some malformed JPEGs the fuzzer found (tests/data/jpeg_decoder_panic.jpg). Such a
+    // file is a corrupt image to every caller, not a crash of the run.
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        DynamicImage::from_decoder(decoder)
+    }));
+    let mut img = match decoded {
+        Ok(result) => result.map_err(|e| image_error(path, e))?,
+        Err(panic) => {
+            return Err(IoError::Decode {
+                path: path.to_path_buf(),
+                message: format!(
+                    "the image decoder failed on it ({})",
+                    crate::panic_message(&*panic)
+                ),
+            });
+        }
+    };
     img.apply_orientation(orientation);
     Ok(img)
 }
