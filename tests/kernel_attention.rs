@@ -1041,6 +1041,128 @@ fn v4_fits_up_to_its_limit_and_the_devices_shared_memory() {
     }
 }
 
+/// On GPUs that give a block less shared memory than an H100's 227 KiB (an A100 163 KiB; the
+/// sm_86, sm_89 and sm_120 cards 99 KiB), simulated with [`Device::sim_with_shared_limit`]: v4
+/// runs as itself where its kernels fit the limit and runs v3's kernels where they do not
+/// (ViT-L/14's 257 tokens: the paired dK/dV at 99 KiB; 512 tokens: everything at 99 KiB, the
+/// paired dK/dV at 163 KiB), with v3's bits either way. A launch asking for more than the limit
+/// fails as the CUDA backend's does, so a v4 kernel that did not fall back would fail here.
+#[test]
+fn v4_on_gpus_with_less_shared_memory_falls_back_to_v3s_bits() {
+    const A100: u32 = 163 * 1024;
+    const SM_86: u32 = 99 * 1024;
+    let (width, mode, causal) = (128, AttentionMode::QK, false);
+    let heads = width / HD;
+    let pairs = |paired_rows| TcOptions {
+        paired_rows,
+        ..TcOptions::default()
+    };
+    // (limit, lengths, paired blocks, v4's forward fits, v4's backward fits)
+    let cases = [
+        (A100, vec![257, 50], true, true, true),
+        (SM_86, vec![257, 50], false, true, true),
+        (SM_86, vec![257, 50], true, true, false),
+        (A100, vec![512], false, true, true),
+        (A100, vec![512], true, true, false),
+        (SM_86, vec![512], false, false, false),
+    ];
+    for (limit, lens, paired, forward_fits, backward_fits) in cases {
+        let what = format!("limit {limit} lengths {lens:?} pairs {paired}");
+        let options = pairs(paired);
+        let limited = Device::sim_with_shared_limit(limit);
+        assert_eq!(limited.max_shared_per_block(), Some(limit), "{what}");
+        assert_eq!(
+            tc4_fits(&limited, &lens, options, false),
+            forward_fits,
+            "{what}"
+        );
+        assert_eq!(
+            tc4_fits(&limited, &lens, options, true),
+            backward_fits,
+            "{what}"
+        );
+        if lens.len() > 1 || !paired {
+            // Sim time: the 512-token runs check the choice only, once.
+            let n: usize = lens.iter().sum();
+            let (qkv, d_out) = inputs(&lens, width, 7 + n as u64);
+            let cu = cu_seqlens(&lens);
+            let run = |dev: &Device, v4: bool| {
+                let qkv_b = dev.upload(&to_bf16(&qkv)).unwrap();
+                let dout_b = dev.upload(&to_bf16(&d_out)).unwrap();
+                let cu_b = dev.upload(&cu).unwrap();
+                let mut out = dev.alloc::<bf16>(n * width).unwrap();
+                let mut lse = dev.alloc::<f32>(heads * n).unwrap();
+                let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
+                let mut d_qkv = dev.alloc::<bf16>(n * 3 * width).unwrap();
+                dev.poison(&mut out).unwrap();
+                dev.poison(&mut lse).unwrap();
+                dev.poison(&mut d_qkv).unwrap();
+                let (o, l, dq) = (&mut out, &mut lse, &mut d_qkv);
+                if v4 {
+                    attention_forward_tc4(
+                        dev, &qkv_b, &cu_b, &lens, o, l, width, mode, causal, options,
+                    )
+                    .unwrap();
+                    attention_backward_tc4_bf16_dout(
+                        dev, &qkv_b, o, &dout_b, l, &cu_b, &lens, dq, &mut delta, width, mode,
+                        causal, options,
+                    )
+                    .unwrap();
+                } else {
+                    let options = TcOptions::default();
+                    attention_forward_tc3(
+                        dev, &qkv_b, &cu_b, &lens, o, l, width, mode, causal, options,
+                    )
+                    .unwrap();
+                    attention_backward_tc3_bf16_dout(
+                        dev, &qkv_b, o, &dout_b, l, &cu_b, &lens, dq, &mut delta, width, mode,
+                        causal, options,
+                    )
+                    .unwrap();
+                }
+                dev.synchronize().unwrap();
+                let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+                let lse_bits = dev
+                    .download(&lse)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect::<Vec<u32>>();
+                (
+                    bits(dev.download(&out).unwrap()),
+                    lse_bits,
+                    bits(dev.download(&d_qkv).unwrap()),
+                )
+            };
+            let want = run(&Device::sim(), false);
+            let got = run(&limited, true);
+            assert!(got.0 == want.0, "{what}: context differs from v3");
+            assert!(got.1 == want.1, "{what}: lse differs from v3");
+            assert!(got.2 == want.2, "{what}: d_qkv differs from v3");
+        }
+    }
+
+    // A launch past the limit is refused before it runs, naming the kernel and both sizes.
+    let limited = Device::sim_with_shared_limit(SM_86);
+    let cfg = prm::gpu::LaunchConfig {
+        grid: (1, 1, 1),
+        block: (128, 1, 1),
+        shared_bytes: SM_86 + 16,
+    };
+    let err = limited
+        .launch(
+            "prm_attention_forward_tc4",
+            cfg,
+            &mut prm::gpu::KernelArgs::new(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("prm_attention_forward_tc4") && err.contains(&format!("at most {SM_86}")),
+        "{err}"
+    );
+}
+
 /// v3's paired kernels (`TcOptions::paired_rows`: 128-row tiles, two 16-row blocks a warp)
 /// against v3's: the same arithmetic per row (forward, dQ) and per key (dK/dV) in the same
 /// order, so the context, lse, delta and d_qkv must agree bit for bit, on 1,201 tokens (the

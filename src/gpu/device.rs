@@ -54,9 +54,18 @@ impl Element for u64 {}
 impl Element for half::bf16 {}
 
 pub(crate) enum Backend {
-    /// The simulator, with the schedule of its launches (`None`: `PRM_SIM_SCHEDULE`).
-    Sim(Option<sim::Schedule>),
+    Sim(SimOptions),
     Cuda(cuda::CudaBackend),
+}
+
+/// What a simulator device was made with.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct SimOptions {
+    /// The schedule of its launches (`None`: `PRM_SIM_SCHEDULE`).
+    pub(crate) schedule: Option<sim::Schedule>,
+    /// The most dynamic shared memory a block may ask for, as a GPU's per-block opt-in limit
+    /// (`None`: the simulator's own, an H100's 227 KiB, which it does not report).
+    pub(crate) shared_per_block: Option<u32>,
 }
 
 /// What a new allocation holds.
@@ -330,18 +339,33 @@ impl Device {
     /// The CPU simulator of the CUDA execution model, running blocks and threads in the order
     /// `PRM_SIM_SCHEDULE` names (forward when unset).
     pub fn sim() -> Device {
-        Device::sim_backend(None)
+        Device::sim_backend(SimOptions::default())
     }
 
     /// The simulator under a chosen [`Schedule`](sim::Schedule): comparing the results of the
     /// two schedules finds races (see [`sim`]).
     pub fn sim_with_schedule(schedule: sim::Schedule) -> Device {
-        Device::sim_backend(Some(schedule))
+        Device::sim_backend(SimOptions {
+            schedule: Some(schedule),
+            ..SimOptions::default()
+        })
     }
 
-    fn sim_backend(schedule: Option<sim::Schedule>) -> Device {
+    /// The simulator standing in for a GPU that allows a block at most `bytes` of dynamic
+    /// shared memory (an A100 163 KiB, the sm_86 / sm_89 / sm_120 GPUs 99 KiB; the simulator
+    /// itself allows an H100's 227 KiB): [`Device::max_shared_per_block`] reports `bytes`, so
+    /// kernels choose as they would there, and a launch that asks for more fails with the CUDA
+    /// backend's error.
+    pub fn sim_with_shared_limit(bytes: u32) -> Device {
+        Device::sim_backend(SimOptions {
+            shared_per_block: Some(bytes),
+            ..SimOptions::default()
+        })
+    }
+
+    fn sim_backend(options: SimOptions) -> Device {
         Device {
-            backend: Arc::new(Backend::Sim(schedule)),
+            backend: Arc::new(Backend::Sim(options)),
             capture: CaptureSlot::default(),
             timeline: TimelineSlot::default(),
         }
@@ -369,7 +393,7 @@ impl Device {
     /// [`Device::sim`] (which follows `PRM_SIM_SCHEDULE`) and for CUDA devices.
     pub fn sim_schedule(&self) -> Option<sim::Schedule> {
         match *self.backend {
-            Backend::Sim(schedule) => schedule,
+            Backend::Sim(options) => options.schedule,
             Backend::Cuda(_) => None,
         }
     }
@@ -377,10 +401,16 @@ impl Device {
     /// A human-readable name: "sim" or the GPU's name.
     pub fn name(&self) -> String {
         match &*self.backend {
-            Backend::Sim(Some(sim::Schedule::Reverse)) => {
-                "sim (CPU simulator of the CUDA execution model, reverse schedule)".into()
+            Backend::Sim(options) => {
+                let mut name = String::from("sim (CPU simulator of the CUDA execution model");
+                if options.schedule == Some(sim::Schedule::Reverse) {
+                    name.push_str(", reverse schedule");
+                }
+                if let Some(bytes) = options.shared_per_block {
+                    name.push_str(&format!(", {bytes} bytes of shared memory a block"));
+                }
+                name + ")"
             }
-            Backend::Sim(_) => "sim (CPU simulator of the CUDA execution model)".into(),
             Backend::Cuda(c) => c.name(),
         }
     }
@@ -404,8 +434,8 @@ impl Device {
         self.refuse_in_capture("allocating device memory")?;
         let bytes = len * std::mem::size_of::<T>();
         let mem = match &*self.backend {
-            Backend::Sim(schedule) => {
-                let (size, guard) = (bytes.max(1), sim::Guard::of(*schedule));
+            Backend::Sim(options) => {
+                let (size, guard) = (bytes.max(1), sim::Guard::of(options.schedule));
                 let ptr = sim::alloc(size, guard).ok_or(GpuError::OutOfMemory { bytes })?;
                 super::graph::register_allocation(ptr as u64);
                 Memory::Host {
@@ -662,6 +692,23 @@ impl Device {
         args: &mut KernelArgs,
     ) -> Result<(), GpuError> {
         let _timed = super::host_stats::timed(super::host_stats::Call::Launch);
+        if let Backend::Sim(SimOptions {
+            shared_per_block: Some(limit),
+            ..
+        }) = *self.backend
+        {
+            // The CUDA backend refuses this before launching, in a capture too.
+            if cfg.shared_bytes > limit {
+                return Err(GpuError::Cuda {
+                    context: format!("launching {kernel}"),
+                    message: format!(
+                        "{} bytes of dynamic shared memory requested; this GPU allows at most \
+                         {limit} per block",
+                        cfg.shared_bytes
+                    ),
+                });
+            }
+        }
         let recorded = self.record(
             || SimOp::Launch {
                 kernel: kernel.to_string(),
@@ -686,8 +733,14 @@ impl Device {
             || match &*self.backend {
                 // SAFETY: each tail lies behind an output buffer that `args` borrowed
                 // exclusively when it was added, inside its allocation.
-                Backend::Sim(schedule) => unsafe {
-                    sim_launch_checking_tails(kernel, cfg, *schedule, &mut ptrs, &args.output_tails)
+                Backend::Sim(options) => unsafe {
+                    sim_launch_checking_tails(
+                        kernel,
+                        cfg,
+                        options.schedule,
+                        &mut ptrs,
+                        &args.output_tails,
+                    )
                 },
                 Backend::Cuda(c) => c.launch(kernel, cfg, &mut ptrs),
             },
@@ -707,10 +760,11 @@ impl Device {
     }
 
     /// The most dynamic shared memory a kernel launch may ask for per block, in bytes; `None`
-    /// under the simulator (no limit).
+    /// under the simulator (its own limit is an H100's) unless it was made with one
+    /// ([`Device::sim_with_shared_limit`]).
     pub fn max_shared_per_block(&self) -> Option<u32> {
         match &*self.backend {
-            Backend::Sim(_) => None,
+            Backend::Sim(options) => options.shared_per_block,
             Backend::Cuda(c) => Some(c.max_shared_per_block()),
         }
     }
