@@ -77,6 +77,7 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
+    quiet_decoder_panics();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -100,6 +101,19 @@ pub fn main() -> ExitCode {
             ExitCode::from(EXIT_USAGE)
         }
     }
+}
+
+/// A panic inside an image decoder (another crate's bug on a malformed file) becomes that
+/// image's "corrupt or truncated" error, which the run reports with the file's name; the default
+/// hook's panic message and backtrace on top of it would read as a crash of prm. Every other
+/// panic still goes to the default hook.
+fn quiet_decoder_panics() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !prm::io::panicking_inside_decoder() {
+            default_hook(info);
+        }
+    }));
 }
 
 /// Parses a pixel quantity such as `8/255` or `0.03` for clap.

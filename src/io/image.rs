@@ -265,9 +265,12 @@ fn decode_unchecked<R: BufRead + Seek>(
     // The decoders are other crates' code: zune-jpeg 0.5.15 panics (an `unwrap` in its AVX2
     // IDCT) on some malformed JPEGs the fuzzer found (tests/data/jpeg_decoder_panic.jpg). Such a
     // file is a corrupt image to every caller, not a crash of the run.
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        DynamicImage::from_decoder(decoder)
-    }));
+    let decoded = {
+        let _inside = InsideDecoder::enter();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            DynamicImage::from_decoder(decoder)
+        }))
+    };
     let mut img = match decoded {
         Ok(result) => result.map_err(|e| image_error(path, e))?,
         Err(panic) => {
@@ -282,6 +285,32 @@ fn decode_unchecked<R: BufRead + Seek>(
     };
     img.apply_orientation(orientation);
     Ok(img)
+}
+
+thread_local! {
+    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as inside an image decoder until dropped.
+struct InsideDecoder(bool);
+
+impl InsideDecoder {
+    fn enter() -> Self {
+        InsideDecoder(DECODING.with(|d| d.replace(true)))
+    }
+}
+
+impl Drop for InsideDecoder {
+    fn drop(&mut self) {
+        DECODING.with(|d| d.set(self.0));
+    }
+}
+
+/// Whether this thread is inside an image decoder, whose panics become corrupt-image errors
+/// ([`IoError::Decode`]). A program's panic hook may stay quiet for them: the error reports
+/// the file already.
+pub fn panicking_inside_decoder() -> bool {
+    DECODING.with(|d| d.get())
 }
 
 /// Converts any colour form to planar RGB in [0, 1] (alpha dropped, gray replicated).
