@@ -13,12 +13,30 @@ use super::EvalError;
 
 /// Reads a class-index PNG: `(width, height, labels)`.
 pub fn read_label_png(path: &Path) -> Result<(usize, usize, Vec<u32>), EvalError> {
+    let file = std::fs::File::open(path).map_err(|e| EvalError::Labels {
+        path: path.to_path_buf(),
+        reason: format!("cannot open: {e}"),
+    })?;
+    decode_label_png(std::io::BufReader::new(file), path)
+}
+
+/// [`read_label_png`] of a PNG in memory; `name` is the path errors give.
+pub fn read_label_png_bytes(
+    bytes: &[u8],
+    name: &Path,
+) -> Result<(usize, usize, Vec<u32>), EvalError> {
+    decode_label_png(std::io::Cursor::new(bytes), name)
+}
+
+fn decode_label_png<R: std::io::BufRead + std::io::Seek>(
+    input: R,
+    path: &Path,
+) -> Result<(usize, usize, Vec<u32>), EvalError> {
     let bad = |reason: String| EvalError::Labels {
         path: path.to_path_buf(),
         reason,
     };
-    let file = std::fs::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
-    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+    let mut decoder = png::Decoder::new(input);
     decoder.set_transformations(png::Transformations::IDENTITY);
     let mut reader = decoder
         .read_info()
@@ -150,4 +168,82 @@ pub fn read_class_labels(
         map.insert(rel.trim().replace('\\', "/"), idx);
     }
     Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `width`×`height` PNG of `values` at `depth` bits: palette indices, or grayscale.
+    fn encode(
+        width: u32,
+        height: u32,
+        depth: png::BitDepth,
+        palette: bool,
+        values: &[u32],
+    ) -> Vec<u8> {
+        let bits = depth as usize;
+        let stride = (width as usize * bits).div_ceil(8);
+        let mut data = vec![0u8; stride * height as usize];
+        for (i, &v) in values.iter().enumerate() {
+            let (y, x) = (i / width as usize, i % width as usize);
+            let row = &mut data[y * stride..(y + 1) * stride];
+            match bits {
+                16 => row[2 * x..2 * x + 2].copy_from_slice(&(v as u16).to_be_bytes()),
+                8 => row[x] = v as u8,
+                b => row[x * b / 8] |= (v as u8) << (8 - b * (x % (8 / b) + 1)),
+            }
+        }
+        let mut bytes = Vec::new();
+        let mut enc = png::Encoder::new(&mut bytes, width, height);
+        enc.set_depth(depth);
+        if palette {
+            enc.set_color(png::ColorType::Indexed);
+            enc.set_palette(
+                (0..3 * (1usize << bits.min(8)))
+                    .map(|i| i as u8)
+                    .collect::<Vec<_>>(),
+            );
+        } else {
+            enc.set_color(png::ColorType::Grayscale);
+        }
+        enc.write_header().unwrap().write_image_data(&data).unwrap();
+        bytes
+    }
+
+    /// Every bit depth a label map comes in gives back its class indices, on widths that do not
+    /// fill a row's last byte; colour images are refused.
+    #[test]
+    fn palette_and_grayscale_label_maps_at_every_depth() {
+        use png::BitDepth::*;
+        for (depth, palette) in [
+            (One, true),
+            (Two, true),
+            (Four, true),
+            (Eight, true),
+            (Eight, false),
+            (Sixteen, false),
+        ] {
+            let (w, h) = (7u32, 3u32);
+            let top = if depth == Sixteen {
+                65_535
+            } else {
+                (1u32 << depth as u32) - 1
+            };
+            let values: Vec<u32> = (0..w * h).map(|i| (i * 37 + 5) % (top + 1)).collect();
+            let bytes = encode(w, h, depth, palette, &values);
+            let (rw, rh, got) = read_label_png_bytes(&bytes, Path::new("l.png")).unwrap();
+            assert_eq!((rw, rh), (w as usize, h as usize));
+            assert_eq!(got, values, "{depth:?} palette {palette}");
+        }
+        let mut rgb = Vec::new();
+        let mut enc = png::Encoder::new(&mut rgb, 1, 1);
+        enc.set_color(png::ColorType::Rgb);
+        enc.write_header()
+            .unwrap()
+            .write_image_data(&[1, 2, 3])
+            .unwrap();
+        let err = read_label_png_bytes(&rgb, Path::new("rgb.png")).unwrap_err();
+        assert!(err.to_string().contains("rgb.png"), "{err}");
+    }
 }
