@@ -1,6 +1,7 @@
 //! `--device` and `--precision`, shared by the subcommands that run an engine.
 //!
-//! Spellings: `auto` (CUDA device 0 when a driver and a device exist, else the CPU), `cpu`,
+//! Spellings: `auto` (CUDA device 0 when a driver and a device exist, else the CPU; also the
+//! CPU, with a note, when device 0 is older than the kernels' sm_80), `cpu`,
 //! `cuda` / `cuda:N`, `sim`; and for `prm attack` only, several devices at once: `cuda:all`
 //! (every CUDA device), `cuda:0,1,...`, and `sim:N` (N simulated devices: no faster than one,
 //! since the simulator runs one launch at a time, but it runs the whole multi-device pipeline
@@ -30,10 +31,18 @@ pub fn choose_devices(device: &str, precision: &str) -> anyhow::Result<(Vec<Devi
     let chosen: Vec<Device> = match device {
         "cpu" => Vec::new(),
         "auto" => {
-            if Device::cuda_available() {
-                vec![Device::cuda(0)?]
-            } else {
+            if !Device::cuda_available() {
                 Vec::new()
+            } else {
+                match Device::cuda(0) {
+                    Ok(dev) => vec![dev],
+                    // No build can run on it: the CPU is what auto means there.
+                    Err(e @ prm::gpu::GpuError::GpuTooOld { .. }) => {
+                        eprintln!("note: {e}; --device auto runs on the CPU");
+                        Vec::new()
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         "sim" => vec![Device::sim()],

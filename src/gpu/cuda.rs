@@ -224,6 +224,11 @@ impl CudaBackend {
         let device_name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let (major, minor) = ctx.compute_capability().unwrap_or((0, 0));
         let name = format!("{device_name} (cuda:{ordinal}, sm_{major}{minor})");
+        if major < 8 {
+            // No fatbin holds code it can run (sm_80 machine code, or PTX of a newer arch),
+            // and the kernels' bf16 mma.sync and cp.async need sm_80 in any build.
+            return Err(GpuError::GpuTooOld { name, major, minor });
+        }
         let smem_optin = ctx
             .attribute(
                 ds::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,

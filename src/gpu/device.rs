@@ -18,6 +18,12 @@ pub enum GpuError {
     NoSuchDevice { ordinal: usize, count: usize },
     #[error("this build has no CUDA kernels (nvcc was not found when it was compiled); install nvcc with scripts/install-nvcc.sh and rebuild, or use --device sim")]
     NoKernels,
+    #[error("{name} has compute capability {major}.{minor}; prm's kernels need 8.0 or newer (bf16 tensor cores: A100, RTX 30xx, H100 and later); use --device cpu")]
+    GpuTooOld {
+        name: String,
+        major: i32,
+        minor: i32,
+    },
     #[error("CUDA error in {context}: {message}")]
     Cuda { context: String, message: String },
     #[error("kernel {kernel} failed in the simulator: {message}")]
