@@ -309,7 +309,8 @@ fn compile(
         if path.extension().is_some_and(|x| x == "ptx") {
             let ptx = std::fs::read_to_string(&path)
                 .map_err(|e| format!("read {}: {e}", path.display()))?;
-            max_threads.extend(ptx_max_threads(&ptx));
+            max_threads
+                .extend(ptx_max_threads(&ptx).map_err(|e| format!("{}: {e}", path.display()))?);
             ptx_files += 1;
         }
     }
@@ -395,7 +396,7 @@ fn parse_ptxas(text: &str) -> PtxasReport {
 /// .minnctapersm 4
 /// {
 /// ```
-fn ptx_max_threads(ptx: &str) -> Vec<(String, u32)> {
+fn ptx_max_threads(ptx: &str) -> Result<Vec<(String, u32)>, String> {
     let mut found = Vec::new();
     let mut entry: Option<String> = None;
     for line in ptx.lines() {
@@ -417,11 +418,11 @@ fn ptx_max_threads(ptx: &str) -> Vec<(String, u32)> {
                 .split(',')
                 .map(|d| d.trim().parse::<u32>())
                 .try_fold(1u32, |acc, d| d.ok().map(|d| acc.saturating_mul(d)));
-            let threads = threads.unwrap_or_else(|| panic!("{name}: unreadable `{line}` in PTX"));
+            let threads = threads.ok_or_else(|| format!("{name}: unreadable `{line}`"))?;
             found.push((name.clone(), threads));
         }
     }
-    found
+    Ok(found)
 }
 
 /// `$OUT_DIR/prm_kernel_limits.rs`, included by `src/gpu/sim.rs`: what a GPU checks at launch

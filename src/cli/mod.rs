@@ -110,7 +110,7 @@ pub fn main() -> ExitCode {
 fn quiet_decoder_panics() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if !prm::io::panicking_inside_decoder() {
+        if !prm::io::inside_image_decoder() {
             default_hook(info);
         }
     }));

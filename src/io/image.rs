@@ -309,7 +309,7 @@ impl Drop for InsideDecoder {
 /// Whether this thread is inside an image decoder, whose panics become corrupt-image errors
 /// ([`IoError::Decode`]). A program's panic hook may stay quiet for them: the error reports
 /// the file already.
-pub fn panicking_inside_decoder() -> bool {
+pub fn inside_image_decoder() -> bool {
     DECODING.with(|d| d.get())
 }
 

@@ -28,8 +28,8 @@ pub mod webdataset;
 use std::path::PathBuf;
 
 pub use self::image::{
-    panicking_inside_decoder, read_image, read_image_bytes, read_image_limited, read_item,
-    RgbImage, DEFAULT_MAX_PIXELS,
+    inside_image_decoder, read_image, read_image_bytes, read_image_limited, read_item, RgbImage,
+    DEFAULT_MAX_PIXELS,
 };
 pub use self::inputs::{
     check_output_collisions, check_output_collisions_in, list_inputs, list_inputs_with,
