@@ -262,6 +262,29 @@ fn run_v3(
     }
 }
 
+/// The tensor-core kernels' outputs for `n` tokens of `width`, poisoned: (context, lse,
+/// delta scratch, d_qkv).
+fn tc_outputs(
+    dev: &Device,
+    n: usize,
+    width: usize,
+) -> (
+    prm::gpu::Buffer<bf16>,
+    prm::gpu::Buffer<f32>,
+    prm::gpu::Buffer<f32>,
+    prm::gpu::Buffer<bf16>,
+) {
+    let mut out = dev.alloc::<bf16>(n * width).unwrap();
+    let mut lse = dev.alloc::<f32>(width / HD * n).unwrap();
+    let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
+    let mut d_qkv = dev.alloc::<bf16>(n * 3 * width).unwrap();
+    dev.poison(&mut out).unwrap();
+    dev.poison(&mut lse).unwrap();
+    dev.poison(&mut delta).unwrap();
+    dev.poison(&mut d_qkv).unwrap();
+    (out, lse, delta, d_qkv)
+}
+
 /// The cumulative sequence starts the kernels take: `[0, l0, l0 + l1, ...]`.
 fn cu_seqlens(lens: &[usize]) -> Vec<i32> {
     std::iter::once(0)
@@ -903,7 +926,6 @@ fn v4_is_v3_bit_for_bit() {
         for (lens, width, mode, causal) in &cases {
             let (lens, width, mode, causal) = (lens.as_slice(), *width, *mode, *causal);
             let n: usize = lens.iter().sum();
-            let heads = width / HD;
             let (qkv, d_out) = inputs(lens, width, 90 + n as u64);
             let cu = cu_seqlens(lens);
             let backward = tensor_core_v3_supports(mode, true);
@@ -926,14 +948,7 @@ fn v4_is_v3_bit_for_bit() {
                     paired_rows,
                     ..TcOptions::default()
                 };
-                let mut out = dev.alloc::<bf16>(n * width).unwrap();
-                let mut lse = dev.alloc::<f32>(heads * n).unwrap();
-                let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
-                let mut d_qkv = dev.alloc::<bf16>(n * 3 * width).unwrap();
-                dev.poison(&mut out).unwrap();
-                dev.poison(&mut lse).unwrap();
-                dev.poison(&mut delta).unwrap();
-                dev.poison(&mut d_qkv).unwrap();
+                let (mut out, mut lse, mut delta, mut d_qkv) = tc_outputs(&dev, n, width);
                 match v4 {
                     None => {
                         let options = options(1, false);
@@ -1052,7 +1067,6 @@ fn v4_on_gpus_with_less_shared_memory_falls_back_to_v3s_bits() {
     const A100: u32 = 163 * 1024;
     const SM_86: u32 = 99 * 1024;
     let (width, mode, causal) = (128, AttentionMode::QK, false);
-    let heads = width / HD;
     let pairs = |paired_rows| TcOptions {
         paired_rows,
         ..TcOptions::default()
@@ -1090,13 +1104,7 @@ fn v4_on_gpus_with_less_shared_memory_falls_back_to_v3s_bits() {
                 let qkv_b = dev.upload(&to_bf16(&qkv)).unwrap();
                 let dout_b = dev.upload(&to_bf16(&d_out)).unwrap();
                 let cu_b = dev.upload(&cu).unwrap();
-                let mut out = dev.alloc::<bf16>(n * width).unwrap();
-                let mut lse = dev.alloc::<f32>(heads * n).unwrap();
-                let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
-                let mut d_qkv = dev.alloc::<bf16>(n * 3 * width).unwrap();
-                dev.poison(&mut out).unwrap();
-                dev.poison(&mut lse).unwrap();
-                dev.poison(&mut d_qkv).unwrap();
+                let (mut out, mut lse, mut delta, mut d_qkv) = tc_outputs(dev, n, width);
                 let (o, l, dq) = (&mut out, &mut lse, &mut d_qkv);
                 if v4 {
                     attention_forward_tc4(
@@ -1215,14 +1223,7 @@ fn v3_pairs_is_v3_bit_for_bit() {
                 };
                 let qkv_b = dev.upload(&to_bf16(&qkv)).unwrap();
                 let cu_b = dev.upload(&cu).unwrap();
-                let mut out = dev.alloc::<bf16>(n * width).unwrap();
-                let mut lse = dev.alloc::<f32>(heads * n).unwrap();
-                let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
-                let mut d_qkv = dev.alloc::<bf16>(n * 3 * width).unwrap();
-                dev.poison(&mut out).unwrap();
-                dev.poison(&mut lse).unwrap();
-                dev.poison(&mut delta).unwrap();
-                dev.poison(&mut d_qkv).unwrap();
+                let (mut out, mut lse, mut delta, mut d_qkv) = tc_outputs(&dev, n, width);
                 attention_forward_tc3(
                     &dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal, options,
                 )
