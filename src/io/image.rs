@@ -220,7 +220,33 @@ pub(crate) fn jpeg_is_complete(b: &[u8]) -> bool {
     }
 }
 
+/// [`decode_with`] under a guard: the decoders are other crates' code, and zune-jpeg 0.5.15
+/// panics (an `unwrap` in its AVX2 IDCT) on some malformed JPEGs the fuzzer found
+/// (tests/data/jpeg_decoder_panic.jpg). A panic anywhere in a decoder, from the header to the
+/// pixels, makes the file a corrupt image to every caller, not a crash of the run.
 fn decode_unchecked<R: BufRead + Seek>(
+    reader: R,
+    path: &Path,
+    max_pixels: u64,
+) -> Result<DynamicImage, IoError> {
+    let decoded = {
+        let _inside = InsideDecoder::enter();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decode_with(reader, path, max_pixels)
+        }))
+    };
+    decoded.unwrap_or_else(|panic| {
+        Err(IoError::Decode {
+            path: path.to_path_buf(),
+            message: format!(
+                "the image decoder failed on it ({})",
+                crate::panic_message(&*panic)
+            ),
+        })
+    })
+}
+
+fn decode_with<R: BufRead + Seek>(
     reader: R,
     path: &Path,
     max_pixels: u64,
@@ -262,27 +288,7 @@ fn decode_unchecked<R: BufRead + Seek>(
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    // The decoders are other crates' code: zune-jpeg 0.5.15 panics (an `unwrap` in its AVX2
-    // IDCT) on some malformed JPEGs the fuzzer found (tests/data/jpeg_decoder_panic.jpg). Such a
-    // file is a corrupt image to every caller, not a crash of the run.
-    let decoded = {
-        let _inside = InsideDecoder::enter();
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            DynamicImage::from_decoder(decoder)
-        }))
-    };
-    let mut img = match decoded {
-        Ok(result) => result.map_err(|e| image_error(path, e))?,
-        Err(panic) => {
-            return Err(IoError::Decode {
-                path: path.to_path_buf(),
-                message: format!(
-                    "the image decoder failed on it ({})",
-                    crate::panic_message(&*panic)
-                ),
-            });
-        }
-    };
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| image_error(path, e))?;
     img.apply_orientation(orientation);
     Ok(img)
 }
