@@ -368,13 +368,11 @@ impl CudaBackend {
         };
         if shared_bytes > f.max_dynamic_smem {
             if shared_bytes > self.smem_optin {
-                return Err(GpuError::Cuda {
-                    context: format!("launching {kernel}"),
-                    message: format!(
-                        "{shared_bytes} bytes of dynamic shared memory requested; this GPU allows at most {} per block",
-                        self.smem_optin
-                    ),
-                });
+                return Err(GpuError::shared_memory_refused(
+                    kernel,
+                    shared_bytes,
+                    self.smem_optin,
+                ));
             }
             // SAFETY: a valid function handle; the value is within the device's opt-in limit.
             unsafe {

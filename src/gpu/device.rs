@@ -50,6 +50,21 @@ pub enum GpuError {
     Timeline(String),
 }
 
+impl GpuError {
+    /// A launch asking a block for more dynamic shared memory than the GPU allows one (its
+    /// opt-in limit): the CUDA backend refuses it before launching, and so does a simulator
+    /// made with a GPU's limit.
+    pub(crate) fn shared_memory_refused(kernel: &str, requested: u32, limit: u32) -> GpuError {
+        GpuError::Cuda {
+            context: format!("launching {kernel}"),
+            message: format!(
+                "{requested} bytes of dynamic shared memory requested; this GPU allows at most \
+                 {limit} per block"
+            ),
+        }
+    }
+}
+
 /// Element types that may live in device memory.
 pub trait Element: bytemuck::Pod + Send + Sync + 'static {}
 impl Element for f32 {}
@@ -705,14 +720,11 @@ impl Device {
         {
             // The CUDA backend refuses this before launching, in a capture too.
             if cfg.shared_bytes > limit {
-                return Err(GpuError::Cuda {
-                    context: format!("launching {kernel}"),
-                    message: format!(
-                        "{} bytes of dynamic shared memory requested; this GPU allows at most \
-                         {limit} per block",
-                        cfg.shared_bytes
-                    ),
-                });
+                return Err(GpuError::shared_memory_refused(
+                    kernel,
+                    cfg.shared_bytes,
+                    limit,
+                ));
             }
         }
         let recorded = self.record(
