@@ -186,6 +186,7 @@ fn reference_workers<'m>(
             engine: ReferenceVit::new(model),
             batch_size: sizes[w],
             batch_tokens: None,
+            batch_memory: None,
             name: format!("cpu #{w}"),
         })
     }
@@ -311,6 +312,7 @@ fn a_slow_first_batch_and_failing_images_keep_the_manifest_in_input_order() {
                     },
                     batch_size: 1,
                     batch_tokens: None,
+                    batch_memory: None,
                     name: format!("moody #{w}"),
                 })
             },
@@ -422,6 +424,7 @@ fn an_interrupt_with_several_workers_and_a_writer_behind_then_a_resume() {
             engine: Instant0(&s.model),
             batch_size: 2,
             batch_tokens: None,
+            batch_memory: None,
             name: format!("instant #{w}"),
         })
     };
@@ -604,6 +607,7 @@ fn out_of_memory_halving_is_per_worker() {
                     },
                     batch_size: 4,
                     batch_tokens: None,
+                    batch_memory: None,
                     name: format!("small #{w}"),
                 })
             },
@@ -642,6 +646,7 @@ fn a_worker_that_cannot_start_stops_the_run_before_any_image() {
                     engine: ReferenceVit::new(&s.model),
                     batch_size: 1,
                     batch_tokens: None,
+                    batch_memory: None,
                     name: "cpu".into(),
                 })
             },
@@ -849,6 +854,7 @@ fn token_budget_bounds_batches_of_mixed_sizes() {
             engine: ReferenceVit::new(&s.model),
             batch_size: 8,
             batch_tokens: Some(budget),
+            batch_memory: None,
             name: format!("cpu #{w}"),
         })
     };

@@ -51,6 +51,8 @@ pub struct OutputOptions {
     /// At most this many tokens per batch, counted at each image's working size (see
     /// `--batch-tokens`); a batch always takes at least one image. `None`: only `batch_size`.
     pub batch_tokens: Option<usize>,
+    /// A device-memory budget per batch (`--batch-size auto` on a GPU); `None`: none.
+    pub batch_memory: Option<MemoryBudget>,
     /// Where outputs go (tree, or tar shards for tar inputs).
     pub layout: OutputLayout,
     /// `--max-pixels`: inputs whose header announces more pixels fail without being decoded.
@@ -68,10 +70,34 @@ impl OutputOptions {
             save_float: false,
             batch_size: 1,
             batch_tokens: None,
+            batch_memory: None,
             layout: OutputLayout::Tree,
             max_pixels: DEFAULT_MAX_PIXELS,
             decoders: 0,
         }
+    }
+}
+
+/// Device memory a batch may take, and what one image costs of it: `per_token` bytes for each
+/// token at its working size (activations, features, gradients), plus `per_native_pixel` for
+/// each pixel at its native size (the engine holds a few fp32 images per image at that size:
+/// the clean and adversarial images, the gradient, the optimiser's state). A batch takes
+/// images, in input order, while their costs fit in `bytes`; the first image always joins
+/// (an image that does not fit alone fails cleanly when it runs out of memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryBudget {
+    pub bytes: usize,
+    pub per_token: usize,
+    pub per_native_pixel: usize,
+}
+
+impl MemoryBudget {
+    /// The bytes an image of `tokens` tokens (at its working size) and `native_pixels` pixels
+    /// costs.
+    pub fn cost(&self, tokens: usize, native_pixels: usize) -> usize {
+        tokens
+            .saturating_mul(self.per_token)
+            .saturating_add(native_pixels.saturating_mul(self.per_native_pixel))
     }
 }
 
@@ -190,6 +216,8 @@ pub struct Worker<E> {
     pub batch_size: usize,
     /// The worker's token budget per batch (see [`OutputOptions::batch_tokens`]).
     pub batch_tokens: Option<usize>,
+    /// The worker's device-memory budget per batch (see [`OutputOptions::batch_memory`]).
+    pub batch_memory: Option<MemoryBudget>,
     pub name: String,
 }
 

@@ -58,7 +58,8 @@ use rayon::prelude::*;
 
 use super::campaign::{
     attack_batch, error_record, load, panic_message, staged_input, write_outputs, Attacked,
-    BatchResult, CampaignError, Finished, ImageFailure, Loaded, OutputOptions, Progress, Worker,
+    BatchResult, CampaignError, Finished, ImageFailure, Loaded, MemoryBudget, OutputOptions,
+    Progress, Worker,
 };
 use super::engine::{Engine, StageKey};
 use super::loss::Objective;
@@ -89,6 +90,28 @@ impl Run<'_> {
             Resolution::Fixed(n) => (n / p) * (n / p) + 1,
         }
     }
+
+    /// Pixels of an image at its native size (none for an image that failed to load).
+    fn native_pixels_of(loaded: &Result<Loaded, ImageFailure>) -> usize {
+        loaded
+            .as_ref()
+            .map_or(0, |image| image.clean.height * image.clean.width)
+    }
+
+    /// What an image counts against a [`BatchLimit`].
+    fn cost_of(&self, loaded: &Result<Loaded, ImageFailure>) -> ImageCost {
+        ImageCost {
+            tokens: self.tokens_of(loaded),
+            native_pixels: Self::native_pixels_of(loaded),
+        }
+    }
+}
+
+/// What one image counts against a batch's limits.
+#[derive(Clone, Copy, Debug)]
+struct ImageCost {
+    tokens: usize,
+    native_pixels: usize,
 }
 
 /// The most a worker's batch may hold.
@@ -97,6 +120,15 @@ struct BatchLimit {
     images: usize,
     /// Tokens at the images' working sizes ([`Run::tokens_of`]); `None`: no bound.
     tokens: Option<usize>,
+    /// Device memory ([`MemoryBudget`]); `None`: no bound.
+    memory: Option<MemoryBudget>,
+}
+
+impl BatchLimit {
+    /// Whether images are admitted one by one against a budget (not by count alone).
+    fn budgeted(&self) -> bool {
+        self.tokens.is_some() || self.memory.is_some()
+    }
 }
 
 /// A batch being filled in input order under a [`BatchLimit`]: the first image always joins.
@@ -104,6 +136,7 @@ struct Fill {
     limit: BatchLimit,
     images: usize,
     tokens: usize,
+    bytes: usize,
 }
 
 impl Fill {
@@ -112,6 +145,7 @@ impl Fill {
             limit,
             images: 0,
             tokens: 0,
+            bytes: 0,
         }
     }
 
@@ -119,17 +153,27 @@ impl Fill {
         self.images >= self.limit.images.max(1)
     }
 
-    /// Whether the next image, of `tokens` tokens, joins the batch (counted if it does).
-    fn admit(&mut self, tokens: usize) -> bool {
-        let over = self
+    /// Whether the next image joins the batch (counted if it does).
+    fn admit(&mut self, image: ImageCost) -> bool {
+        let bytes = self
+            .limit
+            .memory
+            .map_or(0, |m| m.cost(image.tokens, image.native_pixels));
+        let first = self.images == 0;
+        let over_tokens = self
             .limit
             .tokens
-            .is_some_and(|budget| self.images > 0 && self.tokens + tokens > budget);
-        if self.full() || over {
+            .is_some_and(|budget| self.tokens + image.tokens > budget);
+        let over_memory = self
+            .limit
+            .memory
+            .is_some_and(|m| self.bytes.saturating_add(bytes) > m.bytes);
+        if self.full() || (!first && (over_tokens || over_memory)) {
             return false;
         }
         self.images += 1;
-        self.tokens += tokens;
+        self.tokens += image.tokens;
+        self.bytes = self.bytes.saturating_add(bytes);
         true
     }
 }
@@ -267,7 +311,7 @@ impl Prefetch {
             let Some(loaded) = s.ready.get(&end) else {
                 return Vec::new();
             };
-            if !fill.admit(run.tokens_of(loaded)) {
+            if !fill.admit(run.cost_of(loaded)) {
                 break;
             }
             end += 1;
@@ -290,8 +334,8 @@ impl Prefetch {
     /// when every image was claimed or the prefetch was stopped.
     fn claim(&self, limit: BatchLimit, run: &Run) -> Vec<Claimed> {
         let total = run.todo.len();
-        if let Some(budget) = limit.tokens {
-            return self.claim_tokens(limit.images, budget, run);
+        if limit.budgeted() {
+            return self.claim_within(limit, run);
         }
         let mut s = self.turn_to_claim();
         if s.stopped {
@@ -325,18 +369,15 @@ impl Prefetch {
         s
     }
 
-    /// [`Self::claim`] with a token budget: takes the next images one by one as they are
-    /// decoded, while they fit in `budget` tokens (the first one always) and number at most
-    /// `max`. Other workers wait meanwhile, so the batch is consecutive images.
-    fn claim_tokens(&self, max: usize, budget: usize, run: &Run) -> Vec<Claimed> {
+    /// [`Self::claim`] with a token or memory budget: takes the next images one by one as
+    /// they are decoded, while they fit in the budgets (the first one always) and number at
+    /// most `limit.images`. Other workers wait meanwhile, so the batch is consecutive images.
+    fn claim_within(&self, limit: BatchLimit, run: &Run) -> Vec<Claimed> {
         let total = run.todo.len();
         let mut s = self.turn_to_claim();
         s.claiming = true;
         let mut out = Vec::new();
-        let mut fill = Fill::new(BatchLimit {
-            images: max,
-            tokens: Some(budget),
-        });
+        let mut fill = Fill::new(limit);
         while !fill.full() && s.next_claim < total {
             if s.stopped {
                 out.clear();
@@ -347,7 +388,7 @@ impl Prefetch {
                 s = self.decoded.wait(s).unwrap_or_else(|p| p.into_inner());
                 continue;
             };
-            if !fill.admit(run.tokens_of(loaded)) {
+            if !fill.admit(run.cost_of(loaded)) {
                 break;
             }
             let loaded = s.ready.remove(&index).expect("present");
@@ -510,8 +551,7 @@ fn decoder_count(output: &OutputOptions, workers: usize) -> usize {
 fn engine_worker<E: Engine>(
     worker: usize,
     engine: &E,
-    batch_size: usize,
-    batch_tokens: Option<usize>,
+    limits: BatchLimit,
     shared: &Shared,
     progress: &dyn Progress,
     interrupted: &dyn Fn() -> bool,
@@ -519,7 +559,10 @@ fn engine_worker<E: Engine>(
     between_steps: &dyn Fn(),
 ) {
     let run = shared.run;
-    let mut size = batch_size.max(1);
+    let mut size = limits.images.max(1);
+    // Whether the batch in `held`'s front, of one image, already ran out of memory once (then
+    // with the engine's caches released it is tried once more before the image fails).
+    let mut retried_alone = false;
     // Claimed images not attacked yet: a whole claim, or what is left of one after an
     // out-of-memory error halved the batch.
     let mut held: VecDeque<Claimed> = VecDeque::new();
@@ -533,7 +576,7 @@ fn engine_worker<E: Engine>(
         let requested_at = shared.now();
         let limit = BatchLimit {
             images: size,
-            tokens: batch_tokens,
+            ..limits
         };
         if held.is_empty() {
             held.extend(shared.prefetch.claim(limit, run));
@@ -625,8 +668,24 @@ fn engine_worker<E: Engine>(
                 }
                 continue;
             }
+            Ok(BatchResult::OutOfMemory) if !retried_alone => {
+                // Memory the engine's caches held (buffers of earlier geometries, staged
+                // inputs) may be what was missing: free them and try the image once more.
+                engine.release_cached_memory();
+                retried_alone = true;
+                timing.out_of_memory = true;
+                timing.queued_at = timing.engine_done_at;
+                if let Some(t) = run.timeline {
+                    t.batch(timing);
+                }
+                for c in chunk.into_iter().rev() {
+                    held.push_front(c);
+                }
+                continue;
+            }
             Ok(BatchResult::OutOfMemory) => {
                 engine.release_cached_memory();
+                retried_alone = false;
                 fail_all(
                     &chunk,
                     "engine error: out of device memory with one image per batch (use a smaller \
@@ -635,6 +694,7 @@ fn engine_worker<E: Engine>(
                 )
             }
             Ok(BatchResult::Done(finished, phases)) => {
+                retried_alone = false;
                 timing.phases = phases;
                 finished
             }
@@ -880,8 +940,11 @@ pub(super) fn run_here<E: Engine>(
         engine_worker(
             0,
             engine,
-            batch_size,
-            run.output.batch_tokens,
+            BatchLimit {
+                images: batch_size,
+                tokens: run.output.batch_tokens,
+                memory: run.output.batch_memory,
+            },
             &shared,
             progress,
             interrupted,
@@ -981,8 +1044,11 @@ where
                 engine_worker(
                     w,
                     &worker.engine,
-                    worker.batch_size,
-                    worker.batch_tokens,
+                    BatchLimit {
+                        images: worker.batch_size,
+                        tokens: worker.batch_tokens,
+                        memory: worker.batch_memory,
+                    },
                     shared,
                     progress,
                     interrupted,

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use prm::attack::campaign::{Campaign, CampaignError, OutputOptions, Progress, Worker};
+use prm::attack::campaign::{
+    Campaign, CampaignError, MemoryBudget, OutputOptions, Progress, Worker,
+};
 use prm::attack::profile::Timeline;
 use prm::attack::*;
 use prm::gpu::engine::{GpuVit, Precision};
@@ -68,10 +70,11 @@ pub struct AttackArgs {
     /// else fp32 (needs the GPU engine: --device cuda, sim, or auto on a GPU)
     #[arg(long, default_value = "fp32")]
     precision: String,
-    /// Images per batch, or auto: on a GPU, batches of as many tokens as fit the device's free
-    /// memory for the blocks the loss runs (at most 16384, where larger batches stopped
-    /// paying), so a batch of large native images holds fewer of them. The CPU engine attacks
-    /// one image at a time (results never depend on batching)
+    /// Images per batch, or auto: on a GPU, batches of as many images as fit the device's free
+    /// memory (their tokens for the blocks the loss runs, and their pixels at the native size)
+    /// and at most 16384 tokens, where larger batches stopped paying; so a batch of large
+    /// images holds fewer of them. The CPU engine attacks one image at a time (results never
+    /// depend on batching)
     #[arg(long, default_value = "auto")]
     batch_size: String,
     /// At most N tokens per batch, counted at each image's working size ((h/p)·(w/p) + 1 at
@@ -163,35 +166,56 @@ impl AttackArgs {
     }
 }
 
-/// `--batch-size auto`: 1 on the CPU and in the simulator (batching gains nothing there); on
-/// CUDA, a token budget per batch from the free device memory at this model's activation size
-/// for the blocks the loss runs (a shallow `--layers` saves fewer blocks' activations),
-/// capped at the token count where larger batches stopped paying (and at `--batch-tokens`), with
-/// room in images for twice as many images of the nominal size (`--resolution`, else the
-/// model's) as the budget holds ([`prm::gpu::engine::auto_batch_tokens`]). A batch that still
-/// runs out of memory is retried in halves by the campaign.
+/// A worker's limits per batch: images, tokens at the working size, device memory.
+struct BatchLimits {
+    images: usize,
+    tokens: Option<usize>,
+    memory: Option<MemoryBudget>,
+}
+
+/// `--batch-size auto`: 1 on the CPU and in the simulator (batching gains nothing there), unless
+/// the simulator stands in for a GPU's memory (`PRM_SIM_MEMORY`). On a GPU:
+/// - a device-memory budget, 80% of the free memory, that each image takes its share of: its
+///   tokens at this model's activation size for the blocks the loss runs (a shallow `--layers`
+///   saves fewer blocks' activations), and its pixels at the native size, where the engine
+///   keeps its images ([`prm::gpu::engine::auto_batch_memory`]);
+/// - a token budget, capped at the token count where larger batches stopped paying (and at
+///   `--batch-tokens`) ([`prm::gpu::engine::auto_batch_tokens`]);
+/// - room in images for twice as many images of the nominal size (`--resolution`, else the
+///   model's) as the token budget holds.
+///
+/// A batch that still runs out of memory is retried in halves by the campaign.
 fn auto_batch_limits(
     dev: &Device,
     model: &Model,
     blocks: usize,
     resolution: Resolution,
     batch_tokens: Option<usize>,
-) -> Result<(usize, Option<usize>), prm::gpu::GpuError> {
-    if dev.is_sim() {
-        return Ok((1, batch_tokens));
-    }
+) -> Result<BatchLimits, prm::gpu::GpuError> {
+    let Some(free) = dev.free_memory()? else {
+        // The simulator, unbounded.
+        return Ok(BatchLimits {
+            images: 1,
+            tokens: batch_tokens,
+            memory: None,
+        });
+    };
     let side = match resolution {
         Resolution::Native => model.config.image_size(),
         Resolution::Fixed(n) => n,
     };
     let grid = side / model.config.patch;
-    let free = dev.free_memory()?.unwrap_or(0);
     let mut tokens = prm::gpu::engine::auto_batch_tokens(free, &model.config, blocks);
     if let Some(cap) = batch_tokens {
         tokens = tokens.min(cap);
     }
     let images = (tokens / (grid * grid + 1)).max(1) * 2;
-    Ok((images, Some(tokens)))
+    let memory = prm::gpu::engine::auto_batch_memory(free, &model.config, blocks);
+    Ok(BatchLimits {
+        images,
+        tokens: Some(tokens),
+        memory: Some(memory),
+    })
 }
 
 pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
@@ -337,6 +361,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     let output = OutputOptions {
         batch_size: fixed_batch.unwrap_or(1),
         batch_tokens,
+        batch_memory: None,
         dir: args.output.clone(),
         save_float: args.save_float,
         layout,
@@ -357,6 +382,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
                 engine: ReferenceVit::new(&model),
                 batch_size: fixed_batch.unwrap_or(1),
                 batch_tokens,
+                batch_memory: None,
                 name: "cpu".into(),
             })
         };
@@ -371,8 +397,12 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
                 device: dev.name(),
                 source: source.into(),
             };
-            let (batch_size, batch_tokens) = match fixed_batch {
-                Some(n) => (n, batch_tokens),
+            let limits = match fixed_batch {
+                Some(n) => BatchLimits {
+                    images: n,
+                    tokens: batch_tokens,
+                    memory: None,
+                },
                 None => {
                     let blocks = objective.blocks_needed();
                     auto_batch_limits(dev, &model, blocks, settings.resolution, batch_tokens)
@@ -386,8 +416,9 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(Worker {
                 engine,
-                batch_size,
-                batch_tokens,
+                batch_size: limits.images,
+                batch_tokens: limits.tokens,
+                batch_memory: limits.memory,
                 name: dev.name(),
             })
         };

@@ -172,6 +172,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     peak = peak.max(Some(used));
                 }
             })?;
+            // The simulator counts its true peak, between the samples above too.
+            peak = peak.max(dev.memory_peak());
             stats_after = HostStats::now();
             let g = engine.graph_stats();
             if precision == Precision::Bf16 {

@@ -6,6 +6,10 @@
 //! (every CUDA device), `cuda:0,1,...`, and `sim:N` (N simulated devices: no faster than one,
 //! since the simulator runs one launch at a time, but it runs the whole multi-device pipeline
 //! without a GPU).
+//!
+//! `PRM_SIM_MEMORY=BYTES` (e.g. `512M`) makes each simulated device stand in for a GPU with that
+//! much memory: `--batch-size auto` sizes batches from what is left of it, and an allocation
+//! beyond it fails as on a full GPU (see `prm::gpu::sim_memory`).
 
 use anyhow::bail;
 use prm::gpu::engine::Precision;
@@ -22,6 +26,17 @@ pub fn choose_device(device: &str, precision: &str) -> anyhow::Result<(Option<De
             "--device {device} names {n} devices, but this command runs on one: use cuda:N or \
              sim (several devices at once are for prm attack)"
         ),
+    }
+}
+
+/// A simulator device, with the memory `PRM_SIM_MEMORY` gives it when set.
+fn sim_device() -> anyhow::Result<Device> {
+    match std::env::var("PRM_SIM_MEMORY") {
+        Ok(text) => match prm::gpu::sim_memory::parse_bytes(&text) {
+            Ok(bytes) => Ok(Device::sim_with_memory(bytes)),
+            Err(e) => bail!("PRM_SIM_MEMORY: {e}"),
+        },
+        Err(_) => Ok(Device::sim()),
     }
 }
 
@@ -45,7 +60,7 @@ pub fn choose_devices(device: &str, precision: &str) -> anyhow::Result<(Vec<Devi
                 }
             }
         }
-        "sim" => vec![Device::sim()],
+        "sim" => vec![sim_device()?],
         "cuda" => vec![Device::cuda(0)?],
         "cuda:all" => {
             let count = prm::gpu::cuda::device_count();
@@ -59,7 +74,9 @@ pub fn choose_devices(device: &str, precision: &str) -> anyhow::Result<(Vec<Devi
         d => {
             if let Some(n) = d.strip_prefix("sim:") {
                 match n.parse::<usize>() {
-                    Ok(n) if (1..=64).contains(&n) => (0..n).map(|_| Device::sim()).collect(),
+                    Ok(n) if (1..=64).contains(&n) => {
+                        (0..n).map(|_| sim_device()).collect::<Result<_, _>>()?
+                    }
                     _ => bail!(
                         "--device {d}: sim:N takes a number of simulated devices from 1 to 64"
                     ),

@@ -4,6 +4,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use super::graph::{CaptureSlot, SimOp, SimPtr};
+use super::sim_memory::SimMemory;
 use super::timeline::{OpKind, TimelineSlot};
 use super::{cuda, sim};
 
@@ -80,13 +81,15 @@ pub(crate) enum Backend {
 }
 
 /// What a simulator device was made with.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub(crate) struct SimOptions {
     /// The schedule of its launches (`None`: `PRM_SIM_SCHEDULE`).
     pub(crate) schedule: Option<sim::Schedule>,
     /// The most dynamic shared memory a block may ask for, as a GPU's per-block opt-in limit
     /// (`None`: the simulator's own, an H100's 227 KiB, which it does not report).
     pub(crate) shared_per_block: Option<u32>,
+    /// Its memory accounting, and the total it pretends to have ([`Device::sim_with_memory`]).
+    pub(crate) memory: Arc<SimMemory>,
 }
 
 /// What a new allocation holds.
@@ -116,6 +119,8 @@ pub(crate) enum Memory {
         ptr: *mut u8,
         bytes: usize,
         guard: sim::Guard,
+        /// The device's accounting, which the bytes go back to.
+        meter: Arc<SimMemory>,
     },
     Cuda(cuda::CudaMemory),
 }
@@ -126,11 +131,18 @@ unsafe impl Sync for Memory {}
 
 impl Drop for Memory {
     fn drop(&mut self) {
-        if let Memory::Host { ptr, bytes, guard } = self {
+        if let Memory::Host {
+            ptr,
+            bytes,
+            guard,
+            meter,
+        } = self
+        {
             super::graph::unregister_allocation(*ptr as u64);
             // SAFETY: allocated by `sim::alloc(bytes, guard)` in `Device::alloc`, freed once
             // here.
             unsafe { sim::free(*ptr, *bytes, *guard) };
+            meter.release(*bytes);
         }
     }
 }
@@ -384,6 +396,18 @@ impl Device {
         })
     }
 
+    /// The simulator standing in for a GPU with `bytes` of device memory: its buffers count
+    /// against it, [`Device::free_memory`] reports what is left (so `--batch-size auto` sizes
+    /// batches from it as on a GPU), and an allocation beyond it fails with
+    /// [`GpuError::OutOfMemory`], wherever in the engine it happens (see
+    /// [`sim_memory`](super::sim_memory)).
+    pub fn sim_with_memory(bytes: usize) -> Device {
+        Device::sim_backend(SimOptions {
+            memory: Arc::new(SimMemory::new(Some(bytes))),
+            ..SimOptions::default()
+        })
+    }
+
     fn sim_backend(options: SimOptions) -> Device {
         Device {
             backend: Arc::new(Backend::Sim(options)),
@@ -413,7 +437,7 @@ impl Device {
     /// The schedule a simulator device was made with ([`Device::sim_with_schedule`]); `None` for
     /// [`Device::sim`] (which follows `PRM_SIM_SCHEDULE`) and for CUDA devices.
     pub fn sim_schedule(&self) -> Option<sim::Schedule> {
-        match *self.backend {
+        match &*self.backend {
             Backend::Sim(options) => options.schedule,
             Backend::Cuda(_) => None,
         }
@@ -429,6 +453,9 @@ impl Device {
                 }
                 if let Some(bytes) = options.shared_per_block {
                     name.push_str(&format!(", {bytes} bytes of shared memory a block"));
+                }
+                if let Some(bytes) = options.memory.limit() {
+                    name.push_str(&format!(", {bytes} bytes of device memory"));
                 }
                 name + ")"
             }
@@ -457,12 +484,19 @@ impl Device {
         let mem = match &*self.backend {
             Backend::Sim(options) => {
                 let (size, guard) = (bytes.max(1), sim::Guard::of(options.schedule));
-                let ptr = sim::alloc(size, guard).ok_or(GpuError::OutOfMemory { bytes })?;
+                if !options.memory.reserve(size) {
+                    return Err(GpuError::OutOfMemory { bytes });
+                }
+                let Some(ptr) = sim::alloc(size, guard) else {
+                    options.memory.release(size);
+                    return Err(GpuError::OutOfMemory { bytes });
+                };
                 super::graph::register_allocation(ptr as u64);
                 Memory::Host {
                     ptr,
                     bytes: size,
                     guard,
+                    meter: options.memory.clone(),
                 }
             }
             Backend::Cuda(c) => Memory::Cuda(match fill {
@@ -766,10 +800,11 @@ impl Device {
     }
 
     /// Device memory in use by every process on the device, in bytes (total − free, which
-    /// includes what stream-ordered pools keep reserved); `None` under the simulator.
+    /// includes what stream-ordered pools keep reserved); under the simulator, the bytes this
+    /// device's buffers hold.
     pub fn memory_in_use(&self) -> Result<Option<usize>, GpuError> {
         match &*self.backend {
-            Backend::Sim(_) => Ok(None),
+            Backend::Sim(options) => Ok(Some(options.memory.used())),
             Backend::Cuda(c) => {
                 let (free, total) = c.free_memory()?;
                 Ok(Some(total.saturating_sub(free)))
@@ -787,11 +822,29 @@ impl Device {
         }
     }
 
-    /// Free device memory in bytes; `None` under the simulator.
+    /// Free device memory in bytes; under the simulator, what is left of the memory it was made
+    /// with ([`Device::sim_with_memory`]), `None` without one.
     pub fn free_memory(&self) -> Result<Option<usize>, GpuError> {
         match &*self.backend {
-            Backend::Sim(_) => Ok(None),
+            Backend::Sim(options) => Ok(options.memory.free()),
             Backend::Cuda(c) => Ok(Some(c.free_memory()?.0)),
+        }
+    }
+
+    /// The most bytes this simulator device's buffers have held at once, since it was made or
+    /// since [`Device::reset_memory_peak`]; `None` on CUDA (where the bench samples
+    /// [`Device::memory_in_use`] instead).
+    pub fn memory_peak(&self) -> Option<usize> {
+        match &*self.backend {
+            Backend::Sim(options) => Some(options.memory.peak()),
+            Backend::Cuda(_) => None,
+        }
+    }
+
+    /// Starts [`Device::memory_peak`] afresh from what is held now.
+    pub fn reset_memory_peak(&self) {
+        if let Backend::Sim(options) = &*self.backend {
+            options.memory.reset_peak();
         }
     }
 

@@ -17,6 +17,7 @@ pub mod host_stats;
 pub mod kernels;
 pub mod pool;
 pub mod sim;
+pub mod sim_memory;
 pub mod staging;
 pub mod timeline;
 

@@ -200,7 +200,7 @@ impl BufferPool {
         // a cached buffer holds its last user's values, so the simulator poisons it here.
         let (mut buf, poison) = match cached {
             Some(b) => (b, self.dev.is_sim()),
-            None => (self.dev.alloc_undefined(class)?, false),
+            None => (self.allocate(class)?, false),
         };
         buf.set_len(len);
         let mut pooled = Pooled {
@@ -212,6 +212,35 @@ impl BufferPool {
             self.dev.poison(&mut pooled)?;
         }
         Ok(pooled)
+    }
+
+    /// A new buffer of `class` elements. When the device is out of memory while the free lists
+    /// hold buffers (of other size classes: a new geometry's), they are freed and the
+    /// allocation is tried once more, as a caching allocator must: otherwise memory the pool
+    /// holds for nobody would fail the batch. Not while returns are kept for a capture: the
+    /// capture needs them, and without them it would fail and the engine would run without
+    /// graphs from then on; the out-of-memory error makes the campaign retry in smaller
+    /// batches instead.
+    fn allocate(&self, class: usize) -> Result<Buffer<f32>, GpuError> {
+        match self.dev.alloc_undefined(class) {
+            Err(GpuError::OutOfMemory { .. }) if self.releasable() => {
+                self.release();
+                self.dev.alloc_undefined(class)
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the free lists hold memory that [`Self::allocate`] may free.
+    fn releasable(&self) -> bool {
+        self.free
+            .lock()
+            .is_ok_and(|f| f.bytes > 0 && !f.keep_returns)
+    }
+
+    /// Bytes held in the free lists.
+    pub fn cached_bytes(&self) -> usize {
+        self.free.lock().map_or(0, |f| f.bytes)
     }
 
     /// Bounds the bytes kept in the free lists (default 4 GiB); buffers returned beyond it
