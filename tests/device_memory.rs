@@ -3,6 +3,8 @@
 //! lose no image and change no bit (the out-of-memory error then comes from wherever in the
 //! engine an allocation fails, not from a test double at the engine's door).
 
+mod common;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -13,6 +15,8 @@ use prm::gpu::pool::BufferPool;
 use prm::gpu::{Device, GpuError};
 use prm::io::{list_inputs, InputItem};
 use prm::model::Model;
+
+use common::write_image;
 
 #[test]
 fn a_simulator_with_memory_counts_its_buffers_and_refuses_past_its_total() {
@@ -67,19 +71,6 @@ fn the_pool_frees_its_cache_when_the_device_is_full() {
     assert_eq!(b.len(), 100_000);
     assert_eq!(pool.cached_bytes(), 0);
     assert_eq!(dev.memory_in_use().unwrap(), Some(458_752));
-}
-
-/// A noisy RGB image.
-fn write_image(path: &Path, w: u32, h: u32, seed: u32) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    let img = ::image::RgbImage::from_fn(w, h, |x, y| {
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        ::image::Rgb([(x * 7 + y) as u8, (state >> 8) as u8, (state >> 16) as u8])
-    });
-    img.save(path).unwrap();
 }
 
 /// Inputs of the given sizes (sides no multiple of the patch among them).

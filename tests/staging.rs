@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{attack_images, devices, small_model, Draw};
+use common::{attack_images, devices, small_model, write_image, Draw};
 use prm::attack::image::Starts;
 use prm::attack::*;
 use prm::gpu::engine::GpuVit;
@@ -240,19 +240,6 @@ fn an_attack_on_staged_clean_images_matches_a_plain_upload() {
             assert_eq!(p.loss_initial.to_bits(), s.loss_initial.to_bits());
         }
     }
-}
-
-/// A noisy RGB image of `w`×`h`.
-fn write_image(path: &std::path::Path, w: u32, h: u32, seed: u32) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    let img = ::image::RgbImage::from_fn(w, h, |x, y| {
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        ::image::Rgb([(x * 7 + y) as u8, (state >> 8) as u8, (state >> 16) as u8])
-    });
-    img.save(path).unwrap();
 }
 
 /// Six inputs of awkward sizes, one corrupt (a per-image failure inside a staged batch).

@@ -654,25 +654,17 @@ fn engine_worker<E: Engine>(
             phases: None,
         };
         let finished = match attacked {
-            Ok(BatchResult::OutOfMemory) if chunk.len() > 1 => {
+            Ok(BatchResult::OutOfMemory) if chunk.len() > 1 || !retried_alone => {
                 engine.release_cached_memory();
-                size = (chunk.len() / 2).max(1);
-                progress.batch_shrunk(size, reported.get());
-                timing.out_of_memory = true;
-                timing.queued_at = timing.engine_done_at;
-                if let Some(t) = run.timeline {
-                    t.batch(timing);
+                if chunk.len() > 1 {
+                    size = (chunk.len() / 2).max(1);
+                    progress.batch_shrunk(size, reported.get());
+                } else {
+                    // Memory the engine's caches held (buffers of earlier geometries, staged
+                    // inputs) may be what was missing: with them freed, the image runs once
+                    // more.
+                    retried_alone = true;
                 }
-                for c in chunk.into_iter().rev() {
-                    held.push_front(c);
-                }
-                continue;
-            }
-            Ok(BatchResult::OutOfMemory) if !retried_alone => {
-                // Memory the engine's caches held (buffers of earlier geometries, staged
-                // inputs) may be what was missing: free them and try the image once more.
-                engine.release_cached_memory();
-                retried_alone = true;
                 timing.out_of_memory = true;
                 timing.queued_at = timing.engine_done_at;
                 if let Some(t) = run.timeline {

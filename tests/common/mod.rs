@@ -183,3 +183,16 @@ pub fn objective(
     )
     .unwrap()
 }
+
+/// A noisy RGB image file (noise makes PNG encoding do real work).
+pub fn write_image(path: &std::path::Path, w: u32, h: u32, seed: u32) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    let img = ::image::RgbImage::from_fn(w, h, |x, y| {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        ::image::Rgb([(x * 7 + y) as u8, (state >> 8) as u8, (state >> 16) as u8])
+    });
+    img.save(path).unwrap();
+}
