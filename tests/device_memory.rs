@@ -146,6 +146,15 @@ impl Case {
             self.name,
             dev.name()
         );
+        // Running out of memory must not cost a capture (one that fails for want of the
+        // buffers its warm-up step kept is redone, and a second failure turns graphs off).
+        assert_eq!(
+            engine.graph_stats().failures,
+            0,
+            "{}: a capture failed on {}",
+            self.name,
+            dev.name()
+        );
         (
             dev.memory_peak().unwrap() - weights,
             shrinks.0.load(Ordering::SeqCst),

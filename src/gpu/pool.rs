@@ -218,9 +218,9 @@ impl BufferPool {
     /// hold buffers (of other size classes: a new geometry's), they are freed and the
     /// allocation is tried once more, as a caching allocator must: otherwise memory the pool
     /// holds for nobody would fail the batch. Not while returns are kept for a capture: the
-    /// capture needs them, and without them it would fail and the engine would run without
-    /// graphs from then on; the out-of-memory error makes the campaign retry in smaller
-    /// batches instead.
+    /// capture needs them (without them it fails, the step is warmed up and captured again,
+    /// and a second failure turns graphs off); the out-of-memory error makes the campaign
+    /// retry in smaller batches instead.
     fn allocate(&self, class: usize) -> Result<Buffer<f32>, GpuError> {
         match self.dev.alloc_undefined(class) {
             Err(GpuError::OutOfMemory { .. }) if self.releasable() => {
