@@ -409,15 +409,27 @@ fn campaigns_on_a_small_gpu_lose_no_image_and_change_no_bit() {
 #[test]
 fn auto_batches_fit_a_small_gpu_without_running_out_of_memory() {
     let tmp = tempfile::tempdir().unwrap();
-    for (name, memory, sizes, resolution, most) in [
-        ("small images", "24M", vec![(64, 48); 6], "native", 6),
+    for (k, (name, device, memory, sizes, resolution, most)) in [
+        ("small images", "sim", "24M", vec![(64, 48); 6], "native", 6),
         // 5 tokens each at 32 px, but 60,000 native pixels: two a batch fit in 20 MiB.
-        ("large images at 32 px", "20M", vec![(300, 200); 6], "32", 2),
-    ] {
-        let input = tmp.path().join(format!("in-{memory}"));
+        (
+            "large images at 32 px",
+            "sim",
+            "20M",
+            vec![(300, 200); 6],
+            "32",
+            2,
+        ),
+        // Each simulated device has the memory: two workers, each sizing its own batches.
+        ("two devices", "sim:2", "20M", vec![(300, 200); 6], "32", 2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let input = tmp.path().join(format!("in{k}"));
         inputs(&input, &sizes);
-        let out = tmp.path().join(format!("out-{memory}"));
-        let profile = tmp.path().join(format!("profile-{memory}.json"));
+        let out = tmp.path().join(format!("out{k}"));
+        let profile = tmp.path().join(format!("profile{k}.json"));
         let run = std::process::Command::new(env!("CARGO_BIN_EXE_prm"))
             .args([
                 "attack",
@@ -430,7 +442,7 @@ fn auto_batches_fit_a_small_gpu_without_running_out_of_memory() {
             ])
             .args([
                 "--device",
-                "sim",
+                device,
                 "--precision",
                 "bf16",
                 "--batch-size",
