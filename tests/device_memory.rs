@@ -475,3 +475,56 @@ fn auto_batches_fit_a_small_gpu_without_running_out_of_memory() {
         assert_eq!(images.iter().max(), Some(&most), "{name}: {images:?}");
     }
 }
+
+/// `--batch-size auto` sizes batches from the memory left once the weights are on the device:
+/// ViT-B/32's bf16 weights are nearly all of this simulated GPU (5 MiB more), so a budget
+/// taken before they were uploaded would put eight images in a batch, which does not fit.
+#[test]
+fn auto_batches_are_sized_from_the_memory_the_weights_leave() {
+    let model = Model::load("random:vit-b-32").unwrap();
+    let weights = {
+        let dev = Device::sim();
+        let _engine = GpuVit::new_with_precision(&dev, &model, Precision::Bf16).unwrap();
+        dev.memory_in_use().unwrap().unwrap()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    inputs(&input, &[(64, 64); 12]);
+    let profile = tmp.path().join("profile.json");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_prm"))
+        .args(["attack", "--model", "random:vit-b-32", "--preset", "pgd"])
+        .args([
+            "--steps",
+            "1",
+            "--device",
+            "sim",
+            "--precision",
+            "bf16",
+            "-q",
+        ])
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(tmp.path().join("out"))
+        .arg(format!("--profile={}", profile.display()))
+        .env("PRM_SIM_MEMORY", (weights + (5 << 20)).to_string())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let profile: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap();
+    let batches = profile["batches"].as_array().unwrap();
+    let images: Vec<u64> = batches
+        .iter()
+        .map(|b| b["images"].as_u64().unwrap())
+        .collect();
+    assert!(
+        batches.iter().all(|b| b["out_of_memory"] == false),
+        "a batch ran out of memory: {images:?}"
+    );
+    assert_eq!(images.iter().sum::<u64>(), 12, "{images:?}");
+}

@@ -389,7 +389,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         campaign.run_on_workers(1, &model, worker, progress, &interrupted)
     } else {
         // One engine worker per device, built on its own thread: weights upload and, with
-        // --batch-size auto, the batch size from that device's free memory.
+        // --batch-size auto, the batch size from the memory the weights leave on that device.
         let worker = |w: usize| {
             let dev = &devices[w];
             let setup = |source: prm::gpu::GpuError| CampaignError::WorkerSetup {
@@ -397,6 +397,8 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
                 device: dev.name(),
                 source: source.into(),
             };
+            // The weights first: auto batches are sized from the memory they leave.
+            let engine = GpuVit::new_with_precision(dev, &model, precision).map_err(setup)?;
             let limits = match fixed_batch {
                 Some(n) => BatchLimits {
                     images: n,
@@ -409,7 +411,6 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
                         .map_err(setup)?
                 }
             };
-            let engine = GpuVit::new_with_precision(dev, &model, precision).map_err(setup)?;
             if args.device_timeline.is_some() {
                 // After the weights' upload: the run's own work from here on.
                 dev.start_timeline().map_err(setup)?;
