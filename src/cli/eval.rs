@@ -141,7 +141,10 @@ fn load_classes(
             prompt_templates()
         };
         let encoder: Box<dyn TextEncoder + '_> = match dev {
-            Some(d) => Box::new(GpuText::new(d, &tower, precision)?),
+            Some(d) => Box::new(
+                GpuText::new(d, &tower, precision)
+                    .with_context(|| format!("cannot load the text tower onto {}", d.name()))?,
+            ),
             None => Box::new(ReferenceText(&tower)),
         };
         embed_class_names(&names, encoder.as_ref(), &tokenizer, &templates)?
@@ -229,7 +232,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let engine: Box<dyn EvalEngine + '_> = match &dev {
-        Some(d) => Box::new(GpuTargets::new(d, &model, precision)?),
+        Some(d) => Box::new(
+            GpuTargets::new(d, &model, precision)
+                .with_context(|| format!("cannot load the model onto {}", d.name()))?,
+        ),
         None => Box::new(ReferenceTargets::new(&model)),
     };
     let total = prm::io::list_inputs(&args.clean, None)?.items.len();

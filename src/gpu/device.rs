@@ -31,7 +31,7 @@ pub enum GpuError {
     Sim { kernel: String, message: String },
     #[error("unknown kernel {0} (not compiled into this build)")]
     UnknownKernel(String),
-    #[error("out of device memory allocating {bytes} bytes; lower --batch-size")]
+    #[error("out of device memory allocating {bytes} bytes: attack or evaluate fewer or smaller images at a time (--batch-size, --resolution), or use a device with more memory")]
     OutOfMemory { bytes: usize },
     #[error("invalid device '{0}': use auto, cpu, cuda, cuda:N or sim")]
     BadSpec(String),
