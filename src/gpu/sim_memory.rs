@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// The accounting of one simulator device, shared by its buffers (each releases its bytes when
 /// dropped).
 #[derive(Debug, Default)]
-pub struct SimMemory {
+pub(crate) struct SimMemory {
     /// The memory the device pretends to have; `None`: unbounded (the host's).
     limit: Option<usize>,
     used: AtomicUsize,
