@@ -472,6 +472,11 @@ fn auto_batches_fit_a_small_gpu_without_running_out_of_memory() {
             "{name}: a batch ran out of memory: {images:?}"
         );
         assert_eq!(images.iter().sum::<u64>(), 6, "{name}: {images:?}");
+        // The profile says what bounded the batches.
+        for w in profile["workers"].as_array().unwrap() {
+            let budget = w["batch_memory_bytes"].as_u64().unwrap_or(0);
+            assert!(budget > 0 && budget < 20 << 20, "{name}: {w}");
+        }
         assert_eq!(images.iter().max(), Some(&most), "{name}: {images:?}");
     }
 }

@@ -921,6 +921,8 @@ pub(super) fn run_here<E: Engine>(
                 worker: 0,
                 device: "engine".into(),
                 batch_size,
+                batch_tokens: run.output.batch_tokens,
+                batch_memory_bytes: run.output.batch_memory.map(|m| m.bytes),
                 ready_at: t.now(),
             });
         }
@@ -1010,6 +1012,8 @@ where
                                 worker: w,
                                 device: worker.name.clone(),
                                 batch_size: worker.batch_size,
+                                batch_tokens: worker.batch_tokens,
+                                batch_memory_bytes: worker.batch_memory.map(|m| m.bytes),
                                 ready_at: t.now(),
                             });
                         }

@@ -117,6 +117,10 @@ pub struct WorkerTiming {
     pub worker: usize,
     pub device: String,
     pub batch_size: usize,
+    /// The worker's token budget per batch, if any.
+    pub batch_tokens: Option<usize>,
+    /// The worker's device-memory budget per batch in bytes, if any (`--batch-size auto`).
+    pub batch_memory_bytes: Option<usize>,
     /// The engine was ready (weights on the device).
     pub ready_at: f64,
 }
@@ -149,6 +153,8 @@ pub struct WorkerSummary {
     pub worker: usize,
     pub device: String,
     pub batch_size: usize,
+    pub batch_tokens: Option<usize>,
+    pub batch_memory_bytes: Option<usize>,
     pub batches: usize,
     pub images: usize,
     /// Weights upload and set-up, from the start of the run.
@@ -261,6 +267,8 @@ impl Timeline {
                         worker: w.worker,
                         device: w.device.clone(),
                         batch_size: w.batch_size,
+                        batch_tokens: w.batch_tokens,
+                        batch_memory_bytes: w.batch_memory_bytes,
                         batches: mine.iter().filter(|b| !b.out_of_memory).count(),
                         images: mine
                             .iter()
@@ -346,13 +354,13 @@ impl Timeline {
         );
         for w in &s.workers {
             out += &format!(
-                "  worker {} ({}, batch size {}): set-up {:.3} s; {} batch(es), {} image(s); \
+                "  worker {} ({}, batches of {}): set-up {:.3} s; {} batch(es), {} image(s); \
                  engine busy {:.1}% of wall time ({:.1}% while it had work, {:.3} s); waited \
                  for decoded input {:.3} s in total, {:.3} s after its first batch; waited for \
                  the writer {:.3} s\n",
                 w.worker,
                 w.device,
-                w.batch_size,
+                batch_limits(w),
                 w.setup_seconds,
                 w.batches,
                 w.images,
@@ -401,4 +409,22 @@ impl Timeline {
             })
         })
     }
+}
+
+/// A worker's limits per batch, as the summary prints them: "at most 166 image(s), 16384
+/// tokens, 61.2 GiB of device memory".
+fn batch_limits(w: &WorkerSummary) -> String {
+    let mut limits = format!("at most {} image(s)", w.batch_size);
+    if let Some(tokens) = w.batch_tokens {
+        limits += &format!(", {tokens} tokens");
+    }
+    if let Some(bytes) = w.batch_memory_bytes {
+        let (value, unit) = if bytes >= 1 << 30 {
+            (bytes as f64 / (1u64 << 30) as f64, "GiB")
+        } else {
+            (bytes as f64 / (1u64 << 20) as f64, "MiB")
+        };
+        limits += &format!(", {value:.1} {unit} of device memory");
+    }
+    limits
 }
