@@ -166,7 +166,7 @@ impl Case {
         let blocks = self.objective().blocks_needed();
         let budget = MemoryBudget {
             bytes: usize::MAX,
-            per_token: step_bytes_per_token(&self.model.config, blocks),
+            per_token: step_bytes_per_token(&self.model.config, blocks, self.precision),
             per_native_pixel: NATIVE_PIXEL_BYTES,
         };
         let p = self.model.config.patch;

@@ -191,6 +191,7 @@ fn auto_batch_limits(
     blocks: usize,
     resolution: Resolution,
     batch_tokens: Option<usize>,
+    precision: Precision,
 ) -> Result<BatchLimits, prm::gpu::GpuError> {
     let Some(free) = dev.free_memory()? else {
         // The simulator, unbounded.
@@ -205,12 +206,12 @@ fn auto_batch_limits(
         Resolution::Fixed(n) => n,
     };
     let grid = side / model.config.patch;
-    let mut tokens = prm::gpu::engine::auto_batch_tokens(free, &model.config, blocks);
+    let mut tokens = prm::gpu::engine::auto_batch_tokens(free, &model.config, blocks, precision);
     if let Some(cap) = batch_tokens {
         tokens = tokens.min(cap);
     }
     let images = (tokens / (grid * grid + 1)).max(1) * 2;
-    let memory = prm::gpu::engine::auto_batch_memory(free, &model.config, blocks);
+    let memory = prm::gpu::engine::auto_batch_memory(free, &model.config, blocks, precision);
     Ok(BatchLimits {
         images,
         tokens: Some(tokens),
@@ -407,8 +408,15 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
                 },
                 None => {
                     let blocks = objective.blocks_needed();
-                    auto_batch_limits(dev, &model, blocks, settings.resolution, batch_tokens)
-                        .map_err(setup)?
+                    auto_batch_limits(
+                        dev,
+                        &model,
+                        blocks,
+                        settings.resolution,
+                        batch_tokens,
+                        precision,
+                    )
+                    .map_err(setup)?
                 }
             };
             if args.device_timeline.is_some() {

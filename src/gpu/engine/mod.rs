@@ -613,14 +613,24 @@ fn fused_loss_by_default() -> bool {
 /// residual, MLP pre-activation, LayerNorm statistics, features), or the evaluation's features
 /// of every layer where that is more, the clean features, the largest transients of the
 /// backward, and [`WORKING_IMAGES`] images at the working size (a token's patch of pixels
-/// each), in fp32, plus 30% for the buffer pool's size classes. ViT-B/16 at 224 px, every
-/// block: 130 MB per image (measured peak on an H100 at batch 64: 100 MB per image). The
-/// simulator measures what the engine allocates and `tests/device_memory.rs` checks that this
-/// covers it.
-pub fn step_bytes_per_token(config: &crate::model::VisionConfig, blocks: usize) -> usize {
+/// each), in fp32 but for what the bf16 engine keeps in bf16 (q|k|v and the MLP
+/// pre-activation), plus 30% for the buffer pool's size classes. ViT-B/16 at 224 px, every
+/// block: 130 MB per image in fp32, 97 MB in bf16 (measured peak on an H100 at batch 64,
+/// 2026-11: 100 MB per image). The simulator measures what the engine allocates and
+/// `tests/device_memory.rs` checks that this covers it.
+pub fn step_bytes_per_token(
+    config: &crate::model::VisionConfig,
+    blocks: usize,
+    precision: Precision,
+) -> usize {
     let (d, m, l) = (config.width, config.mlp, config.layers);
     let heads = d.div_ceil(64);
-    let saved = blocks.min(l) * (3 * d + d + heads + d + m + 4 + d);
+    // In fp32 elements: a bf16 tensor counts half.
+    let (qkv, hidden) = match precision {
+        Precision::Fp32 => (3 * d, m),
+        Precision::Bf16 => ((3 * d).div_ceil(2), m.div_ceil(2)),
+    };
+    let saved = blocks.min(l) * (qkv + d + heads + d + hidden + 4 + d);
     // The final evaluation runs every block without saving, holding F_0..F_L.
     let evaluated = (l + 1) * d;
     let clean = (l + 1) * d;
@@ -651,10 +661,11 @@ pub fn auto_batch_memory(
     free_bytes: usize,
     config: &crate::model::VisionConfig,
     blocks: usize,
+    precision: Precision,
 ) -> crate::attack::campaign::MemoryBudget {
     crate::attack::campaign::MemoryBudget {
         bytes: free_bytes / 5 * 4,
-        per_token: step_bytes_per_token(config, blocks),
+        per_token: step_bytes_per_token(config, blocks, precision),
         per_native_pixel: NATIVE_PIXEL_BYTES,
     }
 }
@@ -671,8 +682,9 @@ pub fn auto_batch_tokens(
     free_bytes: usize,
     config: &crate::model::VisionConfig,
     blocks: usize,
+    precision: Precision,
 ) -> usize {
-    let by_memory = free_bytes / 5 * 4 / step_bytes_per_token(config, blocks).max(1);
+    let by_memory = free_bytes / 5 * 4 / step_bytes_per_token(config, blocks, precision).max(1);
     by_memory.clamp(1, AUTO_BATCH_TOKENS)
 }
 
@@ -682,35 +694,52 @@ mod auto_batch_tests {
     use crate::model::builtin_config;
 
     #[test]
-    fn vit_b_16_needs_about_130_mb_per_224_px_image() {
+    fn vit_b_16_needs_about_130_mb_per_224_px_image_in_fp32_and_less_in_bf16() {
         let c = builtin_config("vit-b-16").unwrap();
-        let per_image = 197 * step_bytes_per_token(&c, c.layers);
+        let bf16 = 197 * step_bytes_per_token(&c, c.layers, Precision::Bf16);
+        assert!((85 << 20..100 << 20).contains(&bf16), "{bf16}");
+        let per_image = 197 * step_bytes_per_token(&c, c.layers, Precision::Fp32);
         assert!((115 << 20..145 << 20).contains(&per_image), "{per_image}");
-        assert_eq!(step_bytes_per_token(&c, c.layers + 5), per_image / 197);
+        assert_eq!(
+            step_bytes_per_token(&c, c.layers + 5, Precision::Fp32),
+            per_image / 197
+        );
     }
 
     #[test]
     fn a_shallow_loss_needs_less_but_never_less_than_the_evaluation() {
         let c = builtin_config("vit-b-16").unwrap();
-        let all = step_bytes_per_token(&c, c.layers);
-        let three = step_bytes_per_token(&c, 3);
+        let all = step_bytes_per_token(&c, c.layers, Precision::Fp32);
+        let three = step_bytes_per_token(&c, 3, Precision::Fp32);
         assert!(three * 2 < all, "{three} against {all}");
         // Below a block or so, the final evaluation's F_0..F_L (no saved activations) bind.
-        assert_eq!(step_bytes_per_token(&c, 0), step_bytes_per_token(&c, 1));
-        assert!(step_bytes_per_token(&c, 2) > step_bytes_per_token(&c, 1));
+        assert_eq!(
+            step_bytes_per_token(&c, 0, Precision::Fp32),
+            step_bytes_per_token(&c, 1, Precision::Fp32)
+        );
+        assert!(
+            step_bytes_per_token(&c, 2, Precision::Fp32)
+                > step_bytes_per_token(&c, 1, Precision::Fp32)
+        );
     }
 
     #[test]
     fn auto_batch_tokens_is_bounded_by_memory_and_by_the_cap() {
         let c = builtin_config("vit-b-16").unwrap();
         let l = c.layers;
-        assert_eq!(auto_batch_tokens(80 << 30, &c, l), AUTO_BATCH_TOKENS);
-        let per_token = step_bytes_per_token(&c, l);
         assert_eq!(
-            auto_batch_tokens(1 << 30, &c, l),
+            auto_batch_tokens(80 << 30, &c, l, Precision::Fp32),
+            AUTO_BATCH_TOKENS
+        );
+        let per_token = step_bytes_per_token(&c, l, Precision::Fp32);
+        assert_eq!(
+            auto_batch_tokens(1 << 30, &c, l, Precision::Fp32),
             (1usize << 30) / 5 * 4 / per_token
         );
-        assert!(auto_batch_tokens(1 << 30, &c, 3) > 2 * auto_batch_tokens(1 << 30, &c, l));
-        assert_eq!(auto_batch_tokens(0, &c, l), 1);
+        assert!(
+            auto_batch_tokens(1 << 30, &c, 3, Precision::Fp32)
+                > 2 * auto_batch_tokens(1 << 30, &c, l, Precision::Fp32)
+        );
+        assert_eq!(auto_batch_tokens(0, &c, l, Precision::Fp32), 1);
     }
 }
