@@ -460,17 +460,7 @@ fn auto_batches_fit_a_small_gpu_without_running_out_of_memory() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert!(run.status.success(), "{name}: {stderr}");
-        let profile: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap();
-        let batches = profile["batches"].as_array().unwrap();
-        let images: Vec<u64> = batches
-            .iter()
-            .map(|b| b["images"].as_u64().unwrap())
-            .collect();
-        assert!(
-            batches.iter().all(|b| b["out_of_memory"] == false),
-            "{name}: a batch ran out of memory: {images:?}"
-        );
+        let (profile, images) = batches_without_running_out(&profile, name);
         assert_eq!(images.iter().sum::<u64>(), 6, "{name}: {images:?}");
         // The profile says what bounded the batches.
         for w in profile["workers"].as_array().unwrap() {
@@ -520,8 +510,15 @@ fn auto_batches_are_sized_from_the_memory_the_weights_leave() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
+    let (_, images) = batches_without_running_out(&profile, "ViT-B/32");
+    assert_eq!(images.iter().sum::<u64>(), 12, "{images:?}");
+}
+
+/// A `--profile` JSON and the images of each batch in it, after checking that no batch ran out
+/// of memory.
+fn batches_without_running_out(profile: &Path, what: &str) -> (serde_json::Value, Vec<u64>) {
     let profile: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(profile).unwrap()).unwrap();
     let batches = profile["batches"].as_array().unwrap();
     let images: Vec<u64> = batches
         .iter()
@@ -529,7 +526,7 @@ fn auto_batches_are_sized_from_the_memory_the_weights_leave() {
         .collect();
     assert!(
         batches.iter().all(|b| b["out_of_memory"] == false),
-        "a batch ran out of memory: {images:?}"
+        "{what}: a batch ran out of memory: {images:?}"
     );
-    assert_eq!(images.iter().sum::<u64>(), 12, "{images:?}");
+    (profile, images)
 }
