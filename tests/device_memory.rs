@@ -8,9 +8,9 @@ mod common;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use prm::attack::campaign::{Campaign, MemoryBudget, OutputOptions, Progress};
+use prm::attack::campaign::{Campaign, OutputOptions, Progress};
 use prm::attack::*;
-use prm::gpu::engine::{step_bytes_per_token, GpuVit, Precision, NATIVE_PIXEL_BYTES};
+use prm::gpu::engine::{auto_batch_memory, GpuVit, Precision};
 use prm::gpu::pool::BufferPool;
 use prm::gpu::{Device, GpuError};
 use prm::io::{list_inputs, InputItem};
@@ -164,11 +164,8 @@ impl Case {
     /// What `--batch-size auto` budgets for all the inputs in one batch.
     fn budget(&self) -> usize {
         let blocks = self.objective().blocks_needed();
-        let budget = MemoryBudget {
-            bytes: usize::MAX,
-            per_token: step_bytes_per_token(&self.model.config, blocks, self.precision),
-            per_native_pixel: NATIVE_PIXEL_BYTES,
-        };
+        // What an image costs does not depend on the free memory.
+        let budget = auto_batch_memory(0, &self.model.config, blocks, self.precision);
         let p = self.model.config.patch;
         self.sizes
             .iter()

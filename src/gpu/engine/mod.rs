@@ -675,7 +675,8 @@ pub fn auto_batch_memory(
 pub const AUTO_BATCH_TOKENS: usize = 16_384;
 
 /// `--batch-size auto`'s token budget per batch on a GPU, for a loss that runs `blocks`
-/// blocks: the tokens that fit in 80% of `free_bytes` at [`step_bytes_per_token`], capped at
+/// blocks: the tokens that fit in [`auto_batch_memory`]'s budget (at [`step_bytes_per_token`],
+/// native pixels aside), capped at
 /// [`AUTO_BATCH_TOKENS`], at least 1 (a batch always takes one image, however large; the
 /// campaign's out-of-memory handling fails it cleanly when even that does not fit).
 pub fn auto_batch_tokens(
@@ -684,7 +685,8 @@ pub fn auto_batch_tokens(
     blocks: usize,
     precision: Precision,
 ) -> usize {
-    let by_memory = free_bytes / 5 * 4 / step_bytes_per_token(config, blocks, precision).max(1);
+    let memory = auto_batch_memory(free_bytes, config, blocks, precision);
+    let by_memory = memory.bytes / memory.per_token.max(1);
     by_memory.clamp(1, AUTO_BATCH_TOKENS)
 }
 
