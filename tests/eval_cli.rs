@@ -399,3 +399,113 @@ fn bad_input_exit_codes() {
     assert_eq!(r["failed"], 1);
     assert_eq!(r["per_image"][0]["status"], "error");
 }
+
+/// `prm eval` reads, runs the model and finishes images on three threads at once; each image's
+/// record must be the one a run over that image alone gives, in input order, failures included
+/// (a missing adversarial image and a label map of the wrong size fail when read, an image
+/// smaller than a patch in the engine).
+#[test]
+fn every_record_is_the_record_of_a_run_over_that_image_alone() {
+    let t = tempfile::tempdir().unwrap();
+    let (clean, adv, labels) = (
+        t.path().join("clean"),
+        t.path().join("adv"),
+        t.path().join("labels"),
+    );
+    let sizes = [(70, 50), (48, 81), (33, 17), (100, 64), (16, 16), (91, 40)];
+    let rels: Vec<String> = (0..21)
+        .map(|i| {
+            format!(
+                "d{}/img{i:02}.{}",
+                i % 3,
+                if i % 2 == 0 { "png" } else { "jpg" }
+            )
+        })
+        .collect();
+    for (i, rel) in rels.iter().enumerate() {
+        let (w, h) = sizes[i % sizes.len()];
+        write_image(&clean.join(rel), w, h, i as u32);
+    }
+    let o = prm(&[
+        "attack",
+        "--model",
+        "random:tiny",
+        "--input",
+        s(&clean),
+        "--output",
+        s(&adv),
+        "--preset",
+        "pgd",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // An image smaller than a patch, paired with itself: the engine refuses it.
+    let small = "d1/small.png";
+    write_image(&clean.join(small), 10, 12, 99);
+    std::fs::create_dir_all(adv.join("d1")).unwrap();
+    std::fs::copy(clean.join(small), adv.join(small)).unwrap();
+    std::fs::remove_file(adv.join("d2/img05.png")).unwrap();
+    for (i, rel) in rels.iter().chain([&small.to_string()]).enumerate() {
+        let im = image::open(clean.join(rel)).unwrap();
+        let (mut w, h) = (im.width() as usize, im.height() as usize);
+        if i == 7 {
+            w += 1; // the wrong size
+        }
+        let map: Vec<u16> = (0..w * h).map(|k| ((k * 7 + i) % 4) as u16).collect();
+        let p = labels.join(rel).with_extension("png");
+        prm::eval::labels::write_label_png(&p, w, h, &map).unwrap();
+    }
+    let names = t.path().join("classes.txt");
+    std::fs::write(&names, "sky\ntree\nroad\nwall\n").unwrap();
+    let run = |clean: &Path, report: &Path| {
+        eval(&[
+            "--target",
+            "maskclip",
+            "--classes",
+            s(&names),
+            "--clean",
+            s(clean),
+            "--adv",
+            s(&adv),
+            "--labels",
+            s(&labels),
+            "--report",
+            s(report),
+            "--device",
+            "cpu",
+        ])
+    };
+    let all = t.path().join("all.json");
+    let o = run(&clean, &all);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let all = read_json(&all);
+    let records = all["per_image"].as_array().unwrap();
+    let mut want_order: Vec<String> = rels.clone();
+    want_order.push(small.to_string());
+    want_order.sort();
+    let order: Vec<&str> = records
+        .iter()
+        .map(|r| r["image"].as_str().unwrap())
+        .collect();
+    assert_eq!(order, want_order);
+    assert_eq!(all["failed"], 3);
+    for (k, rel) in want_order.iter().enumerate() {
+        let alone = t.path().join(format!("alone{k}"));
+        std::fs::create_dir_all(alone.join(rel).parent().unwrap()).unwrap();
+        std::fs::copy(clean.join(rel), alone.join(rel)).unwrap();
+        let report = t.path().join(format!("alone{k}.json"));
+        run(&alone, &report);
+        let one = read_json(&report);
+        assert_eq!(records[k], one["per_image"][0], "{rel}");
+    }
+    let failed: Vec<&str> = records
+        .iter()
+        .filter(|r| r["status"] == "error")
+        .map(|r| r["image"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["d1/img07.jpg", "d1/small.png", "d2/img05.jpg"]);
+}

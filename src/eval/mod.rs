@@ -15,6 +15,7 @@ pub mod gpu;
 pub mod labels;
 pub mod metrics;
 pub mod ops;
+mod pipeline;
 pub mod run;
 pub mod targets;
 pub mod text;

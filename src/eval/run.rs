@@ -15,11 +15,14 @@ use serde_json::{json, Value};
 use super::labels::{read_label_png, write_label_png};
 use super::metrics::{top1, Confusion};
 use super::ops::{argmax, dot_logits, upsample_argmax};
+use super::pipeline::overlapped;
 use super::targets::{probe_logits, DenseHead, EvalEngine, PatchLogits, Probe, TargetKind};
 use super::text::ClassEmbeddings;
 use super::EvalError;
 use crate::attack::image::Planar;
-use crate::io::{list_inputs, output_rel_path, read_image};
+use crate::io::{
+    list_inputs, output_rel_path, read_image, read_item, InputItem, RgbImage, DEFAULT_MAX_PIXELS,
+};
 use crate::reference::resize::bicubic_resize;
 use crate::viz::pictures::{
     labels_rgb8, legend_of, perturbation_rgb8, perturbation_title, planar_rgb8, write_picture,
@@ -62,77 +65,325 @@ pub struct EvalOutcome {
     pub failed: usize,
 }
 
-/// The label map of one image: `(clean, adv)` predictions at native size.
-fn dense_maps(
-    engine: &dyn EvalEngine,
-    settings: &EvalSettings,
-    classes: Option<&ClassEmbeddings>,
-    clean: &Planar,
-    adv: &Planar,
-) -> Result<(Vec<u16>, Vec<u16>), EvalError> {
-    let run = |im: &Planar| -> Result<Vec<u16>, EvalError> {
-        let resized;
-        let input = match settings.resolution {
-            None => Planar {
-                data: im.data,
-                height: im.height,
-                width: im.width,
-            },
-            Some(n) => {
-                resized = bicubic_resize(im.data, 3, im.height, im.width, n, n);
-                Planar {
-                    data: &resized,
+/// A clean / adversarial pair read from disk: the loader's work for one image.
+struct Pair {
+    clean: RgbImage,
+    adv: RgbImage,
+    /// What the model sees when `--resolution N` resizes: (clean, adv), N×N.
+    resized: Option<(Vec<f32>, Vec<f32>)>,
+    /// Dense targets with `--labels`: the label file and its map, checked against the size.
+    labels: Option<(PathBuf, Vec<u32>)>,
+}
+
+impl Pair {
+    fn bytes(&self) -> usize {
+        let floats = self.clean.data.len()
+            + self.adv.data.len()
+            + self.resized.as_ref().map_or(0, |(c, a)| c.len() + a.len());
+        4 * floats + 4 * self.labels.as_ref().map_or(0, |(_, l)| l.len())
+    }
+
+    fn clean(&self) -> Planar<'_> {
+        planar(&self.clean)
+    }
+
+    fn adv(&self) -> Planar<'_> {
+        planar(&self.adv)
+    }
+
+    /// The clean and adversarial images as the model sees them.
+    fn model_inputs(&self, resolution: Option<usize>) -> (Planar<'_>, Planar<'_>) {
+        match (&self.resized, resolution) {
+            (Some((c, a)), Some(n)) => {
+                let at = |data| Planar {
+                    data,
                     height: n,
                     width: n,
-                }
+                };
+                (at(c), at(a))
+            }
+            _ => (self.clean(), self.adv()),
+        }
+    }
+}
+
+fn planar(im: &RgbImage) -> Planar<'_> {
+    Planar {
+        data: &im.data,
+        height: im.height,
+        width: im.width,
+    }
+}
+
+/// What the engine gives for one pair.
+enum Inferred {
+    /// Patch logits (dense targets and dense probes), clean then adversarial.
+    Dense(PatchLogits, PatchLogits),
+    /// F_0..F_L, clean then adversarial.
+    Features(Vec<Vec<f32>>, Vec<Vec<f32>>),
+    /// The predicted class, clean then adversarial.
+    Class(usize, usize),
+}
+
+/// What every stage needs to know about the run.
+struct Plan<'a> {
+    settings: &'a EvalSettings,
+    adv_dir: &'a Path,
+    classes: Option<&'a ClassEmbeddings>,
+    dense: bool,
+}
+
+/// The loader's stage: reads the pair (and its labels), checks their sizes, resizes.
+fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
+    let rel = &item.rel;
+    let clean = read_item(item, DEFAULT_MAX_PIXELS)?;
+    let adv_png = plan.adv_dir.join(output_rel_path(rel));
+    let adv_path = if adv_png.is_file() {
+        adv_png
+    } else {
+        plan.adv_dir.join(rel)
+    };
+    if !adv_path.is_file() {
+        return Err(EvalError::Usage(format!(
+            "no adversarial image {} (nor {})",
+            plan.adv_dir.join(output_rel_path(rel)).display(),
+            plan.adv_dir.join(rel).display()
+        )));
+    }
+    let adv = read_image(&adv_path)?;
+    if (adv.width, adv.height) != (clean.width, clean.height) {
+        return Err(EvalError::Usage(format!(
+            "{}: adversarial image is {}x{}, the clean one {}x{}",
+            adv_path.display(),
+            adv.width,
+            adv.height,
+            clean.width,
+            clean.height
+        )));
+    }
+    let (w, h) = (clean.width, clean.height);
+    // Labels before any work on the model, so a bad label file fails the image early.
+    let labels = match (&plan.settings.labels, plan.dense) {
+        (Some(dir), true) => {
+            let p = dir.join(output_rel_path(rel));
+            let (lw, lh, l) = read_label_png(&p)?;
+            if (lw, lh) != (w, h) {
+                return Err(EvalError::Labels {
+                    path: p,
+                    reason: format!("label map is {lw}x{lh}, the image {w}x{h}"),
+                });
+            }
+            Some((p, l))
+        }
+        _ => None,
+    };
+    let resized = plan.settings.resolution.map(|n| {
+        let resize = |im: &RgbImage| bicubic_resize(&im.data, 3, h, w, n, n);
+        (resize(&clean), resize(&adv))
+    });
+    Ok(Pair {
+        clean,
+        adv,
+        resized,
+        labels,
+    })
+}
+
+/// The engine's stage.
+fn infer(engine: &dyn EvalEngine, pair: &Pair, plan: &Plan) -> Result<Inferred, EvalError> {
+    let settings = plan.settings;
+    let (clean, adv) = pair.model_inputs(settings.resolution);
+    let patch = engine.model().config.patch;
+    let width = engine.model().config.width;
+    let grid = |im: &Planar| (im.height / patch, im.width / patch);
+    if plan.dense {
+        let logits = |im: &Planar| match &settings.probe {
+            Some(probe) => Ok(probe_logits(probe, &engine.features(im)?, width, grid(im))),
+            None => {
+                let head = DenseHead::of(settings.target).expect("dense target");
+                let c = plan.classes.expect("dense targets have classes");
+                engine.dense_logits(im, head, &c.embeddings)
             }
         };
-        let logits = if let Some(probe) = &settings.probe {
-            let feats = engine.features(&input)?;
-            let p = engine.model().config.patch;
-            probe_logits(
-                probe,
-                &feats,
-                engine.model().config.width,
-                (input.height / p, input.width / p),
-            )
-        } else {
-            let head = DenseHead::of(settings.target).expect("dense target");
-            let c = classes.expect("dense targets have classes");
-            engine.dense_logits(&input, head, &c.embeddings)?
-        };
-        let PatchLogits {
-            grid_h,
-            grid_w,
-            classes,
-            logits,
-        } = logits;
-        Ok(upsample_argmax(
-            &logits, grid_h, grid_w, classes, im.height, im.width,
+        Ok(Inferred::Dense(logits(&clean)?, logits(&adv)?))
+    } else if settings.target == TargetKind::Features {
+        Ok(Inferred::Features(
+            engine.features(&clean)?,
+            engine.features(&adv)?,
         ))
-    };
-    Ok((run(clean)?, run(adv)?))
+    } else {
+        // zeroshot, or a CLS probe
+        let predict = |im: &Planar| -> Result<usize, EvalError> {
+            let logits = match &settings.probe {
+                Some(probe) => probe_logits(probe, &engine.features(im)?, width, grid(im)).logits,
+                None => {
+                    let c = plan.classes.expect("zeroshot has classes");
+                    dot_logits(&engine.image_embedding(im)?, &c.embeddings, c.dim)
+                }
+            };
+            Ok(argmax(&logits))
+        };
+        Ok(Inferred::Class(predict(&clean)?, predict(&adv)?))
+    }
 }
 
-fn resize_input(im: &Planar, resolution: Option<usize>) -> Option<Vec<f32>> {
-    resolution.map(|n| bicubic_resize(im.data, 3, im.height, im.width, n, n))
+/// Everything summed or listed over the images: the finisher's state.
+struct Tally {
+    vs_clean: Confusion,
+    gt_clean: Confusion,
+    gt_adv: Confusion,
+    records: Vec<ImageRecord>,
+    /// (clean, adversarial, label) classes of zeroshot / CLS probes.
+    cls_pred: Vec<(usize, usize, Option<usize>)>,
+    drift_sum: Vec<(f64, f64)>,
+    drift_n: usize,
+    failed: usize,
 }
 
-fn with_input<T>(
-    im: &Planar,
-    resolution: Option<usize>,
-    f: impl FnOnce(&Planar) -> Result<T, EvalError>,
-) -> Result<T, EvalError> {
-    match resize_input(im, resolution) {
-        None => f(im),
-        Some(data) => {
-            let n = resolution.expect("resized");
-            f(&Planar {
-                data: &data,
-                height: n,
-                width: n,
-            })
+/// The finisher's stage: the per-image metrics, the files written for it, and the totals.
+struct Finishing<'a> {
+    plan: &'a Plan<'a>,
+    names: &'a [String],
+    class_labels: Option<&'a HashMap<String, usize>>,
+    n_classes: usize,
+    width: usize,
+}
+
+impl Finishing<'_> {
+    /// One image's record values; adds to the totals only when nothing failed.
+    fn finish(
+        &self,
+        tally: &mut Tally,
+        rel: &str,
+        pair: &Pair,
+        inferred: Inferred,
+    ) -> Result<serde_json::Map<String, Value>, EvalError> {
+        let settings = self.plan.settings;
+        let target = settings.target;
+        let (cp, ap) = (pair.clean(), pair.adv());
+        let (w, h) = (cp.width, cp.height);
+        let mut values = serde_json::Map::new();
+        values.insert("width".into(), json!(w));
+        values.insert("height".into(), json!(h));
+        match inferred {
+            Inferred::Dense(clean, adv) => {
+                // Label maps at the image's native size, whatever size the model saw.
+                let map = |l: PatchLogits| {
+                    upsample_argmax(&l.logits, l.grid_h, l.grid_w, l.classes, h, w)
+                };
+                let (pc, pa) = (map(clean), map(adv));
+                let pc32: Vec<u32> = pc.iter().map(|&v| v as u32).collect();
+                let pa32: Vec<u32> = pa.iter().map(|&v| v as u32).collect();
+                let mut m = Confusion::new(self.n_classes);
+                m.add(&pc32, &pa32, None).expect("predictions are in range");
+                let s = m.scores();
+                values.insert("miou_adv_vs_clean".into(), opt(s.miou));
+                values.insert("pixel_agreement".into(), opt(s.pixel_accuracy));
+                let mut img_gt = None;
+                if let Some((p, l)) = &pair.labels {
+                    let mut mc = Confusion::new(self.n_classes);
+                    let mut ma = Confusion::new(self.n_classes);
+                    let lab = |e: super::metrics::LabelError| EvalError::Labels {
+                        path: p.clone(),
+                        reason: e.to_string(),
+                    };
+                    mc.add(l, &pc32, Some(settings.ignore_index)).map_err(lab)?;
+                    ma.add(l, &pa32, Some(settings.ignore_index)).map_err(lab)?;
+                    let (sc, sa) = (mc.scores(), ma.scores());
+                    values.insert("miou_clean".into(), opt(sc.miou));
+                    values.insert("miou_adv".into(), opt(sa.miou));
+                    values.insert("pixel_acc_clean".into(), opt(sc.pixel_accuracy));
+                    values.insert("pixel_acc_adv".into(), opt(sa.pixel_accuracy));
+                    img_gt = Some((mc, ma));
+                }
+                if let Some(dir) = &settings.save_predictions {
+                    let out = output_rel_path(rel);
+                    write_label_png(&dir.join("clean").join(&out), w, h, &pc)?;
+                    write_label_png(&dir.join("adv").join(&out), w, h, &pa)?;
+                }
+                if let Some(dir) = &settings.pictures {
+                    let header = format!(
+                        "{rel} · {} · mIoU adv vs clean {} · pixel agreement {}",
+                        target.name(),
+                        percent(s.miou),
+                        percent(s.pixel_accuracy)
+                    );
+                    let mut picture = image_panels(header, &cp, &ap);
+                    for (title, map) in [("clean", &pc), ("adversarial", &pa)] {
+                        picture.panels.push(Panel {
+                            title: format!("{title} {}", target.name()),
+                            width: w,
+                            height: h,
+                            rgb: labels_rgb8(map),
+                            kind: PanelKind::Labels,
+                        });
+                    }
+                    picture.legend = legend_of(&[&pc, &pa], self.names);
+                    write_picture(&dir.join(output_rel_path(rel)), &picture)?;
+                }
+                tally.vs_clean.merge(&m);
+                if let Some((mc, ma)) = img_gt {
+                    tally.gt_clean.merge(&mc);
+                    tally.gt_adv.merge(&ma);
+                }
+            }
+            Inferred::Features(fc, fa) => {
+                let d = feature_drift(&fa, &fc, self.width);
+                values.insert(
+                    "layer_cosine".into(),
+                    json!(d.iter().map(|x| x.0).collect::<Vec<_>>()),
+                );
+                values.insert(
+                    "layer_relative_l2".into(),
+                    json!(d.iter().map(|x| x.1).collect::<Vec<_>>()),
+                );
+                if let Some(dir) = &settings.pictures {
+                    let header = format!(
+                        "{rel} · features · last-layer token cosine {:.4}",
+                        d.last().map_or(f64::NAN, |x| x.0)
+                    );
+                    let picture = image_panels(header, &cp, &ap);
+                    write_picture(&dir.join(output_rel_path(rel)), &picture)?;
+                }
+                if tally.drift_sum.is_empty() {
+                    tally.drift_sum = vec![(0.0, 0.0); d.len()];
+                }
+                tally
+                    .drift_sum
+                    .iter_mut()
+                    .zip(&d)
+                    .for_each(|(s, x)| *s = (s.0 + x.0, s.1 + x.1));
+                tally.drift_n += 1;
+            }
+            Inferred::Class(c, a) => {
+                let names = self.names;
+                let label = self.class_labels.and_then(|m| m.get(rel).copied());
+                values.insert("clean_class".into(), json!(names.get(c)));
+                values.insert("adv_class".into(), json!(names.get(a)));
+                values.insert("agree".into(), json!(c == a));
+                if let Some(l) = label {
+                    values.insert("label".into(), json!(names.get(l)));
+                }
+                if let Some(dir) = &settings.pictures {
+                    let name = |k: usize| names.get(k).cloned().unwrap_or_else(|| format!("#{k}"));
+                    let header = format!(
+                        "{rel} · {} · {}",
+                        target.name(),
+                        if c == a {
+                            "prediction kept"
+                        } else {
+                            "prediction changed"
+                        }
+                    );
+                    let mut picture = image_panels(header, &cp, &ap);
+                    picture.panels[0].title = format!("clean: {}", name(c));
+                    picture.panels[1].title = format!("adversarial: {}", name(a));
+                    write_picture(&dir.join(output_rel_path(rel)), &picture)?;
+                }
+                tally.cls_pred.push((c, a, label));
+            }
         }
+        Ok(values)
     }
 }
 
@@ -200,7 +451,7 @@ pub fn evaluate(
     adv_dir: &Path,
     classes: Option<&ClassEmbeddings>,
     settings: &EvalSettings,
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(usize, usize) + Send,
 ) -> Result<EvalOutcome, EvalError> {
     let items = list_inputs(clean_dir, None)?.items;
     let target = settings.target;
@@ -252,229 +503,70 @@ pub fn evaluate(
         _ => None,
     };
 
-    let mut vs_clean = Confusion::new(n_classes.max(1));
-    let mut gt_clean = Confusion::new(n_classes.max(1));
-    let mut gt_adv = Confusion::new(n_classes.max(1));
-    let mut records = Vec::new();
-    let mut cls_pred: Vec<(usize, usize, Option<usize>)> = Vec::new();
-    let mut drift_sum: Vec<(f64, f64)> = Vec::new();
-    let mut drift_n = 0usize;
-    let mut failed = 0usize;
+    let plan = Plan {
+        settings,
+        adv_dir,
+        classes,
+        dense,
+    };
+    let mut tally = Tally {
+        vs_clean: Confusion::new(n_classes.max(1)),
+        gt_clean: Confusion::new(n_classes.max(1)),
+        gt_adv: Confusion::new(n_classes.max(1)),
+        records: Vec::with_capacity(items.len()),
+        cls_pred: Vec::new(),
+        drift_sum: Vec::new(),
+        drift_n: 0,
+        failed: 0,
+    };
     let total = items.len();
-    for (i, item) in items.iter().enumerate() {
-        let rel = item.rel.clone();
-        let result = (|| -> Result<serde_json::Map<String, Value>, EvalError> {
-            let clean = read_image(&item.path)?;
-            let adv_png = adv_dir.join(output_rel_path(&rel));
-            let adv_path = if adv_png.is_file() {
-                adv_png
-            } else {
-                adv_dir.join(&rel)
-            };
-            if !adv_path.is_file() {
-                return Err(EvalError::Usage(format!(
-                    "no adversarial image {} (nor {})",
-                    adv_dir.join(output_rel_path(&rel)).display(),
-                    adv_dir.join(&rel).display()
-                )));
-            }
-            let adv = read_image(&adv_path)?;
-            if (adv.width, adv.height) != (clean.width, clean.height) {
-                return Err(EvalError::Usage(format!(
-                    "{}: adversarial image is {}x{}, the clean one {}x{}",
-                    adv_path.display(),
-                    adv.width,
-                    adv.height,
-                    clean.width,
-                    clean.height
-                )));
-            }
-            let (h, w) = (clean.height, clean.width);
-            let cp = Planar {
-                data: &clean.data,
-                height: h,
-                width: w,
-            };
-            let ap = Planar {
-                data: &adv.data,
-                height: h,
-                width: w,
-            };
-            let mut values = serde_json::Map::new();
-            values.insert("width".into(), json!(w));
-            values.insert("height".into(), json!(h));
-            if dense {
-                // Labels first, so a bad label file fails the image before any work.
-                let labels = match &settings.labels {
-                    Some(dir) => {
-                        let p = dir.join(output_rel_path(&rel));
-                        let (lw, lh, l) = read_label_png(&p)?;
-                        if (lw, lh) != (w, h) {
-                            return Err(EvalError::Labels {
-                                path: p,
-                                reason: format!("label map is {lw}x{lh}, the image {w}x{h}"),
-                            });
-                        }
-                        Some((p, l))
-                    }
-                    None => None,
-                };
-                let (pc, pa) = dense_maps(engine, settings, classes, &cp, &ap)?;
-                let pc32: Vec<u32> = pc.iter().map(|&v| v as u32).collect();
-                let pa32: Vec<u32> = pa.iter().map(|&v| v as u32).collect();
-                let mut m = Confusion::new(n_classes);
-                m.add(&pc32, &pa32, None).expect("predictions are in range");
-                let s = m.scores();
-                values.insert("miou_adv_vs_clean".into(), opt(s.miou));
-                values.insert("pixel_agreement".into(), opt(s.pixel_accuracy));
-                let mut img_gt = None;
-                if let Some((p, l)) = &labels {
-                    let mut mc = Confusion::new(n_classes);
-                    let mut ma = Confusion::new(n_classes);
-                    let lab = |e: super::metrics::LabelError| EvalError::Labels {
-                        path: p.clone(),
-                        reason: e.to_string(),
-                    };
-                    mc.add(l, &pc32, Some(settings.ignore_index)).map_err(lab)?;
-                    ma.add(l, &pa32, Some(settings.ignore_index)).map_err(lab)?;
-                    let (sc, sa) = (mc.scores(), ma.scores());
-                    values.insert("miou_clean".into(), opt(sc.miou));
-                    values.insert("miou_adv".into(), opt(sa.miou));
-                    values.insert("pixel_acc_clean".into(), opt(sc.pixel_accuracy));
-                    values.insert("pixel_acc_adv".into(), opt(sa.pixel_accuracy));
-                    img_gt = Some((mc, ma));
-                }
-                if let Some(dir) = &settings.save_predictions {
-                    let out = output_rel_path(&rel);
-                    write_label_png(&dir.join("clean").join(&out), w, h, &pc)?;
-                    write_label_png(&dir.join("adv").join(&out), w, h, &pa)?;
-                }
-                if let Some(dir) = &settings.pictures {
-                    let header = format!(
-                        "{rel} · {} · mIoU adv vs clean {} · pixel agreement {}",
-                        target.name(),
-                        percent(s.miou),
-                        percent(s.pixel_accuracy)
-                    );
-                    let mut picture = image_panels(header, &cp, &ap);
-                    for (title, map) in [("clean", &pc), ("adversarial", &pa)] {
-                        picture.panels.push(Panel {
-                            title: format!("{title} {}", target.name()),
-                            width: w,
-                            height: h,
-                            rgb: labels_rgb8(map),
-                            kind: PanelKind::Labels,
-                        });
-                    }
-                    picture.legend = legend_of(&[&pc, &pa], &names);
-                    write_picture(&dir.join(output_rel_path(&rel)), &picture)?;
-                }
-                vs_clean.merge(&m);
-                if let Some((mc, ma)) = img_gt {
-                    gt_clean.merge(&mc);
-                    gt_adv.merge(&ma);
-                }
-            } else if target == TargetKind::Features {
-                let fc = with_input(&cp, settings.resolution, |im| engine.features(im))?;
-                let fa = with_input(&ap, settings.resolution, |im| engine.features(im))?;
-                let d = feature_drift(&fa, &fc, engine.model().config.width);
-                values.insert(
-                    "layer_cosine".into(),
-                    json!(d.iter().map(|x| x.0).collect::<Vec<_>>()),
-                );
-                values.insert(
-                    "layer_relative_l2".into(),
-                    json!(d.iter().map(|x| x.1).collect::<Vec<_>>()),
-                );
-                if drift_sum.is_empty() {
-                    drift_sum = vec![(0.0, 0.0); d.len()];
-                }
-                drift_sum
-                    .iter_mut()
-                    .zip(&d)
-                    .for_each(|(s, x)| *s = (s.0 + x.0, s.1 + x.1));
-                drift_n += 1;
-                if let Some(dir) = &settings.pictures {
-                    let header = format!(
-                        "{rel} · features · last-layer token cosine {:.4}",
-                        d.last().map_or(f64::NAN, |x| x.0)
-                    );
-                    let picture = image_panels(header, &cp, &ap);
-                    write_picture(&dir.join(output_rel_path(&rel)), &picture)?;
-                }
-            } else {
-                // zeroshot, or a CLS probe
-                let predict = |im: &Planar| -> Result<(usize, Vec<f32>), EvalError> {
-                    with_input(im, settings.resolution, |im| {
-                        let logits = match &settings.probe {
-                            Some(p) => {
-                                let f = engine.features(im)?;
-                                let pc = engine.model().config.patch;
-                                probe_logits(
-                                    p,
-                                    &f,
-                                    engine.model().config.width,
-                                    (im.height / pc, im.width / pc),
-                                )
-                                .logits
-                            }
-                            None => {
-                                let c = classes.expect("zeroshot has classes");
-                                let e = engine.image_embedding(im)?;
-                                dot_logits(&e, &c.embeddings, c.dim)
-                            }
-                        };
-                        Ok((argmax(&logits), logits))
-                    })
-                };
-                let (c, _) = predict(&cp)?;
-                let (a, _) = predict(&ap)?;
-                let label = class_labels.as_ref().and_then(|m| m.get(&rel).copied());
-                values.insert("clean_class".into(), json!(names.get(c)));
-                values.insert("adv_class".into(), json!(names.get(a)));
-                values.insert("agree".into(), json!(c == a));
-                if let Some(l) = label {
-                    values.insert("label".into(), json!(names.get(l)));
-                }
-                if let Some(dir) = &settings.pictures {
-                    let name = |k: usize| names.get(k).cloned().unwrap_or_else(|| format!("#{k}"));
-                    let header = format!(
-                        "{rel} · {} · {}",
-                        target.name(),
-                        if c == a {
-                            "prediction kept"
-                        } else {
-                            "prediction changed"
-                        }
-                    );
-                    let mut picture = image_panels(header, &cp, &ap);
-                    picture.panels[0].title = format!("clean: {}", name(c));
-                    picture.panels[1].title = format!("adversarial: {}", name(a));
-                    write_picture(&dir.join(output_rel_path(&rel)), &picture)?;
-                }
-                cls_pred.push((c, a, label));
-            }
-            Ok(values)
-        })();
-        match result {
-            Ok(values) => records.push(ImageRecord {
-                image: rel,
-                status: "ok",
-                error: None,
-                values,
-            }),
-            Err(e) => {
-                failed += 1;
-                records.push(ImageRecord {
+    let finishing = Finishing {
+        plan: &plan,
+        names: &names,
+        class_labels: class_labels.as_ref(),
+        n_classes,
+        width: engine.model().config.width,
+    };
+    overlapped(
+        &items,
+        2 * rayon::current_num_threads(),
+        Pair::bytes,
+        |item| load_pair(item, &plan),
+        |pair| infer(engine, pair, &plan),
+        |index, result| {
+            let rel = items[index].rel.clone();
+            let result = result
+                .and_then(|(pair, inferred)| finishing.finish(&mut tally, &rel, &pair, inferred));
+            match result {
+                Ok(values) => tally.records.push(ImageRecord {
                     image: rel,
-                    status: "error",
-                    error: Some(e.to_string()),
-                    values: Default::default(),
-                });
+                    status: "ok",
+                    error: None,
+                    values,
+                }),
+                Err(e) => {
+                    tally.failed += 1;
+                    tally.records.push(ImageRecord {
+                        image: rel,
+                        status: "error",
+                        error: Some(e.to_string()),
+                        values: Default::default(),
+                    });
+                }
             }
-        }
-        progress(i + 1, total);
-    }
+            progress(index + 1, total);
+        },
+    );
+    let Tally {
+        vs_clean,
+        gt_clean,
+        gt_adv,
+        records,
+        cls_pred,
+        drift_sum,
+        drift_n,
+        failed,
+    } = tally;
 
     let ok = total - failed;
     let mut report = serde_json::Map::new();

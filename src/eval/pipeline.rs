@@ -1,0 +1,167 @@
+//! The three stages of an evaluation run, overlapped on threads, so that the device does not
+//! wait for the host's reading and post-processing, nor the host for the device.
+//!
+//! ```text
+//!  loader thread: read chunks of items in parallel (rayon), in input order
+//!        │ one queued chunk
+//!  the calling thread: the engine, one item at a time, in input order
+//!        │ two queued items
+//!  finisher thread: metrics, writes, records, progress, in input order
+//! ```
+//!
+//! Every stage sees the items in input order, so the results are those of running the three
+//! stages one item after another. What is in memory at once is bounded: a chunk holds at most
+//! [`LOOKAHEAD_BYTES`] of loaded items (at least one item), and at most three chunks (one being
+//! read, one queued, one at the engine) and three finished items exist at a time.
+
+use std::sync::mpsc::sync_channel;
+
+use rayon::prelude::*;
+
+/// Loaded bytes a chunk may hold (at least one item).
+pub const LOOKAHEAD_BYTES: usize = 256 << 20;
+
+/// Runs `load` (on the loader thread, `chunk` items at a time in parallel), then `infer` (on the
+/// calling thread), then `finish` (on the finisher thread) for every item, each stage in input
+/// order. An item whose load or inference fails goes to `finish` as its error.
+///
+/// `bytes` says how much memory a loaded item holds; it sizes the chunks. A panic in any stage
+/// is resumed on the calling thread once the others have stopped.
+pub fn overlapped<T, P, R, E>(
+    items: &[T],
+    max_chunk: usize,
+    bytes: impl Fn(&P) -> usize + Sync,
+    load: impl Fn(&T) -> Result<P, E> + Sync,
+    mut infer: impl FnMut(&P) -> Result<R, E>,
+    mut finish: impl FnMut(usize, Result<(P, R), E>) + Send,
+) where
+    T: Sync,
+    P: Send,
+    R: Send,
+    E: Send,
+{
+    let max_chunk = max_chunk.max(1);
+    std::thread::scope(|s| {
+        let (to_engine, loaded) = sync_channel::<Vec<Result<P, E>>>(1);
+        let (to_finisher, inferred) = sync_channel::<(usize, Result<(P, R), E>)>(2);
+        let (load, bytes) = (&load, &bytes);
+        s.spawn(move || {
+            // The first chunk is one item: its size is not known before it is read.
+            let (mut next, mut chunk) = (0, 1);
+            while next < items.len() {
+                let end = (next + chunk).min(items.len());
+                let batch: Vec<Result<P, E>> = items[next..end].par_iter().map(load).collect();
+                let largest = batch
+                    .iter()
+                    .filter_map(|r| r.as_ref().ok())
+                    .map(bytes)
+                    .max()
+                    .unwrap_or(0);
+                chunk = (LOOKAHEAD_BYTES / largest.max(1)).clamp(1, max_chunk);
+                next = end;
+                if to_engine.send(batch).is_err() {
+                    return; // a later stage stopped
+                }
+            }
+        });
+        let finisher = s.spawn(move || {
+            for (index, result) in inferred {
+                finish(index, result);
+            }
+        });
+        let mut index = 0;
+        'engine: for batch in loaded {
+            for result in batch {
+                let result = result.and_then(|p| infer(&p).map(|r| (p, r)));
+                if to_finisher.send((index, result)).is_err() {
+                    break 'engine; // the finisher stopped (a panic, resumed below)
+                }
+                index += 1;
+            }
+        }
+        drop(to_finisher);
+        if let Err(panic) = finisher.join() {
+            std::panic::resume_unwind(panic);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn every_stage_sees_the_items_in_input_order_with_their_errors() {
+        let items: Vec<usize> = (0..203).collect();
+        let loads = AtomicUsize::new(0);
+        let mut inferred = Vec::new();
+        let mut finished = Vec::new();
+        overlapped(
+            &items,
+            7,
+            |&p: &usize| 1 + p % 5 * (LOOKAHEAD_BYTES / 3),
+            |&i| {
+                loads.fetch_add(1, Ordering::Relaxed);
+                if i % 17 == 3 {
+                    Err(format!("load {i}"))
+                } else {
+                    Ok(i)
+                }
+            },
+            |&p| {
+                inferred.push(p);
+                if p % 29 == 5 {
+                    Err(format!("infer {p}"))
+                } else {
+                    Ok(p * 10)
+                }
+            },
+            |index, result| finished.push((index, result)),
+        );
+        assert_eq!(loads.load(Ordering::Relaxed), items.len());
+        let want_inferred: Vec<usize> = items.iter().copied().filter(|i| i % 17 != 3).collect();
+        assert_eq!(inferred, want_inferred);
+        assert_eq!(finished.len(), items.len());
+        for (k, (index, result)) in finished.into_iter().enumerate() {
+            assert_eq!(index, k);
+            let want = if k % 17 == 3 {
+                Err(format!("load {k}"))
+            } else if k % 29 == 5 {
+                Err(format!("infer {k}"))
+            } else {
+                Ok((k, k * 10))
+            };
+            assert_eq!(result, want);
+        }
+    }
+
+    #[test]
+    fn no_items_is_no_work() {
+        let items: Vec<u8> = Vec::new();
+        let mut calls = 0;
+        overlapped(
+            &items,
+            4,
+            |_: &u8| 1,
+            |&i| Ok::<u8, ()>(i),
+            |&p| Ok::<u8, ()>(p),
+            |_, _| calls += 1,
+        );
+        assert_eq!(calls, 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "finisher fails")]
+    fn a_panic_in_the_finisher_reaches_the_caller() {
+        let items: Vec<usize> = (0..50).collect();
+        overlapped(
+            &items,
+            4,
+            |_: &usize| 1,
+            |&i| Ok::<usize, ()>(i),
+            |&p| Ok::<usize, ()>(p),
+            |index, _| assert!(index < 10, "finisher fails"),
+        );
+    }
+}
