@@ -20,6 +20,7 @@
 #   L/14   prm bf16, ViT-L/14 at 224 px (257 tokens), batch 32: the table's last row
 #   attack 480 images through `prm attack --profile` on cuda:0, again with PRM_NO_STAGING=1
 #          (and cuda:all with several GPUs)
+#   eval   `prm eval` of those images on cuda:0: maskclip with 150 classes, zeroshot
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PRM=${1:-target/release/prm}
@@ -245,3 +246,34 @@ else
   echo "one GPU: --device cuda:all scaling not measured"
 fi
 
+
+# prm eval on attack-cuda0's outputs (the 480 inputs and their adversarial images): a
+# segmentation target with 150 classes (ADE20K's count) and a classification target, ViT-B/16 at
+# native size. The host's reading, label maps and metrics overlap the device since 2026-12-05;
+# the stderr line gives pairs/s after the set-up (model, class embeddings).
+CLASSES150=$OUT/classes150.txt
+evaluate() { # name, target
+  local name=$1 target=$2 adv=$OUT/attack-cuda0-out
+  [[ -n ${REPORT_ROWS:-} && ,$REPORT_ROWS, != *,$name,* ]] && return
+  if [[ ! -f $adv/manifest.jsonl ]]; then
+    echo "$name: skipped (no attack-cuda0 outputs)"
+    return
+  fi
+  local t
+  t=$(row_time "${ROW_TIMEOUT:-150}")
+  if [[ $t -eq 0 ]]; then
+    echo "$name: skipped (out of time)"
+    return
+  fi
+  [[ -f $CLASSES150 ]] || for i in $(seq 1 150); do echo "class $i"; done >"$CLASSES150"
+  echo "== $name (${t}s): prm eval --target $target --device cuda:0" >&2
+  timeout "$t" "$PRM" eval --model random:vit-b-16 --target "$target" --classes "$CLASSES150" \
+    --single-template --clean "$DATA" --adv "$adv" --device cuda:0 --precision bf16 \
+    --report "$OUT/$name.json" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  [[ $rc -gt 1 ]] && echo "   failed (exit $rc): see $OUT/$name.log" >&2
+  grep -E "^evaluated" "$OUT/$name.log" | sed "s/^/$name: /"
+}
+echo
+evaluate eval-maskclip maskclip
+evaluate eval-zeroshot zeroshot

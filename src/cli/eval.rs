@@ -164,6 +164,7 @@ fn report_paths(report: &Path) -> PathBuf {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
     let resolution = match args.resolution.as_str() {
         "native" => None,
         s => match s.parse::<usize>() {
@@ -250,6 +251,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         );
         b
     });
+    let evaluating = std::time::Instant::now();
     let outcome = evaluate(
         engine.as_ref(),
         &args.clean,
@@ -264,6 +266,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     )?;
     if let Some(b) = &bar {
         b.finish_and_clear();
+    }
+    if !args.quiet {
+        let seconds = evaluating.elapsed().as_secs_f64();
+        eprintln!(
+            "evaluated {total} image pairs in {seconds:.2} s ({:.1} pairs/s), after {:.2} s of \
+             set-up (model, class embeddings)",
+            total as f64 / seconds.max(1e-9),
+            (evaluating - started).as_secs_f64()
+        );
     }
     let summary = markdown_summary(&outcome.report);
     if let Some(path) = &args.report {
