@@ -21,7 +21,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use prm::attack::image::Planar;
 use prm::eval::ops::normalize_rows;
 use prm::eval::run::{evaluate, EvalSettings};
-use prm::eval::targets::{patch_logits_from_embeddings, DenseHead, PatchLogits};
+use prm::eval::targets::{DenseHead, TokenEmbeddings};
 use prm::eval::text::ClassEmbeddings;
 use prm::eval::{EvalEngine, EvalError, TargetKind};
 use prm::model::{random_model, Model};
@@ -74,22 +74,20 @@ impl EvalEngine for InstantEngine {
         &self.model
     }
 
-    fn dense_logits(
+    fn dense_embeddings(
         &self,
         image: &Planar,
         _head: DenseHead,
-        classes: &[f32],
-    ) -> Result<PatchLogits, EvalError> {
+    ) -> Result<TokenEmbeddings, EvalError> {
         std::thread::sleep(self.wait);
         let (gh, gw) = (image.height / PATCH, image.width / PATCH);
         let tokens = 1 + gh * gw;
-        Ok(patch_logits_from_embeddings(
-            &self.embeddings[..tokens * EMBED],
-            EMBED,
-            gh,
-            gw,
-            classes,
-        ))
+        Ok(TokenEmbeddings {
+            grid_h: gh,
+            grid_w: gw,
+            dim: EMBED,
+            rows: self.embeddings[..tokens * EMBED].to_vec(),
+        })
     }
 
     fn image_embedding(&self, image: &Planar) -> Result<Vec<f32>, EvalError> {

@@ -19,9 +19,7 @@
 //! head dim is refused with a clear error.
 
 use super::ops::normalize_rows;
-use super::targets::{
-    patch_logits_from_embeddings, require_projection, DenseHead, EvalEngine, PatchLogits,
-};
+use super::targets::{require_projection, DenseHead, EvalEngine, TokenEmbeddings};
 use super::text::{check_ids, eot_position, TextEncoder};
 use super::EvalError;
 use crate::attack::image::Planar;
@@ -351,12 +349,11 @@ impl EvalEngine for GpuTargets<'_> {
         self.model
     }
 
-    fn dense_logits(
+    fn dense_embeddings(
         &self,
         image: &Planar,
         head: DenseHead,
-        classes: &[f32],
-    ) -> Result<PatchLogits, EvalError> {
+    ) -> Result<TokenEmbeddings, EvalError> {
         require_projection(self.model)?;
         let l = self.model.config.layers;
         let (feats, cu, lens, (gh, gw)) = self.forward(image, l - 1)?;
@@ -369,9 +366,13 @@ impl EvalEngine for GpuTargets<'_> {
             t,
             head,
         )?;
-        let emb = self.embed_rows(&z, t)?;
-        let dim = emb.len() / t;
-        Ok(patch_logits_from_embeddings(&emb, dim, gh, gw, classes))
+        let rows = self.embed_rows(&z, t)?;
+        Ok(TokenEmbeddings {
+            grid_h: gh,
+            grid_w: gw,
+            dim: rows.len() / t,
+            rows,
+        })
     }
 
     fn image_embedding(&self, image: &Planar) -> Result<Vec<f32>, EvalError> {

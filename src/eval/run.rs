@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -16,7 +17,9 @@ use super::labels::{read_label_png, write_label_png};
 use super::metrics::{top1, Confusion};
 use super::ops::{argmax, dot_logits, upsample_argmax};
 use super::pipeline::overlapped;
-use super::targets::{probe_logits, DenseHead, EvalEngine, PatchLogits, Probe, TargetKind};
+use super::targets::{
+    probe_logits, DenseHead, EvalEngine, PatchLogits, Probe, TargetKind, TokenEmbeddings,
+};
 use super::text::ClassEmbeddings;
 use super::EvalError;
 use crate::attack::image::Planar;
@@ -117,7 +120,10 @@ fn planar(im: &RgbImage) -> Planar<'_> {
 
 /// What the engine gives for one pair.
 enum Inferred {
-    /// Patch logits (dense targets and dense probes), clean then adversarial.
+    /// Token embeddings (dense targets), clean then adversarial: the finisher forms the cosine
+    /// logits, off the engine's thread.
+    Embeddings(TokenEmbeddings, TokenEmbeddings),
+    /// Patch logits (dense probes), clean then adversarial.
     Dense(PatchLogits, PatchLogits),
     /// F_0..F_L, clean then adversarial.
     Features(Vec<Vec<f32>>, Vec<Vec<f32>>),
@@ -197,15 +203,21 @@ fn infer(engine: &dyn EvalEngine, pair: &Pair, plan: &Plan) -> Result<Inferred, 
     let width = engine.model().config.width;
     let grid = |im: &Planar| (im.height / patch, im.width / patch);
     if plan.dense {
-        let logits = |im: &Planar| match &settings.probe {
-            Some(probe) => Ok(probe_logits(probe, &engine.features(im)?, width, grid(im))),
+        Ok(match &settings.probe {
+            Some(probe) => {
+                let logits = |im: &Planar| -> Result<PatchLogits, EvalError> {
+                    Ok(probe_logits(probe, &engine.features(im)?, width, grid(im)))
+                };
+                Inferred::Dense(logits(&clean)?, logits(&adv)?)
+            }
             None => {
                 let head = DenseHead::of(settings.target).expect("dense target");
-                let c = plan.classes.expect("dense targets have classes");
-                engine.dense_logits(im, head, &c.embeddings)
+                Inferred::Embeddings(
+                    engine.dense_embeddings(&clean, head)?,
+                    engine.dense_embeddings(&adv, head)?,
+                )
             }
-        };
-        Ok(Inferred::Dense(logits(&clean)?, logits(&adv)?))
+        })
     } else if settings.target == TargetKind::Features {
         Ok(Inferred::Features(
             engine.features(&clean)?,
@@ -266,66 +278,16 @@ impl Finishing<'_> {
         values.insert("width".into(), json!(w));
         values.insert("height".into(), json!(h));
         match inferred {
+            Inferred::Embeddings(clean, adv) => {
+                let c = self.plan.classes.expect("dense targets have classes");
+                let (clean, adv) = (
+                    clean.patch_logits(&c.embeddings),
+                    adv.patch_logits(&c.embeddings),
+                );
+                self.finish_dense(tally, rel, pair, clean, adv, &mut values)?;
+            }
             Inferred::Dense(clean, adv) => {
-                // Label maps at the image's native size, whatever size the model saw.
-                let map = |l: PatchLogits| {
-                    upsample_argmax(&l.logits, l.grid_h, l.grid_w, l.classes, h, w)
-                };
-                let (pc, pa) = (map(clean), map(adv));
-                let pc32: Vec<u32> = pc.iter().map(|&v| v as u32).collect();
-                let pa32: Vec<u32> = pa.iter().map(|&v| v as u32).collect();
-                let mut m = Confusion::new(self.n_classes);
-                m.add(&pc32, &pa32, None).expect("predictions are in range");
-                let s = m.scores();
-                values.insert("miou_adv_vs_clean".into(), opt(s.miou));
-                values.insert("pixel_agreement".into(), opt(s.pixel_accuracy));
-                let mut img_gt = None;
-                if let Some((p, l)) = &pair.labels {
-                    let mut mc = Confusion::new(self.n_classes);
-                    let mut ma = Confusion::new(self.n_classes);
-                    let lab = |e: super::metrics::LabelError| EvalError::Labels {
-                        path: p.clone(),
-                        reason: e.to_string(),
-                    };
-                    mc.add(l, &pc32, Some(settings.ignore_index)).map_err(lab)?;
-                    ma.add(l, &pa32, Some(settings.ignore_index)).map_err(lab)?;
-                    let (sc, sa) = (mc.scores(), ma.scores());
-                    values.insert("miou_clean".into(), opt(sc.miou));
-                    values.insert("miou_adv".into(), opt(sa.miou));
-                    values.insert("pixel_acc_clean".into(), opt(sc.pixel_accuracy));
-                    values.insert("pixel_acc_adv".into(), opt(sa.pixel_accuracy));
-                    img_gt = Some((mc, ma));
-                }
-                if let Some(dir) = &settings.save_predictions {
-                    let out = output_rel_path(rel);
-                    write_label_png(&dir.join("clean").join(&out), w, h, &pc)?;
-                    write_label_png(&dir.join("adv").join(&out), w, h, &pa)?;
-                }
-                if let Some(dir) = &settings.pictures {
-                    let header = format!(
-                        "{rel} · {} · mIoU adv vs clean {} · pixel agreement {}",
-                        target.name(),
-                        percent(s.miou),
-                        percent(s.pixel_accuracy)
-                    );
-                    let mut picture = image_panels(header, &cp, &ap);
-                    for (title, map) in [("clean", &pc), ("adversarial", &pa)] {
-                        picture.panels.push(Panel {
-                            title: format!("{title} {}", target.name()),
-                            width: w,
-                            height: h,
-                            rgb: labels_rgb8(map),
-                            kind: PanelKind::Labels,
-                        });
-                    }
-                    picture.legend = legend_of(&[&pc, &pa], self.names);
-                    write_picture(&dir.join(output_rel_path(rel)), &picture)?;
-                }
-                tally.vs_clean.merge(&m);
-                if let Some((mc, ma)) = img_gt {
-                    tally.gt_clean.merge(&mc);
-                    tally.gt_adv.merge(&ma);
-                }
+                self.finish_dense(tally, rel, pair, clean, adv, &mut values)?;
             }
             Inferred::Features(fc, fa) => {
                 let d = feature_drift(&fa, &fc, self.width);
@@ -385,11 +347,87 @@ impl Finishing<'_> {
         }
         Ok(values)
     }
+
+    /// The dense part of [`Self::finish`]: label maps at the image's native size, whatever size
+    /// the model saw, then the metrics and files.
+    fn finish_dense(
+        &self,
+        tally: &mut Tally,
+        rel: &str,
+        pair: &Pair,
+        clean: PatchLogits,
+        adv: PatchLogits,
+        values: &mut serde_json::Map<String, Value>,
+    ) -> Result<(), EvalError> {
+        let settings = self.plan.settings;
+        let target = settings.target;
+        let (cp, ap) = (pair.clean(), pair.adv());
+        let (w, h) = (cp.width, cp.height);
+        // Label maps at the image's native size, whatever size the model saw.
+        let map = |l: PatchLogits| upsample_argmax(&l.logits, l.grid_h, l.grid_w, l.classes, h, w);
+        let (pc, pa) = (map(clean), map(adv));
+        let pc32: Vec<u32> = pc.iter().map(|&v| v as u32).collect();
+        let pa32: Vec<u32> = pa.iter().map(|&v| v as u32).collect();
+        let mut m = Confusion::new(self.n_classes);
+        m.add(&pc32, &pa32, None).expect("predictions are in range");
+        let s = m.scores();
+        values.insert("miou_adv_vs_clean".into(), opt(s.miou));
+        values.insert("pixel_agreement".into(), opt(s.pixel_accuracy));
+        let mut img_gt = None;
+        if let Some((p, l)) = &pair.labels {
+            let mut mc = Confusion::new(self.n_classes);
+            let mut ma = Confusion::new(self.n_classes);
+            let lab = |e: super::metrics::LabelError| EvalError::Labels {
+                path: p.clone(),
+                reason: e.to_string(),
+            };
+            mc.add(l, &pc32, Some(settings.ignore_index)).map_err(lab)?;
+            ma.add(l, &pa32, Some(settings.ignore_index)).map_err(lab)?;
+            let (sc, sa) = (mc.scores(), ma.scores());
+            values.insert("miou_clean".into(), opt(sc.miou));
+            values.insert("miou_adv".into(), opt(sa.miou));
+            values.insert("pixel_acc_clean".into(), opt(sc.pixel_accuracy));
+            values.insert("pixel_acc_adv".into(), opt(sa.pixel_accuracy));
+            img_gt = Some((mc, ma));
+        }
+        if let Some(dir) = &settings.save_predictions {
+            let out = output_rel_path(rel);
+            write_label_png(&dir.join("clean").join(&out), w, h, &pc)?;
+            write_label_png(&dir.join("adv").join(&out), w, h, &pa)?;
+        }
+        if let Some(dir) = &settings.pictures {
+            let header = format!(
+                "{rel} · {} · mIoU adv vs clean {} · pixel agreement {}",
+                target.name(),
+                percent(s.miou),
+                percent(s.pixel_accuracy)
+            );
+            let mut picture = image_panels(header, &cp, &ap);
+            for (title, map) in [("clean", &pc), ("adversarial", &pa)] {
+                picture.panels.push(Panel {
+                    title: format!("{title} {}", target.name()),
+                    width: w,
+                    height: h,
+                    rgb: labels_rgb8(map),
+                    kind: PanelKind::Labels,
+                });
+            }
+            picture.legend = legend_of(&[&pc, &pa], self.names);
+            write_picture(&dir.join(output_rel_path(rel)), &picture)?;
+        }
+        tally.vs_clean.merge(&m);
+        if let Some((mc, ma)) = img_gt {
+            tally.gt_clean.merge(&mc);
+            tally.gt_adv.merge(&ma);
+        }
+        Ok(())
+    }
 }
 
 /// Per-layer (mean token cosine, relative L2 drift ‖a − c‖ / ‖c‖) of F_0..F_L.
 pub fn feature_drift(adv: &[Vec<f32>], clean: &[Vec<f32>], dim: usize) -> Vec<(f64, f64)> {
-    adv.iter()
+    // One layer a task; each layer's sums stay in their order.
+    adv.par_iter()
         .zip(clean)
         .map(|(a, c)| {
             let (mut cos_sum, mut n) = (0.0f64, 0usize);

@@ -114,18 +114,46 @@ pub struct PatchLogits {
     pub logits: Vec<f32>,
 }
 
+/// The L2-normalised token embeddings of a dense head, `[1 + grid_h · grid_w, dim]`: the CLS
+/// row first, then the patches in row-major grid order.
+#[derive(Clone, Debug)]
+pub struct TokenEmbeddings {
+    pub grid_h: usize,
+    pub grid_w: usize,
+    pub dim: usize,
+    pub rows: Vec<f32>,
+}
+
+impl TokenEmbeddings {
+    /// Cosine logits of the patch rows with `classes [C, dim]` (rows already L2-normalised).
+    pub fn patch_logits(&self, classes: &[f32]) -> PatchLogits {
+        patch_logits_from_embeddings(&self.rows, self.dim, self.grid_h, self.grid_w, classes)
+    }
+}
+
 /// What an engine computes for one image and a target.
 pub trait EvalEngine {
     fn model(&self) -> &Model;
 
+    /// The normalised token embeddings of a dense head (post-LayerNorm, projection, L2
+    /// normalisation of every token).
+    fn dense_embeddings(
+        &self,
+        image: &Planar,
+        head: DenseHead,
+    ) -> Result<TokenEmbeddings, EvalError>;
+
     /// Patch logits of a dense head: cosine of each normalised patch embedding with each row of
-    /// `classes [C, E]` (rows already L2-normalised).
+    /// `classes [C, E]` (rows already L2-normalised). Computed on the host for every engine, so
+    /// that the evaluation can do it off the engine's thread.
     fn dense_logits(
         &self,
         image: &Planar,
         head: DenseHead,
         classes: &[f32],
-    ) -> Result<PatchLogits, EvalError>;
+    ) -> Result<PatchLogits, EvalError> {
+        Ok(self.dense_embeddings(image, head)?.patch_logits(classes))
+    }
 
     /// The normalised CLS image embedding `[E]`.
     fn image_embedding(&self, image: &Planar) -> Result<Vec<f32>, EvalError>;
@@ -247,12 +275,11 @@ impl EvalEngine for ReferenceTargets<'_> {
         self.vit.model()
     }
 
-    fn dense_logits(
+    fn dense_embeddings(
         &self,
         image: &Planar,
         head: DenseHead,
-        classes: &[f32],
-    ) -> Result<PatchLogits, EvalError> {
+    ) -> Result<TokenEmbeddings, EvalError> {
         let model = self.vit.model();
         let (gh, gw) = check_image(model, image)?;
         require_projection(model)?;
@@ -261,9 +288,13 @@ impl EvalEngine for ReferenceTargets<'_> {
             .forward(image.data, image.height, image.width, false);
         let l = model.config.layers;
         let z = dense_head_reference(model, &fwd.features[l - 1], fwd.tokens, head);
-        let emb = embed_tokens_reference(model, &z, fwd.tokens)?;
-        let dim = emb.len() / fwd.tokens;
-        Ok(patch_logits_from_embeddings(&emb, dim, gh, gw, classes))
+        let rows = embed_tokens_reference(model, &z, fwd.tokens)?;
+        Ok(TokenEmbeddings {
+            grid_h: gh,
+            grid_w: gw,
+            dim: rows.len() / fwd.tokens,
+            rows,
+        })
     }
 
     fn image_embedding(&self, image: &Planar) -> Result<Vec<f32>, EvalError> {
