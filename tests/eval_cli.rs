@@ -37,24 +37,30 @@ fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let adv = t.path().join("adv");
     write_image(&clean.join("a.png"), 70, 50, 1);
     write_image(&clean.join("sub/b.jpg"), 48, 81, 2);
+    attack_tiny(&clean, &adv, 2);
+    (t, clean, adv)
+}
+
+/// A short PGD attack of `clean` into `adv` with the tiny random model on the CPU.
+fn attack_tiny(clean: &Path, adv: &Path, steps: usize) {
+    let steps = steps.to_string();
     let o = prm(&[
         "attack",
         "--model",
         "random:tiny",
         "--input",
-        clean.to_str().unwrap(),
+        s(clean),
         "--output",
-        adv.to_str().unwrap(),
+        s(adv),
         "--preset",
         "pgd",
         "--steps",
-        "2",
+        &steps,
         "--device",
         "cpu",
         "-q",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    (t, clean, adv)
 }
 
 fn s(p: &Path) -> &str {
@@ -426,23 +432,7 @@ fn every_record_is_the_record_of_a_run_over_that_image_alone() {
         let (w, h) = sizes[i % sizes.len()];
         write_image(&clean.join(rel), w, h, i as u32);
     }
-    let o = prm(&[
-        "attack",
-        "--model",
-        "random:tiny",
-        "--input",
-        s(&clean),
-        "--output",
-        s(&adv),
-        "--preset",
-        "pgd",
-        "--steps",
-        "1",
-        "--device",
-        "cpu",
-        "-q",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    attack_tiny(&clean, &adv, 1);
     // An image smaller than a patch, paired with itself: the engine refuses it.
     let small = "d1/small.png";
     write_image(&clean.join(small), 10, 12, 99);
