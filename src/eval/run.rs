@@ -123,8 +123,9 @@ enum Inferred {
     /// Token embeddings (dense targets), clean then adversarial: the finisher forms the cosine
     /// logits, off the engine's thread.
     Embeddings(TokenEmbeddings, TokenEmbeddings),
-    /// Patch logits (dense probes), clean then adversarial.
-    Dense(PatchLogits, PatchLogits),
+    /// Features F_0..F_L of a probe target, clean then adversarial, and the patch grid the
+    /// model saw: the finisher applies the probe.
+    Probe(Vec<Vec<f32>>, Vec<Vec<f32>>, (usize, usize)),
     /// F_0..F_L, clean then adversarial.
     Features(Vec<Vec<f32>>, Vec<Vec<f32>>),
     /// The predicted class, clean then adversarial.
@@ -200,40 +201,32 @@ fn infer(engine: &dyn EvalEngine, pair: &Pair, plan: &Plan) -> Result<Inferred, 
     let settings = plan.settings;
     let (clean, adv) = pair.model_inputs(settings.resolution);
     let patch = engine.model().config.patch;
-    let width = engine.model().config.width;
-    let grid = |im: &Planar| (im.height / patch, im.width / patch);
-    if plan.dense {
-        Ok(match &settings.probe {
-            Some(probe) => {
-                let logits = |im: &Planar| -> Result<PatchLogits, EvalError> {
-                    Ok(probe_logits(probe, &engine.features(im)?, width, grid(im)))
-                };
-                Inferred::Dense(logits(&clean)?, logits(&adv)?)
-            }
-            None => {
-                let head = DenseHead::of(settings.target).expect("dense target");
-                Inferred::Embeddings(
-                    engine.dense_embeddings(&clean, head)?,
-                    engine.dense_embeddings(&adv, head)?,
-                )
-            }
-        })
+    if settings.probe.is_some() {
+        Ok(Inferred::Probe(
+            engine.features(&clean)?,
+            engine.features(&adv)?,
+            (clean.height / patch, clean.width / patch),
+        ))
+    } else if plan.dense {
+        let head = DenseHead::of(settings.target).expect("dense target");
+        Ok(Inferred::Embeddings(
+            engine.dense_embeddings(&clean, head)?,
+            engine.dense_embeddings(&adv, head)?,
+        ))
     } else if settings.target == TargetKind::Features {
         Ok(Inferred::Features(
             engine.features(&clean)?,
             engine.features(&adv)?,
         ))
     } else {
-        // zeroshot, or a CLS probe
+        // zeroshot
+        let c = plan.classes.expect("zeroshot has classes");
         let predict = |im: &Planar| -> Result<usize, EvalError> {
-            let logits = match &settings.probe {
-                Some(probe) => probe_logits(probe, &engine.features(im)?, width, grid(im)).logits,
-                None => {
-                    let c = plan.classes.expect("zeroshot has classes");
-                    dot_logits(&engine.image_embedding(im)?, &c.embeddings, c.dim)
-                }
-            };
-            Ok(argmax(&logits))
+            Ok(argmax(&dot_logits(
+                &engine.image_embedding(im)?,
+                &c.embeddings,
+                c.dim,
+            )))
         };
         Ok(Inferred::Class(predict(&clean)?, predict(&adv)?))
     }
@@ -271,7 +264,6 @@ impl Finishing<'_> {
         inferred: Inferred,
     ) -> Result<serde_json::Map<String, Value>, EvalError> {
         let settings = self.plan.settings;
-        let target = settings.target;
         let (cp, ap) = (pair.clean(), pair.adv());
         let (w, h) = (cp.width, cp.height);
         let mut values = serde_json::Map::new();
@@ -286,8 +278,16 @@ impl Finishing<'_> {
                 );
                 self.finish_dense(tally, rel, pair, clean, adv, &mut values)?;
             }
-            Inferred::Dense(clean, adv) => {
-                self.finish_dense(tally, rel, pair, clean, adv, &mut values)?;
+            Inferred::Probe(clean, adv, grid) => {
+                let probe = settings.probe.as_ref().expect("a probe target");
+                let logits = |f: &[Vec<f32>]| probe_logits(probe, f, self.width, grid);
+                let (clean, adv) = (logits(&clean), logits(&adv));
+                if probe.dense {
+                    self.finish_dense(tally, rel, pair, clean, adv, &mut values)?;
+                } else {
+                    let (c, a) = (argmax(&clean.logits), argmax(&adv.logits));
+                    self.finish_class(tally, rel, pair, c, a, &mut values)?;
+                }
             }
             Inferred::Features(fc, fa) => {
                 let d = feature_drift(&fa, &fc, self.width);
@@ -318,34 +318,52 @@ impl Finishing<'_> {
                 tally.drift_n += 1;
             }
             Inferred::Class(c, a) => {
-                let names = self.names;
-                let label = self.class_labels.and_then(|m| m.get(rel).copied());
-                values.insert("clean_class".into(), json!(names.get(c)));
-                values.insert("adv_class".into(), json!(names.get(a)));
-                values.insert("agree".into(), json!(c == a));
-                if let Some(l) = label {
-                    values.insert("label".into(), json!(names.get(l)));
-                }
-                if let Some(dir) = &settings.pictures {
-                    let name = |k: usize| names.get(k).cloned().unwrap_or_else(|| format!("#{k}"));
-                    let header = format!(
-                        "{rel} · {} · {}",
-                        target.name(),
-                        if c == a {
-                            "prediction kept"
-                        } else {
-                            "prediction changed"
-                        }
-                    );
-                    let mut picture = image_panels(header, &cp, &ap);
-                    picture.panels[0].title = format!("clean: {}", name(c));
-                    picture.panels[1].title = format!("adversarial: {}", name(a));
-                    write_picture(&dir.join(output_rel_path(rel)), &picture)?;
-                }
-                tally.cls_pred.push((c, a, label));
+                self.finish_class(tally, rel, pair, c, a, &mut values)?;
             }
         }
         Ok(values)
+    }
+
+    /// The classification part of [`Self::finish`] (zeroshot, CLS probes): the predicted
+    /// classes, clean `c` and adversarial `a`.
+    fn finish_class(
+        &self,
+        tally: &mut Tally,
+        rel: &str,
+        pair: &Pair,
+        c: usize,
+        a: usize,
+        values: &mut serde_json::Map<String, Value>,
+    ) -> Result<(), EvalError> {
+        let settings = self.plan.settings;
+        let target = settings.target;
+        let (cp, ap) = (pair.clean(), pair.adv());
+        let names = self.names;
+        let label = self.class_labels.and_then(|m| m.get(rel).copied());
+        values.insert("clean_class".into(), json!(names.get(c)));
+        values.insert("adv_class".into(), json!(names.get(a)));
+        values.insert("agree".into(), json!(c == a));
+        if let Some(l) = label {
+            values.insert("label".into(), json!(names.get(l)));
+        }
+        if let Some(dir) = &settings.pictures {
+            let name = |k: usize| names.get(k).cloned().unwrap_or_else(|| format!("#{k}"));
+            let header = format!(
+                "{rel} · {} · {}",
+                target.name(),
+                if c == a {
+                    "prediction kept"
+                } else {
+                    "prediction changed"
+                }
+            );
+            let mut picture = image_panels(header, &cp, &ap);
+            picture.panels[0].title = format!("clean: {}", name(c));
+            picture.panels[1].title = format!("adversarial: {}", name(a));
+            write_picture(&dir.join(output_rel_path(rel)), &picture)?;
+        }
+        tally.cls_pred.push((c, a, label));
+        Ok(())
     }
 
     /// The dense part of [`Self::finish`]: label maps at the image's native size, whatever size
