@@ -12,8 +12,9 @@
 //!   one variable-length batch (`cu_seqlens`).
 //!
 //! Post-LayerNorm and the projection run on the device for every token; the per-token L2
-//! normalisation and the cosine with the C class embeddings (`[T, E]·[E, C]`, small) run on the
-//! host, shared with the reference path ([`super::ops`]), as does the bilinear upsampling.
+//! normalisation runs on the host, and `prm eval` forms the cosine with the C class embeddings
+//! (`[T, E]·[E, C]`) and the bilinear upsampling on its finisher thread while the device runs the
+//! next image: the same host code as the reference path ([`super::ops`]), so the same bits.
 //!
 //! The attention kernels are written for head dim 64 (every CLIP tower): a model with another
 //! head dim is refused with a clear error.
