@@ -546,6 +546,8 @@ mod tests {
             (1200, 768, 64),
             (197, 7, 17),
             (3, 1, 16),
+            (9, 1, 40), // products of one pair: −0 sums show the start value
+            (16, 2, 33),
             (5, 64, 15),
             (2, 33, 1),
             (4, 8, 0),
