@@ -499,3 +499,115 @@ fn every_record_is_the_record_of_a_run_over_that_image_alone() {
         .collect();
     assert_eq!(failed, ["d1/img07.jpg", "d1/small.png", "d2/img05.jpg"]);
 }
+
+/// Tar-shard inputs: `prm eval --clean SHARD.tar` pairs each member with its output in either of
+/// `prm attack`'s layouts (an output tar per shard, or a directory per shard), label maps come
+/// from `LABELS/<shard>/<member stem>.png`, and the records are those of the same images
+/// evaluated as plain files.
+#[test]
+fn tar_shard_inputs_pair_with_either_output_layout() {
+    let t = tempfile::tempdir().unwrap();
+    let files = t.path().join("files");
+    let members = ["0001.png", "0002.jpg", "sub/0003.png"];
+    for (i, m) in members.iter().enumerate() {
+        write_image(
+            &files.join(m),
+            40 + 9 * i as u32,
+            33 + 5 * i as u32,
+            i as u32,
+        );
+    }
+    let shard = t.path().join("shard.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&shard).unwrap());
+    for m in members {
+        b.append_path_with_name(files.join(m), m).unwrap();
+    }
+    b.into_inner().unwrap();
+    let labels = t.path().join("labels");
+    for (i, m) in members.iter().enumerate() {
+        let im = image::open(files.join(m)).unwrap();
+        let (w, h) = (im.width() as usize, im.height() as usize);
+        let map: Vec<u16> = (0..w * h).map(|k| ((k / 7 + i) % 3) as u16).collect();
+        let rel = std::path::Path::new(m).with_extension("png");
+        for dir in [labels.join("shard"), labels.join("plain")] {
+            prm::eval::labels::write_label_png(&dir.join(&rel), w, h, &map).unwrap();
+        }
+    }
+    let names = t.path().join("classes.txt");
+    std::fs::write(&names, "sky\ntree\nroad\n").unwrap();
+    let eval_report = |clean: &Path, adv: &Path, labels: &Path, name: &str| {
+        let report = t.path().join(name);
+        let o = eval(&[
+            "--target",
+            "maskclip",
+            "--classes",
+            s(&names),
+            "--clean",
+            s(clean),
+            "--adv",
+            s(adv),
+            "--labels",
+            s(labels),
+            "--report",
+            s(&report),
+            "--device",
+            "cpu",
+        ]);
+        (o.status.code(), read_json(&report))
+    };
+    let mut by_layout = Vec::new();
+    for layout in ["tar", "tree"] {
+        let adv = t.path().join(format!("adv-{layout}"));
+        let o = prm(&[
+            "attack",
+            "--model",
+            "random:tiny",
+            "--input",
+            s(&shard),
+            "--output",
+            s(&adv),
+            "--output-layout",
+            layout,
+            "--preset",
+            "pgd",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "-q",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let (code, r) = eval_report(&shard, &adv, &labels, &format!("{layout}.json"));
+        assert_eq!(code, Some(0), "{layout}: {r}");
+        by_layout.push(r);
+    }
+    assert_eq!(by_layout[0]["per_image"], by_layout[1]["per_image"]);
+    let images: Vec<&str> = by_layout[0]["per_image"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["image"].as_str().unwrap())
+        .collect();
+    assert_eq!(images, members.map(|m| format!("shard.tar/{m}")));
+    // The same images as files, against the tree layout's outputs.
+    let (_, plain) = eval_report(
+        &files,
+        &t.path().join("adv-tree/shard"),
+        &labels.join("plain"),
+        "plain.json",
+    );
+    let values = |r: &Value| -> Vec<Value> {
+        let mut v: Vec<Value> = r["per_image"].as_array().unwrap().clone();
+        v.iter_mut().for_each(|x| {
+            x.as_object_mut().unwrap().remove("image");
+        });
+        v
+    };
+    assert_eq!(values(&by_layout[0]), values(&plain));
+    // A member without an output: a per-image error naming where it was looked for.
+    std::fs::remove_file(t.path().join("adv-tree/shard/0002.png")).unwrap();
+    let (code, r) = eval_report(&shard, &t.path().join("adv-tree"), &labels, "missing.json");
+    assert_eq!(code, Some(1));
+    let error = r["per_image"][1]["error"].as_str().unwrap();
+    assert!(error.contains("member 0002.png"), "{error}");
+}

@@ -30,10 +30,12 @@ pub struct EvalArgs {
     /// drift) or probe (a linear head given with --probe)
     #[arg(long, value_parser = TargetKind::parse)]
     target: TargetKind,
-    /// Directory of clean images (scanned recursively)
+    /// The clean images as given to `prm attack --input`: a directory (scanned recursively), a
+    /// list file, or tar shards (`shards/train-{000..009}.tar`)
     #[arg(long)]
     clean: PathBuf,
-    /// Directory of adversarial images: <adv>/<relative path with .png> (as prm attack writes)
+    /// The attack's output directory: <adv>/<relative path with .png>, or for tar inputs the
+    /// output shards (either of prm attack's layouts)
     #[arg(long)]
     adv: PathBuf,
     /// Class embeddings: a .safetensors with `class_embeddings` [C, E] and metadata `names`, or
@@ -172,8 +174,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             _ => bail!("--resolution {s}: use native or a positive size N"),
         },
     };
-    if !args.clean.is_dir() {
-        bail!("--clean {}: not a directory", args.clean.display());
+    if !args.clean.exists() && !prm::io::webdataset::is_tar_spec(&args.clean.to_string_lossy()) {
+        bail!(
+            "--clean {}: no such file or directory",
+            args.clean.display()
+        );
     }
     if !args.adv.is_dir() {
         bail!("--adv {}: not a directory", args.adv.display());

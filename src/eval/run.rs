@@ -23,8 +23,11 @@ use super::targets::{
 use super::text::ClassEmbeddings;
 use super::EvalError;
 use crate::attack::image::Planar;
+use crate::io::image::dynamic_to_rgb;
+use crate::io::webdataset::{Found, OutputLookup};
 use crate::io::{
-    list_inputs, output_rel_path, read_image, read_item, InputItem, RgbImage, DEFAULT_MAX_PIXELS,
+    list_inputs, output_rel_path, read_image, read_item, InputItem, OutputLayout, RgbImage,
+    DEFAULT_MAX_PIXELS,
 };
 use crate::reference::resize::bicubic_resize;
 use crate::viz::pictures::{
@@ -135,7 +138,9 @@ enum Inferred {
 /// What every stage needs to know about the run.
 struct Plan<'a> {
     settings: &'a EvalSettings,
-    adv_dir: &'a Path,
+    /// The adversarial images: the attack's output directory, in either layout (images in the
+    /// tree, or tar shards for tar inputs); each output tar's index is read once.
+    adv: OutputLookup,
     classes: Option<&'a ClassEmbeddings>,
     dense: bool,
 }
@@ -144,20 +149,36 @@ struct Plan<'a> {
 fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
     let rel = &item.rel;
     let clean = read_item(item, DEFAULT_MAX_PIXELS)?;
-    let adv_png = plan.adv_dir.join(output_rel_path(rel));
-    let adv_path = if adv_png.is_file() {
-        adv_png
-    } else {
-        plan.adv_dir.join(rel)
+    let adv_dir = plan.adv.dir();
+    let (adv_path, adv) = match plan.adv.find(item, None)? {
+        Some(found) => (
+            found_path(&found),
+            dynamic_to_rgb(&found.decode(DEFAULT_MAX_PIXELS)?),
+        ),
+        // An image of the clean one's own name (adversarial images made elsewhere).
+        None if item.member.is_none() && adv_dir.join(rel).is_file() => {
+            let p = adv_dir.join(rel);
+            (p.clone(), read_image(&p)?)
+        }
+        None => {
+            let expected = match &item.member {
+                Some(m) => format!(
+                    "member {} of {}, nor {}",
+                    output_rel_path(m.name()),
+                    adv_dir.join(&m.shard.rel).display(),
+                    adv_dir.join(OutputLayout::Tree.output_rel(item)).display()
+                ),
+                None => format!(
+                    "{} (nor {})",
+                    adv_dir.join(output_rel_path(rel)).display(),
+                    adv_dir.join(rel).display()
+                ),
+            };
+            return Err(EvalError::Usage(format!(
+                "no adversarial image for {rel}: {expected}"
+            )));
+        }
     };
-    if !adv_path.is_file() {
-        return Err(EvalError::Usage(format!(
-            "no adversarial image {} (nor {})",
-            plan.adv_dir.join(output_rel_path(rel)).display(),
-            plan.adv_dir.join(rel).display()
-        )));
-    }
-    let adv = read_image(&adv_path)?;
     if (adv.width, adv.height) != (clean.width, clean.height) {
         return Err(EvalError::Usage(format!(
             "{}: adversarial image is {}x{}, the clean one {}x{}",
@@ -172,7 +193,7 @@ fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
     // Labels before any work on the model, so a bad label file fails the image early.
     let labels = match (&plan.settings.labels, plan.dense) {
         (Some(dir), true) => {
-            let p = dir.join(output_rel_path(rel));
+            let p = dir.join(OutputLayout::Tree.output_rel(item));
             let (lw, lh, l) = read_label_png(&p)?;
             if (lw, lh) != (w, h) {
                 return Err(EvalError::Labels {
@@ -194,6 +215,14 @@ fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
         resized,
         labels,
     })
+}
+
+/// Where an adversarial image was found, for messages.
+fn found_path(found: &Found) -> PathBuf {
+    match found {
+        Found::File(p) => p.clone(),
+        Found::Member { tar, .. } => tar.clone(),
+    }
 }
 
 /// The engine's stage.
@@ -259,10 +288,11 @@ impl Finishing<'_> {
     fn finish(
         &self,
         tally: &mut Tally,
-        rel: &str,
+        item: &InputItem,
         pair: &Pair,
         inferred: Inferred,
     ) -> Result<serde_json::Map<String, Value>, EvalError> {
+        let (rel, out) = (item.rel.as_str(), OutputLayout::Tree.output_rel(item));
         let settings = self.plan.settings;
         let (cp, ap) = (pair.clean(), pair.adv());
         let (w, h) = (cp.width, cp.height);
@@ -276,17 +306,17 @@ impl Finishing<'_> {
                     clean.patch_logits(&c.embeddings),
                     adv.patch_logits(&c.embeddings),
                 );
-                self.finish_dense(tally, rel, pair, clean, adv, &mut values)?;
+                self.finish_dense(tally, item, pair, clean, adv, &mut values)?;
             }
             Inferred::Probe(clean, adv, grid) => {
                 let probe = settings.probe.as_ref().expect("a probe target");
                 let logits = |f: &[Vec<f32>]| probe_logits(probe, f, self.width, grid);
                 let (clean, adv) = (logits(&clean), logits(&adv));
                 if probe.dense {
-                    self.finish_dense(tally, rel, pair, clean, adv, &mut values)?;
+                    self.finish_dense(tally, item, pair, clean, adv, &mut values)?;
                 } else {
                     let (c, a) = (argmax(&clean.logits), argmax(&adv.logits));
-                    self.finish_class(tally, rel, pair, c, a, &mut values)?;
+                    self.finish_class(tally, item, pair, c, a, &mut values)?;
                 }
             }
             Inferred::Features(fc, fa) => {
@@ -305,7 +335,7 @@ impl Finishing<'_> {
                         d.last().map_or(f64::NAN, |x| x.0)
                     );
                     let picture = image_panels(header, &cp, &ap);
-                    write_picture(&dir.join(output_rel_path(rel)), &picture)?;
+                    write_picture(&dir.join(&out), &picture)?;
                 }
                 if tally.drift_sum.is_empty() {
                     tally.drift_sum = vec![(0.0, 0.0); d.len()];
@@ -318,7 +348,7 @@ impl Finishing<'_> {
                 tally.drift_n += 1;
             }
             Inferred::Class(c, a) => {
-                self.finish_class(tally, rel, pair, c, a, &mut values)?;
+                self.finish_class(tally, item, pair, c, a, &mut values)?;
             }
         }
         Ok(values)
@@ -329,12 +359,13 @@ impl Finishing<'_> {
     fn finish_class(
         &self,
         tally: &mut Tally,
-        rel: &str,
+        item: &InputItem,
         pair: &Pair,
         c: usize,
         a: usize,
         values: &mut serde_json::Map<String, Value>,
     ) -> Result<(), EvalError> {
+        let (rel, out) = (item.rel.as_str(), OutputLayout::Tree.output_rel(item));
         let settings = self.plan.settings;
         let target = settings.target;
         let (cp, ap) = (pair.clean(), pair.adv());
@@ -360,7 +391,7 @@ impl Finishing<'_> {
             let mut picture = image_panels(header, &cp, &ap);
             picture.panels[0].title = format!("clean: {}", name(c));
             picture.panels[1].title = format!("adversarial: {}", name(a));
-            write_picture(&dir.join(output_rel_path(rel)), &picture)?;
+            write_picture(&dir.join(&out), &picture)?;
         }
         tally.cls_pred.push((c, a, label));
         Ok(())
@@ -371,12 +402,13 @@ impl Finishing<'_> {
     fn finish_dense(
         &self,
         tally: &mut Tally,
-        rel: &str,
+        item: &InputItem,
         pair: &Pair,
         clean: PatchLogits,
         adv: PatchLogits,
         values: &mut serde_json::Map<String, Value>,
     ) -> Result<(), EvalError> {
+        let (rel, out) = (item.rel.as_str(), OutputLayout::Tree.output_rel(item));
         let settings = self.plan.settings;
         let target = settings.target;
         let (cp, ap) = (pair.clean(), pair.adv());
@@ -409,7 +441,6 @@ impl Finishing<'_> {
             img_gt = Some((mc, ma));
         }
         if let Some(dir) = &settings.save_predictions {
-            let out = output_rel_path(rel);
             write_label_png(&dir.join("clean").join(&out), w, h, &pc)?;
             write_label_png(&dir.join("adv").join(&out), w, h, &pa)?;
         }
@@ -431,7 +462,7 @@ impl Finishing<'_> {
                 });
             }
             picture.legend = legend_of(&[&pc, &pa], self.names);
-            write_picture(&dir.join(output_rel_path(rel)), &picture)?;
+            write_picture(&dir.join(&out), &picture)?;
         }
         tally.vs_clean.merge(&m);
         if let Some((mc, ma)) = img_gt {
@@ -561,7 +592,7 @@ pub fn evaluate(
 
     let plan = Plan {
         settings,
-        adv_dir,
+        adv: OutputLookup::new(adv_dir),
         classes,
         dense,
     };
@@ -591,8 +622,9 @@ pub fn evaluate(
         |pair| infer(engine, pair, &plan),
         |index, result| {
             let rel = items[index].rel.clone();
-            let result = result
-                .and_then(|(pair, inferred)| finishing.finish(&mut tally, &rel, &pair, inferred));
+            let result = result.and_then(|(pair, inferred)| {
+                finishing.finish(&mut tally, &items[index], &pair, inferred)
+            });
             match result {
                 Ok(values) => tally.records.push(ImageRecord {
                     image: rel,
