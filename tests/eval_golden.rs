@@ -262,6 +262,13 @@ fn targets_in_the_simulator_match_the_reference() {
             .map(|(x, y)| (x - y).abs())
             .fold(0.0f32, f32::max);
         assert!(err < 1e-4 * scale, "F_{l}: {err}");
+        // One layer alone (a probe's input) stops the forward there: the same bits.
+        let alone = gpu.layer_features(&im, l).unwrap();
+        assert!(
+            alone.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "F_{l} alone"
+        );
+        assert_eq!(reference.layer_features(&im, l).unwrap(), *a);
     }
     // bf16 products: close, not equal.
     let gb = GpuTargets::new(&dev, &model, Precision::Bf16).unwrap();

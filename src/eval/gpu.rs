@@ -396,6 +396,17 @@ impl EvalEngine for GpuTargets<'_> {
             .map(|f| self.dev().download(f))
             .collect::<Result<Vec<_>, _>>()?)
     }
+
+    /// Runs blocks 1..=layer only, and downloads that one layer.
+    fn layer_features(&self, image: &Planar, layer: usize) -> Result<Vec<f32>, EvalError> {
+        let (feats, ..) = self.forward(image, layer.min(self.model.config.layers))?;
+        Ok(self.dev().download(feats.get(layer).ok_or_else(|| {
+            EvalError::Usage(format!(
+                "feature layer {layer}: the model has F_0..F_{}",
+                self.model.config.layers
+            ))
+        })?)?)
+    }
 }
 
 /// The text tower on a device.

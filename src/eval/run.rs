@@ -126,9 +126,9 @@ enum Inferred {
     /// Token embeddings (dense targets), clean then adversarial: the finisher forms the cosine
     /// logits, off the engine's thread.
     Embeddings(TokenEmbeddings, TokenEmbeddings),
-    /// Features F_0..F_L of a probe target, clean then adversarial, and the patch grid the
-    /// model saw: the finisher applies the probe.
-    Probe(Vec<Vec<f32>>, Vec<Vec<f32>>, (usize, usize)),
+    /// The probe's feature layer, clean then adversarial, and the patch grid the model saw:
+    /// the finisher applies the probe.
+    Probe(Vec<f32>, Vec<f32>, (usize, usize)),
     /// F_0..F_L, clean then adversarial.
     Features(Vec<Vec<f32>>, Vec<Vec<f32>>),
     /// The predicted class, clean then adversarial.
@@ -230,10 +230,10 @@ fn infer(engine: &dyn EvalEngine, pair: &Pair, plan: &Plan) -> Result<Inferred, 
     let settings = plan.settings;
     let (clean, adv) = pair.model_inputs(settings.resolution);
     let patch = engine.model().config.patch;
-    if settings.probe.is_some() {
+    if let Some(probe) = &settings.probe {
         Ok(Inferred::Probe(
-            engine.features(&clean)?,
-            engine.features(&adv)?,
+            engine.layer_features(&clean, probe.layer)?,
+            engine.layer_features(&adv, probe.layer)?,
             (clean.height / patch, clean.width / patch),
         ))
     } else if plan.dense {
@@ -310,7 +310,7 @@ impl Finishing<'_> {
             }
             Inferred::Probe(clean, adv, grid) => {
                 let probe = settings.probe.as_ref().expect("a probe target");
-                let logits = |f: &[Vec<f32>]| probe_logits(probe, f, self.width, grid);
+                let logits = |f: &[f32]| probe_logits(probe, f, self.width, grid);
                 let (clean, adv) = (logits(&clean), logits(&adv));
                 if probe.dense {
                     self.finish_dense(tally, item, pair, clean, adv, &mut values)?;

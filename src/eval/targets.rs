@@ -160,6 +160,11 @@ pub trait EvalEngine {
 
     /// F_0..F_L, each `[T, D]`.
     fn features(&self, image: &Planar) -> Result<Vec<Vec<f32>>, EvalError>;
+
+    /// F_layer alone, `[T, D]` (a probe's input). An engine may stop its forward there.
+    fn layer_features(&self, image: &Planar, layer: usize) -> Result<Vec<f32>, EvalError> {
+        Ok(self.features(image)?.swap_remove(layer))
+    }
 }
 
 /// The projection or a clear error when the checkpoint has none.
@@ -317,15 +322,9 @@ impl EvalEngine for ReferenceTargets<'_> {
     }
 }
 
-/// Logits of a probe on the tokens of one feature layer: dense → `[gh·gw, K]` over the patch
-/// tokens; otherwise `[1, K]` from the CLS token.
-pub fn probe_logits(
-    probe: &Probe,
-    features: &[Vec<f32>],
-    width: usize,
-    grid: (usize, usize),
-) -> PatchLogits {
-    let f = &features[probe.layer];
+/// Logits of a probe on the tokens `f [T, D]` of its feature layer (F_`probe.layer`): dense →
+/// `[gh·gw, K]` over the patch tokens; otherwise `[1, K]` from the CLS token.
+pub fn probe_logits(probe: &Probe, f: &[f32], width: usize, grid: (usize, usize)) -> PatchLogits {
     let l = crate::model::Linear {
         weight: probe.weight.clone(),
         bias: probe.bias.clone(),
