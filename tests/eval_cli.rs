@@ -406,6 +406,26 @@ fn bad_input_exit_codes() {
     assert_eq!(r["per_image"][0]["status"], "error");
 }
 
+/// `prm eval --target maskclip` on the CPU with class names, ground-truth labels and a report.
+fn eval_maskclip(names: &Path, clean: &Path, adv: &Path, labels: &Path, report: &Path) -> Output {
+    eval(&[
+        "--target",
+        "maskclip",
+        "--classes",
+        s(names),
+        "--clean",
+        s(clean),
+        "--adv",
+        s(adv),
+        "--labels",
+        s(labels),
+        "--report",
+        s(report),
+        "--device",
+        "cpu",
+    ])
+}
+
 /// `prm eval` reads, runs the model and finishes images on three threads at once; each image's
 /// record must be the one a run over that image alone gives, in input order, failures included
 /// (a missing adversarial image and a label map of the wrong size fail when read, an image
@@ -451,24 +471,7 @@ fn every_record_is_the_record_of_a_run_over_that_image_alone() {
     }
     let names = t.path().join("classes.txt");
     std::fs::write(&names, "sky\ntree\nroad\nwall\n").unwrap();
-    let run = |clean: &Path, report: &Path| {
-        eval(&[
-            "--target",
-            "maskclip",
-            "--classes",
-            s(&names),
-            "--clean",
-            s(clean),
-            "--adv",
-            s(&adv),
-            "--labels",
-            s(&labels),
-            "--report",
-            s(report),
-            "--device",
-            "cpu",
-        ])
-    };
+    let run = |clean: &Path, report: &Path| eval_maskclip(&names, clean, &adv, &labels, report);
     let all = t.path().join("all.json");
     let o = run(&clean, &all);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
@@ -537,22 +540,7 @@ fn tar_shard_inputs_pair_with_either_output_layout() {
     std::fs::write(&names, "sky\ntree\nroad\n").unwrap();
     let eval_report = |clean: &Path, adv: &Path, labels: &Path, name: &str| {
         let report = t.path().join(name);
-        let o = eval(&[
-            "--target",
-            "maskclip",
-            "--classes",
-            s(&names),
-            "--clean",
-            s(clean),
-            "--adv",
-            s(adv),
-            "--labels",
-            s(labels),
-            "--report",
-            s(&report),
-            "--device",
-            "cpu",
-        ]);
+        let o = eval_maskclip(&names, clean, adv, labels, &report);
         (o.status.code(), read_json(&report))
     };
     let mut by_layout = Vec::new();

@@ -24,7 +24,7 @@ use super::text::ClassEmbeddings;
 use super::EvalError;
 use crate::attack::image::Planar;
 use crate::io::image::dynamic_to_rgb;
-use crate::io::webdataset::{Found, OutputLookup};
+use crate::io::webdataset::OutputLookup;
 use crate::io::{
     list_inputs, output_rel_path, read_image, read_item, InputItem, OutputLayout, RgbImage,
     DEFAULT_MAX_PIXELS,
@@ -152,7 +152,7 @@ fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
     let adv_dir = plan.adv.dir();
     let (adv_path, adv) = match plan.adv.find(item, None)? {
         Some(found) => (
-            found_path(&found),
+            adv_dir.join(found.name(item, adv_dir)),
             dynamic_to_rgb(&found.decode(DEFAULT_MAX_PIXELS)?),
         ),
         // An image of the clean one's own name (adversarial images made elsewhere).
@@ -217,14 +217,6 @@ fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
     })
 }
 
-/// Where an adversarial image was found, for messages.
-fn found_path(found: &Found) -> PathBuf {
-    match found {
-        Found::File(p) => p.clone(),
-        Found::Member { tar, .. } => tar.clone(),
-    }
-}
-
 /// The engine's stage.
 fn infer(engine: &dyn EvalEngine, pair: &Pair, plan: &Plan) -> Result<Inferred, EvalError> {
     let settings = plan.settings;
@@ -283,6 +275,17 @@ struct Finishing<'a> {
     width: usize,
 }
 
+/// One image as the finisher writes about it: its name in records and headers, the path of
+/// its files under an output directory, and the pair with its labels.
+struct Named<'a> {
+    rel: &'a str,
+    out: String,
+    clean: Planar<'a>,
+    adv: Planar<'a>,
+    /// Dense targets with `--labels`: the label file and its map.
+    labels: Option<&'a (PathBuf, Vec<u32>)>,
+}
+
 impl Finishing<'_> {
     /// One image's record values; adds to the totals only when nothing failed.
     fn finish(
@@ -292,9 +295,15 @@ impl Finishing<'_> {
         pair: &Pair,
         inferred: Inferred,
     ) -> Result<serde_json::Map<String, Value>, EvalError> {
-        let (rel, out) = (item.rel.as_str(), OutputLayout::Tree.output_rel(item));
+        let image = Named {
+            rel: &item.rel,
+            out: OutputLayout::Tree.output_rel(item),
+            clean: pair.clean(),
+            adv: pair.adv(),
+            labels: pair.labels.as_ref(),
+        };
+        let (rel, out, cp, ap) = (image.rel, &image.out, &image.clean, &image.adv);
         let settings = self.plan.settings;
-        let (cp, ap) = (pair.clean(), pair.adv());
         let (w, h) = (cp.width, cp.height);
         let mut values = serde_json::Map::new();
         values.insert("width".into(), json!(w));
@@ -306,17 +315,17 @@ impl Finishing<'_> {
                     clean.patch_logits(&c.embeddings),
                     adv.patch_logits(&c.embeddings),
                 );
-                self.finish_dense(tally, item, pair, clean, adv, &mut values)?;
+                self.finish_dense(tally, &image, clean, adv, &mut values)?;
             }
             Inferred::Probe(clean, adv, grid) => {
                 let probe = settings.probe.as_ref().expect("a probe target");
                 let logits = |f: &[f32]| probe_logits(probe, f, self.width, grid);
                 let (clean, adv) = (logits(&clean), logits(&adv));
                 if probe.dense {
-                    self.finish_dense(tally, item, pair, clean, adv, &mut values)?;
+                    self.finish_dense(tally, &image, clean, adv, &mut values)?;
                 } else {
                     let (c, a) = (argmax(&clean.logits), argmax(&adv.logits));
-                    self.finish_class(tally, item, pair, c, a, &mut values)?;
+                    self.finish_class(tally, &image, c, a, &mut values)?;
                 }
             }
             Inferred::Features(fc, fa) => {
@@ -334,8 +343,8 @@ impl Finishing<'_> {
                         "{rel} · features · last-layer token cosine {:.4}",
                         d.last().map_or(f64::NAN, |x| x.0)
                     );
-                    let picture = image_panels(header, &cp, &ap);
-                    write_picture(&dir.join(&out), &picture)?;
+                    let picture = image_panels(header, cp, ap);
+                    write_picture(&dir.join(out), &picture)?;
                 }
                 if tally.drift_sum.is_empty() {
                     tally.drift_sum = vec![(0.0, 0.0); d.len()];
@@ -348,7 +357,7 @@ impl Finishing<'_> {
                 tally.drift_n += 1;
             }
             Inferred::Class(c, a) => {
-                self.finish_class(tally, item, pair, c, a, &mut values)?;
+                self.finish_class(tally, &image, c, a, &mut values)?;
             }
         }
         Ok(values)
@@ -359,16 +368,14 @@ impl Finishing<'_> {
     fn finish_class(
         &self,
         tally: &mut Tally,
-        item: &InputItem,
-        pair: &Pair,
+        image: &Named,
         c: usize,
         a: usize,
         values: &mut serde_json::Map<String, Value>,
     ) -> Result<(), EvalError> {
-        let (rel, out) = (item.rel.as_str(), OutputLayout::Tree.output_rel(item));
+        let (rel, out, cp, ap) = (image.rel, &image.out, &image.clean, &image.adv);
         let settings = self.plan.settings;
         let target = settings.target;
-        let (cp, ap) = (pair.clean(), pair.adv());
         let names = self.names;
         let label = self.class_labels.and_then(|m| m.get(rel).copied());
         values.insert("clean_class".into(), json!(names.get(c)));
@@ -388,10 +395,10 @@ impl Finishing<'_> {
                     "prediction changed"
                 }
             );
-            let mut picture = image_panels(header, &cp, &ap);
+            let mut picture = image_panels(header, cp, ap);
             picture.panels[0].title = format!("clean: {}", name(c));
             picture.panels[1].title = format!("adversarial: {}", name(a));
-            write_picture(&dir.join(&out), &picture)?;
+            write_picture(&dir.join(out), &picture)?;
         }
         tally.cls_pred.push((c, a, label));
         Ok(())
@@ -402,16 +409,14 @@ impl Finishing<'_> {
     fn finish_dense(
         &self,
         tally: &mut Tally,
-        item: &InputItem,
-        pair: &Pair,
+        image: &Named,
         clean: PatchLogits,
         adv: PatchLogits,
         values: &mut serde_json::Map<String, Value>,
     ) -> Result<(), EvalError> {
-        let (rel, out) = (item.rel.as_str(), OutputLayout::Tree.output_rel(item));
+        let (rel, out, cp, ap) = (image.rel, &image.out, &image.clean, &image.adv);
         let settings = self.plan.settings;
         let target = settings.target;
-        let (cp, ap) = (pair.clean(), pair.adv());
         let (w, h) = (cp.width, cp.height);
         // Label maps at the image's native size, whatever size the model saw.
         let map = |l: PatchLogits| upsample_argmax(&l.logits, l.grid_h, l.grid_w, l.classes, h, w);
@@ -424,7 +429,7 @@ impl Finishing<'_> {
         values.insert("miou_adv_vs_clean".into(), opt(s.miou));
         values.insert("pixel_agreement".into(), opt(s.pixel_accuracy));
         let mut img_gt = None;
-        if let Some((p, l)) = &pair.labels {
+        if let Some((p, l)) = image.labels {
             let mut mc = Confusion::new(self.n_classes);
             let mut ma = Confusion::new(self.n_classes);
             let lab = |e: super::metrics::LabelError| EvalError::Labels {
@@ -441,8 +446,8 @@ impl Finishing<'_> {
             img_gt = Some((mc, ma));
         }
         if let Some(dir) = &settings.save_predictions {
-            write_label_png(&dir.join("clean").join(&out), w, h, &pc)?;
-            write_label_png(&dir.join("adv").join(&out), w, h, &pa)?;
+            write_label_png(&dir.join("clean").join(out), w, h, &pc)?;
+            write_label_png(&dir.join("adv").join(out), w, h, &pa)?;
         }
         if let Some(dir) = &settings.pictures {
             let header = format!(
@@ -451,7 +456,7 @@ impl Finishing<'_> {
                 percent(s.miou),
                 percent(s.pixel_accuracy)
             );
-            let mut picture = image_panels(header, &cp, &ap);
+            let mut picture = image_panels(header, cp, ap);
             for (title, map) in [("clean", &pc), ("adversarial", &pa)] {
                 picture.panels.push(Panel {
                     title: format!("{title} {}", target.name()),
@@ -462,7 +467,7 @@ impl Finishing<'_> {
                 });
             }
             picture.legend = legend_of(&[&pc, &pa], self.names);
-            write_picture(&dir.join(&out), &picture)?;
+            write_picture(&dir.join(out), &picture)?;
         }
         tally.vs_clean.merge(&m);
         if let Some((mc, ma)) = img_gt {

@@ -17,7 +17,7 @@ use super::image::{dynamic_to_rgb, read_item, DEFAULT_MAX_PIXELS};
 use super::inputs::{list_inputs_with, output_rel_path, InputItem, ListOptions};
 use super::manifest::{read_manifest_detailed, Status, MANIFEST_FILE};
 use super::output::{clean_255, interleaved_to_planar, linf_255};
-use super::webdataset::{Found, OutputLookup};
+use super::webdataset::OutputLookup;
 use super::IoError;
 
 /// Options of [`verify_with`].
@@ -232,20 +232,6 @@ pub fn verify_with(
 /// (L∞ when measured, the output's size when decoded, the violation if any).
 type PairResult = (Option<f64>, Option<(usize, usize)>, Option<Violation>);
 
-/// The output's name for messages: relative to the output directory, or `<shard>.tar/<member>`.
-fn found_name(found: &Found, item: &InputItem, adv: &Path) -> String {
-    match (found, &item.member) {
-        (Found::Member { .. }, Some(m)) => {
-            format!("{}/{}", m.shard.rel, output_rel_path(m.name()))
-        }
-        (Found::File(p), _) => p
-            .strip_prefix(adv)
-            .map(|r| r.to_string_lossy().replace('\\', "/"))
-            .unwrap_or_else(|_| p.display().to_string()),
-        (Found::Member { tar, .. }, None) => tar.display().to_string(),
-    }
-}
-
 /// Compares one pair; `Ok((linf, size))` when it passes, otherwise the violation (with the L∞
 /// and the output's size if they could be measured).
 #[allow(clippy::type_complexity)]
@@ -296,7 +282,7 @@ fn check_pair(
             ))
         }
     };
-    let out_rel = found_name(&found, item, adv_dir);
+    let out_rel = found.name(item, adv_dir);
     let out_rel = out_rel.as_str();
     let adv = found.decode(max_pixels).map_err(|e| {
         (

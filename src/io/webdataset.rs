@@ -477,6 +477,21 @@ impl Found {
         }
     }
 
+    /// The output's name for messages: relative to the output directory `dir`, or
+    /// `<shard>.tar/<member>` for `item`'s member of an output tar.
+    pub fn name(&self, item: &super::InputItem, dir: &Path) -> String {
+        match (self, &item.member) {
+            (Found::Member { .. }, Some(m)) => {
+                format!("{}/{}", m.shard.rel, super::output_rel_path(m.name()))
+            }
+            (Found::File(p), _) => p
+                .strip_prefix(dir)
+                .map(|r| r.to_string_lossy().replace('\\', "/"))
+                .unwrap_or_else(|_| p.display().to_string()),
+            (Found::Member { tar, .. }, None) => tar.display().to_string(),
+        }
+    }
+
     /// Reads the output's bytes.
     pub fn bytes(&self) -> Result<Vec<u8>, IoError> {
         match self {
