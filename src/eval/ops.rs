@@ -365,11 +365,12 @@ fn contenders(corners: [&[f32]; 4]) -> Option<Vec<u32>> {
         (low - r, high + r)
     };
     let classes = corners[0].len();
-    let floor = (0..classes)
-        .map(|c| bounds(c).0)
-        .fold(f64::NEG_INFINITY, f64::max);
+    let bounds: Vec<(f64, f64)> = (0..classes).map(bounds).collect();
+    let floor = bounds
+        .iter()
+        .fold(f64::NEG_INFINITY, |l, &(low, _)| l.max(low));
     let candidates: Vec<u32> = (0..classes)
-        .filter(|&c| bounds(c).1 >= floor)
+        .filter(|&c| bounds[c].1 >= floor)
         .map(|c| c as u32)
         .collect();
     // Past a quarter of the classes, forming every value (vectorised) is the faster way.
