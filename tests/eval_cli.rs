@@ -599,3 +599,215 @@ fn tar_shard_inputs_pair_with_either_output_layout() {
     let error = r["per_image"][1]["error"].as_str().unwrap();
     assert!(error.contains("member 0002.png"), "{error}");
 }
+
+/// `--labels member:EXT`: each image's label is the member `<key>.EXT` of its own sample in the
+/// clean shard (WebDataset's `seg.png` maps and `cls` classes), wherever it lies in the tar, and
+/// gives the records that the same labels as files give. Bad label members are per-image
+/// errors; a source that cannot work is a usage error before any image.
+#[test]
+fn label_members_of_the_clean_shards_label_their_samples() {
+    let t = tempfile::tempdir().unwrap();
+    let files = t.path().join("files");
+    let labels_dir = t.path().join("labels");
+    let keys = ["0001", "0002", "sub/0003"];
+    let classes = ["tree", "2", " sky\n"];
+    let shard = t.path().join("shard.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&shard).unwrap());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    for (i, key) in keys.iter().enumerate() {
+        let image = files.join(format!("{key}.png"));
+        let (w, h) = (40 + 9 * i, 33 + 5 * i);
+        write_image(&image, w as u32, h as u32, i as u32);
+        let map: Vec<u16> = (0..w * h).map(|k| ((k / 5 + i) % 3) as u16).collect();
+        let label = labels_dir.join("shard").join(format!("{key}.png"));
+        prm::eval::labels::write_label_png(&label, w, h, &map).unwrap();
+        let (image, label) = (std::fs::read(image).unwrap(), std::fs::read(label).unwrap());
+        // The first sample's label members come before its image, the others' after.
+        if i == 0 {
+            add(&format!("{key}.seg.png"), &label);
+            add(&format!("{key}.cls"), classes[i].as_bytes());
+            add(&format!("{key}.png"), &image);
+        } else {
+            add(&format!("{key}.png"), &image);
+            add(&format!("{key}.json"), b"{}");
+            add(&format!("{key}.SEG.PNG"), &label);
+            add(&format!("{key}.cls"), classes[i].as_bytes());
+        }
+    }
+    b.into_inner().unwrap();
+    let adv = t.path().join("adv");
+    attack_tiny(&shard, &adv, 1);
+    let names = t.path().join("classes.txt");
+    std::fs::write(&names, "sky\ntree\nroad\n").unwrap();
+    let run = |target: &str, labels: &str, report: &str| {
+        let report = t.path().join(report);
+        let o = eval(&[
+            "--target",
+            target,
+            "--classes",
+            s(&names),
+            "--clean",
+            s(&shard),
+            "--adv",
+            s(&adv),
+            "--labels",
+            labels,
+            "--report",
+            s(&report),
+            "--device",
+            "cpu",
+        ]);
+        let r = report.is_file().then(|| read_json(&report));
+        (o, r)
+    };
+    let without_source = |mut r: Value| {
+        r.as_object_mut().unwrap().remove("label_source");
+        r
+    };
+    // Label maps.
+    let (o, members) = run("maskclip", "member:seg.png", "m.json");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let members = members.unwrap();
+    assert_eq!(members["label_source"], "member:seg.png");
+    assert!(members["miou_clean"].is_number());
+    let (o, files_report) = run("maskclip", s(&labels_dir), "f.json");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        without_source(members),
+        without_source(files_report.unwrap())
+    );
+    // Classes, by name and by index, against the same classes in a list file.
+    let list = t.path().join("labels.txt");
+    let lines: Vec<String> = keys
+        .iter()
+        .zip(classes)
+        .map(|(k, c)| format!("shard.tar/{k}.png {}", c.trim()))
+        .collect();
+    std::fs::write(&list, lines.join("\n")).unwrap();
+    let (o, members) = run("zeroshot", "member:cls", "zm.json");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let members = members.unwrap();
+    assert_eq!(members["labelled_images"], 3);
+    let labels: Vec<&str> = members["per_image"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["tree", "road", "sky"]);
+    let (o, listed) = run("zeroshot", s(&list), "zl.json");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(without_source(members), without_source(listed.unwrap()));
+
+    // Per-image errors: a sample without its label map, a class that is not one.
+    let broken = t.path().join("broken.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&broken).unwrap());
+    let mut input = tar::Archive::new(std::fs::File::open(&shard).unwrap());
+    for entry in input.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+        if name == "0002.SEG.PNG" {
+            continue;
+        }
+        if name == "sub/0003.cls" {
+            data = b"zebra".to_vec();
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, &name, &data[..]).unwrap();
+    }
+    b.into_inner().unwrap();
+    std::fs::rename(adv.join("shard.tar"), adv.join("broken.tar")).unwrap();
+    let run_broken = |target: &str, labels: &str| {
+        let report = t.path().join(format!("broken-{target}.json"));
+        let o = eval(&[
+            "--target",
+            target,
+            "--classes",
+            s(&names),
+            "--clean",
+            s(&broken),
+            "--adv",
+            s(&adv),
+            "--labels",
+            labels,
+            "--report",
+            s(&report),
+            "--device",
+            "cpu",
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let r = read_json(&report);
+        let errors: Vec<String> = r["per_image"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["error"].as_str().unwrap_or("").to_string())
+            .collect();
+        errors
+    };
+    let errors = run_broken("maskclip", "member:seg.png");
+    assert!(errors[0].is_empty() && errors[2].is_empty(), "{errors:?}");
+    assert!(
+        errors[1].contains("broken.tar/0002.seg.png") && errors[1].contains("no such member"),
+        "{}",
+        errors[1]
+    );
+    let errors = run_broken("zeroshot", "member:cls");
+    assert!(errors[0].is_empty() && errors[1].is_empty(), "{errors:?}");
+    assert!(
+        errors[2].contains("broken.tar/sub/0003.cls") && errors[2].contains("zebra"),
+        "{}",
+        errors[2]
+    );
+
+    // Usage errors (exit 2), before any image: no member has the extension; plain-file inputs;
+    // an image extension; the features target.
+    let (o, _) = run("maskclip", "member:seg.npy", "u1.json");
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("seg.npy") && e.contains("cls, json, png"), "{e}");
+    let o = eval(&[
+        "--target",
+        "maskclip",
+        "--classes",
+        s(&names),
+        "--clean",
+        s(&files),
+        "--adv",
+        s(&adv),
+        "--labels",
+        "member:seg.png",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("tar shards"), "{}", stderr(&o));
+    let (o, _) = run("maskclip", "member:png", "u3.json");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("images"), "{}", stderr(&o));
+    let o = eval(&[
+        "--target",
+        "features",
+        "--clean",
+        s(&shard),
+        "--adv",
+        s(&adv),
+        "--labels",
+        "member:cls",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("takes no labels"), "{}", stderr(&o));
+}

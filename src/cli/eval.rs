@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::Args;
 use prm::eval::gpu::{GpuTargets, GpuText};
+use prm::eval::ground_truth::LabelSource;
 use prm::eval::run::{evaluate, markdown_summary, EvalSettings};
 use prm::eval::targets::{read_probe, TargetKind};
 use prm::eval::text::{
@@ -50,9 +51,11 @@ pub struct EvalArgs {
     #[arg(long)]
     single_template: bool,
     /// Ground truth: a directory of class-index PNGs (segmentation, same relative paths with
-    /// .png), or for zeroshot a text file of `<relative path> <class name or index>` lines
-    #[arg(long)]
-    labels: Option<PathBuf>,
+    /// .png), or for zeroshot a text file of `<relative path> <class name or index>` lines; or
+    /// member:EXT, the member <key>.EXT of each image's sample in the clean tar shards
+    /// (member:seg.png label maps, member:cls class names or indices)
+    #[arg(long, value_parser = LabelSource::parse)]
+    labels: Option<LabelSource>,
     /// Label value that is not counted
     #[arg(long, default_value_t = 255)]
     ignore_index: u32,
@@ -183,7 +186,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if !args.adv.is_dir() {
         bail!("--adv {}: not a directory", args.adv.display());
     }
-    if let Some(l) = &args.labels {
+    if let Some(LabelSource::Path(l)) = &args.labels {
         if !l.exists() {
             bail!("--labels {}: no such file or directory", l.display());
         }

@@ -152,22 +152,26 @@ pub fn read_class_labels(
             .split_once(['\t', ','])
             .or_else(|| line.split_once(' '))
             .ok_or_else(|| bad("expected `<relative path> <class>`".into()))?;
-        let class = class.trim();
-        let idx = match names.iter().position(|n| n == class) {
-            Some(k) => k,
-            None => match class.parse::<usize>() {
-                Ok(k) if k < names.len() => k,
-                _ => {
-                    return Err(bad(format!(
-                        "`{class}` is neither a class name nor an index below {}",
-                        names.len()
-                    )))
-                }
-            },
-        };
+        let idx = class_index(class, names).map_err(bad)?;
         map.insert(rel.trim().replace('\\', "/"), idx);
     }
     Ok(map)
+}
+
+/// A class given as a name from the class list or as an index into it (surrounding white space
+/// ignored).
+pub fn class_index(class: &str, names: &[String]) -> Result<usize, String> {
+    let class = class.trim();
+    if let Some(k) = names.iter().position(|n| n == class) {
+        return Ok(k);
+    }
+    match class.parse::<usize>() {
+        Ok(k) if k < names.len() => Ok(k),
+        _ => Err(format!(
+            "`{class}` is neither a class name nor an index below {}",
+            names.len()
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -8,10 +8,12 @@
 //! - [`text`]: the CLIP text tower and `--classes` (safetensors embeddings or names + prompts);
 //! - [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate;
 //! - [`metrics`]: confusion matrices, mIoU, pixel accuracy, fwIoU, top-1;
+//! - [`ground_truth`]: where `--labels` reads from (files, or members of the clean tar shards);
 //! - [`labels`]: label PNGs in, prediction PNGs out;
 //! - [`run`]: a whole evaluation over a clean and an adversarial directory, and its report.
 
 pub mod gpu;
+pub mod ground_truth;
 pub mod labels;
 pub mod metrics;
 pub mod ops;

@@ -3,8 +3,10 @@
 //!
 //! Pairing: for a clean image at relative path `rel`, the adversarial image is
 //! `ADV/<rel with its extension replaced by .png>` (what `prm attack` writes), or `ADV/<rel>` when
-//! that does not exist. Labels (dense targets) are `LABELS/<rel with .png>`. A missing or bad
-//! adversarial image or label is a per-image error: recorded, never fatal to the run.
+//! that does not exist (a tar member's is found in either output layout). Labels (dense targets)
+//! are `LABELS/<rel with .png>`, or with `--labels member:EXT` the member `<key>.EXT` of the
+//! image's sample in its clean shard ([`super::ground_truth`]). A missing or bad adversarial
+//! image or label is a per-image error: recorded, never fatal to the run.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::ground_truth::{LabelSource, MemberLabels};
 use super::labels::{read_label_png, write_label_png};
 use super::metrics::{top1, Confusion};
 use super::ops::{argmax, dot_logits, upsample_argmax};
@@ -41,8 +44,9 @@ pub struct EvalSettings {
     /// `None`: native resolution; `Some(n)`: the image is resized (bicubic) to n×n first.
     pub resolution: Option<usize>,
     pub ignore_index: u32,
-    /// Dense targets: a directory of label PNGs; zeroshot / probe(cls): a label list file.
-    pub labels: Option<PathBuf>,
+    /// Ground truth: for dense targets a directory of label PNGs, for zeroshot / probe(cls) a
+    /// label list file; or for either, members of the clean tar shards.
+    pub labels: Option<LabelSource>,
     pub save_predictions: Option<PathBuf>,
     /// Write a picture grid per image: `DIR/<rel with .png>` (see [`crate::viz::pictures`]).
     pub pictures: Option<PathBuf>,
@@ -79,6 +83,8 @@ struct Pair {
     resized: Option<(Vec<f32>, Vec<f32>)>,
     /// Dense targets with `--labels`: the label file and its map, checked against the size.
     labels: Option<(PathBuf, Vec<u32>)>,
+    /// Classification with `--labels member:EXT`: the class its sample's member names.
+    class_label: Option<usize>,
 }
 
 impl Pair {
@@ -142,6 +148,10 @@ struct Plan<'a> {
     /// tree, or tar shards for tar inputs); each output tar's index is read once.
     adv: OutputLookup,
     classes: Option<&'a ClassEmbeddings>,
+    /// The class names, for class-label members.
+    names: &'a [String],
+    /// `--labels member:EXT`: the clean shards' label members.
+    member_labels: Option<MemberLabels>,
     dense: bool,
 }
 
@@ -191,10 +201,20 @@ fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
     }
     let (w, h) = (clean.width, clean.height);
     // Labels before any work on the model, so a bad label file fails the image early.
-    let labels = match (&plan.settings.labels, plan.dense) {
-        (Some(dir), true) => {
-            let p = dir.join(OutputLayout::Tree.output_rel(item));
-            let (lw, lh, l) = read_label_png(&p)?;
+    let (mut labels, mut class_label) = (None, None);
+    if let Some(members) = &plan.member_labels {
+        if plan.dense {
+            labels = Some(members.read_map(item)?);
+        } else {
+            class_label = Some(members.read_class(item, plan.names)?);
+        }
+    } else if let (Some(LabelSource::Path(dir)), true) = (&plan.settings.labels, plan.dense) {
+        let p = dir.join(OutputLayout::Tree.output_rel(item));
+        let (lw, lh, l) = read_label_png(&p)?;
+        labels = Some((p, lw, lh, l));
+    }
+    let labels = match labels {
+        Some((p, lw, lh, l)) => {
             if (lw, lh) != (w, h) {
                 return Err(EvalError::Labels {
                     path: p,
@@ -203,7 +223,7 @@ fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
             }
             Some((p, l))
         }
-        _ => None,
+        None => None,
     };
     let resized = plan.settings.resolution.map(|n| {
         let resize = |im: &RgbImage| bicubic_resize(&im.data, 3, h, w, n, n);
@@ -214,6 +234,7 @@ fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
         adv,
         resized,
         labels,
+        class_label,
     })
 }
 
@@ -284,6 +305,8 @@ struct Named<'a> {
     adv: Planar<'a>,
     /// Dense targets with `--labels`: the label file and its map.
     labels: Option<&'a (PathBuf, Vec<u32>)>,
+    /// Classification with `--labels member:EXT`: the sample's class.
+    class_label: Option<usize>,
 }
 
 impl Finishing<'_> {
@@ -301,6 +324,7 @@ impl Finishing<'_> {
             clean: pair.clean(),
             adv: pair.adv(),
             labels: pair.labels.as_ref(),
+            class_label: pair.class_label,
         };
         let (rel, out, cp, ap) = (image.rel, &image.out, &image.clean, &image.adv);
         let settings = self.plan.settings;
@@ -377,7 +401,9 @@ impl Finishing<'_> {
         let settings = self.plan.settings;
         let target = settings.target;
         let names = self.names;
-        let label = self.class_labels.and_then(|m| m.get(rel).copied());
+        let label = image
+            .class_label
+            .or_else(|| self.class_labels.and_then(|m| m.get(rel).copied()));
         values.insert("clean_class".into(), json!(names.get(c)));
         values.insert("adv_class".into(), json!(names.get(a)));
         values.insert("agree".into(), json!(c == a));
@@ -577,16 +603,14 @@ pub fn evaluate(
     }
     // Classification labels for zeroshot / CLS probes.
     let class_labels: Option<HashMap<String, usize>> = match (&settings.labels, dense) {
-        (Some(p), false) if target != TargetKind::Features => {
-            Some(super::labels::read_class_labels(p, &names)?)
-        }
-        (Some(p), false) => {
+        (Some(l), false) if target == TargetKind::Features => {
             return Err(EvalError::Usage(format!(
                 "--labels {}: the features target takes no labels",
-                p.display()
+                l.describe()
             )))
         }
-        (Some(p), true) if !p.is_dir() => {
+        (Some(LabelSource::Path(p)), false) => Some(super::labels::read_class_labels(p, &names)?),
+        (Some(LabelSource::Path(p)), true) if !p.is_dir() => {
             return Err(EvalError::Usage(format!(
                 "--labels {}: dense targets need a directory of label PNGs",
                 p.display()
@@ -595,10 +619,16 @@ pub fn evaluate(
         _ => None,
     };
 
+    let member_labels = match &settings.labels {
+        Some(LabelSource::Member(ext)) => Some(MemberLabels::index(ext, &items)?),
+        _ => None,
+    };
     let plan = Plan {
         settings,
         adv: OutputLookup::new(adv_dir),
         classes,
+        names: &names,
+        member_labels,
         dense,
     };
     let mut tally = Tally {
@@ -678,6 +708,9 @@ pub fn evaluate(
     if let Some(c) = classes {
         report.insert("class_source".into(), json!(c.source));
     }
+    if let Some(l) = &settings.labels {
+        report.insert("label_source".into(), json!(l.describe()));
+    }
     if dense {
         let s = vs_clean.scores();
         report.insert("miou_adv_vs_clean".into(), opt(s.miou));
@@ -719,7 +752,7 @@ pub fn evaluate(
             "top1_agreement".into(),
             opt((n > 0).then(|| agree as f64 / n as f64)),
         );
-        if class_labels.is_some() {
+        if settings.labels.is_some() {
             let labels: Vec<Option<usize>> = cls_pred.iter().map(|x| x.2).collect();
             let clean: Vec<usize> = cls_pred.iter().map(|x| x.0).collect();
             let adv: Vec<usize> = cls_pred.iter().map(|x| x.1).collect();
