@@ -600,6 +600,15 @@ fn tar_shard_inputs_pair_with_either_output_layout() {
     assert!(error.contains("member 0002.png"), "{error}");
 }
 
+/// Appends a member named `name` holding `data` to a tar.
+fn add_member(b: &mut tar::Builder<std::fs::File>, name: &str, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, name, data).unwrap();
+}
+
 /// `--labels member:EXT`: each image's label is the member `<key>.EXT` of its own sample in the
 /// clean shard (WebDataset's `seg.png` maps and `cls` classes), wherever it lies in the tar, and
 /// gives the records that the same labels as files give. Bad label members are per-image
@@ -613,13 +622,6 @@ fn label_members_of_the_clean_shards_label_their_samples() {
     let classes = ["tree", "2", " sky\n"];
     let shard = t.path().join("shard.tar");
     let mut b = tar::Builder::new(std::fs::File::create(&shard).unwrap());
-    let mut add = |name: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, name, data).unwrap();
-    };
     for (i, key) in keys.iter().enumerate() {
         let image = files.join(format!("{key}.png"));
         let (w, h) = (40 + 9 * i, 33 + 5 * i);
@@ -628,16 +630,18 @@ fn label_members_of_the_clean_shards_label_their_samples() {
         let label = labels_dir.join("shard").join(format!("{key}.png"));
         prm::eval::labels::write_label_png(&label, w, h, &map).unwrap();
         let (image, label) = (std::fs::read(image).unwrap(), std::fs::read(label).unwrap());
-        // The first sample's label members come before its image, the others' after.
+        // The first sample's label members come before its image, the others' after it (their
+        // label maps' extension in upper case).
+        let (seg, cls) = (format!("{key}.seg.png"), format!("{key}.cls"));
         if i == 0 {
-            add(&format!("{key}.seg.png"), &label);
-            add(&format!("{key}.cls"), classes[i].as_bytes());
-            add(&format!("{key}.png"), &image);
+            add_member(&mut b, &seg, &label);
+            add_member(&mut b, &cls, classes[i].as_bytes());
+            add_member(&mut b, &format!("{key}.png"), &image);
         } else {
-            add(&format!("{key}.png"), &image);
-            add(&format!("{key}.json"), b"{}");
-            add(&format!("{key}.SEG.PNG"), &label);
-            add(&format!("{key}.cls"), classes[i].as_bytes());
+            add_member(&mut b, &format!("{key}.png"), &image);
+            add_member(&mut b, &format!("{key}.json"), b"{}");
+            add_member(&mut b, &format!("{key}.SEG.PNG"), &label);
+            add_member(&mut b, &cls, classes[i].as_bytes());
         }
     }
     b.into_inner().unwrap();
@@ -645,17 +649,16 @@ fn label_members_of_the_clean_shards_label_their_samples() {
     attack_tiny(&shard, &adv, 1);
     let names = t.path().join("classes.txt");
     std::fs::write(&names, "sky\ntree\nroad\n").unwrap();
-    let run = |target: &str, labels: &str, report: &str| {
-        let report = t.path().join(report);
-        let o = eval(&[
-            "--target",
-            target,
-            "--classes",
-            s(&names),
-            "--clean",
-            s(&shard),
-            "--adv",
-            s(&adv),
+    // `prm eval` of `clean` with `--labels labels`, and its report if it wrote one.
+    let run = |target: &str, clean: &Path, labels: &str| {
+        let report = t
+            .path()
+            .join(format!("{}.json", t.path().read_dir().unwrap().count()));
+        let mut args = vec!["--target", target, "--clean", s(clean), "--adv", s(&adv)];
+        if target != "features" {
+            args.extend(["--classes", s(&names)]);
+        }
+        args.extend([
             "--labels",
             labels,
             "--report",
@@ -663,25 +666,22 @@ fn label_members_of_the_clean_shards_label_their_samples() {
             "--device",
             "cpu",
         ]);
+        let o = eval(&args);
         let r = report.is_file().then(|| read_json(&report));
         (o, r)
     };
-    let without_source = |mut r: Value| {
+    let ok = |(o, r): (Output, Option<Value>)| {
+        let mut r = r.unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", r["per_image"]);
         r.as_object_mut().unwrap().remove("label_source");
         r
     };
     // Label maps.
-    let (o, members) = run("maskclip", "member:seg.png", "m.json");
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let members = members.unwrap();
-    assert_eq!(members["label_source"], "member:seg.png");
+    let (o, members) = run("maskclip", &shard, "member:seg.png");
+    assert_eq!(members.as_ref().unwrap()["label_source"], "member:seg.png");
+    let members = ok((o, members));
     assert!(members["miou_clean"].is_number());
-    let (o, files_report) = run("maskclip", s(&labels_dir), "f.json");
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(
-        without_source(members),
-        without_source(files_report.unwrap())
-    );
+    assert_eq!(members, ok(run("maskclip", &shard, s(&labels_dir))));
     // Classes, by name and by index, against the same classes in a list file.
     let list = t.path().join("labels.txt");
     let lines: Vec<String> = keys
@@ -690,9 +690,7 @@ fn label_members_of_the_clean_shards_label_their_samples() {
         .map(|(k, c)| format!("shard.tar/{k}.png {}", c.trim()))
         .collect();
     std::fs::write(&list, lines.join("\n")).unwrap();
-    let (o, members) = run("zeroshot", "member:cls", "zm.json");
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let members = members.unwrap();
+    let members = ok(run("zeroshot", &shard, "member:cls"));
     assert_eq!(members["labelled_images"], 3);
     let labels: Vec<&str> = members["per_image"]
         .as_array()
@@ -701,9 +699,7 @@ fn label_members_of_the_clean_shards_label_their_samples() {
         .map(|r| r["label"].as_str().unwrap())
         .collect();
     assert_eq!(labels, ["tree", "road", "sky"]);
-    let (o, listed) = run("zeroshot", s(&list), "zl.json");
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(without_source(members), without_source(listed.unwrap()));
+    assert_eq!(members, ok(run("zeroshot", &shard, s(&list))));
 
     // Per-image errors: a sample without its label map, a class that is not one.
     let broken = t.path().join("broken.tar");
@@ -714,100 +710,54 @@ fn label_members_of_the_clean_shards_label_their_samples() {
         let name = entry.path().unwrap().to_string_lossy().into_owned();
         let mut data = Vec::new();
         std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
-        if name == "0002.SEG.PNG" {
-            continue;
+        match name.as_str() {
+            "0002.SEG.PNG" => {}
+            "sub/0003.cls" => add_member(&mut b, &name, b"zebra"),
+            _ => add_member(&mut b, &name, &data),
         }
-        if name == "sub/0003.cls" {
-            data = b"zebra".to_vec();
-        }
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, &name, &data[..]).unwrap();
     }
     b.into_inner().unwrap();
-    std::fs::rename(adv.join("shard.tar"), adv.join("broken.tar")).unwrap();
-    let run_broken = |target: &str, labels: &str| {
-        let report = t.path().join(format!("broken-{target}.json"));
-        let o = eval(&[
-            "--target",
-            target,
-            "--classes",
-            s(&names),
-            "--clean",
-            s(&broken),
-            "--adv",
-            s(&adv),
-            "--labels",
-            labels,
-            "--report",
-            s(&report),
-            "--device",
-            "cpu",
-        ]);
+    std::fs::copy(adv.join("shard.tar"), adv.join("broken.tar")).unwrap();
+    let errors = |target: &str, labels: &str| -> Vec<String> {
+        let (o, r) = run(target, &broken, labels);
         assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-        let r = read_json(&report);
-        let errors: Vec<String> = r["per_image"]
-            .as_array()
-            .unwrap()
+        let r = r.unwrap();
+        let records = r["per_image"].as_array().unwrap();
+        records
             .iter()
             .map(|x| x["error"].as_str().unwrap_or("").to_string())
-            .collect();
-        errors
+            .collect()
     };
-    let errors = run_broken("maskclip", "member:seg.png");
-    assert!(errors[0].is_empty() && errors[2].is_empty(), "{errors:?}");
+    let e = errors("maskclip", "member:seg.png");
+    assert!(e[0].is_empty() && e[2].is_empty(), "{e:?}");
     assert!(
-        errors[1].contains("broken.tar/0002.seg.png") && errors[1].contains("no such member"),
+        e[1].contains("broken.tar/0002.seg.png") && e[1].contains("no such member"),
         "{}",
-        errors[1]
+        e[1]
     );
-    let errors = run_broken("zeroshot", "member:cls");
-    assert!(errors[0].is_empty() && errors[1].is_empty(), "{errors:?}");
+    let e = errors("zeroshot", "member:cls");
+    assert!(e[0].is_empty() && e[1].is_empty(), "{e:?}");
     assert!(
-        errors[2].contains("broken.tar/sub/0003.cls") && errors[2].contains("zebra"),
+        e[2].contains("broken.tar/sub/0003.cls") && e[2].contains("zebra"),
         "{}",
-        errors[2]
+        e[2]
     );
 
     // Usage errors (exit 2), before any image: no member has the extension; plain-file inputs;
     // an image extension; the features target.
-    let (o, _) = run("maskclip", "member:seg.npy", "u1.json");
-    assert_eq!(o.status.code(), Some(2));
-    let e = stderr(&o);
-    assert!(e.contains("seg.npy") && e.contains("cls, json, png"), "{e}");
-    let o = eval(&[
-        "--target",
-        "maskclip",
-        "--classes",
-        s(&names),
-        "--clean",
-        s(&files),
-        "--adv",
-        s(&adv),
-        "--labels",
-        "member:seg.png",
-        "--device",
-        "cpu",
-    ]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("tar shards"), "{}", stderr(&o));
-    let (o, _) = run("maskclip", "member:png", "u3.json");
-    assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("images"), "{}", stderr(&o));
-    let o = eval(&[
-        "--target",
-        "features",
-        "--clean",
-        s(&shard),
-        "--adv",
-        s(&adv),
-        "--labels",
-        "member:cls",
-        "--device",
-        "cpu",
-    ]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("takes no labels"), "{}", stderr(&o));
+    for (target, clean, labels, says) in [
+        (
+            "maskclip",
+            &shard,
+            "member:seg.npy",
+            "(extensions there: cls, json, png, seg.png)",
+        ),
+        ("maskclip", &files, "member:seg.png", "tar shards"),
+        ("maskclip", &shard, "member:png", "are the shards' images"),
+        ("features", &shard, "member:cls", "takes no labels"),
+    ] {
+        let (o, _) = run(target, clean, labels);
+        assert_eq!(o.status.code(), Some(2), "{labels}");
+        assert!(stderr(&o).contains(says), "{labels}: {}", stderr(&o));
+    }
 }
