@@ -149,6 +149,8 @@ fn settings(target: TargetKind) -> EvalSettings {
         save_predictions: None,
         pictures: None,
         probe: None,
+        exclude: Vec::new(),
+        max_pixels: prm::io::DEFAULT_MAX_PIXELS,
         model_spec: "bench".into(),
         weights_random: true,
         device: "none".into(),

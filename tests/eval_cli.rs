@@ -761,3 +761,102 @@ fn label_members_of_the_clean_shards_label_their_samples() {
         assert!(stderr(&o).contains(says), "{labels}: {}", stderr(&o));
     }
 }
+
+/// `prm eval` lists the clean images as `prm attack` and `prm verify` do: `--exclude` leaves out
+/// what the attack left out, the run's own output directories inside the clean one (the
+/// adversarial images, predictions, pictures) are never inputs, so a second run sees the same
+/// images, and `--max-pixels` is the attack's pixel budget.
+#[test]
+fn eval_lists_the_inputs_the_attack_listed() {
+    let t = tempfile::tempdir().unwrap();
+    let clean = t.path().join("data");
+    write_image(&clean.join("a.png"), 70, 50, 1);
+    write_image(&clean.join("sub/b.png"), 48, 81, 2);
+    write_image(&clean.join("raw/c.png"), 40, 40, 3);
+    let adv = clean.join("adv");
+    let o = prm(&[
+        "attack",
+        "--model",
+        "random:tiny",
+        "--input",
+        s(&clean),
+        "--output",
+        s(&adv),
+        "--exclude",
+        "raw/**",
+        "--preset",
+        "pgd",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let names = t.path().join("classes.txt");
+    std::fs::write(&names, "sky\ntree\nroad\n").unwrap();
+    let run = |extra: &[&str], report: &str| {
+        let report = t.path().join(report);
+        let mut args = vec![
+            "--target",
+            "maskclip",
+            "--classes",
+            s(&names),
+            "--clean",
+            s(&clean),
+            "--adv",
+            s(&adv),
+            "--report",
+            s(&report),
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        let o = eval(&args);
+        (o.status.code(), read_json(&report))
+    };
+    let (preds, pics) = (clean.join("preds"), clean.join("pics"));
+    let outputs = [
+        "--exclude",
+        "raw/**",
+        "--save-predictions",
+        s(&preds),
+        "--pictures",
+        s(&pics),
+    ];
+    let images = |r: &Value| -> Vec<String> {
+        let records = r["per_image"].as_array().unwrap();
+        records
+            .iter()
+            .map(|x| x["image"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (code, first) = run(&outputs, "first.json");
+    assert_eq!(code, Some(0), "{first}");
+    assert_eq!(images(&first), ["a.png", "sub/b.png"]);
+    assert!(preds.join("adv/a.png").is_file() && pics.join("sub/b.png").is_file());
+    let (code, second) = run(&outputs, "second.json");
+    assert_eq!(code, Some(0), "{second}");
+    assert_eq!(first, second);
+    // Without `--exclude raw/**` the image the attack left out has no adversarial counterpart.
+    // (Outputs of other runs are inputs like any image unless excluded.)
+    let (code, r) = run(&["--exclude", "preds", "--exclude", "pics"], "all.json");
+    assert_eq!(code, Some(1));
+    assert_eq!(images(&r), ["a.png", "raw/c.png", "sub/b.png"]);
+    assert_eq!(r["per_image"][1]["status"], "error");
+    // A pixel budget below sub/b.png's 3,888 pixels (a.png has 3,500) fails that image alone.
+    let budget = [
+        "--exclude",
+        "raw",
+        "--exclude",
+        "p*s",
+        "--max-pixels",
+        "3887",
+    ];
+    let (code, r) = run(&budget, "budget.json");
+    assert_eq!(code, Some(1));
+    assert_eq!(images(&r), ["a.png", "sub/b.png"]);
+    assert_eq!(r["per_image"][0]["status"], "ok");
+    let error = r["per_image"][1]["error"].as_str().unwrap();
+    assert!(error.contains("3887"), "{error}");
+}

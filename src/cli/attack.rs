@@ -254,7 +254,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     let inputs = list_inputs_with(
         &args.input,
         &ListOptions {
-            exclude_dir: Some(args.output.clone()),
+            exclude_dirs: vec![args.output.clone()],
             exclude: args.exclude.clone(),
         },
     )?;

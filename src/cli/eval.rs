@@ -35,6 +35,12 @@ pub struct EvalArgs {
     /// list file, or tar shards (`shards/train-{000..009}.tar`)
     #[arg(long)]
     clean: PathBuf,
+    /// Inputs left out, as given to `prm attack --exclude` (repeatable)
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// Pixel budget for decoding, as given to `prm attack --max-pixels`
+    #[arg(long, default_value_t = prm::io::DEFAULT_MAX_PIXELS, value_parser = clap::value_parser!(u64).range(1..))]
+    max_pixels: u64,
     /// The attack's output directory: <adv>/<relative path with .png>, or for tar inputs the
     /// output shards (either of prm attack's layouts)
     #[arg(long)]
@@ -224,6 +230,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         save_predictions: args.save_predictions.clone(),
         pictures: args.pictures.clone(),
         probe,
+        exclude: args.exclude.clone(),
+        max_pixels: args.max_pixels,
         model_spec: args.model.clone(),
         weights_random: random,
         device: match &dev {
@@ -247,9 +255,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         ),
         None => Box::new(ReferenceTargets::new(&model)),
     };
-    let total = prm::io::list_inputs(&args.clean, None)?.items.len();
     let bar = (!args.quiet).then(|| {
-        let b = indicatif::ProgressBar::new(total as u64);
+        let b = indicatif::ProgressBar::new(0);
         b.set_style(
             indicatif::ProgressStyle::with_template(
                 "{elapsed_precise} [{bar:30}] {pos}/{len} images",
@@ -266,8 +273,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         &args.adv,
         classes.as_ref(),
         &settings,
-        |done, _| {
+        |done, total| {
             if let Some(b) = &bar {
+                b.set_length(total as u64);
                 b.set_position(done as u64);
             }
         },
@@ -277,6 +285,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     }
     if !args.quiet {
         let seconds = evaluating.elapsed().as_secs_f64();
+        let total = outcome.total;
         eprintln!(
             "evaluated {total} image pairs in {seconds:.2} s ({:.1} pairs/s), after {:.2} s of \
              set-up (model, class embeddings)",

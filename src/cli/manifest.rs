@@ -111,7 +111,7 @@ fn merge(args: MergeArgs) -> anyhow::Result<ExitCode> {
         let inputs = list_inputs_with(
             input,
             &ListOptions {
-                exclude_dir: exclude.map(Path::to_path_buf),
+                exclude_dirs: exclude.into_iter().map(Path::to_path_buf).collect(),
                 exclude: args.exclude.clone(),
             },
         )?;

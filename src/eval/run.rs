@@ -29,8 +29,8 @@ use crate::attack::image::Planar;
 use crate::io::image::dynamic_to_rgb;
 use crate::io::webdataset::OutputLookup;
 use crate::io::{
-    list_inputs, output_rel_path, read_image, read_item, InputItem, OutputLayout, RgbImage,
-    DEFAULT_MAX_PIXELS,
+    list_inputs_with, output_rel_path, read_image_limited, read_item, InputItem, ListOptions,
+    OutputLayout, RgbImage,
 };
 use crate::reference::resize::bicubic_resize;
 use crate::viz::pictures::{
@@ -51,6 +51,10 @@ pub struct EvalSettings {
     /// Write a picture grid per image: `DIR/<rel with .png>` (see [`crate::viz::pictures`]).
     pub pictures: Option<PathBuf>,
     pub probe: Option<Probe>,
+    /// `--exclude` globs: inputs left out, as given to `prm attack --exclude`.
+    pub exclude: Vec<String>,
+    /// Pixel budget for decoding each image, as given to `prm attack --max-pixels`.
+    pub max_pixels: u64,
     /// Described in the report.
     pub model_spec: String,
     pub weights_random: bool,
@@ -72,6 +76,8 @@ pub struct ImageRecord {
 /// A finished evaluation.
 pub struct EvalOutcome {
     pub report: Value,
+    /// Image pairs evaluated, failed ones included.
+    pub total: usize,
     pub failed: usize,
 }
 
@@ -158,17 +164,18 @@ struct Plan<'a> {
 /// The loader's stage: reads the pair (and its labels), checks their sizes, resizes.
 fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
     let rel = &item.rel;
-    let clean = read_item(item, DEFAULT_MAX_PIXELS)?;
+    let max_pixels = plan.settings.max_pixels;
+    let clean = read_item(item, max_pixels)?;
     let adv_dir = plan.adv.dir();
     let (adv_path, adv) = match plan.adv.find(item, None)? {
         Some(found) => (
             adv_dir.join(found.name(item, adv_dir)),
-            dynamic_to_rgb(&found.decode(DEFAULT_MAX_PIXELS)?),
+            dynamic_to_rgb(&found.decode(max_pixels)?),
         ),
         // An image of the clean one's own name (adversarial images made elsewhere).
         None if item.member.is_none() && adv_dir.join(rel).is_file() => {
             let p = adv_dir.join(rel);
-            (p.clone(), read_image(&p)?)
+            (p.clone(), read_image_limited(&p, max_pixels)?)
         }
         None => {
             let expected = match &item.member {
@@ -571,7 +578,18 @@ pub fn evaluate(
     settings: &EvalSettings,
     mut progress: impl FnMut(usize, usize) + Send,
 ) -> Result<EvalOutcome, EvalError> {
-    let items = list_inputs(clean_dir, None)?.items;
+    // The run's own output directories are never inputs, when they lie inside the clean one.
+    let exclude_dirs = [Some(adv_dir), settings.save_predictions.as_deref()]
+        .into_iter()
+        .chain([settings.pictures.as_deref()])
+        .flatten()
+        .map(Path::to_path_buf)
+        .collect();
+    let options = ListOptions {
+        exclude_dirs,
+        exclude: settings.exclude.clone(),
+    };
+    let items = list_inputs_with(clean_dir, &options)?.items;
     let target = settings.target;
     let dense = target.is_dense() || settings.probe.as_ref().is_some_and(|p| p.dense);
     let names: Vec<String> = match (&settings.probe, classes) {
@@ -642,6 +660,7 @@ pub fn evaluate(
         failed: 0,
     };
     let total = items.len();
+    progress(0, total);
     let finishing = Finishing {
         plan: &plan,
         names: &names,
@@ -770,6 +789,7 @@ pub fn evaluate(
     );
     Ok(EvalOutcome {
         report: Value::Object(report),
+        total,
         failed,
     })
 }

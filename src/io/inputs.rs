@@ -132,8 +132,8 @@ pub fn staging_dir_name(shard_rel: &str) -> String {
 /// Options of [`list_inputs_with`].
 #[derive(Clone, Debug, Default)]
 pub struct ListOptions {
-    /// A directory not to descend into (the output directory, when it lies inside the input).
-    pub exclude_dir: Option<PathBuf>,
+    /// Directories not to descend into (output directories, when they lie inside the input).
+    pub exclude_dirs: Vec<PathBuf>,
     /// `--exclude` globs, matched against relative paths (`*` also matches `/`).
     pub exclude: Vec<String>,
 }
@@ -212,7 +212,7 @@ pub fn list_inputs(input: &Path, exclude_dir: Option<&Path>) -> Result<InputList
     list_inputs_with(
         input,
         &ListOptions {
-            exclude_dir: exclude_dir.map(Path::to_path_buf),
+            exclude_dirs: exclude_dir.into_iter().map(Path::to_path_buf).collect(),
             exclude: Vec::new(),
         },
     )
@@ -236,7 +236,7 @@ pub fn list_inputs_with(input: &Path, options: &ListOptions) -> Result<InputList
     if tar {
         return list_shards(&spec, &excludes);
     }
-    let exclude_dir = options.exclude_dir.as_deref();
+    let exclude_dirs = &options.exclude_dirs;
     let meta = std::fs::metadata(input).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             IoError::NotFound {
@@ -250,7 +250,7 @@ pub fn list_inputs_with(input: &Path, options: &ListOptions) -> Result<InputList
         }
     })?;
     if meta.is_dir() {
-        list_directory(input, exclude_dir, &excludes)
+        list_directory(input, exclude_dirs, &excludes)
     } else {
         list_file(input, &excludes)
     }
@@ -386,13 +386,17 @@ fn shard_rels(paths: &[PathBuf]) -> Vec<String> {
 
 fn list_directory(
     root: &Path,
-    exclude_dir: Option<&Path>,
+    exclude_dirs: &[PathBuf],
     excludes: &Excludes,
 ) -> Result<InputList, IoError> {
-    let exclude = exclude_dir.and_then(|d| std::fs::canonicalize(d).ok());
+    // A directory that does not exist yet holds nothing to leave out.
+    let exclude: Vec<PathBuf> = exclude_dirs
+        .iter()
+        .filter_map(|d| std::fs::canonicalize(d).ok())
+        .collect();
     let mut visited = HashSet::new();
     let mut walker = Walker {
-        exclude: exclude.as_deref(),
+        exclude: &exclude,
         excludes,
         visited: &mut visited,
         items: Vec::new(),
@@ -427,7 +431,7 @@ fn list_directory(
 }
 
 struct Walker<'a> {
-    exclude: Option<&'a Path>,
+    exclude: &'a [PathBuf],
     excludes: &'a Excludes,
     visited: &'a mut HashSet<PathBuf>,
     items: Vec<InputItem>,
@@ -442,7 +446,7 @@ impl Walker<'_> {
             path: dir.to_path_buf(),
             source,
         })?;
-        if exclude == Some(canon.as_path()) || !self.visited.insert(canon) {
+        if exclude.contains(&canon) || !self.visited.insert(canon) {
             return Ok(());
         }
         let rd = std::fs::read_dir(dir).map_err(|source| IoError::Read {

@@ -174,7 +174,7 @@ pub fn verify_with(
     let list = list_inputs_with(
         clean,
         &ListOptions {
-            exclude_dir: Some(adv.to_path_buf()),
+            exclude_dirs: vec![adv.to_path_buf()],
             exclude: options.exclude.clone(),
         },
     )?;
