@@ -118,6 +118,12 @@ run prm-paper-fp32-b1 $B --precision fp32 $PAPER --batch-size 1 --warmup 0 --rep
 # A loss over F_0..F_3 runs blocks 0..3 only, forward and backward (c62a942; every other row
 # uses all 13 layers): against prm-pgd-bf16, the GPU's share of the 12 blocks it skips.
 run prm-pgd-bf16-layers0-3 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5 --no-ceiling --layers 0,1,2,3
+# Batch-invariant products (PRM_BATCH_INVARIANT=1, 2026-12-06, not yet run on a GPU): one
+# cuBLASLt algorithm per kind of product, chosen at 16,384 rows without split-K, whatever the
+# batch; what it costs at batch 64 and at batch 1 (where an algorithm chosen for 16,384 rows
+# fits worst).
+run prm-pgd-bf16-invariant env PRM_BATCH_INVARIANT=1 $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
+run prm-pgd-bf16-b1-invariant env PRM_BATCH_INVARIANT=1 $B --precision bf16 --batch-size 1 --steps 10 --repeats 5 --no-ceiling
 # ViT-L/14 at 224 px: 257 tokens, v4's since 2026-12-05 (its auto lines say whether it pays).
 run prm-pgd-bf16-vit-l-14 $PRM bench --device cuda --json --model random:vit-l-14 --precision bf16 --batch-size 32 --steps 10 --repeats 2 --no-ceiling
 
@@ -145,6 +151,8 @@ rows = [
     ("pgd", "prm bf16 b32", "prm-pgd-bf16-b32"), ("pgd", "prm bf16 b128", "prm-pgd-bf16-b128"),
     ("pgd", "prm bf16 b1", "prm-pgd-bf16-b1"), ("pgd", "prm bf16 b1 graphs off", "prm-pgd-bf16-b1-nographs"),
     ("pgd", "prm bf16 layers 0..3", "prm-pgd-bf16-layers0-3"),
+    ("pgd", "prm bf16 batch-invariant", "prm-pgd-bf16-invariant"),
+    ("pgd", "prm bf16 b1 batch-invariant", "prm-pgd-bf16-b1-invariant"),
     ("paper", "prm bf16 b1", "prm-paper-bf16-b1"), ("paper", f"prm bf16 b{pb}", f"prm-paper-bf16-b{pb}"),
     ("paper", "prm bf16 b32", "prm-paper-bf16-b32"),
     ("paper", "prm fp32 b1", "prm-paper-fp32-b1"), ("paper", "torch fp32 b1", "torch-paper-fp32-b1"),
@@ -188,6 +196,8 @@ print(f"pgd   delta in dQ / delta kernel (v3)  {ratio('prm-pgd-bf16-attn-v3', 'p
 print(f"pgd   attention v3 / v2                {ratio('prm-pgd-bf16-attn-v3', 'prm-pgd-bf16-attn-v2'):6.2f}x")
 print(f"pgd   staged / plain uploads           {ratio('prm-pgd-bf16', 'prm-pgd-bf16-nostaging'):6.2f}x")
 print(f"pgd   layers 0..3 / all layers         {ratio('prm-pgd-bf16-layers0-3', 'prm-pgd-bf16'):6.2f}x")
+print(f"pgd   batch-invariant / by size        {ratio('prm-pgd-bf16-invariant', 'prm-pgd-bf16'):6.2f}x (batch {batch}) "
+      f"{ratio('prm-pgd-bf16-b1-invariant', 'prm-pgd-bf16-b1'):6.2f}x (batch 1)")
 for name in ("prm-pgd-bf16", "prm-paper-bf16-b1", f"prm-paper-bf16-b{pb}", "prm-pgd-bf16-vit-l-14"):
     # What PRM_ATTENTION=auto timed (µs a call) and chose, per pass and shape.
     for t in ((get(name) or {}).get("attention") or {}).get("tuned", []):
@@ -277,3 +287,39 @@ evaluate() { # name, target
 echo
 evaluate eval-maskclip maskclip
 evaluate eval-zeroshot zeroshot
+
+# Do an image's results depend on its batch? The 5 samples attacked (pgd, bf16, 224 px, float
+# images saved) in one batch of 5 and one image at a time, with cuBLASLt's algorithms by size
+# (the default) and batch-invariant (PRM_BATCH_INVARIANT=1): how many of the 5 float images
+# differ between the two batchings. tests/engine_sim.rs asserts none for batch-invariant.
+batching() { # name, [env assignments...]
+  local name=$1; shift
+  [[ -n ${REPORT_ROWS:-} && ,$REPORT_ROWS, != *,$name,* ]] && return
+  local t
+  t=$(row_time 60)
+  if [[ $t -eq 0 ]]; then
+    echo "$name: skipped (out of time)"
+    return
+  fi
+  echo "== $name (${t}s): prm attack --batch-size 5 and 1" >&2
+  local b ok=1
+  for b in 5 1; do
+    rm -rf "$OUT/$name-b$b"
+    env "$@" timeout "$t" "$PRM" attack --model random:vit-b-16 --input samples \
+      --output "$OUT/$name-b$b" --preset pgd --resolution 224 --precision bf16 --save-float \
+      --batch-size $b --device cuda:0 --quiet >"$OUT/$name-b$b.log" 2>&1 || ok=0
+  done
+  if [[ $ok -eq 0 ]]; then
+    echo "$name: failed (see $OUT/$name-b*.log)"
+    return
+  fi
+  local differ=0 n=0 f
+  for f in "$OUT/$name-b5"/*.safetensors; do
+    n=$((n + 1))
+    cmp -s "$f" "$OUT/$name-b1/$(basename "$f")" || differ=$((differ + 1))
+  done
+  echo "$name: $differ of $n float images differ between batch 5 and batch 1"
+}
+echo
+batching batching-by-size
+batching batching-invariant PRM_BATCH_INVARIANT=1

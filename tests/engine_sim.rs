@@ -703,3 +703,77 @@ fn auto_attention_tunes_each_bucket_once_with_v3s_bits() {
         assert_eq!(tuned[3].bucket.tokens, 256, "{what}");
     }
 }
+
+/// An image's attack gives the same bits alone as in a mixed batch (PGD, and AdamW under
+/// dynamic scale, where the batch's row count changes every step), at fp32 and bf16: under the
+/// simulator, whose products are formed row by row, and on CUDA with batch-invariant product
+/// algorithms (`ProductAlgorithms::BatchInvariant`, `PRM_BATCH_INVARIANT=1`), which gpu-check
+/// runs. Attention, LayerNorm, the loss and the updates work per image or per row.
+#[test]
+fn an_image_gets_the_same_bits_alone_and_in_a_batch() {
+    let model = small_model(128, 2, 2, 8, 4, Activation::Gelu, 22);
+    let mut d = Draw::new(9);
+    let clean = batch(&mut d);
+    let obj = objective(
+        &model,
+        LossKind::Prm,
+        TokenSelection::All,
+        LayerSelection::All,
+    );
+    for dev in devices() {
+        dev.set_product_algorithms(prm::gpu::ProductAlgorithms::BatchInvariant);
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            let gpu = GpuVit::new_with_precision(&dev, &model, precision).unwrap();
+            for (optimizer, dynamic_scale) in [
+                (OptimizerKind::Pgd, None),
+                (OptimizerKind::Adamw, Some((0.5, 1.0))),
+            ] {
+                let settings = AttackSettings {
+                    optimizer,
+                    steps: 3,
+                    dynamic_scale,
+                    init: Init::Random,
+                    resolution: Resolution::Native,
+                    step_size: 1.0 / 255.0,
+                    lr: 2.0 / 255.0,
+                    ..Preset::Pgd.settings()
+                };
+                let run = |which: &[usize]| -> Vec<AttackOutcome> {
+                    let images = which
+                        .iter()
+                        .map(|&i| {
+                            let (x, height, width) = &clean[i];
+                            let view = Planar {
+                                data: x,
+                                height: *height,
+                                width: *width,
+                            };
+                            (view, ImageRng::new(5, &format!("img{i}")))
+                        })
+                        .collect();
+                    let mut a = Attack::new(&gpu, &obj, &settings, images).unwrap();
+                    a.record_losses(true);
+                    let starts = (0..a.len()).map(|i| a.start(i, None)).collect();
+                    a.run(starts, |_| {}).unwrap()
+                };
+                let together = run(&[0, 1, 2]);
+                for (i, batched) in together.iter().enumerate() {
+                    let alone = &run(&[i])[0];
+                    let what = format!("{}, {precision:?}, {optimizer:?}, image {i}", dev.name());
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert!(
+                        bits(&batched.adversarial) == bits(&alone.adversarial),
+                        "{what}: the adversarial image differs alone and in the batch"
+                    );
+                    assert_eq!(
+                        batched.loss_initial.to_bits(),
+                        alone.loss_initial.to_bits(),
+                        "{what}: loss at the start"
+                    );
+                    let losses = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(losses(&batched.losses), losses(&alone.losses), "{what}");
+                }
+            }
+        }
+    }
+}

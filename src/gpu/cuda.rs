@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{result as dr, sys as ds, CudaContext, CudaStream, DriverError};
 
 use super::device::{GpuError, LaunchConfig};
-use super::gemm::{MatmulShape, ProductPtrs, ProductTypes};
+use super::gemm::{MatmulShape, ProductAlgorithms, ProductPtrs, ProductTypes, INVARIANT_ROWS};
 
 /// A fatbin compiled from one `kernels/*.cu` file, with the names of its kernels.
 #[allow(dead_code)]
@@ -167,6 +167,9 @@ pub struct State {
     ordinal: usize,
     smem_optin: u32,
     sync_each_launch: bool,
+    /// How cuBLASLt algorithms are chosen ([`ProductAlgorithms`]); read when a product's
+    /// algorithm is first chosen.
+    product_algorithms: Mutex<ProductAlgorithms>,
 }
 
 // SAFETY: the raw module/function handles are immutable after creation and valid in any thread
@@ -279,6 +282,7 @@ impl CudaBackend {
                 smem_optin,
                 sync_each_launch: std::env::var("PRM_CUDA_SYNC_EACH_LAUNCH")
                     .is_ok_and(|v| v == "1"),
+                product_algorithms: Mutex::new(ProductAlgorithms::from_env()),
             }),
         })
     }
@@ -295,6 +299,23 @@ impl CudaBackend {
     /// The most dynamic shared memory one block may ask for on this device (the opt-in limit).
     pub fn max_shared_per_block(&self) -> u32 {
         self.smem_optin
+    }
+
+    /// How this device's cuBLASLt products choose their algorithms.
+    pub fn product_algorithms(&self) -> ProductAlgorithms {
+        *self
+            .product_algorithms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets how products choose their algorithms from now on (each way keeps its own cache of
+    /// plans, so switching back and forth forgets nothing).
+    pub fn set_product_algorithms(&self, choice: ProductAlgorithms) {
+        *self
+            .product_algorithms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = choice;
     }
 
     /// (free, total) device memory in bytes.
@@ -555,6 +576,7 @@ impl CudaBackend {
             return Ok(());
         }
         self.bind()?;
+        let choice = self.product_algorithms();
         let mut guard = self.blas.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
             if capturing {
@@ -567,7 +589,7 @@ impl CudaBackend {
         }
         let blas = guard.as_mut().expect("initialised above");
         let result = catch_unwind(AssertUnwindSafe(|| {
-            blas.matmul(&self.stream, shape, types, p, capturing)
+            blas.matmul(&self.stream, shape, types, p, capturing, choice)
         }));
         result.unwrap_or_else(|p| {
             Err(GpuError::Cuda {
@@ -743,7 +765,7 @@ fn blas_err(context: impl Into<String>, e: lt::result::CublasError) -> GpuError 
 }
 
 /// Everything cached for one product shape.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct PlanKey {
     shape: MatmulShape,
     /// β = 1 (C is added; it may be D itself or another buffer of the same layout).
@@ -773,6 +795,39 @@ fn algo_bucket(mut key: PlanKey) -> PlanKey {
     key
 }
 
+/// The key [`ProductAlgorithms::BatchInvariant`] chooses an algorithm by: the product at
+/// [`INVARIANT_ROWS`] rows, each operand's alignment that of its row pitch alone, at most 16
+/// bytes (an address's own alignment may change with the batch: a slice of a packed batch
+/// starts where the rows before it end).
+fn invariant_key(mut key: PlanKey) -> PlanKey {
+    let shape = key.shape;
+    let in_bytes = if key.types.bf16_inputs() { 2 } else { 4 };
+    let out_bytes = if key.types.bf16_output() { 2 } else { 4 };
+    let ld_b = if shape.b_transposed { shape.k } else { shape.n };
+    let pitch = |ld: usize, elem: usize| alignment((ld * elem) as u64).min(16);
+    key.shape.m = INVARIANT_ROWS;
+    key.align = [
+        pitch(shape.k, in_bytes),
+        pitch(ld_b, in_bytes),
+        pitch(shape.n, out_bytes),
+        pitch(shape.n, out_bytes),
+        16,
+    ];
+    key
+}
+
+/// Where a plan's algorithm comes from.
+fn algo_key(key: PlanKey, choice: ProductAlgorithms) -> PlanKey {
+    match choice {
+        ProductAlgorithms::BySize => algo_bucket(key),
+        ProductAlgorithms::BatchInvariant => invariant_key(key),
+    }
+}
+
+/// Heuristic results [`ProductAlgorithms::BatchInvariant`] looks through for one that does not
+/// split the inner dimension.
+const INVARIANT_CANDIDATES: usize = 16;
+
 /// Plans kept before the cache is cleared (dynamic scale makes a new `m` every step).
 const MAX_PLANS: usize = 4096;
 
@@ -795,9 +850,12 @@ impl Drop for Plan {
 struct Blas {
     handle: lt::sys::cublasLtHandle_t,
     workspace: RawAlloc,
-    plans: HashMap<PlanKey, Plan>,
-    /// Heuristic algorithms by [`algo_bucket`].
-    algos: HashMap<PlanKey, lt::sys::cublasLtMatmulAlgo_t>,
+    plans: HashMap<(PlanKey, ProductAlgorithms), Plan>,
+    /// Heuristic algorithms by [`algo_key`].
+    algos: HashMap<(PlanKey, ProductAlgorithms), lt::sys::cublasLtMatmulAlgo_t>,
+    /// Batch-invariant algorithm keys whose algorithm cuBLASLt refused at some size (warned
+    /// about once).
+    invariance_lost: std::collections::HashSet<PlanKey>,
     /// Zeros standing in for a and b when k = 0 (a product of length 1 with zero operands).
     zeros: Option<(RawAlloc, usize)>,
     /// Smaller zero operands replaced by a larger one (a captured graph may still read them).
@@ -853,6 +911,7 @@ impl Blas {
             workspace,
             plans: HashMap::new(),
             algos: HashMap::new(),
+            invariance_lost: Default::default(),
             zeros: None,
             retired_zeros: Vec::new(),
         })
@@ -874,26 +933,48 @@ impl Blas {
     ///   our row-major `d`: `d[i,j] += bias[j]`, as required. β = 1 when accumulating.
     /// - bf16 output (`ProductTypes::Bf16Out`): C, D and the bias are `CUDA_R_16BF`, compute and
     ///   scale fp32; the epilogue adds the bias to the fp32 accumulator before the one rounding.
-    fn plan(&mut self, key: PlanKey) -> Result<&Plan, GpuError> {
-        if !self.plans.contains_key(&key) {
+    fn plan(&mut self, key: PlanKey, choice: ProductAlgorithms) -> Result<&Plan, GpuError> {
+        if !self.plans.contains_key(&(key, choice)) {
             if self.plans.len() >= MAX_PLANS {
                 self.plans.clear();
             }
-            let borrowed = self.algos.get(&algo_bucket(key)).copied();
-            let plan = self.create_plan(key, borrowed)?;
-            if !plan.borrowed {
-                self.algos.insert(algo_bucket(key), plan.algo);
+            let from = (algo_key(key, choice), choice);
+            let mut borrowed = self.algos.get(&from).copied();
+            if borrowed.is_none() && choice == ProductAlgorithms::BatchInvariant {
+                // Asked at the reference size, never at this one: every size borrows it.
+                let reference = self.create_plan(from.0, None, choice)?;
+                self.algos.insert(from, reference.algo);
+                borrowed = Some(reference.algo);
             }
-            self.plans.insert(key, plan);
+            let plan = self.create_plan(key, borrowed, choice)?;
+            if !plan.borrowed {
+                self.algos.insert(from, plan.algo);
+            }
+            self.plans.insert((key, choice), plan);
         }
-        Ok(&self.plans[&key])
+        Ok(&self.plans[&(key, choice)])
     }
 
-    /// Replaces a plan whose borrowed algorithm cuBLASLt rejected with an exact query.
-    fn replan_exact(&mut self, key: PlanKey) -> Result<(), GpuError> {
-        let plan = self.create_plan(key, None)?;
-        self.algos.insert(algo_bucket(key), plan.algo);
-        self.plans.insert(key, plan);
+    /// Replaces a plan whose borrowed algorithm cuBLASLt rejected with an exact query. For
+    /// [`ProductAlgorithms::BatchInvariant`] that is an algorithm of this size alone: said once
+    /// per kind of product, since its rows may then differ from the same rows in other batches.
+    fn replan_exact(&mut self, key: PlanKey, choice: ProductAlgorithms) -> Result<(), GpuError> {
+        let plan = self.create_plan(key, None, choice)?;
+        let from = algo_key(key, choice);
+        if choice == ProductAlgorithms::BatchInvariant {
+            if self.invariance_lost.insert(from) {
+                let s = key.shape;
+                eprintln!(
+                    "prm: cuBLASLt refused the batch-invariant algorithm of the product m={} \
+                     n={} k={} ({:?}); this size uses an algorithm of its own, so its rows may \
+                     differ in their last bits from the same rows in batches of other sizes",
+                    s.m, s.n, s.k, key.types
+                );
+            }
+        } else {
+            self.algos.insert((from, choice), plan.algo);
+        }
+        self.plans.insert((key, choice), plan);
         Ok(())
     }
 
@@ -901,6 +982,7 @@ impl Blas {
         &self,
         key: PlanKey,
         borrowed: Option<lt::sys::cublasLtMatmulAlgo_t>,
+        choice: ProductAlgorithms,
     ) -> Result<Plan, GpuError> {
         use lt::sys::cublasLtMatmulDescAttributes_t as D;
         use lt::sys::cublasLtMatmulPreferenceAttributes_t as P;
@@ -1039,24 +1121,42 @@ impl Blas {
             }
         }
         let heuristic = result.and_then(|_| {
-            // SAFETY: all descriptors are live.
-            unsafe {
-                lt::result::get_matmul_algo_heuristic(
-                    self.handle,
-                    desc,
-                    plan.layouts[0],
-                    plan.layouts[1],
-                    plan.layouts[2],
-                    plan.layouts[2],
-                    pref,
-                )
-            }
-            .map_err(|e| {
+            let no_algorithm = |e| {
                 blas_err(
                     ctx("algorithm heuristic (no algorithm supports this configuration)"),
                     e,
                 )
-            })
+            };
+            match choice {
+                // SAFETY: all descriptors are live.
+                ProductAlgorithms::BySize => unsafe {
+                    lt::result::get_matmul_algo_heuristic(
+                        self.handle,
+                        desc,
+                        plan.layouts[0],
+                        plan.layouts[1],
+                        plan.layouts[2],
+                        plan.layouts[2],
+                        pref,
+                    )
+                }
+                .map_err(no_algorithm),
+                // SAFETY: as above.
+                ProductAlgorithms::BatchInvariant => {
+                    unsafe { self.unsplit_heuristic(desc, &plan.layouts, pref) }.map_err(
+                        |e| match e {
+                            Ok(count) => GpuError::Cuda {
+                                context: ctx("batch-invariant algorithm"),
+                                message: format!(
+                                    "none of cuBLASLt's {count} algorithms for it keeps the inner \
+                             dimension whole; run without PRM_BATCH_INVARIANT=1"
+                                ),
+                            },
+                            Err(e) => no_algorithm(e),
+                        },
+                    )
+                }
+            }
         });
         // SAFETY: created above, destroyed once.
         let _ = unsafe { lt::result::destroy_matmul_pref(pref) };
@@ -1081,6 +1181,7 @@ impl Blas {
         types: ProductTypes,
         p: ProductPtrs,
         capturing: bool,
+        choice: ProductAlgorithms,
     ) -> Result<(), GpuError> {
         let (mut shape, mut p) = (shape, p);
         if shape.k == 0 {
@@ -1126,14 +1227,73 @@ impl Blas {
                 p.bias.map_or(256, alignment),
             ],
         };
-        let first = self.matmul_with_plan(stream, key, p);
+        let first = self.matmul_with_plan(stream, key, p, choice);
         match first {
-            Err(_) if self.plans.get(&key).is_some_and(|p| p.borrowed) => {
-                self.replan_exact(key)?;
-                self.matmul_with_plan(stream, key, p)
+            Err(_) if self.plans.get(&(key, choice)).is_some_and(|p| p.borrowed) => {
+                self.replan_exact(key, choice)?;
+                self.matmul_with_plan(stream, key, p, choice)
             }
             r => r,
         }
+    }
+
+    /// The first of cuBLASLt's heuristic answers (best first) that does not split the inner
+    /// dimension: `Err(Ok(n))` when none of its `n` answers qualifies.
+    ///
+    /// # Safety
+    /// The descriptor, layouts and preference must be live.
+    unsafe fn unsplit_heuristic(
+        &self,
+        desc: lt::sys::cublasLtMatmulDesc_t,
+        layouts: &[lt::sys::cublasLtMatrixLayout_t; 3],
+        pref: lt::sys::cublasLtMatmulPreference_t,
+    ) -> Result<lt::sys::cublasLtMatmulHeuristicResult_t, Result<usize, lt::result::CublasError>>
+    {
+        use lt::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
+        // SAFETY: plain-old-data, written by cuBLASLt before it is read.
+        let mut results: [lt::sys::cublasLtMatmulHeuristicResult_t; INVARIANT_CANDIDATES] =
+            unsafe { std::mem::zeroed() };
+        let mut count: std::ffi::c_int = 0;
+        // SAFETY: the caller's descriptors; `results` holds the count asked for.
+        let status = unsafe {
+            lt::sys::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                desc,
+                layouts[0],
+                layouts[1],
+                layouts[2],
+                layouts[2],
+                pref,
+                INVARIANT_CANDIDATES as std::ffi::c_int,
+                results.as_mut_ptr(),
+                &mut count,
+            )
+        };
+        if status != CUBLAS_STATUS_SUCCESS {
+            return Err(Err(lt::result::CublasError(status)));
+        }
+        let count = (count.max(0) as usize).min(INVARIANT_CANDIDATES);
+        for r in &results[..count] {
+            if r.state != CUBLAS_STATUS_SUCCESS {
+                continue;
+            }
+            let mut splits: i32 = 0;
+            let mut written = 0usize;
+            // SAFETY: `r.algo` was initialised by the heuristic; SPLITK_NUM is an int32.
+            let read = unsafe {
+                lt::sys::cublasLtMatmulAlgoConfigGetAttribute(
+                    &r.algo,
+                    lt::sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+                    &mut splits as *mut i32 as *mut c_void,
+                    std::mem::size_of::<i32>(),
+                    &mut written,
+                )
+            };
+            if read == CUBLAS_STATUS_SUCCESS && splits <= 1 {
+                return Ok(*r);
+            }
+        }
+        Err(Ok(count))
     }
 
     /// One `cublasLtMatmul` through the plan for `key` (created if needed).
@@ -1142,10 +1302,11 @@ impl Blas {
         stream: &Arc<CudaStream>,
         key: PlanKey,
         p: ProductPtrs,
+        choice: ProductAlgorithms,
     ) -> Result<(), GpuError> {
         let shape = key.shape;
         let (handle, workspace) = (self.handle, self.workspace.ptr);
-        let plan = self.plan(key)?;
+        let plan = self.plan(key, choice)?;
         if let Some(bias) = p.bias {
             // SAFETY: valid descriptor; the attribute is a device pointer (8 bytes). The
             // descriptor is read by cublasLtMatmul at call time, under the backend's lock.
@@ -1202,5 +1363,55 @@ impl Blas {
                 e,
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(m: usize, n: usize, k: usize, types: ProductTypes, align: [u32; 5]) -> PlanKey {
+        PlanKey {
+            shape: MatmulShape {
+                m,
+                n,
+                k,
+                b_transposed: true,
+            },
+            accumulate: false,
+            bias: true,
+            types,
+            align,
+        }
+    }
+
+    /// Batch-invariant products choose by everything but the row count and the addresses'
+    /// own alignment (both change with the batch); by size, the rows' power of two counts.
+    #[test]
+    fn the_invariant_algorithm_key_ignores_what_a_batch_changes() {
+        let a = key(197, 768, 768, ProductTypes::Bf16In, [256; 5]);
+        let b = key(12_608, 768, 768, ProductTypes::Bf16In, [2, 32, 16, 16, 4]);
+        assert_eq!(invariant_key(a), invariant_key(b));
+        assert_eq!(invariant_key(a).shape.m, INVARIANT_ROWS);
+        // Row pitches of 768 bf16 (1,536 B) and 768 f32 (3,072 B): 16-byte aligned at most.
+        assert_eq!(invariant_key(a).align, [16; 5]);
+        // An odd bf16 pitch is 2-byte aligned whatever the address.
+        let odd = key(5, 769, 769, ProductTypes::Bf16Out, [256; 5]);
+        assert_eq!(invariant_key(odd).align, [2, 2, 2, 2, 16]);
+        // What the batch does not change still tells products apart.
+        let wider = key(197, 3072, 768, ProductTypes::Bf16In, [256; 5]);
+        assert_ne!(invariant_key(a), invariant_key(wider));
+        let fp32 = key(197, 768, 768, ProductTypes::F32, [256; 5]);
+        assert_ne!(invariant_key(a), invariant_key(fp32));
+        // By size: 197 and 200 rows share the 256 bucket, 12,608 does not.
+        let c = key(200, 768, 768, ProductTypes::Bf16In, [256; 5]);
+        assert_eq!(
+            algo_key(a, ProductAlgorithms::BySize),
+            algo_key(c, ProductAlgorithms::BySize)
+        );
+        assert_ne!(
+            algo_key(a, ProductAlgorithms::BySize),
+            algo_key(b, ProductAlgorithms::BySize)
+        );
     }
 }

@@ -3,6 +3,7 @@
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+use super::gemm::ProductAlgorithms;
 use super::graph::{CaptureSlot, SimOp, SimPtr};
 use super::sim_memory::SimMemory;
 use super::timeline::{OpKind, TimelineSlot};
@@ -819,6 +820,24 @@ impl Device {
         match &*self.backend {
             Backend::Sim(options) => options.shared_per_block,
             Backend::Cuda(c) => Some(c.max_shared_per_block()),
+        }
+    }
+
+    /// How this device's matrix products choose cuBLASLt's algorithms (`PRM_BATCH_INVARIANT=1`
+    /// when the device was opened, or [`Device::set_product_algorithms`]). The simulator forms
+    /// every product row by row on the CPU: it reports [`ProductAlgorithms::BatchInvariant`].
+    pub fn product_algorithms(&self) -> ProductAlgorithms {
+        match &*self.backend {
+            Backend::Sim(_) => ProductAlgorithms::BatchInvariant,
+            Backend::Cuda(c) => c.product_algorithms(),
+        }
+    }
+
+    /// Sets how this device's products choose their algorithms from now on (every clone of the
+    /// device shares it). Nothing changes under the simulator.
+    pub fn set_product_algorithms(&self, choice: ProductAlgorithms) {
+        if let Backend::Cuda(c) = &*self.backend {
+            c.set_product_algorithms(choice);
         }
     }
 

@@ -41,6 +41,41 @@ impl MatmulShape {
     }
 }
 
+/// How the CUDA backend chooses cuBLASLt's algorithm for a product
+/// ([`Device::set_product_algorithms`]). Under the simulator products are formed row by row on
+/// the CPU, so a row never depends on the others whichever is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ProductAlgorithms {
+    /// cuBLASLt's heuristic for the product's size (its rows rounded up to a power of two, the
+    /// first size of each such range choosing for the range): the fastest. An algorithm fixes
+    /// the order in which each element's inner sums are added, and another size may get another
+    /// algorithm (another tiling, or the inner dimension split across blocks), so an image's
+    /// last bits may depend on the batch it ran in, and on the batches before it.
+    #[default]
+    BySize,
+    /// One algorithm per kind of product whatever its number of rows: cuBLASLt's heuristic at
+    /// [`INVARIANT_ROWS`] rows and 16-byte operand alignment, among the algorithms that do not
+    /// split the inner dimension (`PRM_BATCH_INVARIANT=1`). A row of the result is then formed
+    /// by the same sums whatever the other rows are, which makes an attack's results
+    /// independent of its batches, as on the CPU and the simulator, unless the algorithm itself
+    /// divides the work by the number of rows (not known for cuBLASLt; gpu-check measures it).
+    BatchInvariant,
+}
+
+/// The row count at which [`ProductAlgorithms::BatchInvariant`] asks for its algorithms: the
+/// size of `--batch-size auto`'s largest batches, where the time goes.
+pub const INVARIANT_ROWS: usize = 16384;
+
+impl ProductAlgorithms {
+    /// [`Self::BatchInvariant`] when `PRM_BATCH_INVARIANT=1`, else [`Self::BySize`].
+    pub fn from_env() -> Self {
+        match std::env::var("PRM_BATCH_INVARIANT") {
+            Ok(v) if v.trim() == "1" => ProductAlgorithms::BatchInvariant,
+            _ => ProductAlgorithms::BySize,
+        }
+    }
+}
+
 /// Element types of one product (fp32 compute and scale in every case).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum ProductTypes {

@@ -22,5 +22,6 @@ pub mod staging;
 pub mod timeline;
 
 pub use device::{Buffer, Device, Element, GpuError, KernelArgs, LaunchConfig};
+pub use gemm::ProductAlgorithms;
 pub use graph::{Graph, GraphOps};
 pub use timeline::{OpKind, Timeline};
