@@ -789,7 +789,10 @@ struct Plan {
 
 /// The heuristic's answers are shared by every `m` up to the next power of two (the row count
 /// changes every step under dynamic scale; a heuristic query costs far more than a product's
-/// launch). A borrowed algorithm that cuBLASLt rejects is replaced by an exact query.
+/// launch). The heuristic is asked at that power of two, not at the first `m` met, so that the
+/// algorithm of a size does not depend on the sizes that came before it (a resumed run, another
+/// shard). A borrowed algorithm that cuBLASLt rejects is replaced by an exact query for that size
+/// alone.
 fn algo_bucket(mut key: PlanKey) -> PlanKey {
     key.shape.m = key.shape.m.next_power_of_two();
     key
@@ -939,40 +942,37 @@ impl Blas {
                 self.plans.clear();
             }
             let from = (algo_key(key, choice), choice);
-            let mut borrowed = self.algos.get(&from).copied();
-            if borrowed.is_none() && choice == ProductAlgorithms::BatchInvariant {
-                // Asked at the reference size, never at this one: every size borrows it.
-                let reference = self.create_plan(from.0, None, choice)?;
-                self.algos.insert(from, reference.algo);
-                borrowed = Some(reference.algo);
-            }
-            let plan = self.create_plan(key, borrowed, choice)?;
-            if !plan.borrowed {
-                self.algos.insert(from, plan.algo);
-            }
+            let algo = match self.algos.get(&from) {
+                Some(algo) => *algo,
+                None => {
+                    // Asked at the reference size of the key, never at this one: every size
+                    // that shares the key borrows it, whichever came first.
+                    let algo = self.create_plan(from.0, None, choice)?.algo;
+                    self.algos.insert(from, algo);
+                    algo
+                }
+            };
+            let plan = self.create_plan(key, Some(algo), choice)?;
             self.plans.insert((key, choice), plan);
         }
         Ok(&self.plans[&(key, choice)])
     }
 
-    /// Replaces a plan whose borrowed algorithm cuBLASLt rejected with an exact query. For
-    /// [`ProductAlgorithms::BatchInvariant`] that is an algorithm of this size alone: said once
-    /// per kind of product, since its rows may then differ from the same rows in other batches.
+    /// Replaces a plan whose borrowed algorithm cuBLASLt rejected with an exact query: an
+    /// algorithm of this size alone (the other sizes of its key keep theirs). For
+    /// [`ProductAlgorithms::BatchInvariant`] that is said once per kind of product, since its
+    /// rows may then differ from the same rows in other batches.
     fn replan_exact(&mut self, key: PlanKey, choice: ProductAlgorithms) -> Result<(), GpuError> {
         let plan = self.create_plan(key, None, choice)?;
         let from = algo_key(key, choice);
-        if choice == ProductAlgorithms::BatchInvariant {
-            if self.invariance_lost.insert(from) {
-                let s = key.shape;
-                eprintln!(
-                    "prm: cuBLASLt refused the batch-invariant algorithm of the product m={} \
+        if choice == ProductAlgorithms::BatchInvariant && self.invariance_lost.insert(from) {
+            let s = key.shape;
+            eprintln!(
+                "prm: cuBLASLt refused the batch-invariant algorithm of the product m={} \
                      n={} k={} ({:?}); this size uses an algorithm of its own, so its rows may \
                      differ in their last bits from the same rows in batches of other sizes",
-                    s.m, s.n, s.k, key.types
-                );
-            }
-        } else {
-            self.algos.insert((from, choice), plan.algo);
+                s.m, s.n, s.k, key.types
+            );
         }
         self.plans.insert((key, choice), plan);
         Ok(())

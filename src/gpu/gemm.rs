@@ -46,11 +46,11 @@ impl MatmulShape {
 /// the CPU, so a row never depends on the others whichever is chosen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ProductAlgorithms {
-    /// cuBLASLt's heuristic for the product's size (its rows rounded up to a power of two, the
-    /// first size of each such range choosing for the range): the fastest. An algorithm fixes
-    /// the order in which each element's inner sums are added, and another size may get another
-    /// algorithm (another tiling, or the inner dimension split across blocks), so an image's
-    /// last bits may depend on the batch it ran in, and on the batches before it.
+    /// cuBLASLt's heuristic for the product's size, asked at its rows rounded up to a power of
+    /// two: the fastest. An algorithm fixes the order in which each element's inner sums are
+    /// added, and another size may get another algorithm (another tiling, or the inner
+    /// dimension split across blocks), so an image's last bits may depend on the size of the
+    /// batch it ran in.
     #[default]
     BySize,
     /// One algorithm per kind of product whatever its number of rows: cuBLASLt's heuristic at
