@@ -199,7 +199,11 @@ fn bench_timeline_sums_kernels_and_products_of_one_attack() {
         "--graphs",
         "on",
         "--timeline",
+        "--batch-invariant",
     ]);
+    // (The simulator's products are batch-invariant with or without the flag.)
+    assert_eq!(graphs["product_algorithms"], "batch-invariant");
+    assert_eq!(direct["product_algorithms"], "batch-invariant");
     let ops = graphs["timeline"]["operations"].as_array().unwrap();
     let replays: u64 = ops
         .iter()

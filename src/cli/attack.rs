@@ -70,6 +70,11 @@ pub struct AttackArgs {
     /// else fp32 (needs the GPU engine: --device cuda, sim, or auto on a GPU)
     #[arg(long, default_value = "fp32")]
     precision: String,
+    /// On CUDA, one cuBLASLt algorithm per kind of matrix product whatever the batch, so that
+    /// an image's results do not depend on its batch (as on the CPU and the simulator, where
+    /// they never do); the same as PRM_BATCH_INVARIANT=1
+    #[arg(long)]
+    batch_invariant: bool,
     /// Images per batch, or auto: on a GPU, batches of as many images as fit the device's free
     /// memory (their tokens for the blocks the loss runs, and their pixels at the native size)
     /// and at most 16384 tokens, where larger batches stopped paying; so a batch of large
@@ -143,7 +148,9 @@ impl AttackArgs {
     /// is CUDA device 0 when a driver and a device exist, else the CPU. And the precision of
     /// the GPU engine's matrix products.
     fn devices(&self) -> anyhow::Result<(Vec<Device>, Precision)> {
-        super::device::choose_devices(&self.device, &self.precision)
+        let (devices, precision) = super::device::choose_devices(&self.device, &self.precision)?;
+        super::device::batch_invariant_products(&devices, self.batch_invariant);
+        Ok((devices, precision))
     }
 
     /// `--profile` without a file: `Some(None)`; with one: `Some(Some(path))`.

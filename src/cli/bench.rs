@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// fp32 or bf16 (GPU engine only)
     #[arg(long, default_value = "fp32")]
     precision: String,
+    /// On CUDA, one cuBLASLt algorithm per kind of product whatever the batch (as prm attack
+    /// --batch-invariant; the same as PRM_BATCH_INVARIANT=1)
+    #[arg(long)]
+    batch_invariant: bool,
     /// Untimed attacks first
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -98,6 +102,7 @@ fn parse_image_size(s: &str) -> anyhow::Result<(usize, usize)> {
 
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let (device, precision) = super::device::choose_device(&args.device, &args.precision)?;
+    super::device::batch_invariant_products(device.as_slice(), args.batch_invariant);
     let (height, width) = parse_image_size(&args.image_size)?;
     let batch = args.batch_size.unwrap_or(match &device {
         Some(d) if !d.is_sim() => 64,

@@ -13,7 +13,7 @@
 
 use anyhow::bail;
 use prm::gpu::engine::Precision;
-use prm::gpu::Device;
+use prm::gpu::{Device, ProductAlgorithms};
 
 /// The engine to run on: `None` is the CPU reference engine. `auto` is CUDA device 0 when a
 /// driver and a device exist, else the CPU; and the precision of the GPU engine's products.
@@ -26,6 +26,17 @@ pub fn choose_device(device: &str, precision: &str) -> anyhow::Result<(Option<De
             "--device {device} names {n} devices, but this command runs on one: use cuda:N or \
              sim (several devices at once are for prm attack)"
         ),
+    }
+}
+
+/// `--batch-invariant`: every device's matrix products keep one algorithm per kind of product
+/// whatever the batch ([`ProductAlgorithms::BatchInvariant`]). Without it, each device keeps
+/// what `PRM_BATCH_INVARIANT` said when it was opened.
+pub fn batch_invariant_products(devices: &[Device], batch_invariant: bool) {
+    if batch_invariant {
+        for d in devices {
+            d.set_product_algorithms(ProductAlgorithms::BatchInvariant);
+        }
     }
 }
 
