@@ -21,6 +21,10 @@ pub const MEMBER_PREFIX: &str = "member:";
 /// A class-label member holds a name or an index: anything longer is not one.
 const MAX_CLASS_MEMBER_BYTES: u64 = 4096;
 
+/// A label-map member is read whole before it is decoded: a larger one is refused unread (the
+/// decoded map is bounded the same way).
+const MAX_MAP_MEMBER_BYTES: u64 = 1 << 30;
+
 /// What `--labels` names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LabelSource {
@@ -150,6 +154,12 @@ impl MemberLabels {
         item: &InputItem,
     ) -> Result<(PathBuf, usize, usize, Vec<u32>), EvalError> {
         let (entry, path) = self.find(item)?;
+        if entry.size > MAX_MAP_MEMBER_BYTES {
+            return Err(EvalError::Labels {
+                path,
+                reason: format!("{} bytes: too large for a label map", entry.size),
+            });
+        }
         let bytes = read_bytes(item, entry, &path)?;
         let (w, h, labels) = read_label_png_bytes(&bytes, &path)?;
         Ok((path, w, h, labels))
