@@ -198,6 +198,51 @@ fn a_resume_after_a_complete_run_rewrites_nothing() {
     assert!(stderr(&o).contains("5 skipped"), "{}", stderr(&o));
 }
 
+/// `run.json` records what the run that made the directory does; a re-run that would do
+/// something else (another ε, more steps) is refused before any work, and one that only runs
+/// differently (saves floats as well, another batch size) resumes.
+#[test]
+fn a_resume_with_other_settings_is_refused_before_any_work() {
+    let f = fixture(4, 40, 36);
+    let o = attack(&f);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(f.out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(record["model"], "random:tiny");
+    assert_eq!(record["settings"]["steps"], 2);
+    assert_eq!(record["settings"]["optimizer"], "pgd");
+    let before = tree(&f.out);
+    let lines = manifest_lines(&f.out);
+    std::thread::sleep(Duration::from_millis(1100));
+    for (steps, extra, says) in [
+        ("2", &["--eps", "4/255"][..], "settings.eps: there 0.0313"),
+        ("3", &[][..], "settings.steps: there 2, here 3"),
+        (
+            "2",
+            &["--loss", "nrd"][..],
+            "settings.loss: there \"prm\", here \"nrd\"",
+        ),
+    ] {
+        let o = command(&f, steps).args(extra).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(e.contains(says) && e.contains("another --output"), "{e}");
+        assert_eq!(
+            tree(&f.out),
+            before,
+            "{extra:?}: files or their mtimes changed"
+        );
+        assert_eq!(manifest_lines(&f.out), lines);
+    }
+    // The same attack, run otherwise: it resumes (and redoes nothing).
+    let o = command(&f, "2")
+        .args(["--batch-size", "3", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(manifest_lines(&f.out), lines);
+}
+
 #[test]
 fn a_deleted_output_is_redone_and_nothing_else() {
     let f = fixture(5, 40, 36);

@@ -827,6 +827,7 @@ fn tar_shards_in_tar_shards_out_with_resume_and_shards() {
         listing,
         [
             "manifest.jsonl",
+            "run.json",
             "train-000.tar",
             "train-001.tar",
             "train-002.tar"
@@ -1021,7 +1022,13 @@ fn kill_9_during_a_tar_run_then_resume() {
     for e in std::fs::read_dir(&out).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         assert!(
-            ["manifest.jsonl", "train-000.tar", "train-001.tar"].contains(&name.as_str()),
+            [
+                "manifest.jsonl",
+                "run.json",
+                "train-000.tar",
+                "train-001.tar"
+            ]
+            .contains(&name.as_str()),
             "left behind: {name}"
         );
     }

@@ -138,6 +138,64 @@ fn value_name(v: impl clap::ValueEnum) -> String {
         .unwrap_or_default()
 }
 
+/// What `<output>/run.json` says of this run ([`prm::io::run_record`]): the model (a path made
+/// absolute), the products' precision, and the settings the optimiser reads.
+fn run_record(
+    model: &str,
+    precision: Precision,
+    settings: &AttackSettings,
+    layers: &[usize],
+) -> serde_json::Value {
+    let absolute = |p: &std::path::Path| {
+        std::fs::canonicalize(p)
+            .map_or_else(|_| p.display().to_string(), |c| c.display().to_string())
+    };
+    let model = if std::path::Path::new(model).exists() {
+        absolute(std::path::Path::new(model))
+    } else {
+        model.to_string()
+    };
+    let mut s = serde_json::json!({
+        "loss": value_name(settings.loss),
+        "layers": layers,
+        "tokens": value_name(settings.tokens),
+        "optimizer": value_name(settings.optimizer),
+        "steps": settings.steps,
+        "eps": settings.eps,
+        "init": match &settings.init {
+            Init::Zero => "zero".to_string(),
+            Init::Random => "random".to_string(),
+            Init::From(dir) => format!("from:{}", absolute(dir)),
+        },
+        "seed": settings.seed,
+        "resolution": match settings.resolution {
+            Resolution::Native => serde_json::json!("native"),
+            Resolution::Fixed(n) => serde_json::json!(n),
+        },
+        "dynamic_scale": settings.dynamic_scale.map(|(lo, hi)| [lo, hi]),
+    });
+    match settings.optimizer {
+        OptimizerKind::Adamw => {
+            s["lr"] = serde_json::json!(settings.lr);
+            s["weight_decay"] = serde_json::json!(settings.weight_decay);
+        }
+        OptimizerKind::Pgd => s["step_size"] = serde_json::json!(settings.step_size),
+        OptimizerKind::Mifgsm => {
+            s["step_size"] = serde_json::json!(settings.step_size);
+            s["momentum"] = serde_json::json!(settings.momentum);
+        }
+    }
+    serde_json::json!({
+        "prm_version": env!("CARGO_PKG_VERSION"),
+        "model": model,
+        "precision": match precision {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        },
+        "settings": s,
+    })
+}
+
 impl AttackArgs {
     /// The preset, overridden by every flag that was given.
     fn settings(&self) -> AttackSettings {
@@ -287,10 +345,13 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         .layers
         .resolve(model.config.feature_layers())
         .map_err(anyhow::Error::msg)?;
+    let record = run_record(&args.model, precision, &settings, &layers);
     let objective = Objective::new(settings.loss, layers, settings.tokens, &model)
         .map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create output directory {}", args.output.display()))?;
+    // A resume with other settings would keep the old outputs as this run's.
+    prm::io::run_record::check_or_write(&args.output, &record)?;
 
     if !args.quiet {
         if let ModelSource::Random { arch, seed } = &model.source {

@@ -9,6 +9,7 @@
 //! - [`inputs`]: turning `--input DIR|LIST` into a stable, sorted list of relative paths, and the
 //!   output-name mapping (`a/b.jpg` → `a/b.png`);
 //! - [`manifest`]: the `manifest.jsonl` record, writer and tolerant reader;
+//! - [`run_record`]: `run.json`, the settings of the attack that writes an output directory;
 //! - [`mod@verify`]: the checks behind `prm verify`;
 //! - [`webdataset`]: WebDataset-style tar shards (brace expansion, samples, in-place member
 //!   reads, atomic tar writer);
@@ -20,6 +21,7 @@ pub mod image;
 pub mod inputs;
 pub mod manifest;
 pub mod output;
+pub mod run_record;
 pub mod shard;
 pub mod units;
 pub mod verify;

@@ -1,0 +1,204 @@
+//! `run.json`: what an attack that writes into an output directory does, so that a run with
+//! other settings does not take that directory's outputs as its own.
+//!
+//! A re-run with the same `--output` resumes: it skips every image already done. With other
+//! settings (another ε, more steps, another model) that would leave the old outputs in place and
+//! report them as done, so `prm attack` refuses before any work and says what differs. Shards
+//! of one campaign share the directory and write the same record.
+//!
+//! The record holds the attack's meaning only: the model, the precision of the products, and
+//! the settings its optimiser reads (`lr` and weight decay for AdamW, the step size and momentum
+//! for the sign methods). Where and how fast it runs (device, batch size, shard, `--profile`) and
+//! what is saved besides the PNGs (`--save-float`) may change between runs.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::output::write_atomic;
+use super::IoError;
+
+/// The record's file name inside the output directory.
+pub const RUN_RECORD_FILE: &str = "run.json";
+
+/// What [`check_or_write`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunRecordState {
+    /// There was no record: this run's was written.
+    Written,
+    /// The directory's record is this run's.
+    Same,
+}
+
+/// The directory holds another run's record.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{dir} holds the outputs of an attack with other settings ({file}): {differences}. \
+     Resuming would keep its outputs as this run's: give another --output (to go on from these \
+     images with more steps: --init from:{dir}), or delete {file} to take the outputs as they \
+     are",
+    dir = dir.display(),
+    file = dir.join(RUN_RECORD_FILE).display(),
+    differences = differences.join("; ")
+)]
+pub struct OtherRun {
+    pub dir: PathBuf,
+    /// `key: there X, here Y`, one per differing field.
+    pub differences: Vec<String>,
+}
+
+/// Compares `record` with `<dir>/run.json`, or writes it there (atomically) when there is none.
+/// A record that cannot be parsed is an error like a different one, naming the file.
+pub fn check_or_write(dir: &Path, record: &Value) -> Result<RunRecordState, RunRecordError> {
+    let path = dir.join(RUN_RECORD_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let stored: Value =
+                serde_json::from_str(&text).map_err(|e| RunRecordError::Unreadable {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            let differences = differences(&stored, record);
+            if differences.is_empty() {
+                Ok(RunRecordState::Same)
+            } else {
+                Err(RunRecordError::OtherRun(OtherRun {
+                    dir: dir.to_path_buf(),
+                    differences,
+                }))
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let text = serde_json::to_string_pretty(record).expect("JSON values serialise") + "\n";
+            write_atomic(&path, |file| {
+                std::io::Write::write_all(file, text.as_bytes()).map_err(|source| IoError::Write {
+                    path: path.clone(),
+                    source,
+                })
+            })?;
+            Ok(RunRecordState::Written)
+        }
+        Err(source) => Err(IoError::Read { path, source }.into()),
+    }
+}
+
+/// Why [`check_or_write`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunRecordError {
+    #[error(transparent)]
+    OtherRun(#[from] OtherRun),
+    #[error("{}: not a run record ({message}); delete it, or give another --output", path.display())]
+    Unreadable { path: PathBuf, message: String },
+    #[error(transparent)]
+    Io(#[from] IoError),
+}
+
+/// The fields compared: every key of either record but `prm_version` (a newer prm resumes an
+/// older one's directory), nested objects key by key.
+fn differences(there: &Value, here: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    compare("", there, here, &mut out);
+    out
+}
+
+fn compare(prefix: &str, there: &Value, here: &Value, out: &mut Vec<String>) {
+    let (a, b) = match (there, here) {
+        (Value::Object(a), Value::Object(b)) => (a, b),
+        _ => {
+            if there != here {
+                out.push(format!("{prefix}: there {there}, here {here}"));
+            }
+            return;
+        }
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    for key in keys {
+        if prefix.is_empty() && key == "prm_version" {
+            continue;
+        }
+        let name = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        let missing = Value::String("(not set)".into());
+        let (x, y) = (
+            a.get(key).unwrap_or(&missing),
+            b.get(key).unwrap_or(&missing),
+        );
+        if x.is_object() && y.is_object() {
+            compare(&name, x, y, out);
+        } else if x != y {
+            out.push(format!("{name}: there {x}, here {y}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(eps: f64, steps: u64) -> Value {
+        json!({
+            "prm_version": "0.1.0",
+            "model": "random:tiny",
+            "precision": "fp32",
+            "settings": {"eps": eps, "steps": steps, "optimizer": "pgd"},
+        })
+    }
+
+    #[test]
+    fn the_first_run_writes_its_record_and_the_same_run_finds_it() {
+        let t = tempfile::tempdir().unwrap();
+        let r = record(8.0 / 255.0, 10);
+        assert_eq!(
+            check_or_write(t.path(), &r).unwrap(),
+            RunRecordState::Written
+        );
+        assert_eq!(check_or_write(t.path(), &r).unwrap(), RunRecordState::Same);
+        // Another prm version reads the same record.
+        let mut newer = r.clone();
+        newer["prm_version"] = json!("9.9.9");
+        assert_eq!(
+            check_or_write(t.path(), &newer).unwrap(),
+            RunRecordState::Same
+        );
+    }
+
+    #[test]
+    fn other_settings_are_refused_with_what_differs() {
+        let t = tempfile::tempdir().unwrap();
+        check_or_write(t.path(), &record(8.0 / 255.0, 10)).unwrap();
+        let before = std::fs::read(t.path().join(RUN_RECORD_FILE)).unwrap();
+        let mut other = record(4.0 / 255.0, 20);
+        other["settings"]["lr"] = json!(0.001);
+        let e = check_or_write(t.path(), &other).unwrap_err();
+        let RunRecordError::OtherRun(o) = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(o.differences.len(), 3, "{:?}", o.differences);
+        assert!(o.differences[0].starts_with("settings.eps: there 0.031"));
+        assert_eq!(
+            o.differences[1],
+            "settings.lr: there \"(not set)\", here 0.001"
+        );
+        assert_eq!(o.differences[2], "settings.steps: there 10, here 20");
+        assert!(e.to_string().contains("give another --output"), "{e}");
+        // The directory's record is left as it was.
+        assert_eq!(
+            std::fs::read(t.path().join(RUN_RECORD_FILE)).unwrap(),
+            before
+        );
+    }
+
+    #[test]
+    fn a_record_that_is_not_json_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join(RUN_RECORD_FILE), "{ half").unwrap();
+        let e = check_or_write(t.path(), &record(0.1, 1)).unwrap_err();
+        assert!(matches!(e, RunRecordError::Unreadable { .. }), "{e}");
+    }
+}
