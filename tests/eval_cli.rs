@@ -43,8 +43,13 @@ fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
 
 /// A short PGD attack of `clean` into `adv` with the tiny random model on the CPU.
 fn attack_tiny(clean: &Path, adv: &Path, steps: usize) {
+    attack_tiny_with(clean, adv, steps, &[]);
+}
+
+/// [`attack_tiny`] with more flags.
+fn attack_tiny_with(clean: &Path, adv: &Path, steps: usize, extra: &[&str]) {
     let steps = steps.to_string();
-    let o = prm(&[
+    let mut args = vec![
         "attack",
         "--model",
         "random:tiny",
@@ -59,7 +64,9 @@ fn attack_tiny(clean: &Path, adv: &Path, steps: usize) {
         "--device",
         "cpu",
         "-q",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let o = prm(&args);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -774,25 +781,7 @@ fn eval_lists_the_inputs_the_attack_listed() {
     write_image(&clean.join("sub/b.png"), 48, 81, 2);
     write_image(&clean.join("raw/c.png"), 40, 40, 3);
     let adv = clean.join("adv");
-    let o = prm(&[
-        "attack",
-        "--model",
-        "random:tiny",
-        "--input",
-        s(&clean),
-        "--output",
-        s(&adv),
-        "--exclude",
-        "raw/**",
-        "--preset",
-        "pgd",
-        "--steps",
-        "1",
-        "--device",
-        "cpu",
-        "-q",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    attack_tiny_with(&clean, &adv, 1, &["--exclude", "raw/**"]);
     let names = t.path().join("classes.txt");
     std::fs::write(&names, "sky\ntree\nroad\n").unwrap();
     let run = |extra: &[&str], report: &str| {
