@@ -147,6 +147,24 @@ fn attack_writes_pngs_within_eps_and_a_complete_manifest() {
         String::from_utf8_lossy(&v.stdout),
         stderr(&v)
     );
+    assert!(!stderr(&v).contains("the attack's ε"), "{}", stderr(&v));
+    // A looser --eps than the attack's (run.json) passes, with a note saying so.
+    let v = prm(&[
+        "verify",
+        "--clean",
+        f.input.to_str().unwrap(),
+        "--adv",
+        out.to_str().unwrap(),
+        "--eps",
+        "16/255",
+    ]);
+    assert!(v.status.success());
+    assert!(
+        stderr(&v)
+            .contains("the attack's ε was 8.00/255; checked against --eps 16.00/255 (a looser"),
+        "{}",
+        stderr(&v)
+    );
 }
 
 #[test]

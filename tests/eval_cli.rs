@@ -822,6 +822,14 @@ fn eval_lists_the_inputs_the_attack_listed() {
     };
     let (code, first) = run(&outputs, "first.json");
     assert_eq!(code, Some(0), "{first}");
+    // The report says what made the adversarial images (the attack's run.json).
+    assert_eq!(first["attack"]["settings"]["steps"], 1);
+    assert_eq!(first["attack"]["model"], "random:tiny");
+    let summary = std::fs::read_to_string(t.path().join("first.md")).unwrap();
+    assert!(
+        summary.contains("- attack: prm loss, pgd × 1 steps, ε 8.00/255, on `random:tiny`"),
+        "{summary}"
+    );
     assert_eq!(images(&first), ["a.png", "sub/b.png"]);
     assert!(preds.join("adv/a.png").is_file() && pics.join("sub/b.png").is_file());
     let (code, second) = run(&outputs, "second.json");

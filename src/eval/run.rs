@@ -730,6 +730,10 @@ pub fn evaluate(
     if let Some(l) = &settings.labels {
         report.insert("label_source".into(), json!(l.describe()));
     }
+    // What made the adversarial images, when `prm attack` wrote them (its run.json).
+    if let Some(attack) = read_attack_record(adv_dir) {
+        report.insert("attack".into(), attack);
+    }
     if dense {
         let s = vs_clean.scores();
         report.insert("miou_adv_vs_clean".into(), opt(s.miou));
@@ -801,6 +805,28 @@ fn fmt(v: &Value) -> String {
     }
 }
 
+/// `<adv>/run.json` ([`crate::io::run_record`]), when there is one and it is JSON.
+fn read_attack_record(adv_dir: &Path) -> Option<Value> {
+    let path = adv_dir.join(crate::io::run_record::RUN_RECORD_FILE);
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// The attack of a report's `attack` record in one line: loss, optimiser, steps, ε, model.
+fn attack_line(attack: &Value) -> String {
+    let s = &attack["settings"];
+    let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+    format!(
+        "{} loss, {} × {} steps, ε {}/255, on `{}`",
+        text(&s["loss"]),
+        text(&s["optimizer"]),
+        text(&s["steps"]),
+        s["eps"]
+            .as_f64()
+            .map_or("?".into(), |e| format!("{:.2}", e * 255.0)),
+        text(&attack["model"]),
+    )
+}
+
 /// The Markdown summary of a report.
 pub fn markdown_summary(report: &Value) -> String {
     let mut s = String::new();
@@ -825,6 +851,9 @@ pub fn markdown_summary(report: &Value) -> String {
     ));
     if let Some(c) = get("class_source").as_str() {
         s.push_str(&format!("- classes: {c}\n"));
+    }
+    if let Some(attack) = report.get("attack") {
+        s.push_str(&format!("- attack: {}\n", attack_line(attack)));
     }
     s.push('\n');
     if report.get("miou_adv_vs_clean").is_some() {

@@ -214,6 +214,9 @@ pub fn verify_with(
         report.violations.extend(violation);
     }
 
+    if let Some(note) = attack_eps_note(adv, eps) {
+        report.notes.push(note);
+    }
     let manifest_path = adv.join(MANIFEST_FILE);
     if manifest_path.is_file() {
         report.manifest_checked = true;
@@ -227,6 +230,27 @@ pub fn verify_with(
         );
     }
     Ok(report)
+}
+
+/// A note when the attack's own ε (its `run.json`) is not the one checked: a larger `--eps`
+/// would pass images that broke the attack's budget.
+fn attack_eps_note(adv: &Path, eps: f32) -> Option<String> {
+    let path = adv.join(super::run_record::RUN_RECORD_FILE);
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+    let attack_eps = record["settings"]["eps"].as_f64()? as f32;
+    (attack_eps != eps).then(|| {
+        format!(
+            "{}: the attack's ε was {:.2}/255; checked against --eps {:.2}/255{}",
+            path.display(),
+            attack_eps as f64 * 255.0,
+            eps as f64 * 255.0,
+            if eps > attack_eps {
+                " (a looser budget than the attack's)"
+            } else {
+                ""
+            }
+        )
+    })
 }
 
 /// (L∞ when measured, the output's size when decoded, the violation if any).
