@@ -3,8 +3,10 @@
 //!
 //! A re-run with the same `--output` resumes: it skips every image already done. With other
 //! settings (another ε, more steps, another model) that would leave the old outputs in place and
-//! report them as done, so `prm attack` refuses before any work and says what differs. Shards
-//! of one campaign share the directory and write the same record.
+//! report them as done, so `prm attack` refuses before any work and says what differs. A
+//! directory whose manifest holds no record yet (a run that stopped before its first image) is
+//! taken over, its record replaced. Shards of one campaign share the directory and write the
+//! same record.
 //!
 //! The record holds the attack's meaning only: the model, the precision of the products, and
 //! the settings its optimiser reads (`lr` and weight decay for AdamW, the step size and momentum
@@ -47,20 +49,29 @@ pub struct OtherRun {
     pub differences: Vec<String>,
 }
 
-/// Compares `record` with `<dir>/run.json`, or writes it there (atomically) when there is none.
-/// A record that cannot be parsed is an error like a different one, naming the file.
+/// Compares `record` with `<dir>/run.json`, or writes it there (atomically) when there is none,
+/// or when the directory's manifest holds no record yet (a run that stopped before its first
+/// image left nothing a resume would keep). A record that cannot be parsed is an error like a
+/// different one, naming the file.
 pub fn check_or_write(dir: &Path, record: &Value) -> Result<RunRecordState, RunRecordError> {
     let path = dir.join(RUN_RECORD_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
-            let stored: Value =
-                serde_json::from_str(&text).map_err(|e| RunRecordError::Unreadable {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-            let differences = differences(&stored, record);
+            let differences = match serde_json::from_str::<Value>(&text) {
+                Ok(stored) => differences(&stored, record),
+                Err(_) if !has_records(dir)? => vec!["(unreadable)".into()],
+                Err(e) => {
+                    return Err(RunRecordError::Unreadable {
+                        path,
+                        message: e.to_string(),
+                    })
+                }
+            };
             if differences.is_empty() {
                 Ok(RunRecordState::Same)
+            } else if !has_records(dir)? {
+                write(&path, record)?;
+                Ok(RunRecordState::Written)
             } else {
                 Err(RunRecordError::OtherRun(OtherRun {
                     dir: dir.to_path_buf(),
@@ -69,17 +80,38 @@ pub fn check_or_write(dir: &Path, record: &Value) -> Result<RunRecordState, RunR
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let text = serde_json::to_string_pretty(record).expect("JSON values serialise") + "\n";
-            write_atomic(&path, |file| {
-                std::io::Write::write_all(file, text.as_bytes()).map_err(|source| IoError::Write {
-                    path: path.clone(),
-                    source,
-                })
-            })?;
+            write(&path, record)?;
             Ok(RunRecordState::Written)
         }
         Err(source) => Err(IoError::Read { path, source }.into()),
     }
+}
+
+fn write(path: &Path, record: &Value) -> Result<(), IoError> {
+    let text = serde_json::to_string_pretty(record).expect("JSON values serialise") + "\n";
+    write_atomic(path, |file| {
+        std::io::Write::write_all(file, text.as_bytes()).map_err(|source| IoError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    })
+}
+
+/// Whether `<dir>/manifest.jsonl` holds a whole line (a record a resume would act on).
+fn has_records(dir: &Path) -> Result<bool, IoError> {
+    use std::io::Read;
+    let path = dir.join(super::manifest::MANIFEST_FILE);
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => return Err(IoError::Read { path, source }),
+    };
+    // A record is a few hundred bytes: the first line ends well within this.
+    let mut head = Vec::with_capacity(1 << 16);
+    file.take(1 << 16)
+        .read_to_end(&mut head)
+        .map_err(|source| IoError::Read { path, source })?;
+    Ok(head.contains(&b'\n'))
 }
 
 /// Why [`check_or_write`] failed.
@@ -172,6 +204,7 @@ mod tests {
     fn other_settings_are_refused_with_what_differs() {
         let t = tempfile::tempdir().unwrap();
         check_or_write(t.path(), &record(8.0 / 255.0, 10)).unwrap();
+        std::fs::write(t.path().join("manifest.jsonl"), "{\"input\": \"a.png\"}\n").unwrap();
         let before = std::fs::read(t.path().join(RUN_RECORD_FILE)).unwrap();
         let mut other = record(4.0 / 255.0, 20);
         other["settings"]["lr"] = json!(0.001);
@@ -195,10 +228,41 @@ mod tests {
     }
 
     #[test]
-    fn a_record_that_is_not_json_is_refused() {
+    fn a_record_that_is_not_json_is_refused_once_there_are_outputs() {
         let t = tempfile::tempdir().unwrap();
         std::fs::write(t.path().join(RUN_RECORD_FILE), "{ half").unwrap();
+        std::fs::write(t.path().join("manifest.jsonl"), "{\"input\": \"a.png\"}\n").unwrap();
         let e = check_or_write(t.path(), &record(0.1, 1)).unwrap_err();
         assert!(matches!(e, RunRecordError::Unreadable { .. }), "{e}");
+        // Without a record in the manifest there is nothing to keep: the run takes it over.
+        std::fs::write(t.path().join("manifest.jsonl"), "{\"input\": \"a.p").unwrap();
+        let r = record(0.1, 1);
+        assert_eq!(
+            check_or_write(t.path(), &r).unwrap(),
+            RunRecordState::Written
+        );
+        assert_eq!(check_or_write(t.path(), &r).unwrap(), RunRecordState::Same);
+    }
+
+    #[test]
+    fn a_directory_without_records_takes_the_new_settings() {
+        let t = tempfile::tempdir().unwrap();
+        check_or_write(t.path(), &record(8.0 / 255.0, 10)).unwrap();
+        // The first run stopped before any image: another attack may take the directory.
+        let other = record(4.0 / 255.0, 10);
+        assert_eq!(
+            check_or_write(t.path(), &other).unwrap(),
+            RunRecordState::Written
+        );
+        assert_eq!(
+            check_or_write(t.path(), &other).unwrap(),
+            RunRecordState::Same
+        );
+        std::fs::write(t.path().join("manifest.jsonl"), "").unwrap();
+        let third = record(2.0 / 255.0, 10);
+        assert_eq!(
+            check_or_write(t.path(), &third).unwrap(),
+            RunRecordState::Written
+        );
     }
 }
