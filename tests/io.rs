@@ -452,6 +452,49 @@ fn manifest_round_trip_and_append() {
     assert_eq!(read_manifest(&out.join(MANIFEST_FILE)).unwrap().len(), 3);
 }
 
+/// A writer that opens the manifest while another process (a shard) is in the middle of a line
+/// waits for that line instead of cutting it off as a crash's leftover (the partial line a crash
+/// leaves, with no writer behind it, is still cut: `manifest_partial_trailing_line`). Only where
+/// the file system has locks, as it has here.
+#[test]
+fn opening_the_manifest_waits_for_a_line_another_writer_is_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(MANIFEST_FILE);
+    let first = serde_json::to_string(&record("a.png", Status::Ok)).unwrap();
+    let other = serde_json::to_string(&record("b.png", Status::Ok)).unwrap();
+    std::fs::write(&path, format!("{first}\n")).unwrap();
+    // The other writer: the manifest's lock held, half its line out, the rest after a pause.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    f.lock().unwrap();
+    write!(f, "{}", &other[..other.len() / 2]).unwrap();
+    f.flush().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let opener = {
+        let dir = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let mut w = ManifestWriter::open(&dir).unwrap();
+            tx.send(()).unwrap();
+            w.append(&record("c.png", Status::Ok)).unwrap();
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        rx.try_recv().is_err(),
+        "the opener did not wait for the lock"
+    );
+    writeln!(f, "{}", &other[other.len() / 2..]).unwrap();
+    f.flush().unwrap();
+    f.unlock().unwrap();
+    opener.join().unwrap();
+    let c = read_manifest_detailed(&path).unwrap();
+    let inputs: Vec<&str> = c.records.iter().map(|r| r.input.as_str()).collect();
+    assert_eq!(inputs, ["a.png", "b.png", "c.png"]);
+    assert_eq!(c.ignored_partial_line, None);
+}
+
 #[test]
 fn manifest_partial_trailing_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -845,7 +888,7 @@ fn bundled_samples_decode_and_are_licensed() {
         );
         let img = read_image(&item.path).unwrap();
         assert_eq!(img.width.max(img.height), 320, "{}", item.rel);
-        if img.width % 16 != 0 || img.height % 16 != 0 {
+        if !img.width.is_multiple_of(16) || !img.height.is_multiple_of(16) {
             odd += 1;
         }
         png |= item.rel.ends_with(".png");

@@ -683,7 +683,7 @@ fn races_give_different_bits_under_the_two_schedules() {
             .collect()
     };
     let neighbour = |g: usize, first_of: usize| {
-        if g % first_of == 0 {
+        if g.is_multiple_of(first_of) {
             input[g].to_bits()
         } else {
             input[g - 1].to_bits()

@@ -49,7 +49,7 @@ struct Stack {
 }
 
 fn check_heads(what: &str, width: usize, heads: usize) -> Result<(), EvalError> {
-    if width % HEAD_DIM != 0 || width / heads != HEAD_DIM {
+    if !width.is_multiple_of(HEAD_DIM) || width / heads != HEAD_DIM {
         return Err(EvalError::Usage(format!(
             "the GPU attention kernels need head dim {HEAD_DIM}; the {what} has width {width} and \
              {heads} heads; use --device cpu"

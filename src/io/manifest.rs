@@ -4,9 +4,15 @@
 //! flushed after each record: a crash loses at most the record being written. The reader accepts
 //! such a truncated last line (and says so); on reopening for append, the writer cuts it off so
 //! that new records start on a fresh line.
+//!
+//! Several processes (the shards of a campaign) may append to one manifest. Each line goes out in
+//! one write under an exclusive lock of the file (`flock`), and the writer that opens the file
+//! takes the same lock before it looks for a cut-off line: a line another shard is writing at
+//! that moment is never mistaken for a crash's leftovers. Where the file system has no locks,
+//! the writer goes on without them.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -87,15 +93,15 @@ impl ManifestWriter {
             .create(true)
             .open(&path)
             .map_err(werr)?;
-        let mut content = Vec::new();
-        file.read_to_end(&mut content).map_err(werr)?;
-        if !content.is_empty() && content.last() != Some(&b'\n') {
-            let keep = content
-                .iter()
-                .rposition(|&b| b == b'\n')
-                .map_or(0, |i| i + 1);
-            file.set_len(keep as u64).map_err(werr)?;
+        let locked = lock(&file).map_err(werr)?;
+        let cut = end_of_last_line(&mut file).and_then(|keep| match keep {
+            Some(keep) => file.set_len(keep),
+            None => Ok(()),
+        });
+        if locked {
+            let _ = file.unlock();
         }
+        cut.map_err(werr)?;
         Ok(ManifestWriter { path, file })
     }
 
@@ -111,14 +117,18 @@ impl ManifestWriter {
             message: e.to_string(),
         })?;
         line.push(b'\n');
-        // One write call per line keeps concurrent readers from seeing interleaved fragments.
-        self.file
-            .write_all(&line)
-            .and_then(|_| self.file.flush())
-            .map_err(|source| IoError::Write {
-                path: self.path.clone(),
-                source,
-            })
+        // One write call per line keeps concurrent readers from seeing interleaved fragments; the
+        // lock keeps a shard that opens the file meanwhile from cutting the line short.
+        let werr = |source| IoError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let locked = lock(&self.file).map_err(werr)?;
+        let written = self.file.write_all(&line).and_then(|_| self.file.flush());
+        if locked {
+            let _ = self.file.unlock();
+        }
+        written.map_err(werr)
     }
 
     /// Forces the manifest to stable storage (fsync).
@@ -128,6 +138,42 @@ impl ManifestWriter {
             source,
         })
     }
+}
+
+/// Takes the file's exclusive lock, waiting for another writer's line: `false` (and no lock)
+/// where the file system does not support locks.
+fn lock(file: &File) -> std::io::Result<bool> {
+    // Linux's ENOLCK (an NFS mount without its lock service), ENOSYS and EOPNOTSUPP.
+    const NO_LOCKS: [i32; 3] = [37, 38, 95];
+    match file.lock() {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(false),
+        Err(e) if e.raw_os_error().is_some_and(|c| NO_LOCKS.contains(&c)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Where the file's last whole line ends, when something follows it (a line cut short):
+/// `Some(length to keep)`; `None` when the file is empty or ends with a newline. Reads backwards
+/// from the end, so a long manifest costs a seek.
+fn end_of_last_line(file: &mut File) -> std::io::Result<Option<u64>> {
+    let len = file.seek(SeekFrom::End(0))?;
+    let mut end = len;
+    let mut chunk = vec![0u8; 1 << 16];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let n = (end - start) as usize;
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut chunk[..n])?;
+        if end == len && chunk[n - 1] == b'\n' {
+            return Ok(None);
+        }
+        if let Some(i) = chunk[..n].iter().rposition(|&b| b == b'\n') {
+            return Ok(Some(start + i as u64 + 1));
+        }
+        end = start;
+    }
+    Ok((len > 0).then_some(0))
 }
 
 /// A manifest as read back, with what was tolerated.
@@ -191,4 +237,39 @@ pub fn read_manifest_detailed(path: &Path) -> Result<ManifestContents, IoError> 
         records,
         ignored_partial_line,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The end of the last whole line, against a plain scan, for files around the 64 KiB chunk.
+    #[test]
+    fn end_of_last_line_reads_backwards_across_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        let want = |bytes: &[u8]| -> Option<u64> {
+            if bytes.is_empty() || bytes.last() == Some(&b'\n') {
+                None
+            } else {
+                Some(bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) as u64)
+            }
+        };
+        let chunk = 1usize << 16;
+        for len in [0, 1, 2, 100, chunk - 1, chunk, chunk + 1, 3 * chunk + 7] {
+            for newline_at in [None, Some(0), Some(len / 2), Some(len.saturating_sub(1))] {
+                let mut bytes = vec![b'x'; len];
+                if let Some(i) = newline_at.filter(|&i| i < len) {
+                    bytes[i] = b'\n';
+                }
+                std::fs::write(&path, &bytes).unwrap();
+                let mut f = File::open(&path).unwrap();
+                assert_eq!(
+                    end_of_last_line(&mut f).unwrap(),
+                    want(&bytes),
+                    "{len} bytes, newline at {newline_at:?}"
+                );
+            }
+        }
+    }
 }

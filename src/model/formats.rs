@@ -328,7 +328,7 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
 
 /// heads = D / 64, the convention of every OpenAI CLIP tower.
 fn heads_from_width(t: &Tensors<'_>, width: usize) -> Result<usize, ModelError> {
-    if width % 64 == 0 {
+    if width.is_multiple_of(64) {
         Ok(width / 64)
     } else {
         Err(t.inconsistent(format!(

@@ -109,7 +109,7 @@ fn check_common<Q: Element>(
     width: usize,
 ) -> (usize, usize) {
     assert!(
-        width > 0 && width % HEAD_DIM == 0,
+        width > 0 && width.is_multiple_of(HEAD_DIM),
         "attention width {width} is not a multiple of the head dim {HEAD_DIM}"
     );
     assert!(
