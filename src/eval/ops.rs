@@ -255,7 +255,7 @@ pub fn bilinear_taps(in_size: usize, out_size: usize) -> Vec<(usize, usize, f32)
 ///
 /// The pixels between the same two grid rows and two grid columns (about a patch's area of them)
 /// interpolate the same four corner values; the classes that cannot win anywhere in that cell are
-/// found once for it ([`contenders`]). A pixel then forms only the other classes' values, in class
+/// found once for it (`contenders`). A pixel then forms only the other classes' values, in class
 /// order, with the scan's strict `>`.
 pub fn upsample_argmax(
     logits: &[f32],

@@ -8,7 +8,7 @@
 //! ([`Device::sim_with_memory`](super::Device::sim_with_memory), or `PRM_SIM_MEMORY` for the
 //! CLI's `--device sim`) reports what is left of it as its free memory and refuses an allocation
 //! beyond it with [`GpuError::OutOfMemory`](super::GpuError::OutOfMemory), as a GPU would, at
-//! whatever point of the engine the allocation happens. The peak ([`SimMemory::peak`]) measures
+//! whatever point of the engine the allocation happens. The peak (`SimMemory::peak`) measures
 //! exactly what the engine allocates, which `--batch-size auto`'s per-token estimate must cover.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
