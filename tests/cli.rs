@@ -132,15 +132,18 @@ fn attack_writes_pngs_within_eps_and_a_complete_manifest() {
         assert!(out.join(output).with_extension("safetensors").exists());
     }
     // verify accepts it
-    let v = prm(&[
-        "verify",
-        "--clean",
-        f.input.to_str().unwrap(),
-        "--adv",
-        out.to_str().unwrap(),
-        "--eps",
-        "8/255",
-    ]);
+    let verify = |eps: &str| {
+        prm(&[
+            "verify",
+            "--clean",
+            f.input.to_str().unwrap(),
+            "--adv",
+            out.to_str().unwrap(),
+            "--eps",
+            eps,
+        ])
+    };
+    let v = verify("8/255");
     assert!(
         v.status.success(),
         "{}{}",
@@ -149,15 +152,7 @@ fn attack_writes_pngs_within_eps_and_a_complete_manifest() {
     );
     assert!(!stderr(&v).contains("the attack's ε"), "{}", stderr(&v));
     // A looser --eps than the attack's (run.json) passes, with a note saying so.
-    let v = prm(&[
-        "verify",
-        "--clean",
-        f.input.to_str().unwrap(),
-        "--adv",
-        out.to_str().unwrap(),
-        "--eps",
-        "16/255",
-    ]);
+    let v = verify("16/255");
     assert!(v.status.success());
     assert!(
         stderr(&v)

@@ -553,25 +553,7 @@ fn tar_shard_inputs_pair_with_either_output_layout() {
     let mut by_layout = Vec::new();
     for layout in ["tar", "tree"] {
         let adv = t.path().join(format!("adv-{layout}"));
-        let o = prm(&[
-            "attack",
-            "--model",
-            "random:tiny",
-            "--input",
-            s(&shard),
-            "--output",
-            s(&adv),
-            "--output-layout",
-            layout,
-            "--preset",
-            "pgd",
-            "--steps",
-            "1",
-            "--device",
-            "cpu",
-            "-q",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
+        attack_tiny_with(&shard, &adv, 1, &["--output-layout", layout]);
         let (code, r) = eval_report(&shard, &adv, &labels, &format!("{layout}.json"));
         assert_eq!(code, Some(0), "{layout}: {r}");
         by_layout.push(r);

@@ -579,12 +579,15 @@ pub fn evaluate(
     mut progress: impl FnMut(usize, usize) + Send,
 ) -> Result<EvalOutcome, EvalError> {
     // The run's own output directories are never inputs, when they lie inside the clean one.
-    let exclude_dirs = [Some(adv_dir), settings.save_predictions.as_deref()]
-        .into_iter()
-        .chain([settings.pictures.as_deref()])
-        .flatten()
-        .map(Path::to_path_buf)
-        .collect();
+    let exclude_dirs = [
+        Some(adv_dir),
+        settings.save_predictions.as_deref(),
+        settings.pictures.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(Path::to_path_buf)
+    .collect();
     let options = ListOptions {
         exclude_dirs,
         exclude: settings.exclude.clone(),
@@ -731,7 +734,7 @@ pub fn evaluate(
         report.insert("label_source".into(), json!(l.describe()));
     }
     // What made the adversarial images, when `prm attack` wrote them (its run.json).
-    if let Some(attack) = read_attack_record(adv_dir) {
+    if let Some(attack) = crate::io::run_record::read(adv_dir) {
         report.insert("attack".into(), attack);
     }
     if dense {
@@ -803,12 +806,6 @@ fn fmt(v: &Value) -> String {
         Some(x) => format!("{:.2}", 100.0 * x),
         None => "–".into(),
     }
-}
-
-/// `<adv>/run.json` ([`crate::io::run_record`]), when there is one and it is JSON.
-fn read_attack_record(adv_dir: &Path) -> Option<Value> {
-    let path = adv_dir.join(crate::io::run_record::RUN_RECORD_FILE);
-    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
 /// The attack of a report's `attack` record in one line: loss, optimiser, steps, ε, model.

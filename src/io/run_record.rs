@@ -57,26 +57,23 @@ pub fn check_or_write(dir: &Path, record: &Value) -> Result<RunRecordState, RunR
     let path = dir.join(RUN_RECORD_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
-            let differences = match serde_json::from_str::<Value>(&text) {
-                Ok(stored) => differences(&stored, record),
-                Err(_) if !has_records(dir)? => vec!["(unreadable)".into()],
-                Err(e) => {
-                    return Err(RunRecordError::Unreadable {
-                        path,
-                        message: e.to_string(),
-                    })
-                }
-            };
-            if differences.is_empty() {
-                Ok(RunRecordState::Same)
-            } else if !has_records(dir)? {
+            let stored = serde_json::from_str::<Value>(&text).map(|v| differences(&v, record));
+            if stored.as_ref().is_ok_and(Vec::is_empty) {
+                return Ok(RunRecordState::Same);
+            }
+            if !has_records(dir)? {
                 write(&path, record)?;
-                Ok(RunRecordState::Written)
-            } else {
-                Err(RunRecordError::OtherRun(OtherRun {
+                return Ok(RunRecordState::Written);
+            }
+            match stored {
+                Ok(differences) => Err(RunRecordError::OtherRun(OtherRun {
                     dir: dir.to_path_buf(),
                     differences,
-                }))
+                })),
+                Err(e) => Err(RunRecordError::Unreadable {
+                    path,
+                    message: e.to_string(),
+                }),
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -85,6 +82,12 @@ pub fn check_or_write(dir: &Path, record: &Value) -> Result<RunRecordState, RunR
         }
         Err(source) => Err(IoError::Read { path, source }.into()),
     }
+}
+
+/// `<dir>/run.json` as JSON, when there is one and it parses (for reports and notes; a resume
+/// checks it with [`check_or_write`]).
+pub fn read(dir: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(dir.join(RUN_RECORD_FILE)).ok()?).ok()
 }
 
 fn write(path: &Path, record: &Value) -> Result<(), IoError> {

@@ -235,8 +235,8 @@ pub fn verify_with(
 /// A note when the attack's own ε (its `run.json`) is not the one checked: a larger `--eps`
 /// would pass images that broke the attack's budget.
 fn attack_eps_note(adv: &Path, eps: f32) -> Option<String> {
+    let record = super::run_record::read(adv)?;
     let path = adv.join(super::run_record::RUN_RECORD_FILE);
-    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
     let attack_eps = record["settings"]["eps"].as_f64()? as f32;
     (attack_eps != eps).then(|| {
         format!(
