@@ -825,7 +825,8 @@ impl Device {
 
     /// How this device's matrix products choose cuBLASLt's algorithms (`PRM_BATCH_INVARIANT=1`
     /// when the device was opened, or [`Device::set_product_algorithms`]). The simulator forms
-    /// every product row by row on the CPU: it reports [`ProductAlgorithms::BatchInvariant`].
+    /// a product's rows by the same sums whatever the row count: it reports
+    /// [`ProductAlgorithms::BatchInvariant`].
     pub fn product_algorithms(&self) -> ProductAlgorithms {
         match &*self.backend {
             Backend::Sim(_) => ProductAlgorithms::BatchInvariant,

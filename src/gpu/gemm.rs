@@ -42,8 +42,9 @@ impl MatmulShape {
 }
 
 /// How the CUDA backend chooses cuBLASLt's algorithm for a product
-/// ([`Device::set_product_algorithms`]). Under the simulator products are formed row by row on
-/// the CPU, so a row never depends on the others whichever is chosen.
+/// ([`Device::set_product_algorithms`]). Under the simulator products are formed on the CPU
+/// with the same sums for a row whatever the row count (small products are padded, see
+/// `sim_min_rows`), so a row never depends on the others whichever is chosen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ProductAlgorithms {
     /// cuBLASLt's heuristic for the product's size, asked at its rows rounded up to a power of
@@ -60,6 +61,16 @@ pub enum ProductAlgorithms {
     /// independent of its batches, as on the CPU and the simulator, unless the algorithm itself
     /// divides the work by the number of rows (not known for cuBLASLt; gpu-check measures it).
     BatchInvariant,
+}
+
+impl ProductAlgorithms {
+    /// The name reports give it: `by-size` or `batch-invariant`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProductAlgorithms::BySize => "by-size",
+            ProductAlgorithms::BatchInvariant => "batch-invariant",
+        }
+    }
 }
 
 /// The row count at which [`ProductAlgorithms::BatchInvariant`] asks for its algorithms: the
@@ -361,11 +372,55 @@ pub(crate) unsafe fn sim_matmul_raw(shape: MatmulShape, types: ProductTypes, p: 
     }
 }
 
-/// `d = (accumulate ? d : 0) + a · op(b)` in f32 through the `gemm` crate.
+/// The fewest rows with which the `gemm` crate (0.19) forms a product `[m, k]·[k, n]` of our
+/// row-major layout by the same sums for every row count. It computes the transposed problem
+/// (our rows are its columns) and takes other kernels, which add in another order, for
+/// small ones: a matrix-vector kernel for one row, a horizontal-sum kernel when
+/// `m·n ≤ 256`, and below 65 rows of at most 64 columns, its inner dimension cut at 512
+/// instead of its cache-sized blocks. A product with fewer rows is padded with zero rows, so
+/// that a row's bits never depend on how many rows came with it (an image's on its batch).
+/// `sim_rows_do_not_depend_on_the_row_count` checks it, for a later version of the crate too.
+fn sim_min_rows(n: usize, k: usize) -> usize {
+    let small_block = if n <= 64 && k > 512 { 65 } else { 0 };
+    (256 / n.max(1) + 1).max(2).max(small_block)
+}
+
+/// `d = (accumulate ? d : 0) + a · op(b)` in f32 through the `gemm` crate, each row formed by
+/// the same sums whatever the row count ([`sim_min_rows`]).
 ///
 /// # Safety
 /// `a`, `b` and `d` hold the extents of `shape`; nothing else accesses `d` meanwhile.
 unsafe fn sim_gemm(shape: MatmulShape, a: *const f32, b: *const f32, d: *mut f32, acc: bool) {
+    let MatmulShape { m, n, k, .. } = shape;
+    let rows = sim_min_rows(n, k);
+    if m == 0 || m >= rows || n == 0 || k == 0 {
+        // SAFETY: as guaranteed by the caller.
+        return unsafe { gemm_crate(shape, a, b, d, acc) };
+    }
+    let mut padded_a = vec![0.0f32; rows * k];
+    // SAFETY: `a` holds m·k elements and `d` m·n (caller).
+    let (a, d) = unsafe {
+        (
+            std::slice::from_raw_parts(a, m * k),
+            std::slice::from_raw_parts_mut(d, m * n),
+        )
+    };
+    padded_a[..m * k].copy_from_slice(a);
+    let mut padded_d = vec![0.0f32; rows * n];
+    if acc {
+        padded_d[..m * n].copy_from_slice(d);
+    }
+    let padded = MatmulShape { m: rows, ..shape };
+    // SAFETY: the padded operands hold the padded extents; `b` as guaranteed by the caller.
+    unsafe { gemm_crate(padded, padded_a.as_ptr(), b, padded_d.as_mut_ptr(), acc) };
+    d.copy_from_slice(&padded_d[..m * n]);
+}
+
+/// `d = (accumulate ? d : 0) + a · op(b)` in f32 through the `gemm` crate, as it is.
+///
+/// # Safety
+/// `a`, `b` and `d` hold the extents of `shape`; nothing else accesses `d` meanwhile.
+unsafe fn gemm_crate(shape: MatmulShape, a: *const f32, b: *const f32, d: *mut f32, acc: bool) {
     let MatmulShape {
         m,
         n,
@@ -412,4 +467,79 @@ unsafe fn sim_gemm(shape: MatmulShape, a: *const f32, b: *const f32, d: *mut f32
             gemm::Parallelism::Rayon(0),
         )
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn product(shape: MatmulShape, a: &[f32], b: &[f32], d: &[f32], acc: bool) -> Vec<f32> {
+        let mut d = d[..shape.m * shape.n].to_vec();
+        // SAFETY: the slices hold the extents of `shape`.
+        unsafe { sim_gemm(shape, a.as_ptr(), b.as_ptr(), d.as_mut_ptr(), acc) };
+        d
+    }
+
+    /// The simulator's promise behind "an image's bits do not depend on its batch": the first
+    /// m rows of a product are the same bits whatever m is. The shapes are the towers' (ViT-B
+    /// and the tiny test model: widths, QKV, MLP, projections, the patch embedding's 768 and
+    /// 3072 inner lengths, input-gradient products) and small, odd ones around the crate's
+    /// kernel boundaries.
+    #[test]
+    fn sim_rows_do_not_depend_on_the_row_count() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let shapes = [
+            (128, 768),
+            (384, 128),
+            (128, 128),
+            (512, 128),
+            (128, 512),
+            (64, 128),
+            (64, 768),
+            (768, 768),
+            (2304, 768),
+            (768, 3072),
+            (3072, 768),
+            (512, 768),
+            (17, 64),
+            (33, 600),
+            (5, 100),
+            (2, 3),
+            (40, 2),
+            (64, 197),
+        ];
+        let most = 140;
+        for (n, k) in shapes {
+            let a: Vec<f32> = (0..most * k).map(|_| next()).collect();
+            let b: Vec<f32> = (0..n * k).map(|_| next()).collect();
+            let d: Vec<f32> = (0..most * n).map(|_| next()).collect();
+            for b_transposed in [true, false] {
+                for acc in [false, true] {
+                    let shape = |m| MatmulShape {
+                        m,
+                        n,
+                        k,
+                        b_transposed,
+                    };
+                    let all = product(shape(most), &a, &b, &d, acc);
+                    for m in (1..most).filter(|&m| m < 12 || m % 7 == 0 || m == 64 || m == 65) {
+                        let some = product(shape(m), &a, &b, &d, acc);
+                        assert!(
+                            some.iter()
+                                .zip(&all)
+                                .all(|(x, y)| x.to_bits() == y.to_bits()),
+                            "n {n}, k {k}, b transposed {b_transposed}, accumulate {acc}: \
+                             {m} rows differ from {most}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
