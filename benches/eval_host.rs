@@ -151,6 +151,9 @@ fn settings(target: TargetKind) -> EvalSettings {
         probe: None,
         exclude: Vec::new(),
         max_pixels: prm::io::DEFAULT_MAX_PIXELS,
+        // The stand-in engine holds the thread per image, as a device at batch 1 would.
+        batch_size: 1,
+        product_algorithms: None,
         model_spec: "bench".into(),
         weights_random: true,
         device: "none".into(),

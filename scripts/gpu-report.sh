@@ -20,7 +20,8 @@
 #   L/14   prm bf16, ViT-L/14 at 224 px (257 tokens), batch 32: the table's last row
 #   attack 480 images through `prm attack --profile` on cuda:0, again with PRM_NO_STAGING=1
 #          (and cuda:all with several GPUs)
-#   eval   `prm eval` of those images on cuda:0: maskclip with 150 classes, zeroshot
+#   eval   `prm eval` of those images on cuda:0: maskclip with 150 classes, zeroshot (the
+#          default --batch-size 32, and zeroshot at batch 1, the way it ran before 2026-12-06)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PRM=${1:-target/release/prm}
@@ -260,10 +261,12 @@ fi
 # prm eval on attack-cuda0's outputs (the 480 inputs and their adversarial images): a
 # segmentation target with 150 classes (ADE20K's count) and a classification target, ViT-B/16 at
 # native size. The host's reading, label maps and metrics overlap the device since 2026-12-05;
-# the stderr line gives pairs/s after the set-up (model, class embeddings).
+# since 2026-12-06 the device runs 32 pairs' images as one batch (eval-zeroshot-b1: one image
+# at a time, as before). The stderr line gives pairs/s after the set-up (model, class embeddings).
 CLASSES150=$OUT/classes150.txt
-evaluate() { # name, target
+evaluate() { # name, target, [prm eval options...]
   local name=$1 target=$2 adv=$OUT/attack-cuda0-out
+  shift 2
   [[ -n ${REPORT_ROWS:-} && ,$REPORT_ROWS, != *,$name,* ]] && return
   if [[ ! -f $adv/manifest.jsonl ]]; then
     echo "$name: skipped (no attack-cuda0 outputs)"
@@ -276,10 +279,10 @@ evaluate() { # name, target
     return
   fi
   [[ -f $CLASSES150 ]] || for i in $(seq 1 150); do echo "class $i"; done >"$CLASSES150"
-  echo "== $name (${t}s): prm eval --target $target --device cuda:0" >&2
+  echo "== $name (${t}s): prm eval --target $target --device cuda:0 $*" >&2
   timeout "$t" "$PRM" eval --model random:vit-b-16 --target "$target" --classes "$CLASSES150" \
     --single-template --clean "$DATA" --adv "$adv" --device cuda:0 --precision bf16 \
-    --report "$OUT/$name.json" >"$OUT/$name.log" 2>&1
+    --report "$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   [[ $rc -gt 1 ]] && echo "   failed (exit $rc): see $OUT/$name.log" >&2
   grep -E "^evaluated" "$OUT/$name.log" | sed "s/^/$name: /"
@@ -287,6 +290,16 @@ evaluate() { # name, target
 echo
 evaluate eval-maskclip maskclip
 evaluate eval-zeroshot zeroshot
+evaluate eval-zeroshot-b1 zeroshot --batch-size 1
+# Does a prediction depend on the batch? (cuBLASLt by size; the simulator's never do.)
+if [[ -f $OUT/eval-zeroshot.json && -f $OUT/eval-zeroshot-b1.json ]]; then
+  $PY - "$OUT/eval-zeroshot.json" "$OUT/eval-zeroshot-b1.json" <<'PY'
+import json, sys
+a, b = (json.load(open(p))["per_image"] for p in sys.argv[1:3])
+differ = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+print(f"eval-batching: {differ} of {max(len(a), len(b))} zeroshot records differ between batch 32 and 1")
+PY
+fi
 
 # Do an image's results depend on its batch? The 5 samples attacked (pgd, bf16, 224 px, float
 # images saved) in one batch of 5 and one image at a time, with cuBLASLt's algorithms by size

@@ -414,8 +414,15 @@ fn bad_input_exit_codes() {
 }
 
 /// `prm eval --target maskclip` on the CPU with class names, ground-truth labels and a report.
-fn eval_maskclip(names: &Path, clean: &Path, adv: &Path, labels: &Path, report: &Path) -> Output {
-    eval(&[
+fn eval_maskclip(
+    names: &Path,
+    clean: &Path,
+    adv: &Path,
+    labels: &Path,
+    report: &Path,
+    extra: &[&str],
+) -> Output {
+    let mut args = vec![
         "--target",
         "maskclip",
         "--classes",
@@ -428,23 +435,21 @@ fn eval_maskclip(names: &Path, clean: &Path, adv: &Path, labels: &Path, report: 
         s(labels),
         "--report",
         s(report),
-        "--device",
-        "cpu",
-    ])
+    ];
+    args.extend_from_slice(if extra.is_empty() {
+        &["--device", "cpu"]
+    } else {
+        extra
+    });
+    eval(&args)
 }
 
-/// `prm eval` reads, runs the model and finishes images on three threads at once; each image's
-/// record must be the one a run over that image alone gives, in input order, failures included
-/// (a missing adversarial image and a label map of the wrong size fail when read, an image
-/// smaller than a patch in the engine).
-#[test]
-fn every_record_is_the_record_of_a_run_over_that_image_alone() {
-    let t = tempfile::tempdir().unwrap();
-    let (clean, adv, labels) = (
-        t.path().join("clean"),
-        t.path().join("adv"),
-        t.path().join("labels"),
-    );
+/// 22 clean images of six sizes in three directories with their adversarial images and label
+/// maps; three fail: a missing adversarial image and a label map of the wrong size when read,
+/// an image smaller than a patch in the engine. Returns (clean, adv, labels, class names, the
+/// images' relative paths in input order).
+fn mixed_images(t: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf, Vec<String>) {
+    let (clean, adv, labels) = (t.join("clean"), t.join("adv"), t.join("labels"));
     let sizes = [(70, 50), (48, 81), (33, 17), (100, 64), (16, 16), (91, 40)];
     let rels: Vec<String> = (0..21)
         .map(|i| {
@@ -476,17 +481,41 @@ fn every_record_is_the_record_of_a_run_over_that_image_alone() {
         let p = labels.join(rel).with_extension("png");
         prm::eval::labels::write_label_png(&p, w, h, &map).unwrap();
     }
-    let names = t.path().join("classes.txt");
+    let names = t.join("classes.txt");
     std::fs::write(&names, "sky\ntree\nroad\nwall\n").unwrap();
-    let run = |clean: &Path, report: &Path| eval_maskclip(&names, clean, &adv, &labels, report);
+    let mut order = rels;
+    order.push(small.to_string());
+    order.sort();
+    (clean, adv, labels, names, order)
+}
+
+const MIXED_FAILURES: [&str; 3] = ["d1/img07.jpg", "d1/small.png", "d2/img05.jpg"];
+
+fn failed_images(report: &Value) -> Vec<&str> {
+    report["per_image"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "error")
+        .map(|r| r["image"].as_str().unwrap())
+        .collect()
+}
+
+/// `prm eval` reads, runs the model and finishes images on three threads at once; each image's
+/// record must be the one a run over that image alone gives, in input order, failures included
+/// (a missing adversarial image and a label map of the wrong size fail when read, an image
+/// smaller than a patch in the engine).
+#[test]
+fn every_record_is_the_record_of_a_run_over_that_image_alone() {
+    let t = tempfile::tempdir().unwrap();
+    let (clean, adv, labels, names, want_order) = mixed_images(t.path());
+    let run =
+        |clean: &Path, report: &Path| eval_maskclip(&names, clean, &adv, &labels, report, &[]);
     let all = t.path().join("all.json");
     let o = run(&clean, &all);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let all = read_json(&all);
     let records = all["per_image"].as_array().unwrap();
-    let mut want_order: Vec<String> = rels.clone();
-    want_order.push(small.to_string());
-    want_order.sort();
     let order: Vec<&str> = records
         .iter()
         .map(|r| r["image"].as_str().unwrap())
@@ -502,12 +531,103 @@ fn every_record_is_the_record_of_a_run_over_that_image_alone() {
         let one = read_json(&report);
         assert_eq!(records[k], one["per_image"][0], "{rel}");
     }
-    let failed: Vec<&str> = records
-        .iter()
-        .filter(|r| r["status"] == "error")
-        .map(|r| r["image"].as_str().unwrap())
-        .collect();
-    assert_eq!(failed, ["d1/img07.jpg", "d1/small.png", "d2/img05.jpg"]);
+    assert_eq!(failed_images(&all), MIXED_FAILURES);
+}
+
+/// On the simulator the device runs the images of `--batch-size` pairs as one batch (mixed sizes
+/// packed into one forward); every record and metric must be the one batch 1 gives, with the
+/// failing images failing alone (the one smaller than a patch never reaches the batch).
+#[test]
+fn records_do_not_depend_on_the_batch_size() {
+    let t = tempfile::tempdir().unwrap();
+    let (clean, adv, labels, names, want_order) = mixed_images(t.path());
+    let report = |target: &str, batch: &str| {
+        let path = t.path().join(format!("{target}-{batch}.json"));
+        let o = if target == "maskclip" {
+            let extra = ["--device", "sim", "--batch-size", batch];
+            eval_maskclip(&names, &clean, &adv, &labels, &path, &extra)
+        } else {
+            eval(&[
+                "--target",
+                target,
+                "--clean",
+                s(&clean),
+                "--adv",
+                s(&adv),
+                "--report",
+                s(&path),
+                "--device",
+                "sim",
+                "--batch-size",
+                batch,
+            ])
+        };
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let mut r = read_json(&path);
+        assert_eq!(r["batch_size"], batch.parse::<u64>().unwrap());
+        assert_eq!(r["product_algorithms"], "batch-invariant");
+        r.as_object_mut().unwrap().remove("batch_size");
+        r
+    };
+    for target in ["maskclip", "features"] {
+        let one = report(target, "1");
+        let order: Vec<&str> = one["per_image"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["image"].as_str().unwrap())
+            .collect();
+        assert_eq!(order, want_order);
+        // The features target reads no labels, so the wrong-size label map fails nothing.
+        let want_failed: Vec<&str> = MIXED_FAILURES
+            .into_iter()
+            .filter(|&f| target == "maskclip" || f != "d1/img07.jpg")
+            .collect();
+        assert_eq!(failed_images(&one), want_failed, "{target}");
+        for batch in ["4", "64"] {
+            assert_eq!(report(target, batch), one, "{target}, batch {batch}");
+        }
+    }
+}
+
+/// A batch the device cannot hold (the simulator given 24 MB, the bundled samples up to 512×512
+/// at native size) is run again one pair at a time: every record is batch 1's, the report
+/// counts the batch, and stderr says what to do.
+#[test]
+fn a_batch_the_device_cannot_hold_is_run_again_pair_by_pair() {
+    let t = tempfile::tempdir().unwrap();
+    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples");
+    let adv = t.path().join("adv");
+    attack_tiny_with(&samples, &adv, 1, &["--resolution", "64"]);
+    let run = |name: &str, memory: Option<&str>, batch: &str| {
+        let report = t.path().join(name);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_prm"));
+        c.args(["eval", "--model", "random:tiny", "--target", "features"])
+            .args([
+                "--clean",
+                s(&samples),
+                "--adv",
+                s(&adv),
+                "--report",
+                s(&report),
+            ])
+            .args(["--device", "sim", "--batch-size", batch]);
+        if let Some(m) = memory {
+            c.env("PRM_SIM_MEMORY", m);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        (read_json(&report), stderr(&o))
+    };
+    let (small, note) = run("small.json", Some("24M"), "32");
+    let (alone, _) = run("alone.json", None, "1");
+    assert_eq!(small["batches_rerun_alone"], 1, "{note}");
+    assert!(note.contains("run again one pair at a time"), "{note}");
+    assert!(note.contains("smaller --batch-size"), "{note}");
+    assert_eq!(alone["batches_rerun_alone"], 0);
+    assert_eq!(small["images"], 5);
+    assert_eq!(small["per_image"], alone["per_image"]);
+    assert_eq!(small["layers"], alone["layers"]);
 }
 
 /// Tar-shard inputs: `prm eval --clean SHARD.tar` pairs each member with its output in either of
@@ -547,7 +667,7 @@ fn tar_shard_inputs_pair_with_either_output_layout() {
     std::fs::write(&names, "sky\ntree\nroad\n").unwrap();
     let eval_report = |clean: &Path, adv: &Path, labels: &Path, name: &str| {
         let report = t.path().join(name);
-        let o = eval_maskclip(&names, clean, adv, labels, &report);
+        let o = eval_maskclip(&names, clean, adv, labels, &report, &[]);
         (o.status.code(), read_json(&report))
     };
     let mut by_layout = Vec::new();

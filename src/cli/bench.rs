@@ -268,10 +268,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "peak_memory_bytes": peak_memory,
         "graphs": graph_report,
         "attention": attention_report,
-        "product_algorithms": device.as_ref().map(|d| match d.product_algorithms() {
-            prm::gpu::ProductAlgorithms::BySize => "by-size",
-            prm::gpu::ProductAlgorithms::BatchInvariant => "batch-invariant",
-        }),
+        "product_algorithms": device.as_ref().map(|d| d.product_algorithms().name()),
     });
     let mut report = report;
     if args.profile {

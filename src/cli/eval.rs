@@ -94,6 +94,17 @@ pub struct EvalArgs {
     /// fp32, or bf16 (GPU engine only: bf16 inputs to the matrix products)
     #[arg(long, default_value = "fp32")]
     precision: String,
+    /// Image pairs the device runs at once: the clean and adversarial images of up to N pairs
+    /// packed into one forward (at most 32,768 tokens a pass; a larger batch runs as several).
+    /// On the CPU and the simulator a record does not depend on it; on CUDA see
+    /// --batch-invariant
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch_size: u64,
+    /// Keep one cuBLASLt algorithm per kind of matrix product whatever the batch, so that an
+    /// image's predictions cannot depend on the images batched with it (the same as
+    /// PRM_BATCH_INVARIANT=1; not yet measured on a GPU)
+    #[arg(long)]
+    batch_invariant: bool,
     /// No progress bar or summary
     #[arg(long, short)]
     quiet: bool,
@@ -201,6 +212,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         bail!("--probe FILE is required by --target probe, and used by it only");
     }
     let (dev, precision) = super::device::choose_device(&args.device, &args.precision)?;
+    super::device::batch_invariant_products(dev.as_slice(), args.batch_invariant);
     let model =
         Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;
     if let Some(n) = resolution {
@@ -232,6 +244,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         probe,
         exclude: args.exclude.clone(),
         max_pixels: args.max_pixels,
+        batch_size: args.batch_size as usize,
+        product_algorithms: dev.as_ref().map(|d| d.product_algorithms().name()),
         model_spec: args.model.clone(),
         weights_random: random,
         device: match &dev {
@@ -292,6 +306,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             total as f64 / seconds.max(1e-9),
             (evaluating - started).as_secs_f64()
         );
+        if outcome.batches_rerun_alone > 0 {
+            eprintln!(
+                "note: {} batches failed as a whole and were run again one pair at a time (their \
+                 records are right, at batch 1's speed); if the device ran out of memory, give a \
+                 smaller --batch-size",
+                outcome.batches_rerun_alone
+            );
+        }
     }
     let summary = markdown_summary(&outcome.report);
     if let Some(path) = &args.report {

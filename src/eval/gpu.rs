@@ -20,10 +20,11 @@
 //! head dim is refused with a clear error.
 
 use super::ops::normalize_rows;
-use super::targets::{require_projection, DenseHead, EvalEngine, TokenEmbeddings};
+use super::targets::{check_image, require_projection, DenseHead, EvalEngine, TokenEmbeddings};
 use super::text::{check_ids, eot_position, TextEncoder};
 use super::EvalError;
 use crate::attack::image::Planar;
+use crate::gpu::engine::positions::DevicePositions;
 use crate::gpu::engine::weights::{
     upload_block, upload_linear, upload_ln, DeviceBlock, DeviceLayerNorm, DeviceLinear, Weight,
 };
@@ -36,7 +37,6 @@ use crate::gpu::kernels::embed::{assemble_tokens_f32, patchify_f32, PackedImages
 use crate::gpu::kernels::layernorm::layernorm_forward_f32;
 use crate::gpu::{Buffer, Device, GpuError};
 use crate::model::{Activation, BlockWeights, Model, TextTower};
-use crate::reference::resize::PositionEmbeddingCache;
 
 /// The weights of a stack of pre-LN blocks on a device, and the operators over them.
 struct Stack {
@@ -244,10 +244,31 @@ impl Stack {
     }
 }
 
-/// Features F_0..F_upto on the device, `cu_seqlens`, sequence lengths and the patch grid.
-type DeviceForward = (Vec<Buffer<f32>>, Buffer<i32>, Vec<usize>, (usize, usize));
+/// Tokens one device pass holds at most: a batch with more is run as several passes (an image is
+/// never split). The pass's memory is about 60 KB a token for ViT-B/16 (fp32 stream, one block's
+/// temporaries, bf16 operand copies), plus 3 KB a token for each feature layer kept (all 13 for
+/// the features target): about 3.3 GB at this size, whatever the images.
+pub const PASS_TOKENS: usize = 32_768;
 
-/// The vision targets on a device.
+/// One pass's images on the device: the features kept, `cu_seqlens`, and the packing (each
+/// image's token offset, tokens and patch grid).
+struct DevicePass {
+    /// F_upto alone, or F_0..F_upto when every layer was asked for.
+    feats: Vec<Buffer<f32>>,
+    cu: Buffer<i32>,
+    lens: Vec<usize>,
+    packing: PackedImages,
+}
+
+impl DevicePass {
+    fn tokens(&self) -> usize {
+        self.packing.total_tokens
+    }
+}
+
+/// The vision targets on a device. A batch of images is packed into one pass (mixed sizes, one
+/// attention sequence each, every product over all their tokens at once), so the launches of a
+/// forward are shared by the batch.
 pub struct GpuTargets<'m> {
     model: &'m Model,
     stack: Stack,
@@ -256,7 +277,9 @@ pub struct GpuTargets<'m> {
     ln_pre: DeviceLayerNorm,
     ln_post: DeviceLayerNorm,
     projection: Option<DeviceLinear>,
-    positions: PositionEmbeddingCache,
+    positions: DevicePositions,
+    /// [`PASS_TOKENS`], or less for a device with little memory (and for tests).
+    pass_tokens: usize,
 }
 
 impl<'m> GpuTargets<'m> {
@@ -284,41 +307,74 @@ impl<'m> GpuTargets<'m> {
                 .as_ref()
                 .map(|p| upload_linear(dev, p, precision))
                 .transpose()?,
-            positions: PositionEmbeddingCache::new(w.position_embedding.clone(), c.width, c.grid),
+            positions: DevicePositions::new(w.position_embedding.clone(), c.width, c.grid),
+            pass_tokens: PASS_TOKENS,
         })
+    }
+
+    /// Runs batches as passes of at most `tokens` tokens (at least one image a pass) instead of
+    /// [`PASS_TOKENS`].
+    pub fn with_pass_tokens(mut self, tokens: usize) -> Self {
+        self.pass_tokens = tokens;
+        self
     }
 
     fn dev(&self) -> &Device {
         &self.stack.dev
     }
 
-    /// F_0..F_upto (device buffers), plus the sequence table.
-    fn forward(&self, image: &Planar, upto: usize) -> Result<DeviceForward, EvalError> {
+    /// Consecutive runs of `images` of at most `pass_tokens` tokens (at least one image each).
+    fn passes<'a, 'b>(&self, images: &'a [Planar<'b>]) -> Vec<&'a [Planar<'b>]> {
+        let p = self.model.config.patch;
+        let mut passes = Vec::new();
+        let (mut start, mut tokens) = (0, 0);
+        for (i, im) in images.iter().enumerate() {
+            let t = 1 + (im.height / p) * (im.width / p);
+            if i > start && tokens + t > self.pass_tokens {
+                passes.push(&images[start..i]);
+                (start, tokens) = (i, 0);
+            }
+            tokens += t;
+        }
+        if start < images.len() {
+            passes.push(&images[start..]);
+        }
+        passes
+    }
+
+    /// The forward of one pass of images up to F_upto: every layer kept when `keep_all`, else
+    /// F_upto alone.
+    fn forward(
+        &self,
+        images: &[Planar],
+        upto: usize,
+        keep_all: bool,
+    ) -> Result<DevicePass, EvalError> {
         let c = &self.model.config;
         let dev = self.dev();
-        let (gh, gw) = (image.height / c.patch, image.width / c.patch);
-        if gh == 0 || gw == 0 {
-            return Err(EvalError::ImageTooSmall {
-                width: image.width,
-                height: image.height,
-                patch: c.patch,
-            });
+        for im in images {
+            check_image(self.model, im)?;
         }
-        let packing = PackedImages::new(&[(image.height, image.width)], c.patch);
+        let sizes: Vec<(usize, usize)> = images.iter().map(|im| (im.height, im.width)).collect();
+        let packing = PackedImages::new(&sizes, c.patch);
         let table = packing.upload_table(dev)?;
         let cu = dev.upload(&packing.cu_seqlens())?;
-        let t = packing.total_tokens;
-        let lens = vec![t];
-        let d = c.width;
-        let images = dev.upload(image.data)?;
+        let (t, d) = (packing.total_tokens, c.width);
+        let lens: Vec<usize> = packing.images.iter().map(|m| m.tokens()).collect();
+        // Every element of these is written below (the simulator's poison checks it).
+        let mut pixels = dev.alloc_undefined(packing.total_pixels)?;
+        let mut pos = dev.alloc_undefined(t * d)?;
+        for (im, m) in images.iter().zip(&packing.images) {
+            dev.write_range(&mut pixels, m.pixel_offset, im.data)?;
+            let grid = self.positions.grid(dev, m.grid_h, m.grid_w)?;
+            dev.copy_range(&grid, 0, &mut pos, m.token_offset * d, grid.len())?;
+        }
         let n = packing.total_patches;
-        let cols = packing.patch_cols();
-        let mut patches = dev.alloc(n * cols)?;
-        patchify_f32(dev, &packing, &table, &images, &mut patches, c.mean, c.std)?;
+        let mut patches = dev.alloc(n * packing.patch_cols())?;
+        patchify_f32(dev, &packing, &table, &pixels, &mut patches, c.mean, c.std)?;
         let mut pt = dev.alloc(n * d)?;
         self.stack
             .linear(&patches, n, &self.patch_embed, true, &mut pt, false)?;
-        let pos = dev.upload(&self.positions.get(gh, gw))?;
         let mut emb = dev.alloc(t * d)?;
         assemble_tokens_f32(dev, &packing, &table, &pt, &self.cls, &pos, &mut emb, d)?;
         let mut feats = vec![self.stack.ln(&emb, &self.ln_pre, t, d)?];
@@ -326,9 +382,17 @@ impl<'m> GpuTargets<'m> {
             let next = self
                 .stack
                 .block(b, feats.last().expect("F_0"), &cu, &lens, t, false)?;
+            if !keep_all {
+                feats.clear();
+            }
             feats.push(next);
         }
-        Ok((feats, cu, lens, (gh, gw)))
+        Ok(DevicePass {
+            feats,
+            cu,
+            lens,
+            packing,
+        })
     }
 
     /// post-LN → projection on the device; L2 normalisation on the host. `[rows, E]`.
@@ -343,6 +407,118 @@ impl<'m> GpuTargets<'m> {
         normalize_rows(&mut e, proj.out_features);
         Ok(e)
     }
+
+    /// Each image's rows of a pass's `[ΣT_i, width]` buffer, with one wait for the device.
+    fn download_images(
+        &self,
+        pass: &DevicePass,
+        buf: &Buffer<f32>,
+        width: usize,
+    ) -> Result<Vec<Vec<f32>>, EvalError> {
+        let lens: Vec<usize> = pass.lens.iter().map(|t| t * width).collect();
+        Ok(self.dev().download_split(buf, &lens)?)
+    }
+
+    /// `one` over each pass of `images`, the results in image order.
+    fn by_pass<R>(
+        &self,
+        images: &[Planar],
+        mut one: impl FnMut(&[Planar]) -> Result<Vec<R>, EvalError>,
+    ) -> Result<Vec<R>, EvalError> {
+        let mut out = Vec::with_capacity(images.len());
+        for pass in self.passes(images) {
+            out.extend(one(pass)?);
+        }
+        Ok(out)
+    }
+
+    fn dense_pass(
+        &self,
+        images: &[Planar],
+        head: DenseHead,
+    ) -> Result<Vec<TokenEmbeddings>, EvalError> {
+        require_projection(self.model)?;
+        let l = self.model.config.layers;
+        let pass = self.forward(images, l - 1, false)?;
+        let t = pass.tokens();
+        let z = self.stack.dense_head(
+            &self.stack.blocks[l - 1],
+            pass.feats.last().expect("F_{L-1}"),
+            &pass.cu,
+            &pass.lens,
+            t,
+            head,
+        )?;
+        let rows = self.embed_rows(&z, t)?;
+        let dim = rows.len() / t;
+        let mut rows = rows.as_slice();
+        Ok(pass
+            .packing
+            .images
+            .iter()
+            .map(|m| {
+                let (mine, rest) = rows.split_at(m.tokens() * dim);
+                rows = rest;
+                TokenEmbeddings {
+                    grid_h: m.grid_h,
+                    grid_w: m.grid_w,
+                    dim,
+                    rows: mine.to_vec(),
+                }
+            })
+            .collect())
+    }
+
+    fn image_embedding_pass(&self, images: &[Planar]) -> Result<Vec<Vec<f32>>, EvalError> {
+        require_projection(self.model)?;
+        let pass = self.forward(images, self.model.config.layers, false)?;
+        // Only the CLS rows: each image's first row of F_L, gathered on the device.
+        let d = self.model.config.width;
+        let last = pass.feats.last().expect("F_L");
+        let mut cls = self.dev().alloc_undefined(images.len() * d)?;
+        for (i, m) in pass.packing.images.iter().enumerate() {
+            self.dev()
+                .copy_range(last, m.token_offset * d, &mut cls, i * d, d)?;
+        }
+        let e = self.embed_rows(&cls, images.len())?;
+        let dim = e.len() / images.len();
+        Ok(e.chunks_exact(dim).map(<[f32]>::to_vec).collect())
+    }
+
+    fn features_pass(&self, images: &[Planar]) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
+        let pass = self.forward(images, self.model.config.layers, true)?;
+        let d = self.model.config.width;
+        let mut per_image: Vec<Vec<Vec<f32>>> = vec![Vec::new(); images.len()];
+        for f in &pass.feats {
+            for (image, rows) in per_image.iter_mut().zip(self.download_images(&pass, f, d)?) {
+                image.push(rows);
+            }
+        }
+        Ok(per_image)
+    }
+
+    /// Runs blocks 1..=layer only, and downloads that one layer.
+    fn layer_features_pass(
+        &self,
+        images: &[Planar],
+        layer: usize,
+    ) -> Result<Vec<Vec<f32>>, EvalError> {
+        let layers = self.model.config.layers;
+        if layer > layers {
+            return Err(EvalError::Usage(format!(
+                "feature layer {layer}: the model has F_0..F_{layers}"
+            )));
+        }
+        let pass = self.forward(images, layer, false)?;
+        let f = pass.feats.last().expect("F_layer");
+        self.download_images(&pass, f, self.model.config.width)
+    }
+}
+
+/// The first (only) result of a one-image batch.
+fn only<R>(mut results: Vec<R>) -> R {
+    assert_eq!(results.len(), 1, "one image, one result");
+    results.swap_remove(0)
 }
 
 impl EvalEngine for GpuTargets<'_> {
@@ -355,57 +531,51 @@ impl EvalEngine for GpuTargets<'_> {
         image: &Planar,
         head: DenseHead,
     ) -> Result<TokenEmbeddings, EvalError> {
-        require_projection(self.model)?;
-        let l = self.model.config.layers;
-        let (feats, cu, lens, (gh, gw)) = self.forward(image, l - 1)?;
-        let t = lens[0];
-        let z = self.stack.dense_head(
-            &self.stack.blocks[l - 1],
-            feats.last().expect("F_{L-1}"),
-            &cu,
-            &lens,
-            t,
+        Ok(only(self.dense_embeddings_batch(
+            std::slice::from_ref(image),
             head,
-        )?;
-        let rows = self.embed_rows(&z, t)?;
-        Ok(TokenEmbeddings {
-            grid_h: gh,
-            grid_w: gw,
-            dim: rows.len() / t,
-            rows,
-        })
+        )?))
     }
 
     fn image_embedding(&self, image: &Planar) -> Result<Vec<f32>, EvalError> {
-        require_projection(self.model)?;
-        let (feats, ..) = self.forward(image, self.model.config.layers)?;
-        // Only the CLS row: the first D elements of F_L.
-        let d = self.model.config.width;
-        let mut cls = self.dev().alloc(d)?;
-        let row = self
-            .dev()
-            .download_range(feats.last().expect("F_L"), 0, d)?;
-        self.dev().write(&mut cls, &row)?;
-        self.embed_rows(&cls, 1)
+        Ok(only(
+            self.image_embedding_batch(std::slice::from_ref(image))?,
+        ))
     }
 
     fn features(&self, image: &Planar) -> Result<Vec<Vec<f32>>, EvalError> {
-        let (feats, ..) = self.forward(image, self.model.config.layers)?;
-        Ok(feats
-            .iter()
-            .map(|f| self.dev().download(f))
-            .collect::<Result<Vec<_>, _>>()?)
+        Ok(only(self.features_batch(std::slice::from_ref(image))?))
     }
 
-    /// Runs blocks 1..=layer only, and downloads that one layer.
     fn layer_features(&self, image: &Planar, layer: usize) -> Result<Vec<f32>, EvalError> {
-        let (feats, ..) = self.forward(image, layer.min(self.model.config.layers))?;
-        Ok(self.dev().download(feats.get(layer).ok_or_else(|| {
-            EvalError::Usage(format!(
-                "feature layer {layer}: the model has F_0..F_{}",
-                self.model.config.layers
-            ))
-        })?)?)
+        Ok(only(self.layer_features_batch(
+            std::slice::from_ref(image),
+            layer,
+        )?))
+    }
+
+    fn dense_embeddings_batch(
+        &self,
+        images: &[Planar],
+        head: DenseHead,
+    ) -> Result<Vec<TokenEmbeddings>, EvalError> {
+        self.by_pass(images, |pass| self.dense_pass(pass, head))
+    }
+
+    fn image_embedding_batch(&self, images: &[Planar]) -> Result<Vec<Vec<f32>>, EvalError> {
+        self.by_pass(images, |pass| self.image_embedding_pass(pass))
+    }
+
+    fn features_batch(&self, images: &[Planar]) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
+        self.by_pass(images, |pass| self.features_pass(pass))
+    }
+
+    fn layer_features_batch(
+        &self,
+        images: &[Planar],
+        layer: usize,
+    ) -> Result<Vec<Vec<f32>>, EvalError> {
+        self.by_pass(images, |pass| self.layer_features_pass(pass, layer))
     }
 }
 

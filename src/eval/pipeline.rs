@@ -4,13 +4,14 @@
 //! ```text
 //!  loader thread: read chunks of items in parallel (rayon), in input order
 //!        │ one queued chunk
-//!  the calling thread: the engine, one item at a time, in input order
+//!  the calling thread: the engine, up to `batch` items at a time, in input order
 //!        │ two queued items
 //!  finisher thread: metrics, writes, records, progress, in input order
 //! ```
 //!
 //! Every stage sees the items in input order, so the results are those of running the three
-//! stages one item after another. What is in memory at once is bounded: a chunk holds at most
+//! stages one item after another (as long as the engine's result for an item does not depend on
+//! the items batched with it). What is in memory at once is bounded: a chunk holds at most
 //! [`LOOKAHEAD_BYTES`] of loaded items (at least one item), and at most three chunks (one being
 //! read, one queued, one at the engine) and three finished items exist at a time.
 
@@ -22,17 +23,21 @@ use rayon::prelude::*;
 pub const LOOKAHEAD_BYTES: usize = 256 << 20;
 
 /// Runs `load` (on the loader thread, `chunk` items at a time in parallel), then `infer` (on the
-/// calling thread), then `finish` (on the finisher thread) for every item, each stage in input
-/// order. An item whose load or inference fails goes to `finish` as its error.
+/// calling thread, over groups of at most `batch` loaded items), then `finish` (on the finisher
+/// thread) for every item, each stage in input order. An item whose load fails goes to `finish`
+/// as its error; `infer` returns one result per item it is given, in order.
 ///
-/// `bytes` says how much memory a loaded item holds; it sizes the chunks. A panic in any stage
-/// is resumed on the calling thread once the others have stopped.
+/// A group never spans two chunks, so a chunk holds at least `batch` items where memory allows:
+/// chunks are cut at `max(max_chunk, batch)` items. `bytes` says how much memory a loaded item
+/// holds; it sizes the chunks. A panic in any stage is resumed on the calling thread once the
+/// others have stopped.
 pub fn overlapped<T, P, R, E>(
     items: &[T],
     max_chunk: usize,
+    batch: usize,
     bytes: impl Fn(&P) -> usize + Sync,
     load: impl Fn(&T) -> Result<P, E> + Sync,
-    mut infer: impl FnMut(&P) -> Result<R, E>,
+    mut infer: impl FnMut(&[&P]) -> Vec<Result<R, E>>,
     mut finish: impl FnMut(usize, Result<(P, R), E>) + Send,
 ) where
     T: Sync,
@@ -40,7 +45,8 @@ pub fn overlapped<T, P, R, E>(
     R: Send,
     E: Send,
 {
-    let max_chunk = max_chunk.max(1);
+    let batch = batch.max(1);
+    let max_chunk = max_chunk.max(batch);
     std::thread::scope(|s| {
         let (to_engine, loaded) = sync_channel::<Vec<Result<P, E>>>(1);
         let (to_finisher, inferred) = sync_channel::<(usize, Result<(P, R), E>)>(2);
@@ -70,13 +76,40 @@ pub fn overlapped<T, P, R, E>(
             }
         });
         let mut index = 0;
-        'engine: for batch in loaded {
-            for result in batch {
-                let result = result.and_then(|p| infer(&p).map(|r| (p, r)));
-                if to_finisher.send((index, result)).is_err() {
-                    break 'engine; // the finisher stopped (a panic, resumed below)
+        'engine: for chunk in loaded {
+            let mut rest = chunk.into_iter().peekable();
+            while rest.peek().is_some() {
+                // The next `batch` loaded items, with the failed loads among them.
+                let (mut group, mut ready) = (Vec::new(), 0);
+                while ready < batch {
+                    let Some(item) = rest.next() else { break };
+                    ready += usize::from(item.is_ok());
+                    group.push(item);
                 }
-                index += 1;
+                let inputs: Vec<&P> = group.iter().filter_map(|r| r.as_ref().ok()).collect();
+                let outputs = if inputs.is_empty() {
+                    Vec::new()
+                } else {
+                    infer(&inputs)
+                };
+                assert_eq!(
+                    outputs.len(),
+                    inputs.len(),
+                    "the engine gave {} results for {} items",
+                    outputs.len(),
+                    inputs.len()
+                );
+                let mut outputs = outputs.into_iter();
+                for item in group {
+                    let result = item.and_then(|p| {
+                        let inferred = outputs.next().expect("one result per loaded item");
+                        inferred.map(|r| (p, r))
+                    });
+                    if to_finisher.send((index, result)).is_err() {
+                        break 'engine; // the finisher stopped (a panic, resumed below)
+                    }
+                    index += 1;
+                }
             }
         }
         drop(to_finisher);
@@ -94,46 +127,81 @@ mod tests {
     #[test]
     fn every_stage_sees_the_items_in_input_order_with_their_errors() {
         let items: Vec<usize> = (0..203).collect();
-        let loads = AtomicUsize::new(0);
-        let mut inferred = Vec::new();
-        let mut finished = Vec::new();
+        for batch in [1, 3, 7, 20] {
+            let loads = AtomicUsize::new(0);
+            let mut inferred = Vec::new();
+            let mut groups = Vec::new();
+            let mut finished = Vec::new();
+            overlapped(
+                &items,
+                7,
+                batch,
+                |&p: &usize| 1 + p % 5 * (LOOKAHEAD_BYTES / 3),
+                |&i| {
+                    loads.fetch_add(1, Ordering::Relaxed);
+                    if i % 17 == 3 {
+                        Err(format!("load {i}"))
+                    } else {
+                        Ok(i)
+                    }
+                },
+                |group: &[&usize]| {
+                    groups.push(group.len());
+                    group
+                        .iter()
+                        .map(|&&p| {
+                            inferred.push(p);
+                            if p % 29 == 5 {
+                                Err(format!("infer {p}"))
+                            } else {
+                                Ok(p * 10)
+                            }
+                        })
+                        .collect()
+                },
+                |index, result| finished.push((index, result)),
+            );
+            assert_eq!(loads.load(Ordering::Relaxed), items.len());
+            let want_inferred: Vec<usize> = items.iter().copied().filter(|i| i % 17 != 3).collect();
+            assert_eq!(inferred, want_inferred, "batch {batch}");
+            assert!(
+                groups.iter().all(|&g| (1..=batch).contains(&g)),
+                "{groups:?}"
+            );
+            assert_eq!(finished.len(), items.len());
+            for (k, (index, result)) in finished.into_iter().enumerate() {
+                assert_eq!(index, k);
+                let want = if k % 17 == 3 {
+                    Err(format!("load {k}"))
+                } else if k % 29 == 5 {
+                    Err(format!("infer {k}"))
+                } else {
+                    Ok((k, k * 10))
+                };
+                assert_eq!(result, want);
+            }
+        }
+    }
+
+    /// Small items fill whole groups: chunks are cut at `batch` items at least.
+    #[test]
+    fn small_items_go_to_the_engine_in_full_groups() {
+        let items: Vec<usize> = (0..100).collect();
+        let mut groups = Vec::new();
         overlapped(
             &items,
-            7,
-            |&p: &usize| 1 + p % 5 * (LOOKAHEAD_BYTES / 3),
-            |&i| {
-                loads.fetch_add(1, Ordering::Relaxed);
-                if i % 17 == 3 {
-                    Err(format!("load {i}"))
-                } else {
-                    Ok(i)
-                }
+            4,
+            16,
+            |_: &usize| 1,
+            |&i| Ok::<usize, ()>(i),
+            |group: &[&usize]| {
+                groups.push(group.len());
+                group.iter().map(|&&p| Ok(p)).collect()
             },
-            |&p| {
-                inferred.push(p);
-                if p % 29 == 5 {
-                    Err(format!("infer {p}"))
-                } else {
-                    Ok(p * 10)
-                }
-            },
-            |index, result| finished.push((index, result)),
+            |_, _| {},
         );
-        assert_eq!(loads.load(Ordering::Relaxed), items.len());
-        let want_inferred: Vec<usize> = items.iter().copied().filter(|i| i % 17 != 3).collect();
-        assert_eq!(inferred, want_inferred);
-        assert_eq!(finished.len(), items.len());
-        for (k, (index, result)) in finished.into_iter().enumerate() {
-            assert_eq!(index, k);
-            let want = if k % 17 == 3 {
-                Err(format!("load {k}"))
-            } else if k % 29 == 5 {
-                Err(format!("infer {k}"))
-            } else {
-                Ok((k, k * 10))
-            };
-            assert_eq!(result, want);
-        }
+        // The first chunk is one item (its size unknown before it is read).
+        assert_eq!(groups, [1, 16, 16, 16, 16, 16, 16, 3]);
     }
 
     #[test]
@@ -143,9 +211,10 @@ mod tests {
         overlapped(
             &items,
             4,
+            4,
             |_: &u8| 1,
             |&i| Ok::<u8, ()>(i),
-            |&p| Ok::<u8, ()>(p),
+            |g: &[&u8]| g.iter().map(|&&p| Ok::<u8, ()>(p)).collect(),
             |_, _| calls += 1,
         );
         assert_eq!(calls, 0);
@@ -158,9 +227,10 @@ mod tests {
         overlapped(
             &items,
             4,
+            2,
             |_: &usize| 1,
             |&i| Ok::<usize, ()>(i),
-            |&p| Ok::<usize, ()>(p),
+            |g: &[&usize]| g.iter().map(|&&p| Ok::<usize, ()>(p)).collect(),
             |index, _| assert!(index < 10, "finisher fails"),
         );
     }

@@ -21,7 +21,8 @@ use super::metrics::{top1, Confusion};
 use super::ops::{argmax, dot_logits, upsample_argmax};
 use super::pipeline::overlapped;
 use super::targets::{
-    probe_logits, DenseHead, EvalEngine, PatchLogits, Probe, TargetKind, TokenEmbeddings,
+    check_image, probe_logits, DenseHead, EvalEngine, PatchLogits, Probe, TargetKind,
+    TokenEmbeddings,
 };
 use super::text::ClassEmbeddings;
 use super::EvalError;
@@ -55,6 +56,11 @@ pub struct EvalSettings {
     pub exclude: Vec<String>,
     /// Pixel budget for decoding each image, as given to `prm attack --max-pixels`.
     pub max_pixels: u64,
+    /// Image pairs given to the engine at once (the GPU engine runs their images as one batch).
+    pub batch_size: usize,
+    /// The device's choice of matrix-product algorithms (`by-size` or `batch-invariant`), for
+    /// the report; `None` on the CPU.
+    pub product_algorithms: Option<&'static str>,
     /// Described in the report.
     pub model_spec: String,
     pub weights_random: bool,
@@ -78,6 +84,9 @@ pub struct EvalOutcome {
     pub report: Value,
     /// Image pairs evaluated, failed ones included.
     pub total: usize,
+    /// Batches that failed as a whole and were run again one pair at a time (a device out of
+    /// memory, say): their records are right, their speed was batch 1's.
+    pub batches_rerun_alone: usize,
     pub failed: usize,
 }
 
@@ -245,40 +254,101 @@ fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
     })
 }
 
-/// The engine's stage.
-fn infer(engine: &dyn EvalEngine, pair: &Pair, plan: &Plan) -> Result<Inferred, EvalError> {
+/// The engine's stage for a group of pairs: their clean and adversarial images go to the engine
+/// as one batch. A pair whose images hold no whole patch fails alone, before the batch; when the
+/// batch fails (a device out of memory, say), its pairs are run one at a time, so that each gets
+/// the result, or the error, a run over it alone gives.
+///
+/// `rerun` counts the batches run again pair by pair.
+fn infer_group(
+    engine: &dyn EvalEngine,
+    pairs: &[&Pair],
+    plan: &Plan,
+    rerun: &mut usize,
+) -> Vec<Result<Inferred, EvalError>> {
+    let resolution = plan.settings.resolution;
+    let checks: Vec<Result<(), EvalError>> = pairs
+        .iter()
+        .map(|p| check_image(engine.model(), &p.model_inputs(resolution).0).map(drop))
+        .collect();
+    let ready: Vec<&Pair> = pairs
+        .iter()
+        .zip(&checks)
+        .filter(|(_, c)| c.is_ok())
+        .map(|(p, _)| *p)
+        .collect();
+    let together: Vec<Result<Inferred, EvalError>> = match infer_batch(engine, &ready, plan) {
+        Ok(inferred) => inferred.into_iter().map(Ok).collect(),
+        Err(_) if ready.len() > 1 => {
+            *rerun += 1;
+            ready
+                .iter()
+                .map(|&p| Ok(infer_batch(engine, &[p], plan)?.swap_remove(0)))
+                .collect()
+        }
+        Err(e) => vec![Err(e)],
+    };
+    let mut together = together.into_iter();
+    checks
+        .into_iter()
+        .map(|c| c.and_then(|()| together.next().expect("one result per pair")))
+        .collect()
+}
+
+/// Consecutive pairs `(v[0], v[1]), (v[2], v[3]), …`: the clean and adversarial results of a
+/// batch laid out pair by pair.
+fn two_by_two<T>(v: Vec<T>) -> impl Iterator<Item = (T, T)> {
+    let mut it = v.into_iter();
+    std::iter::from_fn(move || Some((it.next()?, it.next()?)))
+}
+
+/// One engine batch: every pair's clean image, then its adversarial image.
+fn infer_batch(
+    engine: &dyn EvalEngine,
+    pairs: &[&Pair],
+    plan: &Plan,
+) -> Result<Vec<Inferred>, EvalError> {
+    if pairs.is_empty() {
+        return Ok(Vec::new());
+    }
     let settings = plan.settings;
-    let (clean, adv) = pair.model_inputs(settings.resolution);
+    let images: Vec<Planar> = pairs
+        .iter()
+        .flat_map(|p| {
+            let (clean, adv) = p.model_inputs(settings.resolution);
+            [clean, adv]
+        })
+        .collect();
     let patch = engine.model().config.patch;
-    if let Some(probe) = &settings.probe {
-        Ok(Inferred::Probe(
-            engine.layer_features(&clean, probe.layer)?,
-            engine.layer_features(&adv, probe.layer)?,
-            (clean.height / patch, clean.width / patch),
-        ))
+    Ok(if let Some(probe) = &settings.probe {
+        let f = engine.layer_features_batch(&images, probe.layer)?;
+        two_by_two(f)
+            .zip(images.chunks_exact(2))
+            .map(|((c, a), im)| Inferred::Probe(c, a, (im[0].height / patch, im[0].width / patch)))
+            .collect()
     } else if plan.dense {
         let head = DenseHead::of(settings.target).expect("dense target");
-        Ok(Inferred::Embeddings(
-            engine.dense_embeddings(&clean, head)?,
-            engine.dense_embeddings(&adv, head)?,
-        ))
+        let e = engine.dense_embeddings_batch(&images, head)?;
+        two_by_two(e)
+            .map(|(c, a)| Inferred::Embeddings(c, a))
+            .collect()
     } else if settings.target == TargetKind::Features {
-        Ok(Inferred::Features(
-            engine.features(&clean)?,
-            engine.features(&adv)?,
-        ))
+        let f = engine.features_batch(&images)?;
+        two_by_two(f)
+            .map(|(c, a)| Inferred::Features(c, a))
+            .collect()
     } else {
         // zeroshot
         let c = plan.classes.expect("zeroshot has classes");
-        let predict = |im: &Planar| -> Result<usize, EvalError> {
-            Ok(argmax(&dot_logits(
-                &engine.image_embedding(im)?,
-                &c.embeddings,
-                c.dim,
-            )))
-        };
-        Ok(Inferred::Class(predict(&clean)?, predict(&adv)?))
-    }
+        let predicted: Vec<usize> = engine
+            .image_embedding_batch(&images)?
+            .iter()
+            .map(|e| argmax(&dot_logits(e, &c.embeddings, c.dim)))
+            .collect();
+        two_by_two(predicted)
+            .map(|(c, a)| Inferred::Class(c, a))
+            .collect()
+    })
 }
 
 /// Everything summed or listed over the images: the finisher's state.
@@ -671,12 +741,14 @@ pub fn evaluate(
         n_classes,
         width: engine.model().config.width,
     };
+    let mut rerun = 0;
     overlapped(
         &items,
         2 * rayon::current_num_threads(),
+        settings.batch_size,
         Pair::bytes,
         |item| load_pair(item, &plan),
-        |pair| infer(engine, pair, &plan),
+        |pairs| infer_group(engine, pairs, &plan, &mut rerun),
         |index, result| {
             let rel = items[index].rel.clone();
             let result = result.and_then(|(pair, inferred)| {
@@ -722,6 +794,11 @@ pub fn evaluate(
     report.insert("weights_random".into(), json!(settings.weights_random));
     report.insert("device".into(), json!(settings.device));
     report.insert("precision".into(), json!(settings.precision));
+    report.insert("batch_size".into(), json!(settings.batch_size));
+    report.insert("batches_rerun_alone".into(), json!(rerun));
+    if let Some(algorithms) = settings.product_algorithms {
+        report.insert("product_algorithms".into(), json!(algorithms));
+    }
     report.insert(
         "resolution".into(),
         settings.resolution.map_or(json!("native"), |n| json!(n)),
@@ -797,6 +874,7 @@ pub fn evaluate(
     Ok(EvalOutcome {
         report: Value::Object(report),
         total,
+        batches_rerun_alone: rerun,
         failed,
     })
 }

@@ -165,6 +165,45 @@ pub trait EvalEngine {
     fn layer_features(&self, image: &Planar, layer: usize) -> Result<Vec<f32>, EvalError> {
         Ok(self.features(image)?.swap_remove(layer))
     }
+
+    // Several images at once: one result per image, in order, each the one its single-image
+    // method gives. An engine that batches (the GPU engine packs the images into one pass)
+    // overrides these; the defaults run one image after another. An error fails the whole call:
+    // the caller checks image sizes first (`check_image`) and runs images alone to find which.
+
+    /// [`EvalEngine::dense_embeddings`] of each image.
+    fn dense_embeddings_batch(
+        &self,
+        images: &[Planar],
+        head: DenseHead,
+    ) -> Result<Vec<TokenEmbeddings>, EvalError> {
+        images
+            .iter()
+            .map(|im| self.dense_embeddings(im, head))
+            .collect()
+    }
+
+    /// [`EvalEngine::image_embedding`] of each image.
+    fn image_embedding_batch(&self, images: &[Planar]) -> Result<Vec<Vec<f32>>, EvalError> {
+        images.iter().map(|im| self.image_embedding(im)).collect()
+    }
+
+    /// [`EvalEngine::features`] of each image.
+    fn features_batch(&self, images: &[Planar]) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
+        images.iter().map(|im| self.features(im)).collect()
+    }
+
+    /// [`EvalEngine::layer_features`] of each image.
+    fn layer_features_batch(
+        &self,
+        images: &[Planar],
+        layer: usize,
+    ) -> Result<Vec<Vec<f32>>, EvalError> {
+        images
+            .iter()
+            .map(|im| self.layer_features(im, layer))
+            .collect()
+    }
 }
 
 /// The projection or a clear error when the checkpoint has none.
@@ -262,7 +301,9 @@ impl<'m> ReferenceTargets<'m> {
     }
 }
 
-fn check_image(model: &Model, image: &Planar) -> Result<(usize, usize), EvalError> {
+/// The patch grid `(H / p, W / p)` the model sees, or [`EvalError::ImageTooSmall`] when the image
+/// holds no whole patch.
+pub(crate) fn check_image(model: &Model, image: &Planar) -> Result<(usize, usize), EvalError> {
     let p = model.config.patch;
     let (gh, gw) = (image.height / p, image.width / p);
     if gh == 0 || gw == 0 {

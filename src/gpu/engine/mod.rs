@@ -23,7 +23,7 @@ pub mod attention_plan;
 mod backward;
 mod forward;
 mod losses;
-mod positions;
+pub(crate) mod positions;
 mod products;
 mod staged;
 mod step_loop;

@@ -19,7 +19,7 @@ use crate::reference::resize::interpolate_position_embedding;
 /// cache afresh (geometries built earlier hold their own copies).
 const MAX_CACHED_BYTES: usize = 256 << 20;
 
-pub(super) struct DevicePositions {
+pub(crate) struct DevicePositions {
     /// The model's embedding `[1 + grid·grid, dim]` (host).
     base: Arc<Vec<f32>>,
     dim: usize,
@@ -37,7 +37,7 @@ struct Cached {
 
 impl DevicePositions {
     /// `base` is the model's position embedding `[1 + grid·grid, dim]`.
-    pub(super) fn new(base: Vec<f32>, dim: usize, grid: usize) -> Self {
+    pub(crate) fn new(base: Vec<f32>, dim: usize, grid: usize) -> Self {
         assert_eq!(
             base.len(),
             (1 + grid * grid) * dim,
@@ -54,7 +54,7 @@ impl DevicePositions {
 
     /// The embedding of a `gh × gw` grid on the device, `[1 + gh·gw, dim]` (the reference
     /// engine's interpolation: bicubic, align_corners = false, CLS row kept).
-    pub(super) fn grid(
+    pub(crate) fn grid(
         &self,
         dev: &Device,
         gh: usize,

@@ -1,0 +1,143 @@
+//! `prm eval` gives the device several images at once: the GPU engine packs a batch into one
+//! pass (or several, of at most a token budget each). On the simulator every product row is
+//! formed alone, so each image must get the bits it gets alone, for every target, in fp32 and
+//! bf16, whatever the batch and however it is cut into passes.
+
+use prm::attack::image::Planar;
+use prm::eval::gpu::GpuTargets;
+use prm::eval::targets::DenseHead;
+use prm::eval::{EvalEngine, EvalError, ReferenceTargets};
+use prm::gpu::engine::Precision;
+use prm::gpu::Device;
+use prm::model::Model;
+
+/// Mixed sizes for random:tiny (patch 16): 197 tokens (224²), sides that are not multiples of
+/// the patch, a single-patch image.
+const SIZES: [(usize, usize); 6] = [
+    (224, 224),
+    (45, 61),
+    (33, 17),
+    (100, 64),
+    (16, 16),
+    (70, 50),
+];
+
+fn pixels(seed: u64, len: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect()
+}
+
+fn images(data: &[Vec<f32>]) -> Vec<Planar<'_>> {
+    SIZES
+        .iter()
+        .zip(data)
+        .map(|(&(height, width), data)| Planar {
+            data,
+            height,
+            width,
+        })
+        .collect()
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// Every batched method against the single-image one, image by image.
+fn check_batch_against_alone(engine: &dyn EvalEngine, images: &[Planar], what: &str) {
+    let layers = engine.model().config.layers;
+    for head in [DenseHead::MaskClip, DenseHead::Sclip, DenseHead::ClearClip] {
+        let batch = engine.dense_embeddings_batch(images, head).unwrap();
+        assert_eq!(batch.len(), images.len());
+        for (k, (b, im)) in batch.iter().zip(images).enumerate() {
+            let alone = engine.dense_embeddings(im, head).unwrap();
+            assert_eq!(
+                (b.grid_h, b.grid_w, b.dim),
+                (alone.grid_h, alone.grid_w, alone.dim)
+            );
+            assert!(
+                same_bits(&b.rows, &alone.rows),
+                "{what}: {head:?}, image {k}"
+            );
+        }
+    }
+    let batch = engine.image_embedding_batch(images).unwrap();
+    for (k, (b, im)) in batch.iter().zip(images).enumerate() {
+        let alone = engine.image_embedding(im).unwrap();
+        assert!(same_bits(b, &alone), "{what}: image embedding {k}");
+    }
+    let batch = engine.features_batch(images).unwrap();
+    for (k, (b, im)) in batch.iter().zip(images).enumerate() {
+        let alone = engine.features(im).unwrap();
+        assert_eq!(b.len(), layers + 1);
+        for (l, (x, y)) in b.iter().zip(&alone).enumerate() {
+            assert!(same_bits(x, y), "{what}: F_{l} of image {k}");
+        }
+    }
+    for layer in [0, 1, layers] {
+        let batch = engine.layer_features_batch(images, layer).unwrap();
+        for (k, (b, im)) in batch.iter().zip(images).enumerate() {
+            let alone = engine.layer_features(im, layer).unwrap();
+            assert!(same_bits(b, &alone), "{what}: F_{layer} alone, image {k}");
+        }
+    }
+}
+
+#[test]
+fn a_batch_gives_each_image_the_bits_it_gets_alone() {
+    let model = Model::load("random:tiny").unwrap();
+    let data: Vec<Vec<f32>> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, (h, w))| pixels(i as u64 + 1, 3 * h * w))
+        .collect();
+    let images = images(&data);
+    let dev = Device::sim();
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        // One pass; passes of about two images; one image a pass (the 197-token image alone
+        // is over the budget, and still runs).
+        for pass_tokens in [usize::MAX, 60, 1] {
+            let gpu = GpuTargets::new(&dev, &model, precision)
+                .unwrap()
+                .with_pass_tokens(pass_tokens);
+            let what = format!("{precision:?}, passes of {pass_tokens} tokens");
+            check_batch_against_alone(&gpu, &images, &what);
+        }
+    }
+    // The reference engine's batch is its images one after another.
+    check_batch_against_alone(&ReferenceTargets::new(&model), &images, "reference");
+}
+
+#[test]
+fn a_batch_with_an_image_smaller_than_a_patch_fails_and_names_it() {
+    let model = Model::load("random:tiny").unwrap();
+    let dev = Device::sim();
+    let gpu = GpuTargets::new(&dev, &model, Precision::Fp32).unwrap();
+    let (big, small) = (pixels(1, 3 * 32 * 32), pixels(2, 3 * 12 * 40));
+    let images = [
+        Planar {
+            data: &big,
+            height: 32,
+            width: 32,
+        },
+        Planar {
+            data: &small,
+            height: 12,
+            width: 40,
+        },
+    ];
+    match gpu.dense_embeddings_batch(&images, DenseHead::MaskClip) {
+        Err(EvalError::ImageTooSmall { width, height, .. }) => {
+            assert_eq!((width, height), (40, 12))
+        }
+        other => panic!("expected ImageTooSmall, got {:?}", other.map(|v| v.len())),
+    }
+    assert!(gpu.image_embedding_batch(&[]).unwrap().is_empty());
+}
