@@ -338,6 +338,15 @@ fn info_says_when_weights_are_random() {
     assert_eq!(v["format"], "huggingface");
     assert_eq!(v["weights_random"], false);
     assert_eq!(v["config"]["activation"], "gelu");
+    // The fingerprint run.json records, the same on every load.
+    let print = v["fingerprint"].as_str().unwrap();
+    assert!(
+        print.starts_with("xxh3-128:") && print.len() == 41,
+        "{print}"
+    );
+    let again = prm(&["info", "--model", golden.to_str().unwrap(), "--json"]);
+    let again: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["fingerprint"], print);
 }
 
 #[test]

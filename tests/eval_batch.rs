@@ -1,7 +1,8 @@
 //! `prm eval` gives the device several images at once: the GPU engine packs a batch into one
-//! pass (or several, of at most a token budget each). On the simulator every product row is
-//! formed alone, so each image must get the bits it gets alone, for every target, in fp32 and
-//! bf16, whatever the batch and however it is cut into passes.
+//! pass (or several, of at most a token budget each). On the simulator a product row gets the
+//! same bits whatever the row count, so each image must get the bits it gets alone, for every
+//! target, in fp32 and bf16, whatever the batch and however it is cut into passes. On CUDA
+//! (gpu-check) the same is asked of batch-invariant products (`--batch-invariant`).
 
 use prm::attack::image::Planar;
 use prm::eval::gpu::GpuTargets;
@@ -99,16 +100,24 @@ fn a_batch_gives_each_image_the_bits_it_gets_alone() {
         .map(|(i, (h, w))| pixels(i as u64 + 1, 3 * h * w))
         .collect();
     let images = images(&data);
-    let dev = Device::sim();
-    for precision in [Precision::Fp32, Precision::Bf16] {
-        // One pass; passes of about two images; one image a pass (the 197-token image alone
-        // is over the budget, and still runs).
-        for pass_tokens in [usize::MAX, 60, 1] {
-            let gpu = GpuTargets::new(&dev, &model, precision)
-                .unwrap()
-                .with_pass_tokens(pass_tokens);
-            let what = format!("{precision:?}, passes of {pass_tokens} tokens");
-            check_batch_against_alone(&gpu, &images, &what);
+    let mut devices = vec![Device::sim()];
+    if Device::cuda_available() {
+        devices.push(Device::cuda(0).expect("CUDA device 0"));
+    } else {
+        println!("skipped: no CUDA device");
+    }
+    for dev in devices {
+        dev.set_product_algorithms(prm::gpu::ProductAlgorithms::BatchInvariant);
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            // One pass; passes of about two images; one image a pass (the 197-token image
+            // alone is over the budget, and still runs).
+            for pass_tokens in [usize::MAX, 60, 1] {
+                let gpu = GpuTargets::new(&dev, &model, precision)
+                    .unwrap()
+                    .with_pass_tokens(pass_tokens);
+                let what = format!("{}, {precision:?}, passes of {pass_tokens}", dev.name());
+                check_batch_against_alone(&gpu, &images, &what);
+            }
         }
     }
     // The reference engine's batch is its images one after another.

@@ -243,6 +243,61 @@ fn a_resume_with_other_settings_is_refused_before_any_work() {
     assert_eq!(manifest_lines(&f.out), lines);
 }
 
+/// `run.json` holds the fingerprint of the weights as well as where they came from: the same
+/// checkpoint moved to another directory resumes, other weights at the same path are refused.
+#[test]
+fn a_moved_checkpoint_resumes_and_changed_weights_are_refused() {
+    let f = fixture(3, 40, 36);
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/eval/clip_tiny");
+    let (first, moved) = (f.out.with_file_name("ckpt"), f.out.with_file_name("moved"));
+    std::fs::create_dir_all(&first).unwrap();
+    for name in ["config.json", "model.safetensors"] {
+        std::fs::copy(golden.join(name), first.join(name)).unwrap();
+    }
+    let run = |model: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_prm"))
+            .args(["attack", "--model"])
+            .arg(model)
+            .arg("--input")
+            .arg(&f.input)
+            .arg("--output")
+            .arg(&f.out)
+            .args(["--preset", "pgd", "--steps", "1", "--quiet"])
+            .output()
+            .unwrap()
+    };
+    let o = run(&first);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(f.out.join("run.json")).unwrap()).unwrap();
+    let weights = record["weights"].as_str().unwrap().to_string();
+    assert!(weights.starts_with("xxh3-128:"), "{record}");
+    let lines = manifest_lines(&f.out);
+    std::fs::rename(&first, &moved).unwrap();
+    let o = run(&moved);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        manifest_lines(&f.out),
+        lines,
+        "the moved checkpoint redid work"
+    );
+    // One vision weight's last bit changed, in place.
+    let file = moved.join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let start = header["vision_model.post_layernorm.weight"]["data_offsets"][0]
+        .as_u64()
+        .unwrap() as usize;
+    bytes[8 + header_len + start] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    let o = run(&moved);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains(&format!("weights: there \"{weights}\"")), "{e}");
+    assert_eq!(manifest_lines(&f.out), lines);
+}
+
 #[test]
 fn a_deleted_output_is_redone_and_nothing_else() {
     let f = fixture(5, 40, 36);

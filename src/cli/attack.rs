@@ -139,9 +139,11 @@ fn value_name(v: impl clap::ValueEnum) -> String {
 }
 
 /// What `<output>/run.json` says of this run ([`prm::io::run_record`]): the model (a path made
-/// absolute), the products' precision, and the settings the optimiser reads.
+/// absolute, and the fingerprint of its weights), the products' precision, and the settings the
+/// optimiser reads.
 fn run_record(
     model: &str,
+    weights: &str,
     precision: Precision,
     settings: &AttackSettings,
     layers: &[usize],
@@ -188,6 +190,7 @@ fn run_record(
     serde_json::json!({
         "prm_version": env!("CARGO_PKG_VERSION"),
         "model": model,
+        "weights": weights,
         "precision": match precision {
             Precision::Fp32 => "fp32",
             Precision::Bf16 => "bf16",
@@ -345,7 +348,13 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         .layers
         .resolve(model.config.feature_layers())
         .map_err(anyhow::Error::msg)?;
-    let record = run_record(&args.model, precision, &settings, &layers);
+    let record = run_record(
+        &args.model,
+        &model.fingerprint(),
+        precision,
+        &settings,
+        &layers,
+    );
     let objective = Objective::new(settings.loss, layers, settings.tokens, &model)
         .map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&args.output)

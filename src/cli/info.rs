@@ -34,6 +34,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
             "config": c,
             "tokens_at_native_size": c.grid * c.grid + 1,
             "parameters": model.parameter_count(),
+            "fingerprint": model.fingerprint(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -45,6 +46,10 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
     } else {
         println!("weights:      trained checkpoint");
     }
+    println!(
+        "fingerprint:  {} (run.json's `weights`)",
+        model.fingerprint()
+    );
     println!(
         "architecture: ViT, width {}, {} blocks, {} heads (head dim {}), MLP {}, patch {}",
         c.width,

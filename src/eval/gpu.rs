@@ -245,9 +245,11 @@ impl Stack {
 }
 
 /// Tokens one device pass holds at most: a batch with more is run as several passes (an image is
-/// never split). The pass's memory is about 60 KB a token for ViT-B/16 (fp32 stream, one block's
-/// temporaries, bf16 operand copies), plus 3 KB a token for each feature layer kept (all 13 for
-/// the features target): about 3.3 GB at this size, whatever the images.
+/// never split). Counted from the buffers a block holds at once (the fp32 stream in and out, LN
+/// outputs, QKV, context, the MLP's two 4·D buffers, the bf16 copy of the hidden layer: about
+/// 18·D floats), a pass takes about 55 KB a token for ViT-B/16, plus 3 KB a token for each
+/// feature layer kept (all 13 for the features target): 1.8 to 3.1 GB at this size, whatever the
+/// images. Not measured on a GPU; a pass that does not fit is rerun pair by pair.
 pub const PASS_TOKENS: usize = 32_768;
 
 /// One pass's images on the device: the features kept, `cu_seqlens`, and the packing (each

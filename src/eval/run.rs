@@ -340,9 +340,12 @@ fn infer_batch(
     } else {
         // zeroshot
         let c = plan.classes.expect("zeroshot has classes");
+        // The batch's cosine logits on every core: with 1,000 classes they take the host longer
+        // than a batched forward's share of the device (`cargo bench --bench eval_host`: 91 ms
+        // for 24 pairs, reading and metrics included), and the device waits meanwhile.
         let predicted: Vec<usize> = engine
             .image_embedding_batch(&images)?
-            .iter()
+            .par_iter()
             .map(|e| argmax(&dot_logits(e, &c.embeddings, c.dim)))
             .collect();
         two_by_two(predicted)

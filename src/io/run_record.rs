@@ -8,8 +8,9 @@
 //! taken over, its record replaced. Shards of one campaign share the directory and write the
 //! same record.
 //!
-//! The record holds the attack's meaning only: the model, the precision of the products, and
-//! the settings its optimiser reads (`lr` and weight decay for AdamW, the step size and momentum
+//! The record holds the attack's meaning only: the model (where it was loaded from, and the
+//! fingerprint of its weights, [`crate::model::Model::fingerprint`]), the precision of the
+//! products, and the settings its optimiser reads (`lr` and weight decay for AdamW, the step size and momentum
 //! for the sign methods). Where and how fast it runs (device, batch size, shard, `--profile`) and
 //! what is saved besides the PNGs (`--save-float`) may change between runs.
 
@@ -57,10 +58,17 @@ pub fn check_or_write(dir: &Path, record: &Value) -> Result<RunRecordState, RunR
     let path = dir.join(RUN_RECORD_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
-            let stored = serde_json::from_str::<Value>(&text).map(|v| differences(&v, record));
-            if stored.as_ref().is_ok_and(Vec::is_empty) {
+            let stored = serde_json::from_str::<Value>(&text);
+            let compared = stored.as_ref().map(|v| differences(v, record));
+            if compared.as_ref().is_ok_and(Vec::is_empty) {
+                // A record written before fingerprints gains this run's.
+                let older = stored.is_ok_and(|v| v.get(WEIGHTS).is_none());
+                if older && record.get(WEIGHTS).is_some() {
+                    write(&path, record)?;
+                }
                 return Ok(RunRecordState::Same);
             }
+            let stored = compared;
             if !has_records(dir)? {
                 write(&path, record)?;
                 return Ok(RunRecordState::Written);
@@ -128,15 +136,27 @@ pub enum RunRecordError {
     Io(#[from] IoError),
 }
 
+/// The key of the weights' fingerprint.
+const WEIGHTS: &str = "weights";
+
 /// The fields compared: every key of either record but `prm_version` (a newer prm resumes an
-/// older one's directory), nested objects key by key.
+/// older one's directory), nested objects key by key. Where both records have the weights'
+/// fingerprint and it agrees, `model` (the path it was loaded from) is not compared: the same
+/// checkpoint moved resumes. A record without a fingerprint (written before them) is compared
+/// by `model` alone.
 fn differences(there: &Value, here: &Value) -> Vec<String> {
     let mut out = Vec::new();
-    compare("", there, here, &mut out);
+    let (a, b) = (there.get(WEIGHTS), here.get(WEIGHTS));
+    let ignored: &[&str] = match (a, b) {
+        (Some(a), Some(b)) if a == b => &["prm_version", "model"],
+        (Some(_), Some(_)) => &["prm_version"],
+        _ => &["prm_version", WEIGHTS],
+    };
+    compare("", there, here, ignored, &mut out);
     out
 }
 
-fn compare(prefix: &str, there: &Value, here: &Value, out: &mut Vec<String>) {
+fn compare(prefix: &str, there: &Value, here: &Value, ignored: &[&str], out: &mut Vec<String>) {
     let (a, b) = match (there, here) {
         (Value::Object(a), Value::Object(b)) => (a, b),
         _ => {
@@ -150,7 +170,7 @@ fn compare(prefix: &str, there: &Value, here: &Value, out: &mut Vec<String>) {
     keys.sort();
     keys.dedup();
     for key in keys {
-        if prefix.is_empty() && key == "prm_version" {
+        if prefix.is_empty() && ignored.contains(&key.as_str()) {
             continue;
         }
         let name = if prefix.is_empty() {
@@ -164,7 +184,7 @@ fn compare(prefix: &str, there: &Value, here: &Value, out: &mut Vec<String>) {
             b.get(key).unwrap_or(&missing),
         );
         if x.is_object() && y.is_object() {
-            compare(&name, x, y, out);
+            compare(&name, x, y, ignored, out);
         } else if x != y {
             out.push(format!("{name}: there {x}, here {y}"));
         }
@@ -267,5 +287,65 @@ mod tests {
             check_or_write(t.path(), &third).unwrap(),
             RunRecordState::Written
         );
+    }
+
+    #[test]
+    fn weights_decide_where_both_records_have_them() {
+        let t = tempfile::tempdir().unwrap();
+        let with = |model: &str, weights: &str| {
+            let mut r = record(8.0 / 255.0, 10);
+            r["model"] = json!(model);
+            r["weights"] = json!(weights);
+            r
+        };
+        let first = with("/data/ckpt", "xxh3-128:aa");
+        check_or_write(t.path(), &first).unwrap();
+        std::fs::write(t.path().join("manifest.jsonl"), "{}\n").unwrap();
+        // The same checkpoint moved resumes.
+        let moved = with("/elsewhere/ckpt", "xxh3-128:aa");
+        assert_eq!(
+            check_or_write(t.path(), &moved).unwrap(),
+            RunRecordState::Same
+        );
+        // Other weights at the same path do not.
+        let retrained = with("/data/ckpt", "xxh3-128:bb");
+        match check_or_write(t.path(), &retrained) {
+            Err(RunRecordError::OtherRun(o)) => {
+                assert_eq!(
+                    o.differences,
+                    ["weights: there \"xxh3-128:aa\", here \"xxh3-128:bb\""]
+                );
+            }
+            other => panic!("expected OtherRun, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_record_from_before_fingerprints_is_compared_by_path_and_gains_one() {
+        let t = tempfile::tempdir().unwrap();
+        let old = record(8.0 / 255.0, 10);
+        check_or_write(t.path(), &old).unwrap();
+        std::fs::write(t.path().join("manifest.jsonl"), "{}\n").unwrap();
+        let mut elsewhere = old.clone();
+        elsewhere["model"] = json!("random:tiny@3");
+        elsewhere["weights"] = json!("xxh3-128:cc");
+        assert!(matches!(
+            check_or_write(t.path(), &elsewhere),
+            Err(RunRecordError::OtherRun(_))
+        ));
+        let mut now = old.clone();
+        now["weights"] = json!("xxh3-128:cc");
+        assert_eq!(
+            check_or_write(t.path(), &now).unwrap(),
+            RunRecordState::Same
+        );
+        assert_eq!(read(t.path()).unwrap(), now);
+        // From then on the fingerprint is compared.
+        let mut other = now.clone();
+        other["weights"] = json!("xxh3-128:dd");
+        assert!(matches!(
+            check_or_write(t.path(), &other),
+            Err(RunRecordError::OtherRun(_))
+        ));
     }
 }

@@ -5,6 +5,7 @@
 
 mod builtin;
 mod config;
+mod fingerprint;
 mod formats;
 mod load;
 mod text;
