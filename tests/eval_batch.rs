@@ -150,3 +150,84 @@ fn a_batch_with_an_image_smaller_than_a_patch_fails_and_names_it() {
     }
     assert!(gpu.image_embedding_batch(&[]).unwrap().is_empty());
 }
+
+/// An engine that refuses batches of more than one pair (with an error that is not the device's
+/// memory): the evaluation runs such a batch again pair by pair, counts it, and every record is
+/// the one batch 1 gives.
+struct OnePairAtATime<'m>(ReferenceTargets<'m>);
+
+impl EvalEngine for OnePairAtATime<'_> {
+    fn model(&self) -> &Model {
+        self.0.model()
+    }
+    fn dense_embeddings(
+        &self,
+        image: &Planar,
+        head: DenseHead,
+    ) -> Result<prm::eval::targets::TokenEmbeddings, EvalError> {
+        self.0.dense_embeddings(image, head)
+    }
+    fn image_embedding(&self, image: &Planar) -> Result<Vec<f32>, EvalError> {
+        self.0.image_embedding(image)
+    }
+    fn features(&self, image: &Planar) -> Result<Vec<Vec<f32>>, EvalError> {
+        self.0.features(image)
+    }
+    fn features_batch(&self, images: &[Planar]) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
+        if images.len() > 2 {
+            return Err(EvalError::Usage("one pair at a time".into()));
+        }
+        images.iter().map(|im| self.0.features(im)).collect()
+    }
+}
+
+#[test]
+fn a_batch_that_fails_as_a_whole_is_run_again_pair_by_pair() {
+    use prm::eval::run::{evaluate, EvalSettings};
+    use prm::eval::TargetKind;
+    let t = tempfile::tempdir().unwrap();
+    let (clean, adv) = (t.path().join("clean"), t.path().join("adv"));
+    std::fs::create_dir_all(&clean).unwrap();
+    std::fs::create_dir_all(&adv).unwrap();
+    for (i, &(h, w)) in SIZES.iter().enumerate() {
+        let px = pixels(i as u64 + 7, 3 * h * w);
+        let im = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+            let at = |c: usize| (px[(c * h + y as usize) * w + x as usize] * 255.0) as u8;
+            image::Rgb([at(0), at(1), at(2)])
+        });
+        im.save(clean.join(format!("img{i}.png"))).unwrap();
+        // The adversarial image: the clean one with its first row darkened.
+        let mut a = im.clone();
+        for x in 0..w as u32 {
+            a.put_pixel(x, 0, image::Rgb([0, 0, 0]));
+        }
+        a.save(adv.join(format!("img{i}.png"))).unwrap();
+    }
+    let model = Model::load("random:tiny").unwrap();
+    let engine = OnePairAtATime(ReferenceTargets::new(&model));
+    let settings = |batch_size| EvalSettings {
+        target: TargetKind::Features,
+        resolution: None,
+        ignore_index: 255,
+        labels: None,
+        save_predictions: None,
+        pictures: None,
+        probe: None,
+        exclude: Vec::new(),
+        max_pixels: prm::io::DEFAULT_MAX_PIXELS,
+        batch_size,
+        product_algorithms: None,
+        model_spec: "random:tiny".into(),
+        weights_random: true,
+        device: "cpu".into(),
+        precision: "fp32".into(),
+    };
+    let run = |batch| evaluate(&engine, &clean, &adv, None, &settings(batch), |_, _| {}).unwrap();
+    let (one, four) = (run(1), run(4));
+    assert_eq!(one.batches_rerun_alone, 0);
+    assert!(four.batches_rerun_alone > 0);
+    assert_eq!(four.report["batches_rerun_alone"], four.batches_rerun_alone);
+    assert_eq!((one.failed, four.failed), (0, 0));
+    assert_eq!(one.report["per_image"], four.report["per_image"]);
+    assert_eq!(one.report["layers"], four.report["layers"]);
+}

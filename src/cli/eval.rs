@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use prm::eval::gpu::{GpuTargets, GpuText};
+use prm::eval::gpu::{GpuTargets, GpuText, PASS_TOKENS};
 use prm::eval::ground_truth::LabelSource;
 use prm::eval::run::{evaluate, markdown_summary, EvalSettings};
 use prm::eval::targets::{read_probe, TargetKind};
@@ -262,12 +262,20 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             args.model
         );
     }
-    let engine: Box<dyn EvalEngine + '_> = match &dev {
-        Some(d) => Box::new(
+    let gpu = match &dev {
+        Some(d) => Some(
             GpuTargets::new(d, &model, precision)
                 .with_context(|| format!("cannot load the model onto {}", d.name()))?,
         ),
-        None => Box::new(ReferenceTargets::new(&model)),
+        None => None,
+    };
+    let reference;
+    let engine: &dyn EvalEngine = match &gpu {
+        Some(g) => g,
+        None => {
+            reference = ReferenceTargets::new(&model);
+            &reference
+        }
     };
     let bar = (!args.quiet).then(|| {
         let b = indicatif::ProgressBar::new(0);
@@ -282,7 +290,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     });
     let evaluating = std::time::Instant::now();
     let outcome = evaluate(
-        engine.as_ref(),
+        engine,
         &args.clean,
         &args.adv,
         classes.as_ref(),
@@ -306,11 +314,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             total as f64 / seconds.max(1e-9),
             (evaluating - started).as_secs_f64()
         );
+        if let Some(g) = gpu.as_ref().filter(|g| g.pass_tokens() < PASS_TOKENS) {
+            eprintln!(
+                "note: a pass ran out of device memory; passes were cut down to at most {} \
+                 tokens (the records are the same; a smaller --batch-size avoids the failed \
+                 tries)",
+                g.pass_tokens()
+            );
+        }
         if outcome.batches_rerun_alone > 0 {
             eprintln!(
                 "note: {} batches failed as a whole and were run again one pair at a time (their \
-                 records are right, at batch 1's speed); if the device ran out of memory, give a \
-                 smaller --batch-size",
+                 records are right, at batch 1's speed)",
                 outcome.batches_rerun_alone
             );
         }

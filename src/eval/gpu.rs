@@ -19,6 +19,8 @@
 //! The attention kernels are written for head dim 64 (every CLIP tower): a model with another
 //! head dim is refused with a clear error.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use super::ops::normalize_rows;
 use super::targets::{check_image, require_projection, DenseHead, EvalEngine, TokenEmbeddings};
 use super::text::{check_ids, eot_position, TextEncoder};
@@ -249,7 +251,7 @@ impl Stack {
 /// outputs, QKV, context, the MLP's two 4·D buffers, the bf16 copy of the hidden layer: about
 /// 18·D floats), a pass takes about 55 KB a token for ViT-B/16, plus 3 KB a token for each
 /// feature layer kept (all 13 for the features target): 1.8 to 3.1 GB at this size, whatever the
-/// images. Not measured on a GPU; a pass that does not fit is rerun pair by pair.
+/// images. Not measured on a GPU; a pass that does not fit halves the budget (`by_pass`).
 pub const PASS_TOKENS: usize = 32_768;
 
 /// One pass's images on the device: the features kept, `cu_seqlens`, and the packing (each
@@ -280,8 +282,9 @@ pub struct GpuTargets<'m> {
     ln_post: DeviceLayerNorm,
     projection: Option<DeviceLinear>,
     positions: DevicePositions,
-    /// [`PASS_TOKENS`], or less for a device with little memory (and for tests).
-    pass_tokens: usize,
+    /// Tokens a pass may hold: [`PASS_TOKENS`] or what `with_pass_tokens` gave, halved from a
+    /// pass that ran out of device memory.
+    pass_tokens: AtomicUsize,
 }
 
 impl<'m> GpuTargets<'m> {
@@ -310,38 +313,45 @@ impl<'m> GpuTargets<'m> {
                 .map(|p| upload_linear(dev, p, precision))
                 .transpose()?,
             positions: DevicePositions::new(w.position_embedding.clone(), c.width, c.grid),
-            pass_tokens: PASS_TOKENS,
+            pass_tokens: AtomicUsize::new(PASS_TOKENS),
         })
     }
 
     /// Runs batches as passes of at most `tokens` tokens (at least one image a pass) instead of
     /// [`PASS_TOKENS`].
-    pub fn with_pass_tokens(mut self, tokens: usize) -> Self {
-        self.pass_tokens = tokens;
+    pub fn with_pass_tokens(self, tokens: usize) -> Self {
+        self.pass_tokens.store(tokens.max(1), Ordering::Relaxed);
         self
+    }
+
+    /// The tokens a pass may hold now: less than at the start when a pass ran out of device
+    /// memory.
+    pub fn pass_tokens(&self) -> usize {
+        self.pass_tokens.load(Ordering::Relaxed)
     }
 
     fn dev(&self) -> &Device {
         &self.stack.dev
     }
 
-    /// Consecutive runs of `images` of at most `pass_tokens` tokens (at least one image each).
-    fn passes<'a, 'b>(&self, images: &'a [Planar<'b>]) -> Vec<&'a [Planar<'b>]> {
+    /// An image's tokens as the model sees it (a CLS token and its whole patches).
+    fn tokens_of(&self, image: &Planar) -> usize {
         let p = self.model.config.patch;
-        let mut passes = Vec::new();
-        let (mut start, mut tokens) = (0, 0);
+        1 + (image.height / p) * (image.width / p)
+    }
+
+    /// How many of `images`, from the first, the next pass holds: as many as fit `pass_tokens`,
+    /// and at least one.
+    fn next_pass(&self, images: &[Planar]) -> usize {
+        let budget = self.pass_tokens();
+        let mut tokens = 0;
         for (i, im) in images.iter().enumerate() {
-            let t = 1 + (im.height / p) * (im.width / p);
-            if i > start && tokens + t > self.pass_tokens {
-                passes.push(&images[start..i]);
-                (start, tokens) = (i, 0);
+            tokens += self.tokens_of(im);
+            if i > 0 && tokens > budget {
+                return i;
             }
-            tokens += t;
         }
-        if start < images.len() {
-            passes.push(&images[start..]);
-        }
-        passes
+        images.len()
     }
 
     /// The forward of one pass of images up to F_upto: every layer kept when `keep_all`, else
@@ -421,15 +431,29 @@ impl<'m> GpuTargets<'m> {
         Ok(self.dev().download_split(buf, &lens)?)
     }
 
-    /// `one` over each pass of `images`, the results in image order.
+    /// `one` over consecutive passes of `images`, the results in image order. A pass of several
+    /// images that runs out of device memory halves the token budget, for it and every later
+    /// pass, and runs again; one image that does not fit is an error.
     fn by_pass<R>(
         &self,
         images: &[Planar],
         mut one: impl FnMut(&[Planar]) -> Result<Vec<R>, EvalError>,
     ) -> Result<Vec<R>, EvalError> {
         let mut out = Vec::with_capacity(images.len());
-        for pass in self.passes(images) {
-            out.extend(one(pass)?);
+        let mut rest = images;
+        while !rest.is_empty() {
+            let n = self.next_pass(rest);
+            match one(&rest[..n]) {
+                Ok(results) => {
+                    out.extend(results);
+                    rest = &rest[n..];
+                }
+                Err(EvalError::Gpu(GpuError::OutOfMemory { .. })) if n > 1 => {
+                    let tokens: usize = rest[..n].iter().map(|im| self.tokens_of(im)).sum();
+                    self.pass_tokens.store(tokens / 2, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }

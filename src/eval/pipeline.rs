@@ -13,7 +13,9 @@
 //! stages one item after another (as long as the engine's result for an item does not depend on
 //! the items batched with it). What is in memory at once is bounded: a chunk holds at most
 //! [`LOOKAHEAD_BYTES`] of loaded items (at least one item), and at most three chunks (one being
-//! read, one queued, one at the engine) and three finished items exist at a time.
+//! read, one queued, one at the engine) and a group plus two finished items exist at a time.
+//! The finisher's queue holds a whole group, so that the engine goes on to the next group while
+//! the finisher works through the last one.
 
 use std::sync::mpsc::sync_channel;
 
@@ -49,7 +51,7 @@ pub fn overlapped<T, P, R, E>(
     let max_chunk = max_chunk.max(batch);
     std::thread::scope(|s| {
         let (to_engine, loaded) = sync_channel::<Vec<Result<P, E>>>(1);
-        let (to_finisher, inferred) = sync_channel::<(usize, Result<(P, R), E>)>(2);
+        let (to_finisher, inferred) = sync_channel::<(usize, Result<(P, R), E>)>(batch + 1);
         let (load, bytes) = (&load, &bytes);
         s.spawn(move || {
             // The first chunk is one item: its size is not known before it is read.
@@ -202,6 +204,43 @@ mod tests {
         );
         // The first chunk is one item (its size unknown before it is read).
         assert_eq!(groups, [1, 16, 16, 16, 16, 16, 16, 3]);
+    }
+
+    /// The engine does not wait for the finisher to work through a group before it starts the
+    /// next: the finisher holds the second group's first item until the third group is
+    /// inferred (with a queue of two items the engine would block on the second group's third).
+    #[test]
+    fn the_engine_runs_the_next_group_while_the_finisher_works() {
+        let items: Vec<usize> = (0..12).collect();
+        let groups = AtomicUsize::new(0);
+        let mut overlapped_with_finisher = false;
+        overlapped(
+            &items,
+            4,
+            4,
+            |_: &usize| 1,
+            |&i| Ok::<usize, ()>(i),
+            |group: &[&usize]| {
+                groups.fetch_add(1, Ordering::SeqCst);
+                group.iter().map(|&&p| Ok(p)).collect()
+            },
+            |index, _| {
+                if index == 1 {
+                    let waited = std::time::Instant::now();
+                    while groups.load(Ordering::SeqCst) < 3 {
+                        if waited.elapsed() > std::time::Duration::from_secs(5) {
+                            return;
+                        }
+                        std::thread::yield_now();
+                    }
+                    overlapped_with_finisher = true;
+                }
+            },
+        );
+        assert!(
+            overlapped_with_finisher,
+            "the engine waited for the finisher"
+        );
     }
 
     #[test]

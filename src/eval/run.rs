@@ -84,8 +84,8 @@ pub struct EvalOutcome {
     pub report: Value,
     /// Image pairs evaluated, failed ones included.
     pub total: usize,
-    /// Batches that failed as a whole and were run again one pair at a time (a device out of
-    /// memory, say): their records are right, their speed was batch 1's.
+    /// Batches that failed as a whole and were run again one pair at a time: their records are
+    /// right, their speed was batch 1's.
     pub batches_rerun_alone: usize,
     pub failed: usize,
 }
@@ -256,8 +256,9 @@ fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
 
 /// The engine's stage for a group of pairs: their clean and adversarial images go to the engine
 /// as one batch. A pair whose images hold no whole patch fails alone, before the batch; when the
-/// batch fails (a device out of memory, say), its pairs are run one at a time, so that each gets
-/// the result, or the error, a run over it alone gives.
+/// batch fails (the GPU engine itself cuts passes that run out of memory; this is for any other
+/// error), its pairs are run one at a time, so that each gets the result, or the error, a run
+/// over it alone gives.
 ///
 /// `rerun` counts the batches run again pair by pair.
 fn infer_group(
