@@ -262,7 +262,9 @@ fi
 # segmentation target with 150 classes (ADE20K's count) and a classification target, ViT-B/16 at
 # native size. The host's reading, label maps and metrics overlap the device since 2026-12-05;
 # since 2026-12-06 the device runs 32 pairs' images as one batch (eval-zeroshot-b1: one image
-# at a time, as before). The stderr line gives pairs/s after the set-up (model, class embeddings).
+# at a time, as before). The stderr line gives pairs/s after the set-up (model, class embeddings)
+# and where the engine's thread spent the run: busy (the device), or waiting for the reading or
+# for the finisher (label maps, metrics, files), which says which stage holds eval back.
 CLASSES150=$OUT/classes150.txt
 evaluate() { # name, target, [prm eval options...]
   local name=$1 target=$2 adv=$OUT/attack-cuda0-out

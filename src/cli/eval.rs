@@ -308,11 +308,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if !args.quiet {
         let seconds = evaluating.elapsed().as_secs_f64();
         let total = outcome.total;
+        let e = outcome.engine_time;
         eprintln!(
             "evaluated {total} image pairs in {seconds:.2} s ({:.1} pairs/s), after {:.2} s of \
-             set-up (model, class embeddings)",
+             set-up (model, class embeddings); the engine's thread: {:.2} s busy, {:.2} s \
+             waiting for reading, {:.2} s for the finisher",
             total as f64 / seconds.max(1e-9),
-            (evaluating - started).as_secs_f64()
+            (evaluating - started).as_secs_f64(),
+            e.busy,
+            e.waiting_for_input,
+            e.waiting_for_finisher
         );
         if let Some(g) = gpu.as_ref().filter(|g| g.pass_tokens() < PASS_TOKENS) {
             eprintln!(

@@ -25,6 +25,7 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
+pub use pipeline::EngineTime;
 pub use targets::{EvalEngine, ReferenceTargets, TargetKind};
 
 /// Everything evaluation can report. Messages name the file and say what to do.

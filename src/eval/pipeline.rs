@@ -18,11 +18,23 @@
 //! the finisher works through the last one.
 
 use std::sync::mpsc::sync_channel;
+use std::time::Instant;
 
 use rayon::prelude::*;
 
 /// Loaded bytes a chunk may hold (at least one item).
 pub const LOOKAHEAD_BYTES: usize = 256 << 20;
+
+/// Where the engine's thread spent a run: says which stage holds the others back.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EngineTime {
+    /// Seconds in `infer` (the device's work, and the host's waits for it).
+    pub busy: f64,
+    /// Seconds waiting for the loader's next chunk (reading and decoding is the slower stage).
+    pub waiting_for_input: f64,
+    /// Seconds waiting for room in the finisher's queue (metrics and files are the slower stage).
+    pub waiting_for_finisher: f64,
+}
 
 /// Runs `load` (on the loader thread, `chunk` items at a time in parallel), then `infer` (on the
 /// calling thread, over groups of at most `batch` loaded items), then `finish` (on the finisher
@@ -32,7 +44,7 @@ pub const LOOKAHEAD_BYTES: usize = 256 << 20;
 /// A group never spans two chunks, so a chunk holds at least `batch` items where memory allows:
 /// chunks are cut at `max(max_chunk, batch)` items. `bytes` says how much memory a loaded item
 /// holds; it sizes the chunks. A panic in any stage is resumed on the calling thread once the
-/// others have stopped.
+/// others have stopped. Returns where the engine's thread spent the run.
 pub fn overlapped<T, P, R, E>(
     items: &[T],
     max_chunk: usize,
@@ -41,7 +53,8 @@ pub fn overlapped<T, P, R, E>(
     load: impl Fn(&T) -> Result<P, E> + Sync,
     mut infer: impl FnMut(&[&P]) -> Vec<Result<R, E>>,
     mut finish: impl FnMut(usize, Result<(P, R), E>) + Send,
-) where
+) -> EngineTime
+where
     T: Sync,
     P: Send,
     R: Send,
@@ -78,7 +91,12 @@ pub fn overlapped<T, P, R, E>(
             }
         });
         let mut index = 0;
-        'engine: for chunk in loaded {
+        let mut time = EngineTime::default();
+        let since = |t: Instant| t.elapsed().as_secs_f64();
+        'engine: loop {
+            let waited = Instant::now();
+            let Ok(chunk) = loaded.recv() else { break };
+            time.waiting_for_input += since(waited);
             let mut rest = chunk.into_iter().peekable();
             while rest.peek().is_some() {
                 // The next `batch` loaded items, with the failed loads among them.
@@ -89,11 +107,13 @@ pub fn overlapped<T, P, R, E>(
                     group.push(item);
                 }
                 let inputs: Vec<&P> = group.iter().filter_map(|r| r.as_ref().ok()).collect();
+                let started = Instant::now();
                 let outputs = if inputs.is_empty() {
                     Vec::new()
                 } else {
                     infer(&inputs)
                 };
+                time.busy += since(started);
                 assert_eq!(
                     outputs.len(),
                     inputs.len(),
@@ -107,9 +127,11 @@ pub fn overlapped<T, P, R, E>(
                         let inferred = outputs.next().expect("one result per loaded item");
                         inferred.map(|r| (p, r))
                     });
+                    let waited = Instant::now();
                     if to_finisher.send((index, result)).is_err() {
                         break 'engine; // the finisher stopped (a panic, resumed below)
                     }
+                    time.waiting_for_finisher += since(waited);
                     index += 1;
                 }
             }
@@ -118,7 +140,8 @@ pub fn overlapped<T, P, R, E>(
         if let Err(panic) = finisher.join() {
             std::panic::resume_unwind(panic);
         }
-    });
+        time
+    })
 }
 
 #[cfg(test)]
@@ -241,6 +264,34 @@ mod tests {
             overlapped_with_finisher,
             "the engine waited for the finisher"
         );
+    }
+
+    /// The engine's time split has at least the time each stage was made to take: its own
+    /// work, the loader's reading (the first chunk), the finisher's (batch 1, so the queue of
+    /// two fills).
+    #[test]
+    fn the_engine_time_says_which_stage_it_waited_for() {
+        let ms = std::time::Duration::from_millis;
+        let items: Vec<usize> = (0..8).collect();
+        let time = overlapped(
+            &items,
+            8,
+            1,
+            |_: &usize| 1,
+            |&i| {
+                std::thread::sleep(ms(if i == 0 { 60 } else { 0 }));
+                Ok::<usize, ()>(i)
+            },
+            |group: &[&usize]| {
+                std::thread::sleep(ms(10));
+                group.iter().map(|&&p| Ok(p)).collect()
+            },
+            |_, _| std::thread::sleep(ms(40)),
+        );
+        assert!(time.busy >= 0.079, "{time:?}");
+        assert!(time.waiting_for_input >= 0.059, "{time:?}");
+        // 8 items at 40 ms against 10 ms of work each: the engine waits for most of them.
+        assert!(time.waiting_for_finisher >= 0.1, "{time:?}");
     }
 
     #[test]

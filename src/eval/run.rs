@@ -87,6 +87,9 @@ pub struct EvalOutcome {
     /// Batches that failed as a whole and were run again one pair at a time: their records are
     /// right, their speed was batch 1's.
     pub batches_rerun_alone: usize,
+    /// Where the engine's thread spent the run (not in the report, which does not depend on
+    /// timing).
+    pub engine_time: super::EngineTime,
     pub failed: usize,
 }
 
@@ -746,7 +749,7 @@ pub fn evaluate(
         width: engine.model().config.width,
     };
     let mut rerun = 0;
-    overlapped(
+    let engine_time = overlapped(
         &items,
         2 * rayon::current_num_threads(),
         settings.batch_size,
@@ -879,6 +882,7 @@ pub fn evaluate(
         report: Value::Object(report),
         total,
         batches_rerun_alone: rerun,
+        engine_time,
         failed,
     })
 }
