@@ -1149,7 +1149,8 @@ impl Blas {
                                 context: ctx("batch-invariant algorithm"),
                                 message: format!(
                                     "none of cuBLASLt's {count} algorithms for it keeps the inner \
-                             dimension whole; run without PRM_BATCH_INVARIANT=1"
+                                     dimension whole; run without --batch-invariant and \
+                                     PRM_BATCH_INVARIANT=1"
                                 ),
                             },
                             Err(e) => no_algorithm(e),
