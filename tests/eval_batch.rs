@@ -51,11 +51,13 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
-/// Every batched method against the single-image one, image by image.
+/// Every batched method against the single-image one, image by image. Each batch call names
+/// the same images as the next call's (a GPU engine stages them ahead, and the next batch call
+/// takes them: the single-image calls in between stage nothing).
 fn check_batch_against_alone(engine: &dyn EvalEngine, images: &[Planar], what: &str) {
     let layers = engine.model().config.layers;
     for head in [DenseHead::MaskClip, DenseHead::Sclip, DenseHead::ClearClip] {
-        let batch = engine.dense_embeddings_batch(images, head).unwrap();
+        let batch = engine.dense_embeddings_batch(images, images, head).unwrap();
         assert_eq!(batch.len(), images.len());
         for (k, (b, im)) in batch.iter().zip(images).enumerate() {
             let alone = engine.dense_embeddings(im, head).unwrap();
@@ -69,12 +71,12 @@ fn check_batch_against_alone(engine: &dyn EvalEngine, images: &[Planar], what: &
             );
         }
     }
-    let batch = engine.image_embedding_batch(images).unwrap();
+    let batch = engine.image_embedding_batch(images, images).unwrap();
     for (k, (b, im)) in batch.iter().zip(images).enumerate() {
         let alone = engine.image_embedding(im).unwrap();
         assert!(same_bits(b, &alone), "{what}: image embedding {k}");
     }
-    let batch = engine.features_batch(images).unwrap();
+    let batch = engine.features_batch(images, images).unwrap();
     for (k, (b, im)) in batch.iter().zip(images).enumerate() {
         let alone = engine.features(im).unwrap();
         assert_eq!(b.len(), layers + 1);
@@ -83,7 +85,7 @@ fn check_batch_against_alone(engine: &dyn EvalEngine, images: &[Planar], what: &
         }
     }
     for layer in [0, 1, layers] {
-        let batch = engine.layer_features_batch(images, layer).unwrap();
+        let batch = engine.layer_features_batch(images, images, layer).unwrap();
         for (k, (b, im)) in batch.iter().zip(images).enumerate() {
             let alone = engine.layer_features(im, layer).unwrap();
             assert!(same_bits(b, &alone), "{what}: F_{layer} alone, image {k}");
@@ -117,11 +119,85 @@ fn a_batch_gives_each_image_the_bits_it_gets_alone() {
                     .with_pass_tokens(pass_tokens);
                 let what = format!("{}, {precision:?}, passes of {pass_tokens}", dev.name());
                 check_batch_against_alone(&gpu, &images, &what);
+                let uploads = gpu.pass_uploads();
+                assert!(
+                    uploads.taken > 0,
+                    "{what}: nothing staged was taken: {uploads:?}"
+                );
             }
         }
     }
     // The reference engine's batch is its images one after another.
     check_batch_against_alone(&ReferenceTargets::new(&model), &images, "reference");
+}
+
+/// The next batch's pixels, staged while a batch computes, are taken by a pass only when they
+/// are the very same pixels: not by the same host memory rewritten in place after staging (the
+/// hazard an address-based key would have), whatever the `next` hint said. Every result equals
+/// an engine's that stages nothing.
+#[test]
+fn staged_pixels_are_taken_only_by_a_pass_of_the_same_pixels() {
+    let model = Model::load("random:tiny").unwrap();
+    let made = |seed: u64| -> Vec<Vec<f32>> {
+        SIZES
+            .iter()
+            .enumerate()
+            .map(|(i, (h, w))| pixels(seed + i as u64, 3 * h * w))
+            .collect()
+    };
+    let (a, b) = (made(1), made(100));
+    let mut devices = vec![Device::sim()];
+    if Device::cuda_available() {
+        devices.push(Device::cuda(0).expect("CUDA device 0"));
+    }
+    for dev in devices {
+        dev.set_product_algorithms(prm::gpu::ProductAlgorithms::BatchInvariant);
+        let plain = GpuTargets::new(&dev, &model, Precision::Fp32).unwrap();
+        plain.set_staging(false);
+        let head = DenseHead::MaskClip;
+        let want = |data: &[Vec<f32>]| plain.dense_embeddings_batch(&images(data), &[], head);
+        let rows = |r: Vec<prm::eval::targets::TokenEmbeddings>| -> Vec<Vec<f32>> {
+            r.into_iter().map(|e| e.rows).collect()
+        };
+        let same = |x: Vec<Vec<f32>>, y: Vec<Vec<f32>>| {
+            x.len() == y.len() && x.iter().zip(&y).all(|(p, q)| same_bits(p, q))
+        };
+
+        let gpu = GpuTargets::new(&dev, &model, Precision::Fp32).unwrap();
+        let got = gpu
+            .dense_embeddings_batch(&images(&a), &images(&b), head)
+            .unwrap();
+        assert!(same(rows(got), rows(want(&a).unwrap())), "{}", dev.name());
+        let got = gpu.dense_embeddings_batch(&images(&b), &[], head).unwrap();
+        assert!(same(rows(got), rows(want(&b).unwrap())), "{}", dev.name());
+        let u = gpu.pass_uploads();
+        assert_eq!((u.passes, u.staged, u.taken), (2, 1, 1), "{}", dev.name());
+
+        // Staged, then the host memory is rewritten in place: the pass must not take it.
+        let mut c = b.clone();
+        gpu.dense_embeddings_batch(&images(&a), &images(&c), head)
+            .unwrap();
+        c[3][7] += 0.25;
+        let got = gpu.dense_embeddings_batch(&images(&c), &[], head).unwrap();
+        assert!(same(rows(got), rows(want(&c).unwrap())), "{}", dev.name());
+        let u = gpu.pass_uploads();
+        assert_eq!((u.passes, u.staged, u.taken), (4, 2, 1), "{}", dev.name());
+
+        // Passes of a batch: each pass stages the next one.
+        let gpu = GpuTargets::new(&dev, &model, Precision::Fp32)
+            .unwrap()
+            .with_pass_tokens(60);
+        let got = gpu.dense_embeddings_batch(&images(&a), &[], head).unwrap();
+        assert!(same(rows(got), rows(want(&a).unwrap())), "{}", dev.name());
+        let u = gpu.pass_uploads();
+        assert!(u.passes >= 2, "{u:?}");
+        assert_eq!(
+            (u.staged, u.taken),
+            (u.passes - 1, u.passes - 1),
+            "{}",
+            dev.name()
+        );
+    }
 }
 
 #[test]
@@ -142,13 +218,13 @@ fn a_batch_with_an_image_smaller_than_a_patch_fails_and_names_it() {
             width: 40,
         },
     ];
-    match gpu.dense_embeddings_batch(&images, DenseHead::MaskClip) {
+    match gpu.dense_embeddings_batch(&images, &[], DenseHead::MaskClip) {
         Err(EvalError::ImageTooSmall { width, height, .. }) => {
             assert_eq!((width, height), (40, 12))
         }
         other => panic!("expected ImageTooSmall, got {:?}", other.map(|v| v.len())),
     }
-    assert!(gpu.image_embedding_batch(&[]).unwrap().is_empty());
+    assert!(gpu.image_embedding_batch(&[], &[]).unwrap().is_empty());
 }
 
 /// An engine that refuses batches of more than one pair (with an error that is not the device's
@@ -173,7 +249,11 @@ impl EvalEngine for OnePairAtATime<'_> {
     fn features(&self, image: &Planar) -> Result<Vec<Vec<f32>>, EvalError> {
         self.0.features(image)
     }
-    fn features_batch(&self, images: &[Planar]) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
+    fn features_batch(
+        &self,
+        images: &[Planar],
+        _next: &[Planar],
+    ) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
         if images.len() > 2 {
             return Err(EvalError::Usage("one pair at a time".into()));
         }

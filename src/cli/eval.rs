@@ -319,6 +319,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             e.waiting_for_input,
             e.waiting_for_finisher
         );
+        if let Some(g) = &gpu {
+            let u = g.pass_uploads();
+            eprintln!(
+                "device passes: {} ({} took pixels staged ahead during the pass before, {} of \
+                 them still copying when taken)",
+                u.passes, u.taken, u.copy_pending
+            );
+        }
         if let Some(g) = gpu.as_ref().filter(|g| g.pass_tokens() < PASS_TOKENS) {
             eprintln!(
                 "note: a pass ran out of device memory; passes were cut down to at most {} \

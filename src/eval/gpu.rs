@@ -20,6 +20,9 @@
 //! head dim is refused with a clear error.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use rayon::prelude::*;
 
 use super::ops::normalize_rows;
 use super::targets::{check_image, require_projection, DenseHead, EvalEngine, TokenEmbeddings};
@@ -37,7 +40,8 @@ use crate::gpu::kernels::attention::{attention_forward_f32, AttentionMode, HEAD_
 use crate::gpu::kernels::convert::to_bf16;
 use crate::gpu::kernels::embed::{assemble_tokens_f32, patchify_f32, PackedImages};
 use crate::gpu::kernels::layernorm::layernorm_forward_f32;
-use crate::gpu::{Buffer, Device, GpuError};
+use crate::gpu::staging::Stager;
+use crate::gpu::{Buffer, Device, Element, GpuError};
 use crate::model::{Activation, BlockWeights, Model, TextTower};
 
 /// The weights of a stack of pre-LN blocks on a device, and the operators over them.
@@ -285,6 +289,54 @@ pub struct GpuTargets<'m> {
     /// Tokens a pass may hold: [`PASS_TOKENS`] or what `with_pass_tokens` gave, halved from a
     /// pass that ran out of device memory.
     pass_tokens: AtomicUsize,
+    /// The next pass's pixels, staged on a copy stream while this pass computes.
+    staging: Mutex<PassStaging>,
+}
+
+/// What a pass's pixel upload did, counted over the engine's life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassUploads {
+    /// Passes run (each uploads its images' pixels once).
+    pub passes: u64,
+    /// Passes whose pixels were staged ahead, during the pass before (the next pass of the same
+    /// call, or the first pass of the call's `next` images).
+    pub staged: u64,
+    /// Passes that found their pixels staged and took them: the compute stream copies them on
+    /// the device instead of waiting for the host.
+    pub taken: u64,
+    /// Of those, passes whose staged copy had not finished when taken (the compute stream
+    /// waited for it on the device; never on the simulator).
+    pub copy_pending: u64,
+}
+
+/// A pass's pixels, identified by what they are: each image's size and an xxh3-128 of its
+/// pixels. A staged upload is taken only by a pass of the very same pixels, so a `next` hint
+/// that turns out wrong, or host memory reused for other images, can never feed a pass the
+/// wrong images; it costs the staged copy only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PixelsKey(Vec<(usize, usize, u128)>);
+
+impl PixelsKey {
+    fn of(images: &[Planar]) -> Self {
+        PixelsKey(
+            images
+                .par_iter()
+                .map(|im| {
+                    let bytes: &[u8] = bytemuck::cast_slice(im.data);
+                    (im.height, im.width, xxhash_rust::xxh3::xxh3_128(bytes))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The engine's stager (made on first use; dropped, with its memory, when staging fails) and
+/// its counters. `PRM_NO_STAGING=1` turns staging off, as for the attack: every pass then
+/// uploads its pixels and downloads its results with plain copies (the same bits).
+struct PassStaging {
+    on: bool,
+    stager: Option<Stager<PixelsKey>>,
+    counts: PassUploads,
 }
 
 impl<'m> GpuTargets<'m> {
@@ -314,6 +366,98 @@ impl<'m> GpuTargets<'m> {
                 .transpose()?,
             positions: DevicePositions::new(w.position_embedding.clone(), c.width, c.grid),
             pass_tokens: AtomicUsize::new(PASS_TOKENS),
+            staging: Mutex::new(PassStaging {
+                on: std::env::var("PRM_NO_STAGING").map_or(true, |v| v != "1"),
+                stager: None,
+                counts: PassUploads::default(),
+            }),
+        })
+    }
+
+    /// Turns the staging of uploads ahead (and the pinned downloads) on or off; on by default,
+    /// off with `PRM_NO_STAGING=1`. The results are the same bits either way.
+    pub fn set_staging(&self, on: bool) {
+        let mut s = self.staging();
+        s.on = on;
+        if !on {
+            s.stager = None;
+        }
+    }
+
+    /// What the passes' pixel uploads did so far.
+    pub fn pass_uploads(&self) -> PassUploads {
+        self.staging().counts
+    }
+
+    fn staging(&self) -> MutexGuard<'_, PassStaging> {
+        self.staging.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts copying `images` (the next pass's) to the device on the stager's copy stream.
+    /// Called once this pass's work is queued, so that the host packs them, and the copy runs,
+    /// while the device computes. Best effort: a staging that fails is forgotten (with the
+    /// stager's memory) and that pass uploads normally.
+    fn stage_ahead(&self, images: &[Planar]) {
+        let mut s = self.staging();
+        if !s.on || images.is_empty() {
+            return;
+        }
+        if s.stager.is_none() {
+            s.stager = Stager::new(self.dev()).ok();
+        }
+        let key = PixelsKey::of(images);
+        let parts: Vec<&[f32]> = images.iter().map(|im| im.data).collect();
+        let Some(stager) = s.stager.as_mut() else {
+            return;
+        };
+        match stager.stage(key, &parts) {
+            Ok(()) => s.counts.staged += 1,
+            Err(_) => s.stager = None,
+        }
+    }
+
+    /// A pass's pixels on the device, packed image after image (`total` floats): the staged
+    /// copy when one of these very pixels was staged, else a plain upload of each image.
+    fn upload_pixels(&self, images: &[Planar], total: usize) -> Result<Buffer<f32>, EvalError> {
+        let dev = self.dev();
+        // Every element is written below (the simulator's poison checks it).
+        let mut pixels = dev.alloc_undefined(total)?;
+        let mut s = self.staging();
+        s.counts.passes += 1;
+        if let Some(stager) = s.stager.as_mut() {
+            let key = PixelsKey::of(images);
+            let lens: Vec<usize> = images.iter().map(|im| im.data.len()).collect();
+            if let Some(taken) = stager.take(&key, &lens, &mut pixels)? {
+                s.counts.taken += 1;
+                s.counts.copy_pending += u64::from(taken.copy_pending);
+                return Ok(pixels);
+            }
+        }
+        drop(s);
+        let mut offset = 0;
+        for im in images {
+            dev.write_range(&mut pixels, offset, im.data)?;
+            offset += im.data.len();
+        }
+        Ok(pixels)
+    }
+
+    /// The first elements of `buf` on the host, cut into pieces of `lens` elements, with one
+    /// wait for the device: through the stager's pinned readback buffer (one DMA at full link
+    /// speed) when staging is on, plain downloads otherwise.
+    fn download_split<T: Element>(
+        &self,
+        buf: &Buffer<T>,
+        lens: &[usize],
+    ) -> Result<Vec<Vec<T>>, EvalError> {
+        let mut s = self.staging();
+        if s.on && s.stager.is_none() {
+            s.stager = Stager::new(self.dev()).ok();
+        }
+        let on = s.on;
+        Ok(match s.stager.as_mut().filter(|_| on) {
+            Some(stager) => stager.download_split(buf, lens)?,
+            None => self.dev().download_split(buf, lens)?,
         })
     }
 
@@ -373,11 +517,10 @@ impl<'m> GpuTargets<'m> {
         let cu = dev.upload(&packing.cu_seqlens())?;
         let (t, d) = (packing.total_tokens, c.width);
         let lens: Vec<usize> = packing.images.iter().map(|m| m.tokens()).collect();
-        // Every element of these is written below (the simulator's poison checks it).
-        let mut pixels = dev.alloc_undefined(packing.total_pixels)?;
+        let pixels = self.upload_pixels(images, packing.total_pixels)?;
+        // Every element is written below (the simulator's poison checks it).
         let mut pos = dev.alloc_undefined(t * d)?;
-        for (im, m) in images.iter().zip(&packing.images) {
-            dev.write_range(&mut pixels, m.pixel_offset, im.data)?;
+        for m in &packing.images {
             let grid = self.positions.grid(dev, m.grid_h, m.grid_w)?;
             dev.copy_range(&grid, 0, &mut pos, m.token_offset * d, grid.len())?;
         }
@@ -407,15 +550,24 @@ impl<'m> GpuTargets<'m> {
         })
     }
 
-    /// post-LN → projection on the device; L2 normalisation on the host. `[rows, E]`.
-    fn embed_rows(&self, z: &Buffer<f32>, rows: usize) -> Result<Vec<f32>, EvalError> {
+    /// post-LN → projection on the device; L2 normalisation on the host. `[rows, E]`. `then`
+    /// (the next pass's images) is staged once the work is queued, before the download waits.
+    fn embed_rows(
+        &self,
+        z: &Buffer<f32>,
+        rows: usize,
+        then: &[Planar],
+    ) -> Result<Vec<f32>, EvalError> {
         let proj = self.projection.as_ref().ok_or(EvalError::NoProjection)?;
         let d = self.model.config.width;
         let normed = self.stack.ln(z, &self.ln_post, rows, d)?;
         let mut e = self.dev().alloc(rows * proj.out_features)?;
         self.stack
             .linear(&normed, rows, proj, false, &mut e, false)?;
-        let mut e = self.dev().download(&e)?;
+        self.stage_ahead(then);
+        let mut e = self
+            .download_split(&e, &[rows * proj.out_features])?
+            .remove(0);
         normalize_rows(&mut e, proj.out_features);
         Ok(e)
     }
@@ -428,22 +580,32 @@ impl<'m> GpuTargets<'m> {
         width: usize,
     ) -> Result<Vec<Vec<f32>>, EvalError> {
         let lens: Vec<usize> = pass.lens.iter().map(|t| t * width).collect();
-        Ok(self.dev().download_split(buf, &lens)?)
+        self.download_split(buf, &lens)
     }
 
     /// `one` over consecutive passes of `images`, the results in image order. A pass of several
     /// images that runs out of device memory halves the token budget, for it and every later
     /// pass, and runs again; one image that does not fit is an error.
+    ///
+    /// `one` is given the pass's images and the images of the pass after it (the rest of
+    /// `images`, or the first pass of `next`, the caller's next batch), to stage while it
+    /// computes.
     fn by_pass<R>(
         &self,
         images: &[Planar],
-        mut one: impl FnMut(&[Planar]) -> Result<Vec<R>, EvalError>,
+        next: &[Planar],
+        mut one: impl FnMut(&[Planar], &[Planar]) -> Result<Vec<R>, EvalError>,
     ) -> Result<Vec<R>, EvalError> {
         let mut out = Vec::with_capacity(images.len());
         let mut rest = images;
         while !rest.is_empty() {
             let n = self.next_pass(rest);
-            match one(&rest[..n]) {
+            let after = match &rest[n..] {
+                [] => next,
+                later => later,
+            };
+            let then = &after[..self.next_pass(after)];
+            match one(&rest[..n], then) {
                 Ok(results) => {
                     out.extend(results);
                     rest = &rest[n..];
@@ -461,6 +623,7 @@ impl<'m> GpuTargets<'m> {
     fn dense_pass(
         &self,
         images: &[Planar],
+        then: &[Planar],
         head: DenseHead,
     ) -> Result<Vec<TokenEmbeddings>, EvalError> {
         require_projection(self.model)?;
@@ -475,7 +638,7 @@ impl<'m> GpuTargets<'m> {
             t,
             head,
         )?;
-        let rows = self.embed_rows(&z, t)?;
+        let rows = self.embed_rows(&z, t, then)?;
         let dim = rows.len() / t;
         let mut rows = rows.as_slice();
         Ok(pass
@@ -495,7 +658,11 @@ impl<'m> GpuTargets<'m> {
             .collect())
     }
 
-    fn image_embedding_pass(&self, images: &[Planar]) -> Result<Vec<Vec<f32>>, EvalError> {
+    fn image_embedding_pass(
+        &self,
+        images: &[Planar],
+        then: &[Planar],
+    ) -> Result<Vec<Vec<f32>>, EvalError> {
         require_projection(self.model)?;
         let pass = self.forward(images, self.model.config.layers, false)?;
         // Only the CLS rows: each image's first row of F_L, gathered on the device.
@@ -506,13 +673,18 @@ impl<'m> GpuTargets<'m> {
             self.dev()
                 .copy_range(last, m.token_offset * d, &mut cls, i * d, d)?;
         }
-        let e = self.embed_rows(&cls, images.len())?;
+        let e = self.embed_rows(&cls, images.len(), then)?;
         let dim = e.len() / images.len();
         Ok(e.chunks_exact(dim).map(<[f32]>::to_vec).collect())
     }
 
-    fn features_pass(&self, images: &[Planar]) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
+    fn features_pass(
+        &self,
+        images: &[Planar],
+        then: &[Planar],
+    ) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
         let pass = self.forward(images, self.model.config.layers, true)?;
+        self.stage_ahead(then);
         let d = self.model.config.width;
         let mut per_image: Vec<Vec<Vec<f32>>> = vec![Vec::new(); images.len()];
         for f in &pass.feats {
@@ -527,6 +699,7 @@ impl<'m> GpuTargets<'m> {
     fn layer_features_pass(
         &self,
         images: &[Planar],
+        then: &[Planar],
         layer: usize,
     ) -> Result<Vec<Vec<f32>>, EvalError> {
         let layers = self.model.config.layers;
@@ -537,6 +710,7 @@ impl<'m> GpuTargets<'m> {
         }
         let pass = self.forward(images, layer, false)?;
         let f = pass.feats.last().expect("F_layer");
+        self.stage_ahead(then);
         self.download_images(&pass, f, self.model.config.width)
     }
 }
@@ -559,23 +733,25 @@ impl EvalEngine for GpuTargets<'_> {
     ) -> Result<TokenEmbeddings, EvalError> {
         Ok(only(self.dense_embeddings_batch(
             std::slice::from_ref(image),
+            &[],
             head,
         )?))
     }
 
     fn image_embedding(&self, image: &Planar) -> Result<Vec<f32>, EvalError> {
         Ok(only(
-            self.image_embedding_batch(std::slice::from_ref(image))?,
+            self.image_embedding_batch(std::slice::from_ref(image), &[])?,
         ))
     }
 
     fn features(&self, image: &Planar) -> Result<Vec<Vec<f32>>, EvalError> {
-        Ok(only(self.features_batch(std::slice::from_ref(image))?))
+        Ok(only(self.features_batch(std::slice::from_ref(image), &[])?))
     }
 
     fn layer_features(&self, image: &Planar, layer: usize) -> Result<Vec<f32>, EvalError> {
         Ok(only(self.layer_features_batch(
             std::slice::from_ref(image),
+            &[],
             layer,
         )?))
     }
@@ -583,25 +759,39 @@ impl EvalEngine for GpuTargets<'_> {
     fn dense_embeddings_batch(
         &self,
         images: &[Planar],
+        next: &[Planar],
         head: DenseHead,
     ) -> Result<Vec<TokenEmbeddings>, EvalError> {
-        self.by_pass(images, |pass| self.dense_pass(pass, head))
+        self.by_pass(images, next, |pass, then| self.dense_pass(pass, then, head))
     }
 
-    fn image_embedding_batch(&self, images: &[Planar]) -> Result<Vec<Vec<f32>>, EvalError> {
-        self.by_pass(images, |pass| self.image_embedding_pass(pass))
+    fn image_embedding_batch(
+        &self,
+        images: &[Planar],
+        next: &[Planar],
+    ) -> Result<Vec<Vec<f32>>, EvalError> {
+        self.by_pass(images, next, |pass, then| {
+            self.image_embedding_pass(pass, then)
+        })
     }
 
-    fn features_batch(&self, images: &[Planar]) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
-        self.by_pass(images, |pass| self.features_pass(pass))
+    fn features_batch(
+        &self,
+        images: &[Planar],
+        next: &[Planar],
+    ) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
+        self.by_pass(images, next, |pass, then| self.features_pass(pass, then))
     }
 
     fn layer_features_batch(
         &self,
         images: &[Planar],
+        next: &[Planar],
         layer: usize,
     ) -> Result<Vec<Vec<f32>>, EvalError> {
-        self.by_pass(images, |pass| self.layer_features_pass(pass, layer))
+        self.by_pass(images, next, |pass, then| {
+            self.layer_features_pass(pass, then, layer)
+        })
     }
 }
 

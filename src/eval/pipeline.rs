@@ -4,20 +4,24 @@
 //! ```text
 //!  loader thread: read chunks of items in parallel (rayon), in input order
 //!        │ one queued chunk
-//!  the calling thread: the engine, up to `batch` items at a time, in input order
-//!        │ two queued items
+//!  the calling thread: the engine, up to `batch` items at a time, in input order (told the
+//!        │ group after, when read already)
+//!        │ a group of queued items
 //!  finisher thread: metrics, writes, records, progress, in input order
 //! ```
 //!
 //! Every stage sees the items in input order, so the results are those of running the three
 //! stages one item after another (as long as the engine's result for an item does not depend on
 //! the items batched with it). What is in memory at once is bounded: a chunk holds at most
-//! [`LOOKAHEAD_BYTES`] of loaded items (at least one item), and at most three chunks (one being
-//! read, one queued, one at the engine) and a group plus two finished items exist at a time.
+//! [`LOOKAHEAD_BYTES`] of loaded items (at least one item), and at most four chunks (one being
+//! read, one queued, and at the engine the rest of one and the next, taken early so that the
+//! engine knows the group after the one it runs) and a group plus two finished items exist at a
+//! time.
 //! The finisher's queue holds a whole group, so that the engine goes on to the next group while
 //! the finisher works through the last one.
 
-use std::sync::mpsc::sync_channel;
+use std::collections::VecDeque;
+use std::sync::mpsc::{sync_channel, TryRecvError};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -39,7 +43,9 @@ pub struct EngineTime {
 /// Runs `load` (on the loader thread, `chunk` items at a time in parallel), then `infer` (on the
 /// calling thread, over groups of at most `batch` loaded items), then `finish` (on the finisher
 /// thread) for every item, each stage in input order. An item whose load fails goes to `finish`
-/// as its error; `infer` returns one result per item it is given, in order.
+/// as its error; `infer` returns one result per item it is given, in order. `infer` is also
+/// given the loaded items of the group after this one when the loader has read it already
+/// (empty otherwise): a hint, so that an engine can start moving them to its device.
 ///
 /// A group never spans two chunks, so a chunk holds at least `batch` items where memory allows:
 /// chunks are cut at `max(max_chunk, batch)` items. `bytes` says how much memory a loaded item
@@ -51,7 +57,7 @@ pub fn overlapped<T, P, R, E>(
     batch: usize,
     bytes: impl Fn(&P) -> usize + Sync,
     load: impl Fn(&T) -> Result<P, E> + Sync,
-    mut infer: impl FnMut(&[&P]) -> Vec<Result<R, E>>,
+    mut infer: impl FnMut(&[&P], &[&P]) -> Vec<Result<R, E>>,
     mut finish: impl FnMut(usize, Result<(P, R), E>) + Send,
 ) -> EngineTime
 where
@@ -93,47 +99,64 @@ where
         let mut index = 0;
         let mut time = EngineTime::default();
         let since = |t: Instant| t.elapsed().as_secs_f64();
+        // Groups cut from the chunks received so far, in order. The engine is given the group
+        // after the one it runs, when the loader has it already, as a hint (it may start moving
+        // it to the device): so a second chunk is taken, without waiting, when one group is
+        // left of the first.
+        let mut groups: VecDeque<Vec<Result<P, E>>> = VecDeque::new();
+        let mut loader_done = false;
         'engine: loop {
-            let waited = Instant::now();
-            let Ok(chunk) = loaded.recv() else { break };
-            time.waiting_for_input += since(waited);
-            let mut rest = chunk.into_iter().peekable();
-            while rest.peek().is_some() {
-                // The next `batch` loaded items, with the failed loads among them.
-                let (mut group, mut ready) = (Vec::new(), 0);
-                while ready < batch {
-                    let Some(item) = rest.next() else { break };
-                    ready += usize::from(item.is_ok());
-                    group.push(item);
+            if groups.is_empty() {
+                if loader_done {
+                    break;
                 }
-                let inputs: Vec<&P> = group.iter().filter_map(|r| r.as_ref().ok()).collect();
-                let started = Instant::now();
-                let outputs = if inputs.is_empty() {
-                    Vec::new()
-                } else {
-                    infer(&inputs)
-                };
-                time.busy += since(started);
-                assert_eq!(
-                    outputs.len(),
-                    inputs.len(),
-                    "the engine gave {} results for {} items",
-                    outputs.len(),
-                    inputs.len()
-                );
-                let mut outputs = outputs.into_iter();
-                for item in group {
-                    let result = item.and_then(|p| {
-                        let inferred = outputs.next().expect("one result per loaded item");
-                        inferred.map(|r| (p, r))
-                    });
-                    let waited = Instant::now();
-                    if to_finisher.send((index, result)).is_err() {
-                        break 'engine; // the finisher stopped (a panic, resumed below)
-                    }
-                    time.waiting_for_finisher += since(waited);
-                    index += 1;
+                let waited = Instant::now();
+                match loaded.recv() {
+                    Ok(chunk) => cut_groups(chunk, batch, &mut groups),
+                    Err(_) => loader_done = true,
                 }
+                time.waiting_for_input += since(waited);
+                continue;
+            }
+            if groups.len() < 2 && !loader_done {
+                match loaded.try_recv() {
+                    Ok(chunk) => cut_groups(chunk, batch, &mut groups),
+                    Err(TryRecvError::Empty) => {}
+                    Err(TryRecvError::Disconnected) => loader_done = true,
+                }
+            }
+            let group = groups.pop_front().expect("a group is queued");
+            let inputs: Vec<&P> = group.iter().filter_map(|r| r.as_ref().ok()).collect();
+            let next: Vec<&P> = groups
+                .front()
+                .map(|g| g.iter().filter_map(|r| r.as_ref().ok()).collect())
+                .unwrap_or_default();
+            let started = Instant::now();
+            let outputs = if inputs.is_empty() {
+                Vec::new()
+            } else {
+                infer(&inputs, &next)
+            };
+            time.busy += since(started);
+            assert_eq!(
+                outputs.len(),
+                inputs.len(),
+                "the engine gave {} results for {} items",
+                outputs.len(),
+                inputs.len()
+            );
+            let mut outputs = outputs.into_iter();
+            for item in group {
+                let result = item.and_then(|p| {
+                    let inferred = outputs.next().expect("one result per loaded item");
+                    inferred.map(|r| (p, r))
+                });
+                let waited = Instant::now();
+                if to_finisher.send((index, result)).is_err() {
+                    break 'engine; // the finisher stopped (a panic, resumed below)
+                }
+                time.waiting_for_finisher += since(waited);
+                index += 1;
             }
         }
         drop(to_finisher);
@@ -142,6 +165,25 @@ where
         }
         time
     })
+}
+
+/// Cuts a chunk into groups of `batch` loaded items each (the failed loads among them ride
+/// along, in place), appended to `groups` in order.
+fn cut_groups<P, E>(
+    chunk: Vec<Result<P, E>>,
+    batch: usize,
+    groups: &mut VecDeque<Vec<Result<P, E>>>,
+) {
+    let mut rest = chunk.into_iter().peekable();
+    while rest.peek().is_some() {
+        let (mut group, mut ready) = (Vec::new(), 0);
+        while ready < batch {
+            let Some(item) = rest.next() else { break };
+            ready += usize::from(item.is_ok());
+            group.push(item);
+        }
+        groups.push_back(group);
+    }
 }
 
 #[cfg(test)]
@@ -170,7 +212,7 @@ mod tests {
                         Ok(i)
                     }
                 },
-                |group: &[&usize]| {
+                |group: &[&usize], _next: &[&usize]| {
                     groups.push(group.len());
                     group
                         .iter()
@@ -208,6 +250,37 @@ mod tests {
         }
     }
 
+    /// The engine is told the group after the one it runs whenever the loader has read it: here
+    /// every group of the second chunk (the first chunk is one item, whose successor may not be
+    /// read yet), and nothing after the last.
+    #[test]
+    fn the_engine_is_told_the_next_group() {
+        let items: Vec<usize> = (0..40).collect();
+        let mut calls: Vec<(Vec<usize>, Vec<usize>)> = Vec::new();
+        overlapped(
+            &items,
+            64,
+            6,
+            |_: &usize| 1,
+            |&i| if i % 9 == 4 { Err(()) } else { Ok(i) },
+            |group: &[&usize], next: &[&usize]| {
+                calls.push((
+                    group.iter().map(|&&p| p).collect(),
+                    next.iter().map(|&&p| p).collect(),
+                ));
+                group.iter().map(|&&p| Ok(p)).collect()
+            },
+            |_, _| {},
+        );
+        assert!(calls.len() > 3, "{calls:?}");
+        let (first_next, second) = (&calls[0].1, &calls[1].0);
+        assert!(first_next.is_empty() || first_next == second, "{calls:?}");
+        for pair in calls[1..].windows(2) {
+            assert_eq!(pair[0].1, pair[1].0, "{calls:?}");
+        }
+        assert!(calls.last().unwrap().1.is_empty(), "{calls:?}");
+    }
+
     /// Small items fill whole groups: chunks are cut at `batch` items at least.
     #[test]
     fn small_items_go_to_the_engine_in_full_groups() {
@@ -219,7 +292,7 @@ mod tests {
             16,
             |_: &usize| 1,
             |&i| Ok::<usize, ()>(i),
-            |group: &[&usize]| {
+            |group: &[&usize], _next: &[&usize]| {
                 groups.push(group.len());
                 group.iter().map(|&&p| Ok(p)).collect()
             },
@@ -243,7 +316,7 @@ mod tests {
             4,
             |_: &usize| 1,
             |&i| Ok::<usize, ()>(i),
-            |group: &[&usize]| {
+            |group: &[&usize], _next: &[&usize]| {
                 groups.fetch_add(1, Ordering::SeqCst);
                 group.iter().map(|&&p| Ok(p)).collect()
             },
@@ -282,7 +355,7 @@ mod tests {
                 std::thread::sleep(ms(if i == 0 { 60 } else { 0 }));
                 Ok::<usize, ()>(i)
             },
-            |group: &[&usize]| {
+            |group: &[&usize], _next: &[&usize]| {
                 std::thread::sleep(ms(10));
                 group.iter().map(|&&p| Ok(p)).collect()
             },
@@ -304,7 +377,7 @@ mod tests {
             4,
             |_: &u8| 1,
             |&i| Ok::<u8, ()>(i),
-            |g: &[&u8]| g.iter().map(|&&p| Ok::<u8, ()>(p)).collect(),
+            |g: &[&u8], _: &[&u8]| g.iter().map(|&&p| Ok::<u8, ()>(p)).collect(),
             |_, _| calls += 1,
         );
         assert_eq!(calls, 0);
@@ -320,7 +393,7 @@ mod tests {
             2,
             |_: &usize| 1,
             |&i| Ok::<usize, ()>(i),
-            |g: &[&usize]| g.iter().map(|&&p| Ok::<usize, ()>(p)).collect(),
+            |g: &[&usize], _: &[&usize]| g.iter().map(|&&p| Ok::<usize, ()>(p)).collect(),
             |index, _| assert!(index < 10, "finisher fails"),
         );
     }

@@ -264,34 +264,38 @@ fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
 /// over it alone gives.
 ///
 /// `rerun` counts the batches run again pair by pair.
+/// `next` is the group that will follow, when the pipeline has it already: its images are a
+/// hint to the engine (see [`EvalEngine`]'s batch methods).
 fn infer_group(
     engine: &dyn EvalEngine,
     pairs: &[&Pair],
+    next: &[&Pair],
     plan: &Plan,
     rerun: &mut usize,
 ) -> Vec<Result<Inferred, EvalError>> {
     let resolution = plan.settings.resolution;
-    let checks: Vec<Result<(), EvalError>> = pairs
-        .iter()
-        .map(|p| check_image(engine.model(), &p.model_inputs(resolution).0).map(drop))
-        .collect();
+    let fits = |p: &Pair| check_image(engine.model(), &p.model_inputs(resolution).0).map(drop);
+    let checks: Vec<Result<(), EvalError>> = pairs.iter().map(|p| fits(p)).collect();
     let ready: Vec<&Pair> = pairs
         .iter()
         .zip(&checks)
         .filter(|(_, c)| c.is_ok())
         .map(|(p, _)| *p)
         .collect();
-    let together: Vec<Result<Inferred, EvalError>> = match infer_batch(engine, &ready, plan) {
-        Ok(inferred) => inferred.into_iter().map(Ok).collect(),
-        Err(_) if ready.len() > 1 => {
-            *rerun += 1;
-            ready
-                .iter()
-                .map(|&p| Ok(infer_batch(engine, &[p], plan)?.swap_remove(0)))
-                .collect()
-        }
-        Err(e) => vec![Err(e)],
-    };
+    // The next group as its own call will give it: the pairs that pass the same check.
+    let next_ready: Vec<&Pair> = next.iter().copied().filter(|p| fits(p).is_ok()).collect();
+    let together: Vec<Result<Inferred, EvalError>> =
+        match infer_batch(engine, &ready, &next_ready, plan) {
+            Ok(inferred) => inferred.into_iter().map(Ok).collect(),
+            Err(_) if ready.len() > 1 => {
+                *rerun += 1;
+                ready
+                    .iter()
+                    .map(|&p| Ok(infer_batch(engine, &[p], &[], plan)?.swap_remove(0)))
+                    .collect()
+            }
+            Err(e) => vec![Err(e)],
+        };
     let mut together = together.into_iter();
     checks
         .into_iter()
@@ -306,38 +310,47 @@ fn two_by_two<T>(v: Vec<T>) -> impl Iterator<Item = (T, T)> {
     std::iter::from_fn(move || Some((it.next()?, it.next()?)))
 }
 
-/// One engine batch: every pair's clean image, then its adversarial image.
+/// Every pair's clean image, then its adversarial image: a batch's images as the model sees
+/// them.
+fn batch_images<'p>(pairs: &[&'p Pair], resolution: Option<usize>) -> Vec<Planar<'p>> {
+    pairs
+        .iter()
+        .flat_map(|p| {
+            let (clean, adv) = p.model_inputs(resolution);
+            [clean, adv]
+        })
+        .collect()
+}
+
+/// One engine batch: every pair's clean image, then its adversarial image. `next`: the pairs of
+/// the batch after it, as a hint.
 fn infer_batch(
     engine: &dyn EvalEngine,
     pairs: &[&Pair],
+    next: &[&Pair],
     plan: &Plan,
 ) -> Result<Vec<Inferred>, EvalError> {
     if pairs.is_empty() {
         return Ok(Vec::new());
     }
     let settings = plan.settings;
-    let images: Vec<Planar> = pairs
-        .iter()
-        .flat_map(|p| {
-            let (clean, adv) = p.model_inputs(settings.resolution);
-            [clean, adv]
-        })
-        .collect();
+    let images = batch_images(pairs, settings.resolution);
+    let next = batch_images(next, settings.resolution);
     let patch = engine.model().config.patch;
     Ok(if let Some(probe) = &settings.probe {
-        let f = engine.layer_features_batch(&images, probe.layer)?;
+        let f = engine.layer_features_batch(&images, &next, probe.layer)?;
         two_by_two(f)
             .zip(images.chunks_exact(2))
             .map(|((c, a), im)| Inferred::Probe(c, a, (im[0].height / patch, im[0].width / patch)))
             .collect()
     } else if plan.dense {
         let head = DenseHead::of(settings.target).expect("dense target");
-        let e = engine.dense_embeddings_batch(&images, head)?;
+        let e = engine.dense_embeddings_batch(&images, &next, head)?;
         two_by_two(e)
             .map(|(c, a)| Inferred::Embeddings(c, a))
             .collect()
     } else if settings.target == TargetKind::Features {
-        let f = engine.features_batch(&images)?;
+        let f = engine.features_batch(&images, &next)?;
         two_by_two(f)
             .map(|(c, a)| Inferred::Features(c, a))
             .collect()
@@ -348,7 +361,7 @@ fn infer_batch(
         // than a batched forward's share of the device (`cargo bench --bench eval_host`: 91 ms
         // for 24 pairs, reading and metrics included), and the device waits meanwhile.
         let predicted: Vec<usize> = engine
-            .image_embedding_batch(&images)?
+            .image_embedding_batch(&images, &next)?
             .par_iter()
             .map(|e| argmax(&dot_logits(e, &c.embeddings, c.dim)))
             .collect();
@@ -755,7 +768,7 @@ pub fn evaluate(
         settings.batch_size,
         Pair::bytes,
         |item| load_pair(item, &plan),
-        |pairs| infer_group(engine, pairs, &plan, &mut rerun),
+        |pairs, next| infer_group(engine, pairs, next, &plan, &mut rerun),
         |index, result| {
             let rel = items[index].rel.clone();
             let result = result.and_then(|(pair, inferred)| {

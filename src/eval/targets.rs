@@ -170,11 +170,17 @@ pub trait EvalEngine {
     // method gives. An engine that batches (the GPU engine packs the images into one pass)
     // overrides these; the defaults run one image after another. An error fails the whole call:
     // the caller checks image sizes first (`check_image`) and runs images alone to find which.
+    //
+    // `next` is a hint: the images of the batch call that will follow this one (empty when not
+    // known). An engine may start moving them to its device while this call computes (the GPU
+    // engine stages them on a copy stream); no result ever depends on it, and a hint that turns
+    // out wrong costs only the copy.
 
     /// [`EvalEngine::dense_embeddings`] of each image.
     fn dense_embeddings_batch(
         &self,
         images: &[Planar],
+        _next: &[Planar],
         head: DenseHead,
     ) -> Result<Vec<TokenEmbeddings>, EvalError> {
         images
@@ -184,12 +190,20 @@ pub trait EvalEngine {
     }
 
     /// [`EvalEngine::image_embedding`] of each image.
-    fn image_embedding_batch(&self, images: &[Planar]) -> Result<Vec<Vec<f32>>, EvalError> {
+    fn image_embedding_batch(
+        &self,
+        images: &[Planar],
+        _next: &[Planar],
+    ) -> Result<Vec<Vec<f32>>, EvalError> {
         images.iter().map(|im| self.image_embedding(im)).collect()
     }
 
     /// [`EvalEngine::features`] of each image.
-    fn features_batch(&self, images: &[Planar]) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
+    fn features_batch(
+        &self,
+        images: &[Planar],
+        _next: &[Planar],
+    ) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
         images.iter().map(|im| self.features(im)).collect()
     }
 
@@ -197,6 +211,7 @@ pub trait EvalEngine {
     fn layer_features_batch(
         &self,
         images: &[Planar],
+        _next: &[Planar],
         layer: usize,
     ) -> Result<Vec<Vec<f32>>, EvalError> {
         images
