@@ -21,7 +21,8 @@
 #   attack 480 images through `prm attack --profile` on cuda:0, again with PRM_NO_STAGING=1
 #          (and cuda:all with several GPUs)
 #   eval   `prm eval` of those images on cuda:0: maskclip with 150 classes, zeroshot (the
-#          default --batch-size 32, and zeroshot at batch 1, the way it ran before 2026-12-06)
+#          default --batch-size 32, and zeroshot at batch 1, the way it ran before 2026-12-06,
+#          and with PRM_NO_STAGING=1, plain uploads and downloads)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PRM=${1:-target/release/prm}
@@ -287,12 +288,15 @@ evaluate() { # name, target, [prm eval options...]
     --report "$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   [[ $rc -gt 1 ]] && echo "   failed (exit $rc): see $OUT/$name.log" >&2
-  grep -E "^evaluated" "$OUT/$name.log" | sed "s/^/$name: /"
+  grep -E "^(evaluated|device passes)" "$OUT/$name.log" | sed "s/^/$name: /"
 }
 echo
 evaluate eval-maskclip maskclip
 evaluate eval-zeroshot zeroshot
 evaluate eval-zeroshot-b1 zeroshot --batch-size 1
+# Since 2026-12-06 (e5419bf) each pass's pixels are staged on a copy stream during the pass
+# before and results come back through pinned memory: this row uploads and downloads plainly.
+PRM_NO_STAGING=1 evaluate eval-zeroshot-nostaging zeroshot
 # Does a prediction depend on the batch? (cuBLASLt by size; the simulator's never do.)
 if [[ -f $OUT/eval-zeroshot.json && -f $OUT/eval-zeroshot-b1.json ]]; then
   $PY - "$OUT/eval-zeroshot.json" "$OUT/eval-zeroshot-b1.json" <<'PY'
