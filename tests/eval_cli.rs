@@ -536,15 +536,16 @@ fn every_record_is_the_record_of_a_run_over_that_image_alone() {
 
 /// On the simulator the device runs the images of `--batch-size` pairs as one batch (mixed sizes
 /// packed into one forward); every record and metric must be the one batch 1 gives, with the
-/// failing images failing alone (the one smaller than a patch never reaches the batch).
+/// failing images failing alone (the one smaller than a patch never reaches the batch). So
+/// must they on three simulated devices, each engine taking batches from one queue.
 #[test]
-fn records_do_not_depend_on_the_batch_size() {
+fn records_do_not_depend_on_the_batch_size_nor_the_devices() {
     let t = tempfile::tempdir().unwrap();
     let (clean, adv, labels, names, want_order) = mixed_images(t.path());
-    let report = |target: &str, batch: &str| {
-        let path = t.path().join(format!("{target}-{batch}.json"));
+    let report = |target: &str, batch: &str, device: &str| {
+        let path = t.path().join(format!("{target}-{batch}-{device}.json"));
         let o = if target == "maskclip" {
-            let extra = ["--device", "sim", "--batch-size", batch];
+            let extra = ["--device", device, "--batch-size", batch];
             eval_maskclip(&names, &clean, &adv, &labels, &path, &extra)
         } else {
             eval(&[
@@ -557,7 +558,7 @@ fn records_do_not_depend_on_the_batch_size() {
                 "--report",
                 s(&path),
                 "--device",
-                "sim",
+                device,
                 "--batch-size",
                 batch,
             ])
@@ -566,11 +567,13 @@ fn records_do_not_depend_on_the_batch_size() {
         let mut r = read_json(&path);
         assert_eq!(r["batch_size"], batch.parse::<u64>().unwrap());
         assert_eq!(r["product_algorithms"], "batch-invariant");
+        assert_eq!(r["device"], device);
         r.as_object_mut().unwrap().remove("batch_size");
+        r.as_object_mut().unwrap().remove("device");
         r
     };
     for target in ["maskclip", "features"] {
-        let one = report(target, "1");
+        let one = report(target, "1", "sim");
         let order: Vec<&str> = one["per_image"]
             .as_array()
             .unwrap()
@@ -584,8 +587,12 @@ fn records_do_not_depend_on_the_batch_size() {
             .filter(|&f| target == "maskclip" || f != "d1/img07.jpg")
             .collect();
         assert_eq!(failed_images(&one), want_failed, "{target}");
-        for batch in ["4", "64"] {
-            assert_eq!(report(target, batch), one, "{target}, batch {batch}");
+        for (batch, device) in [("4", "sim"), ("64", "sim"), ("2", "sim:3")] {
+            assert_eq!(
+                report(target, batch, device),
+                one,
+                "{target}, batch {batch}, {device}"
+            );
         }
     }
 }

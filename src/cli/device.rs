@@ -2,7 +2,7 @@
 //!
 //! Spellings: `auto` (CUDA device 0 when a driver and a device exist, else the CPU; also the
 //! CPU, with a note, when device 0 is older than the kernels' sm_80), `cpu`,
-//! `cuda` / `cuda:N`, `sim`; and for `prm attack` only, several devices at once: `cuda:all`
+//! `cuda` / `cuda:N`, `sim`; and for `prm attack` and `prm eval`, several devices at once: `cuda:all`
 //! (every CUDA device), `cuda:0,1,...`, and `sim:N` (N simulated devices: no faster than one,
 //! since the simulator runs one launch at a time, but it runs the whole multi-device pipeline
 //! without a GPU).
@@ -24,7 +24,7 @@ pub fn choose_device(device: &str, precision: &str) -> anyhow::Result<(Option<De
         1 => Ok((devices.into_iter().next(), precision)),
         n => bail!(
             "--device {device} names {n} devices, but this command runs on one: use cuda:N or \
-             sim (several devices at once are for prm attack)"
+             sim (several devices at once are for prm attack and prm eval)"
         ),
     }
 }

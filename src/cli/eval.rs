@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use prm::eval::gpu::{GpuTargets, GpuText, PASS_TOKENS};
 use prm::eval::ground_truth::LabelSource;
-use prm::eval::run::{evaluate, markdown_summary, EvalSettings};
+use prm::eval::run::{evaluate_on, markdown_summary, EvalSettings};
 use prm::eval::targets::{read_probe, TargetKind};
 use prm::eval::text::{
     embed_class_names, is_safetensors, prompt_templates, read_class_names, read_class_safetensors,
@@ -88,7 +88,10 @@ pub struct EvalArgs {
     /// probe target: classify the CLS token instead of every patch token
     #[arg(long)]
     probe_cls: bool,
-    /// auto, cpu, cuda[:N] or sim
+    /// auto (CUDA device 0 if there is one, else cpu), cpu, cuda[:N], several GPUs in one
+    /// process: cuda:all (every device) or cuda:0,1,... (one engine per device, taking batches
+    /// from one queue; the records are the same on one device or several of one kind), sim, or
+    /// sim:N (N simulated devices, for tests)
     #[arg(long, default_value = "auto")]
     device: String,
     /// fp32, or bf16 (GPU engine only: bf16 inputs to the matrix products)
@@ -211,8 +214,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if (args.target == TargetKind::Probe) != args.probe.is_some() {
         bail!("--probe FILE is required by --target probe, and used by it only");
     }
-    let (dev, precision) = super::device::choose_device(&args.device, &args.precision)?;
-    super::device::batch_invariant_products(dev.as_slice(), args.batch_invariant);
+    let (devices, precision) = super::device::choose_devices(&args.device, &args.precision)?;
+    super::device::batch_invariant_products(&devices, args.batch_invariant);
+    // The text tower, when class names are embedded, runs on the first device.
+    let dev = devices.first();
     let model =
         Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;
     if let Some(n) = resolution {
@@ -232,7 +237,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         )?),
         None => None,
     };
-    let classes = load_classes(&args, &model, dev.as_ref(), precision)?;
+    let classes = load_classes(&args, &model, dev, precision)?;
     let random = model.source.weights_are_random();
     let settings = EvalSettings {
         target: args.target,
@@ -245,13 +250,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         exclude: args.exclude.clone(),
         max_pixels: args.max_pixels,
         batch_size: args.batch_size as usize,
-        product_algorithms: dev.as_ref().map(|d| d.product_algorithms().name()),
+        product_algorithms: dev.map(|d| d.product_algorithms().name()),
         model_spec: args.model.clone(),
         weights_random: random,
-        device: match &dev {
-            None => "cpu".into(),
-            Some(d) if d.is_sim() => "sim".into(),
-            Some(_) => args.device.clone(),
+        device: match devices.as_slice() {
+            [] => "cpu".into(),
+            [d] if d.is_sim() => "sim".into(),
+            [d, ..] if d.is_sim() => format!("sim:{}", devices.len()),
+            _ => args.device.clone(),
         },
         precision: args.precision.clone(),
     };
@@ -262,20 +268,29 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             args.model
         );
     }
-    let gpu = match &dev {
-        Some(d) => Some(
-            GpuTargets::new(d, &model, precision)
-                .with_context(|| format!("cannot load the model onto {}", d.name()))?,
-        ),
-        None => None,
-    };
+    // One engine per device, each loaded on its own thread (the weights' uploads overlap).
+    let gpus: Vec<GpuTargets> = std::thread::scope(|s| {
+        let loading: Vec<_> = devices
+            .iter()
+            .map(|d| {
+                let model = &model;
+                s.spawn(move || {
+                    GpuTargets::new(d, model, precision)
+                        .with_context(|| format!("cannot load the model onto {}", d.name()))
+                })
+            })
+            .collect();
+        loading
+            .into_iter()
+            .map(|l| l.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect::<anyhow::Result<_>>()
+    })?;
     let reference;
-    let engine: &dyn EvalEngine = match &gpu {
-        Some(g) => g,
-        None => {
-            reference = ReferenceTargets::new(&model);
-            &reference
-        }
+    let engines: Vec<&(dyn EvalEngine + Sync)> = if gpus.is_empty() {
+        reference = ReferenceTargets::new(&model);
+        vec![&reference]
+    } else {
+        gpus.iter().map(|g| g as &(dyn EvalEngine + Sync)).collect()
     };
     let bar = (!args.quiet).then(|| {
         let b = indicatif::ProgressBar::new(0);
@@ -289,8 +304,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         b
     });
     let evaluating = std::time::Instant::now();
-    let outcome = evaluate(
-        engine,
+    let outcome = evaluate_on(
+        &engines,
         &args.clean,
         &args.adv,
         classes.as_ref(),
@@ -309,30 +324,43 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         let seconds = evaluating.elapsed().as_secs_f64();
         let total = outcome.total;
         let e = outcome.engine_time;
+        let engines = match engines.len() {
+            1 => "the engine".to_string(),
+            n => format!("the {n} engines (summed)"),
+        };
         eprintln!(
             "evaluated {total} image pairs in {seconds:.2} s ({:.1} pairs/s), after {:.2} s of \
-             set-up (model, class embeddings); the engine's thread: {:.2} s busy, {:.2} s \
-             waiting for reading, {:.2} s for the finisher",
+             set-up (model, class embeddings); {engines}: {:.2} s busy, {:.2} s waiting for a \
+             batch; the batches waited {:.2} s for reading; the finisher (label maps, metrics, \
+             files): {:.2} s busy",
             total as f64 / seconds.max(1e-9),
             (evaluating - started).as_secs_f64(),
             e.busy,
+            e.idle,
             e.waiting_for_input,
-            e.waiting_for_finisher
+            e.finisher_busy
         );
-        if let Some(g) = &gpu {
-            let u = g.pass_uploads();
+        if !gpus.is_empty() {
+            let (mut passes, mut taken, mut pending) = (0, 0, 0);
+            for u in gpus.iter().map(GpuTargets::pass_uploads) {
+                (passes, taken, pending) =
+                    (passes + u.passes, taken + u.taken, pending + u.copy_pending);
+            }
             eprintln!(
-                "device passes: {} ({} took pixels staged ahead during the pass before, {} of \
-                 them still copying when taken)",
-                u.passes, u.taken, u.copy_pending
+                "device passes: {passes} ({taken} took pixels staged ahead during the pass \
+                 before, {pending} of them still copying when taken)"
             );
         }
-        if let Some(g) = gpu.as_ref().filter(|g| g.pass_tokens() < PASS_TOKENS) {
+        if let Some(tokens) = gpus
+            .iter()
+            .map(GpuTargets::pass_tokens)
+            .filter(|&t| t < PASS_TOKENS)
+            .min()
+        {
             eprintln!(
-                "note: a pass ran out of device memory; passes were cut down to at most {} \
+                "note: a pass ran out of device memory; passes were cut down to at most {tokens} \
                  tokens (the records are the same; a smaller --batch-size avoids the failed \
-                 tries)",
-                g.pass_tokens()
+                 tries)"
             );
         }
         if outcome.batches_rerun_alone > 0 {

@@ -877,3 +877,9 @@ impl TextEncoder for GpuText<'_> {
         Ok(pooled)
     }
 }
+/// `prm eval` runs one engine per device, each on its own thread: the engine must stay `Send` and
+/// `Sync` (this fails to compile otherwise).
+const _: fn() = || {
+    fn shared_between_threads<T: Send + Sync>() {}
+    shared_between_threads::<GpuTargets<'static>>();
+};

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 use serde::Serialize;
@@ -271,7 +272,7 @@ fn infer_group(
     pairs: &[&Pair],
     next: &[&Pair],
     plan: &Plan,
-    rerun: &mut usize,
+    rerun: &AtomicUsize,
 ) -> Vec<Result<Inferred, EvalError>> {
     let resolution = plan.settings.resolution;
     let fits = |p: &Pair| check_image(engine.model(), &p.model_inputs(resolution).0).map(drop);
@@ -288,7 +289,7 @@ fn infer_group(
         match infer_batch(engine, &ready, &next_ready, plan) {
             Ok(inferred) => inferred.into_iter().map(Ok).collect(),
             Err(_) if ready.len() > 1 => {
-                *rerun += 1;
+                rerun.fetch_add(1, Ordering::Relaxed);
                 ready
                     .iter()
                     .map(|&p| Ok(infer_batch(engine, &[p], &[], plan)?.swap_remove(0)))
@@ -659,15 +660,33 @@ fn opt(v: Option<f64>) -> Value {
     v.map_or(Value::Null, |x| json!(x))
 }
 
-/// Runs the evaluation of `clean_dir` against `adv_dir`.
+/// Runs the evaluation of `clean_dir` against `adv_dir` on one engine.
 pub fn evaluate(
-    engine: &dyn EvalEngine,
+    engine: &(dyn EvalEngine + Sync),
+    clean_dir: &Path,
+    adv_dir: &Path,
+    classes: Option<&ClassEmbeddings>,
+    settings: &EvalSettings,
+    progress: impl FnMut(usize, usize) + Send,
+) -> Result<EvalOutcome, EvalError> {
+    evaluate_on(&[engine], clean_dir, adv_dir, classes, settings, progress)
+}
+
+/// Runs the evaluation of `clean_dir` against `adv_dir` on several engines at once (one per
+/// device, each on its own thread, taking batches from one queue). The records are those of one
+/// engine whenever the engines give an image the same result: engines of one model on devices
+/// of one kind.
+pub fn evaluate_on(
+    engines: &[&(dyn EvalEngine + Sync)],
     clean_dir: &Path,
     adv_dir: &Path,
     classes: Option<&ClassEmbeddings>,
     settings: &EvalSettings,
     mut progress: impl FnMut(usize, usize) + Send,
 ) -> Result<EvalOutcome, EvalError> {
+    let Some(&engine) = engines.first() else {
+        return Err(EvalError::Usage("an evaluation needs an engine".into()));
+    };
     // The run's own output directories are never inputs, when they lie inside the clean one.
     let exclude_dirs = [
         Some(adv_dir),
@@ -761,14 +780,15 @@ pub fn evaluate(
         n_classes,
         width: engine.model().config.width,
     };
-    let mut rerun = 0;
+    let rerun = AtomicUsize::new(0);
     let engine_time = overlapped(
         &items,
         2 * rayon::current_num_threads(),
         settings.batch_size,
         Pair::bytes,
         |item| load_pair(item, &plan),
-        |pairs, next| infer_group(engine, pairs, next, &plan, &mut rerun),
+        engines,
+        |&engine, pairs, next| infer_group(engine, pairs, next, &plan, &rerun),
         |index, result| {
             let rel = items[index].rel.clone();
             let result = result.and_then(|(pair, inferred)| {
@@ -794,6 +814,7 @@ pub fn evaluate(
             progress(index + 1, total);
         },
     );
+    let rerun = rerun.into_inner();
     let Tally {
         vs_clean,
         gt_clean,
