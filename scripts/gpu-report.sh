@@ -263,9 +263,10 @@ fi
 # segmentation target with 150 classes (ADE20K's count) and a classification target, ViT-B/16 at
 # native size. The host's reading, label maps and metrics overlap the device since 2026-12-05;
 # since 2026-12-06 the device runs 32 pairs' images as one batch (eval-zeroshot-b1: one image
-# at a time, as before). The stderr line gives pairs/s after the set-up (model, class embeddings)
-# and where the engine's thread spent the run: busy (the device), or waiting for the reading or
-# for the finisher (label maps, metrics, files), which says which stage holds eval back.
+# at a time, as before). The stderr line gives pairs/s after the set-up (model, class embeddings),
+# the engine's busy time (the device) and its time waiting for a batch, the batches' wait for the
+# reading, and the finisher's busy time (label maps, metrics, files): which stage holds eval
+# back. The `device passes` line says how many passes took pixels staged during the pass before.
 CLASSES150=$OUT/classes150.txt
 evaluate() { # name, target, [prm eval options...]
   local name=$1 target=$2 adv=$OUT/attack-cuda0-out
@@ -282,9 +283,10 @@ evaluate() { # name, target, [prm eval options...]
     return
   fi
   [[ -f $CLASSES150 ]] || for i in $(seq 1 150); do echo "class $i"; done >"$CLASSES150"
-  echo "== $name (${t}s): prm eval --target $target --device cuda:0 $*" >&2
+  local device=${EVAL_DEVICE:-cuda:0}
+  echo "== $name (${t}s): prm eval --target $target --device $device $*" >&2
   timeout "$t" "$PRM" eval --model random:vit-b-16 --target "$target" --classes "$CLASSES150" \
-    --single-template --clean "$DATA" --adv "$adv" --device cuda:0 --precision bf16 \
+    --single-template --clean "$DATA" --adv "$adv" --device "$device" --precision bf16 \
     --report "$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   [[ $rc -gt 1 ]] && echo "   failed (exit $rc): see $OUT/$name.log" >&2
@@ -297,6 +299,8 @@ evaluate eval-zeroshot-b1 zeroshot --batch-size 1
 # Since 2026-12-06 (e5419bf) each pass's pixels are staged on a copy stream during the pass
 # before and results come back through pinned memory: this row uploads and downloads plainly.
 PRM_NO_STAGING=1 evaluate eval-zeroshot-nostaging zeroshot
+# One engine per GPU (2026-12-06), where there are several.
+[[ $gpus -gt 1 ]] && EVAL_DEVICE=cuda:all evaluate eval-zeroshot-cuda-all zeroshot
 # Does a prediction depend on the batch? (cuBLASLt by size; the simulator's never do.)
 if [[ -f $OUT/eval-zeroshot.json && -f $OUT/eval-zeroshot-b1.json ]]; then
   $PY - "$OUT/eval-zeroshot.json" "$OUT/eval-zeroshot-b1.json" <<'PY'
