@@ -284,9 +284,11 @@ evaluate() { # name, target, [prm eval options...]
   fi
   [[ -f $CLASSES150 ]] || for i in $(seq 1 150); do echo "class $i"; done >"$CLASSES150"
   local device=${EVAL_DEVICE:-cuda:0}
+  local classes=(--classes "$CLASSES150" --single-template)
+  [[ $target == features ]] && classes=()
   echo "== $name (${t}s): prm eval --target $target --device $device $*" >&2
-  timeout "$t" "$PRM" eval --model random:vit-b-16 --target "$target" --classes "$CLASSES150" \
-    --single-template --clean "$DATA" --adv "$adv" --device "$device" --precision bf16 \
+  timeout "$t" "$PRM" eval --model random:vit-b-16 --target "$target" "${classes[@]}" \
+    --clean "$DATA" --adv "$adv" --device "$device" --precision bf16 \
     --report "$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   [[ $rc -gt 1 ]] && echo "   failed (exit $rc): see $OUT/$name.log" >&2
@@ -295,6 +297,9 @@ evaluate() { # name, target, [prm eval options...]
 echo
 evaluate eval-maskclip maskclip
 evaluate eval-zeroshot zeroshot
+# Since 2026-12-06 the drift's per-token sums are computed on the device (kernels/drift.cu)
+# instead of every layer's features coming back.
+evaluate eval-features features
 evaluate eval-zeroshot-b1 zeroshot --batch-size 1
 # Since 2026-12-06 (e5419bf) each pass's pixels are staged on a copy stream during the pass
 # before and results come back through pinned memory: this row uploads and downloads plainly.

@@ -200,6 +200,70 @@ fn staged_pixels_are_taken_only_by_a_pass_of_the_same_pixels() {
     }
 }
 
+/// The features target's drift sums, computed on the device for (clean, adversarial) pairs,
+/// are the host's sums of the features each image gets alone, bit for bit, however the batch
+/// is cut into passes (a pair is never split); a batch that is not pairs of one size is refused.
+#[test]
+fn drift_sums_of_a_batch_are_the_host_sums_of_each_pair_alone() {
+    use prm::eval::ops::token_sums;
+    let model = Model::load("random:tiny").unwrap();
+    let (clean, adv): (Vec<Vec<f32>>, Vec<Vec<f32>>) = SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, (h, w))| {
+            (
+                pixels(i as u64 + 1, 3 * h * w),
+                pixels(i as u64 + 50, 3 * h * w),
+            )
+        })
+        .unzip();
+    let (clean, adv) = (images(&clean), images(&adv));
+    let pairs: Vec<Planar> = clean.iter().zip(&adv).flat_map(|(c, a)| [*c, *a]).collect();
+    let mut devices = vec![Device::sim()];
+    if Device::cuda_available() {
+        devices.push(Device::cuda(0).expect("CUDA device 0"));
+    }
+    let dim = model.config.width;
+    for dev in devices {
+        dev.set_product_algorithms(prm::gpu::ProductAlgorithms::BatchInvariant);
+        for pass_tokens in [usize::MAX, 60, 1] {
+            let gpu = GpuTargets::new(&dev, &model, Precision::Fp32)
+                .unwrap()
+                .with_pass_tokens(pass_tokens);
+            let what = format!("{}, passes of {pass_tokens}", dev.name());
+            let sums = gpu.feature_sums_batch(&pairs, &pairs).unwrap();
+            assert_eq!(sums.len(), SIZES.len(), "{what}");
+            for (k, (pair_sums, (c, a))) in sums.iter().zip(clean.iter().zip(&adv)).enumerate() {
+                let (fc, fa) = (gpu.features(c).unwrap(), gpu.features(a).unwrap());
+                assert_eq!(pair_sums.len(), fc.len(), "{what}: layers of pair {k}");
+                for (l, (got, (lc, la))) in pair_sums.iter().zip(fc.iter().zip(&fa)).enumerate() {
+                    assert!(
+                        got == &token_sums(la, lc, dim),
+                        "{what}: pair {k}, layer {l}"
+                    );
+                }
+            }
+        }
+        let gpu = GpuTargets::new(&dev, &model, Precision::Fp32).unwrap();
+        let odd = gpu.feature_sums_batch(&pairs[..3], &[]);
+        assert!(matches!(odd, Err(EvalError::Usage(_))), "{}", dev.name());
+        let mismatched = gpu.feature_sums_batch(&pairs[1..3], &[]);
+        assert!(
+            matches!(mismatched, Err(EvalError::Usage(_))),
+            "{}",
+            dev.name()
+        );
+    }
+    // The reference engine's default: the host's sums of its own features.
+    let reference = ReferenceTargets::new(&model);
+    let sums = reference.feature_sums_batch(&pairs[..4], &[]).unwrap();
+    let (fc, fa) = (
+        reference.features(&clean[1]).unwrap(),
+        reference.features(&adv[1]).unwrap(),
+    );
+    assert!(sums[1][2] == token_sums(&fa[2], &fc[2], dim));
+}
+
 #[test]
 fn a_batch_with_an_image_smaller_than_a_patch_fails_and_names_it() {
     let model = Model::load("random:tiny").unwrap();

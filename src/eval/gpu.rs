@@ -24,8 +24,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use rayon::prelude::*;
 
-use super::ops::normalize_rows;
-use super::targets::{check_image, require_projection, DenseHead, EvalEngine, TokenEmbeddings};
+use super::ops::{normalize_rows, TokenSums};
+use super::targets::{
+    check_image, check_pairs, require_projection, DenseHead, EvalEngine, PairSums, TokenEmbeddings,
+};
 use super::text::{check_ids, eot_position, TextEncoder};
 use super::EvalError;
 use crate::attack::image::Planar;
@@ -38,6 +40,7 @@ use crate::gpu::gemm::{matmul_bf16, matmul_bf16_residual, matmul_f32, matmul_f32
 use crate::gpu::kernels::activation::bias_activation_forward_f32;
 use crate::gpu::kernels::attention::{attention_forward_f32, AttentionMode, HEAD_DIM};
 use crate::gpu::kernels::convert::to_bf16;
+use crate::gpu::kernels::drift::token_sums_f32;
 use crate::gpu::kernels::embed::{assemble_tokens_f32, patchify_f32, PackedImages};
 use crate::gpu::kernels::layernorm::layernorm_forward_f32;
 use crate::gpu::staging::Stager;
@@ -484,15 +487,16 @@ impl<'m> GpuTargets<'m> {
         1 + (image.height / p) * (image.width / p)
     }
 
-    /// How many of `images`, from the first, the next pass holds: as many as fit `pass_tokens`,
-    /// and at least one.
-    fn next_pass(&self, images: &[Planar]) -> usize {
+    /// How many of `images`, from the first, the next pass holds: as many units of `unit`
+    /// images (kept in one pass: 2 for clean and adversarial pairs) as fit `pass_tokens`, and at
+    /// least one unit.
+    fn next_pass(&self, images: &[Planar], unit: usize) -> usize {
         let budget = self.pass_tokens();
         let mut tokens = 0;
-        for (i, im) in images.iter().enumerate() {
-            tokens += self.tokens_of(im);
-            if i > 0 && tokens > budget {
-                return i;
+        for (k, group) in images.chunks(unit).enumerate() {
+            tokens += group.iter().map(|im| self.tokens_of(im)).sum::<usize>();
+            if k > 0 && tokens > budget {
+                return k * unit;
             }
         }
         images.len()
@@ -583,9 +587,10 @@ impl<'m> GpuTargets<'m> {
         self.download_split(buf, &lens)
     }
 
-    /// `one` over consecutive passes of `images`, the results in image order. A pass of several
-    /// images that runs out of device memory halves the token budget, for it and every later
-    /// pass, and runs again; one image that does not fit is an error.
+    /// `one` over consecutive passes of `images`, the results in order. A pass holds whole
+    /// units of `unit` images (see [`Self::next_pass`]). A pass of several units that runs out
+    /// of device memory halves the token budget, for it and every later pass, and runs again;
+    /// one unit that does not fit is an error.
     ///
     /// `one` is given the pass's images and the images of the pass after it (the rest of
     /// `images`, or the first pass of `next`, the caller's next batch), to stage while it
@@ -594,23 +599,24 @@ impl<'m> GpuTargets<'m> {
         &self,
         images: &[Planar],
         next: &[Planar],
+        unit: usize,
         mut one: impl FnMut(&[Planar], &[Planar]) -> Result<Vec<R>, EvalError>,
     ) -> Result<Vec<R>, EvalError> {
         let mut out = Vec::with_capacity(images.len());
         let mut rest = images;
         while !rest.is_empty() {
-            let n = self.next_pass(rest);
+            let n = self.next_pass(rest, unit);
             let after = match &rest[n..] {
                 [] => next,
                 later => later,
             };
-            let then = &after[..self.next_pass(after)];
+            let then = &after[..self.next_pass(after, unit)];
             match one(&rest[..n], then) {
                 Ok(results) => {
                     out.extend(results);
                     rest = &rest[n..];
                 }
-                Err(EvalError::Gpu(GpuError::OutOfMemory { .. })) if n > 1 => {
+                Err(EvalError::Gpu(GpuError::OutOfMemory { .. })) if n > unit => {
                     let tokens: usize = rest[..n].iter().map(|im| self.tokens_of(im)).sum();
                     self.pass_tokens.store(tokens / 2, Ordering::Relaxed);
                 }
@@ -695,6 +701,53 @@ impl<'m> GpuTargets<'m> {
         Ok(per_image)
     }
 
+    /// Every layer's drift sums of a pass of (clean, adversarial) pairs, computed on the device
+    /// (`kernels/drift.cu`): only `[layers, tokens, 4]` f64 come back instead of every layer's
+    /// features.
+    fn feature_sums_pass(
+        &self,
+        images: &[Planar],
+        then: &[Planar],
+    ) -> Result<Vec<PairSums>, EvalError> {
+        let (layers, d) = (self.model.config.layers, self.model.config.width);
+        let pass = self.forward(images, layers, true)?;
+        // Output row r of a pair's token t: its clean token's row, then its adversarial one's.
+        let mut rows: Vec<i32> = Vec::new();
+        let mut tokens: Vec<usize> = Vec::new();
+        for pair in pass.packing.images.chunks_exact(2) {
+            let (c, a) = (&pair[0], &pair[1]);
+            for t in 0..c.tokens() {
+                rows.extend([(c.token_offset + t) as i32, (a.token_offset + t) as i32]);
+            }
+            tokens.push(c.tokens());
+        }
+        let n = rows.len() / 2;
+        let pairs = self.dev().upload(&rows)?;
+        // Every element is written below, a layer at a time (the simulator's poison checks it).
+        let mut sums = self
+            .dev()
+            .alloc_undefined::<f64>(4 * n * pass.feats.len())?;
+        for (l, f) in pass.feats.iter().enumerate() {
+            token_sums_f32(self.dev(), f, &pairs, n, d, &mut sums, l * n)?;
+        }
+        self.stage_ahead(then);
+        let sums = self.download_split(&sums, &[sums.len()])?.remove(0);
+        let mut first = 0;
+        Ok(tokens
+            .iter()
+            .map(|&t| {
+                let pair = (0..pass.feats.len())
+                    .map(|l| {
+                        let rows = &sums[4 * (l * n + first)..4 * (l * n + first + t)];
+                        rows.chunks_exact(4).map(TokenSums::from_row).collect()
+                    })
+                    .collect();
+                first += t;
+                pair
+            })
+            .collect())
+    }
+
     /// Runs blocks 1..=layer only, and downloads that one layer.
     fn layer_features_pass(
         &self,
@@ -762,7 +815,9 @@ impl EvalEngine for GpuTargets<'_> {
         next: &[Planar],
         head: DenseHead,
     ) -> Result<Vec<TokenEmbeddings>, EvalError> {
-        self.by_pass(images, next, |pass, then| self.dense_pass(pass, then, head))
+        self.by_pass(images, next, 1, |pass, then| {
+            self.dense_pass(pass, then, head)
+        })
     }
 
     fn image_embedding_batch(
@@ -770,7 +825,7 @@ impl EvalEngine for GpuTargets<'_> {
         images: &[Planar],
         next: &[Planar],
     ) -> Result<Vec<Vec<f32>>, EvalError> {
-        self.by_pass(images, next, |pass, then| {
+        self.by_pass(images, next, 1, |pass, then| {
             self.image_embedding_pass(pass, then)
         })
     }
@@ -780,7 +835,7 @@ impl EvalEngine for GpuTargets<'_> {
         images: &[Planar],
         next: &[Planar],
     ) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
-        self.by_pass(images, next, |pass, then| self.features_pass(pass, then))
+        self.by_pass(images, next, 1, |pass, then| self.features_pass(pass, then))
     }
 
     fn layer_features_batch(
@@ -789,8 +844,19 @@ impl EvalEngine for GpuTargets<'_> {
         next: &[Planar],
         layer: usize,
     ) -> Result<Vec<Vec<f32>>, EvalError> {
-        self.by_pass(images, next, |pass, then| {
+        self.by_pass(images, next, 1, |pass, then| {
             self.layer_features_pass(pass, then, layer)
+        })
+    }
+
+    fn feature_sums_batch(
+        &self,
+        images: &[Planar],
+        next: &[Planar],
+    ) -> Result<Vec<PairSums>, EvalError> {
+        check_pairs(images)?;
+        self.by_pass(images, next, 2, |pass, then| {
+            self.feature_sums_pass(pass, then)
         })
     }
 }

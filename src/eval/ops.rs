@@ -435,6 +435,66 @@ fn upsample_argmax_one_class_at_a_time(
     out
 }
 
+/// One (clean, adversarial) token pair's sums for the feature drift, each over the row in
+/// index order in f64 (every element widened first): a·c, a·a, c·c and (a − c)·(a − c), with a
+/// the adversarial row and c the clean one. The GPU engine computes them on the device
+/// (`kernels/drift.cu`) with the same bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TokenSums {
+    pub ac: f64,
+    pub aa: f64,
+    pub cc: f64,
+    pub dd: f64,
+}
+
+impl TokenSums {
+    /// From the device's `[.., 4]` rows.
+    pub fn from_row(row: &[f64]) -> Self {
+        TokenSums {
+            ac: row[0],
+            aa: row[1],
+            cc: row[2],
+            dd: row[3],
+        }
+    }
+}
+
+/// [`TokenSums`] of every row of `adv` and `clean` (`[T, dim]` each).
+pub fn token_sums(adv: &[f32], clean: &[f32], dim: usize) -> Vec<TokenSums> {
+    assert_eq!(adv.len(), clean.len(), "token_sums: rows of two sizes");
+    adv.chunks(dim)
+        .zip(clean.chunks(dim))
+        .map(|(ra, rc)| {
+            let mut s = TokenSums::default();
+            for (&x, &y) in ra.iter().zip(rc) {
+                let (x, y) = (x as f64, y as f64);
+                // Each product and sum rounded once (Rust never fuses them), as the kernel.
+                s.ac += x * y;
+                s.aa += x * x;
+                s.cc += y * y;
+                let d = x - y;
+                s.dd += d * d;
+            }
+            s
+        })
+        .collect()
+}
+
+/// One layer's drift from its tokens' sums: (mean token cosine, relative L2 ‖a − c‖ / ‖c‖ over
+/// the whole layer), the sums over tokens taken in token order.
+pub fn drift_of(sums: &[TokenSums]) -> (f64, f64) {
+    let (mut cos_sum, mut diff, mut norm) = (0.0f64, 0.0f64, 0.0f64);
+    for s in sums {
+        cos_sum += s.ac / (s.aa.sqrt() * s.cc.sqrt()).max(1e-12);
+        diff += s.dd;
+        norm += s.cc;
+    }
+    (
+        cos_sum / sums.len() as f64,
+        diff.sqrt() / norm.sqrt().max(1e-12),
+    )
+}
+
 /// Argmax of a vector: the first index of its largest value; NaNs are passed over, and 0 when
 /// nothing exceeds −∞ (the running `v > best` scan's answer, from −∞ at index 0).
 ///

@@ -19,10 +19,10 @@ use serde_json::{json, Value};
 use super::ground_truth::{LabelSource, MemberLabels};
 use super::labels::{read_label_png, write_label_png};
 use super::metrics::{top1, Confusion};
-use super::ops::{argmax, dot_logits, upsample_argmax};
+use super::ops::{argmax, dot_logits, drift_of, token_sums, upsample_argmax};
 use super::pipeline::overlapped;
 use super::targets::{
-    check_image, probe_logits, DenseHead, EvalEngine, PatchLogits, Probe, TargetKind,
+    check_image, probe_logits, DenseHead, EvalEngine, PairSums, PatchLogits, Probe, TargetKind,
     TokenEmbeddings,
 };
 use super::text::ClassEmbeddings;
@@ -154,8 +154,8 @@ enum Inferred {
     /// The probe's feature layer, clean then adversarial, and the patch grid the model saw:
     /// the finisher applies the probe.
     Probe(Vec<f32>, Vec<f32>, (usize, usize)),
-    /// F_0..F_L, clean then adversarial.
-    Features(Vec<Vec<f32>>, Vec<Vec<f32>>),
+    /// Every layer's drift sums, `[layer][token]` (F_0..F_L).
+    Features(PairSums),
     /// The predicted class, clean then adversarial.
     Class(usize, usize),
 }
@@ -351,10 +351,8 @@ fn infer_batch(
             .map(|(c, a)| Inferred::Embeddings(c, a))
             .collect()
     } else if settings.target == TargetKind::Features {
-        let f = engine.features_batch(&images, &next)?;
-        two_by_two(f)
-            .map(|(c, a)| Inferred::Features(c, a))
-            .collect()
+        let sums = engine.feature_sums_batch(&images, &next)?;
+        sums.into_iter().map(Inferred::Features).collect()
     } else {
         // zeroshot
         let c = plan.classes.expect("zeroshot has classes");
@@ -450,8 +448,8 @@ impl Finishing<'_> {
                     self.finish_class(tally, &image, c, a, &mut values)?;
                 }
             }
-            Inferred::Features(fc, fa) => {
-                let d = feature_drift(&fa, &fc, self.width);
+            Inferred::Features(sums) => {
+                let d: Vec<(f64, f64)> = sums.iter().map(|layer| drift_of(layer)).collect();
                 values.insert(
                     "layer_cosine".into(),
                     json!(d.iter().map(|x| x.0).collect::<Vec<_>>()),
@@ -602,31 +600,14 @@ impl Finishing<'_> {
     }
 }
 
-/// Per-layer (mean token cosine, relative L2 drift ‖a − c‖ / ‖c‖) of F_0..F_L.
+/// Per-layer (mean token cosine, relative L2 drift ‖a − c‖ / ‖c‖) of F_0..F_L: the
+/// [`token_sums`] of each layer, then [`drift_of`] (what the evaluation reports, whichever
+/// engine computed the sums).
 pub fn feature_drift(adv: &[Vec<f32>], clean: &[Vec<f32>], dim: usize) -> Vec<(f64, f64)> {
     // One layer a task; each layer's sums stay in their order.
     adv.par_iter()
         .zip(clean)
-        .map(|(a, c)| {
-            let (mut cos_sum, mut n) = (0.0f64, 0usize);
-            for (ra, rc) in a.chunks(dim).zip(c.chunks(dim)) {
-                let (mut ab, mut aa, mut cc) = (0.0f64, 0.0f64, 0.0f64);
-                for (&x, &y) in ra.iter().zip(rc) {
-                    ab += x as f64 * y as f64;
-                    aa += x as f64 * x as f64;
-                    cc += y as f64 * y as f64;
-                }
-                cos_sum += ab / (aa.sqrt() * cc.sqrt()).max(1e-12);
-                n += 1;
-            }
-            let diff: f64 = a
-                .iter()
-                .zip(c)
-                .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-                .sum();
-            let norm: f64 = c.iter().map(|&y| (y as f64).powi(2)).sum();
-            (cos_sum / n as f64, diff.sqrt() / norm.sqrt().max(1e-12))
-        })
+        .map(|(a, c)| drift_of(&token_sums(a, c, dim)))
         .collect()
 }
 

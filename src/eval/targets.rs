@@ -17,7 +17,10 @@
 //! embeddings. **features** compares F_0..F_L. **probe** applies a user linear head to one
 //! layer's tokens.
 
-use super::ops::{attention_variant, dot_logits, linear, linear_rows, normalize_rows, Scores};
+use super::ops::{
+    attention_variant, dot_logits, linear, linear_rows, normalize_rows, token_sums, Scores,
+    TokenSums,
+};
 use super::EvalError;
 use crate::attack::image::Planar;
 use crate::model::Model;
@@ -219,6 +222,54 @@ pub trait EvalEngine {
             .map(|im| self.layer_features(im, layer))
             .collect()
     }
+
+    /// For each (clean, adversarial) pair of `images` (clean then adversarial, the two of one
+    /// size), the [`TokenSums`] of every token at every layer F_0..F_L: `[layer][token]` a pair.
+    /// The default computes them on the host from [`EvalEngine::features_batch`]; the GPU engine
+    /// computes them on its device, so that only the sums come back (the same bits).
+    fn feature_sums_batch(
+        &self,
+        images: &[Planar],
+        next: &[Planar],
+    ) -> Result<Vec<PairSums>, EvalError> {
+        check_pairs(images)?;
+        let dim = self.model().config.width;
+        let mut features = self.features_batch(images, next)?.into_iter();
+        let mut out = Vec::with_capacity(images.len() / 2);
+        while let (Some(clean), Some(adv)) = (features.next(), features.next()) {
+            out.push(
+                clean
+                    .iter()
+                    .zip(&adv)
+                    .map(|(c, a)| token_sums(a, c, dim))
+                    .collect(),
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// One pair's [`TokenSums`], `[layer][token]` (see [`EvalEngine::feature_sums_batch`]).
+pub type PairSums = Vec<Vec<TokenSums>>;
+
+/// `images` are (clean, adversarial) pairs, the two of a pair of one size; else a usage error.
+pub(crate) fn check_pairs(images: &[Planar]) -> Result<(), EvalError> {
+    if !images.len().is_multiple_of(2) {
+        return Err(EvalError::Usage(format!(
+            "{} images: the drift needs (clean, adversarial) pairs",
+            images.len()
+        )));
+    }
+    for pair in images.chunks_exact(2) {
+        let (c, a) = (&pair[0], &pair[1]);
+        if (c.height, c.width) != (a.height, a.width) {
+            return Err(EvalError::Usage(format!(
+                "an adversarial image of {}x{} paired with a clean one of {}x{}",
+                a.width, a.height, c.width, c.height
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The projection or a clear error when the checkpoint has none.

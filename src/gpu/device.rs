@@ -74,6 +74,7 @@ impl Element for i32 {}
 impl Element for u32 {}
 impl Element for u8 {}
 impl Element for u64 {}
+impl Element for f64 {}
 impl Element for half::bf16 {}
 
 pub(crate) enum Backend {

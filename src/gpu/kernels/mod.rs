@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod attention;
 pub mod convert;
+pub mod drift;
 pub mod embed;
 pub mod layernorm;
 pub mod layernorm_loss;
