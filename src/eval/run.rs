@@ -264,9 +264,9 @@ fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
 /// error), its pairs are run one at a time, so that each gets the result, or the error, a run
 /// over it alone gives.
 ///
-/// `rerun` counts the batches run again pair by pair.
 /// `next` is the group that will follow, when the pipeline has it already: its images are a
-/// hint to the engine (see [`EvalEngine`]'s batch methods).
+/// hint to the engine (see [`EvalEngine`]'s batch methods). `rerun` counts the batches run
+/// again pair by pair.
 fn infer_group(
     engine: &dyn EvalEngine,
     pairs: &[&Pair],
