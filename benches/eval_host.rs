@@ -154,6 +154,7 @@ fn settings(target: TargetKind) -> EvalSettings {
         // The stand-in engine holds the thread per image, as a device at batch 1 would.
         batch_size: 1,
         product_algorithms: None,
+        weights: None,
         model_spec: "bench".into(),
         weights_random: true,
         device: "none".into(),

@@ -361,6 +361,7 @@ fn a_batch_that_fails_as_a_whole_is_run_again_pair_by_pair() {
         max_pixels: prm::io::DEFAULT_MAX_PIXELS,
         batch_size,
         product_algorithms: None,
+        weights: None,
         model_spec: "random:tiny".into(),
         weights_random: true,
         device: "cpu".into(),

@@ -967,3 +967,52 @@ fn eval_lists_the_inputs_the_attack_listed() {
     let error = r["per_image"][1]["error"].as_str().unwrap();
     assert!(error.contains("3887"), "{error}");
 }
+
+/// The report names the evaluated weights (their fingerprint) and says whether the adversarial
+/// images were made against them: the same encoder, or another one (a transfer between two
+/// encoders, or a wrong checkpoint), which stderr and the summary point out.
+#[test]
+fn the_report_says_whether_the_attack_used_the_weights_evaluated() {
+    let (t, clean, adv) = setup();
+    let run = |model: &str, name: &str| {
+        let report = t.path().join(name);
+        let o = prm(&[
+            "eval",
+            "--model",
+            model,
+            "--target",
+            "features",
+            "--resolution",
+            "64",
+            "--clean",
+            s(&clean),
+            "--adv",
+            s(&adv),
+            "--report",
+            s(&report),
+            "--device",
+            "cpu",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let md = std::fs::read_to_string(report.with_extension("md")).unwrap();
+        (read_json(&report), md, stderr(&o))
+    };
+    let (same, md, err) = run("random:tiny", "same.json");
+    assert_eq!(same["attack_weights_match"], true);
+    assert_eq!(same["weights"], same["attack"]["weights"]);
+    assert!(same["weights"].as_str().unwrap().starts_with("xxh3-128:"));
+    assert!(md.contains("(the weights evaluated here)"), "{md}");
+    assert!(!err.contains("other weights"), "{err}");
+
+    let (other, md, err) = run("random:vit-b-32", "other.json");
+    assert_eq!(other["attack_weights_match"], false);
+    assert_ne!(other["weights"], same["weights"]);
+    assert!(
+        md.contains("other weights than those evaluated here"),
+        "{md}"
+    );
+    assert!(
+        err.contains("made against other weights") && err.contains("random:vit-b-32"),
+        "{err}"
+    );
+}

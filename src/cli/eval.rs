@@ -251,6 +251,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         max_pixels: args.max_pixels,
         batch_size: args.batch_size as usize,
         product_algorithms: dev.map(|d| d.product_algorithms().name()),
+        weights: Some(model.fingerprint()),
         model_spec: args.model.clone(),
         weights_random: random,
         device: match devices.as_slice() {
@@ -370,6 +371,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 outcome.batches_rerun_alone
             );
         }
+    }
+    if outcome.report["attack_weights_match"] == false && !args.quiet {
+        eprintln!(
+            "note: the adversarial images were made against other weights ({}) than {} ({}): \
+             this measures a transfer between two encoders (pass the attack's --model to \
+             evaluate the encoder they were made against)",
+            outcome.report["attack"]["weights"].as_str().unwrap_or("?"),
+            args.model,
+            outcome.report["weights"].as_str().unwrap_or("?"),
+        );
     }
     let summary = markdown_summary(&outcome.report);
     if let Some(path) = &args.report {

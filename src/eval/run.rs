@@ -62,6 +62,9 @@ pub struct EvalSettings {
     /// The device's choice of matrix-product algorithms (`by-size` or `batch-invariant`), for
     /// the report; `None` on the CPU.
     pub product_algorithms: Option<&'static str>,
+    /// The evaluated model's weights fingerprint ([`crate::model::Model::fingerprint`]), for
+    /// the report; compared there with the attack's when its `run.json` has one.
+    pub weights: Option<String>,
     /// Described in the report.
     pub model_spec: String,
     pub weights_random: bool,
@@ -833,7 +836,15 @@ pub fn evaluate_on(
         report.insert("label_source".into(), json!(l.describe()));
     }
     // What made the adversarial images, when `prm attack` wrote them (its run.json).
+    if let Some(w) = &settings.weights {
+        report.insert("weights".into(), json!(w));
+    }
     if let Some(attack) = crate::io::run_record::read(adv_dir) {
+        // Whether the images were made against the very weights evaluated here (a transfer to
+        // another encoder, or a wrong checkpoint, when not).
+        if let (Some(w), Some(theirs)) = (&settings.weights, attack["weights"].as_str()) {
+            report.insert("attack_weights_match".into(), json!(w == theirs));
+        }
         report.insert("attack".into(), attack);
     }
     if dense {
@@ -951,7 +962,12 @@ pub fn markdown_summary(report: &Value) -> String {
         s.push_str(&format!("- classes: {c}\n"));
     }
     if let Some(attack) = report.get("attack") {
-        s.push_str(&format!("- attack: {}\n", attack_line(attack)));
+        let weights = match report.get("attack_weights_match").and_then(Value::as_bool) {
+            Some(true) => " (the weights evaluated here)",
+            Some(false) => " (**other weights than those evaluated here**)",
+            None => "",
+        };
+        s.push_str(&format!("- attack: {}{weights}\n", attack_line(attack)));
     }
     s.push('\n');
     if report.get("miou_adv_vs_clean").is_some() {
