@@ -713,13 +713,11 @@ impl<'m> GpuTargets<'m> {
         let pass = self.forward(images, layers, true)?;
         // Output row r of a pair's token t: its clean token's row, then its adversarial one's.
         let mut rows: Vec<i32> = Vec::new();
-        let mut tokens: Vec<usize> = Vec::new();
         for pair in pass.packing.images.chunks_exact(2) {
             let (c, a) = (&pair[0], &pair[1]);
             for t in 0..c.tokens() {
                 rows.extend([(c.token_offset + t) as i32, (a.token_offset + t) as i32]);
             }
-            tokens.push(c.tokens());
         }
         let n = rows.len() / 2;
         let pairs = self.dev().upload(&rows)?;
@@ -732,9 +730,12 @@ impl<'m> GpuTargets<'m> {
         }
         self.stage_ahead(then);
         let sums = self.download_split(&sums, &[sums.len()])?.remove(0);
+        // A pair's tokens: its clean image's (the adversarial one has as many).
         let mut first = 0;
-        Ok(tokens
+        Ok(pass
+            .lens
             .iter()
+            .step_by(2)
             .map(|&t| {
                 let pair = (0..pass.feats.len())
                     .map(|l| {
@@ -943,6 +944,7 @@ impl TextEncoder for GpuText<'_> {
         Ok(pooled)
     }
 }
+
 /// `prm eval` runs one engine per device, each on its own thread: the engine must stay `Send` and
 /// `Sync` (this fails to compile otherwise).
 const _: fn() = || {

@@ -181,9 +181,7 @@ where
             let waited = Instant::now();
             let Ok(chunk) = loaded.recv() else { break };
             time.waiting_for_input += since(waited);
-            let mut groups = VecDeque::new();
-            cut_groups(chunk, batch, &mut groups);
-            for items in groups {
+            for items in cut_groups(chunk, batch) {
                 // Room in the window: not timed, since the engines or the finisher may fill it
                 // (their own times say which).
                 let mut done = lock(&finished.0);
@@ -298,12 +296,9 @@ fn run_engine<P, R, E, G>(
 }
 
 /// Cuts a chunk into groups of `batch` loaded items each (the failed loads among them ride
-/// along, in place), appended to `groups` in order.
-fn cut_groups<P, E>(
-    chunk: Vec<Result<P, E>>,
-    batch: usize,
-    groups: &mut VecDeque<Vec<Result<P, E>>>,
-) {
+/// along, in place), in order.
+fn cut_groups<P, E>(chunk: Vec<Result<P, E>>, batch: usize) -> Vec<Vec<Result<P, E>>> {
+    let mut groups = Vec::new();
     let mut rest = chunk.into_iter().peekable();
     while rest.peek().is_some() {
         let (mut group, mut ready) = (Vec::new(), 0);
@@ -312,8 +307,9 @@ fn cut_groups<P, E>(
             ready += usize::from(item.is_ok());
             group.push(item);
         }
-        groups.push_back(group);
+        groups.push(group);
     }
+    groups
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use super::ground_truth::{LabelSource, MemberLabels};
 use super::labels::{read_label_png, write_label_png};
 use super::metrics::{top1, Confusion};
-use super::ops::{argmax, dot_logits, drift_of, token_sums, upsample_argmax};
+use super::ops::{argmax, dot_logits, drift_of, upsample_argmax};
 use super::pipeline::overlapped;
 use super::targets::{
     check_image, probe_logits, DenseHead, EvalEngine, PairSums, PatchLogits, Probe, TargetKind,
@@ -91,8 +91,8 @@ pub struct EvalOutcome {
     /// Batches that failed as a whole and were run again one pair at a time: their records are
     /// right, their speed was batch 1's.
     pub batches_rerun_alone: usize,
-    /// Where the engine's thread spent the run (not in the report, which does not depend on
-    /// timing).
+    /// Where the run's time went: the engines, the reading, the finisher (not in the report,
+    /// which does not depend on timing).
     pub engine_time: super::EngineTime,
     pub failed: usize,
 }
@@ -601,17 +601,6 @@ impl Finishing<'_> {
         }
         Ok(())
     }
-}
-
-/// Per-layer (mean token cosine, relative L2 drift ‖a − c‖ / ‖c‖) of F_0..F_L: the
-/// [`token_sums`] of each layer, then [`drift_of`] (what the evaluation reports, whichever
-/// engine computed the sums).
-pub fn feature_drift(adv: &[Vec<f32>], clean: &[Vec<f32>], dim: usize) -> Vec<(f64, f64)> {
-    // One layer a task; each layer's sums stay in their order.
-    adv.par_iter()
-        .zip(clean)
-        .map(|(a, c)| drift_of(&token_sums(a, c, dim)))
-        .collect()
 }
 
 /// A picture's first three panels: clean, adversarial and the amplified perturbation.
