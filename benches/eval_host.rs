@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use prm::attack::image::Planar;
-use prm::eval::ops::normalize_rows;
+use prm::eval::ops::{dot_logits, normalize_rows, upsample_argmax};
 use prm::eval::run::{evaluate, EvalSettings};
 use prm::eval::targets::{DenseHead, TokenEmbeddings};
 use prm::eval::text::ClassEmbeddings;
@@ -137,6 +137,7 @@ fn classes(count: usize) -> ClassEmbeddings {
         embeddings,
         dim: EMBED,
         source: "bench".into(),
+        text_weights: None,
     }
 }
 
@@ -216,5 +217,28 @@ fn eval_host(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, eval_host);
+/// The two parts of a segmentation pair's host work, one image each, on every core: the cosine
+/// logits of the patch rows (40×30 rows of 512 with 150 classes) and the label map (bilinear
+/// upsampling of those logits to 640×480 and the per-pixel argmax). Which of them a device
+/// could take over is decided by these, not by a guess.
+fn eval_host_parts(c: &mut Criterion) {
+    let engine = InstantEngine::new(Duration::ZERO, true);
+    let classes = classes(150);
+    let (gh, gw) = (HEIGHT as usize / PATCH, WIDTH as usize / PATCH);
+    let patches = &engine.embeddings[EMBED..MAX_TOKENS * EMBED];
+    let mut g = c.benchmark_group(format!(
+        "one {WIDTH}x{HEIGHT} image, {gw}x{gh} patches, 150 classes"
+    ));
+    g.sample_size(20);
+    g.bench_function("cosine logits", |b| {
+        b.iter(|| dot_logits(patches, &classes.embeddings, EMBED))
+    });
+    let logits = dot_logits(patches, &classes.embeddings, EMBED);
+    g.bench_function("label map", |b| {
+        b.iter(|| upsample_argmax(&logits, gh, gw, 150, HEIGHT as usize, WIDTH as usize))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, eval_host, eval_host_parts);
 criterion_main!(benches);

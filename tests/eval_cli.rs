@@ -230,6 +230,18 @@ fn other_targets_run_and_report() {
     assert!(r["top1_agreement"].is_number());
     assert!(r["top1_clean"].is_number() && r["top1_adv"].is_number());
     assert_eq!(r["labelled_images"], 2);
+    // The report names the text tower that embedded the class names.
+    let tower = prm::model::load_text_tower("random:tiny")
+        .unwrap()
+        .unwrap()
+        .fingerprint();
+    assert_eq!(r["text_weights"], tower.as_str());
+    assert!(
+        r["class_source"].as_str().unwrap().contains(&tower),
+        "{}",
+        r["class_source"]
+    );
+    assert_ne!(r["text_weights"], r["weights"]);
     // features: one entry per F_0..F_L
     let rep = t.path().join("f.json");
     let o = eval(&[

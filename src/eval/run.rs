@@ -820,6 +820,9 @@ pub fn evaluate_on(
     report.insert("classes".into(), json!(names));
     if let Some(c) = classes {
         report.insert("class_source".into(), json!(c.source));
+        if let Some(t) = &c.text_weights {
+            report.insert("text_weights".into(), json!(t));
+        }
     }
     if let Some(l) = &settings.labels {
         report.insert("label_source".into(), json!(l.describe()));

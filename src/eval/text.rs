@@ -141,6 +141,9 @@ pub struct ClassEmbeddings {
     pub dim: usize,
     /// How they were made, for reports.
     pub source: String,
+    /// The fingerprint of the text tower that embedded the names
+    /// ([`crate::model::TextTower::fingerprint`]); `None` for precomputed embeddings.
+    pub text_weights: Option<String>,
 }
 
 impl ClassEmbeddings {
@@ -159,7 +162,8 @@ pub fn embed_class_names(
     tokenizer: &ClipTokenizer,
     templates: &[&str],
 ) -> Result<ClassEmbeddings, EvalError> {
-    let c = &encoder.tower().config;
+    let tower = encoder.tower();
+    let c = &tower.config;
     let e = c.embed_dim;
     let mut embeddings = Vec::with_capacity(names.len() * e);
     for name in names {
@@ -179,16 +183,18 @@ pub fn embed_class_names(
                 .map(|v| if n > 0.0 { (v / n) as f32 } else { 0.0 }),
         );
     }
+    let text_weights = tower.fingerprint();
     Ok(ClassEmbeddings {
         names: names.to_vec(),
         embeddings,
         dim: e,
         source: format!(
-            "{} names x {} prompt templates, text tower, tokenizer {}",
+            "{} names x {} prompt templates, text tower {text_weights}, tokenizer {}",
             names.len(),
             templates.len(),
             tokenizer.source
         ),
+        text_weights: Some(text_weights),
     })
 }
 
@@ -282,6 +288,7 @@ pub fn read_class_safetensors(path: &Path) -> Result<ClassEmbeddings, EvalError>
         embeddings: v,
         dim: e,
         source: format!("{} ({c} precomputed embeddings)", path.display()),
+        text_weights: None,
     })
 }
 

@@ -4,13 +4,19 @@
 //!
 //! `run.json` records it, so that a resume is refused when the checkpoint it names now holds
 //! other weights, and allowed when the same checkpoint was moved.
+//!
+//! A text tower has a fingerprint of its own ([`TextTower::fingerprint`]): `prm eval`'s report
+//! names the tower that embedded the class names, which the vision fingerprint does not cover.
 
 use xxhash_rust::xxh3::Xxh3;
 
-use super::{LayerNormWeights, Linear, Model};
+use super::{BlockWeights, LayerNormWeights, Linear, Model, TextTower};
 
 /// Bumped when what is hashed changes, so fingerprints of different definitions never agree.
 const DEFINITION: &[u8] = b"prm vision tower fingerprint v1";
+
+/// The text tower's definition: distinct from the vision tower's, so the two never agree.
+const TEXT_DEFINITION: &[u8] = b"prm text tower fingerprint v1";
 
 struct Fingerprinter(Xxh3);
 
@@ -48,6 +54,22 @@ impl Fingerprinter {
         self.floats(&l.weight);
         self.floats(&l.bias);
     }
+
+    fn blocks(&mut self, blocks: &[BlockWeights]) {
+        self.count(blocks.len());
+        for b in blocks {
+            self.layer_norm(&b.ln1);
+            self.linear(&b.qkv);
+            self.linear(&b.out_proj);
+            self.layer_norm(&b.ln2);
+            self.linear(&b.fc1);
+            self.linear(&b.fc2);
+        }
+    }
+
+    fn finish(self) -> String {
+        format!("xxh3-128:{:032x}", self.0.digest128())
+    }
 }
 
 impl Model {
@@ -73,15 +95,7 @@ impl Model {
         f.floats(&w.class_embedding);
         f.floats(&w.position_embedding);
         f.layer_norm(&w.ln_pre);
-        f.count(w.blocks.len());
-        for b in &w.blocks {
-            f.layer_norm(&b.ln1);
-            f.linear(&b.qkv);
-            f.linear(&b.out_proj);
-            f.layer_norm(&b.ln2);
-            f.linear(&b.fc1);
-            f.linear(&b.fc2);
-        }
+        f.blocks(&w.blocks);
         f.layer_norm(&w.ln_post);
         match &w.projection {
             Some(p) => {
@@ -90,7 +104,38 @@ impl Model {
             }
             None => f.count(0),
         }
-        format!("xxh3-128:{:032x}", f.0.digest128())
+        f.finish()
+    }
+}
+
+impl TextTower {
+    /// `xxh3-128:` and 32 hex digits over the text tower's configuration (sizes, context,
+    /// activation, LayerNorm ε) and every weight, as loaded: the same tower from any file
+    /// format agrees. What embeds the class names of `prm eval`, so its report names it.
+    pub fn fingerprint(&self) -> String {
+        let c = &self.config;
+        let mut f = Fingerprinter(Xxh3::new());
+        f.0.update(TEXT_DEFINITION);
+        for n in [
+            c.width,
+            c.layers,
+            c.heads,
+            c.mlp,
+            c.vocab,
+            c.context,
+            c.embed_dim,
+        ] {
+            f.count(n);
+        }
+        f.0.update(c.activation.name().as_bytes());
+        f.floats(&[c.ln_eps]);
+        let w = &self.weights;
+        f.floats(&w.token_embedding);
+        f.floats(&w.position_embedding);
+        f.blocks(&w.blocks);
+        f.layer_norm(&w.ln_final);
+        f.linear(&w.projection);
+        f.finish()
     }
 }
 
@@ -118,5 +163,38 @@ mod tests {
         let mut no_projection = model.clone();
         no_projection.weights.projection = None;
         assert_ne!(no_projection.fingerprint(), print);
+    }
+
+    #[test]
+    fn a_text_tower_has_its_own_fingerprint_and_any_change_is_seen() {
+        let tower = crate::model::random_text_tower("tiny", 0).unwrap();
+        let print = tower.fingerprint();
+        assert!(
+            print.starts_with("xxh3-128:") && print.len() == 9 + 32,
+            "{print}"
+        );
+        assert_eq!(
+            crate::model::random_text_tower("tiny", 0)
+                .unwrap()
+                .fingerprint(),
+            print
+        );
+        assert_ne!(
+            crate::model::random_text_tower("tiny", 1)
+                .unwrap()
+                .fingerprint(),
+            print
+        );
+        assert_ne!(Model::load("random:tiny").unwrap().fingerprint(), print);
+        let mut one_weight = tower.clone();
+        let first = &mut one_weight.weights.blocks[0].qkv.weight[3];
+        *first = f32::from_bits(first.to_bits() ^ 1);
+        assert_ne!(one_weight.fingerprint(), print);
+        let mut token = tower.clone();
+        token.weights.token_embedding[0] += 1.0;
+        assert_ne!(token.fingerprint(), print);
+        let mut context = tower.clone();
+        context.config.context -= 1;
+        assert_ne!(context.fingerprint(), print);
     }
 }
