@@ -18,6 +18,8 @@
 #define PRM_DMUL_RN(a, b) __dmul_rn((a), (b))
 #define PRM_DADD_RN(a, b) __dadd_rn((a), (b))
 #define PRM_DSUB_RN(a, b) __dsub_rn((a), (b))
+#define PRM_DDIV_RN(a, b) __ddiv_rn((a), (b))
+#define PRM_DSQRT_RN(a) __dsqrt_rn(a)
 #else
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
@@ -34,6 +36,8 @@ static inline double prm_dadd_rn_(double a, double b) { volatile double r = a + 
 #define PRM_DMUL_RN(a, b) prm_dmul_rn_((a), (b))
 #define PRM_DADD_RN(a, b) prm_dadd_rn_((a), (b))
 #define PRM_DSUB_RN(a, b) prm_dadd_rn_((a), -(b))
+#define PRM_DDIV_RN(a, b) ((a) / (b))
+#define PRM_DSQRT_RN(a) std::sqrt(a)
 #endif
 
 // 1/d correctly rounded, for d in [1, 2^126) only: the caller must test the range (NaN, ∞ and

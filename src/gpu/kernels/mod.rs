@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod class_logits;
 pub mod convert;
 pub mod drift;
 pub mod embed;
