@@ -20,9 +20,10 @@
 #   L/14   prm bf16, ViT-L/14 at 224 px (257 tokens), batch 32: the table's last row
 #   attack 480 images through `prm attack --profile` on cuda:0, again with PRM_NO_STAGING=1
 #          (and cuda:all with several GPUs)
-#   eval   `prm eval` of those images on cuda:0: maskclip with 150 classes, zeroshot (the
-#          default --batch-size 32, and zeroshot at batch 1, the way it ran before 2026-12-06,
-#          and with PRM_NO_STAGING=1, plain uploads and downloads)
+#   eval   `prm eval` of those images on cuda:0: maskclip with 150 classes (and with
+#          PRM_HOST_LOGITS=1, the logits formed on the host), zeroshot (the default
+#          --batch-size 32, and zeroshot at batch 1, the way it ran before 2026-12-06, and with
+#          PRM_NO_STAGING=1, plain uploads and downloads)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PRM=${1:-target/release/prm}
@@ -297,6 +298,10 @@ evaluate() { # name, target, [prm eval options...]
 echo
 evaluate eval-maskclip maskclip
 evaluate eval-zeroshot zeroshot
+# Since 2026-12-06 (session from 07:29) the cosine logits are formed on the device
+# (kernels/class_logits.cu): this row brings the embeddings back and forms them on the host, as
+# before (the same bits; compare its pairs/s and the finisher's busy time with eval-maskclip's).
+PRM_HOST_LOGITS=1 evaluate eval-maskclip-hostlogits maskclip
 # Since 2026-12-06 the drift's per-token sums are computed on the device (kernels/drift.cu)
 # instead of every layer's features coming back.
 evaluate eval-features features

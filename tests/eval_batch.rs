@@ -376,3 +376,78 @@ fn a_batch_that_fails_as_a_whole_is_run_again_pair_by_pair() {
     assert_eq!(one.report["per_image"], four.report["per_image"]);
     assert_eq!(one.report["layers"], four.report["layers"]);
 }
+
+/// The GPU engine forms the cosine logits on its device (`kernels/class_logits.cu`): they are
+/// the host's logits of the embeddings it would otherwise bring back, bit for bit, for every
+/// dense head and the image embedding, in fp32 and bf16, whatever the passes; other classes in
+/// a later call are uploaded, not the first ones reused.
+#[test]
+fn logits_formed_on_the_device_are_the_host_logits_of_its_embeddings() {
+    use prm::eval::ops::{dot_logits, normalize_rows};
+    let model = Model::load("random:tiny").unwrap();
+    let e = model
+        .config
+        .embed_dim
+        .expect("random:tiny has a projection");
+    let class_set = |seed: u64, count: usize| {
+        let mut c: Vec<f32> = pixels(seed, count * e).iter().map(|v| v - 0.5).collect();
+        normalize_rows(&mut c, e);
+        c
+    };
+    let (first, second) = (class_set(7, 13), class_set(8, 5));
+    let data: Vec<Vec<f32>> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, (h, w))| pixels(i as u64 + 1, 3 * h * w))
+        .collect();
+    let images = images(&data);
+    let mut devices = vec![Device::sim()];
+    if Device::cuda_available() {
+        devices.push(Device::cuda(0).expect("CUDA device 0"));
+    }
+    for dev in devices {
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            for pass_tokens in [usize::MAX, 60, 1] {
+                let gpu = GpuTargets::new(&dev, &model, precision)
+                    .unwrap()
+                    .with_pass_tokens(pass_tokens);
+                assert!(gpu.forms_logits());
+                let what = format!("{}, {precision:?}, passes of {pass_tokens}", dev.name());
+                for (head, classes) in [
+                    (DenseHead::MaskClip, &first),
+                    (DenseHead::Sclip, &second),
+                    (DenseHead::ClearClip, &first),
+                ] {
+                    let logits = gpu
+                        .dense_logits_batch(&images, &images, head, classes)
+                        .unwrap();
+                    let embeddings = gpu.dense_embeddings_batch(&images, &[], head).unwrap();
+                    assert_eq!(logits.len(), images.len(), "{what}");
+                    for (k, (l, emb)) in logits.iter().zip(&embeddings).enumerate() {
+                        let want = emb.patch_logits(classes);
+                        assert_eq!(
+                            (l.grid_h, l.grid_w, l.classes),
+                            (want.grid_h, want.grid_w, want.classes),
+                            "{what}: {head:?}, image {k}"
+                        );
+                        assert!(
+                            same_bits(&l.logits, &want.logits),
+                            "{what}: {head:?} logits of image {k}"
+                        );
+                    }
+                }
+                let logits = gpu.image_logits_batch(&images, &images, &second).unwrap();
+                let embeddings = gpu.image_embedding_batch(&images, &[]).unwrap();
+                for (k, (l, emb)) in logits.iter().zip(&embeddings).enumerate() {
+                    let want = dot_logits(emb, &second, e);
+                    assert!(same_bits(l, &want), "{what}: image logits of image {k}");
+                }
+                let ragged = gpu.image_logits_batch(&images, &[], &first[..e + 1]);
+                assert!(matches!(ragged, Err(EvalError::Usage(_))), "{what}");
+                gpu.set_device_logits(false);
+                assert!(!gpu.forms_logits());
+            }
+        }
+    }
+    assert!(!ReferenceTargets::new(&model).forms_logits());
+}

@@ -609,6 +609,69 @@ fn records_do_not_depend_on_the_batch_size_nor_the_devices() {
     }
 }
 
+/// The GPU engine forms the cosine logits on its device; with `PRM_HOST_LOGITS=1` it brings the
+/// embeddings back and the host forms them. The reports (every record, every metric) and the
+/// prediction maps are the same bytes.
+#[test]
+fn logits_on_the_device_or_the_host_give_the_same_reports() {
+    let t = tempfile::tempdir().unwrap();
+    let (clean, adv, labels, names, _) = mixed_images(t.path());
+    let run = |target: &str, host: bool| {
+        let tag = format!("{target}-{}", if host { "host" } else { "device" });
+        let report = t.path().join(format!("{tag}.json"));
+        let predictions = t.path().join(format!("{tag}-pred"));
+        let mut c = Command::new(env!("CARGO_BIN_EXE_prm"));
+        c.args(["eval", "--model", "random:tiny", "--target", target])
+            .args([
+                "--classes",
+                s(&names),
+                "--clean",
+                s(&clean),
+                "--adv",
+                s(&adv),
+            ])
+            .args([
+                "--report",
+                s(&report),
+                "--device",
+                "sim",
+                "--batch-size",
+                "4",
+            ]);
+        if target == "maskclip" {
+            c.args([
+                "--labels",
+                s(&labels),
+                "--save-predictions",
+                s(&predictions),
+            ]);
+        }
+        if host {
+            c.env("PRM_HOST_LOGITS", "1");
+        }
+        let o = c.output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let said = if host { "on the host" } else { "on the device" };
+        assert!(
+            stderr(&o).contains(&format!("cosine logits formed {said}")),
+            "{}",
+            stderr(&o)
+        );
+        let maps: Vec<Vec<u8>> = ["clean/d0/img00.png", "adv/d2/img20.png"]
+            .iter()
+            .filter(|_| target == "maskclip")
+            .map(|p| std::fs::read(predictions.join(p)).unwrap())
+            .collect();
+        (std::fs::read(&report).unwrap(), maps)
+    };
+    for target in ["maskclip", "zeroshot"] {
+        assert!(
+            run(target, false) == run(target, true),
+            "{target}: the reports or prediction maps differ"
+        );
+    }
+}
+
 /// A batch the device cannot hold (the simulator given 24 MB, the bundled samples up to 512×512
 /// at native size) is cut into smaller passes: every record is batch 1's, and stderr says what
 /// happened and what to do.

@@ -347,9 +347,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 (passes, taken, pending) =
                     (passes + u.passes, taken + u.taken, pending + u.copy_pending);
             }
+            let logits = match (&classes, gpus.first()) {
+                (Some(_), Some(g)) if g.forms_logits() => "; cosine logits formed on the device",
+                (Some(_), Some(_)) => "; cosine logits formed on the host (PRM_HOST_LOGITS=1)",
+                _ => "",
+            };
             eprintln!(
                 "device passes: {passes} ({taken} took pixels staged ahead during the pass \
-                 before, {pending} of them still copying when taken)"
+                 before, {pending} of them still copying when taken){logits}"
             );
         }
         if let Some(tokens) = gpus

@@ -2,8 +2,9 @@
 //! (`prm::gpu::kernels::*` launchers and `prm::gpu::gemm`), so they run on CUDA and, unchanged,
 //! in the CPU simulator of the CUDA execution model.
 //!
-//! Nothing here needs a kernel of its own: the MaskCLIP family is the ViT block with the
-//! attention kernel in another mode.
+//! The models need no kernel of their own: the MaskCLIP family is the ViT block with the
+//! attention kernel in another mode. (Two kernels reduce what comes back: `drift.cu` for the
+//! features target, `class_logits.cu` for the cosine logits.)
 //! - maskclip: [`AttentionMode::Identity`] (`out = v`), then out_proj, residual, FFN;
 //! - sclip: [`AttentionMode::QQ`] and [`AttentionMode::KK`]; `out_proj(a + b)` is formed as two
 //!   accumulating products `x + a·Wᵀ + bias + b·Wᵀ`, so no element-wise add is needed;
@@ -11,22 +12,26 @@
 //! - text tower: [`AttentionMode::QK`] with the causal flag, every prompt of a class packed into
 //!   one variable-length batch (`cu_seqlens`).
 //!
-//! Post-LayerNorm and the projection run on the device for every token; the per-token L2
-//! normalisation runs on the host, and `prm eval` forms the cosine with the C class embeddings
-//! (`[T, E]·[E, C]`) and the bilinear upsampling on its finisher thread while the device runs the
-//! next image: the same host code as the reference path ([`super::ops`]), so the same bits.
+//! Post-LayerNorm and the projection run on the device for every token, and so do the per-token
+//! L2 normalisation and the cosine with the C class embeddings (`kernels/class_logits.cu`, the
+//! host's f64 arithmetic in its order: [`super::ops::normalize_rows`] and
+//! [`super::ops::dot_logits`]' bits), so a pass brings back `[T, C]` logits; `prm eval` makes the
+//! label maps (bilinear upsampling, argmax) on its finisher thread while the device runs the next
+//! pass. `PRM_HOST_LOGITS=1` brings the embeddings back instead and forms the logits on the host,
+//! as the reference path does (the same bits).
 //!
 //! The attention kernels are written for head dim 64 (every CLIP tower): a model with another
 //! head dim is refused with a clear error.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use rayon::prelude::*;
 
 use super::ops::{normalize_rows, TokenSums};
 use super::targets::{
-    check_image, check_pairs, require_projection, DenseHead, EvalEngine, PairSums, TokenEmbeddings,
+    check_image, check_pairs, require_projection, DenseHead, EvalEngine, PairSums, PatchLogits,
+    TokenEmbeddings,
 };
 use super::text::{check_ids, eot_position, TextEncoder};
 use super::EvalError;
@@ -39,6 +44,7 @@ use crate::gpu::engine::Precision;
 use crate::gpu::gemm::{matmul_bf16, matmul_bf16_residual, matmul_f32, matmul_f32_residual};
 use crate::gpu::kernels::activation::bias_activation_forward_f32;
 use crate::gpu::kernels::attention::{attention_forward_f32, AttentionMode, HEAD_DIM};
+use crate::gpu::kernels::class_logits::{class_logits_f32, normalize_rows_f32};
 use crate::gpu::kernels::convert::to_bf16;
 use crate::gpu::kernels::drift::token_sums_f32;
 use crate::gpu::kernels::embed::{assemble_tokens_f32, patchify_f32, PackedImages};
@@ -294,6 +300,28 @@ pub struct GpuTargets<'m> {
     pass_tokens: AtomicUsize,
     /// The next pass's pixels, staged on a copy stream while this pass computes.
     staging: Mutex<PassStaging>,
+    /// Whether the cosine logits are formed on the device ([`EvalEngine::forms_logits`]): on
+    /// unless `PRM_HOST_LOGITS=1`.
+    device_logits: AtomicBool,
+    /// The class embeddings on the device, uploaded by the first pass that needs them.
+    classes: Mutex<Option<DeviceClasses>>,
+}
+
+/// Class embeddings on the device, and what they are: their count and an xxh3-128 of their
+/// values, so that other classes are uploaded instead of reused (an evaluation passes the same
+/// ones every time; hashing them costs microseconds).
+struct DeviceClasses {
+    key: (usize, u128),
+    buf: Buffer<f32>,
+}
+
+impl DeviceClasses {
+    fn key_of(classes: &[f32]) -> (usize, u128) {
+        (
+            classes.len(),
+            xxhash_rust::xxh3::xxh3_128(bytemuck::cast_slice(classes)),
+        )
+    }
 }
 
 /// What a pass's pixel upload did, counted over the engine's life.
@@ -374,7 +402,17 @@ impl<'m> GpuTargets<'m> {
                 stager: None,
                 counts: PassUploads::default(),
             }),
+            device_logits: AtomicBool::new(
+                std::env::var("PRM_HOST_LOGITS").map_or(true, |v| v != "1"),
+            ),
+            classes: Mutex::new(None),
         })
+    }
+
+    /// Forms the cosine logits on the device (the default), or brings the embeddings back for
+    /// the evaluation to form them on the host (`PRM_HOST_LOGITS=1`). The bits are the same.
+    pub fn set_device_logits(&self, on: bool) {
+        self.device_logits.store(on, Ordering::Relaxed);
     }
 
     /// Turns the staging of uploads ahead (and the pinned downloads) on or off; on by default,
@@ -562,18 +600,61 @@ impl<'m> GpuTargets<'m> {
         rows: usize,
         then: &[Planar],
     ) -> Result<Vec<f32>, EvalError> {
+        let (e, dim) = self.project_rows(z, rows)?;
+        self.stage_ahead(then);
+        let mut e = self.download_split(&e, &[rows * dim])?.remove(0);
+        normalize_rows(&mut e, dim);
+        Ok(e)
+    }
+
+    /// post-LN → projection of `rows` rows of `z`, on the device: `[rows, E]` and E.
+    fn project_rows(
+        &self,
+        z: &Buffer<f32>,
+        rows: usize,
+    ) -> Result<(Buffer<f32>, usize), EvalError> {
         let proj = self.projection.as_ref().ok_or(EvalError::NoProjection)?;
         let d = self.model.config.width;
         let normed = self.stack.ln(z, &self.ln_post, rows, d)?;
         let mut e = self.dev().alloc(rows * proj.out_features)?;
         self.stack
             .linear(&normed, rows, proj, false, &mut e, false)?;
-        self.stage_ahead(then);
-        let mut e = self
-            .download_split(&e, &[rows * proj.out_features])?
-            .remove(0);
-        normalize_rows(&mut e, proj.out_features);
-        Ok(e)
+        Ok((e, proj.out_features))
+    }
+
+    /// The cosine logits `[rows, C]` of projected rows `e [rows, dim]` with `classes [C, dim]`
+    /// (L2-normalised): `e` is normalised in place first. All on the device, with the host's
+    /// bits (`kernels/class_logits.cu`).
+    fn class_logits(
+        &self,
+        e: &mut Buffer<f32>,
+        rows: usize,
+        dim: usize,
+        classes: &[f32],
+    ) -> Result<(Buffer<f32>, usize), EvalError> {
+        if dim == 0 || !classes.len().is_multiple_of(dim) {
+            return Err(EvalError::Usage(format!(
+                "{} class embedding values are not rows of the model's {dim}-wide embeddings",
+                classes.len()
+            )));
+        }
+        let c = classes.len() / dim;
+        let dev = self.dev();
+        normalize_rows_f32(dev, e, rows, dim)?;
+        let mut cached = self.classes.lock().unwrap_or_else(|p| p.into_inner());
+        let key = DeviceClasses::key_of(classes);
+        if cached.as_ref().is_none_or(|d| d.key != key) {
+            *cached = None; // (its memory back before the new upload)
+            *cached = Some(DeviceClasses {
+                key,
+                buf: dev.upload(classes)?,
+            });
+        }
+        let on_device = &cached.as_ref().expect("uploaded above").buf;
+        // Every element is written by the kernel (the simulator's poison checks it).
+        let mut logits = dev.alloc_undefined(rows * c)?;
+        class_logits_f32(dev, e, on_device, rows, c, dim, &mut logits)?;
+        Ok((logits, c))
     }
 
     /// Each image's rows of a pass's `[ΣT_i, width]` buffer, with one wait for the device.
@@ -664,6 +745,77 @@ impl<'m> GpuTargets<'m> {
             .collect())
     }
 
+    /// [`Self::dense_pass`] with the logits formed on the device: only each image's patch rows'
+    /// `[grid_h · grid_w, C]` logits come back.
+    fn dense_logits_pass(
+        &self,
+        images: &[Planar],
+        then: &[Planar],
+        head: DenseHead,
+        classes: &[f32],
+    ) -> Result<Vec<PatchLogits>, EvalError> {
+        require_projection(self.model)?;
+        let l = self.model.config.layers;
+        let pass = self.forward(images, l - 1, false)?;
+        let t = pass.tokens();
+        let z = self.stack.dense_head(
+            &self.stack.blocks[l - 1],
+            pass.feats.last().expect("F_{L-1}"),
+            &pass.cu,
+            &pass.lens,
+            t,
+            head,
+        )?;
+        let (mut e, dim) = self.project_rows(&z, t)?;
+        // Every token's logits, the CLS rows' among them (one row an image), in one launch.
+        let (logits, c) = self.class_logits(&mut e, t, dim, classes)?;
+        self.stage_ahead(then);
+        let lens: Vec<usize> = pass.lens.iter().map(|&tokens| tokens * c).collect();
+        Ok(self
+            .download_split(&logits, &lens)?
+            .into_iter()
+            .zip(&pass.packing.images)
+            .map(|(mut rows, m)| {
+                rows.drain(..c); // the CLS row
+                PatchLogits {
+                    grid_h: m.grid_h,
+                    grid_w: m.grid_w,
+                    classes: c,
+                    logits: rows,
+                }
+            })
+            .collect())
+    }
+
+    /// [`Self::image_embedding_pass`] with the logits formed on the device: `[C]` an image.
+    fn image_logits_pass(
+        &self,
+        images: &[Planar],
+        then: &[Planar],
+        classes: &[f32],
+    ) -> Result<Vec<Vec<f32>>, EvalError> {
+        require_projection(self.model)?;
+        let pass = self.forward(images, self.model.config.layers, false)?;
+        let cls = self.cls_rows(&pass)?;
+        let (mut e, dim) = self.project_rows(&cls, images.len())?;
+        let (logits, c) = self.class_logits(&mut e, images.len(), dim, classes)?;
+        self.stage_ahead(then);
+        self.download_split(&logits, &vec![c; images.len()])
+    }
+
+    /// Each image's first row of a pass's F_L (its CLS token), gathered on the device:
+    /// `[images, width]`.
+    fn cls_rows(&self, pass: &DevicePass) -> Result<Buffer<f32>, EvalError> {
+        let d = self.model.config.width;
+        let last = pass.feats.last().expect("F_L");
+        let mut cls = self.dev().alloc_undefined(pass.lens.len() * d)?;
+        for (i, m) in pass.packing.images.iter().enumerate() {
+            self.dev()
+                .copy_range(last, m.token_offset * d, &mut cls, i * d, d)?;
+        }
+        Ok(cls)
+    }
+
     fn image_embedding_pass(
         &self,
         images: &[Planar],
@@ -671,14 +823,8 @@ impl<'m> GpuTargets<'m> {
     ) -> Result<Vec<Vec<f32>>, EvalError> {
         require_projection(self.model)?;
         let pass = self.forward(images, self.model.config.layers, false)?;
-        // Only the CLS rows: each image's first row of F_L, gathered on the device.
-        let d = self.model.config.width;
-        let last = pass.feats.last().expect("F_L");
-        let mut cls = self.dev().alloc_undefined(images.len() * d)?;
-        for (i, m) in pass.packing.images.iter().enumerate() {
-            self.dev()
-                .copy_range(last, m.token_offset * d, &mut cls, i * d, d)?;
-        }
+        // Only the CLS rows.
+        let cls = self.cls_rows(&pass)?;
         let e = self.embed_rows(&cls, images.len(), then)?;
         let dim = e.len() / images.len();
         Ok(e.chunks_exact(dim).map(<[f32]>::to_vec).collect())
@@ -828,6 +974,33 @@ impl EvalEngine for GpuTargets<'_> {
     ) -> Result<Vec<Vec<f32>>, EvalError> {
         self.by_pass(images, next, 1, |pass, then| {
             self.image_embedding_pass(pass, then)
+        })
+    }
+
+    fn forms_logits(&self) -> bool {
+        self.device_logits.load(Ordering::Relaxed)
+    }
+
+    fn dense_logits_batch(
+        &self,
+        images: &[Planar],
+        next: &[Planar],
+        head: DenseHead,
+        classes: &[f32],
+    ) -> Result<Vec<PatchLogits>, EvalError> {
+        self.by_pass(images, next, 1, |pass, then| {
+            self.dense_logits_pass(pass, then, head, classes)
+        })
+    }
+
+    fn image_logits_batch(
+        &self,
+        images: &[Planar],
+        next: &[Planar],
+        classes: &[f32],
+    ) -> Result<Vec<Vec<f32>>, EvalError> {
+        self.by_pass(images, next, 1, |pass, then| {
+            self.image_logits_pass(pass, then, classes)
         })
     }
 

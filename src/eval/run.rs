@@ -154,6 +154,9 @@ enum Inferred {
     /// Token embeddings (dense targets), clean then adversarial: the finisher forms the cosine
     /// logits, off the engine's thread.
     Embeddings(TokenEmbeddings, TokenEmbeddings),
+    /// Patch logits (dense targets) that the engine formed itself ([`EvalEngine::forms_logits`]),
+    /// clean then adversarial.
+    Logits(PatchLogits, PatchLogits),
     /// The probe's feature layer, clean then adversarial, and the patch grid the model saw:
     /// the finisher applies the probe.
     Probe(Vec<f32>, Vec<f32>, (usize, usize)),
@@ -349,24 +352,41 @@ fn infer_batch(
             .collect()
     } else if plan.dense {
         let head = DenseHead::of(settings.target).expect("dense target");
-        let e = engine.dense_embeddings_batch(&images, &next, head)?;
-        two_by_two(e)
-            .map(|(c, a)| Inferred::Embeddings(c, a))
-            .collect()
+        if engine.forms_logits() {
+            let c = plan.classes.expect("dense targets have classes");
+            let logits = engine.dense_logits_batch(&images, &next, head, &c.embeddings)?;
+            two_by_two(logits)
+                .map(|(c, a)| Inferred::Logits(c, a))
+                .collect()
+        } else {
+            let e = engine.dense_embeddings_batch(&images, &next, head)?;
+            two_by_two(e)
+                .map(|(c, a)| Inferred::Embeddings(c, a))
+                .collect()
+        }
     } else if settings.target == TargetKind::Features {
         let sums = engine.feature_sums_batch(&images, &next)?;
         sums.into_iter().map(Inferred::Features).collect()
     } else {
         // zeroshot
         let c = plan.classes.expect("zeroshot has classes");
-        // The batch's cosine logits on every core: with 1,000 classes they take the host longer
-        // than a batched forward's share of the device (`cargo bench --bench eval_host`: 91 ms
-        // for 24 pairs, reading and metrics included), and the device waits meanwhile.
-        let predicted: Vec<usize> = engine
-            .image_embedding_batch(&images, &next)?
-            .par_iter()
-            .map(|e| argmax(&dot_logits(e, &c.embeddings, c.dim)))
-            .collect();
+        // On the engine's device when it forms logits; else the batch's cosine logits on every
+        // core: with 1,000 classes they take the host longer than a batched forward's share of
+        // the device (`cargo bench --bench eval_host`: 91 ms for 24 pairs, reading and metrics
+        // included), and the device waits meanwhile.
+        let predicted: Vec<usize> = if engine.forms_logits() {
+            engine
+                .image_logits_batch(&images, &next, &c.embeddings)?
+                .iter()
+                .map(|l| argmax(l))
+                .collect()
+        } else {
+            engine
+                .image_embedding_batch(&images, &next)?
+                .par_iter()
+                .map(|e| argmax(&dot_logits(e, &c.embeddings, c.dim)))
+                .collect()
+        };
         two_by_two(predicted)
             .map(|(c, a)| Inferred::Class(c, a))
             .collect()
@@ -438,6 +458,9 @@ impl Finishing<'_> {
                     clean.patch_logits(&c.embeddings),
                     adv.patch_logits(&c.embeddings),
                 );
+                self.finish_dense(tally, &image, clean, adv, &mut values)?;
+            }
+            Inferred::Logits(clean, adv) => {
                 self.finish_dense(tally, &image, clean, adv, &mut values)?;
             }
             Inferred::Probe(clean, adv, grid) => {

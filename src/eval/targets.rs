@@ -21,6 +21,8 @@ use super::ops::{
     attention_variant, dot_logits, linear, linear_rows, normalize_rows, token_sums, Scores,
     TokenSums,
 };
+use rayon::prelude::*;
+
 use super::EvalError;
 use crate::attack::image::Planar;
 use crate::model::Model;
@@ -190,6 +192,49 @@ pub trait EvalEngine {
             .iter()
             .map(|im| self.dense_embeddings(im, head))
             .collect()
+    }
+
+    /// Whether this engine forms the cosine logits itself ([`EvalEngine::dense_logits_batch`],
+    /// [`EvalEngine::image_logits_batch`]: the GPU engine, on its device), so that the evaluation
+    /// asks it for logits rather than embeddings. `false` by default: the evaluation then forms
+    /// them from the embeddings on the host, off the engine's thread. The bits are the same
+    /// either way.
+    fn forms_logits(&self) -> bool {
+        false
+    }
+
+    /// The patch logits of a dense head for each image: the cosine of each normalised patch
+    /// embedding with each row of `classes [C, E]` (rows L2-normalised), the bits of
+    /// [`TokenEmbeddings::patch_logits`] of [`EvalEngine::dense_embeddings_batch`]. The default
+    /// forms them so, on the host.
+    fn dense_logits_batch(
+        &self,
+        images: &[Planar],
+        next: &[Planar],
+        head: DenseHead,
+        classes: &[f32],
+    ) -> Result<Vec<PatchLogits>, EvalError> {
+        Ok(self
+            .dense_embeddings_batch(images, next, head)?
+            .iter()
+            .map(|e| e.patch_logits(classes))
+            .collect())
+    }
+
+    /// The cosine logits `[C]` of each image's normalised image embedding with each row of
+    /// `classes [C, E]`: the bits of [`crate::eval::ops::dot_logits`] over
+    /// [`EvalEngine::image_embedding_batch`]. The default forms them so, on the host.
+    fn image_logits_batch(
+        &self,
+        images: &[Planar],
+        next: &[Planar],
+        classes: &[f32],
+    ) -> Result<Vec<Vec<f32>>, EvalError> {
+        Ok(self
+            .image_embedding_batch(images, next)?
+            .par_iter()
+            .map(|e| dot_logits(e, classes, e.len()))
+            .collect())
     }
 
     /// [`EvalEngine::image_embedding`] of each image.
