@@ -16,9 +16,9 @@
 //     product then a rounded sum; the simulator (a CPU build without FMA instructions) does the
 //     latter.
 // Shapes: one thread a row for the normalisation (a few thousand rows of a few hundred elements:
-// small against the forward); 16×16 threads a 16-row × 16-class tile of logits, the rows' and
-// classes' elements staged through shared memory 32 at a time, each thread's sum advancing in
-// index order.
+// small against the forward); 16×16 threads a 16-row × 16-class tile of logits (row tiles in a
+// grid-stride loop past 65,535 of them), the rows' and classes' elements staged through shared
+// memory 32 at a time, each thread's sum advancing in index order.
 //
 // Launcher: src/gpu/kernels/class_logits.rs (normalize_rows_f32, class_logits_f32).
 #include "common.cuh"
@@ -62,29 +62,37 @@ extern "C" __global__ void __launch_bounds__(LOGITS_TILE * LOGITS_TILE)
     const int tx = threadIdx.x;  // the class within the tile
     const int ty = threadIdx.y;  // the row within the tile
     const int tid = ty * LOGITS_TILE + tx;
-    const int row0 = blockIdx.y * LOGITS_TILE;
     const int class0 = blockIdx.x * LOGITS_TILE;
-    double s = -0.0;
-    for (int k0 = 0; k0 < dim; k0 += LOGITS_K) {
-        const int width = min(LOGITS_K, dim - k0);
-        // 256 threads stage 16 × 32 elements of each operand: two apiece, a row's 32 together.
-        for (int i = tid; i < LOGITS_TILE * LOGITS_K; i += LOGITS_TILE * LOGITS_TILE) {
-            const int t = i / LOGITS_K, k = i % LOGITS_K;
-            const int r = row0 + t, cl = class0 + t;
-            sx[t * (LOGITS_K + 1) + k] = (r < n && k < width) ? x[(size_t)r * dim + k0 + k] : 0.0f;
-            sc[t * (LOGITS_K + 1) + k] =
-                (cl < c && k < width) ? classes[(size_t)cl * dim + k0 + k] : 0.0f;
+    // Row tiles in a grid-stride loop (the grid's y extent is at most 65,535): the same
+    // iterations for every thread of the block, so every barrier is reached by all.
+    for (long long row0 = (long long)blockIdx.y * LOGITS_TILE; row0 < n;
+         row0 += (long long)gridDim.y * LOGITS_TILE) {
+        double s = -0.0;
+        for (int k0 = 0; k0 < dim; k0 += LOGITS_K) {
+            const int width = min(LOGITS_K, dim - k0);
+            // 256 threads stage 16 × 32 elements of each operand: two apiece, a row's 32
+            // together.
+            for (int i = tid; i < LOGITS_TILE * LOGITS_K; i += LOGITS_TILE * LOGITS_TILE) {
+                const int t = i / LOGITS_K, k = i % LOGITS_K;
+                const long long r = row0 + t;
+                const int cl = class0 + t;
+                sx[t * (LOGITS_K + 1) + k] =
+                    (r < n && k < width) ? x[(size_t)r * dim + k0 + k] : 0.0f;
+                sc[t * (LOGITS_K + 1) + k] =
+                    (cl < c && k < width) ? classes[(size_t)cl * dim + k0 + k] : 0.0f;
+            }
+            __syncthreads();
+            for (int k = 0; k < width; ++k) {
+                s = PRM_ADD_EXACT_PRODUCT(s, (double)sx[ty * (LOGITS_K + 1) + k],
+                                          (double)sc[tx * (LOGITS_K + 1) + k]);
+            }
+            __syncthreads();
         }
-        __syncthreads();
-        for (int k = 0; k < width; ++k) {
-            s = PRM_ADD_EXACT_PRODUCT(s, (double)sx[ty * (LOGITS_K + 1) + k],
-                                      (double)sc[tx * (LOGITS_K + 1) + k]);
+        const long long r = row0 + ty;
+        const int cl = class0 + tx;
+        if (r < n && cl < c) {
+            logits[(size_t)r * c + cl] = (float)s;
         }
-        __syncthreads();
-    }
-    const int r = row0 + ty, cl = class0 + tx;
-    if (r < n && cl < c) {
-        logits[(size_t)r * c + cl] = (float)s;
     }
 }
 PRM_REGISTER_KERNEL(prm_class_logits_f32);

@@ -9,7 +9,9 @@ mod kernel_common;
 
 use kernel_common::{on_devices, Rng};
 use prm::eval::ops::{dot_logits, normalize_rows};
-use prm::gpu::kernels::class_logits::{class_logits_f32, normalize_rows_f32};
+use prm::gpu::kernels::class_logits::{
+    class_logits_f32, class_logits_f32_in_row_tiles, normalize_rows_f32,
+};
 use prm::gpu::{Device, GpuError};
 
 /// Rows of width `dim` as a projection gives them: a few units, every seventh scaled by 10³ and
@@ -104,6 +106,38 @@ fn logits_match_the_host_bit_for_bit() {
         .enumerate()
         {
             check_logits(dev, n, c, dim, 21 + k as u64)?;
+        }
+        Ok(())
+    });
+}
+
+/// More row tiles than the grid holds (65,535 of them on a GPU; 2 here): the kernel's loop over
+/// the rest gives the same bits.
+#[test]
+fn row_tiles_past_the_grid_are_looped_over() {
+    on_devices("class logits past the grid", |dev| {
+        let (n, c, dim) = (197, 19, 40);
+        let mut rng = Rng::new(5);
+        let mut x = rows(&mut rng, n, dim);
+        normalize_rows(&mut x, dim);
+        let classes = rng.vec(c * dim, -1.0, 1.0);
+        let want = dot_logits(&x, &classes, dim);
+        let (x_dev, classes_dev) = (dev.upload(&x)?, dev.upload(&classes)?);
+        for tiles in [1, 2, 5] {
+            let mut logits = dev.alloc::<f32>(n * c)?;
+            dev.poison(&mut logits)?;
+            class_logits_f32_in_row_tiles(
+                dev,
+                &x_dev,
+                &classes_dev,
+                n,
+                c,
+                dim,
+                &mut logits,
+                tiles,
+            )?;
+            let got = dev.download(&logits)?;
+            assert_eq!(bits(&got), bits(&want), "a grid of {tiles} row tiles");
         }
         Ok(())
     });

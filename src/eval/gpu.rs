@@ -707,26 +707,38 @@ impl<'m> GpuTargets<'m> {
         Ok(out)
     }
 
+    /// A pass's forward through the dense head and the projection: the pass, its tokens'
+    /// projected rows `[T, E]` on the device (not normalised) and E.
+    fn dense_rows(
+        &self,
+        images: &[Planar],
+        head: DenseHead,
+    ) -> Result<(DevicePass, Buffer<f32>, usize), EvalError> {
+        require_projection(self.model)?;
+        let l = self.model.config.layers;
+        let pass = self.forward(images, l - 1, false)?;
+        let z = self.stack.dense_head(
+            &self.stack.blocks[l - 1],
+            pass.feats.last().expect("F_{L-1}"),
+            &pass.cu,
+            &pass.lens,
+            pass.tokens(),
+            head,
+        )?;
+        let (e, dim) = self.project_rows(&z, pass.tokens())?;
+        Ok((pass, e, dim))
+    }
+
     fn dense_pass(
         &self,
         images: &[Planar],
         then: &[Planar],
         head: DenseHead,
     ) -> Result<Vec<TokenEmbeddings>, EvalError> {
-        require_projection(self.model)?;
-        let l = self.model.config.layers;
-        let pass = self.forward(images, l - 1, false)?;
-        let t = pass.tokens();
-        let z = self.stack.dense_head(
-            &self.stack.blocks[l - 1],
-            pass.feats.last().expect("F_{L-1}"),
-            &pass.cu,
-            &pass.lens,
-            t,
-            head,
-        )?;
-        let rows = self.embed_rows(&z, t, then)?;
-        let dim = rows.len() / t;
+        let (pass, e, dim) = self.dense_rows(images, head)?;
+        self.stage_ahead(then);
+        let mut rows = self.download_split(&e, &[pass.tokens() * dim])?.remove(0);
+        normalize_rows(&mut rows, dim);
         let mut rows = rows.as_slice();
         Ok(pass
             .packing
@@ -754,21 +766,9 @@ impl<'m> GpuTargets<'m> {
         head: DenseHead,
         classes: &[f32],
     ) -> Result<Vec<PatchLogits>, EvalError> {
-        require_projection(self.model)?;
-        let l = self.model.config.layers;
-        let pass = self.forward(images, l - 1, false)?;
-        let t = pass.tokens();
-        let z = self.stack.dense_head(
-            &self.stack.blocks[l - 1],
-            pass.feats.last().expect("F_{L-1}"),
-            &pass.cu,
-            &pass.lens,
-            t,
-            head,
-        )?;
-        let (mut e, dim) = self.project_rows(&z, t)?;
+        let (pass, mut e, dim) = self.dense_rows(images, head)?;
         // Every token's logits, the CLS rows' among them (one row an image), in one launch.
-        let (logits, c) = self.class_logits(&mut e, t, dim, classes)?;
+        let (logits, c) = self.class_logits(&mut e, pass.tokens(), dim, classes)?;
         self.stage_ahead(then);
         let lens: Vec<usize> = pass.lens.iter().map(|&tokens| tokens * c).collect();
         Ok(self

@@ -24,6 +24,8 @@ use crate::gpu::{Buffer, Device, GpuError, KernelArgs, LaunchConfig};
 const NORMALIZE_THREADS: u32 = 128;
 /// The kernel's tile: 16 rows × 16 classes, a thread each.
 const TILE: usize = 16;
+/// Row tiles a launch's grid holds (its y extent's limit); the kernel loops over the rest.
+const MAX_ROW_TILES: usize = 65_535;
 
 fn check_sizes(what: &str, n: usize, dim: usize) {
     assert!(
@@ -74,6 +76,23 @@ pub fn class_logits_f32(
     dim: usize,
     logits: &mut Buffer<f32>,
 ) -> Result<(), GpuError> {
+    class_logits_f32_in_row_tiles(dev, x, classes, n, c, dim, logits, MAX_ROW_TILES)
+}
+
+/// [`class_logits_f32`] with a grid of at most `max_row_tiles` row tiles, so that tests reach the
+/// kernel's loop over the row tiles past the grid with a few rows.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn class_logits_f32_in_row_tiles(
+    dev: &Device,
+    x: &Buffer<f32>,
+    classes: &Buffer<f32>,
+    n: usize,
+    c: usize,
+    dim: usize,
+    logits: &mut Buffer<f32>,
+    max_row_tiles: usize,
+) -> Result<(), GpuError> {
     assert!(
         x.len() >= n * dim,
         "class_logits: {} row elements for {n} rows of {dim}",
@@ -90,11 +109,6 @@ pub fn class_logits_f32(
         logits.len()
     );
     check_sizes("class_logits", n.max(c), dim);
-    assert!(
-        n.div_ceil(TILE) <= 65_535,
-        "class_logits: {n} rows exceed the grid's {} rows",
-        65_535 * TILE
-    );
     if n == 0 || c == 0 {
         return Ok(());
     }
@@ -108,7 +122,13 @@ pub fn class_logits_f32(
     dev.launch(
         "prm_class_logits_f32",
         LaunchConfig {
-            grid: (c.div_ceil(TILE) as u32, n.div_ceil(TILE) as u32, 1),
+            // The kernel loops over the row tiles past the grid's y extent.
+            grid: (
+                c.div_ceil(TILE) as u32,
+                n.div_ceil(TILE)
+                    .clamp(1, max_row_tiles.clamp(1, MAX_ROW_TILES)) as u32,
+                1,
+            ),
             block: (TILE as u32, TILE as u32, 1),
             shared_bytes: 0,
         },
