@@ -51,6 +51,21 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
+/// The simulator, and CUDA device 0 when there is one, each with batch-invariant products (on
+/// the simulator a row's bits never depend on the batch; on CUDA they do unless asked).
+fn devices() -> Vec<Device> {
+    let mut devices = vec![Device::sim()];
+    if Device::cuda_available() {
+        devices.push(Device::cuda(0).expect("CUDA device 0"));
+    } else {
+        println!("no CUDA device: the simulator only");
+    }
+    for dev in &devices {
+        dev.set_product_algorithms(prm::gpu::ProductAlgorithms::BatchInvariant);
+    }
+    devices
+}
+
 /// Every batched method against the single-image one, image by image. Each batch call names
 /// the same images as the next call's (a GPU engine stages them ahead, and the next batch call
 /// takes them: the single-image calls in between stage nothing).
@@ -102,14 +117,7 @@ fn a_batch_gives_each_image_the_bits_it_gets_alone() {
         .map(|(i, (h, w))| pixels(i as u64 + 1, 3 * h * w))
         .collect();
     let images = images(&data);
-    let mut devices = vec![Device::sim()];
-    if Device::cuda_available() {
-        devices.push(Device::cuda(0).expect("CUDA device 0"));
-    } else {
-        println!("skipped: no CUDA device");
-    }
-    for dev in devices {
-        dev.set_product_algorithms(prm::gpu::ProductAlgorithms::BatchInvariant);
+    for dev in devices() {
         for precision in [Precision::Fp32, Precision::Bf16] {
             // One pass; passes of about two images; one image a pass (the 197-token image
             // alone is over the budget, and still runs).
@@ -146,12 +154,7 @@ fn staged_pixels_are_taken_only_by_a_pass_of_the_same_pixels() {
             .collect()
     };
     let (a, b) = (made(1), made(100));
-    let mut devices = vec![Device::sim()];
-    if Device::cuda_available() {
-        devices.push(Device::cuda(0).expect("CUDA device 0"));
-    }
-    for dev in devices {
-        dev.set_product_algorithms(prm::gpu::ProductAlgorithms::BatchInvariant);
+    for dev in devices() {
         let plain = GpuTargets::new(&dev, &model, Precision::Fp32).unwrap();
         plain.set_staging(false);
         let head = DenseHead::MaskClip;
@@ -219,13 +222,8 @@ fn drift_sums_of_a_batch_are_the_host_sums_of_each_pair_alone() {
         .unzip();
     let (clean, adv) = (images(&clean), images(&adv));
     let pairs: Vec<Planar> = clean.iter().zip(&adv).flat_map(|(c, a)| [*c, *a]).collect();
-    let mut devices = vec![Device::sim()];
-    if Device::cuda_available() {
-        devices.push(Device::cuda(0).expect("CUDA device 0"));
-    }
     let dim = model.config.width;
-    for dev in devices {
-        dev.set_product_algorithms(prm::gpu::ProductAlgorithms::BatchInvariant);
+    for dev in devices() {
         for pass_tokens in [usize::MAX, 60, 1] {
             let gpu = GpuTargets::new(&dev, &model, Precision::Fp32)
                 .unwrap()
@@ -401,11 +399,7 @@ fn logits_formed_on_the_device_are_the_host_logits_of_its_embeddings() {
         .map(|(i, (h, w))| pixels(i as u64 + 1, 3 * h * w))
         .collect();
     let images = images(&data);
-    let mut devices = vec![Device::sim()];
-    if Device::cuda_available() {
-        devices.push(Device::cuda(0).expect("CUDA device 0"));
-    }
-    for dev in devices {
+    for dev in devices() {
         for precision in [Precision::Fp32, Precision::Bf16] {
             for pass_tokens in [usize::MAX, 60, 1] {
                 let gpu = GpuTargets::new(&dev, &model, precision)
