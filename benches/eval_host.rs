@@ -12,7 +12,9 @@
 //! same pairs; each with an engine that answers at once, and with one that holds the calling
 //! thread a few milliseconds a forward (two forwards a pair), as a device's synchronous download
 //! would. The patch embeddings vary smoothly across the grid, as a real tower's do; one case
-//! makes every patch unrelated to its neighbours, the label maps' worst case.
+//! makes every patch unrelated to its neighbours, the label maps' worst case; one has the engine
+//! hand over the logits, as the GPU engine does (formed on its device), leaving the host the
+//! label maps. A second group times the logits and the label map of one image apart.
 
 use std::path::Path;
 use std::time::Duration;
@@ -21,7 +23,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use prm::attack::image::Planar;
 use prm::eval::ops::{dot_logits, normalize_rows, upsample_argmax};
 use prm::eval::run::{evaluate, EvalSettings};
-use prm::eval::targets::{DenseHead, TokenEmbeddings};
+use prm::eval::targets::{DenseHead, PatchLogits, TokenEmbeddings};
 use prm::eval::text::ClassEmbeddings;
 use prm::eval::{EvalEngine, EvalError, TargetKind};
 use prm::model::{random_model, Model};
@@ -41,6 +43,10 @@ struct InstantEngine {
     model: Model,
     embeddings: Vec<f32>,
     wait: Duration,
+    /// With `Some`, the engine forms the dense logits itself ([`EvalEngine::forms_logits`], as
+    /// the GPU engine does on its device): these, the patch rows' logits with the bench's
+    /// classes, computed once. The host is then left the label maps.
+    logits: Option<Vec<f32>>,
 }
 
 impl InstantEngine {
@@ -65,7 +71,15 @@ impl InstantEngine {
             model: random_model("tiny", 0).unwrap(),
             embeddings,
             wait,
+            logits: None,
         }
+    }
+
+    /// The engine hands over the patch logits with `classes` instead of embeddings.
+    fn forming_logits(mut self, classes: &ClassEmbeddings) -> Self {
+        let patches = &self.embeddings[EMBED..MAX_TOKENS * EMBED];
+        self.logits = Some(dot_logits(patches, &classes.embeddings, EMBED));
+        self
     }
 }
 
@@ -88,6 +102,34 @@ impl EvalEngine for InstantEngine {
             dim: EMBED,
             rows: self.embeddings[..tokens * EMBED].to_vec(),
         })
+    }
+
+    fn forms_logits(&self) -> bool {
+        self.logits.is_some()
+    }
+
+    fn dense_logits_batch(
+        &self,
+        images: &[Planar],
+        _next: &[Planar],
+        _head: DenseHead,
+        classes: &[f32],
+    ) -> Result<Vec<PatchLogits>, EvalError> {
+        let all = self.logits.as_ref().expect("an engine forming logits");
+        let c = classes.len() / EMBED;
+        Ok(images
+            .iter()
+            .map(|image| {
+                std::thread::sleep(self.wait);
+                let (gh, gw) = (image.height / PATCH, image.width / PATCH);
+                PatchLogits {
+                    grid_h: gh,
+                    grid_w: gw,
+                    classes: c,
+                    logits: all[..gh * gw * c].to_vec(),
+                }
+            })
+            .collect())
     }
 
     fn image_embedding(&self, image: &Planar) -> Result<Vec<f32>, EvalError> {
@@ -214,6 +256,19 @@ fn eval_host(c: &mut Criterion) {
             })
         });
     }
+    // The engine hands over the logits (as the GPU engine does, formed on its device): the host
+    // is left reading, label maps, metrics and records.
+    let classes = classes(150);
+    let engine = InstantEngine::new(Duration::ZERO, true).forming_logits(&classes);
+    let settings = settings(TargetKind::MaskClip);
+    g.bench_function("maskclip, 150 classes, logits from the engine", |b| {
+        b.iter(|| {
+            let outcome =
+                evaluate(&engine, &clean, &adv, Some(&classes), &settings, |_, _| {}).unwrap();
+            assert_eq!(outcome.failed, 0);
+            outcome
+        })
+    });
     g.finish();
 }
 
