@@ -17,12 +17,12 @@
 //! embeddings. **features** compares F_0..F_L. **probe** applies a user linear head to one
 //! layer's tokens.
 
+use rayon::prelude::*;
+
 use super::ops::{
     attention_variant, dot_logits, linear, linear_rows, normalize_rows, token_sums, Scores,
     TokenSums,
 };
-use rayon::prelude::*;
-
 use super::EvalError;
 use crate::attack::image::Planar;
 use crate::model::Model;
