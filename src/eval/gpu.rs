@@ -370,6 +370,20 @@ struct PassStaging {
     counts: PassUploads,
 }
 
+impl PassStaging {
+    /// The stager when staging is on, made on first use (`None` when off, or when it cannot be
+    /// made: the caller then copies plainly).
+    fn stager(&mut self, dev: &Device) -> Option<&mut Stager<PixelsKey>> {
+        if !self.on {
+            return None;
+        }
+        if self.stager.is_none() {
+            self.stager = Stager::new(dev).ok();
+        }
+        self.stager.as_mut()
+    }
+}
+
 impl<'m> GpuTargets<'m> {
     pub fn new(dev: &Device, model: &'m Model, precision: Precision) -> Result<Self, EvalError> {
         let c = &model.config;
@@ -439,18 +453,15 @@ impl<'m> GpuTargets<'m> {
     /// while the device computes. Best effort: a staging that fails is forgotten (with the
     /// stager's memory) and that pass uploads normally.
     fn stage_ahead(&self, images: &[Planar]) {
-        let mut s = self.staging();
-        if !s.on || images.is_empty() {
+        if images.is_empty() {
             return;
         }
-        if s.stager.is_none() {
-            s.stager = Stager::new(self.dev()).ok();
-        }
-        let key = PixelsKey::of(images);
-        let parts: Vec<&[f32]> = images.iter().map(|im| im.data).collect();
-        let Some(stager) = s.stager.as_mut() else {
+        let mut s = self.staging();
+        let Some(stager) = s.stager(self.dev()) else {
             return;
         };
+        let key = PixelsKey::of(images);
+        let parts: Vec<&[f32]> = images.iter().map(|im| im.data).collect();
         match stager.stage(key, &parts) {
             Ok(()) => s.counts.staged += 1,
             Err(_) => s.stager = None,
@@ -492,11 +503,7 @@ impl<'m> GpuTargets<'m> {
         lens: &[usize],
     ) -> Result<Vec<Vec<T>>, EvalError> {
         let mut s = self.staging();
-        if s.on && s.stager.is_none() {
-            s.stager = Stager::new(self.dev()).ok();
-        }
-        let on = s.on;
-        Ok(match s.stager.as_mut().filter(|_| on) {
+        Ok(match s.stager(self.dev()) {
             Some(stager) => stager.download_split(buf, lens)?,
             None => self.dev().download_split(buf, lens)?,
         })
@@ -592,17 +599,17 @@ impl<'m> GpuTargets<'m> {
         })
     }
 
-    /// post-LN → projection on the device; L2 normalisation on the host. `[rows, E]`. `then`
-    /// (the next pass's images) is staged once the work is queued, before the download waits.
-    fn embed_rows(
+    /// Projected rows `e [rows, dim]` on the host, L2-normalised there. `then` (the next pass's
+    /// images) is staged once the work is queued, before the download waits.
+    fn download_normalized(
         &self,
-        z: &Buffer<f32>,
+        e: &Buffer<f32>,
         rows: usize,
+        dim: usize,
         then: &[Planar],
     ) -> Result<Vec<f32>, EvalError> {
-        let (e, dim) = self.project_rows(z, rows)?;
         self.stage_ahead(then);
-        let mut e = self.download_split(&e, &[rows * dim])?.remove(0);
+        let mut e = self.download_split(e, &[rows * dim])?.remove(0);
         normalize_rows(&mut e, dim);
         Ok(e)
     }
@@ -736,9 +743,7 @@ impl<'m> GpuTargets<'m> {
         head: DenseHead,
     ) -> Result<Vec<TokenEmbeddings>, EvalError> {
         let (pass, e, dim) = self.dense_rows(images, head)?;
-        self.stage_ahead(then);
-        let mut rows = self.download_split(&e, &[pass.tokens() * dim])?.remove(0);
-        normalize_rows(&mut rows, dim);
+        let rows = self.download_normalized(&e, pass.tokens(), dim, then)?;
         let mut rows = rows.as_slice();
         Ok(pass
             .packing
@@ -794,26 +799,25 @@ impl<'m> GpuTargets<'m> {
         then: &[Planar],
         classes: &[f32],
     ) -> Result<Vec<Vec<f32>>, EvalError> {
-        require_projection(self.model)?;
-        let pass = self.forward(images, self.model.config.layers, false)?;
-        let cls = self.cls_rows(&pass)?;
-        let (mut e, dim) = self.project_rows(&cls, images.len())?;
+        let (mut e, dim) = self.image_rows(images)?;
         let (logits, c) = self.class_logits(&mut e, images.len(), dim, classes)?;
         self.stage_ahead(then);
         self.download_split(&logits, &vec![c; images.len()])
     }
 
-    /// Each image's first row of a pass's F_L (its CLS token), gathered on the device:
-    /// `[images, width]`.
-    fn cls_rows(&self, pass: &DevicePass) -> Result<Buffer<f32>, EvalError> {
+    /// A pass's forward, and each image's CLS row of F_L (gathered on the device) through
+    /// post-LN and the projection: `[images, E]` on the device (not normalised) and E.
+    fn image_rows(&self, images: &[Planar]) -> Result<(Buffer<f32>, usize), EvalError> {
+        require_projection(self.model)?;
+        let pass = self.forward(images, self.model.config.layers, false)?;
         let d = self.model.config.width;
         let last = pass.feats.last().expect("F_L");
-        let mut cls = self.dev().alloc_undefined(pass.lens.len() * d)?;
+        let mut cls = self.dev().alloc_undefined(images.len() * d)?;
         for (i, m) in pass.packing.images.iter().enumerate() {
             self.dev()
                 .copy_range(last, m.token_offset * d, &mut cls, i * d, d)?;
         }
-        Ok(cls)
+        self.project_rows(&cls, images.len())
     }
 
     fn image_embedding_pass(
@@ -821,12 +825,8 @@ impl<'m> GpuTargets<'m> {
         images: &[Planar],
         then: &[Planar],
     ) -> Result<Vec<Vec<f32>>, EvalError> {
-        require_projection(self.model)?;
-        let pass = self.forward(images, self.model.config.layers, false)?;
-        // Only the CLS rows.
-        let cls = self.cls_rows(&pass)?;
-        let e = self.embed_rows(&cls, images.len(), then)?;
-        let dim = e.len() / images.len();
+        let (e, dim) = self.image_rows(images)?;
+        let e = self.download_normalized(&e, images.len(), dim, then)?;
         Ok(e.chunks_exact(dim).map(<[f32]>::to_vec).collect())
     }
 
