@@ -82,6 +82,13 @@ run torch-pgd-compile $PY tools/torch_prm.py --mode compile --batch-size "$BATCH
 # prm bench does (before, torch's stayed on the GPU while prm's were read back and copied into
 # per-image vectors). This row is the old definition, for continuity with earlier runs.
 run torch-pgd-eager-bf16-ondevice $PY tools/torch_prm.py --mode eager-bf16 --batch-size "$BATCH" --steps 10 --deliver device
+# Not yet measured (2026-12-06): PRM_PRODUCTS=timed, cuBLASLt's first 8 answers per kind of
+# product timed on the device, the fastest of those with the first answer's bits kept (same
+# bits as the default). Early, because if it wins it is the next default; the JSON's
+# "product_tunings" has every timing. The paper row shows its cost under dynamic scale (a key
+# per power of two of rows, each tuned once).
+run prm-pgd-bf16-timedproducts env PRM_PRODUCTS=timed $B --precision bf16 --batch-size "$BATCH" --steps 10 --repeats 5
+run prm-paper-bf16-b$PAPER_BATCH-timedproducts env PRM_PRODUCTS=timed $B --precision bf16 $PAPER --batch-size "$PAPER_BATCH" --warmup 0 --repeats 1 --no-ceiling
 # The default is PRM_ATTENTION=auto (since 2026-12-05: v3 and v4 and their options timed per
 # shape, the fastest kept; the JSON's "attention" field has the timings). Pinned: v3 (the
 # default until then, the kernels timed at fba7e63), and v4 (a head resident in shared memory;
@@ -143,6 +150,7 @@ rows = [
     ("pgd", "torch eager fp32", "torch-pgd-eager-fp32"), ("pgd", "torch eager bf16+SDPA", "torch-pgd-eager-bf16"),
     ("pgd", "torch bf16, left on GPU", "torch-pgd-eager-bf16-ondevice"),
     ("pgd", "torch.compile bf16", "torch-pgd-compile"),
+    ("pgd", "prm bf16 products timed", "prm-pgd-bf16-timedproducts"),
     ("pgd", "prm bf16 graphs off", "prm-pgd-bf16-nographs"), ("pgd", "prm bf16 attention v3", "prm-pgd-bf16-attn-v3"),
     ("pgd", "prm bf16 attention v4", "prm-pgd-bf16-attn-v4"),
     ("pgd", "prm bf16 v4 split 2", "prm-pgd-bf16-attn-v4-split2"), ("pgd", "prm bf16 v4 pairs", "prm-pgd-bf16-attn-v4-pairs"),
@@ -157,6 +165,7 @@ rows = [
     ("pgd", "prm bf16 batch-invariant", "prm-pgd-bf16-invariant"),
     ("pgd", "prm bf16 b1 batch-invariant", "prm-pgd-bf16-b1-invariant"),
     ("paper", "prm bf16 b1", "prm-paper-bf16-b1"), ("paper", f"prm bf16 b{pb}", f"prm-paper-bf16-b{pb}"),
+    ("paper", f"prm bf16 b{pb} products timed", f"prm-paper-bf16-b{pb}-timedproducts"),
     ("paper", "prm bf16 b32", "prm-paper-bf16-b32"),
     ("paper", "prm fp32 b1", "prm-paper-fp32-b1"), ("paper", "torch fp32 b1", "torch-paper-fp32-b1"),
     ("pgd L/14", "prm bf16 b32", "prm-pgd-bf16-vit-l-14"),
@@ -186,6 +195,8 @@ if not get("prm-pgd-bf16") and get("prm-pgd-bf16-attn-v3"):
     print("pgd   THE DEFAULT ROW FAILED (see prm-pgd-bf16.err); with attention pinned to v3:")
     print(f"pgd   prm bf16 v3 / torch eager bf16   {ratio('prm-pgd-bf16-attn-v3', 'torch-pgd-eager-bf16'):6.2f}x")
     print(f"pgd   prm bf16 v3 / torch.compile       {ratio('prm-pgd-bf16-attn-v3', 'torch-pgd-compile'):6.2f}x")
+print(f"pgd   products timed / heuristic       {ratio('prm-pgd-bf16-timedproducts', 'prm-pgd-bf16'):6.2f}x (batch {batch}) "
+      f"{ratio(f'prm-paper-bf16-b{pb}-timedproducts', f'prm-paper-bf16-b{pb}'):6.2f}x (paper b{pb})")
 print(f"pgd   graphs on / off (batch {batch})      {ratio('prm-pgd-bf16', 'prm-pgd-bf16-nographs'):6.2f}x")
 print(f"pgd   graphs on / off (batch 1)        {ratio('prm-pgd-bf16-b1', 'prm-pgd-bf16-b1-nographs'):6.2f}x")
 print(f"pgd   batch 32 / 64, 128 / 64          {ratio('prm-pgd-bf16-b32', 'prm-pgd-bf16'):6.2f}x {ratio('prm-pgd-bf16-b128', 'prm-pgd-bf16'):6.2f}x")
@@ -210,6 +221,12 @@ for name in ("prm-pgd-bf16", "prm-paper-bf16-b1", f"prm-paper-bf16-b{pb}", "prm-
               f"{t['chosen']} ({times}; tuned in {1e3 * t.get('tuning_seconds', float('nan')):.1f} ms)")
         for d in t["dropped"]:
             print(f"{name}: DROPPED {d}")
+for name in ("prm-pgd-bf16-timedproducts", f"prm-paper-bf16-b{pb}-timedproducts"):
+    # What PRM_PRODUCTS=timed timed (µs a call, in cuBLASLt's order) and kept, per product key.
+    for t in (get(name) or {}).get("product_tunings") or []:
+        times = ", ".join(f"{c:.1f}" if isinstance(c, (int, float)) else c for c in t["candidates_us"])
+        print(f"{name}: m={t['m']} n={t['n']} k={t['k']} {t['types']}{' +C' if t['accumulate'] else ''}"
+              f"{' bias' if t['bias'] else ''}: answer {t['chosen'] + 1} ({times}; {1e3 * t['seconds']:.1f} ms)")
 r = get("prm-pgd-bf16")
 if r and r.get("ceiling_fraction"):
     print(f"pgd   prm bf16 fraction of GEMM ceiling {100*r['ceiling_fraction']:6.1f}%   (target >= 50%)")

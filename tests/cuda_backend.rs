@@ -521,6 +521,79 @@ fn product_variants_match_the_simulator() {
     }
 }
 
+/// `PRM_PRODUCTS=timed` (`Device::set_timed_products`) keeps only cuBLASLt answers that give
+/// the first answer's bits: every variant, and an f32 product accumulated in place (its C
+/// copied for the tuning, so the tuning's runs do not add to it), gives the heuristic's bits
+/// exactly, at the engine's shapes and odd ones, and each product key is tuned once with the
+/// first answer timed. The simulator has nothing to time.
+#[test]
+fn timed_products_give_the_bits_of_the_heuristic_answer() {
+    let sim = Device::sim();
+    sim.set_timed_products(true);
+    assert!(!sim.timed_products() && sim.product_tunings().is_empty());
+    let Some(dev) = device() else { return };
+    let shapes = [
+        (64 * 197, 768, 768, true),
+        (64 * 197, 3072, 768, true),
+        (1201, 768, 3072, false),
+        (197, 37, 33, true),
+        (7, 5, 3, true),
+    ];
+    let in_place = |dev: &Device, s: MatmulShape, seed: u64| {
+        let (a, b) = (values(s.m * s.k, seed), values(s.n * s.k, seed + 1));
+        let (da, db) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
+        let mut dc = dev.upload(&values(s.m * s.n, seed + 3)).unwrap();
+        // No bias: a key of its own (the f32 residual variant has one), so that this call,
+        // in place, is the one its tuning runs on.
+        matmul_f32(dev, s, &da, &db, None, &mut dc, true).unwrap();
+        dev.download(&dc).unwrap()
+    };
+    let bits = |v: &[Vec<f32>]| -> Vec<Vec<u32>> {
+        v.iter()
+            .map(|x| x.iter().map(|f| f.to_bits()).collect())
+            .collect()
+    };
+    for (i, &(m, n, k, b_transposed)) in shapes.iter().enumerate() {
+        let s = MatmulShape {
+            m,
+            n,
+            k,
+            b_transposed,
+        };
+        let seed = 300 + 10 * i as u64;
+        let run = |timed: bool| {
+            dev.set_timed_products(timed);
+            let mut all = product_variants(&dev, s, seed).to_vec();
+            all.push(in_place(&dev, s, seed));
+            bits(&all)
+        };
+        let heuristic = run(false);
+        let tuned_before = dev.product_tunings().len();
+        let timed = run(true);
+        assert!(heuristic == timed, "{s:?}: timed products changed the bits");
+        let tunings = dev.product_tunings();
+        assert_eq!(
+            tunings.len(),
+            tuned_before + 5,
+            "{s:?}: one tuning per product kind"
+        );
+        // Again: nothing more is tuned, and the bits stay.
+        assert!(
+            run(true) == heuristic,
+            "{s:?}: a second timed run changed the bits"
+        );
+        assert_eq!(
+            dev.product_tunings().len(),
+            tunings.len(),
+            "{s:?}: tuned twice"
+        );
+        for t in &tunings[tuned_before..] {
+            println!("{}", prm::gpu::product_timing::describe(t));
+            assert!(t.times_us().is_some(), "{s:?}: {t:?}");
+        }
+    }
+}
+
 /// The variants inside a captured CUDA graph replay with the results of direct calls.
 #[test]
 fn product_variants_replay_from_a_cuda_graph() {

@@ -269,6 +269,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "graphs": graph_report,
         "attention": attention_report,
         "product_algorithms": device.as_ref().map(|d| d.product_algorithms().name()),
+        "products_timed": device.as_ref().map(|d| d.timed_products()),
+        "product_tunings": device.as_ref().map(|d| {
+            d.product_tunings().iter().map(|t| t.to_json()).collect::<Vec<_>>()
+        }),
     });
     let mut report = report;
     if args.profile {
@@ -350,6 +354,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             );
         }
         print_attention_tuning(&attention_report);
+        if let Some(d) = device.as_ref().filter(|d| d.timed_products()) {
+            print_product_tunings(&d.product_tunings());
+        }
         if let Some((t, wall)) = &timeline_report {
             print!(
                 "{}",
@@ -387,6 +394,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 /// not stamped, so it counts here).
 fn host_outside_span_ms(t: &Timeline, wall_seconds: f64) -> f64 {
     (wall_seconds * 1e3 - t.span_us() / 1e3).max(0.0)
+}
+
+/// Under `PRM_PRODUCTS=timed`, what the products' tunings chose: a summary, then a line each.
+fn print_product_tunings(tunings: &[prm::gpu::product_timing::ProductTuning]) {
+    let moved = tunings.iter().filter(|t| t.chosen != 0).count();
+    let seconds: f64 = tunings.iter().map(|t| t.seconds).sum();
+    println!(
+        "products          timed (PRM_PRODUCTS=timed): {} kinds of product, {moved} took another \
+         of cuBLASLt's answers than its first; tuning took {seconds:.2} s",
+        tunings.len()
+    );
+    for t in tunings {
+        println!("  {}", prm::gpu::product_timing::describe(t));
+    }
 }
 
 /// The bf16 engine's attention setting, and under `auto` what it timed: a line per pass and

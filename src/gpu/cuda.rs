@@ -20,12 +20,14 @@
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result as dr, sys as ds, CudaContext, CudaStream, DriverError};
 
 use super::device::{GpuError, LaunchConfig};
 use super::gemm::{MatmulShape, ProductAlgorithms, ProductPtrs, ProductTypes};
+use super::product_timing::ProductTuning;
 
 mod blas;
 use blas::Blas;
@@ -173,6 +175,9 @@ pub struct State {
     /// How cuBLASLt algorithms are chosen ([`ProductAlgorithms`]); read when a product's
     /// algorithm is first chosen.
     product_algorithms: Mutex<ProductAlgorithms>,
+    /// Whether products time cuBLASLt's answers on the device (`PRM_PRODUCTS=timed`,
+    /// [`super::product_timing`]); read when a product's algorithm is first chosen.
+    timed_products: AtomicBool,
 }
 
 // SAFETY: the raw module/function handles are immutable after creation and valid in any thread
@@ -208,7 +213,9 @@ impl CudaBackend {
         let Some(images) = module_images() else {
             return Err(GpuError::NoKernels);
         };
-        catch_unwind(AssertUnwindSafe(|| Self::open(ordinal, images))).unwrap_or_else(|p| {
+        // Refused before anything is opened: a typo must not silently mean the default.
+        let timed = super::product_timing::timed_from_env().map_err(GpuError::Config)?;
+        catch_unwind(AssertUnwindSafe(|| Self::open(ordinal, images, timed))).unwrap_or_else(|p| {
             Err(GpuError::Cuda {
                 context: format!("opening CUDA device {ordinal}"),
                 message: crate::panic_message(&*p),
@@ -216,7 +223,11 @@ impl CudaBackend {
         })
     }
 
-    fn open(ordinal: usize, images: &'static [ModuleImage]) -> Result<Self, GpuError> {
+    fn open(
+        ordinal: usize,
+        images: &'static [ModuleImage],
+        timed_products: bool,
+    ) -> Result<Self, GpuError> {
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| cuda_err(format!("creating a context on device {ordinal}"), e))?;
         // SAFETY: every buffer of this backend is used on its one stream only.
@@ -286,6 +297,7 @@ impl CudaBackend {
                 sync_each_launch: std::env::var("PRM_CUDA_SYNC_EACH_LAUNCH")
                     .is_ok_and(|v| v == "1"),
                 product_algorithms: Mutex::new(ProductAlgorithms::from_env()),
+                timed_products: AtomicBool::new(timed_products),
             }),
         })
     }
@@ -319,6 +331,26 @@ impl CudaBackend {
             .product_algorithms
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = choice;
+    }
+
+    /// Whether products time cuBLASLt's answers on the device (`PRM_PRODUCTS=timed`).
+    pub fn timed_products(&self) -> bool {
+        self.timed_products.load(Ordering::Relaxed)
+    }
+
+    /// Sets whether products time cuBLASLt's answers from now on (each way keeps its own
+    /// cache of plans).
+    pub fn set_timed_products(&self, timed: bool) {
+        self.timed_products.store(timed, Ordering::Relaxed);
+    }
+
+    /// Every tuning of a product's algorithm so far (`PRM_PRODUCTS=timed`), in order.
+    pub fn product_tunings(&self) -> Vec<ProductTuning> {
+        self.blas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or_else(Vec::new, |b| b.tunings().to_vec())
     }
 
     /// (free, total) device memory in bytes.
@@ -579,7 +611,10 @@ impl CudaBackend {
             return Ok(());
         }
         self.bind()?;
-        let choice = self.product_algorithms();
+        let selection = blas::Selection {
+            algorithms: self.product_algorithms(),
+            timed: self.timed_products(),
+        };
         let mut guard = self.blas.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
             if capturing {
@@ -592,7 +627,7 @@ impl CudaBackend {
         }
         let blas = guard.as_mut().expect("initialised above");
         let result = catch_unwind(AssertUnwindSafe(|| {
-            blas.matmul(&self.stream, shape, types, p, capturing, choice)
+            blas.matmul(&self.stream, shape, types, p, capturing, selection)
         }));
         result.unwrap_or_else(|p| {
             Err(GpuError::Cuda {

@@ -843,6 +843,34 @@ impl Device {
         }
     }
 
+    /// Whether this device's products time cuBLASLt's answers on the device and keep the
+    /// fastest of those with the first answer's bits (`PRM_PRODUCTS=timed` when the device was
+    /// opened, or [`Device::set_timed_products`]; [`crate::gpu::product_timing`]). Always false
+    /// under the simulator, which has no algorithms to choose from.
+    pub fn timed_products(&self) -> bool {
+        match &*self.backend {
+            Backend::Sim(_) => false,
+            Backend::Cuda(c) => c.timed_products(),
+        }
+    }
+
+    /// Sets whether this device's products are timed from now on (every clone of the device
+    /// shares it). Nothing changes under the simulator.
+    pub fn set_timed_products(&self, timed: bool) {
+        if let Backend::Cuda(c) = &*self.backend {
+            c.set_timed_products(timed);
+        }
+    }
+
+    /// Every tuning of a product's algorithm on this device so far, in order (empty unless
+    /// products are timed).
+    pub fn product_tunings(&self) -> Vec<crate::gpu::product_timing::ProductTuning> {
+        match &*self.backend {
+            Backend::Sim(_) => Vec::new(),
+            Backend::Cuda(c) => c.product_tunings(),
+        }
+    }
+
     /// Free device memory in bytes; under the simulator, what is left of the memory it was made
     /// with ([`Device::sim_with_memory`]), `None` without one.
     pub fn free_memory(&self) -> Result<Option<usize>, GpuError> {

@@ -16,6 +16,7 @@ pub mod graph;
 pub mod host_stats;
 pub mod kernels;
 pub mod pool;
+pub mod product_timing;
 pub mod sim;
 pub mod sim_memory;
 pub mod staging;

@@ -7,12 +7,16 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::panic::catch_unwind;
 use std::sync::Arc;
+use std::time::Instant;
 
-use cudarc::driver::CudaStream;
+use cudarc::driver::{result as dr, sys as ds, CudaStream};
 
-use super::RawAlloc;
+use super::{cuda_err, RawAlloc};
 use crate::gpu::device::GpuError;
 use crate::gpu::gemm::{MatmulShape, ProductAlgorithms, ProductPtrs, ProductTypes, INVARIANT_ROWS};
+use crate::gpu::product_timing::{
+    self, CandidateOutcome, ProductTuning, TIMED_CANDIDATES, TUNING_REPEATS, TUNING_ROUNDS,
+};
 
 mod lt {
     pub use cudarc::cublaslt::result;
@@ -93,6 +97,34 @@ fn algo_key(key: PlanKey, choice: ProductAlgorithms) -> PlanKey {
     }
 }
 
+/// Whether an algorithm forms each element's inner sum in one block (it does not split the
+/// inner dimension, whose parts would be added in an order of their own).
+fn keeps_inner_dimension_whole(algo: &Algo) -> bool {
+    use lt::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
+    let mut splits: i32 = 0;
+    let mut written = 0usize;
+    // SAFETY: `algo` was initialised by the heuristic; SPLITK_NUM is an int32.
+    let read = unsafe {
+        lt::sys::cublasLtMatmulAlgoConfigGetAttribute(
+            algo,
+            lt::sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+            &mut splits as *mut i32 as *mut c_void,
+            std::mem::size_of::<i32>(),
+            &mut written,
+        )
+    };
+    read == CUBLAS_STATUS_SUCCESS && splits <= 1
+}
+
+/// What an error about `key`'s product says it was doing.
+fn context(key: PlanKey, what: &str) -> String {
+    let s = key.shape;
+    format!(
+        "cuBLASLt {what} for m={} n={} k={} b_transposed={} types={:?} accumulate={} bias={}",
+        s.m, s.n, s.k, s.b_transposed, key.types, key.accumulate, key.bias
+    )
+}
+
 /// Heuristic results [`ProductAlgorithms::BatchInvariant`] looks through for one that does not
 /// split the inner dimension.
 const INVARIANT_CANDIDATES: usize = 16;
@@ -116,12 +148,26 @@ impl Drop for Plan {
     }
 }
 
+/// How a product's algorithm is chosen: by which key ([`ProductAlgorithms`]), and whether the
+/// heuristic's answers are timed on the device (`PRM_PRODUCTS=timed`, [`crate::gpu::product_timing`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct Selection {
+    pub algorithms: ProductAlgorithms,
+    pub timed: bool,
+}
+
+type Algo = lt::sys::cublasLtMatmulAlgo_t;
+
 pub(super) struct Blas {
     handle: lt::sys::cublasLtHandle_t,
     workspace: RawAlloc,
-    plans: HashMap<(PlanKey, ProductAlgorithms), Plan>,
-    /// Heuristic algorithms by [`algo_key`].
-    algos: HashMap<(PlanKey, ProductAlgorithms), lt::sys::cublasLtMatmulAlgo_t>,
+    plans: HashMap<(PlanKey, Selection), Plan>,
+    /// Chosen algorithms by [`algo_key`].
+    algos: HashMap<(PlanKey, Selection), Algo>,
+    /// Every tuning under `timed`, in the order they ran.
+    tunings: Vec<ProductTuning>,
+    /// A tuning failed to run and kept the reference (said once).
+    tuning_failure_told: bool,
     /// Batch-invariant algorithm keys whose algorithm cuBLASLt refused at some size (warned
     /// about once).
     invariance_lost: std::collections::HashSet<PlanKey>,
@@ -180,6 +226,8 @@ impl Blas {
             workspace,
             plans: HashMap::new(),
             algos: HashMap::new(),
+            tunings: Vec::new(),
+            tuning_failure_told: false,
             invariance_lost: Default::default(),
             zeros: None,
             retired_zeros: Vec::new(),
@@ -202,36 +250,54 @@ impl Blas {
     ///   our row-major `d`: `d[i,j] += bias[j]`, as required. β = 1 when accumulating.
     /// - bf16 output (`ProductTypes::Bf16Out`): C, D and the bias are `CUDA_R_16BF`, compute and
     ///   scale fp32; the epilogue adds the bias to the fp32 accumulator before the one rounding.
-    fn plan(&mut self, key: PlanKey, choice: ProductAlgorithms) -> Result<&Plan, GpuError> {
-        if !self.plans.contains_key(&(key, choice)) {
+    fn plan(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        key: PlanKey,
+        sel: Selection,
+        call: ProductPtrs,
+        capturing: bool,
+    ) -> Result<&Plan, GpuError> {
+        if !self.plans.contains_key(&(key, sel)) {
             if self.plans.len() >= MAX_PLANS {
                 self.plans.clear();
             }
-            let from = (algo_key(key, choice), choice);
+            let from = (algo_key(key, sel.algorithms), sel);
             let algo = match self.algos.get(&from) {
                 Some(algo) => *algo,
+                // Asked at the reference size of the key, never at this one: every size that
+                // shares the key borrows it, whichever came first.
+                None if !sel.timed => {
+                    let algo = self.create_plan(from.0, None, sel.algorithms)?.algo;
+                    self.algos.insert(from, algo);
+                    algo
+                }
+                // A capture cannot time (nothing runs): the reference, for this size only,
+                // so that the key is timed when a direct call meets it.
+                None if capturing => {
+                    self.heuristic_algos(&self.describe(from.0)?, from.0, sel.algorithms, 1)?[0]
+                }
                 None => {
-                    // Asked at the reference size of the key, never at this one: every size
-                    // that shares the key borrows it, whichever came first.
-                    let algo = self.create_plan(from.0, None, choice)?.algo;
+                    let algo = self.timed_algorithm(stream, key, from.0, sel.algorithms, call)?;
                     self.algos.insert(from, algo);
                     algo
                 }
             };
-            let plan = self.create_plan(key, Some(algo), choice)?;
-            self.plans.insert((key, choice), plan);
+            let plan = self.create_plan(key, Some(algo), sel.algorithms)?;
+            self.plans.insert((key, sel), plan);
         }
-        Ok(&self.plans[&(key, choice)])
+        Ok(&self.plans[&(key, sel)])
     }
 
     /// Replaces a plan whose borrowed algorithm cuBLASLt rejected with an exact query: an
     /// algorithm of this size alone (the other sizes of its key keep theirs). For
     /// [`ProductAlgorithms::BatchInvariant`] that is said once per kind of product, since its
     /// rows may then differ from the same rows in other batches.
-    fn replan_exact(&mut self, key: PlanKey, choice: ProductAlgorithms) -> Result<(), GpuError> {
-        let plan = self.create_plan(key, None, choice)?;
-        let from = algo_key(key, choice);
-        if choice == ProductAlgorithms::BatchInvariant && self.invariance_lost.insert(from) {
+    fn replan_exact(&mut self, key: PlanKey, sel: Selection) -> Result<(), GpuError> {
+        let plan = self.create_plan(key, None, sel.algorithms)?;
+        let from = algo_key(key, sel.algorithms);
+        if sel.algorithms == ProductAlgorithms::BatchInvariant && self.invariance_lost.insert(from)
+        {
             let s = key.shape;
             eprintln!(
                 "prm: cuBLASLt refused the batch-invariant algorithm of the product m={} \
@@ -240,18 +306,31 @@ impl Blas {
                 s.m, s.n, s.k, key.types
             );
         }
-        self.plans.insert((key, choice), plan);
+        self.plans.insert((key, sel), plan);
         Ok(())
     }
 
+    /// A plan for `key` with the `borrowed` algorithm, or else the heuristic's first answer.
     fn create_plan(
         &self,
         key: PlanKey,
-        borrowed: Option<lt::sys::cublasLtMatmulAlgo_t>,
+        borrowed: Option<Algo>,
         choice: ProductAlgorithms,
     ) -> Result<Plan, GpuError> {
+        let mut plan = self.describe(key)?;
+        match borrowed {
+            Some(algo) => {
+                plan.algo = algo;
+                plan.borrowed = true;
+            }
+            None => plan.algo = self.heuristic_algos(&plan, key, choice, 1)?[0],
+        }
+        Ok(plan)
+    }
+
+    /// The descriptor and layouts of `key`'s product (its algorithm not yet set).
+    fn describe(&self, key: PlanKey) -> Result<Plan, GpuError> {
         use lt::sys::cublasLtMatmulDescAttributes_t as D;
-        use lt::sys::cublasLtMatmulPreferenceAttributes_t as P;
         let MatmulShape {
             m,
             n,
@@ -263,13 +342,7 @@ impl Blas {
         let bf16t = lt::sys::cudaDataType::CUDA_R_16BF;
         let in_t = if key.types.bf16_inputs() { bf16t } else { f32t };
         let out_t = if key.types.bf16_output() { bf16t } else { f32t };
-        let ctx = |what: &str| {
-            format!(
-                "cuBLASLt {what} for m={m} n={n} k={k} b_transposed={b_transposed} types={:?} \
-                 accumulate={} bias={}",
-                key.types, key.accumulate, key.bias
-            )
-        };
+        let ctx = |what: &str| context(key, what);
 
         let desc =
             lt::result::create_matmul_desc(lt::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, f32t)
@@ -342,11 +415,21 @@ impl Blas {
                 .map_err(|e| blas_err(ctx("matrix layout"), e))?;
         }
 
-        if let Some(algo) = borrowed {
-            plan.algo = algo;
-            plan.borrowed = true;
-            return Ok(plan);
-        }
+        Ok(plan)
+    }
+
+    /// cuBLASLt's first `count` answers for `key`'s product (best first) whose workspace fits,
+    /// and under [`ProductAlgorithms::BatchInvariant`] only those that keep the inner dimension
+    /// whole; never empty.
+    fn heuristic_algos(
+        &self,
+        plan: &Plan,
+        key: PlanKey,
+        choice: ProductAlgorithms,
+        count: usize,
+    ) -> Result<Vec<Algo>, GpuError> {
+        use lt::sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let ctx = |what: &str| context(key, what);
         let pref = lt::result::create_matmul_pref().map_err(|e| blas_err(ctx("preference"), e))?;
         let ws = WORKSPACE_BYTES as u64;
         let [al_a, al_b, al_c, al_d, _] = key.align;
@@ -386,59 +469,49 @@ impl Blas {
                 break;
             }
         }
-        let heuristic = result.and_then(|_| {
-            let no_algorithm = |e| {
+        let asked = match choice {
+            ProductAlgorithms::BySize => count,
+            ProductAlgorithms::BatchInvariant => INVARIANT_CANDIDATES.max(count),
+        };
+        let answers = result.and_then(|_| {
+            // SAFETY: the plan's descriptor and layouts and the preference are live.
+            unsafe { self.heuristic_answers(plan.desc, &plan.layouts, pref, asked) }.map_err(|e| {
                 blas_err(
                     ctx("algorithm heuristic (no algorithm supports this configuration)"),
                     e,
                 )
-            };
-            match choice {
-                // SAFETY: all descriptors are live.
-                ProductAlgorithms::BySize => unsafe {
-                    lt::result::get_matmul_algo_heuristic(
-                        self.handle,
-                        desc,
-                        plan.layouts[0],
-                        plan.layouts[1],
-                        plan.layouts[2],
-                        plan.layouts[2],
-                        pref,
-                    )
-                }
-                .map_err(no_algorithm),
-                // SAFETY: as above.
-                ProductAlgorithms::BatchInvariant => {
-                    unsafe { self.unsplit_heuristic(desc, &plan.layouts, pref) }.map_err(
-                        |e| match e {
-                            Ok(count) => GpuError::Cuda {
-                                context: ctx("batch-invariant algorithm"),
-                                message: format!(
-                                    "none of cuBLASLt's {count} algorithms for it keeps the inner \
-                                     dimension whole; run without --batch-invariant and \
-                                     PRM_BATCH_INVARIANT=1"
-                                ),
-                            },
-                            Err(e) => no_algorithm(e),
-                        },
-                    )
-                }
-            }
+            })
         });
         // SAFETY: created above, destroyed once.
         let _ = unsafe { lt::result::destroy_matmul_pref(pref) };
-        let heuristic = heuristic?;
-        if heuristic.workspaceSize > WORKSPACE_BYTES {
-            return Err(GpuError::Cuda {
-                context: ctx("algorithm heuristic"),
-                message: format!(
-                    "algorithm wants {} bytes of workspace",
-                    heuristic.workspaceSize
-                ),
+        let answers = answers?;
+        let total = answers.len();
+        let algos: Vec<Algo> = answers
+            .into_iter()
+            .filter(|r| r.workspaceSize <= WORKSPACE_BYTES)
+            .filter(|r| choice == ProductAlgorithms::BySize || keeps_inner_dimension_whole(&r.algo))
+            .map(|r| r.algo)
+            .take(count)
+            .collect();
+        if algos.is_empty() {
+            return Err(match choice {
+                ProductAlgorithms::BatchInvariant => GpuError::Cuda {
+                    context: ctx("batch-invariant algorithm"),
+                    message: format!(
+                        "none of cuBLASLt's {total} algorithms for it keeps the inner dimension \
+                         whole; run without --batch-invariant and PRM_BATCH_INVARIANT=1"
+                    ),
+                },
+                ProductAlgorithms::BySize => GpuError::Cuda {
+                    context: ctx("algorithm heuristic"),
+                    message: format!(
+                        "none of cuBLASLt's {total} answers fits the {WORKSPACE_BYTES}-byte \
+                         workspace"
+                    ),
+                },
             });
         }
-        plan.algo = heuristic.algo;
-        Ok(plan)
+        Ok(algos)
     }
 
     pub(super) fn matmul(
@@ -448,7 +521,7 @@ impl Blas {
         types: ProductTypes,
         p: ProductPtrs,
         capturing: bool,
-        choice: ProductAlgorithms,
+        sel: Selection,
     ) -> Result<(), GpuError> {
         let (mut shape, mut p) = (shape, p);
         if shape.k == 0 {
@@ -494,33 +567,34 @@ impl Blas {
                 p.bias.map_or(256, alignment),
             ],
         };
-        let first = self.matmul_with_plan(stream, key, p, choice);
+        let first = self.matmul_with_plan(stream, key, p, sel, capturing);
         match first {
-            Err(_) if self.plans.get(&(key, choice)).is_some_and(|p| p.borrowed) => {
-                self.replan_exact(key, choice)?;
-                self.matmul_with_plan(stream, key, p, choice)
+            Err(_) if self.plans.get(&(key, sel)).is_some_and(|p| p.borrowed) => {
+                self.replan_exact(key, sel)?;
+                self.matmul_with_plan(stream, key, p, sel, capturing)
             }
             r => r,
         }
     }
 
-    /// The first of cuBLASLt's heuristic answers (best first) that does not split the inner
-    /// dimension: `Err(Ok(n))` when none of its `n` answers qualifies.
+    /// cuBLASLt's heuristic answers for a product (best first, at most `count`), those it
+    /// marks as usable; `CUBLAS_STATUS_NOT_SUPPORTED` when there are none.
     ///
     /// # Safety
     /// The descriptor, layouts and preference must be live.
-    unsafe fn unsplit_heuristic(
+    unsafe fn heuristic_answers(
         &self,
         desc: lt::sys::cublasLtMatmulDesc_t,
         layouts: &[lt::sys::cublasLtMatrixLayout_t; 3],
         pref: lt::sys::cublasLtMatmulPreference_t,
-    ) -> Result<lt::sys::cublasLtMatmulHeuristicResult_t, Result<usize, lt::result::CublasError>>
-    {
+        count: usize,
+    ) -> Result<Vec<lt::sys::cublasLtMatmulHeuristicResult_t>, lt::result::CublasError> {
         use lt::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
+        let count = count.max(1);
         // SAFETY: plain-old-data, written by cuBLASLt before it is read.
-        let mut results: [lt::sys::cublasLtMatmulHeuristicResult_t; INVARIANT_CANDIDATES] =
-            unsafe { std::mem::zeroed() };
-        let mut count: std::ffi::c_int = 0;
+        let mut results: Vec<lt::sys::cublasLtMatmulHeuristicResult_t> =
+            vec![unsafe { std::mem::zeroed() }; count];
+        let mut returned: std::ffi::c_int = 0;
         // SAFETY: the caller's descriptors; `results` holds the count asked for.
         let status = unsafe {
             lt::sys::cublasLtMatmulAlgoGetHeuristic(
@@ -531,36 +605,23 @@ impl Blas {
                 layouts[2],
                 layouts[2],
                 pref,
-                INVARIANT_CANDIDATES as std::ffi::c_int,
+                count as std::ffi::c_int,
                 results.as_mut_ptr(),
-                &mut count,
+                &mut returned,
             )
         };
         if status != CUBLAS_STATUS_SUCCESS {
-            return Err(Err(lt::result::CublasError(status)));
+            return Err(lt::result::CublasError(status));
         }
-        let count = (count.max(0) as usize).min(INVARIANT_CANDIDATES);
-        for r in &results[..count] {
-            if r.state != CUBLAS_STATUS_SUCCESS {
-                continue;
-            }
-            let mut splits: i32 = 0;
-            let mut written = 0usize;
-            // SAFETY: `r.algo` was initialised by the heuristic; SPLITK_NUM is an int32.
-            let read = unsafe {
-                lt::sys::cublasLtMatmulAlgoConfigGetAttribute(
-                    &r.algo,
-                    lt::sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
-                    &mut splits as *mut i32 as *mut c_void,
-                    std::mem::size_of::<i32>(),
-                    &mut written,
-                )
-            };
-            if read == CUBLAS_STATUS_SUCCESS && splits <= 1 {
-                return Ok(*r);
-            }
+        results.truncate((returned.max(0) as usize).min(count));
+        results.retain(|r| r.state == CUBLAS_STATUS_SUCCESS);
+        if results.is_empty() {
+            // As cudarc's single-answer query says it.
+            return Err(lt::result::CublasError(
+                lt::sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
+            ));
         }
-        Err(Ok(count))
+        Ok(results)
     }
 
     /// One `cublasLtMatmul` through the plan for `key` (created if needed).
@@ -569,11 +630,41 @@ impl Blas {
         stream: &Arc<CudaStream>,
         key: PlanKey,
         p: ProductPtrs,
-        choice: ProductAlgorithms,
+        sel: Selection,
+        capturing: bool,
     ) -> Result<(), GpuError> {
-        let shape = key.shape;
-        let (handle, workspace) = (self.handle, self.workspace.ptr);
-        let plan = self.plan(key, choice)?;
+        self.plan(stream, key, sel, p, capturing)?;
+        let plan = &self.plans[&(key, sel)];
+        self.launch(stream, plan, &plan.algo, key, p).map_err(|e| {
+            let s = key.shape;
+            blas_err(
+                format!(
+                    "cublasLtMatmul m={} n={} k={} b_transposed={} types={:?} accumulate={} \
+                     separate_c={} bias={}",
+                    s.m,
+                    s.n,
+                    s.k,
+                    s.b_transposed,
+                    key.types,
+                    key.accumulate,
+                    p.c.is_some_and(|c| c != p.d),
+                    p.bias.is_some()
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Queues `d = (c or 0) + a · op(b) + bias` with `algo` through `plan`'s descriptor and
+    /// layouts (those of `key`).
+    fn launch(
+        &self,
+        stream: &Arc<CudaStream>,
+        plan: &Plan,
+        algo: &Algo,
+        key: PlanKey,
+        p: ProductPtrs,
+    ) -> Result<(), lt::result::CublasError> {
         if let Some(bias) = p.bias {
             // SAFETY: valid descriptor; the attribute is a device pointer (8 bytes). The
             // descriptor is read by cublasLtMatmul at call time, under the backend's lock.
@@ -583,19 +674,19 @@ impl Blas {
                     lt::sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                     &bias as *const u64 as *const c_void,
                     std::mem::size_of::<u64>(),
-                )
-            }
-            .map_err(|e| blas_err("cuBLASLt bias pointer", e))?;
+                )?
+            };
         }
         let alpha = 1.0f32;
         let beta = if key.accumulate { 1.0f32 } else { 0.0f32 };
         // With β = 0, C is not read; it is given D's address (a valid pointer of its layout).
         let c = p.c.unwrap_or(p.d);
         // SAFETY: the addresses are live device buffers of the extents asserted by `gemm`'s
-        // entry points; the plan's layouts describe them (see `plan`).
+        // entry points (or scratch buffers of the same extents); the plan's layouts describe
+        // them (see `plan`).
         unsafe {
             lt::result::matmul(
-                handle,
+                self.handle,
                 plan.desc,
                 &alpha as *const f32 as *const c_void,
                 &beta as *const f32 as *const c_void,
@@ -607,29 +698,156 @@ impl Blas {
                 plan.layouts[2],
                 p.d as *mut c_void,
                 plan.layouts[2],
-                &plan.algo,
-                workspace as *mut c_void,
+                algo,
+                self.workspace.ptr as *mut c_void,
                 WORKSPACE_BYTES,
                 stream.cu_stream() as lt::sys::cudaStream_t,
             )
         }
-        .map_err(|e| {
-            blas_err(
-                format!(
-                    "cublasLtMatmul m={} n={} k={} b_transposed={} types={:?} accumulate={} \
-                     separate_c={} bias={}",
-                    shape.m,
-                    shape.n,
-                    shape.k,
-                    shape.b_transposed,
-                    key.types,
-                    key.accumulate,
-                    p.c.is_some_and(|c| c != p.d),
-                    p.bias.is_some()
-                ),
-                e,
-            )
-        })
+    }
+
+    /// The algorithm for `from` (the algorithm key of `key`) under `PRM_PRODUCTS=timed`: the
+    /// heuristic's first answers timed on this call's operands, among those that give the
+    /// first answer's bits ([`crate::gpu::product_timing`]). A tuning that cannot run keeps
+    /// the first answer and says why, once.
+    fn timed_algorithm(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        key: PlanKey,
+        from: PlanKey,
+        choice: ProductAlgorithms,
+        call: ProductPtrs,
+    ) -> Result<Algo, GpuError> {
+        let started = Instant::now();
+        let answers =
+            self.heuristic_algos(&self.describe(from)?, from, choice, TIMED_CANDIDATES)?;
+        match self.time_answers(stream, key, &answers, call) {
+            Ok(candidates) => {
+                let chosen = product_timing::choose(&candidates);
+                let s = key.shape;
+                self.tunings.push(ProductTuning {
+                    m: s.m,
+                    n: s.n,
+                    k: s.k,
+                    types: match key.types {
+                        ProductTypes::F32 => "f32",
+                        ProductTypes::Bf16In => "bf16 in",
+                        ProductTypes::Bf16Out => "bf16 out",
+                    },
+                    accumulate: key.accumulate,
+                    bias: key.bias,
+                    algorithms: choice,
+                    candidates,
+                    chosen,
+                    seconds: started.elapsed().as_secs_f64(),
+                });
+                Ok(answers[chosen])
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.tuning_failure_told, true) {
+                    eprintln!(
+                        "prm: PRM_PRODUCTS=timed could not time the product {}: {e}; it and any \
+                         other that cannot keep cuBLASLt's first answer",
+                        context(key, "algorithms")
+                    );
+                }
+                Ok(answers[0])
+            }
+        }
+    }
+
+    /// Runs each answer on `call`'s operands into scratch outputs (its `c` copied first when
+    /// the product accumulates in place), compares its bits with the first answer's, and
+    /// times those that match. The call's own output is not touched.
+    fn time_answers(
+        &self,
+        stream: &Arc<CudaStream>,
+        key: PlanKey,
+        answers: &[Algo],
+        call: ProductPtrs,
+    ) -> Result<Vec<CandidateOutcome>, GpuError> {
+        let s = key.shape;
+        let out_bytes = s.m * s.n * if key.types.bf16_output() { 2 } else { 4 };
+        let reference_out = RawAlloc::undefined(stream, out_bytes)?;
+        let trial_out = RawAlloc::undefined(stream, out_bytes)?;
+        // In place (c = d), each run would add to the last one's output: add to a copy.
+        let c_copy = match call.c {
+            Some(c) if c == call.d => {
+                let copy = RawAlloc::undefined(stream, out_bytes)?;
+                // SAFETY: both are live allocations of at least `out_bytes` bytes.
+                unsafe { dr::memcpy_dtod_async(copy.ptr, c, out_bytes, stream.cu_stream()) }
+                    .map_err(|e| cuda_err("copying a product's C for its tuning", e))?;
+                Some(copy)
+            }
+            _ => None,
+        };
+        let into = |d: &RawAlloc| ProductPtrs {
+            c: c_copy.as_ref().map(|c| c.ptr).or(call.c),
+            d: d.ptr,
+            ..call
+        };
+        let plan = self.describe(key)?;
+        let download = |d: &RawAlloc| -> Result<Vec<u8>, GpuError> {
+            let mut host = vec![0u8; out_bytes];
+            // SAFETY: `d` holds `out_bytes` bytes; the stream is synchronised before the host
+            // reads them.
+            unsafe { dr::memcpy_dtoh_async(&mut host[..], d.ptr, stream.cu_stream()) }
+                .and_then(|_| stream.synchronize())
+                .map_err(|e| cuda_err("reading a product's tuning output", e))?;
+            Ok(host)
+        };
+        self.launch(stream, &plan, &answers[0], key, into(&reference_out))
+            .map_err(|e| blas_err(context(key, "reference run of a tuning"), e))?;
+        let reference = download(&reference_out)?;
+        let mut outcomes = vec![CandidateOutcome::Timed(f64::NAN)];
+        for algo in &answers[1..] {
+            outcomes.push(
+                match self.launch(stream, &plan, algo, key, into(&trial_out)) {
+                    Err(_) => CandidateOutcome::Refused,
+                    Ok(()) if download(&trial_out)? != reference => CandidateOutcome::OtherBits,
+                    Ok(()) => CandidateOutcome::Timed(f64::NAN),
+                },
+            );
+        }
+        let ctx = stream.context();
+        let event = || {
+            ctx.new_event(Some(ds::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| cuda_err("creating a timing event", e))
+        };
+        let (start, end) = (event()?, event()?);
+        for _ in 0..TUNING_ROUNDS {
+            for (algo, outcome) in answers.iter().zip(outcomes.iter_mut()) {
+                let CandidateOutcome::Timed(best) = outcome else {
+                    continue;
+                };
+                start
+                    .record(stream)
+                    .map_err(|e| cuda_err("recording a timing event", e))?;
+                let mut ran = Ok(());
+                for _ in 0..TUNING_REPEATS {
+                    ran = ran.and(self.launch(stream, &plan, algo, key, into(&trial_out)));
+                }
+                end.record(stream)
+                    .map_err(|e| cuda_err("recording a timing event", e))?;
+                let ms = end
+                    .synchronize()
+                    .and_then(|_| start.elapsed_ms(&end))
+                    .map_err(|e| cuda_err("reading a timing event", e))?;
+                if ran.is_err() {
+                    *outcome = CandidateOutcome::Refused;
+                    continue;
+                }
+                let us = ms as f64 * 1e3 / TUNING_REPEATS as f64;
+                *best = if best.is_nan() { us } else { best.min(us) };
+            }
+        }
+        // The scratch outputs are freed in stream order, after the runs that write them.
+        Ok(outcomes)
+    }
+
+    /// Every tuning under `PRM_PRODUCTS=timed` so far.
+    pub(super) fn tunings(&self) -> &[ProductTuning] {
+        &self.tunings
     }
 }
 
