@@ -568,10 +568,14 @@ impl Engine for GpuVit<'_> {
     }
 
     fn kernel_choices(&self) -> Vec<String> {
-        self.attention_tuning()
+        let attention = self.attention_tuning();
+        let attention = attention.iter().map(AttentionTuning::summary_line);
+        // The device's (PRM_PRODUCTS=timed; engines sharing a device share its products).
+        let products = self.dev.product_tunings();
+        let products = products
             .iter()
-            .map(AttentionTuning::summary_line)
-            .collect()
+            .map(|t| format!("product {}", crate::gpu::product_timing::describe(t)));
+        attention.chain(products).collect()
     }
 
     fn staging_counters(&self) -> StagingCounters {
