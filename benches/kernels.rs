@@ -304,24 +304,40 @@ fn kernels(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("cuBLASLt bf16 products, 12608 rows");
     g.sample_size(20);
-    let w = dev.alloc::<half::bf16>(MLP * WIDTH).unwrap();
+    // Random weights: zeros would let every answer tie on the bits and run at zeros' power.
+    let w: Vec<half::bf16> = (0..MLP * WIDTH)
+        .map(|i| half::bf16::from_f32(((i * 7919 % 2001) as f32 - 1000.0) / 1000.0))
+        .collect();
+    let w = dev.upload(&w).unwrap();
     let mut c_out = dev.alloc::<f32>(n * MLP).unwrap();
-    for (name, nn, k) in [
-        ("fc1 (768 -> 3072)", MLP, WIDTH),
-        ("fc2 (3072 -> 768)", WIDTH, MLP),
-    ] {
-        let shape = MatmulShape {
-            m: n,
-            n: nn,
-            k,
-            b_transposed: true,
-        };
-        g.bench_function(name, |b| {
-            b.iter(|| {
-                matmul_bf16(&dev, shape, &yb, &w, None, &mut c_out, false).unwrap();
-                dev.synchronize().unwrap();
-            })
-        });
+    // Each with cuBLASLt's first answer and under PRM_PRODUCTS=timed (the fastest of its first
+    // answers with the same bits; the tuning runs in criterion's warm-up).
+    for timed in [false, true] {
+        dev.set_timed_products(timed);
+        for (name, nn, k) in [
+            ("qkv (768 -> 2304)", 3 * WIDTH, WIDTH),
+            ("out_proj (768 -> 768)", WIDTH, WIDTH),
+            ("fc1 (768 -> 3072)", MLP, WIDTH),
+            ("fc2 (3072 -> 768)", WIDTH, MLP),
+        ] {
+            let shape = MatmulShape {
+                m: n,
+                n: nn,
+                k,
+                b_transposed: true,
+            };
+            let how = if timed { "timed" } else { "heuristic" };
+            g.bench_function(format!("{name}, {how}"), |b| {
+                b.iter(|| {
+                    matmul_bf16(&dev, shape, &yb, &w, None, &mut c_out, false).unwrap();
+                    dev.synchronize().unwrap();
+                })
+            });
+        }
+    }
+    dev.set_timed_products(false);
+    for t in dev.product_tunings() {
+        println!("{}", prm::gpu::product_timing::describe(&t));
     }
     g.finish();
 }
