@@ -780,3 +780,39 @@ fn an_image_gets_the_same_bits_alone_and_in_a_batch() {
         }
     }
 }
+
+/// A tower whose heads are not 64 wide (open_clip's ViT-H/14 has 16 heads of 80) is refused by
+/// the GPU engine before anything is uploaded, with a message that names the CPU engine: the
+/// kernels would otherwise run it as width/64 heads of 64, silently another model. The CPU
+/// reference engine runs it. Two heads of 64 at the same width are accepted.
+#[test]
+fn a_tower_whose_heads_are_not_64_wide_is_refused_by_the_gpu_engine() {
+    for heads in [1, 4] {
+        let model = small_model(
+            128,
+            heads,
+            1,
+            16,
+            2,
+            Activation::QuickGelu,
+            70 + heads as u64,
+        );
+        for dev in devices() {
+            let refused = GpuVit::new_with_precision(&dev, &model, Precision::Bf16);
+            let message = refused.err().expect("refused").to_string();
+            assert!(
+                message.contains(&format!("{heads} heads"))
+                    && message.contains("64 wide")
+                    && message.contains("--device cpu"),
+                "{message}"
+            );
+        }
+        let image: Vec<f32> = (0..3 * 32 * 32).map(|i| (i % 251) as f32 / 250.0).collect();
+        let forward = ReferenceVit::new(&model).forward(&image, 32, 32, false);
+        assert!(forward.features.iter().flatten().all(|v| v.is_finite()));
+    }
+    let model = small_model(128, 2, 1, 16, 2, Activation::QuickGelu, 72);
+    for dev in devices() {
+        assert!(GpuVit::new(&dev, &model).is_ok());
+    }
+}

@@ -43,7 +43,9 @@ use crate::gpu::engine::weights::{
 use crate::gpu::engine::Precision;
 use crate::gpu::gemm::{matmul_bf16, matmul_bf16_residual, matmul_f32, matmul_f32_residual};
 use crate::gpu::kernels::activation::bias_activation_forward_f32;
-use crate::gpu::kernels::attention::{attention_forward_f32, AttentionMode, HEAD_DIM};
+use crate::gpu::kernels::attention::{
+    attention_forward_f32, check_head_layout, AttentionMode, HEAD_DIM,
+};
 use crate::gpu::kernels::class_logits::{class_logits_f32, normalize_rows_f32};
 use crate::gpu::kernels::convert::to_bf16;
 use crate::gpu::kernels::drift::token_sums_f32;
@@ -64,13 +66,7 @@ struct Stack {
 }
 
 fn check_heads(what: &str, width: usize, heads: usize) -> Result<(), EvalError> {
-    if !width.is_multiple_of(HEAD_DIM) || width / heads != HEAD_DIM {
-        return Err(EvalError::Usage(format!(
-            "the GPU attention kernels need head dim {HEAD_DIM}; the {what} has width {width} and \
-             {heads} heads; use --device cpu"
-        )));
-    }
-    Ok(())
+    check_head_layout(what, width, heads).map_err(EvalError::Usage)
 }
 
 impl Stack {

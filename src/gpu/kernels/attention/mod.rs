@@ -97,6 +97,25 @@ pub enum AttentionMode {
     Identity = 3,
 }
 
+/// Whether these kernels can run a tower of `width` split into `heads` heads. Every kernel here
+/// runs heads of [`HEAD_DIM`] (64), the shape of every OpenAI CLIP tower (and of the text towers
+/// of the open_clip models below); open_clip's ViT-H/14 (16 heads of 80), ViT-g/14 (88) and
+/// ViT-bigG/14 (104) image towers are not. The error says what the tower is and what to do.
+pub fn check_head_layout(what: &str, width: usize, heads: usize) -> Result<(), String> {
+    if heads > 0 && width == heads * HEAD_DIM {
+        return Ok(());
+    }
+    let per_head = if heads > 0 {
+        format!("{} wide", width as f64 / heads as f64)
+    } else {
+        "of no width".into()
+    };
+    Err(format!(
+        "the GPU attention kernels run heads {HEAD_DIM} wide; this model's {what} has {heads} \
+         heads {per_head} (width {width}); run it on the CPU reference engine (--device cpu)"
+    ))
+}
+
 /// Elements of the `delta` scratch [`attention_backward_f32`] needs: `heads · tokens`.
 pub fn attention_scratch_len(total_tokens: usize, width: usize) -> usize {
     (width / HEAD_DIM) * total_tokens
