@@ -801,7 +801,7 @@ fn a_tower_whose_heads_are_not_64_wide_is_refused_by_the_gpu_engine() {
             let refused = GpuVit::new_with_precision(&dev, &model, Precision::Bf16);
             let message = refused.err().expect("refused").to_string();
             assert!(
-                message.contains(&format!("{heads} heads"))
+                message.contains(&format!("has {heads} head"))
                     && message.contains("64 wide")
                     && message.contains("--device cpu"),
                 "{message}"

@@ -110,9 +110,10 @@ pub fn check_head_layout(what: &str, width: usize, heads: usize) -> Result<(), S
     } else {
         "of no width".into()
     };
+    let noun = if heads == 1 { "head" } else { "heads" };
     Err(format!(
         "the GPU attention kernels run heads {HEAD_DIM} wide; this model's {what} has {heads} \
-         heads {per_head} (width {width}); run it on the CPU reference engine (--device cpu)"
+         {noun} {per_head} (width {width}); run it on the CPU reference engine (--device cpu)"
     ))
 }
 
