@@ -162,7 +162,7 @@ fn check(dev: &Device, model: &Model, precision: Precision, clean: &[(Vec<f32>, 
 
 #[test]
 fn saving_on_the_device_saves_and_measures_what_the_host_does() {
-    let model = small_model(64, 2, 2, 8, 4, Activation::QuickGelu, 5);
+    let model = small_model(64, 1, 2, 8, 4, Activation::QuickGelu, 5);
     let mut d = Draw::new(31);
     let clean = batch(&mut d);
     for dev in devices() {

@@ -27,7 +27,7 @@ fn images(clean: &[(Vec<f32>, usize, usize)]) -> Vec<(Planar<'_>, ImageRng)> {
 
 #[test]
 fn device_derived_starts_give_the_same_images_as_uploaded_starts() {
-    let model = small_model(64, 2, 2, 8, 4, Activation::Gelu, 5);
+    let model = small_model(64, 1, 2, 8, 4, Activation::Gelu, 5);
     let mut d = Draw::new(8);
     let clean = batch(&mut d);
     for dev in devices() {
@@ -84,7 +84,7 @@ fn device_derived_starts_give_the_same_images_as_uploaded_starts() {
 /// play.
 #[test]
 fn the_final_evaluation_reuses_the_loops_clean_features() {
-    let model = small_model(64, 2, 2, 8, 4, Activation::Gelu, 5);
+    let model = small_model(64, 1, 2, 8, 4, Activation::Gelu, 5);
     let mut d = Draw::new(21);
     let clean = batch(&mut d);
     for dev in devices() {
@@ -193,7 +193,7 @@ fn staged_uploads_are_taken_only_under_their_key_and_sizes() {
 #[test]
 fn an_attack_on_staged_clean_images_matches_a_plain_upload() {
     use prm::attack::engine::StageKey;
-    let model = small_model(64, 2, 2, 8, 4, Activation::Gelu, 6);
+    let model = small_model(64, 1, 2, 8, 4, Activation::Gelu, 6);
     let mut d = Draw::new(12);
     let clean = batch(&mut d);
     let settings = AttackSettings {
@@ -553,7 +553,7 @@ fn the_next_batch_is_staged_after_the_second_step_of_the_current_one() {
 #[test]
 fn the_bench_stages_every_attacks_batch_ahead() {
     use prm::bench::{synthetic_images, time_attacks};
-    let model = small_model(64, 2, 2, 8, 4, Activation::Gelu, 5);
+    let model = small_model(64, 1, 2, 8, 4, Activation::Gelu, 5);
     let settings = AttackSettings {
         steps: 2,
         ..Preset::Pgd.settings()
