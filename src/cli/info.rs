@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
+use prm::gpu::kernels::attention::check_head_layout;
 use prm::model::{Model, ModelSource};
 
 #[derive(Args)]
@@ -26,6 +27,8 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         }
         ModelSource::Random { arch, seed } => (format!("random:{arch}@{seed}"), true),
     };
+    // Whether `--device cuda` / `sim` can run it (the attention kernels' head width).
+    let gpu_engine = check_head_layout("vision tower", c.width, c.heads);
     if args.json {
         let v = serde_json::json!({
             "source": source,
@@ -35,6 +38,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
             "tokens_at_native_size": c.grid * c.grid + 1,
             "parameters": model.parameter_count(),
             "fingerprint": model.fingerprint(),
+            "gpu_engine": gpu_engine.as_ref().map_or_else(|e| e.clone(), |_| "supported".into()),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -82,5 +86,9 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         model.parameter_count(),
         model.parameter_count() as f64 / 1e6
     );
+    match &gpu_engine {
+        Ok(()) => println!("gpu engine:   supported (--device cuda, sim)"),
+        Err(why) => println!("gpu engine:   not supported: {why}"),
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -293,7 +293,7 @@ impl<'m> GpuVit<'m> {
         let c = &model.config;
         // Before any upload: the kernels would otherwise run the tower as width/64 heads of 64,
         // another model than the one loaded, without a word.
-        crate::gpu::kernels::attention::check_head_layout("image tower", c.width, c.heads)
+        crate::gpu::kernels::attention::check_head_layout("vision tower", c.width, c.heads)
             .map_err(GpuError::Config)?;
         let blocks = w
             .blocks
