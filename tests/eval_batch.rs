@@ -35,6 +35,15 @@ fn pixels(seed: u64, len: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Planar pixels for each of [`SIZES`], image i drawn from seed `seed + i`.
+fn size_pixels(seed: u64) -> Vec<Vec<f32>> {
+    SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, (h, w))| pixels(seed + i as u64, 3 * h * w))
+        .collect()
+}
+
 fn images(data: &[Vec<f32>]) -> Vec<Planar<'_>> {
     SIZES
         .iter()
@@ -111,11 +120,7 @@ fn check_batch_against_alone(engine: &dyn EvalEngine, images: &[Planar], what: &
 #[test]
 fn a_batch_gives_each_image_the_bits_it_gets_alone() {
     let model = Model::load("random:tiny").unwrap();
-    let data: Vec<Vec<f32>> = SIZES
-        .iter()
-        .enumerate()
-        .map(|(i, (h, w))| pixels(i as u64 + 1, 3 * h * w))
-        .collect();
+    let data = size_pixels(1);
     let images = images(&data);
     for dev in devices() {
         for precision in [Precision::Fp32, Precision::Bf16] {
@@ -146,14 +151,7 @@ fn a_batch_gives_each_image_the_bits_it_gets_alone() {
 #[test]
 fn staged_pixels_are_taken_only_by_a_pass_of_the_same_pixels() {
     let model = Model::load("random:tiny").unwrap();
-    let made = |seed: u64| -> Vec<Vec<f32>> {
-        SIZES
-            .iter()
-            .enumerate()
-            .map(|(i, (h, w))| pixels(seed + i as u64, 3 * h * w))
-            .collect()
-    };
-    let (a, b) = (made(1), made(100));
+    let (a, b) = (size_pixels(1), size_pixels(100));
     for dev in devices() {
         let plain = GpuTargets::new(&dev, &model, Precision::Fp32).unwrap();
         plain.set_staging(false);
@@ -393,11 +391,7 @@ fn logits_formed_on_the_device_are_the_host_logits_of_its_embeddings() {
         c
     };
     let (first, second) = (class_set(7, 13), class_set(8, 5));
-    let data: Vec<Vec<f32>> = SIZES
-        .iter()
-        .enumerate()
-        .map(|(i, (h, w))| pixels(i as u64 + 1, 3 * h * w))
-        .collect();
+    let data = size_pixels(1);
     let images = images(&data);
     for dev in devices() {
         for precision in [Precision::Fp32, Precision::Bf16] {

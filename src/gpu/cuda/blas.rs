@@ -266,16 +266,15 @@ impl Blas {
             let algo = match self.algos.get(&from) {
                 Some(algo) => *algo,
                 // Asked at the reference size of the key, never at this one: every size that
-                // shares the key borrows it, whichever came first.
-                None if !sel.timed => {
-                    let algo = self.create_plan(from.0, None, sel.algorithms)?.algo;
-                    self.algos.insert(from, algo);
-                    algo
-                }
-                // A capture cannot time (nothing runs): the reference, for this size only,
+                // shares the key borrows it, whichever came first. A capture cannot time
+                // (nothing runs): under `timed` it takes the first answer for this size only,
                 // so that the key is timed when a direct call meets it.
-                None if capturing => {
-                    self.heuristic_algos(&self.describe(from.0)?, from.0, sel.algorithms, 1)?[0]
+                None if !sel.timed || capturing => {
+                    let algo = self.create_plan(from.0, None, sel.algorithms)?.algo;
+                    if !sel.timed {
+                        self.algos.insert(from, algo);
+                    }
+                    algo
                 }
                 None => {
                     let algo = self.timed_algorithm(stream, key, from.0, sel.algorithms, call)?;
