@@ -215,7 +215,9 @@ extern "C" __global__ void prm_loss_images_f32(const float* row_val, const int* 
     if (t == 0) {
         const float sum = part[0];
         const float n_sel = (float)(end - begin);
-        const float n_el = n_sel * (float)dim;
+        // Spelled out (two roundings, as the Rust twin): nvcc could otherwise contract a
+        // product with the add or subtract that follows it, and the simulator never does.
+        const float n_el = PRM_FMUL_RN(n_sel, (float)dim);
         float value = 0.0f;
         bool has_loss = true;
         if (mode == 0) {
@@ -231,8 +233,8 @@ extern "C" __global__ void prm_loss_images_f32(const float* row_val, const int* 
             stats[2 * b + 1] = weight / ((n_el - 1.0f) * fmaxf(sd, 1e-12f));
         }
         if (has_loss) {
-            const float contrib = weight * value;
-            loss[b] = accumulate ? loss[b] + contrib : contrib;
+            const float contrib = PRM_FMUL_RN(weight, value);
+            loss[b] = accumulate ? PRM_FADD_RN(loss[b], contrib) : contrib;
         }
     }
 }

@@ -140,3 +140,44 @@ fn pinned_downloads_match_plain_downloads() {
         assert_eq!(dev.download(&buf).unwrap(), want);
     }
 }
+
+/// Page-locked host memory running out is the host's shortage, not the device's: staging
+/// fails with `PinnedHostMemory` (never `OutOfMemory`, which would make the campaign halve
+/// its batch), and downloads fall back to ordinary host memory with the same values. Once
+/// pinned memory is available again the stager works as before.
+#[test]
+fn without_pinned_memory_downloads_fall_back_and_staging_says_why() {
+    let Some(dev) = device() else { return };
+    let mut stager: Stager<u32> = Stager::new(&dev).unwrap();
+    stager.limit_pinned_memory(1000);
+    let want = values(3 * 45 * 61, 50);
+    let buf = dev.upload(&want).unwrap();
+    let cut = [1000, 0, want.len() - 1000];
+    let pieces = stager.download_split(&buf, &cut).unwrap();
+    assert_eq!(pieces.concat(), want);
+    assert_eq!(pieces.iter().map(Vec::len).collect::<Vec<_>>(), cut);
+    // Small enough for the limit: still through the pinned buffer.
+    assert_eq!(
+        stager.download_split(&buf, &[100]).unwrap(),
+        vec![want[..100].to_vec()]
+    );
+    match stager.stage(7, &[&want]) {
+        Err(GpuError::PinnedHostMemory { bytes }) => {
+            assert!(bytes >= 4 * want.len(), "{bytes} bytes")
+        }
+        other => panic!("staging without pinned memory gave {other:?}"),
+    }
+    let mut dst = dev.alloc::<f32>(want.len()).unwrap();
+    assert!(
+        stager.take(&7, &[want.len()], &mut dst).unwrap().is_none(),
+        "a failed staging was taken"
+    );
+    stager.limit_pinned_memory(usize::MAX);
+    stager.stage(8, &[&want]).unwrap();
+    assert!(stager.take(&8, &[want.len()], &mut dst).unwrap().is_some());
+    assert_eq!(dev.download(&dst).unwrap(), want);
+    assert_eq!(
+        stager.download_split(&buf, &[want.len()]).unwrap(),
+        vec![want]
+    );
+}

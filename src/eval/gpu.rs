@@ -446,8 +446,8 @@ impl<'m> GpuTargets<'m> {
 
     /// Starts copying `images` (the next pass's) to the device on the stager's copy stream.
     /// Called once this pass's work is queued, so that the host packs them, and the copy runs,
-    /// while the device computes. Best effort: a staging that fails is forgotten (with the
-    /// stager's memory) and that pass uploads normally.
+    /// while the device computes. Best effort: when a staging fails that pass uploads normally;
+    /// the stager is dropped (with its memory) only for an error other than a memory shortage.
     fn stage_ahead(&self, images: &[Planar]) {
         if images.is_empty() {
             return;
@@ -460,6 +460,9 @@ impl<'m> GpuTargets<'m> {
         let parts: Vec<&[f32]> = images.iter().map(|im| im.data).collect();
         match stager.stage(key, &parts) {
             Ok(()) => s.counts.staged += 1,
+            // Memory short now: this pass uploads normally, and the stager (its readback and
+            // whatever memory it already holds) stays for the next instead of being rebuilt.
+            Err(e) if e.is_memory_shortage() => {}
             Err(_) => s.stager = None,
         }
     }

@@ -512,15 +512,23 @@ impl CudaBackend {
     /// Ends the capture begun by [`Self::begin_capture`] and instantiates the graph. Always
     /// ends the capture, also when it was invalidated by a call that cannot be captured.
     pub(crate) fn end_capture(&self) -> Result<cudarc::driver::CudaGraph, GpuError> {
-        self.bind()?;
+        // cudarc reports an error that an earlier drop of one of its handles stored at the
+        // next bind, and then does nothing else: taken here, so that the capture is ended
+        // whatever it was (a stream left capturing would refuse every later direct call).
+        let stale = self.ctx.check_err();
         let ended = catch_unwind(AssertUnwindSafe(|| {
             self.stream.end_capture(ds::CUgraphInstantiate_flags(0))
         }))
         .map_err(|p| GpuError::Cuda {
             context: "ending a graph capture".into(),
             message: crate::panic_message(&*p),
-        })?;
-        match ended {
+        });
+        // Buffers dropped during the capture are freed now, in stream order after it.
+        free_deferred(&self.stream);
+        if let Err(e) = stale {
+            eprintln!("prm: a CUDA handle released before the end of a graph capture failed: {e}");
+        }
+        match ended? {
             Ok(Some(graph)) => Ok(graph),
             Ok(None) => Err(GpuError::Cuda {
                 context: "ending a graph capture".into(),
@@ -690,14 +698,58 @@ impl RawAlloc {
     }
 }
 
+/// Allocations dropped while their stream was being captured, freed by
+/// [`CudaBackend::end_capture`]: during a capture `cuMemFreeAsync` becomes a node of the graph,
+/// which the driver accepts only for the graph's own allocations (any other address breaks the
+/// capture), and a synchronisation is not allowed at all. Freed after the capture, in stream
+/// order, they still wait for the work queued before it; the captured work itself must not use
+/// them (the pool and `pin_to_capture` keep what it uses alive, and the simulator checks it).
+static DEFERRED_FREES: Mutex<Vec<(ds::CUdeviceptr, Arc<CudaStream>)>> = Mutex::new(Vec::new());
+
+/// Frees the deferred allocations of `stream` (see [`DEFERRED_FREES`]).
+fn free_deferred(stream: &Arc<CudaStream>) {
+    let mine: Vec<ds::CUdeviceptr> = {
+        let mut deferred = DEFERRED_FREES.lock().unwrap_or_else(|p| p.into_inner());
+        let (mine, rest) = deferred
+            .drain(..)
+            .partition(|(_, s)| Arc::ptr_eq(s, stream));
+        *deferred = rest;
+        mine.into_iter().map(|(ptr, _)| ptr).collect()
+    };
+    for ptr in mine {
+        drop(RawAlloc {
+            ptr,
+            stream: stream.clone(),
+        });
+    }
+}
+
+/// Whether `stream` is being captured (an error counts as not: the free then fails as it
+/// would have).
+fn capturing(stream: &CudaStream) -> bool {
+    let mut status = ds::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: a query on a live stream into a local.
+    let queried = unsafe { ds::cuStreamIsCapturing(stream.cu_stream(), &mut status) };
+    queried == ds::CUresult::CUDA_SUCCESS
+        && status != ds::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+}
+
 impl Drop for RawAlloc {
     fn drop(&mut self) {
         let ctx = self.stream.context();
         // SAFETY: the allocation is freed once, in stream order after every use queued on the
-        // stream (or after a stream synchronisation without memory pools). Errors are ignored:
-        // there is nothing to report them to.
+        // stream (or after a stream synchronisation without memory pools), or handed to
+        // `DEFERRED_FREES` while the stream is captured. Errors are ignored: there is nothing
+        // to report them to.
         unsafe {
             let _ = dr::ctx::set_current(ctx.cu_ctx());
+            if capturing(&self.stream) {
+                DEFERRED_FREES
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((self.ptr, self.stream.clone()));
+                return;
+            }
             if ctx.has_async_alloc() {
                 let _ = dr::free_async(self.ptr, self.stream.cu_stream());
             } else {

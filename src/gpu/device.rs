@@ -34,6 +34,11 @@ pub enum GpuError {
     UnknownKernel(String),
     #[error("out of device memory allocating {bytes} bytes: attack or evaluate fewer or smaller images at a time (--batch-size, --resolution), or use a device with more memory")]
     OutOfMemory { bytes: usize },
+    /// Page-locked host memory (for staged copies) could not be allocated: host memory is
+    /// short or locked memory is limited, while the device may be fine. Never a reason to make
+    /// a batch smaller; the staging falls back to ordinary copies.
+    #[error("out of page-locked host memory allocating {bytes} bytes for a staged copy: free host memory or raise the locked-memory limit (ulimit -l), or set PRM_NO_STAGING=1")]
+    PinnedHostMemory { bytes: usize },
     #[error("invalid device '{0}': use auto, cpu, cuda, cuda:N or sim")]
     BadSpec(String),
     /// Something a graph cannot contain was asked for while one was being captured
@@ -53,6 +58,15 @@ pub enum GpuError {
 }
 
 impl GpuError {
+    /// Device or page-locked host memory ran short: the operation may succeed later, and the
+    /// objects involved are intact.
+    pub fn is_memory_shortage(&self) -> bool {
+        matches!(
+            self,
+            GpuError::OutOfMemory { .. } | GpuError::PinnedHostMemory { .. }
+        )
+    }
+
     /// A launch asking a block for more dynamic shared memory than the GPU allows one (its
     /// opt-in limit): the CUDA backend refuses it before launching, and so does a simulator
     /// made with a GPU's limit.

@@ -18,6 +18,9 @@
 //!    fastest round's mean counting;
 //! 4. the fastest, when it beats the reference by [`REFERENCE_MARGIN`] (else the reference).
 //!
+//! Only products with enough outputs ([`large_enough_to_tune`]) are tuned: on fewer, the bit
+//! comparison could miss another order of the sums.
+//!
 //! The call itself then runs with the chosen algorithm. A tuning that cannot run (no memory
 //! for its scratch outputs) keeps the reference and says so once. The simulator forms products
 //! on the CPU and has nothing to time.
@@ -34,6 +37,31 @@ pub const TUNING_REPEATS: usize = 3;
 /// chosen: a lead inside the timing noise would make the choice flip between runs for nothing
 /// (harmless to the bits, since only identical ones compete, but not to the timings).
 pub const REFERENCE_MARGIN: f64 = 0.02;
+
+/// The fewest bf16 output elements a product needs for its tuning. A candidate is kept only
+/// if its output has the reference's bits; bf16 rounding hides most last-bit differences of
+/// the fp32 sums (one in tens of thousands shows), so on a few thousand elements an algorithm
+/// that sums in another order could match by chance, then win, and change the results at
+/// other sizes of its key. 2^20 elements whose sums differ in the last bit for a third of them
+/// show about ten differences.
+pub const TUNED_MIN_BF16_OUTPUTS: usize = 1 << 20;
+
+/// The same for fp32 outputs, where another order of the sums shows in a large share of the
+/// elements.
+pub const TUNED_MIN_F32_OUTPUTS: usize = 1 << 14;
+
+/// Whether a product of `m` × `n` outputs (bf16 or fp32) is large enough for its bit
+/// comparison to be trusted ([`TUNED_MIN_BF16_OUTPUTS`], [`TUNED_MIN_F32_OUTPUTS`]). Smaller
+/// products keep cuBLASLt's first answer (they are also those with the least time to gain)
+/// and are not recorded as tunings; a larger product of the same key tunes it when it comes.
+pub fn large_enough_to_tune(m: usize, n: usize, bf16_output: bool) -> bool {
+    let least = if bf16_output {
+        TUNED_MIN_BF16_OUTPUTS
+    } else {
+        TUNED_MIN_F32_OUTPUTS
+    };
+    m.saturating_mul(n) >= least
+}
 
 /// What `PRM_PRODUCTS` asks: `heuristic` (the default: cuBLASLt's first answer) or `timed`.
 /// Anything else is an error that names the allowed values.
@@ -199,6 +227,22 @@ mod tests {
         assert_eq!(choose(&[Timed(f64::NAN), Timed(1.0)]), 0);
         assert_eq!(choose(&[Timed(100.0), Timed(f64::NAN)]), 0);
         assert_eq!(choose(&[]), 0);
+    }
+
+    #[test]
+    fn only_products_whose_bits_can_show_another_order_are_tuned() {
+        // ViT-B/16 at batch 64 (12,608 rows): every product.
+        for n in [768, 2304, 3072] {
+            assert!(large_enough_to_tune(12_608, n, true));
+            assert!(large_enough_to_tune(12_608, n, false));
+        }
+        // One 1201-token image: fp32 outputs, and bf16 ones of 3072 columns.
+        assert!(large_enough_to_tune(1201, 768, false));
+        assert!(!large_enough_to_tune(1201, 768, true));
+        assert!(large_enough_to_tune(1201, 3072, true));
+        assert!(!large_enough_to_tune(197, 37, false));
+        assert!(!large_enough_to_tune(usize::MAX, 0, false));
+        assert!(large_enough_to_tune(usize::MAX, 2, true));
     }
 
     #[test]

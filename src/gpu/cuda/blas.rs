@@ -267,9 +267,17 @@ impl Blas {
                 Some(algo) => *algo,
                 // Asked at the reference size of the key, never at this one: every size that
                 // shares the key borrows it, whichever came first. A capture cannot time
-                // (nothing runs): under `timed` it takes the first answer for this size only,
-                // so that the key is timed when a direct call meets it.
-                None if !sel.timed || capturing => {
+                // (nothing runs), and a small product cannot show that an answer sums in the
+                // reference's order: under `timed` they take the first answer for this size
+                // only, so that the key is timed when a large enough direct call meets it.
+                None if !sel.timed
+                    || capturing
+                    || !crate::gpu::product_timing::large_enough_to_tune(
+                        key.shape.m,
+                        key.shape.n,
+                        key.types.bf16_output(),
+                    ) =>
+                {
                     let algo = self.create_plan(from.0, None, sel.algorithms)?.algo;
                     if !sel.timed {
                         self.algos.insert(from, algo);

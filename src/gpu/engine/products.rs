@@ -63,6 +63,11 @@ impl<'m> GpuVit<'m> {
                 Some(b) => b.lock().unwrap_or_else(|p| p.into_inner()).capacity_bytes() < bytes,
             };
             if small {
+                // A capture can neither allocate the larger one nor free the smaller one (on a
+                // GPU, freeing memory that is not the graph's own breaks the capture): refuse
+                // before touching either.
+                self.dev
+                    .refuse_in_capture("growing the bf16 operand scratch")?;
                 // Free the smaller one first, unless a graph still holds it.
                 *guard = None;
                 *guard = Some(Arc::new(Mutex::new(self.dev.alloc::<half::bf16>(len)?)));

@@ -82,7 +82,11 @@ impl GpuVit<'_> {
             .stage(key.clone(), &parts);
         match staged {
             Ok(()) => s.counters.staged += 1,
-            // Forget it (and the memory): the batch uploads normally.
+            // Memory short now: the batch uploads normally, and the stager (its readback and
+            // whatever memory it already holds) stays for the next batch instead of being
+            // rebuilt (an out-of-memory error of the batch itself releases it).
+            Err(e) if e.is_memory_shortage() => {}
+            // Anything else: forget it (and its memory); the batch uploads normally.
             Err(_) => s.stager = None,
         }
         s.counters.host_seconds += started.elapsed().as_secs_f64();

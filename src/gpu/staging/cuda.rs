@@ -14,12 +14,22 @@ use rayon::prelude::*;
 use crate::gpu::cuda::{cuda_err as err, CudaMemory};
 use crate::gpu::GpuError;
 
-/// Out of memory, or another driver error.
+/// Out of device memory, or another driver error.
 fn alloc_err(context: &str, bytes: usize, e: DriverError) -> GpuError {
     if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
         GpuError::OutOfMemory { bytes }
     } else {
         err(context, e)
+    }
+}
+
+/// Out of page-locked host memory (the driver says "out of memory" for it too, but it is the
+/// host's: a batch made smaller would not help), or another driver error.
+fn pinned_err(bytes: usize, e: DriverError) -> GpuError {
+    if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        GpuError::PinnedHostMemory { bytes }
+    } else {
+        err("allocating pinned host memory", e)
     }
 }
 
@@ -72,6 +82,9 @@ pub(super) struct CudaLane {
     /// Pinned memory for downloads (cacheable, not write-combined: the host reads it), grown
     /// when needed. Only touched between a stream synchronisation and the next download.
     readback: Option<PinnedHostSlice<u8>>,
+    /// Pinned allocations larger than this fail as the driver's do when host memory runs out
+    /// (tests of the fallbacks; `usize::MAX` otherwise).
+    pinned_limit: usize,
 }
 
 impl CudaLane {
@@ -97,7 +110,26 @@ impl CudaLane {
             copy,
             slots: [slot()?, slot()?],
             readback: None,
+            pinned_limit: usize::MAX,
         })
+    }
+
+    pub(super) fn limit_pinned_memory(&mut self, bytes: usize) {
+        self.pinned_limit = bytes;
+    }
+
+    /// `bytes` of pinned host memory (`flags` as `cuMemHostAlloc`'s), uninitialised.
+    fn alloc_pinned(&self, bytes: usize, flags: u32) -> Result<PinnedHostSlice<u8>, GpuError> {
+        if bytes > self.pinned_limit {
+            return Err(GpuError::PinnedHostMemory { bytes });
+        }
+        // SAFETY: callers write the contents before anything reads them.
+        unsafe {
+            self.compute
+                .context()
+                .alloc_pinned_with_flags::<u8>(bytes, flags)
+        }
+        .map_err(|e| pinned_err(bytes, e))
     }
 
     fn bind(&self) -> Result<(), GpuError> {
@@ -111,19 +143,21 @@ impl CudaLane {
     pub(super) fn stage(&mut self, i: usize, parts: &[&[f32]]) -> Result<(), GpuError> {
         self.bind()?;
         let bytes: usize = parts.iter().map(|p| std::mem::size_of_val(*p)).sum();
-        let ctx = self.compute.context().clone();
-        let slot = &mut self.slots[i];
         // The pinned buffer is rewritten below: the copy that last read it must be done.
-        slot.copied
+        self.slots[i]
+            .copied
             .synchronize()
             .map_err(|e| err("waiting for a staged copy", e))?;
-        if slot.host.as_ref().is_none_or(|h| h.len() < bytes) {
-            slot.host = None;
-            // SAFETY: the contents are written below before any copy reads them.
-            let host = unsafe { ctx.alloc_pinned::<u8>(grown(bytes)) }
-                .map_err(|e| alloc_err("allocating pinned host memory", bytes, e))?;
-            slot.host = Some(host);
+        if self.slots[i].host.as_ref().is_none_or(|h| h.len() < bytes) {
+            self.slots[i].host = None;
+            // Written below before any copy reads it.
+            let host = self.alloc_pinned(
+                grown(bytes),
+                cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED,
+            )?;
+            self.slots[i].host = Some(host);
         }
+        let slot = &mut self.slots[i];
         if slot.device.as_ref().is_none_or(|d| d.bytes < bytes) {
             slot.idle()?;
             slot.free_device();
@@ -192,28 +226,27 @@ impl CudaLane {
     /// Copies the first bytes of `src` into `outs`, one after another, after all work queued on
     /// the compute stream, through the pinned readback buffer (one DMA straight into
     /// page-locked memory, then one host copy per piece, instead of the driver's staging of
-    /// pageable memory).
+    /// pageable memory). `false`, with nothing copied, when the readback buffer could not be
+    /// allocated for lack of host memory: the caller downloads the ordinary way.
     pub(super) fn download(
         &mut self,
         src: &CudaMemory,
         outs: &mut [&mut [u8]],
-    ) -> Result<(), GpuError> {
+    ) -> Result<bool, GpuError> {
         self.bind()?;
         let bytes: usize = outs.iter().map(|o| o.len()).sum();
         assert!(bytes <= src.len());
         if bytes == 0 {
-            return Ok(());
+            return Ok(true);
         }
         if self.readback.as_ref().is_none_or(|r| r.len() < bytes) {
             self.readback = None;
-            // SAFETY: the contents are written by the copy below before the host reads them.
-            let pinned = unsafe {
-                self.compute
-                    .context()
-                    .alloc_pinned_with_flags::<u8>(grown(bytes), 0)
+            // Written by the copy below before the host reads it. Cacheable (flags 0).
+            match self.alloc_pinned(grown(bytes), 0) {
+                Ok(pinned) => self.readback = Some(pinned),
+                Err(GpuError::PinnedHostMemory { .. }) => return Ok(false),
+                Err(e) => return Err(e),
             }
-            .map_err(|e| alloc_err("allocating pinned host memory", bytes, e))?;
-            self.readback = Some(pinned);
         }
         let pinned = self
             .readback
@@ -237,7 +270,7 @@ impl CudaLane {
         // Fresh host vectors fault their pages in as the copy touches them, which one thread
         // does at a fraction of memory bandwidth.
         unpack(&pinned[..bytes], outs);
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -172,10 +172,26 @@ impl<K: PartialEq> Stager<K> {
                     .iter_mut()
                     .map(|o| bytemuck::cast_slice_mut(o.as_mut_slice()))
                     .collect();
-                lane.download(m, &mut pieces)?;
-                Ok(outs)
+                if lane.download(m, &mut pieces)? {
+                    return Ok(outs);
+                }
+                // No pinned readback buffer (host memory is short): the ordinary download.
+                drop(outs);
+                self.dev.download_split(src, lens)
             }
             _ => self.dev.download_split(src, lens),
+        }
+    }
+
+    /// Makes every pinned host allocation of more than `bytes` fail as the driver's does when
+    /// page-locked memory runs out ([`GpuError::PinnedHostMemory`]), so tests can reach the
+    /// fallbacks: staging then fails (callers upload normally) and
+    /// [`Stager::download_split`] downloads the ordinary way. No effect under the simulator,
+    /// which has no pinned memory.
+    #[doc(hidden)]
+    pub fn limit_pinned_memory(&mut self, bytes: usize) {
+        if let Lane::Cuda(lane) = &mut self.lane {
+            lane.limit_pinned_memory(bytes);
         }
     }
 
