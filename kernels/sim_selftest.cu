@@ -82,8 +82,8 @@ PRM_REGISTER_KERNEL(prm_selftest_shuffles);
 
 // Partial last warp (launch with a block size that is not a multiple of 32). For each thread:
 // out[4*t+0] = sum of in[] over the lanes of its warp (through __shfl_sync from every active
-// lane), +1 = __activemask(), +2 = __ballot_sync(mask, 1), +3 = prm_warp_sum(in[t]) with the
-// full mask (lanes that do not exist return the caller's own value).
+// lane), +1 = __activemask(), +2 = __ballot_sync(mask, 1), +3 = an xor butterfly over the
+// active mask in which a lane whose partner does not exist adds nothing at that step.
 extern "C" __global__ void prm_selftest_partial_warp(const float* __restrict__ in, float* __restrict__ out) {
     const int t = threadIdx.x;
     const float v = in[t];
@@ -95,9 +95,30 @@ extern "C" __global__ void prm_selftest_partial_warp(const float* __restrict__ i
     out[4 * t + 1] = __uint_as_float(mask);
     out[4 * t + 2] = __uint_as_float(__ballot_sync(mask, 1));
     __syncwarp(mask);
-    out[4 * t + 3] = prm_warp_sum(v);
+    float b = v;
+    const int lane = t % 32;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        // Only partners that exist are read: a shuffle from outside the mask is undefined.
+        const int partner = lane ^ offset;
+        const unsigned from = ((mask >> partner) & 1u) ? partner : lane;
+        const float got = __shfl_sync(mask, b, from);
+        b += from == (unsigned)lane ? 0.0f : got;
+    }
+    out[4 * t + 3] = b;
 }
 PRM_REGISTER_KERNEL(prm_selftest_partial_warp);
+
+// Undefined on a GPU, refused by the simulator: mode 0, a full-mask collective (prm_warp_sum)
+// in a partial last warp; mode 1, a shuffle that reads a lane outside its mask.
+extern "C" __global__ void prm_selftest_bad_warp_masks(int mode, float* __restrict__ out) {
+    const int t = threadIdx.x;
+    if (mode == 0) {
+        out[t] = prm_warp_sum(1.0f);
+    } else if (t < 16) {
+        out[t] = __shfl_sync(0x0000ffffu, (float)t, t + 16);
+    }
+}
+PRM_REGISTER_KERNEL(prm_selftest_bad_warp_masks);
 
 // Atomics from every thread: fsum += 1, isum += g, umax = max(g), u64 += g, cas_count += 1
 // through an atomicCAS loop, dsum += 0.5.

@@ -200,20 +200,53 @@ fn partial_last_warp() {
         assert_eq!(y[4 * t], sum, "warp sum, thread {t}");
         assert_eq!(y[4 * t + 1].to_bits(), mask, "__activemask, thread {t}");
         assert_eq!(y[4 * t + 2].to_bits(), mask, "__ballot_sync, thread {t}");
-        // prm_warp_sum with the full mask: a lane whose xor partner does not exist keeps its
-        // own value at that step.
+        // The butterfly over the active mask: a lane whose xor partner does not exist adds
+        // nothing at that step.
         let mut vals: Vec<f32> = input[w0..w0 + lanes].to_vec();
         let mut offset = 16;
         while offset > 0 {
             let prev = vals.clone();
             for l in 0..lanes {
                 let src = l ^ offset;
-                vals[l] = prev[l] + if src < lanes { prev[src] } else { prev[l] };
+                vals[l] = prev[l] + if src < lanes { prev[src] } else { 0.0 };
             }
             offset >>= 1;
         }
-        assert_eq!(y[4 * t + 3], vals[t - w0], "prm_warp_sum, thread {t}");
+        assert_eq!(y[4 * t + 3], vals[t - w0], "butterfly, thread {t}");
     }
+}
+
+/// What a GPU leaves undefined in warp collectives is an error in the simulator, naming the
+/// kernel: a mask naming lanes that do not exist (a full-mask `prm_warp_sum` in a block of 50
+/// threads), and a shuffle reading a lane outside its mask.
+#[test]
+fn undefined_warp_masks_are_refused() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let mut y = dev.alloc::<f32>(64).unwrap();
+    for (mode, threads, says) in [
+        (0, 50u32, "lanes 0x0003ffff exist"),
+        (1, 32, "reads a lane outside its mask"),
+    ] {
+        let mut args = KernelArgs::new();
+        args.i32(mode).output(&mut y);
+        let msg = sim_message(dev.launch(
+            "prm_selftest_bad_warp_masks",
+            LaunchConfig::linear(1, threads, 0),
+            &mut args,
+        ));
+        assert!(msg.contains(says), "mode {mode}: {msg}");
+    }
+    // The same kernel with whole warps and a mask of existing lanes is fine.
+    let mut args = KernelArgs::new();
+    args.i32(0).output(&mut y);
+    dev.launch(
+        "prm_selftest_bad_warp_masks",
+        LaunchConfig::linear(1, 64, 0),
+        &mut args,
+    )
+    .unwrap();
+    assert_eq!(dev.download(&y).unwrap(), vec![32.0; 64]);
 }
 
 #[test]

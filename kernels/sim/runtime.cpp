@@ -453,6 +453,13 @@ unsigned warp_phase(unsigned mask, unsigned* eff_out, Publish publish) {
     check_slice(self);
     WarpState& W = s.blk.warps[warp];
     const uint32_t bit = 1u << lane;
+    // A mask naming lanes that do not exist (a partial last warp) is undefined on a GPU,
+    // which may wait for them forever: refuse it rather than quietly leaving them out.
+    if (mask & ~W.exist)
+        fail_throw(where(self) + fmt(": warp collective with mask 0x%08x in a warp whose lanes 0x%08x exist "
+                                     "(the block's last warp is partial): name only existing lanes "
+                                     "(__activemask()), or make the block a multiple of 32 threads",
+                                     mask, W.exist));
     const uint32_t eff = mask & W.exist;
     *eff_out = eff;
     if (!(eff & bit))

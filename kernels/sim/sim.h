@@ -259,7 +259,11 @@ inline T shfl(unsigned mask, T var, ShflKind kind, int arg, int width) {
         case kDown: src = lane + static_cast<int>(static_cast<unsigned>(arg)); if (src >= seg + w) src = lane; break;
         default: src = lane ^ arg; if (src >= seg + w) src = lane; break;
     }
-    if (src < 0 || src >= 32 || src == lane || !((eff >> src) & 1u)) return var;
+    if (src < 0 || src >= 32 || src == lane) return var;
+    // Reading a lane outside the mask gives an undefined value on a GPU (that lane may be
+    // inactive, or elsewhere in the code); the simulator used to return the caller's own.
+    if (!((eff >> src) & 1u))
+        kernel_error("a warp shuffle reads a lane outside its mask: its value is undefined on a GPU");
     T out;
     std::memcpy(&out, &slots[src], sizeof(T));
     return out;
