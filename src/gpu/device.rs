@@ -67,6 +67,23 @@ impl GpuError {
         )
     }
 
+    /// A fault that ends the CUDA context (an illegal or misaligned address, an illegal
+    /// instruction, a failed launch, a device-side assert): every later call of the process
+    /// fails with it, so nothing should carry on as if one kernel were merely unavailable.
+    pub fn ends_the_context(&self) -> bool {
+        const STICKY: [&str; 8] = [
+            "CUDA_ERROR_ILLEGAL_ADDRESS",
+            "CUDA_ERROR_MISALIGNED_ADDRESS",
+            "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+            "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+            "CUDA_ERROR_INVALID_PC",
+            "CUDA_ERROR_HARDWARE_STACK_ERROR",
+            "CUDA_ERROR_LAUNCH_FAILED",
+            "CUDA_ERROR_ASSERT",
+        ];
+        matches!(self, GpuError::Cuda { message, .. } if STICKY.iter().any(|s| message.contains(s)))
+    }
+
     /// A launch asking a block for more dynamic shared memory than the GPU allows one (its
     /// opt-in limit): the CUDA backend refuses it before launching, and so does a simulator
     /// made with a GPU's limit.
@@ -924,7 +941,7 @@ impl Device {
 
 /// `bytes` rounded up to a power of two, for timeline labels: transfers of about the same size
 /// are summed together.
-fn size_bucket(bytes: usize) -> String {
+pub(crate) fn size_bucket(bytes: usize) -> String {
     let b = bytes.max(1).next_power_of_two();
     match b {
         b if b >= 1 << 30 => format!("≤{} GiB", b >> 30),

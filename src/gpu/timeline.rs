@@ -14,7 +14,10 @@
 //! - **cuda:** the stamps are timing events recorded on the compute stream (`cuEventRecord`).
 //!   The device takes an event's time when it reaches it, after everything before it, so
 //!   `end − start` is the operation's device time and `start − previous end` is time the
-//!   device had nothing queued. Two events per operation cost the device about a microsecond
+//!   device had nothing queued. That holds while work is queued ahead of the host; on an idle
+//!   stream the start event is taken at once, and the operation's span also holds the host's
+//!   time to launch it (a launch gap counted as the operation's, not as idle: in host-bound
+//!   stretches durations read high and gaps low). Two events per operation cost the device about a microsecond
 //!   each; compare throughput with the timeline off (the bench's timed attacks are run
 //!   without it). Events come from a pool created when recording starts (enough for every
 //!   operation a recording stamps), so the host's cost per operation stays small.
@@ -24,7 +27,8 @@
 //!
 //! Operations inside a graph capture are not stamped (they do not run then); a graph's replay
 //! is one operation. Work on other streams (the staging lane's copies) is not recorded: it
-//! overlaps the compute stream's work by design.
+//! overlaps the compute stream's work by design; what the staging lane queues on the compute
+//! stream (a staged copy taken, a download through its pinned buffer) is.
 
 use std::collections::HashMap;
 use std::time::Instant;

@@ -10,9 +10,12 @@
 //! 1. v3 with the default options first: the reference;
 //! 2. each other candidate once, its outputs compared bit for bit with the reference's (a
 //!    candidate that differs is dropped with a warning asking for a report: a bug; one that
-//!    cannot launch on this GPU is dropped with a plain warning);
-//! 3. [`TUNING_ROUNDS`] rounds of [`TUNING_REPEATS`] timed calls of each, keeping its fastest
-//!    round's mean;
+//!    cannot launch on this GPU is dropped with a plain warning). The outputs are poisoned
+//!    (NaN) before the reference's run and each candidate's, so an element a candidate does
+//!    not write is a difference;
+//! 3. [`TUNING_ROUNDS`] rounds of [`TUNING_REPEATS`] timed calls of each (behind as many
+//!    untimed ones, so the device is busy when the clock starts), keeping its fastest round's
+//!    mean;
 //! 4. the fastest, if it beats v3 by [`REFERENCE_MARGIN`] (else v3), run once more, so the
 //!    call's outputs are its own.
 //!
@@ -314,6 +317,10 @@ pub enum CallStep {
     Run(AttentionKernels),
     /// Download the call's outputs, as bytes.
     ReadOutputs,
+    /// Fill the call's outputs with 0xFF bytes (NaN) before a run whose results are checked:
+    /// an element a candidate does not write then differs from the reference's, instead of
+    /// passing with the value the run before left there (answer with no bytes).
+    PoisonOutputs,
 }
 
 /// Runs the tuning of one call (see the module docs) through `call`: [`candidates`], less the
@@ -339,21 +346,30 @@ pub fn tune(
     } else {
         (TUNING_ROUNDS, TUNING_REPEATS)
     };
+    call(CallStep::PoisonOutputs)?;
     call(CallStep::Run(AttentionKernels::REFERENCE))?;
     let reference = call(CallStep::ReadOutputs)?;
     let mut alive = vec![true; list.len()];
     let mut dropped = Vec::new();
     for (i, &kernels) in list.iter().enumerate().skip(1) {
+        call(CallStep::PoisonOutputs)?;
         let why = match call(CallStep::Run(kernels)) {
+            // A fault is not a kernel that cannot launch here: the context is gone.
+            Err(e) if e.ends_the_context() => return Err(in_tuning(e, pass, kernels)),
             Err(e) => Some((format!("{} kernels {kernels}: {e}", pass.name()), false)),
-            Ok(_) if call(CallStep::ReadOutputs)? != reference => Some((
-                format!(
-                    "{} kernels {kernels}: their results differ from v3's on {}",
-                    pass.name(),
-                    dev.name()
-                ),
-                true,
-            )),
+            Ok(_)
+                if call(CallStep::ReadOutputs).map_err(|e| in_tuning(e, pass, kernels))?
+                    != reference =>
+            {
+                Some((
+                    format!(
+                        "{} kernels {kernels}: their results differ from v3's on {}",
+                        pass.name(),
+                        dev.name()
+                    ),
+                    true,
+                ))
+            }
             Ok(_) => None,
         };
         if let Some((why, is_bug)) = why {
@@ -368,9 +384,18 @@ pub fn tune(
             if !alive[i] {
                 continue;
             }
-            let us = dev.time_device_work(|| {
-                (0..repeats).try_for_each(|_| call(CallStep::Run(kernels)).map(drop))
-            })?;
+            // The same calls queued untimed first, so the device is busy when the start event
+            // is recorded: the timed calls then queue behind work instead of each waiting for
+            // its launch, and the host's launch latency (which graphs remove later) is not
+            // counted.
+            (0..repeats)
+                .try_for_each(|_| call(CallStep::Run(kernels)).map(drop))
+                .map_err(|e| in_tuning(e, pass, kernels))?;
+            let us = dev
+                .time_device_work(|| {
+                    (0..repeats).try_for_each(|_| call(CallStep::Run(kernels)).map(drop))
+                })
+                .map_err(|e| in_tuning(e, pass, kernels))?;
             best[i] = best[i].min(us / repeats as f64);
         }
     }
@@ -402,6 +427,22 @@ pub fn tune(
             started.elapsed().as_secs_f64()
         },
     })
+}
+
+/// `e`, raised while tuning `pass` with `kernels`, naming them: a fault surfaces at the next
+/// call that waits for the device, and the kernels to suspect are the candidate's.
+fn in_tuning(e: GpuError, pass: AttentionPass, kernels: AttentionKernels) -> GpuError {
+    match e {
+        GpuError::Cuda { context, message } => GpuError::Cuda {
+            context: format!(
+                "{context}, while timing the attention {} kernels {kernels} \
+                 (PRM_ATTENTION=v3 runs without them; please report this)",
+                pass.name()
+            ),
+            message,
+        },
+        other => other,
+    }
 }
 
 impl GpuVit<'_> {
@@ -550,45 +591,83 @@ mod tests {
         assert_eq!(ignored, TcOptions::default());
     }
 
-    /// The tuner on a stand-in call: a candidate whose bytes differ from the reference's and
-    /// one that fails are dropped (with their reasons), the rest are timed, and the last call
-    /// runs the chosen kernels.
+    /// The tuner on a stand-in call: a candidate whose bytes differ from the reference's, one
+    /// that writes nothing (its outputs would still hold the reference's results, were they
+    /// not poisoned before each checked run) and one that fails are dropped (with their
+    /// reasons), the rest are timed, and the last call runs the chosen kernels.
     #[test]
-    fn tuning_drops_candidates_that_differ_or_fail() {
+    fn tuning_drops_candidates_that_differ_write_nothing_or_fail() {
         let dev = Device::sim();
         let seqlens = [197, 50];
         let list = candidates(AttentionPass::Backward, ShapeBucket::of(&seqlens));
-        let (differs, fails) = (list[1], list[5]);
+        let (differs, lazy, fails) = (list[1], list[2], list[5]);
         let mut last = None;
+        let mut outputs = vec![0u8; 2];
         let tuning = tune(&dev, AttentionPass::Backward, &seqlens, |step| match step {
             CallStep::Run(k) if k == fails => Err(GpuError::Config("no such kernel".into())),
             CallStep::Run(k) => {
                 last = Some(k);
+                if k != lazy {
+                    outputs = vec![u8::from(k == differs), 7];
+                }
                 Ok(Vec::new())
             }
-            CallStep::ReadOutputs => Ok(vec![u8::from(last == Some(differs)), 7]),
+            CallStep::ReadOutputs => Ok(outputs.clone()),
+            CallStep::PoisonOutputs => {
+                outputs.fill(0xFF);
+                Ok(Vec::new())
+            }
         })
         .unwrap();
         assert_eq!(tuning.bucket, ShapeBucket::of(&seqlens));
         assert_eq!(tuning.timed_on, (2, 197));
-        assert_eq!(tuning.dropped.len(), 2, "{:?}", tuning.dropped);
+        assert_eq!(tuning.dropped.len(), 3, "{:?}", tuning.dropped);
         assert!(
             tuning.dropped[0].contains("v3 masked-tiles") && tuning.dropped[0].contains("differ")
         );
         assert!(
-            tuning.dropped[1].contains("v4 split 2")
-                && tuning.dropped[1].contains("no such kernel")
+            tuning.dropped[1].contains(&lazy.to_string()) && tuning.dropped[1].contains("differ")
+        );
+        assert!(
+            tuning.dropped[2].contains("v4 split 2")
+                && tuning.dropped[2].contains("no such kernel")
         );
         for (k, us) in &tuning.candidates {
-            assert_eq!(us.is_none(), *k == differs || *k == fails, "{k}");
+            assert_eq!(us.is_none(), [differs, lazy, fails].contains(k), "{k}");
         }
-        assert!(tuning.chosen != differs && tuning.chosen != fails);
+        assert!(![differs, lazy, fails].contains(&tuning.chosen));
         assert_eq!(last, Some(tuning.chosen));
         let json = tuning.to_json();
         assert_eq!(json["pass"], "backward");
         assert_eq!(json["candidates"].as_array().unwrap().len(), list.len());
         assert!(json["candidates"][1]["us_per_call"].is_null());
         assert!(json["tuning_seconds"].as_f64().is_some_and(|s| s >= 0.0));
+    }
+
+    /// A fault (the CUDA context is gone) while a candidate runs ends the tuning with an error
+    /// naming the candidate, instead of dropping it and going on against a dead context.
+    #[test]
+    fn a_fault_in_a_candidate_ends_the_tuning_and_names_it() {
+        let dev = Device::sim();
+        let seqlens = [197];
+        let list = candidates(AttentionPass::Forward, ShapeBucket::of(&seqlens));
+        let faulty = list[1];
+        let err = tune(&dev, AttentionPass::Forward, &seqlens, |step| match step {
+            CallStep::Run(k) if k == faulty => Err(GpuError::Cuda {
+                context: "launching a kernel".into(),
+                message: "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")"
+                    .into(),
+            }),
+            _ => Ok(vec![1]),
+        })
+        .unwrap_err();
+        assert!(err.ends_the_context());
+        let text = err.to_string();
+        assert!(
+            text.contains(&faulty.to_string()) && text.contains("PRM_ATTENTION=v3"),
+            "{text}"
+        );
+        assert!(!GpuError::Config("no such kernel".into()).ends_the_context());
     }
 
     #[test]

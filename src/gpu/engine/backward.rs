@@ -220,6 +220,11 @@ impl<'m> GpuVit<'m> {
                                         bytes.extend(buffer_bytes(&self.dev, &delta, n)?);
                                         Ok(bytes)
                                     }
+                                    CallStep::PoisonOutputs => {
+                                        self.dev.poison(db)?;
+                                        self.dev.poison(&mut delta)?;
+                                        Ok(Vec::new())
+                                    }
                                 },
                             )
                         },

@@ -344,6 +344,11 @@ impl<'m> GpuVit<'m> {
                 bytes.extend(buffer_bytes(&self.dev, &lse, attention_scratch_len(t, d))?);
                 Ok(bytes)
             }
+            CallStep::PoisonOutputs => {
+                self.dev.poison(&mut context)?;
+                self.dev.poison(&mut lse)?;
+                Ok(Vec::new())
+            }
         })?;
         Ok((context, lse))
     }

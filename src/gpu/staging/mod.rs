@@ -36,7 +36,8 @@
 
 mod cuda;
 
-use super::device::{Backend, Memory};
+use super::device::{size_bucket, Backend, Memory};
+use super::timeline::OpKind;
 use super::{Buffer, Device, Element, GpuError};
 
 /// What [`Stager::take`] found.
@@ -139,7 +140,17 @@ impl<K: PartialEq> Stager<K> {
                 self.dev.write(dst, &slots[slot])?;
                 false
             }
-            (Lane::Cuda(lane), Memory::Cuda(m)) => lane.take(slot, m, total * 4)?,
+            // Stamped like any copy, so a device timeline does not show it as idle time.
+            (Lane::Cuda(lane), Memory::Cuda(m)) => self.dev.timed_op(
+                OpKind::Copy,
+                || {
+                    (
+                        format!("staged copy taken ({})", size_bucket(total * 4)),
+                        0.0,
+                    )
+                },
+                || lane.take(slot, m, total * 4),
+            )?,
             (Lane::Cuda(_), Memory::Host { .. }) => {
                 unreachable!("simulator buffer taken from a CUDA stager")
             }
@@ -172,7 +183,13 @@ impl<K: PartialEq> Stager<K> {
                     .iter_mut()
                     .map(|o| bytemuck::cast_slice_mut(o.as_mut_slice()))
                     .collect();
-                if lane.download(m, &mut pieces)? {
+                let bytes = pieces.iter().map(|p| p.len()).sum::<usize>();
+                let pinned = self.dev.timed_op(
+                    OpKind::Download,
+                    || (format!("pinned download ({})", size_bucket(bytes)), 0.0),
+                    || lane.download(m, &mut pieces),
+                )?;
+                if pinned {
                     return Ok(outs);
                 }
                 // No pinned readback buffer (host memory is short): the ordinary download.
