@@ -945,3 +945,147 @@ fn batch_tokens_through_the_command_line() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--batch-tokens"));
 }
+
+/// The reference engine, whose device fails for good (a fault that ends the CUDA context) when
+/// it meets an image `fatal_width` wide, and on every call after that.
+struct DyingDevice<'m> {
+    inner: ReferenceVit<'m>,
+    fatal_width: usize,
+    dead: std::sync::atomic::AtomicBool,
+}
+
+impl DyingDevice<'_> {
+    fn check(&self, images: &[Planar]) -> Result<(), EngineError> {
+        if images.iter().any(|im| im.width == self.fatal_width) {
+            self.dead.store(true, Ordering::SeqCst);
+        }
+        if self.dead.load(Ordering::SeqCst) {
+            return Err(GpuError::Cuda {
+                context: "copy to host".into(),
+                message: "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was \
+                          encountered\")"
+                    .into(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+}
+
+impl Engine for DyingDevice<'_> {
+    type Clean = <ReferenceVit<'static> as Engine>::Clean;
+    fn model(&self) -> &Model {
+        self.inner.model()
+    }
+    fn clean_features(&self, images: &[Planar]) -> Result<Self::Clean, EngineError> {
+        self.check(images)?;
+        self.inner.clean_features(images)
+    }
+    fn loss_and_gradient(
+        &self,
+        adv: &[Planar],
+        clean: &Self::Clean,
+        objective: &Objective,
+    ) -> Result<Vec<LossAndGradient>, EngineError> {
+        self.check(adv)?;
+        self.inner.loss_and_gradient(adv, clean, objective)
+    }
+    fn evaluate(
+        &self,
+        adv: &[Planar],
+        clean: &Self::Clean,
+        objective: &Objective,
+    ) -> Result<Vec<Evaluation>, EngineError> {
+        self.check(adv)?;
+        self.inner.evaluate(adv, clean, objective)
+    }
+}
+
+/// A device that fails for good stops the run, as an interrupt does: no image is recorded as
+/// failed for it (the images after it are not attempted on a dead device), everything finished
+/// before is saved and recorded in input order, and a re-run on a working device does the rest.
+#[test]
+fn a_device_that_fails_for_good_stops_the_run_and_a_rerun_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let items = mixed_inputs(&tmp.path().join("in"));
+    let s = setup(1);
+    let fatal = |r: &ManifestRecord| r.width == 64;
+    let no_engine_failures = |records: &[ManifestRecord]| {
+        for r in records {
+            assert!(
+                !fatal(r),
+                "the image that killed the device was recorded: {r:?}"
+            );
+            if r.status != Status::Ok {
+                let e = r.error.as_deref().unwrap_or("");
+                assert!(!e.contains("engine error"), "{e}");
+            }
+        }
+    };
+    for workers in [1, 2] {
+        let out = tmp.path().join(format!("out{workers}"));
+        let mut output = OutputOptions::new(&out);
+        output.batch_size = 1;
+        // Worker 0 meets the 64-wide input's death; the others never die by themselves.
+        let dying = |w: usize| DyingDevice {
+            inner: ReferenceVit::new(&s.model),
+            fatal_width: if w == 0 { 64 } else { 0 },
+            dead: Default::default(),
+        };
+        let summary = if workers == 1 {
+            campaign(&s, &items, &output, None)
+                .run(&dying(0), &Silent, &|| false)
+                .unwrap()
+        } else {
+            campaign(&s, &items, &output, None)
+                .run_on_workers(
+                    workers,
+                    &s.model,
+                    |w| {
+                        Ok(Worker {
+                            engine: DyingDevice {
+                                // Both workers die on it, whichever claims it.
+                                fatal_width: 64,
+                                ..dying(w)
+                            },
+                            batch_size: 1,
+                            batch_tokens: None,
+                            batch_memory: None,
+                            name: format!("worker {w}"),
+                        })
+                    },
+                    &Silent,
+                    &|| false,
+                )
+                .unwrap()
+        };
+        assert!(summary.device_lost && !summary.interrupted, "{summary:?}");
+        let records = manifest(&out);
+        assert!(records.len() < items.len(), "{}", records.len());
+        assert_input_order(&items, &records);
+        no_engine_failures(&records);
+        assert_eq!(
+            summary.ok,
+            records.iter().filter(|r| r.status == Status::Ok).count()
+        );
+        assert_eq!(temporaries(&out), Vec::<PathBuf>::new());
+        // The re-run on a working device does the rest: every decodable image ok exactly once.
+        let resumed = campaign(&s, &items, &output, None)
+            .run(&ReferenceVit::new(&s.model), &Silent, &|| false)
+            .unwrap();
+        assert!(!resumed.device_lost && !resumed.interrupted);
+        let mut done: Vec<String> = manifest(&out)
+            .into_iter()
+            .filter(|r| r.status == Status::Ok)
+            .map(|r| r.input)
+            .collect();
+        let n = done.len();
+        done.sort();
+        done.dedup();
+        assert_eq!(
+            (n, done.len()),
+            (7, 7),
+            "{workers} worker(s): each image once"
+        );
+    }
+}

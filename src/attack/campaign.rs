@@ -112,6 +112,11 @@ pub struct CampaignSummary {
     pub skipped: usize,
     /// The run stopped early on an interrupt; the images not reached are left for a re-run.
     pub interrupted: bool,
+    /// The run stopped early because a device failed for good (an illegal address, a device
+    /// error: the CUDA context is gone), after saying so on stderr. As for an interrupt, the
+    /// batches in flight are abandoned, everything finished before is saved and recorded, and
+    /// a re-run resumes.
+    pub device_lost: bool,
 }
 
 /// Observer of a run's progress (a progress bar, or nothing).
@@ -322,7 +327,8 @@ impl Campaign<'_> {
         summary.ok = outcome.ok;
         summary.failed = outcome.failed;
         summary.interrupted = outcome.interrupted;
-        if !summary.interrupted {
+        summary.device_lost = outcome.device_lost;
+        if !summary.interrupted && !summary.device_lost {
             if self.output.layout == OutputLayout::Tar {
                 assemble_tars(self.output, self.items)?;
             }
@@ -662,6 +668,9 @@ pub(super) enum BatchResult {
     /// failed before the attack finished).
     Done(Vec<Finished>, Option<BatchPhases>),
     OutOfMemory,
+    /// The device failed for good ([`EngineError::ends_the_device`]): nothing of the batch is
+    /// recorded, and the run stops.
+    DeviceLost(String),
 }
 
 /// One image of a batch, done with the engine: attacked and evaluated, or failed.
@@ -782,6 +791,7 @@ pub(super) fn attack_batch<E: Engine>(
     let mut attack = match Attack::new(engine, objective, settings, images) {
         Ok(a) => a,
         Err(e) if e.is_out_of_memory() => return BatchResult::OutOfMemory,
+        Err(e) if e.ends_the_device() => return BatchResult::DeviceLost(e.to_string()),
         Err(e) => {
             for &(j, l) in &ok {
                 results[j] = Err(engine_failure(&e, l));
@@ -805,6 +815,7 @@ pub(super) fn attack_batch<E: Engine>(
             outcomes
         }
         Err(e) if e.is_out_of_memory() => return BatchResult::OutOfMemory,
+        Err(e) if e.ends_the_device() => return BatchResult::DeviceLost(e.to_string()),
         Err(e) => {
             for &(j, l) in &ok {
                 results[j] = Err(engine_failure(&e, l));

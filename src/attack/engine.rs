@@ -22,6 +22,13 @@ impl EngineError {
     pub fn is_out_of_memory(&self) -> bool {
         matches!(self, EngineError::Gpu(GpuError::OutOfMemory { .. }))
     }
+
+    /// Whether the device is gone for this process (a fault that ends the CUDA context): every
+    /// later batch on it would fail the same way, so the run stops instead of recording each
+    /// remaining image as failed.
+    pub fn ends_the_device(&self) -> bool {
+        matches!(self, EngineError::Gpu(e) if e.ends_the_context())
+    }
 }
 
 /// A loss value and its gradient with respect to one image's pixels (planar, same size).

@@ -183,6 +183,7 @@ pub(super) struct Outcome {
     pub ok: usize,
     pub failed: usize,
     pub interrupted: bool,
+    pub device_lost: bool,
 }
 
 /// An image claimed by an engine worker: its index in `todo` and what the decoders made of it.
@@ -487,6 +488,8 @@ struct Shared<'a> {
     stop: AtomicBool,
     /// A worker saw the interrupt.
     interrupted: AtomicBool,
+    /// A worker's device failed for good (the run stops).
+    device_lost: AtomicBool,
     /// Batches queued for the writer and not yet taken by it.
     backlog: AtomicUsize,
     writer_gate: WriterGate,
@@ -501,6 +504,7 @@ impl<'a> Shared<'a> {
             prefetch: Prefetch::new(lookahead),
             stop: AtomicBool::new(false),
             interrupted: AtomicBool::new(false),
+            device_lost: AtomicBool::new(false),
             backlog: AtomicUsize::new(0),
             writer_gate: WriterGate::new(),
         }
@@ -684,6 +688,21 @@ fn engine_worker<E: Engine>(
                      --resolution or --max-pixels, or a larger GPU)"
                         .into(),
                 )
+            }
+            Ok(BatchResult::DeviceLost(message)) => {
+                // Every later batch on this device would fail the same way: recording each
+                // remaining image as failed would only have to be undone. Stop the run as an
+                // interrupt does (this batch abandoned, the others' in flight too), and say why.
+                if !shared.device_lost.swap(true, Ordering::SeqCst) {
+                    eprintln!(
+                        "prm: engine worker {worker}'s device failed: {message}\n\
+                         prm: the run stops; finished images are saved and recorded, and \
+                         re-running the same command resumes (leave this device out with \
+                         --device if it keeps failing)"
+                    );
+                }
+                shared.halt();
+                return;
             }
             Ok(BatchResult::Done(finished, phases)) => {
                 retried_alone = false;
@@ -959,6 +978,7 @@ pub(super) fn run_here<E: Engine>(
         ok: counts.ok,
         failed: counts.failed,
         interrupted: shared.interrupted.load(Ordering::SeqCst),
+        device_lost: shared.device_lost.load(Ordering::SeqCst),
     })
 }
 
@@ -1074,6 +1094,7 @@ where
         ok: counts.ok,
         failed: counts.failed,
         interrupted: shared.interrupted.load(Ordering::SeqCst),
+        device_lost: shared.device_lost.load(Ordering::SeqCst),
     })
 }
 

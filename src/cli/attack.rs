@@ -28,7 +28,7 @@ use super::progress::Bar;
 use super::require_extension;
 use super::settings_args::SettingsArgs;
 use super::timeline::{timeline_table, write_trace};
-use super::{EXIT_SIGINT, EXIT_SIGTERM, EXIT_SOME_FAILED};
+use super::{EXIT_SIGINT, EXIT_SIGTERM, EXIT_SOME_FAILED, EXIT_USAGE};
 
 #[derive(Args)]
 pub struct AttackArgs {
@@ -598,7 +598,11 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         }
         eprintln!(
             "{}: {} ok, {} failed, {} skipped (already done) in {:.1}s ({:.3} images/s); manifest: {}",
-            if summary.interrupted { "stopped" } else { "done" },
+            if summary.interrupted || summary.device_lost {
+                "stopped"
+            } else {
+                "done"
+            },
             summary.ok,
             summary.failed,
             summary.skipped,
@@ -611,6 +615,9 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         ExitCode::from(EXIT_SIGTERM)
     } else if signal != 0 {
         ExitCode::from(EXIT_SIGINT)
+    } else if summary.device_lost {
+        // The run stopped with its cause on stderr, like a manifest that cannot be written.
+        ExitCode::from(EXIT_USAGE)
     } else if summary.failed == 0 {
         ExitCode::SUCCESS
     } else {
