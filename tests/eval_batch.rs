@@ -4,6 +4,8 @@
 //! target, in fp32 and bf16, whatever the batch and however it is cut into passes. On CUDA
 //! (gpu-check) the same is asked of batch-invariant products (`--batch-invariant`).
 
+use std::path::PathBuf;
+
 use prm::attack::image::Planar;
 use prm::eval::gpu::GpuTargets;
 use prm::eval::targets::DenseHead;
@@ -321,12 +323,10 @@ impl EvalEngine for OnePairAtATime<'_> {
     }
 }
 
-#[test]
-fn a_batch_that_fails_as_a_whole_is_run_again_pair_by_pair() {
-    use prm::eval::run::{evaluate, EvalSettings};
-    use prm::eval::TargetKind;
-    let t = tempfile::tempdir().unwrap();
-    let (clean, adv) = (t.path().join("clean"), t.path().join("adv"));
+/// Clean images of every size in `SIZES` under `root/clean`, and adversarial ones (the clean
+/// one with its first row darkened) under `root/adv`.
+fn write_pairs(root: &std::path::Path) -> (PathBuf, PathBuf) {
+    let (clean, adv) = (root.join("clean"), root.join("adv"));
     std::fs::create_dir_all(&clean).unwrap();
     std::fs::create_dir_all(&adv).unwrap();
     for (i, &(h, w)) in SIZES.iter().enumerate() {
@@ -336,17 +336,19 @@ fn a_batch_that_fails_as_a_whole_is_run_again_pair_by_pair() {
             image::Rgb([at(0), at(1), at(2)])
         });
         im.save(clean.join(format!("img{i}.png"))).unwrap();
-        // The adversarial image: the clean one with its first row darkened.
         let mut a = im.clone();
         for x in 0..w as u32 {
             a.put_pixel(x, 0, image::Rgb([0, 0, 0]));
         }
         a.save(adv.join(format!("img{i}.png"))).unwrap();
     }
-    let model = Model::load("random:tiny").unwrap();
-    let engine = OnePairAtATime(ReferenceTargets::new(&model));
-    let settings = |batch_size| EvalSettings {
-        target: TargetKind::Features,
+    (clean, adv)
+}
+
+/// The features target on `random:tiny` on the CPU, `batch_size` pairs a batch.
+fn features_settings(batch_size: usize) -> prm::eval::run::EvalSettings {
+    prm::eval::run::EvalSettings {
+        target: prm::eval::TargetKind::Features,
         resolution: None,
         ignore_index: 255,
         labels: None,
@@ -362,8 +364,27 @@ fn a_batch_that_fails_as_a_whole_is_run_again_pair_by_pair() {
         weights_random: true,
         device: "cpu".into(),
         precision: "fp32".into(),
+    }
+}
+
+#[test]
+fn a_batch_that_fails_as_a_whole_is_run_again_pair_by_pair() {
+    use prm::eval::run::evaluate;
+    let t = tempfile::tempdir().unwrap();
+    let (clean, adv) = write_pairs(t.path());
+    let model = Model::load("random:tiny").unwrap();
+    let engine = OnePairAtATime(ReferenceTargets::new(&model));
+    let run = |batch| {
+        evaluate(
+            &engine,
+            &clean,
+            &adv,
+            None,
+            &features_settings(batch),
+            |_, _| {},
+        )
+        .unwrap()
     };
-    let run = |batch| evaluate(&engine, &clean, &adv, None, &settings(batch), |_, _| {}).unwrap();
     let (one, four) = (run(1), run(4));
     assert_eq!(one.batches_rerun_alone, 0);
     assert!(four.batches_rerun_alone > 0);
@@ -371,6 +392,77 @@ fn a_batch_that_fails_as_a_whole_is_run_again_pair_by_pair() {
     assert_eq!((one.failed, four.failed), (0, 0));
     assert_eq!(one.report["per_image"], four.report["per_image"]);
     assert_eq!(one.report["layers"], four.report["layers"]);
+}
+
+/// An engine whose device fails for good (a fault that ends the CUDA context) from its second
+/// batch on.
+struct DyingDevice<'m> {
+    inner: ReferenceTargets<'m>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl EvalEngine for DyingDevice<'_> {
+    fn model(&self) -> &Model {
+        self.inner.model()
+    }
+    fn dense_embeddings(
+        &self,
+        image: &Planar,
+        head: DenseHead,
+    ) -> Result<prm::eval::targets::TokenEmbeddings, EvalError> {
+        self.inner.dense_embeddings(image, head)
+    }
+    fn image_embedding(&self, image: &Planar) -> Result<Vec<f32>, EvalError> {
+        self.inner.image_embedding(image)
+    }
+    fn features(&self, image: &Planar) -> Result<Vec<Vec<f32>>, EvalError> {
+        self.inner.features(image)
+    }
+    fn features_batch(
+        &self,
+        images: &[Planar],
+        _next: &[Planar],
+    ) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
+        use std::sync::atomic::Ordering;
+        if self.calls.fetch_add(1, Ordering::SeqCst) >= 1 {
+            return Err(prm::gpu::GpuError::Cuda {
+                context: "copy to host".into(),
+                message: "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS)".into(),
+            }
+            .into());
+        }
+        images.iter().map(|im| self.inner.features(im)).collect()
+    }
+}
+
+/// A device that fails for good stops the evaluation with an error naming the cause, instead
+/// of failing every remaining pair on it (one by one, after each batch's retry) into a report.
+#[test]
+fn a_device_that_fails_for_good_stops_the_evaluation() {
+    use prm::eval::run::evaluate;
+    let t = tempfile::tempdir().unwrap();
+    let (clean, adv) = write_pairs(t.path());
+    let model = Model::load("random:tiny").unwrap();
+    let engine = DyingDevice {
+        inner: ReferenceTargets::new(&model),
+        calls: Default::default(),
+    };
+    match evaluate(
+        &engine,
+        &clean,
+        &adv,
+        None,
+        &features_settings(1),
+        |_, _| {},
+    ) {
+        Err(e @ EvalError::DeviceLost(_)) => {
+            let text = e.to_string();
+            assert!(text.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{text}");
+            assert!(text.contains("--device"), "{text}");
+        }
+        Err(other) => panic!("expected DeviceLost, got {other}"),
+        Ok(outcome) => panic!("the evaluation went on: {} failed", outcome.failed),
+    }
 }
 
 /// The GPU engine forms the cosine logits on its device (`kernels/class_logits.cu`): they are

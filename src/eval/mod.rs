@@ -78,4 +78,15 @@ pub enum EvalError {
     Usage(String),
     #[error("{}: {reason}", path.display())]
     Labels { path: PathBuf, reason: String },
+    /// A device failed for good during the evaluation (its CUDA context is gone): every later
+    /// pass on it would fail, so the evaluation stops without a report.
+    #[error("a device failed during the evaluation: {0}; the evaluation stops without a report (files already written stay); run it again, leaving that device out of --device if it keeps failing")]
+    DeviceLost(String),
+}
+
+impl EvalError {
+    /// Whether this is a fault that ends the device's CUDA context ([`crate::gpu::GpuError::ends_the_context`]).
+    pub fn ends_the_device(&self) -> bool {
+        matches!(self, EvalError::Gpu(e) if e.ends_the_context())
+    }
 }

@@ -294,11 +294,15 @@ fn infer_group(
     let together: Vec<Result<Inferred, EvalError>> =
         match infer_batch(engine, &ready, &next_ready, plan) {
             Ok(inferred) => inferred.into_iter().map(Ok).collect(),
+            Err(e) if e.ends_the_device() => stop_for_a_lost_device(e),
             Err(_) if ready.len() > 1 => {
                 rerun.fetch_add(1, Ordering::Relaxed);
                 ready
                     .iter()
-                    .map(|&p| Ok(infer_batch(engine, &[p], &[], plan)?.swap_remove(0)))
+                    .map(|&p| match infer_batch(engine, &[p], &[], plan) {
+                        Err(e) if e.ends_the_device() => stop_for_a_lost_device(e),
+                        alone => Ok(alone?.swap_remove(0)),
+                    })
                     .collect()
             }
             Err(e) => vec![Err(e)],
@@ -308,6 +312,18 @@ fn infer_group(
         .into_iter()
         .map(|c| c.and_then(|()| together.next().expect("one result per pair")))
         .collect()
+}
+
+/// Why an evaluation's stages stopped early: a device failed for good. Carried as an unwinding
+/// payload (no panic hook runs) from the engine thread that saw it through
+/// [`overlapped`](super::pipeline::overlapped), which stops the other stages and resumes it on
+/// the calling thread; [`evaluate_on`] turns it into [`EvalError::DeviceLost`].
+struct DeviceLost(String);
+
+/// Stops the evaluation: every later pass on a device whose CUDA context is gone would fail,
+/// and failing each remaining pair one by one would only hide the cause in a report.
+fn stop_for_a_lost_device(e: EvalError) -> ! {
+    std::panic::resume_unwind(Box::new(DeviceLost(e.to_string())))
 }
 
 /// Consecutive pairs `(v[0], v[1]), (v[2], v[3]), …`: the clean and adversarial results of a
@@ -777,39 +793,48 @@ pub fn evaluate_on(
         width: engine.model().config.width,
     };
     let rerun = AtomicUsize::new(0);
-    let engine_time = overlapped(
-        &items,
-        2 * rayon::current_num_threads(),
-        settings.batch_size,
-        Pair::bytes,
-        |item| load_pair(item, &plan),
-        engines,
-        |&engine, pairs, next| infer_group(engine, pairs, next, &plan, &rerun),
-        |index, result| {
-            let rel = items[index].rel.clone();
-            let result = result.and_then(|(pair, inferred)| {
-                finishing.finish(&mut tally, &items[index], &pair, inferred)
-            });
-            match result {
-                Ok(values) => tally.records.push(ImageRecord {
-                    image: rel,
-                    status: "ok",
-                    error: None,
-                    values,
-                }),
-                Err(e) => {
-                    tally.failed += 1;
-                    tally.records.push(ImageRecord {
+    let engine_time = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        overlapped(
+            &items,
+            2 * rayon::current_num_threads(),
+            settings.batch_size,
+            Pair::bytes,
+            |item| load_pair(item, &plan),
+            engines,
+            |&engine, pairs, next| infer_group(engine, pairs, next, &plan, &rerun),
+            |index, result| {
+                let rel = items[index].rel.clone();
+                let result = result.and_then(|(pair, inferred)| {
+                    finishing.finish(&mut tally, &items[index], &pair, inferred)
+                });
+                match result {
+                    Ok(values) => tally.records.push(ImageRecord {
                         image: rel,
-                        status: "error",
-                        error: Some(e.to_string()),
-                        values: Default::default(),
-                    });
+                        status: "ok",
+                        error: None,
+                        values,
+                    }),
+                    Err(e) => {
+                        tally.failed += 1;
+                        tally.records.push(ImageRecord {
+                            image: rel,
+                            status: "error",
+                            error: Some(e.to_string()),
+                            values: Default::default(),
+                        });
+                    }
                 }
-            }
-            progress(index + 1, total);
+                progress(index + 1, total);
+            },
+        )
+    }));
+    let engine_time = match engine_time {
+        Ok(time) => time,
+        Err(payload) => match payload.downcast::<DeviceLost>() {
+            Ok(lost) => return Err(EvalError::DeviceLost(lost.0)),
+            Err(other) => std::panic::resume_unwind(other),
         },
-    );
+    };
     let rerun = rerun.into_inner();
     let Tally {
         vs_clean,
