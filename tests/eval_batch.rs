@@ -289,37 +289,51 @@ fn a_batch_with_an_image_smaller_than_a_patch_fails_and_names_it() {
     assert!(gpu.image_embedding_batch(&[], &[]).unwrap().is_empty());
 }
 
-/// An engine that refuses batches of more than one pair (with an error that is not the device's
-/// memory): the evaluation runs such a batch again pair by pair, counts it, and every record is
-/// the one batch 1 gives.
-struct OnePairAtATime<'m>(ReferenceTargets<'m>);
+/// The reference engine, whose batched features fail with the error `fault` gives for the
+/// call's images (and its index among the calls).
+struct Faulty<'m, F> {
+    inner: ReferenceTargets<'m>,
+    fault: F,
+    calls: std::sync::atomic::AtomicUsize,
+}
 
-impl EvalEngine for OnePairAtATime<'_> {
+impl<'m, F: Fn(&[Planar], usize) -> Option<EvalError> + Sync> Faulty<'m, F> {
+    fn new(model: &'m Model, fault: F) -> Self {
+        Faulty {
+            inner: ReferenceTargets::new(model),
+            fault,
+            calls: Default::default(),
+        }
+    }
+}
+
+impl<F: Fn(&[Planar], usize) -> Option<EvalError> + Sync> EvalEngine for Faulty<'_, F> {
     fn model(&self) -> &Model {
-        self.0.model()
+        self.inner.model()
     }
     fn dense_embeddings(
         &self,
         image: &Planar,
         head: DenseHead,
     ) -> Result<prm::eval::targets::TokenEmbeddings, EvalError> {
-        self.0.dense_embeddings(image, head)
+        self.inner.dense_embeddings(image, head)
     }
     fn image_embedding(&self, image: &Planar) -> Result<Vec<f32>, EvalError> {
-        self.0.image_embedding(image)
+        self.inner.image_embedding(image)
     }
     fn features(&self, image: &Planar) -> Result<Vec<Vec<f32>>, EvalError> {
-        self.0.features(image)
+        self.inner.features(image)
     }
     fn features_batch(
         &self,
         images: &[Planar],
         _next: &[Planar],
     ) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
-        if images.len() > 2 {
-            return Err(EvalError::Usage("one pair at a time".into()));
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(e) = (self.fault)(images, call) {
+            return Err(e);
         }
-        images.iter().map(|im| self.0.features(im)).collect()
+        images.iter().map(|im| self.inner.features(im)).collect()
     }
 }
 
@@ -373,7 +387,12 @@ fn a_batch_that_fails_as_a_whole_is_run_again_pair_by_pair() {
     let t = tempfile::tempdir().unwrap();
     let (clean, adv) = write_pairs(t.path());
     let model = Model::load("random:tiny").unwrap();
-    let engine = OnePairAtATime(ReferenceTargets::new(&model));
+    // Batches of more than one pair (two images) are refused, with an error that is not the
+    // device's memory: the evaluation runs such a batch again pair by pair, counts it, and
+    // every record is the one batch 1 gives.
+    let engine = Faulty::new(&model, |images: &[Planar], _| {
+        (images.len() > 2).then(|| EvalError::Usage("one pair at a time".into()))
+    });
     let run = |batch| {
         evaluate(
             &engine,
@@ -394,47 +413,6 @@ fn a_batch_that_fails_as_a_whole_is_run_again_pair_by_pair() {
     assert_eq!(one.report["layers"], four.report["layers"]);
 }
 
-/// An engine whose device fails for good (a fault that ends the CUDA context) from its second
-/// batch on.
-struct DyingDevice<'m> {
-    inner: ReferenceTargets<'m>,
-    calls: std::sync::atomic::AtomicUsize,
-}
-
-impl EvalEngine for DyingDevice<'_> {
-    fn model(&self) -> &Model {
-        self.inner.model()
-    }
-    fn dense_embeddings(
-        &self,
-        image: &Planar,
-        head: DenseHead,
-    ) -> Result<prm::eval::targets::TokenEmbeddings, EvalError> {
-        self.inner.dense_embeddings(image, head)
-    }
-    fn image_embedding(&self, image: &Planar) -> Result<Vec<f32>, EvalError> {
-        self.inner.image_embedding(image)
-    }
-    fn features(&self, image: &Planar) -> Result<Vec<Vec<f32>>, EvalError> {
-        self.inner.features(image)
-    }
-    fn features_batch(
-        &self,
-        images: &[Planar],
-        _next: &[Planar],
-    ) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
-        use std::sync::atomic::Ordering;
-        if self.calls.fetch_add(1, Ordering::SeqCst) >= 1 {
-            return Err(prm::gpu::GpuError::Cuda {
-                context: "copy to host".into(),
-                message: "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS)".into(),
-            }
-            .into());
-        }
-        images.iter().map(|im| self.inner.features(im)).collect()
-    }
-}
-
 /// A device that fails for good stops the evaluation with an error naming the cause, instead
 /// of failing every remaining pair on it (one by one, after each batch's retry) into a report.
 #[test]
@@ -443,10 +421,16 @@ fn a_device_that_fails_for_good_stops_the_evaluation() {
     let t = tempfile::tempdir().unwrap();
     let (clean, adv) = write_pairs(t.path());
     let model = Model::load("random:tiny").unwrap();
-    let engine = DyingDevice {
-        inner: ReferenceTargets::new(&model),
-        calls: Default::default(),
-    };
+    // The device fails for good (a fault that ends the CUDA context) from its second batch on.
+    let engine = Faulty::new(&model, |_: &[Planar], call| {
+        (call >= 1).then(|| {
+            prm::gpu::GpuError::Cuda {
+                context: "copy to host".into(),
+                message: "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS)".into(),
+            }
+            .into()
+        })
+    });
     match evaluate(
         &engine,
         &clean,

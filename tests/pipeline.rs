@@ -543,20 +543,22 @@ fn an_interrupt_mid_attack_abandons_the_batches_in_flight() {
     );
 }
 
-/// The reference engine, out of memory with more than `max` images in a call.
-struct SmallMemory<'m> {
+/// The reference engine, whose clean features (the first thing a batch asks of an engine) fail
+/// with the error `fault` gives for the call's images: a device out of memory, or one that has
+/// failed for good.
+struct Faulty<'m, F> {
     inner: ReferenceVit<'m>,
-    max: usize,
+    fault: F,
 }
 
-impl Engine for SmallMemory<'_> {
+impl<F: Fn(&[Planar]) -> Option<GpuError>> Engine for Faulty<'_, F> {
     type Clean = <ReferenceVit<'static> as Engine>::Clean;
     fn model(&self) -> &Model {
         self.inner.model()
     }
     fn clean_features(&self, images: &[Planar]) -> Result<Self::Clean, EngineError> {
-        if images.len() > self.max {
-            return Err(GpuError::OutOfMemory { bytes: 1 << 20 }.into());
+        if let Some(e) = (self.fault)(images) {
+            return Err(e.into());
         }
         self.inner.clean_features(images)
     }
@@ -575,6 +577,16 @@ impl Engine for SmallMemory<'_> {
         objective: &Objective,
     ) -> Result<Vec<Evaluation>, EngineError> {
         self.inner.evaluate(adv, clean, objective)
+    }
+}
+
+/// The reference engine, out of memory with more than `max` images in a call.
+fn small_memory(model: &Model, max: usize) -> Faulty<'_, impl Fn(&[Planar]) -> Option<GpuError>> {
+    Faulty {
+        inner: ReferenceVit::new(model),
+        fault: move |images: &[Planar]| {
+            (images.len() > max).then_some(GpuError::OutOfMemory { bytes: 1 << 20 })
+        },
     }
 }
 
@@ -601,10 +613,7 @@ fn out_of_memory_halving_is_per_worker() {
             &s.model,
             |w| {
                 Ok(Worker {
-                    engine: SmallMemory {
-                        inner: ReferenceVit::new(&s.model),
-                        max: [4, 1][w],
-                    },
+                    engine: small_memory(&s.model, [4, 1][w]),
                     batch_size: 4,
                     batch_tokens: None,
                     batch_memory: None,
@@ -948,56 +957,24 @@ fn batch_tokens_through_the_command_line() {
 
 /// The reference engine, whose device fails for good (a fault that ends the CUDA context) when
 /// it meets an image `fatal_width` wide, and on every call after that.
-struct DyingDevice<'m> {
-    inner: ReferenceVit<'m>,
+fn dying_device(
+    model: &Model,
     fatal_width: usize,
-    dead: std::sync::atomic::AtomicBool,
-}
-
-impl DyingDevice<'_> {
-    fn check(&self, images: &[Planar]) -> Result<(), EngineError> {
-        if images.iter().any(|im| im.width == self.fatal_width) {
-            self.dead.store(true, Ordering::SeqCst);
-        }
-        if self.dead.load(Ordering::SeqCst) {
-            return Err(GpuError::Cuda {
+) -> Faulty<'_, impl Fn(&[Planar]) -> Option<GpuError>> {
+    let dead = std::sync::atomic::AtomicBool::new(false);
+    Faulty {
+        inner: ReferenceVit::new(model),
+        fault: move |images: &[Planar]| {
+            if images.iter().any(|im| im.width == fatal_width) {
+                dead.store(true, Ordering::SeqCst);
+            }
+            dead.load(Ordering::SeqCst).then(|| GpuError::Cuda {
                 context: "copy to host".into(),
                 message: "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was \
                           encountered\")"
                     .into(),
-            }
-            .into());
-        }
-        Ok(())
-    }
-}
-
-impl Engine for DyingDevice<'_> {
-    type Clean = <ReferenceVit<'static> as Engine>::Clean;
-    fn model(&self) -> &Model {
-        self.inner.model()
-    }
-    fn clean_features(&self, images: &[Planar]) -> Result<Self::Clean, EngineError> {
-        self.check(images)?;
-        self.inner.clean_features(images)
-    }
-    fn loss_and_gradient(
-        &self,
-        adv: &[Planar],
-        clean: &Self::Clean,
-        objective: &Objective,
-    ) -> Result<Vec<LossAndGradient>, EngineError> {
-        self.check(adv)?;
-        self.inner.loss_and_gradient(adv, clean, objective)
-    }
-    fn evaluate(
-        &self,
-        adv: &[Planar],
-        clean: &Self::Clean,
-        objective: &Objective,
-    ) -> Result<Vec<Evaluation>, EngineError> {
-        self.check(adv)?;
-        self.inner.evaluate(adv, clean, objective)
+            })
+        },
     }
 }
 
@@ -1026,15 +1003,10 @@ fn a_device_that_fails_for_good_stops_the_run_and_a_rerun_resumes() {
         let out = tmp.path().join(format!("out{workers}"));
         let mut output = OutputOptions::new(&out);
         output.batch_size = 1;
-        // Worker 0 meets the 64-wide input's death; the others never die by themselves.
-        let dying = |w: usize| DyingDevice {
-            inner: ReferenceVit::new(&s.model),
-            fatal_width: if w == 0 { 64 } else { 0 },
-            dead: Default::default(),
-        };
+        // Every engine dies on the 64-wide input, whichever claims it.
         let summary = if workers == 1 {
             campaign(&s, &items, &output, None)
-                .run(&dying(0), &Silent, &|| false)
+                .run(&dying_device(&s.model, 64), &Silent, &|| false)
                 .unwrap()
         } else {
             campaign(&s, &items, &output, None)
@@ -1043,11 +1015,7 @@ fn a_device_that_fails_for_good_stops_the_run_and_a_rerun_resumes() {
                     &s.model,
                     |w| {
                         Ok(Worker {
-                            engine: DyingDevice {
-                                // Both workers die on it, whichever claims it.
-                                fatal_width: 64,
-                                ..dying(w)
-                            },
+                            engine: dying_device(&s.model, 64),
                             batch_size: 1,
                             batch_tokens: None,
                             batch_memory: None,
