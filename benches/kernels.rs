@@ -16,7 +16,7 @@ use prm::gpu::kernels::attention::*;
 use prm::gpu::kernels::layernorm::{
     layernorm_backward_f32, layernorm_backward_f32_bf16copy, layernorm_forward_f32_bf16out,
 };
-use prm::gpu::{Buffer, Device};
+use prm::gpu::{Buffer, Device, GpuError};
 use prm::model::Activation;
 use prm::rng::{ImageRng, STREAM_INIT};
 
@@ -33,6 +33,56 @@ fn random(dev: &Device, n: usize, seed: &str) -> Buffer<f32> {
     dev.upload(&v).expect("upload")
 }
 
+/// v1's forward with heads of 64 (the tensor-core launchers' parameter list, which derives the
+/// heads from the width).
+#[allow(clippy::too_many_arguments)]
+fn simt_forward_heads_of_64(
+    dev: &Device,
+    qkv: &Buffer<f32>,
+    cu: &Buffer<i32>,
+    lens: &[usize],
+    out: &mut Buffer<f32>,
+    lse: &mut Buffer<f32>,
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Result<(), GpuError> {
+    attention_forward_f32(
+        dev,
+        qkv,
+        cu,
+        lens,
+        out,
+        lse,
+        width,
+        width / 64,
+        mode,
+        causal,
+    )
+}
+
+/// v1's backward with heads of 64, as [`simt_forward_heads_of_64`].
+#[allow(clippy::too_many_arguments)]
+fn simt_backward_heads_of_64(
+    dev: &Device,
+    qkv: &Buffer<f32>,
+    out: &Buffer<f32>,
+    d_out: &Buffer<f32>,
+    lse: &Buffer<f32>,
+    cu: &Buffer<i32>,
+    lens: &[usize],
+    d_qkv: &mut Buffer<f32>,
+    delta: &mut Buffer<f32>,
+    width: usize,
+    mode: AttentionMode,
+    causal: bool,
+) -> Result<(), GpuError> {
+    let heads = width / 64;
+    attention_backward_f32(
+        dev, qkv, out, d_out, lse, cu, lens, d_qkv, delta, width, heads, mode, causal,
+    )
+}
+
 fn kernels(c: &mut Criterion) {
     if !Device::cuda_available() {
         println!("skipped: no CUDA device (kernel benches only mean something on a GPU)");
@@ -46,8 +96,12 @@ fn kernels(c: &mut Criterion) {
     let qkv = random(&dev, n * 3 * WIDTH, "qkv");
     let d_out = random(&dev, n * WIDTH, "dout");
     let mut out = dev.alloc::<f32>(n * WIDTH).unwrap();
-    let mut lse = dev.alloc::<f32>(attention_scratch_len(n, WIDTH)).unwrap();
-    let mut delta = dev.alloc::<f32>(attention_scratch_len(n, WIDTH)).unwrap();
+    let mut lse = dev
+        .alloc::<f32>(attention_stats_len(n, WIDTH / 64))
+        .unwrap();
+    let mut delta = dev
+        .alloc::<f32>(attention_stats_len(n, WIDTH / 64))
+        .unwrap();
     let mut d_qkv = dev.alloc::<f32>(n * 3 * WIDTH).unwrap();
     let mut g = c.benchmark_group("attention 64x197 tokens, width 768");
     g.sample_size(20);
@@ -60,12 +114,12 @@ fn kernels(c: &mut Criterion) {
         let forward = if tc {
             attention_forward_tc
         } else {
-            attention_forward_f32
+            simt_forward_heads_of_64
         };
         let backward = if tc {
             attention_backward_tc
         } else {
-            attention_backward_f32
+            simt_backward_heads_of_64
         };
         g.throughput(Throughput::Elements(forward_flop));
         g.bench_function(format!("forward {name}"), |b| {

@@ -5,29 +5,35 @@
 //! Each `.cu` file is compiled through a generated `OUT_DIR/sim_kernels/<stem>.cpp` that only
 //! `#include`s the original by absolute path, so the compiler treats it as C++ without relying on
 //! `-x c++` ordering. The registry (`OUT_DIR/sim_kernels/registry.cpp`) lists every
-//! `PRM_REGISTER_KERNEL(name)` line as `{ "name", &prm_sim_trampoline_name }`; the runtime
+//! `PRM_REGISTER_KERNEL(name)` (lines that start with one) as `{ "name", &prm_sim_trampoline_name }`; the runtime
 //! references the table, so linking `prm_sim_launch` pulls every kernel object out of the
 //! static library (no static-initialiser registration needed).
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// The kernel names registered in one `.cu` source: lines that start with
-/// `PRM_REGISTER_KERNEL(` (comments and `#define`s are skipped).
+/// The kernel names registered in one `.cu` source: every `PRM_REGISTER_KERNEL(name)` on lines
+/// that start with one (comments and `#define`s are skipped). A line may hold several, as
+/// `attention.cu` registers one head dim's kernels per line.
 fn registered_kernels(src: &str) -> Vec<String> {
+    const MARK: &str = "PRM_REGISTER_KERNEL(";
     let mut names = Vec::new();
     for line in src.lines() {
-        let t = line.trim_start();
-        let Some(rest) = t.strip_prefix("PRM_REGISTER_KERNEL(") else {
+        let mut rest = line.trim_start();
+        if !rest.starts_with(MARK) {
             continue;
-        };
-        let Some(end) = rest.find(')') else { continue };
-        let name = rest[..end].trim();
-        if !name.is_empty()
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !name.starts_with(|c: char| c.is_ascii_digit())
-        {
-            names.push(name.to_string());
+        }
+        while let Some(at) = rest.find(MARK) {
+            rest = &rest[at + MARK.len()..];
+            let Some(end) = rest.find(')') else { break };
+            let name = rest[..end].trim();
+            if !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+            {
+                names.push(name.to_string());
+            }
+            rest = &rest[end..];
         }
     }
     names

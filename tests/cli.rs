@@ -381,77 +381,97 @@ fn bf16_runs_on_the_gpu_engine_and_is_refused_on_the_cpu() {
     assert_eq!(manifest(&out).len(), 3);
 }
 
-/// A checkpoint whose heads are not 64 wide (here hf_tiny's config saying 4 heads of 32; in the
-/// wild open_clip's ViT-H/14, 16 heads of 80): `prm info` says the GPU engine cannot run it, an
-/// attack on `--device sim` (the GPU engine's code path) is refused before any image is
-/// written, with the way out, and `--device cpu` attacks it.
+/// A checkpoint whose heads are not 64 wide (here hf_tiny's config saying 4 heads of 32 or 8 of
+/// 16; in the wild open_clip's ViT-H/14, 16 heads of 80). Heads 32 wide: `prm info` says the GPU
+/// engine runs them on its SIMT attention kernels, and an attack on `--device sim` (the GPU
+/// engine's code path) at bf16 writes its image. Heads 16 wide: `prm info` says the GPU engine
+/// cannot run them, an attack on `--device sim` is refused before any image is written, with
+/// the way out. `--device cpu` attacks both.
 #[test]
-fn a_model_with_heads_not_64_wide_is_refused_on_the_gpu_engine_and_runs_on_the_cpu() {
+fn a_model_with_heads_not_64_wide_runs_on_the_gpu_engine_or_is_refused_with_the_way_out() {
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf_tiny");
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    std::fs::copy(
-        golden.join("model.safetensors"),
-        model.join("model.safetensors"),
-    )
-    .unwrap();
-    let mut config: Value =
-        serde_json::from_str(&std::fs::read_to_string(golden.join("config.json")).unwrap())
-            .unwrap();
-    config["vision_config"]["num_attention_heads"] = 4.into();
-    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
-    let model = model.to_str().unwrap();
-
-    let o = prm(&["info", "--model", model]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        text.contains("gpu engine:   not supported") && text.contains("4 heads 32 wide"),
-        "{text}"
-    );
-    let o = prm(&["info", "--model", model, "--json"]);
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(
-        v["gpu_engine"].as_str().unwrap().contains("--device cpu"),
-        "{v}"
-    );
-
     let input = tmp.path().join("in");
     std::fs::create_dir(&input).unwrap();
     let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples");
     std::fs::copy(samples.join("chelsea.png"), input.join("chelsea.png")).unwrap();
-    let attack = |device: &str, out: &str| {
-        let out = tmp.path().join(out);
-        let o = prm(&[
-            "attack",
-            "--model",
-            model,
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--preset",
-            "pgd",
-            "--steps",
-            "1",
-            "--resolution",
-            "32",
-            "--device",
-            device,
-            "--quiet",
-        ]);
-        (o, out)
-    };
-    let (o, out) = attack("sim", "out_sim");
-    assert!(!o.status.success());
-    let err = stderr(&o);
-    assert!(
-        err.contains("32 wide") && err.contains("--device cpu"),
-        "{err}"
-    );
-    assert!(!out.join("chelsea.png").exists(), "an image was written");
-    let (o, out) = attack("cpu", "out_cpu");
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(out.join("chelsea.png").exists());
+    for heads in [4usize, 8] {
+        let model = tmp.path().join(format!("model{heads}"));
+        std::fs::create_dir(&model).unwrap();
+        std::fs::copy(
+            golden.join("model.safetensors"),
+            model.join("model.safetensors"),
+        )
+        .unwrap();
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(golden.join("config.json")).unwrap())
+                .unwrap();
+        config["vision_config"]["num_attention_heads"] = heads.into();
+        std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+        let model = model.to_str().unwrap();
+        let runs_on_gpu = heads == 4;
+        let head_dim = 128 / heads;
+
+        let o = prm(&["info", "--model", model]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = String::from_utf8_lossy(&o.stdout);
+        let expected = if runs_on_gpu {
+            text.contains("gpu engine:   supported")
+                && text.contains("heads 32 wide run the fp32 SIMT")
+        } else {
+            text.contains("gpu engine:   not supported") && text.contains("8 heads 16 wide")
+        };
+        assert!(expected, "{text}");
+        let o = prm(&["info", "--model", model, "--json"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        if runs_on_gpu {
+            assert_eq!(v["gpu_engine"], "supported", "{v}");
+            assert_eq!(v["gpu_attention"], "simt (fp32) at either precision", "{v}");
+        } else {
+            let why = v["gpu_engine"].as_str().unwrap();
+            assert!(why.contains("--device cpu"), "{v}");
+            assert_eq!(v["gpu_attention"], "none", "{v}");
+        }
+
+        let attack = |device: &str, out: &str| {
+            let out = tmp.path().join(format!("{out}{heads}"));
+            let o = prm(&[
+                "attack",
+                "--model",
+                model,
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+                "--preset",
+                "pgd",
+                "--steps",
+                "1",
+                "--resolution",
+                "32",
+                "--precision",
+                if device == "cpu" { "fp32" } else { "bf16" },
+                "--device",
+                device,
+                "--quiet",
+            ]);
+            (o, out)
+        };
+        let (o, out) = attack("sim", "out_sim");
+        if runs_on_gpu {
+            assert!(o.status.success(), "{}", stderr(&o));
+            assert!(out.join("chelsea.png").exists());
+        } else {
+            assert!(!o.status.success());
+            let err = stderr(&o);
+            assert!(
+                err.contains(&format!("{head_dim} wide")) && err.contains("--device cpu"),
+                "{err}"
+            );
+            assert!(!out.join("chelsea.png").exists(), "an image was written");
+        }
+        let (o, out) = attack("cpu", "out_cpu");
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(out.join("chelsea.png").exists());
+    }
 }

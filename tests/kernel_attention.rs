@@ -37,20 +37,21 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
     assert!(e <= tol, "{what}: scale-relative max error {e:e} > {tol:e}");
 }
 
-/// float64 twin of one sequence, any mode / causal: returns (out [T, D], lse [heads, T],
-/// d_qkv [T, 3D]).
+/// float64 twin of one sequence with heads `hd` wide, any mode / causal: returns (out [T, D],
+/// lse [heads, T], d_qkv [T, 3D]).
+#[allow(clippy::too_many_arguments)]
 fn twin(
     qkv: &[f32],
     d_out: &[f32],
     t: usize,
-    width: usize,
+    (width, hd): (usize, usize),
     mode: AttentionMode,
     causal: bool,
     lse_only: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let heads = width / HD;
+    let heads = width / hd;
     let ld = 3 * width;
-    let scale = 1.0 / (HD as f64).sqrt();
+    let scale = 1.0 / (hd as f64).sqrt();
     let mut out = vec![0.0f64; t * width];
     let mut lse = vec![0.0f64; heads * t];
     let mut dqkv = vec![0.0f64; t * ld];
@@ -61,7 +62,7 @@ fn twin(
         AttentionMode::Identity => (0, 0),
     };
     let at =
-        |r: usize, part: usize, h: usize, c: usize| qkv[r * ld + part * width + h * HD + c] as f64;
+        |r: usize, part: usize, h: usize, c: usize| qkv[r * ld + part * width + h * hd + c] as f64;
     for h in 0..heads {
         // P [t, t]
         let mut p = vec![0.0f64; t * t];
@@ -75,7 +76,7 @@ fn twin(
                 let s = if causal && j > i {
                     f64::NEG_INFINITY
                 } else {
-                    (0..HD)
+                    (0..hd)
                         .map(|c| at(i, xp, h, c) * at(j, yp, h, c))
                         .sum::<f64>()
                         * scale
@@ -93,15 +94,15 @@ fn twin(
             continue;
         }
         for i in 0..t {
-            for c in 0..HD {
-                out[i * width + h * HD + c] = (0..t).map(|j| p[i * t + j] * at(j, 2, h, c)).sum();
+            for c in 0..hd {
+                out[i * width + h * hd + c] = (0..t).map(|j| p[i * t + j] * at(j, 2, h, c)).sum();
             }
         }
-        let dout = |r: usize, c: usize| d_out[r * width + h * HD + c] as f64;
+        let dout = |r: usize, c: usize| d_out[r * width + h * hd + c] as f64;
         // dV = Pᵀ dO
         for j in 0..t {
-            for c in 0..HD {
-                dqkv[j * ld + 2 * width + h * HD + c] +=
+            for c in 0..hd {
+                dqkv[j * ld + 2 * width + h * hd + c] +=
                     (0..t).map(|i| p[i * t + j] * dout(i, c)).sum::<f64>();
             }
         }
@@ -113,7 +114,7 @@ fn twin(
         for i in 0..t {
             let mut dot = 0.0;
             for j in 0..t {
-                let dp: f64 = (0..HD).map(|c| dout(i, c) * at(j, 2, h, c)).sum();
+                let dp: f64 = (0..hd).map(|c| dout(i, c) * at(j, 2, h, c)).sum();
                 ds[i * t + j] = dp;
                 dot += p[i * t + j] * dp;
             }
@@ -122,12 +123,12 @@ fn twin(
             }
         }
         for i in 0..t {
-            for c in 0..HD {
+            for c in 0..hd {
                 // dX = dS Y, dY = dSᵀ X
                 let dx: f64 = (0..t).map(|j| ds[i * t + j] * at(j, yp, h, c)).sum();
                 let dy: f64 = (0..t).map(|j| ds[j * t + i] * at(j, xp, h, c)).sum();
-                dqkv[i * ld + xp * width + h * HD + c] += dx;
-                dqkv[i * ld + yp * width + h * HD + c] += dy;
+                dqkv[i * ld + xp * width + h * hd + c] += dx;
+                dqkv[i * ld + yp * width + h * hd + c] += dy;
             }
         }
     }
@@ -152,8 +153,31 @@ fn run(
     causal: bool,
     kernels: Kernels,
 ) -> Run {
+    run_heads(
+        dev,
+        qkv,
+        d_out,
+        lens,
+        (width, width / HD),
+        mode,
+        causal,
+        kernels,
+    )
+}
+
+/// [`run`] with `heads` heads (not 64 wide: the SIMT kernels only).
+#[allow(clippy::too_many_arguments)]
+fn run_heads(
+    dev: &Device,
+    qkv: &[f32],
+    d_out: &[f32],
+    lens: &[usize],
+    (width, heads): (usize, usize),
+    mode: AttentionMode,
+    causal: bool,
+    kernels: Kernels,
+) -> Run {
     let n: usize = lens.iter().sum();
-    let heads = width / HD;
     let cu = cu_seqlens(lens);
     let qkv_b = dev.upload(qkv).unwrap();
     let dout_b = dev.upload(d_out).unwrap();
@@ -161,33 +185,37 @@ fn run(
     let mut out = dev.alloc::<f32>(n * width).unwrap();
     let mut lse = dev.alloc::<f32>(heads * n).unwrap();
     let mut d_qkv = dev.alloc::<f32>(n * 3 * width).unwrap();
-    let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
+    let mut delta = dev.alloc::<f32>(attention_stats_len(n, heads)).unwrap();
     dev.poison(&mut out).unwrap();
     dev.poison(&mut lse).unwrap();
     dev.poison(&mut d_qkv).unwrap();
     dev.poison(&mut delta).unwrap();
-    if kernels == Kernels::TensorCoreV3 {
-        return run_v3(dev, qkv, d_out, lens, width, mode, causal);
+    if kernels != Kernels::Simt {
+        assert_eq!(width, heads * HD, "the tensor-core kernels run heads of 64");
     }
-    let (forward, backward) = match kernels {
-        Kernels::TensorCoreV3 => unreachable!("handled above"),
-        Kernels::Simt => (
-            attention_forward_f32 as ForwardFn,
-            attention_backward_f32 as BackwardFn,
-        ),
-        Kernels::TensorCore => (
-            attention_forward_tc as ForwardFn,
-            attention_backward_tc as BackwardFn,
-        ),
-    };
-    forward(
-        dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal,
-    )
-    .unwrap();
-    backward(
-        dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, &mut d_qkv, &mut delta, width, mode, causal,
-    )
-    .unwrap();
+    match kernels {
+        Kernels::TensorCoreV3 => return run_v3(dev, qkv, d_out, lens, width, mode, causal),
+        Kernels::Simt => {
+            let (o, l) = (&mut out, &mut lse);
+            attention_forward_f32(dev, &qkv_b, &cu_b, lens, o, l, width, heads, mode, causal)
+                .unwrap();
+            let (g, scratch) = (&mut d_qkv, &mut delta);
+            attention_backward_f32(
+                dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, g, scratch, width, heads, mode,
+                causal,
+            )
+            .unwrap();
+        }
+        Kernels::TensorCore => {
+            let (o, l) = (&mut out, &mut lse);
+            attention_forward_tc(dev, &qkv_b, &cu_b, lens, o, l, width, mode, causal).unwrap();
+            let (g, scratch) = (&mut d_qkv, &mut delta);
+            attention_backward_tc(
+                dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, g, scratch, width, mode, causal,
+            )
+            .unwrap();
+        }
+    }
     dev.synchronize().unwrap();
     Run {
         out: dev.download(&out).unwrap(),
@@ -217,7 +245,9 @@ fn run_v3(
     let mut out = dev.alloc::<bf16>(n * width).unwrap();
     let mut lse = dev.alloc::<f32>(heads * n).unwrap();
     let mut d_qkv = dev.alloc::<bf16>(n * 3 * width).unwrap();
-    let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
+    let mut delta = dev
+        .alloc::<f32>(attention_stats_len(n, width / HD))
+        .unwrap();
     let mut dout_bf16 = dev.alloc::<bf16>(n * width).unwrap();
     dev.poison(&mut out).unwrap();
     dev.poison(&mut lse).unwrap();
@@ -276,7 +306,9 @@ fn tc_outputs(
 ) {
     let mut out = dev.alloc::<bf16>(n * width).unwrap();
     let mut lse = dev.alloc::<f32>(width / HD * n).unwrap();
-    let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
+    let mut delta = dev
+        .alloc::<f32>(attention_stats_len(n, width / HD))
+        .unwrap();
     let mut d_qkv = dev.alloc::<bf16>(n * 3 * width).unwrap();
     dev.poison(&mut out).unwrap();
     dev.poison(&mut lse).unwrap();
@@ -312,32 +344,6 @@ fn inputs(lens: &[usize], width: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let d_out = d.vec(n * width, -1.0, 1.0);
     (qkv, d_out)
 }
-
-type ForwardFn = fn(
-    &Device,
-    &prm::gpu::Buffer<f32>,
-    &prm::gpu::Buffer<i32>,
-    &[usize],
-    &mut prm::gpu::Buffer<f32>,
-    &mut prm::gpu::Buffer<f32>,
-    usize,
-    AttentionMode,
-    bool,
-) -> Result<(), prm::gpu::GpuError>;
-type BackwardFn = fn(
-    &Device,
-    &prm::gpu::Buffer<f32>,
-    &prm::gpu::Buffer<f32>,
-    &prm::gpu::Buffer<f32>,
-    &prm::gpu::Buffer<f32>,
-    &prm::gpu::Buffer<i32>,
-    &[usize],
-    &mut prm::gpu::Buffer<f32>,
-    &mut prm::gpu::Buffer<f32>,
-    usize,
-    AttentionMode,
-    bool,
-) -> Result<(), prm::gpu::GpuError>;
 
 /// Which kernels a check runs: the fp32 SIMT ones, or the tensor-core ones (bf16 operands).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -378,9 +384,21 @@ fn check_kernels(
     seed: u64,
     kernels: Kernels,
 ) {
+    check_heads(lens, (width, width / HD), mode, causal, seed, kernels);
+}
+
+/// [`check_kernels`] with `heads` heads (not 64 wide: the SIMT kernels only).
+fn check_heads(
+    lens: &[usize],
+    (width, heads): (usize, usize),
+    mode: AttentionMode,
+    causal: bool,
+    seed: u64,
+    kernels: Kernels,
+) {
     let (qkv, d_out) = inputs(lens, width, seed);
     let n: usize = lens.iter().sum();
-    let heads = width / HD;
+    let hd = width / heads;
     let ld = 3 * width;
     let against_reference = mode == AttentionMode::QK && !causal;
 
@@ -393,7 +411,7 @@ fn check_kernels(
         let go = &d_out[off * width..(off + t) * width];
         // The float64 twin gives lse always, and out / d_qkv when the crate's reference twin
         // does not cover the variant.
-        let (o, l, g) = twin(q, go, t, width, mode, causal, against_reference);
+        let (o, l, g) = twin(q, go, t, (width, hd), mode, causal, against_reference);
         for h in 0..heads {
             want_lse[h * n + off..h * n + off + t].copy_from_slice(&l[h * t..(h + 1) * t]);
         }
@@ -421,7 +439,8 @@ fn check_kernels(
             dev.name()
         );
         let tol = kernels.tolerance();
-        let got = run(&dev, &qkv, &d_out, lens, width, mode, causal, kernels);
+        let shape = (width, heads);
+        let got = run_heads(&dev, &qkv, &d_out, lens, shape, mode, causal, kernels);
         assert!(
             got.out.iter().all(|v| v.is_finite()),
             "{tag}: out not fully written"
@@ -504,6 +523,145 @@ fn qq_causal() {
 #[test]
 fn identity_mixed() {
     check(&[50, 13], 128, AttentionMode::Identity, false, 10);
+}
+
+/// Every head dim the SIMT kernels are instantiated for (multiples of 8 from 32 to 128), two
+/// heads, a 50-token and a 13-token sequence, against the reference twin: each instantiation's
+/// forward, delta, dK/dV and dQ.
+#[test]
+fn every_simt_head_dim() {
+    for hd in (32..=128).step_by(8) {
+        assert!(simt_supports_head_dim(hd));
+        check_heads(
+            &[50, 13],
+            (2 * hd, 2),
+            AttentionMode::QK,
+            false,
+            hd as u64,
+            Kernels::Simt,
+        );
+    }
+    for hd in [0, 8, 24, 36, 136, 256] {
+        assert!(!simt_supports_head_dim(hd), "{hd}");
+    }
+}
+
+/// open_clip's ViT-H/14 heads (80 wide): 197 tokens (one head), ViT-H/14 at 224 px (257 tokens,
+/// ragged against every tile), a mixed batch with 1-token sequences, and 1201 tokens.
+#[test]
+fn heads_of_80() {
+    check_heads(&[197], (80, 1), AttentionMode::QK, false, 81, Kernels::Simt);
+    check_heads(
+        &[257, 1, 50],
+        (160, 2),
+        AttentionMode::QK,
+        false,
+        82,
+        Kernels::Simt,
+    );
+    check_heads(
+        &[1201],
+        (80, 1),
+        AttentionMode::QK,
+        false,
+        83,
+        Kernels::Simt,
+    );
+}
+
+/// The other modes and the causal mask at head dims not 64 (the float64 twin): ViT-g/14's 88,
+/// ViT-bigG/14's 104, and 128 (the largest shared memory: 74 KB a CTA).
+#[test]
+fn modes_and_causal_at_other_head_dims() {
+    for (hd, seed) in [(88usize, 90u64), (104, 100), (128, 110)] {
+        let shape = (2 * hd, 2);
+        check_heads(
+            &[77, 50, 13],
+            shape,
+            AttentionMode::QK,
+            true,
+            seed,
+            Kernels::Simt,
+        );
+        check_heads(
+            &[50, 13],
+            shape,
+            AttentionMode::QQ,
+            false,
+            seed + 1,
+            Kernels::Simt,
+        );
+        check_heads(
+            &[70, 13],
+            shape,
+            AttentionMode::KK,
+            true,
+            seed + 2,
+            Kernels::Simt,
+        );
+        check_heads(
+            &[50, 13],
+            shape,
+            AttentionMode::Identity,
+            false,
+            seed + 3,
+            Kernels::Simt,
+        );
+    }
+}
+
+/// Heads not 64 wide give the same bits twice; on the simulator the second run is the reverse
+/// schedule's, so a race in a new instantiation's shared-memory carve would show.
+#[test]
+fn other_head_dims_deterministic() {
+    let lens = [197, 13];
+    for hd in [80usize, 128] {
+        let shape = (2 * hd, 2);
+        let (qkv, d_out) = inputs(&lens, shape.0, 120 + hd as u64);
+        let devices = devices()
+            .into_iter()
+            .filter(|d| d.sim_schedule() != Some(Schedule::Reverse));
+        for dev in devices {
+            let second = if dev.is_sim() {
+                Device::sim_with_schedule(Schedule::Reverse)
+            } else {
+                dev.clone()
+            };
+            for causal in [false, true] {
+                let mode = AttentionMode::QK;
+                let a = run_heads(
+                    &dev,
+                    &qkv,
+                    &d_out,
+                    &lens,
+                    shape,
+                    mode,
+                    causal,
+                    Kernels::Simt,
+                );
+                let b = run_heads(
+                    &second,
+                    &qkv,
+                    &d_out,
+                    &lens,
+                    shape,
+                    mode,
+                    causal,
+                    Kernels::Simt,
+                );
+                let bits = |r: &Run| {
+                    [&r.out, &r.lse, &r.d_qkv]
+                        .iter()
+                        .flat_map(|v| v.iter().map(|x| x.to_bits()))
+                        .collect::<Vec<_>>()
+                };
+                assert!(
+                    bits(&a) == bits(&b),
+                    "head dim {hd}, causal {causal}: runs differ"
+                );
+            }
+        }
+    }
 }
 
 /// Two runs give the same bits. On the simulator the second runs under the reverse schedule, so
@@ -756,15 +914,15 @@ fn tc3_against_simt_on_bf16_inputs() {
 }
 
 #[test]
-#[should_panic(expected = "head dim")]
-fn rejects_width_not_multiple_of_64() {
+#[should_panic(expected = "tensor-core head dim")]
+fn tensor_cores_reject_a_width_not_multiple_of_64() {
     let dev = Device::sim();
     let (n, width) = (10usize, 96usize);
     let qkv = dev.alloc::<f32>(n * 3 * width).unwrap();
     let cu = dev.upload(&[0i32, 10]).unwrap();
     let mut out = dev.alloc::<f32>(n * width).unwrap();
     let mut lse = dev.alloc::<f32>(n).unwrap();
-    let _ = attention_forward_f32(
+    let _ = attention_forward_tc(
         &dev,
         &qkv,
         &cu,
@@ -772,6 +930,30 @@ fn rejects_width_not_multiple_of_64() {
         &mut out,
         &mut lse,
         width,
+        AttentionMode::QK,
+        false,
+    );
+}
+
+#[test]
+#[should_panic(expected = "multiples of 8 from 32 to 128")]
+fn simt_rejects_heads_it_has_no_kernels_for() {
+    let dev = Device::sim();
+    let (n, width, heads) = (10usize, 144usize, 1usize);
+    let qkv = dev.alloc::<f32>(n * 3 * width).unwrap();
+    let cu = dev.upload(&[0i32, 10]).unwrap();
+    let mut out = dev.alloc::<f32>(n * width).unwrap();
+    let mut lse = dev.alloc::<f32>(n).unwrap();
+    let (o, l) = (&mut out, &mut lse);
+    let _ = attention_forward_f32(
+        &dev,
+        &qkv,
+        &cu,
+        &[10],
+        o,
+        l,
+        width,
+        heads,
         AttentionMode::QK,
         false,
     );
@@ -813,7 +995,7 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
                 TcOptions::default(),
             )
             .unwrap();
-            let scratch = attention_scratch_len(n, width);
+            let scratch = attention_stats_len(n, width / HD);
             let poisoned_bf16 = |len: usize| {
                 let mut b = dev.alloc::<bf16>(len).unwrap();
                 dev.poison(&mut b).unwrap();

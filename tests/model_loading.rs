@@ -917,17 +917,18 @@ fn heads_cannot_be_guessed_without_config() {
 
 #[test]
 fn unknown_random_arch_and_bad_seed() {
-    let e = load_model("random:vit-h-14").unwrap_err();
+    let e = load_model("random:vit-g-14").unwrap_err();
     assert!(matches!(e, ModelError::UnknownArchitecture { .. }), "{e:?}");
     assert_msg(
         &e,
         &[
-            "vit-h-14",
+            "vit-g-14",
             "tiny",
             "vit-b-32",
             "vit-b-16",
             "vit-l-14",
             "vit-l-14-336",
+            "vit-h-14",
         ],
     );
     let e = load_model("random:tiny@x").unwrap_err();
@@ -948,7 +949,14 @@ fn expected_params(arch: &str) -> (usize, usize) {
 fn builtin_configs_match_real_clip() {
     assert_eq!(
         builtin_architectures(),
-        &["tiny", "vit-b-32", "vit-b-16", "vit-l-14", "vit-l-14-336"]
+        &[
+            "tiny",
+            "vit-b-32",
+            "vit-b-16",
+            "vit-l-14",
+            "vit-l-14-336",
+            "vit-h-14"
+        ]
     );
     // (width, heads, layers, mlp, patch, grid, image, embed)
     let real = [
@@ -957,6 +965,7 @@ fn builtin_configs_match_real_clip() {
         ("vit-b-16", (768, 12, 12, 3072, 16, 14, 224, 512)),
         ("vit-l-14", (1024, 16, 24, 4096, 14, 16, 224, 768)),
         ("vit-l-14-336", (1024, 16, 24, 4096, 14, 24, 336, 768)),
+        ("vit-h-14", (1280, 16, 32, 5120, 14, 16, 224, 1024)),
     ];
     for (arch, dims) in real {
         let c = builtin_config(arch).unwrap();
@@ -974,8 +983,14 @@ fn builtin_configs_match_real_clip() {
             dims,
             "{arch}"
         );
-        assert_eq!(c.head_dim(), 64);
-        assert_eq!(c.activation, Activation::QuickGelu);
+        // open_clip's LAION ViT-H/14: 16 heads of 80 and the exact GELU.
+        let (head_dim, activation) = if arch == "vit-h-14" {
+            (80, Activation::Gelu)
+        } else {
+            (64, Activation::QuickGelu)
+        };
+        assert_eq!(c.head_dim(), head_dim, "{arch}");
+        assert_eq!(c.activation, activation, "{arch}");
         assert_eq!((c.ln_eps, c.mean, c.std), (1e-5, OPENAI_MEAN, OPENAI_STD));
     }
     // Well-known vision-tower sizes (without the projection).
@@ -983,6 +998,7 @@ fn builtin_configs_match_real_clip() {
     assert_eq!(expected_params("vit-b-32").0, 87_456_000);
     assert_eq!(expected_params("vit-l-14").0, 303_179_776);
     assert_eq!(expected_params("vit-l-14-336").0, 303_507_456);
+    assert_eq!(expected_params("vit-h-14").0, 630_766_080);
 }
 
 fn check_shapes(m: &Model) {

@@ -54,7 +54,10 @@ ARCHS = {
     "vit-b-16": (768, 12, 12, 3072, 16, 224, 512),
     "vit-l-14": (1024, 24, 16, 4096, 14, 224, 768),
     "vit-l-14-336": (1024, 24, 16, 4096, 14, 336, 768),
+    "vit-h-14": (1280, 32, 16, 5120, 14, 224, 1024),
 }
+# open_clip's LAION ViT-H/14 uses the exact GELU (prm's random:vit-h-14 too); OpenAI's QuickGELU.
+ACTIVATION = {"vit-h-14": "gelu"}
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -90,7 +93,7 @@ def build_model(arch: str, dtype=torch.float32, device="cuda"):
     d, layers, heads, m, p, image, proj = ARCHS[arch]
     cfg = CLIPVisionConfig(
         hidden_size=d, intermediate_size=m, num_hidden_layers=layers, num_attention_heads=heads,
-        patch_size=p, image_size=image, projection_dim=proj, hidden_act="quick_gelu",
+        patch_size=p, image_size=image, projection_dim=proj, hidden_act=ACTIVATION.get(arch, "quick_gelu"),
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)

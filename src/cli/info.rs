@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use prm::gpu::kernels::attention::check_head_layout;
+use prm::gpu::kernels::attention::{check_head_layout, tensor_cores_run_heads};
 use prm::model::{Model, ModelSource};
 
 #[derive(Args)]
@@ -39,6 +39,11 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
             "parameters": model.parameter_count(),
             "fingerprint": model.fingerprint(),
             "gpu_engine": gpu_engine.as_ref().map_or_else(|e| e.clone(), |_| "supported".into()),
+            "gpu_attention": match gpu_engine {
+                Err(_) => "none",
+                Ok(()) if tensor_cores_run_heads(c.width, c.heads) => "tensor cores at bf16, simt at fp32",
+                Ok(()) => "simt (fp32) at either precision",
+            },
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -87,7 +92,14 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         model.parameter_count() as f64 / 1e6
     );
     match &gpu_engine {
-        Ok(()) => println!("gpu engine:   supported (--device cuda, sim)"),
+        Ok(()) if tensor_cores_run_heads(c.width, c.heads) => {
+            println!("gpu engine:   supported (--device cuda, sim)")
+        }
+        Ok(()) => println!(
+            "gpu engine:   supported (--device cuda, sim); heads {} wide run the fp32 SIMT \
+             attention kernels at either precision (the tensor-core ones take heads of 64)",
+            c.head_dim()
+        ),
         Err(why) => println!("gpu engine:   not supported: {why}"),
     }
     Ok(ExitCode::SUCCESS)

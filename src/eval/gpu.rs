@@ -44,7 +44,7 @@ use crate::gpu::engine::Precision;
 use crate::gpu::gemm::{matmul_bf16, matmul_bf16_residual, matmul_f32, matmul_f32_residual};
 use crate::gpu::kernels::activation::bias_activation_forward_f32;
 use crate::gpu::kernels::attention::{
-    attention_forward_f32, check_head_layout, AttentionMode, HEAD_DIM,
+    attention_forward_f32, attention_stats_len, check_head_layout, AttentionMode,
 };
 use crate::gpu::kernels::class_logits::{class_logits_f32, normalize_rows_f32};
 use crate::gpu::kernels::convert::to_bf16;
@@ -60,6 +60,7 @@ struct Stack {
     dev: Device,
     blocks: Vec<DeviceBlock>,
     width: usize,
+    heads: usize,
     mlp: usize,
     act: Activation,
     eps: f32,
@@ -73,7 +74,7 @@ impl Stack {
     fn new(
         dev: &Device,
         blocks: &[BlockWeights],
-        width: usize,
+        (width, heads): (usize, usize),
         mlp: usize,
         act: Activation,
         eps: f32,
@@ -87,6 +88,7 @@ impl Stack {
             dev: dev.clone(),
             blocks,
             width,
+            heads,
             mlp,
             act,
             eps,
@@ -171,9 +173,10 @@ impl Stack {
     ) -> Result<Buffer<f32>, GpuError> {
         let d = self.width;
         let mut ctx = self.dev.alloc(rows * d)?;
-        let mut lse = self.dev.alloc((d / HEAD_DIM) * rows)?;
+        let heads = self.heads;
+        let mut lse = self.dev.alloc(attention_stats_len(rows, heads))?;
         attention_forward_f32(
-            &self.dev, qkv, cu, lens, &mut ctx, &mut lse, d, mode, causal,
+            &self.dev, qkv, cu, lens, &mut ctx, &mut lse, d, heads, mode, causal,
         )?;
         Ok(ctx)
     }
@@ -390,7 +393,7 @@ impl<'m> GpuTargets<'m> {
             stack: Stack::new(
                 dev,
                 &w.blocks,
-                c.width,
+                (c.width, c.heads),
                 c.mlp,
                 c.activation,
                 c.ln_eps,
@@ -1056,7 +1059,7 @@ impl<'t> GpuText<'t> {
             stack: Stack::new(
                 dev,
                 &w.blocks,
-                c.width,
+                (c.width, c.heads),
                 c.mlp,
                 c.activation,
                 c.ln_eps,

@@ -40,6 +40,8 @@ struct Arch {
     patch: usize,
     grid: usize,
     embed_dim: usize,
+    /// QuickGELU for OpenAI's towers; open_clip's LAION ViT-H/14 uses the exact GELU.
+    activation: Activation,
 }
 
 const ARCHS: &[Arch] = &[
@@ -52,6 +54,7 @@ const ARCHS: &[Arch] = &[
         patch: 16,
         grid: 4,
         embed_dim: 64,
+        activation: Activation::QuickGelu,
     },
     Arch {
         name: "vit-b-32",
@@ -62,6 +65,7 @@ const ARCHS: &[Arch] = &[
         patch: 32,
         grid: 7,
         embed_dim: 512,
+        activation: Activation::QuickGelu,
     },
     Arch {
         name: "vit-b-16",
@@ -72,6 +76,7 @@ const ARCHS: &[Arch] = &[
         patch: 16,
         grid: 14,
         embed_dim: 512,
+        activation: Activation::QuickGelu,
     },
     Arch {
         name: "vit-l-14",
@@ -82,6 +87,7 @@ const ARCHS: &[Arch] = &[
         patch: 14,
         grid: 16,
         embed_dim: 768,
+        activation: Activation::QuickGelu,
     },
     Arch {
         name: "vit-l-14-336",
@@ -92,10 +98,30 @@ const ARCHS: &[Arch] = &[
         patch: 14,
         grid: 24,
         embed_dim: 768,
+        activation: Activation::QuickGelu,
+    },
+    // open_clip's ViT-H-14 (LAION-2B): 16 heads of 80, the GPU engine's SIMT attention.
+    Arch {
+        name: "vit-h-14",
+        width: 1280,
+        heads: 16,
+        layers: 32,
+        mlp: 5120,
+        patch: 14,
+        grid: 16,
+        embed_dim: 1024,
+        activation: Activation::Gelu,
     },
 ];
 
-const NAMES: &[&str] = &["tiny", "vit-b-32", "vit-b-16", "vit-l-14", "vit-l-14-336"];
+const NAMES: &[&str] = &[
+    "tiny",
+    "vit-b-32",
+    "vit-b-16",
+    "vit-l-14",
+    "vit-l-14-336",
+    "vit-h-14",
+];
 
 /// Names accepted by `random:ARCH`.
 pub fn builtin_architectures() -> &'static [&'static str] {
@@ -123,7 +149,7 @@ pub fn builtin_config(arch: &str) -> Result<VisionConfig, ModelError> {
         grid: a.grid,
         mlp: a.mlp,
         embed_dim: Some(a.embed_dim),
-        activation: Activation::QuickGelu,
+        activation: a.activation,
         ln_eps: 1e-5,
         mean: OPENAI_MEAN,
         std: OPENAI_STD,
@@ -232,6 +258,7 @@ fn text_shape(arch: &str) -> (usize, usize, usize) {
     match arch {
         "tiny" => (128, 2, 2),
         "vit-b-32" | "vit-b-16" => (512, 8, 12),
+        "vit-h-14" => (1024, 16, 24),
         _ => (768, 12, 12),
     }
 }
@@ -272,7 +299,7 @@ pub fn random_text_tower(arch: &str, seed: u64) -> Result<TextTower, ModelError>
             vocab,
             context,
             embed_dim: a.embed_dim,
-            activation: Activation::QuickGelu,
+            activation: a.activation,
             ln_eps: 1e-5,
         },
         weights: TextWeights {

@@ -10,7 +10,7 @@ use crate::gpu::gemm::matmul_bf16_bf16out;
 use crate::gpu::kernels::activation::{activation_backward_bf16, activation_backward_inplace_f32};
 use crate::gpu::kernels::attention::{
     attention_backward_f32, attention_backward_tc, attention_backward_tc3_bf16_dout,
-    attention_backward_tc4_bf16_dout, attention_scratch_len, AttentionMode,
+    attention_backward_tc4_bf16_dout, attention_stats_len, AttentionMode,
 };
 use crate::gpu::kernels::convert::to_bf16;
 use crate::gpu::kernels::embed::{
@@ -178,7 +178,7 @@ impl<'m> GpuVit<'m> {
                             )
                         },
                     )?;
-                    let mut delta = self.alloc(attention_scratch_len(t, d))?;
+                    let mut delta = self.alloc(attention_stats_len(t, self.heads()))?;
                     self.product_from_bf16(
                         b.qkv.backward_shape(t),
                         &b.qkv.weight,
@@ -216,7 +216,7 @@ impl<'m> GpuVit<'m> {
                                     }
                                     CallStep::ReadOutputs => {
                                         let mut bytes = buffer_bytes(&self.dev, db, t * 3 * d)?;
-                                        let n = attention_scratch_len(t, d);
+                                        let n = attention_stats_len(t, self.heads());
                                         bytes.extend(buffer_bytes(&self.dev, &delta, n)?);
                                         Ok(bytes)
                                     }
@@ -307,25 +307,22 @@ impl<'m> GpuVit<'m> {
     ) -> Result<Pooled, GpuError> {
         let (t, d) = (batch.packing.total_tokens, self.model.config.width);
         let mut d_qkv = self.alloc(t * 3 * d)?;
-        let mut delta = self.alloc(attention_scratch_len(t, d))?;
-        let backward = match self.precision {
-            Precision::Fp32 => attention_backward_f32,
-            Precision::Bf16 => attention_backward_tc,
-        };
-        backward(
-            &self.dev,
-            qkv,
-            context,
-            d_context,
-            lse,
-            &batch.cu_seqlens,
-            &batch.seqlens,
-            &mut d_qkv,
-            &mut delta,
-            d,
-            AttentionMode::QK,
-            false,
-        )?;
+        let mut delta = self.alloc(attention_stats_len(t, self.heads()))?;
+        let (cu, lens) = (&batch.cu_seqlens, &batch.seqlens);
+        let (dev, mode) = (&self.dev, AttentionMode::QK);
+        let (d_out, grads) = (d_context, &mut d_qkv);
+        // As the forward: tensor cores for bf16 with 64-wide heads, the SIMT kernels otherwise.
+        if self.precision == Precision::Bf16 && self.tensor_core_heads() {
+            let scratch = &mut delta;
+            attention_backward_tc(
+                dev, qkv, context, d_out, lse, cu, lens, grads, scratch, d, mode, false,
+            )?;
+        } else {
+            let (scratch, heads) = (&mut delta, self.heads());
+            attention_backward_f32(
+                dev, qkv, context, d_out, lse, cu, lens, grads, scratch, d, heads, mode, false,
+            )?;
+        }
         Ok(d_qkv)
     }
 }

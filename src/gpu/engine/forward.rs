@@ -10,7 +10,7 @@ use crate::gpu::gemm::{matmul_bf16_bf16out, matmul_bf16_residual};
 use crate::gpu::kernels::activation::{bias_activation_forward_bf16, bias_activation_forward_f32};
 use crate::gpu::kernels::attention::{
     attention_forward_f32, attention_forward_tc, attention_forward_tc3, attention_forward_tc4,
-    attention_scratch_len, AttentionMode,
+    attention_stats_len, AttentionMode,
 };
 use crate::gpu::kernels::embed::{assemble_tokens_f32, patchify_bf16, patchify_f32};
 use crate::gpu::kernels::layernorm::{layernorm_forward_f32, layernorm_forward_f32_bf16out};
@@ -288,23 +288,30 @@ impl<'m> GpuVit<'m> {
     ) -> Result<(Pooled, Pooled), GpuError> {
         let (t, d) = (batch.packing.total_tokens, self.model.config.width);
         let mut context = self.alloc(t * d)?;
-        let mut lse = self.alloc(attention_scratch_len(t, d))?;
-        // bf16 precision runs attention on tensor cores; fp32 keeps the fp32 SIMT kernels.
-        let forward = match self.precision {
-            Precision::Fp32 => attention_forward_f32,
-            Precision::Bf16 => attention_forward_tc,
-        };
-        forward(
-            &self.dev,
-            qkv,
-            &batch.cu_seqlens,
-            &batch.seqlens,
-            &mut context,
-            &mut lse,
-            d,
-            AttentionMode::QK,
-            false,
-        )?;
+        let mut lse = self.alloc(attention_stats_len(t, self.heads()))?;
+        let (cu, lens) = (&batch.cu_seqlens, &batch.seqlens);
+        let mode = AttentionMode::QK;
+        // bf16 precision runs attention on tensor cores where the heads are 64 wide; fp32, and
+        // other head dims, the fp32 SIMT kernels.
+        if self.precision == Precision::Bf16 && self.tensor_core_heads() {
+            attention_forward_tc(
+                &self.dev,
+                qkv,
+                cu,
+                lens,
+                &mut context,
+                &mut lse,
+                d,
+                mode,
+                false,
+            )?;
+        } else {
+            let heads = self.heads();
+            let (out, lse_out) = (&mut context, &mut lse);
+            attention_forward_f32(
+                &self.dev, qkv, cu, lens, out, lse_out, d, heads, mode, false,
+            )?;
+        }
         Ok((context, lse))
     }
 
@@ -316,7 +323,7 @@ impl<'m> GpuVit<'m> {
     ) -> Result<(PooledBf16, Pooled), GpuError> {
         let (t, d) = (batch.packing.total_tokens, self.model.config.width);
         let mut context = self.pool.take_bf16(t * d)?;
-        let mut lse = self.alloc(attention_scratch_len(t, d))?;
+        let mut lse = self.alloc(attention_stats_len(t, self.heads()))?;
         let seqlens = &batch.seqlens;
         self.run_attention(AttentionPass::Forward, seqlens, |step| match step {
             CallStep::Run(k) => {
@@ -341,7 +348,11 @@ impl<'m> GpuVit<'m> {
             }
             CallStep::ReadOutputs => {
                 let mut bytes = buffer_bytes(&self.dev, &context, t * d)?;
-                bytes.extend(buffer_bytes(&self.dev, &lse, attention_scratch_len(t, d))?);
+                bytes.extend(buffer_bytes(
+                    &self.dev,
+                    &lse,
+                    attention_stats_len(t, self.heads()),
+                )?);
                 Ok(bytes)
             }
             CallStep::PoisonOutputs => {

@@ -33,6 +33,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::kernels::attention::{check_head_layout, tensor_cores_run_heads};
 use super::kernels::embed::PackedImages;
 use super::kernels::loss::LossScratch;
 use super::kernels::resize::{ResizePlan, ResizeSizes};
@@ -291,10 +292,8 @@ impl<'m> GpuVit<'m> {
     ) -> Result<Self, GpuError> {
         let w = &model.weights;
         let c = &model.config;
-        // Before any upload: the kernels would otherwise run the tower as width/64 heads of 64,
-        // another model than the one loaded, without a word.
-        crate::gpu::kernels::attention::check_head_layout("vision tower", c.width, c.heads)
-            .map_err(GpuError::Config)?;
+        // Before any upload: heads no kernel runs are refused with the way out (the CPU).
+        check_head_layout("vision tower", c.width, c.heads).map_err(GpuError::Config)?;
         let blocks = w
             .blocks
             .iter()
@@ -390,7 +389,20 @@ impl<'m> GpuVit<'m> {
 
     /// Whether attention runs the v3 or v4 kernels (bf16 q/k/v and context).
     fn attention_v3(&self) -> bool {
-        self.precision == Precision::Bf16 && self.attention.bf16_qkv()
+        self.precision == Precision::Bf16 && self.tensor_core_heads() && self.attention.bf16_qkv()
+    }
+
+    /// Whether the tower's heads are the tensor-core kernels' (64 wide). Other head dims run
+    /// the SIMT kernels (v1) in fp32 whatever the precision: the bf16 engine then keeps q|k|v
+    /// and the context in fp32, as under `PRM_ATTENTION=v2`, and its products stay bf16.
+    fn tensor_core_heads(&self) -> bool {
+        let c = &self.model.config;
+        tensor_cores_run_heads(c.width, c.heads)
+    }
+
+    /// The tower's heads.
+    fn heads(&self) -> usize {
+        self.model.config.heads
     }
 
     /// A pooled buffer with undefined contents (NaN under the simulator).
@@ -632,11 +644,14 @@ pub fn step_bytes_per_token(
     precision: Precision,
 ) -> usize {
     let (d, m, l) = (config.width, config.mlp, config.layers);
-    let heads = d.div_ceil(64);
-    // In fp32 elements: a bf16 tensor counts half.
+    let heads = config.heads.max(1);
+    // In fp32 elements: a bf16 tensor counts half. q|k|v is bf16 only where attention runs on
+    // tensor cores (heads 64 wide); other towers' bf16 engine keeps it in fp32 for v1.
+    let bf16_qkv = tensor_cores_run_heads(d, config.heads);
     let (qkv, hidden) = match precision {
         Precision::Fp32 => (3 * d, m),
-        Precision::Bf16 => ((3 * d).div_ceil(2), m.div_ceil(2)),
+        Precision::Bf16 if bf16_qkv => ((3 * d).div_ceil(2), m.div_ceil(2)),
+        Precision::Bf16 => (3 * d, m.div_ceil(2)),
     };
     let saved = blocks.min(l) * (qkv + d + heads + d + hidden + 4 + d);
     // The final evaluation runs every block without saving, holding F_0..F_L.

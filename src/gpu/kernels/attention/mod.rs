@@ -22,15 +22,20 @@
 //! version and options the bf16 engine runs is its business (`gpu::engine::attention_plan`:
 //! `PRM_ATTENTION`, by default timed on the device per shape).
 //!
-//! Layouts (row-major; `N = Σ T_i` tokens, `D = width`, `heads = D / 64`, head dim 64):
-//! - `qkv [N, 3D]`: q | k | v along features, head `h` in columns `h·64 .. h·64 + 64` of each part;
+//! Head dims: v1 runs heads of every width [`simt_supports_head_dim`] allows (multiples of 8
+//! from 32 to 128: open_clip's ViT-H/14, g/14 and bigG/14 have heads of 80, 88 and 104), and
+//! takes the head count; the tensor-core versions run heads of [`HEAD_DIM`] (64) only, the
+//! OpenAI towers' (and ViT-L/14's, all text towers'), and derive `heads = D / 64`.
+//!
+//! Layouts (row-major; `N = Σ T_i` tokens, `D = width`, head dim `HD = D / heads`):
+//! - `qkv [N, 3D]`: q | k | v along features, head `h` in columns `h·HD .. h·HD + HD` of each part;
 //! - `cu_seqlens [B + 1]` (`i32`, device): sequence `i` is rows `cu_seqlens[i] .. cu_seqlens[i+1]`;
 //!   `seqlens_host [B]` holds the same lengths on the host (grid sizing and shape checks);
-//! - `out`, `d_out [N, D]`, head `h` in columns `h·64 ..`;
-//! - `lse [heads, N]`: per (head, row) log Σ_j exp(s_ij), scores already scaled by 1/√64; index
+//! - `out`, `d_out [N, D]`, head `h` in columns `h·HD ..`;
+//! - `lse [heads, N]`: per (head, row) log Σ_j exp(s_ij), scores already scaled by 1/√HD; index
 //!   `h·N + row`. Identity mode writes zeros there;
 //! - `delta [heads, N]`: backward scratch (`rowsum(dO ⊙ O)`), caller-owned so the engine's arena
-//!   can hold it; size it with [`attention_scratch_len`];
+//!   can hold it; size it with [`attention_stats_len`];
 //! - `d_qkv [N, 3D]`: same layout as `qkv`, every element written (parts no score operand uses
 //!   get zeros).
 //!
@@ -43,18 +48,18 @@
 //! let dev = Device::sim();
 //! let (width, lens) = (128usize, [50usize, 13]);
 //! let n: usize = lens.iter().sum();
-//! let heads = width / 64;
+//! let heads = 2; // of 64
 //! let qkv = dev.upload(&vec![0.1f32; n * 3 * width]).unwrap();
 //! let cu = dev.upload(&[0i32, 50, 63]).unwrap();
 //! let mut out = dev.alloc::<f32>(n * width).unwrap();
 //! let mut lse = dev.alloc::<f32>(heads * n).unwrap();
-//! attention_forward_f32(&dev, &qkv, &cu, &lens, &mut out, &mut lse, width,
+//! attention_forward_f32(&dev, &qkv, &cu, &lens, &mut out, &mut lse, width, heads,
 //!                       AttentionMode::QK, false).unwrap();
 //! let d_out = dev.upload(&vec![1.0f32; n * width]).unwrap();
 //! let mut d_qkv = dev.alloc::<f32>(n * 3 * width).unwrap();
-//! let mut delta = dev.alloc::<f32>(attention_scratch_len(n, width)).unwrap();
+//! let mut delta = dev.alloc::<f32>(attention_stats_len(n, heads)).unwrap();
 //! attention_backward_f32(&dev, &qkv, &out, &d_out, &lse, &cu, &lens, &mut d_qkv, &mut delta,
-//!                        width, AttentionMode::QK, false).unwrap();
+//!                        width, heads, AttentionMode::QK, false).unwrap();
 //! ```
 
 use half::bf16;
@@ -75,8 +80,20 @@ pub use tc3::{
 use tc4::tc4_grid;
 pub use tc4::{attention_backward_tc4_bf16_dout, attention_forward_tc4, tc4_fits, TC4_MAX_TOKENS};
 
-/// Head dimension the kernels are written for.
+/// Head dimension the tensor-core kernels (v2–v4) are written for.
 pub const HEAD_DIM: usize = 64;
+
+/// Whether the SIMT kernels (v1) run heads `head_dim` wide: every multiple of 8 from 32 to 128,
+/// one instantiation each in `attention.cu`.
+pub fn simt_supports_head_dim(head_dim: usize) -> bool {
+    head_dim.is_multiple_of(8) && (32..=128).contains(&head_dim)
+}
+
+/// Whether a tower of `width` in `heads` heads runs on the tensor-core kernels (heads of
+/// [`HEAD_DIM`]); other supported head dims run v1 (see [`check_head_layout`]).
+pub fn tensor_cores_run_heads(width: usize, heads: usize) -> bool {
+    heads > 0 && width == heads * HEAD_DIM
+}
 
 const THREADS: u32 = 128;
 const FWD_BQ: usize = 64;
@@ -97,12 +114,12 @@ pub enum AttentionMode {
     Identity = 3,
 }
 
-/// Whether these kernels can run a tower of `width` split into `heads` heads. Every kernel here
-/// runs heads of [`HEAD_DIM`] (64), the shape of every OpenAI CLIP tower (and of the text towers
-/// of the open_clip models below); open_clip's ViT-H/14 (16 heads of 80), ViT-g/14 (88) and
-/// ViT-bigG/14 (104) image towers are not. The error says what the tower is and what to do.
+/// Whether the GPU kernels can run a tower of `width` split into `heads` heads: heads of
+/// [`HEAD_DIM`] (64, every OpenAI CLIP tower) on any kernel, other head dims that
+/// [`simt_supports_head_dim`] allows (open_clip's ViT-H/14 has 16 heads of 80, ViT-g/14 88,
+/// ViT-bigG/14 104) on the SIMT kernels only. The error says what the tower is and what to do.
 pub fn check_head_layout(what: &str, width: usize, heads: usize) -> Result<(), String> {
-    if heads > 0 && width == heads * HEAD_DIM {
+    if heads > 0 && width.is_multiple_of(heads) && simt_supports_head_dim(width / heads) {
         return Ok(());
     }
     let per_head = if heads > 0 {
@@ -112,25 +129,37 @@ pub fn check_head_layout(what: &str, width: usize, heads: usize) -> Result<(), S
     };
     let noun = if heads == 1 { "head" } else { "heads" };
     Err(format!(
-        "the GPU attention kernels run heads {HEAD_DIM} wide; this model's {what} has {heads} \
-         {noun} {per_head} (width {width}); run it on the CPU reference engine (--device cpu)"
+        "the GPU attention kernels run heads 32 to 128 wide, in steps of 8; this model's {what} \
+         has {heads} {noun} {per_head} (width {width}); run it on the CPU reference engine \
+         (--device cpu)"
     ))
 }
 
-/// Elements of the `delta` scratch [`attention_backward_f32`] needs: `heads · tokens`.
-pub fn attention_scratch_len(total_tokens: usize, width: usize) -> usize {
-    (width / HEAD_DIM) * total_tokens
+/// Elements of a per-(head, row) table: the forward's `lse` and the backward's `delta`
+/// scratch, `heads · tokens`.
+pub fn attention_stats_len(total_tokens: usize, heads: usize) -> usize {
+    heads * total_tokens
 }
 
+/// The heads of a tower `width` wide in the tensor-core kernels' head dim (64).
+fn tc_heads(width: usize) -> usize {
+    assert!(
+        width > 0 && width.is_multiple_of(HEAD_DIM),
+        "attention width {width} is not a multiple of the tensor-core head dim {HEAD_DIM}"
+    );
+    width / HEAD_DIM
+}
+
+/// Checks the common shapes; returns (tokens, heads).
 fn check_common<Q: Element>(
     qkv: &Buffer<Q>,
     cu_seqlens: &Buffer<i32>,
     seqlens_host: &[usize],
-    width: usize,
+    (width, heads): (usize, usize),
 ) -> (usize, usize) {
     assert!(
-        width > 0 && width.is_multiple_of(HEAD_DIM),
-        "attention width {width} is not a multiple of the head dim {HEAD_DIM}"
+        heads > 0 && width.is_multiple_of(heads),
+        "attention width {width} does not split into {heads} heads"
     );
     assert!(
         width <= i32::MAX as usize / 3,
@@ -156,7 +185,7 @@ fn check_common<Q: Element>(
         "{} sequences exceed the grid's z limit",
         seqlens_host.len()
     );
-    (total, width / HEAD_DIM)
+    (total, heads)
 }
 
 /// Shape checks of a forward's outputs; returns (tokens, heads).
@@ -166,9 +195,9 @@ fn check_forward<Q: Element, O: Element>(
     seqlens_host: &[usize],
     out: &Buffer<O>,
     lse: &Buffer<f32>,
-    width: usize,
+    (width, heads): (usize, usize),
 ) -> (usize, usize) {
-    let (total, heads) = check_common(qkv, cu_seqlens, seqlens_host, width);
+    let (total, heads) = check_common(qkv, cu_seqlens, seqlens_host, (width, heads));
     assert_eq!(
         out.len(),
         total * width,
@@ -218,12 +247,13 @@ fn launch_forward<Q: Element, O: Element>(
     seqlens_host: &[usize],
     out: &mut Buffer<O>,
     lse: &mut Buffer<f32>,
-    width: usize,
+    (width, heads): (usize, usize),
     mode: AttentionMode,
     causal: bool,
     straight: Option<bool>,
 ) -> Result<(), GpuError> {
-    let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, width);
+    let shape = (width, heads);
+    let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, shape);
     if total == 0 {
         return Ok(());
     }
@@ -258,9 +288,9 @@ fn check_backward<Q: Element, O: Element, D: Element, G: Element>(
     seqlens_host: &[usize],
     d_qkv: &Buffer<G>,
     delta: &Buffer<f32>,
-    width: usize,
+    (width, heads): (usize, usize),
 ) -> (usize, usize) {
-    let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, width);
+    let (total, heads) = check_forward(qkv, cu_seqlens, seqlens_host, out, lse, (width, heads));
     assert_eq!(
         d_out.len(),
         total * width,
@@ -274,33 +304,33 @@ fn check_backward<Q: Element, O: Element, D: Element, G: Element>(
         d_qkv.len()
     );
     assert!(
-        delta.len() >= attention_scratch_len(total, width),
-        "delta scratch has {} elements, needs {} (attention_scratch_len)",
+        delta.len() >= attention_stats_len(total, heads),
+        "delta scratch has {} elements, needs {} (attention_stats_len)",
         delta.len(),
-        attention_scratch_len(total, width)
+        attention_stats_len(total, heads)
     );
     (total, heads)
 }
 
 /// A delta kernel and the (row, head) pairs each of its warps takes.
 #[derive(Clone, Copy)]
-struct DeltaKernel {
-    name: &'static str,
+struct DeltaKernel<'a> {
+    name: &'a str,
     pairs_per_warp: usize,
 }
 
-/// v1's (fp32 `out` and dO): one pair a warp.
-const DELTA_F32: DeltaKernel = DeltaKernel {
+/// v1's at head dim 64 (fp32 `out` and dO): one pair a warp. v2 runs it too.
+const DELTA_F32: DeltaKernel<'static> = DeltaKernel {
     name: "prm_attention_delta_f32",
     pairs_per_warp: 1,
 };
 /// v3's with fp32 dO (it also writes dO's bf16 copy), and with bf16 dO (v3 and v4):
 /// `V3_DELTA_PAIRS` in attention_tc3.cu.
-const DELTA_TC3: DeltaKernel = DeltaKernel {
+const DELTA_TC3: DeltaKernel<'static> = DeltaKernel {
     name: "prm_attention_delta_tc3",
     pairs_per_warp: 4,
 };
-const DELTA_BF16_TC3: DeltaKernel = DeltaKernel {
+const DELTA_BF16_TC3: DeltaKernel<'static> = DeltaKernel {
     name: "prm_attention_delta_bf16_tc3",
     pairs_per_warp: 4,
 };
@@ -310,7 +340,7 @@ const DELTA_BF16_TC3: DeltaKernel = DeltaKernel {
 #[allow(clippy::too_many_arguments)]
 fn launch_delta<O: Element, D: Element>(
     dev: &Device,
-    kernel: DeltaKernel,
+    kernel: DeltaKernel<'_>,
     out: &Buffer<O>,
     d_out: &Buffer<D>,
     delta: &mut Buffer<f32>,
@@ -543,7 +573,7 @@ fn bf16_dout_backward(
         seqlens_host,
         d_qkv,
         delta,
-        width,
+        (width, tc_heads(width)),
     );
     if total == 0 {
         return Ok(());

@@ -39,6 +39,7 @@ pub fn attention_forward_tc(
             out,
             lse,
             width,
+            tc_heads(width),
             mode,
             causal,
         );
@@ -53,7 +54,7 @@ pub fn attention_forward_tc(
         seqlens_host,
         out,
         lse,
-        width,
+        (width, tc_heads(width)),
         mode,
         causal,
         None,
@@ -92,6 +93,7 @@ pub fn attention_backward_tc(
             d_qkv,
             delta,
             width,
+            tc_heads(width),
             mode,
             causal,
         );
@@ -105,7 +107,7 @@ pub fn attention_backward_tc(
         seqlens_host,
         d_qkv,
         delta,
-        width,
+        (width, tc_heads(width)),
     );
     if total == 0 {
         return Ok(());

@@ -96,7 +96,7 @@ pub fn attention_forward_tc3(
         seqlens_host,
         out,
         lse,
-        width,
+        (width, tc_heads(width)),
         mode,
         causal,
         Some(options.straight_tiles),
@@ -106,7 +106,7 @@ pub fn attention_forward_tc3(
 /// Input gradient of [`attention_forward_tc3`] (q·kᵀ, causal or not): from the fp32 `d_out
 /// [N, D]` (the out-projection's input gradient) and the forward's bf16 `out` and fp32 `lse`,
 /// writes every element of the bf16 `d_qkv [N, 3D]`, the operand of the QKV input-gradient
-/// product. Scratch, caller-owned: `delta` ([`attention_scratch_len`] fp32; on return
+/// product. Scratch, caller-owned: `delta` ([`attention_stats_len`] fp32; on return
 /// `rowsum(dO ⊙ O)` as `[heads, N]`) and `d_out_bf16 [N, D]` (on return bf16(`d_out`)).
 ///
 /// Three launches without atomics: delta (which also rounds dO to bf16), dK/dV over 64-key
@@ -145,7 +145,7 @@ pub fn attention_backward_tc3(
         seqlens_host,
         d_qkv,
         delta,
-        width,
+        (width, tc_heads(width)),
     );
     assert_eq!(
         d_out_bf16.len(),

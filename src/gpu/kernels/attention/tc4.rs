@@ -129,7 +129,7 @@ pub fn attention_forward_tc4(
         seqlens_host,
         out,
         lse,
-        width,
+        (width, tc_heads(width)),
         mode,
         causal,
         Some(options.straight_tiles),
