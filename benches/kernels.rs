@@ -16,7 +16,7 @@ use prm::gpu::kernels::attention::*;
 use prm::gpu::kernels::layernorm::{
     layernorm_backward_f32, layernorm_backward_f32_bf16copy, layernorm_forward_f32_bf16out,
 };
-use prm::gpu::{Buffer, Device, GpuError};
+use prm::gpu::{Buffer, Device};
 use prm::model::Activation;
 use prm::rng::{ImageRng, STREAM_INIT};
 
@@ -31,56 +31,6 @@ fn random(dev: &Device, n: usize, seed: &str) -> Buffer<f32> {
         .map(|i| 2.0 * rng.uniform(STREAM_INIT, i as u64) - 1.0)
         .collect();
     dev.upload(&v).expect("upload")
-}
-
-/// v1's forward with heads of 64 (the tensor-core launchers' parameter list, which derives the
-/// heads from the width).
-#[allow(clippy::too_many_arguments)]
-fn simt_forward_heads_of_64(
-    dev: &Device,
-    qkv: &Buffer<f32>,
-    cu: &Buffer<i32>,
-    lens: &[usize],
-    out: &mut Buffer<f32>,
-    lse: &mut Buffer<f32>,
-    width: usize,
-    mode: AttentionMode,
-    causal: bool,
-) -> Result<(), GpuError> {
-    attention_forward_f32(
-        dev,
-        qkv,
-        cu,
-        lens,
-        out,
-        lse,
-        width,
-        width / 64,
-        mode,
-        causal,
-    )
-}
-
-/// v1's backward with heads of 64, as [`simt_forward_heads_of_64`].
-#[allow(clippy::too_many_arguments)]
-fn simt_backward_heads_of_64(
-    dev: &Device,
-    qkv: &Buffer<f32>,
-    out: &Buffer<f32>,
-    d_out: &Buffer<f32>,
-    lse: &Buffer<f32>,
-    cu: &Buffer<i32>,
-    lens: &[usize],
-    d_qkv: &mut Buffer<f32>,
-    delta: &mut Buffer<f32>,
-    width: usize,
-    mode: AttentionMode,
-    causal: bool,
-) -> Result<(), GpuError> {
-    let heads = width / 64;
-    attention_backward_f32(
-        dev, qkv, out, d_out, lse, cu, lens, d_qkv, delta, width, heads, mode, causal,
-    )
 }
 
 fn kernels(c: &mut Criterion) {
@@ -114,12 +64,12 @@ fn kernels(c: &mut Criterion) {
         let forward = if tc {
             attention_forward_tc
         } else {
-            simt_forward_heads_of_64
+            attention_forward_f32
         };
         let backward = if tc {
             attention_backward_tc
         } else {
-            simt_backward_heads_of_64
+            attention_backward_f32
         };
         g.throughput(Throughput::Elements(forward_flop));
         g.bench_function(format!("forward {name}"), |b| {
@@ -132,6 +82,7 @@ fn kernels(c: &mut Criterion) {
                     &mut out,
                     &mut lse,
                     WIDTH,
+                    WIDTH / 64,
                     AttentionMode::QK,
                     false,
                 )
@@ -153,6 +104,7 @@ fn kernels(c: &mut Criterion) {
                     &mut d_qkv,
                     &mut delta,
                     WIDTH,
+                    WIDTH / 64,
                     AttentionMode::QK,
                     false,
                 )

@@ -136,8 +136,8 @@ run prm-pgd-bf16-invariant env PRM_BATCH_INVARIANT=1 $B --precision bf16 --batch
 run prm-pgd-bf16-b1-invariant env PRM_BATCH_INVARIANT=1 $B --precision bf16 --batch-size 1 --steps 10 --repeats 5 --no-ceiling
 # ViT-L/14 at 224 px: 257 tokens, v4's since 2026-12-05 (its auto lines say whether it pays).
 run prm-pgd-bf16-vit-l-14 $PRM bench --device cuda --json --model random:vit-l-14 --precision bf16 --batch-size 32 --steps 10 --repeats 2 --no-ceiling
-# open_clip's ViT-H/14 shape (16 heads of 80: SIMT fp32 attention, bf16 products; 2026-12-06,
-# not yet run on a GPU) beside torch eager bf16 + SDPA at the same shape.
+# open_clip's ViT-H/14 shape (16 heads of 80: attention v2 on tensor cores with fp32 q|k|v,
+# bf16 products; 2026-12-06, not yet run on a GPU) beside torch eager bf16 + SDPA.
 run prm-pgd-bf16-vit-h-14 $PRM bench --device cuda --json --model random:vit-h-14 --precision bf16 --batch-size 16 --steps 10 --repeats 2 --no-ceiling
 run torch-pgd-eager-bf16-vit-h-14 $PY tools/torch_prm.py --mode eager-bf16 --arch vit-h-14 --batch-size 16 --steps 10 --repeats 2
 
@@ -207,7 +207,7 @@ print(f"pgd   graphs on / off (batch {batch})      {ratio('prm-pgd-bf16', 'prm-p
 print(f"pgd   graphs on / off (batch 1)        {ratio('prm-pgd-bf16-b1', 'prm-pgd-bf16-b1-nographs'):6.2f}x")
 print(f"pgd   batch 32 / 64, 128 / 64          {ratio('prm-pgd-bf16-b32', 'prm-pgd-bf16'):6.2f}x {ratio('prm-pgd-bf16-b128', 'prm-pgd-bf16'):6.2f}x")
 print(f"pgd   attention auto / v3              {ratio('prm-pgd-bf16', 'prm-pgd-bf16-attn-v3'):6.2f}x")
-print(f"pgd   H/14 prm bf16 / torch eager bf16 {ratio('prm-pgd-bf16-vit-h-14', 'torch-pgd-eager-bf16-vit-h-14'):6.2f}x (SIMT attention)")
+print(f"pgd   H/14 prm bf16 / torch eager bf16 {ratio('prm-pgd-bf16-vit-h-14', 'torch-pgd-eager-bf16-vit-h-14'):6.2f}x (attention v2)")
 print(f"pgd   attention v4 / v3                {ratio('prm-pgd-bf16-attn-v4', 'prm-pgd-bf16-attn-v3'):6.2f}x")
 print(f"pgd   v4 split 2 / split 1             {ratio('prm-pgd-bf16-attn-v4-split2', 'prm-pgd-bf16-attn-v4'):6.2f}x")
 print(f"pgd   v4 pairs / single blocks         {ratio('prm-pgd-bf16-attn-v4-pairs', 'prm-pgd-bf16-attn-v4'):6.2f}x")

@@ -190,8 +190,8 @@ fn run_heads(
     dev.poison(&mut lse).unwrap();
     dev.poison(&mut d_qkv).unwrap();
     dev.poison(&mut delta).unwrap();
-    if kernels != Kernels::Simt {
-        assert_eq!(width, heads * HD, "the tensor-core kernels run heads of 64");
+    if kernels == Kernels::TensorCoreV3 {
+        assert_eq!(width, heads * HD, "v3 runs heads of 64");
     }
     match kernels {
         Kernels::TensorCoreV3 => return run_v3(dev, qkv, d_out, lens, width, mode, causal),
@@ -208,10 +208,12 @@ fn run_heads(
         }
         Kernels::TensorCore => {
             let (o, l) = (&mut out, &mut lse);
-            attention_forward_tc(dev, &qkv_b, &cu_b, lens, o, l, width, mode, causal).unwrap();
+            attention_forward_tc(dev, &qkv_b, &cu_b, lens, o, l, width, heads, mode, causal)
+                .unwrap();
             let (g, scratch) = (&mut d_qkv, &mut delta);
             attention_backward_tc(
-                dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, g, scratch, width, mode, causal,
+                dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, g, scratch, width, heads, mode,
+                causal,
             )
             .unwrap();
         }
@@ -569,6 +571,47 @@ fn heads_of_80() {
     );
 }
 
+/// v2 (tensor cores, fp32 buffers) at the head dims it has kernels for beyond 64: 80
+/// (ViT-H/14), 88 (padded to 96 in its k-steps: the padding must add exact zeros), 96; q·kᵀ
+/// causal or not, a mixed batch with 197 and 1-token sequences, within the bf16 tolerance of
+/// the float64 twin. q·qᵀ / k·kᵀ forwards too (their backward is v1's). Head dims v2 has no
+/// kernels for (104) fall back to v1 and give its bits.
+#[test]
+fn v2_at_head_dims_80_88_96() {
+    for (hd, seed) in [(80usize, 130u64), (88, 140), (96, 150)] {
+        assert!(tensor_core_v2_supports_head_dim(hd));
+        let shape = (2 * hd, 2);
+        let tc = Kernels::TensorCore;
+        check_heads(&[197, 1, 50], shape, AttentionMode::QK, false, seed, tc);
+        check_heads(&[77, 50, 13], shape, AttentionMode::QK, true, seed + 1, tc);
+        check_heads(&[50, 13], shape, AttentionMode::QQ, false, seed + 2, tc);
+    }
+    assert!(!tensor_core_v2_supports_head_dim(104));
+    let (lens, shape) = ([50usize, 13], (208usize, 2usize));
+    let (qkv, d_out) = inputs(&lens, shape.0, 160);
+    for dev in devices() {
+        let mode = AttentionMode::QK;
+        let a = run_heads(
+            &dev,
+            &qkv,
+            &d_out,
+            &lens,
+            shape,
+            mode,
+            false,
+            Kernels::TensorCore,
+        );
+        let b = run_heads(&dev, &qkv, &d_out, &lens, shape, mode, false, Kernels::Simt);
+        let bits = |r: &Run| {
+            [&r.out, &r.lse, &r.d_qkv]
+                .iter()
+                .flat_map(|v| v.iter().map(|x| x.to_bits()))
+                .collect::<Vec<_>>()
+        };
+        assert!(bits(&a) == bits(&b), "v2 at head dim 104 is not v1's");
+    }
+}
+
 /// The other modes and the causal mask at head dims not 64 (the float64 twin): ViT-g/14's 88,
 /// ViT-bigG/14's 104, and 128 (the largest shared memory: 74 KB a CTA).
 #[test]
@@ -610,8 +653,9 @@ fn modes_and_causal_at_other_head_dims() {
     }
 }
 
-/// Heads not 64 wide give the same bits twice; on the simulator the second run is the reverse
-/// schedule's, so a race in a new instantiation's shared-memory carve would show.
+/// Heads not 64 wide give the same bits twice, v1 and v2 (at 128, v2 is v1); on the simulator
+/// the second run is the reverse schedule's, so a race in a new instantiation's shared-memory
+/// carve would show.
 #[test]
 fn other_head_dims_deterministic() {
     let lens = [197, 13];
@@ -627,38 +671,23 @@ fn other_head_dims_deterministic() {
             } else {
                 dev.clone()
             };
-            for causal in [false, true] {
+            for (causal, kernels) in [
+                (false, Kernels::Simt),
+                (true, Kernels::Simt),
+                (false, Kernels::TensorCore),
+                (true, Kernels::TensorCore),
+            ] {
                 let mode = AttentionMode::QK;
-                let a = run_heads(
-                    &dev,
-                    &qkv,
-                    &d_out,
-                    &lens,
-                    shape,
-                    mode,
-                    causal,
-                    Kernels::Simt,
-                );
-                let b = run_heads(
-                    &second,
-                    &qkv,
-                    &d_out,
-                    &lens,
-                    shape,
-                    mode,
-                    causal,
-                    Kernels::Simt,
-                );
+                let a = run_heads(&dev, &qkv, &d_out, &lens, shape, mode, causal, kernels);
+                let b = run_heads(&second, &qkv, &d_out, &lens, shape, mode, causal, kernels);
                 let bits = |r: &Run| {
                     [&r.out, &r.lse, &r.d_qkv]
                         .iter()
                         .flat_map(|v| v.iter().map(|x| x.to_bits()))
                         .collect::<Vec<_>>()
                 };
-                assert!(
-                    bits(&a) == bits(&b),
-                    "head dim {hd}, causal {causal}: runs differ"
-                );
+                let what = format!("{kernels:?} at head dim {hd}, causal {causal}");
+                assert!(bits(&a) == bits(&b), "{what}: runs differ");
             }
         }
     }
@@ -915,14 +944,14 @@ fn tc3_against_simt_on_bf16_inputs() {
 
 #[test]
 #[should_panic(expected = "tensor-core head dim")]
-fn tensor_cores_reject_a_width_not_multiple_of_64() {
+fn v3_rejects_a_width_not_multiple_of_64() {
     let dev = Device::sim();
     let (n, width) = (10usize, 96usize);
-    let qkv = dev.alloc::<f32>(n * 3 * width).unwrap();
+    let qkv = dev.alloc::<bf16>(n * 3 * width).unwrap();
     let cu = dev.upload(&[0i32, 10]).unwrap();
-    let mut out = dev.alloc::<f32>(n * width).unwrap();
+    let mut out = dev.alloc::<bf16>(n * width).unwrap();
     let mut lse = dev.alloc::<f32>(n).unwrap();
-    let _ = attention_forward_tc(
+    let _ = attention_forward_tc3(
         &dev,
         &qkv,
         &cu,
@@ -932,6 +961,7 @@ fn tensor_cores_reject_a_width_not_multiple_of_64() {
         width,
         AttentionMode::QK,
         false,
+        TcOptions::default(),
     );
 }
 

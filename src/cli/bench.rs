@@ -183,7 +183,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let g = engine.graph_stats();
             if precision == Precision::Bf16 {
                 attention_report = json!({
-                    "setting": engine.attention_setting().to_string(),
+                    "setting": engine.attention_in_use(),
                     "tuned": engine.attention_tuning().iter().map(|t| t.to_json()).collect::<Vec<_>>(),
                 });
             }

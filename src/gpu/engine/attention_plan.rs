@@ -26,8 +26,10 @@
 
 use std::fmt;
 
-use super::GpuVit;
-use crate::gpu::kernels::attention::{tc4_fits, TcOptions, TensorCoreVersion, TC4_MAX_TOKENS};
+use super::{GpuVit, Precision};
+use crate::gpu::kernels::attention::{
+    tc4_fits, tensor_core_v2_supports_head_dim, TcOptions, TensorCoreVersion, TC4_MAX_TOKENS,
+};
 use crate::gpu::{Device, GpuError};
 
 /// Timed rounds per candidate (the fastest counts: a round can catch a clock ramp or another
@@ -511,6 +513,19 @@ impl GpuVit<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+    }
+
+    /// The attention kernels the engine runs, as `prm bench` reports them: at bf16 the
+    /// tensor-core setting for heads 64 wide (`auto`, `v3`, ...), and for other towers `v2` or
+    /// `v1` with the head width (the setting does not apply to them); at fp32 always `v1`.
+    pub fn attention_in_use(&self) -> String {
+        let head_dim = self.model.config.head_dim();
+        let version = match self.precision {
+            Precision::Bf16 if self.tensor_core_heads() => return self.attention.to_string(),
+            Precision::Bf16 if tensor_core_v2_supports_head_dim(head_dim) => "v2",
+            _ => "v1 (SIMT, fp32)",
+        };
+        format!("{version}, heads {head_dim} wide")
     }
 
     /// What `auto` timed and chose so far, in order.

@@ -311,18 +311,15 @@ impl<'m> GpuVit<'m> {
         let (cu, lens) = (&batch.cu_seqlens, &batch.seqlens);
         let (dev, mode) = (&self.dev, AttentionMode::QK);
         let (d_out, grads) = (d_context, &mut d_qkv);
-        // As the forward: tensor cores for bf16 with 64-wide heads, the SIMT kernels otherwise.
-        if self.precision == Precision::Bf16 && self.tensor_core_heads() {
-            let scratch = &mut delta;
-            attention_backward_tc(
-                dev, qkv, context, d_out, lse, cu, lens, grads, scratch, d, mode, false,
-            )?;
-        } else {
-            let (scratch, heads) = (&mut delta, self.heads());
-            attention_backward_f32(
-                dev, qkv, context, d_out, lse, cu, lens, grads, scratch, d, heads, mode, false,
-            )?;
-        }
+        // As the forward: v2 for bf16 (or the SIMT kernels where it has none), SIMT for fp32.
+        let backward = match self.precision {
+            Precision::Fp32 => attention_backward_f32,
+            Precision::Bf16 => attention_backward_tc,
+        };
+        let (scratch, heads) = (&mut delta, self.heads());
+        backward(
+            dev, qkv, context, d_out, lse, cu, lens, grads, scratch, d, heads, mode, false,
+        )?;
         Ok(d_qkv)
     }
 }

@@ -291,27 +291,16 @@ impl<'m> GpuVit<'m> {
         let mut lse = self.alloc(attention_stats_len(t, self.heads()))?;
         let (cu, lens) = (&batch.cu_seqlens, &batch.seqlens);
         let mode = AttentionMode::QK;
-        // bf16 precision runs attention on tensor cores where the heads are 64 wide; fp32, and
-        // other head dims, the fp32 SIMT kernels.
-        if self.precision == Precision::Bf16 && self.tensor_core_heads() {
-            attention_forward_tc(
-                &self.dev,
-                qkv,
-                cu,
-                lens,
-                &mut context,
-                &mut lse,
-                d,
-                mode,
-                false,
-            )?;
-        } else {
-            let heads = self.heads();
-            let (out, lse_out) = (&mut context, &mut lse);
-            attention_forward_f32(
-                &self.dev, qkv, cu, lens, out, lse_out, d, heads, mode, false,
-            )?;
-        }
+        // bf16 precision runs v2 on tensor cores (the SIMT kernels for head dims v2 has none
+        // for); fp32 the fp32 SIMT kernels.
+        let forward = match self.precision {
+            Precision::Fp32 => attention_forward_f32,
+            Precision::Bf16 => attention_forward_tc,
+        };
+        let (out, lse_out, heads) = (&mut context, &mut lse, self.heads());
+        forward(
+            &self.dev, qkv, cu, lens, out, lse_out, d, heads, mode, false,
+        )?;
         Ok((context, lse))
     }
 

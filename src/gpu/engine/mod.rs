@@ -392,9 +392,9 @@ impl<'m> GpuVit<'m> {
         self.precision == Precision::Bf16 && self.tensor_core_heads() && self.attention.bf16_qkv()
     }
 
-    /// Whether the tower's heads are the tensor-core kernels' (64 wide). Other head dims run
-    /// the SIMT kernels (v1) in fp32 whatever the precision: the bf16 engine then keeps q|k|v
-    /// and the context in fp32, as under `PRM_ATTENTION=v2`, and its products stay bf16.
+    /// Whether the tower's heads are v3's and v4's (64 wide). Other head dims run v2 (80, 88,
+    /// 96) or the SIMT kernels at bf16: the engine then keeps q|k|v and the context in fp32,
+    /// as under `PRM_ATTENTION=v2`, and its products stay bf16.
     fn tensor_core_heads(&self) -> bool {
         let c = &self.model.config;
         tensor_cores_run_heads(c.width, c.heads)
@@ -645,8 +645,8 @@ pub fn step_bytes_per_token(
 ) -> usize {
     let (d, m, l) = (config.width, config.mlp, config.layers);
     let heads = config.heads.max(1);
-    // In fp32 elements: a bf16 tensor counts half. q|k|v is bf16 only where attention runs on
-    // tensor cores (heads 64 wide); other towers' bf16 engine keeps it in fp32 for v1.
+    // In fp32 elements: a bf16 tensor counts half. q|k|v is bf16 only where attention runs v3
+    // or v4 (heads 64 wide); other towers' bf16 engine keeps it in fp32 for v2 or v1.
     let bf16_qkv = tensor_cores_run_heads(d, config.heads);
     let (qkv, hidden) = match precision {
         Precision::Fp32 => (3 * d, m),

@@ -23,9 +23,10 @@
 //! `PRM_ATTENTION`, by default timed on the device per shape).
 //!
 //! Head dims: v1 runs heads of every width [`simt_supports_head_dim`] allows (multiples of 8
-//! from 32 to 128: open_clip's ViT-H/14, g/14 and bigG/14 have heads of 80, 88 and 104), and
-//! takes the head count; the tensor-core versions run heads of [`HEAD_DIM`] (64) only, the
-//! OpenAI towers' (and ViT-L/14's, all text towers'), and derive `heads = D / 64`.
+//! from 32 to 128: open_clip's ViT-H/14, g/14 and bigG/14 have heads of 80, 88 and 104); v2
+//! those of [`tensor_core_v2_supports_head_dim`] (64, 80, 88, 96; it sends others to v1); both
+//! take the head count. v3 and v4 run heads of [`HEAD_DIM`] (64) only, the OpenAI towers' (and
+//! ViT-L/14's, all text towers'), and derive `heads = D / 64`.
 //!
 //! Layouts (row-major; `N = Σ T_i` tokens, `D = width`, head dim `HD = D / heads`):
 //! - `qkv [N, 3D]`: q | k | v along features, head `h` in columns `h·HD .. h·HD + HD` of each part;
@@ -71,8 +72,12 @@ mod tc2;
 mod tc3;
 mod tc4;
 
+use simt::checked_head_dim;
 pub use simt::{attention_backward_f32, attention_forward_f32};
-pub use tc2::{attention_backward_tc, attention_forward_tc, tensor_core_supports};
+pub use tc2::{
+    attention_backward_tc, attention_forward_tc, tensor_core_supports,
+    tensor_core_v2_supports_head_dim,
+};
 pub use tc3::{
     attention_backward_tc3, attention_backward_tc3_bf16_dout, attention_forward_tc3,
     tensor_core_v3_supports,
@@ -80,7 +85,7 @@ pub use tc3::{
 use tc4::tc4_grid;
 pub use tc4::{attention_backward_tc4_bf16_dout, attention_forward_tc4, tc4_fits, TC4_MAX_TOKENS};
 
-/// Head dimension the tensor-core kernels (v2–v4) are written for.
+/// Head dimension v3 and v4 are written for (and v2's and v1's first).
 pub const HEAD_DIM: usize = 64;
 
 /// Whether the SIMT kernels (v1) run heads `head_dim` wide: every multiple of 8 from 32 to 128,
@@ -89,8 +94,9 @@ pub fn simt_supports_head_dim(head_dim: usize) -> bool {
     head_dim.is_multiple_of(8) && (32..=128).contains(&head_dim)
 }
 
-/// Whether a tower of `width` in `heads` heads runs on the tensor-core kernels (heads of
-/// [`HEAD_DIM`]); other supported head dims run v1 (see [`check_head_layout`]).
+/// Whether a tower of `width` in `heads` heads runs on the v3 / v4 tensor-core kernels (heads of
+/// [`HEAD_DIM`]), bf16 q|k|v and context; other supported head dims run v2 where it has kernels
+/// for them ([`tensor_core_v2_supports_head_dim`]) and v1 otherwise, on fp32 q|k|v.
 pub fn tensor_cores_run_heads(width: usize, heads: usize) -> bool {
     heads > 0 && width == heads * HEAD_DIM
 }
@@ -117,7 +123,7 @@ pub enum AttentionMode {
 /// Whether the GPU kernels can run a tower of `width` split into `heads` heads: heads of
 /// [`HEAD_DIM`] (64, every OpenAI CLIP tower) on any kernel, other head dims that
 /// [`simt_supports_head_dim`] allows (open_clip's ViT-H/14 has 16 heads of 80, ViT-g/14 88,
-/// ViT-bigG/14 104) on the SIMT kernels only. The error says what the tower is and what to do.
+/// ViT-bigG/14 104) on v2 or v1. The error says what the tower is and what to do.
 pub fn check_head_layout(what: &str, width: usize, heads: usize) -> Result<(), String> {
     if heads > 0 && width.is_multiple_of(heads) && simt_supports_head_dim(width / heads) {
         return Ok(());
@@ -312,6 +318,48 @@ fn check_backward<Q: Element, O: Element, D: Element, G: Element>(
     (total, heads)
 }
 
+/// The fp32-buffer backward kernels of v1 and v2, `(name, shared bytes)` each, in stream order
+/// on `grid`: parameters (qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, tokens) and then
+/// `flags` (v1: mode and causal; v2: causal).
+#[allow(clippy::type_complexity)]
+fn launch_f32_backward(
+    dev: &Device,
+    kernels: &[(String, u32)],
+    grid: (u32, u32, u32),
+    (qkv, d_out, lse, delta, cu_seqlens): (
+        &Buffer<f32>,
+        &Buffer<f32>,
+        &Buffer<f32>,
+        &Buffer<f32>,
+        &Buffer<i32>,
+    ),
+    d_qkv: &mut Buffer<f32>,
+    (width, total): (usize, usize),
+    flags: &[i32],
+) -> Result<(), GpuError> {
+    for (name, shared_bytes) in kernels {
+        let cfg = LaunchConfig {
+            grid,
+            block: (THREADS, 1, 1),
+            shared_bytes: *shared_bytes,
+        };
+        let mut args = KernelArgs::new();
+        args.input(qkv)
+            .input(d_out)
+            .input(lse)
+            .input(delta)
+            .input(cu_seqlens)
+            .output(d_qkv)
+            .i32(width as i32)
+            .i32(total as i32);
+        for &flag in flags {
+            args.i32(flag);
+        }
+        dev.launch(name, cfg, &mut args)?;
+    }
+    Ok(())
+}
+
 /// A delta kernel and the (row, head) pairs each of its warps takes.
 #[derive(Clone, Copy)]
 struct DeltaKernel<'a> {
@@ -319,11 +367,6 @@ struct DeltaKernel<'a> {
     pairs_per_warp: usize,
 }
 
-/// v1's at head dim 64 (fp32 `out` and dO): one pair a warp. v2 runs it too.
-const DELTA_F32: DeltaKernel<'static> = DeltaKernel {
-    name: "prm_attention_delta_f32",
-    pairs_per_warp: 1,
-};
 /// v3's with fp32 dO (it also writes dO's bf16 copy), and with bf16 dO (v3 and v4):
 /// `V3_DELTA_PAIRS` in attention_tc3.cu.
 const DELTA_TC3: DeltaKernel<'static> = DeltaKernel {

@@ -11,7 +11,7 @@ const F32_BYTES: usize = 4;
 
 /// The kernels of one head dim: 64 keeps the plain names, the others are suffixed `_hd<HD>`
 /// (attention.cu's `PRM_ATT_SIMT_KERNELS`).
-fn kernel(base: &str, head_dim: usize) -> String {
+pub(super) fn kernel(base: &str, head_dim: usize) -> String {
     if head_dim == HEAD_DIM {
         base.to_string()
     } else {
@@ -20,7 +20,7 @@ fn kernel(base: &str, head_dim: usize) -> String {
 }
 
 /// The head dim of `width` in `heads`, checked against the instantiated ones.
-fn head_dim(width: usize, heads: usize) -> usize {
+pub(super) fn checked_head_dim(width: usize, heads: usize) -> usize {
     assert!(
         heads > 0 && width.is_multiple_of(heads),
         "attention width {width} does not split into {heads} heads"
@@ -68,7 +68,7 @@ pub fn attention_forward_f32(
     mode: AttentionMode,
     causal: bool,
 ) -> Result<(), GpuError> {
-    let hd = head_dim(width, heads);
+    let hd = checked_head_dim(width, heads);
     launch_forward(
         dev,
         &kernel("prm_attention_forward_f32", hd),
@@ -111,7 +111,7 @@ pub fn attention_backward_f32(
     mode: AttentionMode,
     causal: bool,
 ) -> Result<(), GpuError> {
-    let hd = head_dim(width, heads);
+    let hd = checked_head_dim(width, heads);
     let (total, heads) = check_backward(
         qkv,
         out,
@@ -126,30 +126,15 @@ pub fn attention_backward_f32(
     if total == 0 {
         return Ok(());
     }
-    let (w, n, m, c) = (width as i32, total as i32, mode as i32, causal as i32);
-
     if mode != AttentionMode::Identity {
-        let name = kernel("prm_attention_delta_f32", hd);
-        let delta_kernel = DeltaKernel {
-            name: &name,
-            pairs_per_warp: 1,
-        };
-        launch_delta(
-            dev,
-            delta_kernel,
-            out,
-            d_out,
-            delta,
-            None,
-            total,
-            heads,
-            width,
-        )?;
+        launch_delta_f32(dev, hd, out, d_out, delta, total, heads, width)?;
     }
-
-    let backward_kernels = [
-        ("prm_attention_bwd_dkdv_f32", dkdv_shared_bytes(hd)),
-        ("prm_attention_bwd_dq_f32", dq_shared_bytes(hd)),
+    let kernels = [
+        (
+            kernel("prm_attention_bwd_dkdv_f32", hd),
+            dkdv_shared_bytes(hd),
+        ),
+        (kernel("prm_attention_bwd_dq_f32", hd), dq_shared_bytes(hd)),
     ];
     // dQ does nothing in identity mode (dK/dV writes every part there).
     let launches = if mode == AttentionMode::Identity {
@@ -157,24 +142,47 @@ pub fn attention_backward_f32(
     } else {
         2
     };
-    for &(base, shared_bytes) in &backward_kernels[..launches] {
-        let cfg = LaunchConfig {
-            grid: grid(seqlens_host, heads, BWD_B),
-            block: (THREADS, 1, 1),
-            shared_bytes,
-        };
-        let mut args = KernelArgs::new();
-        args.input(qkv)
-            .input(d_out)
-            .input(lse)
-            .input(delta)
-            .input(cu_seqlens)
-            .output(d_qkv)
-            .i32(w)
-            .i32(n)
-            .i32(m)
-            .i32(c);
-        dev.launch(&kernel(base, hd), cfg, &mut args)?;
-    }
-    Ok(())
+    let grid = grid(seqlens_host, heads, BWD_B);
+    let ops = (qkv, d_out, lse, &*delta, cu_seqlens);
+    let flags = [mode as i32, causal as i32];
+    launch_f32_backward(
+        dev,
+        &kernels[..launches],
+        grid,
+        ops,
+        d_qkv,
+        (width, total),
+        &flags,
+    )
+}
+
+/// v1's delta kernel of head dim `hd` (fp32 `out` and dO, one (row, head) pair a warp); v2
+/// runs it too.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn launch_delta_f32(
+    dev: &Device,
+    hd: usize,
+    out: &Buffer<f32>,
+    d_out: &Buffer<f32>,
+    delta: &mut Buffer<f32>,
+    total: usize,
+    heads: usize,
+    width: usize,
+) -> Result<(), GpuError> {
+    let name = kernel("prm_attention_delta_f32", hd);
+    let delta_kernel = DeltaKernel {
+        name: &name,
+        pairs_per_warp: 1,
+    };
+    launch_delta(
+        dev,
+        delta_kernel,
+        out,
+        d_out,
+        delta,
+        None,
+        total,
+        heads,
+        width,
+    )
 }

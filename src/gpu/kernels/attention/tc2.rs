@@ -1,6 +1,8 @@
 //! v2: launchers for `kernels/attention_tc.cu`, tensor-core attention on fp32 buffers (q, k, v
-//! and the probabilities rounded to bf16 where they enter a product), one load stage.
+//! and the probabilities rounded to bf16 where they enter a product), one load stage, for heads
+//! 64, 80, 88 or 96 wide ([`tensor_core_v2_supports_head_dim`]).
 
+use super::simt::launch_delta_f32;
 use super::*;
 
 /// Whether the tensor-core kernels (`kernels/attention_tc.cu`) implement `mode` / `causal`
@@ -14,10 +16,45 @@ pub fn tensor_core_supports(mode: AttentionMode, backward: bool) -> bool {
     }
 }
 
+/// Whether v2 has kernels for heads `head_dim` wide: 64, and open_clip's 80 (ViT-H/14), 88
+/// (ViT-g/14) and 96. Wider heads spill registers in its dK/dV kernel (two 16×HD accumulators a
+/// warp); [`attention_forward_tc`] and [`attention_backward_tc`] send other head dims to the SIMT
+/// kernels.
+pub fn tensor_core_v2_supports_head_dim(head_dim: usize) -> bool {
+    matches!(head_dim, 64 | 80 | 88 | 96)
+}
+
+/// The kernels of one head dim: 64 keeps the plain names, the others are suffixed `_hd<HD>`
+/// (attention_tc.cu's `PRM_TC2_KERNELS`).
+fn kernel(base: &str, head_dim: usize) -> String {
+    if head_dim == HEAD_DIM {
+        base.to_string()
+    } else {
+        format!("{base}_hd{head_dim}")
+    }
+}
+
+/// Bytes of one bf16 tile of attention_tc.cu's `PrmTcHead<HD>`: max(64, KP) rows of
+/// max(64, KP) + 8 elements, KP the head dim rounded up to 16.
+fn tile_bytes(head_dim: usize) -> usize {
+    let rows = head_dim.next_multiple_of(16).max(TC_TILE);
+    rows * (rows + 8) * 2
+}
+
+/// Dynamic shared memory of the forward and the dQ kernel (three tiles each).
+fn three_tiles(head_dim: usize) -> u32 {
+    (3 * tile_bytes(head_dim)) as u32
+}
+
+/// Dynamic shared memory of the dK/dV kernel: four tiles and two 64-float rows.
+fn dkdv_shared_bytes(head_dim: usize) -> u32 {
+    (4 * tile_bytes(head_dim) + 2 * TC_TILE * 4) as u32
+}
+
 /// [`attention_forward_f32`] on tensor cores: q, k, v and the probabilities are rounded to bf16
 /// where they enter a product (`mma.sync` m16n8k16), products accumulate in fp32, softmax and
 /// `lse` are fp32. Same layouts and contract; one CTA per (64-query tile, head, sequence).
-/// Falls back to the SIMT kernel for the identity mode.
+/// Falls back to the SIMT kernels for the identity mode and for head dims v2 has no kernels for.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward_tc(
     dev: &Device,
@@ -27,10 +64,12 @@ pub fn attention_forward_tc(
     out: &mut Buffer<f32>,
     lse: &mut Buffer<f32>,
     width: usize,
+    heads: usize,
     mode: AttentionMode,
     causal: bool,
 ) -> Result<(), GpuError> {
-    if !tensor_core_supports(mode, false) {
+    let head_dim = checked_head_dim(width, heads);
+    if !tensor_core_supports(mode, false) || !tensor_core_v2_supports_head_dim(head_dim) {
         return attention_forward_f32(
             dev,
             qkv,
@@ -39,22 +78,22 @@ pub fn attention_forward_tc(
             out,
             lse,
             width,
-            tc_heads(width),
+            heads,
             mode,
             causal,
         );
     }
     launch_forward(
         dev,
-        "prm_attention_forward_tc",
+        &kernel("prm_attention_forward_tc", head_dim),
         Grid::Tiles(TC_TILE),
-        0,
+        three_tiles(head_dim),
         qkv,
         cu_seqlens,
         seqlens_host,
         out,
         lse,
-        (width, tc_heads(width)),
+        (width, heads),
         mode,
         causal,
         None,
@@ -62,10 +101,10 @@ pub fn attention_forward_tc(
 }
 
 /// [`attention_backward_f32`] on tensor cores (bf16 operands, fp32 accumulation), for the
-/// q·kᵀ mode, causal or not; other modes go to the SIMT kernels, which assume `out` and `lse`
-/// came from [`attention_forward_f32`] (so run q·qᵀ / k·kᵀ forwards that will be
-/// differentiated through the fp32 kernels). Three launches without
-/// atomics: `delta`, dK/dV over 64-key tiles, dQ over 64-query tiles.
+/// q·kᵀ mode, causal or not; other modes and head dims go to the SIMT kernels, which assume
+/// `out` and `lse` came from [`attention_forward_f32`] (so run q·qᵀ / k·kᵀ forwards that will
+/// be differentiated through the fp32 kernels). Three launches without atomics: `delta`, dK/dV
+/// over 64-key tiles, dQ over 64-query tiles.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_tc(
     dev: &Device,
@@ -78,10 +117,12 @@ pub fn attention_backward_tc(
     d_qkv: &mut Buffer<f32>,
     delta: &mut Buffer<f32>,
     width: usize,
+    heads: usize,
     mode: AttentionMode,
     causal: bool,
 ) -> Result<(), GpuError> {
-    if !tensor_core_supports(mode, true) {
+    let head_dim = checked_head_dim(width, heads);
+    if !tensor_core_supports(mode, true) || !tensor_core_v2_supports_head_dim(head_dim) {
         return attention_backward_f32(
             dev,
             qkv,
@@ -93,7 +134,7 @@ pub fn attention_backward_tc(
             d_qkv,
             delta,
             width,
-            tc_heads(width),
+            heads,
             mode,
             causal,
         );
@@ -107,31 +148,31 @@ pub fn attention_backward_tc(
         seqlens_host,
         d_qkv,
         delta,
-        (width, tc_heads(width)),
+        (width, heads),
     );
     if total == 0 {
         return Ok(());
     }
-    let (w, n, c) = (width as i32, total as i32, causal as i32);
-    launch_delta(dev, DELTA_F32, out, d_out, delta, None, total, heads, width)?;
-
-    let cfg = LaunchConfig {
-        grid: grid(seqlens_host, heads, TC_TILE),
-        block: (THREADS, 1, 1),
-        shared_bytes: 0,
-    };
-    for kernel in ["prm_attention_bwd_dkdv_tc", "prm_attention_bwd_dq_tc"] {
-        let mut args = KernelArgs::new();
-        args.input(qkv)
-            .input(d_out)
-            .input(lse)
-            .input(delta)
-            .input(cu_seqlens)
-            .output(d_qkv)
-            .i32(w)
-            .i32(n)
-            .i32(c);
-        dev.launch(kernel, cfg, &mut args)?;
-    }
-    Ok(())
+    launch_delta_f32(dev, head_dim, out, d_out, delta, total, heads, width)?;
+    let kernels = [
+        (
+            kernel("prm_attention_bwd_dkdv_tc", head_dim),
+            dkdv_shared_bytes(head_dim),
+        ),
+        (
+            kernel("prm_attention_bwd_dq_tc", head_dim),
+            three_tiles(head_dim),
+        ),
+    ];
+    let grid = grid(seqlens_host, heads, TC_TILE);
+    let ops = (qkv, d_out, lse, &*delta, cu_seqlens);
+    launch_f32_backward(
+        dev,
+        &kernels,
+        grid,
+        ops,
+        d_qkv,
+        (width, total),
+        &[causal as i32],
+    )
 }
