@@ -609,6 +609,60 @@ fn open_clip_config_sets_activation_heads_and_normalisation() {
     );
 }
 
+/// An open_clip ViT-H/14 state dict (width 1280; one block, a small MLP, a 1×1 grid) without a
+/// config is refused: OpenAI's conventions would make it 20 heads of 64 with QuickGELU, another
+/// model. With its open_clip_config.json beside it, it loads as 16 heads of 80 with GELU.
+#[test]
+fn open_clip_vit_h_without_a_config_is_refused() {
+    let (d, m, p, t) = (1280usize, 8usize, 14usize, 2usize);
+    let mut c = Ckpt::new();
+    c.add("visual.conv1.weight", Dtype::BF16, &[d, 3, p, p]);
+    c.add("visual.class_embedding", Dtype::BF16, &[d]);
+    c.add("visual.positional_embedding", Dtype::BF16, &[t, d]);
+    for ln in ["visual.ln_pre", "visual.ln_post"] {
+        c.add(&format!("{ln}.weight"), Dtype::BF16, &[d]);
+        c.add(&format!("{ln}.bias"), Dtype::BF16, &[d]);
+    }
+    let b = "visual.transformer.resblocks.0";
+    for ln in ["ln_1", "ln_2"] {
+        c.add(&format!("{b}.{ln}.weight"), Dtype::BF16, &[d]);
+        c.add(&format!("{b}.{ln}.bias"), Dtype::BF16, &[d]);
+    }
+    c.add(
+        &format!("{b}.attn.in_proj_weight"),
+        Dtype::BF16,
+        &[3 * d, d],
+    );
+    c.add(&format!("{b}.attn.in_proj_bias"), Dtype::BF16, &[3 * d]);
+    c.add(&format!("{b}.attn.out_proj.weight"), Dtype::BF16, &[d, d]);
+    c.add(&format!("{b}.attn.out_proj.bias"), Dtype::BF16, &[d]);
+    c.add(&format!("{b}.mlp.c_fc.weight"), Dtype::BF16, &[m, d]);
+    c.add(&format!("{b}.mlp.c_fc.bias"), Dtype::BF16, &[m]);
+    c.add(&format!("{b}.mlp.c_proj.weight"), Dtype::BF16, &[d, m]);
+    c.add(&format!("{b}.mlp.c_proj.bias"), Dtype::BF16, &[d]);
+    c.add("visual.proj", Dtype::BF16, &[d, 16]);
+    let dir = tmp();
+    c.write(&dir.path().join("open_clip_model.safetensors"));
+    let e = load_err(dir.path());
+    assert_msg(
+        &e,
+        &[
+            "ViT-H/14",
+            "16 heads of 80",
+            "20 heads of 64",
+            "open_clip_config.json",
+        ],
+    );
+    write_json(
+        dir.path(),
+        "open_clip_config.json",
+        r#"{"model_cfg": {"embed_dim": 16, "vision_cfg": {"width": 1280, "head_width": 80}}}"#,
+    );
+    let m = load(dir.path()).unwrap();
+    assert_eq!((m.config.heads, m.config.head_dim()), (16, 80));
+    assert_eq!(m.config.activation, Activation::Gelu);
+}
+
 // ---------------------------------------------------------------- errors
 
 fn assert_msg(e: &ModelError, parts: &[&str]) {

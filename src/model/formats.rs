@@ -326,8 +326,31 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
     })
 }
 
-/// heads = D / 64, the convention of every OpenAI CLIP tower.
+/// open_clip's LAION towers whose heads are not 64 wide, by width: (name, heads, head width).
+/// Their checkpoints hold neither the head count nor the activation (GELU), and their widths
+/// are multiples of 64, so OpenAI's conventions would load another model without a word.
+const OPEN_CLIP_WIDE_HEADS: &[(usize, &str, usize, usize)] = &[
+    (1280, "ViT-H/14", 16, 80),
+    (1408, "ViT-g/14", 16, 88),
+    (1664, "ViT-bigG/14", 16, 104),
+];
+
+/// heads = D / 64, the convention of every OpenAI CLIP tower, when no config says otherwise.
+/// Refused for the widths of open_clip towers whose heads are not 64 wide (and whose activation
+/// is GELU), which only a config can describe.
 fn heads_from_width(t: &Tensors<'_>, width: usize) -> Result<usize, ModelError> {
+    if let Some((_, name, heads, head_width)) =
+        OPEN_CLIP_WIDE_HEADS.iter().find(|(w, ..)| *w == width)
+    {
+        return Err(t.inconsistent(format!(
+            "width {width} is open_clip's {name} ({heads} heads of {head_width}, exact GELU), and \
+             without a config prm would load it the OpenAI way ({} heads of 64, QuickGELU): \
+             another model; put the checkpoint's open_clip_config.json (open_clip) or \
+             config.json (Hugging Face) beside it, or write one that says how its heads are \
+             split",
+            width / 64
+        )));
+    }
     if width.is_multiple_of(64) {
         Ok(width / 64)
     } else {
