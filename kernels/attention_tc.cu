@@ -18,17 +18,19 @@
 // Modes: the forward takes mode 0 (q·kᵀ), 1 (q·qᵀ) and 2 (k·kᵀ), causal or not; the backward
 // takes mode 0, causal or not. The launcher sends every other case to attention.cu.
 //
-// Head dims: 64 (the kernels' plain names) and 80, 88, 96 (suffixed _hd<HD>; open_clip's ViT-H/14
-// has 80, ViT-g/14 88), one instantiation each. Wider heads (ViT-bigG/14's 104) spill registers
-// in dK/dV (its two 16×HD accumulators) and run attention.cu's kernels instead. Products over
-// the head dim run in k-steps of 16: a head dim that is not a multiple of 16 (88) is padded with
-// zero columns in the row-major tiles (KP = HD rounded up to 16), which adds exact zeros.
+// Head dims: every multiple of 8 from 64 to 128, one instantiation each: 64 with the kernels'
+// plain names, the others suffixed _hd<HD> (open_clip's ViT-H/14 has 80, ViT-g/14 88,
+// ViT-bigG/14 104). Up to 96, dK/dV is one kernel; wider heads run it as two (dV, then dK), each
+// holding one 16×HD accumulator a warp, since both together spill registers. Products over the
+// head dim run in k-steps of 16: a head dim that is not a multiple of 16 (72, 88, 104, 120) is
+// padded with zero columns in the row-major tiles (KP = HD rounded up to 16), which adds exact
+// zeros.
 //
 // Tiling (FlashAttention-2): 128 threads = 4 warps per CTA; a warp owns 16 rows of the CTA's
 // 64-row tile and keeps its scores and accumulators in mma fragments (registers). The other
 // operand's 64-row tiles pass through shared memory as bf16: row-major [64 rows][KP] or
 // transposed [HD][64 keys], every tile max(64, KP) rows of LD = max(64, KP) + 8 elements (36,
-// 44, 52 words at KP 64, 80, 96: a fragment load's 32 lanes touch 32 distinct banks).
+// 44, 52, 60, 68 words at KP 64 .. 128: a fragment load's 32 lanes touch 32 distinct banks).
 // Dynamic shared memory, sized by tc2.rs (tc2_shared_bytes mirrors the carves below).
 //   forward  one CTA per (64-query tile, head, sequence); loops over 64-key tiles with an online
 //            softmax; Q and K row-major and V transposed in shared memory (27 KB at 64).
@@ -342,13 +344,21 @@ __device__ __forceinline__ void prm_tc_bwd_dq(const float* __restrict__ qkv, con
 }
 
 // Shared carve (bf16 tiles, then fp32): sQ | sQt | sD | sDt | sLse [64] | sDelta [64].
-template <int HD>
+// PART: PRM_TC_DKDV both gradients in one pass (head dims to 96); PRM_TC_DV or PRM_TC_DK one of
+// them (wider heads, two launches: a warp then holds one 16×HD accumulator instead of two, so
+// the kernel fits the register file without spilling). Each part computes its gradient with
+// the same operations in the same order as the one-pass kernel.
+#define PRM_TC_DKDV 0
+#define PRM_TC_DV 1
+#define PRM_TC_DK 2
+template <int HD, int PART>
 __device__ __forceinline__ void prm_tc_bwd_dkdv(const float* __restrict__ qkv, const float* __restrict__ d_out,
                                                 const float* __restrict__ lse, const float* __restrict__ delta,
                                                 const int* __restrict__ cu_seqlens, float* __restrict__ d_qkv,
                                                 int width, int total, int causal) {
     using H = PrmTcHead<HD>;
     constexpr int LD = H::LD, KS = H::KS, NH = H::NH;
+    constexpr bool WANT_DV = PART != PRM_TC_DK, WANT_DK = PART != PRM_TC_DV;
     PRM_DYNAMIC_SHARED(__nv_bfloat16, smem);
     __nv_bfloat16* sQ = smem;
     __nv_bfloat16* sQt = sQ + H::TILE;
@@ -368,36 +378,38 @@ __device__ __forceinline__ void prm_tc_bwd_dkdv(const float* __restrict__ qkv, c
     const int keys[2] = {k0 + warp * 16 + (lane >> 2), k0 + warp * 16 + (lane >> 2) + 8};
     const float scale = prm_tc_scale<HD>();
 
-    // K and V fragments of this warp's keys, staged through the Q / dO tiles.
+    // K and V fragments of this warp's keys, staged through the Q / dO tiles (V only for dK).
     prm_tc_load_tile<HD>(sQ, nullptr, base, ld, width + h * HD, k0, T);
-    prm_tc_load_tile<HD>(sD, nullptr, base, ld, 2 * width + h * HD, k0, T);
+    if constexpr (WANT_DK) prm_tc_load_tile<HD>(sD, nullptr, base, ld, 2 * width + h * HD, k0, T);
     __syncthreads();
-    uint32_t ka[KS][4], va[KS][4];
+    uint32_t ka[KS][4], va[WANT_DK ? KS : 1][4];
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
         prm_tc_frag_a<LD>(ka[ks], sQ, warp * 16, ks * 16);
-        prm_tc_frag_a<LD>(va[ks], sD, warp * 16, ks * 16);
+        if constexpr (WANT_DK) prm_tc_frag_a<LD>(va[ks], sD, warp * 16, ks * 16);
     }
 
-    float dk[NH][4], dv[NH][4];
-    prm_tc_zero<NH>(dk);
-    prm_tc_zero<NH>(dv);
+    float dk[WANT_DK ? NH : 1][4], dv[WANT_DV ? NH : 1][4];
+    if constexpr (WANT_DK) prm_tc_zero<NH>(dk);
+    if constexpr (WANT_DV) prm_tc_zero<NH>(dv);
     // Causal: queries before this key tile see none of its keys (tiles are 64-aligned).
     for (int q0 = causal ? k0 : 0; q0 < T; q0 += TC_TILE) {
         __syncthreads();  // previous tiles consumed (and the staging reads done)
-        prm_tc_load_tile<HD>(sQ, sQt, base, ld, h * HD, q0, T);
-        prm_tc_load_tile<HD>(sD, sDt, dbase, width, h * HD, q0, T);
+        prm_tc_load_tile<HD>(sQ, WANT_DK ? sQt : nullptr, base, ld, h * HD, q0, T);
+        prm_tc_load_tile<HD>(WANT_DK ? sD : nullptr, WANT_DV ? sDt : nullptr, dbase, width, h * HD, q0, T);
         for (int i = threadIdx.x; i < TC_TILE; i += blockDim.x) {
             const bool ok = q0 + i < T;
             sLse[i] = ok ? lse[(size_t)h * total + row0 + q0 + i] : 0.0f;
             sDelta[i] = ok ? delta[(size_t)h * total + row0 + q0 + i] : 0.0f;
         }
         __syncthreads();
-        float st[8][4], dpt[8][4];
+        float st[8][4], dpt[WANT_DK ? 8 : 1][4];
         prm_tc_zero<8>(st);
-        prm_tc_zero<8>(dpt);
-        prm_tc_mma<KS, 8, LD>(st, ka, sQ);   // Sᵀ = K·Qᵀ
-        prm_tc_mma<KS, 8, LD>(dpt, va, sD);  // dPᵀ = V·dOᵀ
+        prm_tc_mma<KS, 8, LD>(st, ka, sQ);  // Sᵀ = K·Qᵀ
+        if constexpr (WANT_DK) {
+            prm_tc_zero<8>(dpt);
+            prm_tc_mma<KS, 8, LD>(dpt, va, sD);  // dPᵀ = V·dOᵀ
+        }
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -406,17 +418,21 @@ __device__ __forceinline__ void prm_tc_bwd_dkdv(const float* __restrict__ qkv, c
                 const bool ok = keys[r] < T && q < T && !(causal && keys[r] > q);
                 const float p = ok ? __expf(st[nt][i] * scale - sLse[c]) : 0.0f;
                 st[nt][i] = p;
-                dpt[nt][i] = p * (dpt[nt][i] - sDelta[c]) * scale;  // dSᵀ, scaled
+                if constexpr (WANT_DK) dpt[nt][i] = p * (dpt[nt][i] - sDelta[c]) * scale;  // dSᵀ, scaled
             }
         uint32_t pa[4][4];
-        prm_tc_acc_to_a(pa, st);
-        prm_tc_mma<4, NH, LD>(dv, pa, sDt);  // dV += Pᵀ·dO
-        prm_tc_acc_to_a(pa, dpt);
-        prm_tc_mma<4, NH, LD>(dk, pa, sQt);  // dK += dSᵀ·Q
+        if constexpr (WANT_DV) {
+            prm_tc_acc_to_a(pa, st);
+            prm_tc_mma<4, NH, LD>(dv, pa, sDt);  // dV += Pᵀ·dO
+        }
+        if constexpr (WANT_DK) {
+            prm_tc_acc_to_a(pa, dpt);
+            prm_tc_mma<4, NH, LD>(dk, pa, sQt);  // dK += dSᵀ·Q
+        }
     }
     const float one[2] = {1.0f, 1.0f};
-    prm_tc_store<NH>(d_qkv + (size_t)row0 * ld, ld, width + h * HD, keys, T, dk, one);
-    prm_tc_store<NH>(d_qkv + (size_t)row0 * ld, ld, 2 * width + h * HD, keys, T, dv, one);
+    if constexpr (WANT_DK) prm_tc_store<NH>(d_qkv + (size_t)row0 * ld, ld, width + h * HD, keys, T, dk, one);
+    if constexpr (WANT_DV) prm_tc_store<NH>(d_qkv + (size_t)row0 * ld, ld, 2 * width + h * HD, keys, T, dv, one);
 }
 
 // The entry points of one head dim: forward, dQ, dK/dV (parameter lists as tc2.rs passes them).
@@ -436,16 +452,52 @@ __device__ __forceinline__ void prm_tc_bwd_dkdv(const float* __restrict__ qkv, c
         const float* __restrict__ qkv, const float* __restrict__ d_out, const float* __restrict__ lse,                 \
         const float* __restrict__ delta, const int* __restrict__ cu_seqlens, float* __restrict__ d_qkv, int width,     \
         int total, int causal) {                                                                                       \
-        prm_tc_bwd_dkdv<HD>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal);                          \
+        prm_tc_bwd_dkdv<HD, PRM_TC_DKDV>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal);             \
+    }
+
+// Wider heads: forward, dQ, and dK/dV as two kernels, dV then dK (PRM_TC_DV, PRM_TC_DK).
+#define PRM_TC2_KERNELS_SPLIT(HD, SUFFIX)                                                                              \
+    extern "C" __global__ void prm_attention_forward_tc##SUFFIX(                                                       \
+        const float* __restrict__ qkv, const int* __restrict__ cu_seqlens, float* __restrict__ out,                    \
+        float* __restrict__ lse, int width, int total, int mode, int causal) {                                         \
+        prm_tc_forward<HD>(qkv, cu_seqlens, out, lse, width, total, mode, causal);                                     \
+    }                                                                                                                  \
+    extern "C" __global__ void prm_attention_bwd_dq_tc##SUFFIX(                                                        \
+        const float* __restrict__ qkv, const float* __restrict__ d_out, const float* __restrict__ lse,                 \
+        const float* __restrict__ delta, const int* __restrict__ cu_seqlens, float* __restrict__ d_qkv, int width,     \
+        int total, int causal) {                                                                                       \
+        prm_tc_bwd_dq<HD>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal);                            \
+    }                                                                                                                  \
+    extern "C" __global__ void prm_attention_bwd_dv_tc##SUFFIX(                                                        \
+        const float* __restrict__ qkv, const float* __restrict__ d_out, const float* __restrict__ lse,                 \
+        const float* __restrict__ delta, const int* __restrict__ cu_seqlens, float* __restrict__ d_qkv, int width,     \
+        int total, int causal) {                                                                                       \
+        prm_tc_bwd_dkdv<HD, PRM_TC_DV>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal);               \
+    }                                                                                                                  \
+    extern "C" __global__ void prm_attention_bwd_dk_tc##SUFFIX(                                                        \
+        const float* __restrict__ qkv, const float* __restrict__ d_out, const float* __restrict__ lse,                 \
+        const float* __restrict__ delta, const int* __restrict__ cu_seqlens, float* __restrict__ d_qkv, int width,     \
+        int total, int causal) {                                                                                       \
+        prm_tc_bwd_dkdv<HD, PRM_TC_DK>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal);               \
     }
 
 PRM_TC2_KERNELS(64, )
+PRM_TC2_KERNELS(72, _hd72)
 PRM_TC2_KERNELS(80, _hd80)
 PRM_TC2_KERNELS(88, _hd88)
 PRM_TC2_KERNELS(96, _hd96)
+PRM_TC2_KERNELS_SPLIT(104, _hd104)
+PRM_TC2_KERNELS_SPLIT(112, _hd112)
+PRM_TC2_KERNELS_SPLIT(120, _hd120)
+PRM_TC2_KERNELS_SPLIT(128, _hd128)
 
 // One line per head dim (build/sim.rs reads every PRM_REGISTER_KERNEL on such a line).
 PRM_REGISTER_KERNEL(prm_attention_forward_tc); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc); PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc);
+PRM_REGISTER_KERNEL(prm_attention_forward_tc_hd72); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc_hd72); PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc_hd72);
 PRM_REGISTER_KERNEL(prm_attention_forward_tc_hd80); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc_hd80); PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc_hd80);
 PRM_REGISTER_KERNEL(prm_attention_forward_tc_hd88); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc_hd88); PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc_hd88);
 PRM_REGISTER_KERNEL(prm_attention_forward_tc_hd96); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc_hd96); PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc_hd96);
+PRM_REGISTER_KERNEL(prm_attention_forward_tc_hd104); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc_hd104); PRM_REGISTER_KERNEL(prm_attention_bwd_dv_tc_hd104); PRM_REGISTER_KERNEL(prm_attention_bwd_dk_tc_hd104);
+PRM_REGISTER_KERNEL(prm_attention_forward_tc_hd112); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc_hd112); PRM_REGISTER_KERNEL(prm_attention_bwd_dv_tc_hd112); PRM_REGISTER_KERNEL(prm_attention_bwd_dk_tc_hd112);
+PRM_REGISTER_KERNEL(prm_attention_forward_tc_hd120); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc_hd120); PRM_REGISTER_KERNEL(prm_attention_bwd_dv_tc_hd120); PRM_REGISTER_KERNEL(prm_attention_bwd_dk_tc_hd120);
+PRM_REGISTER_KERNEL(prm_attention_forward_tc_hd128); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc_hd128); PRM_REGISTER_KERNEL(prm_attention_bwd_dv_tc_hd128); PRM_REGISTER_KERNEL(prm_attention_bwd_dk_tc_hd128);

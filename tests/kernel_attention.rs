@@ -571,14 +571,21 @@ fn heads_of_80() {
     );
 }
 
-/// v2 (tensor cores, fp32 buffers) at the head dims it has kernels for beyond 64: 80
-/// (ViT-H/14), 88 (padded to 96 in its k-steps: the padding must add exact zeros), 96; q·kᵀ
-/// causal or not, a mixed batch with 197 and 1-token sequences, within the bf16 tolerance of
-/// the float64 twin. q·qᵀ / k·kᵀ forwards too (their backward is v1's). Head dims v2 has no
-/// kernels for (104) fall back to v1 and give its bits.
+/// v2 (tensor cores, fp32 buffers) at head dims beyond 64: 72, 88 and 104 (padded to 80, 96 and
+/// 112 in its k-steps: the padding must add exact zeros), 80 (ViT-H/14), 96, and 104 and 128,
+/// whose dK/dV runs as two kernels; q·kᵀ causal or not, a mixed batch with 197 and 1-token
+/// sequences, within the bf16 tolerance of the float64 twin. q·qᵀ forwards too (their backward
+/// is v1's). Head dims below 64 (56) have no v2 kernels and give v1's bits.
 #[test]
-fn v2_at_head_dims_80_88_96() {
-    for (hd, seed) in [(80usize, 130u64), (88, 140), (96, 150)] {
+fn v2_at_head_dims_72_to_128() {
+    for (hd, seed) in [
+        (72usize, 130u64),
+        (80, 133),
+        (88, 136),
+        (96, 139),
+        (104, 142),
+        (128, 145),
+    ] {
         assert!(tensor_core_v2_supports_head_dim(hd));
         let shape = (2 * hd, 2);
         let tc = Kernels::TensorCore;
@@ -586,8 +593,8 @@ fn v2_at_head_dims_80_88_96() {
         check_heads(&[77, 50, 13], shape, AttentionMode::QK, true, seed + 1, tc);
         check_heads(&[50, 13], shape, AttentionMode::QQ, false, seed + 2, tc);
     }
-    assert!(!tensor_core_v2_supports_head_dim(104));
-    let (lens, shape) = ([50usize, 13], (208usize, 2usize));
+    assert!(!tensor_core_v2_supports_head_dim(56));
+    let (lens, shape) = ([50usize, 13], (112usize, 2usize));
     let (qkv, d_out) = inputs(&lens, shape.0, 160);
     for dev in devices() {
         let mode = AttentionMode::QK;
@@ -608,7 +615,7 @@ fn v2_at_head_dims_80_88_96() {
                 .flat_map(|v| v.iter().map(|x| x.to_bits()))
                 .collect::<Vec<_>>()
         };
-        assert!(bits(&a) == bits(&b), "v2 at head dim 104 is not v1's");
+        assert!(bits(&a) == bits(&b), "v2 at head dim 56 is not v1's");
     }
 }
 
@@ -653,9 +660,9 @@ fn modes_and_causal_at_other_head_dims() {
     }
 }
 
-/// Heads not 64 wide give the same bits twice, v1 and v2 (at 128, v2 is v1); on the simulator
-/// the second run is the reverse schedule's, so a race in a new instantiation's shared-memory
-/// carve would show.
+/// Heads not 64 wide give the same bits twice, v1 and v2 (at 128, v2's dK/dV in two kernels);
+/// on the simulator the second run is the reverse schedule's, so a race in a new
+/// instantiation's shared-memory carve would show.
 #[test]
 fn other_head_dims_deterministic() {
     let lens = [197, 13];

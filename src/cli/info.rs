@@ -109,8 +109,8 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         ),
         Ok(()) => println!(
             "gpu engine:   supported (--device cuda, sim); heads {} wide run the fp32 SIMT \
-             attention kernels at either precision (the tensor-core ones take heads of 64, 80, \
-             88 or 96)",
+             attention kernels at either precision (the tensor-core ones take heads 64 to 128 \
+             wide)",
             c.head_dim()
         ),
         Err(why) => println!("gpu engine:   not supported: {why}"),

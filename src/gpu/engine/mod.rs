@@ -392,9 +392,9 @@ impl<'m> GpuVit<'m> {
         self.precision == Precision::Bf16 && self.tensor_core_heads() && self.attention.bf16_qkv()
     }
 
-    /// Whether the tower's heads are v3's and v4's (64 wide). Other head dims run v2 (80, 88,
-    /// 96) or the SIMT kernels at bf16: the engine then keeps q|k|v and the context in fp32,
-    /// as under `PRM_ATTENTION=v2`, and its products stay bf16.
+    /// Whether the tower's heads are v3's and v4's (64 wide). Other head dims run v2 (72 to
+    /// 128) or the SIMT kernels (below 64) at bf16: the engine then keeps q|k|v and the context
+    /// in fp32, as under `PRM_ATTENTION=v2`, and its products stay bf16.
     fn tensor_core_heads(&self) -> bool {
         let c = &self.model.config;
         tensor_cores_run_heads(c.width, c.heads)

@@ -24,8 +24,8 @@
 //!
 //! Head dims: v1 runs heads of every width [`simt_supports_head_dim`] allows (multiples of 8
 //! from 32 to 128: open_clip's ViT-H/14, g/14 and bigG/14 have heads of 80, 88 and 104); v2
-//! those of [`tensor_core_v2_supports_head_dim`] (64, 80, 88, 96; it sends others to v1); both
-//! take the head count. v3 and v4 run heads of [`HEAD_DIM`] (64) only, the OpenAI towers' (and
+//! those of [`tensor_core_v2_supports_head_dim`] (multiples of 8 from 64 to 128; it sends
+//! others to v1); both take the head count. v3 and v4 run heads of [`HEAD_DIM`] (64) only, the OpenAI towers' (and
 //! ViT-L/14's, all text towers'), and derive `heads = D / 64`.
 //!
 //! Layouts (row-major; `N = Σ T_i` tokens, `D = width`, head dim `HD = D / heads`):

@@ -1,6 +1,6 @@
 //! v2: launchers for `kernels/attention_tc.cu`, tensor-core attention on fp32 buffers (q, k, v
 //! and the probabilities rounded to bf16 where they enter a product), one load stage, for heads
-//! 64, 80, 88 or 96 wide ([`tensor_core_v2_supports_head_dim`]).
+//! of every width [`tensor_core_v2_supports_head_dim`] allows (multiples of 8 from 64 to 128).
 
 use super::simt::launch_delta_f32;
 use super::*;
@@ -16,13 +16,17 @@ pub fn tensor_core_supports(mode: AttentionMode, backward: bool) -> bool {
     }
 }
 
-/// Whether v2 has kernels for heads `head_dim` wide: 64, and open_clip's 80 (ViT-H/14), 88
-/// (ViT-g/14) and 96. Wider heads spill registers in its dK/dV kernel (two 16×HD accumulators a
-/// warp); [`attention_forward_tc`] and [`attention_backward_tc`] send other head dims to the SIMT
+/// Whether v2 has kernels for heads `head_dim` wide: every multiple of 8 from 64 to 128 (64,
+/// and open_clip's 80 for ViT-H/14, 88 for ViT-g/14, 104 for ViT-bigG/14, among them);
+/// [`attention_forward_tc`] and [`attention_backward_tc`] send other head dims to the SIMT
 /// kernels.
 pub fn tensor_core_v2_supports_head_dim(head_dim: usize) -> bool {
-    matches!(head_dim, 64 | 80 | 88 | 96)
+    head_dim.is_multiple_of(8) && (64..=128).contains(&head_dim)
 }
+
+/// The widest heads whose dK and dV one kernel forms together; wider heads run a dV kernel and
+/// a dK kernel (attention_tc.cu's `PRM_TC2_KERNELS_SPLIT`), each within the register file.
+const ONE_PASS_DKDV_MAX_HEAD_DIM: usize = 96;
 
 /// The kernels of one head dim: 64 keeps the plain names, the others are suffixed `_hd<HD>`
 /// (attention_tc.cu's `PRM_TC2_KERNELS`).
@@ -46,7 +50,8 @@ fn three_tiles(head_dim: usize) -> u32 {
     (3 * tile_bytes(head_dim)) as u32
 }
 
-/// Dynamic shared memory of the dK/dV kernel: four tiles and two 64-float rows.
+/// Dynamic shared memory of the dK/dV kernel (or of each of its two halves): four tiles and two
+/// 64-float rows.
 fn dkdv_shared_bytes(head_dim: usize) -> u32 {
     (4 * tile_bytes(head_dim) + 2 * TC_TILE * 4) as u32
 }
@@ -104,7 +109,7 @@ pub fn attention_forward_tc(
 /// q·kᵀ mode, causal or not; other modes and head dims go to the SIMT kernels, which assume
 /// `out` and `lse` came from [`attention_forward_f32`] (so run q·qᵀ / k·kᵀ forwards that will
 /// be differentiated through the fp32 kernels). Three launches without atomics: `delta`, dK/dV
-/// over 64-key tiles, dQ over 64-query tiles.
+/// over 64-key tiles (two, dV then dK, for heads wider than 96), dQ over 64-query tiles.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_tc(
     dev: &Device,
@@ -154,16 +159,19 @@ pub fn attention_backward_tc(
         return Ok(());
     }
     launch_delta_f32(dev, head_dim, out, d_out, delta, total, heads, width)?;
-    let kernels = [
-        (
-            kernel("prm_attention_bwd_dkdv_tc", head_dim),
-            dkdv_shared_bytes(head_dim),
-        ),
-        (
-            kernel("prm_attention_bwd_dq_tc", head_dim),
-            three_tiles(head_dim),
-        ),
-    ];
+    let dkdv = dkdv_shared_bytes(head_dim);
+    let mut kernels = if head_dim <= ONE_PASS_DKDV_MAX_HEAD_DIM {
+        vec![(kernel("prm_attention_bwd_dkdv_tc", head_dim), dkdv)]
+    } else {
+        vec![
+            (kernel("prm_attention_bwd_dv_tc", head_dim), dkdv),
+            (kernel("prm_attention_bwd_dk_tc", head_dim), dkdv),
+        ]
+    };
+    kernels.push((
+        kernel("prm_attention_bwd_dq_tc", head_dim),
+        three_tiles(head_dim),
+    ));
     let grid = grid(seqlens_host, heads, TC_TILE);
     let ops = (qkv, d_out, lse, &*delta, cu_seqlens);
     launch_f32_backward(
