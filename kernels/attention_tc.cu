@@ -435,8 +435,9 @@ __device__ __forceinline__ void prm_tc_bwd_dkdv(const float* __restrict__ qkv, c
     if constexpr (WANT_DV) prm_tc_store<NH>(d_qkv + (size_t)row0 * ld, ld, 2 * width + h * HD, keys, T, dv, one);
 }
 
-// The entry points of one head dim: forward, dQ, dK/dV (parameter lists as tc2.rs passes them).
-#define PRM_TC2_KERNELS(HD, SUFFIX)                                                                                    \
+// The entry points of one head dim (parameter lists as tc2.rs passes them): forward and dQ,
+// then dK/dV as one kernel (PRM_TC2_KERNELS) or as dV and dK (PRM_TC2_KERNELS_SPLIT, wider heads).
+#define PRM_TC2_FORWARD_DQ(HD, SUFFIX)                                                                                 \
     extern "C" __global__ void prm_attention_forward_tc##SUFFIX(                                                       \
         const float* __restrict__ qkv, const int* __restrict__ cu_seqlens, float* __restrict__ out,                    \
         float* __restrict__ lse, int width, int total, int mode, int causal) {                                         \
@@ -447,39 +448,25 @@ __device__ __forceinline__ void prm_tc_bwd_dkdv(const float* __restrict__ qkv, c
         const float* __restrict__ delta, const int* __restrict__ cu_seqlens, float* __restrict__ d_qkv, int width,     \
         int total, int causal) {                                                                                       \
         prm_tc_bwd_dq<HD>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal);                            \
-    }                                                                                                                  \
-    extern "C" __global__ void prm_attention_bwd_dkdv_tc##SUFFIX(                                                      \
-        const float* __restrict__ qkv, const float* __restrict__ d_out, const float* __restrict__ lse,                 \
-        const float* __restrict__ delta, const int* __restrict__ cu_seqlens, float* __restrict__ d_qkv, int width,     \
-        int total, int causal) {                                                                                       \
-        prm_tc_bwd_dkdv<HD, PRM_TC_DKDV>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal);             \
     }
 
-// Wider heads: forward, dQ, and dK/dV as two kernels, dV then dK (PRM_TC_DV, PRM_TC_DK).
-#define PRM_TC2_KERNELS_SPLIT(HD, SUFFIX)                                                                              \
-    extern "C" __global__ void prm_attention_forward_tc##SUFFIX(                                                       \
-        const float* __restrict__ qkv, const int* __restrict__ cu_seqlens, float* __restrict__ out,                    \
-        float* __restrict__ lse, int width, int total, int mode, int causal) {                                         \
-        prm_tc_forward<HD>(qkv, cu_seqlens, out, lse, width, total, mode, causal);                                     \
-    }                                                                                                                  \
-    extern "C" __global__ void prm_attention_bwd_dq_tc##SUFFIX(                                                        \
-        const float* __restrict__ qkv, const float* __restrict__ d_out, const float* __restrict__ lse,                 \
-        const float* __restrict__ delta, const int* __restrict__ cu_seqlens, float* __restrict__ d_qkv, int width,     \
-        int total, int causal) {                                                                                       \
-        prm_tc_bwd_dq<HD>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal);                            \
-    }                                                                                                                  \
-    extern "C" __global__ void prm_attention_bwd_dv_tc##SUFFIX(                                                        \
-        const float* __restrict__ qkv, const float* __restrict__ d_out, const float* __restrict__ lse,                 \
-        const float* __restrict__ delta, const int* __restrict__ cu_seqlens, float* __restrict__ d_qkv, int width,     \
-        int total, int causal) {                                                                                       \
-        prm_tc_bwd_dkdv<HD, PRM_TC_DV>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal);               \
-    }                                                                                                                  \
-    extern "C" __global__ void prm_attention_bwd_dk_tc##SUFFIX(                                                        \
-        const float* __restrict__ qkv, const float* __restrict__ d_out, const float* __restrict__ lse,                 \
-        const float* __restrict__ delta, const int* __restrict__ cu_seqlens, float* __restrict__ d_qkv, int width,     \
-        int total, int causal) {                                                                                       \
-        prm_tc_bwd_dkdv<HD, PRM_TC_DK>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal);               \
+// A dK/dV entry point: NAME runs prm_tc_bwd_dkdv<HD, PART>.
+#define PRM_TC2_DKDV(NAME, HD, PART)                                                                                   \
+    extern "C" __global__ void NAME(const float* __restrict__ qkv, const float* __restrict__ d_out,                    \
+                                    const float* __restrict__ lse, const float* __restrict__ delta,                    \
+                                    const int* __restrict__ cu_seqlens, float* __restrict__ d_qkv, int width,          \
+                                    int total, int causal) {                                                           \
+        prm_tc_bwd_dkdv<HD, PART>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal);                    \
     }
+
+#define PRM_TC2_KERNELS(HD, SUFFIX)                                                                                    \
+    PRM_TC2_FORWARD_DQ(HD, SUFFIX)                                                                                     \
+    PRM_TC2_DKDV(prm_attention_bwd_dkdv_tc##SUFFIX, HD, PRM_TC_DKDV)
+
+#define PRM_TC2_KERNELS_SPLIT(HD, SUFFIX)                                                                              \
+    PRM_TC2_FORWARD_DQ(HD, SUFFIX)                                                                                     \
+    PRM_TC2_DKDV(prm_attention_bwd_dv_tc##SUFFIX, HD, PRM_TC_DV)                                                       \
+    PRM_TC2_DKDV(prm_attention_bwd_dk_tc##SUFFIX, HD, PRM_TC_DK)
 
 PRM_TC2_KERNELS(64, )
 PRM_TC2_KERNELS(72, _hd72)
