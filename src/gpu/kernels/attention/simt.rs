@@ -9,8 +9,8 @@ use super::*;
 const FWD_BK: usize = 32;
 const F32_BYTES: usize = 4;
 
-/// The kernels of one head dim: 64 keeps the plain names, the others are suffixed `_hd<HD>`
-/// (attention.cu's `PRM_ATT_SIMT_KERNELS`).
+/// The kernel `base` of one head dim: 64 keeps the plain names, the others are suffixed
+/// `_hd<HD>` (attention.cu's `PRM_ATT_SIMT_KERNELS`, and attention_tc.cu's v2 kernels too).
 pub(super) fn kernel(base: &str, head_dim: usize) -> String {
     if head_dim == HEAD_DIM {
         base.to_string()

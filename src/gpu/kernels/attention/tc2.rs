@@ -2,7 +2,7 @@
 //! and the probabilities rounded to bf16 where they enter a product), one load stage, for heads
 //! of every width [`tensor_core_v2_supports_head_dim`] allows (multiples of 8 from 64 to 128).
 
-use super::simt::launch_delta_f32;
+use super::simt::{kernel, launch_delta_f32};
 use super::*;
 
 /// Whether the tensor-core kernels (`kernels/attention_tc.cu`) implement `mode` / `causal`
@@ -27,16 +27,6 @@ pub fn tensor_core_v2_supports_head_dim(head_dim: usize) -> bool {
 /// The widest heads whose dK and dV one kernel forms together; wider heads run a dV kernel and
 /// a dK kernel (attention_tc.cu's `PRM_TC2_KERNELS_SPLIT`), each within the register file.
 const ONE_PASS_DKDV_MAX_HEAD_DIM: usize = 96;
-
-/// The kernels of one head dim: 64 keeps the plain names, the others are suffixed `_hd<HD>`
-/// (attention_tc.cu's `PRM_TC2_KERNELS`).
-fn kernel(base: &str, head_dim: usize) -> String {
-    if head_dim == HEAD_DIM {
-        base.to_string()
-    } else {
-        format!("{base}_hd{head_dim}")
-    }
-}
 
 /// Bytes of one bf16 tile of attention_tc.cu's `PrmTcHead<HD>`: max(64, KP) rows of
 /// max(64, KP) + 8 elements, KP the head dim rounded up to 16.
