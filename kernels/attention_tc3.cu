@@ -1,6 +1,7 @@
 // attention_tc3.cu: fused multi-head attention v3 on tensor cores (mma.sync m16n8k16, bf16
 // operands, fp32 accumulation) over packed variable-length sequences, forward and
-// input-gradient backward, FlashAttention-2 style, for head dim 64 at 50–1201 tokens.
+// input-gradient backward, FlashAttention-2 style, tuned for head dim 64 at 50–1201 tokens, and
+// instantiated for every head dim that is a multiple of 8 from 72 to 128 (the end of this file).
 //
 // Launchers: src/gpu/kernels/attention/tc3.rs (attention_forward_tc3, attention_backward_tc3); the
 // engine uses them at --precision bf16 unless PRM_ATTENTION=v2. Versions (llm.c style, same
@@ -9,11 +10,12 @@
 //   attention_tc.cu   v2, tensor cores, fp32 qkv converted while loading, one load stage
 //   attention_tc3.cu  v3, this file: bf16 in and out, cp.async double buffering, ldmatrix
 //
-// Layouts (N = ΣT_i tokens, D = width, heads = D / 64, head h in columns h·64 .. +64):
+// Layouts (N = ΣT_i tokens, D = width, HD = 64 (or the _hd<HD> kernels' HD), heads = D / HD,
+// head h in columns h·HD .. +HD):
 //   qkv        [N, 3D] bf16   q | k | v along features
 //   cu_seqlens [B+1]   int
 //   out        [N, D]  bf16   the context, i.e. the out-projection's bf16 operand
-//   lse, delta [heads, N] fp32, index h·N + row (natural log; scores scaled by 1/8)
+//   lse, delta [heads, N] fp32, index h·N + row (natural log; scores scaled by 1/√HD)
 //   d_out      [N, D]  fp32 in the delta kernel, which also writes its bf16 copy d_out_bf16;
 //                      or bf16 already (the _bf16 delta kernel; the engine's path)
 //   d_qkv      [N, 3D] bf16, every element written (q part by the dQ kernel, k and v parts by
@@ -89,64 +91,84 @@
 
 typedef __nv_bfloat16 bf16;
 
-// Rows r0 .. r0+64 of a 64-wide bf16 column block `g` (row stride ld elements) into the
-// shared tile `s` by cp.async; rows at or past `valid` are zero-filled. Every thread issues 4
-// 16-byte copies; the caller commits the group.
+// Shared tiles of heads HD wide: 64 rows of KP columns (HD, padded to whole k-steps with zero
+// columns), row stride LD = KP + 8 elements (an odd number of 16-byte units, 9 to 17: the 8 rows
+// of an ldmatrix 8×8 matrix fall in distinct bank groups). V3Tile<64> is V3_LD / V3_TILE_ELEMS.
+template <int HD>
+struct V3Tile {
+    static constexpr int LD = PrmAttHead<HD>::KP + 8;
+    static constexpr int ELEMS = V3_TILE * LD;
+};
+
+// Rows r0 .. r0+64 of an HD-wide bf16 column block `g` (row stride ld elements) into the
+// shared tile `s` by cp.async; rows at or past `valid`, and the padding columns HD .. KP, are
+// zero-filled. Every thread issues KP / 16 16-byte copies; the caller commits the group.
+template <int HD = V3_HD>
 __device__ __forceinline__ void v3_load_tile(bf16* s, const bf16* g, size_t ld, int r0, int valid) {
+    constexpr int CH = PrmAttHead<HD>::KP / 8;  // 16-byte chunks a row, padding included
+    constexpr int LD = V3Tile<HD>::LD;
 #pragma unroll
-    for (int i = 0; i < (V3_TILE * V3_HD / 8) / 128; ++i) {
+    for (int i = 0; i < V3_TILE * CH / 128; ++i) {
         const int e = threadIdx.x + i * 128;
-        const int r = e >> 3, c = (e & 7) * 8;
-        const bool ok = r0 + r < valid;
-        prm_cp_async_16(s + r * V3_LD + c, ok ? g + (size_t)(r0 + r) * ld + c : g, ok);
+        // At 64 (8 chunks a row) the shifts the kernels were tuned with; other widths divide.
+        const int r = CH == 8 ? e >> 3 : (int)((unsigned)e / CH);
+        const int c = CH == 8 ? (e & 7) * 8 : (int)((unsigned)e % CH) * 8;
+        const bool ok = r0 + r < valid && (HD == PrmAttHead<HD>::KP || c < HD);
+        prm_cp_async_16(s + r * LD + c, ok ? g + (size_t)(r0 + r) * ld + c : g, ok);
     }
 }
 
-// The A fragment of the 16×16 block at (row0, col0) of the row-major tile s.
+// The A fragment of the 16×16 block at (row0, col0) of the row-major tile s (row stride LD).
+template <int LD = V3_LD>
 __device__ __forceinline__ void v3_frag_a(uint32_t a[4], const bf16* s, int row0, int col0) {
     const int lane = threadIdx.x & 31;
-    prm_ldmatrix_x4(a, s + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * V3_LD + col0 + (lane >> 4) * 8);
+    prm_ldmatrix_x4(a, s + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + col0 + (lane >> 4) * 8);
 }
 
 // B fragments of two n-tiles (n0 and n0+8) at k-step k0 for B = Mᵀ, M the row-major tile s
 // (M[n][k]): b[0..1] for n-tile n0, b[2..3] for n-tile n0+8.
+template <int LD = V3_LD>
 __device__ __forceinline__ void v3_frag_bt(uint32_t b[4], const bf16* s, int n0, int k0) {
     const int lane = threadIdx.x & 31;
-    prm_ldmatrix_x4(b, s + (n0 + (lane & 7) + ((lane >> 4) & 1) * 8) * V3_LD + k0 + ((lane >> 3) & 1) * 8);
+    prm_ldmatrix_x4(b, s + (n0 + (lane & 7) + ((lane >> 4) & 1) * 8) * LD + k0 + ((lane >> 3) & 1) * 8);
 }
 
 // B fragments of two n-tiles (n0, n0+8) at k-step k0 for B = M, M the row-major tile s
 // (M[k][n]), through ldmatrix.trans.
+template <int LD = V3_LD>
 __device__ __forceinline__ void v3_frag_b(uint32_t b[4], const bf16* s, int k0, int n0) {
     const int lane = threadIdx.x & 31;
-    prm_ldmatrix_x4_trans(b, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * V3_LD + n0 + (lane >> 4) * 8);
+    prm_ldmatrix_x4_trans(b, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + n0 + (lane >> 4) * 8);
 }
 
 // acc (16 × 64) = A · Mᵀ with A's fragments read from the row-major tile `sa` (rows arow0 ..
-// +16, all 64 columns) and M the row-major tile `sm` (64 × 64). Only n-tile pairs below `ncols`
-// are formed (the others stay zero); FULL: all of them (ncols = 64, no per-tile branches).
-template <bool FULL = false>
+// +16, the head's KP columns) and M the row-major tile `sm` (64 × KP). Only n-tile pairs below
+// `ncols` are formed (the others stay zero); FULL: all of them (ncols = 64, no per-tile
+// branches).
+template <bool FULL = false, int HD = V3_HD>
 __device__ __forceinline__ void v3_mma_abt(float acc[8][4], const bf16* sa, int arow0, const bf16* sm, int ncols) {
+    constexpr int LD = V3Tile<HD>::LD;
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
+    for (int ks = 0; ks < PrmAttHead<HD>::KS; ++ks) {
         uint32_t a[4];
-        v3_frag_a(a, sa, arow0, ks * 16);
+        v3_frag_a<LD>(a, sa, arow0, ks * 16);
 #pragma unroll
         for (int np = 0; np < 4; ++np) {
             if (!FULL && np * 16 >= ncols) continue;
             uint32_t b[4];
-            v3_frag_bt(b, sm, np * 16, ks * 16);
+            v3_frag_bt<LD>(b, sm, np * 16, ks * 16);
             prm_mma_bf16_16816(acc[2 * np], a, b);
             prm_mma_bf16_16816(acc[2 * np + 1], a, b + 2);
         }
     }
 }
 
-// acc (16 × 64) += A · M with A given as the bf16 packing of the accumulators p[8][4] (16 × 64:
-// n-tiles 2j, 2j+1 form k-step j) and M the row-major tile `sm` (64 × 64, M[k][n]). k-steps at
+// acc (16 × KP) += A · M with A given as the bf16 packing of the accumulators p[8][4] (16 × 64:
+// n-tiles 2j, 2j+1 form k-step j) and M the row-major tile `sm` (64 × KP, M[k][n]). k-steps at
 // or past `kvalid` are skipped (their A columns must be zero); FULL: none (kvalid = 64).
-template <bool FULL = false>
-__device__ __forceinline__ void v3_mma_pb(float acc[8][4], const float p[8][4], const bf16* sm, int kvalid) {
+template <bool FULL = false, int HD = V3_HD>
+__device__ __forceinline__ void v3_mma_pb(float acc[][4], const float p[8][4], const bf16* sm, int kvalid) {
+    constexpr int LD = V3Tile<HD>::LD;
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) {
         if (!FULL && ks * 16 >= kvalid) continue;
@@ -156,22 +178,23 @@ __device__ __forceinline__ void v3_mma_pb(float acc[8][4], const float p[8][4], 
         a[2] = prm_pack_bf16x2(p[2 * ks + 1][0], p[2 * ks + 1][1]);
         a[3] = prm_pack_bf16x2(p[2 * ks + 1][2], p[2 * ks + 1][3]);
 #pragma unroll
-        for (int np = 0; np < 4; ++np) {
+        for (int np = 0; np < PrmAttHead<HD>::KS; ++np) {
             uint32_t b[4];
-            v3_frag_b(b, sm, ks * 16, np * 16);
+            v3_frag_b<LD>(b, sm, ks * 16, np * 16);
             prm_mma_bf16_16816(acc[2 * np], a, b);
             prm_mma_bf16_16816(acc[2 * np + 1], a, b + 2);
         }
     }
 }
 
-// acc (16 × 64) += A · M[ks·16 .. +16, :] for one k-step with A given as fragment registers and
-// M the row-major tile `sm` (M[k][n]).
-__device__ __forceinline__ void v3_mma_ab_step(float acc[8][4], const uint32_t a[4], const bf16* sm, int ks) {
+// acc (16 × KP) += A · M[ks·16 .. +16, :] for one k-step with A given as fragment registers and
+// M the row-major tile `sm` (M[k][n], KP columns).
+template <int HD = V3_HD>
+__device__ __forceinline__ void v3_mma_ab_step(float acc[][4], const uint32_t a[4], const bf16* sm, int ks) {
 #pragma unroll
-    for (int np = 0; np < 4; ++np) {
+    for (int np = 0; np < PrmAttHead<HD>::KS; ++np) {
         uint32_t b[4];
-        v3_frag_b(b, sm, ks * 16, np * 16);
+        v3_frag_b<V3Tile<HD>::LD>(b, sm, ks * 16, np * 16);
         prm_mma_bf16_16816(acc[2 * np], a, b);
         prm_mma_bf16_16816(acc[2 * np + 1], a, b + 2);
     }
@@ -181,29 +204,30 @@ __device__ __forceinline__ void v3_mma_ab_step(float acc[8][4], const uint32_t a
 // half·32 .. +32 of the 64-wide tile.
 // acc (16 × 32) = A · Mᵀ restricted to M rows half·32 .. +32 (n-tile pairs below `ncols`; FULL:
 // all).
-template <bool FULL = false>
+template <bool FULL = false, int HD = V3_HD>
 __device__ __forceinline__ void v3_mma_abt_half(float acc[4][4], const bf16* sa, int arow0, const bf16* sm, int half,
                                                 int ncols) {
+    constexpr int LD = V3Tile<HD>::LD;
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
+    for (int ks = 0; ks < PrmAttHead<HD>::KS; ++ks) {
         uint32_t a[4];
-        v3_frag_a(a, sa, arow0, ks * 16);
+        v3_frag_a<LD>(a, sa, arow0, ks * 16);
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int np = half * 2 + j;
             if (!FULL && np * 16 >= ncols) continue;
             uint32_t b[4];
-            v3_frag_bt(b, sm, np * 16, ks * 16);
+            v3_frag_bt<LD>(b, sm, np * 16, ks * 16);
             prm_mma_bf16_16816(acc[2 * j], a, b);
             prm_mma_bf16_16816(acc[2 * j + 1], a, b + 2);
         }
     }
 }
 
-// acc (16 × 64) += A · M[half·32 .. +32, :] with A the bf16 packing of p[4][4] (16 × 32);
+// acc (16 × KP) += A · M[half·32 .. +32, :] with A the bf16 packing of p[4][4] (16 × 32);
 // k-steps at or past `kvalid` are skipped (their A columns must be zero; FULL: none are).
-template <bool FULL = false>
-__device__ __forceinline__ void v3_mma_pb_half(float acc[8][4], const float p[4][4], const bf16* sm, int half,
+template <bool FULL = false, int HD = V3_HD>
+__device__ __forceinline__ void v3_mma_pb_half(float acc[][4], const float p[4][4], const bf16* sm, int half,
                                                int kvalid) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -211,17 +235,20 @@ __device__ __forceinline__ void v3_mma_pb_half(float acc[8][4], const float p[4]
         if (!FULL && ks * 16 >= kvalid) continue;
         uint32_t a[4];
         prm_att_pack_a(a, p[2 * j], p[2 * j + 1]);
-        v3_mma_ab_step(acc, a, sm, ks);
+        v3_mma_ab_step<HD>(acc, a, sm, ks);
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128, 4)
-    prm_attention_forward_tc3(const bf16* __restrict__ qkv, const int* __restrict__ cu_seqlens, bf16* __restrict__ out,
-                              float* __restrict__ lse, int width, int total, int mode, int causal, int straight) {
-    PRM_DYNAMIC_SHARED(bf16, smem);
+// The forward's body for heads HD wide (prm_attention_forward_tc3 and its _hd<HD> siblings).
+template <int HD>
+__device__ __forceinline__ void v3_forward(const bf16* __restrict__ qkv, const int* __restrict__ cu_seqlens,
+                                           bf16* __restrict__ out, float* __restrict__ lse, int width, int total,
+                                           int mode, int causal, int straight) {
+    PRM_DYNAMIC_SHARED_IN_TEMPLATE(bf16, smem);
+    constexpr int ELEMS = V3Tile<HD>::ELEMS;
     bf16* sQ = smem;
-    bf16* sK = smem + V3_TILE_ELEMS;      // two stages
-    bf16* sV = smem + 3 * V3_TILE_ELEMS;  // two stages
+    bf16* sK = smem + ELEMS;      // two stages
+    bf16* sV = smem + 3 * ELEMS;  // two stages
     const int seq = blockIdx.z, h = blockIdx.y;
     const int row0 = cu_seqlens[seq];
     const int T = cu_seqlens[seq + 1] - row0;
@@ -230,29 +257,29 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const size_t ld = 3 * (size_t)width;
     const bf16* base = qkv + (size_t)row0 * ld;
-    const bf16* gx = base + (mode == 2 ? width : 0) + h * V3_HD;
-    const bf16* gy = base + (mode == 1 ? 0 : width) + h * V3_HD;
-    const bf16* gv = base + 2 * width + h * V3_HD;
+    const bf16* gx = base + (mode == 2 ? width : 0) + h * HD;
+    const bf16* gy = base + (mode == 1 ? 0 : width) + h * HD;
+    const bf16* gv = base + 2 * width + h * HD;
     const int wq0 = q0 + warp * 16;
     const bool active = wq0 < T;  // warp-uniform
     const int rows[2] = {wq0 + (lane >> 2), wq0 + (lane >> 2) + 8};
     const int kend = causal ? min(T, q0 + V3_TILE) : T;
     const int ntiles = (kend + V3_TILE - 1) / V3_TILE;
 
-    v3_load_tile(sQ, gx, ld, q0, T);
-    v3_load_tile(sK, gy, ld, 0, T);
-    v3_load_tile(sV, gv, ld, 0, T);
+    v3_load_tile<HD>(sQ, gx, ld, q0, T);
+    v3_load_tile<HD>(sK, gy, ld, 0, T);
+    v3_load_tile<HD>(sV, gv, ld, 0, T);
     prm_cp_async_commit();
 
-    float o[8][4];
-    prm_att_zero<8>(o);
+    float o[PrmAttHead<HD>::NT][4];
+    prm_att_zero<PrmAttHead<HD>::NT>(o);
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // m in log2 units
     for (int kt = 0; kt < ntiles; ++kt) {
         const int k0 = kt * V3_TILE, stage = kt & 1;
         if (kt + 1 < ntiles) {
             // The other stage was consumed in iteration kt − 1 (barrier at its end).
-            v3_load_tile(sK + (stage ^ 1) * V3_TILE_ELEMS, gy, ld, k0 + V3_TILE, T);
-            v3_load_tile(sV + (stage ^ 1) * V3_TILE_ELEMS, gv, ld, k0 + V3_TILE, T);
+            v3_load_tile<HD>(sK + (stage ^ 1) * ELEMS, gy, ld, k0 + V3_TILE, T);
+            v3_load_tile<HD>(sV + (stage ^ 1) * ELEMS, gv, ld, k0 + V3_TILE, T);
             prm_cp_async_commit();
             prm_cp_async_wait<1>();
         } else {
@@ -269,9 +296,9 @@ extern "C" __global__ void __launch_bounds__(128, 4)
                 constexpr bool FULL = decltype(full)::value;
                 float s[8][4];
                 prm_att_zero<8>(s);
-                v3_mma_abt<FULL>(s, sQ, warp * 16, sK + stage * V3_TILE_ELEMS, kvalid);
-                prm_att_online_softmax<FULL>(s, m, l, o, kvalid, causal, k0, rows);
-                v3_mma_pb<FULL>(o, s, sV + stage * V3_TILE_ELEMS, kvalid);
+                v3_mma_abt<FULL, HD>(s, sQ, warp * 16, sK + stage * ELEMS, kvalid);
+                prm_att_online_softmax<FULL, HD>(s, m, l, o, kvalid, causal, k0, rows);
+                v3_mma_pb<FULL, HD>(o, s, sV + stage * ELEMS, kvalid);
             };
             if (straight && kvalid == V3_TILE && !causal) {
                 tile(prm_flag<true>{});
@@ -282,7 +309,13 @@ extern "C" __global__ void __launch_bounds__(128, 4)
         __syncthreads();  // this stage is consumed before iteration kt + 1 refills it
     }
     if (!active) return;  // after the last barrier
-    prm_att_finish(out, lse, o, m, l, rows, T, row0, h, width, total);
+    prm_att_finish<HD>(out, lse, o, m, l, rows, T, row0, h, width, total);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 4)
+    prm_attention_forward_tc3(const bf16* __restrict__ qkv, const int* __restrict__ cu_seqlens, bf16* __restrict__ out,
+                              float* __restrict__ lse, int width, int total, int mode, int causal, int straight) {
+    v3_forward<V3_HD>(qkv, cu_seqlens, out, lse, width, total, mode, causal, straight);
 }
 PRM_REGISTER_KERNEL(prm_attention_forward_tc3);
 
@@ -433,17 +466,38 @@ __device__ __forceinline__ float2 v3_load_pair(const bf16* p) {
     return make_float2(__uint_as_float(b << 16), __uint_as_float(b & 0xffff0000u));
 }
 
-// delta[h·N + row] = Σ_c dO[row, h·64 + c] · O[row, h·64 + c] (bf16 O; dO fp32 or bf16), and
+// The 64-column groups of a head HD wide: lane l takes columns 64·g + 2l and the one after of
+// each group g, where they lie inside the head (at 80, lanes 0..7 take a second pair).
+template <int HD>
+struct V3Groups {
+    static constexpr int G = (HD + 63) / 64;
+    static __device__ __forceinline__ bool has(int g, int lane) { return 64 * g + 2 * lane < HD; }
+};
+
+// A lane's share of rowsum(dO ⊙ O) over its column pairs d[g], o[g] (V3Groups<HD>): the first
+// pair as fmaf(d.y, o.y, d.x·o.x) (at 64 the only one), each further pair added x then y.
+template <int HD>
+__device__ __forceinline__ float v3_lane_dot(const float2 d[], const float2 o[]) {
+    float v = fmaf(d[0].y, o[0].y, d[0].x * o[0].x);
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int g = 1; g < V3Groups<HD>::G; ++g)
+        if (V3Groups<HD>::has(g, lane)) v = fmaf(d[g].y, o[g].y, fmaf(d[g].x, o[g].x, v));
+    return v;
+}
+
+// delta[h·N + row] = Σ_c dO[row, h·HD + c] · O[row, h·HD + c] (bf16 O; dO fp32 or bf16), and
 // with d_out_bf16 != nullptr, d_out_bf16 = bf16(dO). A warp takes V3_DELTA_PAIRS consecutive
 // (row, head) pairs (8 warps per block) and loads all of them before it reduces any: with one
 // pair a warp had 256 bytes in flight, too few to cover memory latency (1.8 TB/s on an H200).
-// Each lane takes two adjacent columns of each pair; the sum per pair is the same as before.
+// Each lane takes two adjacent columns of each 64-column group of each pair (v3_lane_dot).
 #define V3_DELTA_PAIRS 4
-template <typename D>
+template <int HD, typename D>
 __device__ __forceinline__ void v3_delta(const bf16* __restrict__ out, const D* __restrict__ d_out,
                                          float* __restrict__ delta, bf16* __restrict__ d_out_bf16, int width,
                                          int total) {
-    const int heads = width / V3_HD;
+    using Gr = V3Groups<HD>;
+    const int heads = width / HD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long pairs = (long long)total * heads;
     const long long p0 = ((long long)blockIdx.x * (blockDim.x >> 5) + warp) * V3_DELTA_PAIRS;
@@ -464,21 +518,30 @@ __device__ __forceinline__ void v3_delta(const bf16* __restrict__ out, const D* 
             }
         }
     }
-    float2 d[V3_DELTA_PAIRS], o[V3_DELTA_PAIRS];
+    float2 d[V3_DELTA_PAIRS][Gr::G], o[V3_DELTA_PAIRS][Gr::G];
 #pragma unroll
     for (int j = 0; j < V3_DELTA_PAIRS; ++j) {
         if (p0 + j >= pairs) continue;
-        const size_t at = (size_t)rows[j] * width + hs[j] * V3_HD + 2 * lane;
-        d[j] = v3_load_pair(d_out + at);
-        o[j] = v3_load_pair(out + at);
+        const size_t at = (size_t)rows[j] * width + hs[j] * HD + 2 * lane;
+#pragma unroll
+        for (int g = 0; g < Gr::G; ++g) {
+            if (!Gr::has(g, lane)) continue;
+            d[j][g] = v3_load_pair(d_out + at + 64 * g);
+            o[j][g] = v3_load_pair(out + at + 64 * g);
+        }
     }
 #pragma unroll
     for (int j = 0; j < V3_DELTA_PAIRS; ++j) {
         if (p0 + j >= pairs) continue;  // warp-uniform
         const int row = rows[j], h = hs[j];
-        const size_t at = (size_t)row * width + h * V3_HD + 2 * lane;
-        if (d_out_bf16) prm_store_vec(d_out_bf16 + at, prm_pack_bf16x2(d[j].x, d[j].y));
-        const float v = prm_warp_sum(fmaf(d[j].y, o[j].y, d[j].x * o[j].x));
+        const size_t at = (size_t)row * width + h * HD + 2 * lane;
+        if (d_out_bf16) {
+#pragma unroll
+            for (int g = 0; g < Gr::G; ++g)
+                if (Gr::has(g, lane))
+                    prm_store_vec(d_out_bf16 + at + 64 * g, prm_pack_bf16x2(d[j][g].x, d[j][g].y));
+        }
+        const float v = prm_warp_sum(v3_lane_dot<HD>(d[j], o[j]));
         if (lane == 0) delta[(size_t)h * total + row] = v;
     }
 }
@@ -487,7 +550,7 @@ __device__ __forceinline__ void v3_delta(const bf16* __restrict__ out, const D* 
 extern "C" __global__ void prm_attention_delta_tc3(const bf16* __restrict__ out, const float* __restrict__ d_out,
                                                    float* __restrict__ delta, bf16* __restrict__ d_out_bf16,
                                                    int width, int total) {
-    v3_delta(out, d_out, delta, d_out_bf16, width, total);
+    v3_delta<V3_HD>(out, d_out, delta, d_out_bf16, width, total);
 }
 PRM_REGISTER_KERNEL(prm_attention_delta_tc3);
 
@@ -495,7 +558,7 @@ PRM_REGISTER_KERNEL(prm_attention_delta_tc3);
 // does): delta only, the same arithmetic on the widened values.
 extern "C" __global__ void prm_attention_delta_bf16_tc3(const bf16* __restrict__ out, const bf16* __restrict__ d_out,
                                                         float* __restrict__ delta, int width, int total) {
-    v3_delta(out, d_out, delta, (bf16*)nullptr, width, total);
+    v3_delta<V3_HD>(out, d_out, delta, (bf16*)nullptr, width, total);
 }
 PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3);
 
@@ -510,21 +573,28 @@ PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3);
 // nothing and are skipped), then every lane gets each row's sum; lane 0 writes it for dK/dV,
 // and each lane keeps its own two rows' in row_delta. (Loaded here, after the first tile wait,
 // not before it: held across it, the 16 registers spilled on sm_80.)
+template <int HD = V3_HD>
 __device__ __forceinline__ void v3_block_delta(const bf16* __restrict__ out, float* __restrict__ delta,
                                                const bf16* sDb, int b0, int T, int row0, int h, int width,
                                                int total, float row_delta[2]) {
+    using Gr = V3Groups<HD>;
     const int lane = threadIdx.x & 31;
-    float2 o[16];
+    float2 o[16][Gr::G];
 #pragma unroll
     for (int r = 0; r < 16; ++r) {
-        const size_t at = (size_t)(row0 + b0 + r) * width + h * V3_HD + 2 * lane;
-        o[r] = b0 + r < T ? v3_load_pair(out + at) : make_float2(0.0f, 0.0f);
+        const size_t at = (size_t)(row0 + b0 + r) * width + h * HD + 2 * lane;
+#pragma unroll
+        for (int g = 0; g < Gr::G; ++g)
+            if (Gr::has(g, lane)) o[r][g] = b0 + r < T ? v3_load_pair(out + at + 64 * g) : make_float2(0.0f, 0.0f);
     }
 #pragma unroll
     for (int r = 0; r < 16; ++r) {
         if (b0 + r < T) {  // warp-uniform
-            const float2 d = v3_load_pair(sDb + r * V3_LD + 2 * lane);
-            const float v = prm_warp_sum(fmaf(d.y, o[r].y, d.x * o[r].x));
+            float2 d[Gr::G];
+#pragma unroll
+            for (int g = 0; g < Gr::G; ++g)
+                if (Gr::has(g, lane)) d[g] = v3_load_pair(sDb + r * V3Tile<HD>::LD + 64 * g + 2 * lane);
+            const float v = prm_warp_sum(v3_lane_dot<HD>(d, o[r]));
             if (lane == 0) delta[(size_t)h * total + row0 + b0 + r] = v;
             if (r == (lane >> 2)) row_delta[0] = v;
             if (r == (lane >> 2) + 8) row_delta[1] = v;
@@ -532,16 +602,18 @@ __device__ __forceinline__ void v3_block_delta(const bf16* __restrict__ out, flo
     }
 }
 
-template <bool WITH_DELTA>
+template <bool WITH_DELTA, int HD = V3_HD>
 __device__ __forceinline__ void v3_bwd_dq(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
                                           const float* __restrict__ lse, float* __restrict__ delta,
                                           const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width,
                                           int total, int causal, int straight, const bf16* __restrict__ out,
                                           bf16* smem) {
+    using H = PrmAttHead<HD>;
+    constexpr int ELEMS = V3Tile<HD>::ELEMS, LD = V3Tile<HD>::LD;
     bf16* sQ = smem;
-    bf16* sD = smem + V3_TILE_ELEMS;
-    bf16* sK = smem + 2 * V3_TILE_ELEMS;  // two stages
-    bf16* sV = smem + 4 * V3_TILE_ELEMS;  // two stages
+    bf16* sD = smem + ELEMS;
+    bf16* sK = smem + 2 * ELEMS;  // two stages
+    bf16* sV = smem + 4 * ELEMS;  // two stages
     const int seq = blockIdx.z, h = blockIdx.y;
     const int row0 = cu_seqlens[seq];
     const int T = cu_seqlens[seq + 1] - row0;
@@ -550,19 +622,19 @@ __device__ __forceinline__ void v3_bwd_dq(const bf16* __restrict__ qkv, const bf
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const size_t ld = 3 * (size_t)width;
     const bf16* base = qkv + (size_t)row0 * ld;
-    const bf16* gq = base + h * V3_HD;
-    const bf16* gk = base + width + h * V3_HD;
-    const bf16* gv = base + 2 * width + h * V3_HD;
+    const bf16* gq = base + h * HD;
+    const bf16* gk = base + width + h * HD;
+    const bf16* gv = base + 2 * width + h * HD;
     const int wq0 = q0 + warp * 16;
     const bool active = wq0 < T;
     const int rows[2] = {wq0 + (lane >> 2), wq0 + (lane >> 2) + 8};
     const int kend = causal ? min(T, q0 + V3_TILE) : T;
     const int ntiles = (kend + V3_TILE - 1) / V3_TILE;
 
-    v3_load_tile(sQ, gq, ld, q0, T);
-    v3_load_tile(sD, d_out + (size_t)row0 * width + h * V3_HD, width, q0, T);
-    v3_load_tile(sK, gk, ld, 0, T);
-    v3_load_tile(sV, gv, ld, 0, T);
+    v3_load_tile<HD>(sQ, gq, ld, q0, T);
+    v3_load_tile<HD>(sD, d_out + (size_t)row0 * width + h * HD, width, q0, T);
+    v3_load_tile<HD>(sK, gk, ld, 0, T);
+    v3_load_tile<HD>(sV, gv, ld, 0, T);
     prm_cp_async_commit();
 
     float lse2[2], row_delta[2];  // lse in log2 units
@@ -572,13 +644,13 @@ __device__ __forceinline__ void v3_bwd_dq(const bf16* __restrict__ qkv, const bf
         lse2[r] = ok ? lse[(size_t)h * total + row0 + rows[r]] * PRM_ATT_LOG2E : 0.0f;
         row_delta[r] = (!WITH_DELTA && ok) ? delta[(size_t)h * total + row0 + rows[r]] : 0.0f;
     }
-    float dq[8][4];
-    prm_att_zero<8>(dq);
+    float dq[H::NT][4];
+    prm_att_zero<H::NT>(dq);
     for (int kt = 0; kt < ntiles; ++kt) {
         const int k0 = kt * V3_TILE, stage = kt & 1;
         if (kt + 1 < ntiles) {
-            v3_load_tile(sK + (stage ^ 1) * V3_TILE_ELEMS, gk, ld, k0 + V3_TILE, T);
-            v3_load_tile(sV + (stage ^ 1) * V3_TILE_ELEMS, gv, ld, k0 + V3_TILE, T);
+            v3_load_tile<HD>(sK + (stage ^ 1) * ELEMS, gk, ld, k0 + V3_TILE, T);
+            v3_load_tile<HD>(sV + (stage ^ 1) * ELEMS, gv, ld, k0 + V3_TILE, T);
             prm_cp_async_commit();
             prm_cp_async_wait<1>();
         } else {
@@ -586,12 +658,12 @@ __device__ __forceinline__ void v3_bwd_dq(const bf16* __restrict__ qkv, const bf
         }
         __syncthreads();
         if (WITH_DELTA && active && kt == 0)
-            v3_block_delta(out, delta, sD + warp * 16 * V3_LD, wq0, T, row0, h, width, total, row_delta);
+            v3_block_delta<HD>(out, delta, sD + warp * 16 * LD, wq0, T, row0, h, width, total, row_delta);
         if (active) {
             int kvalid = min(V3_TILE, kend - k0);
             if (causal) kvalid = min(kvalid, wq0 + 16 - k0);
-            const bf16* tk = sK + stage * V3_TILE_ELEMS;
-            const bf16* tv = sV + stage * V3_TILE_ELEMS;
+            const bf16* tk = sK + stage * ELEMS;
+            const bf16* tv = sV + stage * ELEMS;
             // FULL: a whole tile, all 16 rows below T, nothing masked: straight-line code.
             auto tile = [&](auto full) {
                 constexpr bool FULL = decltype(full)::value;
@@ -605,10 +677,10 @@ __device__ __forceinline__ void v3_bwd_dq(const bf16* __restrict__ qkv, const bf
                     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
                         for (int i = 0; i < 4; ++i) s[nt][i] = dp[nt][i] = 0.0f;
-                    v3_mma_abt_half<FULL>(s, sQ, warp * 16, tk, half, kvalid);   // S = Q·Kᵀ
-                    v3_mma_abt_half<FULL>(dp, sD, warp * 16, tv, half, kvalid);  // dP = dO·Vᵀ
-                    prm_att_dq_ds<FULL>(s, dp, half, kvalid, causal, k0, rows, T, lse2, row_delta);
-                    v3_mma_pb_half<FULL>(dq, s, tk, half, kvalid);  // dQ += dS·K
+                    v3_mma_abt_half<FULL, HD>(s, sQ, warp * 16, tk, half, kvalid);   // S = Q·Kᵀ
+                    v3_mma_abt_half<FULL, HD>(dp, sD, warp * 16, tv, half, kvalid);  // dP = dO·Vᵀ
+                    prm_att_dq_ds<FULL, HD>(s, dp, half, kvalid, causal, k0, rows, T, lse2, row_delta);
+                    v3_mma_pb_half<FULL, HD>(dq, s, tk, half, kvalid);  // dQ += dS·K
                 }
             };
             if (straight && kvalid == V3_TILE && !causal && wq0 + 16 <= T) {
@@ -621,7 +693,7 @@ __device__ __forceinline__ void v3_bwd_dq(const bf16* __restrict__ qkv, const bf
     }
     if (!active) return;
     const float one[2] = {1.0f, 1.0f};
-    prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, h * V3_HD, rows, T, dq, one);
+    prm_att_store_bf16<H::NS>(d_qkv + (size_t)row0 * ld, ld, h * HD, rows, T, dq, one);
 }
 
 // dQ after the delta kernel (delta read).
@@ -647,17 +719,28 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 }
 PRM_REGISTER_KERNEL(prm_attention_bwd_dq_delta_tc3);
 
-extern "C" __global__ void __launch_bounds__(128, 4)
-    prm_attention_bwd_dkdv_tc3(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
-                               const float* __restrict__ lse, const float* __restrict__ delta,
-                               const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width, int total,
-                               int causal, int straight) {
-    PRM_DYNAMIC_SHARED(bf16, smem);
+// What a dK/dV kernel forms: both (one pass), or dV or dK alone (heads wider than 96, whose two
+// 16×KP accumulators a warp would spill registers: two kernels, each running the one-pass
+// kernel's operations for its half in the same order, at the price of forming Pᵀ twice).
+#define V3_DKDV 0
+#define V3_DV 1
+#define V3_DK 2
+
+// The dK/dV kernel's body for heads HD wide.
+template <int HD, int PART>
+__device__ __forceinline__ void v3_bwd_dkdv(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
+                                            const float* __restrict__ lse, const float* __restrict__ delta,
+                                            const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width,
+                                            int total, int causal, int straight) {
+    PRM_DYNAMIC_SHARED_IN_TEMPLATE(bf16, smem);
+    using H = PrmAttHead<HD>;
+    constexpr int ELEMS = V3Tile<HD>::ELEMS;
+    constexpr bool WANT_DV = PART != V3_DK, WANT_DK = PART != V3_DV;
     bf16* sK = smem;
-    bf16* sV = smem + V3_TILE_ELEMS;
-    bf16* sQ = smem + 2 * V3_TILE_ELEMS;  // two stages
-    bf16* sD = smem + 4 * V3_TILE_ELEMS;  // two stages
-    float* sLse = reinterpret_cast<float*>(smem + 6 * V3_TILE_ELEMS);  // two stages of 64, log2 units
+    bf16* sV = smem + ELEMS;
+    bf16* sQ = smem + 2 * ELEMS;  // two stages
+    bf16* sD = smem + 4 * ELEMS;  // two stages
+    float* sLse = reinterpret_cast<float*>(smem + 6 * ELEMS);  // two stages of 64, log2 units
     float* sDelta = sLse + 2 * V3_TILE;                                 // two stages of 64
     const int seq = blockIdx.z, h = blockIdx.y;
     const int row0 = cu_seqlens[seq];
@@ -667,8 +750,8 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const size_t ld = 3 * (size_t)width;
     const bf16* base = qkv + (size_t)row0 * ld;
-    const bf16* gq = base + h * V3_HD;
-    const bf16* gd = d_out + (size_t)row0 * width + h * V3_HD;
+    const bf16* gq = base + h * HD;
+    const bf16* gd = d_out + (size_t)row0 * width + h * HD;
     const int wk0 = k0 + warp * 16;
     const bool active = wk0 < T;
     const int keys[2] = {wk0 + (lane >> 2), wk0 + (lane >> 2) + 8};
@@ -687,21 +770,22 @@ extern "C" __global__ void __launch_bounds__(128, 4)
         }
     };
 
-    v3_load_tile(sK, base + width + h * V3_HD, ld, k0, T);
-    v3_load_tile(sV, base + 2 * width + h * V3_HD, ld, k0, T);
-    v3_load_tile(sQ, gq, ld, qstart, T);
-    v3_load_tile(sD, gd, width, qstart, T);
+    v3_load_tile<HD>(sK, base + width + h * HD, ld, k0, T);
+    if (WANT_DK) v3_load_tile<HD>(sV, base + 2 * width + h * HD, ld, k0, T);  // dPᵀ = V·dOᵀ is dK's
+    v3_load_tile<HD>(sQ, gq, ld, qstart, T);
+    v3_load_tile<HD>(sD, gd, width, qstart, T);
     prm_cp_async_commit();
     load_stats(0, qstart);
 
-    float dk[8][4], dv[8][4];
-    prm_att_zero<8>(dk);
-    prm_att_zero<8>(dv);
+    // One accumulator a part: the one-pass kernel holds both, a split kernel only its own.
+    float dk[WANT_DK ? H::NT : 1][4], dv[WANT_DV ? H::NT : 1][4];
+    prm_att_zero<WANT_DK ? H::NT : 1>(dk);
+    prm_att_zero<WANT_DV ? H::NT : 1>(dv);
     for (int it = 0; it < ntiles; ++it) {
         const int q0 = qstart + it * V3_TILE, stage = it & 1;
         if (it + 1 < ntiles) {
-            v3_load_tile(sQ + (stage ^ 1) * V3_TILE_ELEMS, gq, ld, q0 + V3_TILE, T);
-            v3_load_tile(sD + (stage ^ 1) * V3_TILE_ELEMS, gd, width, q0 + V3_TILE, T);
+            v3_load_tile<HD>(sQ + (stage ^ 1) * ELEMS, gq, ld, q0 + V3_TILE, T);
+            v3_load_tile<HD>(sD + (stage ^ 1) * ELEMS, gd, width, q0 + V3_TILE, T);
             prm_cp_async_commit();
             load_stats(stage ^ 1, q0 + V3_TILE);
             prm_cp_async_wait<1>();
@@ -711,8 +795,8 @@ extern "C" __global__ void __launch_bounds__(128, 4)
         __syncthreads();
         if (active) {
             const int qvalid = min(V3_TILE, T - q0);
-            const bf16* tq = sQ + stage * V3_TILE_ELEMS;
-            const bf16* td = sD + stage * V3_TILE_ELEMS;
+            const bf16* tq = sQ + stage * ELEMS;
+            const bf16* td = sD + stage * ELEMS;
             const float* tl = sLse + stage * V3_TILE;
             const float* tdel = sDelta + stage * V3_TILE;
             // FULL: a whole tile, all 16 keys below T, nothing masked: straight-line code.
@@ -731,21 +815,26 @@ extern "C" __global__ void __launch_bounds__(128, 4)
                         for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
                             for (int i = 0; i < 4; ++i) st[nt][i] = 0.0f;
-                        v3_mma_abt_half<FULL>(st, sK, warp * 16, tq, half, qvalid);  // Sᵀ = K·Qᵀ
-                        prm_att_dkdv_pt<FULL>(pb, st, half, qvalid, causal, q0, keys, T, tl);
+                        v3_mma_abt_half<FULL, HD>(st, sK, warp * 16, tq, half, qvalid);  // Sᵀ = K·Qᵀ
+                        prm_att_dkdv_pt<FULL, HD>(pb, st, half, qvalid, causal, q0, keys, T, tl);
                     }
                     // dV += Pᵀ·dO
+                    if constexpr (WANT_DV) {
 #pragma unroll
-                    for (int j = 0; j < 2; ++j)
-                        if (FULL || (half * 2 + j) * 16 < qvalid) v3_mma_ab_step(dv, pb[j], td, half * 2 + j);
-                    float dpt[4][4];
+                        for (int j = 0; j < 2; ++j)
+                            if (FULL || (half * 2 + j) * 16 < qvalid)
+                                v3_mma_ab_step<HD>(dv, pb[j], td, half * 2 + j);
+                    }
+                    if constexpr (WANT_DK) {
+                        float dpt[4][4];
 #pragma unroll
-                    for (int nt = 0; nt < 4; ++nt)
+                        for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-                        for (int i = 0; i < 4; ++i) dpt[nt][i] = 0.0f;
-                    v3_mma_abt_half<FULL>(dpt, sV, warp * 16, td, half, qvalid);  // dPᵀ = V·dOᵀ
-                    prm_att_dkdv_dst(dpt, pb, half, tdel);
-                    v3_mma_pb_half<FULL>(dk, dpt, tq, half, qvalid);  // dK += dSᵀ·Q
+                            for (int i = 0; i < 4; ++i) dpt[nt][i] = 0.0f;
+                        v3_mma_abt_half<FULL, HD>(dpt, sV, warp * 16, td, half, qvalid);  // dPᵀ = V·dOᵀ
+                        prm_att_dkdv_dst<HD>(dpt, pb, half, tdel);
+                        v3_mma_pb_half<FULL, HD>(dk, dpt, tq, half, qvalid);  // dK += dSᵀ·Q
+                    }
                 }
             };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -763,8 +852,17 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     }
     if (!active) return;
     const float one[2] = {1.0f, 1.0f};
-    prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, width + h * V3_HD, keys, T, dk, one);
-    prm_att_store_bf16(d_qkv + (size_t)row0 * ld, ld, 2 * width + h * V3_HD, keys, T, dv, one);
+    if constexpr (WANT_DK) prm_att_store_bf16<H::NS>(d_qkv + (size_t)row0 * ld, ld, width + h * HD, keys, T, dk, one);
+    if constexpr (WANT_DV)
+        prm_att_store_bf16<H::NS>(d_qkv + (size_t)row0 * ld, ld, 2 * width + h * HD, keys, T, dv, one);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 4)
+    prm_attention_bwd_dkdv_tc3(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out,
+                               const float* __restrict__ lse, const float* __restrict__ delta,
+                               const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width, int total,
+                               int causal, int straight) {
+    v3_bwd_dkdv<V3_HD, V3_DKDV>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal, straight);
 }
 PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc3);
 
@@ -1102,3 +1200,81 @@ extern "C" __global__ void __launch_bounds__(128, 2)
     }
 }
 PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc3_pairs);
+
+// ---------------------------------------------------------------------------------------------
+// Heads other than 64 wide: every multiple of 8 from 72 to 128 (open_clip's ViT-H/14 has 80,
+// ViT-g/14 88, ViT-bigG/14 104), the kernels above instantiated for HD, their names suffixed
+// _hd<HD>: the forward, both delta kernels, dQ (with and without delta) and dK/dV, as one kernel
+// up to 96 and as dV then dK above (each one 16×KP accumulator a warp). The paired kernels and
+// v4 stay 64-only. Tiles are 64 rows of KP + 8 elements, so shared memory grows with the head
+// dim (tc3.rs sizes it); __launch_bounds__(128, 2) lets a thread hold the wider accumulators.
+// ---------------------------------------------------------------------------------------------
+#define PRM_V3_COMMON(HD)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128, 2) prm_attention_forward_tc3_hd##HD(                            \
+        const bf16* __restrict__ qkv, const int* __restrict__ cu_seqlens, bf16* __restrict__ out,                      \
+        float* __restrict__ lse, int width, int total, int mode, int causal, int straight) {                           \
+        v3_forward<HD>(qkv, cu_seqlens, out, lse, width, total, mode, causal, straight);                               \
+    }                                                                                                                  \
+    extern "C" __global__ void prm_attention_delta_tc3_hd##HD(const bf16* __restrict__ out,                           \
+                                                             const float* __restrict__ d_out,                         \
+                                                             float* __restrict__ delta, bf16* __restrict__ d_out_bf16, \
+                                                             int width, int total) {                                  \
+        v3_delta<HD>(out, d_out, delta, d_out_bf16, width, total);                                                     \
+    }                                                                                                                  \
+    extern "C" __global__ void prm_attention_delta_bf16_tc3_hd##HD(                                                    \
+        const bf16* __restrict__ out, const bf16* __restrict__ d_out, float* __restrict__ delta, int width,            \
+        int total) {                                                                                                   \
+        v3_delta<HD>(out, d_out, delta, (bf16*)nullptr, width, total);                                                 \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128, 2) prm_attention_bwd_dq_tc3_hd##HD(                             \
+        const bf16* __restrict__ qkv, const bf16* __restrict__ d_out, const float* __restrict__ lse,                   \
+        const float* __restrict__ delta, const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width,      \
+        int total, int causal, int straight) {                                                                         \
+        PRM_DYNAMIC_SHARED(bf16, smem);                                                                                \
+        v3_bwd_dq<false, HD>(qkv, d_out, lse, const_cast<float*>(delta), cu_seqlens, d_qkv, width, total, causal,      \
+                             straight, nullptr, smem);                                                                 \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128, 2) prm_attention_bwd_dq_delta_tc3_hd##HD(                       \
+        const bf16* __restrict__ qkv, const bf16* __restrict__ d_out, const float* __restrict__ lse,                   \
+        float* __restrict__ delta, const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv, int width,            \
+        int total, int causal, int straight, const bf16* __restrict__ out) {                                           \
+        PRM_DYNAMIC_SHARED(bf16, smem);                                                                                \
+        v3_bwd_dq<true, HD>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal, straight, out, smem);     \
+    }
+
+// A dK/dV entry point: NAME runs v3_bwd_dkdv<HD, PART>.
+#define PRM_V3_DKDV(NAME, HD, PART)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128, 2)                                                               \
+        NAME(const bf16* __restrict__ qkv, const bf16* __restrict__ d_out, const float* __restrict__ lse,              \
+             const float* __restrict__ delta, const int* __restrict__ cu_seqlens, bf16* __restrict__ d_qkv,            \
+             int width, int total, int causal, int straight) {                                                         \
+        v3_bwd_dkdv<HD, PART>(qkv, d_out, lse, delta, cu_seqlens, d_qkv, width, total, causal, straight);              \
+    }
+
+#define PRM_V3_KERNELS(HD)                                                                                            \
+    PRM_V3_COMMON(HD)                                                                                                  \
+    PRM_V3_DKDV(prm_attention_bwd_dkdv_tc3_hd##HD, HD, V3_DKDV)
+
+#define PRM_V3_KERNELS_SPLIT(HD)                                                                                      \
+    PRM_V3_COMMON(HD)                                                                                                  \
+    PRM_V3_DKDV(prm_attention_bwd_dv_tc3_hd##HD, HD, V3_DV)                                                            \
+    PRM_V3_DKDV(prm_attention_bwd_dk_tc3_hd##HD, HD, V3_DK)
+
+PRM_V3_KERNELS(72)
+PRM_V3_KERNELS(80)
+PRM_V3_KERNELS(88)
+PRM_V3_KERNELS(96)
+PRM_V3_KERNELS_SPLIT(104)
+PRM_V3_KERNELS_SPLIT(112)
+PRM_V3_KERNELS_SPLIT(120)
+PRM_V3_KERNELS_SPLIT(128)
+
+// One line per head dim (build/sim.rs reads every PRM_REGISTER_KERNEL on such a line).
+PRM_REGISTER_KERNEL(prm_attention_forward_tc3_hd72); PRM_REGISTER_KERNEL(prm_attention_delta_tc3_hd72); PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3_hd72); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc3_hd72); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_delta_tc3_hd72); PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc3_hd72);
+PRM_REGISTER_KERNEL(prm_attention_forward_tc3_hd80); PRM_REGISTER_KERNEL(prm_attention_delta_tc3_hd80); PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3_hd80); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc3_hd80); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_delta_tc3_hd80); PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc3_hd80);
+PRM_REGISTER_KERNEL(prm_attention_forward_tc3_hd88); PRM_REGISTER_KERNEL(prm_attention_delta_tc3_hd88); PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3_hd88); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc3_hd88); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_delta_tc3_hd88); PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc3_hd88);
+PRM_REGISTER_KERNEL(prm_attention_forward_tc3_hd96); PRM_REGISTER_KERNEL(prm_attention_delta_tc3_hd96); PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3_hd96); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc3_hd96); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_delta_tc3_hd96); PRM_REGISTER_KERNEL(prm_attention_bwd_dkdv_tc3_hd96);
+PRM_REGISTER_KERNEL(prm_attention_forward_tc3_hd104); PRM_REGISTER_KERNEL(prm_attention_delta_tc3_hd104); PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3_hd104); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc3_hd104); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_delta_tc3_hd104); PRM_REGISTER_KERNEL(prm_attention_bwd_dv_tc3_hd104); PRM_REGISTER_KERNEL(prm_attention_bwd_dk_tc3_hd104);
+PRM_REGISTER_KERNEL(prm_attention_forward_tc3_hd112); PRM_REGISTER_KERNEL(prm_attention_delta_tc3_hd112); PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3_hd112); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc3_hd112); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_delta_tc3_hd112); PRM_REGISTER_KERNEL(prm_attention_bwd_dv_tc3_hd112); PRM_REGISTER_KERNEL(prm_attention_bwd_dk_tc3_hd112);
+PRM_REGISTER_KERNEL(prm_attention_forward_tc3_hd120); PRM_REGISTER_KERNEL(prm_attention_delta_tc3_hd120); PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3_hd120); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc3_hd120); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_delta_tc3_hd120); PRM_REGISTER_KERNEL(prm_attention_bwd_dv_tc3_hd120); PRM_REGISTER_KERNEL(prm_attention_bwd_dk_tc3_hd120);
+PRM_REGISTER_KERNEL(prm_attention_forward_tc3_hd128); PRM_REGISTER_KERNEL(prm_attention_delta_tc3_hd128); PRM_REGISTER_KERNEL(prm_attention_delta_bf16_tc3_hd128); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_tc3_hd128); PRM_REGISTER_KERNEL(prm_attention_bwd_dq_delta_tc3_hd128); PRM_REGISTER_KERNEL(prm_attention_bwd_dv_tc3_hd128); PRM_REGISTER_KERNEL(prm_attention_bwd_dk_tc3_hd128);

@@ -9,6 +9,7 @@
 //                                      with the simulator (expands to nothing under nvcc)
 //   PRM_SHARED_ARRAY(type, name, n)    a static __shared__ array of n elements
 //   PRM_DYNAMIC_SHARED(type, name)     the dynamic (extern __shared__) buffer, as `type* name`
+//   PRM_DYNAMIC_SHARED_IN_TEMPLATE(type, name)   the same, inside a function template
 // and device helpers: vector loads and stores (prm_load_vec, prm_store_vec), warp sum and max
 // (prm_warp_sum, prm_warp_max) and the image of a packed token row (prm_image_of_row).
 #pragma once
@@ -19,6 +20,9 @@
 #define PRM_REGISTER_KERNEL(fn)
 #define PRM_SHARED_ARRAY(type, name, n) __shared__ type name[n]
 #define PRM_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) unsigned char prm_dynamic_smem_[]; type* name = reinterpret_cast<type*>(prm_dynamic_smem_)
+// The same buffer from inside a function template, under its own name: nvcc warns (#1556) when
+// one extern __shared__ name is declared both in templates and in plain functions of a file.
+#define PRM_DYNAMIC_SHARED_IN_TEMPLATE(type, name) extern __shared__ __align__(16) unsigned char prm_dynamic_smem_tpl_[]; type* name = reinterpret_cast<type*>(prm_dynamic_smem_tpl_)
 #else
 #include "sim/sim.h"
 #endif

@@ -17,7 +17,9 @@
 #   A/B    prm bf16 with attention pinned (v3; v4 split 1, 2, and paired query blocks), with graphs
 #          off, with attention v2, with staging off (bench and attack row), at batch 32 and
 #          128 (where --batch-size auto's cap should be), at batch 1 with graphs on and off
-#   L/14   prm bf16, ViT-L/14 at 224 px (257 tokens), batch 32: the table's last row
+#   L/14   prm bf16, ViT-L/14 at 224 px (257 tokens), batch 32
+#   H/14   prm bf16 (attention v3, and v2), open_clip's ViT-H/14 shape at 224 px (heads 80 wide),
+#          batch 16, beside torch eager bf16: the table's last rows
 #   attack 480 images through `prm attack --profile` on cuda:0, again with PRM_NO_STAGING=1
 #          (and cuda:all with several GPUs)
 #   eval   `prm eval` of those images on cuda:0: maskclip with 150 classes (and with
@@ -136,10 +138,12 @@ run prm-pgd-bf16-invariant env PRM_BATCH_INVARIANT=1 $B --precision bf16 --batch
 run prm-pgd-bf16-b1-invariant env PRM_BATCH_INVARIANT=1 $B --precision bf16 --batch-size 1 --steps 10 --repeats 5 --no-ceiling
 # ViT-L/14 at 224 px: 257 tokens, v4's since 2026-12-05 (its auto lines say whether it pays).
 run prm-pgd-bf16-vit-l-14 $PRM bench --device cuda --json --model random:vit-l-14 --precision bf16 --batch-size 32 --steps 10 --repeats 2 --no-ceiling
-# open_clip's ViT-H/14 shape (16 heads of 80: attention v2 on tensor cores with fp32 q|k|v,
-# bf16 products; 2026-12-06, not yet run on a GPU) beside torch eager bf16 + SDPA.
+# open_clip's ViT-H/14 shape (16 heads of 80; 2026-12-06, not yet run on a GPU) beside torch
+# eager bf16 + SDPA: attention v3 with bf16 q|k|v (the default since the evening of 2026-12-06),
+# and v2 with fp32 q|k|v (the default before) for the A/B.
 run prm-pgd-bf16-vit-h-14 $PRM bench --device cuda --json --model random:vit-h-14 --precision bf16 --batch-size 16 --steps 10 --repeats 2 --no-ceiling
 run torch-pgd-eager-bf16-vit-h-14 $PY tools/torch_prm.py --mode eager-bf16 --arch vit-h-14 --batch-size 16 --steps 10 --repeats 2
+run prm-pgd-bf16-vit-h-14-attn-v2 env PRM_ATTENTION=v2 $PRM bench --device cuda --json --model random:vit-h-14 --precision bf16 --batch-size 16 --steps 10 --repeats 2 --no-ceiling
 
 $PY - "$OUT" "$BATCH" "$PAPER_BATCH" <<'PYEOF'
 import json, os, sys
@@ -175,6 +179,7 @@ rows = [
     ("pgd L/14", "prm bf16 b32", "prm-pgd-bf16-vit-l-14"),
     ("pgd H/14", "prm bf16 b16", "prm-pgd-bf16-vit-h-14"),
     ("pgd H/14", "torch eager bf16 b16", "torch-pgd-eager-bf16-vit-h-14"),
+    ("pgd H/14", "prm bf16 b16 attention v2", "prm-pgd-bf16-vit-h-14-attn-v2"),
 ]
 dev = next((r["device"] for _, _, n in rows if (r := get(n))), "?")
 print(f"device: {dev}")
@@ -207,7 +212,8 @@ print(f"pgd   graphs on / off (batch {batch})      {ratio('prm-pgd-bf16', 'prm-p
 print(f"pgd   graphs on / off (batch 1)        {ratio('prm-pgd-bf16-b1', 'prm-pgd-bf16-b1-nographs'):6.2f}x")
 print(f"pgd   batch 32 / 64, 128 / 64          {ratio('prm-pgd-bf16-b32', 'prm-pgd-bf16'):6.2f}x {ratio('prm-pgd-bf16-b128', 'prm-pgd-bf16'):6.2f}x")
 print(f"pgd   attention auto / v3              {ratio('prm-pgd-bf16', 'prm-pgd-bf16-attn-v3'):6.2f}x")
-print(f"pgd   H/14 prm bf16 / torch eager bf16 {ratio('prm-pgd-bf16-vit-h-14', 'torch-pgd-eager-bf16-vit-h-14'):6.2f}x (attention v2)")
+print(f"pgd   H/14 prm bf16 / torch eager bf16 {ratio('prm-pgd-bf16-vit-h-14', 'torch-pgd-eager-bf16-vit-h-14'):6.2f}x (attention v3)")
+print(f"pgd   H/14 attention v3 / v2           {ratio('prm-pgd-bf16-vit-h-14', 'prm-pgd-bf16-vit-h-14-attn-v2'):6.2f}x")
 print(f"pgd   attention v4 / v3                {ratio('prm-pgd-bf16-attn-v4', 'prm-pgd-bf16-attn-v3'):6.2f}x")
 print(f"pgd   v4 split 2 / split 1             {ratio('prm-pgd-bf16-attn-v4-split2', 'prm-pgd-bf16-attn-v4'):6.2f}x")
 print(f"pgd   v4 pairs / single blocks         {ratio('prm-pgd-bf16-attn-v4-pairs', 'prm-pgd-bf16-attn-v4'):6.2f}x")

@@ -789,12 +789,15 @@ fn an_image_gets_the_same_bits_alone_and_in_a_batch() {
 
 /// Towers whose heads are not 64 wide (open_clip's ViT-H/14 has 16 heads of 80; here two heads
 /// of 80 and four of 32) run on the GPU engine: attention on the SIMT kernels of their head dim
-/// at fp32, on v2 (heads of 80) or the SIMT kernels (32) at bf16. Against the fp32 reference:
+/// at fp32; at bf16 on v3 with bf16 q|k|v (heads of 80; and on v2 with fp32 q|k|v under
+/// `PRM_ATTENTION=v2`) or the SIMT kernels (32). Against the fp32 reference:
 /// the fp32 engine's losses within 1e-5 and gradients within 1e-4 (as for heads of 64); the
 /// bf16 engine's losses within 1e-2 and gradient signs agreeing on 95% of the pixels that matter.
 /// A bf16 PGD attack (graphs on, as by default) gives the same bits twice.
 #[test]
 fn towers_whose_heads_are_not_64_wide_run_on_the_gpu_engine() {
+    use prm::gpu::engine::attention_plan::AttentionSetting;
+    use prm::gpu::kernels::attention::{TcOptions, TensorCoreVersion};
     for (width, heads, seed) in [(160usize, 2usize, 70u64), (128, 4, 71)] {
         let model = small_model(width, heads, 2, 8, 4, Activation::QuickGelu, seed);
         let reference = ReferenceVit::new(&model);
@@ -812,20 +815,36 @@ fn towers_whose_heads_are_not_64_wide_run_on_the_gpu_engine() {
         let want = reference
             .loss_and_gradient(&adv_v, &ref_clean, &obj)
             .unwrap();
+        let hd = width / heads;
+        // The tensor-core kernels (v3 by default on the simulator, v2 when pinned) run heads 80
+        // wide at bf16; none takes 32.
+        let v2 = AttentionSetting::Fixed(TensorCoreVersion::V2, TcOptions::DEFAULT);
+        let runs = [
+            (Precision::Fp32, None),
+            (Precision::Bf16, None),
+            (Precision::Bf16, Some(v2)),
+        ];
         for dev in devices() {
-            for precision in [Precision::Fp32, Precision::Bf16] {
-                let gpu = GpuVit::new_with_precision(&dev, &model, precision).unwrap();
-                let hd = width / heads;
-                // v2 (tensor cores) runs heads 80 wide at bf16; no v2 kernel takes 32.
-                let attention = if hd == 80 && precision == Precision::Bf16 {
-                    "v2, heads 80 wide".to_string()
-                } else {
-                    format!("v1 (SIMT, fp32), heads {hd} wide")
+            for (precision, setting) in runs {
+                if setting.is_some() && hd != 80 {
+                    continue;
+                }
+                let mut gpu = GpuVit::new_with_precision(&dev, &model, precision).unwrap();
+                if let Some(setting) = setting {
+                    gpu.set_attention(setting);
+                }
+                let attention = match (precision, setting) {
+                    (Precision::Bf16, Some(_)) => "v2, heads 80 wide".to_string(),
+                    (Precision::Bf16, None) if hd == 80 => "v3, heads 80 wide".to_string(),
+                    _ => format!("v1 (SIMT, fp32), heads {hd} wide"),
                 };
                 assert_eq!(gpu.attention_in_use(), attention);
                 let gpu_clean = gpu.clean_features(&clean_v).unwrap();
                 let got = gpu.loss_and_gradient(&adv_v, &gpu_clean, &obj).unwrap();
-                let what = format!("{heads} heads of {hd}, {precision:?} on {}", dev.name());
+                let what = format!(
+                    "{heads} heads of {hd}, {attention}, {precision:?} on {}",
+                    dev.name()
+                );
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     let lerr = (g.loss - w.loss).abs() / w.loss.abs().max(1e-6);
                     let gerr = rel_err(&g.gradient, &w.gradient);

@@ -190,11 +190,10 @@ fn run_heads(
     dev.poison(&mut lse).unwrap();
     dev.poison(&mut d_qkv).unwrap();
     dev.poison(&mut delta).unwrap();
-    if kernels == Kernels::TensorCoreV3 {
-        assert_eq!(width, heads * HD, "v3 runs heads of 64");
-    }
     match kernels {
-        Kernels::TensorCoreV3 => return run_v3(dev, qkv, d_out, lens, width, mode, causal),
+        Kernels::TensorCoreV3 => {
+            return run_v3(dev, qkv, d_out, lens, (width, heads), mode, causal)
+        }
         Kernels::Simt => {
             let (o, l) = (&mut out, &mut lse);
             attention_forward_f32(dev, &qkv_b, &cu_b, lens, o, l, width, heads, mode, causal)
@@ -234,12 +233,11 @@ fn run_v3(
     qkv: &[f32],
     d_out: &[f32],
     lens: &[usize],
-    width: usize,
+    (width, heads): (usize, usize),
     mode: AttentionMode,
     causal: bool,
 ) -> Run {
     let n: usize = lens.iter().sum();
-    let heads = width / HD;
     let cu = cu_seqlens(lens);
     let qkv_b = dev.upload(&to_bf16(qkv)).unwrap();
     let dout_b = dev.upload(d_out).unwrap();
@@ -247,9 +245,7 @@ fn run_v3(
     let mut out = dev.alloc::<bf16>(n * width).unwrap();
     let mut lse = dev.alloc::<f32>(heads * n).unwrap();
     let mut d_qkv = dev.alloc::<bf16>(n * 3 * width).unwrap();
-    let mut delta = dev
-        .alloc::<f32>(attention_stats_len(n, width / HD))
-        .unwrap();
+    let mut delta = dev.alloc::<f32>(attention_stats_len(n, heads)).unwrap();
     let mut dout_bf16 = dev.alloc::<bf16>(n * width).unwrap();
     dev.poison(&mut out).unwrap();
     dev.poison(&mut lse).unwrap();
@@ -258,7 +254,7 @@ fn run_v3(
     dev.poison(&mut dout_bf16).unwrap();
     let options = TcOptions::default();
     attention_forward_tc3(
-        dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal, options,
+        dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, heads, mode, causal, options,
     )
     .unwrap();
     let backward = tensor_core_v3_supports(mode, true);
@@ -275,6 +271,7 @@ fn run_v3(
             &mut delta,
             &mut dout_bf16,
             width,
+            heads,
             mode,
             causal,
             options,
@@ -619,6 +616,25 @@ fn v2_at_head_dims_72_to_128() {
     }
 }
 
+/// v3 (tensor cores, bf16 q|k|v, context and d_qkv: the bf16 engine's kernels) at every head
+/// dim it has beyond 64, 72 to 128: those not multiples of 16 padded in its k-steps (the padding
+/// must add exact zeros, and its cp.async zero-fills), 80 (ViT-H/14), and 104 to 128, whose dK
+/// and dV run as two kernels; q·kᵀ with 197, 1 and 50 tokens and causal with 77, 50 and 13,
+/// and the q·qᵀ forward, within the bf16 tolerance of the float64 twin.
+#[test]
+fn v3_at_head_dims_72_to_128() {
+    for hd in (72..=128).step_by(8) {
+        assert!(tensor_core_v3_supports_head_dim(hd));
+        let (shape, seed) = ((2 * hd, 2), 300 + hd as u64);
+        let v3 = Kernels::TensorCoreV3;
+        check_heads(&[197, 1, 50], shape, AttentionMode::QK, false, seed, v3);
+        check_heads(&[77, 50, 13], shape, AttentionMode::QK, true, seed + 1, v3);
+        check_heads(&[50, 13], shape, AttentionMode::QQ, false, seed + 2, v3);
+    }
+    assert!(!tensor_core_v3_supports_head_dim(56));
+    assert!(!tensor_core_v3_supports_head_dim(132));
+}
+
 /// The other modes and the causal mask at head dims not 64 (the float64 twin): ViT-g/14's 88,
 /// ViT-bigG/14's 104, and 128 (the largest shared memory: 74 KB a CTA).
 #[test]
@@ -660,7 +676,8 @@ fn modes_and_causal_at_other_head_dims() {
     }
 }
 
-/// Heads not 64 wide give the same bits twice, v1 and v2 (at 128, v2's dK/dV in two kernels);
+/// Heads not 64 wide give the same bits twice, v1, v2 and v3 (at 128, v2's and v3's dK/dV in two
+/// kernels);
 /// on the simulator the second run is the reverse schedule's, so a race in a new
 /// instantiation's shared-memory carve would show.
 #[test]
@@ -683,6 +700,8 @@ fn other_head_dims_deterministic() {
                 (true, Kernels::Simt),
                 (false, Kernels::TensorCore),
                 (true, Kernels::TensorCore),
+                (false, Kernels::TensorCoreV3),
+                (true, Kernels::TensorCoreV3),
             ] {
                 let mode = AttentionMode::QK;
                 let a = run_heads(&dev, &qkv, &d_out, &lens, shape, mode, causal, kernels);
@@ -950,10 +969,10 @@ fn tc3_against_simt_on_bf16_inputs() {
 }
 
 #[test]
-#[should_panic(expected = "tensor-core head dim")]
-fn v3_rejects_a_width_not_multiple_of_64() {
+#[should_panic(expected = "attention v3 runs heads 64 to 128 wide in steps of 8, not 56")]
+fn v3_rejects_heads_it_has_no_kernels_for() {
     let dev = Device::sim();
-    let (n, width) = (10usize, 96usize);
+    let (n, width) = (10usize, 112usize);
     let qkv = dev.alloc::<bf16>(n * 3 * width).unwrap();
     let cu = dev.upload(&[0i32, 10]).unwrap();
     let mut out = dev.alloc::<bf16>(n * width).unwrap();
@@ -966,6 +985,7 @@ fn v3_rejects_a_width_not_multiple_of_64() {
         &mut out,
         &mut lse,
         width,
+        2,
         AttentionMode::QK,
         false,
         TcOptions::default(),
@@ -999,18 +1019,21 @@ fn simt_rejects_heads_it_has_no_kernels_for() {
 /// v3's backward with dO already in bf16 (`attention_backward_tc3_bf16_dout`, the engine's
 /// path) against the fp32-dO backward given the same bf16-exact dO: delta and d_qkv bit for
 /// bit, on 197 and 1201 tokens, a mixed batch and the ViT-B width, causal or not, with delta
-/// formed inside dQ or by its own kernel.
+/// formed inside dQ or by its own kernel; and at heads 80 wide (ViT-H/14) and 104 (ViT-bigG/14,
+/// dK and dV in two kernels), where paired blocks and v4, which take heads of 64 only, give
+/// v3's single-block bits.
 #[test]
 fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
     for dev in devices() {
-        for (lens, width, causal) in [
-            (vec![197], 128, false),
-            (vec![1201], 128, false),
-            (vec![1, 50, 197, 5], 768, false),
-            (vec![197, 63], 128, true),
+        for (lens, width, heads, causal) in [
+            (vec![197], 128, 2, false),
+            (vec![1201], 128, 2, false),
+            (vec![1, 50, 197, 5], 768, 12, false),
+            (vec![197, 63], 128, 2, true),
+            (vec![197, 1, 50], 160, 2, false),
+            (vec![77, 13], 208, 2, true),
         ] {
             let n: usize = lens.iter().sum();
-            let heads = width / HD;
             let (qkv, d_out) = inputs(&lens, width, 77 + n as u64);
             let d_out_bf16 = to_bf16(&d_out);
             let d_out_exact: Vec<f32> = d_out_bf16.iter().map(|v| v.to_f32()).collect();
@@ -1027,12 +1050,13 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
                 &mut out,
                 &mut lse,
                 width,
+                heads,
                 AttentionMode::QK,
                 causal,
                 TcOptions::default(),
             )
             .unwrap();
-            let scratch = attention_stats_len(n, width / HD);
+            let scratch = attention_stats_len(n, heads);
             let poisoned_bf16 = |len: usize| {
                 let mut b = dev.alloc::<bf16>(len).unwrap();
                 dev.poison(&mut b).unwrap();
@@ -1059,16 +1083,35 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
                 &mut want_delta,
                 &mut copy,
                 width,
+                heads,
                 AttentionMode::QK,
                 causal,
                 TcOptions::default(),
             )
             .unwrap();
-            // Delta formed inside dQ (the default) or by the delta kernel first.
-            for delta_in_dq in [true, false] {
+            // Delta formed inside dQ (the default) or by the delta kernel first; at heads not
+            // 64 wide also with paired blocks and through v4's launcher (both run v3's
+            // single-block kernels there).
+            let other_heads = width != heads * HD;
+            let runs: &[(bool, bool, bool)] = if other_heads {
+                &[
+                    (true, false, false),
+                    (false, false, false),
+                    (true, true, false),
+                    (true, false, true),
+                ]
+            } else {
+                &[(true, false, false), (false, false, false)]
+            };
+            for &(delta_in_dq, paired_rows, through_v4) in runs {
                 let (mut got_dqkv, mut got_delta) =
                     (poisoned_bf16(n * 3 * width), poisoned_f32(scratch));
-                attention_backward_tc3_bf16_dout(
+                let backward = if through_v4 {
+                    attention_backward_tc4_bf16_dout
+                } else {
+                    attention_backward_tc3_bf16_dout
+                };
+                backward(
                     &dev,
                     &qkv_b,
                     &out,
@@ -1079,16 +1122,19 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
                     &mut got_dqkv,
                     &mut got_delta,
                     width,
+                    heads,
                     AttentionMode::QK,
                     causal,
                     TcOptions {
                         delta_in_dq,
+                        paired_rows,
                         ..TcOptions::default()
                     },
                 )
                 .unwrap();
                 let what = format!(
-                    "{} {lens:?} width {width} causal {causal} delta in dQ {delta_in_dq}",
+                    "{} {lens:?} width {width} in {heads} heads, causal {causal}, delta in dQ \
+                     {delta_in_dq}, pairs {paired_rows}, through v4 {through_v4}",
                     dev.name()
                 );
                 let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -1172,14 +1218,35 @@ fn v4_is_v3_bit_for_bit() {
                     None => {
                         let options = options(1, false);
                         attention_forward_tc3(
-                            &dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal,
+                            &dev,
+                            &qkv_b,
+                            &cu_b,
+                            lens,
+                            &mut out,
+                            &mut lse,
+                            width,
+                            width / 64,
+                            mode,
+                            causal,
                             options,
                         )
                         .unwrap();
                         if backward {
                             attention_backward_tc3_bf16_dout(
-                                &dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, &mut d_qkv,
-                                &mut delta, width, mode, causal, options,
+                                &dev,
+                                &qkv_b,
+                                &out,
+                                &dout_b,
+                                &lse,
+                                &cu_b,
+                                lens,
+                                &mut d_qkv,
+                                &mut delta,
+                                width,
+                                width / 64,
+                                mode,
+                                causal,
+                                options,
                             )
                             .unwrap();
                         }
@@ -1187,14 +1254,35 @@ fn v4_is_v3_bit_for_bit() {
                     Some((split, paired)) => {
                         let options = options(split, paired);
                         attention_forward_tc4(
-                            &dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal,
+                            &dev,
+                            &qkv_b,
+                            &cu_b,
+                            lens,
+                            &mut out,
+                            &mut lse,
+                            width,
+                            width / 64,
+                            mode,
+                            causal,
                             options,
                         )
                         .unwrap();
                         if backward {
                             attention_backward_tc4_bf16_dout(
-                                &dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, &mut d_qkv,
-                                &mut delta, width, mode, causal, options,
+                                &dev,
+                                &qkv_b,
+                                &out,
+                                &dout_b,
+                                &lse,
+                                &cu_b,
+                                lens,
+                                &mut d_qkv,
+                                &mut delta,
+                                width,
+                                width / 64,
+                                mode,
+                                causal,
+                                options,
                             )
                             .unwrap();
                         }
@@ -1327,23 +1415,67 @@ fn v4_on_gpus_with_less_shared_memory_falls_back_to_v3s_bits() {
                 let (o, l, dq) = (&mut out, &mut lse, &mut d_qkv);
                 if v4 {
                     attention_forward_tc4(
-                        dev, &qkv_b, &cu_b, &lens, o, l, width, mode, causal, options,
+                        dev,
+                        &qkv_b,
+                        &cu_b,
+                        &lens,
+                        o,
+                        l,
+                        width,
+                        width / 64,
+                        mode,
+                        causal,
+                        options,
                     )
                     .unwrap();
                     attention_backward_tc4_bf16_dout(
-                        dev, &qkv_b, o, &dout_b, l, &cu_b, &lens, dq, &mut delta, width, mode,
-                        causal, options,
+                        dev,
+                        &qkv_b,
+                        o,
+                        &dout_b,
+                        l,
+                        &cu_b,
+                        &lens,
+                        dq,
+                        &mut delta,
+                        width,
+                        width / 64,
+                        mode,
+                        causal,
+                        options,
                     )
                     .unwrap();
                 } else {
                     let options = TcOptions::default();
                     attention_forward_tc3(
-                        dev, &qkv_b, &cu_b, &lens, o, l, width, mode, causal, options,
+                        dev,
+                        &qkv_b,
+                        &cu_b,
+                        &lens,
+                        o,
+                        l,
+                        width,
+                        width / 64,
+                        mode,
+                        causal,
+                        options,
                     )
                     .unwrap();
                     attention_backward_tc3_bf16_dout(
-                        dev, &qkv_b, o, &dout_b, l, &cu_b, &lens, dq, &mut delta, width, mode,
-                        causal, options,
+                        dev,
+                        &qkv_b,
+                        o,
+                        &dout_b,
+                        l,
+                        &cu_b,
+                        &lens,
+                        dq,
+                        &mut delta,
+                        width,
+                        width / 64,
+                        mode,
+                        causal,
+                        options,
                     )
                     .unwrap();
                 }
@@ -1444,7 +1576,17 @@ fn v3_pairs_is_v3_bit_for_bit() {
                 let cu_b = dev.upload(&cu).unwrap();
                 let (mut out, mut lse, mut delta, mut d_qkv) = tc_outputs(&dev, n, width);
                 attention_forward_tc3(
-                    &dev, &qkv_b, &cu_b, lens, &mut out, &mut lse, width, mode, causal, options,
+                    &dev,
+                    &qkv_b,
+                    &cu_b,
+                    lens,
+                    &mut out,
+                    &mut lse,
+                    width,
+                    width / 64,
+                    mode,
+                    causal,
+                    options,
                 )
                 .unwrap();
                 if backward && f32_dout {
@@ -1464,6 +1606,7 @@ fn v3_pairs_is_v3_bit_for_bit() {
                         &mut delta,
                         &mut dout_bf16,
                         width,
+                        width / 64,
                         mode,
                         causal,
                         options,
@@ -1472,8 +1615,20 @@ fn v3_pairs_is_v3_bit_for_bit() {
                 } else if backward {
                     let dout_b = dev.upload(&to_bf16(&d_out)).unwrap();
                     attention_backward_tc3_bf16_dout(
-                        &dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, &mut d_qkv, &mut delta,
-                        width, mode, causal, options,
+                        &dev,
+                        &qkv_b,
+                        &out,
+                        &dout_b,
+                        &lse,
+                        &cu_b,
+                        lens,
+                        &mut d_qkv,
+                        &mut delta,
+                        width,
+                        width / 64,
+                        mode,
+                        causal,
+                        options,
                     )
                     .unwrap();
                 }

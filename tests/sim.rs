@@ -876,11 +876,19 @@ fn launches_a_gpu_refuses_for_resources_fail() {
             let Ok(threads) = args.split(',').next().unwrap().trim().parse::<u32>() else {
                 continue;
             };
+            // Inside a macro the name may follow a line continuation.
+            let after = after.trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
             let kernel: String = after
-                .trim_start()
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
+            // A macro's parameter (`NAME`) or a name it pastes together
+            // (`prm_attention_forward_tc3_hd##HD`, one kernel per head dim) is no kernel's: the
+            // instantiations are checked below.
+            let pasted = after[kernel.len()..].trim_start().starts_with("##");
+            if pasted || !kernel.starts_with("prm_") {
+                continue;
+            }
             assert_eq!(
                 kernel_limits(&kernel).1,
                 Some(threads),
@@ -893,6 +901,14 @@ fn launches_a_gpu_refuses_for_resources_fail() {
         literal_bounds >= 14,
         "found {literal_bounds} bounded kernels in kernels/*.cu"
     );
+    for kernel in [
+        "prm_attention_forward_tc3_hd80",
+        "prm_attention_bwd_dq_delta_tc3_hd104",
+        "prm_attention_bwd_dkdv_tc3_hd96",
+        "prm_attention_bwd_dk_tc3_hd128",
+    ] {
+        assert_eq!(kernel_limits(kernel).1, Some(128), "{kernel}'s bounds");
+    }
     let dev = Device::sim();
     let mut args = KernelArgs::new();
     let msg = sim_message(dev.launch(

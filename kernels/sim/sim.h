@@ -215,6 +215,7 @@ constexpr int warpSize = 32;
         PRM_SIM_CAT(prm_sim_site_, name), sizeof(type) * (n), alignof(type), #name))
 
 #define PRM_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(::prm_sim::dynamic_shared())
+#define PRM_DYNAMIC_SHARED_IN_TEMPLATE(type, name) PRM_DYNAMIC_SHARED(type, name)
 
 // ---------------------------------------------------------------------------------------------
 // Synchronisation

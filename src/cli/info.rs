@@ -4,9 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use prm::gpu::kernels::attention::{
-    check_head_layout, tensor_core_v2_supports_head_dim, tensor_cores_run_heads,
-};
+use prm::gpu::kernels::attention::{check_head_layout, tensor_cores_run_heads, HEAD_DIM};
 use prm::model::{Model, ModelSource};
 
 #[derive(Args)]
@@ -43,11 +41,11 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
             "gpu_engine": gpu_engine.as_ref().map_or_else(|e| e.clone(), |_| "supported".into()),
             "gpu_attention": match gpu_engine {
                 Err(_) => "none",
-                Ok(()) if tensor_cores_run_heads(c.width, c.heads) => {
+                Ok(()) if tensor_cores_run_heads(c.width, c.heads) && c.head_dim() == HEAD_DIM => {
                     "tensor cores at bf16 (v3, v4), simt at fp32"
                 }
-                Ok(()) if tensor_core_v2_supports_head_dim(c.head_dim()) => {
-                    "tensor cores at bf16 (v2), simt at fp32"
+                Ok(()) if tensor_cores_run_heads(c.width, c.heads) => {
+                    "tensor cores at bf16 (v3), simt at fp32"
                 }
                 Ok(()) => "simt (fp32) at either precision",
             },
@@ -99,12 +97,12 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         model.parameter_count() as f64 / 1e6
     );
     match &gpu_engine {
-        Ok(()) if tensor_cores_run_heads(c.width, c.heads) => {
+        Ok(()) if tensor_cores_run_heads(c.width, c.heads) && c.head_dim() == HEAD_DIM => {
             println!("gpu engine:   supported (--device cuda, sim)")
         }
-        Ok(()) if tensor_core_v2_supports_head_dim(c.head_dim()) => println!(
-            "gpu engine:   supported (--device cuda, sim); heads {} wide run attention v2 on \
-             tensor cores at bf16 (v3 and v4 take heads of 64)",
+        Ok(()) if tensor_cores_run_heads(c.width, c.heads) => println!(
+            "gpu engine:   supported (--device cuda, sim); heads {} wide run attention v3 on \
+             tensor cores at bf16 (v4 takes heads of 64)",
             c.head_dim()
         ),
         Ok(()) => println!(

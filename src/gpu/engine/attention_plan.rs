@@ -28,7 +28,7 @@ use std::fmt;
 
 use super::{GpuVit, Precision};
 use crate::gpu::kernels::attention::{
-    tc4_fits, tensor_core_v2_supports_head_dim, TcOptions, TensorCoreVersion, TC4_MAX_TOKENS,
+    tc4_fits, TcOptions, TensorCoreVersion, HEAD_DIM, TC4_MAX_TOKENS,
 };
 use crate::gpu::{Device, GpuError};
 
@@ -326,21 +326,24 @@ pub enum CallStep {
 }
 
 /// Runs the tuning of one call (see the module docs) through `call`: [`candidates`], less the
-/// v4 ones whose shared memory this device does not allow a block ([`tc4_fits`]). Returns the
-/// record; the call's outputs hold the chosen kernels' results.
+/// v4 ones whose shared memory this device does not allow a block ([`tc4_fits`]), and for heads
+/// that are not 64 wide (`heads_of_64` false) less v4 and the paired kernels, which exist for
+/// heads of 64 only. Returns the record; the call's outputs hold the chosen kernels' results.
 pub fn tune(
     dev: &Device,
     pass: AttentionPass,
     seqlens: &[usize],
+    heads_of_64: bool,
     mut call: impl FnMut(CallStep) -> Result<Vec<u8>, GpuError>,
 ) -> Result<AttentionTuning, GpuError> {
     let started = std::time::Instant::now();
     let bucket = ShapeBucket::of(seqlens);
     // v4 where its shared memory fits this device (elsewhere its launchers would run v3's
-    // kernels under v4's name).
+    // kernels under v4's name, as they do for other heads, where v3 runs single blocks too).
     let backward = pass == AttentionPass::Backward;
     let list: Vec<AttentionKernels> = candidates(pass, bucket)
         .into_iter()
+        .filter(|k| heads_of_64 || !(k.v4 || k.options.paired_rows))
         .filter(|k| !k.v4 || tc4_fits(dev, seqlens, k.options, backward))
         .collect();
     let (rounds, repeats) = if dev.is_sim() {
@@ -487,7 +490,9 @@ impl GpuVit<'_> {
         if !must_tune {
             return call(CallStep::Run(kernels)).map(drop);
         }
-        let tuning = tune(&self.dev, pass, seqlens, call)?;
+        let c = &self.model.config;
+        let heads_of_64 = c.width == c.heads * HEAD_DIM;
+        let tuning = tune(&self.dev, pass, seqlens, heads_of_64, call)?;
         self.attention_plans
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -516,14 +521,16 @@ impl GpuVit<'_> {
     }
 
     /// The attention kernels the engine runs, as `prm bench` reports them: at bf16 the
-    /// tensor-core setting for heads 64 wide (`auto`, `v3`, ...), and for other towers `v2` or
-    /// `v1` with the head width (the setting does not apply to them); at fp32 always `v1`.
+    /// tensor-core setting (`auto`, `v3`, `v2`, ...), with the head width where it is not 64 (v4
+    /// and paired blocks then run as v3's single blocks); `v1` below 64 wide and at fp32.
     pub fn attention_in_use(&self) -> String {
         let head_dim = self.model.config.head_dim();
         let version = match self.precision {
-            Precision::Bf16 if self.tensor_core_heads() => return self.attention.to_string(),
-            Precision::Bf16 if tensor_core_v2_supports_head_dim(head_dim) => "v2",
-            _ => "v1 (SIMT, fp32)",
+            Precision::Bf16 if self.tensor_core_heads() && head_dim == HEAD_DIM => {
+                return self.attention.to_string()
+            }
+            Precision::Bf16 if self.tensor_core_heads() => self.attention.to_string(),
+            _ => "v1 (SIMT, fp32)".to_string(),
         };
         format!("{version}, heads {head_dim} wide")
     }
@@ -606,6 +613,27 @@ mod tests {
         assert_eq!(ignored, TcOptions::default());
     }
 
+    /// For heads that are not 64 wide the tuner times only v3's single-block kernels (masked
+    /// tiles, the delta kernel): v4 and paired blocks exist for heads of 64 only, and their
+    /// launchers would run the same kernels again under another name.
+    #[test]
+    fn tuning_other_heads_times_only_v3_single_blocks() {
+        let dev = Device::sim();
+        for pass in [AttentionPass::Forward, AttentionPass::Backward] {
+            let tuning = tune(&dev, pass, &[257], false, |step| match step {
+                CallStep::ReadOutputs => Ok(vec![1]),
+                _ => Ok(Vec::new()),
+            })
+            .unwrap();
+            let timed: Vec<_> = tuning.candidates.iter().map(|(k, _)| *k).collect();
+            assert!(timed.len() >= 2, "{timed:?}");
+            assert!(
+                timed.iter().all(|k| !k.v4 && !k.options.paired_rows),
+                "{timed:?}"
+            );
+        }
+    }
+
     /// The tuner on a stand-in call: a candidate whose bytes differ from the reference's, one
     /// that writes nothing (its outputs would still hold the reference's results, were they
     /// not poisoned before each checked run) and one that fails are dropped (with their
@@ -618,21 +646,27 @@ mod tests {
         let (differs, lazy, fails) = (list[1], list[2], list[5]);
         let mut last = None;
         let mut outputs = vec![0u8; 2];
-        let tuning = tune(&dev, AttentionPass::Backward, &seqlens, |step| match step {
-            CallStep::Run(k) if k == fails => Err(GpuError::Config("no such kernel".into())),
-            CallStep::Run(k) => {
-                last = Some(k);
-                if k != lazy {
-                    outputs = vec![u8::from(k == differs), 7];
+        let tuning = tune(
+            &dev,
+            AttentionPass::Backward,
+            &seqlens,
+            true,
+            |step| match step {
+                CallStep::Run(k) if k == fails => Err(GpuError::Config("no such kernel".into())),
+                CallStep::Run(k) => {
+                    last = Some(k);
+                    if k != lazy {
+                        outputs = vec![u8::from(k == differs), 7];
+                    }
+                    Ok(Vec::new())
                 }
-                Ok(Vec::new())
-            }
-            CallStep::ReadOutputs => Ok(outputs.clone()),
-            CallStep::PoisonOutputs => {
-                outputs.fill(0xFF);
-                Ok(Vec::new())
-            }
-        })
+                CallStep::ReadOutputs => Ok(outputs.clone()),
+                CallStep::PoisonOutputs => {
+                    outputs.fill(0xFF);
+                    Ok(Vec::new())
+                }
+            },
+        )
         .unwrap();
         assert_eq!(tuning.bucket, ShapeBucket::of(&seqlens));
         assert_eq!(tuning.timed_on, (2, 197));
@@ -667,14 +701,21 @@ mod tests {
         let seqlens = [197];
         let list = candidates(AttentionPass::Forward, ShapeBucket::of(&seqlens));
         let faulty = list[1];
-        let err = tune(&dev, AttentionPass::Forward, &seqlens, |step| match step {
-            CallStep::Run(k) if k == faulty => Err(GpuError::Cuda {
-                context: "launching a kernel".into(),
-                message: "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")"
-                    .into(),
-            }),
-            _ => Ok(vec![1]),
-        })
+        let err = tune(
+            &dev,
+            AttentionPass::Forward,
+            &seqlens,
+            true,
+            |step| match step {
+                CallStep::Run(k) if k == faulty => Err(GpuError::Cuda {
+                    context: "launching a kernel".into(),
+                    message:
+                        "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")"
+                            .into(),
+                }),
+                _ => Ok(vec![1]),
+            },
+        )
         .unwrap_err();
         assert!(err.ends_the_context());
         let text = err.to_string();

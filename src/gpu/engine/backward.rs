@@ -208,6 +208,7 @@ impl<'m> GpuVit<'m> {
                                             db,
                                             &mut delta,
                                             d,
+                                            self.heads(),
                                             AttentionMode::QK,
                                             false,
                                             k.options,

@@ -291,8 +291,8 @@ impl<'m> GpuVit<'m> {
         let mut lse = self.alloc(attention_stats_len(t, self.heads()))?;
         let (cu, lens) = (&batch.cu_seqlens, &batch.seqlens);
         let mode = AttentionMode::QK;
-        // bf16 precision runs v2 on tensor cores (the SIMT kernels for head dims v2 has none
-        // for); fp32 the fp32 SIMT kernels.
+        // bf16 precision runs v2 on tensor cores here (PRM_ATTENTION=v2, or the SIMT kernels for
+        // head dims v2 has none for: below 64); fp32 the fp32 SIMT kernels.
         let forward = match self.precision {
             Precision::Fp32 => attention_forward_f32,
             Precision::Bf16 => attention_forward_tc,
@@ -329,6 +329,7 @@ impl<'m> GpuVit<'m> {
                     &mut context,
                     &mut lse,
                     d,
+                    self.heads(),
                     AttentionMode::QK,
                     false,
                     k.options,

@@ -392,9 +392,10 @@ impl<'m> GpuVit<'m> {
         self.precision == Precision::Bf16 && self.tensor_core_heads() && self.attention.bf16_qkv()
     }
 
-    /// Whether the tower's heads are v3's and v4's (64 wide). Other head dims run v2 (72 to
-    /// 128) or the SIMT kernels (below 64) at bf16: the engine then keeps q|k|v and the context
-    /// in fp32, as under `PRM_ATTENTION=v2`, and its products stay bf16.
+    /// Whether the tower's heads are v3's (multiples of 8 from 64 to 128; v4 takes those of 64,
+    /// and runs v3 for the others). Narrower heads run the SIMT kernels at bf16: the engine then
+    /// keeps q|k|v and the context in fp32, as under `PRM_ATTENTION=v2`, and its products stay
+    /// bf16.
     fn tensor_core_heads(&self) -> bool {
         let c = &self.model.config;
         tensor_cores_run_heads(c.width, c.heads)
@@ -646,7 +647,7 @@ pub fn step_bytes_per_token(
     let (d, m, l) = (config.width, config.mlp, config.layers);
     let heads = config.heads.max(1);
     // In fp32 elements: a bf16 tensor counts half. q|k|v is bf16 only where attention runs v3
-    // or v4 (heads 64 wide); other towers' bf16 engine keeps it in fp32 for v2 or v1.
+    // or v4 (heads 64 to 128 wide); narrower heads' bf16 engine keeps it in fp32 for v1.
     let bf16_qkv = tensor_cores_run_heads(d, config.heads);
     let (qkv, hidden) = match precision {
         Precision::Fp32 => (3 * d, m),

@@ -25,8 +25,10 @@
 //! Head dims: v1 runs heads of every width [`simt_supports_head_dim`] allows (multiples of 8
 //! from 32 to 128: open_clip's ViT-H/14, g/14 and bigG/14 have heads of 80, 88 and 104); v2
 //! those of [`tensor_core_v2_supports_head_dim`] (multiples of 8 from 64 to 128; it sends
-//! others to v1); both take the head count. v3 and v4 run heads of [`HEAD_DIM`] (64) only, the OpenAI towers' (and
-//! ViT-L/14's, all text towers'), and derive `heads = D / 64`.
+//! others to v1); v3 the same ones ([`tensor_core_v3_supports_head_dim`]; it panics on others,
+//! whose bf16 buffers v1 cannot take). v4 and v3's paired kernels run heads of [`HEAD_DIM`]
+//! (64: the OpenAI towers', ViT-L/14's and every text tower's); for other heads their launchers
+//! run v3's single-block kernels, with the same bits. Every launcher takes the head count.
 //!
 //! Layouts (row-major; `N = Σ T_i` tokens, `D = width`, head dim `HD = D / heads`):
 //! - `qkv [N, 3D]`: q | k | v along features, head `h` in columns `h·HD .. h·HD + HD` of each part;
@@ -80,12 +82,13 @@ pub use tc2::{
 };
 pub use tc3::{
     attention_backward_tc3, attention_backward_tc3_bf16_dout, attention_forward_tc3,
-    tensor_core_v3_supports,
+    tensor_core_v3_supports, tensor_core_v3_supports_head_dim,
 };
 use tc4::tc4_grid;
 pub use tc4::{attention_backward_tc4_bf16_dout, attention_forward_tc4, tc4_fits, TC4_MAX_TOKENS};
 
-/// Head dimension v3 and v4 are written for (and v2's and v1's first).
+/// The head dimension of every OpenAI CLIP tower: v4's only one, and the one whose kernels keep
+/// their plain names (the others are suffixed `_hd<HD>`).
 pub const HEAD_DIM: usize = 64;
 
 /// Whether the SIMT kernels (v1) run heads `head_dim` wide: every multiple of 8 from 32 to 128,
@@ -94,11 +97,11 @@ pub fn simt_supports_head_dim(head_dim: usize) -> bool {
     head_dim.is_multiple_of(8) && (32..=128).contains(&head_dim)
 }
 
-/// Whether a tower of `width` in `heads` heads runs on the v3 / v4 tensor-core kernels (heads of
-/// [`HEAD_DIM`]), bf16 q|k|v and context; other supported head dims run v2 where it has kernels
-/// for them ([`tensor_core_v2_supports_head_dim`]) and v1 otherwise, on fp32 q|k|v.
+/// Whether a tower of `width` in `heads` heads runs on the tensor-core kernels with bf16 q|k|v
+/// and context: v3 for heads [`tensor_core_v3_supports_head_dim`] allows (multiples of 8 from 64
+/// to 128), and v4 too for heads of [`HEAD_DIM`]. Narrower heads run v1, on fp32 q|k|v.
 pub fn tensor_cores_run_heads(width: usize, heads: usize) -> bool {
-    heads > 0 && width == heads * HEAD_DIM
+    heads > 0 && width.is_multiple_of(heads) && tensor_core_v3_supports_head_dim(width / heads)
 }
 
 const THREADS: u32 = 128;
@@ -145,15 +148,6 @@ pub fn check_head_layout(what: &str, width: usize, heads: usize) -> Result<(), S
 /// scratch, `heads · tokens`.
 pub fn attention_stats_len(total_tokens: usize, heads: usize) -> usize {
     heads * total_tokens
-}
-
-/// The heads of a tower `width` wide in the tensor-core kernels' head dim (64).
-fn tc_heads(width: usize) -> usize {
-    assert!(
-        width > 0 && width.is_multiple_of(HEAD_DIM),
-        "attention width {width} is not a multiple of the tensor-core head dim {HEAD_DIM}"
-    );
-    width / HEAD_DIM
 }
 
 /// Checks the common shapes; returns (tokens, heads).
@@ -367,16 +361,21 @@ struct DeltaKernel<'a> {
     pairs_per_warp: usize,
 }
 
-/// v3's with fp32 dO (it also writes dO's bf16 copy), and with bf16 dO (v3 and v4):
-/// `V3_DELTA_PAIRS` in attention_tc3.cu.
-const DELTA_TC3: DeltaKernel<'static> = DeltaKernel {
-    name: "prm_attention_delta_tc3",
-    pairs_per_warp: 4,
-};
-const DELTA_BF16_TC3: DeltaKernel<'static> = DeltaKernel {
-    name: "prm_attention_delta_bf16_tc3",
-    pairs_per_warp: 4,
-};
+impl<'a> DeltaKernel<'a> {
+    /// One of v3's delta kernels (of a head dim: [`simt::kernel`]'s names), whose warps take
+    /// `V3_DELTA_PAIRS` (4) pairs each.
+    fn of(name: &'a str) -> Self {
+        DeltaKernel {
+            name,
+            pairs_per_warp: 4,
+        }
+    }
+}
+
+/// v3's delta kernels with fp32 dO (it also writes dO's bf16 copy), and with bf16 dO (v3 and
+/// v4), at heads of 64 (others: `_hd<HD>`).
+const DELTA_TC3: &str = "prm_attention_delta_tc3";
+const DELTA_BF16_TC3: &str = "prm_attention_delta_bf16_tc3";
 
 /// `delta = rowsum(dO ⊙ O)` per (head, row) by `kernel`, the first launch of the backwards (8
 /// warps per block).
@@ -434,11 +433,12 @@ impl TensorCoreVersion {
 }
 
 /// Backward kernels of v3 or v4 with the dK/dV and dQ parameter list, `(name, shared bytes)`
-/// each, in order (dK/dV then dQ, or dK/dV alone after the dQ that forms delta), on `grid`.
+/// each, in order (dK/dV, or dV and dK, then dQ; or dK/dV alone after the dQ that forms
+/// delta), on `grid`.
 #[allow(clippy::too_many_arguments)]
-fn launch_dkdv_dq(
+fn launch_dkdv_dq<K: AsRef<str>>(
     dev: &Device,
-    kernels: &[(&str, u32)],
+    kernels: &[(K, u32)],
     grid: (u32, u32, u32),
     qkv: &Buffer<bf16>,
     d_out: &Buffer<bf16>,
@@ -450,12 +450,12 @@ fn launch_dkdv_dq(
     causal: bool,
     straight: bool,
 ) -> Result<(), GpuError> {
-    for &kernel in kernels {
+    for (name, smem) in kernels {
         let ops = (qkv, d_out, lse, delta, cu_seqlens);
         let shape = (total, width);
         launch_backward_kernel(
             dev,
-            kernel,
+            (name.as_ref(), *smem),
             grid,
             ops,
             d_qkv,
@@ -578,15 +578,16 @@ impl TcOptions {
     }
 }
 
-/// The bf16-dO backward of v3 or v4: shape checks, v3's delta kernel, then `kernels` (dK/dV,
-/// dQ) on `cover`'s grid. With `dq_delta` (v3's dQ kernel that forms delta itself): that dQ
-/// kernel first, then dK/dV, and no delta kernel.
+/// The bf16-dO backward of v3 or v4: shape checks, the delta kernel, then `kernels` (dK/dV, or
+/// dV and dK, then dQ) on `cover`'s grid. With `dq_delta` (v3's dQ kernel that forms delta
+/// itself): that dQ kernel first, then the kernels before the last (dK/dV), and no delta
+/// kernel.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-fn bf16_dout_backward(
+fn bf16_dout_backward<K: AsRef<str>>(
     dev: &Device,
     version: &str,
-    kernels: [(&str, u32); 2],
-    dq_delta: Option<(&str, u32)>,
+    (kernels, delta_kernel): (&[(K, u32)], DeltaKernel<'_>),
+    dq_delta: Option<&(String, u32)>,
     cover: Grid,
     (qkv, out, d_out, lse, cu_seqlens, seqlens_host): (
         &Buffer<bf16>,
@@ -598,7 +599,7 @@ fn bf16_dout_backward(
     ),
     d_qkv: &mut Buffer<bf16>,
     delta: &mut Buffer<f32>,
-    width: usize,
+    (width, heads): (usize, usize),
     mode: AttentionMode,
     causal: bool,
     straight: bool,
@@ -616,24 +617,24 @@ fn bf16_dout_backward(
         seqlens_host,
         d_qkv,
         delta,
-        (width, tc_heads(width)),
+        (width, heads),
     );
     if total == 0 {
         return Ok(());
     }
     let grid = cover.shape(seqlens_host, heads);
-    let [dkdv, _] = kernels;
-    let after_delta: &[(&str, u32)] = match dq_delta {
-        Some(dq) => {
+    let after_delta = match dq_delta {
+        Some((dq, smem)) => {
             let ops = (qkv, d_out, lse, &*delta, cu_seqlens);
             let (shape, flags) = ((total, width), (causal, straight));
+            let dq = (dq.as_str(), *smem);
             launch_backward_kernel(dev, dq, grid, ops, d_qkv, shape, flags, Some(out))?;
-            std::slice::from_ref(&dkdv)
+            &kernels[..kernels.len() - 1]
         }
         None => {
             let (n, h) = (total, heads);
-            launch_delta(dev, DELTA_BF16_TC3, out, d_out, delta, None, n, h, width)?;
-            &kernels
+            launch_delta(dev, delta_kernel, out, d_out, delta, None, n, h, width)?;
+            kernels
         }
     };
     launch_dkdv_dq(

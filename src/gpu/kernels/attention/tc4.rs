@@ -76,8 +76,9 @@ pub(super) fn tc4_grid(
 /// Forward attention v4: [`attention_forward_tc3`]'s contract and bit-identical results. Each
 /// CTA (128 threads; [`TcOptions::split`] CTAs per head, default one) loads a head's keys and
 /// values into shared memory once and its 4 warps take the head's 16-query blocks in turn (two
-/// at once with [`TcOptions::paired_rows`]). Sequences longer than [`TC4_MAX_TOKENS`], or whose
-/// shared memory this device does not allow ([`tc4_fits`]), run v3's kernel.
+/// at once with [`TcOptions::paired_rows`]). Heads that are not 64 wide, sequences longer than
+/// [`TC4_MAX_TOKENS`], and those whose shared memory this device does not allow
+/// ([`tc4_fits`]), run v3's kernel.
 ///
 /// Panics (a programming error) for a mode [`tensor_core_v3_supports`] rejects.
 #[allow(clippy::too_many_arguments)]
@@ -89,11 +90,13 @@ pub fn attention_forward_tc4(
     out: &mut Buffer<bf16>,
     lse: &mut Buffer<f32>,
     width: usize,
+    heads: usize,
     mode: AttentionMode,
     causal: bool,
     options: TcOptions,
 ) -> Result<(), GpuError> {
-    let Some((smem, _)) = tc4_smem_on(dev, seqlens_host, options, false) else {
+    let fits = tc4_smem_on(dev, seqlens_host, options, false);
+    let Some((smem, _)) = fits.filter(|_| runs_heads(width, heads)) else {
         return attention_forward_tc3(
             dev,
             qkv,
@@ -102,6 +105,7 @@ pub fn attention_forward_tc4(
             out,
             lse,
             width,
+            heads,
             mode,
             causal,
             options,
@@ -129,7 +133,7 @@ pub fn attention_forward_tc4(
         seqlens_host,
         out,
         lse,
-        (width, tc_heads(width)),
+        (width, heads),
         mode,
         causal,
         Some(options.straight_tiles),
@@ -141,8 +145,8 @@ pub fn attention_forward_tc4(
 /// v3's delta kernel, then dK/dV (each CTA holds a head's queries, output gradients and their
 /// statistics; its warps take the 16-key blocks) and dQ (keys and values resident; warps take
 /// the 16-query blocks); with [`TcOptions::paired_rows`] both take two blocks at once.
-/// Sequences longer than [`TC4_MAX_TOKENS`], or whose shared memory this device does not allow
-/// ([`tc4_fits`]), run v3's kernels.
+/// Heads that are not 64 wide, sequences longer than [`TC4_MAX_TOKENS`], and those whose shared
+/// memory this device does not allow ([`tc4_fits`]), run v3's kernels.
 ///
 /// Panics (a programming error) for a mode [`tensor_core_v3_supports`] rejects.
 #[allow(clippy::too_many_arguments)]
@@ -157,12 +161,14 @@ pub fn attention_backward_tc4_bf16_dout(
     d_qkv: &mut Buffer<bf16>,
     delta: &mut Buffer<f32>,
     width: usize,
+    heads: usize,
     mode: AttentionMode,
     causal: bool,
     options: TcOptions,
 ) -> Result<(), GpuError> {
     let blocks_per_warp = options.blocks_per_warp();
-    let Some((smem_dq, smem_dkdv)) = tc4_smem_on(dev, seqlens_host, options, true) else {
+    let fits = tc4_smem_on(dev, seqlens_host, options, true);
+    let Some((smem_dq, smem_dkdv)) = fits.filter(|_| runs_heads(width, heads)) else {
         return attention_backward_tc3_bf16_dout(
             dev,
             qkv,
@@ -174,6 +180,7 @@ pub fn attention_backward_tc4_bf16_dout(
             d_qkv,
             delta,
             width,
+            heads,
             mode,
             causal,
             options,
@@ -190,7 +197,10 @@ pub fn attention_backward_tc4_bf16_dout(
     bf16_dout_backward(
         dev,
         "v4",
-        [(dkdv, smem_dkdv), (dq, smem_dq)],
+        (
+            &[(dkdv, smem_dkdv), (dq, smem_dq)],
+            DeltaKernel::of(DELTA_BF16_TC3),
+        ),
         None,
         Grid::Resident {
             split: options.split,
@@ -199,9 +209,14 @@ pub fn attention_backward_tc4_bf16_dout(
         (qkv, out, d_out, lse, cu_seqlens, seqlens_host),
         d_qkv,
         delta,
-        width,
+        (width, heads),
         mode,
         causal,
         options.straight_tiles,
     )
+}
+
+/// Whether v4 has kernels for a tower `width` wide in `heads` heads: heads of [`HEAD_DIM`].
+fn runs_heads(width: usize, heads: usize) -> bool {
+    heads > 0 && width == heads * HEAD_DIM
 }
