@@ -12,6 +12,37 @@ use prm::gpu::sim::Schedule;
 use prm::gpu::Device;
 use prm::reference::ops;
 
+/// v3's and v4's bf16 forward and bf16-dO backward launchers (the same contract).
+type ForwardTc = fn(
+    &Device,
+    &prm::gpu::Buffer<bf16>,
+    &prm::gpu::Buffer<i32>,
+    &[usize],
+    &mut prm::gpu::Buffer<bf16>,
+    &mut prm::gpu::Buffer<f32>,
+    usize,
+    usize,
+    AttentionMode,
+    bool,
+    TcOptions,
+) -> Result<(), prm::gpu::GpuError>;
+type BackwardTc = fn(
+    &Device,
+    &prm::gpu::Buffer<bf16>,
+    &prm::gpu::Buffer<bf16>,
+    &prm::gpu::Buffer<bf16>,
+    &prm::gpu::Buffer<f32>,
+    &prm::gpu::Buffer<i32>,
+    &[usize],
+    &mut prm::gpu::Buffer<bf16>,
+    &mut prm::gpu::Buffer<f32>,
+    usize,
+    usize,
+    AttentionMode,
+    bool,
+    TcOptions,
+) -> Result<(), prm::gpu::GpuError>;
+
 const HD: usize = 64;
 
 /// max |got − want| / max |want|.
@@ -1214,79 +1245,30 @@ fn v4_is_v3_bit_for_bit() {
                     ..TcOptions::default()
                 };
                 let (mut out, mut lse, mut delta, mut d_qkv) = tc_outputs(&dev, n, width);
-                match v4 {
-                    None => {
-                        let options = options(1, false);
-                        attention_forward_tc3(
-                            &dev,
-                            &qkv_b,
-                            &cu_b,
-                            lens,
-                            &mut out,
-                            &mut lse,
-                            width,
-                            width / 64,
-                            mode,
-                            causal,
-                            options,
-                        )
-                        .unwrap();
-                        if backward {
-                            attention_backward_tc3_bf16_dout(
-                                &dev,
-                                &qkv_b,
-                                &out,
-                                &dout_b,
-                                &lse,
-                                &cu_b,
-                                lens,
-                                &mut d_qkv,
-                                &mut delta,
-                                width,
-                                width / 64,
-                                mode,
-                                causal,
-                                options,
-                            )
-                            .unwrap();
-                        }
-                    }
-                    Some((split, paired)) => {
-                        let options = options(split, paired);
-                        attention_forward_tc4(
-                            &dev,
-                            &qkv_b,
-                            &cu_b,
-                            lens,
-                            &mut out,
-                            &mut lse,
-                            width,
-                            width / 64,
-                            mode,
-                            causal,
-                            options,
-                        )
-                        .unwrap();
-                        if backward {
-                            attention_backward_tc4_bf16_dout(
-                                &dev,
-                                &qkv_b,
-                                &out,
-                                &dout_b,
-                                &lse,
-                                &cu_b,
-                                lens,
-                                &mut d_qkv,
-                                &mut delta,
-                                width,
-                                width / 64,
-                                mode,
-                                causal,
-                                options,
-                            )
-                            .unwrap();
-                        }
-                    }
+                let (forward, backward_fn, options) = match v4 {
+                    None => (
+                        attention_forward_tc3 as ForwardTc,
+                        attention_backward_tc3_bf16_dout as BackwardTc,
+                        options(1, false),
+                    ),
+                    Some((split, paired)) => (
+                        attention_forward_tc4 as ForwardTc,
+                        attention_backward_tc4_bf16_dout as BackwardTc,
+                        options(split, paired),
+                    ),
+                };
+                let heads = width / 64;
+                let (o, l) = (&mut out, &mut lse);
+                forward(
+                    &dev, &qkv_b, &cu_b, lens, o, l, width, heads, mode, causal, options,
+                )
+                .unwrap();
+                if backward {
+                    backward_fn(
+                        &dev, &qkv_b, &out, &dout_b, &lse, &cu_b, lens, &mut d_qkv, &mut delta,
+                        width, heads, mode, causal, options,
+                    )
+                    .unwrap();
                 }
                 dev.synchronize().unwrap();
                 let b16 = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
@@ -1413,72 +1395,23 @@ fn v4_on_gpus_with_less_shared_memory_falls_back_to_v3s_bits() {
                 let cu_b = dev.upload(&cu).unwrap();
                 let (mut out, mut lse, mut delta, mut d_qkv) = tc_outputs(dev, n, width);
                 let (o, l, dq) = (&mut out, &mut lse, &mut d_qkv);
-                if v4 {
-                    attention_forward_tc4(
-                        dev,
-                        &qkv_b,
-                        &cu_b,
-                        &lens,
-                        o,
-                        l,
-                        width,
-                        width / 64,
-                        mode,
-                        causal,
-                        options,
-                    )
-                    .unwrap();
-                    attention_backward_tc4_bf16_dout(
-                        dev,
-                        &qkv_b,
-                        o,
-                        &dout_b,
-                        l,
-                        &cu_b,
-                        &lens,
-                        dq,
-                        &mut delta,
-                        width,
-                        width / 64,
-                        mode,
-                        causal,
-                        options,
-                    )
-                    .unwrap();
+                let (forward, backward, options) = if v4 {
+                    let (f, b) = (attention_forward_tc4, attention_backward_tc4_bf16_dout);
+                    (f as ForwardTc, b as BackwardTc, options)
                 } else {
-                    let options = TcOptions::default();
-                    attention_forward_tc3(
-                        dev,
-                        &qkv_b,
-                        &cu_b,
-                        &lens,
-                        o,
-                        l,
-                        width,
-                        width / 64,
-                        mode,
-                        causal,
-                        options,
-                    )
-                    .unwrap();
-                    attention_backward_tc3_bf16_dout(
-                        dev,
-                        &qkv_b,
-                        o,
-                        &dout_b,
-                        l,
-                        &cu_b,
-                        &lens,
-                        dq,
-                        &mut delta,
-                        width,
-                        width / 64,
-                        mode,
-                        causal,
-                        options,
-                    )
-                    .unwrap();
-                }
+                    let (f, b) = (attention_forward_tc3, attention_backward_tc3_bf16_dout);
+                    (f as ForwardTc, b as BackwardTc, TcOptions::default())
+                };
+                let heads = width / 64;
+                forward(
+                    dev, &qkv_b, &cu_b, &lens, o, l, width, heads, mode, causal, options,
+                )
+                .unwrap();
+                backward(
+                    dev, &qkv_b, o, &dout_b, l, &cu_b, &lens, dq, &mut delta, width, heads, mode,
+                    causal, options,
+                )
+                .unwrap();
                 dev.synchronize().unwrap();
                 let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
                 let lse_bits = dev
