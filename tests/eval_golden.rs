@@ -276,7 +276,7 @@ fn check_targets_in_the_simulator(model: &Model, what: &str) {
 fn targets_in_the_simulator_match_the_reference() {
     let model = Model::load(&model_spec()).unwrap();
     check_targets_in_the_simulator(&model, "heads of 64");
-    // bf16 products: close, not equal.
+    // bf16 products and attention's on tensor cores: close, not equal.
     let c = Cases::load();
     let reference = ReferenceTargets::new(&model);
     let gb = GpuTargets::new(&Device::sim(), &model, Precision::Bf16).unwrap();
@@ -293,6 +293,7 @@ fn targets_in_the_simulator_match_the_reference() {
         .zip(&b.logits)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
+    eprintln!("bf16 maskclip logits (attention on tensor cores, v2) differ by {err:.2e}");
     assert!(err < 5e-2, "bf16 maskclip logits differ by {err}");
 }
 

@@ -94,7 +94,8 @@ pub struct EvalArgs {
     /// sim:N (N simulated devices, for tests)
     #[arg(long, default_value = "auto")]
     device: String,
-    /// fp32, or bf16 (GPU engine only: bf16 inputs to the matrix products)
+    /// fp32, or bf16 (GPU engine only: bf16 inputs to the matrix products and, on tensor cores,
+    /// to attention's)
     #[arg(long, default_value = "fp32")]
     precision: String,
     /// Image pairs the device runs at once: the clean and adversarial images of up to N pairs

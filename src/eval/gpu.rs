@@ -20,8 +20,11 @@
 //! pass. `PRM_HOST_LOGITS=1` brings the embeddings back instead and forms the logits on the host,
 //! as the reference path does (the same bits).
 //!
-//! The attention kernels are written for head dim 64 (every CLIP tower): a model with another
-//! head dim is refused with a clear error.
+//! Attention runs the fp32 SIMT kernels (v1) at fp32, and at bf16 the tensor-core kernels on
+//! fp32 buffers (v2: bf16 operands, fp32 accumulation), which hand the identity mode and heads
+//! narrower than 64 to v1. Heads a multiple of 8 from 32 to 128 wide are supported (64 in every
+//! OpenAI tower; open_clip's ViT-H/14 has 80); a model with others is refused with a clear
+//! error (`check_head_layout`).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -44,7 +47,8 @@ use crate::gpu::engine::Precision;
 use crate::gpu::gemm::{matmul_bf16, matmul_bf16_residual, matmul_f32, matmul_f32_residual};
 use crate::gpu::kernels::activation::bias_activation_forward_f32;
 use crate::gpu::kernels::attention::{
-    attention_forward_f32, attention_stats_len, check_head_layout, AttentionMode,
+    attention_forward_f32, attention_forward_tc, attention_stats_len, check_head_layout,
+    AttentionMode,
 };
 use crate::gpu::kernels::class_logits::{class_logits_f32, normalize_rows_f32};
 use crate::gpu::kernels::convert::to_bf16;
@@ -64,6 +68,7 @@ struct Stack {
     mlp: usize,
     act: Activation,
     eps: f32,
+    precision: Precision,
 }
 
 fn check_heads(what: &str, width: usize, heads: usize) -> Result<(), EvalError> {
@@ -92,6 +97,7 @@ impl Stack {
             mlp,
             act,
             eps,
+            precision: p,
         })
     }
 
@@ -175,7 +181,14 @@ impl Stack {
         let mut ctx = self.dev.alloc(rows * d)?;
         let heads = self.heads;
         let mut lse = self.dev.alloc(attention_stats_len(rows, heads))?;
-        attention_forward_f32(
+        // bf16 runs attention on tensor cores (v2: bf16 operands, fp32 accumulation and
+        // buffers), as the attack's bf16 engine does; v2 hands the identity mode and heads
+        // narrower than 64 to the fp32 SIMT kernels, which fp32 runs throughout.
+        let forward = match self.precision {
+            Precision::Fp32 => attention_forward_f32,
+            Precision::Bf16 => attention_forward_tc,
+        };
+        forward(
             &self.dev, qkv, cu, lens, &mut ctx, &mut lse, d, heads, mode, causal,
         )?;
         Ok(ctx)
