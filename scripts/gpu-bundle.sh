@@ -75,7 +75,10 @@ if command -v strip >/dev/null; then
   strip "$OUT"/tests/* "$OUT/prm"
 fi
 echo "== archive"
-(cd "$ROOT/target" && tar -cf - gpu-bundle | xz -9 -T1 >"$OUT.tar.xz.tmp" && mv "$OUT.tar.xz.tmp" "$OUT.tar.xz")
+# One window over several binaries: each embeds every kernel image (about 50 MB since the
+# attention kernels of every head dim), and xz -9's 64 MiB window would no longer reach the
+# copy in the binary before. 256 MiB needs about 2.6 GiB here and 256 MiB to unpack.
+(cd "$ROOT/target" && tar -cf - gpu-bundle | xz -T1 --lzma2=preset=9,dict=256MiB >"$OUT.tar.xz.tmp" && mv "$OUT.tar.xz.tmp" "$OUT.tar.xz")
 echo "== bundle: $OUT ($(du -sh "$OUT" | cut -f1)), $OUT.tar.xz ($(du -h "$OUT.tar.xz" | cut -f1))"
 cat <<EOF
 On the GPU machine (device tool: carry ["target/gpu-bundle.tar.xz"]), in the checkout:
