@@ -825,6 +825,25 @@ fn towers_whose_heads_are_not_64_wide_run_on_the_gpu_engine() {
             (Precision::Bf16, Some(v2)),
         ];
         for dev in devices() {
+            if hd == 80 {
+                // v4 and paired blocks take heads of 64: pinned or timed, v3's single blocks run.
+                let mut gpu = GpuVit::new_with_precision(&dev, &model, Precision::Bf16).unwrap();
+                let v4_pairs = TcOptions {
+                    paired_rows: true,
+                    straight_tiles: false,
+                    ..TcOptions::DEFAULT
+                };
+                for (setting, says) in [
+                    (
+                        AttentionSetting::Fixed(TensorCoreVersion::V4, v4_pairs),
+                        "v3 masked-tiles, heads 80 wide",
+                    ),
+                    (AttentionSetting::Auto, "auto (v3's options), heads 80 wide"),
+                ] {
+                    gpu.set_attention(setting);
+                    assert_eq!(gpu.attention_in_use(), says);
+                }
+            }
             for (precision, setting) in runs {
                 if setting.is_some() && hd != 80 {
                     continue;

@@ -521,15 +521,30 @@ impl GpuVit<'_> {
     }
 
     /// The attention kernels the engine runs, as `prm bench` reports them: at bf16 the
-    /// tensor-core setting (`auto`, `v3`, `v2`, ...), with the head width where it is not 64 (v4
-    /// and paired blocks then run as v3's single blocks); `v1` below 64 wide and at fp32.
+    /// tensor-core setting (`auto`, `v3`, `v4 split 2`, `v2`, ...); for heads that are not 64
+    /// wide what runs of it (v4 and paired blocks run as v3's single blocks there, and `auto`
+    /// times only v3's options) and the head width; `v1` below 64 wide and at fp32.
     pub fn attention_in_use(&self) -> String {
         let head_dim = self.model.config.head_dim();
-        let version = match self.precision {
-            Precision::Bf16 if self.tensor_core_heads() && head_dim == HEAD_DIM => {
-                return self.attention.to_string()
+        let version = match (self.precision, self.attention) {
+            (Precision::Bf16, setting) if self.tensor_core_heads() && head_dim == HEAD_DIM => {
+                return setting.to_string()
             }
-            Precision::Bf16 if self.tensor_core_heads() => self.attention.to_string(),
+            (Precision::Bf16, AttentionSetting::Fixed(TensorCoreVersion::V2, _))
+                if self.tensor_core_heads() =>
+            {
+                "v2".to_string()
+            }
+            (Precision::Bf16, AttentionSetting::Fixed(_, options)) if self.tensor_core_heads() => {
+                let options = TcOptions {
+                    paired_rows: false,
+                    ..options
+                };
+                AttentionKernels { v4: false, options }.to_string()
+            }
+            (Precision::Bf16, AttentionSetting::Auto) if self.tensor_core_heads() => {
+                "auto (v3's options)".to_string()
+            }
             _ => "v1 (SIMT, fp32)".to_string(),
         };
         format!("{version}, heads {head_dim} wide")
