@@ -107,9 +107,9 @@ __device__ __forceinline__ void prm_att_store_bf16(__nv_bfloat16* g, size_t ld, 
 
 // One 64-key tile of the forward's online softmax: the raw scores s (16 × 64, keys k0 + column)
 // become P = exp2(s·scale − m) with the running row maxima m (log2 units) and sums l updated and
-// the context accumulators o (PrmAttHead<HD>::NT n-tiles) rescaled. Columns at or past `kvalid`, and (causal) keys after the
-// row, are masked. FULL: the caller knows no column is (kvalid = 64, not causal), and the masks
-// are left out (the same arithmetic on the same values).
+// the context accumulators o (PrmAttHead<HD>::NT n-tiles) rescaled. Columns at or past `kvalid`,
+// and (causal) keys after the row, are masked. FULL: the caller knows no column is (kvalid = 64,
+// not causal), and the masks are left out (the same arithmetic on the same values).
 template <bool FULL = false, int HD = 64>
 __device__ __forceinline__ void prm_att_online_softmax(float s[8][4], float m[2], float l[2], float o[][4], int kvalid,
                                                        int causal, int k0, const int rows[2]) {

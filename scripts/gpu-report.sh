@@ -298,6 +298,8 @@ fi
 # the engine's busy time (the device) and its time waiting for a batch, the batches' wait for the
 # reading, and the finisher's busy time (label maps, metrics, files): which stage holds eval
 # back. The `device passes` line says how many passes took pixels staged during the pass before.
+# Since the night of 2026-12-06 eval's attention at bf16 runs on tensor cores (v2), not the fp32
+# SIMT kernels (v1): the engine's busy time shows it.
 CLASSES150=$OUT/classes150.txt
 evaluate() { # name, target, [prm eval options...]
   local name=$1 target=$2 adv=$OUT/attack-cuda0-out

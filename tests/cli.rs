@@ -381,12 +381,12 @@ fn bf16_runs_on_the_gpu_engine_and_is_refused_on_the_cpu() {
     assert_eq!(manifest(&out).len(), 3);
 }
 
-/// A checkpoint whose heads are not 64 wide (here hf_tiny's config saying 4 heads of 32 or 8 of
-/// 16; in the wild open_clip's ViT-H/14, 16 heads of 80). Heads 32 wide: `prm info` says the GPU
-/// engine runs them on its SIMT attention kernels, and an attack on `--device sim` (the GPU
-/// engine's code path) at bf16 writes its image. Heads 16 wide: `prm info` says the GPU engine
-/// cannot run them, an attack on `--device sim` is refused before any image is written, with
-/// the way out. `--device cpu` attacks both.
+/// A checkpoint whose heads are not 64 wide (here hf_tiny's config saying 1 head of 128, 4 heads
+/// of 32 or 8 of 16; in the wild open_clip's ViT-H/14, 16 heads of 80). Heads 128 wide: `prm
+/// info` says the GPU engine runs them on v3 at bf16, and an attack on `--device sim` (the GPU
+/// engine's code path) at bf16 writes its image. Heads 32 wide: the same on its SIMT attention
+/// kernels. Heads 16 wide: `prm info` says the GPU engine cannot run them, an attack on `--device
+/// sim` is refused before any image is written, with the way out. `--device cpu` attacks all.
 #[test]
 fn a_model_with_heads_not_64_wide_runs_on_the_gpu_engine_or_is_refused_with_the_way_out() {
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf_tiny");
@@ -395,7 +395,7 @@ fn a_model_with_heads_not_64_wide_runs_on_the_gpu_engine_or_is_refused_with_the_
     std::fs::create_dir(&input).unwrap();
     let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples");
     std::fs::copy(samples.join("chelsea.png"), input.join("chelsea.png")).unwrap();
-    for heads in [4usize, 8] {
+    for heads in [1usize, 4, 8] {
         let model = tmp.path().join(format!("model{heads}"));
         std::fs::create_dir(&model).unwrap();
         std::fs::copy(
@@ -409,24 +409,34 @@ fn a_model_with_heads_not_64_wide_runs_on_the_gpu_engine_or_is_refused_with_the_
         config["vision_config"]["num_attention_heads"] = heads.into();
         std::fs::write(model.join("config.json"), config.to_string()).unwrap();
         let model = model.to_str().unwrap();
-        let runs_on_gpu = heads == 4;
+        let runs_on_gpu = heads != 8;
         let head_dim = 128 / heads;
 
         let o = prm(&["info", "--model", model]);
         assert!(o.status.success(), "{}", stderr(&o));
         let text = String::from_utf8_lossy(&o.stdout);
-        let expected = if runs_on_gpu {
-            text.contains("gpu engine:   supported")
-                && text.contains("heads 32 wide run the fp32 SIMT")
-        } else {
-            text.contains("gpu engine:   not supported") && text.contains("8 heads 16 wide")
+        let expected = match heads {
+            1 => {
+                text.contains("gpu engine:   supported")
+                    && text.contains("heads 128 wide run attention v3 on tensor cores")
+            }
+            4 => {
+                text.contains("gpu engine:   supported")
+                    && text.contains("heads 32 wide run the fp32 SIMT")
+            }
+            _ => text.contains("gpu engine:   not supported") && text.contains("8 heads 16 wide"),
         };
         assert!(expected, "{text}");
         let o = prm(&["info", "--model", model, "--json"]);
         let v: Value = serde_json::from_slice(&o.stdout).unwrap();
         if runs_on_gpu {
             assert_eq!(v["gpu_engine"], "supported", "{v}");
-            assert_eq!(v["gpu_attention"], "simt (fp32) at either precision", "{v}");
+            let attention = if heads == 1 {
+                "tensor cores at bf16 (v3), simt at fp32"
+            } else {
+                "simt (fp32) at either precision"
+            };
+            assert_eq!(v["gpu_attention"], attention, "{v}");
         } else {
             let why = v["gpu_engine"].as_str().unwrap();
             assert!(why.contains("--device cpu"), "{v}");
