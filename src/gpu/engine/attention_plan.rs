@@ -490,8 +490,7 @@ impl GpuVit<'_> {
         if !must_tune {
             return call(CallStep::Run(kernels)).map(drop);
         }
-        let c = &self.model.config;
-        let heads_of_64 = c.width == c.heads * HEAD_DIM;
+        let heads_of_64 = self.model.config.head_dim() == HEAD_DIM;
         let tuning = tune(&self.dev, pass, seqlens, heads_of_64, call)?;
         self.attention_plans
             .lock()
@@ -526,28 +525,24 @@ impl GpuVit<'_> {
     /// times only v3's options) and the head width; `v1` below 64 wide and at fp32.
     pub fn attention_in_use(&self) -> String {
         let head_dim = self.model.config.head_dim();
-        let version = match (self.precision, self.attention) {
-            (Precision::Bf16, setting) if self.tensor_core_heads() && head_dim == HEAD_DIM => {
-                return setting.to_string()
-            }
-            (Precision::Bf16, AttentionSetting::Fixed(TensorCoreVersion::V2, _))
-                if self.tensor_core_heads() =>
-            {
-                "v2".to_string()
-            }
-            (Precision::Bf16, AttentionSetting::Fixed(_, options)) if self.tensor_core_heads() => {
+        if self.precision != Precision::Bf16 || !self.tensor_core_heads() {
+            return format!("v1 (SIMT, fp32), heads {head_dim} wide");
+        }
+        if head_dim == HEAD_DIM {
+            return self.attention.to_string();
+        }
+        let runs = match self.attention {
+            AttentionSetting::Fixed(TensorCoreVersion::V2, _) => "v2".to_string(),
+            AttentionSetting::Fixed(_, options) => {
                 let options = TcOptions {
                     paired_rows: false,
                     ..options
                 };
                 AttentionKernels { v4: false, options }.to_string()
             }
-            (Precision::Bf16, AttentionSetting::Auto) if self.tensor_core_heads() => {
-                "auto (v3's options)".to_string()
-            }
-            _ => "v1 (SIMT, fp32)".to_string(),
+            AttentionSetting::Auto => "auto (v3's options)".to_string(),
         };
-        format!("{version}, heads {head_dim} wide")
+        format!("{runs}, heads {head_dim} wide")
     }
 
     /// What `auto` timed and chose so far, in order.

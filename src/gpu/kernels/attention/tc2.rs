@@ -3,6 +3,7 @@
 //! of every width [`tensor_core_v2_supports_head_dim`] allows (multiples of 8 from 64 to 128).
 
 use super::simt::{kernel, launch_delta_f32};
+use super::tc3::dkdv_then_dq;
 use super::*;
 
 /// Whether the tensor-core kernels (`kernels/attention_tc.cu`) implement `mode` / `causal`
@@ -23,10 +24,6 @@ pub fn tensor_core_supports(mode: AttentionMode, backward: bool) -> bool {
 pub fn tensor_core_v2_supports_head_dim(head_dim: usize) -> bool {
     head_dim.is_multiple_of(8) && (64..=128).contains(&head_dim)
 }
-
-/// The widest heads whose dK and dV one kernel forms together; wider heads run a dV kernel and
-/// a dK kernel (attention_tc.cu's `PRM_TC2_KERNELS_SPLIT`), each within the register file.
-const ONE_PASS_DKDV_MAX_HEAD_DIM: usize = 96;
 
 /// Bytes of one bf16 tile of attention_tc.cu's `PrmTcHead<HD>`: max(64, KP) rows of
 /// max(64, KP) + 8 elements, KP the head dim rounded up to 16.
@@ -149,19 +146,8 @@ pub fn attention_backward_tc(
         return Ok(());
     }
     launch_delta_f32(dev, head_dim, out, d_out, delta, total, heads, width)?;
-    let dkdv = dkdv_shared_bytes(head_dim);
-    let mut kernels = if head_dim <= ONE_PASS_DKDV_MAX_HEAD_DIM {
-        vec![(kernel("prm_attention_bwd_dkdv_tc", head_dim), dkdv)]
-    } else {
-        vec![
-            (kernel("prm_attention_bwd_dv_tc", head_dim), dkdv),
-            (kernel("prm_attention_bwd_dk_tc", head_dim), dkdv),
-        ]
-    };
-    kernels.push((
-        kernel("prm_attention_bwd_dq_tc", head_dim),
-        three_tiles(head_dim),
-    ));
+    let smem = (dkdv_shared_bytes(head_dim), three_tiles(head_dim));
+    let kernels = dkdv_then_dq("tc", head_dim, smem);
     let grid = grid(seqlens_host, heads, TC_TILE);
     let ops = (qkv, d_out, lse, &*delta, cu_seqlens);
     launch_f32_backward(

@@ -13,9 +13,28 @@ pub fn tensor_core_v3_supports_head_dim(head_dim: usize) -> bool {
     head_dim.is_multiple_of(8) && (64..=128).contains(&head_dim)
 }
 
-/// The widest heads whose dK and dV one kernel forms together; wider heads run a dV kernel and
-/// a dK kernel (attention_tc3.cu's `PRM_V3_KERNELS_SPLIT`), each holding one accumulator.
+/// The widest heads whose dK and dV one kernel forms together, in v2 and v3; wider heads run a
+/// dV kernel and a dK kernel (attention_tc.cu's `PRM_TC2_KERNELS_SPLIT`, attention_tc3.cu's
+/// `PRM_V3_KERNELS_SPLIT`), each holding one accumulator within the register file.
 const ONE_PASS_DKDV_MAX_HEAD_DIM: usize = 96;
+
+/// The backward kernels after delta of a tensor-core version (`version`: `tc` for v2, `tc3`)
+/// at `head_dim`, with their shared memory `(dK/dV, dQ)`: dK/dV, or dV and dK above
+/// [`ONE_PASS_DKDV_MAX_HEAD_DIM`], then dQ.
+pub(super) fn dkdv_then_dq(
+    version: &str,
+    head_dim: usize,
+    (dkdv, dq): (u32, u32),
+) -> Vec<(String, u32)> {
+    let name = |part: &str| kernel(&format!("prm_attention_bwd_{part}_{version}"), head_dim);
+    let mut kernels = if head_dim <= ONE_PASS_DKDV_MAX_HEAD_DIM {
+        vec![(name("dkdv"), dkdv)]
+    } else {
+        vec![(name("dv"), dkdv), (name("dk"), dkdv)]
+    };
+    kernels.push((name("dq"), dq));
+    kernels
+}
 
 /// Bytes of one shared tile of heads `head_dim` wide: 64 rows of KP + 8 bf16, KP the head dim
 /// rounded up to 16 (`V3Tile<HD>`; 64 rows of 72 at 64).
@@ -77,19 +96,8 @@ fn tc3_backward_kernels(
             2 * TC_TILE,
         );
     }
-    let dkdv = dkdv_smem(head_dim);
-    let mut after_delta = if head_dim <= ONE_PASS_DKDV_MAX_HEAD_DIM {
-        vec![(kernel("prm_attention_bwd_dkdv_tc3", head_dim), dkdv)]
-    } else {
-        vec![
-            (kernel("prm_attention_bwd_dv_tc3", head_dim), dkdv),
-            (kernel("prm_attention_bwd_dk_tc3", head_dim), dkdv),
-        ]
-    };
-    after_delta.push((
-        kernel("prm_attention_bwd_dq_tc3", head_dim),
-        dq_smem(head_dim),
-    ));
+    let smem = (dkdv_smem(head_dim), dq_smem(head_dim));
+    let after_delta = dkdv_then_dq("tc3", head_dim, smem);
     let dq_delta = (
         kernel("prm_attention_bwd_dq_delta_tc3", head_dim),
         dq_smem(head_dim),
