@@ -3,10 +3,12 @@
 //! - nvcc is looked for in `$NVCC`, `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, `.nvcc/cuda/bin` (made by
 //!   `scripts/install-nvcc.sh`), `PATH`, then `/usr/local/cuda/bin`.
 //! - Each `.cu` file is its own translation unit and its own fatbin (so file-scope helpers of
-//!   different files never clash), compiled in parallel with
+//!   different files never clash), compiled with
 //!   `-fatbin -O3 -std=c++17 -lineinfo -Xptxas -v -I kernels`, SASS for every arch in
 //!   `PRM_CUDA_ARCHS` (default `80;90`) plus PTX for the last one. `PRM_NVCC_FLAGS` adds flags
-//!   (e.g. `-ccbin g++-13`).
+//!   (e.g. `-ccbin g++-13`). The files compile on build.rs's thread pool beside the
+//!   simulator's objects; a file whose inputs have not changed comes from the kernel cache
+//!   (`build/cache.rs`), with nvcc's report and launch bounds, and is checked the same way.
 //! - The build fails on any nvcc error and on any register spill ptxas reports for sm_80 or
 //!   sm_90 (the archs the kernels are tuned for; a spill elsewhere is a warning), printing
 //!   nvcc's output. The full ptxas report is kept in `$OUT_DIR/nvcc/ptxas.log`.
@@ -24,6 +26,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use crate::cache::{KernelCache, KeyParts};
+use crate::pool;
 
 /// Kernels compiled into every CUDA build: they test the launch path (argument packing, large
 /// dynamic shared memory) on a real device without depending on any `kernels/*.cu`.
@@ -59,7 +64,20 @@ extern "C" __global__ void prm_selftest_smem(float* out, int n) {
 /// is a warning: the driver would compile the PTX to the same code when it loads it there.
 const TUNED_ARCHS: &[&str] = &["sm_80", "sm_90"];
 
-pub fn build() {
+/// The fatbins, planned: nvcc found, sources listed, nothing compiled yet.
+pub struct NvccBuild {
+    nvcc: PathBuf,
+    /// Every argument but the output, the intermediates' directory and the source: the same for
+    /// every file, and part of each cache key.
+    args: Vec<String>,
+    /// nvcc and the tools it runs (ptxas, cicc) and headers it reads, for the cache key.
+    toolkit: KeyParts,
+    out_dir: PathBuf,
+    fatbins: Vec<Fatbin>,
+}
+
+/// `None` without nvcc (a warning, or a panic under `PRM_REQUIRE_NVCC=1`).
+pub fn plan() -> Option<NvccBuild> {
     for var in [
         "NVCC",
         "CUDA_HOME",
@@ -77,7 +95,7 @@ pub fn build() {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let require = std::env::var("PRM_REQUIRE_NVCC").is_ok_and(|v| v == "1");
 
-    // Written again below from ptxas's report; empty (nothing to check) without nvcc.
+    // Written again by `finish` from ptxas's report; empty (nothing to check) without nvcc.
     write_kernel_limits(&out_dir, &[], &[]);
     let Some(nvcc) = find_nvcc(&manifest) else {
         let msg = "nvcc not found: building without CUDA kernels (--device cuda will report it; \
@@ -86,7 +104,7 @@ pub fn build() {
             panic!("PRM_REQUIRE_NVCC=1 but {msg}");
         }
         println!("cargo:warning={msg}");
-        return;
+        return None;
     };
     println!("cargo:rerun-if-changed={}", nvcc.display());
 
@@ -113,121 +131,283 @@ pub fn build() {
     sources.sort();
     sources.insert(0, selftest.clone());
 
-    let jobs: Vec<Job> = sources
+    let fatbins: Vec<Fatbin> = sources
         .iter()
         .map(|src| {
             let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-            Job {
+            let name = src.file_name().unwrap().to_string_lossy().into_owned();
+            Fatbin {
                 src: src.clone(),
+                // The self-test source is generated into OUT_DIR, another path in each build.
+                identity: if *src == selftest {
+                    format!("generated {name}")
+                } else {
+                    src.display().to_string()
+                },
                 out: work.join(format!("{stem}.fatbin")),
-                name: src.file_name().unwrap().to_string_lossy().into_owned(),
+                size: std::fs::metadata(src).map_or(0, |m| m.len()),
+                name,
             }
         })
         .collect();
 
-    let parallel = std::env::var("NUM_JOBS")
-        .ok()
-        .and_then(|n| n.parse::<usize>().ok())
-        .unwrap_or(2)
-        .max(1);
-    let mut results: Vec<(usize, Result<Compiled, String>)> = Vec::new();
-    for chunk in (0..jobs.len()).collect::<Vec<_>>().chunks(parallel) {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = chunk
-                .iter()
-                .map(|&i| {
-                    let job = &jobs[i];
-                    let (nvcc, archs, extra, kdir) = (&nvcc, &archs, &extra, &kernels_dir);
-                    (i, s.spawn(move || compile(nvcc, job, archs, extra, kdir)))
-                })
-                .collect();
-            for (i, h) in handles {
-                results.push((
-                    i,
-                    h.join()
-                        .unwrap_or_else(|_| Err("compiler thread panicked".into())),
-                ));
-            }
-        });
+    let mut args: Vec<String> = [
+        "-fatbin",
+        "-O3",
+        "-std=c++17",
+        "-lineinfo",
+        "-Xptxas",
+        "-v",
+        "-I",
+    ]
+    .map(String::from)
+    .into();
+    args.push(kernels_dir.display().to_string());
+    for a in &archs {
+        args.push("-gencode".into());
+        args.push(format!("arch=compute_{a},code=sm_{a}"));
     }
-    results.sort_by_key(|(i, _)| *i);
+    let ptx = archs.last().expect("at least one arch");
+    args.push("-gencode".into());
+    args.push(format!("arch=compute_{ptx},code=compute_{ptx}"));
+    args.extend(extra);
 
-    let mut log = String::new();
-    let mut failures = Vec::new();
-    let mut compiled = Vec::new();
-    for (i, r) in results {
-        match r {
-            Ok(c) => {
-                log.push_str(&format!("==== {}\n{}\n", jobs[i].name, c.output));
-                compiled.push((i, c));
-            }
-            Err(e) => failures.push(format!("==== {}\n{e}", jobs[i].name)),
-        }
+    let root = nvcc
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/"));
+    let mut toolkit = KeyParts::default().text("nvcc").binary(&nvcc);
+    for part in [
+        "bin/ptxas",
+        "nvvm/bin/cicc",
+        "include/cuda_runtime.h",
+        "include/cuda_bf16.h",
+    ] {
+        toolkit = toolkit.binary(&root.join(part));
     }
-    std::fs::write(work.join("ptxas.log"), &log).ok();
-    if !failures.is_empty() {
-        panic!(
-            "CUDA kernel build failed ({} of {} files):\n{}",
-            failures.len(),
-            jobs.len(),
-            failures.join("\n")
-        );
+    for var in ["NVCC_CCBIN", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS"] {
+        println!("cargo:rerun-if-env-changed={var}");
+        toolkit = toolkit.text(format!("{var}={}", std::env::var(var).unwrap_or_default()));
     }
-
-    // Every kernel name must be unique across files: launches look kernels up by name.
-    let mut owner: BTreeMap<String, String> = BTreeMap::new();
-    for (i, c) in &compiled {
-        for k in &c.kernels {
-            if let Some(prev) = owner.insert(k.clone(), jobs[*i].name.clone()) {
-                panic!("kernel {k} is defined in both {prev} and {}", jobs[*i].name);
-            }
-        }
-    }
-
-    let mut rs = String::from(
-        "// Generated by build/nvcc.rs: one fatbin per kernels/*.cu file.\n\
-         pub(crate) static MODULES: &[ModuleImage] = &[\n",
-    );
-    for (i, c) in &compiled {
-        let names: Vec<String> = c.kernels.iter().map(|k| format!("{k:?}")).collect();
-        rs.push_str(&format!(
-            "    ModuleImage {{ file: {:?}, fatbin: include_bytes!({:?}), kernels: &[{}] }},\n",
-            jobs[*i].name,
-            jobs[*i].out.display().to_string(),
-            names.join(", ")
-        ));
-    }
-    rs.push_str("];\n");
-    std::fs::write(out_dir.join("prm_cuda_modules.rs"), rs).expect("write prm_cuda_modules.rs");
-
-    let mut registers: BTreeMap<String, u32> = BTreeMap::new();
-    for (_, c) in &compiled {
-        for (k, r) in &c.registers {
-            let most = registers.entry(k.clone()).or_insert(0);
-            *most = (*most).max(*r);
-        }
-    }
-    let mut bounds: BTreeMap<String, u32> = BTreeMap::new();
-    for (_, c) in &compiled {
-        for (k, t) in &c.max_threads {
-            let fewest = bounds.entry(k.clone()).or_insert(u32::MAX);
-            *fewest = (*fewest).min(*t);
-        }
-    }
-    let bounds: Vec<(String, u32)> = bounds.into_iter().collect();
-    let registers: Vec<(String, u32)> = registers.into_iter().collect();
-    write_kernel_limits(&out_dir, &registers, &bounds);
-    println!("cargo:rustc-cfg=prm_cuda_kernels");
-    println!("cargo:rustc-env=PRM_FATBIN={}", jobs[0].out.display());
+    Some(NvccBuild {
+        nvcc,
+        args,
+        toolkit,
+        out_dir,
+        fatbins,
+    })
 }
 
-struct Job {
+impl NvccBuild {
+    /// One job a fatbin, with its cost estimate (source bytes, doubled: nvcc takes about twice
+    /// the host compiler's time on a file, so its jobs go first).
+    pub fn jobs<'a>(
+        &'a self,
+        cache: &'a KernelCache,
+    ) -> Vec<(u64, pool::Job<'a, Result<Compiled, String>>)> {
+        self.fatbins
+            .iter()
+            .map(|fatbin| {
+                let job: pool::Job<'a, _> = Box::new(move || self.fatbin(fatbin, cache));
+                (2 * fatbin.size, job)
+            })
+            .collect()
+    }
+
+    /// A cached fatbin is copied with nvcc's report and the launch bounds it read; a missing
+    /// one is compiled and stored. Both are checked the same way (spills, warnings).
+    fn fatbin(&self, fatbin: &Fatbin, cache: &KernelCache) -> Result<Compiled, String> {
+        let mut parts = self.toolkit.clone();
+        for a in &self.args {
+            parts = parts.text(a);
+        }
+        let key = cache.key(&parts.contents(&fatbin.identity, &fatbin.src));
+        let cached = cache.get(&key).and_then(|entry| {
+            let text = std::fs::read_to_string(entry.join("nvcc.txt")).ok()?;
+            let bounds = std::fs::read_to_string(entry.join("maxntid.txt")).ok()?;
+            let max_threads = bounds
+                .lines()
+                .map(|l| {
+                    let (name, threads) = l.split_once(' ')?;
+                    Some((name.to_string(), threads.parse().ok()?))
+                })
+                .collect::<Option<Vec<(String, u32)>>>()?;
+            std::fs::copy(entry.join("fatbin"), &fatbin.out).ok()?;
+            Some((text, max_threads))
+        });
+        let (text, max_threads) = match cached {
+            Some(hit) => hit,
+            None => {
+                let (text, max_threads) = self.compile(fatbin)?;
+                let bounds: String = max_threads
+                    .iter()
+                    .map(|(name, threads)| format!("{name} {threads}\n"))
+                    .collect();
+                let tmp = self
+                    .out_dir
+                    .join("nvcc")
+                    .join(format!("{}.txt", fatbin.name));
+                let tmp_bounds = tmp.with_extension("maxntid");
+                if std::fs::write(&tmp, &text).is_ok()
+                    && std::fs::write(&tmp_bounds, bounds).is_ok()
+                {
+                    cache.put(
+                        &key,
+                        &[
+                            ("fatbin", &fatbin.out),
+                            ("nvcc.txt", &tmp),
+                            ("maxntid.txt", &tmp_bounds),
+                        ],
+                    );
+                }
+                (text, max_threads)
+            }
+        };
+        check(fatbin, text, max_threads)
+    }
+
+    /// Runs nvcc on one file: its output text and the launch bounds of the PTX it kept.
+    fn compile(&self, fatbin: &Fatbin) -> Result<(String, Vec<(String, u32)>), String> {
+        let mut cmd = Command::new(&self.nvcc);
+        cmd.args(&self.args);
+        // The intermediate PTX carries each kernel's launch bounds as `.maxntid` (nvcc evaluated
+        // the expression, macros included). Keeping it changes nothing in the fatbin.
+        let keep = fatbin.out.with_extension("keep");
+        std::fs::remove_dir_all(&keep).ok(); // PTX of archs no longer built must not count
+        std::fs::create_dir_all(&keep).map_err(|e| format!("create {}: {e}", keep.display()))?;
+        cmd.arg("-keep").arg("-keep-dir").arg(&keep);
+        cmd.arg("-o").arg(&fatbin.out).arg(&fatbin.src);
+        let shown = format!("{cmd:?}");
+        let out = cmd
+            .output()
+            .map_err(|e| format!("could not run {}: {e}", self.nvcc.display()))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            return Err(format!("{shown}\nfailed ({}):\n{text}", out.status));
+        }
+        let mut max_threads = Vec::new();
+        let kept = std::fs::read_dir(&keep).map_err(|e| format!("read {}: {e}", keep.display()))?;
+        let mut ptx_files = 0;
+        for entry in kept.filter_map(|e| e.ok()) {
+            let path = entry.path();
+            if path.extension().is_some_and(|x| x == "ptx") {
+                let ptx = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("read {}: {e}", path.display()))?;
+                max_threads
+                    .extend(ptx_max_threads(&ptx).map_err(|e| format!("{}: {e}", path.display()))?);
+                ptx_files += 1;
+            }
+        }
+        // The intermediates are megabytes a file; the fatbin holds the PTX that matters.
+        std::fs::remove_dir_all(&keep).ok();
+        if ptx_files == 0 {
+            return Err(format!(
+                "{shown}\nleft no .ptx in {} (needed for the kernels' launch bounds)",
+                keep.display()
+            ));
+        }
+        Ok((text, max_threads))
+    }
+
+    /// Checks that every kernel name is unique, then writes the module table and the kernel
+    /// limits and turns on `cfg(prm_cuda_kernels)`; or nvcc's output of every file that failed.
+    pub fn finish(self, results: Vec<Result<Compiled, String>>) -> Result<(), String> {
+        let work = self.out_dir.join("nvcc");
+        let mut log = String::new();
+        let mut failures = Vec::new();
+        let mut compiled = Vec::new();
+        for (fatbin, r) in self.fatbins.iter().zip(results) {
+            match r {
+                Ok(c) => {
+                    log.push_str(&format!("==== {}\n{}\n", fatbin.name, c.output));
+                    compiled.push((fatbin, c));
+                }
+                Err(e) => failures.push(format!("==== {}\n{e}", fatbin.name)),
+            }
+        }
+        std::fs::write(work.join("ptxas.log"), &log).ok();
+        if !failures.is_empty() {
+            return Err(format!(
+                "CUDA kernel build failed ({} of {} files):\n{}",
+                failures.len(),
+                self.fatbins.len(),
+                failures.join("\n")
+            ));
+        }
+
+        // Every kernel name must be unique across files: launches look kernels up by name.
+        let mut owner: BTreeMap<String, String> = BTreeMap::new();
+        for (fatbin, c) in &compiled {
+            for k in &c.kernels {
+                if let Some(prev) = owner.insert(k.clone(), fatbin.name.clone()) {
+                    return Err(format!(
+                        "kernel {k} is defined in both {prev} and {}",
+                        fatbin.name
+                    ));
+                }
+            }
+        }
+
+        let mut rs = String::from(
+            "// Generated by build/nvcc.rs: one fatbin per kernels/*.cu file.\n\
+             pub(crate) static MODULES: &[ModuleImage] = &[\n",
+        );
+        for (fatbin, c) in &compiled {
+            let names: Vec<String> = c.kernels.iter().map(|k| format!("{k:?}")).collect();
+            rs.push_str(&format!(
+                "    ModuleImage {{ file: {:?}, fatbin: include_bytes!({:?}), kernels: &[{}] }},\n",
+                fatbin.name,
+                fatbin.out.display().to_string(),
+                names.join(", ")
+            ));
+        }
+        rs.push_str("];\n");
+        std::fs::write(self.out_dir.join("prm_cuda_modules.rs"), rs)
+            .expect("write prm_cuda_modules.rs");
+
+        let mut registers: BTreeMap<String, u32> = BTreeMap::new();
+        for (_, c) in &compiled {
+            for (k, r) in &c.registers {
+                let most = registers.entry(k.clone()).or_insert(0);
+                *most = (*most).max(*r);
+            }
+        }
+        let mut bounds: BTreeMap<String, u32> = BTreeMap::new();
+        for (_, c) in &compiled {
+            for (k, t) in &c.max_threads {
+                let fewest = bounds.entry(k.clone()).or_insert(u32::MAX);
+                *fewest = (*fewest).min(*t);
+            }
+        }
+        let bounds: Vec<(String, u32)> = bounds.into_iter().collect();
+        let registers: Vec<(String, u32)> = registers.into_iter().collect();
+        write_kernel_limits(&self.out_dir, &registers, &bounds);
+        println!("cargo:rustc-cfg=prm_cuda_kernels");
+        println!(
+            "cargo:rustc-env=PRM_FATBIN={}",
+            self.fatbins[0].out.display()
+        );
+        Ok(())
+    }
+}
+
+/// One `.cu` file and its fatbin.
+struct Fatbin {
     src: PathBuf,
+    /// The source's name in the cache key (with its bytes): its path, or the generated
+    /// self-test's name.
+    identity: String,
     out: PathBuf,
     name: String,
+    /// Source bytes: orders the jobs, longest first.
+    size: u64,
 }
 
-struct Compiled {
+pub struct Compiled {
     kernels: Vec<String>,
     /// (kernel, registers a thread) for every arch built, as ptxas reported them.
     registers: Vec<(String, u32)>,
@@ -236,44 +416,13 @@ struct Compiled {
     output: String,
 }
 
-fn compile(
-    nvcc: &Path,
-    job: &Job,
-    archs: &[String],
-    extra: &[String],
-    kdir: &Path,
+/// Reads nvcc's report of one file: fails on a spill on a tuned arch, warns on other spills
+/// and on compiler warnings.
+fn check(
+    fatbin: &Fatbin,
+    text: String,
+    max_threads: Vec<(String, u32)>,
 ) -> Result<Compiled, String> {
-    let mut cmd = Command::new(nvcc);
-    cmd.arg("-fatbin")
-        .args(["-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v"])
-        .arg("-I")
-        .arg(kdir);
-    for a in archs {
-        cmd.arg("-gencode")
-            .arg(format!("arch=compute_{a},code=sm_{a}"));
-    }
-    let ptx = archs.last().expect("at least one arch");
-    cmd.arg("-gencode")
-        .arg(format!("arch=compute_{ptx},code=compute_{ptx}"));
-    // The intermediate PTX carries each kernel's launch bounds as `.maxntid` (nvcc evaluated
-    // the expression, macros included). Keeping it changes nothing in the fatbin.
-    let keep = job.out.with_extension("keep");
-    std::fs::remove_dir_all(&keep).ok(); // PTX of archs no longer built must not count
-    std::fs::create_dir_all(&keep).map_err(|e| format!("create {}: {e}", keep.display()))?;
-    cmd.arg("-keep").arg("-keep-dir").arg(&keep);
-    cmd.args(extra).arg("-o").arg(&job.out).arg(&job.src);
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        return Err(format!("{shown}\nfailed ({}):\n{text}", out.status));
-    }
     let report = parse_ptxas(&text);
     let (tuned, other): (Vec<_>, Vec<_>) = report
         .spills
@@ -283,44 +432,24 @@ fn compile(
         let tuned: Vec<&str> = tuned.iter().map(|(_, s)| s.as_str()).collect();
         return Err(format!(
             "register spills (the build forbids them on {}; lower the per-thread state or use \
-             __launch_bounds__):\n  {}\n{shown}\n{text}",
+             __launch_bounds__):\n  {}\n{}: {text}",
             TUNED_ARCHS.join(" and "),
-            tuned.join("\n  ")
+            tuned.join("\n  "),
+            fatbin.src.display()
         ));
     }
     for (_, spill) in other {
         // The driver's JIT of the PTX would spill the same: native code is still the better build.
         println!(
             "cargo:warning={}: register spill on an arch the kernels are not tuned for: {spill}",
-            job.name
+            fatbin.name
         );
     }
     for line in text.lines() {
         let l = line.to_ascii_lowercase();
         if l.contains("warning") && !l.starts_with("ptxas info") {
-            println!("cargo:warning={}: {}", job.name, line.trim());
+            println!("cargo:warning={}: {}", fatbin.name, line.trim());
         }
-    }
-    let mut max_threads = Vec::new();
-    let kept = std::fs::read_dir(&keep).map_err(|e| format!("read {}: {e}", keep.display()))?;
-    let mut ptx_files = 0;
-    for entry in kept.filter_map(|e| e.ok()) {
-        let path = entry.path();
-        if path.extension().is_some_and(|x| x == "ptx") {
-            let ptx = std::fs::read_to_string(&path)
-                .map_err(|e| format!("read {}: {e}", path.display()))?;
-            max_threads
-                .extend(ptx_max_threads(&ptx).map_err(|e| format!("{}: {e}", path.display()))?);
-            ptx_files += 1;
-        }
-    }
-    // The intermediates are megabytes a file; the fatbin holds the PTX that matters.
-    std::fs::remove_dir_all(&keep).ok();
-    if ptx_files == 0 {
-        return Err(format!(
-            "{shown}\nleft no .ptx in {} (needed for the kernels' launch bounds)",
-            keep.display()
-        ));
     }
     Ok(Compiled {
         kernels: report.kernels,

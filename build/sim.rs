@@ -8,9 +8,16 @@
 //! `PRM_REGISTER_KERNEL(name)` (lines that start with one) as `{ "name", &prm_sim_trampoline_name }`; the runtime
 //! references the table, so linking `prm_sim_launch` pulls every kernel object out of the
 //! static library (no static-initialiser registration needed).
+//!
+//! `plan` writes the wrappers and the registry; `jobs` are the objects, one a file, which
+//! build.rs runs on its thread pool beside nvcc's and takes from the kernel cache when it can;
+//! `finish` archives them.
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
+
+use crate::cache::{KernelCache, KeyParts};
+use crate::pool::Job;
 
 /// The kernel names registered in one `.cu` source: every `PRM_REGISTER_KERNEL(name)` on lines
 /// that start with one (comments and `#define`s are skipped). A line may hold several, as
@@ -39,11 +46,35 @@ fn registered_kernels(src: &str) -> Vec<String> {
     names
 }
 
-pub fn build() {
+/// One C++ translation unit of the simulator library.
+struct Unit {
+    source: PathBuf,
+    /// The file whose bytes the unit compiles, and its name in the cache key: the kernel file
+    /// (not its wrapper, which lives in this build's `OUT_DIR`: another for `cargo clippy`), the
+    /// runtime's files, or the registry under a name of its own.
+    reads: (String, PathBuf),
+    /// Name of its object in the cache entry and in `OUT_DIR/sim_objects/`.
+    object: String,
+    /// Bytes of the file it compiles, which orders the jobs (longest first).
+    size: u64,
+}
+
+/// The simulator library, planned: wrappers and registry written, objects not yet compiled.
+pub struct SimBuild {
+    build: cc::Build,
+    units: Vec<Unit>,
+    compiler: KeyParts,
+    objects_dir: PathBuf,
+}
+
+pub fn plan() -> SimBuild {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let kernels_dir = root.join("kernels");
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("sim_kernels");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    let out = out_dir.join("sim_kernels");
     fs::create_dir_all(&out).expect("create OUT_DIR/sim_kernels");
+    let objects_dir = out_dir.join("sim_objects");
+    fs::create_dir_all(&objects_dir).expect("create OUT_DIR/sim_objects");
 
     println!("cargo:rerun-if-changed={}", kernels_dir.display());
     println!(
@@ -67,6 +98,8 @@ pub fn build() {
         .flag("-pthread")
         .include(&kernels_dir);
 
+    let size = |p: &Path| fs::metadata(p).map_or(0, |m| m.len());
+    let mut units = Vec::new();
     let mut kernels: Vec<String> = Vec::new();
     for src in &sources {
         println!("cargo:rerun-if-changed={}", src.display());
@@ -76,7 +109,12 @@ pub fn build() {
         let stem = src.file_stem().unwrap().to_string_lossy();
         let wrapper = out.join(format!("{stem}.cpp"));
         write_if_changed(&wrapper, &format!("#include \"{}\"\n", escape(src)));
-        build.file(&wrapper);
+        units.push(Unit {
+            source: wrapper,
+            reads: (src.display().to_string(), src.clone()),
+            object: format!("{stem}.o"),
+            size: size(src),
+        });
     }
     kernels.sort();
     let before = kernels.len();
@@ -117,11 +155,121 @@ pub fn build() {
     if std::env::var("PRM_SIM_UCONTEXT").is_ok_and(|v| v == "1") {
         build.define("PRM_SIM_UCONTEXT", None);
     }
-    build.file(kernels_dir.join("sim").join("runtime.cpp"));
-    build.file(kernels_dir.join("sim").join("memory.cpp"));
-    build.file(&registry);
-    build.compile("prm_sim");
-    println!("cargo:rustc-link-lib=pthread");
+    let runtime = |file: &str| {
+        let path = kernels_dir.join("sim").join(file);
+        (path.clone(), (path.display().to_string(), path))
+    };
+    for ((source, reads), object) in [
+        (runtime("runtime.cpp"), "sim_runtime.o"),
+        (runtime("memory.cpp"), "sim_memory.o"),
+        (
+            (
+                registry.clone(),
+                ("generated registry.cpp".into(), registry),
+            ),
+            "sim_registry.o",
+        ),
+    ] {
+        units.push(Unit {
+            size: size(&source),
+            source,
+            reads,
+            object: object.into(),
+        });
+    }
+
+    // The compiler and every flag cc will pass (CXXFLAGS, the target's, ours) key the cache.
+    let tool = build.get_compiler();
+    let mut compiler = KeyParts::default()
+        .text("sim")
+        .binary(&resolve(tool.path()));
+    for arg in tool.args() {
+        compiler = compiler.text(arg);
+    }
+    SimBuild {
+        build,
+        units,
+        compiler,
+        objects_dir,
+    }
+}
+
+impl SimBuild {
+    /// One job an object, with its cost estimate (source bytes): a cached object is copied, a
+    /// missing one compiled and stored. Each returns the object's path, or the compiler's error.
+    pub fn jobs<'a>(
+        &'a self,
+        cache: &'a KernelCache,
+    ) -> Vec<(u64, Job<'a, Result<PathBuf, String>>)> {
+        self.units
+            .iter()
+            .map(|unit| {
+                let job: Job<'a, _> = Box::new(move || self.object(unit, cache));
+                (unit.size, job)
+            })
+            .collect()
+    }
+
+    fn object(&self, unit: &Unit, cache: &KernelCache) -> Result<PathBuf, String> {
+        let (name, path) = &unit.reads;
+        let key = cache.key(&self.compiler.clone().contents(name, path));
+        let dst = self.objects_dir.join(&unit.object);
+        if let Some(entry) = cache.get(&key) {
+            if fs::copy(entry.join(&unit.object), &dst).is_ok() {
+                return Ok(dst);
+            }
+        }
+        let mut one = self.build.clone();
+        one.file(&unit.source);
+        let compiled = one
+            .try_compile_intermediates()
+            .map_err(|e| format!("{}: {e}", unit.source.display()))?;
+        let [object] = compiled.as_slice() else {
+            return Err(format!("{}: expected one object", unit.source.display()));
+        };
+        fs::copy(object, &dst).map_err(|e| format!("copy {}: {e}", object.display()))?;
+        cache.put(&key, &[(&unit.object, &dst)]);
+        Ok(dst)
+    }
+
+    /// Archives the objects into `libprm_sim.a` and tells cargo to link it; or the compiler's
+    /// errors, for build.rs to report beside nvcc's.
+    pub fn finish(self, objects: Vec<Result<PathBuf, String>>) -> Result<(), String> {
+        let mut paths = Vec::new();
+        let mut failures = Vec::new();
+        for object in objects {
+            match object {
+                Ok(p) => paths.push(p),
+                Err(e) => failures.push(e),
+            }
+        }
+        if !failures.is_empty() {
+            return Err(format!(
+                "simulator build failed ({} of {} files):\n{}",
+                failures.len(),
+                self.units.len(),
+                failures.join("\n")
+            ));
+        }
+        let library = self.build.create_archive("prm_sim", &paths);
+        cc::emit_link_directives(&self.build, &library);
+        println!("cargo:rustc-link-lib=pthread");
+        Ok(())
+    }
+}
+
+/// A bare program name (cc's `c++`) as the file PATH finds, so its identity can be read.
+fn resolve(program: &Path) -> PathBuf {
+    if program.components().count() > 1 {
+        return program.to_path_buf();
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(program))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| program.to_path_buf())
 }
 
 fn escape(p: &Path) -> String {

@@ -1,0 +1,174 @@
+//! A content-addressed cache of compiled kernels, shared by the builds of one profile.
+//!
+//! `cargo test --release` and `cargo clippy --release` run this build script in different
+//! `OUT_DIR`s (clippy compiles the script itself, so its fingerprint differs), and each run used
+//! to compile every kernel again: over two minutes on two cores, twice in every CI run. Here an
+//! entry is a directory `target/<profile>/prm-kernel-cache/<key>/` holding one compile's outputs;
+//! its key hashes everything that compile reads:
+//!
+//! - the file it compiles (its bytes: [`KeyParts::contents`]);
+//! - every other file under `kernels/` but the other `.cu` files (each `.cu` is its own
+//!   translation unit and none includes another) and the notes (`.md`): the headers and the
+//!   simulator's runtime, so a header change misses every entry and a kernel change its own;
+//! - the compiler's identity (path, size and modification time of its binaries);
+//! - the job's full argument list.
+//!
+//! An entry is written to a temporary directory and renamed into place, so a build that dies
+//! half way leaves no entry that looks complete. At the end of a build every entry it did not
+//! use is removed, so the cache holds one build's worth (about 50 MB) rather than one per edit.
+//! `PRM_KERNEL_CACHE=0` turns it off.
+//!
+//! The hash is std's `DefaultHasher` (SipHash with fixed keys) run twice with different
+//! prefixes, 128 bits: stable for a given toolchain, which is all a cache needs (a new rustc at
+//! worst misses once).
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub struct KernelCache {
+    /// `None` when the cache is off or `OUT_DIR` is not where cargo normally puts it.
+    dir: Option<PathBuf>,
+    /// The files under `kernels/` that every compile may read (all but `.cu` and `.md`):
+    /// (relative path, bytes) in sorted order.
+    shared: Vec<(String, Vec<u8>)>,
+    used: Mutex<BTreeSet<String>>,
+}
+
+/// What goes into a key besides the shared files: the file compiled, the compiler's identity
+/// and its arguments.
+#[derive(Default, Clone)]
+pub struct KeyParts(Vec<Vec<u8>>);
+
+impl KeyParts {
+    pub fn text(mut self, s: impl AsRef<OsStr>) -> Self {
+        self.0.push(s.as_ref().as_encoded_bytes().to_vec());
+        self
+    }
+
+    /// A file's bytes, under a name that is the same in every build (a file generated into
+    /// `OUT_DIR` has another path in each). An unreadable file counts as empty; its compile
+    /// fails anyway.
+    pub fn contents(self, name: impl AsRef<OsStr>, path: &Path) -> Self {
+        let mut parts = self.text(name);
+        parts.0.push(std::fs::read(path).unwrap_or_default());
+        parts
+    }
+
+    /// A binary's identity without reading it: path, size and modification time (a compiler
+    /// upgrade changes at least one). A missing file counts as its path alone.
+    pub fn binary(self, path: &Path) -> Self {
+        let meta = std::fs::metadata(path).ok();
+        let stamp = meta
+            .map(|m| {
+                let mtime = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                format!("{} bytes, modified {mtime}", m.len())
+            })
+            .unwrap_or_else(|| "absent".into());
+        self.text(path).text(stamp)
+    }
+}
+
+impl KernelCache {
+    pub fn open(out_dir: &Path, kernels_dir: &Path) -> Self {
+        println!("cargo:rerun-if-env-changed=PRM_KERNEL_CACHE");
+        let off = std::env::var("PRM_KERNEL_CACHE").is_ok_and(|v| v == "0");
+        // OUT_DIR is <target>/<profile>/build/<package>-<hash>/out.
+        let profile_dir = out_dir
+            .parent()
+            .and_then(Path::parent)
+            .filter(|build| build.file_name() == Some(OsStr::new("build")))
+            .and_then(Path::parent);
+        let dir = (!off)
+            .then_some(profile_dir)
+            .flatten()
+            .map(|p| p.join("prm-kernel-cache"));
+        let mut shared = Vec::new();
+        read_tree(kernels_dir, kernels_dir, &mut shared);
+        shared.retain(|(path, _)| !path.ends_with(".cu") && !path.ends_with(".md"));
+        shared.sort();
+        KernelCache {
+            dir,
+            shared,
+            used: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    pub fn key(&self, parts: &KeyParts) -> String {
+        let half = |salt: &str| {
+            let mut h = DefaultHasher::new();
+            salt.hash(&mut h);
+            self.shared.hash(&mut h);
+            parts.0.hash(&mut h);
+            h.finish()
+        };
+        format!(
+            "{:016x}{:016x}",
+            half("prm-kernel-cache/a"),
+            half("prm-kernel-cache/b")
+        )
+    }
+
+    /// The entry's directory when it is complete; marks it used either way, so a fresh entry
+    /// stored under this key survives the prune.
+    pub fn get(&self, key: &str) -> Option<PathBuf> {
+        let dir = self.dir.as_ref()?.join(key);
+        self.used.lock().unwrap().insert(key.to_string());
+        dir.is_dir().then_some(dir)
+    }
+
+    /// Stores `files` (name in the entry, file to copy) under `key`. A failure only costs the
+    /// next build a compile, so it is a warning.
+    pub fn put(&self, key: &str, files: &[(&str, &Path)]) {
+        let Some(root) = &self.dir else { return };
+        let done = root.join(key);
+        let tmp = root.join(format!("{key}.tmp-{}", std::process::id()));
+        let stored = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(&tmp)?;
+            for (name, from) in files {
+                std::fs::copy(from, tmp.join(name))?;
+            }
+            std::fs::remove_dir_all(&done).ok();
+            std::fs::rename(&tmp, &done)
+        })();
+        if let Err(e) = stored {
+            std::fs::remove_dir_all(&tmp).ok();
+            println!("cargo:warning=kernel cache: could not store {key}: {e}");
+        }
+    }
+
+    /// Removes every entry this build did not ask for (older kernel versions, other flags).
+    pub fn prune(&self) {
+        let Some(root) = &self.dir else { return };
+        let used = self.used.lock().unwrap();
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            if !used.contains(entry.file_name().to_string_lossy().as_ref()) {
+                std::fs::remove_dir_all(entry.path()).ok();
+            }
+        }
+    }
+}
+
+fn read_tree(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        if path.is_dir() {
+            read_tree(root, &path, out);
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            let rel = path.strip_prefix(root).unwrap_or(&path);
+            out.push((rel.to_string_lossy().into_owned(), bytes));
+        }
+    }
+}
