@@ -1,7 +1,10 @@
 // runtime.cpp: the simulator's launcher, fibers, barriers, warp exchange, cp.async queues and
 // shared memory.
 //
-// One launch at a time (global mutex), run on the calling OS thread: a grid runs block by block,
+// A launch runs on the calling OS thread, with that thread's own simulator state (fibers, shared
+// memory arena, kernel table: see S()), so launches on different OS threads run at once, as
+// kernels on different GPUs or streams do (one device's launches are ordered by the caller,
+// src/gpu/device.rs, as a stream orders them). A grid runs block by block,
 // and a block's threads are fibers (user-level contexts with their own stacks, switched by a few
 // instructions; see "Contexts" below), not OS threads. A fiber runs until it reaches a meeting
 // point (__syncthreads, a warp collective) or returns, then control goes back to the block's
@@ -171,6 +174,16 @@ struct Fiber {
     // cp.async: issued copies in order, and how many of them each committed group closes.
     std::vector<CpAsync> copies;
     std::vector<size_t> groups;  // ends (exclusive indices into `copies`) of committed groups
+
+    Fiber() = default;
+    Fiber(const Fiber&) = delete;
+    Fiber& operator=(const Fiber&) = delete;
+    // The stack and its guard page (new_stack) go back when the thread's simulator is freed.
+    ~Fiber() {
+        if (!stack) return;
+        const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+        munmap(stack - page, kStackBytes + page);
+    }
 };
 
 struct Barrier {
@@ -196,9 +209,14 @@ struct BlockState {
     WarpState warps[kMaxThreads / 32];
 };
 
+// The barrier timeout for later launches on every thread (0: the default).
+std::atomic<uint32_t> g_timeout_ms{0};
+
 struct Sim {
-    std::mutex launch_mutex;  // one launch at a time
-    std::atomic<uint32_t> timeout_ms{0};
+    Sim() = default;
+    Sim(const Sim&) = delete;
+    Sim& operator=(const Sim&) = delete;
+    ~Sim() { std::free(arena); }
 
     // Launch description.
     const char* name = "";
@@ -242,9 +260,16 @@ struct Sim {
     bool kernels_loaded = false;
 };
 
+// This OS thread's simulator, made on its first launch and freed when the thread exits (no
+// launch can run on it then). The plain pointer is the fast path: S() is called at every
+// meeting point, and a thread_local with a destructor is reached through an initialisation
+// check each time.
 Sim& S() {
-    static Sim* s = new Sim();  // never destroyed: a launch may run while statics are torn down
-    return *s;
+    thread_local Sim* fast = nullptr;
+    if (__builtin_expect(fast != nullptr, 1)) return *fast;
+    thread_local std::unique_ptr<Sim> owner(new Sim());
+    fast = owner.get();
+    return *fast;
 }
 
 struct DynamicRegistry {
@@ -286,8 +311,7 @@ const char* state_name(ThreadState st) {
 }
 
 uint32_t timeout_ms() {
-    Sim& s = S();
-    uint32_t t = s.timeout_ms.load(std::memory_order_relaxed);
+    uint32_t t = g_timeout_ms.load(std::memory_order_relaxed);
     if (t == 0) {
         t = kDefaultTimeoutMs;
         if (const char* e = std::getenv("PRM_SIM_BARRIER_TIMEOUT_MS")) {
@@ -855,14 +879,13 @@ using namespace prm_sim;
 // Sets the barrier timeout in milliseconds for later launches (0: the default, 10 s or
 // PRM_SIM_BARRIER_TIMEOUT_MS). Returns the previous setting (0 for the default).
 extern "C" uint32_t prm_sim_set_barrier_timeout_ms(uint32_t ms) {
-    return S().timeout_ms.exchange(ms);
+    return g_timeout_ms.exchange(ms);
 }
 
 extern "C" int prm_sim_launch(const char* name, uint32_t gx, uint32_t gy, uint32_t gz, uint32_t bx, uint32_t by,
                               uint32_t bz, uint32_t shared_bytes, int schedule, void** args, char* err,
                               size_t err_len) {
     Sim& s = S();
-    std::lock_guard<std::mutex> launch_lock(s.launch_mutex);
     if (err && err_len) err[0] = '\0';
     if (!name) return put_err(err, err_len, "null kernel name", 1);
     const Trampoline fn = find_kernel(name);

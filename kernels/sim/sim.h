@@ -116,7 +116,8 @@ void cp_async_commit();
 void cp_async_wait(int pending);
 
 // Shared memory. A declaration site holds the offset of its array in the block's arena for the
-// current launch (assigned on first use, the same for every thread and block of the launch).
+// current launch (assigned on first use, the same for every thread and block of the launch);
+// one a declaration and OS thread, as each OS thread launches with its own arena.
 struct SharedSite {
     std::atomic<uint64_t> epoch{0};
     size_t offset = 0;
@@ -210,7 +211,7 @@ constexpr int warpSize = 32;
 #define PRM_SIM_CAT(a, b) PRM_SIM_CAT2(a, b)
 
 #define PRM_SHARED_ARRAY(type, name, n)                                                           \
-    static ::prm_sim::SharedSite PRM_SIM_CAT(prm_sim_site_, name);                                \
+    static thread_local ::prm_sim::SharedSite PRM_SIM_CAT(prm_sim_site_, name);                   \
     type(&name)[n] = *reinterpret_cast<type(*)[n]>(::prm_sim::shared_static(                      \
         PRM_SIM_CAT(prm_sim_site_, name), sizeof(type) * (n), alignof(type), #name))
 

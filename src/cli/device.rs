@@ -3,9 +3,8 @@
 //! Spellings: `auto` (CUDA device 0 when a driver and a device exist, else the CPU; also the
 //! CPU, with a note, when device 0 is older than the kernels' sm_80), `cpu`,
 //! `cuda` / `cuda:N`, `sim`; and for `prm attack` and `prm eval`, several devices at once: `cuda:all`
-//! (every CUDA device), `cuda:0,1,...`, and `sim:N` (N simulated devices: no faster than one,
-//! since the simulator runs one launch at a time, but it runs the whole multi-device pipeline
-//! without a GPU).
+//! (every CUDA device), `cuda:0,1,...`, and `sim:N` (N simulated devices, each worker's
+//! launches on its own thread: it runs the whole multi-device pipeline without a GPU).
 //!
 //! `PRM_SIM_MEMORY=BYTES` (e.g. `512M`) makes each simulated device stand in for a GPU with that
 //! much memory: `--batch-size auto` sizes batches from what is left of it, and an allocation

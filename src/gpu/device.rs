@@ -123,6 +123,23 @@ pub(crate) struct SimOptions {
     pub(crate) shared_per_block: Option<u32>,
     /// Its memory accounting, and the total it pretends to have ([`Device::sim_with_memory`]).
     pub(crate) memory: Arc<SimMemory>,
+    /// Held through each of its launches (and graph replays): one device runs them one at a
+    /// time, in the order its threads make them, as a stream does. The simulator itself runs
+    /// launches on different OS threads at once (each thread has its own fibers and shared
+    /// memory), so different devices, and the tests' own devices, work in parallel.
+    launch_order: Arc<std::sync::Mutex<()>>,
+}
+
+impl SimOptions {
+    /// Runs `launch` with this device's other launches held off.
+    pub(crate) fn one_at_a_time<T>(&self, launch: impl FnOnce() -> T) -> T {
+        // A launch that panicked leaves nothing half-done that the lock guards.
+        let _turn = self
+            .launch_order
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        launch()
+    }
 }
 
 /// What a new allocation holds.
@@ -818,7 +835,7 @@ impl Device {
             || match &*self.backend {
                 // SAFETY: each tail lies behind an output buffer that `args` borrowed
                 // exclusively when it was added, inside its allocation.
-                Backend::Sim(options) => unsafe {
+                Backend::Sim(options) => options.one_at_a_time(|| unsafe {
                     sim_launch_checking_tails(
                         kernel,
                         cfg,
@@ -826,7 +843,7 @@ impl Device {
                         &mut ptrs,
                         &args.output_tails,
                     )
-                },
+                }),
                 Backend::Cuda(c) => c.launch(kernel, cfg, &mut ptrs),
             },
         )

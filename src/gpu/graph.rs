@@ -289,9 +289,8 @@ impl Graph {
                 )
             },
             || match (&self.body, &*self.dev.backend) {
-                (Body::Sim(ops), Backend::Sim(options)) => {
-                    ops.iter().try_for_each(|op| op.replay(options.schedule))
-                }
+                (Body::Sim(ops), Backend::Sim(options)) => options
+                    .one_at_a_time(|| ops.iter().try_for_each(|op| op.replay(options.schedule))),
                 (Body::Sim(_), Backend::Cuda(_)) => {
                     unreachable!("a simulator graph on a CUDA device")
                 }
