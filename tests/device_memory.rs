@@ -211,13 +211,13 @@ fn pngs(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 /// The whole campaign path (uploads, steps, graphs, the final evaluation, saving on the device)
-/// in one batch: the engine's peak beyond its weights stays within the budget, and the budget
-/// is not so loose that it wastes most of a GPU (at most 3× the peak at realistic widths).
+/// in one batch: the engine's peak beyond its weights stays within the budget (the tiny model:
+/// native sizes, the paper's settings, large images at a fixed resolution).
 #[test]
 fn the_auto_batch_budget_covers_what_the_engine_allocates() {
     let tiny = || Model::load("random:tiny").unwrap();
     let mixed = vec![(64, 48), (47, 47), (33, 80), (96, 64), (50, 33)];
-    let mut cases = vec![
+    let cases = vec![
         Case {
             name: "tiny, pgd, bf16, native sizes",
             model: tiny(),
@@ -254,22 +254,8 @@ fn the_auto_batch_budget_covers_what_the_engine_allocates() {
             sizes: vec![(300, 200), (200, 301)],
         },
     ];
-    // A realistic width (ViT-B) at its real sizes; the simulator's products are CPU GEMMs.
-    let b32 = Model::load("random:vit-b-32").unwrap();
-    let realistic = [
-        ("ViT-B/32, pgd, bf16, 224 px", Precision::Bf16, pgd(1)),
-        ("ViT-B/32, pgd, fp32, 224 px", Precision::Fp32, pgd(1)),
-        (
-            "ViT-B/32, pgd, bf16, layers 0..3",
-            Precision::Bf16,
-            AttackSettings {
-                layers: LayerSelection::parse("0,1,2,3").unwrap(),
-                ..pgd(1)
-            },
-        ),
-    ];
     let tmp = tempfile::tempdir().unwrap();
-    for (i, case) in cases.drain(..).enumerate() {
+    for (i, case) in cases.into_iter().enumerate() {
         let items = inputs(&tmp.path().join(format!("in{i}")), &case.sizes);
         let (peak, _) = case.run(
             &Device::sim(),
@@ -289,8 +275,28 @@ fn the_auto_batch_budget_covers_what_the_engine_allocates() {
             case.name
         );
     }
-    // The same width in 8 heads of 96: attention on the SIMT kernels, q|k|v kept in fp32 by
-    // the bf16 engine (as open_clip's ViT-H/14, 16 heads of 80, runs).
+}
+
+/// The test above at a realistic width, a test of its own so that the test threads share the
+/// simulator's time evenly; here the budget must also be at most 3× the peak.
+#[test]
+fn the_auto_batch_budget_covers_a_vit_b_campaign_without_waste() {
+    // A realistic width (ViT-B) at its real sizes; the simulator's products are CPU GEMMs.
+    let b32 = Model::load("random:vit-b-32").unwrap();
+    let realistic = [
+        ("ViT-B/32, pgd, bf16, 224 px", Precision::Bf16, pgd(1)),
+        ("ViT-B/32, pgd, fp32, 224 px", Precision::Fp32, pgd(1)),
+        (
+            "ViT-B/32, pgd, bf16, layers 0..3",
+            Precision::Bf16,
+            AttackSettings {
+                layers: LayerSelection::parse("0,1,2,3").unwrap(),
+                ..pgd(1)
+            },
+        ),
+    ];
+    // The same width in 8 heads of 96: attention on v3 at heads 96 wide, q|k|v in bf16 as
+    // with heads of 64 (as open_clip's ViT-H/14, 16 heads of 80, runs).
     let mut b32_heads_96 = b32.clone();
     b32_heads_96.config.heads = 8;
     let realistic = realistic.into_iter().map(|r| (r, &b32)).chain([(
@@ -301,6 +307,7 @@ fn the_auto_batch_budget_covers_what_the_engine_allocates() {
         ),
         &b32_heads_96,
     )]);
+    let tmp = tempfile::tempdir().unwrap();
     let items = inputs(&tmp.path().join("in-b32"), &[(224, 224), (230, 200)]);
     for (j, ((name, precision, settings), model)) in realistic.enumerate() {
         let case = Case {

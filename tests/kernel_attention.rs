@@ -1049,26 +1049,38 @@ fn simt_rejects_heads_it_has_no_kernels_for() {
 
 /// v3's backward with dO already in bf16 (`attention_backward_tc3_bf16_dout`, the engine's
 /// path) against the fp32-dO backward given the same bf16-exact dO: delta and d_qkv bit for
-/// bit, on 197 and 1201 tokens, a mixed batch and the ViT-B width, causal or not, with delta
+/// bit, on 197 tokens (1201 in the next test), a mixed batch and the ViT-B width, causal or not, with delta
 /// formed inside dQ or by its own kernel; and at heads 80 wide (ViT-H/14) and 104 (ViT-bigG/14,
 /// dK and dV in two kernels), where paired blocks and v4, which take heads of 64 only, give
 /// v3's single-block bits.
 #[test]
 fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
+    bf16_dout_backward_matches_fp32_dout(&[
+        (vec![197], 128, 2, false),
+        (vec![1, 50, 197, 5], 768, 12, false),
+        (vec![197, 63], 128, 2, true),
+        (vec![197, 1, 50], 160, 2, false),
+        (vec![77, 13], 208, 2, true),
+    ]);
+}
+
+/// As above on 1201 tokens (the paper preset's 640×480), a test of its own so that the test
+/// threads share the simulator's time evenly.
+#[test]
+fn v3_bf16_dout_backward_is_the_fp32_dout_backward_at_1201_tokens() {
+    bf16_dout_backward_matches_fp32_dout(&[(vec![1201], 128, 2, false)]);
+}
+
+/// (lengths, width, heads, causal) cases of the test above.
+fn bf16_dout_backward_matches_fp32_dout(cases: &[(Vec<usize>, usize, usize, bool)]) {
     for dev in devices() {
-        for (lens, width, heads, causal) in [
-            (vec![197], 128, 2, false),
-            (vec![1201], 128, 2, false),
-            (vec![1, 50, 197, 5], 768, 12, false),
-            (vec![197, 63], 128, 2, true),
-            (vec![197, 1, 50], 160, 2, false),
-            (vec![77, 13], 208, 2, true),
-        ] {
+        for (lens, width, heads, causal) in cases {
+            let (lens, width, heads, causal) = (lens.as_slice(), *width, *heads, *causal);
             let n: usize = lens.iter().sum();
-            let (qkv, d_out) = inputs(&lens, width, 77 + n as u64);
+            let (qkv, d_out) = inputs(lens, width, 77 + n as u64);
             let d_out_bf16 = to_bf16(&d_out);
             let d_out_exact: Vec<f32> = d_out_bf16.iter().map(|v| v.to_f32()).collect();
-            let cu = cu_seqlens(&lens);
+            let cu = cu_seqlens(lens);
             let qkv_b = dev.upload(&to_bf16(&qkv)).unwrap();
             let cu_b = dev.upload(&cu).unwrap();
             let mut out = dev.alloc::<bf16>(n * width).unwrap();
@@ -1077,7 +1089,7 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
                 &dev,
                 &qkv_b,
                 &cu_b,
-                &lens,
+                lens,
                 &mut out,
                 &mut lse,
                 width,
@@ -1109,7 +1121,7 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
                 &dev.upload(&d_out_exact).unwrap(),
                 &lse,
                 &cu_b,
-                &lens,
+                lens,
                 &mut want_dqkv,
                 &mut want_delta,
                 &mut copy,
@@ -1149,7 +1161,7 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
                     &dev.upload(&d_out_bf16).unwrap(),
                     &lse,
                     &cu_b,
-                    &lens,
+                    lens,
                     &mut got_dqkv,
                     &mut got_delta,
                     width,
@@ -1191,15 +1203,15 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
 /// v4 (`attention_tc4.cu`, a whole head resident in shared memory) against v3: the same
 /// arithmetic in the same order, so the context, lse, delta and d_qkv must agree bit for bit,
 /// with every CTA split per head (1 to 4), and paired blocks (split 1 to 3), on
-/// 197 tokens, a mixed batch of odd lengths (1, 5, 15, 16, 17, 63, 65, 256), ViT-B's width,
-/// causal masks, the q·qᵀ and k·kᵀ forwards, 300 tokens (v4 since its limit went from 256 to
-/// 512), and a sequence past the limit (513 tokens, which runs v3's kernels). The reference is v3 with its straight tiles off (every tile through the
+/// 197 tokens, a mixed batch of odd lengths (1, 5, 15, 16, 17, 63, 65, 256), causal masks,
+/// the q·qᵀ and k·kᵀ forwards; and in the next two tests ViT-B's width, 300 tokens (v4 since
+/// its limit went from 256 to 512), and a sequence past the limit (513 tokens, which runs v3's
+/// kernels). The reference is v3 with its straight tiles off (every tile through the
 /// masked code): v3 and v4 with them on (the default) and v4 with them off must give its bits
 /// too.
 #[test]
 fn v4_is_v3_bit_for_bit() {
-    type Case = (Vec<usize>, usize, AttentionMode, bool);
-    let cases: Vec<Case> = vec![
+    v4_matches_v3(&[
         (vec![197], 128, AttentionMode::QK, false),
         (
             vec![1, 5, 15, 16, 17, 63, 65, 256],
@@ -1207,19 +1219,38 @@ fn v4_is_v3_bit_for_bit() {
             AttentionMode::QK,
             false,
         ),
-        (vec![50, 197, 3], 768, AttentionMode::QK, false),
         (vec![197, 77, 1, 130], 128, AttentionMode::QK, true),
         (vec![70, 13], 64, AttentionMode::QQ, false),
         (vec![70, 13], 64, AttentionMode::KK, true),
+    ]);
+}
+
+/// The test above at ViT-B's width (12 heads), a test of its own so that the test threads
+/// share the simulator's time evenly.
+#[test]
+fn v4_is_v3_bit_for_bit_at_vit_b_width() {
+    v4_matches_v3(&[(vec![50, 197, 3], 768, AttentionMode::QK, false)]);
+}
+
+/// The test above on 300 tokens and on 513, one past v4's limit (v3's kernels run).
+#[test]
+fn v4_is_v3_bit_for_bit_near_and_past_its_limit() {
+    v4_matches_v3(&[
         (vec![300, 20], 64, AttentionMode::QK, false),
         (vec![513], 64, AttentionMode::QK, false),
-    ];
+    ]);
+}
+
+/// (lengths, width, mode, causal).
+type TcCase = (Vec<usize>, usize, AttentionMode, bool);
+
+fn v4_matches_v3(cases: &[TcCase]) {
     // The reverse-schedule simulator is among the runs below.
     let devices = devices()
         .into_iter()
         .filter(|d| d.sim_schedule() != Some(Schedule::Reverse));
     for dev in devices {
-        for (lens, width, mode, causal) in &cases {
+        for (lens, width, mode, causal) in cases {
             let (lens, width, mode, causal) = (lens.as_slice(), *width, *mode, *causal);
             let n: usize = lens.iter().sum();
             let (qkv, d_out) = inputs(lens, width, 90 + n as u64);
@@ -1457,18 +1488,16 @@ fn v4_on_gpus_with_less_shared_memory_falls_back_to_v3s_bits() {
 
 /// v3's paired kernels (`TcOptions::paired_rows`: 128-row tiles, two 16-row blocks a warp)
 /// against v3's: the same arithmetic per row (forward, dQ) and per key (dK/dV) in the same
-/// order, so the context, lse, delta and d_qkv must agree bit for bit, on 1,201 tokens (the
-/// paper preset's 640×480), odd lengths around the 64- and 128-row tiles (1, 63, 65, 127, 128,
-/// 129, 300), causal masks (a 128-row tile holds keys past its first half's rows, and a 128-key
-/// tile queries before its second half's keys), the q·qᵀ and k·kᵀ forwards and ViT-B's width,
-/// under both simulator schedules. The reference is v3 with straight tiles off and delta
+/// order, so the context, lse, delta and d_qkv must agree bit for bit, on odd lengths around
+/// the 64- and 128-row tiles (1, 63, 65, 127, 128, 129, 300), causal masks (a 128-row tile
+/// holds keys past its first half's rows, and a 128-key tile queries before its second half's
+/// keys), the q·qᵀ and k·kᵀ forwards, and in the next two tests on 1,201 tokens (the paper
+/// preset's 640×480) and ViT-B's width, under both simulator schedules. The reference is v3 with straight tiles off and delta
 /// formed in dQ; the paired kernels run with straight tiles on and off, with delta in dQ and
 /// by the delta kernel, and through the fp32-dO backward (its own delta kernel).
 #[test]
 fn v3_pairs_is_v3_bit_for_bit() {
-    type Case = (Vec<usize>, usize, AttentionMode, bool);
-    let cases: Vec<Case> = vec![
-        (vec![1201], 64, AttentionMode::QK, false),
+    v3_pairs_match_v3(&[
         (
             vec![1, 63, 65, 127, 128, 129, 300],
             128,
@@ -1481,15 +1510,30 @@ fn v3_pairs_is_v3_bit_for_bit() {
             AttentionMode::QK,
             true,
         ),
-        (vec![197, 50], 768, AttentionMode::QK, false),
         (vec![130, 13], 64, AttentionMode::QQ, true),
         (vec![130, 13], 64, AttentionMode::KK, false),
-    ];
+    ]);
+}
+
+/// The test above on 1,201 tokens, a test of its own so that the test threads share the
+/// simulator's time evenly.
+#[test]
+fn v3_pairs_is_v3_bit_for_bit_at_1201_tokens() {
+    v3_pairs_match_v3(&[(vec![1201], 64, AttentionMode::QK, false)]);
+}
+
+/// The test above at ViT-B's width (12 heads).
+#[test]
+fn v3_pairs_is_v3_bit_for_bit_at_vit_b_width() {
+    v3_pairs_match_v3(&[(vec![197, 50], 768, AttentionMode::QK, false)]);
+}
+
+fn v3_pairs_match_v3(cases: &[TcCase]) {
     let devices = devices()
         .into_iter()
         .filter(|d| d.sim_schedule() != Some(Schedule::Reverse));
     for dev in devices {
-        for (lens, width, mode, causal) in &cases {
+        for (lens, width, mode, causal) in cases {
             let (lens, width, mode, causal) = (lens.as_slice(), *width, *mode, *causal);
             let n: usize = lens.iter().sum();
             let heads = width / HD;

@@ -72,43 +72,25 @@ const DEFAULT: Variant = Variant {
     every_loss: true,
 };
 
+/// The engine's loss and input gradient, clean features included, under both schedules: fp32
+/// and the default (bf16, v3), every loss.
 #[test]
 fn the_engine_gives_the_same_bits_in_both_schedules() {
-    let model = small_model(128, 2, 3, 8, 4, Activation::QuickGelu, 41);
-    let mut d = Draw::new(17);
-    let clean = images(&mut d);
-    let adv = perturbed(&clean, &mut d);
-    let (clean_v, adv_v) = (views(&clean), views(&adv));
-    let objective = |loss, tokens, layers| objective(&model, loss, tokens, layers);
-    let losses = [
-        (
-            "prm, every layer",
-            objective(LossKind::Prm, TokenSelection::All, LayerSelection::All),
-        ),
-        (
-            "nrd, patches of layers 0 and 2",
-            objective(
-                LossKind::Nrd,
-                TokenSelection::Patch,
-                LayerSelection::List(vec![0, 2]),
-            ),
-        ),
-        (
-            "dr",
-            objective(LossKind::Dr, TokenSelection::All, LayerSelection::All),
-        ),
-        (
-            "embed",
-            objective(LossKind::Embed, TokenSelection::All, LayerSelection::All),
-        ),
-    ];
-    let variants = [
+    same_bits_in_both_schedules(&[
         Variant {
             name: "fp32 (SIMT attention)",
             precision: Precision::Fp32,
             ..DEFAULT
         },
         DEFAULT,
+    ]);
+}
+
+/// The test above for the other attention kernels and options (the prm loss only), a test of
+/// its own so that the test threads share the simulator's time evenly.
+#[test]
+fn every_attention_kernel_gives_the_same_bits_in_both_schedules() {
+    same_bits_in_both_schedules(&[
         Variant {
             name: "bf16 v3, delta kernel, masked tiles, unfused loss",
             attention: AttentionSetting::Fixed(
@@ -169,6 +151,37 @@ fn the_engine_gives_the_same_bits_in_both_schedules() {
             every_loss: false,
             ..DEFAULT
         },
+    ]);
+}
+
+fn same_bits_in_both_schedules(variants: &[Variant]) {
+    let model = small_model(128, 2, 3, 8, 4, Activation::QuickGelu, 41);
+    let mut d = Draw::new(17);
+    let clean = images(&mut d);
+    let adv = perturbed(&clean, &mut d);
+    let (clean_v, adv_v) = (views(&clean), views(&adv));
+    let objective = |loss, tokens, layers| objective(&model, loss, tokens, layers);
+    let losses = [
+        (
+            "prm, every layer",
+            objective(LossKind::Prm, TokenSelection::All, LayerSelection::All),
+        ),
+        (
+            "nrd, patches of layers 0 and 2",
+            objective(
+                LossKind::Nrd,
+                TokenSelection::Patch,
+                LayerSelection::List(vec![0, 2]),
+            ),
+        ),
+        (
+            "dr",
+            objective(LossKind::Dr, TokenSelection::All, LayerSelection::All),
+        ),
+        (
+            "embed",
+            objective(LossKind::Embed, TokenSelection::All, LayerSelection::All),
+        ),
     ];
     let engine = |schedule, variant: &Variant| {
         let dev = Device::sim_with_schedule(schedule);
@@ -177,7 +190,7 @@ fn the_engine_gives_the_same_bits_in_both_schedules() {
         gpu.set_fused_loss(variant.fused_loss);
         gpu
     };
-    for variant in &variants {
+    for variant in variants {
         let engines = [
             engine(Schedule::Forward, variant),
             engine(Schedule::Reverse, variant),
