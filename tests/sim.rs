@@ -572,6 +572,35 @@ fn parallel_launches_from_several_threads() {
     });
 }
 
+/// Launches on different devices run at once, each OS thread with its own fibers, shared-memory
+/// arena and shared-array sites: four threads, each with its own device, launch a kernel with a
+/// static shared array and warp shuffles (block sums) and one with barriers in a loop over
+/// shared memory, over and over with sizes of their own, and every result is what that launch
+/// alone gives. Process-wide state in the simulator or in a kernel (a static that is not
+/// `thread_local`) would mix the launches' blocks and fail here.
+#[test]
+fn launches_on_different_devices_run_at_once_without_mixing() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let start = std::sync::Barrier::new(4);
+    std::thread::scope(|s| {
+        for k in 0..4usize {
+            let start = &start;
+            s.spawn(move || {
+                let dev = Device::sim();
+                start.wait();
+                for r in 0..24usize {
+                    let threads = [32u32, 64, 128, 96][(k + r) % 4];
+                    block_sums(&dev, 2 + k, threads, 301 + 17 * r, (k * 24 + r + 1) as f32);
+                    let n = [40usize, 64, 100, 128][(k + 2 * r) % 4];
+                    let count = barrier_rounds(&dev, 1 + (k + r) % 3, n, 2 + (r % 4) as i32);
+                    let want = (0..n).filter(|t| t % 3 == 0).count() as i32;
+                    assert!(count.iter().all(|&c| c == want), "thread {k} round {r}");
+                }
+            });
+        }
+    });
+}
+
 #[test]
 fn warp_allgather_with_a_partial_warp() {
     let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
