@@ -31,9 +31,9 @@ use std::sync::Mutex;
 pub struct KernelCache {
     /// `None` when the cache is off or `OUT_DIR` is not where cargo normally puts it.
     dir: Option<PathBuf>,
-    /// The files under `kernels/` that every compile may read (all but `.cu` and `.md`):
-    /// (relative path, bytes) in sorted order.
-    shared: Vec<(String, Vec<u8>)>,
+    /// The hash of the files under `kernels/` that every compile may read (all but `.cu` and
+    /// `.md`: their relative paths and bytes, in sorted order), taken once.
+    shared: u128,
     used: Mutex<BTreeSet<String>>,
 }
 
@@ -89,30 +89,18 @@ impl KernelCache {
             .then_some(profile_dir)
             .flatten()
             .map(|p| p.join("prm-kernel-cache"));
-        let mut shared = Vec::new();
-        read_tree(kernels_dir, kernels_dir, &mut shared);
-        shared.retain(|(path, _)| !path.ends_with(".cu") && !path.ends_with(".md"));
-        shared.sort();
+        let mut files = Vec::new();
+        read_tree(kernels_dir, kernels_dir, &mut files);
+        files.sort();
         KernelCache {
             dir,
-            shared,
+            shared: hash128(&files),
             used: Mutex::new(BTreeSet::new()),
         }
     }
 
     pub fn key(&self, parts: &KeyParts) -> String {
-        let half = |salt: &str| {
-            let mut h = DefaultHasher::new();
-            salt.hash(&mut h);
-            self.shared.hash(&mut h);
-            parts.0.hash(&mut h);
-            h.finish()
-        };
-        format!(
-            "{:016x}{:016x}",
-            half("prm-kernel-cache/a"),
-            half("prm-kernel-cache/b")
-        )
+        format!("{:032x}", hash128(&(self.shared, &parts.0)))
     }
 
     /// The entry's directory when it is complete; marks it used either way, so a fresh entry
@@ -158,14 +146,30 @@ impl KernelCache {
     }
 }
 
+/// 128 bits: std's hasher twice, with different prefixes.
+fn hash128(value: &impl Hash) -> u128 {
+    let half = |salt: &str| {
+        let mut h = DefaultHasher::new();
+        salt.hash(&mut h);
+        value.hash(&mut h);
+        h.finish()
+    };
+    (u128::from(half("prm-kernel-cache/a")) << 64) | u128::from(half("prm-kernel-cache/b"))
+}
+
+/// Every file under `dir` but the `.cu` files (each its own translation unit, keyed by itself)
+/// and the notes (`.md`): (path relative to `root`, bytes).
 fn read_tree(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.filter_map(|e| e.ok()) {
         let path = entry.path();
+        let skipped = path.extension().is_some_and(|x| x == "cu" || x == "md");
         if path.is_dir() {
             read_tree(root, &path, out);
+        } else if skipped {
+            continue;
         } else if let Ok(bytes) = std::fs::read(&path) {
             let rel = path.strip_prefix(root).unwrap_or(&path);
             out.push((rel.to_string_lossy().into_owned(), bytes));

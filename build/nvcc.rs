@@ -70,8 +70,9 @@ pub struct NvccBuild {
     /// Every argument but the output, the intermediates' directory and the source: the same for
     /// every file, and part of each cache key.
     args: Vec<String>,
-    /// nvcc and the tools it runs (ptxas, cicc) and headers it reads, for the cache key.
-    toolkit: KeyParts,
+    /// What every file's cache key starts with: nvcc, the tools it runs (ptxas, cicc), the
+    /// headers it reads, and `args`.
+    key_base: KeyParts,
     out_dir: PathBuf,
     fatbins: Vec<Fatbin>,
 }
@@ -189,10 +190,11 @@ pub fn plan() -> Option<NvccBuild> {
         println!("cargo:rerun-if-env-changed={var}");
         toolkit = toolkit.text(format!("{var}={}", std::env::var(var).unwrap_or_default()));
     }
+    let key_base = args.iter().fold(toolkit, |parts, a| parts.text(a));
     Some(NvccBuild {
         nvcc,
         args,
-        toolkit,
+        key_base,
         out_dir,
         fatbins,
     })
@@ -217,11 +219,12 @@ impl NvccBuild {
     /// A cached fatbin is copied with nvcc's report and the launch bounds it read; a missing
     /// one is compiled and stored. Both are checked the same way (spills, warnings).
     fn fatbin(&self, fatbin: &Fatbin, cache: &KernelCache) -> Result<Compiled, String> {
-        let mut parts = self.toolkit.clone();
-        for a in &self.args {
-            parts = parts.text(a);
-        }
-        let key = cache.key(&parts.contents(&fatbin.identity, &fatbin.src));
+        let key = cache.key(
+            &self
+                .key_base
+                .clone()
+                .contents(&fatbin.identity, &fatbin.src),
+        );
         let cached = cache.get(&key).and_then(|entry| {
             let text = std::fs::read_to_string(entry.join("nvcc.txt")).ok()?;
             let bounds = std::fs::read_to_string(entry.join("maxntid.txt")).ok()?;

@@ -1049,10 +1049,10 @@ fn simt_rejects_heads_it_has_no_kernels_for() {
 
 /// v3's backward with dO already in bf16 (`attention_backward_tc3_bf16_dout`, the engine's
 /// path) against the fp32-dO backward given the same bf16-exact dO: delta and d_qkv bit for
-/// bit, on 197 tokens (1201 in the next test), a mixed batch and the ViT-B width, causal or not, with delta
-/// formed inside dQ or by its own kernel; and at heads 80 wide (ViT-H/14) and 104 (ViT-bigG/14,
-/// dK and dV in two kernels), where paired blocks and v4, which take heads of 64 only, give
-/// v3's single-block bits.
+/// bit, on 197 tokens (1201 in the next test), a mixed batch and the ViT-B width, causal or
+/// not, with delta formed inside dQ or by its own kernel; and at heads 80 wide (ViT-H/14) and
+/// 104 (ViT-bigG/14, dK and dV in two kernels), where paired blocks and v4, which take heads of
+/// 64 only, give v3's single-block bits.
 #[test]
 fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
     bf16_dout_backward_matches_fp32_dout(&[
