@@ -57,6 +57,8 @@ struct Unit {
     object: String,
     /// Bytes of the file it compiles, which orders the jobs (longest first).
     size: u64,
+    /// A kernel file (not the runtime or the registry): its object may hold no mutable global.
+    kernel: bool,
 }
 
 /// The simulator library, planned: wrappers and registry written, objects not yet compiled.
@@ -114,6 +116,7 @@ pub fn plan() -> SimBuild {
             reads: (src.display().to_string(), src.clone()),
             object: format!("{stem}.o"),
             size: size(src),
+            kernel: true,
         });
     }
     kernels.sort();
@@ -175,6 +178,7 @@ pub fn plan() -> SimBuild {
             source,
             reads,
             object: object.into(),
+            kernel: false,
         });
     }
 
@@ -216,6 +220,9 @@ impl SimBuild {
         let dst = self.objects_dir.join(&unit.object);
         if let Some(entry) = cache.get(&key) {
             if fs::copy(entry.join(&unit.object), &dst).is_ok() {
+                if unit.kernel {
+                    refuse_mutable_globals(name, &dst)?;
+                }
                 return Ok(dst);
             }
         }
@@ -228,6 +235,9 @@ impl SimBuild {
             return Err(format!("{}: expected one object", unit.source.display()));
         };
         fs::copy(object, &dst).map_err(|e| format!("copy {}: {e}", object.display()))?;
+        if unit.kernel {
+            refuse_mutable_globals(name, &dst)?;
+        }
         cache.put(&key, &[(&unit.object, &dst)]);
         Ok(dst)
     }
@@ -256,6 +266,53 @@ impl SimBuild {
         println!("cargo:rustc-link-lib=pthread");
         Ok(())
     }
+}
+
+/// Fails when a kernel file's object holds mutable state outside thread-local storage: a
+/// `__device__` variable (the qualifier is empty here, so it is a plain global), a `static` in a
+/// kernel, anything in `.data` or `.bss`. The simulator runs the launches of different devices
+/// on different OS threads at once; only thread-local state (the launch coordinates, the
+/// `PRM_SHARED_ARRAY` sites) is private to one of them, so such a global would be shared by
+/// launches that must not see each other. On the GPU it would be one per device instead.
+/// Read-only data (`.rodata`, `.data.rel.ro`) and the registration table's constructor
+/// (`.init_array`) are fine. Cached objects are checked too (a few milliseconds each), so an
+/// entry stored before the check existed cannot slip past it.
+fn refuse_mutable_globals(source: &str, object: &Path) -> Result<(), String> {
+    use object::{Object, ObjectSection, ObjectSymbol, SectionKind};
+    let bytes = fs::read(object).map_err(|e| format!("read {}: {e}", object.display()))?;
+    let file = object::File::parse(&*bytes)
+        .map_err(|e| format!("{}: not an object file cc wrote: {e}", object.display()))?;
+    let mutable = |kind: SectionKind, name: &str| {
+        matches!(kind, SectionKind::Data | SectionKind::UninitializedData)
+            && !name.starts_with(".data.rel.ro")
+    };
+    let mut found = Vec::new();
+    for section in file.sections() {
+        let name = section.name().unwrap_or("?");
+        if section.size() == 0 || !mutable(section.kind(), name) {
+            continue;
+        }
+        let symbols: Vec<&str> = file
+            .symbols()
+            .filter(|s| s.section_index() == Some(section.index()) && s.size() > 0)
+            .filter_map(|s| s.name().ok())
+            .collect();
+        found.push(if symbols.is_empty() {
+            format!("{} bytes in {name}", section.size())
+        } else {
+            format!("{} in {name}", symbols.join(", "))
+        });
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{source} defines mutable global state ({}; C++ names, mangled). The simulator runs \
+         launches of different devices on different threads at once, and would share it between \
+         them. Pass state as a kernel argument or keep it in shared memory (PRM_SHARED_ARRAY); \
+         constants may be `constexpr`, or `const` with a constant initialiser.",
+        found.join("; ")
+    ))
 }
 
 /// A bare program name (cc's `c++`) as the file PATH finds, so its identity can be read.
