@@ -10,7 +10,8 @@
 //! - every other file under `kernels/` but the other `.cu` files (each `.cu` is its own
 //!   translation unit and none includes another) and the notes (`.md`): the headers and the
 //!   simulator's runtime, so a header change misses every entry and a kernel change its own;
-//! - the compiler's identity (path, size and modification time of its binaries);
+//! - the compiler's identity (path, size and modification time of its binaries, and of every
+//!   header under the CUDA toolkit's `include/`);
 //! - the job's full argument list.
 //!
 //! An entry is written to a temporary directory and renamed into place, so a build that dies
@@ -72,6 +73,45 @@ impl KeyParts {
             })
             .unwrap_or_else(|| "absent".into());
         self.text(path).text(stamp)
+    }
+
+    /// The identity of every file under a directory (a toolkit's `include/`, several thousand
+    /// headers), as [`KeyParts::binary`] takes one: relative paths, sizes and modification
+    /// times, in sorted order, folded into one part. Symbolic links are followed; a missing
+    /// directory counts as its path alone.
+    pub fn tree(self, dir: &Path) -> Self {
+        fn walk(dir: &Path, root: &Path, out: &mut Vec<(PathBuf, u64, u128)>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Ok(meta) = std::fs::metadata(&path) else {
+                    continue;
+                };
+                if meta.is_dir() {
+                    walk(&path, root, out);
+                } else {
+                    let mtime = meta
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_nanos());
+                    let relative = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
+                    out.push((relative, meta.len(), mtime));
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(dir, dir, &mut files);
+        files.sort();
+        let mut hasher = DefaultHasher::new();
+        files.hash(&mut hasher);
+        self.text(dir).text(format!(
+            "{} files, identity {:016x}",
+            files.len(),
+            hasher.finish()
+        ))
     }
 }
 

@@ -178,14 +178,11 @@ pub fn plan() -> Option<NvccBuild> {
         .and_then(Path::parent)
         .unwrap_or(Path::new("/"));
     let mut toolkit = KeyParts::default().text("nvcc").binary(&nvcc);
-    for part in [
-        "bin/ptxas",
-        "nvvm/bin/cicc",
-        "include/cuda_runtime.h",
-        "include/cuda_bf16.h",
-    ] {
+    for part in ["bin/ptxas", "nvvm/bin/cicc"] {
         toolkit = toolkit.binary(&root.join(part));
     }
+    // Every header, CCCL's included: an upgrade of one wheel under the same nvcc misses.
+    toolkit = toolkit.tree(&root.join("include"));
     for var in ["NVCC_CCBIN", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS"] {
         println!("cargo:rerun-if-env-changed={var}");
         toolkit = toolkit.text(format!("{var}={}", std::env::var(var).unwrap_or_default()));
