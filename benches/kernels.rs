@@ -7,12 +7,13 @@
 //! Run: `cargo bench --bench kernels` (on a GPU machine; add a filter such as `-- attention`).
 //! The attention group times the SIMT fp32 kernels, tensor-core v2 (`attention_tc.cu`), v3
 //! (`attention_tc3.cu`) and v4 (`attention_tc4.cu`) on the same inputs: `cargo bench --bench
-//! kernels -- attention`.
+//! kernels -- attention`. The last group times `prm eval`'s cosine logits (`class_logits.cu`).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prm::gpu::gemm::{matmul_bf16, MatmulShape};
 use prm::gpu::kernels::activation::bias_activation_forward_f32_bf16out;
 use prm::gpu::kernels::attention::*;
+use prm::gpu::kernels::class_logits::{class_logits_f32, normalize_rows_f32};
 use prm::gpu::kernels::layernorm::{
     layernorm_backward_f32, layernorm_backward_f32_bf16copy, layernorm_forward_f32_bf16out,
 };
@@ -350,6 +351,30 @@ fn kernels(c: &mut Criterion) {
     for t in dev.product_tunings() {
         println!("{}", prm::gpu::product_timing::describe(&t));
     }
+    g.finish();
+
+    // `prm eval`'s MaskCLIP logits: 32 images at 448 px (784 patches each), ViT-B/16's
+    // 512-wide projection, ADE20K's 150 classes; f64 sums, the host's bits.
+    let (rows, classes, dim) = (32 * 784, 150, 512);
+    let mut g = c.benchmark_group("eval cosine logits, 25088 rows x 150 classes, 512 wide");
+    g.throughput(Throughput::Elements((rows * classes) as u64));
+    let mut x = random(&dev, rows * dim, "eval rows");
+    normalize_rows_f32(&dev, &mut x, rows, dim).unwrap();
+    let mut class_rows = random(&dev, classes * dim, "eval classes");
+    normalize_rows_f32(&dev, &mut class_rows, classes, dim).unwrap();
+    let mut logits = dev.alloc::<f32>(rows * classes).unwrap();
+    g.bench_function("normalize rows", |b| {
+        b.iter(|| {
+            normalize_rows_f32(&dev, &mut x, rows, dim).unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
+    g.bench_function("class logits", |b| {
+        b.iter(|| {
+            class_logits_f32(&dev, &x, &class_rows, rows, classes, dim, &mut logits).unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
     g.finish();
 }
 

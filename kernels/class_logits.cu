@@ -16,16 +16,22 @@
 //     product then a rounded sum; the simulator (a CPU build without FMA instructions) does the
 //     latter.
 // Shapes: one thread a row for the normalisation (a few thousand rows of a few hundred elements:
-// small against the forward); 16×16 threads a 16-row × 16-class tile of logits (row tiles in a
-// grid-stride loop past 65,535 of them), the rows' and classes' elements staged through shared
-// memory 32 at a time, each thread's sum advancing in index order.
+// small against the forward); 16×16 threads a 64-row × 64-class tile of logits (row tiles in a
+// grid-stride loop past 65,535 of them), each thread 4 rows × 4 classes (rows ty + 16i, classes
+// tx + 16j: shared reads conflict-free, stores in runs of 16), its 16 sums each advancing in
+// index order. The rows' and classes' elements are staged through shared memory 16 at a time,
+// widened to f64 as they are staged: 17 KB, row stride 17 doubles. (Until 2026-12-06 a thread
+// summed one logit, from floats it widened itself: two conversions and two shared loads a
+// multiply-add, where now it is a quarter of a shared load and no conversion.)
 //
 // Launcher: src/gpu/kernels/class_logits.rs (normalize_rows_f32, class_logits_f32).
 #include "common.cuh"
 #include "rounded.cuh"
 
-#define LOGITS_TILE 16
-#define LOGITS_K 32
+#define LOGITS_THREADS 16     // a block is 16 × 16 threads
+#define LOGITS_PER_THREAD 4   // each thread sums 4 rows × 4 classes
+#define LOGITS_TILE 64        // so a block's tile is 64 rows × 64 classes
+#define LOGITS_K 16           // elements of dim staged at a time
 
 #ifdef __CUDACC__
 #define PRM_ADD_EXACT_PRODUCT(s, x, y) __fma_rn((x), (y), (s))
@@ -54,44 +60,66 @@ extern "C" __global__ void prm_normalize_rows_f32(float* __restrict__ x, int n, 
 }
 PRM_REGISTER_KERNEL(prm_normalize_rows_f32);
 
-extern "C" __global__ void __launch_bounds__(LOGITS_TILE * LOGITS_TILE)
+extern "C" __global__ void __launch_bounds__(LOGITS_THREADS * LOGITS_THREADS)
     prm_class_logits_f32(const float* __restrict__ x, const float* __restrict__ classes,
                          float* __restrict__ logits, int n, int c, int dim) {
-    PRM_SHARED_ARRAY(float, sx, LOGITS_TILE * (LOGITS_K + 1));
-    PRM_SHARED_ARRAY(float, sc, LOGITS_TILE * (LOGITS_K + 1));
-    const int tx = threadIdx.x;  // the class within the tile
-    const int ty = threadIdx.y;  // the row within the tile
-    const int tid = ty * LOGITS_TILE + tx;
+    PRM_SHARED_ARRAY(double, sx, LOGITS_TILE * (LOGITS_K + 1));
+    PRM_SHARED_ARRAY(double, sc, LOGITS_TILE * (LOGITS_K + 1));
+    const int tx = threadIdx.x;  // classes tx + 16·j of the tile
+    const int ty = threadIdx.y;  // rows ty + 16·i of the tile
+    const int tid = ty * LOGITS_THREADS + tx;
     const int class0 = blockIdx.x * LOGITS_TILE;
     // Row tiles in a grid-stride loop (the grid's y extent is at most 65,535): the same
     // iterations for every thread of the block, so every barrier is reached by all.
     for (long long row0 = (long long)blockIdx.y * LOGITS_TILE; row0 < n;
          row0 += (long long)gridDim.y * LOGITS_TILE) {
-        double s = -0.0;
+        double s[LOGITS_PER_THREAD][LOGITS_PER_THREAD];
+#pragma unroll
+        for (int i = 0; i < LOGITS_PER_THREAD; ++i) {
+#pragma unroll
+            for (int j = 0; j < LOGITS_PER_THREAD; ++j) s[i][j] = -0.0;
+        }
         for (int k0 = 0; k0 < dim; k0 += LOGITS_K) {
             const int width = min(LOGITS_K, dim - k0);
-            // 256 threads stage 16 × 32 elements of each operand: two apiece, a row's 32
-            // together.
-            for (int i = tid; i < LOGITS_TILE * LOGITS_K; i += LOGITS_TILE * LOGITS_TILE) {
-                const int t = i / LOGITS_K, k = i % LOGITS_K;
+            // 256 threads stage 64 × 16 elements of each operand, widened once here rather than
+            // by each of the 16 threads that read them: four apiece, a row's 16 together.
+            for (int e = tid; e < LOGITS_TILE * LOGITS_K; e += LOGITS_THREADS * LOGITS_THREADS) {
+                const int t = e / LOGITS_K, k = e % LOGITS_K;
                 const long long r = row0 + t;
                 const int cl = class0 + t;
                 sx[t * (LOGITS_K + 1) + k] =
-                    (r < n && k < width) ? x[(size_t)r * dim + k0 + k] : 0.0f;
+                    (r < n && k < width) ? (double)x[(size_t)r * dim + k0 + k] : 0.0;
                 sc[t * (LOGITS_K + 1) + k] =
-                    (cl < c && k < width) ? classes[(size_t)cl * dim + k0 + k] : 0.0f;
+                    (cl < c && k < width) ? (double)classes[(size_t)cl * dim + k0 + k] : 0.0;
             }
             __syncthreads();
             for (int k = 0; k < width; ++k) {
-                s = PRM_ADD_EXACT_PRODUCT(s, (double)sx[ty * (LOGITS_K + 1) + k],
-                                          (double)sc[tx * (LOGITS_K + 1) + k]);
+                double a[LOGITS_PER_THREAD], b[LOGITS_PER_THREAD];
+#pragma unroll
+                for (int i = 0; i < LOGITS_PER_THREAD; ++i) {
+                    a[i] = sx[(ty + LOGITS_THREADS * i) * (LOGITS_K + 1) + k];
+                    b[i] = sc[(tx + LOGITS_THREADS * i) * (LOGITS_K + 1) + k];
+                }
+#pragma unroll
+                for (int i = 0; i < LOGITS_PER_THREAD; ++i) {
+#pragma unroll
+                    for (int j = 0; j < LOGITS_PER_THREAD; ++j) {
+                        s[i][j] = PRM_ADD_EXACT_PRODUCT(s[i][j], a[i], b[j]);
+                    }
+                }
             }
             __syncthreads();
         }
-        const long long r = row0 + ty;
-        const int cl = class0 + tx;
-        if (r < n && cl < c) {
-            logits[(size_t)r * c + cl] = (float)s;
+#pragma unroll
+        for (int i = 0; i < LOGITS_PER_THREAD; ++i) {
+            const long long r = row0 + ty + LOGITS_THREADS * i;
+#pragma unroll
+            for (int j = 0; j < LOGITS_PER_THREAD; ++j) {
+                const int cl = class0 + tx + LOGITS_THREADS * j;
+                if (r < n && cl < c) {
+                    logits[(size_t)r * c + cl] = (float)s[i][j];
+                }
+            }
         }
     }
 }

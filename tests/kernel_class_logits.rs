@@ -101,6 +101,9 @@ fn logits_match_the_host_bit_for_bit() {
             (1, 1, 768),
             (33, 16, 32),
             (18, 3, 33),
+            // One past a 64-row and two 64-class tiles, a width of two whole steps and one
+            // part-step.
+            (65, 129, 47),
         ]
         .iter()
         .enumerate()

@@ -22,8 +22,10 @@
 use crate::gpu::{Buffer, Device, GpuError, KernelArgs, LaunchConfig};
 
 const NORMALIZE_THREADS: u32 = 128;
-/// The kernel's tile: 16 rows × 16 classes, a thread each.
-const TILE: usize = 16;
+/// The kernel's tile: 64 rows × 64 classes, 4 × 4 of them a thread.
+const TILE: usize = 64;
+/// The kernel's block: 16 × 16 threads.
+const THREADS: u32 = 16;
 /// Row tiles a launch's grid holds (its y extent's limit); the kernel loops over the rest.
 const MAX_ROW_TILES: usize = 65_535;
 
@@ -129,7 +131,7 @@ pub fn class_logits_f32_in_row_tiles(
                     .clamp(1, max_row_tiles.clamp(1, MAX_ROW_TILES)) as u32,
                 1,
             ),
-            block: (TILE as u32, TILE as u32, 1),
+            block: (THREADS, THREADS, 1),
             shared_bytes: 0,
         },
         &mut args,
