@@ -4,7 +4,7 @@
 //!   `scripts/install-nvcc.sh`), `PATH`, then `/usr/local/cuda/bin`.
 //! - Each `.cu` file is its own translation unit and its own fatbin (so file-scope helpers of
 //!   different files never clash), compiled with
-//!   `-fatbin -O3 -std=c++17 -lineinfo -Xptxas -v -I kernels`, SASS for every arch in
+//!   `-fatbin -O3 -std=c++17 -lineinfo -Xptxas -v -Xfatbin -compress-all -I kernels`, SASS for every arch in
 //!   `PRM_CUDA_ARCHS` (default `80;90`) plus PTX for the last one. `PRM_NVCC_FLAGS` adds flags
 //!   (e.g. `-ccbin g++-13`). The files compile on build.rs's thread pool beside the
 //!   simulator's objects; a file whose inputs have not changed comes from the kernel cache
@@ -159,6 +159,11 @@ pub fn plan() -> Option<NvccBuild> {
         "-lineinfo",
         "-Xptxas",
         "-v",
+        // Machine code compressed too, not only PTX: the fatbins shrink about 4× (attention_tc4
+        // 2.0 MB -> 0.49 MB), and every binary embeds all of them. The driver decompresses the
+        // image it loads, once, when the device is opened.
+        "-Xfatbin",
+        "-compress-all",
         "-I",
     ]
     .map(String::from)
