@@ -77,10 +77,13 @@ impl KeyParts {
 
     /// The identity of every file under a directory (a toolkit's `include/`, several thousand
     /// headers), as [`KeyParts::binary`] takes one: relative paths, sizes and modification
-    /// times, in sorted order, folded into one part. Symbolic links are followed; a missing
-    /// directory counts as its path alone.
+    /// times, in sorted order, folded into one part. Symbolic links are followed (to 16 levels
+    /// down, so a link to a parent ends); a missing directory counts as its path alone.
     pub fn tree(self, dir: &Path) -> Self {
-        fn walk(dir: &Path, root: &Path, out: &mut Vec<(PathBuf, u64, u128)>) {
+        fn walk(dir: &Path, root: &Path, depth: u32, out: &mut Vec<(PathBuf, u64, u128)>) {
+            if depth > 16 {
+                return;
+            }
             let Ok(entries) = std::fs::read_dir(dir) else {
                 return;
             };
@@ -90,7 +93,7 @@ impl KeyParts {
                     continue;
                 };
                 if meta.is_dir() {
-                    walk(&path, root, out);
+                    walk(&path, root, depth + 1, out);
                 } else {
                     let mtime = meta
                         .modified()
@@ -103,7 +106,7 @@ impl KeyParts {
             }
         }
         let mut files = Vec::new();
-        walk(dir, dir, &mut files);
+        walk(dir, dir, 0, &mut files);
         files.sort();
         let mut hasher = DefaultHasher::new();
         files.hash(&mut hasher);

@@ -327,13 +327,22 @@ uint32_t timeout_ms() {
 // Read at every resume and meeting point, so it must be cheap. On Linux the coarse monotonic
 // clock: a vDSO read of the kernel's last tick (4.9 ns on the 2-core dev VM, where the
 // time-stamp counter used before took 9.6 ns, about 10% of a simulated attention kernel's
-// time); its resolution of a few milliseconds is far below any barrier timeout. steady_clock
-// elsewhere. Nanoseconds either way.
+// time); its resolution (a scheduler tick, 4 ms here) is far below the default barrier
+// timeout, and a shorter timeout is raised to two ticks. steady_clock elsewhere. Nanoseconds
+// either way.
 #if defined(__linux__)
 uint64_t slice_clock() {
     timespec t;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &t);
     return static_cast<uint64_t>(t.tv_sec) * 1000000000u + static_cast<uint64_t>(t.tv_nsec);
+}
+uint64_t slice_clock_resolution_ns() {
+    static const uint64_t res = [] {
+        timespec t{};
+        clock_getres(CLOCK_MONOTONIC_COARSE, &t);
+        return static_cast<uint64_t>(t.tv_sec) * 1000000000u + static_cast<uint64_t>(t.tv_nsec);
+    }();
+    return res;
 }
 #else
 uint64_t slice_clock() {
@@ -341,8 +350,16 @@ uint64_t slice_clock() {
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
             .count());
 }
+uint64_t slice_clock_resolution_ns() { return 1; }
 #endif
-constexpr uint64_t kSliceTicksPerMs = 1000000;
+
+// A timeout in clock ticks (nanoseconds), at least two ticks of the clock: a slice that starts
+// just before a tick and checks just after it reads one tick, however short it was.
+uint64_t slice_timeout_ticks(uint32_t ms) {
+    const uint64_t ns = static_cast<uint64_t>(ms) * 1000000u;
+    const uint64_t floor = 2 * slice_clock_resolution_ns();
+    return ns > floor ? ns : floor;
+}
 
 // ----------------------------------------------------------------------------- fibers
 Fiber& me() { return *S().current; }
@@ -932,7 +949,7 @@ extern "C" int prm_sim_launch(const char* name, uint32_t gx, uint32_t gy, uint32
     s.aborted = false;
     s.err.clear();
     s.slice_timeout_ms = timeout_ms();
-    s.slice_timeout_ticks = static_cast<uint64_t>(s.slice_timeout_ms) * kSliceTicksPerMs;
+    s.slice_timeout_ticks = slice_timeout_ticks(s.slice_timeout_ms);
 #ifndef PRM_SIM_USE_UCONTEXT
     {
         uint32_t mxcsr = 0;
