@@ -426,7 +426,8 @@ fn a_device_that_fails_for_good_stops_the_evaluation() {
         (call >= 1).then(|| {
             prm::gpu::GpuError::Cuda {
                 context: "copy to host".into(),
-                message: "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS)".into(),
+                message: "CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered"
+                    .into(),
             }
             .into()
         })

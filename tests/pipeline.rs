@@ -970,8 +970,7 @@ fn dying_device(
             }
             dead.load(Ordering::SeqCst).then(|| GpuError::Cuda {
                 context: "copy to host".into(),
-                message: "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was \
-                          encountered\")"
+                message: "CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered"
                     .into(),
             })
         },

@@ -93,17 +93,37 @@ pub fn device_count() -> usize {
 }
 
 pub(crate) fn cuda_err(context: impl Into<String>, e: DriverError) -> GpuError {
-    let message = match e.0 {
-        ds::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
-        | ds::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU => {
-            format!(
-                "{e:?}: the kernels were built by nvcc 13.0 for PRM_CUDA_ARCHS (default 80;90); \
-                 update the driver (CUDA 13 needs >= 580) or rebuild with your GPU's arch in \
-                 PRM_CUDA_ARCHS"
-            )
-        }
-        _ => format!("{e:?}"),
+    // The driver's description of its code (a driver call: there is one, as it just failed).
+    let description = e
+        .error_string()
+        .ok()
+        .map(|s| s.to_string_lossy().into_owned());
+    driver_error(context, e.0, description.as_deref())
+}
+
+/// The error of a driver call that returned `code`: its message starts with the code's name
+/// (`CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered`), which
+/// [`GpuError::ends_the_context`] reads. Kept apart from [`cuda_err`] so it needs no driver.
+fn driver_error(
+    context: impl Into<String>,
+    code: ds::CUresult,
+    description: Option<&str>,
+) -> GpuError {
+    let name = format!("{code:?}");
+    let mut message = match description {
+        Some(d) => format!("{name}: {d}"),
+        None => name,
     };
+    if matches!(
+        code,
+        ds::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+            | ds::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU
+    ) {
+        message.push_str(
+            "; the kernels were built by nvcc 13.0 for PRM_CUDA_ARCHS (default 80;90): update \
+             the driver (CUDA 13 needs >= 580) or rebuild with your GPU's arch in PRM_CUDA_ARCHS",
+        );
+    }
     GpuError::Cuda {
         context: context.into(),
         message,
@@ -831,5 +851,46 @@ impl CudaMemory {
         self.stream
             .synchronize()
             .map_err(|e| cuda_err("copy to host", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The faults that end a CUDA context are told from the others by the code's name at the
+    /// start of the message, which comes from the code itself, not from cudarc's formatting.
+    #[test]
+    fn driver_errors_name_their_code_and_the_fatal_ones_end_the_context() {
+        use ds::CUresult as R;
+        for code in [
+            R::CUDA_ERROR_ILLEGAL_ADDRESS,
+            R::CUDA_ERROR_MISALIGNED_ADDRESS,
+            R::CUDA_ERROR_ILLEGAL_INSTRUCTION,
+            R::CUDA_ERROR_INVALID_ADDRESS_SPACE,
+            R::CUDA_ERROR_INVALID_PC,
+            R::CUDA_ERROR_HARDWARE_STACK_ERROR,
+            R::CUDA_ERROR_LAUNCH_FAILED,
+            R::CUDA_ERROR_ASSERT,
+        ] {
+            let e = driver_error("launching k", code, Some("what the driver says"));
+            assert!(e.ends_the_context(), "{e}");
+            assert!(e.to_string().contains(": what the driver says"), "{e}");
+        }
+        for code in [
+            R::CUDA_ERROR_OUT_OF_MEMORY,
+            R::CUDA_ERROR_INVALID_VALUE,
+            R::CUDA_ERROR_NOT_READY,
+        ] {
+            let e = driver_error("launching k", code, None);
+            assert!(!e.ends_the_context(), "{e}");
+        }
+        let e = driver_error("loading", R::CUDA_ERROR_NO_BINARY_FOR_GPU, None);
+        let text = e.to_string();
+        assert!(
+            text.starts_with("CUDA error in loading: CUDA_ERROR_NO_BINARY_FOR_GPU; ")
+                && text.contains("PRM_CUDA_ARCHS"),
+            "{text}"
+        );
     }
 }

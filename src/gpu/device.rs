@@ -70,6 +70,8 @@ impl GpuError {
     /// A fault that ends the CUDA context (an illegal or misaligned address, an illegal
     /// instruction, a failed launch, a device-side assert): every later call of the process
     /// fails with it, so nothing should carry on as if one kernel were merely unavailable.
+    /// Read from the code's name, which a driver error's message starts with (written from the
+    /// code itself by `cuda::driver_error`, not by cudarc's formatting).
     pub fn ends_the_context(&self) -> bool {
         const STICKY: [&str; 8] = [
             "CUDA_ERROR_ILLEGAL_ADDRESS",

@@ -719,9 +719,8 @@ mod tests {
             |step| match step {
                 CallStep::Run(k) if k == faulty => Err(GpuError::Cuda {
                     context: "launching a kernel".into(),
-                    message:
-                        "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")"
-                            .into(),
+                    message: "CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered"
+                        .into(),
                 }),
                 _ => Ok(vec![1]),
             },
