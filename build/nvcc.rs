@@ -161,7 +161,8 @@ pub fn plan() -> Option<NvccBuild> {
         "-v",
         // Machine code compressed too, not only PTX: the fatbins shrink about 4× (attention_tc4
         // 2.0 MB -> 0.49 MB), and every binary embeds all of them. The driver decompresses the
-        // image it loads, once, when the device is opened.
+        // image it loads, once, when the device is opened. `PRM_NVCC_FLAGS=--no-compress`
+        // (added after these) builds them uncompressed.
         "-Xfatbin",
         "-compress-all",
         "-I",
