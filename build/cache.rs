@@ -61,17 +61,9 @@ impl KeyParts {
     /// A binary's identity without reading it: path, size and modification time (a compiler
     /// upgrade changes at least one). A missing file counts as its path alone.
     pub fn binary(self, path: &Path) -> Self {
-        let meta = std::fs::metadata(path).ok();
-        let stamp = meta
-            .map(|m| {
-                let mtime = m
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_nanos());
-                format!("{} bytes, modified {mtime}", m.len())
-            })
-            .unwrap_or_else(|| "absent".into());
+        let stamp = std::fs::metadata(path)
+            .map(|m| format!("{} bytes, modified {}", m.len(), modified_ns(&m)))
+            .unwrap_or_else(|_| "absent".into());
         self.text(path).text(stamp)
     }
 
@@ -80,33 +72,14 @@ impl KeyParts {
     /// times, in sorted order, folded into one part. Symbolic links are followed (to 16 levels
     /// down, so a link to a parent ends); a missing directory counts as its path alone.
     pub fn tree(self, dir: &Path) -> Self {
-        fn walk(dir: &Path, root: &Path, depth: u32, out: &mut Vec<(PathBuf, u64, u128)>) {
-            if depth > 16 {
-                return;
-            }
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                return;
-            };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let Ok(meta) = std::fs::metadata(&path) else {
-                    continue;
-                };
-                if meta.is_dir() {
-                    walk(&path, root, depth + 1, out);
-                } else {
-                    let mtime = meta
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_nanos());
-                    let relative = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
-                    out.push((relative, meta.len(), mtime));
-                }
-            }
-        }
-        let mut files = Vec::new();
-        walk(dir, dir, 0, &mut files);
+        let mut files: Vec<(PathBuf, u64, u128)> = files_under(dir)
+            .into_iter()
+            .filter_map(|path| {
+                let meta = std::fs::metadata(&path).ok()?;
+                let relative = path.strip_prefix(dir).unwrap_or(&path).to_path_buf();
+                Some((relative, meta.len(), modified_ns(&meta)))
+            })
+            .collect();
         files.sort();
         let mut hasher = DefaultHasher::new();
         files.hash(&mut hasher);
@@ -132,8 +105,17 @@ impl KernelCache {
             .then_some(profile_dir)
             .flatten()
             .map(|p| p.join("prm-kernel-cache"));
-        let mut files = Vec::new();
-        read_tree(kernels_dir, kernels_dir, &mut files);
+        // Every file under kernels/ but the `.cu` files (each its own translation unit, keyed
+        // by itself) and the notes (`.md`): (path relative to kernels/, bytes).
+        let mut files: Vec<(String, Vec<u8>)> = files_under(kernels_dir)
+            .into_iter()
+            .filter(|p| !p.extension().is_some_and(|x| x == "cu" || x == "md"))
+            .filter_map(|path| {
+                let bytes = std::fs::read(&path).ok()?;
+                let rel = path.strip_prefix(kernels_dir).unwrap_or(&path);
+                Some((rel.to_string_lossy().into_owned(), bytes))
+            })
+            .collect();
         files.sort();
         KernelCache {
             dir,
@@ -200,22 +182,34 @@ fn hash128(value: &impl Hash) -> u128 {
     (u128::from(half("prm-kernel-cache/a")) << 64) | u128::from(half("prm-kernel-cache/b"))
 }
 
-/// Every file under `dir` but the `.cu` files (each its own translation unit, keyed by itself)
-/// and the notes (`.md`): (path relative to `root`, bytes).
-fn read_tree(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.filter_map(|e| e.ok()) {
-        let path = entry.path();
-        let skipped = path.extension().is_some_and(|x| x == "cu" || x == "md");
-        if path.is_dir() {
-            read_tree(root, &path, out);
-        } else if skipped {
-            continue;
-        } else if let Ok(bytes) = std::fs::read(&path) {
-            let rel = path.strip_prefix(root).unwrap_or(&path);
-            out.push((rel.to_string_lossy().into_owned(), bytes));
+/// Every file under `dir`, as paths. Symbolic links are followed, to 16 levels down (so a link
+/// to a parent ends); what cannot be read is left out.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: u32, out: &mut Vec<PathBuf>) {
+        if depth > 16 {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, depth + 1, out);
+            } else {
+                out.push(path);
+            }
         }
     }
+    let mut out = Vec::new();
+    walk(dir, 0, &mut out);
+    out
+}
+
+/// A file's modification time in nanoseconds since the epoch (0 where the system has none).
+fn modified_ns(meta: &std::fs::Metadata) -> u128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos())
 }

@@ -5,10 +5,11 @@
 //! - Each `.cu` file is its own translation unit and its own fatbin (so file-scope helpers of
 //!   different files never clash), compiled with
 //!   `-fatbin -O3 -std=c++17 -lineinfo -Xptxas -v -Xfatbin -compress-all -I kernels`, SASS for
-//!   every arch in `PRM_CUDA_ARCHS` (default `80;90`) plus PTX for the last one. `PRM_NVCC_FLAGS` adds flags
-//!   (e.g. `-ccbin g++-13`). The files compile on build.rs's thread pool beside the
-//!   simulator's objects; a file whose inputs have not changed comes from the kernel cache
-//!   (`build/cache.rs`), with nvcc's report and launch bounds, and is checked the same way.
+//!   every arch in `PRM_CUDA_ARCHS` (default `80;90`) plus PTX for the last one.
+//!   `PRM_NVCC_FLAGS` adds flags (e.g. `-ccbin g++-13`). The files compile on build.rs's thread
+//!   pool beside the simulator's objects; a file whose inputs have not changed comes from the
+//!   kernel cache (`build/cache.rs`), with nvcc's report and launch bounds, and is checked the
+//!   same way.
 //! - The build fails on any nvcc error and on any register spill ptxas reports for sm_80 or
 //!   sm_90 (the archs the kernels are tuned for; a spill elsewhere is a warning), printing
 //!   nvcc's output. The full ptxas report is kept in `$OUT_DIR/nvcc/ptxas.log`.
