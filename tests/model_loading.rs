@@ -138,6 +138,35 @@ impl Ckpt {
     fn write(&self, path: &Path) {
         std::fs::write(path, self.bytes()).unwrap();
     }
+
+    /// Writes the tensors as `shards` files in `dir`, tensor i into shard i % shards (so every
+    /// shard holds vision tensors), and the index `transformers` writes beside them; returns
+    /// the index's path.
+    fn write_sharded(&self, dir: &Path, shards: usize) -> std::path::PathBuf {
+        let name = |k: usize| format!("model-{:05}-of-{shards:05}.safetensors", k + 1);
+        let mut weight_map = serde_json::Map::new();
+        for k in 0..shards {
+            let shard = Ckpt {
+                entries: (self.entries.iter().enumerate())
+                    .filter(|(i, _)| i % shards == k)
+                    .map(|(_, e)| Entry {
+                        name: e.name.clone(),
+                        dtype: e.dtype,
+                        shape: e.shape.clone(),
+                        values: e.values.clone(),
+                    })
+                    .collect(),
+            };
+            for e in &shard.entries {
+                weight_map.insert(e.name.clone(), name(k).into());
+            }
+            shard.write(&dir.join(name(k)));
+        }
+        let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+        let path = dir.join("model.safetensors.index.json");
+        std::fs::write(&path, index.to_string()).unwrap();
+        path
+    }
 }
 
 /// A HF `CLIPModel` checkpoint as `save_pretrained` writes it (position_ids, text tower, ...).
@@ -694,6 +723,186 @@ fn directory_without_or_with_several_checkpoints() {
     // model.safetensors wins over the others.
     hf_ckpt(Dtype::F32).write(&dir.path().join("model.safetensors"));
     load(dir.path()).unwrap();
+}
+
+#[test]
+fn sharded_checkpoints_load_from_their_index_or_directory() {
+    for (c, heads) in [
+        (hf_ckpt(Dtype::BF16), 4),
+        (openai_ckpt(Dtype::F16, "module."), 1),
+    ] {
+        let dir = tmp();
+        let index = c.write_sharded(dir.path(), 3);
+        if heads == 4 {
+            write_json(
+                dir.path(),
+                "config.json",
+                r#"{"vision_config": {"num_attention_heads": 4}}"#,
+            );
+        }
+        let from_dir = load(dir.path()).unwrap();
+        let from_index = load(&index).unwrap();
+        assert_eq!(from_dir.config, from_index.config);
+        if heads == 4 {
+            check_dims(&from_dir, 4);
+            check_hf_values(&from_dir, &c);
+            assert_eq!(
+                from_dir.source,
+                ModelSource::HuggingFace {
+                    path: index.clone()
+                }
+            );
+        } else {
+            check_openai_values(&from_dir, &c, "module.");
+        }
+        // The same tensors in one file give the same weights, bit for bit.
+        let single = dir.path().join("single.safetensors");
+        c.write(&single);
+        assert_eq!(load(&single).unwrap().fingerprint(), from_dir.fingerprint());
+    }
+}
+
+#[test]
+fn a_directory_prefers_model_safetensors_then_its_index_then_a_lone_file() {
+    let dir = tmp();
+    let c = hf_ckpt(Dtype::F32);
+    c.write_sharded(dir.path(), 2);
+    // Shards alone (their names end in .safetensors too) resolve to the index.
+    let m = load(dir.path()).unwrap();
+    assert!(
+        matches!(&m.source, ModelSource::HuggingFace { path } if path.ends_with("model.safetensors.index.json"))
+    );
+    c.write(&dir.path().join("model.safetensors"));
+    let m = load(dir.path()).unwrap();
+    assert!(
+        matches!(&m.source, ModelSource::HuggingFace { path } if path.ends_with("model.safetensors"))
+    );
+    // An index of another name is taken when it is the only one and no lone file is there.
+    let other = tmp();
+    let index = c.write_sharded(other.path(), 2);
+    std::fs::rename(&index, other.path().join("vision.safetensors.index.json")).unwrap();
+    let e = load_err(other.path());
+    assert_msg(&e, &["several *.safetensors files", "index"]);
+    load(&other.path().join("vision.safetensors.index.json")).unwrap();
+}
+
+#[test]
+fn broken_sharded_checkpoints_name_what_is_wrong() {
+    let c = hf_ckpt(Dtype::F32);
+    // A shard missing from the directory.
+    let dir = tmp();
+    let index = c.write_sharded(dir.path(), 2);
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let e = load_err(&index);
+    assert!(matches!(e, ModelError::Io { .. }), "{e:?}");
+    assert_msg(&e, &["model-00002-of-00002.safetensors"]);
+
+    // The index places a tensor in a shard that does not hold it.
+    let dir = tmp();
+    let index = c.write_sharded(dir.path(), 2);
+    let text = std::fs::read_to_string(&index).unwrap();
+    let moved = text.replacen(
+        r#""vision_model.post_layernorm.bias":"model-00001-of-00002.safetensors""#,
+        r#""vision_model.post_layernorm.bias":"model-00002-of-00002.safetensors""#,
+        1,
+    );
+    let moved = if moved == text {
+        text.replacen(
+            r#""vision_model.post_layernorm.bias":"model-00002-of-00002.safetensors""#,
+            r#""vision_model.post_layernorm.bias":"model-00001-of-00002.safetensors""#,
+            1,
+        )
+    } else {
+        moved
+    };
+    assert_ne!(moved, text, "the test's index names post_layernorm.bias");
+    std::fs::write(&index, moved).unwrap();
+    let e = load_err(&index);
+    assert!(matches!(e, ModelError::Inconsistent { .. }), "{e:?}");
+    assert_msg(
+        &e,
+        &["vision_model.post_layernorm.bias", "does not hold it"],
+    );
+
+    // A tensor in two shards.
+    let dir = tmp();
+    let index = c.write_sharded(dir.path(), 2);
+    c.write(&dir.path().join("model-00002-of-00002.safetensors"));
+    let e = load_err(&index);
+    assert!(matches!(e, ModelError::Inconsistent { .. }), "{e:?}");
+    assert_msg(
+        &e,
+        &[
+            "more than once",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+        ],
+    );
+
+    // Malformed indexes, and a shard outside the index's directory.
+    for (json, part) in [
+        ("not json", "invalid JSON"),
+        ("{}", "weight_map"),
+        (r#"{"weight_map": {}}"#, "lists no tensors"),
+        (r#"{"weight_map": {"a": 3}}"#, "not a file name"),
+        (
+            r#"{"weight_map": {"a": "../model.safetensors"}}"#,
+            "not a file name in the index's directory",
+        ),
+        (
+            r#"{"weight_map": {"a": "/etc/passwd"}}"#,
+            "not a file name in the index's directory",
+        ),
+    ] {
+        let dir = tmp();
+        let index = dir.path().join("model.safetensors.index.json");
+        std::fs::write(&index, json).unwrap();
+        let e = load_err(&index);
+        assert!(matches!(e, ModelError::BadIndex { .. }), "{json}: {e:?}");
+        assert_msg(&e, &["sharded checkpoint index", part]);
+    }
+}
+
+#[test]
+fn pytorch_pickles_are_recognised_and_the_converter_is_named() {
+    let dir = tmp();
+    let zip = dir.path().join("ViT-B-16.pt");
+    std::fs::write(&zip, b"PK\x03\x04archive/data.pkl and more").unwrap();
+    let e = load_err(&zip);
+    assert!(matches!(e, ModelError::PickleCheckpoint { .. }), "{e:?}");
+    assert_msg(
+        &e,
+        &[
+            "ViT-B-16.pt",
+            "zip archive",
+            "tools/to_safetensors.py",
+            "ViT-B-16.safetensors",
+        ],
+    );
+    let old = dir.path().join("old.bin");
+    std::fs::write(&old, [0x80, 0x02, b'}', b'q', 0]).unwrap();
+    let e = load_err(&old);
+    assert!(matches!(e, ModelError::PickleCheckpoint { .. }), "{e:?}");
+    assert_msg(&e, &["old.bin", "pickle", "tools/to_safetensors.py"]);
+
+    // A directory holding only a PyTorch file says so.
+    let hub = tmp();
+    std::fs::write(
+        hub.path().join("open_clip_pytorch_model.bin"),
+        b"PK\x03\x04",
+    )
+    .unwrap();
+    std::fs::write(hub.path().join("open_clip_config.json"), "{}").unwrap();
+    let e = load_err(hub.path());
+    assert!(matches!(e, ModelError::NoCheckpoint { .. }), "{e:?}");
+    assert_msg(
+        &e,
+        &[
+            "open_clip_pytorch_model.bin",
+            "PyTorch pickle",
+            "to_safetensors.py",
+        ],
+    );
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! Checkpoint loading: resolving a model spec, reading a safetensors file, and the error type.
 //!
-//! A spec is `random:ARCH[@SEED]` (see [`super::builtin`]), a `.safetensors` file, or a
-//! directory holding `model.safetensors` or exactly one `*.safetensors`. The file's tensor
-//! names decide the format (Hugging Face `vision_model.*` or OpenAI/open_clip `visual.*`, see
+//! A spec is `random:ARCH[@SEED]` (see [`super::builtin`]), a `.safetensors` file, a sharded
+//! checkpoint's `*.safetensors.index.json`, or a directory holding one of them (see
+//! [`super::checkpoint`], which finds and maps the files). The tensor names decide the format (Hugging Face `vision_model.*` or OpenAI/open_clip `visual.*`, see
 //! [`super::formats`]); every dimension comes from tensor shapes, and the JSON files next to the
 //! checkpoint only supply what shapes cannot (heads, activation, LayerNorm eps, mean/std, see
 //! [`super::config`]). Nothing here panics on malformed input: every failure is a [`ModelError`]
@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
+use super::checkpoint::{resolve_checkpoint, Checkpoint};
 use super::Model;
 
 /// Everything that can go wrong while resolving a spec or loading a checkpoint.
@@ -39,6 +40,16 @@ pub enum ModelError {
          safetensors file"
     )]
     BadSafetensors { path: PathBuf, reason: String },
+    /// The file is a PyTorch pickle, which prm does not read.
+    #[error("{path}: this is {kind}, not a safetensors file; {hint}")]
+    PickleCheckpoint {
+        path: PathBuf,
+        kind: String,
+        hint: String,
+    },
+    /// A sharded checkpoint's index is malformed.
+    #[error("{path}: bad sharded checkpoint index: {reason}")]
+    BadIndex { path: PathBuf, reason: String },
     /// The tensor names match neither checkpoint format.
     #[error(
         "{path}: unknown checkpoint format; found tensor name prefixes [{}]; expected Hugging Face \
@@ -81,9 +92,6 @@ pub enum ModelError {
     BadSpec { spec: String, reason: String },
 }
 
-const EXPECTED_SPEC: &str = "a .safetensors checkpoint file, a directory holding \
-     model.safetensors (or exactly one *.safetensors file), or random:ARCH[@SEED]";
-
 /// Loads `random:ARCH[@SEED]`, a safetensors checkpoint file, or a directory holding one.
 pub fn load_model(spec: &str) -> Result<Model, ModelError> {
     if let Some(rest) = spec.strip_prefix("random:") {
@@ -99,63 +107,14 @@ pub fn load_model(spec: &str) -> Result<Model, ModelError> {
         };
         return super::random_model(arch, seed);
     }
-    let file = resolve_checkpoint(Path::new(spec))?;
-    load_safetensors(&file)
+    let checkpoint = Checkpoint::open(&resolve_checkpoint(Path::new(spec))?)?;
+    super::formats::build_model(&checkpoint.tensors()?)
 }
 
-/// Turns a file or directory path into the checkpoint file to read.
-pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, ModelError> {
-    if !path.exists() {
-        return Err(ModelError::NotFound {
-            path: path.to_path_buf(),
-            expected: EXPECTED_SPEC.to_string(),
-        });
-    }
-    if !path.is_dir() {
-        return Ok(path.to_path_buf());
-    }
-    let hf = path.join("model.safetensors");
-    if hf.is_file() {
-        return Ok(hf);
-    }
-    let entries = std::fs::read_dir(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut found: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    found.sort();
-    match found.len() {
-        1 => Ok(found.remove(0)),
-        0 => Err(ModelError::NoCheckpoint {
-            dir: path.to_path_buf(),
-            reason: "directory holds no model.safetensors and no other *.safetensors file"
-                .to_string(),
-        }),
-        _ => Err(ModelError::NoCheckpoint {
-            dir: path.to_path_buf(),
-            reason: format!(
-                "directory holds no model.safetensors and several *.safetensors files ({}); \
-                 name the file to load (sharded checkpoints are not supported)",
-                found
-                    .iter()
-                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }),
-    }
-}
-
-/// Reads one safetensors checkpoint file and builds the vision tower it holds.
+/// Reads one safetensors checkpoint file (or a sharded checkpoint's index) and builds the
+/// vision tower it holds.
 pub fn load_safetensors(path: &Path) -> Result<Model, ModelError> {
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    load_safetensors_bytes(path, &bytes)
+    super::formats::build_model(&Checkpoint::open(path)?.tensors()?)
 }
 
 /// [`load_safetensors`] on a checkpoint already in memory: `path` names it in messages, and the
@@ -166,7 +125,7 @@ pub fn load_safetensors_bytes(path: &Path, bytes: &[u8]) -> Result<Model, ModelE
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let tensors = Tensors::new(path, &st)?;
+    let tensors = Tensors::new(path, &[(path, st)])?;
     super::formats::build_model(&tensors)
 }
 
@@ -179,23 +138,36 @@ pub(crate) struct Tensors<'a> {
 }
 
 impl<'a> Tensors<'a> {
-    pub(crate) fn new(path: &Path, st: &SafeTensors<'a>) -> Result<Self, ModelError> {
+    /// The tensors of a checkpoint's files (one, or a sharded checkpoint's shards), named in
+    /// messages by `path`.
+    pub(crate) fn new(path: &Path, files: &[(&Path, SafeTensors<'a>)]) -> Result<Self, ModelError> {
         let mut map = HashMap::new();
+        let mut origin: HashMap<String, &Path> = HashMap::new();
         let mut prefix = String::new();
-        for (name, view) in st.iter() {
-            let (stripped, pre) = strip_wrappers(name);
-            if !pre.is_empty() && (stripped.starts_with("visual") || stripped.starts_with("vision"))
-            {
-                prefix = pre.to_string();
-            }
-            if map.insert(stripped.to_string(), view).is_some() {
-                return Err(ModelError::Inconsistent {
-                    path: path.to_path_buf(),
-                    reason: format!(
-                        "tensor `{stripped}` appears more than once once `module.` / \
-                         `state_dict.` prefixes are removed"
-                    ),
-                });
+        for (file, st) in files {
+            for (name, view) in st.iter() {
+                let (stripped, pre) = strip_wrappers(name);
+                if !pre.is_empty()
+                    && (stripped.starts_with("visual") || stripped.starts_with("vision"))
+                {
+                    prefix = pre.to_string();
+                }
+                if map.insert(stripped.to_string(), view).is_some() {
+                    let first = origin.get(stripped).copied().unwrap_or(file);
+                    let place = if first == *file {
+                        String::new()
+                    } else {
+                        format!(" (in {} and in {})", first.display(), file.display())
+                    };
+                    return Err(ModelError::Inconsistent {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "tensor `{stripped}` appears more than once once `module.` / \
+                             `state_dict.` prefixes are removed{place}"
+                        ),
+                    });
+                }
+                origin.insert(stripped.to_string(), file);
             }
         }
         Ok(Tensors {

@@ -4,6 +4,7 @@
 //! is a rename and a dtype conversion, never a reshuffle that could go subtly wrong.
 
 mod builtin;
+mod checkpoint;
 mod config;
 mod fingerprint;
 mod formats;
@@ -11,9 +12,8 @@ mod load;
 mod text;
 
 pub use builtin::{builtin_architectures, builtin_config, random_model, random_text_tower};
-pub use load::{
-    load_model, load_safetensors, load_safetensors_bytes, resolve_checkpoint, ModelError,
-};
+pub use checkpoint::resolve_checkpoint;
+pub use load::{load_model, load_safetensors, load_safetensors_bytes, ModelError};
 pub use text::{load_text_tower, TextConfig, TextTower, TextWeights, BUNDLED_TOKENIZER_VOCAB};
 
 /// The MLP non-linearity of a CLIP tower.

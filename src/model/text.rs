@@ -21,7 +21,6 @@
 
 use std::path::Path;
 
-use safetensors::SafeTensors;
 use serde_json::Value;
 
 use super::formats::{count_layers, stack_qkv, transpose};
@@ -87,16 +86,8 @@ pub fn load_text_tower(spec: &str) -> Result<Option<TextTower>, ModelError> {
         return super::builtin::random_text_tower(arch, seed).map(Some);
     }
     let file = super::resolve_checkpoint(Path::new(spec))?;
-    let bytes = std::fs::read(&file).map_err(|source| ModelError::Io {
-        path: file.clone(),
-        source,
-    })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::BadSafetensors {
-        path: file.clone(),
-        reason: e.to_string(),
-    })?;
-    let t = Tensors::new(&file, &st)?;
-    build_text_tower(&t)
+    let checkpoint = super::checkpoint::Checkpoint::open(&file)?;
+    build_text_tower(&checkpoint.tensors()?)
 }
 
 struct TextNames {
