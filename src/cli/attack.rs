@@ -32,9 +32,9 @@ use super::{EXIT_SIGINT, EXIT_SIGTERM, EXIT_SOME_FAILED, EXIT_USAGE};
 
 #[derive(Args)]
 pub struct AttackArgs {
-    /// A Hugging Face CLIP directory, an OpenAI/open_clip .safetensors file, or random:ARCH
-    /// (tiny, vit-b-32, vit-b-16, vit-l-14, vit-l-14-336, vit-h-14; random:ARCH@SEED for another
-    /// seed)
+    /// A Hugging Face CLIP directory (sharded ones too), an OpenAI/open_clip .safetensors file, or
+    /// random:ARCH (tiny, vit-b-32, vit-b-16, vit-l-14, vit-l-14-336, vit-h-14; random:ARCH@SEED
+    /// for another seed)
     #[arg(long)]
     model: String,
     /// A directory of images (scanned recursively), a text file with one path per line, or
