@@ -349,6 +349,77 @@ fn info_says_when_weights_are_random() {
     assert_eq!(again["fingerprint"], print);
 }
 
+/// `prm` with the Hugging Face cache at `cache` (and no other hub variable from the caller).
+fn prm_with_hub_cache(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_prm"))
+        .args(args)
+        .env("HF_HUB_CACHE", cache)
+        .env_remove("HUGGINGFACE_HUB_CACHE")
+        .output()
+        .expect("prm runs")
+}
+
+#[test]
+fn models_in_the_hugging_face_cache_load_by_hub_id() {
+    let f = fixture();
+    // The layout `hf download` leaves: refs/main names the snapshot holding the files.
+    let cache = f.root.join("hub");
+    let repo = cache.join("models--someone--clip-tiny");
+    let snap = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf_tiny");
+    for file in ["model.safetensors", "config.json"] {
+        std::fs::copy(golden.join(file), snap.join(file)).unwrap();
+    }
+    let info = |spec: &str| {
+        let o = prm_with_hub_cache(&cache, &["info", "--model", spec, "--json"]);
+        assert!(o.status.success(), "{spec}: {}", stderr(&o));
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()["fingerprint"].clone()
+    };
+    let direct = info(golden.to_str().unwrap());
+    assert_eq!(info("someone/clip-tiny"), direct);
+    assert_eq!(info("hf-hub:someone/clip-tiny"), direct);
+    assert_eq!(info("someone/clip-tiny@0123"), direct);
+
+    // An attack by hub id records the snapshot it loaded.
+    let out = f.root.join("out-hub");
+    let o = prm_with_hub_cache(
+        &cache,
+        &[
+            "attack",
+            "--model",
+            "someone/clip-tiny",
+            "--input",
+            f.input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--preset",
+            "pgd",
+            "--steps",
+            "1",
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    let recorded = run["model"].as_str().unwrap();
+    assert!(recorded.ends_with("snapshots/0123abcd"), "{recorded}");
+
+    // A model not in the cache: exit 2, with the cache looked in and the command that fetches it.
+    let o = prm_with_hub_cache(&cache, &["info", "--model", "openai/clip-vit-base-patch16"]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(
+        e.contains("models--openai--clip-vit-base-patch16")
+            && e.contains("hf download openai/clip-vit-base-patch16")
+            && e.contains(cache.to_str().unwrap()),
+        "{e}"
+    );
+}
+
 #[test]
 fn bf16_runs_on_the_gpu_engine_and_is_refused_on_the_cpu() {
     let f = fixture();

@@ -32,7 +32,8 @@ use super::{EXIT_SIGINT, EXIT_SIGTERM, EXIT_SOME_FAILED, EXIT_USAGE};
 
 #[derive(Args)]
 pub struct AttackArgs {
-    /// A Hugging Face CLIP directory (sharded ones too), an OpenAI/open_clip .safetensors file, or
+    /// A Hugging Face CLIP directory (sharded ones too) or hub id in the local cache
+    /// (owner/name[@revision]), an OpenAI/open_clip .safetensors file, or
     /// random:ARCH (tiny, vit-b-32, vit-b-16, vit-l-14, vit-l-14-336, vit-h-14; random:ARCH@SEED
     /// for another seed)
     #[arg(long)]
@@ -153,10 +154,11 @@ fn run_record(
         std::fs::canonicalize(p)
             .map_or_else(|_| p.display().to_string(), |c| c.display().to_string())
     };
-    let model = if std::path::Path::new(model).exists() {
-        absolute(std::path::Path::new(model))
-    } else {
+    // A hub id is recorded as the cache snapshot it loaded.
+    let model = if model.starts_with("random:") {
         model.to_string()
+    } else {
+        prm::model::locate(model).map_or_else(|_| model.to_string(), |p| absolute(&p))
     };
     let mut s = serde_json::json!({
         "loss": value_name(settings.loss),

@@ -24,7 +24,8 @@ use super::EXIT_SOME_FAILED;
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// A Hugging Face CLIP directory (sharded ones too), an OpenAI/open_clip .safetensors file, or
+    /// A Hugging Face CLIP directory (sharded ones too) or hub id in the local cache
+    /// (owner/name[@revision]), an OpenAI/open_clip .safetensors file, or
     /// random:ARCH
     #[arg(long)]
     model: String,

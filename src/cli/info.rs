@@ -9,7 +9,8 @@ use prm::model::{Model, ModelSource};
 
 #[derive(Args)]
 pub struct InfoArgs {
-    /// A Hugging Face CLIP directory (sharded ones too), an OpenAI/open_clip .safetensors file, or
+    /// A Hugging Face CLIP directory (sharded ones too) or hub id in the local cache
+    /// (owner/name[@revision]), an OpenAI/open_clip .safetensors file, or
     /// random:ARCH
     #[arg(long)]
     model: String,

@@ -99,7 +99,9 @@ impl ClipTokenizer {
         if spec.starts_with("random:") {
             return Self::bundled();
         }
-        let p = Path::new(spec);
+        // A hub id's tokenizer.json is in its cache snapshot.
+        let located = crate::model::locate(spec).unwrap_or_else(|_| spec.into());
+        let p = located.as_path();
         let dir = if p.is_dir() {
             p.to_path_buf()
         } else {

@@ -12,12 +12,14 @@ use std::path::{Path, PathBuf};
 
 use safetensors::SafeTensors;
 
+use super::hub::{self, HubId};
 use super::load::{ModelError, Tensors};
 
 /// What a model path may name, for messages.
 const EXPECTED_SPEC: &str = "a .safetensors checkpoint file, a sharded checkpoint's \
      .safetensors.index.json, a directory holding model.safetensors, model.safetensors.index.json \
-     or exactly one *.safetensors file, or random:ARCH[@SEED]";
+     or exactly one *.safetensors file, a Hugging Face hub id (owner/name) already in the local \
+     cache, or random:ARCH[@SEED]";
 
 /// The suffix of a sharded checkpoint's index.
 const INDEX_SUFFIX: &str = ".safetensors.index.json";
@@ -25,6 +27,27 @@ const INDEX_SUFFIX: &str = ".safetensors.index.json";
 /// The file names PyTorch checkpoints usually have, to point at the converter when a directory
 /// holds one of them and no safetensors file.
 const PICKLE_EXTENSIONS: &[&str] = &["bin", "pt", "pth", "ckpt"];
+
+/// The file or directory a model spec names: the path itself when it exists, else, for a hub
+/// id (`owner/name[@revision]`, `hf-hub:owner/name`), its snapshot in the local Hugging Face
+/// cache ([`super::hub`]). Not for `random:ARCH`.
+pub fn locate(spec: &str) -> Result<PathBuf, ModelError> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let not_found = || ModelError::NotFound {
+        path: path.to_path_buf(),
+        expected: EXPECTED_SPEC.to_string(),
+    };
+    let Some(id) = HubId::parse(spec) else {
+        return Err(not_found());
+    };
+    match hub::cache_dir() {
+        Some(cache) => hub::snapshot(&id, &cache),
+        None => Err(not_found()),
+    }
+}
 
 /// Turns a file or directory path into the checkpoint to read: a `.safetensors` file or a
 /// sharded checkpoint's index. In a directory, `model.safetensors` wins, then

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use super::checkpoint::{resolve_checkpoint, Checkpoint};
+use super::checkpoint::{locate, resolve_checkpoint, Checkpoint};
 use super::Model;
 
 /// Everything that can go wrong while resolving a spec or loading a checkpoint.
@@ -46,6 +46,17 @@ pub enum ModelError {
         path: PathBuf,
         kind: String,
         hint: String,
+    },
+    /// A hub id (`owner/name`) that is not a path and not in the local Hugging Face cache.
+    #[error(
+        "`{id}` is not a file or directory, and the Hugging Face cache ({cache}) has no snapshot \
+         of it: {reason}. prm never downloads; fetch it once, e.g. `hf download {id} --include \
+         '*.safetensors' '*.json'`, or give the checkpoint's path"
+    )]
+    NotInHubCache {
+        id: String,
+        cache: PathBuf,
+        reason: String,
     },
     /// A sharded checkpoint's index is malformed.
     #[error("{path}: bad sharded checkpoint index: {reason}")]
@@ -92,7 +103,8 @@ pub enum ModelError {
     BadSpec { spec: String, reason: String },
 }
 
-/// Loads `random:ARCH[@SEED]`, a safetensors checkpoint file, or a directory holding one.
+/// Loads `random:ARCH[@SEED]`, a checkpoint (file, sharded index or directory), or a model in
+/// the local Hugging Face cache by its hub id.
 pub fn load_model(spec: &str) -> Result<Model, ModelError> {
     if let Some(rest) = spec.strip_prefix("random:") {
         let (arch, seed) = match rest.split_once('@') {
@@ -107,7 +119,7 @@ pub fn load_model(spec: &str) -> Result<Model, ModelError> {
         };
         return super::random_model(arch, seed);
     }
-    let checkpoint = Checkpoint::open(&resolve_checkpoint(Path::new(spec))?)?;
+    let checkpoint = Checkpoint::open(&resolve_checkpoint(&locate(spec)?)?)?;
     super::formats::build_model(&checkpoint.tensors()?)
 }
 

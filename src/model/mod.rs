@@ -8,11 +8,12 @@ mod checkpoint;
 mod config;
 mod fingerprint;
 mod formats;
+mod hub;
 mod load;
 mod text;
 
 pub use builtin::{builtin_architectures, builtin_config, random_model, random_text_tower};
-pub use checkpoint::resolve_checkpoint;
+pub use checkpoint::{locate, resolve_checkpoint};
 pub use load::{load_model, load_safetensors, load_safetensors_bytes, ModelError};
 pub use text::{load_text_tower, TextConfig, TextTower, TextWeights, BUNDLED_TOKENIZER_VOCAB};
 

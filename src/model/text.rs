@@ -85,7 +85,7 @@ pub fn load_text_tower(spec: &str) -> Result<Option<TextTower>, ModelError> {
         };
         return super::builtin::random_text_tower(arch, seed).map(Some);
     }
-    let file = super::resolve_checkpoint(Path::new(spec))?;
+    let file = super::resolve_checkpoint(&super::locate(spec)?)?;
     let checkpoint = super::checkpoint::Checkpoint::open(&file)?;
     build_text_tower(&checkpoint.tensors()?)
 }
