@@ -864,6 +864,119 @@ fn broken_sharded_checkpoints_name_what_is_wrong() {
 }
 
 #[test]
+fn tensors_the_loader_does_not_know_are_refused_not_dropped() {
+    // open_clip's LayerScale and attention pooling, and an extra HF norm: each would change what
+    // the tower computes.
+    let cases: [(Ckpt, &str, &[usize]); 3] = [
+        (
+            openai_ckpt(Dtype::F32, ""),
+            "visual.transformer.resblocks.1.ls_1.gamma",
+            &[D],
+        ),
+        (
+            openai_ckpt(Dtype::F16, "module."),
+            "module.visual.attn_pool.query",
+            &[4, D],
+        ),
+        (
+            hf_ckpt(Dtype::F32),
+            "vision_model.encoder.layers.0.extra_norm.weight",
+            &[D],
+        ),
+    ];
+    for (mut c, extra, shape) in cases {
+        c.add(extra, Dtype::F32, shape);
+        let dir = tmp();
+        let path = dir.path().join("m.safetensors");
+        c.write(&path);
+        if extra.starts_with("vision_model") {
+            write_json(
+                dir.path(),
+                "config.json",
+                r#"{"vision_config": {"num_attention_heads": 4}}"#,
+            );
+        }
+        let e = load_err(&path);
+        assert!(
+            matches!(e, ModelError::UnknownTensors { .. }),
+            "{extra}: {e:?}"
+        );
+        assert_msg(&e, &[extra, "vision tower", "LayerScale"]);
+    }
+    // position_ids (int64 index tables) and the text tower's tensors are no part of the vision
+    // tower's computation: the fixtures hold both and load.
+    let dir = tmp();
+    let path = dir.path().join("m.safetensors");
+    openai_ckpt(Dtype::F32, "").write(&path);
+    load(&path).unwrap();
+}
+
+#[test]
+fn towers_that_are_not_vits_are_named() {
+    for (names, kind) in [
+        (
+            [
+                "visual.layer1.0.conv1.weight",
+                "visual.attnpool.c_proj.weight",
+            ],
+            "ResNet",
+        ),
+        (
+            ["visual.trunk.stem.0.weight", "visual.head.proj.weight"],
+            "timm",
+        ),
+    ] {
+        let mut c = Ckpt::new();
+        for n in names {
+            c.add(n, Dtype::F32, &[4, 4]);
+        }
+        let dir = tmp();
+        let path = dir.path().join("m.safetensors");
+        c.write(&path);
+        let e = load_err(&path);
+        assert!(matches!(e, ModelError::Inconsistent { .. }), "{e:?}");
+        assert_msg(&e, &[kind, "ViT towers only"]);
+    }
+}
+
+#[test]
+fn a_text_tower_with_tensors_the_loader_does_not_know_is_refused() {
+    // The transformers-made tiny CLIPModel of the eval golden data, with one more text tensor.
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/eval/clip_tiny");
+    let bytes = std::fs::read(golden.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let extra = vec![0u8; 4 * 8];
+    let mut views: Vec<(String, TensorView<'_>)> =
+        st.iter().map(|(n, v)| (n.to_string(), v)).collect();
+    let name = "text_model.encoder.layers.0.ls_1.gamma";
+    views.push((
+        name.into(),
+        TensorView::new(Dtype::F32, vec![8], &extra).unwrap(),
+    ));
+    let dir = tmp();
+    for file in ["config.json", "tokenizer.json"] {
+        std::fs::copy(golden.join(file), dir.path().join(file)).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    let spec = dir.path().to_str().unwrap();
+    prm::model::load_text_tower(golden.to_str().unwrap())
+        .unwrap()
+        .expect("the golden model has a text tower");
+    // The vision tower still loads (the extra tensor is the text tower's).
+    load(dir.path()).unwrap();
+    let e = match prm::model::load_text_tower(spec) {
+        Ok(_) => panic!("loaded a text tower with an unknown tensor"),
+        Err(e) => e,
+    };
+    assert!(matches!(e, ModelError::UnknownTensors { .. }), "{e:?}");
+    assert_msg(&e, &[name, "text tower"]);
+}
+
+#[test]
 fn pytorch_pickles_are_recognised_and_the_converter_is_named() {
     let dir = tmp();
     let zip = dir.path().join("ViT-B-16.pt");

@@ -38,6 +38,8 @@ struct Names {
     ln_pre: &'static str,
     ln_post: &'static str,
     blocks: &'static str,
+    /// Every vision tensor's prefix.
+    tower: &'static str,
 }
 
 const HF: Names = Names {
@@ -48,6 +50,7 @@ const HF: Names = Names {
     ln_pre: "vision_model.pre_layrnorm",
     ln_post: "vision_model.post_layernorm",
     blocks: "vision_model.encoder.layers.",
+    tower: "vision_model.",
 };
 
 const OPENAI: Names = Names {
@@ -58,6 +61,7 @@ const OPENAI: Names = Names {
     ln_pre: "visual.ln_pre",
     ln_post: "visual.ln_post",
     blocks: "visual.transformer.resblocks.",
+    tower: "visual.",
 };
 
 fn detect(t: &Tensors<'_>) -> Result<Format, ModelError> {
@@ -98,6 +102,9 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
         Format::OpenAi => &OPENAI,
     };
     let dir = t.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    if format == Format::OpenAi && !t.contains(names.cls) {
+        refuse_other_towers(t)?;
+    }
 
     // Dimensions from shapes.
     let cls_shape = t.shape(names.cls)?;
@@ -298,6 +305,7 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
         }
     };
     let embed_dim = projection.as_ref().map(|p| p.out_features);
+    t.refuse_unread(&[names.tower], "vision")?;
 
     Ok(Model {
         config: VisionConfig {
@@ -324,6 +332,23 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
         },
         source,
     })
+}
+
+/// OpenAI-style checkpoints whose vision tower is not a ViT: a clear refusal instead of a
+/// missing `visual.class_embedding`.
+fn refuse_other_towers(t: &Tensors<'_>) -> Result<(), ModelError> {
+    let has = |prefix: &str| t.names().any(|n| n.starts_with(prefix));
+    let kind = if has("visual.layer1.") || has("visual.attnpool.") {
+        "a ResNet (OpenAI's RN50 / RN101 / RN50x4 ... family: `visual.layer1.*`, \
+         `visual.attnpool.*`)"
+    } else if has("visual.trunk.") {
+        "a timm model (`visual.trunk.*`: open_clip's ConvNeXt and timm-backed towers)"
+    } else {
+        return Ok(());
+    };
+    Err(t.inconsistent(format!(
+        "the vision tower is {kind}, not a CLIP ViT; prm attacks ViT towers only"
+    )))
 }
 
 /// open_clip's LAION towers whose heads are not 64 wide, by width: (name, heads, head width).

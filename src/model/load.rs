@@ -8,7 +8,8 @@
 //! [`super::config`]). Nothing here panics on malformed input: every failure is a [`ModelError`]
 //! naming the file and, where there is one, the tensor.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -72,6 +73,18 @@ pub enum ModelError {
     /// A tensor the vision tower needs is absent.
     #[error("{path}: missing tensor `{name}`")]
     MissingTensor { path: PathBuf, name: String },
+    /// A tower holds tensors the loader does not know, which would change what it computes.
+    #[error(
+        "{path}: the {tower} tower holds tensors prm does not know: {}; a CLIP variant \
+         beyond the standard ViT (LayerScale, attention pooling, extra norms) computes \
+         something else, so prm refuses it rather than load it without them",
+        .names.join(", ")
+    )]
+    UnknownTensors {
+        path: PathBuf,
+        tower: String,
+        names: Vec<String>,
+    },
     /// A tensor has the wrong shape.
     #[error("{path}: tensor `{name}` has shape {got:?}, expected {expected}")]
     BadShape {
@@ -147,6 +160,9 @@ pub(crate) struct Tensors<'a> {
     map: HashMap<String, TensorView<'a>>,
     /// The wrapper prefix that was stripped (for messages), e.g. `module.`.
     prefix: String,
+    /// The names [`Tensors::load`] has read, so that a tower's tensors nothing read can be
+    /// refused ([`Tensors::refuse_unread`]).
+    read: RefCell<HashSet<String>>,
 }
 
 impl<'a> Tensors<'a> {
@@ -186,6 +202,7 @@ impl<'a> Tensors<'a> {
             path: path.to_path_buf(),
             map,
             prefix,
+            read: RefCell::new(HashSet::new()),
         })
     }
 
@@ -229,8 +246,40 @@ impl<'a> Tensors<'a> {
         }
     }
 
+    /// Fails when a tensor under one of `prefixes` was never read (int64 `position_ids`, an
+    /// index table, aside). A tower's tensor that prm does not know changes what the tower
+    /// computes (open_clip's LayerScale, attention pooling, extra norms): loading the rest
+    /// as if it were not there would give another model without a word.
+    pub(crate) fn refuse_unread(&self, prefixes: &[&str], tower: &str) -> Result<(), ModelError> {
+        let read = self.read.borrow();
+        let mut unread: Vec<&str> = self
+            .names()
+            .filter(|n| prefixes.iter().any(|p| n.starts_with(p)))
+            .filter(|n| !n.ends_with("position_ids") && !read.contains(*n))
+            .collect();
+        if unread.is_empty() {
+            return Ok(());
+        }
+        unread.sort_unstable();
+        let count = unread.len();
+        let mut names: Vec<String> = unread
+            .iter()
+            .take(6)
+            .map(|n| self.display_name(n))
+            .collect();
+        if count > names.len() {
+            names.push(format!("... ({count} in all)"));
+        }
+        Err(ModelError::UnknownTensors {
+            path: self.path.clone(),
+            tower: tower.to_string(),
+            names,
+        })
+    }
+
     /// Reads a tensor as f32 after checking that its shape is exactly `expected`.
     pub fn load(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, ModelError> {
+        self.read.borrow_mut().insert(name.to_string());
         let view = self.view(name)?;
         if view.shape() != expected {
             return Err(self.bad_shape(name, format!("{expected:?}"), view.shape()));

@@ -96,6 +96,8 @@ struct TextNames {
     blocks: &'static str,
     ln_final: &'static str,
     proj: &'static str,
+    /// The prefix of the tower's own tensors (the embeddings' and blocks').
+    tower: &'static str,
 }
 
 const HF_TEXT: TextNames = TextNames {
@@ -104,6 +106,7 @@ const HF_TEXT: TextNames = TextNames {
     blocks: "text_model.encoder.layers.",
     ln_final: "text_model.final_layer_norm",
     proj: "text_projection.weight",
+    tower: "text_model.",
 };
 
 const OPENAI_TEXT: TextNames = TextNames {
@@ -112,6 +115,7 @@ const OPENAI_TEXT: TextNames = TextNames {
     blocks: "transformer.resblocks.",
     ln_final: "ln_final",
     proj: "text_projection",
+    tower: "transformer.",
 };
 
 /// Settings the JSON next to the checkpoint gives: (heads, activation, ln_eps), each optional.
@@ -321,6 +325,10 @@ pub(crate) fn build_text_tower(t: &Tensors<'_>) -> Result<Option<TextTower>, Mod
     } else {
         transpose(&t.load(names.proj, &[d, embed_dim])?, d, embed_dim)
     };
+    let token_embedding = t.load(names.tok, &[vocab, d])?;
+    let position_embedding = t.load(names.pos, &[context, d])?;
+    let ln_final = ln(names.ln_final)?;
+    t.refuse_unread(&[names.tower], "text")?;
     Ok(Some(TextTower {
         config: TextConfig {
             width,
@@ -334,10 +342,10 @@ pub(crate) fn build_text_tower(t: &Tensors<'_>) -> Result<Option<TextTower>, Mod
             ln_eps,
         },
         weights: TextWeights {
-            token_embedding: t.load(names.tok, &[vocab, d])?,
-            position_embedding: t.load(names.pos, &[context, d])?,
+            token_embedding,
+            position_embedding,
             blocks,
-            ln_final: ln(names.ln_final)?,
+            ln_final,
             projection: Linear {
                 weight: projection,
                 bias: None,
