@@ -638,6 +638,111 @@ fn open_clip_config_sets_activation_heads_and_normalisation() {
     );
 }
 
+#[test]
+fn open_clip_options_that_change_the_vision_tower_are_refused_and_its_eps_is_read() {
+    let dir = tmp();
+    openai_ckpt(Dtype::F32, "").write(&dir.path().join("open_clip_model.safetensors"));
+    let config = |vision_cfg: &str| {
+        write_json(
+            dir.path(),
+            "open_clip_config.json",
+            &format!(r#"{{"model_cfg": {{"vision_cfg": {vision_cfg}}}}}"#),
+        )
+    };
+    config(r#"{"norm_kwargs": {"eps": 1e-6}, "pool_type": "tok", "pos_embed_type": "learnable"}"#);
+    assert_eq!(load(dir.path()).unwrap().config.ln_eps, 1e-6);
+    config("{}");
+    assert_eq!(load(dir.path()).unwrap().config.ln_eps, 1e-5);
+    for (cfg, part) in [
+        (r#"{"pool_type": "avg"}"#, "pool_type"),
+        (r#"{"global_average_pool": true}"#, "global_average_pool"),
+        (r#"{"attentional_pool": true}"#, "attentional_pool"),
+        (r#"{"no_ln_pre": true}"#, "no_ln_pre"),
+        (r#"{"pos_embed_type": "sin_cos_2d"}"#, "pos_embed_type"),
+        (r#"{"timm_model_name": "vit_base_patch16_224"}"#, "timm"),
+        (r#"{"norm_kwargs": {"eps": -1}}"#, "norm_kwargs.eps"),
+    ] {
+        config(cfg);
+        let e = load_err(dir.path());
+        assert!(matches!(e, ModelError::BadConfig { .. }), "{cfg}: {e:?}");
+        assert_msg(&e, &["open_clip_config.json", part]);
+    }
+}
+
+/// A complete OpenAI-format text tower (width 16, one block) beside [`openai_ckpt`]'s vision
+/// tower, in place of that fixture's partial text tensors.
+fn openai_ckpt_with_text() -> Ckpt {
+    let mut c = openai_ckpt(Dtype::F32, "");
+    for n in [
+        "token_embedding.weight",
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "text_projection",
+    ] {
+        c.remove(n);
+    }
+    let (w, m, ctx) = (16, 32, 7);
+    c.add("token_embedding.weight", Dtype::F32, &[50, w]);
+    c.add("positional_embedding", Dtype::F32, &[ctx, w]);
+    let b = "transformer.resblocks.0";
+    for ln in ["ln_1", "ln_2"] {
+        c.add(&format!("{b}.{ln}.weight"), Dtype::F32, &[w]);
+        c.add(&format!("{b}.{ln}.bias"), Dtype::F32, &[w]);
+    }
+    c.add(&format!("{b}.attn.in_proj_weight"), Dtype::F32, &[3 * w, w]);
+    c.add(&format!("{b}.attn.in_proj_bias"), Dtype::F32, &[3 * w]);
+    c.add(&format!("{b}.attn.out_proj.weight"), Dtype::F32, &[w, w]);
+    c.add(&format!("{b}.attn.out_proj.bias"), Dtype::F32, &[w]);
+    c.add(&format!("{b}.mlp.c_fc.weight"), Dtype::F32, &[m, w]);
+    c.add(&format!("{b}.mlp.c_fc.bias"), Dtype::F32, &[m]);
+    c.add(&format!("{b}.mlp.c_proj.weight"), Dtype::F32, &[w, m]);
+    c.add(&format!("{b}.mlp.c_proj.bias"), Dtype::F32, &[w]);
+    c.add("ln_final.weight", Dtype::F32, &[w]);
+    c.add("ln_final.bias", Dtype::F32, &[w]);
+    c.add("text_projection", Dtype::F32, &[w, E]);
+    c
+}
+
+#[test]
+fn open_clip_text_options_that_change_the_embedding_are_refused_and_its_eps_is_read() {
+    let dir = tmp();
+    let mut c = openai_ckpt_with_text();
+    c.write(&dir.path().join("open_clip_model.safetensors"));
+    let spec = dir.path().to_str().unwrap();
+    let text = |text_cfg: &str| {
+        write_json(
+            dir.path(),
+            "open_clip_config.json",
+            &format!(r#"{{"model_cfg": {{"text_cfg": {text_cfg}}}}}"#),
+        );
+        prm::model::load_text_tower(spec)
+    };
+    let tower = text(r#"{"heads": 2, "norm_kwargs": {"eps": 1e-6}, "pool_type": "argmax"}"#)
+        .unwrap()
+        .expect("a text tower");
+    assert_eq!((tower.config.heads, tower.config.ln_eps), (2, 1e-6));
+    for (cfg, part) in [
+        (r#"{"pool_type": "last"}"#, "pool_type"),
+        (r#"{"embed_cls": true}"#, "embed_cls"),
+        (r#"{"no_causal_mask": true}"#, "no_causal_mask"),
+    ] {
+        let e = match text(cfg) {
+            Ok(_) => panic!("{cfg} loaded"),
+            Err(e) => e,
+        };
+        assert!(matches!(e, ModelError::BadConfig { .. }), "{cfg}: {e:?}");
+        assert_msg(&e, &["open_clip_config.json", part]);
+    }
+    // A text tensor the loader does not know.
+    c.add("transformer.resblocks.0.ls_2.gamma", Dtype::F32, &[16]);
+    c.write(&dir.path().join("open_clip_model.safetensors"));
+    let e = match text(r#"{"heads": 2}"#) {
+        Ok(_) => panic!("loaded with an unknown text tensor"),
+        Err(e) => e,
+    };
+    assert!(matches!(e, ModelError::UnknownTensors { .. }), "{e:?}");
+    assert_msg(&e, &["transformer.resblocks.0.ls_2.gamma", "text tower"]);
+}
+
 /// An open_clip ViT-H/14 state dict (width 1280; one block, a small MLP, a 1×1 grid) without a
 /// config is refused: OpenAI's conventions would make it 20 heads of 64 with QuickGELU, another
 /// model. With its open_clip_config.json beside it, it loads as 16 heads of 80 with GELU.

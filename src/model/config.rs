@@ -33,6 +33,63 @@ pub(crate) struct OpenClipSettings {
     pub head_width: usize,
     pub activation: Activation,
     pub mean_std: Option<MeanStd>,
+    /// `vision_cfg.norm_kwargs.eps`, else PyTorch's LayerNorm default.
+    pub ln_eps: f32,
+}
+
+/// open_clip's LayerNorm eps for a tower config (`norm_kwargs.eps`), else 1e-5.
+pub(crate) fn open_clip_ln_eps(
+    path: &Path,
+    tower_cfg: &Map<String, Value>,
+) -> Result<f32, ModelError> {
+    let empty = Map::new();
+    let norm = object(path, tower_cfg, "norm_kwargs")?.unwrap_or(&empty);
+    match norm.get("eps") {
+        None | Some(Value::Null) => Ok(1e-5),
+        Some(v) => match v.as_f64() {
+            Some(e) if e > 0.0 && e.is_finite() => Ok(e as f32),
+            _ => Err(bad(
+                path,
+                format!("`norm_kwargs.eps` must be a positive number, got {v}"),
+            )),
+        },
+    }
+}
+
+/// Refuses open_clip vision options that change what the tower computes without leaving
+/// tensors that would say so (the loader refuses unknown tensors separately).
+fn refuse_open_clip_vision_options(
+    path: &Path,
+    vision: &Map<String, Value>,
+) -> Result<(), ModelError> {
+    let is_true = |k: &str| matches!(vision.get(k), Some(Value::Bool(true)));
+    let string = |k: &str| vision.get(k).and_then(Value::as_str);
+    let unsupported = |what: String| {
+        Err(bad(
+            path,
+            format!(
+                "{what}: prm implements open_clip's standard ViT (class-token pooling, learned \
+                 positions, a LayerNorm before the blocks) and would compute another model"
+            ),
+        ))
+    };
+    if let Some(pool) = string("pool_type").filter(|p| *p != "tok") {
+        return unsupported(format!("`vision_cfg.pool_type` is \"{pool}\""));
+    }
+    for option in ["global_average_pool", "attentional_pool", "no_ln_pre"] {
+        if is_true(option) {
+            return unsupported(format!("`vision_cfg.{option}` is true"));
+        }
+    }
+    if let Some(kind) = string("pos_embed_type").filter(|p| *p != "learnable") {
+        return unsupported(format!("`vision_cfg.pos_embed_type` is \"{kind}\""));
+    }
+    if let Some(name) = string("timm_model_name") {
+        return unsupported(format!(
+            "`vision_cfg.timm_model_name` is \"{name}\" (a timm tower)"
+        ));
+    }
+    Ok(())
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> ModelError {
@@ -222,7 +279,9 @@ pub(crate) fn read_open_clip_config(dir: &Path) -> Result<Option<OpenClipSetting
     let empty = Map::new();
     let model_cfg = object(&path, &top, "model_cfg")?.unwrap_or(&empty);
     let vision_cfg = object(&path, model_cfg, "vision_cfg")?.unwrap_or(&empty);
+    refuse_open_clip_vision_options(&path, vision_cfg)?;
     let head_width = positive_int(&path, vision_cfg, "head_width")?.unwrap_or(64);
+    let ln_eps = open_clip_ln_eps(&path, vision_cfg)?;
     let activation = match model_cfg.get("quick_gelu") {
         None | Some(Value::Null) | Some(Value::Bool(false)) => Activation::Gelu,
         Some(Value::Bool(true)) => Activation::QuickGelu,
@@ -246,5 +305,6 @@ pub(crate) fn read_open_clip_config(dir: &Path) -> Result<Option<OpenClipSetting
         head_width,
         activation,
         mean_std,
+        ln_eps,
     }))
 }

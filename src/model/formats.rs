@@ -174,7 +174,7 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
             (heads, activation, ln_eps, read_preprocessor(&dir)?, source)
         }
         Format::OpenAi => {
-            let (heads, activation, mean_std) = match read_open_clip_config(&dir)? {
+            let (heads, activation, mean_std, ln_eps) = match read_open_clip_config(&dir)? {
                 Some(s) => {
                     if width % s.head_width != 0 {
                         return Err(ModelError::BadConfig {
@@ -185,14 +185,19 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
                             ),
                         });
                     }
-                    (width / s.head_width, s.activation, s.mean_std)
+                    (width / s.head_width, s.activation, s.mean_std, s.ln_eps)
                 }
-                None => (heads_from_width(t, width)?, Activation::QuickGelu, None),
+                None => (
+                    heads_from_width(t, width)?,
+                    Activation::QuickGelu,
+                    None,
+                    1e-5,
+                ),
             };
             let source = ModelSource::OpenAi {
                 path: t.path.clone(),
             };
-            (heads, activation, 1e-5, mean_std, source)
+            (heads, activation, ln_eps, mean_std, source)
         }
     };
     let (mean, std) = mean_std.unwrap_or((OPENAI_MEAN, OPENAI_STD));

@@ -194,7 +194,34 @@ fn open_clip_text_json(dir: &Path) -> Result<TextJson, ModelError> {
         Some(Value::Bool(true)) => Some(Activation::QuickGelu),
         _ => Some(Activation::Gelu),
     };
-    Ok((heads, act, None))
+    let empty = serde_json::Map::new();
+    let text_cfg = cfg
+        .and_then(|c| c.get("text_cfg"))
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    // Options that change the tower without tensors that would say so: the embedding must be
+    // the end-of-text token's (prm's zero-shot classes are embedded that way).
+    let refuse = |what: String| ModelError::BadConfig {
+        path: path.clone(),
+        reason: format!(
+            "{what}: prm implements open_clip's standard text tower (causal, pooled at the \
+             end-of-text token) and would embed the class names with another model"
+        ),
+    };
+    if let Some(pool) = text_cfg
+        .get("pool_type")
+        .and_then(Value::as_str)
+        .filter(|p| *p != "argmax")
+    {
+        return Err(refuse(format!("`text_cfg.pool_type` is \"{pool}\"")));
+    }
+    for option in ["embed_cls", "no_causal_mask"] {
+        if text_cfg.get(option) == Some(&Value::Bool(true)) {
+            return Err(refuse(format!("`text_cfg.{option}` is true")));
+        }
+    }
+    let eps = super::config::open_clip_ln_eps(&path, text_cfg)?;
+    Ok((heads, act, Some(eps)))
 }
 
 /// Builds the text tower held by a checkpoint's tensors, or `None` when it has none.
@@ -249,7 +276,7 @@ pub(crate) fn build_text_tower(t: &Tensors<'_>) -> Result<Option<TextTower>, Mod
             e.unwrap_or(1e-5),
         )
     } else {
-        let (h, a, _) = open_clip_text_json(&dir)?;
+        let (h, a, e) = open_clip_text_json(&dir)?;
         let vision_act = if dir.join("open_clip_config.json").is_file() {
             a.unwrap_or(Activation::Gelu)
         } else {
@@ -265,7 +292,7 @@ pub(crate) fn build_text_tower(t: &Tensors<'_>) -> Result<Option<TextTower>, Mod
                 )))
             }
         };
-        (heads, vision_act, 1e-5)
+        (heads, vision_act, e.unwrap_or(1e-5))
     };
     if heads == 0 || width % heads != 0 {
         return Err(t.inconsistent(format!(
