@@ -272,13 +272,16 @@ impl Checkpoint {
             .map(|f| Ok((f.path.as_path(), f.safetensors()?)))
             .collect::<Result<Vec<_>, ModelError>>()?;
         if let Some(index) = &self.index {
-            let dir = self.path.parent().unwrap_or(Path::new("."));
+            // The shards by the file names the index gives them (read_index keeps them plain).
+            let by_name: std::collections::HashMap<&str, &SafeTensors<'_>> = parsed
+                .iter()
+                .filter_map(|(p, st)| Some((p.file_name()?.to_str()?, st)))
+                .collect();
             for (name, shard) in index {
-                let (_, st) = parsed
-                    .iter()
-                    .find(|(p, _)| *p == dir.join(shard))
-                    .expect("every shard the index names was opened");
-                if st.tensor(name).is_err() {
+                let holds = by_name
+                    .get(shard.as_str())
+                    .is_some_and(|st| st.tensor(name).is_ok());
+                if !holds {
                     return Err(ModelError::Inconsistent {
                         path: self.path.clone(),
                         reason: format!(

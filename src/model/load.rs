@@ -1,12 +1,14 @@
 //! Checkpoint loading: resolving a model spec, reading a safetensors file, and the error type.
 //!
 //! A spec is `random:ARCH[@SEED]` (see [`super::builtin`]), a `.safetensors` file, a sharded
-//! checkpoint's `*.safetensors.index.json`, or a directory holding one of them (see
-//! [`super::checkpoint`], which finds and maps the files). The tensor names decide the format (Hugging Face `vision_model.*` or OpenAI/open_clip `visual.*`, see
-//! [`super::formats`]); every dimension comes from tensor shapes, and the JSON files next to the
-//! checkpoint only supply what shapes cannot (heads, activation, LayerNorm eps, mean/std, see
-//! [`super::config`]). Nothing here panics on malformed input: every failure is a [`ModelError`]
-//! naming the file and, where there is one, the tensor.
+//! checkpoint's `*.safetensors.index.json`, a directory holding one of them, or a hub id in the
+//! local Hugging Face cache ([`super::checkpoint`] and [`super::hub`] find and map the files).
+//! The tensor names decide the format (Hugging Face `vision_model.*` or OpenAI/open_clip
+//! `visual.*`, see [`super::formats`]); every dimension comes from tensor shapes, and the JSON
+//! files next to the checkpoint only supply what shapes cannot (heads, activation, LayerNorm
+//! eps, mean/std, see [`super::config`]). A tower's tensor that nothing reads is refused
+//! ([`Tensors::refuse_unread`]). Nothing here panics on malformed input: every failure is a
+//! [`ModelError`] naming the file and, where there is one, the tensor.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -76,7 +78,7 @@ pub enum ModelError {
     /// A tower holds tensors the loader does not know, which would change what it computes.
     #[error(
         "{path}: the {tower} tower holds tensors prm does not know: {}; a CLIP variant \
-         beyond the standard ViT (LayerScale, attention pooling, extra norms) computes \
+         beyond the standard towers (LayerScale, attention pooling, extra norms) computes \
          something else, so prm refuses it rather than load it without them",
         .names.join(", ")
     )]
