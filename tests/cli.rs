@@ -7,10 +7,13 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn prm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prm"))
-        .args(args)
-        .output()
-        .expect("prm runs")
+    prm_command(args).output().expect("prm runs")
+}
+
+fn prm_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_prm"));
+    command.args(args);
+    command
 }
 
 fn stderr(o: &Output) -> String {
@@ -351,8 +354,7 @@ fn info_says_when_weights_are_random() {
 
 /// `prm` with the Hugging Face cache at `cache` (and no other hub variable from the caller).
 fn prm_with_hub_cache(cache: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prm"))
-        .args(args)
+    prm_command(args)
         .env("HF_HUB_CACHE", cache)
         .env_remove("HUGGINGFACE_HUB_CACHE")
         .output()
