@@ -970,12 +970,12 @@ fn broken_sharded_checkpoints_name_what_is_wrong() {
 
 #[test]
 fn tensors_the_loader_does_not_know_are_refused_not_dropped() {
-    // open_clip's LayerScale and attention pooling, and an extra HF norm: each would change what
-    // the tower computes.
+    // open_clip's scaled-cosine attention norm and attention pooling, and an extra HF norm: each
+    // would change what the tower computes.
     let cases: [(Ckpt, &str, &[usize]); 3] = [
         (
             openai_ckpt(Dtype::F32, ""),
-            "visual.transformer.resblocks.1.ls_1.gamma",
+            "visual.transformer.resblocks.1.attn.ln_inner.weight",
             &[D],
         ),
         (
@@ -1006,7 +1006,7 @@ fn tensors_the_loader_does_not_know_are_refused_not_dropped() {
             matches!(e, ModelError::UnknownTensors { .. }),
             "{extra}: {e:?}"
         );
-        assert_msg(&e, &[extra, "vision tower", "LayerScale"]);
+        assert_msg(&e, &[extra, "vision tower", "attention pooling"]);
     }
     // position_ids (int64 index tables) and the text tower's tensors are no part of the vision
     // tower's computation: the fixtures hold both and load.
@@ -1014,6 +1014,51 @@ fn tensors_the_loader_does_not_know_are_refused_not_dropped() {
     let path = dir.path().join("m.safetensors");
     openai_ckpt(Dtype::F32, "").write(&path);
     load(&path).unwrap();
+}
+
+#[test]
+fn open_clip_layer_scale_is_folded_into_the_branch_outputs() {
+    // ls_1 scales the attention branch (out_proj's rows), ls_2 the MLP's (c_proj's), channel by
+    // channel; block 1 has only ls_2.
+    let mut c = openai_ckpt(Dtype::F32, "");
+    let p = "visual.transformer.resblocks";
+    c.add(&format!("{p}.0.ls_1.gamma"), Dtype::F32, &[D]);
+    c.add(&format!("{p}.0.ls_2.gamma"), Dtype::F32, &[D]);
+    c.add(&format!("{p}.1.ls_2.gamma"), Dtype::F32, &[D]);
+    let dir = tmp();
+    let path = dir.path().join("m.safetensors");
+    c.write(&path);
+    let m = load(&path).unwrap();
+    let scaled = |linear: &str, gamma: &str, inputs: usize| {
+        let (w, bias, g) = (
+            c.get(&format!("{p}.{linear}.weight")),
+            c.get(&format!("{p}.{linear}.bias")),
+            c.get(&format!("{p}.{gamma}")),
+        );
+        let weight: Vec<f32> = (0..w.len()).map(|i| w[i] * g[i / inputs]).collect();
+        let bias: Vec<f32> = bias.iter().zip(g).map(|(b, g)| b * g).collect();
+        (weight, bias)
+    };
+    let (b0, b1) = (&m.weights.blocks[0], &m.weights.blocks[1]);
+    let (w, b) = scaled("0.attn.out_proj", "0.ls_1.gamma", D);
+    assert_eq!(
+        (&b0.out_proj.weight, b0.out_proj.bias.as_ref().unwrap()),
+        (&w, &b)
+    );
+    let (w, b) = scaled("0.mlp.c_proj", "0.ls_2.gamma", M);
+    assert_eq!((&b0.fc2.weight, b0.fc2.bias.as_ref().unwrap()), (&w, &b));
+    let (w, b) = scaled("1.mlp.c_proj", "1.ls_2.gamma", M);
+    assert_eq!((&b1.fc2.weight, b1.fc2.bias.as_ref().unwrap()), (&w, &b));
+    assert_eq!(
+        b1.out_proj.weight,
+        c.get(&format!("{p}.1.attn.out_proj.weight"))
+    );
+    // A gamma of the wrong length is named.
+    c.reshape(&format!("{p}.1.ls_2.gamma"), &[D + 1]);
+    c.write(&path);
+    let e = load_err(&path);
+    assert!(matches!(e, ModelError::BadShape { .. }), "{e:?}");
+    assert_msg(&e, &["ls_2.gamma"]);
 }
 
 #[test]

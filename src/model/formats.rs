@@ -258,10 +258,10 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
                     out_features: 3 * d,
                     in_features: d,
                 },
-                out_proj: linear(&format!("{b}attn.out_proj"), d, d)?,
+                out_proj: layer_scaled(t, linear(&format!("{b}attn.out_proj"), d, d)?, &b, 1)?,
                 ln2: ln(&format!("{b}ln_2"))?,
                 fc1: linear(&format!("{b}mlp.c_fc"), mlp, d)?,
-                fc2: linear(&format!("{b}mlp.c_proj"), d, mlp)?,
+                fc2: layer_scaled(t, linear(&format!("{b}mlp.c_proj"), d, mlp)?, &b, 2)?,
             },
         };
         blocks.push(block);
@@ -337,6 +337,26 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
         },
         source,
     })
+}
+
+/// open_clip's LayerScale (`ls_init_value`): block `b`'s residual branch `branch` (1: attention,
+/// 2: MLP) is scaled per channel by `ls_{branch}.gamma` before it is added, `x + γ ⊙ f(x)`.
+/// The scale is folded into the branch's last linear layer, `γ ⊙ (W h + c) = (diag(γ) W) h + γ ⊙
+/// c`, so that every engine runs such a tower unchanged; the results differ from open_clip's
+/// only by where fp32 rounds (tools/golden/open_clip_audit.py checks ViT-M-16-alt).
+fn layer_scaled(t: &Tensors<'_>, mut l: Linear, b: &str, branch: u8) -> Result<Linear, ModelError> {
+    let name = format!("{b}ls_{branch}.gamma");
+    if !t.contains(&name) {
+        return Ok(l);
+    }
+    let gamma = t.load(&name, &[l.out_features])?;
+    for (row, g) in l.weight.chunks_exact_mut(l.in_features).zip(&gamma) {
+        row.iter_mut().for_each(|w| *w *= g);
+    }
+    if let Some(bias) = &mut l.bias {
+        bias.iter_mut().zip(&gamma).for_each(|(c, g)| *c *= g);
+    }
+    Ok(l)
 }
 
 /// OpenAI-style checkpoints whose vision tower is not a ViT: a clear refusal instead of a

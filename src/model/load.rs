@@ -78,7 +78,7 @@ pub enum ModelError {
     /// A tower holds tensors the loader does not know, which would change what it computes.
     #[error(
         "{path}: the {tower} tower holds tensors prm does not know: {}; a CLIP variant \
-         beyond the standard towers (LayerScale, attention pooling, extra norms) computes \
+         beyond the standard towers (scaled-cosine attention, attention pooling, extra norms) computes \
          something else, so prm refuses it rather than load it without them",
         .names.join(", ")
     )]
@@ -250,7 +250,7 @@ impl<'a> Tensors<'a> {
 
     /// Fails when a tensor under one of `prefixes` was never read (int64 `position_ids`, an
     /// index table, aside). A tower's tensor that prm does not know changes what the tower
-    /// computes (open_clip's LayerScale, attention pooling, extra norms): loading the rest
+    /// computes (open_clip's scaled-cosine attention, attention pooling, extra norms): loading the rest
     /// as if it were not there would give another model without a word.
     pub(crate) fn refuse_unread(&self, prefixes: &[&str], tower: &str) -> Result<(), ModelError> {
         let read = self.read.borrow();
