@@ -36,16 +36,16 @@ pub fn locate(spec: &str) -> Result<PathBuf, ModelError> {
     if path.exists() {
         return Ok(path.to_path_buf());
     }
-    let not_found = || ModelError::NotFound {
+    match (HubId::parse(spec), hub::cache_dir()) {
+        (Some(id), Some(cache)) => hub::snapshot(&id, &cache),
+        _ => Err(not_found(path)),
+    }
+}
+
+fn not_found(path: &Path) -> ModelError {
+    ModelError::NotFound {
         path: path.to_path_buf(),
         expected: EXPECTED_SPEC.to_string(),
-    };
-    let Some(id) = HubId::parse(spec) else {
-        return Err(not_found());
-    };
-    match hub::cache_dir() {
-        Some(cache) => hub::snapshot(&id, &cache),
-        None => Err(not_found()),
     }
 }
 
@@ -54,10 +54,7 @@ pub fn locate(spec: &str) -> Result<PathBuf, ModelError> {
 /// `model.safetensors.index.json`, then the only `*.safetensors` file, then the only index.
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, ModelError> {
     if !path.exists() {
-        return Err(ModelError::NotFound {
-            path: path.to_path_buf(),
-            expected: EXPECTED_SPEC.to_string(),
-        });
+        return Err(not_found(path));
     }
     if !path.is_dir() {
         return Ok(path.to_path_buf());
