@@ -1091,3 +1091,99 @@ fn the_report_says_whether_the_attack_used_the_weights_evaluated() {
         "{err}"
     );
 }
+
+/// `prm classes` writes the class embeddings `prm eval` would make from the names; reading them
+/// back gives the same evaluation, with the text tower named in the report, and a name holding a
+/// comma survives.
+#[test]
+fn class_embeddings_written_once_give_the_same_evaluation() {
+    let (t, clean, adv) = setup();
+    let names = t.path().join("classes.txt");
+    std::fs::write(&names, "tench, Tinca tinca\ndog\n\nrocket\n").unwrap();
+    let written = t.path().join("emb/classes.safetensors");
+    for device in ["cpu", "sim"] {
+        let out = t.path().join(format!("emb/{device}.safetensors"));
+        let o = prm(&[
+            "classes",
+            "--model",
+            "random:tiny",
+            "--names",
+            s(&names),
+            "--output",
+            s(&out),
+            "--device",
+            device,
+            "-q",
+        ]);
+        assert!(o.status.success(), "{device}: {}", stderr(&o));
+    }
+    std::fs::rename(t.path().join("emb/cpu.safetensors"), &written).unwrap();
+    let cpu = prm::eval::text::read_class_safetensors(&written).unwrap();
+    let sim =
+        prm::eval::text::read_class_safetensors(&t.path().join("emb/sim.safetensors")).unwrap();
+    assert_eq!(cpu.names, ["tench, Tinca tinca", "dog", "rocket"]);
+    assert_eq!(sim.names, cpu.names);
+    let worst = cpu
+        .embeddings
+        .iter()
+        .zip(&sim.embeddings)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-5,
+        "cpu and sim class embeddings differ by {worst}"
+    );
+    let tower = prm::model::load_text_tower("random:tiny")
+        .unwrap()
+        .unwrap()
+        .fingerprint();
+    assert_eq!(cpu.text_weights.as_deref(), Some(tower.as_str()));
+
+    let report = |classes: &Path, name: &str| {
+        let rep = t.path().join(name);
+        let o = eval(&[
+            "--target",
+            "zeroshot",
+            "--clean",
+            s(&clean),
+            "--adv",
+            s(&adv),
+            "--classes",
+            s(classes),
+            "--report",
+            s(&rep),
+            "--device",
+            "cpu",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut r = read_json(&rep);
+        let source = r["class_source"].take();
+        (r, source.as_str().unwrap().to_string())
+    };
+    let (from_names, _) = report(&names, "names.json");
+    let (from_file, source) = report(&written, "file.json");
+    assert_eq!(from_file, from_names);
+    assert!(
+        source.contains("precomputed") && source.contains(&tower),
+        "{source}"
+    );
+
+    // Refused before any work: an output that is not .safetensors, names that do not exist.
+    for (flag, value) in [("--output", "classes.txt"), ("--names", "missing.txt")] {
+        let mut args = vec![
+            "classes",
+            "--model",
+            "random:tiny",
+            "--names",
+            s(&names),
+            "--output",
+            "out.safetensors",
+        ];
+        let i = args.iter().position(|a| *a == flag).unwrap();
+        let bad = t.path().join(value);
+        args[i + 1] = s(&bad);
+        let o = prm(&args);
+        assert_eq!(o.status.code(), Some(2), "{flag}: {}", stderr(&o));
+        assert!(stderr(&o).contains(flag), "{}", stderr(&o));
+    }
+}

@@ -6,19 +6,15 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use prm::eval::gpu::{GpuTargets, GpuText, PASS_TOKENS};
+use prm::eval::gpu::{GpuTargets, PASS_TOKENS};
 use prm::eval::ground_truth::LabelSource;
 use prm::eval::run::{evaluate_on, markdown_summary, EvalSettings};
 use prm::eval::targets::{read_probe, TargetKind};
-use prm::eval::text::{
-    embed_class_names, is_safetensors, prompt_templates, read_class_names, read_class_safetensors,
-    ClassEmbeddings, ReferenceText, TextEncoder,
-};
-use prm::eval::tokenizer::ClipTokenizer;
+use prm::eval::text::{is_safetensors, read_class_safetensors, ClassEmbeddings};
 use prm::eval::{EvalEngine, EvalError, ReferenceTargets};
 use prm::gpu::engine::Precision;
 use prm::gpu::Device;
-use prm::model::{load_text_tower, Model};
+use prm::model::Model;
 
 use super::EXIT_SOME_FAILED;
 
@@ -47,9 +43,9 @@ pub struct EvalArgs {
     /// output shards (either of prm attack's layouts)
     #[arg(long)]
     adv: PathBuf,
-    /// Class embeddings: a .safetensors with `class_embeddings` [C, E] and metadata `names`, or
-    /// a text file of class names (embedded with the checkpoint's text tower and the 80 CLIP
-    /// prompt templates)
+    /// Class embeddings: a .safetensors with `class_embeddings` [C, E] and metadata `names` (as
+    /// `prm classes` writes), or a text file of class names (embedded with the checkpoint's text
+    /// tower and the 80 CLIP prompt templates)
     #[arg(long)]
     classes: Option<PathBuf>,
     /// tokenizer.json for class names (default: next to the checkpoint; bundled for random:ARCH)
@@ -158,24 +154,14 @@ fn load_classes(
     let classes = if is_safetensors(path) {
         read_class_safetensors(path)?
     } else {
-        let names = read_class_names(path)?;
-        let tower = load_text_tower(&args.model)
-            .with_context(|| format!("cannot load the text tower of '{}'", args.model))?
-            .ok_or(EvalError::NoTextTower)?;
-        let tokenizer = ClipTokenizer::for_model(&args.model, args.tokenizer.as_deref())?;
-        let templates = if args.single_template {
-            vec!["a photo of a {}."]
-        } else {
-            prompt_templates()
-        };
-        let encoder: Box<dyn TextEncoder + '_> = match dev {
-            Some(d) => Box::new(
-                GpuText::new(d, &tower, precision)
-                    .with_context(|| format!("cannot load the text tower onto {}", d.name()))?,
-            ),
-            None => Box::new(ReferenceText(&tower)),
-        };
-        embed_class_names(&names, encoder.as_ref(), &tokenizer, &templates)?
+        super::classes::embed_names_file(
+            &args.model,
+            path,
+            args.tokenizer.as_deref(),
+            args.single_template,
+            dev,
+            precision,
+        )?
     };
     if classes.dim != e {
         return Err(EvalError::EmbedDim {

@@ -7,6 +7,7 @@
 
 mod attack;
 mod bench;
+mod classes;
 mod device;
 mod eval;
 mod info;
@@ -65,6 +66,8 @@ enum Command {
     Attack(Box<attack::AttackArgs>),
     /// Time whole attacks on synthetic images: image-steps/s, TFLOP/s against a GEMM ceiling
     Bench(Box<bench::BenchArgs>),
+    /// Embed class names once with a checkpoint's text tower, into a `--classes` file for eval
+    Classes(classes::ClassesArgs),
     /// Evaluate transfer: a downstream target (maskclip, sclip, clearclip, zeroshot, features,
     /// probe) on clean vs adversarial images
     Eval(Box<eval::EvalArgs>),
@@ -91,6 +94,7 @@ pub fn main() -> ExitCode {
         Command::Eval(args) => eval::run(*args),
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(*args),
+        Command::Classes(args) => classes::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Manifest(args) => manifest::run(args),
     };

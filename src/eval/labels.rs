@@ -116,10 +116,15 @@ pub fn write_label_png(
     Ok(())
 }
 
-/// Writes any bytes atomically (reports).
+/// Writes text atomically (reports).
 pub fn write_text_atomic(path: &Path, text: &str) -> Result<(), EvalError> {
+    write_bytes_atomic(path, text.as_bytes())
+}
+
+/// Writes any bytes atomically.
+pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<(), EvalError> {
     crate::io::output::write_atomic(path, |file| {
-        file.write_all(text.as_bytes())
+        file.write_all(bytes)
             .map_err(|source| crate::io::IoError::Write {
                 path: path.to_path_buf(),
                 source,

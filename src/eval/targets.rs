@@ -585,7 +585,7 @@ pub fn read_probe(
         (None, Some(o)) => return Err(bad(format!("metadata `tokens` = {o:?}: use patch or cls"))),
     };
     let names: Vec<String> = match m.get("names") {
-        Some(s) => s.split(',').map(|n| n.trim().to_string()).collect(),
+        Some(s) => super::text::parse_names(s),
         None => (0..k).map(|i| format!("class_{i}")).collect(),
     };
     if names.len() != k {

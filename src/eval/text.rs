@@ -268,11 +268,14 @@ pub fn read_class_safetensors(path: &Path) -> Result<ClassEmbeddings, EvalError>
     if v.iter().any(|x| !x.is_finite()) {
         return Err(bad("`class_embeddings` holds NaN or infinite values".into()));
     }
-    let names: Vec<String> = match meta.metadata().as_ref().and_then(|m| m.get("names")) {
-        Some(s) => s.split(',').map(|n| n.trim().to_string()).collect(),
+    let metadata = meta.metadata().as_ref();
+    let names: Vec<String> = match metadata.and_then(|m| m.get("names")) {
+        Some(s) => parse_names(s),
         None => {
             return Err(bad(
-                "has no metadata key `names` (comma-separated class names)".into(),
+                "has no metadata key `names` (a JSON array of class names, or the names \
+                 separated by commas)"
+                    .into(),
             ))
         }
     };
@@ -287,12 +290,78 @@ pub fn read_class_safetensors(path: &Path) -> Result<ClassEmbeddings, EvalError>
         names,
         embeddings: v,
         dim: e,
-        source: format!("{} ({c} precomputed embeddings)", path.display()),
-        text_weights: None,
+        source: match metadata.and_then(|m| m.get("source")) {
+            Some(made) => format!("{} ({c} precomputed embeddings: {made})", path.display()),
+            None => format!("{} ({c} precomputed embeddings)", path.display()),
+        },
+        text_weights: metadata.and_then(|m| m.get("text_weights")).cloned(),
     })
+}
+
+/// The `names` metadata of a `--classes` or `--probe` file: a JSON array of strings (what [`write_class_safetensors`] writes, so
+/// that a name may hold a comma, as "tench, Tinca tinca" does), else comma-separated names.
+pub(crate) fn parse_names(text: &str) -> Vec<String> {
+    if text.trim_start().starts_with('[') {
+        if let Ok(names) = serde_json::from_str::<Vec<String>>(text) {
+            return names;
+        }
+    }
+    text.split(',').map(|n| n.trim().to_string()).collect()
+}
+
+/// Writes class embeddings as a `--classes` file, atomically: tensor `class_embeddings` `[C, E]`
+/// F32 (the rows as given, L2-normalised), metadata `names` (a JSON array), and, for embeddings
+/// made from names, `source` (names, templates, text tower and tokenizer) and `text_weights`
+/// (the text tower's fingerprint), which [`read_class_safetensors`] carries into reports.
+pub fn write_class_safetensors(path: &Path, classes: &ClassEmbeddings) -> Result<(), EvalError> {
+    let bad = |reason: String| EvalError::Classes {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if classes.embeddings.len() != classes.names.len() * classes.dim || classes.dim == 0 {
+        return Err(bad(format!(
+            "{} values for {} classes of dimension {}",
+            classes.embeddings.len(),
+            classes.names.len(),
+            classes.dim
+        )));
+    }
+    let view = safetensors::tensor::TensorView::new(
+        Dtype::F32,
+        vec![classes.names.len(), classes.dim],
+        bytemuck::cast_slice(&classes.embeddings),
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    let mut meta = std::collections::HashMap::new();
+    let names = serde_json::to_string(&classes.names).map_err(|e| bad(e.to_string()))?;
+    meta.insert("names".to_string(), names);
+    meta.insert("source".to_string(), classes.source.clone());
+    if let Some(t) = &classes.text_weights {
+        meta.insert("text_weights".to_string(), t.clone());
+    }
+    let mut buf = safetensors::serialize([("class_embeddings", view)], Some(meta))
+        .map_err(|e| bad(e.to_string()))?;
+    crate::io::output::sort_safetensors_header(&mut buf).map_err(bad)?;
+    super::labels::write_bytes_atomic(path, &buf)
 }
 
 /// Whether a `--classes` file is a safetensors file (by extension).
 pub fn is_safetensors(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "safetensors")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_names;
+
+    #[test]
+    fn names_are_a_json_array_or_separated_by_commas() {
+        assert_eq!(
+            parse_names(r#"["tench, Tinca tinca", "dog"]"#),
+            ["tench, Tinca tinca", "dog"]
+        );
+        assert_eq!(parse_names("cat, dog ,sky"), ["cat", "dog", "sky"]);
+        // Not a JSON array of strings: taken as comma-separated.
+        assert_eq!(parse_names("[a, b]"), ["[a", "b]"]);
+    }
 }

@@ -300,7 +300,7 @@ pub fn write_float_safetensors_atomic(path: &Path, image: &RgbImage) -> Result<(
 /// from process to process, so two identical runs would write different bytes. The sorted
 /// header (serde_json's maps are ordered) has the same entries and the same length, so the
 /// 8-byte length prefix and the data offsets stay valid.
-fn sort_safetensors_header(buf: &mut [u8]) -> Result<(), String> {
+pub(crate) fn sort_safetensors_header(buf: &mut [u8]) -> Result<(), String> {
     let len_bytes: [u8; 8] = buf
         .get(..8)
         .and_then(|b| b.try_into().ok())
