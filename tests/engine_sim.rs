@@ -950,3 +950,58 @@ fn a_tower_whose_heads_no_kernel_runs_is_refused_by_the_gpu_engine() {
         }
     }
 }
+
+/// A tower without LN_pre (open_clip `no_ln_pre`, CLIPA) on the GPU engine: F_0 is the embedded
+/// tokens; features, losses and gradients match the reference, and the embed loss is refused
+/// with the reason (the tower pools by averaging, which prm does not build).
+#[test]
+fn a_tower_without_ln_pre_matches_the_reference() {
+    let mut model = small_model(128, 2, 2, 8, 4, Activation::Gelu, 23);
+    model.weights.ln_pre = None;
+    model.config.pooling = prm::model::Pooling::PatchAverage;
+    let reference = ReferenceVit::new(&model);
+    let mut d = Draw::new(9);
+    let clean = batch(&mut d);
+    let adv: Vec<(Vec<f32>, usize, usize)> = clean
+        .iter()
+        .map(|(c, h, w)| {
+            let a = c
+                .iter()
+                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
+                .collect();
+            (a, *h, *w)
+        })
+        .collect();
+    let (clean_v, adv_v) = (views(&clean), views(&adv));
+    let ref_clean = reference.clean_features(&clean_v).unwrap();
+    for dev in devices() {
+        let gpu = GpuVit::new(&dev, &model).unwrap();
+        let gpu_clean = gpu.clean_features(&clean_v).unwrap();
+        for loss in [LossKind::Prm, LossKind::Nrd, LossKind::Dr] {
+            for layers in [LayerSelection::List(vec![0]), LayerSelection::All] {
+                let obj = objective(&model, loss, TokenSelection::All, layers.clone());
+                let want = reference
+                    .loss_and_gradient(&adv_v, &ref_clean, &obj)
+                    .unwrap();
+                let got = gpu.loss_and_gradient(&adv_v, &gpu_clean, &obj).unwrap();
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let lerr = (g.loss - w.loss).abs() / w.loss.abs().max(1e-6);
+                    assert!(
+                        lerr < 1e-5,
+                        "{} {loss:?} {layers:?} image {i}: loss",
+                        dev.name()
+                    );
+                    let gerr = rel_err(&g.gradient, &w.gradient);
+                    assert!(
+                        gerr < 1e-4,
+                        "{} {loss:?} {layers:?} image {i}: gradient rel err {gerr:.2e}",
+                        dev.name()
+                    );
+                }
+            }
+        }
+    }
+    let refused = Objective::new(LossKind::Embed, vec![0], TokenSelection::All, &model)
+        .expect_err("the embed loss is refused");
+    assert!(refused.contains("average"), "{refused}");
+}

@@ -133,6 +133,23 @@ fn exact_gelu_model_matches_finite_differences() {
     );
 }
 
+/// A tower without LN_pre (open_clip `no_ln_pre`, CLIPA): F_0 is the embedded tokens, and the
+/// gradient at F_0 flows to them directly.
+#[test]
+fn a_tower_without_ln_pre_matches_finite_differences() {
+    let mut model = small_model(64, 2, 2, 8, 4, Activation::Gelu, 8);
+    model.weights.ln_pre = None;
+    model.config.pooling = prm::model::Pooling::PatchAverage;
+    for loss in [LossKind::Prm, LossKind::Nrd, LossKind::Dr] {
+        let mut s = settings(loss, TokenSelection::All, Resolution::Native);
+        // F_0 alone and with the blocks: the path without LN_pre by itself, then through them.
+        s.layers = LayerSelection::List(vec![0]);
+        check_directional(&model, &s, 27, 45, None, 15);
+        s.layers = LayerSelection::All;
+        check_directional(&model, &s, 27, 45, None, 16);
+    }
+}
+
 #[test]
 fn layer_subset_matches_finite_differences() {
     let model = small_model(64, 2, 3, 8, 4, Activation::QuickGelu, 6);

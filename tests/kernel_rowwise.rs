@@ -26,7 +26,7 @@ use prm::gpu::gemm::{matmul_f32, MatmulShape};
 use prm::gpu::kernels::embed::PackedImages;
 use prm::gpu::kernels::{activation, embed, layernorm};
 use prm::gpu::{Buffer, Device};
-use prm::model::{Activation, LayerNormWeights, Linear, VisionConfig};
+use prm::model::{Activation, LayerNormWeights, Linear, Pooling, VisionConfig};
 use prm::reference::{embedding, ops};
 
 /// xorshift64* test data.
@@ -475,6 +475,7 @@ fn vision_config(patch: usize, width: usize) -> VisionConfig {
         ln_eps: 1e-5,
         mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
         std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
+        pooling: Pooling::ClassToken,
     }
 }
 

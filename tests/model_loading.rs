@@ -9,7 +9,7 @@ use std::path::Path;
 
 use prm::model::{
     builtin_architectures, builtin_config, load_model, random_model, Activation, Model, ModelError,
-    ModelSource, OPENAI_MEAN, OPENAI_STD,
+    ModelSource, Pooling, OPENAI_MEAN, OPENAI_STD,
 };
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -323,8 +323,14 @@ fn check_hf_values(m: &Model, c: &Ckpt) {
         w.position_embedding,
         c.get(&format!("{v}.embeddings.position_embedding.weight"))
     );
-    assert_eq!(w.ln_pre.weight, c.get(&format!("{v}.pre_layrnorm.weight")));
-    assert_eq!(w.ln_pre.bias, c.get(&format!("{v}.pre_layrnorm.bias")));
+    assert_eq!(
+        w.ln_pre.as_ref().unwrap().weight,
+        c.get(&format!("{v}.pre_layrnorm.weight"))
+    );
+    assert_eq!(
+        w.ln_pre.as_ref().unwrap().bias,
+        c.get(&format!("{v}.pre_layrnorm.bias"))
+    );
     assert_eq!(
         w.ln_post.weight,
         c.get(&format!("{v}.post_layernorm.weight"))
@@ -382,7 +388,10 @@ fn check_openai_values(m: &Model, c: &Ckpt, prefix: &str) {
         w.position_embedding,
         c.get(&format!("{v}.positional_embedding"))
     );
-    assert_eq!(w.ln_pre.weight, c.get(&format!("{v}.ln_pre.weight")));
+    assert_eq!(
+        w.ln_pre.as_ref().unwrap().weight,
+        c.get(&format!("{v}.ln_pre.weight"))
+    );
     assert_eq!(w.ln_post.bias, c.get(&format!("{v}.ln_post.bias")));
     for (i, b) in w.blocks.iter().enumerate() {
         let p = format!("{v}.transformer.resblocks.{i}");
@@ -654,10 +663,8 @@ fn open_clip_options_that_change_the_vision_tower_are_refused_and_its_eps_is_rea
     config("{}");
     assert_eq!(load(dir.path()).unwrap().config.ln_eps, 1e-5);
     for (cfg, part) in [
-        (r#"{"pool_type": "avg"}"#, "pool_type"),
-        (r#"{"global_average_pool": true}"#, "global_average_pool"),
+        (r#"{"pool_type": "none"}"#, "pool_type"),
         (r#"{"attentional_pool": true}"#, "attentional_pool"),
-        (r#"{"no_ln_pre": true}"#, "no_ln_pre"),
         (r#"{"pos_embed_type": "sin_cos_2d"}"#, "pos_embed_type"),
         (r#"{"timm_model_name": "vit_base_patch16_224"}"#, "timm"),
         (r#"{"norm_kwargs": {"eps": -1}}"#, "norm_kwargs.eps"),
@@ -667,6 +674,54 @@ fn open_clip_options_that_change_the_vision_tower_are_refused_and_its_eps_is_rea
         assert!(matches!(e, ModelError::BadConfig { .. }), "{cfg}: {e:?}");
         assert_msg(&e, &["open_clip_config.json", part]);
     }
+}
+
+/// CLIPA's options: average pooling loads (the features do not read the pooling; the image
+/// embedding is refused where needed), and `no_ln_pre` loads a tower without `visual.ln_pre`,
+/// whose `ln_pre` tensors, when present, are refused as unread.
+#[test]
+fn open_clip_average_pooling_and_no_ln_pre_load_as_clipa() {
+    let dir = tmp();
+    let file = dir.path().join("open_clip_model.safetensors");
+    let config = |vision_cfg: &str| {
+        write_json(
+            dir.path(),
+            "open_clip_config.json",
+            &format!(r#"{{"model_cfg": {{"vision_cfg": {vision_cfg}}}}}"#),
+        )
+    };
+    openai_ckpt(Dtype::F32, "").write(&file);
+    let standard = load(dir.path()).unwrap();
+    for cfg in [
+        r#"{"pool_type": "avg"}"#,
+        r#"{"global_average_pool": true}"#,
+    ] {
+        config(cfg);
+        let m = load(dir.path()).unwrap();
+        assert_eq!(m.config.pooling, Pooling::PatchAverage, "{cfg}");
+        assert!(m.weights.ln_pre.is_some());
+        let why = m.image_embedding_unavailable().expect("no image embedding");
+        assert!(why.contains("average"), "{why}");
+        assert_ne!(m.fingerprint(), standard.fingerprint());
+    }
+    // no_ln_pre with the ln_pre tensors still there: another model, refused.
+    config(r#"{"no_ln_pre": true, "pool_type": "avg", "final_ln_after_pool": true}"#);
+    let e = load_err(dir.path());
+    assert_msg(&e, &["visual.ln_pre"]);
+    let mut c = openai_ckpt(Dtype::F32, "");
+    c.remove("visual.ln_pre.weight");
+    c.remove("visual.ln_pre.bias");
+    c.write(&file);
+    let m = load(dir.path()).unwrap();
+    assert!(m.weights.ln_pre.is_none());
+    assert_eq!(m.config.pooling, Pooling::PatchAverage);
+    assert_eq!(
+        m.parameter_count() + 2 * m.config.width,
+        standard.parameter_count()
+    );
+    // Without the config, a missing ln_pre is a missing tensor.
+    std::fs::remove_file(dir.path().join("open_clip_config.json")).unwrap();
+    assert_msg(&load_err(dir.path()), &["visual.ln_pre"]);
 }
 
 /// A complete OpenAI-format text tower (width 16, one block) beside [`openai_ckpt`]'s vision
@@ -1576,8 +1631,8 @@ fn all_weights(m: &Model) -> Vec<&[f32]> {
         &w.patch_embed.weight,
         &w.class_embedding,
         &w.position_embedding,
-        &w.ln_pre.weight,
-        &w.ln_pre.bias,
+        &w.ln_pre.as_ref().unwrap().weight,
+        &w.ln_pre.as_ref().unwrap().bias,
         &w.ln_post.weight,
         &w.ln_post.bias,
         &w.projection.as_ref().unwrap().weight,
@@ -1716,7 +1771,10 @@ fn residual_norms(m: &Model, pixels: &[f32]) -> Vec<f64> {
             *v += pe;
         }
     }
-    let mut h: Vec<Vec<f32>> = h.iter().map(|x| ln(x, &w.ln_pre)).collect();
+    let mut h: Vec<Vec<f32>> = h
+        .iter()
+        .map(|x| ln(x, w.ln_pre.as_ref().unwrap()))
+        .collect();
     let norm = |h: &[Vec<f32>]| {
         (h.iter().flatten().map(|&x| (x as f64).powi(2)).sum::<f64>() / h.len() as f64).sqrt()
     };

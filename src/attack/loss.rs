@@ -98,8 +98,12 @@ impl Objective {
                 feature_layers - 1
             ));
         }
-        if kind == LossKind::Embed && model.weights.projection.is_none() {
-            return Err("--loss embed needs the checkpoint's visual projection, and this checkpoint has none".into());
+        if kind == LossKind::Embed {
+            if let Some(reason) = model.image_embedding_unavailable() {
+                return Err(format!(
+                    "--loss embed needs the image embedding, and {reason}"
+                ));
+            }
         }
         Ok(Objective {
             kind,

@@ -146,11 +146,14 @@ fn load_classes(
     if !path.is_file() {
         bail!("--classes {}: no such file", path.display());
     }
+    if let Some(reason) = model.image_embedding_unavailable() {
+        return Err(EvalError::NoImageEmbedding(reason))
+            .context("class embeddings need image embeddings");
+    }
     let e = model
         .config
         .embed_dim
-        .ok_or(EvalError::NoProjection)
-        .context("class embeddings need image embeddings")?;
+        .ok_or_else(|| EvalError::NoImageEmbedding("the checkpoint has no projection".into()))?;
     let classes = if is_safetensors(path) {
         read_class_safetensors(path)?
     } else {

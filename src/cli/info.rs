@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use prm::gpu::kernels::attention::{check_head_layout, tensor_cores_run_heads, HEAD_DIM};
-use prm::model::{Model, ModelSource};
+use prm::model::{Model, ModelSource, Pooling};
 
 #[derive(Args)]
 pub struct InfoArgs {
@@ -38,6 +38,8 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
             "weights_random": random,
             "config": c,
             "tokens_at_native_size": c.grid * c.grid + 1,
+            "ln_pre": model.weights.ln_pre.is_some(),
+            "image_embedding": model.image_embedding_unavailable().unwrap_or_else(|| "supported".to_string()),
             "parameters": model.parameter_count(),
             "fingerprint": model.fingerprint(),
             "gpu_engine": gpu_engine.as_ref().map_or_else(|e| e.clone(), |_| "supported".into()),
@@ -81,14 +83,25 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         c.grid,
         c.grid * c.grid + 1
     );
-    match c.embed_dim {
-        Some(e) => println!("embedding:    {e} (visual projection present)"),
-        None => println!("embedding:    none (no visual projection; --loss embed unavailable)"),
+    match (c.embed_dim, c.pooling) {
+        (None, _) => {
+            println!("embedding:    none (no visual projection; --loss embed unavailable)")
+        }
+        (Some(e), Pooling::ClassToken) => println!("embedding:    {e} (visual projection present)"),
+        (Some(e), Pooling::PatchAverage) => println!(
+            "embedding:    {e}, pooled as the patch tokens' average, which prm does not build \
+             (--loss embed and the eval targets on image embeddings unavailable)"
+        ),
     }
     println!(
-        "features:     F_0..F_{} ({} layers for the PRM loss)",
+        "features:     F_0..F_{} ({} layers for the PRM loss){}",
         c.layers,
-        c.feature_layers()
+        c.feature_layers(),
+        if model.weights.ln_pre.is_some() {
+            ""
+        } else {
+            "; no LayerNorm before the blocks: F_0 is the embedded tokens"
+        }
     );
     println!("activation:   {}", c.activation.name());
     println!("layer norm:   eps {:e}", c.ln_eps);

@@ -303,7 +303,8 @@ pub struct GpuTargets<'m> {
     stack: Stack,
     patch_embed: DeviceLinear,
     cls: Buffer<f32>,
-    ln_pre: DeviceLayerNorm,
+    /// `None` for a tower without LN_pre (F_0 is the embedded tokens).
+    ln_pre: Option<DeviceLayerNorm>,
     ln_post: DeviceLayerNorm,
     projection: Option<DeviceLinear>,
     positions: DevicePositions,
@@ -414,7 +415,7 @@ impl<'m> GpuTargets<'m> {
             )?,
             patch_embed: upload_linear(dev, &w.patch_embed, precision)?,
             cls: dev.upload(&w.class_embedding)?,
-            ln_pre: upload_ln(dev, &w.ln_pre)?,
+            ln_pre: w.ln_pre.as_ref().map(|ln| upload_ln(dev, ln)).transpose()?,
             ln_post: upload_ln(dev, &w.ln_post)?,
             projection: w
                 .projection
@@ -596,7 +597,11 @@ impl<'m> GpuTargets<'m> {
             .linear(&patches, n, &self.patch_embed, true, &mut pt, false)?;
         let mut emb = dev.alloc(t * d)?;
         assemble_tokens_f32(dev, &packing, &table, &pt, &self.cls, &pos, &mut emb, d)?;
-        let mut feats = vec![self.stack.ln(&emb, &self.ln_pre, t, d)?];
+        let f0 = match &self.ln_pre {
+            Some(ln) => self.stack.ln(&emb, ln, t, d)?,
+            None => emb,
+        };
+        let mut feats = vec![f0];
         for b in &self.stack.blocks[..upto] {
             let next = self
                 .stack
@@ -635,7 +640,12 @@ impl<'m> GpuTargets<'m> {
         z: &Buffer<f32>,
         rows: usize,
     ) -> Result<(Buffer<f32>, usize), EvalError> {
-        let proj = self.projection.as_ref().ok_or(EvalError::NoProjection)?;
+        if let Some(reason) = self.model.image_embedding_unavailable() {
+            return Err(EvalError::NoImageEmbedding(reason));
+        }
+        let proj = self.projection.as_ref().ok_or_else(|| {
+            EvalError::NoImageEmbedding("the checkpoint has no projection".into())
+        })?;
         let d = self.model.config.width;
         let normed = self.stack.ln(z, &self.ln_post, rows, d)?;
         let mut e = self.dev().alloc(rows * proj.out_features)?;

@@ -59,11 +59,8 @@ pub enum EvalError {
          or use a checkpoint that includes the text tower"
     )]
     NoTextTower,
-    #[error(
-        "the checkpoint has no visual projection (`visual_projection.weight` / `visual.proj`); \
-         this target needs image embeddings"
-    )]
-    NoProjection,
+    #[error("this target needs image embeddings, and {0}")]
+    NoImageEmbedding(String),
     #[error("class embeddings have dimension {classes}, the model's image embeddings {model}")]
     EmbedDim { classes: usize, model: usize },
     #[error("image {width}x{height} is smaller than one {patch}-pixel patch")]

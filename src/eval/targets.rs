@@ -317,13 +317,17 @@ pub(crate) fn check_pairs(images: &[Planar]) -> Result<(), EvalError> {
     Ok(())
 }
 
-/// The projection or a clear error when the checkpoint has none.
+/// The projection, or a clear error when the tower's image embedding cannot be formed (no
+/// projection, or a pooling prm does not build).
 pub(crate) fn require_projection(model: &Model) -> Result<&crate::model::Linear, EvalError> {
+    if let Some(reason) = model.image_embedding_unavailable() {
+        return Err(EvalError::NoImageEmbedding(reason));
+    }
     model
         .weights
         .projection
         .as_ref()
-        .ok_or(EvalError::NoProjection)
+        .ok_or_else(|| EvalError::NoImageEmbedding("the checkpoint has no projection".into()))
 }
 
 /// The reference (CPU) implementation of the last-block replacement: from `x [T, D]` (F_{L−1})

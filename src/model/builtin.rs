@@ -20,9 +20,9 @@
 use rayon::prelude::*;
 
 use super::{
-    Activation, BlockWeights, LayerNormWeights, Linear, Model, ModelError, ModelSource, TextConfig,
-    TextTower, TextWeights, VisionConfig, VisionWeights, BUNDLED_TOKENIZER_VOCAB, OPENAI_MEAN,
-    OPENAI_STD,
+    Activation, BlockWeights, LayerNormWeights, Linear, Model, ModelError, ModelSource, Pooling,
+    TextConfig, TextTower, TextWeights, VisionConfig, VisionWeights, BUNDLED_TOKENIZER_VOCAB,
+    OPENAI_MEAN, OPENAI_STD,
 };
 use crate::rng::ImageRng;
 
@@ -153,6 +153,7 @@ pub fn builtin_config(arch: &str) -> Result<VisionConfig, ModelError> {
         ln_eps: 1e-5,
         mean: OPENAI_MEAN,
         std: OPENAI_STD,
+        pooling: Pooling::ClassToken,
     })
 }
 
@@ -237,7 +238,7 @@ pub fn random_model(arch: &str, seed: u64) -> Result<Model, ModelError> {
         patch_embed: g.linear("patch_embed", d, 3 * config.patch * config.patch, false),
         class_embedding: g.with_std("class_embedding", d, emb_std),
         position_embedding: g.with_std("position_embedding", tokens * d, emb_std),
-        ln_pre: g.ln("ln_pre", d),
+        ln_pre: Some(g.ln("ln_pre", d)),
         blocks,
         ln_post: g.ln("ln_post", d),
         projection: Some(g.linear("projection", a.embed_dim, d, false)),

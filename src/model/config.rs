@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::{Activation, ModelError};
+use super::{Activation, ModelError, Pooling};
 
 /// Per-channel (mean, std) for pixels in [0, 1].
 pub(crate) type MeanStd = ([f32; 3], [f32; 3]);
@@ -35,6 +35,10 @@ pub(crate) struct OpenClipSettings {
     pub mean_std: Option<MeanStd>,
     /// `vision_cfg.norm_kwargs.eps`, else PyTorch's LayerNorm default.
     pub ln_eps: f32,
+    /// `vision_cfg.no_ln_pre` is false (or absent): the tower has `visual.ln_pre`.
+    pub ln_pre: bool,
+    /// `vision_cfg.pool_type` (`tok` or `avg`; `global_average_pool` is the older `avg`).
+    pub pooling: Pooling,
 }
 
 /// open_clip's LayerNorm eps for a tower config (`norm_kwargs.eps`), else 1e-5.
@@ -56,30 +60,33 @@ pub(crate) fn open_clip_ln_eps(
     }
 }
 
-/// Refuses open_clip vision options that change what the tower computes without leaving
-/// tensors that would say so (the loader refuses unknown tensors separately).
-fn refuse_open_clip_vision_options(
+/// The pooling open_clip's vision options choose, refusing the options that change what the
+/// tower computes without leaving tensors that would say so (the loader refuses unknown tensors
+/// separately). Average pooling and `no_ln_pre` (CLIPA) change no feature F_0..F_L beyond
+/// LN_pre's absence, which the loader builds; the average-pooled image embedding is refused
+/// where it is needed ([`super::Model::image_embedding_unavailable`]).
+fn open_clip_vision_pooling(
     path: &Path,
     vision: &Map<String, Value>,
-) -> Result<(), ModelError> {
+) -> Result<Pooling, ModelError> {
     let is_true = |k: &str| matches!(vision.get(k), Some(Value::Bool(true)));
     let string = |k: &str| vision.get(k).and_then(Value::as_str);
     let unsupported = |what: String| {
         Err(bad(
             path,
             format!(
-                "{what}: prm implements open_clip's standard ViT (class-token pooling, learned \
-                 positions, a LayerNorm before the blocks) and would compute another model"
+                "{what}: prm implements open_clip's standard ViT (class-token or average pooling, \
+                 learned positions) and would compute another model"
             ),
         ))
     };
-    if let Some(pool) = string("pool_type").filter(|p| *p != "tok") {
-        return unsupported(format!("`vision_cfg.pool_type` is \"{pool}\""));
-    }
-    for option in ["global_average_pool", "attentional_pool", "no_ln_pre"] {
-        if is_true(option) {
-            return unsupported(format!("`vision_cfg.{option}` is true"));
-        }
+    let pooling = match string("pool_type") {
+        None | Some("tok") if !is_true("global_average_pool") => Pooling::ClassToken,
+        None | Some("tok") | Some("avg") => Pooling::PatchAverage,
+        Some(pool) => return unsupported(format!("`vision_cfg.pool_type` is \"{pool}\"")),
+    };
+    if is_true("attentional_pool") {
+        return unsupported("`vision_cfg.attentional_pool` is true".into());
     }
     if let Some(kind) = string("pos_embed_type").filter(|p| *p != "learnable") {
         return unsupported(format!("`vision_cfg.pos_embed_type` is \"{kind}\""));
@@ -89,7 +96,7 @@ fn refuse_open_clip_vision_options(
             "`vision_cfg.timm_model_name` is \"{name}\" (a timm tower)"
         ));
     }
-    Ok(())
+    Ok(pooling)
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> ModelError {
@@ -279,7 +286,8 @@ pub(crate) fn read_open_clip_config(dir: &Path) -> Result<Option<OpenClipSetting
     let empty = Map::new();
     let model_cfg = object(&path, &top, "model_cfg")?.unwrap_or(&empty);
     let vision_cfg = object(&path, model_cfg, "vision_cfg")?.unwrap_or(&empty);
-    refuse_open_clip_vision_options(&path, vision_cfg)?;
+    let pooling = open_clip_vision_pooling(&path, vision_cfg)?;
+    let ln_pre = !matches!(vision_cfg.get("no_ln_pre"), Some(Value::Bool(true)));
     let head_width = positive_int(&path, vision_cfg, "head_width")?.unwrap_or(64);
     let ln_eps = open_clip_ln_eps(&path, vision_cfg)?;
     let activation = match model_cfg.get("quick_gelu") {
@@ -306,5 +314,7 @@ pub(crate) fn read_open_clip_config(dir: &Path) -> Result<Option<OpenClipSetting
         activation,
         mean_std,
         ln_eps,
+        ln_pre,
+        pooling,
     }))
 }

@@ -94,7 +94,15 @@ impl Model {
         f.linear(&w.patch_embed);
         f.floats(&w.class_embedding);
         f.floats(&w.position_embedding);
-        f.layer_norm(&w.ln_pre);
+        // A tower without LN_pre, or pooling otherwise, hashes a marker; every other tower hashes
+        // what it always did, so fingerprints recorded before these options existed still match.
+        match &w.ln_pre {
+            Some(ln) => f.layer_norm(ln),
+            None => f.0.update(b"no ln_pre"),
+        }
+        if c.pooling != crate::model::Pooling::ClassToken {
+            f.0.update(c.pooling.name().as_bytes());
+        }
         f.blocks(&w.blocks);
         f.layer_norm(&w.ln_post);
         match &w.projection {

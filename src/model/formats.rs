@@ -19,7 +19,7 @@ use std::path::Path;
 use super::config::{read_hf_config, read_open_clip_config, read_preprocessor};
 use super::load::Tensors;
 use super::{
-    Activation, BlockWeights, LayerNormWeights, Linear, Model, ModelError, ModelSource,
+    Activation, BlockWeights, LayerNormWeights, Linear, Model, ModelError, ModelSource, Pooling,
     VisionConfig, VisionWeights, OPENAI_MEAN, OPENAI_STD,
 };
 
@@ -150,7 +150,7 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
     };
 
     // Settings from JSON, with per-format defaults.
-    let (heads, activation, ln_eps, mean_std, source) = match format {
+    let (heads, activation, ln_eps, mean_std, source, has_ln_pre, pooling) = match format {
         Format::HuggingFace => {
             let (heads, activation, ln_eps) = match read_hf_config(&dir)? {
                 Some((path, s)) => {
@@ -171,33 +171,55 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
             let source = ModelSource::HuggingFace {
                 path: t.path.clone(),
             };
-            (heads, activation, ln_eps, read_preprocessor(&dir)?, source)
+            let mean_std = read_preprocessor(&dir)?;
+            (
+                heads,
+                activation,
+                ln_eps,
+                mean_std,
+                source,
+                true,
+                Pooling::ClassToken,
+            )
         }
         Format::OpenAi => {
-            let (heads, activation, mean_std, ln_eps) = match read_open_clip_config(&dir)? {
-                Some(s) => {
-                    if width % s.head_width != 0 {
-                        return Err(ModelError::BadConfig {
-                            path: dir.join("open_clip_config.json"),
-                            reason: format!(
-                                "head_width {} does not divide the width {width}",
-                                s.head_width
-                            ),
-                        });
+            let (heads, activation, mean_std, ln_eps, has_ln_pre, pooling) =
+                match read_open_clip_config(&dir)? {
+                    Some(s) => {
+                        if width % s.head_width != 0 {
+                            return Err(ModelError::BadConfig {
+                                path: dir.join("open_clip_config.json"),
+                                reason: format!(
+                                    "head_width {} does not divide the width {width}",
+                                    s.head_width
+                                ),
+                            });
+                        }
+                        let heads = width / s.head_width;
+                        (
+                            heads,
+                            s.activation,
+                            s.mean_std,
+                            s.ln_eps,
+                            s.ln_pre,
+                            s.pooling,
+                        )
                     }
-                    (width / s.head_width, s.activation, s.mean_std, s.ln_eps)
-                }
-                None => (
-                    heads_from_width(t, width)?,
-                    Activation::QuickGelu,
-                    None,
-                    1e-5,
-                ),
-            };
+                    None => (
+                        heads_from_width(t, width)?,
+                        Activation::QuickGelu,
+                        None,
+                        1e-5,
+                        true,
+                        Pooling::ClassToken,
+                    ),
+                };
             let source = ModelSource::OpenAi {
                 path: t.path.clone(),
             };
-            (heads, activation, ln_eps, mean_std, source)
+            (
+                heads, activation, ln_eps, mean_std, source, has_ln_pre, pooling,
+            )
         }
     };
     let (mean, std) = mean_std.unwrap_or((OPENAI_MEAN, OPENAI_STD));
@@ -231,7 +253,12 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
     };
     let class_embedding = t.load(names.cls, &[d])?;
     let position_embedding = t.load(names.pos, &[grid * grid + 1, d])?;
-    let ln_pre = ln(names.ln_pre)?;
+    // Without LN_pre (open_clip `no_ln_pre`), a `ln_pre` tensor is unread and refused below.
+    let ln_pre = if has_ln_pre {
+        Some(ln(names.ln_pre)?)
+    } else {
+        None
+    };
     let ln_post = ln(names.ln_post)?;
     let mut blocks = Vec::with_capacity(layers);
     for i in 0..layers {
@@ -325,6 +352,7 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
             ln_eps,
             mean,
             std,
+            pooling,
         },
         weights: VisionWeights {
             patch_embed,

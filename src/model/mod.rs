@@ -36,6 +36,29 @@ impl Activation {
     }
 }
 
+/// How a tower pools its last features into the image embedding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// `ln_post(h_cls) · Wᵀ`: CLIP's image embedding, which the embed loss and the eval targets
+    /// built on image embeddings read.
+    #[default]
+    ClassToken,
+    /// The mean of the patch tokens (open_clip `pool_type: "avg"`, e.g. CLIPA). prm computes the
+    /// features F_0..F_L of such a tower (every loss but `embed`, eval's `features` and
+    /// `probe`), not its image embedding.
+    PatchAverage,
+}
+
+impl Pooling {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::ClassToken => "class_token",
+            Pooling::PatchAverage => "patch_average",
+        }
+    }
+}
+
 /// OpenAI's CLIP normalisation, the default for every model. Written with the digits OpenAI
 /// publishes so the constants can be checked against the source; f32 rounds them.
 #[allow(clippy::excessive_precision)]
@@ -65,6 +88,8 @@ pub struct VisionConfig {
     /// Per-channel normalisation applied inside the model to pixels in [0, 1].
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// How the image embedding pools the tokens.
+    pub pooling: Pooling,
 }
 
 impl VisionConfig {
@@ -117,7 +142,9 @@ pub struct VisionWeights {
     pub class_embedding: Vec<f32>,
     /// `[g·g + 1, D]`, CLS row first.
     pub position_embedding: Vec<f32>,
-    pub ln_pre: LayerNormWeights,
+    /// The LayerNorm before the blocks; `None` for towers without one (open_clip `no_ln_pre`,
+    /// e.g. CLIPA), whose F_0 is the embedded tokens themselves.
+    pub ln_pre: Option<LayerNormWeights>,
     pub blocks: Vec<BlockWeights>,
     pub ln_post: LayerNormWeights,
     /// `image_embed = ln_post(h_cls) · Wᵀ`, W `[E, D]`, when the checkpoint has one.
@@ -162,6 +189,27 @@ impl Model {
         load_model(spec)
     }
 
+    /// Why this tower's CLIP image embedding cannot be computed, if it cannot: the checkpoint
+    /// has no projection, or the tower pools otherwise than by its class token.
+    pub fn image_embedding_unavailable(&self) -> Option<String> {
+        if self.weights.projection.is_none() {
+            return Some(
+                "the checkpoint has no visual projection (`visual_projection.weight` / \
+                 `visual.proj`)"
+                    .into(),
+            );
+        }
+        match self.config.pooling {
+            Pooling::ClassToken => None,
+            Pooling::PatchAverage => Some(
+                "the tower pools its image embedding as the average of the patch tokens \
+                 (open_clip pool_type \"avg\", e.g. CLIPA), which prm does not build; prm computes \
+                 its features F_0..F_L (every loss but embed, eval's features and probe targets)"
+                    .into(),
+            ),
+        }
+    }
+
     /// Total parameter count of the vision tower (including the projection).
     pub fn parameter_count(&self) -> usize {
         let lin = |l: &Linear| l.weight.len() + l.bias.as_ref().map_or(0, Vec::len);
@@ -177,7 +225,7 @@ impl Model {
         lin(&w.patch_embed)
             + w.class_embedding.len()
             + w.position_embedding.len()
-            + ln(&w.ln_pre)
+            + w.ln_pre.as_ref().map_or(0, ln)
             + blocks
             + ln(&w.ln_post)
             + w.projection.as_ref().map_or(0, lin)

@@ -1,7 +1,7 @@
 //! The ViT vision tower on the CPU: forward to the residual-stream features F_0..F_L, and the
 //! backward from gradients injected at any subset of those features down to the input pixels.
 //!
-//! F_0 is `ln_pre([CLS; patches] + pos)`; F_l is the residual stream after block l. Only input
+//! F_0 is `ln_pre([CLS; patches] + pos)` (the tokens themselves in a tower without LN_pre); F_l is the residual stream after block l. Only input
 //! gradients are formed, never weight gradients. The forward keeps what the backward needs
 //! (per block: q/k/v, the mid-block residual, the MLP pre-activation and LayerNorm statistics);
 //! attention probabilities are recomputed in the backward because they grow with T².
@@ -156,7 +156,7 @@ impl<'m> ReferenceVit<'m> {
         let t = gh * gw + 1;
         let d = cfg.width;
         let pos = self.positions.get(gh, gw);
-        let embedded = embed(
+        let mut embedded = embed(
             image,
             height,
             width,
@@ -165,8 +165,16 @@ impl<'m> ReferenceVit<'m> {
             &w.class_embedding,
             &pos,
         );
-        let mut f0 = vec![0.0f32; t * d];
-        let ln_pre_stats = layer_norm(&embedded, d, &w.ln_pre, cfg.ln_eps, &mut f0);
+        // F_0 = LN_pre(tokens), or the tokens themselves in a tower without LN_pre.
+        let (f0, ln_pre_stats) = match &w.ln_pre {
+            Some(ln) => {
+                let mut f0 = vec![0.0f32; t * d];
+                let stats = layer_norm(&embedded, d, ln, cfg.ln_eps, &mut f0);
+                (f0, stats)
+            }
+            // The backward needs the tokens only for LN_pre's backward.
+            None => (std::mem::take(&mut embedded), Vec::new()),
+        };
 
         let run = blocks;
         let mut features = Vec::with_capacity(run + 1);
@@ -264,16 +272,22 @@ impl<'m> ReferenceVit<'m> {
             );
         }
         add(&mut dh, &feature_grads[0]);
-        let mut d_embedded = vec![0.0f32; t * d];
-        layer_norm_backward(
-            &fwd.embedded,
-            &dh,
-            d,
-            &w.ln_pre,
-            &fwd.ln_pre_stats,
-            &mut d_embedded,
-            false,
-        );
+        let d_embedded = match &w.ln_pre {
+            Some(ln) => {
+                let mut d_embedded = vec![0.0f32; t * d];
+                layer_norm_backward(
+                    &fwd.embedded,
+                    &dh,
+                    d,
+                    ln,
+                    &fwd.ln_pre_stats,
+                    &mut d_embedded,
+                    false,
+                );
+                d_embedded
+            }
+            None => dh,
+        };
         embed_backward(&d_embedded, fwd.height, fwd.width, cfg, &w.patch_embed)
     }
 }

@@ -87,6 +87,7 @@ pub fn small_model(
         ln_eps: 1e-5,
         mean: OPENAI_MEAN,
         std: OPENAI_STD,
+        pooling: Pooling::ClassToken,
     };
     let blocks = (0..layers)
         .map(|_| BlockWeights {
@@ -102,7 +103,7 @@ pub fn small_model(
         patch_embed: linear(&mut d, width, 3 * patch * patch, false),
         class_embedding: d.vec(width, -0.5, 0.5),
         position_embedding: d.vec((grid * grid + 1) * width, -0.5, 0.5),
-        ln_pre: ln(&mut d, width),
+        ln_pre: Some(ln(&mut d, width)),
         blocks,
         ln_post: ln(&mut d, width),
         projection: Some(linear(&mut d, 32, width, false)),

@@ -245,19 +245,27 @@ impl<'m> GpuVit<'m> {
             let update = add_loss_gradient(l, &fwd.features[l], &mut dh, copy, Some(ln1))?;
             copy_valid = update.copy_valid(copy_valid);
         }
-        let mut d_embedded = self.alloc(t * d)?;
-        layernorm_backward_f32(
-            &self.dev,
-            &fwd.embedded,
-            &dh,
-            &self.ln_pre.weight,
-            &fwd.ln_pre_mean,
-            &fwd.ln_pre_rstd,
-            &mut d_embedded,
-            t,
-            d,
-            false,
-        )?;
+        let d_embedded = match (&self.ln_pre, &fwd.ln_pre) {
+            (Some(ln), Some(saved)) => {
+                let mut d_embedded = self.alloc(t * d)?;
+                layernorm_backward_f32(
+                    &self.dev,
+                    &saved.embedded,
+                    &dh,
+                    &ln.weight,
+                    &saved.mean,
+                    &saved.rstd,
+                    &mut d_embedded,
+                    t,
+                    d,
+                    false,
+                )?;
+                d_embedded
+            }
+            // Without LN_pre (the forward saves LN_pre's input exactly when the engine has one),
+            // dL/dF_0 is the tokens' gradient.
+            _ => dh,
+        };
         let cols = batch.packing.patch_cols();
         let mut d_patches = self.alloc(n * cols)?;
         let (packing, table) = (&batch.packing, &batch.table);

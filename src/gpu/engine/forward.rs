@@ -4,7 +4,8 @@
 use super::attention_plan::{buffer_bytes, AttentionPass, CallStep};
 use super::weights::{DeviceBlock, DeviceLayerNorm, DeviceLinear, Weight};
 use super::{
-    bf16_weight, AttentionSaved, Batch, BlockSaved, Forward, GpuVit, MlpPre, Normed, Precision,
+    bf16_weight, AttentionSaved, Batch, BlockSaved, Forward, GpuVit, MlpPre, Normed, PreNormSaved,
+    Precision,
 };
 use crate::gpu::gemm::{matmul_bf16_bf16out, matmul_bf16_residual};
 use crate::gpu::kernels::activation::{bias_activation_forward_bf16, bias_activation_forward_f32};
@@ -94,11 +95,19 @@ impl<'m> GpuVit<'m> {
             &mut embedded,
             d,
         )?;
-        let Normed {
-            y: f0,
-            mean: ln_pre_mean,
-            rstd: ln_pre_rstd,
-        } = self.layer_norm(&embedded, &self.ln_pre, t)?;
+        // F_0 = LN_pre(tokens), or the tokens themselves in a tower without LN_pre.
+        let (f0, ln_pre) = match &self.ln_pre {
+            Some(ln) => {
+                let Normed { y, mean, rstd } = self.layer_norm(&embedded, ln, t)?;
+                let saved = PreNormSaved {
+                    embedded,
+                    mean,
+                    rstd,
+                };
+                (y, Some(saved))
+            }
+            None => (embedded, None),
+        };
 
         let run = blocks;
         let mut features = vec![f0];
@@ -152,9 +161,7 @@ impl<'m> GpuVit<'m> {
         }
         Ok(Forward {
             features,
-            embedded,
-            ln_pre_mean,
-            ln_pre_rstd,
+            ln_pre,
             blocks,
         })
     }

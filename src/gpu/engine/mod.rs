@@ -131,10 +131,17 @@ enum MlpPre {
 
 struct Forward {
     features: Vec<Pooled>,
-    embedded: Pooled,
-    ln_pre_mean: Pooled,
-    ln_pre_rstd: Pooled,
+    /// What LN_pre's backward reads; `None` for a tower without LN_pre, whose F_0 is the
+    /// embedded tokens.
+    ln_pre: Option<PreNormSaved>,
     blocks: Vec<BlockSaved>,
+}
+
+/// LN_pre's input (the embedded tokens) and its statistics.
+struct PreNormSaved {
+    embedded: Pooled,
+    mean: Pooled,
+    rstd: Pooled,
 }
 
 /// What adding a layer's loss gradient did to the backward's running gradient `dh`.
@@ -242,7 +249,8 @@ pub struct GpuVit<'m> {
     model: &'m Model,
     patch_embed: DeviceLinear,
     class_embedding: Buffer<f32>,
-    ln_pre: DeviceLayerNorm,
+    /// `None` for a tower without LN_pre.
+    ln_pre: Option<DeviceLayerNorm>,
     blocks: Vec<DeviceBlock>,
     /// Position embeddings by patch grid, on the device (the geometries' tables are copied
     /// from them).
@@ -304,7 +312,7 @@ impl<'m> GpuVit<'m> {
             model,
             patch_embed: upload_linear(dev, &w.patch_embed, precision)?,
             class_embedding: dev.upload(&w.class_embedding)?,
-            ln_pre: upload_ln(dev, &w.ln_pre)?,
+            ln_pre: w.ln_pre.as_ref().map(|ln| upload_ln(dev, ln)).transpose()?,
             blocks,
             positions: positions::DevicePositions::new(
                 w.position_embedding.clone(),
