@@ -775,10 +775,20 @@ fn open_clip_text_options_that_change_the_embedding_are_refused_and_its_eps_is_r
         .unwrap()
         .expect("a text tower");
     assert_eq!((tower.config.heads, tower.config.ln_eps), (2, 1e-6));
+    // Without `heads`, open_clip's default of 8 (not width / 64, which 16 is not a multiple of).
+    let tower = text("{}").unwrap().expect("a text tower");
+    assert_eq!(tower.config.heads, 8);
+    let tower = text(r#"{"heads": 2, "act_kwargs": {"approximate": "none"}}"#);
+    assert_eq!(tower.unwrap().expect("a text tower").config.heads, 2);
     for (cfg, part) in [
         (r#"{"pool_type": "last"}"#, "pool_type"),
         (r#"{"embed_cls": true}"#, "embed_cls"),
         (r#"{"no_causal_mask": true}"#, "no_causal_mask"),
+        (
+            r#"{"heads": 2, "act_kwargs": {"approximate": "tanh"}}"#,
+            "text_cfg.act_kwargs",
+        ),
+        (r#"{"heads": 0}"#, "text_cfg.heads"),
     ] {
         let e = match text(cfg) {
             Ok(_) => panic!("{cfg} loaded"),
@@ -796,6 +806,56 @@ fn open_clip_text_options_that_change_the_embedding_are_refused_and_its_eps_is_r
     };
     assert!(matches!(e, ModelError::UnknownTensors { .. }), "{e:?}");
     assert_msg(&e, &["transformer.resblocks.0.ls_2.gamma", "text tower"]);
+
+    // A `quick_gelu` that is not a boolean.
+    write_json(
+        dir.path(),
+        "open_clip_config.json",
+        r#"{"model_cfg": {"quick_gelu": "yes", "text_cfg": {"heads": 2}}}"#,
+    );
+    c.remove("transformer.resblocks.0.ls_2.gamma");
+    c.write(&dir.path().join("open_clip_model.safetensors"));
+    let e = prm::model::load_text_tower(spec).expect_err("a string quick_gelu");
+    assert_msg(&e, &["quick_gelu", "boolean"]);
+}
+
+/// open_clip's CustomTextCLIP keeps the text tower under `text.*`: said so, not "no text tower".
+#[test]
+fn a_text_tower_under_text_prefix_is_named_not_missed() {
+    let dir = tmp();
+    let mut c = openai_ckpt(Dtype::F32, "");
+    for n in [
+        "token_embedding.weight",
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "text_projection",
+    ] {
+        c.remove(n);
+    }
+    c.add("text.token_embedding.weight", Dtype::F32, &[50, 16]);
+    c.write(&dir.path().join("open_clip_model.safetensors"));
+    let e = prm::model::load_text_tower(dir.path().to_str().unwrap()).expect_err("text.* read");
+    assert_msg(&e, &["`text.*`", "CustomTextCLIP", "--classes"]);
+}
+
+/// open_clip's `act_kwargs` on the vision tower: neutral ones load, others are refused.
+#[test]
+fn open_clip_activation_options_are_refused_unless_neutral() {
+    let dir = tmp();
+    openai_ckpt(Dtype::F32, "").write(&dir.path().join("open_clip_model.safetensors"));
+    let config = |vision_cfg: &str| {
+        write_json(
+            dir.path(),
+            "open_clip_config.json",
+            &format!(r#"{{"model_cfg": {{"vision_cfg": {vision_cfg}}}}}"#),
+        )
+    };
+    config(r#"{"act_kwargs": {"approximate": "none"}}"#);
+    load(dir.path()).unwrap();
+    config(r#"{"act_kwargs": {"approximate": "tanh"}}"#);
+    assert_msg(
+        &load_err(dir.path()),
+        &["vision_cfg.act_kwargs", "approximate"],
+    );
 }
 
 /// An open_clip ViT-H/14 state dict (width 1280; one block, a small MLP, a 1×1 grid) without a

@@ -60,6 +60,32 @@ pub(crate) fn open_clip_ln_eps(
     }
 }
 
+/// Refuses open_clip's `act_kwargs` on a tower config (`vision_cfg` / `text_cfg`) unless they
+/// leave the activation as it is: `{"approximate": "tanh"}` (SigLIP2's towers) makes GELU
+/// another function, which prm would not compute.
+pub(crate) fn refuse_activation_options(
+    path: &Path,
+    tower_cfg: &Map<String, Value>,
+    tower: &str,
+) -> Result<(), ModelError> {
+    let empty = Map::new();
+    let kwargs = object(path, tower_cfg, "act_kwargs")?.unwrap_or(&empty);
+    for (key, value) in kwargs {
+        let neutral = key == "approximate" && value.as_str() == Some("none");
+        if !neutral {
+            return Err(bad(
+                path,
+                format!(
+                    "`{tower}.act_kwargs` sets {key} = {value}: prm computes open_clip's \
+                     activations (GELU, QuickGELU) without options and would compute another \
+                     model"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The pooling open_clip's vision options choose, refusing the options that change what the
 /// tower computes without leaving tensors that would say so (the loader refuses unknown tensors
 /// separately). Average pooling and `no_ln_pre` (CLIPA) change no feature F_0..F_L beyond
@@ -287,6 +313,7 @@ pub(crate) fn read_open_clip_config(dir: &Path) -> Result<Option<OpenClipSetting
     let model_cfg = object(&path, &top, "model_cfg")?.unwrap_or(&empty);
     let vision_cfg = object(&path, model_cfg, "vision_cfg")?.unwrap_or(&empty);
     let pooling = open_clip_vision_pooling(&path, vision_cfg)?;
+    refuse_activation_options(&path, vision_cfg, "vision_cfg")?;
     let ln_pre = !matches!(vision_cfg.get("no_ln_pre"), Some(Value::Bool(true)));
     let head_width = positive_int(&path, vision_cfg, "head_width")?.unwrap_or(64);
     let ln_eps = open_clip_ln_eps(&path, vision_cfg)?;

@@ -15,7 +15,8 @@
 //!
 //! The heads: HF `config.json` `text_config.num_attention_heads` (default 8, the
 //! `CLIPTextConfig` default); OpenAI state dicts use `open_clip_config.json`
-//! `model_cfg.text_cfg.heads` when present, else W / 64 (true of every OpenAI CLIP). The
+//! `model_cfg.text_cfg.heads` (8 when the file is there without it, open_clip's
+//! `CLIPTextCfg` default), else W / 64 (true of every OpenAI CLIP). The
 //! activation and LayerNorm eps follow `text_config` (HF) or the vision tower's setting
 //! (OpenAI/open_clip, where one `quick_gelu` flag covers both towers).
 
@@ -185,20 +186,35 @@ fn open_clip_text_json(dir: &Path) -> Result<TextJson, ModelError> {
         return Ok((None, None, None));
     };
     let cfg = top.get("model_cfg");
-    let heads = cfg
-        .and_then(|c| c.get("text_cfg"))
-        .and_then(|t| t.get("heads"))
-        .and_then(Value::as_u64)
-        .map(|h| h as usize);
-    let act = match cfg.and_then(|c| c.get("quick_gelu")) {
-        Some(Value::Bool(true)) => Some(Activation::QuickGelu),
-        _ => Some(Activation::Gelu),
-    };
     let empty = serde_json::Map::new();
     let text_cfg = cfg
         .and_then(|c| c.get("text_cfg"))
         .and_then(Value::as_object)
         .unwrap_or(&empty);
+    // open_clip's `CLIPTextCfg` has 8 heads unless the config says otherwise (not width / 64).
+    let heads = match text_cfg.get("heads") {
+        None | Some(Value::Null) => Some(8),
+        Some(v) => match v.as_u64() {
+            Some(h) if h > 0 => Some(h as usize),
+            _ => {
+                return Err(ModelError::BadConfig {
+                    path,
+                    reason: format!("`text_cfg.heads` must be a positive integer, got {v}"),
+                })
+            }
+        },
+    };
+    let act = match cfg.and_then(|c| c.get("quick_gelu")) {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => Some(Activation::Gelu),
+        Some(Value::Bool(true)) => Some(Activation::QuickGelu),
+        Some(v) => {
+            return Err(ModelError::BadConfig {
+                path,
+                reason: format!("`model_cfg.quick_gelu` must be a boolean, got {v}"),
+            })
+        }
+    };
+    super::config::refuse_activation_options(&path, text_cfg, "text_cfg")?;
     // Options that change the tower without tensors that would say so: the embedding must be
     // the end-of-text token's (prm's zero-shot classes are embedded that way).
     let refuse = |what: String| ModelError::BadConfig {
@@ -230,6 +246,15 @@ pub(crate) fn build_text_tower(t: &Tensors<'_>) -> Result<Option<TextTower>, Mod
         (&HF_TEXT, true)
     } else if t.contains(OPENAI_TEXT.tok) {
         (&OPENAI_TEXT, false)
+    } else if t.names().any(|n| n.starts_with("text.")) {
+        // open_clip's CustomTextCLIP keeps its tower under `text.*` (EVA, SigLIP, MobileCLIP,
+        // Hugging Face text encoders): not "no text tower", which would send the user looking
+        // for another checkpoint.
+        return Err(t.inconsistent(
+            "the text tower is stored under `text.*` (open_clip's CustomTextCLIP layout), which \
+             prm does not read; embed the class names with open_clip and give prm eval --classes \
+             a .safetensors of `class_embeddings` [C, E] with metadata `names`",
+        ));
     } else {
         return Ok(None);
     };
@@ -282,13 +307,15 @@ pub(crate) fn build_text_tower(t: &Tensors<'_>) -> Result<Option<TextTower>, Mod
         } else {
             Activation::QuickGelu
         };
+        // With an open_clip_config.json the heads are its (8 by default); without one, an
+        // OpenAI checkpoint, whose text towers all have heads of 64.
         let heads = match h {
             Some(h) => h,
             None if width % 64 == 0 => width / 64,
             None => {
                 return Err(t.inconsistent(format!(
-                    "cannot infer the text tower's heads: width {width} is not a multiple of 64 \
-                     and open_clip_config.json gives no model_cfg.text_cfg.heads"
+                    "cannot infer the text tower's heads: width {width} is not a multiple of 64; \
+                     put the model's open_clip_config.json beside the checkpoint"
                 )))
             }
         };
