@@ -325,6 +325,90 @@ fn usage_and_model_errors_exit_2_with_a_clear_message() {
     assert!(!out.join("manifest.jsonl").exists());
 }
 
+/// Files written beside the images, and working sizes, are checked before any work: a plot,
+/// its numbers or a profile that would replace the run record, the manifest, an image or each
+/// other; a plot path that is a directory; `--init from:` the output directory itself; a fixed
+/// working size below one patch or beyond the pixel budget (before: a panic per image, or an
+/// aborted process).
+#[test]
+fn side_files_and_working_sizes_are_refused_before_any_work() {
+    let f = fixture();
+    let (o, out) = attack(&f, "out", &["--steps", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let record = std::fs::read(out.join("run.json")).unwrap();
+    let image = std::fs::read(out.join("a.png")).unwrap();
+    let dir_plot = f.root.join("plots.png");
+    std::fs::create_dir(&dir_plot).unwrap();
+    let s = |p: PathBuf| p.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--plot".into(), s(out.join("run.png"))], "run record"),
+        (
+            vec!["--plot".into(), s(out.join("../out/./a.png"))],
+            "output of a.png",
+        ),
+        (
+            vec!["--plot".into(), s(out.join("sub/b.png"))],
+            "output of sub/b.jpg",
+        ),
+        (
+            vec!["--profile".into(), s(out.join("manifest.jsonl.json"))],
+            "",
+        ),
+        (
+            vec![
+                "--plot".into(),
+                s(f.root.join("p.png")),
+                "--profile".into(),
+                s(f.root.join("p.json")),
+            ],
+            "--plot's numbers",
+        ),
+        (vec!["--plot".into(), s(dir_plot.clone())], "is a directory"),
+        (
+            vec!["--init".into(), format!("from:{}", s(out.join(".")))],
+            "--output directory",
+        ),
+        (
+            vec!["--resolution".into(), "8".into()],
+            "smaller than one 16-pixel patch",
+        ),
+        (vec!["--resolution".into(), "20000".into()], "--max-pixels"),
+    ];
+    for (extra, needle) in &cases {
+        let mut extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        extra.extend(["--steps", "1"]);
+        let (o, _) = attack(&f, "out", &extra);
+        if needle.is_empty() {
+            // Not a clash: manifest.jsonl.json is a file of its own.
+            assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+            continue;
+        }
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(needle),
+            "{extra:?}: lacks {needle:?}: {}",
+            stderr(&o)
+        );
+    }
+    assert_eq!(std::fs::read(out.join("run.json")).unwrap(), record);
+    assert_eq!(std::fs::read(out.join("a.png")).unwrap(), image);
+    for extra in [["--resolution", "8"], ["--image-size", "100000"]] {
+        let o = prm(&[
+            "bench",
+            "--model",
+            "random:tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            extra[0],
+            extra[1],
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(extra[0]), "{extra:?}: {}", stderr(&o));
+    }
+}
+
 #[test]
 fn info_says_when_weights_are_random() {
     let o = prm(&["info", "--model", "random:vit-b-16"]);

@@ -290,6 +290,81 @@ fn auto_batch_limits(
     })
 }
 
+/// The files written beside the images (`--plot` and the JSON of its numbers, `--profile`,
+/// `--device-timeline`), checked before any work: each must be writable (they are written at
+/// the end, when a campaign of days would learn it too late), none may replace the run's record,
+/// its manifest, one of its images or another of them; and `--init from:` must not be the
+/// output directory, whose images the run would overwrite while starting from them (and a
+/// resume would take as done).
+fn check_side_files(
+    args: &AttackArgs,
+    settings: &AttackSettings,
+    items: &[prm::io::inputs::InputItem],
+    layout: OutputLayout,
+) -> anyhow::Result<()> {
+    use prm::io::paths::{check_file_writable, resolved};
+    if let Init::From(dir) = &settings.init {
+        if resolved(dir) == resolved(&args.output) {
+            bail!(
+                "--init from:{} is the --output directory: the attack would overwrite the images \
+                 it starts from; give another --output",
+                dir.display()
+            );
+        }
+    }
+    let mut side: Vec<(String, PathBuf)> = Vec::new();
+    if let Some(p) = &args.plot {
+        side.push(("--plot".into(), p.clone()));
+        side.push(("--plot's numbers".into(), p.with_extension("json")));
+    }
+    if let Some(Some(p)) = args.profile_file() {
+        side.push(("--profile".into(), p.clone()));
+    }
+    if let Some(p) = &args.device_timeline {
+        side.push(("--device-timeline".into(), p.clone()));
+    }
+    if side.is_empty() {
+        return Ok(());
+    }
+    let out = &args.output;
+    let mut taken: std::collections::HashMap<PathBuf, String> = [
+        ("the run record", prm::io::run_record::RUN_RECORD_FILE),
+        ("the manifest", prm::io::manifest::MANIFEST_FILE),
+    ]
+    .iter()
+    .map(|(what, f)| (resolved(&out.join(f)), format!("{what} {f}")))
+    .collect();
+    let resolved_out = resolved(out);
+    if side
+        .iter()
+        .any(|(_, p)| resolved(p).starts_with(&resolved_out))
+    {
+        for item in items {
+            for rel in [layout.output_rel(item), layout.file_rel(item)] {
+                let png = resolved(&out.join(&rel));
+                taken.insert(
+                    png.with_extension("safetensors"),
+                    format!("the output of {}", item.rel),
+                );
+                taken.insert(png, format!("the output of {}", item.rel));
+            }
+        }
+    }
+    for (flag, path) in &side {
+        check_file_writable(path).map_err(|e| anyhow::anyhow!("{flag} {e}"))?;
+        let r = resolved(path);
+        if let Some(what) = taken.get(&r) {
+            bail!(
+                "{flag} {} would replace {what} in {}; give a path outside it or another name",
+                path.display(),
+                out.display()
+            );
+        }
+        taken.insert(r, flag.clone());
+    }
+    Ok(())
+}
+
 pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     let (devices, precision) = args.devices()?;
     let fixed_batch = args.fixed_batch_size()?; // checked before anything is read
@@ -345,8 +420,12 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         items.retain(|item| shard.contains(item.shard_key()));
     }
     check_output_collisions_in(&items, layout)?;
+    check_side_files(&args, &settings, &items, layout)?;
     let model =
         Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;
+    settings
+        .check_working_size(model.config.patch, args.max_pixels, Some("--max-pixels"))
+        .map_err(anyhow::Error::msg)?;
     let layers = settings
         .layers
         .resolve(model.config.feature_layers())

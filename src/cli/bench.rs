@@ -125,6 +125,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let model =
         Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;
     check_image_size(height, width, model.config.patch).map_err(anyhow::Error::msg)?;
+    // An allocation that fails aborts the process: refuse sizes beyond what prm attack decodes.
+    let budget = prm::io::DEFAULT_MAX_PIXELS;
+    if (height as u64).saturating_mul(width as u64) > budget {
+        bail!("--image-size {width}x{height} is beyond the budget of {budget} pixels an image");
+    }
+    settings
+        .check_working_size(model.config.patch, budget, None)
+        .map_err(anyhow::Error::msg)?;
     let layers = settings
         .layers
         .resolve(model.config.feature_layers())

@@ -21,6 +21,7 @@ pub mod image;
 pub mod inputs;
 pub mod manifest;
 pub mod output;
+pub mod paths;
 pub mod run_record;
 pub mod shard;
 pub mod units;

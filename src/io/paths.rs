@@ -1,0 +1,112 @@
+//! Paths as the file system will see them, for checks made before any work: whether two spellings
+//! name one file (`out/../out/x.png`, a symlinked directory), and whether a file can be written
+//! where a flag says.
+
+use std::path::{Component, Path, PathBuf};
+
+/// `path` made absolute, with its longest existing ancestor canonicalised (symlinks resolved)
+/// and the rest, which does not exist yet, appended with `.` and `..` folded. Two paths that
+/// will name the same file once written compare equal.
+pub fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    // Fold `.` and `..` first, so that the ancestor found below is the real one.
+    let mut folded = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                folded.pop();
+            }
+            other => folded.push(other),
+        }
+    }
+    let mut rest = Vec::new();
+    let mut base = folded.as_path();
+    loop {
+        if let Ok(real) = base.canonicalize() {
+            let mut out = real;
+            out.extend(rest.iter().rev());
+            return out;
+        }
+        match (base.file_name(), base.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name.to_os_string());
+                base = parent;
+            }
+            _ => return folded,
+        }
+    }
+}
+
+/// Whether `inner` is `outer` or lies inside it, both [`resolved`].
+pub fn is_within(inner: &Path, outer: &Path) -> bool {
+    resolved(inner).starts_with(resolved(outer))
+}
+
+/// Checks, before any work, that a file can be written at `path` at the end of a run: it is not
+/// a directory, no ancestor of it is a file, and the nearest existing ancestor takes new files
+/// (tried with an unnamed temporary file, which leaves nothing behind). The message says which.
+pub fn check_file_writable(path: &Path) -> Result<(), String> {
+    if path.is_dir() {
+        return Err(format!("{} is a directory; give a file", path.display()));
+    }
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut ancestor = absolute.parent();
+    while let Some(dir) = ancestor {
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {
+                return tempfile::tempfile_in(dir).map(drop).map_err(|e| {
+                    format!(
+                        "{}: cannot write in {} ({e})",
+                        path.display(),
+                        dir.display()
+                    )
+                });
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "{}: {} is a file, not a directory",
+                    path.display(),
+                    dir.display()
+                ))
+            }
+            Err(_) => ancestor = dir.parent(),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spellings_of_one_file_resolve_alike() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("out");
+        std::fs::create_dir(&dir).unwrap();
+        let a = resolved(&dir.join("x.png"));
+        assert_eq!(resolved(&dir.join("../out/./x.png")), a);
+        assert_eq!(resolved(&dir.join("new/../x.png")), a);
+        #[cfg(unix)]
+        {
+            let link = t.path().join("link");
+            std::os::unix::fs::symlink(&dir, &link).unwrap();
+            assert_eq!(resolved(&link.join("x.png")), a);
+        }
+        assert!(is_within(&dir.join("sub/y.png"), &dir));
+        assert!(!is_within(&t.path().join("outer.png"), &dir));
+    }
+
+    #[test]
+    fn unwritable_places_are_named() {
+        let t = tempfile::tempdir().unwrap();
+        assert!(check_file_writable(&t.path().join("new/dirs/plot.png")).is_ok());
+        let err = check_file_writable(t.path()).unwrap_err();
+        assert!(err.contains("is a directory"), "{err}");
+        let file = t.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let err = check_file_writable(&file.join("plot.png")).unwrap_err();
+        assert!(err.contains("is a file"), "{err}");
+    }
+}
