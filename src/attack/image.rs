@@ -292,6 +292,13 @@ impl<'a, E: Engine> Attack<'a, E> {
         Ok(self.clean_eval.get_or_init(|| features))
     }
 
+    /// Computes the clean features at the evaluation geometry now rather than in the first
+    /// step that reads them (a benchmark times them as a phase of their own). On a GPU the
+    /// work is issued, not necessarily finished, when this returns.
+    pub fn compute_clean_features(&self) -> Result<(), EngineError> {
+        self.clean_eval().map(drop)
+    }
+
     /// Keeps every step's per-image loss in [`AttackOutcome::losses`] (for a loss curve). The
     /// GPU engine then downloads the loss values at every step, which costs a host sync each;
     /// off by default.

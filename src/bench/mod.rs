@@ -105,6 +105,8 @@ pub fn time_attacks<E: Engine>(
                 engine.stage(&key(round + 1), &planars);
             }
         }
+        // Else the first step would compute them, and their time would count as the steps'.
+        attack.compute_clean_features()?;
         let clean_seconds = start.elapsed().as_secs_f64();
         let starts = attack.starts(&vec![None; attack.len()]);
         let start_seconds = start.elapsed().as_secs_f64() - clean_seconds;

@@ -101,10 +101,28 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_message(&e));
             ExitCode::from(EXIT_USAGE)
         }
     }
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause whose text the message already
+/// holds: prm's I/O errors name their OS cause in their own text, and the chain would repeat it
+/// ("cannot read: Permission denied (os error 13): Permission denied (os error 13)").
+fn error_message(e: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
 }
 
 /// A panic inside an image decoder (another crate's bug on a malformed file) becomes that
@@ -133,4 +151,22 @@ pub(crate) fn parse_scale_range(s: &str) -> Result<(f32, f32), String> {
         lo.trim().parse().map_err(|_| err())?,
         hi.trim().parse().map_err(|_| err())?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_message;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "Permission denied");
+        let e = anyhow::Error::new(prm::io::IoError::Read {
+            path: "in/locked".into(),
+            source: io,
+        })
+        .context("cannot list the inputs");
+        let m = error_message(&e);
+        assert_eq!(m.matches("Permission denied").count(), 1, "{m}");
+        assert!(m.starts_with("cannot list the inputs: in/locked"), "{m}");
+    }
 }
