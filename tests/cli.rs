@@ -409,6 +409,31 @@ fn side_files_and_working_sizes_are_refused_before_any_work() {
     }
 }
 
+/// A resume re-attacks an input whose size changed since its record (another image under the
+/// same name), instead of keeping the other image's output as its own.
+#[test]
+fn a_resume_attacks_again_an_input_that_changed() {
+    let f = fixture();
+    let (o, out) = attack(&f, "out", &["--steps", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(manifest(&out)
+        .iter()
+        .all(|r| r["input_bytes"].as_u64().is_some()));
+    // c.png is replaced by another image of another size under the same name.
+    write_image(&f.input.join("c.png"), 50, 40, 9);
+    let (o, _) = attack(&f, "out", &["--steps", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let records = manifest(&out);
+    assert_eq!(records.len(), 4, "c.png attacked again, the others skipped");
+    let last = records.last().unwrap();
+    assert_eq!(
+        (last["input"].as_str(), last["width"].as_u64()),
+        (Some("c.png"), Some(50))
+    );
+    let saved = image::open(out.join("c.png")).unwrap();
+    assert_eq!((saved.width(), saved.height()), (50, 40));
+}
+
 #[test]
 fn info_says_when_weights_are_random() {
     let o = prm(&["info", "--model", "random:vit-b-16"]);

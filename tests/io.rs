@@ -126,6 +126,7 @@ fn record(input: &str, status: Status) -> ManifestRecord {
         linf: Some(8.0),
         steps: 10,
         seconds: 0.5,
+        input_bytes: None,
     }
 }
 

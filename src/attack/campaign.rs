@@ -128,6 +128,9 @@ pub struct CampaignSummary {
 pub trait Progress {
     /// `images` inputs were already done by an earlier run and are skipped.
     fn skipped(&self, _images: usize) {}
+    /// `images` inputs recorded as done have another size than when they were attacked, and
+    /// are attacked again.
+    fn changed_since_recorded(&self, _images: usize) {}
     fn image_started(&self, _rel: &str) {}
     /// `image_steps` more image-steps are done (one batch step).
     fn steps_done(&self, _image_steps: usize) {}
@@ -301,7 +304,10 @@ impl Campaign<'_> {
     ) -> Result<(ManifestWriter, Vec<InputItem>, CampaignSummary), IoError> {
         // Opening the writer first cuts off a partial last line left by a crash.
         let manifest = ManifestWriter::open(&self.output.dir)?;
-        let done = already_done_in(self.output, self.items)?;
+        let (done, changed) = done_and_changed(self.output, self.items)?;
+        if changed > 0 {
+            progress.changed_since_recorded(changed);
+        }
         let todo: Vec<InputItem> = self
             .items
             .iter()
@@ -361,12 +367,21 @@ pub fn already_done_in(
     output: &OutputOptions,
     items: &[InputItem],
 ) -> Result<HashSet<String>, IoError> {
+    done_and_changed(output, items).map(|(done, _)| done)
+}
+
+/// [`already_done_in`], and how many inputs recorded as done have changed size since (another
+/// image under the same name, or this one edited), which are to be attacked again.
+fn done_and_changed(
+    output: &OutputOptions,
+    items: &[InputItem],
+) -> Result<(HashSet<String>, usize), IoError> {
     let dir = output.dir.as_path();
     let save_float = output.save_float;
     let path = dir.join(MANIFEST_FILE);
     let contents = match read_manifest_detailed(&path) {
         Ok(c) => c,
-        Err(IoError::NotFound { .. }) => return Ok(HashSet::new()),
+        Err(IoError::NotFound { .. }) => return Ok((HashSet::new(), 0)),
         Err(e) => return Err(e),
     };
     let mut latest: HashMap<&str, &ManifestRecord> = HashMap::new();
@@ -375,11 +390,18 @@ pub fn already_done_in(
     }
     let lookup = OutputLookup::new(dir);
     let mut done = HashSet::new();
+    let mut changed = 0;
     for item in items {
         let Some(r) = latest.get(item.rel.as_str()) else {
             continue;
         };
         if r.status != Status::Ok {
+            continue;
+        }
+        // Another image under the same name (or this one edited) since it was attacked: its
+        // output is not this input's.
+        if r.input_bytes.is_some() && r.input_bytes != input_bytes(item) {
+            changed += 1;
             continue;
         }
         let finished = if item.member.is_some() {
@@ -414,7 +436,7 @@ pub fn already_done_in(
             done.insert(item.rel.clone());
         }
     }
-    Ok(done)
+    Ok((done, changed))
 }
 
 /// Writes `<output>/<shard>.tar` for every tar shard among `items` that has new staged images
@@ -575,6 +597,7 @@ pub(super) fn error_record(
         linf: None,
         steps: 0,
         seconds,
+        input_bytes: None,
     }
 }
 
@@ -634,8 +657,19 @@ fn read_start(
 pub(super) struct Loaded {
     /// The input's relative path (keys its random draws).
     pub rel: String,
+    /// Its size in bytes, for the manifest ([`input_bytes`]).
+    pub input_bytes: Option<u64>,
     pub clean: RgbImage,
     pub start: Option<RgbImage>,
+}
+
+/// The size in bytes of `item` as it is now: the file's, or the tar member's as listed. `None`
+/// when the file cannot be read (the image's own read then says why).
+pub fn input_bytes(item: &InputItem) -> Option<u64> {
+    match &item.member {
+        Some(m) => m.shard.entries.get(m.entry).map(|e| e.size),
+        None => std::fs::metadata(&item.path).ok().map(|m| m.len()),
+    }
 }
 
 pub(super) fn load(
@@ -656,6 +690,7 @@ pub(super) fn load(
     };
     Ok(Loaded {
         rel: item.rel.clone(),
+        input_bytes: input_bytes(item),
         clean,
         start,
     })
@@ -843,6 +878,7 @@ pub(super) fn attack_batch<E: Engine>(
             linf: Some(outcome.linf_255),
             steps: outcome.steps,
             seconds: 0.0,
+            input_bytes: l.input_bytes,
         };
         results[j] = Ok(Attacked {
             width: l.clean.width,

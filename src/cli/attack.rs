@@ -745,6 +745,9 @@ impl Progress for Curves<'_> {
     fn skipped(&self, images: usize) {
         self.bar.skipped(images)
     }
+    fn changed_since_recorded(&self, images: usize) {
+        self.bar.changed_since_recorded(images)
+    }
     fn image_started(&self, rel: &str) {
         self.bar.image_started(rel)
     }

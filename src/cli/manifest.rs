@@ -176,6 +176,7 @@ mod tests {
             linf: None,
             steps,
             seconds: 0.0,
+            input_bytes: None,
         }
     }
 

@@ -48,6 +48,16 @@ impl Bar {
 }
 
 impl Progress for Bar {
+    fn changed_since_recorded(&self, images: usize) {
+        if !self.quiet {
+            self.bar.suspend(|| {
+                eprintln!(
+                    "note: {images} input(s) recorded as done have another size than when they \
+                     were attacked (another image under the same name?): attacking them again"
+                );
+            });
+        }
+    }
     fn skipped(&self, images: usize) {
         // A resumed run starts from what is already done.
         self.bar.inc(images as u64 * self.steps_per_image);

@@ -54,6 +54,11 @@ pub struct ManifestRecord {
     pub steps: usize,
     #[serde(deserialize_with = "nullable_f64")]
     pub seconds: f64,
+    /// The input's size in bytes when it was attacked (the file, or the tar member): a resume
+    /// attacks again an input whose size changed since (another image under the same name).
+    /// Absent in manifests written before it was recorded, and in error records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_bytes: Option<u64>,
 }
 
 fn nullable_f64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
