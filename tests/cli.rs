@@ -667,3 +667,267 @@ fn a_model_with_heads_not_64_wide_runs_on_the_gpu_engine_or_is_refused_with_the_
         assert!(out.join("chelsea.png").exists());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Input and verify fixes from the user-eyes audit: outputs over inputs, list files, counts in the
+// log, verify's arguments and report.
+
+fn verify_cmd(clean: &Path, adv: &Path, eps: &str) -> Output {
+    prm(&[
+        "verify",
+        "--clean",
+        clean.to_str().unwrap(),
+        "--adv",
+        adv.to_str().unwrap(),
+        "--eps",
+        eps,
+    ])
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Audit #1: `--input list.txt --output <the list's directory>` with `a.png` listed would replace
+/// the clean `a.png` by its adversarial version; it is refused before any work, and `verify`
+/// refuses to compare the clean images with themselves.
+#[test]
+fn an_output_over_an_input_file_is_refused_before_any_work() {
+    let f = fixture();
+    let list = f.input.join("list.txt");
+    std::fs::write(&list, "a.png\nsub/b.jpg\n").unwrap();
+    let before = std::fs::read(f.input.join("a.png")).unwrap();
+    let o = prm(&[
+        "attack",
+        "--model",
+        "random:tiny",
+        "--input",
+        list.to_str().unwrap(),
+        "--output",
+        f.input.to_str().unwrap(),
+        "--preset",
+        "pgd",
+        "--steps",
+        "1",
+        "--quiet",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("`a.png` is the input `a.png`"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(f.input.join("a.png")).unwrap(), before);
+    assert!(!f.input.join("run.json").exists());
+    assert!(!f.input.join("manifest.jsonl").exists());
+    assert!(!f.input.join("sub/b.png").exists());
+
+    let v = verify_cmd(&list, &f.input, "8/255");
+    assert_eq!(v.status.code(), Some(2), "{}", stderr(&v));
+    assert!(
+        stderr(&v).contains("--adv") && stderr(&v).contains("clean images themselves"),
+        "{}",
+        stderr(&v)
+    );
+    let v = verify_cmd(&f.input, &f.input, "8/255");
+    assert_eq!(v.status.code(), Some(2), "{}", stderr(&v));
+    assert!(
+        stderr(&v).contains("--clean and --adv are the same directory"),
+        "{}",
+        stderr(&v)
+    );
+}
+
+/// Audit #13: `--output` equal to `--input` is named as such (exit 2), not "no input images".
+#[test]
+fn an_output_equal_to_the_input_is_a_usage_error() {
+    let f = fixture();
+    let o = prm(&[
+        "attack",
+        "--model",
+        "random:tiny",
+        "--input",
+        f.input.to_str().unwrap(),
+        "--output",
+        f.input.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("the output directory is the input directory") && !err.contains("no input"),
+        "{err}"
+    );
+    assert!(!f.input.join("run.json").exists());
+}
+
+/// Audit #5: `verify --eps 8` (a forgotten /255) or `--eps 0` is refused like the attack's.
+#[test]
+fn verify_refuses_an_eps_outside_0_1() {
+    let f = fixture();
+    let (o, out) = attack(&f, "out", &["--preset", "pgd", "--steps", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for eps in ["8", "0", "1.5"] {
+        let v = verify_cmd(&f.input, &out, eps);
+        assert_eq!(v.status.code(), Some(2), "--eps {eps}: {}", stdout(&v));
+        assert!(
+            stderr(&v).contains("outside (0, 1]") && stderr(&v).contains("8/255"),
+            "{}",
+            stderr(&v)
+        );
+        assert!(stdout(&v).is_empty(), "{}", stdout(&v));
+    }
+    assert!(verify_cmd(&f.input, &out, "1").status.success());
+}
+
+/// Audit #14 and #26: an ε excess is reported once per image, as the file's; a corrupt
+/// `run.json` gets a note; nothing measured is not printed as "max L∞ 0.000/255".
+#[test]
+fn verify_reports_each_excess_once_and_notes_a_corrupt_run_record() {
+    let f = fixture();
+    let (o, out) = attack(&f, "out", &["--preset", "pgd", "--steps", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = verify_cmd(&f.input, &out, "4/255");
+    assert_eq!(v.status.code(), Some(1));
+    let text = stdout(&v);
+    assert_eq!(text.matches("VIOLATION").count(), 3, "{text}");
+    assert!(!text.contains("disagrees"), "{text}");
+
+    std::fs::write(out.join("run.json"), "{broken").unwrap();
+    let v = verify_cmd(&f.input, &out, "8/255");
+    assert!(v.status.success(), "{}", stdout(&v));
+    assert!(
+        stderr(&v).contains("run.json: not a run record")
+            && stderr(&v).contains("ε was not compared"),
+        "{}",
+        stderr(&v)
+    );
+
+    let clean = f.root.join("one");
+    let adv = f.root.join("one_adv");
+    write_image(&clean.join("x.png"), 20, 20, 1);
+    write_image(&adv.join("x.png"), 20, 19, 1);
+    let v = verify_cmd(&clean, &adv, "8/255");
+    assert_eq!(v.status.code(), Some(1));
+    assert!(
+        stdout(&v).contains("L∞ not measured") && !stdout(&v).contains("max L∞"),
+        "{}",
+        stdout(&v)
+    );
+}
+
+/// Audit #21: a single image as `--clean` or `--input` says so and names what to give, with no
+/// "line 0" and, for verify, the right flag.
+#[test]
+fn a_single_image_as_input_says_what_to_give_instead() {
+    let f = fixture();
+    let (o, out) = attack(&f, "out", &["--preset", "pgd", "--steps", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = f.input.join("a.png");
+    let v = verify_cmd(&img, &out, "8/255");
+    assert_eq!(v.status.code(), Some(2));
+    let err = stderr(&v);
+    assert!(
+        err.contains("--clean")
+            && !err.contains("--input")
+            && err.contains("single image")
+            && !err.contains(":0:"),
+        "{err}"
+    );
+    let o = prm(&[
+        "attack",
+        "--model",
+        "random:tiny",
+        "--input",
+        img.to_str().unwrap(),
+        "--output",
+        f.root.join("single").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("single image") && stderr(&o).contains("one image path per line"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!f.root.join("single").exists());
+}
+
+/// Audit #9 and #22: a list file with a byte-order mark, CRLF lines and a path listed twice
+/// runs: the BOM is not part of the first path, the repeat is processed once with a warning.
+#[test]
+fn a_list_file_with_a_bom_and_a_repeated_path_runs_each_image_once() {
+    let f = fixture();
+    let list = f.root.join("bom.txt");
+    std::fs::write(&list, b"\xef\xbb\xbfin/a.png\r\nin/c.png\r\n./in/a.png\r\n").unwrap();
+    let out = f.root.join("outb");
+    let o = prm(&[
+        "attack",
+        "--model",
+        "random:tiny",
+        "--input",
+        list.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--preset",
+        "pgd",
+        "--steps",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: ") && stderr(&o).contains("on line 3 repeats line 1"),
+        "{}",
+        stderr(&o)
+    );
+    let records = manifest(&out);
+    let inputs: Vec<&str> = records
+        .iter()
+        .map(|r| r["input"].as_str().unwrap())
+        .collect();
+    assert_eq!(inputs, vec!["in/a.png", "in/c.png"]);
+    assert!(records.iter().all(|r| r["status"] == "ok"));
+    let v = verify_cmd(&list, &out, "8/255");
+    assert!(v.status.success(), "{}{}", stdout(&v), stderr(&v));
+}
+
+/// Audit #12: the log's "excluded" count covers images in an excluded directory, and a hidden
+/// image is not called a non-image file.
+#[test]
+fn the_log_counts_excluded_directories_and_not_hidden_files() {
+    let f = fixture();
+    write_image(&f.input.join("raw/deep/r.png"), 20, 20, 4);
+    write_image(&f.input.join(".hidden.png"), 20, 20, 5);
+    let (o, _) = attack(
+        &f,
+        "out",
+        &["--preset", "pgd", "--steps", "1", "--exclude", "raw"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // `attack` passes --quiet; run again without it for the log.
+    let out = f.root.join("out2");
+    let o = prm(&[
+        "attack",
+        "--model",
+        "random:tiny",
+        "--input",
+        f.input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--preset",
+        "pgd",
+        "--steps",
+        "1",
+        "--exclude",
+        "raw",
+        "--exclude",
+        "*.jpg",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("excluded 2 image(s)"),
+        "raw/deep/r.png and sub/b.jpg: {err}"
+    );
+    assert!(!err.contains("non-image"), "{err}");
+    assert_eq!(manifest(&out).len(), 2, "a.png and c.png");
+}

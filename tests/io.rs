@@ -333,7 +333,8 @@ fn list_directory_sorted_filtered_and_excluding_output() {
             "z.jpeg"
         ]
     );
-    assert_eq!(list.ignored, 3, "notes.txt, sub/readme, .y.png");
+    // Hidden files are skipped, not counted as "non-image files".
+    assert_eq!(list.ignored, 2, "notes.txt, sub/readme");
     assert_eq!(list.items[2].path, d.join("sub").join("c.webp"));
     // Without the exclusion the output dir is an ordinary subdirectory.
     let all = list_inputs(d, None).unwrap();
@@ -380,12 +381,15 @@ fn list_file_mode() {
             (base.join("./imgs/./a.png"), "imgs/a.png"),
             (base.join("c/../d.webp"), "d.webp"),
             (PathBuf::from("/abs/p/q.bmp"), "abs/p/q.bmp"),
-            (base.join("imgs/a.png"), "imgs/a.png"),
         ]
     );
-    // The duplicate is a collision.
-    let err = check_output_collisions(&l.items).unwrap_err();
-    assert!(err.to_string().contains("imgs/a.png"), "{err}");
+    // The same file listed again (line 7 repeats line 4) is kept once, with a warning.
+    assert!(
+        l.warnings.len() == 1 && l.warnings[0].contains("`imgs/a.png` on line 7 repeats line 4"),
+        "{:?}",
+        l.warnings
+    );
+    check_output_collisions(&l.items).unwrap();
     // Climbing out is rejected with the line number.
     let bad = dir.path().join("bad.txt");
     touch(&bad, b"ok.png\n../x.png\n");
@@ -689,8 +693,11 @@ fn verify_reports_each_kind_of_violation() {
         })
     };
     assert!(disagrees("a.png", "18x9"), "{:?}", rep.violations);
+    // c.png does not decode, so its record's L∞ above ε is the only evidence, and says so.
     assert!(
-        disagrees("c.png", "linf 9.0000/255"),
+        rep.violations.iter().any(|v| v.file == "c.png"
+            && matches!(v.kind, ViolationKind::ManifestLinfExceeded { linf_255, .. } if linf_255 == 9.0)
+            && v.to_string().contains("records linf 9.0000/255")),
         "{:?}",
         rep.violations
     );
@@ -945,4 +952,339 @@ fn a_jpeg_the_decoder_panics_on_is_a_corrupt_image() {
     touch(&d.path().join("fuzzed.jpg"), bytes);
     let err = read_image(&d.path().join("fuzzed.jpg")).unwrap_err();
     assert!(matches!(err, IoError::Decode { .. }), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// input-listing and verify fixes from the user-eyes audit (outputs over inputs, list files,
+// counts, verify's reporting)
+
+fn list_with_out(input: &Path, out: &Path) -> Result<InputList, IoError> {
+    list_inputs_with(
+        input,
+        &ListOptions {
+            exclude_dirs: vec![out.to_path_buf()],
+            exclude: Vec::new(),
+        },
+    )
+}
+
+/// Audit #1: `--input list.txt --output <the list's directory>` with `a.png` listed would write
+/// `<output>/a.png` over the clean `a.png`.
+#[test]
+fn an_output_that_is_an_input_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    touch(&d.join("a.png"), b"x");
+    touch(&d.join("b.jpg"), b"x");
+    touch(&d.join("list.txt"), b"a.png\nb.jpg\n");
+    let list = d.join("list.txt");
+    match list_with_out(&list, &d).unwrap_err() {
+        IoError::OutputOverwritesInput { dir: out, pairs } => {
+            assert_eq!(out, d);
+            assert_eq!(pairs, vec![("a.png".to_string(), "a.png".to_string())]);
+        }
+        e => panic!("unexpected {e}"),
+    }
+    // Elsewhere, or not yet created, it is fine; so is a `b.png` beside `b.jpg` (not an input).
+    list_with_out(&list, &dir.path().join("out")).unwrap();
+    list_with_out(&list, &dir.path().join("not/yet")).unwrap();
+    // Through a symlink to the list's directory.
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(&d, dir.path().join("link")).unwrap();
+        assert!(matches!(
+            list_with_out(&list, &dir.path().join("link")).unwrap_err(),
+            IoError::OutputOverwritesInput { .. }
+        ));
+        // An input that is a symlink to a file in the output directory.
+        let (input, out) = (dir.path().join("in"), dir.path().join("o"));
+        touch(&out.join("s.png"), b"x");
+        std::fs::create_dir_all(&input).unwrap();
+        std::os::unix::fs::symlink(out.join("s.png"), input.join("s.png")).unwrap();
+        let err = list_with_out(&input, &out).unwrap_err();
+        assert!(
+            matches!(err, IoError::OutputOverwritesInput { .. })
+                && err.to_string().contains("s.png"),
+            "{err}"
+        );
+    }
+    // A list of earlier outputs attacked again into the folder above them.
+    let prev = dir.path().join("prev");
+    touch(&prev.join("adv/x.png"), b"x");
+    touch(&prev.join("again.txt"), b"adv/x.png\n");
+    assert!(matches!(
+        list_with_out(&prev.join("again.txt"), &prev).unwrap_err(),
+        IoError::OutputOverwritesInput { .. }
+    ));
+    // A directory input whose tree repeats under an output directory above it: the output of
+    // `sub/x.png` is the input `x.png`.
+    let nd = dir.path().join("nd");
+    touch(&nd.join("sub/x.png"), b"x");
+    touch(&nd.join("sub/sub/x.png"), b"x");
+    match list_with_out(&nd.join("sub"), &nd).unwrap_err() {
+        IoError::OutputOverwritesInput { pairs, .. } => {
+            assert_eq!(pairs, vec![("sub/x.png".to_string(), "x.png".to_string())])
+        }
+        e => panic!("unexpected {e}"),
+    }
+    // The message says what to do.
+    let msg = list_with_out(&list, &d).unwrap_err().to_string();
+    assert!(
+        msg.contains("would overwrite an input file") && msg.contains("give an output directory"),
+        "{msg}"
+    );
+}
+
+/// Audit #1 for tar shards: the tar layout's `<output>/<shard>.tar` would replace the input.
+#[test]
+fn an_output_tar_that_is_the_input_shard_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = dir.path().join("shards");
+    std::fs::create_dir_all(&shards).unwrap();
+    let mut b = tar::Builder::new(std::fs::File::create(shards.join("s-000.tar")).unwrap());
+    let png =
+        std::fs::read(env!("CARGO_MANIFEST_DIR").to_string() + "/samples/astronaut.png").unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(png.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, "0001.png", png.as_slice()).unwrap();
+    b.into_inner().unwrap();
+    let spec = shards.join("s-000.tar");
+    match list_with_out(&spec, &shards).unwrap_err() {
+        IoError::OutputOverwritesInput { pairs, .. } => {
+            assert_eq!(pairs, vec![("s-000.tar".into(), "s-000.tar".into())])
+        }
+        e => panic!("unexpected {e}"),
+    }
+    list_with_out(&spec, &dir.path().join("out")).unwrap();
+}
+
+/// Audit #13: an output directory that is the input directory is named as such, not reported
+/// as "no input images found".
+#[test]
+fn an_output_directory_that_is_the_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("in");
+    touch(&d.join("a.png"), b"x");
+    let err = list_inputs(&d, Some(&d)).unwrap_err();
+    assert!(matches!(err, IoError::OutputIsInput { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("the output directory is the input directory"),
+        "{err}"
+    );
+    // Spelled differently (a trailing `.`), it is still the same directory.
+    assert!(matches!(
+        list_inputs(&d, Some(&d.join("."))).unwrap_err(),
+        IoError::OutputIsInput { .. }
+    ));
+}
+
+/// Audit #9: a UTF-8 byte-order mark at the start of a list file is not part of the first path.
+#[test]
+fn a_list_file_byte_order_mark_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("bom.txt");
+    touch(&list, b"\xef\xbb\xbfimgs/r.jpg\r\nimgs/c.jpg\r\n");
+    let l = list_inputs(&list, None).unwrap();
+    let rels: Vec<&str> = l.items.iter().map(|i| i.rel.as_str()).collect();
+    assert_eq!(rels, vec!["imgs/r.jpg", "imgs/c.jpg"]);
+    assert_eq!(l.items[0].path, dir.path().join("imgs/r.jpg"));
+}
+
+/// Audit #22: one file listed twice is kept once with a warning; two files under one name stay
+/// a collision.
+#[test]
+fn a_file_listed_twice_is_kept_once_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    touch(&d.join("imgs/r.jpg"), b"x");
+    touch(
+        &d.join("list.txt"),
+        b"imgs/r.jpg\n./imgs/r.jpg\nimgs/x/../r.jpg\nimgs/c.jpg\n",
+    );
+    std::fs::create_dir_all(d.join("imgs/x")).unwrap();
+    let l = list_inputs(&d.join("list.txt"), None).unwrap();
+    let rels: Vec<&str> = l.items.iter().map(|i| i.rel.as_str()).collect();
+    assert_eq!(rels, vec!["imgs/r.jpg", "imgs/c.jpg"]);
+    assert_eq!(l.warnings.len(), 1, "{:?}", l.warnings);
+    let w = &l.warnings[0];
+    assert!(
+        w.contains("2 path(s) listed more than once")
+            && w.contains("on line 2 repeats line 1")
+            && w.contains("on line 3 repeats line 1"),
+        "{w}"
+    );
+    check_output_collisions(&l.items).unwrap();
+    // One name for two files (`link/..` is `elsewhere`, not the list's directory, on disk):
+    // both kept, and refused as a collision.
+    #[cfg(unix)]
+    {
+        touch(&d.join("data/a.jpg"), b"x");
+        touch(&d.join("elsewhere/data/a.jpg"), b"y");
+        std::fs::create_dir_all(d.join("elsewhere/sub")).unwrap();
+        std::os::unix::fs::symlink(d.join("elsewhere/sub"), d.join("link")).unwrap();
+        touch(&d.join("two.txt"), b"data/a.jpg\nlink/../data/a.jpg\n");
+        let l = list_inputs(&d.join("two.txt"), None).unwrap();
+        assert_eq!(l.items.len(), 2);
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        let err = check_output_collisions(&l.items).unwrap_err();
+        assert!(matches!(err, IoError::OutputCollision { .. }), "{err}");
+    }
+}
+
+/// Audit #21: a single image, or a binary file, is not called a list file with a "line 0".
+#[test]
+fn a_single_image_or_binary_file_as_input_says_what_to_give() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("rocket.JPG");
+    touch(&img, b"\xff\xd8\xff\xe0 not UTF-8 \xff");
+    let err = list_inputs(&img, None).unwrap_err();
+    assert!(matches!(err, IoError::SingleImage { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("a single image is not accepted")
+            && msg.contains("one image path per line")
+            && !msg.contains(":0")
+            && !msg.contains("--input"),
+        "{msg}"
+    );
+    let bin = dir.path().join("data.bin");
+    touch(&bin, b"\x00\x9f\x92\x96");
+    let err = list_inputs(&bin, None).unwrap_err();
+    assert!(matches!(err, IoError::NotAListFile { .. }), "{err}");
+    assert!(
+        !err.to_string().contains(":0") && !err.to_string().contains("--input"),
+        "{err}"
+    );
+}
+
+/// Audit #12: images in an excluded directory count as excluded; hidden files are not counted
+/// as ignored non-image files.
+#[test]
+fn excluded_directories_are_counted_and_hidden_files_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for f in [
+        "raw/deep/a.jpg",
+        "raw/deep/b.png",
+        "raw/notes.txt",
+        "keep/b.jpg",
+        "keep/c.png",
+        ".hidden.jpg",
+        ".git/x.png",
+        "readme.md",
+    ] {
+        touch(&d.join(f), b"x");
+    }
+    let opts = |ex: &[&str]| ListOptions {
+        exclude_dirs: Vec::new(),
+        exclude: ex.iter().map(|s| s.to_string()).collect(),
+    };
+    let l = list_inputs_with(d, &opts(&["raw"])).unwrap();
+    assert_eq!(l.items.len(), 2);
+    assert_eq!(l.excluded, 2, "raw/deep/a.jpg, raw/deep/b.png");
+    assert_eq!(
+        l.ignored, 1,
+        "readme.md only: not .hidden.jpg, not raw/notes.txt"
+    );
+    let l = list_inputs_with(d, &opts(&["*.jpg", "raw"])).unwrap();
+    assert_eq!(l.items.len(), 1);
+    assert_eq!(l.excluded, 3);
+    // With everything excluded the message gives every count.
+    let err = list_inputs_with(d, &opts(&["keep", "raw"])).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("1 other file(s) ignored, 2 hidden, 4 excluded"),
+        "{err}"
+    );
+    // An excluded directory that cannot be read is passed over, not an error (it may be
+    // excluded for that reason). Only checkable where permissions apply (not as root).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let locked = d.join("raw/deep");
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+        if std::fs::read_dir(&locked).is_err() {
+            assert!(list_inputs_with(d, &opts(&[])).is_err());
+            let l = list_inputs_with(d, &opts(&["raw"])).unwrap();
+            assert_eq!(l.items.len(), 2);
+        }
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+/// Audit #14: an output over ε that its record describes truly is reported once, as the file's
+/// violation; a record over ε for a file within ε is a disagreement; and the number of measured
+/// pairs is given, so nothing measured is not shown as "max 0".
+#[test]
+fn verify_reports_an_eps_excess_once_and_counts_what_it_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clean, adv) = make_pair(dir.path());
+    let good = verify(&clean, &adv, 8.0 / 255.0).unwrap();
+    assert!(good.is_ok(), "{:?}", good.violations);
+    assert_eq!((good.checked, good.measured), (3, 3));
+    // ε = 4/255: the files and their records (8/255) agree that each image is over ε; each is
+    // reported once, as the file's L∞, and nothing "disagrees".
+    let rep = verify(&clean, &adv, 4.0 / 255.0).unwrap();
+    assert_eq!(rep.violations.len(), 3, "{:?}", rep.violations);
+    assert!(rep
+        .violations
+        .iter()
+        .all(|v| matches!(v.kind, ViolationKind::LinfExceeded { .. })));
+    // A record over ε for a file within ε: the record and the file disagree.
+    let mut lines = read_manifest(&adv.join(MANIFEST_FILE)).unwrap();
+    lines[0].linf = Some(9.0);
+    std::fs::remove_file(adv.join(MANIFEST_FILE)).unwrap();
+    let mut w = ManifestWriter::open(&adv).unwrap();
+    for r in &lines {
+        w.append(r).unwrap();
+    }
+    drop(w);
+    let rep = verify(&clean, &adv, 8.0 / 255.0).unwrap();
+    assert_eq!(rep.violations.len(), 1, "{:?}", rep.violations);
+    let text = rep.violations[0].to_string();
+    assert!(
+        matches!(
+            rep.violations[0].kind,
+            ViolationKind::ManifestDisagrees { .. }
+        ) && text.contains("record says linf 9.0000/255 > eps 8.0000/255, the output measures"),
+        "{text}"
+    );
+    // Nothing measurable: measured is 0.
+    let (c2, a2) = (dir.path().join("c2"), dir.path().join("a2"));
+    write_rgb_png(&c2.join("x.png"), 6, 6, 1);
+    write_rgb_png(&a2.join("x.png"), 6, 5, 1);
+    let rep = verify(&c2, &a2, 8.0 / 255.0).unwrap();
+    assert_eq!((rep.checked, rep.measured), (1, 0));
+}
+
+/// Audit #1 and #26 for verify: `--adv` that is the clean images themselves is refused, and a
+/// corrupt `run.json` gets a note instead of silence.
+#[test]
+fn verify_refuses_clean_as_adv_and_notes_a_corrupt_run_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clean, adv) = make_pair(dir.path());
+    assert!(matches!(
+        verify(&clean, &clean, 8.0 / 255.0).unwrap_err(),
+        IoError::OutputIsInput { .. }
+    ));
+    let list = clean.join("list.txt");
+    touch(&list, b"a.png\ns/b.png\n");
+    match verify(&list, &clean, 8.0 / 255.0).unwrap_err() {
+        IoError::OutputOverwritesInput { pairs, .. } => assert_eq!(pairs.len(), 2),
+        e => panic!("unexpected {e}"),
+    }
+    verify(&list, &adv, 8.0 / 255.0).unwrap();
+    std::fs::write(adv.join("run.json"), "{broken").unwrap();
+    let rep = verify(&clean, &adv, 8.0 / 255.0).unwrap();
+    assert!(rep.is_ok());
+    assert!(
+        rep.notes
+            .iter()
+            .any(|n| n.contains("run.json: not a run record") && n.contains("not compared")),
+        "{:?}",
+        rep.notes
+    );
 }

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::{anyhow, bail};
 use clap::Args;
+use prm::io::IoError;
 
 use super::{pixel_value, EXIT_SOME_FAILED};
 
@@ -27,6 +29,14 @@ pub struct VerifyArgs {
 }
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    // The attack's own check: `--eps 8` (a forgotten /255) or `--eps 0` would otherwise turn
+    // the checker into one that passes everything, or fails everything.
+    if !(args.eps > 0.0 && args.eps <= 1.0) {
+        bail!(
+            "--eps {} is outside (0, 1]; pixel values are in [0, 1], e.g. --eps 8/255",
+            args.eps
+        );
+    }
     let report = prm::io::verify_with(
         &args.clean,
         &args.adv,
@@ -35,17 +45,26 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             exclude: args.exclude.clone(),
             max_pixels: args.max_pixels,
         },
-    )?;
+    )
+    .map_err(|e| name_the_flags(e, &args))?;
     for note in &report.notes {
         eprintln!("note: {note}");
     }
     for v in &report.violations {
         println!("VIOLATION {v}");
     }
+    // A maximum over no measurement would read as "all outputs equal their clean images".
+    let linf = match report.measured {
+        0 => "L∞ not measured, no output could be compared".to_string(),
+        n if n == report.checked => format!("max L∞ {:.3}/255", report.max_linf_255),
+        n => format!(
+            "max L∞ {:.3}/255 over the {n} measured",
+            report.max_linf_255
+        ),
+    };
     println!(
-        "checked {} image(s); max L∞ {:.3}/255 (ε = {:.3}/255); {} violation(s){}",
+        "checked {} image(s); {linf} (ε = {:.3}/255); {} violation(s){}",
         report.checked,
-        report.max_linf_255,
         args.eps * 255.0,
         report.violations.len(),
         if report.manifest_checked {
@@ -59,4 +78,35 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(EXIT_SOME_FAILED)
     })
+}
+
+/// The library's input errors are worded for any caller ("the output directory", "a single
+/// image is not accepted as input"); here the flags are known, so the message names them.
+fn name_the_flags(e: IoError, args: &VerifyArgs) -> anyhow::Error {
+    match e {
+        IoError::OutputIsInput { .. } => anyhow!(
+            "--clean and --adv are the same directory ({}): every image would be compared with \
+             itself; give --adv the --output directory of the attack",
+            args.adv.display()
+        ),
+        IoError::OutputOverwritesInput { pairs, .. } => {
+            let shown: Vec<String> = pairs
+                .iter()
+                .take(5)
+                .map(|(out, input)| format!("`{out}` is the clean `{input}`"))
+                .collect();
+            anyhow!(
+                "--adv {} holds the clean images themselves ({} of them: {}{}), so they would \
+                 be compared with themselves; give --adv the --output directory of the attack",
+                args.adv.display(),
+                pairs.len(),
+                shown.join(", "),
+                if pairs.len() > 5 { ", ..." } else { "" }
+            )
+        }
+        e @ (IoError::SingleImage { .. } | IoError::NotAListFile { .. }) => {
+            anyhow::Error::new(e).context("--clean")
+        }
+        e => e.into(),
+    }
 }

@@ -7,7 +7,7 @@
 //! keep the paths as written (lexically normalised), and tar shards are read in the order the
 //! brace pattern expands to, members in tar order (`rel` = `<shard>.tar/<member>`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -132,7 +132,9 @@ pub fn staging_dir_name(shard_rel: &str) -> String {
 /// Options of [`list_inputs_with`].
 #[derive(Clone, Debug, Default)]
 pub struct ListOptions {
-    /// Directories not to descend into (output directories, when they lie inside the input).
+    /// The caller's output directories, where `<dir>/<output_rel_path(rel)>` is written (for tar
+    /// shards, `<dir>/<shard>.tar`): never descended into when they lie inside the input, never
+    /// the input directory itself, and none of their outputs may be an input file.
     pub exclude_dirs: Vec<PathBuf>,
     /// `--exclude` globs, matched against relative paths (`*` also matches `/`).
     pub exclude: Vec<String>,
@@ -156,10 +158,11 @@ pub struct InputList {
     /// Sorted by `rel` for directories; in file order for list files; shard by shard, in tar
     /// order, for tar shards.
     pub items: Vec<InputItem>,
-    /// Files skipped while scanning a directory (non-image extensions, hidden files), and tar
-    /// members that are neither a sample's image nor carried along with one.
+    /// Files skipped while scanning a directory for their extension (hidden files and
+    /// directories are skipped without being counted, as the README says), and tar members
+    /// that are neither a sample's image nor carried along with one.
     pub ignored: usize,
-    /// Images left out by `--exclude`.
+    /// Images left out by `--exclude`, including those inside an excluded directory.
     pub excluded: usize,
     /// The tar shards, for [`InputSource::TarShards`].
     pub shards: Vec<Arc<TarShard>>,
@@ -198,16 +201,22 @@ impl Excludes {
 ///
 /// - A **directory** is scanned recursively; files whose extension is one of
 ///   [`IMAGE_EXTENSIONS`] are kept, sorted by relative path; other files are counted in
-///   `ignored`. Hidden entries (names starting with `.`) and `exclude_dir` (typically the output
-///   directory, when it lies inside the input) are skipped. Symlinks are followed, cycles are not.
-/// - A **regular file** is a list: one path per line, blank lines and lines starting with `#`
-///   skipped, relative paths resolved against the list file's directory. `rel` is the path as
-///   written, lexically normalised (`./a/../b.jpg` → `b.jpg`; an absolute path loses its root:
-///   `/data/x.jpg` → `data/x.jpg`). A path that climbs out with `..` is rejected, since its
-///   output would land outside the output directory. Listed files are not checked for existence
-///   here: a missing one becomes a per-image failure.
+///   `ignored`. Hidden entries (names starting with `.`) are skipped uncounted, and
+///   `exclude_dir` (typically the output directory, when it lies inside the input) is not
+///   descended into; an `exclude_dir` that *is* the input is an [`IoError::OutputIsInput`].
+///   Symlinks are followed, cycles are not.
+/// - A **regular file** is a list: one path per line (a UTF-8 byte-order mark is dropped),
+///   blank lines and lines starting with `#` skipped, relative paths resolved against the list
+///   file's directory. `rel` is the path as written, lexically normalised (`./a/../b.jpg` →
+///   `b.jpg`; an absolute path loses its root: `/data/x.jpg` → `data/x.jpg`). A path that
+///   climbs out with `..` is rejected, since its output would land outside the output
+///   directory. A file listed again is kept once, with a warning. Listed files are not checked
+///   for existence here: a missing one becomes a per-image failure. A file with an image
+///   extension is an [`IoError::SingleImage`], not a list.
 ///
-/// No images at all is an [`IoError::EmptyInput`].
+/// An output under `exclude_dir` that is one of the inputs (the same file, through symlinks
+/// too) is an [`IoError::OutputOverwritesInput`]. No images at all is an
+/// [`IoError::EmptyInput`].
 pub fn list_inputs(input: &Path, exclude_dir: Option<&Path>) -> Result<InputList, IoError> {
     list_inputs_with(
         input,
@@ -233,10 +242,12 @@ pub fn list_inputs_with(input: &Path, options: &ListOptions) -> Result<InputList
         Ok(meta) => meta.is_file() && spec.to_ascii_lowercase().ends_with(".tar"),
         Err(_) => is_tar_spec(&spec),
     };
-    if tar {
-        return list_shards(&spec, &excludes);
-    }
     let exclude_dirs = &options.exclude_dirs;
+    if tar {
+        let list = list_shards(&spec, &excludes)?;
+        check_outputs_spare_inputs(&list, exclude_dirs)?;
+        return Ok(list);
+    }
     let meta = std::fs::metadata(input).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             IoError::NotFound {
@@ -249,11 +260,87 @@ pub fn list_inputs_with(input: &Path, options: &ListOptions) -> Result<InputList
             }
         }
     })?;
-    if meta.is_dir() {
-        list_directory(input, exclude_dirs, &excludes)
+    let list = if meta.is_dir() {
+        list_directory(input, exclude_dirs, &excludes)?
+    } else if input
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(has_image_extension)
+    {
+        // Checked by name before reading: a large image would otherwise be read whole only to
+        // fail as a text file, with a message about lines.
+        return Err(IoError::SingleImage {
+            path: input.to_path_buf(),
+        });
     } else {
-        list_file(input, &excludes)
+        list_file(input, &excludes)?
+    };
+    check_outputs_spare_inputs(&list, exclude_dirs)?;
+    Ok(list)
+}
+
+/// Identity of the file a path resolves to (symlinks followed), for telling whether an output
+/// path and an input path are one file. On Unix it is (device, inode), one `stat` per path, so
+/// that a resume of a large campaign, whose outputs all exist, does not pay a `realpath` per
+/// path component; a hard link therefore also counts as the same file (refused, conservatively).
+#[cfg(unix)]
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_id(path: &Path) -> Option<PathBuf> {
+    std::fs::canonicalize(path).ok()
+}
+
+/// Refuses a listing where an output under one of `out_dirs` would be written over an input
+/// file: with `--input list.txt --output .` and `a.png` in the list, the output `./a.png` *is*
+/// the clean image, which would be replaced by its adversarial version (and `verify` would then
+/// compare it with itself). Directory inputs meet this too, e.g. an output directory above the
+/// input whose tree repeats the input's. Only outputs that already exist can be an input file,
+/// so a fresh output directory costs one failed `stat` per image, and a resume one more `stat`
+/// per input. Tar shards are checked against their output tar `<dir>/<shard>.tar` (the default
+/// tar layout), which would replace the input shard.
+fn check_outputs_spare_inputs(list: &InputList, out_dirs: &[PathBuf]) -> Result<(), IoError> {
+    for dir in out_dirs {
+        if !dir.is_dir() {
+            continue;
+        }
+        // (input path, input rel, output rel), one per file that could be overwritten.
+        let candidates: Vec<(&Path, &str, String)> = if list.source == InputSource::TarShards {
+            list.shards
+                .iter()
+                .map(|s| (s.path.as_path(), s.rel.as_str(), s.rel.clone()))
+                .collect()
+        } else {
+            list.items
+                .iter()
+                .map(|i| (i.path.as_path(), i.rel.as_str(), output_rel_path(&i.rel)))
+                .collect()
+        };
+        let existing: HashMap<_, &str> = candidates
+            .iter()
+            .filter_map(|(_, _, out)| Some((file_id(&dir.join(out))?, out.as_str())))
+            .collect();
+        if existing.is_empty() {
+            continue;
+        }
+        let pairs: Vec<(String, String)> = candidates
+            .iter()
+            .filter_map(|(path, rel, _)| {
+                let out = existing.get(&file_id(path)?)?;
+                Some((out.to_string(), rel.to_string()))
+            })
+            .collect();
+        if !pairs.is_empty() {
+            return Err(IoError::OutputOverwritesInput {
+                dir: dir.clone(),
+                pairs,
+            });
+        }
     }
+    Ok(())
 }
 
 /// Lists the tar shards that `spec` expands to.
@@ -394,6 +481,15 @@ fn list_directory(
         .iter()
         .filter_map(|d| std::fs::canonicalize(d).ok())
         .collect();
+    // Skipping the output directory would leave nothing to scan, and the user would be told
+    // that a directory full of images holds none.
+    if let Ok(canon) = std::fs::canonicalize(root) {
+        if exclude.contains(&canon) {
+            return Err(IoError::OutputIsInput {
+                path: root.to_path_buf(),
+            });
+        }
+    }
     let mut visited = HashSet::new();
     let mut walker = Walker {
         exclude: &exclude,
@@ -401,12 +497,14 @@ fn list_directory(
         visited: &mut visited,
         items: Vec::new(),
         ignored: 0,
+        hidden: 0,
         excluded: 0,
     };
-    walker.walk(root, "")?;
+    walker.walk(root, "", false)?;
     let Walker {
         mut items,
         ignored,
+        hidden,
         excluded,
         ..
     } = walker;
@@ -415,7 +513,7 @@ fn list_directory(
         return Err(IoError::EmptyInput {
             path: root.to_path_buf(),
             detail: format!(
-                "the directory holds no files with extension {} ({ignored} other file(s) ignored, {excluded} excluded)",
+                "the directory holds no files with extension {} ({ignored} other file(s) ignored, {hidden} hidden, {excluded} excluded)",
                 IMAGE_EXTENSIONS.join(", ")
             ),
         });
@@ -436,11 +534,24 @@ struct Walker<'a> {
     visited: &'a mut HashSet<PathBuf>,
     items: Vec<InputItem>,
     ignored: usize,
+    /// Hidden files and directories, skipped; counted only for the "no images" message.
+    hidden: usize,
     excluded: usize,
 }
 
 impl Walker<'_> {
-    fn walk(&mut self, dir: &Path, prefix: &str) -> Result<(), IoError> {
+    /// Walks `dir`, whose relative path is `prefix`. Inside a directory matched by `--exclude`
+    /// (`excluded`), images are only counted, so that the log's "excluded N image(s)" covers
+    /// them as the README promises; a directory there that cannot be read is passed over, since
+    /// it may be excluded precisely because it cannot be (its images then go uncounted).
+    fn walk(&mut self, dir: &Path, prefix: &str, excluded: bool) -> Result<(), IoError> {
+        match self.walk_inner(dir, prefix, excluded) {
+            Err(IoError::Read { .. }) if excluded => Ok(()),
+            r => r,
+        }
+    }
+
+    fn walk_inner(&mut self, dir: &Path, prefix: &str, excluded: bool) -> Result<(), IoError> {
         let exclude = self.exclude;
         let canon = std::fs::canonicalize(dir).map_err(|source| IoError::Read {
             path: dir.to_path_buf(),
@@ -466,13 +577,19 @@ impl Walker<'_> {
             let path = dir.join(&name);
             let Some(name) = name.to_str() else {
                 // Non-UTF-8 names cannot be carried in the manifest or in '/'-separated rel paths.
-                self.ignored += 1;
+                self.ignored += usize::from(!excluded);
                 continue;
             };
-            let hidden = name.starts_with('.');
+            // Hidden entries (`.DS_Store`, `.git`, our own `.x.png.tmp` files) are not the
+            // user's images; the README says they are ignored, and the log's "non-image file(s)"
+            // count would misdescribe a hidden `.x.jpg`.
+            if name.starts_with('.') {
+                self.hidden += usize::from(!excluded);
+                continue;
+            }
             // Follow symlinks; a dangling link counts as an ignored file.
             let Ok(meta) = std::fs::metadata(&path) else {
-                self.ignored += 1;
+                self.ignored += usize::from(!excluded);
                 continue;
             };
             let rel = if prefix.is_empty() {
@@ -481,16 +598,15 @@ impl Walker<'_> {
                 format!("{prefix}/{name}")
             };
             if meta.is_dir() {
-                if !hidden && !self.excludes.matches(&rel) {
-                    self.walk(&path, &rel)?;
-                }
-            } else if !hidden && has_image_extension(name) {
-                if self.excludes.matches(&rel) {
+                let excluded = excluded || self.excludes.matches(&rel);
+                self.walk(&path, &rel, excluded)?;
+            } else if has_image_extension(name) {
+                if excluded || self.excludes.matches(&rel) {
                     self.excluded += 1;
                 } else {
                     self.items.push(InputItem::file(path, rel));
                 }
-            } else {
+            } else if !excluded {
                 self.ignored += 1;
             }
         }
@@ -510,10 +626,8 @@ fn has_image_extension(name: &str) -> bool {
 fn list_file(list: &Path, excludes: &Excludes) -> Result<InputList, IoError> {
     let text = std::fs::read_to_string(list).map_err(|source| {
         if source.kind() == std::io::ErrorKind::InvalidData {
-            IoError::ListFile {
+            IoError::NotAListFile {
                 path: list.to_path_buf(),
-                line: 0,
-                message: "not a UTF-8 text file; --input takes a directory or a text file with one image path per line".into(),
             }
         } else {
             IoError::Read {
@@ -522,9 +636,15 @@ fn list_file(list: &Path, excludes: &Excludes) -> Result<InputList, IoError> {
             }
         }
     })?;
+    // Editors on Windows start UTF-8 files with a byte-order mark; `trim` keeps it, and it
+    // would become part of the first path.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let base = list.parent().unwrap_or(Path::new(""));
-    let mut items = Vec::new();
+    let mut items: Vec<InputItem> = Vec::new();
     let mut excluded = 0;
+    // rel -> (line, index in `items`) of its first listing.
+    let mut first: HashMap<String, (usize, usize)> = HashMap::new();
+    let mut repeats: Vec<(usize, usize, String)> = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -545,6 +665,18 @@ fn list_file(list: &Path, excludes: &Excludes) -> Result<InputList, IoError> {
             excluded += 1;
             continue;
         }
+        // The same file listed twice is one image with one output: kept once, with a warning,
+        // rather than refused as a name collision ("rename the inputs" would be wrong advice,
+        // and a generated list need not be edited for it). The same name for two different
+        // files (`/x/a.jpg` and `x/a.jpg` from elsewhere) stays a collision.
+        if let Some(&(line, index)) = first.get(&rel) {
+            if same_file(&items[index].path, &path) {
+                repeats.push((i + 1, line, rel));
+                continue;
+            }
+        } else {
+            first.insert(rel.clone(), (i + 1, items.len()));
+        }
         items.push(InputItem::file(path, rel));
     }
     if items.is_empty() {
@@ -555,14 +687,55 @@ fn list_file(list: &Path, excludes: &Excludes) -> Result<InputList, IoError> {
             ),
         });
     }
+    let mut warnings = Vec::new();
+    if !repeats.is_empty() {
+        let shown: Vec<String> = repeats
+            .iter()
+            .take(5)
+            .map(|(line, earlier, rel)| format!("`{rel}` on line {line} repeats line {earlier}"))
+            .collect();
+        warnings.push(format!(
+            "{}: {} path(s) listed more than once ({}{}); each image is processed once",
+            list.display(),
+            repeats.len(),
+            shown.join(", "),
+            if repeats.len() > 5 { ", ..." } else { "" }
+        ));
+    }
     Ok(InputList {
         source: InputSource::ListFile,
         items,
         ignored: 0,
         excluded,
         shards: Vec::new(),
-        warnings: Vec::new(),
+        warnings,
     })
+}
+
+/// Whether two listed paths with the same relative name are one file: by the file system when
+/// both exist (symlinks resolved), otherwise lexically (`a/../b.jpg` is `b.jpg`).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => lexical(a) == lexical(b),
+    }
+}
+
+/// `p` with `.` dropped and `..` applied to the preceding component, without the file system.
+fn lexical(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for comp in p.components() {
+        match comp {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Lexically normalises a path as written in a list file into a `/`-separated relative path.
@@ -605,8 +778,9 @@ pub fn output_rel_path(rel: &str) -> String {
     format!("{dir}{stem}.png")
 }
 
-/// Fails if two inputs map to the same output file (e.g. `x.jpg` and `x.png`, or the same path
-/// listed twice), listing every clash as (first input, other input, output).
+/// Fails if two inputs map to the same output file (e.g. `x.jpg` and `x.png`, or two different
+/// files listed under one name), listing every clash as (first input, other input, output). A
+/// list file naming one file twice is de-duplicated by [`list_inputs`] before this check.
 pub fn check_output_collisions(items: &[InputItem]) -> Result<(), IoError> {
     check_output_collisions_in(items, OutputLayout::Tree)
 }

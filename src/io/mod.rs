@@ -100,6 +100,29 @@ pub enum IoError {
     #[error("{}: no input images found ({detail})", path.display())]
     EmptyInput { path: PathBuf, detail: String },
 
+    /// The input is a single image: inputs are a directory or a list file, so that every
+    /// image has a relative path to name its output by.
+    #[error("{}: a single image is not accepted as input: give the directory that holds it, or a text file with one image path per line (e.g. `echo {} > list.txt`, then give list.txt)", path.display(), path.display())]
+    SingleImage { path: PathBuf },
+
+    /// The input is a file that is neither a directory nor a UTF-8 text list.
+    #[error("{}: not a directory and not a UTF-8 text file: give a directory of images, or a text file with one image path per line", path.display())]
+    NotAListFile { path: PathBuf },
+
+    /// The input directory is the output directory itself.
+    #[error("{}: the output directory is the input directory itself: outputs (`<output>/<relative path>.png`) would overwrite and mix with the clean images; give an output directory outside the input, or a new subdirectory of it (which is left out of the input)", path.display())]
+    OutputIsInput { path: PathBuf },
+
+    /// Some outputs would be written over input files (e.g. a list file naming `a.png`, with
+    /// the output directory set to the list's directory): the clean images would be lost.
+    #[error("{} output(s) in {} would overwrite an input file: {}; give an output directory that holds none of the inputs", pairs.len(), dir.display(), pairs.iter().take(5).map(|(o, i)| format!("`{o}` is the input `{i}`")).chain((pairs.len() > 5).then(|| format!("and {} more", pairs.len() - 5))).collect::<Vec<_>>().join(", "))]
+    OutputOverwritesInput {
+        /// The output directory.
+        dir: PathBuf,
+        /// (output, relative to `dir`; the input it would overwrite, as listed).
+        pairs: Vec<(String, String)>,
+    },
+
     /// A line of an input list file is unusable.
     #[error("{}:{line}: {message}", path.display())]
     ListFile {

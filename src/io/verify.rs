@@ -46,7 +46,10 @@ pub const LINF_TOLERANCE_255: f64 = 1e-4;
 pub struct VerifyReport {
     /// Clean inputs examined.
     pub checked: usize,
-    /// Largest L∞ distance found over the pairs that could be compared, in 1/255 units.
+    /// Pairs whose L∞ distance could be measured (both images read, same size).
+    pub measured: usize,
+    /// Largest L∞ distance found over the pairs that could be compared, in 1/255 units (0 when
+    /// `measured` is 0: then nothing was measured).
     pub max_linf_255: f64,
     /// Every problem found; empty means the output set is valid.
     pub violations: Vec<Violation>,
@@ -97,8 +100,12 @@ pub enum ViolationKind {
     ManifestOutputMissing { output: Option<String> },
     /// The manifest could not be read.
     ManifestUnreadable { message: String },
-    /// An `ok` record disagrees with the file it describes (size, or an L∞ above ε).
+    /// An `ok` record disagrees with the file it describes (its size, or an L∞ above ε for a
+    /// file measured within ε).
     ManifestDisagrees { message: String },
+    /// An `ok` record's L∞ exceeds ε while its file could not be measured (an output that is
+    /// over ε *and* measured is reported once, as [`ViolationKind::LinfExceeded`]).
+    ManifestLinfExceeded { linf_255: f64, eps_255: f64 },
 }
 
 impl fmt::Display for Violation {
@@ -138,6 +145,10 @@ impl fmt::Display for Violation {
             ViolationKind::ManifestDisagrees { message } => {
                 write!(f, "{MANIFEST_FILE} disagrees with the output: {message}")
             }
+            ViolationKind::ManifestLinfExceeded { linf_255, eps_255 } => write!(
+                f,
+                "{MANIFEST_FILE} records linf {linf_255:.4}/255 > eps {eps_255:.4}/255 (the output itself could not be measured)"
+            ),
         }
     }
 }
@@ -149,10 +160,13 @@ impl fmt::Display for Violation {
 /// and satisfy ‖adv − clean‖∞ ≤ ε, compared in 1/255 units with a tolerance of
 /// [`LINF_TOLERANCE_255`] from the saved 8-bit values and the clean image as decoded (EXIF
 /// orientation applied, as the attack sees it). If `<adv>/manifest.jsonl` exists, every input must
-/// have a record and every `ok` record's output must exist.
+/// have a record, every `ok` record's output must exist, its recorded size must be the file's,
+/// and its recorded L∞ must be within ε unless the file's measured L∞ already says otherwise.
 ///
 /// Errors only for problems with the arguments themselves (a missing `clean` or `adv`, an empty
-/// or unusable input list); everything about individual files is a [`Violation`].
+/// or unusable input list, `adv` that is `clean` itself or holds the clean files
+/// ([`IoError::OutputIsInput`], [`IoError::OutputOverwritesInput`])); everything about
+/// individual files is a [`Violation`]. `eps` is used as given; the CLI checks it is in (0, 1].
 pub fn verify(clean: &Path, adv: &Path, eps: f32) -> Result<VerifyReport, IoError> {
     verify_with(clean, adv, eps, &VerifyOptions::default())
 }
@@ -201,12 +215,16 @@ pub fn verify_with(
 
     let mut report = VerifyReport {
         checked: list.items.len(),
+        notes: list.warnings.clone(),
         ..Default::default()
     };
     let mut sizes: HashMap<&str, (usize, usize)> = HashMap::new();
+    let mut linfs: HashMap<&str, f64> = HashMap::new();
     for (item, (linf, size, violation)) in list.items.iter().zip(results) {
         if let Some(l) = linf {
+            report.measured += 1;
             report.max_linf_255 = report.max_linf_255.max(l);
+            linfs.insert(item.rel.as_str(), l);
         }
         if let Some(size) = size {
             sizes.insert(item.rel.as_str(), size);
@@ -225,6 +243,7 @@ pub fn verify_with(
             &lookup,
             &list.items,
             &sizes,
+            &linfs,
             eps_255,
             &mut report,
         );
@@ -233,10 +252,30 @@ pub fn verify_with(
 }
 
 /// A note when the attack's own ε (its `run.json`) is not the one checked: a larger `--eps`
-/// would pass images that broke the attack's budget.
+/// would pass images that broke the attack's budget. A `run.json` that cannot be read as JSON
+/// gets a note too: staying silent would hide that this comparison was not made.
 fn attack_eps_note(adv: &Path, eps: f32) -> Option<String> {
-    let record = super::run_record::read(adv)?;
     let path = adv.join(super::run_record::RUN_RECORD_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            return Some(format!(
+                "{}: cannot read ({e}), so the attack's ε was not compared with --eps",
+                path.display()
+            ))
+        }
+    };
+    let record: serde_json::Value = match serde_json::from_slice(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            return Some(format!(
+                "{}: not a run record ({e}), so the attack's ε was not compared with --eps \
+                 (the file was damaged or replaced)",
+                path.display()
+            ))
+        }
+    };
     let attack_eps = record["settings"]["eps"].as_f64()? as f32;
     (attack_eps != eps).then(|| {
         format!(
@@ -371,6 +410,7 @@ fn check_manifest(
     lookup: &OutputLookup,
     items: &[InputItem],
     sizes: &HashMap<&str, (usize, usize)>,
+    linfs: &HashMap<&str, f64>,
     eps_255: f64,
     report: &mut VerifyReport,
 ) {
@@ -448,15 +488,33 @@ fn check_manifest(
                 });
             }
         }
-        if let Some(l) = r.linf {
-            if l > eps_255 + LINF_TOLERANCE_255 {
+        // A record over ε is one fact with its file: where the file was measured over ε too, it
+        // is reported once, from the file (as `LinfExceeded`), and a "disagreement" would be
+        // false; where the file is within ε, the two truly disagree. Only where nothing was
+        // measured does the record's value stand alone.
+        let over = |l: f64| l > eps_255 + LINF_TOLERANCE_255 || l.is_nan();
+        match (r.linf, linfs.get(r.input.as_str())) {
+            (Some(l), Some(&measured)) if over(l) && !over(measured) => {
                 report.violations.push(Violation {
                     file: r.input.clone(),
                     kind: ViolationKind::ManifestDisagrees {
-                        message: format!("record says linf {l:.4}/255 > eps {eps_255:.4}/255"),
+                        message: format!(
+                            "record says linf {l:.4}/255 > eps {eps_255:.4}/255, the output \
+                             measures {measured:.4}/255"
+                        ),
                     },
                 });
             }
+            (Some(l), None) if over(l) => {
+                report.violations.push(Violation {
+                    file: r.input.clone(),
+                    kind: ViolationKind::ManifestLinfExceeded {
+                        linf_255: l,
+                        eps_255,
+                    },
+                });
+            }
+            _ => {}
         }
     }
 }
