@@ -486,7 +486,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         }
         if inputs.excluded > 0 {
             eprintln!(
-                "note: excluded {} image(s) matching --exclude",
+                "note: excluded {} image(s) by --exclude (inside excluded directories too)",
                 inputs.excluded
             );
         }
