@@ -349,7 +349,10 @@ fn bad_input_exit_codes() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("names"), "{}", stderr(&o));
     // wrong embedding dimension
-    let e: Vec<u8> = vec![0u8; 2 * 16 * 4];
+    let e: Vec<u8> = [1.0f32; 2 * 16]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let wrong = t.path().join("wrong.safetensors");
     safetensors::serialize_to_file(
         vec![(
@@ -891,7 +894,18 @@ fn label_members_of_the_clean_shards_label_their_samples() {
         .map(|r| r["label"].as_str().unwrap())
         .collect();
     assert_eq!(labels, ["tree", "road", "sky"]);
-    assert_eq!(members, ok(run("zeroshot", &shard, s(&list))));
+    // A label file also counts its lines that name no image: here, none.
+    let mut from_list = ok(run("zeroshot", &shard, s(&list)));
+    let from_list_map = from_list.as_object_mut().unwrap();
+    assert_eq!(
+        from_list_map.remove("unmatched_label_lines"),
+        Some(0.into())
+    );
+    assert_eq!(
+        from_list_map.remove("unmatched_label_examples"),
+        Some(serde_json::json!([]))
+    );
+    assert_eq!(members, from_list);
 
     // Per-image errors: a sample without its label map, a class that is not one.
     let broken = t.path().join("broken.tar");
@@ -1186,4 +1200,488 @@ fn class_embeddings_written_once_give_the_same_evaluation() {
         assert_eq!(o.status.code(), Some(2), "{flag}: {}", stderr(&o));
         assert!(stderr(&o).contains(flag), "{}", stderr(&o));
     }
+}
+
+/// A `--classes` safetensors file of `rows` [C, 64] F32 embeddings and metadata `names`.
+fn write_class_embeddings(path: &Path, rows: &[f32], names: &str) {
+    let e: Vec<u8> = rows
+        .iter()
+        .flat_map(|&v| std::iter::repeat_n(v, 64))
+        .flat_map(f32::to_le_bytes)
+        .collect();
+    safetensors::serialize_to_file(
+        vec![(
+            "class_embeddings",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![rows.len(), 64], &e)
+                .unwrap(),
+        )],
+        Some(std::collections::HashMap::from([(
+            "names".to_string(),
+            names.to_string(),
+        )])),
+        path,
+    )
+    .unwrap();
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files: Vec<(PathBuf, Vec<u8>)> = walk(dir)
+        .into_iter()
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// An eval output that would land on an input (`--pictures` on `--adv`, `--save-predictions`
+/// on its parent, a report on the attack's `run.json` or on an adversarial image, pictures over
+/// the label maps) is refused with exit 2 before the model loads (a model that does not exist
+/// is never reached), and the attack's files are left as they were; so is an output directory
+/// that is a file. Pictures in a directory of their own inside `--adv` are fine.
+#[test]
+fn outputs_over_inputs_are_refused_before_any_work() {
+    let (t, clean, adv) = setup();
+    let names = t.path().join("classes.txt");
+    std::fs::write(&names, "cat\ndog\n").unwrap();
+    let labels = t.path().join("labels");
+    std::fs::create_dir_all(&labels).unwrap();
+    let afile = t.path().join("afile");
+    std::fs::write(&afile, "x").unwrap();
+    let before = snapshot(&adv);
+    let missing_model = t.path().join("no-such-model");
+    let refused = |extra: &[&str], says: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(&missing_model),
+            "--target",
+            "maskclip",
+            "--classes",
+            s(&names),
+            "--clean",
+            s(&clean),
+            "--adv",
+            s(&adv),
+            "-q",
+        ];
+        args.extend_from_slice(extra);
+        let o = prm(&args);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(!err.contains("cannot load model"), "{extra:?}: {err}");
+        for text in says {
+            assert!(err.contains(text), "{extra:?}: {err}");
+        }
+    };
+    let dotted = format!("{}/../adv/.", s(&clean));
+    refused(
+        &["--pictures", &dotted],
+        &["--pictures", "a.png over the adversarial image of `a.png`"],
+    );
+    refused(
+        &["--save-predictions", s(t.path())],
+        // DIR/adv/<rel> is the adversarial image, DIR/clean/<rel> the clean one.
+        &["--save-predictions", "would write", "(--clean)"],
+    );
+    let run_json = adv.join("run.json");
+    refused(&["--report", s(&run_json)], &["run record"]);
+    let image = adv.join("sub/b.png");
+    refused(
+        &["--report", s(&image)],
+        &["the adversarial image of `sub/b.jpg`"],
+    );
+    refused(
+        &["--labels", s(&labels), "--pictures", s(&labels)],
+        &["the label map of `a.png` (--labels)"],
+    );
+    refused(&["--report", s(&names)], &["the --classes file"]);
+    refused(
+        &["--pictures", s(&afile)],
+        &["--pictures", "not a directory"],
+    );
+    let under_file = afile.join("pred");
+    refused(
+        &["--save-predictions", s(&under_file)],
+        &["--save-predictions", "not a directory"],
+    );
+    assert!(snapshot(&adv) == before, "the attack's files changed");
+    assert!(!t.path().join("clean/a.png").with_extension("md").exists());
+
+    // A directory of its own inside --adv writes over nothing.
+    let pictures = adv.join("pictures");
+    let o = eval(&[
+        "--target",
+        "features",
+        "--resolution",
+        "32",
+        "--clean",
+        s(&clean),
+        "--adv",
+        s(&adv),
+        "--pictures",
+        s(&pictures),
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(pictures.join("sub/b.png").is_file());
+    assert!(snapshot(&adv)
+        .into_iter()
+        .filter(|(p, _)| !p.starts_with(&pictures))
+        .eq(before));
+}
+
+/// zeroshot with `--labels FILE`: a file whose lines name no image (paths written from the
+/// working directory) is a usage error naming a line and the expected form; an image without
+/// a line is that image's error (exit 1) and a line naming no image is counted in the report;
+/// a byte-order mark, CRLF, `./` and `\\` are read as meant; a path holding a space needs a
+/// TAB, and the error of a line split at its space says so.
+#[test]
+fn class_label_files_are_matched_to_the_images() {
+    let (t, clean, adv) = setup();
+    let names = t.path().join("classes.txt");
+    std::fs::write(&names, "cat\ndog\nrocket\n").unwrap();
+    let zeroshot = |clean: &Path, adv: &Path, labels: &str, report: &Path| {
+        let file = t.path().join("labels.txt");
+        std::fs::write(&file, labels).unwrap();
+        let o = eval(&[
+            "--target",
+            "zeroshot",
+            "--resolution",
+            "32",
+            "--clean",
+            s(clean),
+            "--adv",
+            s(adv),
+            "--classes",
+            s(&names),
+            "--labels",
+            s(&file),
+            "--report",
+            s(report),
+            "--device",
+            "cpu",
+        ]);
+        (o.status.code(), stderr(&o))
+    };
+    let report = t.path().join("r.json");
+    let from_cwd = format!("{}/a.png\tcat\n{}/sub/b.jpg\tdog\n", s(&clean), s(&clean));
+    let (code, err) = zeroshot(&clean, &adv, &from_cwd, &report);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("none of its 2 label line(s) names an image")
+            && err.contains(&format!("line 1 names `{}/a.png`", s(&clean)))
+            && err.contains("relative to --clean, such as `a.png`"),
+        "{err}"
+    );
+    assert!(!report.exists());
+
+    // sub/b.jpg has no line; `gone.png` is no image of the run.
+    let (code, err) = zeroshot(&clean, &adv, "a.png\tcat\ngone.png\tdog\n", &report);
+    assert_eq!(code, Some(1), "{err}");
+    let r = read_json(&report);
+    assert_eq!(
+        (r["images"].clone(), r["failed"].clone()),
+        (1.into(), 1.into())
+    );
+    assert_eq!(r["labelled_images"], 1);
+    assert_eq!(r["unmatched_label_lines"], 1);
+    assert_eq!(r["unmatched_label_examples"][0], "line 2: gone.png");
+    let error = r["per_image"][1]["error"].as_str().unwrap();
+    assert!(error.contains("no line labels `sub/b.jpg`"), "{error}");
+    let md = std::fs::read_to_string(report.with_extension("md")).unwrap();
+    assert!(md.contains("1 label line(s) name no image"), "{md}");
+
+    // A byte-order mark, CRLF line ends, `./` and a Windows separator.
+    let (code, err) = zeroshot(
+        &clean,
+        &adv,
+        "\u{feff}./a.png,cat\r\nsub\\b.jpg 2\r\n",
+        &report,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let r = read_json(&report);
+    assert_eq!(
+        (
+            r["labelled_images"].clone(),
+            r["unmatched_label_lines"].clone()
+        ),
+        (2.into(), 0.into())
+    );
+
+    // A path holding a space: split at its first space, the class is wrong, and the error
+    // says why; after a TAB it is read whole.
+    let (spaced, spaced_adv) = (t.path().join("spaced"), t.path().join("spaced_adv"));
+    std::fs::create_dir_all(&spaced).unwrap();
+    std::fs::create_dir_all(&spaced_adv).unwrap();
+    std::fs::copy(clean.join("a.png"), spaced.join("my a.png")).unwrap();
+    std::fs::copy(adv.join("a.png"), spaced_adv.join("my a.png")).unwrap();
+    let (code, err) = zeroshot(
+        &spaced,
+        &spaced_adv,
+        "my a.png\tcat\nmy a.png rocket\n",
+        &report,
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("line 2: `a.png rocket` is neither a class name")
+            && err.contains("split at its first space into the path `my`")
+            && err.contains("TAB"),
+        "{err}"
+    );
+    let (code, err) = zeroshot(&spaced, &spaced_adv, "my a.png rocket\n", &report);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("line 1 names `my` (split at its first space: put a TAB"),
+        "{err}"
+    );
+    let (code, err) = zeroshot(&spaced, &spaced_adv, "my a.png\trocket\n", &report);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(read_json(&report)["per_image"][0]["label"], "rocket");
+}
+
+/// Class names that cannot be told apart are refused, naming the culprit: a name listed twice
+/// (in a text file, for `prm eval` and `prm classes` alike, or in an embedding file's
+/// `names`), and an all-zero embedding row. A byte-order mark before the first name is not
+/// part of it.
+#[test]
+fn ambiguous_classes_are_refused_and_a_bom_is_not_a_name() {
+    let (t, clean, adv) = setup();
+    let run = |classes: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--target",
+            "zeroshot",
+            "--resolution",
+            "32",
+            "--clean",
+            s(&clean),
+            "--adv",
+            s(&adv),
+            "--classes",
+            s(classes),
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        let o = eval(&args);
+        (o.status.code(), stderr(&o))
+    };
+    let twice = t.path().join("twice.txt");
+    std::fs::write(&twice, "cat\n\ndog\ncat\n").unwrap();
+    let (code, err) = run(&twice, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("class `cat` is listed twice (lines 1 and 4)"),
+        "{err}"
+    );
+    let out = t.path().join("twice.safetensors");
+    let o = prm(&[
+        "classes",
+        "--model",
+        "random:tiny",
+        "--names",
+        s(&twice),
+        "--output",
+        s(&out),
+        "--single-template",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("listed twice") && !out.exists());
+
+    let dup = t.path().join("dup.safetensors");
+    write_class_embeddings(&dup, &[1.0, 2.0, 0.5], r#"["a", "b", "a"]"#);
+    let (code, err) = run(&dup, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("`a` twice"), "{err}");
+    let zero = t.path().join("zero.safetensors");
+    write_class_embeddings(&zero, &[1.0, 0.0, 0.5], "a,b,c");
+    let (code, err) = run(&zero, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("row 1") && err.contains("class `b`") && err.contains("all zeros"),
+        "{err}"
+    );
+
+    let bom = t.path().join("bom.txt");
+    std::fs::write(&bom, "\u{feff}cat\r\ndog\r\n").unwrap();
+    let labels = t.path().join("labels.txt");
+    std::fs::write(&labels, "a.png cat\nsub/b.jpg dog\n").unwrap();
+    let report = t.path().join("bom.json");
+    let (code, err) = run(
+        &bom,
+        &[
+            "--labels",
+            s(&labels),
+            "--report",
+            s(&report),
+            "--single-template",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        read_json(&report)["classes"],
+        serde_json::json!(["cat", "dog"])
+    );
+}
+
+/// Flags that say how class names are embedded are refused (exit 2) where no names are
+/// embedded: with precomputed embeddings, or no --classes; a --tokenizer that does not exist is
+/// refused before any work. --probe-layer errors name the flag, not the probe file.
+#[test]
+fn conflicting_class_and_probe_flags_name_the_flag() {
+    let (t, clean, adv) = setup();
+    let names = t.path().join("classes.txt");
+    std::fs::write(&names, "cat\ndog\n").unwrap();
+    let embedded = t.path().join("classes.safetensors");
+    write_class_embeddings(&embedded, &[1.0, -1.0], "cat,dog");
+    let tokenizer =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tokenizer/tiny-clip-tokenizer.json");
+    assert!(tokenizer.is_file());
+    let missing = t.path().join("missing.json");
+    let missing_model = t.path().join("no-such-model");
+    for (classes, extra, says) in [
+        (
+            Some(&embedded),
+            vec!["--single-template"],
+            "holds embeddings made already",
+        ),
+        (
+            Some(&embedded),
+            vec!["--tokenizer", s(&tokenizer)],
+            "holds embeddings made already",
+        ),
+        (
+            Some(&names),
+            vec!["--tokenizer", s(&missing)],
+            "no such file",
+        ),
+        (None, vec!["--single-template"], "there is no --classes"),
+    ] {
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(&missing_model),
+            "--clean",
+            s(&clean),
+            "--adv",
+            s(&adv),
+            "-q",
+        ];
+        match classes {
+            Some(c) => args.extend(["--target", "zeroshot", "--classes", s(c)]),
+            None => args.extend(["--target", "features"]),
+        }
+        args.extend(&extra);
+        let o = prm(&args);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains(extra[0]) && err.contains(says),
+            "{extra:?}: {err}"
+        );
+    }
+
+    let probe = t.path().join("probe.safetensors");
+    let write_probe = |layer: &str| {
+        let w: Vec<u8> = (0..4 * 128)
+            .flat_map(|i| ((i % 7) as f32 * 0.01).to_le_bytes())
+            .collect();
+        safetensors::serialize_to_file(
+            vec![(
+                "weight",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 128], &w)
+                    .unwrap(),
+            )],
+            Some(std::collections::HashMap::from([(
+                "layer".to_string(),
+                layer.to_string(),
+            )])),
+            &probe,
+        )
+        .unwrap();
+    };
+    let probe_eval = |extra: &[&str]| {
+        let mut args = vec![
+            "--target",
+            "probe",
+            "--probe",
+            s(&probe),
+            "--clean",
+            s(&clean),
+            "--adv",
+            s(&adv),
+        ];
+        args.extend_from_slice(extra);
+        let o = eval(&args);
+        (o.status.code(), stderr(&o))
+    };
+    write_probe("1");
+    let (code, err) = probe_eval(&["--probe-layer", "5"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--probe-layer 5: layer 5 does not exist") && !err.contains("bad probe file"),
+        "{err}"
+    );
+    write_probe("9");
+    let (code, err) = probe_eval(&[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("bad probe file: metadata `layer`: layer 9"),
+        "{err}"
+    );
+}
+
+/// A `run.json` in --adv that is not a run record does not stop the evaluation (the images are
+/// evaluated all the same) but is named on stderr, even with -q, and in the report and its
+/// summary, which have no `attack`.
+#[test]
+fn a_corrupt_run_record_is_named_on_stderr_and_in_the_report() {
+    let (t, clean, adv) = setup();
+    std::fs::write(adv.join("run.json"), "{broken").unwrap();
+    let report = t.path().join("r.json");
+    let o = eval(&[
+        "--target",
+        "features",
+        "--resolution",
+        "32",
+        "--clean",
+        s(&clean),
+        "--adv",
+        s(&adv),
+        "--report",
+        s(&report),
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning:") && err.contains("run.json: not a run record"),
+        "{err}"
+    );
+    let r = read_json(&report);
+    assert!(r.get("attack").is_none());
+    assert!(r["attack_record_error"]
+        .as_str()
+        .unwrap()
+        .contains("not a run record"));
+    let md = std::fs::read_to_string(report.with_extension("md")).unwrap();
+    assert!(md.contains("attack: **unknown**"), "{md}");
 }

@@ -8,12 +8,15 @@ use anyhow::{bail, Context};
 use clap::Args;
 use prm::eval::gpu::{GpuTargets, PASS_TOKENS};
 use prm::eval::ground_truth::LabelSource;
-use prm::eval::run::{evaluate_on, markdown_summary, EvalSettings};
+use prm::eval::labels::{check_lines_name_images, read_label_lines};
+use prm::eval::outputs::{check_output_dir, check_outputs_spare_inputs, Inputs, Outputs};
+use prm::eval::run::{evaluate_listed, list_clean_images, markdown_summary, EvalSettings};
 use prm::eval::targets::{read_probe, TargetKind};
 use prm::eval::text::{is_safetensors, read_class_safetensors, ClassEmbeddings};
 use prm::eval::{EvalEngine, EvalError, ReferenceTargets};
 use prm::gpu::engine::Precision;
 use prm::gpu::Device;
+use prm::io::InputItem;
 use prm::model::Model;
 
 use super::EXIT_SOME_FAILED;
@@ -48,14 +51,17 @@ pub struct EvalArgs {
     /// tower and the 80 CLIP prompt templates)
     #[arg(long)]
     classes: Option<PathBuf>,
-    /// tokenizer.json for class names (default: next to the checkpoint; bundled for random:ARCH)
+    /// tokenizer.json for class names given as text (default: next to the checkpoint; bundled
+    /// for random:ARCH)
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Only the template "a photo of a {}." instead of the 80-template ensemble
+    /// Only the template "a photo of a {}." instead of the 80-template ensemble (class names
+    /// given as text)
     #[arg(long)]
     single_template: bool,
     /// Ground truth: a directory of class-index PNGs (segmentation, same relative paths with
-    /// .png), or for zeroshot a text file of `<relative path> <class name or index>` lines; or
+    /// .png), or for zeroshot a text file of `<relative path><TAB><class name or index>` lines
+    /// (a comma or, when the path holds none, a space also separates them); or
     /// member:EXT, the member <key>.EXT of each image's sample in the clean tar shards
     /// (member:seg.png label maps, member:cls class names or indices)
     #[arg(long, value_parser = LabelSource::parse)]
@@ -180,6 +186,103 @@ fn report_paths(report: &Path) -> PathBuf {
     report.with_extension("md")
 }
 
+/// `--tokenizer` and `--single-template` say how class names are embedded: with embeddings
+/// read from a `.safetensors` (made once, by `prm classes`), or with no `--classes` at all,
+/// they would be ignored, and the report would claim settings that were not used.
+fn check_text_class_flags(args: &EvalArgs) -> anyhow::Result<()> {
+    let flags = [
+        (args.single_template, "--single-template"),
+        (args.tokenizer.is_some(), "--tokenizer"),
+    ];
+    for flag in flags.iter().filter(|f| f.0).map(|f| f.1) {
+        match &args.classes {
+            None => bail!(
+                "{flag} applies to class names given as a text file with --classes, and there \
+                 is no --classes"
+            ),
+            Some(c) if is_safetensors(c) => bail!(
+                "{flag} applies to class names embedded here, but --classes {} holds embeddings \
+                 made already; leave {flag} out, or give it to `prm classes` when making them",
+                c.display()
+            ),
+            Some(_) => {}
+        }
+    }
+    if let Some(t) = &args.tokenizer {
+        if !t.is_file() {
+            bail!("--tokenizer {}: no such file", t.display());
+        }
+    }
+    Ok(())
+}
+
+/// Refuses, before the model loads, outputs that would be written over inputs
+/// ([`check_outputs_spare_inputs`]): `--pictures` in `--adv` would replace the adversarial
+/// images with their pictures, and so on.
+fn check_outputs(args: &EvalArgs, items: &[InputItem]) -> anyhow::Result<()> {
+    let label_path = match &args.labels {
+        Some(LabelSource::Path(p)) => Some(p.as_path()),
+        _ => None,
+    };
+    let mut files: Vec<(&'static str, &Path)> = [
+        ("--classes", args.classes.as_deref()),
+        ("--probe", args.probe.as_deref()),
+        ("--tokenizer", args.tokenizer.as_deref()),
+        ("--labels", label_path.filter(|p| p.is_file())),
+    ]
+    .into_iter()
+    .filter_map(|(flag, p)| Some((flag, p?)))
+    .collect();
+    if args.clean.is_file() {
+        // A list file (or a single tar shard, protected with its members anyway).
+        files.push(("--clean", &args.clean));
+    }
+    let summary = args.report.as_deref().map(report_paths);
+    let written: Vec<(&'static str, &Path)> = [args.report.as_deref(), summary.as_deref()]
+        .into_iter()
+        .flatten()
+        .map(|p| ("--report", p))
+        .collect();
+    check_outputs_spare_inputs(
+        items,
+        &Inputs {
+            adv: Some(&args.adv),
+            label_dir: label_path.filter(|p| p.is_dir()),
+            files,
+        },
+        &Outputs {
+            pictures: args.pictures.as_deref(),
+            save_predictions: args.save_predictions.as_deref(),
+            files: written,
+        },
+    )?;
+    Ok(())
+}
+
+/// A classification `--labels FILE` none of whose lines names an image is refused before the
+/// model loads (its classes are checked once the class names are known).
+fn check_label_file(args: &EvalArgs, items: &[InputItem]) -> anyhow::Result<()> {
+    let Some(LabelSource::Path(p)) = &args.labels else {
+        return Ok(());
+    };
+    match args.target {
+        TargetKind::Features => bail!(
+            "--labels {}: the features target takes no labels",
+            p.display()
+        ),
+        t if t.is_dense() && !p.is_dir() => bail!(
+            "--labels {}: --target {} needs a directory of label PNGs",
+            p.display(),
+            t.name()
+        ),
+        TargetKind::ZeroShot | TargetKind::Probe if p.is_file() => {
+            check_lines_name_images(p, &read_label_lines(p)?, items)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let resolution = match args.resolution.as_str() {
@@ -206,6 +309,31 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if (args.target == TargetKind::Probe) != args.probe.is_some() {
         bail!("--probe FILE is required by --target probe, and used by it only");
     }
+    check_text_class_flags(&args)?;
+    for (flag, dir) in [
+        ("--pictures", &args.pictures),
+        ("--save-predictions", &args.save_predictions),
+    ] {
+        if let Some(dir) = dir {
+            check_output_dir(flag, dir)?;
+        }
+    }
+    if let Some(report) = &args.report {
+        if report.is_dir() {
+            bail!(
+                "--report {}: is a directory; give a FILE.json",
+                report.display()
+            );
+        }
+    }
+    // The images first: a mistake in the paths shows before the model loads.
+    let own_outputs: Vec<&Path> = [args.save_predictions.as_deref(), args.pictures.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let items = list_clean_images(&args.clean, &args.adv, &args.exclude, &own_outputs)?;
+    check_outputs(&args, &items)?;
+    check_label_file(&args, &items)?;
     let (devices, precision) = super::device::choose_devices(&args.device, &args.precision)?;
     super::device::batch_invariant_products(&devices, args.batch_invariant);
     // The text tower, when class names are embedded, runs on the first device.
@@ -297,9 +425,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         b
     });
     let evaluating = std::time::Instant::now();
-    let outcome = evaluate_on(
+    let outcome = evaluate_listed(
         &engines,
-        &args.clean,
+        &items,
         &args.adv,
         classes.as_ref(),
         &settings,
@@ -377,6 +505,26 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             outcome.report["attack"]["weights"].as_str().unwrap_or("?"),
             args.model,
             outcome.report["weights"].as_str().unwrap_or("?"),
+        );
+    }
+    // Printed even with --quiet: not progress but a problem with the inputs, which the report
+    // also records.
+    if let Some(problem) = outcome.report["attack_record_error"].as_str() {
+        eprintln!(
+            "warning: {problem}: the images are evaluated all the same, but the report cannot \
+             say which attack made them"
+        );
+    }
+    let unmatched = outcome.report["unmatched_label_lines"]
+        .as_u64()
+        .unwrap_or(0);
+    if unmatched > 0 && !args.quiet {
+        eprintln!(
+            "note: {unmatched} line(s) of --labels name no image of this run (e.g. {}); images \
+             are named by their path relative to --clean",
+            outcome.report["unmatched_label_examples"][0]
+                .as_str()
+                .unwrap_or("?")
         );
     }
     let summary = markdown_summary(&outcome.report);

@@ -1,15 +1,17 @@
 //! Label maps: ground-truth PNGs in (`--labels DIR`), prediction PNGs out
-//! (`--save-predictions DIR`), and classification labels (`--labels FILE` for zeroshot).
+//! (`--save-predictions DIR`), and classification labels (`--labels FILE` for zeroshot and CLS
+//! probes).
 //!
 //! A label PNG holds one class index per pixel: 8-bit or 16-bit grayscale, or a palette image
 //! whose *indices* are the classes (PASCAL VOC style; the palette colours are ignored, which is
 //! why this reads PNGs with the `png` crate instead of decoding to RGB).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::EvalError;
+use crate::io::InputItem;
 
 /// Reads a class-index PNG: `(width, height, labels)`.
 pub fn read_label_png(path: &Path) -> Result<(usize, usize, Vec<u32>), EvalError> {
@@ -133,34 +135,199 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<(), EvalError> {
     Ok(())
 }
 
-/// Classification labels: lines `<relative path><TAB, comma or spaces><class>`, the class a
-/// name from the class list or an index. Blank lines and `#` comments are skipped.
-pub fn read_class_labels(
-    path: &Path,
-    names: &[String],
-) -> Result<HashMap<String, usize>, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|e| EvalError::Labels {
+/// A UTF-8 byte-order mark: some editors (Notepad, Excel's "CSV UTF-8") start text files with
+/// it, and `str::trim` keeps it, so the first name or path would silently carry it.
+const BOM: char = '\u{feff}';
+
+/// `text` without a leading byte-order mark.
+pub fn strip_bom(text: &str) -> &str {
+    text.strip_prefix(BOM).unwrap_or(text)
+}
+
+/// What separates a label line's path from its class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Separator {
+    Tab,
+    Comma,
+    Space,
+}
+
+/// One line of a classification `--labels FILE`, as written.
+#[derive(Clone, Debug)]
+pub struct LabelLine {
+    /// 1-based line number.
+    pub number: usize,
+    /// The image's path relative to `--clean`, `/`-separated.
+    pub rel: String,
+    /// The class: a name from the class list or an index into it.
+    pub class: String,
+    separator: Separator,
+}
+
+/// The lines of a classification `--labels FILE`: `<relative path><separator><class>`, where
+/// the separator is the line's first TAB; else, when it holds none, its first comma; else its
+/// first run of spaces. So a path holding spaces or commas needs a TAB, and a class name may
+/// hold anything ("tench, Tinca tinca" after a TAB or a comma). A leading `./` and `\`
+/// separators are taken as written by other tools; blank lines and `#` comments are skipped; a
+/// byte-order mark is ignored.
+pub fn read_label_lines(path: &Path) -> Result<Vec<LabelLine>, EvalError> {
+    let bad = |reason: String| EvalError::Labels {
         path: path.to_path_buf(),
-        reason: format!("cannot read as text: {e}"),
-    })?;
-    let mut map = HashMap::new();
-    for (i, line) in text.lines().enumerate() {
+        reason,
+    };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read as text: {e}")))?;
+    let mut lines = Vec::new();
+    for (i, line) in strip_bom(&text).lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        let (rel, class, separator) = if let Some((r, c)) = line.split_once('\t') {
+            (r, c, Separator::Tab)
+        } else if let Some((r, c)) = line.split_once(',') {
+            (r, c, Separator::Comma)
+        } else if let Some((r, c)) = line.split_once(char::is_whitespace) {
+            (r, c, Separator::Space)
+        } else {
+            return Err(bad(format!(
+                "line {}: `{line}` has no class: expected `<relative path><TAB><class>` (a \
+                 comma or a space also separates them when the path holds none)",
+                i + 1
+            )));
+        };
+        let rel = rel.trim().replace('\\', "/");
+        let rel = rel.strip_prefix("./").unwrap_or(&rel).to_string();
+        lines.push(LabelLine {
+            number: i + 1,
+            rel,
+            class: class.trim().to_string(),
+            separator,
+        });
+    }
+    if lines.is_empty() {
+        return Err(bad(
+            "no label lines (expected `<relative path><TAB><class>` per line)".into(),
+        ));
+    }
+    Ok(lines)
+}
+
+/// Refuses a label file none of whose lines names an image of the run: its paths are almost
+/// surely written another way (relative to the working directory instead of `--clean`, say),
+/// and every image would go unlabelled.
+pub fn check_lines_name_images(
+    path: &Path,
+    lines: &[LabelLine],
+    images: &[InputItem],
+) -> Result<(), EvalError> {
+    let rels: HashSet<&str> = images.iter().map(|i| i.rel.as_str()).collect();
+    if lines.iter().any(|l| rels.contains(l.rel.as_str())) {
+        return Ok(());
+    }
+    let (first, image) = (&lines[0], images.first().map_or("", |i| i.rel.as_str()));
+    let split = match first.separator {
+        Separator::Tab => "",
+        Separator::Comma => {
+            " (split at its first comma: put a TAB between a path holding a comma and its class)"
+        }
+        Separator::Space => {
+            " (split at its first space: put a TAB between a path holding spaces and its class)"
+        }
+    };
+    Err(EvalError::Labels {
+        path: path.to_path_buf(),
+        reason: format!(
+            "none of its {} label line(s) names an image of this run: line {} names `{}`{split}, \
+             but an image is named by its path relative to --clean, such as `{image}` (the \
+             report's per_image names)",
+            lines.len(),
+            first.number,
+            first.rel
+        ),
+    })
+}
+
+/// Classification labels matched with the images of a run.
+#[derive(Clone, Debug)]
+pub struct ClassLabels {
+    /// The label file, for messages.
+    pub path: PathBuf,
+    by_rel: HashMap<String, usize>,
+    /// Lines that name no image of the run (`--exclude`d images, or typos): (line, path).
+    pub unmatched: Vec<(usize, String)>,
+}
+
+impl ClassLabels {
+    /// The class of `rel`; an image without a line is that image's error, as a missing label
+    /// map is.
+    pub fn of(&self, rel: &str) -> Result<usize, EvalError> {
+        self.by_rel
+            .get(rel)
+            .copied()
+            .ok_or_else(|| EvalError::Labels {
+                path: self.path.clone(),
+                reason: format!(
+                "no line labels `{rel}` (each image needs a `<relative path><TAB><class>` line)"
+            ),
+            })
+    }
+}
+
+/// Reads a classification `--labels FILE` ([`read_label_lines`]) for `images`, each class a
+/// name from `names` or an index into it. A path labelled twice with different classes is an
+/// error, as is a file that labels no image ([`check_lines_name_images`]).
+pub fn read_class_labels(
+    path: &Path,
+    names: &[String],
+    images: &[InputItem],
+) -> Result<ClassLabels, EvalError> {
+    let lines = read_label_lines(path)?;
+    check_lines_name_images(path, &lines, images)?;
+    let rels: HashSet<&str> = images.iter().map(|i| i.rel.as_str()).collect();
+    let mut by_rel: HashMap<String, (usize, usize)> = HashMap::new();
+    let mut unmatched = Vec::new();
+    for l in &lines {
         let bad = |reason: String| EvalError::Labels {
             path: path.to_path_buf(),
-            reason: format!("line {}: {reason}", i + 1),
+            reason: format!("line {}: {reason}", l.number),
         };
-        let (rel, class) = line
-            .split_once(['\t', ','])
-            .or_else(|| line.split_once(' '))
-            .ok_or_else(|| bad("expected `<relative path> <class>`".into()))?;
-        let idx = class_index(class, names).map_err(bad)?;
-        map.insert(rel.trim().replace('\\', "/"), idx);
+        let k = class_index(&l.class, names).map_err(|e| {
+            bad(match l.separator {
+                Separator::Tab => e,
+                Separator::Comma => format!(
+                    "{e} (the line was split at its first comma into the path `{}` and that \
+                     class; put a TAB after a path that holds a comma)",
+                    l.rel
+                ),
+                Separator::Space => format!(
+                    "{e} (the line was split at its first space into the path `{}` and that \
+                     class; put a TAB after a path that holds spaces)",
+                    l.rel
+                ),
+            })
+        })?;
+        match by_rel.get(&l.rel) {
+            Some(&(line, other)) if other != k => {
+                return Err(bad(format!(
+                    "`{}` is labelled {} here and {} on line {line}",
+                    l.rel, names[k], names[other]
+                )))
+            }
+            Some(_) => {}
+            None => {
+                by_rel.insert(l.rel.clone(), (l.number, k));
+            }
+        }
+        if !rels.contains(l.rel.as_str()) {
+            unmatched.push((l.number, l.rel.clone()));
+        }
     }
-    Ok(map)
+    Ok(ClassLabels {
+        path: path.to_path_buf(),
+        by_rel: by_rel.into_iter().map(|(r, (_, k))| (r, k)).collect(),
+        unmatched,
+    })
 }
 
 /// A class given as a name from the class list or as an index into it (surrounding white space
@@ -218,6 +385,37 @@ mod tests {
         }
         enc.write_header().unwrap().write_image_data(&data).unwrap();
         bytes
+    }
+
+    /// The separator is the first TAB, else the first comma, else the first space; a
+    /// byte-order mark, CRLF, `./` and `\\` are read as meant; a line with no class is refused.
+    #[test]
+    fn label_lines_split_at_a_tab_then_a_comma_then_a_space() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("l.txt");
+        std::fs::write(
+            &p,
+            "\u{feff}my a,b.png\ttench, Tinca tinca\r\n# note\n\n./x.jpg,tench, Tinca \
+             tinca\nsub\\y.jpg tree frog\n",
+        )
+        .unwrap();
+        let lines: Vec<(usize, String, String)> = read_label_lines(&p)
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.number, l.rel, l.class))
+            .collect();
+        let want = [
+            (1, "my a,b.png", "tench, Tinca tinca"),
+            (4, "x.jpg", "tench, Tinca tinca"),
+            (5, "sub/y.jpg", "tree frog"),
+        ];
+        assert_eq!(lines.len(), want.len());
+        for (got, want) in lines.iter().zip(want) {
+            assert_eq!((got.0, got.1.as_str(), got.2.as_str()), want);
+        }
+        std::fs::write(&p, "a.png\n").unwrap();
+        let e = read_label_lines(&p).unwrap_err().to_string();
+        assert!(e.contains("line 1: `a.png` has no class"), "{e}");
     }
 
     /// Every bit depth a label map comes in gives back its class indices, on widths that do not

@@ -9,7 +9,8 @@
 //! - [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate;
 //! - [`metrics`]: confusion matrices, mIoU, pixel accuracy, fwIoU, top-1;
 //! - [`ground_truth`]: where `--labels` reads from (files, or members of the clean tar shards);
-//! - [`labels`]: label PNGs in, prediction PNGs out;
+//! - [`labels`]: label PNGs in, prediction PNGs out, classification label files;
+//! - [`outputs`]: the checks that no output is written over an input;
 //! - [`run`]: a whole evaluation over a clean and an adversarial directory, and its report.
 
 pub mod gpu;
@@ -17,6 +18,7 @@ pub mod ground_truth;
 pub mod labels;
 pub mod metrics;
 pub mod ops;
+pub mod outputs;
 mod pipeline;
 pub mod run;
 pub mod targets;

@@ -8,7 +8,6 @@
 //! image's sample in its clean shard ([`super::ground_truth`]). A missing or bad adversarial
 //! image or label is a per-image error: recorded, never fatal to the run.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -17,9 +16,10 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::ground_truth::{LabelSource, MemberLabels};
-use super::labels::{read_label_png, write_label_png};
+use super::labels::{read_class_labels, read_label_png, write_label_png, ClassLabels};
 use super::metrics::{top1, Confusion};
 use super::ops::{argmax, dot_logits, drift_of, upsample_argmax};
+use super::outputs::{check_outputs_spare_inputs, Inputs, Outputs};
 use super::pipeline::overlapped;
 use super::targets::{
     check_image, probe_logits, DenseHead, EvalEngine, PairSums, PatchLogits, Probe, TargetKind,
@@ -105,7 +105,8 @@ struct Pair {
     resized: Option<(Vec<f32>, Vec<f32>)>,
     /// Dense targets with `--labels`: the label file and its map, checked against the size.
     labels: Option<(PathBuf, Vec<u32>)>,
-    /// Classification with `--labels member:EXT`: the class its sample's member names.
+    /// Classification with `--labels`: the class of the image (its line of a label file, or
+    /// its sample's member).
     class_label: Option<usize>,
 }
 
@@ -177,6 +178,8 @@ struct Plan<'a> {
     names: &'a [String],
     /// `--labels member:EXT`: the clean shards' label members.
     member_labels: Option<MemberLabels>,
+    /// `--labels FILE` for zeroshot / CLS probes: the class of each image.
+    class_labels: Option<ClassLabels>,
     dense: bool,
 }
 
@@ -234,6 +237,8 @@ fn load_pair(item: &InputItem, plan: &Plan) -> Result<Pair, EvalError> {
         } else {
             class_label = Some(members.read_class(item, plan.names)?);
         }
+    } else if let Some(file) = &plan.class_labels {
+        class_label = Some(file.of(rel)?);
     } else if let (Some(LabelSource::Path(dir)), true) = (&plan.settings.labels, plan.dense) {
         let p = dir.join(OutputLayout::Tree.output_rel(item));
         let (lw, lh, l) = read_label_png(&p)?;
@@ -426,7 +431,6 @@ struct Tally {
 struct Finishing<'a> {
     plan: &'a Plan<'a>,
     names: &'a [String],
-    class_labels: Option<&'a HashMap<String, usize>>,
     n_classes: usize,
     width: usize,
 }
@@ -440,7 +444,7 @@ struct Named<'a> {
     adv: Planar<'a>,
     /// Dense targets with `--labels`: the label file and its map.
     labels: Option<&'a (PathBuf, Vec<u32>)>,
-    /// Classification with `--labels member:EXT`: the sample's class.
+    /// Classification with `--labels`: the image's class.
     class_label: Option<usize>,
 }
 
@@ -539,9 +543,7 @@ impl Finishing<'_> {
         let settings = self.plan.settings;
         let target = settings.target;
         let names = self.names;
-        let label = image
-            .class_label
-            .or_else(|| self.class_labels.and_then(|m| m.get(rel).copied()));
+        let label = image.class_label;
         values.insert("clean_class".into(), json!(names.get(c)));
         values.insert("adv_class".into(), json!(names.get(a)));
         values.insert("agree".into(), json!(c == a));
@@ -694,26 +696,51 @@ pub fn evaluate_on(
     adv_dir: &Path,
     classes: Option<&ClassEmbeddings>,
     settings: &EvalSettings,
-    mut progress: impl FnMut(usize, usize) + Send,
+    progress: impl FnMut(usize, usize) + Send,
 ) -> Result<EvalOutcome, EvalError> {
-    let Some(&engine) = engines.first() else {
-        return Err(EvalError::Usage("an evaluation needs an engine".into()));
-    };
-    // The run's own output directories are never inputs, when they lie inside the clean one.
-    let exclude_dirs = [
-        Some(adv_dir),
+    let own_outputs: Vec<&Path> = [
         settings.save_predictions.as_deref(),
         settings.pictures.as_deref(),
     ]
     .into_iter()
     .flatten()
-    .map(Path::to_path_buf)
     .collect();
+    let items = list_clean_images(clean_dir, adv_dir, &settings.exclude, &own_outputs)?;
+    evaluate_listed(engines, &items, adv_dir, classes, settings, progress)
+}
+
+/// The clean images of an evaluation: `clean_dir` listed as `prm attack --input` lists it,
+/// leaving out `exclude` (its `--exclude` globs) and the run's own directories (`adv_dir` and
+/// `own_outputs`) when they lie inside it, so that a second run sees the same images.
+pub fn list_clean_images(
+    clean_dir: &Path,
+    adv_dir: &Path,
+    exclude: &[String],
+    own_outputs: &[&Path],
+) -> Result<Vec<InputItem>, EvalError> {
+    let exclude_dirs = std::iter::once(adv_dir)
+        .chain(own_outputs.iter().copied())
+        .map(Path::to_path_buf)
+        .collect();
     let options = ListOptions {
         exclude_dirs,
-        exclude: settings.exclude.clone(),
+        exclude: exclude.to_vec(),
     };
-    let items = list_inputs_with(clean_dir, &options)?.items;
+    Ok(list_inputs_with(clean_dir, &options)?.items)
+}
+
+/// [`evaluate_on`] of images already listed ([`list_clean_images`]).
+pub fn evaluate_listed(
+    engines: &[&(dyn EvalEngine + Sync)],
+    items: &[InputItem],
+    adv_dir: &Path,
+    classes: Option<&ClassEmbeddings>,
+    settings: &EvalSettings,
+    mut progress: impl FnMut(usize, usize) + Send,
+) -> Result<EvalOutcome, EvalError> {
+    let Some(&engine) = engines.first() else {
+        return Err(EvalError::Usage("an evaluation needs an engine".into()));
+    };
     let target = settings.target;
     let dense = target.is_dense() || settings.probe.as_ref().is_some_and(|p| p.dense);
     let names: Vec<String> = match (&settings.probe, classes) {
@@ -743,15 +770,36 @@ pub fn evaluate_on(
             )));
         }
     }
+    let label_path = match &settings.labels {
+        Some(LabelSource::Path(p)) => Some(p.as_path()),
+        _ => None,
+    };
+    check_outputs_spare_inputs(
+        items,
+        &Inputs {
+            adv: Some(adv_dir),
+            label_dir: label_path.filter(|_| dense),
+            files: label_path
+                .filter(|_| !dense)
+                .map(|p| ("--labels", p))
+                .into_iter()
+                .collect(),
+        },
+        &Outputs {
+            pictures: settings.pictures.as_deref(),
+            save_predictions: settings.save_predictions.as_deref(),
+            files: Vec::new(),
+        },
+    )?;
     // Classification labels for zeroshot / CLS probes.
-    let class_labels: Option<HashMap<String, usize>> = match (&settings.labels, dense) {
+    let class_labels: Option<ClassLabels> = match (&settings.labels, dense) {
         (Some(l), false) if target == TargetKind::Features => {
             return Err(EvalError::Usage(format!(
                 "--labels {}: the features target takes no labels",
                 l.describe()
             )))
         }
-        (Some(LabelSource::Path(p)), false) => Some(super::labels::read_class_labels(p, &names)?),
+        (Some(LabelSource::Path(p)), false) => Some(read_class_labels(p, &names, items)?),
         (Some(LabelSource::Path(p)), true) if !p.is_dir() => {
             return Err(EvalError::Usage(format!(
                 "--labels {}: dense targets need a directory of label PNGs",
@@ -762,7 +810,7 @@ pub fn evaluate_on(
     };
 
     let member_labels = match &settings.labels {
-        Some(LabelSource::Member(ext)) => Some(MemberLabels::index(ext, &items)?),
+        Some(LabelSource::Member(ext)) => Some(MemberLabels::index(ext, items)?),
         _ => None,
     };
     let plan = Plan {
@@ -771,6 +819,7 @@ pub fn evaluate_on(
         classes,
         names: &names,
         member_labels,
+        class_labels,
         dense,
     };
     let mut tally = Tally {
@@ -788,14 +837,13 @@ pub fn evaluate_on(
     let finishing = Finishing {
         plan: &plan,
         names: &names,
-        class_labels: class_labels.as_ref(),
         n_classes,
         width: engine.model().config.width,
     };
     let rerun = AtomicUsize::new(0);
     let engine_time = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         overlapped(
-            &items,
+            items,
             2 * rayon::current_num_threads(),
             settings.batch_size,
             Pair::bytes,
@@ -879,13 +927,19 @@ pub fn evaluate_on(
     if let Some(w) = &settings.weights {
         report.insert("weights".into(), json!(w));
     }
-    if let Some(attack) = crate::io::run_record::read(adv_dir) {
-        // Whether the images were made against the very weights evaluated here (a transfer to
-        // another encoder, or a wrong checkpoint, when not).
-        if let (Some(w), Some(theirs)) = (&settings.weights, attack["weights"].as_str()) {
-            report.insert("attack_weights_match".into(), json!(w == theirs));
+    match attack_record(adv_dir) {
+        Ok(Some(attack)) => {
+            // Whether the images were made against the very weights evaluated here (a transfer
+            // to another encoder, or a wrong checkpoint, when not).
+            if let (Some(w), Some(theirs)) = (&settings.weights, attack["weights"].as_str()) {
+                report.insert("attack_weights_match".into(), json!(w == theirs));
+            }
+            report.insert("attack".into(), attack);
         }
-        report.insert("attack".into(), attack);
+        Ok(None) => {}
+        Err(problem) => {
+            report.insert("attack_record_error".into(), json!(problem));
+        }
     }
     if dense {
         let s = vs_clean.scores();
@@ -939,6 +993,18 @@ pub fn evaluate_on(
                 json!(labels.iter().filter(|l| l.is_some()).count()),
             );
         }
+        if let Some(file) = &plan.class_labels {
+            // Lines of images this run does not hold (left out by --exclude, or typos): the
+            // count, and a few to look at.
+            report.insert("unmatched_label_lines".into(), json!(file.unmatched.len()));
+            let examples: Vec<String> = file
+                .unmatched
+                .iter()
+                .take(5)
+                .map(|(line, rel)| format!("line {line}: {rel}"))
+                .collect();
+            report.insert("unmatched_label_examples".into(), json!(examples));
+        }
     }
     report.insert(
         "per_image".into(),
@@ -951,6 +1017,29 @@ pub fn evaluate_on(
         engine_time,
         failed,
     })
+}
+
+/// `<adv>/run.json`, the record of the attack that wrote the images: `None` when there is
+/// none (images made elsewhere), `Err` with what is wrong when there is one that cannot be
+/// read. `prm attack` refuses such a file, since resuming would take outputs it cannot vouch
+/// for as its own; evaluation only reads the images, which are what they are whatever the
+/// record says, so it goes on and says so (stderr and the report's `attack_record_error`)
+/// rather than leaving the report silently without its `attack`.
+fn attack_record(adv_dir: &Path) -> Result<Option<Value>, String> {
+    let path = adv_dir.join(crate::io::run_record::RUN_RECORD_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
+    };
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(v) if v.is_object() => Ok(Some(v)),
+        Ok(_) => Err(format!(
+            "{}: not a run record (not a JSON object)",
+            path.display()
+        )),
+        Err(e) => Err(format!("{}: not a run record ({e})", path.display())),
+    }
 }
 
 fn fmt(v: &Value) -> String {
@@ -1008,6 +1097,24 @@ pub fn markdown_summary(report: &Value) -> String {
             None => "",
         };
         s.push_str(&format!("- attack: {}{weights}\n", attack_line(attack)));
+    }
+    if let Some(problem) = get("attack_record_error").as_str() {
+        s.push_str(&format!(
+            "- attack: **unknown**, its record is unreadable: {problem}\n"
+        ));
+    }
+    if let Some(n) = get("labelled_images").as_u64() {
+        s.push_str(&format!("- labels: {n} image(s) labelled\n"));
+    }
+    if let Some(n) = get("unmatched_label_lines").as_u64().filter(|&n| n > 0) {
+        let examples: Vec<&str> = report["unmatched_label_examples"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        s.push_str(&format!(
+            "- {n} label line(s) name no image of this run (e.g. {})\n",
+            examples.join("; ")
+        ));
     }
     s.push('\n');
     if report.get("miou_adv_vs_clean").is_some() {

@@ -568,6 +568,7 @@ pub fn read_probe(
         None
     };
     let m = meta.metadata().clone().unwrap_or_default();
+    let requested = layer;
     let layer = match (layer, m.get("layer")) {
         (Some(l), _) => l,
         (None, Some(s)) => s
@@ -577,10 +578,16 @@ pub fn read_probe(
         (None, None) => model.config.layers,
     };
     if layer > model.config.layers {
-        return Err(bad(format!(
+        let reason = format!(
             "layer {layer} does not exist: the model has features F_0..F_{}",
             model.config.layers
-        )));
+        );
+        // The layer came from the flag or from the file: the message blames the one it came
+        // from, so that the fix is looked for in the right place.
+        return Err(match requested {
+            Some(_) => EvalError::Usage(format!("--probe-layer {layer}: {reason}")),
+            None => bad(format!("metadata `layer`: {reason}")),
+        });
     }
     let dense = match (dense, m.get("tokens").map(String::as_str)) {
         (Some(x), _) => x,
@@ -596,6 +603,12 @@ pub fn read_probe(
         return Err(bad(format!(
             "metadata `names` lists {} names for {k} outputs",
             names.len()
+        )));
+    }
+    if let Some((name, i, j)) = super::text::repeated_name(&names) {
+        return Err(bad(format!(
+            "metadata `names` holds `{name}` twice (outputs {i} and {j}); give each class its \
+             own name"
         )));
     }
     Ok(Probe {

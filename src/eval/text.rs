@@ -7,13 +7,16 @@
 //!
 //! `--classes FILE`:
 //! - `*.safetensors`: tensor `class_embeddings` `[C, E]` (F32/F16/BF16/F64) with the metadata key
-//!   `names` holding C comma-separated names; rows are L2-normalised on load;
+//!   `names` holding C distinct names (a JSON array, or comma-separated); rows, none of them
+//!   zero, are L2-normalised on load;
 //! - anything else: a UTF-8 text file, one class name per line (blank lines skipped, surrounding
-//!   white space trimmed). Each name is put into every prompt template (the 80 ImageNet
-//!   templates of OpenAI's CLIP, `assets/prompt_templates.txt`), each prompt is embedded with the
-//!   checkpoint's text tower and L2-normalised, the prompts of a class are averaged, and the mean
-//!   is L2-normalised again.
+//!   white space and a byte-order mark trimmed, every name distinct). Each name is put into
+//!   every prompt template (the 80 ImageNet templates of OpenAI's CLIP,
+//!   `assets/prompt_templates.txt`), each prompt is embedded with the checkpoint's text tower
+//!   and L2-normalised, the prompts of a class are averaged, and the mean is L2-normalised
+//!   again.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
@@ -198,25 +201,45 @@ pub fn embed_class_names(
     })
 }
 
-/// Reads class names, one per line.
+/// Reads class names, one per line (blank lines skipped, white space and a byte-order mark
+/// trimmed). Two lines of one name are refused: they embed to the same vector, so the second
+/// could never be predicted (argmax takes the first of a tie), and a label naming it would
+/// always mean the first.
 pub fn read_class_names(path: &Path) -> Result<Vec<String>, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|e| EvalError::Classes {
+    let bad = |reason: String| EvalError::Classes {
         path: path.to_path_buf(),
-        reason: format!("cannot read as UTF-8 text: {e}"),
-    })?;
-    let names: Vec<String> = text
+        reason,
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad(format!("cannot read as UTF-8 text: {e}")))?;
+    let (numbers, names): (Vec<usize>, Vec<String>) = super::labels::strip_bom(&text)
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect();
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(i, l)| (i + 1, l.to_string()))
+        .unzip();
     if names.is_empty() {
-        return Err(EvalError::Classes {
-            path: path.to_path_buf(),
-            reason: "no class names (one per line expected)".into(),
-        });
+        return Err(bad("no class names (one per line expected)".into()));
+    }
+    if let Some((name, i, j)) = repeated_name(&names) {
+        return Err(bad(format!(
+            "class `{name}` is listed twice (lines {} and {}); give each class its own name \
+             (e.g. `crane (bird)` and `crane (machine)`)",
+            numbers[i], numbers[j]
+        )));
     }
     Ok(names)
+}
+
+/// The first name that `names` holds twice, with its two positions: class names must be
+/// distinct, since a label naming a class would otherwise be ambiguous.
+pub(crate) fn repeated_name(names: &[String]) -> Option<(&str, usize, usize)> {
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    names
+        .iter()
+        .enumerate()
+        .find_map(|(i, n)| first.insert(n, i).map(|j| (n.as_str(), j, i)))
 }
 
 /// Reads `class_embeddings [C, E]` and the `names` metadata from a safetensors file.
@@ -283,6 +306,22 @@ pub fn read_class_safetensors(path: &Path) -> Result<ClassEmbeddings, EvalError>
         return Err(bad(format!(
             "metadata `names` lists {} names for {c} rows of `class_embeddings`",
             names.len()
+        )));
+    }
+    if let Some((name, i, j)) = repeated_name(&names) {
+        return Err(bad(format!(
+            "metadata `names` holds `{name}` twice (names {i} and {j}, from 0); give each class \
+             its own name"
+        )));
+    }
+    // A zero row has no direction: normalising it is undefined, its cosine with every image is
+    // 0, and on ties argmax makes class 0 win everywhere, which would read as "the attack has
+    // no effect". A row too small to square in f32 is fine: the norm is taken in f64.
+    if let Some(k) = v.chunks(e).position(|row| row.iter().all(|&x| x == 0.0)) {
+        return Err(bad(format!(
+            "row {k} of `class_embeddings` (class `{}`) is all zeros: an embedding needs a \
+             direction; embed the class again (e.g. with `prm classes`) or leave it out",
+            names[k]
         )));
     }
     normalize_rows(&mut v, e);
