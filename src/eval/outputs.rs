@@ -13,9 +13,10 @@
 //! that exists), so `adv`, `./adv` and a symbolic link to it are one directory.
 
 use std::collections::HashMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use super::EvalError;
+use crate::io::paths::resolved;
 use crate::io::{InputItem, OutputLayout};
 
 /// What an evaluation reads, besides the listed images.
@@ -176,40 +177,6 @@ pub fn check_outputs_spare_inputs(
         }
     }
     Ok(())
-}
-
-/// `path` made absolute, `.` and `..` taken out, and its longest existing ancestor resolved
-/// (symbolic links included); the rest, which does not exist yet, is appended as given.
-fn resolved(path: &Path) -> PathBuf {
-    let absolute = match std::path::absolute(path) {
-        Ok(p) => p,
-        Err(_) => path.to_path_buf(),
-    };
-    let mut lexical = PathBuf::new();
-    for c in absolute.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                lexical.pop();
-            }
-            c => lexical.push(c),
-        }
-    }
-    let mut rest = Vec::new();
-    let mut existing = lexical.as_path();
-    loop {
-        if let Ok(mut found) = existing.canonicalize() {
-            found.extend(rest.iter().rev());
-            return found;
-        }
-        match (existing.parent(), existing.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name);
-                existing = parent;
-            }
-            _ => return lexical,
-        }
-    }
 }
 
 #[cfg(test)]
