@@ -409,7 +409,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
             OutputLayout::Tar
         }
         (Some(LayoutArg::Tar), _) => bail!(
-            "--output-layout tar needs tar-shard inputs (--input 'shards/train-{{000..009}}.tar');              {} is not one",
+            "--output-layout tar needs tar-shard inputs (--input 'shards/train-{{000..009}}.tar'); {} is not one",
             args.input.display()
         ),
         _ => OutputLayout::Tree,

@@ -337,8 +337,9 @@ pub fn read_class_safetensors(path: &Path) -> Result<ClassEmbeddings, EvalError>
     })
 }
 
-/// The `names` metadata of a `--classes` or `--probe` file: a JSON array of strings (what [`write_class_safetensors`] writes, so
-/// that a name may hold a comma, as "tench, Tinca tinca" does), else comma-separated names.
+/// The `names` metadata of a `--classes` or `--probe` file: a JSON array of strings (what
+/// [`write_class_safetensors`] writes, so that a name may hold a comma, as "tench, Tinca tinca"
+/// does), else comma-separated names.
 pub(crate) fn parse_names(text: &str) -> Vec<String> {
     if text.trim_start().starts_with('[') {
         if let Ok(names) = serde_json::from_str::<Vec<String>>(text) {
