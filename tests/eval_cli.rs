@@ -330,6 +330,12 @@ fn bad_input_exit_codes() {
     // unknown target
     let o = run(base(&["--target", "segformer"]));
     assert_eq!(o.status.code(), Some(2));
+    // a working size below a patch, or beyond the pixel budget (was an aborted process)
+    for (n, needle) in [("8", "patch"), ("20000", "--max-pixels")] {
+        let o = run(base(&["--target", "features", "--resolution", n]));
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{}", stderr(&o));
+    }
     // class-embedding file whose names do not match its rows
     let bad = t.path().join("bad.safetensors");
     let e: Vec<u8> = vec![0u8; 3 * 64 * 4];

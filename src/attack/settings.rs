@@ -250,32 +250,42 @@ impl AttackSettings {
     }
 
     /// Rejects, before any work, a fixed working size (`--resolution N`) that the model cannot
-    /// take: smaller than one of its `patch`-pixel patches (every image would fail), or larger
-    /// than `max_pixels` pixels (the working copies of one image alone would take N² × 12 bytes
-    /// several times over, and an allocation that fails aborts the process).
-    /// `budget_flag` names the flag that sets `max_pixels`, when there is one.
+    /// take ([`check_fixed_size`]). `budget_flag` names the flag that sets `max_pixels`.
     pub fn check_working_size(
         &self,
         patch: usize,
         max_pixels: u64,
         budget_flag: Option<&str>,
     ) -> Result<(), String> {
-        let Resolution::Fixed(n) = self.resolution else {
-            return Ok(());
-        };
-        if n < patch {
-            return Err(format!(
-                "--resolution {n} is smaller than one {patch}-pixel patch of this model"
-            ));
+        match self.resolution {
+            Resolution::Fixed(n) => check_fixed_size(n, patch, max_pixels, budget_flag),
+            Resolution::Native => Ok(()),
         }
-        if (n as u64).saturating_mul(n as u64) > max_pixels {
-            return Err(format!(
-                "--resolution {n} makes working images of {n}x{n} = {} pixels, beyond the budget \
-                 of {max_pixels} pixels an image{}",
-                (n as u64).saturating_mul(n as u64),
-                budget_flag.map_or(String::new(), |f| format!(" ({f} raises it)"))
-            ));
-        }
-        Ok(())
     }
+}
+
+/// Rejects a fixed working size `--resolution n` smaller than one of the model's `patch`-pixel
+/// patches (every image would fail), or larger than `max_pixels` pixels (the working copies of
+/// one image alone would take n² × 12 bytes several times over, and an allocation that fails
+/// aborts the process). `budget_flag` names the flag that sets `max_pixels`, when there is one.
+pub fn check_fixed_size(
+    n: usize,
+    patch: usize,
+    max_pixels: u64,
+    budget_flag: Option<&str>,
+) -> Result<(), String> {
+    if n < patch {
+        return Err(format!(
+            "--resolution {n} is smaller than one {patch}-pixel patch of this model"
+        ));
+    }
+    let pixels = (n as u64).saturating_mul(n as u64);
+    if pixels > max_pixels {
+        return Err(format!(
+            "--resolution {n} makes working images of {n}x{n} = {pixels} pixels, beyond the \
+             budget of {max_pixels} pixels an image{}",
+            budget_flag.map_or(String::new(), |f| format!(" ({f} raises it)"))
+        ));
+    }
+    Ok(())
 }

@@ -341,12 +341,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let model =
         Model::load(&args.model).with_context(|| format!("cannot load model '{}'", args.model))?;
     if let Some(n) = resolution {
-        if n < model.config.patch {
-            bail!(
-                "--resolution {n} is smaller than one {}-pixel patch",
-                model.config.patch
-            );
-        }
+        prm::attack::settings::check_fixed_size(
+            n,
+            model.config.patch,
+            args.max_pixels,
+            Some("--max-pixels"),
+        )
+        .map_err(anyhow::Error::msg)?;
     }
     let probe = match &args.probe {
         Some(p) => Some(read_probe(
