@@ -363,6 +363,14 @@ fn side_files_and_working_sizes_are_refused_before_any_work() {
             ],
             "--plot's numbers",
         ),
+        (
+            vec!["--plot".into(), s(f.input.join("a.png"))],
+            "clean input a.png",
+        ),
+        (
+            vec!["--plot".into(), s(f.input.join("new.png"))],
+            "input directory",
+        ),
         (vec!["--plot".into(), s(dir_plot.clone())], "is a directory"),
         (
             vec!["--init".into(), format!("from:{}", s(out.join(".")))],

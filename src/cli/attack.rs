@@ -332,7 +332,10 @@ fn check_side_files(
         ("the manifest", prm::io::manifest::MANIFEST_FILE),
     ]
     .iter()
-    .map(|(what, f)| (resolved(&out.join(f)), format!("{what} {f}")))
+    .map(|(what, f)| {
+        let place = format!("{what} {f} in {}", out.display());
+        (resolved(&out.join(f)), place)
+    })
     .collect();
     let resolved_out = resolved(out);
     if side
@@ -342,23 +345,47 @@ fn check_side_files(
         for item in items {
             for rel in [layout.output_rel(item), layout.file_rel(item)] {
                 let png = resolved(&out.join(&rel));
-                taken.insert(
-                    png.with_extension("safetensors"),
-                    format!("the output of {}", item.rel),
-                );
-                taken.insert(png, format!("the output of {}", item.rel));
+                let place = format!("the output of {} in {}", item.rel, out.display());
+                taken.insert(png.with_extension("safetensors"), place.clone());
+                taken.insert(png, place);
             }
         }
     }
+    // The clean inputs: only those with a side file's name are resolved, so that a campaign of
+    // a million images pays nothing for this.
+    let names: std::collections::HashSet<&std::ffi::OsStr> =
+        side.iter().filter_map(|(_, p)| p.file_name()).collect();
+    for item in items {
+        if item.path.file_name().is_some_and(|n| names.contains(n)) {
+            taken.insert(
+                resolved(&item.path),
+                format!("the clean input {}", item.rel),
+            );
+        }
+    }
+    let input_dir = args.input.is_dir().then(|| resolved(&args.input));
     for (flag, path) in &side {
         check_file_writable(path).map_err(|e| anyhow::anyhow!("{flag} {e}"))?;
         let r = resolved(path);
         if let Some(what) = taken.get(&r) {
             bail!(
-                "{flag} {} would replace {what} in {}; give a path outside it or another name",
-                path.display(),
-                out.display()
+                "{flag} {} would replace {what}; give another path",
+                path.display()
             );
+        }
+        // A plot inside the input directory is an image the next run would attack.
+        let image = r.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+            prm::io::inputs::IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
+        });
+        if let Some(dir) = &input_dir {
+            if image && r.starts_with(dir) && !r.starts_with(&resolved_out) {
+                bail!(
+                    "{flag} {} lies in the input directory {}, where the next run would take \
+                     it for an input image; give a path outside it",
+                    path.display(),
+                    args.input.display()
+                );
+            }
         }
         taken.insert(r, flag.clone());
     }
