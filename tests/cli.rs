@@ -442,6 +442,29 @@ fn a_resume_attacks_again_an_input_that_changed() {
     assert_eq!((saved.width(), saved.height()), (50, 40));
 }
 
+/// `prm info | head -1`: a reader that goes away ends prm quietly (SIGPIPE), never with a panic
+/// and a backtrace.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_prm_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = prm_command(&["info", "--json", "--model", "random:vit-b-16"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader is gone before prm has loaded the model and printed anything.
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert!(
+        o.status.success() || o.status.signal() == Some(13),
+        "{:?}: {}",
+        o.status,
+        stderr(&o)
+    );
+}
+
 #[test]
 fn info_says_when_weights_are_random() {
     let o = prm(&["info", "--model", "random:vit-b-16"]);

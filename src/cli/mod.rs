@@ -81,6 +81,7 @@ enum Command {
 
 pub fn main() -> ExitCode {
     quiet_decoder_panics();
+    default_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -136,6 +137,18 @@ fn quiet_decoder_panics() {
             default_hook(info);
         }
     }));
+}
+
+/// `prm info | head -1`: when the reader of stdout goes away, end quietly as Unix tools do,
+/// instead of panicking in `println!` with a backtrace (Rust ignores SIGPIPE, so the write fails
+/// with EPIPE). A run piped through `tee` that dies ends the same way it would for any tool.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing on the main thread, before any other thread exists, setting a
+    // signal's disposition back to the default; no handler runs Rust code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// Parses a pixel quantity such as `8/255` or `0.03` for clap.
