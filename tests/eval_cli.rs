@@ -1178,11 +1178,35 @@ fn class_embeddings_written_once_give_the_same_evaluation() {
         assert!(o.status.success(), "{}", stderr(&o));
         let mut r = read_json(&rep);
         let source = r["class_source"].take();
-        (r, source.as_str().unwrap().to_string())
+        let matching = r.as_object_mut().unwrap().remove("text_weights_match");
+        (
+            r,
+            source.as_str().unwrap().to_string(),
+            matching,
+            stderr(&o),
+        )
     };
-    let (from_names, _) = report(&names, "names.json");
-    let (from_file, source) = report(&written, "file.json");
+    let (from_names, _, none, _) = report(&names, "names.json");
+    assert_eq!(none, None, "embedded here: nothing to compare");
+    let (from_file, source, matching, _) = report(&written, "file.json");
+    assert_eq!(matching, Some(serde_json::json!(true)));
     assert_eq!(from_file, from_names);
+    // Embeddings of another text tower (another seed): said on stderr and in the report.
+    let other = t.path().join("emb/other.safetensors");
+    let o = prm(&[
+        "classes",
+        "--model",
+        "random:tiny@7",
+        "--names",
+        s(&names),
+        "--output",
+        s(&other),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, _, matching, err) = report(&other, "other.json");
+    assert_eq!(matching, Some(serde_json::json!(false)));
+    assert!(err.contains("another text tower"), "{err}");
     assert!(
         source.contains("precomputed") && source.contains(&tower),
         "{source}"

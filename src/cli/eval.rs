@@ -17,7 +17,7 @@ use prm::eval::{EvalEngine, EvalError, ReferenceTargets};
 use prm::gpu::engine::Precision;
 use prm::gpu::Device;
 use prm::io::InputItem;
-use prm::model::Model;
+use prm::model::{load_text_tower, Model};
 
 use super::EXIT_SOME_FAILED;
 
@@ -161,7 +161,15 @@ fn load_classes(
         .embed_dim
         .ok_or_else(|| EvalError::NoImageEmbedding("the checkpoint has no projection".into()))?;
     let classes = if is_safetensors(path) {
-        read_class_safetensors(path)?
+        let mut classes = read_class_safetensors(path)?;
+        // Compared when both are known: a file that names its text tower, and a checkpoint
+        // with one (a vision-only checkpoint cannot say).
+        if let Some(theirs) = &classes.text_weights {
+            if let Ok(Some(tower)) = load_text_tower(&args.model) {
+                classes.text_weights_match = Some(tower.fingerprint() == *theirs);
+            }
+        }
+        classes
     } else {
         super::classes::embed_names_file(
             &args.model,
@@ -497,6 +505,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 outcome.batches_rerun_alone
             );
         }
+    }
+    // Printed even with --quiet: the predictions themselves are in question.
+    if outcome.report["text_weights_match"] == false {
+        eprintln!(
+            "warning: the class embeddings were made by another text tower ({}) than {}'s: \
+             they lie in another embedding space, so the predictions mean nothing; embed the \
+             classes with this checkpoint (`prm classes --model {}`)",
+            outcome.report["text_weights"].as_str().unwrap_or("?"),
+            args.model,
+            args.model,
+        );
     }
     if outcome.report["attack_weights_match"] == false && !args.quiet {
         eprintln!(

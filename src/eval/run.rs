@@ -919,6 +919,9 @@ pub fn evaluate_listed(
         if let Some(t) = &c.text_weights {
             report.insert("text_weights".into(), json!(t));
         }
+        if let Some(m) = c.text_weights_match {
+            report.insert("text_weights_match".into(), json!(m));
+        }
     }
     if let Some(l) = &settings.labels {
         report.insert("label_source".into(), json!(l.describe()));
@@ -1088,7 +1091,11 @@ pub fn markdown_summary(report: &Value) -> String {
         get("failed"),
     ));
     if let Some(c) = get("class_source").as_str() {
-        s.push_str(&format!("- classes: {c}\n"));
+        let tower = match report.get("text_weights_match").and_then(Value::as_bool) {
+            Some(false) => " (**embedded by another text tower than this checkpoint's**)",
+            _ => "",
+        };
+        s.push_str(&format!("- classes: {c}{tower}\n"));
     }
     if let Some(attack) = report.get("attack") {
         let weights = match report.get("attack_weights_match").and_then(Value::as_bool) {

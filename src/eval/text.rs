@@ -145,8 +145,13 @@ pub struct ClassEmbeddings {
     /// How they were made, for reports.
     pub source: String,
     /// The fingerprint of the text tower that embedded the names
-    /// ([`crate::model::TextTower::fingerprint`]); `None` for precomputed embeddings.
+    /// ([`crate::model::TextTower::fingerprint`]): this run's, or the one a file made by
+    /// `prm classes` records; `None` for precomputed embeddings that do not say.
     pub text_weights: Option<String>,
+    /// For embeddings read from a file: whether `text_weights` is the evaluated checkpoint's
+    /// own text tower (`None` when either is unknown). Embeddings of another tower lie in
+    /// another space, and every prediction made with them is meaningless.
+    pub text_weights_match: Option<bool>,
 }
 
 impl ClassEmbeddings {
@@ -198,6 +203,7 @@ pub fn embed_class_names(
             tokenizer.source
         ),
         text_weights: Some(text_weights),
+        text_weights_match: None,
     })
 }
 
@@ -334,6 +340,7 @@ pub fn read_class_safetensors(path: &Path) -> Result<ClassEmbeddings, EvalError>
             None => format!("{} ({c} precomputed embeddings)", path.display()),
         },
         text_weights: metadata.and_then(|m| m.get("text_weights")).cloned(),
+        text_weights_match: None,
     })
 }
 
