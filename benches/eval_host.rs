@@ -180,6 +180,7 @@ fn classes(count: usize) -> ClassEmbeddings {
         dim: EMBED,
         source: "bench".into(),
         text_weights: None,
+        text_weights_match: None,
     }
 }
 
