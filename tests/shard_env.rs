@@ -13,6 +13,7 @@ const SCHED_VARS: &[&str] = &[
     "SLURM_ARRAY_TASK_ID",
     "SLURM_ARRAY_TASK_COUNT",
     "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_STEP",
     "SLURM_PROCID",
     "SLURM_NTASKS",
     "JOB_COMPLETION_INDEX",
@@ -130,8 +131,17 @@ fn precedence() {
         from(Some("0/7"), None, &all),
         Ok(Some((sh(0, 7), ShardSource::Flag)))
     );
+    // The array wins over a Kubernetes index (SLURM_NTASKS > 1 alongside an array is an
+    // error: see `array_with_several_tasks_or_a_step_is_refused`).
+    let array_and_k8s = [all[0], all[1], all[4]];
     assert_eq!(
-        from(None, None, &all),
+        from(None, None, &array_and_k8s),
+        Ok(Some((sh(1, 2), ShardSource::SlurmArray)))
+    );
+    // One task alongside the array is not a conflict.
+    let one_task = [all[0], all[1], ("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")];
+    assert_eq!(
+        from(None, None, &one_task),
         Ok(Some((sh(1, 2), ShardSource::SlurmArray)))
     );
     assert_eq!(
@@ -141,6 +151,71 @@ fn precedence() {
     assert_eq!(
         from(None, Some(4), &all[4..]),
         Ok(Some((sh(3, 4), ShardSource::KubernetesIndexedJob)))
+    );
+}
+
+#[test]
+fn array_with_several_tasks_or_a_step_is_refused() {
+    let array = [
+        ("SLURM_ARRAY_TASK_ID", "0"),
+        ("SLURM_ARRAY_TASK_COUNT", "2"),
+    ];
+    // `srun -n 2` inside an array element: both tasks would take shard 0/2.
+    for procid in ["0", "1"] {
+        let vars = [
+            array[0],
+            array[1],
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_PROCID", procid),
+        ];
+        let err = from(None, None, &vars).unwrap_err();
+        assert!(
+            err.contains("SLURM_NTASKS=2") && err.contains("--ntasks=1") && err.contains("--shard"),
+            "{err}"
+        );
+    }
+    // `--array=0-6:2`: ids 0, 2, 4, 6, count 4.
+    let err = from(
+        None,
+        None,
+        &[
+            ("SLURM_ARRAY_TASK_ID", "2"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+            ("SLURM_ARRAY_TASK_MIN", "0"),
+            ("SLURM_ARRAY_TASK_STEP", "2"),
+        ],
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("SLURM_ARRAY_TASK_STEP is 2") && err.contains("--array=0-7"),
+        "{err}"
+    );
+    let err = from(
+        None,
+        None,
+        &[array[0], array[1], ("SLURM_ARRAY_TASK_STEP", "x")],
+    )
+    .unwrap_err();
+    assert!(err.contains("SLURM_ARRAY_TASK_STEP='x'"), "{err}");
+    // A step of 1 (what Slurm sets for `--array=0-7`) is fine.
+    assert_eq!(
+        from(
+            None,
+            None,
+            &[array[0], array[1], ("SLURM_ARRAY_TASK_STEP", "1")]
+        ),
+        Ok(Some((sh(0, 2), ShardSource::SlurmArray)))
+    );
+    // An explicit --shard overrides the environment, so the hint in the message works.
+    let vars = [
+        array[0],
+        array[1],
+        ("SLURM_NTASKS", "2"),
+        ("SLURM_PROCID", "1"),
+    ];
+    assert_eq!(
+        from(Some("1/4"), None, &vars),
+        Ok(Some((sh(1, 4), ShardSource::Flag)))
     );
 }
 
@@ -432,6 +507,17 @@ fn bad_shard_environment_exits_2_before_any_work() {
             ("SLURM_ARRAY_TASK_COUNT", "3"),
         ][..],
         &[("SLURM_PROCID", "one"), ("SLURM_NTASKS", "2")][..],
+        &[
+            ("SLURM_ARRAY_TASK_ID", "0"),
+            ("SLURM_ARRAY_TASK_COUNT", "2"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_PROCID", "1"),
+        ][..],
+        &[
+            ("SLURM_ARRAY_TASK_ID", "2"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+            ("SLURM_ARRAY_TASK_STEP", "2"),
+        ][..],
     ] {
         let o = attack(&input, &out, &[], env);
         assert_eq!(
@@ -513,4 +599,148 @@ fn merge_reports_failed_and_missing() {
         &[],
     );
     assert_eq!(o.status.code(), Some(2));
+}
+
+/// One manifest line for `input` with `status` (`ok` or `error`).
+fn manifest_line(input: &str, status: &str) -> String {
+    format!(
+        r#"{{"input":"{input}","output":null,"status":"{status}","width":8,"height":8,"loss_initial":null,"loss_final":null,"linf":null,"steps":1,"seconds":0.1}}"#
+    )
+}
+
+fn merge_cmd(output: &Path, extra: &[&str], manifests: &[&Path]) -> Output {
+    let mut args = vec!["manifest", "merge", "--output", output.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.extend(manifests.iter().map(|m| m.to_str().unwrap()));
+    prm(&args, &[])
+}
+
+#[test]
+fn merge_output_must_be_jsonl_and_not_an_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    write_image(&input.join("a.png"), 8, 8, 1);
+    let m1 = tmp.path().join("m1.jsonl");
+    std::fs::write(&m1, format!("{}\n", manifest_line("a.png", "ok"))).unwrap();
+    let run_json = tmp.path().join("run.json");
+    std::fs::write(&run_json, "{}").unwrap();
+    let image = input.join("a.png");
+    let image_bytes = std::fs::read(&image).unwrap();
+
+    // An image (even one --input lists) and run.json: refused by extension, left untouched.
+    for (out, extra) in [
+        (&image, vec!["--input", input.to_str().unwrap()]),
+        (&run_json, vec![]),
+    ] {
+        let o = merge_cmd(out, &extra, &[&m1]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{}: {err}", out.display());
+        assert!(
+            err.contains("--output") && err.contains("FILE.jsonl"),
+            "{err}"
+        );
+        assert!(
+            o.stdout.is_empty(),
+            "no work done: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+    assert_eq!(std::fs::read(&image).unwrap(), image_bytes);
+    assert_eq!(std::fs::read_to_string(&run_json).unwrap(), "{}");
+
+    // The --input list file itself, even spelled through `..`.
+    let list = tmp.path().join("inputs.jsonl");
+    std::fs::write(&list, format!("{}\n", image.display())).unwrap();
+    let spelled = tmp.path().join("in/../inputs.jsonl");
+    let o = merge_cmd(&spelled, &["--input", list.to_str().unwrap()], &[&m1]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("is one of the inputs"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&list).unwrap(),
+        format!("{}\n", image.display())
+    );
+
+    // A directory named like a manifest.
+    let dir = tmp.path().join("d.jsonl");
+    std::fs::create_dir(&dir).unwrap();
+    let o = merge_cmd(&dir, &[], &[&m1]);
+    assert_eq!(o.status.code(), Some(2));
+
+    // Merging in place into one of the manifests merged stays allowed.
+    let m2 = tmp.path().join("m2.jsonl");
+    std::fs::write(&m2, format!("{}\n", manifest_line("b.png", "ok"))).unwrap();
+    let o = merge_cmd(&m1, &[], &[&m1, &m2]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(records(&m1).len(), 2);
+}
+
+#[test]
+fn merge_counts_follow_the_listed_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    write_image(&input.join("a.png"), 8, 8, 1);
+    std::fs::write(input.join("bad.png"), "junk").unwrap();
+    // bad.png failed in an earlier run and was then excluded; other.png is another data set's.
+    let m = tmp.path().join("manifest.jsonl");
+    std::fs::write(
+        &m,
+        [
+            manifest_line("a.png", "ok"),
+            manifest_line("bad.png", "error"),
+            manifest_line("other.png", "ok"),
+            manifest_line("gone.png", "error"),
+        ]
+        .join("\n")
+            + "\n",
+    )
+    .unwrap();
+    let merged = tmp.path().join("merged.jsonl");
+    let input_s = input.to_str().unwrap();
+
+    let o = merge_cmd(
+        &merged,
+        &["--input", input_s, "--exclude", "bad.png"],
+        &[&m],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("1 ok, 0 failed, 0 missing; 3 record(s) name no input"),
+        "{out}"
+    );
+    assert!(
+        out.contains("kept in the merged manifest, not counted"),
+        "{out}"
+    );
+    assert!(!out.contains("FAILED"), "{out}");
+    // Kept: merge never drops records.
+    assert_eq!(records(&merged).len(), 4);
+
+    // Without --exclude bad.png counts (and fails the merge); the other two still do not.
+    let o = merge_cmd(&merged, &["--input", input_s], &[&m]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("FAILED bad.png") && !out.contains("FAILED gone.png"),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 ok, 1 failed, 0 missing; 2 record(s) name no input"),
+        "{out}"
+    );
+
+    // Without --input every record counts, as before.
+    let o = merge_cmd(&merged, &[], &[&m]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("2 ok, 2 failed, 0 missing (no --input"),
+        "{out}"
+    );
 }

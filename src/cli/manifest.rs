@@ -1,14 +1,17 @@
 //! `prm manifest merge`: combine the manifests of a sharded run into one and report what is
 //! missing or failed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use prm::io::{list_inputs_with, read_manifest_detailed, ListOptions, ManifestRecord, Status};
+use prm::io::paths::{check_file_writable, resolved};
+use prm::io::{
+    list_inputs_with, read_manifest_detailed, InputItem, ListOptions, ManifestRecord, Status,
+};
 
 use super::EXIT_SOME_FAILED;
 
@@ -28,11 +31,13 @@ enum ManifestCommand {
 
 #[derive(Args)]
 struct MergeArgs {
-    /// Where to write the merged manifest (written atomically: a temporary file, then rename)
-    #[arg(long)]
+    /// Where to write the merged manifest, a FILE.jsonl that is not one of the inputs (may be
+    /// one of the manifests merged; written atomically: a temporary file, then rename)
+    #[arg(long, value_name = "FILE.jsonl")]
     output: PathBuf,
     /// The inputs of the run (directory or list file, as given to `prm attack --input`): inputs
-    /// with no record are reported as missing
+    /// with no record are reported as missing, and only these inputs' records are counted
+    /// (records of other inputs are kept in the merged manifest)
     #[arg(long)]
     input: Option<PathBuf>,
     /// Inputs left out of the run, as given to `prm attack --exclude` (repeatable): not missing
@@ -86,7 +91,60 @@ fn write_atomic(path: &Path, records: &[ManifestRecord]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses an `--output` that would replace one of the run's inputs: the `--input` list file
+/// itself, or a listed input file. Only inputs with `--output`'s file name are resolved, so a
+/// list of a million images costs no million `canonicalize` calls.
+fn check_not_an_input(output: &Path, input: &Path, items: &[InputItem]) -> anyhow::Result<()> {
+    let out = resolved(output);
+    let name = output.file_name();
+    let clash = std::iter::once(input)
+        .chain(items.iter().map(|i| i.path.as_path()))
+        .filter(|p| p.file_name() == name)
+        .find(|p| resolved(p) == out);
+    if let Some(p) = clash {
+        anyhow::bail!(
+            "--output {} is one of the inputs (--input {} lists {}): writing the merged \
+             manifest there would replace it; give another --output FILE.jsonl",
+            output.display(),
+            input.display(),
+            p.display()
+        );
+    }
+    Ok(())
+}
+
 fn merge(args: MergeArgs) -> anyhow::Result<ExitCode> {
+    // Usage checks before any work. The extension keeps the merged manifest off images and
+    // `run.json`; merging in place (--output is one of the manifests merged) stays allowed, as
+    // the README says, since the file is then rewritten with a superset of its records.
+    super::require_extension(
+        &args.output,
+        "--output",
+        "the merged manifest is JSON lines",
+        "jsonl",
+    )?;
+    check_file_writable(&args.output).map_err(|e| anyhow::anyhow!("--output {e}"))?;
+    let inputs = match &args.input {
+        Some(input) => {
+            // Like `prm attack`, skip the (first) manifest's output directory when it lies
+            // inside the input directory, but never the input directory itself.
+            let canon = |p: &Path| std::fs::canonicalize(p).ok();
+            let exclude = args.manifests[0]
+                .parent()
+                .filter(|p| p.is_dir() && canon(p) != canon(input));
+            let list = list_inputs_with(
+                input,
+                &ListOptions {
+                    exclude_dirs: exclude.into_iter().map(Path::to_path_buf).collect(),
+                    exclude: args.exclude.clone(),
+                },
+            )?;
+            check_not_an_input(&args.output, input, &list.items)?;
+            Some(list)
+        }
+        None => None,
+    };
+
     let mut all = Vec::new();
     for m in &args.manifests {
         let contents = read_manifest_detailed(m)?;
@@ -100,33 +158,33 @@ fn merge(args: MergeArgs) -> anyhow::Result<ExitCode> {
     }
     let merged = merge_records(all);
 
-    let mut missing = Vec::new();
-    if let Some(input) = &args.input {
-        // Like `prm attack`, skip the (first) manifest's output directory when it lies inside
-        // the input directory, but never the input directory itself.
-        let canon = |p: &Path| std::fs::canonicalize(p).ok();
-        let exclude = args.manifests[0]
-            .parent()
-            .filter(|p| p.is_dir() && canon(p) != canon(input));
-        let inputs = list_inputs_with(
-            input,
-            &ListOptions {
-                exclude_dirs: exclude.into_iter().map(Path::to_path_buf).collect(),
-                exclude: args.exclude.clone(),
-            },
-        )?;
-        let have: std::collections::BTreeSet<&str> =
-            merged.iter().map(|r| r.input.as_str()).collect();
-        missing = inputs
-            .items
-            .iter()
-            .filter(|i| !have.contains(i.rel.as_str()))
-            .map(|i| i.rel.clone())
-            .collect();
-    }
+    // With --input the counts and the exit code follow the listed inputs only: a record of an
+    // excluded input, or of a file that is not an input at all (another data set's manifest),
+    // says nothing about this run. Such records are still written to the merged manifest: merge
+    // never drops data, and merging in place with a mistyped --input or --exclude would
+    // otherwise delete records from the shared manifest. They are counted separately.
+    let listed: Option<BTreeSet<&str>> = inputs
+        .as_ref()
+        .map(|l| l.items.iter().map(|i| i.rel.as_str()).collect());
+    let counted = |r: &ManifestRecord| listed.as_ref().is_none_or(|l| l.contains(r.input.as_str()));
+    let unlisted: Vec<&ManifestRecord> = merged.iter().filter(|r| !counted(r)).collect();
+    let missing: Vec<&str> = match &inputs {
+        Some(list) => {
+            let have: BTreeSet<&str> = merged.iter().map(|r| r.input.as_str()).collect();
+            list.items
+                .iter()
+                .map(|i| i.rel.as_str())
+                .filter(|rel| !have.contains(rel))
+                .collect()
+        }
+        None => Vec::new(),
+    };
     write_atomic(&args.output, &merged)?;
 
-    let failed: Vec<&ManifestRecord> = merged.iter().filter(|r| r.status != Status::Ok).collect();
+    let failed: Vec<&ManifestRecord> = merged
+        .iter()
+        .filter(|r| counted(r) && r.status != Status::Ok)
+        .collect();
     for r in &failed {
         println!(
             "FAILED {}: {}",
@@ -137,19 +195,25 @@ fn merge(args: MergeArgs) -> anyhow::Result<ExitCode> {
     for rel in &missing {
         println!("MISSING {rel}");
     }
-    let ok = merged.len() - failed.len();
+    let ok = merged.len() - unlisted.len() - failed.len();
+    let tail = match (&args.input, unlisted.first()) {
+        (None, _) => " (no --input: missing inputs not checked)".to_string(),
+        (Some(_), None) => String::new(),
+        (Some(input), Some(first)) => format!(
+            "; {} record(s) name no input of --input {} (excluded, or not there; e.g. {}): \
+             kept in the merged manifest, not counted",
+            unlisted.len(),
+            input.display(),
+            first.input
+        ),
+    };
     println!(
-        "merged {} manifest(s) into {}: {} ok, {} failed, {} missing{}",
+        "merged {} manifest(s) into {}: {} ok, {} failed, {} missing{tail}",
         args.manifests.len(),
         args.output.display(),
         ok,
         failed.len(),
         missing.len(),
-        if args.input.is_none() {
-            " (no --input: missing inputs not checked)"
-        } else {
-            ""
-        }
     );
     Ok(if failed.is_empty() && missing.is_empty() {
         ExitCode::SUCCESS

@@ -98,7 +98,9 @@ fn agree(shard: Shard, shards_flag: Option<u64>, what: &str) -> Result<Shard, St
 /// In order of precedence:
 /// 1. `flag` (`--shard K/N`); `--shards N`, when also given, must equal N;
 /// 2. a Slurm job array: `SLURM_ARRAY_TASK_ID` − `SLURM_ARRAY_TASK_MIN` (when set) of
-///    `SLURM_ARRAY_TASK_COUNT` (the array must be contiguous, e.g. `--array=0-7` or `1-8`);
+///    `SLURM_ARRAY_TASK_COUNT` (the array must be contiguous, e.g. `--array=0-7` or `1-8`:
+///    a `SLURM_ARRAY_TASK_STEP` other than 1 is an error, and so is `SLURM_NTASKS` > 1, where
+///    every task of the array element would take the same shard);
 /// 3. Slurm tasks: `SLURM_PROCID` of `SLURM_NTASKS`, only when `SLURM_NTASKS` > 1;
 /// 4. a Kubernetes Indexed Job: `JOB_COMPLETION_INDEX` of `shards_flag` (`--shards N`, required).
 ///
@@ -126,6 +128,29 @@ pub fn shard_from_env(
         let index = id.checked_sub(min).ok_or_else(|| {
             format!("inconsistent Slurm array: SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}")
         })?;
+        // `--array=0-6:2` has ids 0, 2, 4, 6 but a count of 4: id − min would give shards 0, 2,
+        // 4 (out of range) and 6, and shards 1 and 3 would never run. Only a step of 1 maps ids
+        // onto 0..count.
+        if let Some(step) = env_u64(env, "SLURM_ARRAY_TASK_STEP")?.filter(|&s| s != 1) {
+            return Err(format!(
+                "SLURM_ARRAY_TASK_STEP is {step}, but the shard is taken from a contiguous \
+                 array: submit with a step of 1 (e.g. --array=0-7), or give --shard K/N"
+            ));
+        }
+        // Every task of one array element sees the same array id, so with `srun -n 2` inside
+        // the element two tasks would attack the same shard into the same files. Combining the
+        // two (array index × ntasks + procid) is not safe to guess: a batch step that runs prm
+        // directly, without srun, also sees SLURM_NTASKS > 1 but runs one task, and that
+        // combination would leave the other tasks' shards unrun. So the user says.
+        if let Some(ntasks) = env_u64(env, "SLURM_NTASKS")?.filter(|&n| n > 1) {
+            return Err(format!(
+                "both a Slurm job array (SLURM_ARRAY_TASK_ID) and SLURM_NTASKS={ntasks} are set, \
+                 so the {ntasks} tasks of this array element would attack the same shard: run \
+                 one task per array element (--ntasks=1), or give each task its own --shard K/N \
+                 (e.g. K = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) * SLURM_NTASKS + \
+                 SLURM_PROCID, N = SLURM_ARRAY_TASK_COUNT * SLURM_NTASKS)"
+            ));
+        }
         let what = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT";
         let shard = agree(checked(index, count, what)?, shards_flag, what)?;
         return Ok(Some((shard, ShardSource::SlurmArray)));
