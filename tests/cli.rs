@@ -415,6 +415,19 @@ fn side_files_and_working_sizes_are_refused_before_any_work() {
         assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(extra[0]), "{extra:?}: {}", stderr(&o));
     }
+    // --profile counts device calls: the CPU engine makes none (was a table of zeros).
+    let o = prm(&[
+        "bench",
+        "--model",
+        "random:tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--profile",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--device sim"), "{}", stderr(&o));
 }
 
 /// A resume re-attacks an input whose size changed since its record (another image under the

@@ -1212,6 +1212,24 @@ fn class_embeddings_written_once_give_the_same_evaluation() {
         "{source}"
     );
 
+    // prm classes's own words: its flag is --names, not eval's --classes.
+    let dup = t.path().join("dup.txt");
+    std::fs::write(&dup, "cat\ndog\ncat\n").unwrap();
+    let o = prm(&[
+        "classes",
+        "--model",
+        "random:tiny",
+        "--names",
+        s(&dup),
+        "--output",
+        "x.safetensors",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--names") && !stderr(&o).contains("--classes"),
+        "{}",
+        stderr(&o)
+    );
     // Refused before any work: an output that is not .safetensors, names that do not exist.
     for (flag, value) in [("--output", "classes.txt"), ("--names", "missing.txt")] {
         let mut args = vec![

@@ -114,6 +114,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.timeline.is_some() && device.is_none() {
         bail!("--timeline records a GPU device's stream: use --device cuda or --device sim");
     }
+    if args.profile && device.is_none() {
+        bail!(
+            "--profile counts the host's calls into a GPU device, and the CPU engine makes none: \
+             use --device cuda or --device sim"
+        );
+    }
     if let Some(Some(p)) = &args.timeline {
         require_extension(p, "--timeline", "the trace is JSON", "json")?;
     }

@@ -84,6 +84,23 @@ pub(super) fn embed_names_file(
     )?)
 }
 
+/// The shared errors are worded for `prm eval --classes`; here the names come from `--names`,
+/// and "give --classes a .safetensors" would be advice for another command.
+fn in_this_commands_words(e: anyhow::Error, model: &str) -> anyhow::Error {
+    match e.downcast::<EvalError>() {
+        Ok(EvalError::Classes { path, reason }) => {
+            anyhow::anyhow!("--names {}: {reason}", path.display())
+        }
+        Ok(EvalError::NoTextTower) => anyhow::anyhow!(
+            "'{model}' has no text tower to embed the names with; give prm classes a checkpoint \
+             that holds one (a CLIPModel, or an OpenAI / open_clip state dict with its text \
+             tower)"
+        ),
+        Ok(other) => other.into(),
+        Err(e) => e,
+    }
+}
+
 pub fn run(args: ClassesArgs) -> anyhow::Result<ExitCode> {
     super::require_extension(
         &args.output,
@@ -91,6 +108,12 @@ pub fn run(args: ClassesArgs) -> anyhow::Result<ExitCode> {
         "class embeddings are written as safetensors",
         "safetensors",
     )?;
+    if args.names.is_dir() {
+        anyhow::bail!(
+            "--names {}: is a directory; give a text file of class names, one per line",
+            args.names.display()
+        );
+    }
     if !args.names.is_file() {
         anyhow::bail!("--names {}: no such file", args.names.display());
     }
@@ -105,7 +128,8 @@ pub fn run(args: ClassesArgs) -> anyhow::Result<ExitCode> {
         args.single_template,
         dev.as_ref(),
         precision,
-    )?;
+    )
+    .map_err(|e| in_this_commands_words(e, &args.model))?;
     write_class_safetensors(&args.output, &classes)?;
     if !args.quiet {
         eprintln!(
