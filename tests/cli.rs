@@ -453,6 +453,26 @@ fn a_resume_attacks_again_an_input_that_changed() {
     );
     let saved = image::open(out.join("c.png")).unwrap();
     assert_eq!((saved.width(), saved.height()), (50, 40));
+    // --save-float added on a resume: every image lacks its float file, and the note says so.
+    let o = prm(&[
+        "attack",
+        "--model",
+        "random:tiny",
+        "--input",
+        f.input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--save-float",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("3 input(s) recorded as done lack the float file"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(out.join("c.safetensors").is_file());
 }
 
 /// `prm info | head -1`: a reader that goes away ends prm quietly (SIGPIPE), never with a panic

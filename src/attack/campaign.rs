@@ -128,9 +128,8 @@ pub struct CampaignSummary {
 pub trait Progress {
     /// `images` inputs were already done by an earlier run and are skipped.
     fn skipped(&self, _images: usize) {}
-    /// `images` inputs recorded as done have another size than when they were attacked, and
-    /// are attacked again.
-    fn changed_since_recorded(&self, _images: usize) {}
+    /// Inputs recorded as done are attacked again, for the reasons counted.
+    fn redone_on_resume(&self, _redone: RedoneOnResume) {}
     fn image_started(&self, _rel: &str) {}
     /// `image_steps` more image-steps are done (one batch step).
     fn steps_done(&self, _image_steps: usize) {}
@@ -304,9 +303,9 @@ impl Campaign<'_> {
     ) -> Result<(ManifestWriter, Vec<InputItem>, CampaignSummary), IoError> {
         // Opening the writer first cuts off a partial last line left by a crash.
         let manifest = ManifestWriter::open(&self.output.dir)?;
-        let (done, changed) = done_and_changed(self.output, self.items)?;
-        if changed > 0 {
-            progress.changed_since_recorded(changed);
+        let (done, redone) = done_and_changed(self.output, self.items)?;
+        if redone != RedoneOnResume::default() {
+            progress.redone_on_resume(redone);
         }
         let todo: Vec<InputItem> = self
             .items
@@ -370,18 +369,32 @@ pub fn already_done_in(
     done_and_changed(output, items).map(|(done, _)| done)
 }
 
-/// [`already_done_in`], and how many inputs recorded as done have changed size since (another
-/// image under the same name, or this one edited), which are to be attacked again.
+/// Inputs recorded as done that a resume attacks again, by reason (each said in a note, so that
+/// a re-run that redoes a campaign says why).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedoneOnResume {
+    /// The input's size changed since its record (another image under the same name, or this
+    /// one edited).
+    pub changed: usize,
+    /// The record names another output layout's file (`--output-layout` differs from the run
+    /// that made it).
+    pub other_layout: usize,
+    /// The image is there, but `--save-float` asks for its float file, which is not.
+    pub no_float: usize,
+}
+
+/// [`already_done_in`], and the inputs recorded as done that are to be attacked again, by
+/// reason.
 fn done_and_changed(
     output: &OutputOptions,
     items: &[InputItem],
-) -> Result<(HashSet<String>, usize), IoError> {
+) -> Result<(HashSet<String>, RedoneOnResume), IoError> {
     let dir = output.dir.as_path();
     let save_float = output.save_float;
     let path = dir.join(MANIFEST_FILE);
     let contents = match read_manifest_detailed(&path) {
         Ok(c) => c,
-        Err(IoError::NotFound { .. }) => return Ok((HashSet::new(), 0)),
+        Err(IoError::NotFound { .. }) => return Ok((HashSet::new(), RedoneOnResume::default())),
         Err(e) => return Err(e),
     };
     let mut latest: HashMap<&str, &ManifestRecord> = HashMap::new();
@@ -390,7 +403,7 @@ fn done_and_changed(
     }
     let lookup = OutputLookup::new(dir);
     let mut done = HashSet::new();
-    let mut changed = 0;
+    let mut redone = RedoneOnResume::default();
     for item in items {
         let Some(r) = latest.get(item.rel.as_str()) else {
             continue;
@@ -401,7 +414,7 @@ fn done_and_changed(
         // Another image under the same name (or this one edited) since it was attacked: its
         // output is not this input's.
         if r.input_bytes.is_some() && r.input_bytes != input_bytes(item) {
-            changed += 1;
+            redone.changed += 1;
             continue;
         }
         let finished = if item.member.is_some() {
@@ -419,24 +432,34 @@ fn done_and_changed(
                     }
                 })
             };
-            r.output.as_deref() == Some(output.layout.output_rel(item).as_str())
-                && match lookup.find(item, Some(output.layout))? {
-                    Some(found) => float_ok(&found)?,
+            if r.output.as_deref() != Some(output.layout.output_rel(item).as_str()) {
+                redone.other_layout += 1;
+                false
+            } else {
+                match lookup.find(item, Some(output.layout))? {
+                    Some(found) => {
+                        let float = float_ok(&found)?;
+                        redone.no_float += usize::from(!float);
+                        float
+                    }
                     None => false,
                 }
+            }
         } else {
             let png = dir.join(
                 r.output
                     .clone()
                     .unwrap_or_else(|| output_rel_path(&item.rel)),
             );
-            png.is_file() && (!save_float || png.with_extension("safetensors").is_file())
+            let float = !save_float || png.with_extension("safetensors").is_file();
+            redone.no_float += usize::from(png.is_file() && !float);
+            png.is_file() && float
         };
         if finished {
             done.insert(item.rel.clone());
         }
     }
-    Ok((done, changed))
+    Ok((done, redone))
 }
 
 /// Writes `<output>/<shard>.tar` for every tar shard among `items` that has new staged images

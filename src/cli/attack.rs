@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context};
 use clap::Args;
 use prm::attack::campaign::{
-    Campaign, CampaignError, MemoryBudget, OutputOptions, Progress, Worker,
+    Campaign, CampaignError, MemoryBudget, OutputOptions, Progress, RedoneOnResume, Worker,
 };
 use prm::attack::profile::Timeline;
 use prm::attack::*;
@@ -772,8 +772,8 @@ impl Progress for Curves<'_> {
     fn skipped(&self, images: usize) {
         self.bar.skipped(images)
     }
-    fn changed_since_recorded(&self, images: usize) {
-        self.bar.changed_since_recorded(images)
+    fn redone_on_resume(&self, redone: RedoneOnResume) {
+        self.bar.redone_on_resume(redone)
     }
     fn image_started(&self, rel: &str) {
         self.bar.image_started(rel)

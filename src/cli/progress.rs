@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use prm::attack::campaign::Progress;
+use prm::attack::campaign::{Progress, RedoneOnResume};
 use prm::io::{ManifestRecord, Status};
 
 pub struct Bar {
@@ -48,15 +48,27 @@ impl Bar {
 }
 
 impl Progress for Bar {
-    fn changed_since_recorded(&self, images: usize) {
-        if !self.quiet {
-            self.bar.suspend(|| {
-                eprintln!(
-                    "note: {images} input(s) recorded as done have another size than when they \
-                     were attacked (another image under the same name?): attacking them again"
-                );
-            });
+    fn redone_on_resume(&self, redone: RedoneOnResume) {
+        if self.quiet {
+            return;
         }
+        let reasons = [
+            (
+                redone.changed,
+                "have another size than when they were attacked (another image under the same \
+                 name?)",
+            ),
+            (
+                redone.other_layout,
+                "were written in the other --output-layout (give the earlier run's to resume it)",
+            ),
+            (redone.no_float, "lack the float file --save-float asks for"),
+        ];
+        self.bar.suspend(|| {
+            for (n, why) in reasons.iter().filter(|(n, _)| *n > 0) {
+                eprintln!("note: {n} input(s) recorded as done {why}: attacking them again");
+            }
+        });
     }
     fn skipped(&self, images: usize) {
         // A resumed run starts from what is already done.
