@@ -337,6 +337,7 @@ fn side_files_and_working_sizes_are_refused_before_any_work() {
     assert!(o.status.success(), "{}", stderr(&o));
     let record = std::fs::read(out.join("run.json")).unwrap();
     let image = std::fs::read(out.join("a.png")).unwrap();
+    std::fs::write(f.root.join("notes.json"), "{}").unwrap();
     let dir_plot = f.root.join("plots.png");
     std::fs::create_dir(&dir_plot).unwrap();
     let s = |p: PathBuf| p.to_str().unwrap().to_string();
@@ -370,6 +371,10 @@ fn side_files_and_working_sizes_are_refused_before_any_work() {
         (
             vec!["--plot".into(), s(f.input.join("new.png"))],
             "input directory",
+        ),
+        (
+            vec!["--plot".into(), s(f.root.join("notes.png"))],
+            "holds another file",
         ),
         (vec!["--plot".into(), s(dir_plot.clone())], "is a directory"),
         (

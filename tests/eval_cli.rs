@@ -330,6 +330,14 @@ fn bad_input_exit_codes() {
     // unknown target
     let o = run(base(&["--target", "segformer"]));
     assert_eq!(o.status.code(), Some(2));
+    // a report whose summary (FILE.md) would replace a file that is not a prm summary
+    let licence = t.path().join("LICENSE.md");
+    std::fs::write(&licence, "MIT\n").unwrap();
+    let report = t.path().join("LICENSE.json");
+    let o = run(base(&["--target", "features", "--report", s(&report)]));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("holds another file"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&licence).unwrap(), "MIT\n");
     // a working size below a patch, or beyond the pixel budget (was an aborted process)
     for (n, needle) in [("8", "patch"), ("20000", "--max-pixels")] {
         let o = run(base(&["--target", "features", "--resolution", n]));

@@ -389,6 +389,26 @@ fn check_side_files(
         }
         taken.insert(r, flag.clone());
     }
+    // The plot's numbers are a file the user did not name: they may replace an earlier plot's,
+    // never another file.
+    if let Some(p) = &args.plot {
+        let numbers = p.with_extension("json");
+        if numbers.is_file() {
+            let earlier: Option<serde_json::Value> = std::fs::read(&numbers)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let is_plot =
+                earlier.is_some_and(|v| v.get("points").is_some() && v.get("shown").is_some());
+            if !is_plot {
+                bail!(
+                    "--plot {} writes its numbers to {}, which holds another file; give the plot \
+                     another name",
+                    p.display(),
+                    numbers.display()
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -333,6 +333,20 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 report.display()
             );
         }
+        // The summary is a second file the user did not name: it may replace an earlier
+        // summary, never another file (a LICENSE.md beside a LICENSE.json report).
+        let summary = report_paths(report);
+        if summary.is_file() {
+            let head = std::fs::read(&summary).unwrap_or_default();
+            if !head.starts_with(b"# prm eval") {
+                bail!(
+                    "--report {} writes its summary to {}, which holds another file; give the \
+                     report another name",
+                    report.display(),
+                    summary.display()
+                );
+            }
+        }
     }
     // The images first: a mistake in the paths shows before the model loads.
     let own_outputs: Vec<&Path> = [args.save_predictions.as_deref(), args.pictures.as_deref()]
