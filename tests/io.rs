@@ -1288,3 +1288,27 @@ fn verify_refuses_clean_as_adv_and_notes_a_corrupt_run_record() {
         rep.notes
     );
 }
+
+/// A tar shard holding one member name twice (as `tar rf` appends) is named as such, not as two
+/// inputs to rename.
+#[test]
+fn a_tar_member_name_repeated_in_its_shard_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = dir.path().join("s-000.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&shard).unwrap());
+    let png =
+        std::fs::read(env!("CARGO_MANIFEST_DIR").to_string() + "/samples/astronaut.png").unwrap();
+    for _ in 0..2 {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(png.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "k/0001.png", png.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap();
+    let list = list_inputs(&shard, None).unwrap();
+    let err = check_output_collisions_in(&list.items, OutputLayout::Tar).unwrap_err();
+    assert!(matches!(err, IoError::RepeatedTarMember { .. }), "{err}");
+    assert!(err.to_string().contains("s-000.tar/k/0001.png"), "{err}");
+    assert!(!err.to_string().contains("rename the inputs"), "{err}");
+}

@@ -792,13 +792,22 @@ pub fn check_output_collisions_in(
 ) -> Result<(), IoError> {
     let mut seen: BTreeMap<String, &str> = BTreeMap::new();
     let mut pairs = Vec::new();
+    // The same member name twice in one shard is not two inputs to rename.
+    let mut repeated = Vec::new();
     for item in items {
         let out = layout.output_rel(item);
         if let Some(first) = seen.get(&out) {
-            pairs.push((first.to_string(), item.rel.clone(), out));
+            if item.member.is_some() && *first == item.rel {
+                repeated.push(item.rel.clone());
+            } else {
+                pairs.push((first.to_string(), item.rel.clone(), out));
+            }
         } else {
             seen.insert(out, &item.rel);
         }
+    }
+    if !repeated.is_empty() {
+        return Err(IoError::RepeatedTarMember { names: repeated });
     }
     if pairs.is_empty() {
         Ok(())

@@ -131,6 +131,11 @@ pub enum IoError {
         message: String,
     },
 
+    /// A tar shard holds members of one name more than once (as `tar rf` appends them): which
+    /// copy is the image is not clear (tar readers take the last).
+    #[error("{} member name(s) appear more than once in their tar shard: {}; rewrite the shard with one member of each name (tar readers take the last copy)", names.len(), names.iter().take(5).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "))]
+    RepeatedTarMember { names: Vec<String> },
+
     /// Two or more inputs would be written to the same output file.
     #[error("{} input(s) map to an output name already used by another input: {}; rename the inputs or split the run", pairs.len(), pairs.iter().map(|(a, b, o)| format!("`{a}` and `{b}` -> `{o}`")).collect::<Vec<_>>().join(", "))]
     OutputCollision {
