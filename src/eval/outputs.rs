@@ -68,6 +68,53 @@ pub fn check_output_dir(flag: &str, dir: &Path) -> Result<(), EvalError> {
     Ok(())
 }
 
+/// Refuses outputs written over each other: a picture over a prediction map (`--pictures` set
+/// to `--save-predictions`'s `clean/`, say), or a report over either. Only output directories
+/// that lie one inside the other, and files inside an output directory, can clash, so the
+/// per-image paths are formed only then.
+fn check_outputs_apart(
+    items: &[InputItem],
+    roots: &[(&str, &Path, PathBuf, &[&str])],
+    outputs: &Outputs,
+    files: &[(&str, PathBuf)],
+) -> Result<(), EvalError> {
+    let nested = roots.iter().enumerate().any(|(i, a)| {
+        roots[i + 1..]
+            .iter()
+            .any(|b| a.2.starts_with(&b.2) || b.2.starts_with(&a.2))
+    });
+    let file_inside = files
+        .iter()
+        .any(|(_, f)| roots.iter().any(|(_, _, r, _)| f.starts_with(r)));
+    if !nested && !file_inside {
+        return Ok(());
+    }
+    let mut written: HashMap<PathBuf, (&str, &Path)> = HashMap::new();
+    for (&(flag, given), (_, f)) in outputs.files.iter().zip(files) {
+        written.insert(f.clone(), (flag, given));
+    }
+    for item in items {
+        let tree = OutputLayout::Tree.output_rel(item);
+        for &(flag, given, ref root, subs) in roots {
+            for sub in subs {
+                let path = root.join(sub).join(&tree);
+                if let Some((other, other_given)) = written.insert(path.clone(), (flag, given)) {
+                    if other != flag {
+                        return Err(EvalError::Usage(format!(
+                            "{flag} {} and {other} {} would both write {}; give them places \
+                             apart",
+                            given.display(),
+                            other_given.display(),
+                            path.display()
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Refuses, before any work, an evaluation that would write any of its outputs over one of its
 /// inputs: an adversarial image, the attack's `run.json` or `manifest.jsonl`, a clean image, a
 /// label map, or a file named by another flag.
@@ -96,6 +143,7 @@ pub fn check_outputs_spare_inputs(
     if roots.is_empty() && files.is_empty() {
         return Ok(());
     }
+    check_outputs_apart(items, &roots, outputs, &files)?;
     // Only inputs where an output could land are kept: one lookup per written path.
     let relevant = |p: &Path| {
         roots.iter().any(|(_, _, r, _)| p.starts_with(r)) || files.iter().any(|(_, f)| f == p)
@@ -320,5 +368,61 @@ mod tests {
         }
         check_output_dir("--pictures", &t.path().join("new/dir")).unwrap();
         check_output_dir("--pictures", Path::new("relative")).unwrap();
+    }
+
+    /// Outputs over each other: pictures in `--save-predictions`'s `clean/` write the same files
+    /// as its prediction maps, and a report named like a picture would be replaced by it.
+    #[test]
+    fn outputs_written_over_each_other_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let clean = t.path().join("clean");
+        let items = [item(&clean.join("a.png"), "a.png")];
+        let pred = t.path().join("pred");
+        let in_clean = pred.join("clean");
+        let report = pred.join("adv/a.png");
+        let beside = t.path().join("pictures");
+        let inputs = Inputs::default();
+        for (outputs, refused) in [
+            (
+                Outputs {
+                    pictures: Some(&in_clean),
+                    save_predictions: Some(&pred),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Outputs {
+                    save_predictions: Some(&pred),
+                    files: vec![("--report", &report)],
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Outputs {
+                    pictures: Some(&pred),
+                    save_predictions: Some(&pred),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                Outputs {
+                    pictures: Some(&beside),
+                    save_predictions: Some(&pred),
+                    ..Default::default()
+                },
+                false,
+            ),
+        ] {
+            let got = check_outputs_spare_inputs(&items, &inputs, &outputs);
+            if refused {
+                let e = got.unwrap_err().to_string();
+                assert!(e.contains("would both write"), "{e}");
+            } else {
+                got.unwrap();
+            }
+        }
     }
 }
