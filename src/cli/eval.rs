@@ -152,14 +152,11 @@ fn load_classes(
     if !path.is_file() {
         bail!("--classes {}: no such file", path.display());
     }
-    if let Some(reason) = model.image_embedding_unavailable() {
-        return Err(EvalError::NoImageEmbedding(reason))
-            .context("class embeddings need image embeddings");
-    }
     let e = model
-        .config
-        .embed_dim
-        .ok_or_else(|| EvalError::NoImageEmbedding("the checkpoint has no projection".into()))?;
+        .image_projection()
+        .map_err(EvalError::NoImageEmbedding)
+        .context("class embeddings need image embeddings")?
+        .out_features;
     let classes = if is_safetensors(path) {
         let mut classes = read_class_safetensors(path)?;
         // Compared when both are known: a file that names its text tower, and a checkpoint

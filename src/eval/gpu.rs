@@ -640,9 +640,10 @@ impl<'m> GpuTargets<'m> {
         z: &Buffer<f32>,
         rows: usize,
     ) -> Result<(Buffer<f32>, usize), EvalError> {
-        if let Some(reason) = self.model.image_embedding_unavailable() {
-            return Err(EvalError::NoImageEmbedding(reason));
-        }
+        self.model
+            .image_projection()
+            .map_err(EvalError::NoImageEmbedding)?;
+        // Uploaded whenever the model has one, which `image_projection` has just checked.
         let proj = self.projection.as_ref().ok_or_else(|| {
             EvalError::NoImageEmbedding("the checkpoint has no projection".into())
         })?;

@@ -320,14 +320,9 @@ pub(crate) fn check_pairs(images: &[Planar]) -> Result<(), EvalError> {
 /// The projection, or a clear error when the tower's image embedding cannot be formed (no
 /// projection, or a pooling prm does not build).
 pub(crate) fn require_projection(model: &Model) -> Result<&crate::model::Linear, EvalError> {
-    if let Some(reason) = model.image_embedding_unavailable() {
-        return Err(EvalError::NoImageEmbedding(reason));
-    }
     model
-        .weights
-        .projection
-        .as_ref()
-        .ok_or_else(|| EvalError::NoImageEmbedding("the checkpoint has no projection".into()))
+        .image_projection()
+        .map_err(EvalError::NoImageEmbedding)
 }
 
 /// The reference (CPU) implementation of the last-block replacement: from `x [T, D]` (F_{L−1})

@@ -712,30 +712,10 @@ fn list_file(list: &Path, excludes: &Excludes) -> Result<InputList, IoError> {
     })
 }
 
-/// Whether two listed paths with the same relative name are one file: by the file system when
-/// both exist (symlinks resolved), otherwise lexically (`a/../b.jpg` is `b.jpg`).
+/// Whether two listed paths with the same relative name are one file, as the file system will
+/// see them (symlinks resolved where they exist, `a/../b.jpg` is `b.jpg`).
 fn same_file(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => lexical(a) == lexical(b),
-    }
-}
-
-/// `p` with `.` dropped and `..` applied to the preceding component, without the file system.
-fn lexical(p: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for comp in p.components() {
-        match comp {
-            Component::CurDir => {}
-            Component::ParentDir
-                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
-            {
-                out.pop();
-            }
-            c => out.push(c),
-        }
-    }
-    out
+    super::paths::resolved(a) == super::paths::resolved(b)
 }
 
 /// Lexically normalises a path as written in a list file into a `/`-separated relative path.

@@ -192,16 +192,22 @@ impl Model {
     /// Why this tower's CLIP image embedding cannot be computed, if it cannot: the checkpoint
     /// has no projection, or the tower pools otherwise than by its class token.
     pub fn image_embedding_unavailable(&self) -> Option<String> {
-        if self.weights.projection.is_none() {
-            return Some(
+        self.image_projection().err()
+    }
+
+    /// The visual projection of the CLIP image embedding, or why the embedding cannot be
+    /// computed ([`Model::image_embedding_unavailable`]).
+    pub fn image_projection(&self) -> Result<&Linear, String> {
+        let Some(projection) = &self.weights.projection else {
+            return Err(
                 "the checkpoint has no visual projection (`visual_projection.weight` / \
                  `visual.proj`)"
                     .into(),
             );
-        }
+        };
         match self.config.pooling {
-            Pooling::ClassToken => None,
-            Pooling::PatchAverage => Some(
+            Pooling::ClassToken => Ok(projection),
+            Pooling::PatchAverage => Err(
                 "the tower pools its image embedding as the average of the patch tokens \
                  (open_clip pool_type \"avg\", e.g. CLIPA), which prm does not build; prm computes \
                  its features F_0..F_L (every loss but embed, eval's features and probe targets)"
