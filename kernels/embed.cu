@@ -2,6 +2,7 @@
 //
 //   forward:  images --patchify--> patches [ΣN_i, 3·p·p] --GEMM (Wᵀ)--> patch tokens [ΣN_i, D]
 //             --assemble_tokens--> tokens [ΣT_i, D] = [CLS; patch tokens] + pos,   T_i = N_i + 1
+//             (a tower without a class token, SigLIP: tokens = patch tokens + pos, T_i = N_i)
 //   backward: d_tokens --tokens_to_patch_grads--> d_patches-tokens [ΣN_i, D] --GEMM (·W)-->
 //             d_patches [ΣN_i, 3·p·p] --col2im--> d_images (÷ std, zero in dropped pixels)
 //
@@ -16,11 +17,12 @@
 //              columns are ordered (channel c, row r, column s): col = c·p·p + r·p + s, holding the
 //              normalised pixel (x[c, a·p + r, b·p + s] − mean_c) · (1/std_c). Pixels beyond the
 //              last whole patch (rows ≥ gh·p, columns ≥ gw·p) are dropped, like a stride-p conv.
-//   tokens     [ΣT_i, D]; image i's token t is row token_offset_i + t; token 0 is CLS.
+//   tokens     [ΣT_i, D]; image i's token t is row token_offset_i + t; token 0 is CLS when
+//              class_tokens_i = 1 (cls is then [D]; with 0, cls is not read and may be null).
 //   pos        [ΣT_i, D], each image's position embedding already interpolated to its grid by the
 //              engine and packed like the tokens.
 //   table      int[8 · images], per image: { pixel_offset, H, W, gh, gw, patch_offset,
-//              token_offset, 0 } (PRM_EMBED_* below; built by `PackedImages` in
+//              token_offset, class_tokens (1 or 0) } (PRM_EMBED_* below; built by `PackedImages` in
 //              src/gpu/kernels/embed.rs).
 //
 // Grids: blockIdx.y is the image; blockIdx.x / threadIdx.x stride over that image's elements
@@ -42,6 +44,7 @@
 #define PRM_EMBED_GRID_W 4
 #define PRM_EMBED_PATCH_OFFSET 5
 #define PRM_EMBED_TOKEN_OFFSET 6
+#define PRM_EMBED_CLASS_TOKENS 7
 
 __device__ __forceinline__ float prm_pick3(int c, float a, float b, float d) { return c == 0 ? a : (c == 1 ? b : d); }
 
@@ -91,7 +94,8 @@ extern "C" __global__ void prm_embed_patchify_bf16(const float* __restrict__ ima
 }
 PRM_REGISTER_KERNEL(prm_embed_patchify_bf16);
 
-// tokens[token_offset + t] = (t == 0 ? cls : patch_tokens[patch_offset + t − 1]) + pos[token_offset + t]
+// tokens[token_offset + t] = (t == 0 ? cls : patch_tokens[patch_offset + t − 1]) + pos[token_offset + t],
+// or patch_tokens[patch_offset + t] + pos[token_offset + t] without a class token
 template <typename T>
 __device__ __forceinline__ void prm_embed_assemble_tokens(const T* __restrict__ patch_tokens,
                                                           const float* __restrict__ cls,
@@ -99,14 +103,15 @@ __device__ __forceinline__ void prm_embed_assemble_tokens(const T* __restrict__ 
                                                           const int* __restrict__ table, T* __restrict__ tokens,
                                                           int dim) {
     const int* e = table + blockIdx.y * PRM_EMBED_TABLE_STRIDE;
-    const unsigned n = (unsigned)((e[PRM_EMBED_GRID_H] * e[PRM_EMBED_GRID_W] + 1) * dim);
+    const unsigned lead = (unsigned)(e[PRM_EMBED_CLASS_TOKENS] * dim);  // dim or 0
+    const unsigned n = (unsigned)(e[PRM_EMBED_GRID_H] * e[PRM_EMBED_GRID_W] * dim) + lead;
     const size_t tok0 = (size_t)e[PRM_EMBED_TOKEN_OFFSET] * dim;
     const T* src = patch_tokens + (size_t)e[PRM_EMBED_PATCH_OFFSET] * dim;
     const float* p = pos + tok0;
     T* out = tokens + tok0;
     const unsigned stride = gridDim.x * blockDim.x;
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float v = i < (unsigned)dim ? cls[i] : prm_embed_load(src + (i - dim));  // token t ≥ 1: patch t − 1
+        const float v = i < lead ? cls[i] : prm_embed_load(src + (i - lead));  // token t ≥ c: patch t − c
         prm_embed_store(out + i, v + p[i]);
     }
 }
@@ -129,7 +134,8 @@ extern "C" __global__ void prm_embed_assemble_tokens_bf16(const __nv_bfloat16* _
 }
 PRM_REGISTER_KERNEL(prm_embed_assemble_tokens_bf16);
 
-// d_patch_tokens[patch_offset + n] = d_tokens[token_offset + 1 + n]: drops each image's CLS row.
+// d_patch_tokens[patch_offset + n] = d_tokens[token_offset + c + n]: drops each image's CLS row
+// (c = class_tokens).
 // (f32 → bf16: rounded to nearest even, as the patch GEMM's bf16 operand.)
 template <typename T, typename TOut>
 __device__ __forceinline__ void prm_embed_tokens_to_patch_grads(const T* __restrict__ d_tokens,
@@ -137,7 +143,7 @@ __device__ __forceinline__ void prm_embed_tokens_to_patch_grads(const T* __restr
                                                                 TOut* __restrict__ d_patch_tokens, int dim) {
     const int* e = table + blockIdx.y * PRM_EMBED_TABLE_STRIDE;
     const unsigned n = (unsigned)(e[PRM_EMBED_GRID_H] * e[PRM_EMBED_GRID_W] * dim);
-    const T* src = d_tokens + ((size_t)e[PRM_EMBED_TOKEN_OFFSET] + 1) * dim;
+    const T* src = d_tokens + ((size_t)e[PRM_EMBED_TOKEN_OFFSET] + e[PRM_EMBED_CLASS_TOKENS]) * dim;
     TOut* dst = d_patch_tokens + (size_t)e[PRM_EMBED_PATCH_OFFSET] * dim;
     const unsigned stride = gridDim.x * blockDim.x;
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) prm_embed_copy(dst + i, src + i);

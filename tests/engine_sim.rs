@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{devices, objective, perturbed, small_model, views, Draw};
+use common::{
+    devices, objective, perturbed, small_model, small_model_without_class_token, views, Draw,
+};
 use prm::attack::*;
 use prm::gpu::engine::{GpuVit, Precision};
 use prm::gpu::Device;
@@ -1004,4 +1006,89 @@ fn a_tower_without_ln_pre_matches_the_reference() {
     let refused = Objective::new(LossKind::Embed, vec![0], TokenSelection::All, &model)
         .expect_err("the embed loss is refused");
     assert!(refused.contains("average"), "{refused}");
+}
+
+/// A SigLIP-style tower (no class token, a patch bias, no LN_pre) on the GPU engine: loss and
+/// gradient as the reference's for every loss, F_0 alone and every layer, in fp32 and bf16;
+/// `--tokens patch` selects every token (there is no CLS row to skip).
+#[test]
+fn a_tower_without_a_class_token_matches_the_reference() {
+    let model = small_model_without_class_token(128, 2, 2, 8, 4, Activation::Gelu, 29);
+    let reference = ReferenceVit::new(&model);
+    let mut d = Draw::new(11);
+    let clean = batch(&mut d);
+    let adv: Vec<(Vec<f32>, usize, usize)> = clean
+        .iter()
+        .map(|(c, h, w)| {
+            let a = c
+                .iter()
+                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
+                .collect();
+            (a, *h, *w)
+        })
+        .collect();
+    let (clean_v, adv_v) = (views(&clean), views(&adv));
+    let ref_clean = reference.clean_features(&clean_v).unwrap();
+    for (i, (f, (_, h, w))) in ref_clean.iter().zip(&clean).enumerate() {
+        let tokens = (h / 8) * (w / 8);
+        assert_eq!(
+            f[0].len(),
+            tokens * 128,
+            "image {i}: F_0 is the patches alone"
+        );
+    }
+    for dev in devices() {
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            let gpu = GpuVit::new_with_precision(&dev, &model, precision).unwrap();
+            let gpu_clean = gpu.clean_features(&clean_v).unwrap();
+            for loss in [LossKind::Prm, LossKind::Nrd, LossKind::Dr] {
+                for layers in [LayerSelection::List(vec![0]), LayerSelection::All] {
+                    let obj = objective(&model, loss, TokenSelection::Patch, layers.clone());
+                    let want = reference
+                        .loss_and_gradient(&adv_v, &ref_clean, &obj)
+                        .unwrap();
+                    let got = gpu.loss_and_gradient(&adv_v, &gpu_clean, &obj).unwrap();
+                    let what = format!("{} {precision:?} {loss:?} {layers:?}", dev.name());
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        let lerr = (g.loss - w.loss).abs() / w.loss.abs().max(1e-6);
+                        let gerr = rel_err(&g.gradient, &w.gradient);
+                        let (share, big) = sign_agreement(&g.gradient, &w.gradient);
+                        let why = format!(
+                            "{what} image {i}: loss rel err {lerr:.2e}, gradient rel err \
+                             {gerr:.2e}, signs agree on {:.2}% of {big}",
+                            100.0 * share
+                        );
+                        match precision {
+                            Precision::Fp32 => assert!(lerr < 1e-5 && gerr < 1e-4, "{why}"),
+                            // bf16 as `bf16_products_track_the_fp32_reference` holds it.
+                            Precision::Bf16 => assert!(lerr < 1e-2 && share >= 0.95, "{why}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Without a CLS row, `patch` and `all` are the same tokens.
+    let all = objective(
+        &model,
+        LossKind::Prm,
+        TokenSelection::All,
+        LayerSelection::All,
+    );
+    let patch = objective(
+        &model,
+        LossKind::Prm,
+        TokenSelection::Patch,
+        LayerSelection::All,
+    );
+    let a = reference
+        .loss_and_gradient(&adv_v, &ref_clean, &all)
+        .unwrap();
+    let p = reference
+        .loss_and_gradient(&adv_v, &ref_clean, &patch)
+        .unwrap();
+    assert_same_bits(&a, &p, "patch against all tokens");
+    let refused = Objective::new(LossKind::Embed, vec![0], TokenSelection::All, &model)
+        .expect_err("the embed loss is refused");
+    assert!(refused.contains("attention head"), "{refused}");
 }

@@ -516,3 +516,58 @@ fn logits_formed_on_the_device_are_the_host_logits_of_its_embeddings() {
     }
     assert!(!ReferenceTargets::new(&model).forms_logits());
 }
+
+/// A tower without a class token (SigLIP-style, from random:tiny): the device's features are
+/// the reference engine's, each image of a batch gets its bits alone, the drift sums run, and
+/// the targets on image embeddings are refused with the reason.
+#[test]
+fn a_tower_without_a_class_token_evaluates_its_features() {
+    let mut model = Model::load("random:tiny").unwrap();
+    let d = model.config.width;
+    model.config.class_token = false;
+    model.config.pooling = prm::model::Pooling::AttentionHead;
+    model.config.embed_dim = None;
+    model.weights.class_embedding = None;
+    model.weights.position_embedding.drain(..d);
+    model.weights.patch_embed.bias = Some((0..d).map(|i| (i as f32 * 0.37).sin()).collect());
+    model.weights.ln_pre = None;
+    model.weights.projection = None;
+    let data = size_pixels(3);
+    let images = images(&data);
+    let reference = ReferenceTargets::new(&model);
+    for dev in devices() {
+        let gpu = GpuTargets::new(&dev, &model, Precision::Fp32)
+            .unwrap()
+            .with_pass_tokens(60);
+        let batch = gpu.features_batch(&images, &images).unwrap();
+        for (k, (b, im)) in batch.iter().zip(&images).enumerate() {
+            let want = reference.features(im).unwrap();
+            let patches = (im.height / 16) * (im.width / 16);
+            for (l, (x, y)) in b.iter().zip(&want).enumerate() {
+                assert_eq!(x.len(), patches * d, "image {k}: F_{l} is its patches");
+                let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    err <= 1e-4 * scale,
+                    "{}: image {k}, F_{l}: error {err:.2e} of {scale:.2e}",
+                    dev.name()
+                );
+            }
+            assert!(
+                b.iter()
+                    .zip(&gpu.features(im).unwrap())
+                    .all(|(x, y)| same_bits(x, y)),
+                "{}: image {k} alone",
+                dev.name()
+            );
+        }
+        let pairs = [images[0], images[0], images[1], images[1]];
+        assert_eq!(gpu.feature_sums_batch(&pairs, &[]).unwrap().len(), 2);
+        let refused = gpu.image_embedding(&images[0]);
+        assert!(
+            matches!(&refused, Err(EvalError::NoImageEmbedding(why)) if why.contains("attention head")),
+            "{}: {refused:?}",
+            dev.name()
+        );
+    }
+}

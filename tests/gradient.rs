@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{small_model, Draw};
+use common::{small_model, small_model_without_class_token, Draw};
 use prm::attack::*;
 use prm::reference::ReferenceVit as Vit;
 
@@ -147,6 +147,20 @@ fn a_tower_without_ln_pre_matches_finite_differences() {
         check_directional(&model, &s, 27, 45, None, 15);
         s.layers = LayerSelection::All;
         check_directional(&model, &s, 27, 45, None, 16);
+    }
+}
+
+/// A tower without a class token (SigLIP): the tokens are the patches, the patch convolution has
+/// a bias and there is no LN_pre; `--tokens patch` selects every token.
+#[test]
+fn a_tower_without_a_class_token_matches_finite_differences() {
+    let model = small_model_without_class_token(64, 2, 2, 8, 4, Activation::Gelu, 10);
+    for loss in [LossKind::Prm, LossKind::Nrd, LossKind::Dr] {
+        let mut s = settings(loss, TokenSelection::Patch, Resolution::Native);
+        s.layers = LayerSelection::List(vec![0]);
+        check_directional(&model, &s, 27, 45, None, 17);
+        s.layers = LayerSelection::All;
+        check_directional(&model, &s, 27, 45, None, 18);
     }
 }
 

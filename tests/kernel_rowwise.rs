@@ -469,6 +469,7 @@ fn vision_config(patch: usize, width: usize) -> VisionConfig {
         heads: 1,
         patch,
         grid: 7,
+        class_token: true,
         mlp: 4 * width,
         embed_dim: None,
         activation: Activation::QuickGelu,
@@ -529,54 +530,54 @@ fn col2im_twin(d_patches: &[f32], packing: &PackedImages, cfg: &VisionConfig) ->
 
 #[test]
 fn packed_images_layout() {
-    let packing = PackedImages::new(&[(37, 53), (64, 64), (30, 97)], 16);
+    let sizes = [(37, 53), (64, 64), (30, 97)];
+    let packing = PackedImages::new(&sizes, 16);
     assert_eq!(packing.len(), 3);
     assert_eq!(packing.total_pixels, 3 * (37 * 53 + 64 * 64 + 30 * 97));
     assert_eq!(packing.total_patches, 2 * 3 + 4 * 4 + 6);
     assert_eq!(packing.total_tokens, 28 + 3);
-    assert_eq!(
-        packing.table(),
-        vec![
-            0,
-            37,
-            53,
-            2,
-            3,
-            0,
-            0,
-            0, //
-            3 * 37 * 53,
-            64,
-            64,
-            4,
-            4,
-            6,
-            7,
-            0, //
-            3 * (37 * 53 + 64 * 64),
-            30,
-            97,
-            1,
-            6,
-            22,
-            24,
-            0,
-        ]
-    );
+    // Per image: pixel offset, H, W, gh, gw, patch offset, token offset, class tokens.
+    #[rustfmt::skip]
+    let table = vec![
+        0, 37, 53, 2, 3, 0, 0, 1,
+        3 * 37 * 53, 64, 64, 4, 4, 6, 7, 1,
+        3 * (37 * 53 + 64 * 64), 30, 97, 1, 6, 22, 24, 1,
+    ];
+    assert_eq!(packing.table(), table);
     assert_eq!(packing.cu_seqlens(), vec![0, 7, 24, 31]);
     assert_eq!(packing.patch_cols(), 768);
+
+    // Without a class token the tokens are the patches.
+    let bare = PackedImages::with_class_tokens(&sizes, 16, 0);
+    assert_eq!(bare.total_tokens, 28);
+    #[rustfmt::skip]
+    let table = vec![
+        0, 37, 53, 2, 3, 0, 0, 0,
+        3 * 37 * 53, 64, 64, 4, 4, 6, 6, 0,
+        3 * (37 * 53 + 64 * 64), 30, 97, 1, 6, 22, 22, 0,
+    ];
+    assert_eq!(bare.table(), table);
+    assert_eq!(bare.cu_seqlens(), vec![0, 6, 22, 28]);
 }
 
 #[test]
 fn embed_kernels_match_twins() {
     for dev in devices() {
-        for (case, &(patch, width, sizes)) in BATCHES.iter().enumerate() {
+        // With a class token (CLIP) and without one (SigLIP: the tokens are the patches).
+        for (case, (class_tokens, &(patch, width, sizes))) in [1usize, 0]
+            .into_iter()
+            .flat_map(|c| BATCHES.iter().map(move |b| (c, b)))
+            .enumerate()
+        {
             let cfg = vision_config(patch, width);
-            let packing = PackedImages::new(sizes, patch);
+            let packing = PackedImages::with_class_tokens(sizes, patch, class_tokens);
             let table = packing.upload_table(&dev).unwrap();
             let cols = packing.patch_cols();
             let mut rng = Rng::new(500 + case as u64);
-            let what = format!("{} p={patch} {sizes:?}", dev.name());
+            let what = format!(
+                "{} p={patch} {sizes:?} class tokens {class_tokens}",
+                dev.name()
+            );
 
             // patchify
             let images = rng.vec(packing.total_pixels, 0.0, 1.0);
@@ -604,7 +605,9 @@ fn embed_kernels_match_twins() {
             let pos = rng.vec(packing.total_tokens * width, -1.0, 1.0);
             let mut want = Vec::with_capacity(packing.total_tokens * width);
             for m in &packing.images {
-                want.extend_from_slice(&cls);
+                if class_tokens == 1 {
+                    want.extend_from_slice(&cls);
+                }
                 want.extend_from_slice(
                     &pt[m.patch_offset * width..(m.patch_offset + m.patches()) * width],
                 );
@@ -621,7 +624,7 @@ fn embed_kernels_match_twins() {
                 &packing,
                 &table,
                 &ptb,
-                &clsb,
+                (class_tokens == 1).then_some(&clsb),
                 &posb,
                 &mut tokens,
                 width,
@@ -638,7 +641,8 @@ fn embed_kernels_match_twins() {
             let mut want = Vec::with_capacity(packing.total_patches * width);
             for m in &packing.images {
                 want.extend_from_slice(
-                    &dt[(m.token_offset + 1) * width..(m.token_offset + m.tokens()) * width],
+                    &dt[(m.token_offset + class_tokens) * width
+                        ..(m.token_offset + m.tokens()) * width],
                 );
             }
             let dtb = dev.upload(&dt).unwrap();
@@ -669,9 +673,14 @@ fn embed_kernels_match_twins() {
 #[test]
 fn embed_pipeline_matches_reference() {
     for dev in devices() {
-        for (case, &(patch, width, sizes)) in BATCHES.iter().enumerate() {
-            let cfg = vision_config(patch, width);
-            let packing = PackedImages::new(sizes, patch);
+        for (case, (class_tokens, &(patch, width, sizes))) in [1usize, 0]
+            .into_iter()
+            .flat_map(|c| BATCHES.iter().map(move |b| (c, b)))
+            .enumerate()
+        {
+            let mut cfg = vision_config(patch, width);
+            cfg.class_token = class_tokens == 1;
+            let packing = PackedImages::with_class_tokens(sizes, patch, class_tokens);
             let table = packing.upload_table(&dev).unwrap();
             let cols = packing.patch_cols();
             let mut rng = Rng::new(600 + case as u64);
@@ -686,7 +695,10 @@ fn embed_pipeline_matches_reference() {
             let images = rng.vec(packing.total_pixels, 0.0, 1.0);
             let pos = rng.vec(packing.total_tokens * width, -1.0, 1.0);
             let d_tokens = rng.vec(packing.total_tokens * width, -1.0, 1.0);
-            let what = format!("{} p={patch} D={width} {sizes:?}", dev.name());
+            let what = format!(
+                "{} p={patch} D={width} {sizes:?} class tokens {class_tokens}",
+                dev.name()
+            );
 
             let mut want_tokens = Vec::new();
             let mut want_dimg = Vec::new();
@@ -699,7 +711,7 @@ fn embed_pipeline_matches_reference() {
                     m.width,
                     &cfg,
                     &weight,
-                    &cls,
+                    (class_tokens == 1).then_some(&cls[..]),
                     &pos[rows.clone()],
                 ));
                 want_dimg.extend(embedding::embed_backward(
@@ -740,7 +752,7 @@ fn embed_pipeline_matches_reference() {
                 &packing,
                 &table,
                 &pt,
-                &clsb,
+                (class_tokens == 1).then_some(&clsb),
                 &posb,
                 &mut tokens,
                 width,
@@ -1053,7 +1065,7 @@ fn embed_bf16_kernels_match_twins() {
                 &packing,
                 &table,
                 &ptb,
-                &clsb,
+                Some(&clsb),
                 &posb,
                 &mut tokens,
                 width,

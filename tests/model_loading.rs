@@ -316,8 +316,8 @@ fn check_hf_values(m: &Model, c: &Ckpt) {
         c.get(&format!("{v}.embeddings.patch_embedding.weight"))
     );
     assert_eq!(
-        w.class_embedding,
-        c.get(&format!("{v}.embeddings.class_embedding"))
+        w.class_embedding.as_deref(),
+        Some(c.get(&format!("{v}.embeddings.class_embedding")))
     );
     assert_eq!(
         w.position_embedding,
@@ -383,7 +383,10 @@ fn check_openai_values(m: &Model, c: &Ckpt, prefix: &str) {
     let w = &m.weights;
     let v = format!("{prefix}visual");
     assert_eq!(w.patch_embed.weight, c.get(&format!("{v}.conv1.weight")));
-    assert_eq!(w.class_embedding, c.get(&format!("{v}.class_embedding")));
+    assert_eq!(
+        w.class_embedding.as_deref(),
+        Some(c.get(&format!("{v}.class_embedding")))
+    );
     assert_eq!(
         w.position_embedding,
         c.get(&format!("{v}.positional_embedding"))
@@ -587,6 +590,149 @@ fn hf_config_omitting_heads_means_transformers_default_of_12() {
         (768, 12, 1)
     );
     assert_eq!((m.config.patch, m.config.grid, m.config.mlp), (2, 2, 8));
+}
+
+/// A HF `SiglipModel` checkpoint's vision tower: no class token, a patch convolution with a
+/// bias, `[g·g, D]` positions, no pre-LayerNorm, and the attention-pooling head `head.*`.
+fn siglip_ckpt() -> Ckpt {
+    let v = "vision_model";
+    let mut c = hf_ckpt(Dtype::F32);
+    c.remove(&format!("{v}.embeddings.class_embedding"));
+    c.remove(&format!("{v}.embeddings.position_ids"));
+    c.reshape(
+        &format!("{v}.embeddings.position_embedding.weight"),
+        &[G * G, D],
+    );
+    c.add(
+        &format!("{v}.embeddings.patch_embedding.bias"),
+        Dtype::F32,
+        &[D],
+    );
+    c.remove(&format!("{v}.pre_layrnorm.weight"));
+    c.remove(&format!("{v}.pre_layrnorm.bias"));
+    c.remove("visual_projection.weight");
+    c.add(&format!("{v}.head.probe"), Dtype::F32, &[1, 1, D]);
+    c.add(
+        &format!("{v}.head.attention.in_proj_weight"),
+        Dtype::F32,
+        &[3 * D, D],
+    );
+    c.add(
+        &format!("{v}.head.attention.in_proj_bias"),
+        Dtype::F32,
+        &[3 * D],
+    );
+    c.add(&format!("{v}.head.layernorm.weight"), Dtype::F32, &[D]);
+    c.add(&format!("{v}.head.mlp.fc1.weight"), Dtype::F32, &[M, D]);
+    c
+}
+
+#[test]
+fn hf_siglip_loads_without_a_class_token_with_its_defaults() {
+    let dir = tmp();
+    let c = siglip_ckpt();
+    c.write(&dir.path().join("model.safetensors"));
+    // SiglipConfig's defaults fill what a re-saved config omits: here the activation is given
+    // (gelu), the eps (1e-6) and the mean/std (0.5, no preprocessor_config.json) are not.
+    write_json(
+        dir.path(),
+        "config.json",
+        r#"{"model_type": "siglip", "vision_config": {"model_type": "siglip_vision_model",
+            "num_attention_heads": 2, "hidden_act": "gelu"}}"#,
+    );
+    let m = load(dir.path()).unwrap();
+    let cfg = &m.config;
+    assert!(!cfg.class_token);
+    assert_eq!((cfg.width, cfg.heads, cfg.layers, cfg.grid), (D, 2, L, G));
+    assert_eq!(cfg.tokens(G, G), G * G);
+    assert_eq!(cfg.activation, Activation::Gelu);
+    assert_eq!(cfg.ln_eps, 1e-6);
+    assert_eq!((cfg.mean, cfg.std), ([0.5; 3], [0.5; 3]));
+    assert_eq!(cfg.pooling, prm::model::Pooling::AttentionHead);
+    let w = &m.weights;
+    assert!(w.class_embedding.is_none() && w.ln_pre.is_none() && w.projection.is_none());
+    assert_eq!(
+        w.patch_embed.bias.as_deref(),
+        Some(c.get("vision_model.embeddings.patch_embedding.bias"))
+    );
+    assert_eq!(
+        w.position_embedding,
+        c.get("vision_model.embeddings.position_embedding.weight")
+    );
+    let why = m.image_embedding_unavailable().expect("no image embedding");
+    assert!(why.contains("attention head"), "{why}");
+    // A preprocessor_config.json overrides the default normalisation.
+    write_json(
+        dir.path(),
+        "preprocessor_config.json",
+        r#"{"image_mean": [0.4, 0.5, 0.6], "image_std": [0.2, 0.3, 0.4]}"#,
+    );
+    assert_eq!(load(dir.path()).unwrap().config.mean, [0.4, 0.5, 0.6]);
+}
+
+/// `SiglipVisionModel` / `CLIPVisionModel` built on their own save without `vision_model.`:
+/// the same tower loads, and messages name the tensors as the file does.
+#[test]
+fn a_vision_model_saved_on_its_own_loads_without_the_prefix() {
+    let dir = tmp();
+    let mut bare = siglip_ckpt();
+    bare.entries.retain(|e| e.name.starts_with("vision_model."));
+    for e in &mut bare.entries {
+        e.name = e.name["vision_model.".len()..].to_string();
+    }
+    bare.write(&dir.path().join("model.safetensors"));
+    write_json(
+        dir.path(),
+        "config.json",
+        r#"{"model_type": "siglip_vision_model", "hidden_act": "gelu", "num_attention_heads": 2}"#,
+    );
+    let m = load(dir.path()).unwrap();
+    assert!(!m.config.class_token);
+    assert_eq!(
+        m.weights.position_embedding,
+        bare.get("embeddings.position_embedding.weight")
+    );
+    bare.add("encoder.layers.0.extra.weight", Dtype::F32, &[D]);
+    bare.write(&dir.path().join("model.safetensors"));
+    let e = load(dir.path()).unwrap_err();
+    assert_msg(&e, &["encoder.layers.0.extra.weight"]);
+    assert!(!e.to_string().contains("vision_model."), "{e}");
+}
+
+#[test]
+fn towers_without_a_class_token_need_a_siglip_config() {
+    let dir = tmp();
+    siglip_ckpt().write(&dir.path().join("model.safetensors"));
+    // No config: the activation and eps cannot be told.
+    let e = load(dir.path()).unwrap_err();
+    assert_msg(&e, &["no class token", "config.json"]);
+    // A CLIP config: not a SigLIP.
+    write_json(
+        dir.path(),
+        "config.json",
+        r#"{"vision_config": {"hidden_act": "gelu"}}"#,
+    );
+    let e = load(dir.path()).unwrap_err();
+    assert_msg(&e, &["no class token", "siglip"]);
+    // SigLIP 2 is another embedding.
+    write_json(
+        dir.path(),
+        "config.json",
+        r#"{"model_type": "siglip2", "vision_config": {"model_type": "siglip2_vision_model"}}"#,
+    );
+    let e = load(dir.path()).unwrap_err();
+    assert_msg(&e, &["SigLIP 2"]);
+    // A SigLIP config over a checkpoint with an extra pre-LayerNorm: refused, not dropped.
+    let mut c = siglip_ckpt();
+    c.add("vision_model.pre_layrnorm.weight", Dtype::F32, &[D]);
+    c.write(&dir.path().join("model.safetensors"));
+    write_json(
+        dir.path(),
+        "config.json",
+        r#"{"model_type": "siglip_vision_model", "hidden_act": "gelu", "num_attention_heads": 2}"#,
+    );
+    let e = load(dir.path()).unwrap_err();
+    assert_msg(&e, &["pre_layrnorm"]);
 }
 
 // ---------------------------------------------------------------- OpenAI / open_clip
@@ -1651,7 +1797,7 @@ fn check_shapes(m: &Model) {
         (w.patch_embed.out_features, w.patch_embed.in_features),
         (d, pp)
     );
-    assert_eq!(w.class_embedding.len(), d);
+    assert_eq!(w.class_embedding.as_ref().map(Vec::len), Some(d));
     assert_eq!(w.position_embedding.len(), (c.grid * c.grid + 1) * d);
     assert_eq!(w.blocks.len(), c.layers);
     for b in &w.blocks {
@@ -1689,7 +1835,7 @@ fn all_weights(m: &Model) -> Vec<&[f32]> {
     let w = &m.weights;
     let mut v: Vec<&[f32]> = vec![
         &w.patch_embed.weight,
-        &w.class_embedding,
+        w.class_embedding.as_deref().unwrap(),
         &w.position_embedding,
         &w.ln_pre.as_ref().unwrap().weight,
         &w.ln_pre.as_ref().unwrap().bias,
@@ -1772,7 +1918,7 @@ fn builtin_weight_scales_are_clip_like() {
         .unwrap()
         .iter()
         .all(|&x| x != 0.0 && x.abs() < 0.05));
-    let (_, s_cls) = stats(&w.class_embedding);
+    let (_, s_cls) = stats(w.class_embedding.as_deref().unwrap());
     assert!((0.02..0.1).contains(&s_cls), "class embedding std {s_cls}");
     let (_, s_pos) = stats(&w.position_embedding);
     assert!(
@@ -1808,7 +1954,7 @@ fn residual_norms(m: &Model, pixels: &[f32]) -> Vec<f64> {
             .collect()
     };
     let mut h: Vec<Vec<f32>> = Vec::with_capacity(t);
-    h.push(w.class_embedding.clone());
+    h.push(w.class_embedding.clone().unwrap());
     for gy in 0..g {
         for gx in 0..g {
             let mut patch = Vec::with_capacity(3 * p * p);

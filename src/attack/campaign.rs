@@ -253,7 +253,7 @@ impl Campaign<'_> {
         interrupted: &dyn Fn() -> bool,
     ) -> Result<CampaignSummary, IoError> {
         let (manifest, todo, mut summary) = self.prepare(progress)?;
-        let run = self.pipeline_run(&todo, engine.model().config.patch);
+        let run = self.pipeline_run(&todo, &engine.model().config);
         let outcome = pipeline::run_here(&run, manifest, engine, progress, interrupted)?;
         self.finish(&mut summary, outcome)?;
         Ok(summary)
@@ -278,20 +278,25 @@ impl Campaign<'_> {
         F: Fn(usize) -> Result<Worker<E>, CampaignError> + Sync,
     {
         let (manifest, todo, mut summary) = self.prepare(progress)?;
-        let run = self.pipeline_run(&todo, model.config.patch);
+        let run = self.pipeline_run(&todo, &model.config);
         let outcome =
             pipeline::run_on_threads(&run, manifest, workers, &make_worker, progress, interrupted)?;
         self.finish(&mut summary, outcome)?;
         Ok(summary)
     }
 
-    fn pipeline_run<'r>(&'r self, todo: &'r [InputItem], patch: usize) -> pipeline::Run<'r> {
+    fn pipeline_run<'r>(
+        &'r self,
+        todo: &'r [InputItem],
+        config: &crate::model::VisionConfig,
+    ) -> pipeline::Run<'r> {
         pipeline::Run {
             todo,
             objective: self.objective,
             settings: self.settings,
             output: self.output,
-            patch,
+            patch: config.patch,
+            class_tokens: config.class_tokens(),
             timeline: self.timeline,
         }
     }

@@ -105,6 +105,13 @@ impl Objective {
                 ));
             }
         }
+        // Without a class token every token is a patch token: `patch` selects them all, and
+        // skipping the first row would drop a patch.
+        let tokens = if model.config.class_token {
+            tokens
+        } else {
+            TokenSelection::All
+        };
         Ok(Objective {
             kind,
             layers,

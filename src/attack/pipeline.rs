@@ -75,19 +75,23 @@ pub(super) struct Run<'a> {
     pub settings: &'a AttackSettings,
     pub output: &'a OutputOptions,
     pub patch: usize,
+    /// Tokens before the patches (1 for a class token, 0 without).
+    pub class_tokens: usize,
     pub timeline: Option<&'a Timeline>,
 }
 
 impl Run<'_> {
     /// Tokens an image takes in a batch: its working size at `--resolution` (the native size,
-    /// cropped to whole patches, bounds every dynamic-scale draw), plus the class token. An
-    /// image that failed to load takes none.
+    /// cropped to whole patches, bounds every dynamic-scale draw), plus the class token when
+    /// the tower has one. An image that failed to load takes none.
     pub(super) fn tokens_of(&self, loaded: &Result<Loaded, ImageFailure>) -> usize {
         let Ok(image) = loaded else { return 0 };
         let p = self.patch.max(1);
         match self.settings.resolution {
-            Resolution::Native => (image.clean.height / p) * (image.clean.width / p) + 1,
-            Resolution::Fixed(n) => (n / p) * (n / p) + 1,
+            Resolution::Native => {
+                (image.clean.height / p) * (image.clean.width / p) + self.class_tokens
+            }
+            Resolution::Fixed(n) => (n / p) * (n / p) + self.class_tokens,
         }
     }
 

@@ -27,7 +27,7 @@ pub fn step_flops_through(
 ) -> f64 {
     let (d, m, p) = (config.width as f64, config.mlp as f64, config.patch);
     let patches = ((height / p) * (width / p)) as f64;
-    let t = patches + 1.0;
+    let t = patches + config.class_tokens() as f64;
     let linear = 2.0 * t * (4.0 * d * d + 2.0 * d * m);
     let attention = 4.0 * t * t * d + 8.0 * t * t * d;
     let embed = 2.0 * patches * 3.0 * (p * p) as f64 * d;
@@ -48,7 +48,7 @@ pub fn forward_flops_through(
 ) -> f64 {
     let (d, m, p) = (config.width as f64, config.mlp as f64, config.patch);
     let patches = ((height / p) * (width / p)) as f64;
-    let t = patches + 1.0;
+    let t = patches + config.class_tokens() as f64;
     let linear = 2.0 * t * (4.0 * d * d + 2.0 * d * m);
     let attention = 4.0 * t * t * d;
     let embed = 2.0 * patches * 3.0 * (p * p) as f64 * d;

@@ -281,7 +281,7 @@ fn auto_batch_limits(
     if let Some(cap) = batch_tokens {
         tokens = tokens.min(cap);
     }
-    let images = (tokens / (grid * grid + 1)).max(1) * 2;
+    let images = (tokens / model.config.tokens(grid, grid)).max(1) * 2;
     let memory = prm::gpu::engine::auto_batch_memory(free, &model.config, blocks, precision);
     Ok(BatchLimits {
         images,

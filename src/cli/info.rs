@@ -37,7 +37,8 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
             "format": model.source.format_name(),
             "weights_random": random,
             "config": c,
-            "tokens_at_native_size": c.grid * c.grid + 1,
+            "tokens_at_native_size": c.tokens(c.grid, c.grid),
+            "class_token": c.class_token,
             "ln_pre": model.weights.ln_pre.is_some(),
             "image_embedding": model.image_embedding_unavailable().unwrap_or_else(|| "supported".to_string()),
             "parameters": model.parameter_count(),
@@ -78,12 +79,26 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         c.patch
     );
     println!(
-        "input:        {0}x{0} pretrained ({1}x{1} grid, {2} tokens); any size at native resolution",
+        "input:        {0}x{0} pretrained ({1}x{1} grid, {2} tokens{3}); any size at native \
+         resolution",
         c.image_size(),
         c.grid,
-        c.grid * c.grid + 1
+        c.tokens(c.grid, c.grid),
+        if c.class_token {
+            ""
+        } else {
+            ": the patches, no class token"
+        }
     );
     match (c.embed_dim, c.pooling) {
+        (_, Pooling::AttentionHead) => println!(
+            "embedding:    pooled by a learned attention head (SigLIP), which prm does not build \
+             (--loss embed and the eval targets on image embeddings unavailable)"
+        ),
+        (_, Pooling::Unpooled) => println!(
+            "embedding:    none (no pooling head; --loss embed and the eval targets on image \
+             embeddings unavailable)"
+        ),
         (None, _) => {
             println!("embedding:    none (no visual projection; --loss embed unavailable)")
         }

@@ -302,7 +302,8 @@ pub struct GpuTargets<'m> {
     model: &'m Model,
     stack: Stack,
     patch_embed: DeviceLinear,
-    cls: Buffer<f32>,
+    /// `None` for a tower without a class token.
+    cls: Option<Buffer<f32>>,
     /// `None` for a tower without LN_pre (F_0 is the embedded tokens).
     ln_pre: Option<DeviceLayerNorm>,
     ln_post: DeviceLayerNorm,
@@ -414,7 +415,11 @@ impl<'m> GpuTargets<'m> {
                 precision,
             )?,
             patch_embed: upload_linear(dev, &w.patch_embed, precision)?,
-            cls: dev.upload(&w.class_embedding)?,
+            cls: w
+                .class_embedding
+                .as_ref()
+                .map(|cls| dev.upload(cls))
+                .transpose()?,
             ln_pre: w.ln_pre.as_ref().map(|ln| upload_ln(dev, ln)).transpose()?,
             ln_post: upload_ln(dev, &w.ln_post)?,
             projection: w
@@ -542,10 +547,10 @@ impl<'m> GpuTargets<'m> {
         &self.stack.dev
     }
 
-    /// An image's tokens as the model sees it (a CLS token and its whole patches).
+    /// An image's tokens as the model sees it (its CLS token, if any, and its whole patches).
     fn tokens_of(&self, image: &Planar) -> usize {
-        let p = self.model.config.patch;
-        1 + (image.height / p) * (image.width / p)
+        let c = &self.model.config;
+        c.tokens(image.height / c.patch, image.width / c.patch)
     }
 
     /// How many of `images`, from the first, the next pass holds: as many units of `unit`
@@ -577,7 +582,7 @@ impl<'m> GpuTargets<'m> {
             check_image(self.model, im)?;
         }
         let sizes: Vec<(usize, usize)> = images.iter().map(|im| (im.height, im.width)).collect();
-        let packing = PackedImages::new(&sizes, c.patch);
+        let packing = PackedImages::with_class_tokens(&sizes, c.patch, c.class_tokens());
         let table = packing.upload_table(dev)?;
         let cu = dev.upload(&packing.cu_seqlens())?;
         let (t, d) = (packing.total_tokens, c.width);
@@ -596,7 +601,16 @@ impl<'m> GpuTargets<'m> {
         self.stack
             .linear(&patches, n, &self.patch_embed, true, &mut pt, false)?;
         let mut emb = dev.alloc(t * d)?;
-        assemble_tokens_f32(dev, &packing, &table, &pt, &self.cls, &pos, &mut emb, d)?;
+        assemble_tokens_f32(
+            dev,
+            &packing,
+            &table,
+            &pt,
+            self.cls.as_ref(),
+            &pos,
+            &mut emb,
+            d,
+        )?;
         let f0 = match &self.ln_pre {
             Some(ln) => self.stack.ln(&emb, ln, t, d)?,
             None => emb,

@@ -474,7 +474,8 @@ impl EvalEngine for ReferenceTargets<'_> {
 }
 
 /// Logits of a probe on the tokens `f [T, D]` of its feature layer (F_`probe.layer`): dense →
-/// `[gh·gw, K]` over the patch tokens; otherwise `[1, K]` from the CLS token.
+/// `[gh·gw, K]` over the patch tokens (the last gh·gw rows); otherwise `[1, K]` from the CLS
+/// token (refused by [`read_probe`] for a tower without one).
 pub fn probe_logits(probe: &Probe, f: &[f32], width: usize, grid: (usize, usize)) -> PatchLogits {
     let l = crate::model::Linear {
         weight: probe.weight.clone(),
@@ -483,7 +484,9 @@ pub fn probe_logits(probe: &Probe, f: &[f32], width: usize, grid: (usize, usize)
         in_features: width,
     };
     let (rows, src) = if probe.dense {
-        (grid.0 * grid.1, &f[width..])
+        // The patch tokens are the last gh·gw rows, after the CLS row when there is one.
+        let patches = grid.0 * grid.1;
+        (patches, &f[f.len() - patches * width..])
     } else {
         (1, &f[..width])
     };
@@ -590,6 +593,13 @@ pub fn read_probe(
         (None, Some("cls")) => false,
         (None, Some(o)) => return Err(bad(format!("metadata `tokens` = {o:?}: use patch or cls"))),
     };
+    if !dense && !model.config.class_token {
+        return Err(EvalError::Usage(
+            "a probe on the CLS token (`--probe-cls`, or metadata `tokens` = cls) needs a tower with \
+             a class token; this one has none (SigLIP): use a dense probe on the patch tokens"
+                .into(),
+        ));
+    }
     let names: Vec<String> = match m.get("names") {
         Some(s) => super::text::parse_names(s),
         None => (0..k).map(|i| format!("class_{i}")).collect(),

@@ -147,6 +147,7 @@ pub fn builtin_config(arch: &str) -> Result<VisionConfig, ModelError> {
         heads: a.heads,
         patch: a.patch,
         grid: a.grid,
+        class_token: true,
         mlp: a.mlp,
         embed_dim: Some(a.embed_dim),
         activation: a.activation,
@@ -236,7 +237,7 @@ pub fn random_model(arch: &str, seed: u64) -> Result<Model, ModelError> {
         .collect();
     let weights = VisionWeights {
         patch_embed: g.linear("patch_embed", d, 3 * config.patch * config.patch, false),
-        class_embedding: g.with_std("class_embedding", d, emb_std),
+        class_embedding: Some(g.with_std("class_embedding", d, emb_std)),
         position_embedding: g.with_std("position_embedding", tokens * d, emb_std),
         ln_pre: Some(g.ln("ln_pre", d)),
         blocks,

@@ -25,6 +25,9 @@ pub(crate) struct HfVisionSettings {
     pub heads: usize,
     pub activation: Activation,
     pub ln_eps: f32,
+    /// A SigLIP tower (`model_type` `siglip` / `siglip_vision_model`), whose defaults differ
+    /// from CLIP's: `gelu_pytorch_tanh`, LayerNorm eps 1e-6, mean and std 0.5.
+    pub siglip: bool,
 }
 
 /// What an `open_clip_config.json` says about the vision tower.
@@ -242,19 +245,32 @@ pub(crate) fn read_hf_config(
             merged
         }
     };
+    let model_type = |m: &Map<String, Value>| {
+        m.get("model_type")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let kind = model_type(&vision).or_else(|| model_type(&top));
+    if let Some(kind) = kind.as_deref().filter(|k| k.starts_with("siglip2")) {
+        return Err(bad(
+            &path,
+            format!(
+                "model_type `{kind}`: SigLIP 2 towers (NaFlex patch embedding and position \
+                 resizing) are not supported; SigLIP (`siglip`, `siglip_vision_model`) is"
+            ),
+        ));
+    }
+    let siglip = matches!(kind.as_deref(), Some("siglip" | "siglip_vision_model"));
     let heads = positive_int(&path, &vision, "num_attention_heads")?.unwrap_or(12);
+    // The config classes' defaults when a field is absent (re-saved configs omit them).
+    let default_act = if siglip {
+        "gelu_pytorch_tanh"
+    } else {
+        "quick_gelu"
+    };
     let activation = match vision.get("hidden_act") {
-        None | Some(Value::Null) => Activation::QuickGelu,
-        Some(Value::String(s)) => match s.as_str() {
-            "quick_gelu" => Activation::QuickGelu,
-            "gelu" => Activation::Gelu,
-            other => {
-                return Err(bad(
-                    &path,
-                    format!("unsupported hidden_act `{other}` (supported: quick_gelu, gelu)"),
-                ))
-            }
-        },
+        None | Some(Value::Null) => hf_activation(&path, default_act)?,
+        Some(Value::String(s)) => hf_activation(&path, s)?,
         Some(v) => {
             return Err(bad(
                 &path,
@@ -263,6 +279,7 @@ pub(crate) fn read_hf_config(
         }
     };
     let ln_eps = match vision.get("layer_norm_eps") {
+        None | Some(Value::Null) if siglip => 1e-6,
         None | Some(Value::Null) => 1e-5,
         Some(v) => match v.as_f64() {
             Some(e) if e > 0.0 && e.is_finite() => e as f32,
@@ -280,8 +297,21 @@ pub(crate) fn read_hf_config(
             heads,
             activation,
             ln_eps,
+            siglip,
         },
     )))
+}
+
+/// The activation a Hugging Face `hidden_act` names.
+fn hf_activation(path: &Path, name: &str) -> Result<Activation, ModelError> {
+    match name {
+        "quick_gelu" => Ok(Activation::QuickGelu),
+        "gelu" => Ok(Activation::Gelu),
+        other => Err(bad(
+            path,
+            format!("unsupported hidden_act `{other}` (supported: quick_gelu, gelu)"),
+        )),
+    }
 }
 
 /// Reads `image_mean` / `image_std` from `preprocessor_config.json` in `dir`, if present.

@@ -92,10 +92,14 @@ impl Model {
         f.floats(&c.std);
         let w = &self.weights;
         f.linear(&w.patch_embed);
-        f.floats(&w.class_embedding);
+        // A tower without a class token or LN_pre, or pooling otherwise, hashes a marker; every
+        // other tower hashes what it always did, so fingerprints recorded before these options
+        // existed still match.
+        match &w.class_embedding {
+            Some(cls) => f.floats(cls),
+            None => f.0.update(b"no class token"),
+        }
         f.floats(&w.position_embedding);
-        // A tower without LN_pre, or pooling otherwise, hashes a marker; every other tower hashes
-        // what it always did, so fingerprints recorded before these options existed still match.
         match &w.ln_pre {
             Some(ln) => f.layer_norm(ln),
             None => f.0.update(b"no ln_pre"),

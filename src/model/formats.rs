@@ -106,11 +106,22 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
         refuse_other_towers(t)?;
     }
 
-    // Dimensions from shapes.
-    let cls_shape = t.shape(names.cls)?;
-    let width = match cls_shape {
-        [d] if *d > 0 => *d,
-        _ => return Err(t.bad_shape(names.cls, "[D] with D > 0", cls_shape)),
+    // Dimensions from shapes. A tower without a class token (SigLIP) takes its width from the
+    // patch convolution.
+    let class_token = t.contains(names.cls);
+    let width = if class_token {
+        let cls_shape = t.shape(names.cls)?;
+        match cls_shape {
+            [d] if *d > 0 => *d,
+            _ => return Err(t.bad_shape(names.cls, "[D] with D > 0", cls_shape)),
+        }
+    } else {
+        match t.shape(names.conv)? {
+            [d, 3, _, _] if *d > 0 => *d,
+            other => {
+                return Err(t.bad_shape(names.conv, "[D, 3, p, p]", other));
+            }
+        }
     };
     let conv_shape = t.shape(names.conv)?;
     let patch = match conv_shape {
@@ -118,25 +129,21 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
         _ => return Err(t.bad_shape(names.conv, format!("[{width}, 3, p, p]"), conv_shape)),
     };
     let pos_shape = t.shape(names.pos)?;
+    let extra = usize::from(class_token);
+    let grid_rows = if class_token {
+        format!("[g·g + 1, {width}]: a square patch grid plus the class token")
+    } else {
+        format!("[g·g, {width}]: a square patch grid")
+    };
     let grid = match pos_shape {
-        [rows, d] if *d == width && *rows >= 2 => {
-            let g = (*rows - 1).isqrt();
-            if g * g + 1 != *rows {
-                return Err(t.bad_shape(
-                    names.pos,
-                    format!("[g·g + 1, {width}]: a square patch grid plus the class token"),
-                    pos_shape,
-                ));
+        [rows, d] if *d == width && *rows > extra => {
+            let g = (*rows - extra).isqrt();
+            if g * g + extra != *rows {
+                return Err(t.bad_shape(names.pos, grid_rows, pos_shape));
             }
             g
         }
-        _ => {
-            return Err(t.bad_shape(
-                names.pos,
-                format!("[g·g + 1, {width}]: a square patch grid plus the class token"),
-                pos_shape,
-            ))
-        }
+        _ => return Err(t.bad_shape(names.pos, grid_rows, pos_shape)),
     };
     let layers = count_layers(t, names.blocks)?;
     let fc1_name = match format {
@@ -152,7 +159,12 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
     // Settings from JSON, with per-format defaults.
     let (heads, activation, ln_eps, mean_std, source, has_ln_pre, pooling) = match format {
         Format::HuggingFace => {
-            let (heads, activation, ln_eps) = match read_hf_config(&dir)? {
+            let config = read_hf_config(&dir)?;
+            let siglip = config.as_ref().is_some_and(|(_, s)| s.siglip);
+            if !class_token && !siglip {
+                return Err(missing_class_token(t, names, config.is_some()));
+            }
+            let (heads, activation, ln_eps) = match config {
                 Some((path, s)) => {
                     if width % s.heads != 0 {
                         return Err(ModelError::BadConfig {
@@ -171,18 +183,28 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
             let source = ModelSource::HuggingFace {
                 path: t.path.clone(),
             };
-            let mean_std = read_preprocessor(&dir)?;
+            let mut mean_std = read_preprocessor(&dir)?;
+            let pooling = if siglip {
+                // SiglipImageProcessor's defaults, for a directory without its
+                // preprocessor_config.json.
+                mean_std = mean_std.or(Some(([0.5; 3], [0.5; 3])));
+                if t.pass_over(SIGLIP_HEAD) > 0 {
+                    Pooling::AttentionHead
+                } else {
+                    Pooling::Unpooled
+                }
+            } else {
+                Pooling::ClassToken
+            };
+            // SigLIP has no pre-LayerNorm: F_0 is the embedded tokens.
             (
-                heads,
-                activation,
-                ln_eps,
-                mean_std,
-                source,
-                true,
-                Pooling::ClassToken,
+                heads, activation, ln_eps, mean_std, source, !siglip, pooling,
             )
         }
         Format::OpenAi => {
+            if !class_token {
+                return Err(missing_class_token(t, names, false));
+            }
             let (heads, activation, mean_std, ln_eps, has_ln_pre, pooling) =
                 match read_open_clip_config(&dir)? {
                     Some(s) => {
@@ -251,8 +273,12 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
         out_features: d,
         in_features: patch_in,
     };
-    let class_embedding = t.load(names.cls, &[d])?;
-    let position_embedding = t.load(names.pos, &[grid * grid + 1, d])?;
+    let class_embedding = if class_token {
+        Some(t.load(names.cls, &[d])?)
+    } else {
+        None
+    };
+    let position_embedding = t.load(names.pos, &[grid * grid + extra, d])?;
     // Without LN_pre (open_clip `no_ln_pre`), a `ln_pre` tensor is unread and refused below.
     let ln_pre = if has_ln_pre {
         Some(ln(names.ln_pre)?)
@@ -346,6 +372,7 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
             heads,
             patch,
             grid,
+            class_token,
             mlp,
             embed_dim,
             activation,
@@ -365,6 +392,27 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
         },
         source,
     })
+}
+
+/// SigLIP's multi-head attention pooling head (`SiglipMultiheadAttentionPoolingHead`): read
+/// only by the pooled image embedding, which prm does not build.
+const SIGLIP_HEAD: &str = "vision_model.head.";
+
+/// A checkpoint without a class token that is not known to be SigLIP: without its config,
+/// neither the activation nor the LayerNorm eps can be told.
+fn missing_class_token(t: &Tensors<'_>, names: &Names, has_config: bool) -> ModelError {
+    let why = if has_config {
+        "its config.json does not say `model_type: siglip` / `siglip_vision_model`, the only \
+         towers without a class token prm knows"
+    } else {
+        "without a config.json saying `model_type: siglip` / `siglip_vision_model` (the only \
+         towers without a class token prm knows) prm cannot tell its activation and LayerNorm \
+         eps; put the model's config.json beside the checkpoint"
+    };
+    t.inconsistent(format!(
+        "there is no class token `{}`: {why}",
+        t.display_name(names.cls)
+    ))
 }
 
 /// open_clip's LayerScale (`ls_init_value`): block `b`'s residual branch `branch` (1: attention,

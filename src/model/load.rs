@@ -162,6 +162,9 @@ pub(crate) struct Tensors<'a> {
     map: HashMap<String, TensorView<'a>>,
     /// The wrapper prefix that was stripped (for messages), e.g. `module.`.
     prefix: String,
+    /// The prefix added to every name of a Hugging Face vision model saved on its own
+    /// (`vision_model.`; empty when the file's names carry it), removed again in messages.
+    added: &'static str,
     /// The names [`Tensors::load`] has read, so that a tower's tensors nothing read can be
     /// refused ([`Tensors::refuse_unread`]).
     read: RefCell<HashSet<String>>,
@@ -200,10 +203,28 @@ impl<'a> Tensors<'a> {
                 origin.insert(stripped.to_string(), file);
             }
         }
+        // A `CLIPVisionModel` / `SiglipVisionModel` built on its own (not loaded from a
+        // `CLIPModel`) saves its tensors without the `vision_model.` prefix of every other
+        // Hugging Face checkpoint: `embeddings.*`, `encoder.layers.*`, `post_layernorm.*`.
+        let bare_hf_vision = map.contains_key("embeddings.patch_embedding.weight")
+            && map.keys().any(|n| n.starts_with("encoder.layers."))
+            && !map
+                .keys()
+                .any(|n| n.starts_with("vision_model.") || n.starts_with("visual."));
+        let added = if bare_hf_vision {
+            map = map
+                .into_iter()
+                .map(|(n, v)| (format!("vision_model.{n}"), v))
+                .collect();
+            "vision_model."
+        } else {
+            ""
+        };
         Ok(Tensors {
             path: path.to_path_buf(),
             map,
             prefix,
+            added,
             read: RefCell::new(HashSet::new()),
         })
     }
@@ -216,9 +237,23 @@ impl<'a> Tensors<'a> {
         self.map.contains_key(name)
     }
 
+    /// Counts the tensors under `prefix` as read without reading them: parts of a tower that
+    /// prm knows and does not need (SigLIP's attention-pooling head, which only the pooled
+    /// embedding reads). Returns how many there were.
+    pub(crate) fn pass_over(&self, prefix: &str) -> usize {
+        let mut read = self.read.borrow_mut();
+        let mut count = 0;
+        for name in self.map.keys().filter(|n| n.starts_with(prefix)) {
+            read.insert(name.clone());
+            count += 1;
+        }
+        count
+    }
+
     /// The name as it is written in the file, for messages.
     pub fn display_name(&self, name: &str) -> String {
-        format!("{}{}", self.prefix, name)
+        let written = name.strip_prefix(self.added).unwrap_or(name);
+        format!("{}{}", self.prefix, written)
     }
 
     fn view(&self, name: &str) -> Result<&TensorView<'a>, ModelError> {

@@ -48,6 +48,11 @@ pub enum Pooling {
     /// features F_0..F_L of such a tower (every loss but `embed`, eval's `features` and
     /// `probe`), not its image embedding.
     PatchAverage,
+    /// A learned attention probe over the tokens (SigLIP's multi-head attention pooling head,
+    /// `head.*`). prm computes the features F_0..F_L of such a tower, not its image embedding.
+    AttentionHead,
+    /// No pooled image embedding at all (SigLIP saved with `vision_use_head: false`).
+    Unpooled,
 }
 
 impl Pooling {
@@ -55,6 +60,8 @@ impl Pooling {
         match self {
             Pooling::ClassToken => "class_token",
             Pooling::PatchAverage => "patch_average",
+            Pooling::AttentionHead => "attention_head",
+            Pooling::Unpooled => "none",
         }
     }
 }
@@ -77,8 +84,12 @@ pub struct VisionConfig {
     pub heads: usize,
     /// Patch side p.
     pub patch: usize,
-    /// Side g of the pretrained position grid (the table has g·g + 1 rows).
+    /// Side g of the pretrained position grid (the table has g·g + 1 rows, or g·g without a
+    /// class token).
     pub grid: usize,
+    /// Whether a class token leads every image's tokens (CLIP); SigLIP's towers have none, so
+    /// their tokens are the patches alone.
+    pub class_token: bool,
     /// Hidden width of the MLP (4·D for CLIP).
     pub mlp: usize,
     /// Output embedding dimension E, when the checkpoint has a projection.
@@ -103,6 +114,14 @@ impl VisionConfig {
     /// Number of residual-stream feature tensors F_0..F_L.
     pub fn feature_layers(&self) -> usize {
         self.layers + 1
+    }
+    /// Tokens before the patches: 1 (the class token) or 0.
+    pub fn class_tokens(&self) -> usize {
+        usize::from(self.class_token)
+    }
+    /// Tokens of an image whose patch grid is `grid_h × grid_w`.
+    pub fn tokens(&self, grid_h: usize, grid_w: usize) -> usize {
+        self.class_tokens() + grid_h * grid_w
     }
 }
 
@@ -139,8 +158,9 @@ pub struct BlockWeights {
 pub struct VisionWeights {
     /// Patch convolution as a linear map `[D, 3·p·p]`, patch vectors flattened (channel, row, col).
     pub patch_embed: Linear,
-    pub class_embedding: Vec<f32>,
-    /// `[g·g + 1, D]`, CLS row first.
+    /// The class token `[D]`; `None` for towers without one (`VisionConfig::class_token`).
+    pub class_embedding: Option<Vec<f32>>,
+    /// `[g·g + 1, D]`, CLS row first (`[g·g, D]` without a class token).
     pub position_embedding: Vec<f32>,
     /// The LayerNorm before the blocks; `None` for towers without one (open_clip `no_ln_pre`,
     /// e.g. CLIPA), whose F_0 is the embedded tokens themselves.
@@ -198,19 +218,28 @@ impl Model {
     /// The visual projection of the CLIP image embedding, or why the embedding cannot be
     /// computed ([`Model::image_embedding_unavailable`]).
     pub fn image_projection(&self) -> Result<&Linear, String> {
-        let Some(projection) = &self.weights.projection else {
-            return Err(
+        match self.config.pooling {
+            Pooling::ClassToken => self.weights.projection.as_ref().ok_or_else(|| {
                 "the checkpoint has no visual projection (`visual_projection.weight` / \
                  `visual.proj`)"
-                    .into(),
-            );
-        };
-        match self.config.pooling {
-            Pooling::ClassToken => Ok(projection),
+                    .into()
+            }),
             Pooling::PatchAverage => Err(
                 "the tower pools its image embedding as the average of the patch tokens \
                  (open_clip pool_type \"avg\", e.g. CLIPA), which prm does not build; prm computes \
                  its features F_0..F_L (every loss but embed, eval's features and probe targets)"
+                    .into(),
+            ),
+            Pooling::AttentionHead => Err(
+                "the tower pools its image embedding with a learned attention head (SigLIP's \
+                 `head.*`), which prm does not build; prm computes its features F_0..F_L (every \
+                 loss but embed, eval's features and probe targets)"
+                    .into(),
+            ),
+            Pooling::Unpooled => Err(
+                "the tower has no pooled image embedding (SigLIP without its attention head); \
+                 prm computes its features F_0..F_L (every loss but embed, eval's features and \
+                 probe targets)"
                     .into(),
             ),
         }
@@ -229,7 +258,7 @@ impl Model {
             })
             .sum();
         lin(&w.patch_embed)
-            + w.class_embedding.len()
+            + w.class_embedding.as_ref().map_or(0, Vec::len)
             + w.position_embedding.len()
             + w.ln_pre.as_ref().map_or(0, ln)
             + blocks

@@ -1,4 +1,5 @@
-//! Patch embedding: normalise, cut into p×p patches (im2col), project, prepend CLS, add position.
+//! Patch embedding: normalise, cut into p×p patches (im2col), project (plus the convolution's
+//! bias, when it has one), prepend CLS (when the tower has a class token), add position.
 //!
 //! Pixels beyond the last whole patch are dropped, exactly as a stride-p convolution drops them;
 //! their input gradient is therefore zero.
@@ -33,19 +34,21 @@ fn im2col(image: &[f32], height: usize, width: usize, cfg: &VisionConfig) -> Vec
     patches
 }
 
-/// Tokens `[1 + gh·gw, D]`: `[CLS; patches · Wᵀ] + pos`, where `pos` is already interpolated
-/// to the grid (`[1 + gh·gw, D]`).
+/// Tokens `[c + gh·gw, D]`: `[CLS; patches · Wᵀ + b] + pos`, where `c` is 1 with a class
+/// embedding and 0 without (SigLIP: the patches alone), and `pos` is already interpolated to
+/// the grid (`[c + gh·gw, D]`).
 pub fn embed(
     image: &[f32],
     height: usize,
     width: usize,
     cfg: &VisionConfig,
     patch_embed: &Linear,
-    class_embedding: &[f32],
+    class_embedding: Option<&[f32]>,
     pos: &[f32],
 ) -> Vec<f32> {
     let (gh, gw) = patch_grid(height, width, cfg.patch);
     let (n, d) = (gh * gw, cfg.width);
+    let lead = usize::from(class_embedding.is_some());
     assert_eq!(
         image.len(),
         3 * height * width,
@@ -53,20 +56,33 @@ pub fn embed(
     );
     assert_eq!(
         pos.len(),
-        (n + 1) * d,
+        (n + lead) * d,
         "position embedding does not match the {gh}x{gw} grid"
     );
     let patches = im2col(image, height, width, cfg);
-    let mut tokens = vec![0.0f32; (n + 1) * d];
+    let mut tokens = vec![0.0f32; (n + lead) * d];
     let w = MatRef::new(&patch_embed.weight, d, 3 * cfg.patch * cfg.patch);
-    matmul_nt(MatRef::new(&patches, n, w.cols), w, &mut tokens[d..], false);
-    tokens[..d].copy_from_slice(class_embedding);
+    matmul_nt(
+        MatRef::new(&patches, n, w.cols),
+        w,
+        &mut tokens[lead * d..],
+        false,
+    );
+    if let Some(bias) = &patch_embed.bias {
+        for row in tokens[lead * d..].chunks_exact_mut(d) {
+            row.iter_mut().zip(bias).for_each(|(t, b)| *t += b);
+        }
+    }
+    if let Some(cls) = class_embedding {
+        tokens[..d].copy_from_slice(cls);
+    }
     tokens.iter_mut().zip(pos).for_each(|(t, p)| *t += p);
     tokens
 }
 
-/// Input-pixel gradient of [`embed`]: `d_tokens [1 + gh·gw, D]` → `d_image [3, H, W]`
-/// (zero in dropped pixels). The CLS row and the position embedding have no pixel path.
+/// Input-pixel gradient of [`embed`]: `d_tokens [c + gh·gw, D]` → `d_image [3, H, W]` (zero
+/// in dropped pixels). The CLS row (`c` = [`VisionConfig::class_tokens`]), the bias and the
+/// position embedding have no pixel path.
 pub fn embed_backward(
     d_tokens: &[f32],
     height: usize,
@@ -77,9 +93,10 @@ pub fn embed_backward(
     let p = cfg.patch;
     let (gh, gw) = patch_grid(height, width, p);
     let (n, d, cols) = (gh * gw, cfg.width, 3 * p * p);
+    let lead = cfg.class_tokens();
     let mut d_patches = vec![0.0f32; n * cols];
     matmul_nn(
-        MatRef::new(&d_tokens[d..], n, d),
+        MatRef::new(&d_tokens[lead * d..], n, d),
         MatRef::new(&patch_embed.weight, d, cols),
         &mut d_patches,
         false,

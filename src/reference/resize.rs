@@ -242,8 +242,10 @@ pub fn bicubic_resize_backward(
     grad_in
 }
 
-/// Interpolates a position embedding `[1 + grid*grid, dim]` (CLS row first, then the patch rows
-/// row-major over the grid) to `[1 + gh*gw, dim]`. The CLS row is kept; the patch part is
+/// Interpolates a position embedding `[lead + grid*grid, dim]` (the CLS row first, when the
+/// tower has a class token, then the patch rows row-major over the grid) to `[lead + gh*gw,
+/// dim]`. The `lead` rows before the grid (1 with a class token, 0 without; told apart by the
+/// table's length) are kept; the patch part is
 /// resized as a `[dim, grid, grid]` planar image to `(gh, gw)` with [`bicubic_resize`]
 /// semantics (bit-identical to transposing, calling [`bicubic_resize`] and transposing back;
 /// it is computed directly in the interleaved layout). Returns a clone when
@@ -255,20 +257,16 @@ pub fn interpolate_position_embedding(
     gh: usize,
     gw: usize,
 ) -> Vec<f32> {
-    assert_eq!(
-        pos.len(),
-        (1 + grid * grid) * dim,
-        "interpolate_position_embedding: length does not match [1 + grid*grid, dim]"
-    );
+    let lead = leading_rows(pos.len(), dim, grid);
     if gh == grid && gw == grid {
         return pos.to_vec();
     }
-    let mut out = vec![0.0f32; (1 + gh * gw) * dim];
-    out[..dim].copy_from_slice(&pos[..dim]);
+    let mut out = vec![0.0f32; (lead + gh * gw) * dim];
+    out[..lead * dim].copy_from_slice(&pos[..lead * dim]);
     if gh * gw == 0 || dim == 0 {
         return out;
     }
-    let patches = &pos[dim..];
+    let patches = &pos[lead * dim..];
     let ytaps = axis_taps(grid, gh);
     let xtaps = axis_taps(grid, gw);
     // One output token (a row of `dim` values) per chunk; the arithmetic per element is the
@@ -299,7 +297,7 @@ pub fn interpolate_position_embedding(
             }
         }
     };
-    let body = &mut out[dim..];
+    let body = &mut out[lead * dim..];
     if body.len() * 16 >= PAR_THRESHOLD {
         body.par_chunks_mut(dim).enumerate().for_each(do_token);
     } else {
@@ -322,6 +320,20 @@ pub fn scaled_size(h: usize, w: usize, ratio: f32) -> (usize, usize) {
     (f(h), f(w))
 }
 
+/// Rows of a position table `[lead + grid·grid, dim]` before its patch grid: 1 for a tower with a
+/// class token, 0 for one without (SigLIP). Panics when the length fits neither.
+pub fn leading_rows(len: usize, dim: usize, grid: usize) -> usize {
+    let patches = grid * grid * dim;
+    match len.checked_sub(patches) {
+        Some(0) => 0,
+        Some(rest) if rest == dim => 1,
+        _ => panic!(
+            "position embedding of {len} values is neither [{grid}·{grid}, {dim}] nor \
+             [1 + {grid}·{grid}, {dim}]"
+        ),
+    }
+}
+
 type GridMap = HashMap<(usize, usize), Arc<Vec<f32>>>;
 
 /// The interpolated embeddings [`PositionEmbeddingCache`] keeps, at most (the model's own is
@@ -341,13 +353,10 @@ pub struct PositionEmbeddingCache {
 }
 
 impl PositionEmbeddingCache {
-    /// `pos` is the model's position embedding `[1 + grid*grid, dim]`.
+    /// `pos` is the model's position embedding `[1 + grid*grid, dim]` (`[grid*grid, dim]` for
+    /// a tower without a class token).
     pub fn new(pos: Vec<f32>, dim: usize, grid: usize) -> Self {
-        assert_eq!(
-            pos.len(),
-            (1 + grid * grid) * dim,
-            "PositionEmbeddingCache: length does not match [1 + grid*grid, dim]"
-        );
+        leading_rows(pos.len(), dim, grid);
         let pos = Arc::new(pos);
         let mut map = HashMap::new();
         map.insert((grid, grid), Arc::clone(&pos));
@@ -385,7 +394,8 @@ impl PositionEmbeddingCache {
         Arc::clone(&self.pos)
     }
 
-    /// The embedding for a `gh × gw` patch grid, `[1 + gh*gw, dim]`.
+    /// The embedding for a `gh × gw` patch grid, `[1 + gh*gw, dim]` (`[gh*gw, dim]` without a
+    /// class token).
     ///
     /// The lock is not held while interpolating (the interpolation may use rayon, and a rayon
     /// worker could re-enter `get`); if two threads race, both compute the same deterministic

@@ -153,7 +153,7 @@ impl<'m> ReferenceVit<'m> {
             "image {width}x{height} is smaller than one {}-pixel patch",
             cfg.patch
         );
-        let t = gh * gw + 1;
+        let t = cfg.tokens(gh, gw);
         let d = cfg.width;
         let pos = self.positions.get(gh, gw);
         let mut embedded = embed(
@@ -162,7 +162,7 @@ impl<'m> ReferenceVit<'m> {
             width,
             cfg,
             &w.patch_embed,
-            &w.class_embedding,
+            w.class_embedding.as_deref(),
             &pos,
         );
         // F_0 = LN_pre(tokens), or the tokens themselves in a tower without LN_pre.

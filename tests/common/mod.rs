@@ -81,6 +81,7 @@ pub fn small_model(
         heads,
         patch,
         grid,
+        class_token: true,
         mlp,
         embed_dim: Some(32),
         activation,
@@ -101,7 +102,7 @@ pub fn small_model(
         .collect();
     let weights = VisionWeights {
         patch_embed: linear(&mut d, width, 3 * patch * patch, false),
-        class_embedding: d.vec(width, -0.5, 0.5),
+        class_embedding: Some(d.vec(width, -0.5, 0.5)),
         position_embedding: d.vec((grid * grid + 1) * width, -0.5, 0.5),
         ln_pre: Some(ln(&mut d, width)),
         blocks,
@@ -116,6 +117,31 @@ pub fn small_model(
             seed,
         },
     }
+}
+
+/// [`small_model`] as a SigLIP-style tower: no class token (the tokens are the patches), a
+/// patch convolution with a bias, no LayerNorm before the blocks, no pooled embedding.
+#[allow(dead_code)]
+pub fn small_model_without_class_token(
+    width: usize,
+    heads: usize,
+    layers: usize,
+    patch: usize,
+    grid: usize,
+    activation: Activation,
+    seed: u64,
+) -> Model {
+    let mut m = small_model(width, heads, layers, patch, grid, activation, seed);
+    let mut d = Draw::new(seed ^ 0x5eed);
+    m.config.class_token = false;
+    m.config.pooling = Pooling::AttentionHead;
+    m.weights.class_embedding = None;
+    m.weights.position_embedding = m.weights.position_embedding[width..].to_vec();
+    m.weights.patch_embed.bias = Some(d.vec(width, -0.5, 0.5));
+    m.weights.ln_pre = None;
+    m.weights.projection = None;
+    m.config.embed_dim = None;
+    m
 }
 
 /// A batch of planar clean images `(pixels, height, width)` as an attack takes them, image i

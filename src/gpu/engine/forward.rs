@@ -90,7 +90,7 @@ impl<'m> GpuVit<'m> {
             &batch.packing,
             &batch.table,
             &patch_tokens,
-            &self.class_embedding,
+            self.class_embedding.as_ref(),
             &batch.pos,
             &mut embedded,
             d,

@@ -248,7 +248,8 @@ pub struct GpuVit<'m> {
     dev: Device,
     model: &'m Model,
     patch_embed: DeviceLinear,
-    class_embedding: Buffer<f32>,
+    /// `None` for a tower without a class token.
+    class_embedding: Option<Buffer<f32>>,
     /// `None` for a tower without LN_pre.
     ln_pre: Option<DeviceLayerNorm>,
     blocks: Vec<DeviceBlock>,
@@ -311,7 +312,11 @@ impl<'m> GpuVit<'m> {
             dev: dev.clone(),
             model,
             patch_embed: upload_linear(dev, &w.patch_embed, precision)?,
-            class_embedding: dev.upload(&w.class_embedding)?,
+            class_embedding: w
+                .class_embedding
+                .as_ref()
+                .map(|cls| dev.upload(cls))
+                .transpose()?,
             ln_pre: w.ln_pre.as_ref().map(|ln| upload_ln(dev, ln)).transpose()?,
             blocks,
             positions: positions::DevicePositions::new(
@@ -449,7 +454,7 @@ impl<'m> GpuVit<'m> {
             Some(g) => g,
             None => {
                 let c = &self.model.config;
-                let packing = PackedImages::new(sizes, c.patch);
+                let packing = PackedImages::with_class_tokens(sizes, c.patch, c.class_tokens());
                 // Every row is copied from a grid below (the simulator's poison checks it).
                 let mut pos = self.dev.alloc_undefined(packing.total_tokens * c.width)?;
                 for p in &packing.images {

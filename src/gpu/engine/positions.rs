@@ -13,14 +13,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::gpu::{Buffer, Device, GpuError};
-use crate::reference::resize::interpolate_position_embedding;
+use crate::reference::resize::{interpolate_position_embedding, leading_rows};
 
 /// By default at most this many bytes of grids are kept; a grid that would pass it starts the
 /// cache afresh (geometries built earlier hold their own copies).
 const MAX_CACHED_BYTES: usize = 256 << 20;
 
 pub(crate) struct DevicePositions {
-    /// The model's embedding `[1 + grid·grid, dim]` (host).
+    /// The model's embedding `[1 + grid·grid, dim]` (host; `[grid·grid, dim]` without a class
+    /// token).
     base: Arc<Vec<f32>>,
     dim: usize,
     grid: usize,
@@ -36,13 +37,10 @@ struct Cached {
 }
 
 impl DevicePositions {
-    /// `base` is the model's position embedding `[1 + grid·grid, dim]`.
+    /// `base` is the model's position embedding `[1 + grid·grid, dim]` (`[grid·grid, dim]`
+    /// without a class token).
     pub(crate) fn new(base: Vec<f32>, dim: usize, grid: usize) -> Self {
-        assert_eq!(
-            base.len(),
-            (1 + grid * grid) * dim,
-            "position embedding does not match [1 + grid*grid, dim]"
-        );
+        leading_rows(base.len(), dim, grid);
         DevicePositions {
             base: Arc::new(base),
             dim,
@@ -52,8 +50,9 @@ impl DevicePositions {
         }
     }
 
-    /// The embedding of a `gh × gw` grid on the device, `[1 + gh·gw, dim]` (the reference
-    /// engine's interpolation: bicubic, align_corners = false, CLS row kept).
+    /// The embedding of a `gh × gw` grid on the device, `[1 + gh·gw, dim]` (`[gh·gw, dim]`
+    /// without a class token; the reference engine's interpolation: bicubic, align_corners =
+    /// false, CLS row kept).
     pub(crate) fn grid(
         &self,
         dev: &Device,

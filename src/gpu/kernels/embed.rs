@@ -66,8 +66,10 @@ pub struct PackedImage {
     pub grid_w: usize,
     /// First row of the image's patches in `[ΣN_i, ·]` (patch rows, patch tokens).
     pub patch_offset: usize,
-    /// First row of the image's tokens (its CLS token) in `[ΣT_i, ·]`.
+    /// First row of the image's tokens (its CLS token, when the tower has one) in `[ΣT_i, ·]`.
     pub token_offset: usize,
+    /// Tokens before the patches: 1 (the CLS token) or 0 (a tower without a class token).
+    pub class_tokens: usize,
 }
 
 impl PackedImage {
@@ -75,9 +77,9 @@ impl PackedImage {
     pub fn patches(&self) -> usize {
         self.grid_h * self.grid_w
     }
-    /// `T = N + 1` (the CLS token first).
+    /// `T = N + 1` (the CLS token first), or `T = N` without a class token.
     pub fn tokens(&self) -> usize {
-        self.patches() + 1
+        self.patches() + self.class_tokens
     }
     pub fn pixels(&self) -> usize {
         3 * self.height * self.width
@@ -85,10 +87,11 @@ impl PackedImage {
 }
 
 /// The layout of a packed batch of images of mixed sizes: planar `[3, H_i, W_i]` images back to
-/// back, their patch rows `[ΣN_i, 3·p·p]` and tokens `[ΣT_i, D]` (image by image, CLS first).
+/// back, their patch rows `[ΣN_i, 3·p·p]` and tokens `[ΣT_i, D]` (image by image, CLS first
+/// when the tower has a class token).
 ///
 /// The kernel table ([`PackedImages::table`]) holds, per image, the 8 ints
-/// `{ pixel_offset, H, W, gh, gw, patch_offset, token_offset, 0 }`.
+/// `{ pixel_offset, H, W, gh, gw, patch_offset, token_offset, class_tokens }`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackedImages {
     /// Patch side p.
@@ -98,16 +101,25 @@ pub struct PackedImages {
     pub total_pixels: usize,
     /// `Σ N_i`.
     pub total_patches: usize,
-    /// `Σ T_i = Σ N_i + images`.
+    /// `Σ T_i = Σ N_i + images · class_tokens`.
     pub total_tokens: usize,
+    /// Tokens before each image's patches: 1 (CLS) or 0.
+    pub class_tokens: usize,
 }
 
 impl PackedImages {
     /// The packing of images of sizes `(height, width)`, in order, cut into `patch`×`patch`
-    /// patches. Panics when an image is smaller than one patch or the batch does not fit the
-    /// kernels' 32-bit offsets.
+    /// patches, each image's tokens led by a CLS token. Panics when an image is smaller than
+    /// one patch or the batch does not fit the kernels' 32-bit offsets.
     pub fn new(sizes: &[(usize, usize)], patch: usize) -> Self {
+        Self::with_class_tokens(sizes, patch, 1)
+    }
+
+    /// [`PackedImages::new`] for a tower with `class_tokens` (1 or 0) tokens before the
+    /// patches ([`crate::model::VisionConfig::class_tokens`]).
+    pub fn with_class_tokens(sizes: &[(usize, usize)], patch: usize, class_tokens: usize) -> Self {
         assert!(patch > 0, "patch size 0");
+        assert!(class_tokens <= 1, "{class_tokens} class tokens (0 or 1)");
         let mut images = Vec::with_capacity(sizes.len());
         let (mut pixels, mut patches, mut tokens) = (0usize, 0usize, 0usize);
         for &(height, width) in sizes {
@@ -123,6 +135,7 @@ impl PackedImages {
                 grid_w: width / patch,
                 patch_offset: patches,
                 token_offset: tokens,
+                class_tokens,
             };
             pixels += img.pixels();
             patches += img.patches();
@@ -140,6 +153,7 @@ impl PackedImages {
             total_pixels: pixels,
             total_patches: patches,
             total_tokens: tokens,
+            class_tokens,
         }
     }
 
@@ -167,7 +181,7 @@ impl PackedImages {
                     m.grid_w as i32,
                     m.patch_offset as i32,
                     m.token_offset as i32,
-                    0,
+                    m.class_tokens as i32,
                 ]
             })
             .collect()
@@ -268,7 +282,7 @@ fn assemble_tokens<T: Storage>(
     packing: &PackedImages,
     table: &Buffer<i32>,
     patch_tokens: &Buffer<T>,
-    cls: &Buffer<f32>,
+    cls: Option<&Buffer<f32>>,
     pos: &Buffer<f32>,
     tokens: &mut Buffer<T>,
     dim: usize,
@@ -280,7 +294,19 @@ fn assemble_tokens<T: Storage>(
         "patch tokens are not [{}, {dim}]",
         packing.total_patches
     );
-    assert_eq!(cls.len(), dim, "class embedding is not [{dim}]");
+    match cls {
+        Some(cls) => {
+            assert_eq!(
+                packing.class_tokens, 1,
+                "a class embedding for a packing without CLS"
+            );
+            assert_eq!(cls.len(), dim, "class embedding is not [{dim}]");
+        }
+        None => assert_eq!(
+            packing.class_tokens, 0,
+            "a packing with CLS needs its embedding"
+        ),
+    }
     assert_eq!(
         pos.len(),
         packing.total_tokens * dim,
@@ -299,12 +325,13 @@ fn assemble_tokens<T: Storage>(
     packing.check_tokens(dim);
     let cfg = packing.config(|m| m.tokens() * dim);
     let mut args = KernelArgs::new();
-    args.input(patch_tokens)
-        .input(cls)
-        .input(pos)
-        .input(table)
-        .output(tokens)
-        .i32(dim as i32);
+    args.input(patch_tokens);
+    // Without a class token the kernel never reads `cls`.
+    match cls {
+        Some(c) => args.input(c),
+        None => args.u64(0),
+    };
+    args.input(pos).input(table).output(tokens).i32(dim as i32);
     dev.launch(
         &format!("prm_embed_assemble_tokens_{}", T::SUFFIX),
         cfg,
@@ -422,16 +449,18 @@ pub fn patchify_bf16(
 }
 
 /// `tokens[token_offset_i + t] = (t == 0 ? cls : patch_tokens[patch_offset_i + t − 1]) +
-/// pos[token_offset_i + t]`. `patch_tokens` is `[total_patches, dim]` (the patch GEMM's
-/// output), `cls` is `[dim]`, `pos` and `tokens` are `[total_tokens, dim]` (`pos` holds each
-/// image's position embedding interpolated to its grid, packed like the tokens).
+/// pos[token_offset_i + t]`, or without a class token (`cls` `None`, a packing of
+/// [`PackedImages::with_class_tokens`] 0) `patch_tokens[patch_offset_i + t] + pos[...]`.
+/// `patch_tokens` is `[total_patches, dim]` (the patch GEMM's output), `cls` is `[dim]`, `pos`
+/// and `tokens` are `[total_tokens, dim]` (`pos` holds each image's position embedding
+/// interpolated to its grid, packed like the tokens).
 #[allow(clippy::too_many_arguments)]
 pub fn assemble_tokens_f32(
     dev: &Device,
     packing: &PackedImages,
     table: &Buffer<i32>,
     patch_tokens: &Buffer<f32>,
-    cls: &Buffer<f32>,
+    cls: Option<&Buffer<f32>>,
     pos: &Buffer<f32>,
     tokens: &mut Buffer<f32>,
     dim: usize,
@@ -446,7 +475,7 @@ pub fn assemble_tokens_bf16(
     packing: &PackedImages,
     table: &Buffer<i32>,
     patch_tokens: &Buffer<bf16>,
-    cls: &Buffer<f32>,
+    cls: Option<&Buffer<f32>>,
     pos: &Buffer<f32>,
     tokens: &mut Buffer<bf16>,
     dim: usize,
@@ -454,8 +483,9 @@ pub fn assemble_tokens_bf16(
     assemble_tokens(dev, packing, table, patch_tokens, cls, pos, tokens, dim)
 }
 
-/// Backward of [`assemble_tokens_f32`] towards the patch GEMM: `d_patch_tokens[patch_offset_i
-/// + n] = d_tokens[token_offset_i + 1 + n]` (each image's CLS row has no pixel path).
+/// Backward of [`assemble_tokens_f32`] towards the patch GEMM:
+/// `d_patch_tokens[patch_offset_i + n] = d_tokens[token_offset_i + c + n]`, `c` the packing's
+/// class tokens (each image's CLS row has no pixel path).
 pub fn tokens_to_patch_grads_f32(
     dev: &Device,
     packing: &PackedImages,
