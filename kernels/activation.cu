@@ -12,15 +12,23 @@
 //
 // Activations (`act`): 0 = QuickGELU  a(z) = z·σ(1.702z)
 //                      1 = exact GELU a(z) = z·Φ(z) = z·½·erfc(−z/√2)
+//                      2 = tanh GELU  a(z) = ½z(1 + tanh u), u = √(2/π)(z + 0.044715z³)
+//                                          = z·σ(2u)   (PyTorch's gelu(approximate="tanh"))
 // Forward:   pre = x + bias (written when `pre` is not null: the backward needs it),
 //            out = a(pre). `out` may alias `x` (in place: each element is read, then written, by
 //            the same thread); `pre` must not alias either.
 // Backward:  dx = dy · a'(pre), with
 //            QuickGELU a'(z) = s + 1.702·z·s·(1 − s),  s = σ(1.702z)
 //            GELU      a'(z) = Φ(z) + z·φ(z)
+//            tanh GELU a'(z) = ½(1 + t) + ½z(1 − t²)·u'(z),  t = tanh u
+//                            = s + z·s·(1 − s)·2u'(z),  s = σ(2u),
+//                      2u'(z) = 2√(2/π)(1 + 3·0.044715z²)
 //            `dx` may alias `dy` (in place).
-// Φ is evaluated through erfcf, which keeps full relative precision in the negative tail where
-// 1 + erf(z/√2) would cancel. Elementwise, fp32 arithmetic, deterministic by construction.
+// Φ is evaluated through erfcf, and the tanh GELU through σ(2u) = ½(1 + tanh u): both keep full
+// relative precision in the negative tail, where 1 + erf(z/√2) and 1 + tanhf(u) would cancel
+// (½z(1 + tanhf(u)) in fp32 is off by 1e-5 relative at z = −3 and 5e-4 at z = −4, and is 0 from
+// z ≈ −5.16 on, where a(z) is −8e−8). The sigmoid form also shares QuickGELU's 8-wide
+// reciprocals (below). Elementwise, fp32 arithmetic, deterministic by construction.
 //
 // Memory access: each thread moves 8 elements per 16-byte (bf16) or 2×16-byte (fp32) access,
 // a flat grid-stride loop over groups of 8, whenever every pointer is 16-byte aligned and, for
@@ -28,8 +36,8 @@
 // contiguous). Otherwise, and for the backward's last n % 8 elements, one element at a time:
 // the forward with blocks striding over rows and threads over columns, the backward flat. Both
 // paths give the same bits: the same arithmetic per element, except that the 8-wide QuickGELU
-// takes its sigmoid's reciprocals on the IEEE division's fast path without its guard, where
-// that path is exact (prm_quick_gelu_sigmoid8; tests/kernel_rowwise.rs
+// and tanh GELU take their sigmoid's reciprocals on the IEEE division's fast path without its
+// guard, where that path is exact (prm_sigmoid8; tests/kernel_rowwise.rs
 // `activation_vector_and_scalar_paths_agree_bit_for_bit` holds the two paths to each other on
 // the values where they could part, on CUDA against the hardware's division).
 // (Scalar 2-byte accesses left the bf16 kernels at ~1.4-2.1 TB/s of an H200's 4.8, with the
@@ -44,48 +52,80 @@
 
 #define PRM_ACT_QUICK_GELU 0
 #define PRM_ACT_GELU 1
+#define PRM_ACT_GELU_TANH 2
 
 // σ(x) = 1 / (1 + e^−x); the denominator is shared with the 8-wide form below, so both give
 // the same bits.
 __device__ __forceinline__ float prm_sigmoid_denominator(float x) { return 1.0f + expf(-x); }
 __device__ __forceinline__ float prm_sigmoid(float x) { return 1.0f / prm_sigmoid_denominator(x); }
 
+// The argument x(z) of the activations of the form z·σ(x(z)), in one place for the scalar and
+// 8-wide forms: QuickGELU's 1.702z, and the tanh GELU's 2u = z·(c + c·0.044715·z²) with
+// c = 2√(2/π) (the fmaf rounds once on both paths). Far out (|z| ≳ 1.7e13) x overflows to ±∞,
+// where σ is 0 or 1 as it should be.
+template <int ACT>
+__device__ __forceinline__ float prm_sigmoid_arg(float z) {
+    if constexpr (ACT == PRM_ACT_QUICK_GELU) {
+        return 1.702f * z;
+    } else {
+        return z * fmaf(0.071354816272600250f, z * z, 1.5957691216057308f);
+    }
+}
+
 // QuickGELU's derivative from s = σ(1.702z), in one place for the scalar and 8-wide forms.
 __device__ __forceinline__ float prm_quick_gelu_grad(float z, float s) { return fmaf(1.702f * z * s, 1.0f - s, s); }
+
+// The tanh GELU's derivative from s = σ(2u): s + z·s(1 − s)·2u'(z), 2u'(z) = c + 3c·0.044715·z².
+// z·s(1 − s) is formed first: it is exactly 0 wherever s is 0 or 1, which holds for |z| ≥ 16
+// (|2u| ≥ 317), and finite elsewhere. Taking 2u' at |z| capped to 16 there keeps it finite past
+// |z| ≈ 4e19, where 3c·0.044715·z² overflows and 0·∞ would give NaN; it changes no other result.
+// (2u' is not spelled through prm_sigmoid_arg's z·z: nvcc kept the 8 squares of the 8-wide
+// backward live from the sigmoid to here, 44 → 56 registers in prm_activation_backward_f32.)
+__device__ __forceinline__ float prm_gelu_tanh_grad(float z, float s) {
+    const float zc = fminf(fabsf(z), 16.0f);
+    const float slope = fmaf(0.21406444881780076f * zc, zc, 1.5957691216057308f);
+    return fmaf(z * (s * (1.0f - s)), slope, s);
+}
 
 // Φ(z), the standard normal CDF.
 __device__ __forceinline__ float prm_normal_cdf(float z) { return 0.5f * erfcf(-z * 0.70710678118654752f); }
 
 __device__ __forceinline__ float prm_act(int act, float z) {
-    if (act == PRM_ACT_QUICK_GELU) return z * prm_sigmoid(1.702f * z);
+    if (act == PRM_ACT_QUICK_GELU) return z * prm_sigmoid(prm_sigmoid_arg<PRM_ACT_QUICK_GELU>(z));
+    if (act == PRM_ACT_GELU_TANH) return z * prm_sigmoid(prm_sigmoid_arg<PRM_ACT_GELU_TANH>(z));
     return z * prm_normal_cdf(z);
 }
 
 __device__ __forceinline__ float prm_act_grad(int act, float z) {
     if (act == PRM_ACT_QUICK_GELU) {
-        return prm_quick_gelu_grad(z, prm_sigmoid(1.702f * z));
+        return prm_quick_gelu_grad(z, prm_sigmoid(prm_sigmoid_arg<PRM_ACT_QUICK_GELU>(z)));
+    }
+    if (act == PRM_ACT_GELU_TANH) {
+        return prm_gelu_tanh_grad(z, prm_sigmoid(prm_sigmoid_arg<PRM_ACT_GELU_TANH>(z)));
     }
     const float pdf = expf(-0.5f * z * z) * 0.39894228040143268f;  // 1/sqrt(2π)
     return fmaf(z, pdf, prm_normal_cdf(z));
 }
 
-// σ(1.702z) for 8 values, the bits of prm_sigmoid(1.702f * z[k]). nvcc's IEEE division guards
-// each reciprocal with a branch to its slow path, and the 8 guarded divisions did not
-// interleave: about 22 dependent instructions an element, one element after another (sm_90
-// SASS, 2026-12-04), which left the QuickGELU kernels issue-bound below the memory roofline.
-// Here the 8 reciprocals take the division's fast path unguarded (`prm_frcp_rn_below_2p126`,
-// exact for denominators in [1, 2^126)), and one test per group sends the rare group holding
-// a denominator ≥ 2^126 (z ≤ −51.3), ∞ or NaN back through the division.
+// σ(x(z[k])) for 8 values, the bits of prm_sigmoid(prm_sigmoid_arg<ACT>(z[k])). nvcc's IEEE
+// division guards each reciprocal with a branch to its slow path, and the 8 guarded divisions
+// did not interleave: about 22 dependent instructions an element, one element after another
+// (sm_90 SASS, 2026-12-04), which left the QuickGELU kernels issue-bound below the memory
+// roofline. Here the 8 reciprocals take the division's fast path unguarded
+// (`prm_frcp_rn_below_2p126`, exact for denominators in [1, 2^126)), and one test per group
+// sends the rare group holding a denominator ≥ 2^126 (x ≤ −87.3: QuickGELU's z ≤ −51.3, the
+// tanh GELU's z ≤ −10.0), ∞ or NaN back through the division.
 // (The rare group recomputes its denominators rather than keep 8 more registers live.)
-__device__ __forceinline__ void prm_quick_gelu_sigmoid8(const float z[8], float s[8]) {
+template <int ACT>
+__device__ __forceinline__ void prm_sigmoid8(const float z[8], float s[8]) {
     bool slow = false;
     for (int k = 0; k < 8; ++k) {
-        const float d = prm_sigmoid_denominator(1.702f * z[k]);
+        const float d = prm_sigmoid_denominator(prm_sigmoid_arg<ACT>(z[k]));
         slow |= !(d < 0x1p126f);
         s[k] = prm_frcp_rn_below_2p126(d);
     }
     if (slow) {
-        for (int k = 0; k < 8; ++k) s[k] = prm_sigmoid(1.702f * z[k]);
+        for (int k = 0; k < 8; ++k) s[k] = prm_sigmoid(prm_sigmoid_arg<ACT>(z[k]));
     }
 }
 
@@ -93,7 +133,13 @@ __device__ __forceinline__ void prm_quick_gelu_sigmoid8(const float z[8], float 
 __device__ __forceinline__ void prm_act8(int act, float z[8]) {
     if (act == PRM_ACT_QUICK_GELU) {
         float s[8];
-        prm_quick_gelu_sigmoid8(z, s);
+        prm_sigmoid8<PRM_ACT_QUICK_GELU>(z, s);
+        for (int k = 0; k < 8; ++k) z[k] *= s[k];
+        return;
+    }
+    if (act == PRM_ACT_GELU_TANH) {
+        float s[8];
+        prm_sigmoid8<PRM_ACT_GELU_TANH>(z, s);
         for (int k = 0; k < 8; ++k) z[k] *= s[k];
         return;
     }
@@ -104,8 +150,14 @@ __device__ __forceinline__ void prm_act8(int act, float z[8]) {
 __device__ __forceinline__ void prm_act_grad8(int act, const float z[8], float d[8]) {
     if (act == PRM_ACT_QUICK_GELU) {
         float s[8];
-        prm_quick_gelu_sigmoid8(z, s);
+        prm_sigmoid8<PRM_ACT_QUICK_GELU>(z, s);
         for (int k = 0; k < 8; ++k) d[k] *= prm_quick_gelu_grad(z[k], s[k]);
+        return;
+    }
+    if (act == PRM_ACT_GELU_TANH) {
+        float s[8];
+        prm_sigmoid8<PRM_ACT_GELU_TANH>(z, s);
+        for (int k = 0; k < 8; ++k) d[k] *= prm_gelu_tanh_grad(z[k], s[k]);
         return;
     }
     for (int k = 0; k < 8; ++k) d[k] *= prm_act_grad(act, z[k]);

@@ -302,6 +302,13 @@ fn layernorm_backward_bf16_copy_is_the_f32_result_rounded() {
 // ---------------------------------------------------------------------------------------------
 // Activation
 
+/// Every activation the kernels compute (activation.cu's `PRM_ACT_*`).
+const ACTIVATIONS: [Activation; 3] = [
+    Activation::QuickGelu,
+    Activation::Gelu,
+    Activation::GeluTanh,
+];
+
 /// Columns that are multiples of 8 take the kernels' 8-wide path; 75 takes the one-element path
 /// (and leaves the backward a tail of n % 8 = 7).
 const ACT_SHAPES: [(usize, usize); 4] = [(50, 64), (197, 768), (1201, 96), (197, 75)];
@@ -309,7 +316,7 @@ const ACT_SHAPES: [(usize, usize); 4] = [(50, 64), (197, 768), (1201, 96), (197,
 #[test]
 fn bias_activation_forward_matches_reference() {
     for dev in devices() {
-        for act in [Activation::QuickGelu, Activation::Gelu] {
+        for act in ACTIVATIONS {
             for (case, &(rows, cols)) in ACT_SHAPES.iter().enumerate() {
                 let mut rng = Rng::new(300 + case as u64);
                 let x = rng.vec(rows * cols, -7.0, 7.0);
@@ -408,7 +415,7 @@ fn bias_activation_forward_matches_reference() {
 #[test]
 fn activation_backward_matches_reference() {
     for dev in devices() {
-        for act in [Activation::QuickGelu, Activation::Gelu] {
+        for act in ACTIVATIONS {
             for (case, &(rows, cols)) in ACT_SHAPES.iter().enumerate() {
                 let mut rng = Rng::new(400 + case as u64);
                 let pre = rng.vec(rows * cols, -7.0, 7.0);
@@ -447,6 +454,59 @@ fn activation_backward_matches_reference() {
                 println!("{what}: worst scale-relative error {w:.2e}");
             }
         }
+    }
+}
+
+/// The tanh GELU's polynomial overflows f32 far out (2u ∝ z³ from |z| ≈ 1.2e13, z² from
+/// 1.8e19): there the kernels still give the function (z, or −0) and its derivative (1, or 0)
+/// as the reference does in f64, on the 8-wide and the one-element paths, not ∞ · 0 = NaN.
+#[test]
+fn tanh_gelu_stays_finite_where_its_polynomial_overflows() {
+    let act = Activation::GeluTanh;
+    let far = [1e12f32, 1e13, 2e13, 1e19, 1e20, 1e30, f32::MAX];
+    // 56 values: whole groups of 8 and whole launches of 7.
+    let z: Vec<f32> = far.iter().flat_map(|&v| [v, -v]).cycle().take(56).collect();
+    let n = z.len();
+    let mut want = z.clone();
+    ops::activation(act, &mut want);
+    let mut want_dx = vec![1.0f32; n];
+    ops::activation_backward(act, &z, &mut want_dx);
+    assert!(
+        want.iter().zip(&z).all(|(&a, &v)| a == v.max(0.0))
+            && want_dx == z.iter().map(|&v| f32::from(v > 0.0)).collect::<Vec<_>>(),
+        "the reference: {want:?} {want_dx:?}"
+    );
+    for dev in devices() {
+        let zb = dev.upload(&z).unwrap();
+        let ones = dev.upload(&vec![1.0f32; n]).unwrap();
+        for cols in [8, 7] {
+            let mut out = poisoned(&dev, n);
+            <f32 as ActivationStorage>::forward(&dev, act, &zb, &mut out, n / cols, cols);
+            assert_eq!(
+                dev.download(&out).unwrap(),
+                want,
+                "{} forward, rows of {cols}",
+                dev.name()
+            );
+        }
+        let grouped = <f32 as ActivationStorage>::backward(&dev, act, &zb, &ones);
+        assert_eq!(grouped, want_dx, "{} backward, groups of 8", dev.name());
+        let mut single = Vec::with_capacity(n);
+        for zc in z.chunks(7) {
+            let ones = dev.upload(&vec![1.0f32; zc.len()]).unwrap();
+            single.extend(<f32 as ActivationStorage>::backward(
+                &dev,
+                act,
+                &dev.upload(zc).unwrap(),
+                &ones,
+            ));
+        }
+        assert_eq!(
+            single,
+            want_dx,
+            "{} backward, one element at a time",
+            dev.name()
+        );
     }
 }
 
@@ -906,7 +966,7 @@ fn layernorm_bf16_matches_reference() {
 #[test]
 fn activation_bf16_matches_reference() {
     for dev in devices() {
-        for (act, (rows, cols)) in [Activation::QuickGelu, Activation::Gelu]
+        for (act, (rows, cols)) in ACTIVATIONS
             .into_iter()
             .flat_map(|a| [(a, (197usize, 256usize)), (a, (31, 77))])
         {
@@ -1164,7 +1224,7 @@ fn layernorm_is_deterministic() {
 #[test]
 fn activation_bf16out_variants_round_the_fp32_kernels() {
     for dev in devices() {
-        for act in [Activation::QuickGelu, Activation::Gelu] {
+        for act in ACTIVATIONS {
             for (case, &(rows, cols)) in [(197usize, 3072usize), (13, 37)].iter().enumerate() {
                 let mut rng = Rng::new(900 + case as u64);
                 let x = rng.vec(rows * cols, -7.0, 7.0);
@@ -1287,7 +1347,7 @@ fn layernorm_bf16out_rounds_the_fp32_kernel() {
 #[test]
 fn activation_bf16_engine_path_rounds_the_fp32_kernels() {
     for dev in devices() {
-        for act in [Activation::QuickGelu, Activation::Gelu] {
+        for act in ACTIVATIONS {
             for (case, &(rows, cols)) in [(197usize, 3072usize), (1201, 100), (13, 37)]
                 .iter()
                 .enumerate()
@@ -1427,20 +1487,35 @@ impl ActivationStorage for bf16 {
     }
 }
 
-/// Pre-activations where QuickGELU's arithmetic has edges: every f32 around z ≈ −51.31, where
-/// its sigmoid's denominator 1 + e^(−1.702z) crosses 2^126 (the 8-wide path's reciprocal is
-/// exact only below it), a sweep of [−60, 60], the tails, zeros, subnormals, ±∞ and NaN, and
-/// ordinary values. A multiple of 56 long (whole groups of 8, whole launches of 7).
+/// Pre-activations where the sigmoid-form activations' arithmetic has edges: every f32 around
+/// the z where the sigmoid's denominator 1 + e^(−x) crosses 2^126 (the 8-wide path's reciprocal
+/// is exact only below it), x = 1.702z for QuickGELU (z ≈ −51.31) and x = 2√(2/π)(z +
+/// 0.044715z³) for the tanh GELU (z ≈ −10.00); a sweep of [−60, 60], the tails (where the tanh
+/// GELU's z³ and z² overflow, and ±16, where its derivative caps z²), zeros, subnormals, ±∞ and
+/// NaN, and ordinary values. A multiple of 56 long (whole groups of 8, whole launches of 7).
 fn activation_edge_values() -> Vec<f32> {
     let mut z = Vec::new();
-    let threshold = -(126.0 * std::f64::consts::LN_2 / 1.702) as f32;
-    let mut v = threshold;
-    for _ in 0..1200 {
-        v = f32::from_bits(v.to_bits() - 1); // towards zero: above the threshold
+    let x_threshold = -126.0 * std::f64::consts::LN_2;
+    let tanh_gelu_x =
+        |z: f64| 2.0 * (2.0 / std::f64::consts::PI).sqrt() * (z + 0.044715 * z.powi(3));
+    let (mut lo, mut hi) = (-20.0f64, 0.0f64); // x is increasing in z: bisect for x(z) = threshold
+    for _ in 0..100 {
+        let mid = 0.5 * (lo + hi);
+        if tanh_gelu_x(mid) < x_threshold {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
     }
-    for _ in 0..2400 {
-        z.push(v);
-        v = f32::from_bits(v.to_bits() + 1);
+    for threshold in [(x_threshold / 1.702) as f32, lo as f32] {
+        let mut v = threshold;
+        for _ in 0..1200 {
+            v = f32::from_bits(v.to_bits() - 1); // towards zero: above the threshold
+        }
+        for _ in 0..2400 {
+            z.push(v);
+            v = f32::from_bits(v.to_bits() + 1);
+        }
     }
     z.extend((0..2400).map(|i| -60.0 + 0.05 * i as f32));
     z.extend([
@@ -1452,6 +1527,8 @@ fn activation_edge_values() -> Vec<f32> {
         -f32::MIN_POSITIVE,
         1e-30,
         -1e-30,
+        16.0,
+        -16.0,
         88.0,
         -88.0,
         89.0,
@@ -1460,6 +1537,10 @@ fn activation_edge_values() -> Vec<f32> {
         -100.0,
         1e10,
         -1e10,
+        1e13,
+        -1e13,
+        1e20,
+        -1e20,
         f32::MAX,
         f32::MIN,
         f32::INFINITY,
@@ -1523,14 +1604,15 @@ fn vector_and_scalar_paths_agree<T: ActivationStorage>(dev: &Device, act: Activa
     same_bits(&format!("{what} backward"), &grouped, &single, &z);
 }
 
-/// The 8-wide path of the activation kernels (aligned groups of 8, where QuickGELU takes its
-/// sigmoid's reciprocals without the IEEE division's guard) gives the one-element path's bits
-/// (the IEEE division), forward and backward, fp32 and bf16, on the values where they could
-/// part: on CUDA this checks the unguarded reciprocal against the hardware's division.
+/// The 8-wide path of the activation kernels (aligned groups of 8, where QuickGELU and the tanh
+/// GELU take their sigmoid's reciprocals without the IEEE division's guard) gives the
+/// one-element path's bits (the IEEE division), forward and backward, fp32 and bf16, on the
+/// values where they could part: on CUDA this checks the unguarded reciprocal against the
+/// hardware's division.
 #[test]
 fn activation_vector_and_scalar_paths_agree_bit_for_bit() {
     for dev in devices() {
-        for act in [Activation::QuickGelu, Activation::Gelu] {
+        for act in ACTIVATIONS {
             vector_and_scalar_paths_agree::<f32>(&dev, act);
             vector_and_scalar_paths_agree::<bf16>(&dev, act);
         }

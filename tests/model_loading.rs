@@ -496,6 +496,49 @@ fn hf_vision_model_config_at_top_level() {
     assert!(m.weights.projection.is_none());
 }
 
+/// transformers' names for GELU's tanh approximation (`gelu_pytorch_tanh`, `gelu_new`) load as
+/// `gelu_tanh`, on the vision and the text tower (the tiny CLIPModel of the eval golden data,
+/// its config's `hidden_act` changed).
+#[test]
+fn hf_tanh_gelu_names_load_as_gelu_tanh() {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/eval/clip_tiny");
+    let dir = tmp();
+    std::fs::copy(
+        golden.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden.join("config.json")).unwrap())
+            .unwrap();
+    let spec = dir.path().to_str().unwrap();
+    for (vision_act, text_act) in [
+        ("gelu_pytorch_tanh", "gelu_new"),
+        ("gelu_new", "gelu_pytorch_tanh"),
+    ] {
+        let mut c = config.clone();
+        c["vision_config"]["hidden_act"] = vision_act.into();
+        c["text_config"]["hidden_act"] = text_act.into();
+        write_json(dir.path(), "config.json", &c.to_string());
+        let m = load(dir.path()).unwrap();
+        assert_eq!(m.config.activation, Activation::GeluTanh, "{vision_act}");
+        assert_eq!(m.config.activation.name(), "gelu_tanh");
+        let text = prm::model::load_text_tower(spec)
+            .unwrap()
+            .expect("a text tower");
+        assert_eq!(text.config.activation, Activation::GeluTanh, "{text_act}");
+    }
+    // transformers' other spellings of the formula are not read, on the text tower either.
+    let mut c = config;
+    c["text_config"]["hidden_act"] = "gelu_fast".into();
+    write_json(dir.path(), "config.json", &c.to_string());
+    let e = match prm::model::load_text_tower(spec) {
+        Ok(_) => panic!("gelu_fast loaded"),
+        Err(e) => e,
+    };
+    assert_msg(&e, &["gelu_fast", "gelu_pytorch_tanh"]);
+}
+
 #[test]
 fn hf_defaults_without_config() {
     let dir = tmp();
@@ -925,13 +968,25 @@ fn open_clip_text_options_that_change_the_embedding_are_refused_and_its_eps_is_r
     let tower = text("{}").unwrap().expect("a text tower");
     assert_eq!(tower.config.heads, 8);
     let tower = text(r#"{"heads": 2, "act_kwargs": {"approximate": "none"}}"#);
-    assert_eq!(tower.unwrap().expect("a text tower").config.heads, 2);
+    let tower = tower.unwrap().expect("a text tower");
+    assert_eq!(
+        (tower.config.heads, tower.config.activation),
+        (2, Activation::Gelu)
+    );
+    // GELU's tanh approximation (SigLIP2's text towers).
+    let tower = text(r#"{"heads": 2, "act_kwargs": {"approximate": "tanh"}}"#);
+    let tower = tower.unwrap().expect("a text tower");
+    assert_eq!(tower.config.activation, Activation::GeluTanh);
     for (cfg, part) in [
         (r#"{"pool_type": "last"}"#, "pool_type"),
         (r#"{"embed_cls": true}"#, "embed_cls"),
         (r#"{"no_causal_mask": true}"#, "no_causal_mask"),
         (
-            r#"{"heads": 2, "act_kwargs": {"approximate": "tanh"}}"#,
+            r#"{"heads": 2, "act_kwargs": {"approximate": "sigmoid"}}"#,
+            "text_cfg.act_kwargs",
+        ),
+        (
+            r#"{"heads": 2, "act_kwargs": {"inplace": true}}"#,
             "text_cfg.act_kwargs",
         ),
         (r#"{"heads": 0}"#, "text_cfg.heads"),
@@ -983,25 +1038,83 @@ fn a_text_tower_under_text_prefix_is_named_not_missed() {
     assert_msg(&e, &["`text.*`", "CustomTextCLIP", "--classes"]);
 }
 
-/// open_clip's `act_kwargs` on the vision tower: neutral ones load, others are refused.
+/// open_clip's `act_kwargs` on the vision tower go to `nn.GELU`: `approximate` "none" loads as
+/// the exact GELU and "tanh" as its tanh approximation. Other options are refused, and so is
+/// any option with `quick_gelu` (open_clip's QuickGELU takes none: open_clip cannot build it).
 #[test]
-fn open_clip_activation_options_are_refused_unless_neutral() {
+fn open_clip_activation_options_select_the_gelu_or_are_refused() {
     let dir = tmp();
     openai_ckpt(Dtype::F32, "").write(&dir.path().join("open_clip_model.safetensors"));
-    let config = |vision_cfg: &str| {
+    let config = |model_cfg: &str, act_kwargs: &str| {
         write_json(
             dir.path(),
             "open_clip_config.json",
-            &format!(r#"{{"model_cfg": {{"vision_cfg": {vision_cfg}}}}}"#),
+            &format!(
+                r#"{{"model_cfg": {{{model_cfg}"vision_cfg": {{"act_kwargs": {act_kwargs}}}}}}}"#
+            ),
         )
     };
-    config(r#"{"act_kwargs": {"approximate": "none"}}"#);
-    load(dir.path()).unwrap();
-    config(r#"{"act_kwargs": {"approximate": "tanh"}}"#);
-    assert_msg(
-        &load_err(dir.path()),
-        &["vision_cfg.act_kwargs", "approximate"],
+    for (act_kwargs, want) in [
+        ("{}", Activation::Gelu),
+        ("null", Activation::Gelu),
+        (r#"{"approximate": "none"}"#, Activation::Gelu),
+        (r#"{"approximate": "tanh"}"#, Activation::GeluTanh),
+    ] {
+        config("", act_kwargs);
+        assert_eq!(
+            load(dir.path()).unwrap().config.activation,
+            want,
+            "{act_kwargs}"
+        );
+        config(r#""quick_gelu": false, "#, act_kwargs);
+        assert_eq!(
+            load(dir.path()).unwrap().config.activation,
+            want,
+            "{act_kwargs}"
+        );
+    }
+    config(r#""quick_gelu": true, "#, "{}");
+    assert_eq!(
+        load(dir.path()).unwrap().config.activation,
+        Activation::QuickGelu
     );
+    for (model_cfg, act_kwargs, parts) in [
+        (
+            "",
+            r#"{"approximate": "TANH"}"#,
+            &["approximate", "\"TANH\""][..],
+        ),
+        ("", r#"{"approximate": true}"#, &["approximate"][..]),
+        ("", r#"{"inplace": true}"#, &["inplace"][..]),
+        (
+            "",
+            r#"{"approximate": "tanh", "inplace": false}"#,
+            &["inplace"][..],
+        ),
+        (
+            r#""quick_gelu": true, "#,
+            r#"{"approximate": "tanh"}"#,
+            &["quick_gelu"][..],
+        ),
+        (
+            r#""quick_gelu": true, "#,
+            r#"{"approximate": "none"}"#,
+            &["quick_gelu"][..],
+        ),
+        ("", "\"tanh\"", &["act_kwargs", "object"][..]),
+    ] {
+        config(model_cfg, act_kwargs);
+        let e = load_err(dir.path());
+        assert!(
+            matches!(e, ModelError::BadConfig { .. }),
+            "{act_kwargs}: {e:?}"
+        );
+        assert_msg(&e, &["open_clip_config.json"]);
+        assert_msg(&e, parts);
+        if act_kwargs != "\"tanh\"" {
+            assert_msg(&e, &["vision_cfg.act_kwargs"]);
+        }
+    }
 }
 
 /// An open_clip ViT-H/14 state dict (width 1280; one block, a small MLP, a 1×1 grid) without a
@@ -1635,8 +1748,8 @@ fn bad_configs() {
     hf_ckpt(Dtype::F32).write(&dir.path().join("model.safetensors"));
     let cases = [
         (
-            r#"{"vision_config": {"hidden_act": "gelu_new"}}"#,
-            "gelu_new",
+            r#"{"vision_config": {"hidden_act": "gelu_fast"}}"#,
+            "gelu_fast",
         ),
         (
             r#"{"vision_config": {"hidden_act": "relu", "num_attention_heads": 2}}"#,

@@ -8,7 +8,9 @@
 //!   (12 heads, `quick_gelu`, 1e-5), which is what transformers itself would use.
 //! - HF `preprocessor_config.json`: `image_mean`, `image_std`.
 //! - open_clip `open_clip_config.json`: `model_cfg.quick_gelu` (absent or false means exact
-//!   GELU in open_clip), `model_cfg.vision_cfg.head_width` (default 64), `preprocess_cfg.mean/std`.
+//!   GELU in open_clip) with `model_cfg.vision_cfg.act_kwargs` (`approximate: "tanh"` makes it
+//!   GELU's tanh approximation), `model_cfg.vision_cfg.head_width` (default 64),
+//!   `preprocess_cfg.mean/std`.
 
 use std::path::{Path, PathBuf};
 
@@ -63,30 +65,60 @@ pub(crate) fn open_clip_ln_eps(
     }
 }
 
-/// Refuses open_clip's `act_kwargs` on a tower config (`vision_cfg` / `text_cfg`) unless they
-/// leave the activation as it is: `{"approximate": "tanh"}` (SigLIP2's towers) makes GELU
-/// another function, which prm would not compute.
-pub(crate) fn refuse_activation_options(
+/// The MLP activation open_clip builds for a tower config (`vision_cfg` / `text_cfg`):
+/// `model_cfg.quick_gelu` picks QuickGELU, else `nn.GELU` (absent or false), and the tower's
+/// `act_kwargs` go to that class's constructor (open_clip 3.3.0 `_build_vision_tower` /
+/// `_build_text_tower`). `nn.GELU` takes `approximate`: "none" (exact GELU) or "tanh" (its tanh
+/// approximation, SigLIP2's text towers). QuickGELU takes no option at all, so open_clip fails
+/// to build a QuickGELU tower with `act_kwargs`; prm refuses it, and any other option, rather
+/// than compute another model.
+pub(crate) fn open_clip_activation(
     path: &Path,
+    model_cfg: &Map<String, Value>,
     tower_cfg: &Map<String, Value>,
     tower: &str,
-) -> Result<(), ModelError> {
-    let empty = Map::new();
-    let kwargs = object(path, tower_cfg, "act_kwargs")?.unwrap_or(&empty);
-    for (key, value) in kwargs {
-        let neutral = key == "approximate" && value.as_str() == Some("none");
-        if !neutral {
+) -> Result<Activation, ModelError> {
+    let quick_gelu = match model_cfg.get("quick_gelu") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(v) => {
             return Err(bad(
                 path,
-                format!(
-                    "`{tower}.act_kwargs` sets {key} = {value}: prm computes open_clip's \
-                     activations (GELU, QuickGELU) without options and would compute another \
-                     model"
-                ),
-            ));
+                format!("`model_cfg.quick_gelu` must be a boolean, got {v}"),
+            ))
         }
+    };
+    let mut activation = if quick_gelu {
+        Activation::QuickGelu
+    } else {
+        Activation::Gelu
+    };
+    let empty = Map::new();
+    for (key, value) in object(path, tower_cfg, "act_kwargs")?.unwrap_or(&empty) {
+        let why = match (quick_gelu, key.as_str(), value.as_str()) {
+            (false, "approximate", Some("none")) => {
+                activation = Activation::Gelu;
+                continue;
+            }
+            (false, "approximate", Some("tanh")) => {
+                activation = Activation::GeluTanh;
+                continue;
+            }
+            (true, _, _) => {
+                "open_clip's QuickGELU (`model_cfg.quick_gelu`) takes no options, and open_clip \
+                 cannot build this tower"
+            }
+            _ => {
+                "prm computes open_clip's GELU with `approximate` \"none\" or \"tanh\" and no \
+                 other option, and would compute another model"
+            }
+        };
+        return Err(bad(
+            path,
+            format!("`{tower}.act_kwargs` sets {key} = {value}: {why}"),
+        ));
     }
-    Ok(())
+    Ok(activation)
 }
 
 /// The pooling open_clip's vision options choose, refusing the options that change what the
@@ -269,8 +301,8 @@ pub(crate) fn read_hf_config(
         "quick_gelu"
     };
     let activation = match vision.get("hidden_act") {
-        None | Some(Value::Null) => hf_activation(&path, default_act)?,
-        Some(Value::String(s)) => hf_activation(&path, s)?,
+        None | Some(Value::Null) => hf_activation_or_refuse(&path, default_act)?,
+        Some(Value::String(s)) => hf_activation_or_refuse(&path, s)?,
         Some(v) => {
             return Err(bad(
                 &path,
@@ -302,16 +334,32 @@ pub(crate) fn read_hf_config(
     )))
 }
 
-/// The activation a Hugging Face `hidden_act` names.
-fn hf_activation(path: &Path, name: &str) -> Result<Activation, ModelError> {
+/// The `hidden_act` names of transformers' activations that prm computes, for messages.
+pub(crate) const HF_ACTIVATIONS: &str = "quick_gelu, gelu, gelu_pytorch_tanh, gelu_new";
+
+/// The activation a HF `hidden_act` names: transformers' `ACT2FN` classes `QuickGELUActivation`,
+/// `GELUActivation` (exact, erf), and `GELUTanh` (`gelu_pytorch_tanh`: `F.gelu(approximate=
+/// "tanh")`) and `NewGELUActivation` (`gelu_new`: the same tanh formula written out in torch
+/// ops), which are one function. transformers' other spellings of that formula
+/// (`gelu_python_tanh`, `gelu_accurate`, and `gelu_fast` with √(2/π) to ten digits) are not
+/// read.
+pub(crate) fn hf_activation(name: &str) -> Option<Activation> {
     match name {
-        "quick_gelu" => Ok(Activation::QuickGelu),
-        "gelu" => Ok(Activation::Gelu),
-        other => Err(bad(
-            path,
-            format!("unsupported hidden_act `{other}` (supported: quick_gelu, gelu)"),
-        )),
+        "quick_gelu" => Some(Activation::QuickGelu),
+        "gelu" => Some(Activation::Gelu),
+        "gelu_pytorch_tanh" | "gelu_new" => Some(Activation::GeluTanh),
+        _ => None,
     }
+}
+
+/// [`hf_activation`], or the error naming what prm reads.
+fn hf_activation_or_refuse(path: &Path, name: &str) -> Result<Activation, ModelError> {
+    hf_activation(name).ok_or_else(|| {
+        bad(
+            path,
+            format!("unsupported hidden_act `{name}` (supported: {HF_ACTIVATIONS})"),
+        )
+    })
 }
 
 /// Reads `image_mean` / `image_std` from `preprocessor_config.json` in `dir`, if present.
@@ -343,20 +391,10 @@ pub(crate) fn read_open_clip_config(dir: &Path) -> Result<Option<OpenClipSetting
     let model_cfg = object(&path, &top, "model_cfg")?.unwrap_or(&empty);
     let vision_cfg = object(&path, model_cfg, "vision_cfg")?.unwrap_or(&empty);
     let pooling = open_clip_vision_pooling(&path, vision_cfg)?;
-    refuse_activation_options(&path, vision_cfg, "vision_cfg")?;
     let ln_pre = !matches!(vision_cfg.get("no_ln_pre"), Some(Value::Bool(true)));
     let head_width = positive_int(&path, vision_cfg, "head_width")?.unwrap_or(64);
     let ln_eps = open_clip_ln_eps(&path, vision_cfg)?;
-    let activation = match model_cfg.get("quick_gelu") {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => Activation::Gelu,
-        Some(Value::Bool(true)) => Activation::QuickGelu,
-        Some(v) => {
-            return Err(bad(
-                &path,
-                format!("`model_cfg.quick_gelu` must be a boolean, got {v}"),
-            ))
-        }
-    };
+    let activation = open_clip_activation(&path, model_cfg, vision_cfg, "vision_cfg")?;
     let pre = object(&path, &top, "preprocess_cfg")?.unwrap_or(&empty);
     let mean_std = match (triple(&path, pre, "mean")?, triple(&path, pre, "std")?) {
         (None, None) => None,

@@ -25,6 +25,9 @@ pub enum Activation {
     QuickGelu,
     /// Exact (erf) GELU, used by many LAION / DataComp models.
     Gelu,
+    /// GELU's tanh approximation `½x(1 + tanh(√(2/π)(x + 0.044715x³)))`: PyTorch's
+    /// `gelu(approximate="tanh")`, HF's `gelu_pytorch_tanh` / `gelu_new`, SigLIP's towers.
+    GeluTanh,
 }
 
 impl Activation {
@@ -32,6 +35,7 @@ impl Activation {
         match self {
             Activation::QuickGelu => "quick_gelu",
             Activation::Gelu => "gelu",
+            Activation::GeluTanh => "gelu_tanh",
         }
     }
 }

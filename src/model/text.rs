@@ -17,8 +17,9 @@
 //! `CLIPTextConfig` default); OpenAI state dicts use `open_clip_config.json`
 //! `model_cfg.text_cfg.heads` (8 when the file is there without it, open_clip's
 //! `CLIPTextCfg` default), else W / 64 (true of every OpenAI CLIP). The
-//! activation and LayerNorm eps follow `text_config` (HF) or the vision tower's setting
-//! (OpenAI/open_clip, where one `quick_gelu` flag covers both towers).
+//! activation and LayerNorm eps follow `text_config` (HF) or `open_clip_config.json`
+//! (OpenAI/open_clip: the one `quick_gelu` flag of both towers, with `text_cfg.act_kwargs`,
+//! and `text_cfg.norm_kwargs.eps`; QuickGELU and 1e-5 without the file).
 
 use std::path::Path;
 
@@ -139,15 +140,18 @@ fn read_json(path: &Path) -> Result<Option<Value>, ModelError> {
 }
 
 fn activation_of(path: &Path, v: &Value) -> Result<Option<Activation>, ModelError> {
-    match v {
-        Value::Null => Ok(None),
-        Value::String(s) if s == "quick_gelu" => Ok(Some(Activation::QuickGelu)),
-        Value::String(s) if s == "gelu" => Ok(Some(Activation::Gelu)),
-        other => Err(ModelError::BadConfig {
-            path: path.to_path_buf(),
-            reason: format!("unsupported text hidden_act {other} (supported: quick_gelu, gelu)"),
-        }),
-    }
+    let act = match v {
+        Value::Null => return Ok(None),
+        Value::String(s) => super::config::hf_activation(s),
+        _ => None,
+    };
+    act.map(Some).ok_or_else(|| ModelError::BadConfig {
+        path: path.to_path_buf(),
+        reason: format!(
+            "unsupported text hidden_act {v} (supported: {})",
+            super::config::HF_ACTIVATIONS
+        ),
+    })
 }
 
 fn hf_text_json(dir: &Path) -> Result<TextJson, ModelError> {
@@ -185,10 +189,13 @@ fn open_clip_text_json(dir: &Path) -> Result<TextJson, ModelError> {
     let Some(top) = read_json(&path)? else {
         return Ok((None, None, None));
     };
-    let cfg = top.get("model_cfg");
     let empty = serde_json::Map::new();
-    let text_cfg = cfg
-        .and_then(|c| c.get("text_cfg"))
+    let model_cfg = top
+        .get("model_cfg")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let text_cfg = model_cfg
+        .get("text_cfg")
         .and_then(Value::as_object)
         .unwrap_or(&empty);
     // open_clip's `CLIPTextCfg` has 8 heads unless the config says otherwise (not width / 64).
@@ -204,17 +211,9 @@ fn open_clip_text_json(dir: &Path) -> Result<TextJson, ModelError> {
             }
         },
     };
-    let act = match cfg.and_then(|c| c.get("quick_gelu")) {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => Some(Activation::Gelu),
-        Some(Value::Bool(true)) => Some(Activation::QuickGelu),
-        Some(v) => {
-            return Err(ModelError::BadConfig {
-                path,
-                reason: format!("`model_cfg.quick_gelu` must be a boolean, got {v}"),
-            })
-        }
-    };
-    super::config::refuse_activation_options(&path, text_cfg, "text_cfg")?;
+    let act = Some(super::config::open_clip_activation(
+        &path, model_cfg, text_cfg, "text_cfg",
+    )?);
     // Options that change the tower without tensors that would say so: the embedding must be
     // the end-of-text token's (prm's zero-shot classes are embedded that way).
     let refuse = |what: String| ModelError::BadConfig {
@@ -302,7 +301,7 @@ pub(crate) fn build_text_tower(t: &Tensors<'_>) -> Result<Option<TextTower>, Mod
         )
     } else {
         let (h, a, e) = open_clip_text_json(&dir)?;
-        let vision_act = if dir.join("open_clip_config.json").is_file() {
+        let act = if dir.join("open_clip_config.json").is_file() {
             a.unwrap_or(Activation::Gelu)
         } else {
             Activation::QuickGelu
@@ -319,7 +318,7 @@ pub(crate) fn build_text_tower(t: &Tensors<'_>) -> Result<Option<TextTower>, Mod
                 )))
             }
         };
-        (heads, vision_act, e.unwrap_or(1e-5))
+        (heads, act, e.unwrap_or(1e-5))
     };
     if heads == 0 || width % heads != 0 {
         return Err(t.inconsistent(format!(

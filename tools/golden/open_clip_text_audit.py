@@ -44,10 +44,19 @@ added this script, after the two fixes it found: 56 loaded and exact (worst max 
 pool_type "eos"; 6 pool_type "last"), 0 skipped; token ids equal; the self-test catches both
 (7.7e-3, 1.2e-2). With --variants (233 configs): 93 loaded and exact (worst 3.4e-7), 140
 refused, none wrong. Before the fixes, --variants found 2 loaded and WRONG: act_kwargs
-{"approximate": "tanh"} (9.6e-5: prm ignored act_kwargs and computed exact GELU; now refused, on
-the vision tower too) and a text_cfg without `heads` (4.9e-1: prm took width / 64 heads where
-open_clip's default is 8; now 8). The 29 standard `text.*` towers (EVA, PE-Core, ViTamin,
-MobileCLIP(2)-B) agree once renamed; their vision towers are timm trunks, which prm refuses.
+{"approximate": "tanh"} (9.6e-5: prm ignored act_kwargs and computed exact GELU; then refused, on
+the vision tower too, and since computed, below) and a text_cfg without `heads` (4.9e-1: prm
+took width / 64 heads where open_clip's default is 8; now 8). The 29 standard `text.*` towers
+(EVA, PE-Core, ViTamin, MobileCLIP(2)-B) agree once renamed; their vision towers are timm
+trunks, which prm refuses.
+
+Since prm computes GELU's tanh approximation (act_kwargs {"approximate": "tanh"}): the 144
+configs as above; with --variants (235 configs): 95 loaded and exact (worst 3.0e-7; act_kwargs
+"tanh" 2.7e-7, "none" 2.8e-7), 139 refused, 1 skipped (quick_gelu with act_kwargs, which open_clip
+cannot build: its QuickGELU takes no options; prm refuses it), none wrong. The 15 configs that
+set act_kwargs are SigLIP2's, whose text towers are CustomTextCLIP's `text.*` (and, renamed,
+have no `text_projection`): still refused. The self-test also builds ViT-B-16's text tower with
+the tanh GELU under a config that says exact GELU, and catches it (9.6e-5).
 
 Needs torch, open_clip_torch, safetensors, tokenizers and transformers (HF text towers) and a
 built prm:
@@ -112,6 +121,11 @@ def _drop_heads(cfg):
 VARIANTS = [
     ("quick_gelu", lambda cfg: cfg.update(quick_gelu=True)),
     ("act_kwargs-tanh", _text(act_kwargs={"approximate": "tanh"})),
+    ("act_kwargs-none", _text(act_kwargs={"approximate": "none"})),
+    # open_clip's QuickGELU takes no options: open_clip cannot build this one (skipped), and prm
+    # refuses it.
+    ("quick_gelu-act_kwargs-tanh",
+     lambda cfg: (cfg.update(quick_gelu=True), cfg["text_cfg"].update(act_kwargs={"approximate": "tanh"}))),
     ("norm_kwargs-eps-1e-6", _text(norm_kwargs={"eps": 1e-6})),
     ("mlp_ratio-3.7362", _text(mlp_ratio=3.7362)),
     ("context_length-32", _text(context_length=32)),
@@ -447,8 +461,18 @@ def main():
 
         def wrong_eps(cfg):
             cfg["text_cfg"]["norm_kwargs"] = {"eps": 1e-6}
-        for what, edit in [("wrong activation", wrong_activation), ("wrong eps", wrong_eps)]:
-            r = audit(f"self-test-{what.replace(' ', '-')}-ViT-B-16", get_model_config("ViT-B-16"),
+
+        def exact_gelu(cfg):
+            del cfg["text_cfg"]["act_kwargs"]
+        vit_b_16 = get_model_config("ViT-B-16")
+        tanh_gelu = copy.deepcopy(vit_b_16)
+        tanh_gelu["text_cfg"]["act_kwargs"] = {"approximate": "tanh"}
+        # The last: a tower with GELU's tanh approximation whose config says exact GELU (the two
+        # GELUs differ by at most 4.7e-4, the smallest change of activation to catch).
+        for what, cfg, edit in [("wrong activation", vit_b_16, wrong_activation),
+                                ("wrong eps", vit_b_16, wrong_eps),
+                                ("exact GELU for the tanh GELU", tanh_gelu, exact_gelu)]:
+            r = audit(f"self-test-{what.replace(' ', '-')}-ViT-B-16", cfg,
                       args.prm, args.work, tok, config_edit=edit)
             caught = r[0] == "loaded" and (r[1] is None or r[1] >= GATE)
             print(f"self-test ({what} in the config): {'caught' if caught else 'NOT CAUGHT'} "

@@ -1,5 +1,5 @@
-//! Launchers for `kernels/activation.cu`: the MLP activation (QuickGELU or exact GELU) with the
-//! fc1 bias fused into the forward, and its input gradient.
+//! Launchers for `kernels/activation.cu`: the MLP activation (QuickGELU, exact GELU or GELU's
+//! tanh approximation) with the fc1 bias fused into the forward, and its input gradient.
 //!
 //! The forward writes both the pre-activation `pre = x + bias` (which the backward needs) and
 //! the output; `pre` may be skipped (`None`) when no backward follows. Elementwise, grid-stride.
@@ -46,10 +46,12 @@ impl Storage for bf16 {
     const SUFFIX: &'static str = "bf16";
 }
 
+/// `act` of the kernels: activation.cu's `PRM_ACT_*`.
 fn act_code(act: Activation) -> i32 {
     match act {
         Activation::QuickGelu => 0,
         Activation::Gelu => 1,
+        Activation::GeluTanh => 2,
     }
 }
 
