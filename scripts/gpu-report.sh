@@ -144,6 +144,11 @@ run prm-pgd-bf16-vit-l-14 $PRM bench --device cuda --json --model random:vit-l-1
 run prm-pgd-bf16-vit-h-14 $PRM bench --device cuda --json --model random:vit-h-14 --precision bf16 --batch-size 16 --steps 10 --repeats 2 --no-ceiling
 run torch-pgd-eager-bf16-vit-h-14 $PY tools/torch_prm.py --mode eager-bf16 --arch vit-h-14 --batch-size 16 --steps 10 --repeats 2
 run prm-pgd-bf16-vit-h-14-attn-v2 env PRM_ATTENTION=v2 $PRM bench --device cuda --json --model random:vit-h-14 --precision bf16 --batch-size 16 --steps 10 --repeats 2 --no-ceiling
+# SigLIP so400m/14 at 384 px (2026-12-07, not yet run on a GPU): no class token (729 tokens, all
+# patches), 16 heads of 72 (attention v3 at bf16), tanh GELU, an MLP of 4304; beside torch eager
+# bf16 + SDPA on HF's SiglipVisionModel without its pooling head.
+run prm-pgd-bf16-siglip-so400m $PRM bench --device cuda --json --model random:siglip-so400m-14-384 --image-size 384 --precision bf16 --batch-size 16 --steps 10 --repeats 2 --no-ceiling
+run torch-pgd-eager-bf16-siglip-so400m $PY tools/torch_prm.py --mode eager-bf16 --arch siglip-so400m-14-384 --image-size 384 --batch-size 16 --steps 10 --repeats 2
 
 $PY - "$OUT" "$BATCH" "$PAPER_BATCH" <<'PYEOF'
 import json, os, sys
@@ -180,6 +185,8 @@ rows = [
     ("pgd H/14", "prm bf16 b16", "prm-pgd-bf16-vit-h-14"),
     ("pgd H/14", "torch eager bf16 b16", "torch-pgd-eager-bf16-vit-h-14"),
     ("pgd H/14", "prm bf16 b16 attention v2", "prm-pgd-bf16-vit-h-14-attn-v2"),
+    ("pgd SigLIP", "prm bf16 b16 384px", "prm-pgd-bf16-siglip-so400m"),
+    ("pgd SigLIP", "torch eager bf16 b16", "torch-pgd-eager-bf16-siglip-so400m"),
 ]
 dev = next((r["device"] for _, _, n in rows if (r := get(n))), "?")
 print(f"device: {dev}")
@@ -214,6 +221,7 @@ print(f"pgd   batch 32 / 64, 128 / 64          {ratio('prm-pgd-bf16-b32', 'prm-p
 print(f"pgd   attention auto / v3              {ratio('prm-pgd-bf16', 'prm-pgd-bf16-attn-v3'):6.2f}x")
 print(f"pgd   H/14 prm bf16 / torch eager bf16 {ratio('prm-pgd-bf16-vit-h-14', 'torch-pgd-eager-bf16-vit-h-14'):6.2f}x (attention v3)")
 print(f"pgd   H/14 attention v3 / v2           {ratio('prm-pgd-bf16-vit-h-14', 'prm-pgd-bf16-vit-h-14-attn-v2'):6.2f}x")
+print(f"pgd   SigLIP so400m prm / torch eager  {ratio('prm-pgd-bf16-siglip-so400m', 'torch-pgd-eager-bf16-siglip-so400m'):6.2f}x (bf16, 384 px)")
 print(f"pgd   attention v4 / v3                {ratio('prm-pgd-bf16-attn-v4', 'prm-pgd-bf16-attn-v3'):6.2f}x")
 print(f"pgd   v4 split 2 / split 1             {ratio('prm-pgd-bf16-attn-v4-split2', 'prm-pgd-bf16-attn-v4'):6.2f}x")
 print(f"pgd   v4 pairs / single blocks         {ratio('prm-pgd-bf16-attn-v4-pairs', 'prm-pgd-bf16-attn-v4'):6.2f}x")

@@ -1000,3 +1000,65 @@ fn the_log_counts_excluded_directories_and_not_hidden_files() {
     assert!(!err.contains("non-image"), "{err}");
     assert_eq!(manifest(&out).len(), 2, "a.png and c.png");
 }
+
+/// A SigLIP checkpoint (tests/golden/siglip_tiny): `prm info` says what it is, an attack runs on
+/// the CPU and on `--device sim` (the GPU engine's code path), and `--loss embed` is refused
+/// before anything is written, with the reason.
+#[test]
+fn a_siglip_checkpoint_is_described_attacked_and_its_embed_loss_refused() {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/siglip_tiny");
+    let o = prm(&["info", "--model", golden.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for part in ["no class token", "gelu_tanh", "attention head", "16 tokens"] {
+        assert!(text.contains(part), "{part:?} not in {text}");
+    }
+    let o = prm(&["info", "--model", golden.to_str().unwrap(), "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["class_token"], false);
+    assert_eq!(v["tokens_at_native_size"], 16);
+    assert_eq!(v["config"]["pooling"], "attention_head");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples");
+    std::fs::copy(samples.join("chelsea.png"), input.join("chelsea.png")).unwrap();
+    for device in ["cpu", "sim"] {
+        let out = tmp.path().join(device);
+        let o = prm(&[
+            "attack",
+            "--model",
+            golden.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--preset",
+            "pgd",
+            "--steps",
+            "2",
+            "--resolution",
+            "64",
+            "--device",
+            device,
+        ]);
+        assert!(o.status.success(), "{device}: {}", stderr(&o));
+        assert!(out.join("chelsea.png").exists(), "{device}");
+    }
+    let out = tmp.path().join("embed");
+    let o = prm(&[
+        "attack",
+        "--model",
+        golden.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--loss",
+        "embed",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("attention head"), "{}", stderr(&o));
+    assert!(!out.join("manifest.jsonl").exists());
+}

@@ -66,6 +66,9 @@ impl Cases {
     fn f32s(&self, name: &str) -> Vec<f32> {
         self.get(name).1.iter().map(|&v| v as f32).collect()
     }
+    fn has(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
     fn scalar(&self, name: &str) -> f64 {
         self.get(name).1[0]
     }
@@ -95,7 +98,8 @@ fn model_path(name: &str) -> String {
     }
 }
 
-const MODELS: [&str; 2] = ["hf_tiny", "openai_tiny"];
+/// Two CLIP towers and a SigLIP one (no class token, a patch bias, no LN_pre, tanh GELU).
+const MODELS: [&str; 3] = ["hf_tiny", "openai_tiny", "siglip_tiny"];
 
 #[test]
 fn hidden_states_match_transformers_at_every_layer() {
@@ -244,16 +248,19 @@ fn losses_and_input_gradients_match_torch_autograd() {
             },
             None,
         );
-        check_loss(
-            &model,
-            &cases,
-            "embed",
-            &AttackSettings {
-                loss: LossKind::Embed,
-                ..base.clone()
-            },
-            None,
-        );
+        // SigLIP pools with its attention head, which prm does not build: no embed case.
+        if cases.has("embed.loss") {
+            check_loss(
+                &model,
+                &cases,
+                "embed",
+                &AttackSettings {
+                    loss: LossKind::Embed,
+                    ..base.clone()
+                },
+                None,
+            );
+        }
         let size = &cases.get("prm_scaled.size").1;
         check_loss(
             &model,
@@ -281,4 +288,33 @@ fn bicubic_resize_matches_torch_forward_and_backward() {
         let err = rel_err(&gi, &cases.get(&format!("{case}.grad_in")).1);
         assert!(err < 1e-5, "{case} backward: {err:.2e}");
     }
+}
+
+/// The SigLIP fixture as prm reads it: no class token, tanh GELU, SigLIP's eps and
+/// normalisation, the patch bias, no LN_pre, g·g positions, and no image embedding.
+#[test]
+fn siglip_config_comes_from_the_checkpoint() {
+    let model = Model::load(&model_path("siglip_tiny")).unwrap();
+    let c = &model.config;
+    assert_eq!(
+        (c.width, c.heads, c.layers, c.mlp, c.patch, c.grid),
+        (128, 2, 3, 344, 8, 4)
+    );
+    assert!(!c.class_token);
+    assert_eq!(c.tokens(c.grid, c.grid), 16);
+    assert_eq!(c.activation, prm::model::Activation::GeluTanh);
+    assert_eq!(c.ln_eps, 1e-6);
+    assert_eq!((c.mean, c.std), ([0.5; 3], [0.5; 3]));
+    assert_eq!(c.pooling, prm::model::Pooling::AttentionHead);
+    let w = &model.weights;
+    assert!(w.ln_pre.is_none() && w.class_embedding.is_none());
+    assert_eq!(w.patch_embed.bias.as_ref().map(Vec::len), Some(128));
+    assert_eq!(w.position_embedding.len(), 16 * 128);
+    let all = LayerSelection::All.resolve(c.feature_layers()).unwrap();
+    let refused = Objective::new(LossKind::Embed, all, TokenSelection::All, &model).unwrap_err();
+    assert!(refused.contains("attention head"), "{refused}");
+    // The fixture's `prm_patch` was computed over every token: without a class token `patch`
+    // selects them all, which the loss test above checks against it.
+    let cases = Cases::load("siglip_tiny");
+    assert_eq!(cases.scalar("prm_patch.loss"), cases.scalar("prm.loss"));
 }

@@ -1855,7 +1855,9 @@ fn builtin_configs_match_real_clip() {
             "vit-b-16",
             "vit-l-14",
             "vit-l-14-336",
-            "vit-h-14"
+            "vit-h-14",
+            "siglip-b-16",
+            "siglip-so400m-14-384"
         ]
     );
     // (width, heads, layers, mlp, patch, grid, image, embed)
@@ -1899,6 +1901,55 @@ fn builtin_configs_match_real_clip() {
     assert_eq!(expected_params("vit-l-14").0, 303_179_776);
     assert_eq!(expected_params("vit-l-14-336").0, 303_507_456);
     assert_eq!(expected_params("vit-h-14").0, 630_766_080);
+}
+
+/// SigLIP's vision towers (google/siglip-base-patch16-224, google/siglip-so400m-patch14-384)
+/// without their attention-pooling head: no class token, a patch bias, no LN_pre, tanh GELU.
+#[test]
+fn builtin_siglip_configs_match_real_siglip() {
+    // (width, heads, layers, mlp, patch, grid, image covered, parameters without the head)
+    let real = [
+        ("siglip-b-16", (768, 12, 12, 3072, 16, 14, 224, 85_797_120)),
+        (
+            "siglip-so400m-14-384",
+            // Its 384-pixel input is 27 patches of 14 and 6 dropped pixels: 378 covered.
+            (1152, 16, 27, 4304, 14, 27, 378, 412_987_248),
+        ),
+    ];
+    for (arch, (d, heads, layers, mlp, patch, grid, image, params)) in real {
+        let c = builtin_config(arch).unwrap();
+        assert_eq!(
+            (
+                c.width,
+                c.heads,
+                c.layers,
+                c.mlp,
+                c.patch,
+                c.grid,
+                c.image_size()
+            ),
+            (d, heads, layers, mlp, patch, grid, image),
+            "{arch}"
+        );
+        assert!(!c.class_token && c.embed_dim.is_none(), "{arch}");
+        assert_eq!(c.activation, Activation::GeluTanh, "{arch}");
+        assert_eq!(
+            (c.ln_eps, c.mean, c.std),
+            (1e-6, [0.5; 3], [0.5; 3]),
+            "{arch}"
+        );
+        let (m, p) = (mlp, 3 * patch * patch);
+        let block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (m * d + m) + (d * m + d);
+        let tower = d * p + d + grid * grid * d + layers * block + 2 * d;
+        assert_eq!(tower, params, "{arch}");
+    }
+    // The small one is built whole: the weights match the count, no class token or LN_pre.
+    let m = random_model("siglip-b-16", 0).unwrap();
+    assert_eq!(m.parameter_count(), 85_797_120);
+    assert!(m.weights.class_embedding.is_none() && m.weights.ln_pre.is_none());
+    assert!(m.weights.patch_embed.bias.is_some());
+    assert!(m.image_embedding_unavailable().is_some());
+    assert!(prm::model::random_text_tower("siglip-b-16", 0).is_err());
 }
 
 fn check_shapes(m: &Model) {

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The PRM attack loop in PyTorch, for timing against `prm bench` (issue 4).
 
-It runs the same work as `prm bench`: an HF `CLIPVisionModel` with random weights at a built-in
-architecture, the PRM loss (mean token cosine between adversarial and clean features, summed over
+It runs the same work as `prm bench`: an HF `CLIPVisionModel` (`SiglipVisionModel` for the
+siglip-* architectures, without its pooling head, which the attack does not read) with random
+weights at a built-in architecture, the PRM loss (mean token cosine between adversarial and clean features, summed over
 F_0..F_L, all tokens), its input gradient (weights are frozen, so autograd forms no weight
 gradient, like prm), and the optimiser update. Modes:
 
@@ -55,11 +56,22 @@ ARCHS = {
     "vit-l-14": (1024, 24, 16, 4096, 14, 224, 768),
     "vit-l-14-336": (1024, 24, 16, 4096, 14, 336, 768),
     "vit-h-14": (1280, 32, 16, 5120, 14, 224, 1024),
+    "siglip-b-16": (768, 12, 12, 3072, 16, 224, 0),
+    "siglip-so400m-14-384": (1152, 27, 16, 4304, 14, 384, 0),
 }
 # open_clip's LAION ViT-H/14 uses the exact GELU (prm's random:vit-h-14 too); OpenAI's QuickGELU.
 ACTIVATION = {"vit-h-14": "gelu"}
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def is_siglip(arch: str) -> bool:
+    """SigLIP towers: no class token (an image's tokens are its patches), mean and std 0.5."""
+    return arch.startswith("siglip")
+
+
+def class_tokens(arch: str) -> int:
+    return 0 if is_siglip(arch) else 1
 
 
 def step_flops(arch: str, h: int, w: int) -> float:
@@ -71,7 +83,7 @@ def step_flops(arch: str, h: int, w: int) -> float:
     """
     d, layers, _, m, p, _, _ = ARCHS[arch]
     patches = (h // p) * (w // p)
-    t = patches + 1
+    t = patches + class_tokens(arch)
     linear = 2.0 * t * (4 * d * d + 2 * d * m)
     attn_fwd = 4.0 * t * t * d
     attn_bwd = 8.0 * t * t * d
@@ -83,7 +95,7 @@ def forward_flops(arch: str, h: int, w: int) -> float:
     """FLOPs of one forward pass (the clean features), as `prm bench` counts them."""
     d, layers, _, m, p, _, _ = ARCHS[arch]
     patches = (h // p) * (w // p)
-    t = patches + 1
+    t = patches + class_tokens(arch)
     return layers * (2.0 * t * (4 * d * d + 2 * d * m) + 4.0 * t * t * d) + 2.0 * patches * 3 * p * p * d
 
 
@@ -91,6 +103,8 @@ def build_model(arch: str, dtype=torch.float32, device="cuda"):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     d, layers, heads, m, p, image, proj = ARCHS[arch]
+    if is_siglip(arch):
+        return build_siglip(arch, dtype, device)
     cfg = CLIPVisionConfig(
         hidden_size=d, intermediate_size=m, num_hidden_layers=layers, num_attention_heads=heads,
         patch_size=p, image_size=image, projection_dim=proj, hidden_act=ACTIVATION.get(arch, "quick_gelu"),
@@ -103,14 +117,33 @@ def build_model(arch: str, dtype=torch.float32, device="cuda"):
     return model
 
 
-def normalise(x):
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+def build_siglip(arch: str, dtype, device):
+    """SigLIP's vision tower without its attention-pooling head (the attack reads F_0..F_L)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    d, layers, heads, m, p, image, _ = ARCHS[arch]
+    cfg = SiglipVisionConfig(
+        hidden_size=d, intermediate_size=m, num_hidden_layers=layers, num_attention_heads=heads,
+        patch_size=p, image_size=image, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+        vision_use_head=False, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = SiglipVisionModel(cfg).to(device, dtype).eval()
+    model.siglip = True
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return model
+
+
+def normalise(x, siglip=False):
+    mean = torch.tensor((0.5,) * 3 if siglip else MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor((0.5,) * 3 if siglip else STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
 def features(model, x, interpolate=False):
-    out = model(pixel_values=normalise(x), output_hidden_states=True,
+    siglip = getattr(model, "siglip", False)
+    out = model(pixel_values=normalise(x, siglip), output_hidden_states=True,
                 interpolate_pos_encoding=interpolate)
     return out.hidden_states
 

@@ -16,6 +16,11 @@
 //! - linear biases: uniform ±0.02; LayerNorm weights 1 ± 0.1, biases ±0.02;
 //! - class and position embeddings: variance 1/D (OpenAI's `width ** -0.5 * randn`);
 //! - projection: variance 1/D.
+//!
+//! The `siglip-*` architectures are SigLIP's vision towers (Hugging Face `SiglipVisionModel`):
+//! no class token, a patch convolution with a bias (±0.02), no LayerNorm before the blocks,
+//! tanh GELU, LayerNorm eps 1e-6, mean and std 0.5. Their attention-pooling head is not
+//! generated: prm does not build their image embedding, so they have no text tower either.
 
 use rayon::prelude::*;
 
@@ -40,8 +45,11 @@ struct Arch {
     patch: usize,
     grid: usize,
     embed_dim: usize,
-    /// QuickGELU for OpenAI's towers; open_clip's LAION ViT-H/14 uses the exact GELU.
+    /// QuickGELU for OpenAI's towers; open_clip's LAION ViT-H/14 uses the exact GELU, SigLIP
+    /// the tanh GELU.
     activation: Activation,
+    /// A SigLIP tower (module docs) rather than a CLIP one.
+    siglip: bool,
 }
 
 const ARCHS: &[Arch] = &[
@@ -55,6 +63,7 @@ const ARCHS: &[Arch] = &[
         grid: 4,
         embed_dim: 64,
         activation: Activation::QuickGelu,
+        siglip: false,
     },
     Arch {
         name: "vit-b-32",
@@ -66,6 +75,7 @@ const ARCHS: &[Arch] = &[
         grid: 7,
         embed_dim: 512,
         activation: Activation::QuickGelu,
+        siglip: false,
     },
     Arch {
         name: "vit-b-16",
@@ -77,6 +87,7 @@ const ARCHS: &[Arch] = &[
         grid: 14,
         embed_dim: 512,
         activation: Activation::QuickGelu,
+        siglip: false,
     },
     Arch {
         name: "vit-l-14",
@@ -88,6 +99,7 @@ const ARCHS: &[Arch] = &[
         grid: 16,
         embed_dim: 768,
         activation: Activation::QuickGelu,
+        siglip: false,
     },
     Arch {
         name: "vit-l-14-336",
@@ -99,6 +111,7 @@ const ARCHS: &[Arch] = &[
         grid: 24,
         embed_dim: 768,
         activation: Activation::QuickGelu,
+        siglip: false,
     },
     // open_clip's ViT-H-14 (LAION-2B): 16 heads of 80, the GPU engine's SIMT attention.
     Arch {
@@ -111,6 +124,34 @@ const ARCHS: &[Arch] = &[
         grid: 16,
         embed_dim: 1024,
         activation: Activation::Gelu,
+        siglip: false,
+    },
+    // google/siglip-base-patch16-224.
+    Arch {
+        name: "siglip-b-16",
+        width: 768,
+        heads: 12,
+        layers: 12,
+        mlp: 3072,
+        patch: 16,
+        grid: 14,
+        embed_dim: 0,
+        activation: Activation::GeluTanh,
+        siglip: true,
+    },
+    // google/siglip-so400m-patch14-384, the vision tower of many VLMs: 16 heads of 72, an MLP
+    // of 4304 (not 4·D).
+    Arch {
+        name: "siglip-so400m-14-384",
+        width: 1152,
+        heads: 16,
+        layers: 27,
+        mlp: 4304,
+        patch: 14,
+        grid: 27,
+        embed_dim: 0,
+        activation: Activation::GeluTanh,
+        siglip: true,
     },
 ];
 
@@ -121,6 +162,8 @@ const NAMES: &[&str] = &[
     "vit-l-14",
     "vit-l-14-336",
     "vit-h-14",
+    "siglip-b-16",
+    "siglip-so400m-14-384",
 ];
 
 /// Names accepted by `random:ARCH`.
@@ -147,14 +190,18 @@ pub fn builtin_config(arch: &str) -> Result<VisionConfig, ModelError> {
         heads: a.heads,
         patch: a.patch,
         grid: a.grid,
-        class_token: true,
+        class_token: !a.siglip,
         mlp: a.mlp,
-        embed_dim: Some(a.embed_dim),
+        embed_dim: (!a.siglip).then_some(a.embed_dim),
         activation: a.activation,
-        ln_eps: 1e-5,
-        mean: OPENAI_MEAN,
-        std: OPENAI_STD,
-        pooling: Pooling::ClassToken,
+        ln_eps: if a.siglip { 1e-6 } else { 1e-5 },
+        mean: if a.siglip { [0.5; 3] } else { OPENAI_MEAN },
+        std: if a.siglip { [0.5; 3] } else { OPENAI_STD },
+        pooling: if a.siglip {
+            Pooling::AttentionHead
+        } else {
+            Pooling::ClassToken
+        },
     })
 }
 
@@ -220,7 +267,7 @@ pub fn random_model(arch: &str, seed: u64) -> Result<Model, ModelError> {
     let a = find(arch)?;
     let g = Gen { arch: a.name, seed };
     let d = config.width;
-    let tokens = config.grid * config.grid + 1;
+    let tokens = config.tokens(config.grid, config.grid);
     let emb_std = (d as f32).powf(-0.5);
     let blocks = (0..config.layers)
         .map(|i| {
@@ -235,14 +282,15 @@ pub fn random_model(arch: &str, seed: u64) -> Result<Model, ModelError> {
             }
         })
         .collect();
+    let clip = !a.siglip;
     let weights = VisionWeights {
-        patch_embed: g.linear("patch_embed", d, 3 * config.patch * config.patch, false),
-        class_embedding: Some(g.with_std("class_embedding", d, emb_std)),
+        patch_embed: g.linear("patch_embed", d, 3 * config.patch * config.patch, a.siglip),
+        class_embedding: clip.then(|| g.with_std("class_embedding", d, emb_std)),
         position_embedding: g.with_std("position_embedding", tokens * d, emb_std),
-        ln_pre: Some(g.ln("ln_pre", d)),
+        ln_pre: clip.then(|| g.ln("ln_pre", d)),
         blocks,
         ln_post: g.ln("ln_post", d),
-        projection: Some(g.linear("projection", a.embed_dim, d, false)),
+        projection: clip.then(|| g.linear("projection", a.embed_dim, d, false)),
     };
     Ok(Model {
         config,
@@ -271,6 +319,14 @@ fn text_shape(arch: &str) -> (usize, usize, usize) {
 /// tower's, so class embeddings from it fit the image embeddings.
 pub fn random_text_tower(arch: &str, seed: u64) -> Result<TextTower, ModelError> {
     let a = find(arch)?;
+    if a.siglip {
+        return Err(ModelError::BadSpec {
+            spec: format!("random:{arch}"),
+            reason: "a SigLIP tower has no CLIP text tower (prm builds neither SigLIP's text \
+                     tower nor its pooled image embedding)"
+                .into(),
+        });
+    }
     let g = Gen {
         arch: a.name,
         seed: seed ^ 0x5445_5854, // "TEXT": text weights differ from the vision ones
