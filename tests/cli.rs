@@ -1061,4 +1061,20 @@ fn a_siglip_checkpoint_is_described_attacked_and_its_embed_loss_refused() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("attention head"), "{}", stderr(&o));
     assert!(!out.join("manifest.jsonl").exists());
+    // Its text tower is SigLIP's, not CLIP's: `prm classes` says so.
+    let names = tmp.path().join("names.txt");
+    std::fs::write(&names, "cat\ndog\n").unwrap();
+    let classes = tmp.path().join("classes.safetensors");
+    let o = prm(&[
+        "classes",
+        "--model",
+        golden.to_str().unwrap(),
+        "--names",
+        names.to_str().unwrap(),
+        "--output",
+        classes.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("SigLIP's"), "{}", stderr(&o));
+    assert!(!classes.exists());
 }

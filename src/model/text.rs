@@ -241,7 +241,15 @@ fn open_clip_text_json(dir: &Path) -> Result<TextJson, ModelError> {
 
 /// Builds the text tower held by a checkpoint's tensors, or `None` when it has none.
 pub(crate) fn build_text_tower(t: &Tensors<'_>) -> Result<Option<TextTower>, ModelError> {
-    let (names, hf) = if t.contains(HF_TEXT.tok) {
+    let (names, hf) = if t.contains(HF_TEXT.tok) && t.contains("text_model.head.weight") {
+        // SigLIP's text tower: no causal mask, the last token pooled through `head`, a sigmoid
+        // loss's logit bias. Loading it as CLIP's would embed the names wrongly.
+        return Err(t.inconsistent(
+            "the text tower is SigLIP's (`text_model.head.*`), not CLIP's; prm builds only CLIP \
+             text towers (and not SigLIP's pooled image embedding either, so no target of prm \
+             eval could use its class embeddings)",
+        ));
+    } else if t.contains(HF_TEXT.tok) {
         (&HF_TEXT, true)
     } else if t.contains(OPENAI_TEXT.tok) {
         (&OPENAI_TEXT, false)
