@@ -632,6 +632,15 @@ fn bf16_runs_on_the_gpu_engine_and_is_refused_on_the_cpu() {
     assert_eq!(manifest(&out).len(), 3);
 }
 
+/// `dir/in` holding one bundled sample photo (`chelsea.png`), for attacks on a single image.
+fn one_sample_input(dir: &Path) -> PathBuf {
+    let input = dir.join("in");
+    std::fs::create_dir(&input).unwrap();
+    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples");
+    std::fs::copy(samples.join("chelsea.png"), input.join("chelsea.png")).unwrap();
+    input
+}
+
 /// A checkpoint whose heads are not 64 wide (here hf_tiny's config saying 1 head of 128, 4 heads
 /// of 32 or 8 of 16; in the wild open_clip's ViT-H/14, 16 heads of 80). Heads 128 wide: `prm
 /// info` says the GPU engine runs them on v3 at bf16, and an attack on `--device sim` (the GPU
@@ -642,10 +651,7 @@ fn bf16_runs_on_the_gpu_engine_and_is_refused_on_the_cpu() {
 fn a_model_with_heads_not_64_wide_runs_on_the_gpu_engine_or_is_refused_with_the_way_out() {
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf_tiny");
     let tmp = tempfile::tempdir().unwrap();
-    let input = tmp.path().join("in");
-    std::fs::create_dir(&input).unwrap();
-    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples");
-    std::fs::copy(samples.join("chelsea.png"), input.join("chelsea.png")).unwrap();
+    let input = one_sample_input(tmp.path());
     for heads in [1usize, 4, 8] {
         let model = tmp.path().join(format!("model{heads}"));
         std::fs::create_dir(&model).unwrap();
@@ -1020,10 +1026,7 @@ fn a_siglip_checkpoint_is_described_attacked_and_its_embed_loss_refused() {
     assert_eq!(v["config"]["pooling"], "attention_head");
 
     let tmp = tempfile::tempdir().unwrap();
-    let input = tmp.path().join("in");
-    std::fs::create_dir(&input).unwrap();
-    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples");
-    std::fs::copy(samples.join("chelsea.png"), input.join("chelsea.png")).unwrap();
+    let input = one_sample_input(tmp.path());
     for device in ["cpu", "sim"] {
         let out = tmp.path().join(device);
         let o = prm(&[

@@ -1088,16 +1088,7 @@ fn a_tower_without_ln_pre_matches_the_reference() {
     let reference = ReferenceVit::new(&model);
     let mut d = Draw::new(9);
     let clean = batch(&mut d);
-    let adv: Vec<(Vec<f32>, usize, usize)> = clean
-        .iter()
-        .map(|(c, h, w)| {
-            let a = c
-                .iter()
-                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
-                .collect();
-            (a, *h, *w)
-        })
-        .collect();
+    let adv = perturbed(&clean, &mut d);
     let (clean_v, adv_v) = (views(&clean), views(&adv));
     let ref_clean = reference.clean_features(&clean_v).unwrap();
     for dev in devices() {
@@ -1141,16 +1132,7 @@ fn a_tower_without_a_class_token_matches_the_reference() {
     let reference = ReferenceVit::new(&model);
     let mut d = Draw::new(11);
     let clean = batch(&mut d);
-    let adv: Vec<(Vec<f32>, usize, usize)> = clean
-        .iter()
-        .map(|(c, h, w)| {
-            let a = c
-                .iter()
-                .map(|&v| (v + d.uniform(-0.03, 0.03)).clamp(0.0, 1.0))
-                .collect();
-            (a, *h, *w)
-        })
-        .collect();
+    let adv = perturbed(&clean, &mut d);
     let (clean_v, adv_v) = (views(&clean), views(&adv));
     let ref_clean = reference.clean_features(&clean_v).unwrap();
     for (i, (f, (_, h, w))) in ref_clean.iter().zip(&clean).enumerate() {

@@ -776,6 +776,10 @@ fn towers_without_a_class_token_need_a_siglip_config() {
     );
     let e = load(dir.path()).unwrap_err();
     assert_msg(&e, &["pre_layrnorm"]);
+    // A SigLIP config over a CLIP tower (a class token): another model, refused.
+    hf_ckpt(Dtype::F32).write(&dir.path().join("model.safetensors"));
+    let e = load(dir.path()).unwrap_err();
+    assert_msg(&e, &["SigLIP", "class_embedding"]);
 }
 
 // ---------------------------------------------------------------- OpenAI / open_clip

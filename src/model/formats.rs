@@ -164,6 +164,13 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
             if !class_token && !siglip {
                 return Err(missing_class_token(t, names, config.is_some()));
             }
+            if class_token && siglip {
+                return Err(t.inconsistent(format!(
+                    "config.json says SigLIP, whose towers have no class token, but the \
+                     checkpoint holds `{}`: it is another model",
+                    t.display_name(names.cls)
+                )));
+            }
             let (heads, activation, ln_eps) = match config {
                 Some((path, s)) => {
                     if width % s.heads != 0 {
