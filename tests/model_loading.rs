@@ -742,6 +742,78 @@ fn a_vision_model_saved_on_its_own_loads_without_the_prefix() {
     assert!(!e.to_string().contains("vision_model."), "{e}");
 }
 
+/// A vision-language model's checkpoint (LLaVA: `model.vision_tower.vision_model.*` beside the
+/// language model; PaliGemma: `vision_tower.vision_model.*`, a SigLIP without its pooling head):
+/// its vision tower loads with the `vision_config` of the VLM's config, and messages name the
+/// tensors as the file does.
+#[test]
+fn a_vision_language_model_checkpoint_loads_its_vision_tower() {
+    let nest = |c: &Ckpt, prefix: &str| {
+        let mut out = Ckpt::new();
+        for e in c
+            .entries
+            .iter()
+            .filter(|e| e.name.starts_with("vision_model."))
+        {
+            out.add(&format!("{prefix}{}", e.name), e.dtype, &e.shape);
+        }
+        // The language model beside the tower, which the loader does not look at.
+        let outer = prefix.trim_end_matches("vision_tower.");
+        out.add(
+            &format!("{outer}language_model.layers.0.mlp.weight"),
+            Dtype::F32,
+            &[4, 4],
+        );
+        out.add("lm_head.weight", Dtype::F32, &[8, 4]);
+        out
+    };
+    let dir = tmp();
+    let llava = nest(&hf_ckpt(Dtype::F32), "model.vision_tower.");
+    llava.write(&dir.path().join("model.safetensors"));
+    write_json(
+        dir.path(),
+        "config.json",
+        r#"{"model_type": "llava", "text_config": {"model_type": "llama"},
+            "vision_config": {"model_type": "clip_vision_model", "hidden_act": "quick_gelu",
+                              "num_attention_heads": 4}}"#,
+    );
+    let m = load(dir.path()).unwrap();
+    assert!(m.config.class_token);
+    assert_eq!((m.config.width, m.config.heads), (D, 4));
+    assert_eq!(
+        m.weights.position_embedding,
+        llava.get("model.vision_tower.vision_model.embeddings.position_embedding.weight")
+    );
+
+    let dir = tmp();
+    let mut paligemma = nest(&siglip_ckpt(), "vision_tower.");
+    paligemma
+        .entries
+        .retain(|e| !e.name.starts_with("vision_tower.vision_model.head."));
+    paligemma.write(&dir.path().join("model.safetensors"));
+    write_json(
+        dir.path(),
+        "config.json",
+        r#"{"model_type": "paligemma", "vision_config": {"model_type": "siglip_vision_model",
+            "num_attention_heads": 2, "vision_use_head": false}}"#,
+    );
+    let m = load(dir.path()).unwrap();
+    assert!(!m.config.class_token);
+    assert_eq!(m.config.activation, Activation::GeluTanh);
+    assert_eq!(m.config.pooling, prm::model::Pooling::Unpooled);
+    paligemma.add(
+        "vision_tower.vision_model.encoder.layers.0.extra.weight",
+        Dtype::F32,
+        &[D],
+    );
+    paligemma.write(&dir.path().join("model.safetensors"));
+    let e = load(dir.path()).unwrap_err();
+    assert_msg(
+        &e,
+        &["vision_tower.vision_model.encoder.layers.0.extra.weight"],
+    );
+}
+
 #[test]
 fn towers_without_a_class_token_need_a_siglip_config() {
     let dir = tmp();

@@ -203,6 +203,24 @@ impl<'a> Tensors<'a> {
                 origin.insert(stripped.to_string(), file);
             }
         }
+        // A vision-language model (LLaVA, PaliGemma, ...) keeps its vision tower, a whole
+        // `CLIPVisionModel` / `SiglipVisionModel`, under `vision_tower.` (under `model.` as
+        // well since transformers 5): that tower is the model read, the language model's
+        // tensors are not looked at. Messages name tensors as the file does.
+        let has =
+            |map: &HashMap<String, TensorView<'a>>, p: &str| map.keys().any(|n| n.starts_with(p));
+        if !has(&map, "vision_model.") && !has(&map, "visual.") {
+            let nested = ["model.vision_tower.", "vision_tower."]
+                .into_iter()
+                .find(|p| has(&map, &format!("{p}vision_model.")));
+            if let Some(p) = nested {
+                map = map
+                    .into_iter()
+                    .filter_map(|(n, v)| n.strip_prefix(p).map(|rest| (rest.to_string(), v)))
+                    .collect();
+                prefix = format!("{prefix}{p}");
+            }
+        }
         // A `CLIPVisionModel` / `SiglipVisionModel` built on its own (not loaded from a
         // `CLIPModel`) saves its tensors without the `vision_model.` prefix of every other
         // Hugging Face checkpoint: `embeddings.*`, `encoder.layers.*`, `post_layernorm.*`.
