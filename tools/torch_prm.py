@@ -129,7 +129,6 @@ def build_siglip(arch: str, dtype, device):
     )
     torch.manual_seed(0)
     model = SiglipVisionModel(cfg).to(device, dtype).eval()
-    model.siglip = True
     for prm in model.parameters():
         prm.requires_grad_(False)
     return model
@@ -142,7 +141,7 @@ def normalise(x, siglip=False):
 
 
 def features(model, x, interpolate=False):
-    siglip = getattr(model, "siglip", False)
+    siglip = model.config.model_type == "siglip_vision_model"
     out = model(pixel_values=normalise(x, siglip), output_hidden_states=True,
                 interpolate_pos_encoding=interpolate)
     return out.hidden_states

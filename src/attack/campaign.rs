@@ -456,9 +456,12 @@ fn done_and_changed(
                     .clone()
                     .unwrap_or_else(|| output_rel_path(&item.rel)),
             );
+            // One look at the file system per record: a resume of a large campaign on a network
+            // file system pays for each.
+            let image = png.is_file();
             let float = !save_float || png.with_extension("safetensors").is_file();
-            redone.no_float += usize::from(png.is_file() && !float);
-            png.is_file() && float
+            redone.no_float += usize::from(image && !float);
+            image && float
         };
         if finished {
             done.insert(item.rel.clone());
