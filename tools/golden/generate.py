@@ -96,6 +96,27 @@ def grad_of(fn, x: torch.Tensor):
 # Cases
 # ----------------------------------------------------------------------------------------------
 
+def add_loss_case(cases, check, rng, name, fn, adv, grid, patch):
+    """`{name}.loss` (F64) and `{name}.grad` of the loss `fn` at `adv`, checked against a central
+    finite difference along a random direction drawn from `rng`. At native resolution (every
+    case but `prm_scaled`) the remainder pixels beyond the `grid` of patches get no gradient."""
+    gh, gw = grid
+    loss, g = grad_of(fn, adv)
+    cases[f"{name}.loss"] = loss.reshape(1)  # F64
+    cases[f"{name}.grad"] = g
+    if name != "prm_scaled":
+        assert g[:, gh * patch:, :].abs().max() == 0 and g[:, :, gw * patch:].abs().max() == 0
+    d = torch.from_numpy(rng.standard_normal(adv.shape))
+    d[:, gh * patch:, :] = 0
+    d[:, :, gw * patch:] = 0
+    h = 1e-6
+    with torch.no_grad():
+        fd = (fn(adv + h * d) - fn(adv - h * d)) / (2 * h)
+    an = float((g * d).sum())
+    check.append((f"{name}: finite difference rel err", abs(float(fd) - an) / abs(an)))
+    assert abs(float(fd) - an) <= 1e-6 * abs(an) + 1e-9, (name, float(fd), an)
+
+
 def model_cases(model, sd_hf, heads, act, rng, native, nonsq, patch, cases, check):
     """Fill `cases` for one model. `model` is a float64 transformers vision tower."""
     L = model.config.num_hidden_layers
@@ -148,22 +169,7 @@ def model_cases(model, sd_hf, heads, act, rng, native, nonsq, patch, cases, chec
     cases["prm.adv"] = adv
 
     def add(name, fn):
-        loss, g = grad_of(fn, adv)
-        cases[f"{name}.loss"] = loss.reshape(1)  # F64
-        cases[f"{name}.grad"] = g
-        # remainder pixels beyond the patch grid get no gradient at native resolution
-        if name != "prm_scaled":
-            assert g[:, gh * patch:, :].abs().max() == 0 and g[:, :, gw * patch:].abs().max() == 0
-        # finite-difference spot check of the gradient (central, along a random direction)
-        d = torch.from_numpy(rng.standard_normal(adv.shape))
-        d[:, gh * patch:, :] = 0
-        d[:, :, gw * patch:] = 0
-        h = 1e-6
-        with torch.no_grad():
-            fd = (fn(adv + h * d) - fn(adv - h * d)) / (2 * h)
-        an = float((g * d).sum())
-        check.append((f"{name}: finite difference rel err", abs(float(fd) - an) / abs(an)))
-        assert abs(float(fd) - an) <= 1e-6 * abs(an) + 1e-9, (name, float(fd), an)
+        add_loss_case(cases, check, rng, name, fn, adv, (gh, gw), patch)
 
     add("prm", lambda a: R.loss_prm(feats(a), fc))
     add("prm_patch", lambda a: R.loss_prm(feats(a), fc, tokens="patch"))

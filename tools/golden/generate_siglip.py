@@ -243,20 +243,7 @@ def cases_for(vm, sd, check):
     cases["prm.adv"] = adv
 
     def add(name, fn):
-        loss, g = G.grad_of(fn, adv)
-        cases[f"{name}.loss"] = loss.reshape(1)  # F64
-        cases[f"{name}.grad"] = g
-        if name != "prm_scaled":
-            assert g[:, gh * PATCH:, :].abs().max() == 0 and g[:, :, gw * PATCH:].abs().max() == 0
-        d = torch.from_numpy(rng.standard_normal(adv.shape))
-        d[:, gh * PATCH:, :] = 0
-        d[:, :, gw * PATCH:] = 0
-        h = 1e-6
-        with torch.no_grad():
-            fd = (fn(adv + h * d) - fn(adv - h * d)) / (2 * h)
-        an = float((g * d).sum())
-        check.append((f"{name}: finite difference rel err", abs(float(fd) - an) / abs(an)))
-        assert abs(float(fd) - an) <= 1e-6 * abs(an) + 1e-9, (name, float(fd), an)
+        G.add_loss_case(cases, check, rng, name, fn, adv, (gh, gw), PATCH)
 
     add("prm", lambda a: R.loss_prm(feats(a), fc))
     # no class token: the patch tokens are every token (R.loss_prm(tokens="patch") would drop row 0)
