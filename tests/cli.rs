@@ -1008,10 +1008,10 @@ fn the_log_counts_excluded_directories_and_not_hidden_files() {
 }
 
 /// A SigLIP checkpoint (tests/golden/siglip_tiny): `prm info` says what it is, an attack runs on
-/// the CPU and on `--device sim` (the GPU engine's code path), and `--loss embed` is refused
-/// before anything is written, with the reason.
+/// the CPU and on `--device sim` (the GPU engine's code path), with the prm loss and with
+/// `--loss embed` through its attention-pooling head, and `prm classes` refuses its text tower.
 #[test]
-fn a_siglip_checkpoint_is_described_attacked_and_its_embed_loss_refused() {
+fn a_siglip_checkpoint_is_described_and_attacked() {
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/siglip_tiny");
     let o = prm(&["info", "--model", golden.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -1049,21 +1049,44 @@ fn a_siglip_checkpoint_is_described_attacked_and_its_embed_loss_refused() {
         assert!(o.status.success(), "{device}: {}", stderr(&o));
         assert!(out.join("chelsea.png").exists(), "{device}");
     }
-    let out = tmp.path().join("embed");
-    let o = prm(&[
-        "attack",
-        "--model",
-        golden.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--loss",
-        "embed",
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("attention head"), "{}", stderr(&o));
-    assert!(!out.join("manifest.jsonl").exists());
+    // --loss embed reads the image embedding through SigLIP's attention-pooling head: the same
+    // first loss on both engines (the GPU engine forms the head on the host from F_L).
+    let mut first_loss = Vec::new();
+    for device in ["cpu", "sim"] {
+        let out = tmp.path().join(format!("embed-{device}"));
+        let o = prm(&[
+            "attack",
+            "--model",
+            golden.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--loss",
+            "embed",
+            "--preset",
+            "pgd",
+            "--steps",
+            "2",
+            "--resolution",
+            "64",
+            "--device",
+            device,
+        ]);
+        assert!(o.status.success(), "{device}: {}", stderr(&o));
+        let record = &manifest(&out)[0];
+        assert_eq!(record["status"], "ok", "{device}: {record}");
+        let (initial, last) = (
+            record["loss_initial"].as_f64().unwrap(),
+            record["loss_final"].as_f64().unwrap(),
+        );
+        assert!(initial < 1.0 && last < initial, "{device}: {record}");
+        first_loss.push(initial);
+    }
+    assert!(
+        (first_loss[0] - first_loss[1]).abs() < 1e-5,
+        "cpu and sim: {first_loss:?}"
+    );
     // Its text tower is SigLIP's, not CLIP's: `prm classes` says so.
     let names = tmp.path().join("names.txt");
     std::fs::write(&names, "cat\ndog\n").unwrap();

@@ -12,7 +12,7 @@ use prm::eval::targets::DenseHead;
 use prm::eval::{EvalEngine, EvalError, ReferenceTargets};
 use prm::gpu::engine::Precision;
 use prm::gpu::Device;
-use prm::model::Model;
+use prm::model::{AttentionPoolHead, LayerNormWeights, Linear, Model};
 
 /// Mixed sizes for random:tiny (patch 16): 197 tokens (224²), sides that are not multiples of
 /// the patch, a single-patch image.
@@ -517,9 +517,37 @@ fn logits_formed_on_the_device_are_the_host_logits_of_its_embeddings() {
     assert!(!ReferenceTargets::new(&model).forms_logits());
 }
 
+/// Deterministic values `scale · sin(step · i)`.
+fn waves(len: usize, step: f32, scale: f32) -> Vec<f32> {
+    (0..len).map(|i| scale * (i as f32 * step).sin()).collect()
+}
+
+/// An attention-pooling head (SigLIP's `head.*`) for a tower of width `d` and MLP `mlp`.
+fn pooling_head(d: usize, mlp: usize) -> AttentionPoolHead {
+    let linear = |out: usize, inp: usize, step: f32| Linear {
+        weight: waves(out * inp, step, 1.7 / (inp as f32).sqrt()),
+        bias: Some(waves(out, step * 1.3, 0.05)),
+        out_features: out,
+        in_features: inp,
+    };
+    AttentionPoolHead {
+        probe: waves(d, 0.71, 0.5),
+        in_proj: linear(3 * d, d, 0.113),
+        out_proj: linear(d, d, 0.271),
+        layer_norm: LayerNormWeights {
+            weight: waves(d, 0.39, 0.1).iter().map(|v| 1.0 + v).collect(),
+            bias: waves(d, 0.53, 0.05),
+        },
+        fc1: linear(mlp, d, 0.173),
+        fc2: linear(d, mlp, 0.319),
+    }
+}
+
 /// A tower without a class token (SigLIP-style, from random:tiny): the device's features are
-/// the reference engine's, each image of a batch gets its bits alone, the drift sums run, and
-/// the targets on image embeddings are refused with the reason.
+/// the reference engine's, each image of a batch gets its bits alone, and the drift sums run.
+/// Without its attention-pooling head the targets on image embeddings are refused with the
+/// reason; with it, the image embeddings and zero-shot logits are the reference's, each image's
+/// the bits it gets alone.
 #[test]
 fn a_tower_without_a_class_token_evaluates_its_features() {
     let mut model = Model::load("random:tiny").unwrap();
@@ -532,6 +560,9 @@ fn a_tower_without_a_class_token_evaluates_its_features() {
     model.weights.patch_embed.bias = Some((0..d).map(|i| (i as f32 * 0.37).sin()).collect());
     model.weights.ln_pre = None;
     model.weights.projection = None;
+    let mut pooled = model.clone();
+    pooled.weights.attention_head = Some(pooling_head(d, model.config.mlp));
+    pooled.config.embed_dim = Some(d);
     let data = size_pixels(3);
     let images = images(&data);
     let reference = ReferenceTargets::new(&model);
@@ -565,9 +596,32 @@ fn a_tower_without_a_class_token_evaluates_its_features() {
         assert_eq!(gpu.feature_sums_batch(&pairs, &[]).unwrap().len(), 2);
         let refused = gpu.image_embedding(&images[0]);
         assert!(
-            matches!(&refused, Err(EvalError::NoImageEmbedding(why)) if why.contains("attention head")),
+            matches!(&refused, Err(EvalError::NoImageEmbedding(why)) if why.contains("attention-pooling head")),
             "{}: {refused:?}",
             dev.name()
         );
+    }
+    let reference = ReferenceTargets::new(&pooled);
+    let classes = waves(5 * d, 0.61, 1.0);
+    for dev in devices() {
+        let gpu = GpuTargets::new(&dev, &pooled, Precision::Fp32)
+            .unwrap()
+            .with_pass_tokens(60);
+        let batch = gpu.image_embedding_batch(&images, &images).unwrap();
+        let logits = gpu.image_logits_batch(&images, &[], &classes).unwrap();
+        for (k, (e, im)) in batch.iter().zip(&images).enumerate() {
+            let want = reference.image_embedding(im).unwrap();
+            assert_eq!(e.len(), d, "the head's output is D wide");
+            let err = e
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= 1e-4, "{}: image {k}: error {err:.2e}", dev.name());
+            assert!(
+                same_bits(e, &gpu.image_embedding(im).unwrap()),
+                "image {k} alone"
+            );
+            assert_eq!(logits[k].len(), 5);
+        }
     }
 }

@@ -17,6 +17,7 @@ fn one(attack: &Attack<Vit>, x: &[f32], size: (usize, usize)) -> (f64, Vec<f32>)
 }
 
 use prm::model::Model;
+use prm::reference::pooling::pooled_embeddings;
 use prm::reference::resize::{
     bicubic_resize, bicubic_resize_backward, interpolate_position_embedding,
 };
@@ -248,7 +249,8 @@ fn losses_and_input_gradients_match_torch_autograd() {
             },
             None,
         );
-        // SigLIP pools with its attention head, which prm does not build: no embed case.
+        // Every fixture has one (SigLIP's through its attention-pooling head); the guard keeps
+        // a fixture without an image embedding possible.
         if cases.has("embed.loss") {
             check_loss(
                 &model,
@@ -290,8 +292,32 @@ fn bicubic_resize_matches_torch_forward_and_backward() {
     }
 }
 
+/// The image embedding of every fixture against transformers' (`image_embeds` of CLIP,
+/// `pooler_output` of SigLIP, whose attention-pooling head prm folds into `[H, D]` scores),
+/// at native size and (SigLIP) on the non-square image whose position table is interpolated.
+#[test]
+fn image_embeddings_match_transformers() {
+    for name in MODELS {
+        let model = Model::load(&model_path(name)).unwrap();
+        let cases = Cases::load(name);
+        let engine = ReferenceVit::new(&model);
+        // The CLIP fixtures hold the native image's embedding only.
+        for case in ["native", "nonsquare"] {
+            if !cases.has(&format!("{case}.embed")) {
+                continue;
+            }
+            let (img, h, w) = cases.image(&format!("{case}.pixels"));
+            let fwd = engine.forward(&img, h, w, false);
+            let last = fwd.features.last().unwrap();
+            let e = pooled_embeddings(&model, &[last]).unwrap();
+            let err = rel_err(&e.embeddings, &cases.get(&format!("{case}.embed")).1);
+            assert!(err < 1e-5, "{name} {case}: relative error {err:.2e}");
+        }
+    }
+}
+
 /// The SigLIP fixture as prm reads it: no class token, tanh GELU, SigLIP's eps and
-/// normalisation, the patch bias, no LN_pre, g·g positions, and no image embedding.
+/// normalisation, the patch bias, no LN_pre, g·g positions, and the attention-pooling head.
 #[test]
 fn siglip_config_comes_from_the_checkpoint() {
     let model = Model::load(&model_path("siglip_tiny")).unwrap();
@@ -310,9 +336,15 @@ fn siglip_config_comes_from_the_checkpoint() {
     assert!(w.ln_pre.is_none() && w.class_embedding.is_none());
     assert_eq!(w.patch_embed.bias.as_ref().map(Vec::len), Some(128));
     assert_eq!(w.position_embedding.len(), 16 * 128);
+    assert_eq!(c.embed_dim, Some(128));
+    let head = w.attention_head.as_ref().expect("the MAP head is read");
+    assert_eq!((head.probe.len(), head.fc1.out_features), (128, 344));
+    assert_eq!(head.in_proj.weight.len(), 3 * 128 * 128);
     let all = LayerSelection::All.resolve(c.feature_layers()).unwrap();
-    let refused = Objective::new(LossKind::Embed, all, TokenSelection::All, &model).unwrap_err();
-    assert!(refused.contains("attention head"), "{refused}");
+    assert!(Objective::new(LossKind::Embed, all, TokenSelection::All, &model).is_ok());
+    // The dense targets project every patch with CLIP's projection, which SigLIP has not.
+    let why = model.image_projection().unwrap_err();
+    assert!(why.contains("attention head"), "{why}");
     // The fixture's `prm_patch` was computed over every token: without a class token `patch`
     // selects them all, which the loss test above checks against it.
     let cases = Cases::load("siglip_tiny");

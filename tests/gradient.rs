@@ -217,11 +217,12 @@ fn a_tower_without_ln_pre_matches_finite_differences() {
 }
 
 /// A tower without a class token (SigLIP): the tokens are the patches, the patch convolution has
-/// a bias and there is no LN_pre; `--tokens patch` selects every token.
+/// a bias and there is no LN_pre; `--tokens patch` selects every token. The embed loss goes
+/// through the attention-pooling head (its folded scores and values, its MLP).
 #[test]
 fn a_tower_without_a_class_token_matches_finite_differences() {
-    let model = small_model_without_class_token(64, 2, 2, 8, 4, Activation::Gelu, 10);
-    for loss in [LossKind::Prm, LossKind::Nrd, LossKind::Dr] {
+    let model = small_model_without_class_token(64, 2, 2, 8, 4, Activation::GeluTanh, 10);
+    for loss in [LossKind::Prm, LossKind::Nrd, LossKind::Dr, LossKind::Embed] {
         let mut s = settings(loss, TokenSelection::Patch, Resolution::Native);
         s.layers = LayerSelection::List(vec![0]);
         check_directional(&model, &s, 27, 45, None, 17);

@@ -665,8 +665,18 @@ fn siglip_ckpt() -> Ckpt {
         Dtype::F32,
         &[3 * D],
     );
-    c.add(&format!("{v}.head.layernorm.weight"), Dtype::F32, &[D]);
-    c.add(&format!("{v}.head.mlp.fc1.weight"), Dtype::F32, &[M, D]);
+    for (name, shape) in [
+        ("attention.out_proj.weight", &[D, D][..]),
+        ("attention.out_proj.bias", &[D]),
+        ("layernorm.weight", &[D]),
+        ("layernorm.bias", &[D]),
+        ("mlp.fc1.weight", &[M, D]),
+        ("mlp.fc1.bias", &[M]),
+        ("mlp.fc2.weight", &[D, M]),
+        ("mlp.fc2.bias", &[D]),
+    ] {
+        c.add(&format!("{v}.head.{name}"), Dtype::F32, shape);
+    }
     c
 }
 
@@ -702,8 +712,23 @@ fn hf_siglip_loads_without_a_class_token_with_its_defaults() {
         w.position_embedding,
         c.get("vision_model.embeddings.position_embedding.weight")
     );
-    let why = m.image_embedding_unavailable().expect("no image embedding");
-    assert!(why.contains("attention head"), "{why}");
+    // The attention-pooling head is read, tensor for tensor: it forms the image embedding.
+    let head = w.attention_head.as_ref().expect("the head is read");
+    assert_eq!(head.probe, c.get("vision_model.head.probe"));
+    assert_eq!(
+        head.in_proj.weight,
+        c.get("vision_model.head.attention.in_proj_weight")
+    );
+    assert_eq!(head.fc2.weight, c.get("vision_model.head.mlp.fc2.weight"));
+    assert_eq!(cfg.embed_dim, Some(D));
+    assert!(m.image_embedding_unavailable().is_none());
+    // A head missing a tensor is an error naming it, not a tower without its embedding.
+    let mut partial = siglip_ckpt();
+    partial.remove("vision_model.head.mlp.fc2.bias");
+    partial.write(&dir.path().join("model.safetensors"));
+    let e = load(dir.path()).unwrap_err();
+    assert_msg(&e, &["vision_model.head.mlp.fc2.bias"]);
+    c.write(&dir.path().join("model.safetensors"));
     // A preprocessor_config.json overrides the default normalisation.
     write_json(
         dir.path(),
@@ -1980,16 +2005,17 @@ fn builtin_configs_match_real_clip() {
 }
 
 /// SigLIP's vision towers (google/siglip-base-patch16-224, google/siglip-so400m-patch14-384)
-/// without their attention-pooling head: no class token, a patch bias, no LN_pre, tanh GELU.
+/// with their attention-pooling head: no class token, a patch bias, no LN_pre, tanh GELU; the
+/// parameter counts are `SiglipVisionModel`'s (92.9M and 428.2M).
 #[test]
 fn builtin_siglip_configs_match_real_siglip() {
-    // (width, heads, layers, mlp, patch, grid, image covered, parameters without the head)
+    // (width, heads, layers, mlp, patch, grid, image covered, parameters with the head)
     let real = [
-        ("siglip-b-16", (768, 12, 12, 3072, 16, 14, 224, 85_797_120)),
+        ("siglip-b-16", (768, 12, 12, 3072, 16, 14, 224, 92_884_224)),
         (
             "siglip-so400m-14-384",
             // Its 384-pixel input is 27 patches of 14 and 6 dropped pixels: 378 covered.
-            (1152, 16, 27, 4304, 14, 27, 378, 412_987_248),
+            (1152, 16, 27, 4304, 14, 27, 378, 428_225_600),
         ),
     ];
     for (arch, (d, heads, layers, mlp, patch, grid, image, params)) in real {
@@ -2007,7 +2033,7 @@ fn builtin_siglip_configs_match_real_siglip() {
             (d, heads, layers, mlp, patch, grid, image),
             "{arch}"
         );
-        assert!(!c.class_token && c.embed_dim.is_none(), "{arch}");
+        assert!(!c.class_token && c.embed_dim == Some(d), "{arch}");
         assert_eq!(c.activation, Activation::GeluTanh, "{arch}");
         assert_eq!(
             (c.ln_eps, c.mean, c.std),
@@ -2017,14 +2043,16 @@ fn builtin_siglip_configs_match_real_siglip() {
         let (m, p) = (mlp, 3 * patch * patch);
         let block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (m * d + m) + (d * m + d);
         let tower = d * p + d + grid * grid * d + layers * block + 2 * d;
-        assert_eq!(tower, params, "{arch}");
+        // probe, in_proj, out_proj, LayerNorm, MLP
+        let head = d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (m * d + m) + (d * m + d);
+        assert_eq!(tower + head, params, "{arch}");
     }
     // The small one is built whole: the weights match the count, no class token or LN_pre.
     let m = random_model("siglip-b-16", 0).unwrap();
-    assert_eq!(m.parameter_count(), 85_797_120);
+    assert_eq!(m.parameter_count(), 92_884_224);
     assert!(m.weights.class_embedding.is_none() && m.weights.ln_pre.is_none());
     assert!(m.weights.patch_embed.bias.is_some());
-    assert!(m.image_embedding_unavailable().is_some());
+    assert!(m.image_embedding_unavailable().is_none());
     assert!(prm::model::random_text_tower("siglip-b-16", 0).is_err());
 }
 

@@ -5,7 +5,7 @@
 
 use super::settings::{LossKind, TokenSelection};
 use crate::model::Model;
-use crate::reference::ops::{layer_norm, layer_norm_backward};
+use crate::reference::pooling::pooled_embeddings;
 
 /// Norms below this are treated as this, as `torch.nn.functional.normalize` does (eps 1e-12).
 const NORM_FLOOR: f64 = 1e-12;
@@ -147,14 +147,13 @@ impl Objective {
         };
         if self.kind == LossKind::Embed {
             let last = self.feature_layers - 1;
-            let (value, g) = embed_cosine(model, &adv[last][..dim], &clean[last][..dim], with_grad);
-            if let Some(g) = g {
-                let mut full = vec![0.0f32; adv[last].len()];
-                full[..dim].copy_from_slice(&g);
-                grads[last] = Some(full);
+            let clean_embedding = embeddings(model, &[&clean[last]]);
+            let (values, g) = embed_losses(model, &[&adv[last]], &clean_embedding, with_grad);
+            if let Some(mut g) = g {
+                grads[last] = g.pop();
             }
             return LossValue {
-                value,
+                value: values[0],
                 feature_grads: grads,
             };
         }
@@ -239,64 +238,42 @@ fn dispersion(
     sign * std
 }
 
-/// `ln_post(cls) · Wᵀ`, the CLIP image embedding, with the LayerNorm statistics for the backward.
-fn image_embedding(model: &Model, cls: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<(f32, f32)>) {
-    let w = &model.weights;
-    let proj = w.projection.as_ref().expect("checked in Objective::new");
-    let mut normed = vec![0.0f32; cls.len()];
-    let stats = layer_norm(cls, cls.len(), &w.ln_post, model.config.ln_eps, &mut normed);
-    let embed: Vec<f32> = proj
-        .weight
-        .chunks(proj.in_features)
-        .map(|row| dot(row, &normed) as f32)
-        .collect();
-    (embed, normed, stats)
+/// The image embeddings `[images, E]` (not normalised) of images whose last features are
+/// `last` ([`crate::reference::pooling`]). The tower must have an image embedding, which
+/// [`Objective::new`] checks for the embed loss.
+pub fn embeddings(model: &Model, last: &[&[f32]]) -> Vec<f32> {
+    pooled_embeddings(model, last)
+        .expect("checked in Objective::new")
+        .embeddings
 }
 
-/// cos(embed(adv CLS), embed(clean CLS)) and its gradient w.r.t. the adversarial CLS row.
-fn embed_cosine(
+/// The embed loss of each image, cos(embed(adv_i), clean_i) against the clean embeddings
+/// `clean [images, E]` ([`embeddings`]), and with `with_grad` its gradient with respect to
+/// each image's last features (the shape of `adv_last[i]`).
+pub fn embed_losses(
     model: &Model,
-    adv_cls: &[f32],
-    clean_cls: &[f32],
+    adv_last: &[&[f32]],
+    clean: &[f32],
     with_grad: bool,
-) -> (f64, Option<Vec<f32>>) {
-    let (ea, _, stats) = image_embedding(model, adv_cls);
-    let (ec, _, _) = image_embedding(model, clean_cls);
-    let e = ea.len();
-    let mut d_embed = vec![0.0f32; e];
-    let value = mean_token_cosine(
-        &ea,
-        &ec,
-        e,
-        TokenSelection::All,
-        with_grad.then_some(&mut d_embed[..]),
+) -> (Vec<f64>, Option<Vec<Vec<f32>>>) {
+    let adv = pooled_embeddings(model, adv_last).expect("checked in Objective::new");
+    let e = adv.dim;
+    assert_eq!(
+        clean.len(),
+        adv.embeddings.len(),
+        "one clean embedding per image"
     );
-    if !with_grad {
-        return (value, None);
-    }
-    let proj = model
-        .weights
-        .projection
-        .as_ref()
-        .expect("checked in Objective::new");
-    let d = adv_cls.len();
-    // d normed = d_embed · W   (W is [E, D])
-    let mut d_normed = vec![0.0f64; d];
-    for (row, &g) in proj.weight.chunks(proj.in_features).zip(&d_embed) {
-        for (acc, &wv) in d_normed.iter_mut().zip(row) {
-            *acc += g as f64 * wv as f64;
-        }
-    }
-    let d_normed: Vec<f32> = d_normed.into_iter().map(|v| v as f32).collect();
-    let mut d_cls = vec![0.0f32; d];
-    layer_norm_backward(
-        adv_cls,
-        &d_normed,
-        d,
-        &model.weights.ln_post,
-        &stats,
-        &mut d_cls,
-        false,
-    );
-    (value, Some(d_cls))
+    let mut d_embed = vec![0.0f32; if with_grad { clean.len() } else { 0 }];
+    let values = adv
+        .embeddings
+        .chunks_exact(e)
+        .zip(clean.chunks_exact(e))
+        .enumerate()
+        .map(|(i, (a, c))| {
+            let grad = with_grad.then(|| &mut d_embed[i * e..(i + 1) * e]);
+            mean_token_cosine(a, c, e, TokenSelection::All, grad)
+        })
+        .collect();
+    let grads = with_grad.then(|| adv.backward(model, adv_last, &d_embed));
+    (values, grads)
 }

@@ -153,10 +153,10 @@ fn load_classes(
         bail!("--classes {}: no such file", path.display());
     }
     let e = model
-        .image_projection()
+        .image_head()
         .map_err(EvalError::NoImageEmbedding)
         .context("class embeddings need image embeddings")?
-        .out_features;
+        .dim();
     let classes = if is_safetensors(path) {
         let mut classes = read_class_safetensors(path)?;
         // Compared when both are known: a file that names its text tower, and a checkpoint

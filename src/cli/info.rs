@@ -91,9 +91,14 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         }
     );
     match (c.embed_dim, c.pooling) {
-        (_, Pooling::AttentionHead) => println!(
-            "embedding:    pooled by a learned attention head (SigLIP), which prm does not build \
-             (--loss embed and the eval targets on image embeddings unavailable)"
+        (Some(e), Pooling::AttentionHead) => println!(
+            "embedding:    {e}, pooled by a learned attention head (SigLIP; --loss embed and \
+             eval's zeroshot target read it; the dense targets, which project every patch, \
+             are unavailable)"
+        ),
+        (None, Pooling::AttentionHead) => println!(
+            "embedding:    none (the attention-pooling head is missing; --loss embed and the \
+             eval targets on image embeddings unavailable)"
         ),
         (_, Pooling::Unpooled) => println!(
             "embedding:    none (no pooling head; --loss embed and the eval targets on image \

@@ -33,8 +33,8 @@ use rayon::prelude::*;
 
 use super::ops::{normalize_rows, TokenSums};
 use super::targets::{
-    check_image, check_pairs, require_projection, DenseHead, EvalEngine, PairSums, PatchLogits,
-    TokenEmbeddings,
+    check_image, check_pairs, require_image_head, require_projection, DenseHead, EvalEngine,
+    PairSums, PatchLogits, TokenEmbeddings,
 };
 use super::text::{check_ids, eot_position, TextEncoder};
 use super::EvalError;
@@ -57,7 +57,8 @@ use crate::gpu::kernels::embed::{assemble_tokens_f32, patchify_f32, PackedImages
 use crate::gpu::kernels::layernorm::layernorm_forward_f32;
 use crate::gpu::staging::Stager;
 use crate::gpu::{Buffer, Device, Element, GpuError};
-use crate::model::{Activation, BlockWeights, Model, TextTower};
+use crate::model::{Activation, BlockWeights, ImageHead, Model, TextTower};
+use crate::reference::pooling::pooled_embeddings;
 
 /// The weights of a stack of pre-LN blocks on a device, and the operators over them.
 struct Stack {
@@ -845,13 +846,24 @@ impl<'m> GpuTargets<'m> {
         self.download_split(&logits, &vec![c; images.len()])
     }
 
-    /// A pass's forward, and each image's CLS row of F_L (gathered on the device) through
-    /// post-LN and the projection: `[images, E]` on the device (not normalised) and E.
+    /// A pass's forward, and each image's embedding: its CLS row of F_L (gathered on the
+    /// device) through post-LN and the projection, or SigLIP's attention-pooling head over all
+    /// its tokens. `[images, E]` on the device (not normalised) and E.
     fn image_rows(&self, images: &[Planar]) -> Result<(Buffer<f32>, usize), EvalError> {
-        require_projection(self.model)?;
+        let head = require_image_head(self.model)?;
         let pass = self.forward(images, self.model.config.layers, false)?;
         let d = self.model.config.width;
         let last = pass.feats.last().expect("F_L");
+        if let ImageHead::AttentionPool(_) = head {
+            // SigLIP's attention-pooling head reads every token: it runs on the host
+            // (`reference::pooling`, O(T·D·H) an image) on F_L read back, and the embeddings go
+            // up again for the logits. Their bits are the reference engine's for these F_L.
+            let rows = self.download_images(&pass, last, d)?;
+            let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+            let pooled =
+                pooled_embeddings(self.model, &rows).map_err(EvalError::NoImageEmbedding)?;
+            return Ok((self.dev().upload(&pooled.embeddings)?, pooled.dim));
+        }
         let mut cls = self.dev().alloc_undefined(images.len() * d)?;
         for (i, m) in pass.packing.images.iter().enumerate() {
             self.dev()

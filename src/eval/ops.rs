@@ -8,7 +8,8 @@
 use rayon::prelude::*;
 
 use crate::model::Linear;
-use crate::reference::linalg::{matmul_nn_serial, matmul_nt, matmul_nt_serial, MatRef};
+pub use crate::reference::linalg::linear;
+use crate::reference::linalg::{matmul_nn_serial, matmul_nt_serial, MatRef};
 
 /// Which score matrix an attention forms (`s = x·yᵀ/√d`, softmax over rows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,20 +20,6 @@ pub enum Scores {
     QQ,
     /// `k·kᵀ` (SCLIP).
     KK,
-}
-
-/// `out (+)= x · Wᵀ + b`, `x [rows, in]`.
-pub fn linear(x: &[f32], rows: usize, l: &Linear, out: &mut [f32], accumulate: bool) {
-    matmul_nt(
-        MatRef::new(x, rows, l.in_features),
-        MatRef::new(&l.weight, l.out_features, l.in_features),
-        out,
-        accumulate,
-    );
-    if let Some(b) = &l.bias {
-        out.chunks_mut(l.out_features)
-            .for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
-    }
 }
 
 /// Rows `[from, from + len)` of a linear layer, as a layer of its own (e.g. v_proj out of the

@@ -25,8 +25,9 @@ use super::ops::{
 };
 use super::EvalError;
 use crate::attack::image::Planar;
-use crate::model::Model;
+use crate::model::{ImageHead, Model};
 use crate::reference::ops::{activation, layer_norm};
+use crate::reference::pooling::pooled_embeddings;
 use crate::reference::ReferenceVit;
 
 /// A downstream target.
@@ -317,8 +318,14 @@ pub(crate) fn check_pairs(images: &[Planar]) -> Result<(), EvalError> {
     Ok(())
 }
 
-/// The projection, or a clear error when the tower's image embedding cannot be formed (no
-/// projection, or a pooling prm does not build).
+/// What forms the image embedding, or a clear error when the tower has none (no projection or
+/// pooling head, or a pooling prm does not build).
+pub(crate) fn require_image_head(model: &Model) -> Result<ImageHead<'_>, EvalError> {
+    model.image_head().map_err(EvalError::NoImageEmbedding)
+}
+
+/// The projection the dense targets apply to every token, or a clear error when the tower has
+/// none (no projection, or a tower that pools otherwise, such as SigLIP's attention head).
 pub(crate) fn require_projection(model: &Model) -> Result<&crate::model::Linear, EvalError> {
     model
         .image_projection()
@@ -456,12 +463,24 @@ impl EvalEngine for ReferenceTargets<'_> {
     fn image_embedding(&self, image: &Planar) -> Result<Vec<f32>, EvalError> {
         let model = self.vit.model();
         check_image(model, image)?;
-        require_projection(model)?;
+        let head = require_image_head(model)?;
         let fwd = self
             .vit
             .forward(image.data, image.height, image.width, false);
         let last = fwd.features.last().expect("features");
-        embed_tokens_reference(model, &last[..model.config.width], 1)
+        match head {
+            // The dense targets' path for one row, as the GPU engine forms it.
+            ImageHead::Projection(_) => {
+                embed_tokens_reference(model, &last[..model.config.width], 1)
+            }
+            ImageHead::AttentionPool(_) => {
+                let pooled =
+                    pooled_embeddings(model, &[last]).map_err(EvalError::NoImageEmbedding)?;
+                let mut e = pooled.embeddings;
+                normalize_rows(&mut e, pooled.dim);
+                Ok(e)
+            }
+        }
     }
 
     fn features(&self, image: &Planar) -> Result<Vec<Vec<f32>>, EvalError> {

@@ -25,9 +25,9 @@
 use rayon::prelude::*;
 
 use super::{
-    Activation, BlockWeights, LayerNormWeights, Linear, Model, ModelError, ModelSource, Pooling,
-    TextConfig, TextTower, TextWeights, VisionConfig, VisionWeights, BUNDLED_TOKENIZER_VOCAB,
-    OPENAI_MEAN, OPENAI_STD,
+    Activation, AttentionPoolHead, BlockWeights, LayerNormWeights, Linear, Model, ModelError,
+    ModelSource, Pooling, TextConfig, TextTower, TextWeights, VisionConfig, VisionWeights,
+    BUNDLED_TOKENIZER_VOCAB, OPENAI_MEAN, OPENAI_STD,
 };
 use crate::rng::ImageRng;
 
@@ -192,7 +192,8 @@ pub fn builtin_config(arch: &str) -> Result<VisionConfig, ModelError> {
         grid: a.grid,
         class_token: !a.siglip,
         mlp: a.mlp,
-        embed_dim: (!a.siglip).then_some(a.embed_dim),
+        // SigLIP's attention-pooling head outputs the embedding at the tower's width.
+        embed_dim: Some(if a.siglip { a.width } else { a.embed_dim }),
         activation: a.activation,
         ln_eps: if a.siglip { 1e-6 } else { 1e-5 },
         mean: if a.siglip { [0.5; 3] } else { OPENAI_MEAN },
@@ -291,6 +292,14 @@ pub fn random_model(arch: &str, seed: u64) -> Result<Model, ModelError> {
         blocks,
         ln_post: g.ln("ln_post", d),
         projection: clip.then(|| g.linear("projection", a.embed_dim, d, false)),
+        attention_head: a.siglip.then(|| AttentionPoolHead {
+            probe: g.with_std("head.probe", d, emb_std),
+            in_proj: g.linear("head.in_proj", 3 * d, d, true),
+            out_proj: g.linear("head.out_proj", d, d, true),
+            layer_norm: g.ln("head.layernorm", d),
+            fc1: g.linear("head.fc1", config.mlp, d, true),
+            fc2: g.linear("head.fc2", d, config.mlp, true),
+        }),
     };
     Ok(Model {
         config,

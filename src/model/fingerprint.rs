@@ -116,6 +116,16 @@ impl Model {
             }
             None => f.count(0),
         }
+        // Only towers with an attention-pooling head hash it, so no other fingerprint changes.
+        if let Some(h) = &w.attention_head {
+            f.0.update(b"attention pooling head");
+            f.floats(&h.probe);
+            f.linear(&h.in_proj);
+            f.linear(&h.out_proj);
+            f.layer_norm(&h.layer_norm);
+            f.linear(&h.fc1);
+            f.linear(&h.fc2);
+        }
         f.finish()
     }
 }

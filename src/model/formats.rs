@@ -9,6 +9,7 @@
 //! | blocks | `vision_model.encoder.layers.i.*` (separate q/k/v) | `visual.transformer.resblocks.i.*` (`in_proj_*` = q,k,v stacked) |
 //! | post-LN | `vision_model.post_layernorm.*` | `visual.ln_post.*` |
 //! | projection | `visual_projection.weight` [E,D] | `visual.proj` [D,E], transposed on load |
+//! | SigLIP pooling head | `vision_model.head.*` (`probe`, `attention.in_proj_*`, `attention.out_proj.*`, `layernorm.*`, `mlp.fc1/fc2.*`) | — |
 //!
 //! The conv weight [D,3,p,p] row-major is already the [D, 3·p·p] GEMM weight with patch vectors
 //! flattened (channel, row, col), so it is taken as is.
@@ -19,8 +20,8 @@ use std::path::Path;
 use super::config::{read_hf_config, read_open_clip_config, read_preprocessor};
 use super::load::Tensors;
 use super::{
-    Activation, BlockWeights, LayerNormWeights, Linear, Model, ModelError, ModelSource, Pooling,
-    VisionConfig, VisionWeights, OPENAI_MEAN, OPENAI_STD,
+    Activation, AttentionPoolHead, BlockWeights, LayerNormWeights, Linear, Model, ModelError,
+    ModelSource, Pooling, VisionConfig, VisionWeights, OPENAI_MEAN, OPENAI_STD,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,7 +196,7 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
                 // SiglipImageProcessor's defaults, for a directory without its
                 // preprocessor_config.json.
                 mean_std = mean_std.or(Some(([0.5; 3], [0.5; 3])));
-                if t.pass_over(SIGLIP_HEAD) > 0 {
+                if t.names().any(|n| n.starts_with(SIGLIP_HEAD)) {
                     Pooling::AttentionHead
                 } else {
                     Pooling::Unpooled
@@ -369,7 +370,29 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
             }
         }
     };
-    let embed_dim = projection.as_ref().map(|p| p.out_features);
+    let attention_head = if pooling == Pooling::AttentionHead {
+        let h = SIGLIP_HEAD;
+        let probe = format!("{h}probe");
+        Some(AttentionPoolHead {
+            probe: t.load(&probe, &[1, 1, d])?,
+            in_proj: Linear {
+                weight: t.load(&format!("{h}attention.in_proj_weight"), &[3 * d, d])?,
+                bias: Some(t.load(&format!("{h}attention.in_proj_bias"), &[3 * d])?),
+                out_features: 3 * d,
+                in_features: d,
+            },
+            out_proj: linear(&format!("{h}attention.out_proj"), d, d)?,
+            layer_norm: ln(&format!("{h}layernorm"))?,
+            fc1: linear(&format!("{h}mlp.fc1"), mlp, d)?,
+            fc2: linear(&format!("{h}mlp.fc2"), d, mlp)?,
+        })
+    } else {
+        None
+    };
+    let embed_dim = match &attention_head {
+        Some(h) => Some(h.out_proj.out_features),
+        None => projection.as_ref().map(|p| p.out_features),
+    };
     t.refuse_unread(&[names.tower], "vision")?;
 
     Ok(Model {
@@ -396,13 +419,14 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
             blocks,
             ln_post,
             projection,
+            attention_head,
         },
         source,
     })
 }
 
-/// SigLIP's multi-head attention pooling head (`SiglipMultiheadAttentionPoolingHead`): read
-/// only by the pooled image embedding, which prm does not build.
+/// SigLIP's multi-head attention pooling head (`SiglipMultiheadAttentionPoolingHead`), read
+/// only by the image embedding.
 const SIGLIP_HEAD: &str = "vision_model.head.";
 
 /// A checkpoint without a class token that is not known to be SigLIP: without its config,

@@ -255,19 +255,6 @@ impl<'a> Tensors<'a> {
         self.map.contains_key(name)
     }
 
-    /// Counts the tensors under `prefix` as read without reading them: parts of a tower that
-    /// prm knows and does not need (SigLIP's attention-pooling head, which only the pooled
-    /// embedding reads). Returns how many there were.
-    pub(crate) fn pass_over(&self, prefix: &str) -> usize {
-        let mut read = self.read.borrow_mut();
-        let mut count = 0;
-        for name in self.map.keys().filter(|n| n.starts_with(prefix)) {
-            read.insert(name.clone());
-            count += 1;
-        }
-        count
-    }
-
     /// The name as it is written in the file, for messages.
     pub fn display_name(&self, name: &str) -> String {
         let written = name.strip_prefix(self.added).unwrap_or(name);

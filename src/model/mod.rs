@@ -52,8 +52,9 @@ pub enum Pooling {
     /// features F_0..F_L of such a tower (every loss but `embed`, eval's `features` and
     /// `probe`), not its image embedding.
     PatchAverage,
-    /// A learned attention probe over the tokens (SigLIP's multi-head attention pooling head,
-    /// `head.*`). prm computes the features F_0..F_L of such a tower, not its image embedding.
+    /// A learned attention probe over the post-LayerNorm tokens (SigLIP's multi-head attention
+    /// pooling head, `head.*`, held in [`VisionWeights::attention_head`]): the image embedding
+    /// is the head's output, without a projection.
     AttentionHead,
     /// No pooled image embedding at all (SigLIP saved with `vision_use_head: false`).
     Unpooled,
@@ -96,7 +97,8 @@ pub struct VisionConfig {
     pub class_token: bool,
     /// Hidden width of the MLP (4·D for CLIP).
     pub mlp: usize,
-    /// Output embedding dimension E, when the checkpoint has a projection.
+    /// Output embedding dimension E, when the checkpoint has a projection (E = D for an
+    /// attention-pooling head, whose output is the embedding).
     pub embed_dim: Option<usize>,
     pub activation: Activation,
     pub ln_eps: f32,
@@ -173,6 +175,43 @@ pub struct VisionWeights {
     pub ln_post: LayerNormWeights,
     /// `image_embed = ln_post(h_cls) · Wᵀ`, W `[E, D]`, when the checkpoint has one.
     pub projection: Option<Linear>,
+    /// SigLIP's attention-pooling head ([`Pooling::AttentionHead`]), when the checkpoint has one.
+    pub attention_head: Option<AttentionPoolHead>,
+}
+
+/// SigLIP's multi-head attention pooling head (`SiglipMultiheadAttentionPoolingHead`, `head.*`):
+/// a learned query attends over the post-LayerNorm tokens with the tower's head count, then
+/// `a + MLP(LayerNorm(a))` with the tower's activation and LayerNorm ε. Its output `[D]` is the
+/// image embedding (`pooler_output`, `get_image_features`).
+#[derive(Clone, Debug)]
+pub struct AttentionPoolHead {
+    /// The query token `[D]` (`head.probe`, `[1, 1, D]` in the file).
+    pub probe: Vec<f32>,
+    /// q, k, v stacked, `[3D, D]` and `[3D]` (`torch.nn.MultiheadAttention`'s `in_proj_*`).
+    pub in_proj: Linear,
+    pub out_proj: Linear,
+    pub layer_norm: LayerNormWeights,
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+/// What forms the image embedding from F_L.
+#[derive(Clone, Copy, Debug)]
+pub enum ImageHead<'a> {
+    /// CLIP: `ln_post(F_L[CLS]) · Wᵀ`.
+    Projection(&'a Linear),
+    /// SigLIP: the attention-pooling head over `ln_post(F_L)`, every token.
+    AttentionPool(&'a AttentionPoolHead),
+}
+
+impl ImageHead<'_> {
+    /// The embedding dimension E.
+    pub fn dim(&self) -> usize {
+        match self {
+            ImageHead::Projection(p) => p.out_features,
+            ImageHead::AttentionPool(h) => h.out_proj.out_features,
+        }
+    }
 }
 
 /// Where a model came from; printed by `prm info` and recorded in outputs.
@@ -213,31 +252,26 @@ impl Model {
         load_model(spec)
     }
 
-    /// Why this tower's CLIP image embedding cannot be computed, if it cannot: the checkpoint
-    /// has no projection, or the tower pools otherwise than by its class token.
+    /// Why this tower's image embedding cannot be computed, if it cannot: the checkpoint has no
+    /// projection or pooling head, or the tower pools in a way prm does not build.
     pub fn image_embedding_unavailable(&self) -> Option<String> {
-        self.image_projection().err()
+        self.image_head().err()
     }
 
-    /// The visual projection of the CLIP image embedding, or why the embedding cannot be
-    /// computed ([`Model::image_embedding_unavailable`]).
-    pub fn image_projection(&self) -> Result<&Linear, String> {
+    /// What forms the image embedding from F_L, or why it cannot be formed.
+    pub fn image_head(&self) -> Result<ImageHead<'_>, String> {
         match self.config.pooling {
-            Pooling::ClassToken => self.weights.projection.as_ref().ok_or_else(|| {
-                "the checkpoint has no visual projection (`visual_projection.weight` / \
-                 `visual.proj`)"
-                    .into()
-            }),
+            Pooling::ClassToken => self.image_projection().map(ImageHead::Projection),
+            Pooling::AttentionHead => self
+                .weights
+                .attention_head
+                .as_ref()
+                .map(ImageHead::AttentionPool)
+                .ok_or_else(|| "the checkpoint has no attention-pooling head (`head.*`)".into()),
             Pooling::PatchAverage => Err(
                 "the tower pools its image embedding as the average of the patch tokens \
                  (open_clip pool_type \"avg\", e.g. CLIPA), which prm does not build; prm computes \
                  its features F_0..F_L (every loss but embed, eval's features and probe targets)"
-                    .into(),
-            ),
-            Pooling::AttentionHead => Err(
-                "the tower pools its image embedding with a learned attention head (SigLIP's \
-                 `head.*`), which prm does not build; prm computes its features F_0..F_L (every \
-                 loss but embed, eval's features and probe targets)"
                     .into(),
             ),
             Pooling::Unpooled => Err(
@@ -246,6 +280,27 @@ impl Model {
                  probe targets)"
                     .into(),
             ),
+        }
+    }
+
+    /// The visual projection of the CLIP image embedding, which the dense targets also apply
+    /// to every patch token, or why the tower has none.
+    pub fn image_projection(&self) -> Result<&Linear, String> {
+        match self.config.pooling {
+            Pooling::ClassToken => self.weights.projection.as_ref().ok_or_else(|| {
+                "the checkpoint has no visual projection (`visual_projection.weight` / \
+                 `visual.proj`)"
+                    .into()
+            }),
+            Pooling::AttentionHead => Err(
+                "the tower pools its image embedding with an attention head (SigLIP), so it has \
+                 no projection to apply to each patch token; its image embedding (the embed \
+                 loss, eval's zeroshot target) is built"
+                    .into(),
+            ),
+            Pooling::PatchAverage | Pooling::Unpooled => Err(self
+                .image_head()
+                .expect_err("these poolings have no image head")),
         }
     }
 
@@ -268,5 +323,13 @@ impl Model {
             + blocks
             + ln(&w.ln_post)
             + w.projection.as_ref().map_or(0, lin)
+            + w.attention_head.as_ref().map_or(0, |h| {
+                h.probe.len()
+                    + lin(&h.in_proj)
+                    + lin(&h.out_proj)
+                    + ln(&h.layer_norm)
+                    + lin(&h.fc1)
+                    + lin(&h.fc2)
+            })
     }
 }

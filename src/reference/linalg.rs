@@ -258,6 +258,20 @@ pub fn matmul_nn(a: MatRef, b: MatRef, out: &mut [f32], accumulate: bool) {
     product(a, false, b, false, out, accumulate, true);
 }
 
+/// `out (+)= x · Wᵀ + b`, the linear layer with its bias: `x [rows, in]`, `out [rows, out]`.
+pub fn linear(x: &[f32], rows: usize, l: &crate::model::Linear, out: &mut [f32], accumulate: bool) {
+    matmul_nt(
+        MatRef::new(x, rows, l.in_features),
+        MatRef::new(&l.weight, l.out_features, l.in_features),
+        out,
+        accumulate,
+    );
+    if let Some(b) = &l.bias {
+        out.chunks_mut(l.out_features)
+            .for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+    }
+}
+
 /// Single-threaded variants, for use inside an outer rayon loop (per attention head).
 pub fn matmul_nt_serial(x: MatRef, w: MatRef, out: &mut [f32], accumulate: bool) {
     product(x, false, w, true, out, accumulate, false);

@@ -7,6 +7,7 @@ pub mod embedding;
 pub mod exp;
 pub mod linalg;
 pub mod ops;
+pub mod pooling;
 pub mod resize;
 pub mod vit;
 

@@ -192,7 +192,7 @@ pub fn activation_backward(act: Activation, pre: &[f32], dy: &mut [f32]) {
 }
 
 /// Softmax of each row of `scores` (length `n`) in place, max-subtracted, f64 sum.
-fn softmax_rows(scores: &mut [f32], n: usize) {
+pub(crate) fn softmax_rows(scores: &mut [f32], n: usize) {
     for row in scores.chunks_mut(n) {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         map_in_place(row, |v| exp(v - max));

@@ -108,6 +108,7 @@ pub fn small_model(
         blocks,
         ln_post: ln(&mut d, width),
         projection: Some(linear(&mut d, 32, width, false)),
+        attention_head: None,
     };
     Model {
         config,
@@ -120,7 +121,8 @@ pub fn small_model(
 }
 
 /// [`small_model`] as a SigLIP-style tower: no class token (the tokens are the patches), a
-/// patch convolution with a bias, no LayerNorm before the blocks, no pooled embedding.
+/// patch convolution with a bias, no LayerNorm before the blocks, and an attention-pooling head
+/// (no projection) that forms the image embedding.
 #[allow(dead_code)]
 pub fn small_model_without_class_token(
     width: usize,
@@ -140,7 +142,16 @@ pub fn small_model_without_class_token(
     m.weights.patch_embed.bias = Some(d.vec(width, -0.5, 0.5));
     m.weights.ln_pre = None;
     m.weights.projection = None;
-    m.config.embed_dim = None;
+    let mlp = m.config.mlp;
+    m.weights.attention_head = Some(AttentionPoolHead {
+        probe: d.vec(width, -0.5, 0.5),
+        in_proj: linear(&mut d, 3 * width, width, true),
+        out_proj: linear(&mut d, width, width, true),
+        layer_norm: ln(&mut d, width),
+        fc1: linear(&mut d, mlp, width, true),
+        fc2: linear(&mut d, width, mlp, true),
+    });
+    m.config.embed_dim = Some(width);
     m
 }
 

@@ -11,7 +11,9 @@ F_0 is the embedded tokens (patch conv + bias + interpolated position embedding,
 F_l the output of encoder layer l: transformers' `hidden_states` with `output_hidden_states=True,
 interpolate_pos_encoding=True`. The cases have the names and meaning of the CLIP ones
 (tests/golden/README.md), with T = the number of patches; `prm_patch.*` is computed over every
-token (a tower without a class token has only patch tokens) and there is no `embed` case.
+token (a tower without a class token has only patch tokens). `{native,nonsquare}.embed` is
+the image embedding, transformers' `pooler_output` (the MAP head `head.*` over the
+post-LayerNorm tokens, no projection), and the `embed` case's loss is the cosine of those.
 
 Reuses generate.py's helpers (images, f32 rounding, gradients) and clipref.py's losses.
 Run from the repository root:  tools/.venv/bin/python tools/golden/generate_siglip.py
@@ -85,11 +87,19 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return R.normalise(x, MEAN, STD)
 
 
-def features(model, x: torch.Tensor):
-    """F_0..F_L ([T, D] each, no class token) of one planar image x [3,H,W] in [0,1]."""
+def features(model, x: torch.Tensor, with_embed: bool = False):
+    """F_0..F_L ([T, D] each, no class token) of one planar image x [3,H,W] in [0,1], and with
+    `with_embed` the image embedding [D] (`pooler_output`)."""
     out = model(pixel_values=normalise(x).unsqueeze(0), output_hidden_states=True,
                 interpolate_pos_encoding=True)
-    return [h[0] for h in out.hidden_states]
+    fs = [h[0] for h in out.hidden_states]
+    return (fs, out.pooler_output[0]) if with_embed else fs
+
+
+def embed(model, x: torch.Tensor) -> torch.Tensor:
+    """The image embedding [D] of one planar image (`pooler_output`)."""
+    return model(pixel_values=normalise(x).unsqueeze(0),
+                 interpolate_pos_encoding=True).pooler_output[0]
 
 
 def interp_pos_embed(pos: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
@@ -135,6 +145,28 @@ def manual_features(sd: dict, x: torch.Tensor, heads: int = HEADS, eps: float = 
         feats.append(h)
         i += 1
     return feats
+
+
+def manual_pool(sd: dict, f_last: torch.Tensor, heads: int = HEADS, eps: float = EPS,
+                act=gelu_tanh) -> torch.Tensor:
+    """Independent image embedding [D] from F_L [T, D] and the file's tensors with plain torch
+    ops: post-LayerNorm, then torch.nn.MultiheadAttention's arithmetic with the probe as the one
+    query (keys and values formed, unlike prm's folded form), then `a + MLP(LN(a))`."""
+    g = lambda k: sd["vision_model." + k].to(torch.float64)  # noqa: E731
+    D = f_last.shape[1]
+    hd = D // heads
+    y = F.layer_norm(f_last, (D,), g("post_layernorm.weight"), g("post_layernorm.bias"), eps)
+    w, b = g("head.attention.in_proj_weight"), g("head.attention.in_proj_bias")
+    q = g("head.probe").reshape(1, D) @ w[:D].t() + b[:D]
+    k = y @ w[D:2 * D].t() + b[D:2 * D]
+    v = y @ w[2 * D:].t() + b[2 * D:]
+    q, k, v = (t.reshape(-1, heads, hd).transpose(0, 1) for t in (q, k, v))
+    att = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(hd), -1)
+    a = ((att @ v).transpose(0, 1).reshape(1, D) @ g("head.attention.out_proj.weight").t()
+         + g("head.attention.out_proj.bias"))
+    n = F.layer_norm(a, (D,), g("head.layernorm.weight"), g("head.layernorm.bias"), eps)
+    h = act(n @ g("head.mlp.fc1.weight").t() + g("head.mlp.fc1.bias"))
+    return (a + h @ g("head.mlp.fc2.weight").t() + g("head.mlp.fc2.bias"))[0]
 
 
 def rel(a: list, b: list) -> float:
@@ -197,14 +229,17 @@ def cases_for(vm, sd, check):
     # native
     x = G.image(rng, 32, 32)
     with torch.no_grad():
-        fs = feats(x)
+        fs, es = features(vm, x, with_embed=True)
         err = rel(manual_features(sd, x), fs)
+        err_e = rel([manual_pool(sd, fs[-1])], [es])
     check.append(("manual forward vs transformers native", err))
-    assert err < 1e-12, err
-    assert fs[0].shape == (16, 128) and len(fs) == L + 1
+    check.append(("manual MAP head vs transformers pooler_output native", err_e))
+    assert err < 1e-12 and err_e < 1e-12, (err, err_e)
+    assert fs[0].shape == (16, 128) and len(fs) == L + 1 and es.shape == (128,)
     cases["native.pixels"] = x
     for l, f in enumerate(fs):
         cases[f"native.F{l}"] = f
+    cases["native.embed"] = es
 
     # how far the features are from those of a tower with exact GELU, or LayerNorm eps 1e-5:
     # what a loader that took CLIP's defaults would compute (informative, no assertion on eps)
@@ -220,14 +255,17 @@ def cases_for(vm, sd, check):
     gh, gw = H // PATCH, W // PATCH
     clean = G.image(rng, H, W)
     with torch.no_grad():
-        fc = feats(clean)
+        fc, ec = features(vm, clean, with_embed=True)
         err = rel(manual_features(sd, clean), fc)
+        err_e = rel([manual_pool(sd, fc[-1])], [ec])
     check.append(("manual forward vs transformers nonsquare", err))
-    assert err < 1e-12, err
+    check.append(("manual MAP head vs transformers pooler_output nonsquare", err_e))
+    assert err < 1e-12 and err_e < 1e-12, (err, err_e)
     assert fc[0].shape[0] == gh * gw
     cases["nonsquare.pixels"] = clean
     for l, f in enumerate(fc):
         cases[f"nonsquare.F{l}"] = f
+    cases["nonsquare.embed"] = ec
     with torch.no_grad():
         pos = vm.embeddings.interpolate_pos_encoding(
             torch.zeros(1, gh * gw, vm.config.hidden_size, dtype=torch.float64), H, W)[0]
@@ -261,6 +299,8 @@ def cases_for(vm, sd, check):
     assert fcs[0].shape[0] == (sh // PATCH) * (sw // PATCH)
     cases["prm_scaled.size"] = torch.tensor([sh, sw], dtype=torch.int64)
     add("prm_scaled", lambda a: R.loss_prm(feats(R.resize(a, sh, sw)), fcs))
+    # last, so that the cases above draw what they drew before it existed
+    add("embed", lambda a: R.loss_embed(embed(vm, a), ec))
 
     with torch.no_grad():
         at_clean = float(R.loss_prm(fc, fc))
@@ -288,7 +328,7 @@ def main():
     write_cases(os.path.join(DIR, "cases.safetensors"), cases)
     for name, v in check:
         print(f"  {v:10.3e}  {name}")
-    for k in ("prm", "prm_layers", "nrd", "dr", "prm_scaled"):
+    for k in ("prm", "prm_layers", "nrd", "dr", "prm_scaled", "embed"):
         print(f"  {k}.loss = {float(cases[k + '.loss']):.8f}")
     print("wrote", DIR)
 

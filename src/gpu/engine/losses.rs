@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use super::{Batch, Depth, Forward, GpuClean, GpuVit, GradientUpdate, LossPass, Losses};
 use crate::attack::image::Evaluation;
-use crate::attack::loss::Objective;
+use crate::attack::loss::{embed_losses, embeddings, Objective};
 use crate::gpu::kernels::layernorm::{layernorm_backward_f32, layernorm_backward_f32_bf16copy};
 use crate::gpu::kernels::layernorm_loss::{
     self, layernorm_backward_then_loss_f32, LayerNormBackward,
@@ -16,6 +16,7 @@ use crate::gpu::kernels::loss::{
     layer_cosine_f32, layer_loss_f32_gradient, Gradient, LayerLoss, LossScratch, PackedTokens,
 };
 use crate::gpu::{Buffer, GpuError};
+use crate::model::ImageHead;
 
 impl GpuVit<'_> {
     /// `dh += LN_backward(ln)` over the batch's rows (a block's LN1, accumulated into the
@@ -57,16 +58,27 @@ impl GpuVit<'_> {
         }
     }
 
-    /// The CLS row of every image of a packed feature buffer (host): gathered on the device
-    /// and read back in one download of a row per image, not the whole buffer (nor one wait
-    /// for the device per image).
-    pub(super) fn cls_rows(
+    /// The rows of every image of a packed feature buffer that its image embedding reads, on
+    /// the host: its CLS row (CLIP), gathered on the device and read back in one download of a
+    /// row per image, or all its tokens (SigLIP's attention-pooling head), one download of the
+    /// batch.
+    pub(super) fn embedding_rows(
         &self,
         batch: &Batch,
         features: &Buffer<f32>,
+        every_token: bool,
     ) -> Result<Vec<Vec<f32>>, GpuError> {
         let d = self.model.config.width;
         let images = &batch.packing.images;
+        if every_token {
+            let all = self
+                .dev
+                .download_range(features, 0, batch.packing.total_tokens * d)?;
+            return Ok(images
+                .iter()
+                .map(|p| all[p.token_offset * d..(p.token_offset + p.tokens()) * d].to_vec())
+                .collect());
+        }
         let mut rows = self.alloc(images.len() * d)?;
         for (i, p) in images.iter().enumerate() {
             self.dev
@@ -179,8 +191,10 @@ impl GpuVit<'_> {
         })
     }
 
-    /// The `embed` loss: the image embedding is one row per image, so it is computed on the host
-    /// with the reference code and its gradient injected at F_L's CLS rows.
+    /// The `embed` loss: the image embedding is one vector per image, so it is formed on the
+    /// host by the reference code (`reference::pooling`) from the rows of F_L it reads, and its
+    /// gradient is injected at those rows: each image's CLS row (CLIP), or all its tokens
+    /// (SigLIP's attention-pooling head, which costs a download and an upload of F_L a step).
     pub(super) fn embed_loss(
         &self,
         batch: &Batch,
@@ -189,44 +203,52 @@ impl GpuVit<'_> {
         with_grad: bool,
         fwd: Forward,
     ) -> Result<LossPass, GpuError> {
+        debug_assert_eq!(objective.kind, crate::attack::LossKind::Embed);
         let (d, last) = (self.model.config.width, self.model.config.layers);
-        let adv_cls = self.cls_rows(batch, &fwd.features[last])?;
+        let every_token = matches!(self.model.image_head(), Ok(ImageHead::AttentionPool(_)));
+        let adv = self.embedding_rows(batch, &fwd.features[last], every_token)?;
         // The clean batch has the adversarial batch's sizes (check_geometry), so its packing.
-        if clean.cls_rows.get().is_none() {
-            let rows = self.cls_rows(batch, &clean.features[last])?;
-            let _ = clean.cls_rows.set(rows); // another thread may have set the same rows
+        if clean.embeddings.get().is_none() {
+            let rows = self.embedding_rows(batch, &clean.features[last], every_token)?;
+            let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+            // another thread may have set the same embeddings
+            let _ = clean.embeddings.set(embeddings(self.model, &rows));
         }
-        let clean_cls = clean.cls_rows.get().expect("set above");
-        let mut values = Vec::with_capacity(adv_cls.len());
-        // Only the CLS rows carry gradient: they go up alone (one row per image, not a
-        // [ΣT, D] table that is zero but for them) and are placed on the device.
-        let mut d_cls = vec![0.0f32; adv_cls.len() * d];
-        for ((a, c), row) in adv_cls.iter().zip(clean_cls).zip(d_cls.chunks_exact_mut(d)) {
-            let mut adv_f: Vec<Vec<f32>> = vec![Vec::new(); last + 1];
-            let mut clean_f: Vec<Vec<f32>> = vec![Vec::new(); last + 1];
-            adv_f[last] = a.clone();
-            clean_f[last] = c.clone();
-            let v = objective.evaluate(self.model, &adv_f, &clean_f, with_grad);
-            values.push(v.value);
-            if let Some(Some(g)) = v.feature_grads.get(last) {
-                row.copy_from_slice(&g[..d]); // the CLS row's (the evaluation saw only it)
-            }
-        }
-        if !with_grad {
+        let clean_embeddings = clean.embeddings.get().expect("set above");
+        let adv: Vec<&[f32]> = adv.iter().map(Vec::as_slice).collect();
+        let (values, grads) = embed_losses(self.model, &adv, clean_embeddings, with_grad);
+        let Some(grads) = grads else {
             return Ok(LossPass {
                 losses: Losses::Host(values),
                 gradient: None,
                 forward: fwd,
             });
-        }
-        let injected = self.dev.upload(&d_cls)?;
+        };
+        let images = &batch.packing.images;
+        // Only the rows the embedding read carry gradient: the CLS rows go up alone (one row
+        // per image, not a [ΣT, D] table that is zero but for them) and are placed on the
+        // device; with every token read, the whole table goes up.
+        let injected = if every_token {
+            let mut table = vec![0.0f32; batch.packing.total_tokens * d];
+            for (p, g) in images.iter().zip(&grads) {
+                table[p.token_offset * d..][..g.len()].copy_from_slice(g);
+            }
+            table
+        } else {
+            grads.iter().flat_map(|g| g[..d].iter().copied()).collect()
+        };
+        let injected = self.dev.upload(&injected)?;
         let grad = self.backward(batch, &fwd, |l, _, dh, copy, ln| {
             if l == last {
                 // The first layer the backward visits (no LayerNorm before it): dh is still the
-                // zeroed gradient the backward starts from, so only the CLS rows are written.
-                for (i, p) in batch.packing.images.iter().enumerate() {
-                    self.dev
-                        .copy_range(&injected, i * d, dh, p.token_offset * d, d)?;
+                // zeroed gradient the backward starts from, so only the read rows are written.
+                if every_token {
+                    self.dev.copy_range(&injected, 0, dh, 0, injected.len())?;
+                } else {
+                    for (i, p) in images.iter().enumerate() {
+                        self.dev
+                            .copy_range(&injected, i * d, dh, p.token_offset * d, d)?;
+                    }
                 }
                 Ok(GradientUpdate::Changed)
             } else {

@@ -169,10 +169,10 @@ impl GradientUpdate {
 pub struct GpuClean {
     sizes: Vec<(usize, usize)>,
     features: Vec<Pooled>,
-    /// Each image's CLS row of the last layer (host), for the `embed` loss only: read from
-    /// `features` the first time that loss asks for it, so no other objective waits for a
+    /// Each image's image embedding `[images, E]` (host), for the `embed` loss only: formed
+    /// from `features` the first time that loss asks for it, so no other objective waits for a
     /// download after a clean forward (dynamic scale runs one every step).
-    cls_rows: OnceLock<Vec<Vec<f32>>>,
+    embeddings: OnceLock<Vec<f32>>,
 }
 
 /// Batch geometries by image sizes, and resize plans by (from, to) sizes: uploaded once per
@@ -519,7 +519,7 @@ impl Engine for GpuVit<'_> {
             return Ok(GpuClean {
                 sizes,
                 features: Vec::new(),
-                cls_rows: OnceLock::new(),
+                embeddings: OnceLock::new(),
             });
         }
         let batch = self.batch(images)?;
@@ -527,7 +527,7 @@ impl Engine for GpuVit<'_> {
         Ok(GpuClean {
             sizes,
             features: fwd.features,
-            cls_rows: OnceLock::new(),
+            embeddings: OnceLock::new(),
         })
     }
 

@@ -200,7 +200,7 @@ impl GpuVit<'_> {
         Ok(GpuClean {
             sizes: sizes.to_vec(),
             features: fwd.features,
-            cls_rows: std::sync::OnceLock::new(),
+            embeddings: std::sync::OnceLock::new(),
         })
     }
 
