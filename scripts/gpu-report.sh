@@ -149,6 +149,10 @@ run prm-pgd-bf16-vit-h-14-attn-v2 env PRM_ATTENTION=v2 $PRM bench --device cuda 
 # bf16 + SDPA on HF's SiglipVisionModel without its pooling head.
 run prm-pgd-bf16-siglip-so400m $PRM bench --device cuda --json --model random:siglip-so400m-14-384 --image-size 384 --precision bf16 --batch-size 16 --steps 10 --repeats 2 --no-ceiling
 run torch-pgd-eager-bf16-siglip-so400m $PY tools/torch_prm.py --mode eager-bf16 --arch siglip-so400m-14-384 --image-size 384 --batch-size 16 --steps 10 --repeats 2
+# The embed loss through SigLIP's attention-pooling head (2026-12-07, not yet run on a GPU): the
+# head runs on the host, so F_L comes down and its gradient goes up every step; beside the prm row
+# above it says what that costs.
+run prm-pgd-bf16-siglip-so400m-embed $PRM bench --device cuda --json --model random:siglip-so400m-14-384 --image-size 384 --precision bf16 --batch-size 16 --steps 10 --repeats 2 --no-ceiling --loss embed
 
 $PY - "$OUT" "$BATCH" "$PAPER_BATCH" <<'PYEOF'
 import json, os, sys
@@ -187,6 +191,7 @@ rows = [
     ("pgd H/14", "prm bf16 b16 attention v2", "prm-pgd-bf16-vit-h-14-attn-v2"),
     ("pgd SigLIP", "prm bf16 b16 384px", "prm-pgd-bf16-siglip-so400m"),
     ("pgd SigLIP", "torch eager bf16 b16", "torch-pgd-eager-bf16-siglip-so400m"),
+    ("pgd SigLIP", "prm bf16 b16 --loss embed", "prm-pgd-bf16-siglip-so400m-embed"),
 ]
 dev = next((r["device"] for _, _, n in rows if (r := get(n))), "?")
 print(f"device: {dev}")
@@ -222,6 +227,7 @@ print(f"pgd   attention auto / v3              {ratio('prm-pgd-bf16', 'prm-pgd-b
 print(f"pgd   H/14 prm bf16 / torch eager bf16 {ratio('prm-pgd-bf16-vit-h-14', 'torch-pgd-eager-bf16-vit-h-14'):6.2f}x (attention v3)")
 print(f"pgd   H/14 attention v3 / v2           {ratio('prm-pgd-bf16-vit-h-14', 'prm-pgd-bf16-vit-h-14-attn-v2'):6.2f}x")
 print(f"pgd   SigLIP so400m prm / torch eager  {ratio('prm-pgd-bf16-siglip-so400m', 'torch-pgd-eager-bf16-siglip-so400m'):6.2f}x (bf16, 384 px)")
+print(f"pgd   SigLIP so400m embed / prm loss   {ratio('prm-pgd-bf16-siglip-so400m-embed', 'prm-pgd-bf16-siglip-so400m'):6.2f}x (the host-side pooling head)")
 print(f"pgd   attention v4 / v3                {ratio('prm-pgd-bf16-attn-v4', 'prm-pgd-bf16-attn-v3'):6.2f}x")
 print(f"pgd   v4 split 2 / split 1             {ratio('prm-pgd-bf16-attn-v4-split2', 'prm-pgd-bf16-attn-v4'):6.2f}x")
 print(f"pgd   v4 pairs / single blocks         {ratio('prm-pgd-bf16-attn-v4-pairs', 'prm-pgd-bf16-attn-v4'):6.2f}x")

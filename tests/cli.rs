@@ -1087,6 +1087,65 @@ fn a_siglip_checkpoint_is_described_and_attacked() {
         (first_loss[0] - first_loss[1]).abs() < 1e-5,
         "cpu and sim: {first_loss:?}"
     );
+    // eval's zeroshot target reads the same embedding, against class embeddings made elsewhere
+    // (SigLIP's text tower is not built): the clean image against its embed-attacked copy.
+    let classes = tmp.path().join("siglip-classes.safetensors");
+    let dim = 128;
+    prm::eval::text::write_class_safetensors(
+        &classes,
+        &prm::eval::text::ClassEmbeddings {
+            names: vec!["cat".into(), "dog".into(), "car".into()],
+            embeddings: (0..3 * dim).map(|i| (i as f32 * 0.37).sin()).collect(),
+            dim,
+            source: "test".into(),
+            text_weights: None,
+            text_weights_match: None,
+        },
+    )
+    .unwrap();
+    let mut agreement = Vec::new();
+    for device in ["cpu", "sim"] {
+        let report = tmp.path().join(format!("zeroshot-{device}.json"));
+        let o = prm(&[
+            "eval",
+            "-q",
+            "--model",
+            golden.to_str().unwrap(),
+            "--target",
+            "zeroshot",
+            "--clean",
+            input.to_str().unwrap(),
+            "--adv",
+            tmp.path().join("embed-cpu").to_str().unwrap(),
+            "--classes",
+            classes.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+            "--device",
+            device,
+        ]);
+        assert!(o.status.success(), "{device}: {}", stderr(&o));
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        assert_eq!(r["images"], 1, "{device}: {r}");
+        agreement.push(r["top1_agreement"].clone());
+    }
+    assert_eq!(agreement[0], agreement[1], "cpu and sim");
+    // The dense targets project every patch with CLIP's projection, which SigLIP has not.
+    let o = prm(&[
+        "eval",
+        "--model",
+        golden.to_str().unwrap(),
+        "--target",
+        "maskclip",
+        "--clean",
+        input.to_str().unwrap(),
+        "--adv",
+        tmp.path().join("embed-cpu").to_str().unwrap(),
+        "--classes",
+        classes.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("attention head"), "{}", stderr(&o));
     // Its text tower is SigLIP's, not CLIP's: `prm classes` says so.
     let names = tmp.path().join("names.txt");
     std::fs::write(&names, "cat\ndog\n").unwrap();

@@ -261,3 +261,30 @@ fn resized_geometries_match_finite_differences() {
         16,
     );
 }
+
+/// SigLIP's attention-pooling head over a batch of 11 images of mixed token counts (more than
+/// one block of the head's shared products, the last one ragged): each image's embedding and
+/// gradient have the bits it gets alone, which the engines' batch invariance rests on.
+#[test]
+fn the_pooling_head_gives_each_image_its_bits_alone() {
+    use prm::reference::pooling::pooled_embeddings;
+    let model = small_model_without_class_token(64, 2, 2, 8, 4, Activation::GeluTanh, 12);
+    let mut d = Draw::new(21);
+    let last: Vec<Vec<f32>> = (0..11).map(|i| d.vec((3 + i) * 64, -2.0, 2.0)).collect();
+    let last: Vec<&[f32]> = last.iter().map(Vec::as_slice).collect();
+    let d_embed = d.vec(11 * 64, -1.0, 1.0);
+    let batch = pooled_embeddings(&model, &last).unwrap();
+    let grads = batch.backward(&model, &last, &d_embed);
+    for (i, f) in last.iter().enumerate() {
+        let alone = pooled_embeddings(&model, &[f]).unwrap();
+        let rows = i * 64..(i + 1) * 64;
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(
+            same(&alone.embeddings, &batch.embeddings[rows.clone()]),
+            "image {i}"
+        );
+        let g = alone.backward(&model, &[f], &d_embed[rows]);
+        assert_eq!(g[0].len(), f.len());
+        assert!(same(&g[0], &grads[i]), "image {i}: gradient");
+    }
+}

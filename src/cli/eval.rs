@@ -152,11 +152,15 @@ fn load_classes(
     if !path.is_file() {
         bail!("--classes {}: no such file", path.display());
     }
-    let e = model
-        .image_head()
-        .map_err(EvalError::NoImageEmbedding)
-        .context("class embeddings need image embeddings")?
-        .dim();
+    // The dense targets project every patch token with CLIP's projection; zeroshot reads the
+    // image embedding, however the tower pools it.
+    let e = if args.target.is_dense() {
+        model.image_projection().map(|p| p.out_features)
+    } else {
+        model.image_head().map(|h| h.dim())
+    }
+    .map_err(EvalError::NoImageEmbedding)
+    .context("class embeddings need image embeddings")?;
     let classes = if is_safetensors(path) {
         let mut classes = read_class_safetensors(path)?;
         // Compared when both are known: a file that names its text tower, and a checkpoint

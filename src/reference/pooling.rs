@@ -12,9 +12,14 @@
 //! image instead of O(T·D²), which is what lets the GPU engine run it on the host beside the
 //! device.
 //!
+//! The head's vector-by-matrix products (values, out_proj, the MLP, both ways) run over the
+//! batch in blocks of images that share each weight row's read, every output with a summation
+//! order of its own: an image's embedding and gradient have the same bits alone as in any batch,
+//! as the engines' results must (DESIGN §2, Output).
+//!
 //! Layout: F_L is `[T, D]` row-major per image. For CLIP, the CLS row alone is enough.
-//! Precision: f32 storage and matrix products (the `gemm` crate), with f64 dot products,
-//! LayerNorm statistics and softmax sums.
+//! Precision: f32 storage; the per-image token products on the `gemm` crate, the head's
+//! products in f32 lanes summed in f64; f64 LayerNorm statistics and softmax sums.
 
 use rayon::prelude::*;
 
@@ -45,8 +50,7 @@ struct PoolTape {
     images: Vec<ImageTape>,
 }
 
-/// What one image's backward needs. Each image goes through the head on its own, with
-/// products of one row, so its embedding has the same bits alone as in any batch.
+/// What one image's backward needs.
 struct ImageTape {
     /// `y = ln_post(F_L)`, `[T, D]`, and its row statistics.
     normed: Vec<f32>,
@@ -60,29 +64,77 @@ struct ImageTape {
     hidden: Vec<f32>,
 }
 
-/// `x · Wᵀ + b` for one row `x`, single-threaded (inside the per-image loop).
-fn linear_row(x: &[f32], l: &Linear, out: &mut [f32], accumulate: bool) {
-    matmul_nt_serial(
-        MatRef::new(x, 1, l.in_features),
-        MatRef::new(&l.weight, l.out_features, l.in_features),
-        out,
-        accumulate,
-    );
-    if let Some(b) = &l.bias {
-        out.iter_mut().zip(b).for_each(|(o, b)| *o += b);
-    }
+/// Images whose head products run together: each weight row is read once per this many.
+const IMAGE_BLOCK: usize = 8;
+
+/// `W · x_i + b` for every row `x_i [k]`, `W [n, k]` row-major: each output is one dot product
+/// of fixed order ([`dot_lanes`]) whatever rows share its block, so an image's embedding has
+/// the same bits alone as in any batch, while the weight matrix is read once per
+/// [`IMAGE_BLOCK`] images rather than once per image (a head's weights are megabytes).
+fn rows_times_weight_t(
+    xs: &[&[f32]],
+    w: &[f32],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+) -> Vec<Vec<f32>> {
+    xs.par_chunks(IMAGE_BLOCK)
+        .flat_map_iter(|block| {
+            let mut outs = vec![vec![0.0f32; n]; block.len()];
+            for (j, row) in w.chunks_exact(k).take(n).enumerate() {
+                let b = bias.map_or(0.0, |b| b[j]);
+                for (x, out) in block.iter().zip(&mut outs) {
+                    out[j] = dot_lanes(x, row) + b;
+                }
+            }
+            outs
+        })
+        .collect()
 }
 
-/// `dy · W` for one row `dy`, the input gradient of [`linear_row`].
-fn linear_row_backward(dy: &[f32], l: &Linear) -> Vec<f32> {
-    let mut dx = vec![0.0f32; l.in_features];
-    matmul_nn_serial(
-        MatRef::new(dy, 1, l.out_features),
-        MatRef::new(&l.weight, l.out_features, l.in_features),
-        &mut dx,
-        false,
-    );
-    dx
+/// `dy_i · W` for every row `dy_i [n]`, `W [n, k]` row-major (a linear layer's input gradient):
+/// each output element accumulates its n terms in the same order whatever rows share its block
+/// (batch-invariant, as [`rows_times_weight_t`]).
+fn rows_times_weight(dys: &[&[f32]], w: &[f32], n: usize, k: usize) -> Vec<Vec<f32>> {
+    dys.par_chunks(IMAGE_BLOCK)
+        .flat_map_iter(|block| {
+            let mut outs = vec![vec![0.0f32; k]; block.len()];
+            for (j, row) in w.chunks_exact(k).take(n).enumerate() {
+                for (dy, out) in block.iter().zip(&mut outs) {
+                    let g = dy[j];
+                    out.iter_mut().zip(row).for_each(|(o, &w)| *o += g * w);
+                }
+            }
+            outs
+        })
+        .collect()
+}
+
+/// `Σ a_i b_i` over eight interleaved f32 lanes, added in f64 in a fixed order: a loop that
+/// vectorises, with the same value on every machine.
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((l, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
+            *l += x * y;
+        }
+    }
+    for ((l, &x), &y) in lanes.iter_mut().zip(ta).zip(tb) {
+        *l += x * y;
+    }
+    lanes.iter().map(|&l| l as f64).sum::<f64>() as f32
+}
+
+/// Borrows each row of a list.
+fn rows(v: &[Vec<f32>]) -> Vec<&[f32]> {
+    v.iter().map(Vec::as_slice).collect()
+}
+
+/// `r_i[from..from + len]` of each row.
+fn columns(v: &[Vec<f32>], from: usize, len: usize) -> Vec<&[f32]> {
+    v.iter().map(|r| &r[from..from + len]).collect()
 }
 
 /// `Σ a_i b_i` in f64.
@@ -155,10 +207,10 @@ fn attention_pool(model: &Model, head: &AttentionPoolHead, last: &[&[f32]]) -> P
             .zip(&acc)
             .for_each(|(r, &a)| *r = (a * scale) as f32);
     }
-    let (tapes, embeddings): (Vec<ImageTape>, Vec<Vec<f32>>) = last
+    // Per image: y = ln_post(F_L), p = softmax_t(A · yᵀ) [H, T], z = p · y [H, D].
+    let (attended, mixed): (Vec<Attended>, Vec<Vec<f32>>) = last
         .par_iter()
         .map(|f| {
-            // y = ln_post(F_L), p = softmax_t(A · yᵀ) [H, T], z = p · y [H, D].
             let t = f.len() / d;
             let mut normed = vec![0.0f32; f.len()];
             let stats = layer_norm(f, d, &model.weights.ln_post, c.ln_eps, &mut normed);
@@ -170,59 +222,102 @@ fn attention_pool(model: &Model, head: &AttentionPoolHead, last: &[&[f32]]) -> P
                 false,
             );
             softmax_rows(&mut probs, t);
-            let mut mixed = vec![0.0f32; heads * d];
+            let mut z = vec![0.0f32; heads * d];
             matmul_nn_serial(
                 MatRef::new(&probs, heads, t),
                 MatRef::new(&normed, t, d),
-                &mut mixed,
+                &mut z,
                 false,
             );
-            // The values: o_h = W_v,h · z_h + b_v,h.
-            let mut values = vec![0.0f32; d];
-            for (h, o) in values.chunks_exact_mut(hd).enumerate() {
-                matmul_nt_serial(
-                    MatRef::new(&mixed[h * d..], 1, d),
-                    MatRef::new(&w_in[(2 * d + h * hd) * d..], hd, d),
-                    o,
-                    false,
-                );
-                if let Some(b) = b_in {
-                    o.iter_mut()
-                        .zip(&b[2 * d + h * hd..])
-                        .for_each(|(o, b)| *o += b);
-                }
-            }
-            // a = out_proj(o); e = a + fc2(act(fc1(LN(a)))).
-            let mut pooled = vec![0.0f32; d];
-            linear_row(&values, &head.out_proj, &mut pooled, false);
-            let mut pooled_normed = vec![0.0f32; d];
-            let pooled_stats =
-                layer_norm(&pooled, d, &head.layer_norm, c.ln_eps, &mut pooled_normed);
-            let mut hidden = vec![0.0f32; head.fc1.out_features];
-            linear_row(&pooled_normed, &head.fc1, &mut hidden, false);
-            let mut activated = hidden.clone();
-            activation(c.activation, &mut activated);
-            let mut embedding = pooled.clone();
-            linear_row(&activated, &head.fc2, &mut embedding, true);
-            let tape = ImageTape {
-                normed,
-                stats,
-                probs,
-                pooled,
-                pooled_stats,
-                hidden,
-            };
-            (tape, embedding)
+            (
+                Attended {
+                    normed,
+                    stats,
+                    probs,
+                },
+                z,
+            )
         })
         .unzip();
-    PooledEmbeddings {
-        embeddings: embeddings.concat(),
-        dim: d,
-        tape: Tape::AttentionPool(Box::new(PoolTape {
-            keys,
-            images: tapes,
-        })),
+    // The values, o_h = W_v,h · z_h + b_v,h, then a = out_proj(o) and e = a + MLP(LN(a)): the
+    // products over the batch, each image's bits its own.
+    let mut values = vec![vec![0.0f32; d]; last.len()];
+    for h in 0..heads {
+        let v = 2 * d + h * hd;
+        let o_h = rows_times_weight_t(
+            &columns(&mixed, h * d, d),
+            &w_in[v * d..(v + hd) * d],
+            hd,
+            d,
+            b_in.map(|b| &b[v..v + hd]),
+        );
+        for (o, o_h) in values.iter_mut().zip(o_h) {
+            o[h * hd..(h + 1) * hd].copy_from_slice(&o_h);
+        }
     }
+    let pooled = linear_rows(&rows(&values), &head.out_proj);
+    let (normed, pooled_stats): (Vec<Vec<f32>>, Vec<RowStats>) = pooled
+        .iter()
+        .map(|a| {
+            let mut n = vec![0.0f32; d];
+            let stats = layer_norm(a, d, &head.layer_norm, c.ln_eps, &mut n);
+            (n, stats)
+        })
+        .unzip();
+    let hidden = linear_rows(&rows(&normed), &head.fc1);
+    let activated: Vec<Vec<f32>> = hidden
+        .iter()
+        .map(|u| {
+            let mut g = u.clone();
+            activation(c.activation, &mut g);
+            g
+        })
+        .collect();
+    let mlp = linear_rows(&rows(&activated), &head.fc2);
+    let mut embeddings = Vec::with_capacity(last.len() * d);
+    for (a, m) in pooled.iter().zip(&mlp) {
+        embeddings.extend(a.iter().zip(m).map(|(a, m)| a + m));
+    }
+    let images = attended
+        .into_iter()
+        .zip(pooled)
+        .zip(pooled_stats)
+        .zip(hidden)
+        .map(|(((att, pooled), pooled_stats), hidden)| ImageTape {
+            normed: att.normed,
+            stats: att.stats,
+            probs: att.probs,
+            pooled,
+            pooled_stats,
+            hidden,
+        })
+        .collect();
+    PooledEmbeddings {
+        embeddings,
+        dim: d,
+        tape: Tape::AttentionPool(Box::new(PoolTape { keys, images })),
+    }
+}
+
+/// A LayerNorm's `(mean, rstd)` per row.
+type RowStats = Vec<(f32, f32)>;
+
+/// One image's attention over its tokens.
+struct Attended {
+    normed: Vec<f32>,
+    stats: Vec<(f32, f32)>,
+    probs: Vec<f32>,
+}
+
+/// `x_i · Wᵀ + b` of a linear layer for every row (batch-invariant, [`rows_times_weight_t`]).
+fn linear_rows(xs: &[&[f32]], l: &Linear) -> Vec<Vec<f32>> {
+    rows_times_weight_t(
+        xs,
+        &l.weight,
+        l.out_features,
+        l.in_features,
+        l.bias.as_deref(),
+    )
 }
 
 impl PooledEmbeddings {
@@ -288,41 +383,57 @@ fn attention_pool_backward(
 ) -> Vec<Vec<f32>> {
     let c = &model.config;
     let (d, heads, hd) = (c.width, c.heads, c.head_dim());
+    let m = head.fc1.out_features;
     let w_in = &head.in_proj.weight;
-    last.par_iter()
+    let de: Vec<&[f32]> = d_embeddings.chunks_exact(d).collect();
+    // e = a + fc2(act(fc1(LN(a)))): da = de + LN'ᵀ(fc1ᵀ(act' ⊙ fc2ᵀ de)).
+    let mut d_hidden = rows_times_weight(&de, &head.fc2.weight, d, m);
+    for (g, im) in d_hidden.iter_mut().zip(&tape.images) {
+        activation_backward(c.activation, &im.hidden, g);
+    }
+    let d_normed = rows_times_weight(&rows(&d_hidden), &head.fc1.weight, m, d);
+    let d_pooled: Vec<Vec<f32>> = de
+        .iter()
+        .zip(&d_normed)
         .zip(&tape.images)
-        .zip(d_embeddings.par_chunks_exact(d))
-        .map(|((f, im), de)| {
-            let t = f.len() / d;
-            // e = a + fc2(act(fc1(LN(a)))): da = de + LN'ᵀ(fc1ᵀ(act' ⊙ fc2ᵀ de)).
-            let mut d_hidden = linear_row_backward(de, &head.fc2);
-            activation_backward(c.activation, &im.hidden, &mut d_hidden);
-            let d_normed = linear_row_backward(&d_hidden, &head.fc1);
-            let mut d_pooled = de.to_vec();
+        .map(|((de, dn), im)| {
+            let mut da = de.to_vec();
             layer_norm_backward(
                 &im.pooled,
-                &d_normed,
+                dn,
                 d,
                 &head.layer_norm,
                 &im.pooled_stats,
-                &mut d_pooled,
+                &mut da,
                 true,
             );
-            let d_values = linear_row_backward(&d_pooled, &head.out_proj);
-            // dz_h = W_v,hᵀ · do_h  [H, D].
-            let mut dz = vec![0.0f32; heads * d];
-            for (h, dz) in dz.chunks_exact_mut(d).enumerate() {
-                matmul_nn_serial(
-                    MatRef::new(&d_values[h * hd..], 1, hd),
-                    MatRef::new(&w_in[(2 * d + h * hd) * d..], hd, d),
-                    dz,
-                    false,
-                );
-            }
+            da
+        })
+        .collect();
+    let d_values = rows_times_weight(&rows(&d_pooled), &head.out_proj.weight, d, d);
+    // dz_h = W_v,hᵀ · do_h: row i is image i's [H, D].
+    let mut d_mixed = vec![vec![0.0f32; heads * d]; last.len()];
+    for h in 0..heads {
+        let v = 2 * d + h * hd;
+        let dz_h = rows_times_weight(
+            &columns(&d_values, h * hd, hd),
+            &w_in[v * d..(v + hd) * d],
+            hd,
+            d,
+        );
+        for (dz, dz_h) in d_mixed.iter_mut().zip(dz_h) {
+            dz[h * d..(h + 1) * d].copy_from_slice(&dz_h);
+        }
+    }
+    last.par_iter()
+        .zip(&tape.images)
+        .zip(&d_mixed)
+        .map(|((f, im), dz)| {
+            let t = f.len() / d;
             // dp = dz · yᵀ [H, T]; ds = p ⊙ (dp − Σ_t p·dp) (softmax); dy = pᵀ·dz + dsᵀ·A.
             let mut ds = vec![0.0f32; heads * t];
             matmul_nt_serial(
-                MatRef::new(&dz, heads, d),
+                MatRef::new(dz, heads, d),
                 MatRef::new(&im.normed, t, d),
                 &mut ds,
                 false,
@@ -336,7 +447,7 @@ fn attention_pool_backward(
             let mut dy = vec![0.0f32; f.len()];
             matmul_tn_serial(
                 MatRef::new(&im.probs, heads, t),
-                MatRef::new(&dz, heads, d),
+                MatRef::new(dz, heads, d),
                 &mut dy,
                 false,
             );
