@@ -1078,8 +1078,8 @@ fn a_tower_whose_heads_no_kernel_runs_is_refused_by_the_gpu_engine() {
 }
 
 /// A tower without LN_pre (open_clip `no_ln_pre`, CLIPA) on the GPU engine: F_0 is the embedded
-/// tokens; features, losses and gradients match the reference, and the embed loss is refused
-/// with the reason (the tower pools by averaging, which prm does not build).
+/// tokens; features, losses and gradients match the reference, the embed loss through its
+/// average pooling (post-LayerNorm after the average, as CLIPA, and before it) included.
 #[test]
 fn a_tower_without_ln_pre_matches_the_reference() {
     let mut model = small_model(128, 2, 2, 8, 4, Activation::Gelu, 23);
@@ -1094,7 +1094,7 @@ fn a_tower_without_ln_pre_matches_the_reference() {
     for dev in devices() {
         let gpu = GpuVit::new(&dev, &model).unwrap();
         let gpu_clean = gpu.clean_features(&clean_v).unwrap();
-        for loss in [LossKind::Prm, LossKind::Nrd, LossKind::Dr] {
+        for loss in [LossKind::Prm, LossKind::Nrd, LossKind::Dr, LossKind::Embed] {
             for layers in [LayerSelection::List(vec![0]), LayerSelection::All] {
                 let obj = objective(&model, loss, TokenSelection::All, layers.clone());
                 let want = reference
@@ -1118,9 +1118,41 @@ fn a_tower_without_ln_pre_matches_the_reference() {
             }
         }
     }
-    let refused = Objective::new(LossKind::Embed, vec![0], TokenSelection::All, &model)
-        .expect_err("the embed loss is refused");
-    assert!(refused.contains("average"), "{refused}");
+    // The post-LayerNorm before the average (open_clip without `final_ln_after_pool`).
+    let mut normed_first = model.clone();
+    normed_first.config.pooling = prm::model::Pooling::NormedPatchAverage;
+    let reference = ReferenceVit::new(&normed_first);
+    let ref_clean = reference.clean_features(&clean_v).unwrap();
+    let obj = objective(
+        &normed_first,
+        LossKind::Embed,
+        TokenSelection::All,
+        LayerSelection::All,
+    );
+    let want = reference
+        .loss_and_gradient(&adv_v, &ref_clean, &obj)
+        .unwrap();
+    let clipa = ReferenceVit::new(&model)
+        .loss_and_gradient(&adv_v, &ref_clean, &obj)
+        .unwrap();
+    assert!(
+        want.iter().zip(&clipa).any(|(a, b)| a.loss != b.loss),
+        "the order of norm and average changes the embedding"
+    );
+    for dev in devices() {
+        let gpu = GpuVit::new(&dev, &normed_first).unwrap();
+        let gpu_clean = gpu.clean_features(&clean_v).unwrap();
+        let got = gpu.loss_and_gradient(&adv_v, &gpu_clean, &obj).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let lerr = (g.loss - w.loss).abs() / w.loss.abs().max(1e-6);
+            let gerr = rel_err(&g.gradient, &w.gradient);
+            assert!(
+                lerr < 1e-5 && gerr < 1e-4,
+                "{} norm first, image {i}: loss {lerr:.2e}, gradient {gerr:.2e}",
+                dev.name()
+            );
+        }
+    }
 }
 
 /// A SigLIP-style tower (no class token, a patch bias, no LN_pre, an attention-pooling head) on

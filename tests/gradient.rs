@@ -200,13 +200,13 @@ fn activation_derivatives_match_finite_differences() {
 }
 
 /// A tower without LN_pre (open_clip `no_ln_pre`, CLIPA): F_0 is the embedded tokens, and the
-/// gradient at F_0 flows to them directly.
+/// gradient at F_0 flows to them directly. The embed loss goes through the average pooling.
 #[test]
 fn a_tower_without_ln_pre_matches_finite_differences() {
     let mut model = small_model(64, 2, 2, 8, 4, Activation::Gelu, 8);
     model.weights.ln_pre = None;
     model.config.pooling = prm::model::Pooling::PatchAverage;
-    for loss in [LossKind::Prm, LossKind::Nrd, LossKind::Dr] {
+    for loss in [LossKind::Prm, LossKind::Nrd, LossKind::Dr, LossKind::Embed] {
         let mut s = settings(loss, TokenSelection::All, Resolution::Native);
         // F_0 alone and with the blocks: the path without LN_pre by itself, then through them.
         s.layers = LayerSelection::List(vec![0]);
@@ -214,6 +214,10 @@ fn a_tower_without_ln_pre_matches_finite_differences() {
         s.layers = LayerSelection::All;
         check_directional(&model, &s, 27, 45, None, 16);
     }
+    // The embedding with the post-LayerNorm before the average.
+    model.config.pooling = prm::model::Pooling::NormedPatchAverage;
+    let s = settings(LossKind::Embed, TokenSelection::All, Resolution::Native);
+    check_directional(&model, &s, 27, 45, None, 19);
 }
 
 /// A tower without a class token (SigLIP): the tokens are the patches, the patch convolution has

@@ -966,8 +966,9 @@ fn open_clip_options_that_change_the_vision_tower_are_refused_and_its_eps_is_rea
     }
 }
 
-/// CLIPA's options: average pooling loads (the features do not read the pooling; the image
-/// embedding is refused where needed), and `no_ln_pre` loads a tower without `visual.ln_pre`,
+/// CLIPA's options: average pooling loads (the image embedding averages the patch tokens, with
+/// the post-LayerNorm after the average where `final_ln_after_pool` says so, before it
+/// otherwise; the dense targets are refused), and `no_ln_pre` loads a tower without `visual.ln_pre`,
 /// whose `ln_pre` tensors, when present, are refused as unread.
 #[test]
 fn open_clip_average_pooling_and_no_ln_pre_load_as_clipa() {
@@ -982,15 +983,23 @@ fn open_clip_average_pooling_and_no_ln_pre_load_as_clipa() {
     };
     openai_ckpt(Dtype::F32, "").write(&file);
     let standard = load(dir.path()).unwrap();
-    for cfg in [
-        r#"{"pool_type": "avg"}"#,
-        r#"{"global_average_pool": true}"#,
+    for (cfg, pooling) in [
+        (r#"{"pool_type": "avg"}"#, Pooling::NormedPatchAverage),
+        (
+            r#"{"global_average_pool": true}"#,
+            Pooling::NormedPatchAverage,
+        ),
+        (
+            r#"{"pool_type": "avg", "final_ln_after_pool": true}"#,
+            Pooling::PatchAverage,
+        ),
     ] {
         config(cfg);
         let m = load(dir.path()).unwrap();
-        assert_eq!(m.config.pooling, Pooling::PatchAverage, "{cfg}");
+        assert_eq!(m.config.pooling, pooling, "{cfg}");
         assert!(m.weights.ln_pre.is_some());
-        let why = m.image_embedding_unavailable().expect("no image embedding");
+        assert!(m.image_embedding_unavailable().is_none(), "{cfg}");
+        let why = m.image_projection().expect_err("no dense targets");
         assert!(why.contains("average"), "{why}");
         assert_ne!(m.fingerprint(), standard.fingerprint());
     }

@@ -108,9 +108,9 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
             println!("embedding:    none (no visual projection; --loss embed unavailable)")
         }
         (Some(e), Pooling::ClassToken) => println!("embedding:    {e} (visual projection present)"),
-        (Some(e), Pooling::PatchAverage) => println!(
-            "embedding:    {e}, pooled as the patch tokens' average, which prm does not build \
-             (--loss embed and the eval targets on image embeddings unavailable)"
+        (Some(e), Pooling::PatchAverage | Pooling::NormedPatchAverage) => println!(
+            "embedding:    {e}, pooled as the patch tokens' average (CLIPA; --loss embed and \
+             eval's zeroshot target read it; the dense targets are unavailable)"
         ),
     }
     println!(

@@ -57,7 +57,7 @@ use crate::gpu::kernels::embed::{assemble_tokens_f32, patchify_f32, PackedImages
 use crate::gpu::kernels::layernorm::layernorm_forward_f32;
 use crate::gpu::staging::Stager;
 use crate::gpu::{Buffer, Device, Element, GpuError};
-use crate::model::{Activation, BlockWeights, ImageHead, Model, TextTower};
+use crate::model::{Activation, BlockWeights, Model, TextTower};
 use crate::reference::pooling::pooled_embeddings;
 
 /// The weights of a stack of pre-LN blocks on a device, and the operators over them.
@@ -854,10 +854,11 @@ impl<'m> GpuTargets<'m> {
         let pass = self.forward(images, self.model.config.layers, false)?;
         let d = self.model.config.width;
         let last = pass.feats.last().expect("F_L");
-        if let ImageHead::AttentionPool(_) = head {
-            // SigLIP's attention-pooling head reads every token: it runs on the host
-            // (`reference::pooling`, O(T·D·H) an image) on F_L read back, and the embeddings go
-            // up again for the logits. Their bits are the reference engine's for these F_L.
+        if head.reads_every_token() {
+            // SigLIP's attention-pooling head and CLIPA's average read every token: they run
+            // on the host (`reference::pooling`, O(T·D·H) an image) on F_L read back, and the
+            // embeddings go up again for the logits. Their bits are the reference engine's for
+            // these F_L.
             let rows = self.download_images(&pass, last, d)?;
             let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
             let pooled =

@@ -473,7 +473,7 @@ impl EvalEngine for ReferenceTargets<'_> {
             ImageHead::Projection(_) => {
                 embed_tokens_reference(model, &last[..model.config.width], 1)
             }
-            ImageHead::AttentionPool(_) => {
+            ImageHead::AttentionPool(_) | ImageHead::PatchAverage { .. } => {
                 let pooled =
                     pooled_embeddings(model, &[last]).map_err(EvalError::NoImageEmbedding)?;
                 let mut e = pooled.embeddings;

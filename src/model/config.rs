@@ -124,8 +124,9 @@ pub(crate) fn open_clip_activation(
 /// The pooling open_clip's vision options choose, refusing the options that change what the
 /// tower computes without leaving tensors that would say so (the loader refuses unknown tensors
 /// separately). Average pooling and `no_ln_pre` (CLIPA) change no feature F_0..F_L beyond
-/// LN_pre's absence, which the loader builds; the average-pooled image embedding is refused
-/// where it is needed ([`super::Model::image_embedding_unavailable`]).
+/// LN_pre's absence, which the loader builds; the average-pooled image embedding is built
+/// (`reference::pooling`), with the post-LayerNorm before or after the average as the config
+/// says.
 fn open_clip_vision_pooling(
     path: &Path,
     vision: &Map<String, Value>,
@@ -141,9 +142,16 @@ fn open_clip_vision_pooling(
             ),
         ))
     };
+    // The post-LayerNorm comes after the average with `final_ln_after_pool` (CLIPA), before it
+    // otherwise; a single token's pooling is the same either way.
+    let average = if is_true("final_ln_after_pool") {
+        Pooling::PatchAverage
+    } else {
+        Pooling::NormedPatchAverage
+    };
     let pooling = match string("pool_type") {
         None | Some("tok") if !is_true("global_average_pool") => Pooling::ClassToken,
-        None | Some("tok") | Some("avg") => Pooling::PatchAverage,
+        None | Some("tok") | Some("avg") => average,
         Some(pool) => return unsupported(format!("`vision_cfg.pool_type` is \"{pool}\"")),
     };
     if is_true("attentional_pool") {

@@ -48,10 +48,12 @@ pub enum Pooling {
     /// built on image embeddings read.
     #[default]
     ClassToken,
-    /// The mean of the patch tokens (open_clip `pool_type: "avg"`, e.g. CLIPA). prm computes the
-    /// features F_0..F_L of such a tower (every loss but `embed`, eval's `features` and
-    /// `probe`), not its image embedding.
+    /// `ln_post(mean of the patch tokens) · Wᵀ` (open_clip `pool_type: "avg"` with
+    /// `final_ln_after_pool: true`, CLIPA).
     PatchAverage,
+    /// `mean of ln_post(patch tokens) · Wᵀ` (open_clip `pool_type: "avg"`, or the older
+    /// `global_average_pool`, without `final_ln_after_pool`).
+    NormedPatchAverage,
     /// A learned attention probe over the post-LayerNorm tokens (SigLIP's multi-head attention
     /// pooling head, `head.*`, held in [`VisionWeights::attention_head`]): the image embedding
     /// is the head's output, without a projection.
@@ -65,6 +67,7 @@ impl Pooling {
         match self {
             Pooling::ClassToken => "class_token",
             Pooling::PatchAverage => "patch_average",
+            Pooling::NormedPatchAverage => "normed_patch_average",
             Pooling::AttentionHead => "attention_head",
             Pooling::Unpooled => "none",
         }
@@ -202,6 +205,12 @@ pub enum ImageHead<'a> {
     Projection(&'a Linear),
     /// SigLIP: the attention-pooling head over `ln_post(F_L)`, every token.
     AttentionPool(&'a AttentionPoolHead),
+    /// open_clip's average pooling of the patch tokens (CLIPA), then the projection:
+    /// `ln_post(mean_t x_t) · Wᵀ`, or with `norm_first` `mean_t ln_post(x_t) · Wᵀ`.
+    PatchAverage {
+        projection: &'a Linear,
+        norm_first: bool,
+    },
 }
 
 impl ImageHead<'_> {
@@ -210,7 +219,13 @@ impl ImageHead<'_> {
         match self {
             ImageHead::Projection(p) => p.out_features,
             ImageHead::AttentionPool(h) => h.out_proj.out_features,
+            ImageHead::PatchAverage { projection, .. } => projection.out_features,
         }
+    }
+
+    /// Whether the embedding reads every token of F_L (else the CLS row alone).
+    pub fn reads_every_token(&self) -> bool {
+        !matches!(self, ImageHead::Projection(_))
     }
 }
 
@@ -268,12 +283,15 @@ impl Model {
                 .as_ref()
                 .map(ImageHead::AttentionPool)
                 .ok_or_else(|| "the checkpoint has no attention-pooling head (`head.*`)".into()),
-            Pooling::PatchAverage => Err(
-                "the tower pools its image embedding as the average of the patch tokens \
-                 (open_clip pool_type \"avg\", e.g. CLIPA), which prm does not build; prm computes \
-                 its features F_0..F_L (every loss but embed, eval's features and probe targets)"
-                    .into(),
-            ),
+            Pooling::PatchAverage | Pooling::NormedPatchAverage => {
+                let projection = self.weights.projection.as_ref().ok_or_else(|| {
+                    "the checkpoint has no visual projection (`visual.proj`)".to_string()
+                })?;
+                Ok(ImageHead::PatchAverage {
+                    projection,
+                    norm_first: self.config.pooling == Pooling::NormedPatchAverage,
+                })
+            }
             Pooling::Unpooled => Err(
                 "the tower has no pooled image embedding (SigLIP without its attention head); \
                  prm computes its features F_0..F_L (every loss but embed, eval's features and \
@@ -298,9 +316,16 @@ impl Model {
                  loss, eval's zeroshot target) is built"
                     .into(),
             ),
-            Pooling::PatchAverage | Pooling::Unpooled => Err(self
+            Pooling::PatchAverage | Pooling::NormedPatchAverage => Err(
+                "the tower pools its image embedding as the average of the patch tokens \
+                 (open_clip pool_type \"avg\", e.g. CLIPA); the dense targets, which project \
+                 every patch token as CLIP's class token is projected, are not built for it; \
+                 its image embedding (the embed loss, eval's zeroshot target) is"
+                    .into(),
+            ),
+            Pooling::Unpooled => Err(self
                 .image_head()
-                .expect_err("these poolings have no image head")),
+                .expect_err("this pooling has no image head")),
         }
     }
 

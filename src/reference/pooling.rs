@@ -3,6 +3,8 @@
 //! - CLIP ([`ImageHead::Projection`]): `e = ln_post(F_L[CLS]) · Wᵀ`; only the CLS row is read.
 //! - SigLIP ([`ImageHead::AttentionPool`]): `y = ln_post(F_L)` over every token, then the
 //!   attention-pooling head: `a = out_proj(MHA(probe, y, y))`, `e = a + MLP(LN(a))`.
+//! - CLIPA ([`ImageHead::PatchAverage`]): `e = ln_post(mean_t x_t) · Wᵀ` over the patch tokens
+//!   (or `mean_t ln_post(x_t) · Wᵀ`, open_clip without `final_ln_after_pool`).
 //!
 //! The head's query is a constant (the probe), so head h's scores are `y_t · A_h` with
 //! `A_h = W_k,hᵀ q_h / √d_h` (`A [H, D]`, formed once per call), and because a head's
@@ -42,6 +44,7 @@ enum Tape {
         stats: Vec<(f32, f32)>,
     },
     AttentionPool(Box<PoolTape>),
+    PatchAverage(Vec<AverageTape>),
 }
 
 struct PoolTape {
@@ -156,6 +159,10 @@ pub fn pooled_embeddings(model: &Model, last: &[&[f32]]) -> Result<PooledEmbeddi
     Ok(match head {
         ImageHead::Projection(proj) => project_cls(model, proj, last),
         ImageHead::AttentionPool(head) => attention_pool(model, head, last),
+        ImageHead::PatchAverage {
+            projection,
+            norm_first,
+        } => patch_average(model, projection, norm_first, last),
     })
 }
 
@@ -173,13 +180,121 @@ fn project_cls(model: &Model, proj: &Linear, last: &[&[f32]]) -> PooledEmbedding
     );
     let embeddings = normed
         .chunks_exact(d)
-        .flat_map(|n| proj.weight.chunks_exact(d).map(move |w| dot(w, n) as f32))
+        .flat_map(|n| project(proj, n))
         .collect();
     PooledEmbeddings {
         embeddings,
         dim: proj.out_features,
         tape: Tape::Projection { stats },
     }
+}
+
+/// `W · v`, `W [E, D]`: one f64 dot product per output.
+fn project(proj: &Linear, v: &[f32]) -> Vec<f32> {
+    proj.weight
+        .chunks_exact(proj.in_features)
+        .map(|w| dot(w, v) as f32)
+        .collect()
+}
+
+/// `Wᵀ · g`, the input gradient of [`project`], accumulated in f64.
+fn project_backward(proj: &Linear, g: &[f32]) -> Vec<f32> {
+    let mut acc = vec![0.0f64; proj.in_features];
+    for (row, &g) in proj.weight.chunks_exact(proj.in_features).zip(g) {
+        for (a, &w) in acc.iter_mut().zip(row) {
+            *a += g as f64 * w as f64;
+        }
+    }
+    acc.into_iter().map(|v| v as f32).collect()
+}
+
+/// open_clip's average pooling (CLIPA): the patch tokens' mean (f64 sums), then `ln_post` and
+/// the projection; with `norm_first`, `ln_post` of every patch token, then their mean.
+fn patch_average(
+    model: &Model,
+    proj: &Linear,
+    norm_first: bool,
+    last: &[&[f32]],
+) -> PooledEmbeddings {
+    let (d, lead) = (model.config.width, model.config.class_tokens());
+    let ln = &model.weights.ln_post;
+    let mean_of = |rows: &[f32]| -> Vec<f32> {
+        let n = (rows.len() / d) as f64;
+        let mut sum = vec![0.0f64; d];
+        for row in rows.chunks_exact(d) {
+            sum.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64);
+        }
+        sum.into_iter().map(|s| (s / n) as f32).collect()
+    };
+    let (pooled, tapes): (Vec<Vec<f32>>, Vec<AverageTape>) = last
+        .par_iter()
+        .map(|f| {
+            let patches = &f[lead * d..];
+            if norm_first {
+                let mut normed = vec![0.0f32; patches.len()];
+                let stats = layer_norm(patches, d, ln, model.config.ln_eps, &mut normed);
+                let mean = Vec::new(); // the backward needs only the patches' statistics
+                (mean_of(&normed), AverageTape { mean, stats })
+            } else {
+                let mean = mean_of(patches);
+                let mut normed = vec![0.0f32; d];
+                let stats = layer_norm(&mean, d, ln, model.config.ln_eps, &mut normed);
+                (normed, AverageTape { mean, stats })
+            }
+        })
+        .unzip();
+    PooledEmbeddings {
+        embeddings: pooled.iter().flat_map(|v| project(proj, v)).collect(),
+        dim: proj.out_features,
+        tape: Tape::PatchAverage(tapes),
+    }
+}
+
+/// What one image's average-pool backward needs: the mean `[D]` (empty with `norm_first`) and
+/// the post-LayerNorm statistics of the mean (or of each patch, `norm_first`).
+struct AverageTape {
+    mean: Vec<f32>,
+    stats: RowStats,
+}
+
+fn patch_average_backward(
+    model: &Model,
+    proj: &Linear,
+    norm_first: bool,
+    tapes: &[AverageTape],
+    last: &[&[f32]],
+    d_embeddings: &[f32],
+) -> Vec<Vec<f32>> {
+    let (d, lead) = (model.config.width, model.config.class_tokens());
+    let ln = &model.weights.ln_post;
+    last.par_iter()
+        .zip(d_embeddings.par_chunks_exact(proj.out_features))
+        .zip(tapes)
+        .map(|((f, de), tape)| {
+            let patches = &f[lead * d..];
+            let n = patches.len() / d;
+            let d_pooled = project_backward(proj, de);
+            let mut grad = vec![0.0f32; f.len()];
+            if norm_first {
+                // Each patch's normed row gets 1/n of the pooled gradient.
+                let share: Vec<f32> = d_pooled.iter().map(|g| g / n as f32).collect();
+                let dy: Vec<f32> = share.iter().copied().cycle().take(patches.len()).collect();
+                let grad_patches = &mut grad[lead * d..];
+                layer_norm_backward(patches, &dy, d, ln, &tape.stats, grad_patches, false);
+            } else {
+                // Through ln_post at the mean, then 1/n of it to each patch.
+                let mut d_mean = vec![0.0f32; d];
+                let stats = &tape.stats;
+                layer_norm_backward(&tape.mean, &d_pooled, d, ln, stats, &mut d_mean, false);
+                for row in grad[lead * d..].chunks_exact_mut(d) {
+                    row.iter_mut()
+                        .zip(&d_mean)
+                        .for_each(|(g, &m)| *g = m / n as f32);
+                }
+            }
+            grad
+        })
+        .collect()
 }
 
 /// SigLIP's attention-pooling head (module docs).
@@ -334,6 +449,13 @@ impl PooledEmbeddings {
             (Tape::AttentionPool(tape), Ok(ImageHead::AttentionPool(head))) => {
                 attention_pool_backward(model, head, tape, last, d_embeddings)
             }
+            (
+                Tape::PatchAverage(tapes),
+                Ok(ImageHead::PatchAverage {
+                    projection,
+                    norm_first,
+                }),
+            ) => patch_average_backward(model, projection, norm_first, tapes, last, d_embeddings),
             _ => panic!("the embeddings were formed by another model's head"),
         }
     }
@@ -351,14 +473,7 @@ fn project_cls_backward(
         .zip(d_embeddings.chunks_exact(proj.out_features))
         .zip(stats)
         .map(|((f, de), &stat)| {
-            // d normed = d_embed · W   (W is [E, D])
-            let mut d_normed = vec![0.0f64; d];
-            for (row, &g) in proj.weight.chunks_exact(d).zip(de) {
-                for (acc, &w) in d_normed.iter_mut().zip(row) {
-                    *acc += g as f64 * w as f64;
-                }
-            }
-            let d_normed: Vec<f32> = d_normed.into_iter().map(|v| v as f32).collect();
+            let d_normed = project_backward(proj, de);
             let mut grad = vec![0.0f32; f.len()];
             layer_norm_backward(
                 &f[..d],

@@ -16,7 +16,9 @@ LayerNorm parameters and biases are perturbed so they are not trivial. It saves 
     relative; prm's fp32 agrees to about 1e-8, and the exact GELU in place of its tanh
     approximation, at most 4.7e-4 apart, moves it by 6e-6); prm, Σ_l mean_t cos(F_l(start),
     F_l(clean)), is gated on its cosine deficit (layers + 1 − loss, 1e-4), since the loss itself
-    is within 1e-7 of a wrong model's.
+    is within 1e-7 of a wrong model's; and with a projection, `--loss embed`, cos(embedding(start),
+    embedding(clean)) through the tower's own pooling (class token, CLIPA's average), gated on
+    its deficit 1 − cos in the same way.
 
 `--variants` adds ViT-B-16 with each vision activation option open_clip has that no shipped
 config combines with its own ViT (`act_kwargs` go only to open_clip's ViT; the configs that set
@@ -24,8 +26,9 @@ them have timm trunks): `approximate` "tanh" and "none", and "tanh" with `quick_
 open_clip cannot build (its QuickGELU takes no options).
 
 Exit status 1 when a loaded model misses the gate. `--self-test` also loads ViT-B-16 with the
-wrong activation in its config, and a tower with GELU's tanh approximation whose config says
-exact GELU, and fails unless the gate catches both.
+wrong activation in its config, a tower with GELU's tanh approximation whose config says exact
+GELU, and CLIPA's ViT-L/14 whose config puts the post-LayerNorm before the average, and fails
+unless the gates catch all three.
 
 Needs torch, open_clip_torch and pillow (tools/golden/requirements.txt) and a built prm:
   cargo build --release
@@ -108,10 +111,12 @@ def features(tower, img):
     hooks = [tower.ln_pre.register_forward_hook(lambda m, i, o: fs.append(o))]
     hooks += [b.register_forward_hook(lambda m, i, o: fs.append(o)) for b in tower.transformer.resblocks]
     with torch.no_grad():
-        tower(x)
+        pooled = tower(x)
     for h in hooks:
         h.remove()
-    return fs
+    if isinstance(pooled, tuple):  # (pooled, tokens) for towers that output their tokens
+        pooled = pooled[0]
+    return fs, pooled.reshape(-1)
 
 
 def run(cmd):
@@ -158,7 +163,7 @@ def audit(name, cfg, prm, work, photo, rng, config_edit=None):
         with open(os.path.join(out, "manifest.jsonl")) as f:
             return json.loads(f.readline())["loss_initial"], None
 
-    fc, fa = features(tower, clean), features(tower, start)
+    (fc, ec), (fa, ea) = features(tower, clean), features(tower, start)
     # dr: Σ_l std(F_l(start)) (unbiased, over every token and channel): the features themselves.
     got_dr, failure = loss_initial("dr")
     if failure:
@@ -174,7 +179,18 @@ def audit(name, cfg, prm, work, photo, rng, config_edit=None):
     layers = len(fc)
     err_prm = abs((layers - got) - (layers - ref)) / abs(layers - ref)
     ok = err_dr < DR_GATE and err_prm < DEFICIT_GATE
-    return ("loaded", ok, f"dr rel. error {err_dr:.1e}, prm deficit rel. error {err_prm:.1e}")
+    detail = f"dr rel. error {err_dr:.1e}, prm deficit rel. error {err_prm:.1e}"
+    # embed: cos(embedding(start), embedding(clean)) through the tower's own pooling (class
+    # token, or CLIPA's average) and projection, gated on its deficit 1 − cos like prm's.
+    if getattr(tower, "proj", None) is not None:
+        got, failure = loss_initial("embed")
+        if failure:
+            return ("loaded", False, detail + "; embed: " + failure)
+        ref = torch.nn.functional.cosine_similarity(ea, ec, dim=0).item()
+        err_embed = abs((1 - got) - (1 - ref)) / abs(1 - ref)
+        ok = ok and err_embed < DEFICIT_GATE
+        detail += f", embed deficit rel. error {err_embed:.1e}"
+    return ("loaded", ok, detail)
 
 
 def main():
@@ -221,13 +237,19 @@ def main():
 
         def exact_gelu(cfg):
             del cfg["vision_cfg"]["act_kwargs"]
+
+        def norm_before_average(cfg):
+            del cfg["vision_cfg"]["final_ln_after_pool"]
         vit_b_16 = get_model_config("ViT-B-16")
         tanh_gelu = copy.deepcopy(vit_b_16)
         _act_kwargs(approximate="tanh")(tanh_gelu)
         # The second: the two GELUs differ by at most 4.7e-4, the smallest change of activation.
         for name, what, cfg, edit in [
                 ("self-test-ViT-B-16", "wrong activation", vit_b_16, wrong_activation),
-                ("self-test-tanh-ViT-B-16", "exact GELU for the tanh GELU", tanh_gelu, exact_gelu)]:
+                ("self-test-tanh-ViT-B-16", "exact GELU for the tanh GELU", tanh_gelu, exact_gelu),
+                # The embed check alone can catch it: no feature reads the pooling.
+                ("self-test-ViT-L-14-CLIPA", "post-LayerNorm before CLIPA's average",
+                 get_model_config("ViT-L-14-CLIPA"), norm_before_average)]:
             r = audit(name, cfg, args.prm, args.work, photo, rng, config_edit=edit)
             caught = r[0] == "loaded" and r[1] is not True
             print(f"self-test ({what} in the config): "

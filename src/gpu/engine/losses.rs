@@ -16,7 +16,6 @@ use crate::gpu::kernels::loss::{
     layer_cosine_f32, layer_loss_f32_gradient, Gradient, LayerLoss, LossScratch, PackedTokens,
 };
 use crate::gpu::{Buffer, GpuError};
-use crate::model::ImageHead;
 
 impl GpuVit<'_> {
     /// `dh += LN_backward(ln)` over the batch's rows (a block's LN1, accumulated into the
@@ -60,8 +59,8 @@ impl GpuVit<'_> {
 
     /// The rows of every image of a packed feature buffer that its image embedding reads, on
     /// the host: its CLS row (CLIP), gathered on the device and read back in one download of a
-    /// row per image, or all its tokens (SigLIP's attention-pooling head), one download of the
-    /// batch.
+    /// row per image, or all its tokens (SigLIP's attention-pooling head, CLIPA's average), one
+    /// download of the batch.
     pub(super) fn embedding_rows(
         &self,
         batch: &Batch,
@@ -194,7 +193,8 @@ impl GpuVit<'_> {
     /// The `embed` loss: the image embedding is one vector per image, so it is formed on the
     /// host by the reference code (`reference::pooling`) from the rows of F_L it reads, and its
     /// gradient is injected at those rows: each image's CLS row (CLIP), or all its tokens
-    /// (SigLIP's attention-pooling head, which costs a download and an upload of F_L a step).
+    /// (SigLIP's attention-pooling head, CLIPA's average; a download and an upload of F_L a
+    /// step).
     pub(super) fn embed_loss(
         &self,
         batch: &Batch,
@@ -205,7 +205,7 @@ impl GpuVit<'_> {
     ) -> Result<LossPass, GpuError> {
         debug_assert_eq!(objective.kind, crate::attack::LossKind::Embed);
         let (d, last) = (self.model.config.width, self.model.config.layers);
-        let every_token = matches!(self.model.image_head(), Ok(ImageHead::AttentionPool(_)));
+        let every_token = self.model.image_head().is_ok_and(|h| h.reads_every_token());
         let adv = self.embedding_rows(batch, &fwd.features[last], every_token)?;
         // The clean batch has the adversarial batch's sizes (check_geometry), so its packing.
         if clean.embeddings.get().is_none() {
