@@ -1027,61 +1027,45 @@ fn a_siglip_checkpoint_is_described_and_attacked() {
 
     let tmp = tempfile::tempdir().unwrap();
     let input = one_sample_input(tmp.path());
-    for device in ["cpu", "sim"] {
-        let out = tmp.path().join(device);
-        let o = prm(&[
-            "attack",
-            "--model",
-            golden.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--preset",
-            "pgd",
-            "--steps",
-            "2",
-            "--resolution",
-            "64",
-            "--device",
-            device,
-        ]);
-        assert!(o.status.success(), "{device}: {}", stderr(&o));
-        assert!(out.join("chelsea.png").exists(), "{device}");
-    }
-    // --loss embed reads the image embedding through SigLIP's attention-pooling head: the same
-    // first loss on both engines (the GPU engine forms the head on the host from F_L).
+    // The prm loss, and --loss embed through SigLIP's attention-pooling head: each runs on both
+    // engines with the same first loss (the GPU engine forms the head on the host from F_L).
     let mut first_loss = Vec::new();
-    for device in ["cpu", "sim"] {
-        let out = tmp.path().join(format!("embed-{device}"));
-        let o = prm(&[
-            "attack",
-            "--model",
-            golden.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--loss",
-            "embed",
-            "--preset",
-            "pgd",
-            "--steps",
-            "2",
-            "--resolution",
-            "64",
-            "--device",
-            device,
-        ]);
-        assert!(o.status.success(), "{device}: {}", stderr(&o));
-        let record = &manifest(&out)[0];
-        assert_eq!(record["status"], "ok", "{device}: {record}");
-        let (initial, last) = (
-            record["loss_initial"].as_f64().unwrap(),
-            record["loss_final"].as_f64().unwrap(),
-        );
-        assert!(initial < 1.0 && last < initial, "{device}: {record}");
-        first_loss.push(initial);
+    for loss in ["prm", "embed"] {
+        for device in ["cpu", "sim"] {
+            let out = tmp.path().join(format!("{loss}-{device}"));
+            let o = prm(&[
+                "attack",
+                "--model",
+                golden.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+                "--loss",
+                loss,
+                "--preset",
+                "pgd",
+                "--steps",
+                "2",
+                "--resolution",
+                "64",
+                "--device",
+                device,
+            ]);
+            assert!(o.status.success(), "{loss} {device}: {}", stderr(&o));
+            assert!(out.join("chelsea.png").exists(), "{loss} {device}");
+            let record = &manifest(&out)[0];
+            assert_eq!(record["status"], "ok", "{loss} {device}: {record}");
+            let (initial, last) = (
+                record["loss_initial"].as_f64().unwrap(),
+                record["loss_final"].as_f64().unwrap(),
+            );
+            assert!(last < initial, "{loss} {device}: {record}");
+            if loss == "embed" {
+                assert!(initial < 1.0, "{device}: {record}");
+                first_loss.push(initial);
+            }
+        }
     }
     assert!(
         (first_loss[0] - first_loss[1]).abs() < 1e-5,

@@ -847,8 +847,9 @@ impl<'m> GpuTargets<'m> {
     }
 
     /// A pass's forward, and each image's embedding: its CLS row of F_L (gathered on the
-    /// device) through post-LN and the projection, or SigLIP's attention-pooling head over all
-    /// its tokens. `[images, E]` on the device (not normalised) and E.
+    /// device) through post-LN and the projection, or a pooling over all its tokens (SigLIP's
+    /// attention-pooling head, CLIPA's average). `[images, E]` on the device (not normalised)
+    /// and E.
     fn image_rows(&self, images: &[Planar]) -> Result<(Buffer<f32>, usize), EvalError> {
         let head = require_image_head(self.model)?;
         let pass = self.forward(images, self.model.config.layers, false)?;

@@ -6,7 +6,7 @@
 //! - CLIPA ([`ImageHead::PatchAverage`]): `e = ln_post(mean_t x_t) · Wᵀ` over the patch tokens
 //!   (or `mean_t ln_post(x_t) · Wᵀ`, open_clip without `final_ln_after_pool`).
 //!
-//! The head's query is a constant (the probe), so head h's scores are `y_t · A_h` with
+//! SigLIP's query is a constant (the probe), so head h's scores are `y_t · A_h` with
 //! `A_h = W_k,hᵀ q_h / √d_h` (`A [H, D]`, formed once per call), and because a head's
 //! probabilities sum to one its output is `W_v,h · (Σ_t p_t,h y_t) + b_v,h`. The keys and values
 //! `[T, 2D]` are therefore never formed. This is the same function torch computes: the key bias
