@@ -3,6 +3,7 @@
 //! the prm loss fused with LN1's backward where it fits), the `embed` loss through the host,
 //! and the per-layer evaluation of a batch.
 
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 
 use super::{Batch, Depth, Forward, GpuClean, GpuVit, GradientUpdate, LossPass, Losses};
@@ -58,33 +59,34 @@ impl GpuVit<'_> {
     }
 
     /// The rows of every image of a packed feature buffer that its image embedding reads, on
-    /// the host: its CLS row (CLIP), gathered on the device and read back in one download of a
-    /// row per image, or all its tokens (SigLIP's attention-pooling head, CLIPA's average), one
-    /// download of the batch.
+    /// the host, as one buffer and each image's range in it: its CLS row (CLIP), gathered on
+    /// the device and read back in one download of a row per image, or all its tokens (SigLIP's
+    /// attention-pooling head, CLIPA's average), one download of the batch sliced in place.
     pub(super) fn embedding_rows(
         &self,
         batch: &Batch,
         features: &Buffer<f32>,
         every_token: bool,
-    ) -> Result<Vec<Vec<f32>>, GpuError> {
+    ) -> Result<(Vec<f32>, Vec<Range<usize>>), GpuError> {
         let d = self.model.config.width;
         let images = &batch.packing.images;
         if every_token {
             let all = self
                 .dev
                 .download_range(features, 0, batch.packing.total_tokens * d)?;
-            return Ok(images
+            let ranges = images
                 .iter()
-                .map(|p| all[p.token_offset * d..(p.token_offset + p.tokens()) * d].to_vec())
-                .collect());
+                .map(|p| p.token_offset * d..(p.token_offset + p.tokens()) * d)
+                .collect();
+            return Ok((all, ranges));
         }
         let mut rows = self.alloc(images.len() * d)?;
         for (i, p) in images.iter().enumerate() {
             self.dev
                 .copy_range(features, p.token_offset * d, &mut rows, i * d, d)?;
         }
-        let host = self.dev.download(&rows)?;
-        Ok(host.chunks_exact(d).map(<[f32]>::to_vec).collect())
+        let ranges = (0..images.len()).map(|i| i * d..(i + 1) * d).collect();
+        Ok((self.dev.download(&rows)?, ranges))
     }
 
     /// Loss per image (summed over the objective's layers in f64 on the host) and, with
@@ -206,16 +208,17 @@ impl GpuVit<'_> {
         debug_assert_eq!(objective.kind, crate::attack::LossKind::Embed);
         let (d, last) = (self.model.config.width, self.model.config.layers);
         let every_token = self.model.image_head().is_ok_and(|h| h.reads_every_token());
-        let adv = self.embedding_rows(batch, &fwd.features[last], every_token)?;
         // The clean batch has the adversarial batch's sizes (check_geometry), so its packing.
         if clean.embeddings.get().is_none() {
             let rows = self.embedding_rows(batch, &clean.features[last], every_token)?;
-            let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
             // another thread may have set the same embeddings
-            let _ = clean.embeddings.set(embeddings(self.model, &rows));
+            let _ = clean
+                .embeddings
+                .set(embeddings(self.model, &slices(&rows.0, &rows.1)));
         }
         let clean_embeddings = clean.embeddings.get().expect("set above");
-        let adv: Vec<&[f32]> = adv.iter().map(Vec::as_slice).collect();
+        let (host, ranges) = self.embedding_rows(batch, &fwd.features[last], every_token)?;
+        let adv = slices(&host, &ranges);
         let (values, grads) = embed_losses(self.model, &adv, clean_embeddings, with_grad);
         let Some(grads) = grads else {
             return Ok(LossPass {
@@ -227,8 +230,8 @@ impl GpuVit<'_> {
         let images = &batch.packing.images;
         // Only the rows the embedding read carry gradient: the CLS rows go up alone (one row
         // per image, not a [ΣT, D] table that is zero but for them) and are placed on the
-        // device; with every token read, the whole table goes up.
-        let injected = if every_token {
+        // device; with every token read, the whole table is written into dh directly.
+        let table = if every_token {
             let mut table = vec![0.0f32; batch.packing.total_tokens * d];
             for (p, g) in images.iter().zip(&grads) {
                 table[p.token_offset * d..][..g.len()].copy_from_slice(g);
@@ -237,17 +240,22 @@ impl GpuVit<'_> {
         } else {
             grads.iter().flat_map(|g| g[..d].iter().copied()).collect()
         };
-        let injected = self.dev.upload(&injected)?;
+        let cls_rows = if every_token {
+            None
+        } else {
+            Some(self.dev.upload(&table)?)
+        };
         let grad = self.backward(batch, &fwd, |l, _, dh, copy, ln| {
             if l == last {
                 // The first layer the backward visits (no LayerNorm before it): dh is still the
                 // zeroed gradient the backward starts from, so only the read rows are written.
-                if every_token {
-                    self.dev.copy_range(&injected, 0, dh, 0, injected.len())?;
-                } else {
-                    for (i, p) in images.iter().enumerate() {
-                        self.dev
-                            .copy_range(&injected, i * d, dh, p.token_offset * d, d)?;
+                match &cls_rows {
+                    None => self.dev.write_range(dh, 0, &table)?,
+                    Some(rows) => {
+                        for (i, p) in images.iter().enumerate() {
+                            self.dev
+                                .copy_range(rows, i * d, dh, p.token_offset * d, d)?;
+                        }
                     }
                 }
                 Ok(GradientUpdate::Changed)
@@ -313,4 +321,9 @@ impl GpuVit<'_> {
             .map(|(loss, layer_cosine)| Evaluation { loss, layer_cosine })
             .collect())
     }
+}
+
+/// Each range of `host`, borrowed.
+fn slices<'a>(host: &'a [f32], ranges: &[Range<usize>]) -> Vec<&'a [f32]> {
+    ranges.iter().map(|r| &host[r.clone()]).collect()
 }
