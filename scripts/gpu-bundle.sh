@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Builds, here, what a GPU machine without Rust needs to test and benchmark this checkout:
-#   target/gpu-bundle/tests/<name>   the test executables of `cargo test --release` whose source
-#                                    has a CUDA path (naming cuda, on_devices or devices()),
+#   target/gpu-bundle/tests/integration  the integration test executable (tests/integration.rs),
 #                                    kernels embedded (nvcc is required: scripts/install-nvcc.sh)
+#   target/gpu-bundle/test-groups.txt    its modules (files of tests/) that have a CUDA path
+#                                    (naming cuda, on_devices or devices()), one a line:
+#                                    gpu-check.sh runs each as one row of its table
 #   target/gpu-bundle/prm            the release binary
 #   target/gpu-bundle/paths.env      the absolute paths baked into the test binaries
 #                                    (CARGO_MANIFEST_DIR, CARGO_BIN_EXE_prm), which gpu-check.sh
 #                                    recreates as links to the checkout it runs in
-#   target/gpu-bundle.tar.xz         all of it in one solid archive (~15 MB: the binaries share
-#                                    most of their code), small enough to travel with a checkout
+#   target/gpu-bundle.tar.xz         all of it in one solid archive, small enough to travel
+#                                    with a checkout
 #
-# Usage: scripts/gpu-bundle.sh   (ALL_TESTS=1 bundles every test executable, not only those
-#        with a CUDA path)
+# Usage: scripts/gpu-bundle.sh   (ALL_TESTS=1 also bundles the other test executables, the
+#        library's and binary's unit tests and tests/sim.rs, and lists every module)
 # Then, on the GPU machine, in a copy of this checkout that holds target/gpu-bundle.tar.xz:
 #   python3 -c "import tarfile; tarfile.open('target/gpu-bundle.tar.xz').extractall('target', filter='data')"
 #   bash scripts/gpu-check.sh --bundle target/gpu-bundle
@@ -32,13 +34,20 @@ cargo test --release --no-run --message-format=json >"$json"
 
 rm -rf "$OUT" "$OUT.tar.xz"
 mkdir -p "$OUT/tests"
-ALL_TESTS=${ALL_TESTS:-0} python3 - "$json" "$OUT/tests" "$ROOT/tests" <<'PY'
+ALL_TESTS=${ALL_TESTS:-0} python3 - "$json" "$OUT" "$ROOT/tests" <<'PY'
 import json, os, re, shutil, sys
-src, dest, tests_dir = sys.argv[1:4]
+src, out, tests_dir = sys.argv[1:4]
 take_all = os.environ.get("ALL_TESTS") == "1"
-def has_cuda_path(name):
-    path = os.path.join(tests_dir, name + ".rs")
-    return os.path.exists(path) and re.search(r"cuda|on_devices|devices\(\)", open(path).read()) is not None
+def has_cuda_path(module):
+    path = os.path.join(tests_dir, module + ".rs")
+    return re.search(r"cuda|on_devices|devices\(\)", open(path).read()) is not None
+# The modules of tests/integration.rs, in its order.
+root = open(os.path.join(tests_dir, "integration.rs")).read()
+modules = [m for m in re.findall(r"(?m)^mod (\w+);", root) if m != "common"]
+groups = [m for m in modules if take_all or has_cuda_path(m)]
+with open(os.path.join(out, "test-groups.txt"), "w") as f:
+    f.write("".join(m + "\n" for m in groups))
+print(f"  integration modules with a CUDA path: {' '.join(groups)}")
 seen = set()
 for line in open(src):
     try:
@@ -52,14 +61,12 @@ for line in open(src):
         continue
     seen.add(exe)
     kind = msg["target"]["kind"][0]
-    if kind != "test" and not take_all:
-        continue  # the library's and binary's unit tests have no CUDA path
     name = msg["target"]["name"] if kind != "lib" else "lib"
     if kind == "bin":
         name = "bin-" + name
-    if kind == "test" and not take_all and not has_cuda_path(name):
-        continue
-    shutil.copy2(exe, os.path.join(dest, name))
+    if name != "integration" and not take_all:
+        continue  # unit tests and tests/sim.rs: the simulator only, CI's job
+    shutil.copy2(exe, os.path.join(out, "tests", name))
     print(f"  test executable {name}")
 PY
 rm -f "$json"
@@ -75,9 +82,9 @@ if command -v strip >/dev/null; then
   strip "$OUT"/tests/* "$OUT/prm"
 fi
 echo "== archive"
-# One window over several binaries: each embeds every kernel image (about 50 MB since the
-# attention kernels of every head dim), and xz -9's 64 MiB window would no longer reach the
-# copy in the binary before. 256 MiB needs about 2.6 GiB here and 256 MiB to unpack.
+# One window over the binaries: each embeds every kernel image (about 50 MB since the attention
+# kernels of every head dim), and xz -9's 64 MiB window would not reach the copy in the binary
+# before. 256 MiB needs about 2.6 GiB here and 256 MiB to unpack.
 (cd "$ROOT/target" && tar -cf - gpu-bundle | xz -T1 --lzma2=preset=9,dict=256MiB >"$OUT.tar.xz.tmp" && mv "$OUT.tar.xz.tmp" "$OUT.tar.xz")
 echo "== bundle: $OUT ($(du -sh "$OUT" | cut -f1)), $OUT.tar.xz ($(du -h "$OUT.tar.xz" | cut -f1))"
 cat <<EOF

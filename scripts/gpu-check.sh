@@ -19,8 +19,10 @@
 #                                          the per-kernel profile)
 #                       --out DIR          where summary.txt and gpu-check-logs.tar.gz go
 #                                          (default $OUT when set, else target/gpu-check)
-# Extra arguments after `--` go to every test binary (e.g. a test name filter).
-# Environment: TEST_BINARIES=name,name,... runs only those bundled test binaries;
+# Extra arguments after `--` are test name filters: only tests whose names contain every one
+# run (whole executables other than the integration tests get them as they are).
+# Environment: TEST_BINARIES=name,name,... runs only those test groups (modules of
+# tests/integration.rs, i.e. files of tests/) and bundled executables;
 # REPORT_ROWS=row,row,... only those rows of scripts/gpu-report.sh (a short recheck).
 #
 # cuBLASLt is loaded at run time: libcublasLt.so.{13,12} must be findable; the folder of a
@@ -138,14 +140,15 @@ row() { rows+=("$(printf '%-26s %-10s %-9s %7ss  %s' "$@")"); }
 
 # ---------------------------------------------------------------- tests
 if want tests; then
-  echo "== tests (every bundled binary; CUDA and simulator paths)"
-  for t in "$BUNDLE"/tests/*; do
-    name=$(basename "$t")
-    [[ -n ${TEST_BINARIES:-} && ,$TEST_BINARIES, != *,$name,* ]] && continue
+  echo "== tests (every bundled test group; CUDA and simulator paths)"
+  # run_tests ROW_NAME EXECUTABLE [ARGS...]: one row of the table.
+  run_tests() {
+    local name=$1 exe=$2 secs_allowed s rc secs skipped summary status
+    shift 2
     secs_allowed=$(allow 240 $after_tests)
-    if (( secs_allowed < 10 )); then row "$name" "skipped" "-" 0 "out of time"; continue; fi
+    if (( secs_allowed < 10 )); then row "$name" "skipped" "-" 0 "out of time"; return; fi
     s=$(date +%s.%N)
-    (cd "$ROOT" && timeout "$secs_allowed" "$t" --nocapture "${TEST_ARGS[@]}") >"$LOGS/test-$name.log" 2>&1
+    (cd "$ROOT" && timeout "$secs_allowed" "$exe" --nocapture "$@") >"$LOGS/test-$name.log" 2>&1
     rc=$?
     secs=$(awk -v s="$s" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')
     skipped=$(grep -c "skipped: no" "$LOGS/test-$name.log")
@@ -154,6 +157,30 @@ if want tests; then
     [[ $rc -eq 124 ]] && summary="timed out after ${secs_allowed}s"
     row "$name" "$status" "skips=$skipped" "$secs" "$summary"
     [[ $rc -ne 0 ]] && grep -E "panicked|FAILED|error" "$LOGS/test-$name.log" | head -n 5 | sed "s/^/   $name: /"
+  }
+  # The integration executable holds every file of tests/ as a module; each listed module is
+  # one row, run by its tests' exact names (a plain filter `cli::` would also run eval_cli's).
+  integration=$BUNDLE/tests/integration
+  all_names=$("$integration" --list --format terse 2>/dev/null | sed -n 's/: test$//p')
+  while IFS= read -r group; do
+    [[ -z $group ]] && continue
+    [[ -n ${TEST_BINARIES:-} && ,$TEST_BINARIES, != *,$group,* ]] && continue
+    names=$(grep "^$group::" <<<"$all_names")
+    for filter in "${TEST_ARGS[@]}"; do names=$(grep -F -- "$filter" <<<"$names"); done
+    if [[ -z $names ]]; then
+      # A group the filters leave empty is no row; one empty without filters is a bundle fault.
+      [[ ${#TEST_ARGS[@]} -gt 0 ]] && continue
+      row "$group" "FAIL" "-" 0 "no tests of this group in the executable"; failed=$((failed + 1)); continue
+    fi
+    # shellcheck disable=SC2086 # test names have no spaces
+    run_tests "$group" "$integration" --exact $names
+  done <"$BUNDLE/test-groups.txt"
+  # Any other bundled executable (ALL_TESTS=1: unit tests, tests/sim.rs) runs whole.
+  for t in "$BUNDLE"/tests/*; do
+    name=$(basename "$t")
+    [[ $name == integration ]] && continue
+    [[ -n ${TEST_BINARIES:-} && ,$TEST_BINARIES, != *,$name,* ]] && continue
+    run_tests "$name" "$t" "${TEST_ARGS[@]}"
   done
 fi
 
@@ -460,7 +487,7 @@ fi
   echo "== summary (bundle commit ${COMMIT:-?}, $(($(date +%s) - START)) s of a ${BUDGET} s budget)"
   cat "$LOGS/machine.txt"
   if [[ ${#rows[@]} -gt 0 ]]; then
-    printf '%-26s %-10s %-9s %8s  %s\n' "test binary" "result" "no device" "time" "summary"
+    printf '%-26s %-10s %-9s %8s  %s\n' "tests" "result" "no device" "time" "summary"
     printf '%s\n' "${rows[@]}"
   fi
   [[ -f $LOGS/report.txt ]] && { echo; cat "$LOGS/report.txt"; grep -E "failed|skipped" "$LOGS/report.err" | sed "s|$WORK/report/|logs/|" | head -n 16; }

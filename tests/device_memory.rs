@@ -3,7 +3,7 @@
 //! lose no image and change no bit (the out-of-memory error then comes from wherever in the
 //! engine an allocation fails, not from a test double at the engine's door).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};

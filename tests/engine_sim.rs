@@ -2,7 +2,7 @@
 //! the reference engine on small models: features, losses, input gradients, and whole attacks
 //! with every optimiser, with and without dynamic scale. Two identical runs are bit-identical.
 
-mod common;
+use crate::common;
 
 use common::{
     devices, objective, perturbed, small_model, small_model_without_class_token, views, Draw,

@@ -1,7 +1,7 @@
 //! Finite-difference checks of the reference engine's input gradient, for every loss and for
 //! the native-resolution, fixed-size and dynamic-scale geometries.
 
-mod common;
+use crate::common;
 
 use common::{small_model, small_model_without_class_token, Draw};
 use prm::attack::*;

@@ -4,7 +4,7 @@
 //! graph cannot contain (allocations, uploads, downloads, synchronisations) is an error at
 //! capture, and a buffer freed under a graph an error at replay.
 
-mod common;
+use crate::common;
 
 use common::{devices, Draw};
 use prm::attack::*;

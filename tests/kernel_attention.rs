@@ -3,7 +3,7 @@
 //! the log-sum-exp, against a float64 twin written here. Runs on the simulator always and on
 //! CUDA when a device is present.
 
-mod common;
+use crate::common;
 
 use common::{devices, sim_schedule_runs, Draw};
 use half::bf16;

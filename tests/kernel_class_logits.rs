@@ -4,8 +4,7 @@
 //! 1000 classes; widths of 64, 100, 512 and 768, a tile's 32 and not), rows of norm zero, rows
 //! scaled far up and down. The simulator under both schedules always, CUDA when present.
 
-#[path = "common/kernel.rs"]
-mod kernel_common;
+use crate::common::kernel as kernel_common;
 
 use kernel_common::{on_devices, Rng};
 use prm::eval::ops::{dot_logits, normalize_rows};

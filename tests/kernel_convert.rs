@@ -5,7 +5,7 @@
 //! directly and replayed from a graph. Fresh random inputs, poisoned outputs, odd sizes; the simulator
 //! always, CUDA when present.
 
-mod common;
+use crate::common;
 
 use common::devices;
 

@@ -4,8 +4,7 @@
 //! compared with themselves, an output offset. The simulator under both schedules always, CUDA
 //! when present.
 
-#[path = "common/kernel.rs"]
-mod kernel_common;
+use crate::common::kernel as kernel_common;
 
 use kernel_common::{on_devices, Rng};
 use prm::eval::ops::{drift_of, token_sums, TokenSums};

@@ -15,8 +15,7 @@ use prm::gpu::kernels::loss::{
 };
 use prm::gpu::{Device, GpuError};
 
-#[path = "common/kernel.rs"]
-mod kernel_common;
+use crate::common::kernel as kernel_common;
 use kernel_common::{max_abs, on_devices, Rng};
 
 fn rows_of(tokens: usize, sel: TokenSelection) -> std::ops::Range<usize> {

@@ -8,8 +8,7 @@ use prm::gpu::kernels::resize::{resize_backward_f32, resize_forward_f32, ResizeP
 use prm::gpu::{Device, GpuError};
 use prm::reference::resize::{bicubic_resize, bicubic_resize_backward};
 
-#[path = "common/kernel.rs"]
-mod kernel_common;
+use crate::common::kernel as kernel_common;
 use kernel_common::{assert_close, on_devices, Rng};
 
 type Sizes = ((usize, usize), (usize, usize));

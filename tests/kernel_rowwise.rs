@@ -17,7 +17,7 @@
 //! - full patch embedding (kernels + device GEMM) against `reference::embedding::{embed,
 //!   embed_backward}`: `1e-5 · max(|want|, rms(want row))` (the GEMMs sum in another order).
 
-mod common;
+use crate::common;
 
 use common::devices;
 

@@ -8,8 +8,7 @@ use prm::gpu::Device;
 use prm::io::quantize_for_saving;
 use prm::rng::ImageRng;
 
-#[path = "common/kernel.rs"]
-mod kernel_common;
+use crate::common::kernel as kernel_common;
 use kernel_common::{on_devices, Rng};
 
 /// Odd sides (none a multiple of a patch), one image past a block, one of many blocks.

@@ -16,8 +16,7 @@ use prm::gpu::kernels::update::{
 use prm::gpu::{Device, GpuError};
 use prm::rng::{ImageRng, STREAM_ESCAPE, STREAM_INIT, STREAM_SCALE};
 
-#[path = "common/kernel.rs"]
-mod kernel_common;
+use crate::common::kernel as kernel_common;
 use kernel_common::{on_devices, Rng};
 
 /// Three odd-sized planar images with their own radii and keys.

@@ -4,7 +4,7 @@
 //! evaluating on the host saves and measures: the same levels, L∞, loss and layer cosines, bit
 //! for bit. Runs in the simulator, and on a GPU when one is present.
 
-mod common;
+use crate::common;
 
 use common::{attack_images, devices, small_model, Draw};
 use prm::attack::*;

@@ -10,7 +10,7 @@
 //! - whole `prm attack` and `prm eval` runs (resize, embedding, updates, saving, the targets),
 //!   with `PRM_SIM_SCHEDULE` set for the child process.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

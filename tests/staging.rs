@@ -3,7 +3,7 @@
 //! byte-identical adversarial images to the plain uploads they replace. Runs in the simulator,
 //! and on a GPU when one is present.
 
-mod common;
+use crate::common;
 
 use common::{attack_images, devices, small_model, write_image, Draw};
 use prm::attack::image::Starts;

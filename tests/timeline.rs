@@ -3,7 +3,7 @@
 //! replays are one operation and captured work is not stamped; in the simulator and on a GPU
 //! when one is present.
 
-mod common;
+use crate::common;
 
 use common::devices;
 

@@ -5,11 +5,8 @@ use prm::gpu::Device;
 use prm::model::*;
 use prm::rng::ImageRng;
 
-#[path = "kernel.rs"]
-mod kernel_helpers;
-pub use kernel_helpers::sim_devices;
-#[allow(unused_imports)] // only the bit-for-bit attention tests pick schedules themselves
-pub use kernel_helpers::sim_schedule_runs;
+pub mod kernel;
+pub use kernel::{sim_devices, sim_schedule_runs};
 
 /// The simulator ([`sim_devices`]: both schedules unless told otherwise), and CUDA device 0
 /// when a driver and a device are present (the line printed otherwise is what
