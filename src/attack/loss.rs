@@ -5,6 +5,7 @@
 
 use super::settings::{LossKind, TokenSelection};
 use crate::model::Model;
+use crate::reference::linalg::dot_f64 as dot;
 use crate::reference::pooling::pooled_embeddings;
 
 /// Norms below this are treated as this, as `torch.nn.functional.normalize` does (eps 1e-12).
@@ -33,10 +34,6 @@ fn selected_rows(tokens: usize, sel: TokenSelection) -> std::ops::Range<usize> {
         TokenSelection::All => 0..tokens,
         TokenSelection::Patch => 1..tokens,
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
 /// Mean over the selected tokens of cos(a_t, c_t), and optionally its gradient w.r.t. `a`.

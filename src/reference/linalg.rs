@@ -221,6 +221,12 @@ fn product(
     });
 }
 
+/// `Σ a_i b_i`, each product and the sum in f64, in index order: the losses' and pooling
+/// heads' dot products, whose values the golden tests compare at 1e-10.
+pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
 /// Tiles of this many rows and columns keep both sides of a transpose in L1.
 const TRANSPOSE_TILE: usize = 32;
 

@@ -25,7 +25,7 @@
 
 use rayon::prelude::*;
 
-use super::linalg::{matmul_nn_serial, matmul_nt_serial, matmul_tn_serial, MatRef};
+use super::linalg::{dot_f64 as dot, matmul_nn_serial, matmul_nt_serial, matmul_tn_serial, MatRef};
 use super::ops::{activation, activation_backward, layer_norm, layer_norm_backward, softmax_rows};
 use crate::model::{AttentionPoolHead, ImageHead, Linear, Model};
 
@@ -138,11 +138,6 @@ fn rows(v: &[Vec<f32>]) -> Vec<&[f32]> {
 /// `r_i[from..from + len]` of each row.
 fn columns(v: &[Vec<f32>], from: usize, len: usize) -> Vec<&[f32]> {
     v.iter().map(|r| &r[from..from + len]).collect()
-}
-
-/// `Σ a_i b_i` in f64.
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
 /// The image embeddings of images whose last features are `last` (`[T_i, D]` each; for CLIP
