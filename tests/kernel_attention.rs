@@ -1078,10 +1078,11 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_on_bf16_values() {
 }
 
 /// As above on 1201 tokens (the paper preset's 640×480), a test of its own so that the test
-/// threads share the simulator's time evenly.
+/// threads share the simulator's time evenly. One head: the cases above check the offsets of
+/// the second head and of the twelfth.
 #[test]
 fn v3_bf16_dout_backward_is_the_fp32_dout_backward_at_1201_tokens() {
-    bf16_dout_backward_matches_fp32_dout(&[(vec![1201], 128, 2, false)]);
+    bf16_dout_backward_matches_fp32_dout(&[(vec![1201], 64, 1, false)]);
 }
 
 /// (lengths, width, heads, causal) cases of the test above.
@@ -1240,10 +1241,12 @@ fn v4_is_v3_bit_for_bit() {
 }
 
 /// The test above at ViT-B's width (12 heads), a test of its own so that the test threads
-/// share the simulator's time evenly.
+/// share the simulator's time evenly. Its sequences are short (the test above has 197 tokens):
+/// here the point is the twelve heads' offsets in a row of q|k|v, and 197 tokens in twelve
+/// heads took 32 s of CI's simulator time against 7 s for these.
 #[test]
 fn v4_is_v3_bit_for_bit_at_vit_b_width() {
-    v4_matches_v3(&[(vec![50, 197, 3], 768, AttentionMode::QK, false)]);
+    v4_matches_v3(&[(vec![50, 77, 3], 768, AttentionMode::QK, false)]);
 }
 
 /// The test above on 300 tokens and on 513, one past v4's limit (v3's kernels run).
@@ -1506,9 +1509,10 @@ fn v4_on_gpus_with_less_shared_memory_falls_back_to_v3s_bits() {
 /// the 64- and 128-row tiles (1, 63, 65, 127, 128, 129, 300), causal masks (a 128-row tile
 /// holds keys past its first half's rows, and a 128-key tile queries before its second half's
 /// keys), the q·qᵀ and k·kᵀ forwards, and in the next two tests on 1,201 tokens (the paper
-/// preset's 640×480) and ViT-B's width, under both simulator schedules. The reference is v3 with straight tiles off and delta
-/// formed in dQ; the paired kernels run with straight tiles on and off, with delta in dQ and
-/// by the delta kernel, and through the fp32-dO backward (its own delta kernel).
+/// preset's 640×480) and ViT-B's width, under both simulator schedules (1,201 tokens under the
+/// forward one only). The reference is v3 with straight tiles off and delta formed in dQ; the
+/// paired kernels run with straight tiles on and off, with delta in dQ and by the delta
+/// kernel, and through the fp32-dO backward (its own delta kernel).
 #[test]
 fn v3_pairs_is_v3_bit_for_bit() {
     v3_pairs_match_v3(&[
@@ -1536,10 +1540,12 @@ fn v3_pairs_is_v3_bit_for_bit_at_1201_tokens() {
     v3_pairs_match_v3(&[(vec![1201], 64, AttentionMode::QK, false)]);
 }
 
-/// The test above at ViT-B's width (12 heads).
+/// The test above at ViT-B's width (12 heads), on 130 tokens (two 128-row tiles, the second
+/// of two rows) and 50: the point is the heads' offsets, and the test above has every length
+/// around the tiles.
 #[test]
 fn v3_pairs_is_v3_bit_for_bit_at_vit_b_width() {
-    v3_pairs_match_v3(&[(vec![197, 50], 768, AttentionMode::QK, false)]);
+    v3_pairs_match_v3(&[(vec![130, 50], 768, AttentionMode::QK, false)]);
 }
 
 fn v3_pairs_match_v3(cases: &[TcCase]) {
@@ -1657,7 +1663,11 @@ fn v3_pairs_match_v3(cases: &[TcCase]) {
                 (false, false, false, Schedule::Reverse),
                 (true, true, true, Schedule::Forward),
             ] {
-                if dev.is_sim() && !sim_schedule_runs(schedule) {
+                // As in `devices_for`: races show at the shorter cases, under both schedules.
+                let long = n >= 1000;
+                if dev.is_sim()
+                    && (!sim_schedule_runs(schedule) || (long && schedule == Schedule::Reverse))
+                {
                     continue;
                 }
                 let got = run(options(true, straight, delta_in_dq), f32_dout, schedule);
