@@ -82,9 +82,9 @@ if command -v strip >/dev/null; then
   strip "$OUT"/tests/* "$OUT/prm"
 fi
 echo "== archive"
-# One window over the binaries: each embeds every kernel image (about 50 MB since the attention
-# kernels of every head dim), and xz -9's 64 MiB window would not reach the copy in the binary
-# before. 256 MiB needs about 2.6 GiB here and 256 MiB to unpack.
+# One window over the binaries: both embed every kernel image, and a window wider than the
+# bundle (about 50 MB unpacked) lets xz store the second copy as a reference to the first.
+# 256 MiB needs about 2.6 GiB here and 256 MiB to unpack.
 (cd "$ROOT/target" && tar -cf - gpu-bundle | xz -T1 --lzma2=preset=9,dict=256MiB >"$OUT.tar.xz.tmp" && mv "$OUT.tar.xz.tmp" "$OUT.tar.xz")
 echo "== bundle: $OUT ($(du -sh "$OUT" | cut -f1)), $OUT.tar.xz ($(du -h "$OUT.tar.xz" | cut -f1))"
 cat <<EOF

@@ -1243,7 +1243,7 @@ fn v4_is_v3_bit_for_bit() {
 /// The test above at ViT-B's width (12 heads), a test of its own so that the test threads
 /// share the simulator's time evenly. Its sequences are short (the test above has 197 tokens):
 /// here the point is the twelve heads' offsets in a row of q|k|v, and 197 tokens in twelve
-/// heads took 32 s of CI's simulator time against 7 s for these.
+/// heads took 32 s of the dev VM's simulator time against about 10 s for these.
 #[test]
 fn v4_is_v3_bit_for_bit_at_vit_b_width() {
     v4_matches_v3(&[(vec![50, 77, 3], 768, AttentionMode::QK, false)]);
