@@ -399,22 +399,26 @@ impl Kernels {
     }
 }
 
-/// Checks one configuration on every device. `against_reference` uses the crate's reference
-/// twin for out / d_qkv (mode QK, not causal); the float64 twin always checks lse (and out /
-/// d_qkv otherwise).
-/// The devices a case runs on: all of [`devices`], but a case of 1000 tokens or more runs on the
-/// simulator's forward schedule only. Races show under the reverse schedule at every kernel's
-/// shorter cases (197 tokens, mixed lengths, run under both) and in tests/schedules.rs; the long
-/// cases check the numbers at the paper's 1201 tokens, and took about 35 s of CI's 20 minutes a
-/// second time.
+/// Whether a case of these sequence lengths runs under `schedule` (`None`: a GPU, always): a
+/// case of 1000 tokens or more runs on the simulator's forward schedule only. Races show under
+/// the reverse schedule at every kernel's shorter cases (197 tokens, mixed lengths, run under
+/// both) and in tests/schedules.rs; the long cases check the numbers at the paper's 1201
+/// tokens, and took about 35 s of CI's 20 minutes a second time.
+fn runs_under(lens: &[usize], schedule: Option<Schedule>) -> bool {
+    lens.iter().sum::<usize>() < 1000 || schedule != Some(Schedule::Reverse)
+}
+
+/// The devices a case runs on: those of [`devices`] that [`runs_under`] allows.
 fn devices_for(lens: &[usize]) -> Vec<Device> {
-    let long = lens.iter().sum::<usize>() >= 1000;
     devices()
         .into_iter()
-        .filter(|d| !long || d.sim_schedule() != Some(Schedule::Reverse))
+        .filter(|d| runs_under(lens, d.sim_schedule()))
         .collect()
 }
 
+/// Checks one configuration on every device. `against_reference` uses the crate's reference
+/// twin for out / d_qkv (mode QK, not causal); the float64 twin always checks lse (and out /
+/// d_qkv otherwise).
 fn check(lens: &[usize], width: usize, mode: AttentionMode, causal: bool, seed: u64) {
     check_kernels(lens, width, mode, causal, seed, Kernels::Simt);
 }
@@ -1087,10 +1091,12 @@ fn v3_bf16_dout_backward_is_the_fp32_dout_backward_at_1201_tokens() {
 
 /// (lengths, width, heads, causal) cases of the test above.
 fn bf16_dout_backward_matches_fp32_dout(cases: &[(Vec<usize>, usize, usize, bool)]) {
-    let all: Vec<usize> = cases.iter().flat_map(|c| c.0.iter().copied()).collect();
-    for dev in devices_for(&all) {
+    for dev in devices() {
         for (lens, width, heads, causal) in cases {
             let (lens, width, heads, causal) = (lens.as_slice(), *width, *heads, *causal);
+            if !runs_under(lens, dev.sim_schedule()) {
+                continue;
+            }
             let n: usize = lens.iter().sum();
             let (qkv, d_out) = inputs(lens, width, 77 + n as u64);
             let d_out_bf16 = to_bf16(&d_out);
@@ -1663,10 +1669,8 @@ fn v3_pairs_match_v3(cases: &[TcCase]) {
                 (false, false, false, Schedule::Reverse),
                 (true, true, true, Schedule::Forward),
             ] {
-                // As in `devices_for`: races show at the shorter cases, under both schedules.
-                let long = n >= 1000;
                 if dev.is_sim()
-                    && (!sim_schedule_runs(schedule) || (long && schedule == Schedule::Reverse))
+                    && (!sim_schedule_runs(schedule) || !runs_under(lens, Some(schedule)))
                 {
                     continue;
                 }
