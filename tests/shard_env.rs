@@ -29,7 +29,8 @@ fn from(
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let flag = flag.map(|f| Shard::parse(f).unwrap());
-    shard_from_env(flag, shards, &|k| env.get(k).cloned())
+    // The messages are what a user reads, so the tests check their text.
+    shard_from_env(flag, shards, &|k| env.get(k).cloned()).map_err(|e| e.to_string())
 }
 
 fn sh(index: u64, count: u64) -> Shard {
