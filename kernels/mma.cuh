@@ -7,9 +7,10 @@
 //   B (16×8, B[k][n])     b0 = B[t..t+1][g]   b1 = B[t+8..t+9][g]
 //   C (16×8, fp32)        c0,c1 = C[g][t..t+1]   c2,c3 = C[g+8][t..t+1]
 // Under nvcc the product is one `mma.sync` instruction (sm_80+). Under the simulator the warp
-// gathers every lane's fragments, each lane forms its own four accumulators from the whole
-// 16×16 and 16×8 operands (bf16 products are exact in fp32; the 16 products are summed in k
-// order and then added), and the call is a warp-wide meeting point, as on the GPU.
+// gathers every lane's fragments, each lane forms its own four accumulators from the rows and
+// columns of the 16×16 and 16×8 operands they read (bf16 products are exact in fp32; the 16
+// products are summed in k order and then added), and the call is a warp-wide meeting point,
+// as on the GPU.
 #pragma once
 #include "common.cuh"
 
@@ -36,20 +37,33 @@ __device__ __forceinline__ void prm_mma_bf16_16816(float c[4], const uint32_t a[
     unsigned eff = 0;
     const unsigned char* all = prm_sim::warp_gather_view(0xffffffffu, mine, sizeof(mine), &eff);
     if (eff != 0xffffffffu) prm_sim::kernel_error("mma.sync needs a full warp (every lane active)");
-    // Register i of lane l, as that lane published it.
-    auto reg = [&](int l, int i) {
-        uint32_t r;
-        std::memcpy(&r, all + l * prm_sim::kGatherStride + 4 * i, 4);
-        return r;
-    };
-    auto half = [](uint32_t r, int k) { return prm_sim::bf16_bits_to_f32((uint16_t)(r >> (16 * (k & 1)))); };
-    auto a_at = [&](int r, int k) { return half(reg((r & 7) * 4 + ((k & 7) >> 1), (r >> 3) + 2 * (k >> 3)), k); };
-    auto b_at = [&](int k, int n) { return half(reg(n * 4 + ((k & 7) >> 1), 4 + (k >> 3)), k); };
+    // This lane's accumulators read rows g and g+8 of A and columns t and t+1 of B, all 16 k of
+    // each: decoded once into floats (64 conversions, where an element-wise lookup per product
+    // would make 128), then the same sums in the same order as the PTX-level definition above.
+    // Lane 4g+q holds A[g][2q..2q+1] (a0), A[g+8][2q..] (a1), A[g][2q+8..] (a2), A[g+8][2q+8..]
+    // (a3); lane 4n+q holds B[2q..2q+1][n] (b0) and B[2q+8..2q+9][n] (b1).
     const int lane = (int)prm_sim::tl_lane, g = lane >> 2, t = (lane & 3) * 2;
+    auto lo = [](uint32_t r) { return prm_sim::bf16_bits_to_f32((uint16_t)r); };
+    auto hi = [](uint32_t r) { return prm_sim::bf16_bits_to_f32((uint16_t)(r >> 16)); };
+    float a_rows[2][16], b_cols[2][16];
+    for (int q = 0; q < 4; ++q) {
+        uint32_t ra[4], rb0[2], rb1[2];
+        std::memcpy(ra, all + (4 * g + q) * prm_sim::kGatherStride, sizeof(ra));
+        std::memcpy(rb0, all + (4 * t + q) * prm_sim::kGatherStride + 16, sizeof(rb0));
+        std::memcpy(rb1, all + (4 * (t + 1) + q) * prm_sim::kGatherStride + 16, sizeof(rb1));
+        for (int h = 0; h < 2; ++h) {  // h = 0: k in 2q..2q+1, h = 1: k in 2q+8..2q+9
+            const int k = 2 * q + 8 * h;
+            a_rows[0][k] = lo(ra[2 * h]), a_rows[0][k + 1] = hi(ra[2 * h]);
+            a_rows[1][k] = lo(ra[2 * h + 1]), a_rows[1][k + 1] = hi(ra[2 * h + 1]);
+            b_cols[0][k] = lo(rb0[h]), b_cols[0][k + 1] = hi(rb0[h]);
+            b_cols[1][k] = lo(rb1[h]), b_cols[1][k + 1] = hi(rb1[h]);
+        }
+    }
     for (int i = 0; i < 4; ++i) {
-        const int r = g + 8 * (i >> 1), n = t + (i & 1);
+        const float* a_row = a_rows[i >> 1];
+        const float* b_col = b_cols[i & 1];
         float sum = 0.0f;
-        for (int k = 0; k < 16; ++k) sum += a_at(r, k) * b_at(k, n);
+        for (int k = 0; k < 16; ++k) sum += a_row[k] * b_col[k];
         c[i] += sum;
     }
 #endif

@@ -371,3 +371,18 @@ extern "C" __global__ void prm_selftest_shared_overrun(float* __restrict__ out, 
     out[t] = t == 0 ? 0.0f : (mode == 1 ? dyn[t] : tile[t]);
 }
 PRM_REGISTER_KERNEL(prm_selftest_shared_overrun);
+
+// The floating-point modes: out[g] = 1 + tiny (with tiny = 2^-24, 1 under round-to-nearest and
+// the next float up under round-upward). Under the simulator thread 0 of block `change_block`
+// switches the rounding mode to upward, which the simulator must refuse (the fibers share the
+// launching thread's modes); on a GPU there is no such switch and nothing changes.
+#ifndef __CUDACC__
+#include <cfenv>
+#endif
+extern "C" __global__ void prm_selftest_fp_modes(float* __restrict__ out, float tiny, int change_block) {
+#ifndef __CUDACC__
+    if ((int)blockIdx.x == change_block && threadIdx.x == 0) std::fesetround(FE_UPWARD);
+#endif
+    out[blockIdx.x * blockDim.x + threadIdx.x] = 1.0f + tiny;
+}
+PRM_REGISTER_KERNEL(prm_selftest_fp_modes);

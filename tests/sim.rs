@@ -1135,3 +1135,33 @@ fn writing_past_a_shared_array_fails_the_launch() {
         }
     }
 }
+
+/// The fibers of a launch share the launching thread's floating-point modes (the switch between
+/// them does not save them), so a kernel that changes the rounding mode fails its launch, naming
+/// the block, and the launching thread gets its round-to-nearest back.
+#[test]
+fn a_kernel_that_changes_the_rounding_mode_fails_its_launch() {
+    let _guard = TIMEOUT.read().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::sim();
+    let tiny = f32::EPSILON / 2.0; // 2^-24: 1 + tiny is 1 to nearest, the next float upward
+    let run = |change_block: i32| {
+        let mut out = dev.alloc::<f32>(64).unwrap();
+        let mut args = KernelArgs::new();
+        args.output(&mut out).f32(tiny).i32(change_block);
+        let launched = dev.launch(
+            "prm_selftest_fp_modes",
+            LaunchConfig::linear(2, 32, 0),
+            &mut args,
+        );
+        (launched, out)
+    };
+    let msg = sim_message(run(1).0);
+    assert!(msg.contains("changed the floating-point modes"), "{msg}");
+    assert!(msg.contains("block (1,0,0)"), "{msg}");
+    let one = std::hint::black_box(1.0f32) + std::hint::black_box(tiny);
+    assert_eq!(one, 1.0, "the launching thread rounds to nearest again");
+
+    let (ok, out) = run(-1);
+    ok.unwrap();
+    assert!(dev.download(&out).unwrap().iter().all(|&v| v == 1.0));
+}

@@ -73,10 +73,15 @@ extern const size_t prm_sim_kernel_count;
 
 // ----------------------------------------------------------------------------- contexts
 // x86-64: a context is a stack pointer. prm_sim_switch(save, load) pushes the callee-saved
-// registers and the SSE/x87 control words on the current stack, stores the stack pointer in
-// *save, loads `load` and pops the same from there. A new fiber's stack is laid out as if it had
-// called prm_sim_switch from prm_sim_fiber_start, which calls fiber_main(fiber) (r13, r12).
-// Elsewhere (or with -DPRM_SIM_UCONTEXT) the same is done with ucontext's swapcontext.
+// registers on the current stack, stores the stack pointer in *save, loads `load` and pops the
+// same from there. A new fiber's stack is laid out as if it had called prm_sim_switch from
+// prm_sim_fiber_start, which calls fiber_main(fiber) (r13, r12). Elsewhere (or with
+// -DPRM_SIM_UCONTEXT) the same is done with ucontext's swapcontext.
+//
+// The SSE and x87 control words (rounding, exception masks) are not switched: every fiber and
+// the scheduler run on one OS thread in the mode the launch began in, and a launch whose kernel
+// changed it fails (check_fp_control). Saving and loading them at every switch (stmxcsr/fnstcw,
+// ldmxcsr/fldcw) took about 80% of the switch and 11% of a simulated attention test.
 #ifndef PRM_SIM_USE_UCONTEXT
 extern "C" void prm_sim_switch(void** save, void* load);
 extern "C" void prm_sim_fiber_start();
@@ -93,14 +98,8 @@ prm_sim_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -245,7 +244,7 @@ struct Sim {
     ucontext_t sched_uc;
 #else
     void* sched_sp = nullptr;
-    uint64_t control_words = 0;  // the launching thread's MXCSR and x87 control word
+    uint64_t control_words = 0;  // MXCSR and the x87 control word when the launch began
 #endif
     uint64_t slice_start = 0;  // slice_clock() when the running fiber was resumed
     uint32_t slice_timeout_ms = kDefaultTimeoutMs;
@@ -626,7 +625,7 @@ void reset_fiber(Fiber& f, unsigned t) {
     f.uc.uc_link = nullptr;
     makecontext(&f.uc, fiber_entry_uc, 0);
 #else
-    // The frame prm_sim_switch pops: control words, r15, r14, r13, r12, rbx, rbp, return
+    // The frame prm_sim_switch pops: r15, r14, r13, r12, rbx, rbp, return
     // address; after the `ret` the stack pointer is 16-byte aligned, as a `call` needs.
     uint64_t* sp = reinterpret_cast<uint64_t*>(f.stack + kStackBytes - 16);
     *--sp = reinterpret_cast<uint64_t>(&prm_sim_fiber_start);
@@ -636,7 +635,6 @@ void reset_fiber(Fiber& f, unsigned t) {
     *--sp = reinterpret_cast<uint64_t>(&fiber_main);  // r13: called by prm_sim_fiber_start
     *--sp = 0;                                         // r14
     *--sp = 0;                                         // r15
-    *--sp = s.control_words;
     f.sp = sp;
 #endif
 }
@@ -725,6 +723,45 @@ bool red_zones_intact() {
         }
     }
     return true;
+}
+
+// MXCSR (low 32 bits) and the x87 control word (bits 32..47): the floating-point rounding and
+// exception modes. 0 where the fibers are ucontexts, which switch them themselves.
+uint64_t fp_control_words() {
+#ifndef PRM_SIM_USE_UCONTEXT
+    uint32_t mxcsr = 0;
+    uint16_t fcw = 0;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fcw));
+    return static_cast<uint64_t>(mxcsr) | (static_cast<uint64_t>(fcw) << 32);
+#else
+    return 0;
+#endif
+}
+
+// After a block: the floating-point modes are those the launch began in. The fibers share them
+// (prm_sim_switch does not switch them), so a kernel that changed them would run every later
+// thread in the new mode; the launch fails instead, and the launching thread gets its modes
+// back. The sticky exception flags (MXCSR bits 0..5) are results, not modes, and are ignored.
+bool fp_control_intact() {
+#ifndef PRM_SIM_USE_UCONTEXT
+    Sim& s = S();
+    constexpr uint64_t kSticky = 0x3F;
+    const uint64_t now = fp_control_words();
+    if ((now & ~kSticky) == (s.control_words & ~kSticky)) return true;
+    const uint32_t mxcsr = static_cast<uint32_t>(s.control_words);
+    const uint16_t fcw = static_cast<uint16_t>(s.control_words >> 32);
+    asm volatile("ldmxcsr %0" : : "m"(mxcsr));
+    asm volatile("fldcw %0" : : "m"(fcw));
+    fail(fmt("kernel %s, block (%u,%u,%u): changed the floating-point modes (MXCSR 0x%08x, x87 control word "
+             "0x%04x, where the launch began with 0x%08x and 0x%04x); a kernel must not change rounding or "
+             "exception modes",
+             s.name, s.cur_block_idx.x, s.cur_block_idx.y, s.cur_block_idx.z, static_cast<uint32_t>(now),
+             static_cast<uint32_t>(static_cast<uint16_t>(now >> 32)), mxcsr, static_cast<uint32_t>(fcw)));
+    return false;
+#else
+    return true;
+#endif
 }
 
 void load_kernels() {
@@ -950,15 +987,7 @@ extern "C" int prm_sim_launch(const char* name, uint32_t gx, uint32_t gy, uint32
     s.err.clear();
     s.slice_timeout_ms = timeout_ms();
     s.slice_timeout_ticks = slice_timeout_ticks(s.slice_timeout_ms);
-#ifndef PRM_SIM_USE_UCONTEXT
-    {
-        uint32_t mxcsr = 0;
-        uint16_t fcw = 0;
-        asm volatile("stmxcsr %0" : "=m"(mxcsr));
-        asm volatile("fnstcw %0" : "=m"(fcw));
-        s.control_words = static_cast<uint64_t>(mxcsr) | (static_cast<uint64_t>(fcw) << 32);
-    }
-#endif
+    s.control_words = fp_control_words();
     // The launching thread's coordinates are restored afterwards (the kernels see the
     // simulated ones through these thread_locals while their fibers run on this thread).
     const uint3 saved_tid = threadIdx, saved_bid = blockIdx;
@@ -970,8 +999,11 @@ extern "C" int prm_sim_launch(const char* name, uint32_t gx, uint32_t gy, uint32
     tl_launching = true;
     for (uint64_t i = 0; i < s.nblocks; ++i) {
         setup_block(s.schedule == kReverse ? s.nblocks - 1 - i : i, i > 0);
-        if (!run_block() || !red_zones_intact()) break;
+        if (!run_block() || !red_zones_intact() || !fp_control_intact()) break;
     }
+    // A launch that failed otherwise may have changed the modes too: the launching thread gets
+    // its own back (the first failure keeps the message).
+    if (s.aborted) (void)fp_control_intact();
     tl_launching = false;
     threadIdx = saved_tid;
     blockIdx = saved_bid;
