@@ -80,8 +80,9 @@ extern const size_t prm_sim_kernel_count;
 //
 // The SSE and x87 control words (rounding, exception masks) are not switched: every fiber and
 // the scheduler run on one OS thread in the mode the launch began in, and a launch whose kernel
-// changed it fails (check_fp_control). Saving and loading them at every switch (stmxcsr/fnstcw,
-// ldmxcsr/fldcw) took about 80% of the switch and 11% of a simulated attention test.
+// changed it fails (fp_control_intact). Saving and loading them at every switch (stmxcsr/fnstcw,
+// ldmxcsr/fldcw) took about 80% of the switch's samples, and 8% of a simulated attention test's
+// wall time.
 #ifndef PRM_SIM_USE_UCONTEXT
 extern "C" void prm_sim_switch(void** save, void* load);
 extern "C" void prm_sim_fiber_start();
@@ -244,8 +245,8 @@ struct Sim {
     ucontext_t sched_uc;
 #else
     void* sched_sp = nullptr;
-    uint64_t control_words = 0;  // MXCSR and the x87 control word when the launch began
 #endif
+    uint64_t control_words = 0;  // MXCSR and the x87 control word when the launch began
     uint64_t slice_start = 0;  // slice_clock() when the running fiber was resumed
     uint32_t slice_timeout_ms = kDefaultTimeoutMs;
     uint64_t slice_timeout_ticks = 0;
