@@ -18,8 +18,9 @@ pub(super) struct Start<'a> {
     pub shard: Option<(Shard, ShardSource)>,
     /// Images this run attacks (after `--exclude` and the shard).
     pub images: usize,
-    /// Non-image files skipped, and images left out by `--exclude`.
+    /// Non-image files skipped.
     pub ignored: usize,
+    /// Images left out by `--exclude`.
     pub excluded: usize,
     /// Tar shards read (0 for a directory or a list file).
     pub tar_shards: usize,

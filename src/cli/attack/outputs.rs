@@ -1,5 +1,7 @@
 //! What `prm attack` writes once its images are done: the device timeline, the loss plot and
-//! the profile. Each was asked for by a flag, so each is reported even with `--quiet`.
+//! the profile. The timeline's table, its trace's path and the profile's table were asked for by
+//! a flag, so they are printed even with `--quiet`; the plot's and the profile file's paths are
+//! not.
 
 use std::path::Path;
 use std::sync::Mutex;
