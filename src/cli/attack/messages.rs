@@ -7,7 +7,7 @@ use prm::attack::AttackSettings;
 use prm::gpu::engine::Precision;
 use prm::gpu::Device;
 use prm::io::shard::{Shard, ShardSource};
-use prm::io::OutputLayout;
+use prm::io::{InputList, OutputLayout};
 use prm::model::{Model, ModelSource};
 use signal_hook::consts::SIGTERM;
 
@@ -18,12 +18,9 @@ pub(super) struct Start<'a> {
     pub shard: Option<(Shard, ShardSource)>,
     /// Images this run attacks (after `--exclude` and the shard).
     pub images: usize,
-    /// Non-image files skipped.
-    pub ignored: usize,
-    /// Images left out by `--exclude`.
-    pub excluded: usize,
-    /// Tar shards read (0 for a directory or a list file).
-    pub tar_shards: usize,
+    /// The listing's counts of skipped files and excluded images, and its tar shards (its
+    /// items are the campaign's by now).
+    pub inputs: &'a InputList,
     pub layout: OutputLayout,
     pub devices: &'a [Device],
     pub precision: Precision,
@@ -69,23 +66,23 @@ pub(super) fn print_start(
             }
         }
     );
-    if start.ignored > 0 {
+    if start.inputs.ignored > 0 {
         eprintln!(
             "note: ignored {} non-image file(s) in {}",
-            start.ignored,
+            start.inputs.ignored,
             args.input.display()
         );
     }
-    if start.excluded > 0 {
+    if start.inputs.excluded > 0 {
         eprintln!(
             "note: excluded {} image(s) by --exclude (inside excluded directories too)",
-            start.excluded
+            start.inputs.excluded
         );
     }
-    if start.tar_shards > 0 {
+    if !start.inputs.shards.is_empty() {
         eprintln!(
             "reading {} tar shard(s); output layout: {}",
-            start.tar_shards,
+            start.inputs.shards.len(),
             match start.layout {
                 OutputLayout::Tar => "tar (one output tar per input shard)",
                 OutputLayout::Tree => "tree",

@@ -209,7 +209,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
 
     // Everything that can be wrong with the run is checked before the first image is touched.
     let shard = shard_from_env(args.shard, args.shards, &|k| std::env::var(k).ok())?;
-    let inputs = list_inputs_with(
+    let mut inputs = list_inputs_with(
         &args.input,
         &ListOptions {
             exclude_dirs: vec![args.output.clone()],
@@ -226,7 +226,9 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         ),
         _ => OutputLayout::Tree,
     };
-    let mut items = inputs.items;
+    // The items go on to the campaign; the rest of the listing (counts, shards, warnings) is
+    // reported below.
+    let mut items = std::mem::take(&mut inputs.items);
     if let Some((shard, _)) = shard {
         // Tar inputs are sharded by tar file, so each output tar has one writer.
         items.retain(|item| shard.contains(item.shard_key()));
@@ -260,9 +262,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
         let start = messages::Start {
             shard,
             images: items.len(),
-            ignored: inputs.ignored,
-            excluded: inputs.excluded,
-            tar_shards: inputs.shards.len(),
+            inputs: &inputs,
             layout,
             devices: &devices,
             precision,
