@@ -12,6 +12,8 @@ use std::time::SystemTime;
 
 use serde_json::Value;
 
+use crate::common::png::raw_png;
+
 fn prm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_prm"))
         .args(args)
@@ -109,72 +111,6 @@ fn png_bytes(w: u32, h: u32, seed: u32) -> Vec<u8> {
         .write_to(&mut out, image::ImageFormat::Png)
         .unwrap();
     out.into_inner()
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    let mut body = kind.to_vec();
-    body.extend_from_slice(data);
-    out.extend_from_slice(&body);
-    out.extend_from_slice(&crc32(&body).to_be_bytes());
-}
-
-/// A PNG with stored (uncompressed) zlib blocks, for forms the `image` crate does not write
-/// (palette). `rows` are raw scanlines without the filter byte.
-fn raw_png(
-    w: u32,
-    h: u32,
-    depth: u8,
-    color: u8,
-    extra: &[(&[u8; 4], Vec<u8>)],
-    rows: &[Vec<u8>],
-) -> Vec<u8> {
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&w.to_be_bytes());
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[depth, color, 0, 0, 0]);
-    png_chunk(&mut out, b"IHDR", &ihdr);
-    for (kind, data) in extra {
-        png_chunk(&mut out, kind, data);
-    }
-    let mut raw = Vec::new();
-    for r in rows {
-        raw.push(0);
-        raw.extend_from_slice(r);
-    }
-    let mut z = vec![0x78, 0x01];
-    for (i, block) in raw.chunks(65535).enumerate() {
-        let last = (i + 1) * 65535 >= raw.len();
-        z.push(last as u8);
-        z.extend_from_slice(&(block.len() as u16).to_le_bytes());
-        z.extend_from_slice(&(!(block.len() as u16)).to_le_bytes());
-        z.extend_from_slice(block);
-    }
-    let (mut a, mut b) = (1u32, 0u32);
-    for &x in &raw {
-        a = (a + x as u32) % 65521;
-        b = (b + a) % 65521;
-    }
-    z.extend_from_slice(&((b << 16) | a).to_be_bytes());
-    png_chunk(&mut out, b"IDAT", &z);
-    png_chunk(&mut out, b"IEND", &[]);
-    out
 }
 
 /// A TIFF block holding one IFD entry: Orientation = `o`.

@@ -21,6 +21,7 @@ use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::inputs::IMAGE_EXTENSIONS;
+use super::output::write_atomic;
 use super::IoError;
 
 /// At most this many names come out of one brace pattern (a typo such as `{0..99999999}` is an
@@ -384,38 +385,17 @@ pub enum MemberData {
 }
 
 /// Writes a tar (ustar/GNU headers, mode 0644, mtime 0, so identical runs give identical files)
-/// to a temporary file beside `path`, syncs it and renames it over `path`.
+/// through [`write_atomic`]: a temporary file beside `path`, synced and renamed over it.
 pub fn write_tar_atomic(
     path: &Path,
     members: impl IntoIterator<Item = (String, MemberData)>,
 ) -> Result<(), IoError> {
-    let werr = |source: std::io::Error| IoError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(|source| IoError::Write {
-        path: dir.clone(),
-        source,
-    })?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let prefix = format!(".{name}.");
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(&prefix).suffix(".tmp");
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o666));
-    }
-    let mut tmp = builder.tempfile_in(&dir).map_err(werr)?;
-    {
-        let mut tar = tar::Builder::new(std::io::BufWriter::new(tmp.as_file_mut()));
+    write_atomic(path, |file| {
+        let werr = |source: std::io::Error| IoError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
         tar.mode(tar::HeaderMode::Deterministic);
         for (member, data) in members {
             let mut header = tar::Header::new_gnu();
@@ -441,12 +421,9 @@ pub fn write_tar_atomic(
                 }
             }
         }
-        let mut inner = tar.into_inner().map_err(werr)?;
-        inner.flush().map_err(werr)?;
-    }
-    tmp.as_file().sync_all().map_err(werr)?;
-    tmp.persist(path).map_err(|e| werr(e.error))?;
-    Ok(())
+        // The end-of-archive blocks, then what the buffer holds; write_atomic syncs the file.
+        tar.into_inner().map_err(werr)?.flush().map_err(werr)
+    })
 }
 
 /// Where an input's output was found by [`OutputLookup::find`].

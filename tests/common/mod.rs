@@ -6,6 +6,7 @@ use prm::model::*;
 use prm::rng::ImageRng;
 
 pub mod kernel;
+pub mod png;
 pub use kernel::{sim_devices, sim_schedule_runs};
 
 /// The simulator ([`sim_devices`]: both schedules unless told otherwise), and CUDA device 0
