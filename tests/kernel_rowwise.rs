@@ -20,6 +20,7 @@
 use crate::common;
 
 use common::devices;
+use common::kernel::Rng;
 
 use half::bf16;
 use prm::gpu::gemm::{matmul_f32, MatmulShape};
@@ -28,26 +29,6 @@ use prm::gpu::kernels::{activation, embed, layernorm};
 use prm::gpu::{Buffer, Device};
 use prm::model::{Activation, LayerNormWeights, Linear, Pooling, VisionConfig};
 use prm::reference::{embedding, ops};
-
-/// xorshift64* test data.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    /// Uniform in [lo, hi).
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        lo + (hi - lo) * ((v >> 40) as f32 / (1u64 << 24) as f32)
-    }
-    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform(lo, hi)).collect()
-    }
-}
 
 fn poisoned(dev: &Device, len: usize) -> Buffer<f32> {
     let mut b = dev.alloc::<f32>(len).unwrap();

@@ -1,29 +1,11 @@
 //! Tests of the reference bicubic resize (PyTorch `F.interpolate(mode="bicubic",
 //! align_corners=False)` semantics), its transpose, and position-embedding interpolation.
 
+use crate::common::kernel::Rng;
 use prm::reference::resize::{
     bicubic_resize, bicubic_resize_backward, interpolate_position_embedding, scaled_size,
     PositionEmbeddingCache,
 };
-
-/// Tiny xorshift64* generator for test data in [-1, 1).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next_f32(&mut self) -> f32 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        ((v >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.next_f32()).collect()
-    }
-}
 
 /// Independent f64 implementation written from the formula (Keys cubic kernel, A = -0.75):
 /// src = (dst + 0.5) * in / out - 0.5, i0 = floor(src), t = src - i0, taps i0-1..=i0+2 clamped.
@@ -101,8 +83,8 @@ fn adjoint_identity() {
     let mut rng = Rng::new(1);
     for &((ih, iw), (oh, ow)) in SIZE_PAIRS {
         for &c in &[1usize, 3] {
-            let x = rng.vec(c * ih * iw);
-            let g = rng.vec(c * oh * ow);
+            let x = rng.vec(c * ih * iw, -1.0, 1.0);
+            let g = rng.vec(c * oh * ow, -1.0, 1.0);
             let y = bicubic_resize(&x, c, ih, iw, oh, ow);
             let gx = bicubic_resize_backward(&g, c, ih, iw, oh, ow);
             assert_eq!(y.len(), c * oh * ow);
@@ -122,8 +104,8 @@ fn adjoint_identity() {
 fn adjoint_identity_large() {
     let mut rng = Rng::new(2);
     let (c, ih, iw, oh, ow) = (3, 480, 640, 359, 479);
-    let x = rng.vec(c * ih * iw);
-    let g = rng.vec(c * oh * ow);
+    let x = rng.vec(c * ih * iw, -1.0, 1.0);
+    let g = rng.vec(c * oh * ow, -1.0, 1.0);
     let lhs = dot(&bicubic_resize(&x, c, ih, iw, oh, ow), &g);
     let gx = bicubic_resize_backward(&g, c, ih, iw, oh, ow);
     let rhs = dot(&x, &gx);
@@ -134,8 +116,8 @@ fn adjoint_identity_large() {
         "lhs={lhs} rhs={rhs} rel={rel}"
     );
     // And back up: the transpose of an upscale.
-    let g2 = rng.vec(c * ih * iw);
-    let x2 = rng.vec(c * oh * ow);
+    let g2 = rng.vec(c * ih * iw, -1.0, 1.0);
+    let x2 = rng.vec(c * oh * ow, -1.0, 1.0);
     let lhs = dot(&bicubic_resize(&x2, c, oh, ow, ih, iw), &g2);
     let rhs = dot(&x2, &bicubic_resize_backward(&g2, c, oh, ow, ih, iw));
     assert!(
@@ -179,7 +161,7 @@ fn backward_is_dense_transpose() {
 #[test]
 fn identity_is_exact() {
     let mut rng = Rng::new(3);
-    let mut x = rng.vec(3 * 11 * 7);
+    let mut x = rng.vec(3 * 11 * 7, -1.0, 1.0);
     x[5] = -0.0;
     x[6] = f32::MIN_POSITIVE / 4.0; // subnormal
     x[7] = 1e30;
@@ -197,7 +179,7 @@ fn identity_in_one_dimension_copies_that_axis() {
     // Resizing only the width: each row must equal the 1-D resize of that row.
     let mut rng = Rng::new(4);
     let (h, iw, ow) = (5, 9, 13);
-    let x = rng.vec(h * iw);
+    let x = rng.vec(h * iw, -1.0, 1.0);
     let y = bicubic_resize(&x, 1, h, iw, h, ow);
     for r in 0..h {
         let row = bicubic_resize(&x[r * iw..(r + 1) * iw], 1, 1, iw, 1, ow);
@@ -217,7 +199,7 @@ fn matches_independent_f64_formula() {
     let mut rng = Rng::new(5);
     for &((ih, iw), (oh, ow)) in SIZE_PAIRS {
         let c = 2;
-        let x = rng.vec(c * ih * iw);
+        let x = rng.vec(c * ih * iw, -1.0, 1.0);
         let y = bicubic_resize(&x, c, ih, iw, oh, ow);
         for ch in 0..c {
             for oy in 0..oh {
@@ -242,7 +224,7 @@ fn matches_independent_f64_formula() {
             (0.5 + 0.4 * (0.05 * r + 0.3).sin() * (0.07 * c).cos()) as f32
         })
         .collect();
-    let noise = rng.vec(ih * iw);
+    let noise = rng.vec(ih * iw, -1.0, 1.0);
     for (x, tol) in [(&smooth, GOLDEN_TOL), (&noise, 5e-4)] {
         let y = bicubic_resize(x, 1, ih, iw, oh, ow);
         for k in 0..2000 {
@@ -356,7 +338,7 @@ fn deterministic_and_parallel_consistent() {
     // which must be bit-identical since every output element is computed independently.
     let mut rng = Rng::new(6);
     let (c, ih, iw, oh, ow) = (3, 120, 160, 97, 131);
-    let x = rng.vec(c * ih * iw);
+    let x = rng.vec(c * ih * iw, -1.0, 1.0);
     let y1 = bicubic_resize(&x, c, ih, iw, oh, ow);
     let y2 = bicubic_resize(&x, c, ih, iw, oh, ow);
     assert_eq!(y1, y2);
@@ -364,7 +346,7 @@ fn deterministic_and_parallel_consistent() {
         let yc = bicubic_resize(&x[ch * ih * iw..(ch + 1) * ih * iw], 1, ih, iw, oh, ow);
         assert_eq!(&y1[ch * oh * ow..(ch + 1) * oh * ow], &yc[..]);
     }
-    let g = rng.vec(c * oh * ow);
+    let g = rng.vec(c * oh * ow, -1.0, 1.0);
     let b1 = bicubic_resize_backward(&g, c, ih, iw, oh, ow);
     let b2 = bicubic_resize_backward(&g, c, ih, iw, oh, ow);
     assert_eq!(b1, b2);
@@ -388,7 +370,7 @@ fn pos_to_planar(pos: &[f32], dim: usize, n: usize) -> Vec<f32> {
 fn position_embedding_interpolation() {
     let mut rng = Rng::new(7);
     let (dim, g) = (48, 14);
-    let pos = rng.vec((1 + g * g) * dim);
+    let pos = rng.vec((1 + g * g) * dim, -1.0, 1.0);
     // Identity.
     assert_eq!(interpolate_position_embedding(&pos, dim, g, g, g), pos);
     for &(gh, gw) in &[(30usize, 40usize), (7, 9), (14, 20), (1, 1)] {
@@ -405,7 +387,7 @@ fn position_embedding_interpolation() {
 fn position_embedding_large_dim_parallel() {
     let mut rng = Rng::new(8);
     let (dim, g) = (768, 14);
-    let pos = rng.vec((1 + g * g) * dim);
+    let pos = rng.vec((1 + g * g) * dim, -1.0, 1.0);
     let out = interpolate_position_embedding(&pos, dim, g, 30, 40);
     assert_eq!(out.len(), (1 + 30 * 40) * dim);
     let planar = bicubic_resize(&pos_to_planar(&pos, dim, g * g), dim, g, g, 30, 40);
@@ -416,7 +398,7 @@ fn position_embedding_large_dim_parallel() {
 fn position_embedding_cache() {
     let mut rng = Rng::new(9);
     let (dim, g) = (16, 7);
-    let pos = rng.vec((1 + g * g) * dim);
+    let pos = rng.vec((1 + g * g) * dim, -1.0, 1.0);
     let cache = PositionEmbeddingCache::new(pos.clone(), dim, g);
     let a = cache.get(10, 12);
     let b = cache.get(10, 12);
@@ -439,7 +421,7 @@ fn position_embedding_cache() {
 fn position_embedding_cache_is_bounded() {
     let mut rng = Rng::new(10);
     let (dim, g) = (8, 5);
-    let pos = rng.vec((1 + g * g) * dim);
+    let pos = rng.vec((1 + g * g) * dim, -1.0, 1.0);
     let own = pos.len() * 4;
     let grid_bytes = |gh: usize, gw: usize| (1 + gh * gw) * dim * 4;
     // Room for the 6×6 and 4×9 grids (1,184 and 1,184 bytes), not for a third.

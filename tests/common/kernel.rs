@@ -20,8 +20,12 @@ impl Rng {
         let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
         (v >> 40) as f32 / (1u64 << 24) as f32
     }
+    /// Uniform in [lo, hi).
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * self.unit()
+    }
     pub fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| lo + (hi - lo) * self.unit()).collect()
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
     }
 }
 
