@@ -1145,5 +1145,10 @@ fn a_siglip_checkpoint_is_described_and_attacked() {
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("SigLIP's"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("tools/class_embeddings.py"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!classes.exists());
 }

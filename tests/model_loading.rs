@@ -1108,15 +1108,31 @@ fn open_clip_text_options_that_change_the_embedding_are_refused_and_its_eps_is_r
         assert!(matches!(e, ModelError::BadConfig { .. }), "{cfg}: {e:?}");
         assert_msg(&e, &["open_clip_config.json", part]);
     }
-    // A text tensor the loader does not know.
+    // open_clip's LayerScale is folded into the text tower's branch outputs, as into the
+    // vision tower's (the shared block loader).
     c.add("transformer.resblocks.0.ls_2.gamma", Dtype::F32, &[16]);
+    c.write(&dir.path().join("open_clip_model.safetensors"));
+    let tower = text(r#"{"heads": 2}"#).unwrap().expect("a text tower");
+    let (w, g) = (
+        c.get("transformer.resblocks.0.mlp.c_proj.weight"),
+        c.get("transformer.resblocks.0.ls_2.gamma"),
+    );
+    let inputs = w.len() / g.len();
+    let scaled: Vec<f32> = (0..w.len()).map(|i| w[i] * g[i / inputs]).collect();
+    assert_eq!(tower.weights.blocks[0].fc2.weight, scaled);
+    c.remove("transformer.resblocks.0.ls_2.gamma");
+    // A text tensor the loader does not know (open_clip's `scale_attn` norm).
+    c.add("transformer.resblocks.0.ln_attn.weight", Dtype::F32, &[16]);
     c.write(&dir.path().join("open_clip_model.safetensors"));
     let e = match text(r#"{"heads": 2}"#) {
         Ok(_) => panic!("loaded with an unknown text tensor"),
         Err(e) => e,
     };
     assert!(matches!(e, ModelError::UnknownTensors { .. }), "{e:?}");
-    assert_msg(&e, &["transformer.resblocks.0.ls_2.gamma", "text tower"]);
+    assert_msg(
+        &e,
+        &["transformer.resblocks.0.ln_attn.weight", "text tower"],
+    );
 
     // A `quick_gelu` that is not a boolean.
     write_json(
@@ -1124,7 +1140,7 @@ fn open_clip_text_options_that_change_the_embedding_are_refused_and_its_eps_is_r
         "open_clip_config.json",
         r#"{"model_cfg": {"quick_gelu": "yes", "text_cfg": {"heads": 2}}}"#,
     );
-    c.remove("transformer.resblocks.0.ls_2.gamma");
+    c.remove("transformer.resblocks.0.ln_attn.weight");
     c.write(&dir.path().join("open_clip_model.safetensors"));
     let e = prm::model::load_text_tower(spec).expect_err("a string quick_gelu");
     assert_msg(&e, &["quick_gelu", "boolean"]);

@@ -20,12 +20,12 @@ use std::path::Path;
 use super::config::{read_hf_config, read_open_clip_config, read_preprocessor};
 use super::load::Tensors;
 use super::{
-    Activation, AttentionPoolHead, BlockWeights, LayerNormWeights, Linear, Model, ModelError,
-    ModelSource, Pooling, VisionConfig, VisionWeights, OPENAI_MEAN, OPENAI_STD,
+    Activation, AttentionPoolHead, BlockWeights, Linear, Model, ModelError, ModelSource, Pooling,
+    VisionConfig, VisionWeights, OPENAI_MEAN, OPENAI_STD,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Format {
+pub(super) enum Format {
     HuggingFace,
     OpenAi,
 }
@@ -256,20 +256,6 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
 
     // Weights, every shape checked exactly.
     let d = width;
-    let ln = |prefix: &str| -> Result<LayerNormWeights, ModelError> {
-        Ok(LayerNormWeights {
-            weight: t.load(&format!("{prefix}.weight"), &[d])?,
-            bias: t.load(&format!("{prefix}.bias"), &[d])?,
-        })
-    };
-    let linear = |prefix: &str, out: usize, inp: usize| -> Result<Linear, ModelError> {
-        Ok(Linear {
-            weight: t.load(&format!("{prefix}.weight"), &[out, inp])?,
-            bias: Some(t.load(&format!("{prefix}.bias"), &[out])?),
-            out_features: out,
-            in_features: inp,
-        })
-    };
     let patch_in = 3 * patch * patch;
     let patch_embed = Linear {
         weight: t.load(names.conv, &[d, 3, patch, patch])?,
@@ -289,44 +275,14 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
     let position_embedding = t.load(names.pos, &[grid * grid + extra, d])?;
     // Without LN_pre (open_clip `no_ln_pre`), a `ln_pre` tensor is unread and refused below.
     let ln_pre = if has_ln_pre {
-        Some(ln(names.ln_pre)?)
+        Some(t.layer_norm(names.ln_pre, d)?)
     } else {
         None
     };
-    let ln_post = ln(names.ln_post)?;
-    let mut blocks = Vec::with_capacity(layers);
-    for i in 0..layers {
-        let b = format!("{}{i}.", names.blocks);
-        let block = match format {
-            Format::HuggingFace => {
-                let q = linear(&format!("{b}self_attn.q_proj"), d, d)?;
-                let k = linear(&format!("{b}self_attn.k_proj"), d, d)?;
-                let v = linear(&format!("{b}self_attn.v_proj"), d, d)?;
-                BlockWeights {
-                    ln1: ln(&format!("{b}layer_norm1"))?,
-                    qkv: stack_qkv(q, k, v),
-                    out_proj: linear(&format!("{b}self_attn.out_proj"), d, d)?,
-                    ln2: ln(&format!("{b}layer_norm2"))?,
-                    fc1: linear(&format!("{b}mlp.fc1"), mlp, d)?,
-                    fc2: linear(&format!("{b}mlp.fc2"), d, mlp)?,
-                }
-            }
-            Format::OpenAi => BlockWeights {
-                ln1: ln(&format!("{b}ln_1"))?,
-                qkv: Linear {
-                    weight: t.load(&format!("{b}attn.in_proj_weight"), &[3 * d, d])?,
-                    bias: Some(t.load(&format!("{b}attn.in_proj_bias"), &[3 * d])?),
-                    out_features: 3 * d,
-                    in_features: d,
-                },
-                out_proj: layer_scaled(t, linear(&format!("{b}attn.out_proj"), d, d)?, &b, 1)?,
-                ln2: ln(&format!("{b}ln_2"))?,
-                fc1: linear(&format!("{b}mlp.c_fc"), mlp, d)?,
-                fc2: layer_scaled(t, linear(&format!("{b}mlp.c_proj"), d, mlp)?, &b, 2)?,
-            },
-        };
-        blocks.push(block);
-    }
+    let ln_post = t.layer_norm(names.ln_post, d)?;
+    let blocks = (0..layers)
+        .map(|i| load_block(t, format, &format!("{}{i}.", names.blocks), d, mlp))
+        .collect::<Result<Vec<_>, _>>()?;
     let projection = match format {
         Format::HuggingFace => {
             let name = "visual_projection.weight";
@@ -375,16 +331,11 @@ pub(crate) fn build_model(t: &Tensors<'_>) -> Result<Model, ModelError> {
         let probe = format!("{h}probe");
         Some(AttentionPoolHead {
             probe: t.load(&probe, &[1, 1, d])?,
-            in_proj: Linear {
-                weight: t.load(&format!("{h}attention.in_proj_weight"), &[3 * d, d])?,
-                bias: Some(t.load(&format!("{h}attention.in_proj_bias"), &[3 * d])?),
-                out_features: 3 * d,
-                in_features: d,
-            },
-            out_proj: linear(&format!("{h}attention.out_proj"), d, d)?,
-            layer_norm: ln(&format!("{h}layernorm"))?,
-            fc1: linear(&format!("{h}mlp.fc1"), mlp, d)?,
-            fc2: linear(&format!("{h}mlp.fc2"), d, mlp)?,
+            in_proj: t.in_projection(&format!("{h}attention."), d)?,
+            out_proj: t.linear(&format!("{h}attention.out_proj"), d, d)?,
+            layer_norm: t.layer_norm(&format!("{h}layernorm"), d)?,
+            fc1: t.linear(&format!("{h}mlp.fc1"), mlp, d)?,
+            fc2: t.linear(&format!("{h}mlp.fc2"), d, mlp)?,
         })
     } else {
         None
@@ -444,6 +395,40 @@ fn missing_class_token(t: &Tensors<'_>, names: &Names, has_config: bool) -> Mode
         "there is no class token `{}`: {why}",
         t.display_name(names.cls)
     ))
+}
+
+/// One residual block of either tower (the text tower's blocks are named as the vision
+/// tower's), its weights under `b` (`…layers.3.` / `…resblocks.3.`), every shape checked.
+/// open_clip's LayerScale is folded into `out_proj` and `fc2` ([`layer_scaled`]).
+pub(super) fn load_block(
+    t: &Tensors<'_>,
+    format: Format,
+    b: &str,
+    d: usize,
+    mlp: usize,
+) -> Result<BlockWeights, ModelError> {
+    Ok(match format {
+        Format::HuggingFace => BlockWeights {
+            ln1: t.layer_norm(&format!("{b}layer_norm1"), d)?,
+            qkv: stack_qkv(
+                t.linear(&format!("{b}self_attn.q_proj"), d, d)?,
+                t.linear(&format!("{b}self_attn.k_proj"), d, d)?,
+                t.linear(&format!("{b}self_attn.v_proj"), d, d)?,
+            ),
+            out_proj: t.linear(&format!("{b}self_attn.out_proj"), d, d)?,
+            ln2: t.layer_norm(&format!("{b}layer_norm2"), d)?,
+            fc1: t.linear(&format!("{b}mlp.fc1"), mlp, d)?,
+            fc2: t.linear(&format!("{b}mlp.fc2"), d, mlp)?,
+        },
+        Format::OpenAi => BlockWeights {
+            ln1: t.layer_norm(&format!("{b}ln_1"), d)?,
+            qkv: t.in_projection(&format!("{b}attn."), d)?,
+            out_proj: layer_scaled(t, t.linear(&format!("{b}attn.out_proj"), d, d)?, b, 1)?,
+            ln2: t.layer_norm(&format!("{b}ln_2"), d)?,
+            fc1: t.linear(&format!("{b}mlp.c_fc"), mlp, d)?,
+            fc2: layer_scaled(t, t.linear(&format!("{b}mlp.c_proj"), d, mlp)?, b, 2)?,
+        },
+    })
 }
 
 /// open_clip's LayerScale (`ls_init_value`): block `b`'s residual branch `branch` (1: attention,

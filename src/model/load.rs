@@ -19,7 +19,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use super::checkpoint::{locate, resolve_checkpoint, Checkpoint};
-use super::Model;
+use super::{LayerNormWeights, Linear, Model};
 
 /// Everything that can go wrong while resolving a spec or loading a checkpoint.
 #[derive(Debug, thiserror::Error)]
@@ -316,6 +316,36 @@ impl<'a> Tensors<'a> {
             path: self.path.clone(),
             tower: tower.to_string(),
             names,
+        })
+    }
+
+    /// A LayerNorm: `{prefix}.weight` and `{prefix}.bias`, each `[width]`.
+    pub fn layer_norm(&self, prefix: &str, width: usize) -> Result<LayerNormWeights, ModelError> {
+        Ok(LayerNormWeights {
+            weight: self.load(&format!("{prefix}.weight"), &[width])?,
+            bias: self.load(&format!("{prefix}.bias"), &[width])?,
+        })
+    }
+
+    /// A linear layer with a bias: `{prefix}.weight` `[out, inp]` and `{prefix}.bias` `[out]`.
+    pub fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear, ModelError> {
+        Ok(Linear {
+            weight: self.load(&format!("{prefix}.weight"), &[out, inp])?,
+            bias: Some(self.load(&format!("{prefix}.bias"), &[out])?),
+            out_features: out,
+            in_features: inp,
+        })
+    }
+
+    /// The stacked q/k/v projection of PyTorch's `nn.MultiheadAttention` under `prefix`
+    /// (`{prefix}in_proj_weight` `[3·width, width]` and `{prefix}in_proj_bias`), as OpenAI's
+    /// and open_clip's towers store it.
+    pub fn in_projection(&self, prefix: &str, width: usize) -> Result<Linear, ModelError> {
+        Ok(Linear {
+            weight: self.load(&format!("{prefix}in_proj_weight"), &[3 * width, width])?,
+            bias: Some(self.load(&format!("{prefix}in_proj_bias"), &[3 * width])?),
+            out_features: 3 * width,
+            in_features: width,
         })
     }
 

@@ -25,7 +25,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::formats::{count_layers, stack_qkv, transpose};
+use super::formats::{count_layers, load_block, transpose, Format};
 use super::load::Tensors;
 use super::{Activation, BlockWeights, LayerNormWeights, Linear, ModelError};
 
@@ -245,9 +245,10 @@ pub(crate) fn build_text_tower(t: &Tensors<'_>) -> Result<Option<TextTower>, Mod
         // SigLIP's text tower: no causal mask, the last token pooled through `head`, a sigmoid
         // loss's logit bias. Loading it as CLIP's would embed the names wrongly.
         return Err(t.inconsistent(
-            "the text tower is SigLIP's (`text_model.head.*`), not CLIP's; prm builds only CLIP \
-             text towers (and not SigLIP's pooled image embedding either, so no target of prm \
-             eval could use its class embeddings)",
+            "the text tower is SigLIP's (`text_model.head.*`), not CLIP's, and prm builds only \
+             CLIP text towers; make the class embeddings for prm eval --target zeroshot \
+             --classes with tools/class_embeddings.py (transformers), which pads SigLIP's \
+             prompts as its processor does",
         ));
     } else if t.contains(HF_TEXT.tok) {
         (&HF_TEXT, true)
@@ -335,52 +336,14 @@ pub(crate) fn build_text_tower(t: &Tensors<'_>) -> Result<Option<TextTower>, Mod
     }
 
     let d = width;
-    let ln = |prefix: &str| -> Result<LayerNormWeights, ModelError> {
-        Ok(LayerNormWeights {
-            weight: t.load(&format!("{prefix}.weight"), &[d])?,
-            bias: t.load(&format!("{prefix}.bias"), &[d])?,
-        })
+    let format = if hf {
+        Format::HuggingFace
+    } else {
+        Format::OpenAi
     };
-    let linear = |prefix: &str, out: usize, inp: usize| -> Result<Linear, ModelError> {
-        Ok(Linear {
-            weight: t.load(&format!("{prefix}.weight"), &[out, inp])?,
-            bias: Some(t.load(&format!("{prefix}.bias"), &[out])?),
-            out_features: out,
-            in_features: inp,
-        })
-    };
-    let mut blocks = Vec::with_capacity(layers);
-    for i in 0..layers {
-        let b = format!("{}{i}.", names.blocks);
-        blocks.push(if hf {
-            BlockWeights {
-                ln1: ln(&format!("{b}layer_norm1"))?,
-                qkv: stack_qkv(
-                    linear(&format!("{b}self_attn.q_proj"), d, d)?,
-                    linear(&format!("{b}self_attn.k_proj"), d, d)?,
-                    linear(&format!("{b}self_attn.v_proj"), d, d)?,
-                ),
-                out_proj: linear(&format!("{b}self_attn.out_proj"), d, d)?,
-                ln2: ln(&format!("{b}layer_norm2"))?,
-                fc1: linear(&format!("{b}mlp.fc1"), mlp, d)?,
-                fc2: linear(&format!("{b}mlp.fc2"), d, mlp)?,
-            }
-        } else {
-            BlockWeights {
-                ln1: ln(&format!("{b}ln_1"))?,
-                qkv: Linear {
-                    weight: t.load(&format!("{b}attn.in_proj_weight"), &[3 * d, d])?,
-                    bias: Some(t.load(&format!("{b}attn.in_proj_bias"), &[3 * d])?),
-                    out_features: 3 * d,
-                    in_features: d,
-                },
-                out_proj: linear(&format!("{b}attn.out_proj"), d, d)?,
-                ln2: ln(&format!("{b}ln_2"))?,
-                fc1: linear(&format!("{b}mlp.c_fc"), mlp, d)?,
-                fc2: linear(&format!("{b}mlp.c_proj"), d, mlp)?,
-            }
-        });
-    }
+    let blocks = (0..layers)
+        .map(|i| load_block(t, format, &format!("{}{i}.", names.blocks), d, mlp))
+        .collect::<Result<Vec<_>, _>>()?;
     let projection = if hf {
         t.load(names.proj, &[embed_dim, d])?
     } else {
@@ -388,7 +351,7 @@ pub(crate) fn build_text_tower(t: &Tensors<'_>) -> Result<Option<TextTower>, Mod
     };
     let token_embedding = t.load(names.tok, &[vocab, d])?;
     let position_embedding = t.load(names.pos, &[context, d])?;
-    let ln_final = ln(names.ln_final)?;
+    let ln_final = t.layer_norm(names.ln_final, d)?;
     t.refuse_unread(&[names.tower], "text")?;
     Ok(Some(TextTower {
         config: TextConfig {
