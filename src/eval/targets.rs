@@ -530,7 +530,7 @@ pub fn read_probe(
     layer: Option<usize>,
     dense: Option<bool>,
 ) -> Result<Probe, EvalError> {
-    use safetensors::{Dtype, SafeTensors};
+    use safetensors::SafeTensors;
     let bad = |reason: String| EvalError::Probe {
         path: path.to_path_buf(),
         reason,
@@ -544,26 +544,12 @@ pub fn read_probe(
         let v = st
             .tensor(name)
             .map_err(|_| bad(format!("has no tensor `{name}`")))?;
-        let data = v.data();
-        let vals: Vec<f32> = match v.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            t => {
-                return Err(bad(format!(
-                    "`{name}` has dtype {t:?}; expected F32/F16/BF16"
-                )))
-            }
-        };
+        let vals = crate::model::tensor_to_f32(&v).ok_or_else(|| {
+            bad(format!(
+                "`{name}` has dtype {:?}; expected a float (F32, F16, BF16 or F64)",
+                v.dtype()
+            ))
+        })?;
         Ok((v.shape().to_vec(), vals))
     };
     let (shape, weight) = load("weight")?;

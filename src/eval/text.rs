@@ -270,30 +270,12 @@ pub fn read_class_safetensors(path: &Path) -> Result<ClassEmbeddings, EvalError>
             )))
         }
     };
-    let data = view.data();
-    let mut v: Vec<f32> = match view.dtype() {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F64 => data
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        d => {
-            return Err(bad(format!(
-                "`class_embeddings` has dtype {d:?}; expected a float"
-            )))
-        }
-    };
+    let mut v = crate::model::tensor_to_f32(&view).ok_or_else(|| {
+        bad(format!(
+            "`class_embeddings` has dtype {:?}; expected a float (F32, F16, BF16 or F64)",
+            view.dtype()
+        ))
+    })?;
     if v.iter().any(|x| !x.is_finite()) {
         return Err(bad("`class_embeddings` holds NaN or infinite values".into()));
     }
@@ -399,7 +381,56 @@ pub fn is_safetensors(path: &Path) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_names;
+    use super::{parse_names, read_class_safetensors};
+    use safetensors::{tensor::TensorView, Dtype};
+
+    /// A `--classes` file of two classes, `[[1, 2], [3, 4]]`, stored as `dtype`.
+    fn classes_file(dir: &std::path::Path, dtype: Dtype) -> std::path::PathBuf {
+        let values = [1.0f64, 2.0, 3.0, 4.0];
+        let bytes: Vec<u8> = match dtype {
+            Dtype::F64 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Dtype::F32 => values
+                .iter()
+                .flat_map(|&v| (v as f32).to_le_bytes())
+                .collect(),
+            Dtype::F16 => values
+                .iter()
+                .flat_map(|&v| half::f16::from_f64(v).to_le_bytes())
+                .collect(),
+            Dtype::BF16 => values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f64(v).to_le_bytes())
+                .collect(),
+            _ => values
+                .iter()
+                .flat_map(|&v| (v as i64).to_le_bytes())
+                .collect(),
+        };
+        let view = TensorView::new(dtype, vec![2, 2], &bytes).unwrap();
+        let meta = [("names".to_string(), r#"["cat", "dog"]"#.to_string())];
+        let path = dir.join(format!("{dtype:?}.safetensors"));
+        let data = safetensors::serialize([("class_embeddings", view)], Some(meta.into())).unwrap();
+        std::fs::write(&path, data).unwrap();
+        path
+    }
+
+    #[test]
+    fn class_embeddings_of_every_float_dtype_read_and_integers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let want = [1.0 / 5f32.sqrt(), 2.0 / 5f32.sqrt()];
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64] {
+            let classes = read_class_safetensors(&classes_file(dir.path(), dtype)).unwrap();
+            assert_eq!((classes.names.len(), classes.dim), (2, 2), "{dtype:?}");
+            for (got, want) in classes.embeddings[..2].iter().zip(want) {
+                assert!((got - want).abs() < 1e-6, "{dtype:?}: {got} against {want}");
+            }
+        }
+        let e = match read_class_safetensors(&classes_file(dir.path(), Dtype::I64)) {
+            Ok(_) => panic!("an I64 file was read"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("has dtype I64; expected a float"), "{e}");
+    }
 
     #[test]
     fn names_are_a_json_array_or_separated_by_commas() {

@@ -356,7 +356,7 @@ impl<'a> Tensors<'a> {
         if view.shape() != expected {
             return Err(self.bad_shape(name, format!("{expected:?}"), view.shape()));
         }
-        to_f32(view).ok_or_else(|| ModelError::UnsupportedDtype {
+        tensor_to_f32(view).ok_or_else(|| ModelError::UnsupportedDtype {
             path: self.path.clone(),
             name: self.display_name(name),
             dtype: format!("{:?}", view.dtype()),
@@ -379,8 +379,9 @@ fn strip_wrappers(name: &str) -> (&str, &str) {
     (rest, &name[..name.len() - rest.len()])
 }
 
-/// Converts a floating-point tensor to f32 (little-endian, as safetensors stores it).
-fn to_f32(view: &TensorView<'_>) -> Option<Vec<f32>> {
+/// Converts a floating-point tensor (F32, F16, BF16 or F64; little-endian, as safetensors stores
+/// it) to f32; `None` for any other dtype.
+pub fn tensor_to_f32(view: &TensorView<'_>) -> Option<Vec<f32>> {
     let data = view.data();
     Some(match view.dtype() {
         Dtype::F32 => data

@@ -14,7 +14,7 @@ mod text;
 
 pub use builtin::{builtin_architectures, builtin_config, random_model, random_text_tower};
 pub use checkpoint::{locate, resolve_checkpoint};
-pub use load::{load_model, load_safetensors, load_safetensors_bytes, ModelError};
+pub use load::{load_model, load_safetensors, load_safetensors_bytes, tensor_to_f32, ModelError};
 pub use text::{load_text_tower, TextConfig, TextTower, TextWeights, BUNDLED_TOKENIZER_VOCAB};
 
 /// The MLP non-linearity of a CLIP tower.
