@@ -25,13 +25,8 @@ pub fn step_flops_through(
     height: usize,
     width: usize,
 ) -> f64 {
-    let (d, m, p) = (config.width as f64, config.mlp as f64, config.patch);
-    let patches = ((height / p) * (width / p)) as f64;
-    let t = patches + config.class_tokens() as f64;
-    let linear = 2.0 * t * (4.0 * d * d + 2.0 * d * m);
-    let attention = 4.0 * t * t * d + 8.0 * t * t * d;
-    let embed = 2.0 * patches * 3.0 * (p * p) as f64 * d;
-    blocks as f64 * (2.0 * linear + attention) + 2.0 * embed
+    let f = PassFlops::new(config, height, width);
+    blocks as f64 * (2.0 * f.linear + (f.attention_forward + f.attention_backward)) + 2.0 * f.embed
 }
 
 /// FLOPs of one forward pass alone (clean features) on one image.
@@ -46,13 +41,35 @@ pub fn forward_flops_through(
     height: usize,
     width: usize,
 ) -> f64 {
-    let (d, m, p) = (config.width as f64, config.mlp as f64, config.patch);
-    let patches = ((height / p) * (width / p)) as f64;
-    let t = patches + config.class_tokens() as f64;
-    let linear = 2.0 * t * (4.0 * d * d + 2.0 * d * m);
-    let attention = 4.0 * t * t * d;
-    let embed = 2.0 * patches * 3.0 * (p * p) as f64 * d;
-    blocks as f64 * (linear + attention) + embed
+    let f = PassFlops::new(config, height, width);
+    blocks as f64 * (f.linear + f.attention_forward) + f.embed
+}
+
+/// One image's FLOPs by kind, as the module's doc counts them: the input-gradient backward
+/// repeats the linear and embedding products (their dX) and has its own attention count.
+struct PassFlops {
+    /// One block's products, q, k, v, out, fc1 and fc2, in one direction.
+    linear: f64,
+    /// One block's S = QKᵀ and PV.
+    attention_forward: f64,
+    /// One block's dV, dP, dQ and dK (recomputing S is not counted).
+    attention_backward: f64,
+    /// The patch embedding's product.
+    embed: f64,
+}
+
+impl PassFlops {
+    fn new(config: &VisionConfig, height: usize, width: usize) -> Self {
+        let (d, m, p) = (config.width as f64, config.mlp as f64, config.patch);
+        let patches = ((height / p) * (width / p)) as f64;
+        let t = patches + config.class_tokens() as f64;
+        PassFlops {
+            linear: 2.0 * t * (4.0 * d * d + 2.0 * d * m),
+            attention_forward: 4.0 * t * t * d,
+            attention_backward: 8.0 * t * t * d,
+            embed: 2.0 * patches * 3.0 * (p * p) as f64 * d,
+        }
+    }
 }
 
 #[cfg(test)]
