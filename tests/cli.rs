@@ -836,6 +836,31 @@ fn an_output_equal_to_the_input_is_a_usage_error() {
     assert!(!f.input.join("run.json").exists());
 }
 
+/// An `--output` that is a file is named as such (exit 2), not as "cannot create … File exists".
+#[test]
+fn an_output_that_is_a_file_is_a_usage_error() {
+    let f = fixture();
+    let file = f.root.join("not-a-directory");
+    std::fs::write(&file, b"kept").unwrap();
+    let o = prm(&[
+        "attack",
+        "--model",
+        "random:tiny",
+        "--input",
+        f.input.to_str().unwrap(),
+        "--output",
+        file.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is a file; give a directory"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"kept");
+}
+
 /// Audit #5: `verify --eps 8` (a forgotten /255) or `--eps 0` is refused like the attack's.
 #[test]
 fn verify_refuses_an_eps_outside_0_1() {
