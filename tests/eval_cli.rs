@@ -1741,3 +1741,29 @@ fn a_corrupt_run_record_is_named_on_stderr_and_in_the_report() {
     let md = std::fs::read_to_string(report.with_extension("md")).unwrap();
     assert!(md.contains("attack: **unknown**"), "{md}");
 }
+
+/// `--adv` that does not exist, or is a file, is named as such before any work (exit 2).
+#[test]
+fn an_adv_that_is_missing_or_a_file_is_named() {
+    let t = tempfile::tempdir().unwrap();
+    let file = t.path().join("adv.png");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let missing = t.path().join("missing");
+    for (adv, says) in [
+        (&missing, "no such directory"),
+        (&file, "a file, not a directory"),
+    ] {
+        let o = eval(&[
+            "--target",
+            "features",
+            "--clean",
+            s(t.path()),
+            "--adv",
+            s(adv),
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains("--adv") && err.contains(says), "{err}");
+        assert!(err.contains("output directory of prm attack"), "{err}");
+    }
+}

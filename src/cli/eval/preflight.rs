@@ -29,8 +29,17 @@ pub(super) fn check_args(args: &EvalArgs) -> anyhow::Result<Option<usize>> {
             args.clean.display()
         );
     }
+    if !args.adv.exists() {
+        bail!(
+            "--adv {}: no such directory (give the output directory of prm attack)",
+            args.adv.display()
+        );
+    }
     if !args.adv.is_dir() {
-        bail!("--adv {}: not a directory", args.adv.display());
+        bail!(
+            "--adv {}: a file, not a directory (give the output directory of prm attack)",
+            args.adv.display()
+        );
     }
     if let Some(LabelSource::Path(l)) = &args.labels {
         if !l.exists() {
