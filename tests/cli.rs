@@ -836,16 +836,19 @@ fn an_output_equal_to_the_input_is_a_usage_error() {
     assert!(!f.input.join("run.json").exists());
 }
 
-/// An `--output` that is a file is named as such (exit 2), not as "cannot create … File exists".
+/// An `--output` that is a file is named as such (exit 2) before the model is loaded, not as
+/// "cannot create … File exists".
 #[test]
 fn an_output_that_is_a_file_is_a_usage_error() {
     let f = fixture();
     let file = f.root.join("not-a-directory");
     std::fs::write(&file, b"kept").unwrap();
+    // Checked before the model is read: a model that does not exist is not what is reported.
+    let model = f.root.join("no-such-model.safetensors");
     let o = prm(&[
         "attack",
         "--model",
-        "random:tiny",
+        model.to_str().unwrap(),
         "--input",
         f.input.to_str().unwrap(),
         "--output",

@@ -206,6 +206,12 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    if args.output.exists() && !args.output.is_dir() {
+        bail!(
+            "--output {} is a file; give a directory (it is created when missing)",
+            args.output.display()
+        );
+    }
 
     // Everything that can be wrong with the run is checked before the first image is touched.
     let shard = shard_from_env(args.shard, args.shards, &|k| std::env::var(k).ok())?;
@@ -253,12 +259,6 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     );
     let objective = Objective::new(settings.loss, layers, settings.tokens, &model)
         .map_err(anyhow::Error::msg)?;
-    if args.output.exists() && !args.output.is_dir() {
-        anyhow::bail!(
-            "--output {} is a file; give a directory (it is created when missing)",
-            args.output.display()
-        );
-    }
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create output directory {}", args.output.display()))?;
     // A resume with other settings would keep the old outputs as this run's.
