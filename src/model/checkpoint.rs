@@ -30,7 +30,7 @@ const PICKLE_EXTENSIONS: &[&str] = &["bin", "pt", "pth", "ckpt"];
 
 /// The file or directory a model spec names: the path itself when it exists, else, for a hub
 /// id (`owner/name[@revision]`, `hf-hub:owner/name`), its snapshot in the local Hugging Face
-/// cache ([`super::hub`]). Not for `random:ARCH`.
+/// cache (found by the private `model::hub`). Not for `random:ARCH`.
 pub fn locate(spec: &str) -> Result<PathBuf, ModelError> {
     let path = Path::new(spec);
     if path.exists() {
