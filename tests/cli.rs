@@ -857,7 +857,7 @@ fn an_output_that_is_a_file_is_a_usage_error() {
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("is a file; give a directory"),
+        stderr(&o).contains("a file of that name exists); give a directory"),
         "{}",
         stderr(&o)
     );

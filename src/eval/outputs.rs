@@ -42,30 +42,10 @@ pub struct Outputs<'a> {
     pub files: Vec<(&'static str, &'a Path)>,
 }
 
-/// Refuses an output directory that is an existing file, or lies under one: every image would
-/// fail to write into it ("File exists") and the run would lose every result, so it is a usage
-/// error before any work.
+/// Refuses an output directory that is an existing file, or lies under one:
+/// [`crate::io::paths::check_output_dir`] as eval's usage error.
 pub fn check_output_dir(flag: &str, dir: &Path) -> Result<(), EvalError> {
-    let not_dir = |what: String| {
-        Err(EvalError::Usage(format!(
-            "{flag} {}: {what}; give a directory (it is created if missing)",
-            dir.display()
-        )))
-    };
-    if dir.exists() && !dir.is_dir() {
-        return not_dir("not a directory (a file of that name exists)".into());
-    }
-    let mut up = dir.parent();
-    while let Some(p) = up {
-        if !p.as_os_str().is_empty() && p.exists() {
-            if !p.is_dir() {
-                return not_dir(format!("not a directory ({} is a file)", p.display()));
-            }
-            break;
-        }
-        up = p.parent();
-    }
-    Ok(())
+    crate::io::paths::check_output_dir(flag, dir).map_err(EvalError::Usage)
 }
 
 /// Refuses outputs written over each other: a picture over a prediction map (`--pictures` set

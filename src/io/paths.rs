@@ -71,6 +71,32 @@ pub fn check_file_writable(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks, before any work, that `dir` can be an output directory: it is not an existing file
+/// and lies under none. Every file written into it would otherwise fail ("File exists") and the
+/// run would lose every result. The message names the flag and says which.
+pub fn check_output_dir(flag: &str, dir: &Path) -> Result<(), String> {
+    let not_dir = |what: String| {
+        Err(format!(
+            "{flag} {}: {what}; give a directory (it is created if missing)",
+            dir.display()
+        ))
+    };
+    if dir.exists() && !dir.is_dir() {
+        return not_dir("not a directory (a file of that name exists)".into());
+    }
+    let mut up = dir.parent();
+    while let Some(p) = up {
+        if !p.as_os_str().is_empty() && p.exists() {
+            if !p.is_dir() {
+                return not_dir(format!("not a directory ({} is a file)", p.display()));
+            }
+            break;
+        }
+        up = p.parent();
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

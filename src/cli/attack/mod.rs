@@ -206,12 +206,7 @@ pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    if args.output.exists() && !args.output.is_dir() {
-        bail!(
-            "--output {} is a file; give a directory (it is created when missing)",
-            args.output.display()
-        );
-    }
+    prm::io::paths::check_output_dir("--output", &args.output).map_err(anyhow::Error::msg)?;
 
     // Everything that can be wrong with the run is checked before the first image is touched.
     let shard = shard_from_env(args.shard, args.shards, &|k| std::env::var(k).ok())?;
